@@ -1,0 +1,1 @@
+"""sparge_serve: SpargeAttn block-sparse prefill for vLLM."""
