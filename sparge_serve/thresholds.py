@@ -1,0 +1,417 @@
+"""The per-head thresholds file: schema, validation, load/save and tensor-parallel slicing.
+
+A thresholds file is written by the calibration tool and read once per process by the backend.
+Format (see docs/DESIGN.md, "Thresholds file"):
+
+- safetensors (never pickle: a ``.pt`` file is refused);
+- fp32 tensors ``simthreshd1``, ``cdfthreshd``, ``pvthreshd`` and uint8 ``is_sparse``, each of shape
+  ``[num_layers, num_heads]`` in *global* (un-sharded) layer and query-head order;
+- string metadata: ``format`` = "sparge-thresholds", ``format_version`` = "1", the model geometry
+  (``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``blkq``, ``blkk``) and provenance
+  (``model``, ``config_hash``, ``l1``, ``pv_l1``, ``sim_rule``, ``num_prompts``, ``prompts_sha256``,
+  ``package_version``, ``created``).
+
+Example::
+
+    th = Thresholds.defaults(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128)
+    save_thresholds("llama.safetensors", th)
+    th = load_thresholds("llama.safetensors", expect=ModelGeometry(32, 32, 8, 128))
+    local = th.for_rank(tp_rank=1, tp_size=2)          # heads 16..31, 4 KV heads
+
+Every problem with a file raises :class:`ThresholdsError` whose message names the file, the problem
+and how to fix it. This module imports neither vLLM nor the kernels (the calibration tool uses it).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "sparge-thresholds"
+FORMAT_VERSION = "1"
+# NOTE: must equal sparge_serve.kernels.BLKQ / BLKK (the kernels' tile); not imported from there so
+# that this module stays importable without triton. tests/test_thresholds.py checks they agree.
+DEFAULT_BLKQ = 128
+DEFAULT_BLKK = 64
+
+# Published SpargeAttn defaults for untuned use (ALGORITHM.md): PV skip off.
+DEFAULT_SIMTHRESHD1 = 0.6
+DEFAULT_CDFTHRESHD = 0.98
+PV_OFF = 50.0  # pvthreshd >= 50 disables the stage-2 PV skip
+
+THRESHOLD_TENSORS = ("simthreshd1", "cdfthreshd", "pvthreshd")
+TENSOR_NAMES = (*THRESHOLD_TENSORS, "is_sparse")
+_GEOMETRY_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "blkq", "blkk")
+_FIX_RECALIBRATE = "re-run `sparge-calibrate` for this model to write a fresh file"
+
+
+class ThresholdsError(ValueError):
+    """A thresholds file (or in-memory Thresholds) is missing, corrupt or does not fit the model."""
+
+
+def _err(source: str, problem: str, fix: str) -> ThresholdsError:
+    return ThresholdsError(f"thresholds file {source}: {problem}. Fix: {fix}.")
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What a thresholds file must match: the model's attention geometry and the kernel tile.
+
+    ``num_heads``/``num_kv_heads`` are *global* (un-sharded) counts. ``config_hash`` (optional) is
+    compared too, but a mismatch only warns: geometry decides whether a file can be used at all.
+    """
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    blkq: int = DEFAULT_BLKQ
+    blkk: int = DEFAULT_BLKK
+    config_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per-(layer, head) SpargeAttn thresholds plus the provenance metadata of the file.
+
+    Validated on construction (shapes, dtypes, finite, ranges, dense-head consistency), so a
+    ``Thresholds`` object that exists is usable. Tensors live on the CPU; the backend moves the slices
+    it needs to the GPU once at startup.
+    """
+
+    simthreshd1: torch.Tensor  # [num_layers, num_heads] float32; block similar iff sim > this, in [-1, 1]
+    cdfthreshd: torch.Tensor  # [num_layers, num_heads] float32; CDF mass kept, in (0, 1] (1 = dense)
+    pvthreshd: torch.Tensor  # [num_layers, num_heads] float32; log2-domain PV-skip margin >= 0 (>= 50 = off)
+    is_sparse: torch.Tensor  # [num_layers, num_heads] uint8; 0 = head calibrated dense, 1 = sparse
+    num_kv_heads: int  # KV heads of these thresholds' heads (global count before for_rank)
+    head_dim: int
+    blkq: int = DEFAULT_BLKQ
+    blkk: int = DEFAULT_BLKK
+    model: str = ""
+    config_hash: str = ""
+    l1: float | None = None  # stage-1 relative-L1 budget used by calibration
+    pv_l1: float | None = None  # stage-2 budget
+    sim_rule: str = ""
+    num_prompts: int = 0
+    prompts_sha256: str = ""
+    package_version: str = ""
+    created: str = ""
+    # Head offset of head 0 of this object in the global head order (non-zero after for_rank).
+    head_offset: int = field(default=0, compare=False)
+
+    def __post_init__(self) -> None:
+        _validate(self, "<in-memory Thresholds>")
+
+    # ---- shape helpers -------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.simthreshd1.shape[0])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.simthreshd1.shape[1])
+
+    @property
+    def geometry(self) -> ModelGeometry:
+        return ModelGeometry(self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim,
+                             self.blkq, self.blkk, self.config_hash or None)
+
+    def layer_is_dense(self, layer: int) -> bool:
+        """True if every head of ``layer`` was calibrated dense (the layer can skip the sparse path)."""
+        return not bool(self.is_sparse[layer].any())
+
+    # ---- constructors --------------------------------------------------------------------------
+    @classmethod
+    def defaults(cls, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 simthreshd1: float = DEFAULT_SIMTHRESHD1, cdfthreshd: float = DEFAULT_CDFTHRESHD,
+                 pvthreshd: float = PV_OFF, model: str = "", config_hash: str = "",
+                 blkq: int = DEFAULT_BLKQ, blkk: int = DEFAULT_BLKK) -> Thresholds:
+        """Uniform thresholds for every head (default: the published untuned SpargeAttn setting)."""
+        shape = (num_layers, num_heads)
+        dense = cdfthreshd >= 1.0 and simthreshd1 >= 1.0 and pvthreshd >= PV_OFF
+        return cls(
+            simthreshd1=torch.full(shape, float(simthreshd1), dtype=torch.float32),
+            cdfthreshd=torch.full(shape, float(cdfthreshd), dtype=torch.float32),
+            pvthreshd=torch.full(shape, float(pvthreshd), dtype=torch.float32),
+            is_sparse=torch.full(shape, 0 if dense else 1, dtype=torch.uint8),
+            num_kv_heads=num_kv_heads, head_dim=head_dim, blkq=blkq, blkk=blkk, model=model,
+            config_hash=config_hash, sim_rule="uniform-dense" if dense else "uniform-default",
+        )
+
+    @classmethod
+    def dense(cls, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
+              **kwargs: Any) -> Thresholds:
+        """Dense-equivalent thresholds (cdf 1, sim 1, PV off): the sparse path must equal dense."""
+        return cls.defaults(num_layers, num_heads, num_kv_heads, head_dim, simthreshd1=1.0,
+                            cdfthreshd=1.0, pvthreshd=PV_OFF, **kwargs)
+
+    # ---- tensor parallelism --------------------------------------------------------------------
+    def for_rank(self, tp_rank: int, tp_size: int) -> Thresholds:
+        """The thresholds of the query heads tensor-parallel rank ``tp_rank`` of ``tp_size`` owns.
+
+        NOTE: vLLM's QKVParallelLinear gives rank r the contiguous query heads
+        ``[r * H/tp, (r+1) * H/tp)``; KV heads are split the same way, or replicated (one per rank)
+        when there are fewer KV heads than ranks.
+        """
+        if tp_size < 1 or not 0 <= tp_rank < tp_size:
+            raise ValueError(f"for_rank: need 0 <= tp_rank < tp_size, got tp_rank={tp_rank}, "
+                             f"tp_size={tp_size}")
+        if tp_size == 1:
+            return self
+        if self.head_offset != 0 or self.num_heads % tp_size:
+            raise ValueError(
+                f"for_rank: {self.num_heads} query heads cannot be split over tp_size={tp_size} "
+                "(vLLM needs the head count divisible by the tensor-parallel size; "
+                "call for_rank on the global thresholds only)")
+        if self.num_kv_heads >= tp_size and self.num_kv_heads % tp_size:
+            raise ValueError(f"for_rank: {self.num_kv_heads} KV heads cannot be split over "
+                             f"tp_size={tp_size}")
+        per = self.num_heads // tp_size
+        sl = slice(tp_rank * per, (tp_rank + 1) * per)
+        return replace(
+            self,
+            simthreshd1=self.simthreshd1[:, sl].contiguous(),
+            cdfthreshd=self.cdfthreshd[:, sl].contiguous(),
+            pvthreshd=self.pvthreshd[:, sl].contiguous(),
+            is_sparse=self.is_sparse[:, sl].contiguous(),
+            num_kv_heads=max(1, self.num_kv_heads // tp_size),
+            head_offset=tp_rank * per,
+        )
+
+    # ---- (de)serialisation ---------------------------------------------------------------------
+    def metadata(self) -> dict[str, str]:
+        """The file's string metadata for these thresholds (format keys + geometry + provenance)."""
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "num_layers": str(self.num_layers), "num_heads": str(self.num_heads)}
+        for f in fields(self):
+            if f.name in TENSOR_NAMES or f.name == "head_offset":
+                continue
+            value = getattr(self, f.name)
+            meta[f.name] = "" if value is None else str(value)
+        return meta
+
+
+def _validate(th: Thresholds, source: str) -> None:
+    shape: tuple[int, ...] | None = None
+    for name in TENSOR_NAMES:
+        t = getattr(th, name)
+        want = torch.uint8 if name == "is_sparse" else torch.float32
+        if not isinstance(t, torch.Tensor):
+            raise _err(source, f"`{name}` is a {type(t).__name__}, not a tensor",
+                       f"store `{name}` as a {want} tensor")
+        if t.dtype != want:
+            raise _err(source, f"tensor `{name}` has dtype {t.dtype}, expected {want}",
+                       f"store `{name}` as {want} (thresholds are never kept in the model dtype)")
+        if t.dim() != 2 or 0 in t.shape:
+            raise _err(source, f"tensor `{name}` has shape {list(t.shape)}, expected a non-empty "
+                       "[num_layers, num_heads]", _FIX_RECALIBRATE)
+        if shape is None:
+            shape = tuple(t.shape)
+        elif tuple(t.shape) != shape:
+            raise _err(source, f"tensor `{name}` has shape {list(t.shape)} but `simthreshd1` has "
+                       f"{list(shape)}", "all four tensors must be [num_layers, num_heads]")
+    for name in THRESHOLD_TENSORS:
+        t = getattr(th, name)
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            layer, head = (int(i) for i in bad.nonzero()[0])
+            raise _err(source, f"tensor `{name}` has {int(bad.sum())} NaN/inf value(s), first at "
+                       f"layer {layer}, head {head}", _FIX_RECALIBRATE)
+    ranges = {
+        "simthreshd1": (lambda t: (t >= -1) & (t <= 1), "in [-1, 1] (1 = no block similar = dense)"),
+        "cdfthreshd": (lambda t: (t > 0) & (t <= 1), "in (0, 1] (1 = keep every block)"),
+        "pvthreshd": (lambda t: t >= 0, f">= 0 (>= {PV_OFF:g} disables the PV skip)"),
+    }
+    for name, (ok_fn, rule) in ranges.items():
+        t = getattr(th, name)
+        bad = ~ok_fn(t)
+        if bad.any():
+            layer, head = (int(i) for i in bad.nonzero()[0])
+            raise _err(source, f"tensor `{name}` value {float(t[layer, head]):g} at layer {layer}, "
+                       f"head {head} is out of range; it must be {rule}", _FIX_RECALIBRATE)
+    if ((th.is_sparse != 0) & (th.is_sparse != 1)).any():
+        raise _err(source, "tensor `is_sparse` holds values other than 0 and 1", _FIX_RECALIBRATE)
+    # NOTE: a dense head must be exactly dense: the original SpargeAttn kept the PV threshold of
+    # heads it marked dense (ALGORITHM.md, "What the original code gets wrong").
+    dense = th.is_sparse == 0
+    not_dense = dense & ((th.cdfthreshd < 1) | (th.simthreshd1 < 1) | (th.pvthreshd < PV_OFF))
+    if not_dense.any():
+        layer, head = (int(i) for i in not_dense.nonzero()[0])
+        raise _err(source, f"head {head} of layer {layer} is marked dense (is_sparse = 0) but has "
+                   f"cdfthreshd={float(th.cdfthreshd[layer, head]):g}, "
+                   f"simthreshd1={float(th.simthreshd1[layer, head]):g}, "
+                   f"pvthreshd={float(th.pvthreshd[layer, head]):g}",
+                   f"dense heads need cdfthreshd = 1, simthreshd1 = 1, pvthreshd >= {PV_OFF:g}; "
+                   + _FIX_RECALIBRATE)
+    for name in ("num_kv_heads", "head_dim", "blkq", "blkk"):
+        value = getattr(th, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise _err(source, f"`{name}` = {value!r} is not a positive integer", _FIX_RECALIBRATE)
+    if th.head_offset == 0 and th.num_heads % th.num_kv_heads:
+        raise _err(source, f"num_heads = {th.num_heads} is not a multiple of num_kv_heads = "
+                   f"{th.num_kv_heads}", "the file's geometry is inconsistent; " + _FIX_RECALIBRATE)
+
+
+def save_thresholds(path: str | os.PathLike[str], th: Thresholds) -> None:
+    """Write ``th`` to ``path`` (safetensors). Fills ``created``/``package_version`` when empty."""
+    from safetensors.torch import save_file
+
+    if not th.created:
+        th = replace(th, created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    if not th.package_version:
+        th = replace(th, package_version=_package_version())
+    if th.head_offset != 0:
+        raise ThresholdsError("save_thresholds: these thresholds were sliced with for_rank; "
+                              "save the global (all-heads) thresholds instead")
+    tensors = {name: getattr(th, name).detach().cpu().contiguous() for name in TENSOR_NAMES}
+    save_file(tensors, os.fspath(path), metadata=th.metadata())
+
+
+def load_thresholds(path: str | os.PathLike[str],
+                    expect: ModelGeometry | None = None) -> Thresholds:
+    """Read and validate a thresholds file; with ``expect``, also check it fits that model.
+
+    Raises :class:`ThresholdsError` (a ``ValueError``) naming the file, the problem and the fix.
+    Never unpickles anything.
+    """
+    from safetensors import safe_open
+
+    src = os.fspath(path)
+    if not os.path.exists(src):
+        raise _err(src, "no such file", "pass an existing path (sparge `thresholds` / "
+                   "SPARGE_THRESHOLDS), or drop the setting to run with the untuned defaults")
+    if not os.path.isfile(src):
+        raise _err(src, "is not a regular file", "pass the path of the .safetensors file itself")
+    try:
+        with safe_open(src, framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            keys = set(f.keys())
+            tensors = {k: f.get_tensor(k) for k in TENSOR_NAMES if k in keys}
+    except Exception as e:  # safetensors raises its own error type for every kind of corruption
+        raise _err(src, f"is not a readable safetensors file ({type(e).__name__}: {e})",
+                   "pickled .pt files are refused on purpose; point at a thresholds file written "
+                   "by `sparge-calibrate` (or save_thresholds)") from e
+
+    if meta.get("format") != FORMAT:
+        raise _err(src, f"metadata `format` is {meta.get('format')!r}, expected {FORMAT!r} "
+                   "(this safetensors file is not a sparge thresholds file)",
+                   "point at a file written by `sparge-calibrate` (or save_thresholds)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise _err(src, f"format_version {meta.get('format_version')!r} is not supported (this "
+                   f"sparge_serve reads version {FORMAT_VERSION!r})",
+                   "use the sparge_serve version that wrote the file, or " + _FIX_RECALIBRATE)
+    missing = [k for k in TENSOR_NAMES if k not in keys]
+    if missing:
+        raise _err(src, f"missing tensor(s) {missing}", _FIX_RECALIBRATE)
+    extra = sorted(keys - set(TENSOR_NAMES))
+    if extra:
+        raise _err(src, f"unexpected tensor(s) {extra} for format_version {FORMAT_VERSION}",
+                   _FIX_RECALIBRATE)
+
+    def meta_int(key: str) -> int:
+        raw = meta.get(key)
+        if raw is None:
+            raise _err(src, f"metadata key `{key}` is missing", _FIX_RECALIBRATE)
+        try:
+            value = int(raw)
+        except ValueError:
+            raise _err(src, f"metadata `{key}` = {raw!r} is not an integer",
+                       _FIX_RECALIBRATE) from None
+        if value <= 0 and key != "num_prompts":
+            raise _err(src, f"metadata `{key}` = {value} must be positive", _FIX_RECALIBRATE)
+        return value
+
+    def meta_float(key: str) -> float | None:
+        raw = meta.get(key, "")
+        if raw in ("", "None"):
+            return None
+        try:
+            return float(raw)
+        except ValueError:
+            raise _err(src, f"metadata `{key}` = {raw!r} is not a number",
+                       _FIX_RECALIBRATE) from None
+
+    geo = {k: meta_int(k) for k in _GEOMETRY_KEYS}
+    shape = [geo["num_layers"], geo["num_heads"]]
+    for name, t in tensors.items():
+        if list(t.shape) != shape:
+            raise _err(src, f"tensor `{name}` has shape {list(t.shape)} but the metadata says "
+                       f"[num_layers, num_heads] = {shape}", _FIX_RECALIBRATE)
+    try:
+        th = Thresholds(
+            **tensors, num_kv_heads=geo["num_kv_heads"], head_dim=geo["head_dim"],
+            blkq=geo["blkq"], blkk=geo["blkk"], model=meta.get("model", ""),
+            config_hash=meta.get("config_hash", ""), l1=meta_float("l1"),
+            pv_l1=meta_float("pv_l1"), sim_rule=meta.get("sim_rule", ""),
+            num_prompts=meta_int("num_prompts") if meta.get("num_prompts") else 0,
+            prompts_sha256=meta.get("prompts_sha256", ""),
+            package_version=meta.get("package_version", ""), created=meta.get("created", ""))
+    except ThresholdsError as e:
+        raise ThresholdsError(str(e).replace("<in-memory Thresholds>", src, 1)) from None
+    if expect is not None:
+        check_geometry(th, expect, src)
+    return th
+
+
+def check_geometry(th: Thresholds, expect: ModelGeometry, source: str = "<in-memory>") -> None:
+    """Raise ThresholdsError unless ``th`` fits ``expect`` (global geometry and kernel tile)."""
+    model = f" (calibrated for {th.model!r})" if th.model else ""
+    for key in _GEOMETRY_KEYS:
+        got, want = getattr(th, key), getattr(expect, key)
+        if got != want:
+            what = "kernel block size" if key in ("blkq", "blkk") else "model"
+            raise _err(source, f"{key} = {got} in the file{model} but the {what} has {key} = {want}",
+                       "use the thresholds file calibrated for this model and this sparge_serve "
+                       "version, or " + _FIX_RECALIBRATE)
+    if expect.config_hash and th.config_hash and expect.config_hash != th.config_hash:
+        logger.warning("thresholds file %s: config_hash %s%s differs from the served model's %s; "
+                       "the geometry matches, so it is used, but it may be tuned for another model",
+                       source, th.config_hash, model, expect.config_hash)
+
+
+# Keys of an HF config dict that do not change the model's computation (or vary between tools).
+_VOLATILE_CONFIG_KEYS = frozenset({
+    "transformers_version", "torch_dtype", "dtype", "use_cache", "return_dict",
+    "output_attentions", "output_hidden_states", "architectures", "auto_map",
+})
+
+
+def config_hash(hf_config: Mapping[str, Any]) -> str:
+    """A stable sha256 (hex) of an HF config dict (e.g. ``PretrainedConfig.to_dict()``).
+
+    Private keys (``_name_or_path``, ``_attn_implementation``, ...) and keys that do not change the
+    computation (``transformers_version``, ``torch_dtype``, ...) are left out, so the same checkpoint
+    hashes the same whether read by the calibration tool or by the serving engine.
+    """
+    def clean(obj: Any) -> Any:
+        if isinstance(obj, Mapping):
+            return {str(k): clean(v) for k, v in obj.items()
+                    if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+        if isinstance(obj, (list, tuple)):
+            return [clean(v) for v in obj]
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return repr(obj)
+        return obj
+
+    text = json.dumps(clean(hf_config), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sparge-serve")
+    except PackageNotFoundError:
+        return "unknown"
