@@ -1,0 +1,197 @@
+"""Stage 2 of SpargeAttn: block-sparse flash attention over vLLM's paged KV cache.
+
+One program computes one (q-head, query block, request) tile of ``BLKQ`` rows: an online-softmax
+flash-attention forward (fp32 statistics and accumulator) over the row's kept key blocks only
+(``BlockMap``), reading K/V through the block table for any page size, with the token-level
+bottom-right causal mask on diagonal blocks and the per-head PV-skip filter (docs/DESIGN.md,
+"Stage 2"). With every block kept and PV skip off it is dense causal attention.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF, PrefillBatch, num_blocks
+from sparge_serve.kernels.predictor import (
+    BlockMap,
+    _load_kv_block,
+    check_head_thresholds,
+    check_paged_inputs,
+    predict_block_map,
+)
+
+_LOG2E = 1.4426950408889634
+# NOTE: Triton 3.6's CPU interpreter computes bf16 tl.dot wrongly (it multiplies the raw bits);
+# under TRITON_INTERPRET=1 the kernel upcasts dot operands to fp32 (exact for bf16/fp16 inputs).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _sparse_attn_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
+    lut_ptr, count_ptr, pv_ptr, skipped_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_page, stride_tok, stride_head, stride_bt,
+    NKB, NQB, num_heads, qk_scale,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
+):
+    h = tl.program_id(0)
+    # NOTE: heaviest (last) query blocks first, for a shorter tail.
+    b = NQB - 1 - tl.program_id(1)
+    r = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + r)
+    q_len = tl.load(qsl_ptr + r + 1) - q_start
+    if b * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + r)
+    ctx = seq_len - q_len
+    kvh = h // GROUP
+    row_id = (r * num_heads + h) * NQB + b
+
+    offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_real = offs_m < q_len
+    q_pos = ctx + offs_m
+    first = ctx + b * BLOCK_M
+    q_tok = (q_start + offs_m).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+        mask=m_real[:, None], other=0.0,
+    )
+    bt_row = bt_ptr + r * stride_bt
+    lut_row = lut_ptr + row_id.to(tl.int64) * NKB
+    count = tl.load(count_ptr + row_id)
+    pv_thr = tl.load(pv_ptr + h)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    n_skipped = 0
+    for t in range(0, count):
+        j = tl.load(lut_row + t).to(tl.int32)
+        k = _load_kv_block(
+            k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok, stride_head,
+            offs_n, offs_d, PAGE, BLOCK_N,
+        )
+        s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+        is_diag = (j * BLOCK_N + BLOCK_N - 1) > first
+        if is_diag:
+            k_pos = j * BLOCK_N + offs_n
+            s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_loc = tl.max(s, axis=1)
+        # stage-2 filter: skip when every real row's block max is pv_thr (log2) below its running
+        # max; never the first block of the row, never a diagonal block.
+        negligible = tl.where(m_real, m_loc - m_i <= -pv_thr, 1)
+        skip = (t > 0) & (is_diag == 0) & (pv_thr < PV_OFF) & (tl.min(negligible, axis=0) > 0)
+        if skip:
+            n_skipped += 1
+        else:
+            v = _load_kv_block(
+                v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok, stride_head,
+                offs_n, offs_d, PAGE, BLOCK_N,
+            )
+            m_new = tl.maximum(m_i, m_loc)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+            m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + q_tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty), mask=m_real[:, None],
+    )
+    tl.store(skipped_ptr + row_id, n_skipped)
+
+
+def _attn_launch_params(head_dim: int) -> tuple[int, int]:
+    """(num_warps, num_stages) per head dim; pinned from benchmarks/, never autotuned at serve."""
+    return (8, 2) if head_dim == 128 else (4, 2)
+
+
+def sparse_paged_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    batch: PrefillBatch,
+    block_map: BlockMap,
+    scale: float,
+    pvthreshd: torch.Tensor,
+    out: torch.Tensor,
+    stats: torch.Tensor | None = None,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
+
+    ``q, out [num_tokens, Hq, D]``; caches ``[num_pages, page_size, Hkv, D]``; ``pvthreshd`` fp32
+    ``[Hq]`` (>= 50 disables PV skip). ``stats`` (int64 ``[3]``), if given, gets
+    ``[0, 0, pv_skipped_blocks]`` added on the device.
+    """
+    check_paged_inputs(q, key_cache, value_cache)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    if out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    check_head_thresholds("pvthreshd", pvthreshd, num_heads, q.device, check_finite)
+    _, page, num_kv_heads, _ = key_cache.shape
+    if key_cache.stride() != value_cache.stride():
+        raise ValueError("key_cache and value_cache must share one layout (strides)")
+    nreq, _, nqb, nkb = block_map.lut.shape
+    if nqb != num_blocks(batch.max_query_len, BLKQ) or nreq != batch.num_reqs:
+        raise ValueError("block_map was predicted for a different batch")
+    skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
+    num_warps, num_stages = _attn_launch_params(head_dim)
+    _sparse_attn_kernel[(num_heads, nqb, nreq)](
+        q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
+        block_map.lut, block_map.count, pvthreshd, skipped,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
+        nkb, nqb, num_heads, float(scale) * _LOG2E,
+        GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
+        PAGE=page, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, num_warps=num_warps, num_stages=num_stages,
+    )
+    if stats is not None:
+        # rows past a request's query never ran: their slots are garbage, mask them by count
+        stats[2] += torch.where(block_map.count > 0, skipped, 0).sum()
+    return out
+
+
+def sparge_paged_prefill(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    batch: PrefillBatch,
+    scale: float,
+    simthreshd1: torch.Tensor,
+    cdfthreshd: torch.Tensor,
+    pvthreshd: torch.Tensor,
+    out: torch.Tensor,
+    topk: float | None = None,
+    stats: torch.Tensor | None = None,
+    check_finite: bool = True,
+) -> BlockMap:
+    """Both stages for a varlen prefill batch; returns the block map it used."""
+    check_paged_inputs(q, key_cache, value_cache)
+    check_head_thresholds("pvthreshd", pvthreshd, q.shape[1], q.device, check_finite)
+    bm = predict_block_map(
+        q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, stats, check_finite
+    )
+    sparse_paged_attention(
+        q, key_cache, value_cache, batch, bm, scale, pvthreshd, out, stats, check_finite=False
+    )
+    return bm
+
+
+__all__ = ["BLKK", "BLKQ", "sparge_paged_prefill", "sparse_paged_attention"]

@@ -1,0 +1,351 @@
+"""Stage 1 of SpargeAttn as Triton kernels: which (query block, key block) pairs to compute.
+
+For a varlen batch of prefill requests over vLLM's paged KV cache (docs/DESIGN.md, "Stage 1"):
+
+1. ``_kblock_kernel`` (PASS 0): per (request, KV head, key block) the fp32 sum of the block's keys,
+   over the *whole* context (prefix-cached tokens and earlier chunks included).
+2. torch: the per-(request, KV head) key mean ``mu`` from those sums (no host sync).
+3. ``_kblock_kernel`` (PASS 1): pooled smoothed keys ``mean(k - mu)`` (stored transposed, fp32) and
+   the key-block self-similarity.
+4. ``_select_kernel``: one program per (q-head, query block, request) row: pooled query and its
+   similarity, fp32 compressed scores against every valid key block (bottom-right causal), fp32
+   softmax, sort-free CDF (or top-k) selection, forced blocks, and the compact sorted list of kept
+   key blocks + its length.
+
+No host synchronisation and no Python loop over requests or heads: grids are sized from host
+bounds (``max_query_len``, ``max_seq_len``) and programs past a request's end return at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from sparge_serve.kernels.geometry import BLKK, BLKQ, PrefillBatch, num_blocks
+
+MAX_KEY_BLOCKS = 16384
+"""Longest context the predictor handles, in key blocks (16384 * 64 = 1M tokens)."""
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """Kept key blocks per (request, q-head, query block) row."""
+
+    lut: torch.Tensor  # [R, Hq, NQB, NKB] int16: kept key-block ids, ascending, first `count` valid
+    count: torch.Tensor  # [R, Hq, NQB] int32: number of kept key blocks (0 for rows past the query)
+    n_valid: torch.Tensor  # [R, Hq, NQB] int32: number of causally valid key blocks of the row
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_kv_block(
+    cache_ptr, bt_ptr, j, seq_len, kvh,
+    stride_page, stride_tok, stride_head,
+    offs_n, offs_d,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Load key/value block ``j`` (``[BLOCK_N, D]``) of one request through its block table.
+
+    Rows at or past ``seq_len`` read as zeros.
+    """
+    pos = j * BLOCK_N + offs_n
+    in_ctx = pos < seq_len
+    if PAGE % BLOCK_N == 0:
+        # NOTE: the whole key block lies inside one page: one page-id load, contiguous rows.
+        page = tl.load(bt_ptr + (j * BLOCK_N) // PAGE).to(tl.int64)
+        row = page * stride_page + ((j * BLOCK_N) % PAGE + offs_n) * stride_tok
+    else:
+        page = tl.load(bt_ptr + pos // PAGE, mask=in_ctx, other=0).to(tl.int64)
+        row = page * stride_page + (pos % PAGE) * stride_tok
+    ptrs = cache_ptr + row[:, None] + kvh * stride_head + offs_d[None, :]
+    return tl.load(ptrs, mask=in_ctx[:, None], other=0.0)
+
+
+@triton.jit
+def _kblock_kernel(
+    key_cache_ptr, bt_ptr, seq_lens_ptr, ksum_ptr, mu_ptr, pk_ptr, ksim_ptr,
+    stride_page, stride_tok, stride_head, stride_bt,
+    NKB, num_kv_heads,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PASS: tl.constexpr,
+):
+    j = tl.program_id(0)
+    kvh = tl.program_id(1)
+    r = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + r)
+    if j * BLOCK_N >= seq_len:
+        return
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = _load_kv_block(
+        key_cache_ptr, bt_ptr + r * stride_bt, j, seq_len, kvh,
+        stride_page, stride_tok, stride_head, offs_n, offs_d, PAGE, BLOCK_N,
+    ).to(tl.float32)
+    rh = r * num_kv_heads + kvh
+    if PASS == 0:
+        tl.store(ksum_ptr + (rh * NKB + j) * HEAD_DIM + offs_d, tl.sum(k, axis=0))
+    else:
+        in_ctx = (j * BLOCK_N + offs_n) < seq_len
+        n_rows = tl.minimum(seq_len - j * BLOCK_N, BLOCK_N).to(tl.float32)
+        mu = tl.load(mu_ptr + rh * HEAD_DIM + offs_d)
+        x = tl.where(in_ctx[:, None], k - mu[None, :], 0.0)
+        pooled = tl.sum(x, axis=0) / n_rows
+        norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), _EPS)
+        mean_unit = tl.sum(x / norm[:, None], axis=0) / n_rows
+        # NOTE: pooled keys are stored transposed ([D, NKB]) so the select kernel reads them
+        # coalesced along key blocks.
+        tl.store(pk_ptr + (rh * HEAD_DIM + offs_d) * NKB + j, pooled)
+        tl.store(ksim_ptr + rh * NKB + j, tl.sum(mean_unit * mean_unit, axis=0))
+
+
+@triton.jit
+def _float_bits(i):
+    return i.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _select_kernel(
+    q_ptr, qsl_ptr, seq_lens_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr,
+    lut_ptr, count_ptr, nvalid_ptr,
+    stride_qt, stride_qh,
+    NKB, NQB, num_heads, num_kv_heads, scale, topk,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
+):
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    r = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + r)
+    q_len = tl.load(qsl_ptr + r + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + r)
+    row_id = (r * num_heads + h) * NQB + b
+    if b * BLOCK_M >= q_len:
+        tl.store(count_ptr + row_id, 0)
+        tl.store(nvalid_ptr + row_id, 0)
+        return
+    ctx = seq_len - q_len
+    kvh = h // GROUP
+    rh = r * num_kv_heads + kvh
+
+    # pooled query block and its self-similarity (real rows only)
+    offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_real = offs_m < q_len
+    n_rows = tl.minimum(q_len - b * BLOCK_M, BLOCK_M).to(tl.float32)
+    q_rows = q_ptr + (q_start + offs_m).to(tl.int64)[:, None] * stride_qt + h * stride_qh
+    q = tl.load(q_rows + offs_d[None, :], mask=m_real[:, None], other=0.0).to(tl.float32)
+    norm = tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), _EPS)
+    mean_unit = tl.sum(q / norm[:, None], axis=0) / n_rows
+    q_sim = tl.sum(mean_unit * mean_unit, axis=0)
+
+    simthr = tl.load(sim_ptr + h)
+    first = ctx + b * BLOCK_M
+    last = ctx + tl.minimum((b + 1) * BLOCK_M, q_len) - 1
+    n_valid = last // BLOCK_N + 1
+    offs_j = tl.arange(0, NKB_PAD)
+    valid = offs_j < n_valid
+
+    # compressed scores: pooled_q . pooled_k, accumulated over chunks of DC dims, fp32
+    offs_c = tl.arange(0, DC)
+    s = tl.zeros([NKB_PAD], dtype=tl.float32)
+    for d0 in range(0, HEAD_DIM, DC):
+        qc = tl.load(q_rows + (d0 + offs_c)[None, :], mask=m_real[:, None], other=0.0)
+        pq = tl.sum(qc.to(tl.float32), axis=0) / n_rows
+        pk = tl.load(
+            pk_ptr + (rh * HEAD_DIM + d0 + offs_c)[None, :] * NKB + offs_j[:, None],
+            mask=valid[:, None], other=0.0,
+        )
+        s += tl.sum(pk * pq[None, :], axis=1)
+    k_sim = tl.load(ksim_ptr + rh * NKB + offs_j, mask=valid, other=0.0) > simthr
+    allowed = valid & k_sim
+    s = tl.where(allowed, s * scale, float("-inf"))
+    s_max = tl.max(s, axis=0)
+    s_max = tl.where(s_max == float("-inf"), 0.0, s_max)
+    e = tl.where(allowed, tl.exp(s - s_max), 0.0)
+    p = e / tl.maximum(tl.sum(e, axis=0), 1e-30)
+
+    if USE_TOPK:
+        # keep the n_keep most probable valid blocks, lower index first on ties
+        n_keep = tl.maximum(tl.floor(topk * n_valid.to(tl.float32) + 0.5), 1.0).to(tl.int32)
+        lo = tl.zeros([], dtype=tl.int32)  # count(valid & p >= bits(lo)) >= n_keep holds
+        hi = tl.full([], 0x3F800001, dtype=tl.int32)  # just above 1.0: count is 0
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            n_ge = tl.sum((valid & (p >= _float_bits(mid))).to(tl.int32), axis=0)
+            ok = n_ge >= n_keep
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid)
+        t = _float_bits(lo)
+        above = valid & (p > t)
+        ties = valid & (p == t)
+        tie_rank = tl.cumsum(ties.to(tl.int32), axis=0)
+        n_above = tl.sum(above.to(tl.int32), axis=0)
+        selected = above | (ties & (tie_rank <= n_keep - n_above))
+    else:
+        # CDF: keep j iff the mass of blocks at least as probable as j is <= cdfthreshd, or j is
+        # the most probable. mass(t) = sum(p >= t) is non-increasing; find the smallest t (as
+        # float bits) with mass(t) <= cdf; fp64 sums keep the comparison exact enough.
+        cdf = tl.load(cdf_ptr + h)
+        p64 = p.to(tl.float64)
+        lo = tl.zeros([], dtype=tl.int32)
+        hi = tl.full([], 0x3F800001, dtype=tl.int32)
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            mass = tl.sum(tl.where(p >= _float_bits(mid), p64, 0.0), axis=0)
+            ok = mass <= cdf
+            lo = tl.where(ok, lo, mid)
+            hi = tl.where(ok, mid, hi)
+        p_max = tl.max(p, axis=0)
+        selected = allowed & ((p >= _float_bits(hi)) | (p == p_max))
+        selected = tl.where(cdf >= 1.0, valid, selected)
+
+    diag = (offs_j + 1) * BLOCK_N - 1 > first
+    forced = (k_sim == 0) | diag | (offs_j == 0)
+    forced = tl.where(q_sim <= simthr, valid, forced)
+    keep = valid & (selected | forced)
+    pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(lut_ptr + row_id.to(tl.int64) * NKB + pos, offs_j.to(tl.int16), mask=keep)
+    tl.store(count_ptr + row_id, tl.sum(keep.to(tl.int32), axis=0))
+    tl.store(nvalid_ptr + row_id, n_valid)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def check_paged_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache=None) -> None:
+    """Raise ``ValueError`` (before any launch) for layouts/dtypes the kernels do not support."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [num_tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q dtype {q.dtype} unsupported; supported: float16, bfloat16")
+    head_dim = q.shape[2]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {head_dim} unsupported; supported: {SUPPORTED_HEAD_DIMS}")
+    caches = [key_cache] if value_cache is None else [key_cache, value_cache]
+    for name, c in zip(("key_cache", "value_cache"), caches, strict=False):
+        if c.dim() != 4 or c.shape[3] != head_dim:
+            raise ValueError(
+                f"{name} must be [num_pages, page_size, num_kv_heads, {head_dim}] (vLLM's "
+                f"FlashAttention layout), got shape {tuple(c.shape)}"
+            )
+        if c.dtype != q.dtype:
+            raise ValueError(
+                f"{name} dtype {c.dtype} differs from q dtype {q.dtype}; fp8 KV caches are not "
+                "supported"
+            )
+        if c.stride(3) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim (stride {c.stride(3)})")
+        if c.device != q.device:
+            raise ValueError(f"{name} is on {c.device}, q on {q.device}")
+    if q.stride(2) != 1:
+        raise ValueError("q must be contiguous in head_dim")
+    if q.shape[1] % key_cache.shape[2]:
+        raise ValueError(
+            f"{q.shape[1]} query heads are not a multiple of {key_cache.shape[2]} KV heads"
+        )
+
+
+def check_head_thresholds(name: str, t: torch.Tensor, num_heads: int, device, check_finite: bool):
+    """Per-head thresholds must be fp32 ``[num_heads]`` on the kernels' device (and finite)."""
+    if not isinstance(t, torch.Tensor) or t.shape != (num_heads,) or t.dtype != torch.float32:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        dtype = t.dtype if isinstance(t, torch.Tensor) else None
+        raise ValueError(
+            f"{name} must be a float32 tensor of shape ({num_heads},) (one value per local query "
+            f"head), got {shape} {dtype}"
+        )
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    # NOTE: a host sync; the backend validates its thresholds once at load and passes False.
+    if check_finite and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf: recalibrate or fix the thresholds file")
+
+
+def _select_launch_params(nkb_pad: int) -> tuple[int, int]:
+    """(DC, num_warps) keeping the [NKB_PAD, DC] pooled-key tile at <= 64 fp32 per thread."""
+    num_warps = 4 if nkb_pad <= 1024 else 8
+    dc = max(1, min(16, (64 * 32 * num_warps) // nkb_pad))
+    return dc, num_warps
+
+
+def predict_block_map(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    batch: PrefillBatch,
+    scale: float,
+    simthreshd1: torch.Tensor,
+    cdfthreshd: torch.Tensor,
+    topk: float | None = None,
+    stats: torch.Tensor | None = None,
+    check_finite: bool = True,
+) -> BlockMap:
+    """Stage 1 for a varlen prefill batch. See the module docstring and docs/DESIGN.md.
+
+    ``q [num_tokens, Hq, D]`` holds the new tokens of every request (``batch.query_start_loc``);
+    ``key_cache [num_pages, page_size, Hkv, D]``. ``stats`` (int64 ``[3]``), if given, gets
+    ``[valid_blocks, kept_blocks, 0]`` added on the device.
+    """
+    check_paged_inputs(q, key_cache)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _, page, num_kv_heads, _ = key_cache.shape
+    for name, t in (("simthreshd1", simthreshd1), ("cdfthreshd", cdfthreshd)):
+        check_head_thresholds(name, t, num_heads, q.device, check_finite)
+    if topk is not None and not 0.0 < topk <= 1.0:
+        raise ValueError(f"topk must be in (0, 1], got {topk}")
+    nkb = num_blocks(batch.max_seq_len, BLKK)
+    if nkb > MAX_KEY_BLOCKS:
+        raise ValueError(
+            f"context of {batch.max_seq_len} tokens exceeds the predictor's limit of "
+            f"{MAX_KEY_BLOCKS * BLKK}; serve such prompts dense (min_sparse_len / mode=dense)"
+        )
+    nqb = num_blocks(batch.max_query_len, BLKQ)
+    nreq = batch.num_reqs
+    dev = q.device
+    f32 = dict(dtype=torch.float32, device=dev)
+
+    ksum = torch.zeros(nreq, num_kv_heads, nkb, head_dim, **f32)
+    pk = torch.empty(nreq, num_kv_heads, head_dim, nkb, **f32)
+    ksim = torch.empty(nreq, num_kv_heads, nkb, **f32)
+    kgrid = (nkb, num_kv_heads, nreq)
+    kargs = (
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
+        nkb, num_kv_heads,
+    )
+    _kblock_kernel[kgrid](
+        key_cache, batch.block_table, batch.seq_lens, ksum, ksum, pk, ksim, *kargs,
+        PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, PASS=0, num_warps=4,
+    )
+    mu = ksum.sum(2) / batch.seq_lens.clamp_min(1).to(torch.float32)[:, None, None]
+    _kblock_kernel[kgrid](
+        key_cache, batch.block_table, batch.seq_lens, ksum, mu, pk, ksim, *kargs,
+        PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, PASS=1, num_warps=4,
+    )
+
+    lut = torch.empty(nreq, num_heads, nqb, nkb, dtype=torch.int16, device=dev)
+    count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=dev)
+    n_valid = torch.empty_like(count)
+    nkb_pad = max(16, triton.next_power_of_2(nkb))
+    dc, num_warps = _select_launch_params(nkb_pad)
+    _select_kernel[(num_heads, nqb, nreq)](
+        q, batch.query_start_loc, batch.seq_lens, pk, ksim, simthreshd1, cdfthreshd,
+        lut, count, n_valid,
+        q.stride(0), q.stride(1),
+        nkb, nqb, num_heads, num_kv_heads, float(scale), float(topk or 1.0),
+        GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
+        NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk is not None, num_warps=num_warps,
+    )
+    if stats is not None:
+        stats[0] += n_valid.sum()
+        stats[1] += count.sum()
+    return BlockMap(lut, count, n_valid)
