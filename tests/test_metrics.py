@@ -1,0 +1,291 @@
+"""sparge_serve.metrics: exposition of known counters, multi-process merge, the bridge to vLLM's
+/metrics (both of vLLM's registry modes). CPU only."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import tempfile
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sparge_serve import metrics
+from sparge_serve.metrics import (
+    METRICS_DIR_ENV,
+    TIME_BUCKETS,
+    FallbackReason,
+    SpargeCollector,
+    SpargeStats,
+    install_metrics_bridge,
+)
+
+MODEL = "org/model-7b"
+# (layer, valid, computed, pv_skipped) the "kernels" add, in two forwards.
+BLOCK_ADDS = [(0, 10, 6, 2), (2, 20, 5, 1), (0, 4, 4, 0)]
+TOKENS = [(0, 100, 28), (1, 0, 128), (2, 100, 28)]  # (layer, sparse, dense)
+FALLBACKS = [(FallbackReason.SHORT_PROMPT, 2), (FallbackReason.DENSE_LAYER, 1),
+             ("short_prompt", 1)]
+# perf_counter values read by the host "events": start, predictor end, attention end (binary
+# fractions, so the differences are exact): attention 7.8 ms, predictor 1.95 ms.
+CLOCK = [1.0, 1.0 + 2**-9, 1.0 + 2**-7]
+ATTN_S, PRED_S = 2**-7, 2**-9
+
+
+def scrape(collector_dir: str) -> dict[str, dict[tuple, float]]:
+    """Text exposition of the collector, parsed back: {sample name: {sorted labels: value}}."""
+    registry = CollectorRegistry()
+    registry.register(SpargeCollector(collector_dir))
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def lab(**kw: str) -> tuple:
+    return tuple(sorted({"model_name": MODEL, **kw}.items()))
+
+
+def feed(stats: SpargeStats) -> None:
+    for layer, *vals in BLOCK_ADDS:
+        stats.kernel_stats(layer).add_(stats._torch.tensor(vals))
+    for layer, s, d in TOKENS:
+        stats.count_prefill(layer, s, d)
+    for reason, n in FALLBACKS:
+        stats.count_fallback(reason, n)
+
+
+def test_exposition_known_batch(tmp_path, monkeypatch):
+    stats = SpargeStats(3, "cpu", MODEL, sink_dir=str(tmp_path), start_writer=False,
+                        sample_every=2)
+    stats.set_thresholds_info(file="/t/th.safetensors", sha256="ab" * 32, l1="0.08",
+                              pv_l1="0.09")
+    feed(stats)
+    clock = iter(CLOCK)
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    assert stats.start_timing() is None  # sample_every=2: the second call is sampled
+    sample = stats.start_timing()
+    sample.predictor_done()
+    sample.done()
+
+    stats.maybe_flush()  # starts the counter copy
+    stats.write()
+    before = scrape(str(tmp_path))
+    # The device copy is read only by a later flush: no block counts yet, host counts already.
+    assert before["sparge_attention_blocks_valid_total"][lab(layer="0")] == 0
+    assert before["sparge_prompt_tokens_total"][lab(layer="1", path="dense")] == 128
+
+    stats.maybe_flush()
+    stats.write()
+    got = scrape(str(tmp_path))
+
+    exp_blocks = {0: (14, 10, 2), 1: (0, 0, 0), 2: (20, 5, 1)}
+    for layer, (valid, computed, skipped) in exp_blocks.items():
+        assert got["sparge_attention_blocks_valid_total"][lab(layer=str(layer))] == valid
+        assert got["sparge_attention_blocks_computed_total"][lab(layer=str(layer))] == computed
+        assert got["sparge_pv_blocks_skipped_total"][lab(layer=str(layer))] == skipped
+    for layer, s, d in TOKENS:
+        assert got["sparge_prompt_tokens_total"][lab(layer=str(layer), path="sparse")] == s
+        assert got["sparge_prompt_tokens_total"][lab(layer=str(layer), path="dense")] == d
+    assert got["sparge_dense_fallbacks_total"] == {
+        lab(reason="short_prompt"): 3, lab(reason="dense_layer"): 1,
+        lab(reason="mode_dense"): 0, lab(reason="unsupported"): 0}
+
+    attn = got["sparge_sparse_attention_seconds_bucket"]
+    assert len(attn) == len(TIME_BUCKETS)
+    for bound in TIME_BUCKETS:  # cumulative buckets
+        le = "+Inf" if math.isinf(bound) else repr(bound)
+        assert attn[lab(le=le)] == (1 if bound >= ATTN_S else 0), le
+    assert got["sparge_sparse_attention_seconds_count"][lab()] == 1
+    assert got["sparge_sparse_attention_seconds_sum"][lab()] == ATTN_S
+    assert got["sparge_predictor_seconds_bucket"][lab(le="0.0025")] == 1
+    assert got["sparge_predictor_seconds_bucket"][lab(le="0.001")] == 0
+    assert got["sparge_predictor_seconds_sum"][lab()] == PRED_S
+
+    assert got["sparge_thresholds_info"] == {
+        lab(file="/t/th.safetensors", sha256="ab" * 32, l1="0.08", pv_l1="0.09", created=""): 1}
+    stats.close()
+
+
+def test_counters_accumulate_and_rank_nonzero_exports_no_tokens(tmp_path):
+    stats = SpargeStats(2, "cpu", MODEL, tp_rank=1, sink_dir=str(tmp_path), start_writer=False)
+    for expected in (8, 16):
+        stats.kernel_stats(1).add_(stats._torch.tensor([8, 4, 1]))
+        stats.count_prefill(1, 64, 0)
+        stats.count_fallback(FallbackReason.MODE_DENSE)
+        stats.maybe_flush()
+        stats.maybe_flush()
+        stats.write()
+        got = scrape(str(tmp_path))
+        assert got["sparge_attention_blocks_valid_total"][lab(layer="1")] == expected
+    # Every TP rank sees the same tokens: only rank 0 exports them (and fallbacks).
+    assert "sparge_prompt_tokens_total" not in got
+    assert "sparge_dense_fallbacks_total" not in got
+    stats.close()
+
+
+def test_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="sample_every"):
+        SpargeStats(2, "cpu", MODEL, sample_every=0, sink_dir=None)
+    stats = SpargeStats(2, "cpu", MODEL, sink_dir=None)
+    with pytest.raises(KeyError):
+        stats.count_fallback("no_such_reason")
+    with pytest.raises(ValueError, match="unknown labels"):
+        stats.set_thresholds_info(request_id="x")
+
+
+def test_timing_sampling_and_pending_limit():
+    stats = SpargeStats(1, "cpu", MODEL, sink_dir=None, sample_every=3, max_pending_samples=2)
+    taken = [stats.start_timing() for _ in range(12)]
+    sampled = [i for i, t in enumerate(taken) if t is not None]
+    assert sampled == [2, 5]  # one in three, then the pool of 2 in-flight samples is empty
+    for t in taken:
+        if t is not None:
+            t.done()
+    stats.maybe_flush()
+    assert sum(stats.snapshot()["attention_hist"][0]) == 2
+    assert sum(stats.snapshot()["predictor_hist"][0]) == 0  # predictor_done() was not called
+    assert [stats.start_timing() is not None for _ in range(3)] == [False, False, True]  # refilled
+
+
+# ---- the bridge --------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_bridge(tmp_path, monkeypatch):
+    """install_metrics_bridge() as in a new top-level process, with its temp dir in tmp_path."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(metrics, "_BRIDGE", None)
+    monkeypatch.delenv(METRICS_DIR_ENV, raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    return tmp_path
+
+
+def test_bridge_top_level_creates_dir_and_removes_stale(fresh_bridge):
+    dead = fresh_bridge / "sparge-metrics-999999999-dead"
+    mine_old = fresh_bridge / f"sparge-metrics-{os.getpid()}-old"
+    alive = fresh_bridge / f"sparge-metrics-{os.getppid()}-alive"
+    for d in (dead, mine_old, alive):
+        d.mkdir()
+        (d / "counter_sparge-1.db").write_bytes(b"")
+    registry = CollectorRegistry()
+    path = install_metrics_bridge(registry)
+    assert path is not None and os.path.isdir(path)
+    assert os.environ[METRICS_DIR_ENV] == path
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # never switch prometheus_client's mode
+    assert not dead.exists() and not mine_old.exists() and alive.exists()
+    assert install_metrics_bridge(registry) == path  # idempotent: registered once
+    stats = SpargeStats(1, "cpu", MODEL, start_writer=False)
+    stats.count_prefill(0, 3, 0)
+    stats.write()
+    text = generate_latest(registry).decode()
+    assert text.count('sparge_prompt_tokens_total{layer="0"') == 2  # sparse + dense, not 4
+    stats.close()
+
+
+def _worker(rank: int, done, model: str) -> None:
+    # What a vLLM worker process does: the plugin installs the bridge, the backend counts.
+    path = install_metrics_bridge()
+    assert path == os.environ[METRICS_DIR_ENV]
+    assert metrics.default_sink_dir() == path
+    stats = metrics.get_sparge_stats(4, "cpu", model, tp_rank=rank, write_interval_s=0.05)
+    stats.kernel_stats(3).add_(stats._torch.tensor([100 + rank, 50, 7]))
+    stats.count_prefill(3, 1000, 24)
+    stats.count_fallback(FallbackReason.SHORT_PROMPT, 5)
+    stats.maybe_flush()
+    stats.maybe_flush()
+    done.wait(60)  # the writer thread exports while we wait (no explicit write)
+
+
+def test_two_worker_processes_are_summed(fresh_bridge):
+    registry = CollectorRegistry()
+    path = install_metrics_bridge(registry)
+    ctx = multiprocessing.get_context("spawn")
+    done = ctx.Event()
+    procs = [ctx.Process(target=_worker, args=(rank, done, MODEL)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    want = {("sparge_attention_blocks_valid_total", lab(layer="3")): 201,
+            ("sparge_attention_blocks_computed_total", lab(layer="3")): 100,
+            ("sparge_pv_blocks_skipped_total", lab(layer="3")): 14,
+            ("sparge_prompt_tokens_total", lab(layer="3", path="sparse")): 1000,
+            ("sparge_prompt_tokens_total", lab(layer="3", path="dense")): 24,
+            ("sparge_dense_fallbacks_total", lab(reason="short_prompt")): 5}
+    got: dict = {}
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            assert all(p.exitcode in (None, 0) for p in procs)
+            text = generate_latest(registry).decode()  # the registry the bridge registered into
+            got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+            if all(got.get(k) == v for k, v in want.items()):
+                break
+            time.sleep(0.1)
+    finally:
+        done.set()
+        for p in procs:
+            p.join(30)
+    assert {k: got.get(k) for k in want} == want
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len([f for f in os.listdir(path) if f.startswith("counter_")]) == 2
+
+
+# ---- vLLM's /metrics ---------------------------------------------------------------------------
+
+def test_vllm_metrics_endpoint_serves_sparge_series(fresh_bridge, monkeypatch):
+    """Build /metrics exactly as vLLM 0.26's API server does and scrape it: sparge_* from the
+    worker files next to vllm:* from the global registry, in both of vLLM's registry modes."""
+    pytest.importorskip("vllm")
+    from fastapi import FastAPI
+    from prometheus_client import REGISTRY
+    from starlette.testclient import TestClient
+    from vllm.entrypoints.serve.instrumentator.metrics import attach_router
+    from vllm.v1.metrics.prometheus import unregister_vllm_metrics
+
+    path = install_metrics_bridge()  # global REGISTRY, as plugin.register() does
+    collector = metrics._BRIDGE.collector
+    vllm_counter = Counter("vllm:sparge_test_requests", "test", registry=REGISTRY)
+    try:
+        stats = SpargeStats(2, "cpu", MODEL, start_writer=False)  # LLM-in-one-process case
+        assert stats.sink_dir == path
+        stats.kernel_stats(1).add_(stats._torch.tensor([9, 3, 1]))
+        stats.maybe_flush()
+        stats.maybe_flush()
+        stats.write()
+        vllm_counter.inc(2)
+
+        app = FastAPI()
+        attach_router(app)
+        text = TestClient(app).get("/metrics").text
+        assert f'sparge_attention_blocks_valid_total{{layer="1",model_name="{MODEL}"}} 9.0' in text
+        assert "vllm:sparge_test_requests_total 2.0" in text
+
+        unregister_vllm_metrics()  # what vLLM's stat logger does at start: ours survive
+        text = TestClient(app).get("/metrics").text
+        assert "sparge_attention_blocks_valid_total" in text
+        assert "vllm:sparge_test_requests_total" not in text
+
+        # --api-server-count > 1: vLLM serves a MultiProcessCollector over
+        # PROMETHEUS_MULTIPROC_DIR; workers that see it write there instead.
+        mp_dir = fresh_bridge / "prom_mp"
+        mp_dir.mkdir()
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(mp_dir))
+        mp_stats = SpargeStats(2, "cpu", "other", start_writer=False)
+        assert mp_stats.sink_dir == str(mp_dir)
+        mp_stats.count_prefill(0, 5, 6)
+        mp_stats.write()
+        app2 = FastAPI()
+        attach_router(app2)
+        text = TestClient(app2).get("/metrics").text
+        assert 'sparge_prompt_tokens_total{layer="0",model_name="other",path="dense"} 6.0' in text
+        assert 'model_name="org/model-7b"' not in text  # the private dir is not served then
+        stats.close()
+        mp_stats.close()
+    finally:
+        REGISTRY.unregister(collector)
+        if vllm_counter in REGISTRY._collector_to_names:
+            REGISTRY.unregister(vllm_counter)
