@@ -1,0 +1,208 @@
+"""The one sparge_serve configuration: ``--additional-config '{"sparge": {...}}'`` + ``SPARGE_*`` env.
+
+Example::
+
+    vllm serve MODEL --attention-backend SPARGE \\
+        --additional-config '{"sparge": {"thresholds": "llama.safetensors", "dense_layers": 2}}'
+    SPARGE_MODE=dense vllm serve MODEL --attention-backend SPARGE        # kill switch
+
+Keys (all optional):
+
+- ``thresholds``: path of a thresholds file written by ``sparge-calibrate`` (env
+  ``SPARGE_THRESHOLDS``). Without one the published untuned defaults are used (one warning).
+- ``min_sparse_len``: a request runs the sparse prefill path only when its context (cached prefix
+  plus new tokens) is at least this long (env ``SPARGE_MIN_SPARSE_LEN``).
+- ``dense_layers``: ``N`` keeps the first N layers dense, a list keeps exactly those (global)
+  layer indices dense (env ``SPARGE_DENSE_LAYERS``: ``"2"`` or ``"0,1,5"``).
+- ``mode``: ``"sparse"`` (default) or ``"dense"`` — the kill switch: everything runs dense
+  FlashAttention (env ``SPARGE_MODE``).
+- ``topk``: fixed fraction in (0, 1] of valid key blocks kept per query block instead of the CDF
+  rule (benchmarks only).
+
+Environment variables override the JSON. Every problem raises ``ValueError`` naming the key and
+the fix. This module imports nothing from vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+ADDITIONAL_CONFIG_KEY = "sparge"
+
+# NOTE: placeholder until the TTFT benchmark measures the sparse/dense crossover on the target GPU
+# (ALGORITHM.md: "the crossover must be measured, not guessed"); replace with the measured value.
+DEFAULT_MIN_SPARSE_LEN = 16384
+
+MODES = ("sparse", "dense")
+ENV_VARS = {
+    "thresholds": "SPARGE_THRESHOLDS",
+    "min_sparse_len": "SPARGE_MIN_SPARSE_LEN",
+    "mode": "SPARGE_MODE",
+    "dense_layers": "SPARGE_DENSE_LAYERS",
+}
+_EXAMPLE = """--additional-config '{"sparge": {"thresholds": "PATH", "min_sparse_len": 16384}}'"""
+
+
+def _bad(key: str, source: str, problem: str, fix: str) -> ValueError:
+    return ValueError(f"sparge config: `{key}` ({source}) {problem}. Fix: {fix}.")
+
+
+@dataclass(frozen=True)
+class SpargeConfig:
+    """Validated, immutable sparge_serve settings (see the module docstring for every key)."""
+
+    thresholds: str | None = None
+    min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN
+    dense_layers: int | tuple[int, ...] = 0  # first N layers dense, or explicit global indices
+    mode: Literal["sparse", "dense"] = "sparse"
+    topk: float | None = None
+
+    def __post_init__(self) -> None:
+        # Validate here too, so that direct construction is as safe as parsing.
+        for key in self.__dataclass_fields__:
+            object.__setattr__(self, key, _check(key, getattr(self, key), "SpargeConfig()"))
+
+    @property
+    def enabled(self) -> bool:
+        """False when the kill switch (``mode: dense``) is on."""
+        return self.mode == "sparse"
+
+    def is_dense_layer(self, layer: int) -> bool:
+        """Whether global layer ``layer`` is kept dense by ``dense_layers``."""
+        if isinstance(self.dense_layers, int):
+            return layer < self.dense_layers
+        return layer in self.dense_layers
+
+    def check_num_layers(self, num_layers: int) -> None:
+        """Raise if explicit ``dense_layers`` name layers the model does not have."""
+        if isinstance(self.dense_layers, tuple):
+            bad = [i for i in self.dense_layers if i >= num_layers]
+            if bad:
+                raise _bad("dense_layers", "config", f"names layer(s) {bad} but the model has "
+                           f"{num_layers} layers (0..{num_layers - 1})",
+                           "use global layer indices below the model's layer count")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if isinstance(self.dense_layers, tuple):
+            d["dense_layers"] = list(self.dense_layers)
+        return d
+
+    # ---- parsing -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None,
+                  env: Mapping[str, str] | None = None) -> SpargeConfig:
+        """Parse the ``"sparge"`` dict of ``additional_config`` and apply ``SPARGE_*`` overrides.
+
+        ``env`` defaults to ``os.environ`` (pass ``{}`` to ignore the environment).
+        """
+        env = os.environ if env is None else env
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"sparge config: additional_config[{ADDITIONAL_CONFIG_KEY!r}] must be "
+                             f"a JSON object, got {type(raw).__name__} {raw!r}. Fix: pass e.g. "
+                             f"{_EXAMPLE}.")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(str(k) for k in raw if k not in known)
+        if unknown:
+            raise ValueError(f"sparge config: unknown key(s) {unknown} in additional_config"
+                             f"[{ADDITIONAL_CONFIG_KEY!r}]. Fix: use only {sorted(known)} "
+                             f"(e.g. {_EXAMPLE}).")
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for key, value in raw.items():
+            values[key] = value
+            sources[key] = "additional_config"
+        for key, var in ENV_VARS.items():
+            text = env.get(var)
+            if text is None or text.strip() == "":
+                continue
+            values[key] = _parse_env(key, var, text.strip())
+            sources[key] = f"env {var}"
+        return cls(**{key: _check(key, value, sources[key]) for key, value in values.items()})
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any,
+                         env: Mapping[str, str] | None = None) -> SpargeConfig:
+        """Read ``vllm_config.additional_config["sparge"]`` (+ env overrides)."""
+        additional = getattr(vllm_config, "additional_config", None) or {}
+        if not isinstance(additional, Mapping):
+            raise ValueError("sparge config: vLLM's additional_config is not a dict "
+                             f"({type(additional).__name__}). Fix: pass {_EXAMPLE}.")
+        return cls.from_dict(additional.get(ADDITIONAL_CONFIG_KEY), env)
+
+
+def _parse_env(key: str, var: str, text: str) -> Any:
+    source = f"env {var}"
+    if key == "thresholds" or key == "mode":
+        return text
+    if key == "min_sparse_len":
+        try:
+            return int(text)
+        except ValueError:
+            raise _bad(key, source, f"= {text!r} is not an integer",
+                       f"set {var} to a token count, e.g. {var}=16384") from None
+    if key == "dense_layers":
+        try:
+            if text.startswith("["):
+                return json.loads(text)
+            parts = [p.strip() for p in text.split(",")]
+            if len(parts) == 1:
+                return int(parts[0])
+            return [int(p) for p in parts]
+        except ValueError:
+            raise _bad(key, source, f"= {text!r} is neither a layer count nor a list of layer "
+                       "indices", f"set {var}=2 (first two layers dense) or {var}=0,1,5") from None
+    raise AssertionError(key)  # pragma: no cover - ENV_VARS and this function list the same keys
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(key: str, value: Any, source: str) -> Any:
+    """Validate one setting; return its normalised value or raise ValueError naming the fix."""
+    if key == "thresholds":
+        if value is None:
+            return None
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+            raise _bad(key, source, f"= {value!r} is not a file path",
+                       'pass the path of a thresholds .safetensors file, e.g. "thresholds": '
+                       '"/models/llama.sparge.safetensors" (or leave it out for the defaults)')
+        return os.fspath(value)
+    if key == "min_sparse_len":
+        if not _is_int(value) or value < 1:
+            raise _bad(key, source, f"= {value!r} is not a positive integer",
+                       f"use a context length in tokens, e.g. {DEFAULT_MIN_SPARSE_LEN}")
+        return value
+    if key == "dense_layers":
+        if _is_int(value):
+            if value < 0:
+                raise _bad(key, source, f"= {value} is negative",
+                           "use N >= 0 (first N layers dense) or a list of layer indices")
+            return value
+        if isinstance(value, (list, tuple)):
+            if not all(_is_int(i) and i >= 0 for i in value):
+                raise _bad(key, source, f"= {list(value)!r} holds something other than "
+                           "non-negative integers", "list global layer indices, e.g. [0, 1, 31]")
+            return tuple(sorted(set(value)))
+        raise _bad(key, source, f"= {value!r} is neither an integer nor a list",
+                   "use N (first N layers dense) or a list of layer indices, e.g. [0, 1]")
+    if key == "mode":
+        if value not in MODES:
+            raise _bad(key, source, f"= {value!r} is not one of {list(MODES)}",
+                       '"sparse" (default) or "dense" (kill switch: everything runs dense)')
+        return value
+    if key == "topk":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise _bad(key, source, f"= {value!r} is not a number in (0, 1]",
+                       "use the fraction of valid key blocks to keep, e.g. 0.5, or leave it out")
+        return float(value)
+    raise AssertionError(key)  # pragma: no cover - callers pass dataclass field names only

@@ -1,0 +1,108 @@
+"""SpargeConfig: parsing of --additional-config '{"sparge": ...}' + SPARGE_* env, every error."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from sparge_serve.config import DEFAULT_MIN_SPARSE_LEN, SpargeConfig
+
+
+def test_defaults():
+    cfg = SpargeConfig.from_dict(None, env={})
+    assert cfg == SpargeConfig()
+    assert (cfg.thresholds, cfg.min_sparse_len, cfg.dense_layers, cfg.mode, cfg.topk) == (
+        None, DEFAULT_MIN_SPARSE_LEN, 0, "sparse", None)
+    assert cfg.enabled and not cfg.is_dense_layer(0)
+
+
+def test_full_dict():
+    cfg = SpargeConfig.from_dict({"thresholds": "/x.safetensors", "min_sparse_len": 4096,
+                                  "dense_layers": [5, 1, 1], "mode": "dense", "topk": 1},
+                                 env={})
+    assert cfg.thresholds == "/x.safetensors" and cfg.min_sparse_len == 4096
+    assert cfg.dense_layers == (1, 5) and cfg.is_dense_layer(5) and not cfg.is_dense_layer(2)
+    assert cfg.mode == "dense" and not cfg.enabled and cfg.topk == 1.0
+    assert cfg.to_dict()["dense_layers"] == [1, 5]
+    hash(cfg)  # frozen + hashable (the backend caches per config)
+
+
+def test_first_n_dense_layers():
+    cfg = SpargeConfig(dense_layers=2)
+    assert [cfg.is_dense_layer(i) for i in range(4)] == [True, True, False, False]
+
+
+def test_env_overrides_json():
+    env = {"SPARGE_THRESHOLDS": "/env.safetensors", "SPARGE_MIN_SPARSE_LEN": "8192",
+           "SPARGE_MODE": "dense", "SPARGE_DENSE_LAYERS": "0, 3"}
+    cfg = SpargeConfig.from_dict({"thresholds": "/json", "min_sparse_len": 1, "mode": "sparse"},
+                                 env=env)
+    assert (cfg.thresholds, cfg.min_sparse_len, cfg.mode, cfg.dense_layers) == (
+        "/env.safetensors", 8192, "dense", (0, 3))
+
+
+@pytest.mark.parametrize("text,expected", [("3", 3), ("[1, 2]", (1, 2)), ("4,0", (0, 4))])
+def test_env_dense_layers_forms(text, expected):
+    assert SpargeConfig.from_dict({}, env={"SPARGE_DENSE_LAYERS": text}).dense_layers == expected
+
+
+def test_empty_env_is_ignored():
+    cfg = SpargeConfig.from_dict({"min_sparse_len": 100}, env={"SPARGE_MIN_SPARSE_LEN": " "})
+    assert cfg.min_sparse_len == 100
+
+
+def test_from_vllm_config():
+    vc = SimpleNamespace(additional_config={"sparge": {"min_sparse_len": 512}, "other": 1})
+    assert SpargeConfig.from_vllm_config(vc, env={}).min_sparse_len == 512
+    assert SpargeConfig.from_vllm_config(SimpleNamespace(additional_config=None),
+                                         env={}) == SpargeConfig()
+
+
+def test_check_num_layers():
+    SpargeConfig(dense_layers=(0, 3)).check_num_layers(4)
+    SpargeConfig(dense_layers=40).check_num_layers(4)  # "first 40" of 4 layers: all dense
+    with pytest.raises(ValueError, match=r"`dense_layers`.*layer\(s\) \[4\].*4 layers.*Fix:"):
+        SpargeConfig(dense_layers=(0, 4)).check_num_layers(4)
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"threshold": "x"}, r"unknown key\(s\) \['threshold'\].*Fix: use only"),
+    ({"min_sparse_len": 0}, r"`min_sparse_len` \(additional_config\) = 0 is not a positive"),
+    ({"min_sparse_len": "16k"}, r"`min_sparse_len`.*'16k'"),
+    ({"min_sparse_len": True}, r"`min_sparse_len`.*True"),
+    ({"dense_layers": -1}, r"`dense_layers`.*negative"),
+    ({"dense_layers": [0, "1"]}, r"`dense_layers`.*non-negative integers"),
+    ({"dense_layers": "0,1"}, r"`dense_layers`.*neither an integer nor a list"),
+    ({"mode": "off"}, r"`mode`.*'off' is not one of \['sparse', 'dense'\]"),
+    ({"topk": 0}, r"`topk`.*not a number in \(0, 1\]"),
+    ({"topk": 1.5}, r"`topk`"),
+    ({"thresholds": ""}, r"`thresholds`.*not a file path"),
+    ({"thresholds": 3}, r"`thresholds`.*not a file path"),
+])
+def test_bad_values(raw, match):
+    with pytest.raises(ValueError, match=match) as ei:
+        SpargeConfig.from_dict(raw, env={})
+    assert "Fix:" in str(ei.value)
+
+
+@pytest.mark.parametrize("env,match", [
+    ({"SPARGE_MIN_SPARSE_LEN": "lots"}, r"`min_sparse_len` \(env SPARGE_MIN_SPARSE_LEN\).*"
+                                         r"not an integer.*SPARGE_MIN_SPARSE_LEN=16384"),
+    ({"SPARGE_MODE": "fast"}, r"`mode` \(env SPARGE_MODE\)"),
+    ({"SPARGE_DENSE_LAYERS": "a,b"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\)"),
+    ({"SPARGE_DENSE_LAYERS": "-2"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\).*negative"),
+])
+def test_bad_env(env, match):
+    with pytest.raises(ValueError, match=match):
+        SpargeConfig.from_dict({}, env=env)
+
+
+def test_not_a_dict():
+    with pytest.raises(ValueError, match=r"must be a JSON object.*Fix:"):
+        SpargeConfig.from_dict(["thresholds"], env={})
+    with pytest.raises(ValueError, match=r"additional_config is not a dict"):
+        SpargeConfig.from_vllm_config(SimpleNamespace(additional_config="x"), env={})
+
+
+def test_direct_construction_is_validated():
+    with pytest.raises(ValueError, match=r"`mode` \(SpargeConfig\(\)\)"):
+        SpargeConfig(mode="DENSE")
