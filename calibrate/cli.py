@@ -1,0 +1,419 @@
+"""``sparge-calibrate``: per-head SpargeAttn thresholds for a local HF causal LM.
+
+Example::
+
+    sparge-calibrate ./Llama-3.1-8B --prompts calib.jsonl --out llama.sparge.safetensors \\
+        --l1 0.06 --pv-l1 0.07 --layer-l1 0-1:0.03 --max-len 16384 --samples 8 \\
+        --driver vllm --device cuda --plot sparsity.png --report heldout.txt
+
+Writes the thresholds file the SPARGE backend loads (``--additional-config
+'{"sparge": {"thresholds": "llama.sparge.safetensors"}}'``), prints a per-layer summary and
+optionally a sparsity heatmap and a dense-vs-sparse quality report on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from sparge_serve.kernels.geometry import BLKK, BLKQ
+
+from .prompts import MIN_PROMPT_TOKENS, PROMPT_EXTENSIONS, PromptError, check_lengths, load_prompts
+from .search import DEFAULT_SIM_GRID, ERROR_RULES, LayerBudget, SearchConfig
+
+__all__ = ["build_parser", "main", "parse_layer_spec"]
+
+logger = logging.getLogger("sparge_calibrate")
+
+_SPEC = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*:\s*([^:\s]+)\s*$")
+
+
+def parse_layer_spec(text: str) -> tuple[int, int, float]:
+    """``"A-B:X"`` or ``"A:X"`` -> ``(A, B, X)`` (inclusive layer range, budget); ``ValueError``."""
+    m = _SPEC.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not LAYERS:BUDGET (e.g. 0-5:0.04 or 3:0.05)")
+    first = int(m.group(1))
+    last = int(m.group(2)) if m.group(2) is not None else first
+    try:
+        value = float(m.group(3))
+    except ValueError:
+        raise ValueError(f"{text!r}: budget {m.group(3)!r} is not a number") from None
+    if last < first:
+        raise ValueError(f"{text!r}: layer range {first}-{last} is empty (write the lower first)")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{text!r}: budget must be a positive number")
+    return first, last, value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _layer_spec(text: str) -> tuple[int, int, float]:
+    try:
+        return parse_layer_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sparge-calibrate",
+        description="Calibrate per-head SpargeAttn thresholds (simthreshd1, cdfthreshd, pvthreshd) "
+        "for a local Hugging Face causal LM and write the thresholds file the SPARGE vLLM backend "
+        "loads.",
+        epilog=f"Prompts must have at least {MIN_PROMPT_TOKENS} tokens (two query blocks of {BLKQ}): "
+        f"shorter ones have no key block the thresholds could skip (the sink and diagonal blocks "
+        f"of {BLKK} keys are always computed). Use prompts as long as the ones you serve.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="local HF model directory (config.json, "
+                   "weights, and a tokenizer for text prompts)")
+    p.add_argument("--prompts", required=True, metavar="FILE",
+                   help="calibration prompts: .txt (paragraphs separated by blank lines) or .jsonl "
+                   '(one object per line with "text" or "prompt_token_ids")')
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="thresholds file to write")
+    p.add_argument("--l1", type=_positive_float, default=0.06,
+                   help="stage-1 error budget per head (default 0.06; relative L1 for --sim-rule l1)")
+    p.add_argument("--pv-l1", type=_positive_float, default=0.07,
+                   help="error budget with the PV skip; must exceed --l1 (default 0.07)")
+    p.add_argument("--sim-rule", choices=ERROR_RULES, default="l1",
+                   help="error rule the budgets bound: relative L1, 1 - cosine similarity, or "
+                   "relative RMSE (default l1)")
+    p.add_argument("--layer-l1", type=_layer_spec, nargs="+", action="extend", default=[],
+                   metavar="LAYERS:BUDGET",
+                   help="per-layer stage-1 budgets, e.g. 0-5:0.04 (stricter early layers); these "
+                   "layers' PV budget keeps the global margin (--pv-l1 minus --l1) unless "
+                   "--layer-pv-l1 sets it")
+    p.add_argument("--layer-pv-l1", type=_layer_spec, nargs="+", action="extend", default=[],
+                   metavar="LAYERS:BUDGET", help="per-layer PV budgets, e.g. 0-5:0.05")
+    p.add_argument("--max-len", type=_positive_int, metavar="N",
+                   help=f"truncate prompts to their first N tokens (N >= {MIN_PROMPT_TOKENS})")
+    p.add_argument("--samples", type=_positive_int, metavar="N",
+                   help="use only the first N prompts of --prompts")
+    p.add_argument("--driver", choices=("hf", "vllm"), default="hf",
+                   help="capture Q/K/V with transformers (CPU or CUDA) or through vLLM with the "
+                   "SPARGE backend (CUDA, tensor parallel 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="where the model runs and errors are measured (default: cuda if available)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="model dtype (auto: float32 on CPU, the checkpoint's 16-bit dtype on CUDA)")
+    p.add_argument("--report", metavar="HELDOUT_FILE",
+                   help="also measure dense-vs-sparse quality (log-probabilities, perplexity) and "
+                   "sparsity on these held-out prompts (same formats as --prompts), with the "
+                   "transformers model")
+    p.add_argument("--plot", metavar="PNG", help="write a heatmap of sparsity per (layer, head)")
+    search = p.add_argument_group("search (defaults follow ALGORITHM.md)")
+    search.add_argument("--quantile", type=float, default=1.0,
+                        help="a setting must meet the budget on this quantile of the samples "
+                        "(default 1.0: on every sample)")
+    search.add_argument("--sparsity-floor", type=float, default=0.1,
+                        help="heads with less block sparsity are calibrated dense (default 0.1)")
+    search.add_argument("--sim-grid", type=float, nargs="+", default=list(DEFAULT_SIM_GRID),
+                        metavar="S", help="simthreshd1 candidates in [-1, 1]")
+    search.add_argument("--cdf-steps", type=_positive_int, default=10,
+                        help="bisection steps on cdfthreshd (default 10)")
+    search.add_argument("--pv-steps", type=int, default=8,
+                        help="bisection steps on pvthreshd (default 8; 0 = PV skip off)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# validation (every problem -> parser.error, exit code 2)
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_file_arg(parser, flag: str, path: str, extensions: Sequence[str]) -> None:
+    if not os.path.exists(path):
+        parser.error(f"{flag}: {path} does not exist")
+    if not os.path.isfile(path):
+        parser.error(f"{flag}: {path} is not a file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in extensions:
+        parser.error(f"{flag}: {path} must end with {' or '.join(extensions)} (got "
+                     f"{ext or 'no extension'})")
+
+
+def _check_output_arg(parser, flag: str, path: str, extension: str) -> None:
+    if not path.lower().endswith(extension):
+        parser.error(f"{flag}: {path} must end with {extension}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        parser.error(f"{flag}: directory {parent} does not exist")
+    if os.path.isdir(path):
+        parser.error(f"{flag}: {path} is a directory")
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not os.path.isdir(args.model_dir):
+        parser.error(f"MODEL_DIR {args.model_dir} is not a directory")
+    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        parser.error(f"MODEL_DIR {args.model_dir} has no config.json (not a Hugging Face model "
+                     "directory)")
+    _check_file_arg(parser, "--prompts", args.prompts, PROMPT_EXTENSIONS)
+    _check_output_arg(parser, "--out", args.out, ".safetensors")
+    if args.report is not None:
+        _check_file_arg(parser, "--report", args.report, PROMPT_EXTENSIONS)
+    if args.plot is not None:
+        _check_output_arg(parser, "--plot", args.plot, ".png")
+    if args.pv_l1 <= args.l1:
+        parser.error(f"--pv-l1 ({args.pv_l1:g}) must exceed --l1 ({args.l1:g}): the PV skip adds "
+                     "error on top of the block selection")
+    if args.max_len is not None and args.max_len < MIN_PROMPT_TOKENS:
+        parser.error(f"--max-len {args.max_len} is below the minimum calibration prompt length of "
+                     f"{MIN_PROMPT_TOKENS} tokens (two query blocks of {BLKQ})")
+    if not 0.0 < args.quantile <= 1.0:
+        parser.error(f"--quantile {args.quantile:g} must be in (0, 1]")
+    if not 0.0 <= args.sparsity_floor < 1.0:
+        parser.error(f"--sparsity-floor {args.sparsity_floor:g} must be in [0, 1)")
+    if any(not -1.0 <= s <= 1.0 for s in args.sim_grid):
+        parser.error(f"--sim-grid values must be in [-1, 1], got {args.sim_grid}")
+    if args.pv_steps < 0:
+        parser.error(f"--pv-steps {args.pv_steps} must be >= 0")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available (use --device cpu)")
+    if args.driver == "vllm" and args.device != "cuda":
+        parser.error("--driver vllm needs --device cuda (vLLM serves on the GPU); use --driver hf "
+                     "on CPU")
+    if args.device == "cpu" and args.dtype in ("bfloat16", "float16"):
+        parser.error(f"--dtype {args.dtype} on CPU: the CPU reference computes in float32; use "
+                     "--dtype float32 (or auto)")
+
+
+def _layer_budgets(parser, args, num_layers: int) -> list[LayerBudget]:
+    def expand(specs, flag):
+        values: dict[int, float] = {}
+        for first, last, value in specs:
+            if last >= num_layers:
+                parser.error(f"{flag} {first}-{last}:{value:g}: layer {last} is out of range (the "
+                             f"model has {num_layers} layers, 0-{num_layers - 1})")
+            for layer in range(first, last + 1):
+                if layer in values:
+                    parser.error(f"{flag}: layer {layer} is given more than one budget")
+                values[layer] = value
+        return values
+
+    l1 = expand(args.layer_l1, "--layer-l1")
+    pv = expand(args.layer_pv_l1, "--layer-pv-l1")
+    margin = args.pv_l1 - args.l1
+    budgets = []
+    for layer in range(num_layers):
+        layer_l1 = l1.get(layer, args.l1)
+        layer_pv = pv.get(layer, layer_l1 + margin if layer in l1 else args.pv_l1)
+        if layer_pv <= layer_l1:
+            parser.error(f"layer {layer}: PV budget {layer_pv:g} must exceed its l1 budget "
+                         f"{layer_l1:g} (check --layer-pv-l1 / --layer-l1 / --pv-l1)")
+        budgets.append(LayerBudget(layer_l1, layer_pv))
+    return budgets
+
+
+def _tokenizer(model_dir: str):
+    state: dict = {}
+
+    def tokenize(text: str) -> list[int]:
+        if "tok" not in state:
+            from transformers import AutoTokenizer
+
+            try:
+                state["tok"] = AutoTokenizer.from_pretrained(model_dir)
+            except Exception as e:  # transformers raises many types for a missing tokenizer
+                raise PromptError(
+                    f"prompts are text but no tokenizer loads from {model_dir} ({type(e).__name__}"
+                    f"); add the tokenizer files or give `prompt_token_ids` in a .jsonl file"
+                ) from None
+        # NOTE: special tokens (BOS) as serving adds them
+        return list(state["tok"](text)["input_ids"])
+
+    return tokenize
+
+
+def _load(parser, flag: str, path: str, model_dir: str, info, max_len: int | None, minimum: int,
+          limit: int | None = None) -> list[list[int]]:
+    try:
+        prompts = load_prompts(path, _tokenizer(model_dir), info.vocab_size)
+        if limit is not None:
+            prompts = prompts[:limit]
+        if max_len is not None:
+            prompts = [p[:max_len] for p in prompts]
+        check_lengths(prompts, minimum, path)
+    except PromptError as e:
+        parser.error(f"{flag}: {e}")
+    longest = max(len(p) for p in prompts)
+    if info.max_positions and longest > info.max_positions:
+        parser.error(f"{flag}: a prompt has {longest} tokens, more than the model's "
+                     f"max_position_embeddings {info.max_positions}; pass --max-len "
+                     f"{info.max_positions} or shorter prompts")
+    return prompts
+
+
+def _dtype(args, info) -> torch.dtype:
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    if args.device == "cpu":
+        return torch.float32
+    if info.torch_dtype in (torch.bfloat16, torch.float16):
+        return info.torch_dtype
+    return torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from .hf_driver import model_info
+
+    try:
+        info = model_info(args.model_dir)
+    except (ValueError, OSError) as e:
+        parser.error(f"MODEL_DIR {args.model_dir}: {e}")
+    from sparge_serve.kernels import SUPPORTED_HEAD_DIMS
+
+    if info.head_dim not in SUPPORTED_HEAD_DIMS:
+        parser.error(f"MODEL_DIR {args.model_dir}: head dim {info.head_dim} is not served by "
+                     f"sparge_serve's kernels (supported: {SUPPORTED_HEAD_DIMS})")
+    if info.num_heads % info.num_kv_heads:
+        parser.error(f"MODEL_DIR {args.model_dir}: {info.num_heads} query heads are not a multiple "
+                     f"of {info.num_kv_heads} KV heads")
+    budgets = _layer_budgets(parser, args, info.num_layers)
+    prompts = _load(parser, "--prompts", args.prompts, args.model_dir, info, args.max_len,
+                    MIN_PROMPT_TOKENS, args.samples)
+    heldout = None
+    if args.report is not None:
+        heldout = _load(parser, "--report", args.report, args.model_dir, info, args.max_len, 2)
+    config = SearchConfig(
+        sim_grid=tuple(args.sim_grid), cdf_steps=args.cdf_steps, pv_steps=args.pv_steps,
+        sparsity_floor=args.sparsity_floor, rule=args.sim_rule, quantile=args.quantile,
+    )
+    try:
+        return _run(args, info, budgets, prompts, heldout, config)
+    except (RuntimeError, ValueError) as e:
+        print(f"sparge-calibrate: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args, info, budgets, prompts, heldout, config) -> int:
+    from tqdm import tqdm
+
+    from sparge_serve.thresholds import Thresholds, save_thresholds
+
+    from .evaluators import make_evaluator
+    from .hf_driver import capture_hf, load_model, quality_report
+    from .prompts import prompts_sha256
+    from .search import search_layers, stack_results
+    from .summary import format_quality, format_summary, plot_heatmap, print_table
+
+    dtype = _dtype(args, info)
+    lengths = sorted(len(p) for p in prompts)
+    logger.info("calibrating %s: %d layers x %d heads (%d KV heads, head dim %d) on %d prompts of "
+                "%d-%d tokens; driver %s, device %s, %s", args.model_dir, info.num_layers,
+                info.num_heads, info.num_kv_heads, info.head_dim, len(prompts), lengths[0],
+                lengths[-1], args.driver, args.device, dtype)
+
+    model = None
+    with tqdm(total=len(prompts), unit="prompt", desc="capturing", disable=args.quiet) as bar:
+        step = lambda _p: bar.update(1)
+        if args.driver == "vllm":
+            from .vllm_driver import capture_vllm
+
+            cap = capture_vllm(args.model_dir, prompts, dtype=str(dtype).removeprefix("torch."),
+                               on_prompt=step)
+        else:
+            model = load_model(args.model_dir, args.device, dtype, "sdpa")
+            cap = capture_hf(args.model_dir, prompts, args.device, dtype, model=model,
+                             on_prompt=step)
+
+    evaluator = make_evaluator(args.device)
+    logger.info("measuring errors with the %s evaluator (%d evaluations per layer)",
+                evaluator.name, config.evaluations_per_layer)
+    heads = info.num_heads
+    with tqdm(total=info.num_layers * heads, unit="head", desc="searching",
+              disable=args.quiet) as bar:
+
+        def on_step(layer: int, done: int, total: int) -> None:
+            target = layer * heads + (heads * done) // total
+            bar.set_postfix_str(f"layer {layer}", refresh=False)
+            bar.update(target - bar.n)
+
+        results = search_layers(cap.layers, cap.scales, evaluator, budgets, config, on_step)
+    del cap
+
+    tensors = stack_results(results)
+    th = Thresholds(
+        **tensors,
+        num_kv_heads=info.num_kv_heads,
+        head_dim=info.head_dim,
+        blkq=BLKQ,
+        blkk=BLKK,
+        model=info.name,
+        config_hash=info.config_hash,
+        l1=args.l1,
+        pv_l1=args.pv_l1,
+        sim_rule=args.sim_rule,
+        num_prompts=len(prompts),
+        prompts_sha256=prompts_sha256(prompts),
+    )
+    save_thresholds(args.out, th)
+    if args.layer_l1 or args.layer_pv_l1:
+        # NOTE: the file format records one global budget pair; per-layer budgets are logged only
+        logger.info("per-layer budgets (l1/pv_l1): %s", ", ".join(
+            f"{i}:{b.l1:g}/{b.pv_l1:g}" for i, b in enumerate(budgets)))
+
+    header, rows, footer = format_summary(results)
+    print_table(f"SpargeAttn calibration: {info.name}", header, rows, footer)
+    print(f"wrote {args.out}")
+    if args.plot:
+        plot_heatmap(results, args.plot, f"{info.name}: block sparsity per head "
+                     f"(l1 {args.l1:g}, pv {args.pv_l1:g}, {args.sim_rule})")
+        print(f"wrote {args.plot}")
+
+    if heldout is not None:
+        defaults = Thresholds.defaults(info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim)
+        settings = {
+            "calibrated": (th.simthreshd1, th.cdfthreshd, th.pvthreshd),
+            "untuned defaults": (defaults.simthreshd1, defaults.cdfthreshd, defaults.pvthreshd),
+        }
+        if model is None:
+            model = load_model(args.model_dir, args.device, dtype, "sdpa")
+        rows_q = quality_report(args.model_dir, heldout, settings, evaluator, args.device, dtype,
+                                model=model)
+        header, body, footer = format_quality(rows_q)
+        print_table(f"held-out quality ({len(heldout)} prompts, {args.report})", header, body,
+                    footer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

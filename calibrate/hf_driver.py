@@ -1,0 +1,291 @@
+"""Capture Q/K/V with transformers, and the dense-vs-sparse quality report.
+
+The capture registers an attention function in transformers' ``AttentionInterface``
+(``"sparge_capture"``): it records each layer's post-RoPE ``q [L, Hq, D]`` and ``k, v [L, Hkv, D]``
+(GQA kept: no repeat-KV) and returns SDPA's output, so the forward pass is unchanged. Prompts run
+one at a time (batch 1, no padding, no KV cache), on CPU or CUDA.
+
+The report swaps in ``"sparge_sparse"``: SpargeAttn with given per-head thresholds, computed by an
+:class:`~calibrate.search.Evaluator` (the reference on CPU, the kernels on CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .search import Evaluator, Sample
+
+__all__ = [
+    "CAPTURE_ATTN",
+    "SPARSE_ATTN",
+    "Capture",
+    "ModelInfo",
+    "QualityRow",
+    "capture_hf",
+    "load_model",
+    "model_info",
+    "quality_report",
+]
+
+logger = logging.getLogger(__name__)
+
+CAPTURE_ATTN = "sparge_capture"
+SPARSE_ATTN = "sparge_sparse"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What calibration needs to know about a model (from its ``config.json``)."""
+
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int | None
+    config_hash: str
+    torch_dtype: torch.dtype | None
+
+
+def model_info(model_dir: str) -> ModelInfo:
+    """Read the attention geometry of a local HF causal LM; ``ValueError`` if it is not one."""
+    from transformers import AutoConfig
+
+    from sparge_serve.thresholds import config_hash
+
+    config = AutoConfig.from_pretrained(model_dir)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        num_layers = int(text.num_hidden_layers)
+        num_heads = int(text.num_attention_heads)
+    except (AttributeError, TypeError) as e:
+        raise ValueError(
+            f"{model_dir}/config.json has no num_hidden_layers/num_attention_heads: not a "
+            "decoder-only attention model"
+        ) from e
+    num_kv_heads = int(getattr(text, "num_key_value_heads", None) or num_heads)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return ModelInfo(
+        name=getattr(config, "_name_or_path", "") or model_dir,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=int(head_dim),
+        vocab_size=int(getattr(text, "vocab_size", 0) or 0),
+        max_positions=getattr(text, "max_position_embeddings", None),
+        config_hash=config_hash(config.to_dict()),
+        torch_dtype=dtype if isinstance(dtype, torch.dtype) else None,
+    )
+
+
+@dataclass
+class Capture:
+    """Captured samples per layer: ``layers[i][p]`` is prompt ``p``'s prefill of layer ``i``."""
+
+    layers: list[list[Sample]]
+    scales: list[float]
+    num_tokens: list[int] = field(default_factory=list)  # per prompt
+
+
+def _check_supported(module: torch.nn.Module, kwargs: dict) -> int:
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError(
+            "this model uses sliding-window attention, which sparge_serve's sparse prefill does not "
+            "implement; it cannot be calibrated"
+        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError("this model uses attention logit soft-capping, which sparge_serve does not "
+                         "implement; it cannot be calibrated")
+    idx = getattr(module, "layer_idx", None)
+    if not isinstance(idx, int):
+        raise ValueError(
+            f"attention module {type(module).__name__} has no integer `layer_idx`; the "
+            "transformers driver needs it to attribute captures to layers"
+        )
+    return idx
+
+
+def _register(name: str, fn: Callable) -> None:
+    from transformers import AttentionInterface
+
+    # NOTE: the interface's mapping is process-global; the latest registration of a name wins, so
+    # each capture/report binds its own recorder.
+    AttentionInterface.register(name, fn)
+
+
+def _sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+class _Recorder:
+    def __init__(self, num_layers: int, store_device: str = "cpu"):
+        self.layers: list[list[Sample]] = [[] for _ in range(num_layers)]
+        self.scales: list[float | None] = [None] * num_layers
+        self.store_device = store_device
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        idx = _check_supported(module, kwargs)
+        if query.shape[0] != 1:
+            raise ValueError("the capture runs one prompt at a time (batch 1)")
+        if scaling is None:
+            scaling = 1.0 / math.sqrt(query.shape[-1])
+
+        def grab(t: torch.Tensor) -> torch.Tensor:  # [1, H, L, D] -> [L, H, D]
+            return t[0].transpose(0, 1).to(self.store_device, copy=True).contiguous()
+
+        self.layers[idx].append(Sample(grab(query), grab(key), grab(value)))
+        self.scales[idx] = float(scaling)
+        return _sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def load_model(model_dir: str, device: str, dtype: torch.dtype, attn_implementation: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation=attn_implementation
+    )
+    return model.to(device).eval()
+
+
+def _set_attention(model, name: str) -> None:
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise RuntimeError(f"transformers refused attention implementation {name!r}")
+
+
+def capture_hf(
+    model_dir: str,
+    prompts: Sequence[Sequence[int]],
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    model=None,
+    on_prompt: Callable[[int], None] | None = None,
+) -> Capture:
+    """Run every prompt through the model and capture each layer's Q/K/V (stored on the CPU)."""
+    info = model_info(model_dir)
+    rec = _Recorder(info.num_layers)
+    _register(CAPTURE_ATTN, rec.attention)
+    if model is None:
+        model = load_model(model_dir, device, dtype, CAPTURE_ATTN)
+    else:
+        _set_attention(model, CAPTURE_ATTN)
+    with torch.inference_mode():
+        for p, ids in enumerate(prompts):
+            x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+            model(input_ids=x, use_cache=False)
+            if on_prompt is not None:
+                on_prompt(p)
+    missing = [i for i, s in enumerate(rec.layers) if len(s) != len(prompts)]
+    if missing:
+        raise RuntimeError(
+            f"layers {missing} were not captured once per prompt: the model does not route its "
+            "attention through transformers' AttentionInterface"
+        )
+    return Capture(rec.layers, [float(s) for s in rec.scales], [len(p) for p in prompts])
+
+
+# ------------------------------------------------------------------------------------------------
+# quality report
+# ------------------------------------------------------------------------------------------------
+
+
+class _SparseAttention:
+    def __init__(self, evaluator: Evaluator, sim, cdf, pv):
+        self.evaluator = evaluator
+        self.sim, self.cdf, self.pv = (t.float().cpu() for t in (sim, cdf, pv))
+        self.kept = 0
+        self.valid = 0
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        idx = _check_supported(module, kwargs)
+        if query.shape[0] != 1:
+            raise ValueError("the report runs one prompt at a time (batch 1)")
+        if scaling is None:
+            scaling = 1.0 / math.sqrt(query.shape[-1])
+        sample = Sample(*(t[0].transpose(0, 1) for t in (query, key, value)))
+        out, kept, valid = self.evaluator.sparse_attention(
+            sample, scaling, self.sim[idx], self.cdf[idx], self.pv[idx]
+        )
+        self.kept += int(kept.sum())
+        self.valid += int(valid.sum())
+        return out[None].to(query.dtype), None
+
+
+@dataclass(frozen=True)
+class QualityRow:
+    """Sparse vs dense on held-out prompts (next-token log-probabilities of the prompt itself)."""
+
+    name: str
+    tokens: int
+    perplexity: float
+    dense_perplexity: float
+    mean_abs_logprob_diff: float
+    max_abs_logprob_diff: float
+    mean_kl: float  # KL(dense || sparse) of the next-token distributions, nats per token
+    sparsity: float  # fraction of valid (layer, head, q-block, k-block) pairs not computed
+
+
+def _logprobs(model, ids: Sequence[int], device: str) -> torch.Tensor:
+    x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).cpu()  # [L-1, V]
+
+
+def quality_report(
+    model_dir: str,
+    prompts: Sequence[Sequence[int]],
+    settings: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    evaluator: Evaluator,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    model=None,
+) -> list[QualityRow]:
+    """Compare dense attention with each named threshold setting ``(sim, cdf, pv)``, each tensor
+    ``[num_layers, num_heads]``, on ``prompts`` (each at least 2 tokens)."""
+    if model is None:
+        model = load_model(model_dir, device, dtype, "sdpa")
+    else:
+        _set_attention(model, "sdpa")
+    with torch.inference_mode():
+        dense = [_logprobs(model, ids, device) for ids in prompts]
+        targets = [torch.tensor(list(ids)[1:]) for ids in prompts]
+        dense_tok = torch.cat([d.gather(1, t[:, None])[:, 0] for d, t in zip(dense, targets, strict=True)])
+        rows = []
+        for name, (sim, cdf, pv) in settings.items():
+            attn = _SparseAttention(evaluator, sim, cdf, pv)
+            _register(SPARSE_ATTN, attn.attention)
+            _set_attention(model, SPARSE_ATTN)
+            sparse = [_logprobs(model, ids, device) for ids in prompts]
+            _set_attention(model, "sdpa")
+            sparse_tok = torch.cat(
+                [s.gather(1, t[:, None])[:, 0] for s, t in zip(sparse, targets, strict=True)]
+            )
+            diff = (sparse_tok - dense_tok).abs()
+            # per token; clamped at 0 (rounding makes identical distributions slightly negative)
+            kl = torch.cat(
+                [(d.exp() * (d - s)).sum(-1).clamp_min(0) for d, s in zip(dense, sparse, strict=True)]
+            )
+            rows.append(
+                QualityRow(
+                    name=name,
+                    tokens=int(diff.numel()),
+                    perplexity=math.exp(-float(sparse_tok.mean())),
+                    dense_perplexity=math.exp(-float(dense_tok.mean())),
+                    mean_abs_logprob_diff=float(diff.mean()),
+                    max_abs_logprob_diff=float(diff.max()),
+                    mean_kl=float(kl.mean()),
+                    sparsity=1.0 - attn.kept / max(attn.valid, 1),
+                )
+            )
+    return rows

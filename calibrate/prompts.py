@@ -1,0 +1,136 @@
+"""Prompt files: ``.txt`` (one prompt per blank-line-separated paragraph) or ``.jsonl`` (one object
+per line with ``"text"`` or ``"prompt_token_ids"``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable, Sequence
+
+from sparge_serve.kernels.geometry import BLKQ
+
+__all__ = [
+    "MIN_PROMPT_TOKENS",
+    "PROMPT_EXTENSIONS",
+    "PromptError",
+    "check_lengths",
+    "load_prompts",
+    "prompts_sha256",
+]
+
+PROMPT_EXTENSIONS = (".txt", ".jsonl")
+
+MIN_PROMPT_TOKENS = 2 * BLKQ
+"""Shortest calibration prompt, in tokens (256). With query blocks of 128 and key blocks of 64,
+the sink block and the diagonal blocks are always computed: a prompt of up to ``BLKQ + BLKK``
+(192) tokens has no block the thresholds could skip, and one just past that has a single skippable
+block. Two full query blocks is the shortest prompt that gives the search a (tiny) choice; real
+calibration wants prompts as long as the ones served (thousands of tokens)."""
+
+
+class PromptError(ValueError):
+    """A prompt file cannot be used; the message says why and how to fix it."""
+
+
+def _read_txt(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    paragraphs, current = [], []
+    for line in text.splitlines():
+        if line.strip():
+            current.append(line)
+        elif current:
+            paragraphs.append("\n".join(current))
+            current = []
+    if current:
+        paragraphs.append("\n".join(current))
+    return paragraphs
+
+
+def _read_jsonl(path: str) -> list[str | list[int]]:
+    records: list[str | list[int]] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise PromptError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            if "prompt_token_ids" in obj:
+                ids = obj["prompt_token_ids"]
+                if not isinstance(ids, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in ids
+                ):
+                    raise PromptError(f"{path}:{lineno}: `prompt_token_ids` must be a list of integers")
+                records.append(ids)
+            elif "text" in obj:
+                if not isinstance(obj["text"], str):
+                    raise PromptError(f"{path}:{lineno}: `text` must be a string")
+                records.append(obj["text"])
+            else:
+                raise PromptError(
+                    f"{path}:{lineno}: needs a `text` or a `prompt_token_ids` field "
+                    f"(has {sorted(obj)})"
+                )
+    return records
+
+
+def load_prompts(
+    path: str,
+    tokenize: Callable[[str], list[int]] | None,
+    vocab_size: int = 0,
+) -> list[list[int]]:
+    """Token ids of every prompt in ``path``. ``tokenize`` is needed for text prompts only
+    (``None``: text prompts are an error naming the fix)."""
+    if not os.path.isfile(path):
+        raise PromptError(f"prompt file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in PROMPT_EXTENSIONS:
+        raise PromptError(
+            f"prompt file {path} has extension {ext or '(none)'!r}; use .txt (prompts separated "
+            "by blank lines) or .jsonl (objects with `text` or `prompt_token_ids`)"
+        )
+    records = _read_txt(path) if ext == ".txt" else _read_jsonl(path)
+    if not records:
+        raise PromptError(f"prompt file {path} holds no prompts")
+    out = []
+    for i, rec in enumerate(records):
+        if isinstance(rec, str):
+            if tokenize is None:
+                raise PromptError(
+                    f"prompt file {path} holds text but the model directory has no usable "
+                    "tokenizer; add one or give `prompt_token_ids` in a .jsonl file"
+                )
+            rec = tokenize(rec)
+        if vocab_size:
+            bad = [t for t in rec if not 0 <= t < vocab_size]
+            if bad:
+                raise PromptError(
+                    f"prompt {i} of {path} has token id {bad[0]} outside the model's vocabulary "
+                    f"[0, {vocab_size})"
+                )
+        out.append(list(rec))
+    return out
+
+
+def check_lengths(prompts: Sequence[Sequence[int]], minimum: int, path: str) -> None:
+    """``PromptError`` naming the prompts shorter than ``minimum`` tokens."""
+    short = [(i, len(p)) for i, p in enumerate(prompts) if len(p) < minimum]
+    if short:
+        listed = ", ".join(f"prompt {i} has {n}" for i, n in short[:5])
+        more = f" (and {len(short) - 5} more)" if len(short) > 5 else ""
+        raise PromptError(f"{path}: {listed} tokens{more}; need at least {minimum} tokens each")
+
+
+def prompts_sha256(prompts: Sequence[Sequence[int]]) -> str:
+    """sha256 of the token ids actually used (length-prefixed little-endian int64s)."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(struct.pack("<q", len(p)))
+        h.update(struct.pack(f"<{len(p)}q", *p))
+    return h.hexdigest()
