@@ -1,0 +1,234 @@
+"""Sparse prefill kernels vs FlashAttention-3 over the same paged KV cache (GPU).
+
+    python benchmarks/bench_kernels.py --out benchmarks/results/kernels   [--lengths 8192 32768 131072]
+
+Batch 1, bf16, head dim 128, 32 query / 8 KV heads, causal, page size 16 (and 64 with --pages).
+Configurations: dense (all blocks), top-k at block sparsity 0.5 / 0.8 / 0.9 (exact by construction,
+random inputs), and the untuned defaults (simthreshd1 0.6, cdfthreshd 0.98) on structured inputs.
+The predictor is timed separately and included in the "total" time. Baselines in the same run:
+FA3 (``vllm.vllm_flash_attn.flash_attn_varlen_func`` on the paged cache) and torch SDPA on
+contiguous K/V. Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``; ratios, not absolute times,
+are what compare across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+
+import torch
+import triton
+
+from sparge_serve.kernels import (
+    BLKK,
+    BLKQ,
+    PrefillBatch,
+    num_blocks,
+    predict_block_map,
+    sparse_paged_attention,
+)
+
+HQ, HKV, D = 32, 8, 128
+
+
+def make_inputs(length: int, page: int, structured: bool, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    n_pages = num_blocks(length, page)
+    q = torch.randn(length, HQ, D, device="cuda", generator=g)
+    k = torch.randn(length, HKV, D, device="cuda", generator=g)
+    v = torch.randn(length, HKV, D, device="cuda", generator=g)
+    if structured:
+        # sink + locality + self-similar key blocks, like real attention (see tests/kernel_inputs)
+        sink = torch.randn(HKV, D, device="cuda", generator=g)
+        sink = sink / sink.norm(dim=-1, keepdim=True) * math.sqrt(D) * 1.5
+        k[:4] += sink
+        group = HQ // HKV
+        q += sink.repeat_interleave(group, 0)[None] * 0.8
+        csum = torch.cumsum(k, 0)
+        lo = torch.clamp(torch.arange(length, device="cuda") - 32, min=0)
+        q += 2.0 * ((csum - csum[lo]) / 32.0).repeat_interleave(group, 1)
+        nb = num_blocks(length, 64)
+        blockdir = torch.randn(nb, 1, HKV, D, device="cuda", generator=g).expand(-1, 64, -1, -1)
+        k += 0.7 * blockdir.reshape(-1, HKV, D)[:length]
+    perm = torch.randperm(n_pages, device="cuda", generator=g).to(torch.int32)
+    pad = n_pages * page - length
+    kc = torch.empty(n_pages, page, HKV, D, device="cuda", dtype=torch.bfloat16)
+    vc = torch.empty_like(kc)
+    kc[perm.long()] = torch.cat([k, k.new_zeros(pad, HKV, D)]).view(n_pages, page, HKV, D).bfloat16()
+    vc[perm.long()] = torch.cat([v, v.new_zeros(pad, HKV, D)]).view(n_pages, page, HKV, D).bfloat16()
+    batch = PrefillBatch(
+        query_start_loc=torch.tensor([0, length], dtype=torch.int32, device="cuda"),
+        seq_lens=torch.tensor([length], dtype=torch.int32, device="cuda"),
+        block_table=perm[None],
+        max_query_len=length,
+        max_seq_len=length,
+    )
+    return q.bfloat16(), kc, vc, batch, k.bfloat16(), v.bfloat16()
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def run_length(length: int, page: int, results: list, fa3):
+    for structured in (False, True):
+        _bench_inputs(length, page, structured, results, fa3)
+        torch.cuda.empty_cache()
+
+
+def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
+    scale = D**-0.5
+    hv = lambda x: torch.full((HQ,), float(x), device="cuda")  # noqa: E731
+    pv_off = hv(50.0)
+    flops = 4.0 * HQ * D * length * (length + 1) / 2  # causal
+    q, kc, vc, batch, k, v = make_inputs(length, page, structured)
+    if True:
+        out = torch.empty_like(q)
+        kv_bytes = 2 * length * HKV * D * 2
+        base = {}
+        if fa3 is not None and not structured:
+            cu = batch.query_start_loc
+            base["fa3"] = bench(lambda: fa3(
+                q, kc, vc, max_seqlen_q=length, cu_seqlens_q=cu, max_seqlen_k=length,
+                seqused_k=batch.seq_lens, softmax_scale=scale, causal=True,
+                block_table=batch.block_table, out=out, fa_version=3,
+            ))
+        if not structured and length <= 32768:
+            qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+            base["sdpa"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+                qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True))
+        if structured:
+            configs = [("defaults", dict(sim=0.6, cdf=0.98, topk=None))]
+        else:
+            configs = [("dense", dict(sim=1.0, cdf=1.0, topk=None))] + [
+                (f"topk_s{s}", dict(sim=-1.0, cdf=1.0, topk=1.0 - s)) for s in (0.5, 0.8, 0.9)
+            ]
+        for name, c in configs:
+            sim, cdf = hv(c["sim"]), hv(c["cdf"])
+            stats = torch.zeros(3, dtype=torch.int64, device="cuda")
+            bm = predict_block_map(q, kc, batch, scale, sim, cdf, c["topk"], stats)
+            torch.cuda.synchronize()
+            sparsity = 1.0 - stats[1].item() / stats[0].item()
+            t_pred = bench(lambda sim=sim, cdf=cdf, topk=c["topk"]: predict_block_map(
+                q, kc, batch, scale, sim, cdf, topk, check_finite=False))
+            t_attn = bench(lambda bm=bm: sparse_paged_attention(
+                q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False))
+            extra = sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid))
+            nkb = num_blocks(length, BLKK)
+            extra += 4 * HKV * nkb * (2 * D + 1)  # ksum, pooled keys, key similarity (fp32)
+            row = dict(
+                length=length, page=page, config=name, inputs="structured" if structured else
+                "random", block_sparsity=round(sparsity, 4), predictor_ms=t_pred,
+                attention_ms=t_attn, total_ms=t_pred + t_attn,
+                attention_tflops_dense_equiv=flops / (t_attn * 1e-3) / 1e12,
+                extra_mem_bytes=extra, kv_bytes=kv_bytes, extra_mem_frac_of_kv=extra / kv_bytes,
+                **{f"{b}_ms": t for b, t in base.items()},
+            )
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+
+def attach_ratios(results):
+    fa3 = {(r["length"], r["page"]): r.get("fa3_ms") for r in results if "fa3_ms" in r}
+    for r in results:
+        base = fa3.get((r["length"], r["page"]))
+        if base:
+            r["speedup_vs_fa3"] = base / r["total_ms"]
+            r["predictor_frac_of_fa3"] = r["predictor_ms"] / base
+
+
+def write_reports(results, meta, out):
+    with open(out + ".json", "w") as f:
+        json.dump(dict(meta=meta, results=results), f, indent=1)
+    lines = [
+        f"# Sparse prefill kernels vs FA3 — {meta['device']}, {meta['date']}",
+        "",
+        f"`{meta['command']}` — torch {meta['torch']}, triton {meta['triton']}, "
+        f"vllm {meta['vllm']}; bf16, head dim {D}, {HQ} q / {HKV} KV heads, batch 1, causal; "
+        f"blocks {BLKQ}x{BLKK}. Times are medians (ms); speed-up = FA3 time / (predictor + "
+        "attention) in the same run.",
+        "",
+        "| length | page | config | inputs | block sparsity | predictor ms | attention ms | FA3 ms "
+        "| speed-up vs FA3 | predictor / FA3 | extra mem / KV |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    fa3 = {(r["length"], r["page"]): r.get("fa3_ms") for r in results if "fa3_ms" in r}
+    for r in results:
+        base = fa3.get((r["length"], r["page"]))
+        lines.append(
+            f"| {r['length']} | {r['page']} | {r['config']} | {r['inputs']} | "
+            f"{r['block_sparsity']:.3f} | {r['predictor_ms']:.3f} | {r['attention_ms']:.3f} | "
+            f"{base or float('nan'):.3f} | {r.get('speedup_vs_fa3', float('nan')):.2f}x | "
+            f"{r.get('predictor_frac_of_fa3', float('nan')):.2%} | "
+            f"{r['extra_mem_frac_of_kv']:.1%} |"
+        )
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (length, page) in sorted({(r["length"], r["page"]) for r in results}):
+        rows = [r for r in results if r["length"] == length and r["page"] == page
+                and r["inputs"] == "random" and "speedup_vs_fa3" in r]
+        rows.sort(key=lambda r: r["block_sparsity"])
+        axes[0].plot([r["block_sparsity"] for r in rows], [r["speedup_vs_fa3"] for r in rows],
+                     "o-", label=f"{length // 1024}K, page {page}")
+    axes[0].axhline(1.0, color="gray", ls="--")
+    axes[0].set_xlabel("block sparsity")
+    axes[0].set_ylabel("speed-up vs FA3 (incl. predictor)")
+    axes[0].legend()
+    for cfg in ("dense", "topk_s0.5", "topk_s0.9"):
+        rows = sorted((r for r in results if r["config"] == cfg and "speedup_vs_fa3" in r),
+                      key=lambda r: r["length"])
+        axes[1].plot([r["length"] for r in rows], [r["speedup_vs_fa3"] for r in rows], "o-",
+                     label=cfg)
+    axes[1].set_xscale("log", base=2)
+    axes[1].axhline(1.0, color="gray", ls="--")
+    axes[1].set_xlabel("context length")
+    axes[1].set_ylabel("speed-up vs FA3")
+    axes[1].legend()
+    fig.suptitle(f"sparge_serve kernels vs FA3 ({meta['device']})")
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--pages", type=int, nargs="+", default=[16])
+    ap.add_argument("--out", default="benchmarks/results/kernels")
+    args = ap.parse_args()
+    try:
+        import vllm
+        from vllm.vllm_flash_attn import flash_attn_varlen_func as fa3
+        vllm_version = vllm.__version__
+    except ImportError:
+        fa3, vllm_version = None, "not installed"
+    meta = dict(
+        device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+        torch=torch.__version__, triton=triton.__version__, vllm=vllm_version,
+        python=platform.python_version(),
+        command="python benchmarks/bench_kernels.py " + " ".join(
+            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()),
+    )
+    results = []
+    for page in args.pages:
+        for length in args.lengths:
+            run_length(length, page, results, fa3)
+    attach_ratios(results)
+    write_reports(results, meta, args.out)
+    with open(args.out + ".md") as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    main()

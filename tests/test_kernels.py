@@ -1,0 +1,275 @@
+"""Triton predictor + sparse attention vs the PyTorch reference (CPU: Triton interpreter).
+
+Tolerances follow flash-attention's tests: the kernel's error against an fp32 reference must stay
+within a small multiple of PyTorch's own low-precision error on the same data.
+"""
+
+import pytest
+import torch
+
+from sparge_serve.kernels import (
+    BLKK,
+    BLKQ,
+    PrefillBatch,
+    predict_block_map,
+    sparge_paged_prefill,
+    sparse_paged_attention,
+)
+from sparge_serve.reference import dense_causal_attention_ref, paged_prefill_ref
+from tests.kernel_inputs import head_vec, make_paged_case
+
+# (query_len, seq_len): a full prefill, a chunk after a prefix (query_len < seq_len), a query
+# shorter than one block, lengths that are not multiples of BLKQ/BLKK.
+REQS_MIXED = [(300, 300), (200, 650), (37, 421), (129, 129)]
+REQS_SMALL = [(130, 330), (70, 70)]
+
+THRESHOLD_CASES = {
+    # name: (simthreshd1, cdfthreshd, pvthreshd, topk)
+    "dense_sim1": (1.0, 0.5, 50.0, None),
+    "dense_cdf1": (-1.0, 1.0, 50.0, None),
+    "sparse_default": (0.6, 0.98, 50.0, None),
+    "sparse_cdf_tiny": (-1.0, 1e-4, 50.0, None),
+    "sparse_sim_neg1": (-1.0, 0.5, 50.0, None),
+    "pv_zero": (-1.0, 0.9, 0.0, None),
+    "pv_mid": (0.0, 0.95, 6.0, None),
+    "topk": (-1.0, 0.9, 50.0, 0.25),
+}
+
+
+def _kernel_vs_reference(case, sim, cdf, pv, topk, device):
+    hq = case.q.shape[1]
+    out = torch.full_like(case.q, float("nan"))  # poison: every row must be written
+    stats = torch.zeros(3, dtype=torch.int64, device=device)
+    bm = sparge_paged_prefill(
+        case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+        head_vec(sim, hq, device), head_vec(cdf, hq, device), head_vec(pv, hq, device), out,
+        topk=topk, stats=stats,
+    )
+    ref, keeps, ref_stats = paged_prefill_ref(
+        case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+        head_vec(sim, hq), head_vec(cdf, hq), head_vec(pv, hq), topk,
+    )
+    for r, keep in enumerate(keeps):
+        count = bm.count[r].cpu()
+        lut = bm.lut[r].cpu()
+        got = torch.zeros_like(keep)
+        for h in range(keep.shape[0]):
+            for b in range(keep.shape[1]):
+                idx = lut[h, b, : count[h, b]].long()
+                assert torch.all(idx[1:] > idx[:-1]), "LUT must be strictly ascending"
+                got[h, b, idx] = True
+        assert torch.equal(got, keep), f"block map of request {r} differs from the reference"
+    assert stats.cpu().tolist()[:2] == ref_stats.tolist()[:2]
+    return out.float().cpu(), ref, stats.cpu(), ref_stats
+
+
+def _lowp_error(case) -> float:
+    """Max error of plain low-precision attention (scores and P.V in the input dtype, softmax in
+    fp32: flash-attention's ``attention_ref(upcast=False)``) against the fp32 reference."""
+    err = 0.0
+    for r in range(case.batch.num_reqs):
+        q, k, v = (t.cpu() for t in case.request_kv(r))
+        ref = dense_causal_attention_ref(q, k, v, case.scale)
+        lq, lk = q.shape[0], k.shape[0]
+        g = q.shape[1] // k.shape[1]
+        qh = q.transpose(0, 1)
+        kh = k.repeat_interleave(g, 1).transpose(0, 1)
+        vh = v.repeat_interleave(g, 1).transpose(0, 1)
+        s = (qh @ kh.transpose(1, 2)).float() * case.scale
+        mask = torch.arange(lk)[None, :] > torch.arange(lk - lq, lk)[:, None]
+        p = torch.softmax(s.masked_fill(mask, float("-inf")), -1).to(q.dtype)
+        lowp = (p @ vh).transpose(0, 1)
+        err = max(err, (lowp.float() - ref).abs().max().item())
+    return err
+
+
+@pytest.mark.parametrize("name", list(THRESHOLD_CASES))
+def test_matches_reference_thresholds(name, device):
+    sim, cdf, pv, topk = THRESHOLD_CASES[name]
+    case = make_paged_case(REQS_MIXED, 4, 2, 64, 16, torch.bfloat16, device)
+    out, ref, stats, ref_stats = _kernel_vs_reference(case, sim, cdf, pv, topk, device)
+    assert not torch.isnan(out).any()
+    tol = 3 * _lowp_error(case) + 1e-3
+    if stats[2] == ref_stats[2]:
+        assert (out - ref).abs().max().item() <= tol
+    else:  # a PV-skip decision at the rounding boundary: the outputs may differ by 2^-pv
+        assert abs(int(stats[2]) - int(ref_stats[2])) <= 2
+        assert (out - ref).abs().max().item() <= tol + 2.0 ** -pv * 4
+    if name.startswith("dense"):
+        assert ref_stats[1] == ref_stats[0], "dense thresholds must keep every valid block"
+    if name in ("sparse_cdf_tiny", "topk", "sparse_sim_neg1"):
+        assert ref_stats[1] < ref_stats[0], "sparse thresholds must skip blocks on this input"
+    if name == "pv_zero":
+        assert ref_stats[2] > 0, "pvthreshd 0 must skip some PV products on this input"
+
+
+LAYOUT_CASES = [
+    # (Hq, Hkv, head_dim, page, dtype)
+    (4, 4, 64, 16, torch.float16),
+    (8, 2, 128, 64, torch.bfloat16),
+    (8, 1, 64, 64, torch.float16),
+    (4, 1, 128, 16, torch.bfloat16),
+    (2, 2, 64, 32, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("hq,hkv,dim,page,dtype", LAYOUT_CASES)
+def test_matches_reference_layouts(hq, hkv, dim, page, dtype, device):
+    case = make_paged_case(REQS_SMALL, hq, hkv, dim, page, dtype, device, seed=hq + dim + page)
+    out, ref, stats, ref_stats = _kernel_vs_reference(case, 0.0, 0.9, 8.0, None, device)
+    assert (out - ref).abs().max().item() <= 3 * _lowp_error(case) + 1e-3 + 2.0**-8 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page", [16, 64])
+def test_dense_configuration_equals_sdpa(dtype, page, device):
+    """All blocks kept and PV skip off == dense causal attention (bottom-right aligned)."""
+    case = make_paged_case(REQS_MIXED, 4, 1, 64, page, dtype, device, structured=False, seed=3)
+    hq = case.q.shape[1]
+    out = torch.full_like(case.q, float("nan"))
+    sparge_paged_prefill(
+        case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+        head_vec(1.0, hq, device), head_vec(1.0, hq, device), head_vec(50.0, hq, device), out,
+    )
+    tol = 2 * _lowp_error(case) + 1e-3
+    for r in range(case.batch.num_reqs):
+        q, k, v = case.request_kv(r)
+        ref = dense_causal_attention_ref(q, k, v, case.scale)
+        qsl = case.batch.query_start_loc.cpu()
+        got = out[int(qsl[r]) : int(qsl[r + 1])].float().cpu()
+        assert (got - ref).abs().max().item() <= tol
+
+
+def test_deterministic(device):
+    case = make_paged_case(REQS_SMALL, 4, 2, 64, 16, torch.bfloat16, device)
+    hq = 4
+    args = (head_vec(0.0, hq, device), head_vec(0.9, hq, device), head_vec(4.0, hq, device))
+    outs = []
+    for _ in range(2):
+        out = torch.empty_like(case.q)
+        sparge_paged_prefill(
+            case.q, case.key_cache, case.value_cache, case.batch, case.scale, *args, out
+        )
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_only_batch_rows_written(device):
+    """The kernels write exactly the batch's query rows of a larger output buffer."""
+    case = make_paged_case([(70, 200)], 2, 1, 64, 16, torch.bfloat16, device)
+    hq = 2
+    big_q = torch.cat([torch.randn_like(case.q[:5]), case.q, torch.randn_like(case.q[:3])])
+    batch = PrefillBatch(
+        case.batch.query_start_loc + 5, case.batch.seq_lens, case.batch.block_table,
+        case.batch.max_query_len, case.batch.max_seq_len,
+    )
+    out = torch.full_like(big_q, 7.0)
+    sparge_paged_prefill(
+        big_q, case.key_cache, case.value_cache, batch, case.scale,
+        head_vec(1.0, hq, device), head_vec(1.0, hq, device), head_vec(50.0, hq, device), out,
+    )
+    assert torch.all(out[:5] == 7.0) and torch.all(out[-3:] == 7.0)
+    assert not torch.any(out[5:-3] == 7.0)
+
+
+def _tiny(device, dtype=torch.bfloat16, dim=64):
+    return make_paged_case([(20, 40)], 2, 1, dim, 16, dtype, device, structured=False)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda c: c.__setattr__("q", c.q[..., :48].contiguous()), "head dim 48 unsupported"),
+        (lambda c: c.__setattr__("q", c.q.float()), "dtype torch.float32 unsupported"),
+        (lambda c: c.__setattr__("key_cache", c.key_cache.half()), "fp8|differs"),
+        (lambda c: c.__setattr__("key_cache", c.key_cache[..., :32]), "FlashAttention layout"),
+    ],
+)
+def test_bad_layout_raises(mutate, match, device):
+    case = _tiny(device)
+    mutate(case)
+    h = head_vec(0.5, case.q.shape[1], device)
+    with pytest.raises(ValueError, match=match):
+        sparge_paged_prefill(
+            case.q, case.key_cache, case.value_cache, case.batch, case.scale, h, h, h,
+            torch.empty_like(case.q),
+        )
+
+
+@pytest.mark.parametrize(
+    "sim,match",
+    [
+        (torch.zeros(3), r"shape \(2,\)"),
+        (torch.zeros(2, dtype=torch.float64), "float32"),
+        (torch.tensor([0.5, float("nan")]), "NaN"),
+    ],
+)
+def test_bad_thresholds_raise(sim, match, device):
+    case = _tiny(device)
+    h = head_vec(0.5, 2, device)
+    with pytest.raises(ValueError, match=match):
+        predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim.to(device), h)
+
+
+def test_bad_topk_and_out_raise(device):
+    case = _tiny(device)
+    h = head_vec(0.5, 2, device)
+    with pytest.raises(ValueError, match="topk"):
+        predict_block_map(case.q, case.key_cache, case.batch, case.scale, h, h, topk=1.5)
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, h, h)
+    with pytest.raises(ValueError, match="out must have"):
+        sparse_paged_attention(
+            case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale, h,
+            torch.empty(3, device=device),
+        )
+
+
+def test_block_geometry_constants():
+    # The thresholds files and the kernels' tiles depend on these; changing them is a format change.
+    assert (BLKQ, BLKK) == (128, 64)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: the same checks at realistic sizes (run on the GPU machine; see README)
+# ------------------------------------------------------------------------------------------
+
+GPU_REQS = [(4096, 4096), (1000, 9000), (3000, 3000), (77, 5000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim,page,dtype", [(128, 16, torch.bfloat16), (64, 64, torch.float16)])
+def test_gpu_realistic_sizes(dim, page, dtype):
+    case = make_paged_case(GPU_REQS, 8, 2, dim, page, dtype, "cuda", seed=11)
+    hq = 8
+    # dense configuration vs the fp32 reference
+    out = torch.full_like(case.q, float("nan"))
+    sparge_paged_prefill(
+        case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+        head_vec(1.0, hq, "cuda"), head_vec(1.0, hq, "cuda"), head_vec(50.0, hq, "cuda"), out,
+    )
+    tol = 2 * _lowp_error(case) + 1e-3
+    qsl = case.batch.query_start_loc.cpu()
+    for r in range(case.batch.num_reqs):
+        q, k, v = case.request_kv(r)
+        ref = dense_causal_attention_ref(q, k, v, case.scale)
+        got = out[int(qsl[r]) : int(qsl[r + 1])].float().cpu()
+        assert (got - ref).abs().max().item() <= tol
+    # sparse: block map equals the reference's, output within tolerance
+    stats = torch.zeros(3, dtype=torch.int64, device="cuda")
+    bm = predict_block_map(
+        case.q, case.key_cache, case.batch, case.scale,
+        head_vec(0.3, hq, "cuda"), head_vec(0.9, hq, "cuda"), stats=stats,
+    )
+    from sparge_serve.reference import predict_block_map_ref
+
+    for r in range(case.batch.num_reqs):
+        q, k, _ = case.request_kv(r)
+        keep, _ = predict_block_map_ref(q, k, case.scale, 0.3, 0.9)
+        got = torch.zeros_like(keep)
+        count, lut = bm.count[r].cpu(), bm.lut[r].cpu().long()
+        for h in range(hq):
+            for b in range(keep.shape[1]):
+                got[h, b, lut[h, b, : count[h, b]]] = True
+        mismatch = (got != keep).float().mean().item()
+        assert mismatch < 1e-3, f"request {r}: {mismatch:.2%} of block decisions differ"
+    assert 0 < stats[1] < stats[0]
