@@ -85,50 +85,49 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
     pv_off = hv(50.0)
     flops = 4.0 * HQ * D * length * (length + 1) / 2  # causal
     q, kc, vc, batch, k, v = make_inputs(length, page, structured)
-    if True:
-        out = torch.empty_like(q)
-        kv_bytes = 2 * length * HKV * D * 2
-        base = {}
-        if fa3 is not None and not structured:
-            cu = batch.query_start_loc
-            base["fa3"] = bench(lambda: fa3(
-                q, kc, vc, max_seqlen_q=length, cu_seqlens_q=cu, max_seqlen_k=length,
-                seqused_k=batch.seq_lens, softmax_scale=scale, causal=True,
-                block_table=batch.block_table, out=out, fa_version=3,
-            ))
-        if not structured and length <= 32768:
-            qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-            base["sdpa"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
-                qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True))
-        if structured:
-            configs = [("defaults", dict(sim=0.6, cdf=0.98, topk=None))]
-        else:
-            configs = [("dense", dict(sim=1.0, cdf=1.0, topk=None))] + [
-                (f"topk_s{s}", dict(sim=-1.0, cdf=1.0, topk=1.0 - s)) for s in (0.5, 0.8, 0.9)
-            ]
-        for name, c in configs:
-            sim, cdf = hv(c["sim"]), hv(c["cdf"])
-            stats = torch.zeros(3, dtype=torch.int64, device="cuda")
-            bm = predict_block_map(q, kc, batch, scale, sim, cdf, c["topk"], stats)
-            torch.cuda.synchronize()
-            sparsity = 1.0 - stats[1].item() / stats[0].item()
-            t_pred = bench(lambda sim=sim, cdf=cdf, topk=c["topk"]: predict_block_map(
-                q, kc, batch, scale, sim, cdf, topk, check_finite=False))
-            t_attn = bench(lambda bm=bm: sparse_paged_attention(
-                q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False))
-            extra = sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid))
-            nkb = num_blocks(length, BLKK)
-            extra += 4 * HKV * nkb * (2 * D + 1)  # ksum, pooled keys, key similarity (fp32)
-            row = dict(
-                length=length, page=page, config=name, inputs="structured" if structured else
-                "random", block_sparsity=round(sparsity, 4), predictor_ms=t_pred,
-                attention_ms=t_attn, total_ms=t_pred + t_attn,
-                attention_tflops_dense_equiv=flops / (t_attn * 1e-3) / 1e12,
-                extra_mem_bytes=extra, kv_bytes=kv_bytes, extra_mem_frac_of_kv=extra / kv_bytes,
-                **{f"{b}_ms": t for b, t in base.items()},
-            )
-            results.append(row)
-            print(json.dumps(row), flush=True)
+    out = torch.empty_like(q)
+    kv_bytes = 2 * length * HKV * D * 2
+    base = {}
+    if fa3 is not None and not structured:
+        cu = batch.query_start_loc
+        base["fa3"] = bench(lambda: fa3(
+            q, kc, vc, max_seqlen_q=length, cu_seqlens_q=cu, max_seqlen_k=length,
+            seqused_k=batch.seq_lens, softmax_scale=scale, causal=True,
+            block_table=batch.block_table, out=out, fa_version=3,
+        ))
+    if not structured and length <= 32768:
+        qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        base["sdpa"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True))
+    if structured:
+        configs = [("defaults", dict(sim=0.6, cdf=0.98, topk=None))]
+    else:
+        configs = [("dense", dict(sim=1.0, cdf=1.0, topk=None))] + [
+            (f"topk_s{s}", dict(sim=-1.0, cdf=1.0, topk=1.0 - s)) for s in (0.5, 0.8, 0.9)
+        ]
+    for name, c in configs:
+        sim, cdf = hv(c["sim"]), hv(c["cdf"])
+        stats = torch.zeros(3, dtype=torch.int64, device="cuda")
+        bm = predict_block_map(q, kc, batch, scale, sim, cdf, c["topk"], stats)
+        torch.cuda.synchronize()
+        sparsity = 1.0 - stats[1].item() / stats[0].item()
+        t_pred = bench(lambda sim=sim, cdf=cdf, topk=c["topk"]: predict_block_map(
+            q, kc, batch, scale, sim, cdf, topk, check_finite=False))
+        t_attn = bench(lambda bm=bm: sparse_paged_attention(
+            q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False))
+        extra = sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid))
+        nkb = num_blocks(length, BLKK)
+        extra += 4 * HKV * nkb * (2 * D + 1)  # ksum, pooled keys, key similarity (fp32)
+        row = dict(
+            length=length, page=page, config=name, inputs="structured" if structured else
+            "random", block_sparsity=round(sparsity, 4), predictor_ms=t_pred,
+            attention_ms=t_attn, total_ms=t_pred + t_attn,
+            attention_tflops_dense_equiv=flops / (t_attn * 1e-3) / 1e12,
+            extra_mem_bytes=extra, kv_bytes=kv_bytes, extra_mem_frac_of_kv=extra / kv_bytes,
+            **{f"{b}_ms": t for b, t in base.items()},
+        )
+        results.append(row)
+        print(json.dumps(row), flush=True)
 
 
 def attach_ratios(results):
