@@ -1,0 +1,540 @@
+"""The SPARGE backend on CPU: capability checks, settings/thresholds loading, the metadata builder on
+synthetic CommonAttentionMetadata, and the impl's forward (Triton interpreter) vs the reference."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import sparge_serve.plugin as plugin
+from sparge_serve.thresholds import Thresholds, ThresholdsError, save_thresholds
+
+L, HQ, HKV, D, PAGE = 4, 4, 2, 64, 16
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HQ * D,
+    "intermediate_size": 512, "num_attention_heads": HQ, "num_key_value_heads": HKV,
+    "num_hidden_layers": L, "vocab_size": 1000, "max_position_embeddings": 65536,
+    "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "head_dim": D,
+}
+
+
+@pytest.fixture(scope="module")
+def vllm_config(tmp_path_factory):
+    from vllm.platforms import current_platform
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    (path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(current_platform, "device_type", "cpu", raising=False)
+        import sparge_serve.metrics as metrics
+
+        mp.setattr(metrics, "install_metrics_bridge", lambda *a, **k: None)
+        plugin.register()
+        from vllm.engine.arg_utils import EngineArgs
+
+        return EngineArgs(model=str(path), skip_tokenizer_init=True, attention_backend="SPARGE",
+                          block_size=PAGE).create_engine_config()
+
+
+@pytest.fixture(autouse=True)
+def fresh_state(monkeypatch):
+    """Each test: no cached runtime/metrics object, no SPARGE_* env, no metric files."""
+    import sparge_serve.backend.sparge_attn as sa
+    import sparge_serve.metrics as metrics
+
+    monkeypatch.setattr(sa, "_RUNTIMES", {})
+    monkeypatch.setattr(metrics, "_STATS", None)
+    for var in ("SPARGE_THRESHOLDS", "SPARGE_MIN_SPARSE_LEN", "SPARGE_MODE",
+                "SPARGE_DENSE_LAYERS", metrics.METRICS_DIR_ENV, "PROMETHEUS_MULTIPROC_DIR"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def sparge(vllm_config, monkeypatch):
+    """Set the sparge settings of `vllm_config` for one test: sparge(min_sparse_len=..., ...)."""
+
+    def set_(**settings):
+        monkeypatch.setattr(vllm_config, "additional_config", {"sparge": settings})
+        return vllm_config
+
+    set_()
+    return set_
+
+
+@pytest.fixture
+def vllm_log(caplog):
+    log = logging.getLogger("vllm")
+    log.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="vllm")
+    yield caplog
+    log.removeHandler(caplog.handler)
+
+
+def _builder(vllm_config):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from sparge_serve.backend.sparge_attn import SpargeAttentionMetadataBuilder
+
+    spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=D,
+                             dtype=torch.bfloat16)
+    return SpargeAttentionMetadataBuilder(spec, [f"model.layers.{i}.self_attn.attn"
+                                                 for i in range(L)], vllm_config,
+                                          torch.device("cpu"))
+
+
+def _cam(reqs, pad_reqs=0, host_seq_lens=True, seed=0):
+    """CommonAttentionMetadata of requests [(query_len, seq_len), ...] (+ padded empty rows)."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    reqs = list(reqs) + [(0, 0)] * pad_reqs
+    qlens = torch.tensor([q for q, _ in reqs], dtype=torch.int32)
+    seq = torch.tensor([s for _, s in reqs], dtype=torch.int32)
+    qsl = torch.zeros(len(reqs) + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(qlens, 0)
+    pages = [math.ceil(s / PAGE) for _, s in reqs]
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(sum(pages) + 1, generator=g).to(torch.int32)
+    table = torch.zeros(len(reqs), max(pages) + 1, dtype=torch.int32)
+    off = 0
+    for r, n in enumerate(pages):
+        table[r, :n] = perm[off : off + n]
+        off += n
+    num_tokens = int(qsl[-1])
+    slots = torch.zeros(num_tokens, dtype=torch.int64)
+    for r, (q, s) in enumerate(reqs):
+        pos = torch.arange(s - q, s)
+        slots[int(qsl[r]) : int(qsl[r + 1])] = table[r, pos // PAGE].long() * PAGE + pos % PAGE
+    return CommonAttentionMetadata(
+        query_start_loc=qsl.clone(), query_start_loc_cpu=qsl, seq_lens=seq.clone(),
+        seq_lens_cpu_upper_bound=seq if host_seq_lens else None, num_reqs=len(reqs),
+        num_actual_tokens=num_tokens, max_query_len=int(qlens.max()),
+        max_seq_len=int(seq.max()), block_table_tensor=table, slot_mapping=slots,
+        num_logits_indices=None)
+
+
+def _counts(md):
+    c = md.counts
+    return (c.sparse_tokens, c.dense_tokens, c.sparse_reqs,
+            {str(r): n for r, n in c.fallbacks})
+
+
+# ---- capability checks ----------------------------------------------------------------------
+
+
+def _reasons(vllm_config, **overrides):
+    from vllm.config import set_current_vllm_config
+    from vllm.platforms.interface import DeviceCapability
+
+    from sparge_serve.backend.sparge_attn import SpargeAttentionBackend
+
+    args = dict(head_size=D, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None,
+                use_mla=False, has_sink=False, use_sparse=False, use_mm_prefix=False,
+                use_per_head_quant_scales=False, attn_type="decoder", has_sliding_window=False)
+    args.update(overrides)
+    with set_current_vllm_config(vllm_config):
+        return SpargeAttentionBackend.validate_configuration(
+            device_capability=DeviceCapability(9, 0), **args)
+
+
+def test_valid_configuration(sparge):
+    assert _reasons(sparge()) == []
+
+
+@pytest.mark.parametrize("override,text", [
+    ({"has_sliding_window": True}, "sliding-window attention is not supported"),
+    ({"kv_cache_dtype": "fp8"}, "quantized (fp8) KV cache is not supported"),
+    ({"has_sink": True}, "attention sinks are not supported"),
+    ({"use_mla": True}, "MLA (multi-head latent attention) models are not supported"),
+    ({"attn_type": "encoder_only"}, "attention type encoder_only (encoder / encoder-only / "
+                                    "cross attention) is not supported"),
+    ({"attn_type": "encoder_decoder"}, "attention type encoder_decoder"),
+    ({"head_size": 96}, "head size 96 is not supported by the sparse kernels"),
+    ({"dtype": torch.float32}, "dtype not supported"),
+])
+def test_rejected_configurations(sparge, override, text):
+    reasons = _reasons(sparge(), **override)
+    assert any(text in r for r in reasons), reasons
+    assert all(r.startswith("SPARGE: ") for r in reasons)
+
+
+def test_model_level_rejections():
+    from sparge_serve.backend.sparge_attn import _unsupported_model_reasons
+
+    mc = SimpleNamespace(is_hybrid=True, use_mla=False, is_encoder_decoder=True, uses_alibi=True,
+                         hf_text_config=SimpleNamespace(attn_logit_softcapping=50.0))
+    vc = SimpleNamespace(model_config=mc,
+                         parallel_config=SimpleNamespace(decode_context_parallel_size=2))
+    text = " | ".join(_unsupported_model_reasons(vc, D, torch.bfloat16))
+    for feature in ("hybrid models", "encoder-decoder", "ALiBi", "soft-capping",
+                    "decode context parallelism"):
+        assert feature in text
+
+
+@pytest.mark.parametrize("kwargs,text", [
+    ({"alibi_slopes": [1.0] * HQ}, "ALiBi"),
+    ({"sliding_window": 4096}, "sliding-window attention (window 4096)"),
+    ({"logits_soft_cap": 30.0}, "soft-capping"),
+    ({"attn_type": "encoder"}, "attention type encoder"),
+    ({"kv_cache_dtype": "fp8_e4m3"}, "kv_cache_dtype 'fp8_e4m3'"),
+    ({"sinks": torch.zeros(HQ)}, "attention sinks"),
+    ({"chunk_lookback": 2}, "attention options ['chunk_lookback']"),
+])
+def test_impl_rejects_unsupported_layers(sparge, kwargs, text):
+    from vllm.config import set_current_vllm_config
+
+    from sparge_serve.backend.sparge_attn import SpargeAttentionImpl
+
+    args = dict(num_heads=HQ, head_size=D, scale=D**-0.5, num_kv_heads=HKV, alibi_slopes=None,
+                sliding_window=None, kv_cache_dtype="auto")
+    args.update(kwargs)
+    with set_current_vllm_config(sparge()), pytest.raises(ValueError, match="SPARGE") as ei:
+        SpargeAttentionImpl(**args)
+    assert text in str(ei.value) and "FLASH_ATTN" in str(ei.value)
+
+
+def test_kv_cache_layout_is_flash_attentions(sparge):
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+    from sparge_serve.backend.sparge_attn import SpargeAttentionBackend
+
+    assert SpargeAttentionBackend.get_kv_cache_shape(10, PAGE, HKV, D) == (
+        FlashAttentionBackend.get_kv_cache_shape(10, PAGE, HKV, D))
+    with set_current_vllm_config(sparge()):
+        for layers in (False, True):
+            assert SpargeAttentionBackend.get_kv_cache_stride_order(layers) == (
+                FlashAttentionBackend.get_kv_cache_stride_order(layers))
+    assert SpargeAttentionBackend.forward_includes_kv_cache_update is False
+
+
+# ---- settings and thresholds ----------------------------------------------------------------
+
+
+def test_defaults_warn_once(sparge, vllm_log):
+    from sparge_serve.backend.sparge_attn import load_runtime
+
+    vc = sparge()
+    rt = load_runtime(vc)
+    assert load_runtime(vc) is rt
+    assert rt.source == "defaults"
+    assert torch.all(rt.thresholds.cdfthreshd == 0.98) and rt.thresholds.num_heads == HQ
+    assert vllm_log.text.count("no thresholds file given") == 1
+
+
+def test_thresholds_file_loaded_and_validated(sparge, tmp_path):
+    from sparge_serve.backend.sparge_attn import load_runtime
+
+    good = tmp_path / "good.safetensors"
+    save_thresholds(good, Thresholds.defaults(L, HQ, HKV, D, cdfthreshd=0.9))
+    rt = load_runtime(sparge(thresholds=str(good)))
+    assert rt.source == str(good) and torch.all(rt.thresholds.cdfthreshd == 0.9)
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_thresholds(wrong, Thresholds.defaults(L, HQ, 1, D))
+    with pytest.raises(ThresholdsError, match=r"num_kv_heads = 1 in the file.*num_kv_heads = 2"):
+        load_runtime(sparge(thresholds=str(wrong)))
+    with pytest.raises(ThresholdsError, match="no such file"):
+        load_runtime(sparge(thresholds=str(tmp_path / "missing.safetensors")))
+    with pytest.raises(ValueError, match=r"`dense_layers`.*\[7\]"):
+        load_runtime(sparge(dense_layers=[7]))
+
+
+def test_env_overrides_additional_config(sparge, monkeypatch):
+    from sparge_serve.backend.sparge_attn import load_runtime
+
+    monkeypatch.setenv("SPARGE_MODE", "dense")
+    assert load_runtime(sparge(mode="sparse")).config.mode == "dense"
+
+
+def _impl(vllm_config, num_heads=HQ, num_kv_heads=HKV):
+    from vllm.config import set_current_vllm_config
+
+    from sparge_serve.backend.sparge_attn import SpargeAttentionImpl
+
+    with set_current_vllm_config(vllm_config):
+        return SpargeAttentionImpl(num_heads, D, D**-0.5, num_kv_heads, None, None, "auto")
+
+
+def test_bind_layer_index_tp_slice_and_dense_layers(sparge, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    th = Thresholds(torch.rand(L, HQ, generator=g), torch.rand(L, HQ, generator=g) * 0.5 + 0.5,
+                    torch.rand(L, HQ, generator=g) * 10, torch.ones(L, HQ, dtype=torch.uint8),
+                    num_kv_heads=HKV, head_dim=D)
+    path = tmp_path / "th.safetensors"
+    save_thresholds(path, th)
+    vc = sparge(thresholds=str(path), dense_layers=1)
+    # Tensor parallel 2, rank 1: heads 2..3 of global layer 3 (a pipeline-parallel rank's name).
+    impl = _impl(vc, num_heads=HQ // 2, num_kv_heads=HKV // 2)
+    impl.bind("model.layers.3.self_attn.attn", torch.device("cpu"), tp=(1, 2))
+    assert impl.layer_index == 3 and not impl.dense_layer
+    assert torch.equal(impl._cdfthreshd, th.cdfthreshd[3, 2:4])
+    assert torch.equal(impl._simthreshd1, th.simthreshd1[3, 2:4])
+    assert torch.equal(impl._pvthreshd, th.pvthreshd[3, 2:4])
+    impl0 = _impl(vc)
+    impl0.bind("model.layers.0.self_attn.attn", torch.device("cpu"))
+    assert impl0.dense_layer  # dense_layers = 1
+    with pytest.raises(ValueError, match="2 query heads on this rank.*4 per rank"):
+        _impl(vc, num_heads=2, num_kv_heads=1).bind("model.layers.1.attn", "cpu", tp=(0, 1))
+
+
+def test_bind_all_dense_layer_and_draft_layer(sparge, tmp_path):
+    th = Thresholds.defaults(L, HQ, HKV, D)
+    dense = Thresholds.dense(L, HQ, HKV, D)
+    mixed = Thresholds(th.simthreshd1.clone(), th.cdfthreshd.clone(), th.pvthreshd.clone(),
+                       th.is_sparse.clone(), num_kv_heads=HKV, head_dim=D)
+    for name in ("simthreshd1", "cdfthreshd", "pvthreshd", "is_sparse"):
+        getattr(mixed, name)[2] = getattr(dense, name)[2]
+    path = tmp_path / "th.safetensors"
+    save_thresholds(path, mixed)
+    vc = sparge(thresholds=str(path))
+    impl = _impl(vc)
+    impl.bind("model.layers.2.self_attn.attn", "cpu")
+    assert impl.dense_layer  # every head of layer 2 calibrated dense
+    draft = _impl(vc)
+    draft.bind("model.layers.9.self_attn.attn", "cpu")  # beyond the model: e.g. an EAGLE layer
+    assert draft.dense_layer and draft.layer_index is None
+
+
+def test_mode_dense_makes_every_layer_dense(sparge):
+    impl = _impl(sparge(mode="dense"))
+    impl.bind("model.layers.3.self_attn.attn", "cpu")
+    assert impl.dense_layer
+
+
+# ---- metadata builder -----------------------------------------------------------------------
+
+
+def test_select_sparse_requests():
+    from sparge_serve.backend.sparge_attn import select_sparse_requests
+
+    qsl = np.array([0, 1, 101, 104, 204])
+    seq = np.array([500, 500, 500, 99])
+    got = select_sparse_requests(qsl, seq, min_sparse_len=100, max_decode_query_len=3)
+    assert got.tolist() == [False, True, False, False]
+
+
+def test_cudagraph_support_is_single_token_decode():
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from sparge_serve.backend.sparge_attn import SpargeAttentionMetadataBuilder
+
+    assert SpargeAttentionMetadataBuilder.get_cudagraph_support(None, None) is (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
+
+
+def test_decode_only_step(sparge):
+    b = _builder(sparge())
+    md = b.build(0, _cam([(1, 20000), (1, 30000), (1, 5)]))
+    assert md.sparse is None and md.all_dense is None and md.counts is None
+    assert md.seq_lens.tolist() == [20000, 30000, 5]
+
+
+def test_mixed_batch_noncontiguous(sparge):
+    # decode | chunked prefill after a prefix | short prefill | decode | prefix hit (100 new
+    # tokens after 16284 cached) | exactly min_sparse_len
+    reqs = [(1, 20000), (5000, 20000), (300, 300), (1, 30), (100, 16384), (2048, 16384)]
+    cam = _cam(reqs, pad_reqs=2)
+    b = _builder(sparge())
+    md = b.build(7, cam)
+    sp = md.sparse
+    assert sp.req_index.tolist() == [1, 4, 5]
+    assert sp.batch.query_start_loc.tolist() == [0, 5000, 5100, 7148]
+    assert sp.batch.seq_lens.tolist() == [20000, 16384, 16384]
+    assert torch.equal(sp.batch.block_table, cam.block_table_tensor[[1, 4, 5]])
+    assert (sp.batch.max_query_len, sp.batch.max_seq_len, sp.num_tokens) == (5000, 20000, 7148)
+    qsl = cam.query_start_loc_cpu.tolist()
+    expected = [t for r in (1, 4, 5) for t in range(qsl[r], qsl[r + 1])]
+    assert sp.token_index.tolist() == expected
+    # The dense call skips the sparse requests; dense layers get the untouched batch.
+    assert md.seq_lens.tolist() == [20000, 0, 300, 30, 0, 0, 0, 0]
+    assert md.all_dense.seq_lens.tolist() == [20000, 20000, 300, 30, 16384, 16384, 0, 0]
+    assert md.has_dense and md.use_cascade is False
+    assert _counts(md) == (7148, 300, 3, {"short_prompt": 1})
+
+
+def test_contiguous_sparse_requests_use_views(sparge):
+    cam = _cam([(1, 50), (4096, 20000), (1000, 17000), (1, 17000)])
+    md = _builder(sparge()).build(0, cam)
+    sp = md.sparse
+    assert sp.token_index is None  # q/out rows are used in place, absolute offsets
+    assert sp.batch.query_start_loc.tolist() == cam.query_start_loc_cpu[1:4].tolist()
+    assert sp.batch.seq_lens.tolist() == [20000, 17000]
+    assert md.seq_lens.tolist() == [50, 0, 0, 17000]
+    assert _counts(md) == (5096, 0, 2, {})
+
+
+def test_pure_sparse_step_skips_dense_call(sparge):
+    md = _builder(sparge(min_sparse_len=1024)).build(0, _cam([(3000, 3000)], pad_reqs=3))
+    assert md.sparse.req_index.tolist() == [0] and not md.has_dense
+
+
+def test_min_sparse_len_setting(sparge):
+    cam = _cam([(600, 600), (500, 1100)])
+    assert _builder(sparge(min_sparse_len=1000)).build(0, cam).sparse.req_index.tolist() == [1]
+    assert _builder(sparge(min_sparse_len=5000)).build(0, cam).sparse is None
+
+
+def test_mode_dense_builds_no_sparse_batch(sparge):
+    md = _builder(sparge(mode="dense")).build(0, _cam([(4096, 20000), (10, 10)]))
+    assert md.sparse is None
+    assert _counts(md) == (0, 4106, 0, {"short_prompt": 1, "mode_dense": 1})
+
+
+def test_spec_decode_rows_stay_dense(sparge):
+    b = _builder(sparge())
+    b.max_decode_query_len = 4  # 3 speculative tokens
+    md = b.build(0, _cam([(4, 20000), (4, 20000), (300, 20000)]))
+    assert md.sparse.req_index.tolist() == [2]
+
+
+def test_no_host_seq_lens_runs_dense(sparge, vllm_log):
+    md = _builder(sparge()).build(0, _cam([(4096, 20000)], host_seq_lens=False))
+    assert md.sparse is None
+    assert _counts(md) == (0, 4096, 0, {"unsupported": 1})
+    assert "without a host copy of seq_lens" in vllm_log.text
+
+
+def test_too_long_context_runs_dense(sparge):
+    b = _builder(sparge())
+    b.max_sparse_seq_len = 30000
+    md = b.build(0, _cam([(4096, 40000), (4096, 20000)]))
+    assert md.sparse.req_index.tolist() == [1]
+    assert _counts(md)[3] == {"unsupported": 1}
+
+
+def test_no_counting_for_capture_and_drafts(sparge):
+    b = _builder(sparge())
+    cam = _cam([(4096, 20000)])
+    assert b.build(0, cam, fast_build=True).counts is None
+    assert b.build_for_cudagraph_capture(cam).counts is None
+    assert b.build(0, cam).counts is not None
+
+
+# ---- forward (Triton interpreter on CPU) ------------------------------------------------------
+
+
+def _dense_double(calls):
+    """Stands in for FlashAttention on CPU: causal attention of every request with seq_len > 0
+    (zeros for seq_len 0, as FlashAttention writes), over the paged cache."""
+    from sparge_serve.reference import dense_causal_attention_ref, gather_paged_kv
+
+    def dense(layer, query, key, value, kv_cache, md, output):
+        calls.append(md)
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(D, dim=-1)
+        qsl = md.query_start_loc.tolist()
+        for r, s in enumerate(md.seq_lens.tolist()):
+            rows = slice(qsl[r], qsl[r + 1])
+            if s == 0:
+                output[rows] = 0
+                continue
+            k, v = gather_paged_kv(key_cache, value_cache, md.block_table[r], s)
+            output[rows] = dense_causal_attention_ref(query[rows], k, v, D**-0.5).to(output.dtype)
+
+    return dense
+
+
+def _paged_inputs(cam, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    num_pages = int(cam.block_table_tensor.max()) + 1
+    phys = torch.randn(num_pages, PAGE, HKV, 2 * D, generator=g).to(dtype)  # NHD physical layout
+    kv_cache = phys.permute(0, 2, 1, 3)  # vLLM's logical (blocks, Hkv, page, 2*D) view
+    query = torch.randn(cam.num_actual_tokens, HQ, D, generator=g).to(dtype)
+    return query, kv_cache, phys
+
+
+def _run_forward(vc, reqs, dense_layer_name="model.layers.2.self_attn.attn"):
+    from sparge_serve.metrics import SpargeStats
+
+    cam = _cam(reqs)
+    b = _builder(vc)
+    md = b.build(0, cam)
+    query, kv_cache, phys = _paged_inputs(cam, torch.float16)
+    stats = SpargeStats(L, "cpu", "tiny", sink_dir=None, start_writer=False)
+    impl = _impl(vc)
+    impl.bind(dense_layer_name, "cpu", stats)
+    calls = []
+    impl._dense = _dense_double(calls)
+    layer = SimpleNamespace(_k_scale=torch.ones(1), _v_scale=torch.ones(1))
+    out = torch.full_like(query, float("nan"))
+    impl.forward(layer, query, None, None, kv_cache, md, out)
+    return cam, md, query, phys, out, calls, stats, impl
+
+
+@pytest.mark.parametrize("reqs", [
+    [(1, 40), (150, 300), (20, 20), (130, 260)],  # sparse requests 1, 3: gathered
+    [(200, 400), (70, 270), (1, 33)],  # sparse requests 0, 1: contiguous, in place
+], ids=["gather", "contiguous"])
+def test_forward_matches_reference(sparge, reqs):
+    from sparge_serve.kernels import PrefillBatch
+    from sparge_serve.reference import paged_prefill_ref
+
+    vc = sparge(min_sparse_len=256)
+    cam, md, query, phys, out, calls, stats, impl = _run_forward(vc, reqs)
+    assert not impl.dense_layer and md.sparse is not None
+    # Dense call: once, over the non-sparse requests only.
+    assert len(calls) == 1 and calls[0] is md
+    key_cache, value_cache = phys.split(D, dim=-1)
+    full = PrefillBatch(cam.query_start_loc, cam.seq_lens, cam.block_table_tensor,
+                        cam.max_query_len, cam.max_seq_len)
+    th = impl.runtime.thresholds
+    ref_args = (key_cache.contiguous(), value_cache.contiguous())
+    ths = (D**-0.5, th.simthreshd1[2], th.cdfthreshd[2], th.pvthreshd[2])
+    ref, _, _ = paged_prefill_ref(query, *ref_args, full, *ths)
+    qsl = cam.query_start_loc_cpu.tolist()
+    sparse_rows = torch.zeros(cam.num_actual_tokens, dtype=torch.bool)
+    ref_stats = torch.zeros(3, dtype=torch.int64)
+    for r in md.sparse.req_index.tolist():
+        sparse_rows[qsl[r] : qsl[r + 1]] = True
+        one = PrefillBatch(full.query_start_loc[r : r + 2], full.seq_lens[r : r + 1],
+                           full.block_table[r : r + 1], cam.max_query_len, cam.max_seq_len)
+        ref_stats += paged_prefill_ref(query, *ref_args, one, *ths)[2]
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out[sparse_rows].float(), ref[sparse_rows], atol=2e-2, rtol=2e-2)
+    # Dense rows came from the dense call and were not touched by the sparse kernels.
+    dense_ref = torch.empty_like(out)
+    _dense_double([])(None, query, None, None, phys.permute(0, 2, 1, 3), md.all_dense, dense_ref)
+    assert torch.equal(out[~sparse_rows], dense_ref[~sparse_rows])
+    # Block counts went to this layer's row; token counts are host-side.
+    blocks = stats.blocks[2]
+    assert blocks[0] > 0 and 0 < blocks[1] <= blocks[0]
+    assert blocks.tolist() == ref_stats.tolist()
+    assert stats.blocks[[0, 1, 3]].abs().sum() == 0
+    sparse_tokens = int(sparse_rows.sum())
+    prompt_tokens = sum(q for q, _ in reqs if q > 1)
+    assert stats._tokens[2] == [sparse_tokens, prompt_tokens - sparse_tokens]
+
+
+def test_dense_layer_runs_whole_batch_dense(sparge):
+    vc = sparge(min_sparse_len=256, dense_layers=[2])
+    cam, md, query, phys, out, calls, stats, impl = _run_forward(vc, [(150, 300), (20, 20)])
+    assert impl.dense_layer and md.sparse is not None
+    assert len(calls) == 1 and calls[0] is md.all_dense
+    assert calls[0].seq_lens.tolist() == [300, 20]
+    assert not torch.isnan(out).any()
+    assert stats.blocks.abs().sum() == 0
+    assert stats._tokens[2] == [0, 170]
+    assert stats.snapshot()["fallbacks"]["dense_layer"] == 1
+
+
+def test_profile_run_without_metadata(sparge):
+    impl = _impl(sparge())
+    out = torch.ones(3, HQ, D)
+    assert impl.forward(None, out, None, None, None, None, out) is out
+    assert torch.all(out == 0)
+
+
+def test_unbound_layer_refuses_sparse_work(sparge):
+    vc = sparge(min_sparse_len=256)
+    md = _builder(vc).build(0, _cam([(150, 300)]))
+    impl = _impl(vc)
+    impl.dense_layer = False
+    query, kv_cache, _ = _paged_inputs(_cam([(150, 300)]), torch.float16)
+    with pytest.raises(RuntimeError, match="never bound"):
+        impl.forward(None, query, None, None, kv_cache, md, torch.empty_like(query))
