@@ -31,7 +31,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -81,7 +81,7 @@ class ModelGeometry:
     config_hash: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq on tensors is ambiguous: identity semantics
 class Thresholds:
     """Per-(layer, head) SpargeAttn thresholds plus the provenance metadata of the file.
 
@@ -108,7 +108,7 @@ class Thresholds:
     package_version: str = ""
     created: str = ""
     # Head offset of head 0 of this object in the global head order (non-zero after for_rank).
-    head_offset: int = field(default=0, compare=False)
+    head_offset: int = 0
 
     def __post_init__(self) -> None:
         _validate(self, "<in-memory Thresholds>")

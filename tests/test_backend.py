@@ -538,3 +538,30 @@ def test_unbound_layer_refuses_sparse_work(sparge):
     query, kv_cache, _ = _paged_inputs(_cam([(150, 300)]), torch.float16)
     with pytest.raises(RuntimeError, match="never bound"):
         impl.forward(None, query, None, None, kv_cache, md, torch.empty_like(query))
+
+
+def test_calibration_capture_reports_and_runs_dense(sparge):
+    from sparge_serve.backend import capture
+    from sparge_serve.metrics import SpargeStats
+    from sparge_serve.reference import gather_paged_kv
+
+    vc = sparge(min_sparse_len=256)
+    reqs = [(1, 40), (150, 300), (20, 20), (130, 260)]
+    cam = _cam(reqs)
+    md = _builder(vc).build(0, cam)
+    query, kv_cache, phys = _paged_inputs(cam, torch.float16)
+    impl = _impl(vc)
+    impl.bind("model.layers.1.self_attn.attn", "cpu",
+              SpargeStats(L, "cpu", "tiny", sink_dir=None, start_writer=False))
+    calls, got = [], []
+    impl._dense = _dense_double(calls)
+    with capture.sink_installed(lambda layer, q, k, v, info: got.append((layer, q, k, v, info))):
+        impl.forward(None, query, None, None, kv_cache, md, torch.empty_like(query))
+    assert len(calls) == 1 and calls[0] is md.all_dense  # everything dense while capturing
+    assert [(g[0], g[4].request, g[4].query_len, g[4].seq_len) for g in got] == [
+        (1, 0, 150, 300), (1, 1, 130, 260)]
+    qsl = cam.query_start_loc_cpu.tolist()
+    key_cache, value_cache = phys.split(D, dim=-1)
+    k_ref, v_ref = gather_paged_kv(key_cache, value_cache, cam.block_table_tensor[3], 260)
+    assert torch.equal(got[1][1], query[qsl[3] : qsl[4]])
+    assert torch.equal(got[1][2], k_ref) and torch.equal(got[1][3], v_ref)

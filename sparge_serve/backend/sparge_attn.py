@@ -32,6 +32,10 @@ into its per-layer device rows (``kernel_stats(layer)``); each layer adds the st
 and dense-fallback counts, host integers the builder computed (``count_prefill``,
 ``count_fallback``); the builder calls ``maybe_flush()`` once per step. Nothing here synchronises
 with the GPU.
+
+Calibration: while ``sparge_serve.backend.capture`` has a sink installed (``sparge-calibrate
+--driver vllm`` only), every layer reports its sparse sub-batch through ``capture.emit_prefill`` and
+computes it dense.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
+from sparge_serve.backend import capture
 from sparge_serve.config import SpargeConfig
 from sparge_serve.thresholds import (
     DEFAULT_BLKK,
@@ -718,6 +723,11 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             return output.fill_(0)
         sparse = attn_metadata.sparse
         run_sparse = sparse is not None and not self.dense_layer
+        if sparse is not None and capture.get_sink() is not None:
+            # Calibration (sparge-calibrate --driver vllm): report the sparse sub-batch, then
+            # run it dense so every layer sees the dense model's activations.
+            self._emit_capture(query, kv_cache, sparse)
+            run_sparse = False
         if sparse is None:
             self._dense(layer, query, key, value, kv_cache, attn_metadata, output)
         elif not run_sparse:
@@ -730,6 +740,19 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         if counts is not None and self._stats is not None and self.layer_index is not None:
             self._count(counts, run_sparse)
         return output
+
+    def _emit_capture(self, query: torch.Tensor, kv_cache: torch.Tensor,
+                      sparse: SparsePrefill) -> None:
+        if self.layer_index is None:
+            return
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        batch = sparse.batch
+        if sparse.token_index is None:
+            q = query
+        else:
+            q = query.index_select(0, sparse.token_index)
+        capture.emit_prefill(self.layer_index, q, key_cache, value_cache, batch, self.scale,
+                             self.layer_name or "")
 
     def _count(self, c: StepCounts, ran_sparse: bool) -> None:
         st, layer = self._stats, self.layer_index
