@@ -348,6 +348,11 @@ class SpargeStats:
         """Once per step (e.g. from the metadata builder). Cheap: a few attribute tests when idle;
         reads completed copies / timing events, and starts a new counter copy if counters changed.
         Never blocks on the GPU."""
+        if not (self._copy_in_flight or self._dirty or self._pending):
+            return
+        # NOTE: no event query or copy inside a CUDA-graph capture (both are illegal there).
+        if self._is_cuda and self._torch.cuda.is_current_stream_capturing():
+            return
         self.poll()
         if self._pending:
             self._drain_timings()
