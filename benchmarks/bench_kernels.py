@@ -32,6 +32,7 @@ from sparge_serve.kernels import (
 )
 
 HQ, HKV, D = 32, 8, 128
+SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
 
 
 def make_inputs(length: int, page: int, structured: bool, seed: int = 0):
@@ -42,6 +43,7 @@ def make_inputs(length: int, page: int, structured: bool, seed: int = 0):
     v = torch.randn(length, HKV, D, device="cuda", generator=g)
     if structured:
         # sink + locality + self-similar key blocks, like real attention (see tests/kernel_inputs)
+        q *= 0.5
         sink = torch.randn(HKV, D, device="cuda", generator=g)
         sink = sink / sink.norm(dim=-1, keepdim=True) * math.sqrt(D) * 1.5
         k[:4] += sink
@@ -52,7 +54,7 @@ def make_inputs(length: int, page: int, structured: bool, seed: int = 0):
         q += 2.0 * ((csum - csum[lo]) / 32.0).repeat_interleave(group, 1)
         nb = num_blocks(length, 64)
         blockdir = torch.randn(nb, 1, HKV, D, device="cuda", generator=g).expand(-1, 64, -1, -1)
-        k += 0.7 * blockdir.reshape(-1, HKV, D)[:length]
+        k = 0.5 * k + 1.5 * blockdir.reshape(-1, HKV, D)[:length]
     perm = torch.randperm(n_pages, device="cuda", generator=g).to(torch.int32)
     pad = n_pages * page - length
     kc = torch.empty(n_pages, page, HKV, D, device="cuda", dtype=torch.bfloat16)
@@ -100,32 +102,44 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
         base["sdpa"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
             qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True))
     if structured:
-        configs = [("defaults", dict(sim=0.6, cdf=0.98, topk=None))]
+        configs = [("defaults", dict(sim=0.6, cdf=0.98, topk=None)),
+                   ("defaults_pv8", dict(sim=0.6, cdf=0.98, topk=None, pv=8.0))]
     else:
         configs = [("dense", dict(sim=1.0, cdf=1.0, topk=None))] + [
             (f"topk_s{s}", dict(sim=-1.0, cdf=1.0, topk=1.0 - s)) for s in (0.5, 0.8, 0.9)
         ]
     for name, c in configs:
         sim, cdf = hv(c["sim"]), hv(c["cdf"])
+        pv = hv(c.get("pv", 50.0))
         stats = torch.zeros(3, dtype=torch.int64, device="cuda")
         bm = predict_block_map(q, kc, batch, scale, sim, cdf, c["topk"], stats)
+        sparse_paged_attention(q, kc, vc, batch, bm, scale, pv, out, stats)
         torch.cuda.synchronize()
         sparsity = 1.0 - stats[1].item() / stats[0].item()
+        pv_skipped = stats[2].item() / max(stats[1].item(), 1)
         t_pred = bench(lambda sim=sim, cdf=cdf, topk=c["topk"]: predict_block_map(
             q, kc, batch, scale, sim, cdf, topk, check_finite=False))
-        t_attn = bench(lambda bm=bm: sparse_paged_attention(
-            q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False))
+        t_attn = bench(lambda bm=bm, pv=pv, skip="pv" in c: sparse_paged_attention(
+            q, kc, vc, batch, bm, scale, pv, out, check_finite=False, pv_skip=skip))
         extra = sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid))
         nkb = num_blocks(length, BLKK)
         extra += 4 * HKV * nkb * (2 * D + 1)  # ksum, pooled keys, key similarity (fp32)
         row = dict(
             length=length, page=page, config=name, inputs="structured" if structured else
-            "random", block_sparsity=round(sparsity, 4), predictor_ms=t_pred,
+            "random", block_sparsity=round(sparsity, 4),
+            pv_skipped_frac_of_kept=round(pv_skipped, 4), predictor_ms=t_pred,
             attention_ms=t_attn, total_ms=t_pred + t_attn,
             attention_tflops_dense_equiv=flops / (t_attn * 1e-3) / 1e12,
             extra_mem_bytes=extra, kv_bytes=kv_bytes, extra_mem_frac_of_kv=extra / kv_bytes,
             **{f"{b}_ms": t for b, t in base.items()},
         )
+        if SWEEP and name == "dense":
+            row["launch_sweep_ms"] = {
+                f"w{w}s{st}": bench(lambda bm=bm, w=w, st=st: sparse_paged_attention(
+                    q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
+                    pv_skip=False, launch=(w, st)))
+                for w in (4, 8) for st in (2, 3, 4)
+            }
         results.append(row)
         print(json.dumps(row), flush=True)
 
@@ -204,7 +218,10 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--pages", type=int, nargs="+", default=[16])
     ap.add_argument("--out", default="benchmarks/results/kernels")
+    ap.add_argument("--sweep", action="store_true", help="time launch configs of the dense kernel")
     args = ap.parse_args()
+    global SWEEP
+    SWEEP = args.sweep
     try:
         import vllm
         from vllm.vllm_flash_attn import flash_attn_varlen_func as fa3

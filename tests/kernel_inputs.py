@@ -64,6 +64,7 @@ def make_paged_case(
         v = torch.randn(seq_len, num_kv_heads, head_dim, generator=g)
         q = torch.randn(q_len, num_heads, head_dim, generator=g)
         if structured:
+            q *= 0.5
             sink = torch.randn(num_kv_heads, head_dim, generator=g)
             sink = sink / sink.norm(dim=-1, keepdim=True) * math.sqrt(head_dim) * 1.5
             k[:4] += sink
@@ -75,8 +76,9 @@ def make_paged_case(
             local = (smooth[ctx:] - smooth[lo]) / 32.0
             q += 2.0 * local.repeat_interleave(group, 1)
             # queries and keys of a block share a direction (self-similar blocks)
-            k += torch.randn(num_blocks(seq_len, 64), 1, num_kv_heads, head_dim, generator=g) \
-                .expand(-1, 64, -1, -1).reshape(-1, num_kv_heads, head_dim)[:seq_len] * 0.7
+            blockdir = torch.randn(num_blocks(seq_len, 64), 1, num_kv_heads, head_dim, generator=g)
+            blockdir = blockdir.expand(-1, 64, -1, -1).reshape(-1, num_kv_heads, head_dim)
+            k = 0.5 * k + 1.5 * blockdir[:seq_len]
         flat_k = key_cache[pages].flatten(0, 1)
         flat_v = value_cache[pages].flatten(0, 1)
         flat_k[:seq_len] = k

@@ -38,6 +38,17 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_update(acc, l_i, m_i, s, v, UPCAST: tl.constexpr):
+    """One flash-attention step with scores ``s`` (log2 domain) and values ``v``."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _sparse_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
     lut_ptr, count_ptr, pv_ptr, skipped_ptr,
@@ -45,7 +56,7 @@ def _sparse_attn_kernel(
     stride_page, stride_tok, stride_head, stride_bt,
     NKB, NQB, num_heads, qk_scale,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
+    PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
 ):
     h = tl.program_id(0)
     # NOTE: heaviest (last) query blocks first, for a shorter tail.
@@ -66,6 +77,7 @@ def _sparse_attn_kernel(
     m_real = offs_m < q_len
     q_pos = ctx + offs_m
     first = ctx + b * BLOCK_M
+    last = ctx + tl.minimum((b + 1) * BLOCK_M, q_len) - 1
     q_tok = (q_start + offs_m).to(tl.int64)
     q = tl.load(
         q_ptr + q_tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
@@ -73,42 +85,52 @@ def _sparse_attn_kernel(
     )
     bt_row = bt_ptr + r * stride_bt
     lut_row = lut_ptr + row_id.to(tl.int64) * NKB
-    count = tl.load(count_ptr + row_id)
-    pv_thr = tl.load(pv_ptr + h)
+    # NOTE: the diagonal band [j_diag0, n_valid) is always kept (forced by the predictor) and is
+    # the tail of the ascending LUT; it is walked directly, with the token-level causal mask.
+    n_valid = last // BLOCK_N + 1
+    j_diag0 = (first + 1) // BLOCK_N
+    n_off = tl.load(count_ptr + row_id) - (n_valid - j_diag0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_skipped = 0
-    for t in range(0, count):
-        j = tl.load(lut_row + t).to(tl.int32)
-        k = _load_kv_block(
-            k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok, stride_head,
-            offs_n, offs_d, PAGE, BLOCK_N,
-        )
+    # off-band kept blocks: no mask
+    if PV_SKIP:
+        pv_thr = tl.load(pv_ptr + h)
+        for t in range(0, n_off):
+            j = tl.load(lut_row + t).to(tl.int32)
+            k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
+                               stride_head, offs_n, offs_d, PAGE, BLOCK_N)
+            s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+            # stage-2 filter: skip when every real row's block max is pv_thr (log2) below its
+            # running max; never the first block of the row.
+            negligible = tl.where(m_real, tl.max(s, axis=1) - m_i <= -pv_thr, 1)
+            if (t > 0) & (pv_thr < PV_OFF) & (tl.min(negligible, axis=0) > 0):
+                n_skipped += 1
+            else:
+                v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
+                                   stride_head, offs_n, offs_d, PAGE, BLOCK_N)
+                acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, UPCAST)
+    else:
+        for t in range(0, n_off):
+            j = tl.load(lut_row + t).to(tl.int32)
+            k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
+                               stride_head, offs_n, offs_d, PAGE, BLOCK_N)
+            v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
+                               stride_head, offs_n, offs_d, PAGE, BLOCK_N)
+            s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+            acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, UPCAST)
+    # diagonal band: always computed, causal mask
+    for j in range(j_diag0, n_valid):
+        k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
+                           stride_head, offs_n, offs_d, PAGE, BLOCK_N)
+        v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
+                           stride_head, offs_n, offs_d, PAGE, BLOCK_N)
         s = _dot(q, tl.trans(k), UPCAST) * qk_scale
-        is_diag = (j * BLOCK_N + BLOCK_N - 1) > first
-        if is_diag:
-            k_pos = j * BLOCK_N + offs_n
-            s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
-        m_loc = tl.max(s, axis=1)
-        # stage-2 filter: skip when every real row's block max is pv_thr (log2) below its running
-        # max; never the first block of the row, never a diagonal block.
-        negligible = tl.where(m_real, m_loc - m_i <= -pv_thr, 1)
-        skip = (t > 0) & (is_diag == 0) & (pv_thr < PV_OFF) & (tl.min(negligible, axis=0) > 0)
-        if skip:
-            n_skipped += 1
-        else:
-            v = _load_kv_block(
-                v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok, stride_head,
-                offs_n, offs_d, PAGE, BLOCK_N,
-            )
-            m_new = tl.maximum(m_i, m_loc)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
-            m_i = m_new
+        k_pos = j * BLOCK_N + offs_n
+        s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
+        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, UPCAST)
     out = acc / l_i[:, None]
     tl.store(
         out_ptr + q_tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -133,12 +155,16 @@ def sparse_paged_attention(
     out: torch.Tensor,
     stats: torch.Tensor | None = None,
     check_finite: bool = True,
+    pv_skip: bool | None = None,
+    launch: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
     ``q, out [num_tokens, Hq, D]``; caches ``[num_pages, page_size, Hkv, D]``; ``pvthreshd`` fp32
     ``[Hq]`` (>= 50 disables PV skip). ``stats`` (int64 ``[3]``), if given, gets
-    ``[0, 0, pv_skipped_blocks]`` added on the device.
+    ``[0, 0, pv_skipped_blocks]`` added on the device. ``pv_skip``: whether any head has PV skip
+    on; ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds
+    file and passes it). ``launch`` overrides (num_warps, num_stages) for benchmarks.
     """
     check_paged_inputs(q, key_cache, value_cache)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -151,8 +177,10 @@ def sparse_paged_attention(
     nreq, _, nqb, nkb = block_map.lut.shape
     if nqb != num_blocks(batch.max_query_len, BLKQ) or nreq != batch.num_reqs:
         raise ValueError("block_map was predicted for a different batch")
+    if pv_skip is None:
+        pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
-    num_warps, num_stages = _attn_launch_params(head_dim)
+    num_warps, num_stages = launch or _attn_launch_params(head_dim)
     _sparse_attn_kernel[(num_heads, nqb, nreq)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         block_map.lut, block_map.count, pvthreshd, skipped,
@@ -160,7 +188,7 @@ def sparse_paged_attention(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
         nkb, nqb, num_heads, float(scale) * _LOG2E,
         GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
-        PAGE=page, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, num_warps=num_warps, num_stages=num_stages,
+        PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, num_warps=num_warps, num_stages=num_stages,
     )
     if stats is not None:
         # rows past a request's query never ran: their slots are garbage, mask them by count
@@ -181,6 +209,7 @@ def sparge_paged_prefill(
     topk: float | None = None,
     stats: torch.Tensor | None = None,
     check_finite: bool = True,
+    pv_skip: bool | None = None,
 ) -> BlockMap:
     """Both stages for a varlen prefill batch; returns the block map it used."""
     check_paged_inputs(q, key_cache, value_cache)
@@ -189,7 +218,8 @@ def sparge_paged_prefill(
         q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, stats, check_finite
     )
     sparse_paged_attention(
-        q, key_cache, value_cache, batch, bm, scale, pvthreshd, out, stats, check_finite=False
+        q, key_cache, value_cache, batch, bm, scale, pvthreshd, out, stats, check_finite=False,
+        pv_skip=pv_skip,
     )
     return bm
 

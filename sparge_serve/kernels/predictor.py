@@ -30,7 +30,7 @@ MAX_KEY_BLOCKS = 16384
 """Longest context the predictor handles, in key blocks (16384 * 64 = 1M tokens)."""
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-_EPS = 1e-6
+_EPS = tl.constexpr(1e-6)
 
 
 @dataclass(frozen=True)
