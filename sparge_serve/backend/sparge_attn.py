@@ -87,7 +87,7 @@ _SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-process state: settings + thresholds (loaded once), GPU counters
+# Per-process state: settings + thresholds (loaded once), metrics object
 # ---------------------------------------------------------------------------------------------
 
 
@@ -602,6 +602,11 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             problems.append("attention sinks")
         if unsupported:
             problems.append(f"attention options {sorted(unsupported)}")
+        from sparge_serve.kernels import SUPPORTED_HEAD_DIMS
+
+        if head_size not in SUPPORTED_HEAD_DIMS:
+            problems.append(f"head size {head_size} (the sparse kernels support "
+                            f"{sorted(SUPPORTED_HEAD_DIMS)})")
         if problems:
             raise ValueError(f"{BACKEND_NAME} attention backend does not support: "
                              f"{'; '.join(problems)}. Serve this model with another backend "
