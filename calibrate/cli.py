@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         "for a local Hugging Face causal LM and write the thresholds file the SPARGE vLLM backend "
         "loads.",
         epilog=f"Prompts must have at least {MIN_PROMPT_TOKENS} tokens (two query blocks of {BLKQ}): "
-        f"shorter ones have no key block the thresholds could skip (the sink and diagonal blocks "
-        f"of {BLKK} keys are always computed). Use prompts as long as the ones you serve.",
+        f"the sink and the diagonal key blocks (of {BLKK} keys) are always computed, so a single "
+        "query block has nothing to skip, and the second one is the first with a choice. Use "
+        "prompts as long as the ones you serve.",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="local HF model directory (config.json, "
                    "weights, and a tokenizer for text prompts)")

@@ -133,9 +133,12 @@ class _Recorder:
         self.layers: list[list[Sample]] = [[] for _ in range(num_layers)]
         self.scales: list[float | None] = [None] * num_layers
         self.store_device = store_device
+        self.closed = False
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         idx = _check_supported(module, kwargs)
+        if self.closed:  # a stale registration: behave like SDPA, record nothing
+            return _sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         if query.shape[0] != 1:
             raise ValueError("the capture runs one prompt at a time (batch 1)")
         if scaling is None:
@@ -172,7 +175,10 @@ def capture_hf(
     model=None,
     on_prompt: Callable[[int], None] | None = None,
 ) -> Capture:
-    """Run every prompt through the model and capture each layer's Q/K/V (stored on the CPU)."""
+    """Run every prompt through the model and capture each layer's Q/K/V (stored on the CPU).
+
+    A ``model`` passed in is switched to the capture and back to ``"sdpa"`` afterwards.
+    """
     info = model_info(model_dir)
     rec = _Recorder(info.num_layers)
     _register(CAPTURE_ATTN, rec.attention)
@@ -180,12 +186,16 @@ def capture_hf(
         model = load_model(model_dir, device, dtype, CAPTURE_ATTN)
     else:
         _set_attention(model, CAPTURE_ATTN)
-    with torch.inference_mode():
-        for p, ids in enumerate(prompts):
-            x = torch.tensor([list(ids)], dtype=torch.long, device=device)
-            model(input_ids=x, use_cache=False)
-            if on_prompt is not None:
-                on_prompt(p)
+    try:
+        with torch.inference_mode():
+            for p, ids in enumerate(prompts):
+                x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+                model(input_ids=x, use_cache=False)
+                if on_prompt is not None:
+                    on_prompt(p)
+    finally:
+        rec.closed = True
+        _set_attention(model, "sdpa")
     missing = [i for i, s in enumerate(rec.layers) if len(s) != len(prompts)]
     if missing:
         raise RuntimeError(

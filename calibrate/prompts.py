@@ -23,11 +23,11 @@ __all__ = [
 PROMPT_EXTENSIONS = (".txt", ".jsonl")
 
 MIN_PROMPT_TOKENS = 2 * BLKQ
-"""Shortest calibration prompt, in tokens (256). With query blocks of 128 and key blocks of 64,
-the sink block and the diagonal blocks are always computed: a prompt of up to ``BLKQ + BLKK``
-(192) tokens has no block the thresholds could skip, and one just past that has a single skippable
-block. Two full query blocks is the shortest prompt that gives the search a (tiny) choice; real
-calibration wants prompts as long as the ones served (thousands of tokens)."""
+"""Shortest calibration prompt, in tokens (256). The sink block and the diagonal blocks are always
+computed, so a prompt of at most ``BLKQ`` (128) tokens -- one query block -- has no block the
+thresholds could skip. Two full query blocks is the shortest prompt where the second one has a real
+choice (at 256 tokens: 1 of its 4 key blocks). Real calibration wants prompts as long as the ones
+served (thousands of tokens); the sparse path is only used above the backend's ``min_sparse_len``."""
 
 
 class PromptError(ValueError):

@@ -210,7 +210,7 @@ def aggregate_errors(errors: torch.Tensor, quantile: float) -> torch.Tensor:
 
 def skippable_blocks(lq: int, lk: int) -> int:
     """Valid (q-block, k-block) pairs that are neither the sink nor diagonal: all sparsity can come
-    from. Zero for a full prefill of at most ``BLKQ + BLKK`` tokens."""
+    from. Zero for a full prefill of at most ``BLKQ`` tokens (one query block)."""
     valid, diag = block_masks(lq, lk, BLKQ, BLKK)
     free = valid & ~diag
     free[:, 0] = False
@@ -242,7 +242,7 @@ def check_samples(samples: Sequence[Sample]) -> tuple[int, int, int]:
         raise ValueError(
             f"every sample is too short to calibrate: with query blocks of {BLKQ} and key blocks of "
             f"{BLKK} every block is forced (sink or diagonal); use prompts of at least "
-            f"{2 * BLKQ} tokens"
+            f"{2 * BLKQ} tokens (two query blocks)"
         )
     return geo
 

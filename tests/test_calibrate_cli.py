@@ -1,0 +1,275 @@
+"""``sparge-calibrate`` end to end on a tiny random Llama (CPU), its argument errors, prompt files,
+and the transformers capture driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from sparge_calibrate.cli import main, parse_layer_spec
+from sparge_calibrate.hf_driver import CAPTURE_ATTN, capture_hf, load_model, model_info
+from sparge_calibrate.prompts import MIN_PROMPT_TOKENS, PromptError, load_prompts, prompts_sha256
+
+from sparge_serve.reference import dense_causal_attention_ref
+from sparge_serve.thresholds import ModelGeometry, config_hash, load_thresholds
+
+LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 2, 4, 2, 64, 300
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a real but coarse search, so the CLI runs in seconds on the CPU reference
+FAST = ["--sim-grid", "-1", "0.5", "--cdf-steps", "3", "--pv-steps", "2", "--quiet"]
+
+
+def _words(n: int, start: int = 0) -> str:
+    return " ".join(f"w{(start + i) % (VOCAB - 4)}" for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random Llama (2 layers, 4 query / 2 KV heads, head dim 64) with a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HEADS * HEAD_DIM, intermediate_size=512,
+                         num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                         num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(path)
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, "[PAD]": 3}
+    vocab.update({f"w{i}": i + 4 for i in range(VOCAB - 4)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>",
+                            eos_token="</s>", pad_token="[PAD]").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prompts")
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(4, VOCAB, (n,), generator=g).tolist()
+    calib = d / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"prompt_token_ids": ids(n)}) + "\n" for n in (300, 260)))
+    heldout = d / "heldout.jsonl"
+    heldout.write_text(json.dumps({"prompt_token_ids": ids(150)}) + "\n")
+    text = d / "calib.txt"
+    text.write_text(f"{_words(280)}\n{_words(10, 7)}\n\n\n{_words(300, 3)}\n")
+    short = d / "short.jsonl"
+    short.write_text(json.dumps({"prompt_token_ids": ids(300)}) + "\n"
+                     + json.dumps({"prompt_token_ids": ids(100)}) + "\n")
+    return {"calib": calib, "heldout": heldout, "text": text, "short": short, "dir": d}
+
+
+def _run_ok(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return out.out
+
+
+def test_end_to_end_with_report_and_plot(tiny_model, files, tmp_path, capsys):
+    out_file, png = tmp_path / "tiny.safetensors", tmp_path / "sparsity.png"
+    stdout = _run_ok([tiny_model, "--prompts", files["calib"], "--out", out_file, "--plot", png,
+                      "--report", files["heldout"], "--layer-l1", "0:0.04", *FAST], capsys)
+
+    th = load_thresholds(out_file, expect=ModelGeometry(LAYERS, HEADS, KV_HEADS, HEAD_DIM))
+    assert th.simthreshd1.shape == (LAYERS, HEADS)
+    assert th.l1 == 0.06 and th.pv_l1 == 0.07 and th.sim_rule == "l1" and th.num_prompts == 2
+    from transformers import AutoConfig
+
+    assert th.config_hash == config_hash(AutoConfig.from_pretrained(tiny_model).to_dict())
+    assert th.model == str(tiny_model)
+    prompts = [json.loads(line)["prompt_token_ids"] for line in files["calib"].read_text().split("\n")
+               if line]
+    assert th.prompts_sha256 == prompts_sha256(prompts)
+    assert th.package_version and th.created
+    # structure, not sparsity: a random model attends near-uniformly, so heads may well be dense;
+    # whatever was chosen is consistent (load_thresholds validated dense heads are fully dense)
+    sparse = th.is_sparse.bool()
+    assert (th.cdfthreshd[sparse] < 1).all() or not sparse.any()
+
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "overall mean sparsity" in stdout and "dense heads" in stdout
+    assert "calibrated" in stdout and "untuned defaults" in stdout and "ppl" in stdout
+
+
+def test_text_prompts_through_the_tokenizer(tiny_model, files, tmp_path, capsys):
+    """.txt paragraphs through the model's tokenizer (BOS added as serving does), with --samples
+    and --max-len, under another error rule."""
+    out_file = tmp_path / "text.safetensors"
+    _run_ok([tiny_model, "--prompts", files["text"], "--out", out_file, "--samples", "1",
+             "--max-len", "256", "--sim-rule", "cosine", *FAST], capsys)
+    th = load_thresholds(out_file)
+    assert th.num_prompts == 1 and th.sim_rule == "cosine"
+    # the first paragraph (two lines), BOS first, truncated to --max-len
+    tok_ids = [1] + [int(w[1:]) + 4 for w in f"{_words(280)} {_words(10, 7)}".split()]
+    assert th.prompts_sha256 == prompts_sha256([tok_ids[:256]])
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    """``python -m calibrate`` from a checkout reaches the CLI (argument errors exit with 2)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "calibrate", str(tmp_path / "missing"), "--prompts", "x.jsonl",
+         "--out", "x.safetensors"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "sparge-calibrate: error: MODEL_DIR" in proc.stderr
+
+
+def test_hf_capture_is_what_attention_consumed(tiny_model):
+    """Captured post-RoPE q and GQA k/v reproduce the attention output the model used, and the
+    forward pass is unchanged by the capture."""
+    model_dir = str(tiny_model)
+    info = model_info(model_dir)
+    ids = torch.randint(4, VOCAB, (200,), generator=torch.Generator().manual_seed(0))
+    model = load_model(model_dir, "cpu", torch.float32, "sdpa")
+    with torch.inference_mode():
+        dense_logits = model(input_ids=ids[None], use_cache=False).logits
+
+    o_proj_inputs, logits = [], []
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
+        lambda _m, args: o_proj_inputs.append(args[0][0].clone())) for layer in model.model.layers]
+    hooks.append(model.register_forward_hook(lambda _m, _a, out: logits.append(out.logits)))
+    cap = capture_hf(model_dir, [ids.tolist()], model=model)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(logits[0], dense_logits)  # the capture does not change the forward
+    assert model.config._attn_implementation == "sdpa"  # and is switched off afterwards
+    with torch.inference_mode():
+        model.set_attn_implementation(CAPTURE_ATTN)  # a stale registration records nothing
+        model(input_ids=ids[None], use_cache=False)
+
+    assert len(cap.layers) == info.num_layers and cap.num_tokens == [200]
+    for layer, (samples, scale) in enumerate(zip(cap.layers, cap.scales, strict=True)):
+        (s,) = samples
+        assert s.q.shape == (200, info.num_heads, info.head_dim)
+        assert s.k.shape == s.v.shape == (200, info.num_kv_heads, info.head_dim)  # no repeat-KV
+        assert scale == pytest.approx(info.head_dim ** -0.5)
+        out = dense_causal_attention_ref(s.q, s.k, s.v, scale)
+        torch.testing.assert_close(out.flatten(1), o_proj_inputs[layer], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# argument errors: each one exits with code 2 and a message saying what is wrong
+# ------------------------------------------------------------------------------------------------
+
+def _bad_files(d):
+    (d / "prompts.csv").write_text("a,b\n")
+    (d / "empty.jsonl").write_text("\n")
+    (d / "broken.jsonl").write_text("{not json\n")
+    (d / "nofield.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
+    (d / "badids.jsonl").write_text(json.dumps({"prompt_token_ids": [1, "a"]}) + "\n")
+    (d / "oov.jsonl").write_text(json.dumps({"prompt_token_ids": [5] * 299 + [VOCAB]}) + "\n")
+    (d / "long.jsonl").write_text(json.dumps({"prompt_token_ids": [5] * 1100}) + "\n")
+    (d / "nomodel").mkdir(exist_ok=True)
+    (d / "calib.txt").write_text(f"{_words(300)}\n")
+    hd32 = d / "hd32"
+    hd32.mkdir(exist_ok=True)
+    (hd32 / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 32, "num_hidden_layers": 2, "vocab_size": 300,
+        "intermediate_size": 256}))
+    notok = d / "notok"
+    notok.mkdir(exist_ok=True)
+    (notok / "config.json").write_text((d / "hd32" / "config.json").read_text()
+                                       .replace('"head_dim": 32', '"head_dim": 64')
+                                       .replace('"hidden_size": 128', '"hidden_size": 256'))
+
+
+# (argv edits, message fragment); {m} model, {p} calib prompts, {d} the prompts dir
+ARG_ERRORS = [
+    (["{d}/missing-model"], "is not a directory"),
+    (["{d}/nomodel"], "has no config.json"),
+    (["--prompts", "{d}/nope.jsonl"], "does not exist"),
+    (["--prompts", "{d}/prompts.csv"], "must end with .txt or .jsonl"),
+    (["--prompts", "{d}/empty.jsonl"], "holds no prompts"),
+    (["--prompts", "{d}/broken.jsonl"], "not valid JSON"),
+    (["--prompts", "{d}/nofield.jsonl"], "needs a `text` or a `prompt_token_ids` field"),
+    (["--prompts", "{d}/badids.jsonl"], "must be a list of integers"),
+    (["--prompts", "{d}/oov.jsonl"], "outside the model's vocabulary"),
+    (["--prompts", "{d}/short.jsonl"], "prompt 1 has 100 tokens; need at least 256"),
+    (["--prompts", "{d}/long.jsonl"], "max_position_embeddings 1024; pass --max-len"),
+    (["--out", "{d}/th.pt"], "must end with .safetensors"),
+    (["--out", "{d}/no/such/dir/th.safetensors"], "does not exist"),
+    (["--l1", "0"], "must be a positive number"),
+    (["--l1", "-0.1"], "must be a positive number"),
+    (["--pv-l1", "abc"], "is not a number"),
+    (["--l1", "0.07", "--pv-l1", "0.07"], "must exceed --l1"),
+    (["--sim-rule", "kl"], "invalid choice"),
+    (["--layer-l1", "0-1"], "is not LAYERS:BUDGET"),
+    (["--layer-l1", "1-0:0.04"], "is empty"),
+    (["--layer-l1", "0:x"], "is not a number"),
+    (["--layer-l1", "0:-1"], "budget must be a positive number"),
+    (["--layer-l1", "0:0"], "budget must be a positive number"),
+    (["--layer-l1", "0-5:0.04"], "layer 5 is out of range (the model has 2 layers, 0-1)"),
+    (["--layer-l1", "0-1:0.04", "1:0.05"], "layer 1 is given more than one budget"),
+    (["--layer-pv-l1", "0:0.05"], "PV budget 0.05 must exceed its l1 budget 0.06"),
+    (["--max-len", "100"], "below the minimum calibration prompt length of 256"),
+    (["--max-len", "0"], "must be at least 1"),
+    (["--samples", "0"], "must be at least 1"),
+    (["--report", "{d}/nope.txt"], "--report: {d}/nope.txt does not exist"),
+    (["--report", "{d}/prompts.csv"], "--report"),
+    (["--plot", "{d}/heat.jpg"], "must end with .png"),
+    (["--quantile", "1.5"], "must be in (0, 1]"),
+    (["--sparsity-floor", "1"], "must be in [0, 1)"),
+    (["--sim-grid", "2"], "must be in [-1, 1]"),
+    (["--pv-steps", "-1"], "must be >= 0"),
+    (["--driver", "vllm", "--device", "cpu"], "--driver vllm needs --device cuda"),
+    (["--device", "cpu", "--dtype", "bfloat16"], "use --dtype float32"),
+    (["{d}/hd32"], "head dim 32 is not served"),
+    (["{d}/notok", "--prompts", "{d}/calib.txt"], "no tokenizer loads from"),
+]
+if not torch.cuda.is_available():
+    ARG_ERRORS.append((["--device", "cuda"], "no CUDA GPU is available"))
+
+
+@pytest.mark.parametrize("edits,message", ARG_ERRORS, ids=[m for _, m in ARG_ERRORS])
+def test_argument_errors(edits, message, tiny_model, files, tmp_path, capsys):
+    d = files["dir"]
+    _bad_files(d)
+    fmt = lambda s: s.format(m=tiny_model, p=files["calib"], d=d)
+    out = tmp_path / "t.safetensors"
+    # defaults; an edit not starting with "-" replaces MODEL_DIR, --prompts/--out replace theirs
+    model, opts, extra = str(tiny_model), {"--prompts": str(files["calib"]), "--out": str(out)}, []
+    it = iter(fmt(e) for e in edits)
+    for e in it:
+        if not e.startswith("-") and not extra and model == str(tiny_model):
+            model = e
+        elif e in opts:
+            opts[e] = next(it)
+        else:
+            extra.append(e)
+    argv = [model, *(x for kv in opts.items() for x in kv), *extra]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert fmt(message) in err, err
+    assert not out.exists()
+
+
+def test_layer_spec_parser():
+    assert parse_layer_spec("0-5:0.04") == (0, 5, 0.04)
+    assert parse_layer_spec(" 7 : 1e-2 ") == (7, 7, 0.01)
+    for bad in ("", "a:0.1", "1-:0.1", "0-5:0.04:1"):
+        with pytest.raises(ValueError):
+            parse_layer_spec(bad)
+
+
+def test_prompt_file_formats(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("\n\nfirst paragraph\nsecond line\n  \nsecond\n\n\n")
+    got = load_prompts(str(txt), lambda s: [len(w) for w in s.split()])
+    assert got == [[5, 9, 6, 4], [6]]
+    with pytest.raises(PromptError, match="no usable tokenizer"):
+        load_prompts(str(txt), None)
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"prompt_token_ids": [1, 2, 3]}\n\n{"text": "a b"}\n')
+    assert load_prompts(str(jl), lambda s: [9] * len(s.split())) == [[1, 2, 3], [9, 9]]
+    assert MIN_PROMPT_TOKENS == 256
