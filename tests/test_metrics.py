@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -289,3 +290,116 @@ def test_vllm_metrics_endpoint_serves_sparge_series(fresh_bridge, monkeypatch):
         REGISTRY.unregister(collector)
         if vllm_counter in REGISTRY._collector_to_names:
             REGISTRY.unregister(vllm_counter)
+
+
+# ---- GPU: a real `vllm serve` ------------------------------------------------------------------
+
+SERVE_MODEL = os.environ.get("SPARGE_TEST_MODEL")
+SERVE_PROMPT_LENS = [1024, 4096, 8192]  # the first stays below min_sparse_len: a dense fallback
+SERVE_MIN_SPARSE_LEN = 2048
+_VALID_BY_TP: dict[int, float] = {}
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 600) -> bytes:
+    import json
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.read()
+
+
+def _totals(text: str) -> dict[str, float]:
+    """Sample name (+ path label for prompt tokens) -> value summed over the other labels."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + (f"/{s.labels['path']}" if "path" in s.labels else "")
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vllm_serve_exports_sparge_metrics(tp, tmp_path):
+    """`vllm serve` with the SPARGE backend: after a few requests, /metrics (the API server's,
+    same port as vllm:*) carries sparge_* series consistent with the prompts sent."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.error
+
+    import torch
+
+    if not SERVE_MODEL:
+        pytest.skip("set SPARGE_TEST_MODEL to a local Llama-style model dir")
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs")
+    cfg = json.loads((Path(SERVE_MODEL) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    num_layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "VLLM_ATTENTION_BACKEND": "SPARGE",
+           "SPARGE_MIN_SPARSE_LEN": str(SERVE_MIN_SPARSE_LEN)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop(METRICS_DIR_ENV, None)
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", SERVE_MODEL,
+         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "sparge-test",
+         "--tensor-parallel-size", str(tp), "--no-enable-prefix-caching",
+         "--max-model-len", str(max(SERVE_PROMPT_LENS) + 64), "--gpu-memory-utilization", "0.6"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            try:
+                _http(f"{base}/health", timeout=5)
+                break
+            except (urllib.error.URLError, OSError):
+                assert time.monotonic() < deadline, "vllm serve did not become healthy"
+                time.sleep(2)
+        g = torch.Generator().manual_seed(0)
+        for n in SERVE_PROMPT_LENS:  # one at a time: deterministic chunking for the TP compare
+            ids = torch.randint(100, vocab - 100, (n,), generator=g).tolist()
+            _http(f"{base}/v1/completions", {"model": "sparge-test", "prompt": ids,
+                                             "max_tokens": 8, "temperature": 0})
+        prompt_tokens = sum(SERVE_PROMPT_LENS)
+        deadline = time.monotonic() + 60
+        while True:  # counters reach /metrics asynchronously (writer interval, GPU read-back)
+            text = _http(f"{base}/metrics").decode()
+            t = _totals(text)
+            tokens = t.get("sparge_prompt_tokens_total/sparse", 0) + t.get(
+                "sparge_prompt_tokens_total/dense", 0)
+            if tokens == prompt_tokens * num_layers and t.get(
+                    "sparge_attention_blocks_valid_total", 0) > 0:
+                break
+            assert time.monotonic() < deadline, f"sparge_* not consistent with the prompts: {t}"
+            time.sleep(0.5)
+        assert t["vllm:prompt_tokens_total"] == prompt_tokens  # same endpoint as vllm:*
+        assert 'sparge_attention_blocks_valid_total{layer="0",model_name="sparge-test"}' in text
+        assert t["sparge_prompt_tokens_total/sparse"] > 0
+        assert t["sparge_prompt_tokens_total/dense"] >= 1024 * num_layers
+        assert t["sparge_dense_fallbacks_total"] >= num_layers  # the short prompt, every layer
+        valid = t["sparge_attention_blocks_valid_total"]
+        assert 0 < t["sparge_attention_blocks_computed_total"] <= valid
+        assert t["sparge_pv_blocks_skipped_total"] <= t["sparge_attention_blocks_computed_total"]
+        assert t["sparge_sparse_attention_seconds_count"] > 0
+        _VALID_BY_TP[tp] = valid
+        if tp == 2 and 1 in _VALID_BY_TP:  # block geometry does not depend on the head split
+            assert valid == _VALID_BY_TP[1]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
