@@ -56,6 +56,8 @@ is set in a worker (vLLM with ``--api-server-count > 1``, or set by the user), t
 instead and vLLM's own ``MultiProcessCollector`` serves them. prometheus_client's global storage
 mode is never changed. With TP > 1, token and fallback counts come from TP rank 0 only (every rank
 sees the same tokens); block counts and timings from every rank (each rank owns its heads).
+Not covered: workers that ``multiprocessing`` did not start (Ray executor, other nodes): they
+write into their own directory, which no API server reads.
 """
 
 from __future__ import annotations
@@ -378,7 +380,9 @@ class SpargeStats:
             if self._is_cuda and self._torch.cuda.is_current_stream_capturing():
                 return got
             self._dirty = False
-            # Same stream as the kernels: ordered after every add enqueued so far.
+            # Same stream as the kernels: ordered after every add enqueued so far. (Adds on
+            # another stream may race with the copy; the counters only grow, so such a read is
+            # merely stale.)
             self._host_copy.copy_(self.blocks, non_blocking=True)
             self._copy_event.record()
             self._copy_in_flight = True
