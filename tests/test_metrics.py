@@ -245,9 +245,14 @@ def test_vllm_metrics_endpoint_serves_sparge_series(fresh_bridge, monkeypatch):
     from prometheus_client import REGISTRY
     from starlette.testclient import TestClient
     from vllm.entrypoints.serve.instrumentator.metrics import attach_router
+    from vllm.plugins import DEFAULT_PLUGINS_GROUP, load_plugins_by_group
     from vllm.v1.metrics.prometheus import unregister_vllm_metrics
 
-    path = install_metrics_bridge()  # global REGISTRY, as plugin.register() does
+    # What vLLM does in the API server while parsing `vllm serve` arguments: run our entry point.
+    load_plugins_by_group(DEFAULT_PLUGINS_GROUP)["sparge"]()
+    assert metrics._BRIDGE is not None, "plugin.register() did not install the metrics bridge"
+    path = metrics._BRIDGE.path
+    assert os.environ[METRICS_DIR_ENV] == path
     collector = metrics._BRIDGE.collector
     vllm_counter = Counter("vllm:sparge_test_requests", "test", registry=REGISTRY)
     try:
