@@ -8,12 +8,13 @@ is the CPU fallback (slow: it loops over heads and blocks in Python; fine for sm
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from sparge_serve.kernels.geometry import PrefillBatch
+from sparge_serve.kernels.geometry import PrefillBatch, num_blocks
 from sparge_serve.reference import (
     block_sparse_attention_ref,
     dense_causal_attention_ref,
@@ -25,6 +26,9 @@ from .search import Evaluation, Sample, output_errors
 __all__ = ["KernelEvaluator", "ReferenceEvaluator", "dense_attention", "make_evaluator"]
 
 logger = logging.getLogger(__name__)
+
+PAGE_SIZE = 16
+"""Page size of the kernel evaluator's KV cache (vLLM's default block size)."""
 
 
 def _stack(rows: list[tuple[torch.Tensor, ...]]) -> Evaluation:
@@ -125,7 +129,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 @dataclass(frozen=True)
 class _KernelLayer:
     q: torch.Tensor  # [sum Lq, Hq, D] model dtype, CUDA
-    key_cache: torch.Tensor  # [S, page, Hkv, D]: one page per sample (page = longest context)
+    key_cache: torch.Tensor  # [S * pages, PAGE_SIZE, Hkv, D]: sample s owns pages s*pages...
     value_cache: torch.Tensor
     batch: PrefillBatch
     refs: list[torch.Tensor]  # dense fp32 outputs per sample, CUDA
@@ -136,22 +140,28 @@ class _KernelLayer:
 class KernelEvaluator:
     """``sparge_serve.kernels.sparge_paged_prefill`` on CUDA: the kernels that serve.
 
-    All samples of a layer form one varlen batch over a trivial paged cache (one page per sample,
-    ``page_size`` = the longest context, block table ``[[0], [1], ...]``), so one step is one kernel
-    launch pair. PV skips are only counted per layer by the kernels, so ``pv_skipped`` is None.
+    All samples of a layer form one varlen batch over a paged cache of vLLM's usual page size
+    (contiguous pages per sample; a fixed page size compiles the kernels once, whatever the
+    lengths), so one step is one kernel launch pair. PV skips are only counted per layer by the
+    kernels, so ``pv_skipped`` is None.
     """
 
     name = "kernels"
 
     def __init__(self, device: str | torch.device = "cuda", dtype: torch.dtype | None = None):
-        if not torch.cuda.is_available():
+        self.device = torch.device(device)
+        # NOTE: CPU tensors only run under Triton's interpreter (TRITON_INTERPRET=1: tests)
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("the kernel evaluator needs a CUDA GPU; use ReferenceEvaluator")
+        if self.device.type == "cpu" and not interpret:
+            raise RuntimeError("the kernel evaluator runs on CUDA (or on the CPU under "
+                               "TRITON_INTERPRET=1, for tests); use ReferenceEvaluator")
         from sparge_serve import kernels  # triton; imported only here
 
         if not hasattr(kernels, "sparge_paged_prefill"):
             raise ImportError("sparge_serve.kernels has no sparge_paged_prefill")
         self._kernels = kernels
-        self.device = torch.device(device)
         self.dtype = dtype
 
     def _dtype(self, t: torch.Tensor) -> torch.dtype:
@@ -165,8 +175,8 @@ class KernelEvaluator:
         lens_q = [s.q.shape[0] for s in samples]
         lens_k = [s.k.shape[0] for s in samples]
         _, hkv, d = samples[0].k.shape
-        page = max(lens_k)
-        kc = torch.zeros(len(samples), page, hkv, d, dtype=dtype, device=dev)
+        pages = num_blocks(max(lens_k), PAGE_SIZE)
+        kc = torch.zeros(len(samples), pages * PAGE_SIZE, hkv, d, dtype=dtype, device=dev)
         vc = torch.zeros_like(kc)
         for i, s in enumerate(samples):
             kc[i, : lens_k[i]] = s.k.to(dev, dtype)
@@ -179,19 +189,20 @@ class KernelEvaluator:
         batch = PrefillBatch(
             query_start_loc=torch.tensor(starts, **i32),
             seq_lens=torch.tensor(lens_k, **i32),
-            block_table=torch.arange(len(samples), **i32)[:, None].contiguous(),
+            block_table=torch.arange(len(samples) * pages, **i32).view(len(samples), pages),
             max_query_len=max(lens_q),
-            max_seq_len=page,
+            max_seq_len=max(lens_k),
         )
         bounds = list(zip(starts[:-1], starts[1:], strict=True))
-        return q, kc, vc, batch, bounds
+        shape = (len(samples) * pages, PAGE_SIZE, hkv, d)
+        return q, kc.view(shape), vc.view(shape), batch, bounds, kc, vc
 
     def prepare(self, samples: Sequence[Sample], scale: float) -> _KernelLayer:
-        q, kc, vc, batch, bounds = self._paged(samples)
+        q, kc, vc, batch, bounds, k_rows, v_rows = self._paged(samples)
         # NOTE: the reference is fp32 dense attention on the *rounded* (model-dtype) inputs the
         # kernels see, so the measured error is the kernels' total error, rounding included.
         refs = [
-            dense_attention(q[a:b], kc[i, : s.k.shape[0]], vc[i, : s.k.shape[0]], scale)
+            dense_attention(q[a:b], k_rows[i, : s.k.shape[0]], v_rows[i, : s.k.shape[0]], scale)
             for i, (s, (a, b)) in enumerate(zip(samples, bounds, strict=True))
         ]
         return _KernelLayer(q, kc, vc, batch, refs, bounds, float(scale))
@@ -216,7 +227,7 @@ class KernelEvaluator:
         return _stack(rows)
 
     def sparse_attention(self, sample: Sample, scale, simthreshd1, cdfthreshd, pvthreshd):
-        q, kc, vc, batch, bounds = self._paged([sample])
+        q, kc, vc, batch, bounds, _, _ = self._paged([sample])
         layer = _KernelLayer(q, kc, vc, batch, [], bounds, float(scale))
         out, kept, valid = self._launch(layer, simthreshd1, cdfthreshd, pvthreshd)
         return out.to(sample.q.dtype).to(sample.q.device), kept[0].cpu(), valid[0].cpu()

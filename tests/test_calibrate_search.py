@@ -252,3 +252,40 @@ def test_search_config_errors(kwargs, match):
 def test_budget_errors(l1, pv, match):
     with pytest.raises(ValueError, match=match):
         LayerBudget(l1, pv)
+
+
+def _bf16(samples):
+    return [Sample(*(t.to(torch.bfloat16) for t in (s.q, s.k, s.v))) for s in samples]
+
+
+def test_kernel_evaluator_matches_reference(device):
+    """The serving kernels as error oracle (Triton's interpreter without a GPU): same kept blocks
+    as the reference, errors equal up to the kernels' bf16 output rounding."""
+    from sparge_calibrate.evaluators import KernelEvaluator
+
+    samples = _bf16(make_layer([8.0, "uniform", 12.0, 5.0], lengths=(320, 256), seed=1,
+                               kv_heads=2))
+    kern, ref = KernelEvaluator(device), ReferenceEvaluator()
+    pk, pr = kern.prepare(samples, SCALE), ref.prepare(samples, SCALE)
+    th = [torch.tensor(x) for x in ([-1.0, -1.0, 0.5, 0.5], [0.9, 0.99, 0.999, 0.9],
+                                    [50.0, 2.0, 50.0, 3.0])]
+    a, b = kern.evaluate(pk, *th), ref.evaluate(pr, *th)
+    assert torch.equal(a.kept, b.kept) and torch.equal(a.valid, b.valid)
+    assert a.pv_skipped is None and b.pv_skipped is not None
+    for rule in RULES:
+        torch.testing.assert_close(a.error(rule), b.error(rule), rtol=0, atol=1e-2)
+    out, kept, valid = kern.sparse_attention(samples[1], SCALE, *th)
+    assert out.shape == samples[1].q.shape and out.dtype == torch.bfloat16
+    assert torch.equal(kept, b.kept[1]) and torch.equal(valid, b.valid[1])
+
+
+@pytest.mark.gpu
+def test_search_with_kernel_evaluator_on_gpu():
+    from sparge_calibrate.evaluators import KernelEvaluator
+
+    samples = _bf16(make_layer([6.0, 10.0, "uniform", 14.0]))
+    res = search_layer(samples, SCALE, KernelEvaluator("cuda"), BUDGET)
+    assert res.is_sparse[[0, 1]].all() and not res.is_sparse[2]
+    assert (res.sample_errors[:, res.is_sparse] <= BUDGET.pv_l1).all()
+    # the reference (fp32) agrees up to the kernels' bf16 rounding
+    assert (recheck(samples, res) <= BUDGET.pv_l1 + 0.01).all()
