@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -53,7 +54,7 @@ def lab(**kw: str) -> tuple:
 
 def feed(stats: SpargeStats) -> None:
     for layer, *vals in BLOCK_ADDS:
-        stats.kernel_stats(layer).add_(stats._torch.tensor(vals))
+        stats.kernel_stats(layer).add_(torch.tensor(vals))
     for layer, s, d in TOKENS:
         stats.count_prefill(layer, s, d)
     for reason, n in FALLBACKS:
@@ -112,10 +113,39 @@ def test_exposition_known_batch(tmp_path, monkeypatch):
     stats.close()
 
 
+def test_forward_pass_exports_kernel_counts(tmp_path, device):
+    """The real kernels (Triton's CPU interpreter without a GPU) add into kernel_stats(layer);
+    the exported series equal the reference's counts for that batch."""
+    from sparge_serve.kernels import sparge_paged_prefill
+    from sparge_serve.reference import paged_prefill_ref
+    from tests.kernel_inputs import head_vec, make_paged_case
+
+    case = make_paged_case([(130, 330), (70, 70)], 4, 2, 64, 16, device=device)
+    sim, cdf, pv, topk = head_vec(-1.0, 4, device), head_vec(0.9, 4, device), head_vec(
+        50.0, 4, device), 0.25
+    stats = SpargeStats(3, device, MODEL, sink_dir=str(tmp_path), start_writer=False)
+    out = torch.empty_like(case.q)
+    sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+                         sim, cdf, pv, out, topk=topk, stats=stats.kernel_stats(2))
+    stats.maybe_flush()
+    stats.maybe_flush()
+    stats.write()
+    _, _, ref = paged_prefill_ref(case.q, case.key_cache, case.value_cache, case.batch,
+                                  case.scale, sim.cpu(), cdf.cpu(), pv.cpu(), topk)
+    got = scrape(str(tmp_path))
+    valid, kept, skipped = ref.tolist()
+    assert 0 < kept < valid
+    assert got["sparge_attention_blocks_valid_total"][lab(layer="2")] == valid
+    assert got["sparge_attention_blocks_computed_total"][lab(layer="2")] == kept
+    assert got["sparge_pv_blocks_skipped_total"][lab(layer="2")] == skipped == 0
+    assert got["sparge_attention_blocks_valid_total"][lab(layer="0")] == 0
+    stats.close()
+
+
 def test_counters_accumulate_and_rank_nonzero_exports_no_tokens(tmp_path):
     stats = SpargeStats(2, "cpu", MODEL, tp_rank=1, sink_dir=str(tmp_path), start_writer=False)
     for expected in (8, 16):
-        stats.kernel_stats(1).add_(stats._torch.tensor([8, 4, 1]))
+        stats.kernel_stats(1).add_(torch.tensor([8, 4, 1]))
         stats.count_prefill(1, 64, 0)
         stats.count_fallback(FallbackReason.MODE_DENSE)
         stats.maybe_flush()
@@ -193,7 +223,7 @@ def _worker(rank: int, done, model: str) -> None:
     assert path == os.environ[METRICS_DIR_ENV]
     assert metrics.default_sink_dir() == path
     stats = metrics.get_sparge_stats(4, "cpu", model, tp_rank=rank, write_interval_s=0.05)
-    stats.kernel_stats(3).add_(stats._torch.tensor([100 + rank, 50, 7]))
+    stats.kernel_stats(3).add_(torch.tensor([100 + rank, 50, 7]))
     stats.count_prefill(3, 1000, 24)
     stats.count_fallback(FallbackReason.SHORT_PROMPT, 5)
     stats.maybe_flush()
@@ -258,7 +288,7 @@ def test_vllm_metrics_endpoint_serves_sparge_series(fresh_bridge, monkeypatch):
     try:
         stats = SpargeStats(2, "cpu", MODEL, start_writer=False)  # LLM-in-one-process case
         assert stats.sink_dir == path
-        stats.kernel_stats(1).add_(stats._torch.tensor([9, 3, 1]))
+        stats.kernel_stats(1).add_(torch.tensor([9, 3, 1]))
         stats.maybe_flush()
         stats.maybe_flush()
         stats.write()
@@ -336,8 +366,6 @@ def test_vllm_serve_exports_sparge_metrics(tp, tmp_path):
     import subprocess
     import sys
     import urllib.error
-
-    import torch
 
     if not SERVE_MODEL:
         pytest.skip("set SPARGE_TEST_MODEL to a local Llama-style model dir")

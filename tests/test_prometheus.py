@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -113,7 +114,7 @@ class FakeServer:
     def forward(self) -> None:
         """One prefill step of a 32K prompt: every metric moves."""
         self.step += 1
-        s, torch = self.stats, self.stats._torch
+        s = self.stats
         for layer in range(LAYERS):
             if layer == 0:  # a dense layer
                 s.count_prefill(layer, 0, 32768)
