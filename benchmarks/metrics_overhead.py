@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -141,6 +142,7 @@ def main() -> None:
     sync()
     stats.maybe_flush()
     stats.close()
+    shutil.rmtree(sink, ignore_errors=True)
 
     base_ms, met_ms = statistics.median(base), statistics.median(met)
     snap = stats.snapshot()
