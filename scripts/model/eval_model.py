@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from build_corpus import load_tokens, make_window, read_manifest
+from train_model import configure_sdpa
 
 log = logging.getLogger("eval_model")
 
@@ -372,9 +373,39 @@ def plot_attention(
 
 
 # ---------------------------------------------------------------------------- reporting
+def summary_lines(report: dict) -> list[str]:
+    """Model, data and training facts for the model card (from the run's JSON files)."""
+    m, d, t = report["model_summary"], report["data_summary"], report.get("training")
+    lines = [
+        f"- **Model**: {m['num_params']:,} parameters; model folder {m['dir_bytes'] / 1e6:.2f} MB "
+        f"(`model.safetensors` sha256 `{report['model_sha256'][:16]}…`).",
+    ]
+    if d.get("tokens"):
+        lines.append(
+            f"- **Data**: train {d['docs']['train']:,} files, {d['chars']['train'] / 1e6:.1f}M "
+            f"chars, {d['tokens']['train'] / 1e6:.1f}M tokens; held-out {d['docs']['heldout']:,} "
+            f"files, {d['chars']['heldout'] / 1e6:.2f}M chars, {d['tokens']['heldout'] / 1e6:.2f}M "
+            f"tokens; {d['chars_per_token']} chars/token; python {d['python']}; "
+            f"`files_sha256` `{d['files_sha256'][:16]}…`."
+        )
+    if t:
+        f, env, a = t["final"], t["environment"], t["args"]
+        loss = ", ".join(f"{v:.4f} @{k}" for k, v in f["final_heldout_loss"].items())
+        lines.append(
+            f"- **Training**: {env.get('gpu', env['device'])}, torch {env['torch']}, transformers "
+            f"{env['transformers']}; {f['steps']:,} steps, {f['tokens_seen'] / 1e6:.1f}M tokens "
+            f"({f['epochs']} epochs) in {f['train_seconds']:.0f} s (budget {a['minutes']} min, "
+            f"compile {f['compiled']}); context {a['warm_ctx']} for {a['warm_frac']:.0%} of the "
+            f"budget, then {a['ctx']}; {a['batch_tokens']:,} tokens/step; peak LR {a['lr']}; "
+            f"final held-out loss (training's windows) {loss}."
+        )
+    return lines
+
+
 def markdown(report: dict) -> str:
-    lines = ["| context | windows | held-out loss (nats/token) | perplexity | bits/char |",
-             "|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = summary_lines(report) + [""]
+    lines += ["| context | windows | held-out loss (nats/token) | perplexity | bits/char |",
+              "|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in report["perplexity"]:
         lines.append(f"| {r['ctx']} | {r['windows']} | {r['loss']:.4f} | {r['ppl']:.3f} "
                      f"| {r.get('bits_per_char', float('nan')):.4f} |")  # fmt: skip
@@ -417,10 +448,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     t0 = time.time()
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 attention maps stay fp32
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        cfg = model.config
+        configure_sdpa(device, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                       allow_math=True)  # fmt: skip
     manifest = read_manifest(args.data)
     eos_id = int(manifest["eos_id"])
     held = load_tokens(args.data, "heldout")
@@ -470,10 +507,28 @@ def evaluate(args: argparse.Namespace) -> dict:
             "local_window": LOCAL_WINDOW,
             "long_distance": LONG_DISTANCE,
         },  # fmt: skip
-        "data": {k: manifest.get(k) for k in ("tokens", "files_sha256", "roots")},
+        "model_summary": {
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "dir_bytes": sum(f.stat().st_size for f in args.model.iterdir() if f.is_file()),
+        },
+        "data_summary": {
+            k: manifest.get(k)
+            for k in (
+                "docs",
+                "chars",
+                "tokens",
+                "chars_per_token",
+                "files_sha256",
+                "python",
+                "roots",
+            )
+        },
         "perplexity": ppl,
         "attention": attention,
     }
+    if args.train_log and args.train_log.exists():
+        report["training"] = json.loads(args.train_log.read_text())
+        report["training"].pop("history", None)
     if args.plot and plot_maps is not None:
         plot_attention(plot_maps, plot_heads, {c: a["layers"] for c, a in attention.items()},
                        args.plot_ctx, args.plot, args.plot_heads)  # fmt: skip
@@ -495,6 +550,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out-json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="PNG of attention maps")
     ap.add_argument("--card", type=Path, default=None, help="write the markdown block here")
+    ap.add_argument("--train-log", type=Path, default=None, help="train_model's JSON log")
     ap.add_argument("--ctx", type=int, nargs="+", default=[2048, 8192, 16384])
     ap.add_argument("--span-windows", type=int, default=16,
                     help="held-out span = this many windows of the longest --ctx")  # fmt: skip
@@ -509,6 +565,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--blkk", type=int, default=BLKK)
     ap.add_argument("--l1-budget", type=float, default=0.06)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="model weights (auto: bf16 on CUDA, fp32 on CPU)")  # fmt: skip
     return ap.parse_args(argv)
 
 

@@ -58,6 +58,36 @@ def build_config(args: argparse.Namespace, vocab_size: int, eos_id: int):
     )
 
 
+def configure_sdpa(
+    device: torch.device, heads: int, kv_heads: int, head_dim: int, allow_math: bool
+) -> bool:
+    """Make sure long-context attention runs in a fused kernel; returns whether native GQA does.
+
+    transformers calls SDPA with ``enable_gqa=True``; if no fused kernel takes that here, it is
+    told to repeat the KV heads instead (the fused kernels then apply). Unless ``allow_math``,
+    the math backend is switched off: at 16K it would materialise [B, H, L, L] scores.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, heads, 256, head_dim, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(1, kv_heads, 256, head_dim, device=device, dtype=torch.bfloat16)
+    native = True
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            torch.nn.functional.scaled_dot_product_attention(
+                q, kv, kv, is_causal=True, enable_gqa=heads != kv_heads
+            )
+    except RuntimeError as e:
+        native = False
+        import transformers.integrations.sdpa_attention as hf_sdpa
+
+        hf_sdpa.use_gqa_in_sdpa = lambda *a, **k: False
+        log.warning("no fused SDPA kernel takes enable_gqa here (%s); repeating KV heads", e)
+    if not allow_math:
+        torch.backends.cuda.enable_math_sdp(False)
+    return native
+
+
 def count_params(model: torch.nn.Module) -> int:
     # Parameters are unique in .parameters(): the tied LM head is counted once.
     return sum(p.numel() for p in model.parameters())
@@ -154,6 +184,7 @@ def environment(device: torch.device) -> dict:
 
 
 def train(args: argparse.Namespace) -> dict:
+    """Train and save; ``--minutes`` counts from here (importing torch comes before)."""
     t_start = time.time()
     deadline = t_start + args.minutes * 60
     torch.manual_seed(args.seed)
@@ -162,9 +193,7 @@ def train(args: argparse.Namespace) -> dict:
     amp = device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-        if not args.allow_math_sdpa:
-            # At 16K the math fallback would materialise [B, H, L, L]: fail loudly instead.
-            torch.backends.cuda.enable_math_sdp(False)
+        configure_sdpa(device, args.heads, args.kv_heads, args.head_dim, args.allow_math_sdpa)
 
     manifest = read_manifest(args.data)
     eos_id = int(manifest["eos_id"])
@@ -335,8 +364,15 @@ def _train_step(model, opt, x_all: torch.Tensor, micro: int, device, amp: bool, 
 
 def _evaluate(model, eval_sets: dict, step: int, device, amp: bool) -> dict:
     rec = {"step": step, "loss": {}}
-    for ctx, windows in eval_sets.items():
-        rec["loss"][str(ctx)] = heldout_loss(model, windows, device, amp)
+    # Eager: evaluation shapes and eval mode would each cost a recompilation.
+    compiled = [layer._compiled_call_impl for layer in model.model.layers]
+    set_compiled(model, False)
+    try:
+        for ctx, windows in eval_sets.items():
+            rec["loss"][str(ctx)] = heldout_loss(model, windows, device, amp)
+    finally:
+        for layer, impl in zip(model.model.layers, compiled, strict=True):
+            layer._compiled_call_impl = impl
     log.info("step %d held-out loss: %s", step,
              ", ".join(f"{k}: {v:.4f}" for k, v in rec["loss"].items()))  # fmt: skip
     return rec
@@ -367,7 +403,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warm-frac", type=float, default=0.2, help="share of the budget at warm-ctx")
     ap.add_argument("--batch-tokens", type=int, default=131072, help="tokens per optimiser step")
     ap.add_argument("--micro-batch-tokens", type=int, default=131072)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--warmup-steps", type=int, default=60)
     ap.add_argument("--weight-decay", type=float, default=0.1)
