@@ -25,6 +25,7 @@ import triton
 from sparge_serve.kernels import (
     BLKK,
     BLKQ,
+    BlockMap,
     PrefillBatch,
     num_blocks,
     predict_block_map,
@@ -69,6 +70,16 @@ def make_inputs(length: int, page: int, structured: bool, seed: int = 0):
         max_seq_len=length,
     )
     return q.bfloat16(), kc, vc, batch, k.bfloat16(), v.bfloat16()
+
+
+def dense_block_map(length: int, block_n: int) -> BlockMap:
+    """Every valid key block of width ``block_n`` (batch 1, full prefill)."""
+    nqb, nkb = num_blocks(length, BLKQ), num_blocks(length, block_n)
+    last = torch.clamp((torch.arange(nqb) + 1) * BLKQ, max=length) - 1
+    n_valid = (last // block_n + 1).to(torch.int32)
+    lut = torch.arange(nkb, dtype=torch.int16).expand(1, HQ, nqb, nkb).contiguous()
+    count = n_valid.expand(1, HQ, nqb).contiguous()
+    return BlockMap(lut.cuda(), count.cuda(), count.cuda())
 
 
 def bench(fn) -> float:
@@ -140,6 +151,18 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                     pv_skip=False, launch=(w, st)))
                 for w in (4, 8) for st in (2, 3, 4)
             }
+            for tma in (False, True):
+                row["launch_sweep_ms"][f"w8s3_tma{int(tma)}"] = bench(
+                    lambda bm=bm, tma=tma: sparse_paged_attention(
+                        q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
+                        pv_skip=False, launch=(8, 3), use_tma=tma))
+            # key blocks of 128 (a dense map in those units): what a wider tile would buy
+            bm128 = dense_block_map(length, 128)
+            for w, st in ((8, 2), (8, 3)):
+                row["launch_sweep_ms"][f"bn128_w{w}s{st}"] = bench(
+                    lambda w=w, st=st, bm128=bm128: sparse_paged_attention(
+                        q, kc, vc, batch, bm128, scale, pv_off, out, check_finite=False,
+                        pv_skip=False, launch=(w, st), block_n=128))
         results.append(row)
         print(json.dumps(row), flush=True)
 

@@ -14,6 +14,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF, PrefillBatch, num_blocks
 from sparge_serve.kernels.predictor import (
@@ -51,12 +52,13 @@ def _online_softmax_update(acc, l_i, m_i, s, v, UPCAST: tl.constexpr):
 @triton.jit
 def _sparse_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
-    lut_ptr, count_ptr, pv_ptr, skipped_ptr,
+    lut_ptr, count_ptr, pv_ptr, skipped_ptr, k_desc, v_desc,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_page, stride_tok, stride_head, stride_bt,
     NKB, NQB, num_heads, qk_scale,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     h = tl.program_id(0)
     # NOTE: heaviest (last) query blocks first, for a shorter tail.
@@ -101,7 +103,7 @@ def _sparse_attn_kernel(
         for t in range(0, n_off):
             j = tl.load(lut_row + t).to(tl.int32)
             k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                               stride_head, offs_n, offs_d, PAGE, BLOCK_N)
+                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
             s = _dot(q, tl.trans(k), UPCAST) * qk_scale
             # stage-2 filter: skip when every real row's block max is pv_thr (log2) below its
             # running max; never the first block of the row.
@@ -110,23 +112,24 @@ def _sparse_attn_kernel(
                 n_skipped += 1
             else:
                 v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                                   stride_head, offs_n, offs_d, PAGE, BLOCK_N)
+                                   stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
                 acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, UPCAST)
     else:
         for t in range(0, n_off):
             j = tl.load(lut_row + t).to(tl.int32)
             k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                               stride_head, offs_n, offs_d, PAGE, BLOCK_N)
+                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
             v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                               stride_head, offs_n, offs_d, PAGE, BLOCK_N)
+                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
             s = _dot(q, tl.trans(k), UPCAST) * qk_scale
             acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, UPCAST)
     # diagonal band: always computed, causal mask
     for j in range(j_diag0, n_valid):
         k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                           stride_head, offs_n, offs_d, PAGE, BLOCK_N)
+                           stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
+        # NOTE: with TMA, rows past seq_len hold stale page contents: zero V (0 * NaN = NaN).
         v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                           stride_head, offs_n, offs_d, PAGE, BLOCK_N)
+                           stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, True)
         s = _dot(q, tl.trans(k), UPCAST) * qk_scale
         k_pos = j * BLOCK_N + offs_n
         s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
@@ -139,9 +142,27 @@ def _sparse_attn_kernel(
     tl.store(skipped_ptr + row_id, n_skipped)
 
 
+def _tma_ok(q: torch.Tensor, cache: torch.Tensor, block_n: int) -> bool:
+    """TMA block loads need whole key blocks inside one page and a dense page/token/head layout."""
+    num_pages, page, num_kv_heads, head_dim = cache.shape
+    dense = cache.stride(2) == head_dim and cache.stride(1) == num_kv_heads * head_dim
+    dense = dense and cache.stride(0) == page * cache.stride(1)
+    hopper = _INTERPRET or (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9)
+    return bool(hopper and dense and page % block_n == 0 and cache.data_ptr() % 16 == 0)
+
+
+def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
+    num_pages, page, num_kv_heads, head_dim = cache.shape
+    return TensorDescriptor(
+        cache, shape=[num_pages * page, num_kv_heads * head_dim],
+        strides=[num_kv_heads * head_dim, 1], block_shape=[block_n, head_dim],
+    )
+
+
 def _attn_launch_params(head_dim: int) -> tuple[int, int]:
     """(num_warps, num_stages) per head dim; pinned from benchmarks/, never autotuned at serve."""
-    return (8, 2) if head_dim == 128 else (4, 2)
+    # measured on H200 (benchmarks/results): 8 warps / 3 stages best for head dim 128
+    return (8, 3) if head_dim == 128 else (4, 3)
 
 
 def sparse_paged_attention(
@@ -157,6 +178,8 @@ def sparse_paged_attention(
     check_finite: bool = True,
     pv_skip: bool | None = None,
     launch: tuple[int, int] | None = None,
+    use_tma: bool | None = None,
+    block_n: int = BLKK,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -164,7 +187,8 @@ def sparse_paged_attention(
     ``[Hq]`` (>= 50 disables PV skip). ``stats`` (int64 ``[3]``), if given, gets
     ``[0, 0, pv_skipped_blocks]`` added on the device. ``pv_skip``: whether any head has PV skip
     on; ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds
-    file and passes it). ``launch`` overrides (num_warps, num_stages) for benchmarks.
+    file and passes it). ``launch`` overrides (num_warps, num_stages), ``use_tma`` the choice of
+    TMA loads and ``block_n`` the key-block width of ``block_map`` — for benchmarks only.
     """
     check_paged_inputs(q, key_cache, value_cache)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -181,14 +205,19 @@ def sparse_paged_attention(
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     num_warps, num_stages = launch or _attn_launch_params(head_dim)
+    k_desc = v_desc = None
+    if use_tma is None:
+        use_tma = _tma_ok(q, key_cache, block_n)
+    if use_tma:
+        k_desc, v_desc = (_kv_descriptor(c, block_n) for c in (key_cache, value_cache))
     _sparse_attn_kernel[(num_heads, nqb, nreq)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
-        block_map.lut, block_map.count, pvthreshd, skipped,
+        block_map.lut, block_map.count, pvthreshd, skipped, k_desc, v_desc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
         nkb, nqb, num_heads, float(scale) * _LOG2E,
-        GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
-        PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, num_warps=num_warps, num_stages=num_stages,
+        GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
+        PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
     )
     if stats is not None:
         # rows past a request's query never ran: their slots are garbage, mask them by count

@@ -53,13 +53,22 @@ def _load_kv_block(
     stride_page, stride_tok, stride_head,
     offs_n, offs_d,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    desc=None, USE_TMA: tl.constexpr = False, ZERO_TAIL: tl.constexpr = False,
 ):
     """Load key/value block ``j`` (``[BLOCK_N, D]``) of one request through its block table.
 
-    Rows at or past ``seq_len`` read as zeros.
+    Without TMA, rows at or past ``seq_len`` read as zeros. With TMA (``desc``: a 2-D descriptor
+    over ``[num_pages * PAGE, Hkv * D]``; needs ``PAGE % BLOCK_N == 0``) they hold whatever the
+    page holds, unless ``ZERO_TAIL`` (callers mask scores of such keys; values must be zeroed).
     """
     pos = j * BLOCK_N + offs_n
     in_ctx = pos < seq_len
+    if USE_TMA:
+        page = tl.load(bt_ptr + (j * BLOCK_N) // PAGE)
+        x = desc.load([page * PAGE + (j * BLOCK_N) % PAGE, kvh * offs_d.shape[0]])
+        if ZERO_TAIL:
+            x = tl.where(in_ctx[:, None], x, 0.0)
+        return x
     if PAGE % BLOCK_N == 0:
         # NOTE: the whole key block lies inside one page: one page-id load, contiguous rows.
         page = tl.load(bt_ptr + (j * BLOCK_N) // PAGE).to(tl.int64)
