@@ -441,22 +441,28 @@ def _dense_double(calls):
     return dense
 
 
-def _paged_inputs(cam, dtype, seed=0):
+def _paged_inputs(cam, dtype, seed=0, sink=False):
     g = torch.Generator().manual_seed(seed)
     num_pages = int(cam.block_table_tensor.max()) + 1
-    phys = torch.randn(num_pages, PAGE, HKV, 2 * D, generator=g).to(dtype)  # NHD physical layout
+    phys = torch.randn(num_pages, PAGE, HKV, 2 * D, generator=g)  # NHD physical layout
+    query = torch.randn(cam.num_actual_tokens, HQ, D, generator=g)
+    if sink:  # an attention sink (first keys aligned with every query): the PV skip triggers
+        vec = torch.randn(HKV, D, generator=g)
+        vec = vec / vec.norm(dim=-1, keepdim=True) * D**0.5 * 1.5
+        phys[cam.block_table_tensor[:, 0].long(), :4, :, :D] += vec
+        query += 0.8 * vec.repeat_interleave(HQ // HKV, 0)
+    phys, query = phys.to(dtype), query.to(dtype)
     kv_cache = phys.permute(0, 2, 1, 3)  # vLLM's logical (blocks, Hkv, page, 2*D) view
-    query = torch.randn(cam.num_actual_tokens, HQ, D, generator=g).to(dtype)
     return query, kv_cache, phys
 
 
-def _run_forward(vc, reqs, dense_layer_name="model.layers.2.self_attn.attn"):
+def _run_forward(vc, reqs, dense_layer_name="model.layers.2.self_attn.attn", sink=False):
     from sparge_serve.metrics import SpargeStats
 
     cam = _cam(reqs)
     b = _builder(vc)
     md = b.build(0, cam)
-    query, kv_cache, phys = _paged_inputs(cam, torch.float16)
+    query, kv_cache, phys = _paged_inputs(cam, torch.float16, sink=sink)
     stats = SpargeStats(L, "cpu", "tiny", sink_dir=None, start_writer=False)
     impl = _impl(vc)
     impl.bind(dense_layer_name, "cpu", stats)
@@ -468,17 +474,24 @@ def _run_forward(vc, reqs, dense_layer_name="model.layers.2.self_attn.attn"):
     return cam, md, query, phys, out, calls, stats, impl
 
 
-@pytest.mark.parametrize("reqs", [
-    [(1, 40), (150, 300), (20, 20), (130, 260)],  # sparse requests 1, 3: gathered
-    [(200, 400), (70, 270), (1, 33)],  # sparse requests 0, 1: contiguous, in place
-], ids=["gather", "contiguous"])
-def test_forward_matches_reference(sparge, reqs):
+@pytest.mark.parametrize("reqs,pv", [
+    ([(1, 40), (150, 300), (20, 20), (130, 260)], None),  # sparse requests 1, 3: gathered
+    ([(200, 400), (70, 270), (1, 33)], 4.0),  # sparse requests 0, 1: contiguous; PV skip on
+], ids=["gather", "contiguous-pv"])
+def test_forward_matches_reference(sparge, tmp_path, reqs, pv):
     from sparge_serve.kernels import PrefillBatch
     from sparge_serve.reference import paged_prefill_ref
 
-    vc = sparge(min_sparse_len=256)
-    cam, md, query, phys, out, calls, stats, impl = _run_forward(vc, reqs)
+    settings = {"min_sparse_len": 256}
+    if pv is not None:
+        path = tmp_path / "pv.safetensors"
+        save_thresholds(path, Thresholds.defaults(L, HQ, HKV, D, simthreshd1=-1.0,
+                                                  cdfthreshd=0.9, pvthreshd=pv))
+        settings["thresholds"] = str(path)
+    vc = sparge(**settings)
+    cam, md, query, phys, out, calls, stats, impl = _run_forward(vc, reqs, sink=pv is not None)
     assert not impl.dense_layer and md.sparse is not None
+    assert impl._pv_skip is (pv is not None)
     # Dense call: once, over the non-sparse requests only.
     assert len(calls) == 1 and calls[0] is md
     key_cache, value_cache = phys.split(D, dim=-1)
@@ -506,6 +519,8 @@ def test_forward_matches_reference(sparge, reqs):
     blocks = stats.blocks[2]
     assert blocks[0] > 0 and 0 < blocks[1] <= blocks[0]
     assert blocks.tolist() == ref_stats.tolist()
+    if pv is not None:
+        assert blocks[2] > 0, "the PV skip never triggered"
     assert stats.blocks[[0, 1, 3]].abs().sum() == 0
     sparse_tokens = int(sparse_rows.sum())
     prompt_tokens = sum(q for q, _ in reqs if q > 1)

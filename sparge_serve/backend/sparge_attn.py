@@ -68,6 +68,7 @@ from sparge_serve.config import SpargeConfig
 from sparge_serve.thresholds import (
     DEFAULT_BLKK,
     DEFAULT_BLKQ,
+    PV_OFF,
     ModelGeometry,
     Thresholds,
     config_hash,
@@ -645,6 +646,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self._simthreshd1: torch.Tensor | None = None  # [num_heads] fp32 device
         self._cdfthreshd: torch.Tensor | None = None  # [num_heads] fp32 device
         self._pvthreshd: torch.Tensor | None = None  # [num_heads] fp32 device
+        self._pv_skip = False  # host: any head of this layer with pvthreshd < 50
         self._stats = None  # sparge_serve.metrics.SpargeStats
 
     def bind(self, layer_name: str, device: torch.device, stats: Any = None,
@@ -692,6 +694,9 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self._simthreshd1 = local.simthreshd1[index].to(device)
         self._cdfthreshd = local.cdfthreshd[index].to(device)
         self._pvthreshd = local.pvthreshd[index].to(device)
+        # Host-side (CPU thresholds): whether any head of this layer uses the PV skip, so the
+        # kernel launch never reads pvthreshd back from the GPU.
+        self._pv_skip = bool((local.pvthreshd[index] < PV_OFF).any())
 
     # ---- KV cache ------------------------------------------------------------------------------
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
@@ -810,7 +815,8 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         if timing is not None:
             timing.predictor_done()
         sparse_paged_attention(q, key_cache, value_cache, sparse.batch, bm, self.scale,
-                               self._pvthreshd, out, block_stats, check_finite=False)
+                               self._pvthreshd, out, block_stats, check_finite=False,
+                               pv_skip=self._pv_skip)
         if timing is not None:
             timing.done()
         if sparse.token_index is not None:
