@@ -51,12 +51,12 @@ if [[ "${TINY:-0}" == 1 ]]; then
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 
-exec > >(tee -a "$OUT/run_all.log") 2>&1
 stamp() { echo "=== [$(date -u +%H:%M:%S) +${SECONDS}s] $*"; }
 has_stage() { [[ " $STAGES " == *" $1 "* ]]; }
 
-stamp "run_all: OUT=$OUT WORK=$WORK STAGES='$STAGES' TOTAL_MINUTES=$TOTAL_MINUTES"
-"$PY" - <<'EOF' || true
+run_stages() {
+  stamp "run_all: OUT=$OUT WORK=$WORK STAGES='$STAGES' TOTAL_MINUTES=$TOTAL_MINUTES"
+  "$PY" - <<'EOF' || true
 import os, platform, sys
 import torch, transformers, tokenizers
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
@@ -65,46 +65,52 @@ print(f"python {sys.version.split()[0]} torch {torch.__version__} transformers "
       f"cpus {os.cpu_count()} {platform.platform()}")
 EOF
 
-if has_stage data; then
-  stamp "data: collect (max ${MAX_CHARS} chars)"
-  rm -rf "$DATA" "$MODEL"
-  "$PY" "$HERE/build_corpus.py" collect --out "$DATA" --max-chars "$MAX_CHARS"
-  stamp "data: tokenizer (vocab $VOCAB)"
-  "$PY" "$HERE/train_tokenizer.py" --corpus "$DATA" --out "$MODEL" --vocab-size "$VOCAB"
-  stamp "data: encode"
-  "$PY" "$HERE/build_corpus.py" encode --data "$DATA" --tokenizer "$MODEL"
-fi
-
-if has_stage train; then
-  if [[ -n "${TRAIN_MINUTES:-}" ]]; then
-    minutes="$TRAIN_MINUTES"
-  else
-    minutes="$(awk -v t="$TOTAL_MINUTES" -v r="$EVAL_RESERVE_MINUTES" -v s="$SECONDS" \
-      'BEGIN { m = t - r - s / 60; if (m < 0.5) m = 0.5; printf "%.2f", m }')"
+  if has_stage data; then
+    stamp "data: collect (max ${MAX_CHARS} chars)"
+    rm -rf "$DATA" "$MODEL"
+    "$PY" "$HERE/build_corpus.py" collect --out "$DATA" --max-chars "$MAX_CHARS"
+    stamp "data: tokenizer (vocab $VOCAB)"
+    "$PY" "$HERE/train_tokenizer.py" --corpus "$DATA" --out "$MODEL" --vocab-size "$VOCAB"
+    stamp "data: encode"
+    "$PY" "$HERE/build_corpus.py" encode --data "$DATA" --tokenizer "$MODEL"
   fi
-  compile_flag=""
-  [[ "$COMPILE" == 1 ]] && compile_flag="--compile"
-  stamp "train: ${minutes} minutes $compile_flag"
-  # shellcheck disable=SC2086  # TRAIN_ARGS is a list of words
-  "$PY" "$HERE/train_model.py" --data "$DATA" --out "$MODEL" --log-json "$OUT/train_log.json" \
-    --minutes "$minutes" $compile_flag $TRAIN_ARGS
-fi
 
-if has_stage eval; then
-  stamp "eval"
-  # shellcheck disable=SC2086
-  "$PY" "$HERE/eval_model.py" --model "$MODEL" --data "$DATA" --out-json "$OUT/eval.json" \
-    --plot "$OUT/attention_8k.png" --card "$OUT/model_card.md" \
-    --train-log "$OUT/train_log.json" $EVAL_ARGS
-fi
+  if has_stage train; then
+    if [[ -n "${TRAIN_MINUTES:-}" ]]; then
+      minutes="$TRAIN_MINUTES"
+    else
+      minutes="$(awk -v t="$TOTAL_MINUTES" -v r="$EVAL_RESERVE_MINUTES" -v s="$SECONDS" \
+        'BEGIN { m = t - r - s / 60; if (m < 0.5) m = 0.5; printf "%.2f", m }')"
+    fi
+    compile_flag=""
+    [[ "$COMPILE" == 1 ]] && compile_flag="--compile"
+    stamp "train: ${minutes} minutes $compile_flag"
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a list of words
+    "$PY" "$HERE/train_model.py" --data "$DATA" --out "$MODEL" --log-json "$OUT/train_log.json" \
+      --minutes "$minutes" $compile_flag $TRAIN_ARGS
+  fi
 
-if has_stage pack; then
-  stamp "pack"
-  cp "$DATA/manifest.json" "$OUT/data_manifest.json"
-  rm -f "$OUT/$NAME.tar.part"*
-  tar -C "$WORK" -cf - "$NAME" | split -b 15M -d -a 2 - "$OUT/$NAME.tar.part"
-  ls -l "$MODEL" "$OUT"
-  du -sb "$MODEL"
-  (cd "$MODEL" && sha256sum model.safetensors)
-fi
-stamp "done"
+  if has_stage eval; then
+    stamp "eval"
+    # shellcheck disable=SC2086
+    "$PY" "$HERE/eval_model.py" --model "$MODEL" --data "$DATA" --out-json "$OUT/eval.json" \
+      --plot "$OUT/attention_8k.png" --card "$OUT/model_card.md" \
+      --train-log "$OUT/train_log.json" $EVAL_ARGS
+  fi
+
+  if has_stage pack; then
+    stamp "pack"
+    cp "$DATA/manifest.json" "$OUT/data_manifest.json"
+    rm -f "$OUT/$NAME.tar.part"*
+    chmod a+r "$MODEL"/*  # safetensors are written 0600
+    tar -C "$WORK" -cf - "$NAME" | split -b 15M -d -a 2 - "$OUT/$NAME.tar.part"
+    ls -l "$MODEL" "$OUT"
+    du -sb "$MODEL"
+    (cd "$MODEL" && sha256sum model.safetensors)
+  fi
+  stamp "done"
+}
+
+# A pipeline rather than `exec > >(tee ...)`: the script returns only once the log is complete.
+run_stages 2>&1 | tee -a "$OUT/run_all.log"
+exit "${PIPESTATUS[0]}"

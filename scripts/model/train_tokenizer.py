@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from build_corpus import EOS_TOKEN, iter_docs, read_manifest
+from build_corpus import EOS_TOKEN, read_manifest
 
 log = logging.getLogger("train_tokenizer")
 
@@ -28,9 +28,10 @@ def sample_docs(corpus_dir: Path, sample_chars: int) -> Iterator[str]:
     """An evenly strided sample of the training documents, about ``sample_chars`` in total."""
     total = read_manifest(corpus_dir)["chars"]["train"]
     keep_every = max(1, round(total / max(1, sample_chars)))
-    for i, doc in enumerate(iter_docs(corpus_dir, "train")):
-        if i % keep_every == 0:
-            yield doc
+    with open(corpus_dir / "docs_train.jsonl", encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if i % keep_every == 0:
+                yield json.loads(line)
 
 
 def build_tokenizer(texts: Iterator[str], vocab_size: int):
