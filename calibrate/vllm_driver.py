@@ -53,6 +53,12 @@ def capture_vllm(
             "the vLLM capture needs the engine in this process: unset "
             "VLLM_ENABLE_V1_MULTIPROCESSING (or set it to 0)"
         )
+    overrides = [v for v in ("SPARGE_MODE", "SPARGE_MIN_SPARSE_LEN") if os.environ.get(v)]
+    if overrides:
+        raise ValueError(
+            f"unset {' and '.join(overrides)}: the capture needs every prefill on the sparse path "
+            "(the driver sets min_sparse_len=1), and these environment variables override it"
+        )
     if int(llm_kwargs.get("tensor_parallel_size", 1)) != 1:
         raise ValueError("the vLLM capture supports tensor_parallel_size=1 only")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
