@@ -246,10 +246,26 @@ class QualityRow:
     sparsity: float  # fraction of valid (layer, head, q-block, k-block) pairs not computed
 
 
-def _logprobs(model, ids: Sequence[int], device: str) -> torch.Tensor:
+_ROWS = 1024  # positions per chunk when comparing logits (bounds fp32 [rows, vocab] temporaries)
+
+
+def _logits(model, ids: Sequence[int], device: str) -> torch.Tensor:
     x = torch.tensor([list(ids)], dtype=torch.long, device=device)
-    logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
-    return torch.log_softmax(logits, -1).cpu()  # [L-1, V]
+    return model(input_ids=x, use_cache=False).logits[0, :-1]  # [L-1, V], model dtype
+
+
+def _compare(dense: torch.Tensor, sparse: torch.Tensor, targets: torch.Tensor):
+    """Per predicted token: dense and sparse log-prob of the target, KL(dense || sparse)."""
+    lp_d, lp_s, kl = [], [], []
+    for a in range(0, dense.shape[0], _ROWS):
+        d = torch.log_softmax(dense[a : a + _ROWS].float(), -1)
+        s = torch.log_softmax(sparse[a : a + _ROWS].float(), -1)
+        t = targets[a : a + _ROWS, None]
+        lp_d.append(d.gather(1, t)[:, 0].cpu())
+        lp_s.append(s.gather(1, t)[:, 0].cpu())
+        # clamped at 0: rounding makes identical distributions slightly negative
+        kl.append((d.exp() * (d - s)).sum(-1).clamp_min(0).cpu())
+    return torch.cat(lp_d), torch.cat(lp_s), torch.cat(kl)
 
 
 def quality_report(
@@ -262,40 +278,47 @@ def quality_report(
     model=None,
 ) -> list[QualityRow]:
     """Compare dense attention with each named threshold setting ``(sim, cdf, pv)``, each tensor
-    ``[num_layers, num_heads]``, on ``prompts`` (each at least 2 tokens)."""
+    ``[num_layers, num_heads]``, on ``prompts`` (each at least 2 tokens).
+
+    One prompt at a time: its dense logits are kept (model dtype, ``[L, vocab]``) while every
+    setting runs, so memory is bounded by one prompt's logits, twice.
+    """
     if model is None:
         model = load_model(model_dir, device, dtype, "sdpa")
     else:
         _set_attention(model, "sdpa")
+    attns = {name: _SparseAttention(evaluator, *th) for name, th in settings.items()}
+    dense_lp: list[torch.Tensor] = []
+    per_setting: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in attns}
     with torch.inference_mode():
-        dense = [_logprobs(model, ids, device) for ids in prompts]
-        targets = [torch.tensor(list(ids)[1:]) for ids in prompts]
-        dense_tok = torch.cat([d.gather(1, t[:, None])[:, 0] for d, t in zip(dense, targets, strict=True)])
-        rows = []
-        for name, (sim, cdf, pv) in settings.items():
-            attn = _SparseAttention(evaluator, sim, cdf, pv)
-            _register(SPARSE_ATTN, attn.attention)
-            _set_attention(model, SPARSE_ATTN)
-            sparse = [_logprobs(model, ids, device) for ids in prompts]
+        for ids in prompts:
             _set_attention(model, "sdpa")
-            sparse_tok = torch.cat(
-                [s.gather(1, t[:, None])[:, 0] for s, t in zip(sparse, targets, strict=True)]
+            dense = _logits(model, ids, device)
+            targets = torch.tensor(list(ids)[1:], device=dense.device)
+            for name, attn in attns.items():
+                _register(SPARSE_ATTN, attn.attention)
+                _set_attention(model, SPARSE_ATTN)
+                lp_d, lp_s, kl = _compare(dense, _logits(model, ids, device), targets)
+                per_setting[name].append((lp_s, kl))
+            dense_lp.append(lp_d)
+            del dense
+    _set_attention(model, "sdpa")
+    lp_dense = torch.cat(dense_lp)
+    rows = []
+    for name, attn in attns.items():
+        lp_sparse = torch.cat([lp for lp, _ in per_setting[name]])
+        kl = torch.cat([k for _, k in per_setting[name]])
+        diff = (lp_sparse - lp_dense).abs()
+        rows.append(
+            QualityRow(
+                name=name,
+                tokens=int(diff.numel()),
+                perplexity=math.exp(-float(lp_sparse.mean())),
+                dense_perplexity=math.exp(-float(lp_dense.mean())),
+                mean_abs_logprob_diff=float(diff.mean()),
+                max_abs_logprob_diff=float(diff.max()),
+                mean_kl=float(kl.mean()),
+                sparsity=1.0 - attn.kept / max(attn.valid, 1),
             )
-            diff = (sparse_tok - dense_tok).abs()
-            # per token; clamped at 0 (rounding makes identical distributions slightly negative)
-            kl = torch.cat(
-                [(d.exp() * (d - s)).sum(-1).clamp_min(0) for d, s in zip(dense, sparse, strict=True)]
-            )
-            rows.append(
-                QualityRow(
-                    name=name,
-                    tokens=int(diff.numel()),
-                    perplexity=math.exp(-float(sparse_tok.mean())),
-                    dense_perplexity=math.exp(-float(dense_tok.mean())),
-                    mean_abs_logprob_diff=float(diff.mean()),
-                    max_abs_logprob_diff=float(diff.max()),
-                    mean_kl=float(kl.mean()),
-                    sparsity=1.0 - attn.kept / max(attn.valid, 1),
-                )
-            )
+        )
     return rows

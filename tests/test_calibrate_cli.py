@@ -155,6 +155,25 @@ def test_hf_capture_is_what_attention_consumed(tiny_model):
         torch.testing.assert_close(out.flatten(1), o_proj_inputs[layer], rtol=1e-4, atol=1e-5)
 
 
+def test_quality_report_measures_what_sparsity_costs(tiny_model):
+    """Dense-equivalent thresholds reproduce the dense model; aggressive ones skip blocks and
+    change the log-probabilities, and the report says both."""
+    from sparge_calibrate.evaluators import ReferenceEvaluator
+    from sparge_calibrate.hf_driver import quality_report
+
+    ids = torch.randint(4, VOCAB, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    full = lambda x: torch.full((LAYERS, HEADS), float(x))
+    settings = {"dense": (full(1), full(1), full(50)), "aggressive": (full(-1), full(0.05), full(50))}
+    dense, aggressive = quality_report(str(tiny_model), [ids, ids[:150]], settings,
+                                       ReferenceEvaluator())
+    assert dense.tokens == aggressive.tokens == 299 + 149
+    assert dense.sparsity == 0 and dense.max_abs_logprob_diff < 1e-4 and dense.mean_kl < 1e-6
+    assert dense.perplexity == pytest.approx(dense.dense_perplexity, rel=1e-5)
+    assert aggressive.sparsity > 0.2
+    assert aggressive.mean_abs_logprob_diff > 100 * max(dense.mean_abs_logprob_diff, 1e-7)
+    assert aggressive.mean_kl > 0 and aggressive.dense_perplexity == dense.dense_perplexity
+
+
 # ------------------------------------------------------------------------------------------------
 # argument errors: each one exits with code 2 and a message saying what is wrong
 # ------------------------------------------------------------------------------------------------
