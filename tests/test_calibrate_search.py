@@ -289,3 +289,14 @@ def test_search_with_kernel_evaluator_on_gpu():
     assert (res.sample_errors[:, res.is_sparse] <= BUDGET.pv_l1).all()
     # the reference (fp32) agrees up to the kernels' bf16 rounding
     assert (recheck(samples, res) <= BUDGET.pv_l1 + 0.01).all()
+
+
+@pytest.mark.parametrize("lq,lk", [(200, 200), (77, 300)])
+def test_dense_attention_matches_reference(lq, lk):
+    """The kernel evaluator's dense reference (fp32 SDPA, lower-right causal) = the oracle's."""
+    from sparge_calibrate.evaluators import dense_attention
+
+    g = torch.Generator().manual_seed(lq)
+    q, k, v = (torch.randn(n, h, D, generator=g) for n, h in ((lq, 4), (lk, 2), (lk, 2)))
+    torch.testing.assert_close(dense_attention(q, k, v, SCALE),
+                               dense_causal_attention_ref(q, k, v, SCALE), rtol=1e-5, atol=1e-5)
