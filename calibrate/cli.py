@@ -378,7 +378,7 @@ def _run(args, info, budgets, prompts, heldout, config) -> int:
         head_dim=info.head_dim,
         blkq=BLKQ,
         blkk=BLKK,
-        model=info.name,
+        model=os.path.normpath(args.model_dir),  # identity proper is config_hash
         config_hash=info.config_hash,
         l1=args.l1,
         pv_l1=args.pv_l1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -97,6 +98,8 @@ def test_end_to_end_with_report_and_plot(tiny_model, files, tmp_path, capsys):
 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "overall mean sparsity" in stdout and "dense heads" in stdout
+    # layer 0's own budget with the global PV margin (rich or plain table)
+    assert re.search(r"^\W*0\W+0\.04\W+0\.05\W", stdout, re.M), stdout
     assert "calibrated" in stdout and "untuned defaults" in stdout and "ppl" in stdout
 
 
@@ -292,3 +295,15 @@ def test_prompt_file_formats(tmp_path):
     jl.write_text('{"prompt_token_ids": [1, 2, 3]}\n\n{"text": "a b"}\n')
     assert load_prompts(str(jl), lambda s: [9] * len(s.split())) == [[1, 2, 3], [9, 9]]
     assert MIN_PROMPT_TOKENS == 256
+
+
+@pytest.mark.parametrize("with_rich", [True, False])
+def test_summary_table_with_and_without_rich(with_rich, monkeypatch, capsys):
+    from sparge_calibrate.summary import print_table
+
+    if not with_rich:
+        monkeypatch.setitem(sys.modules, "rich.console", None)  # import fails -> plain text
+    print_table("title", ["layer", "mean sparsity"], [["0", "41.0%"], ["1", "0.0%"]], "footer")
+    out = capsys.readouterr().out
+    assert "title" in out and "footer" in out and "41.0%" in out
+    assert ("┃" in out) == with_rich
