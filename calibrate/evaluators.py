@@ -27,8 +27,10 @@ __all__ = ["KernelEvaluator", "ReferenceEvaluator", "dense_attention", "make_eva
 
 logger = logging.getLogger(__name__)
 
-PAGE_SIZE = 16
-"""Page size of the kernel evaluator's KV cache (vLLM's default block size)."""
+PAGE_SIZE = 64
+"""Page size of the kernel evaluator's KV cache: one key block (``BLKK``) per page, a dense layout,
+so the attention kernel can load key blocks with TMA on Hopper. The computed attention is the same
+for every page size; only the load path differs."""
 
 
 def _stack(rows: list[tuple[torch.Tensor, ...]]) -> Evaluation:
@@ -138,9 +140,9 @@ class _KernelLayer:
 class KernelEvaluator:
     """``sparge_serve.kernels.sparge_paged_prefill`` on CUDA: the kernels that serve.
 
-    All samples of a layer form one varlen batch over a paged cache of vLLM's usual page size
-    (contiguous pages per sample; a fixed page size compiles the kernels once, whatever the
-    lengths), so one step is one kernel launch pair. PV skips are only counted per layer by the
+    All samples of a layer form one varlen batch over a paged cache (contiguous pages of
+    ``PAGE_SIZE`` per sample; a fixed page size compiles the kernels once, whatever the lengths),
+    so one step is one kernel launch pair. PV skips are only counted per layer by the
     kernels, so ``pv_skipped`` is None.
     """
 
