@@ -38,12 +38,14 @@ def make_paged_case(
     device: str = "cpu",
     structured: bool = True,
     seed: int = 0,
+    packed: bool = False,
 ) -> PagedCase:
     """``reqs`` = [(query_len, seq_len), ...]. Pages are shuffled so no request is contiguous.
 
     ``structured`` adds what real attention has and random data lacks: a strong sink (the first
     keys align with every query), locality (queries resemble nearby keys) and a few long-range
-    "copy" keys; it makes CDF selection and the PV skip actually trigger.
+    "copy" keys; it makes CDF selection and the PV skip actually trigger. ``packed`` lays K and V
+    out like vLLM 0.26 does: one ``[num_pages, page, Hkv, 2*D]`` buffer, K and V as views.
     """
     g = torch.Generator().manual_seed(seed)
     pages_per_req = [num_blocks(s, page_size) for _, s in reqs]
@@ -96,6 +98,9 @@ def make_paged_case(
         max_query_len=int(q_lens.max()),
         max_seq_len=max(s for _, s in reqs),
     )
+    if packed:
+        kv = torch.cat([key_cache, value_cache], dim=-1).to(dtype).to(device)
+        key_cache, value_cache = kv.split(head_dim, dim=-1)
     return PagedCase(
         q=torch.cat(qs).to(dtype).to(device),
         key_cache=key_cache.to(dtype).to(device),

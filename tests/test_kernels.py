@@ -104,18 +104,22 @@ def test_matches_reference_thresholds(name, device):
 
 
 LAYOUT_CASES = [
-    # (Hq, Hkv, head_dim, page, dtype)
-    (4, 4, 64, 16, torch.float16),
-    (8, 2, 128, 64, torch.bfloat16),
-    (8, 1, 64, 64, torch.float16),
-    (4, 1, 128, 16, torch.bfloat16),
-    (2, 2, 64, 32, torch.bfloat16),
+    # (Hq, Hkv, head_dim, page, dtype, packed): page 64/128 take the TMA path; packed = vLLM's
+    # [pages, page, Hkv, 2*D] cache with K and V views
+    (4, 4, 64, 16, torch.float16, False),
+    (8, 2, 128, 64, torch.bfloat16, True),
+    (8, 1, 64, 64, torch.float16, False),
+    (4, 1, 128, 16, torch.bfloat16, True),
+    (2, 2, 64, 32, torch.bfloat16, False),
+    (4, 2, 64, 128, torch.float16, True),
 ]
 
 
-@pytest.mark.parametrize("hq,hkv,dim,page,dtype", LAYOUT_CASES)
-def test_matches_reference_layouts(hq, hkv, dim, page, dtype, device):
-    case = make_paged_case(REQS_SMALL, hq, hkv, dim, page, dtype, device, seed=hq + dim + page)
+@pytest.mark.parametrize("hq,hkv,dim,page,dtype,packed", LAYOUT_CASES)
+def test_matches_reference_layouts(hq, hkv, dim, page, dtype, packed, device):
+    case = make_paged_case(
+        REQS_SMALL, hq, hkv, dim, page, dtype, device, seed=hq + dim + page, packed=packed
+    )
     out, ref, stats, ref_stats = _kernel_vs_reference(case, 0.0, 0.9, 8.0, None, device)
     assert (out - ref).abs().max().item() <= 3 * _lowp_error(case) + 1e-3 + 2.0**-8 * 4
 
@@ -237,9 +241,13 @@ GPU_REQS = [(4096, 4096), (1000, 9000), (3000, 3000), (77, 5000)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dim,page,dtype", [(128, 16, torch.bfloat16), (64, 64, torch.float16)])
-def test_gpu_realistic_sizes(dim, page, dtype):
-    case = make_paged_case(GPU_REQS, 8, 2, dim, page, dtype, "cuda", seed=11)
+@pytest.mark.parametrize(
+    "dim,page,dtype,packed",
+    [(128, 16, torch.bfloat16, False), (64, 64, torch.float16, False),
+     (128, 64, torch.bfloat16, True)],
+)
+def test_gpu_realistic_sizes(dim, page, dtype, packed):
+    case = make_paged_case(GPU_REQS, 8, 2, dim, page, dtype, "cuda", seed=11, packed=packed)
     hq = 8
     # dense configuration vs the fp32 reference
     out = torch.full_like(case.q, float("nan"))

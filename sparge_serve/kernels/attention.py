@@ -143,26 +143,36 @@ def _sparse_attn_kernel(
 
 
 def _tma_ok(q: torch.Tensor, cache: torch.Tensor, block_n: int) -> bool:
-    """TMA block loads need whole key blocks inside one page and a dense page/token/head layout."""
+    """TMA block loads need whole key blocks inside one page and pages of whole token rows.
+
+    Covers vLLM 0.26's packed cache, whose K and V views share each token row ``[Hkv, 2*D]``.
+    """
     num_pages, page, num_kv_heads, head_dim = cache.shape
-    dense = cache.stride(2) == head_dim and cache.stride(1) == num_kv_heads * head_dim
-    dense = dense and cache.stride(0) == page * cache.stride(1)
+    s_page, s_tok, s_head, s_dim = cache.stride()
+    elem = cache.element_size()
+    rows_dense = s_page == page * s_tok and s_tok >= (num_kv_heads - 1) * s_head + head_dim
+    aligned = (s_tok * elem) % 16 == 0 and (s_head * elem) % 16 == 0 and cache.data_ptr() % 16 == 0
     hopper = _INTERPRET or (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9)
-    return bool(hopper and dense and page % block_n == 0 and cache.data_ptr() % 16 == 0)
+    return bool(hopper and s_dim == 1 and rows_dense and aligned and page % block_n == 0)
 
 
 def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """2-D view ``[num_pages * page, used width of a token row]`` of a K or V cache view."""
     num_pages, page, num_kv_heads, head_dim = cache.shape
+    s_tok, s_head = cache.stride(1), cache.stride(2)
     return TensorDescriptor(
-        cache, shape=[num_pages * page, num_kv_heads * head_dim],
-        strides=[num_kv_heads * head_dim, 1], block_shape=[block_n, head_dim],
+        cache, shape=[num_pages * page, (num_kv_heads - 1) * s_head + head_dim],
+        strides=[s_tok, 1], block_shape=[block_n, head_dim],
     )
 
 
-def _attn_launch_params(head_dim: int) -> tuple[int, int]:
-    """(num_warps, num_stages) per head dim; pinned from benchmarks/, never autotuned at serve."""
-    # measured on H200 (benchmarks/results): 8 warps / 3 stages best for head dim 128
-    return (8, 3) if head_dim == 128 else (4, 3)
+def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
+    """(num_warps, num_stages); pinned from benchmarks/bench_kernels.py --sweep (H200, head dim
+    128: with TMA 4 warps / 2 stages, 0.75x the time of 8/3; without, 8/3 beats 4/2 by 4%).
+    Never autotuned at serve time."""
+    if use_tma:
+        return (4, 2)
+    return (8, 3) if head_dim == 128 else (4, 2)
 
 
 def sparse_paged_attention(
@@ -204,10 +214,10 @@ def sparse_paged_attention(
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
-    num_warps, num_stages = launch or _attn_launch_params(head_dim)
     k_desc = v_desc = None
     if use_tma is None:
-        use_tma = _tma_ok(q, key_cache, block_n)
+        use_tma = _tma_ok(q, key_cache, block_n) and _tma_ok(q, value_cache, block_n)
+    num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
     if use_tma:
         k_desc, v_desc = (_kv_descriptor(c, block_n) for c in (key_cache, value_cache))
     _sparse_attn_kernel[(num_heads, nqb, nreq)](

@@ -58,14 +58,15 @@ def _load_kv_block(
     """Load key/value block ``j`` (``[BLOCK_N, D]``) of one request through its block table.
 
     Without TMA, rows at or past ``seq_len`` read as zeros. With TMA (``desc``: a 2-D descriptor
-    over ``[num_pages * PAGE, Hkv * D]``; needs ``PAGE % BLOCK_N == 0``) they hold whatever the
-    page holds, unless ``ZERO_TAIL`` (callers mask scores of such keys; values must be zeroed).
+    over ``[num_pages * PAGE, token row]``, see ``attention._kv_descriptor``; needs
+    ``PAGE % BLOCK_N == 0``) they hold whatever the page holds, unless ``ZERO_TAIL`` (callers mask
+    scores of such keys; values must be zeroed).
     """
     pos = j * BLOCK_N + offs_n
     in_ctx = pos < seq_len
     if USE_TMA:
         page = tl.load(bt_ptr + (j * BLOCK_N) // PAGE)
-        x = desc.load([page * PAGE + (j * BLOCK_N) % PAGE, kvh * offs_d.shape[0]])
+        x = desc.load([page * PAGE + (j * BLOCK_N) % PAGE, kvh * stride_head])
         if ZERO_TAIL:
             x = tl.where(in_ctx[:, None], x, 0.0)
         return x

@@ -1,0 +1,218 @@
+"""Time to first token and decode throughput: SPARGE vs FLASH_ATTN in vLLM (GPU).
+
+    python benchmarks/bench_ttft.py --model models/sparge-tiny-code \
+        --lengths 8192 32768 65536 131072 --out benchmarks/results/ttft [--thresholds FILE]
+
+Each backend runs in its own process (one in-process engine each, same settings: prefix caching
+off, chunked prefill with ``--chunk`` tokens per step, CUDA graphs on). Prompts are real Python
+source (the installed vLLM package's files) tokenized with the model's tokenizer, so attention has
+the structure of real text. TTFT = wall time of ``generate(max_tokens=1)`` for one prompt, median
+of ``--repeats`` after a warm-up; block sparsity is read from the backend's GPU counters. Decode
+throughput = generated tokens / s for ``--decode-batch`` prompts of 512 tokens x 256 new tokens.
+Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def corpus_ids(model: str, n_tokens: int) -> list[int]:
+    """Token ids of concatenated vLLM source files (available offline wherever vLLM is)."""
+    import vllm
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    root = os.path.dirname(vllm.__file__)
+    ids: list[int] = []
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            ids += tok.encode(f.read(), add_special_tokens=False)
+        if len(ids) >= n_tokens:
+            break
+    if len(ids) < n_tokens:
+        raise SystemExit(f"corpus has only {len(ids)} tokens, {n_tokens} needed")
+    return ids[:n_tokens]
+
+
+def _block_counters():
+    """(valid, computed) blocks summed over layers, or None if the SPARGE backend is not active."""
+    import torch
+
+    from sparge_serve import metrics
+
+    st = metrics._STATS
+    if st is None:
+        return None
+    torch.cuda.synchronize()
+    b = st.blocks.sum(0).tolist()
+    return b[0], b[1]
+
+
+def worker(args) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    import torch
+    from vllm import LLM, SamplingParams
+
+    max_len = max(args.lengths)
+    ids = corpus_ids(args.model, 2 * max_len + 64)
+    kw = {}
+    if args.backend == "SPARGE":
+        sparge = {"min_sparse_len": args.min_sparse_len}
+        if args.thresholds:
+            sparge["thresholds"] = args.thresholds
+        kw["additional_config"] = {"sparge": sparge}
+    llm = LLM(
+        model=args.model, attention_backend=args.backend, max_model_len=max_len + 512,
+        enable_prefix_caching=False, max_num_batched_tokens=args.chunk,
+        gpu_memory_utilization=0.8, seed=0, **kw,
+    )
+    one = SamplingParams(max_tokens=1, temperature=0.0)
+    rows = []
+    for length in args.lengths:
+        prompt = {"prompt_token_ids": ids[max_len : max_len + length]}
+        llm.generate([{"prompt_token_ids": ids[:length]}], one, use_tqdm=False)  # warm-up
+        before = _block_counters()
+        times = []
+        for _ in range(args.repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            llm.generate([prompt], one, use_tqdm=False)
+            times.append(time.perf_counter() - t0)
+        after = _block_counters()
+        row = dict(backend=args.backend, length=length, ttft_s=statistics.median(times),
+                   ttft_all_s=times)
+        if before is not None and after is not None and after[0] > before[0]:
+            row["block_sparsity"] = 1.0 - (after[1] - before[1]) / (after[0] - before[0])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    # decode throughput
+    n, new = args.decode_batch, 256
+    prompts = [{"prompt_token_ids": ids[i * 512 : (i + 1) * 512]} for i in range(n)]
+    gen = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:4], gen, use_tqdm=False)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, gen, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    rows.append(dict(backend=args.backend, decode_tokens=tokens, decode_s=dt,
+                     decode_tok_per_s=tokens / dt))
+    print(json.dumps(rows[-1]), flush=True)
+    with open(args.worker_out, "w") as f:
+        json.dump(rows, f)
+
+
+def report(rows, meta, out) -> None:
+    base = {r["length"]: r["ttft_s"] for r in rows if r.get("backend") == "FLASH_ATTN"
+            and "length" in r}
+    dec = {r["backend"]: r["decode_tok_per_s"] for r in rows if "decode_tok_per_s" in r}
+    for r in rows:
+        if r.get("backend") == "SPARGE" and r.get("length") in base:
+            r["ttft_speedup_vs_flash_attn"] = base[r["length"]] / r["ttft_s"]
+    lines = [
+        f"# TTFT and decode: SPARGE vs FLASH_ATTN — {meta['device']}, {meta['date']}", "",
+        f"`{meta['command']}` — vllm {meta['vllm']}, torch {meta['torch']}, triton "
+        f"{meta['triton']}; model `{meta['model']}`; chunked prefill {meta['chunk']} tokens/step, "
+        f"prefix caching off; thresholds: {meta['thresholds'] or 'untuned defaults'}; "
+        f"min_sparse_len {meta['min_sparse_len']}. TTFT = median wall time of one "
+        "`generate(max_tokens=1)`.", "",
+        "| length | FLASH_ATTN TTFT s | SPARGE TTFT s | speed-up | SPARGE block sparsity |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("backend") == "SPARGE" and "length" in r:
+            lines.append(
+                f"| {r['length']} | {base.get(r['length'], float('nan')):.4f} | "
+                f"{r['ttft_s']:.4f} | {r.get('ttft_speedup_vs_flash_attn', float('nan')):.2f}x | "
+                f"{r.get('block_sparsity', float('nan')):.3f} |")
+    if dec:
+        ratio = dec.get("SPARGE", float("nan")) / dec.get("FLASH_ATTN", float("nan"))
+        lines += ["", f"Decode throughput ({meta['decode_batch']} prompts x 256 new tokens): "
+                      f"FLASH_ATTN {dec.get('FLASH_ATTN', float('nan')):.0f} tok/s, SPARGE "
+                      f"{dec.get('SPARGE', float('nan')):.0f} tok/s, ratio {ratio:.3f}."]
+        meta["decode_ratio"] = ratio
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(out + ".json", "w") as f:
+        json.dump(dict(meta=meta, results=rows), f, indent=1)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for backend in ("FLASH_ATTN", "SPARGE"):
+        rs = sorted((r for r in rows if r.get("backend") == backend and "length" in r),
+                    key=lambda r: r["length"])
+        ax.plot([r["length"] for r in rs], [r["ttft_s"] for r in rs], "o-", label=backend)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("TTFT (s)")
+    ax.set_title(f"TTFT, {meta['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="models/sparge-tiny-code")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    ap.add_argument("--thresholds", default=None)
+    ap.add_argument("--min-sparse-len", type=int, default=8192)
+    ap.add_argument("--chunk", type=int, default=16384)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-batch", type=int, default=32)
+    ap.add_argument("--out", default="benchmarks/results/ttft")
+    ap.add_argument("--backend", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.backend:
+        worker(args)
+        return
+    import torch
+    import triton
+    import vllm
+
+    rows = []
+    for backend in ("FLASH_ATTN", "SPARGE"):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+            path = tmp.name
+        cmd = [sys.executable, __file__, "--backend", backend, "--worker-out", path]
+        for k in ("model", "thresholds", "min_sparse_len", "chunk", "repeats", "decode_batch"):
+            v = getattr(args, k)
+            if v is not None:
+                cmd += [f"--{k.replace('_', '-')}", str(v)]
+        cmd += ["--lengths", *map(str, args.lengths)]
+        subprocess.run(cmd, check=True)
+        with open(path) as f:
+            rows += json.load(f)
+    meta = dict(
+        device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+        vllm=vllm.__version__, torch=torch.__version__, triton=triton.__version__,
+        model=args.model, chunk=args.chunk, thresholds=args.thresholds,
+        min_sparse_len=args.min_sparse_len, decode_batch=args.decode_batch,
+        command="python benchmarks/bench_ttft.py " + " ".join(sys.argv[1:]),
+    )
+    report(rows, meta, args.out)
+    with open(args.out + ".md") as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    main()
