@@ -16,6 +16,7 @@ other run's top-5 logprobs (a near tie); both counts are reported (``-rA`` shows
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -94,7 +95,11 @@ def _write_thresholds(path: Path, kind: str) -> str:
 
     layers, heads, kv_heads, head_dim, _ = _model_geometry(MODEL)
     if kind == "dense":
-        th = Thresholds.dense(layers, heads, kv_heads, head_dim, model=MODEL)
+        # Dense-equivalent values on heads marked *sparse*: a layer whose heads are all marked
+        # dense skips the sparse kernels (FlashAttention instead), which would test nothing here.
+        dense = Thresholds.dense(layers, heads, kv_heads, head_dim, model=MODEL)
+        th = dataclasses.replace(dense, is_sparse=torch.ones_like(dense.is_sparse),
+                                 sim_rule="test-dense-equivalent")
     else:  # per-head variation, so that a wrong tensor-parallel head slice changes the output
         g = torch.Generator().manual_seed(0)
         th = Thresholds(
