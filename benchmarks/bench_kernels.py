@@ -222,11 +222,12 @@ def write_reports(results, meta, out):
     axes[0].set_xlabel("block sparsity")
     axes[0].set_ylabel("speed-up vs FA3 (incl. predictor)")
     axes[0].legend()
-    for cfg in ("dense", "topk_s0.5", "topk_s0.9"):
-        rows = sorted((r for r in results if r["config"] == cfg and "speedup_vs_fa3" in r),
-                      key=lambda r: r["length"])
-        axes[1].plot([r["length"] for r in rows], [r["speedup_vs_fa3"] for r in rows], "o-",
-                     label=cfg)
+    for page in sorted({r["page"] for r in results}):
+        for cfg in ("dense", "topk_s0.5", "topk_s0.9"):
+            rows = sorted((r for r in results if r["config"] == cfg and r["page"] == page
+                           and "speedup_vs_fa3" in r), key=lambda r: r["length"])
+            axes[1].plot([r["length"] for r in rows], [r["speedup_vs_fa3"] for r in rows],
+                         "o-" if page % BLKK == 0 else "o--", label=f"{cfg}, page {page}")
     axes[1].set_xscale("log", base=2)
     axes[1].axhline(1.0, color="gray", ls="--")
     axes[1].set_xlabel("context length")
@@ -257,8 +258,9 @@ def main():
         torch=torch.__version__, triton=triton.__version__, vllm=vllm_version,
         python=platform.python_version(),
         command="python benchmarks/bench_kernels.py " + " ".join(
+            f"--{k}" if v is True else
             f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items()),
+            for k, v in vars(args).items() if v is not False),
     )
     results = []
     for page in args.pages:
