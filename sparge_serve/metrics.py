@@ -42,6 +42,24 @@ produced them: the last prefill before an idle period shows up with the next ste
 Token and fallback counts are host integers (the backend knows them from the batch on the host;
 adding them on the device would cost one kernel launch per layer).
 
+Start-up and dummy runs are not counted. vLLM runs the model on made-up batches before (and, with
+data parallelism, between) real steps: the memory-profiling run, compile warm-ups, the V2 runner's
+kernel warm-up (whole ``execute_model`` steps on fake prefill/decode requests), CUDA-graph capture,
+idle-rank dummy batches. Their metadata goes through the backend's builder like a real prefill's.
+The plugin (``sparge_serve.plugin``) wraps those vLLM entry points in ``metrics_suspended()``;
+while suspended (a per-process, nestable state), SpargeStats
+
+- adds token and fallback counts into throw-away host counters (the hot path writes through a
+  reference that is swapped at suspend/resume: no per-call cost);
+- takes no timing samples and starts no device -> host copy (a flag test per sampled call / step);
+- lets the kernels add into the real device block counters, but snapshots them on suspend
+  (``blocks.clone()``) and copies the snapshot back on resume: two tiny device ops on the model
+  thread's current stream, ordered after the suspended work, no host sync. Restoring (rather than
+  zeroing) keeps real counts from before a dummy run, and the counters keep their address (safe
+  should a sparse launch ever be captured in a CUDA graph).
+
+Nothing exported ever includes suspended work, so the exported counters never go down.
+
 Export path (how worker counters reach vLLM's own ``/metrics``): vLLM 0.26 serves the global
 ``prometheus_client.REGISTRY`` on the API server's port unless ``PROMETHEUS_MULTIPROC_DIR`` is set,
 in which case it serves a ``MultiProcessCollector`` over that directory. The GPU workers are other
@@ -65,6 +83,7 @@ from __future__ import annotations
 import atexit
 import bisect
 import collections
+import contextlib
 import enum
 import glob
 import logging
@@ -98,6 +117,9 @@ __all__ = [
     "TimingSample",
     "get_sparge_stats",
     "install_metrics_bridge",
+    "metrics_suspended",
+    "resume_metrics",
+    "suspend_metrics",
 ]
 
 # Set by the top-level process in install_metrics_bridge(); inherited by engine core and workers.
@@ -280,6 +302,12 @@ class SpargeStats:
 
         self._tokens = [[0, 0] for _ in range(num_layers)]  # [layer][sparse, dense]
         self._fallbacks = dict.fromkeys(FallbackReason, 0)
+        # Where count_prefill / count_fallback add: the exported counters above, or throw-away
+        # ones while suspended (start-up / dummy runs; see suspend()).
+        self._tokens_in = self._tokens
+        self._fallbacks_in = self._fallbacks
+        self._suspend_depth = 0
+        self._saved_blocks: torch.Tensor | None = None
         self._info: dict[str, str] | None = None
 
         self._hist_lock = threading.Lock()
@@ -322,13 +350,13 @@ class SpargeStats:
 
     def count_prefill(self, layer: int, sparse_tokens: int, dense_tokens: int) -> None:
         """Prompt tokens of this step whose attention in ``layer`` ran sparse / dense."""
-        row = self._tokens[layer]
+        row = self._tokens_in[layer]
         row[0] += sparse_tokens
         row[1] += dense_tokens
 
     def count_fallback(self, reason: FallbackReason, n: int = 1) -> None:
         """``n`` prefill attention calls (request chunk x layer) that ran dense for ``reason``."""
-        self._fallbacks[reason] += n  # KeyError for a reason outside FallbackReason
+        self._fallbacks_in[reason] += n  # KeyError for a reason outside FallbackReason
 
     def start_timing(self) -> TimingSample | None:
         """Call at the start of every sparse attention call; returns a sample one call in
@@ -337,6 +365,8 @@ class SpargeStats:
         if self._until_sample > 0:
             return None
         self._until_sample = self.sample_every
+        if self._suspend_depth:
+            return None  # a start-up / dummy run: not timed
         if not self._free:
             return None  # too many samples in flight: the GPU is far behind; skip
         if self._is_cuda and self._torch.cuda.is_current_stream_capturing():
@@ -350,8 +380,8 @@ class SpargeStats:
         """Once per step (e.g. from the metadata builder). Cheap: a few attribute tests when idle;
         reads completed copies / timing events, and starts a new counter copy if counters changed.
         Never blocks on the GPU."""
-        if not (self._copy_in_flight or self._dirty or self._pending):
-            return
+        if not (self._copy_in_flight or self._dirty or self._pending) or self._suspend_depth:
+            return  # NOTE: nothing is read or copied while suspended (see suspend())
         # NOTE: no event query or copy inside a CUDA-graph capture (both are illegal there).
         if self._is_cuda and self._torch.cuda.is_current_stream_capturing():
             return
@@ -377,8 +407,9 @@ class SpargeStats:
                 if now - self._last_copy < self.copy_interval_s:
                     return got
                 self._last_copy = now
-            if self._is_cuda and self._torch.cuda.is_current_stream_capturing():
-                return got
+            if self._suspend_depth or (
+                    self._is_cuda and self._torch.cuda.is_current_stream_capturing()):
+                return got  # a copy now could publish counts of suspended work
             self._dirty = False
             # Same stream as the kernels: ordered after every add enqueued so far. (Adds on
             # another stream may race with the copy; the counters only grow, so such a read is
@@ -403,6 +434,48 @@ class SpargeStats:
                     self._attn_hist.observe(attn)
                     if pred is not None:
                         self._pred_hist.observe(pred)
+
+    # ---- start-up / dummy runs ------------------------------------------------------------------
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspend_depth > 0
+
+    def suspend(self) -> None:
+        """Stop counting until the matching ``resume()`` (nestable): everything recorded meanwhile
+        (tokens, fallbacks, kernel block counts, timings) is dropped. Call on the model thread,
+        outside a CUDA-graph capture; enqueues one small device copy, never waits for the GPU.
+        Usually called through ``suspend_metrics()`` / ``metrics_suspended()``."""
+        self._suspend_depth += 1
+        if self._suspend_depth > 1:
+            return
+        self._tokens_in = [[0, 0] for _ in range(self.num_layers)]
+        self._fallbacks_in = dict.fromkeys(FallbackReason, 0)
+        # Stream-ordered after every kernel enqueued so far, before any enqueued while suspended.
+        self._saved_blocks = None if self._capturing() else self.blocks.clone()
+
+    def resume(self) -> None:
+        """End one ``suspend()``; the outermost one puts the device block counters back to their
+        values at ``suspend()`` (stream-ordered after the suspended kernels; no host sync) and
+        counting resumes. Without a pending ``suspend()``: nothing."""
+        if self._suspend_depth == 0:
+            return
+        self._suspend_depth -= 1
+        if self._suspend_depth:
+            return
+        saved, self._saved_blocks = self._saved_blocks, None
+        if saved is not None:
+            if self._capturing():
+                logger.warning("sparge metrics: resumed inside a CUDA-graph capture; block "
+                               "counts of the suspended work are kept")
+            else:
+                self.blocks.copy_(saved)
+        self._tokens_in = self._tokens
+        self._fallbacks_in = self._fallbacks
+        self._dirty = True  # the next maybe_flush() publishes the restored counters
+
+    def _capturing(self) -> bool:
+        return self._is_cuda and self._torch.cuda.is_current_stream_capturing()
 
     # ---- configuration ------------------------------------------------------------------------
 
@@ -565,7 +638,62 @@ def get_sparge_stats(
                     f"({num_layers}, {device}, {model_name!r}). One model per process.")
             return s
         _STATS = SpargeStats(num_layers, device, model_name, tp_rank=tp_rank, **kwargs)
+        if _suspend_depth_here():
+            _STATS.suspend()  # created inside a start-up run (e.g. vLLM's profiling KV cache)
         return _STATS
+
+
+# Per-process suspension (start-up / dummy runs). The plugin wraps vLLM's warm-up entry points in
+# metrics_suspended(); the state also applies to a SpargeStats created while it holds.
+_SUSPEND_DEPTH = 0
+_SUSPEND_PID = -1
+
+
+def _suspend_depth_here() -> int:
+    return _SUSPEND_DEPTH if os.getpid() == _SUSPEND_PID else 0
+
+
+def suspend_metrics() -> None:
+    """Drop every ``sparge_*`` count this process records until the matching
+    ``resume_metrics()`` (nestable, per process; see ``SpargeStats.suspend``). Call on the thread
+    that runs the model, outside CUDA-graph captures. Never waits for the GPU."""
+    global _SUSPEND_DEPTH, _SUSPEND_PID
+    with _STATS_LOCK:
+        pid = os.getpid()
+        depth = _suspend_depth_here()
+        _SUSPEND_DEPTH, _SUSPEND_PID = depth + 1, pid
+        s = _STATS
+        if depth == 0 and s is not None and s.pid == pid:
+            s.suspend()
+
+
+def resume_metrics() -> None:
+    """End one ``suspend_metrics()``; the outermost one resumes counting."""
+    global _SUSPEND_DEPTH
+    with _STATS_LOCK:
+        depth = _suspend_depth_here()
+        if depth == 0:
+            logger.debug("sparge metrics: resume_metrics() without suspend_metrics()")
+            return
+        _SUSPEND_DEPTH = depth - 1
+        s = _STATS
+        if depth == 1 and s is not None and s.pid == os.getpid():
+            s.resume()
+
+
+@contextlib.contextmanager
+def metrics_suspended() -> Iterator[None]:
+    """``with metrics_suspended(): ...`` = ``suspend_metrics()`` ... ``resume_metrics()``."""
+    suspend_metrics()
+    try:
+        yield
+    finally:
+        resume_metrics()
+
+
+def metrics_suspended_now() -> bool:
+    """Whether this process's counting is suspended."""
+    return _suspend_depth_here() > 0
 
 
 def default_sink_dir() -> str | None:

@@ -15,13 +15,24 @@ string; imports nothing heavy) and never touches CUDA. It
    ``attention_config.backend`` was given, selects that backend in ``EngineArgs.create_engine_config``;
 4. installs the metrics bridge (``sparge_serve.metrics.install_metrics_bridge``) so that worker
    counters reach vLLM's ``/metrics``;
-5. warns when the installed vLLM is not the version this package is built against.
+5. keeps vLLM's start-up and dummy runs out of the ``sparge_*`` metrics: the worker's and model
+   runners' warm-up entry points (``STARTUP_ENTRY_POINTS``: memory profiling, compile and kernel
+   warm-up, CUDA-graph capture, data-parallel dummy batches) run inside
+   ``sparge_serve.metrics.metrics_suspended()``. The modules are not imported here (they are heavy
+   and the API server never needs them): a module already imported is patched at once, the others
+   by a post-import hook when the worker imports them. Idempotent; a missing class or method is
+   logged at debug level and skipped;
+6. warns when the installed vLLM is not the version this package is built against.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import os
+import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
 BACKEND_NAME = "SPARGE"
@@ -30,7 +41,22 @@ LEGACY_ENV_VAR = "VLLM_ATTENTION_BACKEND"
 SUPPORTED_VLLM_VERSION = "0.26.0"
 
 _WRAPPED_MARK = "__sparge_legacy_env_wrapper__"
+_SUSPEND_MARK = "__sparge_metrics_suspended__"
 _version_checked = False
+
+# (module, class, methods) run inside metrics_suspended(): vLLM 0.26's GPU worker, its V2 model
+# runner (vllm/v1/worker/gpu) and its V1 model runner. Nested calls (capture_model -> _dummy_run)
+# only deepen the suspension. The worker methods cover what the runners' do not: the V2 kernel
+# warm-up (compile_or_warm_up_model -> warmup_kernels) runs whole execute_model steps on fake
+# requests. At serving time only data-parallel idle-rank dummy batches pass here (_dummy_run /
+# execute_dummy_batch: two tiny device copies each); real steps never do.
+_RUNNER_METHODS = ("profile_run", "profile_cudagraph_memory", "capture_model", "_dummy_run")
+STARTUP_ENTRY_POINTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("vllm.v1.worker.gpu_worker", "Worker",
+     ("determine_available_memory", "compile_or_warm_up_model", "execute_dummy_batch")),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", _RUNNER_METHODS),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", _RUNNER_METHODS),
+)
 
 
 def _logger():
@@ -65,6 +91,7 @@ def register() -> None:
 
     _install_legacy_env_var()
     _install_metrics_bridge(logger)
+    _install_startup_guards(logger)
     if first_time:
         logger.debug("sparge_serve: registered attention backend %s (CUSTOM slot) -> %s",
                      BACKEND_NAME, BACKEND_CLASS)
@@ -97,6 +124,122 @@ def _install_metrics_bridge(logger) -> None:
                        "exported", e)
         return
     install_metrics_bridge()
+
+
+def _install_startup_guards(logger) -> None:
+    try:
+        from sparge_serve.metrics import metrics_suspended
+    except ImportError:
+        return  # _install_metrics_bridge already warned
+    for module_name, class_name, methods in STARTUP_ENTRY_POINTS:
+        _when_imported(module_name, functools.partial(
+            _guard_class, class_name=class_name, methods=methods, suspended=metrics_suspended))
+
+
+def _guard_class(module: Any, class_name: str, methods: tuple[str, ...],
+                 suspended: Callable[[], Any]) -> list[str]:
+    """Wrap ``module.class_name``'s ``methods`` in ``suspended()``; returns the names wrapped now
+    (already wrapped ones are skipped: idempotent). Never raises."""
+    logger = _logger()
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        logger.debug("sparge_serve: %s.%s not found; its start-up runs are not excluded from "
+                     "the sparge_* metrics", getattr(module, "__name__", module), class_name)
+        return []
+    wrapped = []
+    for name in methods:
+        original = getattr(cls, name, None)
+        if not callable(original):
+            logger.debug("sparge_serve: %s.%s has no method %s; not excluded from the sparge_* "
+                         "metrics", cls.__module__, class_name, name)
+            continue
+        if getattr(original, _SUSPEND_MARK, False):
+            continue
+        setattr(cls, name, _suspending(original, suspended))
+        wrapped.append(name)
+    if wrapped:
+        logger.debug("sparge_serve: sparge_* metrics suspended during %s.%s.{%s}",
+                     cls.__module__, class_name, ",".join(wrapped))
+    return wrapped
+
+
+def _suspending(original: Callable[..., Any], suspended: Callable[[], Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with suspended():
+            return original(*args, **kwargs)
+
+    setattr(wrapper, _SUSPEND_MARK, True)
+    return wrapper
+
+
+# ---- post-import hooks (no dependency; the pattern of wrapt's "when imported") -----------------
+
+_HOOKS: dict[str, list[Callable[[Any], Any]]] = {}
+_HOOKS_LOCK = threading.RLock()
+
+
+def _when_imported(module_name: str, hook: Callable[[Any], Any]) -> None:
+    """Run ``hook(module)`` now if ``module_name`` is imported, else right after its import."""
+    with _HOOKS_LOCK:
+        module = sys.modules.get(module_name)
+        if module is None:
+            _HOOKS.setdefault(module_name, []).append(hook)
+            if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+                sys.meta_path.insert(0, _PostImportFinder())
+            return
+    _run_hook(hook, module)
+
+
+def _run_hook(hook: Callable[[Any], Any], module: Any) -> None:
+    try:
+        hook(module)
+    except Exception as e:  # never break vLLM's import
+        _logger().warning("sparge_serve: post-import hook for %s failed: %s",
+                          getattr(module, "__name__", module), e)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for a module with pending hooks it asks the other finders for the
+    spec and wraps its loader so the hooks run once the module has executed."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in _HOOKS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec  # a namespace package or an old-style loader: no hook
+        spec.loader = _HookedLoader(spec.loader, fullname)
+        return spec
+
+
+class _HookedLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any, fullname: str) -> None:
+        self._loader, self._fullname = loader, fullname
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        # The module's own loader again (get_source for tracebacks, resources, reloads).
+        module.__loader__ = self._loader
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        with _HOOKS_LOCK:
+            hooks = _HOOKS.pop(self._fullname, [])
+        for hook in hooks:
+            _run_hook(hook, module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
 
 
 def _install_legacy_env_var() -> None:

@@ -183,6 +183,115 @@ def test_timing_sampling_and_pending_limit():
     assert [stats.start_timing() is not None for _ in range(3)] == [False, False, True]  # refilled
 
 
+# ---- start-up / dummy runs (suspension) --------------------------------------------------------
+
+def _exported(stats: SpargeStats, tmp_path) -> dict[str, dict[tuple, float]]:
+    stats.maybe_flush()  # starts the device -> host copy (if allowed) ...
+    stats.maybe_flush()  # ... and reads it (host "events" complete at once)
+    stats.write()
+    return scrape(str(tmp_path))
+
+
+def _nonzero(got: dict[str, dict[tuple, float]]) -> dict[str, dict[tuple, float]]:
+    return {name: {k: v for k, v in series.items() if v} for name, series in got.items()}
+
+
+def test_counts_recorded_while_suspended_are_dropped(tmp_path):
+    stats = SpargeStats(4, "cpu", MODEL, sink_dir=str(tmp_path), start_writer=False,
+                        sample_every=1)
+    feed(stats)
+    real = _nonzero(_exported(stats, tmp_path))
+    assert real["sparge_attention_blocks_valid_total"][lab(layer="0")] == 14
+    before = stats.snapshot()
+    blocks_before = stats.blocks.clone()
+
+    stats.suspend()
+    assert stats.suspended
+    feed(stats)  # a warm-up batch: kernels, tokens, fallbacks ...
+    assert stats.start_timing() is None  # ... and no timing sample
+    stats.kernel_stats(3).add_(torch.tensor([7, 7, 7]))
+    # Exported values never include suspended work (counters must not go up, then down).
+    assert _nonzero(_exported(stats, tmp_path)) == real
+    stats.resume()
+    assert not stats.suspended
+
+    assert torch.equal(stats.blocks, blocks_before)  # the device counters were put back
+    assert _nonzero(_exported(stats, tmp_path)) == real
+    assert stats.snapshot() == before
+    # Counting goes on from the real values.
+    feed(stats)
+    t = stats.start_timing()
+    assert t is not None
+    t.done()
+    got = _exported(stats, tmp_path)
+    assert got["sparge_attention_blocks_valid_total"][lab(layer="0")] == 28
+    assert got["sparge_prompt_tokens_total"][lab(layer="0", path="sparse")] == 200
+    assert got["sparge_dense_fallbacks_total"][lab(reason="short_prompt")] == 6
+    assert got["sparge_sparse_attention_seconds_count"][lab()] == 1
+    stats.close()
+
+
+def test_suspension_nests_and_spares_samples_in_flight(tmp_path):
+    stats = SpargeStats(1, "cpu", MODEL, sink_dir=None, sample_every=1)
+    t = stats.start_timing()  # a real call, sampled before the suspension
+    t.done()
+    stats.suspend()
+    stats.suspend()
+    stats.resume()
+    assert stats.suspended  # the inner resume() does not end the outer suspend()
+    stats.count_prefill(0, 5, 5)
+    stats.kernel_stats(0).add_(torch.tensor([1, 1, 1]))
+    stats.maybe_flush()
+    assert sum(stats.snapshot()["attention_hist"][0]) == 0  # not read while suspended
+    stats.resume()
+    stats.resume()  # unmatched: nothing
+    stats.maybe_flush()
+    stats.maybe_flush()
+    snap = stats.snapshot()
+    assert snap["tokens"] == [[0, 0]] and snap["blocks"] == [[0, 0, 0]]
+    assert sum(snap["attention_hist"][0]) == 1  # the real sample is kept
+
+
+@pytest.fixture
+def fresh_stats(monkeypatch):
+    """The per-process SpargeStats and suspension state, reset for one test."""
+    monkeypatch.setattr(metrics, "_STATS", None)
+    monkeypatch.setattr(metrics, "_SUSPEND_DEPTH", 0)
+    yield
+    assert not metrics.metrics_suspended_now()
+
+
+def test_process_suspension_covers_existing_and_new_stats(fresh_stats):
+    stats = metrics.get_sparge_stats(2, "cpu", MODEL, sink_dir=None)
+    stats.count_prefill(0, 10, 0)
+    with metrics.metrics_suspended():
+        assert stats.suspended and metrics.metrics_suspended_now()
+        with metrics.metrics_suspended():  # nested (capture_model -> _dummy_run)
+            stats.count_prefill(0, 99, 99)
+        assert stats.suspended
+        stats.count_fallback(FallbackReason.SHORT_PROMPT, 3)
+    assert not stats.suspended
+    assert stats.snapshot()["tokens"] == [[10, 0], [0, 0]]
+    assert stats.snapshot()["fallbacks"][FallbackReason.SHORT_PROMPT] == 0
+    metrics.resume_metrics()  # unmatched: nothing
+    assert not stats.suspended
+
+    # A SpargeStats created inside a start-up run (vLLM's profiling KV cache builds the backend
+    # there) starts suspended and drops that run's counts.
+    metrics._STATS = None
+    with pytest.raises(RuntimeError, match="boom"), metrics.metrics_suspended():
+        new = metrics.get_sparge_stats(2, "cpu", MODEL, sink_dir=None)
+        assert new.suspended
+        feed_layers = [(0, 1, 2), (1, 3, 4)]
+        for layer, s, d in feed_layers:
+            new.count_prefill(layer, s, d)
+        new.kernel_stats(1).add_(torch.tensor([5, 5, 5]))
+        raise RuntimeError("boom")  # an exception still resumes
+    assert not new.suspended
+    assert new.snapshot()["tokens"] == [[0, 0], [0, 0]]
+    assert new.blocks.sum().item() == 0
+
+
 # ---- the bridge --------------------------------------------------------------------------------
 
 @pytest.fixture

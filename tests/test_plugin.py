@@ -177,3 +177,120 @@ def test_version_warning(monkeypatch, vllm_log, no_bridge):
     monkeypatch.setattr(plugin, "_version_checked", False)
     plugin.register()
     assert "built and tested against vLLM 0.26.0 but vLLM 0.99.0 is installed" in vllm_log.text
+
+
+# ---- vLLM start-up / dummy runs are kept out of the sparge_* metrics ---------------------------
+
+@pytest.fixture
+def not_suspended(monkeypatch):
+    import sparge_serve.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_SUSPEND_DEPTH", 0)
+    monkeypatch.setattr(metrics, "_STATS", None)
+    yield metrics
+    assert not metrics.metrics_suspended_now()
+
+
+def test_guard_suspends_metrics_is_idempotent_and_skips_missing(not_suspended, vllm_log):
+    import types
+
+    metrics = not_suspended
+    seen = []
+
+    class Runner:
+        def profile_run(self, n, *, tag=""):
+            seen.append((metrics.metrics_suspended_now(), n, tag))
+            return n * 2
+
+        def capture_model(self):
+            self.profile_run(0)  # nested: still suspended, then resumed once by the outer call
+            seen.append(metrics.metrics_suspended_now())
+            raise RuntimeError("capture failed")
+
+    mod = types.ModuleType("fake_runner_mod")
+    mod.Runner = Runner
+    methods = ("profile_run", "capture_model", "no_such_method")
+    wrapped = plugin._guard_class(mod, "Runner", methods, metrics.metrics_suspended)
+    assert wrapped == ["profile_run", "capture_model"]
+    assert "has no method no_such_method" in vllm_log.text
+    first = Runner.profile_run
+    assert plugin._guard_class(mod, "Runner", methods, metrics.metrics_suspended) == []
+    assert Runner.profile_run is first and first.__name__ == "profile_run"
+
+    assert Runner().profile_run(3, tag="x") == 6
+    assert seen == [(True, 3, "x")] and not metrics.metrics_suspended_now()
+    with pytest.raises(RuntimeError, match="capture failed"):
+        Runner().capture_model()
+    assert seen[1:] == [(True, 0, ""), True] and not metrics.metrics_suspended_now()
+    assert plugin._guard_class(mod, "NoSuchClass", methods, metrics.metrics_suspended) == []
+
+
+def test_post_import_hook(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    name = "sparge_test_post_import_mod"
+    (tmp_path / f"{name}.py").write_text("VALUE = 41\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    calls = []
+    plugin._when_imported(name, lambda m: calls.append(m.VALUE))
+    plugin._when_imported(name, lambda m: 1 / 0)  # a failing hook is logged, not raised
+    assert calls == [] and name in plugin._HOOKS
+    mod = importlib.import_module(name)
+    assert calls == [41] and name not in plugin._HOOKS
+    assert not isinstance(mod.__loader__, plugin._HookedLoader)  # the module's own loader
+    assert mod.__spec__.loader is mod.__loader__
+    plugin._when_imported(name, lambda m: calls.append(m.VALUE + 1))  # already imported: now
+    assert calls == [41, 42]
+
+
+def test_register_guards_vllm_worker_and_runners(no_bridge, not_suspended):
+    """In this process (vLLM's modules imported before or after register(), depending on the test
+    order): the real classes get wrapped, once; a wrapped Worker method suspends the metrics."""
+    import importlib
+
+    plugin.register()
+    classes = [getattr(importlib.import_module(m), c) for m, c, _ in plugin.STARTUP_ENTRY_POINTS]
+    plugin.register()
+    for cls, (_, _, methods) in zip(classes, plugin.STARTUP_ENTRY_POINTS, strict=True):
+        for name in methods:
+            fn = getattr(cls, name)
+            assert getattr(fn, "__sparge_metrics_suspended__", False), (cls, name)
+            assert not getattr(fn.__wrapped__, "__sparge_metrics_suspended__", False)
+    worker_cls = classes[0]
+    seen = []
+
+    class FakeRunner:
+        def _dummy_run(self, num_tokens, uniform_decode=False):
+            seen.append((not_suspended.metrics_suspended_now(), num_tokens, uniform_decode))
+
+    fake_worker = type("FakeWorker", (), {"model_runner": FakeRunner()})()
+    worker_cls.execute_dummy_batch(fake_worker)
+    assert seen == [(True, 1, True)]
+
+
+def test_register_before_import_guards_real_worker(tmp_path):
+    """The production order: register() (vLLM loads plugins in the worker process) runs before
+    the worker module is imported; the post-import hook wraps it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import sparge_serve.plugin as p\n"
+        "p.register()\n"
+        "assert 'vllm.v1.worker.gpu_worker' not in sys.modules\n"
+        "from vllm.v1.worker.gpu_worker import Worker\n"
+        "from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2\n"
+        "from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1\n"
+        "for cls, (_, _, names) in zip((Worker, V2, V1), p.STARTUP_ENTRY_POINTS):\n"
+        "    for n in names:\n"
+        "        assert getattr(getattr(cls, n), '__sparge_metrics_suspended__', False), n\n"
+        "print('GUARDED')\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("_SPARGE_METRICS_DIR", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "GUARDED" in r.stdout, r.stderr[-3000:]

@@ -31,7 +31,9 @@ Statistics go to the process's ``sparge_serve.metrics.SpargeStats``: the kernels
 into its per-layer device rows (``kernel_stats(layer)``); each layer adds the step's prompt-token
 and dense-fallback counts, host integers the builder computed (``count_prefill``,
 ``count_fallback``); the builder calls ``maybe_flush()`` once per step. Nothing here synchronises
-with the GPU.
+with the GPU. vLLM's start-up and dummy runs (memory profiling, warm-ups, CUDA-graph capture) build
+metadata here like real prefills; they are not counted because the plugin runs them with the
+metrics suspended (``sparge_serve.metrics.metrics_suspended``), which this module need not know.
 
 Calibration: while ``sparge_serve.backend.capture`` has a sink installed (``sparge-calibrate
 --driver vllm`` only), every layer reports its sparse sub-batch through ``capture.emit_prefill`` and
