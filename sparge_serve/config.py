@@ -33,9 +33,10 @@ from typing import Any, Literal
 
 ADDITIONAL_CONFIG_KEY = "sparge"
 
-# NOTE: placeholder until the TTFT benchmark measures the sparse/dense crossover on the target GPU
-# (ALGORITHM.md: "the crossover must be measured, not guessed"); replace with the measured value.
-DEFAULT_MIN_SPARSE_LEN = 16384
+# NOTE: measured, not guessed (benchmarks/results/ttft.md, H200, calibrated thresholds, ~66-70%
+# block sparsity): SPARGE's TTFT is 0.51x FLASH_ATTN's speed at 8K, 0.87x at 32K, 1.22x at 64K and
+# 1.61x at 128K, so the crossover lies between 32K and 64K. Contexts below 48K run dense.
+DEFAULT_MIN_SPARSE_LEN = 49152
 
 MODES = ("sparse", "dense")
 ENV_VARS = {
@@ -44,7 +45,7 @@ ENV_VARS = {
     "mode": "SPARGE_MODE",
     "dense_layers": "SPARGE_DENSE_LAYERS",
 }
-_EXAMPLE = """--additional-config '{"sparge": {"thresholds": "PATH", "min_sparse_len": 16384}}'"""
+_EXAMPLE = """--additional-config '{"sparge": {"thresholds": "PATH", "min_sparse_len": 49152}}'"""
 
 
 def _bad(key: str, source: str, problem: str, fix: str) -> ValueError:
@@ -146,7 +147,7 @@ def _parse_env(key: str, var: str, text: str) -> Any:
             return int(text)
         except ValueError:
             raise _bad(key, source, f"= {text!r} is not an integer",
-                       f"set {var} to a token count, e.g. {var}=16384") from None
+                       f"set {var} to a token count, e.g. {var}=49152") from None
     if key == "dense_layers":
         try:
             if text.startswith("["):

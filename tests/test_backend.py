@@ -61,6 +61,8 @@ def sparge(vllm_config, monkeypatch):
     """Set the sparge settings of `vllm_config` for one test: sparge(min_sparse_len=..., ...)."""
 
     def set_(**settings):
+        # The builder cases below are laid out around a 16K threshold (not the shipped default).
+        settings = {"min_sparse_len": 16384, **settings}
         monkeypatch.setattr(vllm_config, "additional_config", {"sparge": settings})
         return vllm_config
 
