@@ -313,7 +313,9 @@ class SpargeStats:
         self._hist_lock = threading.Lock()
         self._attn_hist = _HostHistogram(TIME_BUCKETS)
         self._pred_hist = _HostHistogram(TIME_BUCKETS)
-        self._until_sample = self.sample_every
+        # NOTE: the first sparse call is sampled, then one in `sample_every`: a server that has
+        # seen only a few long prompts (a handful of layer calls) still reports a latency.
+        self._until_sample = 1
         self._free: list[TimingSample] = [
             TimingSample(self, *(self._new_event(timing=True) for _ in range(3)))
             for _ in range(max_pending_samples)
