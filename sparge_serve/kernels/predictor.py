@@ -100,7 +100,7 @@ def _kblock_kernel(
         key_cache_ptr, bt_ptr + r * stride_bt, j, seq_len, kvh,
         stride_page, stride_tok, stride_head, offs_n, offs_d, PAGE, BLOCK_N,
     ).to(tl.float32)
-    rh = r * num_kv_heads + kvh
+    rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
     if PASS == 0:
         tl.store(ksum_ptr + (rh * NKB + j) * HEAD_DIM + offs_d, tl.sum(k, axis=0))
     else:
@@ -144,7 +144,7 @@ def _select_kernel(
         return
     ctx = seq_len - q_len
     kvh = h // GROUP
-    rh = r * num_kv_heads + kvh
+    rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
 
     # pooled query block and its self-similarity (real rows only)
     offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
