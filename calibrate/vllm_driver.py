@@ -53,11 +53,13 @@ def capture_vllm(
             "the vLLM capture needs the engine in this process: unset "
             "VLLM_ENABLE_V1_MULTIPROCESSING (or set it to 0)"
         )
-    overrides = [v for v in ("SPARGE_MODE", "SPARGE_MIN_SPARSE_LEN") if os.environ.get(v)]
+    overrides = [v for v in ("SPARGE_MODE", "SPARGE_MIN_SPARSE_LEN", "SPARGE_MIN_SPARSE_QUERY_LEN")
+                 if os.environ.get(v)]
     if overrides:
         raise ValueError(
             f"unset {' and '.join(overrides)}: the capture needs every prefill on the sparse path "
-            "(the driver sets min_sparse_len=1), and these environment variables override it"
+            "(the driver sets min_sparse_len=1 and min_sparse_query_len=1), and these environment "
+            "variables override it"
         )
     if int(llm_kwargs.get("tensor_parallel_size", 1)) != 1:
         raise ValueError("the vLLM capture supports tensor_parallel_size=1 only")
@@ -84,7 +86,7 @@ def capture_vllm(
         max_num_batched_tokens=max(longest, 2048),
         gpu_memory_utilization=gpu_memory_utilization,
         # every prefill takes the sparse path (and so reaches the sink), however short
-        additional_config={"sparge": {"min_sparse_len": 1}},
+        additional_config={"sparge": {"min_sparse_len": 1, "min_sparse_query_len": 1}},
         **llm_kwargs,
     )
     layers: list[list[Sample]] = [[] for _ in range(info.num_layers)]

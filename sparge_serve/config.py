@@ -12,6 +12,9 @@ Keys (all optional):
   ``SPARGE_THRESHOLDS``). Without one the published untuned defaults are used (one warning).
 - ``min_sparse_len``: a request runs the sparse prefill path only when its context (cached prefix
   plus new tokens) is at least this long (env ``SPARGE_MIN_SPARSE_LEN``).
+- ``min_sparse_query_len``: ... and only when it adds at least this many new tokens (env
+  ``SPARGE_MIN_SPARSE_QUERY_LEN``): a short chunk on a long context (a follow-up turn after a cached
+  prefix) runs dense, since the predictor reads every key twice whatever the query length.
 - ``dense_layers``: ``N`` keeps the first N layers dense, a list keeps exactly those (global)
   layer indices dense (env ``SPARGE_DENSE_LAYERS``: ``"2"`` or ``"0,1,5"``).
 - ``mode``: ``"sparse"`` (default) or ``"dense"`` — the kill switch: everything runs dense
@@ -37,11 +40,17 @@ ADDITIONAL_CONFIG_KEY = "sparge"
 # block sparsity): SPARGE's TTFT is 0.51x FLASH_ATTN's speed at 8K, 0.87x at 32K, 1.22x at 64K and
 # 1.61x at 128K, so the crossover lies between 32K and 64K. Contexts below 48K run dense.
 DEFAULT_MIN_SPARSE_LEN = 49152
+# NOTE: reasoned, not yet measured: the predictor costs about one dense pass over K/V (two passes
+# over K) whatever the query length, which a sparse query of b blocks at sparsity s repays only
+# when b * s > 1; 4 query blocks (512 tokens) pays at s >= 0.25. Measure: bench_ttft with a
+# cached long prefix and short follow-ups.
+DEFAULT_MIN_SPARSE_QUERY_LEN = 512
 
 MODES = ("sparse", "dense")
 ENV_VARS = {
     "thresholds": "SPARGE_THRESHOLDS",
     "min_sparse_len": "SPARGE_MIN_SPARSE_LEN",
+    "min_sparse_query_len": "SPARGE_MIN_SPARSE_QUERY_LEN",
     "mode": "SPARGE_MODE",
     "dense_layers": "SPARGE_DENSE_LAYERS",
 }
@@ -58,6 +67,7 @@ class SpargeConfig:
 
     thresholds: str | None = None
     min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN
+    min_sparse_query_len: int = DEFAULT_MIN_SPARSE_QUERY_LEN
     dense_layers: int | tuple[int, ...] = 0  # first N layers dense, or explicit global indices
     mode: Literal["sparse", "dense"] = "sparse"
     topk: float | None = None
@@ -142,7 +152,7 @@ def _parse_env(key: str, var: str, text: str) -> Any:
     source = f"env {var}"
     if key == "thresholds" or key == "mode":
         return text
-    if key == "min_sparse_len":
+    if key in ("min_sparse_len", "min_sparse_query_len"):
         try:
             return int(text)
         except ValueError:
@@ -176,10 +186,12 @@ def _check(key: str, value: Any, source: str) -> Any:
                        'pass the path of a thresholds .safetensors file, e.g. "thresholds": '
                        '"/models/llama.sparge.safetensors" (or leave it out for the defaults)')
         return os.fspath(value)
-    if key == "min_sparse_len":
+    if key in ("min_sparse_len", "min_sparse_query_len"):
         if not _is_int(value) or value < 1:
+            example = (DEFAULT_MIN_SPARSE_LEN if key == "min_sparse_len"
+                       else DEFAULT_MIN_SPARSE_QUERY_LEN)
             raise _bad(key, source, f"= {value!r} is not a positive integer",
-                       f"use a context length in tokens, e.g. {DEFAULT_MIN_SPARSE_LEN}")
+                       f"use a length in tokens, e.g. {example}")
         return value
     if key == "dense_layers":
         if _is_int(value):

@@ -62,7 +62,9 @@ def sparge(vllm_config, monkeypatch):
 
     def set_(**settings):
         # The builder cases below are laid out around a 16K threshold (not the shipped default).
-        settings = {"min_sparse_len": 16384, **settings}
+        # ... and with short queries allowed on the sparse path (min_sparse_query_len has its own
+        # test below).
+        settings = {"min_sparse_len": 16384, "min_sparse_query_len": 1, **settings}
         monkeypatch.setattr(vllm_config, "additional_config", {"sparge": settings})
         return vllm_config
 
@@ -382,6 +384,25 @@ def test_min_sparse_len_setting(sparge):
     cam = _cam([(600, 600), (500, 1100)])
     assert _builder(sparge(min_sparse_len=1000)).build(0, cam).sparse.req_index.tolist() == [1]
     assert _builder(sparge(min_sparse_len=5000)).build(0, cam).sparse is None
+
+
+def test_min_sparse_query_len_setting(sparge):
+    """A short chunk on a long context (a follow-up turn after a cached prefix) runs dense."""
+    cam = _cam([(100, 60000), (600, 60000), (1, 60000)])
+    md = _builder(sparge(min_sparse_query_len=512)).build(0, cam)
+    assert md.sparse.req_index.tolist() == [1]
+    assert _counts(md) == (600, 100, 1, {"short_prompt": 1})
+    assert _builder(sparge(min_sparse_query_len=64)).build(0, cam).sparse.req_index.tolist() == [
+        0, 1]
+
+
+def test_select_sparse_requests_min_query_len():
+    from sparge_serve.backend.sparge_attn import select_sparse_requests
+
+    qsl = np.array([0, 100, 700])
+    seq = np.array([60000, 60000])
+    got = select_sparse_requests(qsl, seq, min_sparse_len=100, min_sparse_query_len=512)
+    assert got.tolist() == [False, True]
 
 
 def test_mode_dense_builds_no_sparse_batch(sparge):

@@ -139,6 +139,7 @@ def stand_in_vllm(monkeypatch):
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     monkeypatch.delenv("SPARGE_MODE", raising=False)
     monkeypatch.delenv("SPARGE_MIN_SPARSE_LEN", raising=False)
+    monkeypatch.delenv("SPARGE_MIN_SPARSE_QUERY_LEN", raising=False)
     monkeypatch.setattr(_StandInLLM, "chunk", 10**9)
     monkeypatch.setattr(_StandInLLM, "skip_layer", None)
     return _StandInLLM
@@ -152,7 +153,7 @@ def test_vllm_driver_collects_every_layer_and_chunk(stand_in_vllm, tmp_path):
     cap = capture_vllm(_model_dir(tmp_path), prompts)
     kw = stand_in_vllm.kwargs
     assert kw["attention_backend"] == "SPARGE" and kw["enforce_eager"] is True
-    assert kw["additional_config"] == {"sparge": {"min_sparse_len": 1}}
+    assert kw["additional_config"] == {"sparge": {"min_sparse_len": 1, "min_sparse_query_len": 1}}
     assert kw["tensor_parallel_size"] == 1 and kw["max_num_seqs"] == 1
     assert capture.get_sink() is None
     assert cap.scales == [pytest.approx(D ** -0.5)] * LAYERS and cap.num_tokens == [40, 70]

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sparge_serve.config import DEFAULT_MIN_SPARSE_LEN, SpargeConfig
+from sparge_serve.config import DEFAULT_MIN_SPARSE_LEN, DEFAULT_MIN_SPARSE_QUERY_LEN, SpargeConfig
 
 
 def test_defaults():
@@ -12,7 +12,19 @@ def test_defaults():
     assert cfg == SpargeConfig()
     assert (cfg.thresholds, cfg.min_sparse_len, cfg.dense_layers, cfg.mode, cfg.topk) == (
         None, DEFAULT_MIN_SPARSE_LEN, 0, "sparse", None)
+    assert cfg.min_sparse_query_len == DEFAULT_MIN_SPARSE_QUERY_LEN
     assert cfg.enabled and not cfg.is_dense_layer(0)
+
+
+def test_min_sparse_query_len_from_dict_env_and_errors():
+    assert SpargeConfig.from_dict({"min_sparse_query_len": 128}, env={}).min_sparse_query_len == 128
+    env = {"SPARGE_MIN_SPARSE_QUERY_LEN": "2048"}
+    assert SpargeConfig.from_dict({"min_sparse_query_len": 128}, env=env).min_sparse_query_len \
+        == 2048
+    with pytest.raises(ValueError, match=r"`min_sparse_query_len` .*not a positive integer"):
+        SpargeConfig.from_dict({"min_sparse_query_len": 0}, env={})
+    with pytest.raises(ValueError, match=r"SPARGE_MIN_SPARSE_QUERY_LEN.*not an integer"):
+        SpargeConfig.from_dict(None, env={"SPARGE_MIN_SPARSE_QUERY_LEN": "short"})
 
 
 def test_full_dict():

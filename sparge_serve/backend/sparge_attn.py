@@ -166,8 +166,9 @@ def load_runtime(vllm_config: VllmConfig) -> SpargeRuntime:
                     "accuracy-checked sparsity.")
         rt = SpargeRuntime(cfg, th, source)
         _RUNTIMES[key] = rt
-        logger.info("SPARGE: mode=%s min_sparse_len=%d dense_layers=%s topk=%s thresholds=%s",
-                    cfg.mode, cfg.min_sparse_len, cfg.dense_layers, cfg.topk, source)
+        logger.info("SPARGE: mode=%s min_sparse_len=%d min_sparse_query_len=%d dense_layers=%s "
+                    "topk=%s thresholds=%s", cfg.mode, cfg.min_sparse_len,
+                    cfg.min_sparse_query_len, cfg.dense_layers, cfg.topk, source)
         return rt
 
 
@@ -371,15 +372,18 @@ class SpargeAttentionMetadata(FlashAttentionMetadata):
 
 
 def select_sparse_requests(query_start_loc: np.ndarray, seq_lens: np.ndarray,
-                           min_sparse_len: int, max_decode_query_len: int = 1) -> np.ndarray:
+                           min_sparse_len: int, max_decode_query_len: int = 1,
+                           min_sparse_query_len: int = 1) -> np.ndarray:
     """Bool mask ``[num_reqs]`` of the requests that take the sparse prefill path.
 
     ``query_start_loc`` ``[num_reqs + 1]`` and ``seq_lens`` ``[num_reqs]`` are host arrays; a
     request qualifies iff ``query_len > max_decode_query_len`` (a prefill / chunked prefill /
-    prefix-hit extension, not a (spec-)decode) and ``seq_len >= min_sparse_len``.
+    prefix-hit extension, not a (spec-)decode), ``query_len >= min_sparse_query_len`` and
+    ``seq_len >= min_sparse_len``.
     """
     query_lens = np.diff(query_start_loc)
-    return (query_lens > max_decode_query_len) & (seq_lens >= min_sparse_len)
+    return ((query_lens > max_decode_query_len) & (query_lens >= min_sparse_query_len)
+            & (seq_lens >= min_sparse_len))
 
 
 class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
@@ -476,7 +480,8 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             # NOTE: seq_lens_cpu_upper_bound is exact for prefill rows, the only ones used here.
             seq_np = seq_cpu[:num_reqs].numpy()
             eligible = select_sparse_requests(qsl, seq_np, cfg.min_sparse_len,
-                                              self.max_decode_query_len)
+                                              self.max_decode_query_len,
+                                              cfg.min_sparse_query_len)
             too_long = eligible & (seq_np > self.max_sparse_seq_len)
             if too_long.any():
                 eligible = eligible & ~too_long
