@@ -4,6 +4,7 @@ Without CUDA, Triton kernels run under Triton's CPU interpreter; the variable mu
 kernel module is imported. Tests marked ``gpu`` skip cleanly without CUDA.
 """
 
+import logging
 import os
 
 import pytest
@@ -27,3 +28,13 @@ def pytest_collection_modifyitems(config, items):
 def device() -> str:
     """Where kernel tests run: the GPU if there is one, else the CPU under TRITON_INTERPRET=1."""
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def vllm_log(caplog):
+    """vLLM's loggers do not propagate to the root logger: attach caplog's handler to 'vllm'."""
+    log = logging.getLogger("vllm")
+    log.addHandler(caplog.handler)
+    caplog.set_level(logging.DEBUG, logger="vllm")
+    yield caplog
+    log.removeHandler(caplog.handler)

@@ -4,7 +4,6 @@ synthetic CommonAttentionMetadata, and the impl's forward (Triton interpreter) v
 from __future__ import annotations
 
 import json
-import logging
 import math
 from types import SimpleNamespace
 
@@ -70,15 +69,6 @@ def sparge(vllm_config, monkeypatch):
 
     set_()
     return set_
-
-
-@pytest.fixture
-def vllm_log(caplog):
-    log = logging.getLogger("vllm")
-    log.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="vllm")
-    yield caplog
-    log.removeHandler(caplog.handler)
 
 
 def _builder(vllm_config):

@@ -4,7 +4,6 @@ the legacy VLLM_ATTENTION_BACKEND variable (no unknown-variable warning)."""
 from __future__ import annotations
 
 import json
-import logging
 from importlib.metadata import entry_points
 
 import pytest
@@ -52,16 +51,6 @@ def engine_config(monkeypatch, tiny_model, no_bridge):
         return args, args.create_engine_config()
 
     return make
-
-
-@pytest.fixture
-def vllm_log(caplog):
-    """vLLM's loggers do not propagate to the root logger: attach caplog's handler to 'vllm'."""
-    log = logging.getLogger("vllm")
-    log.addHandler(caplog.handler)
-    caplog.set_level(logging.DEBUG, logger="vllm")
-    yield caplog
-    log.removeHandler(caplog.handler)
 
 
 def test_entry_point_is_discovered():
