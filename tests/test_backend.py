@@ -297,6 +297,24 @@ def test_bind_all_dense_layer_and_draft_layer(sparge, tmp_path):
     assert draft.dense_layer and draft.layer_index is None
 
 
+def test_separate_draft_model_layers_run_dense(sparge, tmp_path):
+    """A draft model (speculative decoding) is another model: never validated against or given
+    the target's thresholds, whatever its layer names."""
+    from vllm.compilation.backends import set_model_tag
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_thresholds(wrong, Thresholds.defaults(L, HQ, 1, D))  # does not fit the model
+    vc = sparge(thresholds=str(wrong))
+    with pytest.raises(ThresholdsError, match="num_kv_heads"):
+        _impl(vc)  # the target's layers validate the file
+    for tag in ("draft_model", "eagle_head"):
+        with set_model_tag(tag):
+            draft = _impl(vc, num_heads=2, num_kv_heads=1)
+        assert draft.runtime is None and draft.draft_tag == tag
+        draft.bind(f"{tag}.model.layers.0.self_attn.attn", "cpu", stats=object())
+        assert draft.dense_layer and draft.layer_index is None and draft._stats is None
+
+
 def test_mode_dense_makes_every_layer_dense(sparge):
     impl = _impl(sparge(mode="dense"))
     impl.bind("model.layers.3.self_attn.attn", "cpu")

@@ -571,6 +571,26 @@ def _kv_cache_writer():
     return _reshape_and_cache_flash
 
 
+# vLLM's model tags (vllm.compilation.backends.set_model_tag) under which speculative-decoding
+# proposers build their draft models: "draft_model", "eagle_head", "medusa_head", ...
+_DRAFT_MODEL_TAGS = ("draft_model", "extract_hidden_states")
+
+
+def _draft_model_tag() -> str | None:
+    """The model tag if the layer being built belongs to a speculative-decoding draft model.
+
+    NOTE: a draft model is another model (its own layers, heads and weights): the target's
+    thresholds do not apply to it, and validating them against it would fail the start-up. Its
+    layers run dense. vLLM builds draft models only inside ``set_model_tag(...)``.
+    """
+    try:
+        from vllm.compilation import backends
+    except ImportError:  # pragma: no cover - vLLM always has it
+        return None
+    tag = getattr(backends, "model_tag", "backbone")
+    return tag if tag in _DRAFT_MODEL_TAGS or tag.endswith("_head") else None
+
+
 def _tp_rank_and_size(vllm_config: VllmConfig | None) -> tuple[int, int]:
     try:
         from vllm.distributed.parallel_state import (
@@ -644,8 +664,10 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
 
         vllm_config = get_current_vllm_config_or_none()
         self._vllm_config = vllm_config
+        self.draft_tag = _draft_model_tag()  # set: a speculative-decoding draft layer (dense)
         # Settings and thresholds: loaded and validated against the model once per process.
-        has_model = vllm_config is not None and vllm_config.model_config is not None
+        has_model = (vllm_config is not None and vllm_config.model_config is not None
+                     and self.draft_tag is None)
         self.runtime: SpargeRuntime | None = load_runtime(vllm_config) if has_model else None
         self._fa: FlashAttentionImpl | None = None
         if get_flash_attn_version(head_size=head_size) is not None:
@@ -675,6 +697,12 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         """
         from vllm.model_executor.models.utils import extract_layer_index
 
+        if self.draft_tag is not None:
+            logger.info_once("SPARGE: speculative-decoding draft model (%s) layers run dense",
+                             self.draft_tag)
+            self.layer_name, self._stats = layer_name, None
+            self.layer_index, self.dense_layer = None, True
+            return
         runtime = runtime or self.runtime
         if runtime is None:
             raise RuntimeError("SPARGE: bind() needs the sparge runtime (no vLLM config was "
