@@ -157,6 +157,16 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                     lambda bm=bm, tma=tma: sparse_paged_attention(
                         q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
                         pv_skip=False, launch=(8, 3), use_tma=tma))
+                # Triton's warp specialisation of the off-band loop (may not lower on Hopper)
+                for w, st in ((4, 2), (4, 3), (8, 2)) if tma else ():
+                    try:
+                        row["launch_sweep_ms"][f"ws_w{w}s{st}_tma1"] = bench(
+                            lambda bm=bm, w=w, st=st: sparse_paged_attention(
+                                q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
+                                pv_skip=False, launch=(w, st), use_tma=True,
+                                warp_specialize=True))
+                    except Exception as e:  # noqa: BLE001 - a variant that fails to compile
+                        row["launch_sweep_ms"][f"ws_w{w}s{st}_tma1"] = f"failed: {e}"[:200]
             # key blocks of 128 (a dense map in those units): what a wider tile would buy
             bm128 = dense_block_map(length, 128)
             for w, st in ((4, 2), (8, 3)):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -418,16 +419,21 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             self._reasons = FallbackReason
         self._counting = True
         self._warned_no_cpu_seq_lens = False
-        self._bind_layers(vllm_config, layer_names, device)
+        impls = self._bind_layers(vllm_config, layer_names, device)
+        if device.type == "cuda":
+            _warm_up_kernels(vllm_config, self.runtime, kv_cache_spec, impls, device)
 
     def _bind_layers(self, vllm_config: VllmConfig, layer_names: list[str],
                      device: torch.device) -> None:
         from vllm.model_executor.layers.attention import Attention
 
+        impls = []
         for name, layer in get_layers_from_vllm_config(vllm_config, Attention,
                                                        layer_names).items():
             if isinstance(layer.impl, SpargeAttentionImpl):
                 layer.impl.bind(name, device, self.stats)
+                impls.append(layer.impl)
+        return impls
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata):
         # Dummy batches: their tokens are not counted.
@@ -569,6 +575,45 @@ def _kv_cache_writer():
 
         _reshape_and_cache_flash = reshape_and_cache_flash
     return _reshape_and_cache_flash
+
+
+_WARMED: set[tuple[Any, ...]] = set()
+
+
+def _warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: AttentionSpec,
+                     impls: list[SpargeAttentionImpl], device: torch.device) -> None:
+    """Compile the sparse kernels at start-up for every context the sparse path can see.
+
+    NOTE: once per process and kernel variant; without it the first long prompt of each length
+    bucket pays several seconds of Triton compilation in its time to first token.
+    """
+    sparse = [i for i in impls if not i.dense_layer]
+    cfg = runtime.config
+    max_len = vllm_config.model_config.max_model_len
+    if not sparse or not cfg.enabled or max_len < cfg.min_sparse_len:
+        return
+    from sparge_serve.kernels.warmup import warm_up_sparse_kernels
+
+    first = sparse[0]
+    pv_variants = tuple(sorted({i._pv_skip for i in sparse}))
+    key = (first.num_heads, first.num_kv_heads, first.head_size, spec.block_size, spec.dtype,
+           pv_variants, cfg.topk, cfg.min_sparse_len, max_len, str(device))
+    if key in _WARMED:
+        return
+    shape = SpargeAttentionBackend.get_kv_cache_shape(1, spec.block_size, first.num_kv_heads,
+                                                      first.head_size)
+    order = SpargeAttentionBackend.get_kv_cache_stride_order()
+    inverse = tuple(order.index(i) for i in range(len(order)))
+    kv = torch.zeros(tuple(shape[i] for i in order), dtype=spec.dtype,
+                     device=device).permute(*inverse)
+    key_cache, value_cache = kv.transpose(1, 2).split(first.head_size, dim=-1)
+    t0 = time.perf_counter()
+    buckets = warm_up_sparse_kernels(key_cache, value_cache, first.num_heads, cfg.min_sparse_len,
+                                     max_len, pv_variants, cfg.topk)
+    _WARMED.add(key)
+    logger.info("SPARGE: compiled the sparse kernels for contexts of %d-%d tokens (%d length "
+                "buckets) in %.1f s", cfg.min_sparse_len, max_len, len(buckets),
+                time.perf_counter() - t0)
 
 
 # vLLM's model tags (vllm.compilation.backends.set_model_tag) under which speculative-decoding

@@ -49,7 +49,7 @@ def _online_softmax_update(acc, l_i, m_i, s, v, UPCAST: tl.constexpr):
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQB", "stride_bt"])
 def _sparse_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
     lut_ptr, count_ptr, pv_ptr, skipped_ptr, k_desc, v_desc,
@@ -58,7 +58,7 @@ def _sparse_attn_kernel(
     NKB, NQB, num_heads, qk_scale,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     h = tl.program_id(0)
     # NOTE: heaviest (last) query blocks first, for a shorter tail.
@@ -115,7 +115,7 @@ def _sparse_attn_kernel(
                                    stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
                 acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, UPCAST)
     else:
-        for t in range(0, n_off):
+        for t in tl.range(0, n_off, warp_specialize=WARP_SPEC):
             j = tl.load(lut_row + t).to(tl.int32)
             k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
@@ -190,6 +190,7 @@ def sparse_paged_attention(
     launch: tuple[int, int] | None = None,
     use_tma: bool | None = None,
     block_n: int = BLKK,
+    warp_specialize: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -198,7 +199,8 @@ def sparse_paged_attention(
     ``[0, 0, pv_skipped_blocks]`` added on the device. ``pv_skip``: whether any head has PV skip
     on; ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds
     file and passes it). ``launch`` overrides (num_warps, num_stages), ``use_tma`` the choice of
-    TMA loads and ``block_n`` the key-block width of ``block_map`` — for benchmarks only.
+    TMA loads, ``block_n`` the key-block width of ``block_map`` and ``warp_specialize`` asks
+    Triton to warp-specialise the off-band loop (PV skip off) — for benchmarks only.
     """
     check_paged_inputs(q, key_cache, value_cache)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -227,7 +229,8 @@ def sparse_paged_attention(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
         nkb, nqb, num_heads, float(scale) * _LOG2E,
         GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
+        PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
+        WARP_SPEC=warp_specialize, num_warps=num_warps, num_stages=num_stages,
     )
     if stats is not None:
         # rows past a request's query never ran: their slots are garbage, mask them by count

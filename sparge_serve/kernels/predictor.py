@@ -37,7 +37,9 @@ _EPS = tl.constexpr(1e-6)
 class BlockMap:
     """Kept key blocks per (request, q-head, query block) row."""
 
-    lut: torch.Tensor  # [R, Hq, NQB, NKB] int16: kept key-block ids, ascending, first `count` valid
+    # [R, Hq, NQB, NKB_STRIDE] int16: kept key-block ids, ascending, first `count` valid
+    # (NKB_STRIDE: the key-block count rounded up to 16, see `predict_block_map`)
+    lut: torch.Tensor
     count: torch.Tensor  # [R, Hq, NQB] int32: number of kept key blocks (0 for rows past the query)
     n_valid: torch.Tensor  # [R, Hq, NQB] int32: number of causally valid key blocks of the row
 
@@ -81,7 +83,7 @@ def _load_kv_block(
     return tl.load(ptrs, mask=in_ctx[:, None], other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _kblock_kernel(
     key_cache_ptr, bt_ptr, seq_lens_ptr, ksum_ptr, mu_ptr, pk_ptr, ksim_ptr,
     stride_page, stride_tok, stride_head, stride_bt,
@@ -122,7 +124,7 @@ def _float_bits(i):
     return i.to(tl.float32, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQB"])
 def _select_kernel(
     q_ptr, qsl_ptr, seq_lens_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr,
     lut_ptr, count_ptr, nvalid_ptr,
@@ -314,6 +316,9 @@ def predict_block_map(
     if topk is not None and not 0.0 < topk <= 1.0:
         raise ValueError(f"topk must be in (0, 1], got {topk}")
     nkb = num_blocks(batch.max_seq_len, BLKK)
+    # NOTE: per-key-block buffers are padded to a multiple of 16 blocks: aligned rows, and the
+    # kernels (which take it as their row stride NKB) compile once for every context length.
+    nkb_stride = num_blocks(nkb, 16) * 16
     if nkb > MAX_KEY_BLOCKS:
         raise ValueError(
             f"context of {batch.max_seq_len} tokens exceeds the predictor's limit of "
@@ -324,13 +329,13 @@ def predict_block_map(
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
 
-    ksum = torch.zeros(nreq, num_kv_heads, nkb, head_dim, **f32)
-    pk = torch.empty(nreq, num_kv_heads, head_dim, nkb, **f32)
-    ksim = torch.empty(nreq, num_kv_heads, nkb, **f32)
+    ksum = torch.zeros(nreq, num_kv_heads, nkb_stride, head_dim, **f32)
+    pk = torch.empty(nreq, num_kv_heads, head_dim, nkb_stride, **f32)
+    ksim = torch.empty(nreq, num_kv_heads, nkb_stride, **f32)
     kgrid = (nkb, num_kv_heads, nreq)
     kargs = (
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
-        nkb, num_kv_heads,
+        nkb_stride, num_kv_heads,
     )
     _kblock_kernel[kgrid](
         key_cache, batch.block_table, batch.seq_lens, ksum, ksum, pk, ksim, *kargs,
@@ -342,7 +347,7 @@ def predict_block_map(
         PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, PASS=1, num_warps=4,
     )
 
-    lut = torch.empty(nreq, num_heads, nqb, nkb, dtype=torch.int16, device=dev)
+    lut = torch.empty(nreq, num_heads, nqb, nkb_stride, dtype=torch.int16, device=dev)
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=dev)
     n_valid = torch.empty_like(count)
     nkb_pad = max(16, triton.next_power_of_2(nkb))
@@ -351,7 +356,7 @@ def predict_block_map(
         q, batch.query_start_loc, batch.seq_lens, pk, ksim, simthreshd1, cdfthreshd,
         lut, count, n_valid,
         q.stride(0), q.stride(1),
-        nkb, nqb, num_heads, num_kv_heads, float(scale), float(topk or 1.0),
+        nkb_stride, nqb, num_heads, num_kv_heads, float(scale), float(topk or 1.0),
         GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
         NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk is not None, num_warps=num_warps,
     )

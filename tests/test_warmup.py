@@ -1,0 +1,53 @@
+"""Start-up compilation of the sparse kernels (sparge_serve.kernels.warmup)."""
+
+import pytest
+import torch
+
+from sparge_serve.kernels import BLKK, BLKQ, MAX_KEY_BLOCKS
+from sparge_serve.kernels.warmup import nkb_pad_buckets, warm_up_sparse_kernels
+from tests.kernel_inputs import head_vec, make_paged_case
+
+
+def test_buckets_cover_every_context_length():
+    pad = lambda n: max(16, 1 << (-(-n // BLKK) - 1).bit_length())  # noqa: E731
+    lo, hi = 49152, 131072
+    assert nkb_pad_buckets(lo, hi) == [1024, 2048]
+    for n in range(lo, hi + 1, 997):
+        assert pad(n) in nkb_pad_buckets(lo, hi)
+    assert nkb_pad_buckets(1, 64) == [16]
+    assert nkb_pad_buckets(200_000, 100_000) == []
+    assert nkb_pad_buckets(1, 10**9)[-1] == MAX_KEY_BLOCKS
+
+
+def _packed_cache(pages, page, hkv, dim, device):
+    kv = torch.zeros(pages, page, hkv, 2 * dim, dtype=torch.bfloat16, device=device)
+    return kv.split(dim, dim=-1)
+
+
+def test_warm_up_runs_every_bucket(device):
+    kc, vc = _packed_cache(1, 64, 2, 64, device)
+    buckets = warm_up_sparse_kernels(kc, vc, num_heads=4, min_seq_len=300, max_seq_len=2100,
+                                     pv_skip_variants=(True, False))
+    assert buckets == [16, 32, 64]
+
+
+@pytest.mark.gpu
+def test_no_compilation_after_warm_up():
+    """After the warm-up, prefills of any length in range (and any batch) compile nothing."""
+    from sparge_serve.kernels import attention, predictor
+
+    kernels = (predictor._kblock_kernel, predictor._select_kernel, attention._sparse_attn_kernel)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    kc, vc = _packed_cache(1, 64, 2, 128, "cuda")
+    warm_up_sparse_kernels(kc, vc, num_heads=8, min_seq_len=1000, max_seq_len=40_000)
+    compiled = [len(k.device_caches[dev.index][0]) for k in kernels]
+    for reqs in ([(3000, 3000)], [(BLKQ + 5, 17_003), (700, 33_333)], [(40_000, 40_000)]):
+        case = make_paged_case(reqs, 8, 2, 128, 64, torch.bfloat16, "cuda", packed=True)
+        from sparge_serve.kernels import sparge_paged_prefill
+
+        out = torch.empty_like(case.q)
+        sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+                             head_vec(0.6, 8, "cuda"), head_vec(0.9, 8, "cuda"),
+                             head_vec(50.0, 8, "cuda"), out, pv_skip=False)
+    torch.cuda.synchronize()
+    assert [len(k.device_caches[dev.index][0]) for k in kernels] == compiled
