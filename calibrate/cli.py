@@ -50,16 +50,21 @@ def parse_layer_spec(text: str) -> tuple[int, int, float]:
         raise ValueError(f"{text!r}: layer range {first}-{last} is empty (write the lower first)")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{text!r}: budget must be a positive number")
+    if value > 1:
+        raise ValueError(f"{text!r}: budget must be at most 1 (a relative error)")
     return first, last, value
 
 
-def _positive_float(text: str) -> float:
+def _budget(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    # NOTE: the thresholds file only holds budgets in (0, 1]; refuse others before the search
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at most 1 (a relative error)")
     return value
 
 
@@ -97,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration prompts: .txt (paragraphs separated by blank lines) or .jsonl "
                    '(one object per line with "text" or "prompt_token_ids")')
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="thresholds file to write")
-    p.add_argument("--l1", type=_positive_float, default=0.06,
+    p.add_argument("--l1", type=_budget, default=0.06,
                    help="stage-1 error budget per head (default 0.06; relative L1 for --sim-rule l1)")
-    p.add_argument("--pv-l1", type=_positive_float, default=0.07,
+    p.add_argument("--pv-l1", type=_budget, default=0.07,
                    help="error budget with the PV skip; must exceed --l1 (default 0.07)")
     p.add_argument("--sim-rule", choices=ERROR_RULES, default="l1",
                    help="error rule the budgets bound: relative L1, 1 - cosine similarity, or "
@@ -224,10 +229,15 @@ def _layer_budgets(parser, args, num_layers: int) -> list[LayerBudget]:
     pv = expand(args.layer_pv_l1, "--layer-pv-l1")
     margin = args.pv_l1 - args.l1
     budgets = []
+    f32 = lambda x: float(torch.tensor(x, dtype=torch.float32))
     for layer in range(num_layers):
         layer_l1 = l1.get(layer, args.l1)
         layer_pv = pv.get(layer, layer_l1 + margin if layer in l1 else args.pv_l1)
-        if layer_pv <= layer_l1:
+        if layer_pv > 1:
+            parser.error(f"layer {layer}: PV budget {layer_pv:g} (its --layer-l1 budget plus the "
+                         "global margin --pv-l1 minus --l1) is above 1; give it a --layer-pv-l1")
+        # NOTE: compared as stored in the file (float32), so that the file validates
+        if f32(layer_pv) <= f32(layer_l1):
             parser.error(f"layer {layer}: PV budget {layer_pv:g} must exceed its l1 budget "
                          f"{layer_l1:g} (check --layer-pv-l1 / --layer-l1 / --pv-l1)")
         budgets.append(LayerBudget(layer_l1, layer_pv))
@@ -382,13 +392,14 @@ def _run(args, info, budgets, prompts, heldout, config) -> int:
         config_hash=info.config_hash,
         l1=args.l1,
         pv_l1=args.pv_l1,
+        l1_budget=torch.tensor([b.l1 for b in budgets], dtype=torch.float32),
+        pv_l1_budget=torch.tensor([b.pv_l1 for b in budgets], dtype=torch.float32),
         sim_rule=args.sim_rule,
         num_prompts=len(prompts),
         prompts_sha256=prompts_sha256(prompts),
     )
     save_thresholds(args.out, th)
     if args.layer_l1 or args.layer_pv_l1:
-        # NOTE: the file format records one global budget pair; per-layer budgets are logged only
         logger.info("per-layer budgets (l1/pv_l1): %s", ", ".join(
             f"{i}:{b.l1:g}/{b.pv_l1:g}" for i, b in enumerate(budgets)))
 

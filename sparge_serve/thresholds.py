@@ -6,6 +6,9 @@ Format (see docs/DESIGN.md, "Thresholds file"):
 - safetensors (never pickle: a ``.pt`` file is refused);
 - fp32 tensors ``simthreshd1``, ``cdfthreshd``, ``pvthreshd`` and uint8 ``is_sparse``, each of shape
   ``[num_layers, num_heads]`` in *global* (un-sharded) layer and query-head order;
+- optional fp32 tensors ``l1_budget`` and ``pv_l1_budget`` of shape ``[num_layers]``: the error
+  budgets each layer was calibrated with (both or neither; files written before they existed have
+  neither and still load, with ``Thresholds.l1_budget`` / ``pv_l1_budget`` = ``None``);
 - string metadata: ``format`` = "sparge-thresholds", ``format_version`` = "1", the model geometry
   (``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``blkq``, ``blkk``) and provenance
   (``model``, ``config_hash``, ``l1``, ``pv_l1``, ``sim_rule``, ``num_prompts``, ``prompts_sha256``,
@@ -52,6 +55,10 @@ PV_OFF = 50.0  # pvthreshd >= 50 disables the stage-2 PV skip
 
 THRESHOLD_TENSORS = ("simthreshd1", "cdfthreshd", "pvthreshd")
 TENSOR_NAMES = (*THRESHOLD_TENSORS, "is_sparse")
+# Optional per-layer budget tensors (fields of Thresholds of the same names).
+# NOTE: optional within format_version 1 (older files lack them), so no version bump; readers that
+# predate them refuse such files as having unexpected tensors.
+BUDGET_TENSORS = ("l1_budget", "pv_l1_budget")
 _GEOMETRY_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "blkq", "blkk")
 _FIX_RECALIBRATE = "re-run `sparge-calibrate` for this model to write a fresh file"
 
@@ -100,13 +107,17 @@ class Thresholds:
     blkk: int = DEFAULT_BLKK
     model: str = ""
     config_hash: str = ""
-    l1: float | None = None  # stage-1 relative-L1 budget used by calibration
-    pv_l1: float | None = None  # stage-2 budget
+    l1: float | None = None  # stage-1 relative-L1 budget used by calibration (global)
+    pv_l1: float | None = None  # stage-2 budget (global)
     sim_rule: str = ""
     num_prompts: int = 0
     prompts_sha256: str = ""
     package_version: str = ""
     created: str = ""
+    # [num_layers] float32 per-layer budgets actually used (file tensors l1_budget / pv_l1_budget);
+    # both or neither, None in files that predate them. Per layer, so for_rank keeps them whole.
+    l1_budget: torch.Tensor | None = None
+    pv_l1_budget: torch.Tensor | None = None
     # Head offset of head 0 of this object in the global head order (non-zero after for_rank).
     head_offset: int = 0
 
@@ -195,7 +206,7 @@ class Thresholds:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "num_layers": str(self.num_layers), "num_heads": str(self.num_heads)}
         for f in fields(self):
-            if f.name in TENSOR_NAMES or f.name == "head_offset":
+            if f.name in TENSOR_NAMES or f.name in BUDGET_TENSORS or f.name == "head_offset":
                 continue
             value = getattr(self, f.name)
             meta[f.name] = "" if value is None else str(value)
@@ -254,6 +265,7 @@ def _validate(th: Thresholds, source: str) -> None:
                    f"pvthreshd={float(th.pvthreshd[layer, head]):g}",
                    f"dense heads need cdfthreshd = 1, simthreshd1 = 1, pvthreshd >= {PV_OFF:g}; "
                    + _FIX_RECALIBRATE)
+    _validate_budgets(th, source)
     for name in ("num_kv_heads", "head_dim", "blkq", "blkk"):
         value = getattr(th, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -261,6 +273,46 @@ def _validate(th: Thresholds, source: str) -> None:
     if th.head_offset == 0 and th.num_heads % th.num_kv_heads:
         raise _err(source, f"num_heads = {th.num_heads} is not a multiple of num_kv_heads = "
                    f"{th.num_kv_heads}", "the file's geometry is inconsistent; " + _FIX_RECALIBRATE)
+
+
+def _validate_budgets(th: Thresholds, source: str) -> None:
+    """Check the optional per-layer budgets: both or neither, fp32 ``[num_layers]``, finite, in
+    (0, 1], and ``pv_l1_budget > l1_budget`` on every layer."""
+    present = {name: getattr(th, name) for name in BUDGET_TENSORS}
+    if all(t is None for t in present.values()):
+        return
+    for name, t in present.items():
+        if t is None:
+            other = next(n for n in BUDGET_TENSORS if n != name)
+            raise _err(source, f"tensor `{other}` is present but `{name}` is not (the per-layer "
+                       "budgets come as a pair)", "store both per-layer budget tensors or neither; "
+                       + _FIX_RECALIBRATE)
+        if not isinstance(t, torch.Tensor):
+            raise _err(source, f"`{name}` is a {type(t).__name__}, not a tensor",
+                       f"store `{name}` as a {torch.float32} tensor")
+        if t.dtype != torch.float32:
+            raise _err(source, f"tensor `{name}` has dtype {t.dtype}, expected {torch.float32}",
+                       f"store `{name}` as {torch.float32}")
+        if list(t.shape) != [th.num_layers]:
+            raise _err(source, f"tensor `{name}` has shape {list(t.shape)}, expected [num_layers] = "
+                       f"[{th.num_layers}] (one budget per layer)", _FIX_RECALIBRATE)
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            layer = int(bad.nonzero()[0])
+            raise _err(source, f"tensor `{name}` has {int(bad.sum())} NaN/inf value(s), first at "
+                       f"layer {layer}", _FIX_RECALIBRATE)
+        bad = (t <= 0) | (t > 1)
+        if bad.any():
+            layer = int(bad.nonzero()[0])
+            raise _err(source, f"tensor `{name}` value {float(t[layer]):g} at layer {layer} is out "
+                       "of range; it must be in (0, 1] (a relative error budget)", _FIX_RECALIBRATE)
+    l1, pv = present["l1_budget"], present["pv_l1_budget"]
+    bad = pv <= l1
+    if bad.any():
+        layer = int(bad.nonzero()[0])
+        raise _err(source, f"layer {layer} has pv_l1_budget {float(pv[layer]):g} <= l1_budget "
+                   f"{float(l1[layer]):g}; the PV budget must exceed the l1 budget on every layer "
+                   "(the PV skip adds error on top of the block selection)", _FIX_RECALIBRATE)
 
 
 def save_thresholds(path: str | os.PathLike[str], th: Thresholds) -> None:
@@ -275,6 +327,10 @@ def save_thresholds(path: str | os.PathLike[str], th: Thresholds) -> None:
         raise ThresholdsError("save_thresholds: these thresholds were sliced with for_rank; "
                               "save the global (all-heads) thresholds instead")
     tensors = {name: getattr(th, name).detach().cpu().contiguous() for name in TENSOR_NAMES}
+    for name in BUDGET_TENSORS:
+        t = getattr(th, name)
+        if t is not None:
+            tensors[name] = t.detach().cpu().contiguous()
     save_file(tensors, os.fspath(path), metadata=th.metadata())
 
 
@@ -297,7 +353,7 @@ def load_thresholds(path: str | os.PathLike[str],
         with safe_open(src, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             keys = set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in TENSOR_NAMES if k in keys}
+            tensors = {k: f.get_tensor(k) for k in (*TENSOR_NAMES, *BUDGET_TENSORS) if k in keys}
     except Exception as e:  # safetensors raises its own error type for every kind of corruption
         raise _err(src, f"is not a readable safetensors file ({type(e).__name__}: {e})",
                    "pickled .pt files are refused on purpose; point at a thresholds file written "
@@ -314,7 +370,7 @@ def load_thresholds(path: str | os.PathLike[str],
     missing = [k for k in TENSOR_NAMES if k not in keys]
     if missing:
         raise _err(src, f"missing tensor(s) {missing}", _FIX_RECALIBRATE)
-    extra = sorted(keys - set(TENSOR_NAMES))
+    extra = sorted(keys - set(TENSOR_NAMES) - set(BUDGET_TENSORS))
     if extra:
         raise _err(src, f"unexpected tensor(s) {extra} for format_version {FORMAT_VERSION}",
                    _FIX_RECALIBRATE)
@@ -344,13 +400,14 @@ def load_thresholds(path: str | os.PathLike[str],
 
     geo = {k: meta_int(k) for k in _GEOMETRY_KEYS}
     shape = [geo["num_layers"], geo["num_heads"]]
+    budgets = {name: tensors.pop(name, None) for name in BUDGET_TENSORS}
     for name, t in tensors.items():
         if list(t.shape) != shape:
             raise _err(src, f"tensor `{name}` has shape {list(t.shape)} but the metadata says "
                        f"[num_layers, num_heads] = {shape}", _FIX_RECALIBRATE)
     try:
         th = Thresholds(
-            **tensors, num_kv_heads=geo["num_kv_heads"], head_dim=geo["head_dim"],
+            **tensors, **budgets, num_kv_heads=geo["num_kv_heads"], head_dim=geo["head_dim"],
             blkq=geo["blkq"], blkk=geo["blkk"], model=meta.get("model", ""),
             config_hash=meta.get("config_hash", ""), l1=meta_float("l1"),
             pv_l1=meta_float("pv_l1"), sim_rule=meta.get("sim_rule", ""),

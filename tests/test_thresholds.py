@@ -64,6 +64,38 @@ def test_round_trip(tmp_path):
     assert got.layer_is_dense(0) is False
 
 
+def _with_budgets(th: Thresholds, l1=(0.04, 0.05, 0.05), pv=(0.05, 0.07, 0.08)) -> Thresholds:
+    return replace(th, l1_budget=torch.tensor(l1, dtype=torch.float32),
+                   pv_l1_budget=torch.tensor(pv, dtype=torch.float32))
+
+
+def test_round_trip_with_layer_budgets(tmp_path):
+    th = _with_budgets(_random_thresholds())
+    p = tmp_path / "th.safetensors"
+    save_thresholds(p, th)
+    got = load_thresholds(p, expect=GEO)
+    assert torch.equal(got.l1_budget, th.l1_budget) and torch.equal(got.pv_l1_budget, th.pv_l1_budget)
+    assert got.l1_budget.dtype == torch.float32 and (got.l1, got.pv_l1) == (0.05, 0.07)
+    assert not {"l1_budget", "pv_l1_budget"} & set(got.metadata())
+    # per layer, not per head: every rank keeps the whole vectors
+    local = got.for_rank(1, 2)
+    assert torch.equal(local.l1_budget, th.l1_budget)
+    assert torch.equal(local.pv_l1_budget, th.pv_l1_budget)
+
+
+def test_file_without_layer_budgets_loads(tmp_path):
+    """Files written before the per-layer budget tensors existed still load (format_version 1)."""
+    p = _write_raw(tmp_path / "old.safetensors")
+    got = load_thresholds(p, expect=GEO)
+    assert got.l1_budget is None and got.pv_l1_budget is None and got.l1 == 0.05
+    save_thresholds(tmp_path / "again.safetensors", got)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "again.safetensors"), framework="pt") as f:
+        assert not {"l1_budget", "pv_l1_budget"} & set(f.keys())
+    assert load_thresholds(tmp_path / "again.safetensors").pv_l1_budget is None
+
+
 def test_block_sizes_match_kernels():
     kernels = pytest.importorskip("sparge_serve.kernels")
     if not hasattr(kernels, "BLKQ"):
@@ -211,6 +243,48 @@ def test_bad_tensors(tmp_path, changes, match):
     with pytest.raises(ThresholdsError, match=match) as ei:
         load_thresholds(p)
     assert str(p) in str(ei.value) and "Fix:" in str(ei.value)
+
+
+def _budget(*values, dtype=torch.float32):
+    return torch.tensor(values, dtype=dtype)
+
+
+_GOOD_L1, _GOOD_PV = _budget(0.04, 0.05, 0.05), _budget(0.05, 0.07, 0.08)
+
+
+@pytest.mark.parametrize("budgets,match", [
+    ({"l1_budget": _GOOD_L1}, r"`l1_budget` is present but `pv_l1_budget` is not"),
+    ({"pv_l1_budget": _GOOD_PV}, r"`pv_l1_budget` is present but `l1_budget` is not"),
+    ({"l1_budget": _budget(0.04, 0.05), "pv_l1_budget": _GOOD_PV},
+     r"`l1_budget` has shape \[2\], expected \[num_layers\] = \[3\]"),
+    ({"l1_budget": _GOOD_L1, "pv_l1_budget": torch.full((L, H), 0.07)},
+     r"`pv_l1_budget` has shape \[3, 8\]"),
+    ({"l1_budget": _budget(0.04, 0.05, 0.05, dtype=torch.float64), "pv_l1_budget": _GOOD_PV},
+     "`l1_budget` has dtype torch.float64"),
+    ({"l1_budget": _budget(0.04, float("nan"), 0.05), "pv_l1_budget": _GOOD_PV},
+     "`l1_budget` has 1 NaN/inf.*layer 1"),
+    ({"l1_budget": _GOOD_L1, "pv_l1_budget": _budget(0.05, 0.07, float("inf"))},
+     "`pv_l1_budget` has 1 NaN/inf.*layer 2"),
+    ({"l1_budget": _budget(0.0, 0.05, 0.05), "pv_l1_budget": _GOOD_PV},
+     r"`l1_budget` value 0 at layer 0 is out of range; it must be in \(0, 1\]"),
+    ({"l1_budget": _GOOD_L1, "pv_l1_budget": _budget(0.05, 1.5, 0.08)},
+     r"`pv_l1_budget` value 1.5 at layer 1 is out of range"),
+    ({"l1_budget": _GOOD_L1, "pv_l1_budget": _budget(0.05, 0.05, 0.08)},
+     "layer 1 has pv_l1_budget 0.05 <= l1_budget 0.05"),
+])
+def test_bad_layer_budgets(tmp_path, budgets, match):
+    p = _write_raw(tmp_path / "th.safetensors", tensors={**_tensors(), **budgets})
+    with pytest.raises(ThresholdsError, match=match) as ei:
+        load_thresholds(p)
+    assert str(p) in str(ei.value) and "Fix:" in str(ei.value)
+
+
+def test_bad_layer_budgets_in_memory():
+    th = _random_thresholds()
+    with pytest.raises(ThresholdsError, match="<in-memory Thresholds>.*`pv_l1_budget` is a list"):
+        replace(th, l1_budget=_GOOD_L1, pv_l1_budget=[0.05, 0.07, 0.08])
+    with pytest.raises(ThresholdsError, match="pv_l1_budget 0.04 <= l1_budget 0.04"):
+        _with_budgets(th, pv=(0.04, 0.07, 0.08))
 
 
 @pytest.mark.parametrize("field,value", [
