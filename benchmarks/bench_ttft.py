@@ -1,7 +1,8 @@
 """Time to first token and decode throughput: SPARGE vs FLASH_ATTN in vLLM (GPU).
 
     python benchmarks/bench_ttft.py --model models/sparge-tiny-code \
-        --lengths 8192 32768 65536 131072 --out benchmarks/results/ttft [--thresholds FILE]
+        --lengths 8192 32768 65536 131072 --out benchmarks/results/ttft [--thresholds FILE] \
+        [--backends FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE]
 
 Each backend runs in its own process (one in-process engine each, same settings: prefix caching
 off, chunked prefill with ``--chunk`` tokens per step, CUDA graphs on). Prompts are real Python
@@ -67,7 +68,10 @@ def worker(args) -> None:
     max_len = max(args.lengths)
     ids = corpus_ids(args.model, 2 * max_len + 64)
     kw = {}
-    if args.backend == "SPARGE":
+    backend, _, page = args.backend.partition("@")
+    if page:
+        kw["block_size"] = int(page)
+    if backend == "SPARGE":
         sparge = {"min_sparse_len": args.min_sparse_len}
         if args.thresholds:
             sparge["thresholds"] = args.thresholds
@@ -75,7 +79,7 @@ def worker(args) -> None:
     # NOTE: lengths past the model's trained context need a longer RoPE table: positions are
     # extrapolated (rope_theta 1e6), fine for timing; sparsity there is the model's, as measured.
     llm = LLM(
-        model=args.model, attention_backend=args.backend, max_model_len=max_len + 512,
+        model=args.model, attention_backend=backend, max_model_len=max_len + 512,
         enable_prefix_caching=False, max_num_batched_tokens=args.chunk,
         gpu_memory_utilization=0.8, seed=0,
         hf_overrides={"max_position_embeddings": max_len + 512}, **kw,
@@ -117,34 +121,44 @@ def worker(args) -> None:
 
 
 def report(rows, meta, out) -> None:
-    base = {r["length"]: r["ttft_s"] for r in rows if r.get("backend") == "FLASH_ATTN"
-            and "length" in r}
+    ttft = {(r["backend"], r["length"]): r["ttft_s"] for r in rows if "length" in r}
     dec = {r["backend"]: r["decode_tok_per_s"] for r in rows if "decode_tok_per_s" in r}
+    baselines = [b for b in meta["backends"] if b != "SPARGE" and b not in meta["failed"]]
     for r in rows:
-        if r.get("backend") == "SPARGE" and r.get("length") in base:
-            r["ttft_speedup_vs_flash_attn"] = base[r["length"]] / r["ttft_s"]
+        if r.get("backend") == "SPARGE" and "length" in r:
+            for b in baselines:
+                if (b, r["length"]) in ttft:
+                    r[f"ttft_speedup_vs_{b}"] = ttft[(b, r["length"])] / r["ttft_s"]
+    nan = float("nan")
     lines = [
-        f"# TTFT and decode: SPARGE vs FLASH_ATTN — {meta['device']}, {meta['date']}", "",
+        f"# TTFT and decode: SPARGE vs {', '.join(baselines)} — {meta['device']}, {meta['date']}",
+        "",
         f"`{meta['command']}` — vllm {meta['vllm']}, torch {meta['torch']}, triton "
         f"{meta['triton']}; model `{meta['model']}`; chunked prefill {meta['chunk']} tokens/step, "
         f"prefix caching off; thresholds: {meta['thresholds'] or 'untuned defaults'}; "
         f"min_sparse_len {meta['min_sparse_len']}. TTFT = median wall time of one "
-        "`generate(max_tokens=1)`.", "",
-        "| length | FLASH_ATTN TTFT s | SPARGE TTFT s | speed-up | SPARGE block sparsity |",
-        "|---|---|---|---|---|",
+        "`generate(max_tokens=1)`. `NAME@64`: that backend with 64-token pages (SPARGE's page "
+        "size; the others default to 16).", "",
+        "| length | " + " | ".join(f"{b} TTFT s" for b in baselines) + " | SPARGE TTFT s | "
+        + " | ".join(f"vs {b}" for b in baselines) + " | SPARGE block sparsity |",
+        "|---|" + "---|" * (2 * len(baselines) + 2),
     ]
     for r in rows:
         if r.get("backend") == "SPARGE" and "length" in r:
+            n = r["length"]
             lines.append(
-                f"| {r['length']} | {base.get(r['length'], float('nan')):.4f} | "
-                f"{r['ttft_s']:.4f} | {r.get('ttft_speedup_vs_flash_attn', float('nan')):.2f}x | "
-                f"{r.get('block_sparsity', float('nan')):.3f} |")
+                f"| {n} | " + " | ".join(f"{ttft.get((b, n), nan):.4f}" for b in baselines)
+                + f" | {r['ttft_s']:.4f} | "
+                + " | ".join(f"{r.get(f'ttft_speedup_vs_{b}', nan):.2f}x" for b in baselines)
+                + f" | {r.get('block_sparsity', nan):.3f} |")
     if dec:
-        ratio = dec.get("SPARGE", float("nan")) / dec.get("FLASH_ATTN", float("nan"))
-        lines += ["", f"Decode throughput ({meta['decode_batch']} prompts x 256 new tokens): "
-                      f"FLASH_ATTN {dec.get('FLASH_ATTN', float('nan')):.0f} tok/s, SPARGE "
-                      f"{dec.get('SPARGE', float('nan')):.0f} tok/s, ratio {ratio:.3f}."]
-        meta["decode_ratio"] = ratio
+        base = dec.get("FLASH_ATTN", nan)
+        lines += ["", f"Decode throughput ({meta['decode_batch']} prompts x 256 new tokens), "
+                      "ratio to FLASH_ATTN: " + ", ".join(
+                          f"{b} {v:.0f} tok/s ({v / base:.3f})" for b, v in dec.items()) + "."]
+        meta["decode_ratio"] = dec.get("SPARGE", nan) / base
+    for b, why in meta["failed"].items():
+        lines += ["", f"{b} did not run: {why}"]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(out + ".json", "w") as f:
@@ -157,7 +171,7 @@ def report(rows, meta, out) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for backend in ("FLASH_ATTN", "SPARGE"):
+    for backend in meta["backends"]:
         rs = sorted((r for r in rows if r.get("backend") == backend and "length" in r),
                     key=lambda r: r["length"])
         ax.plot([r["length"] for r in rs], [r["ttft_s"] for r in rs], "o-", label=backend)
@@ -181,6 +195,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-batch", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results/ttft")
+    ap.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "SPARGE"],
+                    help="vLLM attention backends (NAME or NAME@PAGE_SIZE); FLASH_ATTN is the "
+                    "reference, a failing baseline is reported and skipped")
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -191,8 +208,8 @@ def main() -> None:
     import triton
     import vllm
 
-    rows = []
-    for backend in ("FLASH_ATTN", "SPARGE"):
+    rows, failed = [], {}
+    for backend in args.backends:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
             path = tmp.name
         cmd = [sys.executable, __file__, "--backend", backend, "--worker-out", path]
@@ -201,7 +218,14 @@ def main() -> None:
             if v is not None:
                 cmd += [f"--{k.replace('_', '-')}", str(v)]
         cmd += ["--lengths", *map(str, args.lengths)]
-        subprocess.run(cmd, check=True)
+        proc = subprocess.run(cmd, check=False, stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(proc.stderr[-20000:])
+        if proc.returncode != 0:
+            if backend in ("FLASH_ATTN", "SPARGE"):
+                raise SystemExit(f"{backend} failed (exit {proc.returncode})")
+            tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:]
+            failed[backend] = f"exit {proc.returncode}: {tail[0][:300] if tail else '?'}"
+            continue
         with open(path) as f:
             rows += json.load(f)
     meta = dict(
@@ -209,6 +233,7 @@ def main() -> None:
         vllm=vllm.__version__, torch=torch.__version__, triton=triton.__version__,
         model=args.model, chunk=args.chunk, thresholds=args.thresholds,
         min_sparse_len=args.min_sparse_len, decode_batch=args.decode_batch,
+        backends=args.backends, failed=failed,
         command="python benchmarks/bench_ttft.py " + " ".join(sys.argv[1:]),
     )
     report(rows, meta, args.out)
