@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# GPU-machine jobs of this project, one stage per argument; logs and results go to $OUT
+# (the device tool's result folder; defaults to ./gpu_out). Run after the vLLM bundle install
+# (README, "GPU machine"), from the repo root, with PYTHONPATH=/tmp/site:
+#
+#   bash scripts/gpu_session.sh tests kernels          # several stages in one call
+#
+# Stages:
+#   tests      GPU tests: kernels, warm-up, calibration search, engine equivalence (TP 1),
+#              vllm serve metrics (TP 1)
+#   tp2        the tensor-parallel-2 tests (2 GPUs): engine TP2 = TP1, serve metrics TP 2,
+#              calibration capture TP 2 = TP 1
+#   sweep      kernel launch-config sweep at 32K (exploration; -> $OUT/kernels_sweep.*)
+#   kernels    the kernel benchmark (-> $OUT/kernels.*)
+#   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
+#   ttft       TTFT / decode benchmark with $THRESHOLDS (-> $OUT/ttft.*)
+#   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 SPARGE_TEST_MODEL=${SPARGE_TEST_MODEL:-models/sparge-tiny-code}
+MODEL=$SPARGE_TEST_MODEL
+THRESHOLDS=${THRESHOLDS:-models/sparge-tiny-code-run/thresholds.safetensors}
+nvidia-smi -L > "$OUT/gpu.txt" 2>&1
+status=0
+run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures
+    local name=$1; shift
+    echo "=== $name: $*" | tee -a "$OUT/stages.log"
+    local t0=$SECONDS
+    "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/stages.log"
+    tail -n 15 "$OUT/$name.log"
+    [ $rc -eq 0 ] || status=1
+}
+prompts() {
+    [ -f /tmp/prompts/calib.jsonl ] && return
+    mkdir -p /tmp/prompts
+    python3 scripts/make_code_prompts.py --out /tmp/prompts/calib.jsonl --n 8 --chars 70000 --package vllm
+    python3 scripts/make_code_prompts.py --out /tmp/prompts/heldout.jsonl --n 2 --chars 70000 --package vllm --skip 8
+}
+for stage in "$@"; do
+    case $stage in
+    tests)
+        export SPARGE_TEST_REPORT=$OUT/engine_report.json
+        run gpu_tests timeout 560 python3 -m pytest -q -m gpu -rs -p no:cacheprovider \
+            tests/test_kernels.py tests/test_warmup.py tests/test_calibrate_search.py \
+            tests/gpu/test_engine_gpu.py tests/test_metrics.py -k "not tp2 and not tensor_parallel"
+        ;;
+    tp2)
+        export SPARGE_TEST_REPORT=$OUT/engine_report_tp2.json
+        run gpu_tests_tp2 timeout 560 python3 -m pytest -q -m gpu -rs -p no:cacheprovider \
+            "tests/gpu/test_engine_gpu.py::test_tensor_parallel_2_equals_1" \
+            "tests/test_metrics.py::test_vllm_serve_exports_sparge_metrics[2]" \
+            tests/test_calibrate_capture.py
+        ;;
+    sweep)
+        run kernels_sweep python3 benchmarks/bench_kernels.py --lengths 32768 --pages 64 --sweep \
+            --out "$OUT/kernels_sweep"
+        ;;
+    kernels)
+        run kernels python3 benchmarks/bench_kernels.py --out "$OUT/kernels"
+        ;;
+    calib)
+        prompts
+        run calib python3 benchmarks/calibration_quality.py --model "$MODEL" \
+            --prompts /tmp/prompts/calib.jsonl --heldout /tmp/prompts/heldout.jsonl \
+            --max-len 16384 --save-dir "$OUT" --out "$OUT/calibration_quality"
+        ;;
+    ttft)
+        run ttft python3 benchmarks/bench_ttft.py --model "$MODEL" --thresholds "$THRESHOLDS" \
+            --backends FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE --out "$OUT/ttft"
+        ;;
+    overhead)
+        run overhead python3 benchmarks/metrics_overhead.py
+        grep '"bench": "metrics_overhead"' "$OUT/overhead.log" | tail -n 1 > "$OUT/metrics_overhead.json"
+        ;;
+    *)
+        echo "unknown stage $stage"; status=1
+        ;;
+    esac
+done
+exit $status
