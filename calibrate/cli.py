@@ -4,7 +4,8 @@ Example::
 
     sparge-calibrate ./Llama-3.1-8B --prompts calib.jsonl --out llama.sparge.safetensors \\
         --l1 0.06 --pv-l1 0.07 --layer-l1 0-1:0.03 --max-len 16384 --samples 8 \\
-        --driver vllm --device cuda --plot sparsity.png --report heldout.txt
+        --driver vllm --device cuda --tensor-parallel-size 2 --plot sparsity.png \\
+        --report heldout.txt
 
 Writes the thresholds file the SPARGE backend loads (``--additional-config
 '{"sparge": {"thresholds": "llama.sparge.safetensors"}}'``), prints a per-layer summary and
@@ -122,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use only the first N prompts of --prompts")
     p.add_argument("--driver", choices=("hf", "vllm"), default="hf",
                    help="capture Q/K/V with transformers (CPU or CUDA) or through vLLM with the "
-                   "SPARGE backend (CUDA, tensor parallel 1)")
+                   "SPARGE backend (CUDA)")
+    p.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
+                   help="--driver vllm: capture with N GPUs (tensor parallel; the workers write "
+                   "their captures to $TMPDIR, merged afterwards; default 1)")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="where the model runs and errors are measured (default: cuda if available)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -204,9 +208,15 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available (use --device cpu)")
+    if args.tensor_parallel_size != 1 and args.driver != "vllm":
+        parser.error(f"--tensor-parallel-size {args.tensor_parallel_size} needs --driver vllm (the "
+                     "transformers driver runs on one device)")
     if args.driver == "vllm" and args.device != "cuda":
         parser.error("--driver vllm needs --device cuda (vLLM serves on the GPU); use --driver hf "
                      "on CPU")
+    if args.device == "cuda" and args.tensor_parallel_size > torch.cuda.device_count():
+        parser.error(f"--tensor-parallel-size {args.tensor_parallel_size}: only "
+                     f"{torch.cuda.device_count()} CUDA GPU(s) are visible")
     if args.device == "cpu" and args.dtype in ("bfloat16", "float16"):
         parser.error(f"--dtype {args.dtype} on CPU: the CPU reference computes in float32; use "
                      "--dtype float32 (or auto)")
@@ -318,6 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if info.num_heads % info.num_kv_heads:
         parser.error(f"MODEL_DIR {args.model_dir}: {info.num_heads} query heads are not a multiple "
                      f"of {info.num_kv_heads} KV heads")
+    tp = args.tensor_parallel_size
+    if tp > info.num_kv_heads or info.num_kv_heads % tp:
+        parser.error(f"--tensor-parallel-size {tp}: the capture needs it to divide the model's "
+                     f"{info.num_kv_heads} KV heads (KV heads replicated across ranks are not "
+                     "supported)")
     budgets = _layer_budgets(parser, args, info.num_layers)
     prompts = _load(parser, "--prompts", args.prompts, args.model_dir, info, args.max_len,
                     MIN_PROMPT_TOKENS, args.samples)
@@ -360,7 +375,7 @@ def _run(args, info, budgets, prompts, heldout, config) -> int:
             from .vllm_driver import capture_vllm
 
             cap = capture_vllm(args.model_dir, prompts, dtype=str(dtype).removeprefix("torch."),
-                               on_prompt=step)
+                               tensor_parallel_size=args.tensor_parallel_size, on_prompt=step)
         else:
             model = load_model(args.model_dir, args.device, dtype, "sdpa")
             cap = capture_hf(args.model_dir, prompts, args.device, dtype, model=model,

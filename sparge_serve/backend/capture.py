@@ -1,8 +1,11 @@
 """Calibration capture hook: an explicit, process-local sink for the backend's sparse-path prefills.
 
 The calibration tool (``sparge-calibrate --driver vllm``) installs a sink before it runs prompts and
-removes it afterwards; nothing else does, and no environment variable switches it on. While a sink is
-installed, the backend reports the Q/K/V of every prefill it would send to the sparse path::
+removes it afterwards; nothing else does, and no environment variable switches it on. The sink is
+per process: with tensor parallel size 1 the driver installs it in its own process (the engine runs
+there), with more the worker extension ``sparge_serve.backend.capture_worker`` installs one in each
+GPU worker. While a sink is installed, the backend reports the Q/K/V of every prefill it would send
+to the sparse path::
 
     from sparge_serve.backend import capture
     if capture.get_sink() is not None:                       # cheap check, once per forward
