@@ -9,7 +9,8 @@ off, chunked prefill with ``--chunk`` tokens per step, CUDA graphs on). Prompts 
 source (the installed vLLM package's files) tokenized with the model's tokenizer, so attention has
 the structure of real text. TTFT = wall time of ``generate(max_tokens=1)`` for one prompt, median
 of ``--repeats`` after a warm-up; block sparsity is read from the backend's GPU counters. Decode
-throughput = generated tokens / s for ``--decode-batch`` prompts of 512 tokens x 256 new tokens.
+throughput = generated tokens / s for ``--decode-batch`` prompts of 512 tokens x 256 new tokens
+(median of ``--decode-repeats`` runs).
 Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
 """
 
@@ -108,13 +109,18 @@ def worker(args) -> None:
     prompts = [{"prompt_token_ids": ids[i * 512 : (i + 1) * 512]} for i in range(n)]
     gen = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:4], gen, use_tqdm=False)  # warm-up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, gen, use_tqdm=False)
-    dt = time.perf_counter() - t0
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    rows.append(dict(backend=args.backend, decode_tokens=tokens, decode_s=dt,
-                     decode_tok_per_s=tokens / dt))
+    # NOTE: a small model's decode is host-bound and one run varies by tens of percent between
+    # processes: report the median of --decode-repeats runs and their spread.
+    rates = []
+    for _ in range(args.decode_repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, gen, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        rates.append(tokens / dt)
+    rows.append(dict(backend=args.backend, decode_tokens=tokens,
+                     decode_tok_per_s=statistics.median(rates), decode_tok_per_s_all=rates))
     print(json.dumps(rows[-1]), flush=True)
     with open(args.worker_out, "w") as f:
         json.dump(rows, f)
@@ -153,8 +159,8 @@ def report(rows, meta, out) -> None:
                 + f" | {r.get('block_sparsity', nan):.3f} |")
     if dec:
         base = dec.get("FLASH_ATTN", nan)
-        lines += ["", f"Decode throughput ({meta['decode_batch']} prompts x 256 new tokens), "
-                      "ratio to FLASH_ATTN: " + ", ".join(
+        lines += ["", f"Decode throughput ({meta['decode_batch']} prompts x 256 new tokens, "
+                      f"median of {meta['decode_repeats']} runs), ratio to FLASH_ATTN: " + ", ".join(
                           f"{b} {v:.0f} tok/s ({v / base:.3f})" for b, v in dec.items()) + "."]
         meta["decode_ratio"] = dec.get("SPARGE", nan) / base
     for b, why in meta["failed"].items():
@@ -194,6 +200,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-batch", type=int, default=32)
+    ap.add_argument("--decode-repeats", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/ttft")
     ap.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "SPARGE"],
                     help="vLLM attention backends (NAME or NAME@PAGE_SIZE); FLASH_ATTN is the "
@@ -213,7 +220,8 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
             path = tmp.name
         cmd = [sys.executable, __file__, "--backend", backend, "--worker-out", path]
-        for k in ("model", "thresholds", "min_sparse_len", "chunk", "repeats", "decode_batch"):
+        for k in ("model", "thresholds", "min_sparse_len", "chunk", "repeats", "decode_batch",
+                  "decode_repeats"):
             v = getattr(args, k)
             if v is not None:
                 cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -233,6 +241,7 @@ def main() -> None:
         vllm=vllm.__version__, torch=torch.__version__, triton=triton.__version__,
         model=args.model, chunk=args.chunk, thresholds=args.thresholds,
         min_sparse_len=args.min_sparse_len, decode_batch=args.decode_batch,
+        decode_repeats=args.decode_repeats,
         backends=args.backends, failed=failed,
         command="python benchmarks/bench_ttft.py " + " ".join(sys.argv[1:]),
     )

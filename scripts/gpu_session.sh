@@ -6,6 +6,7 @@
 #   bash scripts/gpu_session.sh tests kernels          # several stages in one call
 #
 # Stages:
+#   kernel_tests  the kernels' GPU tests only
 #   tests      GPU tests: kernels, warm-up, calibration search, engine equivalence (TP 1),
 #              vllm serve metrics (TP 1)
 #   tp2        the tensor-parallel-2 tests (2 GPUs): engine TP2 = TP1, serve metrics TP 2,
@@ -41,6 +42,10 @@ prompts() {
 }
 for stage in "$@"; do
     case $stage in
+    kernel_tests)
+        run gpu_kernel_tests timeout 300 python3 -m pytest -q -m gpu -rs -p no:cacheprovider \
+            tests/test_kernels.py tests/test_warmup.py
+        ;;
     tests)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
         run gpu_tests timeout 560 python3 -m pytest -q -m gpu -rs -p no:cacheprovider \
@@ -52,7 +57,7 @@ for stage in "$@"; do
         run gpu_tests_tp2 timeout 560 python3 -m pytest -q -m gpu -rs -p no:cacheprovider \
             "tests/gpu/test_engine_gpu.py::test_tensor_parallel_2_equals_1" \
             "tests/test_metrics.py::test_vllm_serve_exports_sparge_metrics[2]" \
-            tests/test_calibrate_capture.py
+            tests/gpu/test_calibrate_tp_gpu.py
         ;;
     sweep)
         run kernels_sweep python3 benchmarks/bench_kernels.py --lengths 32768 --pages 64 --sweep \
@@ -69,7 +74,7 @@ for stage in "$@"; do
         ;;
     ttft)
         run ttft python3 benchmarks/bench_ttft.py --model "$MODEL" --thresholds "$THRESHOLDS" \
-            --backends FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE --out "$OUT/ttft"
+            --backends ${TTFT_BACKENDS:-FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE} --out "$OUT/ttft"
         ;;
     overhead)
         run overhead python3 benchmarks/metrics_overhead.py

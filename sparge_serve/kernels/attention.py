@@ -39,13 +39,22 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_update(acc, l_i, m_i, s, v, UPCAST: tl.constexpr):
-    """One flash-attention step with scores ``s`` (log2 domain) and values ``v``."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr):
+    """One flash-attention step with raw scores ``qk`` (``q.k``; ``qk * qk_scale`` is the log2
+    domain) and values ``v``.
+
+    NOTE: scale and max-subtraction fuse into one FMA per score, and ``P.V`` accumulates into
+    ``acc`` in the matrix unit (no separate tile add), as in Triton's fused-attention tutorial.
+    """
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+    acc = acc * alpha[:, None]
+    if UPCAST:
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
 
 
@@ -104,16 +113,16 @@ def _sparse_attn_kernel(
             j = tl.load(lut_row + t).to(tl.int32)
             k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
-            s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+            qk = _dot(q, tl.trans(k), UPCAST)
             # stage-2 filter: skip when every real row's block max is pv_thr (log2) below its
             # running max; never the first block of the row.
-            negligible = tl.where(m_real, tl.max(s, axis=1) - m_i <= -pv_thr, 1)
+            negligible = tl.where(m_real, tl.max(qk, axis=1) * qk_scale - m_i <= -pv_thr, 1)
             if (t > 0) & (pv_thr < PV_OFF) & (tl.min(negligible, axis=0) > 0):
                 n_skipped += 1
             else:
                 v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                    stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
-                acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, UPCAST)
+                acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     else:
         for t in tl.range(0, n_off, warp_specialize=WARP_SPEC):
             j = tl.load(lut_row + t).to(tl.int32)
@@ -121,8 +130,8 @@ def _sparse_attn_kernel(
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
             v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
-            s = _dot(q, tl.trans(k), UPCAST) * qk_scale
-            acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, UPCAST)
+            qk = _dot(q, tl.trans(k), UPCAST)
+            acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     # diagonal band: always computed, causal mask
     for j in range(j_diag0, n_valid):
         k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
@@ -130,10 +139,10 @@ def _sparse_attn_kernel(
         # NOTE: with TMA, rows past seq_len hold stale page contents: zero V (0 * NaN = NaN).
         v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                            stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, True)
-        s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+        qk = _dot(q, tl.trans(k), UPCAST)
         k_pos = j * BLOCK_N + offs_n
-        s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
-        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, UPCAST)
+        qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
+        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     out = acc / l_i[:, None]
     tl.store(
         out_ptr + q_tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
