@@ -115,7 +115,7 @@ def _kblock_kernel(
         mean_unit = tl.sum(x / norm[:, None], axis=0) / n_rows
         # NOTE: pooled keys are stored transposed ([D, NKB]) so the select kernel reads them
         # coalesced along key blocks.
-        tl.store(pk_ptr + (rh * HEAD_DIM + offs_d) * NKB + j, pooled)
+        tl.store(pk_ptr + rh * HEAD_DIM * NKB + offs_d * NKB + j, pooled)
         tl.store(ksim_ptr + rh * NKB + j, tl.sum(mean_unit * mean_unit, axis=0))
 
 
@@ -168,12 +168,14 @@ def _select_kernel(
 
     # compressed scores: pooled_q . pooled_k, accumulated over chunks of DC dims, fp32
     offs_c = tl.arange(0, DC)
+    # NOTE: the 64-bit part of the offset is a scalar; tile offsets (< D * NKB) stay 32-bit.
+    pk_head = pk_ptr + rh * HEAD_DIM * NKB
     s = tl.zeros([NKB_PAD], dtype=tl.float32)
     for d0 in range(0, HEAD_DIM, DC):
         qc = tl.load(q_rows + (d0 + offs_c)[None, :], mask=m_real[:, None], other=0.0)
         pq = tl.sum(qc.to(tl.float32), axis=0) / n_rows
         pk = tl.load(
-            pk_ptr + (rh * HEAD_DIM + d0 + offs_c)[None, :] * NKB + offs_j[:, None],
+            pk_head + (d0 + offs_c)[None, :] * NKB + offs_j[:, None],
             mask=valid[:, None], other=0.0,
         )
         s += tl.sum(pk * pq[None, :], axis=1)
