@@ -20,6 +20,9 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 SPARGE_TEST_MODEL=${SPARGE_TEST_MODEL:-models/sparge-tiny-code}
+export SPARGE_TEST_LOG_DIR=$OUT/engine_logs
+# NOTE: -x and a per-test timeout: a run killed at its limit prints no failure report at all
+PYTEST="python3 -m pytest -q -x -m gpu -rs -p no:cacheprovider --timeout=420"
 MODEL=$SPARGE_TEST_MODEL
 THRESHOLDS=${THRESHOLDS:-models/sparge-tiny-code-run/thresholds.safetensors}
 nvidia-smi -L > "$OUT/gpu.txt" 2>&1
@@ -43,18 +46,18 @@ prompts() {
 for stage in "$@"; do
     case $stage in
     kernel_tests)
-        run gpu_kernel_tests timeout 300 python3 -m pytest -q -m gpu -rs -p no:cacheprovider \
+        run gpu_kernel_tests timeout 300 $PYTEST \
             tests/test_kernels.py tests/test_warmup.py
         ;;
     tests)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
-        run gpu_tests timeout 560 python3 -m pytest -q -m gpu -rs -p no:cacheprovider \
+        run gpu_tests timeout 560 $PYTEST \
             tests/test_kernels.py tests/test_warmup.py tests/test_calibrate_search.py \
             tests/gpu/test_engine_gpu.py tests/test_metrics.py -k "not tp2 and not tensor_parallel"
         ;;
     tp2)
         export SPARGE_TEST_REPORT=$OUT/engine_report_tp2.json
-        run gpu_tests_tp2 timeout 560 python3 -m pytest -q -m gpu -rs -p no:cacheprovider \
+        run gpu_tests_tp2 timeout 560 $PYTEST \
             "tests/gpu/test_engine_gpu.py::test_tensor_parallel_2_equals_1" \
             "tests/test_metrics.py::test_vllm_serve_exports_sparge_metrics[2]" \
             tests/gpu/test_calibrate_tp_gpu.py
