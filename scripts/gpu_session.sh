@@ -15,6 +15,7 @@
 #   kernels    the kernel benchmark (-> $OUT/kernels.*)
 #   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
 #   ttft       TTFT / decode benchmark with $THRESHOLDS (-> $OUT/ttft.*)
+#   query_len  short chunks on a long context, sparse vs FA3 (-> $OUT/query_len.*)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -56,6 +57,9 @@ for stage in "$@"; do
             tests/gpu/test_engine_gpu.py tests/test_metrics.py -k "not tp2 and not tensor_parallel"
         ;;
     tp2)
+        # NOTE: never NVLink multicast on the lent machines (KINDS.md): keep their NCCL_NVLS_ENABLE=0
+        # etc. (inherited by every engine) and keep vLLM off symmetric-memory all-reduce.
+        export VLLM_ALLREDUCE_USE_SYMM_MEM=0
         export SPARGE_TEST_REPORT=$OUT/engine_report_tp2.json
         run gpu_tests_tp2 timeout 560 $PYTEST \
             "tests/gpu/test_engine_gpu.py::test_tensor_parallel_2_equals_1" \
@@ -78,6 +82,9 @@ for stage in "$@"; do
     ttft)
         run ttft python3 benchmarks/bench_ttft.py --model "$MODEL" --thresholds "$THRESHOLDS" \
             --backends ${TTFT_BACKENDS:-FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE} --out "$OUT/ttft"
+        ;;
+    query_len)
+        run query_len python3 benchmarks/bench_query_len.py --out "$OUT/query_len"
         ;;
     overhead)
         run overhead python3 benchmarks/metrics_overhead.py

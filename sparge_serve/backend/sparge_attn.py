@@ -19,7 +19,11 @@ How a step runs:
   ``sparge_serve.kernels.sparge_paged_prefill`` for the sparse sub-batch, with this layer's
   per-head thresholds (global layer index from the layer name: pipeline-parallel safe; heads of
   this tensor-parallel rank via ``Thresholds.for_rank``). Layers in ``dense_layers``, layers whose
-  heads were all calibrated dense, and ``mode: dense`` run the whole batch dense.
+  heads were all calibrated dense, ``mode: dense``, and the layers of a speculative-decoding draft
+  model (built under one of vLLM's proposer model tags; their thresholds are never loaded) run the
+  whole batch dense.
+- Start-up: the builder compiles the sparse kernels for every context-length bucket the sparse
+  path can see (``sparge_serve.kernels.warmup``), so no request pays a Triton compile.
 
 NOTE (CUDA graphs): the sparse/dense split is decided on the host per step, so it must never be
 frozen into a full CUDA graph. The builder therefore declares ``UNIFORM_SINGLE_TOKEN_DECODE``:
