@@ -36,15 +36,15 @@ from typing import Any, Literal
 
 ADDITIONAL_CONFIG_KEY = "sparge"
 
-# NOTE: measured, not guessed (benchmarks/results/ttft.md, H200, calibrated thresholds, ~66-70%
-# block sparsity): SPARGE's TTFT is 0.51x FLASH_ATTN's speed at 8K, 0.87x at 32K, 1.22x at 64K and
-# 1.61x at 128K, so the crossover lies between 32K and 64K. Contexts below 48K run dense.
+# NOTE: measured, not guessed (benchmarks/results/ttft.md and history/, H200, calibrated
+# thresholds, ~66-70% block sparsity): SPARGE's TTFT is 0.5-0.8x FLASH_ATTN's speed at 8K, 0.9-1.0x
+# at 32K, 1.2x at 64K and 1.4-1.6x at 128K, so the crossover lies between 32K and 64K. Contexts
+# below 48K run dense.
 DEFAULT_MIN_SPARSE_LEN = 49152
-# NOTE: reasoned, not yet measured: the predictor costs about one dense pass over K/V (two passes
-# over K) whatever the query length, which a sparse query of b blocks at sparsity s repays only
-# when b * s > 1; 4 query blocks (512 tokens) pays at s >= 0.25. Measure: bench_ttft with a
-# cached long prefix and short follow-ups.
-DEFAULT_MIN_SPARSE_QUERY_LEN = 512
+# NOTE: measured (benchmarks/results/query_len.md, H200): new tokens on a 48K-128K cached context
+# pay the predictor's passes over the whole context; at 50% block sparsity the sparse path loses
+# at 512 new tokens (0.74-0.85x FA3) and wins from 1024 (1.27x); at 80% it wins from 512 (1.3-1.6x).
+DEFAULT_MIN_SPARSE_QUERY_LEN = 1024
 
 MODES = ("sparse", "dense")
 ENV_VARS = {
