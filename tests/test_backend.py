@@ -194,6 +194,25 @@ def test_impl_rejects_unsupported_layers(sparge, kwargs, text):
     assert text in str(ei.value) and "FLASH_ATTN" in str(ei.value)
 
 
+def test_preferred_page_size_only_when_sparse_can_run(sparge, monkeypatch):
+    """64-token pages (TMA in the sparse kernel) only where a request can take the sparse path;
+    otherwise vLLM's default, which decodes a little faster."""
+    from vllm.config import set_current_vllm_config
+
+    from sparge_serve.backend.sparge_attn import PREFERRED_PAGE_SIZE, SpargeAttentionBackend
+
+    def preferred(vc):
+        with set_current_vllm_config(vc):
+            return SpargeAttentionBackend.get_preferred_block_size(16)
+
+    vc = sparge(min_sparse_len=1024)
+    assert vc.model_config.max_model_len >= 1024
+    assert preferred(vc) == PREFERRED_PAGE_SIZE == 64
+    assert preferred(sparge(min_sparse_len=vc.model_config.max_model_len + 1)) == 16
+    assert preferred(sparge(min_sparse_len=1024, mode="dense")) == 16
+    assert SpargeAttentionBackend.get_preferred_block_size(16) == 64  # no config: sparse default
+
+
 def test_kv_cache_layout_is_flash_attentions(sparge):
     from vllm.config import set_current_vllm_config
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend

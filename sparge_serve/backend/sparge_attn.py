@@ -279,8 +279,20 @@ class SpargeAttentionBackend(FlashAttentionBackend):
     @classmethod
     def get_preferred_block_size(cls, default_block_size: int) -> int:
         # NOTE: a 64-token page holds whole 64-key blocks, so the sparse kernel loads K/V with TMA
-        # (about 1.3x faster than per-row gathers from 16-token pages on H200; see
-        # benchmarks/results/kernels.md). vLLM skips this when the user passes --block-size.
+        # (about 1.5x faster than per-row gathers from 16-token pages on H200; see
+        # benchmarks/results/kernels.md). Decode is a little faster on vLLM's default pages
+        # (benchmarks/results/ttft.md), so when no request can take the sparse path (mode dense,
+        # or max_model_len below min_sparse_len) the default stays. vLLM skips this when the user
+        # passes --block-size; it sets the current config around this call.
+        vllm_config = get_current_vllm_config_or_none()
+        mc = vllm_config.model_config if vllm_config is not None else None
+        if mc is not None:
+            try:
+                cfg = SpargeConfig.from_vllm_config(vllm_config)
+            except ValueError:  # reported with its fix when the backend loads its settings
+                return PREFERRED_PAGE_SIZE
+            if not cfg.enabled or mc.max_model_len < cfg.min_sparse_len:
+                return default_block_size
         return PREFERRED_PAGE_SIZE
 
     @classmethod
