@@ -5,7 +5,9 @@
 Batch 1, bf16, head dim 128, 32 query / 8 KV heads, causal, page size 16 (and 64 with --pages).
 Configurations: dense (all blocks), top-k at block sparsity 0.5 / 0.8 / 0.9 (exact by construction,
 random inputs), and the untuned defaults (simthreshd1 0.6, cdfthreshd 0.98) on structured inputs.
-The predictor is timed separately and included in the "total" time. Baselines in the same run:
+The predictor is timed separately and included in the "total" time; with ``--fused`` the rows
+``<config>+fused`` time the persistent select+attend kernel (``sparge_paged_prefill(fused=True)``,
+no block map in memory) as one number, in the "attention" column. Baselines in the same run:
 FA3 (``vllm.vllm_flash_attn.flash_attn_varlen_func`` on the paged cache) and torch SDPA on
 contiguous K/V. Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``; ratios, not absolute times,
 are what compare across runs.
@@ -29,11 +31,15 @@ from sparge_serve.kernels import (
     PrefillBatch,
     num_blocks,
     predict_block_map,
+    sparge_paged_prefill,
     sparse_paged_attention,
 )
+from sparge_serve.kernels.attention import _fused_programs
+from sparge_serve.kernels.predictor import KSUM_CHUNK
 
 HQ, HKV, D = 32, 8, 128
 SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
+FUSED = False  # --fused: also time the persistent select+attend kernel (rows "<config>+fused")
 
 
 def make_inputs(length: int, page: int, structured: bool, seed: int = 0):
@@ -134,8 +140,7 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
         t_attn = bench(lambda bm=bm, pv=pv, skip="pv" in c: sparse_paged_attention(
             q, kc, vc, batch, bm, scale, pv, out, check_finite=False, pv_skip=skip))
         extra = sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid))
-        nkb = num_blocks(length, BLKK)
-        extra += 4 * HKV * nkb * (2 * D + 1)  # ksum, pooled keys, key similarity (fp32)
+        extra += _pooled_bytes(length)
         row = dict(
             length=length, page=page, config=name, inputs="structured" if structured else
             "random", block_sparsity=round(sparsity, 4),
@@ -176,6 +181,27 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                         pv_skip=False, launch=(w, st), block_n=128))
         results.append(row)
         print(json.dumps(row), flush=True)
+        if FUSED and not structured:
+            # the persistent select+attend kernel (no block map in memory): total time only
+            t_fused = bench(lambda sim=sim, cdf=cdf, topk=c["topk"], pv=pv: sparge_paged_prefill(
+                q, kc, vc, batch, scale, sim, cdf, pv, out, topk=topk, check_finite=False,
+                pv_skip=False, fused=True))
+            programs = _fused_programs(q, num_blocks(length, BLKQ) * HQ)
+            extra_f = 3 * bm.count.numel() * 4 + programs * num_blocks(length, BLKK) * 2
+            extra_f += _pooled_bytes(length)
+            frow = dict(row, config=name + "+fused", predictor_ms=0.0, attention_ms=t_fused,
+                        total_ms=t_fused, extra_mem_bytes=extra_f,
+                        extra_mem_frac_of_kv=extra_f / kv_bytes,
+                        attention_tflops_dense_equiv=flops / (t_fused * 1e-3) / 1e12)
+            frow.pop("launch_sweep_ms", None)
+            results.append(frow)
+            print(json.dumps(frow), flush=True)
+
+
+def _pooled_bytes(length: int) -> int:
+    """Stage 1's fp32 buffers: pooled keys + similarity per key block, key sums per chunk."""
+    nkb = num_blocks(length, BLKK)
+    return 4 * HKV * (num_blocks(nkb, 16) * 16 * (D + 1) + num_blocks(nkb, KSUM_CHUNK) * D)
 
 
 def attach_ratios(results):
@@ -254,9 +280,10 @@ def main():
     ap.add_argument("--pages", type=int, nargs="+", default=[64, 16])
     ap.add_argument("--out", default="benchmarks/results/kernels")
     ap.add_argument("--sweep", action="store_true", help="time launch configs of the dense kernel")
+    ap.add_argument("--fused", action="store_true", help="also time the fused persistent kernel")
     args = ap.parse_args()
-    global SWEEP
-    SWEEP = args.sweep
+    global SWEEP, FUSED
+    SWEEP, FUSED = args.sweep, args.fused
     try:
         import vllm
         from vllm.vllm_flash_attn import flash_attn_varlen_func as fa3

@@ -71,7 +71,7 @@ for stage in "$@"; do
             --out "$OUT/kernels_sweep"
         ;;
     kernels)
-        run kernels python3 benchmarks/bench_kernels.py --out "$OUT/kernels"
+        run kernels python3 benchmarks/bench_kernels.py --fused --out "$OUT/kernels"
         ;;
     calib)
         prompts

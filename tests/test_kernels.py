@@ -103,6 +103,50 @@ def test_matches_reference_thresholds(name, device):
         assert ref_stats[2] > 0, "pvthreshd 0 must skip some PV products on this input"
 
 
+FUSED_CASES = [
+    # (threshold case, Hq, Hkv, head_dim, page, dtype, packed)
+    ("sparse_default", 4, 2, 64, 16, torch.bfloat16, False),
+    ("pv_mid", 8, 2, 128, 64, torch.bfloat16, True),
+    ("topk", 4, 1, 64, 64, torch.float16, False),
+    ("dense_cdf1", 2, 2, 64, 32, torch.float16, True),
+]
+
+
+def _fused_vs_two_kernels(case, name, device):
+    """Outputs, block-count maps and stats of sparge_paged_prefill without and with fused=True."""
+    sim, cdf, pv, topk = THRESHOLD_CASES[name]
+    hq = case.q.shape[1]
+    ths = [head_vec(x, hq, device) for x in (sim, cdf, pv)]
+    outs, maps, all_stats = [], [], []
+    for fused in (False, True):
+        out = torch.full_like(case.q, float("nan"))
+        stats = torch.zeros(3, dtype=torch.int64, device=device)
+        maps.append(sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch,
+                                         case.scale, *ths, out, topk=topk, stats=stats,
+                                         fused=fused))
+        outs.append(out)
+        all_stats.append(stats)
+    assert maps[1].lut is None
+    assert torch.equal(maps[0].count, maps[1].count)
+    assert torch.equal(maps[0].n_valid, maps[1].n_valid)
+    assert torch.equal(all_stats[0], all_stats[1])
+    assert not torch.isnan(outs[1]).any()
+    return outs
+
+
+@pytest.mark.parametrize("name,hq,hkv,dim,page,dtype,packed", FUSED_CASES)
+def test_fused_kernel_equals_two_kernel_path(name, hq, hkv, dim, page, dtype, packed, device):
+    """The persistent select+attend kernel runs the same code per row as the predictor + sparse
+    attention pair: identical outputs, block counts and PV skips (programs take several rows)."""
+    case = make_paged_case(REQS_MIXED, hq, hkv, dim, page, dtype, device, seed=dim + page,
+                           packed=packed)
+    two, fused = _fused_vs_two_kernels(case, name, device)
+    if device == "cpu":
+        assert torch.equal(two, fused)
+    else:  # separately compiled kernels may contract floating-point ops differently
+        assert (two.float() - fused.float()).abs().max().item() <= 2e-2
+
+
 LAYOUT_CASES = [
     # (Hq, Hkv, head_dim, page, dtype, packed): page 64/128 take the TMA path; packed = vLLM's
     # [pages, page, Hkv, 2*D] cache with K and V views
@@ -238,6 +282,14 @@ def test_block_geometry_constants():
 # ------------------------------------------------------------------------------------------
 
 GPU_REQS = [(4096, 4096), (1000, 9000), (3000, 3000), (77, 5000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["sparse_default", "pv_mid", "topk"])
+def test_gpu_fused_kernel_realistic_sizes(name):
+    case = make_paged_case(GPU_REQS, 8, 2, 128, 64, torch.bfloat16, "cuda", seed=5, packed=True)
+    two, fused = _fused_vs_two_kernels(case, name, "cuda")
+    assert (two.float() - fused.float()).abs().max().item() <= 2e-2
 
 
 @pytest.mark.gpu

@@ -36,7 +36,8 @@ def test_no_compilation_after_warm_up():
     """After the warm-up, prefills of any length in range (and any batch) compile nothing."""
     from sparge_serve.kernels import attention, predictor
 
-    kernels = (predictor._kblock_kernel, predictor._select_kernel, attention._sparse_attn_kernel)
+    kernels = (predictor._ksum_kernel, predictor._kblock_kernel, predictor._select_kernel,
+               attention._sparse_attn_kernel)
     dev = torch.device("cuda", torch.cuda.current_device())
     kc, vc = _packed_cache(1, 64, 2, 128, "cuda")
     warm_up_sparse_kernels(kc, vc, num_heads=8, min_seq_len=1000, max_seq_len=40_000)

@@ -20,8 +20,11 @@ from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF, PrefillBatch,
 from sparge_serve.kernels.predictor import (
     BlockMap,
     _load_kv_block,
+    _select_row,
     check_head_thresholds,
     check_paged_inputs,
+    check_predictor_args,
+    pool_keys,
     predict_block_map,
 )
 
@@ -58,30 +61,19 @@ def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr)
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["NQB", "stride_bt"])
-def _sparse_attn_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
-    lut_ptr, count_ptr, pv_ptr, skipped_ptr, k_desc, v_desc,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_page, stride_tok, stride_head, stride_bt,
-    NKB, NQB, num_heads, qk_scale,
+@triton.jit
+def _attend_row(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_row, lut_row, n_kept, pv_ptr, k_desc, v_desc,
+    q_start, q_len, seq_len, b, h,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    h = tl.program_id(0)
-    # NOTE: heaviest (last) query blocks first, for a shorter tail.
-    b = NQB - 1 - tl.program_id(1)
-    r = tl.program_id(2)
-    q_start = tl.load(qsl_ptr + r)
-    q_len = tl.load(qsl_ptr + r + 1) - q_start
-    if b * BLOCK_M >= q_len:
-        return
-    seq_len = tl.load(seq_lens_ptr + r)
+    """Attention of one (q-head ``h``, query block ``b``) row of a request over its ``n_kept``
+    kept key blocks (``lut_row``, ascending); writes the row's output, returns PV-skipped blocks."""
     ctx = seq_len - q_len
     kvh = h // GROUP
-    row_id = (r * num_heads + h) * NQB + b
-
     offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -94,13 +86,11 @@ def _sparse_attn_kernel(
         q_ptr + q_tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
         mask=m_real[:, None], other=0.0,
     )
-    bt_row = bt_ptr + r * stride_bt
-    lut_row = lut_ptr + row_id.to(tl.int64) * NKB
     # NOTE: the diagonal band [j_diag0, n_valid) is always kept (forced by the predictor) and is
     # the tail of the ascending LUT; it is walked directly, with the token-level causal mask.
     n_valid = last // BLOCK_N + 1
     j_diag0 = (first + 1) // BLOCK_N
-    n_off = tl.load(count_ptr + row_id) - (n_valid - j_diag0)
+    n_off = n_kept - (n_valid - j_diag0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -148,7 +138,96 @@ def _sparse_attn_kernel(
         out_ptr + q_tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty), mask=m_real[:, None],
     )
+    return n_skipped
+
+
+@triton.jit(do_not_specialize=["NQB", "stride_bt"])
+def _sparse_attn_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
+    lut_ptr, count_ptr, pv_ptr, skipped_ptr, k_desc, v_desc,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_page, stride_tok, stride_head, stride_bt,
+    NKB, NQB, num_heads, qk_scale,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+):
+    h = tl.program_id(0)
+    # NOTE: heaviest (last) query blocks first, for a shorter tail.
+    b = NQB - 1 - tl.program_id(1)
+    r = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + r)
+    q_len = tl.load(qsl_ptr + r + 1) - q_start
+    if b * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + r)
+    row_id = (r * num_heads + h) * NQB + b
+    n_skipped = _attend_row(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr + r * stride_bt,
+        lut_ptr + row_id.to(tl.int64) * NKB, tl.load(count_ptr + row_id), pv_ptr, k_desc, v_desc,
+        q_start, q_len, seq_len, b, h,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
+        GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST, USE_TMA, WARP_SPEC,
+    )
     tl.store(skipped_ptr + row_id, n_skipped)
+
+
+@triton.jit(do_not_specialize=["NQB", "stride_bt", "num_reqs", "n_tiles"])
+def _fused_sparge_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
+    pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, pv_ptr, scratch_ptr, count_ptr, nvalid_ptr, skipped_ptr,
+    k_desc, v_desc,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_page, stride_tok, stride_head, stride_bt,
+    NKB, NQB, num_heads, num_kv_heads, num_reqs, n_tiles, scale, qk_scale, topk,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
+    PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """Selection and attention in one persistent kernel: no block map in device memory.
+
+    Each program walks rows ``tile = pid, pid + P, ...`` (heaviest query blocks first); per row it
+    runs the selection (``_select_row``, the select kernel's exact code), writes the kept list to
+    its own scratch row ``[NKB]``, and attends over it (``_attend_row``). Extra memory: P rows.
+    """
+    pid = tl.program_id(0)
+    lut_row = scratch_ptr + pid.to(tl.int64) * NKB
+    offs_j = tl.arange(0, NKB_PAD)
+    rows_per_block = num_heads * num_reqs
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        b = NQB - 1 - tile // rows_per_block
+        h = tile % rows_per_block % num_heads
+        r = tile % rows_per_block // num_heads
+        q_start = tl.load(qsl_ptr + r)
+        q_len = tl.load(qsl_ptr + r + 1) - q_start
+        seq_len = tl.load(seq_lens_ptr + r)
+        row_id = (r * num_heads + h) * NQB + b
+        n_kept = 0
+        n_valid = 0
+        n_skipped = 0
+        if b * BLOCK_M < q_len:
+            keep, n_valid = _select_row(
+                q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
+                stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
+                GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK,
+            )
+            pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+            tl.store(lut_row + pos, offs_j.to(tl.int16), mask=keep)
+            n_kept = tl.sum(keep.to(tl.int32), axis=0)
+            # NOTE: the list was written by all threads of the program and is read by all.
+            tl.debug_barrier()
+            n_skipped = _attend_row(
+                q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr + r * stride_bt, lut_row, n_kept,
+                pv_ptr, k_desc, v_desc, q_start, q_len, seq_len, b, h,
+                stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head,
+                qk_scale, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
+                USE_TMA, False,
+            )
+            tl.debug_barrier()  # every thread is done with the list before the next row's
+        tl.store(count_ptr + row_id, n_kept)
+        tl.store(nvalid_ptr + row_id, n_valid)
+        tl.store(skipped_ptr + row_id, n_skipped)
 
 
 def _tma_ok(q: torch.Tensor, cache: torch.Tensor, block_n: int) -> bool:
@@ -247,6 +326,15 @@ def sparse_paged_attention(
     return out
 
 
+def _fused_programs(q: torch.Tensor, n_tiles: int) -> int:
+    """Persistent grid size: two programs per multiprocessor (the attention kernel's occupancy at
+    4 warps); a few under the interpreter, so programs take several rows in the tests."""
+    if not q.is_cuda:
+        return max(1, min(n_tiles, 3))
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return max(1, min(n_tiles, 2 * sms))
+
+
 def sparge_paged_prefill(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -261,18 +349,66 @@ def sparge_paged_prefill(
     stats: torch.Tensor | None = None,
     check_finite: bool = True,
     pv_skip: bool | None = None,
+    fused: bool = False,
 ) -> BlockMap:
-    """Both stages for a varlen prefill batch; returns the block map it used."""
+    """Both stages for a varlen prefill batch; returns the block map it used.
+
+    ``fused=True`` (experimental; not yet benchmarked on a GPU) selects and attends in one
+    persistent kernel, so the block map never exists in device memory: the returned map's ``lut``
+    is ``None`` (``count``/``n_valid`` are set). Same semantics, same outputs.
+    """
     check_paged_inputs(q, key_cache, value_cache)
     check_head_thresholds("pvthreshd", pvthreshd, q.shape[1], q.device, check_finite)
-    bm = predict_block_map(
-        q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, stats, check_finite
+    if not fused:
+        bm = predict_block_map(
+            q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, stats, check_finite
+        )
+        sparse_paged_attention(
+            q, key_cache, value_cache, batch, bm, scale, pvthreshd, out, stats,
+            check_finite=False, pv_skip=pv_skip,
+        )
+        return bm
+    check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
+    if out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    if key_cache.stride() != value_cache.stride():
+        raise ValueError("key_cache and value_cache must share one layout (strides)")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _, page, num_kv_heads, _ = key_cache.shape
+    if pv_skip is None:
+        pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
+    pooled = pool_keys(key_cache, batch)
+    nqb, nreq = num_blocks(batch.max_query_len, BLKQ), batch.num_reqs
+    n_tiles = nqb * num_heads * nreq
+    programs = _fused_programs(q, n_tiles)
+    scratch = torch.empty(programs, pooled.nkb_stride, dtype=torch.int16, device=q.device)
+    count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
+    n_valid, skipped = torch.empty_like(count), torch.empty_like(count)
+    use_tma = _tma_ok(q, key_cache, BLKK) and _tma_ok(q, value_cache, BLKK)
+    k_desc = v_desc = None
+    if use_tma:
+        k_desc, v_desc = (_kv_descriptor(c, BLKK) for c in (key_cache, value_cache))
+    num_warps, num_stages = _attn_launch_params(head_dim, use_tma)
+    # the selection's [NKB_PAD, DC] pooled-key tile at <= 64 fp32 per thread, as in the predictor
+    dc = max(1, min(16, (64 * 32 * num_warps) // pooled.nkb_pad))
+    _fused_sparge_kernel[(programs,)](
+        q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
+        pooled.pk, pooled.ksim, simthreshd1, cdfthreshd, pvthreshd, scratch, count, n_valid,
+        skipped, k_desc, v_desc,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
+        pooled.nkb_stride, nqb, num_heads, num_kv_heads, nreq, n_tiles, float(scale),
+        float(scale) * _LOG2E, float(topk or 1.0),
+        GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
+        NKB_PAD=pooled.nkb_pad, DC=dc, USE_TOPK=topk is not None,
+        PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
+        num_warps=num_warps, num_stages=num_stages,
     )
-    sparse_paged_attention(
-        q, key_cache, value_cache, batch, bm, scale, pvthreshd, out, stats, check_finite=False,
-        pv_skip=pv_skip,
-    )
-    return bm
+    if stats is not None:
+        stats[0] += n_valid.sum()
+        stats[1] += count.sum()
+        stats[2] += skipped.sum()
+    return BlockMap(None, count, n_valid)
 
 
 __all__ = ["BLKK", "BLKQ", "sparge_paged_prefill", "sparse_paged_attention"]

@@ -2,15 +2,16 @@
 
 For a varlen batch of prefill requests over vLLM's paged KV cache (docs/DESIGN.md, "Stage 1"):
 
-1. ``_kblock_kernel`` (PASS 0): per (request, KV head, key block) the fp32 sum of the block's keys,
+1. ``_ksum_kernel``: per (request, KV head, chunk of 16 key blocks) the fp32 sum of the keys,
    over the *whole* context (prefix-cached tokens and earlier chunks included).
 2. torch: the per-(request, KV head) key mean ``mu`` from those sums (no host sync).
-3. ``_kblock_kernel`` (PASS 1): pooled smoothed keys ``mean(k - mu)`` (stored transposed, fp32) and
-   the key-block self-similarity.
+3. ``_kblock_kernel``: pooled smoothed keys ``mean(k - mu)`` (stored transposed, fp32) and the
+   key-block self-similarity (steps 1-3: :func:`pool_keys`).
 4. ``_select_kernel``: one program per (q-head, query block, request) row: pooled query and its
    similarity, fp32 compressed scores against every valid key block (bottom-right causal), fp32
-   softmax, sort-free CDF (or top-k) selection, forced blocks, and the compact sorted list of kept
-   key blocks + its length.
+   softmax, sort-free CDF (or top-k) selection, forced blocks (``_select_row``), and the compact
+   sorted list of kept key blocks + its length. ``attention._fused_sparge_kernel`` runs the same
+   ``_select_row`` inside the attention kernel instead, without storing the lists.
 
 No host synchronisation and no Python loop over requests or heads: grids are sized from host
 bounds (``max_query_len``, ``max_seq_len``) and programs past a request's end return at once.
@@ -26,6 +27,8 @@ import triton.language as tl
 
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PrefillBatch, num_blocks
 
+KSUM_CHUNK = 16
+"""Key blocks summed per program of the key-mean pass."""
 MAX_KEY_BLOCKS = 16384
 """Longest context the predictor handles, in key blocks (16384 * 64 = 1M tokens)."""
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -38,8 +41,9 @@ class BlockMap:
     """Kept key blocks per (request, q-head, query block) row."""
 
     # [R, Hq, NQB, NKB_STRIDE] int16: kept key-block ids, ascending, first `count` valid
-    # (NKB_STRIDE: the key-block count rounded up to 16, see `predict_block_map`)
-    lut: torch.Tensor
+    # (NKB_STRIDE: the key-block count rounded up to 16, see `predict_block_map`); None from the
+    # fused kernel (sparge_paged_prefill(fused=True)), which never stores the map
+    lut: torch.Tensor | None
     count: torch.Tensor  # [R, Hq, NQB] int32: number of kept key blocks (0 for rows past the query)
     n_valid: torch.Tensor  # [R, Hq, NQB] int32: number of causally valid key blocks of the row
 
@@ -84,12 +88,38 @@ def _load_kv_block(
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
+def _ksum_kernel(
+    key_cache_ptr, bt_ptr, seq_lens_ptr, ksum_ptr,
+    stride_page, stride_tok, stride_head, stride_bt,
+    NCH, num_kv_heads,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """fp32 key sums of one (request, KV head) over ``CHUNK`` key blocks ``[c*CHUNK, ...)``."""
+    c = tl.program_id(0)
+    kvh = tl.program_id(1)
+    r = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + r)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for j in range(c * CHUNK, tl.minimum((c + 1) * CHUNK, tl.cdiv(seq_len, BLOCK_N))):
+        k = _load_kv_block(
+            key_cache_ptr, bt_ptr + r * stride_bt, j, seq_len, kvh,
+            stride_page, stride_tok, stride_head, offs_n, offs_d, PAGE, BLOCK_N,
+        ).to(tl.float32)
+        acc += tl.sum(k, axis=0)
+    rh = (r * num_kv_heads + kvh).to(tl.int64)
+    tl.store(ksum_ptr + (rh * NCH + c) * HEAD_DIM + offs_d, acc)
+
+
+@triton.jit(do_not_specialize=["stride_bt"])
 def _kblock_kernel(
-    key_cache_ptr, bt_ptr, seq_lens_ptr, ksum_ptr, mu_ptr, pk_ptr, ksim_ptr,
+    key_cache_ptr, bt_ptr, seq_lens_ptr, mu_ptr, pk_ptr, ksim_ptr,
     stride_page, stride_tok, stride_head, stride_bt,
     NKB, num_kv_heads,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PASS: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
+    """Pooled smoothed key ``mean(k - mu)`` and self-similarity of key block ``j``."""
     j = tl.program_id(0)
     kvh = tl.program_id(1)
     r = tl.program_id(2)
@@ -103,20 +133,17 @@ def _kblock_kernel(
         stride_page, stride_tok, stride_head, offs_n, offs_d, PAGE, BLOCK_N,
     ).to(tl.float32)
     rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
-    if PASS == 0:
-        tl.store(ksum_ptr + (rh * NKB + j) * HEAD_DIM + offs_d, tl.sum(k, axis=0))
-    else:
-        in_ctx = (j * BLOCK_N + offs_n) < seq_len
-        n_rows = tl.minimum(seq_len - j * BLOCK_N, BLOCK_N).to(tl.float32)
-        mu = tl.load(mu_ptr + rh * HEAD_DIM + offs_d)
-        x = tl.where(in_ctx[:, None], k - mu[None, :], 0.0)
-        pooled = tl.sum(x, axis=0) / n_rows
-        norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), _EPS)
-        mean_unit = tl.sum(x / norm[:, None], axis=0) / n_rows
-        # NOTE: pooled keys are stored transposed ([D, NKB]) so the select kernel reads them
-        # coalesced along key blocks.
-        tl.store(pk_ptr + rh * HEAD_DIM * NKB + offs_d * NKB + j, pooled)
-        tl.store(ksim_ptr + rh * NKB + j, tl.sum(mean_unit * mean_unit, axis=0))
+    in_ctx = (j * BLOCK_N + offs_n) < seq_len
+    n_rows = tl.minimum(seq_len - j * BLOCK_N, BLOCK_N).to(tl.float32)
+    mu = tl.load(mu_ptr + rh * HEAD_DIM + offs_d)
+    x = tl.where(in_ctx[:, None], k - mu[None, :], 0.0)
+    pooled = tl.sum(x, axis=0) / n_rows
+    norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), _EPS)
+    mean_unit = tl.sum(x / norm[:, None], axis=0) / n_rows
+    # NOTE: pooled keys are stored transposed ([D, NKB]) so the select kernel reads them
+    # coalesced along key blocks.
+    tl.store(pk_ptr + rh * HEAD_DIM * NKB + offs_d * NKB + j, pooled)
+    tl.store(ksim_ptr + rh * NKB + j, tl.sum(mean_unit * mean_unit, axis=0))
 
 
 @triton.jit
@@ -124,26 +151,15 @@ def _float_bits(i):
     return i.to(tl.float32, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["NQB"])
-def _select_kernel(
-    q_ptr, qsl_ptr, seq_lens_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr,
-    lut_ptr, count_ptr, nvalid_ptr,
-    stride_qt, stride_qh,
-    NKB, NQB, num_heads, num_kv_heads, scale, topk,
+@triton.jit
+def _select_row(
+    q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
+    stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
 ):
-    h = tl.program_id(0)
-    b = tl.program_id(1)
-    r = tl.program_id(2)
-    q_start = tl.load(qsl_ptr + r)
-    q_len = tl.load(qsl_ptr + r + 1) - q_start
-    seq_len = tl.load(seq_lens_ptr + r)
-    row_id = (r * num_heads + h) * NQB + b
-    if b * BLOCK_M >= q_len:
-        tl.store(count_ptr + row_id, 0)
-        tl.store(nvalid_ptr + row_id, 0)
-        return
+    """Stage 1 for one (request ``r``, q-head ``h``, query block ``b``) row with real queries:
+    returns ``(keep [NKB_PAD] bool, n_valid)``, the kept key blocks among the valid ones."""
     ctx = seq_len - q_len
     kvh = h // GROUP
     rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
@@ -226,6 +242,35 @@ def _select_kernel(
     forced = (k_sim == 0) | diag | (offs_j == 0)
     forced = tl.where(q_sim <= simthr, valid, forced)
     keep = valid & (selected | forced)
+    return keep, n_valid
+
+
+@triton.jit(do_not_specialize=["NQB"])
+def _select_kernel(
+    q_ptr, qsl_ptr, seq_lens_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr,
+    lut_ptr, count_ptr, nvalid_ptr,
+    stride_qt, stride_qh,
+    NKB, NQB, num_heads, num_kv_heads, scale, topk,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
+):
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    r = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + r)
+    q_len = tl.load(qsl_ptr + r + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + r)
+    row_id = (r * num_heads + h) * NQB + b
+    if b * BLOCK_M >= q_len:
+        tl.store(count_ptr + row_id, 0)
+        tl.store(nvalid_ptr + row_id, 0)
+        return
+    keep, n_valid = _select_row(
+        q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
+        stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
+        GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK,
+    )
+    offs_j = tl.arange(0, NKB_PAD)
     pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(lut_ptr + row_id.to(tl.int64) * NKB + pos, offs_j.to(tl.int16), mask=keep)
     tl.store(count_ptr + row_id, tl.sum(keep.to(tl.int32), axis=0))
@@ -293,6 +338,59 @@ def _select_launch_params(nkb_pad: int) -> tuple[int, int]:
     return dc, num_warps
 
 
+@dataclass(frozen=True)
+class PooledKeys:
+    """Stage 1's per-key-block data of a batch (``_kblock_kernel``'s output)."""
+
+    pk: torch.Tensor  # [R, Hkv, D, NKB_STRIDE] fp32: pooled smoothed keys (transposed)
+    ksim: torch.Tensor  # [R, Hkv, NKB_STRIDE] fp32: key-block self-similarity
+    nkb: int  # key blocks of the longest context
+    nkb_stride: int  # nkb rounded up to 16 (the buffers' row stride)
+    nkb_pad: int  # nkb rounded up to a power of two >= 16 (the selection tile)
+
+
+def check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite):
+    """``ValueError`` (before any launch) for bad stage-1 arguments."""
+    check_paged_inputs(q, key_cache)
+    for name, t in (("simthreshd1", simthreshd1), ("cdfthreshd", cdfthreshd)):
+        check_head_thresholds(name, t, q.shape[1], q.device, check_finite)
+    if topk is not None and not 0.0 < topk <= 1.0:
+        raise ValueError(f"topk must be in (0, 1], got {topk}")
+    if num_blocks(batch.max_seq_len, BLKK) > MAX_KEY_BLOCKS:
+        raise ValueError(
+            f"context of {batch.max_seq_len} tokens exceeds the predictor's limit of "
+            f"{MAX_KEY_BLOCKS * BLKK}; serve such prompts dense (min_sparse_len / mode=dense)"
+        )
+
+
+def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch) -> PooledKeys:
+    """Steps 1-3 of the module docstring: pooled smoothed keys and key-block similarity."""
+    _, page, num_kv_heads, head_dim = key_cache.shape
+    nkb = num_blocks(batch.max_seq_len, BLKK)
+    # NOTE: per-key-block buffers are padded to a multiple of 16 blocks: aligned rows, and the
+    # kernels (which take it as their row stride NKB) compile once for every context length.
+    nkb_stride = num_blocks(nkb, 16) * 16
+    nreq = batch.num_reqs
+    f32 = dict(dtype=torch.float32, device=key_cache.device)
+    # NOTE: key sums per chunk of KSUM_CHUNK blocks: 1/16 of a per-block buffer's memory
+    nch = num_blocks(nkb, KSUM_CHUNK)
+    ksum = torch.empty(nreq, num_kv_heads, nch, head_dim, **f32)
+    pk = torch.empty(nreq, num_kv_heads, head_dim, nkb_stride, **f32)
+    ksim = torch.empty(nreq, num_kv_heads, nkb_stride, **f32)
+    strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+               batch.block_table.stride(0))
+    _ksum_kernel[(nch, num_kv_heads, nreq)](
+        key_cache, batch.block_table, batch.seq_lens, ksum, *strides, nch, num_kv_heads,
+        PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, CHUNK=KSUM_CHUNK, num_warps=4,
+    )
+    mu = ksum.sum(2) / batch.seq_lens.clamp_min(1).to(torch.float32)[:, None, None]
+    _kblock_kernel[(nkb, num_kv_heads, nreq)](
+        key_cache, batch.block_table, batch.seq_lens, mu, pk, ksim, *strides,
+        nkb_stride, num_kv_heads, PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, num_warps=4,
+    )
+    return PooledKeys(pk, ksim, nkb, nkb_stride, max(16, triton.next_power_of_2(nkb)))
+
+
 def predict_block_map(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -310,49 +408,18 @@ def predict_block_map(
     ``key_cache [num_pages, page_size, Hkv, D]``. ``stats`` (int64 ``[3]``), if given, gets
     ``[valid_blocks, kept_blocks, 0]`` added on the device.
     """
-    check_paged_inputs(q, key_cache)
+    check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
     num_heads, head_dim = q.shape[1], q.shape[2]
-    _, page, num_kv_heads, _ = key_cache.shape
-    for name, t in (("simthreshd1", simthreshd1), ("cdfthreshd", cdfthreshd)):
-        check_head_thresholds(name, t, num_heads, q.device, check_finite)
-    if topk is not None and not 0.0 < topk <= 1.0:
-        raise ValueError(f"topk must be in (0, 1], got {topk}")
-    nkb = num_blocks(batch.max_seq_len, BLKK)
-    # NOTE: per-key-block buffers are padded to a multiple of 16 blocks: aligned rows, and the
-    # kernels (which take it as their row stride NKB) compile once for every context length.
-    nkb_stride = num_blocks(nkb, 16) * 16
-    if nkb > MAX_KEY_BLOCKS:
-        raise ValueError(
-            f"context of {batch.max_seq_len} tokens exceeds the predictor's limit of "
-            f"{MAX_KEY_BLOCKS * BLKK}; serve such prompts dense (min_sparse_len / mode=dense)"
-        )
+    num_kv_heads = key_cache.shape[2]
     nqb = num_blocks(batch.max_query_len, BLKQ)
     nreq = batch.num_reqs
     dev = q.device
-    f32 = dict(dtype=torch.float32, device=dev)
-
-    ksum = torch.zeros(nreq, num_kv_heads, nkb_stride, head_dim, **f32)
-    pk = torch.empty(nreq, num_kv_heads, head_dim, nkb_stride, **f32)
-    ksim = torch.empty(nreq, num_kv_heads, nkb_stride, **f32)
-    kgrid = (nkb, num_kv_heads, nreq)
-    kargs = (
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
-        nkb_stride, num_kv_heads,
-    )
-    _kblock_kernel[kgrid](
-        key_cache, batch.block_table, batch.seq_lens, ksum, ksum, pk, ksim, *kargs,
-        PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, PASS=0, num_warps=4,
-    )
-    mu = ksum.sum(2) / batch.seq_lens.clamp_min(1).to(torch.float32)[:, None, None]
-    _kblock_kernel[kgrid](
-        key_cache, batch.block_table, batch.seq_lens, ksum, mu, pk, ksim, *kargs,
-        PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, PASS=1, num_warps=4,
-    )
+    pooled = pool_keys(key_cache, batch)
+    pk, ksim, nkb_stride, nkb_pad = pooled.pk, pooled.ksim, pooled.nkb_stride, pooled.nkb_pad
 
     lut = torch.empty(nreq, num_heads, nqb, nkb_stride, dtype=torch.int16, device=dev)
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=dev)
     n_valid = torch.empty_like(count)
-    nkb_pad = max(16, triton.next_power_of_2(nkb))
     dc, num_warps = _select_launch_params(nkb_pad)
     _select_kernel[(num_heads, nqb, nreq)](
         q, batch.query_start_loc, batch.seq_lens, pk, ksim, simthreshd1, cdfthreshd,
