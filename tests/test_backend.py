@@ -213,6 +213,22 @@ def test_preferred_page_size_only_when_sparse_can_run(sparge, monkeypatch):
     assert SpargeAttentionBackend.get_preferred_block_size(16) == 64  # no config: sparse default
 
 
+def test_profiling_reserves_the_sparse_scratch(sparge):
+    """vLLM sizes the KV cache from its profiling forward: the sparse path's worst case must be
+    in it whenever a request can take the sparse path."""
+    from sparge_serve.kernels import prefill_scratch_bytes
+
+    vc = sparge(min_sparse_len=1024, min_sparse_query_len=512)
+    impl = _impl(vc)
+    sc, max_len = vc.scheduler_config, vc.model_config.max_model_len
+    reqs = min(sc.max_num_seqs, sc.max_num_batched_tokens // 512)
+    rows = 2 * sc.max_num_batched_tokens * HQ * D * 2
+    assert impl.sparse_scratch_bytes() == rows + prefill_scratch_bytes(
+        HQ, HKV, D, reqs, sc.max_num_batched_tokens, max_len)
+    assert _impl(sparge(min_sparse_len=max_len + 1)).sparse_scratch_bytes() == 0
+    assert _impl(sparge(mode="dense")).sparse_scratch_bytes() == 0
+
+
 def test_kv_cache_layout_is_flash_attentions(sparge):
     from vllm.config import set_current_vllm_config
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend

@@ -11,6 +11,7 @@ from sparge_serve.kernels import (
     BLKK,
     BLKQ,
     PrefillBatch,
+    num_blocks,
     predict_block_map,
     sparge_paged_prefill,
     sparse_paged_attention,
@@ -145,6 +146,25 @@ def test_fused_kernel_equals_two_kernel_path(name, hq, hkv, dim, page, dtype, pa
         assert torch.equal(two, fused)
     else:  # separately compiled kernels may contract floating-point ops differently
         assert (two.float() - fused.float()).abs().max().item() <= 2e-2
+
+
+def test_prefill_scratch_bytes_bounds_the_allocations(device):
+    """The bound the backend reserves during vLLM's memory profiling covers what a call
+    allocates: pooled keys, key sums, block map, counts."""
+    from sparge_serve.kernels import prefill_scratch_bytes
+    from sparge_serve.kernels.predictor import KSUM_CHUNK, pool_keys
+
+    case = make_paged_case(REQS_MIXED, 4, 2, 64, 16, torch.bfloat16, device)
+    hq, hkv, d = 4, 2, 64
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
+                           head_vec(0.6, hq, device), head_vec(0.9, hq, device))
+    pooled = pool_keys(case.key_cache, case.batch)
+    r = case.batch.num_reqs
+    used = sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid, bm.count,
+                                                        pooled.pk, pooled.ksim))
+    used += 4 * r * hkv * (d + num_blocks(pooled.nkb, KSUM_CHUNK) * d)  # mu, ksum
+    bound = prefill_scratch_bytes(hq, hkv, d, r, case.batch.max_query_len, case.batch.max_seq_len)
+    assert used <= bound <= 1.01 * used
 
 
 LAYOUT_CASES = [

@@ -23,7 +23,9 @@ How a step runs:
   model (built under one of vLLM's proposer model tags; their thresholds are never loaded) run the
   whole batch dense.
 - Start-up: the builder compiles the sparse kernels for every context-length bucket the sparse
-  path can see (``sparge_serve.kernels.warmup``), so no request pays a Triton compile.
+  path can see (``sparge_serve.kernels.warmup``), so no request pays a Triton compile; vLLM's
+  profiling forward allocates the sparse path's worst-case scratch
+  (:meth:`SpargeAttentionImpl.sparse_scratch_bytes`), so the KV cache is sized with room for it.
 
 NOTE (CUDA graphs): the sparse/dense split is decided on the host per step, so it must never be
 frozen into a full CUDA graph. The builder therefore declares ``UNIFORM_SINGLE_TOKEN_DECODE``:
@@ -836,6 +838,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             raise NotImplementedError(f"{BACKEND_NAME}: fused output quantization is not "
                                       "supported")
         if attn_metadata is None:  # profiling run
+            self._reserve_sparse_scratch(query)
             return output.fill_(0)
         sparse = attn_metadata.sparse
         run_sparse = sparse is not None and not self.dense_layer
@@ -856,6 +859,34 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         if counts is not None and self._stats is not None and self.layer_index is not None:
             self._count(counts, run_sparse)
         return output
+
+    def sparse_scratch_bytes(self) -> int:
+        """Most device memory one layer's sparse prefill can allocate in a step (0 if none can
+        run): the predictor's buffers and block map for the step's largest sparse sub-batch, plus
+        the gathered q/out rows."""
+        vc, rt = self._vllm_config, self.runtime
+        if vc is None or rt is None or not rt.config.enabled:
+            return 0
+        max_len = vc.model_config.max_model_len
+        if max_len < rt.config.min_sparse_len:
+            return 0
+        from sparge_serve.kernels import prefill_scratch_bytes
+
+        tokens = vc.scheduler_config.max_num_batched_tokens
+        reqs = max(1, min(vc.scheduler_config.max_num_seqs,
+                          tokens // max(rt.config.min_sparse_query_len, 2)))
+        rows = 2 * tokens * self.num_heads * self.head_size * 2  # q gather + out, 16-bit
+        return prefill_scratch_bytes(self.num_heads, self.num_kv_heads, self.head_size, reqs,
+                                     tokens, max_len) + rows
+
+    def _reserve_sparse_scratch(self, query: torch.Tensor) -> None:
+        # NOTE: vLLM sizes the KV cache from the peak memory of its profiling forward, where
+        # attention does no work; allocating (and freeing) the sparse path's worst case here puts
+        # it into that peak, so a long prefill never runs out of memory at serving time.
+        if query.is_cuda:
+            n = self.sparse_scratch_bytes()
+            if n:
+                torch.empty(n, dtype=torch.uint8, device=query.device)
 
     def _emit_capture(self, query: torch.Tensor, kv_cache: torch.Tensor,
                       sparse: SparsePrefill) -> None:

@@ -11,6 +11,7 @@ from sparge_serve.kernels.predictor import (
     SUPPORTED_HEAD_DIMS,
     BlockMap,
     predict_block_map,
+    prefill_scratch_bytes,
 )
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "PrefillBatch",
     "num_blocks",
     "predict_block_map",
+    "prefill_scratch_bytes",
     "sparge_paged_prefill",
     "sparse_paged_attention",
 ]

@@ -391,6 +391,23 @@ def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch) -> PooledKeys:
     return PooledKeys(pk, ksim, nkb, nkb_stride, max(16, triton.next_power_of_2(nkb)))
 
 
+def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_reqs: int,
+                          max_query_len: int, max_seq_len: int) -> int:
+    """Upper bound of the device memory one sparse prefill call allocates (predictor + attention),
+    for ``max_reqs`` requests of at most ``max_query_len`` new tokens and ``max_seq_len`` context.
+
+    The backend allocates this once during vLLM's memory profiling so that the KV cache is sized
+    with room for it.
+    """
+    nqb, nkb = num_blocks(max_query_len, BLKQ), num_blocks(max_seq_len, BLKK)
+    nkb_stride = num_blocks(nkb, 16) * 16
+    rh, rq = max_reqs * num_kv_heads, max_reqs * num_heads
+    pooled = 4 * rh * (head_dim * nkb_stride + nkb_stride + head_dim)  # pk, ksim, mu
+    ksum = 4 * rh * num_blocks(nkb, KSUM_CHUNK) * head_dim
+    block_map = rq * nqb * (2 * nkb_stride + 3 * 4)  # lut, count, n_valid, skipped
+    return pooled + ksum + block_map
+
+
 def predict_block_map(
     q: torch.Tensor,
     key_cache: torch.Tensor,
