@@ -252,21 +252,28 @@ def test_default_thresholds_close_to_flash_attn(setup, record_property):
 CALIBRATED = Path(__file__).resolve().parents[2] / "models/sparge-tiny-code-run/thresholds.safetensors"
 
 
-def test_calibrated_thresholds_sparser_than_defaults(setup, record_property):
-    """The calibration issue's serving check: the committed calibrated file of the project's tiny
-    model gives far more sparsity than the untuned defaults, with outputs still close to
-    FLASH_ATTN (only meaningful for that model: skipped for others)."""
+def _serve_committed_file(setup, record_property, name: str, path: Path) -> dict:
+    """Serve one of the tiny model's committed thresholds files against FLASH_ATTN."""
     tmp, prompts, max_model_len, flash = setup
     if Path(MODEL).resolve() != (CALIBRATED.parents[1] / "sparge-tiny-code").resolve():
         pytest.skip("the committed calibrated thresholds belong to models/sparge-tiny-code")
-    sparge = _run_engine(tmp, "sparge_calibrated", "SPARGE", prompts, max_model_len,
-                         additional_config={"sparge": {"thresholds": str(CALIBRATED),
+    sparge = _run_engine(tmp, f"sparge_{name}", "SPARGE", prompts, max_model_len,
+                         additional_config={"sparge": {"thresholds": str(path),
                                                        "min_sparse_len": MIN_SPARSE_LEN}})
     summary = _compare(flash, sparge)
     summary["sparsity"] = _sparsity(sparge)
     summary["prompt_tokens_sparse_dense"] = sparge["tokens"]
-    _report(record_property, "calibrated_thresholds_vs_flash_attn", summary)
-    assert summary["sparsity"] is not None and summary["sparsity"] >= 0.4, summary
+    _report(record_property, f"{name}_thresholds_vs_flash_attn", summary)
+    assert summary["sparsity"] is not None, summary
+    return summary
+
+
+def test_calibrated_thresholds_sparser_than_defaults(setup, record_property):
+    """The calibration issue's serving check: the committed calibrated file of the project's tiny
+    model gives far more sparsity than the untuned defaults, with outputs still close to
+    FLASH_ATTN (only meaningful for that model: skipped for others)."""
+    summary = _serve_committed_file(setup, record_property, "calibrated", CALIBRATED)
+    assert summary["sparsity"] >= 0.4, summary
     assert summary["mismatch"] <= summary["total"] // 4, summary
 
 
@@ -277,16 +284,8 @@ def test_quality_first_calibration_matches_flash_attn(setup, record_property):
     """The calibration issue's "more sparsity at equal quality": the tiny model's l1 0.01 file
     (47% held-out block sparsity at +0.4% perplexity, benchmarks/results/calibration_quality.md)
     serves far sparser than the untuned defaults (~0%) with no output beyond a near tie."""
-    tmp, prompts, max_model_len, flash = setup
-    if Path(MODEL).resolve() != (CALIBRATED.parents[1] / "sparge-tiny-code").resolve():
-        pytest.skip("the committed calibrated thresholds belong to models/sparge-tiny-code")
-    sparge = _run_engine(tmp, "sparge_quality_first", "SPARGE", prompts, max_model_len,
-                         additional_config={"sparge": {"thresholds": str(QUALITY_FIRST),
-                                                       "min_sparse_len": MIN_SPARSE_LEN}})
-    summary = _compare(flash, sparge)
-    summary["sparsity"] = _sparsity(sparge)
-    _report(record_property, "quality_first_thresholds_vs_flash_attn", summary)
-    assert summary["sparsity"] is not None and summary["sparsity"] >= 0.3, summary
+    summary = _serve_committed_file(setup, record_property, "quality_first", QUALITY_FIRST)
+    assert summary["sparsity"] >= 0.3, summary
     assert summary["mismatch"] == 0, summary
 
 
