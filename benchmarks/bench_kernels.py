@@ -162,6 +162,13 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                     lambda bm=bm, tma=tma: sparse_paged_attention(
                         q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
                         pv_skip=False, launch=(8, 3), use_tma=tma))
+                # two 64-row programs per query block (no register spills at 4 warps, see
+                # scripts/aot_compile_check.py)
+                for w, st in ((4, 2), (4, 3)) if tma else ():
+                    row["launch_sweep_ms"][f"split2_w{w}s{st}_tma1"] = bench(
+                        lambda bm=bm, w=w, st=st: sparse_paged_attention(
+                            q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
+                            pv_skip=False, launch=(w, st), use_tma=True, split=2))
                 # Triton's warp specialisation of the off-band loop (may not lower on Hopper)
                 for w, st in ((4, 2), (4, 3), (8, 2)) if tma else ():
                     try:

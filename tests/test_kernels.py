@@ -148,6 +148,30 @@ def test_fused_kernel_equals_two_kernel_path(name, hq, hkv, dim, page, dtype, pa
         assert (two.float() - fused.float()).abs().max().item() <= 2e-2
 
 
+@pytest.mark.parametrize("page,packed", [(16, False), (64, True)])
+def test_split_query_blocks_equal_whole_blocks(page, packed, device):
+    """split=2 (two 64-row programs per query block, PV skip off) computes the same rows as one
+    128-row program: same kept blocks, same order; only the rounding of the matrix products may
+    differ."""
+    case = make_paged_case(REQS_MIXED, 4, 2, 64, page, torch.bfloat16, device, seed=3,
+                           packed=packed)
+    hq = 4
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
+                           head_vec(0.6, hq, device), head_vec(0.9, hq, device))
+    outs = []
+    for split in (1, 2):
+        out = torch.full_like(case.q, float("nan"))
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, head_vec(50.0, hq, device), out, pv_skip=False,
+                               split=split)
+        outs.append(out.float())
+    assert not torch.isnan(outs[1]).any()
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-2
+    with pytest.raises(ValueError, match="split must be 1, or 2 with PV skip off"):
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, head_vec(4.0, hq, device), out, pv_skip=True, split=2)
+
+
 def test_prefill_scratch_bytes_bounds_the_allocations(device):
     """The bound the backend reserves during vLLM's memory profiling covers what a call
     allocates: pooled keys, key sums, block map, counts."""

@@ -64,33 +64,39 @@ def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr)
 @triton.jit
 def _attend_row(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_row, lut_row, n_kept, pv_ptr, k_desc, v_desc,
-    q_start, q_len, seq_len, b, h,
+    q_start, q_len, seq_len, b, m0, h,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr,
+    UPCAST: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    """Attention of one (q-head ``h``, query block ``b``) row of a request over its ``n_kept``
-    kept key blocks (``lut_row``, ascending); writes the row's output, returns PV-skipped blocks."""
+    """Attention of query rows ``[m0, m0 + BLOCK_M)`` (inside query block ``b`` of ``BLOCK_Q``
+    rows) of one q-head ``h`` of a request over the block's ``n_kept`` kept key blocks
+    (``lut_row``, ascending); writes those rows' output, returns PV-skipped blocks.
+
+    ``BLOCK_M < BLOCK_Q`` splits a query block over several programs (PV skip off only: the skip
+    decision is taken over the whole block's rows)."""
     ctx = seq_len - q_len
     kvh = h // GROUP
-    offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     m_real = offs_m < q_len
     q_pos = ctx + offs_m
-    first = ctx + b * BLOCK_M
-    last = ctx + tl.minimum((b + 1) * BLOCK_M, q_len) - 1
+    first = ctx + b * BLOCK_Q
+    last_block_row = ctx + tl.minimum((b + 1) * BLOCK_Q, q_len) - 1
+    last = ctx + tl.minimum(m0 + BLOCK_M, q_len) - 1
     q_tok = (q_start + offs_m).to(tl.int64)
     q = tl.load(
         q_ptr + q_tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
         mask=m_real[:, None], other=0.0,
     )
-    # NOTE: the diagonal band [j_diag0, n_valid) is always kept (forced by the predictor) and is
-    # the tail of the ascending LUT; it is walked directly, with the token-level causal mask.
+    # NOTE: the query block's diagonal band [j_diag0, n_valid_block) is always kept (forced by the
+    # predictor) and is the tail of the ascending LUT; it is walked directly, with the token-level
+    # causal mask, up to the last block these rows see.
     n_valid = last // BLOCK_N + 1
     j_diag0 = (first + 1) // BLOCK_N
-    n_off = n_kept - (n_valid - j_diag0)
+    n_off = n_kept - (last_block_row // BLOCK_N + 1 - j_diag0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -148,28 +154,32 @@ def _sparse_attn_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_page, stride_tok, stride_head, stride_bt,
     NKB, NQB, num_heads, qk_scale,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     h = tl.program_id(0)
-    # NOTE: heaviest (last) query blocks first, for a shorter tail.
-    b = NQB - 1 - tl.program_id(1)
+    # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
+    t = NQB * SPLIT - 1 - tl.program_id(1)
+    b = t // SPLIT
+    m0 = b * BLOCK_Q + (t % SPLIT) * (BLOCK_Q // SPLIT)
     r = tl.program_id(2)
     q_start = tl.load(qsl_ptr + r)
     q_len = tl.load(qsl_ptr + r + 1) - q_start
-    if b * BLOCK_M >= q_len:
+    if m0 >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + r)
     row_id = (r * num_heads + h) * NQB + b
     n_skipped = _attend_row(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr + r * stride_bt,
         lut_ptr + row_id.to(tl.int64) * NKB, tl.load(count_ptr + row_id), pv_ptr, k_desc, v_desc,
-        q_start, q_len, seq_len, b, h,
+        q_start, q_len, seq_len, b, m0, h,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
-        GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST, USE_TMA, WARP_SPEC,
+        GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
+        USE_TMA, WARP_SPEC,
     )
-    tl.store(skipped_ptr + row_id, n_skipped)
+    if t % SPLIT == 0:
+        tl.store(skipped_ptr + row_id, n_skipped)
 
 
 @triton.jit(do_not_specialize=["NQB", "stride_bt", "num_reqs", "n_tiles"])
@@ -219,10 +229,10 @@ def _fused_sparge_kernel(
             tl.debug_barrier()
             n_skipped = _attend_row(
                 q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr + r * stride_bt, lut_row, n_kept,
-                pv_ptr, k_desc, v_desc, q_start, q_len, seq_len, b, h,
+                pv_ptr, k_desc, v_desc, q_start, q_len, seq_len, b, b * BLOCK_M, h,
                 stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head,
-                qk_scale, GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
-                USE_TMA, False,
+                qk_scale, GROUP, BLOCK_M, BLOCK_M, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF,
+                UPCAST, USE_TMA, False,
             )
             tl.debug_barrier()  # every thread is done with the list before the next row's
         tl.store(count_ptr + row_id, n_kept)
@@ -279,6 +289,7 @@ def sparse_paged_attention(
     use_tma: bool | None = None,
     block_n: int = BLKK,
     warp_specialize: bool = False,
+    split: int = 1,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -287,8 +298,10 @@ def sparse_paged_attention(
     ``[0, 0, pv_skipped_blocks]`` added on the device. ``pv_skip``: whether any head has PV skip
     on; ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds
     file and passes it). ``launch`` overrides (num_warps, num_stages), ``use_tma`` the choice of
-    TMA loads, ``block_n`` the key-block width of ``block_map`` and ``warp_specialize`` asks
-    Triton to warp-specialise the off-band loop (PV skip off) — for benchmarks only.
+    TMA loads, ``block_n`` the key-block width of ``block_map``, ``warp_specialize`` asks
+    Triton to warp-specialise the off-band loop (PV skip off) and ``split`` (1 or 2) runs each
+    query block as that many programs of ``BLKQ // split`` rows (PV skip off only; 2 avoids the
+    register spills of 128-row tiles at 4 warps) — for benchmarks only.
     """
     check_paged_inputs(q, key_cache, value_cache)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -303,6 +316,9 @@ def sparse_paged_attention(
         raise ValueError("block_map was predicted for a different batch")
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
+    if split not in (1, 2) or (pv_skip and split != 1):
+        raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip "
+                         f"{pv_skip})")
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     k_desc = v_desc = None
     if use_tma is None:
@@ -310,15 +326,15 @@ def sparse_paged_attention(
     num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
     if use_tma:
         k_desc, v_desc = (_kv_descriptor(c, block_n) for c in (key_cache, value_cache))
-    _sparse_attn_kernel[(num_heads, nqb, nreq)](
+    _sparse_attn_kernel[(num_heads, nqb * split, nreq)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         block_map.lut, block_map.count, pvthreshd, skipped, k_desc, v_desc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
         nkb, nqb, num_heads, float(scale) * _LOG2E,
-        GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
+        GROUP=num_heads // num_kv_heads, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        WARP_SPEC=warp_specialize, num_warps=num_warps, num_stages=num_stages,
+        WARP_SPEC=warp_specialize, SPLIT=split, num_warps=num_warps, num_stages=num_stages,
     )
     if stats is not None:
         # rows past a request's query never ran: their slots are garbage, mask them by count

@@ -1,0 +1,116 @@
+"""Compile the Triton kernels for Hopper (sm_90) on a machine without a GPU.
+
+    uv run python scripts/aot_compile_check.py            # every kernel, head dim 128, bf16
+
+Triton's compiler and ``ptxas`` (shipped in the triton wheel) need no device, so a kernel that
+would not compile for the H100/H200 (a lowering error, a "PassManager::run failed", too much
+shared memory) fails here, before any device time is spent. It checks compilation only: speed
+and results still need the GPU (``scripts/gpu_session.sh``). Prints one line per kernel variant
+with its registers, stack (spills), shared and local memory (``cuobjdump --dump-resource-usage``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("unset TRITON_INTERPRET: this script compiles for the GPU")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from sparge_serve.kernels import attention, predictor  # noqa: E402
+from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF  # noqa: E402
+
+
+def _signature(fn, types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*i32"
+        elif name == "qk_scale" or name in ("scale", "topk"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _resource_usage(cubin: bytes) -> str:
+    """``REG:.. STACK:.. SHARED:.. LOCAL:..`` of a cubin, from the cuobjdump in triton's wheel."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    m = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", out)
+    return m.group(0) if m else "?"
+
+
+def compile_kernel(fn, types, constexprs, num_warps, num_stages, arch=90) -> str:
+    src = ASTSource(fn, _signature(fn, types, constexprs), constexprs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": num_warps, "num_stages": num_stages})
+    return f"{_resource_usage(k.asm['cubin'])}, {k.metadata.shared} B shared (Triton)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--nkb-pad", type=int, nargs="+", default=[1024, 2048, 4096])
+    args = ap.parse_args()
+    d = args.head_dim
+    bf16 = {n: "*bf16" for n in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr",
+                                 "key_cache_ptr")}
+    f32 = {n: "*fp32" for n in ("pk_ptr", "ksim_ptr", "sim_ptr", "cdf_ptr", "pv_ptr", "mu_ptr",
+                                "ksum_ptr")}
+    i16 = {"lut_ptr": "*i16", "scratch_ptr": "*i16"}
+    desc = {n: f"tensordesc<bf16[{BLKK},{d}]>" for n in ("k_desc", "v_desc")}
+    types = {**bf16, **f32, **i16, **desc}
+    common = dict(GROUP=4, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=d)
+    attn = dict(common, PAGE=64, PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=True)
+    attn2 = {k: v for k, v in attn.items() if k != "BLOCK_M"}
+    failed = 0
+
+    def check(label, fn, constexprs, num_warps, num_stages=3):
+        nonlocal failed
+        try:
+            print(f"ok    {label}: "
+                  f"{compile_kernel(fn, types, constexprs, num_warps, num_stages)}")
+        except Exception as e:  # noqa: BLE001 - report every variant
+            failed += 1
+            print(f"FAIL  {label}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
+
+    check("ksum", predictor._ksum_kernel,
+          dict(PAGE=64, BLOCK_N=BLKK, HEAD_DIM=d, CHUNK=predictor.KSUM_CHUNK), 4)
+    check("kblock", predictor._kblock_kernel, dict(PAGE=64, BLOCK_N=BLKK, HEAD_DIM=d), 4)
+    for pv, split in ((False, 1), (True, 1), (False, 2)):
+        for warps, stages in ((4, 2), (8, 2)):
+            check(f"attention pv_skip={pv} split={split} warps={warps}",
+                  attention._sparse_attn_kernel,
+                  dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=pv, WARP_SPEC=False, SPLIT=split), warps,
+                  stages)
+    for nkb_pad in args.nkb_pad:
+        dc, warps = predictor._select_launch_params(nkb_pad)
+        for topk in (False, True):
+            check(f"select NKB_PAD={nkb_pad} topk={topk}", predictor._select_kernel,
+                  dict(common, NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk), warps)
+        dc4 = max(1, min(16, (64 * 32 * 4) // nkb_pad))
+        for pv in (False, True):
+            check(f"fused NKB_PAD={nkb_pad} pv_skip={pv}", attention._fused_sparge_kernel,
+                  dict(attn, NKB_PAD=nkb_pad, DC=dc4, USE_TOPK=False, PV_SKIP=pv), 4, 2)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
