@@ -67,7 +67,7 @@ for stage in "$@"; do
             tests/gpu/test_calibrate_tp_gpu.py
         ;;
     sweep)
-        run kernels_sweep python3 benchmarks/bench_kernels.py --lengths 32768 --pages 64 --sweep \
+        run kernels_sweep python3 benchmarks/bench_kernels.py --lengths 32768 --pages 64 --sweep --fused \
             --out "$OUT/kernels_sweep"
         ;;
     kernels)
