@@ -203,7 +203,6 @@ def _fused_sparge_kernel(
     """
     pid = tl.program_id(0)
     lut_row = scratch_ptr + pid.to(tl.int64) * NKB
-    offs_j = tl.arange(0, NKB_PAD)
     rows_per_block = num_heads * num_reqs
     for tile in range(pid, n_tiles, tl.num_programs(0)):
         b = NQB - 1 - tile // rows_per_block
@@ -223,7 +222,7 @@ def _fused_sparge_kernel(
                 GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK,
             )
             pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-            tl.store(lut_row + pos, offs_j.to(tl.int16), mask=keep)
+            tl.store(lut_row + pos, tl.arange(0, NKB_PAD).to(tl.int16), mask=keep)
             n_kept = tl.sum(keep.to(tl.int32), axis=0)
             # NOTE: the list was written by all threads of the program and is read by all.
             tl.debug_barrier()
