@@ -750,6 +750,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self._pvthreshd: torch.Tensor | None = None  # [num_heads] fp32 device
         self._pv_skip = False  # host: any head of this layer with pvthreshd < 50
         self._stats = None  # sparge_serve.metrics.SpargeStats
+        self._scratch_reserved = False  # the profiling forward reserved the sparse scratch
 
     def bind(self, layer_name: str, device: torch.device, stats: Any = None,
              runtime: SpargeRuntime | None = None, tp: tuple[int, int] | None = None) -> None:
@@ -882,11 +883,16 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
     def _reserve_sparse_scratch(self, query: torch.Tensor) -> None:
         # NOTE: vLLM sizes the KV cache from the peak memory of its profiling forward, where
         # attention does no work; allocating (and freeing) the sparse path's worst case here puts
-        # it into that peak, so a long prefill never runs out of memory at serving time.
-        if query.is_cuda:
-            n = self.sparse_scratch_bytes()
-            if n:
-                torch.empty(n, dtype=torch.uint8, device=query.device)
+        # it into that peak, so a long prefill never runs out of memory at serving time. Once per
+        # layer (the memory profile is the first metadata-less forward), never in a graph capture.
+        if self._scratch_reserved or not query.is_cuda:
+            return
+        if torch.cuda.is_current_stream_capturing():
+            return
+        self._scratch_reserved = True
+        n = self.sparse_scratch_bytes()
+        if n:
+            torch.empty(n, dtype=torch.uint8, device=query.device)
 
     def _emit_capture(self, query: torch.Tensor, kv_cache: torch.Tensor,
                       sparse: SparsePrefill) -> None:
