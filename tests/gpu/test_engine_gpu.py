@@ -210,11 +210,18 @@ def _report(record_property, name: str, summary: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def workload(tmp_path_factory):
+    """(tmp dir, prompts, max_model_len) shared by every engine of this module."""
     tmp = tmp_path_factory.mktemp("engine")
     *_, max_pos = _model_geometry(MODEL)
     max_model_len = min(max_pos, 32768 + 256)
-    prompts = _make_prompts(MODEL, max_model_len - MAX_TOKENS - 8)
+    return tmp, _make_prompts(MODEL, max_model_len - MAX_TOKENS - 8), max_model_len
+
+
+@pytest.fixture(scope="module")
+def setup(workload):
+    """``workload`` plus the FLASH_ATTN baseline engine's outputs."""
+    tmp, prompts, max_model_len = workload
     flash = _run_engine(tmp, "flash_attn", "FLASH_ATTN", prompts, max_model_len)
     return tmp, prompts, max_model_len, flash
 
@@ -290,8 +297,8 @@ def test_quality_first_calibration_matches_flash_attn(setup, record_property):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tensor_parallel_2_equals_1(setup, record_property):
-    tmp, prompts, max_model_len, _ = setup
+def test_tensor_parallel_2_equals_1(workload, record_property):
+    tmp, prompts, max_model_len = workload  # NOTE: no FLASH_ATTN baseline needed here
     th = _write_thresholds(tmp / "per_head.safetensors", "per_head")
     cfg = {"sparge": {"thresholds": th, "min_sparse_len": MIN_SPARSE_LEN}}
     tp1 = _run_engine(tmp, "sparge_tp1", "SPARGE", prompts, max_model_len,
