@@ -59,6 +59,9 @@ for stage in "$@"; do
     tp2)
         # NOTE: never NVLink multicast on the lent machines (KINDS.md): keep their NCCL_NVLS_ENABLE=0
         # etc. (inherited by every engine) and keep vLLM off symmetric-memory all-reduce.
+        # NOTE: ../shared/gpu/README.md saw the first multiprocess vLLM start on a fresh machine
+        # hang for over 5 minutes; session 9's TP2 run failed / hung without a report. With -x and
+        # per-test timeouts a hang now costs one test, and $OUT/engine_logs keeps each engine's log.
         export VLLM_ALLREDUCE_USE_SYMM_MEM=0
         export SPARGE_TEST_REPORT=$OUT/engine_report_tp2.json
         run gpu_tests_tp2 timeout 560 $PYTEST \
