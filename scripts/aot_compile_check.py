@@ -64,25 +64,30 @@ def compile_kernel(fn, types, constexprs, num_warps, num_stages, arch=90) -> str
     return f"{_resource_usage(k.asm['cubin'])}, {k.metadata.shared} B shared (Triton)"
 
 
+def _types(dtype: str, d: int, tma: bool) -> dict[str, str]:
+    types = {n: f"*{dtype}" for n in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr",
+                                      "key_cache_ptr")}
+    types.update({n: "*fp32" for n in ("pk_ptr", "ksim_ptr", "sim_ptr", "cdf_ptr", "pv_ptr",
+                                       "mu_ptr", "ksum_ptr")})
+    types.update({"lut_ptr": "*i16", "scratch_ptr": "*i16"})
+    if tma:
+        types.update({n: f"tensordesc<{dtype}[{BLKK},{d}]>" for n in ("k_desc", "v_desc")})
+    return types
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--nkb-pad", type=int, nargs="+", default=[1024, 2048, 4096])
     args = ap.parse_args()
     d = args.head_dim
-    bf16 = {n: "*bf16" for n in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr",
-                                 "key_cache_ptr")}
-    f32 = {n: "*fp32" for n in ("pk_ptr", "ksim_ptr", "sim_ptr", "cdf_ptr", "pv_ptr", "mu_ptr",
-                                "ksum_ptr")}
-    i16 = {"lut_ptr": "*i16", "scratch_ptr": "*i16"}
-    desc = {n: f"tensordesc<bf16[{BLKK},{d}]>" for n in ("k_desc", "v_desc")}
-    types = {**bf16, **f32, **i16, **desc}
+    types = _types("bf16", d, True)
     common = dict(GROUP=4, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=d)
     attn = dict(common, PAGE=64, PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=True)
     attn2 = {k: v for k, v in attn.items() if k != "BLOCK_M"}
     failed = 0
 
-    def check(label, fn, constexprs, num_warps, num_stages=3):
+    def check(label, fn, constexprs, num_warps, num_stages=3, types=types):
         nonlocal failed
         try:
             print(f"ok    {label}: "
@@ -100,6 +105,21 @@ def main() -> None:
                   attention._sparse_attn_kernel,
                   dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=pv, WARP_SPEC=False, SPLIT=split), warps,
                   stages)
+    # the other layouts the backend serves, at their launch parameters: fp16, head dim 64, pages
+    # that are not a multiple of the key block (pointer loads instead of TMA)
+    for dtype, dim, page in (("fp16", 64, 64), ("bf16", 128, 16), ("fp16", 64, 16)):
+        tma = page % BLKK == 0
+        warps, stages = attention._attn_launch_params(dim, tma)
+        layout_types = _types(dtype, dim, tma)
+        extra = {} if tma else {"k_desc": None, "v_desc": None}
+        for pv in (False, True):
+            check(f"attention {dtype} D{dim} page {page} pv_skip={pv}",
+                  attention._sparse_attn_kernel,
+                  dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
+                       PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=tma, PV_SKIP=pv,
+                       WARP_SPEC=False, SPLIT=1, **extra), warps, stages, types=layout_types)
+        check(f"kblock {dtype} D{dim} page {page}", predictor._kblock_kernel,
+              dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4, types=layout_types)
     for nkb_pad in args.nkb_pad:
         dc, warps = predictor._select_launch_params(nkb_pad)
         for topk in (False, True):
