@@ -128,7 +128,8 @@ def main() -> None:
         dc4 = max(1, min(16, (64 * 32 * 4) // nkb_pad))
         for pv in (False, True):
             check(f"fused NKB_PAD={nkb_pad} pv_skip={pv}", attention._fused_sparge_kernel,
-                  dict(attn, NKB_PAD=nkb_pad, DC=dc4, USE_TOPK=False, PV_SKIP=pv), 4, 2)
+                  dict(attn, NKB_PAD=nkb_pad, DC=dc4, USE_TOPK=False, PV_SKIP=pv,
+                       SPLIT=1 if pv else 2), 4, 2)
     sys.exit(1 if failed else 0)
 
 

@@ -193,7 +193,7 @@ def _fused_sparge_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, SPLIT: tl.constexpr = 1,
 ):
     """Selection and attention in one persistent kernel: no block map in device memory.
 
@@ -226,13 +226,18 @@ def _fused_sparge_kernel(
             n_kept = tl.sum(keep.to(tl.int32), axis=0)
             # NOTE: the list was written by all threads of the program and is read by all.
             tl.debug_barrier()
-            n_skipped = _attend_row(
-                q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr + r * stride_bt, lut_row, n_kept,
-                pv_ptr, k_desc, v_desc, q_start, q_len, seq_len, b, b * BLOCK_M, h,
-                stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head,
-                qk_scale, GROUP, BLOCK_M, BLOCK_M, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF,
-                UPCAST, USE_TMA, False,
-            )
+            # NOTE: SPLIT > 1 attends the block's rows in BLOCK_M // SPLIT-row parts, one after
+            # the other (smaller tiles, no register spills; PV skip off only)
+            for part in tl.static_range(SPLIT):
+                m0 = b * BLOCK_M + part * (BLOCK_M // SPLIT)
+                if m0 < q_len:
+                    n_skipped += _attend_row(
+                        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr + r * stride_bt,
+                        lut_row, n_kept, pv_ptr, k_desc, v_desc, q_start, q_len, seq_len, b, m0,
+                        h, stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok,
+                        stride_head, qk_scale, GROUP, BLOCK_M, BLOCK_M // SPLIT, BLOCK_N,
+                        HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST, USE_TMA, False,
+                    )
             tl.debug_barrier()  # every thread is done with the list before the next row's
         tl.store(count_ptr + row_id, n_kept)
         tl.store(nvalid_ptr + row_id, n_valid)
@@ -417,7 +422,8 @@ def sparge_paged_prefill(
         GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
         NKB_PAD=pooled.nkb_pad, DC=dc, USE_TOPK=topk is not None,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        num_warps=num_warps, num_stages=num_stages,
+        # 64-row attention tiles where the PV-skip semantics allow (fewer register spills)
+        SPLIT=1 if pv_skip else 2, num_warps=num_warps, num_stages=num_stages,
     )
     if stats is not None:
         stats[0] += n_valid.sum()

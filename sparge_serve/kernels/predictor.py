@@ -164,16 +164,20 @@ def _select_row(
     kvh = h // GROUP
     rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
 
-    # pooled query block and its self-similarity (real rows only)
+    # NOTE: q is read in chunks of DC dimensions, never as a whole [BLOCK_M, D] fp32 tile (which
+    # spilled registers at 4 warps, scripts/aot_compile_check.py): row norms in a first pass, the
+    # pooled query, its self-similarity and the compressed scores in a second.
     offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     m_real = offs_m < q_len
     n_rows = tl.minimum(q_len - b * BLOCK_M, BLOCK_M).to(tl.float32)
     q_rows = q_ptr + (q_start + offs_m).to(tl.int64)[:, None] * stride_qt + h * stride_qh
-    q = tl.load(q_rows + offs_d[None, :], mask=m_real[:, None], other=0.0).to(tl.float32)
-    norm = tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), _EPS)
-    mean_unit = tl.sum(q / norm[:, None], axis=0) / n_rows
-    q_sim = tl.sum(mean_unit * mean_unit, axis=0)
+    offs_c = tl.arange(0, DC)
+    sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, HEAD_DIM, DC):
+        qc = tl.load(q_rows + (d0 + offs_c)[None, :], mask=m_real[:, None], other=0.0)
+        qc = qc.to(tl.float32)
+        sq += tl.sum(qc * qc, axis=1)
+    norm = tl.maximum(tl.sqrt(sq), _EPS)
 
     simthr = tl.load(sim_ptr + h)
     first = ctx + b * BLOCK_M
@@ -182,14 +186,18 @@ def _select_row(
     offs_j = tl.arange(0, NKB_PAD)
     valid = offs_j < n_valid
 
-    # compressed scores: pooled_q . pooled_k, accumulated over chunks of DC dims, fp32
-    offs_c = tl.arange(0, DC)
+    # pooled query (real rows), its self-similarity |mean of unit rows|^2, and the compressed
+    # scores pooled_q . pooled_k, all accumulated over the chunks, fp32
     # NOTE: the 64-bit part of the offset is a scalar; tile offsets (< D * NKB) stay 32-bit.
     pk_head = pk_ptr + rh * HEAD_DIM * NKB
+    q_sim = tl.zeros([], dtype=tl.float32)
     s = tl.zeros([NKB_PAD], dtype=tl.float32)
     for d0 in range(0, HEAD_DIM, DC):
         qc = tl.load(q_rows + (d0 + offs_c)[None, :], mask=m_real[:, None], other=0.0)
-        pq = tl.sum(qc.to(tl.float32), axis=0) / n_rows
+        qc = qc.to(tl.float32)
+        mean_unit = tl.sum(qc / norm[:, None], axis=0) / n_rows
+        q_sim += tl.sum(mean_unit * mean_unit, axis=0)
+        pq = tl.sum(qc, axis=0) / n_rows
         pk = tl.load(
             pk_head + (d0 + offs_c)[None, :] * NKB + offs_j[:, None],
             mask=valid[:, None], other=0.0,
