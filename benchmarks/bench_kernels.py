@@ -35,7 +35,7 @@ from sparge_serve.kernels import (
     sparse_paged_attention,
 )
 from sparge_serve.kernels.attention import _fused_programs
-from sparge_serve.kernels.predictor import KSUM_CHUNK
+from sparge_serve.kernels.predictor import key_block_stride, pooled_keys_bytes
 
 HQ, HKV, D = 32, 8, 128
 SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
@@ -140,7 +140,7 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
         t_attn = bench(lambda bm=bm, pv=pv, skip="pv" in c: sparse_paged_attention(
             q, kc, vc, batch, bm, scale, pv, out, check_finite=False, pv_skip=skip))
         extra = sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid))
-        extra += _pooled_bytes(length)
+        extra += pooled_keys_bytes(HKV, D, 1, length)
         row = dict(
             length=length, page=page, config=name, inputs="structured" if structured else
             "random", block_sparsity=round(sparsity, 4),
@@ -202,8 +202,9 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                 q, kc, vc, batch, scale, sim, cdf, pv, out, topk=topk, check_finite=False,
                 pv_skip=False, fused=True))
             programs = _fused_programs(q, num_blocks(length, BLKQ) * HQ)
-            extra_f = 3 * bm.count.numel() * 4 + programs * num_blocks(length, BLKK) * 2
-            extra_f += _pooled_bytes(length)
+            scratch = programs * key_block_stride(num_blocks(length, BLKK)) * 2
+            extra_f = 3 * bm.count.numel() * 4 + scratch
+            extra_f += pooled_keys_bytes(HKV, D, 1, length)
             frow = dict(row, config=name + "+fused", predictor_ms=0.0, attention_ms=t_fused,
                         total_ms=t_fused, extra_mem_bytes=extra_f,
                         extra_mem_frac_of_kv=extra_f / kv_bytes,
@@ -211,12 +212,6 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             frow.pop("launch_sweep_ms", None)
             results.append(frow)
             print(json.dumps(frow), flush=True)
-
-
-def _pooled_bytes(length: int) -> int:
-    """Stage 1's fp32 buffers: pooled keys + similarity per key block, key sums per chunk."""
-    nkb = num_blocks(length, BLKK)
-    return 4 * HKV * (num_blocks(nkb, 16) * 16 * (D + 1) + num_blocks(nkb, KSUM_CHUNK) * D)
 
 
 def attach_ratios(results):

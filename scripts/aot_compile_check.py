@@ -125,7 +125,7 @@ def main() -> None:
         for topk in (False, True):
             check(f"select NKB_PAD={nkb_pad} topk={topk}", predictor._select_kernel,
                   dict(common, NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk), warps)
-        dc4 = max(1, min(16, (64 * 32 * 4) // nkb_pad))
+        dc4 = predictor._select_dc(nkb_pad, 4)
         for pv in (False, True):
             check(f"fused NKB_PAD={nkb_pad} pv_skip={pv}", attention._fused_sparge_kernel,
                   dict(attn, NKB_PAD=nkb_pad, DC=dc4, USE_TOPK=False, PV_SKIP=pv,

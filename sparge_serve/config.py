@@ -82,6 +82,10 @@ class SpargeConfig:
         """False when the kill switch (``mode: dense``) is on."""
         return self.mode == "sparse"
 
+    def sparse_possible(self, max_model_len: int) -> bool:
+        """Whether any request of a model with this context limit can take the sparse path."""
+        return self.enabled and max_model_len >= self.min_sparse_len
+
     def is_dense_layer(self, layer: int) -> bool:
         """Whether global layer ``layer`` is kept dense by ``dense_layers``."""
         if isinstance(self.dense_layers, int):

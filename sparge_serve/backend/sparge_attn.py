@@ -293,7 +293,7 @@ class SpargeAttentionBackend(FlashAttentionBackend):
                 cfg = SpargeConfig.from_vllm_config(vllm_config)
             except ValueError:  # reported with its fix when the backend loads its settings
                 return PREFERRED_PAGE_SIZE
-            if not cfg.enabled or mc.max_model_len < cfg.min_sparse_len:
+            if not cfg.sparse_possible(mc.max_model_len):
                 return default_block_size
         return PREFERRED_PAGE_SIZE
 
@@ -511,7 +511,7 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
                 eligible = eligible & ~too_long
                 logger.warning_once("SPARGE: contexts longer than %d tokens run dense (the "
                                     "predictor's limit)", self.max_sparse_seq_len)
-        elif cfg.enabled and cam.max_seq_len >= cfg.min_sparse_len and (
+        elif cfg.sparse_possible(cam.max_seq_len) and (
                 not self._warned_no_cpu_seq_lens):
             self._warned_no_cpu_seq_lens = True
             logger.warning("SPARGE: a step without a host copy of seq_lens; its long prefills "
@@ -608,7 +608,7 @@ def _warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atte
     sparse = [i for i in impls if not i.dense_layer]
     cfg = runtime.config
     max_len = vllm_config.model_config.max_model_len
-    if not sparse or not cfg.enabled or max_len < cfg.min_sparse_len:
+    if not sparse or not cfg.sparse_possible(max_len):
         return
     from sparge_serve.kernels.warmup import warm_up_sparse_kernels
 
@@ -866,11 +866,9 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         run): the predictor's buffers and block map for the step's largest sparse sub-batch, plus
         the gathered q/out rows."""
         vc, rt = self._vllm_config, self.runtime
-        if vc is None or rt is None or not rt.config.enabled:
+        if vc is None or rt is None or not rt.config.sparse_possible(vc.model_config.max_model_len):
             return 0
         max_len = vc.model_config.max_model_len
-        if max_len < rt.config.min_sparse_len:
-            return 0
         from sparge_serve.kernels import prefill_scratch_bytes
 
         tokens = vc.scheduler_config.max_num_batched_tokens

@@ -20,6 +20,7 @@ from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF, PrefillBatch,
 from sparge_serve.kernels.predictor import (
     BlockMap,
     _load_kv_block,
+    _select_dc,
     _select_row,
     check_head_thresholds,
     check_paged_inputs,
@@ -268,6 +269,24 @@ def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
     )
 
 
+def _check_out_and_layout(q, key_cache, value_cache, out) -> None:
+    """``ValueError`` for an ``out`` unlike ``q`` or K and V caches of different layouts."""
+    if out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    if key_cache.stride() != value_cache.stride():
+        raise ValueError("key_cache and value_cache must share one layout (strides)")
+
+
+def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = None):
+    """``(use_tma, k_desc, v_desc)``: TMA descriptors where the caches allow them (or as forced
+    by ``use_tma``), else ``None`` (pointer loads)."""
+    if use_tma is None:
+        use_tma = _tma_ok(q, key_cache, block_n) and _tma_ok(q, value_cache, block_n)
+    if not use_tma:
+        return False, None, None
+    return True, *(_kv_descriptor(c, block_n) for c in (key_cache, value_cache))
+
+
 def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
     """(num_warps, num_stages); pinned from benchmarks/bench_kernels.py --sweep (H200, head dim
     128: with TMA 4 warps / 2 stages, 0.75x the time of 8/3; without, 8/3 beats 4/2 by 4%).
@@ -308,13 +327,10 @@ def sparse_paged_attention(
     register spills of 128-row tiles at 4 warps) — for benchmarks only.
     """
     check_paged_inputs(q, key_cache, value_cache)
+    _check_out_and_layout(q, key_cache, value_cache, out)
     num_heads, head_dim = q.shape[1], q.shape[2]
-    if out.shape != q.shape or out.stride(2) != 1:
-        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
     check_head_thresholds("pvthreshd", pvthreshd, num_heads, q.device, check_finite)
     _, page, num_kv_heads, _ = key_cache.shape
-    if key_cache.stride() != value_cache.stride():
-        raise ValueError("key_cache and value_cache must share one layout (strides)")
     nreq, _, nqb, nkb = block_map.lut.shape
     if nqb != num_blocks(batch.max_query_len, BLKQ) or nreq != batch.num_reqs:
         raise ValueError("block_map was predicted for a different batch")
@@ -324,12 +340,8 @@ def sparse_paged_attention(
         raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip "
                          f"{pv_skip})")
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
-    k_desc = v_desc = None
-    if use_tma is None:
-        use_tma = _tma_ok(q, key_cache, block_n) and _tma_ok(q, value_cache, block_n)
+    use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
     num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
-    if use_tma:
-        k_desc, v_desc = (_kv_descriptor(c, block_n) for c in (key_cache, value_cache))
     _sparse_attn_kernel[(num_heads, nqb * split, nreq)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         block_map.lut, block_map.count, pvthreshd, skipped, k_desc, v_desc,
@@ -389,10 +401,7 @@ def sparge_paged_prefill(
         )
         return bm
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
-    if out.shape != q.shape or out.stride(2) != 1:
-        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
-    if key_cache.stride() != value_cache.stride():
-        raise ValueError("key_cache and value_cache must share one layout (strides)")
+    _check_out_and_layout(q, key_cache, value_cache, out)
     num_heads, head_dim = q.shape[1], q.shape[2]
     _, page, num_kv_heads, _ = key_cache.shape
     if pv_skip is None:
@@ -404,13 +413,9 @@ def sparge_paged_prefill(
     scratch = torch.empty(programs, pooled.nkb_stride, dtype=torch.int16, device=q.device)
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     n_valid, skipped = torch.empty_like(count), torch.empty_like(count)
-    use_tma = _tma_ok(q, key_cache, BLKK) and _tma_ok(q, value_cache, BLKK)
-    k_desc = v_desc = None
-    if use_tma:
-        k_desc, v_desc = (_kv_descriptor(c, BLKK) for c in (key_cache, value_cache))
+    use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, BLKK)
     num_warps, num_stages = _attn_launch_params(head_dim, use_tma)
-    # the selection's [NKB_PAD, DC] pooled-key tile at <= 64 fp32 per thread, as in the predictor
-    dc = max(1, min(16, (64 * 32 * num_warps) // pooled.nkb_pad))
+    dc = _select_dc(pooled.nkb_pad, num_warps)
     _fused_sparge_kernel[(programs,)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         pooled.pk, pooled.ksim, simthreshd1, cdfthreshd, pvthreshd, scratch, count, n_valid,

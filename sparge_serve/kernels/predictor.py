@@ -339,11 +339,29 @@ def check_head_thresholds(name: str, t: torch.Tensor, num_heads: int, device, ch
         raise ValueError(f"{name} contains NaN or inf: recalibrate or fix the thresholds file")
 
 
+def key_block_stride(nkb: int) -> int:
+    """Row stride of the per-key-block buffers: ``nkb`` rounded up to 16.
+
+    NOTE: aligned rows, and the kernels (which take it as their row stride NKB) compile once for
+    every context length.
+    """
+    return num_blocks(nkb, 16) * 16
+
+
+def selection_tile(nkb: int) -> int:
+    """``NKB_PAD``: the selection's key-block tile for ``nkb`` key blocks (a power of two >= 16)."""
+    return max(16, triton.next_power_of_2(nkb))
+
+
+def _select_dc(nkb_pad: int, num_warps: int) -> int:
+    """Dimensions per chunk keeping the [NKB_PAD, DC] pooled-key tile at <= 64 fp32 per thread."""
+    return max(1, min(16, (64 * 32 * num_warps) // nkb_pad))
+
+
 def _select_launch_params(nkb_pad: int) -> tuple[int, int]:
-    """(DC, num_warps) keeping the [NKB_PAD, DC] pooled-key tile at <= 64 fp32 per thread."""
+    """(DC, num_warps) of the select kernel."""
     num_warps = 4 if nkb_pad <= 1024 else 8
-    dc = max(1, min(16, (64 * 32 * num_warps) // nkb_pad))
-    return dc, num_warps
+    return _select_dc(nkb_pad, num_warps), num_warps
 
 
 @dataclass(frozen=True)
@@ -375,9 +393,7 @@ def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch) -> PooledKeys:
     """Steps 1-3 of the module docstring: pooled smoothed keys and key-block similarity."""
     _, page, num_kv_heads, head_dim = key_cache.shape
     nkb = num_blocks(batch.max_seq_len, BLKK)
-    # NOTE: per-key-block buffers are padded to a multiple of 16 blocks: aligned rows, and the
-    # kernels (which take it as their row stride NKB) compile once for every context length.
-    nkb_stride = num_blocks(nkb, 16) * 16
+    nkb_stride = key_block_stride(nkb)
     nreq = batch.num_reqs
     f32 = dict(dtype=torch.float32, device=key_cache.device)
     # NOTE: key sums per chunk of KSUM_CHUNK blocks: 1/16 of a per-block buffer's memory
@@ -396,7 +412,7 @@ def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch) -> PooledKeys:
         key_cache, batch.block_table, batch.seq_lens, mu, pk, ksim, *strides,
         nkb_stride, num_kv_heads, PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, num_warps=4,
     )
-    return PooledKeys(pk, ksim, nkb, nkb_stride, max(16, triton.next_power_of_2(nkb)))
+    return PooledKeys(pk, ksim, nkb, nkb_stride, selection_tile(nkb))
 
 
 def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_reqs: int,
@@ -407,13 +423,20 @@ def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_
     The backend allocates this once during vLLM's memory profiling so that the KV cache is sized
     with room for it.
     """
-    nqb, nkb = num_blocks(max_query_len, BLKQ), num_blocks(max_seq_len, BLKK)
-    nkb_stride = num_blocks(nkb, 16) * 16
-    rh, rq = max_reqs * num_kv_heads, max_reqs * num_heads
-    pooled = 4 * rh * (head_dim * nkb_stride + nkb_stride + head_dim)  # pk, ksim, mu
-    ksum = 4 * rh * num_blocks(nkb, KSUM_CHUNK) * head_dim
-    block_map = rq * nqb * (2 * nkb_stride + 3 * 4)  # lut, count, n_valid, skipped
-    return pooled + ksum + block_map
+    nqb = num_blocks(max_query_len, BLKQ)
+    nkb_stride = key_block_stride(num_blocks(max_seq_len, BLKK))
+    block_map = max_reqs * num_heads * nqb * (2 * nkb_stride + 3 * 4)  # lut, counts, skipped
+    return pooled_keys_bytes(num_kv_heads, head_dim, max_reqs, max_seq_len) + block_map
+
+
+def pooled_keys_bytes(num_kv_heads: int, head_dim: int, max_reqs: int, max_seq_len: int) -> int:
+    """Device memory of :func:`pool_keys`' fp32 buffers: pooled keys, similarity, key mean and
+    the key sums per chunk."""
+    nkb = num_blocks(max_seq_len, BLKK)
+    nkb_stride = key_block_stride(nkb)
+    rh = max_reqs * num_kv_heads
+    return 4 * rh * (head_dim * nkb_stride + nkb_stride + head_dim
+                     + num_blocks(nkb, KSUM_CHUNK) * head_dim)
 
 
 def predict_block_map(

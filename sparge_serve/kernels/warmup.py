@@ -18,11 +18,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import triton
 
 from sparge_serve.kernels.attention import sparse_paged_attention
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PrefillBatch, num_blocks
-from sparge_serve.kernels.predictor import MAX_KEY_BLOCKS, predict_block_map
+from sparge_serve.kernels.predictor import MAX_KEY_BLOCKS, predict_block_map, selection_tile
 
 
 def nkb_pad_buckets(min_seq_len: int, max_seq_len: int) -> list[int]:
@@ -31,9 +30,8 @@ def nkb_pad_buckets(min_seq_len: int, max_seq_len: int) -> list[int]:
     lo = max(1, min_seq_len)
     if lo > hi:
         return []
-    pad = lambda n: max(16, triton.next_power_of_2(num_blocks(n, BLKK)))  # noqa: E731
-    buckets, b = [], pad(lo)
-    while b <= pad(hi):
+    buckets, b = [], selection_tile(num_blocks(lo, BLKK))
+    while b <= selection_tile(num_blocks(hi, BLKK)):
         buckets.append(b)
         b *= 2
     return buckets
