@@ -9,8 +9,8 @@
 #   kernel_tests  the kernels' GPU tests only
 #   tests      GPU tests: kernels, warm-up, calibration search, engine equivalence (TP 1),
 #              vllm serve metrics (TP 1)
-#   tp2        the tensor-parallel-2 tests (2 GPUs): engine TP2 = TP1, serve metrics TP 2,
-#              calibration capture TP 2 = TP 1
+#   tp2        the tensor-parallel-2 tests (2 GPUs): engine TP2 = TP1, serve metrics TP 2
+#   tp2_calib  calibration capture TP 2 = TP 1 (2 GPUs)
 #   sweep      kernel launch-config sweep at 32K (exploration; -> $OUT/kernels_sweep.*)
 #   kernels    the kernel benchmark (-> $OUT/kernels.*)
 #   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
@@ -22,6 +22,9 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 SPARGE_TEST_MODEL=${SPARGE_TEST_MODEL:-models/sparge-tiny-code}
 export SPARGE_TEST_LOG_DIR=$OUT/engine_logs
+# a test's engine / server / capture child that runs longer is killed with SIGABRT first, so that
+# every process in it writes its stacks into its log (tests/subproc.py)
+export SPARGE_TEST_CHILD_TIMEOUT=${SPARGE_TEST_CHILD_TIMEOUT:-300}
 # NOTE: -x and a per-test timeout: a run killed at its limit prints no failure report at all
 PYTEST="python3 -m pytest -q -x -m gpu -rs -p no:cacheprovider --timeout=420"
 MODEL=$SPARGE_TEST_MODEL
@@ -56,18 +59,23 @@ for stage in "$@"; do
             tests/test_kernels.py tests/test_warmup.py tests/test_calibrate_search.py \
             tests/gpu/test_engine_gpu.py tests/test_metrics.py -k "not tp2 and not tensor_parallel"
         ;;
-    tp2)
+    tp2|tp2_calib)
         # NOTE: never NVLink multicast on the lent machines (KINDS.md): keep their NCCL_NVLS_ENABLE=0
         # etc. (inherited by every engine) and keep vLLM off symmetric-memory all-reduce.
         # NOTE: ../shared/gpu/README.md saw the first multiprocess vLLM start on a fresh machine
-        # hang for over 5 minutes; session 9's TP2 run failed / hung without a report. With -x and
-        # per-test timeouts a hang now costs one test, and $OUT/engine_logs keeps each engine's log.
-        export VLLM_ALLREDUCE_USE_SYMM_MEM=0
+        # hang for over 5 minutes; session 9's TP2 run hung without a report. Now each child has a
+        # time limit and dumps every process's stacks into $OUT/engine_logs when it hits it; no -x,
+        # so one hang costs one test.
+        export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_LOGGING_LEVEL=DEBUG
         export SPARGE_TEST_REPORT=$OUT/engine_report_tp2.json
-        run gpu_tests_tp2 timeout 560 $PYTEST \
-            "tests/gpu/test_engine_gpu.py::test_tensor_parallel_2_equals_1" \
-            "tests/test_metrics.py::test_vllm_serve_exports_sparge_metrics[2]" \
-            tests/gpu/test_calibrate_tp_gpu.py
+        if [ "$stage" = tp2 ]; then
+            tests=("tests/gpu/test_engine_gpu.py::test_tensor_parallel_2_equals_1"
+                   "tests/test_metrics.py::test_vllm_serve_exports_sparge_metrics[2]")
+        else
+            tests=(tests/gpu/test_calibrate_tp_gpu.py)
+        fi
+        run "gpu_$stage" timeout 530 ${PYTEST/ -x/} "${tests[@]}"
+        unset VLLM_LOGGING_LEVEL
         ;;
     sweep)
         run kernels_sweep python3 benchmarks/bench_kernels.py --lengths 32768 --pages 64 --sweep --fused \

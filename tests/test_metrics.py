@@ -473,9 +473,10 @@ def test_vllm_serve_exports_sparge_metrics(tp, tmp_path):
     import json
     import signal
     import socket
-    import subprocess
     import sys
     import urllib.error
+
+    from tests import subproc
 
     if not SERVE_MODEL:
         pytest.skip("set SPARGE_TEST_MODEL to a local Llama-style model dir")
@@ -491,23 +492,25 @@ def test_vllm_serve_exports_sparge_metrics(tp, tmp_path):
            "SPARGE_MIN_SPARSE_LEN": str(SERVE_MIN_SPARSE_LEN)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.pop(METRICS_DIR_ENV, None)
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
+    log = subproc.log_path(f"serve_tp{tp}", tmp_path)
+    server = subproc.start(
         [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", SERVE_MODEL,
          "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "sparge-test",
          "--tensor-parallel-size", str(tp), "--no-enable-prefix-caching",
          "--max-model-len", str(max(SERVE_PROMPT_LENS) + 64), "--gpu-memory-utilization", "0.6"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env, log)
     base = f"http://127.0.0.1:{port}"
+    hung = False
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + subproc.timeout_s(600)
         while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            assert server.poll() is None, subproc.tail(log)
             try:
                 _http(f"{base}/health", timeout=5)
                 break
             except (urllib.error.URLError, OSError):
-                assert time.monotonic() < deadline, "vllm serve did not become healthy"
+                hung = time.monotonic() > deadline
+                assert not hung, f"vllm serve did not become healthy; log {log}"
                 time.sleep(2)
         g = torch.Generator().manual_seed(0)
         for n in SERVE_PROMPT_LENS:  # one at a time: deterministic chunking for the TP compare
@@ -538,11 +541,5 @@ def test_vllm_serve_exports_sparge_metrics(tp, tmp_path):
         _VALID_BY_TP[tp] = valid
         if tp == 2 and 1 in _VALID_BY_TP:  # block geometry does not depend on the head split
             assert valid == _VALID_BY_TP[1]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+    finally:  # a start that hung: SIGABRT, so that every process writes its stacks to the log
+        subproc.stop(server, signal.SIGABRT if hung else signal.SIGTERM)

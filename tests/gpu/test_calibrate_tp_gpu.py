@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -62,11 +61,10 @@ def _capture(tmp: Path, prompts: list[list[int]], tp: int):
            if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "SPARGE_MODE", "SPARGE_MIN_SPARSE_LEN",
                         "SPARGE_MIN_SPARSE_QUERY_LEN")}
     env.setdefault("HF_HUB_OFFLINE", "1")
-    proc = subprocess.run([sys.executable, __file__, str(spec_path), str(out_path)], env=env,
-                          capture_output=True, text=True, timeout=1500)
-    if proc.returncode != 0:
-        raise AssertionError(f"capture tp={tp} failed (rc {proc.returncode}):\n"
-                             f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    from tests.subproc import log_path, run_logged, timeout_s
+
+    run_logged([sys.executable, __file__, str(spec_path), str(out_path)], env,
+               log_path(f"capture_tp{tp}", tmp), timeout_s(1500))
     with safe_open(str(out_path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
 

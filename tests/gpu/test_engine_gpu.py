@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -153,15 +152,10 @@ def _run_engine(tmp: Path, name: str, backend: str, prompts, max_model_len: int,
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
-    proc = subprocess.run([sys.executable, __file__, str(spec_path), str(out_path)], env=env,
-                          capture_output=True, text=True, timeout=1800)
-    log_dir = os.environ.get("SPARGE_TEST_LOG_DIR")
-    if log_dir:  # keep every engine's log (the GPU machine's output folder)
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        (Path(log_dir) / f"{name}.log").write_text(proc.stdout + "\n" + proc.stderr)
-    if proc.returncode != 0:
-        raise AssertionError(f"engine {name} failed (rc {proc.returncode}):\n"
-                             f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    from tests.subproc import log_path, run_logged, timeout_s
+
+    run_logged([sys.executable, __file__, str(spec_path), str(out_path)], env,
+               log_path(name, tmp), timeout_s(1800))
     return json.loads(out_path.read_text())
 
 

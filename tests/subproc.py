@@ -1,0 +1,67 @@
+"""Subprocesses of the GPU tests (engines, servers, captures) whose logs survive a hang.
+
+A child's output goes straight to a file (in ``$SPARGE_TEST_LOG_DIR`` when set, the GPU machine's
+result folder), never through a pipe that dies with a killed pytest. The child runs in its own
+process group with ``PYTHONFAULTHANDLER=1``; on a timeout the whole group gets SIGABRT first, so
+every Python process in it (vLLM's workers too) writes its threads' stacks into the log before it
+dies: a hang then says where it hung.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+
+def log_path(name: str, fallback_dir: Path) -> Path:
+    """Where the log of child ``name`` goes: ``$SPARGE_TEST_LOG_DIR/name.log`` or the fallback."""
+    log_dir = Path(os.environ.get("SPARGE_TEST_LOG_DIR") or fallback_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return log_dir / f"{name}.log"
+
+
+def timeout_s(default: float) -> float:
+    """A child's time limit: ``$SPARGE_TEST_CHILD_TIMEOUT`` (seconds) or the test's default."""
+    return float(os.environ.get("SPARGE_TEST_CHILD_TIMEOUT") or default)
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start ``cmd`` in a new process group, stdout and stderr into ``log``."""
+    with log.open("w") as f:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 60) -> None:
+    """Signal the child's whole group, wait up to ``grace`` seconds, then kill what is left."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def tail(log: Path, chars: int = 6000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else "(no log)"
+
+
+def run_logged(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> None:
+    """Run ``cmd`` to the end; raise ``AssertionError`` with the log's tail if it fails or hangs."""
+    proc = start(cmd, env, log)
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc, signal.SIGABRT, grace=30)  # faulthandler: every process dumps its stacks
+        raise AssertionError(f"{' '.join(cmd[-3:])} hung: killed after {timeout:.0f} s; "
+                             f"stacks and log in {log}:\n{tail(log)}") from None
+    finally:
+        stop(proc, grace=10)  # leftovers of the group (a worker that outlived its parent)
+    if rc != 0:
+        raise AssertionError(f"{' '.join(cmd[-3:])} failed (rc {rc}); log {log}:\n{tail(log)}")
