@@ -65,3 +65,15 @@ def run_logged(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -
         stop(proc, grace=10)  # leftovers of the group (a worker that outlived its parent)
     if rc != 0:
         raise AssertionError(f"{' '.join(cmd[-3:])} failed (rc {rc}); log {log}:\n{tail(log)}")
+
+
+# NOTE: the lent GPU machines have NVLink multicast switched off (and using it can take a shared
+# host's GPUs out of service). vLLM 0.26's all-reduce + RMSNorm fusion auto-selects FlashInfer's
+# "mnnvl" all-reduce, which needs multicast: on a 2-GPU H200 it crashed the workers with an illegal
+# memory access in the profiling run. Multi-GPU tests therefore keep every collective on NCCL (which
+# honours NCCL_NVLS_ENABLE=0): no fused all-reduce, no custom all-reduce. What they test, our
+# backend's per-rank head slicing, does not depend on how vLLM all-reduces.
+NCCL_ONLY_ENGINE_ARGS = {"disable_custom_all_reduce": True,
+                         "compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}}
+NCCL_ONLY_SERVE_FLAGS = ["--disable-custom-all-reduce",
+                         "--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}']

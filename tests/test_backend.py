@@ -593,6 +593,82 @@ def test_forward_matches_reference(sparge, tmp_path, reqs, pv):
     assert stats._tokens[2] == [sparse_tokens, prompt_tokens - sparse_tokens]
 
 
+def _record_specializations(monkeypatch) -> dict[str, set[str]]:
+    """Stub the sparse kernels' launches (no run) and record, per kernel, each launch's Triton
+    specialisation key as a GPU (sm_90) would compute it: the arguments' types, their 16-byte
+    alignment / divisibility and value-1 attributes, the constexprs and the launch options."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from sparge_serve.kernels import attention, predictor
+
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    seen: dict[str, set[str]] = {}
+
+    def recorder(kernel):
+        jit = JITFunction(kernel.fn, **kernel.kwargs)  # the interpreter keeps the decorator args
+        binder = create_function_from_signature(jit.signature, jit.params, backend)
+
+        def run(*args, grid, warmup, **kwargs):
+            _, specialization, options = binder(*args, **kwargs)
+            seen.setdefault(kernel.fn.__name__, set()).add(
+                repr((specialization, sorted(options.items()))))
+
+        return run
+
+    for k in (predictor._ksum_kernel, predictor._kblock_kernel, predictor._select_kernel,
+              attention._sparse_attn_kernel):
+        monkeypatch.setattr(k, "run", recorder(k))
+    return seen
+
+
+def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path, monkeypatch):
+    """Every sparse-kernel launch of real steps (mixed batches whose sparse requests are slices of
+    the step's metadata at odd offsets, gathered and contiguous, layers with and without the PV
+    skip) has a Triton specialisation that the start-up warm-up already compiled. On an H200,
+    vLLM's JIT monitor caught serving recompile all four kernels: the step's block-table /
+    ``seq_lens`` slices were not 16-byte aligned like the warm-up's tensors."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from sparge_serve.backend.sparge_attn import _warm_up_kernels
+
+    path = tmp_path / "mixed.safetensors"
+    th = Thresholds.defaults(L, HQ, HKV, D)
+    th.pvthreshd[1:3, 1] = 4.0  # layers 1 and 2 use the PV skip
+    save_thresholds(path, th)
+    vc = sparge(min_sparse_len=256, thresholds=str(path))
+    seen = _record_specializations(monkeypatch)
+    impls = []
+    for layer in range(L):
+        impl = _impl(vc)
+        impl.bind(f"model.layers.{layer}.self_attn.attn", "cpu", None)
+        impl._dense = lambda *args: None
+        impls.append(impl)
+    spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=D,
+                             dtype=torch.float16)
+    with set_current_vllm_config(vc):
+        _warm_up_kernels(vc, impls[0].runtime, spec, impls, torch.device("cpu"))
+    warm = {name: set(keys) for name, keys in seen.items()}
+    assert len(warm) == 4 and not any(i._pv_skip for i in impls[::3])
+    b = _builder(vc)
+    layer = SimpleNamespace(_k_scale=torch.ones(1), _v_scale=torch.ones(1))
+    for reqs in ([(1, 40), (150, 300), (20, 20), (130, 260)],  # gathered rows
+                 [(1, 40), (1, 50), (1, 60), (300, 300), (260, 700)],  # contiguous, offset 3
+                 [(5, 9), (400, 400)],  # offset 1
+                 [(1000, 1100)]):
+        cam = _cam(reqs)
+        md = b.build(0, cam)
+        assert md.sparse is not None
+        query, kv_cache, _ = _paged_inputs(cam, torch.float16)
+        for impl in impls:
+            impl.forward(layer, query, None, None, kv_cache, md, torch.empty_like(query))
+    for name, keys in seen.items():
+        assert keys <= warm[name], f"{name}: variants compiled after the warm-up:\n" + "\n".join(
+            keys - warm[name])
+
+
 def test_dense_layer_runs_whole_batch_dense(sparge):
     vc = sparge(min_sparse_len=256, dense_layers=[2])
     cam, md, query, phys, out, calls, stats, impl = _run_forward(vc, [(150, 300), (20, 20)])

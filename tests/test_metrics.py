@@ -497,7 +497,8 @@ def test_vllm_serve_exports_sparge_metrics(tp, tmp_path):
         [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", SERVE_MODEL,
          "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "sparge-test",
          "--tensor-parallel-size", str(tp), "--no-enable-prefix-caching",
-         "--max-model-len", str(max(SERVE_PROMPT_LENS) + 64), "--gpu-memory-utilization", "0.6"],
+         "--max-model-len", str(max(SERVE_PROMPT_LENS) + 64), "--gpu-memory-utilization", "0.6",
+         *(subproc.NCCL_ONLY_SERVE_FLAGS if tp > 1 else [])],
         env, log)
     base = f"http://127.0.0.1:{port}"
     hung = False

@@ -42,13 +42,18 @@ def test_no_compilation_after_warm_up():
     kc, vc = _packed_cache(1, 64, 2, 128, "cuda")
     warm_up_sparse_kernels(kc, vc, num_heads=8, min_seq_len=1000, max_seq_len=40_000)
     compiled = [len(k.device_caches[dev.index][0]) for k in kernels]
-    for reqs in ([(3000, 3000)], [(BLKQ + 5, 17_003), (700, 33_333)], [(40_000, 40_000)]):
-        case = make_paged_case(reqs, 8, 2, 128, 64, torch.bfloat16, "cuda", packed=True)
-        from sparge_serve.kernels import sparge_paged_prefill
+    from sparge_serve.kernels import PrefillBatch, sparge_paged_prefill
 
+    for reqs in ([(3000, 3000)], [(BLKQ + 5, 17_003), (700, 33_333)], [(40_000, 40_000)],
+                 [(1, 900), (1, 1500), (1, 2000), (2500, 9000)]):
+        case = make_paged_case(reqs, 8, 2, 128, 64, torch.bfloat16, "cuda", packed=True)
+        batch = case.batch
+        if len(reqs) == 4:  # the last request alone, as slices at an odd offset (a mixed step)
+            batch = PrefillBatch(batch.query_start_loc[3:], batch.seq_lens[3:],
+                                 batch.block_table[3:], 2500, 9000)
         out = torch.empty_like(case.q)
-        sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
-                             head_vec(0.6, 8, "cuda"), head_vec(0.9, 8, "cuda"),
-                             head_vec(50.0, 8, "cuda"), out, pv_skip=False)
+        sparge_paged_prefill(case.q, case.key_cache, case.value_cache, batch, case.scale,
+                             head_vec(0.6, 9, "cuda")[1:], head_vec(0.9, 9, "cuda")[1:],
+                             head_vec(50.0, 9, "cuda")[1:], out, pv_skip=False)
     torch.cuda.synchronize()
     assert [len(k.device_caches[dev.index][0]) for k in kernels] == compiled

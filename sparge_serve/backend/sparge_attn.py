@@ -800,9 +800,11 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.dense_layer = (not cfg.enabled or cfg.is_dense_layer(index)
                             or local.layer_is_dense(index))
         self.topk = cfg.topk
-        self._simthreshd1 = local.simthreshd1[index].to(device)
-        self._cdfthreshd = local.cdfthreshd[index].to(device)
-        self._pvthreshd = local.pvthreshd[index].to(device)
+        # NOTE: copies (own allocations, 16-byte aligned on any device): kernels are specialised
+        # on pointer alignment, and the warm-up compiles for aligned threshold vectors
+        self._simthreshd1 = local.simthreshd1[index].to(device, copy=True)
+        self._cdfthreshd = local.cdfthreshd[index].to(device, copy=True)
+        self._pvthreshd = local.pvthreshd[index].to(device, copy=True)
         # Host-side (CPU thresholds): whether any head of this layer uses the PV skip, so the
         # kernel launch never reads pvthreshd back from the GPU.
         self._pv_skip = bool((local.pvthreshd[index] < PV_OFF).any())

@@ -16,7 +16,14 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF, PrefillBatch, num_blocks
+from sparge_serve.kernels.geometry import (
+    BATCH_PTRS,
+    BLKK,
+    BLKQ,
+    PV_SKIP_OFF,
+    PrefillBatch,
+    num_blocks,
+)
 from sparge_serve.kernels.predictor import (
     BlockMap,
     _load_kv_block,
@@ -148,7 +155,7 @@ def _attend_row(
     return n_skipped
 
 
-@triton.jit(do_not_specialize=["NQB", "stride_bt"])
+@triton.jit(do_not_specialize=["NQB", "stride_bt"], do_not_specialize_on_alignment=BATCH_PTRS)
 def _sparse_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
     lut_ptr, count_ptr, pv_ptr, skipped_ptr, k_desc, v_desc,
@@ -183,7 +190,8 @@ def _sparse_attn_kernel(
         tl.store(skipped_ptr + row_id, n_skipped)
 
 
-@triton.jit(do_not_specialize=["NQB", "stride_bt", "num_reqs", "n_tiles"])
+@triton.jit(do_not_specialize=["NQB", "stride_bt", "num_reqs", "n_tiles"],
+            do_not_specialize_on_alignment=BATCH_PTRS)
 def _fused_sparge_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
     pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, pv_ptr, scratch_ptr, count_ptr, nvalid_ptr, skipped_ptr,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparge_serve.kernels.geometry import BLKK, BLKQ, PrefillBatch, num_blocks
+from sparge_serve.kernels.geometry import BATCH_PTRS, BLKK, BLKQ, PrefillBatch, num_blocks
 
 KSUM_CHUNK = 16
 """Key blocks summed per program of the key-mean pass."""
@@ -87,7 +87,7 @@ def _load_kv_block(
     return tl.load(ptrs, mask=in_ctx[:, None], other=0.0)
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "NCH"], do_not_specialize_on_alignment=BATCH_PTRS)
 def _ksum_kernel(
     key_cache_ptr, bt_ptr, seq_lens_ptr, ksum_ptr,
     stride_page, stride_tok, stride_head, stride_bt,
@@ -112,7 +112,7 @@ def _ksum_kernel(
     tl.store(ksum_ptr + (rh * NCH + c) * HEAD_DIM + offs_d, acc)
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=BATCH_PTRS)
 def _kblock_kernel(
     key_cache_ptr, bt_ptr, seq_lens_ptr, mu_ptr, pk_ptr, ksim_ptr,
     stride_page, stride_tok, stride_head, stride_bt,
@@ -253,7 +253,7 @@ def _select_row(
     return keep, n_valid
 
 
-@triton.jit(do_not_specialize=["NQB"])
+@triton.jit(do_not_specialize=["NQB"], do_not_specialize_on_alignment=BATCH_PTRS)
 def _select_kernel(
     q_ptr, qsl_ptr, seq_lens_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr,
     lut_ptr, count_ptr, nvalid_ptr,

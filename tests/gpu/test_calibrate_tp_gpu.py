@@ -44,7 +44,7 @@ def _capture_main(spec_path: str, out_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     cap = capture_vllm(MODEL, spec["prompts"], dtype="bfloat16",
-                       tensor_parallel_size=spec["tp"])
+                       tensor_parallel_size=spec["tp"], **spec.get("engine_args", {}))
     tensors = {f"{layer}.{i}.{name}": getattr(s, name).contiguous()
                for layer, samples in enumerate(cap.layers) for i, s in enumerate(samples)
                for name in ("q", "k", "v")}
@@ -56,7 +56,10 @@ def _capture(tmp: Path, prompts: list[list[int]], tp: int):
     from safetensors import safe_open
 
     spec_path, out_path = tmp / f"tp{tp}.spec.json", tmp / f"tp{tp}.safetensors"
-    spec_path.write_text(json.dumps({"prompts": prompts, "tp": tp}))
+    from tests.subproc import NCCL_ONLY_ENGINE_ARGS
+
+    spec = {"prompts": prompts, "tp": tp, "engine_args": NCCL_ONLY_ENGINE_ARGS if tp > 1 else {}}
+    spec_path.write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items()
            if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "SPARGE_MODE", "SPARGE_MIN_SPARSE_LEN",
                         "SPARGE_MIN_SPARSE_QUERY_LEN")}

@@ -124,7 +124,8 @@ def _engine_main(spec_path: str, out_path: str) -> None:
               enable_prefix_caching=True, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
               max_model_len=spec["max_model_len"], max_num_seqs=32, seed=0,
               gpu_memory_utilization=0.85, tensor_parallel_size=spec.get("tp", 1),
-              additional_config=spec.get("additional_config") or {})
+              additional_config=spec.get("additional_config") or {},
+              **spec.get("engine_args", {}))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=TOPK)
     prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
     rounds = []
@@ -297,8 +298,10 @@ def test_tensor_parallel_2_equals_1(workload, record_property):
     cfg = {"sparge": {"thresholds": th, "min_sparse_len": MIN_SPARSE_LEN}}
     tp1 = _run_engine(tmp, "sparge_tp1", "SPARGE", prompts, max_model_len,
                       additional_config=cfg)
+    from tests.subproc import NCCL_ONLY_ENGINE_ARGS
+
     tp2 = _run_engine(tmp, "sparge_tp2", "SPARGE", prompts, max_model_len,
-                      additional_config=cfg, tp=2)
+                      additional_config=cfg, tp=2, engine_args=NCCL_ONLY_ENGINE_ARGS)
     summary = _compare(tp1, tp2)
     summary["sparsity_tp1"] = _sparsity(tp1)
     _report(record_property, "sparge_tp2_vs_tp1", summary)
