@@ -66,7 +66,9 @@ for stage in "$@"; do
         # hang for over 5 minutes; session 9's TP2 run hung without a report. Now each child has a
         # time limit and dumps every process's stacks into $OUT/engine_logs when it hits it; no -x,
         # so one hang costs one test.
-        export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_LOGGING_LEVEL=DEBUG
+        # The tests also turn off vLLM's fused all-reduce (tests/subproc.py: it picks FlashInfer's
+        # multicast "mnnvl" backend); if anything still fuses, it must not be mnnvl.
+        export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm VLLM_LOGGING_LEVEL=DEBUG
         export SPARGE_TEST_REPORT=$OUT/engine_report_tp2.json
         if [ "$stage" = tp2 ]; then
             tests=("tests/gpu/test_engine_gpu.py::test_tensor_parallel_2_equals_1"
