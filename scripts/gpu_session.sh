@@ -9,7 +9,9 @@
 #   kernel_tests  the kernels' GPU tests only
 #   tests      GPU tests: kernels, warm-up, calibration search, engine equivalence (TP 1),
 #              vllm serve metrics (TP 1)
-#   tp2        the tensor-parallel-2 tests (2 GPUs): engine TP2 = TP1, serve metrics TP 2
+#   tp2        the tensor-parallel-2 tests (2 GPUs): tp2_engine, tp2_serve, tp2_calib in one run
+#   tp2_engine engine TP2 = TP1 (2 GPUs)
+#   tp2_serve  vllm serve metrics with TP 2 (2 GPUs)
 #   tp2_calib  calibration capture TP 2 = TP 1 (2 GPUs)
 #   sweep      kernel launch-config sweep at 32K (exploration; -> $OUT/kernels_sweep.*)
 #   kernels    the kernel benchmark (-> $OUT/kernels.*)
@@ -59,23 +61,24 @@ for stage in "$@"; do
             tests/test_kernels.py tests/test_warmup.py tests/test_calibrate_search.py \
             tests/gpu/test_engine_gpu.py tests/test_metrics.py -k "not tp2 and not tensor_parallel"
         ;;
-    tp2|tp2_calib)
+    tp2|tp2_engine|tp2_serve|tp2_calib)
         # NOTE: never NVLink multicast on the lent machines (KINDS.md): keep their NCCL_NVLS_ENABLE=0
-        # etc. (inherited by every engine) and keep vLLM off symmetric-memory all-reduce.
+        # etc. (inherited by every engine) and keep vLLM off symmetric-memory all-reduce. The tests
+        # also turn off vLLM's fused all-reduce (tests/subproc.py: it picks FlashInfer's multicast
+        # "mnnvl" backend); if anything still fuses, it must not be mnnvl.
         # NOTE: ../shared/gpu/README.md saw the first multiprocess vLLM start on a fresh machine
         # hang for over 5 minutes; session 9's TP2 run hung without a report. Now each child has a
         # time limit and dumps every process's stacks into $OUT/engine_logs when it hits it; no -x,
-        # so one hang costs one test.
-        # The tests also turn off vLLM's fused all-reduce (tests/subproc.py: it picks FlashInfer's
-        # multicast "mnnvl" backend); if anything still fuses, it must not be mnnvl.
-        export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm VLLM_LOGGING_LEVEL=DEBUG
+        # so one hang costs one test. Workers are spawned (a forked worker found CUDA initialised).
+        export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm
+        export VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_LOGGING_LEVEL=DEBUG
         export SPARGE_TEST_REPORT=$OUT/engine_report_tp2.json
-        if [ "$stage" = tp2 ]; then
-            tests=("tests/gpu/test_engine_gpu.py::test_tensor_parallel_2_equals_1"
-                   "tests/test_metrics.py::test_vllm_serve_exports_sparge_metrics[2]")
-        else
-            tests=(tests/gpu/test_calibrate_tp_gpu.py)
-        fi
+        tests=()
+        case $stage in tp2|tp2_engine)
+            tests+=("tests/gpu/test_engine_gpu.py::test_tensor_parallel_2_equals_1") ;; esac
+        case $stage in tp2|tp2_serve)
+            tests+=("tests/test_metrics.py::test_vllm_serve_exports_sparge_metrics[2]") ;; esac
+        case $stage in tp2|tp2_calib) tests+=(tests/gpu/test_calibrate_tp_gpu.py) ;; esac
         run "gpu_$stage" timeout 530 ${PYTEST/ -x/} "${tests[@]}"
         unset VLLM_LOGGING_LEVEL
         ;;

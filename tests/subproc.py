@@ -75,5 +75,7 @@ def run_logged(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -
 # backend's per-rank head slicing, does not depend on how vLLM all-reduces.
 NCCL_ONLY_ENGINE_ARGS = {"disable_custom_all_reduce": True,
                          "compilation_config": {"pass_config": {"fuse_allreduce_rms": False}}}
+# Multi-GPU engines spawn their workers: with a forked worker, CUDA "cannot re-initialize".
+MULTI_GPU_ENV = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 NCCL_ONLY_SERVE_FLAGS = ["--disable-custom-all-reduce",
                          "--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}']

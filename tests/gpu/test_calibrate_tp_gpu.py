@@ -55,17 +55,23 @@ def _capture_main(spec_path: str, out_path: str) -> None:
 def _capture(tmp: Path, prompts: list[list[int]], tp: int):
     from safetensors import safe_open
 
-    spec_path, out_path = tmp / f"tp{tp}.spec.json", tmp / f"tp{tp}.safetensors"
-    from tests.subproc import NCCL_ONLY_ENGINE_ARGS
+    from tests.subproc import (
+        MULTI_GPU_ENV,
+        NCCL_ONLY_ENGINE_ARGS,
+        log_path,
+        run_logged,
+        timeout_s,
+    )
 
+    spec_path, out_path = tmp / f"tp{tp}.spec.json", tmp / f"tp{tp}.safetensors"
     spec = {"prompts": prompts, "tp": tp, "engine_args": NCCL_ONLY_ENGINE_ARGS if tp > 1 else {}}
     spec_path.write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items()
            if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "SPARGE_MODE", "SPARGE_MIN_SPARSE_LEN",
                         "SPARGE_MIN_SPARSE_QUERY_LEN")}
     env.setdefault("HF_HUB_OFFLINE", "1")
-    from tests.subproc import log_path, run_logged, timeout_s
-
+    if tp > 1:
+        env.update(MULTI_GPU_ENV)
     run_logged([sys.executable, __file__, str(spec_path), str(out_path)], env,
                log_path(f"capture_tp{tp}", tmp), timeout_s(1500))
     with safe_open(str(out_path), framework="pt") as f:

@@ -151,9 +151,10 @@ def _run_engine(tmp: Path, name: str, backend: str, prompts, max_model_len: int,
     spec = {"backend": backend, "prompts": prompts, "max_model_len": max_model_len, **extra}
     spec_path, out_path = tmp / f"{name}.spec.json", tmp / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
+    from tests.subproc import MULTI_GPU_ENV, log_path, run_logged, timeout_s
+
+    env = {**os.environ, **(MULTI_GPU_ENV if extra.get("tp", 1) > 1 else {})}
     env.setdefault("HF_HUB_OFFLINE", "1")
-    from tests.subproc import log_path, run_logged, timeout_s
 
     run_logged([sys.executable, __file__, str(spec_path), str(out_path)], env,
                log_path(name, tmp), timeout_s(1800))
