@@ -28,7 +28,8 @@ export SPARGE_TEST_LOG_DIR=$OUT/engine_logs
 # every process in it writes its stacks into its log (tests/subproc.py)
 export SPARGE_TEST_CHILD_TIMEOUT=${SPARGE_TEST_CHILD_TIMEOUT:-300}
 # NOTE: -x and a per-test timeout: a run killed at its limit prints no failure report at all
-PYTEST="python3 -m pytest -q -x -m gpu -rs -p no:cacheprovider --timeout=420"
+# record_property values (per-test measurements) land in $OUT/junit.xml
+PYTEST="python3 -m pytest -q -x -m gpu -rs -p no:cacheprovider --timeout=420 -o junit_logging=all"
 MODEL=$SPARGE_TEST_MODEL
 THRESHOLDS=${THRESHOLDS:-models/sparge-tiny-code-run/thresholds.safetensors}
 nvidia-smi -L > "$OUT/gpu.txt" 2>&1
@@ -52,12 +53,12 @@ prompts() {
 for stage in "$@"; do
     case $stage in
     kernel_tests)
-        run gpu_kernel_tests timeout 300 $PYTEST \
+        run gpu_kernel_tests timeout 300 $PYTEST --junitxml "$OUT/junit_kernel_tests.xml" \
             tests/test_kernels.py tests/test_warmup.py
         ;;
     tests)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
-        run gpu_tests timeout 560 $PYTEST \
+        run gpu_tests timeout 560 $PYTEST --junitxml "$OUT/junit_tests.xml" \
             tests/test_kernels.py tests/test_warmup.py tests/test_calibrate_search.py \
             tests/gpu/test_engine_gpu.py tests/test_metrics.py -k "not tp2 and not tensor_parallel"
         ;;
@@ -79,7 +80,7 @@ for stage in "$@"; do
         case $stage in tp2|tp2_serve)
             tests+=("tests/test_metrics.py::test_vllm_serve_exports_sparge_metrics[2]") ;; esac
         case $stage in tp2|tp2_calib) tests+=(tests/gpu/test_calibrate_tp_gpu.py) ;; esac
-        run "gpu_$stage" timeout 530 ${PYTEST/ -x/} "${tests[@]}"
+        run "gpu_$stage" timeout 530 ${PYTEST/ -x/} --junitxml "$OUT/junit_$stage.xml" "${tests[@]}"
         unset VLLM_LOGGING_LEVEL
         ;;
     sweep)
