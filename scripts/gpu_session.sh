@@ -28,7 +28,7 @@ export SPARGE_TEST_LOG_DIR=$OUT/engine_logs
 # every process in it writes its stacks into its log (tests/subproc.py)
 export SPARGE_TEST_CHILD_TIMEOUT=${SPARGE_TEST_CHILD_TIMEOUT:-300}
 # NOTE: -x and a per-test timeout: a run killed at its limit prints no failure report at all
-# record_property values (per-test measurements) land in $OUT/junit.xml
+# record_property values (per-test measurements) land in $OUT/junit_<stage>.xml
 PYTEST="python3 -m pytest -q -x -m gpu -rs -p no:cacheprovider --timeout=420 -o junit_logging=all"
 MODEL=$SPARGE_TEST_MODEL
 THRESHOLDS=${THRESHOLDS:-models/sparge-tiny-code-run/thresholds.safetensors}
