@@ -179,6 +179,12 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                                 warp_specialize=True))
                     except Exception as e:  # noqa: BLE001 - a variant that fails to compile
                         row["launch_sweep_ms"][f"ws_w{w}s{st}_tma1"] = f"failed: {e}"[:200]
+            if page % BLKK:  # experimental TMA loads of blocks over 2 or 4 pages
+                for w, st, split in ((4, 2, 1), (8, 3, 1), (4, 2, 2), (4, 3, 2)):
+                    row["launch_sweep_ms"][f"subpage_tma_split{split}_w{w}s{st}"] = bench(
+                        lambda bm=bm, w=w, st=st, split=split: sparse_paged_attention(
+                            q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
+                            pv_skip=False, launch=(w, st), use_tma=True, split=split))
             # key blocks of 128 (a dense map in those units): what a wider tile would buy
             bm128 = dense_block_map(length, 128)
             for w, st in ((4, 2), (8, 3)):

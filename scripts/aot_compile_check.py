@@ -64,14 +64,14 @@ def compile_kernel(fn, types, constexprs, num_warps, num_stages, arch=90) -> str
     return f"{_resource_usage(k.asm['cubin'])}, {k.metadata.shared} B shared (Triton)"
 
 
-def _types(dtype: str, d: int, tma: bool) -> dict[str, str]:
+def _types(dtype: str, d: int, tma: bool, box_rows: int = BLKK) -> dict[str, str]:
     types = {n: f"*{dtype}" for n in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr",
                                       "key_cache_ptr")}
     types.update({n: "*fp32" for n in ("pk_ptr", "ksim_ptr", "sim_ptr", "cdf_ptr", "pv_ptr",
                                        "mu_ptr", "ksum_ptr")})
     types.update({"lut_ptr": "*i16", "scratch_ptr": "*i16"})
     if tma:
-        types.update({n: f"tensordesc<{dtype}[{BLKK},{d}]>" for n in ("k_desc", "v_desc")})
+        types.update({n: f"tensordesc<{dtype}[{box_rows},{d}]>" for n in ("k_desc", "v_desc")})
     return types
 
 
@@ -120,6 +120,14 @@ def main() -> None:
                        WARP_SPEC=False, SPLIT=1, **extra), warps, stages, types=layout_types)
         check(f"kblock {dtype} D{dim} page {page}", predictor._kblock_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4, types=layout_types)
+    # experimental: TMA loads of key blocks over 2 or 4 pages (benchmarks only)
+    for page in (16, 32):
+        for pv, split, warps, stages in ((False, 1, 4, 2), (True, 1, 4, 2), (False, 1, 8, 3),
+                                         (False, 2, 4, 2)):
+            check(f"attention sub-page TMA page {page} pv_skip={pv} split={split} warps={warps}",
+                  attention._sparse_attn_kernel,
+                  dict(attn2, PAGE=page, BLOCK_Q=BLKQ, PV_SKIP=pv, WARP_SPEC=False, SPLIT=split),
+                  warps, stages, types=_types("bf16", d, True, page))
     for nkb_pad in args.nkb_pad:
         dc, warps = predictor._select_launch_params(nkb_pad)
         for topk in (False, True):

@@ -84,7 +84,7 @@ for stage in "$@"; do
         unset VLLM_LOGGING_LEVEL
         ;;
     sweep)
-        run kernels_sweep python3 benchmarks/bench_kernels.py --lengths 32768 --pages 64 --sweep --fused \
+        run kernels_sweep python3 benchmarks/bench_kernels.py --lengths 32768 --pages 64 16 --sweep --fused \
             --out "$OUT/kernels_sweep"
         ;;
     kernels)

@@ -172,6 +172,39 @@ def test_split_query_blocks_equal_whole_blocks(page, packed, device):
                                case.scale, head_vec(4.0, hq, device), out, pv_skip=True, split=2)
 
 
+@pytest.mark.parametrize("page,packed,pv", [(16, False, 50.0), (16, True, 6.0), (32, True, 50.0)])
+def test_sub_page_tma_loads_equal_pointer_loads(page, packed, pv, device):
+    """The experimental TMA loads of key blocks spanning 2 or 4 pages (use_tma=True on 16- or
+    32-token pages) read the same keys and values as pointer loads: same output, same PV skips.
+    Tails past seq_len (pages beyond the request's, even beyond its block-table row) included."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper")
+    case = make_paged_case(REQS_MIXED, 4, 2, 64, page, torch.bfloat16, device, seed=5,
+                           packed=packed)
+    hq = 4
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
+                           head_vec(0.6, hq, device), head_vec(0.9, hq, device))
+    outs, skipped = [], []
+    for tma in (False, True):
+        out = torch.full_like(case.q, float("nan"))
+        stats = torch.zeros(3, dtype=torch.int64, device=device)
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, head_vec(pv, hq, device), out, stats, use_tma=tma)
+        outs.append(out.float())
+        skipped.append(int(stats[2]))
+    assert not torch.isnan(outs[1]).any()
+    assert (outs[0] - outs[1]).abs().max().item() <= (0 if device == "cpu" else 1e-2)
+    assert skipped[0] == skipped[1] and (pv == 50.0) == (skipped[0] == 0)
+    bad = make_paged_case(REQS_SMALL, 4, 2, 64, 16, torch.bfloat16, device)
+    with pytest.raises(ValueError, match="TMA loads need key blocks of 128"):
+        sparse_paged_attention(bad.q, bad.key_cache, bad.value_cache, bad.batch,
+                               predict_block_map(bad.q, bad.key_cache, bad.batch, bad.scale,
+                                                 head_vec(0.6, hq, device),
+                                                 head_vec(0.9, hq, device)),
+                               bad.scale, head_vec(50.0, hq, device), torch.empty_like(bad.q),
+                               use_tma=True, block_n=128)
+
+
 def test_prefill_scratch_bytes_bounds_the_allocations(device):
     """The bound the backend reserves during vLLM's memory profiling covers what a call
     allocates: pooled keys, key sums, block map, counts."""

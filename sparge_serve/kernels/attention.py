@@ -253,27 +253,39 @@ def _fused_sparge_kernel(
         tl.store(skipped_ptr + row_id, n_skipped)
 
 
-def _tma_ok(q: torch.Tensor, cache: torch.Tensor, block_n: int) -> bool:
-    """TMA block loads need whole key blocks inside one page and pages of whole token rows.
-
-    Covers vLLM 0.26's packed cache, whose K and V views share each token row ``[Hkv, 2*D]``.
-    """
+def _tma_layout_ok(cache: torch.Tensor) -> bool:
+    """Pages of whole, 16-byte aligned token rows with unit-stride head dims (a 2-D TMA view)."""
     num_pages, page, num_kv_heads, head_dim = cache.shape
     s_page, s_tok, s_head, s_dim = cache.stride()
     elem = cache.element_size()
     rows_dense = s_page == page * s_tok and s_tok >= (num_kv_heads - 1) * s_head + head_dim
     aligned = (s_tok * elem) % 16 == 0 and (s_head * elem) % 16 == 0 and cache.data_ptr() % 16 == 0
+    return bool(s_dim == 1 and rows_dense and aligned)
+
+
+def _sub_page_blocks(page: int, block_n: int) -> bool:
+    """Key blocks of 2 or 4 whole pages (the experimental sub-page TMA loads)."""
+    return page < block_n and block_n % page == 0 and block_n // page in (2, 4)
+
+
+def _tma_ok(q: torch.Tensor, cache: torch.Tensor, block_n: int) -> bool:
+    """TMA block loads (the default) need whole key blocks inside one page and pages of whole
+    token rows.
+
+    Covers vLLM 0.26's packed cache, whose K and V views share each token row ``[Hkv, 2*D]``.
+    """
     hopper = _INTERPRET or (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9)
-    return bool(hopper and s_dim == 1 and rows_dense and aligned and page % block_n == 0)
+    return hopper and _tma_layout_ok(cache) and cache.shape[1] % block_n == 0
 
 
 def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
-    """2-D view ``[num_pages * page, used width of a token row]`` of a K or V cache view."""
+    """2-D view ``[num_pages * page, used width of a token row]`` of a K or V cache view, in
+    boxes of ``[min(page, block_n), head_dim]``."""
     num_pages, page, num_kv_heads, head_dim = cache.shape
     s_tok, s_head = cache.stride(1), cache.stride(2)
     return TensorDescriptor(
         cache, shape=[num_pages * page, (num_kv_heads - 1) * s_head + head_dim],
-        strides=[s_tok, 1], block_shape=[block_n, head_dim],
+        strides=[s_tok, 1], block_shape=[min(page, block_n), head_dim],
     )
 
 
@@ -292,6 +304,12 @@ def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = No
         use_tma = _tma_ok(q, key_cache, block_n) and _tma_ok(q, value_cache, block_n)
     if not use_tma:
         return False, None, None
+    page = key_cache.shape[1]
+    if not (page % block_n == 0 or _sub_page_blocks(page, block_n)) or not (
+            _tma_layout_ok(key_cache) and _tma_layout_ok(value_cache)):
+        raise ValueError(f"TMA loads need key blocks of {block_n} inside one page or over 2 or 4 "
+                         f"whole pages, and a cache of whole 16-byte aligned token rows; got "
+                         f"{page}-token pages with strides {tuple(key_cache.stride())}")
     return True, *(_kv_descriptor(c, block_n) for c in (key_cache, value_cache))
 
 
