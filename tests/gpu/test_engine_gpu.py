@@ -103,15 +103,15 @@ def _write_thresholds(path: Path, kind: str) -> str:
         # Per-head roles that differ between the tensor-parallel halves (heads h % 3 == 0 dense,
         # the others sparse, some with the PV skip): a rank that read another rank's slice, or
         # the global head order, would run other heads sparse and change the output. The sparse
-        # heads are aggressive (cdfthreshd 0.80-0.90), so the sparse path really skips blocks.
+        # heads select by the CDF alone (cdfthreshd 0.80-0.90, like the calibrated file), so the
+        # sparse path really skips blocks (43% of all blocks of two 6-8K prompts, reference on CPU).
         # NOTE: session 10's first TP2 pass used cdfthreshd 0.92-0.99 on every head: 0.3% block
         # sparsity, which proved too little.
         g = torch.Generator().manual_seed(0)
         h = torch.arange(heads).expand(layers, heads)
         sparse = h % 3 != 0
         th = Thresholds(
-            simthreshd1=torch.where(sparse, torch.rand(layers, heads, generator=g) * 0.4 + 0.3,
-                                    1.0),
+            simthreshd1=torch.where(sparse, -1.0, 1.0),  # calibration's choice on this model
             cdfthreshd=torch.where(sparse, torch.rand(layers, heads, generator=g) * 0.1 + 0.8,
                                    1.0),
             pvthreshd=torch.where(sparse & (h % 4 == 1), 12.0, 50.0),
@@ -316,7 +316,7 @@ def test_tensor_parallel_2_equals_1(workload, record_property):
     summary = _compare(tp1, tp2)
     summary["sparsity_tp1"] = _sparsity(tp1)
     _report(record_property, "sparge_tp2_vs_tp1", summary)
-    assert summary["sparsity_tp1"] >= 0.15, summary  # else a wrong head slice would hardly show
+    assert summary["sparsity_tp1"] >= 0.25, summary  # else a wrong head slice would hardly show
     assert summary["mismatch"] == 0, summary
 
 
