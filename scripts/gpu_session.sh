@@ -7,8 +7,8 @@
 #
 # Stages:
 #   kernel_tests  the kernels' GPU tests only
-#   tests      GPU tests: kernels, warm-up, calibration search, engine equivalence (TP 1),
-#              vllm serve metrics (TP 1)
+#   tests      GPU tests: kernels, warm-up, calibration search, vllm serve metrics (TP 1)
+#   engine     engine equivalence vs FLASH_ATTN (TP 1; five engines, about 8 minutes)
 #   tp2        the tensor-parallel-2 tests (2 GPUs): tp2_engine, tp2_serve, tp2_calib in one run
 #   tp2_engine engine TP2 = TP1 (2 GPUs)
 #   tp2_serve  vllm serve metrics with TP 2 (2 GPUs)
@@ -60,7 +60,12 @@ for stage in "$@"; do
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
         run gpu_tests timeout 560 $PYTEST --junitxml "$OUT/junit_tests.xml" \
             tests/test_kernels.py tests/test_warmup.py tests/test_calibrate_search.py \
-            tests/gpu/test_engine_gpu.py tests/test_metrics.py -k "not tp2 and not tensor_parallel"
+            tests/test_metrics.py -k "not tp2 and not tensor_parallel"
+        ;;
+    engine)
+        export SPARGE_TEST_REPORT=$OUT/engine_report.json
+        run gpu_engine timeout 580 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine.xml" \
+            tests/gpu/test_engine_gpu.py -k "not tensor_parallel"
         ;;
     tp2|tp2_engine|tp2_serve|tp2_calib)
         # NOTE: never NVLink multicast on the lent machines (KINDS.md): keep their NCCL_NVLS_ENABLE=0
