@@ -9,7 +9,8 @@ off, chunked prefill with ``--chunk`` tokens per step, CUDA graphs on). Prompts 
 source (the installed vLLM package's files) tokenized with the model's tokenizer, so attention has
 the structure of real text. TTFT = wall time of ``generate(max_tokens=1)`` for one prompt, median
 of ``--repeats`` after a warm-up; block sparsity is read from the backend's GPU counters. Decode
-throughput = generated tokens / s for ``--decode-batch`` prompts of 512 tokens x 256 new tokens
+throughput = generated tokens / s for ``--decode-batch`` prompts of ``--decode-len`` tokens (512; a
+long one makes the attention, and so the page size, matter) x 256 new tokens
 (median of ``--decode-repeats`` runs).
 Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
 """
@@ -105,8 +106,9 @@ def worker(args) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     # decode throughput
-    n, new = args.decode_batch, 256
-    prompts = [{"prompt_token_ids": ids[i * 512 : (i + 1) * 512]} for i in range(n)]
+    n, new, plen = args.decode_batch, 256, args.decode_len
+    starts = [(i * plen) % (len(ids) - plen) for i in range(n)]
+    prompts = [{"prompt_token_ids": ids[s : s + plen]} for s in starts]
     gen = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:4], gen, use_tqdm=False)  # warm-up
     # NOTE: a small model's decode is host-bound and one run varies by tens of percent between
@@ -159,7 +161,8 @@ def report(rows, meta, out) -> None:
                 + f" | {r.get('block_sparsity', nan):.3f} |")
     if dec:
         base = dec.get("FLASH_ATTN", nan)
-        lines += ["", f"Decode throughput ({meta['decode_batch']} prompts x 256 new tokens, "
+        lines += ["", f"Decode throughput ({meta['decode_batch']} prompts of "
+                      f"{meta.get('decode_len', 512)} tokens x 256 new tokens, "
                       f"median of {meta['decode_repeats']} runs), ratio to FLASH_ATTN: " + ", ".join(
                           f"{b} {v:.0f} tok/s ({v / base:.3f})" for b, v in dec.items()) + "."]
         meta["decode_ratio"] = dec.get("SPARGE", nan) / base
@@ -200,6 +203,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-batch", type=int, default=32)
+    ap.add_argument("--decode-len", type=int, default=512)
     ap.add_argument("--decode-repeats", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/ttft")
     ap.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "SPARGE"],
@@ -221,7 +225,7 @@ def main() -> None:
             path = tmp.name
         cmd = [sys.executable, __file__, "--backend", backend, "--worker-out", path]
         for k in ("model", "thresholds", "min_sparse_len", "chunk", "repeats", "decode_batch",
-                  "decode_repeats"):
+                  "decode_len", "decode_repeats"):
             v = getattr(args, k)
             if v is not None:
                 cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -241,6 +245,7 @@ def main() -> None:
         vllm=vllm.__version__, torch=torch.__version__, triton=triton.__version__,
         model=args.model, chunk=args.chunk, thresholds=args.thresholds,
         min_sparse_len=args.min_sparse_len, decode_batch=args.decode_batch,
+        decode_len=args.decode_len,
         decode_repeats=args.decode_repeats,
         backends=args.backends, failed=failed,
         command="python benchmarks/bench_ttft.py " + " ".join(sys.argv[1:]),

@@ -16,7 +16,8 @@
 #   sweep      kernel launch-config sweep at 32K (exploration; -> $OUT/kernels_sweep.*)
 #   kernels    the kernel benchmark (-> $OUT/kernels.*)
 #   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
-#   ttft       TTFT / decode benchmark with $THRESHOLDS (-> $OUT/ttft.*)
+#   ttft       TTFT / decode benchmark with $THRESHOLDS, decode prompts of $DECODE_LEN tokens
+#              (-> $OUT/ttft.*)
 #   query_len  short chunks on a long context, sparse vs FA3 (-> $OUT/query_len.*)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 set -uo pipefail
@@ -103,7 +104,8 @@ for stage in "$@"; do
         ;;
     ttft)
         run ttft python3 benchmarks/bench_ttft.py --model "$MODEL" --thresholds "$THRESHOLDS" \
-            --backends ${TTFT_BACKENDS:-FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE} --out "$OUT/ttft"
+            --backends ${TTFT_BACKENDS:-FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE} \
+            --decode-len "${DECODE_LEN:-512}" --out "$OUT/ttft"
         ;;
     query_len)
         run query_len python3 benchmarks/bench_query_len.py --out "$OUT/query_len"
