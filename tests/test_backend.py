@@ -223,8 +223,12 @@ def test_profiling_reserves_the_sparse_scratch(sparge):
     sc, max_len = vc.scheduler_config, vc.model_config.max_model_len
     reqs = min(sc.max_num_seqs, sc.max_num_batched_tokens // 512)
     rows = 2 * sc.max_num_batched_tokens * HQ * D * 2
-    assert impl.sparse_scratch_bytes() == rows + prefill_scratch_bytes(
-        HQ, HKV, D, reqs, sc.max_num_batched_tokens, max_len)
+    two = impl.sparse_scratch_bytes()
+    assert two == rows + prefill_scratch_bytes(HQ, HKV, D, reqs, sc.max_num_batched_tokens,
+                                               max_len)
+    fused = _impl(sparge(min_sparse_len=1024, min_sparse_query_len=512, fused=True))
+    assert fused.sparse_scratch_bytes("cpu") == rows + prefill_scratch_bytes(
+        HQ, HKV, D, reqs, sc.max_num_batched_tokens, max_len, fused_programs=3) < two
     assert _impl(sparge(min_sparse_len=max_len + 1)).sparse_scratch_bytes() == 0
     assert _impl(sparge(mode="dense")).sparse_scratch_bytes() == 0
 
@@ -540,15 +544,16 @@ def _run_forward(vc, reqs, dense_layer_name="model.layers.2.self_attn.attn", sin
     return cam, md, query, phys, out, calls, stats, impl
 
 
-@pytest.mark.parametrize("reqs,pv", [
-    ([(1, 40), (150, 300), (20, 20), (130, 260)], None),  # sparse requests 1, 3: gathered
-    ([(200, 400), (70, 270), (1, 33)], 4.0),  # sparse requests 0, 1: contiguous; PV skip on
-], ids=["gather", "contiguous-pv"])
-def test_forward_matches_reference(sparge, tmp_path, reqs, pv):
+@pytest.mark.parametrize("reqs,pv,fused", [
+    ([(1, 40), (150, 300), (20, 20), (130, 260)], None, False),  # sparse requests 1, 3: gathered
+    ([(200, 400), (70, 270), (1, 33)], 4.0, False),  # sparse requests 0, 1: contiguous; PV skip
+    ([(1, 40), (150, 300), (20, 20), (130, 260)], 4.0, True),  # the fused kernel
+], ids=["gather", "contiguous-pv", "fused-gather-pv"])
+def test_forward_matches_reference(sparge, tmp_path, reqs, pv, fused):
     from sparge_serve.kernels import PrefillBatch
     from sparge_serve.reference import paged_prefill_ref
 
-    settings = {"min_sparse_len": 256}
+    settings = {"min_sparse_len": 256, "fused": fused}
     if pv is not None:
         path = tmp_path / "pv.safetensors"
         save_thresholds(path, Thresholds.defaults(L, HQ, HKV, D, simthreshd1=-1.0,
@@ -557,7 +562,7 @@ def test_forward_matches_reference(sparge, tmp_path, reqs, pv):
     vc = sparge(**settings)
     cam, md, query, phys, out, calls, stats, impl = _run_forward(vc, reqs, sink=pv is not None)
     assert not impl.dense_layer and md.sparse is not None
-    assert impl._pv_skip is (pv is not None)
+    assert impl._pv_skip is (pv is not None) and impl.fused is fused
     # Dense call: once, over the non-sparse requests only.
     assert len(calls) == 1 and calls[0] is md
     key_cache, value_cache = phys.split(D, dim=-1)
@@ -618,12 +623,14 @@ def _record_specializations(monkeypatch) -> dict[str, set[str]]:
         return run
 
     for k in (predictor._ksum_kernel, predictor._kblock_kernel, predictor._select_kernel,
-              attention._sparse_attn_kernel):
+              attention._sparse_attn_kernel, attention._fused_sparge_kernel):
         monkeypatch.setattr(k, "run", recorder(k))
     return seen
 
 
-def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["two-kernels", "fused"])
+def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path, monkeypatch,
+                                                               fused):
     """Every sparse-kernel launch of real steps (mixed batches whose sparse requests are slices of
     the step's metadata at odd offsets, gathered and contiguous, layers with and without the PV
     skip) has a Triton specialisation that the start-up warm-up already compiled. On an H200,
@@ -638,7 +645,7 @@ def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path,
     th = Thresholds.defaults(L, HQ, HKV, D)
     th.pvthreshd[1:3, 1] = 4.0  # layers 1 and 2 use the PV skip
     save_thresholds(path, th)
-    vc = sparge(min_sparse_len=256, thresholds=str(path))
+    vc = sparge(min_sparse_len=256, thresholds=str(path), fused=fused)
     seen = _record_specializations(monkeypatch)
     impls = []
     for layer in range(L):
@@ -651,7 +658,7 @@ def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path,
     with set_current_vllm_config(vc):
         _warm_up_kernels(vc, impls[0].runtime, spec, impls, torch.device("cpu"))
     warm = {name: set(keys) for name, keys in seen.items()}
-    assert len(warm) == 4 and not any(i._pv_skip for i in impls[::3])
+    assert len(warm) == (3 if fused else 4) and not any(i._pv_skip for i in impls[::3])
     b = _builder(vc)
     layer = SimpleNamespace(_k_scale=torch.ones(1), _v_scale=torch.ones(1))
     for reqs in ([(1, 40), (150, 300), (20, 20), (130, 260)],  # gathered rows

@@ -13,7 +13,13 @@ def test_defaults():
     assert (cfg.thresholds, cfg.min_sparse_len, cfg.dense_layers, cfg.mode, cfg.topk) == (
         None, DEFAULT_MIN_SPARSE_LEN, 0, "sparse", None)
     assert cfg.min_sparse_query_len == DEFAULT_MIN_SPARSE_QUERY_LEN
-    assert cfg.enabled and not cfg.is_dense_layer(0)
+    assert cfg.enabled and not cfg.is_dense_layer(0) and not cfg.fused
+
+
+def test_fused_from_dict_and_env():
+    assert SpargeConfig.from_dict({"fused": True}, env={}).fused
+    assert SpargeConfig.from_dict({"fused": True}, env={"SPARGE_FUSED": "0"}).fused is False
+    assert SpargeConfig.from_dict(None, env={"SPARGE_FUSED": "TRUE"}).fused is True
 
 
 def test_min_sparse_query_len_from_dict_env_and_errors():
@@ -89,6 +95,7 @@ def test_check_num_layers():
     ({"topk": 1.5}, r"`topk`"),
     ({"thresholds": ""}, r"`thresholds`.*not a file path"),
     ({"thresholds": 3}, r"`thresholds`.*not a file path"),
+    ({"fused": 1}, r"`fused`.*not a boolean.*use true"),
 ])
 def test_bad_values(raw, match):
     with pytest.raises(ValueError, match=match) as ei:
@@ -102,6 +109,7 @@ def test_bad_values(raw, match):
     ({"SPARGE_MODE": "fast"}, r"`mode` \(env SPARGE_MODE\)"),
     ({"SPARGE_DENSE_LAYERS": "a,b"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\)"),
     ({"SPARGE_DENSE_LAYERS": "-2"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\).*negative"),
+    ({"SPARGE_FUSED": "yes"}, r"`fused` \(env SPARGE_FUSED\).*SPARGE_FUSED=1"),
 ])
 def test_bad_env(env, match):
     with pytest.raises(ValueError, match=match):

@@ -222,6 +222,14 @@ def test_prefill_scratch_bytes_bounds_the_allocations(device):
     used += 4 * r * hkv * (d + num_blocks(pooled.nkb, KSUM_CHUNK) * d)  # mu, ksum
     bound = prefill_scratch_bytes(hq, hkv, d, r, case.batch.max_query_len, case.batch.max_seq_len)
     assert used <= bound <= 1.01 * used
+    # the fused path: one kept-block list per program instead of the block map
+    from sparge_serve.kernels import max_fused_programs
+
+    programs = max_fused_programs(device)
+    used_fused = used - bm.lut.numel() * bm.lut.element_size()
+    used_fused += programs * pooled.nkb_stride * 2
+    assert prefill_scratch_bytes(hq, hkv, d, r, case.batch.max_query_len,
+                                 case.batch.max_seq_len, programs) == used_fused
 
 
 LAYOUT_CASES = [

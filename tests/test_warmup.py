@@ -24,23 +24,26 @@ def _packed_cache(pages, page, hkv, dim, device):
     return kv.split(dim, dim=-1)
 
 
-def test_warm_up_runs_every_bucket(device):
+@pytest.mark.parametrize("fused", [False, True])
+def test_warm_up_runs_every_bucket(device, fused):
     kc, vc = _packed_cache(1, 64, 2, 64, device)
     buckets = warm_up_sparse_kernels(kc, vc, num_heads=4, min_seq_len=300, max_seq_len=2100,
-                                     pv_skip_variants=(True, False))
+                                     pv_skip_variants=(True, False), fused=fused)
     assert buckets == [16, 32, 64]
 
 
 @pytest.mark.gpu
-def test_no_compilation_after_warm_up():
+@pytest.mark.parametrize("fused", [False, True])
+def test_no_compilation_after_warm_up(fused):
     """After the warm-up, prefills of any length in range (and any batch) compile nothing."""
     from sparge_serve.kernels import attention, predictor
 
     kernels = (predictor._ksum_kernel, predictor._kblock_kernel, predictor._select_kernel,
-               attention._sparse_attn_kernel)
+               attention._sparse_attn_kernel, attention._fused_sparge_kernel)
     dev = torch.device("cuda", torch.cuda.current_device())
     kc, vc = _packed_cache(1, 64, 2, 128, "cuda")
-    warm_up_sparse_kernels(kc, vc, num_heads=8, min_seq_len=1000, max_seq_len=40_000)
+    warm_up_sparse_kernels(kc, vc, num_heads=8, min_seq_len=1000, max_seq_len=40_000,
+                           fused=fused)
     compiled = [len(k.device_caches[dev.index][0]) for k in kernels]
     from sparge_serve.kernels import PrefillBatch, sparge_paged_prefill
 
@@ -54,6 +57,6 @@ def test_no_compilation_after_warm_up():
         out = torch.empty_like(case.q)
         sparge_paged_prefill(case.q, case.key_cache, case.value_cache, batch, case.scale,
                              head_vec(0.6, 9, "cuda")[1:], head_vec(0.9, 9, "cuda")[1:],
-                             head_vec(50.0, 9, "cuda")[1:], out, pv_skip=False)
+                             head_vec(50.0, 9, "cuda")[1:], out, pv_skip=False, fused=fused)
     torch.cuda.synchronize()
     assert [len(k.device_caches[dev.index][0]) for k in kernels] == compiled

@@ -615,7 +615,7 @@ def _warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atte
     first = sparse[0]
     pv_variants = tuple(sorted({i._pv_skip for i in sparse}))
     key = (first.num_heads, first.num_kv_heads, first.head_size, spec.block_size, spec.dtype,
-           pv_variants, cfg.topk, cfg.min_sparse_len, max_len, str(device))
+           pv_variants, cfg.topk, cfg.fused, cfg.min_sparse_len, max_len, str(device))
     if key in _WARMED:
         return
     shape = SpargeAttentionBackend.get_kv_cache_shape(1, spec.block_size, first.num_kv_heads,
@@ -627,7 +627,7 @@ def _warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atte
     key_cache, value_cache = kv.transpose(1, 2).split(first.head_size, dim=-1)
     t0 = time.perf_counter()
     buckets = warm_up_sparse_kernels(key_cache, value_cache, first.num_heads, cfg.min_sparse_len,
-                                     max_len, pv_variants, cfg.topk)
+                                     max_len, pv_variants, cfg.topk, cfg.fused)
     _WARMED.add(key)
     logger.info("SPARGE: compiled the sparse kernels for contexts of %d-%d tokens (%d length "
                 "buckets) in %.1f s", cfg.min_sparse_len, max_len, len(buckets),
@@ -745,6 +745,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.layer_index: int | None = None  # global layer index (None: runs dense, uncounted)
         self.dense_layer = True
         self.topk: float | None = None
+        self.fused = False  # select + attend in one kernel (SpargeConfig.fused)
         self._simthreshd1: torch.Tensor | None = None  # [num_heads] fp32 device
         self._cdfthreshd: torch.Tensor | None = None  # [num_heads] fp32 device
         self._pvthreshd: torch.Tensor | None = None  # [num_heads] fp32 device
@@ -800,6 +801,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.dense_layer = (not cfg.enabled or cfg.is_dense_layer(index)
                             or local.layer_is_dense(index))
         self.topk = cfg.topk
+        self.fused = cfg.fused
         # NOTE: copies (own allocations, 16-byte aligned on any device): kernels are specialised
         # on pointer alignment, and the warm-up compiles for aligned threshold vectors
         self._simthreshd1 = local.simthreshd1[index].to(device, copy=True)
@@ -863,22 +865,24 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             self._count(counts, run_sparse)
         return output
 
-    def sparse_scratch_bytes(self) -> int:
-        """Most device memory one layer's sparse prefill can allocate in a step (0 if none can
-        run): the predictor's buffers and block map for the step's largest sparse sub-batch, plus
-        the gathered q/out rows."""
+    def sparse_scratch_bytes(self, device: torch.device | str = "cpu") -> int:
+        """Most device memory one layer's sparse prefill can allocate in a step on ``device`` (0
+        if none can run): the predictor's buffers and block map (or, with ``fused``, the fused
+        kernel's per-program lists) for the step's largest sparse sub-batch, plus the gathered
+        q/out rows."""
         vc, rt = self._vllm_config, self.runtime
         if vc is None or rt is None or not rt.config.sparse_possible(vc.model_config.max_model_len):
             return 0
         max_len = vc.model_config.max_model_len
-        from sparge_serve.kernels import prefill_scratch_bytes
+        from sparge_serve.kernels import max_fused_programs, prefill_scratch_bytes
 
         tokens = vc.scheduler_config.max_num_batched_tokens
         reqs = max(1, min(vc.scheduler_config.max_num_seqs,
                           tokens // max(rt.config.min_sparse_query_len, 2)))
         rows = 2 * tokens * self.num_heads * self.head_size * 2  # q gather + out, 16-bit
+        programs = max_fused_programs(device) if rt.config.fused else None
         return prefill_scratch_bytes(self.num_heads, self.num_kv_heads, self.head_size, reqs,
-                                     tokens, max_len) + rows
+                                     tokens, max_len, programs) + rows
 
     def _reserve_sparse_scratch(self, query: torch.Tensor) -> None:
         # NOTE: vLLM sizes the KV cache from the peak memory of its profiling forward, where
@@ -890,7 +894,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         if torch.cuda.is_current_stream_capturing():
             return
         self._scratch_reserved = True
-        n = self.sparse_scratch_bytes()
+        n = self.sparse_scratch_bytes(query.device)
         if n:
             torch.empty(n, dtype=torch.uint8, device=query.device)
 
@@ -941,7 +945,11 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         if self._simthreshd1 is None:
             raise RuntimeError(f"SPARGE: layer {self.layer_name or '?'} was never bound to its "
                                "thresholds (SpargeAttentionMetadataBuilder binds its layers)")
-        from sparge_serve.kernels import predict_block_map, sparse_paged_attention
+        from sparge_serve.kernels import (
+            predict_block_map,
+            sparge_paged_prefill,
+            sparse_paged_attention,
+        )
 
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         if sparse.token_index is None:
@@ -953,13 +961,19 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         block_stats = st.kernel_stats(self.layer_index) if st is not None else None
         timing = st.start_timing() if st is not None else None
         # NOTE: check_finite=False: the thresholds were validated at load; the check would sync.
-        bm = predict_block_map(q, key_cache, sparse.batch, self.scale, self._simthreshd1,
-                               self._cdfthreshd, self.topk, block_stats, check_finite=False)
-        if timing is not None:
-            timing.predictor_done()
-        sparse_paged_attention(q, key_cache, value_cache, sparse.batch, bm, self.scale,
-                               self._pvthreshd, out, block_stats, check_finite=False,
-                               pv_skip=self._pv_skip)
+        if self.fused:  # one kernel: no predictor time of its own
+            sparge_paged_prefill(q, key_cache, value_cache, sparse.batch, self.scale,
+                                 self._simthreshd1, self._cdfthreshd, self._pvthreshd, out,
+                                 self.topk, block_stats, check_finite=False,
+                                 pv_skip=self._pv_skip, fused=True)
+        else:
+            bm = predict_block_map(q, key_cache, sparse.batch, self.scale, self._simthreshd1,
+                                   self._cdfthreshd, self.topk, block_stats, check_finite=False)
+            if timing is not None:
+                timing.predictor_done()
+            sparse_paged_attention(q, key_cache, value_cache, sparse.batch, bm, self.scale,
+                                   self._pvthreshd, out, block_stats, check_finite=False,
+                                   pv_skip=self._pv_skip)
         if timing is not None:
             timing.done()
         if sparse.token_index is not None:

@@ -3,7 +3,11 @@
 See docs/DESIGN.md for the exact semantics and ``sparge_serve.reference`` for the oracle.
 """
 
-from sparge_serve.kernels.attention import sparge_paged_prefill, sparse_paged_attention
+from sparge_serve.kernels.attention import (
+    max_fused_programs,
+    sparge_paged_prefill,
+    sparse_paged_attention,
+)
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF, PrefillBatch, num_blocks
 from sparge_serve.kernels.predictor import (
     MAX_KEY_BLOCKS,
@@ -23,6 +27,7 @@ __all__ = [
     "SUPPORTED_HEAD_DIMS",
     "BlockMap",
     "PrefillBatch",
+    "max_fused_programs",
     "num_blocks",
     "predict_block_map",
     "prefill_scratch_bytes",

@@ -384,13 +384,18 @@ def sparse_paged_attention(
     return out
 
 
+def max_fused_programs(device: torch.device | str) -> int:
+    """The fused kernel's persistent grid: two programs per multiprocessor (the attention
+    kernel's occupancy at 4 warps); 3 off the GPU (the interpreter), so that programs take
+    several rows in the tests."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 3
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _fused_programs(q: torch.Tensor, n_tiles: int) -> int:
-    """Persistent grid size: two programs per multiprocessor (the attention kernel's occupancy at
-    4 warps); a few under the interpreter, so programs take several rows in the tests."""
-    if not q.is_cuda:
-        return max(1, min(n_tiles, 3))
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    return max(1, min(n_tiles, 2 * sms))
+    return max(1, min(n_tiles, max_fused_programs(q.device)))
 
 
 def sparge_paged_prefill(
@@ -463,4 +468,4 @@ def sparge_paged_prefill(
     return BlockMap(None, count, n_valid)
 
 
-__all__ = ["BLKK", "BLKQ", "sparge_paged_prefill", "sparse_paged_attention"]
+__all__ = ["BLKK", "BLKQ", "max_fused_programs", "sparge_paged_prefill", "sparse_paged_attention"]

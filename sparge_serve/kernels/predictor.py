@@ -443,17 +443,24 @@ def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch) -> PooledKeys:
 
 
 def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_reqs: int,
-                          max_query_len: int, max_seq_len: int) -> int:
+                          max_query_len: int, max_seq_len: int,
+                          fused_programs: int | None = None) -> int:
     """Upper bound of the device memory one sparse prefill call allocates (predictor + attention),
-    for ``max_reqs`` requests of at most ``max_query_len`` new tokens and ``max_seq_len`` context.
+    for ``max_reqs`` requests of at most ``max_query_len`` new tokens and ``max_seq_len`` context;
+    with ``fused_programs`` (the fused kernel's grid, ``attention.max_fused_programs``) for the
+    fused path, which keeps one kept-block list per program instead of the whole block map.
 
     The backend allocates this once during vLLM's memory profiling so that the KV cache is sized
     with room for it.
     """
     nqb = num_blocks(max_query_len, BLKQ)
     nkb_stride = key_block_stride(num_blocks(max_seq_len, BLKK))
-    block_map = max_reqs * num_heads * nqb * (2 * nkb_stride + 3 * 4)  # lut, counts, skipped
-    return pooled_keys_bytes(num_kv_heads, head_dim, max_reqs, max_seq_len) + block_map
+    counts = max_reqs * num_heads * nqb * 3 * 4  # kept, valid, PV-skipped per row
+    if fused_programs is None:
+        lists = max_reqs * num_heads * nqb * 2 * nkb_stride  # the int16 block map
+    else:
+        lists = fused_programs * 2 * nkb_stride  # one scratch row per program
+    return pooled_keys_bytes(num_kv_heads, head_dim, max_reqs, max_seq_len) + counts + lists
 
 
 def pooled_keys_bytes(num_kv_heads: int, head_dim: int, max_reqs: int, max_seq_len: int) -> int:
