@@ -9,6 +9,7 @@
 #   kernel_tests  the kernels' GPU tests only
 #   tests      GPU tests: kernels, warm-up, calibration search, vllm serve metrics (TP 1)
 #   engine     engine equivalence vs FLASH_ATTN (TP 1; five engines, about 8 minutes)
+#   engine_fused  the fused-kernel option served like the two-kernel path (two engines)
 #   tp2        the tensor-parallel-2 tests (2 GPUs): tp2_engine, tp2_serve, tp2_calib in one run
 #   tp2_engine engine TP2 = TP1 (2 GPUs)
 #   tp2_serve  vllm serve metrics with TP 2 (2 GPUs)
@@ -66,7 +67,12 @@ for stage in "$@"; do
     engine)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
         run gpu_engine timeout 580 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine.xml" \
-            tests/gpu/test_engine_gpu.py -k "not tensor_parallel"
+            tests/gpu/test_engine_gpu.py -k "not tensor_parallel and not fused"
+        ;;
+    engine_fused)
+        export SPARGE_TEST_REPORT=$OUT/engine_report_fused.json
+        run gpu_engine_fused timeout 400 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine_fused.xml" \
+            "tests/gpu/test_engine_gpu.py::test_fused_kernel_serves_like_two_kernels"
         ;;
     tp2|tp2_engine|tp2_serve|tp2_calib)
         # NOTE: never NVLink multicast on the lent machines (KINDS.md): keep their NCCL_NVLS_ENABLE=0
