@@ -73,8 +73,11 @@ def worker(args) -> None:
     backend, _, page = args.backend.partition("@")
     if page:
         kw["block_size"] = int(page)
+    backend, _, variant = backend.partition("+")
+    if variant not in ("", "fused") or (variant and backend != "SPARGE"):
+        raise SystemExit(f"unknown backend variant {args.backend!r} (only SPARGE+fused)")
     if backend == "SPARGE":
-        sparge = {"min_sparse_len": args.min_sparse_len}
+        sparge = {"min_sparse_len": args.min_sparse_len, "fused": variant == "fused"}
         if args.thresholds:
             sparge["thresholds"] = args.thresholds
         kw["additional_config"] = {"sparge": sparge}
@@ -131,34 +134,37 @@ def worker(args) -> None:
 def report(rows, meta, out) -> None:
     ttft = {(r["backend"], r["length"]): r["ttft_s"] for r in rows if "length" in r}
     dec = {r["backend"]: r["decode_tok_per_s"] for r in rows if "decode_tok_per_s" in r}
-    baselines = [b for b in meta["backends"] if b != "SPARGE" and b not in meta["failed"]]
+    ok = [b for b in meta["backends"] if b not in meta["failed"]]
+    sparges = [b for b in ok if b.split("@")[0].split("+")[0] == "SPARGE"]
+    baselines = [b for b in ok if b not in sparges]
     for r in rows:
-        if r.get("backend") == "SPARGE" and "length" in r:
+        if r.get("backend") in sparges and "length" in r:
             for b in baselines:
                 if (b, r["length"]) in ttft:
                     r[f"ttft_speedup_vs_{b}"] = ttft[(b, r["length"])] / r["ttft_s"]
     nan = float("nan")
     lines = [
-        f"# TTFT and decode: SPARGE vs {', '.join(baselines)} — {meta['device']}, {meta['date']}",
+        f"# TTFT and decode: {', '.join(sparges)} vs {', '.join(baselines)} — {meta['device']}, "
+        f"{meta['date']}",
         "",
         f"`{meta['command']}` — vllm {meta['vllm']}, torch {meta['torch']}, triton "
         f"{meta['triton']}; model `{meta['model']}`; chunked prefill {meta['chunk']} tokens/step, "
         f"prefix caching off; thresholds: {meta['thresholds'] or 'untuned defaults'}; "
         f"min_sparse_len {meta['min_sparse_len']}. TTFT = median wall time of one "
         "`generate(max_tokens=1)`. `NAME@64`: that backend with 64-token pages (SPARGE's page "
-        "size; the others default to 16).", "",
-        "| length | " + " | ".join(f"{b} TTFT s" for b in baselines) + " | SPARGE TTFT s | "
-        + " | ".join(f"vs {b}" for b in baselines) + " | SPARGE block sparsity |",
-        "|---|" + "---|" * (2 * len(baselines) + 2),
+        "size; the others default to 16). `SPARGE+fused`: the `fused` option.", "",
+        "| length | " + " | ".join(f"{b} TTFT s" for b in baselines) + " | variant | TTFT s | "
+        + " | ".join(f"vs {b}" for b in baselines) + " | block sparsity |",
+        "|---|" + "---|" * (2 * len(baselines) + 3),
     ]
-    for r in rows:
-        if r.get("backend") == "SPARGE" and "length" in r:
-            n = r["length"]
-            lines.append(
-                f"| {n} | " + " | ".join(f"{ttft.get((b, n), nan):.4f}" for b in baselines)
-                + f" | {r['ttft_s']:.4f} | "
-                + " | ".join(f"{r.get(f'ttft_speedup_vs_{b}', nan):.2f}x" for b in baselines)
-                + f" | {r.get('block_sparsity', nan):.3f} |")
+    for r in sorted((r for r in rows if r.get("backend") in sparges and "length" in r),
+                    key=lambda r: (r["length"], sparges.index(r["backend"]))):
+        n = r["length"]
+        lines.append(
+            f"| {n} | " + " | ".join(f"{ttft.get((b, n), nan):.4f}" for b in baselines)
+            + f" | {r['backend']} | {r['ttft_s']:.4f} | "
+            + " | ".join(f"{r.get(f'ttft_speedup_vs_{b}', nan):.2f}x" for b in baselines)
+            + f" | {r.get('block_sparsity', nan):.3f} |")
     if dec:
         base = dec.get("FLASH_ATTN", nan)
         lines += ["", f"Decode throughput ({meta['decode_batch']} prompts of "
@@ -207,7 +213,8 @@ def main() -> None:
     ap.add_argument("--decode-repeats", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/ttft")
     ap.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "SPARGE"],
-                    help="vLLM attention backends (NAME or NAME@PAGE_SIZE); FLASH_ATTN is the "
+                    help="vLLM attention backends (NAME, NAME@PAGE_SIZE, SPARGE+fused for the fused "
+                    "option); FLASH_ATTN is the "
                     "reference, a failing baseline is reported and skipped")
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)

@@ -110,7 +110,7 @@ for stage in "$@"; do
         ;;
     ttft)
         run ttft python3 benchmarks/bench_ttft.py --model "$MODEL" --thresholds "$THRESHOLDS" \
-            --backends ${TTFT_BACKENDS:-FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE} \
+            --backends ${TTFT_BACKENDS:-FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE SPARGE+fused} \
             --decode-len "${DECODE_LEN:-512}" --out "$OUT/ttft"
         ;;
     query_len)

@@ -1,0 +1,34 @@
+"""The benchmark scripts' report code (their GPU parts run on the GPU machine only)."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ttft_report_one_row_per_sparge_variant(tmp_path):
+    bench = _load("bench_ttft")
+    rows = []
+    for backend, t in (("FLASH_ATTN", 1.0), ("SPARGE", 0.7), ("SPARGE+fused", 0.5)):
+        for n in (8192, 131072):
+            rows.append(dict(backend=backend, length=n, ttft_s=t * n / 8192, block_sparsity=0.66))
+        rows.append(dict(backend=backend, decode_tok_per_s=1000 * t))
+    meta = dict(backends=["FLASH_ATTN", "SPARGE", "SPARGE+fused", "FLASHINFER"],
+                failed={"FLASHINFER": "exit 1: no wheel"}, device="GPU", date="today",
+                command="cmd", vllm="0.26.0", torch="2.11", triton="3.6", model="m", chunk=8192,
+                thresholds=None, min_sparse_len=8192, decode_batch=32, decode_len=512,
+                decode_repeats=5)
+    bench.report(rows, meta, str(tmp_path / "ttft"))
+    md = (tmp_path / "ttft.md").read_text()
+    assert "| 131072 | 16.0000 | SPARGE+fused | 8.0000 | 2.00x | 0.660 |" in md
+    assert "| 8192 | 1.0000 | SPARGE | 0.7000 | 1.43x | 0.660 |" in md
+    assert "FLASHINFER did not run: exit 1: no wheel" in md
+    assert meta["decode_ratio"] == 0.7
+    assert (tmp_path / "ttft.json").exists()
