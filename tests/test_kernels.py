@@ -175,8 +175,9 @@ def test_split_query_blocks_equal_whole_blocks(page, packed, device):
 @pytest.mark.parametrize("page,packed,pv", [(16, False, 50.0), (16, True, 6.0), (32, True, 50.0)])
 def test_sub_page_tma_loads_equal_pointer_loads(page, packed, pv, device):
     """The experimental TMA loads of key blocks spanning 2 or 4 pages (use_tma=True on 16- or
-    32-token pages) read the same keys and values as pointer loads: same output, same PV skips.
-    Tails past seq_len (pages beyond the request's, even beyond its block-table row) included."""
+    32-token pages) read the same keys and values as pointer loads: same PV skips, same output up
+    to rounding (16-token pages run scores and P.V per page tile, another summation order). Tails
+    past seq_len (pages beyond the request's, even beyond its block-table row) included."""
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs Hopper")
     case = make_paged_case(REQS_MIXED, 4, 2, 64, page, torch.bfloat16, device, seed=5,
@@ -193,8 +194,14 @@ def test_sub_page_tma_loads_equal_pointer_loads(page, packed, pv, device):
         outs.append(out.float())
         skipped.append(int(stats[2]))
     assert not torch.isnan(outs[1]).any()
-    assert (outs[0] - outs[1]).abs().max().item() <= (0 if device == "cpu" else 1e-2)
+    assert (outs[0] - outs[1]).abs().max().item() <= (0 if page == 32 and device == "cpu" else 1e-2)
     assert skipped[0] == skipped[1] and (pv == 50.0) == (skipped[0] == 0)
+    if pv == 50.0:  # two 64-row programs per query block
+        out = torch.full_like(case.q, float("nan"))
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, head_vec(pv, hq, device), out, pv_skip=False,
+                               use_tma=True, split=2)
+        assert (outs[0] - out.float()).abs().max().item() <= 1e-2
     bad = make_paged_case(REQS_SMALL, 4, 2, 64, 16, torch.bfloat16, device)
     with pytest.raises(ValueError, match="TMA loads need key blocks of 128"):
         sparse_paged_attention(bad.q, bad.key_cache, bad.value_cache, bad.batch,

@@ -70,6 +70,58 @@ def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr)
 
 
 @triton.jit
+def _page_scores(q, k_desc, bt_row, j, i, seq_len, col, q_pos,
+                 PAGE: tl.constexpr, NSUB: tl.constexpr, CAUSAL: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """Raw scores ``[rows, PAGE]`` of the ``i``-th page of key block ``j`` (one TMA box; pages
+    past ``seq_len`` read page 0 and, like every key past a query's position, are masked with
+    ``CAUSAL``)."""
+    p = j * NSUB + i
+    page = tl.load(bt_row + p, mask=p * PAGE < seq_len, other=0)
+    qk = _dot(q, tl.trans(k_desc.load([page * PAGE, col])), UPCAST)
+    if CAUSAL:
+        k_pos = p * PAGE + tl.arange(0, PAGE)
+        qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
+    return qk
+
+
+@triton.jit
+def _page_values(v_desc, bt_row, j, i, seq_len, col, PAGE: tl.constexpr, NSUB: tl.constexpr,
+                 ZERO_TAIL: tl.constexpr):
+    """Values ``[PAGE, D]`` of the ``i``-th page of key block ``j``; with ``ZERO_TAIL`` rows past
+    ``seq_len`` are zero (stale page contents could be NaN, and 0 * NaN = NaN)."""
+    p = j * NSUB + i
+    page = tl.load(bt_row + p, mask=p * PAGE < seq_len, other=0)
+    v = v_desc.load([page * PAGE, col])
+    if ZERO_TAIL:
+        v = tl.where((p * PAGE + tl.arange(0, PAGE) < seq_len)[:, None], v, 0.0)
+    return v
+
+
+@triton.jit
+def _four_page_update(acc, l_i, m_i, s0, s1, s2, s3, v_desc, bt_row, j, seq_len, col, qk_scale,
+                      PAGE: tl.constexpr, ZERO_TAIL: tl.constexpr, UPCAST: tl.constexpr):
+    """One flash-attention step over a key block held as four page tiles of scores ``s0..s3``
+    (``[rows, PAGE]``): one rescale for the block, then four ``P.V`` products into ``acc``."""
+    m_new = tl.maximum(m_i, tl.maximum(tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1)),
+                                       tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
+                       * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    acc = acc * alpha[:, None]
+    l_i = l_i * alpha
+    for i in tl.static_range(4):
+        si = s0 if i == 0 else (s1 if i == 1 else (s2 if i == 2 else s3))
+        p = tl.exp2(si * qk_scale - m_new[:, None])
+        l_i += tl.sum(p, axis=1)
+        v = _page_values(v_desc, bt_row, j, i, seq_len, col, PAGE, 4, ZERO_TAIL)
+        if UPCAST:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attend_row(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_row, lut_row, n_kept, pv_ptr, k_desc, v_desc,
     q_start, q_len, seq_len, b, m0, h,
@@ -110,6 +162,43 @@ def _attend_row(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_skipped = 0
+    if USE_TMA and PAGE * 4 == BLOCK_N:
+        # NOTE: experimental (benchmarks only): 16-token pages with TMA. A key block is four page
+        # boxes; scores and P.V run per page tile (no tile concatenation in registers), with one
+        # softmax rescale per block, so the block semantics (PV skip included) stay the same.
+        col = kvh * stride_head
+        if PV_SKIP:
+            pv_thr = tl.load(pv_ptr + h)
+        for t in range(0, n_off):  # off-band kept blocks: no mask
+            j = tl.load(lut_row + t).to(tl.int32)
+            s0 = _page_scores(q, k_desc, bt_row, j, 0, seq_len, col, q_pos, PAGE, 4, False, UPCAST)
+            s1 = _page_scores(q, k_desc, bt_row, j, 1, seq_len, col, q_pos, PAGE, 4, False, UPCAST)
+            s2 = _page_scores(q, k_desc, bt_row, j, 2, seq_len, col, q_pos, PAGE, 4, False, UPCAST)
+            s3 = _page_scores(q, k_desc, bt_row, j, 3, seq_len, col, q_pos, PAGE, 4, False, UPCAST)
+            skip = False
+            if PV_SKIP:  # the two-kernel path's rule, on the block's row maxima
+                mx = tl.maximum(tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1)),
+                                tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
+                negligible = tl.where(m_real, mx * qk_scale - m_i <= -pv_thr, 1)
+                skip = (t > 0) & (pv_thr < PV_OFF) & (tl.min(negligible, axis=0) > 0)
+            if skip:
+                n_skipped += 1
+            else:
+                acc, l_i, m_i = _four_page_update(acc, l_i, m_i, s0, s1, s2, s3, v_desc, bt_row,
+                                                  j, seq_len, col, qk_scale, PAGE, False, UPCAST)
+        for j in range(j_diag0, n_valid):  # diagonal band: always computed, causal mask
+            s0 = _page_scores(q, k_desc, bt_row, j, 0, seq_len, col, q_pos, PAGE, 4, True, UPCAST)
+            s1 = _page_scores(q, k_desc, bt_row, j, 1, seq_len, col, q_pos, PAGE, 4, True, UPCAST)
+            s2 = _page_scores(q, k_desc, bt_row, j, 2, seq_len, col, q_pos, PAGE, 4, True, UPCAST)
+            s3 = _page_scores(q, k_desc, bt_row, j, 3, seq_len, col, q_pos, PAGE, 4, True, UPCAST)
+            acc, l_i, m_i = _four_page_update(acc, l_i, m_i, s0, s1, s2, s3, v_desc, bt_row, j,
+                                              seq_len, col, qk_scale, PAGE, True, UPCAST)
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr + q_tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty), mask=m_real[:, None],
+        )
+        return n_skipped
     # off-band kept blocks: no mask
     if PV_SKIP:
         pv_thr = tl.load(pv_ptr + h)
@@ -347,7 +436,8 @@ def sparse_paged_attention(
     ``[0, 0, pv_skipped_blocks]`` added on the device. ``pv_skip``: whether any head has PV skip
     on; ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds
     file and passes it). ``launch`` overrides (num_warps, num_stages), ``use_tma`` the choice of
-    TMA loads, ``block_n`` the key-block width of ``block_map``, ``warp_specialize`` asks
+    TMA loads (``True`` on 16- or 32-token pages: the experimental per-page loads),
+    ``block_n`` the key-block width of ``block_map``, ``warp_specialize`` asks
     Triton to warp-specialise the off-band loop (PV skip off) and ``split`` (1 or 2) runs each
     query block as that many programs of ``BLKQ // split`` rows (PV skip off only; 2 avoids the
     register spills of 128-row tiles at 4 warps) — for benchmarks only.
