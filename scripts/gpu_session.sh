@@ -6,7 +6,7 @@
 #   bash scripts/gpu_session.sh tests kernels          # several stages in one call
 #
 # Stages:
-#   kernel_tests  the kernels' GPU tests only
+#   kernel_tests  every kernel and warm-up test, on the GPU
 #   tests      GPU tests: kernels, warm-up, calibration search, vllm serve metrics (TP 1)
 #   engine     engine equivalence vs FLASH_ATTN (TP 1; five engines, about 8 minutes)
 #   engine_fused  the fused-kernel option served like the two-kernel path (two engines)
@@ -55,7 +55,9 @@ prompts() {
 for stage in "$@"; do
     case $stage in
     kernel_tests)
-        run gpu_kernel_tests timeout 300 $PYTEST --junitxml "$OUT/junit_kernel_tests.xml" \
+        # every kernel test, not only the gpu-marked ones: the others run on the GPU too (the
+        # device fixture), e.g. fused = two-kernel path, split, sub-page TMA = pointer loads
+        run gpu_kernel_tests timeout 300 ${PYTEST/-m gpu /} --junitxml "$OUT/junit_kernel_tests.xml" \
             tests/test_kernels.py tests/test_warmup.py
         ;;
     tests)
