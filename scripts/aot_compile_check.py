@@ -107,17 +107,19 @@ def main() -> None:
                   stages)
     # the other layouts the backend serves, at their launch parameters: fp16, head dim 64, pages
     # that are not a multiple of the key block (pointer loads instead of TMA)
-    for dtype, dim, page in (("fp16", 64, 64), ("bf16", 128, 16), ("fp16", 64, 16)):
+    for dtype, dim, page in (("fp16", 64, 64), ("bf16", 128, 16), ("fp16", 64, 16),
+                             ("bf16", 256, 64), ("bf16", 256, 16)):
         tma = page % BLKK == 0
         warps, stages = attention._attn_launch_params(dim, tma)
         layout_types = _types(dtype, dim, tma)
         extra = {} if tma else {"k_desc": None, "v_desc": None}
         for pv in (False, True):
-            check(f"attention {dtype} D{dim} page {page} pv_skip={pv}",
+            split = 2 if dim == 256 and not pv else 1  # sparse_paged_attention's default
+            check(f"attention {dtype} D{dim} page {page} pv_skip={pv} split={split}",
                   attention._sparse_attn_kernel,
                   dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
                        PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=tma, PV_SKIP=pv,
-                       WARP_SPEC=False, SPLIT=1, **extra), warps, stages, types=layout_types)
+                       WARP_SPEC=False, SPLIT=split, **extra), warps, stages, types=layout_types)
         check(f"kblock {dtype} D{dim} page {page}", predictor._kblock_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4, types=layout_types)
     # experimental: TMA loads of key blocks over 2 or 4 pages (benchmarks only)
@@ -138,6 +140,13 @@ def main() -> None:
             check(f"fused NKB_PAD={nkb_pad} pv_skip={pv}", attention._fused_sparge_kernel,
                   dict(attn, NKB_PAD=nkb_pad, DC=dc4, USE_TOPK=False, PV_SKIP=pv,
                        SPLIT=1 if pv else 2), 4, 2)
+    # head dim 256 in the fused kernel (8 warps, 64-row parts without PV skip)
+    nkb_pad = args.nkb_pad[0]
+    for pv in (False, True):
+        check(f"fused D256 NKB_PAD={nkb_pad} pv_skip={pv}", attention._fused_sparge_kernel,
+              dict(attn, HEAD_DIM=256, NKB_PAD=nkb_pad, DC=predictor._select_dc(nkb_pad, 8),
+                   USE_TOPK=False, PV_SKIP=pv, SPLIT=1 if pv else 2), 8, 2,
+              types=_types("bf16", 256, True))
     sys.exit(1 if failed else 0)
 
 

@@ -179,7 +179,7 @@ def test_model_level_rejections():
     ({"kv_cache_dtype": "fp8_e4m3"}, "kv_cache_dtype 'fp8_e4m3'"),
     ({"sinks": torch.zeros(HQ)}, "attention sinks"),
     ({"chunk_lookback": 2}, "attention options ['chunk_lookback']"),
-    ({"head_size": 80}, "head size 80 (the sparse kernels support [64, 128])"),
+    ({"head_size": 80}, "head size 80 (the sparse kernels support [64, 128, 256])"),
 ])
 def test_impl_rejects_unsupported_layers(sparge, kwargs, text):
     from vllm.config import set_current_vllm_config

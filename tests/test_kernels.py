@@ -248,6 +248,8 @@ LAYOUT_CASES = [
     (4, 1, 128, 16, torch.bfloat16, True),
     (2, 2, 64, 32, torch.bfloat16, False),
     (4, 2, 64, 128, torch.float16, True),
+    (4, 2, 256, 64, torch.bfloat16, True),  # head dim 256: 8 warps, split=2 without PV skip
+    (2, 1, 256, 16, torch.float16, False),
 ]
 
 
@@ -258,6 +260,21 @@ def test_matches_reference_layouts(hq, hkv, dim, page, dtype, packed, device):
     )
     out, ref, stats, ref_stats = _kernel_vs_reference(case, 0.0, 0.9, 8.0, None, device)
     assert (out - ref).abs().max().item() <= 3 * _lowp_error(case) + 1e-3 + 2.0**-8 * 4
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_head_dim_256_without_pv_skip(fused, device):
+    """Head dim 256 with PV skip off: 64-row programs (split=2 by default) / parts (fused)."""
+    case = make_paged_case(REQS_SMALL, 4, 2, 256, 64, torch.bfloat16, device, seed=7, packed=True)
+    hq = 4
+    out = torch.full_like(case.q, float("nan"))
+    sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+                         head_vec(0.0, hq, device), head_vec(0.9, hq, device),
+                         head_vec(50.0, hq, device), out, fused=fused)
+    ref, _, _ = paged_prefill_ref(case.q, case.key_cache, case.value_cache, case.batch,
+                                  case.scale, head_vec(0.0, hq), head_vec(0.9, hq),
+                                  head_vec(50.0, hq))
+    assert (out.float().cpu() - ref).abs().max().item() <= 3 * _lowp_error(case) + 1e-3 + 2.0**-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -405,7 +405,11 @@ def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = No
 def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
     """(num_warps, num_stages); pinned from benchmarks/bench_kernels.py --sweep (H200, head dim
     128: with TMA 4 warps / 2 stages, 0.75x the time of 8/3; without, 8/3 beats 4/2 by 4%).
+    Head dim 256 (not yet timed): 8 warps / 2 stages, the only setting whose [128, 256] fp32
+    accumulator fits (the AOT check: spill-free with split=2, 165 KB of shared memory).
     Never autotuned at serve time."""
+    if head_dim == 256:
+        return (8, 2)
     if use_tma:
         return (4, 2)
     return (8, 3) if head_dim == 128 else (4, 2)
@@ -427,7 +431,7 @@ def sparse_paged_attention(
     use_tma: bool | None = None,
     block_n: int = BLKK,
     warp_specialize: bool = False,
-    split: int = 1,
+    split: int | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -440,7 +444,8 @@ def sparse_paged_attention(
     ``block_n`` the key-block width of ``block_map``, ``warp_specialize`` asks
     Triton to warp-specialise the off-band loop (PV skip off) and ``split`` (1 or 2) runs each
     query block as that many programs of ``BLKQ // split`` rows (PV skip off only; 2 avoids the
-    register spills of 128-row tiles at 4 warps) — for benchmarks only.
+    register spills of 128-row tiles at 4 warps) — for benchmarks only; ``None``: 2 for head dim
+    256 without PV skip, else 1.
     """
     check_paged_inputs(q, key_cache, value_cache)
     _check_out_and_layout(q, key_cache, value_cache, out)
@@ -452,6 +457,8 @@ def sparse_paged_attention(
         raise ValueError("block_map was predicted for a different batch")
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
+    if split is None:
+        split = 2 if head_dim == 256 and not pv_skip else 1
     if split not in (1, 2) or (pv_skip and split != 1):
         raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip "
                          f"{pv_skip})")

@@ -31,7 +31,7 @@ KSUM_CHUNK = 16
 """Key blocks summed per program of the key-mean pass."""
 MAX_KEY_BLOCKS = 16384
 """Longest context the predictor handles, in key blocks (16384 * 64 = 1M tokens)."""
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _EPS = tl.constexpr(1e-6)
 
