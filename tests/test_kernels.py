@@ -405,7 +405,7 @@ def test_gpu_fused_kernel_realistic_sizes(name):
 @pytest.mark.parametrize(
     "dim,page,dtype,packed",
     [(128, 16, torch.bfloat16, False), (64, 64, torch.float16, False),
-     (128, 64, torch.bfloat16, True)],
+     (128, 64, torch.bfloat16, True), (256, 64, torch.bfloat16, True)],
 )
 def test_gpu_realistic_sizes(dim, page, dtype, packed):
     case = make_paged_case(GPU_REQS, 8, 2, dim, page, dtype, "cuda", seed=11, packed=packed)
