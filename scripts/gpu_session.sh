@@ -10,8 +10,9 @@
 #   tests      GPU tests: kernels, warm-up, calibration search, vllm serve metrics (TP 1)
 #   engine     engine equivalence vs FLASH_ATTN (TP 1; five engines, about 8 minutes)
 #   engine_fused  the fused-kernel option served like the two-kernel path (two engines)
-#   tp2        the tensor-parallel-2 tests (2 GPUs): tp2_engine, tp2_serve, tp2_calib in one run
-#   tp2_engine engine TP2 = TP1 (2 GPUs)
+#   tp2        the 2-GPU tests: tp2_engine, tp2_serve, tp2_calib in one run (over one call's
+#              10 minutes: run the three stages in separate calls)
+#   tp2_engine engine TP 2 = 1 GPU and PP 2 = 1 GPU (2 GPUs, about 7 minutes)
 #   tp2_serve  vllm serve metrics with TP 2 (2 GPUs)
 #   tp2_calib  calibration capture TP 2 = TP 1 (2 GPUs)
 #   sweep      kernel launch-config sweep at 32K (exploration; -> $OUT/kernels_sweep.*)
@@ -69,7 +70,7 @@ for stage in "$@"; do
     engine)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
         run gpu_engine timeout 580 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine.xml" \
-            tests/gpu/test_engine_gpu.py -k "not tensor_parallel and not fused"
+            tests/gpu/test_engine_gpu.py -k "not two_gpus and not fused"
         ;;
     engine_fused)
         export SPARGE_TEST_REPORT=$OUT/engine_report_fused.json
@@ -90,7 +91,7 @@ for stage in "$@"; do
         export SPARGE_TEST_REPORT=$OUT/engine_report_tp2.json
         tests=()
         case $stage in tp2|tp2_engine)
-            tests+=("tests/gpu/test_engine_gpu.py::test_tensor_parallel_2_equals_1") ;; esac
+            tests+=("tests/gpu/test_engine_gpu.py::test_two_gpus_equal_one") ;; esac
         case $stage in tp2|tp2_serve)
             tests+=("tests/test_metrics.py::test_vllm_serve_exports_sparge_metrics[2]") ;; esac
         case $stage in tp2|tp2_calib) tests+=(tests/gpu/test_calibrate_tp_gpu.py) ;; esac

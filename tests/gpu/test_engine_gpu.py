@@ -104,12 +104,13 @@ def _write_thresholds(path: Path, kind: str) -> str:
         # the others sparse, some with the PV skip): a rank that read another rank's slice, or
         # the global head order, would run other heads sparse and change the output. The sparse
         # heads select by the CDF alone (cdfthreshd 0.80-0.90, like the calibrated file), so the
-        # sparse path really skips blocks (43% of all blocks of two 6-8K prompts, reference on CPU).
+        # sparse path really skips blocks (46% of all blocks of two 6-8K prompts, reference on CPU).
         # NOTE: session 10's first TP2 pass used cdfthreshd 0.92-0.99 on every head: 0.3% block
         # sparsity, which proved too little.
         g = torch.Generator().manual_seed(0)
         h = torch.arange(heads).expand(layers, heads)
-        sparse = h % 3 != 0
+        layer = torch.arange(layers)[:, None]
+        sparse = (h + layer) % 3 != 0  # and differ by layer: a wrong (PP-local) layer index shows
         th = Thresholds(
             simthreshd1=torch.where(sparse, -1.0, 1.0),  # calibration's choice on this model
             cdfthreshd=torch.where(sparse, torch.rand(layers, heads, generator=g) * 0.1 + 0.8,
@@ -163,7 +164,8 @@ def _run_engine(tmp: Path, name: str, backend: str, prompts, max_model_len: int,
     spec_path.write_text(json.dumps(spec))
     from tests.subproc import MULTI_GPU_ENV, log_path, run_logged, timeout_s
 
-    env = {**os.environ, **(MULTI_GPU_ENV if extra.get("tp", 1) > 1 else {})}
+    pp = extra.get("engine_args", {}).get("pipeline_parallel_size", 1)
+    env = {**os.environ, **(MULTI_GPU_ENV if extra.get("tp", 1) > 1 or pp > 1 else {})}
     env.setdefault("HF_HUB_OFFLINE", "1")
 
     run_logged([sys.executable, __file__, str(spec_path), str(out_path)], env,
@@ -324,21 +326,39 @@ def test_fused_kernel_serves_like_two_kernels(workload, record_property):
     assert summary["mismatch"] == 0, summary
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tensor_parallel_2_equals_1(workload, record_property):
-    tmp, prompts, max_model_len = workload  # NOTE: no FLASH_ATTN baseline needed here
+@pytest.fixture(scope="module")
+def per_head_single_gpu(workload):
+    """(settings, outputs) of one SPARGE engine on one GPU with per-head, per-layer thresholds:
+    the reference of the multi-GPU tests."""
+    tmp, prompts, max_model_len = workload
     th = _write_thresholds(tmp / "per_head.safetensors", "per_head")
     cfg = {"sparge": {"thresholds": th, "min_sparse_len": MIN_SPARSE_LEN}}
-    tp1 = _run_engine(tmp, "sparge_tp1", "SPARGE", prompts, max_model_len,
-                      additional_config=cfg)
+    return cfg, _run_engine(tmp, "sparge_1gpu", "SPARGE", prompts, max_model_len,
+                            additional_config=cfg)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("kind", ["tp", "pp"])
+def test_two_gpus_equal_one(kind, workload, per_head_single_gpu, record_property):
+    """Tensor parallelism 2: each rank uses its own heads' thresholds (the roles differ between
+    the ranks' halves). Pipeline parallelism 2: each stage's layers use their global index (the
+    roles differ by layer). Either mistake would change the outputs."""
     from tests.subproc import NCCL_ONLY_ENGINE_ARGS
 
-    tp2 = _run_engine(tmp, "sparge_tp2", "SPARGE", prompts, max_model_len,
-                      additional_config=cfg, tp=2, engine_args=NCCL_ONLY_ENGINE_ARGS)
-    summary = _compare(tp1, tp2)
-    summary["sparsity_tp1"] = _sparsity(tp1)
-    _report(record_property, "sparge_tp2_vs_tp1", summary)
-    assert summary["sparsity_tp1"] >= 0.25, summary  # else a wrong head slice would hardly show
+    tmp, prompts, max_model_len = workload
+    cfg, one = per_head_single_gpu
+    if kind == "tp":
+        two = _run_engine(tmp, "sparge_tp2", "SPARGE", prompts, max_model_len,
+                          additional_config=cfg, tp=2, engine_args=NCCL_ONLY_ENGINE_ARGS)
+    else:
+        two = _run_engine(tmp, "sparge_pp2", "SPARGE", prompts, max_model_len,
+                          additional_config=cfg,
+                          engine_args={**NCCL_ONLY_ENGINE_ARGS, "pipeline_parallel_size": 2,
+                                       "distributed_executor_backend": "mp"})
+    summary = _compare(one, two)
+    summary["sparsity_1gpu"] = _sparsity(one)
+    _report(record_property, f"sparge_{kind}2_vs_1gpu", summary)
+    assert summary["sparsity_1gpu"] >= 0.25, summary  # else a wrong slice would hardly show
     assert summary["mismatch"] == 0, summary
 
 
