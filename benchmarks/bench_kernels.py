@@ -169,6 +169,13 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                         lambda bm=bm, w=w, st=st: sparse_paged_attention(
                             q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
                             pv_skip=False, launch=(w, st), use_tma=True, split=2))
+                # block coordinates (LUT entry, page id) read one iteration ahead
+                for w, st, split in ((4, 2, 1), (4, 3, 1), (4, 2, 2)) if tma else ():
+                    row["launch_sweep_ms"][f"prefetch_split{split}_w{w}s{st}_tma1"] = bench(
+                        lambda bm=bm, w=w, st=st, split=split: sparse_paged_attention(
+                            q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
+                            pv_skip=False, launch=(w, st), use_tma=True, split=split,
+                            prefetch=True))
                 # Triton's warp specialisation of the off-band loop (may not lower on Hopper)
                 for w, st in ((4, 2), (4, 3), (8, 2)) if tma else ():
                     try:

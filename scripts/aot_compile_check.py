@@ -58,6 +58,10 @@ def _resource_usage(cubin: bytes) -> str:
 
 
 def compile_kernel(fn, types, constexprs, num_warps, num_stages, arch=90) -> str:
+    # constexpr parameters left out take their defaults, as at a launch (not runtime arguments)
+    defaults = {p.name: p.default for p in fn.params
+                if p.is_constexpr and p.name not in constexprs and p.has_default}
+    constexprs = {**defaults, **constexprs}
     src = ASTSource(fn, _signature(fn, types, constexprs), constexprs)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": num_warps, "num_stages": num_stages})
@@ -105,6 +109,10 @@ def main() -> None:
                   attention._sparse_attn_kernel,
                   dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=pv, WARP_SPEC=False, SPLIT=split), warps,
                   stages)
+    for split in (1, 2):  # experimental: block coordinates read one iteration ahead
+        check(f"attention prefetch split={split} warps=4", attention._sparse_attn_kernel,
+              dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=split,
+                   PREFETCH=True), 4, 2)
     # the other layouts the backend serves, at their launch parameters: fp16, head dim 64, pages
     # that are not a multiple of the key block (pointer loads instead of TMA)
     for dtype, dim, page in (("fp16", 64, 64), ("bf16", 128, 16), ("fp16", 64, 16),

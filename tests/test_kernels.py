@@ -172,6 +172,24 @@ def test_split_query_blocks_equal_whole_blocks(page, packed, device):
                                case.scale, head_vec(4.0, hq, device), out, pv_skip=True, split=2)
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_prefetched_block_coordinates_change_nothing(split, device):
+    """prefetch=True (the next block's LUT entry and page id read one iteration ahead; TMA, PV
+    skip off) computes exactly what the default loop computes."""
+    case = make_paged_case(REQS_MIXED, 4, 2, 64, 64, torch.bfloat16, device, seed=9, packed=True)
+    hq = 4
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
+                           head_vec(0.6, hq, device), head_vec(0.9, hq, device))
+    outs = []
+    for prefetch in (False, True):
+        out = torch.full_like(case.q, float("nan"))
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, head_vec(50.0, hq, device), out, pv_skip=False,
+                               split=split, prefetch=prefetch)
+        outs.append(out)
+    assert not torch.isnan(outs[1]).any() and torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("page,packed,pv", [(16, False, 50.0), (16, True, 6.0), (32, True, 50.0)])
 def test_sub_page_tma_loads_equal_pointer_loads(page, packed, pv, device):
     """The experimental TMA loads of key blocks spanning 2 or 4 pages (use_tma=True on 16- or

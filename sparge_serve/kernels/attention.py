@@ -129,6 +129,7 @@ def _attend_row(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr,
     UPCAST: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     """Attention of query rows ``[m0, m0 + BLOCK_M)`` (inside query block ``b`` of ``BLOCK_Q``
     rows) of one q-head ``h`` of a request over the block's ``n_kept`` kept key blocks
@@ -216,6 +217,23 @@ def _attend_row(
                 v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                    stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
                 acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
+    elif PREFETCH and USE_TMA and PAGE % BLOCK_N == 0:
+        # NOTE: experimental (benchmarks only): the next block's LUT entry and page id are read
+        # one iteration ahead, so the TMA coordinates of a block never wait on two dependent
+        # scalar loads at the top of its iteration.
+        col = kvh * stride_head
+        j_nxt = tl.load(lut_row, mask=n_off > 0, other=0).to(tl.int32)
+        pg_nxt = tl.load(bt_row + (j_nxt * BLOCK_N) // PAGE)
+        for t in tl.range(0, n_off, warp_specialize=WARP_SPEC):
+            j = j_nxt
+            pg = pg_nxt
+            j_nxt = tl.load(lut_row + t + 1, mask=t + 1 < n_off, other=0).to(tl.int32)
+            pg_nxt = tl.load(bt_row + (j_nxt * BLOCK_N) // PAGE)
+            row = pg * PAGE + (j * BLOCK_N) % PAGE
+            k = k_desc.load([row, col])
+            v = v_desc.load([row, col])
+            qk = _dot(q, tl.trans(k), UPCAST)
+            acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     else:
         for t in tl.range(0, n_off, warp_specialize=WARP_SPEC):
             j = tl.load(lut_row + t).to(tl.int32)
@@ -254,6 +272,7 @@ def _sparse_attn_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     h = tl.program_id(0)
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
@@ -273,7 +292,7 @@ def _sparse_attn_kernel(
         q_start, q_len, seq_len, b, m0, h,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
-        USE_TMA, WARP_SPEC,
+        USE_TMA, WARP_SPEC, PREFETCH,
     )
     if t % SPLIT == 0:
         tl.store(skipped_ptr + row_id, n_skipped)
@@ -432,6 +451,7 @@ def sparse_paged_attention(
     block_n: int = BLKK,
     warp_specialize: bool = False,
     split: int | None = None,
+    prefetch: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -445,7 +465,8 @@ def sparse_paged_attention(
     Triton to warp-specialise the off-band loop (PV skip off) and ``split`` (1 or 2) runs each
     query block as that many programs of ``BLKQ // split`` rows (PV skip off only; 2 avoids the
     register spills of 128-row tiles at 4 warps) — for benchmarks only; ``None``: 2 for head dim
-    256 without PV skip, else 1.
+    256 without PV skip, else 1. ``prefetch`` (TMA, PV skip off; benchmarks only) reads each
+    block's LUT entry and page id one iteration ahead.
     """
     check_paged_inputs(q, key_cache, value_cache)
     _check_out_and_layout(q, key_cache, value_cache, out)
@@ -473,7 +494,8 @@ def sparse_paged_attention(
         nkb, nqb, num_heads, float(scale) * _LOG2E,
         GROUP=num_heads // num_kv_heads, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        WARP_SPEC=warp_specialize, SPLIT=split, num_warps=num_warps, num_stages=num_stages,
+        WARP_SPEC=warp_specialize, SPLIT=split, PREFETCH=prefetch, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if stats is not None:
         # rows past a request's query never ran: their slots are garbage, mask them by count
