@@ -202,10 +202,11 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
         if SWEEP and name == "defaults_pv8":
             # the PV-skip variant spills at 4 warps (scripts/aot_compile_check.py), not at 8
             row["launch_sweep_ms"] = {
-                f"pv_w{w}s{st}": bench(lambda bm=bm, pv=pv, w=w, st=st: sparse_paged_attention(
-                    q, kc, vc, batch, bm, scale, pv, out, check_finite=False, pv_skip=True,
-                    launch=(w, st)))
-                for w, st in ((4, 2), (8, 2), (8, 3))
+                f"pv{'_eager_v' if eager else ''}_w{w}s{st}": bench(
+                    lambda bm=bm, pv=pv, w=w, st=st, eager=eager: sparse_paged_attention(
+                        q, kc, vc, batch, bm, scale, pv, out, check_finite=False, pv_skip=True,
+                        launch=(w, st), pv_eager_v=eager))
+                for w, st in ((4, 2), (8, 2), (8, 3)) for eager in (False, True)
             }
         results.append(row)
         print(json.dumps(row), flush=True)

@@ -109,6 +109,10 @@ def main() -> None:
                   attention._sparse_attn_kernel,
                   dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=pv, WARP_SPEC=False, SPLIT=split), warps,
                   stages)
+    for warps in (4, 8):  # experimental: V loaded before the PV-skip decision
+        check(f"attention pv_skip=True eager V warps={warps}", attention._sparse_attn_kernel,
+              dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=True, WARP_SPEC=False, SPLIT=1,
+                   PV_EAGER_V=True), warps, 2)
     for split in (1, 2):  # experimental: block coordinates read one iteration ahead
         check(f"attention prefetch split={split} warps=4", attention._sparse_attn_kernel,
               dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=split,

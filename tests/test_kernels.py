@@ -190,6 +190,28 @@ def test_prefetched_block_coordinates_change_nothing(split, device):
     assert not torch.isnan(outs[1]).any() and torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("page,packed", [(16, False), (64, True)])
+def test_eager_v_loads_change_nothing(page, packed, device):
+    """pv_eager_v=True (V loaded before the PV-skip decision) computes exactly what the default
+    loop computes, with the same skips."""
+    case = make_paged_case(REQS_MIXED, 4, 2, 64, page, torch.bfloat16, device, seed=4,
+                           packed=packed)
+    hq = 4
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
+                           head_vec(-1.0, hq, device), head_vec(0.95, hq, device))
+    outs, skipped = [], []
+    for eager in (False, True):
+        out = torch.full_like(case.q, float("nan"))
+        stats = torch.zeros(3, dtype=torch.int64, device=device)
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, head_vec(6.0, hq, device), out, stats, pv_skip=True,
+                               pv_eager_v=eager)
+        outs.append(out)
+        skipped.append(int(stats[2]))
+    assert skipped[0] == skipped[1] > 0
+    assert not torch.isnan(outs[1]).any() and torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("page,packed,pv", [(16, False, 50.0), (16, True, 6.0), (32, True, 50.0)])
 def test_sub_page_tma_loads_equal_pointer_loads(page, packed, pv, device):
     """The experimental TMA loads of key blocks spanning 2 or 4 pages (use_tma=True on 16- or

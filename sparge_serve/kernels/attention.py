@@ -129,7 +129,7 @@ def _attend_row(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr,
     UPCAST: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PV_EAGER_V: tl.constexpr = False,
 ):
     """Attention of query rows ``[m0, m0 + BLOCK_M)`` (inside query block ``b`` of ``BLOCK_Q``
     rows) of one q-head ``h`` of a request over the block's ``n_kept`` kept key blocks
@@ -211,12 +211,26 @@ def _attend_row(
             # stage-2 filter: skip when every real row's block max is pv_thr (log2) below its
             # running max; never the first block of the row.
             negligible = tl.where(m_real, tl.max(qk, axis=1) * qk_scale - m_i <= -pv_thr, 1)
-            if (t > 0) & (pv_thr < PV_OFF) & (tl.min(negligible, axis=0) > 0):
-                n_skipped += 1
-            else:
+            skip = (t > 0) & (pv_thr < PV_OFF) & (tl.min(negligible, axis=0) > 0)
+            if PV_EAGER_V:
+                # NOTE: experimental (benchmarks only): V is loaded before the decision, so its
+                # load pipelines like K's; a skip then saves the exponentials and P.V only.
                 v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                    stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
-                acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
+                if skip:
+                    n_skipped += 1
+                else:
+                    acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v,
+                                                           UPCAST)
+            else:
+                if skip:
+                    n_skipped += 1
+                else:
+                    v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page,
+                                       stride_tok, stride_head, offs_n, offs_d, PAGE, BLOCK_N,
+                                       v_desc, USE_TMA)
+                    acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v,
+                                                           UPCAST)
     elif PREFETCH and USE_TMA and PAGE % BLOCK_N == 0:
         # NOTE: experimental (benchmarks only): the next block's LUT entry and page id are read
         # one iteration ahead, so the TMA coordinates of a block never wait on two dependent
@@ -272,7 +286,7 @@ def _sparse_attn_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PV_EAGER_V: tl.constexpr = False,
 ):
     h = tl.program_id(0)
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
@@ -292,7 +306,7 @@ def _sparse_attn_kernel(
         q_start, q_len, seq_len, b, m0, h,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
-        USE_TMA, WARP_SPEC, PREFETCH,
+        USE_TMA, WARP_SPEC, PREFETCH, PV_EAGER_V,
     )
     if t % SPLIT == 0:
         tl.store(skipped_ptr + row_id, n_skipped)
@@ -452,6 +466,7 @@ def sparse_paged_attention(
     warp_specialize: bool = False,
     split: int | None = None,
     prefetch: bool = False,
+    pv_eager_v: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -466,7 +481,8 @@ def sparse_paged_attention(
     query block as that many programs of ``BLKQ // split`` rows (PV skip off only; 2 avoids the
     register spills of 128-row tiles at 4 warps) — for benchmarks only; ``None``: 2 for head dim
     256 without PV skip, else 1. ``prefetch`` (TMA, PV skip off; benchmarks only) reads each
-    block's LUT entry and page id one iteration ahead.
+    block's LUT entry and page id one iteration ahead; ``pv_eager_v`` (PV skip on; benchmarks
+    only) loads V before the skip decision, so that a skip saves only the math.
     """
     check_paged_inputs(q, key_cache, value_cache)
     _check_out_and_layout(q, key_cache, value_cache, out)
@@ -494,8 +510,8 @@ def sparse_paged_attention(
         nkb, nqb, num_heads, float(scale) * _LOG2E,
         GROUP=num_heads // num_kv_heads, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        WARP_SPEC=warp_specialize, SPLIT=split, PREFETCH=prefetch, num_warps=num_warps,
-        num_stages=num_stages,
+        WARP_SPEC=warp_specialize, SPLIT=split, PREFETCH=prefetch, PV_EAGER_V=pv_eager_v,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if stats is not None:
         # rows past a request's query never ran: their slots are garbage, mask them by count
