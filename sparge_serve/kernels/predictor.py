@@ -93,7 +93,8 @@ def _load_kv_block(
         else:
             # NOTE: experimental (benchmarks only): a block spans BLOCK_N // PAGE pages, one box
             # each, stacked along the rows. Pages past seq_len (maybe past the block table's
-            # row) read page 0: callers mask those rows like any page tail.
+            # row) read page 0: callers mask those rows like any page tail. (Attention runs
+            # four-page blocks per page tile instead: attention._attend_row.)
             p0 = j * (BLOCK_N // PAGE)
             x = _stack_rows(_page_box(desc, bt_ptr, p0, seq_len, col, PAGE),
                             _page_box(desc, bt_ptr, p0 + 1, seq_len, col, PAGE))
