@@ -15,6 +15,7 @@ optionally a sparsity heatmap and a dense-vs-sparse quality report on held-out p
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -124,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--driver", choices=("hf", "vllm"), default="hf",
                    help="capture Q/K/V with transformers (CPU or CUDA) or through vLLM with the "
                    "SPARGE backend (CUDA)")
+    p.add_argument("--layers-per-pass", type=_positive_int, metavar="N",
+                   help="capture and search N layers at a time, which bounds the captured Q/K/V "
+                   "held in host memory to N layers' worth (default: all layers in one pass; "
+                   "each further pass runs the prompts again, with --driver vllm in a new engine)")
     p.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
                    help="--driver vllm: capture with N GPUs (tensor parallel; the workers write "
                    "their captures to $TMPDIR, merged afterwards; default 1)")
@@ -369,32 +374,48 @@ def _run(args, info, budgets, prompts, heldout, config) -> int:
                 lengths[-1], args.driver, args.device, dtype)
 
     model = None
-    with tqdm(total=len(prompts), unit="prompt", desc="capturing", disable=args.quiet) as bar:
-        step = lambda _p: bar.update(1)
-        if args.driver == "vllm":
-            from .vllm_driver import capture_vllm
-
-            cap = capture_vllm(args.model_dir, prompts, dtype=str(dtype).removeprefix("torch."),
-                               tensor_parallel_size=args.tensor_parallel_size, on_prompt=step)
-        else:
-            model = load_model(args.model_dir, args.device, dtype, "sdpa")
-            cap = capture_hf(args.model_dir, prompts, args.device, dtype, model=model,
-                             on_prompt=step)
-
-    evaluator = make_evaluator(args.device)
-    logger.info("measuring errors with the %s evaluator (%d evaluations per layer)",
-                evaluator.name, config.evaluations_per_layer)
+    if args.driver == "hf":
+        model = load_model(args.model_dir, args.device, dtype, "sdpa")
+    evaluator = None  # NOTE: made after the first capture (the vLLM engine starts first)
+    per_pass = args.layers_per_pass or info.num_layers
+    passes = [range(i, min(i + per_pass, info.num_layers))
+              for i in range(0, info.num_layers, per_pass)]
     heads = info.num_heads
-    with tqdm(total=info.num_layers * heads, unit="head", desc="searching",
-              disable=args.quiet) as bar:
+    results = []
+    for group in passes:
+        only = None if len(passes) == 1 else group
+        desc = "capturing" + ("" if only is None else f" layers {group[0]}-{group[-1]}")
+        with tqdm(total=len(prompts), unit="prompt", desc=desc, disable=args.quiet) as bar:
+            step = lambda _p, bar=bar: bar.update(1)
+            if args.driver == "vllm":
+                from .vllm_driver import capture_vllm
 
-        def on_step(layer: int, done: int, total: int) -> None:
-            target = layer * heads + (heads * done) // total
-            bar.set_postfix_str(f"layer {layer}", refresh=False)
-            bar.update(target - bar.n)
+                cap = capture_vllm(args.model_dir, prompts,
+                                   dtype=str(dtype).removeprefix("torch."),
+                                   tensor_parallel_size=args.tensor_parallel_size,
+                                   on_prompt=step, layers=only)
+            else:
+                cap = capture_hf(args.model_dir, prompts, args.device, dtype, model=model,
+                                 on_prompt=step, layers=only)
+        if evaluator is None:
+            evaluator = make_evaluator(args.device)
+            logger.info("measuring errors with the %s evaluator (%d evaluations per layer)",
+                        evaluator.name, config.evaluations_per_layer)
+        with tqdm(total=len(group) * heads, unit="head", desc="searching",
+                  disable=args.quiet) as bar:
 
-        results = search_layers(cap.layers, cap.scales, evaluator, budgets, config, on_step)
-    del cap
+            def on_step(i: int, done: int, total: int, bar=bar, group=group) -> None:
+                target = i * heads + (heads * done) // total
+                bar.set_postfix_str(f"layer {group[i]}", refresh=False)
+                bar.update(target - bar.n)
+
+            results += search_layers([cap.layers[i] for i in group],
+                                     [cap.scales[i] for i in group], evaluator,
+                                     [budgets[i] for i in group], config, on_step)
+        del cap
+        if torch.cuda.is_available():  # the next pass may start a vLLM engine
+            gc.collect()
+            torch.cuda.empty_cache()
 
     tensors = stack_results(results)
     th = Thresholds(

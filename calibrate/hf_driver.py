@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -129,10 +129,12 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
 
 
 class _Recorder:
-    def __init__(self, num_layers: int, store_device: str = "cpu"):
+    def __init__(self, num_layers: int, store_device: str = "cpu",
+                 keep: Collection[int] | None = None):
         self.layers: list[list[Sample]] = [[] for _ in range(num_layers)]
         self.scales: list[float | None] = [None] * num_layers
         self.store_device = store_device
+        self.keep = None if keep is None else frozenset(keep)  # layers to record (None: all)
         self.closed = False
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -147,8 +149,9 @@ class _Recorder:
         def grab(t: torch.Tensor) -> torch.Tensor:  # [1, H, L, D] -> [L, H, D]
             return t[0].transpose(0, 1).to(self.store_device, copy=True).contiguous()
 
-        self.layers[idx].append(Sample(grab(query), grab(key), grab(value)))
-        self.scales[idx] = float(scaling)
+        if self.keep is None or idx in self.keep:
+            self.layers[idx].append(Sample(grab(query), grab(key), grab(value)))
+            self.scales[idx] = float(scaling)
         return _sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
@@ -174,13 +177,15 @@ def capture_hf(
     dtype: torch.dtype = torch.float32,
     model=None,
     on_prompt: Callable[[int], None] | None = None,
+    layers: Collection[int] | None = None,
 ) -> Capture:
-    """Run every prompt through the model and capture each layer's Q/K/V (stored on the CPU).
+    """Run every prompt through the model and capture each layer's Q/K/V (stored on the CPU);
+    with ``layers``, only those layers' (the others' lists stay empty, their scales 0).
 
     A ``model`` passed in is switched to the capture and back to ``"sdpa"`` afterwards.
     """
     info = model_info(model_dir)
-    rec = _Recorder(info.num_layers)
+    rec = _Recorder(info.num_layers, keep=layers)
     _register(CAPTURE_ATTN, rec.attention)
     if model is None:
         model = load_model(model_dir, device, dtype, CAPTURE_ATTN)
@@ -196,13 +201,14 @@ def capture_hf(
     finally:
         rec.closed = True
         _set_attention(model, "sdpa")
-    missing = [i for i, s in enumerate(rec.layers) if len(s) != len(prompts)]
+    missing = [i for i, s in enumerate(rec.layers)
+               if (rec.keep is None or i in rec.keep) and len(s) != len(prompts)]
     if missing:
         raise RuntimeError(
             f"layers {missing} were not captured once per prompt: the model does not route its "
             "attention through transformers' AttentionInterface"
         )
-    return Capture(rec.layers, [float(s) for s in rec.scales], [len(p) for p in prompts])
+    return Capture(rec.layers, [float(s or 0.0) for s in rec.scales], [len(p) for p in prompts])
 
 
 # ------------------------------------------------------------------------------------------------

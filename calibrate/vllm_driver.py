@@ -19,7 +19,8 @@ Memory: captures end up in host memory: a layer of ``Hq`` heads, ``Hkv`` KV head
 ``D`` takes ``(Hq + 2*Hkv) * D * 2`` bytes per token (bf16), e.g. 32 layers x 8 prompts x 16K tokens
 of a Llama-3-8B geometry need ~50 GB of RAM. With N > 1 the same amount is first written to disk
 (``$TMPDIR`` or ``capture_dir``; a tmpfs ``/tmp`` counts against RAM) and the merge holds one
-sample's per-rank pieces on top of the merged capture.
+sample's per-rank pieces on top of the merged capture. ``layers=`` captures only some layers (the
+CLI's ``--layers-per-pass``: a pass per group of layers, each in a new engine).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -58,9 +59,11 @@ def capture_vllm(
     tensor_parallel_size: int = 1,
     capture_dir: str | None = None,
     on_prompt: Callable[[int], None] | None = None,
+    layers: Collection[int] | None = None,
     **llm_kwargs,
 ) -> Capture:
-    """Run each prompt (1 generated token) through ``vllm.LLM`` and collect the backend's captures.
+    """Run each prompt (1 generated token) through ``vllm.LLM`` and collect the backend's captures
+    (with ``layers``, only those layers'; the others' lists stay empty, their scales 0).
 
     ``gpu_memory_utilization`` is kept low so the search can use the rest of the GPU afterwards
     (the engine is deleted before returning, but vLLM does not always give all memory back).
@@ -86,9 +89,10 @@ def capture_vllm(
             raise ValueError("capture_dir is used with tensor_parallel_size > 1 only (with one "
                              "GPU the samples go straight to host memory)")
         return _capture_in_process(model_dir, prompts, dtype, attention_backend,
-                                   gpu_memory_utilization, on_prompt, llm_kwargs)
+                                   gpu_memory_utilization, on_prompt, layers, llm_kwargs)
     return _capture_tensor_parallel(model_dir, prompts, dtype, attention_backend,
-                                    gpu_memory_utilization, tp, capture_dir, on_prompt, llm_kwargs)
+                                    gpu_memory_utilization, tp, capture_dir, on_prompt, layers,
+                                    llm_kwargs)
 
 
 def _engine_kwargs(prompts: Sequence[Sequence[int]], dtype: str, attention_backend: str,
@@ -119,7 +123,7 @@ def _free_gpu_memory() -> None:
 
 
 def _capture_in_process(model_dir, prompts, dtype, attention_backend, gpu_memory_utilization,
-                        on_prompt, llm_kwargs) -> Capture:
+                        on_prompt, layers, llm_kwargs) -> Capture:
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
         raise ValueError(
             "the vLLM capture with tensor_parallel_size=1 needs the engine in this process: unset "
@@ -136,9 +140,10 @@ def _capture_in_process(model_dir, prompts, dtype, attention_backend, gpu_memory
     llm = LLM(model=model_dir,
               **_engine_kwargs(prompts, dtype, attention_backend, gpu_memory_utilization, 1),
               **llm_kwargs)
-    layers: list[list[Sample]] = [[] for _ in range(info.num_layers)]
+    captured: list[list[Sample]] = [[] for _ in range(info.num_layers)]
     scales: list[float | None] = [None] * info.num_layers
     seen: list[set[int]] = [set() for _ in range(info.num_layers)]
+    keep = range(info.num_layers) if layers is None else frozenset(layers)
     current = -1
 
     def sink(layer_idx: int, q, k, v, cinfo) -> None:
@@ -150,7 +155,9 @@ def _capture_in_process(model_dir, prompts, dtype, attention_backend, gpu_memory
                 f"layer {layer_idx}: captured {q.shape[1]} query / {k.shape[1]} KV heads, the "
                 f"model has {info.num_heads} / {info.num_kv_heads}"
             )
-        layers[layer_idx].append(Sample(*(t.to("cpu", copy=True) for t in (q, k, v))))
+        if layer_idx not in keep:
+            return
+        captured[layer_idx].append(Sample(*(t.to("cpu", copy=True) for t in (q, k, v))))
         scales[layer_idx] = cinfo.scale
         seen[layer_idx].add(current)
 
@@ -166,14 +173,14 @@ def _capture_in_process(model_dir, prompts, dtype, attention_backend, gpu_memory
         del llm
         _free_gpu_memory()
 
-    missing = [i for i in range(info.num_layers) if len(seen[i]) != len(prompts)]
+    missing = [i for i in range(info.num_layers) if i in keep and len(seen[i]) != len(prompts)]
     if missing:
         raise RuntimeError(
             f"layers {_some(missing)} were not captured for every prompt. The {attention_backend} "
             "backend must call sparge_serve.backend.capture.emit_prefill(...) for every prefill "
             "while a sink is installed (and run in this process: tensor_parallel_size=1)"
         )
-    return Capture(layers, [float(s) for s in scales], [len(p) for p in prompts])
+    return Capture(captured, [float(s or 0.0) for s in scales], [len(p) for p in prompts])
 
 
 def _some(items: Sequence) -> str:
@@ -193,7 +200,7 @@ def _check_tp_geometry(info: ModelInfo, tp: int) -> None:
 
 
 def _capture_tensor_parallel(model_dir, prompts, dtype, attention_backend, gpu_memory_utilization,
-                             tp, capture_dir, on_prompt, llm_kwargs) -> Capture:
+                             tp, capture_dir, on_prompt, layers, llm_kwargs) -> Capture:
     info = model_info(model_dir)
     _check_tp_geometry(info, tp)
     if capture_dir is None:
@@ -214,7 +221,8 @@ def _capture_tensor_parallel(model_dir, prompts, dtype, attention_backend, gpu_m
                   worker_extension_cls=EXTENSION, **llm_kwargs)
         params = SamplingParams(max_tokens=1, temperature=0.0)
         try:
-            llm.collective_rpc("sparge_capture_start", args=(root,))
+            llm.collective_rpc("sparge_capture_start",
+                               args=(root, None if layers is None else sorted(layers)))
             for p, ids in enumerate(prompts):
                 llm.collective_rpc("sparge_capture_set_prompt", args=(p,))
                 llm.generate([TokensPrompt(prompt_token_ids=list(ids))], params, use_tqdm=False)
@@ -232,7 +240,7 @@ def _capture_tensor_parallel(model_dir, prompts, dtype, attention_backend, gpu_m
         return merge_rank_captures(root, tp_size=tp, num_layers=info.num_layers,
                                    num_prompts=len(prompts), num_heads=info.num_heads,
                                    num_kv_heads=info.num_kv_heads,
-                                   num_tokens=[len(p) for p in prompts])
+                                   num_tokens=[len(p) for p in prompts], layers=layers)
     finally:
         if capture_dir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -247,8 +255,10 @@ def merge_rank_captures(
     num_heads: int,
     num_kv_heads: int,
     num_tokens: Sequence[int] | None = None,
+    layers: Collection[int] | None = None,
 ) -> Capture:
-    """Merge the per-rank sample files of a tensor-parallel capture into one :class:`Capture`.
+    """Merge the per-rank sample files of a tensor-parallel capture into one :class:`Capture`
+    (of ``layers`` only, if given: the capture must hold exactly those).
 
     Heads are concatenated in rank order (global head order). Raises ``RuntimeError`` naming the
     problem if a rank is missing, the ranks disagree on what they captured, a (layer, prompt) was
@@ -281,9 +291,14 @@ def merge_rank_captures(
         raise RuntimeError(f"samples of unknown layers or prompts (layer, prompt, chunk) "
                            f"{_some(bad)}: the model has {num_layers} layers and there were "
                            f"{num_prompts} prompts")
+    keep = range(num_layers) if layers is None else frozenset(layers)
+    extra = sorted(k for k in keys[0] if k[0] not in keep)
+    if extra:
+        raise RuntimeError(f"samples of layers outside the ones asked for (layer, prompt, chunk) "
+                           f"{_some(extra)}")
     covered = {(k[0], k[1]) for k in keys[0]}
-    missing = [i for i in range(num_layers)
-               if any((i, p) not in covered for p in range(num_prompts))]
+    missing = [i for i in range(num_layers) if i in keep
+               and any((i, p) not in covered for p in range(num_prompts))]
     if missing:
         raise RuntimeError(
             f"layers {_some(missing)} were not captured for every prompt. The backend must call "
@@ -291,7 +306,7 @@ def merge_rank_captures(
             "installed in the workers"
         )
 
-    layers: list[list[Sample]] = [[] for _ in range(num_layers)]
+    merged: list[list[Sample]] = [[] for _ in range(num_layers)]
     scales: list[float | None] = [None] * num_layers
     for layer, prompt, chunk in sorted(keys[0]):  # per layer: prompt order, then chunk order
         parts, metas = [], []
@@ -333,5 +348,5 @@ def merge_rank_captures(
             raise RuntimeError(f"layer {layer}: prompt {prompt} reports softmax scale {value!r}, "
                                f"an earlier sample {scales[layer]!r}")
         scales[layer] = value
-        layers[layer].append(Sample(*(torch.cat(ts, dim=1) for ts in zip(*parts, strict=True))))
-    return Capture(layers, [float(s) for s in scales], list(num_tokens or []))
+        merged[layer].append(Sample(*(torch.cat(ts, dim=1) for ts in zip(*parts, strict=True))))
+    return Capture(merged, [float(s or 0.0) for s in scales], list(num_tokens or []))

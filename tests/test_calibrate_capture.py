@@ -279,6 +279,25 @@ def test_vllm_driver_tensor_parallel_merges_to_global_head_order(stand_in_vllm, 
     assert len(os.listdir(kept / "rank1")) == LAYERS * 3
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vllm_driver_captures_only_the_layers_asked_for(tp, stand_in_vllm, tmp_path,
+                                                        monkeypatch):
+    """``layers=`` (the CLI's --layers-per-pass): those layers' samples, exactly as in a full
+    capture; the other layers' lists stay empty."""
+    from sparge_calibrate.vllm_driver import capture_vllm
+
+    model = _model_dir(tmp_path)
+    prompts = [list(range(40)), list(range(70))]
+    stand_in_vllm.chunk = 50
+    full = capture_vllm(model, prompts)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
+    part = capture_vllm(model, prompts, tensor_parallel_size=tp, layers=[1])
+    assert part.layers[0] == [] and part.layers[2] == [] and part.scales[1] == full.scales[1]
+    assert len(part.layers[1]) == 3
+    for got, want in zip(part.layers[1], full.layers[1], strict=True):
+        assert all(torch.equal(getattr(got, n), getattr(want, n)) for n in "qkv")
+
+
 def test_vllm_driver_tensor_parallel_missing_layer_on_one_rank(stand_in_vllm, tmp_path):
     from sparge_calibrate.vllm_driver import capture_vllm
 

@@ -108,6 +108,18 @@ def test_end_to_end_with_report_and_plot(tiny_model, files, tmp_path, capsys):
     assert "calibrated" in stdout and "untuned defaults" in stdout and "ppl" in stdout
 
 
+def test_layers_per_pass_gives_the_same_file(tiny_model, files, tmp_path, capsys):
+    """--layers-per-pass 1 (one layer's Q/K/V in memory at a time) finds the same thresholds:
+    each layer's search only ever sees its own samples."""
+    one_pass, per_layer = tmp_path / "one.safetensors", tmp_path / "per_layer.safetensors"
+    _run_ok([tiny_model, "--prompts", files["calib"], "--out", one_pass, *FAST], capsys)
+    _run_ok([tiny_model, "--prompts", files["calib"], "--out", per_layer, "--layers-per-pass", "1",
+             *FAST], capsys)
+    a, b = load_thresholds(one_pass), load_thresholds(per_layer)
+    for name in ("simthreshd1", "cdfthreshd", "pvthreshd", "is_sparse"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
 def test_text_prompts_through_the_tokenizer(tiny_model, files, tmp_path, capsys):
     """.txt paragraphs through the model's tokenizer (BOS added as serving does), with --samples
     and --max-len, under another error rule."""
@@ -248,6 +260,7 @@ ARG_ERRORS = [
     (["--max-len", "100"], "below the minimum calibration prompt length of 256"),
     (["--max-len", "0"], "must be at least 1"),
     (["--samples", "0"], "must be at least 1"),
+    (["--layers-per-pass", "0"], "must be at least 1"),
     (["--report", "{d}/nope.txt"], "--report: {d}/nope.txt does not exist"),
     (["--report", "{d}/prompts.csv"], "--report"),
     (["--plot", "{d}/heat.jpg"], "must end with .png"),

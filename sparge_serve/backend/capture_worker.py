@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
@@ -75,8 +76,10 @@ class RankWriter:
     :meth:`summary` rather than raised.
     """
 
-    def __init__(self, out_dir: str, rank: int, tp_size: int) -> None:
+    def __init__(self, out_dir: str, rank: int, tp_size: int,
+                 layers: Sequence[int] | None = None) -> None:
         self.rank, self.tp_size = int(rank), int(tp_size)
+        self.keep = None if layers is None else frozenset(int(i) for i in layers)  # None: all
         self.dir = rank_dir(out_dir, self.rank)
         os.makedirs(self.dir, exist_ok=True)
         if os.listdir(self.dir):
@@ -95,7 +98,7 @@ class RankWriter:
     def __call__(self, layer_idx: int, q, k, v, info) -> None:
         # NOTE: problems are recorded, not raised: an exception here would abort the worker's
         # forward pass and the engine would die with a message that does not say why.
-        if self.error is not None:
+        if self.error is not None or (self.keep is not None and int(layer_idx) not in self.keep):
             return
         if self.prompt < 0:
             self.error = (f"rank {self.rank}: a prefill was captured before "
@@ -132,15 +135,16 @@ class CaptureWorkerExtension:
     """Mixed into every vLLM GPU worker (``LLM(worker_extension_cls=EXTENSION)``); its methods are
     called with ``LLM.collective_rpc(name, args=...)`` and run in each worker process."""
 
-    def sparge_capture_start(self, out_dir: str) -> None:
-        """Install a :class:`RankWriter` sink writing under ``out_dir/rank{R}``."""
+    def sparge_capture_start(self, out_dir: str, layers: Sequence[int] | None = None) -> None:
+        """Install a :class:`RankWriter` sink writing under ``out_dir/rank{R}`` (``layers``
+        only, if given)."""
         from sparge_serve.backend import capture
 
         if capture.get_sink() is not None:
             raise RuntimeError("a capture sink is already installed in this worker; call "
                                "sparge_capture_stop first")
         rank, size = self._sparge_tp_rank_and_size()
-        self._sparge_writer = RankWriter(out_dir, rank, size)
+        self._sparge_writer = RankWriter(out_dir, rank, size, layers)
         capture.set_sink(self._sparge_writer)
 
     def sparge_capture_set_prompt(self, prompt: int) -> None:
