@@ -299,15 +299,17 @@ def write_reports(results, meta, out):
 
 
 def main():
+    global SWEEP, FUSED, D
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--pages", type=int, nargs="+", default=[64, 16])
     ap.add_argument("--out", default="benchmarks/results/kernels")
     ap.add_argument("--sweep", action="store_true", help="time launch configs of the dense kernel")
     ap.add_argument("--fused", action="store_true", help="also time the fused persistent kernel")
+    ap.add_argument("--head-dim", type=int, default=D, choices=(64, 128, 256),
+                    help=f"head dim (default {D}, the issue's benchmark)")
     args = ap.parse_args()
-    global SWEEP, FUSED
-    SWEEP, FUSED = args.sweep, args.fused
+    SWEEP, FUSED, D = args.sweep, args.fused, args.head_dim
     try:
         import vllm
         from vllm.vllm_flash_attn import flash_attn_varlen_func as fa3
@@ -319,8 +321,8 @@ def main():
         torch=torch.__version__, triton=triton.__version__, vllm=vllm_version,
         python=platform.python_version(),
         command="python benchmarks/bench_kernels.py " + " ".join(
-            f"--{k}" if v is True else
-            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            f"--{k.replace('_', '-')}" if v is True else
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items() if v is not False),
     )
     results = []

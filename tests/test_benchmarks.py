@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,3 +34,15 @@ def test_ttft_report_one_row_per_sparge_variant(tmp_path):
     assert "FLASHINFER did not run: exit 1: no wheel" in md
     assert meta["decode_ratio"] == 0.7
     assert (tmp_path / "ttft.json").exists()
+
+
+SCRIPTS = sorted(p.relative_to(ROOT) for d in ("benchmarks", "scripts")
+                 for p in (ROOT / d).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=str)
+def test_scripts_compile(path):
+    """Every benchmark and script at least compiles (they run on the GPU machine only, where a
+    syntax error costs device time; ruff does not report every compile-time error)."""
+    source = (ROOT / path).read_text()
+    compile(source, str(path), "exec")
