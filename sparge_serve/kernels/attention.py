@@ -27,6 +27,7 @@ from sparge_serve.kernels.geometry import (
 from sparge_serve.kernels.predictor import (
     BlockMap,
     _load_kv_block,
+    _page_box,
     _select_dc,
     _select_row,
     check_head_thresholds,
@@ -62,11 +63,21 @@ def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr)
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
+    # NOTE: _pv_acc's body, inline on purpose: calling it here changes the register allocation of
+    # the fused kernel (scripts/aot_compile_check.py), and this is the measured production loop.
     if UPCAST:
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _pv_acc(p, v, acc, UPCAST: tl.constexpr):
+    """``acc + P.V`` in the matrix unit (``p`` rounded to ``v``'s dtype, as FlashAttention)."""
+    if UPCAST:
+        return tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+    return tl.dot(p.to(v.dtype), v, acc)
 
 
 @triton.jit
@@ -77,8 +88,7 @@ def _page_scores(q, k_desc, bt_row, j, i, seq_len, col, q_pos,
     past ``seq_len`` read page 0 and, like every key past a query's position, are masked with
     ``CAUSAL``)."""
     p = j * NSUB + i
-    page = tl.load(bt_row + p, mask=p * PAGE < seq_len, other=0)
-    qk = _dot(q, tl.trans(k_desc.load([page * PAGE, col])), UPCAST)
+    qk = _dot(q, tl.trans(_page_box(k_desc, bt_row, p, seq_len, col, PAGE)), UPCAST)
     if CAUSAL:
         k_pos = p * PAGE + tl.arange(0, PAGE)
         qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
@@ -91,11 +101,27 @@ def _page_values(v_desc, bt_row, j, i, seq_len, col, PAGE: tl.constexpr, NSUB: t
     """Values ``[PAGE, D]`` of the ``i``-th page of key block ``j``; with ``ZERO_TAIL`` rows past
     ``seq_len`` are zero (stale page contents could be NaN, and 0 * NaN = NaN)."""
     p = j * NSUB + i
-    page = tl.load(bt_row + p, mask=p * PAGE < seq_len, other=0)
-    v = v_desc.load([page * PAGE, col])
+    v = _page_box(v_desc, bt_row, p, seq_len, col, PAGE)
     if ZERO_TAIL:
         v = tl.where((p * PAGE + tl.arange(0, PAGE) < seq_len)[:, None], v, 0.0)
     return v
+
+
+@triton.jit
+def _four_page_scores(q, k_desc, bt_row, j, seq_len, col, q_pos, PAGE: tl.constexpr,
+                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+    """The four page tiles of raw scores of key block ``j`` (see :func:`_page_scores`)."""
+    return (_page_scores(q, k_desc, bt_row, j, 0, seq_len, col, q_pos, PAGE, 4, CAUSAL, UPCAST),
+            _page_scores(q, k_desc, bt_row, j, 1, seq_len, col, q_pos, PAGE, 4, CAUSAL, UPCAST),
+            _page_scores(q, k_desc, bt_row, j, 2, seq_len, col, q_pos, PAGE, 4, CAUSAL, UPCAST),
+            _page_scores(q, k_desc, bt_row, j, 3, seq_len, col, q_pos, PAGE, 4, CAUSAL, UPCAST))
+
+
+@triton.jit
+def _row_max4(s0, s1, s2, s3):
+    """Row maxima over four page tiles of scores (the block's row maxima)."""
+    return tl.maximum(tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1)),
+                      tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
 
 
 @triton.jit
@@ -103,9 +129,7 @@ def _four_page_update(acc, l_i, m_i, s0, s1, s2, s3, v_desc, bt_row, j, seq_len,
                       PAGE: tl.constexpr, ZERO_TAIL: tl.constexpr, UPCAST: tl.constexpr):
     """One flash-attention step over a key block held as four page tiles of scores ``s0..s3``
     (``[rows, PAGE]``): one rescale for the block, then four ``P.V`` products into ``acc``."""
-    m_new = tl.maximum(m_i, tl.maximum(tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1)),
-                                       tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
-                       * qk_scale)
+    m_new = tl.maximum(m_i, _row_max4(s0, s1, s2, s3) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
     acc = acc * alpha[:, None]
     l_i = l_i * alpha
@@ -114,10 +138,7 @@ def _four_page_update(acc, l_i, m_i, s0, s1, s2, s3, v_desc, bt_row, j, seq_len,
         p = tl.exp2(si * qk_scale - m_new[:, None])
         l_i += tl.sum(p, axis=1)
         v = _page_values(v_desc, bt_row, j, i, seq_len, col, PAGE, 4, ZERO_TAIL)
-        if UPCAST:
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = _pv_acc(p, v, acc, UPCAST)
     return acc, l_i, m_new
 
 
@@ -172,14 +193,11 @@ def _attend_row(
             pv_thr = tl.load(pv_ptr + h)
         for t in range(0, n_off):  # off-band kept blocks: no mask
             j = tl.load(lut_row + t).to(tl.int32)
-            s0 = _page_scores(q, k_desc, bt_row, j, 0, seq_len, col, q_pos, PAGE, 4, False, UPCAST)
-            s1 = _page_scores(q, k_desc, bt_row, j, 1, seq_len, col, q_pos, PAGE, 4, False, UPCAST)
-            s2 = _page_scores(q, k_desc, bt_row, j, 2, seq_len, col, q_pos, PAGE, 4, False, UPCAST)
-            s3 = _page_scores(q, k_desc, bt_row, j, 3, seq_len, col, q_pos, PAGE, 4, False, UPCAST)
+            s0, s1, s2, s3 = _four_page_scores(q, k_desc, bt_row, j, seq_len, col, q_pos, PAGE,
+                                               False, UPCAST)
             skip = False
             if PV_SKIP:  # the two-kernel path's rule, on the block's row maxima
-                mx = tl.maximum(tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1)),
-                                tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
+                mx = _row_max4(s0, s1, s2, s3)
                 negligible = tl.where(m_real, mx * qk_scale - m_i <= -pv_thr, 1)
                 skip = (t > 0) & (pv_thr < PV_OFF) & (tl.min(negligible, axis=0) > 0)
             if skip:
@@ -188,10 +206,8 @@ def _attend_row(
                 acc, l_i, m_i = _four_page_update(acc, l_i, m_i, s0, s1, s2, s3, v_desc, bt_row,
                                                   j, seq_len, col, qk_scale, PAGE, False, UPCAST)
         for j in range(j_diag0, n_valid):  # diagonal band: always computed, causal mask
-            s0 = _page_scores(q, k_desc, bt_row, j, 0, seq_len, col, q_pos, PAGE, 4, True, UPCAST)
-            s1 = _page_scores(q, k_desc, bt_row, j, 1, seq_len, col, q_pos, PAGE, 4, True, UPCAST)
-            s2 = _page_scores(q, k_desc, bt_row, j, 2, seq_len, col, q_pos, PAGE, 4, True, UPCAST)
-            s3 = _page_scores(q, k_desc, bt_row, j, 3, seq_len, col, q_pos, PAGE, 4, True, UPCAST)
+            s0, s1, s2, s3 = _four_page_scores(q, k_desc, bt_row, j, seq_len, col, q_pos, PAGE,
+                                               True, UPCAST)
             acc, l_i, m_i = _four_page_update(acc, l_i, m_i, s0, s1, s2, s3, v_desc, bt_row, j,
                                               seq_len, col, qk_scale, PAGE, True, UPCAST)
         out = acc / l_i[:, None]
