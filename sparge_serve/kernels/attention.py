@@ -228,25 +228,19 @@ def _attend_row(
             # running max; never the first block of the row.
             negligible = tl.where(m_real, tl.max(qk, axis=1) * qk_scale - m_i <= -pv_thr, 1)
             skip = (t > 0) & (pv_thr < PV_OFF) & (tl.min(negligible, axis=0) > 0)
+            # NOTE: PV_EAGER_V (experimental, benchmarks only) loads V before the decision, so
+            # its load pipelines like K's; a skip then saves the exponentials and P.V only.
             if PV_EAGER_V:
-                # NOTE: experimental (benchmarks only): V is loaded before the decision, so its
-                # load pipelines like K's; a skip then saves the exponentials and P.V only.
                 v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                    stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
-                if skip:
-                    n_skipped += 1
-                else:
-                    acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v,
-                                                           UPCAST)
+            if skip:
+                n_skipped += 1
             else:
-                if skip:
-                    n_skipped += 1
-                else:
+                if not PV_EAGER_V:
                     v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page,
                                        stride_tok, stride_head, offs_n, offs_d, PAGE, BLOCK_N,
                                        v_desc, USE_TMA)
-                    acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v,
-                                                           UPCAST)
+                acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     elif PREFETCH and USE_TMA and PAGE % BLOCK_N == 0:
         # NOTE: experimental (benchmarks only): the next block's LUT entry and page id are read
         # one iteration ahead, so the TMA coordinates of a block never wait on two dependent
