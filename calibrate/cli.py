@@ -15,7 +15,6 @@ optionally a sparsity heatmap and a dense-vs-sparse quality report on held-out p
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import math
 import os
@@ -388,7 +387,7 @@ def _run(args, info, budgets, prompts, heldout, config) -> int:
         with tqdm(total=len(prompts), unit="prompt", desc=desc, disable=args.quiet) as bar:
             step = lambda _p, bar=bar: bar.update(1)
             if args.driver == "vllm":
-                from .vllm_driver import capture_vllm
+                from .vllm_driver import _free_gpu_memory, capture_vllm
 
                 cap = capture_vllm(args.model_dir, prompts,
                                    dtype=str(dtype).removeprefix("torch."),
@@ -413,9 +412,8 @@ def _run(args, info, budgets, prompts, heldout, config) -> int:
                                      [cap.scales[i] for i in group], evaluator,
                                      [budgets[i] for i in group], config, on_step)
         del cap
-        if torch.cuda.is_available():  # the next pass may start a vLLM engine
-            gc.collect()
-            torch.cuda.empty_cache()
+        if args.driver == "vllm":  # the next pass starts a new engine
+            _free_gpu_memory()
 
     tensors = stack_results(results)
     th = Thresholds(
