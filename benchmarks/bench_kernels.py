@@ -34,10 +34,16 @@ from sparge_serve.kernels import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
-from sparge_serve.kernels.attention import _fused_programs
+from sparge_serve.kernels.attention import fused_sparge_prefill, max_fused_programs
 from sparge_serve.kernels.predictor import key_block_stride, pooled_keys_bytes
 
 HQ, HKV, D = 32, 8, 128
+# (split, num_warps, num_stages, programs per multiprocessor) of the fused kernel's sweep, by
+# whether key blocks lie inside one page (TMA loads) or not
+FUSED_SWEEP = {
+    True: ((2, 4, 2, 2), (1, 4, 2, 2), (1, 4, 3, 2), (1, 4, 2, 1), (1, 4, 2, 3), (1, 8, 3, 1)),
+    False: ((2, 8, 3, 2), (1, 8, 3, 2), (1, 8, 3, 1), (1, 4, 2, 2), (2, 4, 2, 2)),
+}
 SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
 FUSED = False  # --fused: also time the persistent select+attend kernel (rows "<config>+fused")
 
@@ -194,7 +200,7 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                             pv_skip=False, launch=(w, st), use_tma=True, split=split))
             # key blocks of 128 (a dense map in those units): what a wider tile would buy
             bm128 = dense_block_map(length, 128)
-            for w, st in ((4, 2), (8, 3)):
+            for w, st in ((4, 2), (8, 2), (8, 3)):
                 row["launch_sweep_ms"][f"bn128_w{w}s{st}"] = bench(
                     lambda w=w, st=st, bm128=bm128: sparse_paged_attention(
                         q, kc, vc, batch, bm128, scale, pv_off, out, check_finite=False,
@@ -215,7 +221,7 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             t_fused = bench(lambda sim=sim, cdf=cdf, topk=c["topk"], pv=pv: sparge_paged_prefill(
                 q, kc, vc, batch, scale, sim, cdf, pv, out, topk=topk, check_finite=False,
                 pv_skip=False, fused=True))
-            programs = _fused_programs(q, num_blocks(length, BLKQ) * HQ)
+            programs = min(max_fused_programs(q.device), num_blocks(length, BLKQ) * HQ)
             scratch = programs * key_block_stride(num_blocks(length, BLKK)) * 2
             extra_f = 3 * bm.count.numel() * 4 + scratch
             extra_f += pooled_keys_bytes(HKV, D, 1, length)
@@ -224,6 +230,17 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                         extra_mem_frac_of_kv=extra_f / kv_bytes,
                         attention_tflops_dense_equiv=flops / (t_fused * 1e-3) / 1e12)
             frow.pop("launch_sweep_ms", None)
+            if SWEEP and name == "dense":
+                # the fused kernel's own launch: row parts per query block, warps/stages, and the
+                # persistent grid in programs per multiprocessor
+                sms = max_fused_programs(q.device) // 2
+                frow["launch_sweep_ms"] = {
+                    f"fused_split{sp}_w{w}s{st}_p{pp}": bench(
+                        lambda sp=sp, w=w, st=st, pp=pp, sim=sim, cdf=cdf, pv=pv, sms=sms: fused_sparge_prefill(
+                            q, kc, vc, batch, scale, sim, cdf, pv, out, check_finite=False,
+                            pv_skip=False, split=sp, launch=(w, st), programs=pp * sms))
+                    for sp, w, st, pp in FUSED_SWEEP[page % BLKK == 0]
+                }
             results.append(frow)
             print(json.dumps(frow), flush=True)
 

@@ -10,6 +10,7 @@
 #   tests      GPU tests: kernels, warm-up, calibration search, vllm serve metrics (TP 1)
 #   engine     engine equivalence vs FLASH_ATTN (TP 1; five engines, about 8 minutes)
 #   engine_fused  the fused-kernel option served like the two-kernel path (two engines)
+#   preempt    preemption/recompute with a small KV cache vs FLASH_ATTN (two engines; also in engine)
 #   tp2        the 2-GPU tests: tp2_engine, tp2_serve, tp2_calib in one run (over one call's
 #              10 minutes: run the three stages in separate calls)
 #   tp2_engine engine TP 2 = 1 GPU and PP 2 = 1 GPU (2 GPUs, about 7 minutes)
@@ -76,6 +77,11 @@ for stage in "$@"; do
         export SPARGE_TEST_REPORT=$OUT/engine_report_fused.json
         run gpu_engine_fused timeout 400 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine_fused.xml" \
             "tests/gpu/test_engine_gpu.py::test_fused_kernel_serves_like_two_kernels"
+        ;;
+    preempt)
+        export SPARGE_TEST_REPORT=$OUT/engine_report_preempt.json
+        run gpu_preempt timeout 400 ${PYTEST/ -x/} --junitxml "$OUT/junit_preempt.xml" \
+            "tests/gpu/test_engine_gpu.py::test_preemption_recompute_matches_flash_attn"
         ;;
     tp2|tp2_engine|tp2_serve|tp2_calib)
         # NOTE: never NVLink multicast on the lent machines (KINDS.md): keep their NCCL_NVLS_ENABLE=0

@@ -11,6 +11,7 @@ from sparge_serve.kernels import (
     BLKK,
     BLKQ,
     PrefillBatch,
+    fused_sparge_prefill,
     num_blocks,
     predict_block_map,
     sparge_paged_prefill,
@@ -113,8 +114,9 @@ FUSED_CASES = [
 ]
 
 
-def _fused_vs_two_kernels(case, name, device):
-    """Outputs, block-count maps and stats of sparge_paged_prefill without and with fused=True."""
+def _fused_vs_two_kernels(case, name, device, **fused_launch):
+    """Outputs, block-count maps and stats of sparge_paged_prefill without and with fused=True
+    (``fused_launch``: fused_sparge_prefill's launch knobs)."""
     sim, cdf, pv, topk = THRESHOLD_CASES[name]
     hq = case.q.shape[1]
     ths = [head_vec(x, hq, device) for x in (sim, cdf, pv)]
@@ -122,9 +124,11 @@ def _fused_vs_two_kernels(case, name, device):
     for fused in (False, True):
         out = torch.full_like(case.q, float("nan"))
         stats = torch.zeros(3, dtype=torch.int64, device=device)
-        maps.append(sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch,
-                                         case.scale, *ths, out, topk=topk, stats=stats,
-                                         fused=fused))
+        args = (case.q, case.key_cache, case.value_cache, case.batch, case.scale, *ths, out)
+        if fused and fused_launch:
+            maps.append(fused_sparge_prefill(*args, topk=topk, stats=stats, **fused_launch))
+        else:
+            maps.append(sparge_paged_prefill(*args, topk=topk, stats=stats, fused=fused))
         outs.append(out)
         all_stats.append(stats)
     assert maps[1].lut is None
@@ -300,6 +304,26 @@ def test_matches_reference_layouts(hq, hkv, dim, page, dtype, packed, device):
     )
     out, ref, stats, ref_stats = _kernel_vs_reference(case, 0.0, 0.9, 8.0, None, device)
     assert (out - ref).abs().max().item() <= 3 * _lowp_error(case) + 1e-3 + 2.0**-8 * 4
+
+
+@pytest.mark.parametrize("split,programs", [(1, 2), (2, 1), (1, 5)])
+def test_fused_launch_knobs_keep_the_results(split, programs, device):
+    """The fused kernel's benchmark knobs (row parts per query block, persistent grid size)
+    change the schedule only: the same outputs and counts as the two-kernel path."""
+    case = make_paged_case(REQS_MIXED, 4, 2, 64, 16, torch.float16, device, seed=11)
+    two, fused = _fused_vs_two_kernels(case, "sparse_sim_neg1", device, split=split, programs=programs)
+    if device == "cpu":
+        assert torch.equal(two, fused)
+    else:
+        assert (two.float() - fused.float()).abs().max().item() <= 2e-2
+
+
+def test_fused_split_needs_pv_skip_off(device):
+    case = make_paged_case(REQS_MIXED, 4, 2, 64, 16, torch.float16, device, seed=12)
+    ths = [head_vec(x, 4, device) for x in (0.5, 0.9, 8.0)]
+    with pytest.raises(ValueError, match="split must be 1, or 2 with PV skip off"):
+        fused_sparge_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+                             *ths, torch.empty_like(case.q), split=2)
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -4,6 +4,7 @@ See docs/DESIGN.md for the exact semantics and ``sparge_serve.reference`` for th
 """
 
 from sparge_serve.kernels.attention import (
+    fused_sparge_prefill,
     max_fused_programs,
     sparge_paged_prefill,
     sparse_paged_attention,
@@ -27,6 +28,7 @@ __all__ = [
     "SUPPORTED_HEAD_DIMS",
     "BlockMap",
     "PrefillBatch",
+    "fused_sparge_prefill",
     "max_fused_programs",
     "num_blocks",
     "predict_block_map",

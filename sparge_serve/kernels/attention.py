@@ -539,10 +539,6 @@ def max_fused_programs(device: torch.device | str) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _fused_programs(q: torch.Tensor, n_tiles: int) -> int:
-    return max(1, min(n_tiles, max_fused_programs(q.device)))
-
-
 def sparge_paged_prefill(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -576,6 +572,31 @@ def sparge_paged_prefill(
             check_finite=False, pv_skip=pv_skip,
         )
         return bm
+    return fused_sparge_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfthreshd,
+                                pvthreshd, out, topk, stats, check_finite, pv_skip)
+
+
+def fused_sparge_prefill(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    batch: PrefillBatch,
+    scale: float,
+    simthreshd1: torch.Tensor,
+    cdfthreshd: torch.Tensor,
+    pvthreshd: torch.Tensor,
+    out: torch.Tensor,
+    topk: float | None = None,
+    stats: torch.Tensor | None = None,
+    check_finite: bool = True,
+    pv_skip: bool | None = None,
+    split: int | None = None,
+    launch: tuple[int, int] | None = None,
+    programs: int | None = None,
+) -> BlockMap:
+    """``sparge_paged_prefill(fused=True)``, with the launch knobs the benchmark sweeps:
+    ``split`` (1 or 2; 2 only with PV skip off) attends each query block as that many row parts,
+    ``launch`` overrides (num_warps, num_stages), ``programs`` the persistent grid."""
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
     _check_out_and_layout(q, key_cache, value_cache, out)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -585,12 +606,16 @@ def sparge_paged_prefill(
     pooled = pool_keys(key_cache, batch)
     nqb, nreq = num_blocks(batch.max_query_len, BLKQ), batch.num_reqs
     n_tiles = nqb * num_heads * nreq
-    programs = _fused_programs(q, n_tiles)
+    programs = max(1, min(n_tiles, programs or max_fused_programs(q.device)))
+    if split is None:
+        split = 1 if pv_skip else 2
+    if split not in (1, 2) or (pv_skip and split != 1):
+        raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip {pv_skip})")
     scratch = torch.empty(programs, pooled.nkb_stride, dtype=torch.int16, device=q.device)
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     n_valid, skipped = torch.empty_like(count), torch.empty_like(count)
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, BLKK)
-    num_warps, num_stages = _attn_launch_params(head_dim, use_tma)
+    num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
     dc = _select_dc(pooled.nkb_pad, num_warps)
     _fused_sparge_kernel[(programs,)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
@@ -603,8 +628,7 @@ def sparge_paged_prefill(
         GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
         NKB_PAD=pooled.nkb_pad, DC=dc, USE_TOPK=topk is not None,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        # 64-row attention tiles where the PV-skip semantics allow (fewer register spills)
-        SPLIT=1 if pv_skip else 2, num_warps=num_warps, num_stages=num_stages,
+        SPLIT=split, num_warps=num_warps, num_stages=num_stages,
     )
     if stats is not None:
         stats[0] += n_valid.sum()
@@ -613,4 +637,5 @@ def sparge_paged_prefill(
     return BlockMap(None, count, n_valid)
 
 
-__all__ = ["BLKK", "BLKQ", "max_fused_programs", "sparge_paged_prefill", "sparse_paged_attention"]
+__all__ = ["BLKK", "BLKQ", "fused_sparge_prefill", "max_fused_programs", "sparge_paged_prefill",
+           "sparse_paged_attention"]

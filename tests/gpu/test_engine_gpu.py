@@ -148,6 +148,9 @@ def _engine_main(spec_path: str, out_path: str) -> None:
                           for step in o.outputs[0].logprobs]}
             for o in outs])
     result = {"rounds": rounds, "blocks": None, "tokens": None}
+    if spec.get("count_preemptions"):  # needs engine_args disable_log_stats=False
+        result["preemptions"] = sum(m.value for m in llm.get_metrics()
+                                    if m.name == "vllm:num_preemptions")
     import sparge_serve.metrics as metrics
 
     stats = metrics._STATS
@@ -267,17 +270,21 @@ def test_default_thresholds_close_to_flash_attn(setup, record_property):
 CALIBRATED = Path(__file__).resolve().parents[2] / "models/sparge-tiny-code-run/thresholds.safetensors"
 
 
-def _serve_committed_file(setup, record_property, name: str, path: Path) -> dict:
-    """Serve one of the tiny model's committed thresholds files against FLASH_ATTN."""
+def _serve_committed_file(setup, record_property, name: str, path: Path, **extra) -> dict:
+    """Serve one of the tiny model's committed thresholds files against FLASH_ATTN
+    (``extra``: more of ``_run_engine``'s spec)."""
     tmp, prompts, max_model_len, flash = setup
     if Path(MODEL).resolve() != (CALIBRATED.parents[1] / "sparge-tiny-code").resolve():
         pytest.skip("the committed calibrated thresholds belong to models/sparge-tiny-code")
     sparge = _run_engine(tmp, f"sparge_{name}", "SPARGE", prompts, max_model_len,
                          additional_config={"sparge": {"thresholds": str(path),
-                                                       "min_sparse_len": MIN_SPARSE_LEN}})
+                                                       "min_sparse_len": MIN_SPARSE_LEN}},
+                         **extra)
     summary = _compare(flash, sparge)
     summary["sparsity"] = _sparsity(sparge)
     summary["prompt_tokens_sparse_dense"] = sparge["tokens"]
+    if "preemptions" in sparge:
+        summary["preemptions"] = sparge["preemptions"]
     _report(record_property, f"{name}_thresholds_vs_flash_attn", summary)
     assert summary["sparsity"] is not None, summary
     return summary
@@ -300,6 +307,25 @@ def test_quality_first_calibration_matches_flash_attn(setup, record_property):
     (47% held-out block sparsity at +0.4% perplexity, benchmarks/results/calibration_quality.md)
     serves far sparser than the untuned defaults (~0%) with no output beyond a near tie."""
     summary = _serve_committed_file(setup, record_property, "quality_first", QUALITY_FIRST)
+    assert summary["sparsity"] >= 0.3, summary
+    assert summary["mismatch"] == 0, summary
+
+
+# KV-cache capacity of the preemption test, in tokens: above the longest prompt, far below the
+# batch's total, so the scheduler must preempt running requests and recompute them later
+PREEMPTION_KV_TOKENS = 40960
+
+
+def test_preemption_recompute_matches_flash_attn(setup, record_property):
+    """Preemption/recompute: with a KV cache far smaller than the batch, vLLM preempts running
+    requests and later recomputes their prefill (partly from the prefix cache, in other chunk
+    boundaries). The backend keeps no per-request state, so the quality-first calibrated file
+    must still serve like FLASH_ATTN without preemption: no output beyond a near tie."""
+    summary = _serve_committed_file(
+        setup, record_property, "preempted_quality_first", QUALITY_FIRST, count_preemptions=True,
+        engine_args={"block_size": 64, "num_gpu_blocks_override": PREEMPTION_KV_TOKENS // 64,
+                     "disable_log_stats": False})
+    assert summary["preemptions"] > 0, "the small KV cache never forced a preemption"
     assert summary["sparsity"] >= 0.3, summary
     assert summary["mismatch"] == 0, summary
 
