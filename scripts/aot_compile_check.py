@@ -122,10 +122,10 @@ def main() -> None:
     for dtype, dim, page in (("fp16", 64, 64), ("bf16", 128, 16), ("fp16", 64, 16),
                              ("bf16", 256, 64), ("bf16", 256, 16)):
         tma = page % BLKK == 0
-        warps, stages = attention._attn_launch_params(dim, tma)
         layout_types = _types(dtype, dim, tma)
         extra = {} if tma else {"k_desc": None, "v_desc": None}
         for pv in (False, True):
+            warps, stages = attention._attn_launch_params(dim, tma, pv)
             split = 2 if dim == 256 and not pv else 1  # sparse_paged_attention's default
             check(f"attention {dtype} D{dim} page {page} pv_skip={pv} split={split}",
                   attention._sparse_attn_kernel,
@@ -148,10 +148,17 @@ def main() -> None:
             check(f"select NKB_PAD={nkb_pad} topk={topk}", predictor._select_kernel,
                   dict(common, NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk), warps)
         dc4 = predictor._select_dc(nkb_pad, 4)
+        warps, stages = attention._fused_launch_params(d, True)
         for pv in (False, True):
             check(f"fused NKB_PAD={nkb_pad} pv_skip={pv}", attention._fused_sparge_kernel,
-                  dict(attn, NKB_PAD=nkb_pad, DC=dc4, USE_TOPK=False, PV_SKIP=pv,
-                       SPLIT=1 if pv else 2), 4, 2)
+                  dict(attn, NKB_PAD=nkb_pad, DC=dc4, USE_TOPK=False, PV_SKIP=pv, SPLIT=1),
+                  warps, stages)
+    # the fused kernel on 16-token pages (pointer loads)
+    warps, stages = attention._fused_launch_params(d, False)
+    check(f"fused page 16 NKB_PAD={args.nkb_pad[0]}", attention._fused_sparge_kernel,
+          dict(attn, PAGE=16, USE_TMA=False, NKB_PAD=args.nkb_pad[0],
+               DC=predictor._select_dc(args.nkb_pad[0], warps), USE_TOPK=False, PV_SKIP=False,
+               SPLIT=1, k_desc=None, v_desc=None), warps, stages, types=_types("bf16", d, False))
     # head dim 256 in the fused kernel (8 warps, 64-row parts without PV skip)
     nkb_pad = args.nkb_pad[0]
     for pv in (False, True):

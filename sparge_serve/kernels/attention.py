@@ -445,17 +445,28 @@ def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = No
     return True, *(_kv_descriptor(c, block_n) for c in (key_cache, value_cache))
 
 
-def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
+def _attn_launch_params(head_dim: int, use_tma: bool, pv_skip: bool = False) -> tuple[int, int]:
     """(num_warps, num_stages); pinned from benchmarks/bench_kernels.py --sweep (H200, head dim
-    128: with TMA 4 warps / 2 stages, 0.75x the time of 8/3; without, 8/3 beats 4/2 by 4%).
-    Head dim 256 (not yet timed): 8 warps / 2 stages, the only setting whose [128, 256] fp32
-    accumulator fits (the AOT check: spill-free with split=2, 165 KB of shared memory).
-    Never autotuned at serve time."""
+    128, history/kernels_v5_sweep_h200.md): with TMA 4 warps / 2 stages (0.75x the time of 8/3);
+    without (16-token pages), 4/2 with PV skip off (0.92x the time of 8/3), 8/3 with it on (the
+    PV-skip loop spills at 4 warps). Head dim 256 (not yet timed): 8 warps / 2 stages, the only
+    setting whose [128, 256] fp32 accumulator fits (the AOT check: spill-free with split=2, 165 KB
+    of shared memory). Never autotuned at serve time."""
     if head_dim == 256:
         return (8, 2)
     if use_tma:
         return (4, 2)
-    return (8, 3) if head_dim == 128 else (4, 2)
+    return (8, 3) if head_dim == 128 and pv_skip else (4, 2)
+
+
+def _fused_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
+    """The fused kernel's (num_warps, num_stages), from the same sweep: 4 warps with 3 stages on
+    TMA loads (20.0 ms dense at 32K vs 20.5 with 2 stages and 23.2 for the 64-row parts of
+    before), 4 / 2 on pointer loads (28.6 ms vs 30.4 at 8 / 3); head dim 256 as the attention
+    kernel."""
+    if head_dim == 256:
+        return (8, 2)
+    return (4, 3) if use_tma else (4, 2)
 
 
 def sparse_paged_attention(
@@ -511,7 +522,7 @@ def sparse_paged_attention(
                          f"{pv_skip})")
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
-    num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
+    num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma, pv_skip)
     _sparse_attn_kernel[(num_heads, nqb * split, nreq)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         block_map.lut, block_map.count, pvthreshd, skipped, k_desc, v_desc,
@@ -607,15 +618,15 @@ def fused_sparge_prefill(
     nqb, nreq = num_blocks(batch.max_query_len, BLKQ), batch.num_reqs
     n_tiles = nqb * num_heads * nreq
     programs = max(1, min(n_tiles, programs or max_fused_programs(q.device)))
-    if split is None:
-        split = 1 if pv_skip else 2
+    if split is None:  # as the attention kernel: whole query blocks, but for head dim 256
+        split = 2 if head_dim == 256 and not pv_skip else 1
     if split not in (1, 2) or (pv_skip and split != 1):
         raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip {pv_skip})")
     scratch = torch.empty(programs, pooled.nkb_stride, dtype=torch.int16, device=q.device)
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     n_valid, skipped = torch.empty_like(count), torch.empty_like(count)
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, BLKK)
-    num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
+    num_warps, num_stages = launch or _fused_launch_params(head_dim, use_tma)
     dc = _select_dc(pooled.nkb_pad, num_warps)
     _fused_sparge_kernel[(programs,)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
