@@ -125,7 +125,7 @@ def main() -> None:
         layout_types = _types(dtype, dim, tma)
         extra = {} if tma else {"k_desc": None, "v_desc": None}
         for pv in (False, True):
-            warps, stages = attention._attn_launch_params(dim, tma, pv)
+            warps, stages = attention._attn_launch_params(dim, tma)
             split = 2 if dim == 256 and not pv else 1  # sparse_paged_attention's default
             check(f"attention {dtype} D{dim} page {page} pv_skip={pv} split={split}",
                   attention._sparse_attn_kernel,

@@ -445,28 +445,27 @@ def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = No
     return True, *(_kv_descriptor(c, block_n) for c in (key_cache, value_cache))
 
 
-def _attn_launch_params(head_dim: int, use_tma: bool, pv_skip: bool = False) -> tuple[int, int]:
+def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
     """(num_warps, num_stages); pinned from benchmarks/bench_kernels.py --sweep (H200, head dim
-    128, history/kernels_v5_sweep_h200.md): with TMA 4 warps / 2 stages (0.75x the time of 8/3);
-    without (16-token pages), 4/2 with PV skip off (0.92x the time of 8/3), 8/3 with it on (the
-    PV-skip loop spills at 4 warps). Head dim 256 (not yet timed): 8 warps / 2 stages, the only
-    setting whose [128, 256] fp32 accumulator fits (the AOT check: spill-free with split=2, 165 KB
-    of shared memory). Never autotuned at serve time."""
+    128): with TMA 4 warps / 2 stages (0.75x the time of 8/3); without (16-token pages) 8/3.
+    4/2 was 8% faster there with every block kept, but 8-17% slower at 50-90% block sparsity
+    (benchmarks/results/kernels.md, notes), and PV skip spills at 4 warps. Head dim 256 (not yet
+    timed): 8 warps / 2 stages, the only setting whose [128, 256] fp32 accumulator fits (the AOT
+    check: spill-free with split=2, 165 KB of shared memory). Never autotuned at serve time."""
     if head_dim == 256:
         return (8, 2)
     if use_tma:
         return (4, 2)
-    return (8, 3) if head_dim == 128 and pv_skip else (4, 2)
+    return (8, 3) if head_dim == 128 else (4, 2)
 
 
 def _fused_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
     """The fused kernel's (num_warps, num_stages), from the same sweep: 4 warps with 3 stages on
     TMA loads (20.0 ms dense at 32K vs 20.5 with 2 stages and 23.2 for the 64-row parts of
-    before), 4 / 2 on pointer loads (28.6 ms vs 30.4 at 8 / 3); head dim 256 as the attention
-    kernel."""
-    if head_dim == 256:
-        return (8, 2)
-    return (4, 3) if use_tma else (4, 2)
+    before); on pointer loads and for head dim 256, the attention kernel's."""
+    if use_tma and head_dim != 256:
+        return (4, 3)
+    return _attn_launch_params(head_dim, use_tma)
 
 
 def sparse_paged_attention(
@@ -522,7 +521,7 @@ def sparse_paged_attention(
                          f"{pv_skip})")
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
-    num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma, pv_skip)
+    num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
     _sparse_attn_kernel[(num_heads, nqb * split, nreq)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         block_map.lut, block_map.count, pvthreshd, skipped, k_desc, v_desc,
@@ -568,9 +567,9 @@ def sparge_paged_prefill(
 ) -> BlockMap:
     """Both stages for a varlen prefill batch; returns the block map it used.
 
-    ``fused=True`` (experimental; not yet benchmarked on a GPU) selects and attends in one
-    persistent kernel, so the block map never exists in device memory: the returned map's ``lut``
-    is ``None`` (``count``/``n_valid`` are set). Same semantics, same outputs.
+    ``fused=True`` selects and attends in one persistent kernel, so the block map never exists in
+    device memory (4-13% slower than the two kernels on 64-token pages, H200): the returned map's
+    ``lut`` is ``None`` (``count``/``n_valid`` are set). Same semantics, same outputs.
     """
     check_paged_inputs(q, key_cache, value_cache)
     check_head_thresholds("pvthreshd", pvthreshd, q.shape[1], q.device, check_finite)
