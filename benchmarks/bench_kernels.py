@@ -192,6 +192,13 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                                 warp_specialize=True))
                     except Exception as e:  # noqa: BLE001 - a variant that fails to compile
                         row["launch_sweep_ms"][f"ws_w{w}s{st}_tma1"] = f"failed: {e}"[:200]
+            # FlashAttention-4's conditional rescaling: acc rescaled only when a row max grows
+            # by more than 8 log2 units
+            for w, st in ((4, 2), (4, 3)) if page % BLKK == 0 else ((8, 3), (4, 2)):
+                row["launch_sweep_ms"][f"lazy8_w{w}s{st}"] = bench(
+                    lambda bm=bm, w=w, st=st: sparse_paged_attention(
+                        q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
+                        pv_skip=False, launch=(w, st), lazy_rescale=8.0))
             if page % BLKK:  # experimental TMA loads of blocks over 2 or 4 pages
                 for w, st, split in ((4, 2, 1), (8, 3, 1), (4, 2, 2), (4, 3, 2)):
                     row["launch_sweep_ms"][f"subpage_tma_split{split}_w{w}s{st}"] = bench(

@@ -117,6 +117,10 @@ def main() -> None:
         check(f"attention prefetch split={split} warps=4", attention._sparse_attn_kernel,
               dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=split,
                    PREFETCH=True), 4, 2)
+    for split in (1, 2):  # experimental: conditional rescaling (FlashAttention-4)
+        check(f"attention lazy rescale split={split} warps=4", attention._sparse_attn_kernel,
+              dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=split, LAZY=8.0),
+              4, 2)
     # the other layouts the backend serves, at their launch parameters: fp16, head dim 64, pages
     # that are not a multiple of the key block (pointer loads instead of TMA)
     for dtype, dim, page in (("fp16", 64, 64), ("bf16", 128, 16), ("fp16", 64, 16),

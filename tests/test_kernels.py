@@ -194,6 +194,35 @@ def test_prefetched_block_coordinates_change_nothing(split, device):
     assert not torch.isnan(outs[1]).any() and torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("page,packed,lazy", [(16, False, 8.0), (64, True, 8.0),
+                                               (64, True, 0.5)])
+def test_lazy_rescale_changes_only_rounding(page, packed, lazy, device):
+    """lazy_rescale (FlashAttention-4's conditional rescaling; PV skip off) keeps a stale row
+    max until a block exceeds it by more than ``lazy`` log2 units: with 8, no block of these
+    inputs moves it after the first, so the stale-max path carries the whole row. Same output as
+    the default loop up to the rounding of P, and the reference's within the kernels' tolerance."""
+    case = make_paged_case(REQS_MIXED, 4, 2, 64, page, torch.bfloat16, device, seed=5,
+                           packed=packed)
+    hq = 4
+    sim, cdf, pv = head_vec(0.6, hq, device), head_vec(0.9, hq, device), head_vec(50.0, hq, device)
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf)
+    outs = []
+    for lz in (0.0, lazy):
+        out = torch.full_like(case.q, float("nan"))
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, pv, out, pv_skip=False, lazy_rescale=lz)
+        outs.append(out.float())
+    assert not torch.isnan(outs[1]).any()
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-2
+    ref, _, _ = paged_prefill_ref(case.q, case.key_cache, case.value_cache, case.batch,
+                                  case.scale, sim, cdf, pv)
+    assert (ref.float() - outs[1].cpu()).abs().max().item() <= 2e-2
+    with pytest.raises(ValueError, match="lazy_rescale must be >= 0, and 0 with PV skip on"):
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, head_vec(4.0, hq, device), out, pv_skip=True,
+                               lazy_rescale=8.0)
+
+
 @pytest.mark.parametrize("page,packed", [(16, False), (64, True)])
 def test_eager_v_loads_change_nothing(page, packed, device):
     """pv_eager_v=True (V loaded before the PV-skip decision) computes exactly what the default

@@ -81,6 +81,25 @@ def _pv_acc(p, v, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr,
+                         UPCAST: tl.constexpr):
+    """``_online_softmax_update`` with FlashAttention-4's conditional rescaling (experimental,
+    benchmarks only; PV skip off): the running max moves, and ``acc``/``l_i`` are rescaled, only
+    when some row's block max exceeds it by more than ``LAZY`` (log2 units). Otherwise the scores
+    are exponentiated against the stale max (``p <= 2**LAZY``): the same result after the final
+    ``acc / l_i``, up to rounding, with most blocks spared the ``[M, D]`` rescale."""
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+    if tl.max(m_new - m_i, axis=0) > LAZY:  # program-uniform; always on the first block (-inf)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    p = tl.exp2(qk * qk_scale - m_i[:, None])
+    l_i += tl.sum(p, axis=1)
+    return _pv_acc(p, v, acc, UPCAST), l_i, m_i
+
+
+@triton.jit
 def _page_scores(q, k_desc, bt_row, j, i, seq_len, col, q_pos,
                  PAGE: tl.constexpr, NSUB: tl.constexpr, CAUSAL: tl.constexpr,
                  UPCAST: tl.constexpr):
@@ -150,7 +169,7 @@ def _attend_row(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr,
     UPCAST: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-    PREFETCH: tl.constexpr = False, PV_EAGER_V: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PV_EAGER_V: tl.constexpr = False, LAZY: tl.constexpr = 0.0,
 ):
     """Attention of query rows ``[m0, m0 + BLOCK_M)`` (inside query block ``b`` of ``BLOCK_Q``
     rows) of one q-head ``h`` of a request over the block's ``n_kept`` kept key blocks
@@ -266,7 +285,11 @@ def _attend_row(
             v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
             qk = _dot(q, tl.trans(k), UPCAST)
-            acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
+            if LAZY > 0:
+                acc, l_i, m_i = _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY,
+                                                     UPCAST)
+            else:
+                acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     # diagonal band: always computed, causal mask
     for j in range(j_diag0, n_valid):
         k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
@@ -277,7 +300,10 @@ def _attend_row(
         qk = _dot(q, tl.trans(k), UPCAST)
         k_pos = j * BLOCK_N + offs_n
         qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
-        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
+        if LAZY > 0:
+            acc, l_i, m_i = _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
+        else:
+            acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     out = acc / l_i[:, None]
     tl.store(
         out_ptr + q_tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -296,7 +322,7 @@ def _sparse_attn_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr,
-    PREFETCH: tl.constexpr = False, PV_EAGER_V: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PV_EAGER_V: tl.constexpr = False, LAZY: tl.constexpr = 0.0,
 ):
     h = tl.program_id(0)
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
@@ -316,7 +342,7 @@ def _sparse_attn_kernel(
         q_start, q_len, seq_len, b, m0, h,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
-        USE_TMA, WARP_SPEC, PREFETCH, PV_EAGER_V,
+        USE_TMA, WARP_SPEC, PREFETCH, PV_EAGER_V, LAZY,
     )
     if t % SPLIT == 0:
         tl.store(skipped_ptr + row_id, n_skipped)
@@ -487,6 +513,7 @@ def sparse_paged_attention(
     split: int | None = None,
     prefetch: bool = False,
     pv_eager_v: bool = False,
+    lazy_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -503,6 +530,8 @@ def sparse_paged_attention(
     256 without PV skip, else 1. ``prefetch`` (TMA, PV skip off; benchmarks only) reads each
     block's LUT entry and page id one iteration ahead; ``pv_eager_v`` (PV skip on; benchmarks
     only) loads V before the skip decision, so that a skip saves only the math.
+    ``lazy_rescale`` > 0 (PV skip off; benchmarks only) rescales the accumulator only when a
+    row's max grows by more than that many log2 units (``_lazy_softmax_update``).
     """
     check_paged_inputs(q, key_cache, value_cache)
     _check_out_and_layout(q, key_cache, value_cache, out)
@@ -519,6 +548,9 @@ def sparse_paged_attention(
     if split not in (1, 2) or (pv_skip and split != 1):
         raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip "
                          f"{pv_skip})")
+    if lazy_rescale < 0 or (lazy_rescale > 0 and pv_skip):
+        raise ValueError(f"lazy_rescale must be >= 0, and 0 with PV skip on; got {lazy_rescale} "
+                         f"(pv_skip {pv_skip})")
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
     num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
@@ -531,6 +563,7 @@ def sparse_paged_attention(
         GROUP=num_heads // num_kv_heads, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
         WARP_SPEC=warp_specialize, SPLIT=split, PREFETCH=prefetch, PV_EAGER_V=pv_eager_v,
+        LAZY=float(lazy_rescale),
         num_warps=num_warps, num_stages=num_stages,
     )
     if stats is not None:
