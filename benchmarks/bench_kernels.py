@@ -34,7 +34,7 @@ from sparge_serve.kernels import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
-from sparge_serve.kernels.attention import fused_sparge_prefill, max_fused_programs
+from sparge_serve.kernels.attention import FusedLaunch, max_fused_programs
 from sparge_serve.kernels.predictor import key_block_stride, pooled_keys_bytes
 
 HQ, HKV, D = 32, 8, 128
@@ -243,9 +243,11 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                 sms = max_fused_programs(q.device) // 2
                 frow["launch_sweep_ms"] = {
                     f"fused_split{sp}_w{w}s{st}_p{pp}": bench(
-                        lambda sp=sp, w=w, st=st, pp=pp, sim=sim, cdf=cdf, pv=pv, sms=sms: fused_sparge_prefill(
+                        lambda sp=sp, w=w, st=st, pp=pp, sim=sim, cdf=cdf, pv=pv, sms=sms:
+                        sparge_paged_prefill(
                             q, kc, vc, batch, scale, sim, cdf, pv, out, check_finite=False,
-                            pv_skip=False, split=sp, launch=(w, st), programs=pp * sms))
+                            pv_skip=False, fused=True,
+                            fused_launch=FusedLaunch(sp, (w, st), pp * sms)))
                     for sp, w, st, pp in FUSED_SWEEP[page % BLKK == 0]
                 }
             results.append(frow)

@@ -10,8 +10,8 @@ import torch
 from sparge_serve.kernels import (
     BLKK,
     BLKQ,
+    FusedLaunch,
     PrefillBatch,
-    fused_sparge_prefill,
     num_blocks,
     predict_block_map,
     sparge_paged_prefill,
@@ -116,7 +116,7 @@ FUSED_CASES = [
 
 def _fused_vs_two_kernels(case, name, device, **fused_launch):
     """Outputs, block-count maps and stats of sparge_paged_prefill without and with fused=True
-    (``fused_launch``: fused_sparge_prefill's launch knobs)."""
+    (``fused_launch``: FusedLaunch's fields)."""
     sim, cdf, pv, topk = THRESHOLD_CASES[name]
     hq = case.q.shape[1]
     ths = [head_vec(x, hq, device) for x in (sim, cdf, pv)]
@@ -125,10 +125,9 @@ def _fused_vs_two_kernels(case, name, device, **fused_launch):
         out = torch.full_like(case.q, float("nan"))
         stats = torch.zeros(3, dtype=torch.int64, device=device)
         args = (case.q, case.key_cache, case.value_cache, case.batch, case.scale, *ths, out)
-        if fused and fused_launch:
-            maps.append(fused_sparge_prefill(*args, topk=topk, stats=stats, **fused_launch))
-        else:
-            maps.append(sparge_paged_prefill(*args, topk=topk, stats=stats, fused=fused))
+        launch = FusedLaunch(**fused_launch) if fused and fused_launch else None
+        maps.append(sparge_paged_prefill(*args, topk=topk, stats=stats, fused=fused,
+                                         fused_launch=launch))
         outs.append(out)
         all_stats.append(stats)
     assert maps[1].lut is None
@@ -351,8 +350,9 @@ def test_fused_split_needs_pv_skip_off(device):
     case = make_paged_case(REQS_MIXED, 4, 2, 64, 16, torch.float16, device, seed=12)
     ths = [head_vec(x, 4, device) for x in (0.5, 0.9, 8.0)]
     with pytest.raises(ValueError, match="split must be 1, or 2 with PV skip off"):
-        fused_sparge_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
-                             *ths, torch.empty_like(case.q), split=2)
+        sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+                             *ths, torch.empty_like(case.q), fused=True,
+                             fused_launch=FusedLaunch(split=2))
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -4,7 +4,7 @@ See docs/DESIGN.md for the exact semantics and ``sparge_serve.reference`` for th
 """
 
 from sparge_serve.kernels.attention import (
-    fused_sparge_prefill,
+    FusedLaunch,
     max_fused_programs,
     sparge_paged_prefill,
     sparse_paged_attention,
@@ -27,8 +27,8 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
     "BlockMap",
+    "FusedLaunch",
     "PrefillBatch",
-    "fused_sparge_prefill",
     "max_fused_programs",
     "num_blocks",
     "predict_block_map",

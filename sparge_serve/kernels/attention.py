@@ -10,6 +10,7 @@ bottom-right causal mask on diagonal blocks and the per-head PV-skip filter (doc
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -572,6 +573,17 @@ def sparse_paged_attention(
     return out
 
 
+@dataclass(frozen=True)
+class FusedLaunch:
+    """The fused kernel's launch knobs, for the benchmark's sweep (``None``: the default):
+    ``split`` (1 or 2; 2 only with PV skip off) attends each query block as that many row parts,
+    ``launch`` is (num_warps, num_stages), ``programs`` the persistent grid."""
+
+    split: int | None = None
+    launch: tuple[int, int] | None = None
+    programs: int | None = None
+
+
 def max_fused_programs(device: torch.device | str) -> int:
     """The fused kernel's persistent grid: two programs per multiprocessor (the attention
     kernel's occupancy at 4 warps); 3 off the GPU (the interpreter), so that programs take
@@ -597,12 +609,14 @@ def sparge_paged_prefill(
     check_finite: bool = True,
     pv_skip: bool | None = None,
     fused: bool = False,
+    fused_launch: FusedLaunch | None = None,
 ) -> BlockMap:
     """Both stages for a varlen prefill batch; returns the block map it used.
 
     ``fused=True`` selects and attends in one persistent kernel, so the block map never exists in
     device memory (4-13% slower than the two kernels on 64-token pages, H200): the returned map's
     ``lut`` is ``None`` (``count``/``n_valid`` are set). Same semantics, same outputs.
+    ``fused_launch`` overrides that kernel's launch (benchmarks only).
     """
     check_paged_inputs(q, key_cache, value_cache)
     check_head_thresholds("pvthreshd", pvthreshd, q.shape[1], q.device, check_finite)
@@ -615,31 +629,6 @@ def sparge_paged_prefill(
             check_finite=False, pv_skip=pv_skip,
         )
         return bm
-    return fused_sparge_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfthreshd,
-                                pvthreshd, out, topk, stats, check_finite, pv_skip)
-
-
-def fused_sparge_prefill(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    batch: PrefillBatch,
-    scale: float,
-    simthreshd1: torch.Tensor,
-    cdfthreshd: torch.Tensor,
-    pvthreshd: torch.Tensor,
-    out: torch.Tensor,
-    topk: float | None = None,
-    stats: torch.Tensor | None = None,
-    check_finite: bool = True,
-    pv_skip: bool | None = None,
-    split: int | None = None,
-    launch: tuple[int, int] | None = None,
-    programs: int | None = None,
-) -> BlockMap:
-    """``sparge_paged_prefill(fused=True)``, with the launch knobs the benchmark sweeps:
-    ``split`` (1 or 2; 2 only with PV skip off) attends each query block as that many row parts,
-    ``launch`` overrides (num_warps, num_stages), ``programs`` the persistent grid."""
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
     _check_out_and_layout(q, key_cache, value_cache, out)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -649,7 +638,9 @@ def fused_sparge_prefill(
     pooled = pool_keys(key_cache, batch)
     nqb, nreq = num_blocks(batch.max_query_len, BLKQ), batch.num_reqs
     n_tiles = nqb * num_heads * nreq
-    programs = max(1, min(n_tiles, programs or max_fused_programs(q.device)))
+    fl = fused_launch or FusedLaunch()
+    programs = max(1, min(n_tiles, fl.programs or max_fused_programs(q.device)))
+    split = fl.split
     if split is None:  # as the attention kernel: whole query blocks, but for head dim 256
         split = 2 if head_dim == 256 and not pv_skip else 1
     if split not in (1, 2) or (pv_skip and split != 1):
@@ -658,7 +649,7 @@ def fused_sparge_prefill(
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     n_valid, skipped = torch.empty_like(count), torch.empty_like(count)
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, BLKK)
-    num_warps, num_stages = launch or _fused_launch_params(head_dim, use_tma)
+    num_warps, num_stages = fl.launch or _fused_launch_params(head_dim, use_tma)
     dc = _select_dc(pooled.nkb_pad, num_warps)
     _fused_sparge_kernel[(programs,)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
@@ -680,5 +671,5 @@ def fused_sparge_prefill(
     return BlockMap(None, count, n_valid)
 
 
-__all__ = ["BLKK", "BLKQ", "fused_sparge_prefill", "max_fused_programs", "sparge_paged_prefill",
+__all__ = ["BLKK", "BLKQ", "FusedLaunch", "max_fused_programs", "sparge_paged_prefill",
            "sparse_paged_attention"]
