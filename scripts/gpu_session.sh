@@ -23,6 +23,8 @@
 #              (-> $OUT/ttft.*)
 #   query_len  short chunks on a long context, sparse vs FA3 (-> $OUT/query_len.*)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
+#   profile    Nsight Compute of the attention kernel: dense and 50% top-k at 32K and 128K, dense
+#              with lazy_rescale at 32K (-> $OUT/ncu_*.txt)
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -128,6 +130,18 @@ for stage in "$@"; do
     overhead)
         run overhead python3 benchmarks/metrics_overhead.py
         grep '"bench": "metrics_overhead"' "$OUT/overhead.log" | tail -n 1 > "$OUT/metrics_overhead.json"
+        ;;
+    profile)
+        # NOTE: ncu reads hardware counters on Firecracker machines only (device KINDS.md);
+        # --clock-control none leaves the clocks alone (METHOD.md)
+        for len_cfg in "32768 dense topk0.5 dense_lazy8" "131072 dense topk0.5"; do
+            set -- $len_cfg
+            len=$1; shift
+            run "ncu_$len" ncu --profile-from-start off --clock-control none --set full \
+                --kernel-name regex:_sparse_attn_kernel --print-summary none \
+                python3 benchmarks/profile_kernels.py --length "$len" --config "$@"
+            cp "$OUT/ncu_$len.log" "$OUT/ncu_$len.txt"
+        done
         ;;
     *)
         echo "unknown stage $stage"; status=1
