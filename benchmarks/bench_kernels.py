@@ -250,6 +250,10 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                             fused_launch=FusedLaunch(sp, (w, st), pp * sms)))
                     for sp, w, st, pp in FUSED_SWEEP[page % BLKK == 0]
                 }
+                frow["launch_sweep_ms"]["fused_lazy8"] = bench(
+                    lambda sim=sim, cdf=cdf, pv=pv: sparge_paged_prefill(
+                        q, kc, vc, batch, scale, sim, cdf, pv, out, check_finite=False,
+                        pv_skip=False, fused=True, fused_launch=FusedLaunch(lazy_rescale=8.0)))
             results.append(frow)
             print(json.dumps(frow), flush=True)
 

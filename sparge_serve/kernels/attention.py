@@ -361,7 +361,7 @@ def _fused_sparge_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr, SPLIT: tl.constexpr = 1,
+    USE_TMA: tl.constexpr, SPLIT: tl.constexpr = 1, LAZY: tl.constexpr = 0.0,
 ):
     """Selection and attention in one persistent kernel: no block map in device memory.
 
@@ -404,7 +404,8 @@ def _fused_sparge_kernel(
                         lut_row, n_kept, pv_ptr, k_desc, v_desc, q_start, q_len, seq_len, b, m0,
                         h, stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok,
                         stride_head, qk_scale, GROUP, BLOCK_M, BLOCK_M // SPLIT, BLOCK_N,
-                        HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST, USE_TMA, False,
+                        HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST, USE_TMA, False, False, False,
+                        LAZY,
                     )
             tl.debug_barrier()  # every thread is done with the list before the next row's
         tl.store(count_ptr + row_id, n_kept)
@@ -495,6 +496,12 @@ def _fused_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
     return _attn_launch_params(head_dim, use_tma)
 
 
+def _check_lazy_rescale(lazy_rescale: float, pv_skip: bool) -> None:
+    if lazy_rescale < 0 or (lazy_rescale > 0 and pv_skip):
+        raise ValueError(f"lazy_rescale must be >= 0, and 0 with PV skip on; got {lazy_rescale} "
+                         f"(pv_skip {pv_skip})")
+
+
 def sparse_paged_attention(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -549,9 +556,7 @@ def sparse_paged_attention(
     if split not in (1, 2) or (pv_skip and split != 1):
         raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip "
                          f"{pv_skip})")
-    if lazy_rescale < 0 or (lazy_rescale > 0 and pv_skip):
-        raise ValueError(f"lazy_rescale must be >= 0, and 0 with PV skip on; got {lazy_rescale} "
-                         f"(pv_skip {pv_skip})")
+    _check_lazy_rescale(lazy_rescale, pv_skip)
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
     num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
@@ -577,11 +582,13 @@ def sparse_paged_attention(
 class FusedLaunch:
     """The fused kernel's launch knobs, for the benchmark's sweep (``None``: the default):
     ``split`` (1 or 2; 2 only with PV skip off) attends each query block as that many row parts,
-    ``launch`` is (num_warps, num_stages), ``programs`` the persistent grid."""
+    ``launch`` is (num_warps, num_stages), ``programs`` the persistent grid, ``lazy_rescale``
+    as :func:`sparse_paged_attention`'s (experimental)."""
 
     split: int | None = None
     launch: tuple[int, int] | None = None
     programs: int | None = None
+    lazy_rescale: float = 0.0  # as sparse_paged_attention's (PV skip off only)
 
 
 def max_fused_programs(device: torch.device | str) -> int:
@@ -645,6 +652,7 @@ def sparge_paged_prefill(
         split = 2 if head_dim == 256 and not pv_skip else 1
     if split not in (1, 2) or (pv_skip and split != 1):
         raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip {pv_skip})")
+    _check_lazy_rescale(fl.lazy_rescale, pv_skip)
     scratch = torch.empty(programs, pooled.nkb_stride, dtype=torch.int16, device=q.device)
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     n_valid, skipped = torch.empty_like(count), torch.empty_like(count)
@@ -662,7 +670,7 @@ def sparge_paged_prefill(
         GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
         NKB_PAD=pooled.nkb_pad, DC=dc, USE_TOPK=topk is not None,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        SPLIT=split, num_warps=num_warps, num_stages=num_stages,
+        SPLIT=split, LAZY=float(fl.lazy_rescale), num_warps=num_warps, num_stages=num_stages,
     )
     if stats is not None:
         stats[0] += n_valid.sum()
