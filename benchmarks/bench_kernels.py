@@ -20,6 +20,7 @@ import datetime
 import json
 import math
 import platform
+from pathlib import Path
 
 import torch
 import triton
@@ -294,6 +295,18 @@ def write_reports(results, meta, out):
         )
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+    plot(results, meta, out + ".png")
+
+
+def _series(rows, key):
+    rows = sorted(rows, key=lambda r: r[key])
+    return [r[key] for r in rows], [r["speedup_vs_fa3"] for r in rows]
+
+
+def plot(results, meta, path: str) -> None:
+    """Speed-up vs block sparsity (per length and page) and vs length (per configuration); the
+    fused kernel's rows (``<config>+fused``) are their own dotted series, never joined to the
+    two-kernel path's."""
     try:
         import matplotlib
 
@@ -301,31 +314,37 @@ def write_reports(results, meta, out):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (length, page) in sorted({(r["length"], r["page"]) for r in results}):
-        rows = [r for r in results if r["length"] == length and r["page"] == page
-                and r["inputs"] == "random" and "speedup_vs_fa3" in r]
-        rows.sort(key=lambda r: r["block_sparsity"])
-        axes[0].plot([r["block_sparsity"] for r in rows], [r["speedup_vs_fa3"] for r in rows],
-                     "o-", label=f"{length // 1024}K, page {page}")
+    rows = [r for r in results if r["inputs"] == "random" and "speedup_vs_fa3" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (length, page) in sorted({(r["length"], r["page"]) for r in rows}):
+        mine = [r for r in rows if r["length"] == length and r["page"] == page]
+        two = [r for r in mine if not r["config"].endswith("+fused")]
+        line = axes[0].plot(*_series(two, "block_sparsity"), "o-",
+                            label=f"{length // 1024}K, page {page}")[0]
+        fused = [r for r in mine if r["config"].endswith("+fused")]
+        if fused and page % BLKK == 0:
+            axes[0].plot(*_series(fused, "block_sparsity"), "x:", color=line.get_color(),
+                         label=f"{length // 1024}K, page {page}, fused")
     axes[0].axhline(1.0, color="gray", ls="--")
     axes[0].set_xlabel("block sparsity")
     axes[0].set_ylabel("speed-up vs FA3 (incl. predictor)")
-    axes[0].legend()
-    for page in sorted({r["page"] for r in results}):
-        for cfg in ("dense", "topk_s0.5", "topk_s0.9"):
-            rows = sorted((r for r in results if r["config"] == cfg and r["page"] == page
-                           and "speedup_vs_fa3" in r), key=lambda r: r["length"])
-            axes[1].plot([r["length"] for r in rows], [r["speedup_vs_fa3"] for r in rows],
-                         "o-" if page % BLKK == 0 else "o--", label=f"{cfg}, page {page}")
+    axes[0].legend(fontsize=7)
+    for page in sorted({r["page"] for r in rows}):
+        for cfg in ("dense", "topk_s0.5", "topk_s0.9") + (
+                ("dense+fused", "topk_s0.9+fused") if page % BLKK == 0 else ()):
+            mine = [r for r in rows if r["config"] == cfg and r["page"] == page]
+            if mine:
+                style = "x:" if cfg.endswith("+fused") else "o-" if page % BLKK == 0 else "o--"
+                axes[1].plot(*_series(mine, "length"), style, label=f"{cfg}, page {page}")
     axes[1].set_xscale("log", base=2)
     axes[1].axhline(1.0, color="gray", ls="--")
     axes[1].set_xlabel("context length")
     axes[1].set_ylabel("speed-up vs FA3")
-    axes[1].legend()
-    fig.suptitle(f"sparge_serve kernels vs FA3 ({meta['device']})")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"sparge_serve kernels vs FA3 ({meta['device']}, {meta['date']})")
     fig.tight_layout()
-    fig.savefig(out + ".png", dpi=120)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main():
@@ -338,7 +357,13 @@ def main():
     ap.add_argument("--fused", action="store_true", help="also time the fused persistent kernel")
     ap.add_argument("--head-dim", type=int, default=D, choices=(64, 128, 256),
                     help=f"head dim (default {D}, the issue's benchmark)")
+    ap.add_argument("--replot", metavar="JSON",
+                    help="only redraw the PNG of a saved result (next to it), no GPU needed")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        plot(saved["results"], saved["meta"], str(Path(args.replot).with_suffix(".png")))
+        return
     SWEEP, FUSED, D = args.sweep, args.fused, args.head_dim
     try:
         import vllm

@@ -36,6 +36,37 @@ def test_ttft_report_one_row_per_sparge_variant(tmp_path):
     assert (tmp_path / "ttft.json").exists()
 
 
+def test_kernels_report_and_replot(tmp_path, monkeypatch):
+    """The kernel benchmark's table and plot from saved rows (fused rows included), and
+    ``--replot`` redrawing the PNG from the saved JSON alone."""
+    bench = _load("bench_kernels")
+    results = []
+    for page in (64, 16):
+        for length in (8192, 32768):
+            for cfg, sp, t in (("dense", 0.0, 1.3), ("topk_s0.5", 0.5, 0.7),
+                               ("dense+fused", 0.0, 1.4), ("topk_s0.5+fused", 0.5, 0.8)):
+                results.append(dict(length=length, page=page, config=cfg, inputs="random",
+                                    block_sparsity=sp, predictor_ms=0.1, attention_ms=t,
+                                    total_ms=t + 0.1, extra_mem_frac_of_kv=0.02,
+                                    fa3_ms=1.0 if cfg == "dense" else None))
+    for r in results:
+        if r["fa3_ms"] is None:
+            del r["fa3_ms"]
+    bench.attach_ratios(results)
+    meta = dict(device="GPU", date="today", torch="2.11", triton="3.6", vllm="0.26.0",
+                command="cmd")
+    out = tmp_path / "kernels"
+    bench.write_reports(results, meta, str(out))
+    md = (tmp_path / "kernels.md").read_text()
+    assert "| 32768 | 64 | topk_s0.5+fused | random | 0.500 | 0.100 | 0.800 | 1.000 | 1.11x |" in md
+    png = tmp_path / "kernels.png"
+    assert png.stat().st_size > 10_000
+    png.unlink()
+    monkeypatch.setattr("sys.argv", ["bench_kernels.py", "--replot", str(out) + ".json"])
+    bench.main()
+    assert png.stat().st_size > 10_000
+
+
 SCRIPTS = sorted(p.relative_to(ROOT) for d in ("benchmarks", "scripts")
                  for p in (ROOT / d).rglob("*.py"))
 
