@@ -24,7 +24,7 @@
 #   query_len  short chunks on a long context, sparse vs FA3 (-> $OUT/query_len.*)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 #   profile    Nsight Compute of the attention kernel: dense and 50% top-k at 32K and 128K, dense
-#              with lazy_rescale at 32K (-> $OUT/ncu_*.txt)
+#              with lazy_rescale at 32K (-> $OUT/ncu_*.log)
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -140,7 +140,6 @@ for stage in "$@"; do
             run "ncu_$len" ncu --profile-from-start off --clock-control none --set full \
                 --kernel-name regex:_sparse_attn_kernel --print-summary none \
                 python3 benchmarks/profile_kernels.py --length "$len" --config "$@"
-            cp "$OUT/ncu_$len.log" "$OUT/ncu_$len.txt"
         done
         ;;
     *)
