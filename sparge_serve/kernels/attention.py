@@ -101,6 +101,14 @@ def _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr,
 
 
 @triton.jit
+def _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr, UPCAST: tl.constexpr):
+    """``_lazy_softmax_update`` with ``LAZY`` > 0, else ``_online_softmax_update``."""
+    if LAZY > 0:
+        return _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
+    return _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
+
+
+@triton.jit
 def _page_scores(q, k_desc, bt_row, j, i, seq_len, col, q_pos,
                  PAGE: tl.constexpr, NSUB: tl.constexpr, CAUSAL: tl.constexpr,
                  UPCAST: tl.constexpr):
@@ -286,11 +294,7 @@ def _attend_row(
             v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
             qk = _dot(q, tl.trans(k), UPCAST)
-            if LAZY > 0:
-                acc, l_i, m_i = _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY,
-                                                     UPCAST)
-            else:
-                acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
     # diagonal band: always computed, causal mask
     for j in range(j_diag0, n_valid):
         k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
@@ -301,10 +305,7 @@ def _attend_row(
         qk = _dot(q, tl.trans(k), UPCAST)
         k_pos = j * BLOCK_N + offs_n
         qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
-        if LAZY > 0:
-            acc, l_i, m_i = _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
-        else:
-            acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
     out = acc / l_i[:, None]
     tl.store(
         out_ptr + q_tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -496,10 +497,18 @@ def _fused_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
     return _attn_launch_params(head_dim, use_tma)
 
 
-def _check_lazy_rescale(lazy_rescale: float, pv_skip: bool) -> None:
+def _row_parts(split: int | None, head_dim: int, pv_skip: bool, lazy_rescale: float) -> int:
+    """The ``SPLIT`` of either kernel (``None``: whole query blocks, but two 64-row parts for
+    head dim 256 without PV skip), after checking it and ``lazy_rescale`` against ``pv_skip``."""
+    if split is None:
+        split = 2 if head_dim == 256 and not pv_skip else 1
+    if split not in (1, 2) or (pv_skip and split != 1):
+        raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip "
+                         f"{pv_skip})")
     if lazy_rescale < 0 or (lazy_rescale > 0 and pv_skip):
         raise ValueError(f"lazy_rescale must be >= 0, and 0 with PV skip on; got {lazy_rescale} "
                          f"(pv_skip {pv_skip})")
+    return split
 
 
 def sparse_paged_attention(
@@ -551,12 +560,7 @@ def sparse_paged_attention(
         raise ValueError("block_map was predicted for a different batch")
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
-    if split is None:
-        split = 2 if head_dim == 256 and not pv_skip else 1
-    if split not in (1, 2) or (pv_skip and split != 1):
-        raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip "
-                         f"{pv_skip})")
-    _check_lazy_rescale(lazy_rescale, pv_skip)
+    split = _row_parts(split, head_dim, pv_skip, lazy_rescale)
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
     num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
@@ -647,12 +651,7 @@ def sparge_paged_prefill(
     n_tiles = nqb * num_heads * nreq
     fl = fused_launch or FusedLaunch()
     programs = max(1, min(n_tiles, fl.programs or max_fused_programs(q.device)))
-    split = fl.split
-    if split is None:  # as the attention kernel: whole query blocks, but for head dim 256
-        split = 2 if head_dim == 256 and not pv_skip else 1
-    if split not in (1, 2) or (pv_skip and split != 1):
-        raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip {pv_skip})")
-    _check_lazy_rescale(fl.lazy_rescale, pv_skip)
+    split = _row_parts(fl.split, head_dim, pv_skip, fl.lazy_rescale)
     scratch = torch.empty(programs, pooled.nkb_stride, dtype=torch.int16, device=q.device)
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     n_valid, skipped = torch.empty_like(count), torch.empty_like(count)
