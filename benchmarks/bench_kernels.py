@@ -47,6 +47,16 @@ FUSED_SWEEP = {
 }
 SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
 FUSED = False  # --fused: also time the persistent select+attend kernel (rows "<config>+fused")
+# --variants: experimental attention-kernel options (PV skip off), timed on every random-input
+# config (dense and top-k) -> row["variants_ms"]
+VARIANTS = {
+    "lazy8": dict(lazy_rescale=8.0),
+    "kv_major": dict(kv_major=True),
+    "kv_major_lazy8": dict(kv_major=True, lazy_rescale=8.0),
+    "tile32": dict(tile_n=32),
+    "tile32_lazy8": dict(tile_n=32, lazy_rescale=8.0),
+}
+TIME_VARIANTS = False
 
 
 def make_inputs(length: int, page: int, structured: bool, seed: int = 0):
@@ -213,6 +223,13 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                     lambda w=w, st=st, bm128=bm128: sparse_paged_attention(
                         q, kc, vc, batch, bm128, scale, pv_off, out, check_finite=False,
                         pv_skip=False, launch=(w, st), block_n=128))
+        if TIME_VARIANTS and not structured and page % BLKK == 0:
+            row["variants_ms"] = {
+                v: bench(lambda bm=bm, kw=kw: sparse_paged_attention(
+                    q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False, pv_skip=False,
+                    **kw))
+                for v, kw in VARIANTS.items()
+            }
         if SWEEP and name == "defaults_pv8":
             # the PV-skip variant spills at 4 warps (scripts/aot_compile_check.py), not at 8
             row["launch_sweep_ms"] = {
@@ -293,6 +310,18 @@ def write_reports(results, meta, out):
             f"{r.get('predictor_frac_of_fa3', float('nan')):.2%} | "
             f"{r['extra_mem_frac_of_kv']:.1%} |"
         )
+    varied = [r for r in results if "variants_ms" in r]
+    if varied:
+        names = list(varied[0]["variants_ms"])
+        lines += ["", "Experimental attention options (`--variants`, PV skip off): attention ms, "
+                  "and in brackets the default kernel's time over the option's.", "",
+                  "| length | page | config | default ms | " + " | ".join(names) + " |",
+                  "|---|---|---|---|" + "---|" * len(names)]
+        for r in varied:
+            t = r["attention_ms"]
+            lines.append(f"| {r['length']} | {r['page']} | {r['config']} | {t:.3f} | " + " | ".join(
+                f"{r['variants_ms'][n]:.3f} ({t / r['variants_ms'][n]:.3f}x)" for n in names)
+                + " |")
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(results, meta, out + ".png")
@@ -348,13 +377,15 @@ def plot(results, meta, path: str) -> None:
 
 
 def main():
-    global SWEEP, FUSED, D
+    global SWEEP, FUSED, D, TIME_VARIANTS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--pages", type=int, nargs="+", default=[64, 16])
     ap.add_argument("--out", default="benchmarks/results/kernels")
     ap.add_argument("--sweep", action="store_true", help="time launch configs of the dense kernel")
     ap.add_argument("--fused", action="store_true", help="also time the fused persistent kernel")
+    ap.add_argument("--variants", action="store_true",
+                    help=f"also time experimental kernel options ({', '.join(VARIANTS)})")
     ap.add_argument("--head-dim", type=int, default=D, choices=(64, 128, 256),
                     help=f"head dim (default {D}, the issue's benchmark)")
     ap.add_argument("--replot", metavar="JSON",
@@ -364,7 +395,7 @@ def main():
         saved = json.loads(Path(args.replot).read_text())
         plot(saved["results"], saved["meta"], str(Path(args.replot).with_suffix(".png")))
         return
-    SWEEP, FUSED, D = args.sweep, args.fused, args.head_dim
+    SWEEP, FUSED, D, TIME_VARIANTS = args.sweep, args.fused, args.head_dim, args.variants
     try:
         import vllm
         from vllm.vllm_flash_attn import flash_attn_varlen_func as fa3

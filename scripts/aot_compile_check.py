@@ -121,6 +121,15 @@ def main() -> None:
         check(f"attention lazy rescale split={split} warps=4", attention._sparse_attn_kernel,
               dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=split, LAZY=8.0),
               4, 2)
+    for tile, lazy, warps, stages in ((32, 0.0, 4, 2), (32, 8.0, 4, 2), (32, 0.0, 4, 3),
+                                      (16, 0.0, 4, 2), (32, 0.0, 8, 2)):
+        # experimental: kept blocks walked as key tiles (TMA boxes of `tile` rows)
+        check(f"attention key tiles {tile} lazy={lazy} warps={warps} stages={stages}",
+              attention._sparse_attn_kernel,
+              dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=1, TILE_N=tile,
+                   LAZY=lazy), warps, stages, types=_types("bf16", d, True, tile))
+    check("attention kv-major order", attention._sparse_attn_kernel,
+          dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=1, KV_MAJOR=True), 4, 2)
     # the other layouts the backend serves, at their launch parameters: fp16, head dim 64, pages
     # that are not a multiple of the key block (pointer loads instead of TMA)
     for dtype, dim, page in (("fp16", 64, 64), ("bf16", 128, 16), ("fp16", 64, 16),

@@ -18,6 +18,7 @@
 #   tp2_calib  calibration capture TP 2 = TP 1 (2 GPUs)
 #   sweep      kernel launch-config sweep at 32K (exploration; -> $OUT/kernels_sweep.*)
 #   kernels    the kernel benchmark (-> $OUT/kernels.*)
+#   variants   experimental attention options at 32K and 128K (-> $OUT/kernels_variants.*)
 #   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
 #   ttft       TTFT / decode benchmark with $THRESHOLDS, decode prompts of $DECODE_LEN tokens
 #              (-> $OUT/ttft.*)
@@ -112,6 +113,10 @@ for stage in "$@"; do
         ;;
     kernels)
         run kernels python3 benchmarks/bench_kernels.py --fused --out "$OUT/kernels"
+        ;;
+    variants)
+        run kernels_variants python3 benchmarks/bench_kernels.py --lengths 32768 131072 \
+            --pages 64 --variants --out "$OUT/kernels_variants"
         ;;
     calib)
         prompts

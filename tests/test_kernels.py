@@ -222,6 +222,46 @@ def test_lazy_rescale_changes_only_rounding(page, packed, lazy, device):
                                lazy_rescale=8.0)
 
 
+@pytest.mark.parametrize("tile_n,kv_major,use_tma,split,lazy", [
+    (32, False, True, 1, 0.0), (16, False, None, 2, 0.0), (32, False, False, 1, 8.0),
+    (None, True, None, 1, 0.0), (32, True, True, 2, 8.0)])
+def test_key_tiles_and_kv_major_order_change_only_rounding(tile_n, kv_major, use_tma, split,
+                                                           lazy, device):
+    """tile_n (each kept block walked as key tiles, one softmax step each; PV skip off) gives
+    the default loop's output up to the rounding of P; kv_major (launch order by KV head) changes
+    nothing at all. TMA and pointer loads, with a GQA group of 2 and prefix/short requests."""
+    case = make_paged_case(REQS_MIXED, 4, 2, 64, 64, torch.bfloat16, device, seed=6, packed=True)
+    hq = 4
+    sim, cdf, pv = head_vec(0.6, hq, device), head_vec(0.9, hq, device), head_vec(50.0, hq, device)
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf)
+    outs = []
+    for kw in ({}, dict(tile_n=tile_n, kv_major=kv_major, use_tma=use_tma, split=split,
+                        lazy_rescale=lazy)):
+        out = torch.full_like(case.q, float("nan"))
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, pv, out, pv_skip=False, **kw)
+        outs.append(out.float())
+    assert not torch.isnan(outs[1]).any()
+    if tile_n is None and split == 1 and not lazy:
+        assert torch.equal(outs[0], outs[1])
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-2
+    ref, _, _ = paged_prefill_ref(case.q, case.key_cache, case.value_cache, case.batch,
+                                  case.scale, sim, cdf, pv)
+    assert (ref.float() - outs[1].cpu()).abs().max().item() <= 2e-2
+
+
+def test_key_tiles_need_pv_skip_off(device):
+    case = make_paged_case(REQS_SMALL, 4, 2, 64, 64, torch.bfloat16, device, seed=1)
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
+                           head_vec(0.6, 4, device), head_vec(0.9, 4, device))
+    out = torch.empty_like(case.q)
+    for tile_n, pv_skip in ((32, True), (48, False), (8, False)):
+        with pytest.raises(ValueError, match="tile_n must divide block_n"):
+            sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                                   case.scale, head_vec(4.0, 4, device), out, pv_skip=pv_skip,
+                                   tile_n=tile_n)
+
+
 @pytest.mark.parametrize("page,packed", [(16, False), (64, True)])
 def test_eager_v_loads_change_nothing(page, packed, device):
     """pv_eager_v=True (V loaded before the PV-skip decision) computes exactly what the default

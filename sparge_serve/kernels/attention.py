@@ -179,17 +179,24 @@ def _attend_row(
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr,
     UPCAST: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     PREFETCH: tl.constexpr = False, PV_EAGER_V: tl.constexpr = False, LAZY: tl.constexpr = 0.0,
+    TILE_N: tl.constexpr = 0,
 ):
     """Attention of query rows ``[m0, m0 + BLOCK_M)`` (inside query block ``b`` of ``BLOCK_Q``
     rows) of one q-head ``h`` of a request over the block's ``n_kept`` kept key blocks
     (``lut_row``, ascending); writes those rows' output, returns PV-skipped blocks.
 
     ``BLOCK_M < BLOCK_Q`` splits a query block over several programs (PV skip off only: the skip
-    decision is taken over the whole block's rows)."""
+    decision is taken over the whole block's rows). ``TILE_N`` (a divisor of ``BLOCK_N``; 0 means
+    ``BLOCK_N``; PV skip off only) walks each kept block as ``BLOCK_N // TILE_N`` key tiles, one
+    softmax step each: smaller score tiles in registers (experimental)."""
     ctx = seq_len - q_len
     kvh = h // GROUP
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    # key tiles of TN keys, NT per kept block (TILE_N: PV skip off, whole-page TMA or pointers)
+    TN: tl.constexpr = TILE_N if TILE_N > 0 else BLOCK_N
+    NT: tl.constexpr = BLOCK_N // TN
+    offs_t = tl.arange(0, TN)
     offs_d = tl.arange(0, HEAD_DIM)
     m_real = offs_m < q_len
     q_pos = ctx + offs_m
@@ -287,23 +294,23 @@ def _attend_row(
             qk = _dot(q, tl.trans(k), UPCAST)
             acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     else:
-        for t in tl.range(0, n_off, warp_specialize=WARP_SPEC):
-            j = tl.load(lut_row + t).to(tl.int32)
+        for u in tl.range(0, n_off * NT, warp_specialize=WARP_SPEC):
+            j = tl.load(lut_row + u // NT).to(tl.int32) * NT + u % NT
             k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
+                               stride_head, offs_t, offs_d, PAGE, TN, k_desc, USE_TMA)
             v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
+                               stride_head, offs_t, offs_d, PAGE, TN, v_desc, USE_TMA)
             qk = _dot(q, tl.trans(k), UPCAST)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
-    # diagonal band: always computed, causal mask
-    for j in range(j_diag0, n_valid):
+    # diagonal band, in key tiles: always computed, causal mask
+    for j in range(j_diag0 * NT, last // TN + 1):
         k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                           stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
+                           stride_head, offs_t, offs_d, PAGE, TN, k_desc, USE_TMA)
         # NOTE: with TMA, rows past seq_len hold stale page contents: zero V (0 * NaN = NaN).
         v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                           stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, True)
+                           stride_head, offs_t, offs_d, PAGE, TN, v_desc, USE_TMA, True)
         qk = _dot(q, tl.trans(k), UPCAST)
-        k_pos = j * BLOCK_N + offs_n
+        k_pos = j * TN + offs_t
         qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
     out = acc / l_i[:, None]
@@ -325,10 +332,20 @@ def _sparse_attn_kernel(
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr,
     PREFETCH: tl.constexpr = False, PV_EAGER_V: tl.constexpr = False, LAZY: tl.constexpr = 0.0,
+    TILE_N: tl.constexpr = 0, KV_MAJOR: tl.constexpr = False,
 ):
-    h = tl.program_id(0)
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
-    t = NQB * SPLIT - 1 - tl.program_id(1)
+    if KV_MAJOR:
+        # experimental: programs in launch order walk one KV head's GQA group over its query
+        # blocks before the next KV head, so that the programs resident together read the keys
+        # of fewer KV heads (L2 reuse when their kept blocks differ)
+        lin = tl.program_id(1) * num_heads + tl.program_id(0)
+        per_kv = GROUP * NQB * SPLIT
+        h = lin // per_kv * GROUP + lin % GROUP
+        t = NQB * SPLIT - 1 - lin % per_kv // GROUP
+    else:
+        h = tl.program_id(0)
+        t = NQB * SPLIT - 1 - tl.program_id(1)
     b = t // SPLIT
     m0 = b * BLOCK_Q + (t % SPLIT) * (BLOCK_Q // SPLIT)
     r = tl.program_id(2)
@@ -344,7 +361,7 @@ def _sparse_attn_kernel(
         q_start, q_len, seq_len, b, m0, h,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
-        USE_TMA, WARP_SPEC, PREFETCH, PV_EAGER_V, LAZY,
+        USE_TMA, WARP_SPEC, PREFETCH, PV_EAGER_V, LAZY, TILE_N,
     )
     if t % SPLIT == 0:
         tl.store(skipped_ptr + row_id, n_skipped)
@@ -458,9 +475,11 @@ def _check_out_and_layout(q, key_cache, value_cache, out) -> None:
         raise ValueError("key_cache and value_cache must share one layout (strides)")
 
 
-def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = None):
+def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = None,
+              tile_n: int | None = None):
     """``(use_tma, k_desc, v_desc)``: TMA descriptors where the caches allow them (or as forced
-    by ``use_tma``), else ``None`` (pointer loads)."""
+    by ``use_tma``), else ``None`` (pointer loads). ``tile_n``: the kernel loads key tiles of
+    that many keys (boxes of ``tile_n`` rows)."""
     if use_tma is None:
         use_tma = _tma_ok(q, key_cache, block_n) and _tma_ok(q, value_cache, block_n)
     if not use_tma:
@@ -471,7 +490,7 @@ def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = No
         raise ValueError(f"TMA loads need key blocks of {block_n} inside one page or over 2 or 4 "
                          f"whole pages, and a cache of whole 16-byte aligned token rows; got "
                          f"{page}-token pages with strides {tuple(key_cache.stride())}")
-    return True, *(_kv_descriptor(c, block_n) for c in (key_cache, value_cache))
+    return True, *(_kv_descriptor(c, tile_n or block_n) for c in (key_cache, value_cache))
 
 
 def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
@@ -531,6 +550,8 @@ def sparse_paged_attention(
     prefetch: bool = False,
     pv_eager_v: bool = False,
     lazy_rescale: float = 0.0,
+    tile_n: int | None = None,
+    kv_major: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -549,6 +570,9 @@ def sparse_paged_attention(
     only) loads V before the skip decision, so that a skip saves only the math.
     ``lazy_rescale`` > 0 (PV skip off; benchmarks only) rescales the accumulator only when a
     row's max grows by more than that many log2 units (``_lazy_softmax_update``).
+    ``tile_n`` (a divisor of ``block_n``, >= 16; PV skip off, no ``prefetch``; benchmarks only)
+    walks each kept block as key tiles of that many keys (smaller score tiles in registers);
+    ``kv_major`` (benchmarks only) launches one KV head's query programs before the next's.
     """
     check_paged_inputs(q, key_cache, value_cache)
     _check_out_and_layout(q, key_cache, value_cache, out)
@@ -561,8 +585,14 @@ def sparse_paged_attention(
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
     split = _row_parts(split, head_dim, pv_skip, lazy_rescale)
+    tile_n = tile_n or block_n
+    if tile_n != block_n and (block_n % tile_n or tile_n < 16 or pv_skip or prefetch
+                              or page < block_n):
+        raise ValueError(f"tile_n must divide block_n ({block_n}) and be >= 16, with PV skip "
+                         f"and prefetch off and whole key blocks in a page; got {tile_n} "
+                         f"(pv_skip {pv_skip}, prefetch {prefetch}, page {page})")
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
-    use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
+    use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma, tile_n)
     num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
     _sparse_attn_kernel[(num_heads, nqb * split, nreq)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
@@ -573,7 +603,7 @@ def sparse_paged_attention(
         GROUP=num_heads // num_kv_heads, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
         WARP_SPEC=warp_specialize, SPLIT=split, PREFETCH=prefetch, PV_EAGER_V=pv_eager_v,
-        LAZY=float(lazy_rescale),
+        LAZY=float(lazy_rescale), TILE_N=0 if tile_n == block_n else tile_n, KV_MAJOR=kv_major,
         num_warps=num_warps, num_stages=num_stages,
     )
     if stats is not None:
