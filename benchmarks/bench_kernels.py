@@ -47,14 +47,13 @@ FUSED_SWEEP = {
 }
 SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
 FUSED = False  # --fused: also time the persistent select+attend kernel (rows "<config>+fused")
-# --variants: experimental attention-kernel options (PV skip off), timed on every random-input
-# config (dense and top-k) -> row["variants_ms"]
+# --variants: the defaults' alternatives (PV skip off), timed on every random-input config (dense
+# and top-k) of both kernels -> row["variants_ms"]: the former head-major launch order, and a
+# rescale every block (no lazy rescaling)
 VARIANTS = {
-    "lazy8": dict(lazy_rescale=8.0),
-    "kv_major": dict(kv_major=True),
-    "kv_major_lazy8": dict(kv_major=True, lazy_rescale=8.0),
-    "tile32": dict(tile_n=32),
-    "tile32_lazy8": dict(tile_n=32, lazy_rescale=8.0),
+    "head_major": dict(kv_major=False),
+    "eager_rescale": dict(lazy_rescale=0.0),
+    "head_major_eager_rescale": dict(kv_major=False, lazy_rescale=0.0),
 }
 TIME_VARIANTS = False
 
@@ -255,6 +254,15 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                         extra_mem_frac_of_kv=extra_f / kv_bytes,
                         attention_tflops_dense_equiv=flops / (t_fused * 1e-3) / 1e12)
             frow.pop("launch_sweep_ms", None)
+            if TIME_VARIANTS and page % BLKK == 0:
+                frow["variants_ms"] = {
+                    v: bench(lambda kw=kw, sim=sim, cdf=cdf, topk=c["topk"], pv=pv:
+                             sparge_paged_prefill(
+                                 q, kc, vc, batch, scale, sim, cdf, pv, out, topk=topk,
+                                 check_finite=False, pv_skip=False, fused=True,
+                                 fused_launch=FusedLaunch(**kw)))
+                    for v, kw in VARIANTS.items()
+                }
             if SWEEP and name == "dense":
                 # the fused kernel's own launch: row parts per query block, warps/stages, and the
                 # persistent grid in programs per multiprocessor
@@ -313,8 +321,8 @@ def write_reports(results, meta, out):
     varied = [r for r in results if "variants_ms" in r]
     if varied:
         names = list(varied[0]["variants_ms"])
-        lines += ["", "Experimental attention options (`--variants`, PV skip off): attention ms, "
-                  "and in brackets the default kernel's time over the option's.", "",
+        lines += ["", "The defaults' alternatives (`--variants`, PV skip off): attention ms (fused: "
+                  "total), and in brackets the default's time over the alternative's.", "",
                   "| length | page | config | default ms | " + " | ".join(names) + " |",
                   "|---|---|---|---|" + "---|" * len(names)]
         for r in varied:
@@ -385,7 +393,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time launch configs of the dense kernel")
     ap.add_argument("--fused", action="store_true", help="also time the fused persistent kernel")
     ap.add_argument("--variants", action="store_true",
-                    help=f"also time experimental kernel options ({', '.join(VARIANTS)})")
+                    help=f"also time the defaults' alternatives ({', '.join(VARIANTS)})")
     ap.add_argument("--head-dim", type=int, default=D, choices=(64, 128, 256),
                     help=f"head dim (default {D}, the issue's benchmark)")
     ap.add_argument("--replot", metavar="JSON",
@@ -409,7 +417,7 @@ def main():
         command="python benchmarks/bench_kernels.py " + " ".join(
             f"--{k.replace('_', '-')}" if v is True else
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if v is not False),
+            for k, v in vars(args).items() if v is not False and v is not None),
     )
     results = []
     for page in args.pages:

@@ -79,6 +79,11 @@ def _types(dtype: str, d: int, tma: bool, box_rows: int = BLKK) -> dict[str, str
     return types
 
 
+def _lazy(pv_skip: bool, use_tma: bool = True, head_dim: int = 128) -> float:
+    """The kernels' LAZY at serving (conditional rescaling, see attention._row_parts)."""
+    return attention._row_parts(None, head_dim, pv_skip, None, use_tma)[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--head-dim", type=int, default=128)
@@ -107,8 +112,8 @@ def main() -> None:
         for warps, stages in ((4, 2), (8, 2)):
             check(f"attention pv_skip={pv} split={split} warps={warps}",
                   attention._sparse_attn_kernel,
-                  dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=pv, WARP_SPEC=False, SPLIT=split), warps,
-                  stages)
+                  dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=pv, WARP_SPEC=False, SPLIT=split,
+                       LAZY=_lazy(pv)), warps, stages)
     for warps in (4, 8):  # experimental: V loaded before the PV-skip decision
         check(f"attention pv_skip=True eager V warps={warps}", attention._sparse_attn_kernel,
               dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=True, WARP_SPEC=False, SPLIT=1,
@@ -117,19 +122,13 @@ def main() -> None:
         check(f"attention prefetch split={split} warps=4", attention._sparse_attn_kernel,
               dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=split,
                    PREFETCH=True), 4, 2)
-    for split in (1, 2):  # experimental: conditional rescaling (FlashAttention-4)
-        check(f"attention lazy rescale split={split} warps=4", attention._sparse_attn_kernel,
-              dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=split, LAZY=8.0),
+    for split in (1, 2):  # the former default: a rescale every block (no lazy rescaling)
+        check(f"attention eager rescale split={split} warps=4", attention._sparse_attn_kernel,
+              dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=split, LAZY=0.0),
               4, 2)
-    for tile, lazy, warps, stages in ((32, 0.0, 4, 2), (32, 8.0, 4, 2), (32, 0.0, 4, 3),
-                                      (16, 0.0, 4, 2), (32, 0.0, 8, 2)):
-        # experimental: kept blocks walked as key tiles (TMA boxes of `tile` rows)
-        check(f"attention key tiles {tile} lazy={lazy} warps={warps} stages={stages}",
-              attention._sparse_attn_kernel,
-              dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=1, TILE_N=tile,
-                   LAZY=lazy), warps, stages, types=_types("bf16", d, True, tile))
-    check("attention kv-major order", attention._sparse_attn_kernel,
-          dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=1, KV_MAJOR=True), 4, 2)
+    check("attention head-major order", attention._sparse_attn_kernel,
+          dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=1, KV_MAJOR=False,
+               LAZY=attention.LAZY_RESCALE), 4, 2)
     # the other layouts the backend serves, at their launch parameters: fp16, head dim 64, pages
     # that are not a multiple of the key block (pointer loads instead of TMA)
     for dtype, dim, page in (("fp16", 64, 64), ("bf16", 128, 16), ("fp16", 64, 16),
@@ -144,7 +143,9 @@ def main() -> None:
                   attention._sparse_attn_kernel,
                   dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
                        PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=tma, PV_SKIP=pv,
-                       WARP_SPEC=False, SPLIT=split, **extra), warps, stages, types=layout_types)
+                       WARP_SPEC=False, SPLIT=split, LAZY=_lazy(pv, tma, dim), **extra), warps,
+                  stages,
+                  types=layout_types)
         check(f"kblock {dtype} D{dim} page {page}", predictor._kblock_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4, types=layout_types)
     # experimental: TMA loads of key blocks over 2 or 4 pages (benchmarks only)
@@ -164,24 +165,26 @@ def main() -> None:
         warps, stages = attention._fused_launch_params(d, True)
         for pv in (False, True):
             check(f"fused NKB_PAD={nkb_pad} pv_skip={pv}", attention._fused_sparge_kernel,
-                  dict(attn, NKB_PAD=nkb_pad, DC=dc4, USE_TOPK=False, PV_SKIP=pv, SPLIT=1),
-                  warps, stages)
-    check(f"fused lazy rescale NKB_PAD={args.nkb_pad[0]}", attention._fused_sparge_kernel,
+                  dict(attn, NKB_PAD=nkb_pad, DC=dc4, USE_TOPK=False, PV_SKIP=pv, SPLIT=1,
+                       LAZY=_lazy(pv)), warps, stages)
+    check(f"fused eager rescale NKB_PAD={args.nkb_pad[0]}", attention._fused_sparge_kernel,
           dict(attn, NKB_PAD=args.nkb_pad[0], DC=predictor._select_dc(args.nkb_pad[0], 4),
-               USE_TOPK=False, PV_SKIP=False, SPLIT=1, LAZY=8.0),
+               USE_TOPK=False, PV_SKIP=False, SPLIT=1, LAZY=0.0),
           *attention._fused_launch_params(d, True))
     # the fused kernel on 16-token pages (pointer loads)
     warps, stages = attention._fused_launch_params(d, False)
     check(f"fused page 16 NKB_PAD={args.nkb_pad[0]}", attention._fused_sparge_kernel,
           dict(attn, PAGE=16, USE_TMA=False, NKB_PAD=args.nkb_pad[0],
                DC=predictor._select_dc(args.nkb_pad[0], warps), USE_TOPK=False, PV_SKIP=False,
-               SPLIT=1, k_desc=None, v_desc=None), warps, stages, types=_types("bf16", d, False))
+               SPLIT=1, LAZY=_lazy(False, False), k_desc=None, v_desc=None), warps, stages,
+          types=_types("bf16", d, False))
     # head dim 256 in the fused kernel (8 warps, 64-row parts without PV skip)
     nkb_pad = args.nkb_pad[0]
     for pv in (False, True):
         check(f"fused D256 NKB_PAD={nkb_pad} pv_skip={pv}", attention._fused_sparge_kernel,
               dict(attn, HEAD_DIM=256, NKB_PAD=nkb_pad, DC=predictor._select_dc(nkb_pad, 8),
-                   USE_TOPK=False, PV_SKIP=pv, SPLIT=1 if pv else 2), 8, 2,
+                   USE_TOPK=False, PV_SKIP=pv, SPLIT=1 if pv else 2, LAZY=_lazy(pv, True, 256)),
+              8, 2,
               types=_types("bf16", 256, True))
     sys.exit(1 if failed else 0)
 

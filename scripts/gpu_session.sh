@@ -17,8 +17,8 @@
 #   tp2_serve  vllm serve metrics with TP 2 (2 GPUs)
 #   tp2_calib  calibration capture TP 2 = TP 1 (2 GPUs)
 #   sweep      kernel launch-config sweep at 32K (exploration; -> $OUT/kernels_sweep.*)
-#   kernels    the kernel benchmark (-> $OUT/kernels.*)
-#   variants   experimental attention options at 32K and 128K (-> $OUT/kernels_variants.*)
+#   kernels    the kernel benchmark, with the defaults' alternatives (-> $OUT/kernels.*)
+#   variants   the defaults' alternatives alone at 32K and 128K (-> $OUT/kernels_variants.*)
 #   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
 #   ttft       TTFT / decode benchmark with $THRESHOLDS, decode prompts of $DECODE_LEN tokens
 #              (-> $OUT/ttft.*)
@@ -112,11 +112,11 @@ for stage in "$@"; do
             --out "$OUT/kernels_sweep"
         ;;
     kernels)
-        run kernels python3 benchmarks/bench_kernels.py --fused --out "$OUT/kernels"
+        run kernels python3 benchmarks/bench_kernels.py --fused --variants --out "$OUT/kernels"
         ;;
     variants)
         run kernels_variants python3 benchmarks/bench_kernels.py --lengths 32768 131072 \
-            --pages 64 --variants --out "$OUT/kernels_variants"
+            --pages 64 --fused --variants --out "$OUT/kernels_variants"
         ;;
     calib)
         prompts

@@ -52,7 +52,7 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
     for r in results:
         if r["fa3_ms"] is None:
             del r["fa3_ms"]
-    results[0]["variants_ms"] = {"lazy8": 1.0, "kv_major": 2.6}
+    results[0]["variants_ms"] = {"head_major": 1.0, "eager_rescale": 2.6}
     bench.attach_ratios(results)
     meta = dict(device="GPU", date="today", torch="2.11", triton="3.6", vllm="0.26.0",
                 command="cmd")

@@ -222,44 +222,40 @@ def test_lazy_rescale_changes_only_rounding(page, packed, lazy, device):
                                lazy_rescale=8.0)
 
 
-@pytest.mark.parametrize("tile_n,kv_major,use_tma,split,lazy", [
-    (32, False, True, 1, 0.0), (16, False, None, 2, 0.0), (32, False, False, 1, 8.0),
-    (None, True, None, 1, 0.0), (32, True, True, 2, 8.0)])
-def test_key_tiles_and_kv_major_order_change_only_rounding(tile_n, kv_major, use_tma, split,
-                                                           lazy, device):
-    """tile_n (each kept block walked as key tiles, one softmax step each; PV skip off) gives
-    the default loop's output up to the rounding of P; kv_major (launch order by KV head) changes
-    nothing at all. TMA and pointer loads, with a GQA group of 2 and prefix/short requests."""
-    case = make_paged_case(REQS_MIXED, 4, 2, 64, 64, torch.bfloat16, device, seed=6, packed=True)
+@pytest.mark.parametrize("page,split,fused", [(64, 1, False), (16, 2, False), (64, 1, True)])
+def test_launch_order_changes_nothing(page, split, fused, device):
+    """The KV-major launch order (the default) and the former head-major one compute exactly the
+    same rows: the order of programs only, in both kernels."""
+    case = make_paged_case(REQS_MIXED, 4, 2, 64, page, torch.bfloat16, device, seed=6,
+                           packed=page == 64)
     hq = 4
     sim, cdf, pv = head_vec(0.6, hq, device), head_vec(0.9, hq, device), head_vec(50.0, hq, device)
     bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf)
     outs = []
-    for kw in ({}, dict(tile_n=tile_n, kv_major=kv_major, use_tma=use_tma, split=split,
-                        lazy_rescale=lazy)):
+    for kv_major in (True, False):
         out = torch.full_like(case.q, float("nan"))
-        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
-                               case.scale, pv, out, pv_skip=False, **kw)
-        outs.append(out.float())
-    assert not torch.isnan(outs[1]).any()
-    if tile_n is None and split == 1 and not lazy:
-        assert torch.equal(outs[0], outs[1])
-    assert (outs[0] - outs[1]).abs().max().item() <= 1e-2
-    ref, _, _ = paged_prefill_ref(case.q, case.key_cache, case.value_cache, case.batch,
-                                  case.scale, sim, cdf, pv)
-    assert (ref.float() - outs[1].cpu()).abs().max().item() <= 2e-2
-
-
-def test_key_tiles_need_pv_skip_off(device):
-    case = make_paged_case(REQS_SMALL, 4, 2, 64, 64, torch.bfloat16, device, seed=1)
-    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
-                           head_vec(0.6, 4, device), head_vec(0.9, 4, device))
-    out = torch.empty_like(case.q)
-    for tile_n, pv_skip in ((32, True), (48, False), (8, False)):
-        with pytest.raises(ValueError, match="tile_n must divide block_n"):
+        if fused:
+            sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch,
+                                 case.scale, sim, cdf, pv, out, pv_skip=False, fused=True,
+                                 fused_launch=FusedLaunch(programs=2, kv_major=kv_major))
+        else:
             sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
-                                   case.scale, head_vec(4.0, 4, device), out, pv_skip=pv_skip,
-                                   tile_n=tile_n)
+                                   case.scale, pv, out, pv_skip=False, split=split,
+                                   kv_major=kv_major)
+        outs.append(out)
+    assert not torch.isnan(outs[0]).any() and torch.equal(outs[0], outs[1])
+
+
+def test_lazy_rescale_default_where_measured():
+    """Conditional rescaling is on by default only where it was timed faster: TMA loads, head
+    dim 128, PV skip off."""
+    from sparge_serve.kernels.attention import LAZY_RESCALE, _row_parts
+
+    assert _row_parts(None, 128, False, None, True) == (1, LAZY_RESCALE)
+    assert _row_parts(None, 128, True, None, True) == (1, 0.0)
+    assert _row_parts(None, 128, False, None, False) == (1, 0.0)
+    assert _row_parts(None, 256, False, None, True) == (2, 0.0)
+    assert _row_parts(None, 128, False, 0.0, True) == (1, 0.0)
 
 
 @pytest.mark.parametrize("page,packed", [(16, False), (64, True)])

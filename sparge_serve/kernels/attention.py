@@ -39,6 +39,12 @@ from sparge_serve.kernels.predictor import (
 )
 
 _LOG2E = 1.4426950408889634
+# FlashAttention-4's conditional rescaling, on by default for TMA loads at head dim 128 without PV
+# skip: the running max (and the [M, D] accumulator rescale) moves only when a row's block max
+# exceeds it by more than 2**8 (log2 units). 1-10% faster than the KV-major order alone on an
+# H200 at 32K-128K, 64-token pages; 10% slower on 16-token pages (pointer loads), so off there
+# (benchmarks/results/kernels.md). The same output up to the rounding of P (tests).
+LAZY_RESCALE = 8.0
 # NOTE: Triton 3.6's CPU interpreter computes bf16 tl.dot wrongly (it multiplies the raw bits);
 # under TRITON_INTERPRET=1 the kernel upcasts dot operands to fp32 (exact for bf16/fp16 inputs).
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -84,8 +90,8 @@ def _pv_acc(p, v, acc, UPCAST: tl.constexpr):
 @triton.jit
 def _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr,
                          UPCAST: tl.constexpr):
-    """``_online_softmax_update`` with FlashAttention-4's conditional rescaling (experimental,
-    benchmarks only; PV skip off): the running max moves, and ``acc``/``l_i`` are rescaled, only
+    """``_online_softmax_update`` with FlashAttention-4's conditional rescaling (PV skip off;
+    :data:`LAZY_RESCALE`): the running max moves, and ``acc``/``l_i`` are rescaled, only
     when some row's block max exceeds it by more than ``LAZY`` (log2 units). Otherwise the scores
     are exponentiated against the stale max (``p <= 2**LAZY``): the same result after the final
     ``acc / l_i``, up to rounding, with most blocks spared the ``[M, D]`` rescale."""
@@ -179,24 +185,17 @@ def _attend_row(
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr,
     UPCAST: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     PREFETCH: tl.constexpr = False, PV_EAGER_V: tl.constexpr = False, LAZY: tl.constexpr = 0.0,
-    TILE_N: tl.constexpr = 0,
 ):
     """Attention of query rows ``[m0, m0 + BLOCK_M)`` (inside query block ``b`` of ``BLOCK_Q``
     rows) of one q-head ``h`` of a request over the block's ``n_kept`` kept key blocks
     (``lut_row``, ascending); writes those rows' output, returns PV-skipped blocks.
 
     ``BLOCK_M < BLOCK_Q`` splits a query block over several programs (PV skip off only: the skip
-    decision is taken over the whole block's rows). ``TILE_N`` (a divisor of ``BLOCK_N``; 0 means
-    ``BLOCK_N``; PV skip off only) walks each kept block as ``BLOCK_N // TILE_N`` key tiles, one
-    softmax step each: smaller score tiles in registers (experimental)."""
+    decision is taken over the whole block's rows)."""
     ctx = seq_len - q_len
     kvh = h // GROUP
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    # key tiles of TN keys, NT per kept block (TILE_N: PV skip off, whole-page TMA or pointers)
-    TN: tl.constexpr = TILE_N if TILE_N > 0 else BLOCK_N
-    NT: tl.constexpr = BLOCK_N // TN
-    offs_t = tl.arange(0, TN)
     offs_d = tl.arange(0, HEAD_DIM)
     m_real = offs_m < q_len
     q_pos = ctx + offs_m
@@ -294,23 +293,23 @@ def _attend_row(
             qk = _dot(q, tl.trans(k), UPCAST)
             acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     else:
-        for u in tl.range(0, n_off * NT, warp_specialize=WARP_SPEC):
-            j = tl.load(lut_row + u // NT).to(tl.int32) * NT + u % NT
+        for t in tl.range(0, n_off, warp_specialize=WARP_SPEC):
+            j = tl.load(lut_row + t).to(tl.int32)
             k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                               stride_head, offs_t, offs_d, PAGE, TN, k_desc, USE_TMA)
+                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
             v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                               stride_head, offs_t, offs_d, PAGE, TN, v_desc, USE_TMA)
+                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
             qk = _dot(q, tl.trans(k), UPCAST)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
-    # diagonal band, in key tiles: always computed, causal mask
-    for j in range(j_diag0 * NT, last // TN + 1):
+    # diagonal band: always computed, causal mask
+    for j in range(j_diag0, n_valid):
         k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                           stride_head, offs_t, offs_d, PAGE, TN, k_desc, USE_TMA)
+                           stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
         # NOTE: with TMA, rows past seq_len hold stale page contents: zero V (0 * NaN = NaN).
         v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                           stride_head, offs_t, offs_d, PAGE, TN, v_desc, USE_TMA, True)
+                           stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, True)
         qk = _dot(q, tl.trans(k), UPCAST)
-        k_pos = j * TN + offs_t
+        k_pos = j * BLOCK_N + offs_n
         qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
     out = acc / l_i[:, None]
@@ -332,7 +331,7 @@ def _sparse_attn_kernel(
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr,
     PREFETCH: tl.constexpr = False, PV_EAGER_V: tl.constexpr = False, LAZY: tl.constexpr = 0.0,
-    TILE_N: tl.constexpr = 0, KV_MAJOR: tl.constexpr = False,
+    KV_MAJOR: tl.constexpr = True,
 ):
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
     if KV_MAJOR:
@@ -361,7 +360,7 @@ def _sparse_attn_kernel(
         q_start, q_len, seq_len, b, m0, h,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
-        USE_TMA, WARP_SPEC, PREFETCH, PV_EAGER_V, LAZY, TILE_N,
+        USE_TMA, WARP_SPEC, PREFETCH, PV_EAGER_V, LAZY,
     )
     if t % SPLIT == 0:
         tl.store(skipped_ptr + row_id, n_skipped)
@@ -380,10 +379,12 @@ def _fused_sparge_kernel(
     NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, SPLIT: tl.constexpr = 1, LAZY: tl.constexpr = 0.0,
+    KV_MAJOR: tl.constexpr = True,
 ):
     """Selection and attention in one persistent kernel: no block map in device memory.
 
-    Each program walks rows ``tile = pid, pid + P, ...`` (heaviest query blocks first); per row it
+    Each program walks rows ``tile = pid, pid + P, ...`` (heaviest query blocks first; with
+    ``KV_MAJOR`` request by request, and one KV head's GQA group at a time); per row it
     runs the selection (``_select_row``, the select kernel's exact code), writes the kept list to
     its own scratch row ``[NKB]``, and attends over it (``_attend_row``). Extra memory: P rows.
     """
@@ -391,9 +392,16 @@ def _fused_sparge_kernel(
     lut_row = scratch_ptr + pid.to(tl.int64) * NKB
     rows_per_block = num_heads * num_reqs
     for tile in range(pid, n_tiles, tl.num_programs(0)):
-        b = NQB - 1 - tile // rows_per_block
-        h = tile % rows_per_block % num_heads
-        r = tile % rows_per_block // num_heads
+        if KV_MAJOR:  # the attention kernel's launch order
+            per_kv = GROUP * NQB
+            r = tile // (num_heads * NQB)
+            rem = tile % (num_heads * NQB)
+            h = rem // per_kv * GROUP + rem % GROUP
+            b = NQB - 1 - rem % per_kv // GROUP
+        else:
+            b = NQB - 1 - tile // rows_per_block
+            h = tile % rows_per_block % num_heads
+            r = tile % rows_per_block // num_heads
         q_start = tl.load(qsl_ptr + r)
         q_len = tl.load(qsl_ptr + r + 1) - q_start
         seq_len = tl.load(seq_lens_ptr + r)
@@ -475,11 +483,9 @@ def _check_out_and_layout(q, key_cache, value_cache, out) -> None:
         raise ValueError("key_cache and value_cache must share one layout (strides)")
 
 
-def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = None,
-              tile_n: int | None = None):
+def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = None):
     """``(use_tma, k_desc, v_desc)``: TMA descriptors where the caches allow them (or as forced
-    by ``use_tma``), else ``None`` (pointer loads). ``tile_n``: the kernel loads key tiles of
-    that many keys (boxes of ``tile_n`` rows)."""
+    by ``use_tma``), else ``None`` (pointer loads)."""
     if use_tma is None:
         use_tma = _tma_ok(q, key_cache, block_n) and _tma_ok(q, value_cache, block_n)
     if not use_tma:
@@ -490,7 +496,7 @@ def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = No
         raise ValueError(f"TMA loads need key blocks of {block_n} inside one page or over 2 or 4 "
                          f"whole pages, and a cache of whole 16-byte aligned token rows; got "
                          f"{page}-token pages with strides {tuple(key_cache.stride())}")
-    return True, *(_kv_descriptor(c, tile_n or block_n) for c in (key_cache, value_cache))
+    return True, *(_kv_descriptor(c, block_n) for c in (key_cache, value_cache))
 
 
 def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
@@ -516,18 +522,23 @@ def _fused_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
     return _attn_launch_params(head_dim, use_tma)
 
 
-def _row_parts(split: int | None, head_dim: int, pv_skip: bool, lazy_rescale: float) -> int:
-    """The ``SPLIT`` of either kernel (``None``: whole query blocks, but two 64-row parts for
-    head dim 256 without PV skip), after checking it and ``lazy_rescale`` against ``pv_skip``."""
+def _row_parts(split: int | None, head_dim: int, pv_skip: bool, lazy_rescale: float | None,
+               use_tma: bool) -> tuple[int, float]:
+    """``(SPLIT, LAZY)`` of either kernel, after checking them against ``pv_skip``. ``split``
+    ``None``: whole query blocks, but two 64-row parts for head dim 256 without PV skip;
+    ``lazy_rescale`` ``None``: :data:`LAZY_RESCALE` where it was measured faster (TMA loads,
+    head dim 128, PV skip off), else 0."""
     if split is None:
         split = 2 if head_dim == 256 and not pv_skip else 1
     if split not in (1, 2) or (pv_skip and split != 1):
         raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip "
                          f"{pv_skip})")
+    if lazy_rescale is None:
+        lazy_rescale = LAZY_RESCALE if use_tma and head_dim == 128 and not pv_skip else 0.0
     if lazy_rescale < 0 or (lazy_rescale > 0 and pv_skip):
         raise ValueError(f"lazy_rescale must be >= 0, and 0 with PV skip on; got {lazy_rescale} "
                          f"(pv_skip {pv_skip})")
-    return split
+    return split, float(lazy_rescale)
 
 
 def sparse_paged_attention(
@@ -549,9 +560,8 @@ def sparse_paged_attention(
     split: int | None = None,
     prefetch: bool = False,
     pv_eager_v: bool = False,
-    lazy_rescale: float = 0.0,
-    tile_n: int | None = None,
-    kv_major: bool = False,
+    lazy_rescale: float | None = None,
+    kv_major: bool = True,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -568,11 +578,11 @@ def sparse_paged_attention(
     256 without PV skip, else 1. ``prefetch`` (TMA, PV skip off; benchmarks only) reads each
     block's LUT entry and page id one iteration ahead; ``pv_eager_v`` (PV skip on; benchmarks
     only) loads V before the skip decision, so that a skip saves only the math.
-    ``lazy_rescale`` > 0 (PV skip off; benchmarks only) rescales the accumulator only when a
-    row's max grows by more than that many log2 units (``_lazy_softmax_update``).
-    ``tile_n`` (a divisor of ``block_n``, >= 16; PV skip off, no ``prefetch``; benchmarks only)
-    walks each kept block as key tiles of that many keys (smaller score tiles in registers);
-    ``kv_major`` (benchmarks only) launches one KV head's query programs before the next's.
+    ``lazy_rescale`` > 0 (PV skip off) rescales the accumulator only when a row's max grows by
+    more than that many log2 units (``_lazy_softmax_update``); ``None``: :data:`LAZY_RESCALE`
+    with TMA loads and head dim 128 without PV skip (where it was measured faster), else 0.
+    ``kv_major`` (the default) launches one KV head's query programs before the next KV head's;
+    ``False`` (benchmarks only) is the former head-by-head order of each query block.
     """
     check_paged_inputs(q, key_cache, value_cache)
     _check_out_and_layout(q, key_cache, value_cache, out)
@@ -584,15 +594,9 @@ def sparse_paged_attention(
         raise ValueError("block_map was predicted for a different batch")
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
-    split = _row_parts(split, head_dim, pv_skip, lazy_rescale)
-    tile_n = tile_n or block_n
-    if tile_n != block_n and (block_n % tile_n or tile_n < 16 or pv_skip or prefetch
-                              or page < block_n):
-        raise ValueError(f"tile_n must divide block_n ({block_n}) and be >= 16, with PV skip "
-                         f"and prefetch off and whole key blocks in a page; got {tile_n} "
-                         f"(pv_skip {pv_skip}, prefetch {prefetch}, page {page})")
+    use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
+    split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
-    use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma, tile_n)
     num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
     _sparse_attn_kernel[(num_heads, nqb * split, nreq)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
@@ -603,7 +607,7 @@ def sparse_paged_attention(
         GROUP=num_heads // num_kv_heads, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
         WARP_SPEC=warp_specialize, SPLIT=split, PREFETCH=prefetch, PV_EAGER_V=pv_eager_v,
-        LAZY=float(lazy_rescale), TILE_N=0 if tile_n == block_n else tile_n, KV_MAJOR=kv_major,
+        LAZY=lazy_rescale, KV_MAJOR=kv_major,
         num_warps=num_warps, num_stages=num_stages,
     )
     if stats is not None:
@@ -617,12 +621,13 @@ class FusedLaunch:
     """The fused kernel's launch knobs, for the benchmark's sweep (``None``: the default):
     ``split`` (1 or 2; 2 only with PV skip off) attends each query block as that many row parts,
     ``launch`` is (num_warps, num_stages), ``programs`` the persistent grid, ``lazy_rescale``
-    as :func:`sparse_paged_attention`'s (experimental)."""
+    and ``kv_major`` as :func:`sparse_paged_attention`'s (``kv_major``: the order of rows)."""
 
     split: int | None = None
     launch: tuple[int, int] | None = None
     programs: int | None = None
-    lazy_rescale: float = 0.0  # as sparse_paged_attention's (PV skip off only)
+    lazy_rescale: float | None = None  # as sparse_paged_attention's
+    kv_major: bool = True  # as sparse_paged_attention's
 
 
 def max_fused_programs(device: torch.device | str) -> int:
@@ -681,11 +686,11 @@ def sparge_paged_prefill(
     n_tiles = nqb * num_heads * nreq
     fl = fused_launch or FusedLaunch()
     programs = max(1, min(n_tiles, fl.programs or max_fused_programs(q.device)))
-    split = _row_parts(fl.split, head_dim, pv_skip, fl.lazy_rescale)
     scratch = torch.empty(programs, pooled.nkb_stride, dtype=torch.int16, device=q.device)
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     n_valid, skipped = torch.empty_like(count), torch.empty_like(count)
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, BLKK)
+    split, lazy = _row_parts(fl.split, head_dim, pv_skip, fl.lazy_rescale, use_tma)
     num_warps, num_stages = fl.launch or _fused_launch_params(head_dim, use_tma)
     dc = _select_dc(pooled.nkb_pad, num_warps)
     _fused_sparge_kernel[(programs,)](
@@ -699,7 +704,7 @@ def sparge_paged_prefill(
         GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
         NKB_PAD=pooled.nkb_pad, DC=dc, USE_TOPK=topk is not None,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        SPLIT=split, LAZY=float(fl.lazy_rescale), num_warps=num_warps, num_stages=num_stages,
+        SPLIT=split, LAZY=lazy, KV_MAJOR=fl.kv_major, num_warps=num_warps, num_stages=num_stages,
     )
     if stats is not None:
         stats[0] += n_valid.sum()
