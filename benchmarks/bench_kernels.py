@@ -48,10 +48,12 @@ FUSED_SWEEP = {
 SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
 FUSED = False  # --fused: also time the persistent select+attend kernel (rows "<config>+fused")
 # --variants: the defaults' alternatives (PV skip off), timed on every random-input config (dense
-# and top-k) of both kernels -> row["variants_ms"]: the former head-major launch order, and a
-# rescale every block (no lazy rescaling)
+# and top-k) of both kernels -> row["variants_ms"]: either launch order (the two-kernel path's
+# default is KV-major, the fused kernel's head-major), and a rescale every block (no lazy
+# rescaling)
 VARIANTS = {
     "head_major": dict(kv_major=False),
+    "kv_major": dict(kv_major=True),
     "eager_rescale": dict(lazy_rescale=0.0),
     "head_major_eager_rescale": dict(kv_major=False, lazy_rescale=0.0),
 }
