@@ -187,36 +187,14 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                         lambda bm=bm, w=w, st=st: sparse_paged_attention(
                             q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
                             pv_skip=False, launch=(w, st), use_tma=True, split=2))
-                # block coordinates (LUT entry, page id) read one iteration ahead
-                for w, st, split in ((4, 2, 1), (4, 3, 1), (4, 2, 2)) if tma else ():
-                    row["launch_sweep_ms"][f"prefetch_split{split}_w{w}s{st}_tma1"] = bench(
-                        lambda bm=bm, w=w, st=st, split=split: sparse_paged_attention(
+            # FlashAttention-4's conditional rescaling (acc rescaled only when a row max grows
+            # by more than 8 log2 units) on and off, whatever the default for these pages
+            for lz in (0.0, 8.0):
+                for w, st in ((4, 2), (4, 3)) if page % BLKK == 0 else ((8, 3), (4, 2)):
+                    row["launch_sweep_ms"][f"lazy{int(lz)}_w{w}s{st}"] = bench(
+                        lambda bm=bm, w=w, st=st, lz=lz: sparse_paged_attention(
                             q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
-                            pv_skip=False, launch=(w, st), use_tma=True, split=split,
-                            prefetch=True))
-                # Triton's warp specialisation of the off-band loop (may not lower on Hopper)
-                for w, st in ((4, 2), (4, 3), (8, 2)) if tma else ():
-                    try:
-                        row["launch_sweep_ms"][f"ws_w{w}s{st}_tma1"] = bench(
-                            lambda bm=bm, w=w, st=st: sparse_paged_attention(
-                                q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
-                                pv_skip=False, launch=(w, st), use_tma=True,
-                                warp_specialize=True))
-                    except Exception as e:  # noqa: BLE001 - a variant that fails to compile
-                        row["launch_sweep_ms"][f"ws_w{w}s{st}_tma1"] = f"failed: {e}"[:200]
-            # FlashAttention-4's conditional rescaling: acc rescaled only when a row max grows
-            # by more than 8 log2 units
-            for w, st in ((4, 2), (4, 3)) if page % BLKK == 0 else ((8, 3), (4, 2)):
-                row["launch_sweep_ms"][f"lazy8_w{w}s{st}"] = bench(
-                    lambda bm=bm, w=w, st=st: sparse_paged_attention(
-                        q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
-                        pv_skip=False, launch=(w, st), lazy_rescale=8.0))
-            if page % BLKK:  # experimental TMA loads of blocks over 2 or 4 pages
-                for w, st, split in ((4, 2, 1), (8, 3, 1), (4, 2, 2), (4, 3, 2)):
-                    row["launch_sweep_ms"][f"subpage_tma_split{split}_w{w}s{st}"] = bench(
-                        lambda bm=bm, w=w, st=st, split=split: sparse_paged_attention(
-                            q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
-                            pv_skip=False, launch=(w, st), use_tma=True, split=split))
+                            pv_skip=False, launch=(w, st), lazy_rescale=lz))
             # key blocks of 128 (a dense map in those units): what a wider tile would buy
             bm128 = dense_block_map(length, 128)
             for w, st in ((4, 2), (8, 2), (8, 3)):
@@ -234,11 +212,11 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
         if SWEEP and name == "defaults_pv8":
             # the PV-skip variant spills at 4 warps (scripts/aot_compile_check.py), not at 8
             row["launch_sweep_ms"] = {
-                f"pv{'_eager_v' if eager else ''}_w{w}s{st}": bench(
-                    lambda bm=bm, pv=pv, w=w, st=st, eager=eager: sparse_paged_attention(
+                f"pv_w{w}s{st}": bench(
+                    lambda bm=bm, pv=pv, w=w, st=st: sparse_paged_attention(
                         q, kc, vc, batch, bm, scale, pv, out, check_finite=False, pv_skip=True,
-                        launch=(w, st), pv_eager_v=eager))
-                for w, st in ((4, 2), (8, 2), (8, 3)) for eager in (False, True)
+                        launch=(w, st)))
+                for w, st in ((4, 2), (8, 2), (8, 3))
             }
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -278,10 +256,11 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                             fused_launch=FusedLaunch(sp, (w, st), pp * sms)))
                     for sp, w, st, pp in FUSED_SWEEP[page % BLKK == 0]
                 }
-                frow["launch_sweep_ms"]["fused_lazy8"] = bench(
-                    lambda sim=sim, cdf=cdf, pv=pv: sparge_paged_prefill(
-                        q, kc, vc, batch, scale, sim, cdf, pv, out, check_finite=False,
-                        pv_skip=False, fused=True, fused_launch=FusedLaunch(lazy_rescale=8.0)))
+                for lz in (0.0, 8.0):
+                    frow["launch_sweep_ms"][f"fused_lazy{int(lz)}"] = bench(
+                        lambda sim=sim, cdf=cdf, pv=pv, lz=lz: sparge_paged_prefill(
+                            q, kc, vc, batch, scale, sim, cdf, pv, out, check_finite=False,
+                            pv_skip=False, fused=True, fused_launch=FusedLaunch(lazy_rescale=lz)))
             results.append(frow)
             print(json.dumps(frow), flush=True)
 

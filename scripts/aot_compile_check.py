@@ -68,14 +68,14 @@ def compile_kernel(fn, types, constexprs, num_warps, num_stages, arch=90) -> str
     return f"{_resource_usage(k.asm['cubin'])}, {k.metadata.shared} B shared (Triton)"
 
 
-def _types(dtype: str, d: int, tma: bool, box_rows: int = BLKK) -> dict[str, str]:
+def _types(dtype: str, d: int, tma: bool) -> dict[str, str]:
     types = {n: f"*{dtype}" for n in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr",
                                       "key_cache_ptr")}
     types.update({n: "*fp32" for n in ("pk_ptr", "ksim_ptr", "sim_ptr", "cdf_ptr", "pv_ptr",
                                        "mu_ptr", "ksum_ptr")})
     types.update({"lut_ptr": "*i16", "scratch_ptr": "*i16"})
     if tma:
-        types.update({n: f"tensordesc<{dtype}[{box_rows},{d}]>" for n in ("k_desc", "v_desc")})
+        types.update({n: f"tensordesc<{dtype}[{BLKK},{d}]>" for n in ("k_desc", "v_desc")})
     return types
 
 
@@ -112,22 +112,14 @@ def main() -> None:
         for warps, stages in ((4, 2), (8, 2)):
             check(f"attention pv_skip={pv} split={split} warps={warps}",
                   attention._sparse_attn_kernel,
-                  dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=pv, WARP_SPEC=False, SPLIT=split,
+                  dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=pv, SPLIT=split,
                        LAZY=_lazy(pv)), warps, stages)
-    for warps in (4, 8):  # experimental: V loaded before the PV-skip decision
-        check(f"attention pv_skip=True eager V warps={warps}", attention._sparse_attn_kernel,
-              dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=True, WARP_SPEC=False, SPLIT=1,
-                   PV_EAGER_V=True), warps, 2)
-    for split in (1, 2):  # experimental: block coordinates read one iteration ahead
-        check(f"attention prefetch split={split} warps=4", attention._sparse_attn_kernel,
-              dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=split,
-                   PREFETCH=True), 4, 2)
     for split in (1, 2):  # the former default: a rescale every block (no lazy rescaling)
         check(f"attention eager rescale split={split} warps=4", attention._sparse_attn_kernel,
-              dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=split, LAZY=0.0),
+              dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, SPLIT=split, LAZY=0.0),
               4, 2)
     check("attention head-major order", attention._sparse_attn_kernel,
-          dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, WARP_SPEC=False, SPLIT=1, KV_MAJOR=False,
+          dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, SPLIT=1, KV_MAJOR=False,
                LAZY=attention.LAZY_RESCALE), 4, 2)
     # the other layouts the backend serves, at their launch parameters: fp16, head dim 64, pages
     # that are not a multiple of the key block (pointer loads instead of TMA)
@@ -143,19 +135,11 @@ def main() -> None:
                   attention._sparse_attn_kernel,
                   dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
                        PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=tma, PV_SKIP=pv,
-                       WARP_SPEC=False, SPLIT=split, LAZY=_lazy(pv, tma, dim), **extra), warps,
+                       SPLIT=split, LAZY=_lazy(pv, tma, dim), **extra), warps,
                   stages,
                   types=layout_types)
         check(f"kblock {dtype} D{dim} page {page}", predictor._kblock_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4, types=layout_types)
-    # experimental: TMA loads of key blocks over 2 or 4 pages (benchmarks only)
-    for page in (16, 32):
-        for pv, split, warps, stages in ((False, 1, 4, 2), (True, 1, 4, 2), (False, 1, 8, 3),
-                                         (False, 2, 4, 2)):
-            check(f"attention sub-page TMA page {page} pv_skip={pv} split={split} warps={warps}",
-                  attention._sparse_attn_kernel,
-                  dict(attn2, PAGE=page, BLOCK_Q=BLKQ, PV_SKIP=pv, WARP_SPEC=False, SPLIT=split),
-                  warps, stages, types=_types("bf16", d, True, page))
     for nkb_pad in args.nkb_pad:
         dc, warps = predictor._select_launch_params(nkb_pad)
         for topk in (False, True):

@@ -28,7 +28,6 @@ from sparge_serve.kernels.geometry import (
 from sparge_serve.kernels.predictor import (
     BlockMap,
     _load_kv_block,
-    _page_box,
     _select_dc,
     _select_row,
     check_head_thresholds,
@@ -115,76 +114,13 @@ def _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr, UPCAST: tl
 
 
 @triton.jit
-def _page_scores(q, k_desc, bt_row, j, i, seq_len, col, q_pos,
-                 PAGE: tl.constexpr, NSUB: tl.constexpr, CAUSAL: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    """Raw scores ``[rows, PAGE]`` of the ``i``-th page of key block ``j`` (one TMA box; pages
-    past ``seq_len`` read page 0 and, like every key past a query's position, are masked with
-    ``CAUSAL``)."""
-    p = j * NSUB + i
-    qk = _dot(q, tl.trans(_page_box(k_desc, bt_row, p, seq_len, col, PAGE)), UPCAST)
-    if CAUSAL:
-        k_pos = p * PAGE + tl.arange(0, PAGE)
-        qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
-    return qk
-
-
-@triton.jit
-def _page_values(v_desc, bt_row, j, i, seq_len, col, PAGE: tl.constexpr, NSUB: tl.constexpr,
-                 ZERO_TAIL: tl.constexpr):
-    """Values ``[PAGE, D]`` of the ``i``-th page of key block ``j``; with ``ZERO_TAIL`` rows past
-    ``seq_len`` are zero (stale page contents could be NaN, and 0 * NaN = NaN)."""
-    p = j * NSUB + i
-    v = _page_box(v_desc, bt_row, p, seq_len, col, PAGE)
-    if ZERO_TAIL:
-        v = tl.where((p * PAGE + tl.arange(0, PAGE) < seq_len)[:, None], v, 0.0)
-    return v
-
-
-@triton.jit
-def _four_page_scores(q, k_desc, bt_row, j, seq_len, col, q_pos, PAGE: tl.constexpr,
-                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
-    """The four page tiles of raw scores of key block ``j`` (see :func:`_page_scores`)."""
-    return (_page_scores(q, k_desc, bt_row, j, 0, seq_len, col, q_pos, PAGE, 4, CAUSAL, UPCAST),
-            _page_scores(q, k_desc, bt_row, j, 1, seq_len, col, q_pos, PAGE, 4, CAUSAL, UPCAST),
-            _page_scores(q, k_desc, bt_row, j, 2, seq_len, col, q_pos, PAGE, 4, CAUSAL, UPCAST),
-            _page_scores(q, k_desc, bt_row, j, 3, seq_len, col, q_pos, PAGE, 4, CAUSAL, UPCAST))
-
-
-@triton.jit
-def _row_max4(s0, s1, s2, s3):
-    """Row maxima over four page tiles of scores (the block's row maxima)."""
-    return tl.maximum(tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1)),
-                      tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
-
-
-@triton.jit
-def _four_page_update(acc, l_i, m_i, s0, s1, s2, s3, v_desc, bt_row, j, seq_len, col, qk_scale,
-                      PAGE: tl.constexpr, ZERO_TAIL: tl.constexpr, UPCAST: tl.constexpr):
-    """One flash-attention step over a key block held as four page tiles of scores ``s0..s3``
-    (``[rows, PAGE]``): one rescale for the block, then four ``P.V`` products into ``acc``."""
-    m_new = tl.maximum(m_i, _row_max4(s0, s1, s2, s3) * qk_scale)
-    alpha = tl.exp2(m_i - m_new)
-    acc = acc * alpha[:, None]
-    l_i = l_i * alpha
-    for i in tl.static_range(4):
-        si = s0 if i == 0 else (s1 if i == 1 else (s2 if i == 2 else s3))
-        p = tl.exp2(si * qk_scale - m_new[:, None])
-        l_i += tl.sum(p, axis=1)
-        v = _page_values(v_desc, bt_row, j, i, seq_len, col, PAGE, 4, ZERO_TAIL)
-        acc = _pv_acc(p, v, acc, UPCAST)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _attend_row(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_row, lut_row, n_kept, pv_ptr, k_desc, v_desc,
     q_start, q_len, seq_len, b, m0, h,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr,
-    UPCAST: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-    PREFETCH: tl.constexpr = False, PV_EAGER_V: tl.constexpr = False, LAZY: tl.constexpr = 0.0,
+    UPCAST: tl.constexpr, USE_TMA: tl.constexpr, LAZY: tl.constexpr = 0.0,
 ):
     """Attention of query rows ``[m0, m0 + BLOCK_M)`` (inside query block ``b`` of ``BLOCK_Q``
     rows) of one q-head ``h`` of a request over the block's ``n_kept`` kept key blocks
@@ -218,38 +154,6 @@ def _attend_row(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_skipped = 0
-    if USE_TMA and PAGE * 4 == BLOCK_N:
-        # NOTE: experimental (benchmarks only): 16-token pages with TMA. A key block is four page
-        # boxes; scores and P.V run per page tile (no tile concatenation in registers), with one
-        # softmax rescale per block, so the block semantics (PV skip included) stay the same.
-        col = kvh * stride_head
-        if PV_SKIP:
-            pv_thr = tl.load(pv_ptr + h)
-        for t in range(0, n_off):  # off-band kept blocks: no mask
-            j = tl.load(lut_row + t).to(tl.int32)
-            s0, s1, s2, s3 = _four_page_scores(q, k_desc, bt_row, j, seq_len, col, q_pos, PAGE,
-                                               False, UPCAST)
-            skip = False
-            if PV_SKIP:  # the two-kernel path's rule, on the block's row maxima
-                mx = _row_max4(s0, s1, s2, s3)
-                negligible = tl.where(m_real, mx * qk_scale - m_i <= -pv_thr, 1)
-                skip = (t > 0) & (pv_thr < PV_OFF) & (tl.min(negligible, axis=0) > 0)
-            if skip:
-                n_skipped += 1
-            else:
-                acc, l_i, m_i = _four_page_update(acc, l_i, m_i, s0, s1, s2, s3, v_desc, bt_row,
-                                                  j, seq_len, col, qk_scale, PAGE, False, UPCAST)
-        for j in range(j_diag0, n_valid):  # diagonal band: always computed, causal mask
-            s0, s1, s2, s3 = _four_page_scores(q, k_desc, bt_row, j, seq_len, col, q_pos, PAGE,
-                                               True, UPCAST)
-            acc, l_i, m_i = _four_page_update(acc, l_i, m_i, s0, s1, s2, s3, v_desc, bt_row, j,
-                                              seq_len, col, qk_scale, PAGE, True, UPCAST)
-        out = acc / l_i[:, None]
-        tl.store(
-            out_ptr + q_tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty), mask=m_real[:, None],
-        )
-        return n_skipped
     # off-band kept blocks: no mask
     if PV_SKIP:
         pv_thr = tl.load(pv_ptr + h)
@@ -262,38 +166,14 @@ def _attend_row(
             # running max; never the first block of the row.
             negligible = tl.where(m_real, tl.max(qk, axis=1) * qk_scale - m_i <= -pv_thr, 1)
             skip = (t > 0) & (pv_thr < PV_OFF) & (tl.min(negligible, axis=0) > 0)
-            # NOTE: PV_EAGER_V (experimental, benchmarks only) loads V before the decision, so
-            # its load pipelines like K's; a skip then saves the exponentials and P.V only.
-            if PV_EAGER_V:
-                v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                                   stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
             if skip:
                 n_skipped += 1
             else:
-                if not PV_EAGER_V:
-                    v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page,
-                                       stride_tok, stride_head, offs_n, offs_d, PAGE, BLOCK_N,
-                                       v_desc, USE_TMA)
+                v = _load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
+                                   stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
                 acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
-    elif PREFETCH and USE_TMA and PAGE % BLOCK_N == 0:
-        # NOTE: experimental (benchmarks only): the next block's LUT entry and page id are read
-        # one iteration ahead, so the TMA coordinates of a block never wait on two dependent
-        # scalar loads at the top of its iteration.
-        col = kvh * stride_head
-        j_nxt = tl.load(lut_row, mask=n_off > 0, other=0).to(tl.int32)
-        pg_nxt = tl.load(bt_row + (j_nxt * BLOCK_N) // PAGE)
-        for t in tl.range(0, n_off, warp_specialize=WARP_SPEC):
-            j = j_nxt
-            pg = pg_nxt
-            j_nxt = tl.load(lut_row + t + 1, mask=t + 1 < n_off, other=0).to(tl.int32)
-            pg_nxt = tl.load(bt_row + (j_nxt * BLOCK_N) // PAGE)
-            row = pg * PAGE + (j * BLOCK_N) % PAGE
-            k = k_desc.load([row, col])
-            v = v_desc.load([row, col])
-            qk = _dot(q, tl.trans(k), UPCAST)
-            acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     else:
-        for t in tl.range(0, n_off, warp_specialize=WARP_SPEC):
+        for t in range(0, n_off):
             j = tl.load(lut_row + t).to(tl.int32)
             k = _load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
@@ -329,15 +209,14 @@ def _sparse_attn_kernel(
     NKB, NQB, num_heads, qk_scale,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, SPLIT: tl.constexpr,
-    PREFETCH: tl.constexpr = False, PV_EAGER_V: tl.constexpr = False, LAZY: tl.constexpr = 0.0,
+    USE_TMA: tl.constexpr, SPLIT: tl.constexpr, LAZY: tl.constexpr = 0.0,
     KV_MAJOR: tl.constexpr = True,
 ):
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
     if KV_MAJOR:
-        # experimental: programs in launch order walk one KV head's GQA group over its query
-        # blocks before the next KV head, so that the programs resident together read the keys
-        # of fewer KV heads (L2 reuse when their kept blocks differ)
+        # programs in launch order walk one KV head's GQA group over its query blocks before the
+        # next KV head, so that the programs resident together read the keys of fewer KV heads:
+        # L2 reuse when their kept blocks differ (docs/DESIGN.md, "Launch order")
         lin = tl.program_id(1) * num_heads + tl.program_id(0)
         per_kv = GROUP * NQB * SPLIT
         h = lin // per_kv * GROUP + lin % GROUP
@@ -360,7 +239,7 @@ def _sparse_attn_kernel(
         q_start, q_len, seq_len, b, m0, h,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
-        USE_TMA, WARP_SPEC, PREFETCH, PV_EAGER_V, LAZY,
+        USE_TMA, LAZY,
     )
     if t % SPLIT == 0:
         tl.store(skipped_ptr + row_id, n_skipped)
@@ -430,8 +309,7 @@ def _fused_sparge_kernel(
                         lut_row, n_kept, pv_ptr, k_desc, v_desc, q_start, q_len, seq_len, b, m0,
                         h, stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok,
                         stride_head, qk_scale, GROUP, BLOCK_M, BLOCK_M // SPLIT, BLOCK_N,
-                        HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST, USE_TMA, False, False, False,
-                        LAZY,
+                        HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST, USE_TMA, LAZY,
                     )
             tl.debug_barrier()  # every thread is done with the list before the next row's
         tl.store(count_ptr + row_id, n_kept)
@@ -449,11 +327,6 @@ def _tma_layout_ok(cache: torch.Tensor) -> bool:
     return bool(s_dim == 1 and rows_dense and aligned)
 
 
-def _sub_page_blocks(page: int, block_n: int) -> bool:
-    """Key blocks of 2 or 4 whole pages (the experimental sub-page TMA loads)."""
-    return page < block_n and block_n % page == 0 and block_n // page in (2, 4)
-
-
 def _tma_ok(q: torch.Tensor, cache: torch.Tensor, block_n: int) -> bool:
     """TMA block loads (the default) need whole key blocks inside one page and pages of whole
     token rows.
@@ -466,12 +339,12 @@ def _tma_ok(q: torch.Tensor, cache: torch.Tensor, block_n: int) -> bool:
 
 def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
     """2-D view ``[num_pages * page, used width of a token row]`` of a K or V cache view, in
-    boxes of ``[min(page, block_n), head_dim]``."""
+    boxes of ``[block_n, head_dim]``."""
     num_pages, page, num_kv_heads, head_dim = cache.shape
     s_tok, s_head = cache.stride(1), cache.stride(2)
     return TensorDescriptor(
         cache, shape=[num_pages * page, (num_kv_heads - 1) * s_head + head_dim],
-        strides=[s_tok, 1], block_shape=[min(page, block_n), head_dim],
+        strides=[s_tok, 1], block_shape=[block_n, head_dim],
     )
 
 
@@ -491,11 +364,10 @@ def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = No
     if not use_tma:
         return False, None, None
     page = key_cache.shape[1]
-    if not (page % block_n == 0 or _sub_page_blocks(page, block_n)) or not (
-            _tma_layout_ok(key_cache) and _tma_layout_ok(value_cache)):
-        raise ValueError(f"TMA loads need key blocks of {block_n} inside one page or over 2 or 4 "
-                         f"whole pages, and a cache of whole 16-byte aligned token rows; got "
-                         f"{page}-token pages with strides {tuple(key_cache.stride())}")
+    if page % block_n or not (_tma_layout_ok(key_cache) and _tma_layout_ok(value_cache)):
+        raise ValueError(f"TMA loads need key blocks of {block_n} inside one page and a cache of "
+                         f"whole 16-byte aligned token rows; got {page}-token pages with strides "
+                         f"{tuple(key_cache.stride())}")
     return True, *(_kv_descriptor(c, block_n) for c in (key_cache, value_cache))
 
 
@@ -556,10 +428,7 @@ def sparse_paged_attention(
     launch: tuple[int, int] | None = None,
     use_tma: bool | None = None,
     block_n: int = BLKK,
-    warp_specialize: bool = False,
     split: int | None = None,
-    prefetch: bool = False,
-    pv_eager_v: bool = False,
     lazy_rescale: float | None = None,
     kv_major: bool = True,
 ) -> torch.Tensor:
@@ -570,14 +439,10 @@ def sparse_paged_attention(
     ``[0, 0, pv_skipped_blocks]`` added on the device. ``pv_skip``: whether any head has PV skip
     on; ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds
     file and passes it). ``launch`` overrides (num_warps, num_stages), ``use_tma`` the choice of
-    TMA loads (``True`` on 16- or 32-token pages: the experimental per-page loads),
-    ``block_n`` the key-block width of ``block_map``, ``warp_specialize`` asks
-    Triton to warp-specialise the off-band loop (PV skip off) and ``split`` (1 or 2) runs each
-    query block as that many programs of ``BLKQ // split`` rows (PV skip off only; 2 avoids the
-    register spills of 128-row tiles at 4 warps) — for benchmarks only; ``None``: 2 for head dim
-    256 without PV skip, else 1. ``prefetch`` (TMA, PV skip off; benchmarks only) reads each
-    block's LUT entry and page id one iteration ahead; ``pv_eager_v`` (PV skip on; benchmarks
-    only) loads V before the skip decision, so that a skip saves only the math.
+    TMA loads (``False``: pointer loads), ``block_n`` the key-block width of ``block_map``, and
+    ``split`` (1 or 2) runs each query block as that many programs of ``BLKQ // split`` rows (PV
+    skip off only; 2 avoids the register spills of 128-row tiles at 4 warps) — for benchmarks
+    only; ``None``: 2 for head dim 256 without PV skip, else 1.
     ``lazy_rescale`` > 0 (PV skip off) rescales the accumulator only when a row's max grows by
     more than that many log2 units (``_lazy_softmax_update``); ``None``: :data:`LAZY_RESCALE`
     with TMA loads and head dim 128 without PV skip (where it was measured faster), else 0.
@@ -606,8 +471,7 @@ def sparse_paged_attention(
         nkb, nqb, num_heads, float(scale) * _LOG2E,
         GROUP=num_heads // num_kv_heads, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        WARP_SPEC=warp_specialize, SPLIT=split, PREFETCH=prefetch, PV_EAGER_V=pv_eager_v,
-        LAZY=lazy_rescale, KV_MAJOR=kv_major,
+        SPLIT=split, LAZY=lazy_rescale, KV_MAJOR=kv_major,
         num_warps=num_warps, num_stages=num_stages,
     )
     if stats is not None:

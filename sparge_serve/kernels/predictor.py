@@ -54,20 +54,6 @@ class BlockMap:
 
 
 @triton.jit
-def _stack_rows(a, b):
-    """``[R, C]`` tiles ``a`` over ``b``: ``[2R, C]``."""
-    x = tl.permute(tl.join(a, b), (2, 0, 1))  # [2, R, C]
-    return tl.reshape(x, (2 * a.shape[0], a.shape[1]))
-
-
-@triton.jit
-def _page_box(desc, bt_ptr, p, seq_len, col, PAGE: tl.constexpr):
-    """TMA box ``[PAGE, D]`` of the request's ``p``-th page (page 0 once past ``seq_len``)."""
-    page = tl.load(bt_ptr + p, mask=p * PAGE < seq_len, other=0)
-    return desc.load([page * PAGE, col])
-
-
-@triton.jit
 def _load_kv_block(
     cache_ptr, bt_ptr, j, seq_len, kvh,
     stride_page, stride_tok, stride_head,
@@ -78,29 +64,15 @@ def _load_kv_block(
     """Load key/value block ``j`` (``[BLOCK_N, D]``) of one request through its block table.
 
     Without TMA, rows at or past ``seq_len`` read as zeros. With TMA (``desc``: a 2-D descriptor
-    over ``[num_pages * PAGE, token row]`` with ``[min(PAGE, BLOCK_N), D]`` boxes, see
-    ``attention._kv_descriptor``; ``PAGE % BLOCK_N == 0``, or ``BLOCK_N`` = 2 or 4 pages) they
-    hold whatever the page holds, unless ``ZERO_TAIL`` (callers mask scores of such keys; values
-    must be zeroed).
+    over ``[num_pages * PAGE, token row]`` with ``[BLOCK_N, D]`` boxes, see
+    ``attention._kv_descriptor``; ``PAGE % BLOCK_N == 0``) they hold whatever the page holds,
+    unless ``ZERO_TAIL`` (callers mask scores of such keys; values must be zeroed).
     """
     pos = j * BLOCK_N + offs_n
     in_ctx = pos < seq_len
     if USE_TMA:
-        col = kvh * stride_head
-        if PAGE >= BLOCK_N:
-            page = tl.load(bt_ptr + (j * BLOCK_N) // PAGE)
-            x = desc.load([page * PAGE + (j * BLOCK_N) % PAGE, col])
-        else:
-            # NOTE: experimental (benchmarks only): a block spans BLOCK_N // PAGE pages, one box
-            # each, stacked along the rows. Pages past seq_len (maybe past the block table's
-            # row) read page 0: callers mask those rows like any page tail. (Attention runs
-            # four-page blocks per page tile instead: attention._attend_row.)
-            p0 = j * (BLOCK_N // PAGE)
-            x = _stack_rows(_page_box(desc, bt_ptr, p0, seq_len, col, PAGE),
-                            _page_box(desc, bt_ptr, p0 + 1, seq_len, col, PAGE))
-            if BLOCK_N // PAGE == 4:
-                x = _stack_rows(x, _stack_rows(_page_box(desc, bt_ptr, p0 + 2, seq_len, col, PAGE),
-                                               _page_box(desc, bt_ptr, p0 + 3, seq_len, col, PAGE)))
+        page = tl.load(bt_ptr + (j * BLOCK_N) // PAGE)
+        x = desc.load([page * PAGE + (j * BLOCK_N) % PAGE, kvh * stride_head])
         if ZERO_TAIL:
             x = tl.where(in_ctx[:, None], x, 0.0)
         return x
