@@ -202,6 +202,14 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                     lambda w=w, st=st, bm128=bm128: sparse_paged_attention(
                         q, kc, vc, batch, bm128, scale, pv_off, out, check_finite=False,
                         pv_skip=False, launch=(w, st), block_n=128))
+        if TIME_VARIANTS and not structured:
+            # experimental: a GQA group's rows per select program (pooled keys read once)
+            row["predictor_variants_ms"] = {
+                f"group_rows{g}": bench(lambda g=g, sim=sim, cdf=cdf, topk=c["topk"]:
+                                        predict_block_map(q, kc, batch, scale, sim, cdf, topk,
+                                                          check_finite=False, group_rows=g))
+                for g in (2, 4)
+            }
         if TIME_VARIANTS and not structured and page % BLKK == 0:
             row["variants_ms"] = {
                 v: bench(lambda bm=bm, kw=kw: sparse_paged_attention(
@@ -299,21 +307,31 @@ def write_reports(results, meta, out):
             f"{r.get('predictor_frac_of_fa3', float('nan')):.2%} | "
             f"{r['extra_mem_frac_of_kv']:.1%} |"
         )
-    varied = [r for r in results if "variants_ms" in r]
-    if varied:
-        names = list(varied[0]["variants_ms"])
-        lines += ["", "The defaults' alternatives (`--variants`, PV skip off): attention ms (fused: "
-                  "total), and in brackets the default's time over the alternative's.", "",
-                  "| length | page | config | default ms | " + " | ".join(names) + " |",
-                  "|---|---|---|---|" + "---|" * len(names)]
-        for r in varied:
-            t = r["attention_ms"]
-            lines.append(f"| {r['length']} | {r['page']} | {r['config']} | {t:.3f} | " + " | ".join(
-                f"{r['variants_ms'][n]:.3f} ({t / r['variants_ms'][n]:.3f}x)" for n in names)
-                + " |")
+    lines += _variants_table(
+        results, "variants_ms", "attention_ms", "The defaults' alternatives (`--variants`, PV "
+        "skip off): attention ms (fused: total), and in brackets the default's time over the "
+        "alternative's.")
+    lines += _variants_table(
+        results, "predictor_variants_ms", "predictor_ms", "Predictor options (`--variants`): "
+        "predictor ms, and in brackets the default's time over the option's.")
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(results, meta, out + ".png")
+
+
+def _variants_table(results, key: str, default_key: str, title: str) -> list[str]:
+    """Markdown lines of the rows' ``key`` timings ({name: ms}) against their ``default_key``."""
+    rows = [r for r in results if key in r]
+    if not rows:
+        return []
+    names = list(rows[0][key])
+    lines = ["", title, "", "| length | page | config | default ms | " + " | ".join(names) + " |",
+             "|---|---|---|---|" + "---|" * len(names)]
+    for r in rows:
+        t = r[default_key]
+        lines.append(f"| {r['length']} | {r['page']} | {r['config']} | {t:.3f} | " + " | ".join(
+            f"{r[key][n]:.3f} ({t / r[key][n]:.3f}x)" for n in names) + " |")
+    return lines
 
 
 def _series(rows, key):

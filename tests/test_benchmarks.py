@@ -53,6 +53,7 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
         if r["fa3_ms"] is None:
             del r["fa3_ms"]
     results[0]["variants_ms"] = {"head_major": 1.0, "eager_rescale": 2.6}
+    results[1]["predictor_variants_ms"] = {"group_rows2": 0.05, "group_rows4": 0.2}
     bench.attach_ratios(results)
     meta = dict(device="GPU", date="today", torch="2.11", triton="3.6", vllm="0.26.0",
                 command="cmd")
@@ -61,6 +62,7 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
     md = (tmp_path / "kernels.md").read_text()
     assert "| 32768 | 64 | topk_s0.5+fused | random | 0.500 | 0.100 | 0.800 | 1.000 | 1.11x |" in md
     assert "| 8192 | 64 | dense | 1.300 | 1.000 (1.300x) | 2.600 (0.500x) |" in md
+    assert "| 8192 | 64 | topk_s0.5 | 0.100 | 0.050 (2.000x) | 0.200 (0.500x) |" in md
     png = tmp_path / "kernels.png"
     assert png.stat().st_size > 10_000
     png.unlink()

@@ -175,6 +175,28 @@ def test_split_query_blocks_equal_whole_blocks(page, packed, device):
                                case.scale, head_vec(4.0, hq, device), out, pv_skip=True, split=2)
 
 
+@pytest.mark.parametrize("topk", [None, 0.3])
+def test_grouped_selection_gives_the_same_block_map(topk, device):
+    """group_rows (a GQA group's rows selected per program, pooled keys read once; experimental)
+    gives exactly the per-row kernel's block map: same counts, valid counts and kept lists, with
+    thresholds that differ per head (dense, sparse, extreme) and rows past short queries."""
+    case = make_paged_case(REQS_MIXED, 8, 2, 64, 16, torch.bfloat16, device, seed=2)
+    sim = torch.tensor([0.6, -1.0, 0.2, 1.0, 0.6, -1.0, 0.3, 0.6], device=device)
+    cdf = torch.tensor([0.9, 0.5, 1.0, 0.98, 1e-4, 0.9, 0.95, 0.99], device=device)
+    ref = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk)
+    real = ref.count > 0
+    for group_rows in (2, 4):
+        bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk,
+                               group_rows=group_rows)
+        assert torch.equal(bm.count, ref.count)
+        assert torch.equal(bm.n_valid[real], ref.n_valid[real])
+        keep = torch.arange(ref.lut.shape[-1], device=device) < ref.count[..., None]
+        assert torch.equal(bm.lut[keep], ref.lut[keep])
+    with pytest.raises(ValueError, match="group_rows must be a power of two dividing"):
+        predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf,
+                          group_rows=3)
+
+
 @pytest.mark.parametrize("page,packed,lazy", [(16, False, 8.0), (64, True, 8.0),
                                                (64, True, 0.5)])
 def test_lazy_rescale_changes_only_rounding(page, packed, lazy, device):
