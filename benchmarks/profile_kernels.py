@@ -26,13 +26,14 @@ from bench_kernels import HQ, make_inputs  # noqa: E402
 
 from sparge_serve.kernels import predict_block_map, sparse_paged_attention  # noqa: E402
 
-# name: (simthreshd1, cdfthreshd, topk, lazy_rescale); "fa3" is the baseline, FlashAttention-3
-# over the same paged cache (vLLM's build; its kernel is cutlass's ``device_kernel``)
+# name: (simthreshd1, cdfthreshd, topk, lazy_rescale: None = the default); "fa3" is the
+# baseline, FlashAttention-3 over the same paged cache (vLLM's build; its kernel is cutlass's
+# ``device_kernel``)
 CONFIGS = {
     "fa3": None,
-    "dense": (1.0, 1.0, None, 0.0),
-    "topk0.5": (-1.0, 1.0, 0.5, 0.0),
-    "dense_lazy8": (1.0, 1.0, None, 8.0),
+    "dense": (1.0, 1.0, None, None),  # the kernel's defaults (lazy rescaling on TMA loads)
+    "topk0.5": (-1.0, 1.0, 0.5, None),
+    "dense_eager": (1.0, 1.0, None, 0.0),  # a rescale every block
 }
 
 

@@ -26,7 +26,8 @@
 #   query_len  short chunks on a long context, sparse vs FA3 (-> $OUT/query_len.*)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 #   profile    Nsight Compute of the attention kernel and of FA3 (its cutlass device_kernel): dense
-#              and 50% top-k at 32K and 128K, dense with lazy_rescale at 32K (-> $OUT/ncu_*.log)
+#              and 50% top-k at 32K and 128K, dense with a rescale every block at 32K
+#              (-> $OUT/ncu_*.log)
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -140,7 +141,7 @@ for stage in "$@"; do
     profile)
         # NOTE: ncu reads hardware counters on Firecracker machines only (device KINDS.md);
         # --clock-control none leaves the clocks alone (METHOD.md)
-        for len_cfg in "32768 fa3 dense topk0.5 dense_lazy8" "131072 fa3 dense topk0.5"; do
+        for len_cfg in "32768 fa3 dense topk0.5 dense_eager" "131072 fa3 dense topk0.5"; do
             set -- $len_cfg
             len=$1; shift
             run "ncu_$len" ncu --profile-from-start off --clock-control none --set full \
