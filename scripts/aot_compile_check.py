@@ -157,6 +157,10 @@ def main() -> None:
             check(f"fused NKB_PAD={nkb_pad} pv_skip={pv}", attention._fused_sparge_kernel,
                   dict(attn, NKB_PAD=nkb_pad, DC=dc4, USE_TOPK=False, PV_SKIP=pv, SPLIT=1,
                        LAZY=_lazy(pv)), warps, stages)
+    check(f"fused kv-major NKB_PAD={args.nkb_pad[0]}", attention._fused_sparge_kernel,
+          dict(attn, NKB_PAD=args.nkb_pad[0], DC=predictor._select_dc(args.nkb_pad[0], 4),
+               USE_TOPK=False, PV_SKIP=False, SPLIT=1, LAZY=_lazy(False), KV_MAJOR=True),
+          *attention._fused_launch_params(d, True))
     check(f"fused eager rescale NKB_PAD={args.nkb_pad[0]}", attention._fused_sparge_kernel,
           dict(attn, NKB_PAD=args.nkb_pad[0], DC=predictor._select_dc(args.nkb_pad[0], 4),
                USE_TOPK=False, PV_SKIP=False, SPLIT=1, LAZY=0.0),
