@@ -383,9 +383,10 @@ def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
     """(num_warps, num_stages); pinned from benchmarks/bench_kernels.py --sweep (H200, head dim
     128): with TMA 4 warps / 2 stages (0.75x the time of 8/3); without (16-token pages) 8/3.
     4/2 was 8% faster there with every block kept, but 8-17% slower at 50-90% block sparsity
-    (benchmarks/results/kernels.md, notes), and PV skip spills at 4 warps. Head dim 256 (not yet
-    timed): 8 warps / 2 stages, the only setting whose [128, 256] fp32 accumulator fits (the AOT
-    check: spill-free with split=2, 165 KB of shared memory). Never autotuned at serve time."""
+    (benchmarks/results/history/kernels_v6_h200.md, notes), and PV skip spills at 4 warps. Head
+    dim 256 (not yet timed): 8 warps / 2 stages, the only setting whose [128, 256] fp32
+    accumulator fits (the AOT check: spill-free with split=2, 165 KB of shared memory). Never
+    autotuned at serve time."""
     if head_dim == 256:
         return (8, 2)
     if use_tma:
