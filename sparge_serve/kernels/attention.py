@@ -264,9 +264,9 @@ def _fused_sparge_kernel(
 
     Each program walks rows ``tile = pid, pid + P, ...`` (heaviest query blocks first; with
     ``KV_MAJOR`` request by request, one KV head's GQA group at a time, in alternating
-    directions); per row it
-    runs the selection (``_select_row``, the select kernel's exact code), writes the kept list to
-    its own scratch row ``[NKB]``, and attends over it (``_attend_row``). Extra memory: P rows.
+    directions); per row it runs the selection (``_select_row``, the select kernel's exact code),
+    writes the kept list to its own scratch row ``[NKB]``, and attends over it (``_attend_row``).
+    Extra memory: P rows.
     """
     pid = tl.program_id(0)
     lut_row = scratch_ptr + pid.to(tl.int64) * NKB

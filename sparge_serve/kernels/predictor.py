@@ -152,6 +152,19 @@ def _float_bits(i):
 
 
 @triton.jit
+def _q_norms(q_rows, m_real, HEAD_DIM: tl.constexpr, DC: tl.constexpr):
+    """Row norms ``[BLOCK_M]`` of a query block (``q_rows``: its rows' pointers), read in chunks
+    of ``DC`` dimensions."""
+    offs_c = tl.arange(0, DC)
+    sq = tl.zeros([q_rows.shape[0]], dtype=tl.float32)
+    for d0 in range(0, HEAD_DIM, DC):
+        qc = tl.load(q_rows + (d0 + offs_c)[None, :], mask=m_real[:, None], other=0.0)
+        qc = qc.to(tl.float32)
+        sq += tl.sum(qc * qc, axis=1)
+    return tl.maximum(tl.sqrt(sq), _EPS)
+
+
+@triton.jit
 def _select_row(
     q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
     stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
@@ -172,12 +185,7 @@ def _select_row(
     n_rows = tl.minimum(q_len - b * BLOCK_M, BLOCK_M).to(tl.float32)
     q_rows = q_ptr + (q_start + offs_m).to(tl.int64)[:, None] * stride_qt + h * stride_qh
     offs_c = tl.arange(0, DC)
-    sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for d0 in range(0, HEAD_DIM, DC):
-        qc = tl.load(q_rows + (d0 + offs_c)[None, :], mask=m_real[:, None], other=0.0)
-        qc = qc.to(tl.float32)
-        sq += tl.sum(qc * qc, axis=1)
-    norm = tl.maximum(tl.sqrt(sq), _EPS)
+    norm = _q_norms(q_rows, m_real, HEAD_DIM, DC)
 
     simthr = tl.load(sim_ptr + h)
     first = ctx + b * BLOCK_M
@@ -264,16 +272,12 @@ def _select_from_scores(s, q_sim, ksim_row, cdf_ptr, h, simthr, first, offs_j, v
 
 
 @triton.jit
-def _q_norms(q_rows, m_real, HEAD_DIM: tl.constexpr, DC: tl.constexpr):
-    """Row norms ``[BLOCK_M]`` of a query block (``q_rows``: its rows' pointers), read in chunks
-    of ``DC`` dimensions."""
-    offs_c = tl.arange(0, DC)
-    sq = tl.zeros([q_rows.shape[0]], dtype=tl.float32)
-    for d0 in range(0, HEAD_DIM, DC):
-        qc = tl.load(q_rows + (d0 + offs_c)[None, :], mask=m_real[:, None], other=0.0)
-        qc = qc.to(tl.float32)
-        sq += tl.sum(qc * qc, axis=1)
-    return tl.maximum(tl.sqrt(sq), _EPS)
+def _store_row(lut_ptr, count_ptr, nvalid_ptr, row_id, NKB, keep, n_valid, offs_j):
+    """A row's block map: its kept key blocks as an ascending list, their count, ``n_valid``."""
+    pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(lut_ptr + row_id.to(tl.int64) * NKB + pos, offs_j.to(tl.int16), mask=keep)
+    tl.store(count_ptr + row_id, tl.sum(keep.to(tl.int32), axis=0))
+    tl.store(nvalid_ptr + row_id, n_valid)
 
 
 @triton.jit(do_not_specialize=["NQB"], do_not_specialize_on_alignment=BATCH_PTRS)
@@ -342,11 +346,7 @@ def _select_group_kernel(
             tl.sum(tl.where(offs_g[:, None] == g, s, 0.0), axis=0),
             tl.sum(tl.where(offs_g == g, q_sim, 0.0), axis=0), ksim_ptr + rh * NKB, cdf_ptr, h,
             tl.load(sim_ptr + h), first, offs_j, valid, n_valid, scale, topk, BLOCK_N, USE_TOPK)
-        row_id = row0 + g * NQB
-        pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        tl.store(lut_ptr + row_id.to(tl.int64) * NKB + pos, offs_j.to(tl.int16), mask=keep)
-        tl.store(count_ptr + row_id, tl.sum(keep.to(tl.int32), axis=0))
-        tl.store(nvalid_ptr + row_id, n_valid)
+        _store_row(lut_ptr, count_ptr, nvalid_ptr, row0 + g * NQB, NKB, keep, n_valid, offs_j)
 
 
 @triton.jit(do_not_specialize=["NQB"], do_not_specialize_on_alignment=BATCH_PTRS)
@@ -374,11 +374,8 @@ def _select_kernel(
         stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
         GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK,
     )
-    offs_j = tl.arange(0, NKB_PAD)
-    pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    tl.store(lut_ptr + row_id.to(tl.int64) * NKB + pos, offs_j.to(tl.int16), mask=keep)
-    tl.store(count_ptr + row_id, tl.sum(keep.to(tl.int32), axis=0))
-    tl.store(nvalid_ptr + row_id, n_valid)
+    _store_row(lut_ptr, count_ptr, nvalid_ptr, row_id, NKB, keep, n_valid,
+               tl.arange(0, NKB_PAD))
 
 
 # --------------------------------------------------------------------------------------------
