@@ -48,14 +48,16 @@ FUSED_SWEEP = {
 SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
 FUSED = False  # --fused: also time the persistent select+attend kernel (rows "<config>+fused")
 # --variants: the defaults' alternatives (PV skip off), timed on every random-input config (dense
-# and top-k) of both kernels -> row["variants_ms"]: either launch order (the two-kernel path's
-# default is KV-major, the fused kernel's head-major), and a rescale every block (no lazy
-# rescaling)
+# and top-k) of both kernels -> row["variants_ms"]: either launch order (both kernels' default is
+# KV-major), a rescale every block (no lazy rescaling), and 8 warps capped at 128 registers per
+# thread, so that two programs share a multiprocessor (spills 856 B, AOT check)
 VARIANTS = {
     "head_major": dict(kv_major=False),
     "kv_major": dict(kv_major=True),
     "eager_rescale": dict(lazy_rescale=0.0),
     "head_major_eager_rescale": dict(kv_major=False, lazy_rescale=0.0),
+    "w8s2_reg128": dict(launch=(8, 2, 128)),
+    "w8s3_reg128": dict(launch=(8, 3, 128)),
 }
 TIME_VARIANTS = False
 
@@ -202,14 +204,6 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                     lambda w=w, st=st, bm128=bm128: sparse_paged_attention(
                         q, kc, vc, batch, bm128, scale, pv_off, out, check_finite=False,
                         pv_skip=False, launch=(w, st), block_n=128))
-        if TIME_VARIANTS and not structured:
-            # experimental: a GQA group's rows per select program (pooled keys read once)
-            row["predictor_variants_ms"] = {
-                f"group_rows{g}": bench(lambda g=g, sim=sim, cdf=cdf, topk=c["topk"]:
-                                        predict_block_map(q, kc, batch, scale, sim, cdf, topk,
-                                                          check_finite=False, group_rows=g))
-                for g in (2, 4)
-            }
         if TIME_VARIANTS and not structured and page % BLKK == 0:
             row["variants_ms"] = {
                 v: bench(lambda bm=bm, kw=kw: sparse_paged_attention(
@@ -311,9 +305,6 @@ def write_reports(results, meta, out):
         results, "variants_ms", "attention_ms", "The defaults' alternatives (`--variants`, PV "
         "skip off): attention ms (fused: total), and in brackets the default's time over the "
         "alternative's.")
-    lines += _variants_table(
-        results, "predictor_variants_ms", "predictor_ms", "Predictor options (`--variants`): "
-        "predictor ms, and in brackets the default's time over the option's.")
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(results, meta, out + ".png")

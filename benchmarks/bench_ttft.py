@@ -11,7 +11,9 @@ the structure of real text. TTFT = wall time of ``generate(max_tokens=1)`` for o
 of ``--repeats`` after a warm-up; block sparsity is read from the backend's GPU counters. Decode
 throughput = generated tokens / s for ``--decode-batch`` prompts of ``--decode-len`` tokens (512; a
 long one makes the attention, and so the page size, matter) x 256 new tokens
-(median of ``--decode-repeats`` runs).
+(median of ``--decode-repeats`` runs). ``--profile-lengths``: one more prefill of each such length
+under ``torch.profiler``, to split its TTFT into GPU kernel time and the rest (host work, launch
+gaps); the slowest kernels are listed.
 Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
 """
 
@@ -61,6 +63,27 @@ def _block_counters():
     return b[0], b[1]
 
 
+def profile_prefill(llm, prompt, params) -> dict:
+    """One ``generate`` under ``torch.profiler``: wall ms, summed GPU kernel ms (kernels of
+    every stream; overlapping kernels count twice) and the ten kernels with the most GPU time."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    # the kernels' own events (CPU ops also carry the device time of what they launched)
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return dict(wall_ms=wall * 1e3,
+                gpu_kernel_ms=sum(e.self_device_time_total for e in kernels) / 1e3,
+                top=[(e.key[:80], e.count, e.self_device_time_total / 1e3) for e in kernels[:10]])
+
+
 def worker(args) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -106,6 +129,8 @@ def worker(args) -> None:
                    ttft_all_s=times)
         if before is not None and after is not None and after[0] > before[0]:
             row["block_sparsity"] = 1.0 - (after[1] - before[1]) / (after[0] - before[0])
+        if length in args.profile_lengths:
+            row["profile"] = profile_prefill(llm, prompt, one)
         rows.append(row)
         print(json.dumps(row), flush=True)
     # decode throughput
@@ -172,6 +197,19 @@ def report(rows, meta, out) -> None:
                       f"median of {meta['decode_repeats']} runs), ratio to FLASH_ATTN: " + ", ".join(
                           f"{b} {v:.0f} tok/s ({v / base:.3f})" for b, v in dec.items()) + "."]
         meta["decode_ratio"] = dec.get("SPARGE", nan) / base
+    profiled = [r for r in rows if "profile" in r]
+    if profiled:
+        lines += ["", "One more prefill per backend under `torch.profiler` (`--profile-lengths`): "
+                  "wall ms, GPU kernel ms summed, and the rest (host work and launch gaps; the "
+                  "profiler's own overhead inflates it).", "",
+                  "| backend | length | wall ms | GPU kernel ms | rest ms | top kernels (ms) |",
+                  "|---|---|---|---|---|---|"]
+        for r in sorted(profiled, key=lambda r: (r["length"], r["backend"])):
+            p = r["profile"]
+            top = "; ".join(f"{name} x{n}: {ms:.2f}" for name, n, ms in p["top"][:4])
+            lines.append(f"| {r['backend']} | {r['length']} | {p['wall_ms']:.1f} | "
+                         f"{p['gpu_kernel_ms']:.1f} | {p['wall_ms'] - p['gpu_kernel_ms']:.1f} | "
+                         f"{top.replace('|', '/')} |")
     for b, why in meta["failed"].items():
         lines += ["", f"{b} did not run: {why}"]
     with open(out + ".md", "w") as f:
@@ -211,6 +249,8 @@ def main() -> None:
     ap.add_argument("--decode-batch", type=int, default=32)
     ap.add_argument("--decode-len", type=int, default=512)
     ap.add_argument("--decode-repeats", type=int, default=5)
+    ap.add_argument("--profile-lengths", type=int, nargs="*", default=[],
+                    help="also profile one prefill of these lengths (torch.profiler)")
     ap.add_argument("--out", default="benchmarks/results/ttft")
     ap.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "SPARGE"],
                     help="vLLM attention backends (NAME, NAME@PAGE_SIZE, SPARGE+fused for the fused "
@@ -237,6 +277,7 @@ def main() -> None:
             if v is not None:
                 cmd += [f"--{k.replace('_', '-')}", str(v)]
         cmd += ["--lengths", *map(str, args.lengths)]
+        cmd += ["--profile-lengths", *map(str, args.profile_lengths)]
         proc = subprocess.run(cmd, check=False, stderr=subprocess.PIPE, text=True)
         sys.stderr.write(proc.stderr[-20000:])
         if proc.returncode != 0:

@@ -145,21 +145,15 @@ def main() -> None:
         for topk in (False, True):
             check(f"select NKB_PAD={nkb_pad} topk={topk}", predictor._select_kernel,
                   dict(common, NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk), warps)
-        for sel_g in (2, 4):  # experimental: a GQA group's rows per program (predict_block_map)
-            gw = predictor._select_launch_params(nkb_pad * sel_g)[1]
-            check(f"select group_rows={sel_g} NKB_PAD={nkb_pad} topk=True",
-                  predictor._select_group_kernel,
-                  dict(common, SEL_G=sel_g, NKB_PAD=nkb_pad, DC=predictor._select_dc(nkb_pad, gw),
-                       USE_TOPK=True), gw)
         dc4 = predictor._select_dc(nkb_pad, 4)
         warps, stages = attention._fused_launch_params(d, True)
         for pv in (False, True):
             check(f"fused NKB_PAD={nkb_pad} pv_skip={pv}", attention._fused_sparge_kernel,
                   dict(attn, NKB_PAD=nkb_pad, DC=dc4, USE_TOPK=False, PV_SKIP=pv, SPLIT=1,
                        LAZY=_lazy(pv)), warps, stages)
-    check(f"fused kv-major NKB_PAD={args.nkb_pad[0]}", attention._fused_sparge_kernel,
+    check(f"fused head-major NKB_PAD={args.nkb_pad[0]}", attention._fused_sparge_kernel,
           dict(attn, NKB_PAD=args.nkb_pad[0], DC=predictor._select_dc(args.nkb_pad[0], 4),
-               USE_TOPK=False, PV_SKIP=False, SPLIT=1, LAZY=_lazy(False), KV_MAJOR=True),
+               USE_TOPK=False, PV_SKIP=False, SPLIT=1, LAZY=_lazy(False), KV_MAJOR=False),
           *attention._fused_launch_params(d, True))
     check(f"fused eager rescale NKB_PAD={args.nkb_pad[0]}", attention._fused_sparge_kernel,
           dict(attn, NKB_PAD=args.nkb_pad[0], DC=predictor._select_dc(args.nkb_pad[0], 4),

@@ -18,11 +18,11 @@
 #   tp2_calib  calibration capture TP 2 = TP 1 (2 GPUs)
 #   sweep      kernel launch-config sweep at 32K (exploration; -> $OUT/kernels_sweep.*)
 #   kernels    the kernel benchmark, with the defaults' alternatives (-> $OUT/kernels.*)
-#   variants   the defaults' alternatives and the grouped selection at 32K and 128K
-#              (-> $OUT/kernels_variants.*)
+#   variants   the defaults' alternatives alone at 32K and 128K (-> $OUT/kernels_variants.*)
 #   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
-#   ttft       TTFT / decode benchmark with $THRESHOLDS, decode prompts of $DECODE_LEN tokens
-#              (-> $OUT/ttft.*)
+#   ttft       TTFT / decode benchmark with $THRESHOLDS, decode prompts of $DECODE_LEN tokens,
+#              backends $TTFT_BACKENDS, torch.profiler split of one prefill at each length of
+#              $TTFT_PROFILE (-> $OUT/ttft.*)
 #   query_len  short chunks on a long context, sparse vs FA3 (-> $OUT/query_len.*)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 #   profile    Nsight Compute of the attention kernel and of FA3 (its cutlass device_kernel): dense
@@ -129,7 +129,7 @@ for stage in "$@"; do
     ttft)
         run ttft python3 benchmarks/bench_ttft.py --model "$MODEL" --thresholds "$THRESHOLDS" \
             --backends ${TTFT_BACKENDS:-FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE SPARGE+fused} \
-            --decode-len "${DECODE_LEN:-512}" --out "$OUT/ttft"
+            --decode-len "${DECODE_LEN:-512}" --profile-lengths ${TTFT_PROFILE:-} --out "$OUT/ttft"
         ;;
     query_len)
         run query_len python3 benchmarks/bench_query_len.py --out "$OUT/query_len"

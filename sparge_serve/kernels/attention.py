@@ -258,7 +258,7 @@ def _fused_sparge_kernel(
     NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, SPLIT: tl.constexpr = 1, LAZY: tl.constexpr = 0.0,
-    KV_MAJOR: tl.constexpr = False,
+    KV_MAJOR: tl.constexpr = True,
 ):
     """Selection and attention in one persistent kernel: no block map in device memory.
 
@@ -434,7 +434,7 @@ def sparse_paged_attention(
     stats: torch.Tensor | None = None,
     check_finite: bool = True,
     pv_skip: bool | None = None,
-    launch: tuple[int, int] | None = None,
+    launch: tuple[int, ...] | None = None,
     use_tma: bool | None = None,
     block_n: int = BLKK,
     split: int | None = None,
@@ -447,7 +447,8 @@ def sparse_paged_attention(
     ``[Hq]`` (>= 50 disables PV skip). ``stats`` (int64 ``[3]``), if given, gets
     ``[0, 0, pv_skipped_blocks]`` added on the device. ``pv_skip``: whether any head has PV skip
     on; ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds
-    file and passes it). ``launch`` overrides (num_warps, num_stages), ``use_tma`` the choice of
+    file and passes it). ``launch`` overrides (num_warps, num_stages[, maxnreg]) (see
+    :func:`_launch_options`), ``use_tma`` the choice of
     TMA loads (``False``: pointer loads), ``block_n`` the key-block width of ``block_map``, and
     ``split`` (1 or 2) runs each query block as that many programs of ``BLKQ // split`` rows (PV
     skip off only; 2 avoids the register spills of 128-row tiles at 4 warps) — for benchmarks
@@ -471,7 +472,7 @@ def sparse_paged_attention(
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
     split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
-    num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
+    opts = _launch_options(launch or _attn_launch_params(head_dim, use_tma))
     _sparse_attn_kernel[(num_heads, nqb * split, nreq)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         block_map.lut, block_map.count, pvthreshd, skipped, k_desc, v_desc,
@@ -480,8 +481,7 @@ def sparse_paged_attention(
         nkb, nqb, num_heads, float(scale) * _LOG2E,
         GROUP=num_heads // num_kv_heads, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        SPLIT=split, LAZY=lazy_rescale, KV_MAJOR=kv_major,
-        num_warps=num_warps, num_stages=num_stages,
+        SPLIT=split, LAZY=lazy_rescale, KV_MAJOR=kv_major, **opts,
     )
     if stats is not None:
         # rows past a request's query never ran: their slots are garbage, mask them by count
@@ -489,23 +489,34 @@ def sparse_paged_attention(
     return out
 
 
+def _launch_options(launch: tuple[int, ...]) -> dict[str, int]:
+    """Triton launch options from ``(num_warps, num_stages[, maxnreg])``: ``maxnreg`` caps the
+    registers per thread (experimental; 128 at 8 warps lets two programs share a multiprocessor,
+    at the price of spills)."""
+    if len(launch) not in (2, 3):
+        raise ValueError(f"launch must be (num_warps, num_stages[, maxnreg]); got {launch}")
+    opts = dict(num_warps=launch[0], num_stages=launch[1])
+    if len(launch) == 3:
+        opts["maxnreg"] = launch[2]
+    return opts
+
+
 @dataclass(frozen=True)
 class FusedLaunch:
     """The fused kernel's launch knobs, for the benchmark's sweep (``None``: the default):
     ``split`` (1 or 2; 2 only with PV skip off) attends each query block as that many row parts,
-    ``launch`` is (num_warps, num_stages), ``programs`` the persistent grid, ``lazy_rescale``
-    and ``kv_major`` as :func:`sparse_paged_attention`'s (``kv_major``: the order of rows, off by
-    default here)."""
+    ``launch`` is (num_warps, num_stages[, maxnreg]), ``programs`` the persistent grid, ``lazy_rescale``
+    and ``kv_major`` as :func:`sparse_paged_attention`'s (``kv_major``: the order of rows)."""
 
     split: int | None = None
-    launch: tuple[int, int] | None = None
+    launch: tuple[int, ...] | None = None
     programs: int | None = None
     lazy_rescale: float | None = None  # as sparse_paged_attention's
-    # NOTE: head-major by default: the persistent grid's static striding (row pid, pid + P, ...)
-    # with the KV-major order handed each program the same place in every KV head's rows, e.g.
-    # always the heaviest query block: 1.3x slower at 8K (H200), 1.15x faster at 128K, 50%.
-    # KV-major now alternates the query-block direction between KV heads (not yet timed).
-    kv_major: bool = False
+    # NOTE: KV-major alternates the query-block direction between KV heads: with one direction,
+    # the persistent grid's static striding (row pid, pid + P, ...) handed each program the same
+    # place in every KV head's rows (always the heaviest query block): 1.3x slower at 8K. With
+    # alternation, 1.04-1.18x faster than head-major at 32K-128K (H200, session 13 variants).
+    kv_major: bool = True
 
 
 def max_fused_programs(device: torch.device | str) -> int:
@@ -569,8 +580,8 @@ def sparge_paged_prefill(
     n_valid, skipped = torch.empty_like(count), torch.empty_like(count)
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, BLKK)
     split, lazy = _row_parts(fl.split, head_dim, pv_skip, fl.lazy_rescale, use_tma)
-    num_warps, num_stages = fl.launch or _fused_launch_params(head_dim, use_tma)
-    dc = _select_dc(pooled.nkb_pad, num_warps)
+    opts = _launch_options(fl.launch or _fused_launch_params(head_dim, use_tma))
+    dc = _select_dc(pooled.nkb_pad, opts["num_warps"])
     _fused_sparge_kernel[(programs,)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         pooled.pk, pooled.ksim, simthreshd1, cdfthreshd, pvthreshd, scratch, count, n_valid,
@@ -582,7 +593,7 @@ def sparge_paged_prefill(
         GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
         NKB_PAD=pooled.nkb_pad, DC=dc, USE_TOPK=topk is not None,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        SPLIT=split, LAZY=lazy, KV_MAJOR=fl.kv_major, num_warps=num_warps, num_stages=num_stages,
+        SPLIT=split, LAZY=lazy, KV_MAJOR=fl.kv_major, **opts,
     )
     if stats is not None:
         stats[0] += n_valid.sum()

@@ -281,75 +281,6 @@ def _store_row(lut_ptr, count_ptr, nvalid_ptr, row_id, NKB, keep, n_valid, offs_
 
 
 @triton.jit(do_not_specialize=["NQB"], do_not_specialize_on_alignment=BATCH_PTRS)
-def _select_group_kernel(
-    q_ptr, qsl_ptr, seq_lens_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr,
-    lut_ptr, count_ptr, nvalid_ptr,
-    stride_qt, stride_qh,
-    NKB, NQB, num_heads, num_kv_heads, scale, topk,
-    GROUP: tl.constexpr, SEL_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
-):
-    """``_select_kernel`` for ``SEL_G`` q-heads of one KV head per program (experimental,
-    benchmarks only): their compressed scores share each chunk of pooled keys, which is read
-    from memory once instead of ``SEL_G`` times. Bit-identical scores (a row's sums run in the
-    same order; the other rows add exact zeros), then each row's selection as in
-    ``_select_row``."""
-    h0 = tl.program_id(0) * SEL_G
-    b = tl.program_id(1)
-    r = tl.program_id(2)
-    q_start = tl.load(qsl_ptr + r)
-    q_len = tl.load(qsl_ptr + r + 1) - q_start
-    seq_len = tl.load(seq_lens_ptr + r)
-    offs_g = tl.arange(0, SEL_G)
-    row0 = (r * num_heads + h0) * NQB + b
-    if b * BLOCK_M >= q_len:
-        tl.store(count_ptr + row0 + offs_g * NQB, tl.zeros([SEL_G], dtype=tl.int32))
-        tl.store(nvalid_ptr + row0 + offs_g * NQB, tl.zeros([SEL_G], dtype=tl.int32))
-        return
-    ctx = seq_len - q_len
-    rh = (r * num_kv_heads + h0 // GROUP).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
-    offs_m = b * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_real = offs_m < q_len
-    n_rows = tl.minimum(q_len - b * BLOCK_M, BLOCK_M).to(tl.float32)
-    q_tok = q_ptr + (q_start + offs_m).to(tl.int64)[:, None] * stride_qt
-    first = ctx + b * BLOCK_M
-    last = ctx + tl.minimum((b + 1) * BLOCK_M, q_len) - 1
-    n_valid = last // BLOCK_N + 1
-    offs_j = tl.arange(0, NKB_PAD)
-    valid = offs_j < n_valid
-    offs_c = tl.arange(0, DC)
-
-    norms = tl.zeros([SEL_G, BLOCK_M], dtype=tl.float32)
-    for g in tl.static_range(SEL_G):
-        norms += tl.where(offs_g[:, None] == g,
-                          _q_norms(q_tok + (h0 + g) * stride_qh, m_real, HEAD_DIM, DC)[None, :],
-                          0.0)
-    pk_head = pk_ptr + rh * HEAD_DIM * NKB
-    q_sim = tl.zeros([SEL_G], dtype=tl.float32)
-    s = tl.zeros([SEL_G, NKB_PAD], dtype=tl.float32)
-    for d0 in range(0, HEAD_DIM, DC):
-        pk = tl.load(
-            pk_head + (d0 + offs_c)[None, :] * NKB + offs_j[:, None],
-            mask=valid[:, None], other=0.0,
-        )
-        for g in tl.static_range(SEL_G):
-            qc = tl.load(q_tok + (h0 + g) * stride_qh + (d0 + offs_c)[None, :],
-                         mask=m_real[:, None], other=0.0).to(tl.float32)
-            norm = tl.sum(tl.where(offs_g[:, None] == g, norms, 0.0), axis=0)
-            mean_unit = tl.sum(qc / norm[:, None], axis=0) / n_rows
-            q_sim += tl.where(offs_g == g, tl.sum(mean_unit * mean_unit, axis=0), 0.0)
-            pq = tl.sum(qc, axis=0) / n_rows
-            s += tl.where(offs_g[:, None] == g, tl.sum(pk * pq[None, :], axis=1)[None, :], 0.0)
-    for g in tl.static_range(SEL_G):
-        h = h0 + g
-        keep, _ = _select_from_scores(
-            tl.sum(tl.where(offs_g[:, None] == g, s, 0.0), axis=0),
-            tl.sum(tl.where(offs_g == g, q_sim, 0.0), axis=0), ksim_ptr + rh * NKB, cdf_ptr, h,
-            tl.load(sim_ptr + h), first, offs_j, valid, n_valid, scale, topk, BLOCK_N, USE_TOPK)
-        _store_row(lut_ptr, count_ptr, nvalid_ptr, row0 + g * NQB, NKB, keep, n_valid, offs_j)
-
-
-@triton.jit(do_not_specialize=["NQB"], do_not_specialize_on_alignment=BATCH_PTRS)
 def _select_kernel(
     q_ptr, qsl_ptr, seq_lens_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr,
     lut_ptr, count_ptr, nvalid_ptr,
@@ -549,15 +480,12 @@ def predict_block_map(
     topk: float | None = None,
     stats: torch.Tensor | None = None,
     check_finite: bool = True,
-    group_rows: int = 1,
 ) -> BlockMap:
     """Stage 1 for a varlen prefill batch. See the module docstring and docs/DESIGN.md.
 
     ``q [num_tokens, Hq, D]`` holds the new tokens of every request (``batch.query_start_loc``);
     ``key_cache [num_pages, page_size, Hkv, D]``. ``stats`` (int64 ``[3]``), if given, gets
-    ``[valid_blocks, kept_blocks, 0]`` added on the device. ``group_rows`` > 1 (a power of two
-    dividing the GQA group; experimental, benchmarks only) selects that many q-heads' rows per
-    program, which read their KV head's pooled keys once (``_select_group_kernel``; same map).
+    ``[valid_blocks, kept_blocks, 0]`` added on the device.
     """
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -571,24 +499,13 @@ def predict_block_map(
     lut = torch.empty(nreq, num_heads, nqb, nkb_stride, dtype=torch.int16, device=dev)
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=dev)
     n_valid = torch.empty_like(count)
-    group = num_heads // num_kv_heads
-    if group_rows < 1 or group % group_rows or group_rows & (group_rows - 1):
-        raise ValueError(f"group_rows must be a power of two dividing the GQA group ({group}), "
-                         f"got {group_rows}")
     args = (q, batch.query_start_loc, batch.seq_lens, pk, ksim, simthreshd1, cdfthreshd,
             lut, count, n_valid, q.stride(0), q.stride(1),
             nkb_stride, nqb, num_heads, num_kv_heads, float(scale), float(topk or 1.0))
-    consts = dict(GROUP=group, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim, NKB_PAD=nkb_pad,
+    consts = dict(GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim, NKB_PAD=nkb_pad,
                   USE_TOPK=topk is not None)
-    if group_rows == 1:
-        dc, num_warps = _select_launch_params(nkb_pad)
-        _select_kernel[(num_heads, nqb, nreq)](*args, **consts, DC=dc, num_warps=num_warps)
-    else:
-        # the [group_rows, NKB_PAD] score tile counts like a wider selection tile
-        num_warps = _select_launch_params(nkb_pad * group_rows)[1]
-        _select_group_kernel[(num_heads // group_rows, nqb, nreq)](
-            *args, **consts, SEL_G=group_rows, DC=_select_dc(nkb_pad, num_warps),
-            num_warps=num_warps)
+    dc, num_warps = _select_launch_params(nkb_pad)
+    _select_kernel[(num_heads, nqb, nreq)](*args, **consts, DC=dc, num_warps=num_warps)
     if stats is not None:
         stats[0] += n_valid.sum()
         stats[1] += count.sum()
