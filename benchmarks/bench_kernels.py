@@ -49,15 +49,12 @@ SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, n
 FUSED = False  # --fused: also time the persistent select+attend kernel (rows "<config>+fused")
 # --variants: the defaults' alternatives (PV skip off), timed on every random-input config (dense
 # and top-k) of both kernels -> row["variants_ms"]: either launch order (both kernels' default is
-# KV-major), a rescale every block (no lazy rescaling), and 8 warps capped at 128 registers per
-# thread, so that two programs share a multiprocessor (spills 856 B, AOT check)
+# KV-major), and a rescale every block (no lazy rescaling)
 VARIANTS = {
     "head_major": dict(kv_major=False),
     "kv_major": dict(kv_major=True),
     "eager_rescale": dict(lazy_rescale=0.0),
     "head_major_eager_rescale": dict(kv_major=False, lazy_rescale=0.0),
-    "w8s2_reg128": dict(launch=(8, 2, 128)),
-    "w8s3_reg128": dict(launch=(8, 3, 128)),
 }
 TIME_VARIANTS = False
 

@@ -73,7 +73,7 @@ def _types(dtype: str, d: int, tma: bool) -> dict[str, str]:
                                       "key_cache_ptr")}
     types.update({n: "*fp32" for n in ("pk_ptr", "ksim_ptr", "sim_ptr", "cdf_ptr", "pv_ptr",
                                        "mu_ptr", "ksum_ptr")})
-    types.update({"lut_ptr": "*i16", "scratch_ptr": "*i16"})
+    types.update({"lut_ptr": "*i16", "scratch_ptr": "*i16", "stats_ptr": "*i64"})
     if tma:
         types.update({n: f"tensordesc<{dtype}[{BLKK},{d}]>" for n in ("k_desc", "v_desc")})
     return types

@@ -25,6 +25,8 @@
 #              $TTFT_PROFILE (-> $OUT/ttft.*)
 #   query_len  short chunks on a long context, sparse vs FA3 (-> $OUT/query_len.*)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
+#   host       host (CPU) time per attention call, sparse paths vs FA3, bench shapes and the
+#              tiny model's (-> $OUT/host_overhead.*, $OUT/host_overhead_tiny.*)
 #   profile    Nsight Compute of the attention kernel and of FA3 (its cutlass device_kernel): dense
 #              and 50% top-k at 32K and 128K, dense with a rescale every block at 32K
 #              (-> $OUT/ncu_*.log)
@@ -137,6 +139,11 @@ for stage in "$@"; do
     overhead)
         run overhead python3 benchmarks/metrics_overhead.py
         grep '"bench": "metrics_overhead"' "$OUT/overhead.log" | tail -n 1 > "$OUT/metrics_overhead.json"
+        ;;
+    host)
+        run host_overhead python3 benchmarks/host_overhead.py --out "$OUT/host_overhead"
+        run host_overhead_tiny python3 benchmarks/host_overhead.py --heads 8 2 \
+            --out "$OUT/host_overhead_tiny"
         ;;
     profile)
         # NOTE: ncu reads hardware counters on Firecracker machines only (device KINDS.md);

@@ -336,29 +336,6 @@ def test_fused_launch_knobs_keep_the_results(split, programs, device):
         assert (two.float() - fused.float()).abs().max().item() <= 2e-2
 
 
-@pytest.mark.parametrize("launch", [(8, 2, 128), (4, 2)])
-def test_register_cap_keeps_the_results(launch, device):
-    """A launch of (num_warps, num_stages, maxnreg) (the benchmark's 8 warps capped at 128
-    registers per thread: spills, never different math) gives the default launch's outputs, in
-    both kernels; a malformed launch tuple is refused."""
-    case = make_paged_case(REQS_MIXED, 4, 2, 128, 64, torch.bfloat16, device, seed=13)
-    two, fused = _fused_vs_two_kernels(case, "sparse_sim_neg1", device, launch=launch)
-    if device == "cpu":
-        assert torch.equal(two, fused)
-    else:
-        assert (two.float() - fused.float()).abs().max().item() <= 2e-2
-    sim, cdf, pv = (head_vec(x, 4, device) for x in (-1.0, 0.9, 50.0))
-    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf)
-    outs = [sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
-                                   case.scale, pv, torch.empty_like(case.q), launch=lw)
-            for lw in (None, launch)]
-    assert torch.equal(outs[0], outs[1]) if device == "cpu" else torch.allclose(
-        outs[0].float(), outs[1].float(), atol=2e-2)
-    with pytest.raises(ValueError, match=r"launch must be \(num_warps, num_stages\[, maxnreg\]\)"):
-        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
-                               case.scale, pv, torch.empty_like(case.q), launch=(8,))
-
-
 def test_fused_split_needs_pv_skip_off(device):
     case = make_paged_case(REQS_MIXED, 4, 2, 64, 16, torch.float16, device, seed=12)
     ths = [head_vec(x, 4, device) for x in (0.5, 0.9, 8.0)]

@@ -27,6 +27,7 @@ from sparge_serve.kernels.geometry import (
 )
 from sparge_serve.kernels.predictor import (
     BlockMap,
+    _count_blocks,
     _load_kv_block,
     _select_dc,
     _select_row,
@@ -35,6 +36,7 @@ from sparge_serve.kernels.predictor import (
     check_predictor_args,
     pool_keys,
     predict_block_map,
+    stats_buffer,
 )
 
 _LOG2E = 1.4426950408889634
@@ -200,10 +202,19 @@ def _attend_row(
     return n_skipped
 
 
+@triton.jit
+def _count_skipped(stats_ptr, n_skipped, PV_SKIP: tl.constexpr):
+    """Adds a row's PV-skipped blocks to the block counters' ``stats_ptr[2]`` (no atomic when
+    there are none)."""
+    if PV_SKIP:  # noqa: SIM102 - a constexpr test, then a runtime one
+        if n_skipped > 0:
+            tl.atomic_add(stats_ptr + 2, n_skipped.to(tl.int64), sem="relaxed")
+
+
 @triton.jit(do_not_specialize=["NQB", "stride_bt"], do_not_specialize_on_alignment=BATCH_PTRS)
 def _sparse_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
-    lut_ptr, count_ptr, pv_ptr, skipped_ptr, k_desc, v_desc,
+    lut_ptr, count_ptr, pv_ptr, skipped_ptr, stats_ptr, k_desc, v_desc,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_page, stride_tok, stride_head, stride_bt,
     NKB, NQB, num_heads, qk_scale,
@@ -241,15 +252,18 @@ def _sparse_attn_kernel(
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
         USE_TMA, LAZY,
     )
+    # NOTE: the per-row store is kept for its effect on ptxas: without it, the PV-off kernel
+    # spills 1752 B instead of 544 (AOT check); the counters get the sum by atomic
     if t % SPLIT == 0:
         tl.store(skipped_ptr + row_id, n_skipped)
+    _count_skipped(stats_ptr, n_skipped, PV_SKIP)  # (SPLIT is 1 with PV skip)
 
 
 @triton.jit(do_not_specialize=["NQB", "stride_bt", "num_reqs", "n_tiles"],
             do_not_specialize_on_alignment=BATCH_PTRS)
 def _fused_sparge_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
-    pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, pv_ptr, scratch_ptr, count_ptr, nvalid_ptr, skipped_ptr,
+    pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, pv_ptr, scratch_ptr, count_ptr, nvalid_ptr, stats_ptr,
     k_desc, v_desc,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_page, stride_tok, stride_head, stride_bt,
@@ -320,9 +334,10 @@ def _fused_sparge_kernel(
                         HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST, USE_TMA, LAZY,
                     )
             tl.debug_barrier()  # every thread is done with the list before the next row's
+            _count_blocks(stats_ptr, n_valid, n_kept)
+            _count_skipped(stats_ptr, n_skipped, PV_SKIP)
         tl.store(count_ptr + row_id, n_kept)
         tl.store(nvalid_ptr + row_id, n_valid)
-        tl.store(skipped_ptr + row_id, n_skipped)
 
 
 def _tma_layout_ok(cache: torch.Tensor) -> bool:
@@ -434,7 +449,7 @@ def sparse_paged_attention(
     stats: torch.Tensor | None = None,
     check_finite: bool = True,
     pv_skip: bool | None = None,
-    launch: tuple[int, ...] | None = None,
+    launch: tuple[int, int] | None = None,
     use_tma: bool | None = None,
     block_n: int = BLKK,
     split: int | None = None,
@@ -447,8 +462,7 @@ def sparse_paged_attention(
     ``[Hq]`` (>= 50 disables PV skip). ``stats`` (int64 ``[3]``), if given, gets
     ``[0, 0, pv_skipped_blocks]`` added on the device. ``pv_skip``: whether any head has PV skip
     on; ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds
-    file and passes it). ``launch`` overrides (num_warps, num_stages[, maxnreg]) (see
-    :func:`_launch_options`), ``use_tma`` the choice of
+    file and passes it). ``launch`` overrides (num_warps, num_stages), ``use_tma`` the choice of
     TMA loads (``False``: pointer loads), ``block_n`` the key-block width of ``block_map``, and
     ``split`` (1 or 2) runs each query block as that many programs of ``BLKQ // split`` rows (PV
     skip off only; 2 avoids the register spills of 128-row tiles at 4 warps) — for benchmarks
@@ -471,45 +485,32 @@ def sparse_paged_attention(
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
     split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
+    stats = stats_buffer(stats, q.device)
     skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
-    opts = _launch_options(launch or _attn_launch_params(head_dim, use_tma))
+    num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
     _sparse_attn_kernel[(num_heads, nqb * split, nreq)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
-        block_map.lut, block_map.count, pvthreshd, skipped, k_desc, v_desc,
+        block_map.lut, block_map.count, pvthreshd, skipped, stats, k_desc, v_desc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
         nkb, nqb, num_heads, float(scale) * _LOG2E,
         GROUP=num_heads // num_kv_heads, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        SPLIT=split, LAZY=lazy_rescale, KV_MAJOR=kv_major, **opts,
+        SPLIT=split, LAZY=lazy_rescale, KV_MAJOR=kv_major,
+        num_warps=num_warps, num_stages=num_stages,
     )
-    if stats is not None:
-        # rows past a request's query never ran: their slots are garbage, mask them by count
-        stats[2] += torch.where(block_map.count > 0, skipped, 0).sum()
     return out
-
-
-def _launch_options(launch: tuple[int, ...]) -> dict[str, int]:
-    """Triton launch options from ``(num_warps, num_stages[, maxnreg])``: ``maxnreg`` caps the
-    registers per thread (experimental; 128 at 8 warps lets two programs share a multiprocessor,
-    at the price of spills)."""
-    if len(launch) not in (2, 3):
-        raise ValueError(f"launch must be (num_warps, num_stages[, maxnreg]); got {launch}")
-    opts = dict(num_warps=launch[0], num_stages=launch[1])
-    if len(launch) == 3:
-        opts["maxnreg"] = launch[2]
-    return opts
 
 
 @dataclass(frozen=True)
 class FusedLaunch:
     """The fused kernel's launch knobs, for the benchmark's sweep (``None``: the default):
     ``split`` (1 or 2; 2 only with PV skip off) attends each query block as that many row parts,
-    ``launch`` is (num_warps, num_stages[, maxnreg]), ``programs`` the persistent grid, ``lazy_rescale``
+    ``launch`` is (num_warps, num_stages), ``programs`` the persistent grid, ``lazy_rescale``
     and ``kv_major`` as :func:`sparse_paged_attention`'s (``kv_major``: the order of rows)."""
 
     split: int | None = None
-    launch: tuple[int, ...] | None = None
+    launch: tuple[int, int] | None = None
     programs: int | None = None
     lazy_rescale: float | None = None  # as sparse_paged_attention's
     # NOTE: KV-major alternates the query-block direction between KV heads: with one direction,
@@ -549,8 +550,9 @@ def sparge_paged_prefill(
     """Both stages for a varlen prefill batch; returns the block map it used.
 
     ``fused=True`` selects and attends in one persistent kernel, so the block map never exists in
-    device memory (4-10% slower than the two kernels at 128K, 5-20% at 32K; H200): the returned
-    map's ``lut`` is ``None`` (``count``/``n_valid`` are set). Same semantics, same outputs.
+    device memory (as fast dense, 4-23% slower than the two kernels at 50-90% block sparsity,
+    32K-128K; H200): the returned map's ``lut`` is ``None`` (``count``/``n_valid`` are set).
+    Same semantics, same outputs.
     ``fused_launch`` overrides that kernel's launch (benchmarks only).
     """
     check_paged_inputs(q, key_cache, value_cache)
@@ -577,15 +579,16 @@ def sparge_paged_prefill(
     programs = max(1, min(n_tiles, fl.programs or max_fused_programs(q.device)))
     scratch = torch.empty(programs, pooled.nkb_stride, dtype=torch.int16, device=q.device)
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
-    n_valid, skipped = torch.empty_like(count), torch.empty_like(count)
+    n_valid = torch.empty_like(count)
+    stats = stats_buffer(stats, q.device)
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, BLKK)
     split, lazy = _row_parts(fl.split, head_dim, pv_skip, fl.lazy_rescale, use_tma)
-    opts = _launch_options(fl.launch or _fused_launch_params(head_dim, use_tma))
-    dc = _select_dc(pooled.nkb_pad, opts["num_warps"])
+    num_warps, num_stages = fl.launch or _fused_launch_params(head_dim, use_tma)
+    dc = _select_dc(pooled.nkb_pad, num_warps)
     _fused_sparge_kernel[(programs,)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         pooled.pk, pooled.ksim, simthreshd1, cdfthreshd, pvthreshd, scratch, count, n_valid,
-        skipped, k_desc, v_desc,
+        stats, k_desc, v_desc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
         pooled.nkb_stride, nqb, num_heads, num_kv_heads, nreq, n_tiles, float(scale),
@@ -593,12 +596,8 @@ def sparge_paged_prefill(
         GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
         NKB_PAD=pooled.nkb_pad, DC=dc, USE_TOPK=topk is not None,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        SPLIT=split, LAZY=lazy, KV_MAJOR=fl.kv_major, **opts,
+        SPLIT=split, LAZY=lazy, KV_MAJOR=fl.kv_major, num_warps=num_warps, num_stages=num_stages,
     )
-    if stats is not None:
-        stats[0] += n_valid.sum()
-        stats[1] += count.sum()
-        stats[2] += skipped.sum()
     return BlockMap(None, count, n_valid)
 
 

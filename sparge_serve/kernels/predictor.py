@@ -272,18 +272,29 @@ def _select_from_scores(s, q_sim, ksim_row, cdf_ptr, h, simthr, first, offs_j, v
 
 
 @triton.jit
-def _store_row(lut_ptr, count_ptr, nvalid_ptr, row_id, NKB, keep, n_valid, offs_j):
-    """A row's block map: its kept key blocks as an ascending list, their count, ``n_valid``."""
+def _count_blocks(stats_ptr, n_valid, n_kept):
+    """Adds a row's valid and kept key blocks to the block counters ``stats_ptr[0:2]`` (int64;
+    :func:`stats_buffer`)."""
+    tl.atomic_add(stats_ptr, n_valid.to(tl.int64), sem="relaxed")
+    tl.atomic_add(stats_ptr + 1, n_kept.to(tl.int64), sem="relaxed")
+
+
+@triton.jit
+def _store_row(lut_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_valid, offs_j):
+    """A row's block map: its kept key blocks as an ascending list, their count, ``n_valid``;
+    both counts added to the block counters."""
     pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(lut_ptr + row_id.to(tl.int64) * NKB + pos, offs_j.to(tl.int16), mask=keep)
-    tl.store(count_ptr + row_id, tl.sum(keep.to(tl.int32), axis=0))
+    n_kept = tl.sum(keep.to(tl.int32), axis=0)
+    tl.store(count_ptr + row_id, n_kept)
     tl.store(nvalid_ptr + row_id, n_valid)
+    _count_blocks(stats_ptr, n_valid, n_kept)
 
 
 @triton.jit(do_not_specialize=["NQB"], do_not_specialize_on_alignment=BATCH_PTRS)
 def _select_kernel(
     q_ptr, qsl_ptr, seq_lens_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr,
-    lut_ptr, count_ptr, nvalid_ptr,
+    lut_ptr, count_ptr, nvalid_ptr, stats_ptr,
     stride_qt, stride_qh,
     NKB, NQB, num_heads, num_kv_heads, scale, topk,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -305,7 +316,7 @@ def _select_kernel(
         stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
         GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK,
     )
-    _store_row(lut_ptr, count_ptr, nvalid_ptr, row_id, NKB, keep, n_valid,
+    _store_row(lut_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_valid,
                tl.arange(0, NKB_PAD))
 
 
@@ -399,6 +410,19 @@ class PooledKeys:
     nkb_pad: int  # nkb rounded up to a power of two >= 16 (the selection tile)
 
 
+def stats_buffer(stats: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The block counters the kernels add into: ``stats`` (int64 ``[3]``: valid, kept and
+    PV-skipped key blocks) after checking it, or a fresh zeroed one to discard."""
+    if stats is None:
+        return torch.zeros(3, dtype=torch.int64, device=device)
+    if stats.dtype != torch.int64 or stats.shape != (3,) or stats.stride(0) != 1 or (
+            stats.device != device):
+        raise ValueError(f"stats must be a contiguous int64 [3] tensor on {device}; got "
+                         f"{stats.dtype} {tuple(stats.shape)} strides {stats.stride()} on "
+                         f"{stats.device}")
+    return stats
+
+
 def check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite):
     """``ValueError`` (before any launch) for bad stage-1 arguments."""
     check_paged_inputs(q, key_cache)
@@ -485,9 +509,10 @@ def predict_block_map(
 
     ``q [num_tokens, Hq, D]`` holds the new tokens of every request (``batch.query_start_loc``);
     ``key_cache [num_pages, page_size, Hkv, D]``. ``stats`` (int64 ``[3]``), if given, gets
-    ``[valid_blocks, kept_blocks, 0]`` added on the device.
+    ``[valid_blocks, kept_blocks, 0]`` added on the device (by the select kernel itself).
     """
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
+    stats = stats_buffer(stats, q.device)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = key_cache.shape[2]
     nqb = num_blocks(batch.max_query_len, BLKQ)
@@ -500,13 +525,10 @@ def predict_block_map(
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=dev)
     n_valid = torch.empty_like(count)
     args = (q, batch.query_start_loc, batch.seq_lens, pk, ksim, simthreshd1, cdfthreshd,
-            lut, count, n_valid, q.stride(0), q.stride(1),
+            lut, count, n_valid, stats, q.stride(0), q.stride(1),
             nkb_stride, nqb, num_heads, num_kv_heads, float(scale), float(topk or 1.0))
-    consts = dict(GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim, NKB_PAD=nkb_pad,
-                  USE_TOPK=topk is not None)
+    consts = dict(GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
+                  NKB_PAD=nkb_pad, USE_TOPK=topk is not None)
     dc, num_warps = _select_launch_params(nkb_pad)
     _select_kernel[(num_heads, nqb, nreq)](*args, **consts, DC=dc, num_warps=num_warps)
-    if stats is not None:
-        stats[0] += n_valid.sum()
-        stats[1] += count.sum()
     return BlockMap(lut, count, n_valid)
