@@ -15,7 +15,7 @@ prompt over the time of the whole batch minus that of the same batch with one ne
 prefill, which at 8K context is a third of the run and would otherwise count); median of
 ``--decode-repeats`` runs. The end-to-end rate (prefill included) is kept as ``e2e_tok_per_s``. ``--profile-lengths``: one more prefill of each such length
 under ``torch.profiler``, to split its TTFT into GPU kernel time and the rest (host work, launch
-gaps); the slowest kernels are listed.
+gaps); the slowest kernels are listed. ``--profile-decode``: the same split per decode step.
 Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
 """
 
@@ -65,7 +65,7 @@ def _block_counters():
     return b[0], b[1]
 
 
-def profile_prefill(llm, prompt, params) -> dict:
+def profile_generate(llm, prompts, params) -> dict:
     """One ``generate`` under ``torch.profiler``: wall ms, summed GPU kernel ms (kernels of
     every stream; overlapping kernels count twice) and the ten kernels with the most GPU time."""
     import torch
@@ -75,7 +75,7 @@ def profile_prefill(llm, prompt, params) -> dict:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        llm.generate([prompt], params, use_tqdm=False)
+        llm.generate(prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     # the kernels' own events (CPU ops also carry the device time of what they launched)
@@ -132,7 +132,7 @@ def worker(args) -> None:
         if before is not None and after is not None and after[0] > before[0]:
             row["block_sparsity"] = 1.0 - (after[1] - before[1]) / (after[0] - before[0])
         if length in args.profile_lengths:
-            row["profile"] = profile_prefill(llm, prompt, one)
+            row["profile"] = profile_generate(llm, [prompt], one)
         rows.append(row)
         print(json.dumps(row), flush=True)
     # decode throughput
@@ -155,9 +155,19 @@ def worker(args) -> None:
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         rates.append((tokens - len(outs)) / max(dt - t_prefill, 1e-9))
         e2e.append(tokens / dt)
-    rows.append(dict(backend=args.backend, decode_tokens=tokens,
-                     decode_tok_per_s=statistics.median(rates), decode_tok_per_s_all=rates,
-                     e2e_tok_per_s=statistics.median(e2e)))
+    row = dict(backend=args.backend, decode_tokens=tokens,
+               decode_tok_per_s=statistics.median(rates), decode_tok_per_s_all=rates,
+               e2e_tok_per_s=statistics.median(e2e))
+    if args.profile_decode:
+        # the batch with 1 and with 65 new tokens: the difference is 64 decode steps
+        short = profile_generate(llm, prompts, one)
+        long = profile_generate(llm, prompts, SamplingParams(max_tokens=65, temperature=0.0,
+                                                             ignore_eos=True))
+        row["decode_profile"] = dict(
+            step_wall_ms=(long["wall_ms"] - short["wall_ms"]) / 64,
+            step_gpu_kernel_ms=(long["gpu_kernel_ms"] - short["gpu_kernel_ms"]) / 64,
+            top=long["top"])
+    rows.append(row)
     print(json.dumps(rows[-1]), flush=True)
     with open(args.worker_out, "w") as f:
         json.dump(rows, f)
@@ -223,6 +233,13 @@ def report(rows, meta, out) -> None:
             lines.append(f"| {r['backend']} | {r['length']} | {p['wall_ms']:.1f} | "
                          f"{p['gpu_kernel_ms']:.1f} | {p['wall_ms'] - p['gpu_kernel_ms']:.1f} | "
                          f"{top.replace('|', '/')} |")
+    dprof = [r for r in rows if "decode_profile" in r]
+    if dprof:
+        lines += ["", "Per decode step under `torch.profiler` (`--profile-decode`; the batch with "
+                  "65 new tokens minus with 1, over 64 steps):", "",
+                  "| backend | wall ms / step | GPU kernel ms / step |", "|---|---|---|"]
+        lines += [f"| {r['backend']} | {r['decode_profile']['step_wall_ms']:.2f} | "
+                  f"{r['decode_profile']['step_gpu_kernel_ms']:.2f} |" for r in dprof]
     for b, why in meta["failed"].items():
         lines += ["", f"{b} did not run: {why}"]
     with open(out + ".md", "w") as f:
@@ -264,6 +281,9 @@ def main() -> None:
     ap.add_argument("--decode-repeats", type=int, default=5)
     ap.add_argument("--profile-lengths", type=int, nargs="*", default=[],
                     help="also profile one prefill of these lengths (torch.profiler)")
+    ap.add_argument("--profile-decode", action="store_true",
+                    help="also profile the decode batch (torch.profiler): wall and GPU kernel ms "
+                    "per decode step")
     ap.add_argument("--out", default="benchmarks/results/ttft")
     ap.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "SPARGE"],
                     help="vLLM attention backends (NAME, NAME@PAGE_SIZE, SPARGE+fused for the fused "
@@ -291,6 +311,8 @@ def main() -> None:
                 cmd += [f"--{k.replace('_', '-')}", str(v)]
         cmd += ["--lengths", *map(str, args.lengths)]
         cmd += ["--profile-lengths", *map(str, args.profile_lengths)]
+        if args.profile_decode:
+            cmd.append("--profile-decode")
         proc = subprocess.run(cmd, check=False, stderr=subprocess.PIPE, text=True)
         sys.stderr.write(proc.stderr[-20000:])
         if proc.returncode != 0:

@@ -22,7 +22,7 @@
 #   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
 #   ttft       TTFT / decode benchmark with $THRESHOLDS, decode prompts of $DECODE_LEN tokens,
 #              backends $TTFT_BACKENDS, torch.profiler split of one prefill at each length of
-#              $TTFT_PROFILE (-> $OUT/ttft.*)
+#              $TTFT_PROFILE, and per decode step if $TTFT_PROFILE_DECODE is set (-> $OUT/ttft.*)
 #   query_len  short chunks on a long context, sparse vs FA3 (-> $OUT/query_len.*)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 #   host       host (CPU) time per attention call, sparse paths vs FA3, bench shapes and the
@@ -131,7 +131,8 @@ for stage in "$@"; do
     ttft)
         run ttft python3 benchmarks/bench_ttft.py --model "$MODEL" --thresholds "$THRESHOLDS" \
             --backends ${TTFT_BACKENDS:-FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE SPARGE+fused} \
-            --decode-len "${DECODE_LEN:-512}" --profile-lengths ${TTFT_PROFILE:-} --out "$OUT/ttft"
+            --decode-len "${DECODE_LEN:-512}" --profile-lengths ${TTFT_PROFILE:-} \
+            ${TTFT_PROFILE_DECODE:+--profile-decode} --out "$OUT/ttft"
         ;;
     query_len)
         run query_len python3 benchmarks/bench_query_len.py --out "$OUT/query_len"

@@ -21,7 +21,8 @@ def test_ttft_report_one_row_per_sparge_variant(tmp_path):
     for backend, t in (("FLASH_ATTN", 1.0), ("SPARGE", 0.7), ("SPARGE+fused", 0.5)):
         for n in (8192, 131072):
             rows.append(dict(backend=backend, length=n, ttft_s=t * n / 8192, block_sparsity=0.66))
-        rows.append(dict(backend=backend, decode_tok_per_s=1000 * t))
+        rows.append(dict(backend=backend, decode_tok_per_s=1000 * t, e2e_tok_per_s=800 * t,
+                         decode_profile=dict(step_wall_ms=2.5 * t, step_gpu_kernel_ms=0.5, top=[])))
     rows[1]["profile"] = dict(wall_ms=20.0, gpu_kernel_ms=12.5,
                               top=[("flash|fwd", 4, 10.0), ("rms_norm", 8, 1.5)])
     meta = dict(backends=["FLASH_ATTN", "SPARGE", "SPARGE+fused", "FLASHINFER"],
@@ -37,6 +38,8 @@ def test_ttft_report_one_row_per_sparge_variant(tmp_path):
     assert ("| FLASH_ATTN | 131072 | 20.0 | 12.5 | 7.5 | flash/fwd x4: 10.00; rms_norm x8: 1.50 |"
             in md)
     assert meta["decode_ratio"] == 0.7
+    assert "End to end (prefill included): FLASH_ATTN 800 tok/s (1.000), SPARGE 560 tok/s" in md
+    assert "| SPARGE | 1.75 | 0.50 |" in md
     assert (tmp_path / "ttft.json").exists()
 
 
