@@ -36,7 +36,7 @@ from sparge_serve.kernels import (
     sparse_paged_attention,
 )
 from sparge_serve.kernels.attention import FusedLaunch, max_fused_programs
-from sparge_serve.kernels.predictor import key_block_stride, pooled_keys_bytes
+from sparge_serve.kernels.predictor import key_block_stride, pool_keys, pooled_keys_bytes
 
 HQ, HKV, D = 32, 8, 128
 # (split, num_warps, num_stages, programs per multiprocessor) of the fused kernel's sweep, by
@@ -156,6 +156,11 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             q, kc, batch, scale, sim, cdf, topk, check_finite=False))
         t_attn = bench(lambda bm=bm, pv=pv, skip="pv" in c: sparse_paged_attention(
             q, kc, vc, batch, bm, scale, pv, out, check_finite=False, pv_skip=skip))
+        if name == "dense":
+            # where the predictor's time goes: key pooling (two kernels and the key mean) and
+            # the select kernel (the rest)
+            t_pool = bench(lambda: pool_keys(kc, batch))
+            predictor_parts = {"pool_keys": t_pool, "select": t_pred - t_pool}
         extra = sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid))
         extra += pooled_keys_bytes(HKV, D, 1, length)
         row = dict(
@@ -167,6 +172,8 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             extra_mem_bytes=extra, kv_bytes=kv_bytes, extra_mem_frac_of_kv=extra / kv_bytes,
             **{f"{b}_ms": t for b, t in base.items()},
         )
+        if name == "dense":
+            row["predictor_parts_ms"] = predictor_parts
         if SWEEP and name == "dense":
             row["launch_sweep_ms"] = {
                 f"w{w}s{st}": bench(lambda bm=bm, w=w, st=st: sparse_paged_attention(
@@ -298,6 +305,14 @@ def write_reports(results, meta, out):
             f"{r.get('predictor_frac_of_fa3', float('nan')):.2%} | "
             f"{r['extra_mem_frac_of_kv']:.1%} |"
         )
+    parts = [r for r in results if "predictor_parts_ms" in r]
+    if parts:
+        lines += ["", "Predictor parts (dense configuration): key pooling (`pool_keys`: key sums, "
+                  "key mean, pooled keys and similarity) and the select kernel (the rest).", "",
+                  "| length | page | predictor ms | pool_keys ms | select ms |", "|---|---|---|---|---|"]
+        lines += [f"| {r['length']} | {r['page']} | {r['predictor_ms']:.3f} | "
+                  f"{r['predictor_parts_ms']['pool_keys']:.3f} | "
+                  f"{r['predictor_parts_ms']['select']:.3f} |" for r in parts]
     lines += _variants_table(
         results, "variants_ms", "attention_ms", "The defaults' alternatives (`--variants`, PV "
         "skip off): attention ms (fused: total), and in brackets the default's time over the "
