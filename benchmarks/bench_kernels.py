@@ -56,6 +56,9 @@ VARIANTS = {
     "eager_rescale": dict(lazy_rescale=0.0),
     "head_major_eager_rescale": dict(kv_major=False, lazy_rescale=0.0),
 }
+# --variants, predictor: the select kernel's chunk loads pipelined 2 or 3 deep (cp.async; at
+# 32K the kernel holds two programs per multiprocessor, each waiting on 16 dependent loads)
+PREDICTOR_VARIANTS = {f"select_stages{n}": dict(select_stages=n) for n in (2, 3)}
 TIME_VARIANTS = False
 
 
@@ -209,6 +212,11 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                         q, kc, vc, batch, bm128, scale, pv_off, out, check_finite=False,
                         pv_skip=False, launch=(w, st), block_n=128))
         if TIME_VARIANTS and not structured and page % BLKK == 0:
+            row["predictor_variants_ms"] = {
+                v: bench(lambda sim=sim, cdf=cdf, topk=c["topk"], kw=kw: predict_block_map(
+                    q, kc, batch, scale, sim, cdf, topk, check_finite=False, **kw))
+                for v, kw in PREDICTOR_VARIANTS.items()
+            }
             row["variants_ms"] = {
                 v: bench(lambda bm=bm, kw=kw: sparse_paged_attention(
                     q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False, pv_skip=False,
@@ -239,7 +247,8 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                         total_ms=t_fused, extra_mem_bytes=extra_f,
                         extra_mem_frac_of_kv=extra_f / kv_bytes,
                         attention_tflops_dense_equiv=flops / (t_fused * 1e-3) / 1e12)
-            frow.pop("launch_sweep_ms", None)
+            for key in ("launch_sweep_ms", "predictor_variants_ms", "predictor_parts_ms"):
+                frow.pop(key, None)
             if TIME_VARIANTS and page % BLKK == 0:
                 frow["variants_ms"] = {
                     v: bench(lambda kw=kw, sim=sim, cdf=cdf, topk=c["topk"], pv=pv:
@@ -317,6 +326,9 @@ def write_reports(results, meta, out):
         results, "variants_ms", "attention_ms", "The defaults' alternatives (`--variants`, PV "
         "skip off): attention ms (fused: total), and in brackets the default's time over the "
         "alternative's.")
+    lines += _variants_table(
+        results, "predictor_variants_ms", "predictor_ms", "Predictor options (`--variants`): "
+        "predictor ms, and in brackets the default's time over the option's.")
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(results, meta, out + ".png")

@@ -145,6 +145,9 @@ def main() -> None:
         for topk in (False, True):
             check(f"select NKB_PAD={nkb_pad} topk={topk}", predictor._select_kernel,
                   dict(common, NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk), warps)
+        for stages in (2, 3):  # experimental: pipelined chunk loads (predict_block_map)
+            check(f"select NKB_PAD={nkb_pad} select_stages={stages}", predictor._select_kernel,
+                  dict(common, NKB_PAD=nkb_pad, DC=dc, USE_TOPK=False, SEL_STAGES=stages), warps)
         dc4 = predictor._select_dc(nkb_pad, 4)
         warps, stages = attention._fused_launch_params(d, True)
         for pv in (False, True):

@@ -18,7 +18,8 @@
 #   tp2_calib  calibration capture TP 2 = TP 1 (2 GPUs)
 #   sweep      kernel launch-config sweep at 32K (exploration; -> $OUT/kernels_sweep.*)
 #   kernels    the kernel benchmark, with the defaults' alternatives (-> $OUT/kernels.*)
-#   variants   the defaults' alternatives alone at 32K and 128K (-> $OUT/kernels_variants.*)
+#   variants   the defaults' alternatives and the predictor options (pipelined select loads)
+#              at 32K and 128K (-> $OUT/kernels_variants.*)
 #   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
 #   ttft       TTFT / decode benchmark with $THRESHOLDS, decode prompts of $DECODE_LEN tokens,
 #              backends $TTFT_BACKENDS, torch.profiler split of one prefill at each length of

@@ -61,6 +61,7 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
             del r["fa3_ms"]
     results[0]["variants_ms"] = {"head_major": 1.0, "eager_rescale": 2.6}
     results[0]["predictor_parts_ms"] = {"pool_keys": 0.04, "select": 0.06}
+    results[1]["predictor_variants_ms"] = {"select_stages2": 0.05, "select_stages3": 0.2}
     bench.attach_ratios(results)
     meta = dict(device="GPU", date="today", torch="2.11", triton="3.6", vllm="0.26.0",
                 command="cmd")
@@ -70,6 +71,7 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
     assert "| 32768 | 64 | topk_s0.5+fused | random | 0.500 | 0.100 | 0.800 | 1.000 | 1.11x |" in md
     assert "| 8192 | 64 | dense | 1.300 | 1.000 (1.300x) | 2.600 (0.500x) |" in md
     assert "| 8192 | 64 | 0.100 | 0.040 | 0.060 |" in md
+    assert "| 8192 | 64 | topk_s0.5 | 0.100 | 0.050 (2.000x) | 0.200 (0.500x) |" in md
     png = tmp_path / "kernels.png"
     assert png.stat().st_size > 10_000
     png.unlink()

@@ -175,6 +175,27 @@ def test_split_query_blocks_equal_whole_blocks(page, packed, device):
                                case.scale, head_vec(4.0, hq, device), out, pv_skip=True, split=2)
 
 
+@pytest.mark.parametrize("topk", [None, 0.3])
+def test_pipelined_selection_gives_the_same_block_map(topk, device):
+    """select_stages 2/3 (the select kernel's chunk loads pipelined; experimental) gives exactly
+    the default block map, with thresholds that differ per head and rows past short queries."""
+    case = make_paged_case(REQS_MIXED, 8, 2, 64, 16, torch.bfloat16, device, seed=2)
+    sim = torch.tensor([0.6, -1.0, 0.2, 1.0, 0.6, -1.0, 0.3, 0.6], device=device)
+    cdf = torch.tensor([0.9, 0.5, 1.0, 0.98, 1e-4, 0.9, 0.95, 0.99], device=device)
+    ref = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk)
+    real = ref.count > 0
+    for stages in (2, 3):
+        bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk,
+                               select_stages=stages)
+        assert torch.equal(bm.count, ref.count)
+        assert torch.equal(bm.n_valid[real], ref.n_valid[real])
+        keep = torch.arange(ref.lut.shape[-1], device=device) < ref.count[..., None]
+        assert torch.equal(bm.lut[keep], ref.lut[keep])
+    with pytest.raises(ValueError, match="select_stages must be 1, 2 or 3"):
+        predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf,
+                          select_stages=4)
+
+
 @pytest.mark.parametrize("page,packed,lazy", [(16, False, 8.0), (64, True, 8.0),
                                                (64, True, 0.5)])
 def test_lazy_rescale_changes_only_rounding(page, packed, lazy, device):

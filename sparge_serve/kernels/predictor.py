@@ -152,12 +152,12 @@ def _float_bits(i):
 
 
 @triton.jit
-def _q_norms(q_rows, m_real, HEAD_DIM: tl.constexpr, DC: tl.constexpr):
+def _q_norms(q_rows, m_real, HEAD_DIM: tl.constexpr, DC: tl.constexpr, STAGES: tl.constexpr = 1):
     """Row norms ``[BLOCK_M]`` of a query block (``q_rows``: its rows' pointers), read in chunks
-    of ``DC`` dimensions."""
+    of ``DC`` dimensions (``STAGES`` > 1: chunk loads pipelined that deep)."""
     offs_c = tl.arange(0, DC)
     sq = tl.zeros([q_rows.shape[0]], dtype=tl.float32)
-    for d0 in range(0, HEAD_DIM, DC):
+    for d0 in tl.range(0, HEAD_DIM, DC, num_stages=STAGES):
         qc = tl.load(q_rows + (d0 + offs_c)[None, :], mask=m_real[:, None], other=0.0)
         qc = qc.to(tl.float32)
         sq += tl.sum(qc * qc, axis=1)
@@ -169,10 +169,11 @@ def _select_row(
     q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
     stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
+    NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr, STAGES: tl.constexpr = 1,
 ):
     """Stage 1 for one (request ``r``, q-head ``h``, query block ``b``) row with real queries:
-    returns ``(keep [NKB_PAD] bool, n_valid)``, the kept key blocks among the valid ones."""
+    returns ``(keep [NKB_PAD] bool, n_valid)``, the kept key blocks among the valid ones.
+    ``STAGES`` > 1 pipelines the chunk loads (cp.async) that deep (experimental)."""
     ctx = seq_len - q_len
     kvh = h // GROUP
     rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
@@ -185,7 +186,7 @@ def _select_row(
     n_rows = tl.minimum(q_len - b * BLOCK_M, BLOCK_M).to(tl.float32)
     q_rows = q_ptr + (q_start + offs_m).to(tl.int64)[:, None] * stride_qt + h * stride_qh
     offs_c = tl.arange(0, DC)
-    norm = _q_norms(q_rows, m_real, HEAD_DIM, DC)
+    norm = _q_norms(q_rows, m_real, HEAD_DIM, DC, STAGES)
 
     simthr = tl.load(sim_ptr + h)
     first = ctx + b * BLOCK_M
@@ -200,7 +201,7 @@ def _select_row(
     pk_head = pk_ptr + rh * HEAD_DIM * NKB
     q_sim = tl.zeros([], dtype=tl.float32)
     s = tl.zeros([NKB_PAD], dtype=tl.float32)
-    for d0 in range(0, HEAD_DIM, DC):
+    for d0 in tl.range(0, HEAD_DIM, DC, num_stages=STAGES):
         qc = tl.load(q_rows + (d0 + offs_c)[None, :], mask=m_real[:, None], other=0.0)
         qc = qc.to(tl.float32)
         mean_unit = tl.sum(qc / norm[:, None], axis=0) / n_rows
@@ -299,6 +300,7 @@ def _select_kernel(
     NKB, NQB, num_heads, num_kv_heads, scale, topk,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
+    SEL_STAGES: tl.constexpr = 1,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
@@ -314,7 +316,7 @@ def _select_kernel(
     keep, n_valid = _select_row(
         q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
         stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
-        GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK,
+        GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK, SEL_STAGES,
     )
     _store_row(lut_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_valid,
                tl.arange(0, NKB_PAD))
@@ -504,12 +506,15 @@ def predict_block_map(
     topk: float | None = None,
     stats: torch.Tensor | None = None,
     check_finite: bool = True,
+    select_stages: int = 1,
 ) -> BlockMap:
     """Stage 1 for a varlen prefill batch. See the module docstring and docs/DESIGN.md.
 
     ``q [num_tokens, Hq, D]`` holds the new tokens of every request (``batch.query_start_loc``);
     ``key_cache [num_pages, page_size, Hkv, D]``. ``stats`` (int64 ``[3]``), if given, gets
     ``[valid_blocks, kept_blocks, 0]`` added on the device (by the select kernel itself).
+    ``select_stages`` > 1 (experimental, benchmarks only) pipelines the select kernel's chunk
+    loads that deep; same block map.
     """
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
     stats = stats_buffer(stats, q.device)
@@ -530,5 +535,8 @@ def predict_block_map(
     consts = dict(GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
                   NKB_PAD=nkb_pad, USE_TOPK=topk is not None)
     dc, num_warps = _select_launch_params(nkb_pad)
-    _select_kernel[(num_heads, nqb, nreq)](*args, **consts, DC=dc, num_warps=num_warps)
+    if select_stages not in (1, 2, 3):
+        raise ValueError(f"select_stages must be 1, 2 or 3; got {select_stages}")
+    _select_kernel[(num_heads, nqb, nreq)](*args, **consts, DC=dc, SEL_STAGES=select_stages,
+                                           num_warps=num_warps)
     return BlockMap(lut, count, n_valid)
