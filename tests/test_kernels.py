@@ -485,6 +485,18 @@ def test_bad_topk_and_out_raise(device):
         )
 
 
+@pytest.mark.parametrize("stats", [torch.zeros(3, dtype=torch.int32), torch.zeros(4, dtype=torch.int64),
+                                   torch.zeros(3, 2, dtype=torch.int64)[:, 0]])
+def test_bad_stats_raise(stats, device):
+    """The block counters must be a contiguous int64 [3] tensor on the inputs' device (the kernels
+    add into them with atomics): anything else is refused before a launch."""
+    case = _tiny(device)
+    h = head_vec(0.5, 2, device)
+    with pytest.raises(ValueError, match=r"stats must be a contiguous int64 \[3\] tensor"):
+        sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+                             h, h, h, torch.empty_like(case.q), stats=stats.to(device))
+
+
 def test_block_geometry_constants():
     # The thresholds files and the kernels' tiles depend on these; changing them is a format change.
     assert (BLKQ, BLKK) == (128, 64)

@@ -557,6 +557,7 @@ def sparge_paged_prefill(
     """
     check_paged_inputs(q, key_cache, value_cache)
     check_head_thresholds("pvthreshd", pvthreshd, q.shape[1], q.device, check_finite)
+    stats = stats_buffer(stats, q.device)  # one for both stages
     if not fused:
         bm = predict_block_map(
             q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, stats, check_finite
@@ -580,7 +581,6 @@ def sparge_paged_prefill(
     scratch = torch.empty(programs, pooled.nkb_stride, dtype=torch.int16, device=q.device)
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     n_valid = torch.empty_like(count)
-    stats = stats_buffer(stats, q.device)
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, BLKK)
     split, lazy = _row_parts(fl.split, head_dim, pv_skip, fl.lazy_rescale, use_tma)
     num_warps, num_stages = fl.launch or _fused_launch_params(head_dim, use_tma)
