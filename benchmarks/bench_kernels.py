@@ -57,8 +57,14 @@ VARIANTS = {
     "head_major_eager_rescale": dict(kv_major=False, lazy_rescale=0.0),
 }
 # --variants, predictor: the select kernel's chunk loads pipelined 2 or 3 deep (cp.async; at
-# 32K the kernel holds two programs per multiprocessor, each waiting on 16 dependent loads)
-PREDICTOR_VARIANTS = {f"select_stages{n}": dict(select_stages=n) for n in (2, 3)}
+# 32K the kernel holds two 4-warp programs per multiprocessor, each waiting on 16 dependent
+# loads), and 8 warps (twice the resident warps at 32K, half the chunks at 128K)
+PREDICTOR_VARIANTS = {
+    "select_stages2": dict(select_stages=2),
+    "select_stages3": dict(select_stages=3),
+    "select_w8": dict(select_warps=8),
+    "select_w8_stages2": dict(select_warps=8, select_stages=2),
+}
 TIME_VARIANTS = False
 
 

@@ -145,9 +145,12 @@ def main() -> None:
         for topk in (False, True):
             check(f"select NKB_PAD={nkb_pad} topk={topk}", predictor._select_kernel,
                   dict(common, NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk), warps)
-        for stages in (2, 3):  # experimental: pipelined chunk loads (predict_block_map)
-            check(f"select NKB_PAD={nkb_pad} select_stages={stages}", predictor._select_kernel,
-                  dict(common, NKB_PAD=nkb_pad, DC=dc, USE_TOPK=False, SEL_STAGES=stages), warps)
+        # experimental (predict_block_map): pipelined chunk loads, 8 warps
+        for stages, w in ((2, warps), (3, warps), (1, 8), (2, 8)):
+            check(f"select NKB_PAD={nkb_pad} select_stages={stages} warps={w}",
+                  predictor._select_kernel,
+                  dict(common, NKB_PAD=nkb_pad, DC=predictor._select_dc(nkb_pad, w),
+                       USE_TOPK=False, SEL_STAGES=stages), w)
         dc4 = predictor._select_dc(nkb_pad, 4)
         warps, stages = attention._fused_launch_params(d, True)
         for pv in (False, True):

@@ -177,23 +177,24 @@ def test_split_query_blocks_equal_whole_blocks(page, packed, device):
 
 @pytest.mark.parametrize("topk", [None, 0.3])
 def test_pipelined_selection_gives_the_same_block_map(topk, device):
-    """select_stages 2/3 (the select kernel's chunk loads pipelined; experimental) gives exactly
-    the default block map, with thresholds that differ per head and rows past short queries."""
+    """select_stages 2/3 (the select kernel's chunk loads pipelined) and select_warps 8
+    (experimental) give exactly the default block map, with thresholds that differ per head and
+    rows past short queries."""
     case = make_paged_case(REQS_MIXED, 8, 2, 64, 16, torch.bfloat16, device, seed=2)
     sim = torch.tensor([0.6, -1.0, 0.2, 1.0, 0.6, -1.0, 0.3, 0.6], device=device)
     cdf = torch.tensor([0.9, 0.5, 1.0, 0.98, 1e-4, 0.9, 0.95, 0.99], device=device)
     ref = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk)
     real = ref.count > 0
-    for stages in (2, 3):
+    for stages, warps in ((2, None), (3, None), (1, 8), (2, 8)):
         bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk,
-                               select_stages=stages)
+                               select_stages=stages, select_warps=warps)
         assert torch.equal(bm.count, ref.count)
         assert torch.equal(bm.n_valid[real], ref.n_valid[real])
         keep = torch.arange(ref.lut.shape[-1], device=device) < ref.count[..., None]
         assert torch.equal(bm.lut[keep], ref.lut[keep])
-    with pytest.raises(ValueError, match="select_stages must be 1, 2 or 3"):
-        predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf,
-                          select_stages=4)
+    for bad in (dict(select_stages=4), dict(select_warps=2)):
+        with pytest.raises(ValueError, match="select_stages must be 1, 2 or 3 and select_warps"):
+            predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, **bad)
 
 
 @pytest.mark.parametrize("page,packed,lazy", [(16, False, 8.0), (64, True, 8.0),

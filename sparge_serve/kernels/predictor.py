@@ -507,6 +507,7 @@ def predict_block_map(
     stats: torch.Tensor | None = None,
     check_finite: bool = True,
     select_stages: int = 1,
+    select_warps: int | None = None,
 ) -> BlockMap:
     """Stage 1 for a varlen prefill batch. See the module docstring and docs/DESIGN.md.
 
@@ -514,7 +515,8 @@ def predict_block_map(
     ``key_cache [num_pages, page_size, Hkv, D]``. ``stats`` (int64 ``[3]``), if given, gets
     ``[valid_blocks, kept_blocks, 0]`` added on the device (by the select kernel itself).
     ``select_stages`` > 1 (experimental, benchmarks only) pipelines the select kernel's chunk
-    loads that deep; same block map.
+    loads that deep, and ``select_warps`` (4 or 8; ``None``: :func:`_select_launch_params`)
+    overrides its warps (8 at 32K: 119 registers, twice the resident warps of 4); same block map.
     """
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
     stats = stats_buffer(stats, q.device)
@@ -535,8 +537,11 @@ def predict_block_map(
     consts = dict(GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
                   NKB_PAD=nkb_pad, USE_TOPK=topk is not None)
     dc, num_warps = _select_launch_params(nkb_pad)
-    if select_stages not in (1, 2, 3):
-        raise ValueError(f"select_stages must be 1, 2 or 3; got {select_stages}")
+    if select_stages not in (1, 2, 3) or select_warps not in (None, 4, 8):
+        raise ValueError(f"select_stages must be 1, 2 or 3 and select_warps 4 or 8; got "
+                         f"{select_stages} and {select_warps}")
+    if select_warps is not None:
+        num_warps, dc = select_warps, _select_dc(nkb_pad, select_warps)
     _select_kernel[(num_heads, nqb, nreq)](*args, **consts, DC=dc, SEL_STAGES=select_stages,
                                            num_warps=num_warps)
     return BlockMap(lut, count, n_valid)
