@@ -520,6 +520,9 @@ def predict_block_map(
     """
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
     stats = stats_buffer(stats, q.device)
+    if select_stages not in (1, 2, 3) or select_warps not in (None, 4, 8):
+        raise ValueError(f"select_stages must be 1, 2 or 3 and select_warps 4 or 8; got "
+                         f"{select_stages} and {select_warps}")
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = key_cache.shape[2]
     nqb = num_blocks(batch.max_query_len, BLKQ)
@@ -531,17 +534,16 @@ def predict_block_map(
     lut = torch.empty(nreq, num_heads, nqb, nkb_stride, dtype=torch.int16, device=dev)
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=dev)
     n_valid = torch.empty_like(count)
-    args = (q, batch.query_start_loc, batch.seq_lens, pk, ksim, simthreshd1, cdfthreshd,
-            lut, count, n_valid, stats, q.stride(0), q.stride(1),
-            nkb_stride, nqb, num_heads, num_kv_heads, float(scale), float(topk or 1.0))
-    consts = dict(GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
-                  NKB_PAD=nkb_pad, USE_TOPK=topk is not None)
     dc, num_warps = _select_launch_params(nkb_pad)
-    if select_stages not in (1, 2, 3) or select_warps not in (None, 4, 8):
-        raise ValueError(f"select_stages must be 1, 2 or 3 and select_warps 4 or 8; got "
-                         f"{select_stages} and {select_warps}")
     if select_warps is not None:
         num_warps, dc = select_warps, _select_dc(nkb_pad, select_warps)
-    _select_kernel[(num_heads, nqb, nreq)](*args, **consts, DC=dc, SEL_STAGES=select_stages,
-                                           num_warps=num_warps)
+    _select_kernel[(num_heads, nqb, nreq)](
+        q, batch.query_start_loc, batch.seq_lens, pk, ksim, simthreshd1, cdfthreshd,
+        lut, count, n_valid, stats,
+        q.stride(0), q.stride(1),
+        nkb_stride, nqb, num_heads, num_kv_heads, float(scale), float(topk or 1.0),
+        GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
+        NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk is not None, SEL_STAGES=select_stages,
+        num_warps=num_warps,
+    )
     return BlockMap(lut, count, n_valid)
