@@ -60,10 +60,13 @@ VARIANTS = {
 # 32K the kernel holds two 4-warp programs per multiprocessor, each waiting on 16 dependent
 # loads), and 8 warps (twice the resident warps at 32K, half the chunks at 128K)
 PREDICTOR_VARIANTS = {
-    "select_stages2": dict(select_stages=2),
-    "select_stages3": dict(select_stages=3),
-    "select_w8": dict(select_warps=8),
-    "select_w8_stages2": dict(select_warps=8, select_stages=2),
+    "radix4": dict(select_radix=4),
+    "radix8": dict(select_radix=8),
+    "radix16": dict(select_radix=16),
+    "radix16_dc8": dict(select_radix=16, select_dc=8),
+    "dc8": dict(select_dc=8),
+    "w4_dc4": dict(select_warps=4, select_dc=4),
+    "w4_dc4_radix16": dict(select_warps=4, select_dc=4, select_radix=16),
 }
 TIME_VARIANTS = False
 
@@ -217,12 +220,13 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                     lambda w=w, st=st, bm128=bm128: sparse_paged_attention(
                         q, kc, vc, batch, bm128, scale, pv_off, out, check_finite=False,
                         pv_skip=False, launch=(w, st), block_n=128))
-        if TIME_VARIANTS and not structured and page % BLKK == 0:
+        if TIME_VARIANTS and page % BLKK == 0:
             row["predictor_variants_ms"] = {
                 v: bench(lambda sim=sim, cdf=cdf, topk=c["topk"], kw=kw: predict_block_map(
                     q, kc, batch, scale, sim, cdf, topk, check_finite=False, **kw))
                 for v, kw in PREDICTOR_VARIANTS.items()
             }
+        if TIME_VARIANTS == "all" and not structured and page % BLKK == 0:
             row["variants_ms"] = {
                 v: bench(lambda bm=bm, kw=kw: sparse_paged_attention(
                     q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False, pv_skip=False,
@@ -255,7 +259,7 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                         attention_tflops_dense_equiv=flops / (t_fused * 1e-3) / 1e12)
             for key in ("launch_sweep_ms", "predictor_variants_ms", "predictor_parts_ms"):
                 frow.pop(key, None)
-            if TIME_VARIANTS and page % BLKK == 0:
+            if TIME_VARIANTS == "all" and page % BLKK == 0:
                 frow["variants_ms"] = {
                     v: bench(lambda kw=kw, sim=sim, cdf=cdf, topk=c["topk"], pv=pv:
                              sparge_paged_prefill(
@@ -412,8 +416,10 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/kernels")
     ap.add_argument("--sweep", action="store_true", help="time launch configs of the dense kernel")
     ap.add_argument("--fused", action="store_true", help="also time the fused persistent kernel")
-    ap.add_argument("--variants", action="store_true",
-                    help=f"also time the defaults' alternatives ({', '.join(VARIANTS)})")
+    ap.add_argument("--variants", nargs="?", const="all", choices=("all", "predictor"),
+                    help=f"also time the defaults' alternatives ({', '.join(VARIANTS)}) and the "
+                    f"predictor options ({', '.join(PREDICTOR_VARIANTS)}); 'predictor': only "
+                    "the latter")
     ap.add_argument("--head-dim", type=int, default=D, choices=(64, 128, 256),
                     help=f"head dim (default {D}, the issue's benchmark)")
     ap.add_argument("--replot", metavar="JSON",

@@ -145,12 +145,12 @@ def main() -> None:
         for topk in (False, True):
             check(f"select NKB_PAD={nkb_pad} topk={topk}", predictor._select_kernel,
                   dict(common, NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk), warps)
-        # experimental (predict_block_map): pipelined chunk loads, 8 warps
-        for stages, w in sorted({(2, warps), (3, warps), (1, 8), (2, 8)} - {(1, warps)}):
-            check(f"select NKB_PAD={nkb_pad} select_stages={stages} warps={w}",
-                  predictor._select_kernel,
-                  dict(common, NKB_PAD=nkb_pad, DC=predictor._select_dc(nkb_pad, w),
-                       USE_TOPK=False, SEL_STAGES=stages), w)
+        # experimental (predict_block_map): RADIX-way threshold search, fewer dims per chunk
+        for radix, sdc in ((4, dc), (8, dc), (16, dc), (16, 8), (2, 8)):
+            for topk in (False, True):
+                check(f"select NKB_PAD={nkb_pad} radix={radix} dc={sdc} topk={topk}",
+                      predictor._select_kernel,
+                      dict(common, NKB_PAD=nkb_pad, DC=sdc, USE_TOPK=topk, RADIX=radix), warps)
         dc4 = predictor._select_dc(nkb_pad, 4)
         warps, stages = attention._fused_launch_params(d, True)
         for pv in (False, True):

@@ -20,6 +20,7 @@
 #   kernels    the kernel benchmark, with the defaults' alternatives (-> $OUT/kernels.*)
 #   variants   the defaults' alternatives and the predictor options (pipelined select loads)
 #              at 32K and 128K (-> $OUT/kernels_variants.*)
+#   predictor_variants  only the predictor options, at 32K and 128K (-> $OUT/kernels_predictor.*)
 #   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
 #   ttft       TTFT / decode benchmark with $THRESHOLDS, decode prompts of $DECODE_LEN tokens,
 #              backends $TTFT_BACKENDS, torch.profiler split of one prefill at each length of
@@ -122,6 +123,10 @@ for stage in "$@"; do
     variants)
         run kernels_variants python3 benchmarks/bench_kernels.py --lengths 32768 131072 \
             --pages 64 --fused --variants --out "$OUT/kernels_variants"
+        ;;
+    predictor_variants)
+        run kernels_predictor python3 benchmarks/bench_kernels.py --lengths 32768 131072 \
+            --pages 64 --variants predictor --out "$OUT/kernels_predictor"
         ;;
     calib)
         prompts

@@ -176,24 +176,26 @@ def test_split_query_blocks_equal_whole_blocks(page, packed, device):
 
 
 @pytest.mark.parametrize("topk", [None, 0.3])
-def test_pipelined_selection_gives_the_same_block_map(topk, device):
-    """select_stages 2/3 (the select kernel's chunk loads pipelined) and select_warps 8
-    (experimental) give exactly the default block map, with thresholds that differ per head and
-    rows past short queries."""
+def test_select_options_give_the_same_block_map(topk, device):
+    """select_radix 4/8/16 (several thresholds per search step), select_dc and select_warps
+    (experimental) give exactly the default block map, with thresholds that differ per head (cdf tiny, 1, and
+    between) and rows past short queries."""
     case = make_paged_case(REQS_MIXED, 8, 2, 64, 16, torch.bfloat16, device, seed=2)
     sim = torch.tensor([0.6, -1.0, 0.2, 1.0, 0.6, -1.0, 0.3, 0.6], device=device)
     cdf = torch.tensor([0.9, 0.5, 1.0, 0.98, 1e-4, 0.9, 0.95, 0.99], device=device)
     ref = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk)
     real = ref.count > 0
-    for stages, warps in ((2, None), (3, None), (1, 8), (2, 8)):
+    assert (ref.count[real] < ref.n_valid[real]).any()  # some rows are sparse
+    for radix, dc, warps in ((4, None, None), (8, None, None), (16, None, None), (16, 8, None),
+                             (2, 8, None), (16, 4, 8)):
         bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk,
-                               select_stages=stages, select_warps=warps)
+                               select_radix=radix, select_dc=dc, select_warps=warps)
         assert torch.equal(bm.count, ref.count)
         assert torch.equal(bm.n_valid[real], ref.n_valid[real])
         keep = torch.arange(ref.lut.shape[-1], device=device) < ref.count[..., None]
         assert torch.equal(bm.lut[keep], ref.lut[keep])
-    for bad in (dict(select_stages=4), dict(select_warps=2)):
-        with pytest.raises(ValueError, match="select_stages must be 1, 2 or 3 and select_warps"):
+    for bad in (dict(select_radix=3), dict(select_dc=3), dict(select_warps=2)):
+        with pytest.raises(ValueError, match="select_radix must be 2, 4, 8 or 16, select_dc"):
             predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, **bad)
 
 

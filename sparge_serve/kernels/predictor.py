@@ -152,12 +152,12 @@ def _float_bits(i):
 
 
 @triton.jit
-def _q_norms(q_rows, m_real, HEAD_DIM: tl.constexpr, DC: tl.constexpr, STAGES: tl.constexpr = 1):
+def _q_norms(q_rows, m_real, HEAD_DIM: tl.constexpr, DC: tl.constexpr):
     """Row norms ``[BLOCK_M]`` of a query block (``q_rows``: its rows' pointers), read in chunks
-    of ``DC`` dimensions (``STAGES`` > 1: chunk loads pipelined that deep)."""
+    of ``DC`` dimensions."""
     offs_c = tl.arange(0, DC)
     sq = tl.zeros([q_rows.shape[0]], dtype=tl.float32)
-    for d0 in tl.range(0, HEAD_DIM, DC, num_stages=STAGES):
+    for d0 in range(0, HEAD_DIM, DC):
         qc = tl.load(q_rows + (d0 + offs_c)[None, :], mask=m_real[:, None], other=0.0)
         qc = qc.to(tl.float32)
         sq += tl.sum(qc * qc, axis=1)
@@ -169,11 +169,11 @@ def _select_row(
     q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
     stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr, STAGES: tl.constexpr = 1,
+    NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr, RADIX: tl.constexpr = 2,
 ):
     """Stage 1 for one (request ``r``, q-head ``h``, query block ``b``) row with real queries:
-    returns ``(keep [NKB_PAD] bool, n_valid)``, the kept key blocks among the valid ones.
-    ``STAGES`` > 1 pipelines the chunk loads (cp.async) that deep (experimental)."""
+    returns ``(keep [NKB_PAD] bool, n_valid)``, the kept key blocks among the valid ones
+    (``RADIX``: :func:`_select_from_scores`)."""
     ctx = seq_len - q_len
     kvh = h // GROUP
     rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
@@ -186,7 +186,7 @@ def _select_row(
     n_rows = tl.minimum(q_len - b * BLOCK_M, BLOCK_M).to(tl.float32)
     q_rows = q_ptr + (q_start + offs_m).to(tl.int64)[:, None] * stride_qt + h * stride_qh
     offs_c = tl.arange(0, DC)
-    norm = _q_norms(q_rows, m_real, HEAD_DIM, DC, STAGES)
+    norm = _q_norms(q_rows, m_real, HEAD_DIM, DC)
 
     simthr = tl.load(sim_ptr + h)
     first = ctx + b * BLOCK_M
@@ -201,7 +201,7 @@ def _select_row(
     pk_head = pk_ptr + rh * HEAD_DIM * NKB
     q_sim = tl.zeros([], dtype=tl.float32)
     s = tl.zeros([NKB_PAD], dtype=tl.float32)
-    for d0 in tl.range(0, HEAD_DIM, DC, num_stages=STAGES):
+    for d0 in range(0, HEAD_DIM, DC):
         qc = tl.load(q_rows + (d0 + offs_c)[None, :], mask=m_real[:, None], other=0.0)
         qc = qc.to(tl.float32)
         mean_unit = tl.sum(qc / norm[:, None], axis=0) / n_rows
@@ -213,15 +213,37 @@ def _select_row(
         )
         s += tl.sum(pk * pq[None, :], axis=1)
     return _select_from_scores(s, q_sim, ksim_ptr + rh * NKB, cdf_ptr, h, simthr, first,
-                               offs_j, valid, n_valid, scale, topk, BLOCK_N, USE_TOPK)
+                               offs_j, valid, n_valid, scale, topk, BLOCK_N, USE_TOPK, RADIX)
+
+
+@triton.jit
+def _search_step(lo, hi, n_low, RADIX: tl.constexpr):
+    """One step of a ``RADIX``-way search over float bits: the candidates were
+    ``lo + i * step`` (clipped to ``hi``) for ``i < RADIX``, of which the first ``n_low`` are on
+    ``lo``'s side of the boundary; returns the narrowed ``(lo, hi)``."""
+    step = (hi - lo + RADIX - 1) // RADIX
+    return tl.minimum(lo + (n_low - 1) * step, hi), tl.minimum(lo + n_low * step, hi)
+
+
+@triton.jit
+def _candidates(lo, hi, RADIX: tl.constexpr):
+    """``[RADIX]`` float thresholds ``bits(min(lo + i * step, hi))`` of a search step."""
+    step = (hi - lo + RADIX - 1) // RADIX
+    return _float_bits(tl.minimum(lo + tl.arange(0, RADIX) * step, hi))
 
 
 @triton.jit
 def _select_from_scores(s, q_sim, ksim_row, cdf_ptr, h, simthr, first, offs_j, valid, n_valid,
-                        scale, topk, BLOCK_N: tl.constexpr, USE_TOPK: tl.constexpr):
+                        scale, topk, BLOCK_N: tl.constexpr, USE_TOPK: tl.constexpr,
+                        RADIX: tl.constexpr = 2):
     """The selection of one row from its raw compressed scores ``s [NKB_PAD]`` (``pq . pk``)
     and query self-similarity ``q_sim`` (``valid``: ``offs_j < n_valid``): ``(keep [NKB_PAD]
-    bool, n_valid)``."""
+    bool, n_valid)``.
+
+    The threshold searches test one float (as bits) per step when ``RADIX`` is 2 (31 steps),
+    or ``RADIX - 1`` at once (``RADIX`` 16: 8 steps of one ``[NKB_PAD, RADIX]`` reduction); both
+    find the same boundary of a monotone test, so the same block map.
+    """
     k_sim = tl.load(ksim_row + offs_j, mask=valid, other=0.0) > simthr
     allowed = valid & k_sim
     s = tl.where(allowed, s * scale, float("-inf"))
@@ -229,18 +251,28 @@ def _select_from_scores(s, q_sim, ksim_row, cdf_ptr, h, simthr, first, offs_j, v
     s_max = tl.where(s_max == float("-inf"), 0.0, s_max)
     e = tl.where(allowed, tl.exp(s - s_max), 0.0)
     p = e / tl.maximum(tl.sum(e, axis=0), 1e-30)
+    # NOTE: p in [0, 1], so its float bits order like the floats and 0x3F800001 is above all
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.full([], 0x3F800001, dtype=tl.int32)
+    # steps until hi - lo == 1 from 0x3F800001 (RADIX 2: one more, as before)
+    steps: tl.constexpr = 31 if RADIX == 2 else (15 if RADIX == 4 else (10 if RADIX == 8 else 8))
 
     if USE_TOPK:
-        # keep the n_keep most probable valid blocks, lower index first on ties
+        # keep the n_keep most probable valid blocks, lower index first on ties: t = the largest
+        # float with count(valid & p >= t) >= n_keep (holds at lo, fails at hi)
         n_keep = tl.maximum(tl.floor(topk * n_valid.to(tl.float32) + 0.5), 1.0).to(tl.int32)
-        lo = tl.zeros([], dtype=tl.int32)  # count(valid & p >= bits(lo)) >= n_keep holds
-        hi = tl.full([], 0x3F800001, dtype=tl.int32)  # just above 1.0: count is 0
-        for _ in range(31):
-            mid = lo + (hi - lo) // 2
-            n_ge = tl.sum((valid & (p >= _float_bits(mid))).to(tl.int32), axis=0)
-            ok = n_ge >= n_keep
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid)
+        for _ in range(steps):
+            if RADIX == 2:
+                mid = lo + (hi - lo) // 2
+                n_ge = tl.sum((valid & (p >= _float_bits(mid))).to(tl.int32), axis=0)
+                ok = n_ge >= n_keep
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid)
+            else:
+                c = _candidates(lo, hi, RADIX)
+                n_ge = tl.sum((valid[:, None] & (p[:, None] >= c[None, :])).to(tl.int32), axis=0)
+                ok = (n_ge >= n_keep) | (tl.arange(0, RADIX) == 0)  # lo: holds
+                lo, hi = _search_step(lo, hi, tl.sum(ok.to(tl.int32), axis=0), RADIX)
         t = _float_bits(lo)
         above = valid & (p > t)
         ties = valid & (p == t)
@@ -253,14 +285,18 @@ def _select_from_scores(s, q_sim, ksim_row, cdf_ptr, h, simthr, first, offs_j, v
         # float bits) with mass(t) <= cdf; fp64 sums keep the comparison exact enough.
         cdf = tl.load(cdf_ptr + h)
         p64 = p.to(tl.float64)
-        lo = tl.zeros([], dtype=tl.int32)
-        hi = tl.full([], 0x3F800001, dtype=tl.int32)
-        for _ in range(31):
-            mid = lo + (hi - lo) // 2
-            mass = tl.sum(tl.where(p >= _float_bits(mid), p64, 0.0), axis=0)
-            ok = mass <= cdf
-            lo = tl.where(ok, lo, mid)
-            hi = tl.where(ok, mid, hi)
+        for _ in range(steps):
+            if RADIX == 2:
+                mid = lo + (hi - lo) // 2
+                mass = tl.sum(tl.where(p >= _float_bits(mid), p64, 0.0), axis=0)
+                ok = mass <= cdf
+                lo = tl.where(ok, lo, mid)
+                hi = tl.where(ok, mid, hi)
+            else:
+                c = _candidates(lo, hi, RADIX)
+                mass = tl.sum(tl.where(p[:, None] >= c[None, :], p64[:, None], 0.0), axis=0)
+                low = (mass > cdf) | (tl.arange(0, RADIX) == 0)  # lo: fails
+                lo, hi = _search_step(lo, hi, tl.sum(low.to(tl.int32), axis=0), RADIX)
         p_max = tl.max(p, axis=0)
         selected = allowed & ((p >= _float_bits(hi)) | (p == p_max))
         selected = tl.where(cdf >= 1.0, valid, selected)
@@ -300,7 +336,7 @@ def _select_kernel(
     NKB, NQB, num_heads, num_kv_heads, scale, topk,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
-    SEL_STAGES: tl.constexpr = 1,
+    RADIX: tl.constexpr = 2,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
@@ -316,7 +352,7 @@ def _select_kernel(
     keep, n_valid = _select_row(
         q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
         stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
-        GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK, SEL_STAGES,
+        GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK, RADIX,
     )
     _store_row(lut_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_valid,
                tl.arange(0, NKB_PAD))
@@ -506,7 +542,8 @@ def predict_block_map(
     topk: float | None = None,
     stats: torch.Tensor | None = None,
     check_finite: bool = True,
-    select_stages: int = 1,
+    select_radix: int = 2,
+    select_dc: int | None = None,
     select_warps: int | None = None,
 ) -> BlockMap:
     """Stage 1 for a varlen prefill batch. See the module docstring and docs/DESIGN.md.
@@ -514,15 +551,18 @@ def predict_block_map(
     ``q [num_tokens, Hq, D]`` holds the new tokens of every request (``batch.query_start_loc``);
     ``key_cache [num_pages, page_size, Hkv, D]``. ``stats`` (int64 ``[3]``), if given, gets
     ``[valid_blocks, kept_blocks, 0]`` added on the device (by the select kernel itself).
-    ``select_stages`` > 1 (experimental, benchmarks only) pipelines the select kernel's chunk
-    loads that deep, and ``select_warps`` (4 or 8; ``None``: :func:`_select_launch_params`)
-    overrides its warps (8 at 32K: 119 registers, twice the resident warps of 4); same block map.
+    Experimental select-kernel options, same block map (benchmarks only): ``select_radix`` (2,
+    4, 8 or 16) tests that many - 1 thresholds per step of the selection's threshold search, and
+    ``select_dc`` (a power of two dividing the head dim) and ``select_warps`` (4 or 8) override
+    the dimensions per chunk and the warps of :func:`_select_launch_params`.
     """
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
     stats = stats_buffer(stats, q.device)
-    if select_stages not in (1, 2, 3) or select_warps not in (None, 4, 8):
-        raise ValueError(f"select_stages must be 1, 2 or 3 and select_warps 4 or 8; got "
-                         f"{select_stages} and {select_warps}")
+    if (select_radix not in (2, 4, 8, 16) or select_dc not in (None, 1, 2, 4, 8, 16, 32)
+            or select_warps not in (None, 4, 8)):
+        raise ValueError(f"select_radix must be 2, 4, 8 or 16, select_dc a power of two up to 32 "
+                         f"and select_warps 4 or 8; got {select_radix}, {select_dc} and "
+                         f"{select_warps}")
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = key_cache.shape[2]
     nqb = num_blocks(batch.max_query_len, BLKQ)
@@ -535,15 +575,15 @@ def predict_block_map(
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=dev)
     n_valid = torch.empty_like(count)
     dc, num_warps = _select_launch_params(nkb_pad)
-    if select_warps is not None:
-        num_warps, dc = select_warps, _select_dc(nkb_pad, select_warps)
+    num_warps = select_warps or num_warps
+    dc = select_dc or _select_dc(nkb_pad, num_warps)
     _select_kernel[(num_heads, nqb, nreq)](
         q, batch.query_start_loc, batch.seq_lens, pk, ksim, simthreshd1, cdfthreshd,
         lut, count, n_valid, stats,
         q.stride(0), q.stride(1),
         nkb_stride, nqb, num_heads, num_kv_heads, float(scale), float(topk or 1.0),
         GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
-        NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk is not None, SEL_STAGES=select_stages,
+        NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk is not None, RADIX=select_radix,
         num_warps=num_warps,
     )
     return BlockMap(lut, count, n_valid)
