@@ -29,6 +29,7 @@
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 #   host       host (CPU) time per attention call, sparse paths vs FA3, bench shapes and the
 #              tiny model's (-> $OUT/host_overhead.*, $OUT/host_overhead_tiny.*)
+#   profile_select  Nsight Compute of the select kernel at 32K (-> $OUT/ncu_select.log)
 #   profile    Nsight Compute of the attention kernel and of FA3 (its cutlass device_kernel): dense
 #              and 50% top-k at 32K and 128K, dense with a rescale every block at 32K
 #              (-> $OUT/ncu_*.log)
@@ -162,6 +163,12 @@ for stage in "$@"; do
                 --kernel-name "regex:_sparse_attn_kernel|device_kernel" --print-summary none \
                 python3 benchmarks/profile_kernels.py --length "$len" --config "$@"
         done
+        ;;
+    profile_select)
+        # the predictor's select kernel at 32K (top-k 0.5), Nsight Compute's full set
+        run ncu_select ncu --profile-from-start off --clock-control none --set full \
+            --kernel-name "regex:_select_kernel" --print-summary none \
+            python3 benchmarks/profile_kernels.py --length 32768 --config topk0.5
         ;;
     *)
         echo "unknown stage $stage"; status=1
