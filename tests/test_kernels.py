@@ -488,16 +488,20 @@ def test_bad_topk_and_out_raise(device):
         )
 
 
-@pytest.mark.parametrize("stats", [torch.zeros(3, dtype=torch.int32), torch.zeros(4, dtype=torch.int64),
-                                   torch.zeros(3, 2, dtype=torch.int64)[:, 0]])
-def test_bad_stats_raise(stats, device):
+# NOTE: made on the device itself (``.to("cuda")`` of a strided CPU view copies it contiguous)
+@pytest.mark.parametrize("make_stats", [
+    lambda d: torch.zeros(3, dtype=torch.int32, device=d),
+    lambda d: torch.zeros(4, dtype=torch.int64, device=d),
+    lambda d: torch.zeros(3, 2, dtype=torch.int64, device=d)[:, 0],
+], ids=["int32", "shape4", "strided"])
+def test_bad_stats_raise(make_stats, device):
     """The block counters must be a contiguous int64 [3] tensor on the inputs' device (the kernels
     add into them with atomics): anything else is refused before a launch."""
     case = _tiny(device)
     h = head_vec(0.5, 2, device)
     with pytest.raises(ValueError, match=r"stats must be a contiguous int64 \[3\] tensor"):
         sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
-                             h, h, h, torch.empty_like(case.q), stats=stats.to(device))
+                             h, h, h, torch.empty_like(case.q), stats=make_stats(device))
 
 
 def test_block_geometry_constants():

@@ -194,6 +194,11 @@ def _select_row(
     n_valid = last // BLOCK_N + 1
     offs_j = tl.arange(0, NKB_PAD)
     valid = offs_j < n_valid
+    # NOTE: the pooled-key loads are masked in whole groups of 4 key blocks (16 bytes; rows are
+    # padded to 16 blocks, so these stay in the row, and the extra blocks are never selected): a
+    # mask at block granularity split each vector load into four scalar ones, and the kernel
+    # was L1-bound on them (Nsight Compute, 32K)
+    loadable = offs_j < (n_valid + 3) // 4 * 4
 
     # pooled query (real rows), its self-similarity |mean of unit rows|^2, and the compressed
     # scores pooled_q . pooled_k, all accumulated over the chunks, fp32
@@ -209,7 +214,7 @@ def _select_row(
         pq = tl.sum(qc, axis=0) / n_rows
         pk = tl.load(
             pk_head + (d0 + offs_c)[None, :] * NKB + offs_j[:, None],
-            mask=valid[:, None], other=0.0,
+            mask=loadable[:, None], other=0.0,
         )
         s += tl.sum(pk * pq[None, :], axis=1)
     return _select_from_scores(s, q_sim, ksim_ptr + rh * NKB, cdf_ptr, h, simthr, first,
