@@ -86,6 +86,41 @@ def profile_generate(llm, prompts, params) -> dict:
                 top=[(e.key[:80], e.count, e.self_device_time_total / 1e3) for e in kernels[:10]])
 
 
+def host_profile_diff(llm, prompts, short_params, long_params, steps: int, n: int = 25) -> dict:
+    """Host (Python) time per decode step by function: ``cProfile`` of ``generate`` with
+    ``long_params`` minus with ``short_params`` (``steps`` more decode steps), in ms per step;
+    the ``n`` functions with the most own time and the ``n`` with the most cumulative time."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    def run(params):
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        prof.disable()
+        return pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
+
+    short, long = run(short_params), run(long_params)
+
+    def name(key):
+        file, line, func = key
+        return f"{'/'.join(file.split('/')[-2:])}:{line}({func})"
+
+    rows = []
+    for key, (_, nc, tt, ct, _) in long.items():
+        _, nc0, tt0, ct0, _ = short.get(key, (0, 0, 0.0, 0.0, None))
+        rows.append((name(key), (nc - nc0) / steps, (tt - tt0) * 1e3 / steps,
+                     (ct - ct0) * 1e3 / steps))
+    own = sorted(rows, key=lambda r: -r[2])[:n]
+    cum = sorted(rows, key=lambda r: -r[3])[:n]
+    return dict(own=[dict(fn=f, calls=c, own_ms=t, cum_ms=ct) for f, c, t, ct in own],
+                cumulative=[dict(fn=f, calls=c, own_ms=t, cum_ms=ct) for f, c, t, ct in cum])
+
+
 def worker(args) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -160,13 +195,14 @@ def worker(args) -> None:
                e2e_tok_per_s=statistics.median(e2e))
     if args.profile_decode:
         # the batch with 1 and with 65 new tokens: the difference is 64 decode steps
+        gen65 = SamplingParams(max_tokens=65, temperature=0.0, ignore_eos=True)
         short = profile_generate(llm, prompts, one)
-        long = profile_generate(llm, prompts, SamplingParams(max_tokens=65, temperature=0.0,
-                                                             ignore_eos=True))
+        long = profile_generate(llm, prompts, gen65)
         row["decode_profile"] = dict(
             step_wall_ms=(long["wall_ms"] - short["wall_ms"]) / 64,
             step_gpu_kernel_ms=(long["gpu_kernel_ms"] - short["gpu_kernel_ms"]) / 64,
-            top=long["top"])
+            top=long["top"],
+            host_top=host_profile_diff(llm, prompts, one, gen65, steps=64))
     rows.append(row)
     print(json.dumps(rows[-1]), flush=True)
     with open(args.worker_out, "w") as f:
@@ -240,6 +276,15 @@ def report(rows, meta, out) -> None:
                   "| backend | wall ms / step | GPU kernel ms / step |", "|---|---|---|"]
         lines += [f"| {r['backend']} | {r['decode_profile']['step_wall_ms']:.2f} | "
                   f"{r['decode_profile']['step_gpu_kernel_ms']:.2f} |" for r in dprof]
+        for r in dprof:
+            top = r["decode_profile"].get("host_top")
+            if not top:
+                continue
+            lines += ["", f"{r['backend']}: host (Python) ms per decode step by function "
+                      "(`cProfile`, the same difference; the 12 with the most cumulative time):",
+                      "", "| function | calls / step | own ms | cumulative ms |", "|---|---|---|---|"]
+            lines += [f"| `{e['fn']}` | {e['calls']:.1f} | {e['own_ms']:.3f} | {e['cum_ms']:.3f} |"
+                      for e in top["cumulative"][:12]]
     for b, why in meta["failed"].items():
         lines += ["", f"{b} did not run: {why}"]
     with open(out + ".md", "w") as f:

@@ -137,6 +137,7 @@ for stage in "$@"; do
         ;;
     ttft)
         run ttft python3 benchmarks/bench_ttft.py --model "$MODEL" --thresholds "$THRESHOLDS" \
+            ${TTFT_LENGTHS:+--lengths $TTFT_LENGTHS} ${DECODE_REPEATS:+--decode-repeats $DECODE_REPEATS} \
             --backends ${TTFT_BACKENDS:-FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE SPARGE+fused} \
             --decode-len "${DECODE_LEN:-512}" --profile-lengths ${TTFT_PROFILE:-} \
             ${TTFT_PROFILE_DECODE:+--profile-decode} --out "$OUT/ttft"
