@@ -56,17 +56,12 @@ VARIANTS = {
     "eager_rescale": dict(lazy_rescale=0.0),
     "head_major_eager_rescale": dict(kv_major=False, lazy_rescale=0.0),
 }
-# --variants, predictor: the select kernel's chunk loads pipelined 2 or 3 deep (cp.async; at
-# 32K the kernel holds two 4-warp programs per multiprocessor, each waiting on 16 dependent
-# loads), and 8 warps (twice the resident warps at 32K, half the chunks at 128K)
+# --variants, predictor: the select kernel at 4 and at 8 warps (the default is 4 up to 128K, one
+# of the two columns repeats it). Measured and dropped: pipelined chunk loads, 3-15 thresholds
+# per search step (history/kernels_v9_select_options_h200.md, kernels_v10_predictor_h200.md)
 PREDICTOR_VARIANTS = {
-    "radix4": dict(select_radix=4),
-    "radix8": dict(select_radix=8),
-    "radix16": dict(select_radix=16),
-    "radix16_dc8": dict(select_radix=16, select_dc=8),
-    "dc8": dict(select_dc=8),
-    "w4_dc4": dict(select_warps=4, select_dc=4),
-    "w4_dc4_radix16": dict(select_warps=4, select_dc=4, select_radix=16),
+    "select_w4": dict(select_warps=4),
+    "select_w8": dict(select_warps=8),
 }
 TIME_VARIANTS = False
 
@@ -251,7 +246,7 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                 pv_skip=False, fused=True))
             programs = min(max_fused_programs(q.device), num_blocks(length, BLKQ) * HQ)
             scratch = programs * key_block_stride(num_blocks(length, BLKK)) * 2
-            extra_f = 3 * bm.count.numel() * 4 + scratch
+            extra_f = 2 * bm.count.numel() * 4 + scratch  # kept and valid counts per row
             extra_f += pooled_keys_bytes(HKV, D, 1, length)
             frow = dict(row, config=name + "+fused", predictor_ms=0.0, attention_ms=t_fused,
                         total_ms=t_fused, extra_mem_bytes=extra_f,

@@ -61,7 +61,7 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
             del r["fa3_ms"]
     results[0]["variants_ms"] = {"head_major": 1.0, "eager_rescale": 2.6}
     results[0]["predictor_parts_ms"] = {"pool_keys": 0.04, "select": 0.06}
-    results[1]["predictor_variants_ms"] = {"radix16": 0.05, "dc8": 0.2}
+    results[1]["predictor_variants_ms"] = {"select_w4": 0.05, "select_w8": 0.2}
     bench.attach_ratios(results)
     meta = dict(device="GPU", date="today", torch="2.11", triton="3.6", vllm="0.26.0",
                 command="cmd")

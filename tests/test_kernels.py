@@ -177,25 +177,24 @@ def test_split_query_blocks_equal_whole_blocks(page, packed, device):
 
 @pytest.mark.parametrize("topk", [None, 0.3])
 def test_select_options_give_the_same_block_map(topk, device):
-    """select_radix 4/8/16 (several thresholds per search step), select_dc and select_warps
-    (experimental) give exactly the default block map, with thresholds that differ per head (cdf tiny, 1, and
-    between) and rows past short queries."""
+    """select_dc and select_warps (the select kernel's launch overrides) give exactly the default
+    block map, with thresholds that differ per head (cdf tiny, 1, and between) and rows past
+    short queries."""
     case = make_paged_case(REQS_MIXED, 8, 2, 64, 16, torch.bfloat16, device, seed=2)
     sim = torch.tensor([0.6, -1.0, 0.2, 1.0, 0.6, -1.0, 0.3, 0.6], device=device)
     cdf = torch.tensor([0.9, 0.5, 1.0, 0.98, 1e-4, 0.9, 0.95, 0.99], device=device)
     ref = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk)
     real = ref.count > 0
     assert (ref.count[real] < ref.n_valid[real]).any()  # some rows are sparse
-    for radix, dc, warps in ((4, None, None), (8, None, None), (16, None, None), (16, 8, None),
-                             (2, 8, None), (16, 4, 8)):
+    for dc, warps in ((2, None), (4, 8)):
         bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk,
-                               select_radix=radix, select_dc=dc, select_warps=warps)
+                               select_dc=dc, select_warps=warps)
         assert torch.equal(bm.count, ref.count)
         assert torch.equal(bm.n_valid[real], ref.n_valid[real])
         keep = torch.arange(ref.lut.shape[-1], device=device) < ref.count[..., None]
         assert torch.equal(bm.lut[keep], ref.lut[keep])
-    for bad in (dict(select_radix=3), dict(select_dc=3), dict(select_warps=2)):
-        with pytest.raises(ValueError, match="select_radix must be 2, 4, 8 or 16, select_dc"):
+    for bad in (dict(select_dc=3), dict(select_warps=2)):
+        with pytest.raises(ValueError, match="select_dc must be a power of two up to 32 and"):
             predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, **bad)
 
 
@@ -300,7 +299,7 @@ def test_tma_loads_equal_pointer_loads(packed, pv, device):
 
 def test_prefill_scratch_bytes_bounds_the_allocations(device):
     """The bound the backend reserves during vLLM's memory profiling covers what a call
-    allocates: pooled keys, key sums, block map, counts."""
+    allocates: pooled keys, key sums, block map, the two per-row counts."""
     from sparge_serve.kernels import prefill_scratch_bytes
     from sparge_serve.kernels.predictor import KSUM_CHUNK, pool_keys
 
@@ -310,8 +309,8 @@ def test_prefill_scratch_bytes_bounds_the_allocations(device):
                            head_vec(0.6, hq, device), head_vec(0.9, hq, device))
     pooled = pool_keys(case.key_cache, case.batch)
     r = case.batch.num_reqs
-    used = sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid, bm.count,
-                                                        pooled.pk, pooled.ksim))
+    used = sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid, pooled.pk,
+                                                        pooled.ksim))
     used += 4 * r * hkv * (d + num_blocks(pooled.nkb, KSUM_CHUNK) * d)  # mu, ksum
     bound = prefill_scratch_bytes(hq, hkv, d, r, case.batch.max_query_len, case.batch.max_seq_len)
     assert used <= bound <= 1.01 * used

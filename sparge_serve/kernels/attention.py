@@ -214,7 +214,7 @@ def _count_skipped(stats_ptr, n_skipped, PV_SKIP: tl.constexpr):
 @triton.jit(do_not_specialize=["NQB", "stride_bt"], do_not_specialize_on_alignment=BATCH_PTRS)
 def _sparse_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
-    lut_ptr, count_ptr, pv_ptr, skipped_ptr, stats_ptr, k_desc, v_desc,
+    lut_ptr, count_ptr, pv_ptr, stats_ptr, k_desc, v_desc,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_page, stride_tok, stride_head, stride_bt,
     NKB, NQB, num_heads, qk_scale,
@@ -252,10 +252,6 @@ def _sparse_attn_kernel(
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
         USE_TMA, LAZY,
     )
-    # NOTE: the per-row store is kept for its effect on ptxas: without it, the PV-off kernel
-    # spills 1752 B instead of 544 (AOT check); the counters get the sum by atomic
-    if t % SPLIT == 0:
-        tl.store(skipped_ptr + row_id, n_skipped)
     _count_skipped(stats_ptr, n_skipped, PV_SKIP)  # (SPLIT is 1 with PV skip)
 
 
@@ -486,11 +482,10 @@ def sparse_paged_attention(
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
     split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
     stats = stats_buffer(stats, q.device)
-    skipped = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
     _sparse_attn_kernel[(num_heads, nqb * split, nreq)](
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
-        block_map.lut, block_map.count, pvthreshd, skipped, stats, k_desc, v_desc,
+        block_map.lut, block_map.count, pvthreshd, stats, k_desc, v_desc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
         nkb, nqb, num_heads, float(scale) * _LOG2E,

@@ -169,11 +169,10 @@ def _select_row(
     q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
     stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr, RADIX: tl.constexpr = 2,
+    NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
 ):
     """Stage 1 for one (request ``r``, q-head ``h``, query block ``b``) row with real queries:
-    returns ``(keep [NKB_PAD] bool, n_valid)``, the kept key blocks among the valid ones
-    (``RADIX``: :func:`_select_from_scores`)."""
+    returns ``(keep [NKB_PAD] bool, n_valid)``, the kept key blocks among the valid ones."""
     ctx = seq_len - q_len
     kvh = h // GROUP
     rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
@@ -218,36 +217,19 @@ def _select_row(
         )
         s += tl.sum(pk * pq[None, :], axis=1)
     return _select_from_scores(s, q_sim, ksim_ptr + rh * NKB, cdf_ptr, h, simthr, first,
-                               offs_j, valid, n_valid, scale, topk, BLOCK_N, USE_TOPK, RADIX)
-
-
-@triton.jit
-def _search_step(lo, hi, n_low, RADIX: tl.constexpr):
-    """One step of a ``RADIX``-way search over float bits: the candidates were
-    ``lo + i * step`` (clipped to ``hi``) for ``i < RADIX``, of which the first ``n_low`` are on
-    ``lo``'s side of the boundary; returns the narrowed ``(lo, hi)``."""
-    step = (hi - lo + RADIX - 1) // RADIX
-    return tl.minimum(lo + (n_low - 1) * step, hi), tl.minimum(lo + n_low * step, hi)
-
-
-@triton.jit
-def _candidates(lo, hi, RADIX: tl.constexpr):
-    """``[RADIX]`` float thresholds ``bits(min(lo + i * step, hi))`` of a search step."""
-    step = (hi - lo + RADIX - 1) // RADIX
-    return _float_bits(tl.minimum(lo + tl.arange(0, RADIX) * step, hi))
+                               offs_j, valid, n_valid, scale, topk, BLOCK_N, USE_TOPK)
 
 
 @triton.jit
 def _select_from_scores(s, q_sim, ksim_row, cdf_ptr, h, simthr, first, offs_j, valid, n_valid,
-                        scale, topk, BLOCK_N: tl.constexpr, USE_TOPK: tl.constexpr,
-                        RADIX: tl.constexpr = 2):
+                        scale, topk, BLOCK_N: tl.constexpr, USE_TOPK: tl.constexpr):
     """The selection of one row from its raw compressed scores ``s [NKB_PAD]`` (``pq . pk``)
     and query self-similarity ``q_sim`` (``valid``: ``offs_j < n_valid``): ``(keep [NKB_PAD]
     bool, n_valid)``.
 
-    The threshold searches test one float (as bits) per step when ``RADIX`` is 2 (31 steps),
-    or ``RADIX - 1`` at once (``RADIX`` 16: 8 steps of one ``[NKB_PAD, RADIX]`` reduction); both
-    find the same boundary of a monotone test, so the same block map.
+    NOTE: the threshold searches test one float (as bits) per step. Testing 3-15 at once (one
+    ``[NKB_PAD, RADIX]`` reduction per step, 8-15 steps instead of 31) measured 0.64-1.0x
+    (``history/kernels_v10_predictor_h200.md``): the reductions are not what bounds the kernel.
     """
     k_sim = tl.load(ksim_row + offs_j, mask=valid, other=0.0) > simthr
     allowed = valid & k_sim
@@ -256,28 +238,19 @@ def _select_from_scores(s, q_sim, ksim_row, cdf_ptr, h, simthr, first, offs_j, v
     s_max = tl.where(s_max == float("-inf"), 0.0, s_max)
     e = tl.where(allowed, tl.exp(s - s_max), 0.0)
     p = e / tl.maximum(tl.sum(e, axis=0), 1e-30)
-    # NOTE: p in [0, 1], so its float bits order like the floats and 0x3F800001 is above all
-    lo = tl.zeros([], dtype=tl.int32)
-    hi = tl.full([], 0x3F800001, dtype=tl.int32)
-    # steps until hi - lo == 1 from 0x3F800001 (RADIX 2: one more, as before)
-    steps: tl.constexpr = 31 if RADIX == 2 else (15 if RADIX == 4 else (10 if RADIX == 8 else 8))
 
     if USE_TOPK:
         # keep the n_keep most probable valid blocks, lower index first on ties: t = the largest
         # float with count(valid & p >= t) >= n_keep (holds at lo, fails at hi)
         n_keep = tl.maximum(tl.floor(topk * n_valid.to(tl.float32) + 0.5), 1.0).to(tl.int32)
-        for _ in range(steps):
-            if RADIX == 2:
-                mid = lo + (hi - lo) // 2
-                n_ge = tl.sum((valid & (p >= _float_bits(mid))).to(tl.int32), axis=0)
-                ok = n_ge >= n_keep
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid)
-            else:
-                c = _candidates(lo, hi, RADIX)
-                n_ge = tl.sum((valid[:, None] & (p[:, None] >= c[None, :])).to(tl.int32), axis=0)
-                ok = (n_ge >= n_keep) | (tl.arange(0, RADIX) == 0)  # lo: holds
-                lo, hi = _search_step(lo, hi, tl.sum(ok.to(tl.int32), axis=0), RADIX)
+        lo = tl.zeros([], dtype=tl.int32)  # count(valid & p >= bits(lo)) >= n_keep holds
+        hi = tl.full([], 0x3F800001, dtype=tl.int32)  # just above 1.0: count is 0
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            n_ge = tl.sum((valid & (p >= _float_bits(mid))).to(tl.int32), axis=0)
+            ok = n_ge >= n_keep
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid)
         t = _float_bits(lo)
         above = valid & (p > t)
         ties = valid & (p == t)
@@ -290,18 +263,14 @@ def _select_from_scores(s, q_sim, ksim_row, cdf_ptr, h, simthr, first, offs_j, v
         # float bits) with mass(t) <= cdf; fp64 sums keep the comparison exact enough.
         cdf = tl.load(cdf_ptr + h)
         p64 = p.to(tl.float64)
-        for _ in range(steps):
-            if RADIX == 2:
-                mid = lo + (hi - lo) // 2
-                mass = tl.sum(tl.where(p >= _float_bits(mid), p64, 0.0), axis=0)
-                ok = mass <= cdf
-                lo = tl.where(ok, lo, mid)
-                hi = tl.where(ok, mid, hi)
-            else:
-                c = _candidates(lo, hi, RADIX)
-                mass = tl.sum(tl.where(p[:, None] >= c[None, :], p64[:, None], 0.0), axis=0)
-                low = (mass > cdf) | (tl.arange(0, RADIX) == 0)  # lo: fails
-                lo, hi = _search_step(lo, hi, tl.sum(low.to(tl.int32), axis=0), RADIX)
+        lo = tl.zeros([], dtype=tl.int32)
+        hi = tl.full([], 0x3F800001, dtype=tl.int32)
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            mass = tl.sum(tl.where(p >= _float_bits(mid), p64, 0.0), axis=0)
+            ok = mass <= cdf
+            lo = tl.where(ok, lo, mid)
+            hi = tl.where(ok, mid, hi)
         p_max = tl.max(p, axis=0)
         selected = allowed & ((p >= _float_bits(hi)) | (p == p_max))
         selected = tl.where(cdf >= 1.0, valid, selected)
@@ -341,7 +310,6 @@ def _select_kernel(
     NKB, NQB, num_heads, num_kv_heads, scale, topk,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
-    RADIX: tl.constexpr = 2,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
@@ -357,7 +325,7 @@ def _select_kernel(
     keep, n_valid = _select_row(
         q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
         stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
-        GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK, RADIX,
+        GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK,
     )
     _store_row(lut_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_valid,
                tl.arange(0, NKB_PAD))
@@ -437,8 +405,13 @@ def _select_dc(nkb_pad: int, num_warps: int) -> int:
 
 
 def _select_launch_params(nkb_pad: int) -> tuple[int, int]:
-    """(DC, num_warps) of the select kernel."""
-    num_warps = 4 if nkb_pad <= 1024 else 8
+    """(DC, num_warps) of the select kernel.
+
+    NOTE: 4 warps up to 2048 key blocks (128K tokens): there 4 warps with 4 dimensions per chunk
+    (120 registers, four programs per multiprocessor) were 1.04-1.07x faster than 8 warps with 8
+    (``history/kernels_v10_predictor_h200.md``); 8 warps beyond (4 warps would need 166).
+    """
+    num_warps = 4 if nkb_pad <= 2048 else 8
     return _select_dc(nkb_pad, num_warps), num_warps
 
 
@@ -519,7 +492,7 @@ def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_
     """
     nqb = num_blocks(max_query_len, BLKQ)
     nkb_stride = key_block_stride(num_blocks(max_seq_len, BLKK))
-    counts = max_reqs * num_heads * nqb * 3 * 4  # kept, valid, PV-skipped per row
+    counts = max_reqs * num_heads * nqb * 2 * 4  # kept and valid blocks per row
     if fused_programs is None:
         lists = max_reqs * num_heads * nqb * 2 * nkb_stride  # the int16 block map
     else:
@@ -547,7 +520,6 @@ def predict_block_map(
     topk: float | None = None,
     stats: torch.Tensor | None = None,
     check_finite: bool = True,
-    select_radix: int = 2,
     select_dc: int | None = None,
     select_warps: int | None = None,
 ) -> BlockMap:
@@ -556,18 +528,15 @@ def predict_block_map(
     ``q [num_tokens, Hq, D]`` holds the new tokens of every request (``batch.query_start_loc``);
     ``key_cache [num_pages, page_size, Hkv, D]``. ``stats`` (int64 ``[3]``), if given, gets
     ``[valid_blocks, kept_blocks, 0]`` added on the device (by the select kernel itself).
-    Experimental select-kernel options, same block map (benchmarks only): ``select_radix`` (2,
-    4, 8 or 16) tests that many - 1 thresholds per step of the selection's threshold search, and
-    ``select_dc`` (a power of two dividing the head dim) and ``select_warps`` (4 or 8) override
-    the dimensions per chunk and the warps of :func:`_select_launch_params`.
+    ``select_dc`` (a power of two up to 32) and ``select_warps`` (4 or 8) override the select
+    kernel's dimensions per chunk and warps (:func:`_select_launch_params`; benchmarks only,
+    same block map).
     """
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
     stats = stats_buffer(stats, q.device)
-    if (select_radix not in (2, 4, 8, 16) or select_dc not in (None, 1, 2, 4, 8, 16, 32)
-            or select_warps not in (None, 4, 8)):
-        raise ValueError(f"select_radix must be 2, 4, 8 or 16, select_dc a power of two up to 32 "
-                         f"and select_warps 4 or 8; got {select_radix}, {select_dc} and "
-                         f"{select_warps}")
+    if select_dc not in (None, 1, 2, 4, 8, 16, 32) or select_warps not in (None, 4, 8):
+        raise ValueError(f"select_dc must be a power of two up to 32 and select_warps 4 or 8; "
+                         f"got {select_dc} and {select_warps}")
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = key_cache.shape[2]
     nqb = num_blocks(batch.max_query_len, BLKQ)
@@ -588,7 +557,7 @@ def predict_block_map(
         q.stride(0), q.stride(1),
         nkb_stride, nqb, num_heads, num_kv_heads, float(scale), float(topk or 1.0),
         GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
-        NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk is not None, RADIX=select_radix,
+        NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk is not None,
         num_warps=num_warps,
     )
     return BlockMap(lut, count, n_valid)
