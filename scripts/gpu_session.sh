@@ -20,6 +20,7 @@
 #   kernels    the kernel benchmark, with the defaults' alternatives (-> $OUT/kernels.*)
 #   variants   the defaults' alternatives and the predictor options (pipelined select loads)
 #              at 32K and 128K (-> $OUT/kernels_variants.*)
+#   kernels_quick  the kernel benchmark at 32K and 128K, 64-token pages, fused (-> $OUT/kernels_quick.*)
 #   predictor_variants  only the predictor options, at 32K and 128K (-> $OUT/kernels_predictor.*)
 #   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
 #   ttft       TTFT / decode benchmark with $THRESHOLDS, decode prompts of $DECODE_LEN tokens,
@@ -124,6 +125,10 @@ for stage in "$@"; do
     variants)
         run kernels_variants python3 benchmarks/bench_kernels.py --lengths 32768 131072 \
             --pages 64 --fused --variants --out "$OUT/kernels_variants"
+        ;;
+    kernels_quick)
+        run kernels_quick python3 benchmarks/bench_kernels.py --lengths 32768 131072 --pages 64 \
+            --fused --out "$OUT/kernels_quick"
         ;;
     predictor_variants)
         run kernels_predictor python3 benchmarks/bench_kernels.py --lengths 32768 131072 \
