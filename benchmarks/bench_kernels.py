@@ -37,6 +37,7 @@ from sparge_serve.kernels import (
 )
 from sparge_serve.kernels.attention import FusedLaunch, max_fused_programs
 from sparge_serve.kernels.predictor import key_block_stride, pool_keys, pooled_keys_bytes
+from sparge_serve.kernels.virtual import fa3_sparse_attention, heads_as_pages, virtual_batch
 
 HQ, HKV, D = 32, 8, 128
 # (split, num_warps, num_stages, programs per multiprocessor) of the fused kernel's sweep, by
@@ -47,6 +48,7 @@ FUSED_SWEEP = {
 }
 SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
 FUSED = False  # --fused: also time the persistent select+attend kernel (rows "<config>+fused")
+VIRTUAL = False  # --virtual: also time FA3 over per-row virtual contexts (rows "<config>+virtual")
 # --variants: the defaults' alternatives (PV skip off), timed on every random-input config (dense
 # and top-k) of both kernels -> row["variants_ms"]: either launch order (both kernels' default is
 # KV-major), and a rescale every block (no lazy rescaling)
@@ -283,6 +285,31 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                             pv_skip=False, fused=True, fused_launch=FusedLaunch(lazy_rescale=lz)))
             results.append(frow)
             print(json.dumps(frow), flush=True)
+        if VIRTUAL and not structured and fa3 is not None:
+            _bench_virtual(q, kc, vc, batch, bm, scale, pv_off, out, row, results, kv_bytes)
+
+
+def _bench_virtual(q, kc, vc, batch, bm, scale, pv_off, out, row, results, kv_bytes):
+    """Row ``<config>+virtual``: the same block map attended by FA3 over per-row virtual contexts
+    (``kernels/virtual.py``, PV skip off), its largest difference to the Triton kernel's output,
+    and its extra memory (virtual block table, head-major query and output copies)."""
+    n = q.shape[0]
+    want = torch.empty_like(q)
+    sparse_paged_attention(q, kc, vc, batch, bm, scale, pv_off, want, check_finite=False,
+                           pv_skip=False)
+    fa3_sparse_attention(q, kc, vc, batch, bm, scale, out, (0, n))
+    diff = (out.float() - want.float()).abs().max().item()
+    t = bench(lambda: fa3_sparse_attention(q, kc, vc, batch, bm, scale, out, (0, n)))
+    vb = virtual_batch(batch, bm, HQ, HKV, kc.shape[1], heads_as_pages(kc)[1], n)
+    extra = row["extra_mem_bytes"] + 2 * q.numel() * q.element_size() + sum(
+        x.numel() * x.element_size() for x in (vb.cu_seqlens_q, vb.seqused_k, vb.block_table))
+    vrow = dict(row, config=row["config"] + "+virtual", attention_ms=t,
+                total_ms=row["predictor_ms"] + t, max_abs_diff_vs_triton=diff,
+                extra_mem_bytes=extra, extra_mem_frac_of_kv=extra / kv_bytes)
+    for key in ("launch_sweep_ms", "predictor_variants_ms", "predictor_parts_ms", "variants_ms"):
+        vrow.pop(key, None)
+    results.append(vrow)
+    print(json.dumps(vrow), flush=True)
 
 
 def attach_ratios(results):
@@ -404,13 +431,15 @@ def plot(results, meta, path: str) -> None:
 
 
 def main():
-    global SWEEP, FUSED, D, TIME_VARIANTS
+    global SWEEP, FUSED, D, TIME_VARIANTS, VIRTUAL
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--pages", type=int, nargs="+", default=[64, 16])
     ap.add_argument("--out", default="benchmarks/results/kernels")
     ap.add_argument("--sweep", action="store_true", help="time launch configs of the dense kernel")
     ap.add_argument("--fused", action="store_true", help="also time the fused persistent kernel")
+    ap.add_argument("--virtual", action="store_true",
+                    help="also time FA3 over per-row virtual contexts (kernels/virtual.py)")
     ap.add_argument("--variants", nargs="?", const="all", choices=("all", "predictor"),
                     help=f"also time the defaults' alternatives ({', '.join(VARIANTS)}) and the "
                     f"predictor options ({', '.join(PREDICTOR_VARIANTS)}); 'predictor': only "
@@ -425,6 +454,7 @@ def main():
         plot(saved["results"], saved["meta"], str(Path(args.replot).with_suffix(".png")))
         return
     SWEEP, FUSED, D, TIME_VARIANTS = args.sweep, args.fused, args.head_dim, args.variants
+    VIRTUAL = args.virtual
     try:
         import vllm
         from vllm.vllm_flash_attn import flash_attn_varlen_func as fa3

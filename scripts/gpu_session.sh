@@ -21,6 +21,8 @@
 #   variants   the defaults' alternatives and the predictor options (pipelined select loads)
 #              at 32K and 128K (-> $OUT/kernels_variants.*)
 #   kernels_quick  the kernel benchmark at 32K and 128K, 64-token pages, fused (-> $OUT/kernels_quick.*)
+#   virtual    FA3 over per-row virtual contexts: its tests (CPU emulation and real FA3) and the
+#              benchmark at 32K and 128K, 64-token pages (-> $OUT/kernels_virtual.*)
 #   predictor_variants  only the predictor options, at 32K and 128K (-> $OUT/kernels_predictor.*)
 #   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
 #   ttft       TTFT / decode benchmark with $THRESHOLDS, decode prompts of $DECODE_LEN tokens,
@@ -129,6 +131,11 @@ for stage in "$@"; do
     kernels_quick)
         run kernels_quick python3 benchmarks/bench_kernels.py --lengths 32768 131072 --pages 64 \
             --fused --out "$OUT/kernels_quick"
+        ;;
+    virtual)
+        run virtual_tests timeout 200 ${PYTEST/-m gpu /} tests/test_virtual.py
+        run kernels_virtual python3 benchmarks/bench_kernels.py --lengths 32768 131072 --pages 64 \
+            --virtual --out "$OUT/kernels_virtual"
         ;;
     predictor_variants)
         run kernels_predictor python3 benchmarks/bench_kernels.py --lengths 32768 131072 \
