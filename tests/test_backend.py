@@ -296,6 +296,21 @@ def _impl(vllm_config, num_heads=HQ, num_kv_heads=HKV):
         return SpargeAttentionImpl(num_heads, D, D**-0.5, num_kv_heads, None, None, "auto")
 
 
+def test_attention_kernel_fa3_needs_flash_attention_3(sparge, monkeypatch):
+    """``attention_kernel: fa3`` is refused at bind (engine start) without FlashAttention 3, and
+    layers with the PV skip keep the Triton kernel."""
+    import sparge_serve.backend.sparge_attn as sa
+
+    impl = _impl(sparge(attention_kernel="fa3"))
+    with pytest.raises(ValueError, match=r"needs FlashAttention 3.*Fix: use \"attention_kernel\""):
+        impl.bind("model.layers.1.self_attn.attn", "cpu")
+    monkeypatch.setattr(sa, "get_flash_attn_version", lambda **kw: 3)
+    impl = _impl(sparge(attention_kernel="fa3"))
+    impl._fa = object()  # stands in for FlashAttentionImpl on this CPU-only machine
+    impl.bind("model.layers.1.self_attn.attn", "cpu")
+    assert impl.fa3_attention == (not impl._pv_skip)
+
+
 def test_bind_layer_index_tp_slice_and_dense_layers(sparge, tmp_path):
     g = torch.Generator().manual_seed(0)
     th = Thresholds(torch.rand(L, HQ, generator=g), torch.rand(L, HQ, generator=g) * 0.5 + 0.5,
@@ -404,6 +419,7 @@ def test_mixed_batch_noncontiguous(sparge):
     qsl = cam.query_start_loc_cpu.tolist()
     expected = [t for r in (1, 4, 5) for t in range(qsl[r], qsl[r + 1])]
     assert sp.token_index.tolist() == expected
+    assert sp.token_range == (0, 7148)  # the gathered rows
     # The dense call skips the sparse requests; dense layers get the untouched batch.
     assert md.seq_lens.tolist() == [20000, 0, 300, 30, 0, 0, 0, 0]
     assert md.all_dense.seq_lens.tolist() == [20000, 20000, 300, 30, 16384, 16384, 0, 0]
@@ -416,6 +432,7 @@ def test_contiguous_sparse_requests_use_views(sparge):
     md = _builder(sparge()).build(0, cam)
     sp = md.sparse
     assert sp.token_index is None  # q/out rows are used in place, absolute offsets
+    assert sp.token_range == (1, 5097)  # the rows of q/out the sub-batch covers
     assert sp.batch.query_start_loc.tolist() == cam.query_start_loc_cpu[1:4].tolist()
     assert sp.batch.seq_lens.tolist() == [20000, 17000]
     assert md.seq_lens.tolist() == [50, 0, 0, 17000]

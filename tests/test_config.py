@@ -22,6 +22,18 @@ def test_fused_from_dict_and_env():
     assert SpargeConfig.from_dict(None, env={"SPARGE_FUSED": "TRUE"}).fused is True
 
 
+def test_attention_kernel_from_dict_env_and_errors():
+    assert SpargeConfig.from_dict(None, env={}).attention_kernel == "triton"
+    assert SpargeConfig.from_dict({"attention_kernel": "fa3"}, env={}).attention_kernel == "fa3"
+    env = {"SPARGE_ATTENTION_KERNEL": "triton"}
+    assert SpargeConfig.from_dict({"attention_kernel": "fa3"}, env=env).attention_kernel == "triton"
+    with pytest.raises(ValueError, match=r"`attention_kernel` \(env SPARGE_ATTENTION_KERNEL\) = "
+                       r"'fa2' is not one of \['triton', 'fa3'\].*Fix:"):
+        SpargeConfig.from_dict({}, env={"SPARGE_ATTENTION_KERNEL": "fa2"})
+    with pytest.raises(ValueError, match=r"cannot be combined with fused.*Fix: drop one"):
+        SpargeConfig.from_dict({"attention_kernel": "fa3", "fused": True}, env={})
+
+
 def test_min_sparse_query_len_from_dict_env_and_errors():
     assert SpargeConfig.from_dict({"min_sparse_query_len": 128}, env={}).min_sparse_query_len == 128
     env = {"SPARGE_MIN_SPARSE_QUERY_LEN": "2048"}

@@ -33,8 +33,9 @@ def fa_varlen_emulation(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, sequs
         keys = k[pages].reshape(-1, k.shape[-1])[:n_k].float()
         vals = v[pages].reshape(-1, v.shape[-1])[:n_k].float()
         s = q[cu[i]: cu[i + 1], 0].float() @ keys.T * softmax_scale
-        qpos = torch.arange(n_q) + n_k - n_q
-        s = s.masked_fill(torch.arange(n_k)[None, :] > qpos[:, None], float("-inf"))
+        qpos = torch.arange(n_q, device=q.device) + n_k - n_q
+        s = s.masked_fill(torch.arange(n_k, device=q.device)[None, :] > qpos[:, None],
+                          float("-inf"))
         out[cu[i]: cu[i + 1], 0] = (torch.softmax(s, -1) @ vals).to(out.dtype)
     return out
 
@@ -42,16 +43,16 @@ def fa_varlen_emulation(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, sequs
 @pytest.mark.parametrize("page,hq,hkv,packed,topk", [
     (64, 8, 2, True, None), (16, 4, 4, False, 0.3), (64, 4, 1, False, 0.5), (32, 8, 2, True, None),
 ])
-def test_fa3_virtual_contexts_equal_the_sparse_kernel(page, hq, hkv, packed, topk):
-    case = make_paged_case(REQS, hq, hkv, 64, page, torch.float16, "cpu", seed=3, packed=packed)
-    sim = head_vec(0.3, hq, "cpu")
-    cdf = torch.linspace(0.5, 0.95, hq)
+def test_fa3_virtual_contexts_equal_the_sparse_kernel(page, hq, hkv, packed, topk, device):
+    case = make_paged_case(REQS, hq, hkv, 64, page, torch.float16, device, seed=3, packed=packed)
+    sim = head_vec(0.3, hq, device)
+    cdf = torch.linspace(0.5, 0.95, hq, device=device)
     bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk)
     real = bm.count > 0
     assert (bm.count[real] < bm.n_valid[real]).any()  # some rows are sparse
     want = torch.zeros_like(case.q)
     sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
-                           head_vec(50.0, hq, "cpu"), want, pv_skip=False)
+                           head_vec(50.0, hq, device), want, pv_skip=False)
     got = torch.full_like(case.q, float("nan"))
     n = case.q.shape[0]
     fa3_sparse_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,

@@ -359,6 +359,9 @@ class SparsePrefill:
     # batch.query_start_loc holds absolute offsets into the step's q/out and nothing is copied.
     req_index: np.ndarray  # [R] int64 host: the sparse requests' rows in the step's batch
     num_tokens: int  # host: new tokens of the sparse requests
+    # host: (first, end) rows of q/out the sub-batch covers (absolute offsets when token_index is
+    # None, else (0, num_tokens)); the FA3 attention kernel transposes exactly these rows
+    token_range: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -557,6 +560,7 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
                 block_table=cam.block_table_tensor[first : last + 1],
                 max_query_len=max_query_len, max_seq_len=max_seq_len)
             token_index = None
+            token_range = (int(qsl[first]), int(qsl[last + 1]))
             dense_seq_lens = cam.seq_lens.clone()
             dense_seq_lens[first : last + 1] = 0
         else:
@@ -573,9 +577,10 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
                 block_table=cam.block_table_tensor.index_select(0, req_index_dev),
                 max_query_len=max_query_len, max_seq_len=max_seq_len)
             token_index = torch.from_numpy(tokens).to(device, non_blocking=True)
+            token_range = (0, num_tokens)
             dense_seq_lens = cam.seq_lens.index_fill(0, req_index_dev, 0)
         sparse = SparsePrefill(batch=batch, token_index=token_index, req_index=req_index,
-                               num_tokens=num_tokens)
+                               num_tokens=num_tokens, token_range=token_range)
         return (sparse, dense_seq_lens, has_dense), counts
 
 
@@ -615,7 +620,8 @@ def _warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atte
     first = sparse[0]
     pv_variants = tuple(sorted({i._pv_skip for i in sparse}))
     key = (first.num_heads, first.num_kv_heads, first.head_size, spec.block_size, spec.dtype,
-           pv_variants, cfg.topk, cfg.fused, cfg.min_sparse_len, max_len, str(device))
+           pv_variants, cfg.topk, cfg.fused, cfg.attention_kernel, cfg.min_sparse_len, max_len,
+           str(device))
     if key in _WARMED:
         return
     shape = SpargeAttentionBackend.get_kv_cache_shape(1, spec.block_size, first.num_kv_heads,
@@ -628,6 +634,10 @@ def _warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atte
     t0 = time.perf_counter()
     buckets = warm_up_sparse_kernels(key_cache, value_cache, first.num_heads, cfg.min_sparse_len,
                                      max_len, pv_variants, cfg.topk, cfg.fused)
+    if any(i.fa3_attention for i in sparse):
+        from sparge_serve.kernels.virtual import warm_up_virtual
+
+        warm_up_virtual(first.num_heads, first.num_kv_heads, spec.block_size, device)
     _WARMED.add(key)
     logger.info("SPARGE: compiled the sparse kernels for contexts of %d-%d tokens (%d length "
                 "buckets) in %.1f s", cfg.min_sparse_len, max_len, len(buckets),
@@ -746,6 +756,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.dense_layer = True
         self.topk: float | None = None
         self.fused = False  # select + attend in one kernel (SpargeConfig.fused)
+        self.fa3_attention = False  # kept blocks attended by FA3 (SpargeConfig.attention_kernel)
         self._simthreshd1: torch.Tensor | None = None  # [num_heads] fp32 device
         self._cdfthreshd: torch.Tensor | None = None  # [num_heads] fp32 device
         self._pvthreshd: torch.Tensor | None = None  # [num_heads] fp32 device
@@ -810,6 +821,16 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         # Host-side (CPU thresholds): whether any head of this layer uses the PV skip, so the
         # kernel launch never reads pvthreshd back from the GPU.
         self._pv_skip = bool((local.pvthreshd[index] < PV_OFF).any())
+        # FA3 has no PV skip: such layers keep the Triton kernel (one note per process)
+        self.fa3_attention = cfg.attention_kernel == "fa3" and not self._pv_skip
+        if cfg.attention_kernel == "fa3" and (
+                self._fa is None or get_flash_attn_version(head_size=self.head_size) != 3):
+            raise ValueError("SPARGE: attention_kernel \"fa3\" needs FlashAttention 3 (a Hopper "
+                             "GPU and vLLM's vllm_flash_attn). Fix: use \"attention_kernel\": "
+                             "\"triton\".")
+        if cfg.attention_kernel == "fa3" and self._pv_skip:
+            logger.info_once("SPARGE: layers whose thresholds use the PV skip keep the Triton "
+                             "attention kernel (attention_kernel fa3 has no PV skip)")
 
     # ---- KV cache ------------------------------------------------------------------------------
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
@@ -971,9 +992,15 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
                                    self._cdfthreshd, self.topk, block_stats, check_finite=False)
             if timing is not None:
                 timing.predictor_done()
-            sparse_paged_attention(q, key_cache, value_cache, sparse.batch, bm, self.scale,
-                                   self._pvthreshd, out, block_stats, check_finite=False,
-                                   pv_skip=self._pv_skip)
+            if self.fa3_attention:
+                from sparge_serve.kernels.virtual import fa3_sparse_attention
+
+                fa3_sparse_attention(q, key_cache, value_cache, sparse.batch, bm, self.scale,
+                                     out, sparse.token_range)
+            else:
+                sparse_paged_attention(q, key_cache, value_cache, sparse.batch, bm, self.scale,
+                                       self._pvthreshd, out, block_stats, check_finite=False,
+                                       pv_skip=self._pv_skip)
         if timing is not None:
             timing.done()
         if sparse.token_index is not None:

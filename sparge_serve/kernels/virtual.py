@@ -44,7 +44,11 @@ class VirtualBatch:
     pages_per_block: int
 
 
-@triton.jit
+# NOTE: one compiled variant per (GROUP, SUB): sizes and the block table's alignment (a slice of
+# vLLM's) are not specialised on, so the start-up warm-up covers serving
+@triton.jit(do_not_specialize=["NQB", "num_heads", "stride_bt", "max_pages", "num_kv_heads",
+                               "heads_per_page"],
+            do_not_specialize_on_alignment=["bt_ptr", "count_ptr"])
 def _virtual_table_kernel(
     lut_ptr, count_ptr, bt_ptr, vbt_ptr, NQB, NKB, num_heads, stride_bt, max_pages, vbt_cols,
     num_kv_heads, heads_per_page,
@@ -102,6 +106,17 @@ def virtual_batch(batch: PrefillBatch, bm: BlockMap, num_heads: int, num_kv_head
         heads_per_page, GROUP=num_heads // num_kv_heads, SUB=sub, CHUNK=256,
     )
     return VirtualBatch(cu.to(torch.int32), used.reshape(-1).to(torch.int32), vbt, sub)
+
+
+def warm_up_virtual(num_heads: int, num_kv_heads: int, page_size: int, device) -> None:
+    """Compile the virtual-table kernel for these heads and pages (a one-row batch)."""
+    lut = torch.zeros(1, num_heads, 1, 16, dtype=torch.int16, device=device)
+    count = torch.ones(1, num_heads, 1, dtype=torch.int32, device=device)
+    batch = PrefillBatch(torch.tensor([0, 1], dtype=torch.int32, device=device),
+                         torch.ones(1, dtype=torch.int32, device=device),
+                         torch.zeros(1, 4, dtype=torch.int32, device=device), 1, 1)
+    virtual_batch(batch, BlockMap(lut, count, count), num_heads, num_kv_heads, page_size,
+                  num_kv_heads, 1)
 
 
 def heads_as_pages(cache: torch.Tensor) -> tuple[torch.Tensor, int]:
