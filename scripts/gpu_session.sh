@@ -10,6 +10,7 @@
 #   tests      GPU tests: kernels, warm-up, calibration search, vllm serve metrics (TP 1)
 #   engine     engine equivalence vs FLASH_ATTN (TP 1; five engines, about 8 minutes)
 #   engine_fused  the fused-kernel option served like the two-kernel path (two engines)
+#   engine_fa3 attention_kernel fa3 served like the Triton attention kernel (two engines)
 #   preempt    preemption/recompute with a small KV cache vs FLASH_ATTN (two engines)
 #   tp2        the 2-GPU tests: tp2_engine, tp2_serve, tp2_calib in one run (over one call's
 #              10 minutes: run the three stages in separate calls)
@@ -90,6 +91,11 @@ for stage in "$@"; do
         export SPARGE_TEST_REPORT=$OUT/engine_report_fused.json
         run gpu_engine_fused timeout 400 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine_fused.xml" \
             "tests/gpu/test_engine_gpu.py::test_fused_kernel_serves_like_two_kernels"
+        ;;
+    engine_fa3)
+        export SPARGE_TEST_REPORT=$OUT/engine_report_fa3.json
+        run gpu_engine_fa3 timeout 400 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine_fa3.xml" \
+            "tests/gpu/test_engine_gpu.py::test_fa3_attention_kernel_serves_like_triton"
         ;;
     preempt)
         export SPARGE_TEST_REPORT=$OUT/engine_report_preempt.json

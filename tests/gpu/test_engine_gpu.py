@@ -367,6 +367,34 @@ def test_fused_kernel_serves_like_two_kernels(workload, record_property):
     assert summary["mismatch"] == 0, summary
 
 
+def test_fa3_attention_kernel_serves_like_triton(workload, record_property):
+    """``attention_kernel: fa3`` (stage 1's kept blocks attended by FlashAttention-3 over virtual
+    contexts) serves like the Triton attention kernel: the calibrated file with its PV skip turned
+    off (FA3 has none, and layers with it would keep the Triton kernel), same sparsity (same
+    predictor) and the same tokens up to near ties."""
+    from sparge_serve.thresholds import load_thresholds, save_thresholds
+
+    tmp, prompts, max_model_len = workload
+    if Path(MODEL).resolve() != (CALIBRATED.parents[1] / "sparge-tiny-code").resolve():
+        pytest.skip("the committed calibrated thresholds belong to models/sparge-tiny-code")
+    th = load_thresholds(CALIBRATED)
+    path = tmp / "calibrated_pv_off.safetensors"
+    save_thresholds(path, dataclasses.replace(th, pvthreshd=torch.full_like(th.pvthreshd, 50.0)))
+    runs = {}
+    for kernel in ("triton", "fa3"):
+        cfg = {"sparge": {"thresholds": str(path), "min_sparse_len": MIN_SPARSE_LEN,
+                          "attention_kernel": kernel}}
+        runs[kernel] = _run_engine(tmp, f"sparge_attn_{kernel}", "SPARGE", prompts,
+                                   max_model_len, additional_config=cfg)
+    summary = _compare(runs["triton"], runs["fa3"])
+    summary["sparsity_triton"] = _sparsity(runs["triton"])
+    summary["sparsity_fa3"] = _sparsity(runs["fa3"])
+    _report(record_property, "fa3_vs_triton_attention", summary)
+    assert summary["sparsity_fa3"] >= 0.4, summary
+    assert abs(summary["sparsity_fa3"] - summary["sparsity_triton"]) < 0.005, summary
+    assert summary["mismatch"] == 0, summary
+
+
 @pytest.fixture(scope="module")
 def per_head_single_gpu(workload):
     """(settings, outputs) of one SPARGE engine on one GPU with per-head, per-layer thresholds:
