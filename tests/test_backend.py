@@ -229,6 +229,12 @@ def test_profiling_reserves_the_sparse_scratch(sparge):
     fused = _impl(sparge(min_sparse_len=1024, min_sparse_query_len=512, fused=True))
     assert fused.sparse_scratch_bytes("cpu") == rows + prefill_scratch_bytes(
         HQ, HKV, D, reqs, sc.max_num_batched_tokens, max_len, fused_programs=3) < two
+    from sparge_serve.kernels.virtual import virtual_scratch_bytes
+
+    fa3 = _impl(sparge(min_sparse_len=1024, min_sparse_query_len=512, attention_kernel="fa3"))
+    page = vc.cache_config.block_size or 64
+    assert fa3.sparse_scratch_bytes() == two + virtual_scratch_bytes(
+        HQ, D, reqs, sc.max_num_batched_tokens, max_len, sc.max_num_batched_tokens, page)
     assert _impl(sparge(min_sparse_len=max_len + 1)).sparse_scratch_bytes() == 0
     assert _impl(sparge(mode="dense")).sparse_scratch_bytes() == 0
 

@@ -91,3 +91,18 @@ def test_gpu_fa3_virtual_contexts_equal_the_sparse_kernel(page, topk):
                          got, (0, case.q.shape[0]))
     assert not torch.isnan(got).any()
     assert (got.float() - want.float()).abs().max().item() <= 2e-2
+
+
+def test_virtual_scratch_bytes_bounds_the_allocations(device):
+    from sparge_serve.kernels.virtual import virtual_batch, virtual_scratch_bytes
+
+    case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=1, packed=True)
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
+                           head_vec(0.3, 4, device), head_vec(0.9, 4, device))
+    n = case.q.shape[0]
+    vb = virtual_batch(case.batch, bm, 4, 2, 16, heads_as_pages(case.key_cache)[1], n)
+    used = 2 * case.q.numel() * 2 + sum(t.numel() * t.element_size()
+                                        for t in (vb.cu_seqlens_q, vb.seqused_k, vb.block_table))
+    bound = virtual_scratch_bytes(4, 64, case.batch.num_reqs, case.batch.max_query_len,
+                                  case.batch.max_seq_len, n, 16)
+    assert used <= bound <= 2 * used

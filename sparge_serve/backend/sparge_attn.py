@@ -890,7 +890,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         """Most device memory one layer's sparse prefill can allocate in a step on ``device`` (0
         if none can run): the predictor's buffers and block map (or, with ``fused``, the fused
         kernel's per-program lists) for the step's largest sparse sub-batch, plus the gathered
-        q/out rows."""
+        q/out rows (and, with ``attention_kernel: fa3``, the FA3 path's copies and tables)."""
         vc, rt = self._vllm_config, self.runtime
         if vc is None or rt is None or not rt.config.sparse_possible(vc.model_config.max_model_len):
             return 0
@@ -902,8 +902,15 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
                           tokens // max(rt.config.min_sparse_query_len, 2)))
         rows = 2 * tokens * self.num_heads * self.head_size * 2  # q gather + out, 16-bit
         programs = max_fused_programs(device) if rt.config.fused else None
+        extra = 0
+        if rt.config.attention_kernel == "fa3":
+            from sparge_serve.kernels.virtual import virtual_scratch_bytes
+
+            page = vc.cache_config.block_size or PREFERRED_PAGE_SIZE
+            extra = virtual_scratch_bytes(self.num_heads, self.head_size, reqs, tokens, max_len,
+                                          tokens, page)
         return prefill_scratch_bytes(self.num_heads, self.num_kv_heads, self.head_size, reqs,
-                                     tokens, max_len, programs) + rows
+                                     tokens, max_len, programs) + rows + extra
 
     def _reserve_sparse_scratch(self, query: torch.Tensor) -> None:
         # NOTE: vLLM sizes the KV cache from the peak memory of its profiling forward, where

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PrefillBatch, num_blocks
-from sparge_serve.kernels.predictor import BlockMap
+from sparge_serve.kernels.predictor import BlockMap, key_block_stride
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,16 @@ def virtual_batch(batch: PrefillBatch, bm: BlockMap, num_heads: int, num_kv_head
         heads_per_page, GROUP=num_heads // num_kv_heads, SUB=sub, CHUNK=256,
     )
     return VirtualBatch(cu.to(torch.int32), used.reshape(-1).to(torch.int32), vbt, sub)
+
+
+def virtual_scratch_bytes(num_heads: int, head_dim: int, max_reqs: int, max_query_len: int,
+                          max_seq_len: int, num_tokens: int, page_size: int) -> int:
+    """Upper bound of what :func:`fa3_sparse_attention` allocates on top of the block map: the
+    head-major query and output copies (16-bit), the virtual block table, and the per-row
+    offsets (with their int64 temporaries)."""
+    rows = max_reqs * num_heads * num_blocks(max_query_len, BLKQ)
+    cols = key_block_stride(num_blocks(max_seq_len, BLKK)) * (BLKK // page_size)
+    return 2 * num_tokens * num_heads * head_dim * 2 + rows * cols * 4 + rows * 8 * 8 + 8
 
 
 def warm_up_virtual(num_heads: int, num_kv_heads: int, page_size: int, device) -> None:
