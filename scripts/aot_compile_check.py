@@ -25,7 +25,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from sparge_serve.kernels import attention, predictor  # noqa: E402
+from sparge_serve.kernels import attention, predictor, virtual  # noqa: E402
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF  # noqa: E402
 
 
@@ -202,6 +202,11 @@ def main() -> None:
                    USE_TOPK=False, PV_SKIP=pv, SPLIT=1 if pv else 2, LAZY=_lazy(pv, True, 256)),
               8, 2,
               types=_types("bf16", 256, True))
+    # attention_kernel fa3: the virtual block table (64- and 16-token pages)
+    for sub in (1, 4):
+        check(f"virtual table SUB={sub}", virtual._virtual_table_kernel,
+              dict(GROUP=4, SUB=sub, CHUNK=256), 4, types=dict(types, bt_ptr="*i32",
+                                                                 vbt_ptr="*i32"))
     sys.exit(1 if failed else 0)
 
 
