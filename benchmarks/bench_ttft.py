@@ -86,6 +86,26 @@ def profile_generate(llm, prompts, params) -> dict:
                 top=[(e.key[:80], e.count, e.self_device_time_total / 1e3) for e in kernels[:10]])
 
 
+# SPARGE variants: fused = the `fused` option; pvoff = the thresholds with the PV skip off (so
+# that every layer can use attention_kernel fa3); fa3 = pvoff with attention_kernel fa3
+VARIANTS = ("", "fused", "pvoff", "fa3")
+
+
+def _pv_off_copy(path: str) -> str:
+    """A temporary copy of the thresholds file ``path`` with every ``pvthreshd`` at 50 (off)."""
+    import dataclasses
+
+    import torch
+
+    from sparge_serve.thresholds import load_thresholds, save_thresholds
+
+    th = load_thresholds(path)
+    with tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False) as f:
+        out = f.name
+    save_thresholds(out, dataclasses.replace(th, pvthreshd=torch.full_like(th.pvthreshd, 50.0)))
+    return out
+
+
 def host_profile_diff(llm, prompts, short_params, long_params, steps: int, n: int = 25) -> dict:
     """Host (Python) time per decode step by function: ``cProfile`` of ``generate`` with
     ``long_params`` minus with ``short_params`` (``steps`` more decode steps), in ms per step;
@@ -134,12 +154,17 @@ def worker(args) -> None:
     if page:
         kw["block_size"] = int(page)
     backend, _, variant = backend.partition("+")
-    if variant not in ("", "fused") or (variant and backend != "SPARGE"):
-        raise SystemExit(f"unknown backend variant {args.backend!r} (only SPARGE+fused)")
+    if variant not in VARIANTS or (variant and backend != "SPARGE"):
+        raise SystemExit(f"unknown backend variant {args.backend!r} (SPARGE+"
+                         f"{'|'.join(v for v in VARIANTS if v)})")
     if backend == "SPARGE":
         sparge = {"min_sparse_len": args.min_sparse_len, "fused": variant == "fused"}
+        if variant == "fa3":
+            sparge["attention_kernel"] = "fa3"
         if args.thresholds:
             sparge["thresholds"] = args.thresholds
+            if variant in ("pvoff", "fa3"):
+                sparge["thresholds"] = _pv_off_copy(args.thresholds)
         kw["additional_config"] = {"sparge": sparge}
     # NOTE: lengths past the model's trained context need a longer RoPE table: positions are
     # extrapolated (rope_theta 1e6), fine for timing; sparsity there is the model's, as measured.
@@ -230,7 +255,9 @@ def report(rows, meta, out) -> None:
         f"prefix caching off; thresholds: {meta['thresholds'] or 'untuned defaults'}; "
         f"min_sparse_len {meta['min_sparse_len']}. TTFT = median wall time of one "
         "`generate(max_tokens=1)`. `NAME@64`: that backend with 64-token pages (SPARGE's page "
-        "size; the others default to 16). `SPARGE+fused`: the `fused` option.", "",
+        "size; the others default to 16). `SPARGE+fused`: the `fused` option; `SPARGE+pvoff`: "
+        "the thresholds with the PV skip off; `SPARGE+fa3`: those with `attention_kernel` fa3.",
+        "",
         "| length | " + " | ".join(f"{b} TTFT s" for b in baselines) + " | variant | TTFT s | "
         + " | ".join(f"vs {b}" for b in baselines) + " | block sparsity |",
         "|---|" + "---|" * (2 * len(baselines) + 3),
@@ -332,7 +359,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/ttft")
     ap.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "SPARGE"],
                     help="vLLM attention backends (NAME, NAME@PAGE_SIZE, SPARGE+fused for the fused "
-                    "option); FLASH_ATTN is the "
+                    "option, SPARGE+pvoff / SPARGE+fa3 for the thresholds without PV skip, with "
+                    "the Triton / the FA3 attention kernel); FLASH_ATTN is the "
                     "reference, a failing baseline is reported and skipped")
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
