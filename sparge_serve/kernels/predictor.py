@@ -409,7 +409,8 @@ def _select_launch_params(nkb_pad: int) -> tuple[int, int]:
 
     NOTE: 4 warps up to 2048 key blocks (128K tokens): there 4 warps with 4 dimensions per chunk
     (120 registers, four programs per multiprocessor) were 1.04-1.07x faster than 8 warps with 8
-    (``history/kernels_v10_predictor_h200.md``); 8 warps beyond (4 warps would need 166).
+    (``history/kernels_v10_predictor_h200.md``); 8 warps beyond (4 warps would need 214, AOT
+    check).
     """
     num_warps = 4 if nkb_pad <= 2048 else 8
     return _select_dc(nkb_pad, num_warps), num_warps
@@ -548,8 +549,7 @@ def predict_block_map(
     lut = torch.empty(nreq, num_heads, nqb, nkb_stride, dtype=torch.int16, device=dev)
     count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=dev)
     n_valid = torch.empty_like(count)
-    dc, num_warps = _select_launch_params(nkb_pad)
-    num_warps = select_warps or num_warps
+    num_warps = select_warps or _select_launch_params(nkb_pad)[1]
     dc = select_dc or _select_dc(nkb_pad, num_warps)
     _select_kernel[(num_heads, nqb, nreq)](
         q, batch.query_start_loc, batch.seq_lens, pk, ksim, simthreshd1, cdfthreshd,

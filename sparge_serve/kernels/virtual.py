@@ -41,17 +41,15 @@ class VirtualBatch:
     cu_seqlens_q: torch.Tensor  # [Hq * R * NQB + 1] int32, offsets into the head-major queries
     seqused_k: torch.Tensor  # [Hq * R * NQB] int32: tokens of the row's virtual context
     block_table: torch.Tensor  # [Hq * R * NQB, NKB_STRIDE * pages per block] int32: virtual pages
-    pages_per_block: int
 
 
 # NOTE: one compiled variant per (GROUP, SUB): sizes and the block table's alignment (a slice of
 # vLLM's) are not specialised on, so the start-up warm-up covers serving
-@triton.jit(do_not_specialize=["NQB", "num_heads", "stride_bt", "max_pages", "num_kv_heads",
-                               "heads_per_page"],
+@triton.jit(do_not_specialize=["NQB", "num_heads", "stride_bt", "max_pages", "heads_per_page"],
             do_not_specialize_on_alignment=["bt_ptr", "count_ptr"])
 def _virtual_table_kernel(
     lut_ptr, count_ptr, bt_ptr, vbt_ptr, NQB, NKB, num_heads, stride_bt, max_pages, vbt_cols,
-    num_kv_heads, heads_per_page,
+    heads_per_page,
     GROUP: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Virtual pages of one (q-head ``h``, request ``r``, query block ``b``) row, the FA3
@@ -102,10 +100,10 @@ def virtual_batch(batch: PrefillBatch, bm: BlockMap, num_heads: int, num_kv_head
     vbt = torch.zeros(num_heads * nreq * nqb, cols, dtype=torch.int32, device=dev)
     _virtual_table_kernel[(nqb, num_heads, nreq)](
         bm.lut, bm.count, batch.block_table, vbt, nqb, nkb, num_heads,
-        batch.block_table.stride(0), batch.block_table.shape[1], cols, num_kv_heads,
-        heads_per_page, GROUP=num_heads // num_kv_heads, SUB=sub, CHUNK=256,
+        batch.block_table.stride(0), batch.block_table.shape[1], cols, heads_per_page,
+        GROUP=num_heads // num_kv_heads, SUB=sub, CHUNK=256,
     )
-    return VirtualBatch(cu.to(torch.int32), used.reshape(-1).to(torch.int32), vbt, sub)
+    return VirtualBatch(cu.to(torch.int32), used.reshape(-1).to(torch.int32), vbt)
 
 
 def virtual_scratch_bytes(num_heads: int, head_dim: int, max_reqs: int, max_query_len: int,
