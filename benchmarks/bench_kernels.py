@@ -292,17 +292,16 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
 def _bench_virtual(q, kc, vc, batch, bm, scale, pv_off, out, row, results, kv_bytes):
     """Row ``<config>+virtual``: the same block map attended by FA3 over per-row virtual contexts
     (``kernels/virtual.py``, PV skip off), its largest difference to the Triton kernel's output,
-    and its extra memory (virtual block table, head-major query and output copies)."""
-    n = q.shape[0]
+    and its extra memory (the block map's plus the virtual block table and sequence inputs)."""
     want = torch.empty_like(q)
     sparse_paged_attention(q, kc, vc, batch, bm, scale, pv_off, want, check_finite=False,
                            pv_skip=False)
-    fa3_sparse_attention(q, kc, vc, batch, bm, scale, out, (0, n))
+    fa3_sparse_attention(q, kc, vc, batch, bm, scale, out)
     diff = (out.float() - want.float()).abs().max().item()
-    t = bench(lambda: fa3_sparse_attention(q, kc, vc, batch, bm, scale, out, (0, n)))
-    vb = virtual_batch(batch, bm, HQ, HKV, kc.shape[1], heads_as_pages(kc)[1], n)
-    extra = row["extra_mem_bytes"] + 2 * q.numel() * q.element_size() + sum(
-        x.numel() * x.element_size() for x in (vb.cu_seqlens_q, vb.seqused_k, vb.block_table))
+    t = bench(lambda: fa3_sparse_attention(q, kc, vc, batch, bm, scale, out))
+    vb = virtual_batch(batch, bm, HQ, HKV, kc.shape[1], heads_as_pages(kc)[1])
+    extra = row["extra_mem_bytes"] + sum(
+        x.numel() * x.element_size() for x in (vb.q_start, vb.q_len, vb.seqused_k, vb.block_table))
     vrow = dict(row, config=row["config"] + "+virtual", attention_ms=t,
                 total_ms=row["predictor_ms"] + t, max_abs_diff_vs_triton=diff,
                 extra_mem_bytes=extra, extra_mem_frac_of_kv=extra / kv_bytes)

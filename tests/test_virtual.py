@@ -7,37 +7,37 @@ block table, virtual context lengths, the heads-as-pages view); the GPU test run
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from sparge_serve.kernels import predict_block_map, sparse_paged_attention
+from sparge_serve.kernels import BLKQ, predict_block_map, sparse_paged_attention
 from sparge_serve.kernels.virtual import fa3_sparse_attention, heads_as_pages
 from tests.kernel_inputs import head_vec, make_paged_case
 
 REQS = [(300, 300), (200, 650), (37, 421), (129, 129)]
 
 
-def fa_varlen_emulation(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k,
-                        softmax_scale, causal, block_table, out):
-    """``flash_attn_varlen_func`` semantics (paged K/V, bottom-right causal), one sequence at a
-    time, in fp32."""
-    assert causal and q.shape[1] == k.shape[2] == 1
+def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k, scale):
+    """:func:`fa3_paged_forward` semantics (FA3 with ``seqused_q``: explicit start rows, paged
+    K/V, bottom-right causal), one sequence at a time, in fp32."""
+    assert q.shape[1] == k.shape[2] == out.shape[1] == 1
+    assert q.stride(-1) == out.stride(-1) == 1  # strided per-head views, as FA3 accepts them
+    assert q_start.shape[0] == q_len.shape[0] + 1 == seqused_k.shape[0] + 1 == block_table.shape[0] + 1
     page = k.shape[1]
-    cu = cu_seqlens_q.tolist()
-    for i in range(len(cu) - 1):
-        n_q, n_k = cu[i + 1] - cu[i], int(seqused_k[i])
+    for i, (s0, n_q, n_k) in enumerate(zip(q_start.tolist(), q_len.tolist(), seqused_k.tolist())):
         if n_q == 0:
             continue
-        assert n_q <= max_seqlen_q and n_k <= max_seqlen_k and n_k >= n_q
+        assert n_q <= BLKQ and n_q <= n_k <= max_seqlen_k and s0 + n_q <= q.shape[0]
         pages = block_table[i, : -(-n_k // page)].long()
         keys = k[pages].reshape(-1, k.shape[-1])[:n_k].float()
         vals = v[pages].reshape(-1, v.shape[-1])[:n_k].float()
-        s = q[cu[i]: cu[i + 1], 0].float() @ keys.T * softmax_scale
+        s = q[s0: s0 + n_q, 0].float() @ keys.T * scale
         qpos = torch.arange(n_q, device=q.device) + n_k - n_q
         s = s.masked_fill(torch.arange(n_k, device=q.device)[None, :] > qpos[:, None],
                           float("-inf"))
-        out[cu[i]: cu[i + 1], 0] = (torch.softmax(s, -1) @ vals).to(out.dtype)
-    return out
+        out[s0: s0 + n_q, 0] = (torch.softmax(s, -1) @ vals).to(out.dtype)
 
 
 @pytest.mark.parametrize("page,hq,hkv,packed,topk", [
@@ -54,9 +54,8 @@ def test_fa3_virtual_contexts_equal_the_sparse_kernel(page, hq, hkv, packed, top
     sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
                            head_vec(50.0, hq, device), want, pv_skip=False)
     got = torch.full_like(case.q, float("nan"))
-    n = case.q.shape[0]
     fa3_sparse_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
-                         got, (0, n), attn_fn=fa_varlen_emulation)
+                         got, attn_fn=fa3_emulation)
     assert not torch.isnan(got).any()
     assert (got.float() - want.float()).abs().max().item() <= 2e-3
 
@@ -88,7 +87,7 @@ def test_gpu_fa3_virtual_contexts_equal_the_sparse_kernel(page, topk):
                            head_vec(50.0, 8, "cuda"), want, pv_skip=False)
     got = torch.full_like(case.q, float("nan"))
     fa3_sparse_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
-                         got, (0, case.q.shape[0]))
+                         got)
     assert not torch.isnan(got).any()
     assert (got.float() - want.float()).abs().max().item() <= 2e-2
 
@@ -99,10 +98,47 @@ def test_virtual_scratch_bytes_bounds_the_allocations(device):
     case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=1, packed=True)
     bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
                            head_vec(0.3, 4, device), head_vec(0.9, 4, device))
-    n = case.q.shape[0]
-    vb = virtual_batch(case.batch, bm, 4, 2, 16, heads_as_pages(case.key_cache)[1], n)
-    used = 2 * case.q.numel() * 2 + sum(t.numel() * t.element_size()
-                                        for t in (vb.cu_seqlens_q, vb.seqused_k, vb.block_table))
-    bound = virtual_scratch_bytes(4, 64, case.batch.num_reqs, case.batch.max_query_len,
-                                  case.batch.max_seq_len, n, 16)
+    vb = virtual_batch(case.batch, bm, 4, 2, 16, heads_as_pages(case.key_cache)[1])
+    used = sum(t.numel() * t.element_size()
+               for t in (vb.q_start, vb.q_len, vb.seqused_k, vb.block_table))
+    bound = virtual_scratch_bytes(4, case.batch.num_reqs, case.batch.max_query_len,
+                                  case.batch.max_seq_len, 16)
     assert used <= bound <= 2 * used
+
+
+def test_virtual_sequences_run_longest_first_and_cover_every_row(device):
+    from sparge_serve.kernels.virtual import virtual_batch
+
+    case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=2, packed=True)
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
+                           head_vec(0.3, 4, device), head_vec(0.9, 4, device))
+    vb = virtual_batch(case.batch, bm, 4, 2, 16, heads_as_pages(case.key_cache)[1])
+    used = vb.seqused_k.long()
+    assert (used[:, :-1] >= used[:, 1:]).all()  # each head's sequences: longest first
+    qsl = case.batch.query_start_loc.tolist()
+    for h in range(4):  # each head's sequences tile the query rows exactly once
+        rows = torch.zeros(qsl[-1], dtype=torch.int64)
+        for s0, n in zip(vb.q_start[h, :-1].tolist(), vb.q_len[h].tolist()):
+            rows[s0: s0 + n] += 1
+        assert torch.equal(rows, torch.ones_like(rows))
+    assert (vb.q_start[:, -1] == qsl[-1]).all()
+
+
+def test_fa3_path_leaves_rows_outside_the_batch_alone(device):
+    """Absolute offsets (the backend's contiguous sub-batch): rows before and after stay."""
+    case = make_paged_case(REQS[:2], 4, 2, 64, 16, torch.float16, device, seed=4, packed=True)
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
+                           head_vec(0.3, 4, device), head_vec(0.9, 4, device))
+    want = torch.zeros_like(case.q)
+    sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
+                           head_vec(50.0, 4, device), want, pv_skip=False)
+    pad = 7
+    q = torch.cat([torch.randn(pad, 4, 64, dtype=case.q.dtype, device=device), case.q,
+                   torch.randn(3, 4, 64, dtype=case.q.dtype, device=device)])
+    batch = dataclasses.replace(case.batch, query_start_loc=case.batch.query_start_loc + pad)
+    got = torch.full_like(q, float("nan"))
+    fa3_sparse_attention(q, case.key_cache, case.value_cache, batch, bm, case.scale, got,
+                         attn_fn=fa3_emulation)
+    n = case.q.shape[0]
+    assert torch.isnan(got[:pad]).all() and torch.isnan(got[pad + n:]).all()
+    assert (got[pad: pad + n].float() - want.float()).abs().max().item() <= 2e-3

@@ -359,9 +359,6 @@ class SparsePrefill:
     # batch.query_start_loc holds absolute offsets into the step's q/out and nothing is copied.
     req_index: np.ndarray  # [R] int64 host: the sparse requests' rows in the step's batch
     num_tokens: int  # host: new tokens of the sparse requests
-    # host: (first, end) rows of q/out the sub-batch covers (absolute offsets when token_index is
-    # None, else (0, num_tokens)); the FA3 attention kernel transposes exactly these rows
-    token_range: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -560,7 +557,6 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
                 block_table=cam.block_table_tensor[first : last + 1],
                 max_query_len=max_query_len, max_seq_len=max_seq_len)
             token_index = None
-            token_range = (int(qsl[first]), int(qsl[last + 1]))
             dense_seq_lens = cam.seq_lens.clone()
             dense_seq_lens[first : last + 1] = 0
         else:
@@ -577,10 +573,9 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
                 block_table=cam.block_table_tensor.index_select(0, req_index_dev),
                 max_query_len=max_query_len, max_seq_len=max_seq_len)
             token_index = torch.from_numpy(tokens).to(device, non_blocking=True)
-            token_range = (0, num_tokens)
             dense_seq_lens = cam.seq_lens.index_fill(0, req_index_dev, 0)
         sparse = SparsePrefill(batch=batch, token_index=token_index, req_index=req_index,
-                               num_tokens=num_tokens, token_range=token_range)
+                               num_tokens=num_tokens)
         return (sparse, dense_seq_lens, has_dense), counts
 
 
@@ -890,7 +885,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         """Most device memory one layer's sparse prefill can allocate in a step on ``device`` (0
         if none can run): the predictor's buffers and block map (or, with ``fused``, the fused
         kernel's per-program lists) for the step's largest sparse sub-batch, plus the gathered
-        q/out rows (and, with ``attention_kernel: fa3``, the FA3 path's copies and tables)."""
+        q/out rows (and, with ``attention_kernel: fa3``, the FA3 path's virtual block tables)."""
         vc, rt = self._vllm_config, self.runtime
         if vc is None or rt is None or not rt.config.sparse_possible(vc.model_config.max_model_len):
             return 0
@@ -907,8 +902,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             from sparge_serve.kernels.virtual import virtual_scratch_bytes
 
             page = vc.cache_config.block_size or PREFERRED_PAGE_SIZE
-            extra = virtual_scratch_bytes(self.num_heads, self.head_size, reqs, tokens, max_len,
-                                          tokens, page)
+            extra = virtual_scratch_bytes(self.num_heads, reqs, tokens, max_len, page)
         return prefill_scratch_bytes(self.num_heads, self.num_kv_heads, self.head_size, reqs,
                                      tokens, max_len, programs) + rows + extra
 
@@ -1003,7 +997,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
                 from sparge_serve.kernels.virtual import fa3_sparse_attention
 
                 fa3_sparse_attention(q, key_cache, value_cache, sparse.batch, bm, self.scale,
-                                     out, sparse.token_range)
+                                     out)
             else:
                 sparse_paged_attention(q, key_cache, value_cache, sparse.batch, bm, self.scale,
                                        self._pvthreshd, out, block_stats, check_finite=False,

@@ -7,19 +7,22 @@ The forced diagonal blocks are always kept and always last, so FA3's bottom-righ
 kept block before the diagonal is fully visible to every row, and the diagonal tail keeps its
 true positions. The result equals ``sparse_paged_attention`` with PV skip off.
 
-Layout tricks (no K/V copies):
+Layout (nothing is copied: no K/V, no queries, no outputs):
 
 - **Heads as pages.** vLLM's cache is ``[pages, page, Hkv, D]`` with strides
   ``(sP, sT, sH, 1)``. A virtual page id ``vp = page * (sP // sH) + kvh`` addresses
   ``page * sP + kvh * sH``, so one ``as_strided`` view ``[NV, page, 1, D]`` with strides
   ``(sH, sT, sH, 1)`` serves every KV head; the virtual block table holds ``vp`` per kept page.
-- **Head-major queries.** FA3's varlen queries are one token dimension, so the rows of the sparse
-  requests are transposed to ``[Hq, n, D]`` (one copy) and the output back (one copy): sequence
-  ``(h, r, b)`` starts at ``h * n + (qsl[r] - qsl[0]) + b * BLKQ``, contiguous in that order.
+- **One FA3 call per query head**, on the strided views ``q[:, h:h+1]`` and ``out[:, h:h+1]``:
+  FA3 shares one page table among the heads of a sequence, and each head keeps its own blocks.
+  The sequences are given by ``seqused_q`` with explicit start rows (``cu_seqlens_q`` need not
+  be cumulative then), so they can come in any order: **longest first** (by context), which
+  FA3's in-order tile scheduler then runs as a longest-processing-time schedule. In ascending
+  order (a causal prompt's natural one) the longest rows would start last and idle the GPU.
 
-The virtual block table (``[rows, pages]`` int32) is built by one Triton kernel from the block
-map and the request's block table. PV skip (stage 2) is not expressible in FA3: layers with it
-keep the Triton attention kernel.
+The virtual block table (``[Hq, rows, pages]`` int32) is built by one Triton kernel from the
+block map and the requests' block table. PV skip (stage 2) is not expressible in FA3: layers
+with it keep the Triton attention kernel.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ from sparge_serve.kernels.predictor import BlockMap, key_block_stride
 
 @dataclass(frozen=True)
 class VirtualBatch:
-    """FA3 inputs of a block map: one sequence per (q-head, request, query block) row."""
+    """FA3 inputs of a block map: per q-head, one sequence per (request, query block) row, the
+    rows of each head sorted by context tokens, descending (``S = R * NQB`` rows per head)."""
 
-    cu_seqlens_q: torch.Tensor  # [Hq * R * NQB + 1] int32, offsets into the head-major queries
-    seqused_k: torch.Tensor  # [Hq * R * NQB] int32: tokens of the row's virtual context
-    block_table: torch.Tensor  # [Hq * R * NQB, NKB_STRIDE * pages per block] int32: virtual pages
+    q_start: torch.Tensor  # [Hq, S + 1] int32: the sequence's first row of q (last column: end)
+    q_len: torch.Tensor  # [Hq, S] int32: its query rows (FA3's seqused_q; 0 past the query)
+    seqused_k: torch.Tensor  # [Hq, S] int32: tokens of its virtual context
+    block_table: torch.Tensor  # [Hq, S, NKB_STRIDE * pages per block] int32: virtual pages
 
 
 # NOTE: one compiled variant per (GROUP, SUB): sizes and the block table's alignment (a slice of
@@ -48,19 +53,20 @@ class VirtualBatch:
 @triton.jit(do_not_specialize=["NQB", "num_heads", "stride_bt", "max_pages", "heads_per_page"],
             do_not_specialize_on_alignment=["bt_ptr", "count_ptr"])
 def _virtual_table_kernel(
-    lut_ptr, count_ptr, bt_ptr, vbt_ptr, NQB, NKB, num_heads, stride_bt, max_pages, vbt_cols,
-    heads_per_page,
+    lut_ptr, count_ptr, rank_ptr, bt_ptr, vbt_ptr, NQB, NKB, num_heads, stride_bt, max_pages,
+    vbt_cols, heads_per_page,
     GROUP: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Virtual pages of one (q-head ``h``, request ``r``, query block ``b``) row, the FA3
-    sequence ``(h * R + r) * NQB + b``: for the j-th kept key block and its s-th page,
-    ``block_table[r, lut * SUB + s] * heads_per_page + h // GROUP``."""
+    """Virtual pages of one (q-head ``h``, request ``r``, query block ``b``) row, written to
+    its sequence's place ``rank[h, r * NQB + b]`` among head ``h``'s: for the j-th kept key
+    block and its s-th page, ``block_table[r, lut * SUB + s] * heads_per_page + h // GROUP``."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     r = tl.program_id(2)
     num_reqs = tl.num_programs(2)
     src = (r * num_heads + h) * NQB + b
-    dst = ((h * num_reqs + r) * NQB + b).to(tl.int64) * vbt_cols
+    seq = tl.load(rank_ptr + h * num_reqs * NQB + r * NQB + b)
+    dst = (h * num_reqs * NQB + seq).to(tl.int64) * vbt_cols
     n = tl.load(count_ptr + src)
     kvh = h // GROUP
     offs = tl.arange(0, CHUNK)
@@ -74,15 +80,16 @@ def _virtual_table_kernel(
 
 
 def virtual_batch(batch: PrefillBatch, bm: BlockMap, num_heads: int, num_kv_heads: int,
-                  page_size: int, heads_per_page: int, num_tokens: int) -> VirtualBatch:
-    """The FA3 sequences of ``bm`` (see the module docstring); ``num_tokens``: the sparse
-    requests' query rows (``qsl[R] - qsl[0]``, a host int); ``heads_per_page``: ``sP // sH``."""
+                  page_size: int, heads_per_page: int) -> VirtualBatch:
+    """The FA3 sequences of ``bm`` (see the module docstring); ``heads_per_page``: ``sP // sH``.
+    Tensor ops and one kernel: no host synchronisation."""
     if BLKK % page_size:
         raise ValueError(f"page size {page_size} must divide the key block ({BLKK})")
     if bm.lut is None:
         raise ValueError("the block map has no block list (fused kernel); run predict_block_map")
     sub = BLKK // page_size
     nreq, nqb, nkb = batch.num_reqs, bm.count.shape[2], bm.lut.shape[-1]
+    rows = nreq * nqb
     dev = bm.count.device
     qsl = batch.query_start_loc.long()
     q_len = qsl[1:] - qsl[:-1]  # [R]
@@ -90,30 +97,34 @@ def virtual_batch(batch: PrefillBatch, bm: BlockMap, num_heads: int, num_kv_head
     b0 = torch.arange(nqb, device=dev) * BLKQ  # [NQB]
     first = torch.minimum(b0[None, :], q_len[:, None])  # [R, NQB] row offsets in the request
     last = torch.minimum(b0[None, :] + BLKQ, q_len[:, None])  # one past the row's last query
-    heads = torch.arange(num_heads, device=dev)[:, None, None]
-    starts = heads * num_tokens + (qsl[:-1] - qsl[0])[None, :, None] + first[None]  # [Hq, R, NQB]
-    cu = torch.cat([starts.reshape(-1), starts.new_full((1,), num_heads * num_tokens)])
-    count = bm.count.long().permute(1, 0, 2)  # [Hq, R, NQB]
-    last_pos = (ctx[:, None] + last - 1)[None]  # [1, R, NQB] the row's last query position
+    count = bm.count.long().permute(1, 0, 2).reshape(num_heads, rows)  # [Hq, S]
+    last_pos = (ctx[:, None] + last - 1).reshape(1, rows)  # the row's last query position
     used = torch.where(count > 0, BLKK * (count - 1) + last_pos % BLKK + 1, 0)
+    order = torch.argsort(used, dim=1, descending=True)  # [Hq, S] longest first
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(rows, device=dev).expand(num_heads, rows))
+    starts = (qsl[:-1, None] + first).reshape(rows)[order]  # [Hq, S]
+    q_start = torch.cat([starts, qsl[-1:].expand(num_heads, 1)], dim=1)
+    lens = (last - first).reshape(rows)[order]
     cols = nkb * sub
-    vbt = torch.zeros(num_heads * nreq * nqb, cols, dtype=torch.int32, device=dev)
+    vbt = torch.zeros(num_heads, rows, cols, dtype=torch.int32, device=dev)
     _virtual_table_kernel[(nqb, num_heads, nreq)](
-        bm.lut, bm.count, batch.block_table, vbt, nqb, nkb, num_heads,
+        bm.lut, bm.count, rank, batch.block_table, vbt, nqb, nkb, num_heads,
         batch.block_table.stride(0), batch.block_table.shape[1], cols, heads_per_page,
         GROUP=num_heads // num_kv_heads, SUB=sub, CHUNK=256,
     )
-    return VirtualBatch(cu.to(torch.int32), used.reshape(-1).to(torch.int32), vbt)
+    i32 = torch.int32
+    return VirtualBatch(q_start.to(i32), lens.to(i32), used.gather(1, order).to(i32), vbt)
 
 
-def virtual_scratch_bytes(num_heads: int, head_dim: int, max_reqs: int, max_query_len: int,
-                          max_seq_len: int, num_tokens: int, page_size: int) -> int:
+def virtual_scratch_bytes(num_heads: int, max_reqs: int, max_query_len: int, max_seq_len: int,
+                          page_size: int) -> int:
     """Upper bound of what :func:`fa3_sparse_attention` allocates on top of the block map: the
-    head-major query and output copies (16-bit), the virtual block table, and the per-row
-    offsets (with their int64 temporaries)."""
+    virtual block table, the per-sequence int32 inputs and their int64 temporaries, and FA3's
+    log-sum-exp of one head."""
     rows = max_reqs * num_heads * num_blocks(max_query_len, BLKQ)
     cols = key_block_stride(num_blocks(max_seq_len, BLKK)) * (BLKK // page_size)
-    return 2 * num_tokens * num_heads * head_dim * 2 + rows * cols * 4 + rows * 8 * 8 + 8
+    return rows * cols * 4 + rows * (3 * 4 + 8 * 8) + num_heads * 8 + max_reqs * max_query_len * 4
 
 
 def warm_up_virtual(num_heads: int, num_kv_heads: int, page_size: int, device) -> None:
@@ -124,7 +135,7 @@ def warm_up_virtual(num_heads: int, num_kv_heads: int, page_size: int, device) -
                          torch.ones(1, dtype=torch.int32, device=device),
                          torch.zeros(1, 4, dtype=torch.int32, device=device), 1, 1)
     virtual_batch(batch, BlockMap(lut, count, count), num_heads, num_kv_heads, page_size,
-                  num_kv_heads, 1)
+                  num_kv_heads)
 
 
 def heads_as_pages(cache: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -142,32 +153,46 @@ def heads_as_pages(cache: torch.Tensor) -> tuple[torch.Tensor, int]:
     return view, k
 
 
+def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k,
+                      scale) -> None:
+    """vLLM's FA3 forward (``torch.ops._vllm_fa3_C.fwd``, as ``flash_attn_varlen_func`` calls
+    it) with ``seqused_q``, which that wrapper does not pass: sequence ``i`` is rows
+    ``q_start[i] : q_start[i] + q_len[i]`` of ``q``/``out``, bottom-right causal over the first
+    ``seqused_k[i]`` tokens of its pages ``block_table[i]``. One split per sequence (no
+    split-KV scratch)."""
+    import vllm.vllm_flash_attn  # noqa: F401  (registers the op)
+
+    torch.ops._vllm_fa3_C.fwd(
+        q, k, v, None, None, None, out,  # k_new, v_new, q_v
+        q_start, None, None, q_len, seqused_k,  # cu_seqlens_q/k/k_new, seqused_q/k
+        BLKQ, max_seqlen_k, block_table,
+        None, None, None, None, None,  # kv_batch_idx, leftpad_k, rotary cos/sin/seqlens
+        None, None, None,  # q/k/v descale
+        scale, True, -1, -1, 0.0,  # causal, window left/right, softcap
+        True, None, 1, None, 0,  # rotary_interleaved, scheduler_metadata, num_splits,
+        None, 1, 0, None,  # pack_gqa, sm_margin; s_aux, cp world size/rank/seqused
+    )
+
+
 def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          batch: PrefillBatch, bm: BlockMap, scale: float, out: torch.Tensor,
-                         token_range: tuple[int, int], attn_fn=None) -> torch.Tensor:
+                         attn_fn=None) -> torch.Tensor:
     """Stage-1 block-sparse attention (PV skip off) of ``batch`` through FA3 (module docstring).
 
-    ``token_range``: host ints ``(qsl[0], qsl[R])``, the sparse requests' rows of ``q``/``out``
-    (other rows are left alone). ``attn_fn``: ``flash_attn_varlen_func``'s signature (default:
-    vLLM's FA3 build).
+    Writes the rows of ``out`` that ``batch.query_start_loc`` covers (others are left alone).
+    ``attn_fn``: :func:`fa3_paged_forward`'s signature (the default).
     """
-    if attn_fn is None:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-
-        def attn_fn(*args, **kw):
-            return flash_attn_varlen_func(*args, fa_version=3, **kw)
-    t0, t1 = token_range
-    n = t1 - t0
-    hq, d = q.shape[1], q.shape[2]
+    attn_fn = attn_fn or fa3_paged_forward
+    hq = q.shape[1]
     k_view, k = heads_as_pages(key_cache)
     v_view, k_v = heads_as_pages(value_cache)
     if k != k_v:
         raise ValueError("key and value caches differ in layout")
-    vb = virtual_batch(batch, bm, hq, key_cache.shape[2], key_cache.shape[1], k, n)
-    q_t = q[t0:t1].transpose(0, 1).reshape(hq * n, 1, d)
-    out_t = torch.empty_like(q_t)
-    attn_fn(q_t, k_view, v_view, max_seqlen_q=BLKQ, cu_seqlens_q=vb.cu_seqlens_q,
-            max_seqlen_k=num_blocks(batch.max_seq_len, BLKK) * BLKK, seqused_k=vb.seqused_k,
-            softmax_scale=scale, causal=True, block_table=vb.block_table, out=out_t)
-    out[t0:t1] = out_t.view(hq, n, d).transpose(0, 1)
+    vb = virtual_batch(batch, bm, hq, key_cache.shape[2], key_cache.shape[1], k)
+    max_k = num_blocks(batch.max_seq_len, BLKK) * BLKK
+    # NOTE: a host loop over heads, one FA3 launch each: FA3 shares a page table among a
+    # sequence's heads, so per-head contexts need per-head calls (module docstring)
+    for h in range(hq):
+        attn_fn(q[:, h:h + 1], k_view, v_view, out[:, h:h + 1], vb.q_start[h], vb.q_len[h],
+                vb.seqused_k[h], vb.block_table[h], max_k, scale)
     return out
