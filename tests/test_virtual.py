@@ -24,9 +24,11 @@ def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seql
     K/V, bottom-right causal), one sequence at a time, in fp32."""
     assert q.shape[1] == k.shape[2] == out.shape[1] == 1
     assert q.stride(-1) == out.stride(-1) == 1  # strided per-head views, as FA3 accepts them
-    assert q_start.shape[0] == q_len.shape[0] + 1 == seqused_k.shape[0] + 1 == block_table.shape[0] + 1
+    n_seq = q_len.shape[0]
+    assert q_start.shape[0] == n_seq + 1 and seqused_k.shape[0] == block_table.shape[0] == n_seq
     page = k.shape[1]
-    for i, (s0, n_q, n_k) in enumerate(zip(q_start.tolist(), q_len.tolist(), seqused_k.tolist())):
+    starts, lens, used = q_start[:-1].tolist(), q_len.tolist(), seqused_k.tolist()
+    for i, (s0, n_q, n_k) in enumerate(zip(starts, lens, used, strict=True)):
         if n_q == 0:
             continue
         assert n_q <= BLKQ and n_q <= n_k <= max_seqlen_k and s0 + n_q <= q.shape[0]
@@ -118,7 +120,7 @@ def test_virtual_sequences_run_longest_first_and_cover_every_row(device):
     qsl = case.batch.query_start_loc.tolist()
     for h in range(4):  # each head's sequences tile the query rows exactly once
         rows = torch.zeros(qsl[-1], dtype=torch.int64)
-        for s0, n in zip(vb.q_start[h, :-1].tolist(), vb.q_len[h].tolist()):
+        for s0, n in zip(vb.q_start[h, :-1].tolist(), vb.q_len[h].tolist(), strict=True):
             rows[s0: s0 + n] += 1
         assert torch.equal(rows, torch.ones_like(rows))
     assert (vb.q_start[:, -1] == qsl[-1]).all()
