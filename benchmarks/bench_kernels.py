@@ -36,8 +36,8 @@ from sparge_serve.kernels import (
     sparse_paged_attention,
 )
 from sparge_serve.kernels.attention import FusedLaunch, max_fused_programs
+from sparge_serve.kernels.chunks import MAP_BUDGET, Shape, plan_chunks
 from sparge_serve.kernels.predictor import key_block_stride, pool_keys, pooled_keys_bytes
-from sparge_serve.kernels.virtual import fa3_sparse_attention, heads_as_pages, virtual_batch
 
 HQ, HKV, D = 32, 8, 128
 # (split, num_warps, num_stages, programs per multiprocessor) of the fused kernel's sweep, by
@@ -48,7 +48,11 @@ FUSED_SWEEP = {
 }
 SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
 FUSED = False  # --fused: also time the persistent select+attend kernel (rows "<config>+fused")
-VIRTUAL = False  # --virtual: also time FA3 over per-row virtual contexts (rows "<config>+virtual")
+# --virtual: also time FA3 over per-row virtual contexts, all heads at once and in head chunks
+# (rows "<config>+fa3", "<config>+fa3_chunked"); --chunked: the Triton kernels in head chunks
+# under the default memory budget (rows "<config>+chunked"); each end to end, measured peak memory
+VIRTUAL = False
+CHUNKED = False
 # --variants: the defaults' alternatives (PV skip off), timed on every random-input config (dense
 # and top-k) of both kernels -> row["variants_ms"]: either launch order (both kernels' default is
 # KV-major), and a rescale every block (no lazy rescaling)
@@ -285,30 +289,73 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                             pv_skip=False, fused=True, fused_launch=FusedLaunch(lazy_rescale=lz)))
             results.append(frow)
             print(json.dumps(frow), flush=True)
+        args = (q, kc, vc, batch, scale, sim, cdf, pv_off, out)
+        if CHUNKED and not structured:
+            _bench_chunked(args, c["topk"], row, results, kv_bytes, "triton", MAP_BUDGET,
+                           "+chunked")
         if VIRTUAL and not structured and fa3 is not None:
-            _bench_virtual(q, kc, vc, batch, bm, scale, pv_off, out, row, results, kv_bytes)
+            _bench_chunked(args, c["topk"], row, results, kv_bytes, "fa3", None, "+fa3")
+            _bench_chunked(args, c["topk"], row, results, kv_bytes, "fa3", MAP_BUDGET,
+                           "+fa3_chunked")
 
 
-def _bench_virtual(q, kc, vc, batch, bm, scale, pv_off, out, row, results, kv_bytes):
-    """Row ``<config>+virtual``: the same block map attended by FA3 over per-row virtual contexts
-    (``kernels/virtual.py``, PV skip off), its largest difference to the Triton kernel's output,
-    and its extra memory (the block map's plus the virtual block table and sequence inputs)."""
+def _peak_extra(fn) -> int:
+    """Device bytes ``fn`` allocates at its peak (what it needs on top of its inputs)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _chunked_predictor(q, kc, batch, scale, sim, cdf, topk, fa3: bool, map_budget):
+    """The predictor's part of ``sparge_paged_prefill``'s head chunks (its loop without the
+    attention), for the predictor's share of a chunked run."""
+    heads, _ = plan_chunks(Shape(HQ, HKV, D, 1, batch.max_query_len, batch.max_seq_len,
+                                 kc.shape[1] if fa3 else None), q.element_size(), map_budget)
+    group, kv0 = HQ // HKV, -1
+    for h0 in range(0, HQ, heads):
+        g0, g1 = h0 // group, max(h0 // group + 1, (h0 + heads) // group)
+        if g0 != kv0:
+            pooled, kv0 = pool_keys(kc[:, :, g0:g1], batch), g0
+        predict_block_map(q[:, h0:h0 + heads], kc[:, :, g0:g1], batch, scale, sim[h0:h0 + heads],
+                          cdf[h0:h0 + heads], topk, check_finite=False, pooled=pooled,
+                          group=group)
+
+
+def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, suffix):
+    """Row ``<config><suffix>``: ``sparge_paged_prefill`` end to end (PV skip off) with
+    ``attention`` ("triton" or "fa3") and ``map_budget`` (None: all heads at once), its largest
+    difference to the two-kernel row's output, its predictor share (the same head chunks
+    without the attention) and its measured peak extra memory."""
+    q, kc, vc, batch, scale, sim, cdf, pv_off, out = args
     want = torch.empty_like(q)
-    sparse_paged_attention(q, kc, vc, batch, bm, scale, pv_off, want, check_finite=False,
-                           pv_skip=False)
-    fa3_sparse_attention(q, kc, vc, batch, bm, scale, out)
+    call = dict(topk=topk, check_finite=False, pv_skip=False)
+    sparge_paged_prefill(q, kc, vc, batch, scale, sim, cdf, pv_off, want, map_budget=None,
+                         **call)
+
+    def run():
+        sparge_paged_prefill(q, kc, vc, batch, scale, sim, cdf, pv_off, out,
+                             attention=attention, map_budget=map_budget, **call)
+
+    run()
     diff = (out.float() - want.float()).abs().max().item()
-    t = bench(lambda: fa3_sparse_attention(q, kc, vc, batch, bm, scale, out))
-    vb = virtual_batch(batch, bm, HQ, HKV, kc.shape[1], heads_as_pages(kc)[1])
-    extra = row["extra_mem_bytes"] + sum(
-        x.numel() * x.element_size() for x in (vb.q_start, vb.q_len, vb.seqused_k, vb.block_table))
-    vrow = dict(row, config=row["config"] + "+virtual", attention_ms=t,
-                total_ms=row["predictor_ms"] + t, max_abs_diff_vs_triton=diff,
-                extra_mem_bytes=extra, extra_mem_frac_of_kv=extra / kv_bytes)
+    total = bench(run)
+    t_pred = bench(lambda: _chunked_predictor(q, kc, batch, scale, sim, cdf, topk,
+                                              attention == "fa3", map_budget))
+    extra = _peak_extra(run)
+    heads, slice_rows = plan_chunks(
+        Shape(HQ, HKV, D, 1, batch.max_query_len, batch.max_seq_len,
+              kc.shape[1] if attention == "fa3" else None), q.element_size(), map_budget)
+    crow = dict(row, config=row["config"] + suffix, predictor_ms=t_pred,
+                attention_ms=total - t_pred, total_ms=total, max_abs_diff_vs_triton=diff,
+                extra_mem_bytes=extra, extra_mem_frac_of_kv=extra / kv_bytes,
+                chunk_heads=heads, slice_rows=slice_rows, map_budget=map_budget)
     for key in ("launch_sweep_ms", "predictor_variants_ms", "predictor_parts_ms", "variants_ms"):
-        vrow.pop(key, None)
-    results.append(vrow)
-    print(json.dumps(vrow), flush=True)
+        crow.pop(key, None)
+    results.append(crow)
+    print(json.dumps(crow), flush=True)
 
 
 def attach_ratios(results):
@@ -430,7 +477,7 @@ def plot(results, meta, path: str) -> None:
 
 
 def main():
-    global SWEEP, FUSED, D, TIME_VARIANTS, VIRTUAL
+    global SWEEP, FUSED, D, TIME_VARIANTS, VIRTUAL, CHUNKED
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--pages", type=int, nargs="+", default=[64, 16])
@@ -438,7 +485,10 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time launch configs of the dense kernel")
     ap.add_argument("--fused", action="store_true", help="also time the fused persistent kernel")
     ap.add_argument("--virtual", action="store_true",
-                    help="also time FA3 over per-row virtual contexts (kernels/virtual.py)")
+                    help="also time FA3 over per-row virtual contexts (kernels/virtual.py), all "
+                    "heads at once and in head chunks")
+    ap.add_argument("--chunked", action="store_true",
+                    help="also time the Triton kernels in head chunks (kernels/chunks.py)")
     ap.add_argument("--variants", nargs="?", const="all", choices=("all", "predictor"),
                     help=f"also time the defaults' alternatives ({', '.join(VARIANTS)}) and the "
                     f"predictor options ({', '.join(PREDICTOR_VARIANTS)}); 'predictor': only "
@@ -453,7 +503,7 @@ def main():
         plot(saved["results"], saved["meta"], str(Path(args.replot).with_suffix(".png")))
         return
     SWEEP, FUSED, D, TIME_VARIANTS = args.sweep, args.fused, args.head_dim, args.variants
-    VIRTUAL = args.virtual
+    VIRTUAL, CHUNKED = args.virtual, args.chunked
     try:
         import vllm
         from vllm.vllm_flash_attn import flash_attn_varlen_func as fa3

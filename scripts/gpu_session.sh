@@ -6,7 +6,7 @@
 #   bash scripts/gpu_session.sh tests kernels          # several stages in one call
 #
 # Stages:
-#   kernel_tests  every kernel and warm-up test, on the GPU
+#   kernel_tests  every kernel, head-chunk, FA3-path and warm-up test, on the GPU
 #   tests      GPU tests: kernels, warm-up, calibration search, vllm serve metrics (TP 1)
 #   engine     engine equivalence vs FLASH_ATTN (TP 1; five engines, about 8 minutes)
 #   engine_fused  the fused-kernel option served like the two-kernel path (two engines)
@@ -23,7 +23,8 @@
 #              at 32K and 128K (-> $OUT/kernels_variants.*)
 #   kernels_quick  the kernel benchmark at 32K and 128K, 64-token pages, fused (-> $OUT/kernels_quick.*)
 #   virtual    FA3 over per-row virtual contexts: its tests (CPU emulation and real FA3) and the
-#              benchmark at 32K and 128K, 64-token pages (-> $OUT/kernels_virtual.*)
+#              benchmark at 32K and 128K, 64-token pages, with the head-chunked (memory-bounded)
+#              and fused rows (-> $OUT/kernels_virtual.*)
 #   predictor_variants  only the predictor options, at 32K and 128K (-> $OUT/kernels_predictor.*)
 #   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
 #   ttft       TTFT / decode benchmark with $THRESHOLDS, decode prompts of $DECODE_LEN tokens,
@@ -74,7 +75,7 @@ for stage in "$@"; do
         # every kernel test, not only the gpu-marked ones: the others run on the GPU too (the
         # device fixture), e.g. fused = two-kernel path, split, sub-page TMA = pointer loads
         run gpu_kernel_tests timeout 300 ${PYTEST/-m gpu /} --junitxml "$OUT/junit_kernel_tests.xml" \
-            tests/test_kernels.py tests/test_warmup.py
+            tests/test_kernels.py tests/test_warmup.py tests/test_chunks.py tests/test_virtual.py
         ;;
     tests)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
@@ -141,7 +142,7 @@ for stage in "$@"; do
     virtual)
         run virtual_tests timeout 200 ${PYTEST/-m gpu /} tests/test_virtual.py
         run kernels_virtual python3 benchmarks/bench_kernels.py --lengths 32768 131072 --pages 64 \
-            --virtual --out "$OUT/kernels_virtual"
+            --virtual --chunked --fused --out "$OUT/kernels_virtual"
         ;;
     predictor_variants)
         run kernels_predictor python3 benchmarks/bench_kernels.py --lengths 32768 131072 \

@@ -34,6 +34,11 @@ Keys (all optional):
   1.60-1.71x at 50% block sparsity where the Triton kernel has 0.78-0.81x and 1.54-1.66x (H200,
   32K-128K), 0.93x its speed at 90%. Layers whose thresholds use the PV skip keep the Triton
   kernel (FA3 has no PV skip); needs FlashAttention 3 (Hopper) and excludes ``fused``.
+- ``map_budget``: the two-kernel path's memory bound (env ``SPARGE_MAP_BUDGET``, a number or
+  ``none``): the block map (and the FA3 path's tables) of one call is built and used one head
+  chunk at a time so that a chunk's buffers stay below this fraction of the K/V bytes of the
+  call's padded shape (``sparge_serve.kernels.chunks``). Default 0.015; ``null`` builds it for
+  all heads at once (25% of the K/V bytes at a 128K prompt, the FA3 path 3x that).
 
 Environment variables override the JSON. Every problem raises ``ValueError`` naming the key and
 the fix. This module imports nothing from vLLM.
@@ -58,6 +63,8 @@ DEFAULT_MIN_SPARSE_LEN = 49152
 # pay the predictor's passes over the whole context; at 50% block sparsity the sparse path loses
 # at 512 new tokens (0.74-0.85x FA3) and wins from 1024 (1.27x); at 80% it wins from 512 (1.3-1.6x).
 DEFAULT_MIN_SPARSE_QUERY_LEN = 1024
+# NOTE: kernels.chunks.MAP_BUDGET (a test keeps them equal; this module imports no torch)
+DEFAULT_MAP_BUDGET = 0.015
 
 MODES = ("sparse", "dense")
 ENV_VARS = {
@@ -68,6 +75,7 @@ ENV_VARS = {
     "dense_layers": "SPARGE_DENSE_LAYERS",
     "fused": "SPARGE_FUSED",
     "attention_kernel": "SPARGE_ATTENTION_KERNEL",
+    "map_budget": "SPARGE_MAP_BUDGET",
 }
 ATTENTION_KERNELS = ("triton", "fa3")
 _EXAMPLE = """--additional-config '{"sparge": {"thresholds": "PATH", "min_sparse_len": 49152}}'"""
@@ -89,6 +97,7 @@ class SpargeConfig:
     topk: float | None = None
     fused: bool = False
     attention_kernel: Literal["triton", "fa3"] = "triton"
+    map_budget: float | None = DEFAULT_MAP_BUDGET
 
     def __post_init__(self) -> None:
         # Validate here too, so that direct construction is as safe as parsing.
@@ -201,6 +210,15 @@ def _parse_env(key: str, var: str, text: str) -> Any:
             raise _bad(key, source, f"= {text!r} is not a boolean",
                        f"set {var}=1 (fused kernel) or {var}=0 (two kernels, the default)")
         return flag in ("1", "true")
+    if key == "map_budget":
+        if text.lower() in ("none", "null"):
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            raise _bad(key, source, f"= {text!r} is not a number",
+                       f"set {var} to a fraction of the K/V bytes, e.g. {var}=0.015, or "
+                       f"{var}=none for no bound") from None
     raise AssertionError(key)  # pragma: no cover - ENV_VARS and this function list the same keys
 
 
@@ -260,4 +278,12 @@ def _check(key: str, value: Any, source: str) -> Any:
             raise _bad(key, source, f"= {value!r} is not one of {list(ATTENTION_KERNELS)}",
                        '"triton" (default) or "fa3" (FlashAttention-3 over the kept blocks)')
         return value
+    if key == "map_budget":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise _bad(key, source, f"= {value!r} is not a number in (0, 1]",
+                       f"use a fraction of the K/V bytes, e.g. {DEFAULT_MAP_BUDGET}, or null "
+                       "(no bound: the whole block map at once)")
+        return float(value)
     raise AssertionError(key)  # pragma: no cover - callers pass dataclass field names only

@@ -226,15 +226,16 @@ def test_profiling_reserves_the_sparse_scratch(sparge):
     two = impl.sparse_scratch_bytes()
     assert two == rows + prefill_scratch_bytes(HQ, HKV, D, reqs, sc.max_num_batched_tokens,
                                                max_len)
+    whole = _impl(sparge(min_sparse_len=1024, min_sparse_query_len=512, map_budget=None))
+    assert whole.sparse_scratch_bytes() == rows + prefill_scratch_bytes(
+        HQ, HKV, D, reqs, sc.max_num_batched_tokens, max_len, map_budget=None) >= two
     fused = _impl(sparge(min_sparse_len=1024, min_sparse_query_len=512, fused=True))
     assert fused.sparse_scratch_bytes("cpu") == rows + prefill_scratch_bytes(
-        HQ, HKV, D, reqs, sc.max_num_batched_tokens, max_len, fused_programs=3) < two
-    from sparge_serve.kernels.virtual import virtual_scratch_bytes
-
+        HQ, HKV, D, reqs, sc.max_num_batched_tokens, max_len, fused_programs=3)
     fa3 = _impl(sparge(min_sparse_len=1024, min_sparse_query_len=512, attention_kernel="fa3"))
     page = vc.cache_config.block_size or 64
-    assert fa3.sparse_scratch_bytes() == two + virtual_scratch_bytes(
-        HQ, reqs, sc.max_num_batched_tokens, max_len, page)
+    assert fa3.sparse_scratch_bytes() == rows + prefill_scratch_bytes(
+        HQ, HKV, D, reqs, sc.max_num_batched_tokens, max_len, fa3_page_size=page) >= two
     assert _impl(sparge(min_sparse_len=max_len + 1)).sparse_scratch_bytes() == 0
     assert _impl(sparge(mode="dense")).sparse_scratch_bytes() == 0
 

@@ -75,8 +75,9 @@ def test_heads_as_pages_addresses_every_head_of_every_page():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page,topk", [(64, None), (64, 0.5), (16, 0.3)])
-def test_gpu_fa3_virtual_contexts_equal_the_sparse_kernel(page, topk):
+@pytest.mark.parametrize("page,topk,slice_rows", [(64, None, None), (64, 0.5, 300),
+                                                  (16, 0.3, None)])
+def test_gpu_fa3_virtual_contexts_equal_the_sparse_kernel(page, topk, slice_rows):
     """The real FA3 (vLLM's build) at realistic sizes: prefix offsets, partial query blocks."""
     pytest.importorskip("vllm.vllm_flash_attn")
     reqs = [(4096, 4096), (1000, 9000), (3000, 3000), (77, 5000)]
@@ -89,23 +90,34 @@ def test_gpu_fa3_virtual_contexts_equal_the_sparse_kernel(page, topk):
                            head_vec(50.0, 8, "cuda"), want, pv_skip=False)
     got = torch.full_like(case.q, float("nan"))
     fa3_sparse_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
-                         got)
+                         got, slice_rows=slice_rows)
     assert not torch.isnan(got).any()
     assert (got.float() - want.float()).abs().max().item() <= 2e-2
 
 
-def test_virtual_scratch_bytes_bounds_the_allocations(device):
-    from sparge_serve.kernels.virtual import virtual_batch, virtual_scratch_bytes
+def test_shape_bytes_bound_the_fa3_allocations(device):
+    """``chunks.Shape`` (the head chunks' plan and the backend's reservation) covers what
+    ``virtual_batch`` and ``virtual_table`` allocate, with room for their temporaries only."""
+    from sparge_serve.kernels.chunks import Shape
+    from sparge_serve.kernels.virtual import virtual_batch, virtual_table
 
     case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=1, packed=True)
     bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
                            head_vec(0.3, 4, device), head_vec(0.9, 4, device))
-    vb = virtual_batch(case.batch, bm, 4, 2, 16, heads_as_pages(case.key_cache)[1])
-    used = sum(t.numel() * t.element_size()
-               for t in (vb.q_start, vb.q_len, vb.seqused_k, vb.block_table))
-    bound = virtual_scratch_bytes(4, case.batch.num_reqs, case.batch.max_query_len,
-                                  case.batch.max_seq_len, 16)
-    assert used <= bound <= 2 * used
+    vb = virtual_batch(case.batch, bm, 4, 2)
+    rows = vb.order.shape[1]
+    table = virtual_table(vb, case.batch, bm, 16, heads_as_pages(case.key_cache)[1], 0, rows)
+    used = sum(t.numel() * t.element_size() for t in (vb.q_start, vb.q_len, vb.seqused_k))
+    b = case.batch
+    fa3 = Shape(4, 2, 64, b.num_reqs, b.max_query_len, b.max_seq_len, 16)
+    lut = Shape(4, 2, 64, b.num_reqs, b.max_query_len, b.max_seq_len)
+    bound = 4 * (fa3.head_bytes() - lut.head_bytes())
+    used += vb.order.numel() * 8
+    # the outputs, plus at most eight int64 [Hq, S] temporaries alive with them
+    assert used <= bound <= used + 8 * 8 * vb.order.numel()
+    assert table.numel() * 4 == 4 * rows * fa3.table_row_bytes()
+    assert 4 * lut.head_bytes() == sum(
+        t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid))
 
 
 def test_virtual_sequences_run_longest_first_and_cover_every_row(device):
@@ -114,7 +126,7 @@ def test_virtual_sequences_run_longest_first_and_cover_every_row(device):
     case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=2, packed=True)
     bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
                            head_vec(0.3, 4, device), head_vec(0.9, 4, device))
-    vb = virtual_batch(case.batch, bm, 4, 2, 16, heads_as_pages(case.key_cache)[1])
+    vb = virtual_batch(case.batch, bm, 4, 2)
     used = vb.seqused_k.long()
     assert (used[:, :-1] >= used[:, 1:]).all()  # each head's sequences: longest first
     qsl = case.batch.query_start_loc.tolist()
@@ -124,6 +136,21 @@ def test_virtual_sequences_run_longest_first_and_cover_every_row(device):
             rows[s0: s0 + n] += 1
         assert torch.equal(rows, torch.ones_like(rows))
     assert (vb.q_start[:, -1] == qsl[-1]).all()
+
+
+@pytest.mark.parametrize("slice_rows", [1, 5, None])
+def test_fa3_table_slices_give_the_same_output(slice_rows, device):
+    """Tables built for a slice of each head's sequences at a time (bounded memory)."""
+    case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=6, packed=True)
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
+                           head_vec(0.3, 4, device), head_vec(0.9, 4, device))
+    outs = []
+    for rows in (None, slice_rows):
+        out = torch.full_like(case.q, float("nan"))
+        fa3_sparse_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                             case.scale, out, attn_fn=fa3_emulation, slice_rows=rows)
+        outs.append(out)
+    assert not torch.isnan(outs[1]).any() and torch.equal(outs[0], outs[1])
 
 
 def test_fa3_path_leaves_rows_outside_the_batch_alone(device):

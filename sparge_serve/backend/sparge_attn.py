@@ -751,6 +751,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.dense_layer = True
         self.topk: float | None = None
         self.fused = False  # select + attend in one kernel (SpargeConfig.fused)
+        self.map_budget: float | None = None  # head chunks' memory bound (SpargeConfig.map_budget)
         self.fa3_attention = False  # kept blocks attended by FA3 (SpargeConfig.attention_kernel)
         self._simthreshd1: torch.Tensor | None = None  # [num_heads] fp32 device
         self._cdfthreshd: torch.Tensor | None = None  # [num_heads] fp32 device
@@ -808,6 +809,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
                             or local.layer_is_dense(index))
         self.topk = cfg.topk
         self.fused = cfg.fused
+        self.map_budget = cfg.map_budget
         # NOTE: copies (own allocations, 16-byte aligned on any device): kernels are specialised
         # on pointer alignment, and the warm-up compiles for aligned threshold vectors
         self._simthreshd1 = local.simthreshd1[index].to(device, copy=True)
@@ -884,8 +886,9 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
     def sparse_scratch_bytes(self, device: torch.device | str = "cpu") -> int:
         """Most device memory one layer's sparse prefill can allocate in a step on ``device`` (0
         if none can run): the predictor's buffers and block map (or, with ``fused``, the fused
-        kernel's per-program lists) for the step's largest sparse sub-batch, plus the gathered
-        q/out rows (and, with ``attention_kernel: fa3``, the FA3 path's virtual block tables)."""
+        kernel's per-program lists) of the step's largest sparse sub-batch, in head chunks under
+        ``map_budget`` (with ``attention_kernel: fa3``, with the FA3 path's virtual block
+        tables), plus the gathered q/out rows."""
         vc, rt = self._vllm_config, self.runtime
         if vc is None or rt is None or not rt.config.sparse_possible(vc.model_config.max_model_len):
             return 0
@@ -897,14 +900,12 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
                           tokens // max(rt.config.min_sparse_query_len, 2)))
         rows = 2 * tokens * self.num_heads * self.head_size * 2  # q gather + out, 16-bit
         programs = max_fused_programs(device) if rt.config.fused else None
-        extra = 0
+        page = None
         if rt.config.attention_kernel == "fa3":
-            from sparge_serve.kernels.virtual import virtual_scratch_bytes
-
             page = vc.cache_config.block_size or PREFERRED_PAGE_SIZE
-            extra = virtual_scratch_bytes(self.num_heads, reqs, tokens, max_len, page)
-        return prefill_scratch_bytes(self.num_heads, self.num_kv_heads, self.head_size, reqs,
-                                     tokens, max_len, programs) + rows + extra
+        return rows + prefill_scratch_bytes(
+            self.num_heads, self.num_kv_heads, self.head_size, reqs, tokens, max_len, programs,
+            fa3_page_size=page, map_budget=rt.config.map_budget)
 
     def _reserve_sparse_scratch(self, query: torch.Tensor) -> None:
         # NOTE: vLLM sizes the KV cache from the peak memory of its profiling forward, where
@@ -967,11 +968,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         if self._simthreshd1 is None:
             raise RuntimeError(f"SPARGE: layer {self.layer_name or '?'} was never bound to its "
                                "thresholds (SpargeAttentionMetadataBuilder binds its layers)")
-        from sparge_serve.kernels import (
-            predict_block_map,
-            sparge_paged_prefill,
-            sparse_paged_attention,
-        )
+        from sparge_serve.kernels import sparge_paged_prefill
 
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         if sparse.token_index is None:
@@ -983,25 +980,15 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         block_stats = st.kernel_stats(self.layer_index) if st is not None else None
         timing = st.start_timing() if st is not None else None
         # NOTE: check_finite=False: the thresholds were validated at load; the check would sync.
-        if self.fused:  # one kernel: no predictor time of its own
-            sparge_paged_prefill(q, key_cache, value_cache, sparse.batch, self.scale,
-                                 self._simthreshd1, self._cdfthreshd, self._pvthreshd, out,
-                                 self.topk, block_stats, check_finite=False,
-                                 pv_skip=self._pv_skip, fused=True)
-        else:
-            bm = predict_block_map(q, key_cache, sparse.batch, self.scale, self._simthreshd1,
-                                   self._cdfthreshd, self.topk, block_stats, check_finite=False)
-            if timing is not None:
-                timing.predictor_done()
-            if self.fa3_attention:
-                from sparge_serve.kernels.virtual import fa3_sparse_attention
-
-                fa3_sparse_attention(q, key_cache, value_cache, sparse.batch, bm, self.scale,
-                                     out)
-            else:
-                sparse_paged_attention(q, key_cache, value_cache, sparse.batch, bm, self.scale,
-                                       self._pvthreshd, out, block_stats, check_finite=False,
-                                       pv_skip=self._pv_skip)
+        # NOTE: one kernel when fused (no predictor time of its own); else the two stages, one
+        # head chunk at a time where the block map would pass its memory budget (the predictor
+        # time is then not separated)
+        sparge_paged_prefill(q, key_cache, value_cache, sparse.batch, self.scale,
+                             self._simthreshd1, self._cdfthreshd, self._pvthreshd, out,
+                             self.topk, block_stats, check_finite=False, pv_skip=self._pv_skip,
+                             fused=self.fused, attention="fa3" if self.fa3_attention else "triton",
+                             map_budget=self.map_budget,
+                             on_predicted=None if timing is None else timing.predictor_done)
         if timing is not None:
             timing.done()
         if sparse.token_index is not None:

@@ -9,6 +9,7 @@ from sparge_serve.kernels.attention import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
+from sparge_serve.kernels.chunks import MAP_BUDGET, prefill_scratch_bytes
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF, PrefillBatch, num_blocks
 from sparge_serve.kernels.predictor import (
     MAX_KEY_BLOCKS,
@@ -16,12 +17,12 @@ from sparge_serve.kernels.predictor import (
     SUPPORTED_HEAD_DIMS,
     BlockMap,
     predict_block_map,
-    prefill_scratch_bytes,
 )
 
 __all__ = [
     "BLKK",
     "BLKQ",
+    "MAP_BUDGET",
     "MAX_KEY_BLOCKS",
     "PV_SKIP_OFF",
     "SUPPORTED_DTYPES",

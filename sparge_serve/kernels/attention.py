@@ -10,6 +10,7 @@ bottom-right causal mask on diagonal blocks and the per-head PV-skip filter (doc
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from sparge_serve.kernels.chunks import MAP_BUDGET, Shape, plan_chunks
 from sparge_serve.kernels.geometry import (
     BATCH_PTRS,
     BLKK,
@@ -31,6 +33,7 @@ from sparge_serve.kernels.predictor import (
     _load_kv_block,
     _select_dc,
     _select_row,
+    check_group,
     check_head_thresholds,
     check_paged_inputs,
     check_predictor_args,
@@ -211,7 +214,8 @@ def _count_skipped(stats_ptr, n_skipped, PV_SKIP: tl.constexpr):
             tl.atomic_add(stats_ptr + 2, n_skipped.to(tl.int64), sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["NQB", "stride_bt"], do_not_specialize_on_alignment=BATCH_PTRS)
+@triton.jit(do_not_specialize=["NQB", "stride_bt", "num_heads"],
+            do_not_specialize_on_alignment=BATCH_PTRS)
 def _sparse_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
     lut_ptr, count_ptr, pv_ptr, stats_ptr, k_desc, v_desc,
@@ -228,10 +232,12 @@ def _sparse_attn_kernel(
         # programs in launch order walk one KV head's GQA group over its query blocks before the
         # next KV head, so that the programs resident together read the keys of fewer KV heads:
         # L2 reuse when their kept blocks differ (docs/DESIGN.md, "Launch order")
+        # (a head chunk smaller than one group: its heads, all of one KV head)
+        gc = tl.minimum(num_heads, GROUP)
         lin = tl.program_id(1) * num_heads + tl.program_id(0)
-        per_kv = GROUP * NQB * SPLIT
-        h = lin // per_kv * GROUP + lin % GROUP
-        t = NQB * SPLIT - 1 - lin % per_kv // GROUP
+        per_kv = gc * NQB * SPLIT
+        h = lin // per_kv * gc + lin % gc
+        t = NQB * SPLIT - 1 - lin % per_kv // gc
     else:
         h = tl.program_id(0)
         t = NQB * SPLIT - 1 - tl.program_id(1)
@@ -451,6 +457,7 @@ def sparse_paged_attention(
     split: int | None = None,
     lazy_rescale: float | None = None,
     kv_major: bool = True,
+    group: int | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -468,15 +475,17 @@ def sparse_paged_attention(
     with TMA loads and head dim 128 without PV skip (where it was measured faster), else 0.
     ``kv_major`` (the default) launches one KV head's query programs before the next KV head's;
     ``False`` (benchmarks only) is the former head-by-head order of each query block.
+    ``group``: for head slices, as :func:`~sparge_serve.kernels.predictor.predict_block_map`'s.
     """
     check_paged_inputs(q, key_cache, value_cache)
     _check_out_and_layout(q, key_cache, value_cache, out)
     num_heads, head_dim = q.shape[1], q.shape[2]
     check_head_thresholds("pvthreshd", pvthreshd, num_heads, q.device, check_finite)
     _, page, num_kv_heads, _ = key_cache.shape
-    nreq, _, nqb, nkb = block_map.lut.shape
-    if nqb != num_blocks(batch.max_query_len, BLKQ) or nreq != batch.num_reqs:
-        raise ValueError("block_map was predicted for a different batch")
+    group = check_group(group, num_heads, num_kv_heads)
+    nreq, nh, nqb, nkb = block_map.lut.shape
+    if nqb != num_blocks(batch.max_query_len, BLKQ) or nreq != batch.num_reqs or nh != num_heads:
+        raise ValueError("block_map was predicted for a different batch or heads")
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
@@ -489,7 +498,7 @@ def sparse_paged_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
         nkb, nqb, num_heads, float(scale) * _LOG2E,
-        GROUP=num_heads // num_kv_heads, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
+        GROUP=group, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
         SPLIT=split, LAZY=lazy_rescale, KV_MAJOR=kv_major,
         num_warps=num_warps, num_stages=num_stages,
@@ -541,27 +550,42 @@ def sparge_paged_prefill(
     pv_skip: bool | None = None,
     fused: bool = False,
     fused_launch: FusedLaunch | None = None,
+    attention: str = "triton",
+    map_budget: float | None = MAP_BUDGET,
+    on_predicted: Callable[[], None] | None = None,
 ) -> BlockMap:
-    """Both stages for a varlen prefill batch; returns the block map it used.
+    """Both stages for a varlen prefill batch; returns its block counts (and its block map).
+
+    Two kernels by default, run one *head chunk* at a time (``chunks.py``): the predictor's
+    block map, then the attention kernel (``attention``: ``"triton"``, the block-sparse kernel
+    of this module, or ``"fa3"``, FlashAttention-3 over virtual contexts, PV skip off; see
+    ``virtual.py``), over head slices of ``q``/``out``/the caches, so that the block map and the
+    FA3 tables never pass ``map_budget`` of the batch's K/V bytes (``None``: all heads in one
+    chunk). The returned map has the whole call's ``count``/``n_valid``, and its ``lut`` when it
+    ran as one chunk (else ``None``). ``on_predicted`` is called between the two stages of a
+    one-chunk call (the backend's predictor timing).
 
     ``fused=True`` selects and attends in one persistent kernel, so the block map never exists in
     device memory (as fast dense, 4-23% slower than the two kernels at 50-90% block sparsity,
-    32K-128K; H200): the returned map's ``lut`` is ``None`` (``count``/``n_valid`` are set).
-    Same semantics, same outputs.
+    32K-128K; H200): the returned map's ``lut`` is ``None``. Same semantics, same outputs.
     ``fused_launch`` overrides that kernel's launch (benchmarks only).
     """
     check_paged_inputs(q, key_cache, value_cache)
     check_head_thresholds("pvthreshd", pvthreshd, q.shape[1], q.device, check_finite)
+    if attention not in ("triton", "fa3"):
+        raise ValueError(f"attention must be 'triton' or 'fa3', got {attention!r}")
     stats = stats_buffer(stats, q.device)  # one for both stages
     if not fused:
-        bm = predict_block_map(
-            q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, stats, check_finite
-        )
-        sparse_paged_attention(
-            q, key_cache, value_cache, batch, bm, scale, pvthreshd, out, stats,
-            check_finite=False, pv_skip=pv_skip,
-        )
-        return bm
+        check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
+        _check_out_and_layout(q, key_cache, value_cache, out)
+        if pv_skip is None:
+            pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
+        if attention == "fa3" and pv_skip:
+            raise ValueError("the FA3 attention path has no PV skip (stage 2): use "
+                             "attention='triton' for thresholds with pvthreshd < 50")
+        return _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1,
+                                cdfthreshd, pvthreshd, out, topk, stats, pv_skip, attention,
+                                map_budget, on_predicted)
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
     _check_out_and_layout(q, key_cache, value_cache, out)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -594,6 +618,51 @@ def sparge_paged_prefill(
         SPLIT=split, LAZY=lazy, KV_MAJOR=fl.kv_major, num_warps=num_warps, num_stages=num_stages,
     )
     return BlockMap(None, count, n_valid)
+
+
+def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfthreshd, pvthreshd,
+                     out, topk, stats, pv_skip, attention, map_budget, on_predicted) -> BlockMap:
+    """:func:`sparge_paged_prefill`'s two-kernel path, one head chunk at a time (arguments
+    checked by the caller)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _, page, num_kv_heads, _ = key_cache.shape
+    group = num_heads // num_kv_heads
+    fa3 = attention == "fa3"
+    heads, slice_rows = plan_chunks(
+        Shape(num_heads, num_kv_heads, head_dim, batch.num_reqs, batch.max_query_len,
+              batch.max_seq_len, page if fa3 else None), q.element_size(), map_budget)
+    if fa3:
+        from sparge_serve.kernels.virtual import fa3_sparse_attention
+    counts = None
+    if heads < num_heads:
+        nqb = num_blocks(batch.max_query_len, BLKQ)
+        counts = torch.empty(2, batch.num_reqs, num_heads, nqb, dtype=torch.int32,
+                             device=q.device)
+    pooled, kv0 = None, -1
+    # NOTE: a host loop over head chunks (few, and only where one chunk would not fit the
+    # memory budget): each chunk is one batched launch per kernel over all its rows
+    for h0 in range(0, num_heads, heads):
+        h1 = h0 + heads
+        g0, g1 = h0 // group, max(h0 // group + 1, h1 // group)
+        kc, vc = key_cache[:, :, g0:g1], value_cache[:, :, g0:g1]
+        if g0 != kv0:  # first chunk of this KV slice: its pooled keys
+            pooled, kv0 = pool_keys(kc, batch), g0
+        bm = predict_block_map(q[:, h0:h1], kc, batch, scale, simthreshd1[h0:h1],
+                               cdfthreshd[h0:h1], topk, stats, check_finite=False,
+                               pooled=pooled, group=group)
+        if on_predicted is not None and counts is None:
+            on_predicted()
+        if fa3:
+            fa3_sparse_attention(q[:, h0:h1], kc, vc, batch, bm, scale, out[:, h0:h1],
+                                 group=group, slice_rows=slice_rows)
+        else:
+            sparse_paged_attention(q[:, h0:h1], kc, vc, batch, bm, scale, pvthreshd[h0:h1],
+                                   out[:, h0:h1], stats, check_finite=False, pv_skip=pv_skip,
+                                   group=group)
+        if counts is not None:
+            counts[0, :, h0:h1] = bm.count
+            counts[1, :, h0:h1] = bm.n_valid
+    return bm if counts is None else BlockMap(None, counts[0], counts[1])
 
 
 __all__ = ["BLKK", "BLKQ", "FusedLaunch", "max_fused_programs", "sparge_paged_prefill",

@@ -41,8 +41,9 @@ class BlockMap:
     """Kept key blocks per (request, q-head, query block) row."""
 
     # [R, Hq, NQB, NKB_STRIDE] int16: kept key-block ids, ascending, first `count` valid
-    # (NKB_STRIDE: the key-block count rounded up to 16, see `predict_block_map`); None from the
-    # fused kernel (sparge_paged_prefill(fused=True)), which never stores the map
+    # (NKB_STRIDE: the key-block count rounded up to 16, see `predict_block_map`); None from
+    # sparge_paged_prefill when the fused kernel ran (it never stores the map) or the map was
+    # built one head chunk at a time
     lut: torch.Tensor | None
     count: torch.Tensor  # [R, Hq, NQB] int32: number of kept key blocks (0 for rows past the query)
     n_valid: torch.Tensor  # [R, Hq, NQB] int32: number of causally valid key blocks of the row
@@ -87,7 +88,9 @@ def _load_kv_block(
     return tl.load(ptrs, mask=in_ctx[:, None], other=0.0)
 
 
-@triton.jit(do_not_specialize=["stride_bt", "NCH"], do_not_specialize_on_alignment=BATCH_PTRS)
+# NOTE: head counts are never specialised on (a head chunk may have 1): one compiled variant
+@triton.jit(do_not_specialize=["stride_bt", "NCH", "num_kv_heads"],
+            do_not_specialize_on_alignment=BATCH_PTRS)
 def _ksum_kernel(
     key_cache_ptr, bt_ptr, seq_lens_ptr, ksum_ptr,
     stride_page, stride_tok, stride_head, stride_bt,
@@ -112,7 +115,8 @@ def _ksum_kernel(
     tl.store(ksum_ptr + (rh * NCH + c) * HEAD_DIM + offs_d, acc)
 
 
-@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=BATCH_PTRS)
+@triton.jit(do_not_specialize=["stride_bt", "num_kv_heads"],
+            do_not_specialize_on_alignment=BATCH_PTRS)
 def _kblock_kernel(
     key_cache_ptr, bt_ptr, seq_lens_ptr, mu_ptr, pk_ptr, ksim_ptr,
     stride_page, stride_tok, stride_head, stride_bt,
@@ -302,7 +306,8 @@ def _store_row(lut_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_v
     _count_blocks(stats_ptr, n_valid, n_kept)
 
 
-@triton.jit(do_not_specialize=["NQB"], do_not_specialize_on_alignment=BATCH_PTRS)
+@triton.jit(do_not_specialize=["NQB", "num_heads", "num_kv_heads"],
+            do_not_specialize_on_alignment=BATCH_PTRS)
 def _select_kernel(
     q_ptr, qsl_ptr, seq_lens_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr,
     lut_ptr, count_ptr, nvalid_ptr, stats_ptr,
@@ -383,6 +388,18 @@ def check_head_thresholds(name: str, t: torch.Tensor, num_heads: int, device, ch
     # NOTE: a host sync; the backend validates its thresholds once at load and passes False.
     if check_finite and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf: recalibrate or fix the thresholds file")
+
+
+def check_group(group: int | None, num_heads: int, num_kv_heads: int) -> int:
+    """Query heads per KV head for (slices of) ``num_heads`` and ``num_kv_heads`` heads:
+    ``group`` (``ValueError`` unless the slices pair up under it), or ``Hq // Hkv``."""
+    if group is None:
+        return num_heads // num_kv_heads
+    if group < 1 or not (num_heads == group * num_kv_heads or (
+            num_kv_heads == 1 and num_heads < group and group % num_heads == 0)):
+        raise ValueError(f"{num_heads} query heads and {num_kv_heads} KV heads are no head chunk "
+                         f"of a layer with {group} query heads per KV head")
+    return group
 
 
 def key_block_stride(nkb: int) -> int:
@@ -480,27 +497,6 @@ def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch) -> PooledKeys:
     return PooledKeys(pk, ksim, nkb, nkb_stride, selection_tile(nkb))
 
 
-def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_reqs: int,
-                          max_query_len: int, max_seq_len: int,
-                          fused_programs: int | None = None) -> int:
-    """Upper bound of the device memory one sparse prefill call allocates (predictor + attention),
-    for ``max_reqs`` requests of at most ``max_query_len`` new tokens and ``max_seq_len`` context;
-    with ``fused_programs`` (the fused kernel's grid, ``attention.max_fused_programs``) for the
-    fused path, which keeps one kept-block list per program instead of the whole block map.
-
-    The backend allocates this once during vLLM's memory profiling so that the KV cache is sized
-    with room for it.
-    """
-    nqb = num_blocks(max_query_len, BLKQ)
-    nkb_stride = key_block_stride(num_blocks(max_seq_len, BLKK))
-    counts = max_reqs * num_heads * nqb * 2 * 4  # kept and valid blocks per row
-    if fused_programs is None:
-        lists = max_reqs * num_heads * nqb * 2 * nkb_stride  # the int16 block map
-    else:
-        lists = fused_programs * 2 * nkb_stride  # one scratch row per program
-    return pooled_keys_bytes(num_kv_heads, head_dim, max_reqs, max_seq_len) + counts + lists
-
-
 def pooled_keys_bytes(num_kv_heads: int, head_dim: int, max_reqs: int, max_seq_len: int) -> int:
     """Device memory of :func:`pool_keys`' fp32 buffers: pooled keys, similarity, key mean and
     the key sums per chunk."""
@@ -523,6 +519,8 @@ def predict_block_map(
     check_finite: bool = True,
     select_dc: int | None = None,
     select_warps: int | None = None,
+    pooled: PooledKeys | None = None,
+    group: int | None = None,
 ) -> BlockMap:
     """Stage 1 for a varlen prefill batch. See the module docstring and docs/DESIGN.md.
 
@@ -532,6 +530,13 @@ def predict_block_map(
     ``select_dc`` (a power of two up to 32) and ``select_warps`` (4 or 8) override the select
     kernel's dimensions per chunk and warps (:func:`_select_launch_params`; benchmarks only,
     same block map).
+
+    Head chunks (``attention.sparge_paged_prefill``): ``q`` and ``key_cache`` may be head slices
+    of the layer's tensors, ``pooled`` that key slice's :func:`pool_keys` (computed once for the
+    chunks that share it), and ``group`` the layer's query heads per KV head (default: ``Hq //
+    Hkv`` of the slices; a slice of fewer heads than one group passes the layer's, so that query
+    head ``h`` of the slice still reads KV head ``h // group`` and the kernel is the one the
+    warm-up compiled).
     """
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
     stats = stats_buffer(stats, q.device)
@@ -540,10 +545,12 @@ def predict_block_map(
                          f"got {select_dc} and {select_warps}")
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = key_cache.shape[2]
+    group = check_group(group, num_heads, num_kv_heads)
     nqb = num_blocks(batch.max_query_len, BLKQ)
     nreq = batch.num_reqs
     dev = q.device
-    pooled = pool_keys(key_cache, batch)
+    if pooled is None:
+        pooled = pool_keys(key_cache, batch)
     pk, ksim, nkb_stride, nkb_pad = pooled.pk, pooled.ksim, pooled.nkb_stride, pooled.nkb_pad
 
     lut = torch.empty(nreq, num_heads, nqb, nkb_stride, dtype=torch.int16, device=dev)
@@ -556,7 +563,7 @@ def predict_block_map(
         lut, count, n_valid, stats,
         q.stride(0), q.stride(1),
         nkb_stride, nqb, num_heads, num_kv_heads, float(scale), float(topk or 1.0),
-        GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
+        GROUP=group, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
         NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk is not None,
         num_warps=num_warps,
     )

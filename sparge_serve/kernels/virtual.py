@@ -20,9 +20,10 @@ Layout (nothing is copied: no K/V, no queries, no outputs):
   FA3's in-order tile scheduler then runs as a longest-processing-time schedule. In ascending
   order (a causal prompt's natural one) the longest rows would start last and idle the GPU.
 
-The virtual block table (``[Hq, rows, pages]`` int32) is built by one Triton kernel from the
-block map and the requests' block table. PV skip (stage 2) is not expressible in FA3: layers
-with it keep the Triton attention kernel.
+The virtual block tables (``[Hq, rows, pages]`` int32, twice the block map's bytes at 64-token
+pages) are built by one Triton kernel from the block map and the requests' block table, for a
+slice of each head's sorted sequences at a time where memory is bounded (``chunks.py``). PV skip
+(stage 2) is not expressible in FA3: layers with it keep the Triton attention kernel.
 """
 
 from __future__ import annotations
@@ -34,39 +35,41 @@ import triton
 import triton.language as tl
 
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PrefillBatch, num_blocks
-from sparge_serve.kernels.predictor import BlockMap, key_block_stride
+from sparge_serve.kernels.predictor import BlockMap, check_group
 
 
 @dataclass(frozen=True)
 class VirtualBatch:
     """FA3 inputs of a block map: per q-head, one sequence per (request, query block) row, the
-    rows of each head sorted by context tokens, descending (``S = R * NQB`` rows per head)."""
+    rows of each head sorted by context tokens, descending (``S = R * NQB`` rows per head).
+    The virtual block tables are built per slice of that order (:func:`virtual_table`)."""
 
     q_start: torch.Tensor  # [Hq, S + 1] int32: the sequence's first row of q (last column: end)
     q_len: torch.Tensor  # [Hq, S] int32: its query rows (FA3's seqused_q; 0 past the query)
     seqused_k: torch.Tensor  # [Hq, S] int32: tokens of its virtual context
-    block_table: torch.Tensor  # [Hq, S, NKB_STRIDE * pages per block] int32: virtual pages
+    order: torch.Tensor  # [Hq, S] int64: its row ``r * NQB + b`` of the block map
+    group: int  # query heads per KV head of the layer
 
 
 # NOTE: one compiled variant per (GROUP, SUB): sizes and the block table's alignment (a slice of
 # vLLM's) are not specialised on, so the start-up warm-up covers serving
-@triton.jit(do_not_specialize=["NQB", "num_heads", "stride_bt", "max_pages", "heads_per_page"],
+@triton.jit(do_not_specialize=["NQB", "num_heads", "rows", "s0", "stride_bt", "max_pages",
+                               "heads_per_page"],
             do_not_specialize_on_alignment=["bt_ptr", "count_ptr"])
 def _virtual_table_kernel(
-    lut_ptr, count_ptr, rank_ptr, bt_ptr, vbt_ptr, NQB, NKB, num_heads, stride_bt, max_pages,
-    vbt_cols, heads_per_page,
+    lut_ptr, count_ptr, order_ptr, bt_ptr, vbt_ptr, NQB, NKB, num_heads, rows, s0, stride_bt,
+    max_pages, vbt_cols, heads_per_page,
     GROUP: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Virtual pages of one (q-head ``h``, request ``r``, query block ``b``) row, written to
-    its sequence's place ``rank[h, r * NQB + b]`` among head ``h``'s: for the j-th kept key
-    block and its s-th page, ``block_table[r, lut * SUB + s] * heads_per_page + h // GROUP``."""
-    b = tl.program_id(0)
+    """Virtual pages of head ``h``'s sequence ``s0 + i`` (block-map row ``order[h, s0 + i]``,
+    request ``r``): for the j-th kept key block and its s-th page,
+    ``block_table[r, lut * SUB + s] * heads_per_page + h // GROUP``."""
+    i = tl.program_id(0)
     h = tl.program_id(1)
-    r = tl.program_id(2)
-    num_reqs = tl.num_programs(2)
-    src = (r * num_heads + h) * NQB + b
-    seq = tl.load(rank_ptr + h * num_reqs * NQB + r * NQB + b)
-    dst = (h * num_reqs * NQB + seq).to(tl.int64) * vbt_cols
+    row = tl.load(order_ptr + h.to(tl.int64) * rows + s0 + i)
+    r = row // NQB
+    src = (r * num_heads + h) * NQB + row % NQB
+    dst = (h * tl.num_programs(0) + i).to(tl.int64) * vbt_cols
     n = tl.load(count_ptr + src)
     kvh = h // GROUP
     offs = tl.arange(0, CHUNK)
@@ -80,15 +83,13 @@ def _virtual_table_kernel(
 
 
 def virtual_batch(batch: PrefillBatch, bm: BlockMap, num_heads: int, num_kv_heads: int,
-                  page_size: int, heads_per_page: int) -> VirtualBatch:
-    """The FA3 sequences of ``bm`` (see the module docstring); ``heads_per_page``: ``sP // sH``.
-    Tensor ops and one kernel: no host synchronisation."""
-    if BLKK % page_size:
-        raise ValueError(f"page size {page_size} must divide the key block ({BLKK})")
+                  group: int | None = None) -> VirtualBatch:
+    """The FA3 sequences of ``bm`` (see the module docstring); ``group`` as
+    ``predict_block_map``'s (head chunks). Tensor ops only: no host synchronisation."""
+    group = check_group(group, num_heads, num_kv_heads)
     if bm.lut is None:
         raise ValueError("the block map has no block list (fused kernel); run predict_block_map")
-    sub = BLKK // page_size
-    nreq, nqb, nkb = batch.num_reqs, bm.count.shape[2], bm.lut.shape[-1]
+    nreq, nqb = batch.num_reqs, bm.count.shape[2]
     rows = nreq * nqb
     dev = bm.count.device
     qsl = batch.query_start_loc.long()
@@ -100,31 +101,31 @@ def virtual_batch(batch: PrefillBatch, bm: BlockMap, num_heads: int, num_kv_head
     count = bm.count.long().permute(1, 0, 2).reshape(num_heads, rows)  # [Hq, S]
     last_pos = (ctx[:, None] + last - 1).reshape(1, rows)  # the row's last query position
     used = torch.where(count > 0, BLKK * (count - 1) + last_pos % BLKK + 1, 0)
-    order = torch.argsort(used, dim=1, descending=True)  # [Hq, S] longest first
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(rows, device=dev).expand(num_heads, rows))
-    starts = (qsl[:-1, None] + first).reshape(rows)[order]  # [Hq, S]
+    used, order = torch.sort(used, dim=1, descending=True)  # [Hq, S] longest first
+    starts = (qsl[:-1, None] + first).reshape(rows)[order]
     q_start = torch.cat([starts, qsl[-1:].expand(num_heads, 1)], dim=1)
     lens = (last - first).reshape(rows)[order]
-    cols = nkb * sub
-    vbt = torch.zeros(num_heads, rows, cols, dtype=torch.int32, device=dev)
-    _virtual_table_kernel[(nqb, num_heads, nreq)](
-        bm.lut, bm.count, rank, batch.block_table, vbt, nqb, nkb, num_heads,
-        batch.block_table.stride(0), batch.block_table.shape[1], cols, heads_per_page,
-        GROUP=num_heads // num_kv_heads, SUB=sub, CHUNK=256,
-    )
     i32 = torch.int32
-    return VirtualBatch(q_start.to(i32), lens.to(i32), used.gather(1, order).to(i32), vbt)
+    return VirtualBatch(q_start.to(i32), lens.to(i32), used.to(i32), order, group)
 
 
-def virtual_scratch_bytes(num_heads: int, max_reqs: int, max_query_len: int, max_seq_len: int,
-                          page_size: int) -> int:
-    """Upper bound of what :func:`fa3_sparse_attention` allocates on top of the block map: the
-    virtual block table, the per-sequence int32 inputs and their int64 temporaries, and FA3's
-    log-sum-exp of one head."""
-    rows = max_reqs * num_heads * num_blocks(max_query_len, BLKQ)
-    cols = key_block_stride(num_blocks(max_seq_len, BLKK)) * (BLKK // page_size)
-    return rows * cols * 4 + rows * (3 * 4 + 8 * 8) + num_heads * 8 + max_reqs * max_query_len * 4
+def virtual_table(vb: VirtualBatch, batch: PrefillBatch, bm: BlockMap, page_size: int,
+                  heads_per_page: int, s0: int, s1: int) -> torch.Tensor:
+    """``[Hq, s1 - s0, NKB_STRIDE * pages per block]`` int32: the virtual pages of every head's
+    sequences ``s0:s1`` (``heads_per_page``: ``sP // sH`` of the cache, :func:`heads_as_pages`)."""
+    if BLKK % page_size:
+        raise ValueError(f"page size {page_size} must divide the key block ({BLKK})")
+    sub = BLKK // page_size
+    num_heads, rows = vb.order.shape
+    nqb, nkb = bm.count.shape[2], bm.lut.shape[-1]
+    cols = nkb * sub
+    vbt = torch.zeros(num_heads, s1 - s0, cols, dtype=torch.int32, device=bm.count.device)
+    _virtual_table_kernel[(s1 - s0, num_heads)](
+        bm.lut, bm.count, vb.order, batch.block_table, vbt, nqb, nkb, num_heads, rows, s0,
+        batch.block_table.stride(0), batch.block_table.shape[1], cols, heads_per_page,
+        GROUP=vb.group, SUB=sub, CHUNK=256,
+    )
+    return vbt
 
 
 def warm_up_virtual(num_heads: int, num_kv_heads: int, page_size: int, device) -> None:
@@ -134,8 +135,9 @@ def warm_up_virtual(num_heads: int, num_kv_heads: int, page_size: int, device) -
     batch = PrefillBatch(torch.tensor([0, 1], dtype=torch.int32, device=device),
                          torch.ones(1, dtype=torch.int32, device=device),
                          torch.zeros(1, 4, dtype=torch.int32, device=device), 1, 1)
-    virtual_batch(batch, BlockMap(lut, count, count), num_heads, num_kv_heads, page_size,
-                  num_kv_heads)
+    bm = BlockMap(lut, count, count)
+    vb = virtual_batch(batch, bm, num_heads, num_kv_heads)
+    virtual_table(vb, batch, bm, page_size, num_kv_heads, 0, 1)
 
 
 def heads_as_pages(cache: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -176,11 +178,15 @@ def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_
 
 def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          batch: PrefillBatch, bm: BlockMap, scale: float, out: torch.Tensor,
-                         attn_fn=None) -> torch.Tensor:
+                         attn_fn=None, group: int | None = None,
+                         slice_rows: int | None = None) -> torch.Tensor:
     """Stage-1 block-sparse attention (PV skip off) of ``batch`` through FA3 (module docstring).
 
     Writes the rows of ``out`` that ``batch.query_start_loc`` covers (others are left alone).
-    ``attn_fn``: :func:`fa3_paged_forward`'s signature (the default).
+    ``attn_fn``: :func:`fa3_paged_forward`'s signature (the default); ``group`` as
+    ``predict_block_map``'s (head chunks); ``slice_rows``: build the virtual block tables and
+    call FA3 for that many of each head's sequences at a time (longest first; ``None``: all),
+    which bounds the tables' memory (``chunks.plan_chunks``).
     """
     attn_fn = attn_fn or fa3_paged_forward
     hq = q.shape[1]
@@ -188,11 +194,16 @@ def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     v_view, k_v = heads_as_pages(value_cache)
     if k != k_v:
         raise ValueError("key and value caches differ in layout")
-    vb = virtual_batch(batch, bm, hq, key_cache.shape[2], key_cache.shape[1], k)
+    vb = virtual_batch(batch, bm, hq, key_cache.shape[2], group)
+    rows = vb.order.shape[1]
+    step = rows if slice_rows is None else max(1, slice_rows)
     max_k = num_blocks(batch.max_seq_len, BLKK) * BLKK
-    # NOTE: a host loop over heads, one FA3 launch each: FA3 shares a page table among a
-    # sequence's heads, so per-head contexts need per-head calls (module docstring)
-    for h in range(hq):
-        attn_fn(q[:, h:h + 1], k_view, v_view, out[:, h:h + 1], vb.q_start[h], vb.q_len[h],
-                vb.seqused_k[h], vb.block_table[h], max_k, scale)
+    # NOTE: host loops over slices and heads, one FA3 launch each: FA3 shares a page table among
+    # a sequence's heads, so per-head contexts need per-head calls (module docstring)
+    for s0 in range(0, rows, step):
+        s1 = min(rows, s0 + step)
+        vbt = virtual_table(vb, batch, bm, key_cache.shape[1], k, s0, s1)
+        for h in range(hq):
+            attn_fn(q[:, h:h + 1], k_view, v_view, out[:, h:h + 1], vb.q_start[h, s0:s1 + 1],
+                    vb.q_len[h, s0:s1], vb.seqused_k[h, s0:s1], vbt[h], max_k, scale)
     return out

@@ -1,0 +1,158 @@
+"""Head chunks: the two-kernel sparse prefill in bounded memory.
+
+The block map (``BlockMap.lut``, int16 ``[R, Hq, NQB, NKB]``) grows with the product of query and
+context length: at a 128K prompt it is 25% of the K/V bytes the call reads, and the FA3
+attention path's virtual block tables (int32, one entry per kept page) are twice that again.
+:func:`~sparge_serve.kernels.attention.sparge_paged_prefill` therefore runs the predictor and the
+attention one *head chunk* at a time, each over views of ``q``/``out`` and the KV cache (nothing
+is copied), with the pooled keys computed once per KV-head slice. The chunk is the largest one
+whose buffers fit ``map_budget`` (a fraction of the K/V bytes of the batch's padded shape): whole
+GQA groups where they fit, else a part of one group (down to one query head). The FA3 path also
+builds its tables for a *slice* of each head's sequences at a time (longest first, at least
+:data:`MIN_SLICE_ROWS` of them, so that each FA3 launch still fills the GPU).
+
+The plan depends on host ints only (heads, requests, ``max_query_len``, ``max_seq_len``), so it
+never synchronises, and the backend can reserve its worst case at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparge_serve.kernels.geometry import BLKK, BLKQ, num_blocks
+from sparge_serve.kernels.predictor import key_block_stride, pooled_keys_bytes
+
+MAP_BUDGET = 0.015
+"""Default bound on a head chunk's buffers (pooled keys, block map, FA3 tables), as a fraction of
+the K/V bytes of the batch's padded shape (``max_reqs * max_seq_len`` tokens)."""
+MIN_BUDGET_BYTES = 1 << 20
+"""The budget is never below this: short contexts are not split into chunks for a few KiB."""
+MIN_SLICE_ROWS = 256
+"""Fewest sequences per FA3 launch when the tables are sliced: two waves of an H100/H200's 132
+multiprocessors (one FA3 tile each), for which a longest-first order balances."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A prefill call's (or a bound's) host sizes."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_reqs: int
+    max_query_len: int
+    max_seq_len: int
+    fa3_page_size: int | None = None  # the FA3 attention path over pages of this size
+
+    @property
+    def rows(self) -> int:
+        """Block-map rows of one head."""
+        return self.max_reqs * num_blocks(self.max_query_len, BLKQ)
+
+    def head_bytes(self) -> int:
+        """Bytes one query head of a chunk keeps for the whole chunk: its block map (int16
+        list and two int32 counts per row) and, for FA3, its per-sequence inputs and their
+        int64 temporaries (``virtual.virtual_batch``)."""
+        stride = key_block_stride(num_blocks(self.max_seq_len, BLKK))
+        n = self.rows * (stride * 2 + 2 * 4)
+        if self.fa3_page_size is not None:
+            n += self.rows * (3 * 4 + 8 * 8) + 8
+        return n
+
+    def table_row_bytes(self) -> int:
+        """Bytes of one sequence's virtual block table (FA3 path; 0 otherwise)."""
+        if self.fa3_page_size is None:
+            return 0
+        stride = key_block_stride(num_blocks(self.max_seq_len, BLKK))
+        return stride * (BLKK // self.fa3_page_size) * 4
+
+    def chunk_bytes(self, heads: int, slice_rows: int | None = None) -> int:
+        """Device bytes of one chunk of ``heads`` query heads, with FA3 tables for
+        ``slice_rows`` of each head's sequences (``None``: all): :meth:`head_bytes` and the
+        tables of each head, the pooled keys of its KV heads, and (FA3) the log-sum-exp of
+        one head's launch."""
+        kv = max(1, heads * self.num_kv_heads // self.num_heads)
+        n = heads * self.head_bytes()
+        n += pooled_keys_bytes(kv, self.head_dim, self.max_reqs, self.max_seq_len)
+        if self.fa3_page_size is not None:
+            rows = self.rows if slice_rows is None else min(slice_rows, self.rows)
+            n += heads * rows * self.table_row_bytes() + self.max_reqs * self.max_query_len * 4
+        return n
+
+    def budget_bytes(self, elem_size: int, map_budget: float) -> int:
+        """``map_budget`` of the K and V bytes of ``max_reqs`` contexts of ``max_seq_len``
+        tokens, at least :data:`MIN_BUDGET_BYTES`."""
+        kv = 2 * self.max_reqs * self.max_seq_len * self.num_kv_heads * self.head_dim * elem_size
+        return max(int(map_budget * kv), MIN_BUDGET_BYTES)
+
+
+def chunk_sizes(num_heads: int, num_kv_heads: int) -> list[int]:
+    """Head-chunk sizes that pair query heads with a KV-head slice, largest first: whole groups
+    (``group * m`` for ``m`` dividing ``Hkv``), then parts of one group (divisors of ``group``)."""
+    group = num_heads // num_kv_heads
+    whole = [group * m for m in range(num_kv_heads, 0, -1) if num_kv_heads % m == 0]
+    part = [d for d in range(group - 1, 0, -1) if group % d == 0]
+    return whole + part
+
+
+def plan_chunks(shape: Shape, elem_size: int, map_budget: float | None = MAP_BUDGET,
+                ) -> tuple[int, int | None]:
+    """``(heads per chunk, FA3 table slice rows or None for all)``: the largest
+    :func:`chunk_sizes` entry that fits the budget, with all of its sequences' tables if they
+    fit, else the most of them that do (at least :data:`MIN_SLICE_ROWS`); else one head with
+    the smallest slice. ``map_budget=None``: no bound, one chunk."""
+    if map_budget is None:
+        return shape.num_heads, None
+    if map_budget <= 0:
+        raise ValueError(f"map_budget must be > 0 (a fraction of the K/V bytes) or None, got "
+                         f"{map_budget}")
+    limit = shape.budget_bytes(elem_size, map_budget)
+    sizes = chunk_sizes(shape.num_heads, shape.num_kv_heads)
+    for heads in sizes:
+        if shape.chunk_bytes(heads) <= limit:
+            return heads, None
+        room = limit - shape.chunk_bytes(heads, 0)
+        if shape.table_row_bytes() and room > 0:
+            rows = room // (heads * shape.table_row_bytes())
+            if rows >= MIN_SLICE_ROWS:
+                slices = -(-shape.rows // rows)
+                return heads, -(-shape.rows // slices)  # even slices, none larger
+    return sizes[-1], (MIN_SLICE_ROWS if shape.fa3_page_size is not None else None)
+
+
+def chunk_scratch_bytes(shape: Shape, elem_size: int, map_budget: float | None = MAP_BUDGET,
+                        ) -> int:
+    """Most bytes a chunk of any call within these bounds allocates: a call's chunk fits its
+    budget (at most this one's) or is the smallest chunk (at most this one's), and is never
+    more than all heads at once."""
+    everything = shape.chunk_bytes(shape.num_heads)
+    if map_budget is None:
+        return everything
+    smallest = shape.chunk_bytes(chunk_sizes(shape.num_heads, shape.num_kv_heads)[-1],
+                                 MIN_SLICE_ROWS)
+    return min(everything, max(shape.budget_bytes(elem_size, map_budget), smallest))
+
+
+def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_reqs: int,
+                          max_query_len: int, max_seq_len: int,
+                          fused_programs: int | None = None, fa3_page_size: int | None = None,
+                          map_budget: float | None = MAP_BUDGET, elem_size: int = 2) -> int:
+    """Upper bound of the device memory one sparse prefill call allocates (predictor + attention),
+    for ``max_reqs`` requests of at most ``max_query_len`` new tokens and ``max_seq_len`` context:
+    the whole call's kept/valid counts plus its largest head chunk (:func:`chunk_scratch_bytes`;
+    ``fa3_page_size``: with the FA3 attention path over pages of that size); with
+    ``fused_programs`` (the fused kernel's grid, ``attention.max_fused_programs``) for the fused
+    path, which keeps one kept-block list per program instead of any block map.
+
+    The backend allocates this once during vLLM's memory profiling so that the KV cache is sized
+    with room for it.
+    """
+    nqb = num_blocks(max_query_len, BLKQ)
+    counts = max_reqs * num_heads * nqb * 2 * 4  # kept and valid blocks per row
+    if fused_programs is not None:
+        nkb_stride = key_block_stride(num_blocks(max_seq_len, BLKK))
+        return (pooled_keys_bytes(num_kv_heads, head_dim, max_reqs, max_seq_len) + counts
+                + fused_programs * 2 * nkb_stride)  # one scratch row per program
+    shape = Shape(num_heads, num_kv_heads, head_dim, max_reqs, max_query_len, max_seq_len,
+                  fa3_page_size)
+    return counts + chunk_scratch_bytes(shape, elem_size, map_budget)

@@ -1,0 +1,138 @@
+"""Head chunks (sparge_serve.kernels.chunks): the plan, its memory bound, and that a prefill run
+one head chunk at a time computes exactly what the all-heads run computes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from sparge_serve.kernels import MAP_BUDGET, chunks, sparge_paged_prefill
+from sparge_serve.kernels.chunks import (
+    MIN_SLICE_ROWS,
+    Shape,
+    chunk_scratch_bytes,
+    chunk_sizes,
+    plan_chunks,
+)
+from tests.kernel_inputs import head_vec, make_paged_case
+from tests.test_virtual import fa3_emulation
+
+REQS = [(300, 300), (200, 650), (37, 421), (129, 129)]
+
+
+def test_chunk_sizes_pair_query_heads_with_kv_slices():
+    assert chunk_sizes(32, 8) == [32, 16, 8, 4, 2, 1]  # GQA 4: whole groups, then parts of one
+    assert chunk_sizes(8, 8) == [8, 4, 2, 1]  # MHA
+    assert chunk_sizes(8, 1) == [8, 4, 2, 1]  # MQA: parts of the one group
+    assert chunk_sizes(12, 2) == [12, 6, 3, 2, 1]  # GQA 6: 4 and 5 heads pair with no KV slice
+
+
+def test_config_default_is_the_kernels_default():
+    from sparge_serve.config import DEFAULT_MAP_BUDGET
+
+    assert DEFAULT_MAP_BUDGET == MAP_BUDGET
+
+
+@pytest.mark.parametrize("fa3_page", [None, 64])
+def test_plan_fits_the_budget_at_the_benchmark_shapes(fa3_page):
+    """32 q / 8 KV heads, head dim 128, bf16, one prompt (the #3 benchmark): each chunk's buffers
+    stay within 1.5% of the K/V bytes, with as many heads as fit (and for FA3, as many of their
+    sequences' tables)."""
+    for length in (8192, 32768, 131072):
+        shape = Shape(32, 8, 128, 1, length, length, fa3_page)
+        heads, rows = plan_chunks(shape, 2)
+        limit = max(MAP_BUDGET * 2 * length * 8 * 128 * 2, 1 << 20)
+        assert shape.chunk_bytes(heads, rows) <= limit
+        bigger = [s for s in chunk_sizes(32, 8) if s > heads]
+        if bigger:  # the next larger chunk fits with no slice of its tables
+            assert shape.chunk_bytes(min(bigger), MIN_SLICE_ROWS) > limit
+        assert rows is None or (fa3_page and MIN_SLICE_ROWS <= rows < shape.rows)
+    long = Shape(32, 8, 128, 1, 131072, 131072, fa3_page)
+    assert plan_chunks(long, 2)[0] == 1  # 128K: one head a chunk
+    assert plan_chunks(long, 2)[1] == (256 if fa3_page else None)  # FA3: a quarter's tables
+    assert plan_chunks(Shape(32, 8, 128, 1, 4096, 4096, fa3_page), 2) == (32, None)  # short
+    assert plan_chunks(long, 2, map_budget=None) == (32, None)
+    with pytest.raises(ValueError, match="map_budget must be > 0"):
+        plan_chunks(long, 2, map_budget=0.0)
+
+
+def test_scratch_bound_covers_every_smaller_call():
+    """The backend reserves chunk_scratch_bytes at the step's largest shape: no call within
+    those bounds may plan a bigger chunk."""
+    for fa3_page, budget in itertools.product((None, 16, 64), (MAP_BUDGET, 0.002, None)):
+        bound = chunk_scratch_bytes(Shape(32, 8, 128, 4, 16384, 131072, fa3_page), 2, budget)
+        for reqs, q_len, seq_len in itertools.product((1, 2, 4), (1024, 8192, 16384),
+                                                      (16384, 65536, 131072)):
+            shape = Shape(32, 8, 128, reqs, q_len, seq_len, fa3_page)
+            assert shape.chunk_bytes(*plan_chunks(shape, 2, budget)) <= bound
+
+
+def _run(case, ths, topk, device, **kw):
+    out = torch.full_like(case.q, float("nan"))
+    stats = torch.zeros(3, dtype=torch.int64, device=device)
+    bm = sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+                              *ths, out, topk=topk, stats=stats, **kw)
+    return out, stats, bm
+
+
+@pytest.mark.parametrize("hq,hkv,budget,want_heads,pv", [
+    (8, 2, 1e-9, 1, 50.0),  # one head: parts of a GQA group (sub-group chunks)
+    (8, 2, None, 8, 6.0),  # (the all-heads run, for the plan assertion only)
+    (8, 2, "group", 4, 6.0),  # one whole group a chunk, PV skip on
+    (4, 4, 1e-9, 1, 0.0),  # MHA, every block PV-skipped but the first
+    (4, 1, 1e-9, 1, 50.0),  # MQA
+])
+def test_chunked_prefill_equals_all_heads_at_once(hq, hkv, budget, want_heads, pv, device,
+                                                  monkeypatch):
+    monkeypatch.setattr(chunks, "MIN_BUDGET_BYTES", 0)  # chunk even these small shapes
+    case = make_paged_case(REQS, hq, hkv, 64, 16, torch.float16, device, seed=hq + hkv,
+                           packed=True)
+    b = case.batch
+    shape = Shape(hq, hkv, 64, b.num_reqs, b.max_query_len, b.max_seq_len)
+    if budget == "group":  # exactly one group's chunk fits
+        kv = 2 * b.num_reqs * b.max_seq_len * hkv * 64 * 2
+        budget = shape.chunk_bytes(hq // hkv) / kv
+    assert plan_chunks(shape, 2, map_budget=budget) == (want_heads, None)
+    ths = (torch.linspace(-0.2, 0.6, hq, device=device), torch.linspace(0.5, 0.95, hq,
+           device=device), head_vec(pv, hq, device))
+    want, want_stats, want_bm = _run(case, ths, None, device, map_budget=None)
+    got, got_stats, got_bm = _run(case, ths, None, device, map_budget=budget)
+    assert not torch.isnan(got).any()
+    assert torch.equal(got, want)
+    assert torch.equal(got_stats, want_stats)
+    assert torch.equal(got_bm.count, want_bm.count)
+    assert torch.equal(got_bm.n_valid, want_bm.n_valid)
+    assert (got_bm.lut is None) == (want_heads < hq)
+    assert (want_bm.count < want_bm.n_valid).any()  # some rows are sparse
+
+
+def test_chunked_fa3_path_equals_all_heads_at_once(device, monkeypatch):
+    """The FA3 attention path (PyTorch emulation of FA3 off the GPU) in one-head chunks."""
+    import sparge_serve.kernels.virtual as virtual
+
+    monkeypatch.setattr(chunks, "MIN_BUDGET_BYTES", 0)
+    if device == "cpu":
+        monkeypatch.setattr(virtual, "fa3_paged_forward", fa3_emulation)
+    case = make_paged_case(REQS, 8, 2, 64, 16, torch.float16, device, seed=9, packed=True)
+    ths = (head_vec(0.3, 8, device), torch.linspace(0.5, 0.95, 8, device=device),
+           head_vec(50.0, 8, device))
+    want, want_stats, _ = _run(case, ths, 0.5, device, map_budget=None, pv_skip=False)
+    got, got_stats, bm = _run(case, ths, 0.5, device, map_budget=1e-9, pv_skip=False,
+                              attention="fa3")
+    assert bm.lut is None and not torch.isnan(got).any()
+    assert torch.equal(got_stats, want_stats)
+    assert (got.float() - want.float()).abs().max().item() <= 2e-3
+
+
+def test_fa3_path_refuses_pv_skip_and_unknown_kernels(device):
+    case = make_paged_case(REQS[:1], 4, 2, 64, 16, torch.float16, device)
+    ths = (head_vec(0.3, 4, device), head_vec(0.9, 4, device), head_vec(6.0, 4, device))
+    out = torch.empty_like(case.q)
+    with pytest.raises(ValueError, match="no PV skip"):
+        sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+                             *ths, out, attention="fa3")
+    with pytest.raises(ValueError, match="attention must be 'triton' or 'fa3'"):
+        sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+                             *ths, out, attention="flash")
