@@ -632,7 +632,9 @@ def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfth
         Shape(num_heads, num_kv_heads, head_dim, batch.num_reqs, batch.max_query_len,
               batch.max_seq_len, page if fa3 else None), q.element_size(), map_budget)
     if fa3:
-        from sparge_serve.kernels.virtual import fa3_sparse_attention
+        from sparge_serve.kernels.virtual import fa3_sparse_attention, virtual_rows
+
+        rows = virtual_rows(batch, num_blocks(batch.max_query_len, BLKQ))  # shared by chunks
     counts = None
     if heads < num_heads:
         nqb = num_blocks(batch.max_query_len, BLKQ)
@@ -654,7 +656,7 @@ def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfth
             on_predicted()
         if fa3:
             fa3_sparse_attention(q[:, h0:h1], kc, vc, batch, bm, scale, out[:, h0:h1],
-                                 group=group, slice_rows=slice_rows)
+                                 group=group, slice_rows=slice_rows, rows=rows)
         else:
             sparse_paged_attention(q[:, h0:h1], kc, vc, batch, bm, scale, pvthreshd[h0:h1],
                                    out[:, h0:h1], stats, check_finite=False, pv_skip=pv_skip,

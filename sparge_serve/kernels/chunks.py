@@ -51,32 +51,31 @@ class Shape:
 
     def head_bytes(self) -> int:
         """Bytes one query head of a chunk keeps for the whole chunk: its block map (int16
-        list and two int32 counts per row) and, for FA3, its per-sequence inputs and their
-        int64 temporaries (``virtual.virtual_batch``)."""
+        list and two int32 counts per row)."""
         stride = key_block_stride(num_blocks(self.max_seq_len, BLKK))
-        n = self.rows * (stride * 2 + 2 * 4)
-        if self.fa3_page_size is not None:
-            n += self.rows * (3 * 4 + 8 * 8) + 8
-        return n
+        return self.rows * (stride * 2 + 2 * 4)
 
     def table_row_bytes(self) -> int:
-        """Bytes of one sequence's virtual block table (FA3 path; 0 otherwise)."""
+        """Bytes of one sequence's virtual block table and context length (FA3 path; 0
+        otherwise)."""
         if self.fa3_page_size is None:
             return 0
         stride = key_block_stride(num_blocks(self.max_seq_len, BLKK))
-        return stride * (BLKK // self.fa3_page_size) * 4
+        return stride * (BLKK // self.fa3_page_size) * 4 + 4
 
     def chunk_bytes(self, heads: int, slice_rows: int | None = None) -> int:
         """Device bytes of one chunk of ``heads`` query heads, with FA3 tables for
-        ``slice_rows`` of each head's sequences (``None``: all): :meth:`head_bytes` and the
-        tables of each head, the pooled keys of its KV heads, and (FA3) the log-sum-exp of
-        one head's launch."""
+        ``slice_rows`` of the sequences (``None``: all): :meth:`head_bytes` and the tables of
+        each head, the pooled keys of its KV heads, and for FA3 the call's sequence order
+        (``virtual.virtual_rows``, with its int64 temporaries) and the log-sum-exp of one
+        head's launch."""
         kv = max(1, heads * self.num_kv_heads // self.num_heads)
         n = heads * self.head_bytes()
         n += pooled_keys_bytes(kv, self.head_dim, self.max_reqs, self.max_seq_len)
         if self.fa3_page_size is not None:
             rows = self.rows if slice_rows is None else min(slice_rows, self.rows)
-            n += heads * rows * self.table_row_bytes() + self.max_reqs * self.max_query_len * 4
+            n += heads * rows * self.table_row_bytes()
+            n += self.rows * (3 * 4 + 6 * 8) + 8 + self.max_reqs * self.max_query_len * 4
         return n
 
     def budget_bytes(self, elem_size: int, map_budget: float) -> int:

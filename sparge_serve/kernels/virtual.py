@@ -16,9 +16,10 @@ Layout (nothing is copied: no K/V, no queries, no outputs):
 - **One FA3 call per query head**, on the strided views ``q[:, h:h+1]`` and ``out[:, h:h+1]``:
   FA3 shares one page table among the heads of a sequence, and each head keeps its own blocks.
   The sequences are given by ``seqused_q`` with explicit start rows (``cu_seqlens_q`` need not
-  be cumulative then), so they can come in any order: **longest first** (by context), which
-  FA3's in-order tile scheduler then runs as a longest-processing-time schedule. In ascending
-  order (a causal prompt's natural one) the longest rows would start last and idle the GPU.
+  be cumulative then), so they can come in any order: **longest first** (by the row's causal
+  context, one order for every head, made once per call), which FA3's in-order tile scheduler
+  then runs as a longest-processing-time schedule. In ascending order (a causal prompt's
+  natural one) the longest rows would start last and idle the GPU.
 
 The virtual block tables (``[Hq, rows, pages]`` int32, twice the block map's bytes at 64-token
 pages) are built by one Triton kernel from the block map and the requests' block table, for a
@@ -39,38 +40,62 @@ from sparge_serve.kernels.predictor import BlockMap, check_group
 
 
 @dataclass(frozen=True)
-class VirtualBatch:
-    """FA3 inputs of a block map: per q-head, one sequence per (request, query block) row, the
-    rows of each head sorted by context tokens, descending (``S = R * NQB`` rows per head).
-    The virtual block tables are built per slice of that order (:func:`virtual_table`)."""
+class VirtualRows:
+    """The FA3 sequences of a call's block-map rows (``S = R * NQB``), in one order for every
+    head: by the row's last query position, descending, i.e. by its causal context, so (at a
+    uniform sparsity) by its kept blocks: longest first."""
 
-    q_start: torch.Tensor  # [Hq, S + 1] int32: the sequence's first row of q (last column: end)
-    q_len: torch.Tensor  # [Hq, S] int32: its query rows (FA3's seqused_q; 0 past the query)
-    seqused_k: torch.Tensor  # [Hq, S] int32: tokens of its virtual context
-    order: torch.Tensor  # [Hq, S] int64: its row ``r * NQB + b`` of the block map
-    group: int  # query heads per KV head of the layer
+    q_start: torch.Tensor  # [S + 1] int32: the sequence's first row of q (last entry: the end)
+    q_len: torch.Tensor  # [S] int32: its query rows (FA3's seqused_q; 0 past the query)
+    order: torch.Tensor  # [S] int32: its block-map row ``r * NQB + b``
+
+
+def virtual_rows(batch: PrefillBatch, nqb: int) -> VirtualRows:
+    """:class:`VirtualRows` of ``batch`` (``nqb`` query blocks a request): a few tensor ops, no
+    host synchronisation; the same for every head and head chunk of a call."""
+    dev = batch.query_start_loc.device
+    qsl = batch.query_start_loc.long()
+    q_len = qsl[1:] - qsl[:-1]  # [R]
+    ctx = batch.seq_lens.long() - q_len
+    b0 = torch.arange(nqb, device=dev) * BLKQ  # [NQB]
+    first = torch.minimum(b0[None, :], q_len[:, None])  # [R, NQB] row offsets in the request
+    last = torch.minimum(b0[None, :] + BLKQ, q_len[:, None])  # one past the row's last query
+    last_pos = torch.where(last > first, ctx[:, None] + last - 1, -1).reshape(-1)
+    order = torch.argsort(last_pos, descending=True)
+    starts = (qsl[:-1, None] + first).reshape(-1)[order]
+    i32 = torch.int32
+    return VirtualRows(torch.cat([starts, qsl[-1:]]).to(i32),
+                       (last - first).reshape(-1)[order].to(i32), order.to(i32))
 
 
 # NOTE: one compiled variant per (GROUP, SUB): sizes and the block table's alignment (a slice of
 # vLLM's) are not specialised on, so the start-up warm-up covers serving
-@triton.jit(do_not_specialize=["NQB", "num_heads", "rows", "s0", "stride_bt", "max_pages",
+@triton.jit(do_not_specialize=["NQB", "num_heads", "s0", "stride_bt", "max_pages",
                                "heads_per_page"],
-            do_not_specialize_on_alignment=["bt_ptr", "count_ptr"])
+            do_not_specialize_on_alignment=["bt_ptr", "count_ptr", "qsl_ptr", "seq_lens_ptr"])
 def _virtual_table_kernel(
-    lut_ptr, count_ptr, order_ptr, bt_ptr, vbt_ptr, NQB, NKB, num_heads, rows, s0, stride_bt,
-    max_pages, vbt_cols, heads_per_page,
-    GROUP: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr,
+    lut_ptr, count_ptr, order_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, vbt_ptr, used_ptr,
+    NQB, NKB, num_heads, s0, stride_bt, max_pages, vbt_cols, heads_per_page,
+    GROUP: tl.constexpr, SUB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    """Virtual pages of head ``h``'s sequence ``s0 + i`` (block-map row ``order[h, s0 + i]``,
-    request ``r``): for the j-th kept key block and its s-th page,
-    ``block_table[r, lut * SUB + s] * heads_per_page + h // GROUP``."""
+    """Head ``h``'s sequence ``s0 + i`` (block-map row ``order[s0 + i]``: request ``r``, query
+    block ``b``): its virtual context length, and its virtual pages: for the j-th kept key
+    block and its s-th page, ``block_table[r, lut * SUB + s] * heads_per_page + h // GROUP``."""
     i = tl.program_id(0)
     h = tl.program_id(1)
-    row = tl.load(order_ptr + h.to(tl.int64) * rows + s0 + i)
+    row = tl.load(order_ptr + s0 + i)
     r = row // NQB
-    src = (r * num_heads + h) * NQB + row % NQB
-    dst = (h * tl.num_programs(0) + i).to(tl.int64) * vbt_cols
+    b = row % NQB
+    src = (r * num_heads + h) * NQB + b
     n = tl.load(count_ptr + src)
+    q_start = tl.load(qsl_ptr + r)
+    q_len = tl.load(qsl_ptr + r + 1) - q_start
+    last_pos = tl.load(seq_lens_ptr + r) - q_len + tl.minimum((b + 1) * BLOCK_Q, q_len) - 1
+    # the kept blocks end with the diagonal one, cut at the row's last query
+    used = tl.where(n > 0, BLOCK_N * (n - 1) + last_pos % BLOCK_N + 1, 0)
+    tl.store(used_ptr + h * tl.num_programs(0) + i, used)
+    dst = (h * tl.num_programs(0) + i).to(tl.int64) * vbt_cols
     kvh = h // GROUP
     offs = tl.arange(0, CHUNK)
     for j0 in range(0, n * SUB, CHUNK):
@@ -82,50 +107,29 @@ def _virtual_table_kernel(
         tl.store(vbt_ptr + dst + col, page * heads_per_page + kvh, mask=m)
 
 
-def virtual_batch(batch: PrefillBatch, bm: BlockMap, num_heads: int, num_kv_heads: int,
-                  group: int | None = None) -> VirtualBatch:
-    """The FA3 sequences of ``bm`` (see the module docstring); ``group`` as
-    ``predict_block_map``'s (head chunks). Tensor ops only: no host synchronisation."""
-    group = check_group(group, num_heads, num_kv_heads)
-    if bm.lut is None:
-        raise ValueError("the block map has no block list (fused kernel); run predict_block_map")
-    nreq, nqb = batch.num_reqs, bm.count.shape[2]
-    rows = nreq * nqb
-    dev = bm.count.device
-    qsl = batch.query_start_loc.long()
-    q_len = qsl[1:] - qsl[:-1]  # [R]
-    ctx = batch.seq_lens.long() - q_len
-    b0 = torch.arange(nqb, device=dev) * BLKQ  # [NQB]
-    first = torch.minimum(b0[None, :], q_len[:, None])  # [R, NQB] row offsets in the request
-    last = torch.minimum(b0[None, :] + BLKQ, q_len[:, None])  # one past the row's last query
-    count = bm.count.long().permute(1, 0, 2).reshape(num_heads, rows)  # [Hq, S]
-    last_pos = (ctx[:, None] + last - 1).reshape(1, rows)  # the row's last query position
-    used = torch.where(count > 0, BLKK * (count - 1) + last_pos % BLKK + 1, 0)
-    used, order = torch.sort(used, dim=1, descending=True)  # [Hq, S] longest first
-    starts = (qsl[:-1, None] + first).reshape(rows)[order]
-    q_start = torch.cat([starts, qsl[-1:].expand(num_heads, 1)], dim=1)
-    lens = (last - first).reshape(rows)[order]
-    i32 = torch.int32
-    return VirtualBatch(q_start.to(i32), lens.to(i32), used.to(i32), order, group)
-
-
-def virtual_table(vb: VirtualBatch, batch: PrefillBatch, bm: BlockMap, page_size: int,
-                  heads_per_page: int, s0: int, s1: int) -> torch.Tensor:
-    """``[Hq, s1 - s0, NKB_STRIDE * pages per block]`` int32: the virtual pages of every head's
-    sequences ``s0:s1`` (``heads_per_page``: ``sP // sH`` of the cache, :func:`heads_as_pages`)."""
+def virtual_table(rows: VirtualRows, batch: PrefillBatch, bm: BlockMap, page_size: int,
+                  heads_per_page: int, group: int, s0: int, s1: int,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block_table [Hq, s1 - s0, NKB_STRIDE * pages per block], seqused_k [Hq, s1 - s0])``
+    int32: the virtual pages and context lengths of every head's sequences ``s0:s1``
+    (``heads_per_page``: ``sP // sH`` of the cache, :func:`heads_as_pages`)."""
     if BLKK % page_size:
         raise ValueError(f"page size {page_size} must divide the key block ({BLKK})")
+    if bm.lut is None:
+        raise ValueError("the block map has no block list (fused kernel); run predict_block_map")
     sub = BLKK // page_size
-    num_heads, rows = vb.order.shape
-    nqb, nkb = bm.count.shape[2], bm.lut.shape[-1]
+    _, num_heads, nqb, nkb = bm.lut.shape
     cols = nkb * sub
-    vbt = torch.zeros(num_heads, s1 - s0, cols, dtype=torch.int32, device=bm.count.device)
+    dev = bm.count.device
+    vbt = torch.zeros(num_heads, s1 - s0, cols, dtype=torch.int32, device=dev)
+    used = torch.empty(num_heads, s1 - s0, dtype=torch.int32, device=dev)
     _virtual_table_kernel[(s1 - s0, num_heads)](
-        bm.lut, bm.count, vb.order, batch.block_table, vbt, nqb, nkb, num_heads, rows, s0,
-        batch.block_table.stride(0), batch.block_table.shape[1], cols, heads_per_page,
-        GROUP=vb.group, SUB=sub, CHUNK=256,
+        bm.lut, bm.count, rows.order, batch.query_start_loc, batch.seq_lens, batch.block_table,
+        vbt, used, nqb, nkb, num_heads, s0, batch.block_table.stride(0),
+        batch.block_table.shape[1], cols, heads_per_page,
+        GROUP=group, SUB=sub, BLOCK_Q=BLKQ, BLOCK_N=BLKK, CHUNK=256,
     )
-    return vbt
+    return vbt, used
 
 
 def warm_up_virtual(num_heads: int, num_kv_heads: int, page_size: int, device) -> None:
@@ -136,8 +140,8 @@ def warm_up_virtual(num_heads: int, num_kv_heads: int, page_size: int, device) -
                          torch.ones(1, dtype=torch.int32, device=device),
                          torch.zeros(1, 4, dtype=torch.int32, device=device), 1, 1)
     bm = BlockMap(lut, count, count)
-    vb = virtual_batch(batch, bm, num_heads, num_kv_heads)
-    virtual_table(vb, batch, bm, page_size, num_kv_heads, 0, 1)
+    virtual_table(virtual_rows(batch, 1), batch, bm, page_size, num_kv_heads,
+                  num_heads // num_kv_heads, 0, 1)
 
 
 def heads_as_pages(cache: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -178,32 +182,36 @@ def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_
 
 def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          batch: PrefillBatch, bm: BlockMap, scale: float, out: torch.Tensor,
-                         attn_fn=None, group: int | None = None,
-                         slice_rows: int | None = None) -> torch.Tensor:
+                         attn_fn=None, group: int | None = None, slice_rows: int | None = None,
+                         rows: VirtualRows | None = None) -> torch.Tensor:
     """Stage-1 block-sparse attention (PV skip off) of ``batch`` through FA3 (module docstring).
 
     Writes the rows of ``out`` that ``batch.query_start_loc`` covers (others are left alone).
     ``attn_fn``: :func:`fa3_paged_forward`'s signature (the default); ``group`` as
     ``predict_block_map``'s (head chunks); ``slice_rows``: build the virtual block tables and
-    call FA3 for that many of each head's sequences at a time (longest first; ``None``: all),
-    which bounds the tables' memory (``chunks.plan_chunks``).
+    call FA3 for that many of the sequences at a time (longest first; ``None``: all), which
+    bounds the tables' memory (``chunks.plan_chunks``); ``rows``: the call's
+    :func:`virtual_rows`, if already made (head chunks share them).
     """
     attn_fn = attn_fn or fa3_paged_forward
     hq = q.shape[1]
+    group = check_group(group, hq, key_cache.shape[2])
     k_view, k = heads_as_pages(key_cache)
     v_view, k_v = heads_as_pages(value_cache)
     if k != k_v:
         raise ValueError("key and value caches differ in layout")
-    vb = virtual_batch(batch, bm, hq, key_cache.shape[2], group)
-    rows = vb.order.shape[1]
-    step = rows if slice_rows is None else max(1, slice_rows)
+    nqb = bm.count.shape[2]
+    if rows is None:
+        rows = virtual_rows(batch, nqb)
+    n_seq = rows.order.shape[0]
+    step = n_seq if slice_rows is None else max(1, slice_rows)
     max_k = num_blocks(batch.max_seq_len, BLKK) * BLKK
     # NOTE: host loops over slices and heads, one FA3 launch each: FA3 shares a page table among
     # a sequence's heads, so per-head contexts need per-head calls (module docstring)
-    for s0 in range(0, rows, step):
-        s1 = min(rows, s0 + step)
-        vbt = virtual_table(vb, batch, bm, key_cache.shape[1], k, s0, s1)
+    for s0 in range(0, n_seq, step):
+        s1 = min(n_seq, s0 + step)
+        vbt, used = virtual_table(rows, batch, bm, key_cache.shape[1], k, group, s0, s1)
         for h in range(hq):
-            attn_fn(q[:, h:h + 1], k_view, v_view, out[:, h:h + 1], vb.q_start[h, s0:s1 + 1],
-                    vb.q_len[h, s0:s1], vb.seqused_k[h, s0:s1], vbt[h], max_k, scale)
+            attn_fn(q[:, h:h + 1], k_view, v_view, out[:, h:h + 1], rows.q_start[s0:s1 + 1],
+                    rows.q_len[s0:s1], used[h], vbt[h], max_k, scale)
     return out
