@@ -50,7 +50,8 @@ SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, n
 FUSED = False  # --fused: also time the persistent select+attend kernel (rows "<config>+fused")
 # --virtual: also time FA3 over per-row virtual contexts, all heads at once and in head chunks
 # (rows "<config>+fa3", "<config>+fa3_chunked"); --chunked: the Triton kernels in head chunks
-# under the default memory budget (rows "<config>+chunked"); each end to end, measured peak memory
+# (rows "<config>+chunked"); chunks under the default map_budget (1.5% of the K/V bytes) with no
+# floor (map_floor=0: the memory bar's setting); each end to end, measured peak memory
 VIRTUAL = False
 CHUNKED = False
 # --variants: the defaults' alternatives (PV skip off), timed on every random-input config (dense
@@ -313,7 +314,8 @@ def _chunked_predictor(q, kc, batch, scale, sim, cdf, topk, fa3: bool, map_budge
     """The predictor's part of ``sparge_paged_prefill``'s head chunks (its loop without the
     attention), for the predictor's share of a chunked run."""
     heads, _ = plan_chunks(Shape(HQ, HKV, D, 1, batch.max_query_len, batch.max_seq_len,
-                                 kc.shape[1] if fa3 else None), q.element_size(), map_budget)
+                                 kc.shape[1] if fa3 else None), q.element_size(), map_budget,
+                             floor=0)
     group, kv0 = HQ // HKV, -1
     for h0 in range(0, HQ, heads):
         g0, g1 = h0 // group, max(h0 // group + 1, (h0 + heads) // group)
@@ -326,7 +328,8 @@ def _chunked_predictor(q, kc, batch, scale, sim, cdf, topk, fa3: bool, map_budge
 
 def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, suffix):
     """Row ``<config><suffix>``: ``sparge_paged_prefill`` end to end (PV skip off) with
-    ``attention`` ("triton" or "fa3") and ``map_budget`` (None: all heads at once), its largest
+    ``attention`` ("triton" or "fa3") and ``map_budget`` with no floor (the #3 memory bar's
+    configuration; None: all heads at once), its largest
     difference to the two-kernel row's output, its predictor share (the same head chunks
     without the attention) and its measured peak extra memory."""
     q, kc, vc, batch, scale, sim, cdf, pv_off, out = args
@@ -337,7 +340,7 @@ def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, su
 
     def run():
         sparge_paged_prefill(q, kc, vc, batch, scale, sim, cdf, pv_off, out,
-                             attention=attention, map_budget=map_budget, **call)
+                             attention=attention, map_budget=map_budget, map_floor=0, **call)
 
     run()
     diff = (out.float() - want.float()).abs().max().item()
@@ -347,7 +350,7 @@ def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, su
     extra = _peak_extra(run)
     heads, slice_rows = plan_chunks(
         Shape(HQ, HKV, D, 1, batch.max_query_len, batch.max_seq_len,
-              kc.shape[1] if attention == "fa3" else None), q.element_size(), map_budget)
+              kc.shape[1] if attention == "fa3" else None), q.element_size(), map_budget, floor=0)
     crow = dict(row, config=row["config"] + suffix, predictor_ms=t_pred,
                 attention_ms=total - t_pred, total_ms=total, max_abs_diff_vs_triton=diff,
                 extra_mem_bytes=extra, extra_mem_frac_of_kv=extra / kv_bytes,

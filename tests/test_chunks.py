@@ -37,36 +37,49 @@ def test_config_default_is_the_kernels_default():
 
 @pytest.mark.parametrize("fa3_page", [None, 64])
 def test_plan_fits_the_budget_at_the_benchmark_shapes(fa3_page):
-    """32 q / 8 KV heads, head dim 128, bf16, one prompt (the #3 benchmark): each chunk's buffers
-    stay within 1.5% of the K/V bytes, with as many heads as fit (and for FA3, as many of their
-    sequences' tables)."""
+    """32 q / 8 KV heads, head dim 128, bf16, one prompt (the #3 benchmark), with no floor (the
+    memory bar's setting): each chunk's buffers stay within 1.5% of the K/V bytes, with as many
+    heads as fit (and for FA3, as many of their sequences' tables)."""
     for length in (8192, 32768, 131072):
         shape = Shape(32, 8, 128, 1, length, length, fa3_page)
-        heads, rows = plan_chunks(shape, 2)
-        limit = max(MAP_BUDGET * 2 * length * 8 * 128 * 2, 1 << 20)
+        heads, rows = plan_chunks(shape, 2, floor=0)
+        limit = MAP_BUDGET * 2 * length * 8 * 128 * 2
         assert shape.chunk_bytes(heads, rows) <= limit
         bigger = [s for s in chunk_sizes(32, 8) if s > heads]
         if bigger:  # the next larger chunk fits with no slice of its tables
             assert shape.chunk_bytes(min(bigger), MIN_SLICE_ROWS) > limit
         assert rows is None or (fa3_page and MIN_SLICE_ROWS <= rows < shape.rows)
     long = Shape(32, 8, 128, 1, 131072, 131072, fa3_page)
-    assert plan_chunks(long, 2)[0] == 1  # 128K: one head a chunk
-    assert plan_chunks(long, 2)[1] == (256 if fa3_page else None)  # FA3: a quarter's tables
-    assert plan_chunks(Shape(32, 8, 128, 1, 4096, 4096, fa3_page), 2) == (32, None)  # short
-    assert plan_chunks(long, 2, map_budget=None) == (32, None)
+    assert plan_chunks(long, 2, floor=0)[0] == 1  # 128K: one head a chunk
+    assert plan_chunks(long, 2, floor=0)[1] == (256 if fa3_page else None)  # FA3: 1/4 tables
+    assert plan_chunks(long, 2, map_budget=None, floor=0) == (32, None)
     with pytest.raises(ValueError, match="map_budget must be > 0"):
         plan_chunks(long, 2, map_budget=0.0)
 
 
-def test_scratch_bound_covers_every_smaller_call():
+def test_default_floor_splits_only_large_block_maps():
+    """By default (a 64 MiB floor) a 32K prompt runs in one chunk; a 128K prompt's 128 MiB
+    block map (with FA3 tables: 3x that) is split into chunks of at most 64 MiB (FA3: 8 heads,
+    each with its tables for a third of the sequences at a time)."""
+    for fa3_page in (None, 64):
+        assert plan_chunks(Shape(32, 8, 128, 1, 32768, 32768, fa3_page), 2) == (32, None)
+        long = Shape(32, 8, 128, 1, 131072, 131072, fa3_page)
+        heads, rows = plan_chunks(long, 2)
+        assert (heads, rows) == ((8, None) if fa3_page is None else (8, 342))
+        assert long.chunk_bytes(heads, rows) <= 64 << 20 < long.chunk_bytes(2 * heads)
+
+
+@pytest.mark.parametrize("floor", [None, 0])
+def test_scratch_bound_covers_every_smaller_call(floor):
     """The backend reserves chunk_scratch_bytes at the step's largest shape: no call within
     those bounds may plan a bigger chunk."""
     for fa3_page, budget in itertools.product((None, 16, 64), (MAP_BUDGET, 0.002, None)):
-        bound = chunk_scratch_bytes(Shape(32, 8, 128, 4, 16384, 131072, fa3_page), 2, budget)
+        bound = chunk_scratch_bytes(Shape(32, 8, 128, 4, 16384, 131072, fa3_page), 2, budget,
+                                    floor)
         for reqs, q_len, seq_len in itertools.product((1, 2, 4), (1024, 8192, 16384),
                                                       (16384, 65536, 131072)):
             shape = Shape(32, 8, 128, reqs, q_len, seq_len, fa3_page)
-            assert shape.chunk_bytes(*plan_chunks(shape, 2, budget)) <= bound
+            assert shape.chunk_bytes(*plan_chunks(shape, 2, budget, floor)) <= bound
 
 
 def _run(case, ths, topk, device, **kw):

@@ -553,6 +553,7 @@ def sparge_paged_prefill(
     attention: str = "triton",
     map_budget: float | None = MAP_BUDGET,
     on_predicted: Callable[[], None] | None = None,
+    map_floor: int | None = None,
 ) -> BlockMap:
     """Both stages for a varlen prefill batch; returns its block counts (and its block map).
 
@@ -560,8 +561,9 @@ def sparge_paged_prefill(
     block map, then the attention kernel (``attention``: ``"triton"``, the block-sparse kernel
     of this module, or ``"fa3"``, FlashAttention-3 over virtual contexts, PV skip off; see
     ``virtual.py``), over head slices of ``q``/``out``/the caches, so that the block map and the
-    FA3 tables never pass ``map_budget`` of the batch's K/V bytes (``None``: all heads in one
-    chunk). The returned map has the whole call's ``count``/``n_valid``, and its ``lut`` when it
+    FA3 tables never pass ``map_budget`` of the batch's K/V bytes or ``map_floor`` bytes,
+    whichever is more (``chunks.MIN_BUDGET_BYTES`` by default; ``map_budget=None``: all heads in
+    one chunk). The returned map has the whole call's ``count``/``n_valid``, and its ``lut`` when it
     ran as one chunk (else ``None``). ``on_predicted`` is called between the two stages of a
     one-chunk call (the backend's predictor timing).
 
@@ -585,7 +587,7 @@ def sparge_paged_prefill(
                              "attention='triton' for thresholds with pvthreshd < 50")
         return _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1,
                                 cdfthreshd, pvthreshd, out, topk, stats, pv_skip, attention,
-                                map_budget, on_predicted)
+                                map_budget, map_floor, on_predicted)
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
     _check_out_and_layout(q, key_cache, value_cache, out)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -621,7 +623,8 @@ def sparge_paged_prefill(
 
 
 def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfthreshd, pvthreshd,
-                     out, topk, stats, pv_skip, attention, map_budget, on_predicted) -> BlockMap:
+                     out, topk, stats, pv_skip, attention, map_budget, map_floor,
+                     on_predicted) -> BlockMap:
     """:func:`sparge_paged_prefill`'s two-kernel path, one head chunk at a time (arguments
     checked by the caller)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -630,7 +633,7 @@ def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfth
     fa3 = attention == "fa3"
     heads, slice_rows = plan_chunks(
         Shape(num_heads, num_kv_heads, head_dim, batch.num_reqs, batch.max_query_len,
-              batch.max_seq_len, page if fa3 else None), q.element_size(), map_budget)
+              batch.max_seq_len, page if fa3 else None), q.element_size(), map_budget, map_floor)
     if fa3:
         from sparge_serve.kernels.virtual import fa3_sparse_attention, virtual_rows
 

@@ -25,8 +25,13 @@ from sparge_serve.kernels.predictor import key_block_stride, pooled_keys_bytes
 MAP_BUDGET = 0.015
 """Default bound on a head chunk's buffers (pooled keys, block map, FA3 tables), as a fraction of
 the K/V bytes of the batch's padded shape (``max_reqs * max_seq_len`` tokens)."""
-MIN_BUDGET_BYTES = 1 << 20
-"""The budget is never below this: short contexts are not split into chunks for a few KiB."""
+MIN_BUDGET_BYTES = 64 << 20
+"""Default floor of the budget (``map_floor``): chunks never get smaller than this. Each chunk
+costs about 0.3 ms of host time (its launches), which 32K prompts at high sparsity do not hide
+(H200: 0.5-0.6x the unchunked speed at 80-90% block sparsity in 4-head chunks,
+``benchmarks/results/kernels_virtual.md``), so only block maps larger than this are split: a
+bound on the worst case (1M-token contexts, or long prompts in one step), not a cost at typical
+sizes. ``map_floor=0`` gives the pure fraction (the #3 memory bar)."""
 MIN_SLICE_ROWS = 256
 """Fewest sequences per FA3 launch when the tables are sliced: two waves of an H100/H200's 132
 multiprocessors (one FA3 tile each), for which a longest-first order balances."""
@@ -78,11 +83,11 @@ class Shape:
             n += self.rows * (3 * 4 + 6 * 8) + 8 + self.max_reqs * self.max_query_len * 4
         return n
 
-    def budget_bytes(self, elem_size: int, map_budget: float) -> int:
+    def budget_bytes(self, elem_size: int, map_budget: float, floor: int | None = None) -> int:
         """``map_budget`` of the K and V bytes of ``max_reqs`` contexts of ``max_seq_len``
-        tokens, at least :data:`MIN_BUDGET_BYTES`."""
+        tokens, at least ``floor`` (default :data:`MIN_BUDGET_BYTES`)."""
         kv = 2 * self.max_reqs * self.max_seq_len * self.num_kv_heads * self.head_dim * elem_size
-        return max(int(map_budget * kv), MIN_BUDGET_BYTES)
+        return max(int(map_budget * kv), MIN_BUDGET_BYTES if floor is None else floor)
 
 
 def chunk_sizes(num_heads: int, num_kv_heads: int) -> list[int]:
@@ -95,17 +100,18 @@ def chunk_sizes(num_heads: int, num_kv_heads: int) -> list[int]:
 
 
 def plan_chunks(shape: Shape, elem_size: int, map_budget: float | None = MAP_BUDGET,
-                ) -> tuple[int, int | None]:
+                floor: int | None = None) -> tuple[int, int | None]:
     """``(heads per chunk, FA3 table slice rows or None for all)``: the largest
     :func:`chunk_sizes` entry that fits the budget, with all of its sequences' tables if they
     fit, else the most of them that do (at least :data:`MIN_SLICE_ROWS`); else one head with
-    the smallest slice. ``map_budget=None``: no bound, one chunk."""
+    the smallest slice. ``map_budget=None``: no bound, one chunk; ``floor``: as
+    :meth:`Shape.budget_bytes`'s."""
     if map_budget is None:
         return shape.num_heads, None
     if map_budget <= 0:
         raise ValueError(f"map_budget must be > 0 (a fraction of the K/V bytes) or None, got "
                          f"{map_budget}")
-    limit = shape.budget_bytes(elem_size, map_budget)
+    limit = shape.budget_bytes(elem_size, map_budget, floor)
     sizes = chunk_sizes(shape.num_heads, shape.num_kv_heads)
     for heads in sizes:
         if shape.chunk_bytes(heads) <= limit:
@@ -120,7 +126,7 @@ def plan_chunks(shape: Shape, elem_size: int, map_budget: float | None = MAP_BUD
 
 
 def chunk_scratch_bytes(shape: Shape, elem_size: int, map_budget: float | None = MAP_BUDGET,
-                        ) -> int:
+                        floor: int | None = None) -> int:
     """Most bytes a chunk of any call within these bounds allocates: a call's chunk fits its
     budget (at most this one's) or is the smallest chunk (at most this one's), and is never
     more than all heads at once."""
@@ -129,7 +135,7 @@ def chunk_scratch_bytes(shape: Shape, elem_size: int, map_budget: float | None =
         return everything
     smallest = shape.chunk_bytes(chunk_sizes(shape.num_heads, shape.num_kv_heads)[-1],
                                  MIN_SLICE_ROWS)
-    return min(everything, max(shape.budget_bytes(elem_size, map_budget), smallest))
+    return min(everything, max(shape.budget_bytes(elem_size, map_budget, floor), smallest))
 
 
 def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_reqs: int,
