@@ -29,16 +29,17 @@ Keys (all optional):
   path.
 - ``attention_kernel``: ``"triton"`` (default) or ``"fa3"`` (env ``SPARGE_ATTENTION_KERNEL``,
   experimental): stage 1's kept blocks attended by FlashAttention-3 itself, one sequence per
-  (q-head, query block) row over a virtual paged context of its kept key blocks
-  (``sparge_serve.kernels.virtual``). Same outputs as the Triton kernel; 0.89x FA3 dense and
-  1.60-1.71x at 50% block sparsity where the Triton kernel has 0.78-0.81x and 1.54-1.66x (H200,
-  32K-128K), 0.93x its speed at 90%. Layers whose thresholds use the PV skip keep the Triton
-  kernel (FA3 has no PV skip); needs FlashAttention 3 (Hopper) and excludes ``fused``.
+  (q-head, query block) row over a virtual paged context of its kept key blocks, one FA3 call
+  per query head on views of q and out (``sparge_serve.kernels.virtual``). Same outputs as the
+  Triton kernel; 0.91-0.98x FA3 dense and 1.69-1.91x at 50% block sparsity where the Triton
+  kernel has 0.78-0.81x and 1.55-1.66x (H200, 32K-128K); at 32K and 90% its launches are
+  host-bound. Layers whose thresholds use the PV skip keep the Triton kernel (FA3 has no PV
+  skip); needs FlashAttention 3 (Hopper) and excludes ``fused``.
 - ``map_budget``: the two-kernel path's memory bound (env ``SPARGE_MAP_BUDGET``, a number or
-  ``none``): the block map (and the FA3 path's tables) of one call is built and used one head
-  chunk at a time so that a chunk's buffers stay below this fraction of the K/V bytes of the
-  call's padded shape (``sparge_serve.kernels.chunks``). Default 0.015; ``null`` builds it for
-  all heads at once (25% of the K/V bytes at a 128K prompt, the FA3 path 3x that).
+  ``none``): a call whose block map (and, with ``fa3``, virtual block tables) would pass this
+  fraction of the K/V bytes of its padded shape, and 64 MiB, builds and uses them one head
+  chunk at a time (``sparge_serve.kernels.chunks``). Default 0.015; ``null`` never splits.
+  Each chunk costs about 0.3 ms of host launches, hence the 64 MiB floor.
 
 Environment variables override the JSON. Every problem raises ``ValueError`` naming the key and
 the fix. This module imports nothing from vLLM.

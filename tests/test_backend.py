@@ -650,14 +650,16 @@ def _record_specializations(monkeypatch) -> dict[str, set[str]]:
     return seen
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["two-kernels", "fused"])
+@pytest.mark.parametrize("fused,chunks", [(False, False), (True, False), (False, True)],
+                         ids=["two-kernels", "fused", "head-chunks"])
 def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path, monkeypatch,
-                                                               fused):
+                                                               fused, chunks):
     """Every sparse-kernel launch of real steps (mixed batches whose sparse requests are slices of
     the step's metadata at odd offsets, gathered and contiguous, layers with and without the PV
     skip) has a Triton specialisation that the start-up warm-up already compiled. On an H200,
     vLLM's JIT monitor caught serving recompile all four kernels: the step's block-table /
-    ``seq_lens`` slices were not 16-byte aligned like the warm-up's tensors."""
+    ``seq_lens`` slices were not 16-byte aligned like the warm-up's tensors. ``head-chunks``:
+    every step in one-head chunks (views of q/out/the cache at head offsets, one KV head)."""
     from vllm.config import set_current_vllm_config
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -667,7 +669,15 @@ def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path,
     th = Thresholds.defaults(L, HQ, HKV, D)
     th.pvthreshd[1:3, 1] = 4.0  # layers 1 and 2 use the PV skip
     save_thresholds(path, th)
-    vc = sparge(min_sparse_len=256, thresholds=str(path), fused=fused)
+    settings = dict(min_sparse_len=256, thresholds=str(path), fused=fused)
+    if chunks:
+        from sparge_serve.backend import sparge_attn
+        from sparge_serve.kernels import chunks as chunk_plan
+
+        monkeypatch.setattr(chunk_plan, "MIN_BUDGET_BYTES", 0)
+        monkeypatch.setattr(sparge_attn, "_WARMED", set())  # (map_budget is not in its key)
+        settings["map_budget"] = 1e-9  # one query head a chunk
+    vc = sparge(**settings)
     seen = _record_specializations(monkeypatch)
     impls = []
     for layer in range(L):
@@ -696,6 +706,25 @@ def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path,
     for name, keys in seen.items():
         assert keys <= warm[name], f"{name}: variants compiled after the warm-up:\n" + "\n".join(
             keys - warm[name])
+
+
+def test_head_chunks_serve_like_one_chunk(sparge, tmp_path, monkeypatch):
+    """A step run in one-head chunks (``map_budget``) writes the same output and block counts
+    as the whole-map run."""
+    from sparge_serve.kernels import chunks
+
+    path = tmp_path / "pv.safetensors"
+    save_thresholds(path, Thresholds.defaults(L, HQ, HKV, D, simthreshd1=-1.0, cdfthreshd=0.9,
+                                              pvthreshd=4.0))
+    reqs = [(1, 40), (150, 300), (20, 20), (130, 260)]
+    whole = _run_forward(sparge(min_sparse_len=256, thresholds=str(path), map_budget=None),
+                         reqs, sink=True)
+    monkeypatch.setattr(chunks, "MIN_BUDGET_BYTES", 0)
+    split = _run_forward(sparge(min_sparse_len=256, thresholds=str(path), map_budget=1e-9),
+                         reqs, sink=True)
+    assert split[7].map_budget == 1e-9 and whole[7].map_budget is None
+    assert not torch.isnan(split[4]).any() and torch.equal(split[4], whole[4])
+    assert torch.equal(split[6].blocks, whole[6].blocks) and split[6].blocks[2, 2] > 0
 
 
 def test_dense_layer_runs_whole_batch_dense(sparge):

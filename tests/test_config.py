@@ -34,6 +34,14 @@ def test_attention_kernel_from_dict_env_and_errors():
         SpargeConfig.from_dict({"attention_kernel": "fa3", "fused": True}, env={})
 
 
+def test_map_budget_from_dict_and_env():
+    assert SpargeConfig.from_dict(None, env={}).map_budget == 0.015
+    assert SpargeConfig.from_dict({"map_budget": None}, env={}).map_budget is None
+    assert SpargeConfig.from_dict({"map_budget": 1}, env={}).map_budget == 1.0
+    assert SpargeConfig.from_dict({}, env={"SPARGE_MAP_BUDGET": "0.02"}).map_budget == 0.02
+    assert SpargeConfig.from_dict({}, env={"SPARGE_MAP_BUDGET": "None"}).map_budget is None
+
+
 def test_min_sparse_query_len_from_dict_env_and_errors():
     assert SpargeConfig.from_dict({"min_sparse_query_len": 128}, env={}).min_sparse_query_len == 128
     env = {"SPARGE_MIN_SPARSE_QUERY_LEN": "2048"}
@@ -108,6 +116,10 @@ def test_check_num_layers():
     ({"thresholds": ""}, r"`thresholds`.*not a file path"),
     ({"thresholds": 3}, r"`thresholds`.*not a file path"),
     ({"fused": 1}, r"`fused`.*not a boolean.*use true"),
+    ({"map_budget": 0}, r"`map_budget`.*0 is not a number in \(0, 1\].*or null"),
+    ({"map_budget": 2.0}, r"`map_budget`.*2.0 is not a number in \(0, 1\]"),
+    ({"map_budget": True}, r"`map_budget`.*True"),
+    ({"map_budget": "1%"}, r"`map_budget`.*'1%'"),
 ])
 def test_bad_values(raw, match):
     with pytest.raises(ValueError, match=match) as ei:
@@ -122,6 +134,9 @@ def test_bad_values(raw, match):
     ({"SPARGE_DENSE_LAYERS": "a,b"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\)"),
     ({"SPARGE_DENSE_LAYERS": "-2"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\).*negative"),
     ({"SPARGE_FUSED": "yes"}, r"`fused` \(env SPARGE_FUSED\).*SPARGE_FUSED=1"),
+    ({"SPARGE_MAP_BUDGET": "half"}, r"`map_budget` \(env SPARGE_MAP_BUDGET\).*not a number.*"
+                                     r"SPARGE_MAP_BUDGET=none"),
+    ({"SPARGE_MAP_BUDGET": "-1"}, r"`map_budget` \(env SPARGE_MAP_BUDGET\).*-1.0"),
 ])
 def test_bad_env(env, match):
     with pytest.raises(ValueError, match=match):
