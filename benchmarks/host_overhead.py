@@ -9,7 +9,9 @@ synchronisation (the GPU queue holds them): CPU time per call is the host overhe
 synchronised run then gives the GPU time per call. Paths, as the backend calls them (thresholds
 bound, ``check_finite=False``, a stats tensor for the block counters): ``fa3`` (vLLM's
 ``flash_attn_varlen_func`` over the same paged cache), ``predictor``, ``attention``,
-``two_kernel`` (predictor + attention) and ``fused``. Shapes: the bench model's 32 q / 8 KV heads,
+``two_kernel`` (predictor + attention), ``fused``, and in head chunks under the 1.5% memory
+budget with no floor ``two_kernel_chunked`` and ``fa3_chunked``; ``fa3_attention`` is the FA3
+attention path whole (``attention_kernel: fa3``). Shapes: the bench model's 32 q / 8 KV heads,
 or ``--heads 8 2`` for the tiny test model's.
 Writes ``<out>.json`` and ``<out>.md``.
 """
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels  # noqa: E402
 
 from sparge_serve.kernels import (  # noqa: E402
+    MAP_BUDGET,
     predict_block_map,
     sparge_paged_prefill,
     sparse_paged_attention,
@@ -73,6 +76,11 @@ def run_length(length: int, calls: int) -> list[dict]:
                                               stats, check_finite=False, pv_skip=False,
                                               fused=True),
     }
+    # head chunks under the 1.5% budget with no floor (the #3 memory bar's setting)
+    chunked = dict(map_budget=MAP_BUDGET, map_floor=0)
+    paths["two_kernel_chunked"] = lambda: sparge_paged_prefill(
+        q, kc, vc, batch, scale, sim, cdf, pv, out, None, stats, check_finite=False,
+        pv_skip=False, **chunked)
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
     except ImportError:
@@ -82,6 +90,10 @@ def run_length(length: int, calls: int) -> list[dict]:
             q, kc, vc, max_seqlen_q=length, cu_seqlens_q=batch.query_start_loc,
             max_seqlen_k=length, seqused_k=batch.seq_lens, softmax_scale=scale, causal=True,
             block_table=batch.block_table, out=out, fa_version=3), **paths}
+        for name, kw in (("fa3_attention", dict(map_budget=None)), ("fa3_chunked", chunked)):
+            paths[name] = lambda kw=kw: sparge_paged_prefill(
+                q, kc, vc, batch, scale, sim, cdf, pv, out, None, stats, check_finite=False,
+                pv_skip=False, attention="fa3", **kw)
     rows = []
     for name, fn in paths.items():
         host, gpu = per_call(fn, calls)
