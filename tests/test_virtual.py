@@ -178,3 +178,41 @@ def test_fa3_path_leaves_rows_outside_the_batch_alone(device):
     n = case.q.shape[0]
     assert torch.isnan(got[:pad]).all() and torch.isnan(got[pad + n:]).all()
     assert (got[pad: pad + n].float() - want.float()).abs().max().item() <= 2e-3
+
+
+def _fa3_fwd_call_args(path) -> list[str]:
+    """The arguments of the ``torch.ops._vllm_fa3_C.fwd(...)`` call in a Python file."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute) and node.func.attr == "fwd"
+             and "_vllm_fa3_C" in ast.unparse(node.func)]
+    assert len(calls) == 1, f"{path}: {len(calls)} calls of _vllm_fa3_C.fwd"
+    return [ast.unparse(a) for a in calls[0].args]
+
+
+def test_fa3_forward_passes_arguments_where_vllm_does():
+    """``fa3_paged_forward`` calls FA3's op positionally, as vLLM's ``flash_attn_varlen_func``
+    does, plus ``seqused_q`` (slot 10, which vLLM leaves None). A vLLM whose wrapper passes the
+    op's arguments in another order fails here, not with wrong attention on a GPU."""
+    import importlib.util
+    from pathlib import Path
+
+    import sparge_serve.kernels.virtual as virtual
+
+    spec = importlib.util.find_spec("vllm.vllm_flash_attn")  # imports vllm only (CPU-safe)
+    theirs = _fa3_fwd_call_args(Path(next(iter(spec.submodule_search_locations)))
+                                / "flash_attn_interface.py")
+    assert theirs == [
+        "q", "k", "v", "None", "None", "q_v", "out", "cu_seqlens_q", "cu_seqlens_k", "None",
+        "None", "seqused_k", "max_seqlen_q", "max_seqlen_k", "block_table", "None", "None",
+        "None", "None", "None", "q_descale", "k_descale", "v_descale", "softmax_scale", "causal",
+        "real_window_size[0]", "real_window_size[1]", "softcap", "True", "scheduler_metadata",
+        "num_splits", "None", "0", "s_aux", "cp_world_size", "cp_rank", "cp_tot_seqused_k"]
+    ours = _fa3_fwd_call_args(Path(virtual.__file__))
+    assert len(ours) == len(theirs)
+    # ours: the sequence starts as cu_seqlens_q, their lengths as seqused_q, causal, no window
+    assert (ours[7], ours[8], ours[10], ours[11]) == ("q_start", "None", "q_len", "seqused_k")
+    assert (ours[12], ours[14], ours[23], ours[24], ours[25], ours[26], ours[30]) == (
+        "BLKQ", "block_table", "scale", "True", "-1", "-1", "1")
