@@ -36,7 +36,7 @@ from sparge_serve.kernels import (
     sparse_paged_attention,
 )
 from sparge_serve.kernels.attention import FusedLaunch, max_fused_programs
-from sparge_serve.kernels.chunks import MAP_BUDGET, Shape, plan_chunks
+from sparge_serve.kernels.chunks import MAP_BUDGET, Shape, head_chunks, plan_chunks
 from sparge_serve.kernels.predictor import key_block_stride, pool_keys, pooled_keys_bytes
 
 HQ, HKV, D = 32, 8, 128
@@ -316,14 +316,11 @@ def _chunked_predictor(q, kc, batch, scale, sim, cdf, topk, fa3: bool, map_budge
     heads, _ = plan_chunks(Shape(HQ, HKV, D, 1, batch.max_query_len, batch.max_seq_len,
                                  kc.shape[1] if fa3 else None), q.element_size(), map_budget,
                              floor=0)
-    group, kv0 = HQ // HKV, -1
-    for h0 in range(0, HQ, heads):
-        g0, g1 = h0 // group, max(h0 // group + 1, (h0 + heads) // group)
-        if g0 != kv0:
-            pooled, kv0 = pool_keys(kc[:, :, g0:g1], batch), g0
-        predict_block_map(q[:, h0:h0 + heads], kc[:, :, g0:g1], batch, scale, sim[h0:h0 + heads],
-                          cdf[h0:h0 + heads], topk, check_finite=False, pooled=pooled,
-                          group=group)
+    for hs, gs, first in head_chunks(HQ, HKV, heads):
+        if first:
+            pooled = pool_keys(kc[:, :, gs], batch)
+        predict_block_map(q[:, hs], kc[:, :, gs], batch, scale, sim[hs], cdf[hs], topk,
+                          check_finite=False, pooled=pooled, group=HQ // HKV)
 
 
 def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, suffix):

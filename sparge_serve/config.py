@@ -263,12 +263,8 @@ def _check(key: str, value: Any, source: str) -> Any:
                        '"sparse" (default) or "dense" (kill switch: everything runs dense)')
         return value
     if key == "topk":
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise _bad(key, source, f"= {value!r} is not a number in (0, 1]",
-                       "use the fraction of valid key blocks to keep, e.g. 0.5, or leave it out")
-        return float(value)
+        return _optional_fraction(key, value, source, "use the fraction of valid key blocks to "
+                                  "keep, e.g. 0.5, or leave it out")
     if key == "fused":
         if not isinstance(value, bool):
             raise _bad(key, source, f"= {value!r} is not a boolean",
@@ -280,11 +276,16 @@ def _check(key: str, value: Any, source: str) -> Any:
                        '"triton" (default) or "fa3" (FlashAttention-3 over the kept blocks)')
         return value
     if key == "map_budget":
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise _bad(key, source, f"= {value!r} is not a number in (0, 1]",
-                       f"use a fraction of the K/V bytes, e.g. {DEFAULT_MAP_BUDGET}, or null "
-                       "(no bound: the whole block map at once)")
-        return float(value)
+        return _optional_fraction(key, value, source, "use a fraction of the K/V bytes, e.g. "
+                                  f"{DEFAULT_MAP_BUDGET}, or null (no bound: the whole block "
+                                  "map at once)")
     raise AssertionError(key)  # pragma: no cover - callers pass dataclass field names only
+
+
+def _optional_fraction(key: str, value: Any, source: str, fix: str) -> float | None:
+    """``None``, or ``value`` as a float in (0, 1]; else ValueError naming ``fix``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise _bad(key, source, f"= {value!r} is not a number in (0, 1]", fix)
+    return float(value)

@@ -29,6 +29,18 @@ def test_chunk_sizes_pair_query_heads_with_kv_slices():
     assert chunk_sizes(12, 2) == [12, 6, 3, 2, 1]  # GQA 6: 4 and 5 heads pair with no KV slice
 
 
+def test_head_chunks_pair_each_chunk_with_its_kv_slice():
+    def chunks_of(hq, hkv, heads):
+        return [(h.start, h.stop, g.start, g.stop, first)
+                for h, g, first in chunks.head_chunks(hq, hkv, heads)]
+
+    assert chunks_of(8, 2, 8) == [(0, 8, 0, 2, True)]
+    assert chunks_of(8, 2, 4) == [(0, 4, 0, 1, True), (4, 8, 1, 2, True)]
+    # parts of a group share its KV head, pooled once
+    assert chunks_of(8, 2, 2) == [(0, 2, 0, 1, True), (2, 4, 0, 1, False),
+                                  (4, 6, 1, 2, True), (6, 8, 1, 2, False)]
+
+
 def test_config_default_is_the_kernels_default():
     from sparge_serve.config import DEFAULT_MAP_BUDGET
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sparge_serve.kernels.chunks import MAP_BUDGET, Shape, plan_chunks
+from sparge_serve.kernels.chunks import MAP_BUDGET, Shape, head_chunks, plan_chunks
 from sparge_serve.kernels.geometry import (
     BATCH_PTRS,
     BLKK,
@@ -634,39 +634,35 @@ def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfth
     heads, slice_rows = plan_chunks(
         Shape(num_heads, num_kv_heads, head_dim, batch.num_reqs, batch.max_query_len,
               batch.max_seq_len, page if fa3 else None), q.element_size(), map_budget, map_floor)
+    nqb = num_blocks(batch.max_query_len, BLKQ)
     if fa3:
         from sparge_serve.kernels.virtual import fa3_sparse_attention, virtual_rows
 
-        rows = virtual_rows(batch, num_blocks(batch.max_query_len, BLKQ))  # shared by chunks
+        rows = virtual_rows(batch, nqb)  # shared by the chunks
     counts = None
     if heads < num_heads:
-        nqb = num_blocks(batch.max_query_len, BLKQ)
         counts = torch.empty(2, batch.num_reqs, num_heads, nqb, dtype=torch.int32,
                              device=q.device)
-    pooled, kv0 = None, -1
     # NOTE: a host loop over head chunks (few, and only where one chunk would not fit the
     # memory budget): each chunk is one batched launch per kernel over all its rows
-    for h0 in range(0, num_heads, heads):
-        h1 = h0 + heads
-        g0, g1 = h0 // group, max(h0 // group + 1, h1 // group)
-        kc, vc = key_cache[:, :, g0:g1], value_cache[:, :, g0:g1]
-        if g0 != kv0:  # first chunk of this KV slice: its pooled keys
-            pooled, kv0 = pool_keys(kc, batch), g0
-        bm = predict_block_map(q[:, h0:h1], kc, batch, scale, simthreshd1[h0:h1],
-                               cdfthreshd[h0:h1], topk, stats, check_finite=False,
-                               pooled=pooled, group=group)
+    for hs, gs, first in head_chunks(num_heads, num_kv_heads, heads):
+        kc, vc = key_cache[:, :, gs], value_cache[:, :, gs]
+        if first:  # first chunk of this KV slice: its pooled keys
+            pooled = pool_keys(kc, batch)
+        bm = predict_block_map(q[:, hs], kc, batch, scale, simthreshd1[hs], cdfthreshd[hs], topk,
+                               stats, check_finite=False, pooled=pooled, group=group)
         if on_predicted is not None and counts is None:
             on_predicted()
         if fa3:
-            fa3_sparse_attention(q[:, h0:h1], kc, vc, batch, bm, scale, out[:, h0:h1],
-                                 group=group, slice_rows=slice_rows, rows=rows)
+            fa3_sparse_attention(q[:, hs], kc, vc, batch, bm, scale, out[:, hs], group=group,
+                                 slice_rows=slice_rows, rows=rows)
         else:
-            sparse_paged_attention(q[:, h0:h1], kc, vc, batch, bm, scale, pvthreshd[h0:h1],
-                                   out[:, h0:h1], stats, check_finite=False, pv_skip=pv_skip,
+            sparse_paged_attention(q[:, hs], kc, vc, batch, bm, scale, pvthreshd[hs],
+                                   out[:, hs], stats, check_finite=False, pv_skip=pv_skip,
                                    group=group)
         if counts is not None:
-            counts[0, :, h0:h1] = bm.count
-            counts[1, :, h0:h1] = bm.n_valid
+            counts[0, :, hs] = bm.count
+            counts[1, :, hs] = bm.n_valid
     return bm if counts is None else BlockMap(None, counts[0], counts[1])
 
 

@@ -17,6 +17,7 @@ never synchronises, and the backend can reserve its worst case at start-up.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sparge_serve.kernels.geometry import BLKK, BLKQ, num_blocks
@@ -97,6 +98,18 @@ def chunk_sizes(num_heads: int, num_kv_heads: int) -> list[int]:
     whole = [group * m for m in range(num_kv_heads, 0, -1) if num_kv_heads % m == 0]
     part = [d for d in range(group - 1, 0, -1) if group % d == 0]
     return whole + part
+
+
+def head_chunks(num_heads: int, num_kv_heads: int, heads: int,
+                ) -> Iterator[tuple[slice, slice, bool]]:
+    """Each chunk of ``heads`` query heads (a :func:`chunk_sizes` entry): its query heads, its KV
+    heads, and whether it is the first chunk of that KV slice (which pools its keys)."""
+    group = num_heads // num_kv_heads
+    kv0 = -1
+    for h0 in range(0, num_heads, heads):
+        g0 = h0 // group
+        yield slice(h0, h0 + heads), slice(g0, max(g0 + 1, (h0 + heads) // group)), g0 != kv0
+        kv0 = g0
 
 
 def plan_chunks(shape: Shape, elem_size: int, map_budget: float | None = MAP_BUDGET,
