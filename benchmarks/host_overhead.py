@@ -4,23 +4,32 @@
 
 A small model's prefill is host-bound at short contexts (``bench_ttft.py --profile-lengths``: at
 8K, 1.5-1.7 ms of GPU kernels in a 25 ms TTFT), so the Python and launch cost of one layer's
-attention call matters there. For each path, ``--calls`` back-to-back calls run without a
-synchronisation (the GPU queue holds them): CPU time per call is the host overhead. A
-synchronised run then gives the GPU time per call. Paths, as the backend calls them (thresholds
+attention call matters there. For each path, host µs is the CPU time of one call issued with
+the GPU idle (the median of ``--calls``), GPU µs the wall time of one call to its end: where the
+two are close, the call is host-bound. Paths, as the backend calls them (thresholds
 bound, ``check_finite=False``, a stats tensor for the block counters): ``fa3`` (vLLM's
 ``flash_attn_varlen_func`` over the same paged cache), ``predictor``, ``attention``,
 ``two_kernel`` (predictor + attention), ``fused``, and in head chunks under the 1.5% memory
 budget with no floor ``two_kernel_chunked`` and ``fa3_chunked``; ``fa3_attention`` is the FA3
 attention path whole (``attention_kernel: fa3``). Shapes: the bench model's 32 q / 8 KV heads,
 or ``--heads 8 2`` for the tiny test model's.
+
+``--profile`` also writes ``<out>_profile.txt``: a cProfile table of the chunked paths at the
+first length, and each Triton kernel's host µs per launch through ``JITFunction`` against a
+direct launch of its compiled kernel (the part of a launch that Triton's Python adds).
 Writes ``<out>.json`` and ``<out>.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import functools
+import io
 import json
+import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,47 +48,112 @@ from sparge_serve.kernels import (  # noqa: E402
 
 
 def per_call(fn, calls: int) -> tuple[float, float]:
-    """(host µs, GPU µs) per call of ``fn``: CPU time of ``calls`` unsynchronised calls, then
-    wall time of as many with a synchronisation at the end."""
+    """(host µs, GPU µs) of one call of ``fn``, medians over ``calls``: the CPU time to issue
+    it with the GPU idle, and the wall time to its end on the GPU."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    host, wall = [], []
     for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         fn()
-    host = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return host / calls * 1e6, (time.perf_counter() - t0) / calls * 1e6
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    return statistics.median(host) * 1e6, statistics.median(wall) * 1e6
 
 
-def run_length(length: int, calls: int) -> list[dict]:
+def profile_paths(paths: dict, names: tuple[str, ...], calls: int) -> str:
+    """cProfile tables (by own time) of ``calls`` calls of each path in ``names``, each issued
+    with the GPU idle."""
+    text = []
+    for name in names:
+        if name not in paths:
+            continue
+        fn = paths[name]
+        fn()
+        prof = cProfile.Profile()
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            prof.enable()
+            fn()
+            prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(35)
+        text.append(f"## {name}: {calls} calls, by own time\n\n{buf.getvalue()}")
+    return "\n".join(text)
+
+
+def launch_costs(fn, calls: int) -> list[dict]:
+    """Host µs per launch of each Triton kernel that ``fn`` launches (its first launch's
+    arguments): through ``JITFunction`` (as the kernels launch) and as a direct launch of the
+    compiled kernel (``CompiledKernel.run``, what Triton's launcher itself costs)."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    seen = {}
+    jit_run = JITFunction.run
+
+    def spy(self, *args, grid, warmup, **kwargs):
+        seen.setdefault(self, (args, kwargs, grid))
+        return jit_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    JITFunction.run = spy
+    try:
+        fn()
+    finally:
+        JITFunction.run = jit_run
+    torch.cuda.synchronize()
+    dev = driver.active.get_current_device()
+    stream = driver.active.get_current_stream(dev)
+    rows = []
+    for kernel, (args, kwargs, grid) in seen.items():
+        compiled = kernel[grid](*args, **kwargs)
+        bound = list(kernel.device_caches[dev][4](*args, **kwargs)[0].values())
+        g = (*grid, 1, 1)[:3]
+        ways = {
+            "jit": functools.partial(kernel[grid], *args, **kwargs),
+            "direct": functools.partial(compiled.run, *g, stream, compiled.function,
+                                        compiled.packed_metadata, None, None, None, *bound),
+        }
+        row = dict(kernel=kernel.fn.__name__, grid=list(g))
+        for way, launch in ways.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                launch()
+            row[f"{way}_us"] = (time.perf_counter() - t0) / calls * 1e6
+            torch.cuda.synchronize()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def run_length(length: int, calls: int, topk: float | None) -> tuple[list[dict], dict]:
     hq = bench_kernels.HQ
     q, kc, vc, batch, _, _ = bench_kernels.make_inputs(length, 64, structured=False)
     out = torch.empty_like(q)
     scale = q.shape[-1] ** -0.5
     sim, cdf, pv = (torch.full((hq,), x, device="cuda") for x in (0.6, 0.98, 50.0))
     stats = torch.zeros(3, dtype=torch.int64, device="cuda")
-    bm = predict_block_map(q, kc, batch, scale, sim, cdf, None, stats, check_finite=False)
+    bm = predict_block_map(q, kc, batch, scale, sim, cdf, topk, stats, check_finite=False)
     paths = {
-        "predictor": lambda: predict_block_map(q, kc, batch, scale, sim, cdf, None, stats,
+        "predictor": lambda: predict_block_map(q, kc, batch, scale, sim, cdf, topk, stats,
                                                check_finite=False),
         "attention": lambda: sparse_paged_attention(q, kc, vc, batch, bm, scale, pv, out, stats,
                                                     check_finite=False, pv_skip=False),
         "two_kernel": lambda: sparge_paged_prefill(q, kc, vc, batch, scale, sim, cdf, pv, out,
-                                                   None, stats, check_finite=False,
+                                                   topk, stats, check_finite=False,
                                                    pv_skip=False),
-        "fused": lambda: sparge_paged_prefill(q, kc, vc, batch, scale, sim, cdf, pv, out, None,
+        "fused": lambda: sparge_paged_prefill(q, kc, vc, batch, scale, sim, cdf, pv, out, topk,
                                               stats, check_finite=False, pv_skip=False,
                                               fused=True),
     }
     # head chunks under the 1.5% budget with no floor (the #3 memory bar's setting)
     chunked = dict(map_budget=MAP_BUDGET, map_floor=0)
     paths["two_kernel_chunked"] = lambda: sparge_paged_prefill(
-        q, kc, vc, batch, scale, sim, cdf, pv, out, None, stats, check_finite=False,
+        q, kc, vc, batch, scale, sim, cdf, pv, out, topk, stats, check_finite=False,
         pv_skip=False, **chunked)
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
@@ -92,15 +166,15 @@ def run_length(length: int, calls: int) -> list[dict]:
             block_table=batch.block_table, out=out, fa_version=3), **paths}
         for name, kw in (("fa3_attention", dict(map_budget=None)), ("fa3_chunked", chunked)):
             paths[name] = lambda kw=kw: sparge_paged_prefill(
-                q, kc, vc, batch, scale, sim, cdf, pv, out, None, stats, check_finite=False,
+                q, kc, vc, batch, scale, sim, cdf, pv, out, topk, stats, check_finite=False,
                 pv_skip=False, attention="fa3", **kw)
     rows = []
     for name, fn in paths.items():
         host, gpu = per_call(fn, calls)
         rows.append(dict(length=length, heads=[hq, bench_kernels.HKV], path=name,
-                         host_us=host, gpu_us=gpu))
+                         topk=topk, host_us=host, gpu_us=gpu))
         print(json.dumps(rows[-1]), flush=True)
-    return rows
+    return rows, paths
 
 
 def main() -> None:
@@ -108,13 +182,33 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("HQ", "HKV"))
     ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--topk", type=float, default=None,
+                    help="keep this fraction of the blocks (default: the untuned thresholds)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also write <out>_profile.txt (cProfile, Triton launch costs)")
     ap.add_argument("--out", default="benchmarks/results/host_overhead")
     args = ap.parse_args()
     bench_kernels.HQ, bench_kernels.HKV = args.heads
     import triton
     import vllm
 
-    rows = [r for n in args.lengths for r in run_length(n, args.calls)]
+    rows, launches = [], []
+    for i, n in enumerate(args.lengths):
+        length_rows, paths = run_length(n, args.calls, args.topk)
+        rows += length_rows
+        if args.profile and i == 0:
+            names = ("fa3_chunked", "two_kernel_chunked", "fa3_attention")
+            text = profile_paths(paths, names, 20)
+            for name in names[:2]:
+                if name in paths:
+                    launches += [dict(length=n, path=name, **r)
+                                 for r in launch_costs(paths[name], args.calls)]
+            table = ["| length | path | kernel | grid | JITFunction µs | direct µs |",
+                     "|---|---|---|---|---|---|"]
+            table += [f"| {r['length']} | {r['path']} | {r['kernel']} | {r['grid']} | "
+                      f"{r['jit_us']:.1f} | {r['direct_us']:.1f} |" for r in launches]
+            with open(args.out + "_profile.txt", "w") as f:
+                f.write("\n".join(table) + "\n\n" + text)
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                 torch=torch.__version__, triton=triton.__version__, vllm=vllm.__version__,
                 command="python benchmarks/host_overhead.py " + " ".join(sys.argv[1:]))
@@ -122,9 +216,11 @@ def main() -> None:
     lines = [f"# Host time per attention call — {meta['device']}, {meta['date']}", "",
              f"`{meta['command']}` — torch {meta['torch']}, triton {meta['triton']}, vllm "
              f"{meta['vllm']}; {args.heads[0]} q / {args.heads[1]} KV heads, D 128, bf16, "
-             "64-token pages, untuned default thresholds. Host µs: CPU time per call of "
-             f"{args.calls} unsynchronised calls; GPU µs: wall time per call with a final "
-             "synchronisation (the larger of the two bounds a layer's attention).", "",
+             "64-token pages, "
+             + (f"top-k {args.topk}" if args.topk else "untuned default thresholds")
+             + f". Medians of {args.calls} calls, each issued with the GPU idle: host µs "
+             "is the CPU time to issue it, GPU µs the wall time to its end (close to the host "
+             "time: host-bound).", "",
              "| length | path | host µs | host / FA3 | GPU µs |", "|---|---|---|---|---|"]
     for r in rows:
         ratio = r["host_us"] / fa3[r["length"]] if r["length"] in fa3 else float("nan")
@@ -133,7 +229,7 @@ def main() -> None:
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(args.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, results=rows), f, indent=1)
+        json.dump(dict(meta=meta, results=rows, launches=launches), f, indent=1)
     print("\n".join(lines))
 
 

@@ -75,7 +75,8 @@ for stage in "$@"; do
         # every kernel test, not only the gpu-marked ones: the others run on the GPU too (the
         # device fixture), e.g. fused = two-kernel path, split, sub-page TMA = pointer loads
         run gpu_kernel_tests timeout 300 ${PYTEST/-m gpu /} --junitxml "$OUT/junit_kernel_tests.xml" \
-            tests/test_kernels.py tests/test_warmup.py tests/test_chunks.py tests/test_virtual.py
+            tests/test_kernels.py tests/test_warmup.py tests/test_chunks.py tests/test_virtual.py \
+            tests/test_launch.py
         ;;
     tests)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
@@ -169,7 +170,7 @@ for stage in "$@"; do
         grep '"bench": "metrics_overhead"' "$OUT/overhead.log" | tail -n 1 > "$OUT/metrics_overhead.json"
         ;;
     host)
-        run host_overhead python3 benchmarks/host_overhead.py --out "$OUT/host_overhead"
+        run host_overhead python3 benchmarks/host_overhead.py --topk ${HOST_TOPK:-0.5} --profile --out "$OUT/host_overhead"
         run host_overhead_tiny python3 benchmarks/host_overhead.py --heads 8 2 \
             --out "$OUT/host_overhead_tiny"
         ;;

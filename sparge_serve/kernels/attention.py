@@ -27,6 +27,7 @@ from sparge_serve.kernels.geometry import (
     PrefillBatch,
     num_blocks,
 )
+from sparge_serve.kernels.launch import launch
 from sparge_serve.kernels.predictor import (
     BlockMap,
     _count_blocks,
@@ -38,7 +39,7 @@ from sparge_serve.kernels.predictor import (
     check_paged_inputs,
     check_predictor_args,
     pool_keys,
-    predict_block_map,
+    select_blocks,
     stats_buffer,
 )
 
@@ -479,20 +480,32 @@ def sparse_paged_attention(
     """
     check_paged_inputs(q, key_cache, value_cache)
     _check_out_and_layout(q, key_cache, value_cache, out)
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_heads = q.shape[1]
     check_head_thresholds("pvthreshd", pvthreshd, num_heads, q.device, check_finite)
-    _, page, num_kv_heads, _ = key_cache.shape
-    group = check_group(group, num_heads, num_kv_heads)
-    nreq, nh, nqb, nkb = block_map.lut.shape
+    group = check_group(group, num_heads, key_cache.shape[2])
+    nreq, nh, nqb, _ = block_map.lut.shape
     if nqb != num_blocks(batch.max_query_len, BLKQ) or nreq != batch.num_reqs or nh != num_heads:
         raise ValueError("block_map was predicted for a different batch or heads")
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
+    attend_blocks(q, key_cache, value_cache, batch, block_map, scale, pvthreshd, out,
+                  stats_buffer(stats, q.device), pv_skip, group, launch, use_tma, block_n, split,
+                  lazy_rescale, kv_major)
+    return out
+
+
+def attend_blocks(q, key_cache, value_cache, batch, block_map, scale, pvthreshd, out, stats,
+                  pv_skip, group, launch_params=None, use_tma=None, block_n=BLKK, split=None,
+                  lazy_rescale=None, kv_major=True) -> None:
+    """:func:`sparse_paged_attention` without its checks (head chunks check the layer's
+    arguments once; ``launch_params`` is its ``launch``)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    page = key_cache.shape[1]
+    nreq, _, nqb, nkb = block_map.lut.shape
     use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
     split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
-    stats = stats_buffer(stats, q.device)
-    num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
-    _sparse_attn_kernel[(num_heads, nqb * split, nreq)](
+    num_warps, num_stages = launch_params or _attn_launch_params(head_dim, use_tma)
+    launch(_sparse_attn_kernel, (num_heads, nqb * split, nreq))(
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         block_map.lut, block_map.count, pvthreshd, stats, k_desc, v_desc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -503,7 +516,6 @@ def sparse_paged_attention(
         SPLIT=split, LAZY=lazy_rescale, KV_MAJOR=kv_major,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out
 
 
 @dataclass(frozen=True)
@@ -606,7 +618,7 @@ def sparge_paged_prefill(
     split, lazy = _row_parts(fl.split, head_dim, pv_skip, fl.lazy_rescale, use_tma)
     num_warps, num_stages = fl.launch or _fused_launch_params(head_dim, use_tma)
     dc = _select_dc(pooled.nkb_pad, num_warps)
-    _fused_sparge_kernel[(programs,)](
+    launch(_fused_sparge_kernel, (programs,))(
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         pooled.pk, pooled.ksim, simthreshd1, cdfthreshd, pvthreshd, scratch, count, n_valid,
         stats, k_desc, v_desc,
@@ -635,35 +647,43 @@ def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfth
         Shape(num_heads, num_kv_heads, head_dim, batch.num_reqs, batch.max_query_len,
               batch.max_seq_len, page if fa3 else None), q.element_size(), map_budget, map_floor)
     nqb = num_blocks(batch.max_query_len, BLKQ)
+    n_chunks = num_heads // heads
+    kv_heads = max(1, heads // group)  # KV heads of a chunk's slice
+    # NOTE: a call's views of every chunk are made at once (one split per tensor) and each
+    # chunk's block counts are a contiguous part of one buffer: slicing and copying them per
+    # chunk was a third of a chunk's host time (H200 profile, host_overhead_profile.md)
+    counts = torch.empty(n_chunks, 2, batch.num_reqs, heads, nqb, dtype=torch.int32,
+                         device=q.device).unbind()
+    qs, sims, cdfs = q.split(heads, 1), simthreshd1.split(heads), cdfthreshd.split(heads)
+    key_slices = key_cache.split(kv_heads, 2)
     if fa3:
-        from sparge_serve.kernels.virtual import fa3_sparse_attention, virtual_rows
+        from sparge_serve.kernels.virtual import VirtualAttention
 
-        rows = virtual_rows(batch, nqb)  # shared by the chunks
-    counts = None
-    if heads < num_heads:
-        counts = torch.empty(2, batch.num_reqs, num_heads, nqb, dtype=torch.int32,
-                             device=q.device)
+        attend = VirtualAttention(q, key_cache, value_cache, batch, nqb, scale, out, group,
+                                  heads, slice_rows)
+    else:
+        value_slices = value_cache.split(kv_heads, 2)
+        outs, pvs = out.split(heads, 1), pvthreshd.split(heads)
     # NOTE: a host loop over head chunks (few, and only where one chunk would not fit the
     # memory budget): each chunk is one batched launch per kernel over all its rows
-    for hs, gs, first in head_chunks(num_heads, num_kv_heads, heads):
-        kc, vc = key_cache[:, :, gs], value_cache[:, :, gs]
+    for c, (hs, gs, first) in enumerate(head_chunks(num_heads, num_kv_heads, heads)):
+        kv = gs.start // kv_heads
         if first:  # first chunk of this KV slice: its pooled keys
-            pooled = pool_keys(kc, batch)
-        bm = predict_block_map(q[:, hs], kc, batch, scale, simthreshd1[hs], cdfthreshd[hs], topk,
-                               stats, check_finite=False, pooled=pooled, group=group)
-        if on_predicted is not None and counts is None:
+            pooled = pool_keys(key_slices[kv], batch)
+        bm = select_blocks(qs[c], key_slices[kv], batch, scale, sims[c], cdfs[c], topk, stats,
+                           pooled, group, counts[c])
+        if on_predicted is not None and n_chunks == 1:
             on_predicted()
         if fa3:
-            fa3_sparse_attention(q[:, hs], kc, vc, batch, bm, scale, out[:, hs], group=group,
-                                 slice_rows=slice_rows, rows=rows)
+            attend.attend(bm, hs.start)
         else:
-            sparse_paged_attention(q[:, hs], kc, vc, batch, bm, scale, pvthreshd[hs],
-                                   out[:, hs], stats, check_finite=False, pv_skip=pv_skip,
-                                   group=group)
-        if counts is not None:
-            counts[0, :, hs] = bm.count
-            counts[1, :, hs] = bm.n_valid
-    return bm if counts is None else BlockMap(None, counts[0], counts[1])
+            attend_blocks(qs[c], key_slices[kv], value_slices[kv], batch, bm, scale, pvs[c],
+                          outs[c], stats, pv_skip, group)
+    if n_chunks == 1:
+        return bm
+    # [2, R, Hq, NQB] from the chunks' [2, R, heads, NQB] (one copy a call)
+    both = torch.stack(counts, 2).reshape(2, batch.num_reqs, num_heads, nqb)
+    return BlockMap(None, both[0], both[1])
 
 
 __all__ = ["BLKK", "BLKQ", "FusedLaunch", "max_fused_programs", "sparge_paged_prefill",

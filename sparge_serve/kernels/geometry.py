@@ -12,13 +12,14 @@ BLKK = 64
 """Keys per key block (also the attention kernel's tile width)."""
 PV_SKIP_OFF = 50.0
 """A ``pvthreshd`` at or above this disables the stage-2 PV skip."""
-BATCH_PTRS = ["bt_ptr", "qsl_ptr", "seq_lens_ptr", "sim_ptr", "cdf_ptr", "pv_ptr", "stats_ptr"]
+BATCH_PTRS = ["bt_ptr", "qsl_ptr", "seq_lens_ptr", "sim_ptr", "cdf_ptr", "pv_ptr", "stats_ptr",
+              "count_ptr", "nvalid_ptr"]
 """Kernel pointer arguments never specialised on 16-byte alignment (``do_not_specialize_on_alignment``).
 
 They point into caller-provided batch metadata, per-head thresholds and block counters (a layer's
 row of the metrics' ``[layers, 3]`` int64 counters), which a step may pass as slices at any
 4-byte offset (a mixed batch's sparse requests are a slice of vLLM's block table,
-``query_start_loc`` and ``seq_lens``). Specialising on their alignment made serving compile a second
+``query_start_loc`` and ``seq_lens``; a head chunk's block counts are a slice of the call's). Specialising on their alignment made serving compile a second
 variant of every kernel after the start-up warm-up (seen in vLLM's JIT monitor on an H200); they
 are read (counters: added to) with scalar accesses, so alignment buys nothing. Names a kernel lacks are ignored.
 """

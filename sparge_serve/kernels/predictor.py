@@ -4,9 +4,10 @@ For a varlen batch of prefill requests over vLLM's paged KV cache (docs/DESIGN.m
 
 1. ``_ksum_kernel``: per (request, KV head, chunk of 16 key blocks) the fp32 sum of the keys,
    over the *whole* context (prefix-cached tokens and earlier chunks included).
-2. torch: the per-(request, KV head) key mean ``mu`` from those sums (no host sync).
-3. ``_kblock_kernel``: pooled smoothed keys ``mean(k - mu)`` (stored transposed, fp32) and the
-   key-block self-similarity (steps 1-3: :func:`pool_keys`).
+2. torch: the per-(request, KV head) key sum over those chunks (one reduction, no host sync).
+3. ``_kblock_kernel``: the key mean ``mu`` (that sum over the context length), pooled smoothed
+   keys ``mean(k - mu)`` (stored transposed, fp32) and the key-block self-similarity (steps
+   1-3: :func:`pool_keys`).
 4. ``_select_kernel``: one program per (q-head, query block, request) row: pooled query and its
    similarity, fp32 compressed scores against every valid key block (bottom-right causal), fp32
    softmax, sort-free CDF (or top-k) selection, forced blocks (``_select_row``), and the compact
@@ -26,6 +27,7 @@ import triton
 import triton.language as tl
 
 from sparge_serve.kernels.geometry import BATCH_PTRS, BLKK, BLKQ, PrefillBatch, num_blocks
+from sparge_serve.kernels.launch import launch
 
 KSUM_CHUNK = 16
 """Key blocks summed per program of the key-mean pass."""
@@ -118,12 +120,13 @@ def _ksum_kernel(
 @triton.jit(do_not_specialize=["stride_bt", "num_kv_heads"],
             do_not_specialize_on_alignment=BATCH_PTRS)
 def _kblock_kernel(
-    key_cache_ptr, bt_ptr, seq_lens_ptr, mu_ptr, pk_ptr, ksim_ptr,
+    key_cache_ptr, bt_ptr, seq_lens_ptr, ksum_ptr, pk_ptr, ksim_ptr,
     stride_page, stride_tok, stride_head, stride_bt,
     NKB, num_kv_heads,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """Pooled smoothed key ``mean(k - mu)`` and self-similarity of key block ``j``."""
+    """Pooled smoothed key ``mean(k - mu)`` and self-similarity of key block ``j`` (``ksum``:
+    the context's fp32 key sum, ``mu`` that over the context length)."""
     j = tl.program_id(0)
     kvh = tl.program_id(1)
     r = tl.program_id(2)
@@ -139,7 +142,7 @@ def _kblock_kernel(
     rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
     in_ctx = (j * BLOCK_N + offs_n) < seq_len
     n_rows = tl.minimum(seq_len - j * BLOCK_N, BLOCK_N).to(tl.float32)
-    mu = tl.load(mu_ptr + rh * HEAD_DIM + offs_d)
+    mu = tl.math.div_rn(tl.load(ksum_ptr + rh * HEAD_DIM + offs_d), seq_len.to(tl.float32))
     x = tl.where(in_ctx[:, None], k - mu[None, :], 0.0)
     pooled = tl.sum(x, axis=0) / n_rows
     norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), _EPS)
@@ -485,13 +488,12 @@ def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch) -> PooledKeys:
     ksim = torch.empty(nreq, num_kv_heads, nkb_stride, **f32)
     strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                batch.block_table.stride(0))
-    _ksum_kernel[(nch, num_kv_heads, nreq)](
+    launch(_ksum_kernel, (nch, num_kv_heads, nreq))(
         key_cache, batch.block_table, batch.seq_lens, ksum, *strides, nch, num_kv_heads,
         PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, CHUNK=KSUM_CHUNK, num_warps=4,
     )
-    mu = ksum.sum(2) / batch.seq_lens.clamp_min(1).to(torch.float32)[:, None, None]
-    _kblock_kernel[(nkb, num_kv_heads, nreq)](
-        key_cache, batch.block_table, batch.seq_lens, mu, pk, ksim, *strides,
+    launch(_kblock_kernel, (nkb, num_kv_heads, nreq))(
+        key_cache, batch.block_table, batch.seq_lens, ksum.sum(2), pk, ksim, *strides,
         nkb_stride, num_kv_heads, PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, num_warps=4,
     )
     return PooledKeys(pk, ksim, nkb, nkb_stride, selection_tile(nkb))
@@ -539,32 +541,38 @@ def predict_block_map(
     warm-up compiled).
     """
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
-    stats = stats_buffer(stats, q.device)
     if select_dc not in (None, 1, 2, 4, 8, 16, 32) or select_warps not in (None, 4, 8):
         raise ValueError(f"select_dc must be a power of two up to 32 and select_warps 4 or 8; "
                          f"got {select_dc} and {select_warps}")
+    group = check_group(group, q.shape[1], key_cache.shape[2])
+    return select_blocks(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk,
+                         stats_buffer(stats, q.device), pooled, group, select_dc=select_dc,
+                         select_warps=select_warps)
+
+
+def select_blocks(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, stats, pooled,
+                  group, counts=None, select_dc=None, select_warps=None) -> BlockMap:
+    """:func:`predict_block_map` without its checks (the caller's arguments are checked: head
+    chunks check the layer's once); ``counts``: an int32 ``[2, R, Hq, NQB]`` buffer for the
+    map's ``count`` and ``n_valid`` (default: new)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = key_cache.shape[2]
-    group = check_group(group, num_heads, num_kv_heads)
     nqb = num_blocks(batch.max_query_len, BLKQ)
     nreq = batch.num_reqs
-    dev = q.device
     if pooled is None:
         pooled = pool_keys(key_cache, batch)
-    pk, ksim, nkb_stride, nkb_pad = pooled.pk, pooled.ksim, pooled.nkb_stride, pooled.nkb_pad
-
-    lut = torch.empty(nreq, num_heads, nqb, nkb_stride, dtype=torch.int16, device=dev)
-    count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=dev)
-    n_valid = torch.empty_like(count)
+    nkb_stride, nkb_pad = pooled.nkb_stride, pooled.nkb_pad
+    lut = torch.empty(nreq, num_heads, nqb, nkb_stride, dtype=torch.int16, device=q.device)
+    if counts is None:
+        counts = torch.empty(2, nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     num_warps = select_warps or _select_launch_params(nkb_pad)[1]
     dc = select_dc or _select_dc(nkb_pad, num_warps)
-    _select_kernel[(num_heads, nqb, nreq)](
-        q, batch.query_start_loc, batch.seq_lens, pk, ksim, simthreshd1, cdfthreshd,
-        lut, count, n_valid, stats,
+    launch(_select_kernel, (num_heads, nqb, nreq))(
+        q, batch.query_start_loc, batch.seq_lens, pooled.pk, pooled.ksim, simthreshd1,
+        cdfthreshd, lut, counts[0], counts[1], stats,
         q.stride(0), q.stride(1),
-        nkb_stride, nqb, num_heads, num_kv_heads, float(scale), float(topk or 1.0),
+        nkb_stride, nqb, num_heads, key_cache.shape[2], float(scale), float(topk or 1.0),
         GROUP=group, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
         NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk is not None,
         num_warps=num_warps,
     )
-    return BlockMap(lut, count, n_valid)
+    return BlockMap(lut, counts[0], counts[1])

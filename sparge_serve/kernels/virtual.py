@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PrefillBatch, num_blocks
-from sparge_serve.kernels.predictor import BlockMap, check_group
+from sparge_serve.kernels.launch import launch
+from sparge_serve.kernels.predictor import BlockMap, check_group, key_block_stride
 
 
 @dataclass(frozen=True)
@@ -70,18 +71,20 @@ def virtual_rows(batch: PrefillBatch, nqb: int) -> VirtualRows:
 
 # NOTE: one compiled variant per (GROUP, SUB): sizes and the block table's alignment (a slice of
 # vLLM's) are not specialised on, so the start-up warm-up covers serving
-@triton.jit(do_not_specialize=["NQB", "num_heads", "s0", "stride_bt", "max_pages",
+@triton.jit(do_not_specialize=["NQB", "num_heads", "s0", "h0", "stride_bt", "max_pages",
                                "heads_per_page"],
             do_not_specialize_on_alignment=["bt_ptr", "count_ptr", "qsl_ptr", "seq_lens_ptr"])
 def _virtual_table_kernel(
     lut_ptr, count_ptr, order_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, vbt_ptr, used_ptr,
-    NQB, NKB, num_heads, s0, stride_bt, max_pages, vbt_cols, heads_per_page,
+    NQB, NKB, num_heads, s0, h0, stride_bt, max_pages, vbt_cols, heads_per_page,
     GROUP: tl.constexpr, SUB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
     """Head ``h``'s sequence ``s0 + i`` (block-map row ``order[s0 + i]``: request ``r``, query
     block ``b``): its virtual context length, and its virtual pages: for the j-th kept key
-    block and its s-th page, ``block_table[r, lut * SUB + s] * heads_per_page + h // GROUP``."""
+    block and its s-th page, ``block_table[r, lut * SUB + s] * heads_per_page + kvh``, where
+    ``kvh = (h0 + h) // GROUP`` is the KV head of the map's head ``h`` (a chunk from the
+    layer's head ``h0``) in the cache the pages index."""
     i = tl.program_id(0)
     h = tl.program_id(1)
     row = tl.load(order_ptr + s0 + i)
@@ -96,7 +99,7 @@ def _virtual_table_kernel(
     used = tl.where(n > 0, BLOCK_N * (n - 1) + last_pos % BLOCK_N + 1, 0)
     tl.store(used_ptr + h * tl.num_programs(0) + i, used)
     dst = (h * tl.num_programs(0) + i).to(tl.int64) * vbt_cols
-    kvh = h // GROUP
+    kvh = (h0 + h) // GROUP
     offs = tl.arange(0, CHUNK)
     for j0 in range(0, n * SUB, CHUNK):
         col = j0 + offs
@@ -108,11 +111,15 @@ def _virtual_table_kernel(
 
 
 def virtual_table(rows: VirtualRows, batch: PrefillBatch, bm: BlockMap, page_size: int,
-                  heads_per_page: int, group: int, s0: int, s1: int,
+                  heads_per_page: int, group: int, s0: int, s1: int, h0: int = 0,
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(block_table [Hq, s1 - s0, NKB_STRIDE * pages per block], seqused_k [Hq, s1 - s0])``
     int32: the virtual pages and context lengths of every head's sequences ``s0:s1``
-    (``heads_per_page``: ``sP // sH`` of the cache, :func:`heads_as_pages`)."""
+    (``heads_per_page``: ``sP // sH`` of the cache, :func:`heads_as_pages`; ``h0``: the layer
+    head of the map's first, for a head chunk's map over the layer's cache). ``out``: flat int32
+    buffers to build them in (at least that many entries; a table's entries past a sequence's
+    pages are never read, and hold page ids of this cache or 0), else new ones."""
     if BLKK % page_size:
         raise ValueError(f"page size {page_size} must divide the key block ({BLKK})")
     if bm.lut is None:
@@ -120,12 +127,20 @@ def virtual_table(rows: VirtualRows, batch: PrefillBatch, bm: BlockMap, page_siz
     sub = BLKK // page_size
     _, num_heads, nqb, nkb = bm.lut.shape
     cols = nkb * sub
-    dev = bm.count.device
-    vbt = torch.zeros(num_heads, s1 - s0, cols, dtype=torch.int32, device=dev)
-    used = torch.empty(num_heads, s1 - s0, dtype=torch.int32, device=dev)
-    _virtual_table_kernel[(s1 - s0, num_heads)](
+    n = s1 - s0
+    if out is None:
+        dev = bm.count.device
+        vbt = torch.zeros(num_heads, n, cols, dtype=torch.int32, device=dev)
+        used = torch.empty(num_heads, n, dtype=torch.int32, device=dev)
+    elif out[0].numel() < num_heads * n * cols or out[1].numel() < num_heads * n:
+        raise ValueError(f"table buffers of {out[0].numel()} and {out[1].numel()} entries are "
+                         f"too small for {num_heads} heads x {n} sequences x {cols} pages")
+    else:
+        vbt = out[0][:num_heads * n * cols].view(num_heads, n, cols)
+        used = out[1][:num_heads * n].view(num_heads, n)
+    launch(_virtual_table_kernel, (n, num_heads))(
         bm.lut, bm.count, rows.order, batch.query_start_loc, batch.seq_lens, batch.block_table,
-        vbt, used, nqb, nkb, num_heads, s0, batch.block_table.stride(0),
+        vbt, used, nqb, nkb, num_heads, s0, h0, batch.block_table.stride(0),
         batch.block_table.shape[1], cols, heads_per_page,
         GROUP=group, SUB=sub, BLOCK_Q=BLKQ, BLOCK_N=BLKK, CHUNK=256,
     )
@@ -180,6 +195,52 @@ def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_
     )
 
 
+class VirtualAttention:
+    """The FA3 attention path for one call (module docstring), with what its head chunks share
+    made once: the sequences' order and slices, per-head views of ``q`` and ``out``, the caches
+    as head pages, and one table buffer for the largest chunk (``heads`` query heads;
+    ``slice_rows``: sequences per table, ``None``: all). :meth:`attend` runs a block map's
+    heads."""
+
+    def __init__(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 batch: PrefillBatch, nqb: int, scale: float, out: torch.Tensor,
+                 group: int | None = None, heads: int | None = None,
+                 slice_rows: int | None = None, rows: VirtualRows | None = None, attn_fn=None):
+        self.group = check_group(group, q.shape[1], key_cache.shape[2])
+        self.k_view, self.heads_per_page = heads_as_pages(key_cache)
+        self.v_view, k_v = heads_as_pages(value_cache)
+        if k_v != self.heads_per_page:
+            raise ValueError("key and value caches differ in layout")
+        self.page_size = key_cache.shape[1]
+        self.rows = virtual_rows(batch, nqb) if rows is None else rows
+        n_seq = nqb * batch.num_reqs
+        step = n_seq if slice_rows is None else max(1, min(slice_rows, n_seq))
+        q_start, q_len = self.rows.q_start, self.rows.q_len
+        self.slices = [(s0, min(n_seq, s0 + step), q_start[s0:s0 + step + 1],
+                        q_len[s0:s0 + step]) for s0 in range(0, n_seq, step)]
+        self.q_heads, self.out_heads = q.split(1, 1), out.split(1, 1)
+        self.batch, self.scale = batch, scale
+        self.max_k = num_blocks(batch.max_seq_len, BLKK) * BLKK
+        cols = key_block_stride(num_blocks(batch.max_seq_len, BLKK)) * (BLKK // self.page_size)
+        heads = q.shape[1] if heads is None else heads
+        i32 = dict(dtype=torch.int32, device=q.device)
+        self.tables = (torch.zeros(heads * step * cols, **i32), torch.empty(heads * step, **i32))
+        self.attn_fn = attn_fn or fa3_paged_forward
+
+    def attend(self, bm: BlockMap, h0: int = 0) -> None:
+        """Attention of the heads ``h0, h0 + 1, ...`` of ``bm`` (a head chunk's map, or the
+        whole call's)."""
+        # NOTE: host loops over slices and heads, one FA3 launch each: FA3 shares a page table
+        # among a sequence's heads, so per-head contexts need per-head calls (module docstring)
+        for s0, s1, q_start, q_len in self.slices:
+            vbt, used = virtual_table(self.rows, self.batch, bm, self.page_size,
+                                      self.heads_per_page, self.group, s0, s1, h0, self.tables)
+            for h, (table, n_used) in enumerate(zip(vbt.unbind(), used.unbind(), strict=True)):
+                self.attn_fn(self.q_heads[h0 + h], self.k_view, self.v_view,
+                             self.out_heads[h0 + h], q_start, q_len, n_used, table, self.max_k,
+                             self.scale)
+
+
 def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          batch: PrefillBatch, bm: BlockMap, scale: float, out: torch.Tensor,
                          attn_fn=None, group: int | None = None, slice_rows: int | None = None,
@@ -188,30 +249,11 @@ def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
 
     Writes the rows of ``out`` that ``batch.query_start_loc`` covers (others are left alone).
     ``attn_fn``: :func:`fa3_paged_forward`'s signature (the default); ``group`` as
-    ``predict_block_map``'s (head chunks); ``slice_rows``: build the virtual block tables and
+    ``predict_block_map``'s (head slices); ``slice_rows``: build the virtual block tables and
     call FA3 for that many of the sequences at a time (longest first; ``None``: all), which
     bounds the tables' memory (``chunks.plan_chunks``); ``rows``: the call's
-    :func:`virtual_rows`, if already made (head chunks share them).
+    :func:`virtual_rows`, if already made. Head chunks use :class:`VirtualAttention` directly.
     """
-    attn_fn = attn_fn or fa3_paged_forward
-    hq = q.shape[1]
-    group = check_group(group, hq, key_cache.shape[2])
-    k_view, k = heads_as_pages(key_cache)
-    v_view, k_v = heads_as_pages(value_cache)
-    if k != k_v:
-        raise ValueError("key and value caches differ in layout")
-    nqb = bm.count.shape[2]
-    if rows is None:
-        rows = virtual_rows(batch, nqb)
-    n_seq = rows.order.shape[0]
-    step = n_seq if slice_rows is None else max(1, slice_rows)
-    max_k = num_blocks(batch.max_seq_len, BLKK) * BLKK
-    # NOTE: host loops over slices and heads, one FA3 launch each: FA3 shares a page table among
-    # a sequence's heads, so per-head contexts need per-head calls (module docstring)
-    for s0 in range(0, n_seq, step):
-        s1 = min(n_seq, s0 + step)
-        vbt, used = virtual_table(rows, batch, bm, key_cache.shape[1], k, group, s0, s1)
-        for h in range(hq):
-            attn_fn(q[:, h:h + 1], k_view, v_view, out[:, h:h + 1], rows.q_start[s0:s1 + 1],
-                    rows.q_len[s0:s1], used[h], vbt[h], max_k, scale)
+    VirtualAttention(q, key_cache, value_cache, batch, bm.count.shape[2], scale, out, group,
+                     slice_rows=slice_rows, rows=rows, attn_fn=attn_fn).attend(bm)
     return out
