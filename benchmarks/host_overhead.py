@@ -87,38 +87,30 @@ def profile_paths(paths: dict, names: tuple[str, ...], calls: int) -> str:
 
 def launch_costs(fn, calls: int) -> list[dict]:
     """Host µs per launch of each Triton kernel that ``fn`` launches (its first launch's
-    arguments): through ``JITFunction`` (as the kernels launch) and as a direct launch of the
-    compiled kernel (``CompiledKernel.run``, what Triton's launcher itself costs)."""
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
+    arguments): through ``JITFunction`` (``kernel[grid](...)``) and through the launcher the
+    kernels use (``sparge_serve.kernels.launch``: the compiled kernel's own launcher)."""
+    from sparge_serve.kernels.launch import Launcher
 
     seen = {}
-    jit_run = JITFunction.run
+    launcher_run = Launcher.run
 
-    def spy(self, *args, grid, warmup, **kwargs):
-        seen.setdefault(self, (args, kwargs, grid))
-        return jit_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    def spy(self, grid, args, kwargs):
+        seen.setdefault(self, (grid, args, kwargs))
+        return launcher_run(self, grid, args, kwargs)
 
-    JITFunction.run = spy
+    Launcher.run = spy
     try:
         fn()
     finally:
-        JITFunction.run = jit_run
+        Launcher.run = launcher_run
     torch.cuda.synchronize()
-    dev = driver.active.get_current_device()
-    stream = driver.active.get_current_stream(dev)
     rows = []
-    for kernel, (args, kwargs, grid) in seen.items():
-        compiled = kernel[grid](*args, **kwargs)
-        bound = list(kernel.device_caches[dev][4](*args, **kwargs)[0].values())
-        g = (*grid, 1, 1)[:3]
-        ways = {
-            "jit": functools.partial(kernel[grid], *args, **kwargs),
-            "direct": functools.partial(compiled.run, *g, stream, compiled.function,
-                                        compiled.packed_metadata, None, None, None, *bound),
-        }
-        row = dict(kernel=kernel.fn.__name__, grid=list(g))
+    for launcher, (grid, args, kwargs) in seen.items():
+        ways = {"jit": functools.partial(launcher.fn[grid], *args, **kwargs),
+                "direct": functools.partial(launcher.run, grid, args, kwargs)}
+        row = dict(kernel=launcher.fn.fn.__name__, grid=list((*grid, 1, 1)[:3]))
         for way, launch in ways.items():
+            launch()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(calls):
@@ -130,12 +122,35 @@ def launch_costs(fn, calls: int) -> list[dict]:
     return rows
 
 
+def gpu_timeline(fn, reps: int = 5) -> dict:
+    """``reps`` back-to-back calls of ``fn`` under the torch profiler: per call, the span from
+    the first kernel's start to the last one's end, the kernels' summed time (the rest of the
+    span: the GPU idle, waiting for launches) and the kernel table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    start = min(e.time_range.start for e in kernels)
+    end = max(e.time_range.end for e in kernels)
+    busy = sum(e.time_range.end - e.time_range.start for e in kernels)
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=14)
+    return dict(span_us=(end - start) / reps, kernels_us=busy / reps,
+                launches=len(kernels) / reps, table=table)
+
+
 def run_length(length: int, calls: int, topk: float | None) -> tuple[list[dict], dict]:
     hq = bench_kernels.HQ
     q, kc, vc, batch, _, _ = bench_kernels.make_inputs(length, 64, structured=False)
     out = torch.empty_like(q)
     scale = q.shape[-1] ** -0.5
-    sim, cdf, pv = (torch.full((hq,), x, device="cuda") for x in (0.6, 0.98, 50.0))
+    # top-k alone (every query block similar) keeps exactly that fraction, as bench_kernels.py's
+    sim, cdf, pv = (torch.full((hq,), x, device="cuda")
+                    for x in ((0.6, 0.98, 50.0) if topk is None else (-1.0, 1.0, 50.0)))
     stats = torch.zeros(3, dtype=torch.int64, device="cuda")
     bm = predict_block_map(q, kc, batch, scale, sim, cdf, topk, stats, check_finite=False)
     paths = {
@@ -199,6 +214,13 @@ def main() -> None:
         if args.profile and i == 0:
             names = ("fa3_chunked", "two_kernel_chunked", "fa3_attention")
             text = profile_paths(paths, names, 20)
+            for name in names + ("fa3",):
+                if name in paths:
+                    t = gpu_timeline(paths[name])
+                    text += (f"\n## {name}: GPU timeline of 5 back-to-back calls, per call: span "
+                             f"{t['span_us']:.0f} µs, kernels {t['kernels_us']:.0f} µs, "
+                             f"{t['launches']:.0f} launches\n\n{t['table']}\n")
+                    print(name, {k: v for k, v in t.items() if k != "table"}, flush=True)
             for name in names[:2]:
                 if name in paths:
                     launches += [dict(length=n, path=name, **r)

@@ -668,7 +668,9 @@ def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfth
     # memory budget): each chunk is one batched launch per kernel over all its rows
     for c, (hs, gs, first) in enumerate(head_chunks(num_heads, num_kv_heads, heads)):
         kv = gs.start // kv_heads
+        bm = None  # NOTE: the last chunk's map is freed before the next one is allocated
         if first:  # first chunk of this KV slice: its pooled keys
+            pooled = None
             pooled = pool_keys(key_slices[kv], batch)
         bm = select_blocks(qs[c], key_slices[kv], batch, scale, sims[c], cdfs[c], topk, stats,
                            pooled, group, counts[c])
