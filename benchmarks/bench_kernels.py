@@ -37,7 +37,12 @@ from sparge_serve.kernels import (
 )
 from sparge_serve.kernels.attention import FusedLaunch, max_fused_programs
 from sparge_serve.kernels.chunks import MAP_BUDGET, Shape, head_chunks, plan_chunks
-from sparge_serve.kernels.predictor import key_block_stride, pool_keys, pooled_keys_bytes
+from sparge_serve.kernels.predictor import (
+    key_block_stride,
+    key_sums_bytes,
+    pool_keys,
+    pooled_keys_bytes,
+)
 
 HQ, HKV, D = 32, 8, 128
 # (split, num_warps, num_stages, programs per multiprocessor) of the fused kernel's sweep, by
@@ -175,8 +180,9 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             # the select kernel (the rest)
             t_pool = bench(lambda: pool_keys(kc, batch))
             predictor_parts = {"pool_keys": t_pool, "select": t_pred - t_pool}
-        extra = sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid))
-        extra += pooled_keys_bytes(HKV, D, 1, length)
+        extra = pooled_keys_bytes(HKV, D, 1, length) + max(
+            key_sums_bytes(HKV, D, 1, length),
+            sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid)))
         row = dict(
             length=length, page=page, config=name, inputs="structured" if structured else
             "random", block_sparsity=round(sparsity, 4),
@@ -253,8 +259,9 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                 pv_skip=False, fused=True))
             programs = min(max_fused_programs(q.device), num_blocks(length, BLKQ) * HQ)
             scratch = programs * key_block_stride(num_blocks(length, BLKK)) * 2
-            extra_f = 2 * bm.count.numel() * 4 + scratch  # kept and valid counts per row
-            extra_f += pooled_keys_bytes(HKV, D, 1, length)
+            extra_f = pooled_keys_bytes(HKV, D, 1, length) + max(
+                key_sums_bytes(HKV, D, 1, length),
+                2 * bm.count.numel() * 4 + scratch)  # kept and valid counts per row
             frow = dict(row, config=name + "+fused", predictor_ms=0.0, attention_ms=t_fused,
                         total_ms=t_fused, extra_mem_bytes=extra_f,
                         extra_mem_frac_of_kv=extra_f / kv_bytes,

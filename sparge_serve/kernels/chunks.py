@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sparge_serve.kernels.geometry import BLKK, BLKQ, num_blocks
-from sparge_serve.kernels.predictor import key_block_stride, pooled_keys_bytes
+from sparge_serve.kernels.predictor import key_block_stride, key_sums_bytes, pooled_keys_bytes
 
 MAP_BUDGET = 0.015
 """Default bound on a head chunk's buffers (pooled keys, block map, FA3 tables), as a fraction of
@@ -76,8 +76,9 @@ class Shape:
         (``virtual.virtual_rows``, with its int64 temporaries) and the log-sum-exp of one
         head's launch."""
         kv = max(1, heads * self.num_kv_heads // self.num_heads)
-        n = heads * self.head_bytes()
-        n += pooled_keys_bytes(kv, self.head_dim, self.max_reqs, self.max_seq_len)
+        # the key sums live only while the keys are pooled, before the chunk's map exists
+        sizes = (kv, self.head_dim, self.max_reqs, self.max_seq_len)
+        n = pooled_keys_bytes(*sizes) + max(key_sums_bytes(*sizes), heads * self.head_bytes())
         if self.fa3_page_size is not None:
             rows = self.rows if slice_rows is None else min(slice_rows, self.rows)
             n += heads * rows * self.table_row_bytes()
@@ -169,8 +170,10 @@ def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_
     counts = max_reqs * num_heads * nqb * 2 * 4  # kept and valid blocks per row
     if fused_programs is not None:
         nkb_stride = key_block_stride(num_blocks(max_seq_len, BLKK))
-        return (pooled_keys_bytes(num_kv_heads, head_dim, max_reqs, max_seq_len) + counts
-                + fused_programs * 2 * nkb_stride)  # one scratch row per program
+        sizes = (num_kv_heads, head_dim, max_reqs, max_seq_len)
+        # one scratch row per program, allocated after the keys are pooled
+        return pooled_keys_bytes(*sizes) + max(key_sums_bytes(*sizes),
+                                               counts + fused_programs * 2 * nkb_stride)
     shape = Shape(num_heads, num_kv_heads, head_dim, max_reqs, max_query_len, max_seq_len,
                   fa3_page_size)
     return counts + chunk_scratch_bytes(shape, elem_size, map_budget)

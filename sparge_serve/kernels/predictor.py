@@ -29,8 +29,9 @@ import triton.language as tl
 from sparge_serve.kernels.geometry import BATCH_PTRS, BLKK, BLKQ, PrefillBatch, num_blocks
 from sparge_serve.kernels.launch import launch
 
-KSUM_CHUNK = 16
-"""Key blocks summed per program of the key-mean pass."""
+KSUM_CHUNK = 4
+"""Key blocks summed per program of the key-mean pass. NOTE: 16 made the pass latency-bound in
+head chunks (one KV head: 32 programs of 16 loads at 32K, 52 us; H200 profile)."""
 MAX_KEY_BLOCKS = 16384
 """Longest context the predictor handles, in key blocks (16384 * 64 = 1M tokens)."""
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -481,7 +482,8 @@ def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch) -> PooledKeys:
     nkb_stride = key_block_stride(nkb)
     nreq = batch.num_reqs
     f32 = dict(dtype=torch.float32, device=key_cache.device)
-    # NOTE: key sums per chunk of KSUM_CHUNK blocks: 1/16 of a per-block buffer's memory
+    # NOTE: key sums per chunk of KSUM_CHUNK blocks: a quarter of a per-block buffer's memory,
+    # and temporary (key_sums_bytes)
     nch = num_blocks(nkb, KSUM_CHUNK)
     ksum = torch.empty(nreq, num_kv_heads, nch, head_dim, **f32)
     pk = torch.empty(nreq, num_kv_heads, head_dim, nkb_stride, **f32)
@@ -500,13 +502,18 @@ def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch) -> PooledKeys:
 
 
 def pooled_keys_bytes(num_kv_heads: int, head_dim: int, max_reqs: int, max_seq_len: int) -> int:
-    """Device memory of :func:`pool_keys`' fp32 buffers: pooled keys, similarity, key mean and
-    the key sums per chunk."""
-    nkb = num_blocks(max_seq_len, BLKK)
-    nkb_stride = key_block_stride(nkb)
-    rh = max_reqs * num_kv_heads
-    return 4 * rh * (head_dim * nkb_stride + nkb_stride + head_dim
-                     + num_blocks(nkb, KSUM_CHUNK) * head_dim)
+    """Device memory of :func:`pool_keys`' result (fp32 pooled keys and similarity), alive while
+    block maps are made from it."""
+    nkb_stride = key_block_stride(num_blocks(max_seq_len, BLKK))
+    return 4 * max_reqs * num_kv_heads * (head_dim + 1) * nkb_stride
+
+
+def key_sums_bytes(num_kv_heads: int, head_dim: int, max_reqs: int, max_seq_len: int) -> int:
+    """Device memory of :func:`pool_keys`' temporaries (fp32 key sums per chunk of
+    :data:`KSUM_CHUNK` key blocks, and their total), freed when it returns: never alive with a
+    block map."""
+    nch = num_blocks(num_blocks(max_seq_len, BLKK), KSUM_CHUNK)
+    return 4 * max_reqs * num_kv_heads * head_dim * (nch + 1)
 
 
 def predict_block_map(
