@@ -35,8 +35,8 @@ from sparge_serve.kernels import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
-from sparge_serve.kernels.attention import FusedLaunch, max_fused_programs
-from sparge_serve.kernels.chunks import MAP_BUDGET, Shape, head_chunks, plan_chunks
+from sparge_serve.kernels.attention import FusedLaunch, _chunked_prefill, max_fused_programs
+from sparge_serve.kernels.chunks import MAP_BUDGET, Shape, plan_chunks
 from sparge_serve.kernels.predictor import (
     key_block_stride,
     key_sums_bytes,
@@ -317,17 +317,13 @@ def _peak_extra(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def _chunked_predictor(q, kc, batch, scale, sim, cdf, topk, fa3: bool, map_budget):
-    """The predictor's part of ``sparge_paged_prefill``'s head chunks (its loop without the
-    attention), for the predictor's share of a chunked run."""
-    heads, _ = plan_chunks(Shape(HQ, HKV, D, 1, batch.max_query_len, batch.max_seq_len,
-                                 kc.shape[1] if fa3 else None), q.element_size(), map_budget,
-                             floor=0)
-    for hs, gs, first in head_chunks(HQ, HKV, heads):
-        if first:
-            pooled = pool_keys(kc[:, :, gs], batch)
-        predict_block_map(q[:, hs], kc[:, :, gs], batch, scale, sim[hs], cdf[hs], topk,
-                          check_finite=False, pooled=pooled, group=HQ // HKV)
+def _chunked_predictor(args, topk, attention: str, map_budget):
+    """The predictor's part of ``sparge_paged_prefill``'s head chunks: its chunk loop without
+    the attention (``predict_only``), for the predictor's share of a chunked run."""
+    q, kc, vc, batch, scale, sim, cdf, pv_off, out = args
+    stats = torch.zeros(3, dtype=torch.int64, device=q.device)
+    _chunked_prefill(q, kc, vc, batch, scale, sim, cdf, pv_off, out, topk, stats, False,
+                     attention, map_budget, 0, None, predict_only=True)
 
 
 def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, suffix):
@@ -349,8 +345,7 @@ def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, su
     run()
     diff = (out.float() - want.float()).abs().max().item()
     total = bench(run)
-    t_pred = bench(lambda: _chunked_predictor(q, kc, batch, scale, sim, cdf, topk,
-                                              attention == "fa3", map_budget))
+    t_pred = bench(lambda: _chunked_predictor(args, topk, attention, map_budget))
     extra = _peak_extra(run)
     heads, slice_rows = plan_chunks(
         Shape(HQ, HKV, D, 1, batch.max_query_len, batch.max_seq_len,

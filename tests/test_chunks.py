@@ -161,3 +161,23 @@ def test_fa3_path_refuses_pv_skip_and_unknown_kernels(device):
     with pytest.raises(ValueError, match="attention must be 'triton' or 'fa3'"):
         sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
                              *ths, out, attention="flash")
+
+
+@pytest.mark.parametrize("attention", ["triton", "fa3"])
+def test_predict_only_runs_the_same_chunks_without_attention(attention, device, monkeypatch):
+    """``_chunked_prefill(predict_only=True)`` (the benchmark's predictor share of a chunked
+    call): the same block counts and counters as the whole call, and no output written."""
+    from sparge_serve.kernels.attention import _chunked_prefill
+
+    monkeypatch.setattr(chunks, "MIN_BUDGET_BYTES", 0)
+    case = make_paged_case(REQS, 8, 2, 64, 16, torch.float16, device, seed=3, packed=True)
+    ths = (head_vec(0.3, 8, device), torch.linspace(0.5, 0.95, 8, device=device),
+           head_vec(50.0, 8, device))
+    _, want_stats, want_bm = _run(case, ths, None, device, map_budget=None)
+    out = torch.full_like(case.q, float("nan"))
+    stats = torch.zeros(3, dtype=torch.int64, device=device)
+    bm = _chunked_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale, *ths,
+                          out, None, stats, False, attention, 1e-9, 0, None, predict_only=True)
+    assert torch.isnan(out).all()
+    assert torch.equal(stats, want_stats)
+    assert torch.equal(bm.count, want_bm.count) and torch.equal(bm.n_valid, want_bm.n_valid)

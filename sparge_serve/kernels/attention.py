@@ -636,9 +636,10 @@ def sparge_paged_prefill(
 
 def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfthreshd, pvthreshd,
                      out, topk, stats, pv_skip, attention, map_budget, map_floor,
-                     on_predicted) -> BlockMap:
+                     on_predicted, predict_only: bool = False) -> BlockMap:
     """:func:`sparge_paged_prefill`'s two-kernel path, one head chunk at a time (arguments
-    checked by the caller)."""
+    checked by the caller). ``predict_only``: the same chunks' predictor alone, ``out`` left
+    alone (the benchmark's predictor share of a chunked call)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     _, page, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads
@@ -656,7 +657,9 @@ def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfth
                          device=q.device).unbind()
     qs, sims, cdfs = q.split(heads, 1), simthreshd1.split(heads), cdfthreshd.split(heads)
     key_slices = key_cache.split(kv_heads, 2)
-    if fa3:
+    if predict_only:
+        pass
+    elif fa3:
         from sparge_serve.kernels.virtual import VirtualAttention
 
         attend = VirtualAttention(q, key_cache, value_cache, batch, nqb, scale, out, group,
@@ -676,6 +679,8 @@ def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfth
                            pooled, group, counts[c])
         if on_predicted is not None and n_chunks == 1:
             on_predicted()
+        if predict_only:
+            continue
         if fa3:
             attend.attend(bm, hs.start)
         else:

@@ -28,11 +28,11 @@ MAP_BUDGET = 0.015
 the K/V bytes of the batch's padded shape (``max_reqs * max_seq_len`` tokens)."""
 MIN_BUDGET_BYTES = 64 << 20
 """Default floor of the budget (``map_floor``): chunks never get smaller than this. Each chunk
-costs about 0.3 ms of host time (its launches), which 32K prompts at high sparsity do not hide
-(H200: 0.5-0.6x the unchunked speed at 80-90% block sparsity in 4-head chunks,
-``benchmarks/results/kernels_virtual.md``), so only block maps larger than this are split: a
-bound on the worst case (1M-token contexts, or long prompts in one step), not a cost at typical
-sizes. ``map_floor=0`` gives the pure fraction (the #3 memory bar)."""
+adds its own small launches (key pooling, select, FA3 tables) that 32K prompts at high sparsity
+do not hide (H200, 32K, 16 ``fa3`` chunks: 0.96x the unchunked speed at 50% block sparsity,
+0.59-0.75x at 80-90%, ``benchmarks/results/kernels_virtual.md``), so only block maps larger than
+this are split: a bound on the worst case (1M-token contexts, or long prompts in one step), not a
+cost at typical sizes. ``map_floor=0`` gives the pure fraction (the #3 memory bar)."""
 MIN_SLICE_ROWS = 256
 """Fewest sequences per FA3 launch when the tables are sliced: two waves of an H100/H200's 132
 multiprocessors (one FA3 tile each), for which a longest-first order balances."""
