@@ -67,3 +67,29 @@ def test_direct_launches_keep_triton_specialisations():
         assert torch.equal(count, maps[0][1])
         for r, row in enumerate(count.flatten().tolist()):
             assert torch.equal(lut.flatten(0, 2)[r, :row], maps[0][0].flatten(0, 2)[r, :row])
+
+
+def test_profiler_hooks_take_the_plain_path(monkeypatch):
+    """With a launch hook set (a profiler's; Triton 3.6 keeps hooks in chains that are never
+    None), launches go through ``kernel[grid]`` so that the hook sees them."""
+    from triton import knobs
+
+    import sparge_serve.kernels.launch as launch
+
+    calls = []
+
+    class Kernel:  # a stand-in for a JITFunction: only its plain launch may be used
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    monkeypatch.setattr(launch, "_INTERPRET", False)
+    monkeypatch.setattr(launch, "FAST", True)
+    assert not launch._hooked()
+    hook = lambda *args: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert launch._hooked()
+        launch.Launcher(Kernel())[(3, 1)](1, x=2)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert calls == [((3, 1), (1,), {"x": 2})] and not launch._hooked()

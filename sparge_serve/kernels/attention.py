@@ -652,27 +652,25 @@ def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfth
     kv_heads = max(1, heads // group)  # KV heads of a chunk's slice
     # NOTE: a call's views of every chunk are made at once (one split per tensor) and each
     # chunk's block counts are a contiguous part of one buffer: slicing and copying them per
-    # chunk was a third of a chunk's host time (H200 profile, host_overhead_profile.md)
+    # chunk was a third of a chunk's host time (H200 profile, session 16)
     counts = torch.empty(n_chunks, 2, batch.num_reqs, heads, nqb, dtype=torch.int32,
                          device=q.device).unbind()
     qs, sims, cdfs = q.split(heads, 1), simthreshd1.split(heads), cdfthreshd.split(heads)
     key_slices = key_cache.split(kv_heads, 2)
-    if predict_only:
-        pass
-    elif fa3:
+    if not fa3:
+        value_slices = value_cache.split(kv_heads, 2)
+        outs, pvs = out.split(heads, 1), pvthreshd.split(heads)
+    elif not predict_only:
         from sparge_serve.kernels.virtual import VirtualAttention
 
         attend = VirtualAttention(q, key_cache, value_cache, batch, nqb, scale, out, group,
                                   heads, slice_rows)
-    else:
-        value_slices = value_cache.split(kv_heads, 2)
-        outs, pvs = out.split(heads, 1), pvthreshd.split(heads)
     # NOTE: a host loop over head chunks (few, and only where one chunk would not fit the
     # memory budget): each chunk is one batched launch per kernel over all its rows
     for c, (hs, gs, first) in enumerate(head_chunks(num_heads, num_kv_heads, heads)):
         kv = gs.start // kv_heads
         bm = None  # NOTE: the last chunk's map is freed before the next one is allocated
-        if first:  # first chunk of this KV slice: its pooled keys
+        if first:  # first chunk of this KV slice: its pooled keys (the last ones freed first)
             pooled = None
             pooled = pool_keys(key_slices[kv], batch)
         bm = select_blocks(qs[c], key_slices[kv], batch, scale, sims[c], cdfs[c], topk, stats,

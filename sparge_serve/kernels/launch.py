@@ -29,6 +29,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FAST = os.environ.get("SPARGE_FAST_LAUNCH", "1") != "0"
 
 
+def _hooked() -> bool:
+    """Whether a launch hook is set (a profiler's). NOTE: Triton 3.6's hooks are chains, never
+    None, empty unless one is added; a plain hook (older Tritons) counts when not None."""
+    hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+
+
 class Launcher:
     """``Launcher(fn)[grid](*args, **kwargs)``: as ``fn[grid](*args, **kwargs)``."""
 
@@ -40,9 +47,7 @@ class Launcher:
         return lambda *args, **kwargs: self.run(grid, args, kwargs)
 
     def run(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
-        # NOTE: Triton 3.6's launch hooks are chains, empty unless a profiler adds one
-        if (_INTERPRET or not FAST or knobs.runtime.launch_enter_hook.calls
-                or knobs.runtime.launch_exit_hook.calls):
+        if _INTERPRET or not FAST or _hooked():
             self.fn[grid](*args, **kwargs)
             return
         device = torch.cuda.current_device()
