@@ -38,10 +38,12 @@ from sparge_serve.kernels import (
 from sparge_serve.kernels.attention import FusedLaunch, _chunked_prefill, max_fused_programs
 from sparge_serve.kernels.chunks import MAP_BUDGET, Shape, plan_chunks
 from sparge_serve.kernels.predictor import (
+    _select_dc,
     key_block_stride,
     key_sums_bytes,
     pool_keys,
     pooled_keys_bytes,
+    select_blocks,
 )
 
 HQ, HKV, D = 32, 8, 128
@@ -326,6 +328,24 @@ def _chunked_predictor(args, topk, attention: str, map_budget):
                      attention, map_budget, 0, None, predict_only=True)
 
 
+def chunk_select_ms(q, kc, batch, scale, sim, cdf, topk, heads: int, time_fn):
+    """One head chunk's select launch (the first ``heads`` query heads over their KV slice: a
+    small, latency-bound grid) at its default launch, and at 4 and 8 warps: ``(default ms,
+    {"w4": ms, "w8": ms})`` as ``time_fn`` (a function of a callable) measures them."""
+    group = q.shape[1] // kc.shape[2]
+    keys = kc[:, :, :max(1, heads // group)]
+    pooled = pool_keys(keys, batch)
+    stats = torch.zeros(3, dtype=torch.int64, device=q.device)
+
+    def select(**kw):
+        return select_blocks(q[:, :heads], keys, batch, scale, sim[:heads], cdf[:heads], topk,
+                             stats, pooled, group, **kw)
+
+    variants = {f"w{w}": time_fn(lambda w=w: select(
+        select_warps=w, select_dc=_select_dc(pooled.nkb_pad, w))) for w in (4, 8)}
+    return time_fn(select), variants
+
+
 def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, suffix):
     """Row ``<config><suffix>``: ``sparge_paged_prefill`` end to end (PV skip off) with
     ``attention`` ("triton" or "fa3") and ``map_budget`` with no floor (the #3 memory bar's
@@ -354,6 +374,9 @@ def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, su
                 attention_ms=total - t_pred, total_ms=total, max_abs_diff_vs_triton=diff,
                 extra_mem_bytes=extra, extra_mem_frac_of_kv=extra / kv_bytes,
                 chunk_heads=heads, slice_rows=slice_rows, map_budget=map_budget)
+    if heads < HQ:
+        crow["chunk_select_default_ms"], crow["chunk_select_ms"] = chunk_select_ms(
+            q, kc, batch, scale, sim, cdf, topk, heads, bench)
     for key in ("launch_sweep_ms", "predictor_variants_ms", "predictor_parts_ms", "variants_ms"):
         crow.pop(key, None)
     results.append(crow)
@@ -409,6 +432,10 @@ def write_reports(results, meta, out):
     lines += _variants_table(
         results, "predictor_variants_ms", "predictor_ms", "Predictor options (`--variants`): "
         "predictor ms, and in brackets the default's time over the option's.")
+    lines += _variants_table(
+        results, "chunk_select_ms", "chunk_select_default_ms", "One head chunk's select kernel "
+        "(chunked rows; its heads' rows only, a small grid): ms at the default launch, at 4 and "
+        "8 warps, and in brackets the default's time over each.")
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(results, meta, out + ".png")

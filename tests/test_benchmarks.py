@@ -90,3 +90,32 @@ def test_scripts_compile(path):
     syntax error costs device time; ruff does not report every compile-time error)."""
     source = (ROOT / path).read_text()
     compile(source, str(path), "exec")
+
+
+def test_chunk_select_times_one_chunk_at_each_launch(device):
+    """``bench_kernels.chunk_select_ms`` launches one head chunk's select kernel at the default
+    launch and at 4 and 8 warps, the same block map each time."""
+    import torch
+
+    from sparge_serve.kernels.predictor import pool_keys, select_blocks
+    from tests.kernel_inputs import head_vec, make_paged_case
+
+    bench = _load("bench_kernels")
+    case = make_paged_case([(300, 700), (129, 129)], 8, 2, 64, 64, torch.bfloat16, device,
+                           packed=True)
+    sim, cdf = head_vec(0.3, 8, device), head_vec(0.9, 8, device)
+    counts = []
+
+    def once(fn):
+        bm = fn()
+        counts.append(bm.count.clone())
+        assert bm.count.shape[1] == 2  # the chunk's heads only
+        return 1.0
+
+    assert bench.chunk_select_ms(case.q, case.key_cache, case.batch, case.scale, sim, cdf, None,
+                                 2, once) == (1.0, {"w4": 1.0, "w8": 1.0})
+    whole = select_blocks(case.q, case.key_cache, case.batch, case.scale, sim, cdf, None,
+                          torch.zeros(3, dtype=torch.int64, device=device),
+                          pool_keys(case.key_cache, case.batch), 4)
+    for c in counts:
+        assert torch.equal(c, whole.count[:, :2])
