@@ -589,23 +589,19 @@ def sparge_paged_prefill(
     if attention not in ("triton", "fa3"):
         raise ValueError(f"attention must be 'triton' or 'fa3', got {attention!r}")
     stats = stats_buffer(stats, q.device)  # one for both stages
+    check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
+    _check_out_and_layout(q, key_cache, value_cache, out)
+    if pv_skip is None:
+        pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
     if not fused:
-        check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
-        _check_out_and_layout(q, key_cache, value_cache, out)
-        if pv_skip is None:
-            pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
         if attention == "fa3" and pv_skip:
             raise ValueError("the FA3 attention path has no PV skip (stage 2): use "
                              "attention='triton' for thresholds with pvthreshd < 50")
         return _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1,
                                 cdfthreshd, pvthreshd, out, topk, stats, pv_skip, attention,
                                 map_budget, map_floor, on_predicted)
-    check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
-    _check_out_and_layout(q, key_cache, value_cache, out)
     num_heads, head_dim = q.shape[1], q.shape[2]
     _, page, num_kv_heads, _ = key_cache.shape
-    if pv_skip is None:
-        pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
     pooled = pool_keys(key_cache, batch)
     nqb, nreq = num_blocks(batch.max_query_len, BLKQ), batch.num_reqs
     n_tiles = nqb * num_heads * nreq

@@ -71,8 +71,9 @@ class Shape:
 
     def chunk_bytes(self, heads: int, slice_rows: int | None = None) -> int:
         """Device bytes of one chunk of ``heads`` query heads, with FA3 tables for
-        ``slice_rows`` of the sequences (``None``: all): :meth:`head_bytes` and the tables of
-        each head, the pooled keys of its KV heads, and for FA3 the call's sequence order
+        ``slice_rows`` of the sequences (``None``: all): the pooled keys of its KV heads, the
+        larger of their key sums (temporary) and the heads' :meth:`head_bytes`, the tables of
+        each head, and for FA3 the call's sequence order
         (``virtual.virtual_rows``, with its int64 temporaries) and the log-sum-exp of one
         head's launch."""
         kv = max(1, heads * self.num_kv_heads // self.num_heads)

@@ -205,14 +205,14 @@ class VirtualAttention:
     def __init__(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  batch: PrefillBatch, nqb: int, scale: float, out: torch.Tensor,
                  group: int | None = None, heads: int | None = None,
-                 slice_rows: int | None = None, rows: VirtualRows | None = None, attn_fn=None):
+                 slice_rows: int | None = None, attn_fn=None):
         self.group = check_group(group, q.shape[1], key_cache.shape[2])
         self.k_view, self.heads_per_page = heads_as_pages(key_cache)
         self.v_view, k_v = heads_as_pages(value_cache)
         if k_v != self.heads_per_page:
             raise ValueError("key and value caches differ in layout")
         self.page_size = key_cache.shape[1]
-        self.rows = virtual_rows(batch, nqb) if rows is None else rows
+        self.rows = virtual_rows(batch, nqb)
         n_seq = nqb * batch.num_reqs
         step = n_seq if slice_rows is None else max(1, min(slice_rows, n_seq))
         q_start, q_len = self.rows.q_start, self.rows.q_len
@@ -244,16 +244,16 @@ class VirtualAttention:
 def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          batch: PrefillBatch, bm: BlockMap, scale: float, out: torch.Tensor,
                          attn_fn=None, group: int | None = None, slice_rows: int | None = None,
-                         rows: VirtualRows | None = None) -> torch.Tensor:
+                         ) -> torch.Tensor:
     """Stage-1 block-sparse attention (PV skip off) of ``batch`` through FA3 (module docstring).
 
     Writes the rows of ``out`` that ``batch.query_start_loc`` covers (others are left alone).
     ``attn_fn``: :func:`fa3_paged_forward`'s signature (the default); ``group`` as
     ``predict_block_map``'s (head slices); ``slice_rows``: build the virtual block tables and
     call FA3 for that many of the sequences at a time (longest first; ``None``: all), which
-    bounds the tables' memory (``chunks.plan_chunks``); ``rows``: the call's
-    :func:`virtual_rows`, if already made. Head chunks use :class:`VirtualAttention` directly.
+    bounds the tables' memory (``chunks.plan_chunks``). Head chunks use
+    :class:`VirtualAttention` directly (one per call, shared by the chunks).
     """
     VirtualAttention(q, key_cache, value_cache, batch, bm.count.shape[2], scale, out, group,
-                     slice_rows=slice_rows, rows=rows, attn_fn=attn_fn).attend(bm)
+                     slice_rows=slice_rows, attn_fn=attn_fn).attend(bm)
     return out
