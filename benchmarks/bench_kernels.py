@@ -328,10 +328,28 @@ def _chunked_predictor(args, topk, attention: str, map_budget):
                      attention, map_budget, 0, None, predict_only=True)
 
 
-def chunk_select_ms(q, kc, batch, scale, sim, cdf, topk, heads: int, time_fn):
-    """One head chunk's select launch (the first ``heads`` query heads over their KV slice: a
-    small, latency-bound grid) at its default launch, and at 4 and 8 warps: ``(default ms,
-    {"w4": ms, "w8": ms})`` as ``time_fn`` (a function of a callable) measures them."""
+def graph_ms(fn) -> float:
+    """``fn``'s GPU time without host gaps: its launches captured once in a CUDA graph, whose
+    replay is timed (in a chunked call the next chunk's launches are issued while the GPU runs
+    the previous chunk's attention, so the host's time between them is hidden there)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # NOTE: compiles and caches outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
+
+
+def chunk_select_ms(q, kc, batch, scale, sim, cdf, topk, heads: int, time_fn,
+                    as_mask: bool = False):
+    """One select launch of a chunked call (the first ``heads`` query heads over their KV slice:
+    a small, latency-bound grid; ``as_mask``: the FA3 path's bit sets) at its default launch, and
+    at 4 and 8 warps: ``(default ms, {"w4": ms, "w8": ms})`` as ``time_fn`` (a function of a
+    callable) measures them."""
     group = q.shape[1] // kc.shape[2]
     keys = kc[:, :, :max(1, heads // group)]
     pooled = pool_keys(keys, batch)
@@ -339,7 +357,7 @@ def chunk_select_ms(q, kc, batch, scale, sim, cdf, topk, heads: int, time_fn):
 
     def select(**kw):
         return select_blocks(q[:, :heads], keys, batch, scale, sim[:heads], cdf[:heads], topk,
-                             stats, pooled, group, **kw)
+                             stats, pooled, group, as_mask=as_mask, **kw)
 
     variants = {f"w{w}": time_fn(lambda w=w: select(
         select_warps=w, select_dc=_select_dc(pooled.nkb_pad, w))) for w in (4, 8)}
@@ -365,18 +383,22 @@ def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, su
     run()
     diff = (out.float() - want.float()).abs().max().item()
     total = bench(run)
-    t_pred = bench(lambda: _chunked_predictor(args, topk, attention, map_budget))
+    predict = lambda: _chunked_predictor(args, topk, attention, map_budget)  # noqa: E731
+    t_pred = bench(predict)
+    t_pred_gpu = graph_ms(predict)
     extra = _peak_extra(run)
-    heads, slice_rows = plan_chunks(
+    heads, slice_rows, sel = plan_chunks(
         Shape(HQ, HKV, D, 1, batch.max_query_len, batch.max_seq_len,
               kc.shape[1] if attention == "fa3" else None), q.element_size(), map_budget, floor=0)
     crow = dict(row, config=row["config"] + suffix, predictor_ms=t_pred,
+                predictor_gpu_ms=t_pred_gpu,
                 attention_ms=total - t_pred, total_ms=total, max_abs_diff_vs_triton=diff,
                 extra_mem_bytes=extra, extra_mem_frac_of_kv=extra / kv_bytes,
-                chunk_heads=heads, slice_rows=slice_rows, map_budget=map_budget)
-    if heads < HQ:
+                chunk_heads=heads, slice_rows=slice_rows, select_heads=sel,
+                map_budget=map_budget)
+    if sel < HQ:
         crow["chunk_select_default_ms"], crow["chunk_select_ms"] = chunk_select_ms(
-            q, kc, batch, scale, sim, cdf, topk, heads, bench)
+            q, kc, batch, scale, sim, cdf, topk, sel, bench, as_mask=attention == "fa3")
     for key in ("launch_sweep_ms", "predictor_variants_ms", "predictor_parts_ms", "variants_ms"):
         crow.pop(key, None)
     results.append(crow)
@@ -432,9 +454,21 @@ def write_reports(results, meta, out):
     lines += _variants_table(
         results, "predictor_variants_ms", "predictor_ms", "Predictor options (`--variants`): "
         "predictor ms, and in brackets the default's time over the option's.")
+    gpu = [r for r in results if "predictor_gpu_ms" in r and fa3.get((r["length"], r["page"]))]
+    if gpu:
+        lines += ["", "Chunked and `fa3` rows' predictor (its chunk loop without the attention) "
+                  "timed two ways: as issued (the predictor column: the host's time between "
+                  "launches counts, nothing else is queued) and replayed from a CUDA graph (its "
+                  "GPU time: in the real call the host issues a chunk's predictor while the GPU "
+                  "still runs the previous chunk's attention).", "",
+                  "| length | page | config | chunk heads | select heads | predictor ms | "
+                  "predictor GPU ms | predictor GPU / FA3 |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['length']} | {r['page']} | {r['config']} | {r['chunk_heads']} | "
+                  f"{r['select_heads']} | {r['predictor_ms']:.3f} | {r['predictor_gpu_ms']:.3f} | "
+                  f"{r['predictor_gpu_ms'] / fa3[r['length'], r['page']]:.2%} |" for r in gpu]
     lines += _variants_table(
-        results, "chunk_select_ms", "chunk_select_default_ms", "One head chunk's select kernel "
-        "(chunked rows; its heads' rows only, a small grid): ms at the default launch, at 4 and "
+        results, "chunk_select_ms", "chunk_select_default_ms", "One select launch of a chunked "
+        "call (its selection's rows only, a small grid): ms at the default launch, at 4 and "
         "8 warps, and in brackets the default's time over each.")
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -167,12 +167,16 @@ def main() -> None:
         dc, warps = predictor._select_launch_params(nkb_pad)
         for topk in (False, True):
             check(f"select NKB_PAD={nkb_pad} topk={topk}", predictor._select_kernel,
-                  dict(common, NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk), warps)
+                  dict(common, NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk, MASK=False), warps)
+        # the FA3 path's bit-set maps
+        check(f"select NKB_PAD={nkb_pad} bit sets", predictor._select_kernel,
+              dict(common, NKB_PAD=nkb_pad, DC=dc, USE_TOPK=False, MASK=True), warps,
+              types=dict(types, lut_ptr="*i32"))
         # the other warp count (predict_block_map(select_warps=...), benchmarks)
         w = 12 - warps
         check(f"select NKB_PAD={nkb_pad} warps={w}", predictor._select_kernel,
-              dict(common, NKB_PAD=nkb_pad, DC=predictor._select_dc(nkb_pad, w), USE_TOPK=False),
-              w)
+              dict(common, NKB_PAD=nkb_pad, DC=predictor._select_dc(nkb_pad, w), USE_TOPK=False,
+                   MASK=False), w)
         dc4 = predictor._select_dc(nkb_pad, 4)
         warps, stages = attention._fused_launch_params(d, True)
         for pv in (False, True):
@@ -205,8 +209,8 @@ def main() -> None:
     # attention_kernel fa3: the virtual block table (64- and 16-token pages)
     for sub in (1, 4):
         check(f"virtual table SUB={sub}", virtual._virtual_table_kernel,
-              dict(GROUP=4, SUB=sub, CHUNK=256), 4, types=dict(types, bt_ptr="*i32",
-                                                                 vbt_ptr="*i32"))
+              dict(GROUP=4, SUB=sub, CHUNK_WORDS=virtual.TABLE_CHUNK_WORDS), 4,
+              types=dict(types, bt_ptr="*i32", vbt_ptr="*i32", mask_ptr="*i32"))
     sys.exit(1 if failed else 0)
 
 

@@ -56,6 +56,8 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
                                     block_sparsity=sp, predictor_ms=0.1, attention_ms=t,
                                     total_ms=t + 0.1, extra_mem_frac_of_kv=0.02,
                                     fa3_ms=1.0 if cfg == "dense" else None))
+    results.append(dict(results[0], config="dense+fa3_chunked", predictor_gpu_ms=0.05,
+                        chunk_heads=2, select_heads=8, fa3_ms=None))
     for r in results:
         if r["fa3_ms"] is None:
             del r["fa3_ms"]
@@ -71,6 +73,7 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
     assert "| 32768 | 64 | topk_s0.5+fused | random | 0.500 | 0.100 | 0.800 | 1.000 | 1.11x |" in md
     assert "| 8192 | 64 | dense | 1.300 | 1.000 (1.300x) | 2.600 (0.500x) |" in md
     assert "| 8192 | 64 | 0.100 | 0.040 | 0.060 |" in md
+    assert "| 8192 | 64 | dense+fa3_chunked | 2 | 8 | 0.100 | 0.050 | 5.00% |" in md
     assert "| 8192 | 64 | topk_s0.5 | 0.100 | 0.050 (2.000x) | 0.200 (0.500x) |" in md
     png = tmp_path / "kernels.png"
     assert png.stat().st_size > 10_000
@@ -92,9 +95,11 @@ def test_scripts_compile(path):
     compile(source, str(path), "exec")
 
 
-def test_chunk_select_times_one_chunk_at_each_launch(device):
+@pytest.mark.parametrize("as_mask", [False, True])
+def test_chunk_select_times_one_chunk_at_each_launch(as_mask, device):
     """``bench_kernels.chunk_select_ms`` launches one head chunk's select kernel at the default
-    launch and at 4 and 8 warps, the same block map each time."""
+    launch and at 4 and 8 warps, the same block map each time (lists, or the FA3 path's bit
+    sets)."""
     import torch
 
     from sparge_serve.kernels.predictor import pool_keys, select_blocks
@@ -110,10 +115,11 @@ def test_chunk_select_times_one_chunk_at_each_launch(device):
         bm = fn()
         counts.append(bm.count.clone())
         assert bm.count.shape[1] == 2  # the chunk's heads only
+        assert (bm.mask is not None) == as_mask
         return 1.0
 
     assert bench.chunk_select_ms(case.q, case.key_cache, case.batch, case.scale, sim, cdf, None,
-                                 2, once) == (1.0, {"w4": 1.0, "w8": 1.0})
+                                 2, once, as_mask) == (1.0, {"w4": 1.0, "w8": 1.0})
     whole = select_blocks(case.q, case.key_cache, case.batch, case.scale, sim, cdf, None,
                           torch.zeros(3, dtype=torch.int64, device=device),
                           pool_keys(case.key_cache, case.batch), 4)

@@ -11,6 +11,7 @@ import torch
 from sparge_serve.kernels import MAP_BUDGET, chunks, predict_block_map, sparge_paged_prefill
 from sparge_serve.kernels.chunks import (
     MIN_SLICE_ROWS,
+    Plan,
     Shape,
     chunk_scratch_bytes,
     chunk_sizes,
@@ -54,31 +55,40 @@ def test_plan_fits_the_budget_at_the_benchmark_shapes(fa3_page):
     heads as fit (and for FA3, as many of their sequences' tables)."""
     for length in (8192, 32768, 131072):
         shape = Shape(32, 8, 128, 1, length, length, fa3_page)
-        heads, rows = plan_chunks(shape, 2, floor=0)
+        heads, rows, sel = plan_chunks(shape, 2, floor=0)
         limit = MAP_BUDGET * 2 * length * 8 * 128 * 2
-        assert shape.chunk_bytes(heads, rows) <= limit
+        assert shape.chunk_bytes(heads, rows, sel) <= limit
         bigger = [s for s in chunk_sizes(32, 8) if s > heads]
         if bigger:  # the next larger chunk fits with no slice of its tables
             assert shape.chunk_bytes(min(bigger), MIN_SLICE_ROWS) > limit
         assert rows is None or (fa3_page and MIN_SLICE_ROWS <= rows < shape.rows)
+        # the Triton path selects a chunk's heads; FA3's (bit-set maps) the most whole groups
+        # that fit, a multiple of the chunk
+        assert sel == heads if fa3_page is None else (sel % heads == 0 and sel % 4 == 0)
+        wider = [s for s in chunk_sizes(32, 8) if s > sel and s % heads == 0]
+        if fa3_page and wider:
+            assert shape.chunk_bytes(heads, rows, min(wider)) > limit
     long = Shape(32, 8, 128, 1, 131072, 131072, fa3_page)
-    assert plan_chunks(long, 2, floor=0)[0] == 1  # 128K: one head a chunk
-    assert plan_chunks(long, 2, floor=0)[1] == (256 if fa3_page else None)  # FA3: 1/4 tables
-    assert plan_chunks(long, 2, map_budget=None, floor=0) == (32, None)
+    # 128K: one head a chunk; FA3: two, a quarter of their tables at a time, one group selected
+    assert plan_chunks(long, 2, floor=0) == ((1, None, 1) if fa3_page is None else (2, 256, 4))
+    # 32K, FA3: two heads a chunk, two KV heads' groups a select launch
+    assert plan_chunks(Shape(32, 8, 128, 1, 32768, 32768, 64), 2, floor=0) == (2, None, 8)
+    assert plan_chunks(long, 2, map_budget=None, floor=0) == (32, None, 32)
     with pytest.raises(ValueError, match="map_budget must be > 0"):
         plan_chunks(long, 2, map_budget=0.0)
 
 
 def test_default_floor_splits_only_large_block_maps():
     """By default (a 64 MiB floor) a 32K prompt runs in one chunk; a 128K prompt's 128 MiB
-    block map (with FA3 tables: 3x that) is split into chunks of at most 64 MiB (FA3: 8 heads,
-    each with its tables for a third of the sequences at a time)."""
+    block map (with FA3 tables: 3x that) is split into chunks of at most 64 MiB (FA3: bit-set
+    maps of every head at once, then 16 heads a chunk, each with its tables for a third of the
+    sequences at a time)."""
     for fa3_page in (None, 64):
-        assert plan_chunks(Shape(32, 8, 128, 1, 32768, 32768, fa3_page), 2) == (32, None)
+        assert plan_chunks(Shape(32, 8, 128, 1, 32768, 32768, fa3_page), 2) == (32, None, 32)
         long = Shape(32, 8, 128, 1, 131072, 131072, fa3_page)
-        heads, rows = plan_chunks(long, 2)
-        assert (heads, rows) == ((8, None) if fa3_page is None else (8, 342))
-        assert long.chunk_bytes(heads, rows) <= 64 << 20 < long.chunk_bytes(2 * heads)
+        plan = plan_chunks(long, 2)
+        assert plan == ((8, None, 8) if fa3_page is None else (16, 342, 32))
+        assert long.chunk_bytes(*plan) <= 64 << 20 < long.chunk_bytes(2 * plan.heads)
 
 
 @pytest.mark.parametrize("floor", [None, 0])
@@ -119,7 +129,7 @@ def test_chunked_prefill_equals_all_heads_at_once(hq, hkv, budget, want_heads, p
     if budget == "group":  # exactly one group's chunk fits
         kv = 2 * b.num_reqs * b.max_seq_len * hkv * 64 * 2
         budget = shape.chunk_bytes(hq // hkv) / kv
-    assert plan_chunks(shape, 2, map_budget=budget) == (want_heads, None)
+    assert plan_chunks(shape, 2, map_budget=budget) == (want_heads, None, want_heads)
     ths = (torch.linspace(-0.2, 0.6, hq, device=device), torch.linspace(0.5, 0.95, hq,
            device=device), head_vec(pv, hq, device))
     want, want_stats, want_bm = _run(case, ths, None, device, map_budget=None)
@@ -148,6 +158,32 @@ def test_chunked_fa3_path_equals_all_heads_at_once(device, monkeypatch):
                               attention="fa3")
     assert bm.lut is None and not torch.isnan(got).any()
     assert torch.equal(got_stats, want_stats)
+    assert (got.float() - want.float()).abs().max().item() <= 2e-3
+
+
+@pytest.mark.parametrize("hq,hkv,plan", [
+    (8, 2, Plan(1, None, 4)),  # a group a select launch, its heads attended one at a time
+    (8, 4, Plan(1, 5, 4)),  # two KV heads' groups a select launch, tables for 5 sequences
+    (8, 2, Plan(2, None, 8)),  # one select launch (its map returned), two heads a chunk
+])
+def test_fa3_selections_wider_than_their_chunks(hq, hkv, plan, device, monkeypatch):
+    """The FA3 path selects (bit sets) for several chunks at once: each chunk attends its own
+    heads of the selection's map (the map's head offset in the table kernel and the views)."""
+    import sparge_serve.kernels.attention as attention
+    import sparge_serve.kernels.virtual as virtual
+
+    monkeypatch.setattr(attention, "plan_chunks", lambda *args, **kw: plan)
+    if device == "cpu":
+        monkeypatch.setattr(virtual, "fa3_paged_forward", fa3_emulation)
+    case = make_paged_case(REQS, hq, hkv, 64, 16, torch.float16, device, seed=10, packed=True)
+    ths = (torch.linspace(-0.2, 0.6, hq, device=device),
+           torch.linspace(0.5, 0.95, hq, device=device), head_vec(50.0, hq, device))
+    want, want_stats, want_bm = _run(case, ths, None, device, map_budget=None, pv_skip=False)
+    got, got_stats, bm = _run(case, ths, None, device, pv_skip=False, attention="fa3")
+    assert not torch.isnan(got).any()
+    assert torch.equal(got_stats, want_stats)
+    assert torch.equal(bm.count, want_bm.count) and torch.equal(bm.n_valid, want_bm.n_valid)
+    assert (bm.mask is not None) == (plan.select_heads == hq) and bm.lut is None
     assert (got.float() - want.float()).abs().max().item() <= 2e-3
 
 

@@ -62,6 +62,60 @@ def test_fa3_virtual_contexts_equal_the_sparse_kernel(page, hq, hkv, packed, top
     assert (got.float() - want.float()).abs().max().item() <= 2e-3
 
 
+@pytest.mark.parametrize("reqs,sim,cdf,topk", [
+    (REQS, 0.3, 0.9, None),  # 11 key blocks: one word of 16 bits
+    ([(150, 2100), (37, 421)], 0.3, 0.6, None),  # 33 key blocks: two words
+    ([(150, 2100)], -1.0, 1.0, 0.4),  # top-k
+    ([(150, 2100)], 1.0, 0.0, None),  # every block forced (no similar block)
+    ([(150, 2100)], -1.0, 0.0, None),  # the fewest blocks
+])
+def test_bit_set_maps_hold_the_lists_blocks(reqs, sim, cdf, topk, device):
+    """``predict_block_map(as_mask=True)`` (the FA3 path's map): bit j of a row holds key block
+    j iff the row's list holds it; the same counts and counters; ``lut_to_mask`` agrees."""
+    from sparge_serve.kernels.predictor import lut_to_mask
+
+    case = make_paged_case(reqs, 4, 2, 64, 16, torch.float16, device, seed=5, packed=True)
+    ths = (head_vec(sim, 4, device), head_vec(cdf, 4, device))
+    stats = [torch.zeros(3, dtype=torch.int64, device=device) for _ in range(2)]
+    lists = predict_block_map(case.q, case.key_cache, case.batch, case.scale, *ths, topk,
+                              stats=stats[0])
+    bits = predict_block_map(case.q, case.key_cache, case.batch, case.scale, *ths, topk,
+                             stats=stats[1], as_mask=True)
+    assert bits.lut is None and bits.mask.dtype == torch.int32
+    assert torch.equal(bits.count, lists.count) and torch.equal(bits.n_valid, lists.n_valid)
+    assert torch.equal(stats[0], stats[1])
+    nkb = lists.lut.shape[-1]
+    assert bits.mask.shape == (*lists.count.shape, -(-nkb // 32))
+    decoded = (bits.mask[..., None] >> torch.arange(32, device=device)) & 1
+    decoded = decoded.flatten(-2).bool()
+    assert torch.equal(decoded.sum(-1), lists.count)  # no bit but the list's
+    listed = torch.arange(nkb, device=device) < lists.count[..., None]
+    assert decoded.gather(-1, lists.lut.long().clamp(0, nkb - 1))[listed].all()
+    assert torch.equal(lut_to_mask(lists), bits.mask)
+    assert (lists.count < lists.n_valid).any() or cdf == 0.0 or sim == 1.0
+
+
+def test_fa3_tables_from_bit_sets_of_several_words(device, monkeypatch):
+    """Contexts of 33 key blocks (two words), expanded one word a step (the table kernel's
+    running position across steps), 16-token pages (four per block)."""
+    import sparge_serve.kernels.virtual as virtual
+
+    monkeypatch.setattr(virtual, "TABLE_CHUNK_WORDS", 1)
+    case = make_paged_case([(150, 2100), (37, 421)], 4, 2, 64, 16, torch.float16, device,
+                           seed=6, packed=True)
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
+                           head_vec(0.3, 4, device), head_vec(0.6, 4, device))
+    assert (bm.count[bm.count > 0] < bm.n_valid[bm.count > 0]).any()
+    assert (bm.lut[..., :bm.count.max()] >= 32).any()  # kept blocks in the second word
+    want = torch.zeros_like(case.q)
+    sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
+                           head_vec(50.0, 4, device), want, pv_skip=False)
+    got = torch.full_like(case.q, float("nan"))
+    fa3_sparse_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
+                         got, attn_fn=fa3_emulation)
+    assert (got.float() - want.float()).abs().max().item() <= 2e-3
+
+
 def test_heads_as_pages_addresses_every_head_of_every_page():
     case = make_paged_case([(64, 200)], 4, 2, 64, 16, torch.float16, "cpu", packed=True)
     view, k = heads_as_pages(case.key_cache)
@@ -99,23 +153,25 @@ def test_shape_bytes_bound_the_fa3_allocations(device):
     """``chunks.Shape`` (the head chunks' plan and the backend's reservation) covers what
     ``virtual_rows`` and ``virtual_table`` allocate, with room for temporaries only."""
     from sparge_serve.kernels.chunks import Shape
+    from sparge_serve.kernels.predictor import key_sums_bytes, pooled_keys_bytes
     from sparge_serve.kernels.virtual import virtual_rows, virtual_table
 
     case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=1, packed=True)
     bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
-                           head_vec(0.3, 4, device), head_vec(0.9, 4, device))
+                           head_vec(0.3, 4, device), head_vec(0.9, 4, device), as_mask=True)
     rows = virtual_rows(case.batch, bm.count.shape[2])
     n = rows.order.shape[0]
     table, used = virtual_table(rows, case.batch, bm, 16, heads_as_pages(case.key_cache)[1], 2,
                                 0, n)
     b = case.batch
     fa3 = Shape(4, 2, 64, b.num_reqs, b.max_query_len, b.max_seq_len, 16)
-    lut = Shape(4, 2, 64, b.num_reqs, b.max_query_len, b.max_seq_len)
     assert table.numel() * 4 + used.numel() * 4 == 4 * n * fa3.table_row_bytes()
-    assert 4 * lut.head_bytes() == sum(
-        t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid))
+    assert 4 * fa3.head_bytes() == sum(
+        t.numel() * t.element_size() for t in (bm.mask, bm.count, bm.n_valid))
     own = sum(t.numel() * t.element_size() for t in (rows.q_start, rows.q_len, rows.order))
-    fixed = fa3.chunk_bytes(4) - lut.chunk_bytes(4) - 4 * n * fa3.table_row_bytes()
+    sizes = (2, 64, b.num_reqs, b.max_seq_len)
+    maps = pooled_keys_bytes(*sizes) + max(key_sums_bytes(*sizes), 4 * fa3.head_bytes())
+    fixed = fa3.chunk_bytes(4) - maps - 4 * n * fa3.table_row_bytes()
     lse = b.num_reqs * b.max_query_len * 4
     # the call's rows, plus at most six int64 [S] temporaries alive with them
     assert own <= fixed - lse <= own + 6 * 8 * n + 8

@@ -627,9 +627,10 @@ def _warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atte
                      device=device).permute(*inverse)
     key_cache, value_cache = kv.transpose(1, 2).split(first.head_size, dim=-1)
     t0 = time.perf_counter()
+    fa3 = any(i.fa3_attention for i in sparse)
     buckets = warm_up_sparse_kernels(key_cache, value_cache, first.num_heads, cfg.min_sparse_len,
-                                     max_len, pv_variants, cfg.topk, cfg.fused)
-    if any(i.fa3_attention for i in sparse):
+                                     max_len, pv_variants, cfg.topk, cfg.fused, masks=fa3)
+    if fa3:
         from sparge_serve.kernels.virtual import warm_up_virtual
 
         warm_up_virtual(first.num_heads, first.num_kv_heads, spec.block_size, device)

@@ -575,8 +575,9 @@ def sparge_paged_prefill(
     ``virtual.py``), over head slices of ``q``/``out``/the caches, so that the block map and the
     FA3 tables never pass ``map_budget`` of the batch's K/V bytes or ``map_floor`` bytes,
     whichever is more (``chunks.MIN_BUDGET_BYTES`` by default; ``map_budget=None``: all heads in
-    one chunk). The returned map has the whole call's ``count``/``n_valid``, and its ``lut`` when it
-    ran as one chunk (else ``None``). ``on_predicted`` is called between the two stages of a
+    one chunk). The returned map has the whole call's ``count``/``n_valid``, and its ``lut`` (the
+    ``fa3`` path: its bit sets, ``mask``) when it ran as one chunk (else ``None``). The ``fa3``
+    path selects for several chunks at once (``chunks.Plan.select_heads``). ``on_predicted`` is called between the two stages of a
     one-chunk call (the backend's predictor timing).
 
     ``fused=True`` selects and attends in one persistent kernel, so the block map never exists in
@@ -640,37 +641,41 @@ def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfth
     _, page, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads
     fa3 = attention == "fa3"
-    heads, slice_rows = plan_chunks(
+    heads, slice_rows, sel_heads = plan_chunks(
         Shape(num_heads, num_kv_heads, head_dim, batch.num_reqs, batch.max_query_len,
               batch.max_seq_len, page if fa3 else None), q.element_size(), map_budget, map_floor)
     nqb = num_blocks(batch.max_query_len, BLKQ)
-    n_chunks = num_heads // heads
-    kv_heads = max(1, heads // group)  # KV heads of a chunk's slice
+    n_chunks = num_heads // sel_heads  # predictor launches (the Triton path: one per chunk)
+    kv_heads = max(1, sel_heads // group)  # KV heads of a selection's slice
     # NOTE: a call's views of every chunk are made at once (one split per tensor) and each
-    # chunk's block counts are a contiguous part of one buffer: slicing and copying them per
+    # selection's block counts are a contiguous part of one buffer: slicing and copying them per
     # chunk was a third of a chunk's host time (H200 profile, session 16)
-    counts = torch.empty(n_chunks, 2, batch.num_reqs, heads, nqb, dtype=torch.int32,
+    counts = torch.empty(n_chunks, 2, batch.num_reqs, sel_heads, nqb, dtype=torch.int32,
                          device=q.device).unbind()
-    qs, sims, cdfs = q.split(heads, 1), simthreshd1.split(heads), cdfthreshd.split(heads)
+    qs, sims, cdfs = q.split(sel_heads, 1), simthreshd1.split(sel_heads), cdfthreshd.split(sel_heads)
     key_slices = key_cache.split(kv_heads, 2)
     if not fa3:
         value_slices = value_cache.split(kv_heads, 2)
-        outs, pvs = out.split(heads, 1), pvthreshd.split(heads)
+        outs, pvs = out.split(sel_heads, 1), pvthreshd.split(sel_heads)  # sel_heads = heads
     elif not predict_only:
         from sparge_serve.kernels.virtual import VirtualAttention
 
+        # the selection's heads attended `heads` at a time (the tables' memory)
         attend = VirtualAttention(q, key_cache, value_cache, batch, nqb, scale, out, group,
                                   heads, slice_rows)
     # NOTE: a host loop over head chunks (few, and only where one chunk would not fit the
     # memory budget): each chunk is one batched launch per kernel over all its rows
-    for c, (hs, gs, first) in enumerate(head_chunks(num_heads, num_kv_heads, heads)):
+    for c, (hs, gs, first) in enumerate(head_chunks(num_heads, num_kv_heads, sel_heads)):
         kv = gs.start // kv_heads
         bm = None  # NOTE: the last chunk's map is freed before the next one is allocated
         if first:  # first chunk of this KV slice: its pooled keys (the last ones freed first)
             pooled = None
             pooled = pool_keys(key_slices[kv], batch)
+        # NOTE: the FA3 path's maps are bit sets: a sixteenth of the lists' bytes, so that one
+        # select launch covers whole KV slices (a grid of a few heads is latency-bound: 43 us
+        # for 2 heads at 32K, against 24 us of a 32-head launch's time per 2 heads; H200)
         bm = select_blocks(qs[c], key_slices[kv], batch, scale, sims[c], cdfs[c], topk, stats,
-                           pooled, group, counts[c])
+                           pooled, group, counts[c], as_mask=fa3)
         if on_predicted is not None and n_chunks == 1:
             on_predicted()
         if predict_only:
@@ -682,7 +687,7 @@ def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfth
                           outs[c], stats, pv_skip, group)
     if n_chunks == 1:
         return bm
-    # [2, R, Hq, NQB] from the chunks' [2, R, heads, NQB] (one copy a call)
+    # [2, R, Hq, NQB] from the selections' [2, R, sel_heads, NQB] (one copy a call)
     both = torch.stack(counts, 2).reshape(2, batch.num_reqs, num_heads, nqb)
     return BlockMap(None, both[0], both[1])
 

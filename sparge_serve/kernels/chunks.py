@@ -9,7 +9,10 @@ is copied), with the pooled keys computed once per KV-head slice. The chunk is t
 whose buffers fit ``map_budget`` (a fraction of the K/V bytes of the batch's padded shape): whole
 GQA groups where they fit, else a part of one group (down to one query head). The FA3 path also
 builds its tables for a *slice* of each head's sequences at a time (longest first, at least
-:data:`MIN_SLICE_ROWS` of them, so that each FA3 launch still fills the GPU).
+:data:`MIN_SLICE_ROWS` of them, so that each FA3 launch still fills the GPU), and, its block maps
+being bit sets, selects for several chunks at once: one predictor launch per *selection* of whole
+GQA groups, as many as fit next to one chunk's tables (a select grid of a few heads is
+latency-bound).
 
 The plan depends on host ints only (heads, requests, ``max_query_len``, ``max_seq_len``), so it
 never synchronises, and the backend can reserve its worst case at start-up.
@@ -19,9 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sparge_serve.kernels.geometry import BLKK, BLKQ, num_blocks
-from sparge_serve.kernels.predictor import key_block_stride, key_sums_bytes, pooled_keys_bytes
+from sparge_serve.kernels.predictor import (
+    key_block_stride,
+    key_sums_bytes,
+    mask_words,
+    pooled_keys_bytes,
+)
 
 MAP_BUDGET = 0.015
 """Default bound on a head chunk's buffers (pooled keys, block map, FA3 tables), as a fraction of
@@ -29,8 +38,8 @@ the K/V bytes of the batch's padded shape (``max_reqs * max_seq_len`` tokens).""
 MIN_BUDGET_BYTES = 64 << 20
 """Default floor of the budget (``map_floor``): chunks never get smaller than this. Each chunk
 adds its own small launches (key pooling, select, FA3 tables) that 32K prompts at high sparsity
-do not hide (H200, 32K, 16 ``fa3`` chunks: 0.96x the unchunked speed at 50% block sparsity,
-0.59-0.75x at 80-90%, ``benchmarks/results/kernels_virtual.md``), so only block maps larger than
+do not hide (H200, 32K, 16 ``fa3`` chunks: 0.98x the unchunked speed at 50% block sparsity,
+0.61-0.95x at 80-90%, ``benchmarks/results/kernels_virtual.md``), so only block maps larger than
 this are split: a bound on the worst case (1M-token contexts, or long prompts in one step), not a
 cost at typical sizes. ``map_floor=0`` gives the pure fraction (the #3 memory bar)."""
 MIN_SLICE_ROWS = 256
@@ -56,10 +65,19 @@ class Shape:
         return self.max_reqs * num_blocks(self.max_query_len, BLKQ)
 
     def head_bytes(self) -> int:
-        """Bytes one query head of a chunk keeps for the whole chunk: its block map (int16
-        list and two int32 counts per row)."""
+        """Bytes one query head of a selection keeps while its chunks run: its block map (int16
+        lists, or for the FA3 path bit sets, and two int32 counts per row)."""
         stride = key_block_stride(num_blocks(self.max_seq_len, BLKK))
-        return self.rows * (stride * 2 + 2 * 4)
+        row = stride * 2 if self.fa3_page_size is None else mask_words(stride) * 4
+        return self.rows * (row + 2 * 4)
+
+    def min_select_heads(self, heads: int) -> int:
+        """The fewest query heads one predictor launch covers for chunks of ``heads``: the
+        chunk's own, or for the FA3 path at least one GQA group (its bit-set maps are small, and
+        the select kernel's grid of a few heads is latency-bound)."""
+        if self.fa3_page_size is None:
+            return heads
+        return max(heads, self.num_heads // self.num_kv_heads)
 
     def table_row_bytes(self) -> int:
         """Bytes of one sequence's virtual block table and context length (FA3 path; 0
@@ -69,17 +87,20 @@ class Shape:
         stride = key_block_stride(num_blocks(self.max_seq_len, BLKK))
         return stride * (BLKK // self.fa3_page_size) * 4 + 4
 
-    def chunk_bytes(self, heads: int, slice_rows: int | None = None) -> int:
+    def chunk_bytes(self, heads: int, slice_rows: int | None = None,
+                    select_heads: int | None = None) -> int:
         """Device bytes of one chunk of ``heads`` query heads, with FA3 tables for
-        ``slice_rows`` of the sequences (``None``: all): the pooled keys of its KV heads, the
-        larger of their key sums (temporary) and the heads' :meth:`head_bytes`, the tables of
-        each head, and for FA3 the call's sequence order
-        (``virtual.virtual_rows``, with its int64 temporaries) and the log-sum-exp of one
-        head's launch."""
-        kv = max(1, heads * self.num_kv_heads // self.num_heads)
-        # the key sums live only while the keys are pooled, before the chunk's map exists
+        ``slice_rows`` of the sequences (``None``: all), whose map is part of a selection of
+        ``select_heads`` (default :meth:`min_select_heads`): the pooled keys of the selection's
+        KV heads, the larger of their key sums (temporary) and the selection's
+        :meth:`head_bytes`, the tables of each head of the chunk, and for FA3 the call's
+        sequence order (``virtual.virtual_rows``, with its int64 temporaries) and the
+        log-sum-exp of one head's launch."""
+        sel = self.min_select_heads(heads) if select_heads is None else select_heads
+        kv = max(1, sel * self.num_kv_heads // self.num_heads)
+        # the key sums live only while the keys are pooled, before the selection's map exists
         sizes = (kv, self.head_dim, self.max_reqs, self.max_seq_len)
-        n = pooled_keys_bytes(*sizes) + max(key_sums_bytes(*sizes), heads * self.head_bytes())
+        n = pooled_keys_bytes(*sizes) + max(key_sums_bytes(*sizes), sel * self.head_bytes())
         if self.fa3_page_size is not None:
             rows = self.rows if slice_rows is None else min(slice_rows, self.rows)
             n += heads * rows * self.table_row_bytes()
@@ -114,30 +135,45 @@ def head_chunks(num_heads: int, num_kv_heads: int, heads: int,
         kv0 = g0
 
 
+class Plan(NamedTuple):
+    """How a call runs in head chunks (:func:`plan_chunks`)."""
+
+    heads: int  # query heads a chunk attends
+    slice_rows: int | None  # FA3 path: sequences a table covers (None: all)
+    select_heads: int  # query heads one predictor launch selects (a multiple of heads)
+
+
 def plan_chunks(shape: Shape, elem_size: int, map_budget: float | None = MAP_BUDGET,
-                floor: int | None = None) -> tuple[int, int | None]:
-    """``(heads per chunk, FA3 table slice rows or None for all)``: the largest
-    :func:`chunk_sizes` entry that fits the budget, with all of its sequences' tables if they
-    fit, else the most of them that do (at least :data:`MIN_SLICE_ROWS`); else one head with
-    the smallest slice. ``map_budget=None``: no bound, one chunk; ``floor``: as
-    :meth:`Shape.budget_bytes`'s."""
+                floor: int | None = None) -> Plan:
+    """The largest :func:`chunk_sizes` entry that fits the budget, with all of its sequences'
+    tables if they fit, else the most of them that do (at least :data:`MIN_SLICE_ROWS`); else
+    one head with the smallest slice. Its selections cover :meth:`Shape.min_select_heads`, or
+    for the FA3 path the most whole groups (a multiple of the chunk) that still fit. ``map_budget
+    =None``: no bound, one chunk; ``floor``: as :meth:`Shape.budget_bytes`'s."""
     if map_budget is None:
-        return shape.num_heads, None
+        return Plan(shape.num_heads, None, shape.num_heads)
     if map_budget <= 0:
         raise ValueError(f"map_budget must be > 0 (a fraction of the K/V bytes) or None, got "
                          f"{map_budget}")
     limit = shape.budget_bytes(elem_size, map_budget, floor)
     sizes = chunk_sizes(shape.num_heads, shape.num_kv_heads)
-    for heads in sizes:
-        if shape.chunk_bytes(heads) <= limit:
-            return heads, None
-        room = limit - shape.chunk_bytes(heads, 0)
+    heads, rows = sizes[-1], (MIN_SLICE_ROWS if shape.fa3_page_size is not None else None)
+    for size in sizes:
+        if shape.chunk_bytes(size) <= limit:
+            heads, rows = size, None
+            break
+        room = limit - shape.chunk_bytes(size, 0)
         if shape.table_row_bytes() and room > 0:
-            rows = room // (heads * shape.table_row_bytes())
-            if rows >= MIN_SLICE_ROWS:
-                slices = -(-shape.rows // rows)
-                return heads, -(-shape.rows // slices)  # even slices, none larger
-    return sizes[-1], (MIN_SLICE_ROWS if shape.fa3_page_size is not None else None)
+            fit = room // (size * shape.table_row_bytes())
+            if fit >= MIN_SLICE_ROWS:
+                slices = -(-shape.rows // fit)
+                heads, rows = size, -(-shape.rows // slices)  # even slices, none larger
+                break
+    least = shape.min_select_heads(heads)
+    # NOTE: FA3 path: fewer, larger predictor launches (one per KV slice), as memory allows
+    wider = [s for s in sizes if s > least and s % heads == 0 and s % least == 0
+             and shape.chunk_bytes(heads, rows, s) <= limit] if shape.fa3_page_size else []
+    return Plan(heads, rows, max(wider, default=least))
 
 
 def chunk_scratch_bytes(shape: Shape, elem_size: int, map_budget: float | None = MAP_BUDGET,

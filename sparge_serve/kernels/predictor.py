@@ -50,6 +50,10 @@ class BlockMap:
     lut: torch.Tensor | None
     count: torch.Tensor  # [R, Hq, NQB] int32: number of kept key blocks (0 for rows past the query)
     n_valid: torch.Tensor  # [R, Hq, NQB] int32: number of causally valid key blocks of the row
+    # [R, Hq, NQB, mask_words(NKB_STRIDE)] int32: the kept key blocks as a bit set (block j is
+    # bit j % 32 of word j // 32), the FA3 path's form (`predict_block_map(as_mask=True)`, lut
+    # None then): a sixteenth of the list's bytes
+    mask: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +314,36 @@ def _store_row(lut_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_v
     _count_blocks(stats_ptr, n_valid, n_kept)
 
 
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _store_bits(mask_ptr, row_id, NKB, keep, NKB_PAD: tl.constexpr):
+    """``keep [NKB_PAD]`` as row ``row_id`` of a :attr:`BlockMap.mask` (``NKB``: the list's row
+    stride)."""
+    BITS: tl.constexpr = 32 if NKB_PAD >= 32 else NKB_PAD
+    WORDS: tl.constexpr = NKB_PAD // BITS
+    bits = tl.reshape(keep.to(tl.int32), [WORDS, BITS]) << tl.arange(0, BITS)[None, :]
+    words = tl.reduce(bits, 1, _or)
+    offs_w = tl.arange(0, WORDS)
+    n_words = (NKB + 31) // 32
+    tl.store(mask_ptr + row_id.to(tl.int64) * n_words + offs_w, words, mask=offs_w < n_words)
+
+
+@triton.jit
+def _store_mask(mask_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_valid,
+                NKB_PAD: tl.constexpr):
+    """A row's block map as a bit set (:func:`_store_bits`), its count and ``n_valid``; both
+    counts added to the block counters."""
+    _store_bits(mask_ptr, row_id, NKB, keep, NKB_PAD)
+    n_kept = tl.sum(keep.to(tl.int32), axis=0)
+    tl.store(count_ptr + row_id, n_kept)
+    tl.store(nvalid_ptr + row_id, n_valid)
+    _count_blocks(stats_ptr, n_valid, n_kept)
+
+
 @triton.jit(do_not_specialize=["NQB", "num_heads", "num_kv_heads"],
             do_not_specialize_on_alignment=BATCH_PTRS)
 def _select_kernel(
@@ -318,8 +352,10 @@ def _select_kernel(
     stride_qt, stride_qh,
     NKB, NQB, num_heads, num_kv_heads, scale, topk,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
+    NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr, MASK: tl.constexpr,
 ):
+    """One row's selection, stored as a list (``lut_ptr``: :attr:`BlockMap.lut`) or, with
+    ``MASK``, as a bit set (``lut_ptr``: :attr:`BlockMap.mask`)."""
     h = tl.program_id(0)
     b = tl.program_id(1)
     r = tl.program_id(2)
@@ -330,14 +366,20 @@ def _select_kernel(
     if b * BLOCK_M >= q_len:
         tl.store(count_ptr + row_id, 0)
         tl.store(nvalid_ptr + row_id, 0)
+        if MASK:  # no set bit past the query (a list's entries past its count are not read)
+            _store_bits(lut_ptr, row_id, NKB, tl.arange(0, NKB_PAD) < 0, NKB_PAD)
         return
     keep, n_valid = _select_row(
         q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
         stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
         GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK,
     )
-    _store_row(lut_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_valid,
-               tl.arange(0, NKB_PAD))
+    if MASK:
+        _store_mask(lut_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_valid,
+                    NKB_PAD)
+    else:
+        _store_row(lut_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_valid,
+                   tl.arange(0, NKB_PAD))
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,6 +455,11 @@ def key_block_stride(nkb: int) -> int:
     every context length.
     """
     return num_blocks(nkb, 16) * 16
+
+
+def mask_words(nkb_stride: int) -> int:
+    """int32 words of a :attr:`BlockMap.mask` row (``nkb_stride``: :func:`key_block_stride`)."""
+    return num_blocks(nkb_stride, 32)
 
 
 def selection_tile(nkb: int) -> int:
@@ -530,6 +577,7 @@ def predict_block_map(
     select_warps: int | None = None,
     pooled: PooledKeys | None = None,
     group: int | None = None,
+    as_mask: bool = False,
 ) -> BlockMap:
     """Stage 1 for a varlen prefill batch. See the module docstring and docs/DESIGN.md.
 
@@ -546,6 +594,9 @@ def predict_block_map(
     Hkv`` of the slices; a slice of fewer heads than one group passes the layer's, so that query
     head ``h`` of the slice still reads KV head ``h // group`` and the kernel is the one the
     warm-up compiled).
+
+    ``as_mask``: the map as bit sets (:attr:`BlockMap.mask`, for the FA3 attention path) instead
+    of lists (``lut``, for :func:`~sparge_serve.kernels.attention.sparse_paged_attention`).
     """
     check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
     if select_dc not in (None, 1, 2, 4, 8, 16, 32) or select_warps not in (None, 4, 8):
@@ -554,11 +605,12 @@ def predict_block_map(
     group = check_group(group, q.shape[1], key_cache.shape[2])
     return select_blocks(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk,
                          stats_buffer(stats, q.device), pooled, group, select_dc=select_dc,
-                         select_warps=select_warps)
+                         select_warps=select_warps, as_mask=as_mask)
 
 
 def select_blocks(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, stats, pooled,
-                  group, counts=None, select_dc=None, select_warps=None) -> BlockMap:
+                  group, counts=None, select_dc=None, select_warps=None,
+                  as_mask=False) -> BlockMap:
     """:func:`predict_block_map` without its checks (the caller's arguments are checked: head
     chunks check the layer's once); ``counts``: an int32 ``[2, R, Hq, NQB]`` buffer for the
     map's ``count`` and ``n_valid`` (default: new)."""
@@ -568,7 +620,11 @@ def select_blocks(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, sta
     if pooled is None:
         pooled = pool_keys(key_cache, batch)
     nkb_stride, nkb_pad = pooled.nkb_stride, pooled.nkb_pad
-    lut = torch.empty(nreq, num_heads, nqb, nkb_stride, dtype=torch.int16, device=q.device)
+    if as_mask:
+        lut = torch.empty(nreq, num_heads, nqb, mask_words(nkb_stride), dtype=torch.int32,
+                          device=q.device)
+    else:
+        lut = torch.empty(nreq, num_heads, nqb, nkb_stride, dtype=torch.int16, device=q.device)
     if counts is None:
         counts = torch.empty(2, nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
     num_warps = select_warps or _select_launch_params(nkb_pad)[1]
@@ -579,7 +635,28 @@ def select_blocks(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, sta
         q.stride(0), q.stride(1),
         nkb_stride, nqb, num_heads, key_cache.shape[2], float(scale), float(topk or 1.0),
         GROUP=group, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
-        NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk is not None,
+        NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk is not None, MASK=as_mask,
         num_warps=num_warps,
     )
+    if as_mask:
+        return BlockMap(None, counts[0], counts[1], lut)
     return BlockMap(lut, counts[0], counts[1])
+
+
+def lut_to_mask(bm: BlockMap) -> torch.Tensor:
+    """:attr:`BlockMap.mask` of a map given as lists (torch ops, for maps made by
+    :func:`predict_block_map` without ``as_mask`` or by hand)."""
+    if bm.mask is not None:
+        return bm.mask
+    if bm.lut is None:
+        raise ValueError("the block map has no block list (fused kernel): run predict_block_map")
+    nkb_stride = bm.lut.shape[-1]
+    words = mask_words(nkb_stride)
+    lut = bm.lut.int()
+    kept = torch.arange(nkb_stride, device=lut.device) < bm.count[..., None]
+    # each kept block adds its bit to its word (distinct bits: the sum is their OR, bit 31
+    # included, in int32); entries past a row's count go to an extra word, then dropped
+    index = torch.where(kept, lut // 32, words).long()
+    bit = torch.where(kept, torch.bitwise_left_shift(torch.ones_like(lut), lut % 32), 0)
+    out = torch.zeros(*lut.shape[:-1], words + 1, dtype=torch.int32, device=lut.device)
+    return out.scatter_add_(-1, index, bit)[..., :words].contiguous()

@@ -21,10 +21,12 @@ Layout (nothing is copied: no K/V, no queries, no outputs):
   then runs as a longest-processing-time schedule. In ascending order (a causal prompt's
   natural one) the longest rows would start last and idle the GPU.
 
-The virtual block tables (``[Hq, rows, pages]`` int32, twice the block map's bytes at 64-token
-pages) are built by one Triton kernel from the block map and the requests' block table, for a
-slice of each head's sorted sequences at a time where memory is bounded (``chunks.py``). PV skip
-(stage 2) is not expressible in FA3: layers with it keep the Triton attention kernel.
+The virtual block tables (``[Hq, rows, pages]`` int32, twice the int16 block lists' bytes at
+64-token pages) are built by one Triton kernel from the block map as bit sets
+(``BlockMap.mask``, a sixteenth of the lists: the predictor writes them for this path) and the
+requests' block table, for some heads and a slice of their sorted sequences at a time where
+memory is bounded (``chunks.py``). PV skip (stage 2) is not expressible in FA3: layers with it
+keep the Triton attention kernel.
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ import triton.language as tl
 
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PrefillBatch, num_blocks
 from sparge_serve.kernels.launch import launch
-from sparge_serve.kernels.predictor import BlockMap, check_group, key_block_stride
+from sparge_serve.kernels.predictor import (
+    BlockMap,
+    check_group,
+    key_block_stride,
+    lut_to_mask,
+    mask_words,
+)
 
 
 @dataclass(frozen=True)
@@ -69,28 +77,34 @@ def virtual_rows(batch: PrefillBatch, nqb: int) -> VirtualRows:
                        (last - first).reshape(-1)[order].to(i32), order.to(i32))
 
 
+TABLE_CHUNK_WORDS = 8
+"""Bit-set words (32 key blocks each) the table kernel expands per step."""
+
+
 # NOTE: one compiled variant per (GROUP, SUB): sizes and the block table's alignment (a slice of
 # vLLM's) are not specialised on, so the start-up warm-up covers serving
-@triton.jit(do_not_specialize=["NQB", "num_heads", "s0", "h0", "stride_bt", "max_pages",
-                               "heads_per_page"],
-            do_not_specialize_on_alignment=["bt_ptr", "count_ptr", "qsl_ptr", "seq_lens_ptr"])
+@triton.jit(do_not_specialize=["NQB", "WORDS", "num_heads", "s0", "h0", "m0", "stride_bt",
+                               "max_pages", "heads_per_page"],
+            do_not_specialize_on_alignment=["bt_ptr", "count_ptr", "qsl_ptr", "seq_lens_ptr",
+                                            "mask_ptr"])
 def _virtual_table_kernel(
-    lut_ptr, count_ptr, order_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, vbt_ptr, used_ptr,
-    NQB, NKB, num_heads, s0, h0, stride_bt, max_pages, vbt_cols, heads_per_page,
+    mask_ptr, count_ptr, order_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, vbt_ptr, used_ptr,
+    NQB, WORDS, num_heads, s0, h0, m0, stride_bt, max_pages, vbt_cols, heads_per_page,
     GROUP: tl.constexpr, SUB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK_WORDS: tl.constexpr,
 ):
-    """Head ``h``'s sequence ``s0 + i`` (block-map row ``order[s0 + i]``: request ``r``, query
-    block ``b``): its virtual context length, and its virtual pages: for the j-th kept key
-    block and its s-th page, ``block_table[r, lut * SUB + s] * heads_per_page + kvh``, where
-    ``kvh = (h0 + h) // GROUP`` is the KV head of the map's head ``h`` (a chunk from the
-    layer's head ``h0``) in the cache the pages index."""
+    """Head ``m0 + h`` of the map's sequence ``s0 + i`` (block-map row ``order[s0 + i]``:
+    request ``r``, query block ``b``): its virtual context length, and its virtual pages: for
+    the j-th kept key block (the j-th set bit of its mask) and its s-th page,
+    ``block_table[r, block * SUB + s] * heads_per_page + kvh``, where ``kvh = (h0 + m0 + h) //
+    GROUP`` is the KV head of that map head (a map from the layer's head ``h0``) in the cache the
+    pages index."""
     i = tl.program_id(0)
     h = tl.program_id(1)
     row = tl.load(order_ptr + s0 + i)
     r = row // NQB
     b = row % NQB
-    src = (r * num_heads + h) * NQB + b
+    src = (r * num_heads + m0 + h) * NQB + b
     n = tl.load(count_ptr + src)
     q_start = tl.load(qsl_ptr + r)
     q_len = tl.load(qsl_ptr + r + 1) - q_start
@@ -99,62 +113,76 @@ def _virtual_table_kernel(
     used = tl.where(n > 0, BLOCK_N * (n - 1) + last_pos % BLOCK_N + 1, 0)
     tl.store(used_ptr + h * tl.num_programs(0) + i, used)
     dst = (h * tl.num_programs(0) + i).to(tl.int64) * vbt_cols
-    kvh = (h0 + h) // GROUP
-    offs = tl.arange(0, CHUNK)
-    for j0 in range(0, n * SUB, CHUNK):
-        col = j0 + offs
-        m = col < n * SUB
-        blk = tl.load(lut_ptr + src.to(tl.int64) * NKB + col // SUB, mask=m, other=0).to(tl.int32)
-        pidx = tl.minimum(blk * SUB + col % SUB, max_pages - 1)
-        page = tl.load(bt_ptr + r * stride_bt + pidx, mask=m, other=0)
-        tl.store(vbt_ptr + dst + col, page * heads_per_page + kvh, mask=m)
+    kvh = (h0 + m0 + h) // GROUP
+    bt_row = bt_ptr + r * stride_bt
+    offs_w = tl.arange(0, CHUNK_WORDS)
+    offs_bit = tl.arange(0, 32)
+    # only the words up to the diagonal block can have bits set
+    n_words = tl.where(n > 0, last_pos // (32 * BLOCK_N) + 1, 0)
+    base = tl.zeros([], dtype=tl.int32)  # kept blocks before this chunk of words
+    for w0 in range(0, n_words, CHUNK_WORDS):
+        w = w0 + offs_w
+        words = tl.load(mask_ptr + src.to(tl.int64) * WORDS + w, mask=w < n_words, other=0)
+        keep = tl.reshape((words[:, None] >> offs_bit[None, :]) & 1, [CHUNK_WORDS * 32])
+        pos = base + tl.cumsum(keep, axis=0) - 1
+        blk = w0 * 32 + tl.arange(0, CHUNK_WORDS * 32)
+        kept = keep != 0
+        for sub in tl.static_range(SUB):
+            pidx = tl.minimum(blk * SUB + sub, max_pages - 1)
+            page = tl.load(bt_row + pidx, mask=kept, other=0)
+            tl.store(vbt_ptr + dst + pos * SUB + sub, page * heads_per_page + kvh, mask=kept)
+        base += tl.sum(keep, axis=0)
 
 
 def virtual_table(rows: VirtualRows, batch: PrefillBatch, bm: BlockMap, page_size: int,
                   heads_per_page: int, group: int, s0: int, s1: int, h0: int = 0,
-                  out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(block_table [Hq, s1 - s0, NKB_STRIDE * pages per block], seqused_k [Hq, s1 - s0])``
-    int32: the virtual pages and context lengths of every head's sequences ``s0:s1``
-    (``heads_per_page``: ``sP // sH`` of the cache, :func:`heads_as_pages`; ``h0``: the layer
-    head of the map's first, for a head chunk's map over the layer's cache). ``out``: flat int32
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None, m0: int = 0,
+                  heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block_table [heads, s1 - s0, NKB_STRIDE * pages per block], seqused_k [heads, s1 -
+    s0])`` int32: the virtual pages and context lengths of the sequences ``s0:s1`` of the map's
+    heads ``m0 : m0 + heads`` (default: all), from its bit sets (:attr:`BlockMap.mask`; a map of
+    lists is converted, :func:`~sparge_serve.kernels.predictor.lut_to_mask`).
+    ``heads_per_page``: ``sP // sH`` of the cache (:func:`heads_as_pages`); ``h0``: the layer
+    head of the map's first, for a head chunk's map over the layer's cache. ``out``: flat int32
     buffers to build them in (at least that many entries; a table's entries past a sequence's
     pages are never read, and hold page ids of this cache or 0), else new ones."""
     if BLKK % page_size:
         raise ValueError(f"page size {page_size} must divide the key block ({BLKK})")
-    if bm.lut is None:
-        raise ValueError("the block map has no block list (fused kernel); run predict_block_map")
+    mask = lut_to_mask(bm)
     sub = BLKK // page_size
-    _, num_heads, nqb, nkb = bm.lut.shape
-    cols = nkb * sub
+    _, map_heads, nqb, words = mask.shape
+    heads = map_heads - m0 if heads is None else heads
+    if m0 < 0 or m0 + heads > map_heads:
+        raise ValueError(f"heads {m0}:{m0 + heads} are not in the map's {map_heads}")
+    cols = key_block_stride(num_blocks(batch.max_seq_len, BLKK)) * sub
     n = s1 - s0
     if out is None:
         dev = bm.count.device
-        vbt = torch.zeros(num_heads, n, cols, dtype=torch.int32, device=dev)
-        used = torch.empty(num_heads, n, dtype=torch.int32, device=dev)
-    elif out[0].numel() < num_heads * n * cols or out[1].numel() < num_heads * n:
+        vbt = torch.zeros(heads, n, cols, dtype=torch.int32, device=dev)
+        used = torch.empty(heads, n, dtype=torch.int32, device=dev)
+    elif out[0].numel() < heads * n * cols or out[1].numel() < heads * n:
         raise ValueError(f"table buffers of {out[0].numel()} and {out[1].numel()} entries are "
-                         f"too small for {num_heads} heads x {n} sequences x {cols} pages")
+                         f"too small for {heads} heads x {n} sequences x {cols} pages")
     else:
-        vbt = out[0][:num_heads * n * cols].view(num_heads, n, cols)
-        used = out[1][:num_heads * n].view(num_heads, n)
-    launch(_virtual_table_kernel, (n, num_heads))(
-        bm.lut, bm.count, rows.order, batch.query_start_loc, batch.seq_lens, batch.block_table,
-        vbt, used, nqb, nkb, num_heads, s0, h0, batch.block_table.stride(0),
+        vbt = out[0][:heads * n * cols].view(heads, n, cols)
+        used = out[1][:heads * n].view(heads, n)
+    launch(_virtual_table_kernel, (n, heads))(
+        mask, bm.count, rows.order, batch.query_start_loc, batch.seq_lens, batch.block_table,
+        vbt, used, nqb, words, map_heads, s0, h0, m0, batch.block_table.stride(0),
         batch.block_table.shape[1], cols, heads_per_page,
-        GROUP=group, SUB=sub, BLOCK_Q=BLKQ, BLOCK_N=BLKK, CHUNK=256,
+        GROUP=group, SUB=sub, BLOCK_Q=BLKQ, BLOCK_N=BLKK, CHUNK_WORDS=TABLE_CHUNK_WORDS,
     )
     return vbt, used
 
 
 def warm_up_virtual(num_heads: int, num_kv_heads: int, page_size: int, device) -> None:
     """Compile the virtual-table kernel for these heads and pages (a one-row batch)."""
-    lut = torch.zeros(1, num_heads, 1, 16, dtype=torch.int16, device=device)
+    mask = torch.ones(1, num_heads, 1, mask_words(16), dtype=torch.int32, device=device)
     count = torch.ones(1, num_heads, 1, dtype=torch.int32, device=device)
     batch = PrefillBatch(torch.tensor([0, 1], dtype=torch.int32, device=device),
                          torch.ones(1, dtype=torch.int32, device=device),
                          torch.zeros(1, 4, dtype=torch.int32, device=device), 1, 1)
-    bm = BlockMap(lut, count, count)
+    bm = BlockMap(None, count, count, mask)
     virtual_table(virtual_rows(batch, 1), batch, bm, page_size, num_kv_heads,
                   num_heads // num_kv_heads, 0, 1)
 
@@ -222,23 +250,30 @@ class VirtualAttention:
         self.batch, self.scale = batch, scale
         self.max_k = num_blocks(batch.max_seq_len, BLKK) * BLKK
         cols = key_block_stride(num_blocks(batch.max_seq_len, BLKK)) * (BLKK // self.page_size)
-        heads = q.shape[1] if heads is None else heads
+        self.heads = heads = q.shape[1] if heads is None else heads
         i32 = dict(dtype=torch.int32, device=q.device)
         self.tables = (torch.zeros(heads * step * cols, **i32), torch.empty(heads * step, **i32))
         self.attn_fn = attn_fn or fa3_paged_forward
 
     def attend(self, bm: BlockMap, h0: int = 0) -> None:
         """Attention of the heads ``h0, h0 + 1, ...`` of ``bm`` (a head chunk's map, or the
-        whole call's)."""
-        # NOTE: host loops over slices and heads, one FA3 launch each: FA3 shares a page table
-        # among a sequence's heads, so per-head contexts need per-head calls (module docstring)
-        for s0, s1, q_start, q_len in self.slices:
-            vbt, used = virtual_table(self.rows, self.batch, bm, self.page_size,
-                                      self.heads_per_page, self.group, s0, s1, h0, self.tables)
-            for h, (table, n_used) in enumerate(zip(vbt.unbind(), used.unbind(), strict=True)):
-                self.attn_fn(self.q_heads[h0 + h], self.k_view, self.v_view,
-                             self.out_heads[h0 + h], q_start, q_len, n_used, table, self.max_k,
-                             self.scale)
+        whole call's), with tables for ``heads`` (:class:`VirtualAttention`'s) of them at a
+        time."""
+        # NOTE: host loops over head groups, slices and heads, one FA3 launch each: FA3 shares a
+        # page table among a sequence's heads, so per-head contexts need per-head calls (module
+        # docstring)
+        map_heads = bm.count.shape[1]
+        for m0 in range(0, map_heads, self.heads):
+            n = min(self.heads, map_heads - m0)
+            for s0, s1, q_start, q_len in self.slices:
+                vbt, used = virtual_table(self.rows, self.batch, bm, self.page_size,
+                                          self.heads_per_page, self.group, s0, s1, h0,
+                                          self.tables, m0, n)
+                for h, (table, n_used) in enumerate(zip(vbt.unbind(), used.unbind(),
+                                                        strict=True)):
+                    hq = h0 + m0 + h
+                    self.attn_fn(self.q_heads[hq], self.k_view, self.v_view, self.out_heads[hq],
+                                 q_start, q_len, n_used, table, self.max_k, self.scale)
 
 
 def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

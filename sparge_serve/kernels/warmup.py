@@ -46,9 +46,11 @@ def warm_up_sparse_kernels(
     pv_skip_variants: Iterable[bool] = (False,),
     topk: float | None = None,
     fused: bool = False,
+    masks: bool = False,
 ) -> list[int]:
     """Compile the predictor and attention kernels (``fused``: the key pooling and the fused
-    kernel) for contexts of ``min..max`` tokens.
+    kernel) for contexts of ``min..max`` tokens; ``masks``: also the predictor's bit-set maps
+    (the FA3 attention path's; ``virtual.warm_up_virtual`` compiles its table kernel).
 
     ``key_cache``/``value_cache``: ``[num_pages >= 1, page, Hkv, D]`` views with the serving
     layout and dtype (only page 0 is read). Returns the ``NKB_PAD`` buckets compiled. Synchronises
@@ -77,6 +79,9 @@ def warm_up_sparse_kernels(
                                      fused=True)
             continue
         bm = predict_block_map(q, key_cache, batch, 1.0, head(0.6), head(0.0), topk)
+        if masks:
+            predict_block_map(q, key_cache, batch, 1.0, head(0.6), head(0.0), topk,
+                              as_mask=True)
         for pv_skip in variants:
             sparse_paged_attention(q, key_cache, value_cache, batch, bm, 1.0,
                                    head(8.0 if pv_skip else 50.0), out, pv_skip=pv_skip)
