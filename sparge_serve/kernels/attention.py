@@ -577,8 +577,8 @@ def sparge_paged_prefill(
     whichever is more (``chunks.MIN_BUDGET_BYTES`` by default; ``map_budget=None``: all heads in
     one chunk). The returned map has the whole call's ``count``/``n_valid``, and its ``lut`` (the
     ``fa3`` path: its bit sets, ``mask``) when it ran as one chunk (else ``None``). The ``fa3``
-    path selects for several chunks at once (``chunks.Plan.select_heads``). ``on_predicted`` is called between the two stages of a
-    one-chunk call (the backend's predictor timing).
+    path selects for several chunks at once (``chunks.Plan.select_heads``). ``on_predicted`` is
+    called between the two stages of a one-chunk call (the backend's predictor timing).
 
     ``fused=True`` selects and attends in one persistent kernel, so the block map never exists in
     device memory (as fast dense, 4-23% slower than the two kernels at 50-90% block sparsity,
@@ -652,7 +652,8 @@ def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfth
     # chunk was a third of a chunk's host time (H200 profile, session 16)
     counts = torch.empty(n_chunks, 2, batch.num_reqs, sel_heads, nqb, dtype=torch.int32,
                          device=q.device).unbind()
-    qs, sims, cdfs = q.split(sel_heads, 1), simthreshd1.split(sel_heads), cdfthreshd.split(sel_heads)
+    qs = q.split(sel_heads, 1)
+    sims, cdfs = simthreshd1.split(sel_heads), cdfthreshd.split(sel_heads)
     key_slices = key_cache.split(kv_heads, 2)
     if not fa3:
         value_slices = value_cache.split(kv_heads, 2)
