@@ -439,14 +439,14 @@ def write_reports(results, meta, out):
             f"{r.get('predictor_frac_of_fa3', float('nan')):.2%} | "
             f"{r['extra_mem_frac_of_kv']:.1%} |"
         )
-    parts = [r for r in results if "predictor_parts_ms" in r]
-    if parts:
-        lines += ["", "Predictor parts (dense configuration): key pooling (`pool_keys`: key sums, "
-                  "key mean, pooled keys and similarity) and the select kernel (the rest).", "",
-                  "| length | page | predictor ms | pool_keys ms | select ms |", "|---|---|---|---|---|"]
-        lines += [f"| {r['length']} | {r['page']} | {r['predictor_ms']:.3f} | "
-                  f"{r['predictor_parts_ms']['pool_keys']:.3f} | "
-                  f"{r['predictor_parts_ms']['select']:.3f} |" for r in parts]
+    lines += _table(
+        "Predictor parts (dense configuration): key pooling (`pool_keys`: key sums, key mean, "
+        "pooled keys and similarity) and the select kernel (the rest).",
+        ["length", "page", "predictor ms", "pool_keys ms", "select ms"],
+        [[r["length"], r["page"], f"{r['predictor_ms']:.3f}",
+          f"{r['predictor_parts_ms']['pool_keys']:.3f}",
+          f"{r['predictor_parts_ms']['select']:.3f}"]
+         for r in results if "predictor_parts_ms" in r])
     lines += _variants_table(
         results, "variants_ms", "attention_ms", "The defaults' alternatives (`--variants`, PV "
         "skip off): attention ms (fused: total), and in brackets the default's time over the "
@@ -454,18 +454,17 @@ def write_reports(results, meta, out):
     lines += _variants_table(
         results, "predictor_variants_ms", "predictor_ms", "Predictor options (`--variants`): "
         "predictor ms, and in brackets the default's time over the option's.")
-    gpu = [r for r in results if "predictor_gpu_ms" in r and fa3.get((r["length"], r["page"]))]
-    if gpu:
-        lines += ["", "Chunked and `fa3` rows' predictor (its chunk loop without the attention) "
-                  "timed two ways: as issued (the predictor column: the host's time between "
-                  "launches counts, nothing else is queued) and replayed from a CUDA graph (its "
-                  "GPU time: in the real call the host issues a chunk's predictor while the GPU "
-                  "still runs the previous chunk's attention).", "",
-                  "| length | page | config | chunk heads | select heads | predictor ms | "
-                  "predictor GPU ms | predictor GPU / FA3 |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['length']} | {r['page']} | {r['config']} | {r['chunk_heads']} | "
-                  f"{r['select_heads']} | {r['predictor_ms']:.3f} | {r['predictor_gpu_ms']:.3f} | "
-                  f"{r['predictor_gpu_ms'] / fa3[r['length'], r['page']]:.2%} |" for r in gpu]
+    lines += _table(
+        "Chunked and `fa3` rows' predictor (its chunk loop without the attention) timed two "
+        "ways: as issued (the predictor column: the host's time between launches counts, nothing "
+        "else is queued) and replayed from a CUDA graph (its GPU time: in the real call the host "
+        "issues a chunk's predictor while the GPU still runs the previous chunk's attention).",
+        ["length", "page", "config", "chunk heads", "select heads", "predictor ms",
+         "predictor GPU ms", "predictor GPU / FA3"],
+        [[r["length"], r["page"], r["config"], r["chunk_heads"], r["select_heads"],
+          f"{r['predictor_ms']:.3f}", f"{r['predictor_gpu_ms']:.3f}",
+          f"{r['predictor_gpu_ms'] / fa3[r['length'], r['page']]:.2%}"]
+         for r in results if "predictor_gpu_ms" in r and fa3.get((r["length"], r["page"]))])
     lines += _variants_table(
         results, "chunk_select_ms", "chunk_select_default_ms", "One select launch of a chunked "
         "call (its selection's rows only, a small grid): ms at the default launch, at 4 and "
@@ -475,19 +474,22 @@ def write_reports(results, meta, out):
     plot(results, meta, out + ".png")
 
 
+def _table(title: str, header: list[str], rows: list[list]) -> list[str]:
+    """Markdown lines of a titled table (none without rows)."""
+    if not rows:
+        return []
+    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"  # noqa: E731
+    return ["", title, "", line(header), "|" + "---|" * len(header), *map(line, rows)]
+
+
 def _variants_table(results, key: str, default_key: str, title: str) -> list[str]:
     """Markdown lines of the rows' ``key`` timings ({name: ms}) against their ``default_key``."""
     rows = [r for r in results if key in r]
-    if not rows:
-        return []
-    names = list(rows[0][key])
-    lines = ["", title, "", "| length | page | config | default ms | " + " | ".join(names) + " |",
-             "|---|---|---|---|" + "---|" * len(names)]
-    for r in rows:
-        t = r[default_key]
-        lines.append(f"| {r['length']} | {r['page']} | {r['config']} | {t:.3f} | " + " | ".join(
-            f"{r[key][n]:.3f} ({t / r[key][n]:.3f}x)" for n in names) + " |")
-    return lines
+    names = list(rows[0][key]) if rows else []
+    return _table(title, ["length", "page", "config", "default ms", *names], [
+        [r["length"], r["page"], r["config"], f"{r[default_key]:.3f}",
+         *(f"{r[key][n]:.3f} ({r[default_key] / r[key][n]:.3f}x)" for n in names)]
+        for r in rows])
 
 
 def _series(rows, key):

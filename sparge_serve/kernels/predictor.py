@@ -303,15 +303,11 @@ def _count_blocks(stats_ptr, n_valid, n_kept):
 
 
 @triton.jit
-def _store_row(lut_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_valid, offs_j):
-    """A row's block map: its kept key blocks as an ascending list, their count, ``n_valid``;
-    both counts added to the block counters."""
+def _store_list(lut_ptr, row_id, NKB, keep, offs_j):
+    """``keep`` as row ``row_id`` of a :attr:`BlockMap.lut`: its kept key blocks as an
+    ascending list (``NKB``: the row stride)."""
     pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(lut_ptr + row_id.to(tl.int64) * NKB + pos, offs_j.to(tl.int16), mask=keep)
-    n_kept = tl.sum(keep.to(tl.int32), axis=0)
-    tl.store(count_ptr + row_id, n_kept)
-    tl.store(nvalid_ptr + row_id, n_valid)
-    _count_blocks(stats_ptr, n_valid, n_kept)
 
 
 @triton.jit
@@ -333,11 +329,8 @@ def _store_bits(mask_ptr, row_id, NKB, keep, NKB_PAD: tl.constexpr):
 
 
 @triton.jit
-def _store_mask(mask_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_valid,
-                NKB_PAD: tl.constexpr):
-    """A row's block map as a bit set (:func:`_store_bits`), its count and ``n_valid``; both
-    counts added to the block counters."""
-    _store_bits(mask_ptr, row_id, NKB, keep, NKB_PAD)
+def _store_counts(count_ptr, nvalid_ptr, stats_ptr, row_id, keep, n_valid):
+    """A row's kept and valid block counts, also added to the block counters."""
     n_kept = tl.sum(keep.to(tl.int32), axis=0)
     tl.store(count_ptr + row_id, n_kept)
     tl.store(nvalid_ptr + row_id, n_valid)
@@ -375,11 +368,10 @@ def _select_kernel(
         GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK,
     )
     if MASK:
-        _store_mask(lut_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_valid,
-                    NKB_PAD)
+        _store_bits(lut_ptr, row_id, NKB, keep, NKB_PAD)
     else:
-        _store_row(lut_ptr, count_ptr, nvalid_ptr, stats_ptr, row_id, NKB, keep, n_valid,
-                   tl.arange(0, NKB_PAD))
+        _store_list(lut_ptr, row_id, NKB, keep, tl.arange(0, NKB_PAD))
+    _store_counts(count_ptr, nvalid_ptr, stats_ptr, row_id, keep, n_valid)
 
 
 # --------------------------------------------------------------------------------------------

@@ -134,6 +134,12 @@ def _virtual_table_kernel(
         base += tl.sum(keep, axis=0)
 
 
+def table_cols(batch: PrefillBatch, page_size: int) -> int:
+    """Entries of one sequence's virtual block table: every page of the longest context's key
+    blocks (their count rounded up as the block map's rows are)."""
+    return key_block_stride(num_blocks(batch.max_seq_len, BLKK)) * (BLKK // page_size)
+
+
 def virtual_table(rows: VirtualRows, batch: PrefillBatch, bm: BlockMap, page_size: int,
                   heads_per_page: int, group: int, s0: int, s1: int, h0: int = 0,
                   out: tuple[torch.Tensor, torch.Tensor] | None = None, m0: int = 0,
@@ -154,7 +160,7 @@ def virtual_table(rows: VirtualRows, batch: PrefillBatch, bm: BlockMap, page_siz
     heads = map_heads - m0 if heads is None else heads
     if m0 < 0 or m0 + heads > map_heads:
         raise ValueError(f"heads {m0}:{m0 + heads} are not in the map's {map_heads}")
-    cols = key_block_stride(num_blocks(batch.max_seq_len, BLKK)) * sub
+    cols = table_cols(batch, page_size)
     n = s1 - s0
     if out is None:
         dev = bm.count.device
@@ -249,7 +255,7 @@ class VirtualAttention:
         self.q_heads, self.out_heads = q.split(1, 1), out.split(1, 1)
         self.batch, self.scale = batch, scale
         self.max_k = num_blocks(batch.max_seq_len, BLKK) * BLKK
-        cols = key_block_stride(num_blocks(batch.max_seq_len, BLKK)) * (BLKK // self.page_size)
+        cols = table_cols(batch, self.page_size)
         self.heads = heads = q.shape[1] if heads is None else heads
         i32 = dict(dtype=torch.int32, device=q.device)
         self.tables = (torch.zeros(heads * step * cols, **i32), torch.empty(heads * step, **i32))
