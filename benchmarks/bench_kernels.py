@@ -72,7 +72,8 @@ VARIANTS = {
 }
 # --variants, predictor: the select kernel at 4 and at 8 warps (the default is 4 up to 128K, one
 # of the two columns repeats it). Measured and dropped: pipelined chunk loads, 3-15 thresholds
-# per search step (history/kernels_v9_select_options_h200.md, kernels_v10_predictor_h200.md)
+# per search step (kernels_v9_select_options_h200.md in commit e0f07d8,
+# kernels_v10_predictor_h200.md in commit 175a6f8)
 PREDICTOR_VARIANTS = {
     "select_w4": dict(select_warps=4),
     "select_w8": dict(select_warps=8),
