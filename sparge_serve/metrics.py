@@ -66,7 +66,10 @@ in which case it serves a ``MultiProcessCollector`` over that directory. The GPU
 processes (the engine core with TP 1, its children with TP > 1). ``install_metrics_bridge()``, run by
 the plugin in every process before any worker exists, makes the first (top-level) process create a
 private directory and publish it in ``_SPARGE_METRICS_DIR`` (children inherit it), and registers a
-``SpargeCollector`` over that directory into the global registry. Each worker's stats are written by
+``SpargeCollector`` over that directory into the global registry. The directory carries an owner
+marker whose lock the creating process holds until it exits; it is removed by its creator at exit,
+or, after a crash, by a later process that finds the marker unlocked. Nothing else in the
+temporary directory is ever removed, whatever its name. Each worker's stats are written by
 a background thread (pure Python, no CUDA) once per ``write_interval_s`` into per-process files in
 prometheus_client's multiprocess format (``counter_sparge-<pid>.db``, ...); the collector merges
 them (counters and histograms summed over processes) at scrape time. When ``PROMETHEUS_MULTIPROC_DIR``
@@ -85,12 +88,15 @@ import bisect
 import collections
 import contextlib
 import enum
+import fcntl
 import glob
 import logging
 import math
 import multiprocessing
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -107,7 +113,8 @@ from prometheus_client.utils import floatToGoString
 if TYPE_CHECKING:
     import torch
 
-logger = logging.getLogger(__name__)
+# NOTE: a child of vLLM's "vllm" logger so that our lines use vLLM's handler and level.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 __all__ = [
     "FallbackReason",
@@ -126,6 +133,11 @@ __all__ = [
 # Internal: users do not set it.
 METRICS_DIR_ENV = "_SPARGE_METRICS_DIR"
 _DIR_PREFIX = "sparge-metrics-"
+# The owner marker in every directory the bridge creates: "<magic> <random token> <pid>", locked
+# (flock) by the creating process for its whole life. Only a directory whose marker is there and
+# unlocked is ever removed by another process; a name that merely looks like ours never is.
+_MARKER = ".sparge-metrics-owner"
+_MARKER_MAGIC = "sparge-metrics-dir-v1"
 # File names are "<type>_sparge-<pid>.db": the "<type>" and (gauges) "<mode>" parts are what
 # MultiProcessCollector parses; no "_" after them, and never the name prometheus_client itself
 # uses for a process ("<type>_<pid>.db"), so our writer and a multiprocess-mode prometheus_client
@@ -746,6 +758,14 @@ class _Bridge:
         self.path, self.pid, self.owner, self.collector = path, pid, owner, collector
 
 
+class _OwnedDir:
+    """A directory this process created: its path, the creating pid, the marker's token and the
+    marker's file descriptor (which holds the lock until the process exits)."""
+
+    def __init__(self, path: str, pid: int, token: str, fd: int) -> None:
+        self.path, self.pid, self.token, self.fd = path, pid, token, fd
+
+
 _BRIDGE: _Bridge | None = None
 _BRIDGE_LOCK = threading.Lock()
 
@@ -758,9 +778,11 @@ def install_metrics_bridge(registry: CollectorRegistry | None = None) -> str | N
     cheap (no torch, no CUDA). Never raises: on failure it logs a warning and returns None.
 
     A top-level process (not started by ``multiprocessing``: ``vllm serve``, a script using
-    ``LLM``) creates a private directory ``<tmp>/sparge-metrics-<pid>-*`` (removing stale ones of
-    dead processes), exports it in ``_SPARGE_METRICS_DIR`` for its children and removes it at
-    exit. A child started by ``multiprocessing`` (engine core, workers, extra API servers) uses the
+    ``LLM``) creates a private directory ``<tmp>/sparge-metrics-<pid>-<random>`` holding an owner
+    marker (a random token, locked with ``flock`` for the life of the process), exports it in
+    ``_SPARGE_METRICS_DIR`` for its children and removes it at exit. Before creating it, it
+    removes the directories of earlier processes that died without cleaning up: only those whose
+    marker is there and unlocked (``_remove_stale_dirs``); never anything by its name or pid. A child started by ``multiprocessing`` (engine core, workers, extra API servers) uses the
     inherited directory. Every process registers a ``SpargeCollector`` over the directory into
     ``registry`` (default: the global ``REGISTRY``, which vLLM serves on ``/metrics``).
     Returns the directory.
@@ -779,9 +801,10 @@ def install_metrics_bridge(registry: CollectorRegistry | None = None) -> str | N
             if is_child and inherited and os.path.isdir(inherited):
                 path, owner = inherited, False
             else:
-                path, owner = _make_private_dir(pid), True
+                owned = _make_private_dir(pid)
+                path, owner = owned.path, True
                 os.environ[METRICS_DIR_ENV] = path
-                atexit.register(_remove_private_dir, path, pid)
+                atexit.register(_remove_private_dir, owned)
         except OSError as e:
             logger.warning("sparge metrics: no metrics directory (%s); sparge_* series will not "
                            "be exported. Set TMPDIR to a writable directory to fix this.", e)
@@ -801,49 +824,112 @@ def _register_once(registry: CollectorRegistry, collector: SpargeCollector) -> N
         collector.registries.add(registry)
 
 
-def _make_private_dir(pid: int) -> str:
+def _make_private_dir(pid: int) -> _OwnedDir:
+    """Create this process's directory ``<tmp>/sparge-metrics-<pid>-<random>`` with its owner
+    marker, after removing the stale directories of earlier processes (``_remove_stale_dirs``)."""
     base = tempfile.gettempdir()
-    _remove_stale_dirs(base, pid)
-    return tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{pid}-", dir=base)
-
-
-def _remove_stale_dirs(base: str, pid: int) -> None:
-    """Remove directories left by processes that died without cleaning up (killed servers). A
-    directory named after our own pid is stale too (a restarted container reuses pid 1)."""
-    uid = os.getuid()
-    for d in glob.glob(os.path.join(base, _DIR_PREFIX + "*")):
-        try:
-            owner_pid = int(os.path.basename(d)[len(_DIR_PREFIX):].split("-", 1)[0])
-            if os.stat(d).st_uid != uid or not os.path.isdir(d):
-                continue
-        except (ValueError, OSError):
-            continue
-        if owner_pid == pid or not _pid_alive(owner_pid):
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
+    _remove_stale_dirs(base)
+    path = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{pid}-", dir=base)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fd = os.open(os.path.join(path, _MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                     | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        os.rmdir(path)  # empty: nothing but what mkdtemp just made
+        raise
+    try:
+        # Locked before the token is written: a scanner that reads the token finds the lock held.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        token = secrets.token_hex(16)
+        os.write(fd, f"{_MARKER_MAGIC} {token} {pid}\n".encode())
+    except OSError:
+        os.close(fd)
+        os.unlink(os.path.join(path, _MARKER))
+        os.rmdir(path)
+        raise
+    return _OwnedDir(path, pid, token, fd)
 
 
-def _remove_private_dir(path: str, pid: int) -> None:
+def _read_marker(path: str) -> tuple[int, str] | None:
+    """Open ``path``'s owner marker: (its file descriptor, its token), or None when ``path`` is
+    not a directory this package created (no marker, a link, or other content)."""
+    try:
+        fd = os.open(os.path.join(path, _MARKER), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        text = os.read(fd, 256).decode("ascii", "replace") if stat.S_ISREG(st.st_mode) else ""
+    except OSError:
+        text = ""
+    parts = text.split()
+    if len(parts) != 3 or parts[0] != _MARKER_MAGIC or len(parts[1]) != 32:
+        os.close(fd)
+        return None
+    return fd, parts[1]
+
+
+def _remove_stale_dirs(base: str) -> list[str]:
+    """Remove the directories earlier processes created and did not remove (killed servers).
+
+    A directory is removed only when it carries this package's owner marker and the marker's lock
+    is free: the creating process holds that lock for its whole life (and so do processes it
+    forked), whatever its pid or PID namespace. Anything else, a user's ``sparge-metrics-*``
+    directory included, is left alone. Returns the removed paths.
+    """
+    uid = os.getuid()
+    removed = []
+    for d in glob.glob(os.path.join(glob.escape(base), _DIR_PREFIX + "*")):
+        try:
+            st = os.lstat(d)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+            continue  # a link, a file, or another user's
+        marker = _read_marker(d)
+        if marker is None:
+            continue  # not made by this package
+        fd, _ = marker
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its owner (or a process it forked) is alive
+        try:
+            shutil.rmtree(d)
+            removed.append(d)
+            logger.debug("sparge metrics: removed %s, left by a process that exited", d)
+        except OSError as e:
+            logger.warning("sparge metrics: cannot remove the stale directory %s (%s); remove it "
+                           "by hand", d, e)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _remove_private_dir(owned: _OwnedDir) -> None:
+    """Remove the directory this process created, if its marker still holds our token."""
     # NOTE: atexit handlers survive fork(); only the creating process removes the directory.
-    if os.getpid() == pid:
-        shutil.rmtree(path, ignore_errors=True)
+    if os.getpid() != owned.pid:
+        return
+    try:
+        marker = _read_marker(owned.path)
+        if marker is None or marker[1] != owned.token:
+            logger.warning("sparge metrics: %s is no longer the directory this process created "
+                           "(its owner marker changed); leaving it", owned.path)
+            if marker is not None:
+                os.close(marker[0])
+            return
+        os.close(marker[0])
+        shutil.rmtree(owned.path, ignore_errors=True)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(owned.fd)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file (for ``set_thresholds_info(sha256=...)``)."""
+    """Hex sha256 of a whole file (the thresholds file's digest comes with the loaded object:
+    ``Thresholds.sha256``)."""
     import hashlib
 
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -300,24 +300,29 @@ def fresh_bridge(tmp_path, monkeypatch):
     """install_metrics_bridge() as in a new top-level process, with its temp dir in tmp_path."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(metrics, "_BRIDGE", None)
-    monkeypatch.delenv(METRICS_DIR_ENV, raising=False)
+    monkeypatch.setenv(METRICS_DIR_ENV, "")  # restored (unset) after the test
+    monkeypatch.delenv(METRICS_DIR_ENV)
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     return tmp_path
 
 
+def _stale_dir(base: Path) -> str:
+    """A directory the bridge created for a process that has exited (its marker lock is free)."""
+    owned = metrics._make_private_dir(999_999_999)
+    assert os.path.dirname(owned.path) == str(base)
+    Path(owned.path, "counter_sparge-1.db").write_bytes(b"")
+    os.close(owned.fd)  # what the owner's exit does to its lock
+    return owned.path
+
+
 def test_bridge_top_level_creates_dir_and_removes_stale(fresh_bridge):
-    dead = fresh_bridge / "sparge-metrics-999999999-dead"
-    mine_old = fresh_bridge / f"sparge-metrics-{os.getpid()}-old"
-    alive = fresh_bridge / f"sparge-metrics-{os.getppid()}-alive"
-    for d in (dead, mine_old, alive):
-        d.mkdir()
-        (d / "counter_sparge-1.db").write_bytes(b"")
+    stale = _stale_dir(fresh_bridge)
     registry = CollectorRegistry()
     path = install_metrics_bridge(registry)
     assert path is not None and os.path.isdir(path)
     assert os.environ[METRICS_DIR_ENV] == path
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # never switch prometheus_client's mode
-    assert not dead.exists() and not mine_old.exists() and alive.exists()
+    assert not os.path.exists(stale)
     assert install_metrics_bridge(registry) == path  # idempotent: registered once
     stats = SpargeStats(1, "cpu", MODEL, start_writer=False)
     stats.count_prefill(0, 3, 0)
@@ -325,6 +330,58 @@ def test_bridge_top_level_creates_dir_and_removes_stale(fresh_bridge):
     text = generate_latest(registry).decode()
     assert text.count('sparge_prompt_tokens_total{layer="0"') == 2  # sparse + dense, not 4
     stats.close()
+
+
+def test_stale_scan_spares_what_it_did_not_create(fresh_bridge):
+    # Names like ours, none with an unlocked marker of ours: a user's results, an old pid's dir
+    # without marker, a marker of other content, a link to a user directory, a file.
+    user = fresh_bridge / "sparge-metrics-2024-results"
+    no_marker = fresh_bridge / "sparge-metrics-999999999-old"
+    forged = fresh_bridge / "sparge-metrics-999999998-x"
+    target = fresh_bridge / "precious"
+    for d in (user, no_marker, forged, target):
+        d.mkdir()
+        (d / "data.csv").write_text("1,2\n")
+    (forged / metrics._MARKER).write_text("not ours\n")
+    (fresh_bridge / "sparge-metrics-1-link").symlink_to(target)
+    (fresh_bridge / "sparge-metrics-3-file").write_text("x")
+    stale = _stale_dir(fresh_bridge)
+    assert metrics._remove_stale_dirs(str(fresh_bridge)) == [stale]
+    for d in (user, no_marker, forged, target):
+        assert (d / "data.csv").read_text() == "1,2\n"
+    assert (fresh_bridge / "sparge-metrics-1-link").is_symlink()
+    assert (fresh_bridge / "sparge-metrics-3-file").exists()
+
+
+def test_stale_scan_spares_a_live_owner_whatever_its_pid(fresh_bridge):
+    # Another PID namespace (a container sharing /tmp): the owner's pid in the name is not a live
+    # process here, but the owner holds its marker's lock.
+    other = metrics._make_private_dir(1)
+    dead_pid = metrics._make_private_dir(999_999_999)
+    try:
+        assert metrics._remove_stale_dirs(str(fresh_bridge)) == []
+        assert os.path.isdir(other.path) and os.path.isdir(dead_pid.path)
+    finally:
+        for owned in (other, dead_pid):
+            os.close(owned.fd)
+    assert sorted(metrics._remove_stale_dirs(str(fresh_bridge))) == sorted(
+        [other.path, dead_pid.path])
+
+
+def test_own_dir_removed_at_exit_only_if_still_ours(fresh_bridge):
+    owned = metrics._make_private_dir(os.getpid())
+    Path(owned.path, "counter_sparge-7.db").write_bytes(b"")
+    metrics._remove_private_dir(owned)
+    assert not os.path.exists(owned.path)
+
+    # The directory was replaced under its name: the exit leaves the replacement alone.
+    owned = metrics._make_private_dir(os.getpid())
+    other = metrics._make_private_dir(os.getpid())
+    os.close(other.fd)
+    os.replace(os.path.join(other.path, metrics._MARKER),
+               os.path.join(owned.path, metrics._MARKER))
+    metrics._remove_private_dir(owned)
+    assert os.path.isdir(owned.path)
 
 
 def _worker(rank: int, done, model: str) -> None:
