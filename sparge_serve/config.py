@@ -42,19 +42,40 @@ Keys (all optional):
   Each chunk adds its own small launches (at 32K and 80-90% block sparsity, 16 chunks run at
   0.6-0.75x the unchunked speed), hence the 64 MiB floor.
 
-Environment variables override the JSON. Every problem raises ``ValueError`` naming the key and
-the fix. This module imports nothing from vLLM.
+Environment variables override the JSON. Boolean variables (``SPARGE_FUSED``,
+``SPARGE_FAST_LAUNCH``) accept ``1``/``0``, ``true``/``false``, ``yes``/``no``, ``on``/``off`` in
+any case (:func:`parse_bool`); any other value is refused.
+
+Nothing is ignored silently:
+
+- every problem raises ``ValueError`` naming the key and the fix;
+- sparge options at the top level of ``additional_config`` (``{"mode": "dense"}``) or under a
+  wrong-case key (``{"SPARGE": {...}}``) are refused with the right form
+  (``{"sparge": {"mode": "dense"}}``); top-level keys that are not sparge option names belong to
+  vLLM or other plugins and are left alone;
+- an unknown ``SPARGE_*`` environment variable (``SPARGE_MODEE``) is logged as a warning naming
+  the closest valid one (once per variable and process). ``SPARGE_FAST_LAUNCH`` (kernel launches,
+  read by ``sparge_serve.kernels.launch``) and the test suite's ``SPARGE_TEST_*`` variables
+  (:data:`OTHER_ENV_VARS`) are known.
+
+This module imports nothing from vLLM or torch (the kernels import its boolean parser).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 ADDITIONAL_CONFIG_KEY = "sparge"
+
+# NOTE: a child of vLLM's "vllm" logger (configured by vLLM when it runs; not imported here) so
+# that our lines use vLLM's handler and level.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 # NOTE: measured, not guessed (benchmarks/results/ttft.md and history/, H200, calibrated
 # thresholds, ~66-70% block sparsity): SPARGE's TTFT is 0.5-0.8x FLASH_ATTN's speed at 8K, 0.9-1.0x
@@ -79,12 +100,97 @@ ENV_VARS = {
     "attention_kernel": "SPARGE_ATTENTION_KERNEL",
     "map_budget": "SPARGE_MAP_BUDGET",
 }
+# SPARGE_* variables that are not settings of SpargeConfig, and must not be reported as unknown.
+OTHER_ENV_VARS = {
+    "SPARGE_FAST_LAUNCH": "kernel launches through Triton's own path when false "
+                          "(sparge_serve.kernels.launch)",
+    "SPARGE_TEST_MODEL": "the model of the GPU tests",
+    "SPARGE_TEST_LOG_DIR": "where the tests' child processes log",
+    "SPARGE_TEST_CHILD_TIMEOUT": "time limit of the tests' child processes",
+    "SPARGE_TEST_REPORT": "where the GPU engine test writes its report",
+}
+ENV_PREFIX = "SPARGE_"
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 ATTENTION_KERNELS = ("triton", "fa3")
 _EXAMPLE = """--additional-config '{"sparge": {"thresholds": "PATH", "min_sparse_len": 49152}}'"""
 
 
 def _bad(key: str, source: str, problem: str, fix: str) -> ValueError:
     return ValueError(f"sparge config: `{key}` ({source}) {problem}. Fix: {fix}.")
+
+
+def parse_bool(text: str, var: str) -> bool:
+    """The boolean value of environment variable ``var`` = ``text``: ``1``/``0``, ``true``/
+    ``false``, ``yes``/``no``, ``on``/``off`` (any case, surrounding blanks ignored). Anything
+    else raises ValueError naming the variable and the accepted spellings."""
+    flag = text.strip().lower()
+    if flag in TRUE_WORDS:
+        return True
+    if flag in FALSE_WORDS:
+        return False
+    raise ValueError(f"sparge config: environment variable {var}={text!r} is not a boolean. "
+                     f"Fix: set {var} to one of {'/'.join(TRUE_WORDS)} (on) or "
+                     f"{'/'.join(FALSE_WORDS)} (off), any case.")
+
+
+def env_flag(var: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    """``parse_bool`` of ``env[var]`` (default ``os.environ``); ``default`` when unset or blank."""
+    text = (os.environ if env is None else env).get(var)
+    if text is None or not text.strip():
+        return default
+    return parse_bool(text, var)
+
+
+_WARNED_ENV: set[str] = set()
+
+
+def check_env(env: Mapping[str, str] | None = None) -> None:
+    """Warn (once per variable and process) about ``SPARGE_*`` variables that nothing reads,
+    naming the closest valid name; raise on an unreadable ``SPARGE_FAST_LAUNCH``."""
+    env = os.environ if env is None else env
+    env_flag("SPARGE_FAST_LAUNCH", True, env)
+    known = sorted({*ENV_VARS.values(), *OTHER_ENV_VARS})
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var in known or var in _WARNED_ENV:
+            continue
+        _WARNED_ENV.add(var)
+        # NOTE: compared without the common prefix, which would make every name look close.
+        names = {k[len(ENV_PREFIX):]: k for k in known}
+        close = difflib.get_close_matches(var[len(ENV_PREFIX):], list(names), n=1)
+        hint = (f"did you mean {names[close[0]]}?" if close
+                else f"the sparge variables are {', '.join(sorted(ENV_VARS.values()))}")
+        logger.warning("sparge config: unknown environment variable %s is ignored; %s",
+                       var, hint)
+
+
+def _misplaced(additional: Mapping[str, Any], options: set[str]) -> ValueError | None:
+    """The error for sparge options outside ``additional_config["sparge"]``, or None."""
+    wrong_case = sorted(str(k) for k in additional
+                        if isinstance(k, str) and k != ADDITIONAL_CONFIG_KEY
+                        and k.strip().lower() == ADDITIONAL_CONFIG_KEY)
+    top = sorted(str(k) for k in additional if k in options)
+    if not wrong_case and not top:
+        return None
+    moved: dict[str, Any] = {}
+    for k in wrong_case:
+        if isinstance(additional[k], Mapping):
+            moved.update(additional[k])
+    moved.update({k: additional[k] for k in top})
+    if isinstance(additional.get(ADDITIONAL_CONFIG_KEY), Mapping):
+        moved = {**additional[ADDITIONAL_CONFIG_KEY], **moved}
+    try:
+        right = json.dumps({ADDITIONAL_CONFIG_KEY: moved})
+    except (TypeError, ValueError):
+        right = json.dumps({ADDITIONAL_CONFIG_KEY: {k: "..." for k in moved}})
+    if wrong_case:
+        problem = (f"additional_config key(s) {wrong_case} are not {ADDITIONAL_CONFIG_KEY!r} "
+                   "(keys are case-sensitive), so the sparge settings in them would be ignored")
+    else:
+        problem = (f"sparge option(s) {top} are at the top level of additional_config, where "
+                   "they would be ignored (the sparge settings live under the "
+                   f"{ADDITIONAL_CONFIG_KEY!r} key)")
+    return ValueError(f"sparge config: {problem}. Fix: pass --additional-config '{right}'.")
 
 
 @dataclass(frozen=True)
@@ -146,9 +252,11 @@ class SpargeConfig:
                   env: Mapping[str, str] | None = None) -> SpargeConfig:
         """Parse the ``"sparge"`` dict of ``additional_config`` and apply ``SPARGE_*`` overrides.
 
-        ``env`` defaults to ``os.environ`` (pass ``{}`` to ignore the environment).
+        ``env`` defaults to ``os.environ`` (pass ``{}`` to ignore the environment). Unknown
+        ``SPARGE_*`` variables in it are logged (:func:`check_env`).
         """
         env = os.environ if env is None else env
+        check_env(env)
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
@@ -177,11 +285,18 @@ class SpargeConfig:
     @classmethod
     def from_vllm_config(cls, vllm_config: Any,
                          env: Mapping[str, str] | None = None) -> SpargeConfig:
-        """Read ``vllm_config.additional_config["sparge"]`` (+ env overrides)."""
+        """Read ``vllm_config.additional_config["sparge"]`` (+ env overrides).
+
+        Raises ValueError when sparge options sit at the top level of ``additional_config`` or
+        under a wrong-case ``"sparge"`` key, showing the right form.
+        """
         additional = getattr(vllm_config, "additional_config", None) or {}
         if not isinstance(additional, Mapping):
             raise ValueError("sparge config: vLLM's additional_config is not a dict "
                              f"({type(additional).__name__}). Fix: pass {_EXAMPLE}.")
+        error = _misplaced(additional, set(cls.__dataclass_fields__))
+        if error is not None:
+            raise error
         return cls.from_dict(additional.get(ADDITIONAL_CONFIG_KEY), env)
 
 
@@ -207,11 +322,13 @@ def _parse_env(key: str, var: str, text: str) -> Any:
             raise _bad(key, source, f"= {text!r} is neither a layer count nor a list of layer "
                        "indices", f"set {var}=2 (first two layers dense) or {var}=0,1,5") from None
     if key == "fused":
-        flag = text.lower()
-        if flag not in ("0", "1", "true", "false"):
+        try:
+            return parse_bool(text, var)
+        except ValueError:
             raise _bad(key, source, f"= {text!r} is not a boolean",
-                       f"set {var}=1 (fused kernel) or {var}=0 (two kernels, the default)")
-        return flag in ("1", "true")
+                       f"set {var}=1 (fused kernel) or {var}=0 (two kernels, the default); "
+                       f"{'/'.join(TRUE_WORDS)} and {'/'.join(FALSE_WORDS)} are accepted, "
+                       "any case") from None
     if key == "map_budget":
         if text.lower() in ("none", "null"):
             return None

@@ -4,7 +4,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from sparge_serve.config import DEFAULT_MIN_SPARSE_LEN, DEFAULT_MIN_SPARSE_QUERY_LEN, SpargeConfig
+from sparge_serve import config
+from sparge_serve.config import (
+    DEFAULT_MIN_SPARSE_LEN,
+    DEFAULT_MIN_SPARSE_QUERY_LEN,
+    SpargeConfig,
+    env_flag,
+    parse_bool,
+)
 
 
 def test_defaults():
@@ -20,6 +27,58 @@ def test_fused_from_dict_and_env():
     assert SpargeConfig.from_dict({"fused": True}, env={}).fused
     assert SpargeConfig.from_dict({"fused": True}, env={"SPARGE_FUSED": "0"}).fused is False
     assert SpargeConfig.from_dict(None, env={"SPARGE_FUSED": "TRUE"}).fused is True
+    assert SpargeConfig.from_dict(None, env={"SPARGE_FUSED": " on "}).fused is True
+    assert SpargeConfig.from_dict({"fused": True}, env={"SPARGE_FUSED": "No"}).fused is False
+
+
+@pytest.mark.parametrize("text,value", [
+    ("1", True), ("true", True), ("TRUE", True), ("Yes", True), ("on", True), (" ON ", True),
+    ("0", False), ("false", False), ("False", False), ("no", False), ("OFF", False)])
+def test_parse_bool_spellings(text, value):
+    assert parse_bool(text, "SPARGE_X") is value
+
+
+@pytest.mark.parametrize("text", ["2", "y", "enabled", "-1", "tru", ""])
+def test_parse_bool_refuses_the_rest(text):
+    with pytest.raises(ValueError, match=r"SPARGE_X=.* is not a boolean.*1/true/yes/on"):
+        parse_bool(text, "SPARGE_X")
+
+
+def test_env_flag_default_and_value():
+    assert env_flag("SPARGE_FAST_LAUNCH", True, {}) is True
+    assert env_flag("SPARGE_FAST_LAUNCH", True, {"SPARGE_FAST_LAUNCH": " "}) is True
+    assert env_flag("SPARGE_FAST_LAUNCH", True, {"SPARGE_FAST_LAUNCH": "false"}) is False
+    with pytest.raises(ValueError, match="SPARGE_FAST_LAUNCH='fasle'"):
+        env_flag("SPARGE_FAST_LAUNCH", True, {"SPARGE_FAST_LAUNCH": "fasle"})
+
+
+@pytest.fixture
+def warned(monkeypatch, vllm_log):
+    monkeypatch.setattr(config, "_WARNED_ENV", set())
+    return vllm_log
+
+
+def test_unknown_env_var_warns_with_closest_name(warned):
+    env = {"SPARGE_MODEE": "dense", "SPARGE_FAST_LAUNCH": "1", "SPARGE_TEST_MODEL": "m",
+           "SPARGE_TEST_LOG_DIR": "/l", "SPARGE_TEST_CHILD_TIMEOUT": "9",
+           "SPARGE_TEST_REPORT": "r.json", "SPARGE_MODE": "sparse", "OTHER_MODEE": "x",
+           "SPARGE_XYZZY": "1"}
+    SpargeConfig.from_dict(None, env=env)
+    SpargeConfig.from_dict(None, env=env)  # once per variable
+    # (a record can reach caplog twice: through the "vllm" logger and through the root logger)
+    lines = [r.getMessage() for r in dict.fromkeys(warned.records) if r.levelname == "WARNING"]
+    assert lines == [
+        "sparge config: unknown environment variable SPARGE_MODEE is ignored; did you mean "
+        "SPARGE_MODE?",
+        "sparge config: unknown environment variable SPARGE_XYZZY is ignored; the sparge "
+        "variables are " + ", ".join(sorted(config.ENV_VARS.values())),
+    ]
+
+
+def test_known_env_vars_are_not_warned_about(warned):
+    env = {var: "" for var in (*config.ENV_VARS.values(), *config.OTHER_ENV_VARS)}
+    SpargeConfig.from_dict(None, env=env)
+    assert not [r for r in warned.records if r.levelname == "WARNING"]
 
 
 def test_attention_kernel_from_dict_env_and_errors():
@@ -89,10 +148,28 @@ def test_empty_env_is_ignored():
 
 
 def test_from_vllm_config():
-    vc = SimpleNamespace(additional_config={"sparge": {"min_sparse_len": 512}, "other": 1})
+    vc = SimpleNamespace(additional_config={"sparge": {"min_sparse_len": 512}, "other": 1,
+                                            "kv_transfer": {"mode": "x"}})
     assert SpargeConfig.from_vllm_config(vc, env={}).min_sparse_len == 512
     assert SpargeConfig.from_vllm_config(SimpleNamespace(additional_config=None),
                                          env={}) == SpargeConfig()
+
+
+@pytest.mark.parametrize("additional,right", [
+    ({"mode": "dense"}, """'{"sparge": {"mode": "dense"}}'"""),
+    ({"mode": "dense", "other_plugin": 1}, """'{"sparge": {"mode": "dense"}}'"""),
+    ({"sparge": {"min_sparse_len": 8}, "thresholds": "/t"},
+     """'{"sparge": {"min_sparse_len": 8, "thresholds": "/t"}}'"""),
+    ({"SPARGE": {"mode": "dense"}}, """'{"sparge": {"mode": "dense"}}'"""),
+    ({"Sparge": {"fused": True}}, """'{"sparge": {"fused": true}}'"""),
+])
+def test_misplaced_options_are_refused_with_the_right_form(additional, right):
+    with pytest.raises(ValueError, match="Fix: pass --additional-config ") as ei:
+        SpargeConfig.from_vllm_config(SimpleNamespace(additional_config=additional), env={})
+    msg = str(ei.value)
+    assert msg.endswith(f"--additional-config {right}.")
+    wrong = [k for k in additional if k.lower() == "sparge" and k != "sparge"]
+    assert (f"key(s) {wrong} are not 'sparge'" if wrong else "at the top level") in msg
 
 
 def test_check_num_layers():
@@ -133,7 +210,8 @@ def test_bad_values(raw, match):
     ({"SPARGE_MODE": "fast"}, r"`mode` \(env SPARGE_MODE\)"),
     ({"SPARGE_DENSE_LAYERS": "a,b"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\)"),
     ({"SPARGE_DENSE_LAYERS": "-2"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\).*negative"),
-    ({"SPARGE_FUSED": "yes"}, r"`fused` \(env SPARGE_FUSED\).*SPARGE_FUSED=1"),
+    ({"SPARGE_FUSED": "maybe"}, r"`fused` \(env SPARGE_FUSED\).*SPARGE_FUSED=1.*yes/on"),
+    ({"SPARGE_FAST_LAUNCH": "fast"}, r"SPARGE_FAST_LAUNCH='fast' is not a boolean.*Fix:"),
     ({"SPARGE_MAP_BUDGET": "half"}, r"`map_budget` \(env SPARGE_MAP_BUDGET\).*not a number.*"
                                      r"SPARGE_MAP_BUDGET=none"),
     ({"SPARGE_MAP_BUDGET": "-1"}, r"`map_budget` \(env SPARGE_MAP_BUDGET\).*-1.0"),

@@ -19,11 +19,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sparge_serve import metrics
+from sparge_serve import config, metrics
+from sparge_serve.config import SpargeConfig
 
 # ---- the metrics bridge never removes what it did not create -----------------------------------
 
@@ -91,3 +93,60 @@ def test_metrics_directory_removed_at_exit_and_after_a_crash(tmp_base):
     metrics.install_metrics_bridge(CollectorRegistry())
     assert not os.path.exists(crashed)  # ours, and its owner is gone
     assert user.is_dir()
+
+
+# ---- misplaced options, unknown variables, unreadable booleans ---------------------------------
+
+
+@pytest.mark.parametrize("additional,cause", [
+    ({"mode": "dense"}, "sparge option(s) ['mode'] are at the top level of additional_config"),
+    ({"SPARGE": {"mode": "dense"}}, "key(s) ['SPARGE'] are not 'sparge'"),
+    ({"Sparge": {"mode": "dense"}}, "key(s) ['Sparge'] are not 'sparge'"),
+])
+def test_misplaced_kill_switch_is_refused(additional, cause):
+    with pytest.raises(ValueError) as ei:
+        SpargeConfig.from_vllm_config(SimpleNamespace(additional_config=additional), env={})
+    assert cause in str(ei.value)
+    assert """--additional-config '{"sparge": {"mode": "dense"}}'""" in str(ei.value)
+
+
+def test_misspelt_variable_is_reported(monkeypatch, vllm_log):
+    monkeypatch.setattr(config, "_WARNED_ENV", set())
+    cfg = SpargeConfig.from_dict(None, env={"SPARGE_MODEE": "dense"})
+    assert cfg.mode == "sparse"  # ignored, but not silently:
+    assert "unknown environment variable SPARGE_MODEE is ignored; did you mean SPARGE_MODE?" \
+        in vllm_log.text
+
+
+@pytest.mark.parametrize("env,cause", [
+    ({"SPARGE_FUSED": "enabled"}, "`fused` (env SPARGE_FUSED) = 'enabled' is not a boolean"),
+    ({"SPARGE_FAST_LAUNCH": "nope"}, "SPARGE_FAST_LAUNCH='nope' is not a boolean"),
+])
+def test_unreadable_boolean_is_refused(env, cause):
+    with pytest.raises(ValueError) as ei:
+        SpargeConfig.from_dict(None, env=env)
+    assert cause in str(ei.value)
+
+
+def _fast_launch(monkeypatch, value: str) -> bool:
+    """``FAST`` of a fresh copy of sparge_serve.kernels.launch imported with the variable set."""
+    import importlib.util
+
+    import sparge_serve.kernels.launch as launch
+
+    monkeypatch.setenv("SPARGE_FAST_LAUNCH", value)
+    spec = importlib.util.spec_from_file_location("sparge_launch_probe", launch.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FAST
+
+
+@pytest.mark.parametrize("value,fast", [("false", False), ("OFF", False), ("no", False),
+                                        ("0", False), ("yes", True), ("1", True)])
+def test_fast_launch_switch_reads_booleans(monkeypatch, value, fast):
+    assert _fast_launch(monkeypatch, value) is fast
+
+
+def test_fast_launch_switch_refuses_the_rest(monkeypatch):
+    with pytest.raises(ValueError, match="SPARGE_FAST_LAUNCH='maybe' is not a boolean"):
+        _fast_launch(monkeypatch, "maybe")

@@ -13,8 +13,8 @@ argument specialisation: dtypes, 16-byte alignment, integer values that the kern
 on), so it selects exactly the variant ``JITFunction.run`` would; the first launch of each
 variant goes through ``JITFunction.run`` (compiling it), later ones call that compiled kernel's
 launcher directly. Launch hooks (profilers), the interpreter (``TRITON_INTERPRET=1``) and
-``SPARGE_FAST_LAUNCH=0`` (should a Triton other than the pinned 3.6 change its internals) take
-the plain path.
+``SPARGE_FAST_LAUNCH=0`` (or ``false``/``no``/``off``; should a Triton other than the pinned 3.6
+change its internals) take the plain path.
 """
 
 from __future__ import annotations
@@ -25,8 +25,12 @@ import torch
 from triton import knobs
 from triton.runtime import driver
 
+from sparge_serve.config import env_flag
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-FAST = os.environ.get("SPARGE_FAST_LAUNCH", "1") != "0"
+# NOTE: sparge_serve.config imports neither vLLM nor torch: one boolean parser for every SPARGE_*
+# flag (1/0, true/false, yes/no, on/off; anything else raises, naming the variable).
+FAST = env_flag("SPARGE_FAST_LAUNCH", default=True)
 
 
 def _hooked() -> bool:
