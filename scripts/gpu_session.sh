@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU-machine jobs of this project, one stage per argument; logs and results go to $OUT
-# (the device tool's result folder; defaults to ./gpu_out). Run after the vLLM bundle install
-# (README, "GPU machine"), from the repo root, with PYTHONPATH=/tmp/site:
+# GPU jobs of this project, one stage per argument; logs and results go to $OUT (default
+# ./gpu_out). Run from the repo root where vLLM 0.26.0 is importable (README, "GPU tests and
+# benchmarks"; on a machine without network, from a bundle on PYTHONPATH=/tmp/site):
 #
 #   bash scripts/gpu_session.sh tests kernels          # several stages in one call
 #
@@ -105,14 +105,14 @@ for stage in "$@"; do
             "tests/gpu/test_engine_gpu.py::test_preemption_recompute_matches_flash_attn"
         ;;
     tp2|tp2_engine|tp2_serve|tp2_calib)
-        # NOTE: never NVLink multicast on the lent machines (KINDS.md): keep their NCCL_NVLS_ENABLE=0
-        # etc. (inherited by every engine) and keep vLLM off symmetric-memory all-reduce. The tests
+        # NOTE: no NVLink multicast: machines without it set NCCL_NVLS_ENABLE=0 etc. (inherited by
+        # every engine); keep those and keep vLLM off symmetric-memory all-reduce. The tests
         # also turn off vLLM's fused all-reduce (tests/subproc.py: it picks FlashInfer's multicast
         # "mnnvl" backend); if anything still fuses, it must not be mnnvl.
-        # NOTE: ../shared/gpu/README.md saw the first multiprocess vLLM start on a fresh machine
-        # hang for over 5 minutes; session 9's TP2 run hung without a report. Now each child has a
-        # time limit and dumps every process's stacks into $OUT/engine_logs when it hits it; no -x,
-        # so one hang costs one test. Workers are spawned (a forked worker found CUDA initialised).
+        # NOTE: the first multiprocess vLLM start on a fresh machine can hang for over 5 minutes
+        # without a report, so each child has a time limit and dumps every process's stacks into
+        # $OUT/engine_logs when it hits it; no -x, so one hang costs one test. Workers are spawned
+        # (a forked worker finds CUDA initialised).
         export VLLM_ALLREDUCE_USE_SYMM_MEM=0 VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm
         export VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_LOGGING_LEVEL=DEBUG
         export SPARGE_TEST_REPORT=$OUT/engine_report_tp2.json
@@ -175,8 +175,8 @@ for stage in "$@"; do
             --out "$OUT/host_overhead_tiny"
         ;;
     profile)
-        # NOTE: ncu reads hardware counters on Firecracker machines only (device KINDS.md);
-        # --clock-control none leaves the clocks alone (METHOD.md)
+        # NOTE: ncu needs access to the GPU's performance counters (not every virtualised
+        # machine grants it); --clock-control none leaves the clocks as they are
         for len_cfg in "32768 fa3 dense topk0.5 dense_eager" "131072 fa3 dense topk0.5"; do
             set -- $len_cfg
             len=$1; shift

@@ -105,8 +105,8 @@ def _write_thresholds(path: Path, kind: str) -> str:
         # the global head order, would run other heads sparse and change the output. The sparse
         # heads select by the CDF alone (cdfthreshd 0.80-0.90, like the calibrated file), so the
         # sparse path really skips blocks (46% of all blocks of two 6-8K prompts, reference on CPU).
-        # NOTE: session 10's first TP2 pass used cdfthreshd 0.92-0.99 on every head: 0.3% block
-        # sparsity, which proved too little.
+        # NOTE: cdfthreshd 0.92-0.99 on every head gives only 0.3% block sparsity on these
+        # prompts, too little for a wrong head slice to change the output.
         g = torch.Generator().manual_seed(0)
         h = torch.arange(heads).expand(layers, heads)
         layer = torch.arange(layers)[:, None]
