@@ -495,7 +495,8 @@ class SpargeStats:
 
     def set_thresholds_info(self, **labels: Any) -> None:
         """Labels of ``sparge_thresholds_info``: any of ``THRESHOLDS_INFO_LABELS`` (missing ones
-        are exported as ""), e.g. ``file=path, sha256=sha256_file(path), l1="0.08", pv_l1=...``."""
+        are exported as ""), e.g. ``file=path, sha256=thresholds.sha256, l1="0.08", ...``: the
+        digest of the bytes the thresholds were loaded from, not of the file as it is now."""
         unknown = set(labels) - set(THRESHOLDS_INFO_LABELS)
         if unknown:
             raise ValueError(f"set_thresholds_info: unknown labels {sorted(unknown)}; "

@@ -1,7 +1,10 @@
 """The per-head thresholds file: schema, validation, load/save and tensor-parallel slicing.
 
-A thresholds file is written by the calibration tool and read once per process by the backend.
-Format (see docs/DESIGN.md, "Thresholds file"):
+A thresholds file is written by the calibration tool and read once per process by the backend
+(and once by the front end, which checks it before the engine starts). Each load reads the file's
+bytes once, parses the tensors and metadata from those bytes and hashes the same bytes
+(``Thresholds.sha256``), so the digest always describes the thresholds in use, even when the
+file is replaced while a server starts. Format (see docs/DESIGN.md, "Thresholds file"):
 
 - safetensors (never pickle: a ``.pt`` file is refused);
 - fp32 tensors ``simthreshd1``, ``cdfthreshd``, ``pvthreshd`` and uint8 ``is_sparse``, each of shape
@@ -12,7 +15,9 @@ Format (see docs/DESIGN.md, "Thresholds file"):
 - string metadata: ``format`` = "sparge-thresholds", ``format_version`` = "1", the model geometry
   (``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``blkq``, ``blkk``) and provenance
   (``model``, ``config_hash``, ``l1``, ``pv_l1``, ``sim_rule``, ``num_prompts``, ``prompts_sha256``,
-  ``package_version``, ``created``).
+  ``package_version``, ``created``). The numeric ones are validated like the tensors: ``l1`` and
+  ``pv_l1`` empty or a number in (0, 1] (``pv_l1 > l1`` when both are given), ``num_prompts`` an
+  integer >= 0, the geometry positive integers.
 
 Example::
 
@@ -33,6 +38,7 @@ import json
 import logging
 import math
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -61,6 +67,8 @@ TENSOR_NAMES = (*THRESHOLD_TENSORS, "is_sparse")
 BUDGET_TENSORS = ("l1_budget", "pv_l1_budget")
 _GEOMETRY_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "blkq", "blkk")
 _FIX_RECALIBRATE = "re-run `sparge-calibrate` for this model to write a fresh file"
+# NOTE: the safetensors crate refuses headers above 100 MB too; a thresholds file's is ~1 KB.
+_MAX_HEADER_BYTES = 100 << 20
 
 
 class ThresholdsError(ValueError):
@@ -86,6 +94,27 @@ class ModelGeometry:
     blkq: int = DEFAULT_BLKQ
     blkk: int = DEFAULT_BLKK
     config_hash: str | None = None
+
+
+def model_geometry_of(model_config: Any, *, blkq: int = DEFAULT_BLKQ, blkk: int = DEFAULT_BLKK,
+                      with_hash: bool = True) -> ModelGeometry:
+    """The global attention geometry of a vLLM ``ModelConfig`` (read through its methods: no vLLM
+    import), as a thresholds file must match it. ``config_hash`` is None when ``with_hash`` is
+    false or the HF config cannot be serialised (the hash check is advisory)."""
+    mc = model_config
+    digest = None
+    if with_hash:
+        try:
+            digest = config_hash(mc.hf_config.to_dict())
+        except Exception:  # a config that cannot be serialised only loses the (advisory) check
+            digest = None
+    return ModelGeometry(
+        num_layers=mc.get_total_num_hidden_layers(),
+        num_heads=mc.model_arch_config.total_num_attention_heads,
+        num_kv_heads=mc.get_total_num_kv_heads(),
+        head_dim=mc.get_head_size(),
+        blkq=blkq, blkk=blkk, config_hash=digest,
+    )
 
 
 @dataclass(frozen=True, eq=False)  # eq on tensors is ambiguous: identity semantics
@@ -120,6 +149,8 @@ class Thresholds:
     pv_l1_budget: torch.Tensor | None = None
     # Head offset of head 0 of this object in the global head order (non-zero after for_rank).
     head_offset: int = 0
+    # Hex sha256 of the file bytes these thresholds were parsed from ("" when built in memory).
+    sha256: str = ""
 
     def __post_init__(self) -> None:
         _validate(self, "<in-memory Thresholds>")
@@ -206,7 +237,8 @@ class Thresholds:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "num_layers": str(self.num_layers), "num_heads": str(self.num_heads)}
         for f in fields(self):
-            if f.name in TENSOR_NAMES or f.name in BUDGET_TENSORS or f.name == "head_offset":
+            if f.name in TENSOR_NAMES or f.name in BUDGET_TENSORS or f.name in (
+                    "head_offset", "sha256"):
                 continue
             value = getattr(self, f.name)
             meta[f.name] = "" if value is None else str(value)
@@ -266,6 +298,7 @@ def _validate(th: Thresholds, source: str) -> None:
                    f"dense heads need cdfthreshd = 1, simthreshd1 = 1, pvthreshd >= {PV_OFF:g}; "
                    + _FIX_RECALIBRATE)
     _validate_budgets(th, source)
+    _validate_provenance(th, source)
     for name in ("num_kv_heads", "head_dim", "blkq", "blkk"):
         value = getattr(th, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -273,6 +306,30 @@ def _validate(th: Thresholds, source: str) -> None:
     if th.head_offset == 0 and th.num_heads % th.num_kv_heads:
         raise _err(source, f"num_heads = {th.num_heads} is not a multiple of num_kv_heads = "
                    f"{th.num_kv_heads}", "the file's geometry is inconsistent; " + _FIX_RECALIBRATE)
+
+
+def _validate_provenance(th: Thresholds, source: str) -> None:
+    """Check the numeric provenance: ``l1`` / ``pv_l1`` None or in (0, 1] with ``pv_l1 > l1``,
+    ``num_prompts`` an integer >= 0."""
+    for name in ("l1", "pv_l1"):
+        value = getattr(th, name)
+        if value is None:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or not 0 < value <= 1):
+            raise _err(source, f"metadata `{name}` = {value!r} is not a number in (0, 1] (the "
+                       "relative error budget of the calibration)", _FIX_RECALIBRATE)
+    if th.l1 is not None and th.pv_l1 is not None and th.pv_l1 <= th.l1:
+        raise _err(source, f"metadata `pv_l1` = {th.pv_l1!r} is not above `l1` = {th.l1!r}; the "
+                   "PV budget must exceed the l1 budget (the PV skip adds error on top of the "
+                   "block selection)", _FIX_RECALIBRATE)
+    n = th.num_prompts
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise _err(source, f"metadata `num_prompts` = {n!r} is not an integer >= 0 (the number "
+                   "of calibration prompts)", _FIX_RECALIBRATE)
+    if not isinstance(th.sha256, str):
+        raise _err(source, f"`sha256` = {th.sha256!r} is not a hex digest string",
+                   "leave it empty for thresholds built in memory")
 
 
 def _validate_budgets(th: Thresholds, source: str) -> None:
@@ -338,27 +395,63 @@ def load_thresholds(path: str | os.PathLike[str],
                     expect: ModelGeometry | None = None) -> Thresholds:
     """Read and validate a thresholds file; with ``expect``, also check it fits that model.
 
-    Raises :class:`ThresholdsError` (a ``ValueError``) naming the file, the problem and the fix.
-    Never unpickles anything.
+    The file is read once: the tensors and metadata are parsed from those bytes and
+    ``Thresholds.sha256`` is their digest. Raises :class:`ThresholdsError` (a ``ValueError``)
+    naming the file, the problem and the fix. Never unpickles anything.
     """
-    from safetensors import safe_open
-
     src = os.fspath(path)
-    if not os.path.exists(src):
-        raise _err(src, "no such file", "pass an existing path (sparge `thresholds` / "
-                   "SPARGE_THRESHOLDS), or drop the setting to run with the untuned defaults")
-    if not os.path.isfile(src):
-        raise _err(src, "is not a regular file", "pass the path of the .safetensors file itself")
-    try:
-        with safe_open(src, framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            keys = set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in (*TENSOR_NAMES, *BUDGET_TENSORS) if k in keys}
-    except Exception as e:  # safetensors raises its own error type for every kind of corruption
-        raise _err(src, f"is not a readable safetensors file ({type(e).__name__}: {e})",
-                   "pickled .pt files are refused on purpose; point at a thresholds file written "
-                   "by `sparge-calibrate` (or save_thresholds)") from e
+    data, meta = _read_file(src)
+    return _parse(data, meta, src, expect)
 
+
+def _read_file(src: str) -> tuple[bytes, dict[str, str]]:
+    """The whole file and its safetensors metadata, read through one open file. A file that is
+    not a sparge thresholds file is refused after its header (a model's weights are not read)."""
+    try:
+        # NOTE: O_NONBLOCK: a FIFO must not hang the start-up (it is refused below).
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _err(src, "no such file", "pass an existing path (sparge `thresholds` / "
+                   "SPARGE_THRESHOLDS), or drop the setting to run with the untuned "
+                   "defaults") from None
+    except IsADirectoryError:
+        raise _err(src, "is not a regular file",
+                   "pass the path of the .safetensors file itself") from None
+    except OSError as e:
+        raise _err(src, f"cannot be opened ({e.strerror or e})",
+                   "check the path and the file's permissions") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _err(src, "is not a regular file", "pass the path of the .safetensors file itself")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < size <= min(_MAX_HEADER_BYTES, st.st_size - 8):
+                raise ValueError(f"header length {size} does not fit a file of {st.st_size} bytes")
+            header_bytes = f.read(size)
+            header = json.loads(header_bytes)
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            meta = header.get("__metadata__") or {}
+            if not isinstance(meta, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+                raise ValueError("__metadata__ is not a map of strings")
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise _err(src, f"is not a readable safetensors file ({type(e).__name__}: {e})",
+                       "pickled .pt files are refused on purpose; point at a thresholds file "
+                       "written by `sparge-calibrate` (or save_thresholds)") from e
+        _check_format(meta, src)
+        try:
+            rest = f.read()
+        except OSError as e:
+            raise _err(src, f"cannot be read ({e.strerror or e})",
+                       "check the file and its permissions") from None
+    return head + header_bytes + rest, meta
+
+
+def _check_format(meta: Mapping[str, str], src: str) -> None:
     if meta.get("format") != FORMAT:
         raise _err(src, f"metadata `format` is {meta.get('format')!r}, expected {FORMAT!r} "
                    "(this safetensors file is not a sparge thresholds file)",
@@ -367,6 +460,20 @@ def load_thresholds(path: str | os.PathLike[str],
         raise _err(src, f"format_version {meta.get('format_version')!r} is not supported (this "
                    f"sparge_serve reads version {FORMAT_VERSION!r})",
                    "use the sparge_serve version that wrote the file, or " + _FIX_RECALIBRATE)
+
+
+def _parse(data: bytes, meta: Mapping[str, str], src: str,
+           expect: ModelGeometry | None) -> Thresholds:
+    """Thresholds from a file's bytes (``meta``: the metadata of their header), validated."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except Exception as e:  # safetensors raises its own error type for every kind of corruption
+        raise _err(src, f"is not a readable safetensors file ({type(e).__name__}: {e})",
+                   "pickled .pt files are refused on purpose; point at a thresholds file written "
+                   "by `sparge-calibrate` (or save_thresholds)") from e
+    keys = set(tensors)
     missing = [k for k in TENSOR_NAMES if k not in keys]
     if missing:
         raise _err(src, f"missing tensor(s) {missing}", _FIX_RECALIBRATE)
@@ -374,6 +481,7 @@ def load_thresholds(path: str | os.PathLike[str],
     if extra:
         raise _err(src, f"unexpected tensor(s) {extra} for format_version {FORMAT_VERSION}",
                    _FIX_RECALIBRATE)
+    digest = hashlib.sha256(data).hexdigest()
 
     def meta_int(key: str) -> int:
         raw = meta.get(key)
@@ -384,7 +492,7 @@ def load_thresholds(path: str | os.PathLike[str],
         except ValueError:
             raise _err(src, f"metadata `{key}` = {raw!r} is not an integer",
                        _FIX_RECALIBRATE) from None
-        if value <= 0 and key != "num_prompts":
+        if value <= 0 and key != "num_prompts":  # num_prompts >= 0: _validate_provenance
             raise _err(src, f"metadata `{key}` = {value} must be positive", _FIX_RECALIBRATE)
         return value
 
@@ -393,7 +501,7 @@ def load_thresholds(path: str | os.PathLike[str],
         if raw in ("", "None"):
             return None
         try:
-            return float(raw)
+            return float(raw)  # range and finiteness: _validate_provenance
         except ValueError:
             raise _err(src, f"metadata `{key}` = {raw!r} is not a number",
                        _FIX_RECALIBRATE) from None
@@ -413,7 +521,8 @@ def load_thresholds(path: str | os.PathLike[str],
             pv_l1=meta_float("pv_l1"), sim_rule=meta.get("sim_rule", ""),
             num_prompts=meta_int("num_prompts") if meta.get("num_prompts") else 0,
             prompts_sha256=meta.get("prompts_sha256", ""),
-            package_version=meta.get("package_version", ""), created=meta.get("created", ""))
+            package_version=meta.get("package_version", ""), created=meta.get("created", ""),
+            sha256=digest)
     except ThresholdsError as e:
         raise ThresholdsError(str(e).replace("<in-memory Thresholds>", src, 1)) from None
     if expect is not None:

@@ -293,6 +293,14 @@ def test_process_suspension_covers_existing_and_new_stats(fresh_stats):
     assert new.blocks.sum().item() == 0
 
 
+def test_sha256_file(tmp_path):
+    import hashlib
+
+    p = tmp_path / "f.bin"
+    p.write_bytes(bytes(range(256)) * 5000)
+    assert metrics.sha256_file(p) == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
 # ---- the bridge --------------------------------------------------------------------------------
 
 @pytest.fixture

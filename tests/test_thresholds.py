@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 from dataclasses import replace
 
@@ -62,6 +64,51 @@ def test_round_trip(tmp_path):
         "tiny", "abc", 0.05, 0.07, 4)
     assert got.created and got.package_version
     assert got.layer_is_dense(0) is False
+
+
+def test_digest_is_of_the_bytes_loaded(tmp_path):
+    p = tmp_path / "th.safetensors"
+    save_thresholds(p, _random_thresholds())
+    data = p.read_bytes()
+    got = load_thresholds(p)
+    assert got.sha256 == hashlib.sha256(data).hexdigest()
+    assert got.for_rank(1, 2).sha256 == got.sha256
+    assert "sha256" not in got.metadata() and _random_thresholds().sha256 == ""
+    # Saved again (same tensors, new `created`): the digest follows the bytes.
+    save_thresholds(tmp_path / "again.safetensors", replace(got, created="2030-01-01"))
+    again = load_thresholds(tmp_path / "again.safetensors")
+    assert again.sha256 == hashlib.sha256((tmp_path / "again.safetensors").read_bytes()).hexdigest()
+    assert again.sha256 != got.sha256
+
+
+def test_file_is_read_once(tmp_path, monkeypatch):
+    p = tmp_path / "th.safetensors"
+    save_thresholds(p, _random_thresholds())
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: (opened.append(path),
+                                                           real_open(path, *a, **k))[1])
+    import safetensors
+
+    monkeypatch.setattr(safetensors, "safe_open", None)  # nothing opens it a second time
+    load_thresholds(p)
+    assert opened == [str(p)]
+
+
+def test_model_weights_are_refused_from_the_header(tmp_path):
+    p = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(64, 64)}, str(p), metadata={"format": "pt"})
+    with open(p, "ab") as f:  # a body that must never be parsed: the header decides
+        f.write(b"\0" * 4096)
+    with pytest.raises(ThresholdsError, match="metadata `format` is 'pt'.*not a sparge thresholds"):
+        load_thresholds(p)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    p = tmp_path / "th.safetensors"
+    os.mkfifo(p)
+    with pytest.raises(ThresholdsError, match="is not a regular file"):
+        load_thresholds(p)
 
 
 def _with_budgets(th: Thresholds, l1=(0.04, 0.05, 0.05), pv=(0.05, 0.07, 0.08)) -> Thresholds:
@@ -190,6 +237,14 @@ def test_truncated_file(tmp_path):
     ({"blkq": "0"}, "`blkq` = 0 must be positive"),
     ({"num_heads": "4"}, r"shape \[3, 8\] but the metadata says"),
     ({"l1": "small"}, "`l1` = 'small' is not a number"),
+    ({"l1": "nan"}, r"metadata `l1` = nan is not a number in \(0, 1\]"),
+    ({"pv_l1": "inf"}, r"metadata `pv_l1` = inf is not a number in \(0, 1\]"),
+    ({"l1": "0"}, r"metadata `l1` = 0.0 is not a number in \(0, 1\]"),
+    ({"l1": "-0.05"}, r"metadata `l1` = -0.05 is not a number in \(0, 1\]"),
+    ({"pv_l1": "1.5"}, r"metadata `pv_l1` = 1.5 is not a number in \(0, 1\]"),
+    ({"pv_l1": "0.05"}, r"metadata `pv_l1` = 0.05 is not above `l1` = 0.05"),
+    ({"num_prompts": "-3"}, r"metadata `num_prompts` = -3 is not an integer >= 0"),
+    ({"num_prompts": "4.5"}, r"`num_prompts` = '4.5' is not an integer"),
     ({"num_kv_heads": "3"}, "not a multiple of num_kv_heads"),
 ])
 def test_bad_metadata(tmp_path, meta, match):
@@ -303,4 +358,11 @@ def test_in_memory_validation():
         Thresholds.defaults(L, H, KV, D, cdfthreshd=float("nan"))
     with pytest.raises(ThresholdsError, match="`head_dim` = 0"):
         Thresholds.defaults(L, H, KV, 0)
+    with pytest.raises(ThresholdsError, match=r"<in-memory Thresholds>.*`l1` = nan"):
+        replace(_random_thresholds(), l1=float("nan"))
+    with pytest.raises(ThresholdsError, match=r"`num_prompts` = -1 is not an integer >= 0"):
+        replace(_random_thresholds(), num_prompts=-1)
+    with pytest.raises(ThresholdsError, match=r"`pv_l1` = 0.04 is not above `l1` = 0.05"):
+        replace(_random_thresholds(), pv_l1=0.04)
+    assert replace(_random_thresholds(), l1=None, pv_l1=None).l1 is None
     assert FORMAT == "sparge-thresholds"

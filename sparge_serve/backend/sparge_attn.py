@@ -80,8 +80,8 @@ from sparge_serve.thresholds import (
     PV_OFF,
     ModelGeometry,
     Thresholds,
-    config_hash,
     load_thresholds,
+    model_geometry_of,
 )
 
 if TYPE_CHECKING:
@@ -123,31 +123,22 @@ _RUNTIME_LOCK = threading.Lock()
 
 def model_geometry(vllm_config: VllmConfig, with_hash: bool = True) -> ModelGeometry:
     """The served model's global attention geometry, as a thresholds file must match it."""
-    mc = vllm_config.model_config
     try:
         from sparge_serve.kernels import BLKK, BLKQ
     except ImportError:  # kernels not importable: the file format's defaults are the same tile
         BLKQ, BLKK = DEFAULT_BLKQ, DEFAULT_BLKK
-    digest = None
-    if with_hash:
-        try:
-            digest = config_hash(mc.hf_config.to_dict())
-        except Exception:  # a config that cannot be serialised only loses the (advisory) check
-            digest = None
-    return ModelGeometry(
-        num_layers=mc.get_total_num_hidden_layers(),
-        num_heads=mc.model_arch_config.total_num_attention_heads,
-        num_kv_heads=mc.get_total_num_kv_heads(),
-        head_dim=mc.get_head_size(),
-        blkq=BLKQ, blkk=BLKK, config_hash=digest,
-    )
+    return model_geometry_of(vllm_config.model_config, blkq=BLKQ, blkk=BLKK, with_hash=with_hash)
 
 
 def load_runtime(vllm_config: VllmConfig) -> SpargeRuntime:
     """Parse the settings and load + validate the thresholds: once per process (cached).
 
-    Raises ``ValueError`` (bad settings) or ``ThresholdsError`` (bad or mismatched file) with a
-    message that names the fix; vLLM then fails the startup with it.
+    The file is read once; its digest (``thresholds.sha256``, exported as the ``sha256`` label
+    of ``sparge_thresholds_info``) is that of the bytes loaded. Raises ``ValueError`` (bad
+    settings) or ``ThresholdsError`` (bad or mismatched file) with a message that names the fix.
+    The plugin runs the same checks in the front end when vLLM builds its configuration
+    (``sparge_serve.plugin``), so these errors normally stop ``vllm serve`` before any worker
+    starts; here they catch a file changed since.
     """
     cfg = SpargeConfig.from_vllm_config(vllm_config)
     geo = model_geometry(vllm_config, with_hash=False)
@@ -174,15 +165,16 @@ def load_runtime(vllm_config: VllmConfig) -> SpargeRuntime:
         rt = SpargeRuntime(cfg, th, source)
         _RUNTIMES[key] = rt
         logger.info("SPARGE: mode=%s min_sparse_len=%d min_sparse_query_len=%d dense_layers=%s "
-                    "topk=%s thresholds=%s", cfg.mode, cfg.min_sparse_len,
-                    cfg.min_sparse_query_len, cfg.dense_layers, cfg.topk, source)
+                    "topk=%s thresholds=%s%s", cfg.mode, cfg.min_sparse_len,
+                    cfg.min_sparse_query_len, cfg.dense_layers, cfg.topk, source,
+                    f" (sha256 {th.sha256})" if th.sha256 else "")
         return rt
 
 
 def _metrics_for(vllm_config: VllmConfig, runtime: SpargeRuntime, device: torch.device):
     """This process's ``sparge_serve.metrics.SpargeStats`` (None, with a warning, if unavailable)."""
     try:
-        from sparge_serve.metrics import get_sparge_stats, sha256_file
+        from sparge_serve.metrics import get_sparge_stats
     except ImportError as e:
         logger.warning("SPARGE: metrics unavailable (%s); sparge_* series will not be exported", e)
         return None
@@ -195,7 +187,8 @@ def _metrics_for(vllm_config: VllmConfig, runtime: SpargeRuntime, device: torch.
                              tp_rank=rank)
     th = runtime.thresholds
     if runtime.source != "defaults":
-        stats.set_thresholds_info(file=runtime.source, sha256=sha256_file(runtime.source),
+        # The digest of the bytes loaded: the file itself may have been replaced since.
+        stats.set_thresholds_info(file=runtime.source, sha256=th.sha256,
                                   l1="" if th.l1 is None else th.l1,
                                   pv_l1="" if th.pv_l1 is None else th.pv_l1, created=th.created)
     else:
