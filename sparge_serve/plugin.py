@@ -13,16 +13,22 @@ string; imports nothing heavy) and never touches CUDA. It
 3. brings back the legacy ``VLLM_ATTENTION_BACKEND`` variable (removed from vLLM core, which now
    warns about it): it is declared to ``vllm.envs`` and, when neither ``attention_backend`` nor
    ``attention_config.backend`` was given, selects that backend in ``EngineArgs.create_engine_config``;
-4. installs the metrics bridge (``sparge_serve.metrics.install_metrics_bridge``) so that worker
+4. checks the sparge settings in the front end (:func:`check_sparge_config`, run by the same
+   ``EngineArgs.create_engine_config`` wrapper once vLLM has built its configuration, when the
+   SPARGE backend is selected): a bad option or thresholds file fails ``vllm serve`` / ``LLM(...)``
+   in its first seconds, with the error the engine would raise after loading the model; a
+   ``max_model_len`` below ``min_sparse_len`` (sparse mode) logs one warning naming the settings
+   that would let the sparse path run;
+5. installs the metrics bridge (``sparge_serve.metrics.install_metrics_bridge``) so that worker
    counters reach vLLM's ``/metrics``;
-5. keeps vLLM's start-up and dummy runs out of the ``sparge_*`` metrics: the worker's and model
+6. keeps vLLM's start-up and dummy runs out of the ``sparge_*`` metrics: the worker's and model
    runners' warm-up entry points (``STARTUP_ENTRY_POINTS``: memory profiling, compile and kernel
    warm-up, CUDA-graph capture, data-parallel dummy batches) run inside
    ``sparge_serve.metrics.metrics_suspended()``. The modules are not imported here (they are heavy
    and the API server never needs them): a module already imported is patched at once, the others
    by a post-import hook when the worker imports them. Idempotent; a missing class or method is
    logged at debug level and skipped;
-6. warns when the installed vLLM is not the version this package is built against.
+7. warns when the installed vLLM is not the version this package is built against.
 """
 
 from __future__ import annotations
@@ -259,7 +265,9 @@ def _install_legacy_env_var() -> None:
     @functools.wraps(original)
     def create_engine_config(self, *args: Any, **kwargs: Any):
         _apply_legacy_env_var(self)
-        return original(self, *args, **kwargs)
+        vllm_config = original(self, *args, **kwargs)
+        check_sparge_config(vllm_config)
+        return vllm_config
 
     setattr(create_engine_config, _WRAPPED_MARK, True)
     EngineArgs.create_engine_config = create_engine_config
@@ -283,3 +291,58 @@ def _apply_legacy_env_var(engine_args: Any) -> None:
     # The string goes through vLLM's own validator (case-insensitive, "auto", clear error for an
     # unknown name), exactly as --attention-backend does.
     engine_args.attention_backend = value
+
+
+def uses_sparge(vllm_config: Any) -> bool:
+    """Whether ``vllm_config`` selects the SPARGE backend (``attention_config.backend`` or one of
+    its ``backend_per_kind`` entries is the CUSTOM slot, filled with this package's backend)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    custom = AttentionBackendEnum.CUSTOM
+    ac = getattr(vllm_config, "attention_config", None)
+    if ac is None or not custom.is_overridden() or custom.get_path() != BACKEND_CLASS:
+        return False
+    chosen = [ac.backend, *(getattr(ac, "backend_per_kind", None) or {}).values()]
+    return any(b is custom for b in chosen)
+
+
+def check_sparge_config(vllm_config: Any) -> None:
+    """Check the sparge settings and thresholds file of ``vllm_config`` in the front end.
+
+    Runs when ``EngineArgs.create_engine_config`` has built the configuration (in the API server
+    of ``vllm serve``, or the process of ``LLM(...)``), before any engine process starts and any
+    weight loads; does nothing unless the SPARGE backend is selected. It parses the settings
+    (``SpargeConfig.from_vllm_config``), checks ``dense_layers`` against the model's layer count
+    and loads and validates the thresholds file against the model's geometry, raising the same
+    ``ValueError`` / ``ThresholdsError`` the backend would raise in the worker. With sparse mode
+    and ``max_model_len < min_sparse_len`` it logs one warning: the sparse path can never run.
+    Imports torch and safetensors (on first use), not the kernels.
+    """
+    if not uses_sparge(vllm_config):
+        return
+    from sparge_serve.config import DEFAULT_MIN_SPARSE_LEN, ENV_VARS, SpargeConfig
+    from sparge_serve.thresholds import load_thresholds, model_geometry_of
+
+    logger = _logger()
+    cfg = SpargeConfig.from_vllm_config(vllm_config)
+    mc = vllm_config.model_config
+    try:
+        geo = model_geometry_of(mc)
+    except Exception as e:  # an unusual model config: the engine checks the file when it loads
+        logger.warning("sparge_serve: cannot read the model's attention geometry in the front end "
+                       "(%s: %s); the thresholds file is checked when the engine loads it",
+                       type(e).__name__, e)
+    else:
+        cfg.check_num_layers(geo.num_layers)
+        if cfg.thresholds:
+            load_thresholds(cfg.thresholds, expect=geo)
+    max_len = mc.max_model_len
+    if cfg.enabled and not cfg.sparse_possible(max_len):
+        logger.warning(
+            "SPARGE: max_model_len = %d is below min_sparse_len = %d, so the sparse prefill path "
+            "can never run: every request runs dense attention. To let it run, lower "
+            "min_sparse_len (--additional-config '{\"sparge\": {\"min_sparse_len\": %d}}' or "
+            "%s=%d; the default, %d, is where the sparse path starts to beat dense on H200) or "
+            "raise --max-model-len to %d or more.",
+            max_len, cfg.min_sparse_len, max_len, ENV_VARS["min_sparse_len"], max_len,
+            DEFAULT_MIN_SPARSE_LEN, cfg.min_sparse_len)

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 
 from sparge_serve import config, metrics
@@ -150,3 +151,114 @@ def test_fast_launch_switch_reads_booleans(monkeypatch, value, fast):
 def test_fast_launch_switch_refuses_the_rest(monkeypatch):
     with pytest.raises(ValueError, match="SPARGE_FAST_LAUNCH='maybe' is not a boolean"):
         _fast_launch(monkeypatch, "maybe")
+
+
+# ---- the front end refuses a bad option or file before any engine starts -------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = REPO / "models" / "sparge-tiny-code"  # 4 layers, 8 heads, 2 KV heads, head_dim 128
+TINY_THRESHOLDS = REPO / "models" / "sparge-tiny-code-run" / "thresholds.safetensors"
+
+
+@pytest.fixture
+def front_end(monkeypatch):
+    """``make(**engine_args)``: EngineArgs(TINY_MODEL, SPARGE, ...).create_engine_config() as the
+    API server runs it (platform made to say "cpu"; no metrics bridge; no SPARGE_* env)."""
+    from vllm.platforms import current_platform
+
+    import sparge_serve.plugin as plugin
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(current_platform, "device_type", "cpu", raising=False)
+    monkeypatch.setattr(metrics, "install_metrics_bridge", lambda *a, **k: None)
+    monkeypatch.setattr(config, "_WARNED_ENV", set())
+    for var in [v for v in os.environ if v.startswith("SPARGE_")]:
+        monkeypatch.delenv(var)
+    plugin.register()
+
+    def make(sparge=None, **kwargs):
+        from vllm.engine.arg_utils import EngineArgs
+
+        if sparge is not None:
+            kwargs["additional_config"] = {"sparge": sparge}
+        return EngineArgs(model=str(TINY_MODEL), skip_tokenizer_init=True,
+                          attention_backend="SPARGE", **kwargs).create_engine_config()
+
+    return make
+
+
+def _thresholds_file(path: Path, **meta) -> Path:
+    """A copy of the shipped tiny-model thresholds with some metadata replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(TINY_THRESHOLDS), framework="pt") as f:
+        metadata = {**f.metadata(), **meta}
+    save_file(load_file(str(TINY_THRESHOLDS)), str(path), metadata=metadata)
+    return path
+
+
+def test_front_end_refuses_a_bad_thresholds_file(front_end, tmp_path):
+    from sparge_serve.thresholds import Thresholds, ThresholdsError, save_thresholds
+
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(ThresholdsError, match=f"{missing}: no such file"):
+        front_end({"thresholds": str(missing)})
+    other_model = tmp_path / "other.safetensors"
+    save_thresholds(other_model, Thresholds.defaults(4, 8, 1, 128))
+    with pytest.raises(ThresholdsError, match=r"num_kv_heads = 1 in the file.*num_kv_heads = 2"):
+        front_end({"thresholds": str(other_model)})
+    nan_budget = _thresholds_file(tmp_path / "nan.safetensors", l1="nan")
+    with pytest.raises(ThresholdsError, match=r"nan.safetensors: metadata `l1` = nan"):
+        front_end({"thresholds": str(nan_budget)})
+    cfg = front_end({"thresholds": str(TINY_THRESHOLDS)})  # the shipped file fits
+    assert cfg.additional_config["sparge"]["thresholds"] == str(TINY_THRESHOLDS)
+
+
+def test_front_end_refuses_misplaced_and_bad_options(front_end, monkeypatch):
+    with pytest.raises(ValueError, match=r"sparge option\(s\) \['mode'\] are at the top level"):
+        front_end(additional_config={"mode": "dense"})
+    with pytest.raises(ValueError, match=r"key\(s\) \['SPARGE'\] are not 'sparge'"):
+        front_end(additional_config={"SPARGE": {"mode": "dense"}})
+    with pytest.raises(ValueError, match=r"`dense_layers` .*layer\(s\) \[4\] but the model has 4"):
+        front_end({"dense_layers": [4]})
+    monkeypatch.setenv("SPARGE_FUSED", "maybe")
+    with pytest.raises(ValueError, match=r"`fused` \(env SPARGE_FUSED\) = 'maybe'"):
+        front_end()
+
+
+def test_front_end_warns_once_that_sparse_cannot_run(front_end, vllm_log):
+    front_end(max_model_len=8192)
+    msgs = [r.getMessage() for r in dict.fromkeys(vllm_log.records)
+            if "can never run" in r.getMessage()]
+    assert len(msgs) == 1
+    assert "max_model_len = 8192 is below min_sparse_len = 49152" in msgs[0]
+    assert """'{"sparge": {"min_sparse_len": 8192}}'""" in msgs[0]
+
+
+# ---- the thresholds digest is that of the bytes in use ----------------------------------------
+
+
+@pytest.mark.parametrize("change", ["replaced", "removed"])
+def test_thresholds_digest_is_of_the_bytes_loaded(front_end, tmp_path, monkeypatch, change):
+    import hashlib
+
+    import sparge_serve.backend.sparge_attn as sa
+
+    monkeypatch.setattr(sa, "_RUNTIMES", {})
+    monkeypatch.setattr(metrics, "_STATS", None)
+    path = _thresholds_file(tmp_path / "th.safetensors")
+    loaded = hashlib.sha256(path.read_bytes()).hexdigest()
+    vc = front_end({"thresholds": str(path)})
+    runtime = sa.load_runtime(vc)
+    # The file changes between the load and the metrics set-up (an operator's deploy).
+    if change == "replaced":
+        _thresholds_file(tmp_path / "new.safetensors", created="2031-01-01").replace(path)
+    else:
+        path.unlink()
+    stats = sa._metrics_for(vc, runtime, torch.device("cpu"))
+    try:
+        assert stats.snapshot()["info"]["sha256"] == loaded  # the sparge_thresholds_info label
+        assert runtime.thresholds.sha256 == loaded
+    finally:
+        stats.close()

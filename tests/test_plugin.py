@@ -146,6 +146,69 @@ def test_no_env_var_means_auto(engine_config, monkeypatch):
     assert cfg.attention_config.backend is None
 
 
+# ---- front-end checks (check_sparge_config, run by the create_engine_config wrapper) ----------
+
+
+def _warnings(log, text):
+    return [r for r in dict.fromkeys(log.records)
+            if r.levelname == "WARNING" and text in r.getMessage()]
+
+
+def test_front_end_refuses_bad_settings_and_files(engine_config, tmp_path):
+    from sparge_serve.thresholds import Thresholds, ThresholdsError, save_thresholds
+
+    def make(**sparge):
+        return engine_config(attention_backend="SPARGE", additional_config={"sparge": sparge})
+
+    with pytest.raises(ValueError, match=r"`mode` \(additional_config\) = 'off'"):
+        make(mode="off")
+    with pytest.raises(ValueError, match=r"`dense_layers`.*layer\(s\) \[9\].*4 layers"):
+        make(dense_layers=[9])
+    with pytest.raises(ThresholdsError, match="missing.safetensors: no such file"):
+        make(thresholds=str(tmp_path / "missing.safetensors"))
+    wrong = tmp_path / "wrong.safetensors"
+    save_thresholds(wrong, Thresholds.defaults(4, 4, 1, 64))
+    with pytest.raises(ThresholdsError, match=r"num_kv_heads = 1 in the file.*num_kv_heads = 2"):
+        make(thresholds=str(wrong))
+    with pytest.raises(ValueError, match=r"top level of additional_config"):
+        engine_config(attention_backend="SPARGE", additional_config={"mode": "dense"})
+    good = tmp_path / "good.safetensors"
+    save_thresholds(good, Thresholds.defaults(4, 4, 2, 64))
+    _, cfg = make(thresholds=str(good))
+    assert cfg.additional_config["sparge"]["thresholds"] == str(good)
+
+
+def test_front_end_leaves_other_backends_alone(engine_config, tmp_path):
+    bad = {"sparge": {"thresholds": str(tmp_path / "missing")}, "mode": "x"}
+    engine_config(additional_config=bad)  # automatic selection: not ours to check
+    engine_config(attention_backend="FLASH_ATTN", additional_config=bad)
+
+
+def test_uses_sparge_per_kind(engine_config):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    _, cfg = engine_config(attention_backend="FLASH_ATTN")
+    assert not plugin.uses_sparge(cfg)
+    cfg.attention_config.backend_per_kind = {"full_attention": AttentionBackendEnum.CUSTOM}
+    assert plugin.uses_sparge(cfg)
+
+
+def test_front_end_warns_once_when_sparse_can_never_run(engine_config, vllm_log):
+    text = "so the sparse prefill path can never run"
+    engine_config(attention_backend="SPARGE")  # 4096-token model, default 49152 minimum
+    (record,) = _warnings(vllm_log, text)
+    msg = record.getMessage()
+    assert "max_model_len = 4096 is below min_sparse_len = 49152" in msg
+    assert """--additional-config '{"sparge": {"min_sparse_len": 4096}}'""" in msg
+    assert "SPARGE_MIN_SPARSE_LEN=4096" in msg and "--max-model-len to 49152" in msg
+    vllm_log.clear()
+    engine_config(attention_backend="SPARGE", additional_config={"sparge": {"mode": "dense"}})
+    engine_config(attention_backend="SPARGE",
+                  additional_config={"sparge": {"min_sparse_len": 4096}})
+    engine_config(attention_backend="FLASH_ATTN")
+    assert not _warnings(vllm_log, text)
+
+
 def test_wrapper_installed_once(no_bridge):
     from vllm.engine.arg_utils import EngineArgs
 
