@@ -913,6 +913,8 @@ def _remove_private_dir(owned: _OwnedDir) -> None:
     if os.getpid() != owned.pid:
         return
     try:
+        if not os.path.lexists(owned.path):
+            return  # already gone: nothing of ours to remove
         marker = _read_marker(owned.path)
         if marker is None or marker[1] != owned.token:
             logger.warning("sparge metrics: %s is no longer the directory this process created "
@@ -923,8 +925,10 @@ def _remove_private_dir(owned: _OwnedDir) -> None:
         os.close(marker[0])
         shutil.rmtree(owned.path, ignore_errors=True)
     finally:
-        with contextlib.suppress(OSError):
-            os.close(owned.fd)
+        if owned.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(owned.fd)
+            owned.fd = -1  # never close a number the process may have reused
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -392,6 +392,17 @@ def test_own_dir_removed_at_exit_only_if_still_ours(fresh_bridge):
     assert os.path.isdir(owned.path)
 
 
+def test_own_dir_already_gone_is_quiet(fresh_bridge, vllm_log):
+    owned = metrics._make_private_dir(os.getpid())
+    Path(owned.path, metrics._MARKER).unlink()
+    metrics._remove_private_dir(owned)  # marker gone, directory there: not provably ours
+    assert os.path.isdir(owned.path) and "no longer the directory" in vllm_log.text
+    vllm_log.clear()
+    os.rmdir(owned.path)
+    metrics._remove_private_dir(owned)
+    assert "no longer the directory" not in vllm_log.text
+
+
 def _worker(rank: int, done, model: str) -> None:
     # What a vLLM worker process does: the plugin installs the bridge, the backend counts.
     path = install_metrics_bridge()
