@@ -9,7 +9,10 @@ Example::
 
 Writes the thresholds file the SPARGE backend loads (``--additional-config
 '{"sparge": {"thresholds": "llama.sparge.safetensors"}}'``), prints a per-layer summary and
-optionally a sparsity heatmap and a dense-vs-sparse quality report on held-out prompts.
+optionally a sparsity heatmap and a dense-vs-sparse quality report on held-out prompts. Outputs are
+checked before any work and written atomically (``outputs.py``); exit codes: 0 done, 1 a runtime
+error (an output that could not be written: its copy's path is on stderr), 2 an argument error,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import torch
 
 from sparge_serve.kernels.geometry import BLKK, BLKQ
 
+from .outputs import Output, OutputError, check_output, describe_cause, save_copy, write_atomic
 from .prompts import MIN_PROMPT_TOKENS, PROMPT_EXTENSIONS, PromptError, check_lengths, load_prompts
 from .search import DEFAULT_SIM_GRID, ERROR_RULES, LayerBudget, SearchConfig
 
@@ -102,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, metavar="FILE",
                    help="calibration prompts: .txt (paragraphs separated by blank lines) or .jsonl "
                    '(one object per line with "text" or "prompt_token_ids")')
-    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="thresholds file to write")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors",
+                   help="thresholds file to write (an existing file is only replaced if it is a "
+                   "thresholds file)")
     p.add_argument("--l1", type=_budget, default=0.06,
                    help="stage-1 error budget per head (default 0.06; relative L1 for --sim-rule l1)")
     p.add_argument("--pv-l1", type=_budget, default=0.07,
@@ -139,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure dense-vs-sparse quality (log-probabilities, perplexity) and "
                    "sparsity on these held-out prompts (same formats as --prompts), with the "
                    "transformers model")
-    p.add_argument("--plot", metavar="PNG", help="write a heatmap of sparsity per (layer, head)")
+    p.add_argument("--plot", metavar="PNG", help="write a heatmap of sparsity per (layer, head) (an "
+                   "existing file is only replaced if it is a heatmap sparge-calibrate wrote)")
     search = p.add_argument_group("search (defaults follow ALGORITHM.md)")
     search.add_argument("--quantile", type=float, default=1.0,
                         help="a setting must meet the budget on this quantile of the samples "
@@ -172,14 +181,11 @@ def _check_file_arg(parser, flag: str, path: str, extensions: Sequence[str]) -> 
                      f"{ext or 'no extension'})")
 
 
-def _check_output_arg(parser, flag: str, path: str, extension: str) -> None:
-    if not path.lower().endswith(extension):
-        parser.error(f"{flag}: {path} must end with {extension}")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        parser.error(f"{flag}: directory {parent} does not exist")
-    if os.path.isdir(path):
-        parser.error(f"{flag}: {path} is a directory")
+def _check_output_arg(parser, flag: str, path: str, extension: str) -> Output:
+    try:
+        return check_output(flag, path, extension)
+    except OutputError as e:
+        parser.error(str(e))
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -189,11 +195,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"MODEL_DIR {args.model_dir} has no config.json (not a Hugging Face model "
                      "directory)")
     _check_file_arg(parser, "--prompts", args.prompts, PROMPT_EXTENSIONS)
-    _check_output_arg(parser, "--out", args.out, ".safetensors")
+    args.out_file = _check_output_arg(parser, "--out", args.out, ".safetensors")
     if args.report is not None:
         _check_file_arg(parser, "--report", args.report, PROMPT_EXTENSIONS)
+    args.plot_file = None
     if args.plot is not None:
-        _check_output_arg(parser, "--plot", args.plot, ".png")
+        args.plot_file = _check_output_arg(parser, "--plot", args.plot, ".png")
     if args.pv_l1 <= args.l1:
         parser.error(f"--pv-l1 ({args.pv_l1:g}) must exceed --l1 ({args.l1:g}): the PV skip adds "
                      "error on top of the block selection")
@@ -317,7 +324,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    saved: dict[str, str] = {}  # flag -> where its file was written, for the Ctrl-C message
+    try:
+        return _main(parser, args, saved)
+    except KeyboardInterrupt:
+        if "--out" in saved:
+            state = f"the thresholds are in {saved['--out']}"
+        elif args.out_file.existed:
+            state = f"nothing was written; the existing {args.out} is unchanged"
+        else:
+            state = f"nothing was written ({args.out} was not created)"
+        print(f"sparge-calibrate: interrupted; {state}", file=sys.stderr)
+        return 130
 
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, saved: dict[str, str]) -> int:
     from .hf_driver import model_info
 
     try:
@@ -348,13 +369,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         sparsity_floor=args.sparsity_floor, rule=args.sim_rule, quantile=args.quantile,
     )
     try:
-        return _run(args, info, budgets, prompts, heldout, config)
+        return _run(args, info, budgets, prompts, heldout, config, saved)
     except (RuntimeError, ValueError) as e:
         print(f"sparge-calibrate: error: {e}", file=sys.stderr)
         return 1
 
 
-def _run(args, info, budgets, prompts, heldout, config) -> int:
+def _save(out: Output, extension: str, write, what: str, saved: dict[str, str]) -> bool:
+    """Write one output atomically; if that fails, save a copy elsewhere and say where (one line
+    on stderr). True if the output is in place."""
+    try:
+        write_atomic(out, extension, write)
+    except Exception as e:  # any failure to write: keep the results, say why
+        cause = str(e) if isinstance(e, OutputError) else describe_cause(e)
+        copy = save_copy(out, write)
+        if copy is not None:
+            saved[out.flag] = copy
+            where = (f"{what} are saved in {copy} instead; move it into place with "
+                     f"`mv {shlex.quote(copy)} {shlex.quote(out.path)}`")
+        else:
+            where = (f"no copy could be written next to it or in {tempfile.gettempdir()} either, "
+                     f"so the {what} are lost; free space or fix the folder and run again")
+        print(f"sparge-calibrate: error: cannot write {out.flag} {out.path} ({cause}); {where}",
+              file=sys.stderr)
+        return False
+    saved[out.flag] = out.path
+    replaced = " (replaced the previous file)" if out.existed else ""
+    print(f"wrote {out.path}{replaced}")
+    return True
+
+
+def _run(args, info, budgets, prompts, heldout, config, saved: dict[str, str]) -> int:
     from tqdm import tqdm
 
     from sparge_serve.thresholds import Thresholds, save_thresholds
@@ -432,18 +477,19 @@ def _run(args, info, budgets, prompts, heldout, config) -> int:
         num_prompts=len(prompts),
         prompts_sha256=prompts_sha256(prompts),
     )
-    save_thresholds(args.out, th)
+    ok = _save(args.out_file, ".safetensors", lambda path: save_thresholds(path, th),
+               "the calibrated thresholds", saved)
     if args.layer_l1 or args.layer_pv_l1:
         logger.info("per-layer budgets (l1/pv_l1): %s", ", ".join(
             f"{i}:{b.l1:g}/{b.pv_l1:g}" for i, b in enumerate(budgets)))
 
     header, rows, footer = format_summary(results)
     print_table(f"SpargeAttn calibration: {info.name}", header, rows, footer)
-    print(f"wrote {args.out}")
-    if args.plot:
-        plot_heatmap(results, args.plot, f"{info.name}: block sparsity per head "
-                     f"(l1 {args.l1:g}, pv {args.pv_l1:g}, {args.sim_rule})")
-        print(f"wrote {args.plot}")
+    if args.plot_file is not None:
+        title = (f"{info.name}: block sparsity per head (l1 {args.l1:g}, pv {args.pv_l1:g}, "
+                 f"{args.sim_rule})")
+        ok &= _save(args.plot_file, ".png", lambda path: plot_heatmap(results, path, title),
+                    "the heatmap", saved)
 
     if heldout is not None:
         defaults = Thresholds.defaults(info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim)
@@ -458,7 +504,7 @@ def _run(args, info, budgets, prompts, heldout, config) -> int:
         header, body, footer = format_quality(rows_q)
         print_table(f"held-out quality ({len(heldout)} prompts, {args.report})", header, body,
                     footer)
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ per line with ``"text"`` or ``"prompt_token_ids"``)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import struct
@@ -34,9 +35,25 @@ class PromptError(ValueError):
     """A prompt file cannot be used; the message says why and how to fix it."""
 
 
+def _open_text(path: str) -> io.StringIO:
+    """The file's text, newlines read as ``open`` reads them; :class:`PromptError` naming the first
+    byte that is not UTF-8 (offset from the start of the file, and its line)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise PromptError(
+            f"prompt file {path} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} "
+            f"(line {line}) cannot be decoded ({e.reason}); save the file as UTF-8 (e.g. `iconv -f "
+            "latin1 -t utf-8`)"
+        ) from None
+    return io.StringIO(text, newline=None)
+
+
 def _read_txt(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _open_text(path).read()
     paragraphs, current = [], []
     for line in text.splitlines():
         if line.strip():
@@ -51,7 +68,7 @@ def _read_txt(path: str) -> list[str]:
 
 def _read_jsonl(path: str) -> list[str | list[int]]:
     records: list[str | list[int]] = []
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -95,7 +112,10 @@ def load_prompts(
             f"prompt file {path} has extension {ext or '(none)'!r}; use .txt (prompts separated "
             "by blank lines) or .jsonl (objects with `text` or `prompt_token_ids`)"
         )
-    records = _read_txt(path) if ext == ".txt" else _read_jsonl(path)
+    try:
+        records = _read_txt(path) if ext == ".txt" else _read_jsonl(path)
+    except OSError as e:
+        raise PromptError(f"prompt file {path} cannot be read ({e.strerror or e})") from None
     if not records:
         raise PromptError(f"prompt file {path} holds no prompts")
     out = []

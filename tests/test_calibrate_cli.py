@@ -336,3 +336,68 @@ def test_summary_table_with_and_without_rich(with_rich, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "title" in out and "footer" in out and "41.0%" in out
     assert ("┃" in out) == with_rich
+
+
+def test_prompt_file_not_utf8_names_the_byte_offset_in_the_file(tmp_path):
+    """The offset counts from the start of the file, past the decoder's first chunk too."""
+    jl = tmp_path / "p.jsonl"
+    lines = [json.dumps({"text": "x" * 100}) + "\n"] * 200  # 23 KB of good lines first
+    good = "".join(lines).encode()
+    jl.write_bytes(good + b'{"text": "na\xefve"}\n')
+    with pytest.raises(PromptError) as exc:
+        load_prompts(str(jl), lambda s: [5])
+    msg = str(exc.value)
+    assert f"prompt file {jl} is not UTF-8 text: byte 0xef at offset {len(good) + 12} (line 201)" \
+        in msg, msg
+
+
+def test_prompt_file_newlines_read_as_before(tmp_path):
+    jl = tmp_path / "p.jsonl"
+    jl.write_bytes(b'{"prompt_token_ids": [1]}\r\n{"text": "a\xe2\x80\xa8b"}\r{"text": "c"}')
+    assert load_prompts(str(jl), lambda s: [len(s)]) == [[1], [3], [1]]
+    txt = tmp_path / "p.txt"
+    txt.write_bytes(b"one\r\ntwo\r\n\r\nthree\r")
+    assert load_prompts(str(txt), lambda s: [len(s)]) == [[7], [5]]
+
+
+def test_prompt_file_unreadable(tmp_path, monkeypatch):
+    import sparge_calibrate.prompts as prompts_mod
+
+    p = tmp_path / "p.txt"
+    p.write_text("hello\n")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(prompts_mod, "open", denied, raising=False)
+    with pytest.raises(PromptError, match=r"prompt file .*p\.txt cannot be read \(Permission denied\)"):
+        load_prompts(str(p), lambda s: [5])
+
+
+def test_outputs_recognised_from_their_headers(tmp_path):
+    from safetensors.torch import save_file
+    from sparge_calibrate.outputs import not_heatmap, not_thresholds
+    from sparge_calibrate.search import LayerBudget, LayerResult
+    from sparge_calibrate.summary import plot_heatmap
+
+    from sparge_serve.thresholds import Thresholds, save_thresholds
+
+    th = tmp_path / "th.safetensors"
+    save_thresholds(th, Thresholds.defaults(LAYERS, HEADS, KV_HEADS, HEAD_DIM))
+    assert not_thresholds(str(th)) is None
+    weights = tmp_path / "w.safetensors"
+    save_file({f"layer{i}.weight": torch.zeros(1) for i in range(5)}, str(weights))
+    why = not_thresholds(str(weights))
+    assert "layer0.weight, layer1.weight, layer2.weight and 2 more" in why and "format None" in why
+    # the thresholds metadata alone is not enough: the four threshold tensors must be there too
+    save_file({"simthreshd1": torch.zeros(1)}, str(weights), metadata={"format": "sparge-thresholds"})
+    assert not_thresholds(str(weights)) is not None
+
+    png = tmp_path / "heat.tmp"  # the tool writes through a temporary name: the format is explicit
+    h = HEADS
+    result = LayerResult(torch.ones(h), torch.ones(h), torch.full((h,), 50.0),
+                         torch.zeros(h, dtype=torch.bool), torch.zeros(h), None, torch.zeros(h),
+                         torch.zeros(1, h), LayerBudget(0.06, 0.07), "l1")
+    plot_heatmap([result, result], str(png), "title")
+    assert not_heatmap(str(png)) is None
+    assert not_heatmap(str(th)) == "it is not a PNG file"
