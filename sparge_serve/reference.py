@@ -51,7 +51,9 @@ def block_masks(lq: int, lk: int, blkq: int = BLKQ, blkk: int = BLKK):
     """Block-level validity and diagonal masks, ``[NQB, NKB]`` bool each.
 
     Query block ``b`` covers absolute positions ``[first, last]``; key block ``j`` is valid iff
-    ``j*blkk <= last`` and diagonal iff valid and ``(j+1)*blkk - 1 > first``.
+    ``j*blkk <= last`` and diagonal iff valid and ``(j+1)*blkk - 1 >= first``: it holds a
+    position at or after the first query's, so the block of the first query's own token is
+    diagonal (forced in stage 1, never PV-skipped in stage 2).
     """
     nqb, nkb = num_blocks(lq, blkq), num_blocks(lk, blkk)
     ctx = lk - lq
@@ -60,7 +62,7 @@ def block_masks(lq: int, lk: int, blkq: int = BLKQ, blkk: int = BLKK):
     last = ctx + torch.clamp((b + 1) * blkq, max=lq) - 1
     j = torch.arange(nkb)
     valid = (j[None, :] * blkk) <= last[:, None]
-    diag = valid & ((j[None, :] + 1) * blkk - 1 > first[:, None])
+    diag = valid & ((j[None, :] + 1) * blkk - 1 >= first[:, None])
     return valid, diag
 
 

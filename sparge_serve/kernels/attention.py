@@ -34,10 +34,14 @@ from sparge_serve.kernels.predictor import (
     _load_kv_block,
     _select_dc,
     _select_row,
+    check_batch,
+    check_block_map,
     check_group,
     check_head_thresholds,
+    check_out_and_layout,
     check_paged_inputs,
     check_predictor_args,
+    check_scale,
     pool_keys,
     select_blocks,
     stats_buffer,
@@ -149,11 +153,12 @@ def _attend_row(
         q_ptr + q_tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
         mask=m_real[:, None], other=0.0,
     )
-    # NOTE: the query block's diagonal band [j_diag0, n_valid_block) is always kept (forced by the
-    # predictor) and is the tail of the ascending LUT; it is walked directly, with the token-level
-    # causal mask, up to the last block these rows see.
+    # NOTE: the query block's diagonal band [j_diag0, n_valid_block), from the key block holding
+    # its first query, is always kept (forced by the predictor) and is the tail of the ascending
+    # LUT; it is walked directly, with the token-level causal mask and no PV skip, up to the last
+    # block these rows see.
     n_valid = last // BLOCK_N + 1
-    j_diag0 = (first + 1) // BLOCK_N
+    j_diag0 = first // BLOCK_N
     n_off = n_kept - (last_block_row // BLOCK_N + 1 - j_diag0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -374,14 +379,6 @@ def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
     )
 
 
-def _check_out_and_layout(q, key_cache, value_cache, out) -> None:
-    """``ValueError`` for an ``out`` unlike ``q`` or K and V caches of different layouts."""
-    if out.shape != q.shape or out.stride(2) != 1:
-        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
-    if key_cache.stride() != value_cache.stride():
-        raise ValueError("key_cache and value_cache must share one layout (strides)")
-
-
 def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = None):
     """``(use_tma, k_desc, v_desc)``: TMA descriptors where the caches allow them (or as forced
     by ``use_tma``), else ``None`` (pointer loads)."""
@@ -477,15 +474,20 @@ def sparse_paged_attention(
     ``kv_major`` (the default) launches one KV head's query programs before the next KV head's;
     ``False`` (benchmarks only) is the former head-by-head order of each query block.
     ``group``: for head slices, as :func:`~sparge_serve.kernels.predictor.predict_block_map`'s.
+
+    Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
+    checks"). ``check_finite`` also checks the values held in tensors: the thresholds (finite, in
+    range) and the batch's offsets, lengths and page ids, a host sync for device tensors;
+    ``False`` (the backend's calls) skips those and, for device tensors, every batch check.
     """
     check_paged_inputs(q, key_cache, value_cache)
-    _check_out_and_layout(q, key_cache, value_cache, out)
+    check_out_and_layout(q, key_cache, value_cache, out)
+    check_batch(q, key_cache, batch, check_finite)
+    check_scale(scale)
     num_heads = q.shape[1]
     check_head_thresholds("pvthreshd", pvthreshd, num_heads, q.device, check_finite)
     group = check_group(group, num_heads, key_cache.shape[2])
-    nreq, nh, nqb, _ = block_map.lut.shape
-    if nqb != num_blocks(batch.max_query_len, BLKQ) or nreq != batch.num_reqs or nh != num_heads:
-        raise ValueError("block_map was predicted for a different batch or heads")
+    check_block_map(block_map, batch, num_heads, q.device, block_n, as_mask=False)
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
     attend_blocks(q, key_cache, value_cache, batch, block_map, scale, pvthreshd, out,
@@ -584,14 +586,24 @@ def sparge_paged_prefill(
     device memory (as fast dense, 4-23% slower than the two kernels at 50-90% block sparsity,
     32K-128K; H200): the returned map's ``lut`` is ``None``. Same semantics, same outputs.
     ``fused_launch`` overrides that kernel's launch (benchmarks only).
+
+    Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
+    checks"). ``check_finite`` also checks the values held in tensors: the thresholds (finite, in
+    range) and the batch's offsets, lengths and page ids, a host sync for device tensors;
+    ``False`` (the backend's calls) skips those and, for device tensors, every batch check.
     """
     check_paged_inputs(q, key_cache, value_cache)
     check_head_thresholds("pvthreshd", pvthreshd, q.shape[1], q.device, check_finite)
     if attention not in ("triton", "fa3"):
         raise ValueError(f"attention must be 'triton' or 'fa3', got {attention!r}")
     stats = stats_buffer(stats, q.device)  # one for both stages
-    check_predictor_args(q, key_cache, batch, simthreshd1, cdfthreshd, topk, check_finite)
-    _check_out_and_layout(q, key_cache, value_cache, out)
+    check_predictor_args(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk,
+                         check_finite)
+    check_out_and_layout(q, key_cache, value_cache, out)
+    if attention == "fa3" and not fused and BLKK % key_cache.shape[1]:
+        raise ValueError(f"the FA3 attention path needs a page size dividing the key block "
+                         f"({BLKK}); got {key_cache.shape[1]}-token pages: use "
+                         "attention='triton'")
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
     if not fused:

@@ -41,7 +41,12 @@ from sparge_serve.kernels.geometry import BLKK, BLKQ, PrefillBatch, num_blocks
 from sparge_serve.kernels.launch import launch
 from sparge_serve.kernels.predictor import (
     BlockMap,
+    check_batch,
+    check_block_map,
     check_group,
+    check_out_and_layout,
+    check_paged_inputs,
+    check_scale,
     key_block_stride,
     lut_to_mask,
     mask_words,
@@ -285,16 +290,27 @@ class VirtualAttention:
 def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          batch: PrefillBatch, bm: BlockMap, scale: float, out: torch.Tensor,
                          attn_fn=None, group: int | None = None, slice_rows: int | None = None,
-                         ) -> torch.Tensor:
+                         check_finite: bool = True) -> torch.Tensor:
     """Stage-1 block-sparse attention (PV skip off) of ``batch`` through FA3 (module docstring).
 
     Writes the rows of ``out`` that ``batch.query_start_loc`` covers (others are left alone).
-    ``attn_fn``: :func:`fa3_paged_forward`'s signature (the default); ``group`` as
+    ``bm``: :func:`~sparge_serve.kernels.predictor.predict_block_map`'s map of this batch (lists
+    or bit sets). ``attn_fn``: :func:`fa3_paged_forward`'s signature (the default); ``group`` as
     ``predict_block_map``'s (head slices); ``slice_rows``: build the virtual block tables and
     call FA3 for that many of the sequences at a time (longest first; ``None``: all), which
-    bounds the tables' memory (``chunks.plan_chunks``). Head chunks use
-    :class:`VirtualAttention` directly (one per call, shared by the chunks).
+    bounds the tables' memory (``chunks.plan_chunks``). ``check_finite=False`` skips the checks
+    of a batch of device tensors (their values: a host sync), as the other entry points' (docs/
+    DESIGN.md, "Argument checks"). Head chunks use :class:`VirtualAttention` directly (one per
+    call, shared by the chunks).
     """
+    check_paged_inputs(q, key_cache, value_cache)
+    check_out_and_layout(q, key_cache, value_cache, out)
+    check_batch(q, key_cache, batch, check_finite)
+    check_scale(scale)
+    check_block_map(bm, batch, q.shape[1], q.device)
+    if BLKK % key_cache.shape[1]:
+        raise ValueError(f"the FA3 path needs a page size dividing the key block ({BLKK}); got "
+                         f"{key_cache.shape[1]}-token pages: use sparse_paged_attention")
     VirtualAttention(q, key_cache, value_cache, batch, bm.count.shape[2], scale, out, group,
                      slice_rows=slice_rows, attn_fn=attn_fn).attend(bm)
     return out
