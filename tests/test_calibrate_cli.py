@@ -137,9 +137,9 @@ def test_text_prompts_through_the_tokenizer(tiny_model, files, tmp_path, capsys)
 
 
 def test_python_dash_m_entry_point(tmp_path):
-    """``python -m calibrate`` from a checkout reaches the CLI (argument errors exit with 2)."""
+    """``python -m sparge_calibrate`` reaches the CLI (argument errors exit with 2)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "calibrate", str(tmp_path / "missing"), "--prompts", "x.jsonl",
+        [sys.executable, "-m", "sparge_calibrate", str(tmp_path / "missing"), "--prompts", "x.jsonl",
          "--out", "x.safetensors"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "sparge-calibrate: error: MODEL_DIR" in proc.stderr
