@@ -16,7 +16,8 @@ bf16 safetensors, config.json, tokenizer files and generation_config.json::
 directory, or replaces its own earlier conversion of the same model; it never touches other files.
 ``verify`` scores a long Python source file (2048 tokens by default) with the converted model and
 with transformers' own GGUF loading, and passes when every position bucket's mean negative
-log-likelihood agrees within 1% and a greedy completion of "The capital of France is" names Paris.
+log-likelihood agrees within 1% and a greedy answer to "What is the capital of France?" names
+Paris.
 
 From Python: ``convert("smollm2", out)``, ``convert_gguf(path, out)`` for a GGUF file of a
 supported architecture (llama, gemma3), ``verify(folder)``.

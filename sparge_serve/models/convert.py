@@ -389,9 +389,11 @@ def convert_gguf(
         raise ModelsError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if not path.is_file():
         raise ModelsError(f"GGUF file {path} does not exist")
+    previous = _check_out(out, key) if key else None  # before reading a large file
     reader, meta = _open(path)
-    key = key or meta.arch
-    previous = _check_out(out, key)
+    if not key:
+        key = meta.arch
+        previous = _check_out(out, key)
     result = _convert_tensors(reader, meta, dtype, progress, key)
     del reader
 
