@@ -1,7 +1,15 @@
 """Triton predictor + sparse attention vs the PyTorch reference (CPU: Triton interpreter).
 
-Tolerances follow flash-attention's tests: the kernel's error against an fp32 reference must stay
-within a small multiple of PyTorch's own low-precision error on the same data.
+Outputs are compared with fp32 attention (torch SDPA) over exactly the key blocks the kernels
+compute, within flash-attention's tolerance: twice plain low-precision attention's error on the
+same data plus the output's own rounding (``tests/kernel_inputs.py``). With the PV skip on, the
+inputs are checked to take every skip decision further from the threshold than a kernel's
+rounding can move it, so the kernels and the reference skip the same blocks; the skip's own
+error bound is tested on the reference.
+
+Shapes are the smallest that hold the behaviour (a few key blocks, partial tail blocks); the same
+checks at realistic sizes run on the GPU (``gpu``) and some repeats on other layouts are
+``slow``.
 """
 
 import pytest
@@ -17,13 +25,28 @@ from sparge_serve.kernels import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
-from sparge_serve.reference import dense_causal_attention_ref, paged_prefill_ref
-from tests.kernel_inputs import head_vec, make_paged_case
+from sparge_serve.reference import (
+    block_sparse_attention_ref,
+    paged_prefill_ref,
+    predict_block_map_ref,
+)
+from tests.kernel_inputs import (
+    attention_oracle,
+    head_vec,
+    kept_blocks,
+    make_paged_case,
+    pv_skip_decisions,
+    reference_block_map,
+    request_rows,
+    sdpa,
+    token_mask,
+)
 
-# (query_len, seq_len): a full prefill, a chunk after a prefix (query_len < seq_len), a query
-# shorter than one block, lengths that are not multiples of BLKQ/BLKK.
-REQS_MIXED = [(300, 300), (200, 650), (37, 421), (129, 129)]
-REQS_SMALL = [(130, 330), (70, 70)]
+# (query_len, seq_len): a chunk of two query blocks after a prefix (the second one partial), a
+# query shorter than one block after a prefix, a full prefill shorter than one block; no length
+# is a multiple of BLKQ or BLKK, and the prefixes leave blocks for the selection to drop.
+REQS = [(150, 450), (37, 421), (70, 70)]
+REQS_SMALL = [(150, 330), (70, 70)]  # the same kinds with fewer keys (layout and launch checks)
 
 THRESHOLD_CASES = {
     # name: (simthreshd1, cdfthreshd, pvthreshd, topk)
@@ -33,12 +56,33 @@ THRESHOLD_CASES = {
     "sparse_cdf_tiny": (-1.0, 1e-4, 50.0, None),
     "sparse_sim_neg1": (-1.0, 0.5, 50.0, None),
     "pv_zero": (-1.0, 0.9, 0.0, None),
-    "pv_mid": (0.0, 0.95, 6.0, None),
+    "pv_mid": (0.0, 0.95, 4.0, None),
     "topk": (-1.0, 0.9, 50.0, 0.25),
 }
 
 
+def _computed_blocks(case, keeps, pv, exact=True):
+    """The blocks the reference computes (kept, not PV-skipped) per request, and which rows
+    ``[num_tokens, Hq]`` take every skip decision further from the threshold than a kernel's
+    rounding can move it (there a kernel skips what the reference skips). ``exact``: all rows
+    must (small inputs are chosen so)."""
+    computed = []
+    robust = torch.ones(case.q.shape[:2], dtype=torch.bool)
+    for r, keep in enumerate(keeps):
+        q, k, _ = case.request_kv(r)
+        done, margins, slack = pv_skip_decisions(q, k, keep, case.scale, pv)
+        near = (margins.abs() <= slack).any(-1)  # [Hq, NQB]
+        robust[request_rows(case.batch, r)] = ~near.repeat_interleave(BLKQ, 1)[:, :q.shape[0]].T
+        assert not (exact and near.any()), (
+            f"request {r}: a PV-skip decision lies within rounding of pvthreshd {pv}: a kernel "
+            "may decide either way; choose inputs or a threshold away from it")
+        computed.append(done)
+    return computed, robust
+
+
 def _kernel_vs_reference(case, sim, cdf, pv, topk, device):
+    """sparge_paged_prefill vs the reference: the same block map, block counts and PV skips, and
+    the output within tolerance of fp32 attention over the blocks both compute."""
     hq = case.q.shape[1]
     out = torch.full_like(case.q, float("nan"))  # poison: every row must be written
     stats = torch.zeros(3, dtype=torch.int64, device=device)
@@ -51,66 +95,71 @@ def _kernel_vs_reference(case, sim, cdf, pv, topk, device):
         case.q, case.key_cache, case.value_cache, case.batch, case.scale,
         head_vec(sim, hq), head_vec(cdf, hq), head_vec(pv, hq), topk,
     )
-    for r, keep in enumerate(keeps):
-        count = bm.count[r].cpu()
-        lut = bm.lut[r].cpu()
-        got = torch.zeros_like(keep)
-        for h in range(keep.shape[0]):
-            for b in range(keep.shape[1]):
-                idx = lut[h, b, : count[h, b]].long()
-                assert torch.all(idx[1:] > idx[:-1]), "LUT must be strictly ascending"
-                got[h, b, idx] = True
+    for r, (got, keep) in enumerate(zip(kept_blocks(bm, case.batch), keeps, strict=True)):
         assert torch.equal(got, keep), f"block map of request {r} differs from the reference"
-    assert stats.cpu().tolist()[:2] == ref_stats.tolist()[:2]
-    return out.float().cpu(), ref, stats.cpu(), ref_stats
-
-
-def _lowp_error(case) -> float:
-    """Max error of plain low-precision attention (scores and P.V in the input dtype, softmax in
-    fp32: flash-attention's ``attention_ref(upcast=False)``) against the fp32 reference."""
-    err = 0.0
-    for r in range(case.batch.num_reqs):
-        q, k, v = (t.cpu() for t in case.request_kv(r))
-        ref = dense_causal_attention_ref(q, k, v, case.scale)
-        lq, lk = q.shape[0], k.shape[0]
-        g = q.shape[1] // k.shape[1]
-        qh = q.transpose(0, 1)
-        kh = k.repeat_interleave(g, 1).transpose(0, 1)
-        vh = v.repeat_interleave(g, 1).transpose(0, 1)
-        s = (qh @ kh.transpose(1, 2)).float() * case.scale
-        mask = torch.arange(lk)[None, :] > torch.arange(lk - lq, lk)[:, None]
-        p = torch.softmax(s.masked_fill(mask, float("-inf")), -1).to(q.dtype)
-        lowp = (p @ vh).transpose(0, 1)
-        err = max(err, (lowp.float() - ref).abs().max().item())
-    return err
+    computed, _ = _computed_blocks(case, keeps, pv)
+    assert ref_stats[2] == sum(int((k & ~c).sum()) for k, c in zip(keeps, computed, strict=True))
+    assert stats.cpu().tolist() == ref_stats.tolist()
+    oracle, tol = attention_oracle(case, computed)
+    torch.testing.assert_close(ref, oracle)  # the reference: exact attention over those blocks
+    assert not torch.isnan(out).any()
+    assert (out.float().cpu() - oracle).abs().max().item() <= tol
+    return ref_stats
 
 
 @pytest.mark.parametrize("name", list(THRESHOLD_CASES))
 def test_matches_reference_thresholds(name, device):
     sim, cdf, pv, topk = THRESHOLD_CASES[name]
-    case = make_paged_case(REQS_MIXED, 4, 2, 64, 16, torch.bfloat16, device)
-    out, ref, stats, ref_stats = _kernel_vs_reference(case, sim, cdf, pv, topk, device)
-    assert not torch.isnan(out).any()
-    tol = 3 * _lowp_error(case) + 1e-3
-    if stats[2] == ref_stats[2]:
-        assert (out - ref).abs().max().item() <= tol
-    else:  # a PV-skip decision at the rounding boundary: the outputs may differ by 2^-pv
-        assert abs(int(stats[2]) - int(ref_stats[2])) <= 2
-        assert (out - ref).abs().max().item() <= tol + 2.0 ** -pv * 4
+    case = make_paged_case(REQS, 2, 1, 64, 16, torch.bfloat16, device)
+    ref_stats = _kernel_vs_reference(case, sim, cdf, pv, topk, device)
     if name.startswith("dense"):
         assert ref_stats[1] == ref_stats[0], "dense thresholds must keep every valid block"
-    if name in ("sparse_cdf_tiny", "topk", "sparse_sim_neg1"):
+    if name in ("sparse_cdf_tiny", "topk", "sparse_sim_neg1", "pv_zero", "pv_mid"):
         assert ref_stats[1] < ref_stats[0], "sparse thresholds must skip blocks on this input"
-    if name == "pv_zero":
-        assert ref_stats[2] > 0, "pvthreshd 0 must skip some PV products on this input"
+    if name.startswith("pv"):
+        assert ref_stats[2] > 0, "the PV skip must skip some blocks on this input"
+
+
+@pytest.mark.parametrize("pv", [0.0, 4.0, 6.0])
+def test_pv_skip_error_is_bounded_by_the_skipped_mass(pv):
+    """The reference's PV skip (the kernels take its decisions, see above) drops a block only
+    when every row's scores in it are ``pvthreshd`` (log2) or more below the row's running max:
+    each dropped key's probability is at most ``2**-pv`` of the row's largest, so a row's dropped
+    mass ``m`` is at most ``n 2**-pv / (1 + n 2**-pv)`` for ``n`` dropped keys, and the output
+    moves from attention over all kept blocks by ``m * (dropped keys' mean value - output)``, at
+    most ``m * (max |v| + |output|)``."""
+    case = make_paged_case([(150, 450)], 4, 2, 64, 16, torch.float16)
+    q, k, v = case.request_kv(0)
+    lq, lk = q.shape[0], k.shape[0]
+    keep, _ = predict_block_map_ref(q, k, case.scale, 0.0, 0.95)
+    out, skipped = block_sparse_attention_ref(q, k, v, keep, case.scale, pv)
+    computed, margins, _ = pv_skip_decisions(q, k, keep, case.scale, pv)
+    dropped = keep & ~computed
+    assert skipped == int(dropped.sum()) > 0 and (margins > 0).any()  # some blocks stay
+    # the reference drops exactly the replayed decisions' blocks
+    torch.testing.assert_close(out, sdpa(q, k, v, case.scale, token_mask(computed, lq, lk)))
+    mask = token_mask(keep, lq, lk)
+    full = sdpa(q, k, v, case.scale, mask).transpose(0, 1)  # [Hq, Lq, D], PV skip off
+    group = q.shape[1] // k.shape[1]
+    qh, kh = q.float().transpose(0, 1), k.float().repeat_interleave(group, 1).transpose(0, 1)
+    p = torch.softmax(((qh @ kh.transpose(1, 2)) * case.scale).masked_fill(~mask, -torch.inf), -1)
+    gone = token_mask(dropped, lq, lk)
+    mass = (p * gone).sum(-1)
+    n = gone.sum(-1) * 2.0**-pv
+    assert (mass <= n / (1 + n) * (1 + 1e-5)).all()
+    vmax = v.float().abs().amax(0).repeat_interleave(group, 0)[:, None]  # [Hq, 1, D]
+    skip = out.transpose(0, 1)
+    bound = mass[..., None] * (vmax + skip.abs())
+    # + torch.testing's fp32 tolerances: both outputs are fp32 attention
+    assert ((full - skip).abs() <= bound + 1e-5 + 1.3e-6 * skip.abs()).all()
 
 
 FUSED_CASES = [
     # (threshold case, Hq, Hkv, head_dim, page, dtype, packed)
-    ("sparse_default", 4, 2, 64, 16, torch.bfloat16, False),
-    ("pv_mid", 8, 2, 128, 64, torch.bfloat16, True),
-    ("topk", 4, 1, 64, 64, torch.float16, False),
-    ("dense_cdf1", 2, 2, 64, 32, torch.float16, True),
+    ("pv_mid", 2, 1, 64, 64, torch.bfloat16, True),
+    ("topk", 2, 1, 64, 16, torch.float16, False),
+    pytest.param("sparse_default", 4, 2, 64, 16, torch.bfloat16, False, marks=pytest.mark.slow),
+    pytest.param("dense_cdf1", 2, 2, 64, 32, torch.float16, True, marks=pytest.mark.slow),
 ]
 
 
@@ -135,58 +184,68 @@ def _fused_vs_two_kernels(case, name, device, **fused_launch):
     assert torch.equal(maps[0].n_valid, maps[1].n_valid)
     assert torch.equal(all_stats[0], all_stats[1])
     assert not torch.isnan(outs[1]).any()
-    return outs
+    return outs, kept_blocks(maps[0], case.batch)
+
+
+def _same_up_to_compilation(case, keeps, two, fused, device, rows=None):
+    """Equal on the CPU; on the GPU separately compiled kernels may contract floating-point ops
+    differently, so each is held to the oracle's tolerance over the same blocks (``rows``
+    ``[num_tokens, Hq]``: only those rows)."""
+    if device == "cpu":
+        assert torch.equal(two, fused)
+        return
+    oracle, tol = attention_oracle(case, keeps, device)
+    for out in (two, fused):
+        err = (out.float().cpu() - oracle).abs()
+        assert (err if rows is None else err[rows]).max().item() <= tol
 
 
 @pytest.mark.parametrize("name,hq,hkv,dim,page,dtype,packed", FUSED_CASES)
 def test_fused_kernel_equals_two_kernel_path(name, hq, hkv, dim, page, dtype, packed, device):
     """The persistent select+attend kernel runs the same code per row as the predictor + sparse
     attention pair: identical outputs, block counts and PV skips (programs take several rows)."""
-    case = make_paged_case(REQS_MIXED, hq, hkv, dim, page, dtype, device, seed=dim + page,
+    case = make_paged_case(REQS_SMALL, hq, hkv, dim, page, dtype, device, seed=dim + page,
                            packed=packed)
-    two, fused = _fused_vs_two_kernels(case, name, device)
-    if device == "cpu":
-        assert torch.equal(two, fused)
-    else:  # separately compiled kernels may contract floating-point ops differently
-        assert (two.float() - fused.float()).abs().max().item() <= 2e-2
+    (two, fused), keeps = _fused_vs_two_kernels(case, name, device)
+    if THRESHOLD_CASES[name][2] < 50.0:  # PV skip: the oracle over the blocks computed
+        keeps, _ = _computed_blocks(case, keeps, THRESHOLD_CASES[name][2])
+    _same_up_to_compilation(case, keeps, two, fused, device)
 
 
-@pytest.mark.parametrize("page,packed", [(16, False), (64, True)])
+@pytest.mark.parametrize("page,packed", [(16, False),
+                                         pytest.param(64, True, marks=pytest.mark.slow)])
 def test_split_query_blocks_equal_whole_blocks(page, packed, device):
     """split=2 (two 64-row programs per query block, PV skip off) computes the same rows as one
-    128-row program: same kept blocks, same order; only the rounding of the matrix products may
-    differ."""
-    case = make_paged_case(REQS_MIXED, 4, 2, 64, page, torch.bfloat16, device, seed=3,
+    128-row program: both within tolerance of the oracle over the same kept blocks."""
+    case = make_paged_case(REQS_SMALL, 2, 1, 64, page, torch.bfloat16, device, seed=3,
                            packed=packed)
-    hq = 4
-    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
-                           head_vec(0.6, hq, device), head_vec(0.9, hq, device))
-    outs = []
+    hq = 2
+    bm, keeps = reference_block_map(case, 0.6, 0.9)
+    oracle, tol = attention_oracle(case, keeps)
     for split in (1, 2):
         out = torch.full_like(case.q, float("nan"))
         sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
                                case.scale, head_vec(50.0, hq, device), out, pv_skip=False,
                                split=split)
-        outs.append(out.float())
-    assert not torch.isnan(outs[1]).any()
-    assert (outs[0] - outs[1]).abs().max().item() <= 1e-2
+        assert (out.float().cpu() - oracle).abs().max().item() <= tol, f"split {split}"
     with pytest.raises(ValueError, match="split must be 1, or 2 with PV skip off"):
         sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
                                case.scale, head_vec(4.0, hq, device), out, pv_skip=True, split=2)
 
 
-@pytest.mark.parametrize("topk", [None, 0.3])
+@pytest.mark.parametrize("topk", [None, pytest.param(0.3, marks=pytest.mark.slow)])
 def test_select_options_give_the_same_block_map(topk, device):
     """select_dc and select_warps (the select kernel's launch overrides) give exactly the default
     block map, with thresholds that differ per head (cdf tiny, 1, and between) and rows past
     short queries."""
-    case = make_paged_case(REQS_MIXED, 8, 2, 64, 16, torch.bfloat16, device, seed=2)
-    sim = torch.tensor([0.6, -1.0, 0.2, 1.0, 0.6, -1.0, 0.3, 0.6], device=device)
-    cdf = torch.tensor([0.9, 0.5, 1.0, 0.98, 1e-4, 0.9, 0.95, 0.99], device=device)
+    case = make_paged_case(REQS[:2], 4, 2, 64, 16, torch.bfloat16, device, seed=2)
+    sim = torch.tensor([0.6, -1.0, 0.2, 1.0], device=device)
+    cdf = torch.tensor([0.9, 1e-4, 1.0, 0.98], device=device)
     ref = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk)
     real = ref.count > 0
     assert (ref.count[real] < ref.n_valid[real]).any()  # some rows are sparse
-    for dc, warps in ((2, None), (4, 8)):
+    assert not real.all()  # and some rows lie past a short query
+    for dc, warps in ((8, None), (32, 8)):  # the default: 16 dimensions a step, 4 warps
         bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk,
                                select_dc=dc, select_warps=warps)
         assert torch.equal(bm.count, ref.count)
@@ -198,44 +257,15 @@ def test_select_options_give_the_same_block_map(topk, device):
             predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, **bad)
 
 
-@pytest.mark.parametrize("page,packed,lazy", [(16, False, 8.0), (64, True, 8.0),
-                                               (64, True, 0.5)])
-def test_lazy_rescale_changes_only_rounding(page, packed, lazy, device):
-    """lazy_rescale (FlashAttention-4's conditional rescaling; PV skip off) keeps a stale row
-    max until a block exceeds it by more than ``lazy`` log2 units: with 8, no block of these
-    inputs moves it after the first, so the stale-max path carries the whole row. Same output as
-    the default loop up to the rounding of P, and the reference's within the kernels' tolerance."""
-    case = make_paged_case(REQS_MIXED, 4, 2, 64, page, torch.bfloat16, device, seed=5,
-                           packed=packed)
-    hq = 4
-    sim, cdf, pv = head_vec(0.6, hq, device), head_vec(0.9, hq, device), head_vec(50.0, hq, device)
-    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf)
-    outs = []
-    for lz in (0.0, lazy):
-        out = torch.full_like(case.q, float("nan"))
-        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
-                               case.scale, pv, out, pv_skip=False, lazy_rescale=lz)
-        outs.append(out.float())
-    assert not torch.isnan(outs[1]).any()
-    assert (outs[0] - outs[1]).abs().max().item() <= 1e-2
-    ref, _, _ = paged_prefill_ref(case.q, case.key_cache, case.value_cache, case.batch,
-                                  case.scale, sim, cdf, pv)
-    assert (ref.float() - outs[1].cpu()).abs().max().item() <= 2e-2
-    with pytest.raises(ValueError, match="lazy_rescale must be >= 0, and 0 with PV skip on"):
-        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
-                               case.scale, head_vec(4.0, hq, device), out, pv_skip=True,
-                               lazy_rescale=8.0)
-
-
 @pytest.mark.parametrize("page,split,fused", [(64, 1, False), (16, 2, False), (64, 1, True)])
 def test_launch_order_changes_nothing(page, split, fused, device):
-    """The KV-major launch order (the default) and the former head-major one compute exactly the
-    same rows: the order of programs only, in both kernels."""
-    case = make_paged_case(REQS_MIXED, 4, 2, 64, page, torch.bfloat16, device, seed=6,
+    """The KV-major launch order (the default) and the head-major one compute exactly the same
+    rows: the order of programs only, in both kernels."""
+    case = make_paged_case(REQS_SMALL, 2, 1, 64, page, torch.bfloat16, device, seed=6,
                            packed=page == 64)
-    hq = 4
+    hq = 2
     sim, cdf, pv = head_vec(0.6, hq, device), head_vec(0.9, hq, device), head_vec(50.0, hq, device)
-    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf)
+    bm, _ = reference_block_map(case, 0.6, 0.9)
     outs = []
     for kv_major in (True, False):
         out = torch.full_like(case.q, float("nan"))
@@ -263,18 +293,41 @@ def test_lazy_rescale_default_where_measured():
     assert _row_parts(None, 128, False, 0.0, True) == (1, 0.0)
 
 
-@pytest.mark.parametrize("packed,pv", [(True, 50.0), (False, 6.0)])
+@pytest.mark.parametrize("page,packed,lazy", [(16, False, 8.0), (64, True, 0.5)])
+def test_lazy_rescale_changes_only_rounding(page, packed, lazy, device):
+    """lazy_rescale (FlashAttention-4's conditional rescaling; PV skip off) keeps a stale row
+    max until a block exceeds it by more than ``lazy`` log2 units (8: most rows never rescale
+    after their first block; 0.5: some do): the output stays within the oracle's tolerance over
+    the same kept blocks, as the default loop's does."""
+    case = make_paged_case(REQS_SMALL, 2, 1, 64, page, torch.bfloat16, device, seed=5,
+                           packed=packed)
+    hq = 2
+    pv = head_vec(50.0, hq, device)
+    bm, keeps = reference_block_map(case, 0.6, 0.9)
+    oracle, tol = attention_oracle(case, keeps)
+    for lz in (0.0, lazy):
+        out = torch.full_like(case.q, float("nan"))
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, pv, out, pv_skip=False, lazy_rescale=lz)
+        assert (out.float().cpu() - oracle).abs().max().item() <= tol, f"lazy_rescale {lz}"
+    with pytest.raises(ValueError, match="lazy_rescale must be >= 0, and 0 with PV skip on"):
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, head_vec(4.0, hq, device), out, pv_skip=True,
+                               lazy_rescale=8.0)
+
+
+@pytest.mark.parametrize("packed,pv", [(True, 50.0), (False, 4.0)])
 def test_tma_loads_equal_pointer_loads(packed, pv, device):
     """TMA block loads (the default on 64-token pages) read the same keys and values as pointer
     loads: same PV skips, same output up to rounding; tails past seq_len included. TMA on pages
     smaller than a key block is refused."""
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs Hopper")
-    case = make_paged_case(REQS_MIXED, 4, 2, 64, 64, torch.bfloat16, device, seed=5,
-                           packed=packed)
-    hq = 4
-    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
-                           head_vec(0.6, hq, device), head_vec(0.9, hq, device))
+    case = make_paged_case(REQS, 2, 1, 64, 64, torch.bfloat16, device, seed=5, packed=packed)
+    hq = 2
+    bm, keeps = reference_block_map(case, 0.0, 0.95)
+    computed, _ = _computed_blocks(case, keeps, pv)
+    oracle, tol = attention_oracle(case, computed)
     outs, skipped = [], []
     for tma in (False, True):
         out = torch.full_like(case.q, float("nan"))
@@ -282,19 +335,18 @@ def test_tma_loads_equal_pointer_loads(packed, pv, device):
         sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
                                case.scale, head_vec(pv, hq, device), out, stats, use_tma=tma,
                                lazy_rescale=0.0)
-        outs.append(out.float())
+        assert (out.float().cpu() - oracle).abs().max().item() <= tol, f"TMA {tma}"
+        outs.append(out)
         skipped.append(int(stats[2]))
-    assert not torch.isnan(outs[1]).any()
-    assert (outs[0] - outs[1]).abs().max().item() <= (0 if device == "cpu" else 1e-2)
-    assert skipped[0] == skipped[1] and (pv == 50.0) == (skipped[0] == 0)
-    bad = make_paged_case(REQS_SMALL, 4, 2, 64, 16, torch.bfloat16, device)
+    if device == "cpu":
+        assert torch.equal(outs[0], outs[1])
+    want = sum(int((k & ~c).sum()) for k, c in zip(keeps, computed, strict=True))
+    assert skipped == [want, want] and (pv == 50.0) == (want == 0)
+    bad = make_paged_case(REQS_SMALL, hq, 1, 64, 16, torch.bfloat16, device)
     with pytest.raises(ValueError, match="TMA loads need key blocks of 64 inside one page"):
         sparse_paged_attention(bad.q, bad.key_cache, bad.value_cache, bad.batch,
-                               predict_block_map(bad.q, bad.key_cache, bad.batch, bad.scale,
-                                                 head_vec(0.6, hq, device),
-                                                 head_vec(0.9, hq, device)),
-                               bad.scale, head_vec(50.0, hq, device), torch.empty_like(bad.q),
-                               use_tma=True)
+                               reference_block_map(bad, 0.6, 0.9)[0], bad.scale,
+                               head_vec(50.0, hq, device), torch.empty_like(bad.q), use_tma=True)
 
 
 def test_prefill_scratch_bytes_bounds_the_allocations(device):
@@ -304,8 +356,8 @@ def test_prefill_scratch_bytes_bounds_the_allocations(device):
     from sparge_serve.kernels import prefill_scratch_bytes
     from sparge_serve.kernels.predictor import KSUM_CHUNK, pool_keys
 
-    case = make_paged_case(REQS_MIXED, 4, 2, 64, 16, torch.bfloat16, device)
-    hq, hkv, d = 4, 2, 64
+    hq, hkv, d = 2, 1, 64
+    case = make_paged_case(REQS_SMALL, hq, hkv, d, 16, torch.bfloat16, device)
     bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
                            head_vec(0.6, hq, device), head_vec(0.9, hq, device))
     pooled = pool_keys(case.key_cache, case.batch)
@@ -331,14 +383,14 @@ def test_prefill_scratch_bytes_bounds_the_allocations(device):
 LAYOUT_CASES = [
     # (Hq, Hkv, head_dim, page, dtype, packed): page 64/128 take the TMA path; packed = vLLM's
     # [pages, page, Hkv, 2*D] cache with K and V views
-    (4, 4, 64, 16, torch.float16, False),
-    (8, 2, 128, 64, torch.bfloat16, True),
-    (8, 1, 64, 64, torch.float16, False),
-    (4, 1, 128, 16, torch.bfloat16, True),
-    (2, 2, 64, 32, torch.bfloat16, False),
-    (4, 2, 64, 128, torch.float16, True),
-    (4, 2, 256, 64, torch.bfloat16, True),  # head dim 256: 8 warps, split=2 without PV skip
+    (2, 2, 64, 16, torch.float16, False),
+    (4, 1, 128, 64, torch.bfloat16, True),
+    (2, 1, 64, 32, torch.bfloat16, False),
+    (2, 1, 64, 128, torch.float16, True),
+    (2, 1, 256, 64, torch.bfloat16, True),  # head dim 256 with PV skip: 8 warps, whole blocks
     (2, 1, 256, 16, torch.float16, False),
+    pytest.param(8, 2, 128, 64, torch.bfloat16, True, marks=pytest.mark.slow),
+    pytest.param(4, 2, 64, 128, torch.float16, True, marks=pytest.mark.slow),
 ]
 
 
@@ -347,25 +399,23 @@ def test_matches_reference_layouts(hq, hkv, dim, page, dtype, packed, device):
     case = make_paged_case(
         REQS_SMALL, hq, hkv, dim, page, dtype, device, seed=hq + dim + page, packed=packed
     )
-    out, ref, stats, ref_stats = _kernel_vs_reference(case, 0.0, 0.9, 8.0, None, device)
-    assert (out - ref).abs().max().item() <= 3 * _lowp_error(case) + 1e-3 + 2.0**-8 * 4
+    _kernel_vs_reference(case, 0.0, 0.9, 4.0, None, device)
 
 
-@pytest.mark.parametrize("split,programs", [(1, 2), (2, 1), (1, 5)])
+@pytest.mark.parametrize("split,programs", [(1, 2), (2, 1),
+                                            pytest.param(1, 5, marks=pytest.mark.slow)])
 def test_fused_launch_knobs_keep_the_results(split, programs, device):
     """The fused kernel's benchmark knobs (row parts per query block, persistent grid size)
     change the schedule only: the same outputs and counts as the two-kernel path."""
-    case = make_paged_case(REQS_MIXED, 4, 2, 64, 16, torch.float16, device, seed=11)
-    two, fused = _fused_vs_two_kernels(case, "sparse_sim_neg1", device, split=split, programs=programs)
-    if device == "cpu":
-        assert torch.equal(two, fused)
-    else:
-        assert (two.float() - fused.float()).abs().max().item() <= 2e-2
+    case = make_paged_case(REQS_SMALL, 2, 1, 64, 16, torch.float16, device, seed=11)
+    (two, fused), keeps = _fused_vs_two_kernels(case, "sparse_sim_neg1", device, split=split,
+                                                programs=programs)
+    _same_up_to_compilation(case, keeps, two, fused, device)
 
 
 def test_fused_split_needs_pv_skip_off(device):
-    case = make_paged_case(REQS_MIXED, 4, 2, 64, 16, torch.float16, device, seed=12)
-    ths = [head_vec(x, 4, device) for x in (0.5, 0.9, 8.0)]
+    case = make_paged_case([(20, 40)], 2, 1, 64, 16, torch.float16, device, seed=12)
+    ths = [head_vec(x, 2, device) for x in (0.5, 0.9, 8.0)]
     with pytest.raises(ValueError, match="split must be 1, or 2 with PV skip off"):
         sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
                              *ths, torch.empty_like(case.q), fused=True,
@@ -375,41 +425,22 @@ def test_fused_split_needs_pv_skip_off(device):
 @pytest.mark.parametrize("fused", [False, True])
 def test_head_dim_256_without_pv_skip(fused, device):
     """Head dim 256 with PV skip off: 64-row programs (split=2 by default) / parts (fused)."""
-    case = make_paged_case(REQS_SMALL, 4, 2, 256, 64, torch.bfloat16, device, seed=7, packed=True)
-    hq = 4
+    case = make_paged_case(REQS_SMALL, 2, 1, 256, 64, torch.bfloat16, device, seed=7,
+                           packed=True)
+    hq = 2
     out = torch.full_like(case.q, float("nan"))
-    sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
-                         head_vec(0.0, hq, device), head_vec(0.9, hq, device),
-                         head_vec(50.0, hq, device), out, fused=fused)
-    ref, _, _ = paged_prefill_ref(case.q, case.key_cache, case.value_cache, case.batch,
-                                  case.scale, head_vec(0.0, hq), head_vec(0.9, hq),
-                                  head_vec(50.0, hq))
-    assert (out.float().cpu() - ref).abs().max().item() <= 3 * _lowp_error(case) + 1e-3 + 2.0**-6
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("page", [16, 64])
-def test_dense_configuration_equals_sdpa(dtype, page, device):
-    """All blocks kept and PV skip off == dense causal attention (bottom-right aligned)."""
-    case = make_paged_case(REQS_MIXED, 4, 1, 64, page, dtype, device, structured=False, seed=3)
-    hq = case.q.shape[1]
-    out = torch.full_like(case.q, float("nan"))
-    sparge_paged_prefill(
-        case.q, case.key_cache, case.value_cache, case.batch, case.scale,
-        head_vec(1.0, hq, device), head_vec(1.0, hq, device), head_vec(50.0, hq, device), out,
-    )
-    tol = 2 * _lowp_error(case) + 1e-3
-    for r in range(case.batch.num_reqs):
-        q, k, v = case.request_kv(r)
-        ref = dense_causal_attention_ref(q, k, v, case.scale)
-        qsl = case.batch.query_start_loc.cpu()
-        got = out[int(qsl[r]) : int(qsl[r + 1])].float().cpu()
-        assert (got - ref).abs().max().item() <= tol
+    bm = sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+                              head_vec(0.0, hq, device), head_vec(0.9, hq, device),
+                              head_vec(50.0, hq, device), out, fused=fused)
+    ref_bm, keeps = reference_block_map(case, 0.0, 0.9)
+    assert torch.equal(bm.count.cpu(), ref_bm.count.cpu())
+    oracle, tol = attention_oracle(case, keeps)
+    assert (out.float().cpu() - oracle).abs().max().item() <= tol
 
 
 def test_deterministic(device):
-    case = make_paged_case(REQS_SMALL, 4, 2, 64, 16, torch.bfloat16, device)
-    hq = 4
+    case = make_paged_case([(100, 300)], 2, 1, 64, 16, torch.bfloat16, device)
+    hq = 2
     args = (head_vec(0.0, hq, device), head_vec(0.9, hq, device), head_vec(4.0, hq, device))
     outs = []
     for _ in range(2):
@@ -523,8 +554,14 @@ GPU_REQS = [(4096, 4096), (1000, 9000), (3000, 3000), (77, 5000)]
 @pytest.mark.parametrize("name", ["sparse_default", "pv_mid", "topk"])
 def test_gpu_fused_kernel_realistic_sizes(name):
     case = make_paged_case(GPU_REQS, 8, 2, 128, 64, torch.bfloat16, "cuda", seed=5, packed=True)
-    two, fused = _fused_vs_two_kernels(case, name, "cuda")
-    assert (two.float() - fused.float()).abs().max().item() <= 2e-2
+    (two, fused), keeps = _fused_vs_two_kernels(case, name, "cuda")
+    rows = None
+    if THRESHOLD_CASES[name][2] < 50.0:
+        # PV skip: two separately compiled kernels may round a score at the threshold either
+        # way; the rows whose decisions all lie further from it skip what the reference skips
+        keeps, rows = _computed_blocks(case, keeps, THRESHOLD_CASES[name][2], exact=False)
+        assert rows.any()
+    _same_up_to_compilation(case, keeps, two, fused, "cuda", rows)
 
 
 @pytest.mark.gpu
@@ -536,35 +573,23 @@ def test_gpu_fused_kernel_realistic_sizes(name):
 def test_gpu_realistic_sizes(dim, page, dtype, packed):
     case = make_paged_case(GPU_REQS, 8, 2, dim, page, dtype, "cuda", seed=11, packed=packed)
     hq = 8
-    # dense configuration vs the fp32 reference
+    # dense configuration vs fp32 SDPA (bottom-right causal)
     out = torch.full_like(case.q, float("nan"))
     sparge_paged_prefill(
         case.q, case.key_cache, case.value_cache, case.batch, case.scale,
         head_vec(1.0, hq, "cuda"), head_vec(1.0, hq, "cuda"), head_vec(50.0, hq, "cuda"), out,
     )
-    tol = 2 * _lowp_error(case) + 1e-3
-    qsl = case.batch.query_start_loc.cpu()
-    for r in range(case.batch.num_reqs):
-        q, k, v = case.request_kv(r)
-        ref = dense_causal_attention_ref(q, k, v, case.scale)
-        got = out[int(qsl[r]) : int(qsl[r + 1])].float().cpu()
-        assert (got - ref).abs().max().item() <= tol
-    # sparse: block map equals the reference's, output within tolerance
+    oracle, tol = attention_oracle(case, None, "cuda")
+    assert (out.float().cpu() - oracle).abs().max().item() <= tol
+    # sparse: block map equals the reference's up to decisions at a threshold
     stats = torch.zeros(3, dtype=torch.int64, device="cuda")
     bm = predict_block_map(
         case.q, case.key_cache, case.batch, case.scale,
         head_vec(0.3, hq, "cuda"), head_vec(0.9, hq, "cuda"), stats=stats,
     )
-    from sparge_serve.reference import predict_block_map_ref
-
-    for r in range(case.batch.num_reqs):
+    for r, got in enumerate(kept_blocks(bm, case.batch)):
         q, k, _ = case.request_kv(r)
         keep, _ = predict_block_map_ref(q, k, case.scale, 0.3, 0.9)
-        got = torch.zeros_like(keep)
-        count, lut = bm.count[r].cpu(), bm.lut[r].cpu().long()
-        for h in range(hq):
-            for b in range(keep.shape[1]):
-                got[h, b, lut[h, b, : count[h, b]]] = True
         mismatch = (got != keep).float().mean().item()
         assert mismatch < 1e-3, f"request {r}: {mismatch:.2%} of block decisions differ"
     assert 0 < stats[1] < stats[0]

@@ -1,8 +1,11 @@
-"""FA3 over virtual per-row contexts (sparge_serve.kernels.virtual) equals the sparse kernel.
+"""FA3 over virtual per-row contexts (sparge_serve.kernels.virtual) equals attention over the
+kept blocks: fp32 torch SDPA masked with exactly the block map's key blocks AND the causal mask
+(``kernel_inputs.attention_oracle``).
 
 On the CPU FA3 is replaced by a PyTorch emulation of ``flash_attn_varlen_func``'s paged,
 bottom-right causal semantics, so these tests check the construction (sequence offsets, virtual
-block table, virtual context lengths, the heads-as-pages view); the GPU test runs the real FA3.
+block table, virtual context lengths, the heads-as-pages view) over block maps of the reference
+predictor; the GPU tests run the real FA3 over the Triton predictor's maps at realistic sizes.
 """
 
 from __future__ import annotations
@@ -12,11 +15,20 @@ import dataclasses
 import pytest
 import torch
 
-from sparge_serve.kernels import BLKQ, predict_block_map, sparse_paged_attention
+from sparge_serve.kernels import BLKQ, BlockMap, predict_block_map, sparse_paged_attention
+from sparge_serve.kernels.predictor import lut_to_mask
 from sparge_serve.kernels.virtual import fa3_sparse_attention, heads_as_pages
-from tests.kernel_inputs import head_vec, make_paged_case
+from tests.kernel_inputs import (
+    attention_oracle,
+    head_vec,
+    kept_blocks,
+    make_paged_case,
+    reference_block_map,
+)
 
-REQS = [(300, 300), (200, 650), (37, 421), (129, 129)]
+# (query_len, seq_len): two query blocks after a prefix (the second partial), a short query
+# after a prefix, a full prefill shorter than one query block
+REQS = [(150, 450), (37, 421), (70, 70)]
 
 
 def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k, scale):
@@ -42,40 +54,42 @@ def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seql
         out[s0: s0 + n_q, 0] = (torch.softmax(s, -1) @ vals).to(out.dtype)
 
 
-@pytest.mark.parametrize("page,hq,hkv,packed,topk", [
-    (64, 8, 2, True, None), (16, 4, 4, False, 0.3), (64, 4, 1, False, 0.5), (32, 8, 2, True, None),
-])
-def test_fa3_virtual_contexts_equal_the_sparse_kernel(page, hq, hkv, packed, topk, device):
-    case = make_paged_case(REQS, hq, hkv, 64, page, torch.float16, device, seed=3, packed=packed)
-    sim = head_vec(0.3, hq, device)
-    cdf = torch.linspace(0.5, 0.95, hq, device=device)
-    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk)
-    real = bm.count > 0
-    assert (bm.count[real] < bm.n_valid[real]).any()  # some rows are sparse
-    want = torch.zeros_like(case.q)
-    sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
-                           head_vec(50.0, hq, device), want, pv_skip=False)
+def _fa3_vs_oracle(case, bm, keeps, **kw):
+    """The FA3 path (CPU: emulated) over ``bm`` against SDPA over its kept blocks."""
     got = torch.full_like(case.q, float("nan"))
     fa3_sparse_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
-                         got, attn_fn=fa3_emulation)
+                         got, attn_fn=fa3_emulation, **kw)
+    oracle, tol = attention_oracle(case, keeps)
     assert not torch.isnan(got).any()
-    assert (got.float() - want.float()).abs().max().item() <= 2e-3
+    assert (got.float().cpu() - oracle).abs().max().item() <= tol
+    return got
+
+
+@pytest.mark.parametrize("page,hq,hkv,packed,topk", [
+    (64, 4, 2, True, None), (16, 4, 4, False, 0.3), (32, 2, 1, True, 0.5),
+])
+def test_fa3_virtual_contexts_equal_attention_over_the_kept_blocks(page, hq, hkv, packed, topk,
+                                                                   device):
+    case = make_paged_case(REQS, hq, hkv, 64, page, torch.float16, device, seed=3, packed=packed)
+    bm, keeps = reference_block_map(case, 0.3, torch.linspace(0.5, 0.95, hq), topk)
+    real = bm.count > 0
+    assert (bm.count[real] < bm.n_valid[real]).any()  # some rows are sparse
+    _fa3_vs_oracle(case, bm, keeps)
 
 
 @pytest.mark.parametrize("reqs,sim,cdf,topk", [
-    (REQS, 0.3, 0.9, None),  # 11 key blocks: one word of 16 bits
+    (REQS, 0.3, 0.9, None),  # 8 key blocks: one word of 16 bits
     ([(150, 2100), (37, 421)], 0.3, 0.6, None),  # 33 key blocks: two words
     ([(150, 2100)], -1.0, 1.0, 0.4),  # top-k
-    ([(150, 2100)], 1.0, 0.0, None),  # every block forced (no similar block)
-    ([(150, 2100)], -1.0, 0.0, None),  # the fewest blocks
+    # head 0: every block forced (no similar block), head 1: the fewest blocks
+    ([(150, 2100)], [1.0, -1.0], [0.0, 0.0], None),
 ])
 def test_bit_set_maps_hold_the_lists_blocks(reqs, sim, cdf, topk, device):
     """``predict_block_map(as_mask=True)`` (the FA3 path's map): bit j of a row holds key block
     j iff the row's list holds it; the same counts and counters; ``lut_to_mask`` agrees."""
-    from sparge_serve.kernels.predictor import lut_to_mask
-
-    case = make_paged_case(reqs, 4, 2, 64, 16, torch.float16, device, seed=5, packed=True)
-    ths = (head_vec(sim, 4, device), head_vec(cdf, 4, device))
+    case = make_paged_case(reqs, 2, 1, 64, 16, torch.float16, device, seed=5, packed=True)
+    ths = tuple(torch.tensor(x, dtype=torch.float32, device=device).expand(2).contiguous()
+                for x in (sim, cdf))
     stats = [torch.zeros(3, dtype=torch.int64, device=device) for _ in range(2)]
     lists = predict_block_map(case.q, case.key_cache, case.batch, case.scale, *ths, topk,
                               stats=stats[0])
@@ -92,7 +106,8 @@ def test_bit_set_maps_hold_the_lists_blocks(reqs, sim, cdf, topk, device):
     listed = torch.arange(nkb, device=device) < lists.count[..., None]
     assert decoded.gather(-1, lists.lut.long().clamp(0, nkb - 1))[listed].all()
     assert torch.equal(lut_to_mask(lists), bits.mask)
-    assert (lists.count < lists.n_valid).any() or cdf == 0.0 or sim == 1.0
+    sparse = (lists.count < lists.n_valid).any(-1).any(0).tolist()  # per head
+    assert sparse == ([False, True] if topk is None and cdf == [0.0, 0.0] else [True, True])
 
 
 def test_fa3_tables_from_bit_sets_of_several_words(device, monkeypatch):
@@ -101,19 +116,13 @@ def test_fa3_tables_from_bit_sets_of_several_words(device, monkeypatch):
     import sparge_serve.kernels.virtual as virtual
 
     monkeypatch.setattr(virtual, "TABLE_CHUNK_WORDS", 1)
-    case = make_paged_case([(150, 2100), (37, 421)], 4, 2, 64, 16, torch.float16, device,
+    case = make_paged_case([(150, 2100), (37, 421)], 2, 1, 64, 16, torch.float16, device,
                            seed=6, packed=True)
-    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
-                           head_vec(0.3, 4, device), head_vec(0.6, 4, device))
+    bm, keeps = reference_block_map(case, 0.3, 0.6)
     assert (bm.count[bm.count > 0] < bm.n_valid[bm.count > 0]).any()
     assert (bm.lut[..., :bm.count.max()] >= 32).any()  # kept blocks in the second word
-    want = torch.zeros_like(case.q)
-    sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
-                           head_vec(50.0, 4, device), want, pv_skip=False)
-    got = torch.full_like(case.q, float("nan"))
-    fa3_sparse_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
-                         got, attn_fn=fa3_emulation)
-    assert (got.float() - want.float()).abs().max().item() <= 2e-3
+    mask = BlockMap(None, bm.count, bm.n_valid, lut_to_mask(bm))
+    _fa3_vs_oracle(case, mask, keeps)
 
 
 def test_heads_as_pages_addresses_every_head_of_every_page():
@@ -129,24 +138,34 @@ def test_heads_as_pages_addresses_every_head_of_every_page():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page,topk,slice_rows", [(64, None, None), (64, 0.5, 300),
-                                                  (16, 0.3, None)])
-def test_gpu_fa3_virtual_contexts_equal_the_sparse_kernel(page, topk, slice_rows):
-    """The real FA3 (vLLM's build) at realistic sizes: prefix offsets, partial query blocks."""
+@pytest.mark.parametrize("page,topk,slice_rows,dtype", [
+    (64, None, None, torch.bfloat16), (64, 0.5, 300, torch.float16),
+    (16, 0.3, None, torch.bfloat16)])
+def test_gpu_fa3_path_equals_attention_over_its_kept_blocks(page, topk, slice_rows, dtype):
+    """The real FA3 (vLLM's build) at realistic sizes (prefix offsets, partial query blocks)
+    over the Triton predictor's bit-set map: within tolerance of SDPA masked with exactly the
+    map's kept blocks AND the causal mask, as the Triton sparse kernel over the same map is."""
     pytest.importorskip("vllm.vllm_flash_attn")
     reqs = [(4096, 4096), (1000, 9000), (3000, 3000), (77, 5000)]
-    case = make_paged_case(reqs, 8, 2, 128, page, torch.bfloat16, "cuda", seed=5, packed=True)
+    case = make_paged_case(reqs, 8, 2, 128, page, dtype, "cuda", seed=5, packed=True)
     sim = head_vec(0.3, 8, "cuda")
     cdf = torch.linspace(0.6, 0.98, 8, device="cuda")
-    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk)
-    want = torch.zeros_like(case.q)
-    sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
-                           head_vec(50.0, 8, "cuda"), want, pv_skip=False)
+    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk,
+                           as_mask=True)
+    keeps = kept_blocks(bm, case.batch)
+    assert any((keep.sum(-1) < keep.shape[-1]).any() for keep in keeps)  # some rows sparse
+    oracle, tol = attention_oracle(case, keeps, "cuda")
     got = torch.full_like(case.q, float("nan"))
     fa3_sparse_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
                          got, slice_rows=slice_rows)
     assert not torch.isnan(got).any()
-    assert (got.float() - want.float()).abs().max().item() <= 2e-2
+    assert (got.float().cpu() - oracle).abs().max().item() <= tol
+    lists = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk)
+    assert torch.equal(lut_to_mask(lists), bm.mask)
+    triton_out = torch.full_like(case.q, float("nan"))
+    sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, lists,
+                           case.scale, head_vec(50.0, 8, "cuda"), triton_out, pv_skip=False)
+    assert (triton_out.float().cpu() - oracle).abs().max().item() <= tol
 
 
 def test_shape_bytes_bound_the_fa3_allocations(device):
@@ -157,8 +176,8 @@ def test_shape_bytes_bound_the_fa3_allocations(device):
     from sparge_serve.kernels.virtual import virtual_rows, virtual_table
 
     case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=1, packed=True)
-    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
-                           head_vec(0.3, 4, device), head_vec(0.9, 4, device), as_mask=True)
+    lists, _ = reference_block_map(case, 0.3, 0.9)
+    bm = BlockMap(None, lists.count, lists.n_valid, lut_to_mask(lists))  # the predictor's shapes
     rows = virtual_rows(case.batch, bm.count.shape[2])
     n = rows.order.shape[0]
     table, used = virtual_table(rows, case.batch, bm, 16, heads_as_pages(case.key_cache)[1], 2,
@@ -181,8 +200,7 @@ def test_virtual_sequences_run_longest_first_and_cover_every_row(device):
     from sparge_serve.kernels.virtual import virtual_rows, virtual_table
 
     case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=2, packed=True)
-    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
-                           head_vec(0.3, 4, device), head_vec(-1.0, 4, device), topk=0.5)
+    bm, _ = reference_block_map(case, 0.3, -1.0, topk=0.5)
     rows = virtual_rows(case.batch, bm.count.shape[2])
     qsl = case.batch.query_start_loc.tolist()
     # one order for every head: by the row's last query position in its context
@@ -201,12 +219,11 @@ def test_virtual_sequences_run_longest_first_and_cover_every_row(device):
     assert used[:, 0].min() > used[:, -1].max()
 
 
-@pytest.mark.parametrize("slice_rows", [1, 5, None])
+@pytest.mark.parametrize("slice_rows", [1, 5])
 def test_fa3_table_slices_give_the_same_output(slice_rows, device):
     """Tables built for a slice of each head's sequences at a time (bounded memory)."""
     case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=6, packed=True)
-    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
-                           head_vec(0.3, 4, device), head_vec(0.9, 4, device))
+    bm, _ = reference_block_map(case, 0.3, 0.9)
     outs = []
     for rows in (None, slice_rows):
         out = torch.full_like(case.q, float("nan"))
@@ -219,11 +236,7 @@ def test_fa3_table_slices_give_the_same_output(slice_rows, device):
 def test_fa3_path_leaves_rows_outside_the_batch_alone(device):
     """Absolute offsets (the backend's contiguous sub-batch): rows before and after stay."""
     case = make_paged_case(REQS[:2], 4, 2, 64, 16, torch.float16, device, seed=4, packed=True)
-    bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale,
-                           head_vec(0.3, 4, device), head_vec(0.9, 4, device))
-    want = torch.zeros_like(case.q)
-    sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
-                           head_vec(50.0, 4, device), want, pv_skip=False)
+    bm, keeps = reference_block_map(case, 0.3, 0.9)
     pad = 7
     q = torch.cat([torch.randn(pad, 4, 64, dtype=case.q.dtype, device=device), case.q,
                    torch.randn(3, 4, 64, dtype=case.q.dtype, device=device)])
@@ -233,7 +246,8 @@ def test_fa3_path_leaves_rows_outside_the_batch_alone(device):
                          attn_fn=fa3_emulation)
     n = case.q.shape[0]
     assert torch.isnan(got[:pad]).all() and torch.isnan(got[pad + n:]).all()
-    assert (got[pad: pad + n].float() - want.float()).abs().max().item() <= 2e-3
+    oracle, tol = attention_oracle(case, keeps)
+    assert (got[pad: pad + n].float().cpu() - oracle).abs().max().item() <= tol
 
 
 def _fa3_fwd_call_args(path) -> list[str]:

@@ -265,7 +265,23 @@ def test_dense_equivalent_thresholds_match_flash_attn(setup, record_property):
     assert summary["mismatch"] == 0, summary
 
 
-def test_default_thresholds_close_to_flash_attn(setup, record_property):
+# Block sparsity up to which a configuration counts as dense-equivalent: its outputs must equal
+# FLASH_ATTN's up to near ties. The untuned defaults drop 0.2% of the blocks on the tiny model
+# (benchmarks/results/engine_gpu.json: 30 identical, 2 near ties, 0 diverged).
+NEAR_DENSE_SPARSITY = 0.01
+# Diverged outputs (past a near tie) allowed of a lossy configuration: greedy decoding turns one
+# changed token into a different continuation, and thresholds that drop blocks change some logits
+# by design (a calibrated file holds each head's attention error within its l1 budget, not at
+# zero). A quarter bounds that loss; the committed runs diverge on 2 of 32 outputs (one prompt,
+# both rounds).
+LOSSY_MISMATCH_FRACTION = 0.25
+
+
+def test_default_thresholds_serve(setup, record_property):
+    """The published untuned defaults serve, their block sparsity is measured and reported, and
+    where they drop (almost) nothing, as on the tiny model, the outputs are FLASH_ATTN's up to
+    near ties. On a model where they drop more they are a lossy configuration like a calibrated
+    file, held to the same bound."""
     tmp, prompts, max_model_len, flash = setup
     sparge = _run_engine(tmp, "sparge_default", "SPARGE", prompts, max_model_len,
                          additional_config={"sparge": {"min_sparse_len": MIN_SPARSE_LEN}})
@@ -274,9 +290,11 @@ def test_default_thresholds_close_to_flash_attn(setup, record_property):
     summary["prompt_tokens_sparse_dense"] = sparge["tokens"]
     _report(record_property, "default_thresholds_vs_flash_attn", summary)
     assert sparge["blocks"] is not None and sparge["blocks"][0] > 0, "sparse path never ran"
-    # Untuned defaults approximate attention: allow a quarter of the outputs to diverge beyond
-    # a near tie; the numbers above are the result to read.
-    assert summary["mismatch"] <= summary["total"] // 4, summary
+    assert summary["sparsity"] is not None and summary["total"] == 2 * len(prompts), summary
+    if summary["sparsity"] <= NEAR_DENSE_SPARSITY:
+        assert summary["mismatch"] == 0, summary
+    else:
+        assert summary["mismatch"] <= summary["total"] * LOSSY_MISMATCH_FRACTION, summary
 
 
 CALIBRATED = Path(__file__).resolve().parents[2] / "models/sparge-tiny-code-run/thresholds.safetensors"
@@ -308,7 +326,8 @@ def test_calibrated_thresholds_sparser_than_defaults(setup, record_property):
     FLASH_ATTN (only meaningful for that model: skipped for others)."""
     summary = _serve_committed_file(setup, record_property, "calibrated", CALIBRATED)
     assert summary["sparsity"] >= 0.4, summary
-    assert summary["mismatch"] <= summary["total"] // 4, summary
+    # lossy by design (l1 budget 0.06 per head): bounded divergence, see LOSSY_MISMATCH_FRACTION
+    assert summary["mismatch"] <= summary["total"] * LOSSY_MISMATCH_FRACTION, summary
 
 
 QUALITY_FIRST = CALIBRATED.parent / "budget_sweep/thresholds_l1_0.01.safetensors"
