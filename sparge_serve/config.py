@@ -42,6 +42,12 @@ Keys (all optional):
   Each chunk adds its own small launches (at 32K and 80-90% block sparsity, 16 chunks run at
   0.6-0.75x the unchunked speed), hence the 64 MiB floor.
 
+- ``fast_launch``: ``true`` (default) launches the compiled Triton kernels through their own
+  launchers, skipping most of ``JITFunction.run``'s Python (12-19 µs a launch instead of 20-24;
+  ``sparge_serve.kernels.launch``); ``false`` (env ``SPARGE_FAST_LAUNCH=0``) keeps Triton's own
+  launch path. A Triton whose internals differ from the pinned 3.6's takes that path anyway
+  (logged once).
+
 Environment variables override the JSON. Boolean variables (``SPARGE_FUSED``,
 ``SPARGE_FAST_LAUNCH``) accept ``1``/``0``, ``true``/``false``, ``yes``/``no``, ``on``/``off`` in
 any case (:func:`parse_bool`); any other value is refused.
@@ -54,11 +60,10 @@ Nothing is ignored silently:
   (``{"sparge": {"mode": "dense"}}``); top-level keys that are not sparge option names belong to
   vLLM or other plugins and are left alone;
 - an unknown ``SPARGE_*`` environment variable (``SPARGE_MODEE``) is logged as a warning naming
-  the closest valid one (once per variable and process). ``SPARGE_FAST_LAUNCH`` (kernel launches,
-  read by ``sparge_serve.kernels.launch``) and the test suite's ``SPARGE_TEST_*`` variables
-  (:data:`OTHER_ENV_VARS`) are known.
+  the closest valid one (once per variable and process). The test suite's ``SPARGE_TEST_*``
+  variables (:data:`OTHER_ENV_VARS`) are known.
 
-This module imports nothing from vLLM or torch (the kernels import its boolean parser).
+This module imports nothing from vLLM or torch.
 """
 
 from __future__ import annotations
@@ -99,11 +104,10 @@ ENV_VARS = {
     "fused": "SPARGE_FUSED",
     "attention_kernel": "SPARGE_ATTENTION_KERNEL",
     "map_budget": "SPARGE_MAP_BUDGET",
+    "fast_launch": "SPARGE_FAST_LAUNCH",
 }
 # SPARGE_* variables that are not settings of SpargeConfig, and must not be reported as unknown.
 OTHER_ENV_VARS = {
-    "SPARGE_FAST_LAUNCH": "kernel launches through Triton's own path when false "
-                          "(sparge_serve.kernels.launch)",
     "SPARGE_TEST_MODEL": "the model of the GPU tests",
     "SPARGE_TEST_LOG_DIR": "where the tests' child processes log",
     "SPARGE_TEST_CHILD_TIMEOUT": "time limit of the tests' child processes",
@@ -113,6 +117,12 @@ ENV_PREFIX = "SPARGE_"
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 ATTENTION_KERNELS = ("triton", "fa3")
+BOOLEANS = {
+    "fused": ("one fused kernel", "two kernels, the default"),
+    "fast_launch": ("the compiled kernels' own launchers, the default",
+                    "Triton's JITFunction launches"),
+}
+"""The boolean settings: what true and false select (for the error messages)."""
 _EXAMPLE = """--additional-config '{"sparge": {"thresholds": "PATH", "min_sparse_len": 49152}}'"""
 
 
@@ -147,9 +157,8 @@ _WARNED_ENV: set[str] = set()
 
 def check_env(env: Mapping[str, str] | None = None) -> None:
     """Warn (once per variable and process) about ``SPARGE_*`` variables that nothing reads,
-    naming the closest valid name; raise on an unreadable ``SPARGE_FAST_LAUNCH``."""
+    naming the closest valid name."""
     env = os.environ if env is None else env
-    env_flag("SPARGE_FAST_LAUNCH", True, env)
     known = sorted({*ENV_VARS.values(), *OTHER_ENV_VARS})
     for var in sorted(env):
         if not var.startswith(ENV_PREFIX) or var in known or var in _WARNED_ENV:
@@ -206,6 +215,7 @@ class SpargeConfig:
     fused: bool = False
     attention_kernel: Literal["triton", "fa3"] = "triton"
     map_budget: float | None = DEFAULT_MAP_BUDGET
+    fast_launch: bool = True
 
     def __post_init__(self) -> None:
         # Validate here too, so that direct construction is as safe as parsing.
@@ -321,14 +331,14 @@ def _parse_env(key: str, var: str, text: str) -> Any:
         except ValueError:
             raise _bad(key, source, f"= {text!r} is neither a layer count nor a list of layer "
                        "indices", f"set {var}=2 (first two layers dense) or {var}=0,1,5") from None
-    if key == "fused":
+    if key in BOOLEANS:
         try:
             return parse_bool(text, var)
         except ValueError:
+            on, off = BOOLEANS[key]
             raise _bad(key, source, f"= {text!r} is not a boolean",
-                       f"set {var}=1 (fused kernel) or {var}=0 (two kernels, the default); "
-                       f"{'/'.join(TRUE_WORDS)} and {'/'.join(FALSE_WORDS)} are accepted, "
-                       "any case") from None
+                       f"set {var}=1 ({on}) or {var}=0 ({off}); {'/'.join(TRUE_WORDS)} and "
+                       f"{'/'.join(FALSE_WORDS)} are accepted, any case") from None
     if key == "map_budget":
         if text.lower() in ("none", "null"):
             return None
@@ -383,10 +393,11 @@ def _check(key: str, value: Any, source: str) -> Any:
     if key == "topk":
         return _optional_fraction(key, value, source, "use the fraction of valid key blocks to "
                                   "keep, e.g. 0.5, or leave it out")
-    if key == "fused":
+    if key in BOOLEANS:
         if not isinstance(value, bool):
+            on, off = BOOLEANS[key]
             raise _bad(key, source, f"= {value!r} is not a boolean",
-                       'use true (one fused kernel) or false (two kernels, the default)')
+                       f"use true ({on}) or false ({off})")
         return value
     if key == "attention_kernel":
         if value not in ATTENTION_KERNELS:

@@ -93,6 +93,16 @@ def test_attention_kernel_from_dict_env_and_errors():
         SpargeConfig.from_dict({"attention_kernel": "fa3", "fused": True}, env={})
 
 
+def test_fast_launch_from_dict_and_env():
+    assert SpargeConfig.from_dict(None, env={}).fast_launch is True
+    assert SpargeConfig.from_dict({"fast_launch": False}, env={}).fast_launch is False
+    env = {"SPARGE_FAST_LAUNCH": "on"}
+    assert SpargeConfig.from_dict({"fast_launch": False}, env=env).fast_launch is True
+    with pytest.raises(ValueError, match=r"`fast_launch` \(additional_config\) = 'no' is not a "
+                       r"boolean.*Fix: use true .* or false"):
+        SpargeConfig.from_dict({"fast_launch": "no"}, env={})
+
+
 def test_map_budget_from_dict_and_env():
     assert SpargeConfig.from_dict(None, env={}).map_budget == 0.015
     assert SpargeConfig.from_dict({"map_budget": None}, env={}).map_budget is None
@@ -211,7 +221,8 @@ def test_bad_values(raw, match):
     ({"SPARGE_DENSE_LAYERS": "a,b"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\)"),
     ({"SPARGE_DENSE_LAYERS": "-2"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\).*negative"),
     ({"SPARGE_FUSED": "maybe"}, r"`fused` \(env SPARGE_FUSED\).*SPARGE_FUSED=1.*yes/on"),
-    ({"SPARGE_FAST_LAUNCH": "fast"}, r"SPARGE_FAST_LAUNCH='fast' is not a boolean.*Fix:"),
+    ({"SPARGE_FAST_LAUNCH": "fast"}, r"`fast_launch` \(env SPARGE_FAST_LAUNCH\) = 'fast' is "
+                                      r"not a boolean.*Fix: set SPARGE_FAST_LAUNCH=1.*yes/on"),
     ({"SPARGE_MAP_BUDGET": "half"}, r"`map_budget` \(env SPARGE_MAP_BUDGET\).*not a number.*"
                                      r"SPARGE_MAP_BUDGET=none"),
     ({"SPARGE_MAP_BUDGET": "-1"}, r"`map_budget` \(env SPARGE_MAP_BUDGET\).*-1.0"),

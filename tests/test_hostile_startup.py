@@ -121,7 +121,8 @@ def test_misspelt_variable_is_reported(monkeypatch, vllm_log):
 
 @pytest.mark.parametrize("env,cause", [
     ({"SPARGE_FUSED": "enabled"}, "`fused` (env SPARGE_FUSED) = 'enabled' is not a boolean"),
-    ({"SPARGE_FAST_LAUNCH": "nope"}, "SPARGE_FAST_LAUNCH='nope' is not a boolean"),
+    ({"SPARGE_FAST_LAUNCH": "nope"},
+     "`fast_launch` (env SPARGE_FAST_LAUNCH) = 'nope' is not a boolean"),
 ])
 def test_unreadable_boolean_is_refused(env, cause):
     with pytest.raises(ValueError) as ei:
@@ -129,28 +130,17 @@ def test_unreadable_boolean_is_refused(env, cause):
     assert cause in str(ei.value)
 
 
-def _fast_launch(monkeypatch, value: str) -> bool:
-    """``FAST`` of a fresh copy of sparge_serve.kernels.launch imported with the variable set."""
-    import importlib.util
-
-    import sparge_serve.kernels.launch as launch
-
-    monkeypatch.setenv("SPARGE_FAST_LAUNCH", value)
-    spec = importlib.util.spec_from_file_location("sparge_launch_probe", launch.__file__)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.FAST
-
-
 @pytest.mark.parametrize("value,fast", [("false", False), ("OFF", False), ("no", False),
-                                        ("0", False), ("yes", True), ("1", True)])
-def test_fast_launch_switch_reads_booleans(monkeypatch, value, fast):
-    assert _fast_launch(monkeypatch, value) is fast
+                                        ("0", False), ("yes", True), ("1", True), ("", True)])
+def test_fast_launch_switch_reads_booleans(value, fast):
+    cfg = SpargeConfig.from_dict(None, env={"SPARGE_FAST_LAUNCH": value})
+    assert cfg.fast_launch is fast
 
 
-def test_fast_launch_switch_refuses_the_rest(monkeypatch):
-    with pytest.raises(ValueError, match="SPARGE_FAST_LAUNCH='maybe' is not a boolean"):
-        _fast_launch(monkeypatch, "maybe")
+def test_fast_launch_switch_refuses_the_rest():
+    with pytest.raises(ValueError, match=r"`fast_launch` \(env SPARGE_FAST_LAUNCH\) = 'maybe' "
+                       "is not a boolean"):
+        SpargeConfig.from_dict({"fast_launch": True}, env={"SPARGE_FAST_LAUNCH": "maybe"})
 
 
 # ---- the front end refuses a bad option or file before any engine starts -------------------------

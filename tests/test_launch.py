@@ -30,9 +30,11 @@ def test_direct_launches_equal_triton_launches(kw, monkeypatch):
 
     case = make_paged_case([(700, 2000), (300, 300), (1, 900)], 8, 2, 128, 64, torch.bfloat16,
                            "cuda", packed=True)
-    monkeypatch.setattr(launch, "FAST", False)
-    want = _prefill(case, **kw)
-    monkeypatch.setattr(launch, "FAST", True)
+    launch.set_fast_launch(False)
+    try:
+        want = _prefill(case, **kw)
+    finally:
+        launch.set_fast_launch(True)
     _prefill(case, **kw)  # compiles or finds each variant through JITFunction
     jit_run, calls = JITFunction.run, []
     monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: calls.append(self) or jit_run(
@@ -76,12 +78,7 @@ def test_profiler_hooks_take_the_plain_path(monkeypatch):
 
     import sparge_serve.kernels.launch as launch
 
-    calls = []
-
-    class Kernel:  # a stand-in for a JITFunction: only its plain launch may be used
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
-
+    kernel = _Kernel()
     monkeypatch.setattr(launch, "_INTERPRET", False)
     monkeypatch.setattr(launch, "FAST", True)
     assert not launch._hooked()
@@ -89,7 +86,73 @@ def test_profiler_hooks_take_the_plain_path(monkeypatch):
     knobs.runtime.launch_enter_hook.add(hook)
     try:
         assert launch._hooked()
-        launch.Launcher(Kernel())[(3, 1)](1, x=2)
+        launch.Launcher(kernel)[(3, 1)](1, x=2)
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
-    assert calls == [((3, 1), (1,), {"x": 2})] and not launch._hooked()
+    assert kernel.calls == [((3, 1), (1,), {"x": 2})] and not launch._hooked()
+
+
+class _Kernel:
+    """A stand-in for a JITFunction: only its plain launch may be used."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+def test_fast_launch_setting_takes_the_plain_path(monkeypatch):
+    """``set_fast_launch(False)`` (``SpargeConfig.fast_launch``) launches through
+    ``kernel[grid]``; ``True`` takes the fast path where Triton's internals are as expected."""
+    import sparge_serve.kernels.launch as launch
+
+    monkeypatch.setattr(launch, "_INTERPRET", False)
+    monkeypatch.setattr(launch, "FAST", True)
+    assert launch.internals_problem() is None  # the pinned Triton
+    assert launch.fast_path()
+    launch.set_fast_launch(False)
+    assert not launch.fast_path()
+    kernel = _Kernel()
+    launch.Launcher(kernel)[(2,)](7)
+    assert kernel.calls == [((2,), (7,), {})]
+
+
+@pytest.mark.parametrize("change", ["signature", "code", "launcher"])
+def test_unknown_triton_internals_fall_back_to_plain_launches(change, monkeypatch):
+    """A Triton whose ``JITFunction.run`` or compiled-kernel launcher differs from what the fast
+    path repeats takes the plain path, and says so once."""
+    import logging
+
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.jit import JITFunction
+
+    import sparge_serve.kernels.launch as launch
+
+    if change == "signature":
+        monkeypatch.setattr(JITFunction, "run", lambda self, *args, grid, **kwargs: None)
+    elif change == "code":
+        def run(self, *args, grid, warmup, **kwargs):  # binds, then launches otherwise
+            return self.launch(*args, grid=grid, **kwargs)
+        monkeypatch.setattr(JITFunction, "run", run)
+    else:
+        monkeypatch.delattr(CompiledKernel, "run")
+    problem = launch.internals_problem()
+    assert problem is not None and ("JITFunction.run" in problem or "CompiledKernel" in problem)
+    monkeypatch.setattr(launch, "_INTERPRET", False)
+    monkeypatch.setattr(launch, "FAST", True)
+    launch._internals_ok.cache_clear()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    launch.logger.addHandler(handler)
+    try:
+        kernel = _Kernel()
+        for _ in range(3):
+            assert not launch.fast_path()
+            launch.Launcher(kernel)[(1, 2)](3)
+    finally:
+        launch.logger.removeHandler(handler)
+        launch._internals_ok.cache_clear()
+    assert kernel.calls == [((1, 2), (3,), {})] * 3
+    assert len(records) == 1 and problem in records[0].getMessage()

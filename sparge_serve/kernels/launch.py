@@ -12,25 +12,84 @@ chunk, 16 chunks a 32K call. Through this module a launch costs 12-19 µs (34 wi
 argument specialisation: dtypes, 16-byte alignment, integer values that the kernel specialises
 on), so it selects exactly the variant ``JITFunction.run`` would; the first launch of each
 variant goes through ``JITFunction.run`` (compiling it), later ones call that compiled kernel's
-launcher directly. Launch hooks (profilers), the interpreter (``TRITON_INTERPRET=1``) and
-``SPARGE_FAST_LAUNCH=0`` (or ``false``/``no``/``off``; should a Triton other than the pinned 3.6
-change its internals) take the plain path.
+launcher directly.
+
+The plain ``kernel[grid](*args)`` path is taken (:func:`fast_path`) when the fast one is off
+(:func:`set_fast_launch`; the backend sets it once per process from ``SpargeConfig.fast_launch``,
+env ``SPARGE_FAST_LAUNCH``), under the interpreter (``TRITON_INTERPRET=1``), while a launch hook
+is set (profilers), and when Triton's internals are not the ones this module re-implements
+(:func:`internals_problem`: another Triton than the pinned 3.6 may move them; logged once).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import os
 
 import torch
+import triton
 from triton import knobs
 from triton.runtime import driver
 
-from sparge_serve.config import env_flag
+# NOTE: a child of vLLM's "vllm" logger, as sparge_serve.config's
+logger = logging.getLogger(f"vllm.{__name__}")
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# NOTE: sparge_serve.config imports neither vLLM nor torch: one boolean parser for every SPARGE_*
-# flag (1/0, true/false, yes/no, on/off; anything else raises, naming the variable).
-FAST = env_flag("SPARGE_FAST_LAUNCH", default=True)
+FAST = True
+"""Whether launches may take the fast path (:func:`set_fast_launch`)."""
+
+# What the fast path re-implements of Triton 3.6's JITFunction.run: the binder it calls, the
+# compiled kernel's launcher and its argument order. Compared without blanks.
+_JIT_RUN_PARAMS = ["self", "args", "grid", "warmup", "kwargs"]
+_JIT_RUN_CODE = (
+    "stream = driver.active.get_current_stream(device)",
+    "kernel_cache, kernel_key_cache, target, backend, binder = self.device_caches[device]",
+    "bound_args, specialization, options = binder(*args, **kwargs)",
+    "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
+    "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, "
+    "*bound_args.values())",
+)
+
+
+def set_fast_launch(enabled: bool) -> None:
+    """Turn the fast path on or off for this process (``SpargeConfig.fast_launch``)."""
+    global FAST
+    FAST = bool(enabled)
+
+
+def internals_problem() -> str | None:
+    """Why Triton's internals differ from what the fast path expects, or ``None``: the
+    signature of ``JITFunction.run`` and its code that the fast path repeats (the stream, the
+    binder, the compiled kernel's launcher with its arguments and the launch-hook knobs), and the
+    compiled kernel's ``run`` launcher."""
+    try:
+        from triton.compiler.compiler import CompiledKernel
+        from triton.runtime.jit import JITFunction
+
+        params = list(inspect.signature(JITFunction.run).parameters)
+        source = "".join(inspect.getsource(JITFunction.run).split())
+    except (ImportError, AttributeError, OSError, TypeError, ValueError) as e:
+        return f"JITFunction.run cannot be read ({type(e).__name__}: {e})"
+    if params != _JIT_RUN_PARAMS:
+        return f"JITFunction.run takes {params}, not {_JIT_RUN_PARAMS}"
+    for code in _JIT_RUN_CODE:
+        if "".join(code.split()) not in source:
+            return f"JITFunction.run no longer runs `{code}`"
+    if not isinstance(inspect.getattr_static(CompiledKernel, "run", None), property):
+        return "CompiledKernel has no `run` launcher property"
+    return None
+
+
+@functools.cache
+def _internals_ok() -> bool:
+    problem = internals_problem()
+    if problem is not None:
+        logger.warning("SPARGE: kernel launches take Triton's own path (JITFunction.run): the "
+                       "fast launch path does not know Triton %s (%s)", triton.__version__,
+                       problem)
+    return problem is None
 
 
 def _hooked() -> bool:
@@ -38,6 +97,13 @@ def _hooked() -> bool:
     None, empty unless one is added; a plain hook (older Tritons) counts when not None."""
     hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
     return any(h is not None and getattr(h, "calls", True) for h in hooks)
+
+
+def fast_path() -> bool:
+    """Whether a launch now takes the fast path: on (:func:`set_fast_launch`), compiled (not the
+    interpreter), no launch hook set, and Triton's internals as expected (checked once per
+    process; a mismatch is logged once)."""
+    return FAST and not _INTERPRET and not _hooked() and _internals_ok()
 
 
 class Launcher:
@@ -51,7 +117,7 @@ class Launcher:
         return lambda *args, **kwargs: self.run(grid, args, kwargs)
 
     def run(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
-        if _INTERPRET or not FAST or _hooked():
+        if not fast_path():
             self.fn[grid](*args, **kwargs)
             return
         device = torch.cuda.current_device()
