@@ -153,6 +153,14 @@ def test_synthetic_llama_conversion_exact(tmp_path, no_tokenizer):
     assert json.loads((out / "sparge_model.json").read_text())["dtype"] == "bfloat16"
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # staging removed
 
+    # An earlier record's file list removes only plain names inside the folder.
+    record = json.loads((out / "sparge_model.json").read_text())
+    record["files"] += ["../m.gguf", "..", "old.bin"]
+    (out / "sparge_model.json").write_text(json.dumps(record))
+    (out / "old.bin").write_text("stale")
+    convert_gguf(tmp_path / "m.gguf", out, progress=False)
+    assert (tmp_path / "m.gguf").exists() and not (out / "old.bin").exists()
+
 
 def test_unsupported_architecture(tmp_path):
     _write_gguf(tmp_path / "q.gguf", arch="qwen2")

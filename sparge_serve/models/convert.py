@@ -19,10 +19,10 @@ number the GGUF metadata has; the rest are Gemma 3 architecture rules that llama
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +41,6 @@ __all__ = [
     "convert_gguf",
     "read_provenance",
 ]
-
-logger = logging.getLogger("sparge_serve.models")
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 # Float and the classic / k-quant block types (both shipped files use a mix of these).
@@ -380,7 +378,9 @@ def convert_gguf(
 
     ``key`` names the model in the conversion record (default: the GGUF architecture); ``out``
     must be new, empty, or an earlier conversion of the same ``key``. Files are written to a
-    sibling staging folder first, so an interrupted run leaves ``out`` as it was.
+    sibling staging folder first: an interrupted run creates no ``out``, and an earlier
+    conversion keeps its record until every file is replaced (running again completes it).
+    ``progress``: a tqdm bar over the tensors and a line per step on stderr.
     """
     from safetensors.torch import save_file
 
@@ -390,6 +390,7 @@ def convert_gguf(
     if not path.is_file():
         raise ModelsError(f"GGUF file {path} does not exist")
     previous = _check_out(out, key) if key else None  # before reading a large file
+    _say(progress, f"reading {path}")
     reader, meta = _open(path)
     if not key:
         key = meta.arch
@@ -400,9 +401,11 @@ def convert_gguf(
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        _say(progress, f"writing {WEIGHTS} ({dtype})")
         save_file(result.tensors, str(stage / WEIGHTS), metadata={"format": "pt"})
         del result.tensors
         result.config.save_pretrained(str(stage))
+        _say(progress, "converting the tokenizer (transformers reads the GGUF vocabulary)")
         tok = _write_tokenizer(path, stage)
         _generation_config(result.config, tok, meta.arch).save_pretrained(str(stage))
         files = sorted(p.name for p in stage.iterdir())
@@ -425,12 +428,22 @@ def convert_gguf(
         for name in files:  # the record goes last: a half-replaced folder keeps the old one
             os.replace(stage / name, out / name)
         for name in (previous or {}).get("files", []):
-            if name not in record["files"] and "/" not in name:
+            if name not in record["files"] and _plain_name(name):
                 (out / name).unlink(missing_ok=True)
         os.replace(stage / PROVENANCE, out / PROVENANCE)
         return out
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name inside the folder (an earlier record's list is data, not trusted paths)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
 
 
 def _open_permissions(folder: Path) -> None:
