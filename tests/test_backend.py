@@ -45,10 +45,10 @@ def vllm_config(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def fresh_state(monkeypatch):
     """Each test: no cached runtime/metrics object, no SPARGE_* env, no metric files."""
-    import sparge_serve.backend.sparge_attn as sa
+    import sparge_serve.backend.runtime as runtime
     import sparge_serve.metrics as metrics
 
-    monkeypatch.setattr(sa, "_RUNTIMES", {})
+    monkeypatch.setattr(runtime, "_RUNTIMES", {})
     monkeypatch.setattr(metrics, "_STATS", None)
     for var in ("SPARGE_THRESHOLDS", "SPARGE_MIN_SPARSE_LEN", "SPARGE_MODE",
                 "SPARGE_DENSE_LAYERS", metrics.METRICS_DIR_ENV, "PROMETHEUS_MULTIPROC_DIR"):
@@ -159,13 +159,13 @@ def test_rejected_configurations(sparge, override, text):
 
 
 def test_model_level_rejections():
-    from sparge_serve.backend.sparge_attn import _unsupported_model_reasons
+    from sparge_serve.backend.capabilities import unsupported_model_reasons
 
     mc = SimpleNamespace(is_hybrid=True, use_mla=False, is_encoder_decoder=True, uses_alibi=True,
                          hf_text_config=SimpleNamespace(attn_logit_softcapping=50.0))
     vc = SimpleNamespace(model_config=mc,
                          parallel_config=SimpleNamespace(decode_context_parallel_size=2))
-    text = " | ".join(_unsupported_model_reasons(vc, D, torch.bfloat16))
+    text = " | ".join(unsupported_model_reasons(vc, D, torch.bfloat16))
     for feature in ("hybrid models", "encoder-decoder", "ALiBi", "soft-capping",
                     "decode context parallelism"):
         assert feature in text
@@ -199,7 +199,8 @@ def test_preferred_page_size_only_when_sparse_can_run(sparge, monkeypatch):
     otherwise vLLM's default, which decodes a little faster."""
     from vllm.config import set_current_vllm_config
 
-    from sparge_serve.backend.sparge_attn import PREFERRED_PAGE_SIZE, SpargeAttentionBackend
+    from sparge_serve.backend.capabilities import PREFERRED_PAGE_SIZE
+    from sparge_serve.backend.sparge_attn import SpargeAttentionBackend
 
     def preferred(vc):
         with set_current_vllm_config(vc):
@@ -259,7 +260,7 @@ def test_kv_cache_layout_is_flash_attentions(sparge):
 
 
 def test_defaults_warn_once(sparge, vllm_log):
-    from sparge_serve.backend.sparge_attn import load_runtime
+    from sparge_serve.backend.runtime import load_runtime
 
     vc = sparge()
     rt = load_runtime(vc)
@@ -270,7 +271,7 @@ def test_defaults_warn_once(sparge, vllm_log):
 
 
 def test_thresholds_file_loaded_and_validated(sparge, tmp_path):
-    from sparge_serve.backend.sparge_attn import load_runtime
+    from sparge_serve.backend.runtime import load_runtime
 
     good = tmp_path / "good.safetensors"
     save_thresholds(good, Thresholds.defaults(L, HQ, HKV, D, cdfthreshd=0.9))
@@ -288,7 +289,7 @@ def test_thresholds_file_loaded_and_validated(sparge, tmp_path):
 
 
 def test_env_overrides_additional_config(sparge, monkeypatch):
-    from sparge_serve.backend.sparge_attn import load_runtime
+    from sparge_serve.backend.runtime import load_runtime
 
     monkeypatch.setenv("SPARGE_MODE", "dense")
     assert load_runtime(sparge(mode="sparse")).config.mode == "dense"
@@ -386,7 +387,7 @@ def test_mode_dense_makes_every_layer_dense(sparge):
 
 
 def test_select_sparse_requests():
-    from sparge_serve.backend.sparge_attn import select_sparse_requests
+    from sparge_serve.backend.split import select_sparse_requests
 
     qsl = np.array([0, 1, 101, 104, 204])
     seq = np.array([500, 500, 500, 99])
@@ -466,7 +467,7 @@ def test_min_sparse_query_len_setting(sparge):
 
 
 def test_select_sparse_requests_min_query_len():
-    from sparge_serve.backend.sparge_attn import select_sparse_requests
+    from sparge_serve.backend.split import select_sparse_requests
 
     qsl = np.array([0, 100, 700])
     seq = np.array([60000, 60000])
@@ -663,7 +664,7 @@ def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path,
     from vllm.config import set_current_vllm_config
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from sparge_serve.backend.sparge_attn import _warm_up_kernels
+    from sparge_serve.backend.runtime import warm_up_kernels
 
     path = tmp_path / "mixed.safetensors"
     th = Thresholds.defaults(L, HQ, HKV, D)
@@ -671,11 +672,11 @@ def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path,
     save_thresholds(path, th)
     settings = dict(min_sparse_len=256, thresholds=str(path), fused=fused)
     if chunks:
-        from sparge_serve.backend import sparge_attn
+        from sparge_serve.backend import runtime
         from sparge_serve.kernels import chunks as chunk_plan
 
         monkeypatch.setattr(chunk_plan, "MIN_BUDGET_BYTES", 0)
-        monkeypatch.setattr(sparge_attn, "_WARMED", set())  # (map_budget is not in its key)
+        monkeypatch.setattr(runtime, "_WARMED", set())  # (map_budget is not in its key)
         settings["map_budget"] = 1e-9  # one query head a chunk
     vc = sparge(**settings)
     seen = _record_specializations(monkeypatch)
@@ -688,7 +689,7 @@ def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path,
     spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=D,
                              dtype=torch.float16)
     with set_current_vllm_config(vc):
-        _warm_up_kernels(vc, impls[0].runtime, spec, impls, torch.device("cpu"))
+        warm_up_kernels(vc, impls[0].runtime, spec, impls, torch.device("cpu"))
     warm = {name: set(keys) for name, keys in seen.items()}
     assert len(warm) == (3 if fused else 4) and not any(i._pv_skip for i in impls[::3])
     b = _builder(vc)

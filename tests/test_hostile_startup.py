@@ -233,20 +233,20 @@ def test_front_end_warns_once_that_sparse_cannot_run(front_end, vllm_log):
 def test_thresholds_digest_is_of_the_bytes_loaded(front_end, tmp_path, monkeypatch, change):
     import hashlib
 
-    import sparge_serve.backend.sparge_attn as sa
+    import sparge_serve.backend.runtime as rt
 
-    monkeypatch.setattr(sa, "_RUNTIMES", {})
+    monkeypatch.setattr(rt, "_RUNTIMES", {})
     monkeypatch.setattr(metrics, "_STATS", None)
     path = _thresholds_file(tmp_path / "th.safetensors")
     loaded = hashlib.sha256(path.read_bytes()).hexdigest()
     vc = front_end({"thresholds": str(path)})
-    runtime = sa.load_runtime(vc)
+    runtime = rt.load_runtime(vc)
     # The file changes between the load and the metrics set-up (an operator's deploy).
     if change == "replaced":
         _thresholds_file(tmp_path / "new.safetensors", created="2031-01-01").replace(path)
     else:
         path.unlink()
-    stats = sa._metrics_for(vc, runtime, torch.device("cpu"))
+    stats = rt.metrics_for(vc, runtime, torch.device("cpu"))
     try:
         assert stats.snapshot()["info"]["sha256"] == loaded  # the sparge_thresholds_info label
         assert runtime.thresholds.sha256 == loaded

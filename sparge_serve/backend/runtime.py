@@ -1,0 +1,317 @@
+"""Per-process state of the SPARGE backend: settings and thresholds, metrics, parallel layout,
+start-up kernel compilation and memory reservation.
+
+Every layer of one process shares one :class:`SpargeRuntime` (the settings and the global
+thresholds, loaded and validated once by :func:`load_runtime`; each tensor-parallel rank binds its
+heads' slice, :meth:`SpargeRuntime.for_rank`) and one ``sparge_serve.metrics.SpargeStats``
+(:func:`metrics_for`). The metadata builder compiles the sparse kernels at start-up
+(:func:`warm_up_kernels`); vLLM's profiling forward reserves the sparse path's worst-case scratch
+(:func:`sparse_scratch_bytes`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+from sparge_serve.backend.capabilities import PREFERRED_PAGE_SIZE
+from sparge_serve.config import SpargeConfig
+from sparge_serve.thresholds import (
+    DEFAULT_BLKK,
+    DEFAULT_BLKQ,
+    PV_OFF,
+    ModelGeometry,
+    Thresholds,
+    load_thresholds,
+    model_geometry_of,
+)
+
+if TYPE_CHECKING:
+    from vllm.v1.kv_cache_interface import AttentionSpec
+
+    from sparge_serve.backend.sparge_attn import SpargeAttentionImpl
+    from sparge_serve.metrics import SpargeStats
+
+# NOTE: a child of vLLM's "vllm" logger so that our lines use vLLM's handler and level.
+logger = init_logger(f"vllm.{__name__}")
+
+
+@dataclass(frozen=True)
+class SpargeRuntime:
+    """What every layer of one process shares: the settings and the (global) thresholds."""
+
+    config: SpargeConfig
+    thresholds: Thresholds  # global layers x global query heads, CPU fp32
+    source: str  # thresholds file path, or "defaults"
+    _by_rank: dict[tuple[int, int], Thresholds] = field(default_factory=dict, compare=False)
+
+    def for_rank(self, tp_rank: int, tp_size: int) -> Thresholds:
+        key = (tp_rank, tp_size)
+        if key not in self._by_rank:
+            self._by_rank[key] = self.thresholds.for_rank(tp_rank, tp_size)
+        return self._by_rank[key]
+
+
+_RUNTIMES: dict[tuple[Any, ...], SpargeRuntime] = {}
+_RUNTIME_LOCK = threading.Lock()
+
+
+def model_geometry(vllm_config: VllmConfig, with_hash: bool = True) -> ModelGeometry:
+    """The served model's global attention geometry, as a thresholds file must match it."""
+    try:
+        from sparge_serve.kernels import BLKK, BLKQ
+    except ImportError:  # kernels not importable: the file format's defaults are the same tile
+        BLKQ, BLKK = DEFAULT_BLKQ, DEFAULT_BLKK
+    return model_geometry_of(vllm_config.model_config, blkq=BLKQ, blkk=BLKK, with_hash=with_hash)
+
+
+def load_runtime(vllm_config: VllmConfig) -> SpargeRuntime:
+    """Parse the settings and load + validate the thresholds: once per process (cached).
+
+    The file is read once; its digest (``thresholds.sha256``, exported as the ``sha256`` label
+    of ``sparge_thresholds_info``) is that of the bytes loaded. Raises ``ValueError`` (bad
+    settings) or ``ThresholdsError`` (bad or mismatched file) with a message that names the fix.
+    The plugin runs the same checks in the front end when vLLM builds its configuration
+    (``sparge_serve.plugin``), so these errors normally stop ``vllm serve`` before any worker
+    starts; here they catch a file changed since.
+    """
+    cfg = SpargeConfig.from_vllm_config(vllm_config)
+    geo = model_geometry(vllm_config, with_hash=False)
+    key = (cfg, geo)
+    with _RUNTIME_LOCK:
+        rt = _RUNTIMES.get(key)
+        if rt is not None:
+            return rt
+        cfg.check_num_layers(geo.num_layers)
+        if cfg.thresholds:
+            th = load_thresholds(cfg.thresholds, expect=model_geometry(vllm_config))
+            source = cfg.thresholds
+        else:
+            th = Thresholds.defaults(geo.num_layers, geo.num_heads, geo.num_kv_heads,
+                                     geo.head_dim, blkq=geo.blkq, blkk=geo.blkk)
+            source = "defaults"
+            if cfg.enabled:
+                logger.warning(
+                    "SPARGE: no thresholds file given; using the untuned SpargeAttn defaults "
+                    "(simthreshd1=0.6, cdfthreshd=0.98, PV skip off) for every head. Calibrate "
+                    "with `sparge-calibrate` and pass --additional-config "
+                    "'{\"sparge\": {\"thresholds\": \"PATH\"}}' (or SPARGE_THRESHOLDS=PATH) for "
+                    "accuracy-checked sparsity.")
+        rt = SpargeRuntime(cfg, th, source)
+        _RUNTIMES[key] = rt
+        logger.info("SPARGE: mode=%s min_sparse_len=%d min_sparse_query_len=%d dense_layers=%s "
+                    "topk=%s thresholds=%s%s", cfg.mode, cfg.min_sparse_len,
+                    cfg.min_sparse_query_len, cfg.dense_layers, cfg.topk, source,
+                    f" (sha256 {th.sha256})" if th.sha256 else "")
+        return rt
+
+
+def metrics_for(vllm_config: VllmConfig, runtime: SpargeRuntime,
+                device: torch.device) -> SpargeStats | None:
+    """This process's ``sparge_serve.metrics.SpargeStats`` (None, with a warning, if
+    unavailable)."""
+    try:
+        from sparge_serve.metrics import get_sparge_stats
+    except ImportError as e:
+        logger.warning("SPARGE: metrics unavailable (%s); sparge_* series will not be exported", e)
+        return None
+    mc = vllm_config.model_config
+    name = mc.served_model_name
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    rank, _ = tp_rank_and_size(vllm_config)
+    stats = get_sparge_stats(runtime.thresholds.num_layers, device, str(name or mc.model),
+                             tp_rank=rank)
+    th = runtime.thresholds
+    if runtime.source != "defaults":
+        # The digest of the bytes loaded: the file itself may have been replaced since.
+        stats.set_thresholds_info(file=runtime.source, sha256=th.sha256,
+                                  l1="" if th.l1 is None else th.l1,
+                                  pv_l1="" if th.pv_l1 is None else th.pv_l1, created=th.created)
+    else:
+        stats.set_thresholds_info(file="defaults")
+    return stats
+
+
+def tp_rank_and_size(vllm_config: VllmConfig | None) -> tuple[int, int]:
+    """This process's tensor-parallel rank and size."""
+    try:
+        from vllm.distributed.parallel_state import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except AssertionError:  # no process groups (unit tests): only valid without TP
+        tp = vllm_config.parallel_config.tensor_parallel_size if vllm_config else 1
+        if tp != 1:
+            raise RuntimeError("SPARGE: tensor parallelism configured but its process group "
+                               "is not initialised") from None
+        return 0, 1
+
+
+# vLLM's model tags (vllm.compilation.backends.set_model_tag) under which speculative-decoding
+# proposers build their draft models: "draft_model", "eagle_head", "medusa_head", ...
+_DRAFT_MODEL_TAGS = ("draft_model", "extract_hidden_states")
+
+
+def draft_model_tag() -> str | None:
+    """The model tag if the layer being built belongs to a speculative-decoding draft model.
+
+    NOTE: a draft model is another model (its own layers, heads and weights): the target's
+    thresholds do not apply to it, and validating them against it would fail the start-up. Its
+    layers run dense. vLLM builds draft models only inside ``set_model_tag(...)``.
+    """
+    try:
+        from vllm.compilation import backends
+    except ImportError:  # pragma: no cover - vLLM always has it
+        return None
+    tag = getattr(backends, "model_tag", "backbone")
+    return tag if tag in _DRAFT_MODEL_TAGS or tag.endswith("_head") else None
+
+
+_reshape_and_cache_flash = None
+
+
+def kv_cache_writer():
+    """vLLM's ``reshape_and_cache_flash`` (imported on first use)."""
+    global _reshape_and_cache_flash
+    if _reshape_and_cache_flash is None:
+        from vllm._custom_ops import reshape_and_cache_flash
+
+        _reshape_and_cache_flash = reshape_and_cache_flash
+    return _reshape_and_cache_flash
+
+
+_WARMED: set[tuple[Any, ...]] = set()
+
+
+def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: AttentionSpec,
+                    impls: list[SpargeAttentionImpl], device: torch.device) -> None:
+    """Compile the sparse kernels at start-up for every context the sparse path can see.
+
+    NOTE: once per process and kernel variant; without it the first long prompt of each length
+    bucket pays several seconds of Triton compilation in its time to first token.
+    """
+    sparse = [i for i in impls if not i.dense_layer]
+    cfg = runtime.config
+    max_len = vllm_config.model_config.max_model_len
+    if not sparse or not cfg.sparse_possible(max_len):
+        return
+    from sparge_serve.kernels.warmup import warm_up_sparse_kernels
+
+    first = sparse[0]
+    pv_variants = tuple(sorted({i._pv_skip for i in sparse}))
+    key = (first.num_heads, first.num_kv_heads, first.head_size, spec.block_size, spec.dtype,
+           pv_variants, cfg.topk, cfg.fused, cfg.attention_kernel, cfg.min_sparse_len, max_len,
+           str(device))
+    if key in _WARMED:
+        return
+    # SPARGE's KV cache layout is FlashAttention's (SpargeAttentionBackend inherits it).
+    shape = FlashAttentionBackend.get_kv_cache_shape(1, spec.block_size, first.num_kv_heads,
+                                                     first.head_size)
+    order = FlashAttentionBackend.get_kv_cache_stride_order()
+    inverse = tuple(order.index(i) for i in range(len(order)))
+    kv = torch.zeros(tuple(shape[i] for i in order), dtype=spec.dtype,
+                     device=device).permute(*inverse)
+    key_cache, value_cache = kv.transpose(1, 2).split(first.head_size, dim=-1)
+    t0 = time.perf_counter()
+    fa3 = any(i.fa3_attention for i in sparse)
+    buckets = warm_up_sparse_kernels(key_cache, value_cache, first.num_heads, cfg.min_sparse_len,
+                                     max_len, pv_variants, cfg.topk, cfg.fused, masks=fa3)
+    if fa3:
+        from sparge_serve.kernels.virtual import warm_up_virtual
+
+        warm_up_virtual(first.num_heads, first.num_kv_heads, spec.block_size, device)
+    _WARMED.add(key)
+    logger.info("SPARGE: compiled the sparse kernels for contexts of %d-%d tokens (%d length "
+                "buckets) in %.1f s", cfg.min_sparse_len, max_len, len(buckets),
+                time.perf_counter() - t0)
+
+
+def sparse_scratch_bytes(vllm_config: VllmConfig | None, runtime: SpargeRuntime | None,
+                         num_heads: int, num_kv_heads: int, head_size: int,
+                         device: torch.device | str = "cpu") -> int:
+    """Most device memory one layer's sparse prefill can allocate in a step on ``device`` (0
+    if none can run): the predictor's buffers and block map (or, with ``fused``, the fused
+    kernel's per-program lists) of the step's largest sparse sub-batch, in head chunks under
+    ``map_budget`` (with ``attention_kernel: fa3``, with the FA3 path's virtual block
+    tables), plus the gathered q/out rows."""
+    vc, rt = vllm_config, runtime
+    if vc is None or rt is None or not rt.config.sparse_possible(vc.model_config.max_model_len):
+        return 0
+    max_len = vc.model_config.max_model_len
+    from sparge_serve.kernels import max_fused_programs, prefill_scratch_bytes
+
+    tokens = vc.scheduler_config.max_num_batched_tokens
+    reqs = max(1, min(vc.scheduler_config.max_num_seqs,
+                      tokens // max(rt.config.min_sparse_query_len, 2)))
+    rows = 2 * tokens * num_heads * head_size * 2  # q gather + out, 16-bit
+    programs = max_fused_programs(device) if rt.config.fused else None
+    page = None
+    if rt.config.attention_kernel == "fa3":
+        page = vc.cache_config.block_size or PREFERRED_PAGE_SIZE
+    return rows + prefill_scratch_bytes(
+        num_heads, num_kv_heads, head_size, reqs, tokens, max_len, programs,
+        fa3_page_size=page, map_budget=rt.config.map_budget)
+
+
+@dataclass(frozen=True)
+class LayerThresholds:
+    """One layer's thresholds on its device, for this tensor-parallel rank's query heads."""
+
+    index: int  # global layer index (pipeline-parallel safe)
+    dense: bool  # every request runs dense: mode dense, a dense_layers entry, all heads dense
+    simthreshd1: torch.Tensor  # [num_heads] fp32 device
+    cdfthreshd: torch.Tensor  # [num_heads] fp32 device
+    pvthreshd: torch.Tensor  # [num_heads] fp32 device
+    pv_skip: bool  # host: any head of the layer uses the PV skip (pvthreshd < PV_OFF)
+
+
+def layer_thresholds(runtime: SpargeRuntime, layer_name: str, num_heads: int,
+                     device: torch.device | str, vllm_config: VllmConfig | None,
+                     tp: tuple[int, int] | None = None) -> LayerThresholds | None:
+    """The thresholds of the layer named ``layer_name`` with ``num_heads`` query heads on this
+    rank (``tp``: (rank, size), default this process's), copied to ``device``; None (with a
+    warning) when the name gives no layer of the thresholds: the layer then runs dense."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    try:
+        index = extract_layer_index(layer_name)
+    except (AssertionError, ValueError):
+        index = None
+    cfg, th = runtime.config, runtime.thresholds
+    reason = None
+    if index is None:
+        reason = f"cannot read a layer index from the name {layer_name!r}"
+    elif index >= th.num_layers:
+        reason = (f"layer index {index} is beyond the thresholds' {th.num_layers} layers "
+                  "(e.g. a speculative-decoding draft layer)")
+    if reason is not None:
+        logger.warning("SPARGE: layer %s runs dense: %s", layer_name, reason)
+        return None
+    rank, size = tp if tp is not None else tp_rank_and_size(vllm_config)
+    local = runtime.for_rank(rank, size)
+    if local.num_heads != num_heads:
+        raise ValueError(
+            f"SPARGE: layer {layer_name} has {num_heads} query heads on this rank but "
+            f"the thresholds give {local.num_heads} per rank ({th.num_heads} over {size} "
+            "tensor-parallel ranks). Fix: use the thresholds file of this model.")
+    # NOTE: copies (own allocations, 16-byte aligned on any device): kernels are specialised
+    # on pointer alignment, and the warm-up compiles for aligned threshold vectors.
+    # pv_skip is read from the CPU thresholds, so the kernel launch never reads pvthreshd back
+    # from the GPU.
+    return LayerThresholds(
+        index=index,
+        dense=not cfg.enabled or cfg.is_dense_layer(index) or local.layer_is_dense(index),
+        simthreshd1=local.simthreshd1[index].to(device, copy=True),
+        cdfthreshd=local.cdfthreshd[index].to(device, copy=True),
+        pvthreshd=local.pvthreshd[index].to(device, copy=True),
+        pv_skip=bool((local.pvthreshd[index] < PV_OFF).any()))
