@@ -55,9 +55,9 @@ def _block_counters():
     """(valid, computed) blocks summed over layers, or None if the SPARGE backend is not active."""
     import torch
 
-    from sparge_serve import metrics
+    from sparge_serve.metrics import stats
 
-    st = metrics._STATS
+    st = stats._STATS
     if st is None:
         return None
     torch.cuda.synchronize()

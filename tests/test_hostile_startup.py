@@ -25,6 +25,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+import sparge_serve.metrics.export as metrics_export
+import sparge_serve.metrics.stats as metrics_stats
 from sparge_serve import config, metrics
 from sparge_serve.config import SpargeConfig
 
@@ -35,7 +37,7 @@ from sparge_serve.config import SpargeConfig
 def tmp_base(tmp_path, monkeypatch):
     """A fresh top-level process's view: the temporary directory is tmp_path, no bridge yet."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(metrics, "_BRIDGE", None)
+    monkeypatch.setattr(metrics_export, "_BRIDGE", None)
     monkeypatch.setenv(metrics.METRICS_DIR_ENV, "")  # restored (unset) after the test
     monkeypatch.delenv(metrics.METRICS_DIR_ENV)
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
@@ -76,7 +78,7 @@ def test_metrics_start_up_keeps_user_directories(tmp_base):
 def test_metrics_start_up_keeps_a_live_servers_directory(tmp_base):
     # A server in another PID namespace (containers sharing /tmp, both pid 1; here a pid that does
     # not exist in ours) holds its directory's owner lock: its directory stays.
-    live = metrics._make_private_dir(999_999_999)
+    live = metrics_export._make_private_dir(999_999_999)
     try:
         metrics.install_metrics_bridge(CollectorRegistry())
         assert os.path.isdir(live.path), "a live server's metrics directory was removed"
@@ -236,7 +238,7 @@ def test_thresholds_digest_is_of_the_bytes_loaded(front_end, tmp_path, monkeypat
     import sparge_serve.backend.runtime as rt
 
     monkeypatch.setattr(rt, "_RUNTIMES", {})
-    monkeypatch.setattr(metrics, "_STATS", None)
+    monkeypatch.setattr(metrics_stats, "_STATS", None)
     path = _thresholds_file(tmp_path / "th.safetensors")
     loaded = hashlib.sha256(path.read_bytes()).hexdigest()
     vc = front_end({"thresholds": str(path)})

@@ -15,6 +15,8 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import sparge_serve.metrics.export as metrics_export
+import sparge_serve.metrics.stats as metrics_stats
 from sparge_serve import metrics
 from sparge_serve.metrics import (
     METRICS_DIR_ENV,
@@ -68,7 +70,7 @@ def test_exposition_known_batch(tmp_path, monkeypatch):
                               pv_l1="0.09")
     feed(stats)
     clock = iter(CLOCK)
-    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(metrics_stats.time, "perf_counter", lambda: next(clock))
     sample = stats.start_timing()  # the first call is always sampled
     assert stats.start_timing() is None  # sample_every=2: then one call in two
     sample.predictor_done()
@@ -256,8 +258,8 @@ def test_suspension_nests_and_spares_samples_in_flight(tmp_path):
 @pytest.fixture
 def fresh_stats(monkeypatch):
     """The per-process SpargeStats and suspension state, reset for one test."""
-    monkeypatch.setattr(metrics, "_STATS", None)
-    monkeypatch.setattr(metrics, "_SUSPEND_DEPTH", 0)
+    monkeypatch.setattr(metrics_stats, "_STATS", None)
+    monkeypatch.setattr(metrics_stats, "_SUSPEND_DEPTH", 0)
     yield
     assert not metrics.metrics_suspended_now()
 
@@ -279,7 +281,7 @@ def test_process_suspension_covers_existing_and_new_stats(fresh_stats):
 
     # A SpargeStats created inside a start-up run (vLLM's profiling KV cache builds the backend
     # there) starts suspended and drops that run's counts.
-    metrics._STATS = None
+    metrics_stats._STATS = None
     with pytest.raises(RuntimeError, match="boom"), metrics.metrics_suspended():
         new = metrics.get_sparge_stats(2, "cpu", MODEL, sink_dir=None)
         assert new.suspended
@@ -307,7 +309,7 @@ def test_sha256_file(tmp_path):
 def fresh_bridge(tmp_path, monkeypatch):
     """install_metrics_bridge() as in a new top-level process, with its temp dir in tmp_path."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(metrics, "_BRIDGE", None)
+    monkeypatch.setattr(metrics_export, "_BRIDGE", None)
     monkeypatch.setenv(METRICS_DIR_ENV, "")  # restored (unset) after the test
     monkeypatch.delenv(METRICS_DIR_ENV)
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
@@ -316,7 +318,7 @@ def fresh_bridge(tmp_path, monkeypatch):
 
 def _stale_dir(base: Path) -> str:
     """A directory the bridge created for a process that has exited (its marker lock is free)."""
-    owned = metrics._make_private_dir(999_999_999)
+    owned = metrics_export._make_private_dir(999_999_999)
     assert os.path.dirname(owned.path) == str(base)
     Path(owned.path, "counter_sparge-1.db").write_bytes(b"")
     os.close(owned.fd)  # what the owner's exit does to its lock
@@ -350,11 +352,11 @@ def test_stale_scan_spares_what_it_did_not_create(fresh_bridge):
     for d in (user, no_marker, forged, target):
         d.mkdir()
         (d / "data.csv").write_text("1,2\n")
-    (forged / metrics._MARKER).write_text("not ours\n")
+    (forged / metrics_export._MARKER).write_text("not ours\n")
     (fresh_bridge / "sparge-metrics-1-link").symlink_to(target)
     (fresh_bridge / "sparge-metrics-3-file").write_text("x")
     stale = _stale_dir(fresh_bridge)
-    assert metrics._remove_stale_dirs(str(fresh_bridge)) == [stale]
+    assert metrics_export._remove_stale_dirs(str(fresh_bridge)) == [stale]
     for d in (user, no_marker, forged, target):
         assert (d / "data.csv").read_text() == "1,2\n"
     assert (fresh_bridge / "sparge-metrics-1-link").is_symlink()
@@ -364,42 +366,42 @@ def test_stale_scan_spares_what_it_did_not_create(fresh_bridge):
 def test_stale_scan_spares_a_live_owner_whatever_its_pid(fresh_bridge):
     # Another PID namespace (a container sharing /tmp): the owner's pid in the name is not a live
     # process here, but the owner holds its marker's lock.
-    other = metrics._make_private_dir(1)
-    dead_pid = metrics._make_private_dir(999_999_999)
+    other = metrics_export._make_private_dir(1)
+    dead_pid = metrics_export._make_private_dir(999_999_999)
     try:
-        assert metrics._remove_stale_dirs(str(fresh_bridge)) == []
+        assert metrics_export._remove_stale_dirs(str(fresh_bridge)) == []
         assert os.path.isdir(other.path) and os.path.isdir(dead_pid.path)
     finally:
         for owned in (other, dead_pid):
             os.close(owned.fd)
-    assert sorted(metrics._remove_stale_dirs(str(fresh_bridge))) == sorted(
+    assert sorted(metrics_export._remove_stale_dirs(str(fresh_bridge))) == sorted(
         [other.path, dead_pid.path])
 
 
 def test_own_dir_removed_at_exit_only_if_still_ours(fresh_bridge):
-    owned = metrics._make_private_dir(os.getpid())
+    owned = metrics_export._make_private_dir(os.getpid())
     Path(owned.path, "counter_sparge-7.db").write_bytes(b"")
-    metrics._remove_private_dir(owned)
+    metrics_export._remove_private_dir(owned)
     assert not os.path.exists(owned.path)
 
     # The directory was replaced under its name: the exit leaves the replacement alone.
-    owned = metrics._make_private_dir(os.getpid())
-    other = metrics._make_private_dir(os.getpid())
+    owned = metrics_export._make_private_dir(os.getpid())
+    other = metrics_export._make_private_dir(os.getpid())
     os.close(other.fd)
-    os.replace(os.path.join(other.path, metrics._MARKER),
-               os.path.join(owned.path, metrics._MARKER))
-    metrics._remove_private_dir(owned)
+    os.replace(os.path.join(other.path, metrics_export._MARKER),
+               os.path.join(owned.path, metrics_export._MARKER))
+    metrics_export._remove_private_dir(owned)
     assert os.path.isdir(owned.path)
 
 
 def test_own_dir_already_gone_is_quiet(fresh_bridge, vllm_log):
-    owned = metrics._make_private_dir(os.getpid())
-    Path(owned.path, metrics._MARKER).unlink()
-    metrics._remove_private_dir(owned)  # marker gone, directory there: not provably ours
+    owned = metrics_export._make_private_dir(os.getpid())
+    Path(owned.path, metrics_export._MARKER).unlink()
+    metrics_export._remove_private_dir(owned)  # marker gone, directory there: not provably ours
     assert os.path.isdir(owned.path) and "no longer the directory" in vllm_log.text
     vllm_log.clear()
     os.rmdir(owned.path)
-    metrics._remove_private_dir(owned)
+    metrics_export._remove_private_dir(owned)
     assert "no longer the directory" not in vllm_log.text
 
 
@@ -466,10 +468,10 @@ def test_vllm_metrics_endpoint_serves_sparge_series(fresh_bridge, monkeypatch):
 
     # What vLLM does in the API server while parsing `vllm serve` arguments: run our entry point.
     load_plugins_by_group(DEFAULT_PLUGINS_GROUP)["sparge"]()
-    assert metrics._BRIDGE is not None, "plugin.register() did not install the metrics bridge"
-    path = metrics._BRIDGE.path
+    assert metrics_export._BRIDGE is not None, "plugin.register() did not install the metrics bridge"
+    path = metrics_export._BRIDGE.path
     assert os.environ[METRICS_DIR_ENV] == path
-    collector = metrics._BRIDGE.collector
+    collector = metrics_export._BRIDGE.collector
     vllm_counter = Counter("vllm:sparge_test_requests", "test", registry=REGISTRY)
     try:
         stats = SpargeStats(2, "cpu", MODEL, start_writer=False)  # LLM-in-one-process case

@@ -236,9 +236,10 @@ def test_version_warning(monkeypatch, vllm_log, no_bridge):
 @pytest.fixture
 def not_suspended(monkeypatch):
     import sparge_serve.metrics as metrics
+    import sparge_serve.metrics.stats as metrics_stats
 
-    monkeypatch.setattr(metrics, "_SUSPEND_DEPTH", 0)
-    monkeypatch.setattr(metrics, "_STATS", None)
+    monkeypatch.setattr(metrics_stats, "_SUSPEND_DEPTH", 0)
+    monkeypatch.setattr(metrics_stats, "_STATS", None)
     yield metrics
     assert not metrics.metrics_suspended_now()
 

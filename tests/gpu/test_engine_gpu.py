@@ -163,7 +163,7 @@ def _engine_main(spec_path: str, out_path: str) -> None:
     result = {"rounds": rounds, "blocks": None, "tokens": None}
     if spec.get("count_preemptions"):
         result["preemptions"] = len(preempted)
-    import sparge_serve.metrics as metrics
+    import sparge_serve.metrics.stats as metrics
 
     stats = metrics._STATS
     if stats is not None:
