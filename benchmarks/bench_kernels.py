@@ -5,9 +5,7 @@
 Batch 1, bf16, head dim 128, 32 query / 8 KV heads, causal, page size 16 (and 64 with --pages).
 Configurations: dense (all blocks), top-k at block sparsity 0.5 / 0.8 / 0.9 (exact by construction,
 random inputs), and the untuned defaults (simthreshd1 0.6, cdfthreshd 0.98) on structured inputs.
-The predictor is timed separately and included in the "total" time; with ``--fused`` the rows
-``<config>+fused`` time the persistent select+attend kernel (``sparge_paged_prefill(fused=True)``,
-no block map in memory) as one number, in the "attention" column. Baselines in the same run:
+The predictor is timed separately and included in the "total" time. Baselines in the same run:
 FA3 (``vllm.vllm_flash_attn.flash_attn_varlen_func`` on the paged cache) and torch SDPA on
 contiguous K/V. Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``; ratios, not absolute times,
 are what compare across runs.
@@ -35,11 +33,10 @@ from sparge_serve.kernels import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
-from sparge_serve.kernels.attention import FusedLaunch, _chunked_prefill, max_fused_programs
+from sparge_serve.kernels.attention import _chunked_prefill
 from sparge_serve.kernels.chunks import MAP_BUDGET, Shape, plan_chunks
 from sparge_serve.kernels.predictor import (
     _select_dc,
-    key_block_stride,
     key_sums_bytes,
     pool_keys,
     pooled_keys_bytes,
@@ -47,14 +44,7 @@ from sparge_serve.kernels.predictor import (
 )
 
 HQ, HKV, D = 32, 8, 128
-# (split, num_warps, num_stages, programs per multiprocessor) of the fused kernel's sweep, by
-# whether key blocks lie inside one page (TMA loads) or not
-FUSED_SWEEP = {
-    True: ((2, 4, 2, 2), (1, 4, 2, 2), (1, 4, 3, 2), (1, 4, 2, 1), (1, 4, 2, 3), (1, 8, 3, 1)),
-    False: ((2, 8, 3, 2), (1, 8, 3, 2), (1, 8, 3, 1), (1, 4, 2, 2), (2, 4, 2, 2)),
-}
 SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
-FUSED = False  # --fused: also time the persistent select+attend kernel (rows "<config>+fused")
 # --virtual: also time FA3 over per-row virtual contexts, all heads at once and in head chunks
 # (rows "<config>+fa3", "<config>+fa3_chunked"); --chunked: the Triton kernels in head chunks
 # (rows "<config>+chunked"); chunks under the default map_budget (1.5% of the K/V bytes) with no
@@ -255,51 +245,6 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             }
         results.append(row)
         print(json.dumps(row), flush=True)
-        if FUSED and not structured:
-            # the persistent select+attend kernel (no block map in memory): total time only
-            t_fused = bench(lambda sim=sim, cdf=cdf, topk=c["topk"], pv=pv: sparge_paged_prefill(
-                q, kc, vc, batch, scale, sim, cdf, pv, out, topk=topk, check_finite=False,
-                pv_skip=False, fused=True))
-            programs = min(max_fused_programs(q.device), num_blocks(length, BLKQ) * HQ)
-            scratch = programs * key_block_stride(num_blocks(length, BLKK)) * 2
-            extra_f = pooled_keys_bytes(HKV, D, 1, length) + max(
-                key_sums_bytes(HKV, D, 1, length),
-                2 * bm.count.numel() * 4 + scratch)  # kept and valid counts per row
-            frow = dict(row, config=name + "+fused", predictor_ms=0.0, attention_ms=t_fused,
-                        total_ms=t_fused, extra_mem_bytes=extra_f,
-                        extra_mem_frac_of_kv=extra_f / kv_bytes,
-                        attention_tflops_dense_equiv=flops / (t_fused * 1e-3) / 1e12)
-            for key in ("launch_sweep_ms", "predictor_variants_ms", "predictor_parts_ms"):
-                frow.pop(key, None)
-            if TIME_VARIANTS == "all" and page % BLKK == 0:
-                frow["variants_ms"] = {
-                    v: bench(lambda kw=kw, sim=sim, cdf=cdf, topk=c["topk"], pv=pv:
-                             sparge_paged_prefill(
-                                 q, kc, vc, batch, scale, sim, cdf, pv, out, topk=topk,
-                                 check_finite=False, pv_skip=False, fused=True,
-                                 fused_launch=FusedLaunch(**kw)))
-                    for v, kw in VARIANTS.items()
-                }
-            if SWEEP and name == "dense":
-                # the fused kernel's own launch: row parts per query block, warps/stages, and the
-                # persistent grid in programs per multiprocessor
-                sms = max_fused_programs(q.device) // 2
-                frow["launch_sweep_ms"] = {
-                    f"fused_split{sp}_w{w}s{st}_p{pp}": bench(
-                        lambda sp=sp, w=w, st=st, pp=pp, sim=sim, cdf=cdf, pv=pv, sms=sms:
-                        sparge_paged_prefill(
-                            q, kc, vc, batch, scale, sim, cdf, pv, out, check_finite=False,
-                            pv_skip=False, fused=True,
-                            fused_launch=FusedLaunch(sp, (w, st), pp * sms)))
-                    for sp, w, st, pp in FUSED_SWEEP[page % BLKK == 0]
-                }
-                for lz in (0.0, 8.0):
-                    frow["launch_sweep_ms"][f"fused_lazy{int(lz)}"] = bench(
-                        lambda sim=sim, cdf=cdf, pv=pv, lz=lz: sparge_paged_prefill(
-                            q, kc, vc, batch, scale, sim, cdf, pv, out, check_finite=False,
-                            pv_skip=False, fused=True, fused_launch=FusedLaunch(lazy_rescale=lz)))
-            results.append(frow)
-            print(json.dumps(frow), flush=True)
         args = (q, kc, vc, batch, scale, sim, cdf, pv_off, out)
         if CHUNKED and not structured:
             _bench_chunked(args, c["topk"], row, results, kv_bytes, "triton", MAP_BUDGET,
@@ -450,7 +395,7 @@ def write_reports(results, meta, out):
          for r in results if "predictor_parts_ms" in r])
     lines += _variants_table(
         results, "variants_ms", "attention_ms", "The defaults' alternatives (`--variants`, PV "
-        "skip off): attention ms (fused: total), and in brackets the default's time over the "
+        "skip off): attention ms, and in brackets the default's time over the "
         "alternative's.")
     lines += _variants_table(
         results, "predictor_variants_ms", "predictor_ms", "Predictor options (`--variants`): "
@@ -500,8 +445,8 @@ def _series(rows, key):
 
 def plot(results, meta, path: str) -> None:
     """Speed-up vs block sparsity (per length and page) and vs length (per configuration); the
-    fused kernel's rows (``<config>+fused``) are their own dotted series, never joined to the
-    two-kernel path's."""
+    rows of each variant (``<config>+<variant>``: head chunks, ``fa3``) are their own dotted
+    series, never joined to the default path's."""
     try:
         import matplotlib
 
@@ -513,23 +458,23 @@ def plot(results, meta, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for (length, page) in sorted({(r["length"], r["page"]) for r in rows}):
         mine = [r for r in rows if r["length"] == length and r["page"] == page]
-        two = [r for r in mine if not r["config"].endswith("+fused")]
-        line = axes[0].plot(*_series(two, "block_sparsity"), "o-",
+        variant = lambda r: r["config"].partition("+")[2]  # noqa: E731
+        base = [r for r in mine if not variant(r)]
+        line = axes[0].plot(*_series(base, "block_sparsity"), "o-",
                             label=f"{length // 1024}K, page {page}")[0]
-        fused = [r for r in mine if r["config"].endswith("+fused")]
-        if fused and page % BLKK == 0:
-            axes[0].plot(*_series(fused, "block_sparsity"), "x:", color=line.get_color(),
-                         label=f"{length // 1024}K, page {page}, fused")
+        for name in sorted({variant(r) for r in mine} - {""}):
+            axes[0].plot(*_series([r for r in mine if variant(r) == name], "block_sparsity"),
+                         "x:", color=line.get_color(),
+                         label=f"{length // 1024}K, page {page}, {name}")
     axes[0].axhline(1.0, color="gray", ls="--")
     axes[0].set_xlabel("block sparsity")
     axes[0].set_ylabel("speed-up vs FA3 (incl. predictor)")
     axes[0].legend(fontsize=7)
     for page in sorted({r["page"] for r in rows}):
-        for cfg in ("dense", "topk_s0.5", "topk_s0.9") + (
-                ("dense+fused", "topk_s0.9+fused") if page % BLKK == 0 else ()):
+        for cfg in ("dense", "topk_s0.5", "topk_s0.9"):
             mine = [r for r in rows if r["config"] == cfg and r["page"] == page]
             if mine:
-                style = "x:" if cfg.endswith("+fused") else "o-" if page % BLKK == 0 else "o--"
+                style = "o-" if page % BLKK == 0 else "o--"
                 axes[1].plot(*_series(mine, "length"), style, label=f"{cfg}, page {page}")
     axes[1].set_xscale("log", base=2)
     axes[1].axhline(1.0, color="gray", ls="--")
@@ -543,13 +488,12 @@ def plot(results, meta, path: str) -> None:
 
 
 def main():
-    global SWEEP, FUSED, D, TIME_VARIANTS, VIRTUAL, CHUNKED
+    global SWEEP, D, TIME_VARIANTS, VIRTUAL, CHUNKED
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--pages", type=int, nargs="+", default=[64, 16])
     ap.add_argument("--out", default="benchmarks/results/kernels")
     ap.add_argument("--sweep", action="store_true", help="time launch configs of the dense kernel")
-    ap.add_argument("--fused", action="store_true", help="also time the fused persistent kernel")
     ap.add_argument("--virtual", action="store_true",
                     help="also time FA3 over per-row virtual contexts (kernels/virtual.py), all "
                     "heads at once and in head chunks")
@@ -568,7 +512,7 @@ def main():
         saved = json.loads(Path(args.replot).read_text())
         plot(saved["results"], saved["meta"], str(Path(args.replot).with_suffix(".png")))
         return
-    SWEEP, FUSED, D, TIME_VARIANTS = args.sweep, args.fused, args.head_dim, args.variants
+    SWEEP, D, TIME_VARIANTS = args.sweep, args.head_dim, args.variants
     VIRTUAL, CHUNKED = args.virtual, args.chunked
     try:
         import vllm

@@ -86,9 +86,9 @@ def profile_generate(llm, prompts, params) -> dict:
                 top=[(e.key[:80], e.count, e.self_device_time_total / 1e3) for e in kernels[:10]])
 
 
-# SPARGE variants: fused = the `fused` option; pvoff = the thresholds with the PV skip off (so
-# that every layer can use attention_kernel fa3); fa3 = pvoff with attention_kernel fa3
-VARIANTS = ("", "fused", "pvoff", "fa3")
+# SPARGE variants: pvoff = the thresholds with the PV skip off (so that every layer can use
+# attention_kernel fa3); fa3 = pvoff with attention_kernel fa3
+VARIANTS = ("", "pvoff", "fa3")
 
 
 def _pv_off_copy(path: str) -> str:
@@ -158,7 +158,7 @@ def worker(args) -> None:
         raise SystemExit(f"unknown backend variant {args.backend!r} (SPARGE+"
                          f"{'|'.join(v for v in VARIANTS if v)})")
     if backend == "SPARGE":
-        sparge = {"min_sparse_len": args.min_sparse_len, "fused": variant == "fused"}
+        sparge = {"min_sparse_len": args.min_sparse_len}
         if variant == "fa3":
             sparge["attention_kernel"] = "fa3"
         if args.thresholds:
@@ -255,8 +255,7 @@ def report(rows, meta, out) -> None:
         f"prefix caching off; thresholds: {meta['thresholds'] or 'untuned defaults'}; "
         f"min_sparse_len {meta['min_sparse_len']}. TTFT = median wall time of one "
         "`generate(max_tokens=1)`. `NAME@64`: that backend with 64-token pages (SPARGE's page "
-        "size; the others default to 16). `SPARGE+fused`: the `fused` option; `SPARGE+pvoff`: "
-        "the thresholds with the PV skip off; `SPARGE+fa3`: those with `attention_kernel` fa3.",
+        "size; the others default to 16). `SPARGE+pvoff`: the thresholds with the PV skip off; `SPARGE+fa3`: those with `attention_kernel` fa3.",
         "",
         "| length | " + " | ".join(f"{b} TTFT s" for b in baselines) + " | variant | TTFT s | "
         + " | ".join(f"vs {b}" for b in baselines) + " | block sparsity |",
@@ -358,10 +357,10 @@ def main() -> None:
                     "per decode step")
     ap.add_argument("--out", default="benchmarks/results/ttft")
     ap.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "SPARGE"],
-                    help="vLLM attention backends (NAME, NAME@PAGE_SIZE, SPARGE+fused for the fused "
-                    "option, SPARGE+pvoff / SPARGE+fa3 for the thresholds without PV skip, with "
-                    "the Triton / the FA3 attention kernel); FLASH_ATTN is the "
-                    "reference, a failing baseline is reported and skipped")
+                    help="vLLM attention backends (NAME, NAME@PAGE_SIZE, SPARGE+pvoff / SPARGE+fa3 "
+                    "for the thresholds without PV skip, with the Triton / the FA3 attention "
+                    "kernel); FLASH_ATTN is the reference, a failing baseline is reported and "
+                    "skipped")
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -9,7 +9,7 @@ the GPU idle (the median of ``--calls``), GPU µs the wall time of one call to i
 two are close, the call is host-bound. Paths, as the backend calls them (thresholds
 bound, ``check_finite=False``, a stats tensor for the block counters): ``fa3`` (vLLM's
 ``flash_attn_varlen_func`` over the same paged cache), ``predictor``, ``attention``,
-``two_kernel`` (predictor + attention), ``fused``, and in head chunks under the 1.5% memory
+``two_kernel`` (predictor + attention), and in head chunks under the 1.5% memory
 budget with no floor ``two_kernel_chunked`` and ``fa3_chunked``; ``fa3_attention`` is the FA3
 attention path whole (``attention_kernel: fa3``). Shapes: the bench model's 32 q / 8 KV heads,
 or ``--heads 8 2`` for the tiny test model's.
@@ -161,9 +161,6 @@ def run_length(length: int, calls: int, topk: float | None) -> tuple[list[dict],
         "two_kernel": lambda: sparge_paged_prefill(q, kc, vc, batch, scale, sim, cdf, pv, out,
                                                    topk, stats, check_finite=False,
                                                    pv_skip=False),
-        "fused": lambda: sparge_paged_prefill(q, kc, vc, batch, scale, sim, cdf, pv, out, topk,
-                                              stats, check_finite=False, pv_skip=False,
-                                              fused=True),
     }
     # head chunks under the 1.5% budget with no floor (the #3 memory bar's setting)
     chunked = dict(map_budget=MAP_BUDGET, map_floor=0)

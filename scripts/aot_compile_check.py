@@ -96,7 +96,7 @@ def _types(dtype: str, d: int, tma: bool) -> dict[str, str]:
                                       "key_cache_ptr")}
     types.update({n: "*fp32" for n in ("pk_ptr", "ksim_ptr", "sim_ptr", "cdf_ptr", "pv_ptr",
                                        "mu_ptr", "ksum_ptr")})
-    types.update({"lut_ptr": "*i16", "scratch_ptr": "*i16", "stats_ptr": "*i64"})
+    types.update({"lut_ptr": "*i16", "stats_ptr": "*i64"})
     if tma:
         types.update({n: f"tensordesc<{dtype}[{BLKK},{d}]>" for n in ("k_desc", "v_desc")})
     return types
@@ -115,8 +115,8 @@ def main() -> None:
     d = args.head_dim
     types = _types("bf16", d, True)
     common = dict(GROUP=4, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=d)
-    attn = dict(common, PAGE=64, PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=True)
-    attn2 = {k: v for k, v in attn.items() if k != "BLOCK_M"}
+    attn = dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=d, PAGE=64, PV_OFF=PV_SKIP_OFF,
+                UPCAST=False, USE_TMA=True)
     failed = 0
 
     def check(label, fn, constexprs, num_warps, num_stages=3, types=types):
@@ -135,15 +135,13 @@ def main() -> None:
         for warps, stages in ((4, 2), (8, 2)):
             check(f"attention pv_skip={pv} split={split} warps={warps}",
                   attention._sparse_attn_kernel,
-                  dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=pv, SPLIT=split,
-                       LAZY=_lazy(pv)), warps, stages)
+                  dict(attn, PV_SKIP=pv, SPLIT=split, LAZY=_lazy(pv)), warps, stages)
     for split in (1, 2):  # the former default: a rescale every block (no lazy rescaling)
         check(f"attention eager rescale split={split} warps=4", attention._sparse_attn_kernel,
-              dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, SPLIT=split, LAZY=0.0),
-              4, 2)
+              dict(attn, PV_SKIP=False, SPLIT=split, LAZY=0.0), 4, 2)
     check("attention head-major order", attention._sparse_attn_kernel,
-          dict(attn2, BLOCK_Q=BLKQ, PV_SKIP=False, SPLIT=1, KV_MAJOR=False,
-               LAZY=attention.LAZY_RESCALE), 4, 2)
+          dict(attn, PV_SKIP=False, SPLIT=1, KV_MAJOR=False, LAZY=attention.LAZY_RESCALE),
+          4, 2)
     # the other layouts the backend serves, at their launch parameters: fp16, head dim 64, pages
     # that are not a multiple of the key block (pointer loads instead of TMA)
     for dtype, dim, page in (("fp16", 64, 64), ("bf16", 128, 16), ("fp16", 64, 16),
@@ -177,35 +175,6 @@ def main() -> None:
         check(f"select NKB_PAD={nkb_pad} warps={w}", predictor._select_kernel,
               dict(common, NKB_PAD=nkb_pad, DC=predictor._select_dc(nkb_pad, w), USE_TOPK=False,
                    MASK=False), w)
-        dc4 = predictor._select_dc(nkb_pad, 4)
-        warps, stages = attention._fused_launch_params(d, True)
-        for pv in (False, True):
-            check(f"fused NKB_PAD={nkb_pad} pv_skip={pv}", attention._fused_sparge_kernel,
-                  dict(attn, NKB_PAD=nkb_pad, DC=dc4, USE_TOPK=False, PV_SKIP=pv, SPLIT=1,
-                       LAZY=_lazy(pv)), warps, stages)
-    check(f"fused head-major NKB_PAD={args.nkb_pad[0]}", attention._fused_sparge_kernel,
-          dict(attn, NKB_PAD=args.nkb_pad[0], DC=predictor._select_dc(args.nkb_pad[0], 4),
-               USE_TOPK=False, PV_SKIP=False, SPLIT=1, LAZY=_lazy(False), KV_MAJOR=False),
-          *attention._fused_launch_params(d, True))
-    check(f"fused eager rescale NKB_PAD={args.nkb_pad[0]}", attention._fused_sparge_kernel,
-          dict(attn, NKB_PAD=args.nkb_pad[0], DC=predictor._select_dc(args.nkb_pad[0], 4),
-               USE_TOPK=False, PV_SKIP=False, SPLIT=1, LAZY=0.0),
-          *attention._fused_launch_params(d, True))
-    # the fused kernel on 16-token pages (pointer loads)
-    warps, stages = attention._fused_launch_params(d, False)
-    check(f"fused page 16 NKB_PAD={args.nkb_pad[0]}", attention._fused_sparge_kernel,
-          dict(attn, PAGE=16, USE_TMA=False, NKB_PAD=args.nkb_pad[0],
-               DC=predictor._select_dc(args.nkb_pad[0], warps), USE_TOPK=False, PV_SKIP=False,
-               SPLIT=1, LAZY=_lazy(False, False), k_desc=None, v_desc=None), warps, stages,
-          types=_types("bf16", d, False))
-    # head dim 256 in the fused kernel (8 warps, 64-row parts without PV skip)
-    nkb_pad = args.nkb_pad[0]
-    for pv in (False, True):
-        check(f"fused D256 NKB_PAD={nkb_pad} pv_skip={pv}", attention._fused_sparge_kernel,
-              dict(attn, HEAD_DIM=256, NKB_PAD=nkb_pad, DC=predictor._select_dc(nkb_pad, 8),
-                   USE_TOPK=False, PV_SKIP=pv, SPLIT=1 if pv else 2, LAZY=_lazy(pv, True, 256)),
-              8, 2,
-              types=_types("bf16", 256, True))
     # attention_kernel fa3: the virtual block table (64- and 16-token pages)
     for sub in (1, 4):
         check(f"virtual table SUB={sub}", virtual._virtual_table_kernel,

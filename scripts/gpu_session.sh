@@ -9,7 +9,6 @@
 #   kernel_tests  every kernel, head-chunk, FA3-path and warm-up test, on the GPU
 #   tests      GPU tests: kernels, warm-up, calibration search, vllm serve metrics (TP 1)
 #   engine     engine equivalence vs FLASH_ATTN (TP 1; four tests, about 6 minutes)
-#   engine_fused  the fused-kernel option served like the two-kernel path (two engines)
 #   engine_fa3 attention_kernel fa3 served like the Triton attention kernel (two engines)
 #   preempt    preemption/recompute with a small KV cache vs FLASH_ATTN (two engines)
 #   tp2        the 2-GPU tests: tp2_engine, tp2_serve, tp2_calib in one run (over one call's
@@ -21,10 +20,10 @@
 #   kernels    the kernel benchmark, with the defaults' alternatives (-> $OUT/kernels.*)
 #   variants   the defaults' alternatives and the predictor options (pipelined select loads)
 #              at 32K and 128K (-> $OUT/kernels_variants.*)
-#   kernels_quick  the kernel benchmark at 32K and 128K, 64-token pages, fused (-> $OUT/kernels_quick.*)
+#   kernels_quick  the kernel benchmark at 32K and 128K, 64-token pages (-> $OUT/kernels_quick.*)
 #   virtual    FA3 over per-row virtual contexts: its tests (CPU emulation and real FA3) and the
 #              benchmark at 32K and 128K, 64-token pages, with the head-chunked (memory-bounded)
-#              and fused rows (-> $OUT/kernels_virtual.*)
+#              rows (-> $OUT/kernels_virtual.*)
 #   predictor_variants  only the predictor options, at 32K and 128K (-> $OUT/kernels_predictor.*)
 #   calib      calibration quality sweep on held-out prompts (-> $OUT/calibration_quality.*)
 #   ttft       TTFT / decode benchmark with $THRESHOLDS, decode prompts of $DECODE_LEN tokens,
@@ -73,7 +72,7 @@ for stage in "$@"; do
     case $stage in
     kernel_tests)
         # every kernel test, not only the gpu-marked ones: the others run on the GPU too (the
-        # device fixture), e.g. fused = two-kernel path, split, sub-page TMA = pointer loads
+        # device fixture), e.g. head chunks = one chunk, split, sub-page TMA = pointer loads
         run gpu_kernel_tests timeout 300 ${PYTEST/-m gpu /} --junitxml "$OUT/junit_kernel_tests.xml" \
             tests/test_kernels.py tests/test_warmup.py tests/test_chunks.py tests/test_virtual.py \
             tests/test_launch.py
@@ -87,12 +86,7 @@ for stage in "$@"; do
     engine)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
         run gpu_engine timeout 580 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine.xml" \
-            tests/gpu/test_engine_gpu.py -k "not two_gpus and not fused and not preemption and not fa3"
-        ;;
-    engine_fused)
-        export SPARGE_TEST_REPORT=$OUT/engine_report_fused.json
-        run gpu_engine_fused timeout 400 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine_fused.xml" \
-            "tests/gpu/test_engine_gpu.py::test_fused_kernel_serves_like_two_kernels"
+            tests/gpu/test_engine_gpu.py -k "not two_gpus and not preemption and not fa3"
         ;;
     engine_fa3)
         export SPARGE_TEST_REPORT=$OUT/engine_report_fa3.json
@@ -126,24 +120,24 @@ for stage in "$@"; do
         unset VLLM_LOGGING_LEVEL
         ;;
     sweep)
-        run kernels_sweep python3 benchmarks/bench_kernels.py --lengths 32768 --pages 64 16 --sweep --fused \
+        run kernels_sweep python3 benchmarks/bench_kernels.py --lengths 32768 --pages 64 16 --sweep \
             --out "$OUT/kernels_sweep"
         ;;
     kernels)
-        run kernels python3 benchmarks/bench_kernels.py --fused --variants --out "$OUT/kernels"
+        run kernels python3 benchmarks/bench_kernels.py --variants --out "$OUT/kernels"
         ;;
     variants)
         run kernels_variants python3 benchmarks/bench_kernels.py --lengths 32768 131072 \
-            --pages 64 --fused --variants --out "$OUT/kernels_variants"
+            --pages 64 --variants --out "$OUT/kernels_variants"
         ;;
     kernels_quick)
         run kernels_quick python3 benchmarks/bench_kernels.py --lengths 32768 131072 --pages 64 \
-            --fused --out "$OUT/kernels_quick"
+            --out "$OUT/kernels_quick"
         ;;
     virtual)
         run virtual_tests timeout 200 ${PYTEST/-m gpu /} tests/test_virtual.py
         run kernels_virtual python3 benchmarks/bench_kernels.py --lengths 32768 131072 --pages 64 \
-            --virtual --chunked --fused --out "$OUT/kernels_virtual"
+            --virtual --chunked --out "$OUT/kernels_virtual"
         ;;
     predictor_variants)
         run kernels_predictor python3 benchmarks/bench_kernels.py --lengths 32768 131072 \
@@ -158,7 +152,7 @@ for stage in "$@"; do
     ttft)
         run ttft python3 benchmarks/bench_ttft.py --model "$MODEL" --thresholds "$THRESHOLDS" \
             ${TTFT_LENGTHS:+--lengths $TTFT_LENGTHS} ${DECODE_REPEATS:+--decode-repeats $DECODE_REPEATS} \
-            --backends ${TTFT_BACKENDS:-FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE SPARGE+fused} \
+            --backends ${TTFT_BACKENDS:-FLASH_ATTN FLASHINFER FLASH_ATTN@64 SPARGE} \
             --decode-len "${DECODE_LEN:-512}" --profile-lengths ${TTFT_PROFILE:-} \
             ${TTFT_PROFILE_DECODE:+--profile-decode} --out "$OUT/ttft"
         ;;

@@ -21,12 +21,6 @@ Keys (all optional):
   FlashAttention (env ``SPARGE_MODE``).
 - ``topk``: fixed fraction in (0, 1] of valid key blocks kept per query block instead of the CDF
   rule (benchmarks only).
-- ``fused``: ``true`` runs selection and attention in one persistent kernel (env
-  ``SPARGE_FUSED=1``): the per-query-block list of kept key blocks never exists in device memory
-  (1.9% of the KV bytes read instead of 27% at 128K, for 1% more time than the two-kernel path
-  dense and 4-23% more at 50-90% block sparsity, 32K-128K, H200), and no predictor time is
-  sampled (``sparge_predictor_seconds`` stays empty). Same outputs as the default two-kernel
-  path.
 - ``attention_kernel``: ``"triton"`` (default) or ``"fa3"`` (env ``SPARGE_ATTENTION_KERNEL``,
   experimental): stage 1's kept blocks attended by FlashAttention-3 itself, one sequence per
   (q-head, query block) row over a virtual paged context of its kept key blocks, one FA3 call
@@ -34,23 +28,22 @@ Keys (all optional):
   Triton kernel; 0.91-0.98x FA3 dense and 1.69-1.91x at 50% block sparsity where the Triton
   kernel has 0.78-0.81x and 1.55-1.66x (H200, 32K-128K); at 32K and 90% its launches are
   host-bound. Layers whose thresholds use the PV skip keep the Triton kernel (FA3 has no PV
-  skip); needs FlashAttention 3 (Hopper) and excludes ``fused``.
-- ``map_budget``: the two-kernel path's memory bound (env ``SPARGE_MAP_BUDGET``, a number or
+  skip); needs FlashAttention 3 (Hopper).
+- ``map_budget``: the sparse prefill's memory bound (env ``SPARGE_MAP_BUDGET``, a number or
   ``none``): a call whose block map (and, with ``fa3``, virtual block tables) would pass this
   fraction of the K/V bytes of its padded shape, and 64 MiB, builds and uses them one head
   chunk at a time (``sparge_serve.kernels.chunks``). Default 0.015; ``null`` never splits.
   Each chunk adds its own small launches (at 32K and 80-90% block sparsity, 16 chunks run at
   0.6-0.75x the unchunked speed), hence the 64 MiB floor.
-
 - ``fast_launch``: ``true`` (default) launches the compiled Triton kernels through their own
   launchers, skipping most of ``JITFunction.run``'s Python (12-19 µs a launch instead of 20-24;
   ``sparge_serve.kernels.launch``); ``false`` (env ``SPARGE_FAST_LAUNCH=0``) keeps Triton's own
   launch path. A Triton whose internals differ from the pinned 3.6's takes that path anyway
   (logged once).
 
-Environment variables override the JSON. Boolean variables (``SPARGE_FUSED``,
-``SPARGE_FAST_LAUNCH``) accept ``1``/``0``, ``true``/``false``, ``yes``/``no``, ``on``/``off`` in
-any case (:func:`parse_bool`); any other value is refused.
+Environment variables override the JSON. Boolean variables (``SPARGE_FAST_LAUNCH``) accept
+``1``/``0``, ``true``/``false``, ``yes``/``no``, ``on``/``off`` in any case (:func:`parse_bool`);
+any other value is refused.
 
 Nothing is ignored silently:
 
@@ -101,7 +94,6 @@ ENV_VARS = {
     "min_sparse_query_len": "SPARGE_MIN_SPARSE_QUERY_LEN",
     "mode": "SPARGE_MODE",
     "dense_layers": "SPARGE_DENSE_LAYERS",
-    "fused": "SPARGE_FUSED",
     "attention_kernel": "SPARGE_ATTENTION_KERNEL",
     "map_budget": "SPARGE_MAP_BUDGET",
     "fast_launch": "SPARGE_FAST_LAUNCH",
@@ -118,7 +110,6 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 ATTENTION_KERNELS = ("triton", "fa3")
 BOOLEANS = {
-    "fused": ("one fused kernel", "two kernels, the default"),
     "fast_launch": ("the compiled kernels' own launchers, the default",
                     "Triton's JITFunction launches"),
 }
@@ -212,7 +203,6 @@ class SpargeConfig:
     dense_layers: int | tuple[int, ...] = 0  # first N layers dense, or explicit global indices
     mode: Literal["sparse", "dense"] = "sparse"
     topk: float | None = None
-    fused: bool = False
     attention_kernel: Literal["triton", "fa3"] = "triton"
     map_budget: float | None = DEFAULT_MAP_BUDGET
     fast_launch: bool = True
@@ -221,10 +211,6 @@ class SpargeConfig:
         # Validate here too, so that direct construction is as safe as parsing.
         for key in self.__dataclass_fields__:
             object.__setattr__(self, key, _check(key, getattr(self, key), "SpargeConfig()"))
-        if self.fused and self.attention_kernel == "fa3":
-            raise _bad("attention_kernel", "config", '= "fa3" cannot be combined with fused: '
-                       "true (the fused kernel does its own attention)",
-                       'drop one of the two: "fused": true or "attention_kernel": "fa3"')
 
     @property
     def enabled(self) -> bool:

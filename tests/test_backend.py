@@ -231,9 +231,6 @@ def test_profiling_reserves_the_sparse_scratch(sparge):
     whole = _impl(sparge(min_sparse_len=1024, min_sparse_query_len=512, map_budget=None))
     assert whole.sparse_scratch_bytes() == rows + prefill_scratch_bytes(
         HQ, HKV, D, reqs, sc.max_num_batched_tokens, max_len, map_budget=None) >= two
-    fused = _impl(sparge(min_sparse_len=1024, min_sparse_query_len=512, fused=True))
-    assert fused.sparse_scratch_bytes("cpu") == rows + prefill_scratch_bytes(
-        HQ, HKV, D, reqs, sc.max_num_batched_tokens, max_len, fused_programs=3)
     fa3 = _impl(sparge(min_sparse_len=1024, min_sparse_query_len=512, attention_kernel="fa3"))
     page = vc.cache_config.block_size or 64
     assert fa3.sparse_scratch_bytes() == rows + prefill_scratch_bytes(
@@ -568,16 +565,15 @@ def _run_forward(vc, reqs, dense_layer_name="model.layers.2.self_attn.attn", sin
     return cam, md, query, phys, out, calls, stats, impl
 
 
-@pytest.mark.parametrize("reqs,pv,fused", [
-    ([(1, 40), (150, 300), (20, 20), (130, 260)], None, False),  # sparse requests 1, 3: gathered
-    ([(200, 400), (70, 270), (1, 33)], 4.0, False),  # sparse requests 0, 1: contiguous; PV skip
-    ([(1, 40), (150, 300), (20, 20), (130, 260)], 4.0, True),  # the fused kernel
-], ids=["gather", "contiguous-pv", "fused-gather-pv"])
-def test_forward_matches_reference(sparge, tmp_path, reqs, pv, fused):
+@pytest.mark.parametrize("reqs,pv", [
+    ([(1, 40), (150, 300), (20, 20), (130, 260)], None),  # sparse requests 1, 3: gathered
+    ([(200, 400), (70, 270), (1, 33)], 4.0),  # sparse requests 0, 1: contiguous; PV skip
+], ids=["gather", "contiguous-pv"])
+def test_forward_matches_reference(sparge, tmp_path, reqs, pv):
     from sparge_serve.kernels import PrefillBatch
     from sparge_serve.reference import paged_prefill_ref
 
-    settings = {"min_sparse_len": 256, "fused": fused}
+    settings = {"min_sparse_len": 256}
     if pv is not None:
         path = tmp_path / "pv.safetensors"
         save_thresholds(path, Thresholds.defaults(L, HQ, HKV, D, simthreshd1=-1.0,
@@ -586,7 +582,7 @@ def test_forward_matches_reference(sparge, tmp_path, reqs, pv, fused):
     vc = sparge(**settings)
     cam, md, query, phys, out, calls, stats, impl = _run_forward(vc, reqs, sink=pv is not None)
     assert not impl.dense_layer and md.sparse is not None
-    assert impl._pv_skip is (pv is not None) and impl.fused is fused
+    assert impl._pv_skip is (pv is not None)
     # Dense call: once, over the non-sparse requests only.
     assert len(calls) == 1 and calls[0] is md
     key_cache, value_cache = phys.split(D, dim=-1)
@@ -647,15 +643,14 @@ def _record_specializations(monkeypatch) -> dict[str, set[str]]:
         return run
 
     for k in (predictor._ksum_kernel, predictor._kblock_kernel, predictor._select_kernel,
-              attention._sparse_attn_kernel, attention._fused_sparge_kernel):
+              attention._sparse_attn_kernel):
         monkeypatch.setattr(k, "run", recorder(k))
     return seen
 
 
-@pytest.mark.parametrize("fused,chunks", [(False, False), (True, False), (False, True)],
-                         ids=["two-kernels", "fused", "head-chunks"])
+@pytest.mark.parametrize("chunks", [False, True], ids=["one-chunk", "head-chunks"])
 def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path, monkeypatch,
-                                                               fused, chunks):
+                                                               chunks):
     """Every sparse-kernel launch of real steps (mixed batches whose sparse requests are slices of
     the step's metadata at odd offsets, gathered and contiguous, layers with and without the PV
     skip) has a Triton specialisation that the start-up warm-up already compiled. On an H200,
@@ -671,7 +666,7 @@ def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path,
     th = Thresholds.defaults(L, HQ, HKV, D)
     th.pvthreshd[1:3, 1] = 4.0  # layers 1 and 2 use the PV skip
     save_thresholds(path, th)
-    settings = dict(min_sparse_len=256, thresholds=str(path), fused=fused)
+    settings = dict(min_sparse_len=256, thresholds=str(path))
     if chunks:
         from sparge_serve.backend import runtime
         from sparge_serve.kernels import chunks as chunk_plan
@@ -692,7 +687,7 @@ def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path,
     with set_current_vllm_config(vc):
         warm_up_kernels(vc, impls[0].runtime, spec, impls, torch.device("cpu"))
     warm = {name: set(keys) for name, keys in seen.items()}
-    assert len(warm) == (3 if fused else 4) and not any(i._pv_skip for i in impls[::3])
+    assert len(warm) == 4 and not any(i._pv_skip for i in impls[::3])
     b = _builder(vc)
     layer = SimpleNamespace(_k_scale=torch.ones(1), _v_scale=torch.ones(1))
     for reqs in ([(1, 40), (150, 300), (20, 20), (130, 260)],  # gathered rows

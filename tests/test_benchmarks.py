@@ -18,21 +18,21 @@ def _load(name: str):
 def test_ttft_report_one_row_per_sparge_variant(tmp_path):
     bench = _load("bench_ttft")
     rows = []
-    for backend, t in (("FLASH_ATTN", 1.0), ("SPARGE", 0.7), ("SPARGE+fused", 0.5)):
+    for backend, t in (("FLASH_ATTN", 1.0), ("SPARGE", 0.7), ("SPARGE+fa3", 0.5)):
         for n in (8192, 131072):
             rows.append(dict(backend=backend, length=n, ttft_s=t * n / 8192, block_sparsity=0.66))
         rows.append(dict(backend=backend, decode_tok_per_s=1000 * t, e2e_tok_per_s=800 * t,
                          decode_profile=dict(step_wall_ms=2.5 * t, step_gpu_kernel_ms=0.5, top=[])))
     rows[1]["profile"] = dict(wall_ms=20.0, gpu_kernel_ms=12.5,
                               top=[("flash|fwd", 4, 10.0), ("rms_norm", 8, 1.5)])
-    meta = dict(backends=["FLASH_ATTN", "SPARGE", "SPARGE+fused", "FLASHINFER"],
+    meta = dict(backends=["FLASH_ATTN", "SPARGE", "SPARGE+fa3", "FLASHINFER"],
                 failed={"FLASHINFER": "exit 1: no wheel"}, device="GPU", date="today",
                 command="cmd", vllm="0.26.0", torch="2.11", triton="3.6", model="m", chunk=8192,
                 thresholds=None, min_sparse_len=8192, decode_batch=32, decode_len=512,
                 decode_repeats=5)
     bench.report(rows, meta, str(tmp_path / "ttft"))
     md = (tmp_path / "ttft.md").read_text()
-    assert "| 131072 | 16.0000 | SPARGE+fused | 8.0000 | 2.00x | 0.660 |" in md
+    assert "| 131072 | 16.0000 | SPARGE+fa3 | 8.0000 | 2.00x | 0.660 |" in md
     assert "| 8192 | 1.0000 | SPARGE | 0.7000 | 1.43x | 0.660 |" in md
     assert "FLASHINFER did not run: exit 1: no wheel" in md
     assert ("| FLASH_ATTN | 131072 | 20.0 | 12.5 | 7.5 | flash/fwd x4: 10.00; rms_norm x8: 1.50 |"
@@ -44,14 +44,14 @@ def test_ttft_report_one_row_per_sparge_variant(tmp_path):
 
 
 def test_kernels_report_and_replot(tmp_path, monkeypatch):
-    """The kernel benchmark's table and plot from saved rows (fused rows included), and
+    """The kernel benchmark's table and plot from saved rows (head-chunk rows included), and
     ``--replot`` redrawing the PNG from the saved JSON alone."""
     bench = _load("bench_kernels")
     results = []
     for page in (64, 16):
         for length in (8192, 32768):
             for cfg, sp, t in (("dense", 0.0, 1.3), ("topk_s0.5", 0.5, 0.7),
-                               ("dense+fused", 0.0, 1.4), ("topk_s0.5+fused", 0.5, 0.8)):
+                               ("dense+chunked", 0.0, 1.4), ("topk_s0.5+chunked", 0.5, 0.8)):
                 results.append(dict(length=length, page=page, config=cfg, inputs="random",
                                     block_sparsity=sp, predictor_ms=0.1, attention_ms=t,
                                     total_ms=t + 0.1, extra_mem_frac_of_kv=0.02,
@@ -70,7 +70,8 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
     out = tmp_path / "kernels"
     bench.write_reports(results, meta, str(out))
     md = (tmp_path / "kernels.md").read_text()
-    assert "| 32768 | 64 | topk_s0.5+fused | random | 0.500 | 0.100 | 0.800 | 1.000 | 1.11x |" in md
+    assert ("| 32768 | 64 | topk_s0.5+chunked | random | 0.500 | 0.100 | 0.800 | 1.000 | 1.11x |"
+            in md)
     assert "| 8192 | 64 | dense | 1.300 | 1.000 (1.300x) | 2.600 (0.500x) |" in md
     assert "| 8192 | 64 | 0.100 | 0.040 | 0.060 |" in md
     assert "| 8192 | 64 | dense+fa3_chunked | 2 | 8 | 0.100 | 0.050 | 5.00% |" in md

@@ -20,15 +20,12 @@ def test_defaults():
     assert (cfg.thresholds, cfg.min_sparse_len, cfg.dense_layers, cfg.mode, cfg.topk) == (
         None, DEFAULT_MIN_SPARSE_LEN, 0, "sparse", None)
     assert cfg.min_sparse_query_len == DEFAULT_MIN_SPARSE_QUERY_LEN
-    assert cfg.enabled and not cfg.is_dense_layer(0) and not cfg.fused
+    assert cfg.enabled and not cfg.is_dense_layer(0) and cfg.fast_launch
 
 
-def test_fused_from_dict_and_env():
-    assert SpargeConfig.from_dict({"fused": True}, env={}).fused
-    assert SpargeConfig.from_dict({"fused": True}, env={"SPARGE_FUSED": "0"}).fused is False
-    assert SpargeConfig.from_dict(None, env={"SPARGE_FUSED": "TRUE"}).fused is True
-    assert SpargeConfig.from_dict(None, env={"SPARGE_FUSED": " on "}).fused is True
-    assert SpargeConfig.from_dict({"fused": True}, env={"SPARGE_FUSED": "No"}).fused is False
+def test_removed_fused_option_is_an_unknown_key():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['fused'\].*Fix: use only"):
+        SpargeConfig.from_dict({"fused": True}, env={})
 
 
 @pytest.mark.parametrize("text,value", [
@@ -89,8 +86,6 @@ def test_attention_kernel_from_dict_env_and_errors():
     with pytest.raises(ValueError, match=r"`attention_kernel` \(env SPARGE_ATTENTION_KERNEL\) = "
                        r"'fa2' is not one of \['triton', 'fa3'\].*Fix:"):
         SpargeConfig.from_dict({}, env={"SPARGE_ATTENTION_KERNEL": "fa2"})
-    with pytest.raises(ValueError, match=r"cannot be combined with fused.*Fix: drop one"):
-        SpargeConfig.from_dict({"attention_kernel": "fa3", "fused": True}, env={})
 
 
 def test_fast_launch_from_dict_and_env():
@@ -171,7 +166,7 @@ def test_from_vllm_config():
     ({"sparge": {"min_sparse_len": 8}, "thresholds": "/t"},
      """'{"sparge": {"min_sparse_len": 8, "thresholds": "/t"}}'"""),
     ({"SPARGE": {"mode": "dense"}}, """'{"sparge": {"mode": "dense"}}'"""),
-    ({"Sparge": {"fused": True}}, """'{"sparge": {"fused": true}}'"""),
+    ({"Sparge": {"fast_launch": False}}, """'{"sparge": {"fast_launch": false}}'"""),
 ])
 def test_misplaced_options_are_refused_with_the_right_form(additional, right):
     with pytest.raises(ValueError, match="Fix: pass --additional-config ") as ei:
@@ -202,7 +197,7 @@ def test_check_num_layers():
     ({"topk": 1.5}, r"`topk`"),
     ({"thresholds": ""}, r"`thresholds`.*not a file path"),
     ({"thresholds": 3}, r"`thresholds`.*not a file path"),
-    ({"fused": 1}, r"`fused`.*not a boolean.*use true"),
+    ({"fast_launch": 1}, r"`fast_launch`.*not a boolean.*use true"),
     ({"map_budget": 0}, r"`map_budget`.*0 is not a number in \(0, 1\].*or null"),
     ({"map_budget": 2.0}, r"`map_budget`.*2.0 is not a number in \(0, 1\]"),
     ({"map_budget": True}, r"`map_budget`.*True"),
@@ -220,7 +215,6 @@ def test_bad_values(raw, match):
     ({"SPARGE_MODE": "fast"}, r"`mode` \(env SPARGE_MODE\)"),
     ({"SPARGE_DENSE_LAYERS": "a,b"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\)"),
     ({"SPARGE_DENSE_LAYERS": "-2"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\).*negative"),
-    ({"SPARGE_FUSED": "maybe"}, r"`fused` \(env SPARGE_FUSED\).*SPARGE_FUSED=1.*yes/on"),
     ({"SPARGE_FAST_LAUNCH": "fast"}, r"`fast_launch` \(env SPARGE_FAST_LAUNCH\) = 'fast' is "
                                       r"not a boolean.*Fix: set SPARGE_FAST_LAUNCH=1.*yes/on"),
     ({"SPARGE_MAP_BUDGET": "half"}, r"`map_budget` \(env SPARGE_MAP_BUDGET\).*not a number.*"

@@ -6,8 +6,8 @@ of a 128-token context; 129 new tokens on a 256-token context; ...), where that 
 the first query's own token and no later one. The data make key block 0 the most probable one
 and the thresholds keep only forced blocks (every block similar, ``cdfthreshd`` tiny), so a block
 that is not forced is dropped: the kept set must be exactly the sink and the blocks holding a
-position ``>= first``, in the reference, the predictor, the fused kernel and the FA3 path, and the
-sparse output must equal brute-force attention (SDPA) over exactly those blocks.
+position ``>= first``, in the reference, the predictor, the attention kernel and the FA3 path,
+and the sparse output must equal brute-force attention (SDPA) over exactly those blocks.
 """
 
 from __future__ import annotations
@@ -173,15 +173,16 @@ def test_predictor_and_attention_keep_the_first_querys_block(page, device):
     assert (out.float().cpu() - want_out).abs().max().item() <= 2e-3
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_prefill_paths_attend_the_first_querys_block(fused, device):
-    """``sparge_paged_prefill`` (two kernels, and the fused kernel that never stores its map):
+@pytest.mark.parametrize("chunks", [dict(map_budget=None), dict(map_budget=1e-9, map_floor=0)],
+                         ids=["one-chunk", "head-chunks"])
+def test_prefill_paths_attend_the_first_querys_block(chunks, device):
+    """``sparge_paged_prefill`` (all heads at once, and in head chunks whose maps are not kept):
     counts of exactly the forced blocks, output of SDPA over them, and the reference's output."""
     case = _sink_case(REQS, 16, device, seed=1)
     ths = [head_vec(x, HQ, device) for x in (SIM, CDF, PV_OFF)]
     out = torch.full_like(case.q, float("nan"))
     bm = sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
-                              *ths, out, fused=fused)
+                              *ths, out, **chunks)
     wants = [_expected_keep(lq, lk) for lq, lk in REQS]
     for r, want in enumerate(wants):
         nqb = want.shape[0]
@@ -210,8 +211,9 @@ def test_fa3_path_attends_the_first_querys_block(device):
     assert (out.float().cpu() - want_out).abs().max().item() <= 2e-3
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_pv_skip_never_skips_the_first_querys_block(fused, device):
+@pytest.mark.parametrize("chunks", [dict(map_budget=None), dict(map_budget=1e-9, map_floor=0)],
+                         ids=["one-chunk", "head-chunks"])
+def test_pv_skip_never_skips_the_first_querys_block(chunks, device):
     """Every block kept and ``pvthreshd`` 0 (skip any block whose scores do not raise the running
     max): a query block whose only off-band block is the sink (processed first, never skipped)
     attends every block, so its rows equal dense attention, in the kernels and the reference."""
@@ -221,7 +223,7 @@ def test_pv_skip_never_skips_the_first_querys_block(fused, device):
     out = torch.full_like(case.q, float("nan"))
     stats = torch.zeros(3, dtype=torch.int64, device=device)
     sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale, *ths,
-                         out, stats=stats, fused=fused)
+                         out, stats=stats, **chunks)
     ref, _, ref_stats = paged_prefill_ref(case.q, case.key_cache, case.value_cache, case.batch,
                                           case.scale, *(head_vec(x, HQ) for x in (SIM, 1.0, 0.0)))
     assert stats.cpu().tolist() == ref_stats.tolist()

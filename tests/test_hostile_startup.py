@@ -122,7 +122,6 @@ def test_misspelt_variable_is_reported(monkeypatch, vllm_log):
 
 
 @pytest.mark.parametrize("env,cause", [
-    ({"SPARGE_FUSED": "enabled"}, "`fused` (env SPARGE_FUSED) = 'enabled' is not a boolean"),
     ({"SPARGE_FAST_LAUNCH": "nope"},
      "`fast_launch` (env SPARGE_FAST_LAUNCH) = 'nope' is not a boolean"),
 ])
@@ -214,8 +213,8 @@ def test_front_end_refuses_misplaced_and_bad_options(front_end, monkeypatch):
         front_end(additional_config={"SPARGE": {"mode": "dense"}})
     with pytest.raises(ValueError, match=r"`dense_layers` .*layer\(s\) \[4\] but the model has 4"):
         front_end({"dense_layers": [4]})
-    monkeypatch.setenv("SPARGE_FUSED", "maybe")
-    with pytest.raises(ValueError, match=r"`fused` \(env SPARGE_FUSED\) = 'maybe'"):
+    monkeypatch.setenv("SPARGE_FAST_LAUNCH", "maybe")
+    with pytest.raises(ValueError, match=r"`fast_launch` \(env SPARGE_FAST_LAUNCH\) = 'maybe'"):
         front_end()
 
 

@@ -298,7 +298,7 @@ def test_topk_out_of_range_raises():
 
 @pytest.mark.parametrize("entry", ["attention", "fa3"])
 def test_block_map_without_its_table_raises(entry):
-    """A map of counts only (the fused kernel's, or a head-chunked call's)."""
+    """A map of counts only (a head-chunked call's)."""
     case = _case()
     bm = _block_map(case.batch)
     with pytest.raises(ValueError, match=r"block_map has no (lut|mask) .*predict_block_map"):

@@ -18,7 +18,6 @@ import torch
 from sparge_serve.kernels import (
     BLKK,
     BLKQ,
-    FusedLaunch,
     PrefillBatch,
     num_blocks,
     predict_block_map,
@@ -154,64 +153,6 @@ def test_pv_skip_error_is_bounded_by_the_skipped_mass(pv):
     assert ((full - skip).abs() <= bound + 1e-5 + 1.3e-6 * skip.abs()).all()
 
 
-FUSED_CASES = [
-    # (threshold case, Hq, Hkv, head_dim, page, dtype, packed)
-    ("pv_mid", 2, 1, 64, 64, torch.bfloat16, True),
-    ("topk", 2, 1, 64, 16, torch.float16, False),
-    pytest.param("sparse_default", 4, 2, 64, 16, torch.bfloat16, False, marks=pytest.mark.slow),
-    pytest.param("dense_cdf1", 2, 2, 64, 32, torch.float16, True, marks=pytest.mark.slow),
-]
-
-
-def _fused_vs_two_kernels(case, name, device, **fused_launch):
-    """Outputs, block-count maps and stats of sparge_paged_prefill without and with fused=True
-    (``fused_launch``: FusedLaunch's fields)."""
-    sim, cdf, pv, topk = THRESHOLD_CASES[name]
-    hq = case.q.shape[1]
-    ths = [head_vec(x, hq, device) for x in (sim, cdf, pv)]
-    outs, maps, all_stats = [], [], []
-    for fused in (False, True):
-        out = torch.full_like(case.q, float("nan"))
-        stats = torch.zeros(3, dtype=torch.int64, device=device)
-        args = (case.q, case.key_cache, case.value_cache, case.batch, case.scale, *ths, out)
-        launch = FusedLaunch(**fused_launch) if fused and fused_launch else None
-        maps.append(sparge_paged_prefill(*args, topk=topk, stats=stats, fused=fused,
-                                         fused_launch=launch))
-        outs.append(out)
-        all_stats.append(stats)
-    assert maps[1].lut is None
-    assert torch.equal(maps[0].count, maps[1].count)
-    assert torch.equal(maps[0].n_valid, maps[1].n_valid)
-    assert torch.equal(all_stats[0], all_stats[1])
-    assert not torch.isnan(outs[1]).any()
-    return outs, kept_blocks(maps[0], case.batch)
-
-
-def _same_up_to_compilation(case, keeps, two, fused, device, rows=None):
-    """Equal on the CPU; on the GPU separately compiled kernels may contract floating-point ops
-    differently, so each is held to the oracle's tolerance over the same blocks (``rows``
-    ``[num_tokens, Hq]``: only those rows)."""
-    if device == "cpu":
-        assert torch.equal(two, fused)
-        return
-    oracle, tol = attention_oracle(case, keeps, device)
-    for out in (two, fused):
-        err = (out.float().cpu() - oracle).abs()
-        assert (err if rows is None else err[rows]).max().item() <= tol
-
-
-@pytest.mark.parametrize("name,hq,hkv,dim,page,dtype,packed", FUSED_CASES)
-def test_fused_kernel_equals_two_kernel_path(name, hq, hkv, dim, page, dtype, packed, device):
-    """The persistent select+attend kernel runs the same code per row as the predictor + sparse
-    attention pair: identical outputs, block counts and PV skips (programs take several rows)."""
-    case = make_paged_case(REQS_SMALL, hq, hkv, dim, page, dtype, device, seed=dim + page,
-                           packed=packed)
-    (two, fused), keeps = _fused_vs_two_kernels(case, name, device)
-    if THRESHOLD_CASES[name][2] < 50.0:  # PV skip: the oracle over the blocks computed
-        keeps, _ = _computed_blocks(case, keeps, THRESHOLD_CASES[name][2])
-    _same_up_to_compilation(case, keeps, two, fused, device)
-
-
 @pytest.mark.parametrize("page,packed", [(16, False),
                                          pytest.param(64, True, marks=pytest.mark.slow)])
 def test_split_query_blocks_equal_whole_blocks(page, packed, device):
@@ -257,26 +198,21 @@ def test_select_options_give_the_same_block_map(topk, device):
             predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, **bad)
 
 
-@pytest.mark.parametrize("page,split,fused", [(64, 1, False), (16, 2, False), (64, 1, True)])
-def test_launch_order_changes_nothing(page, split, fused, device):
+@pytest.mark.parametrize("page,split", [(64, 1), (16, 2)])
+def test_launch_order_changes_nothing(page, split, device):
     """The KV-major launch order (the default) and the head-major one compute exactly the same
-    rows: the order of programs only, in both kernels."""
+    rows: the order of programs only."""
     case = make_paged_case(REQS_SMALL, 2, 1, 64, page, torch.bfloat16, device, seed=6,
                            packed=page == 64)
     hq = 2
-    sim, cdf, pv = head_vec(0.6, hq, device), head_vec(0.9, hq, device), head_vec(50.0, hq, device)
+    pv = head_vec(50.0, hq, device)
     bm, _ = reference_block_map(case, 0.6, 0.9)
     outs = []
     for kv_major in (True, False):
         out = torch.full_like(case.q, float("nan"))
-        if fused:
-            sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch,
-                                 case.scale, sim, cdf, pv, out, pv_skip=False, fused=True,
-                                 fused_launch=FusedLaunch(programs=2, kv_major=kv_major))
-        else:
-            sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
-                                   case.scale, pv, out, pv_skip=False, split=split,
-                                   kv_major=kv_major)
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, pv, out, pv_skip=False, split=split,
+                               kv_major=kv_major)
         outs.append(out)
     assert not torch.isnan(outs[0]).any() and torch.equal(outs[0], outs[1])
 
@@ -370,14 +306,6 @@ def test_prefill_scratch_bytes_bounds_the_allocations(device):
     used = size(pooled.pk, pooled.ksim) + max(sums, size(bm.lut) + counts)
     bound = prefill_scratch_bytes(hq, hkv, d, r, case.batch.max_query_len, case.batch.max_seq_len)
     assert bound == counts + used
-    # the fused path: one kept-block list per program instead of the block map
-    from sparge_serve.kernels import max_fused_programs
-
-    programs = max_fused_programs(device)
-    used_fused = size(pooled.pk, pooled.ksim) + max(sums,
-                                                    counts + programs * pooled.nkb_stride * 2)
-    assert prefill_scratch_bytes(hq, hkv, d, r, case.batch.max_query_len,
-                                 case.batch.max_seq_len, programs) == used_fused
 
 
 LAYOUT_CASES = [
@@ -402,36 +330,15 @@ def test_matches_reference_layouts(hq, hkv, dim, page, dtype, packed, device):
     _kernel_vs_reference(case, 0.0, 0.9, 4.0, None, device)
 
 
-@pytest.mark.parametrize("split,programs", [(1, 2), (2, 1),
-                                            pytest.param(1, 5, marks=pytest.mark.slow)])
-def test_fused_launch_knobs_keep_the_results(split, programs, device):
-    """The fused kernel's benchmark knobs (row parts per query block, persistent grid size)
-    change the schedule only: the same outputs and counts as the two-kernel path."""
-    case = make_paged_case(REQS_SMALL, 2, 1, 64, 16, torch.float16, device, seed=11)
-    (two, fused), keeps = _fused_vs_two_kernels(case, "sparse_sim_neg1", device, split=split,
-                                                programs=programs)
-    _same_up_to_compilation(case, keeps, two, fused, device)
-
-
-def test_fused_split_needs_pv_skip_off(device):
-    case = make_paged_case([(20, 40)], 2, 1, 64, 16, torch.float16, device, seed=12)
-    ths = [head_vec(x, 2, device) for x in (0.5, 0.9, 8.0)]
-    with pytest.raises(ValueError, match="split must be 1, or 2 with PV skip off"):
-        sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
-                             *ths, torch.empty_like(case.q), fused=True,
-                             fused_launch=FusedLaunch(split=2))
-
-
-@pytest.mark.parametrize("fused", [False, True])
-def test_head_dim_256_without_pv_skip(fused, device):
-    """Head dim 256 with PV skip off: 64-row programs (split=2 by default) / parts (fused)."""
+def test_head_dim_256_without_pv_skip(device):
+    """Head dim 256 with PV skip off: 64-row programs (split=2 by default)."""
     case = make_paged_case(REQS_SMALL, 2, 1, 256, 64, torch.bfloat16, device, seed=7,
                            packed=True)
     hq = 2
     out = torch.full_like(case.q, float("nan"))
     bm = sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
                               head_vec(0.0, hq, device), head_vec(0.9, hq, device),
-                              head_vec(50.0, hq, device), out, fused=fused)
+                              head_vec(50.0, hq, device), out)
     ref_bm, keeps = reference_block_map(case, 0.0, 0.9)
     assert torch.equal(bm.count.cpu(), ref_bm.count.cpu())
     oracle, tol = attention_oracle(case, keeps)
@@ -548,20 +455,6 @@ def test_block_geometry_constants():
 # ------------------------------------------------------------------------------------------
 
 GPU_REQS = [(4096, 4096), (1000, 9000), (3000, 3000), (77, 5000)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["sparse_default", "pv_mid", "topk"])
-def test_gpu_fused_kernel_realistic_sizes(name):
-    case = make_paged_case(GPU_REQS, 8, 2, 128, 64, torch.bfloat16, "cuda", seed=5, packed=True)
-    (two, fused), keeps = _fused_vs_two_kernels(case, name, "cuda")
-    rows = None
-    if THRESHOLD_CASES[name][2] < 50.0:
-        # PV skip: two separately compiled kernels may round a score at the threshold either
-        # way; the rows whose decisions all lie further from it skip what the reference skips
-        keeps, rows = _computed_blocks(case, keeps, THRESHOLD_CASES[name][2], exact=False)
-        assert rows.any()
-    _same_up_to_compilation(case, keeps, two, fused, "cuda", rows)
 
 
 @pytest.mark.gpu

@@ -19,8 +19,8 @@ def _prefill(case, **kw):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kw", [dict(map_budget=None), dict(map_budget=1e-9, map_floor=0),
-                                dict(fused=True)], ids=["whole", "chunks", "fused"])
+@pytest.mark.parametrize("kw", [dict(map_budget=None), dict(map_budget=1e-9, map_floor=0)],
+                         ids=["whole", "chunks"])
 def test_direct_launches_equal_triton_launches(kw, monkeypatch):
     """The same outputs through ``JITFunction`` and through the compiled kernels' launchers, and
     the second call launches nothing through ``JITFunction``."""

@@ -24,30 +24,26 @@ def _packed_cache(pages, page, hkv, dim, device):
     return kv.split(dim, dim=-1)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_warm_up_runs_every_bucket(device, fused):
+def test_warm_up_runs_every_bucket(device):
     kc, vc = _packed_cache(1, 64, 2, 64, device)
     buckets = warm_up_sparse_kernels(kc, vc, num_heads=4, min_seq_len=300, max_seq_len=2100,
-                                     pv_skip_variants=(True, False), fused=fused,
-                                     masks=not fused)
+                                     pv_skip_variants=(True, False), masks=True)
     assert buckets == [16, 32, 64]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused,attention_kernel", [(False, "triton"), (True, "triton"),
-                                                    (False, "fa3")])
-def test_no_compilation_after_warm_up(fused, attention_kernel):
+@pytest.mark.parametrize("attention_kernel", ["triton", "fa3"])
+def test_no_compilation_after_warm_up(attention_kernel):
     """After the warm-up, prefills of any length in range (and any batch) compile nothing."""
     from sparge_serve.kernels import attention, predictor, virtual
 
     kernels = (predictor._ksum_kernel, predictor._kblock_kernel, predictor._select_kernel,
-               attention._sparse_attn_kernel, attention._fused_sparge_kernel,
-               virtual._virtual_table_kernel)
+               attention._sparse_attn_kernel, virtual._virtual_table_kernel)
     dev = torch.device("cuda", torch.cuda.current_device())
     kc, vc = _packed_cache(1, 64, 2, 128, "cuda")
     fa3 = attention_kernel == "fa3"
     warm_up_sparse_kernels(kc, vc, num_heads=8, min_seq_len=1000, max_seq_len=40_000,
-                           fused=fused, masks=fa3)
+                           masks=fa3)
     if fa3:
         virtual.warm_up_virtual(8, 2, 64, dev)
     compiled = [len(k.device_caches[dev.index][0]) for k in kernels]
@@ -63,7 +59,7 @@ def test_no_compilation_after_warm_up(fused, attention_kernel):
         out = torch.empty_like(case.q)
         sparge_paged_prefill(case.q, case.key_cache, case.value_cache, batch, case.scale,
                              head_vec(0.6, 9, "cuda")[1:], head_vec(0.9, 9, "cuda")[1:],
-                             head_vec(50.0, 9, "cuda")[1:], out, pv_skip=False, fused=fused,
+                             head_vec(50.0, 9, "cuda")[1:], out, pv_skip=False,
                              attention=attention_kernel, map_budget=1e-9 if fa3 else None)
     torch.cuda.synchronize()
     assert [len(k.device_caches[dev.index][0]) for k in kernels] == compiled

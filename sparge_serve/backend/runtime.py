@@ -210,7 +210,7 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
     first = sparse[0]
     pv_variants = tuple(sorted({i._pv_skip for i in sparse}))
     key = (first.num_heads, first.num_kv_heads, first.head_size, spec.block_size, spec.dtype,
-           pv_variants, cfg.topk, cfg.fused, cfg.attention_kernel, cfg.min_sparse_len, max_len,
+           pv_variants, cfg.topk, cfg.attention_kernel, cfg.min_sparse_len, max_len,
            str(device))
     if key in _WARMED:
         return
@@ -225,7 +225,7 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
     t0 = time.perf_counter()
     fa3 = any(i.fa3_attention for i in sparse)
     buckets = warm_up_sparse_kernels(key_cache, value_cache, first.num_heads, cfg.min_sparse_len,
-                                     max_len, pv_variants, cfg.topk, cfg.fused, masks=fa3)
+                                     max_len, pv_variants, cfg.topk, masks=fa3)
     if fa3:
         from sparge_serve.kernels.virtual import warm_up_virtual
 
@@ -237,30 +237,27 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
 
 
 def sparse_scratch_bytes(vllm_config: VllmConfig | None, runtime: SpargeRuntime | None,
-                         num_heads: int, num_kv_heads: int, head_size: int,
-                         device: torch.device | str = "cpu") -> int:
-    """Most device memory one layer's sparse prefill can allocate in a step on ``device`` (0
-    if none can run): the predictor's buffers and block map (or, with ``fused``, the fused
-    kernel's per-program lists) of the step's largest sparse sub-batch, in head chunks under
-    ``map_budget`` (with ``attention_kernel: fa3``, with the FA3 path's virtual block
-    tables), plus the gathered q/out rows."""
+                         num_heads: int, num_kv_heads: int, head_size: int) -> int:
+    """Most device memory one layer's sparse prefill can allocate in a step (0 if none can
+    run): the predictor's buffers and block map of the step's largest sparse sub-batch, in
+    head chunks under ``map_budget`` (with ``attention_kernel: fa3``, with the FA3 path's
+    virtual block tables), plus the gathered q/out rows."""
     vc, rt = vllm_config, runtime
     if vc is None or rt is None or not rt.config.sparse_possible(vc.model_config.max_model_len):
         return 0
     max_len = vc.model_config.max_model_len
-    from sparge_serve.kernels import max_fused_programs, prefill_scratch_bytes
+    from sparge_serve.kernels import prefill_scratch_bytes
 
     tokens = vc.scheduler_config.max_num_batched_tokens
     reqs = max(1, min(vc.scheduler_config.max_num_seqs,
                       tokens // max(rt.config.min_sparse_query_len, 2)))
     rows = 2 * tokens * num_heads * head_size * 2  # q gather + out, 16-bit
-    programs = max_fused_programs(device) if rt.config.fused else None
     page = None
     if rt.config.attention_kernel == "fa3":
         page = vc.cache_config.block_size or PREFERRED_PAGE_SIZE
     return rows + prefill_scratch_bytes(
-        num_heads, num_kv_heads, head_size, reqs, tokens, max_len, programs,
-        fa3_page_size=page, map_budget=rt.config.map_budget)
+        num_heads, num_kv_heads, head_size, reqs, tokens, max_len, fa3_page_size=page,
+        map_budget=rt.config.map_budget)
 
 
 @dataclass(frozen=True)

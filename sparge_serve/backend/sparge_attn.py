@@ -269,7 +269,6 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.layer_index: int | None = None  # global layer index (None: runs dense, uncounted)
         self.dense_layer = True
         self.topk: float | None = None
-        self.fused = False  # select + attend in one kernel (SpargeConfig.fused)
         self.map_budget: float | None = None  # head chunks' memory bound (SpargeConfig.map_budget)
         self.fa3_attention = False  # kept blocks attended by FA3 (SpargeConfig.attention_kernel)
         self._simthreshd1: torch.Tensor | None = None  # [num_heads] fp32 device
@@ -306,7 +305,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             return
         cfg = runtime.config
         self.layer_index, self.dense_layer = bound.index, bound.dense
-        self.topk, self.fused, self.map_budget = cfg.topk, cfg.fused, cfg.map_budget
+        self.topk, self.map_budget = cfg.topk, cfg.map_budget
         self._simthreshd1, self._cdfthreshd = bound.simthreshd1, bound.cdfthreshd
         self._pvthreshd, self._pv_skip = bound.pvthreshd, bound.pv_skip
         # FA3 has no PV skip: such layers keep the Triton kernel (one note per process)
@@ -374,11 +373,11 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             self._count(counts, run_sparse)
         return output
 
-    def sparse_scratch_bytes(self, device: torch.device | str = "cpu") -> int:
-        """Most device memory one layer's sparse prefill can allocate in a step on ``device`` (0
-        if none can run; see ``sparge_serve.backend.runtime.sparse_scratch_bytes``)."""
+    def sparse_scratch_bytes(self) -> int:
+        """Most device memory one layer's sparse prefill can allocate in a step (0 if none can
+        run; see ``sparge_serve.backend.runtime.sparse_scratch_bytes``)."""
         return sparse_scratch_bytes(self._vllm_config, self.runtime, self.num_heads,
-                                    self.num_kv_heads, self.head_size, device)
+                                    self.num_kv_heads, self.head_size)
 
     def _reserve_sparse_scratch(self, query: torch.Tensor) -> None:
         # NOTE: vLLM sizes the KV cache from the peak memory of its profiling forward, where
@@ -390,7 +389,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         if torch.cuda.is_current_stream_capturing():
             return
         self._scratch_reserved = True
-        n = self.sparse_scratch_bytes(query.device)
+        n = self.sparse_scratch_bytes()
         if n:
             torch.empty(n, dtype=torch.uint8, device=query.device)
 
@@ -453,13 +452,12 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         block_stats = st.kernel_stats(self.layer_index) if st is not None else None
         timing = st.start_timing() if st is not None else None
         # NOTE: check_finite=False: the thresholds were validated at load; the check would sync.
-        # NOTE: one kernel when fused (no predictor time of its own); else the two stages, one
-        # head chunk at a time where the block map would pass its memory budget (the predictor
-        # time is then not separated)
+        # NOTE: the two stages, one head chunk at a time where the block map would pass its
+        # memory budget (the predictor time is then not separated)
         sparge_paged_prefill(q, key_cache, value_cache, sparse.batch, self.scale,
                              self._simthreshd1, self._cdfthreshd, self._pvthreshd, out,
                              self.topk, block_stats, check_finite=False, pv_skip=self._pv_skip,
-                             fused=self.fused, attention="fa3" if self.fa3_attention else "triton",
+                             attention="fa3" if self.fa3_attention else "triton",
                              map_budget=self.map_budget,
                              on_predicted=None if timing is None else timing.predictor_done)
         if timing is not None:

@@ -3,12 +3,7 @@
 See docs/DESIGN.md for the exact semantics and ``sparge_serve.reference`` for the oracle.
 """
 
-from sparge_serve.kernels.attention import (
-    FusedLaunch,
-    max_fused_programs,
-    sparge_paged_prefill,
-    sparse_paged_attention,
-)
+from sparge_serve.kernels.attention import sparge_paged_prefill, sparse_paged_attention
 from sparge_serve.kernels.chunks import MAP_BUDGET, prefill_scratch_bytes
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF, PrefillBatch, num_blocks
 from sparge_serve.kernels.predictor import (
@@ -28,9 +23,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
     "BlockMap",
-    "FusedLaunch",
     "PrefillBatch",
-    "max_fused_programs",
     "num_blocks",
     "predict_block_map",
     "prefill_scratch_bytes",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -30,10 +29,7 @@ from sparge_serve.kernels.geometry import (
 from sparge_serve.kernels.launch import launch
 from sparge_serve.kernels.predictor import (
     BlockMap,
-    _count_blocks,
     _load_kv_block,
-    _select_dc,
-    _select_row,
     check_batch,
     check_block_map,
     check_group,
@@ -79,8 +75,8 @@ def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr)
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
-    # NOTE: _pv_acc's body, inline on purpose: calling it here changes the register allocation of
-    # the fused kernel (scripts/aot_compile_check.py), and this is the measured production loop.
+    # NOTE: _pv_acc's body, inline: the loop as measured (benchmarks/results/kernels.md) and as
+    # the AOT check's register counts see it (scripts/aot_compile_check.py).
     if UPCAST:
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
     else:
@@ -267,87 +263,6 @@ def _sparse_attn_kernel(
     _count_skipped(stats_ptr, n_skipped, PV_SKIP)  # (SPLIT is 1 with PV skip)
 
 
-@triton.jit(do_not_specialize=["NQB", "stride_bt", "num_reqs", "n_tiles"],
-            do_not_specialize_on_alignment=BATCH_PTRS)
-def _fused_sparge_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
-    pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, pv_ptr, scratch_ptr, count_ptr, nvalid_ptr, stats_ptr,
-    k_desc, v_desc,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_page, stride_tok, stride_head, stride_bt,
-    NKB, NQB, num_heads, num_kv_heads, num_reqs, n_tiles, scale, qk_scale, topk,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr,
-    PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr, SPLIT: tl.constexpr = 1, LAZY: tl.constexpr = 0.0,
-    KV_MAJOR: tl.constexpr = True,
-):
-    """Selection and attention in one persistent kernel: no block map in device memory.
-
-    Each program walks rows ``tile = pid, pid + P, ...`` (heaviest query blocks first; with
-    ``KV_MAJOR`` request by request, one KV head's GQA group at a time, in alternating
-    directions); per row it runs the selection (``_select_row``, the select kernel's exact code),
-    writes the kept list to its own scratch row ``[NKB]``, and attends over it (``_attend_row``).
-    Extra memory: P rows.
-    """
-    pid = tl.program_id(0)
-    lut_row = scratch_ptr + pid.to(tl.int64) * NKB
-    rows_per_block = num_heads * num_reqs
-    for tile in range(pid, n_tiles, tl.num_programs(0)):
-        if KV_MAJOR:
-            # the attention kernel's launch order, except that the query blocks of every other
-            # KV head run lightest first: with static striding a program keeps about the same
-            # place in each KV head's rows, and alternating directions gives it heavy and light
-            # rows in turn (the last KV head runs heaviest first, for a short tail)
-            per_kv = GROUP * NQB
-            r = tile // (num_heads * NQB)
-            rem = tile % (num_heads * NQB)
-            kvh = rem // per_kv
-            h = kvh * GROUP + rem % GROUP
-            b = rem % per_kv // GROUP
-            if (num_kv_heads - 1 - kvh) % 2 == 0:
-                b = NQB - 1 - b
-        else:
-            b = NQB - 1 - tile // rows_per_block
-            h = tile % rows_per_block % num_heads
-            r = tile % rows_per_block // num_heads
-        q_start = tl.load(qsl_ptr + r)
-        q_len = tl.load(qsl_ptr + r + 1) - q_start
-        seq_len = tl.load(seq_lens_ptr + r)
-        row_id = (r * num_heads + h) * NQB + b
-        n_kept = 0
-        n_valid = 0
-        n_skipped = 0
-        if b * BLOCK_M < q_len:
-            keep, n_valid = _select_row(
-                q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
-                stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
-                GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK,
-            )
-            pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-            tl.store(lut_row + pos, tl.arange(0, NKB_PAD).to(tl.int16), mask=keep)
-            n_kept = tl.sum(keep.to(tl.int32), axis=0)
-            # NOTE: the list was written by all threads of the program and is read by all.
-            tl.debug_barrier()
-            # NOTE: SPLIT > 1 attends the block's rows in BLOCK_M // SPLIT-row parts, one after
-            # the other (smaller tiles, no register spills; PV skip off only)
-            for part in tl.static_range(SPLIT):
-                m0 = b * BLOCK_M + part * (BLOCK_M // SPLIT)
-                if m0 < q_len:
-                    n_skipped += _attend_row(
-                        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr + r * stride_bt,
-                        lut_row, n_kept, pv_ptr, k_desc, v_desc, q_start, q_len, seq_len, b, m0,
-                        h, stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok,
-                        stride_head, qk_scale, GROUP, BLOCK_M, BLOCK_M // SPLIT, BLOCK_N,
-                        HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST, USE_TMA, LAZY,
-                    )
-            tl.debug_barrier()  # every thread is done with the list before the next row's
-            _count_blocks(stats_ptr, n_valid, n_kept)
-            _count_skipped(stats_ptr, n_skipped, PV_SKIP)
-        tl.store(count_ptr + row_id, n_kept)
-        tl.store(nvalid_ptr + row_id, n_valid)
-
-
 def _tma_layout_ok(cache: torch.Tensor) -> bool:
     """Pages of whole, 16-byte aligned token rows with unit-stride head dims (a 2-D TMA view)."""
     num_pages, page, num_kv_heads, head_dim = cache.shape
@@ -409,18 +324,9 @@ def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
     return (8, 3) if head_dim == 128 else (4, 2)
 
 
-def _fused_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
-    """The fused kernel's (num_warps, num_stages), from the same sweep: 4 warps with 3 stages on
-    TMA loads (20.0 ms dense at 32K vs 20.5 with 2 stages and 23.2 for the 64-row parts of
-    before); on pointer loads and for head dim 256, the attention kernel's."""
-    if use_tma and head_dim != 256:
-        return (4, 3)
-    return _attn_launch_params(head_dim, use_tma)
-
-
 def _row_parts(split: int | None, head_dim: int, pv_skip: bool, lazy_rescale: float | None,
                use_tma: bool) -> tuple[int, float]:
-    """``(SPLIT, LAZY)`` of either kernel, after checking them against ``pv_skip``. ``split``
+    """``(SPLIT, LAZY)`` of the attention kernel, after checking them against ``pv_skip``. ``split``
     ``None``: whole query blocks, but two 64-row parts for head dim 256 without PV skip;
     ``lazy_rescale`` ``None``: :data:`LAZY_RESCALE` where it was measured faster (TMA loads,
     head dim 128, PV skip off), else 0."""
@@ -520,34 +426,6 @@ def attend_blocks(q, key_cache, value_cache, batch, block_map, scale, pvthreshd,
     )
 
 
-@dataclass(frozen=True)
-class FusedLaunch:
-    """The fused kernel's launch knobs, for the benchmark's sweep (``None``: the default):
-    ``split`` (1 or 2; 2 only with PV skip off) attends each query block as that many row parts,
-    ``launch`` is (num_warps, num_stages), ``programs`` the persistent grid, ``lazy_rescale``
-    and ``kv_major`` as :func:`sparse_paged_attention`'s (``kv_major``: the order of rows)."""
-
-    split: int | None = None
-    launch: tuple[int, int] | None = None
-    programs: int | None = None
-    lazy_rescale: float | None = None  # as sparse_paged_attention's
-    # NOTE: KV-major alternates the query-block direction between KV heads: with one direction,
-    # the persistent grid's static striding (row pid, pid + P, ...) handed each program the same
-    # place in every KV head's rows (always the heaviest query block): 1.3x slower at 8K. With
-    # alternation, 1.04-1.18x faster than head-major at 32K-128K (H200, session 13 variants).
-    kv_major: bool = True
-
-
-def max_fused_programs(device: torch.device | str) -> int:
-    """The fused kernel's persistent grid: two programs per multiprocessor (the attention
-    kernel's occupancy at 4 warps); 3 off the GPU (the interpreter), so that programs take
-    several rows in the tests."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 3
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def sparge_paged_prefill(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -562,8 +440,6 @@ def sparge_paged_prefill(
     stats: torch.Tensor | None = None,
     check_finite: bool = True,
     pv_skip: bool | None = None,
-    fused: bool = False,
-    fused_launch: FusedLaunch | None = None,
     attention: str = "triton",
     map_budget: float | None = MAP_BUDGET,
     on_predicted: Callable[[], None] | None = None,
@@ -582,11 +458,6 @@ def sparge_paged_prefill(
     path selects for several chunks at once (``chunks.Plan.select_heads``). ``on_predicted`` is
     called between the two stages of a one-chunk call (the backend's predictor timing).
 
-    ``fused=True`` selects and attends in one persistent kernel, so the block map never exists in
-    device memory (as fast dense, 4-23% slower than the two kernels at 50-90% block sparsity,
-    32K-128K; H200): the returned map's ``lut`` is ``None``. Same semantics, same outputs.
-    ``fused_launch`` overrides that kernel's launch (benchmarks only).
-
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
     checks"). ``check_finite`` also checks the values held in tensors: the thresholds (finite, in
     range) and the batch's offsets, lengths and page ids, a host sync for device tensors;
@@ -600,47 +471,18 @@ def sparge_paged_prefill(
     check_predictor_args(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk,
                          check_finite)
     check_out_and_layout(q, key_cache, value_cache, out)
-    if attention == "fa3" and not fused and BLKK % key_cache.shape[1]:
+    if attention == "fa3" and BLKK % key_cache.shape[1]:
         raise ValueError(f"the FA3 attention path needs a page size dividing the key block "
                          f"({BLKK}); got {key_cache.shape[1]}-token pages: use "
                          "attention='triton'")
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
-    if not fused:
-        if attention == "fa3" and pv_skip:
-            raise ValueError("the FA3 attention path has no PV skip (stage 2): use "
-                             "attention='triton' for thresholds with pvthreshd < 50")
-        return _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1,
-                                cdfthreshd, pvthreshd, out, topk, stats, pv_skip, attention,
-                                map_budget, map_floor, on_predicted)
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    _, page, num_kv_heads, _ = key_cache.shape
-    pooled = pool_keys(key_cache, batch)
-    nqb, nreq = num_blocks(batch.max_query_len, BLKQ), batch.num_reqs
-    n_tiles = nqb * num_heads * nreq
-    fl = fused_launch or FusedLaunch()
-    programs = max(1, min(n_tiles, fl.programs or max_fused_programs(q.device)))
-    scratch = torch.empty(programs, pooled.nkb_stride, dtype=torch.int16, device=q.device)
-    count = torch.empty(nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
-    n_valid = torch.empty_like(count)
-    use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, BLKK)
-    split, lazy = _row_parts(fl.split, head_dim, pv_skip, fl.lazy_rescale, use_tma)
-    num_warps, num_stages = fl.launch or _fused_launch_params(head_dim, use_tma)
-    dc = _select_dc(pooled.nkb_pad, num_warps)
-    launch(_fused_sparge_kernel, (programs,))(
-        q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
-        pooled.pk, pooled.ksim, simthreshd1, cdfthreshd, pvthreshd, scratch, count, n_valid,
-        stats, k_desc, v_desc,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
-        pooled.nkb_stride, nqb, num_heads, num_kv_heads, nreq, n_tiles, float(scale),
-        float(scale) * _LOG2E, float(topk or 1.0),
-        GROUP=num_heads // num_kv_heads, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
-        NKB_PAD=pooled.nkb_pad, DC=dc, USE_TOPK=topk is not None,
-        PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        SPLIT=split, LAZY=lazy, KV_MAJOR=fl.kv_major, num_warps=num_warps, num_stages=num_stages,
-    )
-    return BlockMap(None, count, n_valid)
+    if attention == "fa3" and pv_skip:
+        raise ValueError("the FA3 attention path has no PV skip (stage 2): use "
+                         "attention='triton' for thresholds with pvthreshd < 50")
+    return _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfthreshd,
+                            pvthreshd, out, topk, stats, pv_skip, attention, map_budget,
+                            map_floor, on_predicted)
 
 
 def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfthreshd, pvthreshd,
@@ -705,5 +547,4 @@ def _chunked_prefill(q, key_cache, value_cache, batch, scale, simthreshd1, cdfth
     return BlockMap(None, both[0], both[1])
 
 
-__all__ = ["BLKK", "BLKQ", "FusedLaunch", "max_fused_programs", "sparge_paged_prefill",
-           "sparse_paged_attention"]
+__all__ = ["BLKK", "BLKQ", "sparge_paged_prefill", "sparse_paged_attention"]

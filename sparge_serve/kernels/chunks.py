@@ -191,26 +191,18 @@ def chunk_scratch_bytes(shape: Shape, elem_size: int, map_budget: float | None =
 
 def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_reqs: int,
                           max_query_len: int, max_seq_len: int,
-                          fused_programs: int | None = None, fa3_page_size: int | None = None,
+                          fa3_page_size: int | None = None,
                           map_budget: float | None = MAP_BUDGET, elem_size: int = 2) -> int:
     """Upper bound of the device memory one sparse prefill call allocates (predictor + attention),
     for ``max_reqs`` requests of at most ``max_query_len`` new tokens and ``max_seq_len`` context:
     the whole call's kept/valid counts plus its largest head chunk (:func:`chunk_scratch_bytes`;
-    ``fa3_page_size``: with the FA3 attention path over pages of that size); with
-    ``fused_programs`` (the fused kernel's grid, ``attention.max_fused_programs``) for the fused
-    path, which keeps one kept-block list per program instead of any block map.
+    ``fa3_page_size``: with the FA3 attention path over pages of that size).
 
     The backend allocates this once during vLLM's memory profiling so that the KV cache is sized
     with room for it.
     """
     nqb = num_blocks(max_query_len, BLKQ)
     counts = max_reqs * num_heads * nqb * 2 * 4  # kept and valid blocks per row
-    if fused_programs is not None:
-        nkb_stride = key_block_stride(num_blocks(max_seq_len, BLKK))
-        sizes = (num_kv_heads, head_dim, max_reqs, max_seq_len)
-        # one scratch row per program, allocated after the keys are pooled
-        return pooled_keys_bytes(*sizes) + max(key_sums_bytes(*sizes),
-                                               counts + fused_programs * 2 * nkb_stride)
     shape = Shape(num_heads, num_kv_heads, head_dim, max_reqs, max_query_len, max_seq_len,
                   fa3_page_size)
     return counts + chunk_scratch_bytes(shape, elem_size, map_budget)

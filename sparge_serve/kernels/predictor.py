@@ -11,8 +11,7 @@ For a varlen batch of prefill requests over vLLM's paged KV cache (docs/DESIGN.m
 4. ``_select_kernel``: one program per (q-head, query block, request) row: pooled query and its
    similarity, fp32 compressed scores against every valid key block (bottom-right causal), fp32
    softmax, sort-free CDF (or top-k) selection, forced blocks (``_select_row``), and the compact
-   sorted list of kept key blocks + its length. ``attention._fused_sparge_kernel`` runs the same
-   ``_select_row`` inside the attention kernel instead, without storing the lists.
+   sorted list of kept key blocks (or, for the FA3 attention path, a bit set) + its length.
 
 No host synchronisation and no Python loop over requests or heads: grids are sized from host
 bounds (``max_query_len``, ``max_seq_len``) and programs past a request's end return at once.
@@ -54,8 +53,7 @@ class BlockMap:
 
     # [R, Hq, NQB, NKB_STRIDE] int16: kept key-block ids, ascending, first `count` valid
     # (NKB_STRIDE: the key-block count rounded up to 16, see `predict_block_map`); None from
-    # sparge_paged_prefill when the fused kernel ran (it never stores the map) or the map was
-    # built one head chunk at a time
+    # sparge_paged_prefill when the map was built one head chunk at a time
     lut: torch.Tensor | None
     count: torch.Tensor  # [R, Hq, NQB] int32: number of kept key blocks (0 for rows past the query)
     n_valid: torch.Tensor  # [R, Hq, NQB] int32: number of causally valid key blocks of the row
@@ -612,8 +610,8 @@ def check_block_map(bm: BlockMap, batch: PrefillBatch, num_heads: int, device,
         as_mask = bm.mask is not None
     table, kind = (bm.mask, "mask") if as_mask else (bm.lut, "lut")
     if table is None:
-        raise ValueError(f"block_map has no {kind} (the fused kernel and head-chunked calls keep "
-                         f"only the counts): make it with predict_block_map(as_mask={as_mask})")
+        raise ValueError(f"block_map has no {kind} (head-chunked calls keep only the counts): "
+                         f"make it with predict_block_map(as_mask={as_mask})")
     rows = (batch.num_reqs, num_heads, num_blocks(batch.max_query_len, BLKQ))
     nkb = num_blocks(batch.max_seq_len, block_n)
     width = mask_words(nkb) if as_mask else nkb
@@ -857,7 +855,8 @@ def lut_to_mask(bm: BlockMap) -> torch.Tensor:
     if bm.mask is not None:
         return bm.mask
     if bm.lut is None:
-        raise ValueError("the block map has no block list (fused kernel): run predict_block_map")
+        raise ValueError("the block map has no block list (a head-chunked call's): run "
+                         "predict_block_map")
     nkb_stride = bm.lut.shape[-1]
     words = mask_words(nkb_stride)
     lut = bm.lut.int()

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
-from sparge_serve.kernels.attention import sparge_paged_prefill, sparse_paged_attention
+from sparge_serve.kernels.attention import sparse_paged_attention
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PrefillBatch, num_blocks
 from sparge_serve.kernels.predictor import MAX_KEY_BLOCKS, predict_block_map, selection_tile
 
@@ -45,12 +45,11 @@ def warm_up_sparse_kernels(
     max_seq_len: int,
     pv_skip_variants: Iterable[bool] = (False,),
     topk: float | None = None,
-    fused: bool = False,
     masks: bool = False,
 ) -> list[int]:
-    """Compile the predictor and attention kernels (``fused``: the key pooling and the fused
-    kernel) for contexts of ``min..max`` tokens; ``masks``: also the predictor's bit-set maps
-    (the FA3 attention path's; ``virtual.warm_up_virtual`` compiles its table kernel).
+    """Compile the predictor and attention kernels for contexts of ``min..max`` tokens;
+    ``masks``: also the predictor's bit-set maps (the FA3 attention path's;
+    ``virtual.warm_up_virtual`` compiles its table kernel).
 
     ``key_cache``/``value_cache``: ``[num_pages >= 1, page, Hkv, D]`` views with the serving
     layout and dtype (only page 0 is read). Returns the ``NKB_PAD`` buckets compiled. Synchronises
@@ -72,12 +71,6 @@ def warm_up_sparse_kernels(
             max_query_len=BLKQ, max_seq_len=seq_len,
         )
         # NOTE: cdfthreshd 0 keeps only forced blocks: the attention pass stays short
-        if fused:
-            for pv_skip in variants:
-                sparge_paged_prefill(q, key_cache, value_cache, batch, 1.0, head(0.6), head(0.0),
-                                     head(8.0 if pv_skip else 50.0), out, topk, pv_skip=pv_skip,
-                                     fused=True)
-            continue
         bm = predict_block_map(q, key_cache, batch, 1.0, head(0.6), head(0.0), topk)
         if masks:
             predict_block_map(q, key_cache, batch, 1.0, head(0.6), head(0.0), topk,

@@ -364,28 +364,6 @@ def test_preemption_recompute_matches_flash_attn(setup, record_property):
     assert summary["mismatch"] == 0, summary
 
 
-def test_fused_kernel_serves_like_two_kernels(workload, record_property):
-    """The experimental `fused` option (one select+attend kernel) serves the calibrated file like
-    the default two-kernel path: same tokens up to near ties, same sparsity up to rounding (the
-    kernels are compiled separately, so a score on a selection boundary may round either way)."""
-    tmp, prompts, max_model_len = workload
-    if Path(MODEL).resolve() != (CALIBRATED.parents[1] / "sparge-tiny-code").resolve():
-        pytest.skip("the committed calibrated thresholds belong to models/sparge-tiny-code")
-    runs = {}
-    for fused in (False, True):
-        cfg = {"sparge": {"thresholds": str(CALIBRATED), "min_sparse_len": MIN_SPARSE_LEN,
-                          "fused": fused}}
-        runs[fused] = _run_engine(tmp, f"sparge_fused{int(fused)}", "SPARGE", prompts,
-                                  max_model_len, additional_config=cfg)
-    summary = _compare(runs[False], runs[True])
-    summary["sparsity_two_kernels"] = _sparsity(runs[False])
-    summary["sparsity_fused"] = _sparsity(runs[True])
-    _report(record_property, "fused_vs_two_kernels", summary)
-    assert summary["sparsity_fused"] >= 0.4, summary
-    assert abs(summary["sparsity_fused"] - summary["sparsity_two_kernels"]) < 0.005, summary
-    assert summary["mismatch"] == 0, summary
-
-
 def test_fa3_attention_kernel_serves_like_triton(workload, record_property):
     """``attention_kernel: fa3`` (stage 1's kept blocks attended by FlashAttention-3 over virtual
     contexts) serves like the Triton attention kernel: the calibrated file with its PV skip turned
