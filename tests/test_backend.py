@@ -215,6 +215,18 @@ def test_preferred_page_size_only_when_sparse_can_run(sparge, monkeypatch):
     assert SpargeAttentionBackend.get_preferred_block_size(16) == 64  # no config: sparse default
 
 
+def test_builder_sets_the_processs_kernel_launches(sparge, monkeypatch):
+    """``fast_launch`` (env ``SPARGE_FAST_LAUNCH``) decides this process's kernel launches: the
+    metadata builder sets it from the settings."""
+    import sparge_serve.kernels.launch as launch
+
+    monkeypatch.setattr(launch, "FAST", True)
+    _builder(sparge(fast_launch=False))
+    assert launch.FAST is False
+    _builder(sparge())
+    assert launch.FAST is True
+
+
 def test_profiling_reserves_the_sparse_scratch(sparge):
     """vLLM sizes the KV cache from its profiling forward: the sparse path's worst case must be
     in it whenever a request can take the sparse path."""

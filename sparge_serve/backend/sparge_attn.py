@@ -134,9 +134,11 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         self.max_decode_query_len = 1 + per_spec * num_spec
         self.has_flash_attn = get_flash_attn_version() is not None
         from sparge_serve.kernels import BLKK, MAX_KEY_BLOCKS
+        from sparge_serve.kernels.launch import set_fast_launch
 
         # Longest context the predictor handles; longer prefills run dense ("unsupported").
         self.max_sparse_seq_len = MAX_KEY_BLOCKS * BLKK
+        set_fast_launch(self.sparge_config.fast_launch)  # this process's kernel launches
         self.stats = metrics_for(vllm_config, self.runtime, device)
         self._reasons = None
         if self.stats is not None:
