@@ -15,6 +15,7 @@ from sparge_serve.thresholds import (
     DEFAULT_BLKK,
     DEFAULT_BLKQ,
     FORMAT,
+    PV_OFF,
     ModelGeometry,
     Thresholds,
     ThresholdsError,
@@ -143,11 +144,10 @@ def test_file_without_layer_budgets_loads(tmp_path):
     assert load_thresholds(tmp_path / "again.safetensors").pv_l1_budget is None
 
 
-def test_block_sizes_match_kernels():
+def test_block_sizes_and_pv_off_match_kernels():
     kernels = pytest.importorskip("sparge_serve.kernels")
-    if not hasattr(kernels, "BLKQ"):
-        pytest.skip("kernels not landed yet")
     assert (kernels.BLKQ, kernels.BLKK) == (DEFAULT_BLKQ, DEFAULT_BLKK)
+    assert kernels.PV_SKIP_OFF == PV_OFF
 
 
 def test_defaults_and_dense():
