@@ -33,15 +33,11 @@ from sparge_serve.kernels import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
-from sparge_serve.kernels.attention import _chunked_prefill
-from sparge_serve.kernels.chunks import MAP_BUDGET, Shape, plan_chunks
-from sparge_serve.kernels.predictor import (
-    _select_dc,
-    key_sums_bytes,
-    pool_keys,
-    pooled_keys_bytes,
-    select_blocks,
-)
+from sparge_serve.kernels.geometry import MAP_BUDGET
+from sparge_serve.kernels.plan import Shape, plan_chunks
+from sparge_serve.kernels.pooling import key_sums_bytes, pool_keys, pooled_keys_bytes
+from sparge_serve.kernels.predictor import _select_dc, select_blocks
+from sparge_serve.kernels.prefill import _chunked_prefill
 
 HQ, HKV, D = 32, 8, 128
 SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
@@ -495,10 +491,10 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/kernels")
     ap.add_argument("--sweep", action="store_true", help="time launch configs of the dense kernel")
     ap.add_argument("--virtual", action="store_true",
-                    help="also time FA3 over per-row virtual contexts (kernels/virtual.py), all "
+                    help="also time FA3 over per-row virtual contexts (kernels/experimental/fa3.py), all "
                     "heads at once and in head chunks")
     ap.add_argument("--chunked", action="store_true",
-                    help="also time the Triton kernels in head chunks (kernels/chunks.py)")
+                    help="also time the Triton kernels in head chunks (kernels/plan.py)")
     ap.add_argument("--variants", nargs="?", const="all", choices=("all", "predictor"),
                     help=f"also time the defaults' alternatives ({', '.join(VARIANTS)}) and the "
                     f"predictor options ({', '.join(PREDICTOR_VARIANTS)}); 'predictor': only "

@@ -25,7 +25,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from sparge_serve.kernels import attention, predictor, virtual  # noqa: E402
+from sparge_serve.kernels import attention, pooling, predictor  # noqa: E402
+from sparge_serve.kernels.experimental import fa3  # noqa: E402
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF  # noqa: E402
 
 
@@ -128,9 +129,9 @@ def main() -> None:
             failed += 1
             print(f"FAIL  {label}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
 
-    check("ksum", predictor._ksum_kernel,
-          dict(PAGE=64, BLOCK_N=BLKK, HEAD_DIM=d, CHUNK=predictor.KSUM_CHUNK), 4)
-    check("kblock", predictor._kblock_kernel, dict(PAGE=64, BLOCK_N=BLKK, HEAD_DIM=d), 4)
+    check("ksum", pooling._ksum_kernel,
+          dict(PAGE=64, BLOCK_N=BLKK, HEAD_DIM=d, CHUNK=pooling.KSUM_CHUNK), 4)
+    check("kblock", pooling._kblock_kernel, dict(PAGE=64, BLOCK_N=BLKK, HEAD_DIM=d), 4)
     for pv, split in ((False, 1), (True, 1), (False, 2)):
         for warps, stages in ((4, 2), (8, 2)):
             check(f"attention pv_skip={pv} split={split} warps={warps}",
@@ -159,7 +160,7 @@ def main() -> None:
                        SPLIT=split, LAZY=_lazy(pv, tma, dim), **extra), warps,
                   stages,
                   types=layout_types)
-        check(f"kblock {dtype} D{dim} page {page}", predictor._kblock_kernel,
+        check(f"kblock {dtype} D{dim} page {page}", pooling._kblock_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4, types=layout_types)
     for nkb_pad in args.nkb_pad:
         dc, warps = predictor._select_launch_params(nkb_pad)
@@ -177,8 +178,8 @@ def main() -> None:
                    MASK=False), w)
     # attention_kernel fa3: the virtual block table (64- and 16-token pages)
     for sub in (1, 4):
-        check(f"virtual table SUB={sub}", virtual._virtual_table_kernel,
-              dict(GROUP=4, SUB=sub, CHUNK_WORDS=virtual.TABLE_CHUNK_WORDS), 4,
+        check(f"virtual table SUB={sub}", fa3._virtual_table_kernel,
+              dict(GROUP=4, SUB=sub, CHUNK_WORDS=fa3.TABLE_CHUNK_WORDS), 4,
               types=dict(types, bt_ptr="*i32", vbt_ptr="*i32", mask_ptr="*i32"))
     sys.exit(1 if failed else 0)
 

@@ -24,7 +24,7 @@ Keys (all optional):
 - ``attention_kernel``: ``"triton"`` (default) or ``"fa3"`` (env ``SPARGE_ATTENTION_KERNEL``,
   experimental): stage 1's kept blocks attended by FlashAttention-3 itself, one sequence per
   (q-head, query block) row over a virtual paged context of its kept key blocks, one FA3 call
-  per query head on views of q and out (``sparge_serve.kernels.virtual``). Same outputs as the
+  per query head on views of q and out (``sparge_serve.kernels.experimental.fa3``). Same outputs as the
   Triton kernel; 0.91-0.98x FA3 dense and 1.69-1.91x at 50% block sparsity where the Triton
   kernel has 0.78-0.81x and 1.55-1.66x (H200, 32K-128K); at 32K and 90% its launches are
   host-bound. Layers whose thresholds use the PV skip keep the Triton kernel (FA3 has no PV
@@ -32,7 +32,7 @@ Keys (all optional):
 - ``map_budget``: the sparse prefill's memory bound (env ``SPARGE_MAP_BUDGET``, a number or
   ``none``): a call whose block map (and, with ``fa3``, virtual block tables) would pass this
   fraction of the K/V bytes of its padded shape, and 64 MiB, builds and uses them one head
-  chunk at a time (``sparge_serve.kernels.chunks``). Default 0.015; ``null`` never splits.
+  chunk at a time (``sparge_serve.kernels.plan``). Default 0.015; ``null`` never splits.
   Each chunk adds its own small launches (at 32K and 80-90% block sparsity, 16 chunks run at
   0.6-0.75x the unchunked speed), hence the 64 MiB floor.
 - ``fast_launch``: ``true`` (default) launches the compiled Triton kernels through their own
@@ -69,6 +69,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+# NOTE: the kernels' geometry module imports neither torch nor Triton
+from sparge_serve.kernels.geometry import MAP_BUDGET
+
 ADDITIONAL_CONFIG_KEY = "sparge"
 
 # NOTE: a child of vLLM's "vllm" logger (configured by vLLM when it runs; not imported here) so
@@ -84,8 +87,6 @@ DEFAULT_MIN_SPARSE_LEN = 49152
 # pay the predictor's passes over the whole context; at 50% block sparsity the sparse path loses
 # at 512 new tokens (0.74-0.85x FA3) and wins from 1024 (1.27x); at 80% it wins from 512 (1.3-1.6x).
 DEFAULT_MIN_SPARSE_QUERY_LEN = 1024
-# NOTE: kernels.chunks.MAP_BUDGET (a test keeps them equal; this module imports no torch)
-DEFAULT_MAP_BUDGET = 0.015
 
 MODES = ("sparse", "dense")
 ENV_VARS = {
@@ -204,7 +205,7 @@ class SpargeConfig:
     mode: Literal["sparse", "dense"] = "sparse"
     topk: float | None = None
     attention_kernel: Literal["triton", "fa3"] = "triton"
-    map_budget: float | None = DEFAULT_MAP_BUDGET
+    map_budget: float | None = MAP_BUDGET
     fast_launch: bool = True
 
     def __post_init__(self) -> None:
@@ -392,7 +393,7 @@ def _check(key: str, value: Any, source: str) -> Any:
         return value
     if key == "map_budget":
         return _optional_fraction(key, value, source, "use a fraction of the K/V bytes, e.g. "
-                                  f"{DEFAULT_MAP_BUDGET}, or null (no bound: the whole block "
+                                  f"{MAP_BUDGET}, or null (no bound: the whole block "
                                   "map at once)")
     raise AssertionError(key)  # pragma: no cover - callers pass dataclass field names only
 

@@ -235,7 +235,7 @@ def reference_block_map(case: PagedCase, simthreshd1, cdfthreshd, topk: float | 
                         ) -> tuple[BlockMap, list[torch.Tensor]]:
     """The reference predictor's block map of ``case`` as the kernels' :class:`BlockMap` (lists,
     on the case's device), and its keep masks: attention tests without the Triton predictor."""
-    from sparge_serve.kernels.predictor import key_block_stride
+    from sparge_serve.kernels.geometry import key_block_stride
     from sparge_serve.reference import predict_block_map_ref
 
     b = case.batch

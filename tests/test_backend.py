@@ -638,7 +638,7 @@ def _record_specializations(monkeypatch) -> dict[str, set[str]]:
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    from sparge_serve.kernels import attention, predictor
+    from sparge_serve.kernels import attention, pooling, predictor
 
     backend = CUDABackend(GPUTarget("cuda", 90, 32))
     seen: dict[str, set[str]] = {}
@@ -654,7 +654,7 @@ def _record_specializations(monkeypatch) -> dict[str, set[str]]:
 
         return run
 
-    for k in (predictor._ksum_kernel, predictor._kblock_kernel, predictor._select_kernel,
+    for k in (pooling._ksum_kernel, pooling._kblock_kernel, predictor._select_kernel,
               attention._sparse_attn_kernel):
         monkeypatch.setattr(k, "run", recorder(k))
     return seen
@@ -681,9 +681,9 @@ def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path,
     settings = dict(min_sparse_len=256, thresholds=str(path))
     if chunks:
         from sparge_serve.backend import runtime
-        from sparge_serve.kernels import chunks as chunk_plan
+        from sparge_serve.kernels import plan
 
-        monkeypatch.setattr(chunk_plan, "MIN_BUDGET_BYTES", 0)
+        monkeypatch.setattr(plan, "MIN_BUDGET_BYTES", 0)
         monkeypatch.setattr(runtime, "_WARMED", set())  # (map_budget is not in its key)
         settings["map_budget"] = 1e-9  # one query head a chunk
     vc = sparge(**settings)
@@ -720,7 +720,7 @@ def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path,
 def test_head_chunks_serve_like_one_chunk(sparge, tmp_path, monkeypatch):
     """A step run in one-head chunks (``map_budget``) writes the same output and block counts
     as the whole-map run."""
-    from sparge_serve.kernels import chunks
+    from sparge_serve.kernels import plan
 
     path = tmp_path / "pv.safetensors"
     save_thresholds(path, Thresholds.defaults(L, HQ, HKV, D, simthreshd1=-1.0, cdfthreshd=0.9,
@@ -728,7 +728,7 @@ def test_head_chunks_serve_like_one_chunk(sparge, tmp_path, monkeypatch):
     reqs = [(1, 40), (150, 300), (20, 20), (130, 260)]
     whole = _run_forward(sparge(min_sparse_len=256, thresholds=str(path), map_budget=None),
                          reqs, sink=True)
-    monkeypatch.setattr(chunks, "MIN_BUDGET_BYTES", 0)
+    monkeypatch.setattr(plan, "MIN_BUDGET_BYTES", 0)
     split = _run_forward(sparge(min_sparse_len=256, thresholds=str(path), map_budget=1e-9),
                          reqs, sink=True)
     assert split[7].map_budget == 1e-9 and whole[7].map_budget is None

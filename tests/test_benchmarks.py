@@ -103,7 +103,8 @@ def test_chunk_select_times_one_chunk_at_each_launch(as_mask, device):
     sets)."""
     import torch
 
-    from sparge_serve.kernels.predictor import pool_keys, select_blocks
+    from sparge_serve.kernels.pooling import pool_keys
+    from sparge_serve.kernels.predictor import select_blocks
     from tests.kernel_inputs import head_vec, make_paged_case
 
     bench = _load("bench_kernels")

@@ -1,4 +1,4 @@
-"""Head chunks (sparge_serve.kernels.chunks): the plan, its memory bound, and that a prefill run
+"""Head chunks (sparge_serve.kernels.plan): the plan, its memory bound, and that a prefill run
 one head chunk at a time computes exactly what the all-heads run computes."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ import itertools
 import pytest
 import torch
 
-from sparge_serve.kernels import MAP_BUDGET, chunks, predict_block_map, sparge_paged_prefill
-from sparge_serve.kernels.chunks import (
+from sparge_serve.kernels import MAP_BUDGET, predict_block_map, sparge_paged_prefill
+from sparge_serve.kernels import plan as chunks
+from sparge_serve.kernels.plan import (
     MIN_SLICE_ROWS,
-    Plan,
+    ChunkPlan,
     Shape,
     chunk_scratch_bytes,
     chunk_sizes,
@@ -45,9 +46,9 @@ def test_head_chunks_pair_each_chunk_with_its_kv_slice():
 
 
 def test_config_default_is_the_kernels_default():
-    from sparge_serve.config import DEFAULT_MAP_BUDGET
+    from sparge_serve.config import SpargeConfig
 
-    assert DEFAULT_MAP_BUDGET == MAP_BUDGET
+    assert SpargeConfig().map_budget == MAP_BUDGET
 
 
 @pytest.mark.parametrize("fa3_page", [None, 64])
@@ -148,7 +149,7 @@ def test_chunked_prefill_equals_all_heads_at_once(hq, hkv, budget, want_heads, p
 def test_chunked_fa3_path_equals_all_heads_at_once(device, monkeypatch):
     """The FA3 attention path (PyTorch emulation of FA3 off the GPU) in one-head chunks: the
     whole map's block counts, and attention over its kept blocks (the fp32 SDPA oracle)."""
-    import sparge_serve.kernels.virtual as virtual
+    import sparge_serve.kernels.experimental.fa3 as virtual
 
     monkeypatch.setattr(chunks, "MIN_BUDGET_BYTES", 0)
     if device == "cpu":
@@ -168,17 +169,17 @@ def test_chunked_fa3_path_equals_all_heads_at_once(device, monkeypatch):
 
 
 @pytest.mark.parametrize("hq,hkv,plan", [
-    (4, 2, Plan(1, None, 2)),  # a group a select launch, its heads attended one at a time
-    (4, 4, Plan(1, 2, 2)),  # two KV heads' groups a select launch, tables for 2 sequences
-    (4, 2, Plan(2, None, 4)),  # one select launch (its map returned), two heads a chunk
+    (4, 2, ChunkPlan(1, None, 2)),  # a group a select launch, its heads attended one at a time
+    (4, 4, ChunkPlan(1, 2, 2)),  # two KV heads' groups a select launch, tables for 2 sequences
+    (4, 2, ChunkPlan(2, None, 4)),  # one select launch (its map returned), two heads a chunk
 ])
 def test_fa3_selections_wider_than_their_chunks(hq, hkv, plan, device, monkeypatch):
     """The FA3 path selects (bit sets) for several chunks at once: each chunk attends its own
     heads of the selection's map (the map's head offset in the table kernel and the views)."""
-    import sparge_serve.kernels.attention as attention
-    import sparge_serve.kernels.virtual as virtual
+    import sparge_serve.kernels.experimental.fa3 as virtual
+    import sparge_serve.kernels.prefill as prefill
 
-    monkeypatch.setattr(attention, "plan_chunks", lambda *args, **kw: plan)
+    monkeypatch.setattr(prefill, "plan_chunks", lambda *args, **kw: plan)
     if device == "cpu":
         monkeypatch.setattr(virtual, "fa3_paged_forward", fa3_emulation)
     case = make_paged_case(REQS, hq, hkv, 64, 16, torch.float16, device, seed=10, packed=True)
@@ -213,7 +214,7 @@ def test_predict_only_runs_the_same_chunks_without_attention(attention, device, 
     """``_chunked_prefill(predict_only=True)`` (the benchmark's predictor share of a chunked
     call): the same block counts and counters as the whole map's predictor, and no output
     written."""
-    from sparge_serve.kernels.attention import _chunked_prefill
+    from sparge_serve.kernels.prefill import _chunked_prefill
 
     monkeypatch.setattr(chunks, "MIN_BUDGET_BYTES", 0)
     case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=3, packed=True)

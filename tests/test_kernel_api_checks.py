@@ -19,8 +19,8 @@ from sparge_serve.kernels import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
+from sparge_serve.kernels.experimental.fa3 import fa3_sparse_attention
 from sparge_serve.kernels.launch import Launcher
-from sparge_serve.kernels.virtual import fa3_sparse_attention
 from tests.kernel_inputs import PagedCase, head_vec, make_paged_case
 
 REQS = [(20, 40), (5, 30)]

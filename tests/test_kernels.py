@@ -290,7 +290,7 @@ def test_prefill_scratch_bytes_bounds_the_allocations(device):
     allocated at its peak: pooled keys, then key sums (temporary) or the block map and the
     per-row counts."""
     from sparge_serve.kernels import prefill_scratch_bytes
-    from sparge_serve.kernels.predictor import KSUM_CHUNK, pool_keys
+    from sparge_serve.kernels.pooling import KSUM_CHUNK, pool_keys
 
     hq, hkv, d = 2, 1, 64
     case = make_paged_case(REQS_SMALL, hq, hkv, d, 16, torch.bfloat16, device)

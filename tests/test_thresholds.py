@@ -12,10 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from sparge_serve.thresholds import (
-    DEFAULT_BLKK,
-    DEFAULT_BLKQ,
     FORMAT,
-    PV_OFF,
     ModelGeometry,
     Thresholds,
     ThresholdsError,
@@ -142,12 +139,6 @@ def test_file_without_layer_budgets_loads(tmp_path):
     with safe_open(str(tmp_path / "again.safetensors"), framework="pt") as f:
         assert not {"l1_budget", "pv_l1_budget"} & set(f.keys())
     assert load_thresholds(tmp_path / "again.safetensors").pv_l1_budget is None
-
-
-def test_block_sizes_and_pv_off_match_kernels():
-    kernels = pytest.importorskip("sparge_serve.kernels")
-    assert (kernels.BLKQ, kernels.BLKK) == (DEFAULT_BLKQ, DEFAULT_BLKK)
-    assert kernels.PV_SKIP_OFF == PV_OFF
 
 
 def test_defaults_and_dense():

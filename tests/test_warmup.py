@@ -35,9 +35,10 @@ def test_warm_up_runs_every_bucket(device):
 @pytest.mark.parametrize("attention_kernel", ["triton", "fa3"])
 def test_no_compilation_after_warm_up(attention_kernel):
     """After the warm-up, prefills of any length in range (and any batch) compile nothing."""
-    from sparge_serve.kernels import attention, predictor, virtual
+    from sparge_serve.kernels import attention, pooling, predictor
+    from sparge_serve.kernels.experimental import fa3 as virtual
 
-    kernels = (predictor._ksum_kernel, predictor._kblock_kernel, predictor._select_kernel,
+    kernels = (pooling._ksum_kernel, pooling._kblock_kernel, predictor._select_kernel,
                attention._sparse_attn_kernel, virtual._virtual_table_kernel)
     dev = torch.device("cuda", torch.cuda.current_device())
     kc, vc = _packed_cache(1, 64, 2, 128, "cuda")

@@ -23,10 +23,8 @@ from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
 from sparge_serve.backend.capabilities import PREFERRED_PAGE_SIZE
 from sparge_serve.config import SpargeConfig
+from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF
 from sparge_serve.thresholds import (
-    DEFAULT_BLKK,
-    DEFAULT_BLKQ,
-    PV_OFF,
     ModelGeometry,
     Thresholds,
     load_thresholds,
@@ -65,10 +63,6 @@ _RUNTIME_LOCK = threading.Lock()
 
 def model_geometry(vllm_config: VllmConfig, with_hash: bool = True) -> ModelGeometry:
     """The served model's global attention geometry, as a thresholds file must match it."""
-    try:
-        from sparge_serve.kernels import BLKK, BLKQ
-    except ImportError:  # kernels not importable: the file format's defaults are the same tile
-        BLKQ, BLKK = DEFAULT_BLKQ, DEFAULT_BLKK
     return model_geometry_of(vllm_config.model_config, blkq=BLKQ, blkk=BLKK, with_hash=with_hash)
 
 
@@ -227,7 +221,7 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
     buckets = warm_up_sparse_kernels(key_cache, value_cache, first.num_heads, cfg.min_sparse_len,
                                      max_len, pv_variants, cfg.topk, masks=fa3)
     if fa3:
-        from sparge_serve.kernels.virtual import warm_up_virtual
+        from sparge_serve.kernels.experimental.fa3 import warm_up_virtual
 
         warm_up_virtual(first.num_heads, first.num_kv_heads, spec.block_size, device)
     _WARMED.add(key)
@@ -269,7 +263,7 @@ class LayerThresholds:
     simthreshd1: torch.Tensor  # [num_heads] fp32 device
     cdfthreshd: torch.Tensor  # [num_heads] fp32 device
     pvthreshd: torch.Tensor  # [num_heads] fp32 device
-    pv_skip: bool  # host: any head of the layer uses the PV skip (pvthreshd < PV_OFF)
+    pv_skip: bool  # host: any head of the layer uses the PV skip (pvthreshd < PV_SKIP_OFF)
 
 
 def layer_thresholds(runtime: SpargeRuntime, layer_name: str, num_heads: int,
@@ -311,4 +305,4 @@ def layer_thresholds(runtime: SpargeRuntime, layer_name: str, num_heads: int,
         simthreshd1=local.simthreshd1[index].to(device, copy=True),
         cdfthreshd=local.cdfthreshd[index].to(device, copy=True),
         pvthreshd=local.pvthreshd[index].to(device, copy=True),
-        pv_skip=bool((local.pvthreshd[index] < PV_OFF).any()))
+        pv_skip=bool((local.pvthreshd[index] < PV_SKIP_OFF).any()))

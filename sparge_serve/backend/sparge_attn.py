@@ -276,7 +276,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self._simthreshd1: torch.Tensor | None = None  # [num_heads] fp32 device
         self._cdfthreshd: torch.Tensor | None = None  # [num_heads] fp32 device
         self._pvthreshd: torch.Tensor | None = None  # [num_heads] fp32 device
-        self._pv_skip = False  # host: any head of this layer with pvthreshd < PV_OFF
+        self._pv_skip = False  # host: any head of this layer with pvthreshd < PV_SKIP_OFF
         self._stats = None  # sparge_serve.metrics.SpargeStats
         self._scratch_reserved = False  # the profiling forward reserved the sparse scratch
 

@@ -1,18 +1,36 @@
-"""SpargeAttn prefill kernels over vLLM's paged KV cache (torch + triton only; never imports vLLM).
+"""SpargeAttn prefill kernels over vLLM's paged KV cache (torch + Triton; never imports vLLM
+except ``experimental.fa3``, loaded only for ``attention_kernel: "fa3"``).
 
 See docs/DESIGN.md for the exact semantics and ``sparge_serve.reference`` for the oracle.
+
+Modules: ``geometry`` (constants, the batch and block-map descriptions; no torch), ``checks``
+(the entry points' argument checks), ``pooling`` and ``predictor`` (stage 1), ``attention``
+(stage 2), ``plan`` (head chunks), ``prefill`` (both stages), ``launch``, ``warmup`` and
+``experimental.fa3``. The names below are imported on first use, so that
+``sparge_serve.kernels.geometry`` loads without torch or Triton.
 """
 
-from sparge_serve.kernels.attention import sparge_paged_prefill, sparse_paged_attention
-from sparge_serve.kernels.chunks import MAP_BUDGET, prefill_scratch_bytes
-from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF, PrefillBatch, num_blocks
-from sparge_serve.kernels.predictor import (
-    MAX_KEY_BLOCKS,
-    SUPPORTED_DTYPES,
-    SUPPORTED_HEAD_DIMS,
-    BlockMap,
-    predict_block_map,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "BLKK": "geometry",
+    "BLKQ": "geometry",
+    "MAP_BUDGET": "geometry",
+    "MAX_KEY_BLOCKS": "geometry",
+    "PV_SKIP_OFF": "geometry",
+    "SUPPORTED_HEAD_DIMS": "geometry",
+    "BlockMap": "geometry",
+    "PrefillBatch": "geometry",
+    "num_blocks": "geometry",
+    "SUPPORTED_DTYPES": "checks",
+    "predict_block_map": "predictor",
+    "sparse_paged_attention": "attention",
+    "prefill_scratch_bytes": "plan",
+    "sparge_paged_prefill": "prefill",
+}
 
 __all__ = [
     "BLKK",
@@ -30,3 +48,34 @@ __all__ = [
     "sparge_paged_prefill",
     "sparse_paged_attention",
 ]
+
+if TYPE_CHECKING:
+    from sparge_serve.kernels.attention import sparse_paged_attention
+    from sparge_serve.kernels.checks import SUPPORTED_DTYPES
+    from sparge_serve.kernels.geometry import (
+        BLKK,
+        BLKQ,
+        MAP_BUDGET,
+        MAX_KEY_BLOCKS,
+        PV_SKIP_OFF,
+        SUPPORTED_HEAD_DIMS,
+        BlockMap,
+        PrefillBatch,
+        num_blocks,
+    )
+    from sparge_serve.kernels.plan import prefill_scratch_bytes
+    from sparge_serve.kernels.predictor import predict_block_map
+    from sparge_serve.kernels.prefill import sparge_paged_prefill
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -20,8 +20,15 @@ from collections.abc import Iterable
 import torch
 
 from sparge_serve.kernels.attention import sparse_paged_attention
-from sparge_serve.kernels.geometry import BLKK, BLKQ, PrefillBatch, num_blocks
-from sparge_serve.kernels.predictor import MAX_KEY_BLOCKS, predict_block_map, selection_tile
+from sparge_serve.kernels.geometry import (
+    BLKK,
+    BLKQ,
+    MAX_KEY_BLOCKS,
+    PrefillBatch,
+    num_blocks,
+    selection_tile,
+)
+from sparge_serve.kernels.predictor import predict_block_map
 
 
 def nkb_pad_buckets(min_seq_len: int, max_seq_len: int) -> list[int]:
@@ -49,7 +56,7 @@ def warm_up_sparse_kernels(
 ) -> list[int]:
     """Compile the predictor and attention kernels for contexts of ``min..max`` tokens;
     ``masks``: also the predictor's bit-set maps (the FA3 attention path's;
-    ``virtual.warm_up_virtual`` compiles its table kernel).
+    ``experimental.fa3.warm_up_virtual`` compiles its table kernel).
 
     ``key_cache``/``value_cache``: ``[num_pages >= 1, page, Hkv, D]`` views with the serving
     layout and dtype (only page 0 is read). Returns the ``NKB_PAD`` buckets compiled. Synchronises

@@ -27,21 +27,19 @@ Example::
     local = th.for_rank(tp_rank=1, tp_size=2)          # heads 16..31, 4 KV heads
 
 Every problem with a file raises :class:`ThresholdsError` whose message names the file, the problem
-and how to fix it. The package imports neither vLLM nor the kernels (the calibration tool and the
-front-end check use it): ``schema`` holds the constants, :class:`Thresholds` and its validation,
+and how to fix it. The package imports neither vLLM nor the kernels, only their geometry constants
+(``sparge_serve.kernels.geometry``: no torch, no Triton), so the calibration tool and the
+front-end check use it: ``schema`` holds the constants, :class:`Thresholds` and its validation,
 the model geometry and the config digest; ``io`` reads and writes the files.
 """
 
 from sparge_serve.thresholds.io import load_thresholds, save_thresholds
 from sparge_serve.thresholds.schema import (
     BUDGET_TENSORS,
-    DEFAULT_BLKK,
-    DEFAULT_BLKQ,
     DEFAULT_CDFTHRESHD,
     DEFAULT_SIMTHRESHD1,
     FORMAT,
     FORMAT_VERSION,
-    PV_OFF,
     TENSOR_NAMES,
     THRESHOLD_TENSORS,
     ModelGeometry,
@@ -54,13 +52,10 @@ from sparge_serve.thresholds.schema import (
 
 __all__ = [
     "BUDGET_TENSORS",
-    "DEFAULT_BLKK",
-    "DEFAULT_BLKQ",
     "DEFAULT_CDFTHRESHD",
     "DEFAULT_SIMTHRESHD1",
     "FORMAT",
     "FORMAT_VERSION",
-    "PV_OFF",
     "TENSOR_NAMES",
     "THRESHOLD_TENSORS",
     "ModelGeometry",

@@ -3,7 +3,7 @@ the model geometry a file must match (:class:`ModelGeometry`, :func:`check_geome
 model-config digest (:func:`config_hash`).
 
 The file format is described in the package docstring (``sparge_serve.thresholds``). Imports
-neither vLLM nor the kernels.
+neither vLLM nor the kernels (only ``sparge_serve.kernels.geometry``'s constants).
 """
 
 from __future__ import annotations
@@ -18,20 +18,18 @@ from typing import Any
 
 import torch
 
+# NOTE: the kernels' geometry (the block tile a file records, the PV-skip "off" value); that
+# module imports neither torch nor Triton
+from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "sparge-thresholds"
 FORMAT_VERSION = "1"
-# NOTE: must equal sparge_serve.kernels.BLKQ / BLKK (the kernels' tile), and PV_OFF the kernels'
-# PV_SKIP_OFF; not imported from there so that this package stays importable without triton.
-# tests/test_thresholds.py checks they agree.
-DEFAULT_BLKQ = 128
-DEFAULT_BLKK = 64
 
 # Published SpargeAttn defaults for untuned use (ALGORITHM.md): PV skip off.
 DEFAULT_SIMTHRESHD1 = 0.6
 DEFAULT_CDFTHRESHD = 0.98
-PV_OFF = 50.0  # pvthreshd >= 50 disables the stage-2 PV skip
 
 THRESHOLD_TENSORS = ("simthreshd1", "cdfthreshd", "pvthreshd")
 TENSOR_NAMES = (*THRESHOLD_TENSORS, "is_sparse")
@@ -63,12 +61,12 @@ class ModelGeometry:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    blkq: int = DEFAULT_BLKQ
-    blkk: int = DEFAULT_BLKK
+    blkq: int = BLKQ
+    blkk: int = BLKK
     config_hash: str | None = None
 
 
-def model_geometry_of(model_config: Any, *, blkq: int = DEFAULT_BLKQ, blkk: int = DEFAULT_BLKK,
+def model_geometry_of(model_config: Any, *, blkq: int = BLKQ, blkk: int = BLKK,
                       with_hash: bool = True) -> ModelGeometry:
     """The global attention geometry of a vLLM ``ModelConfig`` (read through its methods: no vLLM
     import), as a thresholds file must match it. ``config_hash`` is None when ``with_hash`` is
@@ -104,8 +102,8 @@ class Thresholds:
     is_sparse: torch.Tensor  # [num_layers, num_heads] uint8; 0 = head calibrated dense, 1 = sparse
     num_kv_heads: int  # KV heads of these thresholds' heads (global count before for_rank)
     head_dim: int
-    blkq: int = DEFAULT_BLKQ
-    blkk: int = DEFAULT_BLKK
+    blkq: int = BLKQ
+    blkk: int = BLKK
     model: str = ""
     config_hash: str = ""
     l1: float | None = None  # stage-1 relative-L1 budget used by calibration (global)
@@ -149,11 +147,11 @@ class Thresholds:
     @classmethod
     def defaults(cls, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  simthreshd1: float = DEFAULT_SIMTHRESHD1, cdfthreshd: float = DEFAULT_CDFTHRESHD,
-                 pvthreshd: float = PV_OFF, model: str = "", config_hash: str = "",
-                 blkq: int = DEFAULT_BLKQ, blkk: int = DEFAULT_BLKK) -> Thresholds:
+                 pvthreshd: float = PV_SKIP_OFF, model: str = "", config_hash: str = "",
+                 blkq: int = BLKQ, blkk: int = BLKK) -> Thresholds:
         """Uniform thresholds for every head (default: the published untuned SpargeAttn setting)."""
         shape = (num_layers, num_heads)
-        dense = cdfthreshd >= 1.0 and simthreshd1 >= 1.0 and pvthreshd >= PV_OFF
+        dense = cdfthreshd >= 1.0 and simthreshd1 >= 1.0 and pvthreshd >= PV_SKIP_OFF
         return cls(
             simthreshd1=torch.full(shape, float(simthreshd1), dtype=torch.float32),
             cdfthreshd=torch.full(shape, float(cdfthreshd), dtype=torch.float32),
@@ -168,7 +166,7 @@ class Thresholds:
               **kwargs: Any) -> Thresholds:
         """Dense-equivalent thresholds (cdf 1, sim 1, PV off): the sparse path must equal dense."""
         return cls.defaults(num_layers, num_heads, num_kv_heads, head_dim, simthreshd1=1.0,
-                            cdfthreshd=1.0, pvthreshd=PV_OFF, **kwargs)
+                            cdfthreshd=1.0, pvthreshd=PV_SKIP_OFF, **kwargs)
 
     # ---- tensor parallelism --------------------------------------------------------------------
     def for_rank(self, tp_rank: int, tp_size: int) -> Thresholds:
@@ -246,7 +244,7 @@ def _validate(th: Thresholds, source: str) -> None:
     ranges = {
         "simthreshd1": (lambda t: (t >= -1) & (t <= 1), "in [-1, 1] (1 = no block similar = dense)"),
         "cdfthreshd": (lambda t: (t > 0) & (t <= 1), "in (0, 1] (1 = keep every block)"),
-        "pvthreshd": (lambda t: t >= 0, f">= 0 (>= {PV_OFF:g} disables the PV skip)"),
+        "pvthreshd": (lambda t: t >= 0, f">= 0 (>= {PV_SKIP_OFF:g} disables the PV skip)"),
     }
     for name, (ok_fn, rule) in ranges.items():
         t = getattr(th, name)
@@ -260,14 +258,14 @@ def _validate(th: Thresholds, source: str) -> None:
     # NOTE: a dense head must be exactly dense: the original SpargeAttn kept the PV threshold of
     # heads it marked dense (ALGORITHM.md, "What the original code gets wrong").
     dense = th.is_sparse == 0
-    not_dense = dense & ((th.cdfthreshd < 1) | (th.simthreshd1 < 1) | (th.pvthreshd < PV_OFF))
+    not_dense = dense & ((th.cdfthreshd < 1) | (th.simthreshd1 < 1) | (th.pvthreshd < PV_SKIP_OFF))
     if not_dense.any():
         layer, head = (int(i) for i in not_dense.nonzero()[0])
         raise _err(source, f"head {head} of layer {layer} is marked dense (is_sparse = 0) but has "
                    f"cdfthreshd={float(th.cdfthreshd[layer, head]):g}, "
                    f"simthreshd1={float(th.simthreshd1[layer, head]):g}, "
                    f"pvthreshd={float(th.pvthreshd[layer, head]):g}",
-                   f"dense heads need cdfthreshd = 1, simthreshd1 = 1, pvthreshd >= {PV_OFF:g}; "
+                   f"dense heads need cdfthreshd = 1, simthreshd1 = 1, pvthreshd >= {PV_SKIP_OFF:g}; "
                    + _FIX_RECALIBRATE)
     _validate_budgets(th, source)
     _validate_provenance(th, source)

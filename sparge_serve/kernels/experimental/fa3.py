@@ -25,7 +25,7 @@ The virtual block tables (``[Hq, rows, pages]`` int32, twice the int16 block lis
 64-token pages) are built by one Triton kernel from the block map as bit sets
 (``BlockMap.mask``, a sixteenth of the lists: the predictor writes them for this path) and the
 requests' block table, for some heads and a slice of their sorted sequences at a time where
-memory is bounded (``chunks.py``). PV skip (stage 2) is not expressible in FA3: layers with it
+memory is bounded (``plan.py``). PV skip (stage 2) is not expressible in FA3: layers with it
 keep the Triton attention kernel.
 """
 
@@ -37,20 +37,25 @@ import torch
 import triton
 import triton.language as tl
 
-from sparge_serve.kernels.geometry import BLKK, BLKQ, PrefillBatch, num_blocks
-from sparge_serve.kernels.launch import launch
-from sparge_serve.kernels.predictor import (
-    BlockMap,
+from sparge_serve.kernels.checks import (
     check_batch,
     check_block_map,
     check_group,
     check_out_and_layout,
     check_paged_inputs,
     check_scale,
-    key_block_stride,
-    lut_to_mask,
-    mask_words,
 )
+from sparge_serve.kernels.geometry import (
+    BLKK,
+    BLKQ,
+    BlockMap,
+    PrefillBatch,
+    key_block_stride,
+    mask_words,
+    num_blocks,
+)
+from sparge_serve.kernels.launch import launch
+from sparge_serve.kernels.predictor import lut_to_mask
 
 
 @dataclass(frozen=True)
@@ -298,7 +303,7 @@ def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     or bit sets). ``attn_fn``: :func:`fa3_paged_forward`'s signature (the default); ``group`` as
     ``predict_block_map``'s (head slices); ``slice_rows``: build the virtual block tables and
     call FA3 for that many of the sequences at a time (longest first; ``None``: all), which
-    bounds the tables' memory (``chunks.plan_chunks``). ``check_finite=False`` skips the checks
+    bounds the tables' memory (``plan.plan_chunks``). ``check_finite=False`` skips the checks
     of a batch of device tensors (their values: a host sync), as the other entry points' (docs/
     DESIGN.md, "Argument checks"). Head chunks use :class:`VirtualAttention` directly (one per
     call, shared by the chunks).

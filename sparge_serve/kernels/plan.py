@@ -3,7 +3,7 @@
 The block map (``BlockMap.lut``, int16 ``[R, Hq, NQB, NKB]``) grows with the product of query and
 context length: at a 128K prompt it is 25% of the K/V bytes the call reads, and the FA3
 attention path's virtual block tables (int32, one entry per kept page) are twice that again.
-:func:`~sparge_serve.kernels.attention.sparge_paged_prefill` therefore runs the predictor and the
+:func:`~sparge_serve.kernels.prefill.sparge_paged_prefill` therefore runs the predictor and the
 attention one *head chunk* at a time, each over views of ``q``/``out`` and the KV cache (nothing
 is copied), with the pooled keys computed once per KV-head slice. The chunk is the largest one
 whose buffers fit ``map_budget`` (a fraction of the K/V bytes of the batch's padded shape): whole
@@ -24,24 +24,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from sparge_serve.kernels.geometry import BLKK, BLKQ, num_blocks
-from sparge_serve.kernels.predictor import (
+from sparge_serve.kernels.geometry import (
+    BLKK,
+    BLKQ,
+    MAP_BUDGET,
+    MIN_BUDGET_BYTES,
     key_block_stride,
-    key_sums_bytes,
     mask_words,
-    pooled_keys_bytes,
+    num_blocks,
 )
+from sparge_serve.kernels.pooling import key_sums_bytes, pooled_keys_bytes
 
-MAP_BUDGET = 0.015
-"""Default bound on a head chunk's buffers (pooled keys, block map, FA3 tables), as a fraction of
-the K/V bytes of the batch's padded shape (``max_reqs * max_seq_len`` tokens)."""
-MIN_BUDGET_BYTES = 64 << 20
-"""Default floor of the budget (``map_floor``): chunks never get smaller than this. Each chunk
-adds its own small launches (key pooling, select, FA3 tables) that 32K prompts at high sparsity
-do not hide (H200, 32K, 16 ``fa3`` chunks: 0.98x the unchunked speed at 50% block sparsity,
-0.61-0.95x at 80-90%, ``benchmarks/results/kernels_virtual.md``), so only block maps larger than
-this are split: a bound on the worst case (1M-token contexts, or long prompts in one step), not a
-cost at typical sizes. ``map_floor=0`` gives the pure fraction (the #3 memory bar)."""
 MIN_SLICE_ROWS = 256
 """Fewest sequences per FA3 launch when the tables are sliced: two waves of an H100/H200's 132
 multiprocessors (one FA3 tile each), for which a longest-first order balances."""
@@ -135,7 +128,7 @@ def head_chunks(num_heads: int, num_kv_heads: int, heads: int,
         kv0 = g0
 
 
-class Plan(NamedTuple):
+class ChunkPlan(NamedTuple):
     """How a call runs in head chunks (:func:`plan_chunks`)."""
 
     heads: int  # query heads a chunk attends
@@ -144,14 +137,14 @@ class Plan(NamedTuple):
 
 
 def plan_chunks(shape: Shape, elem_size: int, map_budget: float | None = MAP_BUDGET,
-                floor: int | None = None) -> Plan:
+                floor: int | None = None) -> ChunkPlan:
     """The largest :func:`chunk_sizes` entry that fits the budget, with all of its sequences'
     tables if they fit, else the most of them that do (at least :data:`MIN_SLICE_ROWS`); else
     one head with the smallest slice. Its selections cover :meth:`Shape.min_select_heads`, or
     for the FA3 path the most whole groups (a multiple of the chunk) that still fit. ``map_budget
     =None``: no bound, one chunk; ``floor``: as :meth:`Shape.budget_bytes`'s."""
     if map_budget is None:
-        return Plan(shape.num_heads, None, shape.num_heads)
+        return ChunkPlan(shape.num_heads, None, shape.num_heads)
     if map_budget <= 0:
         raise ValueError(f"map_budget must be > 0 (a fraction of the K/V bytes) or None, got "
                          f"{map_budget}")
@@ -173,7 +166,7 @@ def plan_chunks(shape: Shape, elem_size: int, map_budget: float | None = MAP_BUD
     # NOTE: FA3 path: fewer, larger predictor launches (one per KV slice), as memory allows
     wider = [s for s in sizes if s > least and s % heads == 0 and s % least == 0
              and shape.chunk_bytes(heads, rows, s) <= limit] if shape.fa3_page_size else []
-    return Plan(heads, rows, max(wider, default=least))
+    return ChunkPlan(heads, rows, max(wider, default=least))
 
 
 def chunk_scratch_bytes(shape: Shape, elem_size: int, map_budget: float | None = MAP_BUDGET,

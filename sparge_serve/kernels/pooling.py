@@ -1,0 +1,186 @@
+"""Stage 1's key pass: pooled keys and key-block similarity over vLLM's paged KV cache.
+
+For a varlen batch of prefill requests (docs/DESIGN.md, "Stage 1"), :func:`pool_keys`:
+
+1. ``_ksum_kernel``: per (request, KV head, chunk of :data:`KSUM_CHUNK` key blocks) the fp32 sum
+   of the keys, over the *whole* context (prefix-cached tokens and earlier chunks included).
+2. torch: the per-(request, KV head) key sum over those chunks (one reduction, no host sync).
+3. ``_kblock_kernel``: the key mean ``mu`` (that sum over the context length), pooled smoothed
+   keys ``mean(k - mu)`` (stored transposed, fp32) and the key-block self-similarity.
+
+:func:`load_kv_block` reads one key or value block through a request's block table (also the
+attention kernel's loads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from sparge_serve.kernels.geometry import (
+    BATCH_PTRS,
+    BLKK,
+    PrefillBatch,
+    key_block_stride,
+    num_blocks,
+    selection_tile,
+)
+from sparge_serve.kernels.launch import launch
+
+KSUM_CHUNK = 4
+"""Key blocks summed per program of the key-mean pass. NOTE: 16 made the pass latency-bound in
+head chunks (one KV head: 32 programs of 16 loads at 32K, 52 us; H200 profile)."""
+EPS = tl.constexpr(1e-6)
+"""The norm's floor: a zero vector normalises to zero (keys here, queries in the predictor)."""
+
+
+@triton.jit
+def load_kv_block(
+    cache_ptr, bt_ptr, j, seq_len, kvh,
+    stride_page, stride_tok, stride_head,
+    offs_n, offs_d,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    desc=None, USE_TMA: tl.constexpr = False, ZERO_TAIL: tl.constexpr = False,
+):
+    """Load key/value block ``j`` (``[BLOCK_N, D]``) of one request through its block table.
+
+    Without TMA, rows at or past ``seq_len`` read as zeros. With TMA (``desc``: a 2-D descriptor
+    over ``[num_pages * PAGE, token row]`` with ``[BLOCK_N, D]`` boxes, see
+    ``attention._kv_descriptor``; ``PAGE % BLOCK_N == 0``) they hold whatever the page holds,
+    unless ``ZERO_TAIL`` (callers mask scores of such keys; values must be zeroed).
+    """
+    pos = j * BLOCK_N + offs_n
+    in_ctx = pos < seq_len
+    if USE_TMA:
+        page = tl.load(bt_ptr + (j * BLOCK_N) // PAGE)
+        x = desc.load([page * PAGE + (j * BLOCK_N) % PAGE, kvh * stride_head])
+        if ZERO_TAIL:
+            x = tl.where(in_ctx[:, None], x, 0.0)
+        return x
+    if PAGE % BLOCK_N == 0:
+        # NOTE: the whole key block lies inside one page: one page-id load, contiguous rows.
+        page = tl.load(bt_ptr + (j * BLOCK_N) // PAGE).to(tl.int64)
+        row = page * stride_page + ((j * BLOCK_N) % PAGE + offs_n) * stride_tok
+    else:
+        page = tl.load(bt_ptr + pos // PAGE, mask=in_ctx, other=0).to(tl.int64)
+        row = page * stride_page + (pos % PAGE) * stride_tok
+    ptrs = cache_ptr + row[:, None] + kvh * stride_head + offs_d[None, :]
+    return tl.load(ptrs, mask=in_ctx[:, None], other=0.0)
+
+
+# NOTE: head counts are never specialised on (a head chunk may have 1): one compiled variant
+@triton.jit(do_not_specialize=["stride_bt", "NCH", "num_kv_heads"],
+            do_not_specialize_on_alignment=BATCH_PTRS)
+def _ksum_kernel(
+    key_cache_ptr, bt_ptr, seq_lens_ptr, ksum_ptr,
+    stride_page, stride_tok, stride_head, stride_bt,
+    NCH, num_kv_heads,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """fp32 key sums of one (request, KV head) over ``CHUNK`` key blocks ``[c*CHUNK, ...)``."""
+    c = tl.program_id(0)
+    kvh = tl.program_id(1)
+    r = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + r)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for j in range(c * CHUNK, tl.minimum((c + 1) * CHUNK, tl.cdiv(seq_len, BLOCK_N))):
+        k = load_kv_block(
+            key_cache_ptr, bt_ptr + r * stride_bt, j, seq_len, kvh,
+            stride_page, stride_tok, stride_head, offs_n, offs_d, PAGE, BLOCK_N,
+        ).to(tl.float32)
+        acc += tl.sum(k, axis=0)
+    rh = (r * num_kv_heads + kvh).to(tl.int64)
+    tl.store(ksum_ptr + (rh * NCH + c) * HEAD_DIM + offs_d, acc)
+
+
+@triton.jit(do_not_specialize=["stride_bt", "num_kv_heads"],
+            do_not_specialize_on_alignment=BATCH_PTRS)
+def _kblock_kernel(
+    key_cache_ptr, bt_ptr, seq_lens_ptr, ksum_ptr, pk_ptr, ksim_ptr,
+    stride_page, stride_tok, stride_head, stride_bt,
+    NKB, num_kv_heads,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Pooled smoothed key ``mean(k - mu)`` and self-similarity of key block ``j`` (``ksum``:
+    the context's fp32 key sum, ``mu`` that over the context length)."""
+    j = tl.program_id(0)
+    kvh = tl.program_id(1)
+    r = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + r)
+    if j * BLOCK_N >= seq_len:
+        return
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = load_kv_block(
+        key_cache_ptr, bt_ptr + r * stride_bt, j, seq_len, kvh,
+        stride_page, stride_tok, stride_head, offs_n, offs_d, PAGE, BLOCK_N,
+    ).to(tl.float32)
+    rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
+    in_ctx = (j * BLOCK_N + offs_n) < seq_len
+    n_rows = tl.minimum(seq_len - j * BLOCK_N, BLOCK_N).to(tl.float32)
+    mu = tl.math.div_rn(tl.load(ksum_ptr + rh * HEAD_DIM + offs_d), seq_len.to(tl.float32))
+    x = tl.where(in_ctx[:, None], k - mu[None, :], 0.0)
+    pooled = tl.sum(x, axis=0) / n_rows
+    norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), EPS)
+    mean_unit = tl.sum(x / norm[:, None], axis=0) / n_rows
+    # NOTE: pooled keys are stored transposed ([D, NKB]) so the select kernel reads them
+    # coalesced along key blocks.
+    tl.store(pk_ptr + rh * HEAD_DIM * NKB + offs_d * NKB + j, pooled)
+    tl.store(ksim_ptr + rh * NKB + j, tl.sum(mean_unit * mean_unit, axis=0))
+
+
+@dataclass(frozen=True)
+class PooledKeys:
+    """Stage 1's per-key-block data of a batch (``_kblock_kernel``'s output)."""
+
+    pk: torch.Tensor  # [R, Hkv, D, NKB_STRIDE] fp32: pooled smoothed keys (transposed)
+    ksim: torch.Tensor  # [R, Hkv, NKB_STRIDE] fp32: key-block self-similarity
+    nkb: int  # key blocks of the longest context
+    nkb_stride: int  # nkb rounded up to 16 (the buffers' row stride)
+    nkb_pad: int  # nkb rounded up to a power of two >= 16 (the selection tile)
+
+
+def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch) -> PooledKeys:
+    """Steps 1-3 of the module docstring: pooled smoothed keys and key-block similarity."""
+    _, page, num_kv_heads, head_dim = key_cache.shape
+    nkb = num_blocks(batch.max_seq_len, BLKK)
+    nkb_stride = key_block_stride(nkb)
+    nreq = batch.num_reqs
+    f32 = dict(dtype=torch.float32, device=key_cache.device)
+    # NOTE: key sums per chunk of KSUM_CHUNK blocks: a quarter of a per-block buffer's memory,
+    # and temporary (key_sums_bytes)
+    nch = num_blocks(nkb, KSUM_CHUNK)
+    ksum = torch.empty(nreq, num_kv_heads, nch, head_dim, **f32)
+    pk = torch.empty(nreq, num_kv_heads, head_dim, nkb_stride, **f32)
+    ksim = torch.empty(nreq, num_kv_heads, nkb_stride, **f32)
+    strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+               batch.block_table.stride(0))
+    launch(_ksum_kernel, (nch, num_kv_heads, nreq))(
+        key_cache, batch.block_table, batch.seq_lens, ksum, *strides, nch, num_kv_heads,
+        PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, CHUNK=KSUM_CHUNK, num_warps=4,
+    )
+    launch(_kblock_kernel, (nkb, num_kv_heads, nreq))(
+        key_cache, batch.block_table, batch.seq_lens, ksum.sum(2), pk, ksim, *strides,
+        nkb_stride, num_kv_heads, PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, num_warps=4,
+    )
+    return PooledKeys(pk, ksim, nkb, nkb_stride, selection_tile(nkb))
+
+
+def pooled_keys_bytes(num_kv_heads: int, head_dim: int, max_reqs: int, max_seq_len: int) -> int:
+    """Device memory of :func:`pool_keys`' result (fp32 pooled keys and similarity), alive while
+    block maps are made from it."""
+    nkb_stride = key_block_stride(num_blocks(max_seq_len, BLKK))
+    return 4 * max_reqs * num_kv_heads * (head_dim + 1) * nkb_stride
+
+
+def key_sums_bytes(num_kv_heads: int, head_dim: int, max_reqs: int, max_seq_len: int) -> int:
+    """Device memory of :func:`pool_keys`' temporaries (fp32 key sums per chunk of
+    :data:`KSUM_CHUNK` key blocks, and their total), freed when it returns: never alive with a
+    block map."""
+    nch = num_blocks(num_blocks(max_seq_len, BLKK), KSUM_CHUNK)
+    return 4 * max_reqs * num_kv_heads * head_dim * (nch + 1)
