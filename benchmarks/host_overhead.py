@@ -162,7 +162,7 @@ def run_length(length: int, calls: int, topk: float | None) -> tuple[list[dict],
                                                    topk, stats, check_finite=False,
                                                    pv_skip=False),
     }
-    # head chunks under the 1.5% budget with no floor (the #3 memory bar's setting)
+    # head chunks under the 1.5% budget with no floor (the bounded-memory setting)
     chunked = dict(map_budget=MAP_BUDGET, map_floor=0)
     paths["two_kernel_chunked"] = lambda: sparge_paged_prefill(
         q, kc, vc, batch, scale, sim, cdf, pv, out, topk, stats, check_finite=False,

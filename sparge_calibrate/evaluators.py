@@ -1,7 +1,7 @@
 """Error oracles for the search: the PyTorch reference (CPU) and the serving kernels (CUDA).
 
-Both implement :class:`calibrate.search.Evaluator`. The kernel evaluator is what calibration should
-use on a GPU: ALGORITHM.md asks for errors measured with the same kernels that serve. The reference
+Both implement :class:`sparge_calibrate.search.Evaluator`. The kernel evaluator is what calibration
+should use on a GPU: errors are measured with the same kernels that serve. The reference
 is the CPU fallback (slow: it loops over heads and blocks in Python; fine for small models and CI).
 """
 

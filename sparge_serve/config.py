@@ -78,7 +78,7 @@ ADDITIONAL_CONFIG_KEY = "sparge"
 # that our lines use vLLM's handler and level.
 logger = logging.getLogger(f"vllm.{__name__}")
 
-# NOTE: measured, not guessed (benchmarks/results/ttft.md and history/, H200, calibrated
+# NOTE: measured, not guessed (benchmarks/results/ttft.md, docs/PERFORMANCE.md; H200, calibrated
 # thresholds, ~66-70% block sparsity): SPARGE's TTFT is 0.5-0.8x FLASH_ATTN's speed at 8K, 0.9-1.0x
 # at 32K, 1.2x at 64K and 1.4-1.6x at 128K, so the crossover lies between 32K and 64K. Contexts
 # below 48K run dense.

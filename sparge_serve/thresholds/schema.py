@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "sparge-thresholds"
 FORMAT_VERSION = "1"
 
-# Published SpargeAttn defaults for untuned use (ALGORITHM.md): PV skip off.
+# Published SpargeAttn defaults for untuned use (docs/DESIGN.md, "Calibration"): PV skip off.
 DEFAULT_SIMTHRESHD1 = 0.6
 DEFAULT_CDFTHRESHD = 0.98
 
@@ -256,7 +256,7 @@ def _validate(th: Thresholds, source: str) -> None:
     if ((th.is_sparse != 0) & (th.is_sparse != 1)).any():
         raise _err(source, "tensor `is_sparse` holds values other than 0 and 1", _FIX_RECALIBRATE)
     # NOTE: a dense head must be exactly dense: the original SpargeAttn kept the PV threshold of
-    # heads it marked dense (ALGORITHM.md, "What the original code gets wrong").
+    # heads it marked dense, so a "dense" head could still skip P.V blocks.
     dense = th.is_sparse == 0
     not_dense = dense & ((th.cdfthreshd < 1) | (th.simthreshd1 < 1) | (th.pvthreshd < PV_SKIP_OFF))
     if not_dense.any():
