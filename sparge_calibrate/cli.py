@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "transformers model")
     p.add_argument("--plot", metavar="PNG", help="write a heatmap of sparsity per (layer, head) (an "
                    "existing file is only replaced if it is a heatmap sparge-calibrate wrote)")
-    search = p.add_argument_group("search (docs/DESIGN.md, \"Calibration\")")
+    search = p.add_argument_group("search (docs/METHOD.md, \"Calibration\")")
     search.add_argument("--quantile", type=float, default=1.0,
                         help="a setting must meet the budget on this quantile of the samples "
                         "(default 1.0: on every sample)")

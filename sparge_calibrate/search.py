@@ -1,4 +1,4 @@
-"""Per-head threshold search over captured Q/K/V (docs/DESIGN.md, "Calibration").
+"""Per-head threshold search over captured Q/K/V (docs/METHOD.md, "Calibration").
 
 Independent of how Q/K/V were captured (transformers, vLLM, synthetic): the input of one layer is a
 list of :class:`Sample` (``q [Lq, Hq, D]`` = the last ``Lq`` positions of a context of ``Lk`` keys

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "sparge-thresholds"
 FORMAT_VERSION = "1"
 
-# Published SpargeAttn defaults for untuned use (docs/DESIGN.md, "Calibration"): PV skip off.
+# Published SpargeAttn defaults for untuned use (docs/METHOD.md, "Calibration"): PV skip off.
 DEFAULT_SIMTHRESHD1 = 0.6
 DEFAULT_CDFTHRESHD = 0.98
 
