@@ -34,10 +34,10 @@ from sparge_serve.kernels import (
     sparse_paged_attention,
 )
 from sparge_serve.kernels.geometry import MAP_BUDGET
-from sparge_serve.kernels.plan import Shape, plan_chunks
+from sparge_serve.kernels.plan import Shape, plan_chunks, plan_prefill
 from sparge_serve.kernels.pooling import key_sums_bytes, pool_keys, pooled_keys_bytes
 from sparge_serve.kernels.predictor import _select_dc, select_blocks
-from sparge_serve.kernels.prefill import _chunked_prefill
+from sparge_serve.kernels.prefill import run_prefill
 
 HQ, HKV, D = 32, 8, 128
 SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
@@ -266,8 +266,9 @@ def _chunked_predictor(args, topk, attention: str, map_budget):
     the attention (``predict_only``), for the predictor's share of a chunked run."""
     q, kc, vc, batch, scale, sim, cdf, pv_off, out = args
     stats = torch.zeros(3, dtype=torch.int64, device=q.device)
-    _chunked_prefill(q, kc, vc, batch, scale, sim, cdf, pv_off, out, topk, stats, False,
-                     attention, map_budget, 0, None, predict_only=True)
+    plan = plan_prefill(batch, q.shape[1], kc.shape[2], q.shape[2], q.dtype, kc.shape[1],
+                        q.device, topk, map_budget, attention, 0)
+    run_prefill(plan, q, kc, vc, scale, sim, cdf, pv_off, out, stats, predict_only=True)
 
 
 def graph_ms(fn) -> float:

@@ -6,13 +6,14 @@ A small model's prefill is host-bound at short contexts (``bench_ttft.py --profi
 8K, 1.5-1.7 ms of GPU kernels in a 25 ms TTFT), so the Python and launch cost of one layer's
 attention call matters there. For each path, host µs is the CPU time of one call issued with
 the GPU idle (the median of ``--calls``), GPU µs the wall time of one call to its end: where the
-two are close, the call is host-bound. Paths, as the backend calls them (thresholds
-bound, ``check_finite=False``, a stats tensor for the block counters): ``fa3`` (vLLM's
-``flash_attn_varlen_func`` over the same paged cache), ``predictor``, ``attention``,
-``two_kernel`` (predictor + attention), and in head chunks under the 1.5% memory
-budget with no floor ``two_kernel_chunked`` and ``fa3_chunked``; ``fa3_attention`` is the FA3
-attention path whole (``attention_kernel: fa3``). Shapes: the bench model's 32 q / 8 KV heads,
-or ``--heads 8 2`` for the tiny test model's.
+two are close, the call is host-bound. Paths (thresholds bound, ``check_finite=False``, a
+stats tensor for the block counters): ``fa3`` (vLLM's ``flash_attn_varlen_func`` over the same
+paged cache), ``predictor``, ``attention``, ``two_kernel`` (``sparge_paged_prefill``: its
+checks, the step's plan and both stages), ``layer`` (what the backend runs per layer:
+``run_prefill`` on a plan made once, ``plan_prefill`` per step), and in head chunks under the
+1.5% memory budget with no floor ``two_kernel_chunked``, ``layer_chunked`` and ``fa3_chunked``;
+``fa3_attention`` is the FA3 attention path whole (``attention_kernel: fa3``). Shapes: the bench
+model's 32 q / 8 KV heads, or ``--heads 8 2`` for the tiny test model's.
 
 ``--profile`` also writes ``<out>_profile.txt``: a cProfile table of the chunked paths at the
 first length, and each Triton kernel's host µs per launch through ``JITFunction`` against a
@@ -45,6 +46,8 @@ from sparge_serve.kernels import (  # noqa: E402
     sparge_paged_prefill,
     sparse_paged_attention,
 )
+from sparge_serve.kernels.plan import plan_prefill  # noqa: E402
+from sparge_serve.kernels.prefill import run_prefill  # noqa: E402
 
 
 def per_call(fn, calls: int) -> tuple[float, float]:
@@ -167,6 +170,12 @@ def run_length(length: int, calls: int, topk: float | None) -> tuple[list[dict],
     paths["two_kernel_chunked"] = lambda: sparge_paged_prefill(
         q, kc, vc, batch, scale, sim, cdf, pv, out, topk, stats, check_finite=False,
         pv_skip=False, **chunked)
+    # the backend's per-layer call: the step's plan made once
+    geometry = (q.shape[1], kc.shape[2], q.shape[2], q.dtype, kc.shape[1], q.device, topk)
+    for name, budget, floor in (("layer", MAP_BUDGET, None), ("layer_chunked", MAP_BUDGET, 0)):
+        plan = plan_prefill(batch, *geometry, budget, "triton", floor)
+        paths[name] = lambda plan=plan: run_prefill(plan, q, kc, vc, scale, sim, cdf, pv, out,
+                                                    stats)
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
     except ImportError:

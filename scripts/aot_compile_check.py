@@ -163,7 +163,7 @@ def main() -> None:
         check(f"kblock {dtype} D{dim} page {page}", pooling._kblock_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4, types=layout_types)
     for nkb_pad in args.nkb_pad:
-        dc, warps = predictor._select_launch_params(nkb_pad)
+        dc, warps = predictor.select_launch_params(nkb_pad)
         for topk in (False, True):
             check(f"select NKB_PAD={nkb_pad} topk={topk}", predictor._select_kernel,
                   dict(common, NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk, MASK=False), warps)

@@ -24,10 +24,10 @@ Keys (all optional):
 - ``attention_kernel``: ``"triton"`` (default) or ``"fa3"`` (env ``SPARGE_ATTENTION_KERNEL``,
   experimental): stage 1's kept blocks attended by FlashAttention-3 itself, one sequence per
   (q-head, query block) row over a virtual paged context of its kept key blocks, one FA3 call
-  per query head on views of q and out (``sparge_serve.kernels.experimental.fa3``). Same outputs as the
-  Triton kernel; 0.91-0.98x FA3 dense and 1.69-1.91x at 50% block sparsity where the Triton
-  kernel has 0.78-0.81x and 1.55-1.66x (H200, 32K-128K); at 32K and 90% its launches are
-  host-bound. Layers whose thresholds use the PV skip keep the Triton kernel (FA3 has no PV
+  per query head on views of q and out (``sparge_serve.kernels.experimental.fa3``). Same
+  outputs as the Triton kernel; 0.91-0.98x FA3 dense and 1.69-1.91x at 50% block sparsity where
+  the Triton kernel has 0.78-0.81x and 1.55-1.66x (H200, 32K-128K); at 32K and 90% its launches
+  are host-bound. Layers whose thresholds use the PV skip keep the Triton kernel (FA3 has no PV
   skip); needs FlashAttention 3 (Hopper).
 - ``map_budget``: the sparse prefill's memory bound (env ``SPARGE_MAP_BUDGET``, a number or
   ``none``): a call whose block map (and, with ``fa3``, virtual block tables) would pass this

@@ -245,8 +245,9 @@ def test_profiling_reserves_the_sparse_scratch(sparge):
         HQ, HKV, D, reqs, sc.max_num_batched_tokens, max_len, map_budget=None) >= two
     fa3 = _impl(sparge(min_sparse_len=1024, min_sparse_query_len=512, attention_kernel="fa3"))
     page = vc.cache_config.block_size or 64
-    assert fa3.sparse_scratch_bytes() == rows + prefill_scratch_bytes(
-        HQ, HKV, D, reqs, sc.max_num_batched_tokens, max_len, fa3_page_size=page) >= two
+    # (layers with the PV skip run the Triton kernel's chunks)
+    assert fa3.sparse_scratch_bytes() == rows + max(prefill_scratch_bytes(
+        HQ, HKV, D, reqs, sc.max_num_batched_tokens, max_len, fa3_page_size=page), two - rows)
     assert _impl(sparge(min_sparse_len=max_len + 1)).sparse_scratch_bytes() == 0
     assert _impl(sparge(mode="dense")).sparse_scratch_bytes() == 0
 
@@ -717,6 +718,86 @@ def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path,
             keys - warm[name])
 
 
+def test_step_is_planned_once_and_layers_only_launch(sparge, monkeypatch):
+    """The builder plans the step's sparse prefill once (``plan_prefill``, carried in the
+    metadata); each layer's forward launches through ``run_prefill`` and runs no argument
+    check."""
+    from sparge_serve.kernels import attention, checks, plan, predictor, prefill
+    from sparge_serve.metrics import SpargeStats
+
+    plans = []
+    real_plan = plan.plan_prefill
+    monkeypatch.setattr(plan, "plan_prefill", lambda *a, **k: plans.append(1) or real_plan(
+        *a, **k))
+    vc = sparge(min_sparse_len=256)
+    cam = _cam([(1, 40), (150, 300), (20, 20), (130, 260)])
+    md = _builder(vc).build(0, cam)
+    assert len(plans) == 1 and md.plan is not None and md.plan.batch is md.sparse.batch
+    assert (md.plan.num_heads, md.plan.num_kv_heads, md.plan.head_dim) == (HQ, HKV, D)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a layer's forward ran an argument check")
+
+    for module in (attention, checks, predictor, prefill):
+        for name in dir(module):
+            if name.startswith("check_"):
+                monkeypatch.setattr(module, name, refuse)
+    query, kv_cache, _ = _paged_inputs(cam, torch.float16)
+    stats = SpargeStats(L, "cpu", "tiny", sink_dir=None, start_writer=False)
+    layer = SimpleNamespace(_k_scale=torch.ones(1), _v_scale=torch.ones(1))
+    outs = []
+    for i in range(2):
+        impl = _impl(vc)
+        impl.bind(f"model.layers.{i}.self_attn.attn", "cpu", stats)
+        impl._dense = _dense_double([])
+        outs.append(torch.full_like(query, float("nan")))
+        impl.forward(layer, query, None, None, kv_cache, md, outs[-1])
+    assert len(plans) == 1 and torch.equal(outs[0], outs[1])
+    assert stats.blocks[0, 0] > 0 and torch.equal(stats.blocks[0], stats.blocks[1])
+
+
+def test_fa3_plan_serves_layers_with_and_without_pv_skip(sparge, tmp_path, monkeypatch):
+    """With ``attention_kernel: fa3`` one plan serves the step: a layer without the PV skip
+    attends through FA3 (emulated on the CPU), a layer with it through the plan's Triton
+    chunks, each as the same layer under the Triton kernel."""
+    import sparge_serve.backend.sparge_attn as sa
+    import sparge_serve.kernels.experimental.fa3 as fa3
+    from sparge_serve.metrics import SpargeStats
+    from tests.test_virtual import fa3_emulation
+
+    monkeypatch.setattr(sa, "get_flash_attn_version", lambda **kw: 3)
+    monkeypatch.setattr(fa3, "fa3_paged_forward", fa3_emulation)
+    path = tmp_path / "mixed.safetensors"
+    th = Thresholds.defaults(L, HQ, HKV, D, simthreshd1=-1.0, cdfthreshd=0.9)
+    th.pvthreshd[1] = 4.0  # layer 1 uses the PV skip, layer 2 does not
+    save_thresholds(path, th)
+    cam = _cam([(1, 40), (150, 300), (20, 20), (130, 260)])
+    query, kv_cache, _ = _paged_inputs(cam, torch.float16, sink=True)
+    layer = SimpleNamespace(_k_scale=torch.ones(1), _v_scale=torch.ones(1))
+    outs = {}
+    for kernel in ("triton", "fa3"):
+        vc = sparge(min_sparse_len=256, thresholds=str(path), attention_kernel=kernel)
+        md = _builder(vc).build(0, cam)
+        assert (md.plan.fa3 is not None) == (kernel == "fa3")
+        stats = SpargeStats(L, "cpu", "tiny", sink_dir=None, start_writer=False)
+        for index in (1, 2):
+            impl = _impl(vc)
+            impl._fa = object()  # stands in for FlashAttentionImpl on this CPU-only machine
+            impl.bind(f"model.layers.{index}.self_attn.attn", "cpu", stats)
+            impl._dense = _dense_double([])
+            assert impl.fa3_attention == (kernel == "fa3" and index == 2)
+            out = torch.full_like(query, float("nan"))
+            impl.forward(layer, query, None, None, kv_cache, md, out)
+            outs[kernel, index] = out
+        outs[kernel] = stats.blocks.clone()
+    assert torch.equal(outs["fa3", 1], outs["triton", 1])  # the same Triton launches
+    assert not torch.isnan(outs["fa3", 2]).any()
+    torch.testing.assert_close(outs["fa3", 2].float(), outs["triton", 2].float(), atol=2e-3,
+                               rtol=2e-3)
+    assert torch.equal(outs["fa3"][1:3, :2], outs["triton"][1:3, :2])  # same block maps
+    assert outs["fa3"][1, 2] > 0 and outs["fa3"][2, 2] == 0  # PV skips in layer 1 only
+
+
 def test_head_chunks_serve_like_one_chunk(sparge, tmp_path, monkeypatch):
     """A step run in one-head chunks (``map_budget``) writes the same output and block counts
     as the whole-map run."""
@@ -731,7 +812,7 @@ def test_head_chunks_serve_like_one_chunk(sparge, tmp_path, monkeypatch):
     monkeypatch.setattr(plan, "MIN_BUDGET_BYTES", 0)
     split = _run_forward(sparge(min_sparse_len=256, thresholds=str(path), map_budget=1e-9),
                          reqs, sink=True)
-    assert split[7].map_budget == 1e-9 and whole[7].map_budget is None
+    assert split[1].plan.triton.plan.heads == 1 and whole[1].plan.triton.plan.heads == HQ
     assert not torch.isnan(split[4]).any() and torch.equal(split[4], whole[4])
     assert torch.equal(split[6].blocks, whole[6].blocks) and split[6].blocks[2, 2] > 0
 

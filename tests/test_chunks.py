@@ -177,9 +177,8 @@ def test_fa3_selections_wider_than_their_chunks(hq, hkv, plan, device, monkeypat
     """The FA3 path selects (bit sets) for several chunks at once: each chunk attends its own
     heads of the selection's map (the map's head offset in the table kernel and the views)."""
     import sparge_serve.kernels.experimental.fa3 as virtual
-    import sparge_serve.kernels.prefill as prefill
 
-    monkeypatch.setattr(prefill, "plan_chunks", lambda *args, **kw: plan)
+    monkeypatch.setattr(chunks, "plan_chunks", lambda *args, **kw: plan)
     if device == "cpu":
         monkeypatch.setattr(virtual, "fa3_paged_forward", fa3_emulation)
     case = make_paged_case(REQS, hq, hkv, 64, 16, torch.float16, device, seed=10, packed=True)
@@ -211,10 +210,9 @@ def test_fa3_path_refuses_pv_skip_and_unknown_kernels(device):
 
 @pytest.mark.parametrize("attention", ["triton", "fa3"])
 def test_predict_only_runs_the_same_chunks_without_attention(attention, device, monkeypatch):
-    """``_chunked_prefill(predict_only=True)`` (the benchmark's predictor share of a chunked
-    call): the same block counts and counters as the whole map's predictor, and no output
-    written."""
-    from sparge_serve.kernels.prefill import _chunked_prefill
+    """``run_prefill(predict_only=True)`` (the benchmark's predictor share of a chunked call):
+    the same block counts and counters as the whole map's predictor, and no output written."""
+    from sparge_serve.kernels.prefill import block_counts, run_prefill
 
     monkeypatch.setattr(chunks, "MIN_BUDGET_BYTES", 0)
     case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=3, packed=True)
@@ -225,8 +223,11 @@ def test_predict_only_runs_the_same_chunks_without_attention(attention, device, 
                                 stats=want_stats)
     out = torch.full_like(case.q, float("nan"))
     stats = torch.zeros(3, dtype=torch.int64, device=device)
-    bm = _chunked_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale, *ths,
-                          out, None, stats, False, attention, 1e-9, 0, None, predict_only=True)
+    plan = chunks.plan_prefill(case.batch, 4, 2, 64, case.q.dtype, 16, case.q.device, None, 1e-9,
+                               attention, 0)
+    assert run_prefill(plan, case.q, case.key_cache, case.value_cache, case.scale, *ths, out,
+                       stats, predict_only=True) is None
+    bm = block_counts(plan)
     assert torch.isnan(out).all()
     assert torch.equal(stats, want_stats)
     assert torch.equal(bm.count, want_bm.count) and torch.equal(bm.n_valid, want_bm.n_valid)

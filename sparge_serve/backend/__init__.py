@@ -27,14 +27,16 @@ How a step runs:
   with ``query_len > 1`` (beyond spec-decode verification lengths) whose context ``seq_len >=
   min_sparse_len`` — long prefills, chunked-prefill chunks and prefix-cache hits alike. For the
   dense call their ``seq_lens`` are set to 0, so FlashAttention does no work for them (it writes
-  zeros, which the sparse kernel then overwrites).
-- The impl runs the dense call for the other requests and
-  ``sparge_serve.kernels.sparge_paged_prefill`` for the sparse sub-batch, with this layer's
-  per-head thresholds (global layer index from the layer name: pipeline-parallel safe; heads of
-  this tensor-parallel rank via ``Thresholds.for_rank``). Layers in ``dense_layers``, layers
-  whose heads were all calibrated dense, ``mode: dense``, and the layers of a speculative-decoding
-  draft model (built under one of vLLM's proposer model tags; their thresholds are never loaded)
-  run the whole batch dense.
+  zeros, which the sparse kernel then overwrites). It also plans the sub-batch's sparse prefill
+  once for every layer of the step (``sparge_serve.kernels.plan.plan_prefill``: head chunks,
+  launch parameters, buffers; carried in the metadata as ``plan``).
+- The impl runs the dense call for the other requests and, for the sparse sub-batch,
+  ``sparge_serve.kernels.prefill.run_prefill`` on the step's plan (launches only) with this
+  layer's per-head thresholds (global layer index from the layer name: pipeline-parallel safe;
+  heads of this tensor-parallel rank via ``Thresholds.for_rank``). Layers in ``dense_layers``,
+  layers whose heads were all calibrated dense, ``mode: dense``, and the layers of a
+  speculative-decoding draft model (built under one of vLLM's proposer model tags; their
+  thresholds are never loaded) run the whole batch dense.
 - Start-up: the builder compiles the sparse kernels for every context-length bucket the sparse
   path can see (``sparge_serve.kernels.warmup``), so no request pays a Triton compile; vLLM's
   profiling forward allocates the sparse path's worst-case scratch

@@ -5,7 +5,8 @@ Every layer of one process shares one :class:`SpargeRuntime` (the settings and t
 thresholds, loaded and validated once by :func:`load_runtime`; each tensor-parallel rank binds its
 heads' slice, :meth:`SpargeRuntime.for_rank`) and one ``sparge_serve.metrics.SpargeStats``
 (:func:`metrics_for`). The metadata builder compiles the sparse kernels at start-up
-(:func:`warm_up_kernels`); vLLM's profiling forward reserves the sparse path's worst-case scratch
+(:func:`warm_up_kernels`) and plans each step's sparse prefill with the arguments of
+:func:`prefill_plan_args`; vLLM's profiling forward reserves the sparse path's worst-case scratch
 (:func:`sparse_scratch_bytes`).
 """
 
@@ -230,12 +231,41 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
                 time.perf_counter() - t0)
 
 
+def prefill_plan_args(vllm_config: VllmConfig, cfg: SpargeConfig, spec: AttentionSpec,
+                      impls: list[SpargeAttentionImpl],
+                      device: torch.device) -> dict[str, Any] | None:
+    """``plan_prefill``'s arguments besides the batch, the same for every sparse layer of one
+    metadata builder (None when none runs sparse): the KV-cache group's geometry (its spec), the
+    model's query heads on this rank and the settings; ``attention="fa3"`` when a layer uses it
+    (layers with the PV skip run the plan's Triton chunks). ``impls``: the builder's layers
+    (none known: the model's geometry alone)."""
+    if not cfg.sparse_possible(vllm_config.model_config.max_model_len):
+        return None
+    sparse = [i for i in impls if not i.dense_layer]
+    if impls and not sparse:
+        return None
+    num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+    geometry = {(i.num_heads, i.num_kv_heads, i.head_size) for i in sparse}
+    if geometry - {(num_heads, spec.num_kv_heads, spec.head_size)}:
+        raise ValueError(
+            f"SPARGE: the sparse layers of one KV-cache group differ in their attention geometry "
+            f"(query heads, KV heads, head size: {sorted(geometry)}; the model has {num_heads} "
+            f"query heads a rank, the cache {spec.num_kv_heads} KV heads of {spec.head_size}): "
+            "one prefill plan serves every layer of a step. Fix: serve this model with another "
+            "backend.")
+    fa3 = cfg.attention_kernel == "fa3" and (not sparse or any(i.fa3_attention for i in sparse))
+    return dict(num_heads=num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_size,
+                dtype=spec.dtype, page_size=spec.block_size, device=device, topk=cfg.topk,
+                map_budget=cfg.map_budget, attention="fa3" if fa3 else "triton")
+
+
 def sparse_scratch_bytes(vllm_config: VllmConfig | None, runtime: SpargeRuntime | None,
                          num_heads: int, num_kv_heads: int, head_size: int) -> int:
     """Most device memory one layer's sparse prefill can allocate in a step (0 if none can
     run): the predictor's buffers and block map of the step's largest sparse sub-batch, in
-    head chunks under ``map_budget`` (with ``attention_kernel: fa3``, with the FA3 path's
-    virtual block tables), plus the gathered q/out rows."""
+    head chunks under ``map_budget`` (with ``attention_kernel: fa3``, the larger of the FA3
+    path's, with its virtual block tables, and the Triton kernel's, which layers with the PV skip
+    run), plus the gathered q/out rows."""
     vc, rt = vllm_config, runtime
     if vc is None or rt is None or not rt.config.sparse_possible(vc.model_config.max_model_len):
         return 0
@@ -246,12 +276,12 @@ def sparse_scratch_bytes(vllm_config: VllmConfig | None, runtime: SpargeRuntime 
     reqs = max(1, min(vc.scheduler_config.max_num_seqs,
                       tokens // max(rt.config.min_sparse_query_len, 2)))
     rows = 2 * tokens * num_heads * head_size * 2  # q gather + out, 16-bit
-    page = None
+    pages = [None]
     if rt.config.attention_kernel == "fa3":
-        page = vc.cache_config.block_size or PREFERRED_PAGE_SIZE
-    return rows + prefill_scratch_bytes(
-        num_heads, num_kv_heads, head_size, reqs, tokens, max_len, fa3_page_size=page,
-        map_budget=rt.config.map_budget)
+        pages.append(vc.cache_config.block_size or PREFERRED_PAGE_SIZE)
+    return rows + max(prefill_scratch_bytes(num_heads, num_kv_heads, head_size, reqs, tokens,
+                                            max_len, fa3_page_size=page,
+                                            map_budget=rt.config.map_budget) for page in pages)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 :class:`SpargeAttentionBackend` (FlashAttention's KV cache layout; capability hooks in
 :mod:`~sparge_serve.backend.capabilities`), :class:`SpargeAttentionMetadata` (FlashAttention's
-metadata plus the step's sparse sub-batch), :class:`SpargeAttentionMetadataBuilder` (once per
-step, host data only: the split of :mod:`~sparge_serve.backend.split`) and
-:class:`SpargeAttentionImpl` (the KV write, the dense call and the sparse prefill kernels). The
+metadata plus the step's sparse sub-batch and its prefill plan),
+:class:`SpargeAttentionMetadataBuilder` (once per step, no GPU sync: the split of
+:mod:`~sparge_serve.backend.split` and ``plan_prefill``) and :class:`SpargeAttentionImpl` (the KV
+write, the dense call and the sparse prefill's launches, ``run_prefill``). The
 state they share per process is in :mod:`~sparge_serve.backend.runtime`; how a step runs is
 described in :mod:`sparge_serve.backend`.
 
@@ -48,6 +49,7 @@ from sparge_serve.backend.runtime import (
     layer_thresholds,
     load_runtime,
     metrics_for,
+    prefill_plan_args,
     sparse_scratch_bytes,
     warm_up_kernels,
 )
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import AttentionSpec
 
     from sparge_serve.kernels import PrefillBatch
+    from sparge_serve.kernels.plan import PrefillPlan
 
 # NOTE: a child of vLLM's "vllm" logger so that our lines use vLLM's handler and level.
 logger = init_logger(f"vllm.{__name__}")
@@ -105,6 +108,9 @@ class SpargeAttentionMetadata(FlashAttentionMetadata):
     """
 
     sparse: SparsePrefill | None = None
+    # The sparse sub-batch's prefill plan (sparge_serve.kernels.plan.plan_prefill), made once per
+    # step for every sparse layer of this builder; set iff `sparse` is and a layer runs sparse.
+    plan: PrefillPlan | None = None
     # Same batch with every request dense (true seq_lens, no AOT schedule); set iff `sparse` is.
     all_dense: FlashAttentionMetadata | None = None
     # False when every request with new tokens is in `sparse` (the dense call is skipped).
@@ -114,7 +120,8 @@ class SpargeAttentionMetadata(FlashAttentionMetadata):
 
 
 class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
-    """FlashAttention's builder + the per-step sparse sub-batch (host-side work only)."""
+    """FlashAttention's builder + the per-step sparse sub-batch and its prefill plan (no GPU
+    sync)."""
 
     # See the module docstring: full CUDA graphs only for pure single-token decode batches.
     _cudagraph_support: ClassVar[AttentionCGSupport] = (
@@ -148,6 +155,8 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         self._counting = True
         self._warned_no_cpu_seq_lens = False
         impls = self._bind_layers(vllm_config, layer_names, device)
+        self._plan_args = prefill_plan_args(vllm_config, self.sparge_config, kv_cache_spec, impls,
+                                            device)
         if device.type == "cuda":
             warm_up_kernels(vllm_config, self.runtime, kv_cache_spec, impls, device)
 
@@ -192,8 +201,13 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         all_dense = copy.copy(md)
         all_dense.seq_lens = cam.seq_lens
         all_dense.scheduler_metadata = None  # the AOT schedule above is for the dense subset
-        return SpargeAttentionMetadata(**vars(md), sparse=sparse, all_dense=all_dense,
-                                       has_dense=has_dense, counts=counts)
+        prefill_plan = None
+        if self._plan_args is not None:
+            from sparge_serve.kernels.plan import plan_prefill
+
+            prefill_plan = plan_prefill(sparse.batch, **self._plan_args)
+        return SpargeAttentionMetadata(**vars(md), sparse=sparse, plan=prefill_plan,
+                                       all_dense=all_dense, has_dense=has_dense, counts=counts)
 
     def _plan(self, cam: CommonAttentionMetadata, count: bool
               ) -> tuple[tuple[SparsePrefill, torch.Tensor, bool] | None, StepCounts | None]:
@@ -270,8 +284,6 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.layer_name: str | None = None
         self.layer_index: int | None = None  # global layer index (None: runs dense, uncounted)
         self.dense_layer = True
-        self.topk: float | None = None
-        self.map_budget: float | None = None  # head chunks' memory bound (SpargeConfig.map_budget)
         self.fa3_attention = False  # kept blocks attended by FA3 (SpargeConfig.attention_kernel)
         self._simthreshd1: torch.Tensor | None = None  # [num_heads] fp32 device
         self._cdfthreshd: torch.Tensor | None = None  # [num_heads] fp32 device
@@ -307,7 +319,6 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             return
         cfg = runtime.config
         self.layer_index, self.dense_layer = bound.index, bound.dense
-        self.topk, self.map_budget = cfg.topk, cfg.map_budget
         self._simthreshd1, self._cdfthreshd = bound.simthreshd1, bound.cdfthreshd
         self._pvthreshd, self._pv_skip = bound.pvthreshd, bound.pv_skip
         # FA3 has no PV skip: such layers keep the Triton kernel (one note per process)
@@ -369,7 +380,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         else:
             if attn_metadata.has_dense:
                 self._dense(layer, query, key, value, kv_cache, attn_metadata, output)
-            self._sparse(query, kv_cache, sparse, output)
+            self._sparse(query, kv_cache, sparse, attn_metadata.plan, output)
         counts = attn_metadata.counts
         if counts is not None and self._stats is not None and self.layer_index is not None:
             self._count(counts, run_sparse)
@@ -438,11 +449,11 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             v_descale=layer._v_scale.expand(descale_shape))
 
     def _sparse(self, query: torch.Tensor, kv_cache: torch.Tensor, sparse: SparsePrefill,
-                output: torch.Tensor) -> None:
+                plan: PrefillPlan, output: torch.Tensor) -> None:
         if self._simthreshd1 is None:
             raise RuntimeError(f"SPARGE: layer {self.layer_name or '?'} was never bound to its "
                                "thresholds (SpargeAttentionMetadataBuilder binds its layers)")
-        from sparge_serve.kernels import sparge_paged_prefill
+        from sparge_serve.kernels.prefill import run_prefill
 
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         if sparse.token_index is None:
@@ -453,15 +464,13 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         st = self._stats
         block_stats = st.kernel_stats(self.layer_index) if st is not None else None
         timing = st.start_timing() if st is not None else None
-        # NOTE: check_finite=False: the thresholds were validated at load; the check would sync.
-        # NOTE: the two stages, one head chunk at a time where the block map would pass its
-        # memory budget (the predictor time is then not separated)
-        sparge_paged_prefill(q, key_cache, value_cache, sparse.batch, self.scale,
-                             self._simthreshd1, self._cdfthreshd, self._pvthreshd, out,
-                             self.topk, block_stats, check_finite=False, pv_skip=self._pv_skip,
-                             attention="fa3" if self.fa3_attention else "triton",
-                             map_budget=self.map_budget,
-                             on_predicted=None if timing is None else timing.predictor_done)
+        # NOTE: the step's plan (made by the builder) and launches only: the thresholds were
+        # validated at load, the batch built by the builder. The two stages run one head chunk
+        # at a time where the block map would pass its memory budget (the predictor time is then
+        # not separated).
+        run_prefill(plan, q, key_cache, value_cache, self.scale, self._simthreshd1,
+                    self._cdfthreshd, self._pvthreshd, out, block_stats, self._pv_skip,
+                    None if timing is None else timing.predictor_done)
         if timing is not None:
             timing.done()
         if sparse.token_index is not None:

@@ -10,6 +10,7 @@ bottom-right causal mask on diagonal blocks and the per-head PV-skip filter (doc
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -257,8 +258,11 @@ def _sparse_attn_kernel(
     _count_skipped(stats_ptr, n_skipped, PV_SKIP)  # (SPLIT is 1 with PV skip)
 
 
-def _tma_layout_ok(cache: torch.Tensor) -> bool:
-    """Pages of whole, 16-byte aligned token rows with unit-stride head dims (a 2-D TMA view)."""
+def tma_layout_ok(cache: torch.Tensor) -> bool:
+    """Pages of whole, 16-byte aligned token rows with unit-stride head dims (a 2-D TMA view).
+
+    Covers vLLM 0.26's packed cache, whose K and V views share each token row ``[Hkv, 2*D]``.
+    """
     num_pages, page, num_kv_heads, head_dim = cache.shape
     s_page, s_tok, s_head, s_dim = cache.stride()
     elem = cache.element_size()
@@ -267,14 +271,13 @@ def _tma_layout_ok(cache: torch.Tensor) -> bool:
     return bool(s_dim == 1 and rows_dense and aligned)
 
 
-def _tma_ok(q: torch.Tensor, cache: torch.Tensor, block_n: int) -> bool:
-    """TMA block loads (the default) need whole key blocks inside one page and pages of whole
-    token rows.
-
-    Covers vLLM 0.26's packed cache, whose K and V views share each token row ``[Hkv, 2*D]``.
-    """
-    hopper = _INTERPRET or (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9)
-    return hopper and _tma_layout_ok(cache) and cache.shape[1] % block_n == 0
+def tma_supported(device: torch.device, page_size: int, block_n: int = BLKK) -> bool:
+    """Whether TMA block loads (the default) can serve caches of ``page_size``-token pages on
+    ``device``: a Hopper GPU (or the interpreter) and whole key blocks inside one page. A cache
+    must also pass :func:`tma_layout_ok`."""
+    hopper = _INTERPRET or (device.type == "cuda"
+                            and torch.cuda.get_device_capability(device)[0] >= 9)
+    return hopper and page_size % block_n == 0
 
 
 def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
@@ -286,21 +289,6 @@ def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
         cache, shape=[num_pages * page, (num_kv_heads - 1) * s_head + head_dim],
         strides=[s_tok, 1], block_shape=[block_n, head_dim],
     )
-
-
-def _kv_loads(q, key_cache, value_cache, block_n: int, use_tma: bool | None = None):
-    """``(use_tma, k_desc, v_desc)``: TMA descriptors where the caches allow them (or as forced
-    by ``use_tma``), else ``None`` (pointer loads)."""
-    if use_tma is None:
-        use_tma = _tma_ok(q, key_cache, block_n) and _tma_ok(q, value_cache, block_n)
-    if not use_tma:
-        return False, None, None
-    page = key_cache.shape[1]
-    if page % block_n or not (_tma_layout_ok(key_cache) and _tma_layout_ok(value_cache)):
-        raise ValueError(f"TMA loads need key blocks of {block_n} inside one page and a cache of "
-                         f"whole 16-byte aligned token rows; got {page}-token pages with strides "
-                         f"{tuple(key_cache.stride())}")
-    return True, *(_kv_descriptor(c, block_n) for c in (key_cache, value_cache))
 
 
 def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
@@ -335,6 +323,28 @@ def _row_parts(split: int | None, head_dim: int, pv_skip: bool, lazy_rescale: fl
         raise ValueError(f"lazy_rescale must be >= 0, and 0 with PV skip on; got {lazy_rescale} "
                          f"(pv_skip {pv_skip})")
     return split, float(lazy_rescale)
+
+
+@dataclass(frozen=True)
+class AttendParams:
+    """A launch of the attention kernel (:func:`attend_params`)."""
+
+    use_tma: bool  # TMA block loads (else pointer loads)
+    split: int  # programs per query block (``BLKQ // split`` rows each)
+    lazy_rescale: float  # LAZY: conditional rescaling threshold (log2 units; 0: every block)
+    num_warps: int
+    num_stages: int
+
+
+def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None = None,
+                  lazy_rescale: float | None = None,
+                  launch: tuple[int, int] | None = None) -> AttendParams:
+    """The attention kernel's launch for ``head_dim`` with or without PV skip and TMA loads:
+    the defaults (:func:`_row_parts`, :func:`_attn_launch_params`) where an override is
+    ``None``."""
+    split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
+    num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
+    return AttendParams(use_tma, split, lazy_rescale, num_warps, num_stages)
 
 
 def sparse_paged_attention(
@@ -390,34 +400,46 @@ def sparse_paged_attention(
     check_block_map(block_map, batch, num_heads, q.device, block_n, as_mask=False)
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
+    page = key_cache.shape[1]
+    tma_layout = tma_layout_ok(key_cache) and tma_layout_ok(value_cache)
+    if use_tma is None:
+        use_tma = tma_supported(q.device, page, block_n) and tma_layout
+    elif use_tma and (page % block_n or not tma_layout):
+        raise ValueError(f"TMA loads need key blocks of {block_n} inside one page and a cache of "
+                         f"whole 16-byte aligned token rows; got {page}-token pages with strides "
+                         f"{tuple(key_cache.stride())}")
+    params = attend_params(q.shape[2], pv_skip, use_tma, split, lazy_rescale, launch)
     attend_blocks(q, key_cache, value_cache, batch, block_map, scale, pvthreshd, out,
-                  stats_buffer(stats, q.device), pv_skip, group, launch, use_tma, block_n, split,
-                  lazy_rescale, kv_major)
+                  stats_buffer(stats, q.device), pv_skip, group, params, block_n, kv_major)
     return out
 
 
-def attend_blocks(q, key_cache, value_cache, batch, block_map, scale, pvthreshd, out, stats,
-                  pv_skip, group, launch_params=None, use_tma=None, block_n=BLKK, split=None,
-                  lazy_rescale=None, kv_major=True) -> None:
-    """:func:`sparse_paged_attention` without its checks (head chunks check the layer's
-    arguments once; ``launch_params`` is its ``launch``)."""
+def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                  batch: PrefillBatch, block_map: BlockMap, scale: float,
+                  pvthreshd: torch.Tensor, out: torch.Tensor, stats: torch.Tensor,
+                  pv_skip: bool, group: int, params: AttendParams, block_n: int = BLKK,
+                  kv_major: bool = True) -> None:
+    """:func:`sparse_paged_attention`'s launch, without its checks: the caller's arguments are
+    valid (a planned step's, or checked), and ``params`` its launch (TMA loads only on caches
+    that :func:`tma_layout_ok` accepts)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     page = key_cache.shape[1]
     nreq, _, nqb, nkb = block_map.lut.shape
-    use_tma, k_desc, v_desc = _kv_loads(q, key_cache, value_cache, block_n, use_tma)
-    split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
-    num_warps, num_stages = launch_params or _attn_launch_params(head_dim, use_tma)
-    launch(_sparse_attn_kernel, (num_heads, nqb * split, nreq))(
+    k_desc = v_desc = None
+    if params.use_tma:
+        k_desc, v_desc = _kv_descriptor(key_cache, block_n), _kv_descriptor(value_cache, block_n)
+    launch(_sparse_attn_kernel, (num_heads, nqb * params.split, nreq))(
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         block_map.lut, block_map.count, pvthreshd, stats, k_desc, v_desc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
         nkb, nqb, num_heads, float(scale) * _LOG2E,
         GROUP=group, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=use_tma,
-        SPLIT=split, LAZY=lazy_rescale, KV_MAJOR=kv_major,
-        num_warps=num_warps, num_stages=num_stages,
+        PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=params.use_tma,
+        SPLIT=params.split, LAZY=params.lazy_rescale, KV_MAJOR=kv_major,
+        num_warps=params.num_warps, num_stages=params.num_stages,
     )
 
 
-__all__ = ["attend_blocks", "sparse_paged_attention"]
+__all__ = ["AttendParams", "attend_blocks", "attend_params", "sparse_paged_attention",
+           "tma_layout_ok", "tma_supported"]

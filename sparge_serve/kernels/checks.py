@@ -2,8 +2,9 @@
 
 The checks are for direct callers of ``predict_block_map``, ``sparse_paged_attention``,
 ``sparge_paged_prefill`` and ``fa3_sparse_attention`` (docs/DESIGN.md, "Argument checks"). The
-planned path (``plan.plan_prefill`` once per step, ``prefill.run_prefill`` per layer) runs none per
-layer: the backend validates its thresholds at load and builds its batches itself.
+planned path checks its settings once per step (``plan.plan_prefill``) and nothing per layer
+(``prefill.run_prefill``): the backend validates its thresholds at load and builds its batches
+itself.
 """
 
 from __future__ import annotations
@@ -29,11 +30,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 """Query and KV-cache dtypes the kernels compile for."""
 
 
-# NOTE: the checks below are for direct callers of the public entry points. Those that read the
-# values of tensors (thresholds, batch offsets, lengths, page ids) read them on the host: free for
-# CPU tensors, a device synchronisation for device tensors, which ``check_finite=False`` skips
-# together with the rest of the batch checks (the backend's calls: it validates its thresholds
-# at load and builds its batches itself).
+# NOTE: the checks that read the values of tensors (thresholds, batch offsets, lengths, page ids)
+# read them on the host: free for CPU tensors, a device synchronisation for device tensors, which
+# ``check_finite=False`` skips together with the rest of the batch checks.
 
 
 def _on_host(t: torch.Tensor, check_values: bool) -> torch.Tensor | None:
@@ -54,8 +53,7 @@ def check_paged_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache=Non
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"q dtype {q.dtype} unsupported; supported: float16, bfloat16")
     head_dim = q.shape[2]
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {head_dim} unsupported; supported: {SUPPORTED_HEAD_DIMS}")
+    check_head_dim(head_dim)
     caches = [key_cache] if value_cache is None else [key_cache, value_cache]
     for name, c in zip(("key_cache", "value_cache"), caches, strict=False):
         if c.dim() != 4 or c.shape[3] != head_dim:
@@ -308,10 +306,26 @@ def check_predictor_args(q, key_cache, batch, scale, simthreshd1, cdfthreshd, to
     # NOTE: top-k mode never reads cdfthreshd: any finite value passes
     check_head_thresholds("cdfthreshd", cdfthreshd, q.shape[1], q.device, check_finite,
                           check_range=topk is None)
+    check_topk(topk)
+    check_context_len(batch.max_seq_len)
+
+
+def check_head_dim(head_dim: int) -> None:
+    """``ValueError`` unless the kernels compile for ``head_dim``."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {head_dim} unsupported; supported: {SUPPORTED_HEAD_DIMS}")
+
+
+def check_topk(topk: float | None) -> None:
+    """``ValueError`` unless ``topk`` is ``None`` (CDF selection) or in (0, 1]."""
     if topk is not None and not 0.0 < topk <= 1.0:
         raise ValueError(f"topk must be in (0, 1], got {topk}")
-    if num_blocks(batch.max_seq_len, BLKK) > MAX_KEY_BLOCKS:
+
+
+def check_context_len(max_seq_len: int) -> None:
+    """``ValueError`` for contexts beyond the predictor's :data:`MAX_KEY_BLOCKS` key blocks."""
+    if num_blocks(max_seq_len, BLKK) > MAX_KEY_BLOCKS:
         raise ValueError(
-            f"context of {batch.max_seq_len} tokens exceeds the predictor's limit of "
+            f"context of {max_seq_len} tokens exceeds the predictor's limit of "
             f"{MAX_KEY_BLOCKS * BLKK}; serve such prompts dense (min_sparse_len / mode=dense)"
         )

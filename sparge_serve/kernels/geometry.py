@@ -35,7 +35,8 @@ this are split: a bound on the worst case (1M-token contexts, or long prompts in
 cost at typical sizes. ``map_floor=0`` gives the pure fraction."""
 BATCH_PTRS = ["bt_ptr", "qsl_ptr", "seq_lens_ptr", "sim_ptr", "cdf_ptr", "pv_ptr", "stats_ptr",
               "count_ptr", "nvalid_ptr"]
-"""Kernel pointer arguments never specialised on 16-byte alignment (``do_not_specialize_on_alignment``).
+"""Kernel pointer arguments never specialised on 16-byte alignment
+(``do_not_specialize_on_alignment``).
 
 They point into caller-provided batch metadata, per-head thresholds and block counters (a layer's
 row of the metrics' ``[layers, 3]`` int64 counters), which a step may pass as slices at any

@@ -14,26 +14,50 @@ being bit sets, selects for several chunks at once: one predictor launch per *se
 GQA groups, as many as fit next to one chunk's tables (a select grid of a few heads is
 latency-bound).
 
-The plan depends on host ints only (heads, requests, ``max_query_len``, ``max_seq_len``), so it
-never synchronises, and the backend can reserve its worst case at start-up.
+The chunk plan depends on host ints only (heads, requests, ``max_query_len``, ``max_seq_len``),
+so it never synchronises, and the backend can reserve its worst case at start-up.
+
+:func:`plan_prefill` makes a step's :class:`PrefillPlan` once: everything a layer's prefill needs
+that depends only on the batch, the model's attention geometry and the settings (the chunks, the
+launch parameters, the FA3 path's sequence order, the block counts' buffer), so that
+``prefill.run_prefill`` only launches, for every layer of that geometry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
+import torch
+
+from sparge_serve.kernels.attention import AttendParams, attend_params, tma_supported
+from sparge_serve.kernels.checks import (
+    SUPPORTED_DTYPES,
+    check_context_len,
+    check_head_dim,
+    check_topk,
+)
 from sparge_serve.kernels.geometry import (
     BLKK,
     BLKQ,
     MAP_BUDGET,
     MIN_BUDGET_BYTES,
+    PrefillBatch,
     key_block_stride,
     mask_words,
     num_blocks,
+    selection_tile,
 )
 from sparge_serve.kernels.pooling import key_sums_bytes, pooled_keys_bytes
+from sparge_serve.kernels.predictor import select_launch_params
+
+if TYPE_CHECKING:
+    from sparge_serve.kernels.experimental.fa3 import VirtualPlan
+
+ATTENTION_PATHS = ("triton", "fa3")
+"""The attention kernels a prefill can run: the block-sparse Triton kernel, or FlashAttention-3
+over virtual contexts (``experimental.fa3``)."""
 
 MIN_SLICE_ROWS = 256
 """Fewest sequences per FA3 launch when the tables are sliced: two waves of an H100/H200's 132
@@ -199,3 +223,113 @@ def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_
     shape = Shape(num_heads, num_kv_heads, head_dim, max_reqs, max_query_len, max_seq_len,
                   fa3_page_size)
     return counts + chunk_scratch_bytes(shape, elem_size, map_budget)
+
+
+@dataclass(frozen=True)
+class ChunkRun:
+    """One attention path's head chunks of a step (:func:`plan_prefill`)."""
+
+    plan: ChunkPlan
+    # per selection (one predictor launch): its query heads, the index of its KV slice among
+    # the cache's splits into `kv_heads`, and whether it pools that slice's keys
+    chunks: tuple[tuple[slice, int, bool], ...]
+    kv_heads: int  # KV heads of a selection's slice
+    counts: tuple[torch.Tensor, ...]  # per selection: int32 [2, R, select_heads, NQB]
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """What a step's sparse prefill needs that depends only on the batch, the model's attention
+    geometry and the settings (:func:`plan_prefill`); valid for every layer of that geometry.
+
+    ``prefill.run_prefill`` reads it for each layer and launches; nothing in it reads a layer's
+    tensors. A layer whose thresholds use the PV skip runs the Triton chunks (``triton``) even
+    in a plan for ``"fa3"``; ``fa3`` and ``virtual`` exist only in such a plan.
+    """
+
+    batch: PrefillBatch
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    topk: float | None
+    nqb: int  # query blocks a request
+    select: tuple[int, int]  # the select kernel's (dimensions per chunk, warps)
+    tma: bool  # TMA loads possible (device, page size); a layer's cache layout decides too
+    attend: dict[tuple[bool, bool], AttendParams]  # the attention launch by (TMA, PV skip)
+    triton: ChunkRun
+    fa3: ChunkRun | None
+    virtual: VirtualPlan | None  # the FA3 path's sequences and tables
+    counts: torch.Tensor  # int32 [2 * R * Hq * NQB]: the runs' block counts (both paths' views)
+    stats: torch.Tensor  # int64 [3]: block counters of runs given none (never read)
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def run_for(self, pv_skip: bool) -> ChunkRun:
+        """The chunks a layer runs: FA3's in a plan for ``"fa3"`` unless the layer uses the PV
+        skip, else the Triton kernel's."""
+        return self.fa3 if self.fa3 is not None and not pv_skip else self.triton
+
+
+def _chunk_run(shape: Shape, chunks: ChunkPlan, counts: torch.Tensor, nqb: int) -> ChunkRun:
+    """The selections of ``chunks`` over views of the flat ``counts`` buffer."""
+    sel = chunks.select_heads
+    group = shape.num_heads // shape.num_kv_heads
+    kv_heads = max(1, sel // group)
+    steps = tuple((hs, gs.start // kv_heads, first) for hs, gs, first in
+                  head_chunks(shape.num_heads, shape.num_kv_heads, sel))
+    n = shape.num_heads // sel
+    views = counts.view(n, 2, shape.max_reqs, sel, nqb).unbind()
+    return ChunkRun(chunks, steps, kv_heads, views)
+
+
+def plan_prefill(batch: PrefillBatch, num_heads: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, page_size: int, device: torch.device | str,
+                 topk: float | None = None, map_budget: float | None = MAP_BUDGET,
+                 attention: str = "triton", map_floor: int | None = None) -> PrefillPlan:
+    """The :class:`PrefillPlan` of ``batch`` for layers of ``num_heads`` query heads,
+    ``num_kv_heads`` KV heads of ``head_dim``, ``dtype`` K/V caches of ``page_size``-token pages
+    on ``device``: head chunks under ``map_budget`` (``map_floor``: as ``plan_chunks``' floor),
+    ``topk`` or CDF selection, ``attention`` ``"triton"`` or ``"fa3"``.
+
+    Host work (and for ``"fa3"`` the sequence order's few tensor ops), no synchronisation.
+    ``ValueError`` for settings the kernels cannot run (geometry, dtype, page size for FA3, a
+    context beyond the predictor's limit, ``topk`` or ``map_budget`` out of range).
+    """
+    device = torch.device(device)
+    if attention not in ATTENTION_PATHS:
+        raise ValueError(f"attention must be 'triton' or 'fa3', got {attention!r}")
+    check_head_dim(head_dim)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {dtype} unsupported; supported: float16, bfloat16")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    check_topk(topk)
+    check_context_len(batch.max_seq_len)
+    fa3 = attention == "fa3"
+    if fa3 and BLKK % page_size:
+        raise ValueError(f"the FA3 attention path needs a page size dividing the key block "
+                         f"({BLKK}); got {page_size}-token pages: use attention='triton'")
+    elem = dtype.itemsize
+    nqb = num_blocks(batch.max_query_len, BLKQ)
+    nkb_pad = selection_tile(num_blocks(batch.max_seq_len, BLKK))
+    tma = tma_supported(device, page_size)
+    attend = {(t, pv): attend_params(head_dim, pv, t) for t in (False, True)
+              for pv in (False, True)}
+    counts = torch.empty(2 * batch.num_reqs * num_heads * nqb, dtype=torch.int32, device=device)
+    runs, virtual = [], None
+    for page in (None, page_size) if fa3 else (None,):
+        shape = Shape(num_heads, num_kv_heads, head_dim, batch.num_reqs, batch.max_query_len,
+                      batch.max_seq_len, page)
+        runs.append(_chunk_run(shape, plan_chunks(shape, elem, map_budget, map_floor), counts,
+                               nqb))
+    if fa3:
+        from sparge_serve.kernels.experimental.fa3 import plan_virtual
+
+        virtual = plan_virtual(batch, nqb, page_size, runs[1].plan.heads, runs[1].plan.slice_rows)
+    dc, warps = select_launch_params(nkb_pad)
+    return PrefillPlan(batch, num_heads, num_kv_heads, head_dim, page_size, topk, nqb,
+                       (dc, warps), tma, attend, runs[0], runs[1] if fa3 else None, virtual,
+                       counts, torch.empty(3, dtype=torch.int64, device=device))

@@ -262,7 +262,7 @@ def _select_dc(nkb_pad: int, num_warps: int) -> int:
     return max(1, min(16, (64 * 32 * num_warps) // nkb_pad))
 
 
-def _select_launch_params(nkb_pad: int) -> tuple[int, int]:
+def select_launch_params(nkb_pad: int) -> tuple[int, int]:
     """(DC, num_warps) of the select kernel.
 
     NOTE: 4 warps up to 2048 key blocks (128K tokens): there 4 warps with 4 dimensions per chunk
@@ -296,7 +296,7 @@ def predict_block_map(
     ``key_cache [num_pages, page_size, Hkv, D]``. ``stats`` (int64 ``[3]``), if given, gets
     ``[valid_blocks, kept_blocks, 0]`` added on the device (by the select kernel itself).
     ``select_dc`` (a power of two up to 32) and ``select_warps`` (4 or 8) override the select
-    kernel's dimensions per chunk and warps (:func:`_select_launch_params`; benchmarks only,
+    kernel's dimensions per chunk and warps (:func:`select_launch_params`; benchmarks only,
     same block map).
 
     Head chunks (``attention.sparge_paged_prefill``): ``q`` and ``key_cache`` may be head slices
@@ -344,7 +344,7 @@ def select_blocks(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, sta
         lut = torch.empty(nreq, num_heads, nqb, nkb_stride, dtype=torch.int16, device=q.device)
     if counts is None:
         counts = torch.empty(2, nreq, num_heads, nqb, dtype=torch.int32, device=q.device)
-    num_warps = select_warps or _select_launch_params(nkb_pad)[1]
+    num_warps = select_warps or select_launch_params(nkb_pad)[1]
     dc = select_dc or _select_dc(nkb_pad, num_warps)
     launch(_select_kernel, (num_heads, nqb, nreq))(
         q, batch.query_start_loc, batch.seq_lens, pooled.pk, pooled.ksim, simthreshd1,

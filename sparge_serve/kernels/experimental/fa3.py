@@ -31,6 +31,7 @@ keep the Triton attention kernel.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -166,7 +167,7 @@ def virtual_table(rows: VirtualRows, batch: PrefillBatch, bm: BlockMap, page_siz
         raise ValueError(f"page size {page_size} must divide the key block ({BLKK})")
     mask = lut_to_mask(bm)
     sub = BLKK // page_size
-    _, map_heads, nqb, words = mask.shape
+    map_heads = mask.shape[1]
     heads = map_heads - m0 if heads is None else heads
     if m0 < 0 or m0 + heads > map_heads:
         raise ValueError(f"heads {m0}:{m0 + heads} are not in the map's {map_heads}")
@@ -174,16 +175,27 @@ def virtual_table(rows: VirtualRows, batch: PrefillBatch, bm: BlockMap, page_siz
     n = s1 - s0
     if out is None:
         dev = bm.count.device
-        vbt = torch.zeros(heads, n, cols, dtype=torch.int32, device=dev)
-        used = torch.empty(heads, n, dtype=torch.int32, device=dev)
+        out = (torch.zeros(heads * n * cols, dtype=torch.int32, device=dev),
+               torch.empty(heads * n, dtype=torch.int32, device=dev))
     elif out[0].numel() < heads * n * cols or out[1].numel() < heads * n:
         raise ValueError(f"table buffers of {out[0].numel()} and {out[1].numel()} entries are "
                          f"too small for {heads} heads x {n} sequences x {cols} pages")
-    else:
-        vbt = out[0][:heads * n * cols].view(heads, n, cols)
-        used = out[1][:heads * n].view(heads, n)
+    return _build_table(rows, batch, mask, bm.count, sub, cols, heads_per_page, group, s0, s1,
+                        h0, out, m0, heads)
+
+
+def _build_table(rows: VirtualRows, batch: PrefillBatch, mask: torch.Tensor,
+                 count: torch.Tensor, sub: int, cols: int, heads_per_page: int, group: int,
+                 s0: int, s1: int, h0: int, out: tuple[torch.Tensor, torch.Tensor], m0: int,
+                 heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`virtual_table`'s launch (``sub`` pages a key block, ``cols`` entries a table) into
+    buffers ``out`` large enough, without its checks."""
+    n = s1 - s0
+    vbt = out[0][:heads * n * cols].view(heads, n, cols)
+    used = out[1][:heads * n].view(heads, n)
+    _, map_heads, nqb, words = mask.shape
     launch(_virtual_table_kernel, (n, heads))(
-        mask, bm.count, rows.order, batch.query_start_loc, batch.seq_lens, batch.block_table,
+        mask, count, rows.order, batch.query_start_loc, batch.seq_lens, batch.block_table,
         vbt, used, nqb, words, map_heads, s0, h0, m0, batch.block_table.stride(0),
         batch.block_table.shape[1], cols, heads_per_page,
         GROUP=group, SUB=sub, BLOCK_Q=BLKQ, BLOCK_N=BLKK, CHUNK_WORDS=TABLE_CHUNK_WORDS,
@@ -239,57 +251,74 @@ def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_
     )
 
 
-class VirtualAttention:
-    """The FA3 attention path for one call (module docstring), with what its head chunks share
-    made once: the sequences' order and slices, per-head views of ``q`` and ``out``, the caches
-    as head pages, and one table buffer for the largest chunk (``heads`` query heads;
-    ``slice_rows``: sequences per table, ``None``: all). :meth:`attend` runs a block map's
-    heads."""
+@dataclass(frozen=True)
+class VirtualPlan:
+    """What the FA3 path needs of a batch, the same for every layer and head chunk of a step
+    (:func:`plan_virtual`): the sequences longest first and their slices, and the tables' shape.
+    """
 
-    def __init__(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                 batch: PrefillBatch, nqb: int, scale: float, out: torch.Tensor,
-                 group: int | None = None, heads: int | None = None,
-                 slice_rows: int | None = None, attn_fn=None):
-        self.group = check_group(group, q.shape[1], key_cache.shape[2])
+    rows: VirtualRows
+    # per slice: (first sequence, end, its q_start [n + 1] and q_len [n] views of `rows`)
+    slices: tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]
+    heads: int  # query heads one table buffer holds (a chunk's)
+    step: int  # sequences one table holds (a slice's)
+    cols: int  # entries of one sequence's table
+    sub: int  # pages a key block
+    max_k: int  # bound on a virtual context's tokens
+
+
+def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
+                 slice_rows: int | None = None) -> VirtualPlan:
+    """:class:`VirtualPlan` of ``batch`` (``nqb`` query blocks a request) for chunks of ``heads``
+    query heads, tables of ``slice_rows`` sequences (``None``: all): a few tensor ops for the
+    order, no host synchronisation."""
+    rows = virtual_rows(batch, nqb)
+    n_seq = nqb * batch.num_reqs
+    step = n_seq if slice_rows is None else max(1, min(slice_rows, n_seq))
+    slices = tuple((s0, min(n_seq, s0 + step), rows.q_start[s0:s0 + step + 1],
+                    rows.q_len[s0:s0 + step]) for s0 in range(0, n_seq, step))
+    return VirtualPlan(rows, slices, heads, step, table_cols(batch, page_size),
+                       BLKK // page_size, num_blocks(batch.max_seq_len, BLKK) * BLKK)
+
+
+class VirtualAttention:
+    """The FA3 attention path for one layer (module docstring): ``plan``'s sequences and the
+    layer's per-head views of ``q`` and ``out``, its caches as head pages, and one table
+    buffer for ``plan.heads`` query heads (allocated here, freed with the object: the memory
+    the backend reserves holds it only during a layer's call). :meth:`attend` runs a block
+    map's heads."""
+
+    def __init__(self, plan: VirtualPlan, q: torch.Tensor, key_cache: torch.Tensor,
+                 value_cache: torch.Tensor, batch: PrefillBatch, scale: float, out: torch.Tensor,
+                 group: int, attn_fn=None):
+        self.plan, self.batch, self.scale, self.group = plan, batch, scale, group
         self.k_view, self.heads_per_page = heads_as_pages(key_cache)
-        self.v_view, k_v = heads_as_pages(value_cache)
-        if k_v != self.heads_per_page:
-            raise ValueError("key and value caches differ in layout")
-        self.page_size = key_cache.shape[1]
-        self.rows = virtual_rows(batch, nqb)
-        n_seq = nqb * batch.num_reqs
-        step = n_seq if slice_rows is None else max(1, min(slice_rows, n_seq))
-        q_start, q_len = self.rows.q_start, self.rows.q_len
-        self.slices = [(s0, min(n_seq, s0 + step), q_start[s0:s0 + step + 1],
-                        q_len[s0:s0 + step]) for s0 in range(0, n_seq, step)]
+        self.v_view, _ = heads_as_pages(value_cache)
         self.q_heads, self.out_heads = q.split(1, 1), out.split(1, 1)
-        self.batch, self.scale = batch, scale
-        self.max_k = num_blocks(batch.max_seq_len, BLKK) * BLKK
-        cols = table_cols(batch, self.page_size)
-        self.heads = heads = q.shape[1] if heads is None else heads
         i32 = dict(dtype=torch.int32, device=q.device)
-        self.tables = (torch.zeros(heads * step * cols, **i32), torch.empty(heads * step, **i32))
+        n = plan.heads * plan.step
+        self.tables = (torch.zeros(n * plan.cols, **i32), torch.empty(n, **i32))
         self.attn_fn = attn_fn or fa3_paged_forward
 
     def attend(self, bm: BlockMap, h0: int = 0) -> None:
-        """Attention of the heads ``h0, h0 + 1, ...`` of ``bm`` (a head chunk's map, or the
-        whole call's), with tables for ``heads`` (:class:`VirtualAttention`'s) of them at a
-        time."""
+        """Attention of the heads ``h0, h0 + 1, ...`` of ``bm`` (bit sets: a head chunk's map,
+        or the whole call's), with tables for ``plan.heads`` of them at a time."""
         # NOTE: host loops over head groups, slices and heads, one FA3 launch each: FA3 shares a
         # page table among a sequence's heads, so per-head contexts need per-head calls (module
         # docstring)
+        plan = self.plan
         map_heads = bm.count.shape[1]
-        for m0 in range(0, map_heads, self.heads):
-            n = min(self.heads, map_heads - m0)
-            for s0, s1, q_start, q_len in self.slices:
-                vbt, used = virtual_table(self.rows, self.batch, bm, self.page_size,
-                                          self.heads_per_page, self.group, s0, s1, h0,
-                                          self.tables, m0, n)
+        for m0 in range(0, map_heads, plan.heads):
+            n = min(plan.heads, map_heads - m0)
+            for s0, s1, q_start, q_len in plan.slices:
+                vbt, used = _build_table(plan.rows, self.batch, bm.mask, bm.count, plan.sub,
+                                         plan.cols, self.heads_per_page, self.group, s0, s1, h0,
+                                         self.tables, m0, n)
                 for h, (table, n_used) in enumerate(zip(vbt.unbind(), used.unbind(),
                                                         strict=True)):
                     hq = h0 + m0 + h
                     self.attn_fn(self.q_heads[hq], self.k_view, self.v_view, self.out_heads[hq],
-                                 q_start, q_len, n_used, table, self.max_k, self.scale)
+                                 q_start, q_len, n_used, table, plan.max_k, self.scale)
 
 
 def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -305,17 +334,23 @@ def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     call FA3 for that many of the sequences at a time (longest first; ``None``: all), which
     bounds the tables' memory (``plan.plan_chunks``). ``check_finite=False`` skips the checks
     of a batch of device tensors (their values: a host sync), as the other entry points' (docs/
-    DESIGN.md, "Argument checks"). Head chunks use :class:`VirtualAttention` directly (one per
-    call, shared by the chunks).
+    DESIGN.md, "Argument checks"). A planned prefill step uses :func:`plan_virtual` once per
+    step and a :class:`VirtualAttention` per layer (``prefill.run_prefill``).
     """
     check_paged_inputs(q, key_cache, value_cache)
     check_out_and_layout(q, key_cache, value_cache, out)
     check_batch(q, key_cache, batch, check_finite)
     check_scale(scale)
     check_block_map(bm, batch, q.shape[1], q.device)
-    if BLKK % key_cache.shape[1]:
+    group = check_group(group, q.shape[1], key_cache.shape[2])
+    page_size = key_cache.shape[1]
+    if BLKK % page_size:
         raise ValueError(f"the FA3 path needs a page size dividing the key block ({BLKK}); got "
-                         f"{key_cache.shape[1]}-token pages: use sparse_paged_attention")
-    VirtualAttention(q, key_cache, value_cache, batch, bm.count.shape[2], scale, out, group,
-                     slice_rows=slice_rows, attn_fn=attn_fn).attend(bm)
+                         f"{page_size}-token pages: use sparse_paged_attention")
+    if heads_as_pages(key_cache)[1] != heads_as_pages(value_cache)[1]:
+        raise ValueError("key and value caches differ in layout")
+    plan = plan_virtual(batch, bm.count.shape[2], page_size, q.shape[1], slice_rows)
+    bm = dataclasses.replace(bm, mask=lut_to_mask(bm))
+    VirtualAttention(plan, q, key_cache, value_cache, batch, scale, out, group,
+                     attn_fn).attend(bm)
     return out
