@@ -44,7 +44,7 @@ SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, n
 # --virtual: also time FA3 over per-row virtual contexts, all heads at once and in head chunks
 # (rows "<config>+fa3", "<config>+fa3_chunked"); --chunked: the Triton kernels in head chunks
 # (rows "<config>+chunked"); chunks under the default map_budget (1.5% of the K/V bytes) with no
-# floor (map_floor=0: the memory bar's setting); each end to end, measured peak memory
+# floor (map_floor=0: every call bounded by the fraction); each end to end, measured peak memory
 VIRTUAL = False
 CHUNKED = False
 # --variants: the defaults' alternatives (PV skip off), timed on every random-input config (dense
@@ -309,10 +309,10 @@ def chunk_select_ms(q, kc, batch, scale, sim, cdf, topk, heads: int, time_fn,
 
 def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, suffix):
     """Row ``<config><suffix>``: ``sparge_paged_prefill`` end to end (PV skip off) with
-    ``attention`` ("triton" or "fa3") and ``map_budget`` with no floor (the #3 memory bar's
-    configuration; None: all heads at once), its largest
-    difference to the two-kernel row's output, its predictor share (the same head chunks
-    without the attention) and its measured peak extra memory."""
+    ``attention`` ("triton" or "fa3") and ``map_budget`` with no floor (every call bounded by
+    the fraction; None: all heads at once), its largest difference to the two-kernel row's
+    output, its predictor share (the same head chunks without the attention) and its measured
+    peak extra memory."""
     q, kc, vc, batch, scale, sim, cdf, pv_off, out = args
     want = torch.empty_like(q)
     call = dict(topk=topk, check_finite=False, pv_skip=False)

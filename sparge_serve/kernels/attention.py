@@ -294,8 +294,8 @@ def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
 def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
     """(num_warps, num_stages); pinned from benchmarks/bench_kernels.py --sweep (H200, head dim
     128): with TMA 4 warps / 2 stages (0.75x the time of 8/3); without (16-token pages) 8/3.
-    4/2 was 8% faster there with every block kept, but 8-17% slower at 50-90% block sparsity
-    (benchmarks/results/history/kernels_v6_h200.md, notes), and PV skip spills at 4 warps. Head
+    4/2 is 8% faster there with every block kept, but 8-17% slower at 50-90% block sparsity
+    (``kernels_v6_h200.md`` in commit 1f68c02, notes), and PV skip spills at 4 warps. Head
     dim 256 (not yet timed): 8 warps / 2 stages, the only setting whose [128, 256] fp32
     accumulator fits (the AOT check: spill-free with split=2, 165 KB of shared memory). Never
     autotuned at serve time."""
@@ -310,7 +310,7 @@ def _row_parts(split: int | None, head_dim: int, pv_skip: bool, lazy_rescale: fl
                use_tma: bool) -> tuple[int, float]:
     """``(SPLIT, LAZY)`` of the attention kernel, after checking them against ``pv_skip``. ``split``
     ``None``: whole query blocks, but two 64-row parts for head dim 256 without PV skip;
-    ``lazy_rescale`` ``None``: :data:`LAZY_RESCALE` where it was measured faster (TMA loads,
+    ``lazy_rescale`` ``None``: :data:`LAZY_RESCALE` where it measures faster (TMA loads,
     head dim 128, PV skip off), else 0."""
     if split is None:
         split = 2 if head_dim == 256 and not pv_skip else 1
@@ -380,9 +380,9 @@ def sparse_paged_attention(
     only; ``None``: 2 for head dim 256 without PV skip, else 1.
     ``lazy_rescale`` > 0 (PV skip off) rescales the accumulator only when a row's max grows by
     more than that many log2 units (``_lazy_softmax_update``); ``None``: :data:`LAZY_RESCALE`
-    with TMA loads and head dim 128 without PV skip (where it was measured faster), else 0.
+    with TMA loads and head dim 128 without PV skip (where it measures faster), else 0.
     ``kv_major`` (the default) launches one KV head's query programs before the next KV head's;
-    ``False`` (benchmarks only) is the former head-by-head order of each query block.
+    ``False`` (benchmarks only) runs every head of one query block together.
     ``group``: for head slices, as :func:`~sparge_serve.kernels.predictor.predict_block_map`'s.
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument

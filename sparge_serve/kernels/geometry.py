@@ -95,8 +95,8 @@ class BlockMap:
     """Kept key blocks per (request, q-head, query block) row."""
 
     # [R, Hq, NQB, NKB_STRIDE] int16: kept key-block ids, ascending, first `count` valid
-    # (NKB_STRIDE: the key-block count rounded up to 16, `key_block_stride`); None when the map
-    # was built one head chunk at a time, or as bit sets
+    # (NKB_STRIDE: the key-block count rounded up to 16, `key_block_stride`); None for a map
+    # built one head chunk at a time, or as bit sets
     lut: torch.Tensor | None
     count: torch.Tensor  # [R, Hq, NQB] int32: number of kept key blocks (0 for rows past the query)
     n_valid: torch.Tensor  # [R, Hq, NQB] int32: number of causally valid key blocks of the row

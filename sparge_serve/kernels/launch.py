@@ -76,7 +76,7 @@ def internals_problem() -> str | None:
         return f"JITFunction.run takes {params}, not {_JIT_RUN_PARAMS}"
     for code in _JIT_RUN_CODE:
         if "".join(code.split()) not in source:
-            return f"JITFunction.run no longer runs `{code}`"
+            return f"JITFunction.run does not run `{code}`"
     if not isinstance(inspect.getattr_static(CompiledKernel, "run", None), property):
         return "CompiledKernel has no `run` launcher property"
     return None

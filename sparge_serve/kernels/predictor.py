@@ -84,8 +84,8 @@ def _select_row(
     valid = offs_j < n_valid
     # NOTE: the pooled-key loads are masked in whole groups of 4 key blocks (16 bytes; rows are
     # padded to 16 blocks, so these stay in the row, and the extra blocks are never selected): a
-    # mask at block granularity split each vector load into four scalar ones, and the kernel
-    # was L1-bound on them (Nsight Compute, 32K)
+    # mask at block granularity splits each vector load into four scalar ones, which make the
+    # kernel L1-bound (Nsight Compute, 32K)
     loadable = offs_j < (n_valid + 3) // 4 * 4
 
     # pooled query (real rows), its self-similarity |mean of unit rows|^2, and the compressed
@@ -118,7 +118,8 @@ def _select_from_scores(s, q_sim, ksim_row, cdf_ptr, h, simthr, first, offs_j, v
 
     NOTE: the threshold searches test one float (as bits) per step. Testing 3-15 at once (one
     ``[NKB_PAD, RADIX]`` reduction per step, 8-15 steps instead of 31) measured 0.64-1.0x
-    (``history/kernels_v10_predictor_h200.md``): the reductions are not what bounds the kernel.
+    (``kernels_v10_predictor_h200.md`` in commit 175a6f8): the reductions are not what bounds
+    the kernel.
     """
     k_sim = tl.load(ksim_row + offs_j, mask=valid, other=0.0) > simthr
     allowed = valid & k_sim
@@ -266,9 +267,9 @@ def select_launch_params(nkb_pad: int) -> tuple[int, int]:
     """(DC, num_warps) of the select kernel.
 
     NOTE: 4 warps up to 2048 key blocks (128K tokens): there 4 warps with 4 dimensions per chunk
-    (120 registers, four programs per multiprocessor) were 1.04-1.07x faster than 8 warps with 8
-    (``history/kernels_v10_predictor_h200.md``); 8 warps beyond (4 warps would need 214, AOT
-    check).
+    (120 registers, four programs per multiprocessor) are 1.04-1.07x faster than 8 warps with 8
+    (``kernels_v10_predictor_h200.md`` in commit 175a6f8); 8 warps beyond (4 warps would need
+    214, AOT check).
     """
     num_warps = 4 if nkb_pad <= 2048 else 8
     return _select_dc(nkb_pad, num_warps), num_warps

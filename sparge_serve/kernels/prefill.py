@@ -48,7 +48,7 @@ def run_prefill(plan: PrefillPlan, q: torch.Tensor, key_cache: torch.Tensor,
     chunks' predictor alone, ``out`` left alone (the benchmark's predictor share of a chunked
     call).
 
-    Returns the block map when the run was one chunk (its lists, for ``"fa3"`` its bit sets);
+    Returns the block map when the run is one chunk (its lists, for ``"fa3"`` its bit sets);
     else ``None``, and :func:`block_counts` assembles the run's counts. The counts live in the
     plan's buffer: the next run of the plan overwrites them.
     """
