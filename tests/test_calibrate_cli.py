@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
+
 from sparge_calibrate.cli import main, parse_layer_spec
 from sparge_calibrate.hf_driver import CAPTURE_ATTN, capture_hf, load_model, model_info
 from sparge_calibrate.prompts import MIN_PROMPT_TOKENS, PromptError, load_prompts, prompts_sha256
-
 from sparge_serve.reference import dense_causal_attention_ref
 from sparge_serve.thresholds import ModelGeometry, config_hash, load_thresholds
 
@@ -376,10 +376,10 @@ def test_prompt_file_unreadable(tmp_path, monkeypatch):
 
 def test_outputs_recognised_from_their_headers(tmp_path):
     from safetensors.torch import save_file
+
     from sparge_calibrate.outputs import not_heatmap, not_thresholds
     from sparge_calibrate.search import LayerBudget, LayerResult
     from sparge_calibrate.summary import plot_heatmap
-
     from sparge_serve.thresholds import Thresholds, save_thresholds
 
     th = tmp_path / "th.safetensors"
