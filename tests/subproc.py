@@ -52,6 +52,28 @@ def tail(log: Path, chars: int = 6000) -> str:
     return log.read_text(errors="replace")[-chars:] if log.exists() else "(no log)"
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+    """Poll ``url`` (a server's health endpoint) until it answers. A server that exits raises
+    ``AssertionError`` with its log's tail; one that does not answer within ``timeout`` seconds is
+    stopped with SIGABRT first, so that every process in it writes its stacks into ``log``."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, tail(log)
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                stop(proc, signal.SIGABRT, grace=30)
+                raise AssertionError(f"the server did not answer {url} within {timeout:.0f} s; "
+                                     f"stacks and log in {log}") from None
+            time.sleep(2)
+
+
 def run_logged(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> None:
     """Run ``cmd`` to the end; raise ``AssertionError`` with the log's tail if it fails or hangs."""
     proc = start(cmd, env, log)
