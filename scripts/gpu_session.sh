@@ -30,6 +30,7 @@
 #              backends $TTFT_BACKENDS, torch.profiler split of one prefill at each length of
 #              $TTFT_PROFILE, and per decode step if $TTFT_PROFILE_DECODE is set (-> $OUT/ttft.*)
 #   query_len  short chunks on a long context, sparse vs FA3 (-> $OUT/query_len.*)
+#   soak       metrics under a vllm bench serve load (tests/gpu/test_metrics_soak.py)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 #   host       host (CPU) time per attention call, sparse paths vs FA3, bench shapes and the
 #              tiny model's (-> $OUT/host_overhead.*, $OUT/host_overhead_tiny.*)
@@ -75,7 +76,8 @@ for stage in "$@"; do
         # device fixture), e.g. head chunks = one chunk, split, sub-page TMA = pointer loads
         run gpu_kernel_tests timeout 300 ${PYTEST/-m gpu /} --junitxml "$OUT/junit_kernel_tests.xml" \
             tests/test_kernels.py tests/test_warmup.py tests/test_chunks.py tests/test_virtual.py \
-            tests/test_launch.py
+            tests/test_launch.py tests/test_oracles.py tests/test_forced_blocks.py \
+            tests/test_kernel_api_checks.py
         ;;
     tests)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
@@ -158,6 +160,11 @@ for stage in "$@"; do
         ;;
     query_len)
         run query_len python3 benchmarks/bench_query_len.py --out "$OUT/query_len"
+        ;;
+    soak)
+        # vllm serve under vllm bench serve, /metrics scraped every second (about 2 minutes
+        # with warm caches, 5 on a fresh machine)
+        run gpu_soak timeout 400 $PYTEST --junitxml "$OUT/junit_soak.xml" tests/gpu/test_metrics_soak.py
         ;;
     overhead)
         run overhead python3 benchmarks/metrics_overhead.py
