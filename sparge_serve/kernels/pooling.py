@@ -1,6 +1,6 @@
 """Stage 1's key pass: pooled keys and key-block similarity over vLLM's paged KV cache.
 
-For a varlen batch of prefill requests (docs/DESIGN.md, "Stage 1"), :func:`pool_keys`:
+For a varlen batch of prefill requests (docs/METHOD.md, "Stage 1"), :func:`pool_keys`:
 
 1. ``_ksum_kernel``: per (request, KV head, chunk of :data:`KSUM_CHUNK` key blocks) the fp32 sum
    of the keys, over the *whole* context (prefix-cached tokens and earlier chunks included).

@@ -1,6 +1,6 @@
 """Stage 1 of SpargeAttn as Triton kernels: which (query block, key block) pairs to compute.
 
-For a varlen batch of prefill requests over vLLM's paged KV cache (docs/DESIGN.md, "Stage 1"),
+For a varlen batch of prefill requests over vLLM's paged KV cache (docs/METHOD.md, "Stage 1"),
 after the key pass (``pooling.pool_keys``: pooled smoothed keys and key-block similarity),
 ``_select_kernel`` runs one program per (q-head, query block, request) row: pooled query and its
 similarity, fp32 compressed scores against every valid key block (bottom-right causal), fp32
