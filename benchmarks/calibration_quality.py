@@ -49,12 +49,12 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/calibration_quality")
     args = ap.parse_args()
 
+    from transformers import AutoTokenizer
+
     from sparge_calibrate.evaluators import make_evaluator
     from sparge_calibrate.hf_driver import capture_hf, load_model, model_info, quality_report
     from sparge_calibrate.prompts import load_prompts, prompts_sha256
     from sparge_calibrate.search import LayerBudget, SearchConfig, search_layers, stack_results
-    from transformers import AutoTokenizer
-
     from sparge_serve.kernels import BLKK, BLKQ
     from sparge_serve.thresholds import Thresholds, save_thresholds
 

@@ -34,6 +34,7 @@ import subprocess
 import time
 
 import torch
+
 from sparge_calibrate.search import (
     DEFAULT_SIM_GRID,
     LayerBudget,

@@ -247,7 +247,6 @@ def test_vllm_driver_tensor_parallel_merges_to_global_head_order(stand_in_vllm, 
                                                                   monkeypatch):
     """tp=2 through the worker extension and the merge gives exactly the tp=1 capture."""
     from sparge_calibrate.vllm_driver import capture_vllm
-
     from sparge_serve.backend.capture_worker import EXTENSION
 
     model = _model_dir(tmp_path)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from sparge_calibrate.evaluators import ReferenceEvaluator
 from sparge_calibrate.search import (
     Evaluation,
@@ -20,7 +21,6 @@ from sparge_calibrate.search import (
     skippable_blocks,
     stack_results,
 )
-
 from sparge_serve.kernels.geometry import PV_SKIP_OFF
 from sparge_serve.reference import dense_causal_attention_ref, sparge_attention_ref
 from sparge_serve.thresholds import Thresholds

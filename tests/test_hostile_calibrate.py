@@ -17,13 +17,13 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
+
 import sparge_calibrate.search as search_mod
 import sparge_calibrate.summary as summary_mod
-import torch
+import sparge_serve.thresholds as thresholds_mod
 from sparge_calibrate.cli import main
 from sparge_calibrate.search import LayerResult
-
-import sparge_serve.thresholds as thresholds_mod
 from sparge_serve.thresholds import Thresholds, load_thresholds, save_thresholds
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "sparge-tiny-code"

@@ -40,6 +40,7 @@ pytestmark = [
 def _capture_main(spec_path: str, out_path: str) -> None:
     """Subprocess body: capture the prompts with the spec's tensor-parallel size, save them."""
     from safetensors.torch import save_file
+
     from sparge_calibrate.vllm_driver import capture_vllm
 
     spec = json.loads(Path(spec_path).read_text())
