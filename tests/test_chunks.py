@@ -53,7 +53,7 @@ def test_config_default_is_the_kernels_default():
 
 @pytest.mark.parametrize("fa3_page", [None, 64])
 def test_plan_fits_the_budget_at_the_benchmark_shapes(fa3_page):
-    """32 q / 8 KV heads, head dim 128, bf16, one prompt (the #3 benchmark), with no floor (the
+    """32 q / 8 KV heads, head dim 128, bf16, one prompt (the kernel benchmark's shape), with no floor (the
     bounded-memory setting): each chunk's buffers stay within 1.5% of the K/V bytes, with as many
     heads as fit (and for FA3, as many of their sequences' tables)."""
     for length in (8192, 32768, 131072):

@@ -1,4 +1,4 @@
-"""The tiny trained model of issue 4: its build pipeline (scripts/model) on a toy config, and the
+"""The tiny trained model: its build pipeline (scripts/model) on a toy config, and the
 committed model under models/sparge-tiny-code when it is there.
 
 The pipeline fixture runs corpus -> tokenizer -> encode -> train (6 steps, context 256) ->

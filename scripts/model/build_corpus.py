@@ -1,4 +1,4 @@
-"""Build the offline code corpus for the tiny test model (issue 4).
+"""Build the offline code corpus for the tiny test model.
 
 Source text is whatever Python is installed on the machine: the standard library and the
 site-packages folder (``sysconfig``), Python sources plus README-like docs. Everything is

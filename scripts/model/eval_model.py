@@ -1,4 +1,4 @@
-"""Evaluate the tiny code model (issue 4): held-out perplexity and attention structure.
+"""Evaluate the tiny code model: held-out perplexity and attention structure.
 
 1. Perplexity of the same held-out token span cut into windows of 2K, 8K and 16K tokens (each
    window starts with EOS, as in training), with the loss by position bucket and bits/char.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the tiny code model of issue 4 end to end: corpus -> tokenizer -> train -> eval -> pack.
+# Build the tiny code model end to end: corpus -> tokenizer -> train -> eval -> pack.
 #
 #   bash scripts/model/run_all.sh OUT_DIR [WORK_DIR]
 #

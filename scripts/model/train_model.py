@@ -1,4 +1,4 @@
-"""Train the tiny long-context code model (issue 4): a Hugging Face ``LlamaForCausalLM``.
+"""Train the tiny long-context code model: a Hugging Face ``LlamaForCausalLM``.
 
 Plain PyTorch loop: bf16 autocast on CUDA, AdamW, linear warm-up then cosine decay driven by
 the wall clock, SDPA (FlashAttention) attention, optional ``torch.compile`` of the decoder
@@ -33,7 +33,7 @@ from build_corpus import load_tokens, make_window, read_manifest
 log = logging.getLogger("train_model")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-MAX_MODEL_DIR_BYTES = 25_000_000  # issue 4: config + safetensors + tokenizer <= 25 MB
+MAX_MODEL_DIR_BYTES = 25_000_000  # config + safetensors + tokenizer <= 25 MB
 
 
 def build_config(args: argparse.Namespace, vocab_size: int, eos_id: int):
@@ -342,7 +342,7 @@ def train(args: argparse.Namespace) -> dict:
              args.out, model_bytes / 1e6, step, tokens_seen / 1e6, train_seconds,
              ", ".join(f"held-out loss@{k}={v:.4f}" for k, v in evals[-1]["loss"].items()))  # fmt: skip
     if model_bytes > MAX_MODEL_DIR_BYTES:
-        log.warning("model folder is %.2f MB, over the 25 MB limit of issue 4", model_bytes / 1e6)
+        log.warning("model folder is %.2f MB, over its 25 MB limit", model_bytes / 1e6)
     return run_log
 
 

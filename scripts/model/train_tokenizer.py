@@ -1,4 +1,4 @@
-"""Train the byte-level BPE tokenizer of the tiny test model (issue 4).
+"""Train the byte-level BPE tokenizer of the tiny test model.
 
 Writes ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` into the
 model folder, so that ``transformers.AutoTokenizer.from_pretrained(folder)`` and vLLM load it.
