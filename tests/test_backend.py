@@ -143,7 +143,6 @@ def test_valid_configuration(sparge):
 
 
 @pytest.mark.parametrize("override,text", [
-    ({"has_sliding_window": True}, "sliding-window attention is not supported"),
     ({"kv_cache_dtype": "fp8"}, "quantized (fp8) KV cache is not supported"),
     ({"has_sink": True}, "attention sinks are not supported"),
     ({"use_mla": True}, "MLA (multi-head latent attention) models are not supported"),
@@ -174,7 +173,6 @@ def test_model_level_rejections():
 
 @pytest.mark.parametrize("kwargs,text", [
     ({"alibi_slopes": [1.0] * HQ}, "ALiBi"),
-    ({"sliding_window": 4096}, "sliding-window attention (window 4096)"),
     ({"logits_soft_cap": 30.0}, "soft-capping"),
     ({"attn_type": "encoder"}, "attention type encoder"),
     ({"kv_cache_dtype": "fp8_e4m3"}, "kv_cache_dtype 'fp8_e4m3'"),

@@ -28,8 +28,6 @@ PREFERRED_PAGE_SIZE = 64
 _OWN_CHECKS: tuple[tuple[str, Any, str, Any], ...] = (
     ("kv_cache_dtype", lambda b, v: b.supports_kv_cache_dtype(v),
      "quantized (fp8) KV cache is not supported; use --kv-cache-dtype auto", "auto"),
-    ("has_sliding_window", lambda b, v: not v or b.supports_sliding_window(),
-     "sliding-window attention is not supported", False),
     ("has_sink", lambda b, v: not v or b.supports_sink(),
      "attention sinks are not supported", False),
     ("use_mla", lambda b, v: bool(v) == b.is_mla(),
@@ -78,7 +76,8 @@ class SpargeCapabilities:
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
-        return False
+        # Sliding-window layers run FlashAttention's dense path with their window.
+        return True
 
     @classmethod
     def supports_non_causal(cls) -> bool:
@@ -159,16 +158,14 @@ def unsupported_model_reasons(vllm_config: VllmConfig | None, head_size: int | N
     return reasons
 
 
-def check_layer(head_size: int, alibi_slopes: list[float] | None, sliding_window: int | None,
-                kv_cache_dtype: str, logits_soft_cap: float | None, attn_type: str,
-                sinks: torch.Tensor | None, unsupported: dict[str, Any]) -> None:
+def check_layer(head_size: int, alibi_slopes: list[float] | None, kv_cache_dtype: str,
+                logits_soft_cap: float | None, attn_type: str, sinks: torch.Tensor | None,
+                unsupported: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming every feature of one attention layer that SPARGE cannot serve
     (the arguments of ``SpargeAttentionImpl``; ``unsupported``: options it does not know)."""
     problems = []
     if alibi_slopes is not None:
         problems.append("ALiBi position biases")
-    if sliding_window is not None:
-        problems.append(f"sliding-window attention (window {sliding_window})")
     if logits_soft_cap:
         problems.append(f"attention logit soft-capping ({logits_soft_cap})")
     if attn_type != AttentionType.DECODER:

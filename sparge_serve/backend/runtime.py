@@ -296,28 +296,38 @@ class LayerThresholds:
     pv_skip: bool  # host: any head of the layer uses the PV skip (pvthreshd < PV_SKIP_OFF)
 
 
+def _layer_index(runtime: SpargeRuntime, layer_name: str) -> tuple[int | None, str | None]:
+    """The global layer index in ``layer_name`` and None, or None and why there is none."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    try:
+        index = extract_layer_index(layer_name)
+    except (AssertionError, ValueError):
+        return None, f"cannot read a layer index from the name {layer_name!r}"
+    num_layers = runtime.thresholds.num_layers
+    if index >= num_layers:
+        return None, (f"layer index {index} is beyond the thresholds' {num_layers} layers "
+                      "(e.g. a speculative-decoding draft layer)")
+    return index, None
+
+
+def window_layer_index(runtime: SpargeRuntime, layer_name: str) -> int | None:
+    """The global index of the sliding-window layer ``layer_name`` (its prefill tokens are
+    counted as dense under it), or None (not counted): no thresholds are read for it."""
+    return _layer_index(runtime, layer_name)[0]
+
+
 def layer_thresholds(runtime: SpargeRuntime, layer_name: str, num_heads: int,
                      device: torch.device | str, vllm_config: VllmConfig | None,
                      tp: tuple[int, int] | None = None) -> LayerThresholds | None:
     """The thresholds of the layer named ``layer_name`` with ``num_heads`` query heads on this
     rank (``tp``: (rank, size), default this process's), copied to ``device``; None (with a
     warning) when the name gives no layer of the thresholds: the layer then runs dense."""
-    from vllm.model_executor.models.utils import extract_layer_index
-
-    try:
-        index = extract_layer_index(layer_name)
-    except (AssertionError, ValueError):
-        index = None
-    cfg, th = runtime.config, runtime.thresholds
-    reason = None
-    if index is None:
-        reason = f"cannot read a layer index from the name {layer_name!r}"
-    elif index >= th.num_layers:
-        reason = (f"layer index {index} is beyond the thresholds' {th.num_layers} layers "
-                  "(e.g. a speculative-decoding draft layer)")
+    index, reason = _layer_index(runtime, layer_name)
     if reason is not None:
         logger.warning("SPARGE: layer %s runs dense: %s", layer_name, reason)
         return None
+    cfg, th = runtime.config, runtime.thresholds
     rank, size = tp if tp is not None else tp_rank_and_size(vllm_config)
     local = runtime.for_rank(rank, size)
     if local.num_heads != num_heads:

@@ -52,6 +52,7 @@ from sparge_serve.backend.runtime import (
     prefill_plan_args,
     sparse_scratch_bytes,
     warm_up_kernels,
+    window_layer_index,
 )
 from sparge_serve.backend.split import StepCounts, sparse_sub_batch, split_requests, step_counts
 from sparge_serve.plugin import BACKEND_NAME
@@ -154,7 +155,11 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             self._reasons = FallbackReason
         self._counting = True
         self._warned_no_cpu_seq_lens = False
+        # A sliding-window KV cache group (vLLM's SlidingWindowSpec) holds only windowed layers,
+        # which run dense: its steps are counted, never planned sparse.
+        self.windowed = getattr(kv_cache_spec, "sliding_window", None) is not None
         impls = self._bind_layers(vllm_config, layer_names, device)
+        self._aot_windows(vllm_config)
         self._plan_args = prefill_plan_args(vllm_config, self.sparge_config, kv_cache_spec, impls,
                                             device)
         if device.type == "cuda":
@@ -171,6 +176,21 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
                 layer.impl.bind(name, device, self.stats)
                 impls.append(layer.impl)
         return impls
+
+    def _aot_windows(self, vllm_config: VllmConfig) -> None:
+        # NOTE: FlashAttention's builder reads the model's windows for its AOT schedule from
+        # FlashAttentionImpl layers only; ours are SpargeAttentionImpl: the same rule here (one
+        # window for every layer: the schedule uses it; several: no AOT schedule).
+        from vllm.model_executor.layers.attention import Attention
+
+        windows = {layer.impl.sliding_window
+                   for layer in get_layers_from_vllm_config(vllm_config, Attention).values()
+                   if isinstance(layer.impl, SpargeAttentionImpl)}
+        if len(windows) == 1:
+            self.aot_sliding_window = windows.pop()
+        elif len(windows) > 1:
+            self.aot_sliding_window = (-1, -1)
+            self.aot_schedule = False
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata):
         # Dummy batches: their tokens are not counted.
@@ -222,7 +242,7 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             logger.warning("SPARGE: a step without a host copy of seq_lens; its long prefills "
                            "run dense (reading seq_lens from the GPU would stall)")
         counts = step_counts(split, cfg.enabled, self._reasons) if count else None
-        if split.sparse is None:
+        if split.sparse is None or self.windowed:
             return None, counts
         req_index = np.flatnonzero(split.sparse)
         batch, token_index, dense_seq_lens = sparse_sub_batch(cam, split, req_index)
@@ -250,8 +270,8 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         sinks: torch.Tensor | None = None,
         **unsupported: Any,
     ) -> None:
-        check_layer(head_size, alibi_slopes, sliding_window, kv_cache_dtype, logits_soft_cap,
-                    attn_type, sinks, unsupported)
+        check_layer(head_size, alibi_slopes, kv_cache_dtype, logits_soft_cap, attn_type, sinks,
+                    unsupported)
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -259,8 +279,13 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        # FlashAttentionImpl's attributes for the features rejected above (read by vLLM tools).
-        self.sliding_window = (-1, -1)
+        # A sliding-window layer is a dense layer: vLLM's FlashAttention path with its window,
+        # never the sparse path, never bound to thresholds (its KV cache group is vLLM's
+        # SlidingWindowSpec, whose metadata carries the window).
+        self.window = sliding_window
+        # FlashAttentionImpl's attributes (read by vLLM tools), as FlashAttention sets them for a
+        # causal decoder layer; the features rejected above keep their "off" values.
+        self.sliding_window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
         self.logits_soft_cap = 0.0
         self.alibi_slopes = None
         self.sinks = None
@@ -274,7 +299,8 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.runtime: SpargeRuntime | None = load_runtime(vllm_config) if has_model else None
         self._fa: FlashAttentionImpl | None = None
         if get_flash_attn_version(head_size=head_size) is not None:
-            self._fa = FlashAttentionImpl(num_heads, head_size, scale, num_kv_heads, None, None,
+            self._fa = FlashAttentionImpl(num_heads, head_size, scale, num_kv_heads, None,
+                                          sliding_window,
                                           kv_cache_dtype, None, attn_type,
                                           kv_sharing_target_layer_name)
         else:
@@ -312,6 +338,11 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.runtime = runtime
         self.layer_name = layer_name
         self._stats = stats
+        if self.window is not None:
+            logger.info_once("SPARGE: sliding-window layers run dense FlashAttention with their "
+                             "window")
+            self.layer_index, self.dense_layer = window_layer_index(runtime, layer_name), True
+            return
         bound = layer_thresholds(runtime, layer_name, self.num_heads, device, self._vllm_config,
                                  tp)
         if bound is None:
@@ -389,6 +420,8 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
     def sparse_scratch_bytes(self) -> int:
         """Most device memory one layer's sparse prefill can allocate in a step (0 if none can
         run; see ``sparge_serve.backend.runtime.sparse_scratch_bytes``)."""
+        if self.window is not None:
+            return 0
         return sparse_scratch_bytes(self._vllm_config, self.runtime, self.num_heads,
                                     self.num_kv_heads, self.head_size)
 
@@ -444,7 +477,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             q=query[:n], k=key_cache, v=value_cache, out=output[:n],
             cu_seqlens_q=md.query_start_loc, max_seqlen_q=md.max_query_len,
             seqused_k=md.seq_lens, max_seqlen_k=md.max_seq_len, softmax_scale=self.scale,
-            causal=True, window_size=(-1, -1), block_table=md.block_table, softcap=0,
+            causal=True, window_size=self.sliding_window, block_table=md.block_table, softcap=0,
             q_descale=None, k_descale=layer._k_scale.expand(descale_shape),
             v_descale=layer._v_scale.expand(descale_shape))
 

@@ -20,7 +20,8 @@ class FallbackReason(enum.StrEnum):
     """Why a prefill attention call ran dense (the ``reason`` label; a closed set)."""
 
     SHORT_PROMPT = "short_prompt"  # the request's context is below the sparse minimum length
-    DENSE_LAYER = "dense_layer"  # every head of this layer is dense in the thresholds file
+    # every head of this layer is dense in the thresholds file, or a sliding-window layer
+    DENSE_LAYER = "dense_layer"
     MODE_DENSE = "mode_dense"  # the configuration forces dense attention
     UNSUPPORTED = "unsupported"  # a feature the sparse kernels do not handle (logged once)
 
