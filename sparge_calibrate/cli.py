@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--cdf-steps", type=_positive_int, default=10,
                         help="bisection steps on cdfthreshd (default 10)")
     search.add_argument("--pv-steps", type=int, default=8,
-                        help="bisection steps on pvthreshd (default 8; 0 = PV skip off)")
+                        help="bisection steps on pvthreshd (default 8; 0 = PV skip off, so "
+                        "every layer can run attention_kernel fa3)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
