@@ -408,7 +408,7 @@ def _run(args, info, budgets, prompts, heldout, config, saved: dict[str, str]) -
     from .evaluators import make_evaluator
     from .hf_driver import capture_hf, load_model, quality_report
     from .prompts import prompts_sha256
-    from .search import search_layers, stack_results
+    from .search import dense_layer_result, search_layers, stack_results
     from .summary import format_quality, format_summary, plot_heatmap, print_table
 
     dtype = _dtype(args, info)
@@ -422,13 +422,17 @@ def _run(args, info, budgets, prompts, heldout, config, saved: dict[str, str]) -
     if args.driver == "hf":
         model = load_model(args.model_dir, args.device, dtype, "sdpa")
     evaluator = None  # NOTE: made after the first capture (the vLLM engine starts first)
-    per_pass = args.layers_per_pass or info.num_layers
-    passes = [range(i, min(i + per_pass, info.num_layers))
-              for i in range(0, info.num_layers, per_pass)]
+    # NOTE: sliding-window layers run dense when served: recorded dense, never captured/searched
+    searched = [i for i in range(info.num_layers) if i not in info.window_layers]
+    per_pass = args.layers_per_pass or max(len(searched), 1)
+    passes = [searched[i : i + per_pass] for i in range(0, len(searched), per_pass)]
     heads = info.num_heads
+    if info.window_layers:
+        logger.info("sliding-window layers %s run dense when served: written dense, not searched",
+                    sorted(info.window_layers))
     results = []
     for group in passes:
-        only = None if len(passes) == 1 else group
+        only = None if len(passes) == 1 and not info.window_layers else group
         desc = "capturing" + ("" if only is None else f" layers {group[0]}-{group[-1]}")
         with tqdm(total=len(prompts), unit="prompt", desc=desc, disable=args.quiet) as bar:
             step = lambda _p, bar=bar: bar.update(1)
@@ -461,6 +465,12 @@ def _run(args, info, budgets, prompts, heldout, config, saved: dict[str, str]) -
         if args.driver == "vllm":  # the next pass starts a new engine
             _free_gpu_memory()
 
+    searched_results = dict(zip(searched, results, strict=True))
+    results = [searched_results[i] if i in searched_results
+               else dense_layer_result(heads, budgets[i], config.rule, window=True)
+               for i in range(info.num_layers)]
+    if evaluator is None:  # every layer windowed: nothing was captured
+        evaluator = make_evaluator(args.device)
     tensors = stack_results(results)
     th = Thresholds(
         **tensors,

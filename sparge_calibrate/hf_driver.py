@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +30,7 @@ __all__ = [
     "load_model",
     "model_info",
     "quality_report",
+    "window_layers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,30 @@ class ModelInfo:
     max_positions: int | None
     config_hash: str
     torch_dtype: torch.dtype | None
+    window_layers: frozenset[int] = frozenset()  # sliding-window layers: served dense, not searched
+
+
+def window_layers(config: Mapping) -> frozenset[int]:
+    """The sliding-window layers of a model from its HF config dict (``config.json``; a
+    multimodal config's ``text_config`` is read). The backend runs these layers dense with their
+    window, so calibration neither captures nor searches them.
+
+    ``layer_types`` decides where given (``"sliding_attention"``: Gemma 3, Qwen 2); else an older
+    Gemma 3 ``sliding_window_pattern`` (every pattern-th layer full); else a set ``sliding_window``
+    windows every layer (Mistral), unless ``use_sliding_window`` is false (Qwen 2).
+    """
+    if "num_hidden_layers" not in config and isinstance(config.get("text_config"), Mapping):
+        config = config["text_config"]
+    num_layers = int(config.get("num_hidden_layers") or 0)
+    types = config.get("layer_types")
+    if types is not None:
+        return frozenset(i for i, t in enumerate(types) if t == "sliding_attention")
+    if config.get("sliding_window") is None or config.get("use_sliding_window") is False:
+        return frozenset()
+    pattern = config.get("sliding_window_pattern")
+    if isinstance(pattern, int) and pattern > 0:
+        return frozenset(i for i in range(num_layers) if (i + 1) % pattern)
+    return frozenset(range(num_layers))
 
 
 def model_info(model_dir: str) -> ModelInfo:
@@ -84,6 +109,7 @@ def model_info(model_dir: str) -> ModelInfo:
         max_positions=getattr(text, "max_position_embeddings", None),
         config_hash=config_hash(config.to_dict()),
         torch_dtype=dtype if isinstance(dtype, torch.dtype) else None,
+        window_layers=window_layers(text.to_dict()),
     )
 
 
@@ -97,11 +123,6 @@ class Capture:
 
 
 def _check_supported(module: torch.nn.Module, kwargs: dict) -> int:
-    if kwargs.get("sliding_window") is not None:
-        raise ValueError(
-            "this model uses sliding-window attention, which sparge_serve's sparse prefill does not "
-            "implement; it cannot be calibrated"
-        )
     if kwargs.get("softcap") is not None:
         raise ValueError("this model uses attention logit soft-capping, which sparge_serve does not "
                          "implement; it cannot be calibrated")
@@ -149,7 +170,9 @@ class _Recorder:
         def grab(t: torch.Tensor) -> torch.Tensor:  # [1, H, L, D] -> [L, H, D]
             return t[0].transpose(0, 1).to(self.store_device, copy=True).contiguous()
 
-        if self.keep is None or idx in self.keep:
+        # NOTE: a sliding-window layer runs dense when served: nothing to calibrate
+        windowed = kwargs.get("sliding_window") is not None
+        if not windowed and (self.keep is None or idx in self.keep):
             self.layers[idx].append(Sample(grab(query), grab(key), grab(value)))
             self.scales[idx] = float(scaling)
         return _sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -181,11 +204,13 @@ def capture_hf(
 ) -> Capture:
     """Run every prompt through the model and capture each layer's Q/K/V (stored on the CPU);
     with ``layers``, only those layers' (the others' lists stay empty, their scales 0).
+    Sliding-window layers are never captured (their lists stay empty).
 
     A ``model`` passed in is switched to the capture and back to ``"sdpa"`` afterwards.
     """
     info = model_info(model_dir)
-    rec = _Recorder(info.num_layers, keep=layers)
+    keep = range(info.num_layers) if layers is None else layers
+    rec = _Recorder(info.num_layers, keep=[i for i in keep if i not in info.window_layers])
     _register(CAPTURE_ATTN, rec.attention)
     if model is None:
         model = load_model(model_dir, device, dtype, CAPTURE_ATTN)
@@ -225,6 +250,8 @@ class _SparseAttention:
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         idx = _check_supported(module, kwargs)
+        if kwargs.get("sliding_window") is not None:  # served dense with its window
+            return _sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         if query.shape[0] != 1:
             raise ValueError("the report runs one prompt at a time (batch 1)")
         if scaling is None:

@@ -49,6 +49,7 @@ __all__ = [
     "SearchConfig",
     "aggregate_errors",
     "check_samples",
+    "dense_layer_result",
     "output_errors",
     "search_layer",
     "search_layers",
@@ -185,6 +186,7 @@ class LayerResult:
     budget: LayerBudget
     rule: str
     evaluations: int = field(default=0, compare=False)
+    window: bool = False  # a sliding-window layer: served dense, recorded dense, not searched
 
     @property
     def num_heads(self) -> int:
@@ -389,6 +391,28 @@ def search_layers(
         step = None if on_step is None else (lambda d, t, i=i: on_step(i, d, t))
         results.append(search_layer(samples, scale, evaluator, budget, config, step))
     return results
+
+
+def dense_layer_result(num_heads: int, budget: LayerBudget, rule: str,
+                       window: bool = False) -> LayerResult:
+    """A layer written dense without a search (every head: simthreshd1 1, cdfthreshd 1, pvthreshd
+    PV_SKIP_OFF, is_sparse 0), e.g. a sliding-window layer (``window``), which the backend serves
+    dense with its window."""
+    f32 = dict(dtype=torch.float32)
+    zeros = torch.zeros(num_heads, **f32)
+    return LayerResult(
+        simthreshd1=torch.ones(num_heads, **f32),
+        cdfthreshd=torch.ones(num_heads, **f32),
+        pvthreshd=torch.full((num_heads,), PV_SKIP_OFF, **f32),
+        is_sparse=torch.zeros(num_heads, dtype=torch.bool),
+        sparsity=zeros,
+        pv_skip=None,
+        error=zeros.clone(),
+        sample_errors=torch.zeros(0, num_heads, **f32),
+        budget=budget,
+        rule=rule,
+        window=window,
+    )
 
 
 def stack_results(results: Sequence[LayerResult]) -> dict[str, torch.Tensor]:

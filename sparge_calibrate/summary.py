@@ -26,14 +26,20 @@ def format_summary(results: Sequence[LayerResult]) -> tuple[list[str], list[list
     for i, r in enumerate(results):
         dense = int((~r.is_sparse).sum())
         pv = "n/a" if r.pv_skip is None else f"{float(r.pv_skip.mean()):.1%}"
+        if r.window:  # a sliding-window layer: served dense, never searched
+            rows.append([str(i), f"{r.budget.l1:g}", f"{r.budget.pv_l1:g}", "dense (window)",
+                         f"{dense}/{r.num_heads}", "n/a", "n/a"])
+            continue
         rows.append([
             str(i), f"{r.budget.l1:g}", f"{r.budget.pv_l1:g}", f"{float(r.sparsity.mean()):.1%}",
             f"{dense}/{r.num_heads}", pv, f"{float(r.error.max()):.4f}",
         ])
     heads = sum(r.num_heads for r in results)
     dense = sum(int((~r.is_sparse).sum()) for r in results)
+    windows = sum(r.window for r in results)
+    window = f", {windows} sliding-window layers dense" if windows else ""
     footer = (f"overall mean sparsity {overall_sparsity(results):.1%} over {heads} heads; "
-              f"{dense} heads dense (error rule: {results[0].rule})")
+              f"{dense} heads dense{window} (error rule: {results[0].rule})")
     return header, rows, footer
 
 
