@@ -38,3 +38,18 @@ def vllm_log(caplog):
     caplog.set_level(logging.DEBUG, logger="vllm")
     yield caplog
     log.removeHandler(caplog.handler)
+
+
+@pytest.fixture
+def fresh_backend_state(monkeypatch):
+    """No cached backend runtime or metrics object, no SPARGE_* settings in the environment, no
+    metric files: the backend starts as in a new process."""
+    import sparge_serve.backend.runtime as runtime
+    import sparge_serve.metrics as metrics
+    import sparge_serve.metrics.stats as metrics_stats
+
+    monkeypatch.setattr(runtime, "_RUNTIMES", {})
+    monkeypatch.setattr(metrics_stats, "_STATS", None)
+    for var in ("SPARGE_THRESHOLDS", "SPARGE_MIN_SPARSE_LEN", "SPARGE_MODE",
+                "SPARGE_DENSE_LAYERS", metrics.METRICS_DIR_ENV, "PROMETHEUS_MULTIPROC_DIR"):
+        monkeypatch.delenv(var, raising=False)

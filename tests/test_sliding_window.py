@@ -54,16 +54,8 @@ def gemma3(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def fresh_state(monkeypatch):
-    import sparge_serve.backend.runtime as runtime
-    import sparge_serve.metrics as metrics
-    import sparge_serve.metrics.stats as metrics_stats
-
-    monkeypatch.setattr(runtime, "_RUNTIMES", {})
-    monkeypatch.setattr(metrics_stats, "_STATS", None)
-    for var in ("SPARGE_THRESHOLDS", "SPARGE_MIN_SPARSE_LEN", "SPARGE_MODE",
-                "SPARGE_DENSE_LAYERS", metrics.METRICS_DIR_ENV, "PROMETHEUS_MULTIPROC_DIR"):
-        monkeypatch.delenv(var, raising=False)
+def fresh_state(fresh_backend_state):
+    """Each test: no cached runtime/metrics object, no SPARGE_* env, no metric files."""
 
 
 @pytest.fixture
