@@ -316,7 +316,7 @@ def test_attention_kernel_fa3_needs_flash_attention_3(sparge, monkeypatch):
     impl = _impl(sparge(attention_kernel="fa3"))
     impl._fa = object()  # stands in for FlashAttentionImpl on this CPU-only machine
     impl.bind("model.layers.1.self_attn.attn", "cpu")
-    assert impl.fa3_attention == (not impl._pv_skip)
+    assert impl.fa3_attention == (not impl.pv_skip)
 
 
 def test_bind_layer_index_tp_slice_and_dense_layers(sparge, tmp_path):
@@ -584,7 +584,7 @@ def test_forward_matches_reference(sparge, tmp_path, reqs, pv):
     vc = sparge(**settings)
     cam, md, query, phys, out, calls, stats, impl = _run_forward(vc, reqs, sink=pv is not None)
     assert not impl.dense_layer and md.sparse is not None
-    assert impl._pv_skip is (pv is not None)
+    assert impl.pv_skip is (pv is not None)
     # Dense call: once, over the non-sparse requests only.
     assert len(calls) == 1 and calls[0] is md
     key_cache, value_cache = phys.split(D, dim=-1)
@@ -689,7 +689,7 @@ def test_serving_compiles_no_kernel_variant_beyond_the_warm_up(sparge, tmp_path,
     with set_current_vllm_config(vc):
         warm_up_kernels(vc, impls[0].runtime, spec, impls, torch.device("cpu"))
     warm = {name: set(keys) for name, keys in seen.items()}
-    assert len(warm) == 4 and not any(i._pv_skip for i in impls[::3])
+    assert len(warm) == 4 and not any(i.pv_skip for i in impls[::3])
     b = _builder(vc)
     layer = SimpleNamespace(_k_scale=torch.ones(1), _v_scale=torch.ones(1))
     for reqs in ([(1, 40), (150, 300), (20, 20), (130, 260)],  # gathered rows

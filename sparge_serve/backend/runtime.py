@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from vllm.config import VllmConfig
@@ -35,8 +35,18 @@ from sparge_serve.thresholds import (
 if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import AttentionSpec
 
-    from sparge_serve.backend.sparge_attn import SpargeAttentionImpl
     from sparge_serve.metrics import SpargeStats
+
+
+class BoundLayer(Protocol):
+    """What start-up reads of a layer bound to its thresholds (``SpargeAttentionImpl``)."""
+
+    dense_layer: bool  # runs dense: no sparse kernels to compile or plan
+    pv_skip: bool  # any head uses the PV skip
+    fa3_attention: bool  # its kept blocks are attended by FA3
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
 
 # NOTE: a child of vLLM's "vllm" logger so that our lines use vLLM's handler and level.
 logger = init_logger(f"vllm.{__name__}")
@@ -189,7 +199,7 @@ _WARMED: set[tuple[Any, ...]] = set()
 
 
 def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: AttentionSpec,
-                    impls: list[SpargeAttentionImpl], device: torch.device) -> None:
+                    impls: list[BoundLayer], device: torch.device) -> None:
     """Compile the sparse kernels at start-up for every context the sparse path can see.
 
     NOTE: once per process and kernel variant; without it the first long prompt of each length
@@ -203,7 +213,7 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
     from sparge_serve.kernels.warmup import warm_up_sparse_kernels
 
     first = sparse[0]
-    pv_variants = tuple(sorted({i._pv_skip for i in sparse}))
+    pv_variants = tuple(sorted({i.pv_skip for i in sparse}))
     key = (first.num_heads, first.num_kv_heads, first.head_size, spec.block_size, spec.dtype,
            pv_variants, cfg.topk, cfg.attention_kernel, cfg.min_sparse_len, max_len,
            str(device))
@@ -232,7 +242,7 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
 
 
 def prefill_plan_args(vllm_config: VllmConfig, cfg: SpargeConfig, spec: AttentionSpec,
-                      impls: list[SpargeAttentionImpl],
+                      impls: list[BoundLayer],
                       device: torch.device) -> dict[str, Any] | None:
     """``plan_prefill``'s arguments besides the batch, the same for every sparse layer of one
     metadata builder (None when none runs sparse): the KV-cache group's geometry (its spec), the

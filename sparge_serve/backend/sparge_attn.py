@@ -314,7 +314,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self._simthreshd1: torch.Tensor | None = None  # [num_heads] fp32 device
         self._cdfthreshd: torch.Tensor | None = None  # [num_heads] fp32 device
         self._pvthreshd: torch.Tensor | None = None  # [num_heads] fp32 device
-        self._pv_skip = False  # host: any head of this layer with pvthreshd < PV_SKIP_OFF
+        self.pv_skip = False  # host: any head of this layer with pvthreshd < PV_SKIP_OFF
         self._stats = None  # sparge_serve.metrics.SpargeStats
         self._scratch_reserved = False  # the profiling forward reserved the sparse scratch
 
@@ -351,15 +351,15 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         cfg = runtime.config
         self.layer_index, self.dense_layer = bound.index, bound.dense
         self._simthreshd1, self._cdfthreshd = bound.simthreshd1, bound.cdfthreshd
-        self._pvthreshd, self._pv_skip = bound.pvthreshd, bound.pv_skip
+        self._pvthreshd, self.pv_skip = bound.pvthreshd, bound.pv_skip
         # FA3 has no PV skip: such layers keep the Triton kernel (one note per process)
-        self.fa3_attention = cfg.attention_kernel == "fa3" and not self._pv_skip
+        self.fa3_attention = cfg.attention_kernel == "fa3" and not self.pv_skip
         if cfg.attention_kernel == "fa3" and (
                 self._fa is None or get_flash_attn_version(head_size=self.head_size) != 3):
             raise ValueError("SPARGE: attention_kernel \"fa3\" needs FlashAttention 3 (a Hopper "
                              "GPU and vLLM's vllm_flash_attn). Fix: use \"attention_kernel\": "
                              "\"triton\".")
-        if cfg.attention_kernel == "fa3" and self._pv_skip:
+        if cfg.attention_kernel == "fa3" and self.pv_skip:
             logger.info_once("SPARGE: layers whose thresholds use the PV skip keep the Triton "
                              "attention kernel (attention_kernel fa3 has no PV skip)")
 
@@ -502,7 +502,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         # at a time where the block map would pass its memory budget (the predictor time is then
         # not separated).
         run_prefill(plan, q, key_cache, value_cache, self.scale, self._simthreshd1,
-                    self._cdfthreshd, self._pvthreshd, out, block_stats, self._pv_skip,
+                    self._cdfthreshd, self._pvthreshd, out, block_stats, self.pv_skip,
                     None if timing is None else timing.predictor_done)
         if timing is not None:
             timing.done()
