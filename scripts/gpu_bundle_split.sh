@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Re-cut the vLLM GPU bundle (../shared/gpu/make_bundle.sh -> .gpu/p1..p3) into chunks that fit the
-# device tool's 64 MiB per call *next to this working tree* (the committed model is ~24 MB).
+# Re-cut a vLLM 0.26.0 wheel bundle for an offline GPU machine (.gpu/p1..p3, each part with an
+# install.sh in p3) into chunks small enough to travel with this working tree (about 28 MB) in
+# transfers of 64 MiB.
 #
-#   bash scripts/gpu_bundle_split.sh            # writes .gpu/split/cpart00 .. cpart03 (<= 33 MiB)
+#   MAKE_BUNDLE=path/to/make_bundle.sh bash scripts/gpu_bundle_split.sh
+#       # makes .gpu/p1..p3 with MAKE_BUNDLE unless they exist; writes .gpu/split/cpart00 ..
+#       # cpart03 (<= 33 MiB each)
 #
 # Then, back to back on the GPU machine (an idle machine is given back after 30 s):
 #   run carry [".gpu/split/cpart00"]: mkdir -p /tmp/stage && cp .gpu/split/cpart00/part00 /tmp/stage/
@@ -13,7 +16,10 @@
 #       --no-index -e . && <your work>
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -d .gpu/p1 ] || bash ../shared/gpu/make_bundle.sh .gpu
+if [ ! -d .gpu/p1 ]; then
+  : "${MAKE_BUNDLE:?no bundle in .gpu/p1..p3: set MAKE_BUNDLE to the script that makes it}"
+  bash "$MAKE_BUNDLE" .gpu
+fi
 rm -rf .gpu/split && mkdir -p .gpu/split
 tar -cf - -C .gpu p1 p2 p3 | split -b 33m -d - .gpu/split/part
 for f in .gpu/split/part*; do d=.gpu/split/c$(basename "$f"); mkdir -p "$d"; mv "$f" "$d/"; done
