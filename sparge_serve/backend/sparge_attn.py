@@ -158,39 +158,27 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         # A sliding-window KV cache group (vLLM's SlidingWindowSpec) holds only windowed layers,
         # which run dense: its steps are counted, never planned sparse.
         self.windowed = getattr(kv_cache_spec, "sliding_window", None) is not None
-        impls = self._bind_layers(vllm_config, layer_names, device)
-        self._aot_windows(vllm_config)
+        from vllm.model_executor.layers.attention import Attention
+
+        layers = {name: layer.impl for name, layer in
+                  get_layers_from_vllm_config(vllm_config, Attention).items()
+                  if isinstance(layer.impl, SpargeAttentionImpl)}
+        bound = {name: layers[name] for name in layer_names if name in layers}
+        for name, impl in bound.items():
+            impl.bind(name, device, self.stats)
+        impls = list(bound.values())
+        # NOTE: FlashAttention's builder reads the windows for its AOT schedule from
+        # FlashAttentionImpl layers only: the same rule over ours (one window: the schedule uses
+        # it; several: no AOT schedule)
+        windows = {impl.sliding_window for impl in layers.values()}
+        if len(windows) == 1:
+            self.aot_sliding_window = windows.pop()
+        elif windows:
+            self.aot_sliding_window, self.aot_schedule = (-1, -1), False
         self._plan_args = prefill_plan_args(vllm_config, self.sparge_config, kv_cache_spec, impls,
                                             device)
         if device.type == "cuda":
             warm_up_kernels(vllm_config, self.runtime, kv_cache_spec, impls, device)
-
-    def _bind_layers(self, vllm_config: VllmConfig, layer_names: list[str],
-                     device: torch.device) -> list[SpargeAttentionImpl]:
-        from vllm.model_executor.layers.attention import Attention
-
-        impls = []
-        for name, layer in get_layers_from_vllm_config(vllm_config, Attention,
-                                                       layer_names).items():
-            if isinstance(layer.impl, SpargeAttentionImpl):
-                layer.impl.bind(name, device, self.stats)
-                impls.append(layer.impl)
-        return impls
-
-    def _aot_windows(self, vllm_config: VllmConfig) -> None:
-        # NOTE: FlashAttention's builder reads the model's windows for its AOT schedule from
-        # FlashAttentionImpl layers only; ours are SpargeAttentionImpl: the same rule here (one
-        # window for every layer: the schedule uses it; several: no AOT schedule).
-        from vllm.model_executor.layers.attention import Attention
-
-        windows = {layer.impl.sliding_window
-                   for layer in get_layers_from_vllm_config(vllm_config, Attention).values()
-                   if isinstance(layer.impl, SpargeAttentionImpl)}
-        if len(windows) == 1:
-            self.aot_sliding_window = windows.pop()
-        elif len(windows) > 1:
-            self.aot_sliding_window = (-1, -1)
-            self.aot_schedule = False
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata):
         # Dummy batches: their tokens are not counted.
@@ -279,10 +267,6 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        # A sliding-window layer is a dense layer: vLLM's FlashAttention path with its window,
-        # never the sparse path, never bound to thresholds (its KV cache group is vLLM's
-        # SlidingWindowSpec, whose metadata carries the window).
-        self.window = sliding_window
         # FlashAttentionImpl's attributes (read by vLLM tools), as FlashAttention sets them for a
         # causal decoder layer; the features rejected above keep their "off" values.
         self.sliding_window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
@@ -300,8 +284,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self._fa: FlashAttentionImpl | None = None
         if get_flash_attn_version(head_size=head_size) is not None:
             self._fa = FlashAttentionImpl(num_heads, head_size, scale, num_kv_heads, None,
-                                          sliding_window,
-                                          kv_cache_dtype, None, attn_type,
+                                          sliding_window, kv_cache_dtype, None, attn_type,
                                           kv_sharing_target_layer_name)
         else:
             logger.info_once("SPARGE: FlashAttention unavailable; dense attention uses vLLM's "
@@ -338,7 +321,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.runtime = runtime
         self.layer_name = layer_name
         self._stats = stats
-        if self.window is not None:
+        if self.windowed:
             logger.info_once("SPARGE: sliding-window layers run dense FlashAttention with their "
                              "window")
             self.layer_index, self.dense_layer = window_layer_index(runtime, layer_name), True
@@ -417,10 +400,16 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             self._count(counts, run_sparse)
         return output
 
+    @property
+    def windowed(self) -> bool:
+        """A sliding-window layer: dense FlashAttention with its window, never thresholds (its KV
+        cache group, vLLM's SlidingWindowSpec, carries the window in its metadata)."""
+        return self.sliding_window != (-1, -1)
+
     def sparse_scratch_bytes(self) -> int:
         """Most device memory one layer's sparse prefill can allocate in a step (0 if none can
         run; see ``sparge_serve.backend.runtime.sparse_scratch_bytes``)."""
-        if self.window is not None:
+        if self.windowed:
             return 0
         return sparse_scratch_bytes(self._vllm_config, self.runtime, self.num_heads,
                                     self.num_kv_heads, self.head_size)
