@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import sparge_serve.plugin as plugin
 from sparge_serve.thresholds import Thresholds, ThresholdsError, save_thresholds
+from tests.vllm_cpu import cpu_engine_config, validation_reasons
 
 L, HQ, HKV, D, PAGE = 4, 4, 2, 64, 16
 TINY_LLAMA = {
@@ -25,21 +25,9 @@ TINY_LLAMA = {
 
 @pytest.fixture(scope="module")
 def vllm_config(tmp_path_factory):
-    from vllm.platforms import current_platform
-
     path = tmp_path_factory.mktemp("tiny_llama")
     (path / "config.json").write_text(json.dumps(TINY_LLAMA))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(current_platform, "device_type", "cpu", raising=False)
-        import sparge_serve.metrics as metrics
-
-        mp.setattr(metrics, "install_metrics_bridge", lambda *a, **k: None)
-        plugin.register()
-        from vllm.engine.arg_utils import EngineArgs
-
-        return EngineArgs(model=str(path), skip_tokenizer_init=True, attention_backend="SPARGE",
-                          block_size=PAGE).create_engine_config()
+    return cpu_engine_config(path, PAGE)
 
 
 @pytest.fixture(autouse=True)
@@ -115,18 +103,7 @@ def _counts(md):
 
 
 def _reasons(vllm_config, **overrides):
-    from vllm.config import set_current_vllm_config
-    from vllm.platforms.interface import DeviceCapability
-
-    from sparge_serve.backend.sparge_attn import SpargeAttentionBackend
-
-    args = dict(head_size=D, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None,
-                use_mla=False, has_sink=False, use_sparse=False, use_mm_prefix=False,
-                use_per_head_quant_scales=False, attn_type="decoder", has_sliding_window=False)
-    args.update(overrides)
-    with set_current_vllm_config(vllm_config):
-        return SpargeAttentionBackend.validate_configuration(
-            device_capability=DeviceCapability(9, 0), **args)
+    return validation_reasons(vllm_config, **{"head_size": D, **overrides})
 
 
 def test_valid_configuration(sparge):

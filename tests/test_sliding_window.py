@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-import sparge_serve.plugin as plugin
 from sparge_serve.thresholds import Thresholds, save_thresholds
+from tests.vllm_cpu import cpu_engine_config, validation_reasons
 
 L, HQ, HKV, D, PAGE, WINDOW = 4, 4, 2, 64, 16, 128
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
@@ -22,20 +22,8 @@ def _name(i: int) -> str:
 
 
 def _engine_config(path, config):
-    from vllm.platforms import current_platform
-
     config.save_pretrained(path)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(current_platform, "device_type", "cpu", raising=False)
-        import sparge_serve.metrics as metrics
-
-        mp.setattr(metrics, "install_metrics_bridge", lambda *a, **k: None)
-        plugin.register()
-        from vllm.engine.arg_utils import EngineArgs
-
-        return EngineArgs(model=str(path), skip_tokenizer_init=True, attention_backend="SPARGE",
-                          block_size=PAGE).create_engine_config()
+    return cpu_engine_config(path, PAGE)
 
 
 @pytest.fixture(scope="module")
@@ -70,18 +58,8 @@ def sparge(gemma3, monkeypatch):
 
 
 def _reasons(vllm_config, **overrides):
-    from vllm.config import set_current_vllm_config
-    from vllm.platforms.interface import DeviceCapability
-
-    from sparge_serve.backend.sparge_attn import SpargeAttentionBackend
-
-    args = dict(head_size=D, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None,
-                use_mla=False, has_sink=False, use_sparse=False, use_mm_prefix=False,
-                use_per_head_quant_scales=False, attn_type="decoder", has_sliding_window=True)
-    args.update(overrides)
-    with set_current_vllm_config(vllm_config):
-        return SpargeAttentionBackend.validate_configuration(
-            device_capability=DeviceCapability(9, 0), **args)
+    return validation_reasons(vllm_config,
+                              **{"head_size": D, "has_sliding_window": True, **overrides})
 
 
 def _impl(vllm_config, layer: int, **kwargs):
