@@ -23,8 +23,10 @@ _EXPORTS = {
     "PV_SKIP_OFF": "geometry",
     "SUPPORTED_HEAD_DIMS": "geometry",
     "BlockMap": "geometry",
+    "KVScales": "geometry",
     "PrefillBatch": "geometry",
     "num_blocks": "geometry",
+    "FP8_DTYPE": "checks",
     "SUPPORTED_DTYPES": "checks",
     "predict_block_map": "predictor",
     "sparse_paged_attention": "attention",
@@ -35,12 +37,14 @@ _EXPORTS = {
 __all__ = [
     "BLKK",
     "BLKQ",
+    "FP8_DTYPE",
     "MAP_BUDGET",
     "MAX_KEY_BLOCKS",
     "PV_SKIP_OFF",
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
     "BlockMap",
+    "KVScales",
     "PrefillBatch",
     "num_blocks",
     "predict_block_map",
@@ -51,7 +55,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from sparge_serve.kernels.attention import sparse_paged_attention
-    from sparge_serve.kernels.checks import SUPPORTED_DTYPES
+    from sparge_serve.kernels.checks import FP8_DTYPE, SUPPORTED_DTYPES
     from sparge_serve.kernels.geometry import (
         BLKK,
         BLKQ,
@@ -60,6 +64,7 @@ if TYPE_CHECKING:
         PV_SKIP_OFF,
         SUPPORTED_HEAD_DIMS,
         BlockMap,
+        KVScales,
         PrefillBatch,
         num_blocks,
     )

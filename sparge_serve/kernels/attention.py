@@ -33,6 +33,7 @@ from sparge_serve.kernels.geometry import (
     BLKQ,
     PV_SKIP_OFF,
     BlockMap,
+    KVScales,
     PrefillBatch,
 )
 from sparge_serve.kernels.launch import launch
@@ -117,18 +118,30 @@ def _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr, UPCAST: tl
 @triton.jit
 def _attend_row(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_row, lut_row, n_kept, pv_ptr, k_desc, v_desc,
+    q_scale_ptr, k_scale_ptr, v_scale_ptr,
     q_start, q_len, seq_len, b, m0, h,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr,
     UPCAST: tl.constexpr, USE_TMA: tl.constexpr, LAZY: tl.constexpr = 0.0,
+    Q_SCALED: tl.constexpr = False, KV_SCALED: tl.constexpr = False,
 ):
     """Attention of query rows ``[m0, m0 + BLOCK_M)`` (inside query block ``b`` of ``BLOCK_Q``
     rows) of one q-head ``h`` of a request over the block's ``n_kept`` kept key blocks
     (``lut_row``, ascending); writes those rows' output, returns PV-skipped blocks.
 
     ``BLOCK_M < BLOCK_Q`` splits a query block over several programs (PV skip off only: the skip
-    decision is taken over the whole block's rows)."""
+    decision is taken over the whole block's rows).
+
+    Everything computes in the output's dtype (``DT``): an fp8 query and fp8 K/V blocks are
+    converted in registers (exact: every fp8 e4m3 value is a bfloat16/float16 value), the
+    dequantisation scales of q and K fold into the score scale and V's into the final
+    normalisation, so the kernel computes attention of the dequantised tensors."""
+    DT = out_ptr.dtype.element_ty
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+    if Q_SCALED:
+        qk_scale = qk_scale * tl.load(q_scale_ptr)
     ctx = seq_len - q_len
     kvh = h // GROUP
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -143,7 +156,7 @@ def _attend_row(
     q = tl.load(
         q_ptr + q_tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
         mask=m_real[:, None], other=0.0,
-    )
+    ).to(DT)
     # NOTE: the query block's diagonal band [j_diag0, n_valid_block), from the key block holding
     # its first query, is always kept (forced by the predictor) and is the tail of the ascending
     # LUT; it is walked directly, with the token-level causal mask and no PV skip, up to the last
@@ -162,7 +175,8 @@ def _attend_row(
         for t in range(0, n_off):
             j = tl.load(lut_row + t).to(tl.int32)
             k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
+                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA,
+                               DT=DT)
             qk = _dot(q, tl.trans(k), UPCAST)
             # stage-2 filter: skip when every real row's block max is pv_thr (log2) below its
             # running max; never the first block of the row.
@@ -172,28 +186,35 @@ def _attend_row(
                 n_skipped += 1
             else:
                 v = load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                                   stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
+                                   stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA,
+                                   DT=DT)
                 acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     else:
         for t in range(0, n_off):
             j = tl.load(lut_row + t).to(tl.int32)
             k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
+                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA,
+                               DT=DT)
             v = load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA)
+                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA,
+                               DT=DT)
             qk = _dot(q, tl.trans(k), UPCAST)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
     # diagonal band: always computed, causal mask
     for j in range(j_diag0, n_valid):
         k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                           stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA)
+                           stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA,
+                           DT=DT)
         # NOTE: with TMA, rows past seq_len hold stale page contents: zero V (0 * NaN = NaN).
         v = load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                           stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, True)
+                           stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA,
+                           True, DT)
         qk = _dot(q, tl.trans(k), UPCAST)
         k_pos = j * BLOCK_N + offs_n
         qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
+    if KV_SCALED:
+        l_i = l_i / tl.load(v_scale_ptr)
     out = acc / l_i[:, None]
     tl.store(
         out_ptr + q_tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -215,14 +236,15 @@ def _count_skipped(stats_ptr, n_skipped, PV_SKIP: tl.constexpr):
             do_not_specialize_on_alignment=BATCH_PTRS)
 def _sparse_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
-    lut_ptr, count_ptr, pv_ptr, stats_ptr, k_desc, v_desc,
+    lut_ptr, count_ptr, pv_ptr, stats_ptr, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_page, stride_tok, stride_head, stride_bt,
     NKB, NQB, num_heads, qk_scale,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, SPLIT: tl.constexpr, LAZY: tl.constexpr = 0.0,
-    KV_MAJOR: tl.constexpr = True,
+    KV_MAJOR: tl.constexpr = True, Q_SCALED: tl.constexpr = False,
+    KV_SCALED: tl.constexpr = False,
 ):
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
     if KV_MAJOR:
@@ -250,10 +272,10 @@ def _sparse_attn_kernel(
     n_skipped = _attend_row(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr + r * stride_bt,
         lut_ptr + row_id.to(tl.int64) * NKB, tl.load(count_ptr + row_id), pv_ptr, k_desc, v_desc,
-        q_start, q_len, seq_len, b, m0, h,
+        q_scale_ptr, k_scale_ptr, v_scale_ptr, q_start, q_len, seq_len, b, m0, h,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
-        USE_TMA, LAZY,
+        USE_TMA, LAZY, Q_SCALED, KV_SCALED,
     )
     _count_skipped(stats_ptr, n_skipped, PV_SKIP)  # (SPLIT is 1 with PV skip)
 
@@ -366,10 +388,13 @@ def sparse_paged_attention(
     lazy_rescale: float | None = None,
     kv_major: bool = True,
     group: int | None = None,
+    scales: KVScales | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
-    ``q, out [num_tokens, Hq, D]``; caches ``[num_pages, page_size, Hkv, D]``; ``pvthreshd`` fp32
+    ``q, out [num_tokens, Hq, D]``; caches ``[num_pages, page_size, Hkv, D]``, in ``q``'s dtype
+    or fp8 (``float8_e4m3fn``, with their ``scales``; ``q`` may then be fp8 too, ``out`` is in
+    the model's dtype: attention of the dequantised tensors); ``pvthreshd`` fp32
     ``[Hq]`` (>= 50 disables PV skip). ``stats`` (int64 ``[3]``), if given, gets
     ``[0, 0, pv_skipped_blocks]`` added on the device. ``pv_skip``: whether any head has PV skip
     on; ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds
@@ -390,7 +415,7 @@ def sparse_paged_attention(
     range) and the batch's offsets, lengths and page ids, a host sync for device tensors;
     ``False`` (the backend's calls) skips those and, for device tensors, every batch check.
     """
-    check_paged_inputs(q, key_cache, value_cache)
+    check_paged_inputs(q, key_cache, value_cache, scales, check_finite)
     check_out_and_layout(q, key_cache, value_cache, out)
     check_batch(q, key_cache, batch, check_finite)
     check_scale(scale)
@@ -410,7 +435,8 @@ def sparse_paged_attention(
                          f"{tuple(key_cache.stride())}")
     params = attend_params(q.shape[2], pv_skip, use_tma, split, lazy_rescale, launch)
     attend_blocks(q, key_cache, value_cache, batch, block_map, scale, pvthreshd, out,
-                  stats_buffer(stats, q.device), pv_skip, group, params, block_n, kv_major)
+                  stats_buffer(stats, q.device), pv_skip, group, params, block_n, kv_major,
+                  scales)
     return out
 
 
@@ -418,7 +444,7 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
                   batch: PrefillBatch, block_map: BlockMap, scale: float,
                   pvthreshd: torch.Tensor, out: torch.Tensor, stats: torch.Tensor,
                   pv_skip: bool, group: int, params: AttendParams, block_n: int = BLKK,
-                  kv_major: bool = True) -> None:
+                  kv_major: bool = True, scales: KVScales | None = None) -> None:
     """:func:`sparse_paged_attention`'s launch, without its checks: the caller's arguments are
     valid (a planned step's, or checked), and ``params`` its launch (TMA loads only on caches
     that :func:`tma_layout_ok` accepts)."""
@@ -431,12 +457,15 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
     launch(_sparse_attn_kernel, (num_heads, nqb * params.split, nreq))(
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         block_map.lut, block_map.count, pvthreshd, stats, k_desc, v_desc,
+        *((None, None, None) if scales is None else
+          (scales.q_scale, scales.k_scale, scales.v_scale)),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
         nkb, nqb, num_heads, float(scale) * _LOG2E,
         GROUP=group, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=params.use_tma,
         SPLIT=params.split, LAZY=params.lazy_rescale, KV_MAJOR=kv_major,
+        Q_SCALED=scales is not None and scales.q_scale is not None, KV_SCALED=scales is not None,
         num_warps=params.num_warps, num_stages=params.num_stages,
     )
 

@@ -21,13 +21,19 @@ from sparge_serve.kernels.geometry import (
     PV_SKIP_OFF,
     SUPPORTED_HEAD_DIMS,
     BlockMap,
+    KVScales,
     PrefillBatch,
     mask_words,
     num_blocks,
 )
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-"""Query and KV-cache dtypes the kernels compile for."""
+"""The model dtypes the kernels compute in (query, output, unquantised KV cache)."""
+FP8_DTYPE = torch.float8_e4m3fn
+"""The fp8 format the kernels read from a quantised KV cache (vLLM's ``--kv-cache-dtype fp8`` /
+``fp8_e4m3``) and from a query the attention layer quantised, with :class:`KVScales`."""
+_DTYPES_RULE = ("float16 or bfloat16, or float8_e4m3fn (vLLM's fp8 / fp8_e4m3 KV cache) with "
+                "scales=KVScales(k_scale, v_scale)")
 
 
 # NOTE: the checks that read the values of tensors (thresholds, batch offsets, lengths, page ids)
@@ -43,15 +49,18 @@ def _on_host(t: torch.Tensor, check_values: bool) -> torch.Tensor | None:
     return t.cpu() if check_values else None
 
 
-def check_paged_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache=None) -> None:
-    """Raise ``ValueError`` (before any launch) for layouts/dtypes the kernels do not support."""
+def check_paged_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache=None,
+                       scales: KVScales | None = None, check_values: bool = True) -> None:
+    """Raise ``ValueError`` (before any launch) for layouts/dtypes the kernels do not support:
+    ``q`` and the caches in one model dtype, or fp8 caches (and optionally an fp8 ``q``) with
+    their :class:`KVScales` (:func:`check_scales`)."""
     for name, t in (("q", q), ("key_cache", key_cache), ("value_cache", value_cache)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 3:
         raise ValueError(f"q must be [num_tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q dtype {q.dtype} unsupported; supported: float16, bfloat16")
+    if q.dtype not in (*SUPPORTED_DTYPES, FP8_DTYPE):
+        raise ValueError(f"q dtype {q.dtype} unsupported; supported: {_DTYPES_RULE}")
     head_dim = q.shape[2]
     check_head_dim(head_dim)
     caches = [key_cache] if value_cache is None else [key_cache, value_cache]
@@ -61,11 +70,14 @@ def check_paged_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache=Non
                 f"{name} must be [num_pages, page_size, num_kv_heads, {head_dim}] (vLLM's "
                 f"FlashAttention layout), got shape {tuple(c.shape)}"
             )
-        if c.dtype != q.dtype:
-            raise ValueError(
-                f"{name} dtype {c.dtype} differs from q dtype {q.dtype}; fp8 KV caches are not "
-                "supported"
-            )
+        if c.dtype not in (*SUPPORTED_DTYPES, FP8_DTYPE):
+            raise ValueError(f"{name} dtype {c.dtype} unsupported; supported: {_DTYPES_RULE}")
+        if c.dtype != FP8_DTYPE and q.dtype == FP8_DTYPE:
+            raise ValueError(f"q is float8_e4m3fn but {name} is {c.dtype}: an fp8 query comes "
+                             "with an fp8 KV cache")
+        if c.dtype != FP8_DTYPE and c.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {c.dtype} differs from q dtype {q.dtype}: an "
+                             "unquantised cache holds the model's dtype")
         if c.stride(3) != 1:
             raise ValueError(f"{name} must be contiguous in head_dim (stride {c.stride(3)})")
         if c.device != q.device:
@@ -73,12 +85,55 @@ def check_paged_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache=Non
     if value_cache is not None and value_cache.shape != key_cache.shape:
         raise ValueError(f"value_cache shape {tuple(value_cache.shape)} differs from key_cache "
                          f"shape {tuple(key_cache.shape)}: pass one layer's K and V caches")
+    if value_cache is not None and value_cache.dtype != key_cache.dtype:
+        raise ValueError(f"value_cache dtype {value_cache.dtype} differs from key_cache dtype "
+                         f"{key_cache.dtype}")
     if q.stride(2) != 1:
         raise ValueError("q must be contiguous in head_dim")
     if q.shape[1] % key_cache.shape[2]:
         raise ValueError(
             f"{q.shape[1]} query heads are not a multiple of {key_cache.shape[2]} KV heads"
         )
+    check_scales(q, key_cache, scales, check_values)
+
+
+def check_scales(q: torch.Tensor, key_cache: torch.Tensor, scales: KVScales | None,
+                 check_values: bool = True) -> None:
+    """``ValueError`` unless ``scales`` matches the dtypes: :class:`KVScales` exactly when the
+    cache is fp8, with a ``q_scale`` exactly when ``q`` is; each a one-element fp32 tensor on
+    ``q``'s device, finite and > 0 (the values: read on the host for CPU tensors always, for
+    device tensors with ``check_values``, a sync)."""
+    fp8_cache, fp8_q = key_cache.dtype == FP8_DTYPE, q.dtype == FP8_DTYPE
+    if scales is None:
+        if fp8_cache:
+            raise ValueError("key_cache is float8_e4m3fn: pass its dequantisation scales, "
+                             "scales=KVScales(k_scale, v_scale) (vLLM's layer._k_scale and "
+                             "layer._v_scale)")
+        if fp8_q:
+            raise ValueError("q is float8_e4m3fn: pass scales=KVScales(k_scale, v_scale, "
+                             "q_scale) with an fp8 KV cache")
+        return
+    if not isinstance(scales, KVScales):
+        raise ValueError(f"scales must be a KVScales, got {type(scales).__name__}")
+    if not fp8_cache:
+        raise ValueError(f"scales are for fp8 KV caches; key_cache is {key_cache.dtype}: pass "
+                         "scales=None")
+    if fp8_q != (scales.q_scale is not None):
+        raise ValueError("scales.q_scale must be given exactly when q is float8_e4m3fn (a query "
+                         f"the attention layer quantised); q is {q.dtype}")
+    for name in ("k_scale", "v_scale", "q_scale"):
+        t = getattr(scales, name)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype != torch.float32:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t)
+            raise ValueError(f"scales.{name} must be a one-element float32 tensor, got {got}")
+        if t.device != q.device:
+            raise ValueError(f"scales.{name} is on {t.device}, q on {q.device}")
+        value = _on_host(t, check_values)
+        if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
+            raise ValueError(f"scales.{name} is {float(value):g}: a dequantisation scale is "
+                             "finite and > 0")
 
 
 def check_out_and_layout(q, key_cache, value_cache, out) -> None:
@@ -88,7 +143,11 @@ def check_out_and_layout(q, key_cache, value_cache, out) -> None:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"out must have q's shape {tuple(q.shape)} and be contiguous in "
                          f"head_dim, got {got}")
-    if out.dtype != q.dtype:
+    if q.dtype == FP8_DTYPE:
+        if out.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"out dtype {out.dtype} unsupported for an fp8 q: the output is in "
+                             "the model's dtype (float16 or bfloat16)")
+    elif out.dtype != q.dtype:
         raise ValueError(f"out dtype {out.dtype} differs from q dtype {q.dtype}: allocate out "
                          "like q (torch.empty_like(q))")
     if out.device != q.device:
@@ -297,9 +356,9 @@ def stats_buffer(stats: torch.Tensor | None, device: torch.device) -> torch.Tens
 
 
 def check_predictor_args(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk,
-                         check_finite):
+                         check_finite, scales: KVScales | None = None):
     """``ValueError`` (before any launch) for bad stage-1 arguments."""
-    check_paged_inputs(q, key_cache)
+    check_paged_inputs(q, key_cache, None, scales, check_finite)
     check_batch(q, key_cache, batch, check_finite)
     check_scale(scale)
     check_head_thresholds("simthreshd1", simthreshd1, q.shape[1], q.device, check_finite)

@@ -91,6 +91,23 @@ class PrefillBatch:
 
 
 @dataclass(frozen=True)
+class KVScales:
+    """Per-tensor dequantisation scales of an fp8 KV cache (vLLM's ``--kv-cache-dtype fp8``):
+    a stored key is ``k * k_scale`` in the model's units, a value ``v * v_scale``, and a query
+    quantised by the attention layer (fp8 ``q``) ``q * q_scale``.
+
+    Each is a one-element fp32 tensor on the kernels' device (vLLM's ``layer._k_scale``,
+    ``_v_scale``, ``_q_scale``): the kernels read them on the device, so a scale computed on the
+    GPU never costs a host synchronisation. ``q_scale`` is ``None`` for a query in the model's
+    dtype.
+    """
+
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+    q_scale: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class BlockMap:
     """Kept key blocks per (request, q-head, query block) row."""
 

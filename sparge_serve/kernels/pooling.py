@@ -44,8 +44,10 @@ def load_kv_block(
     offs_n, offs_d,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     desc=None, USE_TMA: tl.constexpr = False, ZERO_TAIL: tl.constexpr = False,
+    DT: tl.constexpr = None,
 ):
-    """Load key/value block ``j`` (``[BLOCK_N, D]``) of one request through its block table.
+    """Load key/value block ``j`` (``[BLOCK_N, D]``) of one request through its block table,
+    converted to ``DT`` if given (an fp8 cache's blocks to the compute dtype, in registers).
 
     Without TMA, rows at or past ``seq_len`` read as zeros. With TMA (``desc``: a 2-D descriptor
     over ``[num_pages * PAGE, token row]`` with ``[BLOCK_N, D]`` boxes, see
@@ -57,6 +59,8 @@ def load_kv_block(
     if USE_TMA:
         page = tl.load(bt_ptr + (j * BLOCK_N) // PAGE)
         x = desc.load([page * PAGE + (j * BLOCK_N) % PAGE, kvh * stride_head])
+        if DT is not None:
+            x = x.to(DT)
         if ZERO_TAIL:
             x = tl.where(in_ctx[:, None], x, 0.0)
         return x
@@ -68,7 +72,10 @@ def load_kv_block(
         page = tl.load(bt_ptr + pos // PAGE, mask=in_ctx, other=0).to(tl.int64)
         row = page * stride_page + (pos % PAGE) * stride_tok
     ptrs = cache_ptr + row[:, None] + kvh * stride_head + offs_d[None, :]
-    return tl.load(ptrs, mask=in_ctx[:, None], other=0.0)
+    x = tl.load(ptrs, mask=in_ctx[:, None], other=0.0)
+    if DT is not None:
+        x = x.to(DT)
+    return x
 
 
 # NOTE: head counts are never specialised on (a head chunk may have 1): one compiled variant

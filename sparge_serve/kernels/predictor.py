@@ -23,6 +23,7 @@ from sparge_serve.kernels.geometry import (
     BLKK,
     BLKQ,
     BlockMap,
+    KVScales,
     PrefillBatch,
     mask_words,
     num_blocks,
@@ -220,14 +221,23 @@ def _store_counts(count_ptr, nvalid_ptr, stats_ptr, row_id, keep, n_valid):
             do_not_specialize_on_alignment=BATCH_PTRS)
 def _select_kernel(
     q_ptr, qsl_ptr, seq_lens_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr,
-    lut_ptr, count_ptr, nvalid_ptr, stats_ptr,
+    lut_ptr, count_ptr, nvalid_ptr, stats_ptr, q_scale_ptr, k_scale_ptr,
     stride_qt, stride_qh,
     NKB, NQB, num_heads, num_kv_heads, scale, topk,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     NKB_PAD: tl.constexpr, DC: tl.constexpr, USE_TOPK: tl.constexpr, MASK: tl.constexpr,
+    Q_SCALED: tl.constexpr = False, K_SCALED: tl.constexpr = False,
 ):
     """One row's selection, stored as a list (``lut_ptr``: :attr:`BlockMap.lut`) or, with
-    ``MASK``, as a bit set (``lut_ptr``: :attr:`BlockMap.mask`)."""
+    ``MASK``, as a bit set (``lut_ptr``: :attr:`BlockMap.mask`).
+
+    An fp8 cache (``K_SCALED``) and query (``Q_SCALED``) are pooled in their stored units (fp32):
+    the similarities are scale-free and the pooled vectors linear in them, so the dequantisation
+    scales enter once, in the score scale."""
+    if K_SCALED:
+        scale = scale * tl.load(k_scale_ptr)
+    if Q_SCALED:
+        scale = scale * tl.load(q_scale_ptr)
     h = tl.program_id(0)
     b = tl.program_id(1)
     r = tl.program_id(2)
@@ -290,11 +300,13 @@ def predict_block_map(
     pooled: PooledKeys | None = None,
     group: int | None = None,
     as_mask: bool = False,
+    scales: KVScales | None = None,
 ) -> BlockMap:
     """Stage 1 for a varlen prefill batch. See the module docstring and docs/DESIGN.md.
 
     ``q [num_tokens, Hq, D]`` holds the new tokens of every request (``batch.query_start_loc``);
-    ``key_cache [num_pages, page_size, Hkv, D]``. ``stats`` (int64 ``[3]``), if given, gets
+    ``key_cache [num_pages, page_size, Hkv, D]``; an fp8 cache (and fp8 ``q``) come with their
+    ``scales``. ``stats`` (int64 ``[3]``), if given, gets
     ``[valid_blocks, kept_blocks, 0]`` added on the device (by the select kernel itself).
     ``select_dc`` (a power of two up to 32) and ``select_warps`` (4 or 8) override the select
     kernel's dimensions per chunk and warps (:func:`select_launch_params`; benchmarks only,
@@ -316,19 +328,19 @@ def predict_block_map(
     ``False`` (the backend's calls) skips those and, for device tensors, every batch check.
     """
     check_predictor_args(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk,
-                         check_finite)
+                         check_finite, scales)
     if select_dc not in (None, 1, 2, 4, 8, 16, 32) or select_warps not in (None, 4, 8):
         raise ValueError(f"select_dc must be a power of two up to 32 and select_warps 4 or 8; "
                          f"got {select_dc} and {select_warps}")
     group = check_group(group, q.shape[1], key_cache.shape[2])
     return select_blocks(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk,
                          stats_buffer(stats, q.device), pooled, group, select_dc=select_dc,
-                         select_warps=select_warps, as_mask=as_mask)
+                         select_warps=select_warps, as_mask=as_mask, scales=scales)
 
 
 def select_blocks(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, stats, pooled,
                   group, counts=None, select_dc=None, select_warps=None,
-                  as_mask=False) -> BlockMap:
+                  as_mask=False, scales: KVScales | None = None) -> BlockMap:
     """:func:`predict_block_map` without its checks (the caller's arguments are checked: head
     chunks check the layer's once); ``counts``: an int32 ``[2, R, Hq, NQB]`` buffer for the
     map's ``count`` and ``n_valid`` (default: new)."""
@@ -350,10 +362,12 @@ def select_blocks(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, sta
     launch(_select_kernel, (num_heads, nqb, nreq))(
         q, batch.query_start_loc, batch.seq_lens, pooled.pk, pooled.ksim, simthreshd1,
         cdfthreshd, lut, counts[0], counts[1], stats,
+        None if scales is None else scales.q_scale, None if scales is None else scales.k_scale,
         q.stride(0), q.stride(1),
         nkb_stride, nqb, num_heads, key_cache.shape[2], float(scale), float(topk or 1.0),
         GROUP=group, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=head_dim,
         NKB_PAD=nkb_pad, DC=dc, USE_TOPK=topk is not None, MASK=as_mask,
+        Q_SCALED=scales is not None and scales.q_scale is not None, K_SCALED=scales is not None,
         num_warps=num_warps,
     )
     if as_mask:

@@ -26,7 +26,13 @@ from sparge_serve.kernels.checks import (
     check_predictor_args,
     stats_buffer,
 )
-from sparge_serve.kernels.geometry import MAP_BUDGET, PV_SKIP_OFF, BlockMap, PrefillBatch
+from sparge_serve.kernels.geometry import (
+    MAP_BUDGET,
+    PV_SKIP_OFF,
+    BlockMap,
+    KVScales,
+    PrefillBatch,
+)
 from sparge_serve.kernels.plan import PrefillPlan, plan_prefill
 from sparge_serve.kernels.pooling import pool_keys
 from sparge_serve.kernels.predictor import select_blocks
@@ -37,7 +43,7 @@ def run_prefill(plan: PrefillPlan, q: torch.Tensor, key_cache: torch.Tensor,
                 cdfthreshd: torch.Tensor, pvthreshd: torch.Tensor, out: torch.Tensor,
                 stats: torch.Tensor | None = None, pv_skip: bool = False,
                 on_predicted: Callable[[], None] | None = None,
-                predict_only: bool = False) -> BlockMap | None:
+                predict_only: bool = False, scales: KVScales | None = None) -> BlockMap | None:
     """Both stages of ``plan``'s batch for one layer: launches only (no checks; the arguments
     are those :func:`sparge_paged_prefill` checks, for the plan's geometry).
 
@@ -46,7 +52,7 @@ def run_prefill(plan: PrefillPlan, q: torch.Tensor, key_cache: torch.Tensor,
     Triton attention kernel even in a plan for ``"fa3"``. ``on_predicted`` is called between the
     two stages of a one-chunk run (the backend's predictor timing). ``predict_only``: the
     chunks' predictor alone, ``out`` left alone (the benchmark's predictor share of a chunked
-    call).
+    call). ``scales``: an fp8 cache's (and fp8 query's) dequantisation scales.
 
     Returns the block map when the run is one chunk (its lists, for ``"fa3"`` its bit sets);
     else ``None``, and :func:`block_counts` assembles the run's counts. The counts live in the
@@ -84,7 +90,8 @@ def run_prefill(plan: PrefillPlan, q: torch.Tensor, key_cache: torch.Tensor,
         # select launch covers whole KV slices (a grid of a few heads is latency-bound: 43 us
         # for 2 heads at 32K, against 24 us of a 32-head launch's time per 2 heads; H200)
         bm = select_blocks(qs[c], key_slices[kv], batch, scale, sims[c], cdfs[c], plan.topk,
-                           stats, pooled, group, run.counts[c], dc, warps, as_mask=fa3)
+                           stats, pooled, group, run.counts[c], dc, warps, as_mask=fa3,
+                           scales=scales)
         if on_predicted is not None and one:
             on_predicted()
         if predict_only:
@@ -93,7 +100,7 @@ def run_prefill(plan: PrefillPlan, q: torch.Tensor, key_cache: torch.Tensor,
             attend.attend(bm, hs.start)
         else:
             attend_blocks(qs[c], key_slices[kv], value_slices[kv], batch, bm, scale, pvs[c],
-                          outs[c], stats, pv_skip, group, params)
+                          outs[c], stats, pv_skip, group, params, scales=scales)
     return bm if one else None
 
 
@@ -124,6 +131,7 @@ def sparge_paged_prefill(
     map_budget: float | None = MAP_BUDGET,
     on_predicted: Callable[[], None] | None = None,
     map_floor: int | None = None,
+    scales: KVScales | None = None,
 ) -> BlockMap:
     """Both stages for a varlen prefill batch; returns its block counts (and its block map).
 
@@ -137,7 +145,9 @@ def sparge_paged_prefill(
     returned map has the whole call's ``count``/``n_valid``, and its ``lut`` (the ``fa3`` path:
     its bit sets, ``mask``) when it ran as one chunk (else ``None``). The ``fa3`` path selects
     for several chunks at once (``plan.ChunkPlan.select_heads``). ``on_predicted`` is called
-    between the two stages of a one-chunk call.
+    between the two stages of a one-chunk call. An fp8 KV cache (``float8_e4m3fn``; ``q`` may be
+    fp8 too, ``out`` is in the model's dtype) comes with its ``scales``; the budget stays a
+    fraction of the K/V bytes in the model's dtype.
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
     checks"). ``check_finite`` also checks the values held in tensors: the thresholds (finite, in
@@ -145,21 +155,24 @@ def sparge_paged_prefill(
     ``False`` skips those and, for device tensors, every batch check. ``pv_skip``: whether any
     head uses the PV skip; ``None`` reads ``pvthreshd`` (a host sync for device tensors).
     """
-    check_paged_inputs(q, key_cache, value_cache)
+    check_paged_inputs(q, key_cache, value_cache, scales, check_finite)
     check_head_thresholds("pvthreshd", pvthreshd, q.shape[1], q.device, check_finite)
     stats = stats_buffer(stats, q.device)  # one for both stages
     check_predictor_args(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk,
-                         check_finite)
+                         check_finite, scales)
     check_out_and_layout(q, key_cache, value_cache, out)
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
+    if attention == "fa3" and scales is not None:
+        raise ValueError(f"the FA3 attention path reads no fp8 KV cache: use attention='triton' "
+                         f"for a {key_cache.dtype} cache")
     if attention == "fa3" and pv_skip:
         raise ValueError("the FA3 attention path has no PV skip (stage 2): use "
                          "attention='triton' for thresholds with pvthreshd < 50")
-    plan = plan_prefill(batch, q.shape[1], key_cache.shape[2], q.shape[2], q.dtype,
+    plan = plan_prefill(batch, q.shape[1], key_cache.shape[2], q.shape[2], out.dtype,
                         key_cache.shape[1], q.device, topk, map_budget, attention, map_floor)
     bm = run_prefill(plan, q, key_cache, value_cache, scale, simthreshd1, cdfthreshd, pvthreshd,
-                     out, stats, pv_skip, on_predicted)
+                     out, stats, pv_skip, on_predicted, scales=scales)
     if bm is not None:
         return bm
     return block_counts(plan, pv_skip)

@@ -20,10 +20,12 @@ from collections.abc import Iterable
 import torch
 
 from sparge_serve.kernels.attention import sparse_paged_attention
+from sparge_serve.kernels.checks import FP8_DTYPE
 from sparge_serve.kernels.geometry import (
     BLKK,
     BLKQ,
     MAX_KEY_BLOCKS,
+    KVScales,
     PrefillBatch,
     num_blocks,
     selection_tile,
@@ -53,22 +55,32 @@ def warm_up_sparse_kernels(
     pv_skip_variants: Iterable[bool] = (False,),
     topk: float | None = None,
     masks: bool = False,
+    dtype: torch.dtype | None = None,
+    q_dtype: torch.dtype | None = None,
 ) -> list[int]:
     """Compile the predictor and attention kernels for contexts of ``min..max`` tokens;
     ``masks``: also the predictor's bit-set maps (the FA3 attention path's;
     ``experimental.fa3.warm_up_virtual`` compiles its table kernel).
 
     ``key_cache``/``value_cache``: ``[num_pages >= 1, page, Hkv, D]`` views with the serving
-    layout and dtype (only page 0 is read). Returns the ``NKB_PAD`` buckets compiled. Synchronises
-    with the device (start-up only).
+    layout and dtype (only page 0 is read); ``dtype``: the model's (default: the cache's; needed
+    for an fp8 cache), ``q_dtype``: the query's as served (default ``dtype``; fp8 where the
+    attention layer quantises it). Returns the ``NKB_PAD`` buckets compiled. Synchronises with the
+    device (start-up only).
     """
-    dev, dtype = key_cache.device, key_cache.dtype
+    dev = key_cache.device
+    dtype = dtype or key_cache.dtype
+    q_dtype = q_dtype or dtype
     _, page, _, head_dim = key_cache.shape
     buckets = nkb_pad_buckets(min_seq_len, max_seq_len)
     variants = sorted(set(pv_skip_variants))
-    q = torch.zeros(BLKQ, num_heads, head_dim, dtype=dtype, device=dev)
-    out = torch.empty_like(q)
+    q = torch.zeros(BLKQ, num_heads, head_dim, dtype=q_dtype, device=dev)
+    out = torch.empty(q.shape, dtype=dtype, device=dev)
     head = lambda x: torch.full((num_heads,), x, dtype=torch.float32, device=dev)  # noqa: E731
+    scales = None
+    if key_cache.dtype == FP8_DTYPE:
+        one = torch.ones(1, dtype=torch.float32, device=dev)
+        scales = KVScales(one, one, one if q_dtype == FP8_DTYPE else None)
     for nkb_pad in buckets:
         seq_len = min(max_seq_len, nkb_pad * BLKK, MAX_KEY_BLOCKS * BLKK)
         batch = PrefillBatch(
@@ -78,13 +90,15 @@ def warm_up_sparse_kernels(
             max_query_len=BLKQ, max_seq_len=seq_len,
         )
         # NOTE: cdfthreshd 0 keeps only forced blocks: the attention pass stays short
-        bm = predict_block_map(q, key_cache, batch, 1.0, head(0.6), head(0.0), topk)
+        bm = predict_block_map(q, key_cache, batch, 1.0, head(0.6), head(0.0), topk,
+                               scales=scales)
         if masks:
             predict_block_map(q, key_cache, batch, 1.0, head(0.6), head(0.0), topk,
-                              as_mask=True)
+                              as_mask=True, scales=scales)
         for pv_skip in variants:
             sparse_paged_attention(q, key_cache, value_cache, batch, bm, 1.0,
-                                   head(8.0 if pv_skip else 50.0), out, pv_skip=pv_skip)
+                                   head(8.0 if pv_skip else 50.0), out, pv_skip=pv_skip,
+                                   scales=scales)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return buckets

@@ -1,0 +1,255 @@
+"""fp8 KV cache (vLLM's ``--kv-cache-dtype fp8``) on the sparse path: the kernels read fp8
+(``float8_e4m3fn``) keys and values, and optionally an fp8 query, with per-tensor scales.
+
+Two proofs:
+
+- with power-of-two scales the dequantised tensors are exact in bfloat16 and every scaling in the
+  kernels is exact, so the fp8 path must give *bit for bit* the block map and output of the
+  bfloat16 path over the dequantised cache (itself proven against SDPA in ``test_oracles``);
+- with arbitrary scales (``amax / 448``, vLLM's), the output equals fp32 SDPA over the
+  dequantised tensors and exactly the kept blocks, within the tolerance of bfloat16 attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sparge_serve.kernels import (
+    FP8_DTYPE,
+    KVScales,
+    predict_block_map,
+    sparge_paged_prefill,
+    sparse_paged_attention,
+)
+from sparge_serve.kernels.warmup import warm_up_sparse_kernels
+from tests.kernel_inputs import (
+    PagedCase,
+    head_vec,
+    kept_blocks,
+    kernel_round,
+    make_paged_case,
+    request_rows,
+    sdpa,
+    token_mask,
+)
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def _scale(x: torch.Tensor, pow2: bool) -> torch.Tensor:
+    s = x.float().abs().max() / FP8_MAX
+    if pow2:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    return s.reshape(1).float()
+
+
+def _quantize(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return (x.float() / s.to(x.device)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+@dataclasses.dataclass
+class Fp8Case:
+    q: torch.Tensor  # fp8 or bf16
+    key_cache: torch.Tensor  # fp8
+    value_cache: torch.Tensor  # fp8
+    scales: KVScales
+    dequant: PagedCase  # the same tensors dequantised (fp32 values, held in `dtype`)
+
+
+def _fp8_case(case: PagedCase, q_fp8: bool, pow2: bool, dtype=torch.bfloat16) -> Fp8Case:
+    dev = case.q.device
+    ks, vs = _scale(case.key_cache, pow2), _scale(case.value_cache, pow2)
+    k8, v8 = _quantize(case.key_cache, ks), _quantize(case.value_cache, vs)
+    q, qs = case.q, None
+    q_deq = case.q.float()
+    if q_fp8:
+        qs = _scale(case.q, pow2)
+        q = _quantize(case.q, qs)
+        q_deq = q.float() * qs.to(dev)
+    dequant = dataclasses.replace(
+        case, q=q_deq.to(dtype), key_cache=(k8.float() * ks.to(dev)).to(dtype),
+        value_cache=(v8.float() * vs.to(dev)).to(dtype))
+    scales = KVScales(ks.to(dev), vs.to(dev), None if qs is None else qs.to(dev))
+    return Fp8Case(q, k8, v8, scales, dequant)
+
+
+def _case(device, page=64, hq=4, hkv=2, dim=64, reqs=((128, 256), (70, 390)), seed=0):
+    return make_paged_case(list(reqs), hq, hkv, dim, page, device=device, seed=seed)
+
+
+THRESHOLDS = {  # (simthreshd1, cdfthreshd, pvthreshd): dense, CDF selection, CDF + PV skip
+    "dense": (1.0, 1.0, 50.0),
+    "cdf": (0.4, 0.8, 50.0),
+    "pv_skip": (0.4, 0.9, 4.0),
+}
+
+
+@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("q_fp8", [False, True])
+@pytest.mark.parametrize("rule", sorted(THRESHOLDS))
+def test_fp8_cache_equals_bf16_over_the_dequantised_cache(page, q_fp8, rule, device):
+    """Power-of-two scales: the same block map and output, bit for bit, as the bf16 path."""
+    base = _case(device, page)
+    c = _fp8_case(base, q_fp8, pow2=True)
+    sim, cdf, pv = THRESHOLDS[rule]
+    hq = base.q.shape[1]
+    args = (head_vec(sim, hq, device), head_vec(cdf, hq, device), head_vec(pv, hq, device))
+    d = c.dequant
+    out_ref = torch.zeros_like(d.q)
+    bm_ref = sparge_paged_prefill(d.q, d.key_cache, d.value_cache, d.batch, d.scale, *args,
+                                  out_ref)
+    out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
+    bm = sparge_paged_prefill(c.q, c.key_cache, c.value_cache, d.batch, d.scale, *args, out,
+                              scales=c.scales)
+    assert torch.equal(bm.count, bm_ref.count)
+    for keep, keep_ref in zip(kept_blocks(bm, d.batch), kept_blocks(bm_ref, d.batch),
+                              strict=True):
+        assert torch.equal(keep, keep_ref)
+    if rule != "dense":
+        assert (bm.count < bm.n_valid).any(), "the case keeps every block: no selection tested"
+    assert torch.equal(out, out_ref)
+
+
+def _lowp_bf16(q, k, v, scale, mask):
+    """Attention in fp32 from the dequantised inputs, P and the output rounded to bf16 where the
+    kernel rounds them."""
+    group = q.shape[1] // k.shape[1]
+    qh = q.float().transpose(0, 1)
+    kh, vh = (t.float().repeat_interleave(group, 1).transpose(0, 1) for t in (k, v))
+    s = (qh @ kh.transpose(1, 2)) * scale
+    s = s.masked_fill(~mask.to(q.device), float("-inf"))
+    p = torch.exp(s - s.max(-1, keepdim=True).values)
+    out = (kernel_round(p, torch.bfloat16) @ vh) / p.sum(-1, keepdim=True)
+    return kernel_round(out, torch.bfloat16).transpose(0, 1)
+
+
+@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("q_fp8", [False, True])
+def test_fp8_attention_equals_sdpa_over_its_kept_blocks(page, q_fp8, device):
+    """vLLM's scales (amax / 448): fp32 SDPA over the dequantised tensors and exactly the
+    kernel's kept blocks."""
+    base = _case(device, page, seed=3)
+    c = _fp8_case(base, q_fp8, pow2=False, dtype=torch.float32)
+    hq = base.q.shape[1]
+    out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
+    bm = sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale,
+                              head_vec(0.4, hq, device), head_vec(0.8, hq, device),
+                              head_vec(50.0, hq, device), out, scales=c.scales)
+    keeps = kept_blocks(bm, base.batch)
+    assert any((k.sum(-1) < bm.n_valid[r, :, :k.shape[1]].cpu()).any()
+               for r, k in enumerate(keeps)), "every block kept: no sparsity tested"
+    for r in range(base.batch.num_reqs):
+        q, k, v = c.dequant.request_kv(r)
+        mask = token_mask(keeps[r], q.shape[0], k.shape[0])
+        ref = sdpa(q, k, v, base.scale, mask)
+        tol = 2 * (_lowp_bf16(q, k, v, base.scale, mask) - ref).abs().max().item()
+        tol += (kernel_round(ref, torch.bfloat16) - ref).abs().max().item()
+        err = (out[request_rows(base.batch, r)].float() - ref).abs().max().item()
+        assert err <= tol, f"request {r}: error {err:.3g} > tolerance {tol:.3g}"
+
+
+def test_fp8_scales_are_read_on_the_device_not_baked_in(device):
+    """Two calls differing only in the scale tensors' values: outputs scale with ``v_scale`` and
+    the scores with ``k_scale`` (the kernels load the scales; nothing is cached per value)."""
+    base = _case(device, 64, reqs=((128, 192),))
+    c = _fp8_case(base, False, pow2=True)
+    hq = base.q.shape[1]
+    dense = (head_vec(1.0, hq, device), head_vec(1.0, hq, device), head_vec(50.0, hq, device))
+    out1 = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
+    sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale, *dense, out1,
+                         scales=c.scales)
+    doubled = KVScales(c.scales.k_scale, c.scales.v_scale * 2)
+    out2 = torch.zeros_like(out1)
+    sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale, *dense, out2,
+                         scales=doubled)
+    assert torch.equal(out2, out1 * 2)
+    flat = KVScales(c.scales.k_scale * 0, c.scales.v_scale)
+    with pytest.raises(ValueError, match="k_scale is 0"):
+        sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale, *dense,
+                             out2, scales=flat)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def _bad_call(c: Fp8Case, base: PagedCase, device, **over):
+    hq = base.q.shape[1]
+    args = dict(q=c.q, key_cache=c.key_cache, value_cache=c.value_cache, batch=base.batch,
+                scale=base.scale, simthreshd1=head_vec(0.4, hq, device),
+                cdfthreshd=head_vec(0.8, hq, device), pvthreshd=head_vec(50.0, hq, device),
+                out=torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device),
+                scales=c.scales)
+    args.update(over)
+    return sparge_paged_prefill(**args)
+
+
+@pytest.mark.parametrize("over, match", [
+    (lambda c: dict(scales=None), r"key_cache is float8_e4m3fn: pass its dequantisation scales"),
+    (lambda c: dict(key_cache=c.key_cache.view(torch.float8_e5m2),
+                    value_cache=c.value_cache.view(torch.float8_e5m2)),
+     r"key_cache dtype torch.float8_e5m2 unsupported; supported: float16 or bfloat16, or "
+     r"float8_e4m3fn"),
+    (lambda c: dict(value_cache=c.value_cache.view(torch.int8)), "value_cache dtype torch.int8"),
+    (lambda c: dict(scales=KVScales(c.scales.k_scale, c.scales.v_scale, c.scales.k_scale)),
+     "q_scale must be given exactly when q is float8_e4m3fn"),
+    (lambda c: dict(scales=KVScales(c.scales.k_scale.double(), c.scales.v_scale)),
+     "k_scale must be a one-element float32 tensor"),
+    (lambda c: dict(scales=KVScales(c.scales.k_scale, c.scales.v_scale.expand(2))),
+     "v_scale must be a one-element float32 tensor"),
+    (lambda c: dict(scales=KVScales(c.scales.k_scale, c.scales.v_scale * float("nan"))),
+     "v_scale is nan: a dequantisation scale is finite and > 0"),
+    (lambda c: dict(scales=(c.scales.k_scale, c.scales.v_scale)), "scales must be a KVScales"),
+    (lambda c: dict(attention="fa3"), "the FA3 attention path reads no fp8 KV cache"),
+])
+def test_bad_fp8_arguments_are_refused_before_any_launch(over, match, device):
+    base = _case(device, 64, reqs=((128, 128),))
+    c = _fp8_case(base, False, pow2=True)
+    with pytest.raises(ValueError, match=match):
+        _bad_call(c, base, device, **over(c))
+
+
+def test_fp8_query_needs_its_scale_and_a_model_dtype_output(device):
+    base = _case(device, 64, reqs=((128, 128),))
+    c = _fp8_case(base, True, pow2=True)
+    with pytest.raises(ValueError, match="q_scale must be given exactly when q is"):
+        _bad_call(c, base, device, scales=KVScales(c.scales.k_scale, c.scales.v_scale))
+    with pytest.raises(ValueError, match="out dtype torch.float8_e4m3fn unsupported for an fp8 q"):
+        _bad_call(c, base, device, out=torch.zeros_like(c.q))
+    with pytest.raises(ValueError, match="q is float8_e4m3fn but key_cache is torch.bfloat16"):
+        _bad_call(c, base, device, key_cache=c.dequant.key_cache,
+                  value_cache=c.dequant.value_cache, scales=None)
+
+
+def test_scales_on_a_model_dtype_cache_are_refused(device):
+    base = _case(device, 64, reqs=((128, 128),))
+    c = _fp8_case(base, False, pow2=True)
+    hq = base.q.shape[1]
+    with pytest.raises(ValueError, match="scales are for fp8 KV caches; key_cache is "
+                                         "torch.bfloat16"):
+        predict_block_map(base.q, base.key_cache, base.batch, base.scale,
+                          head_vec(0.4, hq, device), head_vec(0.8, hq, device),
+                          scales=c.scales)
+
+
+def test_fp8_attention_entry_point_and_warm_up(device):
+    """The attention entry point alone (a reference block map) and the warm-up compile and run
+    the fp8 variants."""
+    base = _case(device, 64, reqs=((128, 256),))
+    c = _fp8_case(base, True, pow2=True)
+    hq = base.q.shape[1]
+    bm = predict_block_map(c.q, c.key_cache, base.batch, base.scale, head_vec(1.0, hq, device),
+                           head_vec(1.0, hq, device), scales=c.scales)
+    out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
+    sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
+                           head_vec(50.0, hq, device), out, scales=c.scales)
+    d = c.dequant
+    ref = torch.zeros_like(out)
+    sparse_paged_attention(d.q, d.key_cache, d.value_cache, base.batch, bm, base.scale,
+                           head_vec(50.0, hq, device), ref)
+    assert torch.equal(out, ref)
+    buckets = warm_up_sparse_kernels(c.key_cache[:1], c.value_cache[:1], hq, 1024, 1024,
+                                     dtype=torch.bfloat16, q_dtype=FP8_DTYPE)
+    assert buckets == [16]
