@@ -1,0 +1,203 @@
+"""The model geometries of ``benchmarks/bench_e2e.py``: Hugging Face config folders that vLLM
+loads with random weights (``load_format="dummy"``), random token-id prompts, and rough time
+estimates for the plan.
+
+config.json comes from ``sparge_serve.models.convert.build_config``, the function that writes the
+configs of converted GGUF models, fed the numbers a GGUF file of each model carries; Gemma 3's
+layer pattern (5 sliding-window layers per global layer), local rope base and query scale are its
+rules. Llama 3.1's ``llama3`` rope scaling, which GGUF files do not describe, is set afterwards.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GATE_OPEN_FILE = "sparge_gate_open.safetensors"
+# tokenizer files of the usual Hugging Face layouts (fast, sentencepiece, BPE vocab + merges)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja")
+GLOBAL_EVERY = 6  # Gemma 3: every 6th layer is global (convert.py's rule without GGUF metadata)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    arch: str  # the GGUF architecture name build_config expects
+    description: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    context: int
+    rope_theta: float
+    rms_eps: float
+    tied: bool
+    bos: int
+    eos: int
+    sliding_window: int | None = None
+    rope_theta_local: float | None = None
+    rope_parameters: dict[str, Any] | None = field(default=None)  # replaces build_config's
+
+    def metadata(self) -> dict[str, Any]:
+        """The GGUF key/values that ``build_config`` reads ("{arch}" stands for the arch)."""
+        meta = {
+            "{arch}.embedding_length": self.hidden, "{arch}.feed_forward_length": self.intermediate,
+            "{arch}.block_count": self.layers, "{arch}.attention.head_count": self.heads,
+            "{arch}.attention.head_count_kv": self.kv_heads,
+            "{arch}.attention.key_length": self.head_dim,
+            "{arch}.attention.value_length": self.head_dim,
+            "{arch}.rope.dimension_count": self.head_dim, "{arch}.rope.freq_base": self.rope_theta,
+            "{arch}.context_length": self.context, "{arch}.vocab_size": self.vocab,
+            "{arch}.attention.layer_norm_rms_epsilon": self.rms_eps,
+            "tokenizer.ggml.bos_token_id": self.bos, "tokenizer.ggml.eos_token_id": self.eos,
+        }
+        if self.sliding_window is not None:
+            meta["{arch}.attention.sliding_window"] = self.sliding_window
+            meta["{arch}.rope.freq_base_swa"] = self.rope_theta_local
+        return {k.replace("{arch}", self.arch): v for k, v in meta.items()}
+
+    @property
+    def window_layers(self) -> int:
+        return 0 if self.sliding_window is None else self.layers - self.layers // GLOBAL_EVERY
+
+    def kv_bytes(self, tokens: int) -> int:
+        """bf16 KV cache of one sequence of ``tokens`` (windowed layers hold their window)."""
+        per_layer = 2 * 2 * self.kv_heads * self.head_dim
+        window = min(tokens, self.sliding_window or tokens)
+        return per_layer * ((self.layers - self.window_layers) * tokens
+                            + self.window_layers * window)
+
+    def prompt(self, n: int, seed: int | tuple[int, ...]) -> dict[str, list[int]]:
+        """A TokensPrompt of ``n`` random token ids (no tokenizer needed; ``seed`` picks them)."""
+        import numpy as np
+
+        ids = np.random.default_rng(seed).integers(16, min(self.vocab, 32000), size=n)
+        return {"prompt_token_ids": ids.tolist()}
+
+
+GEOMETRIES = {
+    "llama8b": Geometry(
+        "llama", "Llama-3.1-8B geometry (LlamaForCausalLM, 32 layers, hidden 4096, MLP 14336, "
+        "32 / 8 heads of 128, llama3 rope scaling, 128K context, vocabulary 128256)",
+        layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
+        vocab=128256, context=131072, rope_theta=500000.0, rms_eps=1e-5, tied=False,
+        bos=128000, eos=128001,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}),
+    "gemma3_270m": Geometry(
+        "gemma3", "Gemma 3 270M geometry (Gemma3ForCausalLM, 18 layers, hidden 640, 4 / 1 "
+        "heads of 256, sliding window 512 on 5 of every 6 layers, which run dense)",
+        layers=18, hidden=640, intermediate=2048, heads=4, kv_heads=1, head_dim=256,
+        vocab=262144, context=32768, rope_theta=1000000.0, rms_eps=1e-6, tied=True, bos=2,
+        eos=1, sliding_window=512, rope_theta_local=10000.0),
+    "smollm2_135m": Geometry(
+        "llama", "SmolLM2-135M geometry (LlamaForCausalLM, 30 layers, hidden 576, 9 / 3 heads "
+        "of 64)",
+        layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64,
+        vocab=49152, context=8192, rope_theta=100000.0, rms_eps=1e-5, tied=True, bos=1, eos=2),
+}
+DESCRIPTIONS = {name: g.description for name, g in GEOMETRIES.items()}
+
+
+class _Metadata:
+    """What ``convert.build_config`` reads of a GGUF file (``get``, ``arch``, ``path``)."""
+
+    _MISSING = object()
+
+    def __init__(self, name: str, geo: Geometry):
+        self.arch, self.path, self._values = geo.arch, Path(name), geo.metadata()
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        key = key.replace("{arch}", self.arch)
+        if key in self._values:
+            return self._values[key]
+        if default is self._MISSING:
+            raise KeyError(f"geometry {self.path}: no {key!r}")
+        return default
+
+
+def hf_config(name: str) -> Any:
+    """The transformers config of geometry ``name``."""
+    from sparge_serve.models.convert import build_config
+
+    geo = GEOMETRIES[name]
+    config = build_config(_Metadata(name, geo), geo.vocab, geo.tied, "bfloat16")
+    if geo.rope_parameters is not None:
+        config.rope_parameters = dict(geo.rope_parameters)
+    return config
+
+
+def write_geometry(name: str, root: str | Path, tokenizer: str | Path | None) -> Path:
+    """``root/name``: config.json, the tokenizer files found in folder ``tokenizer`` and the
+    thresholds file of the topk configurations (``simthreshd1`` -1: every block passes the
+    similarity gate, so ``topk`` alone picks the kept blocks; ``cdfthreshd`` 1, PV skip off)."""
+    from sparge_serve.thresholds import Thresholds, save_thresholds
+
+    geo = GEOMETRIES[name]
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_config(name).save_pretrained(str(folder))
+    if tokenizer is not None:
+        found = [f for f in TOKENIZER_FILES if (Path(tokenizer) / f).is_file()]
+        if not found:
+            raise SystemExit(f"--tokenizer {tokenizer}: no tokenizer files "
+                             f"({', '.join(TOKENIZER_FILES)}) in that folder")
+        for f in found:
+            shutil.copyfile(Path(tokenizer) / f, folder / f)
+    save_thresholds(folder / GATE_OPEN_FILE, Thresholds.defaults(
+        geo.layers, geo.heads, geo.kv_heads, geo.head_dim, simthreshd1=-1.0, cdfthreshd=1.0,
+        model=name))
+    return folder
+
+
+def position_overrides(name: str, max_len: int) -> dict[str, int]:
+    """``hf_overrides`` for a ``max_model_len`` past the geometry's trained context (positions
+    are extrapolated: fine for timing with random weights)."""
+    return {"max_position_embeddings": max_len} if max_len > GEOMETRIES[name].context else {}
+
+
+# ---- rough time estimates (the plan's, not measurements) --------------------------------------
+FLOPS = 5e14  # bf16 FLOP/s a long prefill reaches on an H200, roughly
+BYTES = 4e12  # HBM bytes/s a decode step reaches, roughly
+LAYER_HOST_S = 2e-4  # host time per layer and engine step, roughly
+
+
+def prefill_s(geo: Geometry, n: int, keep: float = 1.0, chunk: int = 16384) -> float:
+    weights = geo.layers * (2 * geo.hidden * geo.heads * geo.head_dim
+                            + 2 * geo.hidden * geo.kv_heads * geo.head_dim
+                            + 3 * geo.hidden * geo.intermediate)
+    full = geo.layers - geo.window_layers
+    attn = 2.0 * n * n * geo.heads * geo.head_dim * (full * keep)
+    attn += 4.0 * n * min(n, geo.sliding_window or n) * geo.heads * geo.head_dim * geo.window_layers
+    steps = -(-n // chunk)
+    return (2.0 * weights * n + attn) / FLOPS + steps * geo.layers * LAYER_HOST_S
+
+
+def estimate_s(job: dict) -> float:
+    """A rough duration of one engine run: start-up plus its measured work."""
+    geo = GEOMETRIES[job["geometry"]]
+    keep = (job["sparge"] or {}).get("topk") or 1.0
+    startup = 90.0 if geo.hidden >= 2048 else 60.0
+    if job["stage"] == "ttft":
+        runs = job["warmups"] + job["repeats"]
+        return startup + sum((runs + (n in job["profile_lengths"])) * prefill_s(geo, n, keep,
+                                                                                 job["chunk"])
+                             for n, in job["points"])
+    if job["stage"] == "decode":
+        total = startup
+        weight_bytes = 2 * 12 * geo.layers * geo.hidden * geo.hidden
+        for ctx, b in job["points"]:
+            step = (weight_bytes + b * geo.kv_bytes(ctx)) / BYTES + geo.layers * LAYER_HOST_S
+            total += b * prefill_s(geo, ctx, 1.0, job["chunk"]) + (
+                2 * job["repeats"] + 1) * job["new_tokens"] * step
+        return total
+    n_req = sum(max(c, job["prompts_per_concurrency"] * c) + c for c, in job["points"])
+    return startup + n_req * (prefill_s(geo, job["input_len"], keep, job["chunk"])
+                              + job["output_len"] * geo.layers * LAYER_HOST_S)
