@@ -47,110 +47,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import e2e_geometry as geometry  # noqa: E402
+import e2e_plan as plan  # noqa: E402
 import e2e_report as report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW, META = "E2E_ROW ", "E2E_META "  # the worker's stdout lines the driver reads
-
-DEFAULTS = {  # stage -> (configurations, in run order: the baseline first)
-    "ttft": ["FLASH_ATTN@64", "SPARGE@64:topk0.5", "SPARGE@64:topk0.1", "SPARGE@64:topk1.0",
-             "SPARGE@64:topk0.2", "SPARGE@64:defaults", "FLASH_ATTN@16"],
-    "decode": ["FLASH_ATTN@64", "SPARGE@64:defaults", "FLASH_ATTN@16"],
-    "serve": ["FLASH_ATTN@64", "SPARGE@64:topk0.2"],
-}
-QUICK = {  # --quick: the rows that matter most, each stage in a few minutes
-    "ttft": dict(configs=["FLASH_ATTN@64", "SPARGE@64:topk0.5", "SPARGE@64:topk0.1"],
-                 lengths=[32768, 131072], profile_lengths=[131072], repeats=2),
-    "decode": dict(configs=["FLASH_ATTN@64", "SPARGE@64:defaults"], contexts=[32768],
-                   batches=[1, 8], decode_repeats=2),
-    "serve": dict(configs=["FLASH_ATTN@64", "SPARGE@64:topk0.2"], concurrency=[8],
-                  serve_input_len=16384, prompts_per_concurrency=2),
-}
-
-
-# ---- the plan ----------------------------------------------------------------------------------
-def sparge_options(config: str, thresholds: str, min_sparse_len: int) -> dict | None:
-    """``additional_config["sparge"]`` of a configuration (None for FLASH_ATTN)."""
-    c = report.parse_config(config)
-    if c["backend"] != "SPARGE":
-        return None
-    if c["variant"] == "dense":
-        return {"mode": "dense"}
-    opts = {"min_sparse_len": min_sparse_len}
-    if c["topk"] is not None:
-        opts.update(thresholds=thresholds, topk=c["topk"])
-    return opts
-
-
-def make_plan(args, data: dict) -> tuple[list[dict], list[str]]:
-    """The engine runs (jobs) of the requested stages and what is left out, with why. With
-    ``--skip-done``, a job keeps only the points that ``data`` does not hold yet."""
-    from sparge_serve.config import SpargeConfig
-
-    jobs, left_out = [], []
-    for stage in [s for s in report.STAGES if s in args.stages]:
-        opt = dict(vars(args))
-        if args.quick:
-            opt.update(QUICK[stage])
-        configs = args.configs or opt.get("configs") or DEFAULTS[stage]
-        for geo_name in args.geometries:
-            geo = geometry.GEOMETRIES[geo_name]
-            thresholds = str(Path(args.model_dir) / geo_name / geometry.GATE_OPEN_FILE)
-            for config in configs:
-                opts = sparge_options(config, thresholds, args.min_sparse_len)
-                if opts is not None:
-                    SpargeConfig.from_dict(opts, env={})  # a bad option fails here, not on the GPU
-                job = dict(stage=stage, geometry=geo_name, config=config, sparge=opts,
-                           model=str(Path(args.model_dir) / geo_name), chunk=args.chunk,
-                           gpu_memory_utilization=args.gpu_memory_utilization)
-                if stage == "ttft":
-                    points = [(n,) for n in opt["lengths"]]
-                    job.update(warmups=args.warmups, repeats=opt["repeats"],
-                               profile_lengths=opt["profile_lengths"])
-                elif stage == "decode":
-                    points = []
-                    for ctx in opt["contexts"]:
-                        for b in opt["batches"]:
-                            gib = geo.kv_bytes(ctx + args.new_tokens + 64) * b / 2**30
-                            if gib > args.kv_budget_gib:
-                                left_out.append(f"decode {geo_name} {config} context {ctx} batch "
-                                                f"{b}: KV cache of {gib:.0f} GiB > "
-                                                f"--kv-budget-gib {args.kv_budget_gib:g}")
-                            else:
-                                points.append((ctx, b))
-                    job.update(new_tokens=args.new_tokens, repeats=opt["decode_repeats"])
-                else:
-                    points = [(c,) for c in opt["concurrency"]]
-                    job.update(input_len=opt["serve_input_len"], output_len=args.serve_output_len,
-                               range_ratio=args.range_ratio,
-                               prompts_per_concurrency=opt["prompts_per_concurrency"])
-                if args.skip_done:
-                    done = [p for p in points if report.has_row(data, (stage, geo_name, config, *p))]
-                    left_out += [f"{stage} {geo_name} {config} {p}: in the results already"
-                                 for p in done]
-                    points = [p for p in points if p not in done]
-                if points:
-                    job["points"] = points
-                    job["est_s"] = geometry.estimate_s(job)
-                    jobs.append(job)
-    return jobs, left_out
-
-
-def describe(job: dict) -> str:
-    p = job["points"]
-    if job["stage"] == "ttft":
-        what = (f"lengths {' '.join(str(n) for n, in p)}; {job['warmups']} warm-up + "
-                f"{job['repeats']} repeats; profiled {job['profile_lengths'] or 'none'}")
-    elif job["stage"] == "decode":
-        what = (f"(context, batch) {', '.join(f'({c}, {b})' for c, b in p)}; "
-                f"{job['new_tokens']} new tokens; {job['repeats']} repeats")
-    else:
-        what = (f"concurrency {' '.join(str(c) for c, in p)}; input {job['input_len']} "
-                f"± {job['range_ratio']:.0%}, output {job['output_len']}")
-    return (f"{job['stage']:6s} {job['geometry']:12s} {job['config']:19s} {what} "
-            f"(~{job['est_s'] / 60:.1f} min)")
-
 
 # ---- the driver --------------------------------------------------------------------------------
 def run_worker(cmd: list[str], timeout: float | None, log_path: str,
@@ -212,12 +113,12 @@ def _row_line(row: dict) -> str:
 
 def drive(args) -> int:
     data = report.load_results(args.merge or os.path.join(args.out, "e2e.json"))
-    jobs, left_out = make_plan(args, data)
+    jobs, left_out = plan.make_plan(args, data)
     total = sum(j["est_s"] for j in jobs)
     print(f"{len(jobs)} engine runs planned, roughly {total / 60:.0f} min (a FLOP model and a "
           "startup guess, not a measurement)", flush=True)
     for i, job in enumerate(jobs, 1):
-        print(f"  {i}. {describe(job)}", flush=True)
+        print(f"  {i}. {plan.describe(job)}", flush=True)
     for why in left_out:
         print(f"  left out: {why}", flush=True)
     if args.dry_run:
@@ -225,7 +126,7 @@ def drive(args) -> int:
     t_start = time.monotonic()
     os.makedirs(args.log_dir, exist_ok=True)
     for name in sorted({j["geometry"] for j in jobs}):
-        geometry.write_geometry(name, args.model_dir, args.tokenizer)
+        plan.write_geometry(name, args.model_dir, args.tokenizer)
     command = "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:])
     run = report.start_run(data, dict(command=command, date=datetime.datetime.now().isoformat(
         timespec="seconds"), stages=args.stages))
@@ -233,11 +134,11 @@ def drive(args) -> int:
     for i, job in enumerate(jobs, 1):
         remaining = None if args.budget_s is None else args.budget_s - (time.monotonic() - t_start)
         if remaining is not None and remaining < 60:
-            print(f"[{i}/{len(jobs)}] not started (--budget-s spent): {describe(job)}", flush=True)
+            print(f"[{i}/{len(jobs)}] not started (--budget-s spent): {plan.describe(job)}", flush=True)
             report.add_failure(data, job["stage"], job["geometry"], job["config"],
                                "not run: the call's --budget-s was spent", run)
             continue
-        print(f"[{i}/{len(jobs)}] {describe(job)}", flush=True)
+        print(f"[{i}/{len(jobs)}] {plan.describe(job)}", flush=True)
         t0 = time.monotonic()
         log = os.path.join(args.log_dir, f"{job['stage']}_{job['geometry']}_"
                            f"{job['config'].replace('@', '_').replace(':', '_')}.log")
@@ -253,9 +154,9 @@ def drive(args) -> int:
             report.add_failure(data, job["stage"], job["geometry"], job["config"], why, run)
             print(f"    failed: {why}", flush=True)
         print(f"    {len(rows)} rows in {time.monotonic() - t0:.0f} s", flush=True)
-        report.write_all(data, args.out, geometry.DESCRIPTIONS)
+        report.write_all(data, args.out, plan.DESCRIPTIONS)
     if jobs:
-        print(f"wrote {', '.join(report.write_all(data, args.out, geometry.DESCRIPTIONS))}")
+        print(f"wrote {', '.join(report.write_all(data, args.out, plan.DESCRIPTIONS))}")
     return status
 
 
@@ -279,7 +180,7 @@ def _engine(job: dict, max_len: int, **kw):
     c = report.parse_config(job["config"])
     if job["sparge"] is not None:
         kw["additional_config"] = {"sparge": job["sparge"]}
-    overrides = geometry.position_overrides(job["geometry"], max_len)
+    overrides = plan.position_overrides(job["geometry"], max_len)
     return LLM(model=job["model"], load_format="dummy", skip_tokenizer_init=True,
                attention_backend=c["backend"], block_size=c["page"], max_model_len=max_len,
                max_num_batched_tokens=job["chunk"], dtype="bfloat16",
@@ -306,7 +207,7 @@ def ttft_worker(job: dict) -> None:
     from torch.profiler import ProfilerActivity, profile
     from vllm import SamplingParams
 
-    geo = geometry.GEOMETRIES[job["geometry"]]
+    geo = plan.GEOMETRIES[job["geometry"]]
     # NOTE: CUDA graphs off: a prefill chunk of thousands of tokens runs without them anyway, and
     # capturing them would only lengthen the start
     llm = _engine(job, max(n for n, in job["points"]) + 256, enable_prefix_caching=False,
@@ -339,7 +240,7 @@ def decode_worker(job: dict) -> None:
 
     from vllm import SamplingParams
 
-    geo = geometry.GEOMETRIES[job["geometry"]]
+    geo = plan.GEOMETRIES[job["geometry"]]
     new = job["new_tokens"]
     batches = sorted({b for _, b in job["points"]})
     llm = _engine(job, max(c for c, _ in job["points"]) + new + 64, enable_prefix_caching=True,
@@ -381,7 +282,7 @@ def serve_worker(job: dict) -> None:
                  "--served-model-name", "e2e", "--host", "127.0.0.1", "--port", str(port)]
     if job["sparge"] is not None:
         cmd += ["--additional-config", json.dumps({"sparge": job["sparge"]})]
-    overrides = geometry.position_overrides(job["geometry"], max_len)
+    overrides = plan.position_overrides(job["geometry"], max_len)
     if overrides:
         cmd += ["--hf-overrides", json.dumps(overrides)]
     env = dict(os.environ)
@@ -453,59 +354,50 @@ def worker(job: dict) -> None:
 # ---- the command line --------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Stages: ttft, decode, serve (GPU), report (no GPU). Each call merges into "
-        "<out>/e2e.json (or --merge FILE); see the module docstring.")
+        description=__doc__.split("\n\n")[0], epilog="Stages: ttft, decode, serve (GPU), "
+        "report (no GPU). Each call merges into <out>/e2e.json (or --merge FILE). Without "
+        f"--quick the per-stage options default to {json.dumps(plan.FULL)}; with it, per stage, to "
+        f"{json.dumps(plan.QUICK)}.")
     ap.add_argument("stages", nargs="+", choices=[*report.STAGES, "report"])
-    ap.add_argument("--quick", action="store_true",
-                    help="the most important rows only (Llama-3.1-8B geometry): " + "; ".join(
-                        f"{s}: {', '.join(q['configs'])}" for s, q in QUICK.items()))
+    ap.add_argument("--quick", action="store_true", help="the most important rows only")
     ap.add_argument("--dry-run", action="store_true",
-                    help="print the planned engine runs and what is left out, run nothing")
+                    help="print the planned engine runs and what is left out; run nothing")
     ap.add_argument("--geometries", nargs="+", default=["llama8b"],
-                    choices=list(geometry.GEOMETRIES))
-    ap.add_argument("--configs", nargs="+", default=None,
-                    help="BACKEND@PAGE[:VARIANT] for every requested stage (default: per stage "
-                    f"{json.dumps(DEFAULTS)})")
-    ap.add_argument("--lengths", type=int, nargs="+",
-                    default=[8192, 16384, 32768, 65536, 131072])
-    ap.add_argument("--profile-lengths", type=int, nargs="*", default=[32768, 131072],
-                    help="TTFT lengths also profiled (attention share and ceiling)")
+                    choices=list(plan.GEOMETRIES))
+    ap.add_argument("--configs", nargs="+", help="BACKEND@PAGE[:VARIANT] for every requested "
+                    f"stage (default per stage: {json.dumps(plan.DEFAULTS)})")
+    for name, kind in (("lengths", "+"), ("profile-lengths", "*"), ("contexts", "+"),
+                       ("batches", "+"), ("concurrency", "+")):
+        ap.add_argument(f"--{name}", type=int, nargs=kind)
+    for name in ("repeats", "decode-repeats", "serve-input-len", "prompts-per-concurrency"):
+        ap.add_argument(f"--{name}", type=int)
     ap.add_argument("--warmups", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--decode-repeats", type=int, default=3)
     ap.add_argument("--kv-budget-gib", type=float, default=80.0,
                     help="decode points needing more KV cache are left out")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
-    ap.add_argument("--serve-input-len", type=int, default=32768)
     ap.add_argument("--serve-output-len", type=int, default=128)
     ap.add_argument("--range-ratio", type=float, default=0.5)
-    ap.add_argument("--prompts-per-concurrency", type=int, default=4)
-    ap.add_argument("--min-sparse-len", type=int, default=4096,
-                    help="SPARGE's min_sparse_len: below the shortest length, so every "
-                    "measured prompt takes the sparse path")
+    ap.add_argument("--min-sparse-len", type=int, default=4096, help="SPARGE's min_sparse_len: "
+                    "below the shortest length, so every measured prompt takes the sparse path")
     ap.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--tokenizer", default=str(ROOT / "models" / "sparge-tiny-code"),
                     help="a local folder whose tokenizer files are copied into every geometry "
                     "folder (vllm serve and vllm bench serve need one), e.g. one written by "
                     "`sparge-models convert smollm2`")
-    ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "sparge_e2e_models"),
+    tmp = tempfile.gettempdir()
+    ap.add_argument("--model-dir", default=os.path.join(tmp, "sparge_e2e_models"),
                     help="where the geometry folders are written")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"),
-                    help="folder of e2e.json / e2e.md / e2e.png (default $OUT, else "
+                    help="folder of e2e.json, e2e.md, e2e.png (default $OUT, else "
                     "benchmarks/results)")
-    ap.add_argument("--merge", default=None,
-                    help="results of earlier calls to merge into (default <out>/e2e.json)")
+    ap.add_argument("--merge", help="results of earlier calls to merge into (default "
+                    "<out>/e2e.json)")
     ap.add_argument("--skip-done", action="store_true",
                     help="run only the points that the merged results do not hold")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="time for this call: no engine starts with less than 60 s left, and a "
-                    "running one is stopped (its rows kept) when it runs out")
-    ap.add_argument("--log-dir", default=os.path.join(tempfile.gettempdir(), "sparge_e2e_logs"),
+    ap.add_argument("--budget-s", type=float, help="time for this call: no engine starts with "
+                    "less than 60 s left, and a running one is stopped (its rows kept) at the end")
+    ap.add_argument("--log-dir", default=os.path.join(tmp, "sparge_e2e_logs"),
                     help="one log per engine run")
     return ap
 
@@ -518,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.stages == ["report"]:
         data = report.load_results(args.merge or os.path.join(args.out, "e2e.json"))
-        print("\n".join(report.write_all(data, args.out, geometry.DESCRIPTIONS)))
+        print("\n".join(report.write_all(data, args.out, plan.DESCRIPTIONS)))
         return 0
     return drive(args)
 

@@ -1,6 +1,6 @@
-"""The model geometries of ``benchmarks/bench_e2e.py``: Hugging Face config folders that vLLM
-loads with random weights (``load_format="dummy"``), random token-id prompts, and rough time
-estimates for the plan.
+"""What ``benchmarks/bench_e2e.py`` runs: the model geometries (Hugging Face config folders that
+vLLM loads with random weights, ``load_format="dummy"``), random token-id prompts, the
+configurations of each stage, the plan of engine runs, and rough time estimates.
 
 config.json comes from ``sparge_serve.models.convert.build_config``, the function that writes the
 configs of converted GGUF models, fed the numbers a GGUF file of each model carries; Gemma 3's
@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import e2e_report
 
 GATE_OPEN_FILE = "sparge_gate_open.safetensors"
 # tokenizer files of the usual Hugging Face layouts (fast, sentencepiece, BPE vocab + merges)
@@ -201,3 +203,108 @@ def estimate_s(job: dict) -> float:
     n_req = sum(max(c, job["prompts_per_concurrency"] * c) + c for c, in job["points"])
     return startup + n_req * (prefill_s(geo, job["input_len"], keep, job["chunk"])
                               + job["output_len"] * geo.layers * LAYER_HOST_S)
+
+
+# ---- the plan ----------------------------------------------------------------------------------
+DEFAULTS = {  # stage -> (configurations, in run order: the baseline first)
+    "ttft": ["FLASH_ATTN@64", "SPARGE@64:topk0.5", "SPARGE@64:topk0.1", "SPARGE@64:topk1.0",
+             "SPARGE@64:topk0.2", "SPARGE@64:defaults", "FLASH_ATTN@16"],
+    "decode": ["FLASH_ATTN@64", "SPARGE@64:defaults", "FLASH_ATTN@16"],
+    "serve": ["FLASH_ATTN@64", "SPARGE@64:topk0.2"],
+}
+FULL = dict(lengths=[8192, 16384, 32768, 65536, 131072], profile_lengths=[32768, 131072],
+            repeats=3, contexts=[8192, 32768], batches=[1, 8, 32], decode_repeats=3,
+            concurrency=[4, 16], serve_input_len=32768, prompts_per_concurrency=4)
+QUICK = {  # --quick: the rows that matter most, each stage in a few minutes (options given on
+    # the command line still win)
+    "ttft": dict(configs=["FLASH_ATTN@64", "SPARGE@64:topk0.5", "SPARGE@64:topk0.1"],
+                 lengths=[32768, 131072], profile_lengths=[131072], repeats=2),
+    "decode": dict(configs=["FLASH_ATTN@64", "SPARGE@64:defaults"], contexts=[32768],
+                   batches=[1, 8], decode_repeats=2),
+    "serve": dict(configs=["FLASH_ATTN@64", "SPARGE@64:topk0.2"], concurrency=[8],
+                  serve_input_len=16384, prompts_per_concurrency=2),
+}
+
+
+def sparge_options(config: str, thresholds: str, min_sparse_len: int) -> dict | None:
+    """``additional_config["sparge"]`` of a configuration (None for FLASH_ATTN)."""
+    c = e2e_report.parse_config(config)
+    if c["backend"] != "SPARGE":
+        return None
+    if c["variant"] == "dense":
+        return {"mode": "dense"}
+    opts = {"min_sparse_len": min_sparse_len}
+    if c["topk"] is not None:
+        opts.update(thresholds=thresholds, topk=c["topk"])
+    return opts
+
+
+def make_plan(args, data: dict) -> tuple[list[dict], list[str]]:
+    """The engine runs (jobs) of the requested stages and what is left out, with why. With
+    ``--skip-done``, a job keeps only the points that ``data`` does not hold yet."""
+    from sparge_serve.config import SpargeConfig
+
+    jobs, left_out = [], []
+    for stage in [s for s in e2e_report.STAGES if s in args.stages]:
+        quick = QUICK[stage] if args.quick else {}
+        opt = {k: v if getattr(args, k) is None else getattr(args, k)
+               for k, v in {**FULL, **quick}.items() if k != "configs"}
+        configs = args.configs or quick.get("configs") or DEFAULTS[stage]
+        for geo_name in args.geometries:
+            geo = GEOMETRIES[geo_name]
+            thresholds = str(Path(args.model_dir) / geo_name / GATE_OPEN_FILE)
+            for config in configs:
+                opts = sparge_options(config, thresholds, args.min_sparse_len)
+                if opts is not None:
+                    SpargeConfig.from_dict(opts, env={})  # a bad option fails here, not on the GPU
+                job = dict(stage=stage, geometry=geo_name, config=config, sparge=opts,
+                           model=str(Path(args.model_dir) / geo_name), chunk=args.chunk,
+                           gpu_memory_utilization=args.gpu_memory_utilization)
+                if stage == "ttft":
+                    points = [(n,) for n in opt["lengths"]]
+                    job.update(warmups=args.warmups, repeats=opt["repeats"],
+                               profile_lengths=[n for n in opt["profile_lengths"]
+                                                if n in opt["lengths"]])
+                elif stage == "decode":
+                    points = []
+                    for ctx in opt["contexts"]:
+                        for b in opt["batches"]:
+                            gib = geo.kv_bytes(ctx + args.new_tokens + 64) * b / 2**30
+                            if gib > args.kv_budget_gib:
+                                left_out.append(f"decode {geo_name} {config} context {ctx} batch "
+                                                f"{b}: KV cache of {gib:.0f} GiB > "
+                                                f"--kv-budget-gib {args.kv_budget_gib:g}")
+                            else:
+                                points.append((ctx, b))
+                    job.update(new_tokens=args.new_tokens, repeats=opt["decode_repeats"])
+                else:
+                    points = [(c,) for c in opt["concurrency"]]
+                    job.update(input_len=opt["serve_input_len"], output_len=args.serve_output_len,
+                               range_ratio=args.range_ratio,
+                               prompts_per_concurrency=opt["prompts_per_concurrency"])
+                if args.skip_done:
+                    done = [p for p in points
+                            if e2e_report.has_row(data, (stage, geo_name, config, *p))]
+                    left_out += [f"{stage} {geo_name} {config} {p}: in the results already"
+                                 for p in done]
+                    points = [p for p in points if p not in done]
+                if points:
+                    job["points"] = points
+                    job["est_s"] = estimate_s(job)
+                    jobs.append(job)
+    return jobs, left_out
+
+
+def describe(job: dict) -> str:
+    p = job["points"]
+    if job["stage"] == "ttft":
+        what = (f"lengths {' '.join(str(n) for n, in p)}; {job['warmups']} warm-up + "
+                f"{job['repeats']} repeats; profiled {job['profile_lengths'] or 'none'}")
+    elif job["stage"] == "decode":
+        what = (f"(context, batch) {', '.join(f'({c}, {b})' for c, b in p)}; "
+                f"{job['new_tokens']} new tokens; {job['repeats']} repeats")
+    else:
+        what = (f"concurrency {' '.join(str(c) for c, in p)}; input {job['input_len']} "
+                f"± {job['range_ratio']:.0%}, output {job['output_len']}")
+    return (f"{job['stage']:6s} {job['geometry']:12s} {job['config']:19s} {what} "
+            f"(~{job['est_s'] / 60:.1f} min)")
