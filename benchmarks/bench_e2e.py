@@ -38,6 +38,7 @@ import contextlib
 import datetime
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -58,43 +59,45 @@ def run_worker(cmd: list[str], timeout: float | None, log_path: str,
                on_row=None) -> tuple[list[dict], dict, str | None]:
     """Runs a worker in its own process group, its output into ``log_path``: (rows, meta, why it
     failed or None). Rows arrive as ``E2E_ROW`` lines while it runs; past ``timeout`` seconds the
-    group gets SIGTERM, then SIGKILL, and the rows so far are kept."""
-    rows, meta, timed_out = [], {}, threading.Event()
+    group gets SIGTERM, then SIGKILL, and the rows so far are kept. Once the worker has exited,
+    whatever it started and left running (a server) is killed with its group."""
+    rows, meta, tail = [], {}, [""]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
-        def stop() -> None:
-            timed_out.set()
+        def read() -> None:
+            for line in proc.stdout:
+                log.write(line)
+                if line.startswith(ROW):
+                    rows.append(json.loads(line[len(ROW):]))
+                    if on_row:
+                        on_row(rows[-1])
+                elif line.startswith(META):
+                    meta.update(json.loads(line[len(META):]))
+                elif line.strip():
+                    tail[0] = line.strip()
+
+        # NOTE: a thread reads, so that a child holding the pipe open cannot block the driver
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
             _signal_group(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(15)
+                rc = proc.wait(15)
             except subprocess.TimeoutExpired:
                 _signal_group(proc.pid, signal.SIGKILL)
-
-        timer = threading.Timer(timeout, stop) if timeout else None
-        if timer:
-            timer.daemon = True
-            timer.start()
-        tail: list[str] = []
-        for line in proc.stdout:
-            log.write(line)
-            if line.startswith(ROW):
-                rows.append(json.loads(line[len(ROW):]))
-                if on_row:
-                    on_row(rows[-1])
-            elif line.startswith(META):
-                meta = json.loads(line[len(META):])
-            elif line.strip():
-                tail = (tail + [line.strip()])[-1:]
-        rc = proc.wait()
-        if timer:
-            timer.cancel()
-    _signal_group(proc.pid, signal.SIGKILL)  # what the worker started and left behind
-    if timed_out.is_set():
+                rc = proc.wait()
+        _signal_group(proc.pid, signal.SIGKILL)
+        reader.join(30)
+    if timed_out:
         return rows, meta, f"stopped at its time limit ({timeout:.0f} s)"
     if rc != 0:
-        return rows, meta, f"exit {rc}: {tail[0][:300] if tail else '?'} (log {log_path})"
+        return rows, meta, f"exit {rc}: {tail[0][:300] or '?'} (log {log_path})"
     return rows, meta, None
 
 
@@ -127,7 +130,7 @@ def drive(args) -> int:
     os.makedirs(args.log_dir, exist_ok=True)
     for name in sorted({j["geometry"] for j in jobs}):
         plan.write_geometry(name, args.model_dir, args.tokenizer)
-    command = "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/bench_e2e.py " + shlex.join(args.argv)
     run = report.start_run(data, dict(command=command, date=datetime.datetime.now().isoformat(
         timespec="seconds"), stages=args.stages))
     status = 0
@@ -408,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(argv[1]))
         return 0
     args = parser().parse_args(argv)
+    args.argv = argv
     if args.stages == ["report"]:
         data = report.load_results(args.merge or os.path.join(args.out, "e2e.json"))
         print("\n".join(report.write_all(data, args.out, plan.DESCRIPTIONS)))

@@ -1,0 +1,363 @@
+"""benchmarks/bench_e2e.py on the CPU: the geometry folders, the plan and its dry run, the results
+file (stage merging, ratios, the ceiling, markdown, plot) and the driver's handling of its worker
+processes. The GPU parts (the workers' engines) run on the GPU machine only."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_e2e.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import bench_e2e  # noqa: E402
+import e2e_plan  # noqa: E402
+import e2e_report as report  # noqa: E402
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OUT": ""})
+
+
+# ---- geometry folders -------------------------------------------------------------------------
+def test_geometry_folders_load_offline(tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from sparge_serve.thresholds import ModelGeometry, load_thresholds
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokenizer = ROOT / "models" / "sparge-tiny-code"
+    cfgs = {}
+    for name, geo in e2e_plan.GEOMETRIES.items():
+        folder = e2e_plan.write_geometry(name, tmp_path, tokenizer)
+        cfgs[name] = c = AutoConfig.from_pretrained(folder)
+        assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                c.head_dim, c.vocab_size) == (geo.layers, geo.hidden, geo.heads, geo.kv_heads,
+                                              geo.head_dim, geo.vocab)
+        assert (folder / "tokenizer.json").read_bytes() == (tokenizer / "tokenizer.json").read_bytes()
+        assert len(AutoTokenizer.from_pretrained(folder)) == 4096
+        th = load_thresholds(folder / e2e_plan.GATE_OPEN_FILE, expect=ModelGeometry(
+            c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim))
+        assert th.simthreshd1.eq(-1.0).all() and th.cdfthreshd.eq(1.0).all()
+        assert th.pvthreshd.ge(50.0).all() and th.is_sparse.eq(1).all()
+    llama = cfgs["llama8b"]
+    assert llama.architectures == ["LlamaForCausalLM"] and llama.intermediate_size == 14336
+    assert llama.max_position_embeddings == 131072 and not llama.tie_word_embeddings
+    assert llama.rope_parameters == {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    gemma = cfgs["gemma3_270m"]
+    assert gemma.architectures == ["Gemma3ForCausalLM"] and gemma.sliding_window == 512
+    assert gemma.layer_types == (["sliding_attention"] * 5 + ["full_attention"]) * 3
+    assert gemma.query_pre_attn_scalar == 256 and gemma.attn_logit_softcapping is None
+    assert gemma.rope_parameters["sliding_attention"]["rope_theta"] == 10000.0
+    assert gemma.rope_parameters["full_attention"]["rope_theta"] == 1000000.0
+    smol = cfgs["smollm2_135m"]
+    assert smol.architectures == ["LlamaForCausalLM"] and smol.intermediate_size == 1536
+    with pytest.raises(SystemExit, match="no tokenizer files"):
+        e2e_plan.write_geometry("smollm2_135m", tmp_path / "other", tmp_path / "empty")
+
+
+@pytest.mark.slow  # reading the GGUF file's metadata takes about 6 s
+def test_smollm2_geometry_is_the_gguf_models():
+    """The SmolLM2 geometry equals the config `sparge-models convert smollm2` writes from the
+    GGUF file's metadata (where that package is installed)."""
+    pytest.importorskip("gguf")
+    from sparge_serve.models import ModelsError, locate, spec_for
+    from sparge_serve.models.convert import _open, build_config
+
+    try:
+        src = locate(spec_for("smollm2"))
+    except ModelsError as e:
+        pytest.skip(str(e))
+    reader, meta = _open(src.path)
+    n_vocab = next(int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
+    real = build_config(meta, n_vocab, True, "bfloat16").to_dict()
+    ours = e2e_plan.hf_config("smollm2_135m").to_dict()
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+            "rope_parameters", "tie_word_embeddings", "architectures", "bos_token_id")
+    assert {k: ours[k] for k in keys} == {k: real[k] for k in keys}
+    assert ours["rms_norm_eps"] == pytest.approx(real["rms_norm_eps"])
+
+
+def test_kv_bytes_and_overrides():
+    llama, gemma = e2e_plan.GEOMETRIES["llama8b"], e2e_plan.GEOMETRIES["gemma3_270m"]
+    assert llama.kv_bytes(1) == 2 * 2 * 8 * 128 * 32  # K and V, bf16, 8 KV heads, 32 layers
+    assert gemma.window_layers == 15
+    assert gemma.kv_bytes(4096) == 4 * 256 * (3 * 4096 + 15 * 512)  # windowed layers keep 512
+    assert e2e_plan.position_overrides("llama8b", 131072) == {}
+    assert e2e_plan.position_overrides("llama8b", 131328) == {"max_position_embeddings": 131328}
+    p = llama.prompt(1000, (1000, 0))
+    assert len(p["prompt_token_ids"]) == 1000 and max(p["prompt_token_ids"]) < 32000
+    assert p == llama.prompt(1000, (1000, 0)) != llama.prompt(1000, (1000, 1))
+
+
+# ---- configurations and the plan --------------------------------------------------------------
+def test_configurations():
+    assert report.parse_config("SPARGE@64:topk0.5")["topk"] == 0.5
+    assert report.parse_config("FLASH_ATTN@16") == dict(backend="FLASH_ATTN", page=16,
+                                                         variant=None, topk=None)
+    for bad in ("SPARGE@64:topk0", "SPARGE@64:topk1.5", "SPARGE@64", "FLASH_ATTN@64:topk0.5",
+                "FLASHINFER@16", "SPARGE:topk0.5"):
+        with pytest.raises(ValueError):
+            report.parse_config(bad)
+    assert report.baseline_of("SPARGE@64:topk0.1") == "FLASH_ATTN@64"
+    assert report.baseline_of("SPARGE@16:defaults") == "FLASH_ATTN@16"
+    assert e2e_plan.sparge_options("SPARGE@64:topk0.2", "T", 4096) == dict(
+        min_sparse_len=4096, thresholds="T", topk=0.2)
+    assert e2e_plan.sparge_options("SPARGE@64:defaults", "T", 4096) == {"min_sparse_len": 4096}
+    assert e2e_plan.sparge_options("SPARGE@64:dense", "T", 4096) == {"mode": "dense"}
+    assert e2e_plan.sparge_options("FLASH_ATTN@64", "T", 4096) is None
+    order = sorted(["SPARGE@64:defaults", "SPARGE@64:topk0.1", "FLASH_ATTN@64",
+                    "SPARGE@64:topk1.0", "FLASH_ATTN@16"], key=report.config_order)
+    assert order == ["FLASH_ATTN@16", "FLASH_ATTN@64", "SPARGE@64:topk1.0", "SPARGE@64:topk0.1",
+                     "SPARGE@64:defaults"]
+
+
+def test_cli_help():
+    res = _cli("--help")
+    assert res.returncode == 0, res.stderr
+    for word in ("ttft", "decode", "serve", "report", "--quick", "--dry-run", "--skip-done",
+                 "--budget-s", "--tokenizer"):
+        assert word in res.stdout
+
+
+def test_dry_run_prints_the_plan_without_a_gpu(tmp_path):
+    models = tmp_path / "models"
+    res = _cli("ttft", "decode", "serve", "--dry-run", "--out", str(tmp_path),
+               "--model-dir", str(models))
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "12 engine runs planned" in out
+    assert ("1. ttft   llama8b      FLASH_ATTN@64       lengths 8192 16384 32768 65536 131072; "
+            "1 warm-up + 3 repeats; profiled [32768, 131072]") in out
+    assert "SPARGE@64:topk1.0" in out and "SPARGE@64:defaults" in out
+    assert ("left out: decode llama8b FLASH_ATTN@64 context 32768 batch 32: KV cache of 129 GiB"
+            in out)
+    assert "concurrency 4 16; input 32768 ± 50%, output 128" in out
+    assert not models.exists() and not (tmp_path / "e2e.json").exists()
+    quick = _cli("ttft", "--quick", "--lengths", "8192", "131072", "--dry-run", "--out",
+                 str(tmp_path))
+    assert quick.returncode == 0, quick.stderr
+    assert "3 engine runs planned" in quick.stdout
+    assert "lengths 8192 131072; 1 warm-up + 2 repeats; profiled [131072]" in quick.stdout
+    bad = _cli("ttft", "--configs", "SPARGE@64:topk0", "--dry-run", "--out", str(tmp_path))
+    assert bad.returncode != 0 and "(0, 1]" in bad.stderr
+
+
+# ---- results: ratios, ceiling, markdown, plot --------------------------------------------------
+def test_ceiling_formula():
+    assert report.ceiling(0.5, 2.0) == pytest.approx(1 / 0.75)
+    assert report.ceiling(0.8, 1.0) == pytest.approx(1.0)
+    assert report.ceiling(0.0, 10.0) == pytest.approx(1.0)
+    assert report.ceiling(0.9, 1e12) == pytest.approx(10.0)
+
+
+def test_attention_kernels_and_block_counts():
+    kernels = [("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<",
+                32, 200.0), ("_sparse_attn_kernel", 32, 50.0), ("_select_kernel", 32, 5.0),
+               ("void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16", 32, 1.0),
+               ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", 128, 40.0),
+               ("triton_per_fused_fused_add_rms_norm_2", 32, 4.0)]
+    s = report.kernel_summary(kernels, 400.0)
+    assert s["attention_ms"] == 255.0 and s["gpu_ms"] == 300.0 and s["wall_ms"] == 400.0
+    assert [k[0][:5] for k in s["attention_top"]] == ["void ", "_spar", "_sele"]
+    text = ("# HELP x\nsparge_attention_blocks_valid_total{layer=\"0\"} 100.0\n"
+            "sparge_attention_blocks_valid_total{layer=\"1\"} 50.0\n"
+            "sparge_attention_blocks_valid_created{layer=\"0\"} 1.7e9\n"
+            "sparge_attention_blocks_computed_total{layer=\"0\"} 30.0\n")
+    assert report.block_counts(text) == (150.0, 30.0)
+    assert report.block_counts("vllm:num_requests_running 0\n") == (0.0, 0.0)
+    row = report.serve_row({"completed": 16, "failed": 0, "request_throughput": 0.5,
+                            "p50_ttft_ms": 900.0, "p99_ttft_ms": 2000.0, "mean_tpot_ms": 30.0,
+                            "input_lens": [1, 2]}, (100.0, 60.0), (300.0, 100.0))
+    assert row["block_sparsity"] == pytest.approx(0.8) and row["p99_ttft_ms"] == 2000.0
+    assert "input_lens" not in row["bench"] and row["bench"]["completed"] == 16
+
+
+def _ttft(config, length, t, attention=None, gpu=None, sparsity=None):
+    row = dict(stage="ttft", geometry="llama8b", config=config, length=length, ttft_s=t,
+               ttft_all_s=[t])
+    if attention is not None:
+        row["profile"] = dict(wall_ms=t * 1e3, gpu_ms=gpu, attention_ms=attention, top=[],
+                              attention_top=[])
+    if sparsity is not None:
+        row["block_sparsity"] = sparsity
+    return row
+
+
+def _synthetic() -> dict:
+    data = report.new_results()
+    run = report.start_run(data, dict(command="cmd0", device="GPU0", date="d", vllm="0.26.0",
+                                      torch="2.11", triton="3.6"))
+    report.add_rows(data, [
+        _ttft("FLASH_ATTN@64", 32768, 2.0, attention=1500.0, gpu=1900.0),
+        _ttft("FLASH_ATTN@16", 32768, 2.4),
+        _ttft("SPARGE@64:topk0.5", 32768, 1.25, attention=600.0, gpu=1000.0, sparsity=0.49),
+        _ttft("FLASH_ATTN@64", 131072, 12.0),
+        _ttft("SPARGE@64:topk0.1", 131072, 4.0, sparsity=0.89),
+        dict(stage="decode", geometry="llama8b", config="FLASH_ATTN@64", context=8192, batch=8,
+             new_tokens=128, tok_per_s=1000.0, itl_ms=8.0),
+        dict(stage="decode", geometry="llama8b", config="SPARGE@64:defaults", context=8192,
+             batch=8, new_tokens=128, tok_per_s=950.0, itl_ms=8.42),
+    ], run)
+    serve = dict(stage="serve", geometry="llama8b", concurrency=8, input_len=16384,
+                 output_len=128, range_ratio=0.5, completed=16, failed=0, p99_ttft_ms=9000.0,
+                 mean_tpot_ms=40.0, p99_tpot_ms=60.0)
+    report.add_rows(data, [dict(serve, config="FLASH_ATTN@64", p50_ttft_ms=4000.0,
+                                request_throughput=0.5),
+                           dict(serve, config="SPARGE@64:topk0.2", p50_ttft_ms=2500.0,
+                                request_throughput=0.6, block_sparsity=0.79)], run)
+    return data
+
+
+def test_report_from_synthetic_results(tmp_path):
+    data = _synthetic()
+    att = report.attention_rows(data)
+    assert len(att) == 1  # only 32K has both profiles
+    a = att[0]
+    assert a["a"] == pytest.approx(0.75) and a["a_gpu"] == pytest.approx(1500 / 1900)
+    assert a["k"] == pytest.approx(2.5) and a["measured"] == pytest.approx(1.6)
+    assert a["ceiling"] == pytest.approx(1 / (0.25 + 0.75 / 2.5))
+    # a later run's SPARGE row against the first run's baseline is marked
+    run = report.start_run(data, dict(command="cmd1", device="GPU1", date="d2"))
+    report.add_rows(data, [_ttft("SPARGE@64:topk0.1", 131072, 3.0, sparsity=0.9)], run)
+    written = report.write_all(data, str(tmp_path), {"llama8b": "Llama-3.1-8B geometry"})
+    assert [Path(p).name for p in written] == ["e2e.json", "e2e.md", "e2e.png"]
+    md = (tmp_path / "e2e.md").read_text()
+    assert "# End to end at real models' geometries: SPARGE vs FLASH_ATTN — GPU1, d2" in md
+    assert "- 0: `cmd0` — GPU0, d; vllm 0.26.0, torch 2.11, triton 3.6" in md
+    assert "- `llama8b`: Llama-3.1-8B geometry" in md
+    assert "| llama8b | 32768 | SPARGE@64:topk0.5 | 1.2500 | 1.60x | 1.92x | 0.490 | 0 |" in md
+    assert "| llama8b | 32768 | FLASH_ATTN@16 | 2.4000 | 1.00x | 1.00x | — | 0 |" in md
+    assert "| llama8b | 32768 | FLASH_ATTN@64 | 2.0000 | 1.00x | 1.20x | — | 0 |" in md
+    assert "| llama8b | 131072 | SPARGE@64:topk0.1 | 3.0000 | 4.00x† | — | 0.900 | 1 |" in md
+    assert ("| llama8b | 32768 | SPARGE@64:topk0.5 | FLASH_ATTN@64 | 1500.0 / 600.0 | 0.750 | "
+            "0.789 | 2.50 | 1.82x | 1.90x | 1.60x |") in md
+    assert "| llama8b | 8192 | 8 | SPARGE@64:defaults | 950 | 8.42 | 0.950x | 0 |" in md
+    assert ("| llama8b | 8 | SPARGE@64:topk0.2 | 16384 ± 50% / 128 | 16 / 0 | 0.600 | 2500.0 | "
+            "9000.0 | 40.00 | 60.00 | 1.60x | 1.200x | 0.790 | 0 |") in md
+    assert (tmp_path / "e2e.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "e2e.json").read_text()) == data
+    # rows' order in the TTFT table: by length, then FLASH_ATTN by page, then SPARGE
+    ttft = [ln for ln in md.splitlines() if ln.startswith("| llama8b | 32768 |")][:3]
+    assert [ln.split(" | ")[2] for ln in ttft] == ["FLASH_ATTN@16", "FLASH_ATTN@64",
+                                                   "SPARGE@64:topk0.5"]
+
+
+def test_report_stage_rewrites_from_json(tmp_path):
+    report.write_all(_synthetic(), str(tmp_path))
+    (tmp_path / "e2e.md").unlink()
+    (tmp_path / "e2e.png").unlink()
+    res = _cli("report", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "| llama8b | 8192 | 8 | FLASH_ATTN@64 | 1000 | 8.00 |" in (tmp_path / "e2e.md").read_text()
+    assert (tmp_path / "e2e.png").exists()
+
+
+# ---- the driver: stages merged across calls, failures, time limits ----------------------------
+def _fake_worker(fail: set, calls: list):
+    """A run_worker that measures nothing: one row per planned point (failing jobs of ``fail``
+    return their first row and an error)."""
+    def run(cmd, timeout, log_path, on_row=None):
+        job = json.loads(cmd[-1])
+        calls.append(job)
+        rows = []
+        for p in job["points"]:
+            row = dict(stage=job["stage"], geometry=job["geometry"], config=job["config"])
+            if job["stage"] == "ttft":
+                row.update(length=p[0], ttft_s=1.0 if "FLASH" in job["config"] else 0.5)
+            elif job["stage"] == "decode":
+                row.update(context=p[0], batch=p[1], tok_per_s=100.0, itl_ms=10.0)
+            else:
+                row.update(concurrency=p[0], input_len=job["input_len"], output_len=1,
+                           range_ratio=0.5, completed=1, failed=0, p50_ttft_ms=1.0,
+                           request_throughput=1.0)
+            rows.append(row)
+        meta = dict(device="FakeGPU", torch="t", triton="tr", vllm="v")
+        if job["config"] in fail:
+            return rows[:1], meta, "exit 1: boom"
+        return rows, meta, None
+    return run
+
+
+def test_stages_merge_into_one_results_file(tmp_path, monkeypatch):
+    calls: list = []
+    fail = {"SPARGE@64:topk0.5"}
+    monkeypatch.setattr(bench_e2e, "run_worker", _fake_worker(fail, calls))
+    monkeypatch.setattr(e2e_plan, "write_geometry", lambda *a: None)
+    monkeypatch.setattr(report, "plot", lambda *a: False)  # drawn in the report tests
+    common = ["--out", str(tmp_path), "--log-dir", str(tmp_path / "logs")]
+    ttft = ["ttft", "--configs", "FLASH_ATTN@64", "SPARGE@64:topk0.5", "--lengths", "8192",
+            "32768", *common]
+    assert bench_e2e.main(ttft) == 1  # one engine failed
+    assert bench_e2e.main(["decode", "--contexts", "8192", "--batches", "1", "8", *common]) == 0
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    assert [r["command"].split()[2] for r in data["runs"]] == ["ttft", "decode"]
+    assert data["runs"][0]["device"] == "FakeGPU"
+    keys = {(r["stage"], r["config"], r.get("length") or r.get("batch"), r["run"])
+            for r in data["rows"]}
+    assert keys == {("ttft", "FLASH_ATTN@64", 8192, 0), ("ttft", "FLASH_ATTN@64", 32768, 0),
+                    ("ttft", "SPARGE@64:topk0.5", 8192, 0),
+                    *{("decode", c, b, 1) for c in e2e_plan.DEFAULTS["decode"] for b in (1, 8)}}
+    assert [(f["config"], f["why"]) for f in data["failed"]] == [("SPARGE@64:topk0.5",
+                                                                  "exit 1: boom")]
+    # --skip-done runs only the missing point, and its success clears the failure
+    calls.clear()
+    fail.clear()
+    assert bench_e2e.main([*ttft, "--skip-done"]) == 0
+    assert [(c["config"], c["points"]) for c in calls] == [("SPARGE@64:topk0.5", [[32768]])]
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    assert data["failed"] == [] and len(data["runs"]) == 3 and len(data["rows"]) == 10
+    # a spent budget starts nothing and says so
+    calls.clear()
+    assert bench_e2e.main([*ttft, "--budget-s", "30"]) == 0 and calls == []
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    assert {f["why"] for f in data["failed"]} == {"not run: the call's --budget-s was spent"}
+    assert "## Did not run" in (tmp_path / "e2e.md").read_text()
+
+
+_WORKER = """
+import json, subprocess, sys, time
+print("E2E_META " + json.dumps({"device": "X"}), flush=True)
+print("vllm log line", flush=True)
+print("E2E_ROW " + json.dumps({"length": 1}), flush=True)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print("child", child.pid, flush=True)
+if sys.argv[1] == "fail":
+    print("RuntimeError: no GPU", flush=True)
+    sys.exit(3)
+time.sleep(60)
+"""
+
+
+def test_run_worker_keeps_rows_and_stops_what_it_started(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    t0 = time.monotonic()
+    rows, meta, why = bench_e2e.run_worker([sys.executable, str(script), "hang"], 3.0,
+                                           str(tmp_path / "hang.log"))
+    assert time.monotonic() - t0 < 30
+    assert rows == [{"length": 1}] and meta == {"device": "X"}
+    assert why == "stopped at its time limit (3 s)"
+    log = (tmp_path / "hang.log").read_text()
+    assert "vllm log line" in log
+    child = int(log.split("child ")[1].split()[0])
+    time.sleep(0.2)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(
+        f"/proc/{child}/stat").read_text().split()[2]
+    seen: list = []
+    rows, _, why = bench_e2e.run_worker([sys.executable, str(script), "fail"], None,
+                                        str(tmp_path / "fail.log"), on_row=seen.append)
+    assert rows == seen == [{"length": 1}]
+    assert why.startswith("exit 3: RuntimeError: no GPU (log ")
+    child = int((tmp_path / "fail.log").read_text().split("child ")[1].split()[0])
+    time.sleep(0.2)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(
+        f"/proc/{child}/stat").read_text().split()[2]
