@@ -30,6 +30,22 @@
 #              backends $TTFT_BACKENDS, torch.profiler split of one prefill at each length of
 #              $TTFT_PROFILE, and per decode step if $TTFT_PROFILE_DECODE is set (-> $OUT/ttft.*)
 #   query_len  short chunks on a long context, sparse vs FA3 (-> $OUT/query_len.*)
+#   e2e_quick  end-to-end TTFT at the Llama-3.1-8B geometry (random weights), the key rows:
+#              FLASH_ATTN@64 and SPARGE at 50% and 90% block sparsity, 32K and 128K, attention
+#              share and ceiling at 128K (about 7 minutes; -> $OUT/e2e.*)
+#   e2e        e2e_ttft, e2e_decode, e2e_serve and e2e_small in one run (over one call's 10
+#              minutes: run the four stages in separate calls)
+#   e2e_ttft   end-to-end TTFT at the Llama-3.1-8B geometry, 8K-128K: FLASH_ATTN@16 and @64,
+#              SPARGE at 0/50/80/90% block sparsity and untuned (about 20 minutes in all)
+#   e2e_decode decode tokens/s and inter-token latency, batches of 1/8/32 at 8K and 32K, CUDA
+#              graphs (about 9 minutes)
+#   e2e_serve  vllm serve + vllm bench serve, 4 and 16 concurrent requests of 16K-48K tokens
+#              (about 10 minutes)
+#   e2e_small  e2e_ttft at the Gemma 3 270M and SmolLM2-135M geometries (about 15 minutes)
+#              Every e2e stage merges into $OUT/e2e.{json,md,png}, starts no engine after
+#              $E2E_BUDGET_S seconds (540) and keeps what it measured; a later call given the
+#              earlier file (E2E_MERGE=path/e2e.json) runs only what that file lacks. Extra
+#              bench_e2e.py options: $E2E_ARGS. Times are the plan's rough estimates.
 #   soak       metrics under a vllm bench serve load (tests/gpu/test_metrics_soak.py)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 #   host       host (CPU) time per attention call, sparse paths vs FA3, bench shapes and the
@@ -160,6 +176,19 @@ for stage in "$@"; do
         ;;
     query_len)
         run query_len python3 benchmarks/bench_query_len.py --out "$OUT/query_len"
+        ;;
+    e2e_quick|e2e|e2e_ttft|e2e_decode|e2e_serve|e2e_small)
+        # one engine per process; rows are merged into $OUT/e2e.json after each engine, so a
+        # call stopped at its budget keeps them (benchmarks/bench_e2e.py --help)
+        E2E_OPTS="--out $OUT --log-dir $OUT/e2e_logs --skip-done --budget-s ${E2E_BUDGET_S:-540}
+                  ${E2E_MERGE:+--merge $E2E_MERGE} ${E2E_ARGS:-}"
+        E2E="timeout 590 python3 benchmarks/bench_e2e.py"
+        case $stage in e2e_quick) run e2e_quick $E2E ttft --quick $E2E_OPTS ;; esac
+        case $stage in e2e|e2e_ttft) run e2e_ttft $E2E ttft $E2E_OPTS ;; esac
+        case $stage in e2e|e2e_decode) run e2e_decode $E2E decode $E2E_OPTS ;; esac
+        case $stage in e2e|e2e_serve) run e2e_serve $E2E serve $E2E_OPTS ;; esac
+        case $stage in e2e|e2e_small) run e2e_small $E2E ttft $E2E_OPTS \
+            --geometries gemma3_270m smollm2_135m ;; esac
         ;;
     soak)
         # vllm serve under vllm bench serve, /metrics scraped every second (about 2 minutes
