@@ -373,18 +373,22 @@ def plot(data: dict[str, Any], path: str) -> bool:
     except ImportError:
         return False
     geos = sorted({r["geometry"] for r in rows})
+    colors = {c: f"C{i % 10}" for i, c in enumerate(sorted({r["config"] for r in rows},
+                                                             key=config_order))}
     fig, axes = plt.subplots(2, len(geos), figsize=(5.5 * len(geos), 7), squeeze=False)
     for col, geo in enumerate(geos):
         top, bottom = axes[0][col], axes[1][col]
-        configs = sorted({r["config"] for r in rows if r["geometry"] == geo}, key=config_order)
-        for config in configs:
+        for config in [c for c in colors if any(r["config"] == c for r in rows
+                                                if r["geometry"] == geo)]:
             rs = [r for r in rows if r["geometry"] == geo and r["config"] == config]
-            style = "s--" if config.startswith("FLASH_ATTN") else "o-"
-            top.plot([r["length"] for r in rs], [r["ttft_s"] for r in rs], style, label=config)
+            style = dict(fmt="s--" if config.startswith("FLASH_ATTN") else "o-",
+                         color=colors[config])
+            fmt = style.pop("fmt")
+            top.plot([r["length"] for r in rs], [r["ttft_s"] for r in rs], fmt, label=config,
+                     **style)
             rs = [r for r in rs if r["vs_same"] is not None]
             if rs and not config.startswith("FLASH_ATTN"):
-                bottom.plot([r["length"] for r in rs], [r["vs_same"] for r in rs], style,
-                            label=config)
+                bottom.plot([r["length"] for r in rs], [r["vs_same"] for r in rs], fmt, **style)
         for ax in (top, bottom):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("prompt length (tokens)")
