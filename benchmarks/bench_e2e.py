@@ -116,7 +116,11 @@ def _row_line(row: dict) -> str:
 
 def drive(args) -> int:
     data = report.load_results(args.merge or os.path.join(args.out, "e2e.json"))
-    jobs, left_out = plan.make_plan(args, data)
+    try:
+        jobs, left_out = plan.make_plan(args, data)
+    except ValueError as e:  # a configuration or SPARGE option that cannot run
+        print(f"bench_e2e: {e}", file=sys.stderr)
+        return 2
     total = sum(j["est_s"] for j in jobs)
     print(f"{len(jobs)} engine runs planned, roughly {total / 60:.0f} min (a FLOP model and a "
           "startup guess, not a measurement)", flush=True)
