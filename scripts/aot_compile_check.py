@@ -92,14 +92,19 @@ def compile_kernel(fn, types, constexprs, num_warps, num_stages, arch=90) -> str
     return f"{_resource_usage(k.asm['cubin'])}, {k.metadata.shared} B shared (Triton)"
 
 
-def _types(dtype: str, d: int, tma: bool) -> dict[str, str]:
-    types = {n: f"*{dtype}" for n in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr",
-                                      "key_cache_ptr")}
+def _types(dtype: str, d: int, tma: bool, kv: str | None = None,
+           q: str | None = None) -> dict[str, str]:
+    """Argument types of a layout: ``dtype`` the model's, ``kv``/``q`` the cache's and the
+    query's where they differ (``fp8e4nv``: an fp8 cache / quantised query)."""
+    kv, q = kv or dtype, q or dtype
+    types = {"q_ptr": f"*{q}", "out_ptr": f"*{dtype}"}
+    types.update({n: f"*{kv}" for n in ("k_cache_ptr", "v_cache_ptr", "key_cache_ptr")})
     types.update({n: "*fp32" for n in ("pk_ptr", "ksim_ptr", "sim_ptr", "cdf_ptr", "pv_ptr",
-                                       "mu_ptr", "ksum_ptr")})
+                                       "mu_ptr", "ksum_ptr", "q_scale_ptr", "k_scale_ptr",
+                                       "v_scale_ptr")})
     types.update({"lut_ptr": "*i16", "stats_ptr": "*i64"})
     if tma:
-        types.update({n: f"tensordesc<{dtype}[{BLKK},{d}]>" for n in ("k_desc", "v_desc")})
+        types.update({n: f"tensordesc<{kv}[{BLKK},{d}]>" for n in ("k_desc", "v_desc")})
     return types
 
 
@@ -162,6 +167,33 @@ def main() -> None:
                   types=layout_types)
         check(f"kblock {dtype} D{dim} page {page}", pooling._kblock_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4, types=layout_types)
+    # an fp8 KV cache (--kv-cache-dtype fp8), with the query quantised by the layer or not
+    for dim, page, q in ((128, 64, "fp8e4nv"), (128, 64, None), (128, 16, "fp8e4nv"),
+                         (64, 64, "fp8e4nv"), (256, 64, "fp8e4nv")):
+        tma = page % BLKK == 0
+        fp8_types = _types("bf16", dim, tma, kv="fp8e4nv", q=q)
+        extra = {} if tma else {"k_desc": None, "v_desc": None}
+        scaled = dict(Q_SCALED=q is not None, KV_SCALED=True)
+        for pv in (False, True):
+            warps, stages = attention._attn_launch_params(dim, tma)
+            split = 2 if dim == 256 and not pv else 1
+            check(f"attention fp8 cache q={q or 'bf16'} D{dim} page {page} pv_skip={pv}",
+                  attention._sparse_attn_kernel,
+                  dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
+                       PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=tma, PV_SKIP=pv,
+                       SPLIT=split, LAZY=_lazy(pv, tma, dim), **scaled, **extra), warps, stages,
+                  types=fp8_types)
+        check(f"ksum fp8 cache D{dim} page {page}", pooling._ksum_kernel,
+              dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim, CHUNK=pooling.KSUM_CHUNK), 4,
+              types=fp8_types)
+        check(f"kblock fp8 cache D{dim} page {page}", pooling._kblock_kernel,
+              dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4, types=fp8_types)
+        dc, warps = predictor.select_launch_params(args.nkb_pad[0])
+        check(f"select fp8 q={q or 'bf16'} D{dim} NKB_PAD={args.nkb_pad[0]}",
+              predictor._select_kernel,
+              dict(GROUP=4, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, NKB_PAD=args.nkb_pad[0],
+                   DC=dc, USE_TOPK=False, MASK=False, Q_SCALED=q is not None, K_SCALED=True),
+              warps, types=fp8_types)
     for nkb_pad in args.nkb_pad:
         dc, warps = predictor.select_launch_params(nkb_pad)
         for topk in (False, True):

@@ -10,6 +10,7 @@
 #   tests      GPU tests: kernels, warm-up, calibration search, vllm serve metrics (TP 1)
 #   engine     engine equivalence vs FLASH_ATTN (TP 1; four tests, about 6 minutes)
 #   engine_fa3 attention_kernel fa3 served like the Triton attention kernel (two engines)
+#   engine_fp8 --kv-cache-dtype fp8: dense-equivalent SPARGE vs FLASH_ATTN-fp8 (two engines)
 #   preempt    preemption/recompute with a small KV cache vs FLASH_ATTN (two engines)
 #   tp2        the 2-GPU tests: tp2_engine, tp2_serve, tp2_calib in one run (over one call's
 #              10 minutes: run the three stages in separate calls)
@@ -93,7 +94,7 @@ for stage in "$@"; do
         run gpu_kernel_tests timeout 300 ${PYTEST/-m gpu /} --junitxml "$OUT/junit_kernel_tests.xml" \
             tests/test_kernels.py tests/test_warmup.py tests/test_chunks.py tests/test_virtual.py \
             tests/test_launch.py tests/test_oracles.py tests/test_forced_blocks.py \
-            tests/test_kernel_api_checks.py
+            tests/test_kernel_api_checks.py tests/test_fp8.py
         ;;
     tests)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
@@ -104,7 +105,12 @@ for stage in "$@"; do
     engine)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
         run gpu_engine timeout 580 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine.xml" \
-            tests/gpu/test_engine_gpu.py -k "not two_gpus and not preemption and not fa3"
+            tests/gpu/test_engine_gpu.py -k "not two_gpus and not preemption and not fa3 and not fp8"
+        ;;
+    engine_fp8)
+        export SPARGE_TEST_REPORT=$OUT/engine_report_fp8.json
+        run gpu_engine_fp8 timeout 400 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine_fp8.xml" \
+            tests/gpu/test_engine_gpu.py -k fp8
         ;;
     engine_fa3)
         export SPARGE_TEST_REPORT=$OUT/engine_report_fa3.json

@@ -237,6 +237,15 @@ class SpargeConfig:
                            f"{num_layers} layers (0..{num_layers - 1})",
                            "use global layer indices below the model's layer count")
 
+    def check_kv_cache_dtype(self, cache_dtype: str) -> None:
+        """Raise if the settings cannot serve a KV cache of vLLM's ``cache_dtype``: the
+        experimental FA3 attention path reads no fp8 cache."""
+        if self.attention_kernel == "fa3" and str(cache_dtype).startswith("fp8"):
+            raise _bad("attention_kernel", "config", f"is \"fa3\", which reads no fp8 KV cache "
+                       f"(--kv-cache-dtype {cache_dtype})",
+                       "use \"attention_kernel\": \"triton\" (the default) or "
+                       "--kv-cache-dtype auto")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if isinstance(self.dense_layers, tuple):

@@ -325,6 +325,9 @@ def check_sparge_config(vllm_config: Any) -> None:
 
     logger = _logger()
     cfg = SpargeConfig.from_vllm_config(vllm_config)
+    cache_config = getattr(vllm_config, "cache_config", None)
+    if cache_config is not None:
+        cfg.check_kv_cache_dtype(cache_config.cache_dtype)
     mc = vllm_config.model_config
     try:
         geo = model_geometry_of(mc)

@@ -111,7 +111,9 @@ def test_valid_configuration(sparge):
 
 
 @pytest.mark.parametrize("override,text", [
-    ({"kv_cache_dtype": "fp8"}, "quantized (fp8) KV cache is not supported"),
+    ({"kv_cache_dtype": "fp8_e5m2"}, "--kv-cache-dtype fp8_e5m2 is not supported here; SPARGE "
+                                     "serves auto, bfloat16, float16, and fp8 / fp8_e4m3 where "
+                                     "FlashAttention 3 runs (Hopper GPUs)"),
     ({"has_sink": True}, "attention sinks are not supported"),
     ({"use_mla": True}, "MLA (multi-head latent attention) models are not supported"),
     ({"attn_type": "encoder_only"}, "attention type encoder_only (encoder / encoder-only / "
@@ -143,7 +145,8 @@ def test_model_level_rejections():
     ({"alibi_slopes": [1.0] * HQ}, "ALiBi"),
     ({"logits_soft_cap": 30.0}, "soft-capping"),
     ({"attn_type": "encoder"}, "attention type encoder"),
-    ({"kv_cache_dtype": "fp8_e4m3"}, "kv_cache_dtype 'fp8_e4m3'"),
+    ({"kv_cache_dtype": "fp8_e5m2"}, "kv_cache_dtype 'fp8_e5m2' (supported: auto, bfloat16, "
+                                     "float16, and fp8 / fp8_e4m3"),
     ({"sinks": torch.zeros(HQ)}, "attention sinks"),
     ({"chunk_lookback": 2}, "attention options ['chunk_lookback']"),
     ({"head_size": 80}, "head size 80 (the sparse kernels support [64, 128, 256])"),
@@ -272,13 +275,14 @@ def test_env_overrides_additional_config(sparge, monkeypatch):
     assert load_runtime(sparge(mode="sparse")).config.mode == "dense"
 
 
-def _impl(vllm_config, num_heads=HQ, num_kv_heads=HKV):
+def _impl(vllm_config, num_heads=HQ, num_kv_heads=HKV, kv_cache_dtype="auto"):
     from vllm.config import set_current_vllm_config
 
     from sparge_serve.backend.sparge_attn import SpargeAttentionImpl
 
     with set_current_vllm_config(vllm_config):
-        return SpargeAttentionImpl(num_heads, D, D**-0.5, num_kv_heads, None, None, "auto")
+        return SpargeAttentionImpl(num_heads, D, D**-0.5, num_kv_heads, None, None,
+                                   kv_cache_dtype)
 
 
 def test_attention_kernel_fa3_needs_flash_attention_3(sparge, monkeypatch):
@@ -837,3 +841,73 @@ def test_calibration_capture_reports_and_runs_dense(sparge):
     k_ref, v_ref = gather_paged_kv(key_cache, value_cache, cam.block_table_tensor[3], 260)
     assert torch.equal(got[1][1], query[qsl[3] : qsl[4]])
     assert torch.equal(got[1][2], k_ref) and torch.equal(got[1][3], v_ref)
+
+
+# ---- fp8 KV cache -------------------------------------------------------------------------------
+
+
+def test_fp8_kv_cache_where_flash_attention_3_serves_it(sparge, monkeypatch):
+    """fp8 / fp8_e4m3 pass where FLASH_ATTN takes them (FA3 on Hopper), and only there."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+    text = "fp8 / fp8_e4m3 where FlashAttention 3 runs"
+    for dtype in ("fp8", "fp8_e4m3"):  # no FlashAttention 3 on this CPU machine
+        assert any(text in r for r in _reasons(sparge(), kv_cache_dtype=dtype))
+    monkeypatch.setattr(FlashAttentionBackend, "supports_kv_cache_dtype",
+                        classmethod(lambda cls, v: v in ("auto", "fp8", "fp8_e4m3")))
+    for dtype in ("fp8", "fp8_e4m3"):
+        assert _reasons(sparge(), kv_cache_dtype=dtype) == []
+    assert any("fp8_e5m2 is not supported" in r
+               for r in _reasons(sparge(), kv_cache_dtype="fp8_e5m2"))
+
+
+def test_fp8_kv_cache_and_fa3_attention_refused_at_start(sparge, monkeypatch):
+    from sparge_serve.backend.runtime import load_runtime
+    from sparge_serve.plugin import check_sparge_config
+
+    vc = sparge(attention_kernel="fa3")
+    monkeypatch.setattr(vc.cache_config, "cache_dtype", "fp8")
+    monkeypatch.setattr("sparge_serve.plugin.uses_sparge", lambda _: True)
+    for check in (check_sparge_config, load_runtime):
+        with pytest.raises(ValueError, match=r"`attention_kernel` \(config\) is \"fa3\", which "
+                                             r"reads no fp8 KV cache.*Fix: use"):
+            check(vc)
+
+
+def _fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` quantised to float8_e4m3fn with a power-of-two per-tensor scale (dequantised values
+    exact in fp16), and that scale."""
+    s = torch.exp2(torch.ceil(torch.log2(x.float().abs().max() / 448.0))).reshape(1)
+    return (x.float() / s).to(torch.float8_e4m3fn), s
+
+
+@pytest.mark.parametrize("q_fp8", [False, True])
+def test_fp8_forward_equals_the_dequantised_cache(sparge, q_fp8):
+    """The backend's sparse path on an fp8 cache (bytes, as vLLM allocates it; a query the layer
+    quantised or not) gives the output of the same step on the dequantised fp16 cache, bit for
+    bit: the cache views, the scales and the output dtype reach the kernels."""
+    reqs = [(1, 40), (150, 300), (20, 20), (130, 260)]  # sparse requests 1, 3: gathered rows
+    vc = sparge(min_sparse_len=256)
+    cam = _cam(reqs)
+    md = _builder(vc).build(0, cam)
+    query, _, phys = _paged_inputs(cam, torch.float16)
+    (k8, ks), (v8, vs) = _fp8(phys[..., :D]), _fp8(phys[..., D:])
+    deq_q, q_scale = query, torch.ones(1)
+    if q_fp8:
+        query, q_scale = _fp8(query)
+        deq_q = (query.float() * q_scale).half()
+    phys8 = torch.cat([k8, v8], -1).view(torch.uint8)  # vLLM allocates an fp8 cache as bytes
+    deq = torch.cat([k8.float() * ks, v8.float() * vs], -1).half()
+    outs = []
+    for dtype, q, cache in (("fp8", query, phys8), ("auto", deq_q, deq)):
+        impl = _impl(vc, kv_cache_dtype=dtype)
+        impl.bind("model.layers.1.self_attn.attn", "cpu")
+        impl._dense = lambda *a: None  # the dense requests' rows stay NaN: compared apart
+        layer = SimpleNamespace(_k_scale=ks, _v_scale=vs, _q_scale=q_scale)
+        out = torch.full((cam.num_actual_tokens, HQ, D), float("nan"), dtype=torch.float16)
+        impl.forward(layer, q, None, None, cache.permute(0, 2, 1, 3), md, out)
+        outs.append(out)
+    assert md.sparse.token_index is not None
+    rows = md.sparse.token_index
+    assert not torch.isnan(outs[0][rows]).any()
+    assert torch.equal(outs[0][rows], outs[1][rows])

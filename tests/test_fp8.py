@@ -253,3 +253,36 @@ def test_fp8_attention_entry_point_and_warm_up(device):
     buckets = warm_up_sparse_kernels(c.key_cache[:1], c.value_cache[:1], hq, 1024, 1024,
                                      dtype=torch.bfloat16, q_dtype=FP8_DTYPE)
     assert buckets == [16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("q_fp8", [False, True])
+def test_gpu_fp8_prefill_at_serving_sizes(dim, q_fp8):
+    """Serving-size contexts (chunked prefill on a cached prefix, and a whole prompt) with vLLM's
+    scales: SDPA over the dequantised tensors and the kept blocks; and with power-of-two scales,
+    the bf16 path's output bit for bit."""
+    device = "cuda"
+    hq, hkv = (4, 1) if dim == 256 else (8, 2)
+    base = make_paged_case([(2048, 8192), (3000, 3000)], hq, hkv, dim, 64, device=device, seed=5)
+    for pow2 in (False, True):
+        c = _fp8_case(base, q_fp8, pow2=pow2, dtype=torch.float32 if not pow2 else torch.bfloat16)
+        out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
+        args = (head_vec(0.4, hq, device), head_vec(0.9, hq, device), head_vec(50.0, hq, device))
+        bm = sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale, *args,
+                                  out, scales=c.scales)
+        if pow2:
+            d = c.dequant
+            ref = torch.zeros_like(out)
+            sparge_paged_prefill(d.q, d.key_cache, d.value_cache, d.batch, d.scale, *args, ref)
+            assert torch.equal(out, ref)
+            continue
+        keeps = kept_blocks(bm, base.batch)
+        for r in range(base.batch.num_reqs):
+            q, k, v = c.dequant.request_kv(r)
+            mask = token_mask(keeps[r], q.shape[0], k.shape[0]).to(device)
+            ref = sdpa(q, k, v, base.scale, mask)
+            tol = 2 * (_lowp_bf16(q, k, v, base.scale, mask) - ref).abs().max().item()
+            tol += (ref.to(torch.bfloat16).float() - ref).abs().max().item()
+            err = (out[request_rows(base.batch, r)].float() - ref).abs().max().item()
+            assert err <= tol, f"request {r}: error {err:.3g} > tolerance {tol:.3g}"

@@ -19,7 +19,11 @@ from vllm.v1.attention.backend import AttentionType
 from sparge_serve.config import SpargeConfig
 from sparge_serve.plugin import BACKEND_NAME
 
-SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+"""vLLM's names of the fp8 KV cache SPARGE serves (``float8_e4m3fn`` with per-tensor scales)."""
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", *FP8_KV_CACHE_DTYPES)
+KV_CACHE_DTYPES_RULE = ("auto, bfloat16, float16, and fp8 / fp8_e4m3 where FlashAttention 3 "
+                        "runs (Hopper GPUs), as for FLASH_ATTN")
 PREFERRED_PAGE_SIZE = 64
 
 # The arguments of vLLM's validate_configuration that SPARGE checks itself, to word the reason
@@ -27,7 +31,8 @@ PREFERRED_PAGE_SIZE = 64
 # vLLM's own check of the argument, so that each feature is reported once).
 _OWN_CHECKS: tuple[tuple[str, Any, str, Any], ...] = (
     ("kv_cache_dtype", lambda b, v: b.supports_kv_cache_dtype(v),
-     "quantized (fp8) KV cache is not supported; use --kv-cache-dtype auto", "auto"),
+     f"--kv-cache-dtype {{value!s}} is not supported here; SPARGE serves {KV_CACHE_DTYPES_RULE}",
+     "auto"),
     ("has_sink", lambda b, v: not v or b.supports_sink(),
      "attention sinks are not supported", False),
     ("use_mla", lambda b, v: bool(v) == b.is_mla(),
@@ -97,6 +102,12 @@ class SpargeCapabilities:
 
     @classmethod
     def supports_kv_cache_dtype(cls, kv_cache_dtype: Any) -> bool:
+        # NOTE: an fp8 cache where FLASH_ATTN serves one (FA3 on Hopper): the dense path (decode,
+        # short prefills, sliding-window layers) is FlashAttention's fp8 path
+        if kv_cache_dtype in FP8_KV_CACHE_DTYPES:
+            from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+            return FlashAttentionBackend.supports_kv_cache_dtype(kv_cache_dtype)
         return kv_cache_dtype is None or kv_cache_dtype in SUPPORTED_KV_CACHE_DTYPES
 
     @classmethod
@@ -171,7 +182,7 @@ def check_layer(head_size: int, alibi_slopes: list[float] | None, kv_cache_dtype
     if attn_type != AttentionType.DECODER:
         problems.append(f"attention type {attn_type!s} (only decoder self-attention)")
     if kv_cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
-        problems.append(f"kv_cache_dtype {kv_cache_dtype!r} (use --kv-cache-dtype auto)")
+        problems.append(f"kv_cache_dtype {kv_cache_dtype!r} (supported: {KV_CACHE_DTYPES_RULE})")
     if sinks is not None:
         problems.append("attention sinks")
     if unsupported:

@@ -23,7 +23,9 @@ from vllm.logger import init_logger
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
 from sparge_serve.backend.capabilities import PREFERRED_PAGE_SIZE
+from sparge_serve.backend.kv_cache import kv_cache_quantized
 from sparge_serve.config import SpargeConfig
+from sparge_serve.kernels.checks import FP8_DTYPE
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF
 from sparge_serve.thresholds import (
     ModelGeometry,
@@ -44,6 +46,7 @@ class BoundLayer(Protocol):
     dense_layer: bool  # runs dense: no sparse kernels to compile or plan
     pv_skip: bool  # any head uses the PV skip
     fa3_attention: bool  # its kept blocks are attended by FA3
+    supports_quant_query_input: bool  # with an fp8 KV cache, its query arrives in fp8
     num_heads: int
     num_kv_heads: int
     head_size: int
@@ -95,6 +98,8 @@ def load_runtime(vllm_config: VllmConfig) -> SpargeRuntime:
         if rt is not None:
             return rt
         cfg.check_num_layers(geo.num_layers)
+        if vllm_config.cache_config is not None:
+            cfg.check_kv_cache_dtype(vllm_config.cache_config.cache_dtype)
         if cfg.thresholds:
             th = load_thresholds(cfg.thresholds, expect=model_geometry(vllm_config))
             source = cfg.thresholds
@@ -182,17 +187,10 @@ def draft_model_tag() -> str | None:
     return tag if tag in _DRAFT_MODEL_TAGS or tag.endswith("_head") else None
 
 
-_reshape_and_cache_flash = None
-
-
-def kv_cache_writer():
-    """vLLM's ``reshape_and_cache_flash`` (imported on first use)."""
-    global _reshape_and_cache_flash
-    if _reshape_and_cache_flash is None:
-        from vllm._custom_ops import reshape_and_cache_flash
-
-        _reshape_and_cache_flash = reshape_and_cache_flash
-    return _reshape_and_cache_flash
+def compute_dtype(vllm_config: VllmConfig, spec: AttentionSpec) -> torch.dtype:
+    """The dtype the sparse kernels compute (and write) in: the cache's, or for an fp8 cache
+    (whose spec holds bytes) the model's. The memory budgets are fractions of K/V bytes in it."""
+    return vllm_config.model_config.dtype if kv_cache_quantized(vllm_config) else spec.dtype
 
 
 _WARMED: set[tuple[Any, ...]] = set()
@@ -214,8 +212,10 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
 
     first = sparse[0]
     pv_variants = tuple(sorted({i.pv_skip for i in sparse}))
+    fp8 = kv_cache_quantized(vllm_config)
+    q_dtype = FP8_DTYPE if fp8 and first.supports_quant_query_input else None
     key = (first.num_heads, first.num_kv_heads, first.head_size, spec.block_size, spec.dtype,
-           pv_variants, cfg.topk, cfg.attention_kernel, cfg.min_sparse_len, max_len,
+           q_dtype, pv_variants, cfg.topk, cfg.attention_kernel, cfg.min_sparse_len, max_len,
            str(device))
     if key in _WARMED:
         return
@@ -226,11 +226,14 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
     inverse = tuple(order.index(i) for i in range(len(order)))
     kv = torch.zeros(tuple(shape[i] for i in order), dtype=spec.dtype,
                      device=device).permute(*inverse)
+    if fp8:
+        kv = kv.view(FP8_DTYPE)
     key_cache, value_cache = kv.transpose(1, 2).split(first.head_size, dim=-1)
     t0 = time.perf_counter()
     fa3 = any(i.fa3_attention for i in sparse)
     buckets = warm_up_sparse_kernels(key_cache, value_cache, first.num_heads, cfg.min_sparse_len,
-                                     max_len, pv_variants, cfg.topk, masks=fa3)
+                                     max_len, pv_variants, cfg.topk, masks=fa3,
+                                     dtype=compute_dtype(vllm_config, spec), q_dtype=q_dtype)
     if fa3:
         from sparge_serve.kernels.experimental.fa3 import warm_up_virtual
 
@@ -265,7 +268,7 @@ def prefill_plan_args(vllm_config: VllmConfig, cfg: SpargeConfig, spec: Attentio
             "backend.")
     fa3 = cfg.attention_kernel == "fa3" and (not sparse or any(i.fa3_attention for i in sparse))
     return dict(num_heads=num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_size,
-                dtype=spec.dtype, page_size=spec.block_size, device=device, topk=cfg.topk,
+                dtype=compute_dtype(vllm_config, spec), page_size=spec.block_size, device=device, topk=cfg.topk,
                 map_budget=cfg.map_budget, attention="fa3" if fa3 else "triton")
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config_or_none, get_layers_from_vllm_config
 from vllm.logger import init_logger
+from vllm.utils.torch_utils import is_quantized_kv_cache
 from vllm.v1.attention.backend import (
     AttentionCGSupport,
     AttentionImpl,
@@ -42,10 +43,15 @@ from vllm.v1.attention.backends.flash_attn import (
 
 from sparge_serve.backend import capture
 from sparge_serve.backend.capabilities import SpargeCapabilities, check_layer
+from sparge_serve.backend.kv_cache import (
+    kv_cache_writer,
+    kv_scales,
+    kv_views,
+    triton_dense_attention,
+)
 from sparge_serve.backend.runtime import (
     SpargeRuntime,
     draft_model_tag,
-    kv_cache_writer,
     layer_thresholds,
     load_runtime,
     metrics_for,
@@ -54,13 +60,18 @@ from sparge_serve.backend.runtime import (
     warm_up_kernels,
     window_layer_index,
 )
-from sparge_serve.backend.split import StepCounts, sparse_sub_batch, split_requests, step_counts
+from sparge_serve.backend.split import (
+    SparsePrefill,
+    StepCounts,
+    sparse_sub_batch,
+    split_requests,
+    step_counts,
+)
 from sparge_serve.plugin import BACKEND_NAME
 
 if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import AttentionSpec
 
-    from sparge_serve.kernels import PrefillBatch
     from sparge_serve.kernels.plan import PrefillPlan
 
 # NOTE: a child of vLLM's "vllm" logger so that our lines use vLLM's handler and level.
@@ -85,18 +96,6 @@ class SpargeAttentionBackend(SpargeCapabilities, FlashAttentionBackend):
     @staticmethod
     def get_builder_cls() -> type[SpargeAttentionMetadataBuilder]:
         return SpargeAttentionMetadataBuilder
-
-
-@dataclass
-class SparsePrefill:
-    """The step's sparse sub-batch (built once per step, shared by every layer)."""
-
-    batch: PrefillBatch  # query_start_loc [R+1] int32, seq_lens [R] int32, block_table [R, P] int32
-    token_index: torch.Tensor | None  # [num_tokens] int64 device: rows of q/out of the sparse
-    # requests, in sub-batch order; None when those rows are one contiguous run, in which case
-    # batch.query_start_loc holds absolute offsets into the step's q/out and nothing is copied.
-    req_index: np.ndarray  # [R] int64 host: the sparse requests' rows in the step's batch
-    num_tokens: int  # host: new tokens of the sparse requests
 
 
 @dataclass
@@ -265,6 +264,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
+        self.fp8_cache = is_quantized_kv_cache(kv_cache_dtype)  # read as float8_e4m3fn
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         # FlashAttentionImpl's attributes (read by vLLM tools), as FlashAttention sets them for a
@@ -289,6 +289,10 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         else:
             logger.info_once("SPARGE: FlashAttention unavailable; dense attention uses vLLM's "
                              "Triton unified_attention")
+        # With an fp8 cache the attention layer quantises the query where FlashAttention takes an
+        # fp8 one (as for FLASH_ATTN); the sparse kernels read either.
+        self.supports_quant_query_input = bool(self._fa is not None
+                                               and self._fa.supports_quant_query_input)
         # Set by bind() (from the metadata builder, once the model is loaded).
         self.layer_name: str | None = None
         self.layer_index: int | None = None  # global layer index (None: runs dense, uncounted)
@@ -351,7 +355,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         # Same as FlashAttention: (B, H, N, 2*D) -> K, V views (B, N, H, D); padded tokens are
         # dropped by reshape_and_cache_flash through slot_mapping's length.
-        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        key_cache, value_cache = kv_views(kv_cache, self.head_size, False)
         kv_cache_writer()(key, value, key_cache, value_cache, slot_mapping,
                           self.kv_cache_dtype, layer._k_scale, layer._v_scale)
 
@@ -394,7 +398,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         else:
             if attn_metadata.has_dense:
                 self._dense(layer, query, key, value, kv_cache, attn_metadata, output)
-            self._sparse(query, kv_cache, sparse, attn_metadata.plan, output)
+            self._sparse(layer, query, kv_cache, sparse, attn_metadata.plan, output)
         counts = attn_metadata.counts
         if counts is not None and self._stats is not None and self.layer_index is not None:
             self._count(counts, run_sparse)
@@ -432,7 +436,10 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
                       sparse: SparsePrefill) -> None:
         if self.layer_index is None:
             return
-        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        if self.fp8_cache:
+            raise ValueError("SPARGE: calibration captures need an unquantised KV cache; run "
+                             "sparge-calibrate without --kv-cache-dtype fp8")
+        key_cache, value_cache = kv_views(kv_cache, self.head_size, False)
         batch = sparse.batch
         if sparse.token_index is None:
             q = query
@@ -457,32 +464,24 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         if self._fa is not None:
             self._fa.forward(layer, query, key, value, kv_cache, md, output)
             return
-        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+        key_cache, value_cache = kv_views(kv_cache, self.head_size, self.fp8_cache)
+        triton_dense_attention(layer, query, key_cache, value_cache, md, output, self.scale,
+                               self.sliding_window)
 
-        n = md.num_actual_tokens
-        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        descale_shape = (md.query_start_loc.shape[0] - 1, self.num_kv_heads)
-        unified_attention(
-            q=query[:n], k=key_cache, v=value_cache, out=output[:n],
-            cu_seqlens_q=md.query_start_loc, max_seqlen_q=md.max_query_len,
-            seqused_k=md.seq_lens, max_seqlen_k=md.max_seq_len, softmax_scale=self.scale,
-            causal=True, window_size=self.sliding_window, block_table=md.block_table, softcap=0,
-            q_descale=None, k_descale=layer._k_scale.expand(descale_shape),
-            v_descale=layer._v_scale.expand(descale_shape))
-
-    def _sparse(self, query: torch.Tensor, kv_cache: torch.Tensor, sparse: SparsePrefill,
-                plan: PrefillPlan, output: torch.Tensor) -> None:
+    def _sparse(self, layer: torch.nn.Module, query: torch.Tensor, kv_cache: torch.Tensor,
+                sparse: SparsePrefill, plan: PrefillPlan, output: torch.Tensor) -> None:
         if self._simthreshd1 is None:
             raise RuntimeError(f"SPARGE: layer {self.layer_name or '?'} was never bound to its "
                                "thresholds (SpargeAttentionMetadataBuilder binds its layers)")
         from sparge_serve.kernels.prefill import run_prefill
 
-        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        key_cache, value_cache = kv_views(kv_cache, self.head_size, self.fp8_cache)
+        scales = kv_scales(layer, query) if self.fp8_cache else None
         if sparse.token_index is None:
             q, out = query, output  # batch.query_start_loc holds absolute offsets
         else:
             q = query.index_select(0, sparse.token_index)
-            out = torch.empty_like(q)
+            out = torch.empty(q.shape, dtype=output.dtype, device=q.device)
         st = self._stats
         block_stats = st.kernel_stats(self.layer_index) if st is not None else None
         timing = st.start_timing() if st is not None else None
@@ -492,7 +491,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         # not separated).
         run_prefill(plan, q, key_cache, value_cache, self.scale, self._simthreshd1,
                     self._cdfthreshd, self._pvthreshd, out, block_stats, self.pv_skip,
-                    None if timing is None else timing.predictor_done)
+                    None if timing is None else timing.predictor_done, scales=scales)
         if timing is not None:
             timing.done()
         if sparse.token_index is not None:

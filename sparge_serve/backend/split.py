@@ -26,6 +26,19 @@ if TYPE_CHECKING:
 logger = init_logger(f"vllm.{__name__}")
 
 
+@dataclass
+class SparsePrefill:
+    """The step's sparse sub-batch (built once per step, shared by every layer)."""
+
+    batch: PrefillBatch  # query_start_loc [R+1] int32, seq_lens [R] int32, block_table [R, P] int32
+    token_index: torch.Tensor | None  # [num_tokens] int64 device: rows of q/out of the sparse
+    # requests, in sub-batch order; None when those rows are one contiguous run, in which case
+    # batch.query_start_loc holds absolute offsets into the step's q/out and nothing is copied.
+    req_index: np.ndarray  # [R] int64 host: the sparse requests' rows in the step's batch
+    num_tokens: int  # host: new tokens of the sparse requests
+
+
+
 def select_sparse_requests(query_start_loc: np.ndarray, seq_lens: np.ndarray,
                            min_sparse_len: int, max_decode_query_len: int = 1,
                            min_sparse_query_len: int = 1) -> np.ndarray:

@@ -265,6 +265,25 @@ def test_dense_equivalent_thresholds_match_flash_attn(setup, record_property):
     assert summary["mismatch"] == 0, summary
 
 
+def test_fp8_kv_cache_dense_equivalent_matches_flash_attn_fp8(workload, record_property):
+    """``--kv-cache-dtype fp8``: dense-equivalent thresholds serve like FLASH_ATTN with the same
+    fp8 cache (its queries quantised the same way), up to near ties."""
+    tmp, prompts, max_model_len = workload
+    fp8 = {"engine_args": {"kv_cache_dtype": "fp8"}}
+    flash = _run_engine(tmp, "flash_attn_fp8", "FLASH_ATTN", prompts, max_model_len, **fp8)
+    th = _write_thresholds(tmp / "dense_fp8.safetensors", "dense")
+    sparge = _run_engine(tmp, "sparge_dense_fp8", "SPARGE", prompts, max_model_len,
+                         additional_config={"sparge": {"thresholds": th,
+                                                       "min_sparse_len": MIN_SPARSE_LEN}}, **fp8)
+    summary = _compare(flash, sparge)
+    summary["sparsity"] = _sparsity(sparge)
+    summary["prompt_tokens_sparse_dense"] = sparge["tokens"]
+    _report(record_property, "fp8_dense_equivalent_vs_flash_attn_fp8", summary)
+    assert sparge["blocks"] is not None and sparge["blocks"][0] > 0, "sparse path never ran"
+    assert sparge["blocks"][1] == sparge["blocks"][0], "dense-equivalent thresholds dropped blocks"
+    assert summary["mismatch"] == 0, summary
+
+
 # Block sparsity up to which a configuration counts as dense-equivalent: its outputs must equal
 # FLASH_ATTN's up to near ties. The untuned defaults drop 0.2% of the blocks on the tiny model
 # (benchmarks/results/engine_gpu.json: 30 identical, 2 near ties, 0 diverged).
