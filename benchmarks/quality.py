@@ -1,0 +1,486 @@
+"""Quality of the SPARGE backend on real models, through ``vllm serve`` (GPU).
+
+    python benchmarks/quality.py --models smollm2 --out /tmp/o            # every stage, 1 model
+    python benchmarks/quality.py --stages accuracy perplexity report --models gemma3 \\
+        --configs flash_attn defaults --quick --deadline 9 --out /tmp/o
+    python benchmarks/quality.py --dry-run                                 # the plan, no GPU
+
+For SmolLM2-135M-Instruct (8K context) and Gemma 3 270M (32K, sliding-window hybrid), converted
+by ``sparge-models convert``, it compares FLASH_ATTN, SPARGE with its untuned defaults (no
+thresholds file) and SPARGE with thresholds calibrated at several budgets (``--budgets``):
+
+- **accuracy**: lm-eval's ``local-completions`` client against the server (greedy), on offline
+  long-context tasks: the own passkey tasks (``benchmarks/quality_tasks``: prompts of exact token
+  lengths) and lm-eval's RULER tasks that generate their data from the tokenizer;
+- **perplexity**: held-out standard-library source of the model's context length, scored through
+  the completions endpoint (``echo``, ``max_tokens`` 0, prompt log-probabilities);
+- **block sparsity** actually reached: the server's ``sparge_attention_blocks_*_total`` counters
+  (``/metrics``) before and after every evaluation.
+
+Stages (``--stages``): ``convert`` (``sparge-models convert``, CPU), ``calibrate``
+(``sparge-calibrate --driver vllm`` per model and budget, on code prompts of the ``vllm``
+package), ``accuracy`` and ``perplexity`` (one server per configuration, reused for every task,
+length and the perplexity documents), ``report``. Results merge into one JSON (``--results``,
+default ``OUT/quality.json``; ``--resume`` starts from an earlier file): a measurement already
+there is skipped unless ``--redo``, so the same command run again continues where a stopped one
+(``--deadline``, a time limit) left off. Writes ``quality.{json,md,png}`` into ``--out`` (default
+``$OUT`` or ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TASK_DIR = HERE / "quality_tasks"
+for p in (str(HERE), str(TASK_DIR), str(ROOT)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import quality_report as qr  # noqa: E402
+
+MODELS = {
+    "smollm2": dict(title="SmolLM2-135M-Instruct (Llama, 30 layers, 8K context)", context=8192,
+                    lengths=[4096, 8192], quick_lengths=[4096, 8192]),
+    "gemma3": dict(title="Gemma 3 270M (18 layers, 5 sliding-window layers per global layer, "
+                         "32K context)", context=32768,
+                   lengths=[4096, 8192, 16384, 32768], quick_lengths=[8192, 32768]),
+}
+OWN_TASKS = ("sparge_passkey", "sparge_passkey_code")
+# lm-eval's RULER tasks that generate their data offline (from the tokenizer; lm-eval's RULER module
+# still imports nltk and wonderwords); the last three are left out by default: small models
+# rarely solve them dense, and an unsolved task measures nothing about sparse attention.
+RULER_TASKS = ("niah_single_1", "niah_multikey_2", "ruler_vt", "niah_multikey_3", "ruler_cwe",
+               "ruler_fwe")
+# lm-eval's RULER tasks that fetch their data at run time: no network on the GPU machine.
+NETWORK_TASKS = {
+    **dict.fromkeys(("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiquery",
+                     "niah_multivalue"),
+                    "its haystack is Paul Graham's essays (Hugging Face dataset "
+                    "baber/paul_graham_essays) cut with nltk's punkt_tab, both downloaded"),
+    "ruler_qa_squad": "it downloads SQuAD v2 (rajpurkar.github.io)",
+    "ruler_qa_hotpot": "it downloads HotpotQA (huggingface.co)",
+}
+TASKS = OWN_TASKS + RULER_TASKS
+DEFAULT_TASKS = OWN_TASKS + RULER_TASKS[:3]
+QUICK_TASKS = ("sparge_passkey", "niah_single_1")
+DEFAULT_BUDGETS = (0.01, 0.03, 0.06)
+CALIB_PROMPTS, QUICK_CALIB_PROMPTS = 8, 4
+CHARS_PER_TOKEN = 5  # code tokenizes at about 4 characters a token: prompts long enough to cut
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{(time.monotonic() - T0) / 60:4.1f} min] {msg}",
+          flush=True)
+
+
+# ---------------------------------------------------------------------------------- the plan
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 2)[2])
+    ap.add_argument("--stages", nargs="+", default=["convert", "calibrate", "accuracy",
+                                                    "perplexity", "report"],
+                    choices=["convert", "calibrate", "accuracy", "perplexity", "report"])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--model-dir", action="append", default=[], metavar="MODEL=DIR",
+                    help="a converted folder to use (default WORK/models/MODEL)")
+    ap.add_argument("--configs", nargs="+", default=["flash_attn", "defaults", "calibrated"],
+                    metavar="CONFIG", help="flash_attn, defaults (SPARGE without a thresholds "
+                    "file), calibrated (one per --budgets), or l1=X (one budget)")
+    ap.add_argument("--budgets", nargs="+", type=float, default=list(DEFAULT_BUDGETS),
+                    help="calibration budgets (sparge-calibrate --l1; --pv-l1 is 0.01 more)")
+    ap.add_argument("--calib-driver", choices=("vllm", "hf"), default="vllm",
+                    help="sparge-calibrate --driver (vllm: capture through the SPARGE backend)")
+    ap.add_argument("--thresholds", action="append", default=[], metavar="MODEL:BUDGET=FILE",
+                    help="a calibrated file to serve for that model and budget")
+    ap.add_argument("--thresholds-dir", action="append", default=[], metavar="DIR",
+                    help="where calibrated files MODEL_l1_BUDGET.safetensors are looked up "
+                    "(default: WORK/thresholds, then benchmarks/results/quality_thresholds)")
+    ap.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                    help=f"default: {' '.join(DEFAULT_TASKS)} (--quick: {' '.join(QUICK_TASKS)}); "
+                    f"also offline: {' '.join(t for t in TASKS if t not in DEFAULT_TASKS)}")
+    ap.add_argument("--lengths", nargs="+", type=int, default=None,
+                    help="context lengths (default per model; longer than the model's are left out)")
+    ap.add_argument("--samples", type=int, default=None, help="samples per task and length "
+                    "(default 40, --quick 20)")
+    ap.add_argument("--ppl-docs", type=int, default=None,
+                    help="perplexity documents per model (default 4, --quick 2)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer tasks, lengths (Gemma 3: 8K, 32K), samples and calibration prompts")
+    ap.add_argument("--min-sparse-len", type=int, default=2048,
+                    help="SPARGE min_sparse_len: shortest context on the sparse path (2048)")
+    ap.add_argument("--concurrency", type=int, default=16, help="requests in flight (16)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                    help="prefill chunk of the servers (8192)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="compile and capture CUDA graphs (default --enforce-eager: faster start, "
+                    "the same attention kernels)")
+    ap.add_argument("--server-timeout", type=float, default=600, help="seconds to /health")
+    ap.add_argument("--min-dense-acc", type=float, default=0.2,
+                    help="a task-length where FLASH_ATTN scores less measures nothing (0.2)")
+    ap.add_argument("--deadline", type=float, default=None, metavar="MINUTES",
+                    help="start no server or calibration that would end after this many minutes")
+    ap.add_argument("--redo", action="store_true", help="measure again what the results hold")
+    ap.add_argument("--work-dir", default=os.environ.get("QUALITY_WORK", "/tmp/sparge_quality"))
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks/results"))
+    ap.add_argument("--results", default=None, help="merged results JSON (default OUT/quality.json)")
+    ap.add_argument("--resume", default=None, help="start from this results file when --results "
+                    "does not exist yet")
+    ap.add_argument("--logs", default=None, help="server and stage logs (default WORK/logs)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    return ap
+
+
+def expand_configs(names: list[str], budgets: list[float]) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        if name == "calibrated":
+            new = [f"l1={b:g}" for b in budgets]
+        elif name in ("flash_attn", "defaults") or name.startswith("l1="):
+            new = [name]
+        else:
+            raise SystemExit(f"--configs: {name!r} is not flash_attn, defaults, calibrated or "
+                             "l1=X")
+        out += [c for c in new if c not in out]
+    return out
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on other options; refuse what cannot run offline."""
+    args.tasks = args.tasks or list(QUICK_TASKS if args.quick else DEFAULT_TASKS)
+    for task in args.tasks:
+        if task in NETWORK_TASKS:
+            raise SystemExit(f"--tasks {task}: needs the network at run time "
+                             f"({NETWORK_TASKS[task]}); offline tasks: {', '.join(TASKS)}")
+        if task not in TASKS:
+            raise SystemExit(f"--tasks {task}: unknown; choose from {', '.join(TASKS)}")
+    args.samples = args.samples or (20 if args.quick else 40)
+    args.ppl_docs = args.ppl_docs or (2 if args.quick else 4)
+    args.calib_prompts = QUICK_CALIB_PROMPTS if args.quick else CALIB_PROMPTS
+    args.configs = expand_configs(args.configs, args.budgets)
+    args.results = args.results or os.path.join(args.out, "quality.json")
+    args.logs = args.logs or os.path.join(args.work_dir, "logs")
+    args.thresholds_dir = args.thresholds_dir or [
+        os.path.join(args.work_dir, "thresholds"), str(ROOT / "benchmarks/results/quality_thresholds")]
+    dirs = {}
+    for item in args.model_dir:
+        key, _, path = item.partition("=")
+        if key not in MODELS or not path:
+            raise SystemExit(f"--model-dir {item!r}: expected MODEL=DIR with MODEL in {list(MODELS)}")
+        dirs[key] = path
+    args.model_dirs = {m: dirs.get(m, os.path.join(args.work_dir, "models", m)) for m in MODELS}
+    files = {}
+    for item in args.thresholds:
+        spec, _, path = item.partition("=")
+        model, _, budget = spec.partition(":")
+        try:
+            files[(model, float(budget))] = path
+        except ValueError:
+            raise SystemExit(f"--thresholds {item!r}: expected MODEL:BUDGET=FILE") from None
+    args.thresholds_files = files
+    return args
+
+
+def model_context(args: argparse.Namespace, model: str) -> int:
+    """The converted model's context (``max_position_embeddings``), else the table's."""
+    cfg = Path(args.model_dirs[model]) / "config.json"
+    if cfg.exists():
+        data = json.loads(cfg.read_text())
+        data = data.get("text_config", data)
+        return int(data.get("max_position_embeddings") or MODELS[model]["context"])
+    return MODELS[model]["context"]
+
+
+def model_lengths(args: argparse.Namespace, model: str) -> list[int]:
+    spec = MODELS[model]
+    lengths = args.lengths or spec["quick_lengths" if args.quick else "lengths"]
+    return [n for n in lengths if n <= model_context(args, model)]
+
+
+def thresholds_path(args: argparse.Namespace, model: str, config: str) -> str | None:
+    """The thresholds file of ``config`` (None for flash_attn/defaults, "" when missing)."""
+    if not config.startswith("l1="):
+        return None
+    budget = float(config.split("=", 1)[1])
+    if (model, budget) in args.thresholds_files:
+        return args.thresholds_files[(model, budget)]
+    for folder in args.thresholds_dir:
+        path = os.path.join(folder, f"{model}_l1_{budget:g}.safetensors")
+        if os.path.exists(path):
+            return path
+    return ""
+
+
+def calib_path(args: argparse.Namespace, model: str, budget: float) -> str:
+    return os.path.join(args.thresholds_dir[0], f"{model}_l1_{budget:g}.safetensors")
+
+
+def sparge_options(args: argparse.Namespace, model: str, config: str) -> dict[str, Any] | None:
+    if config == "flash_attn":
+        return None
+    opts: dict[str, Any] = {"min_sparse_len": args.min_sparse_len}
+    path = thresholds_path(args, model, config)
+    if path:
+        opts["thresholds"] = os.path.abspath(path)
+    return opts
+
+
+def server_command(args: argparse.Namespace, model: str, config: str, port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model_dirs[model],
+           "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", str(model_context(args, model)),
+           "--attention-backend", "FLASH_ATTN" if config == "flash_attn" else "SPARGE",
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+           "--no-enable-prefix-caching", "--seed", "0"]
+    if not args.cuda_graphs:
+        cmd.append("--enforce-eager")
+    opts = sparge_options(args, model, config)
+    if opts is not None:
+        cmd += ["--additional-config", json.dumps({"sparge": opts})]
+    return cmd
+
+
+def calibrate_command(args: argparse.Namespace, model: str, budget: float, prompts: str) -> list:
+    ctx = model_context(args, model)
+    return [sys.executable, "-m", "sparge_calibrate", args.model_dirs[model], "--prompts",
+            prompts, "--out", calib_path(args, model, budget), "--l1", f"{budget:g}",
+            "--pv-l1", f"{budget + 0.01:g}", "--max-len", str(ctx), "--samples",
+            str(args.calib_prompts), "--driver", args.calib_driver, "--device", "cuda", "--quiet"]
+
+
+def prompts_command(args: argparse.Namespace, model: str) -> tuple[str, list[str]]:
+    chars = model_context(args, model) * CHARS_PER_TOKEN
+    path = os.path.join(args.work_dir, "prompts", f"calib_vllm_{args.calib_prompts}x{chars}.jsonl")
+    return path, [sys.executable, str(ROOT / "scripts/make_code_prompts.py"), "--out", path,
+                  "--n", str(args.calib_prompts), "--chars", str(chars), "--package", "vllm"]
+
+
+def estimate_minutes(args: argparse.Namespace, model: str,
+                     units: list[tuple[str, str, int]]) -> float:
+    """A rough duration of one configuration's server: start and stop, then each evaluation
+    (tokens prefilled at an assumed rate, plus a fixed cost). The log shows the real ones."""
+    minutes = 2.5 if args.cuda_graphs else 1.2
+    for kind, _, length in units:
+        count = args.ppl_docs if kind == "perplexity" else args.samples
+        minutes += 0.15 + count * length / 4e6
+    return minutes
+
+
+def plan_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
+    lines = [f"stages: {' '.join(args.stages)}; results: {args.results}; work: {args.work_dir}"]
+    for model in args.models:
+        lengths = model_lengths(args, model)
+        folder = args.model_dirs[model]
+        state = "converted" if os.path.exists(os.path.join(folder, "config.json")) else "to convert"
+        lines.append(f"{model}: {folder} ({state}), context {model_context(args, model)}, "
+                     f"lengths {lengths}")
+        if "convert" in args.stages and state == "to convert":
+            lines.append(f"  convert: {sys.executable} -m sparge_serve.models convert {model} "
+                         f"--out {folder} --quiet")
+        if "calibrate" in args.stages:
+            path, cmd = prompts_command(args, model)
+            lines.append(f"  prompts: {shlex.join(cmd)}")
+            for b in args.budgets:
+                done = os.path.exists(calib_path(args, model, b))
+                lines.append(f"  calibrate l1={b:g} ({'exists' if done and not args.redo else 'to run'}, "
+                             f"about 2-3 min): {shlex.join(calibrate_command(args, model, b, path))}")
+        if not {"accuracy", "perplexity"} & set(args.stages):
+            continue
+        total = 0.0
+        for config in args.configs:
+            units = pending_units(args, results, model, config)
+            path = thresholds_path(args, model, config)
+            note = "" if path is None else (f" thresholds {path}" if path else
+                                            " thresholds MISSING (calibrate first)")
+            minutes = estimate_minutes(args, model, units) if units else 0.0
+            total += minutes
+            lines.append(f"  {qr.config_label(config)}: {len(units)} evaluations to run, about "
+                         f"{minutes:.1f} min;{note}")
+            lines.append(f"    {shlex.join(server_command(args, model, config, 8000))}")
+        lines.append(f"  tasks {' '.join(args.tasks)} x {args.samples} samples; perplexity "
+                     f"{args.ppl_docs} documents; about {total:.1f} min of serving in all")
+    return lines
+
+
+def pending_units(args: argparse.Namespace, results: dict[str, Any], model: str,
+                  config: str) -> list[tuple[str, str, int]]:
+    """(kind, task, length) of this configuration that the results do not hold yet."""
+    units = []
+    if "accuracy" in args.stages:
+        units += [("accuracy", task, n) for n in model_lengths(args, model) for task in args.tasks]
+    if "perplexity" in args.stages:
+        units.append(("perplexity", "perplexity", model_context(args, model) - 1))
+    if args.redo:
+        return units
+    return [u for u in units if qr.find_record(results, model=model, config=config, kind=u[0],
+                                               task=u[1], length=u[2]) is None]
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+def run_logged(name: str, cmd: list[str], args: argparse.Namespace, timeout: float) -> tuple:
+    """Run a stage's child with its output in LOGS/name.log; (exit code, seconds)."""
+    os.makedirs(args.logs, exist_ok=True)
+    path = os.path.join(args.logs, f"{name}.log")
+    log(f"{name}: {shlex.join(cmd)} (log {path})")
+    t0 = time.monotonic()
+    with open(path, "w") as f:
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    seconds = time.monotonic() - t0
+    if rc != 0:
+        with open(path, errors="replace") as f:
+            print(f.read()[-3000:], flush=True)
+    log(f"{name}: exit {rc} after {seconds:.0f} s")
+    return rc, seconds
+
+
+def time_left(args: argparse.Namespace) -> float:
+    if args.deadline is None:
+        return float("inf")
+    return args.deadline - (time.monotonic() - T0) / 60
+
+
+def stage_convert(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    for model in args.models:
+        folder = args.model_dirs[model]
+        if os.path.exists(os.path.join(folder, "config.json")):
+            log(f"convert {model}: {folder} exists")
+            continue
+        rc, _ = run_logged(f"convert_{model}", [sys.executable, "-m", "sparge_serve.models",
+                                                "convert", model, "--out", folder, "--quiet"],
+                           args, timeout=900)
+        if rc != 0:
+            note(results, f"{model}: conversion failed (exit {rc}); its stages are skipped")
+
+
+def stage_calibrate(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    import hashlib
+
+    for model in args.models:
+        if not os.path.exists(os.path.join(args.model_dirs[model], "config.json")):
+            note(results, f"{model}: not converted, not calibrated")
+            continue
+        path, cmd = prompts_command(args, model)
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if run_logged(f"prompts_{model}", cmd, args, timeout=300)[0] != 0:
+                note(results, f"{model}: calibration prompts failed")
+                continue
+        for budget in args.budgets:
+            out = calib_path(args, model, budget)
+            if os.path.exists(out) and not args.redo:
+                log(f"calibrate {model} l1={budget:g}: {out} exists")
+                continue
+            if time_left(args) < 3.5:
+                note(results, f"{model} l1={budget:g}: calibration not started (deadline); run "
+                     "the command again")
+                continue
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            cmd = calibrate_command(args, model, budget, path)
+            rc, seconds = run_logged(f"calibrate_{model}_l1_{budget:g}", cmd, args, timeout=590)
+            if rc != 0:
+                note(results, f"{model} l1={budget:g}: sparge-calibrate failed (exit {rc})")
+                continue
+            with open(out, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            copy = os.path.join(args.out, "quality_thresholds", os.path.basename(out))
+            os.makedirs(os.path.dirname(copy), exist_ok=True)
+            shutil.copyfile(out, copy)
+            results["calibrations"].setdefault(model, {})[f"{budget:g}"] = dict(
+                path=out, copy=copy, sha256=digest, seconds=round(seconds, 1),
+                command=shlex.join(cmd), date=datetime.date.today().isoformat())
+            qr.save_results(results, args.results)
+
+
+def note(results: dict[str, Any], text: str) -> None:
+    log(text)
+    results["runs"][-1].setdefault("notes", []).append(text)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for dist in ("vllm", "torch", "triton", "transformers", "lm-eval", "sparge-serve"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[dist] = md.version(dist)
+    return out
+
+
+def device_name() -> str:
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30).stdout.split("\n")
+        names = [n.strip() for n in names if n.strip()]
+        return f"{len(names)} x {names[0]}" if names else "no GPU"
+    except (OSError, subprocess.TimeoutExpired):
+        return "no GPU"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, timeout=30,
+                              capture_output=True, text=True).stdout.strip() or "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = resolve(build_parser().parse_args(argv))
+    results = qr.load_results(args.results if os.path.exists(args.results) else args.resume)
+    if args.dry_run:
+        print("\n".join(plan_lines(args, results)))
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    results["runs"].append(dict(
+        command="python benchmarks/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        date=datetime.datetime.now().isoformat(timespec="seconds"), device=device_name(),
+        versions=versions(), commit=git_commit(), stages=args.stages))
+    for model in args.models:
+        results["models"][model] = dict(title=MODELS[model]["title"],
+                                        context=model_context(args, model),
+                                        model_dir=args.model_dirs[model])
+    print("\n".join(plan_lines(args, results)), flush=True)
+    if "convert" in args.stages:
+        stage_convert(args, results)
+    if "calibrate" in args.stages:
+        stage_calibrate(args, results)
+    if {"accuracy", "perplexity"} & set(args.stages):
+        # quality_eval imports this module by name: let it find the running one
+        sys.modules.setdefault("quality", sys.modules[__name__])
+        from quality_eval import stage_eval
+
+        stage_eval(args, results)
+    qr.save_results(results, args.results)
+    if "report" in args.stages:
+        prefix = os.path.join(args.out, "quality")
+        print(qr.write_report(results, prefix, args.min_dense_acc), flush=True)
+        log(f"wrote {prefix}.md, {prefix}.png and {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

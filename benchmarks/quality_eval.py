@@ -1,0 +1,386 @@
+"""The serving stages of ``benchmarks/quality.py``: one ``vllm serve`` per configuration, lm-eval's
+``local-completions`` client and the perplexity documents against it, ``/metrics`` around each.
+
+lm-eval runs in this process through its Python API (``lm_eval.simple_evaluate``, as vLLM's own
+lm-eval correctness tests call it) with the ``local-completions`` model, i.e. its HTTP client. Each
+task is built once per model and length (the RULER tasks generate 500 documents whatever
+``--limit`` says) and reused for every configuration; the equivalent ``lm_eval`` command is
+recorded with each result. Tasks are built while the first server starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shlex
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import quality_report as qr
+from quality import (
+    OWN_TASKS,
+    TASK_DIR,
+    estimate_minutes,
+    log,
+    model_context,
+    model_lengths,
+    note,
+    pending_units,
+    server_command,
+    thresholds_path,
+    time_left,
+)
+
+from tests import subproc
+
+SETTLE_INTERVAL_S = 1.2  # between scrapes; the backend writes its counters once a second
+LM_EVAL_SEEDS = dict(random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
+                     fewshot_random_seed=1234)
+
+
+def offline_env(work_dir: str) -> None:
+    """No hub or dataset downloads; nltk finds a (stub) punkt_tab so that lm-eval's RULER module
+    does not try to download it at import (the offline tasks never split sentences)."""
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                      TOKENIZERS_PARALLELISM="false")
+    try:
+        import nltk
+
+        nltk.data.find("tokenizers/punkt_tab")
+    except LookupError:
+        stub = os.path.join(work_dir, "nltk_data")
+        os.makedirs(os.path.join(stub, "tokenizers", "punkt_tab"), exist_ok=True)
+        os.environ["NLTK_DATA"] = stub + os.pathsep + os.environ.get("NLTK_DATA", "")
+        nltk.data.path.insert(0, stub)
+    except ImportError:
+        pass  # lm-eval's RULER import names the missing package
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gpu_memory_used() -> list[int] | None:
+    """MiB used per GPU (nvidia-smi), or None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,"
+                              "nounits"], capture_output=True, text=True, timeout=30).stdout
+        return [int(x) for x in out.split()] or None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def wait_gpu_released(baseline: list[int] | None, timeout: float = 120) -> float:
+    """Wait until every GPU is back within 1 GiB of ``baseline``; returns the seconds waited."""
+    t0 = time.monotonic()
+    while baseline is not None and time.monotonic() - t0 < timeout:
+        used = gpu_memory_used()
+        if used is None or all(u <= b + 1024 for u, b in zip(used, baseline, strict=False)):
+            break
+        time.sleep(1)
+    return time.monotonic() - t0
+
+
+class Server:
+    """``vllm serve`` in its own process group (tests/subproc.py), its /metrics and completions."""
+
+    def __init__(self, args: Any, model: str, config: str) -> None:
+        self.model, self.config = model, config
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.cmd = server_command(args, model, config, self.port)
+        os.makedirs(args.logs, exist_ok=True)
+        self.log = Path(args.logs) / f"serve_{model}_{config.replace('=', '_')}.log"
+        self.timeout = args.server_timeout
+        self.proc = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items()
+               if k != "PROMETHEUS_MULTIPROC_DIR" and not k.startswith("SPARGE_")}
+        log(f"{self.model} {qr.config_label(self.config)}: {shlex.join(self.cmd)} (log {self.log})")
+        self.t0 = time.monotonic()
+        self.proc = subproc.start(self.cmd, env, self.log)
+
+    def wait(self) -> float:
+        subproc.wait_healthy(self.proc, f"{self.base}/health", self.log, self.timeout)
+        return time.monotonic() - self.t0
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            subproc.stop(self.proc)
+
+    def post(self, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+        req = urllib.request.Request(f"{self.base}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.load(r)
+
+    def scrape(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.base}/metrics", timeout=30) as r:
+            return qr.parse_metrics(r.read().decode())
+
+    def settled(self) -> dict[str, Any]:
+        """The counters once every step so far has reached /metrics: the backend reads its GPU
+        counters back a step or two late and writes them once a second, so two short requests
+        (dense: below min_sparse_len) push the last steps through, then scrapes repeat until two
+        in a row agree."""
+        for _ in range(2):
+            self.post({"model": self.model, "prompt": "Hello", "max_tokens": 1,
+                       "temperature": 0})
+        last = self.scrape()
+        for _ in range(20):
+            time.sleep(SETTLE_INTERVAL_S)
+            now = self.scrape()
+            if now == last:
+                return now
+            last = now
+        return last
+
+
+def lm_eval_args(server: Server, args: Any) -> dict[str, Any]:
+    """``local-completions`` model arguments: token-id requests with the model's own tokenizer and
+    its special tokens (Gemma's <bos>), no truncation below the server's context."""
+    return dict(base_url=f"{server.base}/v1/completions", model=server.model,
+                tokenizer=os.path.abspath(args.model_dirs[server.model]),
+                tokenizer_backend="huggingface", tokenized_requests=True, add_bos_token=True,
+                max_length=model_context(args, server.model), num_concurrent=args.concurrency,
+                max_retries=3, timeout=600)
+
+
+def task_metadata(args: Any, model: str, length: int) -> dict[str, Any]:
+    return {"tokenizer": os.path.abspath(args.model_dirs[model]), "max_seq_lengths": [length],
+            "sparge_samples": args.samples}
+
+
+def lm_eval_command(model_args: dict[str, Any], task: str, meta: dict[str, Any],
+                    limit: int) -> str:
+    """The ``lm_eval`` CLI call that runs the same evaluation."""
+    margs = ",".join(f"{k}={v}" for k, v in model_args.items())
+    meta = {k: v for k, v in meta.items() if k != "tokenizer"}  # model_args carries it
+    return shlex.join(["lm_eval", "--model", "local-completions", "--model_args", margs,
+                       "--tasks", task, "--include_path", str(TASK_DIR), "--metadata",
+                       json.dumps(meta), "--limit", str(limit), "--seed", "0,1234,1234,1234",
+                       "--log_samples", "--output_path", "lm_eval_out"])
+
+
+class TaskCache:
+    """lm-eval Task objects per (length, task), built once per model."""
+
+    def __init__(self, args: Any, model: str) -> None:
+        self.args, self.model, self.tasks = args, model, {}
+        self.manager = None  # the last TaskManager (simple_evaluate needs one; building it costs)
+        self.failed: dict[tuple[int, str], str] = {}
+
+    def build(self, needed: list[tuple[str, int]]) -> None:
+        import numpy as np
+        import torch
+        from lm_eval.tasks import TaskManager
+
+        by_length: dict[int, list[str]] = {}
+        for task, n in needed:
+            if (n, task) not in self.tasks and (n, task) not in self.failed:
+                by_length.setdefault(n, []).append(task)
+        for n, names in sorted(by_length.items()):
+            # lm-eval's own tasks are indexed only when needed (thousands of files)
+            manager = TaskManager(include_path=str(TASK_DIR),
+                                  include_defaults=not set(names) <= set(OWN_TASKS),
+                                  metadata=task_metadata(self.args, self.model, n))
+            for name in names:
+                t0 = time.monotonic()
+                # the seeds lm_eval sets before it builds a task: the RULER documents equal those
+                # of the recorded command
+                random.seed(LM_EVAL_SEEDS["random_seed"])
+                np.random.seed(LM_EVAL_SEEDS["numpy_random_seed"])
+                torch.manual_seed(LM_EVAL_SEEDS["torch_random_seed"])
+                try:
+                    self.tasks[(n, name)] = manager.load([name])["tasks"][name]
+                    log(f"{self.model}: built {name} @{n} in {time.monotonic() - t0:.0f} s")
+                except Exception as e:  # noqa: BLE001 - a task that cannot build is reported
+                    self.failed[(n, name)] = f"{type(e).__name__}: {e}"
+                    log(f"{self.model}: {name} @{n} failed to build: {self.failed[(n, name)]}")
+            self.manager = manager
+
+
+def run_accuracy(lm: Any, cache: TaskCache, server: Server, task: str, length: int,
+                 model_args: dict[str, Any], args: Any, before: dict[str, Any]) -> dict[str, Any]:
+    """One task at one length through lm-eval; ``before``: the settled counters before it."""
+    import lm_eval
+
+    obj = cache.tasks[(length, task)]
+    t0 = time.monotonic()
+    res = lm_eval.simple_evaluate(model=lm, tasks=[obj], limit=args.samples, log_samples=True,
+                                  bootstrap_iters=0, task_manager=cache.manager,
+                                  **LM_EVAL_SEEDS)
+    seconds = time.monotonic() - t0
+    after = server.settled()
+    delta = {**qr.metrics_delta(before, after), "_after": after}
+    metric = "acc" if task in OWN_TASKS else str(length)
+    score = float(res["results"][task][f"{metric},none"])
+    samples = res["samples"][task]
+    compact = []  # per sample: its score, and what it answered when that was wrong
+    for s in samples:
+        c = dict(doc=s["doc_id"], depth=s["doc"].get("depth"), score=float(s[metric]))
+        if c["score"] < 1:
+            c.update(answer=s.get("target"),
+                     prediction=str((s.get("filtered_resps") or [""])[0])[:60])
+        compact.append(c)
+    rec = dict(model=server.model, config=server.config, kind="accuracy", task=task,
+               length=length, score=score, n=len(samples), stderr=qr.stderr(score, len(samples)),
+               seconds=round(seconds, 1), metrics=delta, samples=compact,
+               lm_eval_command=lm_eval_command(model_args, task,
+                                               task_metadata(args, server.model, length),
+                                               args.samples))
+    depths = sorted({c["depth"] for c in compact if c["depth"] is not None})
+    if depths:
+        rec["by_depth"] = {f"{d:.2f}": sum(c["score"] for c in compact if c["depth"] == d)
+                           / sum(1 for c in compact if c["depth"] == d) for d in depths}
+    return rec
+
+
+def token_logprobs(response: dict[str, Any], n_prompt: int) -> list[float]:
+    """Log-probabilities of prompt tokens 1..n-1 from an ``echo`` completion (the first token has
+    none; a generated token, when ``max_tokens`` had to be 1, is dropped)."""
+    lps = response["choices"][0]["logprobs"]["token_logprobs"][:n_prompt]
+    if len(lps) != n_prompt or lps[0] is not None or any(x is None for x in lps[1:]):
+        raise ValueError(f"expected {n_prompt} prompt log-probabilities (the first None), got "
+                         f"{len(lps)}")
+    return [float(x) for x in lps[1:]]
+
+
+def run_perplexity(server: Server, docs: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """The documents' mean negative log-likelihood per token and perplexity."""
+    t0 = time.monotonic()
+    per_doc, quarters = [], [[0.0, 0] for _ in range(4)]
+    for i, ids in enumerate(docs["docs"]):
+        body = {"model": server.model, "prompt": ids, "max_tokens": 0, "echo": True,
+                "logprobs": 0, "temperature": 0}
+        try:
+            lps = token_logprobs(server.post(body), len(ids))
+        except urllib.error.HTTPError as e:
+            if e.code != 400:
+                raise
+            body["max_tokens"] = 1  # a server that refuses max_tokens 0 scores the same prompt
+            lps = token_logprobs(server.post(body), len(ids))
+        per_doc.append(dict(nll=-sum(lps) / len(lps), tokens=len(lps), sha256=docs["sha256"][i]))
+        for j, lp in enumerate(lps):
+            q = quarters[4 * j // len(lps)]
+            q[0] -= lp
+            q[1] += 1
+        log(f"  document {i + 1}/{len(docs['docs'])}: nll {per_doc[-1]['nll']:.4f}")
+    seconds = time.monotonic() - t0
+    after = server.settled()
+    tokens = sum(d["tokens"] for d in per_doc)
+    nll = sum(d["nll"] * d["tokens"] for d in per_doc) / tokens
+    return dict(model=server.model, config=server.config, kind="perplexity", task="perplexity",
+                length=docs["tokens"], nll=nll, ppl=math.exp(nll), tokens=tokens,
+                quarter_nll=[s / n for s, n in quarters], docs=per_doc, files=docs["files"],
+                seconds=round(seconds, 1),
+                metrics={**qr.metrics_delta(before, after), "_after": after})
+
+
+def stage_eval(args: Any, results: dict[str, Any]) -> None:
+    offline_env(args.work_dir)
+    baseline = gpu_memory_used()
+    for model in args.models:
+        if not os.path.exists(os.path.join(args.model_dirs[model], "config.json")):
+            note(results, f"{model}: {args.model_dirs[model]} is not a converted model (run the "
+                 "convert stage); not evaluated")
+            continue
+        lengths = model_lengths(args, model)
+        results["models"][model]["settings"] = (
+            f"min_sparse_len {args.min_sparse_len}, prefill chunk {args.max_num_batched_tokens}, "
+            f"prefix caching off, {'CUDA graphs' if args.cuda_graphs else 'eager'}, "
+            f"{args.samples} samples per task and length, lengths {lengths}")
+        cache, docs = TaskCache(args, model), None
+        for config in args.configs:
+            units = pending_units(args, results, model, config)
+            if not units:
+                log(f"{model} {qr.config_label(config)}: measured already")
+                continue
+            if thresholds_path(args, model, config) == "":
+                note(results, f"{model} {qr.config_label(config)}: no thresholds file (run the "
+                     "calibrate stage or pass --thresholds); not evaluated")
+                continue
+            need = estimate_minutes(args, model, units)
+            if need > time_left(args):
+                note(results, f"{model} {qr.config_label(config)}: not started, about {need:.1f} "
+                     f"min needed and {time_left(args):.1f} left before the deadline; run the "
+                     "same command again to continue")
+                continue
+            server = Server(args, model, config)
+            server.start()
+            try:
+                acc = [(t, n) for kind, t, n in units if kind == "accuracy"]
+                cache.build(acc)
+                if docs is None and any(k == "perplexity" for k, _, _ in units):
+                    from documents import make_documents
+                    from passkey import load_tokenizer
+
+                    docs = make_documents(load_tokenizer(os.path.abspath(args.model_dirs[model])),
+                                          args.ppl_docs, model_context(args, model) - 1)
+                startup = server.wait()
+                log(f"{model} {qr.config_label(config)}: healthy after {startup:.0f} s")
+                results["servers"].setdefault(model, {})[config] = dict(
+                    command=shlex.join(server.cmd), startup_s=round(startup, 1))
+                evaluate_units(args, results, server, cache, docs, units)
+            except AssertionError as e:  # the server exited or hung (tests/subproc.py)
+                note(results, f"{model} {qr.config_label(config)}: server failed: "
+                     f"{str(e)[-1500:]}")
+            finally:
+                server.stop()
+                waited = wait_gpu_released(baseline)
+                log(f"{model} {qr.config_label(config)}: stopped; GPU memory released after "
+                    f"{waited:.0f} s")
+            qr.save_results(results, args.results)
+
+
+def evaluate_units(args: Any, results: dict[str, Any], server: Server, cache: TaskCache,
+                   docs: dict[str, Any] | None, units: list[tuple[str, str, int]]) -> None:
+    from lm_eval.api.registry import get_model
+
+    model_args = lm_eval_args(server, args)
+    lm = None
+    counters = server.settled()  # each evaluation's "after" is the next one's "before"
+    for i, (kind, task, length) in enumerate(units):
+        label = f"{server.model} {qr.config_label(server.config)} [{i + 1}/{len(units)}]"
+        if not server.alive():
+            note(results, f"{label}: the server exited; log {server.log}")
+            return
+        try:
+            if kind == "perplexity":
+                rec = run_perplexity(server, docs, counters)
+                log(f"{label} perplexity {rec['ppl']:.4f} over {rec['tokens']} tokens, block "
+                    f"sparsity {qr._pct(rec['metrics']['block_sparsity'])}")
+            elif (length, task) in cache.failed:
+                note(results, f"{label} {task} @{length}: not built: {cache.failed[(length, task)]}")
+                continue
+            else:
+                if lm is None:
+                    lm = get_model("local-completions").create_from_arg_obj(
+                        model_args, {"batch_size": 1})
+                rec = run_accuracy(lm, cache, server, task, length, model_args, args,
+                                   counters)
+                log(f"{label} {task} @{length}: accuracy {rec['score']:.3f} (n={rec['n']}), "
+                    f"block sparsity {qr._pct(rec['metrics']['block_sparsity'])}, "
+                    f"{rec['seconds']:.0f} s")
+        except Exception as e:  # noqa: BLE001 - one failed evaluation must not lose the others
+            note(results, f"{label} {task} @{length}: failed: {type(e).__name__}: {e}")
+            if server.alive():
+                counters = server.settled()
+            continue
+        counters = rec["metrics"].pop("_after")
+        rec["date"] = time.strftime("%Y-%m-%d")
+        qr.put_record(results, rec)
+        qr.save_results(results, args.results)

@@ -1,0 +1,345 @@
+"""The results of ``benchmarks/quality.py``: one merged JSON, ``/metrics`` deltas, the report.
+
+Every measurement is a *record* keyed by (model, configuration, kind, task, length); a later run
+replaces the record of the same key and keeps the others, so stages and models measured in
+separate commands merge into one file. ``write_report`` turns the file into ``quality.md`` (per
+model: accuracy and perplexity against the block sparsity measured on the server) and
+``quality.png`` (accuracy against block sparsity, one line per context length).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+SCHEMA = 1
+BLOCK_COUNTERS = {  # key -> sample name on /metrics (sparge_serve.metrics)
+    "valid": "sparge_attention_blocks_valid_total",
+    "computed": "sparge_attention_blocks_computed_total",
+    "pv_skipped": "sparge_pv_blocks_skipped_total",
+}
+PROMPT_TOKENS = "sparge_prompt_tokens_total"
+FALLBACKS = "sparge_dense_fallbacks_total"
+VLLM_PROMPT_TOKENS = "vllm:prompt_tokens_total"
+KEY_FIELDS = ("model", "config", "kind", "task", "length")
+
+
+# ---------------------------------------------------------------------------------- /metrics
+
+
+def parse_metrics(text: str) -> dict[str, Any]:
+    """The ``sparge_*`` counters of one ``/metrics`` scrape, summed over ``model_name``.
+
+    ``layers``: {layer: {valid, computed, pv_skipped}}; ``tokens``: {path: prompt tokens x layers};
+    ``fallbacks``: {reason: calls}; ``vllm_prompt_tokens``: vLLM's own prompt-token count.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {v: k for k, v in BLOCK_COUNTERS.items()}
+    out: dict[str, Any] = {"layers": {}, "tokens": {}, "fallbacks": {}, "vllm_prompt_tokens": 0.0}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in names:
+                layer = out["layers"].setdefault(int(s.labels.get("layer", -1)),
+                                                 dict.fromkeys(BLOCK_COUNTERS, 0.0))
+                layer[names[s.name]] += s.value
+            elif s.name == PROMPT_TOKENS:
+                path = s.labels.get("path", "?")
+                out["tokens"][path] = out["tokens"].get(path, 0.0) + s.value
+            elif s.name == FALLBACKS:
+                reason = s.labels.get("reason", "?")
+                out["fallbacks"][reason] = out["fallbacks"].get(reason, 0.0) + s.value
+            elif s.name == VLLM_PROMPT_TOKENS:
+                out["vllm_prompt_tokens"] += s.value
+    return out
+
+
+def metrics_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What the server counted between two scrapes, and the block sparsity it implies.
+
+    ``block_sparsity`` = 1 - computed / valid over every layer (None when no call took the sparse
+    path, e.g. FLASH_ATTN or prompts below ``min_sparse_len``); ``sparse_token_share``: share of
+    (prompt token, layer) pairs that ran on the sparse path.
+    """
+    layers = {}
+    for layer, a in after["layers"].items():
+        b = before["layers"].get(layer, {})
+        d = {k: a[k] - b.get(k, 0.0) for k in BLOCK_COUNTERS}
+        if any(d.values()):
+            layers[str(layer)] = d
+    tot = {k: sum(d[k] for d in layers.values()) for k in BLOCK_COUNTERS}
+    tokens = {p: after["tokens"].get(p, 0.0) - before["tokens"].get(p, 0.0)
+              for p in set(after["tokens"]) | set(before["tokens"])}
+    fallbacks = {r: after["fallbacks"].get(r, 0.0) - before["fallbacks"].get(r, 0.0)
+                 for r in set(after["fallbacks"]) | set(before["fallbacks"])}
+    all_tokens = sum(tokens.values())
+    return dict(
+        blocks=tot, layers=layers, tokens=tokens,
+        fallbacks={r: v for r, v in fallbacks.items() if v},
+        prompt_tokens=after["vllm_prompt_tokens"] - before["vllm_prompt_tokens"],
+        block_sparsity=1.0 - tot["computed"] / tot["valid"] if tot["valid"] > 0 else None,
+        pv_skip_share=tot["pv_skipped"] / tot["computed"] if tot["computed"] > 0 else None,
+        sparse_token_share=tokens.get("sparse", 0.0) / all_tokens if all_tokens > 0 else None,
+    )
+
+
+def pooled_sparsity(records: Iterable[dict[str, Any]]) -> float | None:
+    """1 - computed / valid over several records' deltas (None without sparse calls)."""
+    valid = computed = 0.0
+    for r in records:
+        blocks = (r.get("metrics") or {}).get("blocks") or {}
+        valid += blocks.get("valid", 0.0)
+        computed += blocks.get("computed", 0.0)
+    return 1.0 - computed / valid if valid > 0 else None
+
+
+# ---------------------------------------------------------------------------------- results
+
+
+def empty_results() -> dict[str, Any]:
+    return dict(schema=SCHEMA, runs=[], models={}, servers={}, calibrations={}, records=[])
+
+
+def load_results(path: str | None) -> dict[str, Any]:
+    """The results file at ``path``, or empty results when there is none."""
+    if not path or not os.path.exists(path):
+        return empty_results()
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("schema") != SCHEMA:
+        raise SystemExit(f"{path}: results schema {data.get('schema')!r}, expected {SCHEMA}")
+    return {**empty_results(), **data}
+
+
+def save_results(results: dict[str, Any], path: str) -> None:
+    """Write atomically (a command stopped mid-write leaves the previous file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".quality-", suffix=".json", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def record_key(rec: dict[str, Any]) -> tuple:
+    return tuple(rec.get(k) for k in KEY_FIELDS)
+
+
+def find_record(results: dict[str, Any], **key: Any) -> dict[str, Any] | None:
+    want = tuple(key.get(k) for k in KEY_FIELDS)
+    return next((r for r in results["records"] if record_key(r) == want), None)
+
+
+def put_record(results: dict[str, Any], rec: dict[str, Any]) -> None:
+    """Add ``rec``, replacing the record of the same key."""
+    key = record_key(rec)
+    results["records"] = [r for r in results["records"] if record_key(r) != key] + [rec]
+
+
+def merge_results(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``other``'s records, servers, calibrations and runs merged into ``into`` (theirs win)."""
+    for rec in other["records"]:
+        put_record(into, rec)
+    for name in ("models", "servers", "calibrations"):
+        for key, value in other[name].items():
+            into[name][key] = {**into[name].get(key, {}), **value} if isinstance(value, dict) \
+                else value
+    into["runs"] += [r for r in other["runs"] if r not in into["runs"]]
+    return into
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def config_label(config: str) -> str:
+    """``flash_attn`` -> FLASH_ATTN, ``defaults`` -> SPARGE defaults, ``l1=X`` -> SPARGE l1=X."""
+    if config == "flash_attn":
+        return "FLASH_ATTN"
+    return "SPARGE " + ("defaults" if config == "defaults" else config)
+
+
+def config_order(config: str) -> tuple:
+    if config == "flash_attn":
+        return (0, 0.0)
+    if config == "defaults":
+        return (1, 0.0)
+    try:
+        return (2, float(config.split("=", 1)[1]))
+    except (IndexError, ValueError):
+        return (3, config)
+
+
+def informative(results: dict[str, Any], model: str, min_dense_acc: float) -> dict:
+    """{(task, length): dense accuracy} and whether it counts: a task-length where FLASH_ATTN
+    scores below ``min_dense_acc`` measures nothing about sparse attention."""
+    out = {}
+    for r in results["records"]:
+        if r["model"] == model and r["config"] == "flash_attn" and r["kind"] == "accuracy":
+            out[(r["task"], r["length"])] = (r["score"], r["score"] >= min_dense_acc)
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def summary(results: dict[str, Any], model: str, min_dense_acc: float) -> dict[str, Any]:
+    """Per configuration and length: mean accuracy over informative tasks and pooled block
+    sparsity; perplexity and its change against FLASH_ATTN."""
+    recs = [r for r in results["records"] if r["model"] == model]
+    configs = sorted({r["config"] for r in recs}, key=config_order)
+    lengths = sorted({r["length"] for r in recs if r["kind"] == "accuracy"})
+    keep = {k for k, (_, ok) in informative(results, model, min_dense_acc).items() if ok}
+    dense_ppl = next((r["ppl"] for r in recs
+                      if r["config"] == "flash_attn" and r["kind"] == "perplexity"), None)
+    rows = {}
+    for c in configs:
+        row: dict[str, Any] = {"lengths": {}}
+        for n in lengths:
+            acc = [r for r in recs if r["config"] == c and r["kind"] == "accuracy"
+                   and r["length"] == n]
+            scored = [r["score"] for r in acc if (r["task"], n) in keep]
+            row["lengths"][n] = dict(
+                accuracy=sum(scored) / len(scored) if scored else None, tasks=len(scored),
+                sparsity=0.0 if c == "flash_attn" else pooled_sparsity(acc))
+        ppl = next((r for r in recs if r["config"] == c and r["kind"] == "perplexity"), None)
+        if ppl is not None:
+            row["ppl"] = ppl["ppl"]
+            row["ppl_change"] = ppl["ppl"] / dense_ppl - 1.0 if dense_ppl else None
+            row["ppl_sparsity"] = 0.0 if c == "flash_attn" else pooled_sparsity([ppl])
+        rows[c] = row
+    return dict(configs=configs, lengths=lengths, rows=rows)
+
+
+def markdown(results: dict[str, Any], min_dense_acc: float) -> str:
+    runs = results["runs"]
+    last = runs[-1] if runs else {}
+    lines = [f"# Quality through `vllm serve`: accuracy, perplexity and measured block sparsity "
+             f"— {last.get('device', '?')}, {last.get('date', '?')}", ""]
+    if last:
+        v = last.get("versions", {})
+        lines += [", ".join(f"{k} {v[k]}" for k in sorted(v)) + ".", ""]
+    lines += [
+        "Accuracy: lm-eval's `local-completions` client against `vllm serve` (greedy). Block "
+        "sparsity: 1 - computed / valid key blocks from the server's `/metrics` "
+        "(`sparge_attention_blocks_*_total`) over each evaluation; FLASH_ATTN is dense (0). "
+        f"Mean accuracy counts only the task-lengths where FLASH_ATTN scores at least "
+        f"{min_dense_acc:g} (the others measure nothing about sparse attention and are listed "
+        "below). Perplexity: held-out Python source of the model's context length, scored "
+        "through the completions endpoint (`echo`, `max_tokens` 0, prompt log-probabilities).", ""]
+    for model, info in results["models"].items():
+        s = summary(results, model, min_dense_acc)
+        if not s["configs"]:
+            continue
+        lines += [f"## {model}: {info.get('title', model)}", "",
+                  f"Server: `--max-model-len {info.get('context', '?')}`; "
+                  f"{info.get('settings', '')}", ""]
+        head = ["configuration"]
+        for n in s["lengths"]:
+            head += [f"acc {n}", f"sparsity {n}"]
+        head += ["perplexity", "vs FLASH_ATTN", "sparsity (ppl)"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in s["configs"]:
+            row = s["rows"][c]
+            cells = [config_label(c)]
+            for n in s["lengths"]:
+                cell = row["lengths"][n]
+                acc = cell["accuracy"]
+                cells += ["-" if acc is None else f"{acc:.3f}", _pct(cell["sparsity"])]
+            ppl, change = row.get("ppl"), row.get("ppl_change")
+            cells += ["-" if ppl is None else f"{ppl:.4f}",
+                      "-" if change is None else f"{100 * change:+.2f}%",
+                      _pct(row.get("ppl_sparsity"))]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Per task (accuracy, block sparsity in parentheses):", ""]
+        tasks = sorted({(r["task"], r["length"]) for r in results["records"]
+                        if r["model"] == model and r["kind"] == "accuracy"})
+        dense = informative(results, model, min_dense_acc)
+        head = ["task", "length", *(config_label(c) for c in s["configs"])]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for task, n in tasks:
+            cells = [task if dense.get((task, n), (0, True))[1] else f"{task} (uninformative)",
+                     str(n)]
+            for c in s["configs"]:
+                r = find_record(results, model=model, config=c, kind="accuracy", task=task,
+                                length=n)
+                if r is None:
+                    cells.append("-")
+                    continue
+                sp = None if c == "flash_attn" else (r.get("metrics") or {}).get("block_sparsity")
+                cells.append(f"{r['score']:.3f} ({_pct(sp)}, n={r['n']})")
+            lines.append("| " + " | ".join(cells) + " |")
+        cal = results["calibrations"].get(model, {})
+        if cal:
+            lines += ["", "Calibrated thresholds (`sparge-calibrate --driver vllm`):", "",
+                      "| budget (l1) | file | sha256 | seconds |", "|---|---|---|---|"]
+            for budget in sorted(cal, key=float):
+                c = cal[budget]
+                lines.append(f"| {budget} | `{os.path.basename(c.get('path', ''))}` | "
+                             f"{str(c.get('sha256', ''))[:12]} | {c.get('seconds', 0):.0f} |")
+        lines.append("")
+    notes = last.get("notes") or []
+    if notes:
+        lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    lines += ["## Commands", ""]
+    for run in runs:
+        lines.append(f"- {run.get('date', '?')}: `{run.get('command', '?')}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: str, min_dense_acc: float) -> None:
+    """Accuracy (mean over informative tasks) against measured block sparsity, one panel per
+    model, one line per context length through its configurations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in results["models"] if summary(results, m, min_dense_acc)["configs"]]
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(6.2 * max(1, len(models)), 4.4),
+                             squeeze=False)
+    for ax, model in zip(axes[0], models, strict=False):
+        s = summary(results, model, min_dense_acc)
+        for n in s["lengths"]:
+            pts = []
+            for c in s["configs"]:
+                cell = s["rows"][c]["lengths"][n]
+                if cell["accuracy"] is not None and cell["sparsity"] is not None:
+                    pts.append((cell["sparsity"], cell["accuracy"], c))
+            if not pts:
+                continue
+            pts.sort()
+            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{n} tokens")
+            for x, y, c in pts:
+                ax.annotate(config_label(c).replace("SPARGE ", ""), (100 * x, y), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("measured block sparsity (%)")
+        ax.set_ylabel("accuracy (informative tasks)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, title="context", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: dict[str, Any], out_prefix: str, min_dense_acc: float = 0.2) -> str:
+    """``<out_prefix>.md`` and ``.png`` from the results; returns the markdown."""
+    md = markdown(results, min_dense_acc)
+    with open(out_prefix + ".md", "w") as f:
+        f.write(md)
+    plot(results, out_prefix + ".png", min_dense_acc)
+    return md
+
+
+def stderr(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy ``p`` over ``n`` samples."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
