@@ -9,12 +9,26 @@ The predictor is timed separately and included in the "total" time. Baselines in
 FA3 (``vllm.vllm_flash_attn.flash_attn_varlen_func`` on the paged cache) and torch SDPA on
 contiguous K/V. Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``; ratios, not absolute times,
 are what compare across runs.
+
+``--kv-dtype fp8`` adds, in the same run, the sparse path over an fp8 (``float8_e4m3fn``) KV cache:
+K and V quantised per tensor with scale amax / 448 (vLLM's per-tensor ``k_scale`` / ``v_scale``),
+the query too (as vLLM's attention layer quantises it for FlashAttention-fp8), output in bf16.
+Rows ``<config>+fp8`` (every configuration above, random and structured inputs) and
+``<config>+fp8dot`` (the same with fp8 compute, ``fp8_dot=True``; skipped with a note where the
+kernels lack that option); baselines FA3 bf16 and FLASH_ATTN-fp8 (FA3 over the fp8 cache with
+``q/k/v_descale`` expanded to ``(num_seqs, num_kv_heads)``, as vLLM's ``FlashAttentionImpl``
+calls it). The report's fp8 table gives each fp8 row's speed-up over both baselines, the relative
+L1 error of its output against the bf16 output of the same configuration and against the bf16
+dense output, and a pass/fail check of :data:`FP8_BARS`. JSON rows carry ``kv_dtype``.
+
+    python benchmarks/bench_kernels.py --lengths 32768 131072 --pages 64 --kv-dtype fp8 --out /tmp/kernels_fp8
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import platform
@@ -26,7 +40,9 @@ import triton
 from sparge_serve.kernels import (
     BLKK,
     BLKQ,
+    FP8_DTYPE,
     BlockMap,
+    KVScales,
     PrefillBatch,
     num_blocks,
     predict_block_map,
@@ -65,6 +81,22 @@ PREDICTOR_VARIANTS = {
     "select_w8": dict(select_warps=8),
 }
 TIME_VARIANTS = False
+# --kv-dtype fp8: the fp8 rows and FLASH_ATTN-fp8 next to the bf16 ones
+KV_FP8 = False
+FP8_MAX = 448.0  # largest finite float8_e4m3fn: vLLM's per-tensor scale is amax / 448
+# Speed-ups the fp8 rows are held to (same run): (row, baseline, least speed-up, length); the
+# baseline "fa3_fp8" is FLASH_ATTN-fp8 over the same fp8 cache, "fa3" FA3 over the bf16 cache.
+# Each bar is checked at every page size of the run's fp8 rows.
+FP8_BARS = [
+    ("dense+fp8", "fa3_fp8", 0.95, 131072),
+    ("topk_s0.5+fp8", "fa3_fp8", 1.7, 131072),
+    ("topk_s0.9+fp8", "fa3_fp8", 6.0, 131072),
+    ("dense+fp8dot", "fa3", 1.15, 32768),
+    ("dense+fp8dot", "fa3", 1.15, 131072),
+    ("topk_s0.5+fp8dot", "fa3", 1.7, 32768),
+    ("topk_s0.5+fp8dot", "fa3", 2.1, 131072),
+]
+BASELINE_NAMES = {"fa3": "FA3 bf16", "fa3_fp8": "FLASH_ATTN-fp8"}
 
 
 def make_inputs(length: int, page: int, structured: bool, seed: int = 0):
@@ -118,6 +150,58 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` in ``float8_e4m3fn`` with its per-tensor scale (amax / 448, a one-element fp32
+    tensor; real = stored * scale), as vLLM quantises a KV cache and a query."""
+    s = (x.float().abs().amax() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny).reshape(1)
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), s
+
+
+def fp8_inputs(q, kc, vc):
+    """The fp8 query and K/V cache views of bf16 ``q, kc, vc`` in vLLM's layout (one
+    ``[pages, page, Hkv, 2*D]`` fp8 buffer, K and V as views) and their :class:`KVScales`."""
+    kv8 = torch.empty(*kc.shape[:3], 2 * kc.shape[3], dtype=FP8_DTYPE, device=kc.device)
+    kc8, vc8 = kv8.split(kc.shape[3], dim=-1)
+    k_stored, ks = quantize_fp8(kc)
+    kc8.copy_(k_stored)
+    del k_stored
+    v_stored, vs = quantize_fp8(vc)
+    vc8.copy_(v_stored)
+    del v_stored
+    q8, qs = quantize_fp8(q)
+    return q8, kc8, vc8, KVScales(ks, vs, qs)
+
+
+def fa3_descales(scales: KVScales, batch: PrefillBatch, num_kv_heads: int) -> dict:
+    """FA3's ``q/k/v_descale`` for an fp8 cache: the per-tensor scales expanded to
+    ``(num_seqs, num_kv_heads)``, as vLLM's ``FlashAttentionImpl.forward`` passes them."""
+    shape = (batch.query_start_loc.shape[0] - 1, num_kv_heads)
+    return dict(q_descale=scales.q_scale.expand(shape), k_descale=scales.k_scale.expand(shape),
+                v_descale=scales.v_scale.expand(shape))
+
+
+def rel_l1(out: torch.Tensor, ref: torch.Tensor, rows: int = 16384) -> float:
+    """Relative L1 error ``sum|out - ref| / sum|ref|``, in fp32 over ``rows`` tokens at a time
+    (no fp32 copy of a whole 128K output)."""
+    num = den = 0.0
+    for i in range(0, ref.shape[0], rows):
+        a, b = out[i:i + rows].float(), ref[i:i + rows].float()
+        num += (a - b).abs().sum().item()
+        den += b.abs().sum().item()
+    return num / den if den else float("nan")
+
+
+def fp8_dot_entry() -> str | None:
+    """Where the kernels take ``fp8_dot`` (fp8 compute): ``"attention"`` (the attention kernel
+    alone, ``sparse_paged_attention``), ``"prefill"`` (only both stages together,
+    ``sparge_paged_prefill``) or ``None`` (not in this tree: the ``+fp8dot`` rows are skipped)."""
+    if "fp8_dot" in inspect.signature(sparse_paged_attention).parameters:
+        return "attention"
+    if "fp8_dot" in inspect.signature(sparge_paged_prefill).parameters:
+        return "prefill"
+    return None
+
+
 def run_length(length: int, page: int, results: list, fa3):
     for structured in (False, True):
         _bench_inputs(length, page, structured, results, fa3)
@@ -133,6 +217,14 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
     out = torch.empty_like(q)
     kv_bytes = 2 * length * HKV * D * 2
     base = {}
+    fp8 = None
+    if KV_FP8:
+        # the bf16 dense output: what the fp8 rows' relative L1 errors are measured against
+        dense_bm = predict_block_map(q, kc, batch, scale, hv(1.0), hv(1.0))
+        ref_dense = torch.empty_like(q)
+        sparse_paged_attention(q, kc, vc, batch, dense_bm, scale, pv_off, ref_dense, pv_skip=False)
+        del dense_bm
+        fp8 = dict(inputs=fp8_inputs(q, kc, vc), ref_dense=ref_dense, same_config={})
     if fa3 is not None and not structured:
         cu = batch.query_start_loc
         base["fa3"] = bench(lambda: fa3(
@@ -140,6 +232,17 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             seqused_k=batch.seq_lens, softmax_scale=scale, causal=True,
             block_table=batch.block_table, out=out, fa_version=3,
         ))
+        if fp8 is not None:
+            # FLASH_ATTN-fp8: the fp8 cache views and the query quantised by the layer, the
+            # per-tensor scales expanded to (num_seqs, num_kv_heads); output in bf16
+            q8, kc8, vc8, kv_scales = fp8["inputs"]
+            descales = fa3_descales(kv_scales, batch, HKV)
+            base["fa3_fp8"] = bench(lambda: fa3(
+                q8, kc8, vc8, max_seqlen_q=length, cu_seqlens_q=cu, max_seqlen_k=length,
+                seqused_k=batch.seq_lens, softmax_scale=scale, causal=True,
+                block_table=batch.block_table, out=out, fa_version=3, **descales,
+            ))
+            fp8["fa3_fp8_rel_l1"] = rel_l1(out, fp8["ref_dense"])
     if not structured and length <= 32768:
         qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         base["sdpa"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
@@ -158,6 +261,8 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
         bm = predict_block_map(q, kc, batch, scale, sim, cdf, c["topk"], stats)
         sparse_paged_attention(q, kc, vc, batch, bm, scale, pv, out, stats)
         torch.cuda.synchronize()
+        if fp8 is not None:
+            fp8["same_config"][name] = out.clone()
         sparsity = 1.0 - stats[1].item() / stats[0].item()
         pv_skipped = stats[2].item() / max(stats[1].item(), 1)
         t_pred = bench(lambda sim=sim, cdf=cdf, topk=c["topk"]: predict_block_map(
@@ -174,7 +279,7 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid)))
         row = dict(
             length=length, page=page, config=name, inputs="structured" if structured else
-            "random", block_sparsity=round(sparsity, 4),
+            "random", kv_dtype="bf16", block_sparsity=round(sparsity, 4),
             pv_skipped_frac_of_kept=round(pv_skipped, 4), predictor_ms=t_pred,
             attention_ms=t_attn, total_ms=t_pred + t_attn,
             attention_tflops_dense_equiv=flops / (t_attn * 1e-3) / 1e12,
@@ -249,6 +354,94 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             _bench_chunked(args, c["topk"], row, results, kv_bytes, "fa3", None, "+fa3")
             _bench_chunked(args, c["topk"], row, results, kv_bytes, "fa3", MAP_BUDGET,
                            "+fa3_chunked")
+    if fp8 is not None:
+        _bench_fp8(length, page, structured, configs, batch, out, fp8, base, results)
+
+
+def _bench_fp8(length, page, structured, configs, batch, out, fp8, base, results):
+    """Rows ``<config>+fp8`` (the two kernels over the fp8 cache, fp8 query) and
+    ``<config>+fp8dot`` (the same with ``fp8_dot=True``, where the kernels take it), each with
+    the relative L1 error of its output against the bf16 output of the same configuration and
+    against the bf16 dense output."""
+    scale = D**-0.5
+    hv = lambda x: torch.full((HQ,), float(x), device="cuda")  # noqa: E731
+    q8, kc8, vc8, kv_scales = fp8["inputs"]
+    entry = fp8_dot_entry()
+    kv_bytes = 2 * length * HKV * D  # one byte a value
+    flops = 4.0 * HQ * D * length * (length + 1) / 2
+    fa3_err = ({"fa3_fp8_rel_l1_vs_bf16_dense": fp8["fa3_fp8_rel_l1"]}
+               if "fa3_fp8_rel_l1" in fp8 else {})
+
+    def errors(name):
+        return dict(rel_l1_vs_bf16=rel_l1(out, fp8["same_config"][name]),
+                    rel_l1_vs_bf16_dense=rel_l1(out, fp8["ref_dense"]))
+
+    def add(row):
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    for name, c in configs:
+        sim, cdf, pv = hv(c["sim"]), hv(c["cdf"]), hv(c.get("pv", 50.0))
+        skip, topk = "pv" in c, c["topk"]
+        stats = torch.zeros(3, dtype=torch.int64, device="cuda")
+        bm = predict_block_map(q8, kc8, batch, scale, sim, cdf, topk, stats, scales=kv_scales)
+        sparse_paged_attention(q8, kc8, vc8, batch, bm, scale, pv, out, stats, scales=kv_scales)
+        torch.cuda.synchronize()
+        sparsity = 1.0 - stats[1].item() / stats[0].item()
+        pv_skipped = stats[2].item() / max(stats[1].item(), 1)
+        err = errors(name)
+        t_pred = bench(lambda sim=sim, cdf=cdf, topk=topk: predict_block_map(
+            q8, kc8, batch, scale, sim, cdf, topk, check_finite=False, scales=kv_scales))
+        t_attn = bench(lambda bm=bm, pv=pv, skip=skip: sparse_paged_attention(
+            q8, kc8, vc8, batch, bm, scale, pv, out, check_finite=False, pv_skip=skip,
+            scales=kv_scales))
+        extra = pooled_keys_bytes(HKV, D, 1, length) + max(
+            key_sums_bytes(HKV, D, 1, length),
+            sum(t.numel() * t.element_size() for t in (bm.lut, bm.count, bm.n_valid)))
+        row = dict(
+            length=length, page=page, config=name + "+fp8",
+            inputs="structured" if structured else "random", kv_dtype="fp8", q_dtype="fp8",
+            fp8_dot=False, block_sparsity=round(sparsity, 4),
+            pv_skipped_frac_of_kept=round(pv_skipped, 4), predictor_ms=t_pred,
+            attention_ms=t_attn, total_ms=t_pred + t_attn,
+            attention_tflops_dense_equiv=flops / (t_attn * 1e-3) / 1e12,
+            extra_mem_bytes=extra, kv_bytes=kv_bytes, extra_mem_frac_of_kv=extra / kv_bytes,
+            **err, **fa3_err, **{f"{b}_ms": t for b, t in base.items()},
+        )
+        add(row)
+        if entry is None:
+            continue
+        # fp8 compute: the same predictor and block map, the attention's products in fp8
+        dstats = torch.zeros(3, dtype=torch.int64, device="cuda")
+        if entry == "attention":
+            dstats[:2] = stats[:2]  # the attention kernel adds its PV skips only
+            sparse_paged_attention(q8, kc8, vc8, batch, bm, scale, pv, out, dstats,
+                                   scales=kv_scales, fp8_dot=True)
+            t_total = t_pred + bench(lambda bm=bm, pv=pv, skip=skip: sparse_paged_attention(
+                q8, kc8, vc8, batch, bm, scale, pv, out, check_finite=False, pv_skip=skip,
+                scales=kv_scales, fp8_dot=True))
+        else:
+            # the option only on both stages together: timed end to end, all heads at once
+            def prefill(sim=sim, cdf=cdf, pv=pv, topk=topk, skip=skip, st=None, check=False):
+                sparge_paged_prefill(q8, kc8, vc8, batch, scale, sim, cdf, pv, out, topk=topk,
+                                     stats=st, check_finite=check, pv_skip=skip,
+                                     map_budget=None, scales=kv_scales, fp8_dot=True)
+
+            prefill(st=dstats, check=True)
+            t_total = bench(prefill)
+        torch.cuda.synchronize()
+        drow = dict(row, config=name + "+fp8dot", fp8_dot=True, fp8_dot_timed=entry,
+                    block_sparsity=round(1.0 - dstats[1].item() / dstats[0].item(), 4),
+                    pv_skipped_frac_of_kept=round(
+                        dstats[2].item() / max(dstats[1].item(), 1), 4),
+                    attention_ms=t_total - t_pred, total_ms=t_total,
+                    attention_tflops_dense_equiv=flops / ((t_total - t_pred) * 1e-3) / 1e12,
+                    **errors(name))
+        add(drow)
+    if entry is None:
+        print("bench_kernels: no fp8_dot option in sparse_paged_attention or "
+              "sparge_paged_prefill: +fp8dot rows skipped", flush=True)
+    del fp8["same_config"]
 
 
 def _peak_extra(fn) -> int:
@@ -350,11 +543,81 @@ def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, su
 
 def attach_ratios(results):
     fa3 = {(r["length"], r["page"]): r.get("fa3_ms") for r in results if "fa3_ms" in r}
+    fa3_fp8 = {(r["length"], r["page"]): r["fa3_fp8_ms"] for r in results if "fa3_fp8_ms" in r}
     for r in results:
         base = fa3.get((r["length"], r["page"]))
         if base:
             r["speedup_vs_fa3"] = base / r["total_ms"]
             r["predictor_frac_of_fa3"] = r["predictor_ms"] / base
+        base = fa3_fp8.get((r["length"], r["page"]))
+        if base and r.get("kv_dtype") == "fp8":
+            r["speedup_vs_fa3_fp8"] = base / r["total_ms"]
+
+
+def fp8_bar_checks(results) -> list[dict]:
+    """:data:`FP8_BARS` checked against the rows, at every page size of the fp8 rows: one dict
+    per bar and page with the measured speed-up (``None``: no such row or baseline in the run)
+    and ``passed`` (``None`` when not measured)."""
+    pages = sorted({r["page"] for r in results if r.get("kv_dtype") == "fp8"})
+    rows = {(r["config"], r["length"], r["page"]): r for r in results}
+    checks = []
+    for config, base, least, length in FP8_BARS:
+        for page in pages:
+            r = rows.get((config, length, page), {})
+            ratio = r.get("speedup_vs_" + base)
+            checks.append(dict(config=config, baseline=base, length=length, page=page,
+                               bar=least, speedup=ratio,
+                               passed=None if ratio is None else ratio >= least))
+    return checks
+
+
+def _fp8_lines(results, meta) -> list[str]:
+    """The report's fp8 part: the fp8 rows against both baselines with their errors, the
+    baselines themselves, and the bars' checklist (none without fp8 rows)."""
+    rows = [r for r in results if r.get("kv_dtype") == "fp8"]
+    if not rows:
+        return []
+    nan = float("nan")
+    lines = _table(
+        "fp8 KV cache (`--kv-dtype fp8`): K, V and the query in float8_e4m3fn with per-tensor "
+        "scales (amax / 448), output in bf16. `+fp8`: the two kernels over the fp8 cache; "
+        "`+fp8dot`: the same with fp8 compute (`fp8_dot=True`). Speed-ups (predictor included) "
+        "over FLASH_ATTN-fp8 (FA3 over the same fp8 cache) and over FA3 on the bf16 cache, same "
+        "run; relative L1 error (sum |out - ref| / sum |ref|) against the bf16 output of the "
+        "same configuration and against the bf16 dense output.",
+        ["length", "page", "config", "inputs", "block sparsity", "predictor ms", "attention ms",
+         "FA3-fp8 ms", "FA3 ms", "vs FA3-fp8", "vs FA3 bf16", "rel L1 vs bf16",
+         "rel L1 vs bf16 dense"],
+        [[r["length"], r["page"], r["config"], r["inputs"], f"{r['block_sparsity']:.3f}",
+          f"{r['predictor_ms']:.3f}", f"{r['attention_ms']:.3f}",
+          f"{r.get('fa3_fp8_ms', nan):.3f}", f"{r.get('fa3_ms', nan):.3f}",
+          f"{r.get('speedup_vs_fa3_fp8', nan):.2f}x", f"{r.get('speedup_vs_fa3', nan):.2f}x",
+          f"{r.get('rel_l1_vs_bf16', nan):.4f}", f"{r.get('rel_l1_vs_bf16_dense', nan):.4f}"]
+         for r in rows])
+    bases = {}
+    for r in rows:
+        if "fa3_fp8_ms" in r and "fa3_ms" in r:
+            bases.setdefault((r["length"], r["page"]), r)
+    lines += _table(
+        "Baselines: FA3 over the bf16 cache and FLASH_ATTN-fp8 (vLLM's call: fp8 views, "
+        "`q/k/v_descale` expanded to (num_seqs, num_kv_heads)).",
+        ["length", "page", "FA3 ms", "FA3-fp8 ms", "FA3-fp8 speed-up over FA3",
+         "FA3-fp8 rel L1 vs bf16 dense"],
+        [[length, page, f"{r['fa3_ms']:.3f}", f"{r['fa3_fp8_ms']:.3f}",
+          f"{r['fa3_ms'] / r['fa3_fp8_ms']:.2f}x",
+          f"{r.get('fa3_fp8_rel_l1_vs_bf16_dense', nan):.4f}"]
+         for (length, page), r in bases.items()])
+    checks = fp8_bar_checks(results)
+    lines += _table(
+        "Bars (speed-up of the row over the baseline, predictor included, same run):",
+        ["row", "over", "length", "page", "speed-up", "bar", "result"],
+        [[c["config"], BASELINE_NAMES[c["baseline"]], c["length"], c["page"],
+          "-" if c["speedup"] is None else f"{c['speedup']:.2f}x", f">= {c['bar']:g}x",
+          {True: "pass", False: "FAIL", None: "not measured"}[c["passed"]]]
+         for c in checks])
+    if meta.get("fp8_dot_note"):
+        lines += ["", meta["fp8_dot_note"]]
+    return lines
 
 
 def write_reports(results, meta, out):
@@ -374,6 +637,8 @@ def write_reports(results, meta, out):
     ]
     fa3 = {(r["length"], r["page"]): r.get("fa3_ms") for r in results if "fa3_ms" in r}
     for r in results:
+        if r.get("kv_dtype", "bf16") != "bf16":
+            continue  # the fp8 table's
         base = fa3.get((r["length"], r["page"]))
         lines.append(
             f"| {r['length']} | {r['page']} | {r['config']} | {r['inputs']} | "
@@ -412,6 +677,7 @@ def write_reports(results, meta, out):
         results, "chunk_select_ms", "chunk_select_default_ms", "One select launch of a chunked "
         "call (its selection's rows only, a small grid): ms at the default launch, at 4 and "
         "8 warps, and in brackets the default's time over each.")
+    lines += _fp8_lines(results, meta)
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(results, meta, out + ".png")
@@ -485,7 +751,7 @@ def plot(results, meta, path: str) -> None:
 
 
 def main():
-    global SWEEP, D, TIME_VARIANTS, VIRTUAL, CHUNKED
+    global SWEEP, D, TIME_VARIANTS, VIRTUAL, CHUNKED, KV_FP8
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--pages", type=int, nargs="+", default=[64, 16])
@@ -502,6 +768,11 @@ def main():
                     "the latter")
     ap.add_argument("--head-dim", type=int, default=D, choices=(64, 128, 256),
                     help=f"head dim (default {D}, the issue's benchmark)")
+    ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16",
+                    help="fp8: also time the sparse path over an fp8 KV cache with an fp8 query "
+                    "(rows <config>+fp8, and <config>+fp8dot with fp8 compute) against "
+                    "FLASH_ATTN-fp8 and FA3 bf16, with their relative L1 errors and the fp8 "
+                    "bars (default bf16: the bf16 rows only)")
     ap.add_argument("--replot", metavar="JSON",
                     help="only redraw the PNG of a saved result (next to it), no GPU needed")
     args = ap.parse_args()
@@ -511,6 +782,7 @@ def main():
         return
     SWEEP, D, TIME_VARIANTS = args.sweep, args.head_dim, args.variants
     VIRTUAL, CHUNKED = args.virtual, args.chunked
+    KV_FP8 = args.kv_dtype == "fp8"
     try:
         import vllm
         from vllm.vllm_flash_attn import flash_attn_varlen_func as fa3
@@ -526,6 +798,10 @@ def main():
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items() if v is not False and v is not None),
     )
+    if KV_FP8 and fp8_dot_entry() is None:
+        meta["fp8_dot_note"] = ("fp8 compute rows (`+fp8dot`) not measured: neither "
+                                "`sparse_paged_attention` nor `sparge_paged_prefill` takes "
+                                "`fp8_dot` in this tree.")
     results = []
     for page in args.pages:
         for length in args.lengths:

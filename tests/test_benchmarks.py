@@ -84,6 +84,120 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
     assert png.stat().st_size > 10_000
 
 
+def _fp8_results():
+    """Synthetic rows of a ``--kv-dtype fp8`` run at 32K and 128K, 64-token pages: bf16 rows
+    and fp8 rows, FA3 bf16 and FLASH_ATTN-fp8 times on every random row (as the run records
+    them); at 128K two bars fail (topk_s0.5+fp8 at 1.60x, topk_s0.5+fp8dot at 2.00x), at 32K
+    topk_s0.5+fp8dot is missing (not measured)."""
+    fa3 = {32768: (14.0, 9.0), 131072: (200.0, 120.0)}
+    totals = {
+        32768: {"dense": 18.0, "dense+fp8": 10.0, "dense+fp8dot": 12.0},
+        131072: {"dense": 250.0, "topk_s0.5": 120.0, "dense+fp8": 126.0,
+                 "topk_s0.5+fp8": 75.0, "topk_s0.9+fp8": 19.0, "dense+fp8dot": 160.0,
+                 "topk_s0.5+fp8dot": 100.0},
+    }
+    results = []
+    for length, rows in totals.items():
+        for cfg, total in rows.items():
+            fp8 = "+fp8" in cfg
+            r = dict(length=length, page=64, config=cfg, inputs="random",
+                     kv_dtype="fp8" if fp8 else "bf16", block_sparsity=0.5 if "topk" in cfg
+                     else 0.0, predictor_ms=2.0, attention_ms=total - 2.0, total_ms=total,
+                     extra_mem_frac_of_kv=0.1, fa3_ms=fa3[length][0], fa3_fp8_ms=fa3[length][1])
+            if fp8:
+                r.update(rel_l1_vs_bf16=0.0123, rel_l1_vs_bf16_dense=0.0456,
+                         fa3_fp8_rel_l1_vs_bf16_dense=0.0321)
+            results.append(r)
+    return results
+
+
+def test_kernels_fp8_report_ratios_and_bars(tmp_path):
+    """``--kv-dtype fp8``'s report: the fp8 rows only in their own table, with speed-ups over
+    FLASH_ATTN-fp8 and over FA3 bf16 and their errors; the baselines; each bar checked per page
+    (pass, FAIL, not measured); JSON rows keep ``kv_dtype``."""
+    import json
+
+    bench = _load("bench_kernels")
+    results = _fp8_results()
+    bench.attach_ratios(results)
+    by = {(r["config"], r["length"]): r for r in results}
+    assert by["dense+fp8", 131072]["speedup_vs_fa3_fp8"] == pytest.approx(120 / 126)
+    assert by["dense+fp8", 131072]["speedup_vs_fa3"] == pytest.approx(200 / 126)
+    assert "speedup_vs_fa3_fp8" not in by["dense", 131072]  # a bf16 row: FA3 bf16 only
+    checks = {(c["config"], c["length"]): c for c in bench.fp8_bar_checks(results)}
+    assert len(checks) == len(bench.FP8_BARS)  # one page
+    assert [checks[k]["passed"] for k in [
+        ("dense+fp8", 131072), ("topk_s0.5+fp8", 131072), ("topk_s0.9+fp8", 131072),
+        ("dense+fp8dot", 32768), ("dense+fp8dot", 131072), ("topk_s0.5+fp8dot", 32768),
+        ("topk_s0.5+fp8dot", 131072)]] == [True, False, True, True, True, None, False]
+    assert checks["topk_s0.5+fp8dot", 131072]["speedup"] == pytest.approx(2.0)
+    assert checks["topk_s0.5+fp8dot", 131072]["baseline"] == "fa3"
+
+    meta = dict(device="GPU", date="today", torch="2.11", triton="3.6", vllm="0.26.0",
+                command="cmd", fp8_dot_note="fp8 compute rows (`+fp8dot`) not measured: x")
+    bench.write_reports(results, meta, str(tmp_path / "k"))
+    md = (tmp_path / "k.md").read_text()
+    main_table, _, fp8_part = md.partition("fp8 KV cache (`--kv-dtype fp8`)")
+    assert "| 131072 | 64 | dense | random | 0.000 | 2.000 | 248.000 | 200.000 | 0.80x |" in main_table
+    assert "+fp8" not in main_table
+    assert ("| 131072 | 64 | dense+fp8 | random | 0.000 | 2.000 | 124.000 | 120.000 | 200.000 "
+            "| 0.95x | 1.59x | 0.0123 | 0.0456 |") in fp8_part
+    assert ("| 32768 | 64 | dense+fp8dot | random | 0.000 | 2.000 | 10.000 | 9.000 | 14.000 "
+            "| 0.75x | 1.17x |") in fp8_part
+    assert "| 131072 | 64 | 200.000 | 120.000 | 1.67x | 0.0321 |" in fp8_part
+    assert "| dense+fp8 | FLASH_ATTN-fp8 | 131072 | 64 | 0.95x | >= 0.95x | pass |" in fp8_part
+    assert "| topk_s0.5+fp8 | FLASH_ATTN-fp8 | 131072 | 64 | 1.60x | >= 1.7x | FAIL |" in fp8_part
+    assert "| topk_s0.5+fp8dot | FA3 bf16 | 32768 | 64 | - | >= 1.7x | not measured |" in fp8_part
+    assert "| topk_s0.5+fp8dot | FA3 bf16 | 131072 | 64 | 2.00x | >= 2.1x | FAIL |" in fp8_part
+    assert "fp8 compute rows (`+fp8dot`) not measured: x" in fp8_part
+    saved = json.loads((tmp_path / "k.json").read_text())["results"]
+    assert {r["config"]: r["kv_dtype"] for r in saved}["topk_s0.9+fp8"] == "fp8"
+    # a bf16 run's report has no fp8 part
+    bench.write_reports([r for r in results if r["kv_dtype"] == "bf16"], meta,
+                        str(tmp_path / "b"))
+    assert "fp8" not in (tmp_path / "b.md").read_text().replace("fp8_dot", "")
+
+
+def test_kernels_fp8_inputs_and_fa3_descales():
+    """The fp8 inputs on the CPU: per-tensor scale amax / 448, K and V as views of one fp8
+    buffer in vLLM's layout, FA3's descales expanded to (num_seqs, num_kv_heads), and the
+    chunked relative L1 error equal to the whole one."""
+    import torch
+
+    from sparge_serve.kernels import FP8_DTYPE, PrefillBatch
+
+    bench = _load("bench_kernels")
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(100, 32, 128, generator=g) * 3).bfloat16()
+    kc = torch.randn(4, 64, 8, 128, generator=g).bfloat16()
+    vc = kc * 2
+    q8, kc8, vc8, scales = bench.fp8_inputs(q, kc, vc)
+    assert q8.dtype == kc8.dtype == vc8.dtype == FP8_DTYPE
+    assert kc8.data_ptr() + 128 == vc8.data_ptr() and kc8.stride(2) == 256
+    assert scales.k_scale.shape == (1,) and scales.k_scale.dtype == torch.float32
+    assert scales.q_scale.item() == pytest.approx(q.float().abs().max().item() / 448)
+    assert scales.v_scale.item() == pytest.approx(2 * scales.k_scale.item())
+    deq = kc8.float() * scales.k_scale
+    assert bench.rel_l1(deq, kc) == pytest.approx(bench.rel_l1(deq, kc, rows=3), rel=1e-6)
+    assert 0 < bench.rel_l1(deq, kc) < 0.05
+    batch = PrefillBatch(query_start_loc=torch.tensor([0, 60, 100], dtype=torch.int32),
+                         seq_lens=torch.tensor([60, 40], dtype=torch.int32),
+                         block_table=torch.zeros(2, 4, dtype=torch.int32), max_query_len=60,
+                         max_seq_len=60)
+    d = bench.fa3_descales(scales, batch, 8)
+    assert sorted(d) == ["k_descale", "q_descale", "v_descale"]
+    assert all(t.shape == (2, 8) and t.stride() == (0, 0) for t in d.values())
+    assert d["v_descale"][1, 7].item() == scales.v_scale.item()
+
+
+def test_kernels_help_lists_kv_dtype(monkeypatch, capsys):
+    bench = _load("bench_kernels")
+    monkeypatch.setattr("sys.argv", ["bench_kernels.py", "--help"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--kv-dtype {bf16,fp8}" in capsys.readouterr().out
+
+
 SCRIPTS = sorted(p.relative_to(ROOT) for d in ("benchmarks", "scripts")
                  for p in (ROOT / d).rglob("*.py"))
 
