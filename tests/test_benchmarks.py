@@ -108,6 +108,11 @@ def _fp8_results():
                 r.update(rel_l1_vs_bf16=0.0123, rel_l1_vs_bf16_dense=0.0456,
                          fa3_fp8_rel_l1_vs_bf16_dense=0.0321)
             results.append(r)
+    # structured inputs: no baseline of their own, those of their length and page
+    results.append(dict(results[-1], config="defaults+fp8", inputs="structured", total_ms=50.0,
+                        attention_ms=48.0))
+    for key in ("fa3_ms", "fa3_fp8_ms"):
+        del results[-1][key]
     return results
 
 
@@ -145,6 +150,8 @@ def test_kernels_fp8_report_ratios_and_bars(tmp_path):
     assert ("| 32768 | 64 | dense+fp8dot | random | 0.000 | 2.000 | 10.000 | 9.000 | 14.000 "
             "| 0.75x | 1.17x |") in fp8_part
     assert "| 131072 | 64 | 200.000 | 120.000 | 1.67x | 0.0321 |" in fp8_part
+    assert ("| 131072 | 64 | defaults+fp8 | structured | 0.500 | 2.000 | 48.000 | 120.000 "
+            "| 200.000 | 2.40x | 4.00x |") in fp8_part
     assert "| dense+fp8 | FLASH_ATTN-fp8 | 131072 | 64 | 0.95x | >= 0.95x | pass |" in fp8_part
     assert "| topk_s0.5+fp8 | FLASH_ATTN-fp8 | 131072 | 64 | 1.60x | >= 1.7x | FAIL |" in fp8_part
     assert "| topk_s0.5+fp8dot | FA3 bf16 | 32768 | 64 | - | >= 1.7x | not measured |" in fp8_part
@@ -188,6 +195,53 @@ def test_kernels_fp8_inputs_and_fa3_descales():
     assert sorted(d) == ["k_descale", "q_descale", "v_descale"]
     assert all(t.shape == (2, 8) and t.stride() == (0, 0) for t in d.values())
     assert d["v_descale"][1, 7].item() == scales.v_scale.item()
+
+
+def test_kernels_fp8_rows_on_toy_inputs(monkeypatch, device):
+    """The fp8 part of one length's run on the real kernels at toy sizes (timing stubbed, FA3 a
+    stand-in that records its call and writes zeros): ``+fp8`` rows (and ``+fp8dot`` where the
+    kernels take ``fp8_dot``) next to the bf16 ones, FLASH_ATTN-fp8 called with fp8 views and
+    descales of shape (num_seqs, num_kv_heads), and the errors measured against the right
+    outputs."""
+    import torch
+
+    from sparge_serve.kernels import FP8_DTYPE
+
+    bench = _load("bench_kernels")
+    monkeypatch.setattr(bench, "DEVICE", device)
+    monkeypatch.setattr(bench, "HQ", 2)
+    monkeypatch.setattr(bench, "HKV", 1)
+    monkeypatch.setattr(bench, "D", 64)
+    monkeypatch.setattr(bench, "KV_FP8", True)
+    monkeypatch.setattr(bench, "bench", lambda fn: (fn(), 1.0)[1])
+    if device == "cpu":
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    calls = []
+
+    def fa3(q, k, v, out, **kw):
+        calls.append((q.dtype, k.dtype, {n: t.shape for n, t in kw.items() if "descale" in n}))
+        out.zero_()
+
+    results = []
+    bench._bench_inputs(256, 64, False, results, fa3)
+    assert [c[:2] for c in calls] == [(torch.bfloat16, torch.bfloat16), (FP8_DTYPE, FP8_DTYPE)]
+    assert calls[1][2] == {f"{x}_descale": (1, 1) for x in "qkv"}
+    rows = {r["config"]: r for r in results}
+    dot = [""] if bench.fp8_dot_entry() is None else ["", "dot"]
+    configs = ["dense", "topk_s0.5", "topk_s0.8", "topk_s0.9"]
+    assert sorted(rows) == sorted(configs + [f"{c}+fp8{d}" for c in configs for d in dot])
+    for name, r in rows.items():
+        assert r["kv_dtype"] == ("fp8" if "+fp8" in name else "bf16")
+        assert r["fa3_ms"] == r["fa3_fp8_ms"] == 1.0
+    for d in dot:
+        dense, topk = rows[f"dense+fp8{d}"], rows[f"topk_s0.5+fp8{d}"]
+        # the dense row's two references are one output; a top-k row's error against the bf16
+        # dense output includes what its selection leaves out
+        assert dense["rel_l1_vs_bf16"] == dense["rel_l1_vs_bf16_dense"]
+        assert 0 < dense["rel_l1_vs_bf16"] < 0.1
+        assert topk["block_sparsity"] > 0
+        assert 0 < topk["rel_l1_vs_bf16"] < 0.1 < topk["rel_l1_vs_bf16_dense"]
+        assert dense["fa3_fp8_rel_l1_vs_bf16_dense"] == 1.0  # the stand-in's zeros
 
 
 def test_kernels_help_lists_kv_dtype(monkeypatch, capsys):
