@@ -22,6 +22,10 @@
 #   variants   the defaults' alternatives and the predictor options (pipelined select loads)
 #              at 32K and 128K (-> $OUT/kernels_variants.*)
 #   kernels_quick  the kernel benchmark at 32K and 128K, 64-token pages (-> $OUT/kernels_quick.*)
+#   kernels_fp8  the kernel benchmark at 32K and 128K, 64-token pages, with the fp8 rows: the
+#              sparse path over an fp8 KV cache (+fp8) and with fp8 compute (+fp8dot) against
+#              FLASH_ATTN-fp8 and FA3 bf16, their errors and the fp8 bars (about 5 minutes;
+#              -> $OUT/kernels_fp8.*)
 #   virtual    FA3 over per-row virtual contexts: its tests (CPU emulation and real FA3) and the
 #              benchmark at 32K and 128K, 64-token pages, with the head-chunked (memory-bounded)
 #              rows (-> $OUT/kernels_virtual.*)
@@ -157,6 +161,12 @@ for stage in "$@"; do
     kernels_quick)
         run kernels_quick python3 benchmarks/bench_kernels.py --lengths 32768 131072 --pages 64 \
             --out "$OUT/kernels_quick"
+        ;;
+    kernels_fp8)
+        # the limit keeps the call's stages.log and exit code if compiles run long; every row is
+        # also printed to the log as it is measured
+        run kernels_fp8 timeout 580 python3 benchmarks/bench_kernels.py --lengths 32768 131072 \
+            --pages 64 --kv-dtype fp8 --out "$OUT/kernels_fp8"
         ;;
     virtual)
         run virtual_tests timeout 200 ${PYTEST/-m gpu /} tests/test_virtual.py
