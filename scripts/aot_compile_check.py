@@ -177,12 +177,15 @@ def main() -> None:
         for pv in (False, True):
             warps, stages = attention._attn_launch_params(dim, tma)
             split = 2 if dim == 256 and not pv else 1
-            check(f"attention fp8 cache q={q or 'bf16'} D{dim} page {page} pv_skip={pv}",
-                  attention._sparse_attn_kernel,
-                  dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
-                       PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=tma, PV_SKIP=pv,
-                       SPLIT=split, LAZY=_lazy(pv, tma, dim), **scaled, **extra), warps, stages,
-                  types=fp8_types)
+            # fp8_attention: both products in fp8 (an fp8 query only)
+            for dot in (False, True) if q else (False,):
+                check(f"attention fp8 cache q={q or 'bf16'} D{dim} page {page} pv_skip={pv}"
+                      f"{' fp8_dot' if dot else ''}",
+                      attention._sparse_attn_kernel,
+                      dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
+                           PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=tma, PV_SKIP=pv,
+                           SPLIT=split, LAZY=_lazy(pv, tma, dim), FP8_DOT=dot, **scaled,
+                           **extra), warps, stages, types=fp8_types)
         check(f"ksum fp8 cache D{dim} page {page}", pooling._ksum_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim, CHUNK=pooling.KSUM_CHUNK), 4,
               types=fp8_types)

@@ -40,8 +40,13 @@ Keys (all optional):
   ``sparge_serve.kernels.launch``); ``false`` (env ``SPARGE_FAST_LAUNCH=0``) keeps Triton's own
   launch path. A Triton whose internals differ from the pinned 3.6's takes that path anyway
   (logged once).
+- ``fp8_attention``: with ``--kv-cache-dtype fp8``, the sparse attention kernel multiplies in
+  fp8 (``Q.K`` of the quantised query and keys, ``P.V`` with ``P`` rounded to fp8), as
+  FlashAttention-3's fp8 forward does for FLASH_ATTN (env ``SPARGE_FP8_ATTENTION``). Default
+  ``false``: fp8 pages converted to the model's dtype, both products in it (more accurate).
 
-Environment variables override the JSON. Boolean variables (``SPARGE_FAST_LAUNCH``) accept
+Environment variables override the JSON. Boolean variables (``SPARGE_FAST_LAUNCH``,
+``SPARGE_FP8_ATTENTION``) accept
 ``1``/``0``, ``true``/``false``, ``yes``/``no``, ``on``/``off`` in any case (:func:`parse_bool`);
 any other value is refused.
 
@@ -98,6 +103,7 @@ ENV_VARS = {
     "attention_kernel": "SPARGE_ATTENTION_KERNEL",
     "map_budget": "SPARGE_MAP_BUDGET",
     "fast_launch": "SPARGE_FAST_LAUNCH",
+    "fp8_attention": "SPARGE_FP8_ATTENTION",
 }
 # SPARGE_* variables that are not settings of SpargeConfig, and must not be reported as unknown.
 OTHER_ENV_VARS = {
@@ -113,6 +119,8 @@ ATTENTION_KERNELS = ("triton", "fa3")
 BOOLEANS = {
     "fast_launch": ("the compiled kernels' own launchers, the default",
                     "Triton's JITFunction launches"),
+    "fp8_attention": ("fp8 products in the sparse attention kernel (an fp8 KV cache)",
+                      "products in the model's dtype, the default"),
 }
 """The boolean settings: what true and false select (for the error messages)."""
 _EXAMPLE = """--additional-config '{"sparge": {"thresholds": "PATH", "min_sparse_len": 49152}}'"""
@@ -207,6 +215,7 @@ class SpargeConfig:
     attention_kernel: Literal["triton", "fa3"] = "triton"
     map_budget: float | None = MAP_BUDGET
     fast_launch: bool = True
+    fp8_attention: bool = False
 
     def __post_init__(self) -> None:
         # Validate here too, so that direct construction is as safe as parsing.
@@ -239,12 +248,17 @@ class SpargeConfig:
 
     def check_kv_cache_dtype(self, cache_dtype: str) -> None:
         """Raise if the settings cannot serve a KV cache of vLLM's ``cache_dtype``: the
-        experimental FA3 attention path reads no fp8 cache."""
-        if self.attention_kernel == "fa3" and str(cache_dtype).startswith("fp8"):
+        experimental FA3 attention path reads no fp8 cache; ``fp8_attention`` needs one."""
+        fp8 = str(cache_dtype).startswith("fp8")
+        if self.attention_kernel == "fa3" and fp8:
             raise _bad("attention_kernel", "config", f"is \"fa3\", which reads no fp8 KV cache "
                        f"(--kv-cache-dtype {cache_dtype})",
                        "use \"attention_kernel\": \"triton\" (the default) or "
                        "--kv-cache-dtype auto")
+        if self.fp8_attention and not fp8:
+            raise _bad("fp8_attention", "config", f"is true but the KV cache is not fp8 "
+                       f"(--kv-cache-dtype {cache_dtype})",
+                       "serve with --kv-cache-dtype fp8, or drop fp8_attention")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

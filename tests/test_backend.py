@@ -911,3 +911,27 @@ def test_fp8_forward_equals_the_dequantised_cache(sparge, q_fp8):
     rows = md.sparse.token_index
     assert not torch.isnan(outs[0][rows]).any()
     assert torch.equal(outs[0][rows], outs[1][rows])
+
+
+def test_fp8_attention_plans_fp8_products_for_layers_with_fp8_queries(sparge, monkeypatch):
+    """``fp8_attention`` with an fp8 cache: the step's plan multiplies in fp8 where the layers'
+    queries arrive in fp8 (FlashAttention present), and is refused where they do not."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from sparge_serve.backend.runtime import prefill_plan_args
+
+    vc = sparge(min_sparse_len=256, fp8_attention=True)
+    monkeypatch.setattr(vc.cache_config, "cache_dtype", "fp8")
+    spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=D, dtype=torch.uint8)
+    impl = _impl(vc, kv_cache_dtype="fp8")
+    impl.bind("model.layers.1.self_attn.attn", "cpu")
+    cfg = impl.runtime.config
+    with pytest.raises(ValueError, match="fp8_attention needs queries quantised to fp8"):
+        prefill_plan_args(vc, cfg, spec, [impl], torch.device("cpu"))
+    impl.supports_quant_query_input = True  # as with FlashAttention 3
+    args = prefill_plan_args(vc, cfg, spec, [impl], torch.device("cpu"))
+    assert args["fp8_dot"] is True and args["dtype"] == vc.model_config.dtype
+    monkeypatch.setattr(vc.cache_config, "cache_dtype", "auto")
+    spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=D,
+                             dtype=torch.bfloat16)
+    assert prefill_plan_args(vc, cfg, spec, [impl], torch.device("cpu"))["fp8_dot"] is False

@@ -88,6 +88,20 @@ def test_attention_kernel_from_dict_env_and_errors():
         SpargeConfig.from_dict({}, env={"SPARGE_ATTENTION_KERNEL": "fa2"})
 
 
+def test_fp8_attention_from_dict_and_env_and_its_cache_dtype():
+    assert SpargeConfig.from_dict(None, env={}).fp8_attention is False
+    cfg = SpargeConfig.from_dict({}, env={"SPARGE_FP8_ATTENTION": "yes"})
+    assert cfg.fp8_attention is True
+    cfg.check_kv_cache_dtype("fp8")
+    with pytest.raises(ValueError, match=r"`fp8_attention` \(config\) is true but the KV cache "
+                       r"is not fp8 \(--kv-cache-dtype auto\).*Fix: serve with --kv-cache-dtype "
+                       r"fp8"):
+        cfg.check_kv_cache_dtype("auto")
+    SpargeConfig().check_kv_cache_dtype("fp8_e4m3")
+    with pytest.raises(ValueError, match=r"`attention_kernel` \(config\) is \"fa3\""):
+        SpargeConfig(attention_kernel="fa3").check_kv_cache_dtype("fp8")
+
+
 def test_fast_launch_from_dict_and_env():
     assert SpargeConfig.from_dict(None, env={}).fast_launch is True
     assert SpargeConfig.from_dict({"fast_launch": False}, env={}).fast_launch is False

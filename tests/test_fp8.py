@@ -286,3 +286,53 @@ def test_gpu_fp8_prefill_at_serving_sizes(dim, q_fp8):
             tol += (ref.to(torch.bfloat16).float() - ref).abs().max().item()
             err = (out[request_rows(base.batch, r)].float() - ref).abs().max().item()
             assert err <= tol, f"request {r}: error {err:.3g} > tolerance {tol:.3g}"
+
+
+def _lowp_fp8_p(q, k, v, scale, mask):
+    """Attention in fp32 from the dequantised inputs with ``P`` rounded to fp8 for ``P.V`` (as
+    FlashAttention-3's fp8 forward and ``fp8_dot`` do), the output rounded to bf16."""
+    group = q.shape[1] // k.shape[1]
+    qh = q.float().transpose(0, 1)
+    kh, vh = (t.float().repeat_interleave(group, 1).transpose(0, 1) for t in (k, v))
+    s = (qh @ kh.transpose(1, 2)) * scale
+    s = s.masked_fill(~mask.to(q.device), float("-inf"))
+    p = torch.exp(s - s.max(-1, keepdim=True).values)
+    out = (_fp8_round(p) @ vh) / p.sum(-1, keepdim=True)
+    return kernel_round(out, torch.bfloat16).transpose(0, 1)
+
+
+def _fp8_round(p: torch.Tensor) -> torch.Tensor:
+    """Non-negative ``p`` (fp32) rounded to fp8 e4m3 to nearest, as the kernel rounds it (on the
+    GPU, and under the CPU interpreter through ``attention._rounded_p``)."""
+    return p.to(FP8_DTYPE).float()
+
+
+@pytest.mark.parametrize("page", [16, 64])
+def test_fp8_dot_equals_sdpa_within_fp8_p_rounding(page, device):
+    """``fp8_dot``: both products of fp8 operands, ``P`` in fp8: fp32 SDPA over the dequantised
+    tensors and the kept blocks, within twice the error of rounding ``P`` to fp8."""
+    base = _case(device, page, seed=7)
+    c = _fp8_case(base, True, pow2=False, dtype=torch.float32)
+    hq = base.q.shape[1]
+    out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
+    bm = sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale,
+                              head_vec(0.4, hq, device), head_vec(0.8, hq, device),
+                              head_vec(50.0, hq, device), out, scales=c.scales, fp8_dot=True)
+    keeps = kept_blocks(bm, base.batch)
+    for r in range(base.batch.num_reqs):
+        q, k, v = c.dequant.request_kv(r)
+        mask = token_mask(keeps[r], q.shape[0], k.shape[0])
+        ref = sdpa(q, k, v, base.scale, mask)
+        tol = 2 * (_lowp_fp8_p(q, k, v, base.scale, mask) - ref).abs().max().item()
+        tol += (kernel_round(ref, torch.bfloat16) - ref).abs().max().item()
+        err = (out[request_rows(base.batch, r)].float() - ref).abs().max().item()
+        assert err <= tol, f"request {r}: error {err:.3g} > tolerance {tol:.3g}"
+        bf16_err = (_lowp_bf16(q, k, v, base.scale, mask) - ref).abs().max().item()
+        assert err > bf16_err / 4, "no fp8 rounding of P seen: fp8_dot did not take effect"
+
+
+def test_fp8_dot_needs_an_fp8_query_and_cache(device):
+    base = _case(device, 64, reqs=((128, 128),))
+    c = _fp8_case(base, False, pow2=True)
+    with pytest.raises(ValueError, match="fp8_dot needs an fp8 query and KV cache"):
+        _bad_call(c, base, device, fp8_dot=True)

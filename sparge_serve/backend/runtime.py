@@ -187,6 +187,19 @@ def draft_model_tag() -> str | None:
     return tag if tag in _DRAFT_MODEL_TAGS or tag.endswith("_head") else None
 
 
+def fp8_products(vllm_config: VllmConfig, cfg: SpargeConfig, sparse: list[BoundLayer]) -> bool:
+    """Whether the sparse attention multiplies in fp8 (``fp8_attention``): an fp8 cache, and
+    queries the layers quantise (``ValueError`` where FlashAttention is missing and they do
+    not)."""
+    if not (cfg.fp8_attention and kv_cache_quantized(vllm_config)):
+        return False
+    if not all(i.supports_quant_query_input for i in sparse):
+        raise ValueError("SPARGE: fp8_attention needs queries quantised to fp8 by the attention "
+                         "layer, which happens where FlashAttention takes fp8 (FlashAttention "
+                         "3). Fix: drop fp8_attention.")
+    return True
+
+
 def compute_dtype(vllm_config: VllmConfig, spec: AttentionSpec) -> torch.dtype:
     """The dtype the sparse kernels compute (and write) in: the cache's, or for an fp8 cache
     (whose spec holds bytes) the model's. The memory budgets are fractions of K/V bytes in it."""
@@ -214,8 +227,9 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
     pv_variants = tuple(sorted({i.pv_skip for i in sparse}))
     fp8 = kv_cache_quantized(vllm_config)
     q_dtype = FP8_DTYPE if fp8 and first.supports_quant_query_input else None
+    fp8_dot = fp8_products(vllm_config, cfg, sparse)
     key = (first.num_heads, first.num_kv_heads, first.head_size, spec.block_size, spec.dtype,
-           q_dtype, pv_variants, cfg.topk, cfg.attention_kernel, cfg.min_sparse_len, max_len,
+           q_dtype, fp8_dot, pv_variants, cfg.topk, cfg.attention_kernel, cfg.min_sparse_len, max_len,
            str(device))
     if key in _WARMED:
         return
@@ -233,7 +247,8 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
     fa3 = any(i.fa3_attention for i in sparse)
     buckets = warm_up_sparse_kernels(key_cache, value_cache, first.num_heads, cfg.min_sparse_len,
                                      max_len, pv_variants, cfg.topk, masks=fa3,
-                                     dtype=compute_dtype(vllm_config, spec), q_dtype=q_dtype)
+                                     dtype=compute_dtype(vllm_config, spec), q_dtype=q_dtype,
+                                     fp8_dot=fp8_dot)
     if fa3:
         from sparge_serve.kernels.experimental.fa3 import warm_up_virtual
 
@@ -269,7 +284,8 @@ def prefill_plan_args(vllm_config: VllmConfig, cfg: SpargeConfig, spec: Attentio
     fa3 = cfg.attention_kernel == "fa3" and (not sparse or any(i.fa3_attention for i in sparse))
     return dict(num_heads=num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_size,
                 dtype=compute_dtype(vllm_config, spec), page_size=spec.block_size, device=device, topk=cfg.topk,
-                map_budget=cfg.map_budget, attention="fa3" if fa3 else "triton")
+                map_budget=cfg.map_budget, attention="fa3" if fa3 else "triton",
+                fp8_dot=fp8_products(vllm_config, cfg, sparse))
 
 
 def sparse_scratch_bytes(vllm_config: VllmConfig | None, runtime: SpargeRuntime | None,

@@ -18,6 +18,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparge_serve.kernels.checks import (
+    FP8_DTYPE,
     check_batch,
     check_block_map,
     check_group,
@@ -52,6 +53,20 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _rounded_p(p, dtype):
+    """``P`` (fp32, >= 0) rounded to ``dtype`` as the GPU rounds it, back in fp32: the
+    interpreter's own fp32 -> fp8 e4m3 cast loses the carry of a rounded-up mantissa (0.4964
+    becomes 0.25), so fp8 is rounded here, to nearest (normal numbers: 3 mantissa bits, ties to
+    even; below 2**-6: multiples of 2**-9, ties up)."""
+    if dtype == tl.float8e4nv:
+        bits = p.to(tl.int32, bitcast=True)
+        normal = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+        return tl.where(p < 0.015625, tl.floor(p * 512.0 + 0.5) / 512.0,
+                        normal.to(tl.float32, bitcast=True))
+    return p.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _dot(a, b, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
@@ -74,7 +89,7 @@ def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr)
     # NOTE: _pv_acc's body, inline: the loop as measured (benchmarks/results/kernels.md) and as
     # the AOT check's register counts see it (scripts/aot_compile_check.py).
     if UPCAST:
-        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+        acc = tl.dot(_rounded_p(p, v.dtype), v.to(tl.float32), acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
@@ -84,7 +99,7 @@ def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr)
 def _pv_acc(p, v, acc, UPCAST: tl.constexpr):
     """``acc + P.V`` in the matrix unit (``p`` rounded to ``v``'s dtype, as FlashAttention)."""
     if UPCAST:
-        return tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+        return tl.dot(_rounded_p(p, v.dtype), v.to(tl.float32), acc)
     return tl.dot(p.to(v.dtype), v, acc)
 
 
@@ -125,6 +140,7 @@ def _attend_row(
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr,
     UPCAST: tl.constexpr, USE_TMA: tl.constexpr, LAZY: tl.constexpr = 0.0,
     Q_SCALED: tl.constexpr = False, KV_SCALED: tl.constexpr = False,
+    FP8_DOT: tl.constexpr = False,
 ):
     """Attention of query rows ``[m0, m0 + BLOCK_M)`` (inside query block ``b`` of ``BLOCK_Q``
     rows) of one q-head ``h`` of a request over the block's ``n_kept`` kept key blocks
@@ -136,8 +152,10 @@ def _attend_row(
     Everything computes in the output's dtype (``DT``): an fp8 query and fp8 K/V blocks are
     converted in registers (exact: every fp8 e4m3 value is a bfloat16/float16 value), the
     dequantisation scales of q and K fold into the score scale and V's into the final
-    normalisation, so the kernel computes attention of the dequantised tensors."""
-    DT = out_ptr.dtype.element_ty
+    normalisation, so the kernel computes attention of the dequantised tensors. ``FP8_DOT``
+    (an fp8 query and cache) keeps them in fp8 for both products, as FlashAttention-3's fp8
+    forward does: ``P`` is rounded to fp8 for ``P.V``."""
+    DT = None if FP8_DOT else out_ptr.dtype.element_ty
     if KV_SCALED:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
     if Q_SCALED:
@@ -156,7 +174,9 @@ def _attend_row(
     q = tl.load(
         q_ptr + q_tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
         mask=m_real[:, None], other=0.0,
-    ).to(DT)
+    )
+    if not FP8_DOT:
+        q = q.to(DT)
     # NOTE: the query block's diagonal band [j_diag0, n_valid_block), from the key block holding
     # its first query, is always kept (forced by the predictor) and is the tail of the ascending
     # LUT; it is walked directly, with the token-level causal mask and no PV skip, up to the last
@@ -244,7 +264,7 @@ def _sparse_attn_kernel(
     PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, SPLIT: tl.constexpr, LAZY: tl.constexpr = 0.0,
     KV_MAJOR: tl.constexpr = True, Q_SCALED: tl.constexpr = False,
-    KV_SCALED: tl.constexpr = False,
+    KV_SCALED: tl.constexpr = False, FP8_DOT: tl.constexpr = False,
 ):
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
     if KV_MAJOR:
@@ -275,7 +295,7 @@ def _sparse_attn_kernel(
         q_scale_ptr, k_scale_ptr, v_scale_ptr, q_start, q_len, seq_len, b, m0, h,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
-        USE_TMA, LAZY, Q_SCALED, KV_SCALED,
+        USE_TMA, LAZY, Q_SCALED, KV_SCALED, FP8_DOT,
     )
     _count_skipped(stats_ptr, n_skipped, PV_SKIP)  # (SPLIT is 1 with PV skip)
 
@@ -356,17 +376,25 @@ class AttendParams:
     lazy_rescale: float  # LAZY: conditional rescaling threshold (log2 units; 0: every block)
     num_warps: int
     num_stages: int
+    fp8_dot: bool = False  # both products in fp8 (an fp8 query and cache)
 
 
 def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None = None,
                   lazy_rescale: float | None = None,
-                  launch: tuple[int, int] | None = None) -> AttendParams:
+                  launch: tuple[int, int] | None = None, fp8_dot: bool = False) -> AttendParams:
     """The attention kernel's launch for ``head_dim`` with or without PV skip and TMA loads:
     the defaults (:func:`_row_parts`, :func:`_attn_launch_params`) where an override is
     ``None``."""
     split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
     num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
-    return AttendParams(use_tma, split, lazy_rescale, num_warps, num_stages)
+    return AttendParams(use_tma, split, lazy_rescale, num_warps, num_stages, fp8_dot)
+
+
+def check_fp8_dot(q: torch.Tensor, key_cache: torch.Tensor) -> None:
+    """``ValueError`` unless ``q`` and the cache are fp8 (what ``fp8_dot`` multiplies)."""
+    if q.dtype != FP8_DTYPE or key_cache.dtype != FP8_DTYPE:
+        raise ValueError(f"fp8_dot needs an fp8 query and KV cache (float8_e4m3fn, with their "
+                         f"scales); got q {q.dtype}, key_cache {key_cache.dtype}")
 
 
 def sparse_paged_attention(
@@ -389,12 +417,14 @@ def sparse_paged_attention(
     kv_major: bool = True,
     group: int | None = None,
     scales: KVScales | None = None,
+    fp8_dot: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
     ``q, out [num_tokens, Hq, D]``; caches ``[num_pages, page_size, Hkv, D]``, in ``q``'s dtype
     or fp8 (``float8_e4m3fn``, with their ``scales``; ``q`` may then be fp8 too, ``out`` is in
-    the model's dtype: attention of the dequantised tensors); ``pvthreshd`` fp32
+    the model's dtype: attention of the dequantised tensors; ``fp8_dot``: with an fp8 ``q``,
+    both products in fp8, ``P`` rounded to fp8, as FlashAttention-3's fp8 forward); ``pvthreshd`` fp32
     ``[Hq]`` (>= 50 disables PV skip). ``stats`` (int64 ``[3]``), if given, gets
     ``[0, 0, pv_skipped_blocks]`` added on the device. ``pv_skip``: whether any head has PV skip
     on; ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds
@@ -419,6 +449,8 @@ def sparse_paged_attention(
     check_out_and_layout(q, key_cache, value_cache, out)
     check_batch(q, key_cache, batch, check_finite)
     check_scale(scale)
+    if fp8_dot:
+        check_fp8_dot(q, key_cache)
     num_heads = q.shape[1]
     check_head_thresholds("pvthreshd", pvthreshd, num_heads, q.device, check_finite)
     group = check_group(group, num_heads, key_cache.shape[2])
@@ -433,7 +465,7 @@ def sparse_paged_attention(
         raise ValueError(f"TMA loads need key blocks of {block_n} inside one page and a cache of "
                          f"whole 16-byte aligned token rows; got {page}-token pages with strides "
                          f"{tuple(key_cache.stride())}")
-    params = attend_params(q.shape[2], pv_skip, use_tma, split, lazy_rescale, launch)
+    params = attend_params(q.shape[2], pv_skip, use_tma, split, lazy_rescale, launch, fp8_dot)
     attend_blocks(q, key_cache, value_cache, batch, block_map, scale, pvthreshd, out,
                   stats_buffer(stats, q.device), pv_skip, group, params, block_n, kv_major,
                   scales)
@@ -466,9 +498,9 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=params.use_tma,
         SPLIT=params.split, LAZY=params.lazy_rescale, KV_MAJOR=kv_major,
         Q_SCALED=scales is not None and scales.q_scale is not None, KV_SCALED=scales is not None,
-        num_warps=params.num_warps, num_stages=params.num_stages,
+        FP8_DOT=params.fp8_dot, num_warps=params.num_warps, num_stages=params.num_stages,
     )
 
 
-__all__ = ["AttendParams", "attend_blocks", "attend_params", "sparse_paged_attention",
-           "tma_layout_ok", "tma_supported"]
+__all__ = ["AttendParams", "attend_blocks", "attend_params", "check_fp8_dot",
+           "sparse_paged_attention", "tma_layout_ok", "tma_supported"]

@@ -288,11 +288,13 @@ def _chunk_run(shape: Shape, chunks: ChunkPlan, counts: torch.Tensor, nqb: int) 
 def plan_prefill(batch: PrefillBatch, num_heads: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, page_size: int, device: torch.device | str,
                  topk: float | None = None, map_budget: float | None = MAP_BUDGET,
-                 attention: str = "triton", map_floor: int | None = None) -> PrefillPlan:
+                 attention: str = "triton", map_floor: int | None = None,
+                 fp8_dot: bool = False) -> PrefillPlan:
     """The :class:`PrefillPlan` of ``batch`` for layers of ``num_heads`` query heads,
     ``num_kv_heads`` KV heads of ``head_dim``, ``dtype`` K/V caches of ``page_size``-token pages
     on ``device``: head chunks under ``map_budget`` (``map_floor``: as ``plan_chunks``' floor),
-    ``topk`` or CDF selection, ``attention`` ``"triton"`` or ``"fa3"``.
+    ``topk`` or CDF selection, ``attention`` ``"triton"`` or ``"fa3"``; ``fp8_dot``: the Triton
+    attention's products in fp8 (layers with an fp8 query and cache).
 
     Host work (and for ``"fa3"`` the sequence order's few tensor ops), no synchronisation.
     ``ValueError`` for settings the kernels cannot run (geometry, dtype, page size for FA3, a
@@ -316,7 +318,7 @@ def plan_prefill(batch: PrefillBatch, num_heads: int, num_kv_heads: int, head_di
     nqb = num_blocks(batch.max_query_len, BLKQ)
     nkb_pad = selection_tile(num_blocks(batch.max_seq_len, BLKK))
     tma = tma_supported(device, page_size)
-    attend = {(t, pv): attend_params(head_dim, pv, t) for t in (False, True)
+    attend = {(t, pv): attend_params(head_dim, pv, t, fp8_dot=fp8_dot) for t in (False, True)
               for pv in (False, True)}
     counts = torch.empty(2 * batch.num_reqs * num_heads * nqb, dtype=torch.int32, device=device)
     runs, virtual = [], None

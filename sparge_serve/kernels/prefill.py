@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from sparge_serve.kernels.attention import attend_blocks, tma_layout_ok
+from sparge_serve.kernels.attention import attend_blocks, check_fp8_dot, tma_layout_ok
 from sparge_serve.kernels.checks import (
     check_head_thresholds,
     check_out_and_layout,
@@ -132,6 +132,7 @@ def sparge_paged_prefill(
     on_predicted: Callable[[], None] | None = None,
     map_floor: int | None = None,
     scales: KVScales | None = None,
+    fp8_dot: bool = False,
 ) -> BlockMap:
     """Both stages for a varlen prefill batch; returns its block counts (and its block map).
 
@@ -147,7 +148,8 @@ def sparge_paged_prefill(
     for several chunks at once (``plan.ChunkPlan.select_heads``). ``on_predicted`` is called
     between the two stages of a one-chunk call. An fp8 KV cache (``float8_e4m3fn``; ``q`` may be
     fp8 too, ``out`` is in the model's dtype) comes with its ``scales``; the budget stays a
-    fraction of the K/V bytes in the model's dtype.
+    fraction of the K/V bytes in the model's dtype. ``fp8_dot`` (an fp8 ``q`` and cache): the
+    attention's products in fp8, ``P`` rounded to fp8, as FlashAttention-3's fp8 forward.
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
     checks"). ``check_finite`` also checks the values held in tensors: the thresholds (finite, in
@@ -163,6 +165,8 @@ def sparge_paged_prefill(
     check_out_and_layout(q, key_cache, value_cache, out)
     if pv_skip is None:
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
+    if fp8_dot:
+        check_fp8_dot(q, key_cache)
     if attention == "fa3" and scales is not None:
         raise ValueError(f"the FA3 attention path reads no fp8 KV cache: use attention='triton' "
                          f"for a {key_cache.dtype} cache")
@@ -170,7 +174,8 @@ def sparge_paged_prefill(
         raise ValueError("the FA3 attention path has no PV skip (stage 2): use "
                          "attention='triton' for thresholds with pvthreshd < 50")
     plan = plan_prefill(batch, q.shape[1], key_cache.shape[2], q.shape[2], out.dtype,
-                        key_cache.shape[1], q.device, topk, map_budget, attention, map_floor)
+                        key_cache.shape[1], q.device, topk, map_budget, attention, map_floor,
+                        fp8_dot)
     bm = run_prefill(plan, q, key_cache, value_cache, scale, simthreshd1, cdfthreshd, pvthreshd,
                      out, stats, pv_skip, on_predicted, scales=scales)
     if bm is not None:

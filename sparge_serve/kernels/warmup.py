@@ -57,6 +57,7 @@ def warm_up_sparse_kernels(
     masks: bool = False,
     dtype: torch.dtype | None = None,
     q_dtype: torch.dtype | None = None,
+    fp8_dot: bool = False,
 ) -> list[int]:
     """Compile the predictor and attention kernels for contexts of ``min..max`` tokens;
     ``masks``: also the predictor's bit-set maps (the FA3 attention path's;
@@ -65,8 +66,8 @@ def warm_up_sparse_kernels(
     ``key_cache``/``value_cache``: ``[num_pages >= 1, page, Hkv, D]`` views with the serving
     layout and dtype (only page 0 is read); ``dtype``: the model's (default: the cache's; needed
     for an fp8 cache), ``q_dtype``: the query's as served (default ``dtype``; fp8 where the
-    attention layer quantises it). Returns the ``NKB_PAD`` buckets compiled. Synchronises with the
-    device (start-up only).
+    attention layer quantises it), ``fp8_dot``: the attention's fp8 products. Returns the
+    ``NKB_PAD`` buckets compiled. Synchronises with the device (start-up only).
     """
     dev = key_cache.device
     dtype = dtype or key_cache.dtype
@@ -98,7 +99,7 @@ def warm_up_sparse_kernels(
         for pv_skip in variants:
             sparse_paged_attention(q, key_cache, value_cache, batch, bm, 1.0,
                                    head(8.0 if pv_skip else 50.0), out, pv_skip=pv_skip,
-                                   scales=scales)
+                                   scales=scales, fp8_dot=fp8_dot)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return buckets
