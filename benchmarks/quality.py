@@ -36,6 +36,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +51,8 @@ for p in (str(HERE), str(TASK_DIR), str(ROOT)):
         sys.path.insert(0, p)
 
 import quality_report as qr  # noqa: E402
+
+from tests import subproc  # noqa: E402
 
 MODELS = {
     "smollm2": dict(title="SmolLM2-135M-Instruct (Llama, 30 layers, 8K context)", context=8192,
@@ -125,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fewer tasks, lengths (Gemma 3: 8K, 32K), samples and calibration prompts")
     ap.add_argument("--min-sparse-len", type=int, default=2048,
                     help="SPARGE min_sparse_len: shortest context on the sparse path (2048)")
-    ap.add_argument("--concurrency", type=int, default=16, help="requests in flight (16)")
+    ap.add_argument("--concurrency", type=int, default=32, help="requests in flight (32)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
                     help="prefill chunk of the servers (8192)")
@@ -277,11 +280,12 @@ def estimate_minutes(args: argparse.Namespace, model: str,
                      units: list[tuple[str, str, int]]) -> float:
     """A rough duration of one configuration's server: start and stop, then each evaluation
     (tokens prefilled at an assumed rate, plus a fixed cost). The log shows the real ones."""
-    minutes = 2.5 if args.cuda_graphs else 1.2
-    for kind, _, length in units:
-        count = args.ppl_docs if kind == "perplexity" else args.samples
-        minutes += 0.15 + count * length / 4e6
-    return minutes
+    return (2.5 if args.cuda_graphs else 1.2) + sum(unit_minutes(args, u) for u in units)
+
+
+def unit_minutes(args: argparse.Namespace, unit: tuple[str, str, int]) -> float:
+    kind, _, length = unit
+    return 0.15 + (args.ppl_docs if kind == "perplexity" else args.samples) * length / 4e6
 
 
 def plan_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
@@ -338,23 +342,31 @@ def pending_units(args: argparse.Namespace, results: dict[str, Any], model: str,
 
 
 def run_logged(name: str, cmd: list[str], args: argparse.Namespace, timeout: float) -> tuple:
-    """Run a stage's child with its output in LOGS/name.log; (exit code, seconds)."""
+    """Run a stage's child in its own process group (tests/subproc.py), its output in
+    LOGS/name.log; (exit code, seconds). A child past ``timeout`` gets SIGABRT (every process
+    writes its stacks into the log), exit code 124; an interrupted run stops the whole group."""
     os.makedirs(args.logs, exist_ok=True)
-    path = os.path.join(args.logs, f"{name}.log")
+    path = Path(args.logs) / f"{name}.log"
     log(f"{name}: {shlex.join(cmd)} (log {path})")
     t0 = time.monotonic()
-    with open(path, "w") as f:
-        try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
-        except subprocess.TimeoutExpired:
-            rc = 124
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARGE_")}  # no overrides
+    proc = subproc.start(cmd, {**env, "PYTHONUNBUFFERED": "1"}, path)
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        subproc.stop(proc, signal.SIGABRT, grace=30)
+        rc = 124
+    finally:
+        subproc.stop(proc, grace=10)  # what is left of the group
     seconds = time.monotonic() - t0
     if rc != 0:
-        with open(path, errors="replace") as f:
-            print(f.read()[-3000:], flush=True)
+        print(subproc.tail(path, 3000), flush=True)
     log(f"{name}: exit {rc} after {seconds:.0f} s")
     return rc, seconds
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def time_left(args: argparse.Namespace) -> float:
@@ -464,16 +476,21 @@ def main(argv: list[str] | None = None) -> int:
                                         context=model_context(args, model),
                                         model_dir=args.model_dirs[model])
     print("\n".join(plan_lines(args, results)), flush=True)
-    if "convert" in args.stages:
-        stage_convert(args, results)
-    if "calibrate" in args.stages:
-        stage_calibrate(args, results)
-    if {"accuracy", "perplexity"} & set(args.stages):
-        # quality_eval imports this module by name: let it find the running one
-        sys.modules.setdefault("quality", sys.modules[__name__])
-        from quality_eval import stage_eval
+    # a time limit's SIGTERM unwinds like Ctrl-C: servers and children are stopped, results kept
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if "convert" in args.stages:
+            stage_convert(args, results)
+        if "calibrate" in args.stages:
+            stage_calibrate(args, results)
+        if {"accuracy", "perplexity"} & set(args.stages):
+            # quality_eval imports this module by name: let it find the running one
+            sys.modules.setdefault("quality", sys.modules[__name__])
+            from quality_eval import stage_eval
 
-        stage_eval(args, results)
+            stage_eval(args, results)
+    except KeyboardInterrupt as e:
+        note(results, f"interrupted ({e or 'Ctrl-C'}); what was measured is kept")
     qr.save_results(results, args.results)
     if "report" in args.stages:
         prefix = os.path.join(args.out, "quality")

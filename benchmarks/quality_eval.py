@@ -36,6 +36,7 @@ from quality import (
     server_command,
     thresholds_path,
     time_left,
+    unit_minutes,
 )
 
 from tests import subproc
@@ -293,6 +294,7 @@ def run_perplexity(server: Server, docs: dict[str, Any], before: dict[str, Any])
 def stage_eval(args: Any, results: dict[str, Any]) -> None:
     offline_env(args.work_dir)
     baseline = gpu_memory_used()
+    started = 0
     for model in args.models:
         if not os.path.exists(os.path.join(args.model_dirs[model], "config.json")):
             note(results, f"{model}: {args.model_dirs[model]} is not a converted model (run the "
@@ -314,13 +316,16 @@ def stage_eval(args: Any, results: dict[str, Any]) -> None:
                      "calibrate stage or pass --thresholds); not evaluated")
                 continue
             need = estimate_minutes(args, model, units)
-            if need > time_left(args):
+            # the first server of a call starts whenever 2 minutes are left: its evaluations
+            # stop one by one at the deadline (the next call continues with the rest)
+            if need > time_left(args) and (started or time_left(args) < 2):
                 note(results, f"{model} {qr.config_label(config)}: not started, about {need:.1f} "
                      f"min needed and {time_left(args):.1f} left before the deadline; run the "
                      "same command again to continue")
                 continue
             server = Server(args, model, config)
             server.start()
+            started += 1
             try:
                 acc = [(t, n) for kind, t, n in units if kind == "accuracy"]
                 cache.build(acc)
@@ -338,6 +343,8 @@ def stage_eval(args: Any, results: dict[str, Any]) -> None:
             except AssertionError as e:  # the server exited or hung (tests/subproc.py)
                 note(results, f"{model} {qr.config_label(config)}: server failed: "
                      f"{str(e)[-1500:]}")
+            except Exception as e:  # noqa: BLE001 - the next configuration may still run
+                note(results, f"{model} {qr.config_label(config)}: {type(e).__name__}: {e}")
             finally:
                 server.stop()
                 waited = wait_gpu_released(baseline)
@@ -357,6 +364,10 @@ def evaluate_units(args: Any, results: dict[str, Any], server: Server, cache: Ta
         label = f"{server.model} {qr.config_label(server.config)} [{i + 1}/{len(units)}]"
         if not server.alive():
             note(results, f"{label}: the server exited; log {server.log}")
+            return
+        if unit_minutes(args, (kind, task, length)) + 0.3 > time_left(args):
+            note(results, f"{label}: stopped before {task} @{length} (deadline); run the same "
+                 "command again to continue")
             return
         try:
             if kind == "perplexity":

@@ -51,6 +51,18 @@
 #              $E2E_BUDGET_S seconds (540) and keeps what it measured; a later call given the
 #              earlier file (E2E_MERGE=path/e2e.json) runs only what that file lacks. Extra
 #              bench_e2e.py options: $E2E_ARGS. Times are the plan's rough estimates.
+#   quality    benchmarks/quality.py (docs/PERFORMANCE.md, "Quality"): accuracy through lm-eval's
+#              local-completions client against vllm serve, perplexity and the block sparsity the
+#              server measured, for SmolLM2-135M and Gemma 3 270M (converted by sparge-models:
+#              their packages must be installed) under FLASH_ATTN, SPARGE defaults and SPARGE
+#              with thresholds calibrated at three budgets. Stages $QUALITY_STAGES (convert
+#              calibrate accuracy perplexity report), models $QUALITY_MODELS (smollm2), more
+#              options $QUALITY_ARGS (e.g. --quick, --configs flash_attn defaults); starts no
+#              server or calibration that would end after $QUALITY_DEADLINE minutes (9). Merges
+#              into $OUT/quality.{json,md,png} from $QUALITY_RESUME (an earlier call's
+#              quality.json; default benchmarks/results/quality.json when present), so the same
+#              call again continues; calibrated files also land in $OUT/quality_thresholds
+#              (looked up in benchmarks/results/quality_thresholds by a later call).
 #   soak       metrics under a vllm bench serve load (tests/gpu/test_metrics_soak.py)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 #   host       host (CPU) time per attention call, sparse paths vs FA3, bench shapes and the
@@ -205,6 +217,17 @@ for stage in "$@"; do
         case $stage in e2e|e2e_serve) run e2e_serve $E2E serve $E2E_OPTS ;; esac
         case $stage in e2e|e2e_small) run e2e_small $E2E ttft $E2E_OPTS \
             --geometries gemma3_270m smollm2_135m ;; esac
+        ;;
+    quality)
+        # one vllm serve per configuration; every evaluation merges into $OUT/quality.json as it
+        # ends, so a call stopped at its deadline or time limit keeps what it measured
+        QUALITY_RESUME=${QUALITY_RESUME:-benchmarks/results/quality.json}
+        run quality timeout 590 python3 benchmarks/quality.py \
+            --stages ${QUALITY_STAGES:-convert calibrate accuracy perplexity report} \
+            --models ${QUALITY_MODELS:-smollm2} --out "$OUT" --logs "$OUT/quality_logs" \
+            --deadline "${QUALITY_DEADLINE:-9}" \
+            ${QUALITY_RESUME:+$([ -f "$QUALITY_RESUME" ] && echo --resume "$QUALITY_RESUME")} \
+            ${QUALITY_ARGS:-}
         ;;
     soak)
         # vllm serve under vllm bench serve, /metrics scraped every second (about 2 minutes

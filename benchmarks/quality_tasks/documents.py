@@ -14,6 +14,7 @@ tokenizer's leading special tokens (Gemma's ``<bos>``, none for SmolLM2) followe
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib
@@ -33,7 +34,8 @@ def source_root(package: str | None) -> str:
     return os.path.dirname(importlib.import_module(package).__file__)
 
 
-def calibration_files(package: str | None, n: int, chars: int, skip: int = 0) -> list[str]:
+@functools.cache
+def calibration_files(package: str | None, n: int, chars: int, skip: int = 0) -> tuple[str, ...]:
     """The files ``make_code_prompts.py --package P --n N --chars C --skip S`` reads, in order
     (its selection: sorted ``*.py`` under the root, until ``(n + skip) * chars`` characters)."""
     need = (n + skip) * chars
@@ -46,7 +48,7 @@ def calibration_files(package: str | None, n: int, chars: int, skip: int = 0) ->
         size += len(f"# file: {os.path.basename(path)}\n{body}\n")
         if size >= need:
             break
-    return files
+    return tuple(files)
 
 
 def document_files(exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
