@@ -139,7 +139,7 @@ def test_kernels_fp8_report_ratios_and_bars(tmp_path):
     assert checks["topk_s0.5+fp8dot", 131072]["baseline"] == "fa3"
 
     meta = dict(device="GPU", date="today", torch="2.11", triton="3.6", vllm="0.26.0",
-                command="cmd", fp8_dot_note="fp8 compute rows (`+fp8dot`) not measured: x")
+                command="cmd", fp8_notes=["fp8 compute rows (`+fp8dot`) not measured: x"])
     bench.write_reports(results, meta, str(tmp_path / "k"))
     md = (tmp_path / "k.md").read_text()
     main_table, _, fp8_part = md.partition("fp8 KV cache (`--kv-dtype fp8`)")
@@ -242,6 +242,47 @@ def test_kernels_fp8_rows_on_toy_inputs(monkeypatch, device):
         assert topk["block_sparsity"] > 0
         assert 0 < topk["rel_l1_vs_bf16"] < 0.1 < topk["rel_l1_vs_bf16_dense"]
         assert dense["fa3_fp8_rel_l1_vs_bf16_dense"] == 1.0  # the stand-in's zeros
+
+
+def test_kernels_fp8dot_failure_is_noted_not_fatal(monkeypatch):
+    """A ``+fp8dot`` row that raises leaves the run going: the ``+fp8`` rows are kept, and the
+    report says which row was not measured and why."""
+    import torch
+
+    from sparge_serve.kernels import BlockMap
+
+    bench = _load("bench_kernels")
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "bench", lambda fn: 1.0)
+    monkeypatch.setattr(bench, "FP8_NOTES", [])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    hq = bench.HQ
+
+    def predict(q, kc, batch, scale, sim, cdf, topk=None, stats=None, **kw):
+        if stats is not None:
+            stats[:2] += torch.tensor([10, 5])
+        one = torch.ones(1, hq, 1, dtype=torch.int32)
+        return BlockMap(torch.zeros(1, hq, 1, 1, dtype=torch.int16), one, one)
+
+    def attend(q, kc, vc, batch, bm, scale, pv, out, stats=None, fp8_dot=False, **kw):
+        if fp8_dot:
+            raise RuntimeError("no fp8 dot here\nsecond line")
+        out.fill_(1.0)
+
+    monkeypatch.setattr(bench, "predict_block_map", predict)
+    monkeypatch.setattr(bench, "sparse_paged_attention", attend)
+    q = torch.ones(8, hq, bench.D, dtype=torch.bfloat16)
+    fp8 = dict(inputs=bench.fp8_inputs(q, q[:, :bench.HKV, None].transpose(1, 2),
+                                       q[:, :bench.HKV, None].transpose(1, 2)),
+               ref_dense=q * 2, same_config={"dense": q.clone()})
+    results = []
+    bench._bench_fp8(8, 64, False, [("dense", dict(sim=1.0, cdf=1.0, topk=None))], None,
+                     torch.empty_like(q), fp8, {"fa3": 2.0}, results)
+    assert [r["config"] for r in results] == ["dense+fp8"]
+    assert results[0]["block_sparsity"] == 0.5 and results[0]["rel_l1_vs_bf16"] == 0.0
+    assert results[0]["rel_l1_vs_bf16_dense"] == 0.5
+    assert bench.FP8_NOTES == ["8 tokens, page 64: dense+fp8dot not measured: RuntimeError: "
+                               "no fp8 dot here"]
 
 
 def test_kernels_help_lists_kv_dtype(monkeypatch, capsys):
