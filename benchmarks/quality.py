@@ -262,10 +262,12 @@ def server_command(args: argparse.Namespace, model: str, config: str, port: int)
 
 
 def calibrate_command(args: argparse.Namespace, model: str, budget: float, prompts: str) -> list:
-    ctx = model_context(args, model)
+    # NOTE: the vLLM capture engine's max_model_len is the longest prompt + 1, which vLLM refuses
+    # past the model's max_position_embeddings: prompts one query block shorter than the context
+    max_len = model_context(args, model) - 128
     return [sys.executable, "-m", "sparge_calibrate", args.model_dirs[model], "--prompts",
             prompts, "--out", calib_path(args, model, budget), "--l1", f"{budget:g}",
-            "--pv-l1", f"{budget + 0.01:g}", "--max-len", str(ctx), "--samples",
+            "--pv-l1", f"{budget + 0.01:g}", "--max-len", str(max_len), "--samples",
             str(args.calib_prompts), "--driver", args.calib_driver, "--device", "cuda", "--quiet"]
 
 
@@ -472,9 +474,9 @@ def main(argv: list[str] | None = None) -> int:
         date=datetime.datetime.now().isoformat(timespec="seconds"), device=device_name(),
         versions=versions(), commit=git_commit(), stages=args.stages))
     for model in args.models:
-        results["models"][model] = dict(title=MODELS[model]["title"],
-                                        context=model_context(args, model),
-                                        model_dir=args.model_dirs[model])
+        results["models"].setdefault(model, {}).update(
+            title=MODELS[model]["title"], context=model_context(args, model),
+            model_dir=args.model_dirs[model])
     print("\n".join(plan_lines(args, results)), flush=True)
     # a time limit's SIGTERM unwinds like Ctrl-C: servers and children are stopped, results kept
     signal.signal(signal.SIGTERM, _interrupt)

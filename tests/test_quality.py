@@ -329,7 +329,8 @@ def test_dry_run_prints_the_plan(tmp_path):
     assert out.returncode == 0, out.stderr
     plan = out.stdout
     assert "smollm2: " in plan and "lengths [4096, 8192]" in plan and "to convert" in plan
-    assert "sparge_calibrate" in plan and "--driver vllm" in plan and "--l1 0.06 --pv-l1 0.07" in plan
+    assert "sparge_calibrate" in plan and "--driver vllm" in plan and "--max-len 8064" in plan
+    assert "--l1 0.06 --pv-l1 0.07" in plan and "--samples 4" in plan
     assert "--attention-backend FLASH_ATTN" in plan and "--no-enable-prefix-caching" in plan
     assert "SPARGE l1=0.01: 5 evaluations to run" in plan and "thresholds MISSING" in plan
     assert json.dumps({"sparge": {"min_sparse_len": 2048, "thresholds": str(thr)}}) in plan
