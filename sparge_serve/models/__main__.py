@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="new or empty directory (or an earlier conversion of the same model, replaced)",
     )  # fmt: skip
     c.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weights dtype (bfloat16)")
+    c.add_argument(
+        "--gguf", type=Path,
+        help="convert this copy of MODEL's GGUF file instead of the installed package's (checked "
+             "against the file's pinned SHA-256)",
+    )  # fmt: skip
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     v = sub.add_parser(
         "verify",
@@ -64,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "list":
             return _list()
         if args.command == "convert":
-            out = convert(args.model, args.out, dtype=args.dtype, progress=not args.quiet)
+            out = convert(args.model, args.out, dtype=args.dtype, progress=not args.quiet,
+                          gguf=args.gguf)
             print(f"{args.model}: wrote {out} (sparge-models verify {out} checks it)")
             return 0
         if args.tokens < 2:

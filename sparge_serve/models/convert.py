@@ -460,11 +460,32 @@ def source_record(src: Source) -> dict[str, Any]:
 
 
 def convert(
-    model: str | ModelSpec, out: Path | str, *, dtype: str = "bfloat16", progress: bool = True
+    model: str | ModelSpec,
+    out: Path | str,
+    *,
+    dtype: str = "bfloat16",
+    progress: bool = True,
+    gguf: Path | str | None = None,
 ) -> Path:
-    """Converts supported model ``model`` ("smollm2" or "gemma3") from its installed package."""
+    """Converts supported model ``model`` ("smollm2" or "gemma3") from its installed package, or
+    from ``gguf``, a copy of its file (on a machine without the package), whose SHA-256 must be
+    the pinned one."""
     spec = spec_for(model) if isinstance(model, str) else model
-    src = locate(spec)
-    return convert_gguf(
-        src.path, out, key=spec.key, dtype=dtype, progress=progress, source=source_record(src)
-    )
+    if gguf is None:
+        src = locate(spec)
+        path, source = src.path, source_record(src)
+    else:
+        path = Path(gguf)
+        if not path.is_file():
+            raise ModelsError(f"--gguf {path}: no such file")
+        _say(progress, f"checking the SHA-256 of {path}")
+        digest = file_sha256(path)
+        if digest != spec.sha256:
+            raise ModelsError(
+                f"--gguf {path} is not {spec.key}'s {spec.gguf_name} from {spec.requirement}: "
+                f"its SHA-256 is {digest}, the pinned file's {spec.sha256}. Copy that file "
+                f"(sparge-models list names its package)"
+            )
+        source = {"package": spec.distribution, "version": spec.version, "file": str(path),
+                  "sha256": digest}
+    return convert_gguf(path, out, key=spec.key, dtype=dtype, progress=progress, source=source)

