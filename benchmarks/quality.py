@@ -10,8 +10,8 @@ by ``sparge-models convert``, it compares FLASH_ATTN, SPARGE with its untuned de
 thresholds file) and SPARGE with thresholds calibrated at several budgets (``--budgets``):
 
 - **accuracy**: lm-eval's ``local-completions`` client against the server (greedy), on offline
-  long-context tasks: the own passkey tasks (``benchmarks/quality_tasks``: prompts of exact token
-  lengths) and lm-eval's RULER tasks that generate their data from the tokenizer;
+  long-context tasks: the project's passkey tasks (``benchmarks/quality_tasks``: prompts of exact
+  token lengths) and lm-eval's RULER tasks that generate their data from the tokenizer;
 - **perplexity**: held-out standard-library source of the model's context length, scored through
   the completions endpoint (``echo``, ``max_tokens`` 0, prompt log-probabilities);
 - **block sparsity** actually reached: the server's ``sparge_attention_blocks_*_total`` counters

@@ -373,7 +373,7 @@ def evaluate_units(args: Any, results: dict[str, Any], server: Server, cache: Ta
             if kind == "perplexity":
                 rec = run_perplexity(server, docs, counters)
                 log(f"{label} perplexity {rec['ppl']:.4f} over {rec['tokens']} tokens, block "
-                    f"sparsity {qr._pct(rec['metrics']['block_sparsity'])}")
+                    f"sparsity {qr.pct(rec['metrics']['block_sparsity'])}")
             elif (length, task) in cache.failed:
                 note(results, f"{label} {task} @{length}: not built: {cache.failed[(length, task)]}")
                 continue
@@ -384,7 +384,7 @@ def evaluate_units(args: Any, results: dict[str, Any], server: Server, cache: Ta
                 rec = run_accuracy(lm, cache, server, task, length, model_args, args,
                                    counters)
                 log(f"{label} {task} @{length}: accuracy {rec['score']:.3f} (n={rec['n']}), "
-                    f"block sparsity {qr._pct(rec['metrics']['block_sparsity'])}, "
+                    f"block sparsity {qr.pct(rec['metrics']['block_sparsity'])}, "
                     f"{rec['seconds']:.0f} s")
         except Exception as e:  # noqa: BLE001 - one failed evaluation must not lose the others
             note(results, f"{label} {task} @{length}: failed: {type(e).__name__}: {e}")

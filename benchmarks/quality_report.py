@@ -185,7 +185,7 @@ def informative(results: dict[str, Any], model: str, min_dense_acc: float) -> di
     return out
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
@@ -251,11 +251,11 @@ def markdown(results: dict[str, Any], min_dense_acc: float) -> str:
             for n in s["lengths"]:
                 cell = row["lengths"][n]
                 acc = cell["accuracy"]
-                cells += ["-" if acc is None else f"{acc:.3f}", _pct(cell["sparsity"])]
+                cells += ["-" if acc is None else f"{acc:.3f}", pct(cell["sparsity"])]
             ppl, change = row.get("ppl"), row.get("ppl_change")
             cells += ["-" if ppl is None else f"{ppl:.4f}",
                       "-" if change is None else f"{100 * change:+.2f}%",
-                      _pct(row.get("ppl_sparsity"))]
+                      pct(row.get("ppl_sparsity"))]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Per task (accuracy, block sparsity in parentheses):", ""]
         tasks = sorted({(r["task"], r["length"]) for r in results["records"]
@@ -273,7 +273,7 @@ def markdown(results: dict[str, Any], min_dense_acc: float) -> str:
                     cells.append("-")
                     continue
                 sp = None if c == "flash_attn" else (r.get("metrics") or {}).get("block_sparsity")
-                cells.append(f"{r['score']:.3f} ({_pct(sp)}, n={r['n']})")
+                cells.append(f"{r['score']:.3f} ({pct(sp)}, n={r['n']})")
             lines.append("| " + " | ".join(cells) + " |")
         cal = results["calibrations"].get(model, {})
         if cal:
