@@ -48,6 +48,14 @@ def kv_scales(layer: torch.nn.Module, query: torch.Tensor) -> KVScales:
     return KVScales(layer._k_scale, layer._v_scale, q_scale)
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)``; an fp8 tensor (a quantised query) is gathered as bytes, which
+    every torch build indexes."""
+    if x.dtype == FP8_DTYPE:
+        return x.view(torch.uint8).index_select(0, index).view(FP8_DTYPE)
+    return x.index_select(0, index)
+
+
 _reshape_and_cache_flash = None
 
 

@@ -44,6 +44,7 @@ from vllm.v1.attention.backends.flash_attn import (
 from sparge_serve.backend import capture
 from sparge_serve.backend.capabilities import SpargeCapabilities, check_layer
 from sparge_serve.backend.kv_cache import (
+    gather_rows,
     kv_cache_writer,
     kv_scales,
     kv_views,
@@ -480,7 +481,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         if sparse.token_index is None:
             q, out = query, output  # batch.query_start_loc holds absolute offsets
         else:
-            q = query.index_select(0, sparse.token_index)
+            q = gather_rows(query, sparse.token_index)
             out = torch.empty(q.shape, dtype=output.dtype, device=q.device)
         st = self._stats
         block_stats = st.kernel_stats(self.layer_index) if st is not None else None
