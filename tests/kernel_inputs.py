@@ -165,18 +165,22 @@ def sdpa(q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch.Tenso
     return out[0].transpose(0, 1)
 
 
-def lowp_attention(q, k, v, scale: float, mask: torch.Tensor) -> torch.Tensor:
+def lowp_attention(q, k, v, scale: float, mask: torch.Tensor, dtype: torch.dtype | None = None,
+                   p_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Plain attention of one request in the inputs' dtype, rounded where the kernels round:
     scores and softmax in fp32 from the (already rounded) inputs, P cast to the dtype for an
-    fp32-accumulated P.V, divided by the fp32 row sum, the output cast to the dtype (as fp32)."""
+    fp32-accumulated P.V, divided by the fp32 row sum, the output cast to the dtype (as fp32).
+    ``dtype`` (default ``q``'s) and ``p_dtype`` (default ``dtype``) name the kernel's output and
+    P dtypes where they differ from the inputs' (fp8 caches: dequantised fp32 inputs)."""
+    dtype = dtype or q.dtype
     group = q.shape[1] // k.shape[1]
     qh = q.float().transpose(0, 1)
     kh, vh = (t.float().repeat_interleave(group, 1).transpose(0, 1) for t in (k, v))
     s = (qh @ kh.transpose(1, 2)) * scale
     s = s.masked_fill(~mask.to(q.device), float("-inf"))
     p = torch.exp(s - s.max(-1, keepdim=True).values)
-    out = (kernel_round(p, q.dtype) @ vh) / p.sum(-1, keepdim=True)
-    return kernel_round(out, q.dtype).transpose(0, 1)
+    out = (kernel_round(p, p_dtype or dtype) @ vh) / p.sum(-1, keepdim=True)
+    return kernel_round(out, dtype).transpose(0, 1)
 
 
 def attention_oracle(case: PagedCase, keeps: list[torch.Tensor] | None = None,

@@ -30,6 +30,7 @@ from tests.kernel_inputs import (
     head_vec,
     kept_blocks,
     kernel_round,
+    lowp_attention,
     make_paged_case,
     request_rows,
     sdpa,
@@ -113,17 +114,24 @@ def test_fp8_cache_equals_bf16_over_the_dequantised_cache(page, q_fp8, rule, dev
     assert torch.equal(out, out_ref)
 
 
-def _lowp_bf16(q, k, v, scale, mask):
-    """Attention in fp32 from the dequantised inputs, P and the output rounded to bf16 where the
-    kernel rounds them."""
-    group = q.shape[1] // k.shape[1]
-    qh = q.float().transpose(0, 1)
-    kh, vh = (t.float().repeat_interleave(group, 1).transpose(0, 1) for t in (k, v))
-    s = (qh @ kh.transpose(1, 2)) * scale
-    s = s.masked_fill(~mask.to(q.device), float("-inf"))
-    p = torch.exp(s - s.max(-1, keepdim=True).values)
-    out = (kernel_round(p, torch.bfloat16) @ vh) / p.sum(-1, keepdim=True)
-    return kernel_round(out, torch.bfloat16).transpose(0, 1)
+def _check_against_sdpa(out: torch.Tensor, c: Fp8Case, base: PagedCase, bm,
+                        p_dtype: torch.dtype = torch.bfloat16) -> list[float]:
+    """``out`` against fp32 SDPA over the dequantised tensors and exactly the kept blocks of
+    ``bm``, within twice the error of attention with ``P`` rounded to ``p_dtype`` (and the
+    output to bf16) plus the output's rounding; returns each request's error."""
+    keeps = kept_blocks(bm, base.batch)
+    errors = []
+    for r in range(base.batch.num_reqs):
+        q, k, v = c.dequant.request_kv(r)
+        mask = token_mask(keeps[r], q.shape[0], k.shape[0]).to(q.device)
+        ref = sdpa(q, k, v, base.scale, mask)
+        lowp = lowp_attention(q, k, v, base.scale, mask, torch.bfloat16, p_dtype)
+        tol = 2 * (lowp - ref).abs().max().item()
+        tol += (kernel_round(ref, torch.bfloat16) - ref).abs().max().item()
+        err = (out[request_rows(base.batch, r)].float() - ref).abs().max().item()
+        assert err <= tol, f"request {r}: error {err:.3g} > tolerance {tol:.3g}"
+        errors.append(err)
+    return errors
 
 
 @pytest.mark.parametrize("page", [16, 64])
@@ -138,17 +146,8 @@ def test_fp8_attention_equals_sdpa_over_its_kept_blocks(page, q_fp8, device):
     bm = sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale,
                               head_vec(0.4, hq, device), head_vec(0.8, hq, device),
                               head_vec(50.0, hq, device), out, scales=c.scales)
-    keeps = kept_blocks(bm, base.batch)
-    assert any((k.sum(-1) < bm.n_valid[r, :, :k.shape[1]].cpu()).any()
-               for r, k in enumerate(keeps)), "every block kept: no sparsity tested"
-    for r in range(base.batch.num_reqs):
-        q, k, v = c.dequant.request_kv(r)
-        mask = token_mask(keeps[r], q.shape[0], k.shape[0])
-        ref = sdpa(q, k, v, base.scale, mask)
-        tol = 2 * (_lowp_bf16(q, k, v, base.scale, mask) - ref).abs().max().item()
-        tol += (kernel_round(ref, torch.bfloat16) - ref).abs().max().item()
-        err = (out[request_rows(base.batch, r)].float() - ref).abs().max().item()
-        assert err <= tol, f"request {r}: error {err:.3g} > tolerance {tol:.3g}"
+    assert (bm.count < bm.n_valid).any(), "every block kept: no sparsity tested"
+    _check_against_sdpa(out, c, base, bm)
 
 
 def test_fp8_scales_are_read_on_the_device_not_baked_in(device):
@@ -277,34 +276,7 @@ def test_gpu_fp8_prefill_at_serving_sizes(dim, q_fp8):
             sparge_paged_prefill(d.q, d.key_cache, d.value_cache, d.batch, d.scale, *args, ref)
             assert torch.equal(out, ref)
             continue
-        keeps = kept_blocks(bm, base.batch)
-        for r in range(base.batch.num_reqs):
-            q, k, v = c.dequant.request_kv(r)
-            mask = token_mask(keeps[r], q.shape[0], k.shape[0]).to(device)
-            ref = sdpa(q, k, v, base.scale, mask)
-            tol = 2 * (_lowp_bf16(q, k, v, base.scale, mask) - ref).abs().max().item()
-            tol += (ref.to(torch.bfloat16).float() - ref).abs().max().item()
-            err = (out[request_rows(base.batch, r)].float() - ref).abs().max().item()
-            assert err <= tol, f"request {r}: error {err:.3g} > tolerance {tol:.3g}"
-
-
-def _lowp_fp8_p(q, k, v, scale, mask):
-    """Attention in fp32 from the dequantised inputs with ``P`` rounded to fp8 for ``P.V`` (as
-    FlashAttention-3's fp8 forward and ``fp8_dot`` do), the output rounded to bf16."""
-    group = q.shape[1] // k.shape[1]
-    qh = q.float().transpose(0, 1)
-    kh, vh = (t.float().repeat_interleave(group, 1).transpose(0, 1) for t in (k, v))
-    s = (qh @ kh.transpose(1, 2)) * scale
-    s = s.masked_fill(~mask.to(q.device), float("-inf"))
-    p = torch.exp(s - s.max(-1, keepdim=True).values)
-    out = (_fp8_round(p) @ vh) / p.sum(-1, keepdim=True)
-    return kernel_round(out, torch.bfloat16).transpose(0, 1)
-
-
-def _fp8_round(p: torch.Tensor) -> torch.Tensor:
-    """Non-negative ``p`` (fp32) rounded to fp8 e4m3 to nearest, as the kernel rounds it (on the
-    GPU, and under the CPU interpreter through ``attention._rounded_p``)."""
-    return p.to(FP8_DTYPE).float()
+        _check_against_sdpa(out, c, base, bm)
 
 
 @pytest.mark.parametrize("page", [16, 64])
@@ -318,17 +290,12 @@ def test_fp8_dot_equals_sdpa_within_fp8_p_rounding(page, device):
     bm = sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale,
                               head_vec(0.4, hq, device), head_vec(0.8, hq, device),
                               head_vec(50.0, hq, device), out, scales=c.scales, fp8_dot=True)
-    keeps = kept_blocks(bm, base.batch)
-    for r in range(base.batch.num_reqs):
-        q, k, v = c.dequant.request_kv(r)
-        mask = token_mask(keeps[r], q.shape[0], k.shape[0])
-        ref = sdpa(q, k, v, base.scale, mask)
-        tol = 2 * (_lowp_fp8_p(q, k, v, base.scale, mask) - ref).abs().max().item()
-        tol += (kernel_round(ref, torch.bfloat16) - ref).abs().max().item()
-        err = (out[request_rows(base.batch, r)].float() - ref).abs().max().item()
-        assert err <= tol, f"request {r}: error {err:.3g} > tolerance {tol:.3g}"
-        bf16_err = (_lowp_bf16(q, k, v, base.scale, mask) - ref).abs().max().item()
-        assert err > bf16_err / 4, "no fp8 rounding of P seen: fp8_dot did not take effect"
+    errors = _check_against_sdpa(out, c, base, bm, p_dtype=FP8_DTYPE)
+    bf16 = torch.zeros_like(out)
+    sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
+                           head_vec(50.0, hq, device), bf16, scales=c.scales)
+    bf16_errors = _check_against_sdpa(bf16, c, base, bm)
+    assert min(errors) > 2 * max(bf16_errors), "no fp8 rounding of P: fp8_dot took no effect"
 
 
 def test_fp8_dot_needs_an_fp8_query_and_cache(device):

@@ -249,20 +249,29 @@ def setup(workload):
     return tmp, prompts, max_model_len, flash
 
 
-def test_dense_equivalent_thresholds_match_flash_attn(setup, record_property):
-    tmp, prompts, max_model_len, flash = setup
-    th = _write_thresholds(tmp / "dense.safetensors", "dense")
-    sparge = _run_engine(tmp, "sparge_dense", "SPARGE", prompts, max_model_len,
+def _dense_equivalent_matches(record_property, name: str, tmp: Path, prompts,
+                              max_model_len: int, flash: dict, **extra) -> None:
+    """Dense-equivalent thresholds served by SPARGE (``extra``: engine options, as FLASH_ATTN's
+    baseline ``flash`` had them) keep every block and match ``flash`` up to near ties."""
+    th = _write_thresholds(tmp / f"{name}.safetensors", "dense")
+    sparge = _run_engine(tmp, f"sparge_{name}", "SPARGE", prompts, max_model_len,
                          additional_config={"sparge": {"thresholds": th,
-                                                       "min_sparse_len": MIN_SPARSE_LEN}})
+                                                       "min_sparse_len": MIN_SPARSE_LEN}},
+                         **extra)
     summary = _compare(flash, sparge)
     summary["sparsity"] = _sparsity(sparge)
     summary["prompt_tokens_sparse_dense"] = sparge["tokens"]
-    _report(record_property, "dense_equivalent_vs_flash_attn", summary)
+    _report(record_property, name, summary)
     assert sparge["blocks"] is not None and sparge["blocks"][0] > 0, "sparse path never ran"
     assert sparge["blocks"][1] == sparge["blocks"][0], "dense-equivalent thresholds dropped blocks"
     assert sparge["blocks"][2] == 0
     assert summary["mismatch"] == 0, summary
+
+
+def test_dense_equivalent_thresholds_match_flash_attn(setup, record_property):
+    tmp, prompts, max_model_len, flash = setup
+    _dense_equivalent_matches(record_property, "dense_equivalent_vs_flash_attn", tmp, prompts,
+                              max_model_len, flash)
 
 
 def test_fp8_kv_cache_dense_equivalent_matches_flash_attn_fp8(workload, record_property):
@@ -271,17 +280,8 @@ def test_fp8_kv_cache_dense_equivalent_matches_flash_attn_fp8(workload, record_p
     tmp, prompts, max_model_len = workload
     fp8 = {"engine_args": {"kv_cache_dtype": "fp8"}}
     flash = _run_engine(tmp, "flash_attn_fp8", "FLASH_ATTN", prompts, max_model_len, **fp8)
-    th = _write_thresholds(tmp / "dense_fp8.safetensors", "dense")
-    sparge = _run_engine(tmp, "sparge_dense_fp8", "SPARGE", prompts, max_model_len,
-                         additional_config={"sparge": {"thresholds": th,
-                                                       "min_sparse_len": MIN_SPARSE_LEN}}, **fp8)
-    summary = _compare(flash, sparge)
-    summary["sparsity"] = _sparsity(sparge)
-    summary["prompt_tokens_sparse_dense"] = sparge["tokens"]
-    _report(record_property, "fp8_dense_equivalent_vs_flash_attn_fp8", summary)
-    assert sparge["blocks"] is not None and sparge["blocks"][0] > 0, "sparse path never ran"
-    assert sparge["blocks"][1] == sparge["blocks"][0], "dense-equivalent thresholds dropped blocks"
-    assert summary["mismatch"] == 0, summary
+    _dense_equivalent_matches(record_property, "fp8_dense_equivalent_vs_flash_attn_fp8", tmp,
+                              prompts, max_model_len, flash, **fp8)
 
 
 # Block sparsity up to which a configuration counts as dense-equivalent: its outputs must equal
