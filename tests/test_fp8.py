@@ -115,10 +115,10 @@ def test_fp8_cache_equals_bf16_over_the_dequantised_cache(page, q_fp8, rule, dev
 
 
 def _check_against_sdpa(out: torch.Tensor, c: Fp8Case, base: PagedCase, bm,
-                        p_dtype: torch.dtype = torch.bfloat16) -> list[float]:
+                        p_dtype: torch.dtype | None = None) -> list[float]:
     """``out`` against fp32 SDPA over the dequantised tensors and exactly the kept blocks of
-    ``bm``, within twice the error of attention with ``P`` rounded to ``p_dtype`` (and the
-    output to bf16) plus the output's rounding; returns each request's error."""
+    ``bm``, within twice the error of attention with ``P`` rounded to ``p_dtype`` (default
+    bf16) and the output to bf16, plus the output's rounding; returns each request's error."""
     keeps = kept_blocks(bm, base.batch)
     errors = []
     for r in range(base.batch.num_reqs):
@@ -135,19 +135,26 @@ def _check_against_sdpa(out: torch.Tensor, c: Fp8Case, base: PagedCase, bm,
 
 
 @pytest.mark.parametrize("page", [16, 64])
-@pytest.mark.parametrize("q_fp8", [False, True])
-def test_fp8_attention_equals_sdpa_over_its_kept_blocks(page, q_fp8, device):
+@pytest.mark.parametrize("q_fp8, fp8_dot", [(False, False), (True, False), (True, True)])
+def test_fp8_attention_equals_sdpa_over_its_kept_blocks(page, q_fp8, fp8_dot, device):
     """vLLM's scales (amax / 448): fp32 SDPA over the dequantised tensors and exactly the
-    kernel's kept blocks."""
+    kernel's kept blocks, within twice the error of rounding ``P`` to bf16, or with ``fp8_dot``
+    (both products of fp8 operands) to fp8."""
     base = _case(device, page, seed=3)
     c = _fp8_case(base, q_fp8, pow2=False, dtype=torch.float32)
     hq = base.q.shape[1]
     out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
     bm = sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale,
                               head_vec(0.4, hq, device), head_vec(0.8, hq, device),
-                              head_vec(50.0, hq, device), out, scales=c.scales)
+                              head_vec(50.0, hq, device), out, scales=c.scales, fp8_dot=fp8_dot)
     assert (bm.count < bm.n_valid).any(), "every block kept: no sparsity tested"
-    _check_against_sdpa(out, c, base, bm)
+    errors = _check_against_sdpa(out, c, base, bm, p_dtype=FP8_DTYPE if fp8_dot else None)
+    if fp8_dot:
+        bf16 = torch.zeros_like(out)
+        sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
+                               head_vec(50.0, hq, device), bf16, scales=c.scales)
+        bf16_errors = _check_against_sdpa(bf16, c, base, bm)
+        assert min(errors) > 2 * max(bf16_errors), "no fp8 rounding of P: fp8_dot took no effect"
 
 
 def test_fp8_scales_are_read_on_the_device_not_baked_in(device):
@@ -277,25 +284,6 @@ def test_gpu_fp8_prefill_at_serving_sizes(dim, q_fp8):
             assert torch.equal(out, ref)
             continue
         _check_against_sdpa(out, c, base, bm)
-
-
-@pytest.mark.parametrize("page", [16, 64])
-def test_fp8_dot_equals_sdpa_within_fp8_p_rounding(page, device):
-    """``fp8_dot``: both products of fp8 operands, ``P`` in fp8: fp32 SDPA over the dequantised
-    tensors and the kept blocks, within twice the error of rounding ``P`` to fp8."""
-    base = _case(device, page, seed=7)
-    c = _fp8_case(base, True, pow2=False, dtype=torch.float32)
-    hq = base.q.shape[1]
-    out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
-    bm = sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale,
-                              head_vec(0.4, hq, device), head_vec(0.8, hq, device),
-                              head_vec(50.0, hq, device), out, scales=c.scales, fp8_dot=True)
-    errors = _check_against_sdpa(out, c, base, bm, p_dtype=FP8_DTYPE)
-    bf16 = torch.zeros_like(out)
-    sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
-                           head_vec(50.0, hq, device), bf16, scales=c.scales)
-    bf16_errors = _check_against_sdpa(bf16, c, base, bm)
-    assert min(errors) > 2 * max(bf16_errors), "no fp8 rounding of P: fp8_dot took no effect"
 
 
 def test_fp8_dot_needs_an_fp8_query_and_cache(device):
