@@ -775,7 +775,7 @@ def plot(results, meta, path: str) -> None:
 
 
 def main():
-    global SWEEP, D, TIME_VARIANTS, VIRTUAL, CHUNKED, KV_FP8
+    global SWEEP, D, HQ, HKV, TIME_VARIANTS, VIRTUAL, CHUNKED, KV_FP8
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--pages", type=int, nargs="+", default=[64, 16])
@@ -792,6 +792,9 @@ def main():
                     "the latter")
     ap.add_argument("--head-dim", type=int, default=D, choices=(64, 128, 256),
                     help=f"head dim (default {D}, the issue's benchmark)")
+    ap.add_argument("--heads", type=int, nargs=2, metavar=("Q", "KV"), default=[HQ, HKV],
+                    help=f"query and KV heads (default {HQ} {HKV}; Gemma 3 270M: 4 1 with "
+                    "--head-dim 256)")
     ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16",
                     help="fp8: also time the sparse path over an fp8 KV cache with an fp8 query "
                     "(rows <config>+fp8, and <config>+fp8dot with fp8 compute) against "
@@ -805,6 +808,10 @@ def main():
         plot(saved["results"], saved["meta"], str(Path(args.replot).with_suffix(".png")))
         return
     SWEEP, D, TIME_VARIANTS = args.sweep, args.head_dim, args.variants
+    q_heads, kv_heads = args.heads
+    if q_heads < 1 or kv_heads < 1 or q_heads % kv_heads:
+        ap.error(f"--heads {q_heads} {kv_heads}: query heads must be a multiple of KV heads")
+    HQ, HKV = q_heads, kv_heads
     VIRTUAL, CHUNKED = args.virtual, args.chunked
     KV_FP8 = args.kv_dtype == "fp8"
     try:

@@ -290,7 +290,12 @@ def test_kernels_help_lists_kv_dtype(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["bench_kernels.py", "--help"])
     with pytest.raises(SystemExit):
         bench.main()
-    assert "--kv-dtype {bf16,fp8}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--kv-dtype {bf16,fp8}" in out and "--heads Q KV" in out
+    monkeypatch.setattr("sys.argv", ["bench_kernels.py", "--heads", "6", "4"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "query heads must be a multiple of KV heads" in capsys.readouterr().err
 
 
 SCRIPTS = sorted(p.relative_to(ROOT) for d in ("benchmarks", "scripts")
