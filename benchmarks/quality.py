@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir=args.model_dirs[model])
     print("\n".join(plan_lines(args, results)), flush=True)
     # a time limit's SIGTERM unwinds like Ctrl-C: servers and children are stopped, results kept
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if "convert" in args.stages:
             stage_convert(args, results)
@@ -493,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             stage_eval(args, results)
     except KeyboardInterrupt as e:
         note(results, f"interrupted ({e or 'Ctrl-C'}); what was measured is kept")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     qr.save_results(results, args.results)
     if "report" in args.stages:
         prefix = os.path.join(args.out, "quality")

@@ -41,16 +41,21 @@ from quality import (
 
 from tests import subproc
 
+# the local server is reached directly, whatever proxy the environment names
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 SETTLE_INTERVAL_S = 1.2  # between scrapes; the backend writes its counters once a second
 LM_EVAL_SEEDS = dict(random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
                      fewshot_random_seed=1234)
 
 
 def offline_env(work_dir: str) -> None:
-    """No hub or dataset downloads; nltk finds a (stub) punkt_tab so that lm-eval's RULER module
-    does not try to download it at import (the offline tasks never split sentences)."""
+    """No hub or dataset downloads, no proxy for the local servers; nltk finds a (stub)
+    punkt_tab so that lm-eval's RULER module does not try to download it at import (the offline
+    tasks never split sentences)."""
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                       TOKENIZERS_PARALLELISM="false")
+    for var in ("NO_PROXY", "no_proxy"):  # the local servers never go through a proxy
+        os.environ[var] = ",".join(filter(None, ["127.0.0.1,localhost", os.environ.get(var)]))
     try:
         import nltk
 
@@ -125,11 +130,11 @@ class Server:
     def post(self, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
         req = urllib.request.Request(f"{self.base}/v1/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with DIRECT.open(req, timeout=timeout) as r:
             return json.load(r)
 
     def scrape(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.base}/metrics", timeout=30) as r:
+        with DIRECT.open(f"{self.base}/metrics", timeout=30) as r:
             return qr.parse_metrics(r.read().decode())
 
     def settled(self) -> dict[str, Any]:

@@ -431,6 +431,12 @@ def test_serving_stage_through_lm_eval_against_a_stand_in_server(smol_tokenizer,
     pytest.importorskip("lm_eval", reason="lm-eval is in the 'quality' and 'test' extras")
     import quality_eval
 
+    # the stage sets offline and proxy variables for its process: restored after the test
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "NLTK_DATA",
+                "TOKENIZERS_PARALLELISM", "NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(var, os.environ.get(var, ""))
+        if not os.environ[var]:
+            monkeypatch.delenv(var)
     script = tmp_path / "fake_server.py"
     script.write_text(FAKE_SERVER)
     monkeypatch.setattr(quality, "server_command", lambda args, model, config, port: [
