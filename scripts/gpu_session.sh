@@ -53,18 +53,19 @@
 #              $E2E_BUDGET_S seconds (540) and keeps what it measured; a later call given the
 #              earlier file (E2E_MERGE=path/e2e.json) runs only what that file lacks. Extra
 #              bench_e2e.py options: $E2E_ARGS. Times are the plan's rough estimates.
-#   quality    benchmarks/quality.py (docs/PERFORMANCE.md, "Quality"): accuracy through lm-eval's
+#   quality    benchmarks/quality.py ("Quality" in PERFORMANCE.md): accuracy through lm-eval's
 #              local-completions client against vllm serve, perplexity and the block sparsity the
-#              server measured, for SmolLM2-135M and Gemma 3 270M (converted by sparge-models:
-#              their packages must be installed) under FLASH_ATTN, SPARGE defaults and SPARGE
-#              with thresholds calibrated at three budgets. Stages $QUALITY_STAGES (convert
-#              calibrate accuracy perplexity report), models $QUALITY_MODELS (smollm2), more
-#              options $QUALITY_ARGS (e.g. --quick, --configs flash_attn defaults); starts no
-#              server or calibration that would end after $QUALITY_DEADLINE minutes (9). Merges
-#              into $OUT/quality.{json,md,png} from $QUALITY_RESUME (an earlier call's
-#              quality.json; default benchmarks/results/quality.json when present), so the same
-#              call again continues; calibrated files also land in $OUT/quality_thresholds
-#              (looked up in benchmarks/results/quality_thresholds by a later call).
+#              server measured, for SmolLM2-135M and Gemma 3 270M (the 'models' stage's folders
+#              in $MODELS_DIR, else converted from their installed packages) under FLASH_ATTN,
+#              SPARGE defaults and SPARGE with thresholds calibrated at three budgets. Stages
+#              $QUALITY_STAGES (convert calibrate accuracy perplexity report), models
+#              $QUALITY_MODELS (smollm2), more options $QUALITY_ARGS (e.g. --quick, --configs
+#              flash_attn defaults); starts no server or calibration that would end after
+#              $QUALITY_DEADLINE minutes (9). Merges into $OUT/quality.{json,md,png} from
+#              $QUALITY_RESUME (an earlier call's quality.json; default
+#              benchmarks/results/quality.json when present), so the same call again continues;
+#              calibrated files also land in $OUT/quality_thresholds (looked up in
+#              benchmarks/results/quality_thresholds by a later call).
 #   models     SmolLM2 / Gemma 3 as Hugging Face folders in $MODELS_DIR (/tmp/models) from the
 #              GGUF chunks of scripts/gpu_models_split.sh staged in $MODEL_STAGE (/tmp/mstage);
 #              then e.g. SPARGE_TEST_MODEL=/tmp/models/smollm2 ... engine
@@ -232,10 +233,15 @@ for stage in "$@"; do
         # one vllm serve per configuration; every evaluation merges into $OUT/quality.json as it
         # ends, so a call stopped at its deadline or time limit keeps what it measured
         QUALITY_RESUME=${QUALITY_RESUME:-benchmarks/results/quality.json}
+        qdirs=()  # folders the 'models' stage converted, used instead of converting again
+        for key in smollm2 gemma3; do
+            [ -f "${MODELS_DIR:-/tmp/models}/$key/config.json" ] \
+                && qdirs+=(--model-dir "$key=${MODELS_DIR:-/tmp/models}/$key")
+        done
         run quality timeout 590 python3 benchmarks/quality.py \
             --stages ${QUALITY_STAGES:-convert calibrate accuracy perplexity report} \
             --models ${QUALITY_MODELS:-smollm2} --out "$OUT" --logs "$OUT/quality_logs" \
-            --deadline "${QUALITY_DEADLINE:-9}" \
+            --deadline "${QUALITY_DEADLINE:-9}" ${qdirs[@]+"${qdirs[@]}"} \
             ${QUALITY_RESUME:+$([ -f "$QUALITY_RESUME" ] && echo --resume "$QUALITY_RESUME")} \
             ${QUALITY_ARGS:-}
         ;;
