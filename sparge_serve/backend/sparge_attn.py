@@ -402,7 +402,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             self._sparse(layer, query, kv_cache, sparse, attn_metadata.plan, output)
         counts = attn_metadata.counts
         if counts is not None and self._stats is not None and self.layer_index is not None:
-            self._count(counts, run_sparse)
+            counts.add_to(self._stats, self.layer_index, run_sparse)
         return output
 
     @property
@@ -448,17 +448,6 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             q = query.index_select(0, sparse.token_index)
         capture.emit_prefill(self.layer_index, q, key_cache, value_cache, batch, self.scale,
                              self.layer_name or "")
-
-    def _count(self, c: StepCounts, ran_sparse: bool) -> None:
-        st, layer = self._stats, self.layer_index
-        if ran_sparse:
-            st.count_prefill(layer, c.sparse_tokens, c.dense_tokens)
-        else:
-            st.count_prefill(layer, 0, c.sparse_tokens + c.dense_tokens)
-            if c.sparse_reqs:
-                st.count_fallback(c.dense_layer_reason, c.sparse_reqs)
-        for reason, n in c.fallbacks:
-            st.count_fallback(reason, n)
 
     def _dense(self, layer, query, key, value, kv_cache, md: FlashAttentionMetadata,
                output: torch.Tensor) -> None:

@@ -152,6 +152,19 @@ class StepCounts:
     fallbacks: tuple[tuple[Any, int], ...]  # (FallbackReason, requests) dense in every layer
     dense_layer_reason: Any  # FallbackReason for sparse requests run by a dense layer
 
+    def add_to(self, stats: Any, layer: int, ran_sparse: bool) -> None:
+        """Add the step's counts of global layer ``layer`` to ``stats`` (``SpargeStats``): its
+        prompt tokens by path and the dense fallbacks (the sparse requests too when the layer
+        ran them dense)."""
+        if ran_sparse:
+            stats.count_prefill(layer, self.sparse_tokens, self.dense_tokens)
+        else:
+            stats.count_prefill(layer, 0, self.sparse_tokens + self.dense_tokens)
+            if self.sparse_reqs:
+                stats.count_fallback(self.dense_layer_reason, self.sparse_reqs)
+        for reason, n in self.fallbacks:
+            stats.count_fallback(reason, n)
+
 
 def step_counts(split: RequestSplit, enabled: bool, reasons: Any) -> StepCounts:
     """The step's host counts for the metrics (``reasons``: ``sparge_serve.metrics.FallbackReason``;
