@@ -287,7 +287,7 @@ def _tokenizer(model_dir: str):
 
 
 def _load(parser, flag: str, path: str, model_dir: str, info, max_len: int | None, minimum: int,
-          limit: int | None = None) -> list[list[int]]:
+          limit: int | None = None, driver: str = "hf") -> list[list[int]]:
     try:
         prompts = load_prompts(path, _tokenizer(model_dir), info.vocab_size)
         if limit is not None:
@@ -298,10 +298,14 @@ def _load(parser, flag: str, path: str, model_dir: str, info, max_len: int | Non
     except PromptError as e:
         parser.error(f"{flag}: {e}")
     longest = max(len(p) for p in prompts)
-    if info.max_positions and longest > info.max_positions:
+    # NOTE: the vLLM capture engine generates one token after each prompt, and vLLM keeps
+    # prompt + output within max_position_embeddings
+    positions = info.max_positions - (driver == "vllm") if info.max_positions else None
+    if positions and longest > positions:
+        why = " less the token the vLLM capture generates" if driver == "vllm" else ""
         parser.error(f"{flag}: a prompt has {longest} tokens, more than the model's "
-                     f"max_position_embeddings {info.max_positions}; pass --max-len "
-                     f"{info.max_positions} or shorter prompts")
+                     f"max_position_embeddings {info.max_positions}{why}; pass --max-len "
+                     f"{positions} or shorter prompts")
     return prompts
 
 
@@ -361,10 +365,11 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, saved: dict
                      "supported)")
     budgets = _layer_budgets(parser, args, info.num_layers)
     prompts = _load(parser, "--prompts", args.prompts, args.model_dir, info, args.max_len,
-                    MIN_PROMPT_TOKENS, args.samples)
+                    MIN_PROMPT_TOKENS, args.samples, args.driver)
     heldout = None
     if args.report is not None:
-        heldout = _load(parser, "--report", args.report, args.model_dir, info, args.max_len, 2)
+        heldout = _load(parser, "--report", args.report, args.model_dir, info, args.max_len, 2,
+                        driver=args.driver)
     config = SearchConfig(
         sim_grid=tuple(args.sim_grid), cdf_steps=args.cdf_steps, pv_steps=args.pv_steps,
         sparsity_floor=args.sparsity_floor, rule=args.sim_rule, quantile=args.quantile,

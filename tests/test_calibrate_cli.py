@@ -3,6 +3,7 @@ and the transformers capture driver."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -236,7 +237,7 @@ ARG_ERRORS = [
     (["--prompts", "{d}/badids.jsonl"], "must be a list of integers"),
     (["--prompts", "{d}/oov.jsonl"], "outside the model's vocabulary"),
     (["--prompts", "{d}/short.jsonl"], "prompt 1 has 100 tokens; need at least 256"),
-    (["--prompts", "{d}/long.jsonl"], "max_position_embeddings 1024; pass --max-len"),
+    (["--prompts", "{d}/long.jsonl"], "max_position_embeddings 1024; pass --max-len 1024"),
     (["--out", "{d}/th.pt"], "must end with .safetensors"),
     (["--out", "{d}/no/such/dir/th.safetensors"], "does not exist"),
     (["--l1", "0"], "must be a positive number"),
@@ -276,6 +277,26 @@ ARG_ERRORS = [
     (["{d}/hd32"], "head dim 32 is not served"),
     (["{d}/notok", "--prompts", "{d}/calib.txt"], "no tokenizer loads from"),
 ]
+def test_vllm_capture_keeps_one_position_for_its_generated_token(tiny_model, tmp_path):
+    """Prompts of the whole context pass the transformers driver; the vLLM driver, which
+    generates one token after each prompt, asks for one token less."""
+    from types import SimpleNamespace
+
+    from sparge_calibrate import cli
+
+    path = tmp_path / "full.jsonl"
+    path.write_text(json.dumps({"prompt_token_ids": [5] * 1024}) + "\n")
+    info = SimpleNamespace(vocab_size=VOCAB, max_positions=1024)
+    parser = argparse.ArgumentParser()
+    assert len(cli._load(parser, "--prompts", str(path), str(tiny_model), info, None, 256)[0]) == 1024
+    parser.error = lambda message: (_ for _ in ()).throw(ValueError(message))
+    with pytest.raises(ValueError, match=r"max_position_embeddings 1024 less the token the vLLM "
+                                         r"capture generates; pass --max-len 1023"):
+        cli._load(parser, "--prompts", str(path), str(tiny_model), info, None, 256, driver="vllm")
+    assert len(cli._load(parser, "--prompts", str(path), str(tiny_model), info, 1023, 256,
+                         driver="vllm")[0]) == 1023
+
+
 if not torch.cuda.is_available():
     ARG_ERRORS.append((["--device", "cuda"], "no CUDA GPU is available"))
 
