@@ -55,7 +55,7 @@
 #              bench_e2e.py options: $E2E_ARGS. Times are the plan's rough estimates.
 #   quality    benchmarks/quality.py ("Quality" in PERFORMANCE.md): accuracy through lm-eval's
 #              local-completions client against vllm serve, perplexity and the block sparsity the
-#              server measured, for SmolLM2-135M and Gemma 3 270M (the 'models' stage's folders
+#              server measured, for SmolLM2-135M and Gemma 3 270M (the 'payload' stage's folders
 #              in $MODELS_DIR, else converted from their installed packages) under FLASH_ATTN,
 #              SPARGE defaults and SPARGE with thresholds calibrated at three budgets. Stages
 #              $QUALITY_STAGES (convert calibrate accuracy perplexity report), models
@@ -66,9 +66,10 @@
 #              benchmarks/results/quality.json when present), so the same call again continues;
 #              calibrated files also land in $OUT/quality_thresholds (looked up in
 #              benchmarks/results/quality_thresholds by a later call).
-#   models     SmolLM2 / Gemma 3 as Hugging Face folders in $MODELS_DIR (/tmp/models) from the
-#              GGUF chunks of scripts/gpu_models_split.sh staged in $MODEL_STAGE (/tmp/mstage);
-#              then e.g. SPARGE_TEST_MODEL=/tmp/models/smollm2 ... engine
+#   payload    the chunks of scripts/gpu_payload.py staged in $PAYLOAD_STAGE (/tmp/pstage):
+#              wheels of an extra (e.g. quality's lm-eval) into /tmp/site, SmolLM2 / Gemma 3 as
+#              Hugging Face folders in $MODELS_DIR (/tmp/models); then e.g.
+#              SPARGE_TEST_MODEL=/tmp/models/smollm2 ... engine
 #   soak       metrics under a vllm bench serve load (tests/gpu/test_metrics_soak.py)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 #   host       host (CPU) time per attention call, sparse paths vs FA3, bench shapes and the
@@ -233,7 +234,7 @@ for stage in "$@"; do
         # one vllm serve per configuration; every evaluation merges into $OUT/quality.json as it
         # ends, so a call stopped at its deadline or time limit keeps what it measured
         QUALITY_RESUME=${QUALITY_RESUME:-benchmarks/results/quality.json}
-        qdirs=()  # folders the 'models' stage converted, used instead of converting again
+        qdirs=()  # folders the 'payload' stage converted, used instead of converting again
         for key in smollm2 gemma3; do
             [ -f "${MODELS_DIR:-/tmp/models}/$key/config.json" ] \
                 && qdirs+=(--model-dir "$key=${MODELS_DIR:-/tmp/models}/$key")
@@ -245,16 +246,18 @@ for stage in "$@"; do
             ${QUALITY_RESUME:+$([ -f "$QUALITY_RESUME" ] && echo --resume "$QUALITY_RESUME")} \
             ${QUALITY_ARGS:-}
         ;;
-    models)
-        # the real models from the chunks of scripts/gpu_models_split.sh in $MODEL_STAGE
-        # (default /tmp/mstage): joined, the gguf wheel installed into /tmp/site, each GGUF file
-        # converted (its SHA-256 checked) into $MODELS_DIR/<model> (default /tmp/models)
-        st=${MODEL_STAGE:-/tmp/mstage}
-        [ -d "$st/models" ] || (cd "$st" && cat part* | tar -x)
-        python3 -m pip install -q --no-deps --no-index --target /tmp/site "$st"/wheels/*.whl
+    payload)
+        # the chunks of scripts/gpu_payload.py staged in $PAYLOAD_STAGE (default /tmp/pstage):
+        # joined, their wheels installed into /tmp/site (a package already there is kept), each
+        # GGUF file converted (its SHA-256 checked) into $MODELS_DIR/<model> (default /tmp/models)
+        st=${PAYLOAD_STAGE:-/tmp/pstage}
+        [ -d "$st/wheels" ] || (cd "$st" && cat part* | tar -x)
+        ls "$st"/wheels/*.whl >/dev/null 2>&1 && run payload_wheels \
+            python3 -m pip install -q --no-deps --no-index --target /tmp/site "$st"/wheels/*.whl
         for f in "$st"/models/*.gguf; do
+            [ -e "$f" ] || continue
             key=$(basename "$f" .gguf)
-            run "models_$key" python3 -m sparge_serve.models convert "$key" --gguf "$f" \
+            run "payload_$key" python3 -m sparge_serve.models convert "$key" --gguf "$f" \
                 --out "${MODELS_DIR:-/tmp/models}/$key" --quiet
         done
         ;;

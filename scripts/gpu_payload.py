@@ -1,0 +1,150 @@
+"""Pack what a GPU session needs beyond the vLLM bundle into chunks that travel with the tree.
+
+    python3 scripts/gpu_payload.py --models smollm2 gemma3 --extra quality
+        # writes .gpu/payload/cpart00, cpart01, ... (<= --chunk-mb MiB each, default 34)
+
+Run it with a Python that has pip (not the project's uv environment, which has none; the
+models are located in that environment through ``uv run``). The GPU machines have no network, Python 3.12, torch and transformers, and get vLLM 0.26.0 from
+a wheel bundle (``scripts/gpu_bundle_split.sh``); a transfer carries the working tree (about
+28 MB) and at most 64 MiB in all. The payload holds:
+
+- ``models/<model>.gguf``: the real models' GGUF files, from their installed packages
+  (``sparge-models list``), with the ``gguf`` wheel that reads them;
+- ``wheels/``: the wheels an optional extra of pyproject.toml adds to the locked environment
+  (``uv export`` with and without it: exactly the packages the base install lacks), for CPython
+  3.12 on manylinux x86_64; a package published only as source is built into a wheel here (pure
+  Python ones; anything else is refused).
+
+Then, back to back on the GPU machine (an idle one is given back after 30 s), one call per chunk:
+
+    run carry [".gpu/payload/cpartNN"]: mkdir -p /tmp/pstage && cp .gpu/payload/cpartNN/* /tmp/pstage/
+
+and, with the vLLM bundle installed, ``bash scripts/gpu_session.sh payload`` joins the chunks,
+installs the wheels into /tmp/site (never over a package already there) and converts each model
+into /tmp/models/<model> (``sparge-models convert MODEL --gguf FILE``, its SHA-256 checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
+            *[a for tag in ("manylinux_2_17_x86_64", "manylinux_2_28_x86_64",
+                            "manylinux_2_34_x86_64", "manylinux2014_x86_64", "any")
+              for a in ("--platform", tag)]]
+"""pip download's target: the GPU machines' CPython 3.12 on x86_64 Linux."""
+PIP = [sys.executable, "-m", "pip"]
+"""The pip that downloads and builds wheels (``--pip``: a uv environment has none)."""
+
+
+def _pins(extra: str | None) -> dict[str, str]:
+    """``{name: version}`` of the locked environment (with ``extra``), from ``uv export``."""
+    cmd = ["uv", "export", "--no-hashes", "--no-emit-project", "--format", "requirements-txt"]
+    if extra:
+        cmd += ["--extra", extra]
+    text = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    pins = {}
+    for line in text.splitlines():
+        m = re.match(r"([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([^\s;]+)", line.strip())
+        if m:
+            pins[m.group(1).lower().replace("_", "-")] = m.group(3)
+    return pins
+
+
+def extra_wheels(extra: str, dest: Path) -> list[str]:
+    """Download (or build) the wheels ``extra`` adds to the locked base environment."""
+    base, full = _pins(None), _pins(extra)
+    added = sorted((n, v) for n, v in full.items() if n not in base)
+    if not added:
+        sys.exit(f"gpu_payload: the extra {extra!r} adds no package (is it in pyproject.toml?)")
+    for name, version in added:
+        spec = f"{name}=={version}"
+        got = subprocess.run([*PIP, "download", "-q", "--no-deps",
+                              *PLATFORM, "-d", str(dest), spec], capture_output=True, text=True)
+        if got.returncode == 0:
+            continue
+        # published as source only: a pure-Python wheel built here serves any platform
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([*PIP, "wheel", "-q", "--no-deps", "-w", tmp,
+                            spec], check=True)
+            for whl in Path(tmp).glob("*.whl"):
+                if not whl.name.endswith("-none-any.whl"):
+                    sys.exit(f"gpu_payload: {spec} has no wheel for the GPU machines and builds "
+                             f"a platform wheel here ({whl.name})")
+                shutil.move(str(whl), dest / whl.name)
+    return [f"{n}=={v}" for n, v in added]
+
+
+_LOCATE = """import sys
+from sparge_serve.models.gguf_source import ModelsError, locate, spec_for
+try:
+    print(locate(spec_for(sys.argv[1])).path)
+except ModelsError as e:
+    sys.exit(f"gpu_payload: {e}")"""
+
+
+def model_files(keys: list[str], models: Path, wheels: Path) -> None:
+    """Link each model's GGUF file (located in the project's uv environment, where the model
+    packages are installed) into ``models`` and fetch the locked ``gguf`` wheel."""
+    for key in keys:
+        found = subprocess.run(["uv", "run", "--no-sync", "python", "-c", _LOCATE, key], cwd=ROOT,
+                               capture_output=True, text=True)
+        if found.returncode:
+            sys.exit(found.stderr.strip().splitlines()[-1])
+        (models / f"{key}.gguf").symlink_to(Path(found.stdout.strip()).resolve())
+    gguf = _pins("models")["gguf"]
+    subprocess.run([*PIP, "download", "-q", "--no-deps", *PLATFORM,
+                    "-d", str(wheels), f"gguf=={gguf}"], check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=[], metavar="MODEL",
+                    help="real models to carry (smollm2, gemma3)")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="an optional extra of pyproject.toml whose added wheels to carry")
+    ap.add_argument("--chunk-mb", type=int, default=34, help="MiB a chunk (34)")
+    ap.add_argument("--out", type=Path, default=ROOT / ".gpu" / "payload")
+    ap.add_argument("--pip", default=None,
+                    help="the pip command that downloads (default: this interpreter's)")
+    args = ap.parse_args()
+    global PIP
+    if args.pip:
+        PIP = shlex.split(args.pip)
+    if not args.models and not args.extra:
+        ap.error("nothing to pack: give --models and/or --extra")
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp)
+        (stage / "models").mkdir()
+        (stage / "wheels").mkdir()
+        if args.models:
+            model_files(args.models, stage / "models", stage / "wheels")
+        for extra in args.extra:
+            print(f"{extra}: {' '.join(extra_wheels(extra, stage / 'wheels'))}")
+        blob = stage / "payload.tar"
+        with tarfile.open(blob, "w", dereference=True) as tar:
+            tar.add(stage / "models", "models")
+            tar.add(stage / "wheels", "wheels")
+        size, step = blob.stat().st_size, args.chunk_mb << 20
+        with open(blob, "rb") as f:
+            for i in range(-(-size // step)):
+                part = args.out / f"cpart{i:02d}"
+                part.mkdir(parents=True)
+                (part / f"part{i:02d}").write_bytes(f.read(step))
+    for part in sorted(args.out.iterdir()):
+        print(f"{part.relative_to(ROOT)}: {sum(p.stat().st_size for p in part.iterdir()) >> 20} MiB")
+
+
+if __name__ == "__main__":
+    main()
