@@ -5,7 +5,7 @@ See docs/DESIGN.md for the exact semantics and ``sparge_serve.reference`` for th
 
 Modules: ``geometry`` (constants, the batch and block-map descriptions; no torch), ``checks``
 (the entry points' argument checks), ``pooling`` and ``predictor`` (stage 1), ``attention``
-(stage 2), ``plan`` (head chunks), ``prefill`` (both stages), ``launch``, ``warmup`` and
+and ``softmax`` (stage 2), ``plan`` (head chunks), ``prefill`` (both stages), ``launch``, ``warmup`` and
 ``experimental.fa3``. The names below are imported on first use, so that
 ``sparge_serve.kernels.geometry`` loads without torch or Triton.
 """

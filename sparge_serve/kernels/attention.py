@@ -39,6 +39,7 @@ from sparge_serve.kernels.geometry import (
 )
 from sparge_serve.kernels.launch import launch
 from sparge_serve.kernels.pooling import load_kv_block
+from sparge_serve.kernels.softmax import _dot, _online_softmax_update, _softmax_step
 
 _LOG2E = 1.4426950408889634
 # FlashAttention-4's conditional rescaling, on by default for TMA loads at head dim 128 without PV
@@ -48,86 +49,9 @@ _LOG2E = 1.4426950408889634
 # (benchmarks/results/kernels.md). The same output up to the rounding of P (tests).
 LAZY_RESCALE = 8.0
 # NOTE: Triton 3.6's CPU interpreter computes bf16 tl.dot wrongly (it multiplies the raw bits);
-# under TRITON_INTERPRET=1 the kernel upcasts dot operands to fp32 (exact for bf16/fp16 inputs).
+# under TRITON_INTERPRET=1 the kernel upcasts dot operands to fp32 (exact for bf16/fp16 inputs,
+# ``softmax._dot``).
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@triton.jit
-def _rounded_p(p, dtype):
-    """``P`` (fp32, >= 0) rounded to ``dtype`` as the GPU rounds it, back in fp32: the
-    interpreter's own fp32 -> fp8 e4m3 cast loses the carry of a rounded-up mantissa (0.4964
-    becomes 0.25), so fp8 is rounded here, to nearest (normal numbers: 3 mantissa bits, ties to
-    even; below 2**-6: multiples of 2**-9, ties up)."""
-    if dtype == tl.float8e4nv:
-        bits = p.to(tl.int32, bitcast=True)
-        normal = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
-        return tl.where(p < 0.015625, tl.floor(p * 512.0 + 0.5) / 512.0,
-                        normal.to(tl.float32, bitcast=True))
-    return p.to(dtype).to(tl.float32)
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
-
-
-@triton.jit
-def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr):
-    """One flash-attention step with raw scores ``qk`` (``q.k``; ``qk * qk_scale`` is the log2
-    domain) and values ``v``.
-
-    NOTE: scale and max-subtraction fuse into one FMA per score, and ``P.V`` accumulates into
-    ``acc`` in the matrix unit (no separate tile add), as in Triton's fused-attention tutorial.
-    """
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
-    p = tl.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None]
-    # NOTE: _pv_acc's body, inline: the loop as measured (benchmarks/results/kernels.md) and as
-    # the AOT check's register counts see it (scripts/aot_compile_check.py).
-    if UPCAST:
-        acc = tl.dot(_rounded_p(p, v.dtype), v.to(tl.float32), acc)
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _pv_acc(p, v, acc, UPCAST: tl.constexpr):
-    """``acc + P.V`` in the matrix unit (``p`` rounded to ``v``'s dtype, as FlashAttention)."""
-    if UPCAST:
-        return tl.dot(_rounded_p(p, v.dtype), v.to(tl.float32), acc)
-    return tl.dot(p.to(v.dtype), v, acc)
-
-
-@triton.jit
-def _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr,
-                         UPCAST: tl.constexpr):
-    """``_online_softmax_update`` with FlashAttention-4's conditional rescaling (PV skip off;
-    :data:`LAZY_RESCALE`): the running max moves, and ``acc``/``l_i`` are rescaled, only
-    when some row's block max exceeds it by more than ``LAZY`` (log2 units). Otherwise the scores
-    are exponentiated against the stale max (``p <= 2**LAZY``): the same result after the final
-    ``acc / l_i``, up to rounding, with most blocks spared the ``[M, D]`` rescale."""
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
-    if tl.max(m_new - m_i, axis=0) > LAZY:  # program-uniform; always on the first block (-inf)
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    p = tl.exp2(qk * qk_scale - m_i[:, None])
-    l_i += tl.sum(p, axis=1)
-    return _pv_acc(p, v, acc, UPCAST), l_i, m_i
-
-
-@triton.jit
-def _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr, UPCAST: tl.constexpr):
-    """``_lazy_softmax_update`` with ``LAZY`` > 0, else ``_online_softmax_update``."""
-    if LAZY > 0:
-        return _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
-    return _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
 
 
 @triton.jit
@@ -434,7 +358,7 @@ def sparse_paged_attention(
     skip off only; 2 avoids the register spills of 128-row tiles at 4 warps) — for benchmarks
     only; ``None``: 2 for head dim 256 without PV skip, else 1.
     ``lazy_rescale`` > 0 (PV skip off) rescales the accumulator only when a row's max grows by
-    more than that many log2 units (``_lazy_softmax_update``); ``None``: :data:`LAZY_RESCALE`
+    more than that many log2 units (``softmax._lazy_softmax_update``); ``None``: :data:`LAZY_RESCALE`
     with TMA loads and head dim 128 without PV skip (where it measures faster), else 0.
     ``kv_major`` (the default) launches one KV head's query programs before the next KV head's;
     ``False`` (benchmarks only) runs every head of one query block together.
