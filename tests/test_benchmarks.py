@@ -47,6 +47,7 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
     """The kernel benchmark's table and plot from saved rows (head-chunk rows included), and
     ``--replot`` redrawing the PNG from the saved JSON alone."""
     bench = _load("bench_kernels")
+    report = _load("kernels_report")
     results = []
     for page in (64, 16):
         for length in (8192, 32768):
@@ -64,11 +65,11 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
     results[0]["variants_ms"] = {"head_major": 1.0, "eager_rescale": 2.6}
     results[0]["predictor_parts_ms"] = {"pool_keys": 0.04, "select": 0.06}
     results[1]["predictor_variants_ms"] = {"select_w4": 0.05, "select_w8": 0.2}
-    bench.attach_ratios(results)
+    report.attach_ratios(results)
     meta = dict(device="GPU", date="today", torch="2.11", triton="3.6", vllm="0.26.0",
                 command="cmd")
     out = tmp_path / "kernels"
-    bench.write_reports(results, meta, str(out))
+    report.write_reports(results, meta, str(out))
     md = (tmp_path / "kernels.md").read_text()
     assert ("| 32768 | 64 | topk_s0.5+chunked | random | 0.500 | 0.100 | 0.800 | 1.000 | 1.11x |"
             in md)
@@ -122,15 +123,15 @@ def test_kernels_fp8_report_ratios_and_bars(tmp_path):
     (pass, FAIL, not measured); JSON rows keep ``kv_dtype``."""
     import json
 
-    bench = _load("bench_kernels")
+    report = _load("kernels_report")
     results = _fp8_results()
-    bench.attach_ratios(results)
+    report.attach_ratios(results)
     by = {(r["config"], r["length"]): r for r in results}
     assert by["dense+fp8", 131072]["speedup_vs_fa3_fp8"] == pytest.approx(120 / 126)
     assert by["dense+fp8", 131072]["speedup_vs_fa3"] == pytest.approx(200 / 126)
     assert "speedup_vs_fa3_fp8" not in by["dense", 131072]  # a bf16 row: FA3 bf16 only
-    checks = {(c["config"], c["length"]): c for c in bench.fp8_bar_checks(results)}
-    assert len(checks) == len(bench.FP8_BARS)  # one page
+    checks = {(c["config"], c["length"]): c for c in report.fp8_bar_checks(results)}
+    assert len(checks) == len(report.FP8_BARS)  # one page
     assert [checks[k]["passed"] for k in [
         ("dense+fp8", 131072), ("topk_s0.5+fp8", 131072), ("topk_s0.9+fp8", 131072),
         ("dense+fp8dot", 32768), ("dense+fp8dot", 131072), ("topk_s0.5+fp8dot", 32768),
@@ -140,7 +141,7 @@ def test_kernels_fp8_report_ratios_and_bars(tmp_path):
 
     meta = dict(device="GPU", date="today", torch="2.11", triton="3.6", vllm="0.26.0",
                 command="cmd", fp8_notes=["fp8 compute rows (`+fp8dot`) not measured: x"])
-    bench.write_reports(results, meta, str(tmp_path / "k"))
+    report.write_reports(results, meta, str(tmp_path / "k"))
     md = (tmp_path / "k.md").read_text()
     main_table, _, fp8_part = md.partition("fp8 KV cache (`--kv-dtype fp8`)")
     assert "| 131072 | 64 | dense | random | 0.000 | 2.000 | 248.000 | 200.000 | 0.80x |" in main_table
@@ -160,7 +161,7 @@ def test_kernels_fp8_report_ratios_and_bars(tmp_path):
     saved = json.loads((tmp_path / "k.json").read_text())["results"]
     assert {r["config"]: r["kv_dtype"] for r in saved}["topk_s0.9+fp8"] == "fp8"
     # a bf16 run's report has no fp8 part
-    bench.write_reports([r for r in results if r["kv_dtype"] == "bf16"], meta,
+    report.write_reports([r for r in results if r["kv_dtype"] == "bf16"], meta,
                         str(tmp_path / "b"))
     assert "fp8" not in (tmp_path / "b.md").read_text().replace("fp8_dot", "")
 
