@@ -342,3 +342,27 @@ def test_chunk_select_times_one_chunk_at_each_launch(as_mask, device):
                           pool_keys(case.key_cache, case.batch), 4)
     for c in counts:
         assert torch.equal(c, whole.count[:, :2])
+
+
+def test_reference_quality_settings_and_report(tmp_path):
+    """``reference_quality.py``: the defaults and the uniform sweep as per-(layer, head) tensors
+    (every block eligible, PV skip off), and a report whose changes are against dense."""
+    import json
+
+    rq = _load("reference_quality")
+    named = rq.settings(3, 4, [0.9, 0.99])
+    assert list(named) == ["untuned defaults", "uniform cdf=0.9", "uniform cdf=0.99"]
+    sim, cdf, pv = named["uniform cdf=0.9"]
+    assert sim.shape == (3, 4) and bool((sim == -1).all()) and bool((cdf == 0.9).all())
+    assert bool((pv >= 50).all()) and bool((named["untuned defaults"][0] == 0.6).all())
+    rows = [dict(name="untuned defaults", tokens=10, perplexity=2.0, dense_perplexity=2.0,
+                 mean_abs_logprob_diff=0.0, max_abs_logprob_diff=0.0, mean_kl=0.0, sparsity=0.0),
+            dict(name="uniform cdf=0.9", tokens=10, perplexity=2.2, dense_perplexity=2.0,
+                 mean_abs_logprob_diff=0.1, max_abs_logprob_diff=0.5, mean_kl=0.02, sparsity=0.4)]
+    meta = dict(model="m", date="d", command="c", device="CPU", torch="t", transformers="x",
+                docs=1, tokens=10)
+    rq.report(rows, meta, str(tmp_path / "r"))
+    md = (tmp_path / "r.md").read_text()
+    assert "| uniform cdf=0.9 | 0.400 | 2.2000 | +10.00% |" in md
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["sparsity"] == 0.4
+    assert (tmp_path / "r.png").stat().st_size > 0

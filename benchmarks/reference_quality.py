@@ -1,0 +1,136 @@
+"""Block sparsity and perplexity of the SpargeAttn algorithm on a real model, on a CPU.
+
+    uv run sparge-models convert smollm2 --out /tmp/smollm2
+    uv run python benchmarks/reference_quality.py --model /tmp/smollm2 --tokens 4096 --docs 2 \
+        --out benchmarks/results/reference_quality_smollm2
+
+The sparse attention here is ``sparge_serve.reference``, the PyTorch oracle the kernels are tested
+against (the same block selection, the same output up to rounding), run inside transformers by
+``sparge-calibrate``'s quality report: every layer's attention sparse, one held-out document at a
+time, next-token log-probabilities against the same model with dense attention. It needs no GPU
+and no vLLM, so it shows on any machine what the algorithm costs a real model; served numbers
+(through vLLM and its kernels, with lm-eval) come from ``benchmarks/quality.py``.
+
+Documents: held-out standard-library source of exactly ``--tokens`` tokens
+(``benchmarks/quality_tasks/documents.py``: never a file of a calibration prompt set).
+Configurations: the untuned SpargeAttn defaults (simthreshd1 0.6, cdfthreshd 0.98, PV skip off)
+and one ``cdfthreshd`` for every head with every block eligible (simthreshd1 -1, PV skip off),
+a sweep (``--uniform-cdf``). Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality_tasks.documents import make_documents  # noqa: E402
+
+from sparge_calibrate.evaluators import ReferenceEvaluator  # noqa: E402
+from sparge_calibrate.hf_driver import model_info, quality_report  # noqa: E402
+from sparge_serve.kernels.geometry import PV_SKIP_OFF  # noqa: E402
+
+DEFAULTS = (0.6, 0.98)
+"""SpargeAttn's untuned defaults (simthreshd1, cdfthreshd), as the backend serves them."""
+
+
+def settings(num_layers: int, num_heads: int, uniform_cdf: list[float]) -> dict:
+    """Named threshold settings ``(sim, cdf, pv)``, each ``[num_layers, num_heads]``."""
+    full = lambda x: torch.full((num_layers, num_heads), float(x))  # noqa: E731
+    out = {"untuned defaults": (full(DEFAULTS[0]), full(DEFAULTS[1]), full(PV_SKIP_OFF))}
+    for cdf in uniform_cdf:
+        out[f"uniform cdf={cdf:g}"] = (full(-1.0), full(cdf), full(PV_SKIP_OFF))
+    return out
+
+
+def report(rows: list[dict], meta: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    dense = rows[0]["dense_perplexity"]
+    lines = [
+        f"# SpargeAttn on {meta['model']} (PyTorch reference, CPU) — {meta['date']}", "",
+        f"`{meta['command']}` — {meta['device']}; torch {meta['torch']}, transformers "
+        f"{meta['transformers']}; {meta['docs']} held-out documents of {meta['tokens']} tokens "
+        f"(standard-library source); every layer sparse, fp32. Dense perplexity {dense:.4f}.",
+        "",
+        "| configuration | block sparsity | perplexity | vs dense | mean abs delta log p | "
+        "mean KL (nats) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['sparsity']:.3f} | {r['perplexity']:.4f} | "
+                     f"{r['perplexity'] / r['dense_perplexity'] - 1:+.2%} | "
+                     f"{r['mean_abs_logprob_diff']:.4f} | {r['mean_kl']:.5f} |")
+    lines += ["", "Block sparsity: the fraction of causally valid (layer, head, query block, key "
+              "block) pairs the predictor skips. Random structure is absent here: these are the "
+              "model's own attention patterns on real text."]
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["sparsity"], 100 * (r["perplexity"] / r["dense_perplexity"] - 1),
+                   marker="s" if r["name"] == "untuned defaults" else "o")
+        ax.annotate(r["name"], (r["sparsity"], 100 * (r["perplexity"] / r["dense_perplexity"] - 1)),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("block sparsity")
+    ax.set_ylabel("perplexity vs dense (%)")
+    ax.set_title(f"{meta['model']}, {meta['tokens']} tokens (reference, CPU)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="a Hugging Face folder (sparge-models convert)")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens a document (4096)")
+    ap.add_argument("--docs", type=int, default=2, help="documents (2)")
+    ap.add_argument("--uniform-cdf", type=float, nargs="*", default=[0.9, 0.95, 0.98, 0.99],
+                    help="cdfthreshd values of the uniform sweep")
+    ap.add_argument("--out", required=True, help="output path without extension")
+    args = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    info = model_info(args.model)
+    if info.max_positions and args.tokens > info.max_positions:
+        ap.error(f"--tokens {args.tokens} exceeds the model's {info.max_positions} positions")
+    docs = make_documents(AutoTokenizer.from_pretrained(args.model), args.docs, args.tokens)
+    named = settings(info.num_layers, info.num_heads, args.uniform_cdf)
+    t0 = time.perf_counter()
+    print(f"{len(docs['docs'])} documents x {args.tokens} tokens, {len(named)} configurations "
+          "(a forward pass each, plus a dense one a document)", flush=True)
+    rows = quality_report(args.model, docs["docs"], named, ReferenceEvaluator(), "cpu",
+                          torch.float32)
+    import transformers
+
+    name = Path(args.model).name
+    config = Path(args.model) / "sparge_model.json"
+    if config.exists():  # a sparge-models conversion records its model key
+        name = json.loads(config.read_text()).get("model", name)
+    meta = dict(
+        model=name, device=f"CPU ({platform.processor() or platform.machine()})",
+        date=datetime.date.today().isoformat(), torch=torch.__version__,
+        transformers=transformers.__version__, python=platform.python_version(),
+        tokens=args.tokens, docs=args.docs, documents_sha256=docs["sha256"],
+        seconds=round(time.perf_counter() - t0, 1),
+        command="python benchmarks/reference_quality.py " + " ".join(sys.argv[1:]),
+    )
+    report([r.__dict__ for r in rows], meta, args.out)
+    print(Path(args.out + ".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
