@@ -113,7 +113,7 @@ def main() -> None:
     print(f"{len(docs['docs'])} documents x {args.tokens} tokens, {len(named)} configurations "
           "(a forward pass each, plus a dense one a document)", flush=True)
     rows = quality_report(args.model, docs["docs"], named, ReferenceEvaluator(), "cpu",
-                          torch.float32)
+                          torch.float32, progress=True)
     import transformers
 
     name = Path(args.model).name

@@ -436,7 +436,7 @@ def _run(args, info, budgets, prompts, heldout, config, saved: dict[str, str]) -
         if model is None:
             model = load_model(args.model_dir, args.device, dtype, "sdpa")
         rows_q = quality_report(args.model_dir, heldout, settings, evaluator, args.device, dtype,
-                                model=model)
+                                model=model, progress=not args.quiet)
         header, body, footer = format_quality(rows_q)
         print_table(f"held-out quality ({len(heldout)} prompts, {args.report})", header, body,
                     footer)

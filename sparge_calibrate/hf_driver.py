@@ -309,13 +309,17 @@ def quality_report(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     model=None,
+    progress: bool = False,
 ) -> list[QualityRow]:
     """Compare dense attention with each named threshold setting ``(sim, cdf, pv)``, each tensor
     ``[num_layers, num_heads]``, on ``prompts`` (each at least 2 tokens).
 
     One prompt at a time: its dense logits are kept (model dtype, ``[L, vocab]``) while every
-    setting runs, so memory is bounded by one prompt's logits, twice.
+    setting runs, so memory is bounded by one prompt's logits, twice. ``progress``: a tqdm bar
+    over the forward passes.
     """
+    from tqdm import tqdm
+
     if model is None:
         model = load_model(model_dir, device, dtype, "sdpa")
     else:
@@ -323,16 +327,21 @@ def quality_report(
     attns = {name: _SparseAttention(evaluator, *th) for name, th in settings.items()}
     dense_lp: list[torch.Tensor] = []
     per_setting: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in attns}
-    with torch.inference_mode():
+    bar = tqdm(total=len(prompts) * (len(attns) + 1), unit="pass", desc="quality report",
+               disable=not progress)
+    with torch.inference_mode(), bar:
         for ids in prompts:
             _set_attention(model, "sdpa")
             dense = _logits(model, ids, device)
+            bar.update()
             targets = torch.tensor(list(ids)[1:], device=dense.device)
             for name, attn in attns.items():
                 _register(SPARSE_ATTN, attn.attention)
                 _set_attention(model, SPARSE_ATTN)
                 lp_d, lp_s, kl = _compare(dense, _logits(model, ids, device), targets)
                 per_setting[name].append((lp_s, kl))
+                bar.set_postfix_str(name)
+                bar.update()
             dense_lp.append(lp_d)
             del dense
     _set_attention(model, "sdpa")
