@@ -144,8 +144,20 @@ def _register(name: str, fn: Callable) -> None:
 
 
 def _sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, with the layer's sliding window when it has one.
+
+    NOTE: transformers builds no mask for a registered attention function (``attention_mask`` is
+    None) and passes the window as ``sliding_window``; SDPA without a mask is plain causal, so
+    the window mask is built here (a query attends to itself and the ``window - 1`` keys before
+    it, as transformers' sliding mask and vLLM's FlashAttention window)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    window = kwargs.get("sliding_window")
+    if window is not None and attention_mask is None:
+        lq, lk = query.shape[2], key.shape[2]
+        q_pos = torch.arange(lk - lq, lk, device=query.device)[:, None]
+        k_pos = torch.arange(lk, device=query.device)[None, :]
+        attention_mask = ((k_pos <= q_pos) & (q_pos - k_pos < window))[None, None]
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -167,3 +167,32 @@ def test_mistral_every_layer_windowed_is_written_dense(mistral, prompts, searche
     th = load_thresholds(out, expect=ModelGeometry(2, HQ, HKV, D))
     _assert_dense(th, (0, 1))
     assert stdout.count("dense (window)") == 2, stdout
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+
+
+def test_capture_and_report_keep_the_sliding_window(gemma3):
+    """Past the window (300 tokens, window 128) the capture's and the quality report's attention
+    functions give the model's own SDPA logits: transformers hands a registered attention
+    function no mask, and a windowed layer run without its window is another model."""
+    import sparge_calibrate.hf_driver as hd
+    from sparge_calibrate.evaluators import ReferenceEvaluator
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, VOCAB, (300,), generator=g).tolist()
+    model = hd.load_model(str(gemma3), "cpu", torch.float32, "sdpa")
+    want = _logits(model, ids)
+    rec = hd._Recorder(4, keep=[1, 3])
+    hd._register(hd.CAPTURE_ATTN, rec.attention)
+    hd._set_attention(model, hd.CAPTURE_ATTN)
+    got = _logits(model, ids)
+    hd._set_attention(model, "sdpa")
+    assert len(rec.layers[1]) == 1 and not rec.layers[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    dense = tuple(torch.full((4, HQ), x) for x in (1.0, 1.0, PV_SKIP_OFF))
+    (row,) = hd.quality_report(str(gemma3), [ids], {"dense-equivalent": dense},
+                               ReferenceEvaluator(), model=model)
+    assert row.max_abs_logprob_diff < 1e-3 and row.sparsity == 0.0
