@@ -6,8 +6,8 @@
 
 The sparse attention here is ``sparge_serve.reference``, the PyTorch oracle the kernels are tested
 against (the same block selection, the same output up to rounding), run inside transformers by
-``sparge-calibrate``'s quality report: every layer's attention sparse, one held-out document at a
-time, next-token log-probabilities against the same model with dense attention. It needs no GPU
+``sparge-calibrate``'s quality report: every full-attention layer sparse (sliding-window layers
+dense with their window, as the backend serves them), one held-out document at a time, next-token log-probabilities against the same model with dense attention. It needs no GPU
 and no vLLM, so it shows on any machine what the algorithm costs a real model; served numbers
 (through vLLM and its kernels, with lm-eval) come from ``benchmarks/quality.py``.
 
@@ -59,7 +59,8 @@ def report(rows: list[dict], meta: dict, out: str) -> None:
         f"# SpargeAttn on {meta['model']} (PyTorch reference, CPU) — {meta['date']}", "",
         f"`{meta['command']}` — {meta['device']}; torch {meta['torch']}, transformers "
         f"{meta['transformers']}; {meta['docs']} held-out documents of {meta['tokens']} tokens "
-        f"(standard-library source); every layer sparse, fp32. Dense perplexity {dense:.4f}.",
+        f"(standard-library source); every full-attention layer sparse (sliding-window layers "
+        f"dense with their window, as served), fp32. Dense perplexity {dense:.4f}.",
         "",
         "| configuration | block sparsity | perplexity | vs dense | mean abs delta log p | "
         "mean KL (nats) |",
