@@ -7,8 +7,9 @@
 The sparse attention here is ``sparge_serve.reference``, the PyTorch oracle the kernels are tested
 against (the same block selection, the same output up to rounding), run inside transformers by
 ``sparge-calibrate``'s quality report: every full-attention layer sparse (sliding-window layers
-dense with their window, as the backend serves them), one held-out document at a time, next-token log-probabilities against the same model with dense attention. It needs no GPU
-and no vLLM, so it shows on any machine what the algorithm costs a real model; served numbers
+dense with their window, as the backend serves them), one held-out document at a time,
+next-token log-probabilities against the same model with dense attention. It needs no GPU and no
+vLLM, so it shows on any machine what the algorithm costs a real model; served numbers
 (through vLLM and its kernels, with lm-eval) come from ``benchmarks/quality.py``.
 
 Documents: held-out standard-library source of exactly ``--tokens`` tokens
