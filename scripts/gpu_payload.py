@@ -1,4 +1,4 @@
-"""Pack what a GPU session needs beyond the vLLM bundle into chunks that travel with the tree.
+"""Pack what an offline GPU machine needs beyond the vLLM bundle into chunks that travel with the tree.
 
     python3 scripts/gpu_payload.py --models smollm2 gemma3 --extra quality
         # writes .gpu/payload/cpart00, cpart01, ... (<= --chunk-mb MiB each, default 34)
