@@ -14,9 +14,9 @@ vLLM, so it shows on any machine what the algorithm costs a real model; served n
 
 Documents: held-out standard-library source of exactly ``--tokens`` tokens
 (``benchmarks/quality_tasks/documents.py``: never a file of a calibration prompt set).
-Configurations: the untuned SpargeAttn defaults (simthreshd1 0.6, cdfthreshd 0.98, PV skip off)
-and one ``cdfthreshd`` for every head with every block eligible (simthreshd1 -1, PV skip off),
-a sweep (``--uniform-cdf``). Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
+Configurations: the untuned SpargeAttn defaults (simthreshd1 0.6, cdfthreshd 0.98, PV skip off),
+one ``cdfthreshd`` for every head with every block eligible (simthreshd1 -1, PV skip off), a
+sweep (``--uniform-cdf``), and calibrated thresholds files (``--thresholds NAME=FILE``). Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
 """
 
 from __future__ import annotations
@@ -38,17 +38,26 @@ from quality_tasks.documents import make_documents  # noqa: E402
 from sparge_calibrate.evaluators import ReferenceEvaluator  # noqa: E402
 from sparge_calibrate.hf_driver import model_info, quality_report  # noqa: E402
 from sparge_serve.kernels.geometry import PV_SKIP_OFF  # noqa: E402
+from sparge_serve.thresholds import load_thresholds  # noqa: E402
 
 DEFAULTS = (0.6, 0.98)
 """SpargeAttn's untuned defaults (simthreshd1, cdfthreshd), as the backend serves them."""
 
 
-def settings(num_layers: int, num_heads: int, uniform_cdf: list[float]) -> dict:
-    """Named threshold settings ``(sim, cdf, pv)``, each ``[num_layers, num_heads]``."""
+def settings(num_layers: int, num_heads: int, uniform_cdf: list[float],
+             files: dict[str, str] | None = None) -> dict:
+    """Named threshold settings ``(sim, cdf, pv)``, each ``[num_layers, num_heads]``: the
+    defaults, the uniform sweep and each calibrated ``files[name]`` (a thresholds file)."""
     full = lambda x: torch.full((num_layers, num_heads), float(x))  # noqa: E731
     out = {"untuned defaults": (full(DEFAULTS[0]), full(DEFAULTS[1]), full(PV_SKIP_OFF))}
     for cdf in uniform_cdf:
         out[f"uniform cdf={cdf:g}"] = (full(-1.0), full(cdf), full(PV_SKIP_OFF))
+    for name, path in (files or {}).items():
+        th = load_thresholds(path)
+        if th.simthreshd1.shape != (num_layers, num_heads):
+            raise ValueError(f"{path}: thresholds for {tuple(th.simthreshd1.shape)} (layers, "
+                             f"heads), the model has ({num_layers}, {num_heads})")
+        out[name] = (th.simthreshd1, th.cdfthreshd, th.pvthreshd)
     return out
 
 
@@ -102,6 +111,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=2, help="documents (2)")
     ap.add_argument("--uniform-cdf", type=float, nargs="*", default=[0.9, 0.95, 0.98, 0.99],
                     help="cdfthreshd values of the uniform sweep")
+    ap.add_argument("--thresholds", nargs="*", default=[], metavar="NAME=FILE",
+                    help="calibrated thresholds files to compare (sparge-calibrate's output)")
     ap.add_argument("--out", required=True, help="output path without extension")
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -110,7 +121,13 @@ def main() -> None:
     if info.max_positions and args.tokens > info.max_positions:
         ap.error(f"--tokens {args.tokens} exceeds the model's {info.max_positions} positions")
     docs = make_documents(AutoTokenizer.from_pretrained(args.model), args.docs, args.tokens)
-    named = settings(info.num_layers, info.num_heads, args.uniform_cdf)
+    files = {}
+    for item in args.thresholds:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            ap.error(f"--thresholds {item!r}: give NAME=FILE with an existing file")
+        files[name] = path
+    named = settings(info.num_layers, info.num_heads, args.uniform_cdf, files)
     t0 = time.perf_counter()
     print(f"{len(docs['docs'])} documents x {args.tokens} tokens, {len(named)} configurations "
           "(a forward pass each, plus a dense one a document)", flush=True)

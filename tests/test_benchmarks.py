@@ -355,6 +355,13 @@ def test_reference_quality_settings_and_report(tmp_path):
     sim, cdf, pv = named["uniform cdf=0.9"]
     assert sim.shape == (3, 4) and bool((sim == -1).all()) and bool((cdf == 0.9).all())
     assert bool((pv >= 50).all()) and bool((named["untuned defaults"][0] == 0.6).all())
+    from sparge_serve.thresholds import Thresholds, save_thresholds
+
+    path = tmp_path / "th.safetensors"
+    save_thresholds(path, Thresholds.defaults(3, 4, 2, 64, cdfthreshd=0.9))
+    assert bool((rq.settings(3, 4, [], {"cal": str(path)})["cal"][1] == 0.9).all())
+    with pytest.raises(ValueError, match=r"thresholds for \(3, 4\).*the model has \(2, 4\)"):
+        rq.settings(2, 4, [], {"cal": str(path)})
     rows = [dict(name="untuned defaults", tokens=10, perplexity=2.0, dense_perplexity=2.0,
                  mean_abs_logprob_diff=0.0, max_abs_logprob_diff=0.0, mean_kl=0.0, sparsity=0.0),
             dict(name="uniform cdf=0.9", tokens=10, perplexity=2.2, dense_perplexity=2.0,
