@@ -229,8 +229,8 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
     q_dtype = FP8_DTYPE if fp8 and first.supports_quant_query_input else None
     fp8_dot = fp8_products(vllm_config, cfg, sparse)
     key = (first.num_heads, first.num_kv_heads, first.head_size, spec.block_size, spec.dtype,
-           q_dtype, fp8_dot, pv_variants, cfg.topk, cfg.attention_kernel, cfg.min_sparse_len, max_len,
-           str(device))
+           q_dtype, fp8_dot, pv_variants, cfg.topk, cfg.attention_kernel, cfg.min_sparse_len,
+           max_len, str(device))
     if key in _WARMED:
         return
     # SPARGE's KV cache layout is FlashAttention's (SpargeAttentionBackend inherits it).
@@ -283,8 +283,8 @@ def prefill_plan_args(vllm_config: VllmConfig, cfg: SpargeConfig, spec: Attentio
             "backend.")
     fa3 = cfg.attention_kernel == "fa3" and (not sparse or any(i.fa3_attention for i in sparse))
     return dict(num_heads=num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_size,
-                dtype=compute_dtype(vllm_config, spec), page_size=spec.block_size, device=device, topk=cfg.topk,
-                map_budget=cfg.map_budget, attention="fa3" if fa3 else "triton",
+                dtype=compute_dtype(vllm_config, spec), page_size=spec.block_size, device=device,
+                topk=cfg.topk, map_budget=cfg.map_budget, attention="fa3" if fa3 else "triton",
                 fp8_dot=fp8_products(vllm_config, cfg, sparse))
 
 
