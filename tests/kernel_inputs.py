@@ -121,6 +121,21 @@ def make_paged_case(
     )
 
 
+FP8_MAX = 448.0
+"""Largest finite float8_e4m3fn: vLLM's per-tensor fp8 scale is amax / FP8_MAX."""
+
+
+def quantize_fp8(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as float8_e4m3fn with one per-tensor scale (``amax / 448``, as vLLM's, or with
+    ``pow2`` that rounded up to a power of two, so every dequantised value is exact in bf16 and
+    fp16), and that scale: a one-element fp32 tensor on ``x``'s device."""
+    s = x.float().abs().max() / FP8_MAX
+    if pow2:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    s = s.reshape(1).float()
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
+
+
 def head_vec(value: float, num_heads: int, device="cpu") -> torch.Tensor:
     return torch.full((num_heads,), float(value), dtype=torch.float32, device=device)
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from sparge_serve.thresholds import Thresholds, ThresholdsError, save_thresholds
-from tests.vllm_cpu import cpu_engine_config, validation_reasons
+from tests.kernel_inputs import quantize_fp8
+from tests.vllm_cpu import cpu_engine_config, sparge_setter, validation_reasons
 
 L, HQ, HKV, D, PAGE = 4, 4, 2, 64, 16
 TINY_LLAMA = {
@@ -39,16 +40,9 @@ def fresh_state(fresh_backend_state):
 def sparge(vllm_config, monkeypatch):
     """Set the sparge settings of `vllm_config` for one test: sparge(min_sparse_len=..., ...)."""
 
-    def set_(**settings):
-        # The builder cases below are laid out around a 16K threshold (not the shipped default).
-        # ... and with short queries allowed on the sparse path (min_sparse_query_len has its own
-        # test below).
-        settings = {"min_sparse_len": 16384, "min_sparse_query_len": 1, **settings}
-        monkeypatch.setattr(vllm_config, "additional_config", {"sparge": settings})
-        return vllm_config
-
-    set_()
-    return set_
+    # The builder cases below are laid out around a 16K threshold (not the shipped default), with
+    # short queries allowed on the sparse path (min_sparse_query_len has its own test below).
+    return sparge_setter(vllm_config, monkeypatch, min_sparse_len=16384, min_sparse_query_len=1)
 
 
 def _builder(vllm_config):
@@ -874,13 +868,6 @@ def test_fp8_kv_cache_and_fa3_attention_refused_at_start(sparge, monkeypatch):
             check(vc)
 
 
-def _fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` quantised to float8_e4m3fn with a power-of-two per-tensor scale (dequantised values
-    exact in fp16), and that scale."""
-    s = torch.exp2(torch.ceil(torch.log2(x.float().abs().max() / 448.0))).reshape(1)
-    return (x.float() / s).to(torch.float8_e4m3fn), s
-
-
 @pytest.mark.parametrize("q_fp8", [False, True])
 def test_fp8_forward_equals_the_dequantised_cache(sparge, q_fp8):
     """The backend's sparse path on an fp8 cache (bytes, as vLLM allocates it; a query the layer
@@ -891,10 +878,10 @@ def test_fp8_forward_equals_the_dequantised_cache(sparge, q_fp8):
     cam = _cam(reqs)
     md = _builder(vc).build(0, cam)
     query, _, phys = _paged_inputs(cam, torch.float16)
-    (k8, ks), (v8, vs) = _fp8(phys[..., :D]), _fp8(phys[..., D:])
+    (k8, ks), (v8, vs) = (quantize_fp8(x, pow2=True) for x in (phys[..., :D], phys[..., D:]))
     deq_q, q_scale = query, torch.ones(1)
     if q_fp8:
-        query, q_scale = _fp8(query)
+        query, q_scale = quantize_fp8(query, pow2=True)
         deq_q = (query.float() * q_scale).half()
     phys8 = torch.cat([k8, v8], -1).view(torch.uint8)  # vLLM allocates an fp8 cache as bytes
     deq = torch.cat([k8.float() * ks, v8.float() * vs], -1).half()

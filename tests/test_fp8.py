@@ -32,23 +32,11 @@ from tests.kernel_inputs import (
     kernel_round,
     lowp_attention,
     make_paged_case,
+    quantize_fp8,
     request_rows,
     sdpa,
     token_mask,
 )
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-def _scale(x: torch.Tensor, pow2: bool) -> torch.Tensor:
-    s = x.float().abs().max() / FP8_MAX
-    if pow2:
-        s = torch.exp2(torch.ceil(torch.log2(s)))
-    return s.reshape(1).float()
-
-
-def _quantize(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return (x.float() / s.to(x.device)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 @dataclasses.dataclass
@@ -61,19 +49,16 @@ class Fp8Case:
 
 
 def _fp8_case(case: PagedCase, q_fp8: bool, pow2: bool, dtype=torch.bfloat16) -> Fp8Case:
-    dev = case.q.device
-    ks, vs = _scale(case.key_cache, pow2), _scale(case.value_cache, pow2)
-    k8, v8 = _quantize(case.key_cache, ks), _quantize(case.value_cache, vs)
+    (k8, ks), (v8, vs) = quantize_fp8(case.key_cache, pow2), quantize_fp8(case.value_cache, pow2)
     q, qs = case.q, None
     q_deq = case.q.float()
     if q_fp8:
-        qs = _scale(case.q, pow2)
-        q = _quantize(case.q, qs)
-        q_deq = q.float() * qs.to(dev)
+        q, qs = quantize_fp8(case.q, pow2)
+        q_deq = q.float() * qs
     dequant = dataclasses.replace(
-        case, q=q_deq.to(dtype), key_cache=(k8.float() * ks.to(dev)).to(dtype),
-        value_cache=(v8.float() * vs.to(dev)).to(dtype))
-    scales = KVScales(ks.to(dev), vs.to(dev), None if qs is None else qs.to(dev))
+        case, q=q_deq.to(dtype), key_cache=(k8.float() * ks).to(dtype),
+        value_cache=(v8.float() * vs).to(dtype))
+    scales = KVScales(ks, vs, qs)
     return Fp8Case(q, k8, v8, scales, dequant)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sparge_serve.thresholds import Thresholds, save_thresholds
-from tests.vllm_cpu import cpu_engine_config, validation_reasons
+from tests.vllm_cpu import cpu_engine_config, sparge_setter, validation_reasons
 
 L, HQ, HKV, D, PAGE, WINDOW = 4, 4, 2, 64, 16, 128
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
@@ -48,13 +48,7 @@ def fresh_state(fresh_backend_state):
 
 @pytest.fixture
 def sparge(gemma3, monkeypatch):
-    def set_(**settings):
-        settings = {"min_sparse_len": 1024, "min_sparse_query_len": 1, **settings}
-        monkeypatch.setattr(gemma3, "additional_config", {"sparge": settings})
-        return gemma3
-
-    set_()
-    return set_
+    return sparge_setter(gemma3, monkeypatch, min_sparse_len=1024, min_sparse_query_len=1)
 
 
 def _reasons(vllm_config, **overrides):

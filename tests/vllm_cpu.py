@@ -41,3 +41,15 @@ def validation_reasons(vllm_config, **layer) -> list[str]:
     with set_current_vllm_config(vllm_config):
         return SpargeAttentionBackend.validate_configuration(
             device_capability=DeviceCapability(9, 0), **args)
+
+
+def sparge_setter(vllm_config, monkeypatch, **defaults):
+    """``set_(**settings)``: puts the sparge settings (over ``defaults``) into ``vllm_config``'s
+    ``additional_config`` for one test and returns the config; called once with none."""
+
+    def set_(**settings):
+        monkeypatch.setattr(vllm_config, "additional_config", {"sparge": {**defaults, **settings}})
+        return vllm_config
+
+    set_()
+    return set_
