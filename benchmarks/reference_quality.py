@@ -61,6 +61,25 @@ def settings(num_layers: int, num_heads: int, uniform_cdf: list[float],
     return out
 
 
+def thresholds_files(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """``--thresholds NAME=FILE ...`` as ``{name: path}``; a parser error for a bad item."""
+    files = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            ap.error(f"--thresholds {item!r}: give NAME=FILE with an existing file")
+        files[name] = path
+    return files
+
+
+def model_name(model_dir: str) -> str:
+    """The model key a ``sparge-models`` conversion records, else the folder's name."""
+    config = Path(model_dir) / "sparge_model.json"
+    if config.exists():
+        return json.loads(config.read_text()).get("model", Path(model_dir).name)
+    return Path(model_dir).name
+
+
 def report(rows: list[dict], meta: dict, out: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
@@ -121,12 +140,7 @@ def main() -> None:
     if info.max_positions and args.tokens > info.max_positions:
         ap.error(f"--tokens {args.tokens} exceeds the model's {info.max_positions} positions")
     docs = make_documents(AutoTokenizer.from_pretrained(args.model), args.docs, args.tokens)
-    files = {}
-    for item in args.thresholds:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not Path(path).is_file():
-            ap.error(f"--thresholds {item!r}: give NAME=FILE with an existing file")
-        files[name] = path
+    files = thresholds_files(ap, args.thresholds)
     named = settings(info.num_layers, info.num_heads, args.uniform_cdf, files)
     t0 = time.perf_counter()
     print(f"{len(docs['docs'])} documents x {args.tokens} tokens, {len(named)} configurations "
@@ -135,12 +149,8 @@ def main() -> None:
                           torch.float32, progress=True)
     import transformers
 
-    name = Path(args.model).name
-    config = Path(args.model) / "sparge_model.json"
-    if config.exists():  # a sparge-models conversion records its model key
-        name = json.loads(config.read_text()).get("model", name)
     meta = dict(
-        model=name, device=f"CPU ({platform.processor() or platform.machine()})",
+        model=model_name(args.model), device=f"CPU ({platform.processor() or platform.machine()})",
         date=datetime.date.today().isoformat(), torch=torch.__version__,
         transformers=transformers.__version__, python=platform.python_version(),
         tokens=args.tokens, docs=args.docs, documents_sha256=docs["sha256"],

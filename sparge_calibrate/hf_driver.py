@@ -11,6 +11,7 @@ The report swaps in ``"sparge_sparse"``: SpargeAttn with given per-head threshol
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -26,6 +27,7 @@ __all__ = [
     "Capture",
     "ModelInfo",
     "QualityRow",
+    "SparseAttention",
     "capture_hf",
     "load_model",
     "model_info",
@@ -253,16 +255,40 @@ def capture_hf(
 # ------------------------------------------------------------------------------------------------
 
 
-class _SparseAttention:
-    def __init__(self, evaluator: Evaluator, sim, cdf, pv):
+class SparseAttention:
+    """SpargeAttn with per-head thresholds ``(sim, cdf, pv)`` (each ``[num_layers, num_heads]``)
+    as a transformers attention function, counting the blocks it keeps.
+
+    As served: sliding-window layers run dense with their window, and so does a forward pass of
+    fewer than ``min_query`` new tokens (decode steps of a generation, ``min_query`` 2). Use it
+    through :meth:`installed`, batch 1.
+    """
+
+    def __init__(self, evaluator: Evaluator, sim, cdf, pv, min_query: int = 2):
         self.evaluator = evaluator
         self.sim, self.cdf, self.pv = (t.float().cpu() for t in (sim, cdf, pv))
+        self.min_query = min_query
         self.kept = 0
         self.valid = 0
 
+    @property
+    def sparsity(self) -> float:
+        """The fraction of causally valid blocks skipped so far (0 before any sparse pass)."""
+        return 1.0 - self.kept / max(self.valid, 1)
+
+    @contextlib.contextmanager
+    def installed(self, model):
+        """``model`` attends with this setting inside the block, with SDPA after it."""
+        _register(SPARSE_ATTN, self.attention)
+        _set_attention(model, SPARSE_ATTN)
+        try:
+            yield self
+        finally:
+            _set_attention(model, "sdpa")
+
     def attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         idx = _check_supported(module, kwargs)
-        if kwargs.get("sliding_window") is not None:  # served dense with its window
+        if kwargs.get("sliding_window") is not None or query.shape[2] < self.min_query:
             return _sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         if query.shape[0] != 1:
             raise ValueError("the report runs one prompt at a time (batch 1)")
@@ -336,27 +362,25 @@ def quality_report(
         model = load_model(model_dir, device, dtype, "sdpa")
     else:
         _set_attention(model, "sdpa")
-    attns = {name: _SparseAttention(evaluator, *th) for name, th in settings.items()}
+    attns = {name: SparseAttention(evaluator, *th) for name, th in settings.items()}
     dense_lp: list[torch.Tensor] = []
     per_setting: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in attns}
     bar = tqdm(total=len(prompts) * (len(attns) + 1), unit="pass", desc="quality report",
                disable=not progress)
     with torch.inference_mode(), bar:
         for ids in prompts:
-            _set_attention(model, "sdpa")
             dense = _logits(model, ids, device)
             bar.update()
             targets = torch.tensor(list(ids)[1:], device=dense.device)
             for name, attn in attns.items():
-                _register(SPARSE_ATTN, attn.attention)
-                _set_attention(model, SPARSE_ATTN)
-                lp_d, lp_s, kl = _compare(dense, _logits(model, ids, device), targets)
+                with attn.installed(model):
+                    sparse = _logits(model, ids, device)
+                lp_d, lp_s, kl = _compare(dense, sparse, targets)
                 per_setting[name].append((lp_s, kl))
                 bar.set_postfix_str(name)
                 bar.update()
             dense_lp.append(lp_d)
             del dense
-    _set_attention(model, "sdpa")
     lp_dense = torch.cat(dense_lp)
     rows = []
     for name, attn in attns.items():
@@ -372,7 +396,7 @@ def quality_report(
                 mean_abs_logprob_diff=float(diff.mean()),
                 max_abs_logprob_diff=float(diff.max()),
                 mean_kl=float(kl.mean()),
-                sparsity=1.0 - attn.kept / max(attn.valid, 1),
+                sparsity=attn.sparsity,
             )
         )
     return rows

@@ -373,3 +373,29 @@ def test_reference_quality_settings_and_report(tmp_path):
     assert "| uniform cdf=0.9 | 0.400 | 2.2000 | +10.00% |" in md
     assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["sparsity"] == 0.4
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_reference_accuracy_report(tmp_path):
+    """``reference_accuracy.py``: one row per configuration with each task's accuracy and the
+    mean block sparsity; dense has none; a plot."""
+    import json
+
+    ra = _load("reference_accuracy")
+    rows = [dict(config="dense", task="sparge_passkey", acc=1.0, n=10, sparsity=0.0, wrong=[]),
+            dict(config="dense", task="sparge_passkey_code", acc=0.9, n=10, sparsity=0.0,
+                 wrong=[dict(depth=0.05, answer="1234567", prediction=" 1234")]),
+            dict(config="cal", task="sparge_passkey", acc=0.8, n=10, sparsity=0.3, wrong=[]),
+            dict(config="cal", task="sparge_passkey_code", acc=0.9, n=10, sparsity=0.5, wrong=[])]
+    meta = dict(model="m", date="d", command="c", device="CPU", torch="t", transformers="x",
+                lm_eval="l", length=4096, samples=10)
+    ra.report(rows, meta, str(tmp_path / "r"))
+    md = (tmp_path / "r.md").read_text()
+    assert "| configuration | block sparsity | sparge_passkey acc | sparge_passkey_code acc |" in md
+    assert "| dense | - | 1.00 (10) | 0.90 (10) |" in md
+    assert "| cal | 0.400 | 0.80 (10) | 0.90 (10) |" in md
+    assert "prompts of 4064 tokens" in md
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["wrong"][0]["depth"] == 0.05
+    assert (tmp_path / "r.png").stat().st_size > 0
+    (tmp_path / "sparge_model.json").write_text(json.dumps({"model": "smollm2"}))
+    assert ra.model_name(str(tmp_path)) == "smollm2"
+    assert ra.model_name(str(tmp_path / "x")) == "x"

@@ -200,6 +200,35 @@ def test_quality_report_measures_what_sparsity_costs(tiny_model):
 
 # ------------------------------------------------------------------------------------------------
 # argument errors: each one exits with code 2 and a message saying what is wrong
+
+
+def test_sparse_attention_generates_with_dense_decode_steps(tiny_model):
+    """As served: the prompt's forward pass is sparse, a decode step dense (SDPA over the sparse
+    prompt's KV cache), and the model is back on SDPA afterwards."""
+    import copy
+
+    from sparge_calibrate.evaluators import ReferenceEvaluator
+    from sparge_calibrate.hf_driver import SparseAttention, load_model
+
+    model = load_model(str(tiny_model), "cpu", torch.float32, "sdpa")
+    full = lambda x: torch.full((LAYERS, HEADS), float(x))  # noqa: E731
+    attn = SparseAttention(ReferenceEvaluator(), full(-1), full(0.05), full(50))
+    ids = torch.randint(4, VOCAB, (1, 300), generator=torch.Generator().manual_seed(5))
+    nxt = torch.tensor([[7]])
+    with torch.inference_mode():
+        dense = model(input_ids=torch.cat([ids, nxt], 1)).logits[0]
+        with attn.installed(model):
+            pre = model(input_ids=ids, use_cache=True)
+            valid = attn.valid
+            cache = copy.deepcopy(pre.past_key_values)
+            step = model(input_ids=nxt, cache=pre.past_key_values).logits[0, -1]
+        assert model.config._attn_implementation == "sdpa"
+        sdpa_step = model(input_ids=nxt, cache=cache).logits[0, -1]
+    assert valid > 0 and attn.valid == valid and attn.sparsity > 0.2
+    assert (pre.logits[0] - dense[:-1]).abs().max() > 1e-3  # the prompt ran sparse
+    torch.testing.assert_close(step, sdpa_step, rtol=0, atol=0)  # the step ran dense
+
+
 # ------------------------------------------------------------------------------------------------
 
 def _bad_files(d):

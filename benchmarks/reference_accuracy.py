@@ -1,0 +1,174 @@
+"""Long-context retrieval accuracy of the SpargeAttn algorithm on a real model, on a CPU.
+
+    uv run sparge-models convert smollm2 --out /tmp/smollm2
+    uv run python benchmarks/reference_accuracy.py --model /tmp/smollm2 --length 4096 \
+        --samples 10 --thresholds calibrated=FILE --out benchmarks/results/reference_accuracy
+
+lm-eval's ``hf`` model (its ``HFLM`` around the loaded transformers model, greedy generation)
+runs the project's passkey tasks (``benchmarks/quality_tasks``: prompts of exactly ``--length``
+minus 32 tokens, the needle at ten depths) for dense attention (SDPA) and each configuration of
+``reference_quality.py``: the untuned defaults, a uniform ``cdfthreshd`` sweep, calibrated
+thresholds files. The sparse attention is ``sparge_serve.reference`` (the kernels' oracle) on
+every full-attention layer of the prompt's forward pass; decode steps and sliding-window layers
+run dense, as the backend serves them. It needs no GPU and no vLLM; the served measurement, through
+``vllm serve`` and lm-eval's ``local-completions`` client, is ``benchmarks/quality.py``.
+Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+TASK_DIR = HERE / "quality_tasks"
+sys.path.insert(0, str(HERE))
+
+from reference_quality import model_name, settings, thresholds_files  # noqa: E402
+
+from sparge_calibrate.evaluators import ReferenceEvaluator  # noqa: E402
+from sparge_calibrate.hf_driver import SparseAttention, load_model, model_info  # noqa: E402
+
+TASKS = ("sparge_passkey", "sparge_passkey_code")
+SEED = 1234
+
+
+def evaluate(lm, task, manager, samples: int) -> dict:
+    """One lm-eval run of ``task``: its accuracy and the samples it got wrong."""
+    import lm_eval
+
+    res = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=samples, log_samples=True,
+                                  bootstrap_iters=0, task_manager=manager, random_seed=SEED,
+                                  numpy_random_seed=SEED, torch_random_seed=SEED,
+                                  fewshot_random_seed=SEED)
+    name = next(iter(res["results"]))
+    wrong = [dict(depth=s["doc"].get("depth"), answer=s.get("target"),
+                  prediction=str((s.get("filtered_resps") or [""])[0])[:40])
+             for s in res["samples"][name] if float(s["acc"]) < 1]
+    n = len(res["samples"][name])
+    return dict(task=name, acc=float(res["results"][name]["acc,none"]), n=n, wrong=wrong)
+
+
+def report(rows: list[dict], meta: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    cell = {(r["config"], r["task"]): r for r in rows}
+    lines = [
+        f"# Passkey retrieval with SpargeAttn on {meta['model']} (PyTorch reference, CPU) — "
+        f"{meta['date']}", "",
+        f"`{meta['command']}` — {meta['device']}; torch {meta['torch']}, transformers "
+        f"{meta['transformers']}, lm-eval {meta['lm_eval']}; lm-eval's `hf` model, greedy; "
+        f"{meta['samples']} prompts of {meta['length'] - 32} tokens a task; every full-attention "
+        "layer sparse for the prompt (decode steps and sliding-window layers dense, as served), "
+        "fp32.", "",
+        "| configuration | block sparsity | " + " | ".join(f"{t} acc" for t in tasks) + " |",
+        "|---|---|" + "---|" * len(tasks),
+    ]
+    for c in configs:
+        spars = [cell[c, t]["sparsity"] for t in tasks if (c, t) in cell]
+        sp = "-" if c == "dense" else f"{sum(spars) / len(spars):.3f}"
+        accs = [f"{cell[c, t]['acc']:.2f} ({cell[c, t]['n']})" if (c, t) in cell else "-"
+                for t in tasks]
+        lines.append(f"| {c} | {sp} | " + " | ".join(accs) + " |")
+    lines += ["", "Accuracy: the fraction of prompts whose greedy answer contains the pass key "
+              "(prompts in parentheses). Block sparsity: the fraction of causally valid (layer, "
+              "head, query block, key block) pairs the predictor skips on the prompts."]
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t, marker in zip(tasks, "os^v", strict=False):
+        pts = [(0.0 if r["config"] == "dense" else r["sparsity"], r["acc"])
+               for r in rows if r["task"] == t]
+        ax.scatter(*zip(*pts, strict=True), marker=marker, label=t, alpha=0.7)
+    for c in configs:
+        r = cell.get((c, tasks[0]))
+        if r is not None:
+            ax.annotate(c, (0.0 if c == "dense" else r["sparsity"], r["acc"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("block sparsity")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(f"{meta['model']}, {meta['length']} tokens (reference, CPU)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="a Hugging Face folder (sparge-models convert)")
+    ap.add_argument("--length", type=int, default=4096, help="context length of a prompt (4096)")
+    ap.add_argument("--samples", type=int, default=10, help="prompts a task (10)")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--uniform-cdf", type=float, nargs="*", default=[],
+                    help="cdfthreshd values of a uniform sweep")
+    ap.add_argument("--thresholds", nargs="*", default=[], metavar="NAME=FILE",
+                    help="calibrated thresholds files to compare (sparge-calibrate's output)")
+    ap.add_argument("--out", required=True, help="output path without extension")
+    args = ap.parse_args()
+    import lm_eval
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    info = model_info(args.model)
+    if info.max_positions and args.length > info.max_positions:
+        ap.error(f"--length {args.length} exceeds the model's {info.max_positions} positions")
+    files = thresholds_files(ap, args.thresholds)
+    named = settings(info.num_layers, info.num_heads, args.uniform_cdf, files)
+    model = load_model(args.model, "cpu", torch.float32, "sdpa")
+    lm = HFLM(pretrained=model, tokenizer=args.model, batch_size=1, max_length=args.length,
+              add_bos_token=True, device="cpu")
+    metadata = {"tokenizer": str(Path(args.model).resolve()), "max_seq_lengths": [args.length],
+                "sparge_samples": args.samples}
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=metadata)
+    random.seed(SEED)
+    np.random.seed(SEED)
+    tasks = {t: manager.load([t])["tasks"][t] for t in args.tasks}
+    t0 = time.perf_counter()
+    rows = []
+    configs = {"dense": None, **named}
+    for i, (name, th) in enumerate(configs.items()):
+        for t, task in tasks.items():
+            print(f"[{i + 1}/{len(configs)}] {name}: {t} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+            if th is None:
+                r = evaluate(lm, task, manager, args.samples)
+                r.update(config=name, sparsity=0.0)
+            else:
+                attn = SparseAttention(ReferenceEvaluator(), *th)
+                with torch.inference_mode(), attn.installed(model):
+                    r = evaluate(lm, task, manager, args.samples)
+                r.update(config=name, sparsity=attn.sparsity)
+            print(f"    acc {r['acc']:.2f} of {r['n']}, block sparsity {r['sparsity']:.3f}",
+                  flush=True)
+            rows.append(r)
+    meta = dict(model=model_name(args.model), device=f"CPU ({platform.machine()})",
+                date=datetime.date.today().isoformat(), torch=torch.__version__,
+                transformers=transformers.__version__, lm_eval=lm_eval.__version__,
+                python=platform.python_version(), length=args.length, samples=args.samples,
+                seconds=round(time.perf_counter() - t0, 1),
+                command="python benchmarks/reference_accuracy.py " + " ".join(sys.argv[1:]))
+    report(rows, meta, args.out)
+    print(Path(args.out + ".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
