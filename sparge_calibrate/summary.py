@@ -14,8 +14,10 @@ __all__ = ["format_quality", "format_summary", "overall_sparsity", "plot_heatmap
 
 
 def overall_sparsity(results: Sequence[LayerResult]) -> float:
-    """Mean block sparsity over every (layer, head), dense heads counting as 0."""
-    return float(torch.stack([r.sparsity for r in results]).mean())
+    """Mean block sparsity over every searched (layer, head), dense heads counting as 0;
+    sliding-window layers (never searched, always dense) are left out."""
+    searched = [r.sparsity for r in results if not r.window]
+    return float(torch.stack(searched).mean()) if searched else 0.0
 
 
 def format_summary(results: Sequence[LayerResult]) -> tuple[list[str], list[list[str]], str]:
@@ -34,12 +36,14 @@ def format_summary(results: Sequence[LayerResult]) -> tuple[list[str], list[list
             str(i), f"{r.budget.l1:g}", f"{r.budget.pv_l1:g}", f"{float(r.sparsity.mean()):.1%}",
             f"{dense}/{r.num_heads}", pv, f"{float(r.error.max()):.4f}",
         ])
-    heads = sum(r.num_heads for r in results)
-    dense = sum(int((~r.is_sparse).sum()) for r in results)
-    windows = sum(r.window for r in results)
-    window = f", {windows} sliding-window layers dense" if windows else ""
-    footer = (f"overall mean sparsity {overall_sparsity(results):.1%} over {heads} heads; "
-              f"{dense} heads dense{window} (error rule: {results[0].rule})")
+    searched = [r for r in results if not r.window]
+    heads = sum(r.num_heads for r in searched)
+    dense = sum(int((~r.is_sparse).sum()) for r in searched)
+    windows = len(results) - len(searched)
+    window = f"; {windows} sliding-window layers dense, not searched" if windows else ""
+    footer = (f"overall mean sparsity {overall_sparsity(results):.1%} over {heads} "
+              f"{'full-attention ' if windows else ''}heads; {dense} of them dense{window} "
+              f"(error rule: {results[0].rule})")
     return header, rows, footer
 
 

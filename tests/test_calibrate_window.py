@@ -196,3 +196,23 @@ def test_capture_and_report_keep_the_sliding_window(gemma3):
     (row,) = hd.quality_report(str(gemma3), [ids], {"dense-equivalent": dense},
                                ReferenceEvaluator(), model=model)
     assert row.max_abs_logprob_diff < 1e-3 and row.sparsity == 0.0
+
+
+def test_summary_counts_only_searched_heads():
+    """The summary's overall sparsity and dense-head count are over the full-attention heads:
+    sliding-window layers, never searched, would otherwise dilute them."""
+    from dataclasses import replace
+
+    from sparge_calibrate.search import LayerBudget, dense_layer_result
+    from sparge_calibrate.summary import format_summary, overall_sparsity
+
+    budget = LayerBudget(0.01, 0.02)
+    full = replace(dense_layer_result(4, budget, "l1"), sparsity=torch.tensor([0.2, 0.4, 0, 0]),
+                   is_sparse=torch.tensor([True, True, False, False]))
+    results = [dense_layer_result(4, budget, "l1", window=True)] * 5 + [full]
+    assert overall_sparsity(results) == pytest.approx(0.15)
+    footer = format_summary(results)[2]
+    assert footer.startswith("overall mean sparsity 15.0% over 4 full-attention heads; 2 of them "
+                             "dense; 5 sliding-window layers dense, not searched")
+    assert overall_sparsity([dense_layer_result(4, budget, "l1", window=True)]) == 0.0
+    assert "over 4 heads; 2 of them dense (error" in format_summary([full])[2]
