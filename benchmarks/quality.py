@@ -79,7 +79,8 @@ NETWORK_TASKS = {
 TASKS = OWN_TASKS + RULER_TASKS
 DEFAULT_TASKS = OWN_TASKS + RULER_TASKS[:3]
 QUICK_TASKS = ("sparge_passkey", "niah_single_1")
-DEFAULT_BUDGETS = (0.01, 0.03, 0.06)
+DEFAULT_BUDGETS = (0.01, 0.02, 0.04)
+PV_MARGIN = 1.5  # --pv-l1 = PV_MARGIN x --l1: sparge-calibrate's default pair (0.01, 0.015)
 CALIB_PROMPTS, QUICK_CALIB_PROMPTS = 8, 4
 CHARS_PER_TOKEN = 5  # code tokenizes at about 4 characters a token: prompts long enough to cut
 T0 = time.monotonic()
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="CONFIG", help="flash_attn, defaults (SPARGE without a thresholds "
                     "file), calibrated (one per --budgets), or l1=X (one budget)")
     ap.add_argument("--budgets", nargs="+", type=float, default=list(DEFAULT_BUDGETS),
-                    help="calibration budgets (sparge-calibrate --l1; --pv-l1 is 0.01 more)")
+                    help="calibration budgets (sparge-calibrate --l1; --pv-l1 is 1.5x)")
     ap.add_argument("--calib-driver", choices=("vllm", "hf"), default="vllm",
                     help="sparge-calibrate --driver (vllm: capture through the SPARGE backend)")
     ap.add_argument("--thresholds", action="append", default=[], metavar="MODEL:BUDGET=FILE",
@@ -267,7 +268,7 @@ def calibrate_command(args: argparse.Namespace, model: str, budget: float, promp
     max_len = model_context(args, model) - 128
     return [sys.executable, "-m", "sparge_calibrate", args.model_dirs[model], "--prompts",
             prompts, "--out", calib_path(args, model, budget), "--l1", f"{budget:g}",
-            "--pv-l1", f"{budget + 0.01:g}", "--max-len", str(max_len), "--samples",
+            "--pv-l1", f"{budget * PV_MARGIN:g}", "--max-len", str(max_len), "--samples",
             str(args.calib_prompts), "--driver", args.calib_driver, "--device", "cuda", "--quiet"]
 
 

@@ -3,7 +3,7 @@
 Example::
 
     sparge-calibrate ./Llama-3.1-8B --prompts calib.jsonl --out llama.sparge.safetensors \\
-        --l1 0.06 --pv-l1 0.07 --layer-l1 0-1:0.03 --max-len 16384 --samples 8 \\
+        --l1 0.01 --pv-l1 0.015 --layer-l1 0-1:0.005 --max-len 16384 --samples 8 \\
         --driver vllm --device cuda --tensor-parallel-size 2 --plot sparsity.png \\
         --report heldout.txt
 
@@ -30,6 +30,8 @@ import torch
 from sparge_serve.kernels.geometry import BLKK, BLKQ
 
 from .arguments import (
+    DEFAULT_L1,
+    DEFAULT_PV_L1,
     _budget,
     _layer_budgets,
     _layer_spec,
@@ -63,10 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.safetensors",
                    help="thresholds file to write (an existing file is only replaced if it is a "
                    "thresholds file)")
-    p.add_argument("--l1", type=_budget, default=0.06,
-                   help="stage-1 error budget per head (default 0.06; relative L1 for --sim-rule l1)")
-    p.add_argument("--pv-l1", type=_budget, default=0.07,
-                   help="error budget with the PV skip; must exceed --l1 (default 0.07)")
+    p.add_argument("--l1", type=_budget, default=DEFAULT_L1,
+                   help=f"stage-1 error budget per head (default {DEFAULT_L1:g}; relative L1 for "
+                   "--sim-rule l1)")
+    p.add_argument("--pv-l1", type=_budget, default=DEFAULT_PV_L1,
+                   help=f"error budget with the PV skip; must exceed --l1 (default {DEFAULT_PV_L1:g})")
     p.add_argument("--sim-rule", choices=ERROR_RULES, default="l1",
                    help="error rule the budgets bound: relative L1, 1 - cosine similarity, or "
                    "relative RMSE (default l1)")

@@ -84,11 +84,11 @@ def test_end_to_end_with_report_and_plot(tiny_model, files, tmp_path, capsys):
 
     th = load_thresholds(out_file, expect=ModelGeometry(LAYERS, HEADS, KV_HEADS, HEAD_DIM))
     assert th.simthreshd1.shape == (LAYERS, HEADS)
-    assert th.l1 == 0.06 and th.pv_l1 == 0.07 and th.sim_rule == "l1" and th.num_prompts == 2
+    assert th.l1 == 0.01 and th.pv_l1 == 0.015 and th.sim_rule == "l1" and th.num_prompts == 2
     # the per-layer budgets used: layer 0 its own l1 with the global PV margin, layer 1 its own PV
     f32 = lambda *x: torch.tensor(x, dtype=torch.float32)
-    assert torch.equal(th.l1_budget, f32(0.04, 0.06))
-    assert torch.equal(th.pv_l1_budget, f32(0.04 + (0.07 - 0.06), 0.09))
+    assert torch.equal(th.l1_budget, f32(0.04, 0.01))
+    assert torch.equal(th.pv_l1_budget, f32(0.04 + (0.015 - 0.01), 0.09))
     from transformers import AutoConfig
 
     assert th.config_hash == config_hash(AutoConfig.from_pretrained(tiny_model).to_dict())
@@ -105,7 +105,7 @@ def test_end_to_end_with_report_and_plot(tiny_model, files, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "overall mean sparsity" in stdout and "dense heads" in stdout
     # layer 0's own budget with the global PV margin (rich or plain table)
-    assert re.search(r"^\W*0\W+0\.04\W+0\.05\W", stdout, re.M), stdout
+    assert re.search(r"^\W*0\W+0\.04\W+0\.045\W", stdout, re.M), stdout
     assert "calibrated" in stdout and "untuned defaults" in stdout and "ppl" in stdout
 
 
@@ -130,8 +130,8 @@ def test_text_prompts_through_the_tokenizer(tiny_model, files, tmp_path, capsys)
     th = load_thresholds(out_file)
     assert th.num_prompts == 1 and th.sim_rule == "cosine"
     # no per-layer override: every layer's budgets are the global pair
-    assert th.l1_budget.tolist() == [torch.tensor(0.06).item()] * LAYERS
-    assert th.pv_l1_budget.tolist() == [torch.tensor(0.07).item()] * LAYERS
+    assert th.l1_budget.tolist() == [torch.tensor(0.01).item()] * LAYERS
+    assert th.pv_l1_budget.tolist() == [torch.tensor(0.015).item()] * LAYERS
     # the first paragraph (two lines), BOS first, truncated to --max-len
     tok_ids = [1] + [int(w[1:]) + 4 for w in f"{_words(280)} {_words(10, 7)}".split()]
     assert th.prompts_sha256 == prompts_sha256([tok_ids[:256]])
@@ -281,10 +281,10 @@ ARG_ERRORS = [
     (["--layer-l1", "0:0"], "budget must be a positive number"),
     (["--layer-l1", "0-5:0.04"], "layer 5 is out of range (the model has 2 layers, 0-1)"),
     (["--layer-l1", "0-1:0.04", "1:0.05"], "layer 1 is given more than one budget"),
-    (["--layer-pv-l1", "0:0.05"], "PV budget 0.05 must exceed its l1 budget 0.06"),
+    (["--layer-pv-l1", "0:0.005"], "PV budget 0.005 must exceed its l1 budget 0.01"),
     (["--l1", "1.5"], "1.5 must be at most 1"),
     (["--layer-l1", "0:2"], "budget must be at most 1"),
-    (["--layer-l1", "0:0.999"], "layer 0: PV budget 1.009 (its --layer-l1 budget plus"),
+    (["--layer-l1", "0:0.999"], "layer 0: PV budget 1.004 (its --layer-l1 budget plus"),
     (["--layer-l1", "0:0.05", "--layer-pv-l1", "0:0.0500000001"],
      "PV budget 0.05 must exceed its l1 budget 0.05"),
     (["--max-len", "100"], "below the minimum calibration prompt length of 256"),

@@ -322,15 +322,16 @@ def test_help():
 
 
 def test_dry_run_prints_the_plan(tmp_path):
-    thr = tmp_path / "smollm2_l1_0.03.safetensors"
+    thr = tmp_path / "smollm2_l1_0.02.safetensors"
     thr.write_bytes(b"x")
     out = _run("--dry-run", "--quick", "--models", "smollm2", "--work-dir", str(tmp_path),
-               "--out", str(tmp_path / "o"), "--thresholds", f"smollm2:0.03={thr}")
+               "--out", str(tmp_path / "o"), "--thresholds", f"smollm2:0.02={thr}")
     assert out.returncode == 0, out.stderr
     plan = out.stdout
     assert "smollm2: " in plan and "lengths [4096, 8192]" in plan and "to convert" in plan
     assert "sparge_calibrate" in plan and "--driver vllm" in plan and "--max-len 8064" in plan
-    assert "--l1 0.06 --pv-l1 0.07" in plan and "--samples 4" in plan
+    assert "--l1 0.04 --pv-l1 0.06" in plan and "--l1 0.01 --pv-l1 0.015" in plan
+    assert "--samples 4" in plan
     assert "--attention-backend FLASH_ATTN" in plan and "--no-enable-prefix-caching" in plan
     assert "SPARGE l1=0.01: 5 evaluations to run" in plan and "thresholds MISSING" in plan
     assert json.dumps({"sparge": {"min_sparse_len": 2048, "thresholds": str(thr)}}) in plan
