@@ -33,10 +33,10 @@ HERE = Path(__file__).resolve().parent
 TASK_DIR = HERE / "quality_tasks"
 sys.path.insert(0, str(HERE))
 
-from reference_quality import model_name, settings, thresholds_files  # noqa: E402
+from reference_quality import add_setting_args, model_name, parse_settings  # noqa: E402
 
 from sparge_calibrate.evaluators import ReferenceEvaluator  # noqa: E402
-from sparge_calibrate.hf_driver import SparseAttention, load_model, model_info  # noqa: E402
+from sparge_calibrate.hf_driver import SparseAttention, load_model  # noqa: E402
 
 TASKS = ("sparge_passkey", "sparge_passkey_code")
 SEED = 1234
@@ -113,26 +113,17 @@ def report(rows: list[dict], meta: dict, out: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="a Hugging Face folder (sparge-models convert)")
+    add_setting_args(ap, [])
     ap.add_argument("--length", type=int, default=4096, help="context length of a prompt (4096)")
     ap.add_argument("--samples", type=int, default=10, help="prompts a task (10)")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    ap.add_argument("--uniform-cdf", type=float, nargs="*", default=[],
-                    help="cdfthreshd values of a uniform sweep")
-    ap.add_argument("--thresholds", nargs="*", default=[], metavar="NAME=FILE",
-                    help="calibrated thresholds files to compare (sparge-calibrate's output)")
-    ap.add_argument("--out", required=True, help="output path without extension")
     args = ap.parse_args()
     import lm_eval
     import transformers
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    info = model_info(args.model)
-    if info.max_positions and args.length > info.max_positions:
-        ap.error(f"--length {args.length} exceeds the model's {info.max_positions} positions")
-    files = thresholds_files(ap, args.thresholds)
-    named = settings(info.num_layers, info.num_heads, args.uniform_cdf, files)
+    _, named = parse_settings(ap, args, args.length, "--length")
     model = load_model(args.model, "cpu", torch.float32, "sdpa")
     lm = HFLM(pretrained=model, tokenizer=args.model, batch_size=1, max_length=args.length,
               add_bos_token=True, device="cpu")

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_tasks.documents import make_documents  # noqa: E402
 
 from sparge_calibrate.evaluators import ReferenceEvaluator  # noqa: E402
-from sparge_calibrate.hf_driver import model_info, quality_report  # noqa: E402
+from sparge_calibrate.hf_driver import ModelInfo, model_info, quality_report  # noqa: E402
 from sparge_serve.kernels.geometry import PV_SKIP_OFF  # noqa: E402
 from sparge_serve.thresholds import load_thresholds  # noqa: E402
 
@@ -61,15 +61,31 @@ def settings(num_layers: int, num_heads: int, uniform_cdf: list[float],
     return out
 
 
-def thresholds_files(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
-    """``--thresholds NAME=FILE ...`` as ``{name: path}``; a parser error for a bad item."""
+def add_setting_args(ap: argparse.ArgumentParser, uniform_cdf: list[float]) -> None:
+    """The model, the configurations to compare and the output path (``--model``,
+    ``--uniform-cdf``, ``--thresholds``, ``--out``)."""
+    ap.add_argument("--model", required=True, help="a Hugging Face folder (sparge-models convert)")
+    ap.add_argument("--uniform-cdf", type=float, nargs="*", default=uniform_cdf,
+                    help="cdfthreshd values of a uniform sweep")
+    ap.add_argument("--thresholds", nargs="*", default=[], metavar="NAME=FILE",
+                    help="calibrated thresholds files to compare (sparge-calibrate's output)")
+    ap.add_argument("--out", required=True, help="output path without extension")
+
+
+def parse_settings(ap: argparse.ArgumentParser, args: argparse.Namespace, length: int,
+                   flag: str) -> tuple[ModelInfo, dict]:
+    """The model's geometry and the named settings of :func:`settings`; a parser error for a
+    ``length`` (given by ``flag``) past the model's positions or a bad ``--thresholds`` item."""
+    info = model_info(args.model)
+    if info.max_positions and length > info.max_positions:
+        ap.error(f"{flag} {length} exceeds the model's {info.max_positions} positions")
     files = {}
-    for item in items:
+    for item in args.thresholds:
         name, sep, path = item.partition("=")
         if not sep or not name or not Path(path).is_file():
             ap.error(f"--thresholds {item!r}: give NAME=FILE with an existing file")
         files[name] = path
-    return files
+    return info, settings(info.num_layers, info.num_heads, args.uniform_cdf, files)
 
 
 def model_name(model_dir: str) -> str:
@@ -125,23 +141,14 @@ def report(rows: list[dict], meta: dict, out: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="a Hugging Face folder (sparge-models convert)")
+    add_setting_args(ap, [0.9, 0.95, 0.98, 0.99])
     ap.add_argument("--tokens", type=int, default=4096, help="tokens a document (4096)")
     ap.add_argument("--docs", type=int, default=2, help="documents (2)")
-    ap.add_argument("--uniform-cdf", type=float, nargs="*", default=[0.9, 0.95, 0.98, 0.99],
-                    help="cdfthreshd values of the uniform sweep")
-    ap.add_argument("--thresholds", nargs="*", default=[], metavar="NAME=FILE",
-                    help="calibrated thresholds files to compare (sparge-calibrate's output)")
-    ap.add_argument("--out", required=True, help="output path without extension")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    info = model_info(args.model)
-    if info.max_positions and args.tokens > info.max_positions:
-        ap.error(f"--tokens {args.tokens} exceeds the model's {info.max_positions} positions")
+    _, named = parse_settings(ap, args, args.tokens, "--tokens")
     docs = make_documents(AutoTokenizer.from_pretrained(args.model), args.docs, args.tokens)
-    files = thresholds_files(ap, args.thresholds)
-    named = settings(info.num_layers, info.num_heads, args.uniform_cdf, files)
     t0 = time.perf_counter()
     print(f"{len(docs['docs'])} documents x {args.tokens} tokens, {len(named)} configurations "
           "(a forward pass each, plus a dense one a document)", flush=True)
