@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import random
 import sys
@@ -33,7 +32,12 @@ HERE = Path(__file__).resolve().parent
 TASK_DIR = HERE / "quality_tasks"
 sys.path.insert(0, str(HERE))
 
-from reference_quality import add_setting_args, model_name, parse_settings  # noqa: E402
+from reference_quality import (  # noqa: E402
+    add_setting_args,
+    model_name,
+    parse_settings,
+    write_report,
+)
 
 from sparge_calibrate.evaluators import ReferenceEvaluator  # noqa: E402
 from sparge_calibrate.hf_driver import SparseAttention, load_model  # noqa: E402
@@ -59,8 +63,6 @@ def evaluate(lm, task, manager, samples: int) -> dict:
 
 
 def report(rows: list[dict], meta: dict, out: str) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out + ".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     configs = list(dict.fromkeys(r["config"] for r in rows))
     cell = {(r["config"], r["task"]): r for r in rows}
@@ -84,31 +86,21 @@ def report(rows: list[dict], meta: dict, out: str) -> None:
     lines += ["", "Accuracy: the fraction of prompts whose greedy answer contains the pass key "
               "(prompts in parentheses). Block sparsity: the fraction of causally valid (layer, "
               "head, query block, key block) pairs the predictor skips on the prompts."]
-    Path(out + ".md").write_text("\n".join(lines) + "\n")
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def draw(ax) -> None:
+        for t, marker in zip(tasks, "os^v", strict=False):
+            pts = [(0.0 if r["config"] == "dense" else r["sparsity"], r["acc"])
+                   for r in rows if r["task"] == t]
+            ax.scatter(*zip(*pts, strict=True), marker=marker, label=t, alpha=0.7)
+        for c in configs:
+            r = cell.get((c, tasks[0]))
+            if r is not None:
+                ax.annotate(c, (0.0 if c == "dense" else r["sparsity"], r["acc"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize=7)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for t, marker in zip(tasks, "os^v", strict=False):
-        pts = [(0.0 if r["config"] == "dense" else r["sparsity"], r["acc"])
-               for r in rows if r["task"] == t]
-        ax.scatter(*zip(*pts, strict=True), marker=marker, label=t, alpha=0.7)
-    for c in configs:
-        r = cell.get((c, tasks[0]))
-        if r is not None:
-            ax.annotate(c, (0.0 if c == "dense" else r["sparsity"], r["acc"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("block sparsity")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title(f"{meta['model']}, {meta['length']} tokens (reference, CPU)", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out + ".png", dpi=120)
-    plt.close(fig)
+    write_report(out, meta, rows, lines, draw, "block sparsity", "accuracy")
 
 
 def main() -> None:

@@ -96,9 +96,31 @@ def model_name(model_dir: str) -> str:
     return Path(model_dir).name
 
 
-def report(rows: list[dict], meta: dict, out: str) -> None:
+def write_report(out: str, meta: dict, rows: list[dict], lines: list[str], draw,
+                 xlabel: str, ylabel: str) -> None:
+    """``<out>.json`` (meta and rows), ``<out>.md`` (``lines``) and ``<out>.png``: ``draw(ax)``
+    on axes titled with the model and length."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    draw(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    length = meta.get("tokens", meta.get("length"))
+    ax.set_title(f"{meta['model']}, {length} tokens (reference, CPU)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=120)
+    plt.close(fig)
+
+
+def report(rows: list[dict], meta: dict, out: str) -> None:
     dense = rows[0]["dense_perplexity"]
     lines = [
         f"# SpargeAttn on {meta['model']} (PyTorch reference, CPU) — {meta['date']}", "",
@@ -118,25 +140,14 @@ def report(rows: list[dict], meta: dict, out: str) -> None:
     lines += ["", "Block sparsity: the fraction of causally valid (layer, head, query block, key "
               "block) pairs the predictor skips. Random structure is absent here: these are the "
               "model's own attention patterns on real text."]
-    Path(out + ".md").write_text("\n".join(lines) + "\n")
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def draw(ax) -> None:
+        for r in rows:
+            xy = (r["sparsity"], 100 * (r["perplexity"] / r["dense_perplexity"] - 1))
+            ax.scatter(*xy, marker="s" if r["name"] == "untuned defaults" else "o")
+            ax.annotate(r["name"], xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.scatter(r["sparsity"], 100 * (r["perplexity"] / r["dense_perplexity"] - 1),
-                   marker="s" if r["name"] == "untuned defaults" else "o")
-        ax.annotate(r["name"], (r["sparsity"], 100 * (r["perplexity"] / r["dense_perplexity"] - 1)),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("block sparsity")
-    ax.set_ylabel("perplexity vs dense (%)")
-    ax.set_title(f"{meta['model']}, {meta['tokens']} tokens (reference, CPU)", fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out + ".png", dpi=120)
-    plt.close(fig)
+    write_report(out, meta, rows, lines, draw, "block sparsity", "perplexity vs dense (%)")
 
 
 def main() -> None:
