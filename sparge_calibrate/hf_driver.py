@@ -317,20 +317,33 @@ class QualityRow:
     sparsity: float  # fraction of valid (layer, head, q-block, k-block) pairs not computed
 
 
-_ROWS = 1024  # positions per chunk when comparing logits (bounds fp32 [rows, vocab] temporaries)
+_ROWS = 256  # positions per chunk when comparing logits (bounds fp32 [rows, vocab] temporaries)
 
 
-def _logits(model, ids: Sequence[int], device: str) -> torch.Tensor:
+def _hidden(model, ids: Sequence[int], device: str) -> torch.Tensor:
+    """The final hidden states that predict tokens 1..L-1, ``[L-1, hidden]`` in the model's dtype.
+
+    NOTE: a prompt's logits (``[L, vocab]``) do not fit in memory for long prompts of a large
+    vocabulary (8K x 262K fp32 = 8.6 GB for Gemma 3), so they are made a chunk at a time by
+    :func:`_logits` from these."""
     x = torch.tensor([list(ids)], dtype=torch.long, device=device)
-    return model(input_ids=x, use_cache=False).logits[0, :-1]  # [L-1, V], model dtype
+    return model.base_model(input_ids=x, use_cache=False).last_hidden_state[0, :-1]
 
 
-def _compare(dense: torch.Tensor, sparse: torch.Tensor, targets: torch.Tensor):
-    """Per predicted token: dense and sparse log-prob of the target, KL(dense || sparse)."""
+def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal LM's logits of ``hidden`` (its output projection and final soft-cap, if any)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _compare(model, dense: torch.Tensor, sparse: torch.Tensor, targets: torch.Tensor):
+    """Per predicted token: dense and sparse log-prob of the target, KL(dense || sparse), from
+    the final hidden states of both runs."""
     lp_d, lp_s, kl = [], [], []
     for a in range(0, dense.shape[0], _ROWS):
-        d = torch.log_softmax(dense[a : a + _ROWS].float(), -1)
-        s = torch.log_softmax(sparse[a : a + _ROWS].float(), -1)
+        d = torch.log_softmax(_logits(model, dense[a : a + _ROWS]), -1)
+        s = torch.log_softmax(_logits(model, sparse[a : a + _ROWS]), -1)
         t = targets[a : a + _ROWS, None]
         lp_d.append(d.gather(1, t)[:, 0].cpu())
         lp_s.append(s.gather(1, t)[:, 0].cpu())
@@ -352,9 +365,9 @@ def quality_report(
     """Compare dense attention with each named threshold setting ``(sim, cdf, pv)``, each tensor
     ``[num_layers, num_heads]``, on ``prompts`` (each at least 2 tokens).
 
-    One prompt at a time: its dense logits are kept (model dtype, ``[L, vocab]``) while every
-    setting runs, so memory is bounded by one prompt's logits, twice. ``progress``: a tqdm bar
-    over the forward passes.
+    One prompt at a time: its dense final hidden states are kept while every setting runs, and
+    logits are made ``_ROWS`` positions at a time, so memory does not grow with prompt length x
+    vocabulary. ``progress``: a tqdm bar over the forward passes.
     """
     from tqdm import tqdm
 
@@ -369,13 +382,13 @@ def quality_report(
                disable=not progress)
     with torch.inference_mode(), bar:
         for ids in prompts:
-            dense = _logits(model, ids, device)
+            dense = _hidden(model, ids, device)
             bar.update()
             targets = torch.tensor(list(ids)[1:], device=dense.device)
             for name, attn in attns.items():
                 with attn.installed(model):
-                    sparse = _logits(model, ids, device)
-                lp_d, lp_s, kl = _compare(dense, sparse, targets)
+                    sparse = _hidden(model, ids, device)
+                lp_d, lp_s, kl = _compare(model, dense, sparse, targets)
                 per_setting[name].append((lp_s, kl))
                 bar.set_postfix_str(name)
                 bar.update()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -196,6 +197,14 @@ def test_quality_report_measures_what_sparsity_costs(tiny_model):
     assert aggressive.sparsity > 0.2
     assert aggressive.mean_abs_logprob_diff > 100 * max(dense.mean_abs_logprob_diff, 1e-7)
     assert aggressive.mean_kl > 0 and aggressive.dense_perplexity == dense.dense_perplexity
+    # the chunked log-probabilities are the model's own: perplexity from its full logits
+    model = load_model(str(tiny_model), "cpu", torch.float32, "sdpa")
+    nll = []
+    with torch.inference_mode():
+        for p in (ids, ids[:150]):
+            logits = model(input_ids=torch.tensor([p])).logits[0, :-1]
+            nll.append(-torch.log_softmax(logits, -1).gather(1, torch.tensor(p[1:])[:, None]))
+    assert dense.dense_perplexity == pytest.approx(math.exp(float(torch.cat(nll).mean())), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
