@@ -11,7 +11,8 @@ minus 32 tokens, the needle at ten depths) for dense attention (SDPA) and each c
 thresholds files. The sparse attention is ``sparge_serve.reference`` (the kernels' oracle) on
 every full-attention layer of the prompt's forward pass; decode steps and sliding-window layers
 run dense, as the backend serves them. It needs no GPU and no vLLM; the served measurement, through
-``vllm serve`` and lm-eval's ``local-completions`` client, is ``benchmarks/quality.py``.
+``vllm serve`` and lm-eval's ``local-completions`` client, is ``benchmarks/quality.py``. Needs
+lm-eval (``pip install 'sparge-serve[quality,models]'``; the ``test`` extra has it too).
 Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
 """
 
