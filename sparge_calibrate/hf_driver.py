@@ -337,19 +337,25 @@ def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-def _compare(model, dense: torch.Tensor, sparse: torch.Tensor, targets: torch.Tensor):
-    """Per predicted token: dense and sparse log-prob of the target, KL(dense || sparse), from
-    the final hidden states of both runs."""
-    lp_d, lp_s, kl = [], [], []
+def _compare(model, dense: torch.Tensor, sparse: dict[str, torch.Tensor],
+             targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, ...]]]:
+    """From the final hidden states of the dense run and of each named sparse run: per predicted
+    token, the dense log-prob of the target, and per run its log-prob and KL(dense || sparse).
+    The dense logits of a chunk are made once for every run."""
+    lp_d: list[torch.Tensor] = []
+    lp_s: dict[str, list[torch.Tensor]] = {n: [] for n in sparse}
+    kl: dict[str, list[torch.Tensor]] = {n: [] for n in sparse}
     for a in range(0, dense.shape[0], _ROWS):
         d = torch.log_softmax(_logits(model, dense[a : a + _ROWS]), -1)
-        s = torch.log_softmax(_logits(model, sparse[a : a + _ROWS]), -1)
         t = targets[a : a + _ROWS, None]
         lp_d.append(d.gather(1, t)[:, 0].cpu())
-        lp_s.append(s.gather(1, t)[:, 0].cpu())
-        # clamped at 0: rounding makes identical distributions slightly negative
-        kl.append((d.exp() * (d - s)).sum(-1).clamp_min(0).cpu())
-    return torch.cat(lp_d), torch.cat(lp_s), torch.cat(kl)
+        p_d = d.exp()
+        for name, hidden in sparse.items():
+            s = torch.log_softmax(_logits(model, hidden[a : a + _ROWS]), -1)
+            lp_s[name].append(s.gather(1, t)[:, 0].cpu())
+            # clamped at 0: rounding makes identical distributions slightly negative
+            kl[name].append((p_d * (d - s)).sum(-1).clamp_min(0).cpu())
+    return torch.cat(lp_d), {n: (torch.cat(lp_s[n]), torch.cat(kl[n])) for n in sparse}
 
 
 def quality_report(
@@ -365,9 +371,9 @@ def quality_report(
     """Compare dense attention with each named threshold setting ``(sim, cdf, pv)``, each tensor
     ``[num_layers, num_heads]``, on ``prompts`` (each at least 2 tokens).
 
-    One prompt at a time: its dense final hidden states are kept while every setting runs, and
-    logits are made ``_ROWS`` positions at a time, so memory does not grow with prompt length x
-    vocabulary. ``progress``: a tqdm bar over the forward passes.
+    One prompt at a time: the final hidden states of its dense run and of every setting's run are
+    kept, then compared with logits made ``_ROWS`` positions at a time, so memory does not grow
+    with prompt length x vocabulary. ``progress``: a tqdm bar over the forward passes.
     """
     from tqdm import tqdm
 
@@ -384,16 +390,18 @@ def quality_report(
         for ids in prompts:
             dense = _hidden(model, ids, device)
             bar.update()
-            targets = torch.tensor(list(ids)[1:], device=dense.device)
+            sparse = {}
             for name, attn in attns.items():
                 with attn.installed(model):
-                    sparse = _hidden(model, ids, device)
-                lp_d, lp_s, kl = _compare(model, dense, sparse, targets)
-                per_setting[name].append((lp_s, kl))
+                    sparse[name] = _hidden(model, ids, device)
                 bar.set_postfix_str(name)
                 bar.update()
+            targets = torch.tensor(list(ids)[1:], device=dense.device)
+            lp_d, compared = _compare(model, dense, sparse, targets)
+            for name, lp_kl in compared.items():
+                per_setting[name].append(lp_kl)
             dense_lp.append(lp_d)
-            del dense
+            del dense, sparse
     lp_dense = torch.cat(dense_lp)
     rows = []
     for name, attn in attns.items():
