@@ -1,8 +1,8 @@
 """Offline calibration of per-head SpargeAttn thresholds (``sparge-calibrate``).
 
-Installed as the import package ``sparge_calibrate`` (the folder is ``calibrate/``; a top-level
-``calibrate`` package would collide with other distributions), so modules here import each other
-relatively. Nothing in ``sparge_serve`` imports this package.
+The import package ``sparge_calibrate`` (a top-level ``calibrate`` package would collide with
+other distributions); modules here import each other relatively. Nothing in ``sparge_serve``
+imports this package.
 
 - ``search``: the threshold search over captured Q/K/V (library API, capture-independent);
 - ``evaluators``: error oracles (CPU reference, CUDA serving kernels);

@@ -6,7 +6,7 @@ The capture registers an attention function in transformers' ``AttentionInterfac
 one at a time (batch 1, no padding, no KV cache), on CPU or CUDA.
 
 The report swaps in ``"sparge_sparse"``: SpargeAttn with given per-head thresholds, computed by an
-:class:`~calibrate.search.Evaluator` (the reference on CPU, the kernels on CUDA).
+:class:`~sparge_calibrate.search.Evaluator` (the reference on CPU, the kernels on CUDA).
 """
 
 from __future__ import annotations

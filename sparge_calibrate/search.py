@@ -4,7 +4,7 @@ Independent of how Q/K/V were captured (transformers, vLLM, synthetic): the inpu
 list of :class:`Sample` (``q [Lq, Hq, D]`` = the last ``Lq`` positions of a context of ``Lk`` keys
 ``k, v [Lk, Hkv, D]``, GQA kept) and the layer's softmax scale. Errors are measured by an
 :class:`Evaluator` against dense attention on the same Q/K/V; two implementations ship in
-``calibrate.evaluators`` (the CPU reference and the serving kernels on CUDA).
+``sparge_calibrate.evaluators`` (the CPU reference and the serving kernels on CUDA).
 
 Search, per head (all heads of a layer in *lockstep*: one evaluator call per step evaluates every
 head with its own thresholds, since heads are independent in both stages):
