@@ -80,7 +80,6 @@ TASKS = OWN_TASKS + RULER_TASKS
 DEFAULT_TASKS = OWN_TASKS + RULER_TASKS[:3]
 QUICK_TASKS = ("sparge_passkey", "niah_single_1")
 DEFAULT_BUDGETS = (0.01, 0.02, 0.04)
-PV_MARGIN = 1.5  # --pv-l1 = PV_MARGIN x --l1: sparge-calibrate's default pair (0.01, 0.015)
 CALIB_PROMPTS, QUICK_CALIB_PROMPTS = 8, 4
 CHARS_PER_TOKEN = 5  # code tokenizes at about 4 characters a token: prompts long enough to cut
 T0 = time.monotonic()
@@ -108,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="CONFIG", help="flash_attn, defaults (SPARGE without a thresholds "
                     "file), calibrated (one per --budgets), or l1=X (one budget)")
     ap.add_argument("--budgets", nargs="+", type=float, default=list(DEFAULT_BUDGETS),
-                    help="calibration budgets (sparge-calibrate --l1; --pv-l1 is 1.5x)")
+                    help="calibration budgets (sparge-calibrate --l1; --pv-l1 scaled by its "
+                    "default --pv-l1 / --l1)")
     ap.add_argument("--calib-driver", choices=("vllm", "hf"), default="vllm",
                     help="sparge-calibrate --driver (vllm: capture through the SPARGE backend)")
     ap.add_argument("--thresholds", action="append", default=[], metavar="MODEL:BUDGET=FILE",
@@ -263,12 +263,15 @@ def server_command(args: argparse.Namespace, model: str, config: str, port: int)
 
 
 def calibrate_command(args: argparse.Namespace, model: str, budget: float, prompts: str) -> list:
+    from sparge_calibrate.arguments import DEFAULT_L1, DEFAULT_PV_L1
+
     # NOTE: the vLLM capture engine's max_model_len is the longest prompt + 1, which vLLM refuses
     # past the model's max_position_embeddings: prompts one query block shorter than the context
     max_len = model_context(args, model) - 128
+    pv_budget = budget * DEFAULT_PV_L1 / DEFAULT_L1  # sparge-calibrate's default ratio
     return [sys.executable, "-m", "sparge_calibrate", args.model_dirs[model], "--prompts",
             prompts, "--out", calib_path(args, model, budget), "--l1", f"{budget:g}",
-            "--pv-l1", f"{budget * PV_MARGIN:g}", "--max-len", str(max_len), "--samples",
+            "--pv-l1", f"{pv_budget:g}", "--max-len", str(max_len), "--samples",
             str(args.calib_prompts), "--driver", args.calib_driver, "--device", "cuda", "--quiet"]
 
 
