@@ -16,7 +16,8 @@ Documents: held-out standard-library source of exactly ``--tokens`` tokens
 (``benchmarks/quality_tasks/documents.py``: never a file of a calibration prompt set).
 Configurations: the untuned SpargeAttn defaults (simthreshd1 0.6, cdfthreshd 0.98, PV skip off),
 one ``cdfthreshd`` for every head with every block eligible (simthreshd1 -1, PV skip off), a
-sweep (``--uniform-cdf``), and calibrated thresholds files (``--thresholds NAME=FILE``). Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
+sweep (``--uniform-cdf``), and calibrated thresholds files (``--thresholds NAME=FILE``). Writes
+``<out>.json``, ``<out>.md`` and ``<out>.png``.
 """
 
 from __future__ import annotations

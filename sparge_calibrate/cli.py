@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"stage-1 error budget per head (default {DEFAULT_L1:g}; relative L1 for "
                    "--sim-rule l1)")
     p.add_argument("--pv-l1", type=_budget, default=DEFAULT_PV_L1,
-                   help=f"error budget with the PV skip; must exceed --l1 (default {DEFAULT_PV_L1:g})")
+                   help="error budget with the PV skip; must exceed --l1 (default "
+                   f"{DEFAULT_PV_L1:g})")
     p.add_argument("--sim-rule", choices=ERROR_RULES, default="l1",
                    help="error rule the budgets bound: relative L1, 1 - cosine similarity, or "
                    "relative RMSE (default l1)")
