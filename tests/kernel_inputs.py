@@ -30,7 +30,8 @@ class PagedCase:
     scale: float
 
     def request_kv(self, r: int):
-        """Contiguous k, v [seq_len, Hkv, D] and q [query_len, Hq, D] of request r."""
+        """Contiguous k, v [seq_len, Hkv, D] (on the CPU) and q [query_len, Hq, D] (on its
+        device) of request r."""
         from sparge_serve.reference import gather_paged_kv
 
         seq_len = int(self.batch.seq_lens[r])

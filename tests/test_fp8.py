@@ -107,7 +107,7 @@ def _check_against_sdpa(out: torch.Tensor, c: Fp8Case, base: PagedCase, bm,
     keeps = kept_blocks(bm, base.batch)
     errors = []
     for r in range(base.batch.num_reqs):
-        q, k, v = c.dequant.request_kv(r)
+        q, k, v = (t.to(out.device) for t in c.dequant.request_kv(r))
         mask = token_mask(keeps[r], q.shape[0], k.shape[0]).to(q.device)
         ref = sdpa(q, k, v, base.scale, mask)
         lowp = lowp_attention(q, k, v, base.scale, mask, torch.bfloat16, p_dtype)
