@@ -15,7 +15,8 @@ K and V quantised per tensor with scale amax / 448 (vLLM's per-tensor ``k_scale`
 the query too (as vLLM's attention layer quantises it for FlashAttention-fp8), output in bf16.
 Rows ``<config>+fp8`` (every configuration above, random and structured inputs) and
 ``<config>+fp8dot`` (the same with fp8 compute, ``fp8_dot=True``; skipped with a note where the
-kernels lack that option); baselines FA3 bf16 and FLASH_ATTN-fp8 (FA3 over the fp8 cache with
+kernels lack that option) and, where FA3 is present, ``<config>+fa3+fp8`` (the FA3 attention
+path: FA3's fp8 forward over each row's kept blocks; PV skip off); baselines FA3 bf16 and FLASH_ATTN-fp8 (FA3 over the fp8 cache with
 ``q/k/v_descale`` expanded to ``(num_seqs, num_kv_heads)``, as vLLM's ``FlashAttentionImpl``
 calls it). The report's fp8 table gives each fp8 row's speed-up over both baselines, the relative
 L1 error of its output against the bf16 output of the same configuration and against the bf16
@@ -352,14 +353,17 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             _bench_chunked(args, c["topk"], row, results, kv_bytes, "fa3", MAP_BUDGET,
                            "+fa3_chunked")
     if fp8 is not None:
-        _bench_fp8(length, page, structured, configs, batch, out, fp8, base, results)
+        _bench_fp8(length, page, structured, configs, batch, out, fp8, base, results,
+                   virtual=fa3 is not None)
 
 
-def _bench_fp8(length, page, structured, configs, batch, out, fp8, base, results):
-    """Rows ``<config>+fp8`` (the two kernels over the fp8 cache, fp8 query) and
-    ``<config>+fp8dot`` (the same with ``fp8_dot=True``, where the kernels take it), each with
-    the relative L1 error of its output against the bf16 output of the same configuration and
-    against the bf16 dense output."""
+def _bench_fp8(length, page, structured, configs, batch, out, fp8, base, results,
+               virtual: bool = False):
+    """Rows ``<config>+fp8`` (the two kernels over the fp8 cache, fp8 query),
+    ``<config>+fp8dot`` (the same with ``fp8_dot=True``, where the kernels take it) and, with
+    ``virtual`` (FA3 present), ``<config>+fa3+fp8`` (the FA3 attention path: FA3's fp8 forward
+    over the kept blocks; PV skip off), each with the relative L1 error of its output against
+    the bf16 output of the same configuration and against the bf16 dense output."""
     scale = D**-0.5
     hv = lambda x: torch.full((HQ,), float(x), device=DEVICE)  # noqa: E731
     q8, kc8, vc8, kv_scales = fp8["inputs"]
@@ -416,6 +420,8 @@ def _bench_fp8(length, page, structured, configs, batch, out, fp8, base, results
             FP8_NOTES.append(f"{length} tokens, page {page}: {name}+fp8dot not measured: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             print(FP8_NOTES[-1], flush=True)
+        if virtual and not skip:
+            add(_fa3_fp8_row(row, name, c, batch, out, fp8, errors))
     if entry is None and not any("fp8_dot" in n for n in FP8_NOTES):
         FP8_NOTES.append("fp8 compute rows (`+fp8dot`) not measured: neither "
                          "`sparse_paged_attention` nor `sparge_paged_prefill` takes `fp8_dot`.")
@@ -457,6 +463,37 @@ def _fp8_dot_row(row, name, c, batch, out, fp8, bm, stats, t_pred, entry, errors
                 attention_ms=t_total - t_pred, total_ms=t_total,
                 attention_tflops_dense_equiv=flops / ((t_total - t_pred) * 1e-3) / 1e12,
                 **errors(name))
+
+
+def _fa3_fp8_row(row, name, c, batch, out, fp8, errors) -> dict:
+    """Row ``<config>+fa3+fp8``: ``sparge_paged_prefill`` with ``attention="fa3"`` over the fp8
+    cache and query (the predictor's bit sets, then FA3's fp8 forward over each row's kept
+    blocks; all heads at once), both stages timed together; the attention's time is the rest
+    after the ``+fp8`` row's predictor."""
+    scale = D**-0.5
+    hv = lambda x: torch.full((HQ,), float(x), device=DEVICE)  # noqa: E731
+    q8, kc8, vc8, kv_scales = fp8["inputs"]
+    sim, cdf, pv_off = hv(c["sim"]), hv(c["cdf"]), hv(50.0)
+    stats = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+
+    def prefill(st=None, check=False):
+        sparge_paged_prefill(q8, kc8, vc8, batch, scale, sim, cdf, pv_off, out, topk=c["topk"],
+                             stats=st, check_finite=check, pv_skip=False, attention="fa3",
+                             map_budget=None, scales=kv_scales)
+
+    prefill(st=stats, check=True)
+    t_total = bench(prefill)
+    torch.cuda.synchronize()
+    flops = 4.0 * HQ * D * row["length"] * (row["length"] + 1) / 2
+    t_attn = t_total - row["predictor_ms"]
+    new = dict(row, config=name + "+fa3+fp8", attention_path="fa3",
+               block_sparsity=round(1.0 - stats[1].item() / stats[0].item(), 4),
+               pv_skipped_frac_of_kept=0.0, attention_ms=t_attn, total_ms=t_total,
+               attention_tflops_dense_equiv=flops / (t_attn * 1e-3) / 1e12 if t_attn > 0
+               else None, **errors(name))
+    for key in ("extra_mem_bytes", "extra_mem_frac_of_kv"):  # the Triton path's block lists
+        new.pop(key, None)
+    return new
 
 
 def _peak_extra(fn) -> int:

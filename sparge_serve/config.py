@@ -247,14 +247,9 @@ class SpargeConfig:
                            "use global layer indices below the model's layer count")
 
     def check_kv_cache_dtype(self, cache_dtype: str) -> None:
-        """Raise if the settings cannot serve a KV cache of vLLM's ``cache_dtype``: the
-        experimental FA3 attention path reads no fp8 cache; ``fp8_attention`` needs one."""
+        """Raise if the settings cannot serve a KV cache of vLLM's ``cache_dtype``:
+        ``fp8_attention`` needs an fp8 one."""
         fp8 = str(cache_dtype).startswith("fp8")
-        if self.attention_kernel == "fa3" and fp8:
-            raise _bad("attention_kernel", "config", f"is \"fa3\", which reads no fp8 KV cache "
-                       f"(--kv-cache-dtype {cache_dtype})",
-                       "use \"attention_kernel\": \"triton\" (the default) or "
-                       "--kv-cache-dtype auto")
         if self.fp8_attention and not fp8:
             raise _bad("fp8_attention", "config", f"is true but the KV cache is not fp8 "
                        f"(--kv-cache-dtype {cache_dtype})",

@@ -855,17 +855,16 @@ def test_fp8_kv_cache_where_flash_attention_3_serves_it(sparge, monkeypatch):
                for r in _reasons(sparge(), kv_cache_dtype="fp8_e5m2"))
 
 
-def test_fp8_kv_cache_and_fa3_attention_refused_at_start(sparge, monkeypatch):
+def test_fp8_kv_cache_with_fa3_attention_passes_the_start_checks(sparge, monkeypatch):
+    """``attention_kernel: fa3`` serves an fp8 cache (FA3's fp8 forward over the kept blocks)."""
     from sparge_serve.backend.runtime import load_runtime
     from sparge_serve.plugin import check_sparge_config
 
     vc = sparge(attention_kernel="fa3")
     monkeypatch.setattr(vc.cache_config, "cache_dtype", "fp8")
     monkeypatch.setattr("sparge_serve.plugin.uses_sparge", lambda _: True)
-    for check in (check_sparge_config, load_runtime):
-        with pytest.raises(ValueError, match=r"`attention_kernel` \(config\) is \"fa3\", which "
-                                             r"reads no fp8 KV cache.*Fix: use"):
-            check(vc)
+    check_sparge_config(vc)
+    assert load_runtime(vc).config.attention_kernel == "fa3"
 
 
 @pytest.mark.parametrize("q_fp8", [False, True])

@@ -130,8 +130,11 @@ def test_kernels_fp8_report_ratios_and_bars(tmp_path):
     assert by["dense+fp8", 131072]["speedup_vs_fa3_fp8"] == pytest.approx(120 / 126)
     assert by["dense+fp8", 131072]["speedup_vs_fa3"] == pytest.approx(200 / 126)
     assert "speedup_vs_fa3_fp8" not in by["dense", 131072]  # a bf16 row: FA3 bf16 only
-    checks = {(c["config"], c["length"]): c for c in report.fp8_bar_checks(results)}
+    checks = {(c["config"], c["length"], c["baseline"]): c
+              for c in report.fp8_bar_checks(results)}
     assert len(checks) == len(report.FP8_BARS)  # one page
+    assert all(c["passed"] is None for k, c in checks.items() if "+fa3+fp8" in k[0])
+    checks = {k[:2]: c for k, c in checks.items() if "+fa3+fp8" not in k[0]}
     assert [checks[k]["passed"] for k in [
         ("dense+fp8", 131072), ("topk_s0.5+fp8", 131072), ("topk_s0.9+fp8", 131072),
         ("dense+fp8dot", 32768), ("dense+fp8dot", 131072), ("topk_s0.5+fp8dot", 32768),
@@ -200,15 +203,19 @@ def test_kernels_fp8_inputs_and_fa3_descales():
 
 def test_kernels_fp8_rows_on_toy_inputs(monkeypatch, device):
     """The fp8 part of one length's run on the real kernels at toy sizes (timing stubbed, FA3 a
-    stand-in that records its call and writes zeros): ``+fp8`` rows (and ``+fp8dot`` where the
-    kernels take ``fp8_dot``) next to the bf16 ones, FLASH_ATTN-fp8 called with fp8 views and
+    stand-in that records its call and writes zeros, the FA3 path's forward emulated): ``+fp8``
+    rows (and ``+fp8dot`` where the kernels take ``fp8_dot``, ``+fa3+fp8``) next to the bf16
+    ones, FLASH_ATTN-fp8 called with fp8 views and
     descales of shape (num_seqs, num_kv_heads), and the errors measured against the right
     outputs."""
     import torch
 
+    import sparge_serve.kernels.experimental.fa3 as virtual
     from sparge_serve.kernels import FP8_DTYPE
+    from tests.test_virtual import fa3_emulation
 
     bench = _load("bench_kernels")
+    monkeypatch.setattr(virtual, "fa3_paged_forward", fa3_emulation)
     monkeypatch.setattr(bench, "DEVICE", device)
     monkeypatch.setattr(bench, "HQ", 2)
     monkeypatch.setattr(bench, "HKV", 1)
@@ -230,12 +237,14 @@ def test_kernels_fp8_rows_on_toy_inputs(monkeypatch, device):
     rows = {r["config"]: r for r in results}
     dot = [""] if bench.fp8_dot_entry() is None else ["", "dot"]
     configs = ["dense", "topk_s0.5", "topk_s0.8", "topk_s0.9"]
-    assert sorted(rows) == sorted(configs + [f"{c}+fp8{d}" for c in configs for d in dot])
+    assert sorted(rows) == sorted(configs + [f"{c}+fp8{d}" for c in configs for d in dot]
+                                  + [f"{c}+fa3+fp8" for c in configs])
     for name, r in rows.items():
         assert r["kv_dtype"] == ("fp8" if "+fp8" in name else "bf16")
         assert r["fa3_ms"] == r["fa3_fp8_ms"] == 1.0
-    for d in dot:
-        dense, topk = rows[f"dense+fp8{d}"], rows[f"topk_s0.5+fp8{d}"]
+    for d in [*dot, "fa3"]:
+        dense, topk = (rows[f"{c}+fp8{d}"] if d != "fa3" else rows[f"{c}+fa3+fp8"]
+                       for c in ("dense", "topk_s0.5"))
         # the dense row's two references are one output; a top-k row's error against the bf16
         # dense output includes what its selection leaves out
         assert dense["rel_l1_vs_bf16"] == dense["rel_l1_vs_bf16_dense"]

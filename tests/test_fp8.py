@@ -24,6 +24,7 @@ from sparge_serve.kernels import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
+from sparge_serve.kernels.experimental.fa3 import fa3_sparse_attention
 from sparge_serve.kernels.warmup import warm_up_sparse_kernels
 from tests.kernel_inputs import (
     PagedCase,
@@ -166,6 +167,33 @@ def test_fp8_scales_are_read_on_the_device_not_baked_in(device):
 # ---- bad input ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("page", [16, 64])
+def test_fa3_path_over_an_fp8_cache_equals_sdpa_over_its_kept_blocks(page, device):
+    """The FA3 attention path over an fp8 cache and query (on the GPU FA3's fp8 forward, on the
+    CPU an emulation that dequantises with the descales it is given): fp32 SDPA over the
+    dequantised tensors and exactly the predictor's kept blocks, within twice the error of
+    rounding ``P`` to fp8, as FA3's fp8 forward does."""
+    from tests.test_virtual import fa3_emulation
+
+    if device == "cuda":
+        pytest.importorskip("vllm.vllm_flash_attn")
+    base = _case(device, page, seed=3)
+    c = _fp8_case(base, True, pow2=False, dtype=torch.float32)
+    hq = base.q.shape[1]
+    bm = predict_block_map(c.q, c.key_cache, base.batch, base.scale, head_vec(0.4, hq, device),
+                           head_vec(0.8, hq, device), as_mask=True, scales=c.scales)
+    assert (bm.count < bm.n_valid).any(), "every block kept: no sparsity tested"
+    out = torch.full(c.q.shape, float("nan"), dtype=torch.bfloat16, device=device)
+    fa3_sparse_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale, out,
+                         attn_fn=None if device == "cuda" else fa3_emulation, scales=c.scales)
+    assert not torch.isnan(out).any()
+    _check_against_sdpa(out, c, base, bm, p_dtype=FP8_DTYPE)
+    with pytest.raises(ValueError, match="needs the query in fp8 with its scale"):
+        fa3_sparse_attention(c.dequant.q.bfloat16(), c.key_cache, c.value_cache, base.batch, bm,
+                             base.scale, out, attn_fn=fa3_emulation,
+                             scales=KVScales(c.scales.k_scale, c.scales.v_scale))
+
+
 def _bad_call(c: Fp8Case, base: PagedCase, device, **over):
     hq = base.q.shape[1]
     args = dict(q=c.q, key_cache=c.key_cache, value_cache=c.value_cache, batch=base.batch,
@@ -193,7 +221,8 @@ def _bad_call(c: Fp8Case, base: PagedCase, device, **over):
     (lambda c: dict(scales=KVScales(c.scales.k_scale, c.scales.v_scale * float("nan"))),
      "v_scale is nan: a dequantisation scale is finite and > 0"),
     (lambda c: dict(scales=(c.scales.k_scale, c.scales.v_scale)), "scales must be a KVScales"),
-    (lambda c: dict(attention="fa3"), "the FA3 attention path reads no fp8 KV cache"),
+    (lambda c: dict(attention="fa3"),
+     r"the FA3 attention path over an fp8 KV cache needs the query in fp8"),
 ])
 def test_bad_fp8_arguments_are_refused_before_any_launch(over, match, device):
     base = _case(device, 64, reqs=((128, 128),))

@@ -31,15 +31,20 @@ from tests.kernel_inputs import (
 REQS = [(150, 450), (37, 421), (70, 70)]
 
 
-def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k, scale):
+def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k, scale,
+                  descale=None):
     """:func:`fa3_paged_forward` semantics (FA3 with ``seqused_q``: explicit start rows, paged
-    K/V, bottom-right causal), one sequence at a time, in fp32."""
+    K/V, bottom-right causal; fp8 ``q, k, v`` dequantised by ``descale``), one sequence at a
+    time, in fp32."""
     assert q.shape[1] == k.shape[2] == out.shape[1] == 1
     assert q.stride(-1) == out.stride(-1) == 1  # strided per-head views, as FA3 accepts them
     n_seq = q_len.shape[0]
     assert q_start.shape[0] == n_seq + 1 and seqused_k.shape[0] == block_table.shape[0] == n_seq
     page = k.shape[1]
     starts, lens, used = q_start[:-1].tolist(), q_len.tolist(), seqused_k.tolist()
+    if descale is not None:
+        assert all(d.shape == (n_seq, 1) for d in descale)
+        q, k, v = (t.float() * d[0, 0] for t, d in zip((q, k, v), descale, strict=True))
     for i, (s0, n_q, n_k) in enumerate(zip(starts, lens, used, strict=True)):
         if n_q == 0:
             continue
@@ -286,3 +291,4 @@ def test_fa3_forward_passes_arguments_where_vllm_does():
     assert (ours[7], ours[8], ours[10], ours[11]) == ("q_start", "None", "q_len", "seqused_k")
     assert (ours[12], ours[14], ours[23], ours[24], ours[25], ours[26], ours[30]) == (
         "BLKQ", "block_table", "scale", "True", "-1", "-1", "1")
+    assert ours[20:23] == ["q_descale", "k_descale", "v_descale"]

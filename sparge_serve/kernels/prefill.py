@@ -72,7 +72,7 @@ def run_prefill(plan: PrefillPlan, q: torch.Tensor, key_cache: torch.Tensor,
 
         if not predict_only:  # a selection's heads attended `plan.heads` at a time
             attend = VirtualAttention(plan.virtual, q, key_cache, value_cache, batch, scale, out,
-                                      group)
+                                      group, scales=scales)
     else:
         value_slices = value_cache.split(run.kv_heads, 2)
         outs, pvs = out.split(sel, 1), pvthreshd.split(sel)  # a selection is a chunk
@@ -147,8 +147,8 @@ def sparge_paged_prefill(
     its bit sets, ``mask``) when it ran as one chunk (else ``None``). The ``fa3`` path selects
     for several chunks at once (``plan.ChunkPlan.select_heads``). ``on_predicted`` is called
     between the two stages of a one-chunk call. An fp8 KV cache (``float8_e4m3fn``; ``q`` may be
-    fp8 too, ``out`` is in the model's dtype) comes with its ``scales``; the budget stays a
-    fraction of the K/V bytes in the model's dtype. ``fp8_dot`` (an fp8 ``q`` and cache): the
+    fp8 too, and must be for ``"fa3"``; ``out`` is in the model's dtype) comes with its
+    ``scales``; the budget stays a fraction of the K/V bytes in the model's dtype. ``fp8_dot`` (an fp8 ``q`` and cache): the
     attention's products in fp8, ``P`` rounded to fp8, as FlashAttention-3's fp8 forward.
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
@@ -167,9 +167,10 @@ def sparge_paged_prefill(
         pv_skip = bool((pvthreshd < PV_SKIP_OFF).any())
     if fp8_dot:
         check_fp8_dot(q, key_cache)
-    if attention == "fa3" and scales is not None:
-        raise ValueError(f"the FA3 attention path reads no fp8 KV cache: use attention='triton' "
-                         f"for a {key_cache.dtype} cache")
+    if attention == "fa3":
+        from sparge_serve.kernels.experimental.fa3 import check_fp8_inputs
+
+        check_fp8_inputs(q, key_cache, scales)
     if attention == "fa3" and pv_skip:
         raise ValueError("the FA3 attention path has no PV skip (stage 2): use "
                          "attention='triton' for thresholds with pvthreshd < 50")

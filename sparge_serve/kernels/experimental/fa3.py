@@ -27,6 +27,11 @@ The virtual block tables (``[Hq, rows, pages]`` int32, twice the int16 block lis
 requests' block table, for some heads and a slice of their sorted sequences at a time where
 memory is bounded (``plan.py``). PV skip (stage 2) is not expressible in FA3: layers with it
 keep the Triton attention kernel.
+
+An fp8 KV cache (``float8_e4m3fn`` with per-tensor scales, vLLM's ``--kv-cache-dtype fp8``) runs
+FA3's fp8 forward, as FLASH_ATTN does over that cache: the query quantised to fp8 by the attention
+layer, the three scales passed as FA3's ``q/k/v_descale`` (expanded to one per sequence), the
+output in the model's dtype.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import triton
 import triton.language as tl
 
 from sparge_serve.kernels.checks import (
+    FP8_DTYPE,
     check_batch,
     check_block_map,
     check_group,
@@ -50,6 +56,7 @@ from sparge_serve.kernels.geometry import (
     BLKK,
     BLKQ,
     BlockMap,
+    KVScales,
     PrefillBatch,
     key_block_stride,
     mask_words,
@@ -231,20 +238,22 @@ def heads_as_pages(cache: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k,
-                      scale) -> None:
+                      scale, descale=None) -> None:
     """vLLM's FA3 forward (``torch.ops._vllm_fa3_C.fwd``, as ``flash_attn_varlen_func`` calls
     it) with ``seqused_q``, which that wrapper does not pass: sequence ``i`` is rows
     ``q_start[i] : q_start[i] + q_len[i]`` of ``q``/``out``, bottom-right causal over the first
     ``seqused_k[i]`` tokens of its pages ``block_table[i]``. One split per sequence (no
-    split-KV scratch)."""
+    split-KV scratch). ``descale``: fp8 ``q, k, v``'s ``(q_descale, k_descale, v_descale)``,
+    each ``[num_seqs, num_kv_heads]`` fp32 (FA3's fp8 forward)."""
     import vllm.vllm_flash_attn  # noqa: F401  (registers the op)
 
+    q_descale, k_descale, v_descale = descale or (None, None, None)
     torch.ops._vllm_fa3_C.fwd(
         q, k, v, None, None, None, out,  # k_new, v_new, q_v
         q_start, None, None, q_len, seqused_k,  # cu_seqlens_q/k/k_new, seqused_q/k
         BLKQ, max_seqlen_k, block_table,
         None, None, None, None, None,  # kv_batch_idx, leftpad_k, rotary cos/sin/seqlens
-        None, None, None,  # q/k/v descale
+        q_descale, k_descale, v_descale,
         scale, True, -1, -1, 0.0,  # causal, window left/right, softcap
         True, None, 1, None, 0,  # rotary_interleaved, scheduler_metadata, num_splits,
         None, 1, 0, None,  # pack_gqa, sm_margin; s_aux, cp world size/rank/seqused
@@ -286,12 +295,18 @@ class VirtualAttention:
     layer's per-head views of ``q`` and ``out``, its caches as head pages, and one table
     buffer for ``plan.heads`` query heads (allocated here, freed with the object: the memory
     the backend reserves holds it only during a layer's call). :meth:`attend` runs a block
-    map's heads."""
+    map's heads. An fp8 cache comes with its ``scales`` and an fp8 ``q``
+    (:func:`check_fp8_inputs`)."""
 
     def __init__(self, plan: VirtualPlan, q: torch.Tensor, key_cache: torch.Tensor,
                  value_cache: torch.Tensor, batch: PrefillBatch, scale: float, out: torch.Tensor,
-                 group: int, attn_fn=None):
+                 group: int, attn_fn=None, scales: KVScales | None = None):
         self.plan, self.batch, self.scale, self.group = plan, batch, scale, group
+        # FA3's descales, one row a sequence of each slice (views of the one-element scales)
+        self.descales = [None if scales is None else tuple(
+            t.reshape(1, 1).expand(q_len.shape[0], 1)
+            for t in (scales.q_scale, scales.k_scale, scales.v_scale))
+            for _, _, _, q_len in plan.slices]
         self.k_view, self.heads_per_page = heads_as_pages(key_cache)
         self.v_view, _ = heads_as_pages(value_cache)
         self.q_heads, self.out_heads = q.split(1, 1), out.split(1, 1)
@@ -310,7 +325,8 @@ class VirtualAttention:
         map_heads = bm.count.shape[1]
         for m0 in range(0, map_heads, plan.heads):
             n = min(plan.heads, map_heads - m0)
-            for s0, s1, q_start, q_len in plan.slices:
+            for (s0, s1, q_start, q_len), descale in zip(plan.slices, self.descales,
+                                                         strict=True):
                 vbt, used = _build_table(plan.rows, self.batch, bm.mask, bm.count, plan.sub,
                                          plan.cols, self.heads_per_page, self.group, s0, s1, h0,
                                          self.tables, m0, n)
@@ -318,13 +334,29 @@ class VirtualAttention:
                                                         strict=True)):
                     hq = h0 + m0 + h
                     self.attn_fn(self.q_heads[hq], self.k_view, self.v_view, self.out_heads[hq],
-                                 q_start, q_len, n_used, table, plan.max_k, self.scale)
+                                 q_start, q_len, n_used, table, plan.max_k, self.scale,
+                                 descale)
+
+
+def check_fp8_inputs(q: torch.Tensor, key_cache: torch.Tensor,
+                     scales: KVScales | None) -> None:
+    """``ValueError`` unless an fp8 cache comes with an fp8 query and its scale: FA3's fp8
+    forward multiplies fp8 ``q``, K and V (a bf16/fp16 cache takes neither)."""
+    if key_cache.dtype != FP8_DTYPE:
+        return
+    if q.dtype != FP8_DTYPE or scales is None or scales.q_scale is None:
+        raise ValueError("the FA3 attention path over an fp8 KV cache needs the query in fp8 with "
+                         f"its scale (FA3's fp8 forward); got q {q.dtype}, q_scale "
+                         f"{None if scales is None else scales.q_scale}: quantise the query as "
+                         "vLLM's attention layer does for FlashAttention, or use the Triton "
+                         "attention kernel")
 
 
 def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          batch: PrefillBatch, bm: BlockMap, scale: float, out: torch.Tensor,
                          attn_fn=None, group: int | None = None, slice_rows: int | None = None,
-                         check_finite: bool = True) -> torch.Tensor:
+                         check_finite: bool = True,
+                         scales: KVScales | None = None) -> torch.Tensor:
     """Stage-1 block-sparse attention (PV skip off) of ``batch`` through FA3 (module docstring).
 
     Writes the rows of ``out`` that ``batch.query_start_loc`` covers (others are left alone).
@@ -334,10 +366,13 @@ def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     call FA3 for that many of the sequences at a time (longest first; ``None``: all), which
     bounds the tables' memory (``plan.plan_chunks``). ``check_finite=False`` skips the checks
     of a batch of device tensors (their values: a host sync), as the other entry points' (docs/
-    DESIGN.md, "Argument checks"). A planned prefill step uses :func:`plan_virtual` once per
-    step and a :class:`VirtualAttention` per layer (``prefill.run_prefill``).
+    DESIGN.md, "Argument checks"). An fp8 cache (``float8_e4m3fn``) comes with its ``scales``
+    and an fp8 ``q``; ``out`` is in the model's dtype. A planned prefill step uses
+    :func:`plan_virtual` once per step and a :class:`VirtualAttention` per layer
+    (``prefill.run_prefill``).
     """
-    check_paged_inputs(q, key_cache, value_cache)
+    check_paged_inputs(q, key_cache, value_cache, scales, check_finite)
+    check_fp8_inputs(q, key_cache, scales)
     check_out_and_layout(q, key_cache, value_cache, out)
     check_batch(q, key_cache, batch, check_finite)
     check_scale(scale)
@@ -351,6 +386,6 @@ def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         raise ValueError("key and value caches differ in layout")
     plan = plan_virtual(batch, bm.count.shape[2], page_size, q.shape[1], slice_rows)
     bm = dataclasses.replace(bm, mask=lut_to_mask(bm))
-    VirtualAttention(plan, q, key_cache, value_cache, batch, scale, out, group,
-                     attn_fn).attend(bm)
+    VirtualAttention(plan, q, key_cache, value_cache, batch, scale, out, group, attn_fn,
+                     scales).attend(bm)
     return out
