@@ -28,7 +28,7 @@ Keys (all optional):
   outputs as the Triton kernel; 0.91-0.98x FA3 dense and 1.69-1.91x at 50% block sparsity where
   the Triton kernel has 0.78-0.81x and 1.55-1.66x (H200, 32K-128K); at 32K and 90% its launches
   are host-bound. Layers whose thresholds use the PV skip keep the Triton kernel (FA3 has no PV
-  skip); needs FlashAttention 3 (Hopper).
+  skip); needs FlashAttention 3 (Hopper). Over an fp8 KV cache it runs FA3's fp8 forward.
 - ``map_budget``: the sparse prefill's memory bound (env ``SPARGE_MAP_BUDGET``, a number or
   ``none``): a call whose block map (and, with ``fa3``, virtual block tables) would pass this
   fraction of the K/V bytes of its padded shape, and 64 MiB, builds and uses them one head
