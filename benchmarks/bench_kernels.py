@@ -601,7 +601,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/kernels")
     ap.add_argument("--sweep", action="store_true", help="time launch configs of the dense kernel")
     ap.add_argument("--virtual", action="store_true",
-                    help="also time FA3 over per-row virtual contexts (kernels/experimental/fa3.py), all "
+                    help="also time FA3 over per-row virtual contexts (kernels/fa3.py), all "
                     "heads at once and in head chunks")
     ap.add_argument("--chunked", action="store_true",
                     help="also time the Triton kernels in head chunks (kernels/plan.py)")

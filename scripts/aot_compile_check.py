@@ -25,8 +25,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from sparge_serve.kernels import attention, pooling, predictor  # noqa: E402
-from sparge_serve.kernels.experimental import fa3  # noqa: E402
+from sparge_serve.kernels import (  # noqa: E402
+    attention,
+    fa3,
+    pooling,
+    predictor,
+)
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF  # noqa: E402
 
 

@@ -21,14 +21,17 @@ Keys (all optional):
   FlashAttention (env ``SPARGE_MODE``).
 - ``topk``: fixed fraction in (0, 1] of valid key blocks kept per query block instead of the CDF
   rule (benchmarks only).
-- ``attention_kernel``: ``"triton"`` (default) or ``"fa3"`` (env ``SPARGE_ATTENTION_KERNEL``,
-  experimental): stage 1's kept blocks attended by FlashAttention-3 itself, one sequence per
-  (q-head, query block) row over a virtual paged context of its kept key blocks, one FA3 call
-  per query head on views of q and out (``sparge_serve.kernels.experimental.fa3``). Same
-  outputs as the Triton kernel; 0.91-0.98x FA3 dense and 1.69-1.91x at 50% block sparsity where
-  the Triton kernel has 0.78-0.81x and 1.55-1.66x (H200, 32K-128K); at 32K and 90% its launches
-  are host-bound. Layers whose thresholds use the PV skip keep the Triton kernel (FA3 has no PV
-  skip); needs FlashAttention 3 (Hopper). Over an fp8 KV cache it runs FA3's fp8 forward.
+- ``attention_kernel``: ``"auto"`` (default), ``"triton"`` or ``"fa3"`` (env
+  ``SPARGE_ATTENTION_KERNEL``): what attends stage 1's kept blocks. ``"triton"``: the Triton
+  block-sparse kernel (every layer, PV skip included). ``"fa3"``: FlashAttention-3 itself, one
+  sequence per (q-head, query block) row over a virtual paged context of its kept key blocks,
+  one FA3 call per query head on views of q and out (``sparge_serve.kernels.fa3``); same
+  outputs, 0.91-0.98x FA3 dense and 1.69-1.91x at 50% block sparsity where the Triton kernel
+  has 0.78-0.81x and 1.55-1.66x (H200, 32K-128K), host-bound at 32K and 90%; over an fp8 KV
+  cache FA3's fp8 forward, twice the Triton kernel's speed there. Layers whose thresholds use
+  the PV skip keep the Triton kernel (FA3 has no PV skip); needs FlashAttention 3 (Hopper).
+  ``"auto"``: ``"fa3"`` over an fp8 KV cache where FlashAttention 3 serves the head size,
+  ``"triton"`` otherwise.
 - ``map_budget``: the sparse prefill's memory bound (env ``SPARGE_MAP_BUDGET``, a number or
   ``none``): a call whose block map (and, with ``fa3``, virtual block tables) would pass this
   fraction of the K/V bytes of its padded shape, and 64 MiB, builds and uses them one head
@@ -115,7 +118,7 @@ OTHER_ENV_VARS = {
 ENV_PREFIX = "SPARGE_"
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
-ATTENTION_KERNELS = ("triton", "fa3")
+ATTENTION_KERNELS = ("auto", "triton", "fa3")
 BOOLEANS = {
     "fast_launch": ("the compiled kernels' own launchers, the default",
                     "Triton's JITFunction launches"),
@@ -212,7 +215,7 @@ class SpargeConfig:
     dense_layers: int | tuple[int, ...] = 0  # first N layers dense, or explicit global indices
     mode: Literal["sparse", "dense"] = "sparse"
     topk: float | None = None
-    attention_kernel: Literal["triton", "fa3"] = "triton"
+    attention_kernel: Literal["auto", "triton", "fa3"] = "auto"
     map_budget: float | None = MAP_BUDGET
     fast_launch: bool = True
     fp8_attention: bool = False
@@ -236,6 +239,13 @@ class SpargeConfig:
         if isinstance(self.dense_layers, int):
             return layer < self.dense_layers
         return layer in self.dense_layers
+
+    def fa3_attention(self, fp8_cache: bool, fa3_available: bool) -> bool:
+        """Whether layers without the PV skip attend through FlashAttention-3: ``fa3``, or
+        ``auto`` over an fp8 KV cache (``fp8_cache``) where FA3 serves (``fa3_available``)."""
+        if self.attention_kernel == "auto":
+            return fp8_cache and fa3_available
+        return self.attention_kernel == "fa3"
 
     def check_num_layers(self, num_layers: int) -> None:
         """Raise if explicit ``dense_layers`` name layers the model does not have."""
@@ -407,7 +417,8 @@ def _check(key: str, value: Any, source: str) -> Any:
     if key == "attention_kernel":
         if value not in ATTENTION_KERNELS:
             raise _bad(key, source, f"= {value!r} is not one of {list(ATTENTION_KERNELS)}",
-                       '"triton" (default) or "fa3" (FlashAttention-3 over the kept blocks)')
+                       '"auto" (default), "triton" (the Triton kernel) or "fa3" '
+                       "(FlashAttention-3 over the kept blocks)")
         return value
     if key == "map_budget":
         return _optional_fraction(key, value, source, "use a fraction of the K/V bytes, e.g. "

@@ -725,7 +725,7 @@ def test_fa3_plan_serves_layers_with_and_without_pv_skip(sparge, tmp_path, monke
     attends through FA3 (emulated on the CPU), a layer with it through the plan's Triton
     chunks, each as the same layer under the Triton kernel."""
     import sparge_serve.backend.sparge_attn as sa
-    import sparge_serve.kernels.experimental.fa3 as fa3
+    import sparge_serve.kernels.fa3 as fa3
     from sparge_serve.metrics import SpargeStats
     from tests.test_virtual import fa3_emulation
 
@@ -897,6 +897,45 @@ def test_fp8_forward_equals_the_dequantised_cache(sparge, q_fp8):
     rows = md.sparse.token_index
     assert not torch.isnan(outs[0][rows]).any()
     assert torch.equal(outs[0][rows], outs[1][rows])
+
+
+def test_auto_kernel_attends_an_fp8_cache_through_fa3(sparge, monkeypatch):
+    """``attention_kernel: auto`` (the default) over an fp8 cache where FlashAttention 3 serves
+    (emulated on the CPU): the step's plan and the layer take the FA3 path, fed the fp8 query
+    and the layer's scales, and give the Triton kernel's output on the dequantised fp16 cache
+    within fp16 rounding; over the fp16 cache the layer keeps the Triton kernel."""
+    import sparge_serve.backend.runtime as runtime
+    import sparge_serve.backend.sparge_attn as sa
+    import sparge_serve.kernels.fa3 as fa3
+    from tests.test_virtual import fa3_emulation
+
+    monkeypatch.setattr(sa, "get_flash_attn_version", lambda **kw: 3)
+    monkeypatch.setattr(runtime, "fa3_serves", lambda head_size: True)
+    monkeypatch.setattr(fa3, "fa3_paged_forward", fa3_emulation)
+    cam = _cam([(1, 40), (150, 300), (20, 20), (130, 260)])
+    query, _, phys = _paged_inputs(cam, torch.float16)
+    (k8, ks), (v8, vs) = (quantize_fp8(x, pow2=True) for x in (phys[..., :D], phys[..., D:]))
+    query8, q_scale = quantize_fp8(query, pow2=True)
+    deq_q = (query8.float() * q_scale).half()
+    phys8 = torch.cat([k8, v8], -1).view(torch.uint8)
+    deq = torch.cat([k8.float() * ks, v8.float() * vs], -1).half()
+    layer = SimpleNamespace(_k_scale=ks, _v_scale=vs, _q_scale=q_scale)
+    outs = {}
+    for dtype, q, cache in (("fp8", query8, phys8), ("auto", deq_q, deq)):
+        vc = sparge(min_sparse_len=256)
+        monkeypatch.setattr(vc.cache_config, "cache_dtype", dtype)
+        md = _builder(vc).build(0, cam)
+        assert (md.plan.fa3 is not None) == (dtype == "fp8")
+        impl = _impl(vc, kv_cache_dtype=dtype)
+        impl._fa = object()  # stands in for FlashAttentionImpl on this CPU-only machine
+        impl.bind("model.layers.1.self_attn.attn", "cpu")
+        assert impl.fa3_attention == (dtype == "fp8")
+        impl._dense = lambda *a: None  # the dense requests' rows stay NaN: compared apart
+        out = torch.full((cam.num_actual_tokens, HQ, D), float("nan"), dtype=torch.float16)
+        impl.forward(layer, q, None, None, cache.permute(0, 2, 1, 3), md, out)
+        outs[dtype] = out[md.sparse.token_index]
+    assert not torch.isnan(outs["fp8"]).any()
+    torch.testing.assert_close(outs["fp8"].float(), outs["auto"].float(), atol=2e-3, rtol=2e-3)
 
 
 def test_fp8_attention_plans_fp8_products_for_layers_with_fp8_queries(sparge, monkeypatch):

@@ -210,7 +210,7 @@ def test_kernels_fp8_rows_on_toy_inputs(monkeypatch, device):
     outputs."""
     import torch
 
-    import sparge_serve.kernels.experimental.fa3 as virtual
+    import sparge_serve.kernels.fa3 as virtual
     from sparge_serve.kernels import FP8_DTYPE
     from tests.test_virtual import fa3_emulation
 

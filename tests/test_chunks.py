@@ -149,7 +149,7 @@ def test_chunked_prefill_equals_all_heads_at_once(hq, hkv, budget, want_heads, p
 def test_chunked_fa3_path_equals_all_heads_at_once(device, monkeypatch):
     """The FA3 attention path (PyTorch emulation of FA3 off the GPU) in one-head chunks: the
     whole map's block counts, and attention over its kept blocks (the fp32 SDPA oracle)."""
-    import sparge_serve.kernels.experimental.fa3 as virtual
+    import sparge_serve.kernels.fa3 as virtual
 
     monkeypatch.setattr(chunks, "MIN_BUDGET_BYTES", 0)
     if device == "cpu":
@@ -176,7 +176,7 @@ def test_chunked_fa3_path_equals_all_heads_at_once(device, monkeypatch):
 def test_fa3_selections_wider_than_their_chunks(hq, hkv, plan, device, monkeypatch):
     """The FA3 path selects (bit sets) for several chunks at once: each chunk attends its own
     heads of the selection's map (the map's head offset in the table kernel and the views)."""
-    import sparge_serve.kernels.experimental.fa3 as virtual
+    import sparge_serve.kernels.fa3 as virtual
 
     monkeypatch.setattr(chunks, "plan_chunks", lambda *args, **kw: plan)
     if device == "cpu":

@@ -79,13 +79,24 @@ def test_known_env_vars_are_not_warned_about(warned):
 
 
 def test_attention_kernel_from_dict_env_and_errors():
-    assert SpargeConfig.from_dict(None, env={}).attention_kernel == "triton"
+    assert SpargeConfig.from_dict(None, env={}).attention_kernel == "auto"
     assert SpargeConfig.from_dict({"attention_kernel": "fa3"}, env={}).attention_kernel == "fa3"
     env = {"SPARGE_ATTENTION_KERNEL": "triton"}
     assert SpargeConfig.from_dict({"attention_kernel": "fa3"}, env=env).attention_kernel == "triton"
     with pytest.raises(ValueError, match=r"`attention_kernel` \(env SPARGE_ATTENTION_KERNEL\) = "
-                       r"'fa2' is not one of \['triton', 'fa3'\].*Fix:"):
+                       r"'fa2' is not one of \['auto', 'triton', 'fa3'\].*Fix:"):
         SpargeConfig.from_dict({}, env={"SPARGE_ATTENTION_KERNEL": "fa2"})
+
+
+@pytest.mark.parametrize("kernel, fp8_cache, fa3_available, fa3", [
+    ("auto", True, True, True), ("auto", True, False, False), ("auto", False, True, False),
+    ("triton", True, True, False), ("fa3", False, True, True), ("fa3", True, True, True)])
+def test_attention_kernel_auto_takes_fa3_over_an_fp8_cache(kernel, fp8_cache, fa3_available,
+                                                           fa3):
+    """``auto`` attends through FA3 where it is the faster path (an fp8 cache, FA3 present);
+    ``triton`` and ``fa3`` are what they say (``fa3`` without FA3 is refused at bind)."""
+    cfg = SpargeConfig(attention_kernel=kernel)
+    assert cfg.fa3_attention(fp8_cache, fa3_available) is fa3
 
 
 def test_fp8_attention_from_dict_and_env_and_its_cache_dtype():

@@ -23,7 +23,7 @@ from sparge_serve.kernels import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
-from sparge_serve.kernels.experimental.fa3 import fa3_sparse_attention
+from sparge_serve.kernels.fa3 import fa3_sparse_attention
 from sparge_serve.reference import (
     block_masks,
     dense_causal_attention_ref,

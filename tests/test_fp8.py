@@ -24,7 +24,7 @@ from sparge_serve.kernels import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
-from sparge_serve.kernels.experimental.fa3 import fa3_sparse_attention
+from sparge_serve.kernels.fa3 import fa3_sparse_attention
 from sparge_serve.kernels.warmup import warm_up_sparse_kernels
 from tests.kernel_inputs import (
     PagedCase,

@@ -19,7 +19,7 @@ from sparge_serve.kernels import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
-from sparge_serve.kernels.experimental.fa3 import fa3_sparse_attention
+from sparge_serve.kernels.fa3 import fa3_sparse_attention
 from sparge_serve.kernels.launch import Launcher
 from tests.kernel_inputs import PagedCase, head_vec, make_paged_case
 

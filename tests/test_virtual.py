@@ -1,4 +1,4 @@
-"""FA3 over virtual per-row contexts (sparge_serve.kernels.experimental.fa3) equals attention
+"""FA3 over virtual per-row contexts (sparge_serve.kernels.fa3) equals attention
 over the kept blocks: fp32 torch SDPA masked with exactly the block map's key blocks AND the
 causal mask (``kernel_inputs.attention_oracle``).
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sparge_serve.kernels import BLKQ, BlockMap, predict_block_map, sparse_paged_attention
-from sparge_serve.kernels.experimental.fa3 import fa3_sparse_attention, heads_as_pages
+from sparge_serve.kernels.fa3 import fa3_sparse_attention, heads_as_pages
 from sparge_serve.kernels.predictor import lut_to_mask
 from tests.kernel_inputs import (
     attention_oracle,
@@ -118,7 +118,7 @@ def test_bit_set_maps_hold_the_lists_blocks(reqs, sim, cdf, topk, device):
 def test_fa3_tables_from_bit_sets_of_several_words(device, monkeypatch):
     """Contexts of 33 key blocks (two words), expanded one word a step (the table kernel's
     running position across steps), 16-token pages (four per block)."""
-    import sparge_serve.kernels.experimental.fa3 as virtual
+    import sparge_serve.kernels.fa3 as virtual
 
     monkeypatch.setattr(virtual, "TABLE_CHUNK_WORDS", 1)
     case = make_paged_case([(150, 2100), (37, 421)], 2, 1, 64, 16, torch.float16, device,
@@ -176,7 +176,7 @@ def test_gpu_fa3_path_equals_attention_over_its_kept_blocks(page, topk, slice_ro
 def test_shape_bytes_bound_the_fa3_allocations(device):
     """``plan.Shape`` (the head chunks' plan and the backend's reservation) covers what
     ``virtual_rows`` and ``virtual_table`` allocate, with room for temporaries only."""
-    from sparge_serve.kernels.experimental.fa3 import virtual_rows, virtual_table
+    from sparge_serve.kernels.fa3 import virtual_rows, virtual_table
     from sparge_serve.kernels.plan import Shape
     from sparge_serve.kernels.pooling import key_sums_bytes, pooled_keys_bytes
 
@@ -202,7 +202,7 @@ def test_shape_bytes_bound_the_fa3_allocations(device):
 
 
 def test_virtual_sequences_run_longest_first_and_cover_every_row(device):
-    from sparge_serve.kernels.experimental.fa3 import virtual_rows, virtual_table
+    from sparge_serve.kernels.fa3 import virtual_rows, virtual_table
 
     case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=2, packed=True)
     bm, _ = reference_block_map(case, 0.3, -1.0, topk=0.5)
@@ -274,7 +274,7 @@ def test_fa3_forward_passes_arguments_where_vllm_does():
     import importlib.util
     from pathlib import Path
 
-    import sparge_serve.kernels.experimental.fa3 as virtual
+    import sparge_serve.kernels.fa3 as virtual
 
     spec = importlib.util.find_spec("vllm.vllm_flash_attn")  # imports vllm only (CPU-safe)
     theirs = _fa3_fwd_call_args(Path(next(iter(spec.submodule_search_locations)))

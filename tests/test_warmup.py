@@ -36,7 +36,7 @@ def test_warm_up_runs_every_bucket(device):
 def test_no_compilation_after_warm_up(attention_kernel):
     """After the warm-up, prefills of any length in range (and any batch) compile nothing."""
     from sparge_serve.kernels import attention, pooling, predictor
-    from sparge_serve.kernels.experimental import fa3 as virtual
+    from sparge_serve.kernels import fa3 as virtual
 
     kernels = (pooling._ksum_kernel, pooling._kblock_kernel, predictor._select_kernel,
                attention._sparse_attn_kernel, virtual._virtual_table_kernel)

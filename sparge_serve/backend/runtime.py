@@ -187,6 +187,13 @@ def draft_model_tag() -> str | None:
     return tag if tag in _DRAFT_MODEL_TAGS or tag.endswith("_head") else None
 
 
+def fa3_serves(head_size: int) -> bool:
+    """Whether vLLM's FlashAttention 3 serves this head size on this machine."""
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    return get_flash_attn_version(head_size=head_size) == 3
+
+
 def fp8_products(vllm_config: VllmConfig, cfg: SpargeConfig, sparse: list[BoundLayer]) -> bool:
     """Whether the sparse attention multiplies in fp8 (``fp8_attention``): an fp8 cache, and
     queries the layers quantise (``ValueError`` where FlashAttention is missing and they do
@@ -250,7 +257,7 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
                                      dtype=compute_dtype(vllm_config, spec), q_dtype=q_dtype,
                                      fp8_dot=fp8_dot)
     if fa3:
-        from sparge_serve.kernels.experimental.fa3 import warm_up_virtual
+        from sparge_serve.kernels.fa3 import warm_up_virtual
 
         warm_up_virtual(first.num_heads, first.num_kv_heads, spec.block_size, device)
     _WARMED.add(key)
@@ -281,7 +288,10 @@ def prefill_plan_args(vllm_config: VllmConfig, cfg: SpargeConfig, spec: Attentio
             f"query heads a rank, the cache {spec.num_kv_heads} KV heads of {spec.head_size}): "
             "one prefill plan serves every layer of a step. Fix: serve this model with another "
             "backend.")
-    fa3 = cfg.attention_kernel == "fa3" and (not sparse or any(i.fa3_attention for i in sparse))
+    if sparse:
+        fa3 = any(i.fa3_attention for i in sparse)
+    else:
+        fa3 = cfg.fa3_attention(kv_cache_quantized(vllm_config), fa3_serves(spec.head_size))
     return dict(num_heads=num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_size,
                 dtype=compute_dtype(vllm_config, spec), page_size=spec.block_size, device=device,
                 topk=cfg.topk, map_budget=cfg.map_budget, attention="fa3" if fa3 else "triton",
@@ -292,7 +302,7 @@ def sparse_scratch_bytes(vllm_config: VllmConfig | None, runtime: SpargeRuntime 
                          num_heads: int, num_kv_heads: int, head_size: int) -> int:
     """Most device memory one layer's sparse prefill can allocate in a step (0 if none can
     run): the predictor's buffers and block map of the step's largest sparse sub-batch, in
-    head chunks under ``map_budget`` (with ``attention_kernel: fa3``, the larger of the FA3
+    head chunks under ``map_budget`` (where layers attend through FA3, the larger of the FA3
     path's, with its virtual block tables, and the Triton kernel's, which layers with the PV skip
     run), plus the gathered q/out rows."""
     vc, rt = vllm_config, runtime
@@ -306,7 +316,7 @@ def sparse_scratch_bytes(vllm_config: VllmConfig | None, runtime: SpargeRuntime 
                       tokens // max(rt.config.min_sparse_query_len, 2)))
     rows = 2 * tokens * num_heads * head_size * 2  # q gather + out, 16-bit
     pages = [None]
-    if rt.config.attention_kernel == "fa3":
+    if rt.config.fa3_attention(kv_cache_quantized(vc), fa3_serves(head_size)):
         pages.append(vc.cache_config.block_size or PREFERRED_PAGE_SIZE)
     return rows + max(prefill_scratch_bytes(num_heads, num_kv_heads, head_size, reqs, tokens,
                                             max_len, fa3_page_size=page,

@@ -340,14 +340,16 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.layer_index, self.dense_layer = bound.index, bound.dense
         self._simthreshd1, self._cdfthreshd = bound.simthreshd1, bound.cdfthreshd
         self._pvthreshd, self.pv_skip = bound.pvthreshd, bound.pv_skip
-        # FA3 has no PV skip: such layers keep the Triton kernel (one note per process)
-        self.fa3_attention = cfg.attention_kernel == "fa3" and not self.pv_skip
-        if cfg.attention_kernel == "fa3" and (
-                self._fa is None or get_flash_attn_version(head_size=self.head_size) != 3):
+        fa3_available = (self._fa is not None
+                         and get_flash_attn_version(head_size=self.head_size) == 3)
+        if cfg.attention_kernel == "fa3" and not fa3_available:
             raise ValueError("SPARGE: attention_kernel \"fa3\" needs FlashAttention 3 (a Hopper "
                              "GPU and vLLM's vllm_flash_attn). Fix: use \"attention_kernel\": "
-                             "\"triton\".")
-        if cfg.attention_kernel == "fa3" and self.pv_skip:
+                             "\"auto\" or \"triton\".")
+        fa3 = cfg.fa3_attention(self.fp8_cache, fa3_available)
+        # FA3 has no PV skip: such layers keep the Triton kernel (one note per process)
+        self.fa3_attention = fa3 and not self.pv_skip
+        if fa3 and self.pv_skip:
             logger.info_once("SPARGE: layers whose thresholds use the PV skip keep the Triton "
                              "attention kernel (attention_kernel fa3 has no PV skip)")
 

@@ -1,12 +1,12 @@
 """SpargeAttn prefill kernels over vLLM's paged KV cache (torch + Triton; never imports vLLM
-except ``experimental.fa3``, loaded only for ``attention_kernel: "fa3"``).
+except ``fa3``, the FlashAttention-3 attention path, loaded only where it runs).
 
 See docs/DESIGN.md for the exact semantics and ``sparge_serve.reference`` for the oracle.
 
 Modules: ``geometry`` (constants, the batch and block-map descriptions; no torch), ``checks``
 (the entry points' argument checks), ``pooling`` and ``predictor`` (stage 1), ``attention``
 and ``softmax`` (stage 2), ``plan`` (head chunks), ``prefill`` (both stages), ``launch``, ``warmup`` and
-``experimental.fa3``. The names below are imported on first use, so that
+``fa3`` (stage 2 through FlashAttention-3). The names below are imported on first use, so that
 ``sparge_serve.kernels.geometry`` loads without torch or Triton.
 """
 

@@ -53,11 +53,11 @@ from sparge_serve.kernels.pooling import key_sums_bytes, pooled_keys_bytes
 from sparge_serve.kernels.predictor import select_launch_params
 
 if TYPE_CHECKING:
-    from sparge_serve.kernels.experimental.fa3 import VirtualPlan
+    from sparge_serve.kernels.fa3 import VirtualPlan
 
 ATTENTION_PATHS = ("triton", "fa3")
 """The attention kernels a prefill can run: the block-sparse Triton kernel, or FlashAttention-3
-over virtual contexts (``experimental.fa3``)."""
+over virtual contexts (``fa3``)."""
 
 MIN_SLICE_ROWS = 256
 """Fewest sequences per FA3 launch when the tables are sliced: two waves of an H100/H200's 132
@@ -328,7 +328,7 @@ def plan_prefill(batch: PrefillBatch, num_heads: int, num_kv_heads: int, head_di
         runs.append(_chunk_run(shape, plan_chunks(shape, elem, map_budget, map_floor), counts,
                                nqb))
     if fa3:
-        from sparge_serve.kernels.experimental.fa3 import plan_virtual
+        from sparge_serve.kernels.fa3 import plan_virtual
 
         virtual = plan_virtual(batch, nqb, page_size, runs[1].plan.heads, runs[1].plan.slice_rows)
     dc, warps = select_launch_params(nkb_pad)

@@ -6,7 +6,7 @@ A step plans once and launches per layer:
   depends only on the batch, the model's attention geometry and the settings;
 - :func:`run_prefill` (per layer): per head chunk the predictor's block map
   (``predictor.select_blocks``), then the attention over it (``attention.attend_blocks``, or for
-  ``"fa3"`` FlashAttention-3 over virtual contexts, ``experimental.fa3``). Launches only: no
+  ``"fa3"`` FlashAttention-3 over virtual contexts, ``fa3``). Launches only: no
   checks, no host synchronisation.
 
 :func:`sparge_paged_prefill` (the public entry point) is the checked form of both for one call.
@@ -68,7 +68,7 @@ def run_prefill(plan: PrefillPlan, q: torch.Tensor, key_cache: torch.Tensor,
     sims, cdfs = simthreshd1.split(sel), cdfthreshd.split(sel)
     key_slices = key_cache.split(run.kv_heads, 2)
     if fa3:
-        from sparge_serve.kernels.experimental.fa3 import VirtualAttention
+        from sparge_serve.kernels.fa3 import VirtualAttention
 
         if not predict_only:  # a selection's heads attended `plan.heads` at a time
             attend = VirtualAttention(plan.virtual, q, key_cache, value_cache, batch, scale, out,
@@ -139,7 +139,7 @@ def sparge_paged_prefill(
     The checked form of ``plan.plan_prefill`` + :func:`run_prefill` for one call: two kernels,
     run one *head chunk* at a time (``plan.py``): the predictor's block map, then the attention
     (``attention``: ``"triton"``, the block-sparse kernel, or ``"fa3"``, FlashAttention-3 over
-    virtual contexts, PV skip off; ``experimental/fa3.py``), over head slices of
+    virtual contexts, PV skip off; ``fa3.py``), over head slices of
     ``q``/``out``/the caches, so that the block map and the FA3 tables never pass
     ``map_budget`` of the batch's K/V bytes or ``map_floor`` bytes, whichever is more
     (``geometry.MIN_BUDGET_BYTES`` by default; ``map_budget=None``: all heads in one chunk). The
@@ -168,7 +168,7 @@ def sparge_paged_prefill(
     if fp8_dot:
         check_fp8_dot(q, key_cache)
     if attention == "fa3":
-        from sparge_serve.kernels.experimental.fa3 import check_fp8_inputs
+        from sparge_serve.kernels.fa3 import check_fp8_inputs
 
         check_fp8_inputs(q, key_cache, scales)
     if attention == "fa3" and pv_skip:

@@ -61,7 +61,7 @@ def warm_up_sparse_kernels(
 ) -> list[int]:
     """Compile the predictor and attention kernels for contexts of ``min..max`` tokens;
     ``masks``: also the predictor's bit-set maps (the FA3 attention path's;
-    ``experimental.fa3.warm_up_virtual`` compiles its table kernel).
+    ``fa3.warm_up_virtual`` compiles its table kernel).
 
     ``key_cache``/``value_cache``: ``[num_pages >= 1, page, Hkv, D]`` views with the serving
     layout and dtype (only page 0 is read); ``dtype``: the model's (default: the cache's; needed

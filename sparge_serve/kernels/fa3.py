@@ -1,4 +1,5 @@
-"""Block-sparse attention through FlashAttention-3's paged varlen kernel (experimental).
+"""Block-sparse attention through FlashAttention-3's paged varlen kernel (the ``fa3`` attention
+path; the only kernels module that uses vLLM: its FA3 op, imported on first use).
 
 Each (request, q-head, query block) row of a block map becomes one FA3 sequence of one head: its
 query rows, and a *virtual* paged context made of its kept key blocks only, in ascending order.
