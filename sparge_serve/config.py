@@ -30,8 +30,9 @@ Keys (all optional):
   has 0.78-0.81x and 1.55-1.66x (H200, 32K-128K), host-bound at 32K and 90%; over an fp8 KV
   cache FA3's fp8 forward, twice the Triton kernel's speed there. Layers whose thresholds use
   the PV skip keep the Triton kernel (FA3 has no PV skip); needs FlashAttention 3 (Hopper).
-  ``"auto"``: ``"fa3"`` over an fp8 KV cache where FlashAttention 3 serves the head size,
-  ``"triton"`` otherwise.
+  ``"auto"``: ``"fa3"`` over an fp8 KV cache where FlashAttention 3 serves the head size
+  (layers with the PV skip then drop it: FA3 without it is faster there), ``"triton"``
+  otherwise.
 - ``map_budget``: the sparse prefill's memory bound (env ``SPARGE_MAP_BUDGET``, a number or
   ``none``): a call whose block map (and, with ``fa3``, virtual block tables) would pass this
   fraction of the K/V bytes of its padded shape, and 64 MiB, builds and uses them one head

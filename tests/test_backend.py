@@ -899,11 +899,13 @@ def test_fp8_forward_equals_the_dequantised_cache(sparge, q_fp8):
     assert torch.equal(outs[0][rows], outs[1][rows])
 
 
-def test_auto_kernel_attends_an_fp8_cache_through_fa3(sparge, monkeypatch):
+def test_auto_kernel_attends_an_fp8_cache_through_fa3(sparge, monkeypatch, tmp_path):
     """``attention_kernel: auto`` (the default) over an fp8 cache where FlashAttention 3 serves
     (emulated on the CPU): the step's plan and the layer take the FA3 path, fed the fp8 query
     and the layer's scales, and give the Triton kernel's output on the dequantised fp16 cache
-    within fp16 rounding; over the fp16 cache the layer keeps the Triton kernel."""
+    within fp16 rounding; over the fp16 cache the layer keeps the Triton kernel. A layer whose
+    thresholds use the PV skip drops it over the fp8 cache (FA3 without it is the faster path
+    there), keeps it over the fp16 cache and under ``attention_kernel: fa3``."""
     import sparge_serve.backend.runtime as runtime
     import sparge_serve.backend.sparge_attn as sa
     import sparge_serve.kernels.fa3 as fa3
@@ -936,6 +938,18 @@ def test_auto_kernel_attends_an_fp8_cache_through_fa3(sparge, monkeypatch):
         outs[dtype] = out[md.sparse.token_index]
     assert not torch.isnan(outs["fp8"]).any()
     torch.testing.assert_close(outs["fp8"].float(), outs["auto"].float(), atol=2e-3, rtol=2e-3)
+    path = tmp_path / "pv.safetensors"
+    th = Thresholds.defaults(L, HQ, HKV, D, simthreshd1=-1.0, cdfthreshd=0.9)
+    th.pvthreshd[1] = 4.0  # layer 1 uses the PV skip
+    save_thresholds(path, th)
+    for kernel, dtype, fa3_layer in (("auto", "fp8", True), ("auto", "auto", False),
+                                     ("fa3", "fp8", False)):
+        vc = sparge(min_sparse_len=256, thresholds=str(path), attention_kernel=kernel)
+        impl = _impl(vc, kv_cache_dtype=dtype)
+        impl._fa = object()
+        impl.bind("model.layers.1.self_attn.attn", "cpu")
+        assert (impl.fa3_attention, impl.pv_skip) == (fa3_layer, not fa3_layer), (kernel, dtype)
+        assert bool((impl._pvthreshd < 50).any()) == impl.pv_skip
 
 
 def test_fp8_attention_plans_fp8_products_for_layers_with_fp8_queries(sparge, monkeypatch):

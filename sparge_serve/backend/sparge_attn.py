@@ -68,6 +68,7 @@ from sparge_serve.backend.split import (
     split_requests,
     step_counts,
 )
+from sparge_serve.kernels.geometry import PV_SKIP_OFF
 from sparge_serve.plugin import BACKEND_NAME
 
 if TYPE_CHECKING:
@@ -347,6 +348,15 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
                              "GPU and vLLM's vllm_flash_attn). Fix: use \"attention_kernel\": "
                              "\"auto\" or \"triton\".")
         fa3 = cfg.fa3_attention(self.fp8_cache, fa3_available)
+        if fa3 and self.pv_skip and cfg.attention_kernel == "auto":
+            # NOTE: over an fp8 cache FA3 without the PV skip runs 1.6-1.7x the Triton kernel
+            # with it, on the same block map (docs/PERFORMANCE.md, fp8 KV cache), and computes
+            # the blocks the PV skip would drop
+            self._pvthreshd = torch.full_like(bound.pvthreshd, PV_SKIP_OFF)
+            self.pv_skip = False
+            logger.info_once("SPARGE: over the fp8 KV cache, layers whose thresholds use the PV "
+                             "skip attend through FlashAttention 3 without it (faster there); "
+                             "attention_kernel \"triton\" keeps it")
         # FA3 has no PV skip: such layers keep the Triton kernel (one note per process)
         self.fa3_attention = fa3 and not self.pv_skip
         if fa3 and self.pv_skip:
