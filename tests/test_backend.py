@@ -292,6 +292,12 @@ def test_attention_kernel_fa3_needs_flash_attention_3(sparge, monkeypatch):
     impl._fa = object()  # stands in for FlashAttentionImpl on this CPU-only machine
     impl.bind("model.layers.1.self_attn.attn", "cpu")
     assert impl.fa3_attention == (not impl.pv_skip)
+    # over an fp8 cache FA3 multiplies an fp8 query: one the layer does not quantise is refused
+    impl = _impl(sparge(attention_kernel="fa3"), kv_cache_dtype="fp8")
+    impl._fa, impl.supports_quant_query_input = object(), False
+    with pytest.raises(ValueError, match=r"with the query quantised to fp8\).*Fix: use "
+                                         r"\"attention_kernel\": \"auto\""):
+        impl.bind("model.layers.1.self_attn.attn", "cpu")
 
 
 def test_bind_layer_index_tp_slice_and_dense_layers(sparge, tmp_path):

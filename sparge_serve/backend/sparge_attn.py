@@ -341,19 +341,19 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.layer_index, self.dense_layer = bound.index, bound.dense
         self._simthreshd1, self._cdfthreshd = bound.simthreshd1, bound.cdfthreshd
         self._pvthreshd, self.pv_skip = bound.pvthreshd, bound.pv_skip
+        # over an fp8 cache FA3 multiplies the query the layer quantised to fp8
         fa3_available = (self._fa is not None
-                         and get_flash_attn_version(head_size=self.head_size) == 3)
+                         and get_flash_attn_version(head_size=self.head_size) == 3
+                         and (self.supports_quant_query_input or not self.fp8_cache))
         if cfg.attention_kernel == "fa3" and not fa3_available:
             raise ValueError("SPARGE: attention_kernel \"fa3\" needs FlashAttention 3 (a Hopper "
-                             "GPU and vLLM's vllm_flash_attn). Fix: use \"attention_kernel\": "
-                             "\"auto\" or \"triton\".")
+                             "GPU and vLLM's vllm_flash_attn; over an fp8 KV cache, with the query "
+                             "quantised to fp8). Fix: use \"attention_kernel\": \"auto\".")
         fa3 = cfg.fa3_attention(self.fp8_cache, fa3_available)
         if fa3 and self.pv_skip and cfg.attention_kernel == "auto":
             # NOTE: over an fp8 cache FA3 without the PV skip runs 1.6-1.7x the Triton kernel
-            # with it, on the same block map (docs/PERFORMANCE.md, fp8 KV cache), and computes
-            # the blocks the PV skip would drop
-            self._pvthreshd = torch.full_like(bound.pvthreshd, PV_SKIP_OFF)
-            self.pv_skip = False
+            # with it on the same block map (docs/PERFORMANCE.md, fp8 KV cache)
+            self._pvthreshd, self.pv_skip = torch.full_like(bound.pvthreshd, PV_SKIP_OFF), False
             logger.info_once("SPARGE: over the fp8 KV cache, layers whose thresholds use the PV "
                              "skip attend through FlashAttention 3 without it (faster there); "
                              "attention_kernel \"triton\" keeps it")
