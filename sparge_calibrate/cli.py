@@ -33,11 +33,11 @@ from .arguments import (
     DEFAULT_L1,
     DEFAULT_PV_L1,
     _budget,
-    _layer_budgets,
     _layer_spec,
     _positive_int,
     parse_layer_spec,
 )
+from .budget import DEFAULT_CANDIDATES, candidates, check_target_args, choose, perplexity_rise
 from .outputs import Output, OutputError, check_output, describe_cause, save_copy, write_atomic
 from .prompts import MIN_PROMPT_TOKENS, PROMPT_EXTENSIONS, PromptError, check_lengths, load_prompts
 from .search import DEFAULT_SIM_GRID, ERROR_RULES, SearchConfig
@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure dense-vs-sparse quality (log-probabilities, perplexity) and "
                    "sparsity on these held-out prompts (same formats as --prompts), with the "
                    "transformers model")
+    p.add_argument("--ppl-target", type=float, metavar="FRAC",
+                   help="choose the budget per model: calibrate at each of --budgets, measure "
+                   "held-out perplexity on --report, and write the largest budget whose "
+                   "perplexity stays within FRAC of dense (e.g. 0.005: +0.5%%)")
+    p.add_argument("--budgets", type=_budget, nargs="+", metavar="L1",
+                   help="--ppl-target's candidate l1 budgets (default "
+                   f"{' '.join(f'{b:g}' for b in DEFAULT_CANDIDATES)}); each one's PV budget "
+                   "keeps the ratio --pv-l1 / --l1")
     p.add_argument("--plot", metavar="PNG", help="write a heatmap of sparsity per (layer, head) (an "
                    "existing file is only replaced if it is a heatmap sparge-calibrate wrote)")
     search = p.add_argument_group("search (docs/METHOD.md, \"Calibration\")")
@@ -172,6 +180,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--sim-grid values must be in [-1, 1], got {args.sim_grid}")
     if args.pv_steps < 0:
         parser.error(f"--pv-steps {args.pv_steps} must be >= 0")
+    check_target_args(parser, args)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -287,7 +296,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, saved: dict
         parser.error(f"--tensor-parallel-size {tp}: the capture needs it to divide the model's "
                      f"{info.num_kv_heads} KV heads (KV heads replicated across ranks are not "
                      "supported)")
-    budgets = _layer_budgets(parser, args, info.num_layers)
+    cands = candidates(parser, args, info.num_layers)
     prompts = _load(parser, "--prompts", args.prompts, args.model_dir, info, args.max_len,
                     MIN_PROMPT_TOKENS, args.samples, args.driver)
     heldout = None
@@ -299,7 +308,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, saved: dict
         sparsity_floor=args.sparsity_floor, rule=args.sim_rule, quantile=args.quantile,
     )
     try:
-        return _run(args, info, budgets, prompts, heldout, config, saved)
+        return _run(args, info, cands, prompts, heldout, config, saved)
     except (RuntimeError, ValueError) as e:
         print(f"sparge-calibrate: error: {e}", file=sys.stderr)
         return 1
@@ -329,15 +338,36 @@ def _save(out: Output, extension: str, write, what: str, saved: dict[str, str]) 
     return True
 
 
-def _run(args, info, budgets, prompts, heldout, config, saved: dict[str, str]) -> int:
+def _thresholds(args, info, cand, searched: dict, config, prompts):
+    """The thresholds file of one budget (``cand``) and its per-layer results: the searched
+    layers' (``searched``, by layer index), sliding-window layers dense."""
+    from sparge_serve.thresholds import Thresholds
+
+    from .prompts import prompts_sha256
+    from .search import dense_layer_result, stack_results
+
+    results = [searched[i] if i in searched else dense_layer_result(
+        info.num_heads, cand.layers[i], config.rule, window=True) for i in range(info.num_layers)]
+    th = Thresholds(
+        **stack_results(results), num_kv_heads=info.num_kv_heads, head_dim=info.head_dim,
+        blkq=BLKQ, blkk=BLKK,
+        model=os.path.normpath(args.model_dir),  # identity proper is config_hash
+        config_hash=info.config_hash, l1=cand.l1, pv_l1=cand.pv_l1,
+        l1_budget=torch.tensor([b.l1 for b in cand.layers], dtype=torch.float32),
+        pv_l1_budget=torch.tensor([b.pv_l1 for b in cand.layers], dtype=torch.float32),
+        sim_rule=args.sim_rule, num_prompts=len(prompts), prompts_sha256=prompts_sha256(prompts),
+    )
+    return th, results
+
+
+def _run(args, info, cands, prompts, heldout, config, saved: dict[str, str]) -> int:
     from tqdm import tqdm
 
     from sparge_serve.thresholds import Thresholds, save_thresholds
 
     from .evaluators import make_evaluator
     from .hf_driver import capture_hf, load_model, quality_report
-    from .prompts import prompts_sha256
-    from .search import dense_layer_result, search_layers, stack_results
+    from .search import search_layers
     from .summary import format_quality, format_summary, plot_heatmap, print_table
 
     dtype = _dtype(args, info)
@@ -359,7 +389,7 @@ def _run(args, info, budgets, prompts, heldout, config, saved: dict[str, str]) -
     if info.window_layers:
         logger.info("sliding-window layers %s run dense when served: written dense, not searched",
                     sorted(info.window_layers))
-    results = []
+    found = [[] for _ in cands]  # per candidate budget: the searched layers' results
     for group in passes:
         only = None if len(passes) == 1 and not info.window_layers else group
         desc = "capturing" + ("" if only is None else f" layers {group[0]}-{group[-1]}")
@@ -379,68 +409,69 @@ def _run(args, info, budgets, prompts, heldout, config, saved: dict[str, str]) -
             evaluator = make_evaluator(args.device)
             logger.info("measuring errors with the %s evaluator (%d evaluations per layer)",
                         evaluator.name, config.evaluations_per_layer)
-        with tqdm(total=len(group) * heads, unit="head", desc="searching",
-                  disable=args.quiet) as bar:
+        for cand, results in zip(cands, found, strict=True):  # one capture, every budget
+            desc = "searching" + (f" {cand.name}" if len(cands) > 1 else "")
+            with tqdm(total=len(group) * heads, unit="head", desc=desc,
+                      disable=args.quiet) as bar:
 
-            def on_step(i: int, done: int, total: int, bar=bar, group=group) -> None:
-                target = i * heads + (heads * done) // total
-                bar.set_postfix_str(f"layer {group[i]}", refresh=False)
-                bar.update(target - bar.n)
+                def on_step(i: int, done: int, total: int, bar=bar, group=group) -> None:
+                    target = i * heads + (heads * done) // total
+                    bar.set_postfix_str(f"layer {group[i]}", refresh=False)
+                    bar.update(target - bar.n)
 
-            results += search_layers([cap.layers[i] for i in group],
-                                     [cap.scales[i] for i in group], evaluator,
-                                     [budgets[i] for i in group], config, on_step)
+                results += search_layers([cap.layers[i] for i in group],
+                                         [cap.scales[i] for i in group], evaluator,
+                                         [cand.layers[i] for i in group], config, on_step)
         del cap
         if args.driver == "vllm":  # the next pass starts a new engine
             _free_gpu_memory()
 
-    searched_results = dict(zip(searched, results, strict=True))
-    results = [searched_results[i] if i in searched_results
-               else dense_layer_result(heads, budgets[i], config.rule, window=True)
-               for i in range(info.num_layers)]
     if evaluator is None:  # every layer windowed: nothing was captured
         evaluator = make_evaluator(args.device)
-    tensors = stack_results(results)
-    th = Thresholds(
-        **tensors,
-        num_kv_heads=info.num_kv_heads,
-        head_dim=info.head_dim,
-        blkq=BLKQ,
-        blkk=BLKK,
-        model=os.path.normpath(args.model_dir),  # identity proper is config_hash
-        config_hash=info.config_hash,
-        l1=args.l1,
-        pv_l1=args.pv_l1,
-        l1_budget=torch.tensor([b.l1 for b in budgets], dtype=torch.float32),
-        pv_l1_budget=torch.tensor([b.pv_l1 for b in budgets], dtype=torch.float32),
-        sim_rule=args.sim_rule,
-        num_prompts=len(prompts),
-        prompts_sha256=prompts_sha256(prompts),
-    )
+    made = [_thresholds(args, info, cand, dict(zip(searched, results, strict=True)), config,
+                        prompts) for cand, results in zip(cands, found, strict=True)]
+
+    def quality(named):  # held-out quality of the named thresholds and of the untuned defaults
+        nonlocal model
+        d = Thresholds.defaults(info.num_layers, heads, info.num_kv_heads, info.head_dim)
+        settings = {name: (t.simthreshd1, t.cdfthreshd, t.pvthreshd) for name, t in named}
+        settings["untuned defaults"] = (d.simthreshd1, d.cdfthreshd, d.pvthreshd)
+        if model is None:
+            model = load_model(args.model_dir, args.device, dtype, "sdpa")
+        return quality_report(args.model_dir, heldout, settings, evaluator, args.device, dtype,
+                              model=model, progress=not args.quiet)
+
+    rows_q, pick = None, 0
+    if args.ppl_target is not None:  # NOTE: the file to write is the one the report chooses
+        rows_q = quality([(c.name, t) for c, (t, _) in zip(cands, made, strict=True)])
+        pick, met = choose(cands, rows_q, args.ppl_target)
+        rise = {r.name: perplexity_rise(r) for r in rows_q}
+        tried = ", ".join(f"{c.name}: {rise[c.name]:+.2%}" for c in cands)
+        if met:
+            logger.info("budget %s: held-out perplexity %+.2f%% of dense, within the target "
+                        "+%g%% (%s)", cands[pick].name, 100 * rise[cands[pick].name],
+                        100 * args.ppl_target, tried)
+        else:
+            print(f"sparge-calibrate: warning: no budget keeps held-out perplexity within "
+                  f"+{args.ppl_target:.2%} of dense ({tried}); writing the most accurate, "
+                  f"{cands[pick].name}: try smaller --budgets", file=sys.stderr)
+    th, results = made[pick]
     ok = _save(args.out_file, ".safetensors", lambda path: save_thresholds(path, th),
                "the calibrated thresholds", saved)
     if args.layer_l1 or args.layer_pv_l1:
         logger.info("per-layer budgets (l1/pv_l1): %s", ", ".join(
-            f"{i}:{b.l1:g}/{b.pv_l1:g}" for i, b in enumerate(budgets)))
+            f"{i}:{b.l1:g}/{b.pv_l1:g}" for i, b in enumerate(cands[pick].layers)))
 
     header, rows, footer = format_summary(results)
     print_table(f"SpargeAttn calibration: {info.name}", header, rows, footer)
     if args.plot_file is not None:
-        title = (f"{info.name}: block sparsity per head (l1 {args.l1:g}, pv {args.pv_l1:g}, "
-                 f"{args.sim_rule})")
+        title = (f"{info.name}: block sparsity per head (l1 {cands[pick].l1:g}, pv "
+                 f"{cands[pick].pv_l1:g}, {args.sim_rule})")
         ok &= _save(args.plot_file, ".png", lambda path: plot_heatmap(results, path, title),
                     "the heatmap", saved)
 
     if heldout is not None:
-        defaults = Thresholds.defaults(info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim)
-        settings = {
-            "calibrated": (th.simthreshd1, th.cdfthreshd, th.pvthreshd),
-            "untuned defaults": (defaults.simthreshd1, defaults.cdfthreshd, defaults.pvthreshd),
-        }
-        if model is None:
-            model = load_model(args.model_dir, args.device, dtype, "sdpa")
-        rows_q = quality_report(args.model_dir, heldout, settings, evaluator, args.device, dtype,
-                                model=model, progress=not args.quiet)
+        rows_q = rows_q or quality([("calibrated", th)])
         header, body, footer = format_quality(rows_q)
         print_table(f"held-out quality ({len(heldout)} prompts, {args.report})", header, body,
                     footer)

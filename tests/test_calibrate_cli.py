@@ -110,6 +110,44 @@ def test_end_to_end_with_report_and_plot(tiny_model, files, tmp_path, capsys):
     assert "calibrated" in stdout and "untuned defaults" in stdout and "ppl" in stdout
 
 
+def test_ppl_target_writes_the_largest_budget_within_it(tiny_model, files, tmp_path, capsys):
+    """``--ppl-target``: one capture, a search per ``--budgets`` candidate, a held-out row per
+    candidate; the file written is the largest budget within the target (here every one is: a
+    target of +90%), with that budget in its metadata; calibrating that budget alone gives the
+    same thresholds."""
+    out_file = tmp_path / "target.safetensors"
+    stdout = _run_ok([tiny_model, "--prompts", files["calib"], "--out", out_file, "--report",
+                      files["heldout"], "--ppl-target", "0.9", "--budgets", "0.2", "0.01",
+                      *FAST], capsys)
+    th = load_thresholds(out_file, expect=ModelGeometry(LAYERS, HEADS, KV_HEADS, HEAD_DIM))
+    assert th.l1 == pytest.approx(0.2) and th.pv_l1 == pytest.approx(0.3)
+    assert torch.equal(th.l1_budget, torch.full((LAYERS,), 0.2))
+    for row in ("l1 0.01", "l1 0.2", "untuned defaults"):
+        assert row in stdout
+    alone = tmp_path / "alone.safetensors"
+    _run_ok([tiny_model, "--prompts", files["calib"], "--out", alone, "--l1", "0.2", "--pv-l1",
+             "0.3", *FAST], capsys)
+    single = load_thresholds(alone)
+    for name in ("simthreshd1", "cdfthreshd", "pvthreshd"):
+        assert torch.equal(getattr(th, name), getattr(single, name)), name
+
+
+def test_budget_choice_takes_the_largest_within_the_target():
+    """:func:`budget.choose`: the largest budget whose perplexity rise is within the target (a
+    fall counts as within), else the smallest, flagged."""
+    from types import SimpleNamespace
+
+    from sparge_calibrate.budget import Candidate, choose
+
+    cands = [Candidate(b, 1.5 * b, []) for b in (0.005, 0.01, 0.02, 0.04)]
+    rows = [SimpleNamespace(name=c.name, perplexity=p, dense_perplexity=10.0)
+            for c, p in zip(cands, (9.99, 10.04, 10.03, 10.2), strict=True)]
+    assert choose(cands, rows, 0.005) == (2, True)  # +0.3% at 0.02; 0.04 is +2%
+    assert choose(cands, rows, 0.0) == (0, True)  # -0.1% at 0.005
+    rows[0].perplexity = 10.1
+    assert choose(cands, rows, 0.001) == (0, False)
+
+
 def test_layers_per_pass_gives_the_same_file(tiny_model, files, tmp_path, capsys):
     """--layers-per-pass 1 (one layer's Q/K/V in memory at a time) finds the same thresholds:
     each layer's search only ever sees its own samples."""
@@ -314,6 +352,13 @@ ARG_ERRORS = [
     (["--device", "cpu", "--dtype", "bfloat16"], "use --dtype float32"),
     (["{d}/hd32"], "head dim 32 is not served"),
     (["{d}/notok", "--prompts", "{d}/calib.txt"], "no tokenizer loads from"),
+    (["--ppl-target", "0.005"], "--ppl-target needs --report HELDOUT_FILE"),
+    (["--ppl-target", "0", "--report", "{p}"], "--ppl-target 0 must be in (0, 1)"),
+    (["--budgets", "0.01", "0.02"], "--budgets are the candidates of --ppl-target"),
+    (["--ppl-target", "0.01", "--report", "{p}", "--layer-l1", "0:0.02"],
+     "--ppl-target chooses one budget for every layer"),
+    (["--ppl-target", "0.01", "--report", "{p}", "--budgets", "0.01", "0.7"],
+     "--budgets 0.7: its PV budget (1.05"),
 ]
 def test_vllm_capture_keeps_one_position_for_its_generated_token(tiny_model, tmp_path):
     """Prompts of the whole context pass the transformers driver; the vLLM driver, which

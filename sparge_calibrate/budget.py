@@ -1,0 +1,93 @@
+"""The error budget of a calibration: the one given (``--l1``, ``--pv-l1``, per-layer budgets) or,
+with ``--ppl-target``, the largest of several candidates whose thresholds keep held-out perplexity
+within that fraction of dense.
+
+One good budget differs between models: the same ``l1`` 0.01 leaves 26% of SmolLM2-135M's blocks
+at +0.17% perplexity on 4K-token code and 3% of Gemma 3 270M's at 8K, where 0.05 leaves 36% with
+no measurable loss (docs/PERFORMANCE.md, "The algorithm on a real model"). A perplexity target
+states what a user wants; the budget that meets it is then measured per model: the prompts are
+captured once, every candidate is searched on that capture, and one held-out pass per candidate
+measures its perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .arguments import _layer_budgets
+from .search import LayerBudget
+
+DEFAULT_CANDIDATES = (0.005, 0.01, 0.02, 0.04)
+"""``--budgets``' default: ``l1`` budgets from quality-first to about 40% block sparsity on the
+models measured (docs/PERFORMANCE.md)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One budget to calibrate at: its global ``l1`` / ``pv_l1`` and each layer's."""
+
+    l1: float
+    pv_l1: float
+    layers: list[LayerBudget]
+
+    @property
+    def name(self) -> str:
+        return f"l1 {self.l1:g}"
+
+
+def candidates(parser: argparse.ArgumentParser, args: argparse.Namespace,
+               num_layers: int) -> list[Candidate]:
+    """The given budget alone, or with ``--ppl-target`` one :class:`Candidate` per ``--budgets``
+    value (ascending), whose PV budget keeps ``--pv-l1 / --l1``'s ratio."""
+    if args.ppl_target is None:
+        return [Candidate(args.l1, args.pv_l1, _layer_budgets(parser, args, num_layers))]
+    ratio = args.pv_l1 / args.l1
+    out = []
+    for l1 in sorted(set(args.budgets)):
+        scaled = argparse.Namespace(**{**vars(args), "l1": l1, "pv_l1": l1 * ratio})
+        out.append(Candidate(l1, l1 * ratio, _layer_budgets(parser, scaled, num_layers)))
+    return out
+
+
+def check_target_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` for ``--ppl-target`` / ``--budgets`` combinations that cannot work."""
+    if args.ppl_target is None:
+        if args.budgets is not None:
+            parser.error("--budgets are the candidates of --ppl-target: give --ppl-target too "
+                         "(or calibrate one budget with --l1)")
+        return
+    if not 0.0 < args.ppl_target < 1.0:
+        parser.error(f"--ppl-target {args.ppl_target:g} must be in (0, 1): the held-out "
+                     "perplexity rise allowed, e.g. 0.005 for +0.5%")
+    if args.report is None:
+        parser.error("--ppl-target needs --report HELDOUT_FILE: the budget is chosen by the "
+                     "perplexity of held-out prompts")
+    if args.layer_l1 or args.layer_pv_l1:
+        parser.error("--ppl-target chooses one budget for every layer: drop --layer-l1 and "
+                     "--layer-pv-l1 (or calibrate with them and no target)")
+    if args.budgets is None:
+        args.budgets = list(DEFAULT_CANDIDATES)
+    worst = max(args.budgets) * args.pv_l1 / args.l1
+    if worst >= 1.0:
+        parser.error(f"--budgets {max(args.budgets):g}: its PV budget ({worst:g}, --pv-l1 / --l1 "
+                     "times it) must stay below 1")
+
+
+def perplexity_rise(row) -> float:
+    """A quality row's held-out perplexity over dense, minus 1 (0.005: +0.5%)."""
+    return row.perplexity / row.dense_perplexity - 1.0
+
+
+def choose(cands: Sequence[Candidate], rows: Sequence, target: float) -> tuple[int, bool]:
+    """Index of the largest budget whose held-out perplexity rise is at most ``target``
+    (``rows``: the quality rows, matched by name), and whether any met it (if none did: the
+    smallest budget, the most accurate)."""
+    rise = {r.name: perplexity_rise(r) for r in rows}
+    met = [i for i, c in enumerate(cands) if rise[c.name] <= target]
+    return (max(met, key=lambda i: cands[i].l1), True) if met else (0, False)
+
+
+__all__ = ["DEFAULT_CANDIDATES", "Candidate", "candidates", "check_target_args", "choose",
+           "perplexity_rise"]
