@@ -22,7 +22,9 @@ Configurations are ``BACKEND@PAGE[:VARIANT]``: ``FLASH_ATTN@16`` (vLLM's default
 ``FLASH_ATTN@64`` (the baseline of every SPARGE ratio: same page size), ``SPARGE@64:topkF`` (keep
 the fraction F of key blocks: ``topk1.0`` is the sparse path at 0% block sparsity, 0.5 / 0.2 / 0.1
 are 50 / 80 / 90%), ``SPARGE@64:defaults`` (no thresholds file: the untuned thresholds) and
-``SPARGE@64:dense`` (``mode: dense``). The models are written here as Hugging Face config folders
+``SPARGE@64:dense`` (``mode: dense``); a ``+fp8`` suffix (``FLASH_ATTN@64+fp8``,
+``SPARGE@64:topk0.5+fp8``) serves with ``--kv-cache-dtype fp8``, against FLASH_ATTN with the same
+cache dtype. The models are written here as Hugging Face config folders
 and loaded with random weights (``load_format="dummy"``), so attention has no structure and
 sparsity is set by ``topk``: the topk rows serve a thresholds file whose similarity gate passes
 every block (``simthreshd1`` -1), since the default gate (0.6) finds random blocks dissimilar and
@@ -192,7 +194,7 @@ def _engine(job: dict, max_len: int, **kw):
                attention_backend=c["backend"], block_size=c["page"], max_model_len=max_len,
                max_num_batched_tokens=job["chunk"], dtype="bfloat16",
                gpu_memory_utilization=job["gpu_memory_utilization"], seed=0,
-               hf_overrides=overrides or None, **kw)
+               kv_cache_dtype=c["kv_cache_dtype"], hf_overrides=overrides or None, **kw)
 
 
 def _timed(llm, prompts, params) -> float:
@@ -286,7 +288,8 @@ def serve_worker(job: dict) -> None:
                  c["backend"], "--block-size", str(c["page"]), "--max-model-len", str(max_len),
                  "--max-num-batched-tokens", str(job["chunk"]), "--no-enable-prefix-caching",
                  "--gpu-memory-utilization", str(job["gpu_memory_utilization"]), "--seed", "0",
-                 "--served-model-name", "e2e", "--host", "127.0.0.1", "--port", str(port)]
+                 "--served-model-name", "e2e", "--host", "127.0.0.1", "--port", str(port),
+                 "--kv-cache-dtype", c["kv_cache_dtype"]]
     if job["sparge"] is not None:
         cmd += ["--additional-config", json.dumps({"sparge": job["sparge"]})]
     overrides = plan.position_overrides(job["geometry"], max_len)

@@ -28,7 +28,7 @@ FLASH_MARKERS = ("flash::", "flash_fwd", "FlashAttn", "unified_attention", "fmha
 SPARGE_KERNELS = ("_sparse_attn_kernel", "_select_kernel", "_ksum_kernel", "_kblock_kernel",
                   "_virtual_table_kernel")
 
-_CONFIG = re.compile(r"^(FLASH_ATTN|SPARGE)@(\d+)(?::(topk[0-9.]+|defaults|dense))?$")
+_CONFIG = re.compile(r"^(FLASH_ATTN|SPARGE)@(\d+)(?::(topk[0-9.]+|defaults|dense))?(\+fp8)?$")
 
 
 def is_attention_kernel(name: str) -> bool:
@@ -81,14 +81,17 @@ def serve_row(result: dict[str, Any], before: tuple[float, float],
 
 
 def parse_config(name: str) -> dict[str, Any]:
-    """``BACKEND@PAGE[:VARIANT]`` -> backend, page size, variant, topk. Variants (SPARGE only):
-    ``topkF`` (keep the fraction F of key blocks, F in (0, 1]), ``defaults`` (no thresholds file),
-    ``dense`` (``mode: dense``, the kill switch)."""
+    """``BACKEND@PAGE[:VARIANT][+fp8]`` -> backend, page size, variant, topk, KV cache dtype.
+    Variants (SPARGE only): ``topkF`` (keep the fraction F of key blocks, F in (0, 1]),
+    ``defaults`` (no thresholds file), ``dense`` (``mode: dense``, the kill switch). ``+fp8``:
+    ``--kv-cache-dtype fp8`` (else ``auto``, the model's dtype)."""
     m = _CONFIG.match(name)
     if m is None:
-        raise ValueError(f"configuration {name!r} is not BACKEND@PAGE[:VARIANT] (e.g. "
-                         "FLASH_ATTN@16, SPARGE@64:topk0.5, SPARGE@64:defaults, SPARGE@64:dense)")
+        raise ValueError(f"configuration {name!r} is not BACKEND@PAGE[:VARIANT][+fp8] (e.g. "
+                         "FLASH_ATTN@16, SPARGE@64:topk0.5, SPARGE@64:defaults, SPARGE@64:dense, "
+                         "FLASH_ATTN@64+fp8)")
     backend, page, variant = m.group(1), int(m.group(2)), m.group(3)
+    kv = "fp8" if m.group(4) else "auto"
     if backend == "SPARGE" and variant is None:
         raise ValueError(f"configuration {name!r}: SPARGE needs a variant (:topkF, :defaults or "
                          ":dense)")
@@ -103,22 +106,25 @@ def parse_config(name: str) -> dict[str, Any]:
         if not 0 < topk <= 1:
             raise ValueError(f"configuration {name!r}: topk is the kept fraction of key blocks, "
                              "in (0, 1]; 0% block sparsity is topk1.0")
-    return dict(backend=backend, page=page, variant=variant, topk=topk)
+    return dict(backend=backend, page=page, variant=variant, topk=topk, kv_cache_dtype=kv)
 
 
 def baseline_of(config: str) -> str:
-    """FLASH_ATTN on the same page size: the reference of every ratio."""
-    return f"FLASH_ATTN@{parse_config(config)['page']}"
+    """FLASH_ATTN on the same page size and KV cache dtype: the reference of every ratio."""
+    c = parse_config(config)
+    return f"FLASH_ATTN@{c['page']}" + ("+fp8" if c["kv_cache_dtype"] == "fp8" else "")
 
 
 def config_order(config: str) -> tuple:
-    """Table order: FLASH_ATTN by page, then SPARGE from the most kept blocks to the fewest."""
+    """Table order: the model's cache dtype, then fp8; in each, FLASH_ATTN by page, then SPARGE
+    from the most kept blocks to the fewest."""
     c = parse_config(config)
+    fp8 = c["kv_cache_dtype"] == "fp8"
     if c["backend"] == "FLASH_ATTN":
-        return (0, c["page"], 0.0)
+        return (fp8, 0, c["page"], 0.0)
     if c["topk"] is not None:
-        return (1, c["page"], -c["topk"])
-    return (2, c["page"], 0.0 if c["variant"] == "defaults" else 1.0)
+        return (fp8, 1, c["page"], -c["topk"])
+    return (fp8, 2, c["page"], 0.0 if c["variant"] == "defaults" else 1.0)
 
 
 def ceiling(a: float, k: float) -> float:

@@ -101,10 +101,15 @@ def test_kv_bytes_and_overrides():
 # ---- configurations and the plan --------------------------------------------------------------
 def test_configurations():
     assert report.parse_config("SPARGE@64:topk0.5")["topk"] == 0.5
-    assert report.parse_config("FLASH_ATTN@16") == dict(backend="FLASH_ATTN", page=16,
-                                                         variant=None, topk=None)
+    assert report.parse_config("FLASH_ATTN@16") == dict(
+        backend="FLASH_ATTN", page=16, variant=None, topk=None, kv_cache_dtype="auto")
+    assert report.parse_config("SPARGE@64:topk0.5+fp8")["kv_cache_dtype"] == "fp8"
+    assert report.baseline_of("SPARGE@64:topk0.5+fp8") == "FLASH_ATTN@64+fp8"
+    assert sorted(["SPARGE@64:topk0.5+fp8", "SPARGE@64:topk0.5", "FLASH_ATTN@64+fp8",
+                   "FLASH_ATTN@64"], key=report.config_order) == [
+        "FLASH_ATTN@64", "SPARGE@64:topk0.5", "FLASH_ATTN@64+fp8", "SPARGE@64:topk0.5+fp8"]
     for bad in ("SPARGE@64:topk0", "SPARGE@64:topk1.5", "SPARGE@64", "FLASH_ATTN@64:topk0.5",
-                "FLASHINFER@16", "SPARGE:topk0.5"):
+                "FLASHINFER@16", "SPARGE:topk0.5", "SPARGE@64:topk0.5+fp16", "SPARGE@64+fp8"):
         with pytest.raises(ValueError):
             report.parse_config(bad)
     assert report.baseline_of("SPARGE@64:topk0.1") == "FLASH_ATTN@64"
