@@ -78,8 +78,8 @@ def _fp8_lines(results, meta) -> list[str]:
         "fp8 KV cache (`--kv-dtype fp8`): K, V and the query in float8_e4m3fn with per-tensor "
         "scales (amax / 448), output in bf16. `+fp8`: the two kernels over the fp8 cache; "
         "`+fp8dot`: the same with fp8 compute (`fp8_dot=True`); `+fa3+fp8`: the FA3 attention "
-        "path, FA3's fp8 forward over the kept blocks (both stages timed together). Speed-ups (predictor included) "
-        "over FLASH_ATTN-fp8 (FA3 over the same fp8 cache) and over FA3 on the bf16 cache, same "
+        "path, FA3's fp8 forward over the kept blocks (both stages timed together). Speed-ups "
+        "(predictor included) over FLASH_ATTN-fp8 (FA3 over the same fp8 cache) and over FA3 on the bf16 cache, same "
         "run; relative L1 error (sum |out - ref| / sum |ref|) against the bf16 output of the "
         "same configuration and against the bf16 dense output.",
         ["length", "page", "config", "inputs", "block sparsity", "predictor ms", "attention ms",

@@ -148,8 +148,9 @@ def sparge_paged_prefill(
     for several chunks at once (``plan.ChunkPlan.select_heads``). ``on_predicted`` is called
     between the two stages of a one-chunk call. An fp8 KV cache (``float8_e4m3fn``; ``q`` may be
     fp8 too, and must be for ``"fa3"``; ``out`` is in the model's dtype) comes with its
-    ``scales``; the budget stays a fraction of the K/V bytes in the model's dtype. ``fp8_dot`` (an fp8 ``q`` and cache): the
-    attention's products in fp8, ``P`` rounded to fp8, as FlashAttention-3's fp8 forward.
+    ``scales``; the budget stays a fraction of the K/V bytes in the model's dtype. ``fp8_dot``
+    (an fp8 ``q`` and cache): the Triton attention's products in fp8, ``P`` rounded to fp8, as
+    FlashAttention-3's fp8 forward.
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
     checks"). ``check_finite`` also checks the values held in tensors: the thresholds (finite, in
