@@ -19,8 +19,9 @@ kernels lack that option) and, where FA3 is present, ``<config>+fa3+fp8`` (the F
 path: FA3's fp8 forward over each row's kept blocks; PV skip off); baselines FA3 bf16 and
 FLASH_ATTN-fp8 (FA3 over the fp8 cache with ``q/k/v_descale`` expanded to ``(num_seqs,
 num_kv_heads)``, as vLLM's ``FlashAttentionImpl`` calls it). The report's fp8 table gives each
-fp8 row's speed-up over both baselines, the relative L1 error of its output against the bf16 output of the same configuration and against the bf16
-dense output, and a pass/fail check of ``kernels_report.FP8_BARS``. JSON rows carry ``kv_dtype``.
+fp8 row's speed-up over both baselines, the relative L1 error of its output against the bf16
+output of the same configuration and against the bf16 dense output, and a pass/fail check of
+``kernels_report.FP8_BARS``. JSON rows carry ``kv_dtype``.
 
     python benchmarks/bench_kernels.py --lengths 32768 131072 --pages 64 --kv-dtype fp8 --out /tmp/kernels_fp8
 """
