@@ -262,8 +262,11 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
         warm_up_virtual(first.num_heads, first.num_kv_heads, spec.block_size, device)
     _WARMED.add(key)
     logger.info("SPARGE: compiled the sparse kernels for contexts of %d-%d tokens (%d length "
-                "buckets) in %.1f s", cfg.min_sparse_len, max_len, len(buckets),
-                time.perf_counter() - t0)
+                "buckets) in %.1f s; kept blocks attended by %s", cfg.min_sparse_len, max_len,
+                len(buckets), time.perf_counter() - t0,
+                "FlashAttention 3" + (" and the Triton kernel (PV-skip layers)"
+                                      if any(not i.fa3_attention for i in sparse) else "")
+                if fa3 else "the Triton kernel")
 
 
 def prefill_plan_args(vllm_config: VllmConfig, cfg: SpargeConfig, spec: AttentionSpec,
