@@ -294,7 +294,8 @@ def prefill_plan_args(vllm_config: VllmConfig, cfg: SpargeConfig, spec: Attentio
     if sparse:
         fa3 = any(i.fa3_attention for i in sparse)
     else:
-        fa3 = cfg.fa3_attention(kv_cache_quantized(vllm_config), fa3_serves(spec.head_size))
+        fp8 = kv_cache_quantized(vllm_config)
+        fa3 = cfg.fa3_attention(fp8, fp8 and fa3_serves(spec.head_size))
     return dict(num_heads=num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_size,
                 dtype=compute_dtype(vllm_config, spec), page_size=spec.block_size, device=device,
                 topk=cfg.topk, map_budget=cfg.map_budget, attention="fa3" if fa3 else "triton",
@@ -319,7 +320,8 @@ def sparse_scratch_bytes(vllm_config: VllmConfig | None, runtime: SpargeRuntime 
                       tokens // max(rt.config.min_sparse_query_len, 2)))
     rows = 2 * tokens * num_heads * head_size * 2  # q gather + out, 16-bit
     pages = [None]
-    if rt.config.fa3_attention(kv_cache_quantized(vc), fa3_serves(head_size)):
+    fp8 = kv_cache_quantized(vc)
+    if rt.config.fa3_attention(fp8, fp8 and fa3_serves(head_size)):
         pages.append(vc.cache_config.block_size or PREFERRED_PAGE_SIZE)
     return rows + max(prefill_scratch_bytes(num_heads, num_kv_heads, head_size, reqs, tokens,
                                             max_len, fa3_page_size=page,
