@@ -2,9 +2,9 @@
 with ``--ppl-target``, the largest of several candidates whose thresholds keep held-out perplexity
 within that fraction of dense.
 
-One good budget differs between models: the same ``l1`` 0.01 leaves 26% of SmolLM2-135M's blocks
-at +0.17% perplexity on 4K-token code and 3% of Gemma 3 270M's at 8K, where 0.05 leaves 36% with
-no measurable loss (docs/PERFORMANCE.md, "The algorithm on a real model"). A perplexity target
+One good budget differs between models: the same ``l1`` 0.01 skips 26% of SmolLM2-135M's blocks
+at +0.17% perplexity on 4K-token code and 3% of Gemma 3 270M's full-attention blocks at 8K,
+where 0.02 skips 16% at +0.15% (docs/PERFORMANCE.md, "The algorithm on a real model"). A perplexity target
 states what a user wants; the budget that meets it is then measured per model: the prompts are
 captured once, every candidate is searched on that capture, and one held-out pass per candidate
 measures its perplexity.
