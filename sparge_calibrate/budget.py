@@ -80,11 +80,10 @@ def perplexity_rise(row) -> float:
     return row.perplexity / row.dense_perplexity - 1.0
 
 
-def choose(cands: Sequence[Candidate], rows: Sequence, target: float) -> tuple[int, bool]:
-    """Index of the largest budget whose held-out perplexity rise is at most ``target``
-    (``rows``: the quality rows, matched by name), and whether any met it (if none did: the
-    smallest budget, the most accurate)."""
-    rise = {r.name: perplexity_rise(r) for r in rows}
+def choose(cands: Sequence[Candidate], rise: dict[str, float], target: float) -> tuple[int, bool]:
+    """Index of the largest budget whose held-out perplexity rise (``rise``, by candidate name:
+    :func:`perplexity_rise` of its quality row) is at most ``target``, and whether any met it
+    (if none did: the smallest budget, the most accurate)."""
     met = [i for i, c in enumerate(cands) if rise[c.name] <= target]
     return (max(met, key=lambda i: cands[i].l1), True) if met else (0, False)
 

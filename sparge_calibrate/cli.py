@@ -444,8 +444,8 @@ def _run(args, info, cands, prompts, heldout, config, saved: dict[str, str]) -> 
     rows_q, pick = None, 0
     if args.ppl_target is not None:  # NOTE: the file to write is the one the report chooses
         rows_q = quality([(c.name, t) for c, (t, _) in zip(cands, made, strict=True)])
-        pick, met = choose(cands, rows_q, args.ppl_target)
         rise = {r.name: perplexity_rise(r) for r in rows_q}
+        pick, met = choose(cands, rise, args.ppl_target)
         tried = ", ".join(f"{c.name}: {rise[c.name]:+.2%}" for c in cands)
         if met:
             logger.info("budget %s: held-out perplexity %+.2f%% of dense, within the target "

@@ -137,15 +137,19 @@ def test_budget_choice_takes_the_largest_within_the_target():
     fall counts as within), else the smallest, flagged."""
     from types import SimpleNamespace
 
-    from sparge_calibrate.budget import Candidate, choose
+    from sparge_calibrate.budget import Candidate, choose, perplexity_rise
 
     cands = [Candidate(b, 1.5 * b, []) for b in (0.005, 0.01, 0.02, 0.04)]
     rows = [SimpleNamespace(name=c.name, perplexity=p, dense_perplexity=10.0)
             for c, p in zip(cands, (9.99, 10.04, 10.03, 10.2), strict=True)]
-    assert choose(cands, rows, 0.005) == (2, True)  # +0.3% at 0.02; 0.04 is +2%
-    assert choose(cands, rows, 0.0) == (0, True)  # -0.1% at 0.005
+
+    def rise():
+        return {r.name: perplexity_rise(r) for r in rows}
+
+    assert choose(cands, rise(), 0.005) == (2, True)  # +0.3% at 0.02; 0.04 is +2%
+    assert choose(cands, rise(), 0.0) == (0, True)  # -0.1% at 0.005
     rows[0].perplexity = 10.1
-    assert choose(cands, rows, 0.001) == (0, False)
+    assert choose(cands, rise(), 0.001) == (0, False)
 
 
 def test_layers_per_pass_gives_the_same_file(tiny_model, files, tmp_path, capsys):

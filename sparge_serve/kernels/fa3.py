@@ -339,16 +339,13 @@ class VirtualAttention:
                                  descale)
 
 
-def check_fp8_inputs(q: torch.Tensor, key_cache: torch.Tensor,
-                     scales: KVScales | None) -> None:
-    """``ValueError`` unless an fp8 cache comes with an fp8 query and its scale: FA3's fp8
-    forward multiplies fp8 ``q``, K and V (a bf16/fp16 cache takes neither)."""
-    if key_cache.dtype != FP8_DTYPE:
-        return
-    if q.dtype != FP8_DTYPE or scales is None or scales.q_scale is None:
+def check_fp8_inputs(q: torch.Tensor, key_cache: torch.Tensor) -> None:
+    """``ValueError`` unless an fp8 cache comes with an fp8 query: FA3's fp8 forward multiplies
+    fp8 ``q``, K and V. (The scales are ``checks.check_paged_inputs``': a ``q_scale`` exactly
+    when ``q`` is fp8.)"""
+    if key_cache.dtype == FP8_DTYPE and q.dtype != FP8_DTYPE:
         raise ValueError("the FA3 attention path over an fp8 KV cache needs the query in fp8 with "
-                         f"its scale (FA3's fp8 forward); got q {q.dtype}, q_scale "
-                         f"{None if scales is None else scales.q_scale}: quantise the query as "
+                         f"its scale (FA3's fp8 forward); got q {q.dtype}: quantise the query as "
                          "vLLM's attention layer does for FlashAttention, or use the Triton "
                          "attention kernel")
 
@@ -373,7 +370,7 @@ def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     (``prefill.run_prefill``).
     """
     check_paged_inputs(q, key_cache, value_cache, scales, check_finite)
-    check_fp8_inputs(q, key_cache, scales)
+    check_fp8_inputs(q, key_cache)
     check_out_and_layout(q, key_cache, value_cache, out)
     check_batch(q, key_cache, batch, check_finite)
     check_scale(scale)

@@ -171,7 +171,7 @@ def sparge_paged_prefill(
     if attention == "fa3":
         from sparge_serve.kernels.fa3 import check_fp8_inputs
 
-        check_fp8_inputs(q, key_cache, scales)
+        check_fp8_inputs(q, key_cache)
     if attention == "fa3" and pv_skip:
         raise ValueError("the FA3 attention path has no PV skip (stage 2): use "
                          "attention='triton' for thresholds with pvthreshd < 50")
