@@ -174,12 +174,16 @@ def _logits(model, ids):
         return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
 
 
-def test_capture_and_report_keep_the_sliding_window(gemma3):
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-call", "query-chunks"])
+def test_capture_and_report_keep_the_sliding_window(gemma3, chunked, monkeypatch):
     """Past the window (300 tokens, window 128) the capture's and the quality report's attention
     functions give the model's own SDPA logits: transformers hands a registered attention
-    function no mask, and a windowed layer run without its window is another model."""
+    function no mask, and a windowed layer run without its window is another model. Chunked:
+    128 queries at a time against the keys their window reaches (a long prompt's path)."""
     import sparge_calibrate.hf_driver as hd
     from sparge_calibrate.evaluators import ReferenceEvaluator
+
+    monkeypatch.setattr(hd, "_WINDOW_CHUNK", 16 if chunked else hd._WINDOW_CHUNK)
 
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(4, VOCAB, (300,), generator=g).tolist()
