@@ -287,7 +287,7 @@ def test_attention_kernel_fa3_needs_flash_attention_3(sparge, monkeypatch):
     impl = _impl(sparge(attention_kernel="fa3"))
     with pytest.raises(ValueError, match=r"needs FlashAttention 3.*Fix: use \"attention_kernel\""):
         impl.bind("model.layers.1.self_attn.attn", "cpu")
-    monkeypatch.setattr(sa, "get_flash_attn_version", lambda **kw: 3)
+    monkeypatch.setattr(sa, "fa3_serves", lambda head_size: True)
     impl = _impl(sparge(attention_kernel="fa3"))
     impl._fa = object()  # stands in for FlashAttentionImpl on this CPU-only machine
     impl.bind("model.layers.1.self_attn.attn", "cpu")
@@ -735,7 +735,7 @@ def test_fa3_plan_serves_layers_with_and_without_pv_skip(sparge, tmp_path, monke
     from sparge_serve.metrics import SpargeStats
     from tests.test_virtual import fa3_emulation
 
-    monkeypatch.setattr(sa, "get_flash_attn_version", lambda **kw: 3)
+    monkeypatch.setattr(sa, "fa3_serves", lambda head_size: True)
     monkeypatch.setattr(fa3, "fa3_paged_forward", fa3_emulation)
     path = tmp_path / "mixed.safetensors"
     th = Thresholds.defaults(L, HQ, HKV, D, simthreshd1=-1.0, cdfthreshd=0.9)
@@ -917,7 +917,8 @@ def test_auto_kernel_attends_an_fp8_cache_through_fa3(sparge, monkeypatch, tmp_p
     import sparge_serve.kernels.fa3 as fa3
     from tests.test_virtual import fa3_emulation
 
-    monkeypatch.setattr(sa, "get_flash_attn_version", lambda **kw: 3)
+    monkeypatch.setattr(sa, "get_flash_attn_version", lambda **kw: 3)  # builds the dense FA impl
+    monkeypatch.setattr(sa, "fa3_serves", lambda head_size: True)
     monkeypatch.setattr(runtime, "fa3_serves", lambda head_size: True)
     monkeypatch.setattr(fa3, "fa3_paged_forward", fa3_emulation)
     cam = _cam([(1, 40), (150, 300), (20, 20), (130, 260)])

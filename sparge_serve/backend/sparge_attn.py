@@ -53,6 +53,7 @@ from sparge_serve.backend.kv_cache import (
 from sparge_serve.backend.runtime import (
     SpargeRuntime,
     draft_model_tag,
+    fa3_serves,
     layer_thresholds,
     load_runtime,
     metrics_for,
@@ -342,8 +343,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self._simthreshd1, self._cdfthreshd = bound.simthreshd1, bound.cdfthreshd
         self._pvthreshd, self.pv_skip = bound.pvthreshd, bound.pv_skip
         # over an fp8 cache FA3 multiplies the query the layer quantised to fp8
-        fa3_available = (self._fa is not None
-                         and get_flash_attn_version(head_size=self.head_size) == 3
+        fa3_available = (self._fa is not None and fa3_serves(self.head_size)
                          and (self.supports_quant_query_input or not self.fp8_cache))
         if cfg.attention_kernel == "fa3" and not fa3_available:
             raise ValueError("SPARGE: attention_kernel \"fa3\" needs FlashAttention 3 (a Hopper "
