@@ -197,16 +197,17 @@ def test_hf_capture_is_what_attention_consumed(tiny_model):
     ids = torch.randint(4, VOCAB, (200,), generator=torch.Generator().manual_seed(0))
     model = load_model(model_dir, "cpu", torch.float32, "sdpa")
     with torch.inference_mode():
-        dense_logits = model(input_ids=ids[None], use_cache=False).logits
+        dense_hidden = model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state
 
-    o_proj_inputs, logits = [], []
+    o_proj_inputs, hidden = [], []
     hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
         lambda _m, args: o_proj_inputs.append(args[0][0].clone())) for layer in model.model.layers]
-    hooks.append(model.register_forward_hook(lambda _m, _a, out: logits.append(out.logits)))
+    hooks.append(model.base_model.register_forward_hook(
+        lambda _m, _a, out: hidden.append(out.last_hidden_state)))
     cap = capture_hf(model_dir, [ids.tolist()], model=model)
     for h in hooks:
         h.remove()
-    assert torch.equal(logits[0], dense_logits)  # the capture does not change the forward
+    assert torch.equal(hidden[0], dense_hidden)  # the capture does not change the forward
     assert model.config._attn_implementation == "sdpa"  # and is switched off afterwards
     with torch.inference_mode():
         model.set_attn_implementation(CAPTURE_ATTN)  # a stale registration records nothing
