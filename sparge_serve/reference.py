@@ -242,18 +242,27 @@ def sparge_attention_ref(
     return SpargeResult(out, keep, valid, skipped)
 
 
+_DENSE_ROWS = 1024  # queries per chunk: bounds the fp32 [Hq, rows, Lk] scores at long contexts
+
+
 def dense_causal_attention_ref(q, k, v, scale) -> torch.Tensor:
-    """Dense bottom-right-causal attention in fp32, ``[Lq, Hq, D]``."""
-    lq, hq, _ = q.shape
+    """Dense bottom-right-causal attention in fp32, ``[Lq, Hq, D]``, a chunk of queries at a time
+    against the keys they see (a 32K prompt's full score matrix would be 4 GB a head)."""
+    lq, hq, dim = q.shape
     lk, hkv, _ = k.shape
     group = hq // hkv
     q32 = q.detach().float().cpu().transpose(0, 1)
     k32 = k.detach().float().cpu().repeat_interleave(group, 1).transpose(0, 1)
     v32 = v.detach().float().cpu().repeat_interleave(group, 1).transpose(0, 1)
-    s = (q32 @ k32.transpose(1, 2)) * scale
-    qpos = torch.arange(lk - lq, lk)
-    s = s.masked_fill(torch.arange(lk)[None, :] > qpos[:, None], float("-inf"))
-    return (torch.softmax(s, -1) @ v32).transpose(0, 1)
+    out = torch.empty(hq, lq, dim)
+    for r0 in range(0, lq, _DENSE_ROWS):
+        r1 = min(r0 + _DENSE_ROWS, lq)
+        seen = lk - lq + r1  # keys up to the chunk's last query
+        s = (q32[:, r0:r1] @ k32[:, :seen].transpose(1, 2)) * scale
+        qpos = torch.arange(lk - lq + r0, lk - lq + r1)
+        s = s.masked_fill(torch.arange(seen)[None, :] > qpos[:, None], float("-inf"))
+        out[:, r0:r1] = torch.softmax(s, -1) @ v32[:, :seen]
+    return out.transpose(0, 1)
 
 
 def gather_paged_kv(key_cache, value_cache, block_table_row, seq_len: int):

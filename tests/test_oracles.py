@@ -110,3 +110,20 @@ def test_gpu_sparse_kernel_equals_sdpa_over_its_kept_blocks(dim, page, dtype, pa
     case = make_paged_case(GPU_REQS, 8, 2, dim, page, dtype, "cuda", seed=4, packed=packed)
     _sparse(case, topk, "cuda")
 
+
+
+@pytest.mark.parametrize("lq,lk", [(200, 200), (77, 300)])
+def test_dense_reference_in_query_chunks_equals_sdpa(lq, lk, monkeypatch):
+    """The reference's dense attention, 32 queries at a time against the keys they see, equals
+    SDPA with the whole bottom-right causal mask (the oracle the calibration's errors use)."""
+    import sparge_serve.reference as ref
+
+    monkeypatch.setattr(ref, "_DENSE_ROWS", 32)
+    g = torch.Generator().manual_seed(lq)
+    q, k, v = (torch.randn(n, h, 64, generator=g) for n, h in ((lq, 4), (lk, 2), (lk, 2)))
+    mask = torch.arange(lk)[None, :] <= torch.arange(lk - lq, lk)[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
+        v.repeat_interleave(2, 1).transpose(0, 1), attn_mask=mask, scale=0.125).transpose(0, 1)
+    torch.testing.assert_close(ref.dense_causal_attention_ref(q, k, v, 0.125), want,
+                               rtol=1e-5, atol=1e-5)
