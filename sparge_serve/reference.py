@@ -174,7 +174,9 @@ def block_sparse_attention_ref(
     """Stage 2 for one request: attention over kept blocks with the PV-skip filter.
 
     Returns ``out`` fp32 ``[Lq, Hq, D]`` and the number of PV-skipped (head, q-block, k-block)
-    triples.
+    triples. A head without the PV skip takes one softmax over a query block's kept keys; a head
+    with it walks the kept blocks in order with an online softmax, as the kernel does, since a
+    block's skip depends on the running row maximum.
     """
     lq, hq, dim = q.shape
     lk, hkv, _ = k.shape
@@ -187,12 +189,21 @@ def block_sparse_attention_ref(
     out = torch.zeros(lq, hq, dim)
     skipped = 0
     qk_scale = scale * _LOG2E
+    in_block = torch.arange(blkk)
     for h in range(hq):
         kh, vh = k32[:, h // group], v32[:, h // group]
         for b in range(nqb):
             r0, r1 = b * blkq, min((b + 1) * blkq, lq)
             qpos = ctx + torch.arange(r0, r1)
             qb = q32[r0:r1, h]
+            if pv_t[h] >= PV_SKIP_OFF:
+                rows = (torch.nonzero(keep[h, b]).flatten()[:, None] * blkk + in_block).flatten()
+                rows = rows[rows < lk]
+                s = (qb @ kh[rows].T) * qk_scale
+                s = s.masked_fill(rows[None, :] > qpos[:, None], float("-inf"))
+                p = torch.exp2(s - s.max(-1, keepdim=True).values)
+                out[r0:r1, h] = (p @ vh[rows]) / p.sum(-1, keepdim=True)
+                continue
             m = torch.full((r1 - r0,), float("-inf"))
             lsum = torch.zeros(r1 - r0)
             acc = torch.zeros(r1 - r0, dim)

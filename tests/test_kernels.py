@@ -18,6 +18,7 @@ import torch
 from sparge_serve.kernels import (
     BLKK,
     BLKQ,
+    PV_SKIP_OFF,
     PrefillBatch,
     num_blocks,
     predict_block_map,
@@ -117,6 +118,21 @@ def test_matches_reference_thresholds(name, device):
         assert ref_stats[1] < ref_stats[0], "sparse thresholds must skip blocks on this input"
     if name.startswith("pv"):
         assert ref_stats[2] > 0, "the PV skip must skip some blocks on this input"
+
+
+@pytest.mark.parametrize("lq,lk", [(150, 450), (300, 300), (40, 300)])
+def test_reference_stage2_equals_sdpa_over_its_kept_blocks(lq, lk):
+    """The reference's stage 2 is attention over exactly the kept blocks: for heads without the
+    PV skip (one softmax over the kept keys) and for heads whose PV threshold is on but never met
+    (the online walk), against SDPA with the kept blocks' token mask."""
+    case = make_paged_case([(lq, lk)], 4, 2, 64, 16, torch.float16)
+    q, k, v = case.request_kv(0)
+    keep, _ = predict_block_map_ref(q, k, case.scale, 0.0, 0.9)
+    pv = torch.tensor([PV_SKIP_OFF, 1e4, PV_SKIP_OFF, 1e4])  # 1e4: on, and never met
+    out, skipped = block_sparse_attention_ref(q, k, v, keep, case.scale, pv)
+    assert skipped == 0 and not keep.all()
+    torch.testing.assert_close(out, sdpa(q, k, v, case.scale, token_mask(keep, q.shape[0], lk)),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("pv", [0.0, 4.0, 6.0])
