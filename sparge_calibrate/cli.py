@@ -367,7 +367,7 @@ def _run(args, info, cands, prompts, heldout, config, saved: dict[str, str]) -> 
 
     from .evaluators import make_evaluator
     from .hf_driver import capture_hf, load_model, quality_report
-    from .search import search_layers
+    from .search import search_layer
     from .summary import format_quality, format_summary, plot_heatmap, print_table
 
     dtype = _dtype(args, info)
@@ -409,19 +409,22 @@ def _run(args, info, cands, prompts, heldout, config, saved: dict[str, str]) -> 
             evaluator = make_evaluator(args.device)
             logger.info("measuring errors with the %s evaluator (%d evaluations per layer)",
                         evaluator.name, config.evaluations_per_layer)
-        for cand, results in zip(cands, found, strict=True):  # one capture, every budget
-            desc = "searching" + (f" {cand.name}" if len(cands) > 1 else "")
-            with tqdm(total=len(group) * heads, unit="head", desc=desc,
-                      disable=args.quiet) as bar:
+        # one capture and one evaluator preparation per layer serve every candidate budget
+        desc = "searching" + (f" {len(cands)} budgets" if len(cands) > 1 else "")
+        with tqdm(total=len(group) * heads * len(cands), unit="head", desc=desc,
+                  disable=args.quiet) as bar:
+            for i in group:
+                bar.set_postfix_str(f"layer {i}")
+                prepared = evaluator.prepare(cap.layers[i], cap.scales[i])
+                for cand, results in zip(cands, found, strict=True):
+                    start = bar.n
 
-                def on_step(i: int, done: int, total: int, bar=bar, group=group) -> None:
-                    target = i * heads + (heads * done) // total
-                    bar.set_postfix_str(f"layer {group[i]}", refresh=False)
-                    bar.update(target - bar.n)
+                    def on_step(done: int, total: int, bar=bar, start=start) -> None:
+                        bar.update(start + (heads * done) // total - bar.n)
 
-                results += search_layers([cap.layers[i] for i in group],
-                                         [cap.scales[i] for i in group], evaluator,
-                                         [cand.layers[i] for i in group], config, on_step)
+                    results.append(search_layer(cap.layers[i], cap.scales[i], evaluator,
+                                                cand.layers[i], config, on_step, prepared))
+                del prepared
         del cap
         if args.driver == "vllm":  # the next pass starts a new engine
             _free_gpu_memory()

@@ -275,12 +275,15 @@ def search_layer(
     budget: LayerBudget,
     config: SearchConfig | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    prepared: Any = None,
 ) -> LayerResult:
     """Calibrate every head of one layer (see the module docstring). ``on_step(done, total)`` is
-    called after each evaluator call."""
+    called after each evaluator call; ``prepared``: ``evaluator.prepare(samples, scale)`` when
+    the caller searches the same samples at several budgets (made here otherwise)."""
     config = config or SearchConfig()
     num_heads, _, _ = check_samples(samples)
-    prepared = evaluator.prepare(samples, scale)
+    if prepared is None:
+        prepared = evaluator.prepare(samples, scale)
     total = config.evaluations_per_layer
     done = 0
 

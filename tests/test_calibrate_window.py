@@ -93,13 +93,13 @@ def prompts(tmp_path_factory):
 @pytest.fixture
 def searched(monkeypatch):
     """The real search, recording the samples of every layer it is given."""
-    real, seen = search_mod.search_layers, []
+    real, seen = search_mod.search_layer, []
 
-    def search_layers(layer_samples, *args, **kwargs):
-        seen.extend(layer_samples)
-        return real(layer_samples, *args, **kwargs)
+    def search_layer(samples, *args, **kwargs):
+        seen.append(samples)
+        return real(samples, *args, **kwargs)
 
-    monkeypatch.setattr(search_mod, "search_layers", search_layers)
+    monkeypatch.setattr(search_mod, "search_layer", search_layer)
     return seen
 
 

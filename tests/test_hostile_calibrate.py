@@ -50,20 +50,17 @@ def fast_search(monkeypatch):
     class Hook:
         during = None
 
-    def search_layers(layer_samples, scales, evaluator, budgets, config=None, on_step=None):
+    def search_layer(samples, scale, evaluator, budget, config=None, on_step=None, prepared=None):
         if Hook.during is not None:
             Hook.during()
-        results = []
-        for samples, budget in zip(layer_samples, budgets, strict=True):
-            h = samples[0].q.shape[1]
-            results.append(LayerResult(
-                simthreshd1=torch.ones(h), cdfthreshd=torch.ones(h), pvthreshd=torch.full((h,), 50.0),
-                is_sparse=torch.zeros(h, dtype=torch.bool), sparsity=torch.zeros(h), pv_skip=None,
-                error=torch.zeros(h), sample_errors=torch.zeros(len(samples), h), budget=budget,
-                rule=config.rule))
-        return results
+        h = samples[0].q.shape[1]
+        return LayerResult(
+            simthreshd1=torch.ones(h), cdfthreshd=torch.ones(h), pvthreshd=torch.full((h,), 50.0),
+            is_sparse=torch.zeros(h, dtype=torch.bool), sparsity=torch.zeros(h), pv_skip=None,
+            error=torch.zeros(h), sample_errors=torch.zeros(len(samples), h), budget=budget,
+            rule=config.rule)
 
-    monkeypatch.setattr(search_mod, "search_layers", search_layers)
+    monkeypatch.setattr(search_mod, "search_layer", search_layer)
     return Hook
 
 
@@ -269,7 +266,7 @@ def test_folder_removed_during_the_run(prompts, fast_search, tmp_path, monkeypat
     folder.mkdir()
     spare.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(spare))
-    fast_search.during = lambda: shutil.rmtree(folder)
+    fast_search.during = lambda: shutil.rmtree(folder, ignore_errors=True)
     rc, _, err = _run(prompts, folder / "th.safetensors", capsys=capsys)
     assert rc == 1
     line = _one_line(err)
