@@ -54,8 +54,9 @@ def candidates(parser: argparse.ArgumentParser, args: argparse.Namespace,
 def check_target_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``parser.error`` for ``--ppl-target`` / ``--budgets`` combinations that cannot work."""
     if args.ppl_target is None:
-        if args.budgets is not None:
-            parser.error("--budgets are the candidates of --ppl-target: give --ppl-target too "
+        if args.budgets is not None or args.keep_candidates:
+            flag = "--budgets" if args.budgets is not None else "--keep-candidates"
+            parser.error(f"{flag} is for the candidates of --ppl-target: give --ppl-target too "
                          "(or calibrate one budget with --l1)")
         return
     if not 0.0 < args.ppl_target < 1.0:
@@ -75,6 +76,15 @@ def check_target_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
                      "times it) must stay below 1")
 
 
+def candidate_paths(args: argparse.Namespace) -> dict[float, str]:
+    """``--keep-candidates``' files by candidate ``l1``: ``STEM.l1_X.safetensors`` next to
+    ``--out`` (none without the flag)."""
+    if not args.keep_candidates:
+        return {}
+    stem = args.out.removesuffix(".safetensors")
+    return {l1: f"{stem}.l1_{l1:g}.safetensors" for l1 in sorted(set(args.budgets))}
+
+
 def perplexity_rise(row) -> float:
     """A quality row's held-out perplexity over dense, minus 1 (0.005: +0.5%)."""
     return row.perplexity / row.dense_perplexity - 1.0
@@ -88,5 +98,5 @@ def choose(cands: Sequence[Candidate], rise: dict[str, float], target: float) ->
     return (max(met, key=lambda i: cands[i].l1), True) if met else (0, False)
 
 
-__all__ = ["DEFAULT_CANDIDATES", "Candidate", "candidates", "check_target_args", "choose",
-           "perplexity_rise"]
+__all__ = ["DEFAULT_CANDIDATES", "Candidate", "candidate_paths", "candidates", "check_target_args",
+           "choose", "perplexity_rise"]

@@ -29,6 +29,7 @@ import torch
 
 from sparge_serve.kernels.geometry import BLKK, BLKQ
 
+from . import budget
 from .arguments import (
     DEFAULT_L1,
     DEFAULT_PV_L1,
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--ppl-target's candidate l1 budgets (default "
                    f"{' '.join(f'{b:g}' for b in DEFAULT_CANDIDATES)}); each one's PV budget "
                    "keeps the ratio --pv-l1 / --l1")
+    p.add_argument("--keep-candidates", action="store_true",
+                   help="with --ppl-target, also write every candidate's thresholds next to "
+                   "--out as STEM.l1_X.safetensors (the whole curve: serve another point "
+                   "without calibrating again)")
     p.add_argument("--plot", metavar="PNG", help="write a heatmap of sparsity per (layer, head) (an "
                    "existing file is only replaced if it is a heatmap sparge-calibrate wrote)")
     search = p.add_argument_group("search (docs/METHOD.md, \"Calibration\")")
@@ -181,6 +186,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.pv_steps < 0:
         parser.error(f"--pv-steps {args.pv_steps} must be >= 0")
     check_target_args(parser, args)
+    args.candidate_files = {l1: _check_output_arg(parser, "--keep-candidates", path, ".safetensors")
+                            for l1, path in budget.candidate_paths(args).items()}
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -461,6 +468,11 @@ def _run(args, info, cands, prompts, heldout, config, saved: dict[str, str]) -> 
     th, results = made[pick]
     ok = _save(args.out_file, ".safetensors", lambda path: save_thresholds(path, th),
                "the calibrated thresholds", saved)
+    for cand, (t, _) in zip(cands, made, strict=True):
+        if cand.l1 in args.candidate_files:
+            ok &= _save(args.candidate_files[cand.l1], ".safetensors",
+                        lambda path, t=t: save_thresholds(path, t), f"the {cand.name} thresholds",
+                        saved)
     if args.layer_l1 or args.layer_pv_l1:
         logger.info("per-layer budgets (l1/pv_l1): %s", ", ".join(
             f"{i}:{b.l1:g}/{b.pv_l1:g}" for i, b in enumerate(cands[pick].layers)))

@@ -114,12 +114,16 @@ def test_ppl_target_writes_the_largest_budget_within_it(tiny_model, files, tmp_p
     """``--ppl-target``: one capture, a search per ``--budgets`` candidate, a held-out row per
     candidate; the file written is the largest budget within the target (here every one is: a
     target of +90%), with that budget in its metadata; calibrating that budget alone gives the
-    same thresholds."""
+    same thresholds. ``--keep-candidates`` writes every candidate next to it."""
     out_file = tmp_path / "target.safetensors"
     stdout = _run_ok([tiny_model, "--prompts", files["calib"], "--out", out_file, "--report",
                       files["heldout"], "--ppl-target", "0.9", "--budgets", "0.2", "0.01",
-                      *FAST], capsys)
+                      "--keep-candidates", *FAST], capsys)
     th = load_thresholds(out_file, expect=ModelGeometry(LAYERS, HEADS, KV_HEADS, HEAD_DIM))
+    kept = {b: load_thresholds(tmp_path / f"target.l1_{b}.safetensors") for b in ("0.01", "0.2")}
+    assert kept["0.01"].l1 == pytest.approx(0.01) and kept["0.2"].l1 == pytest.approx(0.2)
+    for name in ("simthreshd1", "cdfthreshd", "pvthreshd"):
+        assert torch.equal(getattr(kept["0.2"], name), getattr(th, name)), name
     assert th.l1 == pytest.approx(0.2) and th.pv_l1 == pytest.approx(0.3)
     assert torch.equal(th.l1_budget, torch.full((LAYERS,), 0.2))
     for row in ("l1 0.01", "l1 0.2", "untuned defaults"):
@@ -359,7 +363,8 @@ ARG_ERRORS = [
     (["{d}/notok", "--prompts", "{d}/calib.txt"], "no tokenizer loads from"),
     (["--ppl-target", "0.005"], "--ppl-target needs --report HELDOUT_FILE"),
     (["--ppl-target", "0", "--report", "{p}"], "--ppl-target 0 must be in (0, 1)"),
-    (["--budgets", "0.01", "0.02"], "--budgets are the candidates of --ppl-target"),
+    (["--budgets", "0.01", "0.02"], "--budgets is for the candidates of --ppl-target"),
+    (["--keep-candidates"], "--keep-candidates is for the candidates of --ppl-target"),
     (["--ppl-target", "0.01", "--report", "{p}", "--layer-l1", "0:0.02"],
      "--ppl-target chooses one budget for every layer"),
     (["--ppl-target", "0.01", "--report", "{p}", "--budgets", "0.01", "0.7"],

@@ -120,6 +120,18 @@ def test_out_refuses_to_replace_model_weights(prompts, tmp_path, capsys):
     assert weights.read_bytes() == before
 
 
+def test_keep_candidates_refuses_to_replace_other_files(prompts, tmp_path, capsys):
+    """Every file ``--keep-candidates`` would write is checked like ``--out``, before any work."""
+    other = tmp_path / "th.l1_0.02.safetensors"
+    other.write_bytes(b"someone's notes\n")
+    rc, _, err = _run(prompts, tmp_path / "th.safetensors", "--ppl-target", "0.005", "--report",
+                      prompts, "--budgets", "0.01", "0.02", "--keep-candidates", capsys=capsys)
+    assert rc == 2
+    assert f"--keep-candidates: {other} exists and is not a sparge thresholds file" in err, err
+    assert other.read_bytes() == b"someone's notes\n"
+    assert not (tmp_path / "th.safetensors").exists()
+
+
 @pytest.mark.parametrize("content,cause", [
     (b"", "it is empty"),
     (b"not a tensor file at all\n", "it is not a safetensors file"),
