@@ -84,22 +84,28 @@ def print_table(title: str, header: list[str], rows: list[list[str]], footer: st
 
 def plot_heatmap(results: Sequence[LayerResult], path: str, title: str) -> None:
     """PNG heatmap of block sparsity per (layer, head), written to ``path`` whatever its name ends
-    with; dense heads marked with a dot."""
+    with; dense heads marked with a red dot, sliding-window layers (dense, not searched) with a
+    grey cross."""
     import matplotlib
 
     matplotlib.use("Agg")  # NOTE: headless; the CLI never opens a window
     import matplotlib.pyplot as plt
 
     sp = torch.stack([r.sparsity for r in results]).numpy()
-    dense = torch.stack([~r.is_sparse for r in results]).numpy()
+    window = torch.tensor([r.window for r in results])[:, None]
+    dense = torch.stack([~r.is_sparse for r in results])
+    dense, windowed = (dense & ~window).numpy(), (dense & window).numpy()
     num_layers, num_heads = sp.shape
     fig, ax = plt.subplots(figsize=(min(2 + 0.3 * num_heads, 20), min(2 + 0.25 * num_layers, 16)))
     try:
         im = ax.imshow(sp, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
                        interpolation="nearest")
-        ys, xs = dense.nonzero()
-        if len(xs):
-            ax.scatter(xs, ys, s=8, c="red", marker="o", label="dense head")
+        for mask, style in ((dense, dict(c="red", marker="o", label="dense head")),
+                            (windowed, dict(c="grey", marker="x", label="sliding window (dense)"))):
+            ys, xs = mask.nonzero()
+            if len(xs):
+                ax.scatter(xs, ys, s=8, **style)
+        if dense.any() or windowed.any():
             ax.legend(loc="upper right", fontsize="small")
         ax.set_xlabel("query head")
         ax.set_ylabel("layer")

@@ -492,7 +492,7 @@ def test_outputs_recognised_from_their_headers(tmp_path):
     from safetensors.torch import save_file
 
     from sparge_calibrate.outputs import not_heatmap, not_thresholds
-    from sparge_calibrate.search import LayerBudget, LayerResult
+    from sparge_calibrate.search import LayerBudget, LayerResult, dense_layer_result
     from sparge_calibrate.summary import plot_heatmap
     from sparge_serve.thresholds import Thresholds, save_thresholds
 
@@ -512,6 +512,7 @@ def test_outputs_recognised_from_their_headers(tmp_path):
     result = LayerResult(torch.ones(h), torch.ones(h), torch.full((h,), 50.0),
                          torch.zeros(h, dtype=torch.bool), torch.zeros(h), None, torch.zeros(h),
                          torch.zeros(1, h), LayerBudget(0.06, 0.07), "l1")
-    plot_heatmap([result, result], str(png), "title")
+    window = dense_layer_result(h, LayerBudget(0.06, 0.07), "l1", window=True)
+    plot_heatmap([result, window], str(png), "title")  # a dense head, a sliding-window layer
     assert not_heatmap(str(png)) is None
     assert not_heatmap(str(th)) == "it is not a PNG file"
