@@ -2,12 +2,12 @@
 with ``--ppl-target``, the largest of several candidates whose thresholds keep held-out perplexity
 within that fraction of dense.
 
-One good budget differs between models: the same ``l1`` 0.01 skips 26% of SmolLM2-135M's blocks
-at +0.17% perplexity on 4K-token code and 3% of Gemma 3 270M's full-attention blocks at 8K,
-where 0.02 skips 16% at +0.15% (docs/PERFORMANCE.md, "The algorithm on a real model"). A perplexity target
-states what a user wants; the budget that meets it is then measured per model: the prompts are
-captured once, every candidate is searched on that capture, and one held-out pass per candidate
-measures its perplexity.
+One good budget differs between models and context lengths: within +0.5% held-out perplexity,
+SmolLM2-135M takes l1 0.015 at 4K (33% block sparsity), Gemma 3 270M's full-attention layers
+0.02 at 8K (16%) and 0.1 at 32K (68%) (docs/PERFORMANCE.md, "The algorithm on a real model"). A
+perplexity target states what a user wants; the budget that meets it is then measured per model:
+the prompts are captured once, every candidate is searched on that capture, and one held-out pass
+per candidate measures its perplexity.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from .arguments import _layer_budgets
 from .search import LayerBudget
 
-DEFAULT_CANDIDATES = (0.005, 0.01, 0.02, 0.04)
-"""``--budgets``' default: ``l1`` budgets from quality-first to about 40% block sparsity on the
-models measured (docs/PERFORMANCE.md)."""
+DEFAULT_CANDIDATES = (0.005, 0.01, 0.02, 0.05, 0.1)
+"""``--budgets``' default: ``l1`` budgets from quality-first to the one that holds +0.5% on Gemma 3
+at 32K (0.1; past it, 0.2 costs +1.7% there); docs/PERFORMANCE.md."""
 
 
 @dataclass(frozen=True)
