@@ -56,11 +56,15 @@ from tests import subproc  # noqa: E402
 
 MODELS = {
     "smollm2": dict(title="SmolLM2-135M-Instruct (Llama, 30 layers, 8K context)", context=8192,
-                    lengths=[4096, 8192], quick_lengths=[4096, 8192]),
+                    lengths=[4096, 8192], quick_lengths=[4096, 8192], budgets=(0.01, 0.015, 0.02)),
     "gemma3": dict(title="Gemma 3 270M (18 layers, 5 sliding-window layers per global layer, "
                          "32K context)", context=32768,
-                   lengths=[4096, 8192, 16384, 32768], quick_lengths=[8192, 32768]),
+                   lengths=[4096, 8192, 16384, 32768], quick_lengths=[8192, 32768],
+                   budgets=(0.02, 0.05, 0.1)),
 }
+# NOTE: per-model budgets around each model's +0.5% held-out perplexity point on the CPU reference
+# (docs/PERFORMANCE.md, "The algorithm on a real model"): SmolLM2 l1 0.015 at 4K; Gemma 3's full
+# layers 0.02 at 8K and 0.1 at 32K.
 OWN_TASKS = ("sparge_passkey", "sparge_passkey_code")
 # lm-eval's RULER tasks that generate their data offline (from the tokenizer; lm-eval's RULER module
 # still imports nltk and wonderwords); the last three are left out by default: small models
@@ -79,7 +83,6 @@ NETWORK_TASKS = {
 TASKS = OWN_TASKS + RULER_TASKS
 DEFAULT_TASKS = OWN_TASKS + RULER_TASKS[:3]
 QUICK_TASKS = ("sparge_passkey", "niah_single_1")
-DEFAULT_BUDGETS = (0.01, 0.02, 0.04)
 CALIB_PROMPTS, QUICK_CALIB_PROMPTS = 8, 4
 CHARS_PER_TOKEN = 5  # code tokenizes at about 4 characters a token: prompts long enough to cut
 T0 = time.monotonic()
@@ -106,9 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--configs", nargs="+", default=["flash_attn", "defaults", "calibrated"],
                     metavar="CONFIG", help="flash_attn, defaults (SPARGE without a thresholds "
                     "file), calibrated (one per --budgets), or l1=X (one budget)")
-    ap.add_argument("--budgets", nargs="+", type=float, default=list(DEFAULT_BUDGETS),
-                    help="calibration budgets (sparge-calibrate --l1; --pv-l1 scaled by its "
-                    "default --pv-l1 / --l1)")
+    ap.add_argument("--budgets", nargs="+", type=float, default=None,
+                    help="calibration budgets for every model (sparge-calibrate --l1; --pv-l1 "
+                    "scaled by its default --pv-l1 / --l1); default per model: "
+                    + "; ".join(f"{m} {' '.join(f'{b:g}' for b in spec['budgets'])}"
+                                for m, spec in MODELS.items()))
     ap.add_argument("--calib-driver", choices=("vllm", "hf"), default="vllm",
                     help="sparge-calibrate --driver (vllm: capture through the SPARGE backend)")
     ap.add_argument("--thresholds", action="append", default=[], metavar="MODEL:BUDGET=FILE",
@@ -152,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def model_budgets(args: argparse.Namespace, model: str) -> list[float]:
+    """``--budgets``, or the model's own."""
+    return list(args.budgets or MODELS[model]["budgets"])
+
+
+def model_configs(args: argparse.Namespace, model: str) -> list[str]:
+    """``--configs`` for one model, ``calibrated`` expanded to its budgets."""
+    return expand_configs(args.configs, model_budgets(args, model))
+
+
 def expand_configs(names: list[str], budgets: list[float]) -> list[str]:
     out: list[str] = []
     for name in names:
@@ -178,7 +193,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.samples = args.samples or (20 if args.quick else 40)
     args.ppl_docs = args.ppl_docs or (2 if args.quick else 4)
     args.calib_prompts = QUICK_CALIB_PROMPTS if args.quick else CALIB_PROMPTS
-    args.configs = expand_configs(args.configs, args.budgets)
+    expand_configs(args.configs, [])  # refuse an unknown name before any work
     args.results = args.results or os.path.join(args.out, "quality.json")
     args.logs = args.logs or os.path.join(args.work_dir, "logs")
     args.thresholds_dir = args.thresholds_dir or [
@@ -308,14 +323,14 @@ def plan_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
         if "calibrate" in args.stages:
             path, cmd = prompts_command(args, model)
             lines.append(f"  prompts: {shlex.join(cmd)}")
-            for b in args.budgets:
+            for b in model_budgets(args, model):
                 done = os.path.exists(calib_path(args, model, b))
                 lines.append(f"  calibrate l1={b:g} ({'exists' if done and not args.redo else 'to run'}, "
                              f"about 2-3 min): {shlex.join(calibrate_command(args, model, b, path))}")
         if not {"accuracy", "perplexity"} & set(args.stages):
             continue
         total = 0.0
-        for config in args.configs:
+        for config in model_configs(args, model):
             units = pending_units(args, results, model, config)
             path = thresholds_path(args, model, config)
             note = "" if path is None else (f" thresholds {path}" if path else
@@ -407,7 +422,7 @@ def stage_calibrate(args: argparse.Namespace, results: dict[str, Any]) -> None:
             if run_logged(f"prompts_{model}", cmd, args, timeout=300)[0] != 0:
                 note(results, f"{model}: calibration prompts failed")
                 continue
-        for budget in args.budgets:
+        for budget in model_budgets(args, model):
             out = calib_path(args, model, budget)
             if os.path.exists(out) and not args.redo:
                 log(f"calibrate {model} l1={budget:g}: {out} exists")

@@ -29,6 +29,7 @@ from quality import (
     TASK_DIR,
     estimate_minutes,
     log,
+    model_configs,
     model_context,
     model_lengths,
     note,
@@ -311,7 +312,7 @@ def stage_eval(args: Any, results: dict[str, Any]) -> None:
             f"prefix caching off, {'CUDA graphs' if args.cuda_graphs else 'eager'}, "
             f"{args.samples} samples per task and length, lengths {lengths}")
         cache, docs = TaskCache(args, model), None
-        for config in args.configs:
+        for config in model_configs(args, model):
             units = pending_units(args, results, model, config)
             if not units:
                 log(f"{model} {qr.config_label(config)}: measured already")
