@@ -23,6 +23,7 @@ from .search import Evaluator, Sample
 
 __all__ = [
     "CAPTURE_ATTN",
+    "DENSE_ATTN",
     "SPARSE_ATTN",
     "Capture",
     "ModelInfo",
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 CAPTURE_ATTN = "sparge_capture"
 SPARSE_ATTN = "sparge_sparse"
+DENSE_ATTN = "sparge_dense"  # the report's dense pass: SDPA, windows a query chunk at a time
 
 
 @dataclass(frozen=True)
@@ -407,13 +409,19 @@ def quality_report(
     else:
         _set_attention(model, "sdpa")
     attns = {name: SparseAttention(evaluator, *th) for name, th in settings.items()}
+    _register(DENSE_ATTN, _sdpa)
     dense_lp: list[torch.Tensor] = []
     per_setting: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in attns}
     bar = tqdm(total=len(prompts) * (len(attns) + 1), unit="pass", desc="quality report",
                disable=not progress)
     with torch.inference_mode(), bar:
         for ids in prompts:
-            dense = _hidden(model, ids, device)
+            # NOTE: transformers' own SDPA masks a windowed layer over the whole prompt
+            _set_attention(model, DENSE_ATTN)
+            try:
+                dense = _hidden(model, ids, device)
+            finally:
+                _set_attention(model, "sdpa")
             bar.update()
             sparse = {}
             for name, attn in attns.items():

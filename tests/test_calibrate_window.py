@@ -200,6 +200,9 @@ def test_capture_and_report_keep_the_sliding_window(gemma3, chunked, monkeypatch
     (row,) = hd.quality_report(str(gemma3), [ids], {"dense-equivalent": dense},
                                ReferenceEvaluator(), model=model)
     assert row.max_abs_logprob_diff < 1e-3 and row.sparsity == 0.0
+    # the report's dense pass is the model's own (SDPA over transformers' window masks)
+    lp = torch.log_softmax(want[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])
+    assert row.dense_perplexity == pytest.approx(float(torch.exp(-lp.mean())), rel=1e-5)
 
 
 def test_summary_counts_only_searched_heads():
