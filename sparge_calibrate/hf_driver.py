@@ -164,7 +164,7 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
     None) and passes the window as ``sliding_window``; SDPA without a mask is plain causal, so
     the window mask is built here. A prompt longer than a few windows runs a chunk of queries at a
     time against only the keys their window reaches: the work grows with the prompt, not with its
-    square (a 32K-token prompt with a 512-token window: 30x fewer products)."""
+    square (a 32K-token prompt with a 512-token window: about 20x fewer products)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     window = kwargs.get("sliding_window")

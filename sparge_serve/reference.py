@@ -196,7 +196,7 @@ def block_sparse_attention_ref(
             r0, r1 = b * blkq, min((b + 1) * blkq, lq)
             qpos = ctx + torch.arange(r0, r1)
             qb = q32[r0:r1, h]
-            if pv_t[h] >= PV_SKIP_OFF:
+            if pv_t[h] >= PV_SKIP_OFF and bool(keep[h, b].any()):
                 rows = (torch.nonzero(keep[h, b]).flatten()[:, None] * blkk + in_block).flatten()
                 rows = rows[rows < lk]
                 s = (qb @ kh[rows].T) * qk_scale
