@@ -2,7 +2,8 @@
 
 Both implement :class:`sparge_calibrate.search.Evaluator`. The kernel evaluator is what calibration
 should use on a GPU: errors are measured with the same kernels that serve. The reference
-is the CPU fallback (slow: it loops over heads and blocks in Python; fine for small models and CI).
+is the CPU fallback (it loops over heads and query blocks in Python: fine for small models, e.g.
+Gemma 3 270M at 32K tokens in under an hour on two cores, and for CI).
 """
 
 from __future__ import annotations
