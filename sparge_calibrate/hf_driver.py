@@ -148,7 +148,7 @@ def _register(name: str, fn: Callable) -> None:
 
 
 _WINDOW_CHUNK = 1024
-"""Queries per SDPA call of a sliding-window layer whose prompt is longer than a few windows."""
+"""Queries per SDPA call of a sliding-window layer (at least the window)."""
 
 
 def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
@@ -162,9 +162,9 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
 
     NOTE: transformers builds no mask for a registered attention function (``attention_mask`` is
     None) and passes the window as ``sliding_window``; SDPA without a mask is plain causal, so
-    the window mask is built here. A prompt longer than a few windows runs a chunk of queries at a
-    time against only the keys their window reaches: the work grows with the prompt, not with its
-    square (a 32K-token prompt with a 512-token window: about 20x fewer products)."""
+    the window mask is built here, for a chunk of queries at a time against only the keys their
+    window reaches: the work grows with the prompt, not with its square (a 32K-token prompt with
+    a 512-token window: about 20x fewer products)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     window = kwargs.get("sliding_window")
@@ -174,9 +174,6 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
     k_pos = torch.arange(lk, device=query.device)
     q_pos = k_pos[lk - lq:]
     chunk = max(_WINDOW_CHUNK, window)
-    if lq <= 2 * chunk:
-        mask = _window_mask(q_pos, k_pos, window)
-        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     outs = []
     for q0 in range(0, lq, chunk):
         q1 = min(q0 + chunk, lq)

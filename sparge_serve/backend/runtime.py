@@ -194,6 +194,14 @@ def fa3_serves(head_size: int) -> bool:
     return get_flash_attn_version(head_size=head_size) == 3
 
 
+def fa3_configured(vllm_config: VllmConfig, cfg: SpargeConfig, head_size: int) -> bool:
+    """Whether layers without the PV skip attend through FA3 under ``cfg.attention_kernel``
+    (``SpargeConfig.fa3_attention``), judged from the engine config alone: before any layer has
+    bound, or for a step without sparse layers."""
+    fp8 = kv_cache_quantized(vllm_config)
+    return cfg.fa3_attention(fp8, fp8 and fa3_serves(head_size))
+
+
 def fp8_products(vllm_config: VllmConfig, cfg: SpargeConfig, sparse: list[BoundLayer]) -> bool:
     """Whether the sparse attention multiplies in fp8 (``fp8_attention``): an fp8 cache, and
     queries the layers quantise (``ValueError`` where FlashAttention is missing and they do
@@ -294,8 +302,7 @@ def prefill_plan_args(vllm_config: VllmConfig, cfg: SpargeConfig, spec: Attentio
     if sparse:
         fa3 = any(i.fa3_attention for i in sparse)
     else:
-        fp8 = kv_cache_quantized(vllm_config)
-        fa3 = cfg.fa3_attention(fp8, fp8 and fa3_serves(spec.head_size))
+        fa3 = fa3_configured(vllm_config, cfg, spec.head_size)
     return dict(num_heads=num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_size,
                 dtype=compute_dtype(vllm_config, spec), page_size=spec.block_size, device=device,
                 topk=cfg.topk, map_budget=cfg.map_budget, attention="fa3" if fa3 else "triton",
@@ -320,8 +327,7 @@ def sparse_scratch_bytes(vllm_config: VllmConfig | None, runtime: SpargeRuntime 
                       tokens // max(rt.config.min_sparse_query_len, 2)))
     rows = 2 * tokens * num_heads * head_size * 2  # q gather + out, 16-bit
     pages = [None]
-    fp8 = kv_cache_quantized(vc)
-    if rt.config.fa3_attention(fp8, fp8 and fa3_serves(head_size)):
+    if fa3_configured(vc, rt.config, head_size):
         pages.append(vc.cache_config.block_size or PREFERRED_PAGE_SIZE)
     return rows + max(prefill_scratch_bytes(num_heads, num_kv_heads, head_size, reqs, tokens,
                                             max_len, fa3_page_size=page,
