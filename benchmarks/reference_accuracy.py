@@ -6,7 +6,9 @@
 
 lm-eval's ``hf`` model (its ``HFLM`` around the loaded transformers model, greedy generation)
 runs the project's passkey tasks (``benchmarks/quality_tasks``: prompts of exactly ``--length``
-minus 32 tokens, the needle at ten depths) for dense attention (SDPA) and each configuration of
+minus 32 tokens, the needle at ten depths) and lm-eval's own RULER tasks that generate their data
+offline (``niah_single_1``, ``niah_multikey_2``, ``ruler_vt``, ...; prompts up to ``--length``
+tokens, scored by lm-eval's RULER metric) for dense attention (SDPA) and each configuration of
 ``reference_quality.py``: the untuned defaults, a uniform ``cdfthreshd`` sweep, calibrated
 thresholds files. The sparse attention is ``sparge_serve.reference`` (the kernels' oracle) on
 every full-attention layer of the prompt's forward pass; decode steps and sliding-window layers
@@ -33,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 TASK_DIR = HERE / "quality_tasks"
 sys.path.insert(0, str(HERE))
 
+from quality import OWN_TASKS, RULER_TASKS  # noqa: E402
+from quality_eval import LM_EVAL_SEEDS  # noqa: E402
 from reference_quality import (  # noqa: E402
     add_setting_args,
     model_name,
@@ -43,24 +47,22 @@ from reference_quality import (  # noqa: E402
 from sparge_calibrate.evaluators import ReferenceEvaluator  # noqa: E402
 from sparge_calibrate.hf_driver import SparseAttention, load_model  # noqa: E402
 
-TASKS = ("sparge_passkey", "sparge_passkey_code")
-SEED = 1234
+TASKS = OWN_TASKS + RULER_TASKS
 
 
-def evaluate(lm, task, manager, samples: int) -> dict:
+def evaluate(lm, task, manager, samples: int, length: int) -> dict:
     """One lm-eval run of ``task``: its accuracy and the samples it got wrong."""
     import lm_eval
 
     res = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=samples, log_samples=True,
-                                  bootstrap_iters=0, task_manager=manager, random_seed=SEED,
-                                  numpy_random_seed=SEED, torch_random_seed=SEED,
-                                  fewshot_random_seed=SEED)
+                                  bootstrap_iters=0, task_manager=manager, **LM_EVAL_SEEDS)
     name = next(iter(res["results"]))
+    metric = "acc" if name in OWN_TASKS else str(length)  # RULER reports per sequence length
     wrong = [dict(depth=s["doc"].get("depth"), answer=s.get("target"),
                   prediction=str((s.get("filtered_resps") or [""])[0])[:40])
-             for s in res["samples"][name] if float(s["acc"]) < 1]
+             for s in res["samples"][name] if float(s[metric]) < 1]
     n = len(res["samples"][name])
-    return dict(task=name, acc=float(res["results"][name]["acc,none"]), n=n, wrong=wrong)
+    return dict(task=name, acc=float(res["results"][name][f"{metric},none"]), n=n, wrong=wrong)
 
 
 def report(rows: list[dict], meta: dict, out: str) -> None:
@@ -68,11 +70,12 @@ def report(rows: list[dict], meta: dict, out: str) -> None:
     configs = list(dict.fromkeys(r["config"] for r in rows))
     cell = {(r["config"], r["task"]): r for r in rows}
     lines = [
-        f"# Passkey retrieval with SpargeAttn on {meta['model']} (PyTorch reference, CPU) — "
+        f"# Long-context retrieval with SpargeAttn on {meta['model']} (PyTorch reference, CPU) — "
         f"{meta['date']}", "",
         f"`{meta['command']}` — {meta['device']}; torch {meta['torch']}, transformers "
         f"{meta['transformers']}, lm-eval {meta['lm_eval']}; lm-eval's `hf` model, greedy; "
-        f"{meta['samples']} prompts of {meta['length'] - 32} tokens a task; every full-attention "
+        f"{meta['samples']} prompts a task ({meta['length'] - 32} tokens for the passkey tasks, up to "
+        f"{meta['length']} for RULER's); every full-attention "
         "layer sparse for the prompt (decode steps and sliding-window layers dense, as served), "
         "fp32.", "",
         "| configuration | block sparsity | " + " | ".join(f"{t} acc" for t in tasks) + " |",
@@ -85,7 +88,8 @@ def report(rows: list[dict], meta: dict, out: str) -> None:
                 for t in tasks]
         lines.append(f"| {c} | {sp} | " + " | ".join(accs) + " |")
     lines += ["", "Accuracy: the fraction of prompts whose greedy answer contains the pass key "
-              "(prompts in parentheses). Block sparsity: the fraction of causally valid (layer, "
+              "(RULER: lm-eval's RULER score, the fraction of the expected values the answer "
+              "contains), prompts in parentheses. Block sparsity: the fraction of causally valid (layer, "
               "head, query block, key block) pairs the predictor skips on the prompts."]
 
     def draw(ax) -> None:
@@ -109,7 +113,7 @@ def main() -> None:
     add_setting_args(ap, [])
     ap.add_argument("--length", type=int, default=4096, help="context length of a prompt (4096)")
     ap.add_argument("--samples", type=int, default=10, help="prompts a task (10)")
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--tasks", nargs="+", default=list(OWN_TASKS), choices=TASKS)
     args = ap.parse_args()
     import lm_eval
     import transformers
@@ -122,10 +126,14 @@ def main() -> None:
               add_bos_token=True, device="cpu")
     metadata = {"tokenizer": str(Path(args.model).resolve()), "max_seq_lengths": [args.length],
                 "sparge_samples": args.samples}
-    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=metadata)
-    random.seed(SEED)
-    np.random.seed(SEED)
-    tasks = {t: manager.load([t])["tasks"][t] for t in args.tasks}
+    manager = TaskManager(include_path=str(TASK_DIR), metadata=metadata,
+                          include_defaults=not set(args.tasks) <= set(OWN_TASKS))
+    tasks = {}
+    for t in args.tasks:  # the seeds lm_eval sets before it builds a task: RULER's documents
+        random.seed(LM_EVAL_SEEDS["random_seed"])
+        np.random.seed(LM_EVAL_SEEDS["numpy_random_seed"])
+        torch.manual_seed(LM_EVAL_SEEDS["torch_random_seed"])
+        tasks[t] = manager.load([t])["tasks"][t]
     t0 = time.perf_counter()
     rows = []
     configs = {"dense": None, **named}
@@ -134,12 +142,12 @@ def main() -> None:
             print(f"[{i + 1}/{len(configs)}] {name}: {t} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
             if th is None:
-                r = evaluate(lm, task, manager, args.samples)
+                r = evaluate(lm, task, manager, args.samples, args.length)
                 r.update(config=name, sparsity=0.0)
             else:
                 attn = SparseAttention(ReferenceEvaluator(), *th)
                 with torch.inference_mode(), attn.installed(model):
-                    r = evaluate(lm, task, manager, args.samples)
+                    r = evaluate(lm, task, manager, args.samples, args.length)
                 r.update(config=name, sparsity=attn.sparsity)
             print(f"    acc {r['acc']:.2f} of {r['n']}, block sparsity {r['sparsity']:.3f}",
                   flush=True)

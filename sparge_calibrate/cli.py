@@ -38,7 +38,6 @@ from .arguments import (
     _positive_int,
     parse_layer_spec,
 )
-from .budget import DEFAULT_CANDIDATES, candidates, check_target_args, choose, perplexity_rise
 from .outputs import Output, OutputError, check_output, describe_cause, save_copy, write_atomic
 from .prompts import MIN_PROMPT_TOKENS, PROMPT_EXTENSIONS, PromptError, check_lengths, load_prompts
 from .search import DEFAULT_SIM_GRID, ERROR_RULES, SearchConfig
@@ -110,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "perplexity stays within FRAC of dense (e.g. 0.005: +0.5%%)")
     p.add_argument("--budgets", type=_budget, nargs="+", metavar="L1",
                    help="--ppl-target's candidate l1 budgets (default "
-                   f"{' '.join(f'{b:g}' for b in DEFAULT_CANDIDATES)}); each one's PV budget "
+                   f"{' '.join(f'{b:g}' for b in budget.DEFAULT_CANDIDATES)}); each one's PV budget "
                    "keeps the ratio --pv-l1 / --l1")
     p.add_argument("--keep-candidates", action="store_true",
                    help="with --ppl-target, also write every candidate's thresholds next to "
@@ -185,7 +184,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--sim-grid values must be in [-1, 1], got {args.sim_grid}")
     if args.pv_steps < 0:
         parser.error(f"--pv-steps {args.pv_steps} must be >= 0")
-    check_target_args(parser, args)
+    budget.check_target_args(parser, args)
     args.candidate_files = {l1: _check_output_arg(parser, "--keep-candidates", path, ".safetensors")
                             for l1, path in budget.candidate_paths(args).items()}
     if args.device is None:
@@ -303,7 +302,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, saved: dict
         parser.error(f"--tensor-parallel-size {tp}: the capture needs it to divide the model's "
                      f"{info.num_kv_heads} KV heads (KV heads replicated across ranks are not "
                      "supported)")
-    cands = candidates(parser, args, info.num_layers)
+    cands = budget.candidates(parser, args, info.num_layers)
     prompts = _load(parser, "--prompts", args.prompts, args.model_dir, info, args.max_len,
                     MIN_PROMPT_TOKENS, args.samples, args.driver)
     heldout = None
@@ -454,8 +453,8 @@ def _run(args, info, cands, prompts, heldout, config, saved: dict[str, str]) -> 
     rows_q, pick = None, 0
     if args.ppl_target is not None:  # NOTE: the file to write is the one the report chooses
         rows_q = quality([(c.name, t) for c, (t, _) in zip(cands, made, strict=True)])
-        rise = {r.name: perplexity_rise(r) for r in rows_q}
-        pick, met = choose(cands, rise, args.ppl_target)
+        rise = {r.name: budget.perplexity_rise(r) for r in rows_q}
+        pick, met = budget.choose(cands, rise, args.ppl_target)
         tried = ", ".join(f"{c.name}: {rise[c.name]:+.2%}" for c in cands)
         if met:
             logger.info("budget %s: held-out perplexity %+.2f%% of dense, within the target "

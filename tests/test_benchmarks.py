@@ -402,9 +402,32 @@ def test_reference_accuracy_report(tmp_path):
     assert "| configuration | block sparsity | sparge_passkey acc | sparge_passkey_code acc |" in md
     assert "| dense | - | 1.00 (10) | 0.90 (10) |" in md
     assert "| cal | 0.400 | 0.80 (10) | 0.90 (10) |" in md
-    assert "prompts of 4064 tokens" in md
+    assert "(4064 tokens for the passkey tasks, up to 4096 for RULER's)" in md
     assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["wrong"][0]["depth"] == 0.05
     assert (tmp_path / "r.png").stat().st_size > 0
     (tmp_path / "sparge_model.json").write_text(json.dumps({"model": "smollm2"}))
     assert ra.model_name(str(tmp_path)) == "smollm2"
     assert ra.model_name(str(tmp_path / "x")) == "x"
+
+
+def test_reference_accuracy_scores_ruler_by_length(monkeypatch):
+    """A RULER task is scored by lm-eval's per-length metric, a passkey task by ``acc``; the wrong
+    samples are those scoring under 1."""
+    import lm_eval
+
+    ra = _load("reference_accuracy")
+    calls = []
+
+    def fake(**kw):
+        calls.append(kw)
+        name = kw["tasks"][0]
+        metric = "acc" if name.startswith("sparge") else "8192"
+        samples = [{"doc": {}, metric: 1.0, "target": "1", "filtered_resps": ["1"]},
+                   {"doc": {}, metric: 0.5, "target": "2", "filtered_resps": ["3"]}]
+        return {"results": {name: {f"{metric},none": 0.75}}, "samples": {name: samples}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
+    r = ra.evaluate(None, "niah_single_1", None, 2, 8192)
+    assert (r["task"], r["acc"], r["n"], len(r["wrong"])) == ("niah_single_1", 0.75, 2, 1)
+    assert ra.evaluate(None, "sparge_passkey", None, 2, 8192)["acc"] == 0.75
+    assert calls[0]["limit"] == 2 and calls[0]["random_seed"] == 0
