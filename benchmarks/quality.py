@@ -65,7 +65,7 @@ MODELS = {
 # NOTE: per-model budgets around each model's +0.5% held-out perplexity point on the CPU reference
 # (docs/PERFORMANCE.md, "The algorithm on a real model"): SmolLM2 l1 0.015 at 4K; Gemma 3's full
 # layers 0.02 at 8K and 0.1 at 32K.
-OWN_TASKS = ("sparge_passkey", "sparge_passkey_code")
+OWN_TASKS = ("sparge_passkey", "sparge_passkey_code", "sparge_passkey_assign")
 # lm-eval's RULER tasks that generate their data offline (from the tokenizer; lm-eval's RULER module
 # still imports nltk and wonderwords); the last three are left out by default: small models
 # rarely solve them dense, and an unsolved task measures nothing about sparse attention.
@@ -82,7 +82,7 @@ NETWORK_TASKS = {
 }
 TASKS = OWN_TASKS + RULER_TASKS
 DEFAULT_TASKS = OWN_TASKS + RULER_TASKS[:3]
-QUICK_TASKS = ("sparge_passkey", "niah_single_1")
+QUICK_TASKS = ("sparge_passkey", "sparge_passkey_assign", "niah_single_1")
 CALIB_PROMPTS, QUICK_CALIB_PROMPTS = 8, 4
 CHARS_PER_TOKEN = 5  # code tokenizes at about 4 characters a token: prompts long enough to cut
 T0 = time.monotonic()

@@ -74,8 +74,9 @@ def test_passkey_prompts_exact_length_and_deterministic(smol_tokenizer):
             for i, d in enumerate(docs):
                 assert passkey.count_tokens(tok, d["input"]) == length - passkey.RESERVE
                 assert d["prompt_tokens"] == length - passkey.RESERVE
-                assert d["input"].count(d["answer"]) == 2 and len(d["answer"]) == 7
-                assert d["input"].endswith("The pass key is")
+                template = passkey.TEMPLATES[variant]
+                assert d["input"].count(d["answer"]) == template["needle"].count("{key}")
+                assert len(d["answer"]) == 7 and d["input"].endswith(template["question"])
                 assert d["depth"] == passkey.DEPTHS[i]
                 # the needle sits at its depth among the haystack units
                 at = d["input"].index(d["answer"]) / len(d["input"])
@@ -341,9 +342,9 @@ def test_dry_run_prints_the_plan(tmp_path):
                 "--work-dir", str(tmp_path)).stdout
     assert "--l1 0.03 " in both and "--l1 0.1 " not in both
     assert "--attention-backend FLASH_ATTN" in plan and "--no-enable-prefix-caching" in plan
-    assert "SPARGE l1=0.01: 5 evaluations to run" in plan and "thresholds MISSING" in plan
+    assert "SPARGE l1=0.01: 7 evaluations to run" in plan and "thresholds MISSING" in plan
     assert json.dumps({"sparge": {"min_sparse_len": 2048, "thresholds": str(thr)}}) in plan
-    assert "tasks sparge_passkey niah_single_1 x 20 samples" in plan
+    assert "tasks sparge_passkey sparge_passkey_assign niah_single_1 x 20 samples" in plan
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
     refused = _run("--dry-run", "--tasks", "niah_single_2")
     assert refused.returncode != 0 and "network" in refused.stderr

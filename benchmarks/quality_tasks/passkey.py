@@ -1,11 +1,15 @@
 """Passkey retrieval at exact token lengths: an lm-eval task generated offline from a tokenizer.
 
 One 7-digit pass key sits at a chosen depth of a long haystack; the prompt ends with "The pass key
-is" and the answer is the key. Two haystacks:
+is" and the answer is the key. Three variants:
 
 - ``repeat``: the classic passkey filler ("The grass is green. The sky is blue. ...");
 - ``code``: lines of the Python standard library's top-level modules, the needle a comment line
-  (the kind of text the thresholds are calibrated on).
+  (the kind of text the thresholds are calibrated on);
+- ``assign``: the same code haystack, the needle an assignment ``PASS_KEY = "<key>"`` and the
+  prompt ending in ``assert PASS_KEY == "``: the answer is copied from far back, the way a code
+  model completes a name defined thousands of lines earlier. Small models that do not follow the
+  instructions of the other two (Gemma 3 270M) solve this one dense.
 
 Every prompt is exactly ``length - RESERVE`` tokens long under the model's tokenizer, counted the
 way lm-eval's ``local-completions`` client sends it (``add_bos_token=True``: the tokenizer's own
@@ -38,7 +42,7 @@ from typing import Any
 RESERVE = 32  # tokens of a length left for the answer (max_gen_toks 16 plus slack)
 DEPTHS = tuple((j + 0.5) / 10 for j in range(10))
 DEFAULT_SAMPLES = 50
-VARIANTS = ("repeat", "code")
+VARIANTS = ("repeat", "code", "assign")
 
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
           "There and back again.")
@@ -56,6 +60,12 @@ TEMPLATES = {
         needle="# The pass key is {key}. Remember it. {key} is the pass key.",
         question="\n# What is the pass key? The pass key is",
         sep="\n", pad=" .",
+    ),
+    "assign": dict(
+        head="# The pass key is assigned somewhere in the following Python code.\n",
+        needle='PASS_KEY = "{key}"',
+        question='\n\nassert PASS_KEY == "',
+        sep="\n", pad=" #",
     ),
 }
 _NUMBER = re.compile(r"\d+")
@@ -122,7 +132,7 @@ def make_prompt(tokenizer: Any, variant: str, target: int, key: int, depth: floa
     """
     t = TEMPLATES[variant]
     needle = t["needle"].format(key=key)
-    if variant == "code":
+    if variant in ("code", "assign"):
         lines = code_lines()
         unit = lambda i: lines[(offset + i) % len(lines)]  # noqa: E731
     else:
@@ -190,11 +200,12 @@ def generate(tokenizer: Any, variant: str, length: int, samples: int = DEFAULT_S
     for i in range(samples):
         rng = random.Random(f"sparge-passkey:{variant}:{seed}:{length}:{i}")
         depth = DEPTHS[i % len(DEPTHS)]
-        offset = rng.randrange(len(code_lines())) if variant == "code" else 0
+        offset = rng.randrange(len(code_lines())) if variant != "repeat" else 0
+        in_needle = TEMPLATES[variant]["needle"].count("{key}")
         while True:  # a key that the haystack does not contain by chance
             key = rng.randrange(10**6, 10**7)
             text, units = make_prompt(tokenizer, variant, target, key, depth, offset)
-            if text.count(str(key)) == 2:  # twice in the needle, nowhere else
+            if text.count(str(key)) == in_needle:  # in the needle, nowhere else
                 break
         docs.append(dict(index=i, input=text, answer=str(key), depth=depth, units=units,
                          length=length, max_length=length, prompt_tokens=target,
@@ -230,3 +241,8 @@ def passkey_repeat(**kwargs: Any) -> dict[str, Any]:
 def passkey_code(**kwargs: Any) -> dict[str, Any]:
     """lm-eval ``custom_dataset`` of ``sparge_passkey_code``."""
     return _dataset("code", kwargs)
+
+
+def passkey_assign(**kwargs: Any) -> dict[str, Any]:
+    """lm-eval ``custom_dataset`` of ``sparge_passkey_assign``."""
+    return _dataset("assign", kwargs)
