@@ -52,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Calibrate per-head SpargeAttn thresholds (simthreshd1, cdfthreshd, pvthreshd) "
         "for a local Hugging Face causal LM and write the thresholds file the SPARGE vLLM backend "
         "loads.",
-        epilog=f"Prompts must have at least {MIN_PROMPT_TOKENS} tokens (two query blocks of {BLKQ}): "
-        f"the sink and the diagonal key blocks (of {BLKK} keys) are always computed, so a single "
-        "query block has nothing to skip, and the second one is the first with a choice. Use "
-        "prompts as long as the ones you serve.",
+        epilog=f"Prompts must have at least {MIN_PROMPT_TOKENS} tokens (three query blocks of "
+        f"{BLKQ}): the sink, the diagonal key blocks (of {BLKK} keys) and the rows of the last "
+        f"{BLKQ} queries are always computed, so the second of three query blocks is the first "
+        "with a choice. Use prompts as long as the ones you serve.",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="local HF model directory (config.json, "
                    "weights, and a tokenizer for text prompts)")
@@ -175,7 +175,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                      "error on top of the block selection")
     if args.max_len is not None and args.max_len < MIN_PROMPT_TOKENS:
         parser.error(f"--max-len {args.max_len} is below the minimum calibration prompt length of "
-                     f"{MIN_PROMPT_TOKENS} tokens (two query blocks of {BLKQ})")
+                     f"{MIN_PROMPT_TOKENS} tokens (three query blocks of {BLKQ})")
     if not 0.0 < args.quantile <= 1.0:
         parser.error(f"--quantile {args.quantile:g} must be in (0, 1]")
     if not 0.0 <= args.sparsity_floor < 1.0:

@@ -23,12 +23,12 @@ __all__ = [
 
 PROMPT_EXTENSIONS = (".txt", ".jsonl")
 
-MIN_PROMPT_TOKENS = 2 * BLKQ
-"""Shortest calibration prompt, in tokens (256). The sink block and the diagonal blocks are always
-computed, so a prompt of at most ``BLKQ`` (128) tokens -- one query block -- has no block the
-thresholds could skip. Two full query blocks is the shortest prompt where the second one has a real
-choice (at 256 tokens: 1 of its 4 key blocks). Real calibration wants prompts as long as the ones
-served (thousands of tokens); the sparse path is only used above the backend's ``min_sparse_len``."""
+MIN_PROMPT_TOKENS = 3 * BLKQ
+"""Shortest calibration prompt, in tokens (384). The sink block, the diagonal blocks and the rows
+of the last ``BLKQ`` (128) queries are always computed, so a prompt of fewer than three query
+blocks has no block the thresholds could skip; at 384 tokens the second query block has a real
+choice (1 of its 4 key blocks). Real calibration wants prompts as long as the ones served
+(thousands of tokens); the sparse path is only used above the backend's ``min_sparse_len``."""
 
 
 class PromptError(ValueError):

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF
-from sparge_serve.reference import block_masks
+from sparge_serve.reference import block_masks, tail_blocks
 
 __all__ = [
     "CDF_U_MAX",
@@ -214,11 +214,13 @@ def aggregate_errors(errors: torch.Tensor, quantile: float) -> torch.Tensor:
 
 
 def skippable_blocks(lq: int, lk: int) -> int:
-    """Valid (q-block, k-block) pairs that are neither the sink nor diagonal: all sparsity can come
-    from. Zero for a full prefill of at most ``BLKQ`` tokens (one query block)."""
+    """Valid (q-block, k-block) pairs that are neither the sink, nor diagonal, nor in a row of the
+    last ``BLKQ`` queries: all sparsity can come from. Zero for a full prefill of fewer than
+    ``3 * BLKQ`` tokens."""
     valid, diag = block_masks(lq, lk, BLKQ, BLKK)
     free = valid & ~diag
     free[:, 0] = False
+    free[tail_blocks(lq, BLKQ)] = False
     return int(free.sum())
 
 
@@ -246,8 +248,8 @@ def check_samples(samples: Sequence[Sample]) -> tuple[int, int, int]:
     if not any(skippable_blocks(s.q.shape[0], s.k.shape[0]) for s in samples):
         raise ValueError(
             f"every sample is too short to calibrate: with query blocks of {BLKQ} and key blocks of "
-            f"{BLKK} every block is forced (sink or diagonal); use prompts of at least "
-            f"{2 * BLKQ} tokens (two query blocks)"
+            f"{BLKK} every block is forced (sink, diagonal or the last {BLKQ} queries' rows); use "
+            f"prompts of at least {3 * BLKQ} tokens (three query blocks)"
         )
     return geo
 

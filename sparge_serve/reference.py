@@ -32,6 +32,7 @@ __all__ = [
     "paged_prefill_ref",
     "predict_block_map_ref",
     "sparge_attention_ref",
+    "tail_blocks",
 ]
 
 _EPS = 1e-6
@@ -64,6 +65,14 @@ def block_masks(lq: int, lk: int, blkq: int = BLKQ, blkk: int = BLKK):
     valid = (j[None, :] * blkk) <= last[:, None]
     diag = valid & ((j[None, :] + 1) * blkk - 1 >= first[:, None])
     return valid, diag
+
+
+def tail_blocks(lq: int, blkq: int = BLKQ) -> torch.Tensor:
+    """``[NQB]`` bool: the query blocks holding one of the last ``blkq`` queries (the last block,
+    and the one before it when the last is partial). Stage 1 keeps every valid key block of their
+    rows: their outputs make the token sampled after a prefill, where one skipped block can drop
+    the one far token an answer copies (retrieval), for at most two query blocks a request."""
+    return (torch.arange(num_blocks(lq, blkq)) + 2) * blkq > lq
 
 
 def _block_pool_and_sim(x: torch.Tensor, blk: int):
@@ -156,6 +165,7 @@ def predict_block_map_ref(
         | (~k_similar)[:, None, :]
         | diag[None]
         | (torch.arange(nkb) == 0)[None, None, :]
+        | tail_blocks(lq, blkq)[None, :, None]
     )
     keep = (selected | forced) & valid[None]
     return keep, valid

@@ -231,7 +231,7 @@ def test_kernels_fp8_rows_on_toy_inputs(monkeypatch, device):
         out.zero_()
 
     results = []
-    bench._bench_inputs(256, 64, False, results, fa3)
+    bench._bench_inputs(512, 64, False, results, fa3)
     assert [c[:2] for c in calls] == [(torch.bfloat16, torch.bfloat16), (FP8_DTYPE, FP8_DTYPE)]
     assert calls[1][2] == {f"{x}_descale": (1, 1) for x in "qkv"}
     rows = {r["config"]: r for r in results}

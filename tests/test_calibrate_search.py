@@ -60,7 +60,7 @@ def uniform_head(length: int, g: torch.Generator):
             torch.randn(length, D, generator=g))
 
 
-def make_layer(kinds, lengths=(512, 448), seed=0, kv_heads=None):
+def make_layer(kinds, lengths=(1024, 896), seed=0, kv_heads=None):
     """Samples of one layer; ``kinds`` per query head: a sharpness (local + sink) or "uniform".
 
     With ``kv_heads`` < len(kinds) (GQA), query head h uses KV head h // group: the KV tensors come
@@ -102,7 +102,7 @@ def structured():
 def test_local_sink_heads_get_high_sparsity_uniform_head_dense(structured):
     _, res = structured
     assert res.is_sparse.tolist() == [True, True, False, True]
-    # 512-token prompt: at most 45% of the valid blocks are skippable (sink + diagonal forced)
+    # 1024-token prompt: at most 50% of the valid blocks are skippable (sink, diagonal, tail)
     assert (res.sparsity[[0, 1, 3]] >= 0.3).all(), res.sparsity
     # dense head: exactly dense, PV skip reset
     assert (res.simthreshd1[2].item(), res.cdfthreshd[2].item(), res.pvthreshd[2].item()) == (
@@ -133,7 +133,7 @@ def test_thresholds_are_valid_file_values(structured):
 
 
 def test_lockstep_equals_per_head_search():
-    samples = make_layer([8.0, "uniform", 12.0, 5.0], lengths=(384,), seed=1, kv_heads=2)
+    samples = make_layer([8.0, "uniform", 12.0, 5.0], lengths=(768,), seed=1, kv_heads=2)
     together = search_layer(samples, SCALE, ReferenceEvaluator(), BUDGET, FAST)
     for h in range(4):
         kv = slice(h // 2, h // 2 + 1)
@@ -148,7 +148,7 @@ def test_lockstep_equals_per_head_search():
 
 @pytest.mark.parametrize("rule", RULES)
 def test_rules_bound_their_own_metric(rule):
-    samples = make_layer([8.0, "uniform"], lengths=(384,), seed=2)
+    samples = make_layer([8.0, "uniform"], lengths=(768,), seed=2)
     budget = LayerBudget(0.02, 0.03)
     res = search_layer(samples, SCALE, ReferenceEvaluator(), budget, SearchConfig(
         sim_grid=(-1.0,), cdf_steps=6, pv_steps=2, rule=rule))
@@ -158,7 +158,7 @@ def test_rules_bound_their_own_metric(rule):
 
 
 def test_sparsity_floor_marks_heads_dense():
-    samples = make_layer([8.0], lengths=(384,), seed=3)
+    samples = make_layer([8.0], lengths=(768,), seed=3)
     res = search_layer(samples, SCALE, ReferenceEvaluator(), BUDGET,
                        SearchConfig(sim_grid=(-1.0,), cdf_steps=4, pv_steps=2,
                                     sparsity_floor=0.99))
@@ -196,7 +196,7 @@ class _CountingEvaluator(ReferenceEvaluator):
 
 
 def test_one_evaluator_call_per_step_for_all_heads():
-    samples = make_layer([8.0, "uniform", 12.0], lengths=(320,), seed=4)
+    samples = make_layer([8.0, "uniform", 12.0], lengths=(640,), seed=4)
     ev = _CountingEvaluator()
     config = SearchConfig(sim_grid=(-1.0, 0.5), cdf_steps=3, pv_steps=2)
     search_layer(samples, SCALE, ev, BUDGET, config)
@@ -204,7 +204,7 @@ def test_one_evaluator_call_per_step_for_all_heads():
 
 
 def test_search_layers_budgets_and_progress():
-    layer = make_layer([8.0], lengths=(320,), seed=5)
+    layer = make_layer([8.0], lengths=(640,), seed=5)
     seen = []
     config = SearchConfig(sim_grid=(-1.0,), cdf_steps=2, pv_steps=1)
     res = search_layers([layer, layer], [SCALE, SCALE], ReferenceEvaluator(),
@@ -221,10 +221,12 @@ def test_search_layers_budgets_and_progress():
 def test_samples_too_short_or_malformed():
     g = torch.Generator().manual_seed(0)
     short = Sample(*(t[:, None] for t in uniform_head(128, g)))
-    assert skippable_blocks(128, 128) == 0 and skippable_blocks(256, 256) == 1
-    # a chunk (queries = the last 128 of 1024 positions) has plenty
-    assert skippable_blocks(128, 1024) == 13
-    with pytest.raises(ValueError, match="at least 256 tokens"):
+    assert skippable_blocks(128, 128) == 0 and skippable_blocks(256, 256) == 0
+    assert skippable_blocks(384, 384) == 1  # query block 1: key block 1 of 0-3
+    # a chunk of the last 128 of 1024 positions is all tail; of the last 256, its first block
+    # skips key blocks 1-11 of 0-13
+    assert skippable_blocks(128, 1024) == 0 and skippable_blocks(256, 1024) == 11
+    with pytest.raises(ValueError, match="at least 384 tokens"):
         check_samples([short])
     with pytest.raises(ValueError, match="no samples"):
         check_samples([])
@@ -263,7 +265,7 @@ def test_kernel_evaluator_matches_reference(device):
     as the reference, errors equal up to the kernels' bf16 output rounding."""
     from sparge_calibrate.evaluators import KernelEvaluator
 
-    samples = _bf16(make_layer([8.0, "uniform", 12.0, 5.0], lengths=(320, 256), seed=1,
+    samples = _bf16(make_layer([8.0, "uniform", 12.0, 5.0], lengths=(640, 512), seed=1,
                                kv_heads=2))
     kern, ref = KernelEvaluator(device), ReferenceEvaluator()
     pk, pr = kern.prepare(samples, SCALE), ref.prepare(samples, SCALE)

@@ -84,7 +84,7 @@ def prompts(tmp_path_factory):
     g = torch.Generator().manual_seed(1)
     ids = lambda n: torch.randint(4, VOCAB, (n,), generator=g).tolist()
     calib = d / "calib.jsonl"
-    calib.write_text("".join(json.dumps({"prompt_token_ids": ids(n)}) + "\n" for n in (300, 260)))
+    calib.write_text("".join(json.dumps({"prompt_token_ids": ids(n)}) + "\n" for n in (420, 400)))
     heldout = d / "heldout.jsonl"
     heldout.write_text(json.dumps({"prompt_token_ids": ids(150)}) + "\n")
     return calib, heldout
@@ -106,7 +106,7 @@ def searched(monkeypatch):
 def _calibrate(model, prompts, out, capsys, *extra) -> str:
     calib, heldout = prompts
     rc = main([str(a) for a in (model, "--prompts", calib, "--out", out, "--driver", "hf",
-                                "--device", "cpu", "--max-len", 300, "--report", heldout,
+                                "--device", "cpu", "--max-len", 420, "--report", heldout,
                                 *FAST, *extra)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err

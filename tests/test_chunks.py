@@ -21,9 +21,9 @@ from sparge_serve.kernels.plan import (
 from tests.kernel_inputs import attention_oracle, head_vec, kept_blocks, make_paged_case
 from tests.test_virtual import fa3_emulation
 
-# (query_len, seq_len): two query blocks after a prefix (the second partial), a short query
-# after a prefix; no length is a multiple of a block
-REQS = [(150, 330), (37, 165)]
+# (query_len, seq_len): three query blocks after a prefix (the third partial; the first
+# selects), a short query after a prefix; no length is a multiple of a block
+REQS = [(260, 500), (37, 165)]
 
 
 def test_chunk_sizes_pair_query_heads_with_kv_slices():

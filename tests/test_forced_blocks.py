@@ -1,5 +1,6 @@
 """A query always sees its own key block: the forced ("diagonal") blocks of a query block are
-every valid key block holding a position at or after its first query position.
+every valid key block holding a position at or after its first query position; and the rows of
+the last ``BLKQ`` queries keep every valid block.
 
 The cases start a query block exactly on a key block's last position (one query at position 127
 of a 128-token context; 129 new tokens on a 256-token context; ...), where that key block holds
@@ -29,6 +30,7 @@ from sparge_serve.reference import (
     dense_causal_attention_ref,
     paged_prefill_ref,
     predict_block_map_ref,
+    tail_blocks,
 )
 from tests.kernel_inputs import PagedCase, head_vec, make_paged_case
 from tests.test_virtual import fa3_emulation
@@ -41,6 +43,8 @@ REQS = [
     (200, 263),  # query block 1 starts at 191 (key block 2)
     (1, 192),  # one query at 191 (key block 2)
     (50, 150),  # control: query block 0 starts at 100, inside key block 1
+    (300, 363),  # blocks 0 and 1 start at 63 and 191; blocks 1 and 2 hold the last 128 queries
+    (400, 463),  # blocks 0, 1 and 2 start at 63, 191 and 319; only block 3 holds the last 128
 ]
 HQ, HKV, DIM = 2, 1, 64
 SIM, CDF, PV_OFF = -1.0, 1e-6, 50.0  # every block similar, only forced blocks (and the sink)
@@ -81,19 +85,34 @@ def _batch_to(batch, device):
 
 def _expected_keep(lq: int, lk: int) -> torch.Tensor:
     """``[NQB, NKB]``: the sink and every valid key block holding a position >= the query
-    block's first position (written out here, independently of ``block_masks``)."""
+    block's first position, and every valid block of a query block that holds one of the last
+    ``BLKQ`` queries (written out here, independently of ``block_masks`` and ``tail_blocks``)."""
     ctx = lk - lq
     nqb, nkb = num_blocks(lq, BLKQ), num_blocks(lk, BLKK)
     keep = torch.zeros(nqb, nkb, dtype=torch.bool)
     for b in range(nqb):
         first = ctx + b * BLKQ
         last = ctx + min((b + 1) * BLKQ, lq) - 1
+        in_tail = last >= lk - BLKQ  # holds one of the last BLKQ positions
         for j in range(nkb):
             valid = j * BLKK <= last
             holds_first_or_later = (j + 1) * BLKK - 1 >= first
-            keep[b, j] = valid and (j == 0 or holds_first_or_later)
+            keep[b, j] = valid and (j == 0 or holds_first_or_later or in_tail)
         assert keep[b, first // BLKK], "the block holding the first query must be kept"
     return keep
+
+
+def test_tail_blocks_hold_the_last_queries():
+    """``tail_blocks``: the last query block, and the one before it exactly when the last is
+    partial; the others are selected."""
+    assert tail_blocks(128).tolist() == [True]
+    assert tail_blocks(256).tolist() == [False, True]
+    assert tail_blocks(257).tolist() == [False, True, True]
+    assert tail_blocks(384).tolist() == [False, False, True]
+    for lq in range(1, 700, 7):
+        tail = tail_blocks(lq)
+        rows = torch.arange(lq) // BLKQ  # each query's block
+        assert torch.equal(tail, torch.isin(torch.arange(tail.numel()), rows[-BLKQ:]))
 
 
 def test_block_masks_mark_the_first_querys_own_block_diagonal():

@@ -63,7 +63,7 @@ def _fp8_case(case: PagedCase, q_fp8: bool, pow2: bool, dtype=torch.bfloat16) ->
     return Fp8Case(q, k8, v8, scales, dequant)
 
 
-def _case(device, page=64, hq=4, hkv=2, dim=64, reqs=((128, 256), (70, 390)), seed=0):
+def _case(device, page=64, hq=4, hkv=2, dim=64, reqs=((256, 600), (70, 390)), seed=0):
     return make_paged_case(list(reqs), hq, hkv, dim, page, device=device, seed=seed)
 
 

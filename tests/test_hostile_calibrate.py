@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").exists(),
 def prompts(tmp_path) -> Path:
     path = tmp_path / "prompts" / "calib.jsonl"
     path.parent.mkdir()
-    ids = torch.randint(4, 4096, (256,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.randint(4, 4096, (400,), generator=torch.Generator().manual_seed(0)).tolist()
     path.write_text(json.dumps({"prompt_token_ids": ids}) + "\n")
     return path
 

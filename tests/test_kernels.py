@@ -42,11 +42,12 @@ from tests.kernel_inputs import (
     token_mask,
 )
 
-# (query_len, seq_len): a chunk of two query blocks after a prefix (the second one partial), a
-# query shorter than one block after a prefix, a full prefill shorter than one block; no length
-# is a multiple of BLKQ or BLKK, and the prefixes leave blocks for the selection to drop.
-REQS = [(150, 450), (37, 421), (70, 70)]
-REQS_SMALL = [(150, 330), (70, 70)]  # the same kinds with fewer keys (layout and launch checks)
+# (query_len, seq_len): a chunk of three query blocks after a prefix (the third partial; the
+# first is the one outside the last 128 queries' rows, which keep every block), a query shorter
+# than one block after a prefix, a full prefill shorter than one block; no length is a multiple
+# of BLKQ or BLKK, and the prefixes leave blocks for the selection to drop.
+REQS = [(260, 560), (37, 421), (70, 70)]
+REQS_SMALL = [(260, 500), (70, 70)]  # the same kinds with fewer keys (layout and launch checks)
 
 THRESHOLD_CASES = {
     # name: (simthreshd1, cdfthreshd, pvthreshd, topk)
@@ -120,7 +121,7 @@ def test_matches_reference_thresholds(name, device):
         assert ref_stats[2] > 0, "the PV skip must skip some blocks on this input"
 
 
-@pytest.mark.parametrize("lq,lk", [(150, 450), (300, 300), (40, 300)])
+@pytest.mark.parametrize("lq,lk", [(260, 560), (300, 300), (290, 600)])
 def test_reference_stage2_equals_sdpa_over_its_kept_blocks(lq, lk):
     """The reference's stage 2 is attention over exactly the kept blocks: for heads without the
     PV skip (one softmax over the kept keys) and for heads whose PV threshold is on but never met

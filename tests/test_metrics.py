@@ -122,7 +122,7 @@ def test_forward_pass_exports_kernel_counts(tmp_path, device):
     from sparge_serve.reference import paged_prefill_ref
     from tests.kernel_inputs import head_vec, make_paged_case
 
-    case = make_paged_case([(130, 330), (70, 70)], 4, 2, 64, 16, device=device)
+    case = make_paged_case([(260, 500), (70, 70)], 4, 2, 64, 16, device=device)
     sim, cdf, pv, topk = head_vec(-1.0, 4, device), head_vec(0.9, 4, device), head_vec(
         50.0, 4, device), 0.25
     stats = SpargeStats(3, device, MODEL, sink_dir=str(tmp_path), start_writer=False)

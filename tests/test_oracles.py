@@ -20,9 +20,10 @@ from sparge_serve.kernels import PV_SKIP_OFF, sparge_paged_prefill
 from sparge_serve.reference import block_masks
 from tests.kernel_inputs import attention_oracle, head_vec, kept_blocks, make_paged_case
 
-# (query_len, seq_len): two query blocks after a 300-token prefix (the second partial), 37
-# queries after 384 cached tokens, a 45-token prompt (shorter than a key block)
-REQS = [(150, 450), (37, 421), (45, 45)]
+# (query_len, seq_len): three query blocks after a 300-token prefix (the third partial; the
+# first selects, the rows of the last 128 queries keep every block), 37 queries after 384 cached
+# tokens, a 45-token prompt (shorter than a key block)
+REQS = [(260, 560), (37, 421), (45, 45)]
 GPU_REQS = [(4096, 4096), (1000, 9000), (3000, 3000), (77, 5000)]
 
 DENSE_CASES = [

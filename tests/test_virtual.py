@@ -26,9 +26,9 @@ from tests.kernel_inputs import (
     reference_block_map,
 )
 
-# (query_len, seq_len): two query blocks after a prefix (the second partial), a short query
-# after a prefix, a full prefill shorter than one query block
-REQS = [(150, 450), (37, 421), (70, 70)]
+# (query_len, seq_len): three query blocks after a prefix (the third partial; the first
+# selects), a short query after a prefix, a full prefill shorter than one query block
+REQS = [(260, 560), (37, 421), (70, 70)]
 
 
 def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k, scale,
@@ -84,10 +84,10 @@ def test_fa3_virtual_contexts_equal_attention_over_the_kept_blocks(page, hq, hkv
 
 @pytest.mark.parametrize("reqs,sim,cdf,topk", [
     (REQS, 0.3, 0.9, None),  # 8 key blocks: one word of 16 bits
-    ([(150, 2100), (37, 421)], 0.3, 0.6, None),  # 33 key blocks: two words
-    ([(150, 2100)], -1.0, 1.0, 0.4),  # top-k
+    ([(260, 2100), (37, 421)], 0.3, 0.6, None),  # 33 key blocks: two words
+    ([(260, 2100)], -1.0, 1.0, 0.4),  # top-k
     # head 0: every block forced (no similar block), head 1: the fewest blocks
-    ([(150, 2100)], [1.0, -1.0], [0.0, 0.0], None),
+    ([(260, 2100)], [1.0, -1.0], [0.0, 0.0], None),
 ])
 def test_bit_set_maps_hold_the_lists_blocks(reqs, sim, cdf, topk, device):
     """``predict_block_map(as_mask=True)`` (the FA3 path's map): bit j of a row holds key block
@@ -121,7 +121,7 @@ def test_fa3_tables_from_bit_sets_of_several_words(device, monkeypatch):
     import sparge_serve.kernels.fa3 as virtual
 
     monkeypatch.setattr(virtual, "TABLE_CHUNK_WORDS", 1)
-    case = make_paged_case([(150, 2100), (37, 421)], 2, 1, 64, 16, torch.float16, device,
+    case = make_paged_case([(260, 2100), (37, 421)], 2, 1, 64, 16, torch.float16, device,
                            seed=6, packed=True)
     bm, keeps = reference_block_map(case, 0.3, 0.6)
     assert (bm.count[bm.count > 0] < bm.n_valid[bm.count > 0]).any()
