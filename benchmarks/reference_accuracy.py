@@ -97,11 +97,11 @@ def report(rows: list[dict], meta: dict, out: str) -> None:
             pts = [(0.0 if r["config"] == "dense" else r["sparsity"], r["acc"])
                    for r in rows if r["task"] == t]
             ax.scatter(*zip(*pts, strict=True), marker=marker, label=t, alpha=0.7)
-        for c in configs:
-            r = cell.get((c, tasks[0]))
-            if r is not None:
-                ax.annotate(c, (0.0 if c == "dense" else r["sparsity"], r["acc"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+        points = [(0.0 if c == "dense" else cell[c, tasks[0]]["sparsity"],
+                   cell[c, tasks[0]]["acc"], c) for c in configs if (c, tasks[0]) in cell]
+        for i, (x, y, c) in enumerate(sorted(points)):  # staggered: neighbours often tie
+            ax.annotate(c, (x, y), fontsize=7, xytext=(3, 3 - 10 * (i % 4)),
+                        textcoords="offset points")
         ax.set_ylim(-0.05, 1.05)
         ax.legend(fontsize=7)
 
