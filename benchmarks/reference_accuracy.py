@@ -74,10 +74,9 @@ def report(rows: list[dict], meta: dict, out: str) -> None:
         f"{meta['date']}", "",
         f"`{meta['command']}` — {meta['device']}; torch {meta['torch']}, transformers "
         f"{meta['transformers']}, lm-eval {meta['lm_eval']}; lm-eval's `hf` model, greedy; "
-        f"{meta['samples']} prompts a task ({meta['length'] - 32} tokens for the passkey tasks, up to "
-        f"{meta['length']} for RULER's); every full-attention "
-        "layer sparse for the prompt (decode steps and sliding-window layers dense, as served), "
-        "fp32.", "",
+        f"{meta['samples']} prompts a task ({meta['length'] - 32} tokens for the passkey tasks, "
+        f"up to {meta['length']} for RULER's); every full-attention layer sparse for the prompt "
+        "(decode steps and sliding-window layers dense, as served), fp32.", "",
         "| configuration | block sparsity | " + " | ".join(f"{t} acc" for t in tasks) + " |",
         "|---|---|" + "---|" * len(tasks),
     ]
@@ -89,8 +88,8 @@ def report(rows: list[dict], meta: dict, out: str) -> None:
         lines.append(f"| {c} | {sp} | " + " | ".join(accs) + " |")
     lines += ["", "Accuracy: the fraction of prompts whose greedy answer contains the pass key "
               "(RULER: lm-eval's RULER score, the fraction of the expected values the answer "
-              "contains), prompts in parentheses. Block sparsity: the fraction of causally valid (layer, "
-              "head, query block, key block) pairs the predictor skips on the prompts."]
+              "contains), prompts in parentheses. Block sparsity: the fraction of causally valid "
+              "(layer, head, query block, key block) pairs the predictor skips on the prompts."]
 
     def draw(ax) -> None:
         for t, marker in zip(tasks, "os^v", strict=False):

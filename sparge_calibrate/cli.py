@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "perplexity stays within FRAC of dense (e.g. 0.005: +0.5%%)")
     p.add_argument("--budgets", type=_budget, nargs="+", metavar="L1",
                    help="--ppl-target's candidate l1 budgets (default "
-                   f"{' '.join(f'{b:g}' for b in budget.DEFAULT_CANDIDATES)}); each one's PV budget "
-                   "keeps the ratio --pv-l1 / --l1")
+                   f"{' '.join(f'{b:g}' for b in budget.DEFAULT_CANDIDATES)}); each one's PV "
+                   "budget keeps the ratio --pv-l1 / --l1")
     p.add_argument("--keep-candidates", action="store_true",
                    help="with --ppl-target, also write every candidate's thresholds next to "
                    "--out as STEM.l1_X.safetensors (the whole curve: serve another point "

@@ -4,8 +4,8 @@ For a varlen batch of prefill requests over vLLM's paged KV cache (docs/METHOD.m
 after the key pass (``pooling.pool_keys``: pooled smoothed keys and key-block similarity),
 ``_select_kernel`` runs one program per (q-head, query block, request) row: pooled query and its
 similarity, fp32 compressed scores against every valid key block (bottom-right causal), fp32
-softmax, sort-free CDF (or top-k) selection, forced blocks and rows (``_select_row``), and the compact
-sorted list of kept key blocks (or, for the FA3 attention path, a bit set) + its length.
+softmax, sort-free CDF (or top-k) selection, forced blocks and rows (``_select_row``), and the
+compact sorted list of kept key blocks (or, for the FA3 attention path, a bit set) + its length.
 
 No host synchronisation and no Python loop over requests or heads: grids are sized from host
 bounds (``max_query_len``, ``max_seq_len``) and programs past a request's end return at once.
@@ -108,7 +108,7 @@ def _select_row(
         s += tl.sum(pk * pq[None, :], axis=1)
     keep, n_valid = _select_from_scores(s, q_sim, ksim_ptr + rh * NKB, cdf_ptr, h, simthr, first,
                                         offs_j, valid, n_valid, scale, topk, BLOCK_N, USE_TOPK)
-    # a block holding one of the last BLOCK_M queries keeps every valid block (reference.tail_blocks)
+    # a block holding one of the last BLOCK_M queries keeps every valid one (reference.tail_blocks)
     keep = tl.where((b + 2) * BLOCK_M > q_len, valid, keep)
     return keep, n_valid
 
