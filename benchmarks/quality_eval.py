@@ -49,6 +49,23 @@ LM_EVAL_SEEDS = dict(random_seed=0, numpy_random_seed=1234, torch_random_seed=12
                      fewshot_random_seed=1234)
 
 
+def seed_like_lm_eval() -> None:
+    """The seeds ``lm_eval`` sets before it builds a task: RULER's documents built after this
+    equal those of the recorded ``lm_eval`` command."""
+    import numpy as np
+    import torch
+
+    random.seed(LM_EVAL_SEEDS["random_seed"])
+    np.random.seed(LM_EVAL_SEEDS["numpy_random_seed"])
+    torch.manual_seed(LM_EVAL_SEEDS["torch_random_seed"])
+
+
+def task_metric(task: str, length: int) -> str:
+    """The name of a task's score in lm-eval's results: ``acc`` for the passkey tasks; RULER
+    reports one per sequence length."""
+    return "acc" if task in OWN_TASKS else str(length)
+
+
 def offline_env(work_dir: str) -> None:
     """No hub or dataset downloads, no proxy for the local servers; nltk finds a (stub)
     punkt_tab so that lm-eval's RULER module does not try to download it at import (the offline
@@ -191,8 +208,6 @@ class TaskCache:
         self.failed: dict[tuple[int, str], str] = {}
 
     def build(self, needed: list[tuple[str, int]]) -> None:
-        import numpy as np
-        import torch
         from lm_eval.tasks import TaskManager
 
         by_length: dict[int, list[str]] = {}
@@ -206,11 +221,7 @@ class TaskCache:
                                   metadata=task_metadata(self.args, self.model, n))
             for name in names:
                 t0 = time.monotonic()
-                # the seeds lm_eval sets before it builds a task: the RULER documents equal those
-                # of the recorded command
-                random.seed(LM_EVAL_SEEDS["random_seed"])
-                np.random.seed(LM_EVAL_SEEDS["numpy_random_seed"])
-                torch.manual_seed(LM_EVAL_SEEDS["torch_random_seed"])
+                seed_like_lm_eval()
                 try:
                     self.tasks[(n, name)] = manager.load([name])["tasks"][name]
                     log(f"{self.model}: built {name} @{n} in {time.monotonic() - t0:.0f} s")
@@ -233,7 +244,7 @@ def run_accuracy(lm: Any, cache: TaskCache, server: Server, task: str, length: i
     seconds = time.monotonic() - t0
     after = server.settled()
     delta = {**qr.metrics_delta(before, after), "_after": after}
-    metric = "acc" if task in OWN_TASKS else str(length)
+    metric = task_metric(task, length)
     score = float(res["results"][task][f"{metric},none"])
     samples = res["samples"][task]
     compact = []  # per sample: its score, and what it answered when that was wrong

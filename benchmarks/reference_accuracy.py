@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +34,7 @@ TASK_DIR = HERE / "quality_tasks"
 sys.path.insert(0, str(HERE))
 
 from quality import OWN_TASKS, RULER_TASKS  # noqa: E402
-from quality_eval import LM_EVAL_SEEDS  # noqa: E402
+from quality_eval import LM_EVAL_SEEDS, seed_like_lm_eval, task_metric  # noqa: E402
 from reference_quality import (  # noqa: E402
     add_setting_args,
     model_name,
@@ -57,7 +55,7 @@ def evaluate(lm, task, manager, samples: int, length: int) -> dict:
     res = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=samples, log_samples=True,
                                   bootstrap_iters=0, task_manager=manager, **LM_EVAL_SEEDS)
     name = next(iter(res["results"]))
-    metric = "acc" if name in OWN_TASKS else str(length)  # RULER reports per sequence length
+    metric = task_metric(name, length)
     wrong = [dict(depth=s["doc"].get("depth"), answer=s.get("target"),
                   prediction=str((s.get("filtered_resps") or [""])[0])[:40])
              for s in res["samples"][name] if float(s[metric]) < 1]
@@ -128,10 +126,8 @@ def main() -> None:
     manager = TaskManager(include_path=str(TASK_DIR), metadata=metadata,
                           include_defaults=not set(args.tasks) <= set(OWN_TASKS))
     tasks = {}
-    for t in args.tasks:  # the seeds lm_eval sets before it builds a task: RULER's documents
-        random.seed(LM_EVAL_SEEDS["random_seed"])
-        np.random.seed(LM_EVAL_SEEDS["numpy_random_seed"])
-        torch.manual_seed(LM_EVAL_SEEDS["torch_random_seed"])
+    for t in args.tasks:
+        seed_like_lm_eval()
         tasks[t] = manager.load([t])["tasks"][t]
     t0 = time.perf_counter()
     rows = []

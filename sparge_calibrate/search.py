@@ -37,6 +37,8 @@ import torch
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF
 from sparge_serve.reference import block_masks, tail_blocks
 
+from .prompts import MIN_PROMPT_TOKENS
+
 __all__ = [
     "CDF_U_MAX",
     "DEFAULT_SIM_GRID",
@@ -249,7 +251,7 @@ def check_samples(samples: Sequence[Sample]) -> tuple[int, int, int]:
         raise ValueError(
             f"every sample is too short to calibrate: with query blocks of {BLKQ} and key blocks of "
             f"{BLKK} every block is forced (sink, diagonal or the last {BLKQ} queries' rows); use "
-            f"prompts of at least {3 * BLKQ} tokens (three query blocks)"
+            f"prompts of at least {MIN_PROMPT_TOKENS} tokens (three query blocks)"
         )
     return geo
 

@@ -43,6 +43,7 @@ RESERVE = 32  # tokens of a length left for the answer (max_gen_toks 16 plus sla
 DEPTHS = tuple((j + 0.5) / 10 for j in range(10))
 DEFAULT_SAMPLES = 50
 VARIANTS = ("repeat", "code", "assign")
+CODE_VARIANTS = ("code", "assign")  # the standard-library haystack
 
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
           "There and back again.")
@@ -132,7 +133,7 @@ def make_prompt(tokenizer: Any, variant: str, target: int, key: int, depth: floa
     """
     t = TEMPLATES[variant]
     needle = t["needle"].format(key=key)
-    if variant in ("code", "assign"):
+    if variant in CODE_VARIANTS:
         lines = code_lines()
         unit = lambda i: lines[(offset + i) % len(lines)]  # noqa: E731
     else:
@@ -200,7 +201,7 @@ def generate(tokenizer: Any, variant: str, length: int, samples: int = DEFAULT_S
     for i in range(samples):
         rng = random.Random(f"sparge-passkey:{variant}:{seed}:{length}:{i}")
         depth = DEPTHS[i % len(DEPTHS)]
-        offset = rng.randrange(len(code_lines())) if variant != "repeat" else 0
+        offset = rng.randrange(len(code_lines())) if variant in CODE_VARIANTS else 0
         in_needle = TEMPLATES[variant]["needle"].count("{key}")
         while True:  # a key that the haystack does not contain by chance
             key = rng.randrange(10**6, 10**7)
