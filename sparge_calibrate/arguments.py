@@ -17,9 +17,9 @@ DEFAULT_PV_L1 = 0.015
 # NOTE: the default budgets keep held-out perplexity within +0.5% of dense on the pretrained models
 # measured (docs/PERFORMANCE.md, "The algorithm on a real model"): on SmolLM2-135M at 4K, l1 0.01
 # / 0.015 / 0.02 cost +0.19% / +0.46% / +0.71%; on Gemma 3 270M at 8K, 0.01 / 0.02 / 0.05 skip
-# 2.7% / 14.6% / 35.5% of its full-attention layers' blocks at -0.01% / -0.04% / -0.02% (another
+# 2.6% / 14.0% / 34.1% of its full-attention layers' blocks at -0.01% / -0.04% / -0.01% (another
 # document: 0.02 +0.15%, 0.05 +0.54%); at 32K, 0.1 skips 68% at +0.01% (another document: 70%,
-# +0.66%). Relative L1 per head is a proxy whose perplexity cost differs by model and length:
+# +0.67%). Relative L1 per head is a proxy whose perplexity cost differs by model and length:
 # `--report` measures it, `--ppl-target` chooses it, `--layer-l1` sets layers apart.
 
 _SPEC = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*:\s*([^:\s]+)\s*$")
