@@ -278,12 +278,12 @@ def server_command(args: argparse.Namespace, model: str, config: str, port: int)
 
 
 def calibrate_command(args: argparse.Namespace, model: str, budget: float, prompts: str) -> list:
-    from sparge_calibrate.arguments import DEFAULT_L1, DEFAULT_PV_L1
+    from sparge_calibrate.arguments import PV_RATIO
 
     # NOTE: the vLLM capture engine's max_model_len is the longest prompt + 1, which vLLM refuses
     # past the model's max_position_embeddings: prompts one query block shorter than the context
     max_len = model_context(args, model) - 128
-    pv_budget = budget * DEFAULT_PV_L1 / DEFAULT_L1  # sparge-calibrate's default ratio
+    pv_budget = budget * PV_RATIO  # sparge-calibrate's default
     return [sys.executable, "-m", "sparge_calibrate", args.model_dirs[model], "--prompts",
             prompts, "--out", calib_path(args, model, budget), "--l1", f"{budget:g}",
             "--pv-l1", f"{pv_budget:g}", "--max-len", str(max_len), "--samples",

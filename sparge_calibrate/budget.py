@@ -1,6 +1,7 @@
-"""The error budget of a calibration: the one given (``--l1``, ``--pv-l1``, per-layer budgets) or,
-with ``--ppl-target``, the largest of several candidates whose thresholds keep held-out perplexity
-within that fraction of dense.
+"""The error budget of a calibration: the one given (``--l1``, ``--pv-l1``, per-layer budgets) or
+the largest of several candidates whose thresholds keep held-out perplexity within a target of
+dense (``--ppl-target``; +0.5% by default when ``--report`` gives held-out prompts and no budget
+is given). Without held-out prompts and with no budget given: ``l1`` 0.01.
 
 One good budget differs between models and context lengths: within +0.5% held-out perplexity,
 SmolLM2-135M takes l1 0.015 at 4K (33% block sparsity), Gemma 3 270M's full-attention layers
@@ -16,9 +17,11 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .arguments import _layer_budgets
+from .arguments import DEFAULT_L1, PV_RATIO, _layer_budgets
 from .search import LayerBudget
 
+DEFAULT_PPL_TARGET = 0.005
+"""The perplexity target when ``--report`` is given and no budget flag is: +0.5% of dense."""
 DEFAULT_CANDIDATES = (0.005, 0.01, 0.02, 0.05, 0.1)
 """``--budgets``' default: ``l1`` budgets from quality-first to the one that holds +0.5% on Gemma 3
 at 32K (0.1; past it, 0.2 costs +1.7% there); docs/PERFORMANCE.md."""
@@ -39,8 +42,8 @@ class Candidate:
 
 def candidates(parser: argparse.ArgumentParser, args: argparse.Namespace,
                num_layers: int) -> list[Candidate]:
-    """The given budget alone, or with ``--ppl-target`` one :class:`Candidate` per ``--budgets``
-    value (ascending), whose PV budget keeps ``--pv-l1 / --l1``'s ratio."""
+    """The given budget alone, or with a perplexity target one :class:`Candidate` per
+    ``--budgets`` value (ascending), whose PV budget keeps ``--pv-l1 / --l1``'s ratio."""
     if args.ppl_target is None:
         return [Candidate(args.l1, args.pv_l1, _layer_budgets(parser, args, num_layers))]
     ratio = args.pv_l1 / args.l1
@@ -51,13 +54,32 @@ def candidates(parser: argparse.ArgumentParser, args: argparse.Namespace,
     return out
 
 
-def check_target_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``parser.error`` for ``--ppl-target`` / ``--budgets`` combinations that cannot work."""
+def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Settle the budget arguments in ``args``, ``parser.error`` for combinations that cannot
+    work. With ``--report`` and no budget flag (``--l1``, ``--pv-l1``, ``--layer-l1``,
+    ``--layer-pv-l1``) the budget is chosen by held-out perplexity, within ``--ppl-target`` or
+    :data:`DEFAULT_PPL_TARGET`; a budget flag, or no ``--report``, fixes it unless
+    ``--ppl-target`` is given. ``l1`` defaults to :data:`DEFAULT_L1` and ``pv_l1`` to
+    :data:`PV_RATIO` times ``l1`` (with a target, their ratio is each candidate's)."""
+    given = [flag for flag, value in (("--l1", args.l1), ("--pv-l1", args.pv_l1),
+                                      ("--layer-l1", args.layer_l1),
+                                      ("--layer-pv-l1", args.layer_pv_l1)) if value]
+    if args.ppl_target is None and args.report is not None and not given:
+        args.ppl_target = DEFAULT_PPL_TARGET
+    if args.ppl_target is None and (args.budgets is not None or args.keep_candidates):
+        flag = "--budgets" if args.budgets is not None else "--keep-candidates"
+        parser.error(f"{flag} is for the candidates of --ppl-target: give --ppl-target and "
+                     "--report (or calibrate one budget with --l1)")
+    args.l1 = DEFAULT_L1 if args.l1 is None else args.l1
+    if args.pv_l1 is None:
+        args.pv_l1 = args.l1 * PV_RATIO
+        if args.pv_l1 > 1.0:
+            parser.error(f"--l1 {args.l1:g}: the PV budget ({PV_RATIO:g} x --l1 unless --pv-l1 "
+                         "is given) must stay at most 1: give --pv-l1")
+    if args.pv_l1 <= args.l1:
+        parser.error(f"--pv-l1 ({args.pv_l1:g}) must exceed --l1 ({args.l1:g}): the PV skip adds "
+                     "error on top of the block selection")
     if args.ppl_target is None:
-        if args.budgets is not None or args.keep_candidates:
-            flag = "--budgets" if args.budgets is not None else "--keep-candidates"
-            parser.error(f"{flag} is for the candidates of --ppl-target: give --ppl-target too "
-                         "(or calibrate one budget with --l1)")
         return
     if not 0.0 < args.ppl_target < 1.0:
         parser.error(f"--ppl-target {args.ppl_target:g} must be in (0, 1): the held-out "
@@ -98,5 +120,5 @@ def choose(cands: Sequence[Candidate], rise: dict[str, float], target: float) ->
     return (max(met, key=lambda i: cands[i].l1), True) if met else (0, False)
 
 
-__all__ = ["DEFAULT_CANDIDATES", "Candidate", "candidate_paths", "candidates", "check_target_args",
-           "choose", "perplexity_rise"]
+__all__ = ["DEFAULT_CANDIDATES", "DEFAULT_PPL_TARGET", "Candidate", "candidate_paths", "candidates",
+           "choose", "perplexity_rise", "resolve"]

@@ -3,9 +3,11 @@
 Example::
 
     sparge-calibrate ./Llama-3.1-8B --prompts calib.jsonl --out llama.sparge.safetensors \\
-        --l1 0.01 --pv-l1 0.015 --layer-l1 0-1:0.005 --max-len 16384 --samples 8 \\
-        --driver vllm --device cuda --tensor-parallel-size 2 --plot sparsity.png \\
-        --report heldout.txt
+        --report heldout.txt --max-len 16384 --samples 8 --driver vllm --device cuda \\
+        --tensor-parallel-size 2 --plot sparsity.png
+
+chooses the largest error budget whose held-out perplexity stays within +0.5% of dense
+(``budget.py``; ``--l1 0.01 --layer-l1 0-1:0.005`` would fix it instead).
 
 Writes the thresholds file the SPARGE backend loads (``--additional-config
 '{"sparge": {"thresholds": "llama.sparge.safetensors"}}'``), prints a per-layer summary and
@@ -32,7 +34,7 @@ from sparge_serve.kernels.geometry import BLKK, BLKQ
 from . import budget
 from .arguments import (
     DEFAULT_L1,
-    DEFAULT_PV_L1,
+    PV_RATIO,
     _budget,
     _layer_spec,
     _positive_int,
@@ -65,12 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.safetensors",
                    help="thresholds file to write (an existing file is only replaced if it is a "
                    "thresholds file)")
-    p.add_argument("--l1", type=_budget, default=DEFAULT_L1,
-                   help=f"stage-1 error budget per head (default {DEFAULT_L1:g}; relative L1 for "
-                   "--sim-rule l1)")
-    p.add_argument("--pv-l1", type=_budget, default=DEFAULT_PV_L1,
-                   help="error budget with the PV skip; must exceed --l1 (default "
-                   f"{DEFAULT_PV_L1:g})")
+    p.add_argument("--l1", type=_budget,
+                   help="stage-1 error budget per head (relative L1 for --sim-rule l1). Default: "
+                   "with --report, chosen by held-out perplexity (--ppl-target); without, "
+                   f"{DEFAULT_L1:g}. Any budget flag fixes the budget")
+    p.add_argument("--pv-l1", type=_budget,
+                   help=f"error budget with the PV skip; must exceed --l1 (default {PV_RATIO:g} x "
+                   "--l1)")
     p.add_argument("--sim-rule", choices=ERROR_RULES, default="l1",
                    help="error rule the budgets bound: relative L1, 1 - cosine similarity, or "
                    "relative RMSE (default l1)")
@@ -106,11 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-target", type=float, metavar="FRAC",
                    help="choose the budget per model: calibrate at each of --budgets, measure "
                    "held-out perplexity on --report, and write the largest budget whose "
-                   "perplexity stays within FRAC of dense (e.g. 0.005: +0.5%%)")
+                   "perplexity stays within FRAC of dense (default with --report and no budget "
+                   f"flag: {budget.DEFAULT_PPL_TARGET:g}, +0.5%%)")
     p.add_argument("--budgets", type=_budget, nargs="+", metavar="L1",
                    help="--ppl-target's candidate l1 budgets (default "
                    f"{' '.join(f'{b:g}' for b in budget.DEFAULT_CANDIDATES)}); each one's PV "
-                   "budget keeps the ratio --pv-l1 / --l1")
+                   f"budget keeps the ratio --pv-l1 / --l1 ({PV_RATIO:g} by default)")
     p.add_argument("--keep-candidates", action="store_true",
                    help="with --ppl-target, also write every candidate's thresholds next to "
                    "--out as STEM.l1_X.safetensors (the whole curve: serve another point "
@@ -170,9 +174,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     args.plot_file = None
     if args.plot is not None:
         args.plot_file = _check_output_arg(parser, "--plot", args.plot, ".png")
-    if args.pv_l1 <= args.l1:
-        parser.error(f"--pv-l1 ({args.pv_l1:g}) must exceed --l1 ({args.l1:g}): the PV skip adds "
-                     "error on top of the block selection")
     if args.max_len is not None and args.max_len < MIN_PROMPT_TOKENS:
         parser.error(f"--max-len {args.max_len} is below the minimum calibration prompt length of "
                      f"{MIN_PROMPT_TOKENS} tokens (three query blocks of {BLKQ})")
@@ -184,7 +185,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--sim-grid values must be in [-1, 1], got {args.sim_grid}")
     if args.pv_steps < 0:
         parser.error(f"--pv-steps {args.pv_steps} must be >= 0")
-    budget.check_target_args(parser, args)
+    budget.resolve(parser, args)
     args.candidate_files = {l1: _check_output_arg(parser, "--keep-candidates", path, ".safetensors")
                             for l1, path in budget.candidate_paths(args).items()}
     if args.device is None:

@@ -156,6 +156,32 @@ def test_budget_choice_takes_the_largest_within_the_target():
     assert choose(cands, rise(), 0.001) == (0, False)
 
 
+@pytest.mark.parametrize("flags,expect", [
+    ([], dict(l1=0.01, pv_l1=0.015, ppl_target=None)),
+    (["--report", "h.txt"], dict(l1=0.01, pv_l1=0.015, ppl_target=0.005)),
+    (["--report", "h.txt", "--ppl-target", "0.01", "--pv-l1", "0.02"],
+     dict(l1=0.01, pv_l1=0.02, ppl_target=0.01)),
+    (["--report", "h.txt", "--l1", "0.02"], dict(l1=0.02, pv_l1=0.03, ppl_target=None)),
+    (["--report", "h.txt", "--pv-l1", "0.05"], dict(l1=0.01, pv_l1=0.05, ppl_target=None)),
+    (["--report", "h.txt", "--layer-l1", "0:0.02"], dict(l1=0.01, ppl_target=None)),
+    (["--l1", "0.05"], dict(l1=0.05, pv_l1=0.075, ppl_target=None)),
+], ids=["no-report", "report", "report-target", "report-l1", "report-pv", "report-layer", "l1"])
+def test_budget_resolution(flags, expect):
+    """:func:`budget.resolve`: held-out prompts and no budget flag choose the budget by
+    perplexity (+0.5% unless --ppl-target says otherwise; --l1 / --pv-l1 then set the candidates'
+    PV ratio); any budget flag, or no --report, fixes it (l1 0.01, PV 1.5 x l1 unless given)."""
+    from sparge_calibrate import budget
+    from sparge_calibrate.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["m", "--prompts", "p.txt", "--out", "t.safetensors", *flags])
+    budget.resolve(parser, args)
+    for key, value in expect.items():
+        assert getattr(args, key) == (value if value is None else pytest.approx(value)), key
+    if args.ppl_target is not None:
+        assert args.budgets == list(budget.DEFAULT_CANDIDATES)
+
+
 def test_layers_per_pass_gives_the_same_file(tiny_model, files, tmp_path, capsys):
     """--layers-per-pass 1 (one layer's Q/K/V in memory at a time) finds the same thresholds:
     each layer's search only ever sees its own samples."""
@@ -367,6 +393,7 @@ ARG_ERRORS = [
     (["--keep-candidates"], "--keep-candidates is for the candidates of --ppl-target"),
     (["--ppl-target", "0.01", "--report", "{p}", "--layer-l1", "0:0.02"],
      "--ppl-target chooses one budget for every layer"),
+    (["--l1", "0.8"], "the PV budget (1.5 x --l1 unless --pv-l1 is given) must stay at most 1"),
     (["--ppl-target", "0.01", "--report", "{p}", "--budgets", "0.01", "0.7"],
      "--budgets 0.7: its PV budget (1.05"),
 ]

@@ -107,7 +107,7 @@ def _calibrate(model, prompts, out, capsys, *extra) -> str:
     calib, heldout = prompts
     rc = main([str(a) for a in (model, "--prompts", calib, "--out", out, "--driver", "hf",
                                 "--device", "cpu", "--max-len", 420, "--report", heldout,
-                                *FAST, *extra)])
+                                "--l1", 0.01, *FAST, *extra)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     return captured.out
