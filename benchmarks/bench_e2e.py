@@ -24,7 +24,8 @@ the fraction F of key blocks: ``topk1.0`` is the sparse path at 0% block sparsit
 are 50 / 80 / 90%), ``SPARGE@64:defaults`` (no thresholds file: the untuned thresholds) and
 ``SPARGE@64:dense`` (``mode: dense``); a ``+fp8`` suffix (``FLASH_ATTN@64+fp8``,
 ``SPARGE@64:topk0.5+fp8``) serves with ``--kv-cache-dtype fp8``, against FLASH_ATTN with the same
-cache dtype. The models are written here as Hugging Face config folders
+cache dtype; a last ``+fa3`` or ``+triton`` (``SPARGE@64:topk0.5+fa3``) sets SPARGE's
+``attention_kernel`` (else ``auto``). The models are written here as Hugging Face config folders
 and loaded with random weights (``load_format="dummy"``), so attention has no structure and
 sparsity is set by ``topk``: the topk rows serve a thresholds file whose similarity gate passes
 every block (``simthreshd1`` -1), since the default gate (0.6) finds random blocks dissimilar and

@@ -236,6 +236,8 @@ def sparge_options(config: str, thresholds: str, min_sparse_len: int) -> dict | 
     opts = {"min_sparse_len": min_sparse_len}
     if c["topk"] is not None:
         opts.update(thresholds=thresholds, topk=c["topk"])
+    if c["attention_kernel"] is not None:
+        opts["attention_kernel"] = c["attention_kernel"]
     return opts
 
 

@@ -28,7 +28,8 @@ FLASH_MARKERS = ("flash::", "flash_fwd", "FlashAttn", "unified_attention", "fmha
 SPARGE_KERNELS = ("_sparse_attn_kernel", "_select_kernel", "_ksum_kernel", "_kblock_kernel",
                   "_virtual_table_kernel")
 
-_CONFIG = re.compile(r"^(FLASH_ATTN|SPARGE)@(\d+)(?::(topk[0-9.]+|defaults|dense))?(\+fp8)?$")
+_CONFIG = re.compile(r"^(FLASH_ATTN|SPARGE)@(\d+)(?::(topk[0-9.]+|defaults|dense))?(\+fp8)?"
+                     r"(?:\+(fa3|triton))?$")
 
 
 def is_attention_kernel(name: str) -> bool:
@@ -81,17 +82,22 @@ def serve_row(result: dict[str, Any], before: tuple[float, float],
 
 
 def parse_config(name: str) -> dict[str, Any]:
-    """``BACKEND@PAGE[:VARIANT][+fp8]`` -> backend, page size, variant, topk, KV cache dtype.
-    Variants (SPARGE only): ``topkF`` (keep the fraction F of key blocks, F in (0, 1]),
-    ``defaults`` (no thresholds file), ``dense`` (``mode: dense``, the kill switch). ``+fp8``:
-    ``--kv-cache-dtype fp8`` (else ``auto``, the model's dtype)."""
+    """``BACKEND@PAGE[:VARIANT][+fp8][+KERNEL]`` -> backend, page size, variant, topk, KV cache
+    dtype, attention kernel. Variants (SPARGE only): ``topkF`` (keep the fraction F of key blocks,
+    F in (0, 1]), ``defaults`` (no thresholds file), ``dense`` (``mode: dense``, the kill switch).
+    ``+fp8``: ``--kv-cache-dtype fp8`` (else ``auto``, the model's dtype). ``+fa3`` / ``+triton``
+    (SPARGE only): the backend's ``attention_kernel`` (else its default, ``auto``)."""
     m = _CONFIG.match(name)
     if m is None:
-        raise ValueError(f"configuration {name!r} is not BACKEND@PAGE[:VARIANT][+fp8] (e.g. "
-                         "FLASH_ATTN@16, SPARGE@64:topk0.5, SPARGE@64:defaults, SPARGE@64:dense, "
-                         "FLASH_ATTN@64+fp8)")
+        raise ValueError(f"configuration {name!r} is not BACKEND@PAGE[:VARIANT][+fp8][+KERNEL] "
+                         "(e.g. FLASH_ATTN@16, SPARGE@64:topk0.5, SPARGE@64:defaults, "
+                         "SPARGE@64:dense, FLASH_ATTN@64+fp8, SPARGE@64:topk0.5+fa3)")
     backend, page, variant = m.group(1), int(m.group(2)), m.group(3)
     kv = "fp8" if m.group(4) else "auto"
+    kernel = m.group(5)
+    if kernel is not None and (backend != "SPARGE" or variant == "dense"):
+        raise ValueError(f"configuration {name!r}: +{kernel} picks the sparse path's attention "
+                         "kernel: SPARGE with a topk or defaults variant only")
     if backend == "SPARGE" and variant is None:
         raise ValueError(f"configuration {name!r}: SPARGE needs a variant (:topkF, :defaults or "
                          ":dense)")
@@ -106,7 +112,8 @@ def parse_config(name: str) -> dict[str, Any]:
         if not 0 < topk <= 1:
             raise ValueError(f"configuration {name!r}: topk is the kept fraction of key blocks, "
                              "in (0, 1]; 0% block sparsity is topk1.0")
-    return dict(backend=backend, page=page, variant=variant, topk=topk, kv_cache_dtype=kv)
+    return dict(backend=backend, page=page, variant=variant, topk=topk, kv_cache_dtype=kv,
+                attention_kernel=kernel)
 
 
 def baseline_of(config: str) -> str:
@@ -121,10 +128,11 @@ def config_order(config: str) -> tuple:
     c = parse_config(config)
     fp8 = c["kv_cache_dtype"] == "fp8"
     if c["backend"] == "FLASH_ATTN":
-        return (fp8, 0, c["page"], 0.0)
+        return (fp8, 0, c["page"], 0.0, "")
+    kernel = c["attention_kernel"] or ""
     if c["topk"] is not None:
-        return (fp8, 1, c["page"], -c["topk"])
-    return (fp8, 2, c["page"], 0.0 if c["variant"] == "defaults" else 1.0)
+        return (fp8, 1, c["page"], -c["topk"], kernel)
+    return (fp8, 2, c["page"], 0.0 if c["variant"] == "defaults" else 1.0, kernel)
 
 
 def ceiling(a: float, k: float) -> float:
