@@ -1,7 +1,8 @@
 """Short new-token chunks on a long cached context: sparse path vs FA3 (GPU), for min_sparse_query_len.
 
     python benchmarks/bench_query_len.py --out benchmarks/results/query_len \
-        [--contexts 49152 131072] [--query-lens 64 128 256 512 1024 2048 4096 8192]
+        [--contexts 49152 131072] [--query-lens 64 128 256 512 1024 2048 4096 8192] \
+        [--attention triton fa3] [--kv-dtype bf16|fp8]
 
 A follow-up turn or a prefix-cache hit adds ``q`` new tokens to a context of ``ctx`` tokens (the
 queries are its last ``q`` positions). The sparse path pays the predictor's two passes over the
@@ -10,7 +11,13 @@ backend's ``min_sparse_query_len`` (default 512) keeps such requests dense. This
 the sparse path starts to pay, at 50% and 80% block sparsity (top-k, exact) and with every block
 kept (dense configuration), against FA3 (``flash_attn_varlen_func`` on the same paged cache) in
 the same run. Batch 1, bf16, head dim 128, 32 query / 8 KV heads, 64-token pages (the backend's).
-Writes ``<out>.json`` and ``<out>.md``.
+Each sparse row is one ``sparge_paged_prefill`` call as the backend makes it (predictor, then
+the attention, in head chunks under the default ``map_budget``), with ``--attention``'s kernels:
+``triton`` (the block-sparse kernel) and ``fa3`` (FlashAttention-3 over each row's kept blocks;
+columns ``+fa3``). ``--kv-dtype fp8`` runs everything over an fp8 cache and query (per-tensor
+scales, as vLLM's ``--kv-cache-dtype fp8``) against FA3's fp8 forward on the same cache
+(FLASH_ATTN-fp8); a chunk of an engine's chunked prefill (e.g. 16384 new tokens on a 131072-token
+context) is one such case. Writes ``<out>.json`` and ``<out>.md``.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ import json
 
 import torch
 import triton
+from bench_kernels import fa3_descales, fp8_inputs
 
-from sparge_serve.kernels import PrefillBatch, num_blocks, predict_block_map, sparse_paged_attention
+from sparge_serve.kernels import PrefillBatch, num_blocks, sparge_paged_prefill
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 
@@ -46,26 +54,34 @@ def case(ctx: int, q_len: int, seed: int = 0):
     return q, kc, vc, batch
 
 
-def measure(ctx: int, q_len: int, fa3) -> dict:
+CONFIGS = (("dense", 1.0, None), ("topk_s0.5", -1.0, 0.5), ("topk_s0.8", -1.0, 0.2))
+SUFFIX = {"triton": "", "fa3": "+fa3"}  # row keys and table columns per attention kernel
+
+
+def measure(ctx: int, q_len: int, fa3, attention: list[str], kv_dtype: str) -> dict:
     hv = lambda x: torch.full((HQ,), float(x), device="cuda")  # noqa: E731
     scale = D**-0.5
     q, kc, vc, batch = case(ctx, q_len)
     out = torch.empty_like(q)
+    scales, extra = None, {}
+    if kv_dtype == "fp8":
+        q, kc, vc, scales = fp8_inputs(q, kc, vc)
+        extra = fa3_descales(scales, batch, HKV)
     t_fa3 = bench(lambda: fa3(
         q, kc, vc, max_seqlen_q=q_len, cu_seqlens_q=batch.query_start_loc, max_seqlen_k=ctx,
         seqused_k=batch.seq_lens, softmax_scale=scale, causal=True,
-        block_table=batch.block_table, out=out, fa_version=3))
-    row = dict(context=ctx, query_len=q_len, fa3_ms=t_fa3)
-    for name, sim, topk in (("dense", 1.0, None), ("topk_s0.5", -1.0, 0.5),
-                            ("topk_s0.8", -1.0, 0.2)):
-        def run(sim=sim, topk=topk):
-            bm = predict_block_map(q, kc, batch, scale, hv(sim), hv(1.0), topk,
-                                   check_finite=False)
-            sparse_paged_attention(q, kc, vc, batch, bm, scale, hv(50.0), out,
-                                   check_finite=False, pv_skip=False)
-        t = bench(run)
-        row[f"{name}_ms"] = t
-        row[f"{name}_speedup"] = t_fa3 / t
+        block_table=batch.block_table, out=out, fa_version=3, **extra))
+    row = dict(context=ctx, query_len=q_len, kv_dtype=kv_dtype, fa3_ms=t_fa3)
+    for path in attention:
+        for name, sim, topk in CONFIGS:
+            def run(sim=sim, topk=topk, path=path):
+                sparge_paged_prefill(q, kc, vc, batch, scale, hv(sim), hv(1.0), hv(50.0), out,
+                                     topk=topk, check_finite=False, pv_skip=False,
+                                     attention=path, scales=scales)
+            t = bench(run)
+            key = name + SUFFIX[path]
+            row[f"{key}_ms"] = t
+            row[f"{key}_speedup"] = t_fa3 / t
     return row
 
 
@@ -74,6 +90,9 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[49152, 131072])
     ap.add_argument("--query-lens", type=int, nargs="+",
                     default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
+    ap.add_argument("--attention", nargs="+", choices=tuple(SUFFIX), default=["triton"],
+                    help="the sparse path's attention kernels to time (default triton)")
+    ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16")
     ap.add_argument("--out", default="benchmarks/results/query_len")
     args = ap.parse_args()
     import vllm
@@ -82,7 +101,7 @@ def main() -> None:
     rows = []
     for ctx in args.contexts:
         for q_len in args.query_lens:
-            rows.append(measure(ctx, q_len, fa3))
+            rows.append(measure(ctx, q_len, fa3, args.attention, args.kv_dtype))
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
@@ -92,17 +111,22 @@ def main() -> None:
                     for k, v in vars(args).items()))
     with open(args.out + ".json", "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)
+    base = "FA3" if args.kv_dtype == "bf16" else "FLASH_ATTN-fp8 (FA3's fp8 forward)"
+    cols = [(name + SUFFIX[p], f"{label}{' +fa3' if p == 'fa3' else ''}")
+            for p in args.attention
+            for name, label in (("dense", "dense config"), ("topk_s0.5", "50% sparse"),
+                                ("topk_s0.8", "80% sparse"))]
     lines = [f"# Short chunks on a long context: sparse path vs FA3 — {meta['device']}, "
              f"{meta['date']}", "",
              f"`{meta['command']}` — torch {meta['torch']}, triton {meta['triton']}, vllm "
-             f"{meta['vllm']}; bf16, head dim {D}, {HQ} q / {HKV} KV heads, page {PAGE}, batch 1. "
-             "Speed-up = FA3 time / (predictor + sparse attention), medians, same run.", "",
-             "| context | new tokens | FA3 ms | dense config | 50% sparse | 80% sparse |",
-             "|---|---|---|---|---|---|"]
+             f"{meta['vllm']}; {args.kv_dtype} KV cache, head dim {D}, {HQ} q / {HKV} KV heads, "
+             f"page {PAGE}, batch 1. Speed-up = {base} time / (predictor + sparse attention), "
+             "medians, same run; `+fa3`: the kept blocks attended by FlashAttention-3.", "",
+             "| context | new tokens | FA3 ms | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
     for r in rows:
         lines.append(f"| {r['context']} | {r['query_len']} | {r['fa3_ms']:.3f} | "
-                     f"{r['dense_speedup']:.2f}x | {r['topk_s0.5_speedup']:.2f}x | "
-                     f"{r['topk_s0.8_speedup']:.2f}x |")
+                     + " | ".join(f"{r[c[0] + '_speedup']:.2f}x" for c in cols) + " |")
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -37,6 +37,8 @@
 #              backends $TTFT_BACKENDS, torch.profiler split of one prefill at each length of
 #              $TTFT_PROFILE, and per decode step if $TTFT_PROFILE_DECODE is set (-> $OUT/ttft.*)
 #   query_len  short chunks on a long context, sparse vs FA3 (-> $OUT/query_len.*)
+#   query_chunks  an engine's 16K prefill chunks (and 2K ones) on 32K and 128K contexts, both
+#              attention kernels, bf16 and fp8 caches (-> $OUT/query_chunks_{bf16,fp8}.*)
 #   e2e_quick  end-to-end TTFT at the Llama-3.1-8B geometry (random weights), the key rows:
 #              FLASH_ATTN@64 and SPARGE at 50% and 90% block sparsity, 32K and 128K, attention
 #              share and ceiling at 128K (about 7 minutes; -> $OUT/e2e.*)
@@ -223,6 +225,13 @@ for stage in "$@"; do
         ;;
     query_len)
         run query_len python3 benchmarks/bench_query_len.py --out "$OUT/query_len"
+        ;;
+    query_chunks)
+        for kv in bf16 fp8; do
+            run "query_chunks_$kv" timeout 280 python3 benchmarks/bench_query_len.py \
+                --contexts 32768 131072 --query-lens 2048 16384 --attention triton fa3 \
+                --kv-dtype $kv --out "$OUT/query_chunks_$kv"
+        done
         ;;
     e2e_quick|e2e_fp8|e2e_kernel|e2e|e2e_ttft|e2e_decode|e2e_serve|e2e_small)
         # one engine per process; rows are merged into $OUT/e2e.json after each engine, so a
