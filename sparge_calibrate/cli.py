@@ -1,13 +1,10 @@
 """``sparge-calibrate``: per-head SpargeAttn thresholds for a local HF causal LM.
 
-Example::
+Example (the budget chosen by held-out perplexity, within +0.5% of dense: ``budget.py``)::
 
     sparge-calibrate ./Llama-3.1-8B --prompts calib.jsonl --out llama.sparge.safetensors \\
         --report heldout.txt --max-len 16384 --samples 8 --driver vllm --device cuda \\
         --tensor-parallel-size 2 --plot sparsity.png
-
-chooses the largest error budget whose held-out perplexity stays within +0.5% of dense
-(``budget.py``; ``--l1 0.01 --layer-l1 0-1:0.005`` would fix it instead).
 
 Writes the thresholds file the SPARGE backend loads (``--additional-config
 '{"sparge": {"thresholds": "llama.sparge.safetensors"}}'``), prints a per-layer summary and
@@ -383,6 +380,10 @@ def _run(args, info, cands, prompts, heldout, config, saved: dict[str, str]) -> 
                 "%d-%d tokens; driver %s, device %s, %s", args.model_dir, info.num_layers,
                 info.num_heads, info.num_kv_heads, info.head_dim, len(prompts), lengths[0],
                 lengths[-1], args.driver, args.device, dtype)
+    if args.ppl_target is not None:
+        logger.info("budget: the largest of l1 %s whose held-out perplexity stays within +%g%% "
+                    "of dense (--ppl-target; --l1 fixes the budget instead)",
+                    " / ".join(f"{c.l1:g}" for c in cands), 100 * args.ppl_target)
 
     model = None
     if args.driver == "hf":
