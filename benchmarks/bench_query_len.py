@@ -2,7 +2,7 @@
 
     python benchmarks/bench_query_len.py --out benchmarks/results/query_len \
         [--contexts 49152 131072] [--query-lens 64 128 256 512 1024 2048 4096 8192] \
-        [--attention triton fa3] [--kv-dtype bf16|fp8]
+        [--attention triton fa3] [--kv-dtype bf16|fp8] [--profile]
 
 A follow-up turn or a prefix-cache hit adds ``q`` new tokens to a context of ``ctx`` tokens (the
 queries are its last ``q`` positions). The sparse path pays the predictor's two passes over the
@@ -58,7 +58,20 @@ CONFIGS = (("dense", 1.0, None), ("topk_s0.5", -1.0, 0.5), ("topk_s0.8", -1.0, 0
 SUFFIX = {"triton": "", "fa3": "+fa3"}  # row keys and table columns per attention kernel
 
 
-def measure(ctx: int, q_len: int, fa3, attention: list[str], kv_dtype: str) -> dict:
+def kernel_table(fn, calls: int = 3) -> str:
+    """GPU time per kernel over ``calls`` calls of ``fn`` (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12)
+
+
+def measure(ctx: int, q_len: int, fa3, attention: list[str], kv_dtype: str,
+            profile: bool = False) -> dict:
     hv = lambda x: torch.full((HQ,), float(x), device="cuda")  # noqa: E731
     scale = D**-0.5
     q, kc, vc, batch = case(ctx, q_len)
@@ -72,6 +85,12 @@ def measure(ctx: int, q_len: int, fa3, attention: list[str], kv_dtype: str) -> d
         seqused_k=batch.seq_lens, softmax_scale=scale, causal=True,
         block_table=batch.block_table, out=out, fa_version=3, **extra))
     row = dict(context=ctx, query_len=q_len, kv_dtype=kv_dtype, fa3_ms=t_fa3)
+    if profile:
+        print(f"## FA3, context {ctx}, {q_len} new tokens, {kv_dtype}\n" + kernel_table(
+            lambda: fa3(q, kc, vc, max_seqlen_q=q_len, cu_seqlens_q=batch.query_start_loc,
+                        max_seqlen_k=ctx, seqused_k=batch.seq_lens, softmax_scale=scale,
+                        causal=True, block_table=batch.block_table, out=out, fa_version=3,
+                        **extra)), flush=True)
     for path in attention:
         for name, sim, topk in CONFIGS:
             def run(sim=sim, topk=topk, path=path):
@@ -80,6 +99,9 @@ def measure(ctx: int, q_len: int, fa3, attention: list[str], kv_dtype: str) -> d
                                      attention=path, scales=scales)
             t = bench(run)
             key = name + SUFFIX[path]
+            if profile:
+                print(f"## {key}, context {ctx}, {q_len} new tokens, {kv_dtype}\n"
+                      + kernel_table(run), flush=True)
             row[f"{key}_ms"] = t
             row[f"{key}_speedup"] = t_fa3 / t
     return row
@@ -93,6 +115,8 @@ def main() -> None:
     ap.add_argument("--attention", nargs="+", choices=tuple(SUFFIX), default=["triton"],
                     help="the sparse path's attention kernels to time (default triton)")
     ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16")
+    ap.add_argument("--profile", action="store_true",
+                    help="print each row's GPU time per kernel (torch.profiler, 3 calls)")
     ap.add_argument("--out", default="benchmarks/results/query_len")
     args = ap.parse_args()
     import vllm
@@ -101,7 +125,8 @@ def main() -> None:
     rows = []
     for ctx in args.contexts:
         for q_len in args.query_lens:
-            rows.append(measure(ctx, q_len, fa3, args.attention, args.kv_dtype))
+            rows.append(measure(ctx, q_len, fa3, args.attention, args.kv_dtype,
+                                args.profile))
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),

@@ -229,7 +229,7 @@ for stage in "$@"; do
     query_chunks)
         for kv in bf16 fp8; do
             run "query_chunks_$kv" timeout 280 python3 benchmarks/bench_query_len.py \
-                --contexts 32768 131072 --query-lens 2048 16384 --attention triton fa3 \
+                --contexts 32768 131072 --query-lens 2048 16384 --attention triton fa3 --profile \
                 --kv-dtype $kv --out "$OUT/query_chunks_$kv"
         done
         ;;
