@@ -4,6 +4,7 @@
     python benchmarks/bench_e2e.py ttft decode serve --budget-s 540 --skip-done
     python benchmarks/bench_e2e.py ttft decode serve --dry-run   # the planned runs; no GPU needed
     python benchmarks/bench_e2e.py report                        # tables and plot from e2e.json
+    python benchmarks/bench_e2e.py report --add other/e2e.json   # merge another call's results
 
 Stages (any of them, in one call or in several):
 
@@ -404,6 +405,9 @@ def parser() -> argparse.ArgumentParser:
                     "benchmarks/results)")
     ap.add_argument("--merge", help="results of earlier calls to merge into (default "
                     "<out>/e2e.json)")
+    ap.add_argument("--add", nargs="+", metavar="JSON", help="report: other calls' results "
+                    "files to merge in (their runs added, their rows replacing those of the same "
+                    "point)")
     ap.add_argument("--skip-done", action="store_true",
                     help="run only the points that the merged results do not hold")
     ap.add_argument("--budget-s", type=float, help="time for this call: no engine starts with "
@@ -422,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     if args.stages == ["report"]:
         data = report.load_results(args.merge or os.path.join(args.out, "e2e.json"))
+        for path in args.add or []:
+            report.merge_results(data, report.load_results(path))
         print("\n".join(report.write_all(data, args.out, plan.DESCRIPTIONS)))
         return 0
     return drive(args)

@@ -513,7 +513,7 @@ def _chunked_predictor(args, topk, attention: str, map_budget):
     q, kc, vc, batch, scale, sim, cdf, pv_off, out = args
     stats = torch.zeros(3, dtype=torch.int64, device=q.device)
     plan = plan_prefill(batch, q.shape[1], kc.shape[2], q.shape[2], q.dtype, kc.shape[1],
-                        q.device, topk, map_budget, attention, 0)
+                        q.device, topk, map_budget, attention, 0, q_rows=q.shape[0])
     run_prefill(plan, q, kc, vc, scale, sim, cdf, pv_off, out, stats, predict_only=True)
 
 

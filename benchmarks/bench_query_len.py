@@ -3,6 +3,7 @@
     python benchmarks/bench_query_len.py --out benchmarks/results/query_len \
         [--contexts 49152 131072] [--query-lens 64 128 256 512 1024 2048 4096 8192] \
         [--attention triton fa3] [--kv-dtype bf16|fp8] [--profile]
+    python benchmarks/bench_query_len.py --report OUT.json --out OUT  # the table again
 
 A follow-up turn or a prefix-cache hit adds ``q`` new tokens to a context of ``ctx`` tokens (the
 queries are its last ``q`` positions). The sparse path pays the predictor's two passes over the
@@ -118,7 +119,14 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="print each row's GPU time per kernel (torch.profiler, 3 calls)")
     ap.add_argument("--out", default="benchmarks/results/query_len")
+    ap.add_argument("--report", metavar="JSON",
+                    help="only write <out>.md from an earlier run's JSON (no GPU)")
     args = ap.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            data = json.load(f)
+        write_report(data["meta"], data["results"], args.out)
+        return
     import vllm
     from vllm.vllm_flash_attn import flash_attn_varlen_func as fa3
 
@@ -131,20 +139,36 @@ def main() -> None:
             torch.cuda.empty_cache()
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                 torch=torch.__version__, triton=triton.__version__, vllm=vllm.__version__,
-                command="python benchmarks/bench_query_len.py " + " ".join(
-                    f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                    for k, v in vars(args).items()))
+                command=command(args))
     with open(args.out + ".json", "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)
-    base = "FA3" if args.kv_dtype == "bf16" else "FLASH_ATTN-fp8 (FA3's fp8 forward)"
+    write_report(meta, rows, args.out)
+
+
+def command(args: argparse.Namespace) -> str:
+    parts = []
+    for k, v in vars(args).items():
+        if k == "report" or v is False or v is None:
+            continue
+        flag = "--" + k.replace("_", "-")
+        parts.append(flag if v is True else
+                     f"{flag} {' '.join(map(str, v)) if isinstance(v, list) else v}")
+    return "python benchmarks/bench_query_len.py " + " ".join(parts)
+
+
+def write_report(meta: dict, rows: list[dict], out: str) -> None:
+    """``<out>.md`` from the rows (the kernels and cache dtype they hold)."""
+    kv_dtype = rows[0]["kv_dtype"]
+    attention = [p for p in SUFFIX if f"dense{SUFFIX[p]}_ms" in rows[0]]
+    base = "FA3" if kv_dtype == "bf16" else "FLASH_ATTN-fp8 (FA3's fp8 forward)"
     cols = [(name + SUFFIX[p], f"{label}{' +fa3' if p == 'fa3' else ''}")
-            for p in args.attention
+            for p in attention
             for name, label in (("dense", "dense config"), ("topk_s0.5", "50% sparse"),
                                 ("topk_s0.8", "80% sparse"))]
     lines = [f"# Short chunks on a long context: sparse path vs FA3 — {meta['device']}, "
              f"{meta['date']}", "",
              f"`{meta['command']}` — torch {meta['torch']}, triton {meta['triton']}, vllm "
-             f"{meta['vllm']}; {args.kv_dtype} KV cache, head dim {D}, {HQ} q / {HKV} KV heads, "
+             f"{meta['vllm']}; {kv_dtype} KV cache, head dim {D}, {HQ} q / {HKV} KV heads, "
              f"page {PAGE}, batch 1. Speed-up = {base} time / (predictor + sparse attention), "
              "medians, same run; `+fa3`: the kept blocks attended by FlashAttention-3.", "",
              "| context | new tokens | FA3 ms | " + " | ".join(c[1] for c in cols) + " |",
@@ -152,10 +176,9 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['context']} | {r['query_len']} | {r['fa3_ms']:.3f} | "
                      + " | ".join(f"{r[c[0] + '_speedup']:.2f}x" for c in cols) + " |")
-    with open(args.out + ".md", "w") as f:
+    with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()

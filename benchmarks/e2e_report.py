@@ -192,6 +192,18 @@ def add_failure(data: dict[str, Any], stage: str, geometry: str, config: str, wh
     data["failed"].append(dict(stage=stage, geometry=geometry, config=config, why=why, run=run))
 
 
+def merge_results(data: dict[str, Any], other: dict[str, Any]) -> None:
+    """Adds ``other``'s runs to ``data`` (as new runs), its rows (replacing rows of the same
+    key) and its failures."""
+    first = len(data["runs"])
+    for meta in other["runs"]:
+        start_run(data, meta)
+    for row in other["rows"]:
+        add_rows(data, [{k: v for k, v in row.items() if k != "run"}], first + row["run"])
+    for f in other["failed"]:
+        add_failure(data, f["stage"], f["geometry"], f["config"], f["why"], first + f["run"])
+
+
 def has_row(data: dict[str, Any], key: tuple) -> bool:
     return any(row_key(r) == key for r in data["rows"])
 

@@ -25,7 +25,7 @@ Keys (all optional):
   ``SPARGE_ATTENTION_KERNEL``): what attends stage 1's kept blocks. ``"triton"``: the Triton
   block-sparse kernel (every layer, PV skip included). ``"fa3"``: FlashAttention-3 itself, one
   sequence per (q-head, query block) row over a virtual paged context of its kept key blocks,
-  one FA3 call per query head on views of q and out (``sparge_serve.kernels.fa3``); same
+  several query heads a launch where a head has few rows (``sparge_serve.kernels.fa3``); same
   outputs, 0.91-0.98x FA3 dense and 1.69-1.91x at 50% block sparsity where the Triton kernel
   has 0.78-0.81x and 1.55-1.66x (H200, 32K-128K), host-bound at 32K and 90%; over an fp8 KV
   cache FA3's fp8 forward, twice the Triton kernel's speed there. Layers whose thresholds use

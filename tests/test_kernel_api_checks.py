@@ -113,6 +113,9 @@ BATCH_CASES = {
     "qsl_past_q": (lambda b: _replace(b, query_start_loc=torch.tensor([0, 20, 26], **I32),
                                       max_query_len=20),
                    r"batch\.query_start_loc ends at 26 but q has 25 rows"),
+    "rows_mismatch": (lambda b: _replace(b, rows=(0, 24)),
+                      r"batch\.rows is \(0, 24\) but batch\.query_start_loc spans rows "
+                      r"\(0, 25\)"),
     "max_query_len_understated": (lambda b: _replace(b, max_query_len=19),
                                   r"batch\.max_query_len 19 is less than request 0's query_len "
                                   r"20"),

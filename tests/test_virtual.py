@@ -62,24 +62,61 @@ def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seql
 def _fa3_vs_oracle(case, bm, keeps, **kw):
     """The FA3 path (CPU: emulated) over ``bm`` against SDPA over its kept blocks."""
     got = torch.full_like(case.q, float("nan"))
+    kw.setdefault("attn_fn", fa3_emulation)
     fa3_sparse_attention(case.q, case.key_cache, case.value_cache, case.batch, bm, case.scale,
-                         got, attn_fn=fa3_emulation, **kw)
+                         got, **kw)
     oracle, tol = attention_oracle(case, keeps)
     assert not torch.isnan(got).any()
     assert (got.float().cpu() - oracle).abs().max().item() <= tol
     return got
 
 
+# (MIN_LAUNCH_SEQS, heads a launch): REQS has 9 sequences a head
+LAUNCHES = [(1, lambda hq: 1), (10, lambda hq: 2), (1024, lambda hq: hq)]
+
+
+@pytest.mark.parametrize("min_seqs,launch", LAUNCHES, ids=["one_head", "two_heads", "all"])
 @pytest.mark.parametrize("page,hq,hkv,packed,topk", [
     (64, 4, 2, True, None), (16, 4, 4, False, 0.3), (32, 2, 1, True, 0.5),
 ])
 def test_fa3_virtual_contexts_equal_attention_over_the_kept_blocks(page, hq, hkv, packed, topk,
-                                                                   device):
+                                                                   min_seqs, launch, device,
+                                                                   monkeypatch):
+    """One query head a launch (per-head views) and several (head-major copies of their rows,
+    one order across them) give attention over exactly the kept blocks."""
+    import sparge_serve.kernels.fa3 as virtual
+
+    monkeypatch.setattr(virtual, "MIN_LAUNCH_SEQS", min_seqs)
     case = make_paged_case(REQS, hq, hkv, 64, page, torch.float16, device, seed=3, packed=packed)
     bm, keeps = reference_block_map(case, 0.3, torch.linspace(0.5, 0.95, hq), topk)
     real = bm.count > 0
     assert (bm.count[real] < bm.n_valid[real]).any()  # some rows are sparse
-    _fa3_vs_oracle(case, bm, keeps)
+    n_seq = bm.count.shape[0] * bm.count.shape[2]
+    assert virtual.launch_heads(n_seq, hq) == launch(hq)
+    seqs: list[int] = []
+
+    def counting(q, k, v, out, q_start, q_len, *args):
+        seqs.append(q_len.shape[0])
+        fa3_emulation(q, k, v, out, q_start, q_len, *args)
+
+    _fa3_vs_oracle(case, bm, keeps, attn_fn=counting)
+    assert seqs == [n_seq * launch(hq)] * (hq // launch(hq))  # heads x sequences a launch
+
+
+def test_launch_heads_fill_a_launch_with_the_fewest_heads():
+    from sparge_serve.kernels.fa3 import MIN_LAUNCH_SEQS, launch_heads, staging_bytes
+
+    assert launch_heads(MIN_LAUNCH_SEQS, 32) == 1  # a long prompt: one head a launch
+    assert launch_heads(128, 32) == 8  # a 16K-token chunk: 8 x 128 sequences
+    assert launch_heads(100, 32) == 16  # the fewest heads dividing the buffer's that fill it
+    assert launch_heads(16, 32) == 32 and launch_heads(16, 6) == 6  # all, where none fills it
+    # the copies' bound: largest just below a drop of the heads a launch, never past MIN tiles x 2
+    bound = staging_bytes(10**6, (32, 16, 8), 10**6, 128)
+    assert bound == max(launch_heads(r, 32) * r * 128 * 128 * 4 for r in range(1, 1024)
+                        if launch_heads(r, 32) > 1)
+    assert bound <= 2 * MIN_LAUNCH_SEQS * 128 * 128 * 4
+    assert staging_bytes(10**6, (32,), 3000, 128) == 32 * 3000 * 128 * 4  # few tokens
+    assert staging_bytes(10**6, (1,), 10**6, 128) == 0  # one head: per-head views, no copy
 
 
 @pytest.mark.parametrize("reqs,sim,cdf,topk", [
@@ -143,14 +180,19 @@ def test_heads_as_pages_addresses_every_head_of_every_page():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page,topk,slice_rows,dtype", [
-    (64, None, None, torch.bfloat16), (64, 0.5, 300, torch.float16),
-    (16, 0.3, None, torch.bfloat16)])
-def test_gpu_fa3_path_equals_attention_over_its_kept_blocks(page, topk, slice_rows, dtype):
+@pytest.mark.parametrize("page,topk,slice_rows,dtype,min_seqs", [
+    (64, None, None, torch.bfloat16, 1024), (64, 0.5, 60, torch.float16, 1024),
+    (16, 0.3, None, torch.bfloat16, 1024), (64, 0.5, None, torch.bfloat16, 1)])
+def test_gpu_fa3_path_equals_attention_over_its_kept_blocks(page, topk, slice_rows, dtype,
+                                                            min_seqs, monkeypatch):
     """The real FA3 (vLLM's build) at realistic sizes (prefix offsets, partial query blocks)
     over the Triton predictor's bit-set map: within tolerance of SDPA masked with exactly the
-    map's kept blocks AND the causal mask, as the Triton sparse kernel over the same map is."""
+    map's kept blocks AND the causal mask, as the Triton sparse kernel over the same map is;
+    launches of all 8 heads (128 sequences a head; in slices of 60) and of one."""
+    import sparge_serve.kernels.fa3 as virtual
+
     pytest.importorskip("vllm.vllm_flash_attn")
+    monkeypatch.setattr(virtual, "MIN_LAUNCH_SEQS", min_seqs)
     reqs = [(4096, 4096), (1000, 9000), (3000, 3000), (77, 5000)]
     case = make_paged_case(reqs, 8, 2, 128, page, dtype, "cuda", seed=5, packed=True)
     sim = head_vec(0.3, 8, "cuda")
@@ -201,6 +243,25 @@ def test_shape_bytes_bound_the_fa3_allocations(device):
     assert own <= fixed - lse <= own + 6 * 8 * n + 8
 
 
+def test_staging_bytes_bound_the_copies_of_a_launch_of_several_heads(device):
+    """``fa3.staging_bytes`` (in the backend's reservation) covers the query and output copies
+    that a launch of several heads allocates."""
+    from sparge_serve.kernels.fa3 import VirtualAttention, plan_virtual, staging_bytes
+
+    case = make_paged_case(REQS, 4, 2, 64, 16, torch.bfloat16, device, seed=1, packed=True)
+    b = case.batch
+    nqb = -(-b.max_query_len // BLKQ)
+    plan = plan_virtual(b, nqb, 16, 4, q_rows=case.q.shape[0])
+    assert plan.launch == 4 and plan.span == (0, case.q.shape[0]) and not plan.exact
+    attend = VirtualAttention(plan, case.q, case.key_cache, case.value_cache, b, case.scale,
+                              torch.empty_like(case.q), 2)
+    copies = sum(t.numel() * t.element_size() for t in (attend.q_stage, attend.out_stage))
+    bound = staging_bytes(b.num_reqs * nqb, (4, 2, 1), b.num_reqs * b.max_query_len, 64)
+    assert 0 < copies <= bound
+    with pytest.raises(ValueError, match="set batch.rows or pass q_rows"):
+        plan_virtual(b, nqb, 16, 4)
+
+
 def test_virtual_sequences_run_longest_first_and_cover_every_row(device):
     from sparge_serve.kernels.fa3 import virtual_rows, virtual_table
 
@@ -238,14 +299,22 @@ def test_fa3_table_slices_give_the_same_output(slice_rows, device):
     assert not torch.isnan(outs[1]).any() and torch.equal(outs[0], outs[1])
 
 
-def test_fa3_path_leaves_rows_outside_the_batch_alone(device):
-    """Absolute offsets (the backend's contiguous sub-batch): rows before and after stay."""
+@pytest.mark.parametrize("min_seqs", [1, 1024], ids=["one_head", "all"])
+@pytest.mark.parametrize("known", [False, True], ids=["rows_unknown", "rows_given"])
+def test_fa3_path_leaves_rows_outside_the_batch_alone(known, min_seqs, device, monkeypatch):
+    """Absolute offsets (the backend's contiguous sub-batch): rows before and after stay, with
+    the batch's rows given (the launch of several heads copies just those) or not (all of q's,
+    from out)."""
+    import sparge_serve.kernels.fa3 as virtual
+
+    monkeypatch.setattr(virtual, "MIN_LAUNCH_SEQS", min_seqs)
     case = make_paged_case(REQS[:2], 4, 2, 64, 16, torch.float16, device, seed=4, packed=True)
     bm, keeps = reference_block_map(case, 0.3, 0.9)
     pad = 7
     q = torch.cat([torch.randn(pad, 4, 64, dtype=case.q.dtype, device=device), case.q,
                    torch.randn(3, 4, 64, dtype=case.q.dtype, device=device)])
-    batch = dataclasses.replace(case.batch, query_start_loc=case.batch.query_start_loc + pad)
+    batch = dataclasses.replace(case.batch, query_start_loc=case.batch.query_start_loc + pad,
+                                rows=(pad, pad + case.q.shape[0]) if known else None)
     got = torch.full_like(q, float("nan"))
     fa3_sparse_attention(q, case.key_cache, case.value_cache, batch, bm, case.scale, got,
                          attn_fn=fa3_emulation)

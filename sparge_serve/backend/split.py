@@ -122,7 +122,8 @@ def sparse_sub_batch(cam: CommonAttentionMetadata, split: RequestSplit, req_inde
             query_start_loc=cam.query_start_loc[first : last + 2],
             seq_lens=cam.seq_lens[first : last + 1],
             block_table=cam.block_table_tensor[first : last + 1],
-            max_query_len=max_query_len, max_seq_len=max_seq_len)
+            max_query_len=max_query_len, max_seq_len=max_seq_len,
+            rows=(int(qsl[first]), int(qsl[last + 1])))
         dense_seq_lens = cam.seq_lens.clone()
         dense_seq_lens[first : last + 1] = 0
         return batch, None, dense_seq_lens
@@ -137,7 +138,7 @@ def sparse_sub_batch(cam: CommonAttentionMetadata, split: RequestSplit, req_inde
         query_start_loc=torch.from_numpy(sub_qsl).to(device, non_blocking=True),
         seq_lens=cam.seq_lens.index_select(0, req_index_dev),
         block_table=cam.block_table_tensor.index_select(0, req_index_dev),
-        max_query_len=max_query_len, max_seq_len=max_seq_len)
+        max_query_len=max_query_len, max_seq_len=max_seq_len, rows=(0, num_tokens))
     token_index = torch.from_numpy(tokens).to(device, non_blocking=True)
     return batch, token_index, cam.seq_lens.index_fill(0, req_index_dev, 0)
 

@@ -265,6 +265,9 @@ def check_batch(q: torch.Tensor, key_cache: torch.Tensor, batch: PrefillBatch,
     if qsl[-1] > q.shape[0]:
         raise ValueError(f"batch.query_start_loc ends at {int(qsl[-1])} but q has {q.shape[0]} "
                          "rows: pass the q (and out) that these offsets index")
+    if batch.rows is not None and tuple(batch.rows) != (int(qsl[0]), int(qsl[-1])):
+        raise ValueError(f"batch.rows is {batch.rows} but batch.query_start_loc spans rows "
+                         f"({int(qsl[0])}, {int(qsl[-1])}): pass those (or rows=None)")
     r = int(q_lens.argmax())
     if q_lens[r] > batch.max_query_len:
         raise ValueError(f"batch.max_query_len {batch.max_query_len} is less than request {r}'s "

@@ -8,19 +8,25 @@ The forced diagonal blocks are always kept and always last, so FA3's bottom-righ
 kept block before the diagonal is fully visible to every row, and the diagonal tail keeps its
 true positions. The result equals ``sparse_paged_attention`` with PV skip off.
 
-Layout (nothing is copied: no K/V, no queries, no outputs):
+Layout (no K/V is copied):
 
 - **Heads as pages.** vLLM's cache is ``[pages, page, Hkv, D]`` with strides
   ``(sP, sT, sH, 1)``. A virtual page id ``vp = page * (sP // sH) + kvh`` addresses
   ``page * sP + kvh * sH``, so one ``as_strided`` view ``[NV, page, 1, D]`` with strides
   ``(sH, sT, sH, 1)`` serves every KV head; the virtual block table holds ``vp`` per kept page.
-- **One FA3 call per query head**, on the strided views ``q[:, h:h+1]`` and ``out[:, h:h+1]``:
-  FA3 shares one page table among the heads of a sequence, and each head keeps its own blocks.
-  The sequences are given by ``seqused_q`` with explicit start rows (``cu_seqlens_q`` need not
-  be cumulative then), so they can come in any order: **longest first** (by the row's causal
-  context, one order for every head, made once per call), which FA3's in-order tile scheduler
-  then runs as a longest-processing-time schedule. In ascending order (a causal prompt's
-  natural one) the longest rows would start last and idle the GPU.
+- **Heads as sequences.** FA3 shares one page table among the heads of a sequence, and each
+  head keeps its own blocks, so each FA3 launch attends one KV head's view with query heads as
+  separate sequences. The sequences are given by ``seqused_q`` with explicit start rows
+  (``cu_seqlens_q`` need not be cumulative then), so they can come in any order: **longest
+  first** (by the row's causal context, one order for every head, made once per step), which
+  FA3's in-order tile scheduler then runs as a longest-processing-time schedule. In ascending
+  order (a causal prompt's natural one) the longest rows would start last and idle the GPU.
+- **Heads per launch.** Where a head has at least :data:`MIN_LAUNCH_SEQS` rows (long prompts),
+  a launch is one query head, on the strided views ``q[:, h:h+1]`` and ``out[:, h:h+1]``. An
+  engine's prefill chunk has fewer (128 at 16K tokens: one wave of tiles, whose time is its
+  longest row's, a dense tail row's), so a launch then attends several heads: their query rows
+  copied head-major (``[heads * T, 1, D]``), one longest-first order across all of them, and
+  the output copied back (two copies of the chunk's rows, against a launch per head).
 
 The virtual block tables (``[Hq, rows, pages]`` int32, twice the int16 block lists' bytes at
 64-token pages) are built by one Triton kernel from the block map as bit sets
@@ -103,23 +109,25 @@ TABLE_CHUNK_WORDS = 8
 # NOTE: one compiled variant per (GROUP, SUB): sizes and the block table's alignment (a slice of
 # vLLM's) are not specialised on, so the start-up warm-up covers serving
 @triton.jit(do_not_specialize=["NQB", "WORDS", "num_heads", "s0", "h0", "m0", "stride_bt",
-                               "max_pages", "heads_per_page"],
+                               "max_pages", "heads_per_page", "seq_h", "seq_i"],
             do_not_specialize_on_alignment=["bt_ptr", "count_ptr", "qsl_ptr", "seq_lens_ptr",
                                             "mask_ptr"])
 def _virtual_table_kernel(
     mask_ptr, count_ptr, order_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, vbt_ptr, used_ptr,
     NQB, WORDS, num_heads, s0, h0, m0, stride_bt, max_pages, vbt_cols, heads_per_page,
+    seq_h, seq_i,
     GROUP: tl.constexpr, SUB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK_WORDS: tl.constexpr,
 ):
     """Head ``m0 + h`` of the map's sequence ``s0 + i`` (block-map row ``order[s0 + i]``:
-    request ``r``, query block ``b``): its virtual context length, and its virtual pages: for
-    the j-th kept key block (the j-th set bit of its mask) and its s-th page,
-    ``block_table[r, block * SUB + s] * heads_per_page + kvh``, where ``kvh = (h0 + m0 + h) //
-    GROUP`` is the KV head of that map head (a map from the layer's head ``h0``) in the cache the
-    pages index."""
+    request ``r``, query block ``b``), table entry ``h * seq_h + i * seq_i``: its virtual
+    context length, and its virtual pages: for the j-th kept key block (the j-th set bit of its
+    mask) and its s-th page, ``block_table[r, block * SUB + s] * heads_per_page + kvh``, where
+    ``kvh = (h0 + m0 + h) // GROUP`` is the KV head of that map head (a map from the layer's
+    head ``h0``) in the cache the pages index."""
     i = tl.program_id(0)
     h = tl.program_id(1)
+    seq = h * seq_h + i * seq_i
     row = tl.load(order_ptr + s0 + i)
     r = row // NQB
     b = row % NQB
@@ -130,8 +138,8 @@ def _virtual_table_kernel(
     last_pos = tl.load(seq_lens_ptr + r) - q_len + tl.minimum((b + 1) * BLOCK_Q, q_len) - 1
     # the kept blocks end with the diagonal one, cut at the row's last query
     used = tl.where(n > 0, BLOCK_N * (n - 1) + last_pos % BLOCK_N + 1, 0)
-    tl.store(used_ptr + h * tl.num_programs(0) + i, used)
-    dst = (h * tl.num_programs(0) + i).to(tl.int64) * vbt_cols
+    tl.store(used_ptr + seq, used)
+    dst = seq.to(tl.int64) * vbt_cols
     kvh = (h0 + m0 + h) // GROUP
     bt_row = bt_ptr + r * stride_bt
     offs_w = tl.arange(0, CHUNK_WORDS)
@@ -195,20 +203,25 @@ def virtual_table(rows: VirtualRows, batch: PrefillBatch, bm: BlockMap, page_siz
 def _build_table(rows: VirtualRows, batch: PrefillBatch, mask: torch.Tensor,
                  count: torch.Tensor, sub: int, cols: int, heads_per_page: int, group: int,
                  s0: int, s1: int, h0: int, out: tuple[torch.Tensor, torch.Tensor], m0: int,
-                 heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 heads: int, seq_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`virtual_table`'s launch (``sub`` pages a key block, ``cols`` entries a table) into
-    buffers ``out`` large enough, without its checks."""
+    buffers ``out`` large enough, without its checks. ``seq_major``: the tables in one launch's
+    order, ``[(s1 - s0) * heads, cols]`` and ``[(s1 - s0) * heads]`` with sequence ``i`` of head
+    ``h`` at ``i * heads + h``; else ``[heads, s1 - s0, ...]``."""
     n = s1 - s0
-    vbt = out[0][:heads * n * cols].view(heads, n, cols)
-    used = out[1][:heads * n].view(heads, n)
+    vbt = out[0][:heads * n * cols]
+    used = out[1][:heads * n]
+    seq_h, seq_i = (1, heads) if seq_major else (n, 1)
     _, map_heads, nqb, words = mask.shape
     launch(_virtual_table_kernel, (n, heads))(
         mask, count, rows.order, batch.query_start_loc, batch.seq_lens, batch.block_table,
         vbt, used, nqb, words, map_heads, s0, h0, m0, batch.block_table.stride(0),
-        batch.block_table.shape[1], cols, heads_per_page,
+        batch.block_table.shape[1], cols, heads_per_page, seq_h, seq_i,
         GROUP=group, SUB=sub, BLOCK_Q=BLKQ, BLOCK_N=BLKK, CHUNK_WORDS=TABLE_CHUNK_WORDS,
     )
-    return vbt, used
+    if seq_major:
+        return vbt.view(n * heads, cols), used
+    return vbt.view(heads, n, cols), used.view(heads, n)
 
 
 def warm_up_virtual(num_heads: int, num_kv_heads: int, page_size: int, device) -> None:
@@ -261,43 +274,96 @@ def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_
     )
 
 
+MIN_LAUNCH_SEQS = 1024
+"""Fewest sequences (query tiles) one FA3 launch should hold: about eight per multiprocessor of
+an H100/H200 (132), enough for the longest-first schedule to balance rows of unequal kept
+blocks, such as a chunk's last query blocks, which keep every block. With fewer rows a head (an
+engine's prefill chunk: 128 rows at 16K tokens), a launch attends several heads."""
+
+
+def launch_heads(rows: int, heads: int) -> int:
+    """Query heads one FA3 launch attends, for ``rows`` sequences a head and table buffers of
+    ``heads`` heads: 1 where ``rows`` reach :data:`MIN_LAUNCH_SEQS`, else the fewest heads
+    dividing ``heads`` that do (all of them where none does)."""
+    return next((d for d in range(1, heads + 1)
+                 if heads % d == 0 and d * rows >= MIN_LAUNCH_SEQS), heads)
+
+
+def staging_bytes(max_rows: int, heads: tuple[int, ...], max_tokens: int, head_dim: int) -> int:
+    """Most device bytes the query and output copies of a launch of several heads take (16 bits
+    an element at most each), over batches of at most ``max_rows`` sequences a head and
+    ``max_tokens`` rows of q, for table buffers of any of ``heads`` heads: a bound of
+    :data:`MIN_LAUNCH_SEQS` query tiles' rows, 0 where no launch takes several heads."""
+    return max((launch_heads(r, h) * min(max_tokens, r * BLKQ) * head_dim * 4
+                for h in heads for r in range(1, min(max_rows, MIN_LAUNCH_SEQS - 1) + 1)
+                if launch_heads(r, h) > 1), default=0)
+
+
 @dataclass(frozen=True)
 class VirtualPlan:
     """What the FA3 path needs of a batch, the same for every layer and head chunk of a step
-    (:func:`plan_virtual`): the sequences longest first and their slices, and the tables' shape.
-    """
+    (:func:`plan_virtual`): the sequences longest first and their slices, the tables' shape, and
+    how many heads one launch attends.
+
+    With one head a launch, the sequences address the layer's ``q``/``out`` through per-head
+    views. With ``launch > 1``, a launch's query rows are a head-major copy of the heads' rows
+    ``span`` of ``q`` (``[launch * T, 1, D]``, ``T = span[1] - span[0]``), its sequence ``i`` of
+    head ``h`` at ``i * launch + h`` (one longest-first order across the heads), and its output
+    is copied back into those rows of ``out``; ``exact``: every row in ``span`` belongs to some
+    sequence (else the copy starts from ``out``, so that rows outside the batch stay)."""
 
     rows: VirtualRows
-    # per slice: (first sequence, end, its q_start [n + 1] and q_len [n] views of `rows`)
+    # per slice: (first sequence, end, its q_start [n * launch + 1] and q_len [n * launch])
     slices: tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]
     heads: int  # query heads one table buffer holds (a chunk's)
     step: int  # sequences one table holds (a slice's)
     cols: int  # entries of one sequence's table
     sub: int  # pages a key block
     max_k: int  # bound on a virtual context's tokens
+    launch: int = 1  # query heads one FA3 launch attends (a divisor of `heads`)
+    span: tuple[int, int] = (0, 0)  # rows of q a launch of several heads copies
+    exact: bool = True
 
 
 def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
-                 slice_rows: int | None = None) -> VirtualPlan:
+                 slice_rows: int | None = None, q_rows: int | None = None) -> VirtualPlan:
     """:class:`VirtualPlan` of ``batch`` (``nqb`` query blocks a request) for chunks of ``heads``
     query heads, tables of ``slice_rows`` sequences (``None``: all): a few tensor ops for the
-    order, no host synchronisation."""
+    order, no host synchronisation. ``q_rows``: the rows of ``q`` where ``batch.rows`` is not
+    given (a launch of several heads copies them all)."""
     rows = virtual_rows(batch, nqb)
     n_seq = nqb * batch.num_reqs
     step = n_seq if slice_rows is None else max(1, min(slice_rows, n_seq))
-    slices = tuple((s0, min(n_seq, s0 + step), rows.q_start[s0:s0 + step + 1],
-                    rows.q_len[s0:s0 + step]) for s0 in range(0, n_seq, step))
-    return VirtualPlan(rows, slices, heads, step, table_cols(batch, page_size),
-                       BLKK // page_size, num_blocks(batch.max_seq_len, BLKK) * BLKK)
+    launch = launch_heads(n_seq, heads)
+    span, exact = (batch.rows, True) if batch.rows is not None else ((0, q_rows), False)
+    if launch > 1 and span[1] is None:
+        raise ValueError("the FA3 path attends several heads a launch for this batch and needs "
+                         "the rows of q it covers: set batch.rows or pass q_rows")
+    slices = []
+    for s0 in range(0, n_seq, step):
+        s1 = min(n_seq, s0 + step)
+        q_start, q_len = rows.q_start[s0:s1 + 1], rows.q_len[s0:s1]
+        if launch > 1:  # head-major copies of the rows in span: sequence i of head h at i*L + h
+            tokens = span[1] - span[0]
+            dev = q_start.device
+            starts = (q_start[:-1, None].long() - span[0]
+                      + torch.arange(launch, device=dev) * tokens).reshape(-1)
+            end = torch.full((1,), launch * tokens, dtype=torch.long, device=dev)
+            q_start = torch.cat([starts, end]).to(torch.int32)
+            q_len = q_len.repeat_interleave(launch)
+        slices.append((s0, s1, q_start, q_len))
+    return VirtualPlan(rows, tuple(slices), heads, step, table_cols(batch, page_size),
+                       BLKK // page_size, num_blocks(batch.max_seq_len, BLKK) * BLKK, launch,
+                       span if launch > 1 else (0, 0), exact)
 
 
 class VirtualAttention:
     """The FA3 attention path for one layer (module docstring): ``plan``'s sequences and the
-    layer's per-head views of ``q`` and ``out``, its caches as head pages, and one table
-    buffer for ``plan.heads`` query heads (allocated here, freed with the object: the memory
-    the backend reserves holds it only during a layer's call). :meth:`attend` runs a block
-    map's heads. An fp8 cache comes with its ``scales`` and an fp8 ``q``
-    (:func:`check_fp8_inputs`)."""
+    layer's per-head views of ``q`` and ``out`` (or, for launches of several heads, copies of
+    their rows), its caches as head pages, and one table buffer for ``plan.heads`` query heads
+    (allocated here, freed with the object: the memory the backend reserves holds it only during
+    a layer's call). :meth:`attend` runs a block map's heads. An fp8 cache comes with its
+    ``scales`` and an fp8 ``q`` (:func:`check_fp8_inputs`)."""
 
     def __init__(self, plan: VirtualPlan, q: torch.Tensor, key_cache: torch.Tensor,
                  value_cache: torch.Tensor, batch: PrefillBatch, scale: float, out: torch.Tensor,
@@ -310,33 +376,70 @@ class VirtualAttention:
             for _, _, _, q_len in plan.slices]
         self.k_view, self.heads_per_page = heads_as_pages(key_cache)
         self.v_view, _ = heads_as_pages(value_cache)
+        self.q, self.out = q, out
         self.q_heads, self.out_heads = q.split(1, 1), out.split(1, 1)
         i32 = dict(dtype=torch.int32, device=q.device)
         n = plan.heads * plan.step
         self.tables = (torch.zeros(n * plan.cols, **i32), torch.empty(n, **i32))
+        if plan.launch > 1:
+            r0, r1 = plan.span
+            rows = plan.launch * (r1 - r0)
+            self.q_stage = torch.empty(rows, 1, q.shape[2], dtype=q.dtype, device=q.device)
+            self.out_stage = torch.empty(rows, 1, q.shape[2], dtype=out.dtype, device=q.device)
         self.attn_fn = attn_fn or fa3_paged_forward
 
     def attend(self, bm: BlockMap, h0: int = 0) -> None:
         """Attention of the heads ``h0, h0 + 1, ...`` of ``bm`` (bit sets: a head chunk's map,
         or the whole call's), with tables for ``plan.heads`` of them at a time."""
-        # NOTE: host loops over head groups, slices and heads, one FA3 launch each: FA3 shares a
-        # page table among a sequence's heads, so per-head contexts need per-head calls (module
-        # docstring)
+        # NOTE: host loops over head groups and slices (and, one head a launch, over heads):
+        # FA3 shares a page table among a sequence's heads, so per-head contexts are per-head
+        # sequences (module docstring)
         plan = self.plan
         map_heads = bm.count.shape[1]
-        for m0 in range(0, map_heads, plan.heads):
-            n = min(plan.heads, map_heads - m0)
+        width = plan.heads if plan.launch == 1 else plan.launch
+        for m0 in range(0, map_heads, width):
+            n = min(width, map_heads - m0)
+            staged = plan.launch > 1
+            if staged:
+                self._stage(h0 + m0, n)
             for (s0, s1, q_start, q_len), descale in zip(plan.slices, self.descales,
                                                          strict=True):
                 vbt, used = _build_table(plan.rows, self.batch, bm.mask, bm.count, plan.sub,
                                          plan.cols, self.heads_per_page, self.group, s0, s1, h0,
-                                         self.tables, m0, n)
+                                         self.tables, m0, n, seq_major=staged)
+                if staged:
+                    self.attn_fn(self.q_stage, self.k_view, self.v_view, self.out_stage, q_start,
+                                 q_len, used, vbt, plan.max_k, self.scale, descale)
+                    continue
                 for h, (table, n_used) in enumerate(zip(vbt.unbind(), used.unbind(),
                                                         strict=True)):
                     hq = h0 + m0 + h
                     self.attn_fn(self.q_heads[hq], self.k_view, self.v_view, self.out_heads[hq],
                                  q_start, q_len, n_used, table, plan.max_k, self.scale,
                                  descale)
+            if staged:
+                self._unstage(h0 + m0, n)
+
+    def _views(self, h: int, n: int) -> tuple[torch.Tensor, ...]:
+        """Rows ``span`` of heads ``h : h + n`` of ``q`` and ``out`` as ``[n, T, D]``, and the
+        staging buffers as the same shape."""
+        if n != self.plan.launch:
+            raise ValueError(f"a launch of {self.plan.launch} heads got {n}: the map's heads "
+                             "must be a multiple of the plan's")
+        r0, r1 = self.plan.span
+        d = self.q.shape[2]
+        return (self.q[r0:r1, h:h + n].transpose(0, 1), self.out[r0:r1, h:h + n].transpose(0, 1),
+                self.q_stage.view(n, r1 - r0, d), self.out_stage.view(n, r1 - r0, d))
+
+    def _stage(self, h: int, n: int) -> None:
+        q, out, q_stage, out_stage = self._views(h, n)
+        q_stage.copy_(q)
+        if not self.plan.exact:  # rows of span outside the batch keep their values
+            out_stage.copy_(out)
+
+    def _unstage(self, h: int, n: int) -> None:
+        _, out, _, out_stage = self._views(h, n)
+        out.copy_(out_stage)
 
 
 def check_fp8_inputs(q: torch.Tensor, key_cache: torch.Tensor) -> None:
@@ -382,7 +485,8 @@ def fa3_sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
                          f"{page_size}-token pages: use sparse_paged_attention")
     if heads_as_pages(key_cache)[1] != heads_as_pages(value_cache)[1]:
         raise ValueError("key and value caches differ in layout")
-    plan = plan_virtual(batch, bm.count.shape[2], page_size, q.shape[1], slice_rows)
+    plan = plan_virtual(batch, bm.count.shape[2], page_size, q.shape[1], slice_rows,
+                        q.shape[0])
     bm = dataclasses.replace(bm, mask=lut_to_mask(bm))
     VirtualAttention(plan, q, key_cache, value_cache, batch, scale, out, group, attn_fn,
                      scales).attend(bm)

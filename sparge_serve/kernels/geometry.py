@@ -84,6 +84,10 @@ class PrefillBatch:
     block_table: torch.Tensor  # [R, max_pages] int32: page ids of each request's context
     max_query_len: int  # host bound on every query_len (sizes grids; no device sync)
     max_seq_len: int  # host bound on every seq_len
+    # host [first, end) of the rows of q/out that hold the requests' new tokens, where the caller
+    # knows them (the backend does): the FA3 attention path stages exactly those rows when it
+    # attends several heads per launch; None: every row of q, the others kept by one more copy
+    rows: tuple[int, int] | None = None
 
     @property
     def num_reqs(self) -> int:

@@ -213,7 +213,9 @@ def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_
     """Upper bound of the device memory one sparse prefill call allocates (predictor + attention),
     for ``max_reqs`` requests of at most ``max_query_len`` new tokens and ``max_seq_len`` context:
     the whole call's kept/valid counts plus its largest head chunk (:func:`chunk_scratch_bytes`;
-    ``fa3_page_size``: with the FA3 attention path over pages of that size).
+    ``fa3_page_size``: with the FA3 attention path over pages of that size, and its copies of
+    the query and output rows of a launch of several heads, ``fa3.staging_bytes``, bounded by
+    ``fa3.MIN_LAUNCH_SEQS`` query tiles rather than by the budget).
 
     The backend allocates this once during vLLM's memory profiling so that the KV cache is sized
     with room for it.
@@ -222,7 +224,13 @@ def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_
     counts = max_reqs * num_heads * nqb * 2 * 4  # kept and valid blocks per row
     shape = Shape(num_heads, num_kv_heads, head_dim, max_reqs, max_query_len, max_seq_len,
                   fa3_page_size)
-    return counts + chunk_scratch_bytes(shape, elem_size, map_budget)
+    staging = 0
+    if fa3_page_size is not None:  # a launch of several heads copies their q and out rows
+        from sparge_serve.kernels.fa3 import staging_bytes
+
+        staging = staging_bytes(shape.rows, tuple(chunk_sizes(num_heads, num_kv_heads)),
+                                max_reqs * max_query_len, head_dim)
+    return counts + chunk_scratch_bytes(shape, elem_size, map_budget) + staging
 
 
 @dataclass(frozen=True)
@@ -289,12 +297,14 @@ def plan_prefill(batch: PrefillBatch, num_heads: int, num_kv_heads: int, head_di
                  dtype: torch.dtype, page_size: int, device: torch.device | str,
                  topk: float | None = None, map_budget: float | None = MAP_BUDGET,
                  attention: str = "triton", map_floor: int | None = None,
-                 fp8_dot: bool = False) -> PrefillPlan:
+                 fp8_dot: bool = False, q_rows: int | None = None) -> PrefillPlan:
     """The :class:`PrefillPlan` of ``batch`` for layers of ``num_heads`` query heads,
     ``num_kv_heads`` KV heads of ``head_dim``, ``dtype`` K/V caches of ``page_size``-token pages
     on ``device``: head chunks under ``map_budget`` (``map_floor``: as ``plan_chunks``' floor),
     ``topk`` or CDF selection, ``attention`` ``"triton"`` or ``"fa3"``; ``fp8_dot``: the Triton
-    attention's products in fp8 (layers with an fp8 query and cache).
+    attention's products in fp8 (layers with an fp8 query and cache); ``q_rows``: the rows of
+    the layers' ``q`` where ``batch.rows`` is not given (the FA3 path's launches of several heads
+    copy them).
 
     Host work (and for ``"fa3"`` the sequence order's few tensor ops), no synchronisation.
     ``ValueError`` for settings the kernels cannot run (geometry, dtype, page size for FA3, a
@@ -330,7 +340,8 @@ def plan_prefill(batch: PrefillBatch, num_heads: int, num_kv_heads: int, head_di
     if fa3:
         from sparge_serve.kernels.fa3 import plan_virtual
 
-        virtual = plan_virtual(batch, nqb, page_size, runs[1].plan.heads, runs[1].plan.slice_rows)
+        virtual = plan_virtual(batch, nqb, page_size, runs[1].plan.heads, runs[1].plan.slice_rows,
+                               q_rows)
     dc, warps = select_launch_params(nkb_pad)
     return PrefillPlan(batch, num_heads, num_kv_heads, head_dim, page_size, topk, nqb,
                        (dc, warps), tma, attend, runs[0], runs[1] if fa3 else None, virtual,

@@ -177,7 +177,7 @@ def sparge_paged_prefill(
                          "attention='triton' for thresholds with pvthreshd < 50")
     plan = plan_prefill(batch, q.shape[1], key_cache.shape[2], q.shape[2], out.dtype,
                         key_cache.shape[1], q.device, topk, map_budget, attention, map_floor,
-                        fp8_dot)
+                        fp8_dot, q.shape[0])
     bm = run_prefill(plan, q, key_cache, value_cache, scale, simthreshd1, cdfthreshd, pvthreshd,
                      out, stats, pv_skip, on_predicted, scales=scales)
     if bm is not None:
