@@ -15,8 +15,8 @@ Layout (no K/V is copied):
   ``page * sP + kvh * sH``, so one ``as_strided`` view ``[NV, page, 1, D]`` with strides
   ``(sH, sT, sH, 1)`` serves every KV head; the virtual block table holds ``vp`` per kept page.
 - **Heads as sequences.** FA3 shares one page table among the heads of a sequence, and each
-  head keeps its own blocks, so each FA3 launch attends one KV head's view with query heads as
-  separate sequences. The sequences are given by ``seqused_q`` with explicit start rows
+  head keeps its own blocks, so a launch sees the cache as one single-head view (heads as
+  pages) and each query head's rows as sequences of their own. The sequences are given by ``seqused_q`` with explicit start rows
   (``cu_seqlens_q`` need not be cumulative then), so they can come in any order: **longest
   first** (by the row's causal context, one order for every head, made once per step), which
   FA3's in-order tile scheduler then runs as a longest-processing-time schedule. In ascending
