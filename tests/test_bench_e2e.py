@@ -275,6 +275,31 @@ def test_report_stage_rewrites_from_json(tmp_path):
     assert (tmp_path / "e2e.png").exists()
 
 
+def test_report_adds_other_calls_results(tmp_path):
+    """``report --add``: another call's runs are appended, its rows (renumbered to those runs)
+    replace the same points, its failures are kept."""
+    report.write_all(_synthetic(), str(tmp_path))
+    other = report.new_results()
+    run = report.start_run(other, dict(command="cmd1", device="GPU1", date="d2", vllm="0.26.0",
+                                       torch="2.11", triton="3.6"))
+    report.add_rows(other, [_ttft("FLASH_ATTN@64", 131072, 11.0),
+                            _ttft("SPARGE@64:topk0.5", 131072, 8.0, sparsity=0.5)], run)
+    report.add_failure(other, "decode", "llama8b", "FLASH_ATTN@16", "stopped", run)
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    res = _cli("report", "--out", str(tmp_path), "--add", str(tmp_path / "other.json"))
+    assert res.returncode == 0, res.stderr
+    data = report.load_results(str(tmp_path / "e2e.json"))
+    assert [r["command"] for r in data["runs"]] == ["cmd0", "cmd1"]
+    ttft = {(r["config"], r["length"]): r for r in data["rows"] if r["stage"] == "ttft"}
+    assert ttft[("FLASH_ATTN@64", 131072)]["ttft_s"] == 11.0  # replaced
+    assert ttft[("FLASH_ATTN@64", 131072)]["run"] == ttft[("SPARGE@64:topk0.5", 131072)]["run"] == 1
+    assert ttft[("FLASH_ATTN@64", 32768)]["run"] == 0 and len(ttft) == 6
+    assert data["failed"] == [dict(stage="decode", geometry="llama8b", config="FLASH_ATTN@16",
+                                   why="stopped", run=1)]
+    assert "| llama8b | 131072 | SPARGE@64:topk0.5 | 8.0000 | 1.38x |" in (
+        tmp_path / "e2e.md").read_text()
+
+
 # ---- the driver: stages merged across calls, failures, time limits ----------------------------
 def _fake_worker(fail: set, calls: list):
     """A run_worker that measures nothing: one row per planned point (failing jobs of ``fail``
