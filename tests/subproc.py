@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -35,14 +36,38 @@ def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies, which wait only to be reaped,
+    do not count; without ``/proc``, whether any process of the group exists)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # fields after the command's closing parenthesis: state, ppid, pgrp, ...
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 60) -> None:
-    """Signal the child's whole group, wait up to ``grace`` seconds, then kill what is left."""
+    """Signal the child's whole group, give every process in it up to ``grace`` seconds to end
+    (a worker still writing its stacks when its parent has died included), then kill what is
+    left."""
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         return
+    deadline = time.monotonic() + grace
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(grace)
+    while time.monotonic() < deadline and group_running(proc.pid):
+        time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -56,7 +81,6 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float) ->
     """Poll ``url`` (a server's health endpoint) until it answers. A server that exits raises
     ``AssertionError`` with its log's tail; one that does not answer within ``timeout`` seconds is
     stopped with SIGABRT first, so that every process in it writes its stacks into ``log``."""
-    import time
     import urllib.error
     import urllib.request
 
