@@ -38,7 +38,8 @@
 #              $TTFT_PROFILE, and per decode step if $TTFT_PROFILE_DECODE is set (-> $OUT/ttft.*)
 #   query_len  short chunks on a long context, sparse vs FA3 (-> $OUT/query_len.*)
 #   query_chunks  an engine's 16K prefill chunks (and 2K ones) on 32K and 128K contexts, both
-#              attention kernels, bf16 and fp8 caches (-> $OUT/query_chunks_{bf16,fp8}.*)
+#              attention kernels, bf16 and fp8 caches, each row's GPU time per kernel in the log
+#              (about 2 minutes; -> $OUT/query_chunks_{bf16,fp8}.*)
 #   e2e_quick  end-to-end TTFT at the Llama-3.1-8B geometry (random weights), the key rows:
 #              FLASH_ATTN@64 and SPARGE at 50% and 90% block sparsity, 32K and 128K, attention
 #              share and ceiling at 128K (about 7 minutes; -> $OUT/e2e.*)
