@@ -396,10 +396,10 @@ class VirtualAttention:
         # sequences (module docstring)
         plan = self.plan
         map_heads = bm.count.shape[1]
-        width = plan.heads if plan.launch == 1 else plan.launch
+        staged = plan.launch > 1
+        width = plan.launch if staged else plan.heads
         for m0 in range(0, map_heads, width):
             n = min(width, map_heads - m0)
-            staged = plan.launch > 1
             if staged:
                 self._stage(h0 + m0, n)
             for (s0, s1, q_start, q_len), descale in zip(plan.slices, self.descales,
