@@ -22,8 +22,9 @@ Stages (any of them, in one call or in several):
 Configurations are ``BACKEND@PAGE[:VARIANT]``: ``FLASH_ATTN@16`` (vLLM's default pages),
 ``FLASH_ATTN@64`` (the baseline of every SPARGE ratio: same page size), ``SPARGE@64:topkF`` (keep
 the fraction F of key blocks: ``topk1.0`` is the sparse path at 0% block sparsity, 0.5 / 0.2 / 0.1
-are 50 / 80 / 90%), ``SPARGE@64:defaults`` (no thresholds file: the untuned thresholds) and
-``SPARGE@64:dense`` (``mode: dense``); a ``+fp8`` suffix (``FLASH_ATTN@64+fp8``,
+are 50 / 80 / 90%), ``SPARGE@64:untuned`` (the published untuned thresholds),
+``SPARGE@64:defaults`` (the backend's default settings: no thresholds file, so every layer
+attends densely, and the default ``min_sparse_len``) and ``SPARGE@64:dense`` (``mode: dense``); a ``+fp8`` suffix (``FLASH_ATTN@64+fp8``,
 ``SPARGE@64:topk0.5+fp8``) serves with ``--kv-cache-dtype fp8``, against FLASH_ATTN with the same
 cache dtype; a last ``+fa3`` or ``+triton`` (``SPARGE@64:topk0.5+fa3``) sets SPARGE's
 ``attention_kernel`` (else ``auto``). The models are written here as Hugging Face config folders

@@ -161,10 +161,9 @@ def worker(args) -> None:
         sparge = {"min_sparse_len": args.min_sparse_len}
         if variant == "fa3":
             sparge["attention_kernel"] = "fa3"
-        if args.thresholds:
-            sparge["thresholds"] = args.thresholds
-            if variant in ("pvoff", "fa3"):
-                sparge["thresholds"] = _pv_off_copy(args.thresholds)
+        sparge["thresholds"] = args.thresholds or "untuned"
+        if args.thresholds and variant in ("pvoff", "fa3"):
+            sparge["thresholds"] = _pv_off_copy(args.thresholds)
         kw["additional_config"] = {"sparge": sparge}
     # NOTE: lengths past the model's trained context need a longer RoPE table: positions are
     # extrapolated (rope_theta 1e6), fine for timing; sparsity there is the model's, as measured.
@@ -252,7 +251,7 @@ def report(rows, meta, out) -> None:
         "",
         f"`{meta['command']}` — vllm {meta['vllm']}, torch {meta['torch']}, triton "
         f"{meta['triton']}; model `{meta['model']}`; chunked prefill {meta['chunk']} tokens/step, "
-        f"prefix caching off; thresholds: {meta['thresholds'] or 'untuned defaults'}; "
+        f"prefix caching off; thresholds: {meta['thresholds'] or 'the untuned ones'}; "
         f"min_sparse_len {meta['min_sparse_len']}. TTFT = median wall time of one "
         "`generate(max_tokens=1)`. `NAME@64`: that backend with 64-token pages (SPARGE's page "
         "size; the others default to 16). `SPARGE+pvoff`: the thresholds with the PV skip off; `SPARGE+fa3`: those with `attention_kernel` fa3.",

@@ -208,8 +208,9 @@ def estimate_s(job: dict) -> float:
 # ---- the plan ----------------------------------------------------------------------------------
 DEFAULTS = {  # stage -> (configurations, in run order: the baseline first)
     "ttft": ["FLASH_ATTN@64", "SPARGE@64:topk0.5", "SPARGE@64:topk0.1", "SPARGE@64:topk1.0",
-             "SPARGE@64:topk0.2", "SPARGE@64:defaults", "FLASH_ATTN@16"],
-    "decode": ["FLASH_ATTN@64", "SPARGE@64:defaults", "FLASH_ATTN@16"],
+             "SPARGE@64:topk0.2", "SPARGE@64:untuned", "SPARGE@64:defaults", "FLASH_ATTN@16"],
+    # decode under the untuned thresholds: every layer bound sparse, as with a calibrated file
+    "decode": ["FLASH_ATTN@64", "SPARGE@64:untuned", "FLASH_ATTN@16"],
     "serve": ["FLASH_ATTN@64", "SPARGE@64:topk0.2"],
 }
 FULL = dict(lengths=[8192, 16384, 32768, 65536, 131072], profile_lengths=[32768, 131072],
@@ -219,7 +220,7 @@ QUICK = {  # --quick: the rows that matter most, each stage in a few minutes (op
     # the command line still win)
     "ttft": dict(configs=["FLASH_ATTN@64", "SPARGE@64:topk0.5", "SPARGE@64:topk0.1"],
                  lengths=[32768, 131072], profile_lengths=[131072], repeats=2),
-    "decode": dict(configs=["FLASH_ATTN@64", "SPARGE@64:defaults"], contexts=[32768],
+    "decode": dict(configs=["FLASH_ATTN@64", "SPARGE@64:untuned"], contexts=[32768],
                    batches=[1, 8], decode_repeats=2),
     "serve": dict(configs=["FLASH_ATTN@64", "SPARGE@64:topk0.2"], concurrency=[8],
                   serve_input_len=16384, prompts_per_concurrency=2),
@@ -233,9 +234,13 @@ def sparge_options(config: str, thresholds: str, min_sparse_len: int) -> dict | 
         return None
     if c["variant"] == "dense":
         return {"mode": "dense"}
+    if c["variant"] == "defaults":
+        return {}  # the backend's default settings, as a user who sets nothing gets them
     opts = {"min_sparse_len": min_sparse_len}
     if c["topk"] is not None:
         opts.update(thresholds=thresholds, topk=c["topk"])
+    else:
+        opts.update(thresholds="untuned")
     if c["attention_kernel"] is not None:
         opts["attention_kernel"] = c["attention_kernel"]
     return opts

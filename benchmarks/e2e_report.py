@@ -28,7 +28,7 @@ FLASH_MARKERS = ("flash::", "flash_fwd", "FlashAttn", "unified_attention", "fmha
 SPARGE_KERNELS = ("_sparse_attn_kernel", "_select_kernel", "_ksum_kernel", "_kblock_kernel",
                   "_virtual_table_kernel")
 
-_CONFIG = re.compile(r"^(FLASH_ATTN|SPARGE)@(\d+)(?::(topk[0-9.]+|defaults|dense))?(\+fp8)?"
+_CONFIG = re.compile(r"^(FLASH_ATTN|SPARGE)@(\d+)(?::(topk[0-9.]+|untuned|defaults|dense))?(\+fp8)?"
                      r"(?:\+(fa3|triton))?$")
 
 
@@ -84,23 +84,24 @@ def serve_row(result: dict[str, Any], before: tuple[float, float],
 def parse_config(name: str) -> dict[str, Any]:
     """``BACKEND@PAGE[:VARIANT][+fp8][+KERNEL]`` -> backend, page size, variant, topk, KV cache
     dtype, attention kernel. Variants (SPARGE only): ``topkF`` (keep the fraction F of key blocks,
-    F in (0, 1]), ``defaults`` (no thresholds file), ``dense`` (``mode: dense``, the kill switch).
+    F in (0, 1]), ``untuned`` (the published untuned thresholds), ``defaults`` (the backend's
+    default settings: no thresholds file, so dense), ``dense`` (``mode: dense``, the kill switch).
     ``+fp8``: ``--kv-cache-dtype fp8`` (else ``auto``, the model's dtype). ``+fa3`` / ``+triton``
     (SPARGE only): the backend's ``attention_kernel`` (else its default, ``auto``)."""
     m = _CONFIG.match(name)
     if m is None:
         raise ValueError(f"configuration {name!r} is not BACKEND@PAGE[:VARIANT][+fp8][+KERNEL] "
-                         "(e.g. FLASH_ATTN@16, SPARGE@64:topk0.5, SPARGE@64:defaults, "
+                         "(e.g. FLASH_ATTN@16, SPARGE@64:topk0.5, SPARGE@64:untuned, "
                          "SPARGE@64:dense, FLASH_ATTN@64+fp8, SPARGE@64:topk0.5+fa3)")
     backend, page, variant = m.group(1), int(m.group(2)), m.group(3)
     kv = "fp8" if m.group(4) else "auto"
     kernel = m.group(5)
-    if kernel is not None and (backend != "SPARGE" or variant == "dense"):
+    if kernel is not None and (backend != "SPARGE" or variant in ("dense", "defaults")):
         raise ValueError(f"configuration {name!r}: +{kernel} picks the sparse path's attention "
-                         "kernel: SPARGE with a topk or defaults variant only")
+                         "kernel: SPARGE with a topk or untuned variant only")
     if backend == "SPARGE" and variant is None:
-        raise ValueError(f"configuration {name!r}: SPARGE needs a variant (:topkF, :defaults or "
-                         ":dense)")
+        raise ValueError(f"configuration {name!r}: SPARGE needs a variant (:topkF, :untuned, "
+                         ":defaults or :dense)")
     if backend == "FLASH_ATTN" and variant is not None:
         raise ValueError(f"configuration {name!r}: FLASH_ATTN takes no variant")
     topk = None
@@ -132,7 +133,7 @@ def config_order(config: str) -> tuple:
     kernel = c["attention_kernel"] or ""
     if c["topk"] is not None:
         return (fp8, 1, c["page"], -c["topk"], kernel)
-    return (fp8, 2, c["page"], 0.0 if c["variant"] == "defaults" else 1.0, kernel)
+    return (fp8, 2, c["page"], {"untuned": 0.0, "defaults": 1.0}.get(c["variant"], 2.0), kernel)
 
 
 def ceiling(a: float, k: float) -> float:
@@ -313,8 +314,9 @@ def markdown(data: dict[str, Any], geometries: dict[str, str] | None = None) -> 
               "(`SPARGE@64:topkF` keeps the fraction F of each query block's valid key blocks, "
               "with a thresholds file whose similarity gate passes every block; sink and "
               "diagonal blocks are always kept, so measured sparsity is a little below 1 - F). "
-              "`topk1.0` is the sparse path at 0% block sparsity; `defaults` runs the untuned "
-              "thresholds (no file); `dense` is `mode: dense`. Ratios are speed-ups over "
+              "`topk1.0` is the sparse path at 0% block sparsity; `untuned` runs the published "
+              "untuned thresholds; `defaults` the backend's default settings (no thresholds "
+              "file: every layer dense); `dense` is `mode: dense`. Ratios are speed-ups over "
               "FLASH_ATTN on the same page size (baseline time / this time; for throughput this / "
               "baseline); † marks a baseline from another run.", ""]
     for name, text in (geometries or {}).items():

@@ -2,12 +2,12 @@
 
     python benchmarks/quality.py --models smollm2 --out /tmp/o            # every stage, 1 model
     python benchmarks/quality.py --stages accuracy perplexity report --models gemma3 \\
-        --configs flash_attn defaults --quick --deadline 9 --out /tmp/o
+        --configs flash_attn untuned --quick --deadline 9 --out /tmp/o
     python benchmarks/quality.py --dry-run                                 # the plan, no GPU
 
 For SmolLM2-135M-Instruct (8K context) and Gemma 3 270M (32K, sliding-window hybrid), converted
-by ``sparge-models convert``, it compares FLASH_ATTN, SPARGE with its untuned defaults (no
-thresholds file) and SPARGE with thresholds calibrated at several budgets (``--budgets``):
+by ``sparge-models convert``, it compares FLASH_ATTN, SPARGE with the published untuned
+thresholds (``"thresholds": "untuned"``) and SPARGE with thresholds calibrated at several budgets (``--budgets``):
 
 - **accuracy**: lm-eval's ``local-completions`` client against the server (greedy), on offline
   long-context tasks: the project's passkey tasks (``benchmarks/quality_tasks``: prompts of exact
@@ -106,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--model-dir", action="append", default=[], metavar="MODEL=DIR",
                     help="a converted folder to use (default WORK/models/MODEL)")
-    ap.add_argument("--configs", nargs="+", default=["flash_attn", "defaults", "calibrated"],
-                    metavar="CONFIG", help="flash_attn, defaults (SPARGE without a thresholds "
-                    "file), calibrated (one per --budgets), or l1=X (one budget)")
+    ap.add_argument("--configs", nargs="+", default=["flash_attn", "untuned", "calibrated"],
+                    metavar="CONFIG", help="flash_attn, untuned (SPARGE with the published "
+                    "untuned thresholds), calibrated (one per --budgets), or l1=X (one budget)")
     ap.add_argument("--budgets", nargs="+", type=float, default=None,
                     help="calibration budgets for every model (sparge-calibrate --l1; --pv-l1 "
                     "scaled by its default --pv-l1 / --l1); default per model: "
@@ -172,10 +172,10 @@ def expand_configs(names: list[str], budgets: list[float]) -> list[str]:
     for name in names:
         if name == "calibrated":
             new = [f"l1={b:g}" for b in budgets]
-        elif name in ("flash_attn", "defaults") or name.startswith("l1="):
+        elif name in ("flash_attn", "untuned") or name.startswith("l1="):
             new = [name]
         else:
-            raise SystemExit(f"--configs: {name!r} is not flash_attn, defaults, calibrated or "
+            raise SystemExit(f"--configs: {name!r} is not flash_attn, untuned, calibrated or "
                              "l1=X")
         out += [c for c in new if c not in out]
     return out
@@ -234,7 +234,7 @@ def model_lengths(args: argparse.Namespace, model: str) -> list[int]:
 
 
 def thresholds_path(args: argparse.Namespace, model: str, config: str) -> str | None:
-    """The thresholds file of ``config`` (None for flash_attn/defaults, "" when missing)."""
+    """The thresholds file of ``config`` (None for flash_attn/untuned, "" when missing)."""
     if not config.startswith("l1="):
         return None
     budget = float(config.split("=", 1)[1])
@@ -258,6 +258,8 @@ def sparge_options(args: argparse.Namespace, model: str, config: str) -> dict[st
     path = thresholds_path(args, model, config)
     if path:
         opts["thresholds"] = os.path.abspath(path)
+    elif config == "untuned":
+        opts["thresholds"] = "untuned"
     return opts
 
 

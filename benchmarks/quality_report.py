@@ -158,16 +158,16 @@ def merge_results(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]
 
 
 def config_label(config: str) -> str:
-    """``flash_attn`` -> FLASH_ATTN, ``defaults`` -> SPARGE defaults, ``l1=X`` -> SPARGE l1=X."""
+    """``flash_attn`` -> FLASH_ATTN, ``untuned`` -> SPARGE untuned, ``l1=X`` -> SPARGE l1=X."""
     if config == "flash_attn":
         return "FLASH_ATTN"
-    return "SPARGE " + ("defaults" if config == "defaults" else config)
+    return "SPARGE " + config
 
 
 def config_order(config: str) -> tuple:
     if config == "flash_attn":
         return (0, 0.0)
-    if config == "defaults":
+    if config == "untuned":
         return (1, 0.0)
     try:
         return (2, float(config.split("=", 1)[1]))

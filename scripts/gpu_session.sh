@@ -66,10 +66,10 @@
 #              local-completions client against vllm serve, perplexity and the block sparsity the
 #              server measured, for SmolLM2-135M and Gemma 3 270M (the 'payload' stage's folders
 #              in $MODELS_DIR, else converted from their installed packages) under FLASH_ATTN,
-#              SPARGE defaults and SPARGE with thresholds calibrated at three budgets. Stages
+#              SPARGE untuned and SPARGE with thresholds calibrated at three budgets. Stages
 #              $QUALITY_STAGES (convert calibrate accuracy perplexity report), models
 #              $QUALITY_MODELS (smollm2), more options $QUALITY_ARGS (e.g. --quick, --configs
-#              flash_attn defaults); starts no server or calibration that would end after
+#              flash_attn untuned); starts no server or calibration that would end after
 #              $QUALITY_DEADLINE minutes (9). Merges into $OUT/quality.{json,md,png} from
 #              $QUALITY_RESUME (an earlier call's quality.json; default
 #              benchmarks/results/quality.json when present), so the same call again continues;

@@ -70,13 +70,13 @@ def capture_vllm(
     With ``tensor_parallel_size`` > 1 the workers write their samples under ``capture_dir`` (which
     must be empty or absent, and is kept), or under a temporary directory that is removed.
     """
-    overrides = [v for v in ("SPARGE_MODE", "SPARGE_MIN_SPARSE_LEN", "SPARGE_MIN_SPARSE_QUERY_LEN")
-                 if os.environ.get(v)]
+    overrides = [v for v in ("SPARGE_MODE", "SPARGE_MIN_SPARSE_LEN", "SPARGE_MIN_SPARSE_QUERY_LEN",
+                             "SPARGE_THRESHOLDS", "SPARGE_DENSE_LAYERS") if os.environ.get(v)]
     if overrides:
         raise ValueError(
-            f"unset {' and '.join(overrides)}: the capture needs every prefill on the sparse path "
-            "(the driver sets min_sparse_len=1 and min_sparse_query_len=1), and these environment "
-            "variables override it"
+            f"unset {' and '.join(overrides)}: the capture needs every prefill of every layer on "
+            "the sparse path (the driver sets min_sparse_len=1, min_sparse_query_len=1 and the "
+            "untuned thresholds), and these environment variables override it"
         )
     tp = int(tensor_parallel_size)
     if tp < 1:
@@ -110,8 +110,10 @@ def _engine_kwargs(prompts: Sequence[Sequence[int]], dtype: str, attention_backe
         max_num_seqs=1,
         max_num_batched_tokens=max(longest, 2048),
         gpu_memory_utilization=gpu_memory_utilization,
-        # every prefill takes the sparse path (and so reaches the sink), however short
-        additional_config={"sparge": {"min_sparse_len": 1, "min_sparse_query_len": 1}},
+        # every prefill of every layer takes the sparse path (and so reaches the sink), however
+        # short: the untuned thresholds leave no layer dense
+        additional_config={"sparge": {"thresholds": "untuned", "min_sparse_len": 1,
+                                      "min_sparse_query_len": 1}},
     )
 
 

@@ -9,7 +9,11 @@ Example::
 Keys (all optional):
 
 - ``thresholds``: path of a thresholds file written by ``sparge-calibrate`` (env
-  ``SPARGE_THRESHOLDS``). Without one the published untuned defaults are used (one warning).
+  ``SPARGE_THRESHOLDS``), or ``"untuned"``: the published untuned SpargeAttn thresholds for every
+  head. Without either, every layer attends densely (one warning): the untuned thresholds skip
+  0% (Gemma 3 270M) to 2-11% (SmolLM2-135M, at +0.3-1.3% perplexity) of the real models'
+  blocks, where calibrated ones skip 15-68% at no measurable loss (docs/PERFORMANCE.md), and at
+  0% the sparse path costs 4-5% of TTFT; only calibrated thresholds make it pay.
 - ``min_sparse_len``: a request runs the sparse prefill path only when its context (cached prefix
   plus new tokens) is at least this long (env ``SPARGE_MIN_SPARSE_LEN``).
 - ``min_sparse_query_len``: ... and only when it adds at least this many new tokens (env
@@ -22,17 +26,18 @@ Keys (all optional):
 - ``topk``: fixed fraction in (0, 1] of valid key blocks kept per query block instead of the CDF
   rule (benchmarks only).
 - ``attention_kernel``: ``"auto"`` (default), ``"triton"`` or ``"fa3"`` (env
-  ``SPARGE_ATTENTION_KERNEL``): what attends stage 1's kept blocks. ``"triton"``: the Triton
-  block-sparse kernel (every layer, PV skip included). ``"fa3"``: FlashAttention-3 itself, one
-  sequence per (q-head, query block) row over a virtual paged context of its kept key blocks,
-  several query heads a launch where a head has few rows (``sparge_serve.kernels.fa3``); same
-  outputs, 0.91-0.98x FA3 dense and 1.69-1.91x at 50% block sparsity where the Triton kernel
-  has 0.78-0.81x and 1.55-1.66x (H200, 32K-128K), host-bound at 32K and 90%; over an fp8 KV
-  cache FA3's fp8 forward, twice the Triton kernel's speed there. Layers whose thresholds use
-  the PV skip keep the Triton kernel (FA3 has no PV skip); needs FlashAttention 3 (Hopper).
-  ``"auto"``: ``"fa3"`` over an fp8 KV cache where FlashAttention 3 serves the head size
-  (layers with the PV skip then drop it: FA3 without it is faster there), ``"triton"``
-  otherwise.
+  ``SPARGE_ATTENTION_KERNEL``): what attends stage 1's kept blocks. ``"fa3"``: FlashAttention-3
+  itself, one sequence per (q-head, query block) row over a virtual paged context of its kept
+  key blocks, several query heads a launch where a head has few rows
+  (``sparge_serve.kernels.fa3``); over an fp8 KV cache, FA3's fp8 forward. ``"triton"``: the
+  Triton block-sparse kernel (every layer, PV skip included). ``"auto"``: FA3 where it serves
+  the head size (Hopper, vLLM's vllm_flash_attn), else Triton. FA3 has no PV skip: under
+  ``auto`` and ``fa3`` layers whose thresholds use it keep the Triton kernel, except that
+  ``auto`` over an fp8 cache drops their PV skip (FA3 runs twice the Triton kernel's speed
+  there). Measured on 16K-token chunks (H100, 32 q / 8 KV heads of 128, 32K-128K contexts): the
+  FA3 path 0.90-0.93x FA3 dense and 1.59-1.81x at 50% block sparsity where the Triton kernel
+  has 0.84x and 1.56-1.59x; end to end 1.46x FLASH_ATTN's TTFT at 128K and 50%
+  (docs/PERFORMANCE.md). On 2K-token chunks of a 32K context both are host-bound.
 - ``map_budget``: the sparse prefill's memory bound (env ``SPARGE_MAP_BUDGET``, a number or
   ``none``): a call whose block map (and, with ``fa3``, virtual block tables) would pass this
   fraction of the K/V bytes of its padded shape, and 64 MiB, builds and uses them one head
@@ -97,6 +102,9 @@ DEFAULT_MIN_SPARSE_LEN = 49152
 # pay the predictor's passes over the whole context; at 50% block sparsity the sparse path loses
 # at 512 new tokens (0.74-0.85x FA3) and wins from 1024 (1.27x); at 80% it wins from 512 (1.3-1.6x).
 DEFAULT_MIN_SPARSE_QUERY_LEN = 1024
+
+# the ``thresholds`` value that runs the published untuned thresholds instead of a file
+UNTUNED_THRESHOLDS = "untuned"
 
 MODES = ("sparse", "dense")
 ENV_VARS = {
@@ -228,6 +236,11 @@ class SpargeConfig:
             object.__setattr__(self, key, _check(key, getattr(self, key), "SpargeConfig()"))
 
     @property
+    def thresholds_file(self) -> str | None:
+        """The thresholds file to load (None: the untuned thresholds, or none at all)."""
+        return None if self.thresholds == UNTUNED_THRESHOLDS else self.thresholds
+
+    @property
     def enabled(self) -> bool:
         """False when the kill switch (``mode: dense``) is on."""
         return self.mode == "sparse"
@@ -242,11 +255,11 @@ class SpargeConfig:
             return layer < self.dense_layers
         return layer in self.dense_layers
 
-    def fa3_attention(self, fp8_cache: bool, fa3_available: bool) -> bool:
+    def fa3_attention(self, fa3_available: bool) -> bool:
         """Whether layers without the PV skip attend through FlashAttention-3: ``fa3``, or
-        ``auto`` over an fp8 KV cache (``fp8_cache``) where FA3 serves (``fa3_available``)."""
+        ``auto`` where FA3 serves the layer (``fa3_available``)."""
         if self.attention_kernel == "auto":
-            return fp8_cache and fa3_available
+            return fa3_available
         return self.attention_kernel == "fa3"
 
     def check_num_layers(self, num_layers: int) -> None:
@@ -380,7 +393,11 @@ def _check(key: str, value: Any, source: str) -> Any:
         if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
             raise _bad(key, source, f"= {value!r} is not a file path",
                        'pass the path of a thresholds .safetensors file, e.g. "thresholds": '
-                       '"/models/llama.sparge.safetensors" (or leave it out for the defaults)')
+                       f'"/models/llama.sparge.safetensors", or "{UNTUNED_THRESHOLDS}"')
+        if value == UNTUNED_THRESHOLDS and os.path.exists(value):
+            raise _bad(key, source, f"= {value!r} names the untuned thresholds, and a file of "
+                       "that name is in the working directory too",
+                       f'pass "./{value}" for the file')
         return os.fspath(value)
     if key in ("min_sparse_len", "min_sparse_query_len"):
         if not _is_int(value) or value < 1:

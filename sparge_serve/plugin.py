@@ -337,8 +337,8 @@ def check_sparge_config(vllm_config: Any) -> None:
                        type(e).__name__, e)
     else:
         cfg.check_num_layers(geo.num_layers)
-        if cfg.thresholds:
-            load_thresholds(cfg.thresholds, expect=geo)
+        if cfg.thresholds_file:
+            load_thresholds(cfg.thresholds_file, expect=geo)
     max_len = mc.max_model_len
     if cfg.enabled and not cfg.sparse_possible(max_len):
         logger.warning(

@@ -233,14 +233,27 @@ def test_kv_cache_layout_is_flash_attentions(sparge):
 # ---- settings and thresholds ----------------------------------------------------------------
 
 
-def test_defaults_warn_once(sparge, vllm_log):
-    from sparge_serve.backend.runtime import load_runtime
+def test_without_thresholds_every_layer_attends_densely(sparge, vllm_log):
+    """No thresholds setting: dense thresholds for every head (so every layer runs dense and no
+    scratch is reserved), one warning naming the fix; ``"untuned"`` runs the published untuned
+    thresholds without it."""
+    from sparge_serve.backend.runtime import load_runtime, sparse_scratch_bytes
 
-    vc = sparge()
+    vc = sparge(thresholds=None)
     rt = load_runtime(vc)
     assert load_runtime(vc) is rt
-    assert rt.source == "defaults"
-    assert torch.all(rt.thresholds.cdfthreshd == 0.98) and rt.thresholds.num_heads == HQ
+    assert rt.source == "none" and all(rt.thresholds.layer_is_dense(i) for i in range(L))
+    assert vllm_log.text.count("no thresholds file given") == 1
+    assert "sparge-calibrate" in vllm_log.text and '"thresholds": "untuned"' in vllm_log.text
+    assert sparse_scratch_bytes(vc, rt, HQ, HKV, D) == 0
+    impl = _impl(vc)
+    impl.bind("model.layers.1.self_attn.attn", "cpu")
+    assert impl.dense_layer
+    vc = sparge(thresholds="untuned")
+    rt = load_runtime(vc)
+    assert rt.source == "untuned" and rt.thresholds.num_heads == HQ
+    assert torch.all(rt.thresholds.cdfthreshd == 0.98) and torch.all(rt.thresholds.is_sparse == 1)
+    assert sparse_scratch_bytes(vc, rt, HQ, HKV, D) > 0
     assert vllm_log.text.count("no thresholds file given") == 1
 
 
@@ -909,9 +922,9 @@ def test_auto_kernel_attends_an_fp8_cache_through_fa3(sparge, monkeypatch, tmp_p
     """``attention_kernel: auto`` (the default) over an fp8 cache where FlashAttention 3 serves
     (emulated on the CPU): the step's plan and the layer take the FA3 path, fed the fp8 query
     and the layer's scales, and give the Triton kernel's output on the dequantised fp16 cache
-    within fp16 rounding; over the fp16 cache the layer keeps the Triton kernel. A layer whose
-    thresholds use the PV skip drops it over the fp8 cache (FA3 without it is the faster path
-    there), keeps it over the fp16 cache and under ``attention_kernel: fa3``."""
+    within fp16 rounding. Over the fp16 cache ``auto`` takes FA3 too. A layer whose thresholds
+    use the PV skip drops it over the fp8 cache (FA3 without it is the faster path there), keeps
+    it (and the Triton kernel) over the fp16 cache and under ``attention_kernel: fa3``."""
     import sparge_serve.backend.runtime as runtime
     import sparge_serve.backend.sparge_attn as sa
     import sparge_serve.kernels.fa3 as fa3
@@ -930,21 +943,24 @@ def test_auto_kernel_attends_an_fp8_cache_through_fa3(sparge, monkeypatch, tmp_p
     deq = torch.cat([k8.float() * ks, v8.float() * vs], -1).half()
     layer = SimpleNamespace(_k_scale=ks, _v_scale=vs, _q_scale=q_scale)
     outs = {}
-    for dtype, q, cache in (("fp8", query8, phys8), ("auto", deq_q, deq)):
-        vc = sparge(min_sparse_len=256)
+    for dtype, q, cache, kernel in (("fp8", query8, phys8, "auto"), ("auto", deq_q, deq, "auto"),
+                                    ("auto", deq_q, deq, "triton")):
+        vc = sparge(min_sparse_len=256, attention_kernel=kernel)
         monkeypatch.setattr(vc.cache_config, "cache_dtype", dtype)
         md = _builder(vc).build(0, cam)
-        assert (md.plan.fa3 is not None) == (dtype == "fp8")
+        assert (md.plan.fa3 is not None) == (kernel == "auto")
         impl = _impl(vc, kv_cache_dtype=dtype)
         impl._fa = object()  # stands in for FlashAttentionImpl on this CPU-only machine
         impl.bind("model.layers.1.self_attn.attn", "cpu")
-        assert impl.fa3_attention == (dtype == "fp8")
+        assert impl.fa3_attention == (kernel == "auto")
         impl._dense = lambda *a: None  # the dense requests' rows stay NaN: compared apart
         out = torch.full((cam.num_actual_tokens, HQ, D), float("nan"), dtype=torch.float16)
         impl.forward(layer, q, None, None, cache.permute(0, 2, 1, 3), md, out)
-        outs[dtype] = out[md.sparse.token_index]
-    assert not torch.isnan(outs["fp8"]).any()
-    torch.testing.assert_close(outs["fp8"].float(), outs["auto"].float(), atol=2e-3, rtol=2e-3)
+        outs[dtype, kernel] = out[md.sparse.token_index]
+    triton = outs["auto", "triton"].float()
+    assert not torch.isnan(outs["fp8", "auto"]).any()
+    torch.testing.assert_close(outs["fp8", "auto"].float(), triton, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(outs["auto", "auto"].float(), triton, atol=2e-3, rtol=2e-3)
     path = tmp_path / "pv.safetensors"
     th = Thresholds.defaults(L, HQ, HKV, D, simthreshd1=-1.0, cdfthreshd=0.9)
     th.pvthreshd[1] = 4.0  # layer 1 uses the PV skip

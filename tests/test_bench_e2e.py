@@ -116,20 +116,24 @@ def test_configurations():
         "FLASH_ATTN@64", "SPARGE@64:topk0.5", "FLASH_ATTN@64+fp8", "SPARGE@64:topk0.5+fp8"]
     for bad in ("SPARGE@64:topk0", "SPARGE@64:topk1.5", "SPARGE@64", "FLASH_ATTN@64:topk0.5",
                 "FLASHINFER@16", "SPARGE:topk0.5", "SPARGE@64:topk0.5+fp16", "SPARGE@64+fp8",
-                "FLASH_ATTN@64+fa3", "SPARGE@64:dense+triton", "SPARGE@64:topk0.5+fa3+fp8"):
+                "FLASH_ATTN@64+fa3", "SPARGE@64:dense+triton", "SPARGE@64:topk0.5+fa3+fp8",
+                "SPARGE@64:defaults+fa3"):
         with pytest.raises(ValueError):
             report.parse_config(bad)
     assert report.baseline_of("SPARGE@64:topk0.1") == "FLASH_ATTN@64"
     assert report.baseline_of("SPARGE@16:defaults") == "FLASH_ATTN@16"
     assert e2e_plan.sparge_options("SPARGE@64:topk0.2", "T", 4096) == dict(
         min_sparse_len=4096, thresholds="T", topk=0.2)
-    assert e2e_plan.sparge_options("SPARGE@64:defaults", "T", 4096) == {"min_sparse_len": 4096}
+    assert e2e_plan.sparge_options("SPARGE@64:untuned+fa3", "T", 4096) == dict(
+        min_sparse_len=4096, thresholds="untuned", attention_kernel="fa3")
+    assert e2e_plan.sparge_options("SPARGE@64:defaults", "T", 4096) == {}
     assert e2e_plan.sparge_options("SPARGE@64:dense", "T", 4096) == {"mode": "dense"}
     assert e2e_plan.sparge_options("FLASH_ATTN@64", "T", 4096) is None
     order = sorted(["SPARGE@64:defaults", "SPARGE@64:topk0.1", "FLASH_ATTN@64",
-                    "SPARGE@64:topk1.0", "FLASH_ATTN@16"], key=report.config_order)
+                    "SPARGE@64:topk1.0", "FLASH_ATTN@16", "SPARGE@64:untuned"],
+                   key=report.config_order)
     assert order == ["FLASH_ATTN@16", "FLASH_ATTN@64", "SPARGE@64:topk1.0", "SPARGE@64:topk0.1",
-                     "SPARGE@64:defaults"]
+                     "SPARGE@64:untuned", "SPARGE@64:defaults"]
     assert sorted(["SPARGE@64:topk0.5+fa3", "SPARGE@64:topk0.5"], key=report.config_order) == [
         "SPARGE@64:topk0.5", "SPARGE@64:topk0.5+fa3"]
 
@@ -148,10 +152,11 @@ def test_dry_run_prints_the_plan_without_a_gpu(tmp_path):
                "--model-dir", str(models))
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert "12 engine runs planned" in out
+    assert "13 engine runs planned" in out
     assert ("1. ttft   llama8b      FLASH_ATTN@64       lengths 8192 16384 32768 65536 131072; "
             "1 warm-up + 3 repeats; profiled [32768, 131072]") in out
     assert "SPARGE@64:topk1.0" in out and "SPARGE@64:defaults" in out
+    assert "SPARGE@64:untuned" in out
     assert ("left out: decode llama8b FLASH_ATTN@64 context 32768 batch 32: KV cache of 129 GiB"
             in out)
     assert "concurrency 4 16; input 32768 ± 50%, output 128" in out

@@ -197,7 +197,8 @@ def test_vllm_driver_collects_every_layer_and_chunk(stand_in_vllm, tmp_path):
     cap = capture_vllm(_model_dir(tmp_path), prompts)
     kw = stand_in_vllm.kwargs
     assert kw["attention_backend"] == "SPARGE" and kw["enforce_eager"] is True
-    assert kw["additional_config"] == {"sparge": {"min_sparse_len": 1, "min_sparse_query_len": 1}}
+    assert kw["additional_config"] == {"sparge": {"thresholds": "untuned", "min_sparse_len": 1,
+                                                  "min_sparse_query_len": 1}}
     assert kw["tensor_parallel_size"] == 1 and kw["max_num_seqs"] == 1
     assert capture.get_sink() is None
     assert cap.scales == [pytest.approx(D ** -0.5)] * LAYERS and cap.num_tokens == [40, 70]
@@ -233,6 +234,10 @@ def test_vllm_driver_errors(stand_in_vllm, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unset SPARGE_MODE"):
         capture_vllm(model, [list(range(40))])
     monkeypatch.delenv("SPARGE_MODE")
+    monkeypatch.setenv("SPARGE_THRESHOLDS", "t.safetensors")  # would leave its dense layers out
+    with pytest.raises(ValueError, match="unset SPARGE_THRESHOLDS"):
+        capture_vllm(model, [list(range(40))])
+    monkeypatch.delenv("SPARGE_THRESHOLDS")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     with pytest.raises(ValueError, match="engine in this process"):
         capture_vllm(model, [list(range(40))])

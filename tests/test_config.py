@@ -88,15 +88,14 @@ def test_attention_kernel_from_dict_env_and_errors():
         SpargeConfig.from_dict({}, env={"SPARGE_ATTENTION_KERNEL": "fa2"})
 
 
-@pytest.mark.parametrize("kernel, fp8_cache, fa3_available, fa3", [
-    ("auto", True, True, True), ("auto", True, False, False), ("auto", False, True, False),
-    ("triton", True, True, False), ("fa3", False, True, True), ("fa3", True, True, True)])
-def test_attention_kernel_auto_takes_fa3_over_an_fp8_cache(kernel, fp8_cache, fa3_available,
-                                                           fa3):
-    """``auto`` attends through FA3 where it is the faster path (an fp8 cache, FA3 present);
-    ``triton`` and ``fa3`` are what they say (``fa3`` without FA3 is refused at bind)."""
+@pytest.mark.parametrize("kernel, fa3_available, fa3", [
+    ("auto", True, True), ("auto", False, False), ("triton", True, False), ("fa3", True, True)])
+def test_attention_kernel_auto_takes_fa3_where_it_serves(kernel, fa3_available, fa3):
+    """``auto`` attends through FA3 wherever it serves the layer (the faster path over both
+    caches); ``triton`` and ``fa3`` are what they say (``fa3`` without FA3 is refused at
+    bind)."""
     cfg = SpargeConfig(attention_kernel=kernel)
-    assert cfg.fa3_attention(fp8_cache, fa3_available) is fa3
+    assert cfg.fa3_attention(fa3_available) is fa3
 
 
 def test_fp8_attention_from_dict_and_env_and_its_cache_dtype():

@@ -564,7 +564,7 @@ def test_vllm_serve_exports_sparge_metrics(tp, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "VLLM_ATTENTION_BACKEND": "SPARGE",
-           "SPARGE_MIN_SPARSE_LEN": str(SERVE_MIN_SPARSE_LEN)}
+           "SPARGE_MIN_SPARSE_LEN": str(SERVE_MIN_SPARSE_LEN), "SPARGE_THRESHOLDS": "untuned"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.pop(METRICS_DIR_ENV, None)
     log = subproc.log_path(f"serve_tp{tp}", tmp_path)

@@ -235,7 +235,7 @@ def _synthetic_results() -> dict:
                             notes=["gemma3 SPARGE l1=0.06: not started"]))
     for model, lengths in (("smollm2", (4096, 8192)), ("gemma3", (8192, 32768))):
         res["models"][model] = dict(title=model.upper(), context=max(lengths), settings="s")
-        for c, sp, drop in (("flash_attn", None, 0.0), ("defaults", 0.01, 0.0),
+        for c, sp, drop in (("flash_attn", None, 0.0), ("untuned", 0.01, 0.0),
                             ("l1=0.01", 0.5, 0.05), ("l1=0.06", 0.8, 0.25)):
             for n in lengths:
                 for task, dense in (("sparge_passkey", 1.0), ("ruler_cwe", 0.05)):
@@ -259,7 +259,7 @@ def test_report_tables_and_plot(tmp_path):
     res = _synthetic_results()
     md = qr.write_report(res, str(tmp_path / "quality"), min_dense_acc=0.2)
     s = qr.summary(res, "smollm2", 0.2)
-    assert s["configs"] == ["flash_attn", "defaults", "l1=0.01", "l1=0.06"]
+    assert s["configs"] == ["flash_attn", "untuned", "l1=0.01", "l1=0.06"]
     cell = s["rows"]["l1=0.06"]["lengths"][8192]
     assert cell["accuracy"] == pytest.approx(0.75) and cell["tasks"] == 1  # ruler_cwe left out
     assert cell["sparsity"] == pytest.approx(0.8)
@@ -277,11 +277,11 @@ def test_report_tables_and_plot(tmp_path):
 def test_results_merge_resume_and_atomic_save(tmp_path):
     res = _synthetic_results()
     n = len(res["records"])
-    rec = dict(qr.find_record(res, model="smollm2", config="defaults", kind="accuracy",
+    rec = dict(qr.find_record(res, model="smollm2", config="untuned", kind="accuracy",
                               task="sparge_passkey", length=4096), score=0.5)
     qr.put_record(res, rec)
     assert len(res["records"]) == n and qr.find_record(
-        res, model="smollm2", config="defaults", kind="accuracy", task="sparge_passkey",
+        res, model="smollm2", config="untuned", kind="accuracy", task="sparge_passkey",
         length=4096)["score"] == 0.5
     path = tmp_path / "r" / "quality.json"
     qr.save_results(res, str(path))
@@ -298,13 +298,13 @@ def test_results_merge_resume_and_atomic_save(tmp_path):
         ["--models", "smollm2", "--tasks", "sparge_passkey", "--lengths", "4096", "8192",
          "--stages", "accuracy", "perplexity", "--work-dir", str(tmp_path)]))
     one = qr.empty_results()
-    qr.put_record(one, rec)  # smollm2, defaults, sparge_passkey at 4096
-    todo = quality.pending_units(args, one, "smollm2", "defaults")
+    qr.put_record(one, rec)  # smollm2, untuned, sparge_passkey at 4096
+    todo = quality.pending_units(args, one, "smollm2", "untuned")
     assert todo == [("accuracy", "sparge_passkey", 8192), ("perplexity", "perplexity", 8191)]
     assert len(quality.pending_units(args, one, "smollm2", "flash_attn")) == 3
-    assert quality.pending_units(args, res, "smollm2", "defaults") == []
+    assert quality.pending_units(args, res, "smollm2", "untuned") == []
     args.redo = True
-    assert len(quality.pending_units(args, res, "smollm2", "defaults")) == 3
+    assert len(quality.pending_units(args, res, "smollm2", "untuned")) == 3
 
 
 # ------------------------------------------------------------------------------ command line
@@ -356,12 +356,12 @@ def test_server_command(tmp_path):
     flash = quality.server_command(args, "gemma3", "flash_attn", 8123)
     assert "--additional-config" not in flash and "--enforce-eager" in flash
     assert flash[flash.index("--max-model-len") + 1] == "32768"
-    sparge = quality.server_command(args, "smollm2", "defaults", 8123)
+    sparge = quality.server_command(args, "smollm2", "untuned", 8123)
     assert sparge[sparge.index("--attention-backend") + 1] == "SPARGE"
     assert json.loads(sparge[sparge.index("--additional-config") + 1]) == {
-        "sparge": {"min_sparse_len": 4096}}
+        "sparge": {"min_sparse_len": 4096, "thresholds": "untuned"}}
     args.cuda_graphs = True
-    assert "--enforce-eager" not in quality.server_command(args, "smollm2", "defaults", 1)
+    assert "--enforce-eager" not in quality.server_command(args, "smollm2", "untuned", 1)
     assert quality.expand_configs(["flash_attn", "calibrated", "l1=0.01"], [0.01, 0.03]) == [
         "flash_attn", "l1=0.01", "l1=0.03"]
 
@@ -456,22 +456,22 @@ def test_serving_stage_through_lm_eval_against_a_stand_in_server(smol_tokenizer,
     monkeypatch.setattr(quality_eval, "SETTLE_INTERVAL_S", 0.2)
     out = tmp_path / "out"
     argv = ["--stages", "accuracy", "perplexity", "report", "--models", "smollm2",
-            "--model-dir", f"smollm2={smol_tokenizer}", "--configs", "flash_attn", "defaults",
+            "--model-dir", f"smollm2={smol_tokenizer}", "--configs", "flash_attn", "untuned",
             "l1=0.01", "--tasks", "sparge_passkey", "--lengths", "1024", "--samples", "3",
             "--ppl-docs", "1", "--work-dir", str(tmp_path / "w"), "--out", str(out)]
     assert quality.main(argv) == 0
     res = qr.load_results(str(out / "quality.json"))
     acc = {r["config"]: r for r in res["records"] if r["kind"] == "accuracy"}
-    assert set(acc) == {"flash_attn", "defaults"}  # l1=0.01 has no thresholds file
+    assert set(acc) == {"flash_attn", "untuned"}  # l1=0.01 has no thresholds file
     assert all(r["score"] == 1.0 and r["n"] == 3 for r in acc.values())
     assert acc["flash_attn"]["metrics"]["block_sparsity"] is None
-    assert acc["defaults"]["metrics"]["block_sparsity"] == pytest.approx(0.75)
-    assert "--tasks sparge_passkey" in acc["defaults"]["lm_eval_command"]
-    ppl = qr.find_record(res, model="smollm2", config="defaults", kind="perplexity",
+    assert acc["untuned"]["metrics"]["block_sparsity"] == pytest.approx(0.75)
+    assert "--tasks sparge_passkey" in acc["untuned"]["lm_eval_command"]
+    ppl = qr.find_record(res, model="smollm2", config="untuned", kind="perplexity",
                          task="perplexity", length=8191)
     assert ppl["ppl"] == pytest.approx(math.exp(2.0)) and ppl["tokens"] == 8190
     assert any("no thresholds file" in n for n in res["runs"][-1]["notes"])
-    assert "| SPARGE defaults | 1.000 | 75.0% |" in (out / "quality.md").read_text()
+    assert "| SPARGE untuned | 1.000 | 75.0% |" in (out / "quality.md").read_text()
     # the same command again measures nothing new
     assert quality.main(argv) == 0
     assert len(qr.load_results(str(out / "quality.json"))["records"]) == 4

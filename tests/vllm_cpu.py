@@ -47,6 +47,8 @@ def sparge_setter(vllm_config, monkeypatch, **defaults):
     """``set_(**settings)``: puts the sparge settings (over ``defaults``) into ``vllm_config``'s
     ``additional_config`` for one test and returns the config; called once with none."""
 
+    defaults = {"thresholds": "untuned", **defaults}  # every layer may take the sparse path
+
     def set_(**settings):
         monkeypatch.setattr(vllm_config, "additional_config", {"sparge": {**defaults, **settings}})
         return vllm_config

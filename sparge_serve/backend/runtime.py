@@ -24,7 +24,7 @@ from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
 from sparge_serve.backend.capabilities import PREFERRED_PAGE_SIZE
 from sparge_serve.backend.kv_cache import kv_cache_quantized
-from sparge_serve.config import SpargeConfig
+from sparge_serve.config import UNTUNED_THRESHOLDS, SpargeConfig
 from sparge_serve.kernels.checks import FP8_DTYPE
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF
 from sparge_serve.thresholds import (
@@ -54,6 +54,9 @@ class BoundLayer(Protocol):
 # NOTE: a child of vLLM's "vllm" logger so that our lines use vLLM's handler and level.
 logger = init_logger(f"vllm.{__name__}")
 
+# the runtime's source without a thresholds setting: every layer dense
+NO_THRESHOLDS = "none"
+
 
 @dataclass(frozen=True)
 class SpargeRuntime:
@@ -61,7 +64,7 @@ class SpargeRuntime:
 
     config: SpargeConfig
     thresholds: Thresholds  # global layers x global query heads, CPU fp32
-    source: str  # thresholds file path, or "defaults"
+    source: str  # thresholds file path, "untuned", or NO_THRESHOLDS
     _by_rank: dict[tuple[int, int], Thresholds] = field(default_factory=dict, compare=False)
 
     def for_rank(self, tp_rank: int, tp_size: int) -> Thresholds:
@@ -100,20 +103,24 @@ def load_runtime(vllm_config: VllmConfig) -> SpargeRuntime:
         cfg.check_num_layers(geo.num_layers)
         if vllm_config.cache_config is not None:
             cfg.check_kv_cache_dtype(vllm_config.cache_config.cache_dtype)
-        if cfg.thresholds:
-            th = load_thresholds(cfg.thresholds, expect=model_geometry(vllm_config))
-            source = cfg.thresholds
+        args = (geo.num_layers, geo.num_heads, geo.num_kv_heads, geo.head_dim)
+        if cfg.thresholds_file:
+            th = load_thresholds(cfg.thresholds_file, expect=model_geometry(vllm_config))
+            source = cfg.thresholds_file
+        elif cfg.thresholds == UNTUNED_THRESHOLDS:
+            th = Thresholds.defaults(*args, blkq=geo.blkq, blkk=geo.blkk)
+            source = UNTUNED_THRESHOLDS
         else:
-            th = Thresholds.defaults(geo.num_layers, geo.num_heads, geo.num_kv_heads,
-                                     geo.head_dim, blkq=geo.blkq, blkk=geo.blkk)
-            source = "defaults"
+            th = Thresholds.dense(*args, blkq=geo.blkq, blkk=geo.blkk)
+            source = NO_THRESHOLDS
             if cfg.enabled:
                 logger.warning(
-                    "SPARGE: no thresholds file given; using the untuned SpargeAttn defaults "
-                    "(simthreshd1=0.6, cdfthreshd=0.98, PV skip off) for every head. Calibrate "
-                    "with `sparge-calibrate` and pass --additional-config "
-                    "'{\"sparge\": {\"thresholds\": \"PATH\"}}' (or SPARGE_THRESHOLDS=PATH) for "
-                    "accuracy-checked sparsity.")
+                    "SPARGE: no thresholds file given, so every layer attends densely "
+                    "(FlashAttention). Calibrate with `sparge-calibrate` and pass "
+                    "--additional-config '{\"sparge\": {\"thresholds\": \"PATH\"}}' (or "
+                    "SPARGE_THRESHOLDS=PATH) for accuracy-checked sparsity; \"thresholds\": "
+                    "\"untuned\" runs the published untuned SpargeAttn thresholds (they skip few "
+                    "blocks of real models).")
         rt = SpargeRuntime(cfg, th, source)
         _RUNTIMES[key] = rt
         logger.info("SPARGE: mode=%s min_sparse_len=%d min_sparse_query_len=%d dense_layers=%s "
@@ -140,13 +147,13 @@ def metrics_for(vllm_config: VllmConfig, runtime: SpargeRuntime,
     stats = get_sparge_stats(runtime.thresholds.num_layers, device, str(name or mc.model),
                              tp_rank=rank)
     th = runtime.thresholds
-    if runtime.source != "defaults":
+    if runtime.source not in (UNTUNED_THRESHOLDS, NO_THRESHOLDS):
         # The digest of the bytes loaded: the file itself may have been replaced since.
         stats.set_thresholds_info(file=runtime.source, sha256=th.sha256,
                                   l1="" if th.l1 is None else th.l1,
                                   pv_l1="" if th.pv_l1 is None else th.pv_l1, created=th.created)
     else:
-        stats.set_thresholds_info(file="defaults")
+        stats.set_thresholds_info(file=runtime.source)
     return stats
 
 
@@ -194,12 +201,11 @@ def fa3_serves(head_size: int) -> bool:
     return get_flash_attn_version(head_size=head_size) == 3
 
 
-def fa3_configured(vllm_config: VllmConfig, cfg: SpargeConfig, head_size: int) -> bool:
+def fa3_configured(cfg: SpargeConfig, head_size: int) -> bool:
     """Whether layers without the PV skip attend through FA3 under ``cfg.attention_kernel``
-    (``SpargeConfig.fa3_attention``), judged from the engine config alone: before any layer has
+    (``SpargeConfig.fa3_attention``), judged from the settings alone: before any layer has
     bound, or for a step without sparse layers."""
-    fp8 = kv_cache_quantized(vllm_config)
-    return cfg.fa3_attention(fp8, fp8 and fa3_serves(head_size))
+    return cfg.attention_kernel != "triton" and cfg.fa3_attention(fa3_serves(head_size))
 
 
 def fp8_products(vllm_config: VllmConfig, cfg: SpargeConfig, sparse: list[BoundLayer]) -> bool:
@@ -302,7 +308,7 @@ def prefill_plan_args(vllm_config: VllmConfig, cfg: SpargeConfig, spec: Attentio
     if sparse:
         fa3 = any(i.fa3_attention for i in sparse)
     else:
-        fa3 = fa3_configured(vllm_config, cfg, spec.head_size)
+        fa3 = fa3_configured(cfg, spec.head_size)
     return dict(num_heads=num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_size,
                 dtype=compute_dtype(vllm_config, spec), page_size=spec.block_size, device=device,
                 topk=cfg.topk, map_budget=cfg.map_budget, attention="fa3" if fa3 else "triton",
@@ -317,7 +323,8 @@ def sparse_scratch_bytes(vllm_config: VllmConfig | None, runtime: SpargeRuntime 
     path's, with its virtual block tables, and the Triton kernel's, which layers with the PV skip
     run), plus the gathered q/out rows."""
     vc, rt = vllm_config, runtime
-    if vc is None or rt is None or not rt.config.sparse_possible(vc.model_config.max_model_len):
+    if (vc is None or rt is None or not rt.config.sparse_possible(vc.model_config.max_model_len)
+            or not bool(rt.thresholds.is_sparse.any())):  # e.g. no thresholds: every layer dense
         return 0
     max_len = vc.model_config.max_model_len
     from sparge_serve.kernels import prefill_scratch_bytes
@@ -327,7 +334,7 @@ def sparse_scratch_bytes(vllm_config: VllmConfig | None, runtime: SpargeRuntime 
                       tokens // max(rt.config.min_sparse_query_len, 2)))
     rows = 2 * tokens * num_heads * head_size * 2  # q gather + out, 16-bit
     pages = [None]
-    if fa3_configured(vc, rt.config, head_size):
+    if fa3_configured(rt.config, head_size):
         pages.append(vc.cache_config.block_size or PREFERRED_PAGE_SIZE)
     return rows + max(prefill_scratch_bytes(num_heads, num_kv_heads, head_size, reqs, tokens,
                                             max_len, fa3_page_size=page,

@@ -349,8 +349,8 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
             raise ValueError("SPARGE: attention_kernel \"fa3\" needs FlashAttention 3 (a Hopper "
                              "GPU and vLLM's vllm_flash_attn; over an fp8 KV cache, with the query "
                              "quantised to fp8). Fix: use \"attention_kernel\": \"auto\".")
-        fa3 = cfg.fa3_attention(self.fp8_cache, fa3_available)
-        if fa3 and self.pv_skip and cfg.attention_kernel == "auto":
+        fa3 = cfg.fa3_attention(fa3_available)
+        if fa3 and self.pv_skip and self.fp8_cache and cfg.attention_kernel == "auto":
             # NOTE: over an fp8 cache FA3 without the PV skip runs 1.6-1.7x the Triton kernel
             # with it on the same block map (docs/PERFORMANCE.md, fp8 KV cache)
             self._pvthreshd, self.pv_skip = torch.full_like(bound.pvthreshd, PV_SKIP_OFF), False
@@ -361,7 +361,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.fa3_attention = fa3 and not self.pv_skip
         if fa3 and self.pv_skip:
             logger.info_once("SPARGE: layers whose thresholds use the PV skip keep the Triton "
-                             "attention kernel (attention_kernel fa3 has no PV skip)")
+                             "attention kernel (FlashAttention 3 has no PV skip)")
 
     # ---- KV cache ------------------------------------------------------------------------------
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,

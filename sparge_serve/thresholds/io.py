@@ -73,8 +73,7 @@ def _read_file(src: str) -> tuple[bytes, dict[str, str]]:
         fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise _err(src, "no such file", "pass an existing path (sparge `thresholds` / "
-                   "SPARGE_THRESHOLDS), or drop the setting to run with the untuned "
-                   "defaults") from None
+                   "SPARGE_THRESHOLDS), or drop the setting to attend densely") from None
     except IsADirectoryError:
         raise _err(src, "is not a regular file",
                    "pass the path of the .safetensors file itself") from None

@@ -69,7 +69,7 @@ def _capture(tmp: Path, prompts: list[list[int]], tp: int):
     spec_path.write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items()
            if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "SPARGE_MODE", "SPARGE_MIN_SPARSE_LEN",
-                        "SPARGE_MIN_SPARSE_QUERY_LEN")}
+                        "SPARGE_MIN_SPARSE_QUERY_LEN", "SPARGE_THRESHOLDS", "SPARGE_DENSE_LAYERS")}
     env.setdefault("HF_HUB_OFFLINE", "1")
     if tp > 1:
         env.update(MULTI_GPU_ENV)

@@ -297,13 +297,14 @@ LOSSY_MISMATCH_FRACTION = 0.25
 
 
 def test_default_thresholds_serve(setup, record_property):
-    """The published untuned defaults serve, their block sparsity is measured and reported, and
-    where they drop (almost) nothing, as on the tiny model, the outputs are FLASH_ATTN's up to
-    near ties. On a model where they drop more they are a lossy configuration like a calibrated
-    file, held to the same bound."""
+    """The published untuned thresholds (``"thresholds": "untuned"``) serve, their block
+    sparsity is measured and reported, and where they drop (almost) nothing, as on the tiny
+    model, the outputs are FLASH_ATTN's up to near ties. On a model where they drop more they are
+    a lossy configuration like a calibrated file, held to the same bound."""
     tmp, prompts, max_model_len, flash = setup
     sparge = _run_engine(tmp, "sparge_default", "SPARGE", prompts, max_model_len,
-                         additional_config={"sparge": {"min_sparse_len": MIN_SPARSE_LEN}})
+                         additional_config={"sparge": {"thresholds": "untuned",
+                                                       "min_sparse_len": MIN_SPARSE_LEN}})
     summary = _compare(flash, sparge)
     summary["sparsity"] = _sparsity(sparge)
     summary["prompt_tokens_sparse_dense"] = sparge["tokens"]
