@@ -469,6 +469,26 @@ def test_select_sparse_requests_min_query_len():
     assert got.tolist() == [False, True]
 
 
+def test_every_layer_dense_builds_no_sparse_batch(sparge, monkeypatch):
+    """Without a thresholds setting every layer is dense, so the builder splits nothing off (one
+    dense call over the step) and the metrics count the eligible requests as dense layers'."""
+    from types import SimpleNamespace
+
+    import sparge_serve.backend.sparge_attn as sa
+
+    cam = _cam([(4096, 20000), (10, 10)])
+    for thresholds, split in ((None, False), ("untuned", True)):
+        vc = sparge(thresholds=thresholds)
+        layers = {f"model.layers.{i}.self_attn.attn": SimpleNamespace(impl=_impl(vc))
+                  for i in range(L)}
+        monkeypatch.setattr(sa, "get_layers_from_vllm_config", lambda *a, layers=layers, **k: layers)
+        md = _builder(vc).build(0, cam)
+        assert (md.sparse is not None) == split, thresholds
+        assert _counts(md) == (4096, 10, 1, {"short_prompt": 1})
+        if not split:
+            assert md.seq_lens.tolist() == [20000, 10] and md.all_dense is None
+
+
 def test_mode_dense_builds_no_sparse_batch(sparge):
     md = _builder(sparge(mode="dense")).build(0, _cam([(4096, 20000), (10, 10)]))
     assert md.sparse is None

@@ -157,9 +157,9 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             self._reasons = FallbackReason
         self._counting = True
         self._warned_no_cpu_seq_lens = False
-        # A sliding-window KV cache group (vLLM's SlidingWindowSpec) holds only windowed layers,
-        # which run dense: its steps are counted, never planned sparse.
-        self.windowed = getattr(kv_cache_spec, "sliding_window", None) is not None
+        # A sliding-window KV cache group (vLLM's SlidingWindowSpec), or one whose every layer is
+        # dense (e.g. no thresholds), runs dense: its steps are counted, never split or planned.
+        self.never_sparse = getattr(kv_cache_spec, "sliding_window", None) is not None
         from vllm.model_executor.layers.attention import Attention
 
         layers = {name: layer.impl for name, layer in
@@ -169,6 +169,7 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         for name, impl in bound.items():
             impl.bind(name, device, self.stats)
         impls = list(bound.values())
+        self.never_sparse |= bool(impls) and all(i.dense_layer for i in impls)
         # NOTE: FlashAttention's builder reads the windows for its AOT schedule from
         # FlashAttentionImpl layers only: the same rule over ours (one window: the schedule uses
         # it; several: no AOT schedule)
@@ -232,7 +233,7 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             logger.warning("SPARGE: a step without a host copy of seq_lens; its long prefills "
                            "run dense (reading seq_lens from the GPU would stall)")
         counts = step_counts(split, cfg.enabled, self._reasons) if count else None
-        if split.sparse is None or self.windowed:
+        if split.sparse is None or self.never_sparse:
             return None, counts
         req_index = np.flatnonzero(split.sparse)
         batch, token_index, dense_seq_lens = sparse_sub_batch(cam, split, req_index)
@@ -329,8 +330,7 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
         self.layer_name = layer_name
         self._stats = stats
         if self.windowed:
-            logger.info_once("SPARGE: sliding-window layers run dense FlashAttention with their "
-                             "window")
+            logger.info_once("SPARGE: sliding-window layers run dense FlashAttention (window)")
             self.layer_index, self.dense_layer = window_layer_index(runtime, layer_name), True
             return
         bound = layer_thresholds(runtime, layer_name, self.num_heads, device, self._vllm_config,
