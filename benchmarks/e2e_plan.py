@@ -218,7 +218,8 @@ FULL = dict(lengths=[8192, 16384, 32768, 65536, 131072], profile_lengths=[32768,
             concurrency=[4, 16], serve_input_len=32768, prompts_per_concurrency=4)
 QUICK = {  # --quick: the rows that matter most, each stage in a few minutes (options given on
     # the command line still win)
-    "ttft": dict(configs=["FLASH_ATTN@64", "SPARGE@64:topk0.5", "SPARGE@64:topk0.1"],
+    "ttft": dict(configs=["FLASH_ATTN@64", "SPARGE@64:topk0.5", "SPARGE@64:topk0.1",
+                          "SPARGE@64:defaults"],
                  lengths=[32768, 131072], profile_lengths=[131072], repeats=2),
     "decode": dict(configs=["FLASH_ATTN@64", "SPARGE@64:untuned"], contexts=[32768],
                    batches=[1, 8], decode_repeats=2),

@@ -41,8 +41,9 @@
 #              attention kernels, bf16 and fp8 caches, each row's GPU time per kernel in the log
 #              (about 2 minutes; -> $OUT/query_chunks_{bf16,fp8}.*)
 #   e2e_quick  end-to-end TTFT at the Llama-3.1-8B geometry (random weights), the key rows:
-#              FLASH_ATTN@64 and SPARGE at 50% and 90% block sparsity, 32K and 128K, attention
-#              share and ceiling at 128K (about 7 minutes; -> $OUT/e2e.*)
+#              FLASH_ATTN@64, SPARGE at 50% and 90% block sparsity and with its default settings,
+#              32K and 128K, attention share and ceiling at 128K (about 10 minutes: a second
+#              call given the first's file as E2E_MERGE runs the rest; -> $OUT/e2e.*)
 #   e2e_fp8    e2e_quick's rows over an fp8 KV cache (--kv-cache-dtype fp8): FLASH_ATTN@64+fp8 and
 #              SPARGE at 50% and 90% block sparsity, 32K and 128K (about 7 minutes; -> $OUT/e2e.*)
 #   e2e_kernel end-to-end TTFT of the sparse path's attention kernels at 50% block sparsity, 32K

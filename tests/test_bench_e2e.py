@@ -164,7 +164,7 @@ def test_dry_run_prints_the_plan_without_a_gpu(tmp_path):
     quick = _cli("ttft", "--quick", "--lengths", "8192", "131072", "--dry-run", "--out",
                  str(tmp_path))
     assert quick.returncode == 0, quick.stderr
-    assert "3 engine runs planned" in quick.stdout
+    assert "4 engine runs planned" in quick.stdout
     assert "lengths 8192 131072; 1 warm-up + 2 repeats; profiled [131072]" in quick.stdout
     bad = _cli("ttft", "--configs", "SPARGE@64:topk0", "--dry-run", "--out", str(tmp_path))
     assert bad.returncode == 2 and "(0, 1]" in bad.stderr
