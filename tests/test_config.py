@@ -259,3 +259,21 @@ def test_not_a_dict():
 def test_direct_construction_is_validated():
     with pytest.raises(ValueError, match=r"`mode` \(SpargeConfig\(\)\)"):
         SpargeConfig(mode="DENSE")
+
+
+def test_thresholds_untuned_keyword(tmp_path, monkeypatch):
+    """``"untuned"`` names the published untuned thresholds (no file to load), in the JSON or the
+    env; a file of that name in the working directory makes it ambiguous: refused, with the
+    ``./untuned`` fix."""
+    monkeypatch.chdir(tmp_path)
+    cfg = SpargeConfig.from_dict({}, env={"SPARGE_THRESHOLDS": "untuned"})
+    assert (cfg.thresholds, cfg.thresholds_file) == ("untuned", None)
+    assert SpargeConfig.from_dict({"thresholds": "t.safetensors"}, env={}).thresholds_file == (
+        "t.safetensors")
+    assert SpargeConfig().thresholds_file is None
+    (tmp_path / "untuned").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"a file of that name is in the working directory.*"
+                                         r'Fix: pass "\./untuned"'):
+        SpargeConfig.from_dict({"thresholds": "untuned"}, env={})
+    assert SpargeConfig.from_dict({"thresholds": "./untuned"}, env={}).thresholds_file == (
+        "./untuned")
