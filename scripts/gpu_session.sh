@@ -8,7 +8,7 @@
 # Stages:
 #   kernel_tests  every kernel, head-chunk, FA3-path and warm-up test, on the GPU
 #   tests      GPU tests: kernels, warm-up, calibration search, vllm serve metrics (TP 1)
-#   engine     engine equivalence vs FLASH_ATTN (TP 1; four tests, about 6 minutes)
+#   engine     engine equivalence vs FLASH_ATTN (TP 1; five tests, about 8 minutes)
 #   engine_fa3 attention_kernel fa3 served like the Triton attention kernel (two engines)
 #   engine_fp8 --kv-cache-dtype fp8: dense-equivalent SPARGE vs FLASH_ATTN-fp8 (two engines)
 #   preempt    preemption/recompute with a small KV cache vs FLASH_ATTN (two engines)

@@ -296,6 +296,21 @@ NEAR_DENSE_SPARSITY = 0.01
 LOSSY_MISMATCH_FRACTION = 0.25
 
 
+def test_without_thresholds_serves_dense(setup, record_property):
+    """The default settings without a thresholds file: every layer attends densely (the sparse
+    path never runs, no block is counted), the outputs are FLASH_ATTN's up to near ties and every
+    prompt token is counted on the dense path."""
+    tmp, prompts, max_model_len, flash = setup
+    sparge = _run_engine(tmp, "sparge_no_thresholds", "SPARGE", prompts, max_model_len,
+                         additional_config={"sparge": {"min_sparse_len": MIN_SPARSE_LEN}})
+    summary = _compare(flash, sparge)
+    summary["prompt_tokens_sparse_dense"] = sparge["tokens"]
+    _report(record_property, "no_thresholds_vs_flash_attn", summary)
+    assert summary["total"] == 2 * len(prompts) and summary["mismatch"] == 0, summary
+    assert not sparge["blocks"] or not any(sparge["blocks"]), sparge["blocks"]
+    assert sparge["tokens"] is not None and sparge["tokens"][0] == 0 < sparge["tokens"][1]
+
+
 def test_default_thresholds_serve(setup, record_property):
     """The published untuned thresholds (``"thresholds": "untuned"``) serve, their block
     sparsity is measured and reported, and where they drop (almost) nothing, as on the tiny
