@@ -108,8 +108,10 @@ def candidate_paths(args: argparse.Namespace) -> dict[float, str]:
 
 
 def perplexity_rise(row) -> float:
-    """A quality row's held-out perplexity over dense, minus 1 (0.005: +0.5%)."""
-    return row.perplexity / row.dense_perplexity - 1.0
+    """A quality row's held-out perplexity over dense, minus 1 (0.005: +0.5%), on its worst
+    prompt: a budget must hold the target on every held-out prompt, not only on their pooled
+    tokens, where a long or easy prompt can hide another's loss."""
+    return max(row.perplexity / row.dense_perplexity - 1.0, row.worst_rise)
 
 
 def choose(cands: Sequence[Candidate], rise: dict[str, float], target: float) -> tuple[int, bool]:

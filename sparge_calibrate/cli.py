@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-target", type=float, metavar="FRAC",
                    help="choose the budget per model: calibrate at each of --budgets, measure "
                    "held-out perplexity on --report, and write the largest budget whose "
-                   "perplexity stays within FRAC of dense (default with --report and no budget "
-                   f"flag: {budget.DEFAULT_PPL_TARGET:g}, +0.5%%)")
+                   "perplexity stays within FRAC of dense on every prompt (default with --report "
+                   f"and no budget flag: {budget.DEFAULT_PPL_TARGET:g}, +0.5%%)")
     p.add_argument("--budgets", type=_budget, nargs="+", metavar="L1",
                    help="--ppl-target's candidate l1 budgets (default "
                    f"{' '.join(f'{b:g}' for b in budget.DEFAULT_CANDIDATES)}); each one's PV "
@@ -459,13 +459,13 @@ def _run(args, info, cands, prompts, heldout, config, saved: dict[str, str]) -> 
         pick, met = budget.choose(cands, rise, args.ppl_target)
         tried = ", ".join(f"{c.name}: {rise[c.name]:+.2%}" for c in cands)
         if met:
-            logger.info("budget %s: held-out perplexity %+.2f%% of dense, within the target "
-                        "+%g%% (%s)", cands[pick].name, 100 * rise[cands[pick].name],
+            logger.info("budget %s: held-out perplexity %+.2f%% of dense (worst prompt), within "
+                        "the target +%g%% (%s)", cands[pick].name, 100 * rise[cands[pick].name],
                         100 * args.ppl_target, tried)
         else:
             print(f"sparge-calibrate: warning: no budget keeps held-out perplexity within "
-                  f"+{args.ppl_target:.2%} of dense ({tried}); writing the most accurate, "
-                  f"{cands[pick].name}: try smaller --budgets", file=sys.stderr)
+                  f"+{args.ppl_target:.2%} of dense on every prompt ({tried}); writing the most "
+                  f"accurate, {cands[pick].name}: try smaller --budgets", file=sys.stderr)
     th, results = made[pick]
     ok = _save(args.out_file, ".safetensors", lambda path: save_thresholds(path, th),
                "the calibrated thresholds", saved)

@@ -339,6 +339,7 @@ class QualityRow:
     max_abs_logprob_diff: float
     mean_kl: float  # KL(dense || sparse) of the next-token distributions, nats per token
     sparsity: float  # fraction of valid (layer, head, q-block, k-block) pairs not computed
+    worst_rise: float  # the largest perplexity rise of one prompt (sparse / dense - 1)
 
 
 _ROWS = 256  # positions per chunk when comparing logits (bounds fp32 [rows, vocab] temporaries)
@@ -438,6 +439,9 @@ def quality_report(
         lp_sparse = torch.cat([lp for lp, _ in per_setting[name]])
         kl = torch.cat([k for _, k in per_setting[name]])
         diff = (lp_sparse - lp_dense).abs()
+        # per prompt: exp(mean dense logp - mean sparse logp) - 1
+        worst = max(math.expm1(float(d.mean() - lp.mean()))
+                    for d, (lp, _) in zip(dense_lp, per_setting[name], strict=True))
         rows.append(
             QualityRow(
                 name=name,
@@ -448,6 +452,7 @@ def quality_report(
                 max_abs_logprob_diff=float(diff.max()),
                 mean_kl=float(kl.mean()),
                 sparsity=attn.sparsity,
+                worst_rise=worst,
             )
         )
     return rows

@@ -48,11 +48,11 @@ def format_summary(results: Sequence[LayerResult]) -> tuple[list[str], list[list
 
 
 def format_quality(rows: Sequence[QualityRow]) -> tuple[list[str], list[list[str]], str]:
-    header = ["setting", "sparsity", "ppl (sparse)", "ppl (dense)", "mean |dlogp|", "max |dlogp|",
-              "mean KL"]
+    header = ["setting", "sparsity", "ppl (sparse)", "ppl (dense)", "worst prompt", "mean |dlogp|",
+              "max |dlogp|", "mean KL"]
     body = [[r.name, f"{r.sparsity:.1%}", f"{r.perplexity:.4f}", f"{r.dense_perplexity:.4f}",
-             f"{r.mean_abs_logprob_diff:.2e}", f"{r.max_abs_logprob_diff:.2e}", f"{r.mean_kl:.2e}"]
-            for r in rows]
+             f"{r.worst_rise:+.2%}", f"{r.mean_abs_logprob_diff:.2e}",
+             f"{r.max_abs_logprob_diff:.2e}", f"{r.mean_kl:.2e}"] for r in rows]
     tokens = rows[0].tokens if rows else 0
     return header, body, f"held-out quality over {tokens} predicted tokens"
 

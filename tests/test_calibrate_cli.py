@@ -138,13 +138,14 @@ def test_ppl_target_writes_the_largest_budget_within_it(tiny_model, files, tmp_p
 
 def test_budget_choice_takes_the_largest_within_the_target():
     """:func:`budget.choose`: the largest budget whose perplexity rise is within the target (a
-    fall counts as within), else the smallest, flagged."""
+    fall counts as within), else the smallest, flagged; the rise is the worst prompt's where
+    that is above the pooled one."""
     from types import SimpleNamespace
 
     from sparge_calibrate.budget import Candidate, choose, perplexity_rise
 
     cands = [Candidate(b, 1.5 * b, []) for b in (0.005, 0.01, 0.02, 0.04)]
-    rows = [SimpleNamespace(name=c.name, perplexity=p, dense_perplexity=10.0)
+    rows = [SimpleNamespace(name=c.name, perplexity=p, dense_perplexity=10.0, worst_rise=-1.0)
             for c, p in zip(cands, (9.99, 10.04, 10.03, 10.2), strict=True)]
 
     def rise():
@@ -152,6 +153,8 @@ def test_budget_choice_takes_the_largest_within_the_target():
 
     assert choose(cands, rise(), 0.005) == (2, True)  # +0.3% at 0.02; 0.04 is +2%
     assert choose(cands, rise(), 0.0) == (0, True)  # -0.1% at 0.005
+    rows[2].worst_rise = 0.007  # one prompt of 0.02 loses 0.7%: 0.01 (+0.4%) is the largest
+    assert choose(cands, rise(), 0.005) == (1, True)
     rows[0].perplexity = 10.1
     assert choose(cands, rise(), 0.001) == (0, False)
 
@@ -278,6 +281,10 @@ def test_quality_report_measures_what_sparsity_costs(tiny_model):
             logits = model(input_ids=torch.tensor([p])).logits[0, :-1]
             nll.append(-torch.log_softmax(logits, -1).gather(1, torch.tensor(p[1:])[:, None]))
     assert dense.dense_perplexity == pytest.approx(math.exp(float(torch.cat(nll).mean())), rel=1e-5)
+    # the worst prompt's rise: at least the pooled one, and 0 where nothing is skipped
+    assert abs(dense.worst_rise) < 1e-5
+    pooled = aggressive.perplexity / aggressive.dense_perplexity - 1
+    assert aggressive.worst_rise >= pooled - 1e-9
 
 
 # ------------------------------------------------------------------------------------------------
