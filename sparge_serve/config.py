@@ -12,8 +12,9 @@ Keys (all optional):
   ``SPARGE_THRESHOLDS``), or ``"untuned"``: the published untuned SpargeAttn thresholds for every
   head. Without either, every layer attends densely (one warning): the untuned thresholds skip
   0% (Gemma 3 270M) to 2-11% (SmolLM2-135M, at +0.3-1.3% perplexity) of the real models'
-  blocks, where calibrated ones skip 15-68% at no measurable loss (docs/PERFORMANCE.md), and at
-  0% the sparse path costs 4-5% of TTFT; only calibrated thresholds make it pay.
+  blocks, where calibrated ones skip 15-68% at +0.1% or less on their held-out prompts
+  (docs/PERFORMANCE.md), and at 0% the sparse path costs 4-5% of TTFT; only calibrated
+  thresholds make it pay.
 - ``min_sparse_len``: a request runs the sparse prefill path only when its context (cached prefix
   plus new tokens) is at least this long (env ``SPARGE_MIN_SPARSE_LEN``).
 - ``min_sparse_query_len``: ... and only when it adds at least this many new tokens (env
