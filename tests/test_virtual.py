@@ -76,18 +76,19 @@ LAUNCHES = [(1, lambda hq: 1), (10, lambda hq: 2), (1024, lambda hq: hq)]
 
 
 @pytest.mark.parametrize("min_seqs,launch", LAUNCHES, ids=["one_head", "two_heads", "all"])
-@pytest.mark.parametrize("page,hq,hkv,packed,topk", [
-    (64, 4, 2, True, None), (16, 4, 4, False, 0.3), (32, 2, 1, True, 0.5),
+@pytest.mark.parametrize("page,hq,hkv,packed,topk,d", [
+    (64, 4, 2, True, None, 64), (16, 4, 4, False, 0.3, 64), (32, 2, 1, True, 0.5, 64),
+    (64, 4, 1, True, 0.5, 256),
 ])
-def test_fa3_virtual_contexts_equal_attention_over_the_kept_blocks(page, hq, hkv, packed, topk,
+def test_fa3_virtual_contexts_equal_attention_over_the_kept_blocks(page, hq, hkv, packed, topk, d,
                                                                    min_seqs, launch, device,
                                                                    monkeypatch):
     """One query head a launch (per-head views) and several (head-major copies of their rows,
-    one order across them) give attention over exactly the kept blocks."""
+    one order across them) give attention over exactly the kept blocks, head dims 64 and 256."""
     import sparge_serve.kernels.fa3 as virtual
 
     monkeypatch.setattr(virtual, "MIN_LAUNCH_SEQS", min_seqs)
-    case = make_paged_case(REQS, hq, hkv, 64, page, torch.float16, device, seed=3, packed=packed)
+    case = make_paged_case(REQS, hq, hkv, d, page, torch.float16, device, seed=3, packed=packed)
     bm, keeps = reference_block_map(case, 0.3, torch.linspace(0.5, 0.95, hq), topk)
     real = bm.count > 0
     assert (bm.count[real] < bm.n_valid[real]).any()  # some rows are sparse
@@ -180,23 +181,29 @@ def test_heads_as_pages_addresses_every_head_of_every_page():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page,topk,slice_rows,dtype,min_seqs", [
-    (64, None, None, torch.bfloat16, 1024), (64, 0.5, 60, torch.float16, 1024),
-    (16, 0.3, None, torch.bfloat16, 1024), (64, 0.5, None, torch.bfloat16, 1)])
+@pytest.mark.parametrize("page,topk,slice_rows,dtype,min_seqs,geo", [
+    (64, None, None, torch.bfloat16, 1024, (8, 2, 128)),
+    (64, 0.5, 60, torch.float16, 1024, (8, 2, 128)),
+    (16, 0.3, None, torch.bfloat16, 1024, (8, 2, 128)),
+    (64, 0.5, None, torch.bfloat16, 1, (8, 2, 128)),
+    (64, 0.5, None, torch.bfloat16, 1024, (9, 3, 64)),  # SmolLM2's heads
+    (64, 0.5, None, torch.bfloat16, 1024, (4, 1, 256))])  # Gemma 3 270M's
 def test_gpu_fa3_path_equals_attention_over_its_kept_blocks(page, topk, slice_rows, dtype,
-                                                            min_seqs, monkeypatch):
+                                                            min_seqs, geo, monkeypatch):
     """The real FA3 (vLLM's build) at realistic sizes (prefix offsets, partial query blocks)
     over the Triton predictor's bit-set map: within tolerance of SDPA masked with exactly the
     map's kept blocks AND the causal mask, as the Triton sparse kernel over the same map is;
-    launches of all 8 heads (128 sequences a head; in slices of 60) and of one."""
+    launches of all heads (128 sequences a head; in slices of 60) and of one; head dims 128, 64
+    and 256 (``auto`` takes this path wherever FA3 serves)."""
     import sparge_serve.kernels.fa3 as virtual
 
     pytest.importorskip("vllm.vllm_flash_attn")
     monkeypatch.setattr(virtual, "MIN_LAUNCH_SEQS", min_seqs)
+    hq, hkv, d = geo
     reqs = [(4096, 4096), (1000, 9000), (3000, 3000), (77, 5000)]
-    case = make_paged_case(reqs, 8, 2, 128, page, dtype, "cuda", seed=5, packed=True)
-    sim = head_vec(0.3, 8, "cuda")
-    cdf = torch.linspace(0.6, 0.98, 8, device="cuda")
+    case = make_paged_case(reqs, hq, hkv, d, page, dtype, "cuda", seed=5, packed=True)
+    sim = head_vec(0.3, hq, "cuda")
+    cdf = torch.linspace(0.6, 0.98, hq, device="cuda")
     bm = predict_block_map(case.q, case.key_cache, case.batch, case.scale, sim, cdf, topk,
                            as_mask=True)
     keeps = kept_blocks(bm, case.batch)
@@ -211,7 +218,7 @@ def test_gpu_fa3_path_equals_attention_over_its_kept_blocks(page, topk, slice_ro
     assert torch.equal(lut_to_mask(lists), bm.mask)
     triton_out = torch.full_like(case.q, float("nan"))
     sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, lists,
-                           case.scale, head_vec(50.0, 8, "cuda"), triton_out, pv_skip=False)
+                           case.scale, head_vec(50.0, hq, "cuda"), triton_out, pv_skip=False)
     assert (triton_out.float().cpu() - oracle).abs().max().item() <= tol
 
 
