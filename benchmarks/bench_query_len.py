@@ -180,5 +180,6 @@ def write_report(meta: dict, rows: list[dict], out: str) -> None:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
+
 if __name__ == "__main__":
     main()

@@ -481,7 +481,8 @@ def test_every_layer_dense_builds_no_sparse_batch(sparge, monkeypatch):
         vc = sparge(thresholds=thresholds)
         layers = {f"model.layers.{i}.self_attn.attn": SimpleNamespace(impl=_impl(vc))
                   for i in range(L)}
-        monkeypatch.setattr(sa, "get_layers_from_vllm_config", lambda *a, layers=layers, **k: layers)
+        monkeypatch.setattr(sa, "get_layers_from_vllm_config",
+                            lambda *a, layers=layers, **k: layers)
         md = _builder(vc).build(0, cam)
         assert (md.sparse is not None) == split, thresholds
         assert _counts(md) == (4096, 10, 1, {"short_prompt": 1})

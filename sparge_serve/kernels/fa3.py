@@ -16,11 +16,12 @@ Layout (no K/V is copied):
   ``(sH, sT, sH, 1)`` serves every KV head; the virtual block table holds ``vp`` per kept page.
 - **Heads as sequences.** FA3 shares one page table among the heads of a sequence, and each
   head keeps its own blocks, so a launch sees the cache as one single-head view (heads as
-  pages) and each query head's rows as sequences of their own. The sequences are given by ``seqused_q`` with explicit start rows
-  (``cu_seqlens_q`` need not be cumulative then), so they can come in any order: **longest
-  first** (by the row's causal context, one order for every head, made once per step), which
-  FA3's in-order tile scheduler then runs as a longest-processing-time schedule. In ascending
-  order (a causal prompt's natural one) the longest rows would start last and idle the GPU.
+  pages) and each query head's rows as sequences of their own. The sequences are given by
+  ``seqused_q`` with explicit start rows (``cu_seqlens_q`` need not be cumulative then), so
+  they can come in any order: **longest first** (by the row's causal context, one order for
+  every head, made once per step), which FA3's in-order tile scheduler then runs as a
+  longest-processing-time schedule. In ascending order (a causal prompt's natural one) the
+  longest rows would start last and idle the GPU.
 - **Heads per launch.** Where a head has at least :data:`MIN_LAUNCH_SEQS` rows (long prompts),
   a launch is one query head, on the strided views ``q[:, h:h+1]`` and ``out[:, h:h+1]``. An
   engine's prefill chunk has fewer (128 at 16K tokens: one wave of tiles, whose time is its
