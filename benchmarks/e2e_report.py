@@ -401,8 +401,9 @@ def plot(data: dict[str, Any], path: str) -> bool:
     except ImportError:
         return False
     geos = sorted({r["geometry"] for r in rows})
-    colors = {c: f"C{i % 10}" for i, c in enumerate(sorted({r["config"] for r in rows},
-                                                             key=config_order))}
+    configs = sorted({r["config"] for r in rows}, key=config_order)
+    palette = plt.get_cmap("tab10" if len(configs) <= 10 else "tab20")
+    colors = {c: palette(i % palette.N) for i, c in enumerate(configs)}
     fig, axes = plt.subplots(2, len(geos), figsize=(5.5 * len(geos), 7), squeeze=False)
     for col, geo in enumerate(geos):
         top, bottom = axes[0][col], axes[1][col]
