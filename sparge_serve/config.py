@@ -94,11 +94,12 @@ ADDITIONAL_CONFIG_KEY = "sparge"
 # that our lines use vLLM's handler and level.
 logger = logging.getLogger(f"vllm.{__name__}")
 
-# NOTE: measured, not guessed (benchmarks/results/ttft.md, docs/PERFORMANCE.md; H200, calibrated
-# thresholds, ~66-70% block sparsity): SPARGE's TTFT is 0.5-0.8x FLASH_ATTN's speed at 8K, 0.9-1.0x
-# at 32K, 1.2x at 64K and 1.4-1.6x at 128K, so the crossover lies between 32K and 64K. Contexts
-# below 48K run dense.
-DEFAULT_MIN_SPARSE_LEN = 49152
+# NOTE: measured, not guessed (benchmarks/results/e2e.md, docs/PERFORMANCE.md; H100, Llama-3.1-8B
+# geometry, the FA3 path): with every block kept the sparse path costs 5-8% of TTFT at 8K-128K; at
+# 50% block sparsity it is 1.00x FLASH_ATTN at 8K, 1.03x at 16K and 1.15x at 32K, so a layer breaks
+# even at about 30% block sparsity at 16K but 12% at 32K. Contexts below 32K run dense, where
+# a thresholds file's sparsity is lowest.
+DEFAULT_MIN_SPARSE_LEN = 32768
 # NOTE: measured (benchmarks/results/query_len.md, H200): new tokens on a 48K-128K cached context
 # pay the predictor's passes over the whole context; at 50% block sparsity the sparse path loses
 # at 512 new tokens (0.74-0.85x FA3) and wins from 1024 (1.27x); at 80% it wins from 512 (1.3-1.6x).
@@ -137,7 +138,7 @@ BOOLEANS = {
                       "products in the model's dtype, the default"),
 }
 """The boolean settings: what true and false select (for the error messages)."""
-_EXAMPLE = """--additional-config '{"sparge": {"thresholds": "PATH", "min_sparse_len": 49152}}'"""
+_EXAMPLE = """--additional-config '{"sparge": {"thresholds": "PATH", "min_sparse_len": 32768}}'"""
 
 
 def _bad(key: str, source: str, problem: str, fix: str) -> ValueError:
@@ -349,8 +350,10 @@ def _parse_env(key: str, var: str, text: str) -> Any:
         try:
             return int(text)
         except ValueError:
+            example = (DEFAULT_MIN_SPARSE_LEN if key == "min_sparse_len"
+                       else DEFAULT_MIN_SPARSE_QUERY_LEN)
             raise _bad(key, source, f"= {text!r} is not an integer",
-                       f"set {var} to a token count, e.g. {var}=49152") from None
+                       f"set {var} to a token count, e.g. {var}={example}") from None
     if key == "dense_layers":
         try:
             if text.startswith("["):

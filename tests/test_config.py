@@ -234,7 +234,7 @@ def test_bad_values(raw, match):
 
 @pytest.mark.parametrize("env,match", [
     ({"SPARGE_MIN_SPARSE_LEN": "lots"}, r"`min_sparse_len` \(env SPARGE_MIN_SPARSE_LEN\).*"
-                                         r"not an integer.*SPARGE_MIN_SPARSE_LEN=49152"),
+                                         r"not an integer.*SPARGE_MIN_SPARSE_LEN=32768"),
     ({"SPARGE_MODE": "fast"}, r"`mode` \(env SPARGE_MODE\)"),
     ({"SPARGE_DENSE_LAYERS": "a,b"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\)"),
     ({"SPARGE_DENSE_LAYERS": "-2"}, r"`dense_layers` \(env SPARGE_DENSE_LAYERS\).*negative"),

@@ -223,7 +223,7 @@ def test_front_end_warns_once_that_sparse_cannot_run(front_end, vllm_log):
     msgs = [r.getMessage() for r in dict.fromkeys(vllm_log.records)
             if "can never run" in r.getMessage()]
     assert len(msgs) == 1
-    assert "max_model_len = 8192 is below min_sparse_len = 49152" in msgs[0]
+    assert "max_model_len = 8192 is below min_sparse_len = 32768" in msgs[0]
     assert """'{"sparge": {"min_sparse_len": 8192}}'""" in msgs[0]
 
 

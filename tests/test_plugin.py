@@ -195,12 +195,12 @@ def test_uses_sparge_per_kind(engine_config):
 
 def test_front_end_warns_once_when_sparse_can_never_run(engine_config, vllm_log):
     text = "so the sparse prefill path can never run"
-    engine_config(attention_backend="SPARGE")  # 4096-token model, default 49152 minimum
+    engine_config(attention_backend="SPARGE")  # 4096-token model, default 32768 minimum
     (record,) = _warnings(vllm_log, text)
     msg = record.getMessage()
-    assert "max_model_len = 4096 is below min_sparse_len = 49152" in msg
+    assert "max_model_len = 4096 is below min_sparse_len = 32768" in msg
     assert """--additional-config '{"sparge": {"min_sparse_len": 4096}}'""" in msg
-    assert "SPARGE_MIN_SPARSE_LEN=4096" in msg and "--max-model-len to 49152" in msg
+    assert "SPARGE_MIN_SPARSE_LEN=4096" in msg and "--max-model-len to 32768" in msg
     vllm_log.clear()
     engine_config(attention_backend="SPARGE", additional_config={"sparge": {"mode": "dense"}})
     engine_config(attention_backend="SPARGE",
