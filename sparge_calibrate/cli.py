@@ -33,6 +33,7 @@ from .arguments import (
     DEFAULT_L1,
     PV_RATIO,
     _budget,
+    _fraction,
     _layer_spec,
     _positive_int,
     parse_layer_spec,
@@ -122,8 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--quantile", type=float, default=1.0,
                         help="a setting must meet the budget on this quantile of the samples "
                         "(default 1.0: on every sample)")
-    search.add_argument("--sparsity-floor", type=float, default=0.1,
+    search.add_argument("--sparsity-floor", type=_fraction, default=0.1,
                         help="heads with less block sparsity are calibrated dense (default 0.1)")
+    search.add_argument("--layer-sparsity-floor", type=_fraction, default=0.1,
+                        help="a layer whose heads together skip less (dense heads at 0) is "
+                        "calibrated dense: the sparse path would cost it more (default 0.1)")
     search.add_argument("--sim-grid", type=float, nargs="+", default=list(DEFAULT_SIM_GRID),
                         metavar="S", help="simthreshd1 candidates in [-1, 1]")
     search.add_argument("--cdf-steps", type=_positive_int, default=10,
@@ -135,9 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ------------------------------------------------------------------------------------------------
-# validation (every problem -> parser.error, exit code 2)
-# ------------------------------------------------------------------------------------------------
+# ---- validation (every problem -> parser.error, exit code 2) -------------------------------------
 
 
 def _check_file_arg(parser, flag: str, path: str, extensions: Sequence[str]) -> None:
@@ -176,8 +178,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                      f"{MIN_PROMPT_TOKENS} tokens (three query blocks of {BLKQ})")
     if not 0.0 < args.quantile <= 1.0:
         parser.error(f"--quantile {args.quantile:g} must be in (0, 1]")
-    if not 0.0 <= args.sparsity_floor < 1.0:
-        parser.error(f"--sparsity-floor {args.sparsity_floor:g} must be in [0, 1)")
     if any(not -1.0 <= s <= 1.0 for s in args.sim_grid):
         parser.error(f"--sim-grid values must be in [-1, 1], got {args.sim_grid}")
     if args.pv_steps < 0:
@@ -256,9 +256,7 @@ def _dtype(args, info) -> torch.dtype:
     return torch.bfloat16
 
 
-# ------------------------------------------------------------------------------------------------
-# main
-# ------------------------------------------------------------------------------------------------
+# ---- main ----------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -309,7 +307,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, saved: dict
                         driver=args.driver)
     config = SearchConfig(
         sim_grid=tuple(args.sim_grid), cdf_steps=args.cdf_steps, pv_steps=args.pv_steps,
-        sparsity_floor=args.sparsity_floor, rule=args.sim_rule, quantile=args.quantile,
+        sparsity_floor=args.sparsity_floor, layer_sparsity_floor=args.layer_sparsity_floor,
+        rule=args.sim_rule, quantile=args.quantile,
     )
     try:
         return _run(args, info, cands, prompts, heldout, config, saved)

@@ -13,7 +13,9 @@ head with its own thresholds, since heads are independent in both stages):
    a larger cdfthreshd keeps more blocks) whose error <= ``l1`` (on ``-log10(1 - cdf)``, see
    ``CDF_U_MAX``); keep the grid point with the highest block sparsity (ties: lower error);
 2. heads whose best sparsity is below ``sparsity_floor`` are marked dense: ``simthreshd1 = 1``,
-   ``cdfthreshd = 1``, ``pvthreshd = 50`` (PV skip off -- the original kept the PV threshold);
+   ``cdfthreshd = 1``, ``pvthreshd = 50`` (PV skip off -- the original kept the PV threshold); so
+   is every head of a layer whose heads together (dense ones at 0) skip less than
+   ``layer_sparsity_floor``: the sparse path's fixed cost per layer would outweigh what it skips;
 3. for the sparse heads, bisect the smallest ``pvthreshd`` in ``[0, 50)`` whose error with the
    stage-1 setting <= ``pv_l1`` (> ``l1``); 50 (off) if none.
 
@@ -153,6 +155,8 @@ class SearchConfig:
     cdf_steps: int = 10  # bisection steps on -log10(1 - cdfthreshd) in [0, 6]: resolution 0.006
     pv_steps: int = 8  # bisection steps on pvthreshd in [0, 50): resolution ~0.2 (0 = PV skip off)
     sparsity_floor: float = 0.1  # heads with less block sparsity than this are marked dense
+    # a layer whose mean block sparsity over its heads is below this is marked dense
+    layer_sparsity_floor: float = 0.1
     rule: str = "l1"  # which of ERROR_RULES the budgets bound
     quantile: float = 1.0  # aggregate over samples: 1.0 = every sample within budget
 
@@ -163,8 +167,9 @@ class SearchConfig:
             raise ValueError(f"sim_grid must be non-empty values in [-1, 1], got {self.sim_grid}")
         if self.cdf_steps < 1 or self.pv_steps < 0:
             raise ValueError("cdf_steps must be >= 1 and pv_steps >= 0")
-        if not 0.0 <= self.sparsity_floor < 1.0:
-            raise ValueError(f"sparsity_floor must be in [0, 1), got {self.sparsity_floor}")
+        for name in ("sparsity_floor", "layer_sparsity_floor"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 < self.quantile <= 1.0:
             raise ValueError(f"quantile must be in (0, 1], got {self.quantile}")
 
@@ -332,12 +337,26 @@ def search_layer(
 
     # ---- dense marking (PV reset included) ------------------------------------------------------
     is_sparse = (best_sp >= config.sparsity_floor) & (best_sp > 0)
+    # NOTE: measured (docs/PERFORMANCE.md, "End to end at real models' geometries"): with every
+    # block kept the sparse path costs 5-8% of a layer's attention time (the predictor, the kept
+    # blocks' tables); a layer breaks even at about 12% block sparsity at 32K, 6% at 128K
+    layer_sp = float(torch.where(is_sparse, best_sp, 0.0).mean())
+    if bool(is_sparse.any()) and layer_sp < config.layer_sparsity_floor:
+        logger.info("%d sparse heads skip %.1f%% of the layer's blocks, below the layer floor "
+                    "%g: the layer is calibrated dense", int(is_sparse.sum()), 100 * layer_sp,
+                    config.layer_sparsity_floor)
+        is_sparse = torch.zeros_like(is_sparse)
     sim = torch.where(is_sparse, best_sim, ones)
     cdf = torch.where(is_sparse, best_cdf, ones)
 
     # ---- stage 2: pvthreshd bisection with the stage-1 setting ---------------------------------
     lo, hi = torch.zeros(num_heads, **f32), pv_off.clone()
-    for _ in range(config.pv_steps):
+    pv_steps = config.pv_steps if bool(is_sparse.any()) else 0
+    if pv_steps < config.pv_steps:  # no sparse head: nothing to search
+        done += config.pv_steps
+        if on_step is not None:
+            on_step(done, total)
+    for _ in range(pv_steps):
         mid = (lo + hi) / 2
         _, err = run(sim, cdf, torch.where(is_sparse, mid, pv_off))
         ok = (err <= budget.pv_l1) & is_sparse

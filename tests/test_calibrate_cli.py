@@ -185,6 +185,19 @@ def test_budget_resolution(flags, expect):
         assert args.budgets == list(budget.DEFAULT_CANDIDATES)
 
 
+def test_search_flags_reach_the_search(tiny_model, files, tmp_path, monkeypatch):
+    import sparge_calibrate.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda *a: seen.append(a[5]) or 0)
+    assert main([str(a) for a in (tiny_model, "--prompts", files["calib"], "--out",
+                                  tmp_path / "t.safetensors", "--sparsity-floor", "0.2",
+                                  "--layer-sparsity-floor", "0.3", "--quantile", "0.5", *FAST)]) == 0
+    (config,) = seen
+    assert (config.sparsity_floor, config.layer_sparsity_floor, config.quantile) == (0.2, 0.3, 0.5)
+    assert (config.sim_grid, config.cdf_steps, config.pv_steps) == ((-1.0, 0.5), 3, 2)
+
+
 def test_layers_per_pass_gives_the_same_file(tiny_model, files, tmp_path, capsys):
     """--layers-per-pass 1 (one layer's Q/K/V in memory at a time) finds the same thresholds:
     each layer's search only ever sees its own samples."""
@@ -385,6 +398,8 @@ ARG_ERRORS = [
     (["--plot", "{d}/heat.jpg"], "must end with .png"),
     (["--quantile", "1.5"], "must be in (0, 1]"),
     (["--sparsity-floor", "1"], "must be in [0, 1)"),
+    (["--layer-sparsity-floor", "-0.1"], "must be in [0, 1)"),
+    (["--layer-sparsity-floor", "half"], "'half' is not a number"),
     (["--sim-grid", "2"], "must be in [-1, 1]"),
     (["--pv-steps", "-1"], "must be >= 0"),
     (["--driver", "vllm", "--device", "cpu"], "--driver vllm needs --device cuda"),

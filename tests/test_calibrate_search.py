@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -166,6 +167,31 @@ def test_sparsity_floor_marks_heads_dense():
     assert (res.cdfthreshd[0].item(), res.pvthreshd[0].item()) == (1.0, PV_SKIP_OFF)
 
 
+def test_layer_sparsity_floor_marks_a_layer_dense():
+    """A layer whose heads together skip less than ``layer_sparsity_floor`` (its dense heads
+    counting 0) is written dense, PV skip off; just above its mean sparsity it stays sparse."""
+    samples = make_layer([8.0, "uniform", "uniform"], lengths=(768,), seed=3)
+    config = SearchConfig(sim_grid=(-1.0,), cdf_steps=4, pv_steps=2, layer_sparsity_floor=0.0)
+    free = search_layer(samples, SCALE, ReferenceEvaluator(), BUDGET, config)
+    assert free.is_sparse.tolist() == [True, False, False]
+    mean = float(free.sparsity[0]) / 3
+    assert mean > 0.05
+    kept = search_layer(samples, SCALE, ReferenceEvaluator(), BUDGET,
+                        replace(config, layer_sparsity_floor=mean * 0.9))
+    assert kept.is_sparse.tolist() == [True, False, False]
+    assert torch.equal(kept.cdfthreshd, free.cdfthreshd)
+    steps = []
+    dense = search_layer(samples, SCALE, ReferenceEvaluator(), BUDGET,
+                         replace(config, layer_sparsity_floor=mean * 1.1),
+                         on_step=lambda done, total: steps.append((done, total)))
+    assert not dense.is_sparse.any()
+    assert dense.cdfthreshd.tolist() == [1.0] * 3 and dense.simthreshd1.tolist() == [1.0] * 3
+    assert dense.pvthreshd.tolist() == [PV_SKIP_OFF] * 3
+    assert dense.sparsity.max() < 0.01  # only what no setting computes anyway
+    # the PV search is skipped, the progress still ends at its total
+    assert steps[-1][0] == steps[-1][1] == config.evaluations_per_layer
+
+
 def test_quantile_aggregation():
     errs = torch.tensor([[0.1, 0.5], [0.2, 0.1], [0.9, 0.2], [0.3, 0.3]])
     assert aggregate_errors(errs, 1.0).tolist() == pytest.approx([0.9, 0.5])
@@ -242,6 +268,7 @@ def test_samples_too_short_or_malformed():
     (dict(sim_grid=(1.5,)), "sim_grid"),
     (dict(cdf_steps=0), "cdf_steps"),
     (dict(sparsity_floor=1.0), "sparsity_floor"),
+    (dict(layer_sparsity_floor=-0.1), "layer_sparsity_floor"),
     (dict(quantile=0.0), "quantile"),
 ])
 def test_search_config_errors(kwargs, match):
