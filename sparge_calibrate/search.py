@@ -194,6 +194,7 @@ class LayerResult:
     rule: str
     evaluations: int = field(default=0, compare=False)
     window: bool = False  # a sliding-window layer: served dense, recorded dense, not searched
+    floored: bool = False  # calibrated dense: its heads together skip less than the layer floor
 
     @property
     def num_heads(self) -> int:
@@ -341,7 +342,8 @@ def search_layer(
     # block kept the sparse path costs 5-8% of a layer's attention time (the predictor, the kept
     # blocks' tables); a layer breaks even at about 12% block sparsity at 32K, 6% at 128K
     layer_sp = float(torch.where(is_sparse, best_sp, 0.0).mean())
-    if bool(is_sparse.any()) and layer_sp < config.layer_sparsity_floor:
+    floored = bool(is_sparse.any()) and layer_sp < config.layer_sparsity_floor
+    if floored:
         logger.info("%d sparse heads skip %.1f%% of the layer's blocks, below the layer floor "
                     "%g: the layer is calibrated dense", int(is_sparse.sum()), 100 * layer_sp,
                     config.layer_sparsity_floor)
@@ -396,6 +398,7 @@ def search_layer(
         budget=budget,
         rule=config.rule,
         evaluations=done,
+        floored=floored,
     )
 
 

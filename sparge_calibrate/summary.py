@@ -34,13 +34,18 @@ def format_summary(results: Sequence[LayerResult]) -> tuple[list[str], list[list
             continue
         rows.append([
             str(i), f"{r.budget.l1:g}", f"{r.budget.pv_l1:g}", f"{float(r.sparsity.mean()):.1%}",
-            f"{dense}/{r.num_heads}", pv, f"{float(r.error.max()):.4f}",
+            f"{dense}/{r.num_heads}" + (" (layer floor)" if r.floored else ""), pv,
+            f"{float(r.error.max()):.4f}",
         ])
     searched = [r for r in results if not r.window]
     heads = sum(r.num_heads for r in searched)
     dense = sum(int((~r.is_sparse).sum()) for r in searched)
     windows = len(results) - len(searched)
     window = f"; {windows} sliding-window layers dense, not searched" if windows else ""
+    floored = [str(i) for i, r in enumerate(results) if r.floored]
+    if floored:
+        window += (f"; layer{'s' * (len(floored) > 1)} {', '.join(floored)} dense (below "
+                   "--layer-sparsity-floor)")
     footer = (f"overall mean sparsity {overall_sparsity(results):.1%} over {heads} "
               f"{'full-attention ' if windows else ''}heads; {dense} of them dense{window} "
               f"(error rule: {results[0].rule})")

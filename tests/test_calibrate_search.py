@@ -178,13 +178,13 @@ def test_layer_sparsity_floor_marks_a_layer_dense():
     assert mean > 0.05
     kept = search_layer(samples, SCALE, ReferenceEvaluator(), BUDGET,
                         replace(config, layer_sparsity_floor=mean * 0.9))
-    assert kept.is_sparse.tolist() == [True, False, False]
+    assert kept.is_sparse.tolist() == [True, False, False] and not kept.floored
     assert torch.equal(kept.cdfthreshd, free.cdfthreshd)
     steps = []
     dense = search_layer(samples, SCALE, ReferenceEvaluator(), BUDGET,
                          replace(config, layer_sparsity_floor=mean * 1.1),
                          on_step=lambda done, total: steps.append((done, total)))
-    assert not dense.is_sparse.any()
+    assert not dense.is_sparse.any() and dense.floored
     assert dense.cdfthreshd.tolist() == [1.0] * 3 and dense.simthreshd1.tolist() == [1.0] * 3
     assert dense.pvthreshd.tolist() == [PV_SKIP_OFF] * 3
     assert dense.sparsity.max() < 0.01  # only what no setting computes anyway

@@ -223,3 +223,7 @@ def test_summary_counts_only_searched_heads():
                              "dense; 5 sliding-window layers dense, not searched")
     assert overall_sparsity([dense_layer_result(4, budget, "l1", window=True)]) == 0.0
     assert "over 4 heads; 2 of them dense (error" in format_summary([full])[2]
+    floored = replace(dense_layer_result(4, budget, "l1"), floored=True)
+    rows, footer = format_summary([full, floored, full])[1:]
+    assert rows[1][4] == "4/4 (layer floor)" and rows[0][4] == "2/4"
+    assert footer.endswith("; layer 1 dense (below --layer-sparsity-floor) (error rule: l1)")
