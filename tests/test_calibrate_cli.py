@@ -190,9 +190,9 @@ def test_search_flags_reach_the_search(tiny_model, files, tmp_path, monkeypatch)
 
     seen = []
     monkeypatch.setattr(cli, "_run", lambda *a: seen.append(a[5]) or 0)
-    assert main([str(a) for a in (tiny_model, "--prompts", files["calib"], "--out",
-                                  tmp_path / "t.safetensors", "--sparsity-floor", "0.2",
-                                  "--layer-sparsity-floor", "0.3", "--quantile", "0.5", *FAST)]) == 0
+    argv = [tiny_model, "--prompts", files["calib"], "--out", tmp_path / "t.safetensors",
+            "--sparsity-floor", "0.2", "--layer-sparsity-floor", "0.3", "--quantile", "0.5", *FAST]
+    assert main([str(a) for a in argv]) == 0
     (config,) = seen
     assert (config.sparsity_floor, config.layer_sparsity_floor, config.quantile) == (0.2, 0.3, 0.5)
     assert (config.sim_grid, config.cdf_steps, config.pv_steps) == ((-1.0, 0.5), 3, 2)
