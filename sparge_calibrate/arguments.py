@@ -47,11 +47,15 @@ def parse_layer_spec(text: str) -> tuple[int, int, float]:
     return first, last, value
 
 
-def _budget(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _budget(text: str) -> float:
+    value = _number(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text} must be a positive number")
     # NOTE: the thresholds file only holds budgets in (0, 1]; refuse others before the search
@@ -61,10 +65,7 @@ def _budget(text: str) -> float:
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"{text} must be in [0, 1)")
     return value
