@@ -121,7 +121,7 @@ def main() -> None:
     g = torch.Generator(device=args.device).manual_seed(0)
     geo = (args.heads, args.kv_heads, args.head_dim)
     config = SearchConfig(sim_grid=DEFAULT_SIM_GRID, cdf_steps=args.cdf_steps,
-                          pv_steps=args.pv_steps)
+                          pv_steps=args.pv_steps, allocation="head")
     budget = LayerBudget(0.06, 0.07)
     scale = 1.0 / math.sqrt(args.head_dim)
 

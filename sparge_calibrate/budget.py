@@ -1,14 +1,15 @@
 """The error budget of a calibration: the one given (``--l1``, ``--pv-l1``, per-layer budgets) or
 the largest of several candidates whose thresholds keep held-out perplexity within a target of
 dense (``--ppl-target``; +0.5% by default when ``--report`` gives held-out prompts and no budget
-is given). Without held-out prompts and with no budget given: ``l1`` 0.01.
+is given). Without held-out prompts and with no budget given: ``l1`` 0.005.
 
-One good budget differs between models and context lengths: within +0.5% held-out perplexity,
-SmolLM2-135M takes l1 0.015 at 4K (33% block sparsity), Gemma 3 270M's full-attention layers
-0.02 at 8K (16%) and 0.1 at 32K (68%) (docs/PERFORMANCE.md, "The algorithm on a real model"). A
-perplexity target states what a user wants; the budget that meets it is then measured per model:
-the prompts are captured once, every candidate is searched on that capture, and one held-out pass
-per candidate measures its perplexity.
+One good budget differs between models and context lengths: with the model-wide allocation, a
+mean l1 of 0.005 costs SmolLM2-135M +0.07% at 4K (25% block sparsity) and 0.02 costs it +0.9%,
+while Gemma 3 270M's full-attention layers at 32K take 0.05 for +0.25% (56%); docs/PERFORMANCE.md,
+"The algorithm on a real model". A perplexity target states what a user wants; the budget that
+meets it is then measured per model: the prompts are captured once, every candidate is
+allocated on that capture (``--allocation model``: on one grid measurement; ``head``: one search
+each), and one held-out pass per candidate measures its perplexity.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from .search import LayerBudget
 
 DEFAULT_PPL_TARGET = 0.005
 """The perplexity target when ``--report`` is given and no budget flag is: +0.5% of dense."""
-DEFAULT_CANDIDATES = (0.005, 0.01, 0.02, 0.05, 0.1)
-"""``--budgets``' default: ``l1`` budgets from quality-first to the one that holds +0.5% on Gemma 3
-at 32K (0.1; past it, 0.2 costs +1.7% there); docs/PERFORMANCE.md."""
+DEFAULT_CANDIDATES = (0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1)
+"""``--budgets``' default: ``l1`` budgets about 1.5x apart, from quality-first to past the one
+that holds +0.5% on Gemma 3 at 32K; a step costs SmolLM2 at 4K about 5 points of sparsity
+(docs/PERFORMANCE.md). With the model-wide allocation a candidate costs one allocation and one
+held-out pass, not a search."""
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from .arguments import (
 )
 from .outputs import Output, OutputError, check_output, describe_cause, save_copy, write_atomic
 from .prompts import MIN_PROMPT_TOKENS, PROMPT_EXTENSIONS, PromptError, check_lengths, load_prompts
-from .search import DEFAULT_SIM_GRID, ERROR_RULES, SearchConfig
+from .search import ALLOCATIONS, DEFAULT_SIM_GRID, ERROR_RULES, SearchConfig
 
 __all__ = ["build_parser", "main", "parse_layer_spec"]
 
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="thresholds file to write (an existing file is only replaced if it is a "
                    "thresholds file)")
     p.add_argument("--l1", type=_budget,
-                   help="stage-1 error budget per head (relative L1 for --sim-rule l1). Default: "
+                   help="stage-1 error budget (relative L1 for --sim-rule l1): the mean over "
+                   "the heads (--allocation model) or every head's (--allocation head). Default: "
                    "with --report, chosen by held-out perplexity (--ppl-target); without, "
                    f"{DEFAULT_L1:g}. Any budget flag fixes the budget")
     p.add_argument("--pv-l1", type=_budget,
@@ -120,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="write a heatmap of sparsity per (layer, head) (an "
                    "existing file is only replaced if it is a heatmap sparge-calibrate wrote)")
     search = p.add_argument_group("search (docs/METHOD.md, \"Calibration\")")
+    search.add_argument("--allocation", choices=ALLOCATIONS, default="model",
+                        help="model (default): the l1 budget bounds the mean error over the heads "
+                        "of the layers sharing it, spent where it skips the most blocks; head: "
+                        "it bounds every head's error")
     search.add_argument("--quantile", type=float, default=1.0,
                         help="a setting must meet the budget on this quantile of the samples "
                         "(default 1.0: on every sample)")
@@ -130,8 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibrated dense: the sparse path would cost it more (default 0.1)")
     search.add_argument("--sim-grid", type=float, nargs="+", default=list(DEFAULT_SIM_GRID),
                         metavar="S", help="simthreshd1 candidates in [-1, 1]")
-    search.add_argument("--cdf-steps", type=_positive_int, default=10,
-                        help="bisection steps on cdfthreshd (default 10)")
+    search.add_argument("--cdf-points", type=_positive_int, default=SearchConfig.cdf_points,
+                        help="--allocation model: cdfthreshd grid points per simthreshd1 "
+                        f"(default {SearchConfig.cdf_points})")
+    search.add_argument("--cdf-steps", type=_positive_int, default=SearchConfig.cdf_steps,
+                        help="--allocation head: bisection steps on cdfthreshd "
+                        f"(default {SearchConfig.cdf_steps})")
     search.add_argument("--pv-steps", type=int, default=8,
                         help="bisection steps on pvthreshd (default 8; 0 = PV skip off, so "
                         "every layer can run attention_kernel fa3)")
@@ -182,6 +191,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--sim-grid values must be in [-1, 1], got {args.sim_grid}")
     if args.pv_steps < 0:
         parser.error(f"--pv-steps {args.pv_steps} must be >= 0")
+    if args.cdf_points < 2:
+        parser.error(f"--cdf-points {args.cdf_points} must be >= 2 (the grid spans cdfthreshd "
+                     "0.44 to 0.99997)")
     budget.resolve(parser, args)
     args.candidate_files = {l1: _check_output_arg(parser, "--keep-candidates", path, ".safetensors")
                             for l1, path in budget.candidate_paths(args).items()}
@@ -308,7 +320,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, saved: dict
     config = SearchConfig(
         sim_grid=tuple(args.sim_grid), cdf_steps=args.cdf_steps, pv_steps=args.pv_steps,
         sparsity_floor=args.sparsity_floor, layer_sparsity_floor=args.layer_sparsity_floor,
-        rule=args.sim_rule, quantile=args.quantile,
+        rule=args.sim_rule, quantile=args.quantile, allocation=args.allocation,
+        cdf_points=args.cdf_points,
     )
     try:
         return _run(args, info, cands, prompts, heldout, config, saved)
@@ -358,19 +371,18 @@ def _thresholds(args, info, cand, searched: dict, config, prompts):
         config_hash=info.config_hash, l1=cand.l1, pv_l1=cand.pv_l1,
         l1_budget=torch.tensor([b.l1 for b in cand.layers], dtype=torch.float32),
         pv_l1_budget=torch.tensor([b.pv_l1 for b in cand.layers], dtype=torch.float32),
-        sim_rule=args.sim_rule, num_prompts=len(prompts), prompts_sha256=prompts_sha256(prompts),
+        sim_rule=args.sim_rule, allocation=config.allocation, num_prompts=len(prompts),
+        prompts_sha256=prompts_sha256(prompts),
     )
     return th, results
 
 
 def _run(args, info, cands, prompts, heldout, config, saved: dict[str, str]) -> int:
-    from tqdm import tqdm
-
     from sparge_serve.thresholds import Thresholds, save_thresholds
 
     from .evaluators import make_evaluator
-    from .hf_driver import capture_hf, load_model, quality_report
-    from .search import search_layer
+    from .hf_driver import load_model, quality_report
+    from .pipeline import search_candidates
     from .summary import format_quality, format_summary, plot_heatmap, print_table
 
     dtype = _dtype(args, info)
@@ -387,63 +399,19 @@ def _run(args, info, cands, prompts, heldout, config, saved: dict[str, str]) -> 
     model = None
     if args.driver == "hf":
         model = load_model(args.model_dir, args.device, dtype, "sdpa")
-    evaluator = None  # NOTE: made after the first capture (the vLLM engine starts first)
-    # NOTE: sliding-window layers run dense when served: recorded dense, never captured/searched
-    searched = [i for i in range(info.num_layers) if i not in info.window_layers]
-    per_pass = args.layers_per_pass or max(len(searched), 1)
-    passes = [searched[i : i + per_pass] for i in range(0, len(searched), per_pass)]
-    heads = info.num_heads
     if info.window_layers:
         logger.info("sliding-window layers %s run dense when served: written dense, not searched",
                     sorted(info.window_layers))
-    found = [[] for _ in cands]  # per candidate budget: the searched layers' results
-    for group in passes:
-        only = None if len(passes) == 1 and not info.window_layers else group
-        desc = "capturing" + ("" if only is None else f" layers {group[0]}-{group[-1]}")
-        with tqdm(total=len(prompts), unit="prompt", desc=desc, disable=args.quiet) as bar:
-            step = lambda _p, bar=bar: bar.update(1)
-            if args.driver == "vllm":
-                from .vllm_driver import _free_gpu_memory, capture_vllm
-
-                cap = capture_vllm(args.model_dir, prompts,
-                                   dtype=str(dtype).removeprefix("torch."),
-                                   tensor_parallel_size=args.tensor_parallel_size,
-                                   on_prompt=step, layers=only)
-            else:
-                cap = capture_hf(args.model_dir, prompts, args.device, dtype, model=model,
-                                 on_prompt=step, layers=only)
-        if evaluator is None:
-            evaluator = make_evaluator(args.device)
-            logger.info("measuring errors with the %s evaluator (%d evaluations per layer)",
-                        evaluator.name, config.evaluations_per_layer)
-        # one capture and one evaluator preparation per layer serve every candidate budget
-        desc = "searching" + (f" {len(cands)} budgets" if len(cands) > 1 else "")
-        with tqdm(total=len(group) * heads * len(cands), unit="head", desc=desc,
-                  disable=args.quiet) as bar:
-            for i in group:
-                bar.set_postfix_str(f"layer {i}")
-                prepared = evaluator.prepare(cap.layers[i], cap.scales[i])
-                for cand, results in zip(cands, found, strict=True):
-                    start = bar.n
-
-                    def on_step(done: int, total: int, bar=bar, start=start) -> None:
-                        bar.update(start + (heads * done) // total - bar.n)
-
-                    results.append(search_layer(cap.layers[i], cap.scales[i], evaluator,
-                                                cand.layers[i], config, on_step, prepared))
-                del prepared
-        del cap
-        if args.driver == "vllm":  # the next pass starts a new engine
-            _free_gpu_memory()
-
+    found, evaluator = search_candidates(args, info, cands, prompts, config, dtype, model)
     if evaluator is None:  # every layer windowed: nothing was captured
         evaluator = make_evaluator(args.device)
-    made = [_thresholds(args, info, cand, dict(zip(searched, results, strict=True)), config,
-                        prompts) for cand, results in zip(cands, found, strict=True)]
+    made = [_thresholds(args, info, cand, results, config, prompts)
+            for cand, results in zip(cands, found, strict=True)]
 
     def quality(named):  # held-out quality of the named thresholds and of the untuned defaults
         nonlocal model
-        d = Thresholds.defaults(info.num_layers, heads, info.num_kv_heads, info.head_dim)
+        d = Thresholds.defaults(info.num_layers, info.num_heads, info.num_kv_heads,
+                                info.head_dim)
         settings = {name: (t.simthreshd1, t.cdfthreshd, t.pvthreshd) for name, t in named}
         settings["untuned defaults"] = (d.simthreshd1, d.cdfthreshd, d.pvthreshd)
         if model is None:
@@ -481,7 +449,7 @@ def _run(args, info, cands, prompts, heldout, config, saved: dict[str, str]) -> 
     print_table(f"SpargeAttn calibration: {info.name}", header, rows, footer)
     if args.plot_file is not None:
         title = (f"{info.name}: block sparsity per head (l1 {cands[pick].l1:g}, pv "
-                 f"{cands[pick].pv_l1:g}, {args.sim_rule})")
+                 f"{cands[pick].pv_l1:g}, {args.sim_rule}, {config.allocation} allocation)")
         ok &= _save(args.plot_file, ".png", lambda path: plot_heatmap(results, path, title),
                     "the heatmap", saved)
 

@@ -6,8 +6,12 @@ list of :class:`Sample` (``q [Lq, Hq, D]`` = the last ``Lq`` positions of a cont
 :class:`Evaluator` against dense attention on the same Q/K/V; two implementations ship in
 ``sparge_calibrate.evaluators`` (the CPU reference and the serving kernels on CUDA).
 
-Search, per head (all heads of a layer in *lockstep*: one evaluator call per step evaluates every
-head with its own thresholds, since heads are independent in both stages):
+Two allocations of a budget share this module's types, the PV search and the final measurement
+(:func:`finish_layer`): ``model`` (the default, ``allocate.py``) bounds the mean error of the
+heads sharing a budget; ``head`` (:func:`search_layer`, below) bounds every head's error.
+
+The per-head search (all heads of a layer in *lockstep*: one evaluator call per step evaluates
+every head with its own thresholds, since heads are independent in both stages):
 
 1. for each ``simthreshd1`` of a grid, bisect the *smallest* ``cdfthreshd`` (= the sparsest setting;
    a larger cdfthreshd keeps more blocks) whose error <= ``l1`` (on ``-log10(1 - cdf)``, see
@@ -42,25 +46,16 @@ from sparge_serve.reference import block_masks, tail_blocks
 from .prompts import MIN_PROMPT_TOKENS
 
 __all__ = [
-    "CDF_U_MAX",
-    "DEFAULT_SIM_GRID",
-    "ERROR_RULES",
-    "Evaluation",
-    "Evaluator",
-    "LayerBudget",
-    "LayerResult",
-    "Sample",
-    "SearchConfig",
-    "aggregate_errors",
-    "check_samples",
-    "dense_layer_result",
-    "output_errors",
-    "search_layer",
-    "search_layers",
-    "skippable_blocks",
+    "ALLOCATIONS", "CDF_U_MAX", "DEFAULT_SIM_GRID", "ERROR_RULES", "Evaluation", "Evaluator",
+    "LayerBudget", "LayerResult", "Runner", "Sample", "SearchConfig", "aggregate_errors",
+    "below_layer_floor", "cdf_from_u", "check_samples", "dense_layer_result", "finish_layer",
+    "output_errors", "search_layer", "search_layers", "skippable_blocks", "sparsity",
     "stack_results",
 ]
 
+ALLOCATIONS = ("model", "head")
+"""How a budget bounds the heads' errors: their mean over the heads sharing it (``model``,
+``allocate.py``) or each head's (``head``, :func:`search_layer`)."""
 ERROR_RULES = ("l1", "cosine", "rmse")
 """``l1``: sum|O - O_ref| / sum|O_ref|; ``cosine``: 1 - cos(O, O_ref); ``rmse``: ||O - O_ref|| /
 ||O_ref|| (relative RMSE). Per head, over all tokens and channels of a sample."""
@@ -159,14 +154,21 @@ class SearchConfig:
     layer_sparsity_floor: float = 0.1
     rule: str = "l1"  # which of ERROR_RULES the budgets bound
     quantile: float = 1.0  # aggregate over samples: 1.0 = every sample within budget
+    # "model": the budget bounds the mean error of the heads sharing it (allocate.py); "head":
+    # it bounds every head's error (search_layer)
+    allocation: str = "model"
+    cdf_points: int = 16  # "model": cdfthreshd grid points per simthreshd1 (allocate.cdf_grid)
 
     def __post_init__(self) -> None:
         if self.rule not in ERROR_RULES:
             raise ValueError(f"unknown error rule {self.rule!r}; choose one of {ERROR_RULES}")
         if not self.sim_grid or any(not -1.0 <= s <= 1.0 for s in self.sim_grid):
             raise ValueError(f"sim_grid must be non-empty values in [-1, 1], got {self.sim_grid}")
-        if self.cdf_steps < 1 or self.pv_steps < 0:
-            raise ValueError("cdf_steps must be >= 1 and pv_steps >= 0")
+        if self.cdf_steps < 1 or self.pv_steps < 0 or self.cdf_points < 2:
+            raise ValueError("cdf_steps must be >= 1, cdf_points >= 2 and pv_steps >= 0")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of "
+                             f"{ALLOCATIONS}")
         for name in ("sparsity_floor", "layer_sparsity_floor"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -175,6 +177,10 @@ class SearchConfig:
 
     @property
     def evaluations_per_layer(self) -> int:
+        """Evaluator calls per layer and budget ("model": the grid, shared by every budget, then
+        the PV search and its final measurement, if on)."""
+        if self.allocation == "model":
+            return len(self.sim_grid) * self.cdf_points + (self.pv_steps + 1) * (self.pv_steps > 0)
         return len(self.sim_grid) * self.cdf_steps + self.pv_steps + 1
 
 
@@ -268,14 +274,37 @@ the keep set of a head with a peaked block distribution only changes in the last
 where a linear bisection has no resolution; beyond 1 - 1e-6 fp32 mass sums are noise."""
 
 
-def _cdf_from_u(u: torch.Tensor) -> torch.Tensor:
+def cdf_from_u(u: torch.Tensor) -> torch.Tensor:
     # NOTE: evaluated and stored as the same fp32 value (what the file holds is what was measured)
     return (1.0 - torch.pow(10.0, -u)).clamp(min=1e-6).to(torch.float32)
 
 
-def _sparsity(ev: Evaluation) -> torch.Tensor:
+def sparsity(ev: Evaluation) -> torch.Tensor:
     kept, valid = ev.kept.sum(0).double(), ev.valid.sum(0).double()
     return (1.0 - kept / valid.clamp_min(1)).float()
+
+
+class Runner:
+    """Runs the evaluator with per-head thresholds, counting calls for ``on_step(done, total)``;
+    returns the evaluation and its errors aggregated over samples (``config``'s rule and
+    quantile)."""
+
+    def __init__(self, evaluator: Evaluator, prepared: Any, config: SearchConfig, total: int,
+                 on_step: Callable[[int, int], None] | None = None):
+        self.evaluator, self.prepared, self.config = evaluator, prepared, config
+        self.total, self.on_step, self.done = total, on_step, 0
+
+    def __call__(self, sim: torch.Tensor, cdf: torch.Tensor,
+                 pv: torch.Tensor) -> tuple[Evaluation, torch.Tensor]:
+        ev = self.evaluator.evaluate(self.prepared, sim, cdf, pv)
+        self.skip(1)
+        return ev, aggregate_errors(ev.error(self.config.rule), self.config.quantile)
+
+    def skip(self, steps: int) -> None:
+        """Count ``steps`` calls that need not run (progress stays proportional)."""
+        self.done += steps
+        if steps and self.on_step is not None:
+            self.on_step(self.done, self.total)
 
 
 def search_layer(
@@ -294,17 +323,8 @@ def search_layer(
     num_heads, _, _ = check_samples(samples)
     if prepared is None:
         prepared = evaluator.prepare(samples, scale)
-    total = config.evaluations_per_layer
-    done = 0
-
-    def run(sim: torch.Tensor, cdf: torch.Tensor, pv: torch.Tensor):
-        nonlocal done
-        ev = evaluator.evaluate(prepared, sim, cdf, pv)
-        done += 1
-        if on_step is not None:
-            on_step(done, total)
-        return ev, aggregate_errors(ev.error(config.rule), config.quantile)
-
+    total = len(config.sim_grid) * config.cdf_steps + config.pv_steps + 1
+    run = Runner(evaluator, prepared, config, total, on_step)
     f32 = dict(dtype=torch.float32)
     ones = torch.ones(num_heads, **f32)
     pv_off = torch.full((num_heads,), PV_SKIP_OFF, **f32)
@@ -322,13 +342,13 @@ def search_layer(
         hi_sp, hi_err = torch.zeros(num_heads, **f32), torch.zeros(num_heads, **f32)
         for _ in range(config.cdf_steps):
             mid = (lo + hi.clamp(max=CDF_U_MAX)) / 2
-            cdf = _cdf_from_u(mid)
+            cdf = cdf_from_u(mid)
             ev, err = run(sim, cdf, pv_off)
             ok = err <= budget.l1
             hi = torch.where(ok, mid, hi)
             lo = torch.where(ok, lo, mid)
             hi_cdf = torch.where(ok, cdf, hi_cdf)
-            hi_sp = torch.where(ok, _sparsity(ev), hi_sp)
+            hi_sp = torch.where(ok, sparsity(ev), hi_sp)
             hi_err = torch.where(ok, err, hi_err)
         better = (hi_sp > best_sp) | ((hi_sp == best_sp) & (hi_err < best_err))
         best_sim = torch.where(better, sim, best_sim)
@@ -338,40 +358,50 @@ def search_layer(
 
     # ---- dense marking (PV reset included) ------------------------------------------------------
     is_sparse = (best_sp >= config.sparsity_floor) & (best_sp > 0)
+    floored = bool(is_sparse.any()) and below_layer_floor(best_sp, is_sparse, config)
+    if floored:
+        logger.info("%d sparse heads skip %.1f%% of the layer's blocks, below the layer floor "
+                    "%g: the layer is calibrated dense", int(is_sparse.sum()),
+                    100 * float(torch.where(is_sparse, best_sp, 0.0).mean()),
+                    config.layer_sparsity_floor)
+        is_sparse = torch.zeros_like(is_sparse)
+    return finish_layer(run, torch.where(is_sparse, best_sim, ones),
+                        torch.where(is_sparse, best_cdf, ones), is_sparse,
+                        torch.full((num_heads,), budget.pv_l1, **f32), budget, floored)
+
+
+def below_layer_floor(head_sparsity: torch.Tensor, is_sparse: torch.Tensor,
+                      config: SearchConfig) -> bool:
+    """Whether the sparse heads together (dense ones at 0) skip less than the layer floor."""
     # NOTE: measured (docs/PERFORMANCE.md, "End to end at real models' geometries"): with every
     # block kept the sparse path costs 5-8% of a layer's attention time (the predictor, the kept
     # blocks' tables); a layer breaks even at about 12% block sparsity at 32K, 6% at 128K
-    layer_sp = float(torch.where(is_sparse, best_sp, 0.0).mean())
-    floored = bool(is_sparse.any()) and layer_sp < config.layer_sparsity_floor
-    if floored:
-        logger.info("%d sparse heads skip %.1f%% of the layer's blocks, below the layer floor "
-                    "%g: the layer is calibrated dense", int(is_sparse.sum()), 100 * layer_sp,
-                    config.layer_sparsity_floor)
-        is_sparse = torch.zeros_like(is_sparse)
-    sim = torch.where(is_sparse, best_sim, ones)
-    cdf = torch.where(is_sparse, best_cdf, ones)
+    return float(torch.where(is_sparse, head_sparsity, 0.0).mean()) < config.layer_sparsity_floor
 
-    # ---- stage 2: pvthreshd bisection with the stage-1 setting ---------------------------------
-    lo, hi = torch.zeros(num_heads, **f32), pv_off.clone()
+
+def finish_layer(run: Runner, sim: torch.Tensor, cdf: torch.Tensor, is_sparse: torch.Tensor,
+                 pv_budget: torch.Tensor, budget: LayerBudget, floored: bool) -> LayerResult:
+    """Stage 2 (the smallest ``pvthreshd`` per sparse head whose error stays within its
+    ``pv_budget``) and the final measurement of the chosen setting, as a :class:`LayerResult`.
+    ``sim``/``cdf``: the stage-1 setting (1 for dense heads)."""
+    config, num_heads = run.config, int(sim.shape[0])
+    pv_off = torch.full((num_heads,), PV_SKIP_OFF, dtype=torch.float32)
+    lo, hi = torch.zeros(num_heads, dtype=torch.float32), pv_off.clone()
     pv_steps = config.pv_steps if bool(is_sparse.any()) else 0
-    if pv_steps < config.pv_steps:  # no sparse head: nothing to search
-        done += config.pv_steps
-        if on_step is not None:
-            on_step(done, total)
+    run.skip(config.pv_steps - pv_steps)  # no sparse head: nothing to search
     for _ in range(pv_steps):
         mid = (lo + hi) / 2
         _, err = run(sim, cdf, torch.where(is_sparse, mid, pv_off))
-        ok = (err <= budget.pv_l1) & is_sparse
+        ok = (err <= pv_budget) & is_sparse
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok, lo, mid)
     pv = torch.where(is_sparse, hi, pv_off)
 
-    # ---- final measurement of the chosen setting ----------------------------------------------
     ev, err = run(sim, cdf, pv)
-    over = is_sparse & (err > budget.pv_l1)
+    over = is_sparse & (err > pv_budget)
     if bool(over.any()):
         raise RuntimeError(
-            f"evaluator {evaluator.name!r} is not deterministic: heads "
+            f"evaluator {run.evaluator.name!r} is not deterministic: heads "
             f"{torch.nonzero(over).flatten().tolist()} exceed their budget with settings measured "
             "as passing; calibrate with a deterministic evaluator"
         )
@@ -381,7 +411,7 @@ def search_layer(
         logger.warning(
             "dense heads %s have error %.3g without skipping anything (the %s evaluator's "
             "rounding), above the l1 budget %g: the budget is too tight to skip any block",
-            torch.nonzero(floor).flatten().tolist(), float(err[floor].max()), evaluator.name,
+            torch.nonzero(floor).flatten().tolist(), float(err[floor].max()), run.evaluator.name,
             budget.l1,
         )
     valid = ev.valid.sum(0).double().clamp_min(1)
@@ -391,13 +421,13 @@ def search_layer(
         cdfthreshd=cdf,
         pvthreshd=pv,
         is_sparse=is_sparse,
-        sparsity=_sparsity(ev),
+        sparsity=sparsity(ev),
         pv_skip=pv_skip,
         error=err,
         sample_errors=ev.error(config.rule).float(),
         budget=budget,
         rule=config.rule,
-        evaluations=done,
+        evaluations=run.done,
         floored=floored,
     )
 

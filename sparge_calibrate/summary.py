@@ -23,19 +23,19 @@ def overall_sparsity(results: Sequence[LayerResult]) -> float:
 def format_summary(results: Sequence[LayerResult]) -> tuple[list[str], list[list[str]], str]:
     """Header, rows (one per layer) and a footer line of the calibration summary."""
     header = ["layer", "l1 budget", "pv budget", "mean sparsity", "dense heads", "mean pv skip",
-              "max error"]
+              "mean error", "max error"]
     rows = []
     for i, r in enumerate(results):
         dense = int((~r.is_sparse).sum())
         pv = "n/a" if r.pv_skip is None else f"{float(r.pv_skip.mean()):.1%}"
         if r.window:  # a sliding-window layer: served dense, never searched
             rows.append([str(i), f"{r.budget.l1:g}", f"{r.budget.pv_l1:g}", "dense (window)",
-                         f"{dense}/{r.num_heads}", "n/a", "n/a"])
+                         f"{dense}/{r.num_heads}", "n/a", "n/a", "n/a"])
             continue
         rows.append([
             str(i), f"{r.budget.l1:g}", f"{r.budget.pv_l1:g}", f"{float(r.sparsity.mean()):.1%}",
             f"{dense}/{r.num_heads}" + (" (layer floor)" if r.floored else ""), pv,
-            f"{float(r.error.max()):.4f}",
+            f"{float(r.error.mean()):.4f}", f"{float(r.error.max()):.4f}",
         ])
     searched = [r for r in results if not r.window]
     heads = sum(r.num_heads for r in searched)

@@ -23,7 +23,8 @@ from sparge_serve.thresholds import ModelGeometry, config_hash, load_thresholds
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 2, 4, 2, 64, 300
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a real but coarse search, so the CLI runs in seconds on the CPU reference
-FAST = ["--sim-grid", "-1", "0.5", "--cdf-steps", "3", "--pv-steps", "2", "--quiet"]
+FAST = ["--sim-grid", "-1", "0.5", "--cdf-steps", "3", "--cdf-points", "4", "--pv-steps", "2",
+        "--quiet"]
 
 
 def _words(n: int, start: int = 0) -> str:
@@ -85,11 +86,12 @@ def test_end_to_end_with_report_and_plot(tiny_model, files, tmp_path, capsys):
 
     th = load_thresholds(out_file, expect=ModelGeometry(LAYERS, HEADS, KV_HEADS, HEAD_DIM))
     assert th.simthreshd1.shape == (LAYERS, HEADS)
-    assert th.l1 == 0.01 and th.pv_l1 == 0.015 and th.sim_rule == "l1" and th.num_prompts == 2
+    assert th.l1 == 0.005 and th.pv_l1 == 0.0075 and th.sim_rule == "l1" and th.num_prompts == 2
+    assert th.allocation == "model"
     # the per-layer budgets used: layer 0 its own l1 with the global PV margin, layer 1 its own PV
     f32 = lambda *x: torch.tensor(x, dtype=torch.float32)
-    assert torch.equal(th.l1_budget, f32(0.04, 0.01))
-    assert torch.equal(th.pv_l1_budget, f32(0.04 + (0.015 - 0.01), 0.09))
+    assert torch.equal(th.l1_budget, f32(0.04, 0.005))
+    assert torch.equal(th.pv_l1_budget, f32(0.04 + (0.0075 - 0.005), 0.09))
     from transformers import AutoConfig
 
     assert th.config_hash == config_hash(AutoConfig.from_pretrained(tiny_model).to_dict())
@@ -106,7 +108,7 @@ def test_end_to_end_with_report_and_plot(tiny_model, files, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "overall mean sparsity" in stdout and "dense heads" in stdout
     # layer 0's own budget with the global PV margin (rich or plain table)
-    assert re.search(r"^\W*0\W+0\.04\W+0\.045\W", stdout, re.M), stdout
+    assert re.search(r"^\W*0\W+0\.04\W+0\.0425\W", stdout, re.M), stdout
     assert "calibrated" in stdout and "untuned defaults" in stdout and "ppl" in stdout
 
 
@@ -160,19 +162,20 @@ def test_budget_choice_takes_the_largest_within_the_target():
 
 
 @pytest.mark.parametrize("flags,expect", [
-    ([], dict(l1=0.01, pv_l1=0.015, ppl_target=None)),
-    (["--report", "h.txt"], dict(l1=0.01, pv_l1=0.015, ppl_target=0.005)),
+    ([], dict(l1=0.005, pv_l1=0.0075, ppl_target=None)),
+    (["--report", "h.txt"], dict(l1=0.005, pv_l1=0.0075, ppl_target=0.005)),
     (["--report", "h.txt", "--ppl-target", "0.01", "--pv-l1", "0.02"],
-     dict(l1=0.01, pv_l1=0.02, ppl_target=0.01)),
+     dict(l1=0.005, pv_l1=0.02, ppl_target=0.01)),
     (["--report", "h.txt", "--l1", "0.02"], dict(l1=0.02, pv_l1=0.03, ppl_target=None)),
-    (["--report", "h.txt", "--pv-l1", "0.05"], dict(l1=0.01, pv_l1=0.05, ppl_target=None)),
-    (["--report", "h.txt", "--layer-l1", "0:0.02"], dict(l1=0.01, ppl_target=None)),
+    (["--report", "h.txt", "--pv-l1", "0.05"], dict(l1=0.005, pv_l1=0.05, ppl_target=None)),
+    (["--report", "h.txt", "--layer-l1", "0:0.02"], dict(l1=0.005, ppl_target=None)),
     (["--l1", "0.05"], dict(l1=0.05, pv_l1=0.075, ppl_target=None)),
 ], ids=["no-report", "report", "report-target", "report-l1", "report-pv", "report-layer", "l1"])
 def test_budget_resolution(flags, expect):
     """:func:`budget.resolve`: held-out prompts and no budget flag choose the budget by
     perplexity (+0.5% unless --ppl-target says otherwise; --l1 / --pv-l1 then set the candidates'
-    PV ratio); any budget flag, or no --report, fixes it (l1 0.01, PV 1.5 x l1 unless given)."""
+    PV ratio); any budget flag, or no --report, fixes it (l1 0.005, PV 1.5 x l1 unless
+    given)."""
     from sparge_calibrate import budget
     from sparge_calibrate.cli import build_parser
 
@@ -191,21 +194,27 @@ def test_search_flags_reach_the_search(tiny_model, files, tmp_path, monkeypatch)
     seen = []
     monkeypatch.setattr(cli, "_run", lambda *a: seen.append(a[5]) or 0)
     argv = [tiny_model, "--prompts", files["calib"], "--out", tmp_path / "t.safetensors",
-            "--sparsity-floor", "0.2", "--layer-sparsity-floor", "0.3", "--quantile", "0.5", *FAST]
+            "--sparsity-floor", "0.2", "--layer-sparsity-floor", "0.3", "--quantile", "0.5",
+            "--allocation", "head", *FAST]
     assert main([str(a) for a in argv]) == 0
     (config,) = seen
     assert (config.sparsity_floor, config.layer_sparsity_floor, config.quantile) == (0.2, 0.3, 0.5)
     assert (config.sim_grid, config.cdf_steps, config.pv_steps) == ((-1.0, 0.5), 3, 2)
+    assert (config.allocation, config.cdf_points) == ("head", 4)
 
 
-def test_layers_per_pass_gives_the_same_file(tiny_model, files, tmp_path, capsys):
+@pytest.mark.parametrize("allocation", ["model", "head"])
+def test_layers_per_pass_gives_the_same_file(allocation, tiny_model, files, tmp_path, capsys):
     """--layers-per-pass 1 (one layer's Q/K/V in memory at a time) finds the same thresholds:
-    each layer's search only ever sees its own samples."""
+    each layer is measured only on its own samples, and the model-wide allocation (whose PV
+    search captures each pass again) sees every layer's curves either way."""
     one_pass, per_layer = tmp_path / "one.safetensors", tmp_path / "per_layer.safetensors"
-    _run_ok([tiny_model, "--prompts", files["calib"], "--out", one_pass, *FAST], capsys)
+    flags = ["--allocation", allocation, "--l1", "0.05", *FAST]
+    _run_ok([tiny_model, "--prompts", files["calib"], "--out", one_pass, *flags], capsys)
     _run_ok([tiny_model, "--prompts", files["calib"], "--out", per_layer, "--layers-per-pass", "1",
-             *FAST], capsys)
+             *flags], capsys)
     a, b = load_thresholds(one_pass), load_thresholds(per_layer)
+    assert a.allocation == b.allocation == allocation
     for name in ("simthreshd1", "cdfthreshd", "pvthreshd", "is_sparse"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
@@ -219,8 +228,8 @@ def test_text_prompts_through_the_tokenizer(tiny_model, files, tmp_path, capsys)
     th = load_thresholds(out_file)
     assert th.num_prompts == 1 and th.sim_rule == "cosine"
     # no per-layer override: every layer's budgets are the global pair
-    assert th.l1_budget.tolist() == [torch.tensor(0.01).item()] * LAYERS
-    assert th.pv_l1_budget.tolist() == [torch.tensor(0.015).item()] * LAYERS
+    assert th.l1_budget.tolist() == [torch.tensor(0.005).item()] * LAYERS
+    assert th.pv_l1_budget.tolist() == [torch.tensor(0.0075).item()] * LAYERS
     # the first paragraph (two lines), BOS first, truncated to --max-len
     tok_ids = [1] + [int(w[1:]) + 4 for w in f"{_words(380)} {_words(10, 7)}".split()]
     assert th.prompts_sha256 == prompts_sha256([tok_ids[:384]])
@@ -383,10 +392,10 @@ ARG_ERRORS = [
     (["--layer-l1", "0:0"], "budget must be a positive number"),
     (["--layer-l1", "0-5:0.04"], "layer 5 is out of range (the model has 2 layers, 0-1)"),
     (["--layer-l1", "0-1:0.04", "1:0.05"], "layer 1 is given more than one budget"),
-    (["--layer-pv-l1", "0:0.005"], "PV budget 0.005 must exceed its l1 budget 0.01"),
+    (["--layer-pv-l1", "0:0.004"], "PV budget 0.004 must exceed its l1 budget 0.005"),
     (["--l1", "1.5"], "1.5 must be at most 1"),
     (["--layer-l1", "0:2"], "budget must be at most 1"),
-    (["--layer-l1", "0:0.999"], "layer 0: PV budget 1.004 (its --layer-l1 budget plus"),
+    (["--layer-l1", "0:0.999"], "layer 0: PV budget 1.0015 (its --layer-l1 budget plus"),
     (["--layer-l1", "0:0.05", "--layer-pv-l1", "0:0.0500000001"],
      "PV budget 0.05 must exceed its l1 budget 0.05"),
     (["--max-len", "100"], "below the minimum calibration prompt length of 384"),
@@ -402,6 +411,8 @@ ARG_ERRORS = [
     (["--layer-sparsity-floor", "half"], "'half' is not a number"),
     (["--sim-grid", "2"], "must be in [-1, 1]"),
     (["--pv-steps", "-1"], "must be >= 0"),
+    (["--cdf-points", "1"], "--cdf-points 1 must be >= 2"),
+    (["--allocation", "global"], "invalid choice: 'global'"),
     (["--driver", "vllm", "--device", "cpu"], "--driver vllm needs --device cuda"),
     (["--tensor-parallel-size", "0"], "must be at least 1"),
     (["--tensor-parallel-size", "two"], "'two' is not an integer"),

@@ -30,7 +30,7 @@ D = 64
 SCALE = 1.0 / math.sqrt(D)
 BUDGET = LayerBudget(0.06, 0.07)
 # small but real search: two grid points ("all similar" and 0.5), 6 + 4 bisection steps
-FAST = SearchConfig(sim_grid=(-1.0, 0.5), cdf_steps=6, pv_steps=4)
+FAST = SearchConfig(sim_grid=(-1.0, 0.5), cdf_steps=6, pv_steps=4, allocation="head")
 RULES = ["l1", "cosine", "rmse"]
 
 
@@ -171,7 +171,8 @@ def test_layer_sparsity_floor_marks_a_layer_dense():
     """A layer whose heads together skip less than ``layer_sparsity_floor`` (its dense heads
     counting 0) is written dense, PV skip off; just above its mean sparsity it stays sparse."""
     samples = make_layer([8.0, "uniform", "uniform"], lengths=(768,), seed=3)
-    config = SearchConfig(sim_grid=(-1.0,), cdf_steps=4, pv_steps=2, layer_sparsity_floor=0.0)
+    config = SearchConfig(sim_grid=(-1.0,), cdf_steps=4, pv_steps=2, layer_sparsity_floor=0.0,
+                          allocation="head")
     free = search_layer(samples, SCALE, ReferenceEvaluator(), BUDGET, config)
     assert free.is_sparse.tolist() == [True, False, False]
     mean = float(free.sparsity[0]) / 3
@@ -224,7 +225,7 @@ class _CountingEvaluator(ReferenceEvaluator):
 def test_one_evaluator_call_per_step_for_all_heads():
     samples = make_layer([8.0, "uniform", 12.0], lengths=(640,), seed=4)
     ev = _CountingEvaluator()
-    config = SearchConfig(sim_grid=(-1.0, 0.5), cdf_steps=3, pv_steps=2)
+    config = SearchConfig(sim_grid=(-1.0, 0.5), cdf_steps=3, pv_steps=2, allocation="head")
     search_layer(samples, SCALE, ev, BUDGET, config)
     assert ev.calls == config.evaluations_per_layer == 2 * 3 + 2 + 1
 

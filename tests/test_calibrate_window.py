@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+import sparge_calibrate.allocate as allocate_mod
 import sparge_calibrate.search as search_mod
 from sparge_calibrate.cli import main
 from sparge_calibrate.hf_driver import model_info, window_layers
@@ -19,7 +20,8 @@ from sparge_serve.thresholds import ModelGeometry, load_thresholds, model_geomet
 
 HQ, HKV, D, VOCAB = 4, 2, 64, 300
 GEMMA_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-FAST = ["--sim-grid", "-1", "0.5", "--cdf-steps", "3", "--pv-steps", "2", "--quiet"]
+FAST = ["--sim-grid", "-1", "0.5", "--cdf-steps", "3", "--cdf-points", "4", "--pv-steps", "2",
+        "--quiet"]
 
 
 def test_window_layers_gemma3_default_pattern():
@@ -92,14 +94,18 @@ def prompts(tmp_path_factory):
 
 @pytest.fixture
 def searched(monkeypatch):
-    """The real search, recording the samples of every layer it is given."""
-    real, seen = search_mod.search_layer, []
+    """The real search (either allocation), recording the samples of every layer it is given."""
+    seen = []
 
-    def search_layer(samples, *args, **kwargs):
-        seen.append(samples)
-        return real(samples, *args, **kwargs)
+    def recording(real):
+        def record(samples, *args, **kwargs):
+            seen.append(samples)
+            return real(samples, *args, **kwargs)
 
-    monkeypatch.setattr(search_mod, "search_layer", search_layer)
+        return record
+
+    for module, name in ((search_mod, "search_layer"), (allocate_mod, "layer_curves")):
+        monkeypatch.setattr(module, name, recording(getattr(module, name)))
     return seen
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sparge_calibrate.allocate as allocate_mod
 import sparge_calibrate.search as search_mod
 import sparge_calibrate.summary as summary_mod
 import sparge_serve.thresholds as thresholds_mod
@@ -43,9 +44,9 @@ def prompts(tmp_path) -> Path:
 
 @pytest.fixture(autouse=True)
 def fast_search(monkeypatch):
-    """Replace the threshold search by one that calls ``fast_search.during`` (if set), then marks
-    every head dense: the run reaches the writes in seconds (and a case meant to stop at argument
-    checking fails fast where it does not)."""
+    """Replace the threshold search (either allocation's) by one that calls
+    ``fast_search.during`` (if set), then marks every head dense: the run reaches the writes in
+    seconds (and a case meant to stop at argument checking fails fast where it does not)."""
 
     class Hook:
         during = None
@@ -60,7 +61,16 @@ def fast_search(monkeypatch):
             error=torch.zeros(h), sample_errors=torch.zeros(len(samples), h), budget=budget,
             rule=config.rule)
 
+    def layer_curves(samples, scale, evaluator, config, on_step=None, prepared=None):
+        if Hook.during is not None:
+            Hook.during()
+        h = samples[0].q.shape[1]
+        return allocate_mod.LayerCurves(
+            sim=torch.ones(1), cdf=torch.ones(1), sparsity=torch.zeros(1, h),
+            error=torch.zeros(1, h), sample_errors=torch.zeros(1, len(samples), h))
+
     monkeypatch.setattr(search_mod, "search_layer", search_layer)
+    monkeypatch.setattr(allocate_mod, "layer_curves", layer_curves)
     return Hook
 
 

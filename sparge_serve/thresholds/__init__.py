@@ -14,8 +14,9 @@ file is replaced while a server starts. Format (see docs/DESIGN.md, "Thresholds 
   neither and still load, with ``Thresholds.l1_budget`` / ``pv_l1_budget`` = ``None``);
 - string metadata: ``format`` = "sparge-thresholds", ``format_version`` = "1", the model geometry
   (``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``blkq``, ``blkk``) and provenance
-  (``model``, ``config_hash``, ``l1``, ``pv_l1``, ``sim_rule``, ``num_prompts``, ``prompts_sha256``,
-  ``package_version``, ``created``). The numeric ones are validated like the tensors: ``l1`` and
+  (``model``, ``config_hash``, ``l1``, ``pv_l1``, ``sim_rule``, ``allocation`` (``model``: the
+  budgets bound the heads' mean error; ``head``: every head's; empty in older files),
+  ``num_prompts``, ``prompts_sha256``, ``package_version``, ``created``). The numeric ones are validated like the tensors: ``l1`` and
   ``pv_l1`` empty or a number in (0, 1] (``pv_l1 > l1`` when both are given), ``num_prompts`` an
   integer >= 0, the geometry positive integers.
 

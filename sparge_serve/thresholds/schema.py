@@ -109,6 +109,8 @@ class Thresholds:
     l1: float | None = None  # stage-1 relative-L1 budget used by calibration (global)
     pv_l1: float | None = None  # stage-2 budget (global)
     sim_rule: str = ""
+    # how the budget bounded the heads: "model" (their mean, allocated) or "head" (each head)
+    allocation: str = ""
     num_prompts: int = 0
     prompts_sha256: str = ""
     package_version: str = ""
