@@ -15,7 +15,10 @@ the same run. Batch 1, bf16, head dim 128, 32 query / 8 KV heads, 64-token pages
 Each sparse row is one ``sparge_paged_prefill`` call as the backend makes it (predictor, then
 the attention, in head chunks under the default ``map_budget``), with ``--attention``'s kernels:
 ``triton`` (the block-sparse kernel) and ``fa3`` (FlashAttention-3 over each row's kept blocks;
-columns ``+fa3``). ``--kv-dtype fp8`` runs everything over an fp8 cache and query (per-tensor
+columns ``+fa3``). ``--planned`` times instead what the backend pays in each layer: the
+plan (``plan.plan_prefill``: sub-batch, head chunks, tables) is built once per engine step and
+shared by every layer, so each timed call is ``prefill.run_prefill`` over a prebuilt plan, with
+no argument checks. ``--kv-dtype fp8`` runs everything over an fp8 cache and query (per-tensor
 scales, as vLLM's ``--kv-cache-dtype fp8``) against FA3's fp8 forward on the same cache
 (FLASH_ATTN-fp8); a chunk of an engine's chunked prefill (e.g. 16384 new tokens on a 131072-token
 context) is one such case. Writes ``<out>.json`` and ``<out>.md``.
@@ -32,6 +35,8 @@ import triton
 from bench_kernels import fa3_descales, fp8_inputs
 
 from sparge_serve.kernels import PrefillBatch, num_blocks, sparge_paged_prefill
+from sparge_serve.kernels.plan import plan_prefill
+from sparge_serve.kernels.prefill import run_prefill
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 
@@ -72,7 +77,7 @@ def kernel_table(fn, calls: int = 3) -> str:
 
 
 def measure(ctx: int, q_len: int, fa3, attention: list[str], kv_dtype: str,
-            profile: bool = False) -> dict:
+            profile: bool = False, planned: bool = False) -> dict:
     hv = lambda x: torch.full((HQ,), float(x), device="cuda")  # noqa: E731
     scale = D**-0.5
     q, kc, vc, batch = case(ctx, q_len)
@@ -98,6 +103,14 @@ def measure(ctx: int, q_len: int, fa3, attention: list[str], kv_dtype: str,
                 sparge_paged_prefill(q, kc, vc, batch, scale, hv(sim), hv(1.0), hv(50.0), out,
                                      topk=topk, check_finite=False, pv_skip=False,
                                      attention=path, scales=scales)
+
+            if planned:  # one plan a step, as the backend builds it; each layer only launches
+                plan = plan_prefill(batch, HQ, HKV, D, out.dtype, PAGE, q.device, topk,
+                                    attention=path, q_rows=q.shape[0])
+
+                def run(sim=sim, plan=plan):  # noqa: F811
+                    run_prefill(plan, q, kc, vc, scale, hv(sim), hv(1.0), hv(50.0), out,
+                                scales=scales)
             t = bench(run)
             key = name + SUFFIX[path]
             if profile:
@@ -116,6 +129,9 @@ def main() -> None:
     ap.add_argument("--attention", nargs="+", choices=tuple(SUFFIX), default=["triton"],
                     help="the sparse path's attention kernels to time (default triton)")
     ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16")
+    ap.add_argument("--planned", action="store_true",
+                    help="time each layer's launches over a plan built once (as the backend "
+                    "runs a step), not the checked call that plans itself")
     ap.add_argument("--profile", action="store_true",
                     help="print each row's GPU time per kernel (torch.profiler, 3 calls)")
     ap.add_argument("--out", default="benchmarks/results/query_len")
@@ -134,7 +150,7 @@ def main() -> None:
     for ctx in args.contexts:
         for q_len in args.query_lens:
             rows.append(measure(ctx, q_len, fa3, args.attention, args.kv_dtype,
-                                args.profile))
+                                args.profile, args.planned))
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()
     meta = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),

@@ -40,6 +40,8 @@
 #   query_chunks  an engine's 16K prefill chunks (and 2K ones) on 32K and 128K contexts, both
 #              attention kernels, bf16 and fp8 caches, each row's GPU time per kernel in the log
 #              (about 2 minutes; -> $OUT/query_chunks_{bf16,fp8}.*)
+#   query_planned  2K and 16K chunks on 32K and 128K contexts, bf16, timed as each layer runs
+#              them over the step's prebuilt plan (--planned; -> $OUT/query_planned.*)
 #   e2e_quick  end-to-end TTFT at the Llama-3.1-8B geometry (random weights), the key rows:
 #              FLASH_ATTN@64, SPARGE at 50% and 90% block sparsity and with its default settings,
 #              32K and 128K, attention share and ceiling at 128K (about 10 minutes: a second
@@ -233,6 +235,11 @@ for stage in "$@"; do
                 --contexts 32768 131072 --query-lens 2048 16384 --attention triton fa3 --profile \
                 --kv-dtype $kv --out "$OUT/query_chunks_$kv"
         done
+        ;;
+    query_planned)
+        run query_planned timeout 280 python3 benchmarks/bench_query_len.py --contexts 32768 \
+            131072 --query-lens 2048 16384 --attention triton fa3 --planned \
+            --out "$OUT/query_planned"
         ;;
     e2e_quick|e2e_fp8|e2e_kernel|e2e|e2e_ttft|e2e_decode|e2e_serve|e2e_small)
         # one engine per process; rows are merged into $OUT/e2e.json after each engine, so a
