@@ -5,7 +5,7 @@ is given). Without held-out prompts and with no budget given: ``l1`` 0.005.
 
 One good budget differs between models and context lengths: with the model-wide allocation, a
 mean l1 of 0.005 costs SmolLM2-135M +0.07% at 4K (25% block sparsity) and 0.02 costs it +0.9%,
-while Gemma 3 270M's full-attention layers at 32K take 0.05 for +0.25% (56%); docs/PERFORMANCE.md,
+while 0.05 costs Gemma 3 270M's full-attention layers at 32K +0.17% (53%); docs/PERFORMANCE.md,
 "The algorithm on a real model". A perplexity target states what a user wants; the budget that
 meets it is then measured per model: the prompts are captured once, every candidate is
 allocated on that capture (``--allocation model``: on one grid measurement; ``head``: one search
