@@ -20,7 +20,7 @@ PV_RATIO = 1.5
 # on SmolLM2-135M at 4K, the model-wide allocation at l1 0.005 / 0.01 / 0.02 skips 24.8% / 31.3%
 # / 38.9% of the blocks at +0.07% / +0.31% / +0.89% (+0.17% / +0.63% / +1.50% on the worst of
 # two other documents). Relative L1 is a proxy whose perplexity cost differs by model and
-# length (l1 0.05 costs SmolLM2 at 4K +3.3%, Gemma 3 270M at 32K +0.17%), so with held-out
+# length (l1 0.05 costs SmolLM2 at 4K +2.4%, Gemma 3 270M at 32K +0.17%), so with held-out
 # prompts (`--report`) the budget is chosen by perplexity (budget.resolve).
 
 _SPEC = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*:\s*([^:\s]+)\s*$")
