@@ -331,13 +331,13 @@ def test_dry_run_prints_the_plan(tmp_path):
     plan = out.stdout
     assert "smollm2: " in plan and "lengths [4096, 8192]" in plan and "to convert" in plan
     assert "sparge_calibrate" in plan and "--driver vllm" in plan and "--max-len 8064" in plan
-    # SmolLM2's own budgets (0.01 / 0.015 / 0.02), each PV budget at sparge-calibrate's ratio
-    assert "--l1 0.015 --pv-l1 0.0225" in plan and "--l1 0.01 --pv-l1 0.015" in plan
+    # SmolLM2's own budgets (0.005 / 0.01 / 0.02), each PV budget at sparge-calibrate's ratio
+    assert "--l1 0.005 --pv-l1 0.0075" in plan and "--l1 0.01 --pv-l1 0.015" in plan
     assert "--l1 0.05 " not in plan
     assert "--samples 4" in plan
     gemma = _run("--dry-run", "--models", "gemma3", "--stages", "calibrate", "--work-dir",
                  str(tmp_path)).stdout
-    assert "--l1 0.1 --pv-l1 0.15" in gemma and "--l1 0.015 " not in gemma
+    assert "--l1 0.1 --pv-l1 0.15" in gemma and "--l1 0.005 " not in gemma
     both = _run("--dry-run", "--models", "gemma3", "--stages", "calibrate", "--budgets", "0.03",
                 "--work-dir", str(tmp_path)).stdout
     assert "--l1 0.03 " in both and "--l1 0.1 " not in both
