@@ -7,7 +7,8 @@ budget bounds the *mean* error over the heads of the layers that share it (dense
 and each head takes the setting that maximises ``sparsity - price * error``, with one ``price``
 for all of them: the allocation that skips the most blocks for that mean error (a Lagrangian
 relaxation over each head's measured points). Measured on SmolLM2-135M at 4K, at equal block
-sparsity it halves the held-out perplexity cost of the per-head search (docs/PERFORMANCE.md).
+sparsity it costs a half to two thirds of the per-head search's held-out perplexity rise
+(docs/PERFORMANCE.md).
 
 1. :func:`layer_curves`: every head of a layer measured at every point of a grid
    (``simthreshd1`` in ``sim_grid`` x ``cdfthreshd`` at ``cdf_points`` values of
