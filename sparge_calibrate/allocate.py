@@ -50,7 +50,7 @@ from .search import (
 )
 
 __all__ = ["CDF_U_GRID_MAX", "CDF_U_GRID_MIN", "Choice", "LayerCurves", "allocate", "cdf_grid",
-           "curve_evaluations", "layer_curves", "layer_result"]
+           "layer_curves", "layer_result"]
 
 CDF_U_GRID_MIN = 0.25
 CDF_U_GRID_MAX = 4.5
@@ -62,11 +62,6 @@ def cdf_grid(points: int) -> torch.Tensor:
     """``points`` cdfthreshd values, evenly spaced in ``u`` (fp32, as stored in the file)."""
     u = torch.linspace(CDF_U_GRID_MIN, CDF_U_GRID_MAX, points, dtype=torch.float64)
     return cdf_from_u(u)
-
-
-def curve_evaluations(config: SearchConfig) -> int:
-    """Evaluator calls of :func:`layer_curves` for one layer."""
-    return len(config.sim_grid) * config.cdf_points
 
 
 @dataclass(frozen=True)
@@ -91,11 +86,12 @@ def layer_curves(samples: Sequence[Sample], scale: float, evaluator: Evaluator,
     num_heads, _, _ = check_samples(samples)
     if prepared is None:
         prepared = evaluator.prepare(samples, scale)
-    run = Runner(evaluator, prepared, config, curve_evaluations(config), on_step)
+    run = Runner(evaluator, prepared, config, config.grid_evaluations, on_step)
     pv_off = torch.full((num_heads,), PV_SKIP_OFF, dtype=torch.float32)
+    grid = cdf_grid(config.cdf_points).tolist()
     sims, cdfs, sps, errs, sample_errs = [], [], [], [], []
     for s in config.sim_grid:
-        for c in cdf_grid(config.cdf_points).tolist():
+        for c in grid:
             sim = torch.full((num_heads,), float(s), dtype=torch.float32)
             cdf = torch.full((num_heads,), c, dtype=torch.float32)
             ev, err = run(sim, cdf, pv_off)
@@ -126,9 +122,9 @@ def _pick(curves: LayerCurves, price: float, floor: float) -> torch.Tensor:
     return torch.where(best > 0, point, -1)
 
 
-def _at(curves: LayerCurves, point: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``values [P, H]`` at each head's point, 0 for dense heads."""
-    got = values.gather(0, point.clamp_min(0)[None])[0]
+def _at(point: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values [P, ..., H]`` at each head's point (``[..., H]``), 0 for dense heads."""
+    got = values.gather(0, point.clamp_min(0).expand(values.shape[1:])[None])[0]
     return torch.where(point >= 0, got, 0.0)
 
 
@@ -142,7 +138,7 @@ def _allocate_group(curves: Sequence[LayerCurves], l1: float,
                 for c, f in zip(curves, floored, strict=True)]
 
     def mean_error(points: list[torch.Tensor]) -> float:
-        return sum(float(_at(c, p, c.error).sum()) for c, p in zip(curves, points,
+        return sum(float(_at(p, c.error).sum()) for c, p in zip(curves, points,
                                                                    strict=True)) / heads
 
     while True:
@@ -156,7 +152,7 @@ def _allocate_group(curves: Sequence[LayerCurves], l1: float,
         points = choose(10.0**hi)
         newly = [i for i, (c, p) in enumerate(zip(curves, points, strict=True))
                  if not floored[i] and bool((p >= 0).any())
-                 and below_layer_floor(_at(c, p, c.sparsity), p >= 0, config)]
+                 and below_layer_floor(_at(p, c.sparsity), p >= 0, config)]
         if not newly:
             return [Choice(p, f) for p, f in zip(points, floored, strict=True)]
         for i in newly:  # dense now: their share of the budget goes to the other layers
@@ -188,19 +184,16 @@ def layer_result(curves: LayerCurves, choice: Choice, budget: LayerBudget, confi
     f32 = dict(dtype=torch.float32)
     sim = torch.where(is_sparse, curves.sim[point.clamp_min(0)], torch.ones(h, **f32))
     cdf = torch.where(is_sparse, curves.cdf[point.clamp_min(0)], torch.ones(h, **f32))
-    error = _at(curves, point, curves.error)
+    error = _at(point, curves.error)
     if config.pv_steps and bool(is_sparse.any()):
         if run is None:
             raise ValueError("the PV search needs the layer's samples: pass run")
         # each sparse head may add the budgets' margin to its own stage-1 error
         return finish_layer(run, sim, cdf, is_sparse, error + (budget.pv_l1 - budget.l1),
                             budget, choice.floored)
-    samples = curves.sample_errors.shape[1]
-    sample_errors = torch.stack([_at(curves, point, curves.sample_errors[:, s])
-                                 for s in range(samples)]) if samples else curves.sample_errors[0]
     return LayerResult(
         simthreshd1=sim, cdfthreshd=cdf, pvthreshd=torch.full((h,), PV_SKIP_OFF, **f32),
-        is_sparse=is_sparse, sparsity=_at(curves, point, curves.sparsity), pv_skip=None,
-        error=error, sample_errors=sample_errors, budget=budget, rule=config.rule,
-        evaluations=curve_evaluations(config), floored=choice.floored,
+        is_sparse=is_sparse, sparsity=_at(point, curves.sparsity), pv_skip=None,
+        error=error, sample_errors=_at(point, curves.sample_errors), budget=budget,
+        rule=config.rule, evaluations=config.grid_evaluations, floored=choice.floored,
     )

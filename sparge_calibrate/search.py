@@ -176,12 +176,23 @@ class SearchConfig:
             raise ValueError(f"quantile must be in (0, 1], got {self.quantile}")
 
     @property
-    def evaluations_per_layer(self) -> int:
-        """Evaluator calls per layer and budget ("model": the grid, shared by every budget, then
-        the PV search and its final measurement, if on)."""
-        if self.allocation == "model":
-            return len(self.sim_grid) * self.cdf_points + (self.pv_steps + 1) * (self.pv_steps > 0)
+    def grid_evaluations(self) -> int:
+        """Evaluator calls of one layer's grid ("model", shared by every budget)."""
+        return len(self.sim_grid) * self.cdf_points
+
+    @property
+    def search_evaluations(self) -> int:
+        """Evaluator calls of one layer's per-head search ("head", per budget), PV search and
+        final measurement included."""
         return len(self.sim_grid) * self.cdf_steps + self.pv_steps + 1
+
+    @property
+    def evaluations_per_layer(self) -> int:
+        """Evaluator calls per layer and budget of this allocation ("model": the grid, then the
+        PV search and its final measurement, if on)."""
+        if self.allocation == "model":
+            return self.grid_evaluations + (self.pv_steps + 1) * (self.pv_steps > 0)
+        return self.search_evaluations
 
 
 @dataclass(frozen=True)
@@ -323,8 +334,7 @@ def search_layer(
     num_heads, _, _ = check_samples(samples)
     if prepared is None:
         prepared = evaluator.prepare(samples, scale)
-    total = len(config.sim_grid) * config.cdf_steps + config.pv_steps + 1
-    run = Runner(evaluator, prepared, config, total, on_step)
+    run = Runner(evaluator, prepared, config, config.search_evaluations, on_step)
     f32 = dict(dtype=torch.float32)
     ones = torch.ones(num_heads, **f32)
     pv_off = torch.full((num_heads,), PV_SKIP_OFF, **f32)

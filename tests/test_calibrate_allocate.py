@@ -15,7 +15,6 @@ from sparge_calibrate.allocate import (
     LayerCurves,
     allocate,
     cdf_grid,
-    curve_evaluations,
     layer_curves,
     layer_result,
 )
@@ -141,8 +140,8 @@ def layer():
 
 def test_curves_measure_every_point(layer):
     samples, config, c = layer
-    assert c.sparsity.shape == c.error.shape == (curve_evaluations(config), 4)
-    assert c.sample_errors.shape == (curve_evaluations(config), len(samples), 4)
+    assert c.sparsity.shape == c.error.shape == (config.grid_evaluations, 4)
+    assert c.sample_errors.shape == (config.grid_evaluations, len(samples), 4)
     # an independent recomputation of one point with the reference
     p = 3
     sim, cdf = c.sim[p].expand(4), c.cdf[p].expand(4)
