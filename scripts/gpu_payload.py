@@ -1,6 +1,7 @@
 """Pack what an offline GPU machine needs beyond the vLLM bundle into chunks that travel with the tree.
 
-    python3 scripts/gpu_payload.py --models smollm2 gemma3 --extra quality
+    python3 scripts/gpu_payload.py --models smollm2 gemma3 --extra quality \
+        --skip pandas pyarrow scipy scikit-learn lxml joblib
         # writes .gpu/payload/cpart00, cpart01, ... (<= --chunk-mb MiB each, default 34)
 
 Run it with a Python that has pip (not the project's uv environment, which has none; the
@@ -60,10 +61,11 @@ def _pins(extra: str | None) -> dict[str, str]:
     return pins
 
 
-def extra_wheels(extra: str, dest: Path) -> list[str]:
-    """Download (or build) the wheels ``extra`` adds to the locked base environment."""
+def extra_wheels(extra: str, dest: Path, skip: set[str]) -> list[str]:
+    """Download (or build) the wheels ``extra`` adds to the locked base environment, less the
+    packages in ``skip`` (ones the GPU machine already has)."""
     base, full = _pins(None), _pins(extra)
-    added = sorted((n, v) for n, v in full.items() if n not in base)
+    added = sorted((n, v) for n, v in full.items() if n not in base and n not in skip)
     if not added:
         sys.exit(f"gpu_payload: the extra {extra!r} adds no package (is it in pyproject.toml?)")
     for name, version in added:
@@ -114,6 +116,9 @@ def main() -> None:
                     help="an optional extra of pyproject.toml whose added wheels to carry")
     ap.add_argument("--chunk-mb", type=int, default=34, help="MiB a chunk (34)")
     ap.add_argument("--out", type=Path, default=ROOT / ".gpu" / "payload")
+    ap.add_argument("--skip", nargs="+", default=[], metavar="PACKAGE",
+                    help="packages of an extra not to carry: the GPU machine has them (e.g. "
+                         "pandas pyarrow scipy scikit-learn)")
     ap.add_argument("--pip", default=None,
                     help="the pip command that downloads (default: this interpreter's)")
     args = ap.parse_args()
@@ -123,7 +128,12 @@ def main() -> None:
     if not args.models and not args.extra:
         ap.error("nothing to pack: give --models and/or --extra")
     if args.out.exists():
+        stray = [p.name for p in args.out.iterdir() if not re.fullmatch(r"cpart\d\d", p.name)]
+        if stray:
+            sys.exit(f"gpu_payload: {args.out} holds files this script did not write "
+                     f"({', '.join(sorted(stray)[:3])}): give --out an empty or new folder")
         shutil.rmtree(args.out)
+    skip = {n.lower().replace("_", "-") for n in args.skip}
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp)
         (stage / "models").mkdir()
@@ -131,7 +141,7 @@ def main() -> None:
         if args.models:
             model_files(args.models, stage / "models", stage / "wheels")
         for extra in args.extra:
-            print(f"{extra}: {' '.join(extra_wheels(extra, stage / 'wheels'))}")
+            print(f"{extra}: {' '.join(extra_wheels(extra, stage / 'wheels', skip))}")
         blob = stage / "payload.tar"
         with tarfile.open(blob, "w", dereference=True) as tar:
             tar.add(stage / "models", "models")

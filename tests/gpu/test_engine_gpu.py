@@ -365,6 +365,29 @@ def test_calibrated_thresholds_sparser_than_defaults(setup, record_property):
     assert summary["mismatch"] <= summary["total"] * LOSSY_MISMATCH_FRACTION, summary
 
 
+MODEL_THRESHOLDS = os.environ.get("SPARGE_TEST_THRESHOLDS")
+
+
+@pytest.mark.skipif(not MODEL_THRESHOLDS, reason="set SPARGE_TEST_THRESHOLDS to a thresholds file "
+                    "calibrated for SPARGE_TEST_MODEL")
+def test_model_thresholds_serve(setup, record_property):
+    """A thresholds file calibrated for the model under test (any model: a real one's file from
+    sparge-calibrate) serves against FLASH_ATTN with its block sparsity measured and reported,
+    its outputs held to the lossy bound of LOSSY_MISMATCH_FRACTION."""
+    tmp, prompts, max_model_len, flash = setup
+    sparge = _run_engine(tmp, "sparge_model_thresholds", "SPARGE", prompts, max_model_len,
+                         additional_config={"sparge": {"thresholds": MODEL_THRESHOLDS,
+                                                       "min_sparse_len": MIN_SPARSE_LEN}})
+    summary = _compare(flash, sparge)
+    summary["sparsity"] = _sparsity(sparge)
+    summary["thresholds"] = MODEL_THRESHOLDS
+    summary["prompt_tokens_sparse_dense"] = sparge["tokens"]
+    _report(record_property, "model_thresholds_vs_flash_attn", summary)
+    assert sparge["blocks"] is not None and sparge["blocks"][0] > 0, "sparse path never ran"
+    assert summary["sparsity"] > NEAR_DENSE_SPARSITY, summary
+    assert summary["mismatch"] <= summary["total"] * LOSSY_MISMATCH_FRACTION, summary
+
+
 QUALITY_FIRST = CALIBRATED.parent / "budget_sweep/thresholds_l1_0.01.safetensors"
 
 
