@@ -9,6 +9,9 @@
 #   kernel_tests  every kernel, head-chunk, FA3-path and warm-up test, on the GPU
 #   tests      GPU tests: kernels, warm-up, calibration search, vllm serve metrics (TP 1)
 #   engine     engine equivalence vs FLASH_ATTN (TP 1; five tests, about 8 minutes)
+#   engine_model  engine equivalence on a real model ($SPARGE_TEST_MODEL, e.g. the payload stage's
+#              /tmp/models/smollm2): dense-equivalent thresholds, the untuned ones and the model's
+#              calibrated file $SPARGE_TEST_THRESHOLDS vs FLASH_ATTN (four engines)
 #   engine_fa3 attention_kernel fa3 served like the Triton attention kernel (two engines)
 #   engine_fp8 --kv-cache-dtype fp8: dense-equivalent SPARGE vs FLASH_ATTN-fp8 (two engines)
 #   preempt    preemption/recompute with a small KV cache vs FLASH_ATTN (two engines)
@@ -141,6 +144,11 @@ for stage in "$@"; do
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
         run gpu_engine timeout 580 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine.xml" \
             tests/gpu/test_engine_gpu.py -k "not two_gpus and not preemption and not fa3 and not fp8"
+        ;;
+    engine_model)
+        export SPARGE_TEST_REPORT=$OUT/engine_report_$(basename "$SPARGE_TEST_MODEL").json
+        run gpu_engine_model timeout 580 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine_model.xml" \
+            tests/gpu/test_engine_gpu.py -k "dense_equivalent_thresholds or default_thresholds or model_thresholds"
         ;;
     engine_fp8)
         export SPARGE_TEST_REPORT=$OUT/engine_report_fp8.json
