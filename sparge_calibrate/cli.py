@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model (default): the l1 budget bounds the mean error over the heads "
                         "of the layers sharing it, spent where it skips the most blocks; head: "
                         "it bounds every head's error")
+    search.add_argument("--layer-sensitivity", action="store_true",
+                        help="--allocation model: move the budget between layers by how much "
+                        "each layer's error changes the model's output, measured by serving the "
+                        "allocation one layer at a time on calibration prompts (a pass a layer)")
+    search.add_argument("--sensitivity-prompts", type=_positive_int, default=1,
+                        help="--layer-sensitivity: calibration prompts it measures on (default 1)")
     search.add_argument("--quantile", type=float, default=1.0,
                         help="a setting must meet the budget on this quantile of the samples "
                         "(default 1.0: on every sample)")
@@ -191,6 +197,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--sim-grid values must be in [-1, 1], got {args.sim_grid}")
     if args.pv_steps < 0:
         parser.error(f"--pv-steps {args.pv_steps} must be >= 0")
+    if args.layer_sensitivity and args.allocation != "model":
+        parser.error("--layer-sensitivity moves the model-wide allocation's budget between "
+                     "layers: drop it or use --allocation model")
     if args.cdf_points < 2:
         parser.error(f"--cdf-points {args.cdf_points} must be >= 2 (the grid spans cdfthreshd "
                      "0.44 to 0.99997)")
@@ -369,8 +378,8 @@ def _thresholds(args, info, cand, searched: dict, config, prompts):
         blkq=BLKQ, blkk=BLKK,
         model=os.path.normpath(args.model_dir),  # identity proper is config_hash
         config_hash=info.config_hash, l1=cand.l1, pv_l1=cand.pv_l1,
-        l1_budget=torch.tensor([b.l1 for b in cand.layers], dtype=torch.float32),
-        pv_l1_budget=torch.tensor([b.pv_l1 for b in cand.layers], dtype=torch.float32),
+        l1_budget=torch.tensor([r.budget.l1 for r in results], dtype=torch.float32),
+        pv_l1_budget=torch.tensor([r.budget.pv_l1 for r in results], dtype=torch.float32),
         sim_rule=args.sim_rule, allocation=config.allocation, num_prompts=len(prompts),
         prompts_sha256=prompts_sha256(prompts),
     )

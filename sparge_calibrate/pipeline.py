@@ -7,7 +7,8 @@ prepared for the evaluator once and serves every candidate budget:
 - ``--allocation model``: each layer is measured on the grid once (``allocate.layer_curves``),
   every candidate budget is allocated over all layers' curves (``allocate.allocate``), and the
   PV search, if on, then runs per layer on the samples (kept from a single pass, captured again
-  with several passes);
+  with several passes); ``--layer-sensitivity`` first moves the budget between layers by each
+  layer's measured effect on the model's output (``sensitivity.py``);
 - ``--allocation head``: each layer is searched per candidate (``search.search_layer``).
 """
 
@@ -35,7 +36,9 @@ def search_candidates(args: argparse.Namespace, info: Any, cands: Sequence[Any],
     searched = [i for i in range(info.num_layers) if i not in info.window_layers]
     per_pass = args.layers_per_pass or max(len(searched), 1)
     passes = [searched[i : i + per_pass] for i in range(0, len(searched), per_pass)]
-    state = dict(evaluator=None)
+    state: dict[str, Any] = dict(evaluator=None, kl=None)
+    if getattr(args, "layer_sensitivity", False):
+        state["kl"] = _kl_measurer(args, info, prompts, dtype, model, state)
 
     def capture(group: list[int]):
         from tqdm import tqdm
@@ -74,6 +77,23 @@ def search_candidates(args: argparse.Namespace, info: Any, cands: Sequence[Any],
     search = _search_head if config.allocation == "head" else _search_model
     found = search(args, info, cands, config, passes, capture, release, state)
     return found, state["evaluator"]
+
+
+def _kl_measurer(args, info, prompts, dtype, model, state):
+    """``measure_kl(settings) -> {name: mean KL}`` on the first ``--sensitivity-prompts``
+    calibration prompts (a dense pass and one pass per setting, transformers on ``--device``)."""
+
+    def measure_kl(settings):
+        from .hf_driver import quality_report
+
+        some = prompts[: args.sensitivity_prompts]
+        logger.info("layer sensitivity: %d layers served one at a time on %d prompts (%d "
+                    "passes)", len(settings), len(some), len(some) * (len(settings) + 1))
+        rows = quality_report(args.model_dir, some, settings, state["evaluator"], args.device,
+                              dtype, model=model, progress=not args.quiet)
+        return {r.name: r.mean_kl for r in rows}
+
+    return measure_kl
 
 
 def _bar(total: int, desc: str, quiet: bool):
@@ -138,11 +158,14 @@ def _search_model(args, info, cands, config, passes, capture, release, state):
     choices = [dict(zip(layers, allocate.allocate([curves[i] for i in layers],
                                                   [c.layers[i] for i in layers], config),
                         strict=True)) for c in cands]
+    budgets = [{i: c.layers[i] for i in layers} for c in cands]
+    if state["kl"] is not None:
+        _sensitivity(info, cands, curves, choices, budgets, config, state["kl"])
     found: list[dict[int, LayerResult]] = [{} for _ in cands]
     if not pv:
-        for cand, choice, results in zip(cands, choices, found, strict=True):
+        for choice, budget, results in zip(choices, budgets, found, strict=True):
             for i in layers:
-                results[i] = allocate.layer_result(curves[i], choice[i], cand.layers[i], config)
+                results[i] = allocate.layer_result(curves[i], choice[i], budget[i], config)
         return found
     steps = config.pv_steps + 1
     for group in passes:
@@ -152,10 +175,10 @@ def _search_model(args, info, cands, config, passes, capture, release, state):
             for i in group:
                 bar.set_postfix_str(f"layer {i}")
                 prepared = state["evaluator"].prepare(cap.layers[i], cap.scales[i])
-                for cand, choice, results in zip(cands, choices, found, strict=True):
+                for choice, budget, results in zip(choices, budgets, found, strict=True):
                     run = search.Runner(state["evaluator"], prepared, config, steps,
                                         _progress(bar, heads))
-                    results[i] = allocate.layer_result(curves[i], choice[i], cand.layers[i],
+                    results[i] = allocate.layer_result(curves[i], choice[i], budget[i],
                                                        config, run)
                     run.skip(steps - run.done)  # a layer with no sparse head: no PV search
                 del prepared
@@ -163,3 +186,20 @@ def _search_model(args, info, cands, config, passes, capture, release, state):
         kept = None
         release()
     return found
+
+
+def _sensitivity(info, cands, curves, choices, budgets, config, measure_kl) -> None:
+    """Move each candidate's budget between layers by measured sensitivity (in place)."""
+    from . import sensitivity
+
+    ref = sensitivity.middle([c.l1 for c in cands])
+    kl = sensitivity.measure(measure_kl, curves, choices[ref], info.num_layers)
+    coeff = sensitivity.coefficients(kl, curves, choices[ref])
+    if not coeff:
+        logger.info("layer sensitivity: no layer sparse at %s; budgets not moved", cands[ref].name)
+        return
+    logger.info("layer sensitivity at %s (mean KL of each layer served alone): %s", cands[ref].name,
+                ", ".join(f"{i}: {v:.2e}" for i, v in sorted(kl.items())))
+    for k in range(len(cands)):
+        choices[k], budgets[k] = sensitivity.reweight(curves, budgets[k], choices[k], coeff,
+                                                      config)

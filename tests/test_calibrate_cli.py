@@ -223,6 +223,29 @@ def test_layers_per_pass_gives_the_same_file(allocation, tiny_model, files, tmp_
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
+def test_layer_sensitivity_moves_budgets_between_layers(tiny_model, files, tmp_path, capsys,
+                                                        caplog):
+    """--layer-sensitivity measures each layer served alone (the log names both layers' KL) and
+    writes the moved per-layer budgets, each within the range around --l1, in the file; the
+    held-out report measures the result."""
+    import logging
+
+    from sparge_calibrate.sensitivity import LAYER_BUDGET_RANGE
+
+    out = tmp_path / "s.safetensors"
+    with caplog.at_level(logging.INFO, logger="sparge_calibrate"):
+        _run_ok([tiny_model, "--prompts", files["calib"], "--out", out, "--l1", "0.05",
+                 "--layer-sensitivity", "--report", files["heldout"],
+                 "--sparsity-floor", "0", "--layer-sparsity-floor", "0", *FAST], capsys)
+    line = next(r.getMessage() for r in caplog.records if "layer sensitivity at" in r.getMessage())
+    assert "0: " in line and "1: " in line, line
+    th = load_thresholds(out)
+    assert th.is_sparse.any()
+    for b in th.l1_budget.tolist():
+        assert 0.05 / LAYER_BUDGET_RANGE - 1e-6 <= b <= 0.05 * LAYER_BUDGET_RANGE + 1e-6
+    assert torch.allclose(th.pv_l1_budget, th.l1_budget * 1.5)
+
+
 def test_text_prompts_through_the_tokenizer(tiny_model, files, tmp_path, capsys):
     """.txt paragraphs through the model's tokenizer (BOS added as serving does), with --samples
     and --max-len, under another error rule."""
@@ -417,6 +440,8 @@ ARG_ERRORS = [
     (["--pv-steps", "-1"], "must be >= 0"),
     (["--cdf-points", "1"], "--cdf-points 1 must be >= 2"),
     (["--allocation", "global"], "invalid choice: 'global'"),
+    (["--allocation", "head", "--layer-sensitivity"], "drop it or use --allocation model"),
+    (["--sensitivity-prompts", "0"], "must be at least 1"),
     (["--driver", "vllm", "--device", "cpu"], "--driver vllm needs --device cuda"),
     (["--tensor-parallel-size", "0"], "must be at least 1"),
     (["--tensor-parallel-size", "two"], "'two' is not an integer"),
