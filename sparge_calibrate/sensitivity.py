@@ -66,7 +66,7 @@ def frontier(curves: LayerCurves, l1: float, unweighted: Choice,
     from ``l1 / LAYER_BUDGET_RANGE`` to ``l1 * LAYER_BUDGET_RANGE``."""
     h = curves.num_heads
     budgets = [0.0, l1]
-    choices = [Choice(torch.full((h,), -1), True), unweighted]
+    choices = [Choice(torch.full((h,), -1)), unweighted]
     for b in torch.logspace(-math.log10(LAYER_BUDGET_RANGE), math.log10(LAYER_BUDGET_RANGE),
                             LADDER_POINTS, dtype=torch.float64).tolist():
         budgets.append(l1 * b)
