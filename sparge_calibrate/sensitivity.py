@@ -35,7 +35,7 @@ from .allocate import Choice, LayerCurves, _allocate_group, _at
 from .search import LayerBudget, SearchConfig
 
 __all__ = ["LADDER_POINTS", "LAYER_BUDGET_RANGE", "Frontier", "coefficients", "frontier",
-           "layer_settings", "reweight"]
+           "layer_settings", "measure", "middle", "reweight"]
 
 LAYER_BUDGET_RANGE = 4.0
 """How far a layer's budget may move from the candidate's, either way (a factor)."""
