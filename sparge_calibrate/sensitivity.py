@@ -100,8 +100,8 @@ def coefficients(kl: dict[int, float], curves: dict[int, LayerCurves],
     """Each searched layer's ``c_l = kl_l / e_l ** 2`` from its measured KL at ``choices``; a
     layer dense there (nothing measured) takes the largest measured ``c``, the cautious guess.
     Empty when no layer was measured."""
-    c = {i: max(kl[i], 1e-12) / _mean_at(curves[i], choices[i], curves[i].error) ** 2
-         for i in kl}
+    c = {i: max(kl[i], 1e-12) / max(_mean_at(curves[i], choices[i], curves[i].error) ** 2,
+                                    1e-12) for i in kl}
     if not c:
         return {}
     worst = max(c.values())
