@@ -49,8 +49,9 @@ from .search import (
     sparsity,
 )
 
-__all__ = ["CDF_U_GRID_MAX", "CDF_U_GRID_MIN", "Choice", "LayerCurves", "allocate", "cdf_grid",
-           "layer_curves", "layer_result"]
+__all__ = ["CDF_U_GRID_MAX", "CDF_U_GRID_MIN", "Choice", "LayerCurves", "allocate",
+           "allocate_group", "at_points", "cdf_grid", "layer_curves", "layer_result",
+           "point_settings"]
 
 CDF_U_GRID_MIN = 0.25
 CDF_U_GRID_MAX = 4.5
@@ -122,13 +123,20 @@ def _pick(curves: LayerCurves, price: float, floor: float) -> torch.Tensor:
     return torch.where(best > 0, point, -1)
 
 
-def _at(point: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def point_settings(curves: LayerCurves, point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(simthreshd1, cdfthreshd)`` ``[H]`` at each head's point, 1 (dense) where it is -1."""
+    dense = point < 0
+    return (torch.where(dense, 1.0, curves.sim[point.clamp_min(0)]),
+            torch.where(dense, 1.0, curves.cdf[point.clamp_min(0)]))
+
+
+def at_points(point: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``values [P, ..., H]`` at each head's point (``[..., H]``), 0 for dense heads."""
     got = values.gather(0, point.clamp_min(0).expand(values.shape[1:])[None])[0]
     return torch.where(point >= 0, got, 0.0)
 
 
-def _allocate_group(curves: Sequence[LayerCurves], l1: float,
+def allocate_group(curves: Sequence[LayerCurves], l1: float,
                     config: SearchConfig) -> list[Choice]:
     heads = sum(c.num_heads for c in curves)
     floored = [False] * len(curves)
@@ -138,7 +146,7 @@ def _allocate_group(curves: Sequence[LayerCurves], l1: float,
                 for c, f in zip(curves, floored, strict=True)]
 
     def mean_error(points: list[torch.Tensor]) -> float:
-        return sum(float(_at(p, c.error).sum()) for c, p in zip(curves, points,
+        return sum(float(at_points(p, c.error).sum()) for c, p in zip(curves, points,
                                                                    strict=True)) / heads
 
     while True:
@@ -152,7 +160,7 @@ def _allocate_group(curves: Sequence[LayerCurves], l1: float,
         points = choose(10.0**hi)
         newly = [i for i, (c, p) in enumerate(zip(curves, points, strict=True))
                  if not floored[i] and bool((p >= 0).any())
-                 and below_layer_floor(_at(p, c.sparsity), p >= 0, config)]
+                 and below_layer_floor(at_points(p, c.sparsity), p >= 0, config)]
         if not newly:
             return [Choice(p, f) for p, f in zip(points, floored, strict=True)]
         for i in newly:  # dense now: their share of the budget goes to the other layers
@@ -168,7 +176,7 @@ def allocate(curves: Sequence[LayerCurves], budgets: Sequence[LayerBudget],
     out: list[Choice | None] = [None] * len(curves)
     for l1 in sorted({b.l1 for b in budgets}):
         group = [i for i, b in enumerate(budgets) if b.l1 == l1]
-        for i, choice in zip(group, _allocate_group([curves[i] for i in group], l1, config),
+        for i, choice in zip(group, allocate_group([curves[i] for i in group], l1, config),
                              strict=True):
             out[i] = choice
     return out  # type: ignore[return-value]
@@ -182,9 +190,8 @@ def layer_result(curves: LayerCurves, choice: Choice, budget: LayerBudget, confi
     point, h = choice.point, curves.num_heads
     is_sparse = point >= 0
     f32 = dict(dtype=torch.float32)
-    sim = torch.where(is_sparse, curves.sim[point.clamp_min(0)], torch.ones(h, **f32))
-    cdf = torch.where(is_sparse, curves.cdf[point.clamp_min(0)], torch.ones(h, **f32))
-    error = _at(point, curves.error)
+    sim, cdf = point_settings(curves, point)
+    error = at_points(point, curves.error)
     if config.pv_steps and bool(is_sparse.any()):
         if run is None:
             raise ValueError("the PV search needs the layer's samples: pass run")
@@ -193,7 +200,7 @@ def layer_result(curves: LayerCurves, choice: Choice, budget: LayerBudget, confi
                             budget, choice.floored)
     return LayerResult(
         simthreshd1=sim, cdfthreshd=cdf, pvthreshd=torch.full((h,), PV_SKIP_OFF, **f32),
-        is_sparse=is_sparse, sparsity=_at(point, curves.sparsity), pv_skip=None,
-        error=error, sample_errors=_at(point, curves.sample_errors), budget=budget,
+        is_sparse=is_sparse, sparsity=at_points(point, curves.sparsity), pv_skip=None,
+        error=error, sample_errors=at_points(point, curves.sample_errors), budget=budget,
         rule=config.rule, evaluations=config.grid_evaluations, floored=choice.floored,
     )

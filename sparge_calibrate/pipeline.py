@@ -37,7 +37,7 @@ def search_candidates(args: argparse.Namespace, info: Any, cands: Sequence[Any],
     per_pass = args.layers_per_pass or max(len(searched), 1)
     passes = [searched[i : i + per_pass] for i in range(0, len(searched), per_pass)]
     state: dict[str, Any] = dict(evaluator=None, kl=None)
-    if getattr(args, "layer_sensitivity", False):
+    if args.layer_sensitivity:
         state["kl"] = _kl_measurer(args, info, prompts, dtype, model, state)
 
     def capture(group: list[int]):

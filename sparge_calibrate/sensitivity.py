@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .allocate import Choice, LayerCurves, _allocate_group, _at
+from .allocate import Choice, LayerCurves, allocate_group, at_points, point_settings
 from .search import LayerBudget, SearchConfig
 
 __all__ = ["LADDER_POINTS", "LAYER_BUDGET_RANGE", "Frontier", "coefficients", "frontier",
@@ -55,8 +55,8 @@ class Frontier:
     error: torch.Tensor  # [E] fp64 mean error over the layer's heads (dense 0)
 
 
-def _mean_at(curves: LayerCurves, choice: Choice, values: torch.Tensor) -> float:
-    return float(_at(choice.point, values).double().mean())
+def _mean_at(choice: Choice, values: torch.Tensor) -> float:
+    return float(at_points(choice.point, values).double().mean())
 
 
 def frontier(curves: LayerCurves, l1: float, unweighted: Choice,
@@ -70,9 +70,9 @@ def frontier(curves: LayerCurves, l1: float, unweighted: Choice,
     for b in torch.logspace(-math.log10(LAYER_BUDGET_RANGE), math.log10(LAYER_BUDGET_RANGE),
                             LADDER_POINTS, dtype=torch.float64).tolist():
         budgets.append(l1 * b)
-        choices.append(_allocate_group([curves], l1 * b, config)[0])
-    sp = torch.tensor([_mean_at(curves, c, curves.sparsity) for c in choices], dtype=torch.float64)
-    err = torch.tensor([_mean_at(curves, c, curves.error) for c in choices], dtype=torch.float64)
+        choices.append(allocate_group([curves], l1 * b, config)[0])
+    sp = torch.tensor([_mean_at(c, curves.sparsity) for c in choices], dtype=torch.float64)
+    err = torch.tensor([_mean_at(c, curves.error) for c in choices], dtype=torch.float64)
     return Frontier(budgets, choices, sp, err)
 
 
@@ -89,8 +89,7 @@ def layer_settings(curves: dict[int, LayerCurves], choices: dict[int, Choice],
             continue
         h = curves[i].num_heads
         sim, cdf = torch.ones(num_layers, h), torch.ones(num_layers, h)
-        sim[i] = torch.where(point >= 0, curves[i].sim[point.clamp_min(0)], 1.0)
-        cdf[i] = torch.where(point >= 0, curves[i].cdf[point.clamp_min(0)], 1.0)
+        sim[i], cdf[i] = point_settings(curves[i], point)
         out[i] = (sim, cdf, torch.full((num_layers, h), PV_SKIP_OFF))
     return out
 
@@ -100,7 +99,7 @@ def coefficients(kl: dict[int, float], curves: dict[int, LayerCurves],
     """Each searched layer's ``c_l = kl_l / e_l ** 2`` from its measured KL at ``choices``; a
     layer dense there (nothing measured) takes the largest measured ``c``, the cautious guess.
     Empty when no layer was measured."""
-    c = {i: max(kl[i], 1e-12) / max(_mean_at(curves[i], choices[i], curves[i].error) ** 2,
+    c = {i: max(kl[i], 1e-12) / max(_mean_at(choices[i], curves[i].error) ** 2,
                                     1e-12) for i in kl}
     if not c:
         return {}
