@@ -87,8 +87,8 @@ def _kl_measurer(args, info, prompts, dtype, model, state):
         from .hf_driver import quality_report
 
         some = prompts[: args.sensitivity_prompts]
-        logger.info("layer sensitivity: %d layers served one at a time on %d prompts (%d "
-                    "passes)", len(settings), len(some), len(some) * (len(settings) + 1))
+        logger.info("layer sensitivity: %d settings on %d prompts (%d passes)", len(settings),
+                    len(some), len(some) * (len(settings) + 1))
         rows = quality_report(args.model_dir, some, settings, state["evaluator"], args.device,
                               dtype, model=model, progress=not args.quiet)
         return {r.name: r.mean_kl for r in rows}
@@ -192,14 +192,12 @@ def _sensitivity(info, cands, curves, choices, budgets, config, measure_kl) -> N
     """Move each candidate's budget between layers by measured sensitivity (in place)."""
     from . import sensitivity
 
-    ref = sensitivity.middle([c.l1 for c in cands])
-    kl = sensitivity.measure(measure_kl, curves, choices[ref], info.num_layers)
-    coeff = sensitivity.coefficients(kl, curves, choices[ref])
-    if not coeff:
-        logger.info("layer sensitivity: no layer sparse at %s; budgets not moved", cands[ref].name)
-        return
-    logger.info("layer sensitivity at %s (mean KL of each layer served alone): %s", cands[ref].name,
-                ", ".join(f"{i}: {v:.2e}" for i, v in sorted(kl.items())))
-    for k in range(len(cands)):
-        choices[k], budgets[k] = sensitivity.reweight(curves, budgets[k], choices[k], coeff,
-                                                      config)
+    names = [c.name for c in cands]
+    got = sensitivity.apply(measure_kl, names, curves, choices, budgets, config, info.num_layers)
+    for name, m in zip(names, got, strict=True):
+        logger.info("layer sensitivity at %s (mean KL of each layer served alone): %s", name,
+                    ", ".join(f"{i}: {v:.2e}" for i, v in sorted(m.layer_kl.items())) or "none")
+        if m.moved_kl == m.moved_kl:  # measured
+            logger.info("layer sensitivity at %s: moved budgets %s (mean KL %.2e, unweighted "
+                        "%.2e)", name, "kept" if m.kept else "dropped", m.moved_kl,
+                        m.unweighted_kl)

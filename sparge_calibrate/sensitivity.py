@@ -5,22 +5,27 @@ The allocation (``allocate.py``) counts a unit of relative L1 error the same in 
 Layers differ: on Gemma 3 270M at 32K, its l1 0.05 allocation served in the last
 full-attention layer alone (62% of that layer's blocks skipped) moves the next-token
 distribution by 0.0001 nats of mean KL against dense, in the first alone (50% skipped) by 0.004
-(docs/PERFORMANCE.md). Here
+(docs/PERFORMANCE.md). Per candidate budget (``apply``):
 
-1. the allocation at a reference budget (the middle candidate) is served one searched layer at
-   a time, every other layer dense, through the model on calibration prompts: each layer's mean
-   KL against dense, ``kl_l`` (a dense pass and one pass per layer);
+1. the candidate's allocation is served one searched layer at a time, every other layer dense,
+   through the model on calibration prompts: each layer's mean KL against dense, ``kl_l`` (one
+   pass per sparse layer and candidate, and one dense pass for all);
 2. each layer's KL is modelled as ``c_l * e_l ** 2``, ``e_l`` its heads' mean error (dense heads
-   0): a small change of the attention output moves the logits linearly, the KL quadratically;
-3. per candidate budget, every layer takes a point of its *frontier* (the allocation within the
-   layer alone at budgets from ``l1 / LAYER_BUDGET_RANGE`` to ``l1 * LAYER_BUDGET_RANGE``, its
-   unweighted choice, or dense) so that the layers together skip the most blocks while their
-   modelled KL stays within that of the unweighted allocation at the same budget (one price
-   over all layers, as in ``allocate.py``). The range bounds how far the model is extrapolated;
-   the held-out report (``--report``) measures what the file really costs.
+   0): a small change of the attention output moves the logits linearly, the KL quadratically.
+   The fit is the candidate's own: fitted at one budget, the model misjudges a budget twice as
+   large (SmolLM2 at 4K);
+3. every layer takes a point of its *frontier* (the allocation within the layer alone at budgets
+   from ``l1 / LAYER_BUDGET_RANGE`` to ``l1 * LAYER_BUDGET_RANGE``, its unweighted choice, or
+   dense) so that the layers together skip the most blocks while their modelled KL stays within
+   that of the unweighted allocation (one price over all layers, as in ``allocate.py``);
+4. the moved and the unweighted allocation are each served in every layer at once on the same
+   prompts (two passes per candidate): the moved one is kept only if its measured KL is at most
+   the unweighted one's, which checks the model's two assumptions (quadratic, and additive over
+   layers) where they are used.
 
-The written file records each layer's moved budget (``l1_budget``, ``pv_l1_budget``, the PV
-margin scaled with it).
+The held-out report (``--report``) measures what the file costs on other text. The written
+file records each layer's moved budget (``l1_budget``, ``pv_l1_budget``, the PV margin scaled
+with it).
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ import torch
 from .allocate import Choice, LayerCurves, allocate_group, at_points, point_settings
 from .search import LayerBudget, SearchConfig
 
-__all__ = ["LADDER_POINTS", "LAYER_BUDGET_RANGE", "Frontier", "coefficients", "frontier",
-           "layer_settings", "measure", "middle", "reweight"]
+__all__ = ["LADDER_POINTS", "LAYER_BUDGET_RANGE", "Frontier", "Moved", "apply", "coefficients",
+           "frontier", "layer_settings", "model_settings", "reweight"]
 
 LAYER_BUDGET_RANGE = 4.0
 """How far a layer's budget may move from the candidate's, either way (a factor)."""
@@ -76,22 +81,24 @@ def frontier(curves: LayerCurves, l1: float, unweighted: Choice,
     return Frontier(budgets, choices, sp, err)
 
 
-def layer_settings(curves: dict[int, LayerCurves], choices: dict[int, Choice],
-                   num_layers: int) -> dict[int, Setting]:
-    """Per searched layer with a sparse head: ``(sim, cdf, pv)`` ``[num_layers, num_heads]``
-    serving that layer's choice alone, every other layer dense (PV skip off)."""
+def model_settings(curves: dict[int, LayerCurves], choices: dict[int, Choice],
+                   num_layers: int) -> Setting:
+    """``(sim, cdf, pv)`` ``[num_layers, num_heads]`` serving ``choices`` in their layers, every
+    other layer dense (PV skip off)."""
     from sparge_serve.kernels.geometry import PV_SKIP_OFF
 
-    out = {}
+    h = next(iter(curves.values())).num_heads
+    sim, cdf = torch.ones(num_layers, h), torch.ones(num_layers, h)
     for i, choice in choices.items():
-        point = choice.point
-        if not bool((point >= 0).any()):
-            continue
-        h = curves[i].num_heads
-        sim, cdf = torch.ones(num_layers, h), torch.ones(num_layers, h)
-        sim[i], cdf[i] = point_settings(curves[i], point)
-        out[i] = (sim, cdf, torch.full((num_layers, h), PV_SKIP_OFF))
-    return out
+        sim[i], cdf[i] = point_settings(curves[i], choice.point)
+    return sim, cdf, torch.full((num_layers, h), PV_SKIP_OFF)
+
+
+def layer_settings(curves: dict[int, LayerCurves], choices: dict[int, Choice],
+                   num_layers: int) -> dict[int, Setting]:
+    """Per searched layer with a sparse head: the settings serving that layer's choice alone."""
+    return {i: model_settings(curves, {i: c}, num_layers) for i, c in choices.items()
+            if bool((c.point >= 0).any())}
 
 
 def coefficients(kl: dict[int, float], curves: dict[int, LayerCurves],
@@ -143,16 +150,44 @@ def reweight(curves: dict[int, LayerCurves], budgets: dict[int, LayerBudget],
     return {i: fronts[i].choices[best[i]] for i in layers}, out_budgets
 
 
-def measure(measure_kl: Callable[[dict[str, Setting]], dict[str, float]],
-            curves: dict[int, LayerCurves], choices: dict[int, Choice],
-            num_layers: int) -> dict[int, float]:
-    """Each searched layer's mean KL against dense with ``choices`` served in it alone
-    (``measure_kl``: named settings to their mean KL, e.g. ``hf_driver.quality_report``)."""
-    settings = layer_settings(curves, choices, num_layers)
-    got = measure_kl({f"layer {i}": s for i, s in settings.items()})
-    return {i: got[f"layer {i}"] for i in settings}
+@dataclass(frozen=True)
+class Moved:
+    """What ``apply`` measured for one candidate (KLs in nats, on the calibration prompts)."""
+
+    layer_kl: dict[int, float]  # each sparse layer's KL served alone
+    unweighted_kl: float  # the unweighted allocation in every layer (nan: nothing to compare)
+    moved_kl: float  # the moved allocation in every layer (nan: not measured)
+    kept: bool  # the moved budgets were written
 
 
-def middle(values: Sequence[float]) -> int:
-    """Index of the reference candidate: the middle one (the lower of two)."""
-    return (len(values) - 1) // 2
+def apply(measure_kl: Callable[[dict[str, Setting]], dict[str, float]], names: Sequence[str],
+          curves: dict[int, LayerCurves], choices: list[dict[int, Choice]],
+          budgets: list[dict[int, LayerBudget]], config: SearchConfig,
+          num_layers: int) -> list[Moved]:
+    """Move every candidate's budget between layers (module docstring), ``choices`` and
+    ``budgets`` in place. ``measure_kl``: named settings to their mean KL against dense (e.g.
+    ``hf_driver.quality_report``), called twice: every layer alone, then the checks."""
+    alone = {}
+    for name, choice in zip(names, choices, strict=True):
+        for i, s in layer_settings(curves, choice, num_layers).items():
+            alone[f"{name} layer {i}"] = s
+    got = measure_kl(alone) if alone else {}
+    moved, checks = [], {}
+    for name, choice, budget in zip(names, choices, budgets, strict=True):
+        kl = {i: got[f"{name} layer {i}"] for i in curves if f"{name} layer {i}" in got}
+        coeff = coefficients(kl, curves, choice)
+        new = reweight(curves, budget, choice, coeff, config) if coeff else (choice, budget)
+        moved.append((kl, *new))
+        if any(not torch.equal(new[0][i].point, choice[i].point) for i in curves):
+            checks[f"{name} unweighted"] = model_settings(curves, choice, num_layers)
+            checks[f"{name} moved"] = model_settings(curves, new[0], num_layers)
+    checked = measure_kl(checks) if checks else {}
+    out = []
+    for k, (name, (kl, new_choice, new_budget)) in enumerate(zip(names, moved, strict=True)):
+        before = checked.get(f"{name} unweighted", math.nan)
+        after = checked.get(f"{name} moved", math.nan)
+        kept = after <= before  # nan (nothing moved) compares false
+        if kept:
+            choices[k], budgets[k] = new_choice, new_budget
+        out.append(Moved(kl, before, after, kept))
+    return out

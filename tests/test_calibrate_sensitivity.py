@@ -10,10 +10,11 @@ import torch
 from sparge_calibrate.allocate import allocate
 from sparge_calibrate.search import LayerBudget
 from sparge_calibrate.sensitivity import (
+    apply,
     coefficients,
     frontier,
     layer_settings,
-    measure,
+    model_settings,
     reweight,
 )
 from sparge_serve.kernels.geometry import PV_SKIP_OFF
@@ -88,14 +89,7 @@ def test_coefficients_and_dense_layers():
 def test_layer_settings_serve_one_layer_alone():
     cs, budgets, unweighted = _setup(5)
     settings = layer_settings(cs, unweighted, num_layers=5)
-    seen = []
-
-    def measure_kl(named):
-        seen.extend(named)
-        return {n: 0.01 for n in named}
-
-    got = measure(measure_kl, cs, unweighted, num_layers=5)
-    assert set(got) == set(settings) and seen == [f"layer {i}" for i in settings]
+    assert set(settings) == {i for i, c in unweighted.items() if (c.point >= 0).any()}
     for i, (sim, cdf, pv) in settings.items():
         assert sim.shape == cdf.shape == pv.shape == (5, 3)
         pt = unweighted[i].point
@@ -103,3 +97,82 @@ def test_layer_settings_serve_one_layer_alone():
         assert (sim[others] == 1).all() and (cdf[others] == 1).all() and (pv == PV_SKIP_OFF).all()
         assert torch.equal(cdf[i], torch.where(pt >= 0, cs[i].cdf[pt.clamp_min(0)], 1.0))
         assert torch.equal(sim[i], torch.where(pt >= 0, cs[i].sim[pt.clamp_min(0)], 1.0))
+    sim, cdf, pv = model_settings(cs, unweighted, num_layers=5)
+    for i in cs:
+        assert torch.equal(cdf[i], settings[i][1][i]) and torch.equal(sim[i], settings[i][0][i])
+    assert (sim[3:] == 1).all() and (cdf[3:] == 1).all() and (pv == PV_SKIP_OFF).all()
+
+
+class _Model:
+    """A stand-in for the model: the KL of served settings is ``sum_l c_l e_l ** power`` over
+    the layers (``e_l``: the layer's mean error at the served cdf thresholds)."""
+
+    def __init__(self, cs, c, power=2.0):
+        self.cs, self.c, self.power, self.calls = cs, c, power, []
+
+    def kl(self, cdf: torch.Tensor) -> float:
+        total = 0.0
+        for i, curves in self.cs.items():
+            err = []
+            for h in range(curves.num_heads):
+                hit = (curves.cdf == cdf[i, h]).nonzero()
+                err.append(float(curves.error[hit[0, 0], h]) if cdf[i, h] < 1 else 0.0)
+            e = sum(err) / len(err)
+            total += self.c[i] * e ** self.power
+        return total
+
+    def __call__(self, named):
+        self.calls.append(list(named))
+        return {n: self.kl(cdf) for n, (_sim, cdf, _pv) in named.items()}
+
+
+def _candidates(seed, l1s=(0.01, 0.02, 0.04)):
+    cs = dict(enumerate(random_layers(seed, layers=3, heads=3, points=6)))
+    budgets = [{i: LayerBudget(l1, 1.5 * l1) for i in cs} for l1 in l1s]
+    choices = [dict(zip(cs, allocate(list(cs.values()), list(b.values()), CONFIG), strict=True))
+               for b in budgets]
+    return cs, choices, budgets
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_apply_fits_each_candidate_and_keeps_what_measures_no_worse(seed):
+    """Each candidate's layers are measured at that candidate's own allocation; under a
+    quadratic, additive model the moved budgets measure within the unweighted KL and are kept,
+    the reported KLs are the model's."""
+    cs, choices, budgets = _candidates(seed)
+    model = _Model(cs, {0: 100.0, 1: 1.0, 2: 0.01})
+    before = [dict(c) for c in choices]
+    got = apply(model, ["a", "b", "c"], cs, choices, budgets, CONFIG, num_layers=3)
+    alone = model.calls[0]
+    for name, old in zip("abc", before, strict=True):
+        assert {n for n in alone if n.startswith(name)} == {
+            f"{name} layer {i}" for i, c in old.items() if (c.point >= 0).any()}
+    for m, old, new in zip(got, before, choices, strict=True):
+        for i, v in m.layer_kl.items():
+            assert v == pytest.approx(model.kl(model_settings(cs, {i: old[i]}, 3)[1]))
+        if m.moved_kl == m.moved_kl:
+            assert m.kept and m.moved_kl <= m.unweighted_kl * (1 + 1e-9)
+            assert m.unweighted_kl == pytest.approx(model.kl(model_settings(cs, old, 3)[1]))
+            assert m.moved_kl == pytest.approx(model.kl(model_settings(cs, new, 3)[1]))
+        else:
+            assert not m.kept and all(torch.equal(new[i].point, old[i].point) for i in cs)
+    assert any(m.kept for m in got)
+
+
+def test_apply_drops_moves_that_measure_worse():
+    """Where a layer's KL grows faster than the square of its error, the quadratic model fitted
+    at the unweighted allocation underrates the layers whose budget grows: the check finds the
+    moved allocation worse and keeps the unweighted one."""
+    for seed in range(20):
+        cs, choices, budgets = _candidates(seed)
+        model = _Model(cs, {0: 100.0, 1: 1.0, 2: 0.01}, power=3.0)
+        before = [dict(c) for c in choices]
+        old_budgets = [dict(b) for b in budgets]
+        got = apply(model, ["a", "b", "c"], cs, choices, budgets, CONFIG, num_layers=3)
+        dropped = [k for k, m in enumerate(got) if m.moved_kl > m.unweighted_kl]
+        for k in dropped:
+            assert not got[k].kept and budgets[k] == old_budgets[k]
+            assert all(torch.equal(choices[k][i].point, before[k][i].point) for i in cs)
+        if dropped:
+            return
+    pytest.fail("no seed gave a move that measures worse")
