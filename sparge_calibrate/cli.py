@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "it bounds every head's error")
     search.add_argument("--layer-sensitivity", action="store_true",
                         help="--allocation model: move the budget between layers by how much "
-                        "each layer's error changes the model's output, measured by serving the "
-                        "allocation one layer at a time on calibration prompts (a pass a layer)")
+                        "each layer's error changes the model's output, measured by serving each "
+                        "candidate's allocation one layer at a time on calibration prompts (a "
+                        "pass per layer and candidate; two more per candidate check the result)")
     search.add_argument("--sensitivity-prompts", type=_positive_int, default=1,
                         help="--layer-sensitivity: calibration prompts it measures on (default 1)")
     search.add_argument("--quantile", type=float, default=1.0,
