@@ -122,11 +122,15 @@ def main() -> None:
     ap.add_argument("--pip", default=None,
                     help="the pip command that downloads (default: this interpreter's)")
     args = ap.parse_args()
+    args.out = args.out.resolve()
     global PIP
     if args.pip:
         PIP = shlex.split(args.pip)
     if not args.models and not args.extra:
         ap.error("nothing to pack: give --models and/or --extra")
+    if subprocess.run([*PIP, "--version"], capture_output=True).returncode != 0:
+        sys.exit(f"gpu_payload: '{shlex.join(PIP)}' is no pip: run this script with a Python "
+                 "that has pip (python3 scripts/gpu_payload.py, not uv run) or name one with --pip")
     if args.out.exists():
         stray = [p.name for p in args.out.iterdir() if not re.fullmatch(r"cpart\d\d", p.name)]
         if stray:
@@ -153,7 +157,7 @@ def main() -> None:
                 part.mkdir(parents=True)
                 (part / f"part{i:02d}").write_bytes(f.read(step))
     for part in sorted(args.out.iterdir()):
-        print(f"{part.relative_to(ROOT)}: {sum(p.stat().st_size for p in part.iterdir()) >> 20} MiB")
+        print(f"{part}: {sum(p.stat().st_size for p in part.iterdir()) >> 20} MiB")
 
 
 if __name__ == "__main__":
