@@ -84,7 +84,9 @@
 #   payload    the chunks of scripts/gpu_payload.py staged in $PAYLOAD_STAGE (/tmp/pstage):
 #              wheels of an extra (e.g. quality's lm-eval) into /tmp/site, SmolLM2 / Gemma 3 as
 #              Hugging Face folders in $MODELS_DIR (/tmp/models); then e.g.
-#              SPARGE_TEST_MODEL=/tmp/models/smollm2 ... engine
+#              SPARGE_TEST_MODEL=/tmp/models/smollm2 ... engine; a second payload (e.g. Gemma 3
+#              alone: gpu_payload.py --models gemma3 --out .gpu/payload_gemma, 8 chunks) goes
+#              in its own folder: PAYLOAD_STAGE=/tmp/gstage ... payload
 #   soak       metrics under a vllm bench serve load (tests/gpu/test_metrics_soak.py)
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 #   host       host (CPU) time per attention call, sparse paths vs FA3, bench shapes and the
