@@ -392,6 +392,7 @@ def quality_report(
     dtype: torch.dtype = torch.float32,
     model=None,
     progress: bool = False,
+    dense_hidden: dict[int, torch.Tensor] | None = None,
 ) -> list[QualityRow]:
     """Compare dense attention with each named threshold setting ``(sim, cdf, pv)``, each tensor
     ``[num_layers, num_heads]``, on ``prompts`` (each at least 2 tokens).
@@ -399,6 +400,8 @@ def quality_report(
     One prompt at a time: the final hidden states of its dense run and of every setting's run are
     kept, then compared with logits made ``_ROWS`` positions at a time, so memory does not grow
     with prompt length x vocabulary. ``progress``: a tqdm bar over the forward passes.
+    ``dense_hidden``: the dense runs' hidden states by prompt index, filled here and reused by a
+    later call on the same prompts and model (no second dense pass).
     """
     from tqdm import tqdm
 
@@ -410,17 +413,23 @@ def quality_report(
     _register(DENSE_ATTN, _sdpa)
     dense_lp: list[torch.Tensor] = []
     per_setting: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in attns}
-    bar = tqdm(total=len(prompts) * (len(attns) + 1), unit="pass", desc="quality report",
+    kept = {} if dense_hidden is None else dense_hidden
+    missing = sum(j not in kept for j in range(len(prompts)))
+    bar = tqdm(total=len(prompts) * len(attns) + missing, unit="pass", desc="quality report",
                disable=not progress)
     with torch.inference_mode(), bar:
-        for ids in prompts:
-            # NOTE: transformers' own SDPA masks a windowed layer over the whole prompt
-            _set_attention(model, DENSE_ATTN)
-            try:
-                dense = _hidden(model, ids, device)
-            finally:
-                _set_attention(model, "sdpa")
-            bar.update()
+        for j, ids in enumerate(prompts):
+            dense = kept.get(j)
+            if dense is None:
+                # NOTE: transformers' own SDPA masks a windowed layer over the whole prompt
+                _set_attention(model, DENSE_ATTN)
+                try:
+                    dense = _hidden(model, ids, device)
+                finally:
+                    _set_attention(model, "sdpa")
+                if dense_hidden is not None:
+                    dense_hidden[j] = dense
+                bar.update()
             sparse = {}
             for name, attn in attns.items():
                 with attn.installed(model):

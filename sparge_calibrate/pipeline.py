@@ -81,16 +81,18 @@ def search_candidates(args: argparse.Namespace, info: Any, cands: Sequence[Any],
 
 def _kl_measurer(args, info, prompts, dtype, model, state):
     """``measure_kl(settings) -> {name: mean KL}`` on the first ``--sensitivity-prompts``
-    calibration prompts (a dense pass and one pass per setting, transformers on ``--device``)."""
+    calibration prompts (one pass per setting and prompt, transformers on ``--device``; the
+    dense passes, made by the first call, are kept for the next)."""
+    dense: dict = {}
 
     def measure_kl(settings):
         from .hf_driver import quality_report
 
         some = prompts[: args.sensitivity_prompts]
         logger.info("layer sensitivity: %d settings on %d prompts (%d passes)", len(settings),
-                    len(some), len(some) * (len(settings) + 1))
+                    len(some), len(some) * len(settings) + len(some) - len(dense))
         rows = quality_report(args.model_dir, some, settings, state["evaluator"], args.device,
-                              dtype, model=model, progress=not args.quiet)
+                              dtype, model=model, progress=not args.quiet, dense_hidden=dense)
         return {r.name: r.mean_kl for r in rows}
 
     return measure_kl

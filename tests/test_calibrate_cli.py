@@ -309,7 +309,7 @@ def test_hf_capture_is_what_attention_consumed(tiny_model):
         torch.testing.assert_close(out.flatten(1), o_proj_inputs[layer], rtol=1e-4, atol=1e-5)
 
 
-def test_quality_report_measures_what_sparsity_costs(tiny_model):
+def test_quality_report_measures_what_sparsity_costs(tiny_model, monkeypatch):
     """Dense-equivalent thresholds reproduce the dense model; aggressive ones skip blocks and
     change the log-probabilities, and the report says both."""
     from sparge_calibrate.evaluators import ReferenceEvaluator
@@ -338,6 +338,20 @@ def test_quality_report_measures_what_sparsity_costs(tiny_model):
     assert abs(dense.worst_rise) < 1e-5
     pooled = aggressive.perplexity / aggressive.dense_perplexity - 1
     assert aggressive.worst_rise >= pooled - 1e-9
+    # dense runs kept between calls: the second call makes none and reports the same
+    kept = {}
+    first = quality_report(str(tiny_model), [ids, ids[:150]], {"aggressive": settings["aggressive"]},
+                           ReferenceEvaluator(), model=model, dense_hidden=kept)
+    assert sorted(kept) == [0, 1] and kept[0].shape[0] == 599
+    import sparge_calibrate.hf_driver as hd
+
+    real, calls = hd._hidden, []
+    monkeypatch.setattr(hd, "_hidden", lambda *a: calls.append(1) or real(*a))
+    again = quality_report(str(tiny_model), [ids, ids[:150]], {"aggressive": settings["aggressive"]},
+                           ReferenceEvaluator(), model=model, dense_hidden=kept)
+    assert len(calls) == 2  # one sparse pass a prompt, no dense one
+    assert again[0].mean_kl == pytest.approx(first[0].mean_kl, rel=1e-6)
+    assert again[0].dense_perplexity == pytest.approx(aggressive.dense_perplexity, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
