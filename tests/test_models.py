@@ -31,6 +31,11 @@ from sparge_serve.models import (  # noqa: E402
 )
 from sparge_serve.models.__main__ import main  # noqa: E402
 from sparge_serve.models.gguf_source import installed_version, locate  # noqa: E402
+from sparge_serve.models.tokenizer import (  # noqa: E402
+    TokenizerSpec,
+    tokenizer_problems,
+    write_tokenizer,
+)
 from sparge_serve.models.verification import (  # noqa: E402
     Bucket,
     Report,
@@ -109,10 +114,10 @@ def _write_gguf(path, arch="llama", tensors=None, extra_type=None):
 def no_tokenizer(monkeypatch):
     """Synthetic files carry no tokenizer; the conversion writes a placeholder instead."""
 
-    def fake(path, folder):
+    def fake(path, folder, spec=None, source=None):
         (folder / "tokenizer.json").write_text("{}")
 
-    monkeypatch.setattr(convert_mod, "_write_tokenizer", fake)
+    monkeypatch.setattr(convert_mod, "write_tokenizer", fake)
 
 
 def test_unpermute_inverts_llamacpp_permutation():
@@ -263,6 +268,58 @@ def test_report_buckets_and_verdict():
     r.buckets.append(Bucket(300, 400, 1.1, 1.0))
     assert not r.passed and "more than 1.0%" in r.table()
     assert r.as_dict()["buckets"][2]["rel"] == pytest.approx(0.1)
+    r.buckets.pop()
+    r.tokenizer_problems = ["it adds no <bos> (token 2)"]
+    assert not r.passed and "the tokenizer: it adds no <bos>" in r.table()
+
+
+# ---------------------------------------------------------------- tokenizer checks
+
+
+class _FakeTokenizer:
+    """Encodes a text as one token per ``width`` characters, after an optional <bos> (id 2)."""
+
+    def __init__(self, width=4, bos=True, vocab=100, offset=0):
+        self.width, self.bos, self.vocab, self.offset = width, bos, vocab, offset
+
+    def __len__(self):
+        return self.vocab
+
+    def __call__(self, text):
+        ids = [10 + self.offset + i % 50 for i in range(0, len(text), self.width)]
+        return type("Enc", (), {"input_ids": ([2] if self.bos else []) + ids})()
+
+
+GEMMA_LIKE = TokenizerSpec(add_bos=True, bos_id=2, vocab_size=100)
+
+
+def test_tokenizer_checks_pass_a_sound_tokenizer():
+    tok = _FakeTokenizer()
+    assert tokenizer_problems(tok, tok, GEMMA_LIKE) == []
+    plain = _FakeTokenizer(bos=False)
+    assert tokenizer_problems(plain, plain, TokenizerSpec(False, 1, 100)) == []
+
+
+@pytest.mark.parametrize("saved, spec, expect", [
+    (_FakeTokenizer(bos=False), GEMMA_LIKE, "adds no <bos> (token 2)"),
+    (_FakeTokenizer(), TokenizerSpec(False, 2, 100), "adds a <bos> (token 2) the GGUF file does not"),
+    (_FakeTokenizer(vocab=99), GEMMA_LIKE, "it has 99 tokens, the GGUF vocabulary 100"),
+    (_FakeTokenizer(width=1), GEMMA_LIKE, "lost its merges"),
+    (_FakeTokenizer(offset=1), GEMMA_LIKE, "encodes the probe differently"),
+])  # fmt: skip
+def test_tokenizer_checks_name_each_fault(saved, spec, expect):
+    built = _FakeTokenizer(width=1) if saved.width == 1 else _FakeTokenizer()
+    problems = tokenizer_problems(saved, built, spec)
+    assert len(problems) == 1 and expect in problems[0]
+
+
+def test_spec_follows_llamacpp_defaults():
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.bos_token_id": 2,
+            "tokenizer.ggml.tokens": ["a"] * 7}
+    spec = TokenizerSpec.from_fields(lambda k, d=None: meta.get(k, d))
+    assert spec == TokenizerSpec(True, 2, 7)  # SentencePiece vocabularies add <bos> by default
+    meta.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.add_bos_token": False})
+    assert TokenizerSpec.from_fields(lambda k, d=None: meta.get(k, d)).add_bos is False
 
 
 # ---------------------------------------------------------------- SmolLM2 (real model)
@@ -308,6 +365,18 @@ def test_smollm2_folder_and_config(smol):
     ref = smol["ref"].config
     for key in ("hidden_size", "intermediate_size", "num_key_value_heads", "rms_norm_eps", "vocab_size"):
         assert cfg[key] == getattr(ref, key), key
+
+
+def test_smollm2_tokenizer_checked_against_its_gguf(smol, tmp_path):
+    """The converted tokenizer matches the file's metadata (no <bos>: SmolLM2's GGUF adds none);
+    the same tokenizer offered for a vocabulary that wants <bos> is refused, naming the fix."""
+    spec = TokenizerSpec.from_gguf(smol["src"].path)
+    assert spec.add_bos is False and spec.vocab_size == 49152
+    tok = write_tokenizer(smol["src"].path, tmp_path / "ok", spec, source=smol["dir"])
+    assert tokenizer_problems(tok, smol["tok"], spec) == []
+    wants_bos = TokenizerSpec(True, spec.bos_id, spec.vocab_size)
+    with pytest.raises(ModelsError, match=r"adds no <bos>.*Fix: give --tokenizer the tokenizer"):
+        write_tokenizer(smol["src"].path, tmp_path / "bad", wants_bos, source=smol["dir"])
 
 
 def test_smollm2_weights_match_reference(smol):
@@ -375,6 +444,13 @@ def test_gemma3_config(gemma):
     ref = gemma["ref"].config
     for key in ("layer_types", "sliding_window", "query_pre_attn_scalar", "rope_parameters"):
         assert cfg[key] == getattr(ref, key), key
+
+
+def test_gemma3_tokenizer_adds_bos_and_merges(gemma):
+    """Gemma's prompts start with <bos> (id 2) and code is tokenised into subwords: "def" is one
+    token (a tokenizer that lost its merges spells it in three)."""
+    ids = gemma["tok"]("def mean(values):").input_ids
+    assert ids[:2] == [2, 2063] and len(ids) <= 8, ids
 
 
 def test_gemma3_weights_match_reference(gemma):

@@ -45,13 +45,13 @@ def smol_tokenizer(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(f"{spec.distribution} is not installed; the 'test' extra installs it")
         pytest.skip(f"{spec.distribution} is not installed ({spec.pip_install})")
-    from sparge_serve.models.convert import _write_tokenizer
+    from sparge_serve.models.tokenizer import write_tokenizer
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     folder = cache / "sparge_serve" / "test_tokenizers" / f"{spec.distribution}-{version}"
     if not (folder / "tokenizer.json").exists():
         stage = tmp_path_factory.mktemp("smollm2_tokenizer")
-        _write_tokenizer(locate(spec).path, stage)
+        write_tokenizer(locate(spec).path, stage)
         (stage / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
         folder.parent.mkdir(parents=True, exist_ok=True)
         try:

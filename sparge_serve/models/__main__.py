@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert this copy of MODEL's GGUF file instead of the installed package's (checked "
              "against the file's pinned SHA-256)",
     )  # fmt: skip
+    c.add_argument(
+        "--tokenizer", type=Path, metavar="DIR",
+        help="write the Hugging Face tokenizer in DIR (e.g. the model's own repository, or an "
+             "earlier conversion's folder) instead of the one transformers builds from the GGUF "
+             "vocabulary; either is checked against the GGUF file's tokenizer metadata",
+    )  # fmt: skip
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     v = sub.add_parser(
         "verify",
@@ -70,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list()
         if args.command == "convert":
             out = convert(args.model, args.out, dtype=args.dtype, progress=not args.quiet,
-                          gguf=args.gguf)
+                          gguf=args.gguf, tokenizer=args.tokenizer)
             print(f"{args.model}: wrote {out} (sparge-models verify {out} checks it)")
             return 0
         if args.tokens < 2:

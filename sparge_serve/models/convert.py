@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .gguf_source import ModelsError, ModelSpec, Source, file_sha256, locate, spec_for
+from .tokenizer import write_tokenizer
 
 __all__ = [
     "DTYPES",
@@ -342,14 +343,6 @@ def _check_out(out: Path, key: str) -> dict[str, Any] | None:
     )
 
 
-def _write_tokenizer(path: Path, folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    tok.save_pretrained(str(folder))
-    return tok
-
-
 def _generation_config(config: Any, tok: Any, arch: str) -> Any:
     from transformers import GenerationConfig
 
@@ -373,6 +366,7 @@ def convert_gguf(
     dtype: str = "bfloat16",
     progress: bool = True,
     source: dict[str, Any] | None = None,
+    tokenizer: Path | str | None = None,
 ) -> Path:
     """Converts the GGUF file ``path`` into the Hugging Face folder ``out``; returns ``out``.
 
@@ -380,7 +374,9 @@ def convert_gguf(
     must be new, empty, or an earlier conversion of the same ``key``. Files are written to a
     sibling staging folder first: an interrupted run creates no ``out``, and an earlier
     conversion keeps its record until every file is replaced (running again completes it).
-    ``progress``: a tqdm bar over the tensors and a line per step on stderr.
+    ``progress``: a tqdm bar over the tensors and a line per step on stderr. ``tokenizer``: a
+    folder with the model's Hugging Face tokenizer, written instead of the one transformers builds
+    from the GGUF vocabulary; either is checked against the file's metadata (``tokenizer.py``).
     """
     from safetensors.torch import save_file
 
@@ -395,18 +391,18 @@ def convert_gguf(
     if not key:
         key = meta.arch
         previous = _check_out(out, key)
-    result = _convert_tensors(reader, meta, dtype, progress, key)
-    del reader
-
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    try:  # the tokenizer first: its checks refuse a wrong one before minutes of dequantising
+        _say(progress, "writing the tokenizer" if tokenizer else
+             "converting the tokenizer (transformers reads the GGUF vocabulary)")
+        tok = write_tokenizer(path, stage, source=None if tokenizer is None else Path(tokenizer))
+        result = _convert_tensors(reader, meta, dtype, progress, key)
+        del reader
         _say(progress, f"writing {WEIGHTS} ({dtype})")
         save_file(result.tensors, str(stage / WEIGHTS), metadata={"format": "pt"})
         del result.tensors
         result.config.save_pretrained(str(stage))
-        _say(progress, "converting the tokenizer (transformers reads the GGUF vocabulary)")
-        tok = _write_tokenizer(path, stage)
         _generation_config(result.config, tok, meta.arch).save_pretrained(str(stage))
         files = sorted(p.name for p in stage.iterdir())
         record = {
@@ -417,6 +413,7 @@ def convert_gguf(
                 **(source or {}),
                 "gguf": path.name,
                 "sha256": file_sha256(path),
+                **({"tokenizer": str(tokenizer)} if tokenizer else {}),
             },
             "files": [*files, PROVENANCE],
         }
@@ -466,10 +463,11 @@ def convert(
     dtype: str = "bfloat16",
     progress: bool = True,
     gguf: Path | str | None = None,
+    tokenizer: Path | str | None = None,
 ) -> Path:
     """Converts supported model ``model`` ("smollm2" or "gemma3") from its installed package, or
     from ``gguf``, a copy of its file (on a machine without the package), whose SHA-256 must be
-    the pinned one."""
+    the pinned one. ``tokenizer``: see :func:`convert_gguf`."""
     spec = spec_for(model) if isinstance(model, str) else model
     if gguf is None:
         src = locate(spec)
@@ -488,4 +486,5 @@ def convert(
             )
         source = {"package": spec.distribution, "version": spec.version, "file": str(path),
                   "sha256": digest}
-    return convert_gguf(path, out, key=spec.key, dtype=dtype, progress=progress, source=source)
+    return convert_gguf(path, out, key=spec.key, dtype=dtype, progress=progress, source=source,
+                        tokenizer=tokenizer)

@@ -6,7 +6,9 @@ model's context length. The per-token negative log-likelihoods are averaged over
 (0-63, 64-127, 128-255, ... doubling), and each bucket of the converted model must be within
 ``tolerance`` (relative) of transformers' GGUF loading. A short greedy answer to "What is the
 capital of France?" must name Paris (both models are asked; the reference's answer is reported
-beside the converted model's).
+beside the converted model's). The folder's tokenizer must pass the converter's checks against the
+GGUF file's tokenizer metadata (``tokenizer.py``): the NLL comparison feeds both models the same
+token ids, so it cannot see a wrong tokenizer.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from .convert import read_provenance
 from .gguf_source import ModelsError, file_sha256, locate, spec_for
+from .tokenizer import TokenizerSpec, tokenizer_problems
 
 __all__ = [
     "Bucket",
@@ -66,6 +69,7 @@ class Report:
     reference_nll: float = math.nan
     generation: str = ""
     reference_generation: str = ""
+    tokenizer_problems: list[str] = field(default_factory=list)
 
     @property
     def nll_ok(self) -> bool:
@@ -77,7 +81,7 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return self.nll_ok and self.generation_ok
+        return self.nll_ok and self.generation_ok and not self.tokenizer_problems
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -109,6 +113,7 @@ class Report:
             why.append(f"a bucket differs by more than {self.tolerance:.1%}")
         if not self.generation_ok:
             why.append(f"the answer does not name {ANSWER}")
+        why += [f"the tokenizer: {p}" for p in self.tokenizer_problems]
         lines.append(verdict + (f" ({'; '.join(why)})" if why else ""))
         return "\n".join(lines)
 
@@ -215,6 +220,7 @@ def verify(
     if len(ids) < 2:
         raise ModelsError(f"{name} tokenises to {len(ids)} tokens; verification needs at least 2")
     report = Report(record["model"], str(folder), name, len(ids), tolerance)
+    report.tokenizer_problems = tokenizer_problems(tok, tok, TokenizerSpec.from_gguf(src.path))
     log(f"scoring {len(ids)} tokens of {name} with the converted model")
     a = token_nll(model, ids)
     log(f"greedy answer to {PROMPT!r}")
