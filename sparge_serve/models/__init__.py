@@ -17,7 +17,9 @@ directory, or replaces its own earlier conversion of the same model; it never to
 ``verify`` scores a long Python source file (2048 tokens by default) with the converted model and
 with transformers' own GGUF loading, and passes when every position bucket's mean negative
 log-likelihood agrees within 1% and a greedy answer to "What is the capital of France?" names
-Paris.
+Paris. Both commands check the tokenizer against the GGUF file's tokenizer metadata (``<bos>``,
+vocabulary, merges; ``tokenizer.py``): transformers before 5.23 writes Gemma 3's wrongly, and
+``convert --tokenizer DIR`` takes a tokenizer folder made elsewhere instead.
 
 From Python: ``convert("smollm2", out)``, ``convert_gguf(path, out)`` for a GGUF file of a
 supported architecture (llama, gemma3), ``verify(folder)``.
