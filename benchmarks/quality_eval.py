@@ -40,6 +40,7 @@ from quality import (
     unit_minutes,
 )
 
+from sparge_serve.models.tokenizer import folder_tokenizer_problems
 from tests import subproc
 
 # the local server is reached directly, whatever proxy the environment names
@@ -316,6 +317,11 @@ def stage_eval(args: Any, results: dict[str, Any]) -> None:
         if not os.path.exists(os.path.join(args.model_dirs[model], "config.json")):
             note(results, f"{model}: {args.model_dirs[model]} is not a converted model (run the "
                  "convert stage); not evaluated")
+            continue
+        bad = folder_tokenizer_problems(args.model_dirs[model])
+        if bad:  # every prompt and document is tokenised with it: nothing measured would hold
+            note(results, f"{model}: the tokenizer of {args.model_dirs[model]} is wrong "
+                 f"({'; '.join(bad)}); not evaluated")
             continue
         lengths = model_lengths(args, model)
         results["models"][model]["settings"] = (

@@ -33,6 +33,7 @@ from sparge_serve.models.__main__ import main  # noqa: E402
 from sparge_serve.models.gguf_source import installed_version, locate  # noqa: E402
 from sparge_serve.models.tokenizer import (  # noqa: E402
     TokenizerSpec,
+    folder_tokenizer_problems,
     tokenizer_problems,
     write_tokenizer,
 )
@@ -116,6 +117,7 @@ def no_tokenizer(monkeypatch):
 
     def fake(path, folder, spec=None, source=None):
         (folder / "tokenizer.json").write_text("{}")
+        return None, {}
 
     monkeypatch.setattr(convert_mod, "write_tokenizer", fake)
 
@@ -372,8 +374,14 @@ def test_smollm2_tokenizer_checked_against_its_gguf(smol, tmp_path):
     the same tokenizer offered for a vocabulary that wants <bos> is refused, naming the fix."""
     spec = TokenizerSpec.from_gguf(smol["src"].path)
     assert spec.add_bos is False and spec.vocab_size == 49152
-    tok = write_tokenizer(smol["src"].path, tmp_path / "ok", spec, source=smol["dir"])
+    tok, record = write_tokenizer(smol["src"].path, tmp_path / "ok", spec, source=smol["dir"])
     assert tokenizer_problems(tok, smol["tok"], spec) == []
+    assert record == {"add_bos": False, "bos_id": spec.bos_id, "vocab_size": 49152,
+                      "made_by": str(smol["dir"])}
+    # the converted folder keeps what its tokenizer was checked against: checkable without the
+    # GGUF file, and a folder without that record is named
+    assert folder_tokenizer_problems(smol["dir"]) == []
+    assert "keeps no record of a checked tokenizer" in folder_tokenizer_problems(tmp_path / "ok")[0]
     wants_bos = TokenizerSpec(True, spec.bos_id, spec.vocab_size)
     with pytest.raises(ModelsError, match=r"adds no <bos>.*Fix: give --tokenizer the tokenizer"):
         write_tokenizer(smol["src"].path, tmp_path / "bad", wants_bos, source=smol["dir"])

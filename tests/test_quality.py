@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -48,16 +49,19 @@ def smol_tokenizer(tmp_path_factory):
     from sparge_serve.models.tokenizer import write_tokenizer
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = cache / "sparge_serve" / "test_tokenizers" / f"{spec.distribution}-{version}"
-    if not (folder / "tokenizer.json").exists():
+    folder = cache / "sparge_serve" / "checked_tokenizers" / f"{spec.distribution}-{version}"
+    if not (folder / "sparge_model.json").exists():
         stage = tmp_path_factory.mktemp("smollm2_tokenizer")
-        write_tokenizer(locate(spec).path, stage)
+        _, record = write_tokenizer(locate(spec).path, stage)
         (stage / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
+        # what the checks ran against, as a conversion records it (quality.py checks it again)
+        (stage / "sparge_model.json").write_text(json.dumps({"model": "smollm2",
+                                                             "tokenizer": record}))
         folder.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(stage, folder)  # atomic: a parallel worker may have written it first
         except OSError:
-            if not (folder / "tokenizer.json").exists():
+            if not (folder / "sparge_model.json").exists():
                 return stage
     return folder
 
@@ -475,6 +479,26 @@ def test_serving_stage_through_lm_eval_against_a_stand_in_server(smol_tokenizer,
     # the same command again measures nothing new
     assert quality.main(argv) == 0
     assert len(qr.load_results(str(out / "quality.json"))["records"]) == 4
+
+
+def test_serving_stage_refuses_a_model_folder_with_a_wrong_tokenizer(smol_tokenizer, tmp_path):
+    """A folder whose tokenizer fails the conversion's checks (here: its record says the GGUF
+    file asks for <bos>, which the tokenizer does not add) is not served: every prompt would be
+    tokenised wrongly and every number measured would mislead."""
+    folder = tmp_path / "smollm2"
+    shutil.copytree(smol_tokenizer, folder)
+    record = json.loads((folder / "sparge_model.json").read_text())
+    record["tokenizer"]["add_bos"] = True
+    (folder / "sparge_model.json").write_text(json.dumps(record))
+    out = tmp_path / "out"
+    argv = ["--stages", "accuracy", "report", "--models", "smollm2", "--model-dir",
+            f"smollm2={folder}", "--configs", "flash_attn", "--tasks", "sparge_passkey",
+            "--lengths", "1024", "--samples", "3", "--work-dir", str(tmp_path / "w"),
+            "--out", str(out)]
+    assert quality.main(argv) == 0
+    res = qr.load_results(str(out / "quality.json"))
+    assert res["records"] == []
+    assert any("tokenizer" in n and "adds no <bos>" in n for n in res["runs"][-1]["notes"])
 
 
 def test_module_imports_lightly():

@@ -396,7 +396,8 @@ def convert_gguf(
     try:  # the tokenizer first: its checks refuse a wrong one before minutes of dequantising
         _say(progress, "writing the tokenizer" if tokenizer else
              "converting the tokenizer (transformers reads the GGUF vocabulary)")
-        tok = write_tokenizer(path, stage, source=None if tokenizer is None else Path(tokenizer))
+        tok, tok_record = write_tokenizer(
+            path, stage, source=None if tokenizer is None else Path(tokenizer))
         result = _convert_tensors(reader, meta, dtype, progress, key)
         del reader
         _say(progress, f"writing {WEIGHTS} ({dtype})")
@@ -413,8 +414,8 @@ def convert_gguf(
                 **(source or {}),
                 "gguf": path.name,
                 "sha256": file_sha256(path),
-                **({"tokenizer": str(tokenizer)} if tokenizer else {}),
             },
+            "tokenizer": tok_record,
             "files": [*files, PROVENANCE],
         }
         (stage / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")

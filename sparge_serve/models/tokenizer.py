@@ -20,7 +20,7 @@ The checks, on a probe text of English prose and Python code:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ __all__ = [
     "MIN_TRANSFORMERS",
     "PROBE",
     "TokenizerSpec",
+    "folder_tokenizer_problems",
     "tokenizer_problems",
     "write_tokenizer",
 ]
@@ -108,10 +109,11 @@ def tokenizer_problems(saved: Any, built: Any, spec: TokenizerSpec) -> list[str]
 
 
 def write_tokenizer(gguf: Path, folder: Path, spec: TokenizerSpec | None = None,
-                    source: Path | None = None) -> Any:
+                    source: Path | None = None) -> tuple[Any, dict[str, Any]]:
     """Writes the tokenizer of ``gguf`` (or the Hugging Face tokenizer in ``source``) into
-    ``folder`` and returns it as read back; raises :class:`ModelsError` if a check fails.
-    ``spec``: the file's tokenizer metadata, read from ``gguf`` when not given."""
+    ``folder``; returns it as read back and the record of what it was checked against (for the
+    folder's conversion record). Raises :class:`ModelsError` if a check fails. ``spec``: the
+    file's tokenizer metadata, read from ``gguf`` when not given."""
     import transformers
     from transformers import AutoTokenizer
 
@@ -135,4 +137,23 @@ def write_tokenizer(gguf: Path, folder: Path, spec: TokenizerSpec | None = None,
     problems = tokenizer_problems(saved, built, spec)
     if problems:
         raise ModelsError(f"{what} is wrong: {'; '.join(problems)}. Fix: {fix}")
-    return saved
+    made_by = f"transformers {transformers.__version__}" if source is None else str(source)
+    return saved, {**asdict(spec), "made_by": made_by}
+
+
+def folder_tokenizer_problems(folder: Path | str) -> list[str]:
+    """The checks of :func:`tokenizer_problems` on a converted folder's tokenizer, against the
+    GGUF metadata its conversion record keeps (no GGUF file needed: cheap enough to run before
+    serving). A folder whose record keeps none (converted before the checks) is a problem."""
+    from transformers import AutoTokenizer
+
+    from .convert import read_provenance
+
+    record = read_provenance(Path(folder)) or {}
+    kept = record.get("tokenizer")
+    if not isinstance(kept, dict):
+        return [f"{folder} keeps no record of a checked tokenizer: convert it again with this "
+                "sparge-models"]
+    spec = TokenizerSpec(bool(kept["add_bos"]), kept["bos_id"], int(kept["vocab_size"]))
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    return tokenizer_problems(tok, tok, spec)

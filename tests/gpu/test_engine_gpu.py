@@ -236,6 +236,10 @@ def _report(record_property, name: str, summary: dict) -> None:
 def workload(tmp_path_factory):
     """(tmp dir, prompts, max_model_len) shared by every engine of this module."""
     tmp = tmp_path_factory.mktemp("engine")
+    if (Path(MODEL) / "sparge_model.json").exists():  # a real model from sparge-models convert
+        from sparge_serve.models.tokenizer import folder_tokenizer_problems
+
+        assert folder_tokenizer_problems(MODEL) == [], "convert the model again"
     *_, max_pos = _model_geometry(MODEL)
     max_model_len = min(max_pos, 32768 + 256)
     return tmp, _make_prompts(MODEL, max_model_len - MAX_TOKENS - 8), max_model_len
