@@ -342,6 +342,13 @@ def test_dry_run_prints_the_plan(tmp_path):
     gemma = _run("--dry-run", "--models", "gemma3", "--stages", "calibrate", "--work-dir",
                  str(tmp_path)).stdout
     assert "--l1 0.1 --pv-l1 0.15" in gemma and "--l1 0.005 " not in gemma
+    # Gemma 3 is not asked the passkey tasks it does not do dense, unless --tasks names them
+    g_quick = _run("--dry-run", "--quick", "--models", "gemma3", "--work-dir",
+                   str(tmp_path)).stdout
+    assert "tasks sparge_passkey_assign niah_single_1 x 20 samples" in g_quick
+    g_named = _run("--dry-run", "--quick", "--models", "gemma3", "--tasks", "sparge_passkey",
+                   "--work-dir", str(tmp_path)).stdout
+    assert "tasks sparge_passkey x 20 samples" in g_named
     both = _run("--dry-run", "--models", "gemma3", "--stages", "calibrate", "--budgets", "0.03",
                 "--work-dir", str(tmp_path)).stdout
     assert "--l1 0.03 " in both and "--l1 0.1 " not in both
