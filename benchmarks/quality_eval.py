@@ -40,7 +40,7 @@ from quality import (
     unit_minutes,
 )
 
-from sparge_serve.models.tokenizer import folder_tokenizer_problems
+from sparge_serve.models.verification import folder_tokenizer_problems
 from tests import subproc
 
 # the local server is reached directly, whatever proxy the environment names

@@ -33,7 +33,6 @@ from sparge_serve.models.__main__ import main  # noqa: E402
 from sparge_serve.models.gguf_source import installed_version, locate  # noqa: E402
 from sparge_serve.models.tokenizer import (  # noqa: E402
     TokenizerSpec,
-    folder_tokenizer_problems,
     tokenizer_problems,
     write_tokenizer,
 )
@@ -42,6 +41,7 @@ from sparge_serve.models.verification import (  # noqa: E402
     Report,
     bucket_edges,
     default_text,
+    folder_tokenizer_problems,
     greedy,
     token_nll,
     verify,

@@ -31,7 +31,6 @@ __all__ = [
     "MIN_TRANSFORMERS",
     "PROBE",
     "TokenizerSpec",
-    "folder_tokenizer_problems",
     "tokenizer_problems",
     "write_tokenizer",
 ]
@@ -140,20 +139,3 @@ def write_tokenizer(gguf: Path, folder: Path, spec: TokenizerSpec | None = None,
     made_by = f"transformers {transformers.__version__}" if source is None else str(source)
     return saved, {**asdict(spec), "made_by": made_by}
 
-
-def folder_tokenizer_problems(folder: Path | str) -> list[str]:
-    """The checks of :func:`tokenizer_problems` on a converted folder's tokenizer, against the
-    GGUF metadata its conversion record keeps (no GGUF file needed: cheap enough to run before
-    serving). A folder whose record keeps none (converted before the checks) is a problem."""
-    from transformers import AutoTokenizer
-
-    from .convert import read_provenance
-
-    record = read_provenance(Path(folder)) or {}
-    kept = record.get("tokenizer")
-    if not isinstance(kept, dict):
-        return [f"{folder} keeps no record of a checked tokenizer: convert it again with this "
-                "sparge-models"]
-    spec = TokenizerSpec(bool(kept["add_bos"]), kept["bos_id"], int(kept["vocab_size"]))
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    return tokenizer_problems(tok, tok, spec)

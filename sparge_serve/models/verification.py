@@ -30,6 +30,7 @@ __all__ = [
     "Report",
     "bucket_edges",
     "default_text",
+    "folder_tokenizer_problems",
     "greedy",
     "load_converted",
     "load_reference",
@@ -178,6 +179,23 @@ def _buckets(a: Any, b: Any) -> list[Bucket]:
         Bucket(lo, hi, float(a[lo:hi].mean()), float(b[lo:hi].mean()))
         for lo, hi in zip(edges, edges[1:], strict=False)
     ]
+
+
+def folder_tokenizer_problems(folder: Path | str) -> list[str]:
+    """The checks of ``tokenizer.tokenizer_problems`` on a converted folder's tokenizer, against
+    the GGUF metadata its conversion record keeps (no GGUF file needed: cheap enough to run
+    before serving). A folder whose record keeps none (converted before the checks) is a
+    problem."""
+    from transformers import AutoTokenizer
+
+    record = read_provenance(Path(folder)) or {}
+    kept = record.get("tokenizer")
+    if not isinstance(kept, dict):
+        return [f"{folder} keeps no record of a checked tokenizer: convert it again with this "
+                "sparge-models"]
+    spec = TokenizerSpec(bool(kept["add_bos"]), kept["bos_id"], int(kept["vocab_size"]))
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    return tokenizer_problems(tok, tok, spec)
 
 
 def verify(

@@ -237,7 +237,7 @@ def workload(tmp_path_factory):
     """(tmp dir, prompts, max_model_len) shared by every engine of this module."""
     tmp = tmp_path_factory.mktemp("engine")
     if (Path(MODEL) / "sparge_model.json").exists():  # a real model from sparge-models convert
-        from sparge_serve.models.tokenizer import folder_tokenizer_problems
+        from sparge_serve.models.verification import folder_tokenizer_problems
 
         assert folder_tokenizer_problems(MODEL) == [], "convert the model again"
     *_, max_pos = _model_geometry(MODEL)
