@@ -210,6 +210,19 @@ def test_cli_refuses_foreign_out_dir(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["notes.txt"]
 
 
+def test_cli_refuses_a_tokenizer_folder_without_a_tokenizer(tmp_path, capsys):
+    """``--tokenizer DIR`` naming no tokenizer is refused before any weight is read, and leaves
+    no folder behind."""
+    _need("smollm2")
+    (tmp_path / "empty").mkdir()
+    argv = ["convert", "smollm2", "--out", str(tmp_path / "out"), "--quiet",
+            "--tokenizer", str(tmp_path / "empty")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--tokenizer {tmp_path / 'empty'}: no Hugging Face tokenizer there" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["empty"]
+
+
 def test_convert_from_a_copied_gguf_file_checks_its_digest(tmp_path, monkeypatch, capsys):
     """``--gguf``: a copy of the model's file on a machine without its package; any other file
     is refused by its SHA-256 before anything is written."""
