@@ -3,18 +3,18 @@
 transformers reads a GGUF file's vocabulary into a Hugging Face tokenizer
 (``AutoTokenizer.from_pretrained(dir, gguf_file=...)``), and not every version gets Gemma 3's
 right: before 5.23 the tokenizer adds no ``<bos>`` to a prompt, and 5.17's, saved and read back,
-splits text into single characters. Gemma 3 without its ``<bos>`` still answers, but worse, and
-its attention loses the sink token that sparse attention leans on; served perplexity on Python
-source goes from about 4.7 to above 60. So the tokenizer is checked as it is written (saved, then
-read back the way vLLM reads it) before the folder exists, and a wrong one is refused with the fix.
+spells text one character a token. Gemma 3 served with 5.17's tokenizer still answers some
+retrieval prompts, but its perplexity on Python source is 69 where it is 4.7 with the right one.
+So the tokenizer is checked as it is written (saved, then read back the way vLLM reads it) before
+any weight is converted, and a wrong one is refused with the fix.
 
 The checks, on a probe text of English prose and Python code:
 
 - ``<bos>``: added at the start exactly when the GGUF file asks for it
   (``tokenizer.ggml.add_bos_token``), with the file's ``tokenizer.ggml.bos_token_id``;
 - vocabulary: as many tokens as the file's ``tokenizer.ggml.tokens``;
-- segmentation: at most :data:`MAX_TOKENS_PER_CHAR` tokens a character (real subword tokenizers
-  use about 0.25 on the probe; a tokenizer that lost its merges uses 1.0);
+- segmentation: at most :data:`MAX_TOKENS_PER_CHAR` tokens a character (both supported models'
+  tokenizers use 0.28-0.29 on the probe; one that lost its merges uses 1.0);
 - round trip: the saved tokenizer encodes the probe as the one transformers built in memory.
 """
 
@@ -117,7 +117,6 @@ def write_tokenizer(gguf: Path, folder: Path, spec: TokenizerSpec | None = None,
     from transformers import AutoTokenizer
 
     spec = spec or TokenizerSpec.from_gguf(gguf)
-
     if source is None:
         built = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         what = f"transformers {transformers.__version__}'s tokenizer for {gguf.name}"
