@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import shlex
 import shutil
@@ -112,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a converted folder to use (default WORK/models/MODEL)")
     ap.add_argument("--configs", nargs="+", default=["flash_attn", "untuned", "calibrated"],
                     metavar="CONFIG", help="flash_attn, untuned (SPARGE with the published "
-                    "untuned thresholds), calibrated (one per --budgets), or l1=X (one budget)")
+                    "untuned thresholds), calibrated (one per --budgets), l1=X (one budget), or "
+                    "cdf=X (SPARGE with cdfthreshd X for every head and every block eligible: "
+                    "the uniform setting calibration is compared with)")
     ap.add_argument("--budgets", nargs="+", type=float, default=None,
                     help="calibration budgets for every model (sparge-calibrate --l1; --pv-l1 "
                     "scaled by its default --pv-l1 / --l1); default per model: "
@@ -179,9 +182,17 @@ def expand_configs(names: list[str], budgets: list[float]) -> list[str]:
             new = [f"l1={b:g}" for b in budgets]
         elif name in ("flash_attn", "untuned") or name.startswith("l1="):
             new = [name]
+        elif name.startswith("cdf="):
+            try:
+                cdf = float(name[4:])
+            except ValueError:
+                cdf = math.nan
+            if not 0.0 < cdf < 1.0:
+                raise SystemExit(f"--configs: {name!r}: a uniform cdfthreshd is in (0, 1)")
+            new = [f"cdf={cdf:g}"]
         else:
-            raise SystemExit(f"--configs: {name!r} is not flash_attn, untuned, calibrated or "
-                             "l1=X")
+            raise SystemExit(f"--configs: {name!r} is not flash_attn, untuned, calibrated, l1=X "
+                             "or cdf=X")
         out += [c for c in new if c not in out]
     return out
 
@@ -247,7 +258,11 @@ def model_lengths(args: argparse.Namespace, model: str) -> list[int]:
 
 
 def thresholds_path(args: argparse.Namespace, model: str, config: str) -> str | None:
-    """The thresholds file of ``config`` (None for flash_attn/untuned, "" when missing)."""
+    """The thresholds file of ``config`` (None for flash_attn/untuned, "" when missing; a uniform
+    ``cdf=X`` file is written by :func:`write_uniform` before its server starts)."""
+    if config.startswith("cdf="):
+        return os.path.join(args.work_dir, "thresholds", f"{model}_{config.replace('=', '_')}"
+                            ".safetensors")
     if not config.startswith("l1="):
         return None
     budget = float(config.split("=", 1)[1])
@@ -258,6 +273,25 @@ def thresholds_path(args: argparse.Namespace, model: str, config: str) -> str | 
         if os.path.exists(path):
             return path
     return ""
+
+
+def write_uniform(args: argparse.Namespace, model: str, config: str) -> str:
+    """Writes ``cdf=X``'s file: cdfthreshd X for every head of the model, every block eligible
+    (simthreshd1 -1), PV skip off; the one uniform setting that per-head calibration must beat
+    (sliding-window layers attend densely whatever their thresholds)."""
+    from sparge_serve.thresholds import Thresholds, save_thresholds
+
+    cfg = json.loads((Path(args.model_dirs[model]) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    heads = int(cfg["num_attention_heads"])
+    th = Thresholds.defaults(int(cfg["num_hidden_layers"]), heads,
+                             int(cfg.get("num_key_value_heads", heads)),
+                             int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+                             simthreshd1=-1.0, cdfthreshd=float(config[4:]), model=model)
+    path = thresholds_path(args, model, config)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_thresholds(path, th)
+    return path
 
 
 def calib_path(args: argparse.Namespace, model: str, budget: float) -> str:

@@ -38,6 +38,7 @@ from quality import (
     thresholds_path,
     time_left,
     unit_minutes,
+    write_uniform,
 )
 
 from sparge_serve.models.verification import folder_tokenizer_problems
@@ -334,6 +335,8 @@ def stage_eval(args: Any, results: dict[str, Any]) -> None:
             if not units:
                 log(f"{model} {qr.config_label(config)}: measured already")
                 continue
+            if config.startswith("cdf="):
+                write_uniform(args, model, config)
             if thresholds_path(args, model, config) == "":
                 note(results, f"{model} {qr.config_label(config)}: no thresholds file (run the "
                      "calibrate stage or pass --thresholds); not evaluated")

@@ -9,6 +9,7 @@ model: accuracy and perplexity against the block sparsity measured on the server
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -158,7 +159,8 @@ def merge_results(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]
 
 
 def config_label(config: str) -> str:
-    """``flash_attn`` -> FLASH_ATTN, ``untuned`` -> SPARGE untuned, ``l1=X`` -> SPARGE l1=X."""
+    """``flash_attn`` -> FLASH_ATTN, ``untuned`` -> SPARGE untuned, ``l1=X`` -> SPARGE l1=X,
+    ``cdf=X`` -> SPARGE cdf=X."""
     if config == "flash_attn":
         return "FLASH_ATTN"
     return "SPARGE " + config
@@ -169,10 +171,13 @@ def config_order(config: str) -> tuple:
         return (0, 0.0)
     if config == "untuned":
         return (1, 0.0)
+    if config.startswith("cdf="):  # uniform settings after the calibrated ones, densest first
+        with contextlib.suppress(ValueError):
+            return (3, -float(config[4:]))
     try:
         return (2, float(config.split("=", 1)[1]))
     except (IndexError, ValueError):
-        return (3, config)
+        return (4, config)
 
 
 def informative(results: dict[str, Any], model: str, min_dense_acc: float) -> dict:

@@ -377,6 +377,37 @@ def test_server_command(tmp_path):
         "flash_attn", "l1=0.01", "l1=0.03"]
 
 
+def test_uniform_cdf_configuration(tmp_path):
+    """``cdf=X``: SPARGE with one cdfthreshd for every head (every block eligible, PV skip off),
+    written at the model's geometry when its server starts; listed after the calibrated rows."""
+    from sparge_serve.thresholds import load_thresholds
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "hidden_size": 256, "max_position_embeddings": 8192}))
+    args = quality.resolve(quality.build_parser().parse_args(
+        ["--work-dir", str(tmp_path), "--model-dir", f"smollm2={model_dir}"]))
+    assert quality.expand_configs(["flash_attn", "cdf=0.990", "calibrated"], [0.01]) == [
+        "flash_attn", "cdf=0.99", "l1=0.01"]
+    for bad in ("cdf=1", "cdf=0", "cdf=x"):
+        with pytest.raises(SystemExit, match="a uniform cdfthreshd is in"):
+            quality.expand_configs([bad], [])
+    path = quality.thresholds_path(args, "smollm2", "cdf=0.99")
+    assert not os.path.exists(path)  # a plan (dry run) writes nothing
+    assert quality.write_uniform(args, "smollm2", "cdf=0.99") == path
+    th = load_thresholds(path)
+    assert (th.num_layers, th.num_heads, th.num_kv_heads, th.head_dim) == (3, 4, 2, 64)
+    assert th.cdfthreshd.eq(0.99).all() and th.simthreshd1.eq(-1.0).all()
+    assert th.pvthreshd.ge(50).all() and th.is_sparse.all()
+    opts = json.loads(quality.server_command(args, "smollm2", "cdf=0.99", 1)[-1])["sparge"]
+    assert opts["thresholds"] == os.path.abspath(path)
+    order = sorted(["cdf=0.98", "l1=0.02", "untuned", "cdf=0.995", "flash_attn", "l1=0.005"],
+                   key=qr.config_order)
+    assert order == ["flash_attn", "untuned", "l1=0.005", "l1=0.02", "cdf=0.995", "cdf=0.98"]
+
+
 # ------------------------------------------------------------------------------ lm-eval
 
 
