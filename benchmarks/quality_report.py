@@ -222,6 +222,41 @@ def summary(results: dict[str, Any], model: str, min_dense_acc: float) -> dict[s
     return dict(configs=configs, lengths=lengths, rows=rows)
 
 
+def _point(row: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
+    """(block sparsity, perplexity change, mean accuracy over lengths) of a summary row."""
+    accs = [c["accuracy"] for c in row["lengths"].values() if c["accuracy"] is not None]
+    return (row.get("ppl_sparsity"), row.get("ppl_change"),
+            sum(accs) / len(accs) if accs else None)
+
+
+def against_uniform(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each calibrated configuration (``l1=X``) against each uniform one (``cdf=X``) on the same
+    documents and prompts: "dominates" when it skips at least as many blocks at no higher
+    perplexity and no lower mean accuracy (one of them strictly better), "dominated" the other
+    way round, else "trade-off" (uncomparable where a measurement is missing)."""
+    out = []
+    for cal in (c for c in s["configs"] if c.startswith("l1=")):
+        a = _point(s["rows"][cal])
+        for uni in (c for c in s["configs"] if c.startswith("cdf=")):
+            b = _point(s["rows"][uni])
+            if None in a or None in b:
+                verdict = "uncomparable"
+            else:
+                ge = a[0] >= b[0] and a[1] <= b[1] and a[2] >= b[2]
+                le = a[0] <= b[0] and a[1] >= b[1] and a[2] <= b[2]
+                verdict = ("equal" if ge and le else "dominates" if ge else
+                           "dominated" if le else "trade-off")
+            out.append(dict(calibrated=cal, uniform=uni, verdict=verdict, calibrated_point=a,
+                            uniform_point=b))
+    return out
+
+
+def _cmp_cells(p: tuple) -> list[str]:
+    sp, ch, acc = p
+    return [pct(sp), "-" if ch is None else f"{100 * ch:+.2f}%",
+            "-" if acc is None else f"{acc:.3f}"]
+
+
 def markdown(results: dict[str, Any], min_dense_acc: float) -> str:
     runs = results["runs"]
     last = runs[-1] if runs else {}
@@ -280,6 +315,17 @@ def markdown(results: dict[str, Any], min_dense_acc: float) -> str:
                 sp = None if c == "flash_attn" else (r.get("metrics") or {}).get("block_sparsity")
                 cells.append(f"{r['score']:.3f} ({pct(sp)}, n={r['n']})")
             lines.append("| " + " | ".join(cells) + " |")
+        versus = against_uniform(s)
+        if versus:
+            lines += ["", "Calibrated against uniform thresholds (block sparsity and perplexity "
+                      "change on the perplexity documents, mean accuracy over the lengths):", "",
+                      "| calibrated | sparsity | perplexity | accuracy | uniform | sparsity | "
+                      "perplexity | accuracy | calibrated |", "|" + "---|" * 9]
+            for v in versus:
+                lines.append("| " + " | ".join([
+                    config_label(v["calibrated"]), *_cmp_cells(v["calibrated_point"]),
+                    config_label(v["uniform"]), *_cmp_cells(v["uniform_point"]),
+                    v["verdict"]]) + " |")
         cal = results["calibrations"].get(model, {})
         if cal:
             lines += ["", "Calibrated thresholds (`sparge-calibrate --driver vllm`):", "",

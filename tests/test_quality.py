@@ -278,6 +278,30 @@ def test_report_tables_and_plot(tmp_path):
     assert (tmp_path / "quality.png").stat().st_size > 10_000
 
 
+def test_calibrated_against_uniform_verdicts(tmp_path):
+    def row(sparsity, change, acc):
+        return {"ppl_sparsity": sparsity, "ppl_change": change,
+                "lengths": {4096: {"accuracy": acc}, 8192: {"accuracy": acc}}}
+
+    s = {"configs": ["flash_attn", "l1=0.01", "cdf=0.99", "cdf=0.95", "cdf=0.9", "cdf=0.8"],
+         "rows": {"flash_attn": row(0.0, 0.0, 0.8), "l1=0.01": row(0.5, 0.001, 0.8),
+                  "cdf=0.99": row(0.4, 0.002, 0.8),  # fewer blocks skipped, worse perplexity
+                  "cdf=0.95": row(0.6, 0.0005, 0.85),  # more skipped, better on both
+                  "cdf=0.9": row(0.6, 0.01, 0.8),  # more skipped, worse perplexity
+                  "cdf=0.8": row(None, None, 0.8)}}
+    got = {v["uniform"]: v["verdict"] for v in qr.against_uniform(s)}
+    assert got == {"cdf=0.99": "dominates", "cdf=0.95": "dominated", "cdf=0.9": "trade-off",
+                   "cdf=0.8": "uncomparable"}
+    res = _synthetic_results()
+    for rec in [r for r in res["records"] if r["config"] == "l1=0.06"]:
+        qr.put_record(res, dict(rec, config="cdf=0.9"))  # the same measurements: "equal"
+    md = qr.write_report(res, str(tmp_path / "quality"), min_dense_acc=0.2)
+    assert ("| SPARGE l1=0.01 | 50.0% | +1.00% | 0.950 | SPARGE cdf=0.9 | 50.0% | +5.00% | 0.750 "
+            "| dominates |") in md
+    assert ("| SPARGE l1=0.06 | 50.0% | +5.00% | 0.750 | SPARGE cdf=0.9 | 50.0% | +5.00% | 0.750 "
+            "| equal |") in md
+
+
 def test_results_merge_resume_and_atomic_save(tmp_path):
     res = _synthetic_results()
     n = len(res["records"])
