@@ -55,7 +55,7 @@ class TokenizerSpec:
 
     @classmethod
     def from_fields(cls, get: Any) -> TokenizerSpec:
-        """From a metadata getter ``get(key, default)`` (the converter's ``_Meta.get``)."""
+        """From a metadata getter ``get(key, default)`` over the GGUF key/value fields."""
         bos = get("tokenizer.ggml.bos_token_id", None)
         # llama.cpp's default when the key is absent: SentencePiece vocabularies add <bos>
         add_bos = get("tokenizer.ggml.add_bos_token", get("tokenizer.ggml.model", "") == "llama")
