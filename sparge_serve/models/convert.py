@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .gguf_source import ModelsError, ModelSpec, Source, file_sha256, locate, spec_for
-from .tokenizer import write_tokenizer
+from .tokenizer import TokenizerSpec, write_tokenizer
 
 __all__ = [
     "DTYPES",
@@ -396,8 +396,9 @@ def convert_gguf(
     try:  # the tokenizer first: its checks refuse a wrong one before minutes of dequantising
         _say(progress, "writing the tokenizer" if tokenizer else
              "converting the tokenizer (transformers reads the GGUF vocabulary)")
-        tok, tok_record = write_tokenizer(
-            path, stage, source=None if tokenizer is None else Path(tokenizer))
+        tok, tok_record = write_tokenizer(  # the spec from the metadata already read
+            path, stage, TokenizerSpec.from_fields(meta.get),
+            source=None if tokenizer is None else Path(tokenizer))
         result = _convert_tensors(reader, meta, dtype, progress, key)
         del reader
         _say(progress, f"writing {WEIGHTS} ({dtype})")

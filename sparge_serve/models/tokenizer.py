@@ -60,7 +60,7 @@ class TokenizerSpec:
         # llama.cpp's default when the key is absent: SentencePiece vocabularies add <bos>
         add_bos = get("tokenizer.ggml.add_bos_token", get("tokenizer.ggml.model", "") == "llama")
         return cls(bool(add_bos), None if bos is None else int(bos),
-                   len(get("tokenizer.ggml.tokens")))
+                   len(get("tokenizer.ggml.tokens", ())))
 
     @classmethod
     def from_gguf(cls, path: Path) -> TokenizerSpec:
