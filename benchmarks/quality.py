@@ -279,15 +279,13 @@ def write_uniform(args: argparse.Namespace, model: str, config: str) -> str:
     """Writes ``cdf=X``'s file: cdfthreshd X for every head of the model, every block eligible
     (simthreshd1 -1), PV skip off; the one uniform setting that per-head calibration must beat
     (sliding-window layers attend densely whatever their thresholds)."""
+    from sparge_calibrate.hf_driver import model_info
     from sparge_serve.thresholds import Thresholds, save_thresholds
 
-    cfg = json.loads((Path(args.model_dirs[model]) / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)
-    heads = int(cfg["num_attention_heads"])
-    th = Thresholds.defaults(int(cfg["num_hidden_layers"]), heads,
-                             int(cfg.get("num_key_value_heads", heads)),
-                             int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-                             simthreshd1=-1.0, cdfthreshd=float(config[4:]), model=model)
+    info = model_info(args.model_dirs[model])
+    th = Thresholds.defaults(info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim,
+                             simthreshd1=-1.0, cdfthreshd=float(config[4:]), model=model,
+                             config_hash=info.config_hash)
     path = thresholds_path(args, model, config)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_thresholds(path, th)

@@ -409,8 +409,8 @@ def test_uniform_cdf_configuration(tmp_path):
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({
-        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "hidden_size": 256, "max_position_embeddings": 8192}))
+        "model_type": "llama", "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "hidden_size": 256, "max_position_embeddings": 8192}))
     args = quality.resolve(quality.build_parser().parse_args(
         ["--work-dir", str(tmp_path), "--model-dir", f"smollm2={model_dir}"]))
     assert quality.expand_configs(["flash_attn", "cdf=0.990", "calibrated"], [0.01]) == [
@@ -423,6 +423,7 @@ def test_uniform_cdf_configuration(tmp_path):
     assert quality.write_uniform(args, "smollm2", "cdf=0.99") == path
     th = load_thresholds(path)
     assert (th.num_layers, th.num_heads, th.num_kv_heads, th.head_dim) == (3, 4, 2, 64)
+    assert th.config_hash  # checked against the served model's config at start-up
     assert th.cdfthreshd.eq(0.99).all() and th.simthreshd1.eq(-1.0).all()
     assert th.pvthreshd.ge(50).all() and th.is_sparse.all()
     opts = json.loads(quality.server_command(args, "smollm2", "cdf=0.99", 1)[-1])["sparge"]
