@@ -310,9 +310,9 @@ GEMMA_LIKE = TokenizerSpec(add_bos=True, bos_id=2, vocab_size=100)
 
 def test_tokenizer_checks_pass_a_sound_tokenizer():
     tok = _FakeTokenizer()
-    assert tokenizer_problems(tok, tok, GEMMA_LIKE) == []
+    assert tokenizer_problems(tok, GEMMA_LIKE, tok) == []
     plain = _FakeTokenizer(bos=False)
-    assert tokenizer_problems(plain, plain, TokenizerSpec(False, 1, 100)) == []
+    assert tokenizer_problems(plain, TokenizerSpec(False, 1, 100), plain) == []
 
 
 @pytest.mark.parametrize("saved, spec, expect", [
@@ -324,7 +324,7 @@ def test_tokenizer_checks_pass_a_sound_tokenizer():
 ])  # fmt: skip
 def test_tokenizer_checks_name_each_fault(saved, spec, expect):
     built = _FakeTokenizer(width=1) if saved.width == 1 else _FakeTokenizer()
-    problems = tokenizer_problems(saved, built, spec)
+    problems = tokenizer_problems(saved, spec, built)
     assert len(problems) == 1 and expect in problems[0]
 
 
@@ -388,7 +388,7 @@ def test_smollm2_tokenizer_checked_against_its_gguf(smol, tmp_path):
     spec = TokenizerSpec.from_gguf(smol["src"].path)
     assert spec.add_bos is False and spec.vocab_size == 49152
     tok, record = write_tokenizer(smol["src"].path, tmp_path / "ok", spec, source=smol["dir"])
-    assert tokenizer_problems(tok, smol["tok"], spec) == []
+    assert tokenizer_problems(tok, spec, smol["tok"]) == []
     assert record == {"add_bos": False, "bos_id": spec.bos_id, "vocab_size": 49152,
                       "made_by": str(smol["dir"])}
     # the converted folder keeps what its tokenizer was checked against: checkable without the

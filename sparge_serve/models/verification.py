@@ -194,8 +194,7 @@ def folder_tokenizer_problems(folder: Path | str) -> list[str]:
         return [f"{folder} keeps no record of a checked tokenizer: convert it again with this "
                 "sparge-models"]
     spec = TokenizerSpec(bool(kept["add_bos"]), kept["bos_id"], int(kept["vocab_size"]))
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    return tokenizer_problems(tok, tok, spec)
+    return tokenizer_problems(AutoTokenizer.from_pretrained(str(folder)), spec)
 
 
 def verify(
@@ -238,7 +237,7 @@ def verify(
     if len(ids) < 2:
         raise ModelsError(f"{name} tokenises to {len(ids)} tokens; verification needs at least 2")
     report = Report(record["model"], str(folder), name, len(ids), tolerance)
-    report.tokenizer_problems = tokenizer_problems(tok, tok, TokenizerSpec.from_gguf(src.path))
+    report.tokenizer_problems = tokenizer_problems(tok, TokenizerSpec.from_gguf(src.path))
     log(f"scoring {len(ids)} tokens of {name} with the converted model")
     a = token_nll(model, ids)
     log(f"greedy answer to {PROMPT!r}")
