@@ -219,7 +219,25 @@ def summary(results: dict[str, Any], model: str, min_dense_acc: float) -> dict[s
             row["ppl_change"] = ppl["ppl"] / dense_ppl - 1.0 if dense_ppl else None
             row["ppl_sparsity"] = 0.0 if c == "flash_attn" else pooled_sparsity([ppl])
         rows[c] = row
-    return dict(configs=configs, lengths=lengths, rows=rows)
+    # per-prompt scores on the informative task-lengths, for paired comparisons
+    samples = {c: {(r["task"], r["length"], smp["doc"]): smp["score"]
+                   for r in recs if r["config"] == c and r["kind"] == "accuracy"
+                   and (r["task"], r["length"]) in keep for smp in r.get("samples") or ()}
+               for c in configs}
+    return dict(configs=configs, lengths=lengths, rows=rows, samples=samples)
+
+
+def sign_test(a: dict[tuple, float], b: dict[tuple, float]) -> tuple[int, int, float]:
+    """Paired comparison of two configurations' per-prompt scores on the prompts both answered:
+    (prompts where ``a`` scores higher, where ``b`` does, two-sided sign-test p-value). The
+    prompts are the same for every configuration (seeded generation), so pairing removes the
+    prompts' difficulty from the comparison."""
+    common = a.keys() & b.keys()
+    wins = sum(1 for k in common if a[k] > b[k])
+    losses = sum(1 for k in common if a[k] < b[k])
+    n = wins + losses
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return wins, losses, min(1.0, 2 * tail)
 
 
 def _point(row: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
@@ -229,25 +247,34 @@ def _point(row: dict[str, Any]) -> tuple[float | None, float | None, float | Non
             sum(accs) / len(accs) if accs else None)
 
 
-def against_uniform(s: dict[str, Any]) -> list[dict[str, Any]]:
+def against_uniform(s: dict[str, Any], alpha: float = 0.05) -> list[dict[str, Any]]:
     """Each calibrated configuration (``l1=X``) against each uniform one (``cdf=X``) on the same
     documents and prompts: "dominates" when it skips at least as many blocks at no higher
-    perplexity and no lower mean accuracy (one of them strictly better), "dominated" the other
-    way round, else "trade-off" (uncomparable where a measurement is missing)."""
+    perplexity and no lower accuracy (one of them strictly better), "dominated" the other way
+    round, else "trade-off" (uncomparable where a measurement is missing). Where per-prompt
+    scores are known, accuracy is compared prompt by prompt (``sign_test``) and a difference
+    the test does not find at level ``alpha`` counts as equal accuracy: at 20 prompts a task one
+    answer is 5 points, so mean accuracies differ by noise more often than not."""
     out = []
+    samples = s.get("samples") or {}
     for cal in (c for c in s["configs"] if c.startswith("l1=")):
         a = _point(s["rows"][cal])
         for uni in (c for c in s["configs"] if c.startswith("cdf=")):
             b = _point(s["rows"][uni])
+            paired = None
+            if samples.get(cal) and samples.get(uni):
+                paired = sign_test(samples[cal], samples[uni])
             if None in a or None in b:
                 verdict = "uncomparable"
             else:
-                ge = a[0] >= b[0] and a[1] <= b[1] and a[2] >= b[2]
-                le = a[0] <= b[0] and a[1] >= b[1] and a[2] <= b[2]
+                same_acc = paired is not None and paired[2] >= alpha
+                acc_ge, acc_le = (True, True) if same_acc else (a[2] >= b[2], a[2] <= b[2])
+                ge = a[0] >= b[0] and a[1] <= b[1] and acc_ge
+                le = a[0] <= b[0] and a[1] >= b[1] and acc_le
                 verdict = ("equal" if ge and le else "dominates" if ge else
                            "dominated" if le else "trade-off")
             out.append(dict(calibrated=cal, uniform=uni, verdict=verdict, calibrated_point=a,
-                            uniform_point=b))
+                            uniform_point=b, paired=paired))
     return out
 
 
@@ -320,12 +347,18 @@ def markdown(results: dict[str, Any], min_dense_acc: float) -> str:
             lines += ["", "Calibrated against uniform thresholds (block sparsity and perplexity "
                       "change on the perplexity documents, mean accuracy over the lengths):", "",
                       "| calibrated | sparsity | perplexity | accuracy | uniform | sparsity | "
-                      "perplexity | accuracy | calibrated |", "|" + "---|" * 9]
+                      "perplexity | accuracy | prompts better / worse (p) | calibrated |",
+                      "|" + "---|" * 10]
             for v in versus:
+                w = v["paired"]
                 lines.append("| " + " | ".join([
                     config_label(v["calibrated"]), *_cmp_cells(v["calibrated_point"]),
                     config_label(v["uniform"]), *_cmp_cells(v["uniform_point"]),
+                    "-" if w is None else f"{w[0]} / {w[1]} ({w[2]:.2f})",
                     v["verdict"]]) + " |")
+            lines += ["", "Prompts better / worse: the calibrated file's answers against the "
+                      "uniform one's on the same prompts (informative task-lengths); p: the "
+                      "two-sided sign test. Accuracy counts as equal where p >= 0.05."]
         cal = results["calibrations"].get(model, {})
         if cal:
             lines += ["", "Calibrated thresholds (`sparge-calibrate --driver vllm`):", "",
@@ -367,9 +400,13 @@ def plot(results: dict[str, Any], path: str, min_dense_acc: float) -> None:
                 continue
             pts.sort()
             ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{n} tokens")
+            names: dict[tuple[float, float], list[str]] = {}  # one label a point
             for x, y, c in pts:
-                ax.annotate(config_label(c).replace("SPARGE ", ""), (100 * x, y), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+                names.setdefault((round(x, 4), round(y, 4)), []).append(
+                    config_label(c).replace("SPARGE ", ""))
+            for (x, y), labels in names.items():
+                ax.annotate(", ".join(labels), (100 * x, y), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
         ax.set_xlabel("measured block sparsity (%)")
         ax.set_ylabel("accuracy (informative tasks)")
         ax.set_ylim(-0.02, 1.02)

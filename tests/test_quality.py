@@ -297,9 +297,48 @@ def test_calibrated_against_uniform_verdicts(tmp_path):
         qr.put_record(res, dict(rec, config="cdf=0.9"))  # the same measurements: "equal"
     md = qr.write_report(res, str(tmp_path / "quality"), min_dense_acc=0.2)
     assert ("| SPARGE l1=0.01 | 50.0% | +1.00% | 0.950 | SPARGE cdf=0.9 | 50.0% | +5.00% | 0.750 "
-            "| dominates |") in md
+            "| - | dominates |") in md
     assert ("| SPARGE l1=0.06 | 50.0% | +5.00% | 0.750 | SPARGE cdf=0.9 | 50.0% | +5.00% | 0.750 "
-            "| equal |") in md
+            "| - | equal |") in md
+
+
+def test_sign_test_pairs_prompts():
+    a = {("t", 4096, i): 1.0 for i in range(20)}
+    b = dict(a)
+    b[("t", 4096, 0)] = b[("t", 4096, 1)] = 0.0  # two prompts worse, none better
+    wins, losses, p = qr.sign_test(a, b)
+    assert (wins, losses) == (2, 0) and p == pytest.approx(0.5)  # 2 * (1/2)^2
+    b.update({("t", 4096, i): 0.0 for i in range(2, 10)})  # ten worse: p = 2 / 2^10
+    assert qr.sign_test(a, b) == (10, 0, pytest.approx(2 / 1024))
+    assert qr.sign_test(a, {("u", 1, 0): 0.0}) == (0, 0, 1.0)  # nothing in common
+    b = {k: 0.5 for k in a}  # fractional scores: the sign of each difference counts
+    assert qr.sign_test(b, a)[:2] == (0, 20)
+
+
+def test_against_uniform_counts_noise_as_equal_accuracy(tmp_path):
+    """Two prompts of 80 answered differently is no accuracy difference: the calibrated file
+    that skips more blocks at lower perplexity dominates; twenty prompts worse is a trade-off."""
+    res = _synthetic_results()
+    keys = [(task, n) for task in ("sparge_passkey",) for n in (4096, 8192)]
+    for c, sp, ppl, wrong in (("l1=0.01", 0.6, 4.01, 2), ("cdf=0.99", 0.5, 4.02, 0),
+                              ("l1=0.03", 0.6, 4.01, 20)):
+        for k, (task, n) in enumerate(keys):
+            smp = [dict(doc=i, score=0.0 if k * 40 + i < wrong else 1.0) for i in range(40)]
+            score = sum(x["score"] for x in smp) / 40
+            qr.put_record(res, dict(model="smollm2", config=c, kind="accuracy", task=task,
+                                    length=n, score=score, n=40, samples=smp,
+                                    metrics=dict(block_sparsity=sp)))
+        qr.put_record(res, dict(model="smollm2", config=c, kind="perplexity", task="perplexity",
+                                length=8191, ppl=ppl, n=2, metrics=dict(blocks=dict(
+                                    valid=10.0, computed=10.0 * (1 - sp), pv_skipped=0.0))))
+    s = qr.summary(res, "smollm2", 0.2)
+    got = {(v["calibrated"], v["uniform"]): (v["verdict"], v["paired"])
+           for v in qr.against_uniform(s)}
+    assert got[("l1=0.01", "cdf=0.99")] == ("dominates", (0, 2, pytest.approx(0.5)))
+    verdict, (wins, losses, p) = got[("l1=0.03", "cdf=0.99")]
+    assert verdict == "trade-off" and (wins, losses) == (0, 20) and p < 1e-5
+    md = qr.markdown(res, 0.2)
+    assert "| 0 / 2 (0.50) | dominates |" in md and "| 0 / 20 (0.00) | trade-off |" in md
 
 
 def test_results_merge_resume_and_atomic_save(tmp_path):
