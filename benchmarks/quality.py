@@ -143,7 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-sparse-len", type=int, default=2048,
                     help="SPARGE min_sparse_len: shortest context on the sparse path (2048)")
     ap.add_argument("--concurrency", type=int, default=32, help="requests in flight (32)")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                    help="of one server that runs alone (0.5)")
+    ap.add_argument("--servers", type=int, default=1, metavar="N",
+                    help="servers started at once, one a configuration (1): their start-ups "
+                    "overlap, the evaluations run one server at a time. Above 1 each server "
+                    "gets --kv-cache-gib of KV cache instead of a share of free memory (vLLM's "
+                    "memory profiling assumes no other process allocates meanwhile)")
+    ap.add_argument("--kv-cache-gib", type=float, default=8.0,
+                    help="KV cache of each server when --servers is above 1 (8)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
                     help="prefill chunk of the servers (8192)")
     ap.add_argument("--cuda-graphs", action="store_true",
@@ -211,6 +219,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.ppl_docs = args.ppl_docs or (2 if args.quick else 4)
     args.calib_prompts = QUICK_CALIB_PROMPTS if args.quick else CALIB_PROMPTS
     expand_configs(args.configs, [])  # refuse an unknown name before any work
+    if args.servers < 1:
+        raise SystemExit(f"--servers {args.servers}: at least 1")
     args.results = args.results or os.path.join(args.out, "quality.json")
     args.logs = args.logs or os.path.join(args.work_dir, "logs")
     args.thresholds_dir = args.thresholds_dir or [
@@ -313,9 +323,15 @@ def server_command(args: argparse.Namespace, model: str, config: str, port: int)
            "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", str(model_context(args, model)),
            "--attention-backend", "FLASH_ATTN" if config == "flash_attn" else "SPARGE",
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--no-enable-prefix-caching", "--seed", "0"]
+    if args.servers > 1:
+        # a fixed KV cache skips vLLM's free-memory profiling, which other servers starting at
+        # the same time would upset; the utilization only has to pass vLLM's free-memory check
+        cmd += ["--kv-cache-memory", str(int(args.kv_cache_gib * 2**30)),
+                "--gpu-memory-utilization", "0.05"]
+    else:
+        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if not args.cuda_graphs:
         cmd.append("--enforce-eager")
     opts = sparge_options(args, model, config)
@@ -344,11 +360,21 @@ def prompts_command(args: argparse.Namespace, model: str) -> tuple[str, list[str
                   "--n", str(args.calib_prompts), "--chars", str(chars), "--package", "vllm"]
 
 
-def estimate_minutes(args: argparse.Namespace, model: str,
+def estimate_minutes(args: argparse.Namespace, results: dict[str, Any], model: str,
                      units: list[tuple[str, str, int]]) -> float:
     """A rough duration of one configuration's server: start and stop, then each evaluation
     (tokens prefilled at an assumed rate, plus a fixed cost). The log shows the real ones."""
-    return (2.5 if args.cuda_graphs else 1.2) + sum(unit_minutes(args, u) for u in units)
+    return startup_minutes(args, results, model) + sum(unit_minutes(args, u) for u in units)
+
+
+def startup_minutes(args: argparse.Namespace, results: dict[str, Any], model: str) -> float:
+    """A server's start and stop: the median start of the model's servers in the results (a
+    cold first start takes twice the others), else an assumption."""
+    seen = sorted(s["startup_s"] for s in results.get("servers", {}).get(model, {}).values()
+                  if s.get("startup_s"))
+    if not seen:
+        return 2.5 if args.cuda_graphs else 1.2
+    return seen[len(seen) // 2] / 60 + 0.1
 
 
 def unit_minutes(args: argparse.Namespace, unit: tuple[str, str, int]) -> float:
@@ -376,14 +402,17 @@ def plan_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
                              f"about 2-3 min): {shlex.join(calibrate_command(args, model, b, path))}")
         if not {"accuracy", "perplexity"} & set(args.stages):
             continue
-        total = 0.0
+        total, servers = 0.0, 0
+        startup = startup_minutes(args, results, model)
         for config in model_configs(args, model):
             units = pending_units(args, results, model, config)
             path = thresholds_path(args, model, config)
             note = "" if path is None else (f" thresholds {path}" if path else
                                             " thresholds MISSING (calibrate first)")
-            minutes = estimate_minutes(args, model, units) if units else 0.0
-            total += minutes
+            minutes = estimate_minutes(args, results, model, units) if units else 0.0
+            # servers started together wait for one start-up (the first of each group)
+            total += minutes - (startup if servers % args.servers else 0.0) if units else 0.0
+            servers += bool(units)
             lines.append(f"  {qr.config_label(config)}: {len(units)} evaluations to run, about "
                          f"{minutes:.1f} min;{note}")
             lines.append(f"    {shlex.join(server_command(args, model, config, 8000))}")

@@ -35,6 +35,7 @@ from quality import (
     note,
     pending_units,
     server_command,
+    startup_minutes,
     thresholds_path,
     time_left,
     unit_minutes,
@@ -128,6 +129,7 @@ class Server:
         self.log = Path(args.logs) / f"serve_{model}_{config.replace('=', '_')}.log"
         self.timeout = args.server_timeout
         self.proc = None
+        self.stopped = False
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items()
@@ -144,7 +146,8 @@ class Server:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc is not None:
+        if self.proc is not None and not self.stopped:
+            self.stopped = True
             subproc.stop(self.proc)
 
     def post(self, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
@@ -329,7 +332,8 @@ def stage_eval(args: Any, results: dict[str, Any]) -> None:
             f"min_sparse_len {args.min_sparse_len}, prefill chunk {args.max_num_batched_tokens}, "
             f"prefix caching off, {'CUDA graphs' if args.cuda_graphs else 'eager'}, "
             f"{args.samples} samples per task and length, lengths {lengths}")
-        cache, docs = TaskCache(args, model), None
+        cache = TaskCache(args, model)
+        todo = []
         for config in model_configs(args, model):
             units = pending_units(args, results, model, config)
             if not units:
@@ -341,42 +345,90 @@ def stage_eval(args: Any, results: dict[str, Any]) -> None:
                 note(results, f"{model} {qr.config_label(config)}: no thresholds file (run the "
                      "calibrate stage or pass --thresholds); not evaluated")
                 continue
-            need = estimate_minutes(args, model, units)
-            # the first server of a call starts whenever 2 minutes are left: its evaluations
-            # stop one by one at the deadline (the next call continues with the rest)
-            if need > time_left(args) and (started or time_left(args) < 2):
-                note(results, f"{model} {qr.config_label(config)}: not started, about {need:.1f} "
-                     f"min needed and {time_left(args):.1f} left before the deadline; run the "
-                     "same command again to continue")
-                continue
-            server = Server(args, model, config)
-            server.start()
-            started += 1
-            try:
-                acc = [(t, n) for kind, t, n in units if kind == "accuracy"]
-                cache.build(acc)
-                if docs is None and any(k == "perplexity" for k, _, _ in units):
-                    from documents import make_documents
-                    from passkey import load_tokenizer
+            todo.append((config, units))
+        while todo:
+            group = next_group(args, results, model, todo, started)
+            if not group:
+                for config, units in todo:
+                    note(results, f"{model} {qr.config_label(config)}: not started, about "
+                         f"{estimate_minutes(args, results, model, units):.1f} min needed and "
+                         f"{time_left(args):.1f} left before the deadline; run the same command "
+                         "again to continue")
+                break
+            todo = todo[len(group):]
+            started += len(group)
+            serve_group(args, results, cache, model, group)
+            waited = wait_gpu_released(baseline)
+            log(f"{model}: servers stopped; GPU memory released after {waited:.0f} s")
 
-                    docs = make_documents(load_tokenizer(os.path.abspath(args.model_dirs[model])),
-                                          args.ppl_docs, model_context(args, model) - 1)
-                startup = server.wait()
-                log(f"{model} {qr.config_label(config)}: healthy after {startup:.0f} s")
-                results["servers"].setdefault(model, {})[config] = dict(
-                    command=shlex.join(server.cmd), startup_s=round(startup, 1))
-                evaluate_units(args, results, server, cache, docs, units)
+
+def next_group(args: Any, results: dict[str, Any], model: str,
+               todo: list[tuple[str, list]], started: int) -> list[tuple[str, list]]:
+    """The configurations whose servers start next, together: up to ``--servers`` of them, as
+    many as end before the deadline (one start-up, then their evaluations one after another).
+    The first server of a call starts whenever 2 minutes are left: its evaluations stop one by
+    one at the deadline, and the next call continues with the rest."""
+    group: list[tuple[str, list]] = []
+    need = startup_minutes(args, results, model)
+    for config, units in todo[:args.servers]:
+        need += sum(unit_minutes(args, u) for u in units)
+        if need > time_left(args) and (group or started or time_left(args) < 2):
+            break
+        group.append((config, units))
+    return group
+
+
+def serve_group(args: Any, results: dict[str, Any], cache: TaskCache, model: str,
+                group: list[tuple[str, list]]) -> None:
+    """Start one server a configuration, build the tasks while they start, then evaluate each
+    server in turn and stop it; every server is stopped on the way out."""
+    servers = [Server(args, model, config) for config, _ in group]
+    try:
+        for server in servers:
+            server.start()
+        try:
+            acc = [(t, n) for _, units in group for kind, t, n in units if kind == "accuracy"]
+            cache.build(sorted(set(acc), key=acc.index))
+            docs = None
+            if any(k == "perplexity" for _, units in group for k, _, _ in units):
+                from documents import make_documents
+                from passkey import load_tokenizer
+
+                docs = make_documents(load_tokenizer(os.path.abspath(args.model_dirs[model])),
+                                      args.ppl_docs, model_context(args, model) - 1)
+        except Exception as e:  # noqa: BLE001 - reported; the next model may still run
+            for server in servers:
+                note(results, f"{model} {qr.config_label(server.config)}: {type(e).__name__}: "
+                     f"{e}")
+            return
+        ready = {}
+        for server in servers:  # in start order: each start-up is timed to its own /health
+            try:
+                ready[server.config] = server.wait()
             except AssertionError as e:  # the server exited or hung (tests/subproc.py)
+                note(results, f"{model} {qr.config_label(server.config)}: server failed: "
+                     f"{str(e)[-1500:]}")
+                server.stop()
+        for server, (config, units) in zip(servers, group, strict=True):
+            if config not in ready:
+                continue
+            log(f"{model} {qr.config_label(config)}: healthy after {ready[config]:.0f} s")
+            results["servers"].setdefault(model, {})[config] = dict(
+                command=shlex.join(server.cmd), startup_s=round(ready[config], 1))
+            try:
+                evaluate_units(args, results, server, cache, docs, units)
+            except AssertionError as e:
                 note(results, f"{model} {qr.config_label(config)}: server failed: "
                      f"{str(e)[-1500:]}")
             except Exception as e:  # noqa: BLE001 - the next configuration may still run
                 note(results, f"{model} {qr.config_label(config)}: {type(e).__name__}: {e}")
             finally:
                 server.stop()
-                waited = wait_gpu_released(baseline)
-                log(f"{model} {qr.config_label(config)}: stopped; GPU memory released after "
-                    f"{waited:.0f} s")
-            qr.save_results(results, args.results)
+                log(f"{model} {qr.config_label(config)}: stopped")
+                qr.save_results(results, args.results)
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def evaluate_units(args: Any, results: dict[str, Any], server: Server, cache: TaskCache,

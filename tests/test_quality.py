@@ -434,8 +434,15 @@ def test_server_command(tmp_path):
     assert sparge[sparge.index("--attention-backend") + 1] == "SPARGE"
     assert json.loads(sparge[sparge.index("--additional-config") + 1]) == {
         "sparge": {"min_sparse_len": 4096, "thresholds": "untuned"}}
+    assert flash[flash.index("--gpu-memory-utilization") + 1] == "0.5"
+    assert "--kv-cache-memory" not in flash
     args.cuda_graphs = True
     assert "--enforce-eager" not in quality.server_command(args, "smollm2", "untuned", 1)
+    # servers that start together get a fixed KV cache: no memory profiling against each other
+    args.servers, args.kv_cache_gib = 3, 2.5
+    both = quality.server_command(args, "smollm2", "untuned", 1)
+    assert both[both.index("--kv-cache-memory") + 1] == str(int(2.5 * 2**30))
+    assert both[both.index("--gpu-memory-utilization") + 1] == "0.05"
     assert quality.expand_configs(["flash_attn", "calibrated", "l1=0.01"], [0.01, 0.03]) == [
         "flash_attn", "l1=0.01", "l1=0.03"]
 
@@ -540,10 +547,12 @@ FAKE_SERVER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.parametrize("servers", [1, 3])
 def test_serving_stage_through_lm_eval_against_a_stand_in_server(smol_tokenizer, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, servers):
     """The accuracy and perplexity stages with lm-eval's local-completions client over HTTP,
-    /metrics deltas, the merged results and the report, with a stand-in for vllm serve."""
+    /metrics deltas, the merged results and the report, with a stand-in for vllm serve; one
+    server at a time, and all of them started together."""
     pytest.importorskip("lm_eval", reason="lm-eval is in the 'quality' and 'test' extras")
     import quality_eval
 
@@ -564,9 +573,12 @@ def test_serving_stage_through_lm_eval_against_a_stand_in_server(smol_tokenizer,
     argv = ["--stages", "accuracy", "perplexity", "report", "--models", "smollm2",
             "--model-dir", f"smollm2={smol_tokenizer}", "--configs", "flash_attn", "untuned",
             "l1=0.01", "--tasks", "sparge_passkey", "--lengths", "1024", "--samples", "3",
-            "--ppl-docs", "1", "--work-dir", str(tmp_path / "w"), "--out", str(out)]
+            "--ppl-docs", "1", "--work-dir", str(tmp_path / "w"), "--out", str(out),
+            "--servers", str(servers)]
     assert quality.main(argv) == 0
     res = qr.load_results(str(out / "quality.json"))
+    assert set(res["servers"]["smollm2"]) == {"flash_attn", "untuned"}
+    assert all(s["startup_s"] > 0 for s in res["servers"]["smollm2"].values())
     acc = {r["config"]: r for r in res["records"] if r["kind"] == "accuracy"}
     assert set(acc) == {"flash_attn", "untuned"}  # l1=0.01 has no thresholds file
     assert all(r["score"] == 1.0 and r["n"] == 3 for r in acc.values())
@@ -581,6 +593,35 @@ def test_serving_stage_through_lm_eval_against_a_stand_in_server(smol_tokenizer,
     # the same command again measures nothing new
     assert quality.main(argv) == 0
     assert len(qr.load_results(str(out / "quality.json"))["records"]) == 4
+
+
+def test_servers_start_together_as_many_as_end_before_the_deadline(tmp_path, monkeypatch):
+    import quality_eval
+
+    args = quality.resolve(quality.build_parser().parse_args(
+        ["--work-dir", str(tmp_path), "--servers", "3", "--quick"]))
+    results = qr.empty_results()
+    # start-ups measured earlier: the median (60 s, one cold start of 240 s aside) + 0.1 min
+    results["servers"]["smollm2"] = {c: dict(startup_s=t) for c, t in
+                                     (("a", 240.0), ("b", 60.0), ("c", 50.0))}
+    assert quality.startup_minutes(args, results, "smollm2") == pytest.approx(1.1)
+    assert quality.startup_minutes(args, qr.empty_results(), "smollm2") == 1.2  # assumed
+    unit = ("accuracy", "niah_single_1", 32768)  # 0.15 + 20 * 32768 / 4e6 min
+    todo = [(c, [unit] * 6) for c in ("flash_attn", "untuned", "l1=0.01", "l1=0.02")]
+    per = 6 * quality.unit_minutes(args, unit)
+    assert 1.1 + per > 2.5
+
+    def group(minutes_left, started=0):
+        monkeypatch.setattr(quality_eval, "time_left", lambda a: minutes_left)
+        return [c for c, _ in quality_eval.next_group(args, results, "smollm2", todo, started)]
+
+    assert group(1.1 + 3 * per + 0.01) == ["flash_attn", "untuned", "l1=0.01"]  # --servers 3
+    assert group(1.1 + 2 * per + 0.01) == ["flash_attn", "untuned"]
+    # a call's first server starts whenever 2 minutes are left (its evaluations stop one by one
+    # at the deadline), a later one only if it ends before it
+    assert group(2.5) == ["flash_attn"]
+    assert group(2.5, started=1) == []
+    assert group(1.9) == []
 
 
 def test_serving_stage_refuses_a_model_folder_with_a_wrong_tokenizer(smol_tokenizer, tmp_path):
