@@ -89,6 +89,7 @@ TASKS = OWN_TASKS + RULER_TASKS
 DEFAULT_TASKS = OWN_TASKS + RULER_TASKS[:3]
 QUICK_TASKS = ("sparge_passkey", "sparge_passkey_assign", "niah_single_1")
 CALIB_PROMPTS, QUICK_CALIB_PROMPTS = 8, 4
+CALIBRATE_MINUTES = 6  # one model's calibration: capture, every budget's search, the report
 CHARS_PER_TOKEN = 5  # code tokenizes at about 4 characters a token: prompts long enough to cut
 T0 = time.monotonic()
 
@@ -340,24 +341,39 @@ def server_command(args: argparse.Namespace, model: str, config: str, port: int)
     return cmd
 
 
-def calibrate_command(args: argparse.Namespace, model: str, budget: float, prompts: str) -> list:
-    from sparge_calibrate.arguments import PV_RATIO
-
+def calibrate_command(args: argparse.Namespace, model: str, prompts: str,
+                      heldout: str) -> list[str]:
+    """``sparge-calibrate``'s default invocation with the model's budgets as candidates: one
+    capture searches them all, ``--report``'s held-out prompts choose the largest within +0.5%
+    perplexity (written to ``default_path``), ``--keep-candidates`` writes every budget's file
+    (each PV budget at sparge-calibrate's default ratio)."""
     # NOTE: the vLLM capture engine's max_model_len is the longest prompt + 1, which vLLM refuses
     # past the model's max_position_embeddings: prompts one query block shorter than the context
     max_len = model_context(args, model) - 128
-    pv_budget = budget * PV_RATIO  # sparge-calibrate's default
     return [sys.executable, "-m", "sparge_calibrate", args.model_dirs[model], "--prompts",
-            prompts, "--out", calib_path(args, model, budget), "--l1", f"{budget:g}",
-            "--pv-l1", f"{pv_budget:g}", "--max-len", str(max_len), "--samples",
-            str(args.calib_prompts), "--driver", args.calib_driver, "--device", "cuda", "--quiet"]
+            prompts, "--report", heldout, "--out", default_path(args, model), "--budgets",
+            *(f"{b:g}" for b in model_budgets(args, model)), "--keep-candidates",
+            "--plot", default_path(args, model).removesuffix(".safetensors") + ".png",
+            "--max-len", str(max_len), "--samples", str(args.calib_prompts), "--driver",
+            args.calib_driver, "--device", "cuda", "--quiet"]
 
 
-def prompts_command(args: argparse.Namespace, model: str) -> tuple[str, list[str]]:
+def default_path(args: argparse.Namespace, model: str) -> str:
+    """The file sparge-calibrate's default writes (its candidates: ``STEM.l1_X.safetensors``)."""
+    return os.path.join(args.work_dir, "calibration", f"{model}_default.safetensors")
+
+
+def prompts_command(args: argparse.Namespace, model: str, heldout: bool = False
+                    ) -> tuple[str, list[str]]:
+    """Calibration prompts (or, ``heldout``, as many others after them) of vLLM's source, as
+    long as the model's context: never one of the perplexity documents (the standard library)."""
     chars = model_context(args, model) * CHARS_PER_TOKEN
-    path = os.path.join(args.work_dir, "prompts", f"calib_vllm_{args.calib_prompts}x{chars}.jsonl")
-    return path, [sys.executable, str(ROOT / "scripts/make_code_prompts.py"), "--out", path,
-                  "--n", str(args.calib_prompts), "--chars", str(chars), "--package", "vllm"]
+    n = args.calib_prompts if not heldout else max(1, args.calib_prompts // 2)
+    name = f"{'heldout' if heldout else 'calib'}_vllm_{n}x{chars}.jsonl"
+    path = os.path.join(args.work_dir, "prompts", name)
+    cmd = [sys.executable, str(ROOT / "scripts/make_code_prompts.py"), "--out", path, "--n",
+           str(n), "--chars", str(chars), "--package", "vllm"]
+    return path, cmd + (["--skip", str(args.calib_prompts)] if heldout else [])
 
 
 def estimate_minutes(args: argparse.Namespace, results: dict[str, Any], model: str,
@@ -395,11 +411,14 @@ def plan_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
                          f"--out {folder} --quiet")
         if "calibrate" in args.stages:
             path, cmd = prompts_command(args, model)
+            held, hcmd = prompts_command(args, model, heldout=True)
             lines.append(f"  prompts: {shlex.join(cmd)}")
-            for b in model_budgets(args, model):
-                done = os.path.exists(calib_path(args, model, b))
-                lines.append(f"  calibrate l1={b:g} ({'exists' if done and not args.redo else 'to run'}, "
-                             f"about 2-3 min): {shlex.join(calibrate_command(args, model, b, path))}")
+            lines.append(f"  held-out prompts: {shlex.join(hcmd)}")
+            done = all(os.path.exists(calib_path(args, model, b))
+                       for b in model_budgets(args, model))
+            lines.append(f"  calibrate ({'exists' if done and not args.redo else 'to run'}, about "
+                         f"{CALIBRATE_MINUTES} min): "
+                         f"{shlex.join(calibrate_command(args, model, path, held))}")
         if not {"accuracy", "perplexity"} & set(args.stages):
             continue
         total, servers = 0.0, 0
@@ -488,42 +507,62 @@ def stage_convert(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 def stage_calibrate(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Per model, sparge-calibrate's default invocation over the model's budgets (one run,
+    ``calibrate_command``); every budget's file lands where ``l1=X`` configurations look, and
+    the results mark the budget the default chose."""
     import hashlib
+
+    from sparge_serve.thresholds import load_thresholds
 
     for model in args.models:
         if not os.path.exists(os.path.join(args.model_dirs[model], "config.json")):
             note(results, f"{model}: not converted, not calibrated")
             continue
-        path, cmd = prompts_command(args, model)
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            if run_logged(f"prompts_{model}", cmd, args, timeout=300)[0] != 0:
-                note(results, f"{model}: calibration prompts failed")
-                continue
-        for budget in model_budgets(args, model):
+        budgets = model_budgets(args, model)
+        if all(os.path.exists(calib_path(args, model, b)) for b in budgets) and not args.redo:
+            log(f"calibrate {model}: the files of l1 {' '.join(f'{b:g}' for b in budgets)} exist")
+            continue
+        if time_left(args) < CALIBRATE_MINUTES:
+            note(results, f"{model}: calibration not started (deadline); run the command again")
+            continue
+        paths = [make_prompts(args, model, heldout) for heldout in (False, True)]
+        if None in paths:
+            note(results, f"{model}: calibration prompts failed")
+            continue
+        cmd = calibrate_command(args, model, *paths)
+        os.makedirs(os.path.dirname(default_path(args, model)), exist_ok=True)
+        rc, seconds = run_logged(f"calibrate_{model}", cmd, args, timeout=590)
+        if rc != 0:
+            note(results, f"{model}: sparge-calibrate failed (exit {rc})")
+            continue
+        chosen = load_thresholds(default_path(args, model)).l1
+        stem = default_path(args, model).removesuffix(".safetensors")
+        for budget in budgets:
             out = calib_path(args, model, budget)
-            if os.path.exists(out) and not args.redo:
-                log(f"calibrate {model} l1={budget:g}: {out} exists")
-                continue
-            if time_left(args) < 3.5:
-                note(results, f"{model} l1={budget:g}: calibration not started (deadline); run "
-                     "the command again")
-                continue
             os.makedirs(os.path.dirname(out), exist_ok=True)
-            cmd = calibrate_command(args, model, budget, path)
-            rc, seconds = run_logged(f"calibrate_{model}_l1_{budget:g}", cmd, args, timeout=590)
-            if rc != 0:
-                note(results, f"{model} l1={budget:g}: sparge-calibrate failed (exit {rc})")
-                continue
-            with open(out, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
+            shutil.copyfile(f"{stem}.l1_{budget:g}.safetensors", out)
             copy = os.path.join(args.out, "quality_thresholds", os.path.basename(out))
             os.makedirs(os.path.dirname(copy), exist_ok=True)
             shutil.copyfile(out, copy)
+            with open(out, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
             results["calibrations"].setdefault(model, {})[f"{budget:g}"] = dict(
                 path=out, copy=copy, sha256=digest, seconds=round(seconds, 1),
+                default=chosen is not None and math.isclose(chosen, budget),
                 command=shlex.join(cmd), date=datetime.date.today().isoformat())
-            qr.save_results(results, args.results)
+        log(f"calibrate {model}: the default (+0.5% held-out perplexity) chose l1 {chosen:g}")
+        qr.save_results(results, args.results)
+
+
+def make_prompts(args: argparse.Namespace, model: str, heldout: bool) -> str | None:
+    """The prompts file of ``prompts_command``, written if missing; None if that failed."""
+    path, cmd = prompts_command(args, model, heldout)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        name = f"{'heldout' if heldout else 'prompts'}_{model}"
+        if run_logged(name, cmd, args, timeout=300)[0] != 0:
+            return None
+    return path
 
 
 def note(results: dict[str, Any], text: str) -> None:

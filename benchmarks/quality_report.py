@@ -284,6 +284,66 @@ def _cmp_cells(p: tuple) -> list[str]:
             "-" if acc is None else f"{acc:.3f}"]
 
 
+def _measured(results: dict[str, Any], model: str, s: dict[str, Any], cal: dict[str, Any],
+              min_dense_acc: float) -> list[str]:
+    """One model's tables of measurements: per configuration, per task, against uniform."""
+    lines: list[str] = []
+    head = ["configuration"]
+    for n in s["lengths"]:
+        head += [f"acc {n}", f"sparsity {n}"]
+    head += ["perplexity", "vs FLASH_ATTN", "sparsity (ppl)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    chosen = {f"l1={b}" for b, c in cal.items() if c.get("default")}
+    for c in s["configs"]:
+        row = s["rows"][c]
+        cells = [config_label(c) + (" (calibration default)" if c in chosen else "")]
+        for n in s["lengths"]:
+            cell = row["lengths"][n]
+            acc = cell["accuracy"]
+            cells += ["-" if acc is None else f"{acc:.3f}", pct(cell["sparsity"])]
+        ppl, change = row.get("ppl"), row.get("ppl_change")
+        cells += ["-" if ppl is None else f"{ppl:.4f}",
+                  "-" if change is None else f"{100 * change:+.2f}%",
+                  pct(row.get("ppl_sparsity"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Per task (accuracy, block sparsity in parentheses):", ""]
+    tasks = sorted({(r["task"], r["length"]) for r in results["records"]
+                    if r["model"] == model and r["kind"] == "accuracy"})
+    dense = informative(results, model, min_dense_acc)
+    head = ["task", "length", *(config_label(c) for c in s["configs"])]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task, n in tasks:
+        cells = [task if dense.get((task, n), (0, True))[1] else f"{task} (uninformative)",
+                 str(n)]
+        for c in s["configs"]:
+            r = find_record(results, model=model, config=c, kind="accuracy", task=task,
+                            length=n)
+            if r is None:
+                cells.append("-")
+                continue
+            sp = None if c == "flash_attn" else (r.get("metrics") or {}).get("block_sparsity")
+            cells.append(f"{r['score']:.3f} ({pct(sp)}, n={r['n']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    versus = against_uniform(s)
+    if versus:
+        lines += ["", "Calibrated against uniform thresholds (block sparsity and perplexity "
+                  "change on the perplexity documents, mean accuracy over the lengths):", "",
+                  "| calibrated | sparsity | perplexity | accuracy | uniform | sparsity | "
+                  "perplexity | accuracy | prompts better / worse (p) | calibrated |",
+                  "|" + "---|" * 10]
+        for v in versus:
+            w = v["paired"]
+            lines.append("| " + " | ".join([
+                config_label(v["calibrated"]), *_cmp_cells(v["calibrated_point"]),
+                config_label(v["uniform"]), *_cmp_cells(v["uniform_point"]),
+                "-" if w is None else f"{w[0]} / {w[1]} ({w[2]:.2f})",
+                v["verdict"]]) + " |")
+        lines += ["", "Prompts better / worse: the calibrated file's answers against the "
+                  "uniform one's on the same prompts (informative task-lengths); p: the "
+                  "two-sided sign test. Accuracy counts as equal where p >= 0.05."]
+    return lines
+
+
 def markdown(results: dict[str, Any], min_dense_acc: float) -> str:
     runs = results["runs"]
     last = runs[-1] if runs else {}
@@ -302,70 +362,23 @@ def markdown(results: dict[str, Any], min_dense_acc: float) -> str:
         "through the completions endpoint (`echo`, `max_tokens` 0, prompt log-probabilities).", ""]
     for model, info in results["models"].items():
         s = summary(results, model, min_dense_acc)
-        if not s["configs"]:
+        cal = results["calibrations"].get(model, {})
+        if not s["configs"] and not cal:
             continue
         lines += [f"## {model}: {info.get('title', model)}", "",
                   f"Server: `--max-model-len {info.get('context', '?')}`; "
                   f"{info.get('settings', '')}", ""]
-        head = ["configuration"]
-        for n in s["lengths"]:
-            head += [f"acc {n}", f"sparsity {n}"]
-        head += ["perplexity", "vs FLASH_ATTN", "sparsity (ppl)"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for c in s["configs"]:
-            row = s["rows"][c]
-            cells = [config_label(c)]
-            for n in s["lengths"]:
-                cell = row["lengths"][n]
-                acc = cell["accuracy"]
-                cells += ["-" if acc is None else f"{acc:.3f}", pct(cell["sparsity"])]
-            ppl, change = row.get("ppl"), row.get("ppl_change")
-            cells += ["-" if ppl is None else f"{ppl:.4f}",
-                      "-" if change is None else f"{100 * change:+.2f}%",
-                      pct(row.get("ppl_sparsity"))]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", "Per task (accuracy, block sparsity in parentheses):", ""]
-        tasks = sorted({(r["task"], r["length"]) for r in results["records"]
-                        if r["model"] == model and r["kind"] == "accuracy"})
-        dense = informative(results, model, min_dense_acc)
-        head = ["task", "length", *(config_label(c) for c in s["configs"])]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for task, n in tasks:
-            cells = [task if dense.get((task, n), (0, True))[1] else f"{task} (uninformative)",
-                     str(n)]
-            for c in s["configs"]:
-                r = find_record(results, model=model, config=c, kind="accuracy", task=task,
-                                length=n)
-                if r is None:
-                    cells.append("-")
-                    continue
-                sp = None if c == "flash_attn" else (r.get("metrics") or {}).get("block_sparsity")
-                cells.append(f"{r['score']:.3f} ({pct(sp)}, n={r['n']})")
-            lines.append("| " + " | ".join(cells) + " |")
-        versus = against_uniform(s)
-        if versus:
-            lines += ["", "Calibrated against uniform thresholds (block sparsity and perplexity "
-                      "change on the perplexity documents, mean accuracy over the lengths):", "",
-                      "| calibrated | sparsity | perplexity | accuracy | uniform | sparsity | "
-                      "perplexity | accuracy | prompts better / worse (p) | calibrated |",
-                      "|" + "---|" * 10]
-            for v in versus:
-                w = v["paired"]
-                lines.append("| " + " | ".join([
-                    config_label(v["calibrated"]), *_cmp_cells(v["calibrated_point"]),
-                    config_label(v["uniform"]), *_cmp_cells(v["uniform_point"]),
-                    "-" if w is None else f"{w[0]} / {w[1]} ({w[2]:.2f})",
-                    v["verdict"]]) + " |")
-            lines += ["", "Prompts better / worse: the calibrated file's answers against the "
-                      "uniform one's on the same prompts (informative task-lengths); p: the "
-                      "two-sided sign test. Accuracy counts as equal where p >= 0.05."]
-        cal = results["calibrations"].get(model, {})
+        if s["configs"]:
+            lines += _measured(results, model, s, cal, min_dense_acc)
         if cal:
-            lines += ["", "Calibrated thresholds (`sparge-calibrate --driver vllm`):", "",
+            lines += ["", "Calibrated thresholds (`sparge-calibrate`, every budget in one "
+                      "run; the default is the largest within +0.5% perplexity on its "
+                      "held-out prompts):", "",
                       "| budget (l1) | file | sha256 | seconds |", "|---|---|---|---|"]
             for budget in sorted(cal, key=float):
                 c = cal[budget]
-                lines.append(f"| {budget} | `{os.path.basename(c.get('path', ''))}` | "
+                mark = " (default)" if c.get("default") else ""
+                lines.append(f"| {budget}{mark} | `{os.path.basename(c.get('path', ''))}` | "
                              f"{str(c.get('sha256', ''))[:12]} | {c.get('seconds', 0):.0f} |")
         lines.append("")
     notes = last.get("notes") or []

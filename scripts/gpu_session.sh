@@ -72,7 +72,8 @@
 #              local-completions client against vllm serve, perplexity and the block sparsity the
 #              server measured, for SmolLM2-135M and Gemma 3 270M (the 'payload' stage's folders
 #              in $MODELS_DIR, else converted from their installed packages) under FLASH_ATTN,
-#              SPARGE untuned and SPARGE with thresholds calibrated at three budgets. Stages
+#              SPARGE untuned and SPARGE with thresholds calibrated at three budgets (one
+#              sparge-calibrate run per model, the default's choice marked). Stages
 #              $QUALITY_STAGES (convert calibrate accuracy perplexity report), models
 #              $QUALITY_MODELS (smollm2), more options $QUALITY_ARGS (e.g. --quick, --configs
 #              flash_attn untuned); starts $QUALITY_SERVERS servers at once (4; 1: one at a

@@ -398,13 +398,12 @@ def test_dry_run_prints_the_plan(tmp_path):
     plan = out.stdout
     assert "smollm2: " in plan and "lengths [4096, 8192]" in plan and "to convert" in plan
     assert "sparge_calibrate" in plan and "--driver vllm" in plan and "--max-len 8064" in plan
-    # SmolLM2's own budgets (0.005 / 0.01 / 0.02), each PV budget at sparge-calibrate's ratio
-    assert "--l1 0.005 --pv-l1 0.0075" in plan and "--l1 0.01 --pv-l1 0.015" in plan
-    assert "--l1 0.05 " not in plan
-    assert "--samples 4" in plan
+    # one run: SmolLM2's own budgets as the candidates of the default's held-out choice
+    assert "--budgets 0.005 0.01 0.02 --keep-candidates" in plan and "--l1" not in plan
+    assert "--samples 4" in plan and "--report" in plan and "--skip 4" in plan
     gemma = _run("--dry-run", "--models", "gemma3", "--stages", "calibrate", "--work-dir",
                  str(tmp_path)).stdout
-    assert "--l1 0.1 --pv-l1 0.15" in gemma and "--l1 0.005 " not in gemma
+    assert "--budgets 0.02 0.05 0.1 " in gemma and "--samples 8" in gemma
     # Gemma 3 is not asked the passkey tasks it does not do dense, unless --tasks names them
     g_quick = _run("--dry-run", "--quick", "--models", "gemma3", "--work-dir",
                    str(tmp_path)).stdout
@@ -414,7 +413,7 @@ def test_dry_run_prints_the_plan(tmp_path):
     assert "tasks sparge_passkey x 20 samples" in g_named
     both = _run("--dry-run", "--models", "gemma3", "--stages", "calibrate", "--budgets", "0.03",
                 "--work-dir", str(tmp_path)).stdout
-    assert "--l1 0.03 " in both and "--l1 0.1 " not in both
+    assert "--budgets 0.03 --keep-candidates" in both
     assert "--attention-backend FLASH_ATTN" in plan and "--no-enable-prefix-caching" in plan
     assert "SPARGE l1=0.01: 7 evaluations to run" in plan and "thresholds MISSING" in plan
     assert json.dumps({"sparge": {"min_sparse_len": 2048, "thresholds": str(thr)}}) in plan
@@ -593,6 +592,61 @@ def test_serving_stage_through_lm_eval_against_a_stand_in_server(smol_tokenizer,
     # the same command again measures nothing new
     assert quality.main(argv) == 0
     assert len(qr.load_results(str(out / "quality.json"))["records"]) == 4
+
+
+CALIBRATE_STAND_IN = """
+import dataclasses, sys
+from sparge_serve.thresholds import Thresholds, save_thresholds
+argv = sys.argv[1:]
+out = argv[argv.index("--out") + 1]
+budgets = [float(b) for b in argv[argv.index("--budgets") + 1:argv.index("--keep-candidates")]]
+stem = out.removesuffix(".safetensors")
+base = Thresholds.defaults(2, 2, 1, 64)
+for b in budgets:
+    save_thresholds(f"{stem}.l1_{b:g}.safetensors", dataclasses.replace(base, l1=b, pv_l1=1.5 * b))
+save_thresholds(out, dataclasses.replace(base, l1=budgets[1], pv_l1=1.5 * budgets[1]))
+with open(out + ".runs", "a") as f:
+    print("run", file=f)
+"""
+
+
+def test_calibrate_stage_one_run_every_budget_and_the_default(tmp_path, monkeypatch):
+    """The calibrate stage runs sparge-calibrate once per model (a stand-in here, which writes
+    what --keep-candidates and --out write): every budget's file lands where ``l1=X`` looks, and
+    the budget the default chose is marked in the results and the report."""
+    script = tmp_path / "calibrate.py"
+    script.write_text(CALIBRATE_STAND_IN)
+    real = quality.calibrate_command
+
+    def stand_in(args, model, prompts, heldout):
+        cmd = real(args, model, prompts, heldout)
+        return [sys.executable, str(script), *cmd[cmd.index("--prompts"):]]
+
+    monkeypatch.setattr(quality, "calibrate_command", stand_in)
+    folder = tmp_path / "smollm2"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    argv = ["--stages", "calibrate", "report", "--models", "smollm2", "--quick", "--model-dir",
+            f"smollm2={folder}", "--work-dir", str(tmp_path / "w"), "--out", str(out)]
+    assert quality.main(argv) == 0
+    res = qr.load_results(str(out / "quality.json"))
+    prompts = {p.name: p.read_text() for p in (tmp_path / "w" / "prompts").iterdir()}
+    assert sorted(prompts) == ["calib_vllm_4x40960.jsonl", "heldout_vllm_2x40960.jsonl"]
+    assert prompts["heldout_vllm_2x40960.jsonl"][:200] not in prompts["calib_vllm_4x40960.jsonl"]
+    cal = res["calibrations"]["smollm2"]
+    assert sorted(cal) == ["0.005", "0.01", "0.02"]
+    assert [cal[b]["default"] for b in ("0.005", "0.01", "0.02")] == [False, True, False]
+    for b in (0.005, 0.01, 0.02):
+        path = tmp_path / "w" / "thresholds" / f"smollm2_l1_{b:g}.safetensors"
+        assert path.exists() and (out / "quality_thresholds" / path.name).exists()
+        args = quality.resolve(quality.build_parser().parse_args(argv))
+        assert quality.thresholds_path(args, "smollm2", f"l1={b:g}") == str(path)
+    assert "| 0.01 (default) | `smollm2_l1_0.01.safetensors` |" in (out / "quality.md").read_text()
+    # the same command again calibrates nothing
+    assert quality.main(argv) == 0
+    runs = tmp_path / "w" / "calibration" / "smollm2_default.safetensors.runs"
+    assert runs.read_text() == "run\n"
 
 
 def test_servers_start_together_as_many_as_end_before_the_deadline(tmp_path, monkeypatch):
