@@ -57,11 +57,12 @@ from tests import subproc  # noqa: E402
 
 MODELS = {
     "smollm2": dict(title="SmolLM2-135M-Instruct (Llama, 30 layers, 8K context)", context=8192,
-                    lengths=[4096, 8192], quick_lengths=[4096, 8192], budgets=(0.005, 0.01, 0.02)),
+                    lengths=[4096, 8192], quick_lengths=[4096, 8192], budgets=(0.005, 0.01, 0.02),
+                    default_budget=0.005),
     "gemma3": dict(title="Gemma 3 270M (18 layers, 5 sliding-window layers per global layer, "
                          "32K context)", context=32768,
                    lengths=[4096, 8192, 16384, 32768], quick_lengths=[8192, 32768],
-                   budgets=(0.02, 0.05, 0.1),
+                   budgets=(0.02, 0.05, 0.1), default_budget=0.05, sparsity_bar=0.5,
                    # dense, it ignores these prompts' instruction even at 1K tokens (its answer
                    # is no key at all): they measure nothing about sparse attention for it
                    skip_tasks=("sparge_passkey", "sparge_passkey_code")),
@@ -69,7 +70,10 @@ MODELS = {
 # NOTE: per-model budgets (sparge-calibrate's default model-wide allocation) around each model's
 # +0.5% held-out perplexity point on the CPU reference (docs/PERFORMANCE.md, "The algorithm on a
 # real model"): SmolLM2 at 4K between l1 0.005 (+0.07%) and 0.02 (+0.9%); Gemma 3's full layers
-# at 32K 0.05 (+0.17%) to past 0.075 (+0.6%), at 8K (the per-head search) 0.02.
+# at 32K 0.05 (+0.17%) to past 0.075 (+0.6%), at 8K (the per-head search) 0.02. default_budget:
+# what sparge-calibrate's default wrote there (SmolLM2: its fixed default; Gemma 3: the +0.5%
+# target on both 32K held-out documents), the report's bars' budget until a calibrate stage
+# marks its own; sparsity_bar: the block sparsity it must reach at the model's context.
 OWN_TASKS = ("sparge_passkey", "sparge_passkey_code", "sparge_passkey_assign")
 # lm-eval's RULER tasks that generate their data offline (from the tokenizer; lm-eval's RULER module
 # still imports nltk and wonderwords); the last three are left out by default: small models
@@ -612,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         results["models"].setdefault(model, {}).update(
             title=MODELS[model]["title"], context=model_context(args, model),
+            default_budget=MODELS[model]["default_budget"],
+            sparsity_bar=MODELS[model].get("sparsity_bar"),
             model_dir=args.model_dirs[model])
     print("\n".join(plan_lines(args, results)), flush=True)
     # a time limit's SIGTERM unwinds like Ctrl-C: servers and children are stopped, results kept

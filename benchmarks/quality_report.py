@@ -278,6 +278,70 @@ def against_uniform(s: dict[str, Any], alpha: float = 0.05) -> list[dict[str, An
     return out
 
 
+def default_config(results: dict[str, Any], model: str) -> str | None:
+    """``l1=X`` of the budget sparge-calibrate's default chose: the one a calibrate stage marked,
+    else the model's ``default_budget`` (what the default wrote on the CPU reference)."""
+    cal = results["calibrations"].get(model, {})
+    marked = [b for b, c in cal.items() if c.get("default")]
+    if marked:
+        return f"l1={float(marked[0]):g}"
+    budget = results["models"].get(model, {}).get("default_budget")
+    return None if budget is None else f"l1={budget:g}"
+
+
+def bars(results: dict[str, Any], model: str, s: dict[str, Any],
+         min_dense_acc: float) -> list[tuple[str, str, str]]:
+    """(bar, measured, PASS / FAIL / -) for the default budget: accuracy within 1 point of
+    FLASH_ATTN on every informative task-length, perplexity within +0.5%, the model's block
+    sparsity bar at its context, more sparsity than the untuned defaults at no loss of accuracy
+    (sign test), and no uniform setting better on every axis while it is on one."""
+    d = default_config(results, model)
+    if d is None or d not in s["rows"] or "flash_attn" not in s["rows"]:
+        return []
+    out = []
+    keep = [k for k, (_, ok) in informative(results, model, min_dense_acc).items() if ok]
+    deltas = []
+    for task, n in keep:
+        a = find_record(results, model=model, config=d, kind="accuracy", task=task, length=n)
+        b = find_record(results, model=model, config="flash_attn", kind="accuracy", task=task,
+                        length=n)
+        if a and b:
+            deltas.append((a["score"] - b["score"], f"{task} @{n}"))
+    if deltas:
+        worst = min(deltas)
+        out.append((f"{d}: accuracy >= FLASH_ATTN - 0.01 on every informative task-length "
+                    f"({len(deltas)})", f"worst {worst[0]:+.3f} ({worst[1]})",
+                    "PASS" if worst[0] >= -0.01 - 1e-9 else "FAIL"))
+    row = s["rows"][d]
+    if row.get("ppl_change") is not None:
+        out.append((f"{d}: perplexity <= FLASH_ATTN + 0.5%", f"{100 * row['ppl_change']:+.2f}%",
+                    "PASS" if row["ppl_change"] <= 0.005 else "FAIL"))
+    context = results["models"].get(model, {}).get("context")
+    bar = results["models"].get(model, {}).get("sparsity_bar")
+    cell = row["lengths"].get(context)
+    if cell is not None and cell["sparsity"] is not None:
+        out.append((f"{d}: block sparsity at {context} tokens" + (f" >= {bar:.0%}" if bar else ""),
+                    pct(cell["sparsity"]),
+                    "-" if not bar else "PASS" if cell["sparsity"] >= bar else "FAIL"))
+    if "untuned" in s["rows"]:
+        u = s["rows"]["untuned"]
+        more = all((row["lengths"][n]["sparsity"] or 0) > (u["lengths"][n]["sparsity"] or 0)
+                   for n in s["lengths"] if row["lengths"][n]["sparsity"] is not None)
+        w, l_, p = sign_test(s["samples"].get(d, {}), s["samples"].get("untuned", {}))
+        ok = more and (w >= l_ or p >= 0.05)
+        out.append((f"{d} against SPARGE untuned: more blocks skipped at every length, accuracy "
+                    "no lower (sign test)", f"prompts better / worse {w} / {l_} (p {p:.2f})",
+                    "PASS" if ok else "FAIL"))
+    versus = [v for v in against_uniform(s) if v["calibrated"] == d]
+    if versus:
+        verdicts = ", ".join(f"{v['verdict']} {v['uniform']}" for v in versus)
+        ok = all(v["verdict"] != "dominated" for v in versus) and any(
+            v["verdict"] == "dominates" for v in versus)
+        out.append((f"{d} against one uniform cdfthreshd: dominates one, dominated by none",
+                    verdicts, "PASS" if ok else "FAIL"))
+    return out
+
+
 def _cmp_cells(p: tuple) -> list[str]:
     sp, ch, acc = p
     return [pct(sp), "-" if ch is None else f"{100 * ch:+.2f}%",
@@ -370,6 +434,11 @@ def markdown(results: dict[str, Any], min_dense_acc: float) -> str:
                   f"{info.get('settings', '')}", ""]
         if s["configs"]:
             lines += _measured(results, model, s, cal, min_dense_acc)
+            rows = bars(results, model, s, min_dense_acc)
+            if rows:
+                lines += ["", "Bars at the default calibration budget:", "",
+                          "| bar | measured | result |", "|---|---|---|",
+                          *(f"| {b} | {m} | {r} |" for b, m, r in rows)]
         if cal:
             lines += ["", "Calibrated thresholds (`sparge-calibrate`, every budget in one "
                       "run; the default is the largest within +0.5% perplexity on its "

@@ -302,6 +302,29 @@ def test_calibrated_against_uniform_verdicts(tmp_path):
             "| - | equal |") in md
 
 
+def test_bars_at_the_default_budget(tmp_path):
+    res = _synthetic_results()
+    s = qr.summary(res, "smollm2", 0.2)
+    assert qr.bars(res, "smollm2", s, 0.2) == []  # no default budget known
+    res["models"]["smollm2"]["default_budget"] = 0.01
+    res["models"]["gemma3"].update(default_budget=0.06, sparsity_bar=0.6)
+    got = {b.split(":")[1].split()[0] if ":" in b else b: (m, r)
+           for b, m, r in qr.bars(res, "smollm2", s, 0.2)}
+    assert got["accuracy"] == ("worst -0.050 (sparge_passkey @4096)", "FAIL")  # 0.95 vs 1.0
+    assert got["perplexity"] == ("+1.00%", "FAIL")
+    assert got["block"] == ("50.0%", "-")  # SmolLM2 has no sparsity bar
+    rows = qr.bars(res, "gemma3", qr.summary(res, "gemma3", 0.2), 0.2)
+    assert ("l1=0.06: block sparsity at 32768 tokens >= 60%", "80.0%", "PASS") in rows
+    assert rows[-1][2] == "PASS" and "untuned" in rows[-1][0]  # more skipped, nothing lost
+    # a calibrate stage's own choice wins over the model's default budget
+    res["calibrations"]["smollm2"]["0.01"]["default"] = False
+    res["calibrations"]["smollm2"]["0.06"] = dict(path="x", default=True)
+    assert qr.default_config(res, "smollm2") == "l1=0.06"
+    md = qr.write_report(res, str(tmp_path / "quality"), min_dense_acc=0.2)
+    assert "| l1=0.06: perplexity <= FLASH_ATTN + 0.5% | +5.00% | FAIL |" in md
+    assert "| SPARGE l1=0.06 (calibration default) |" in md
+
+
 def test_sign_test_pairs_prompts():
     a = {("t", 4096, i): 1.0 for i in range(20)}
     b = dict(a)
