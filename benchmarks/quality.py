@@ -554,7 +554,7 @@ def stage_calibrate(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 path=out, copy=copy, sha256=digest, seconds=round(seconds, 1),
                 default=chosen is not None and math.isclose(chosen, budget),
                 command=shlex.join(cmd), date=datetime.date.today().isoformat())
-        log(f"calibrate {model}: the default (+0.5% held-out perplexity) chose l1 {chosen:g}")
+        log(f"calibrate {model}: the default (+0.5% held-out perplexity) chose l1 {chosen}")
         qr.save_results(results, args.results)
 
 
