@@ -205,10 +205,12 @@ def lm_eval_command(model_args: dict[str, Any], task: str, meta: dict[str, Any],
 
 
 class TaskCache:
-    """lm-eval Task objects per (length, task), built once per model."""
+    """lm-eval Task objects per (length, task), built once per model (and the model's
+    perplexity documents, ``docs``, once made)."""
 
     def __init__(self, args: Any, model: str) -> None:
         self.args, self.model, self.tasks = args, model, {}
+        self.docs: dict[str, Any] | None = None
         self.manager = None  # the last TaskManager (simple_evaluate needs one; building it costs)
         self.failed: dict[tuple[int, str], str] = {}
 
@@ -389,13 +391,14 @@ def serve_group(args: Any, results: dict[str, Any], cache: TaskCache, model: str
         try:
             acc = [(t, n) for _, units in group for kind, t, n in units if kind == "accuracy"]
             cache.build(sorted(set(acc), key=acc.index))
-            docs = None
-            if any(k == "perplexity" for _, units in group for k, _, _ in units):
+            if cache.docs is None and any(k == "perplexity" for _, units in group
+                                          for k, _, _ in units):
                 from documents import make_documents
                 from passkey import load_tokenizer
 
-                docs = make_documents(load_tokenizer(os.path.abspath(args.model_dirs[model])),
-                                      args.ppl_docs, model_context(args, model) - 1)
+                cache.docs = make_documents(
+                    load_tokenizer(os.path.abspath(args.model_dirs[model])), args.ppl_docs,
+                    model_context(args, model) - 1)
         except Exception as e:  # noqa: BLE001 - reported; the next model may still run
             for server in servers:
                 note(results, f"{model} {qr.config_label(server.config)}: {type(e).__name__}: "
@@ -416,7 +419,7 @@ def serve_group(args: Any, results: dict[str, Any], cache: TaskCache, model: str
             results["servers"].setdefault(model, {})[config] = dict(
                 command=shlex.join(server.cmd), startup_s=round(ready[config], 1))
             try:
-                evaluate_units(args, results, server, cache, docs, units)
+                evaluate_units(args, results, server, cache, cache.docs, units)
             except AssertionError as e:
                 note(results, f"{model} {qr.config_label(config)}: server failed: "
                      f"{str(e)[-1500:]}")
