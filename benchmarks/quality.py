@@ -333,7 +333,7 @@ def server_command(args: argparse.Namespace, model: str, config: str, port: int)
     if args.servers > 1:
         # a fixed KV cache skips vLLM's free-memory profiling, which other servers starting at
         # the same time would upset; the utilization only has to pass vLLM's free-memory check
-        cmd += ["--kv-cache-memory", str(int(args.kv_cache_gib * 2**30)),
+        cmd += ["--kv-cache-memory-bytes", str(int(args.kv_cache_gib * 2**30)),
                 "--gpu-memory-utilization", "0.05"]
     else:
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]

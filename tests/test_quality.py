@@ -457,16 +457,45 @@ def test_server_command(tmp_path):
     assert json.loads(sparge[sparge.index("--additional-config") + 1]) == {
         "sparge": {"min_sparse_len": 4096, "thresholds": "untuned"}}
     assert flash[flash.index("--gpu-memory-utilization") + 1] == "0.5"
-    assert "--kv-cache-memory" not in flash
+    assert "--kv-cache-memory-bytes" not in flash
     args.cuda_graphs = True
     assert "--enforce-eager" not in quality.server_command(args, "smollm2", "untuned", 1)
     # servers that start together get a fixed KV cache: no memory profiling against each other
     args.servers, args.kv_cache_gib = 3, 2.5
     both = quality.server_command(args, "smollm2", "untuned", 1)
-    assert both[both.index("--kv-cache-memory") + 1] == str(int(2.5 * 2**30))
+    assert both[both.index("--kv-cache-memory-bytes") + 1] == str(int(2.5 * 2**30))
     assert both[both.index("--gpu-memory-utilization") + 1] == "0.05"
     assert quality.expand_configs(["flash_attn", "calibrated", "l1=0.01"], [0.01, 0.03]) == [
         "flash_attn", "l1=0.01", "l1=0.03"]
+
+
+def test_server_commands_parse_with_vllms_own_engine_arguments(tmp_path, monkeypatch):
+    """Every engine flag the servers get is one vLLM 0.26 knows, with the value meant (the
+    frontend's --host, --port and --served-model-name aside)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    monkeypatch.setattr(current_platform, "device_type", "cpu", raising=False)
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    for servers in (1, 4):
+        args = quality.resolve(quality.build_parser().parse_args(
+            ["--work-dir", str(tmp_path), "--servers", str(servers)]))
+        cmd = quality.server_command(args, "gemma3", "untuned", 8123)
+        rest = cmd[cmd.index("serve") + 2:]
+        for flag in ("--host", "--port", "--served-model-name"):
+            i = rest.index(flag)
+            del rest[i:i + 2]
+        parsed = parser.parse_args(["--model", args.model_dirs["gemma3"], *rest])
+        assert parsed.attention_backend == "SPARGE" and parsed.enforce_eager
+        assert parsed.max_model_len == 32768 and parsed.max_num_batched_tokens == 8192
+        assert parsed.additional_config == {"sparge": {"min_sparse_len": 2048,
+                                                       "thresholds": "untuned"}}
+        if servers == 1:
+            assert parsed.kv_cache_memory_bytes is None
+            assert parsed.gpu_memory_utilization == 0.5
+        else:
+            assert parsed.kv_cache_memory_bytes == 8 * 2**30
 
 
 def test_uniform_cdf_configuration(tmp_path):
