@@ -701,6 +701,25 @@ def test_calibrate_stage_one_run_every_budget_and_the_default(tmp_path, monkeypa
     assert runs.read_text() == "run\n"
 
 
+def test_calibrate_command_is_sparge_calibrates_default_with_candidates(tmp_path):
+    """The calibrate stage's command, read by sparge-calibrate's own parser: the default
+    invocation (held-out prompts, the +0.5% target), the model's budgets as its candidates,
+    each written where the stage looks for it."""
+    from sparge_calibrate import budget, cli
+
+    args = quality.resolve(quality.build_parser().parse_args(["--work-dir", str(tmp_path)]))
+    cmd = quality.calibrate_command(args, "gemma3", "p.jsonl", "h.jsonl")
+    parser = cli.build_parser()
+    parsed = parser.parse_args(cmd[cmd.index("sparge_calibrate") + 1:])
+    budget.resolve(parser, parsed)
+    assert parsed.ppl_target == budget.DEFAULT_PPL_TARGET and parsed.report == "h.jsonl"
+    assert parsed.budgets == [0.02, 0.05, 0.1] and parsed.pv_l1 / parsed.l1 == pytest.approx(1.5)
+    assert parsed.driver == "vllm" and parsed.max_len == 32768 - 128 and parsed.samples == 8
+    stem = quality.default_path(args, "gemma3").removesuffix(".safetensors")
+    assert budget.candidate_paths(parsed) == {b: f"{stem}.l1_{b:g}.safetensors"
+                                             for b in (0.02, 0.05, 0.1)}
+
+
 def test_servers_start_together_as_many_as_end_before_the_deadline(tmp_path, monkeypatch):
     import quality_eval
 
