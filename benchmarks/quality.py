@@ -554,7 +554,12 @@ def stage_calibrate(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 path=out, copy=copy, sha256=digest, seconds=round(seconds, 1),
                 default=chosen is not None and math.isclose(chosen, budget),
                 command=shlex.join(cmd), date=datetime.date.today().isoformat())
-        log(f"calibrate {model}: the default (+0.5% held-out perplexity) chose l1 {chosen}")
+        heatmap = f"{stem}.png"  # of the chosen budget
+        if os.path.exists(heatmap):
+            shutil.copyfile(heatmap, os.path.join(args.out, "quality_thresholds",
+                                                  f"{model}_default.png"))
+        log(f"calibrate {model}: the default (+0.5% held-out perplexity) chose l1 {chosen}; "
+            f"its held-out table: {os.path.join(args.logs, f'calibrate_{model}.log')}")
         qr.save_results(results, args.results)
 
 

@@ -659,6 +659,8 @@ for b in budgets:
 save_thresholds(out, dataclasses.replace(base, l1=budgets[1], pv_l1=1.5 * budgets[1]))
 with open(out + ".runs", "a") as f:
     print("run", file=f)
+with open(argv[argv.index("--plot") + 1], "wb") as f:
+    f.write(b"heatmap")
 """
 
 
@@ -695,6 +697,7 @@ def test_calibrate_stage_one_run_every_budget_and_the_default(tmp_path, monkeypa
         args = quality.resolve(quality.build_parser().parse_args(argv))
         assert quality.thresholds_path(args, "smollm2", f"l1={b:g}") == str(path)
     assert "| 0.01 (default) | `smollm2_l1_0.01.safetensors` |" in (out / "quality.md").read_text()
+    assert (out / "quality_thresholds" / "smollm2_default.png").read_bytes() == b"heatmap"
     # the same command again calibrates nothing
     assert quality.main(argv) == 0
     runs = tmp_path / "w" / "calibration" / "smollm2_default.safetensors.runs"
