@@ -447,7 +447,8 @@ def plan_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
 
 def pending_units(args: argparse.Namespace, results: dict[str, Any], model: str,
                   config: str) -> list[tuple[str, str, int]]:
-    """(kind, task, length) of this configuration that the results do not hold yet."""
+    """(kind, task, length) of this configuration that the results do not hold yet, or hold
+    from fewer prompts or documents than asked (a ``--quick`` record under a full run)."""
     units = []
     if "accuracy" in args.stages:
         units += [("accuracy", task, n) for n in model_lengths(args, model)
@@ -456,8 +457,18 @@ def pending_units(args: argparse.Namespace, results: dict[str, Any], model: str,
         units.append(("perplexity", "perplexity", model_context(args, model) - 1))
     if args.redo:
         return units
-    return [u for u in units if qr.find_record(results, model=model, config=config, kind=u[0],
-                                               task=u[1], length=u[2]) is None]
+
+    def done(unit: tuple[str, str, int]) -> bool:
+        rec = qr.find_record(results, model=model, config=config, kind=unit[0], task=unit[1],
+                             length=unit[2])
+        if rec is None:
+            return False
+        if unit[0] == "perplexity":
+            return len(rec["docs"] if "docs" in rec else [None] * rec.get("n", 0)) \
+                >= args.ppl_docs
+        return rec.get("n", 0) >= args.samples
+
+    return [u for u in units if not done(u)]
 
 
 # ---------------------------------------------------------------------------------- stages

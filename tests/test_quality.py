@@ -364,6 +364,25 @@ def test_against_uniform_counts_noise_as_equal_accuracy(tmp_path):
     assert "| 0 / 2 (0.50) | dominates |" in md and "| 0 / 20 (0.00) | trade-off |" in md
 
 
+def test_pending_units_measure_again_what_fewer_prompts_measured(tmp_path):
+    res = _synthetic_results()  # accuracy records of 40 prompts, perplexity of 2 documents
+    for rec in res["records"]:
+        if rec["kind"] == "perplexity":
+            rec["docs"] = [{}, {}]
+
+    def pending(*flags):
+        args = quality.resolve(quality.build_parser().parse_args(
+            ["--work-dir", str(tmp_path), "--tasks", "sparge_passkey", *flags]))
+        return quality.pending_units(args, res, "smollm2", "untuned")
+
+    assert pending("--samples", "40", "--ppl-docs", "2") == []
+    assert pending("--samples", "20", "--ppl-docs", "1") == []
+    assert pending("--samples", "80", "--ppl-docs", "2") == [
+        ("accuracy", "sparge_passkey", 4096), ("accuracy", "sparge_passkey", 8192)]
+    assert pending("--samples", "40", "--ppl-docs", "4") == [
+        ("perplexity", "perplexity", 8191)]
+
+
 def test_results_merge_resume_and_atomic_save(tmp_path):
     res = _synthetic_results()
     n = len(res["records"])
@@ -386,7 +405,7 @@ def test_results_merge_resume_and_atomic_save(tmp_path):
     # the plan skips what the results hold, unless --redo
     args = quality.resolve(quality.build_parser().parse_args(
         ["--models", "smollm2", "--tasks", "sparge_passkey", "--lengths", "4096", "8192",
-         "--stages", "accuracy", "perplexity", "--work-dir", str(tmp_path)]))
+         "--stages", "accuracy", "perplexity", "--ppl-docs", "2", "--work-dir", str(tmp_path)]))
     one = qr.empty_results()
     qr.put_record(one, rec)  # smollm2, untuned, sparge_passkey at 4096
     todo = quality.pending_units(args, one, "smollm2", "untuned")
