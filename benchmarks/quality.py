@@ -18,12 +18,13 @@ thresholds (``"thresholds": "untuned"``) and SPARGE with thresholds calibrated a
   (``/metrics``) before and after every evaluation.
 
 Stages (``--stages``): ``convert`` (``sparge-models convert``, CPU), ``calibrate``
-(``sparge-calibrate --driver vllm`` per model and budget, on code prompts of the ``vllm``
-package), ``accuracy`` and ``perplexity`` (one server per configuration, reused for every task,
-length and the perplexity documents), ``report``. Results merge into one JSON (``--results``,
-default ``OUT/quality.json``; ``--resume`` starts from an earlier file): a measurement already
-there is skipped unless ``--redo``, so the same command run again continues where a stopped one
-(``--deadline``, a time limit) left off. Writes ``quality.{json,md,png}`` into ``--out`` (default
+(``sparge-calibrate --driver vllm``'s default invocation once per model, the model's budgets its
+candidates, on code prompts of the ``vllm`` package), ``accuracy`` and ``perplexity`` (one server
+per configuration, reused for every task, length and the perplexity documents; ``--servers``
+start together), ``report``. Results merge into one JSON (``--results``, default
+``OUT/quality.json``; ``--resume`` starts from an earlier file): a measurement already there, from
+as many prompts or documents, is skipped unless ``--redo``, so the same command run again
+continues where a stopped one (``--deadline``, a time limit) left off. Writes ``quality.{json,md,png}`` into ``--out`` (default
 ``$OUT`` or ``benchmarks/results``).
 """
 
