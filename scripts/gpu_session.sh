@@ -77,8 +77,8 @@
 #              $QUALITY_STAGES (convert calibrate accuracy perplexity report), models
 #              $QUALITY_MODELS (smollm2), more options $QUALITY_ARGS (e.g. --quick, --configs
 #              flash_attn untuned); starts $QUALITY_SERVERS servers at once (4; 1: one at a
-#              time, each with half the GPU's memory), none or no calibration that would end
-#              after $QUALITY_DEADLINE minutes (9). Merges into $OUT/quality.{json,md,png} from
+#              time, each with half the GPU's memory), and no server or calibration that
+#              would end after $QUALITY_DEADLINE minutes (9). Merges into $OUT/quality.{json,md,png} from
 #              $QUALITY_RESUME (an earlier call's quality.json; default
 #              benchmarks/results/quality.json when present), so the same call again continues;
 #              calibrated files also land in $OUT/quality_thresholds (looked up in
@@ -272,8 +272,9 @@ for stage in "$@"; do
             --geometries gemma3_270m smollm2_135m ;; esac
         ;;
     quality)
-        # one vllm serve per configuration, their start-ups overlapped; every evaluation merges into $OUT/quality.json as it
-        # ends, so a call stopped at its deadline or time limit keeps what it measured
+        # one vllm serve per configuration, their start-ups overlapped; every evaluation
+        # merges into $OUT/quality.json as it ends, so a call stopped at its deadline or time
+        # limit keeps what it measured
         QUALITY_RESUME=${QUALITY_RESUME:-benchmarks/results/quality.json}
         qdirs=()  # folders the 'payload' stage converted, used instead of converting again
         for key in smollm2 gemma3; do
