@@ -77,8 +77,9 @@ MODELS = {
 # marks its own; sparsity_bar: the block sparsity it must reach at the model's context.
 OWN_TASKS = ("sparge_passkey", "sparge_passkey_code", "sparge_passkey_assign")
 # lm-eval's RULER tasks that generate their data offline (from the tokenizer; lm-eval's RULER module
-# still imports nltk and wonderwords); the last three are left out by default: small models
-# rarely solve them dense, and an unsolved task measures nothing about sparse attention.
+# still imports nltk and wonderwords); all but the first are left out by default: an unsolved task
+# measures nothing about sparse attention, and at 4K dense SmolLM2 scores 0 and 0.10 on
+# niah_multikey_2 and ruler_vt, Gemma 3 0 and 0.02 (results/reference_accuracy_*_4k_ruler.md).
 RULER_TASKS = ("niah_single_1", "niah_multikey_2", "ruler_vt", "niah_multikey_3", "ruler_cwe",
                "ruler_fwe")
 # lm-eval's RULER tasks that fetch their data at run time: no network on the GPU machine.
@@ -91,7 +92,7 @@ NETWORK_TASKS = {
     "ruler_qa_hotpot": "it downloads HotpotQA (huggingface.co)",
 }
 TASKS = OWN_TASKS + RULER_TASKS
-DEFAULT_TASKS = OWN_TASKS + RULER_TASKS[:3]
+DEFAULT_TASKS = OWN_TASKS + RULER_TASKS[:1]
 QUICK_TASKS = ("sparge_passkey", "sparge_passkey_assign", "niah_single_1")
 CALIB_PROMPTS, QUICK_CALIB_PROMPTS = 8, 4
 CALIBRATE_MINUTES = 6  # one model's calibration: capture, every budget's search, the report

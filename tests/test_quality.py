@@ -450,6 +450,8 @@ def test_dry_run_prints_the_plan(tmp_path):
     g_quick = _run("--dry-run", "--quick", "--models", "gemma3", "--work-dir",
                    str(tmp_path)).stdout
     assert "tasks sparge_passkey_assign niah_single_1 x 20 samples" in g_quick
+    g_full = _run("--dry-run", "--models", "gemma3", "--work-dir", str(tmp_path)).stdout
+    assert "tasks sparge_passkey_assign niah_single_1 x 40 samples" in g_full
     g_named = _run("--dry-run", "--quick", "--models", "gemma3", "--tasks", "sparge_passkey",
                    "--work-dir", str(tmp_path)).stdout
     assert "tasks sparge_passkey x 20 samples" in g_named
