@@ -24,8 +24,8 @@ per configuration, reused for every task, length and the perplexity documents; `
 start together), ``report``. Results merge into one JSON (``--results``, default
 ``OUT/quality.json``; ``--resume`` starts from an earlier file): a measurement already there, from
 as many prompts or documents, is skipped unless ``--redo``, so the same command run again
-continues where a stopped one (``--deadline``, a time limit) left off. Writes ``quality.{json,md,png}`` into ``--out`` (default
-``$OUT`` or ``benchmarks/results``).
+continues where a stopped one (``--deadline``, a time limit) left off. Writes
+``quality.{json,md,png}`` into ``--out`` (default ``$OUT`` or ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -435,9 +435,9 @@ def plan_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
             note = "" if path is None else (f" thresholds {path}" if path else
                                             " thresholds MISSING (calibrate first)")
             minutes = estimate_minutes(args, results, model, units) if units else 0.0
-            # servers started together wait for one start-up (the first of each group)
-            total += minutes - (startup if servers % args.servers else 0.0) if units else 0.0
-            servers += bool(units)
+            if units:  # servers started together wait for one start-up, the group's first's
+                total += minutes - (startup if servers % args.servers else 0.0)
+                servers += 1
             lines.append(f"  {qr.config_label(config)}: {len(units)} evaluations to run, about "
                          f"{minutes:.1f} min;{note}")
             lines.append(f"    {shlex.join(server_command(args, model, config, 8000))}")
@@ -466,8 +466,7 @@ def pending_units(args: argparse.Namespace, results: dict[str, Any], model: str,
         if rec is None:
             return False
         if unit[0] == "perplexity":
-            return len(rec["docs"] if "docs" in rec else [None] * rec.get("n", 0)) \
-                >= args.ppl_docs
+            return (len(rec["docs"]) if "docs" in rec else rec.get("n", 0)) >= args.ppl_docs
         return rec.get("n", 0) >= args.samples
 
     return [u for u in units if not done(u)]
