@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from .gguf_source import ModelsError, ModelSpec, Source, file_sha256, locate, spec_for
+from .gguf_source import (
+    GGUFMetadata,
+    ModelsError,
+    ModelSpec,
+    Source,
+    file_sha256,
+    locate,
+    spec_for,
+)
 from .tokenizer import TokenizerSpec, write_tokenizer
 
 __all__ = [
@@ -53,7 +61,6 @@ DTYPES = ("bfloat16", "float16", "float32")
 PROVENANCE = "sparge_model.json"
 WEIGHTS = "model.safetensors"
 
-_REQUIRED = object()
 
 # GGUF tensor name (without "blk.N." and ".weight"/".bias") -> Hugging Face module name.
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -80,25 +87,7 @@ _LAYER_ARCH = {
 _NAME = re.compile(r"^(?:blk\.(\d+)\.)?([a-z0-9_]+)\.(weight|bias)$")
 
 
-class _Meta:
-    """Typed access to a GGUF file's key/value metadata."""
-
-    def __init__(self, reader: Any, path: Path):
-        self.fields = reader.fields
-        self.path = path
-        self.arch = self.get("general.architecture")
-
-    def get(self, key: str, default: Any = _REQUIRED) -> Any:
-        key = key.replace("{arch}", getattr(self, "arch", ""))
-        field = self.fields.get(key)
-        if field is None:
-            if default is _REQUIRED:
-                raise ModelsError(f"{self.path}: the GGUF metadata has no {key!r}, which it needs")
-            return default
-        return field.contents()
-
-
-def _open(path: Path) -> tuple[Any, _Meta]:
+def _open(path: Path) -> tuple[Any, GGUFMetadata]:
     """Reads ``path`` and checks its architecture and every tensor's type before any work."""
     from gguf import GGUFReader
 
@@ -106,7 +95,7 @@ def _open(path: Path) -> tuple[Any, _Meta]:
         reader = GGUFReader(path)
     except (ValueError, OSError) as e:
         raise ModelsError(f"{path} is not a readable GGUF file: {e}") from e
-    meta = _Meta(reader, path)
+    meta = GGUFMetadata(reader, path)
     if meta.arch not in SUPPORTED_ARCHITECTURES:
         raise ModelsError(
             f"{path}: GGUF architecture {meta.arch!r} is not supported; the converter handles "
@@ -122,7 +111,7 @@ def _open(path: Path) -> tuple[Any, _Meta]:
     return reader, meta
 
 
-def _rope_parameters(meta: _Meta, theta: float) -> dict[str, Any]:
+def _rope_parameters(meta: GGUFMetadata, theta: float) -> dict[str, Any]:
     kind = meta.get("{arch}.rope.scaling.type", "none")
     if kind == "none":
         return {"rope_type": "default", "rope_theta": theta}
@@ -134,7 +123,7 @@ def _rope_parameters(meta: _Meta, theta: float) -> dict[str, Any]:
     )
 
 
-def _layer_types(meta: _Meta, n_layers: int) -> list[str]:
+def _layer_types(meta: GGUFMetadata, n_layers: int) -> list[str]:
     """Gemma 3's sliding/global layer pattern: metadata where present, else llama.cpp's rule."""
     pattern = meta.get("{arch}.attention.sliding_window_pattern", None)
     if isinstance(pattern, list):  # one flag per layer, true = sliding window
@@ -149,7 +138,7 @@ def _layer_types(meta: _Meta, n_layers: int) -> list[str]:
     ]
 
 
-def build_config(meta: _Meta, n_vocab: int, tied: bool, dtype: str) -> Any:
+def build_config(meta: GGUFMetadata, n_vocab: int, tied: bool, dtype: str) -> Any:
     """A transformers config for ``meta``'s architecture, every number from the metadata."""
     import torch
 
@@ -270,7 +259,7 @@ class _Result:
     config: Any
 
 
-def _convert_tensors(reader: Any, meta: _Meta, dtype: str, progress: bool, label: str) -> _Result:
+def _convert_tensors(reader: Any, meta: GGUFMetadata, dtype: str, progress: bool, label: str) -> _Result:
     import torch
     from gguf.quants import dequantize
     from tqdm.auto import tqdm

@@ -13,12 +13,44 @@ import importlib
 import importlib.metadata as md
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["MODELS", "ModelSpec", "ModelsError", "Source", "file_sha256", "locate", "spec_for"]
+__all__ = [
+    "MODELS",
+    "GGUFMetadata",
+    "ModelSpec",
+    "ModelsError",
+    "Source",
+    "file_sha256",
+    "locate",
+    "spec_for",
+]
 
 
 class ModelsError(RuntimeError):
     """A model cannot be located, converted or verified; the message names the cause and the fix."""
+
+
+_REQUIRED = object()
+
+
+class GGUFMetadata:
+    """Typed access to a GGUF file's key/value metadata (``reader``: its ``gguf.GGUFReader``);
+    ``{arch}`` in a key stands for the file's architecture."""
+
+    def __init__(self, reader: Any, path: Path):
+        self.fields = reader.fields
+        self.path = path
+        self.arch = self.get("general.architecture")
+
+    def get(self, key: str, default: Any = _REQUIRED) -> Any:
+        key = key.replace("{arch}", getattr(self, "arch", ""))
+        field = self.fields.get(key)
+        if field is None:
+            if default is _REQUIRED:
+                raise ModelsError(f"{self.path}: the GGUF metadata has no {key!r}, which it needs")
+            return default
+        return field.contents()
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .gguf_source import ModelsError
+from .gguf_source import GGUFMetadata, ModelsError
 
 __all__ = [
     "MAX_TOKENS_PER_CHAR",
@@ -66,17 +66,7 @@ class TokenizerSpec:
     def from_gguf(cls, path: Path) -> TokenizerSpec:
         from gguf import GGUFReader
 
-        fields = GGUFReader(path).fields
-        missing = object()
-
-        def get(key: str, default: Any = missing) -> Any:
-            if key in fields:
-                return fields[key].contents()
-            if default is missing:
-                raise ModelsError(f"{path}: the GGUF metadata has no {key!r}, which it needs")
-            return default
-
-        return cls.from_fields(get)
+        return cls.from_fields(GGUFMetadata(GGUFReader(path), path).get)
 
 
 def _body(ids: list[int], spec: TokenizerSpec) -> list[int]:
