@@ -526,8 +526,7 @@ def stage_calibrate(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Per model, sparge-calibrate's default invocation over the model's budgets (one run,
     ``calibrate_command``); every budget's file lands where ``l1=X`` configurations look, and
     the results mark the budget the default chose."""
-    import hashlib
-
+    from sparge_serve.models.gguf_source import file_sha256
     from sparge_serve.thresholds import load_thresholds
 
     for model in args.models:
@@ -560,10 +559,8 @@ def stage_calibrate(args: argparse.Namespace, results: dict[str, Any]) -> None:
             copy = os.path.join(args.out, "quality_thresholds", os.path.basename(out))
             os.makedirs(os.path.dirname(copy), exist_ok=True)
             shutil.copyfile(out, copy)
-            with open(out, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
             results["calibrations"].setdefault(model, {})[f"{budget:g}"] = dict(
-                path=out, copy=copy, sha256=digest, seconds=round(seconds, 1),
+                path=out, copy=copy, sha256=file_sha256(Path(out)), seconds=round(seconds, 1),
                 default=chosen is not None and math.isclose(chosen, budget),
                 command=shlex.join(cmd), date=datetime.date.today().isoformat())
         heatmap = f"{stem}.png"  # of the chosen budget

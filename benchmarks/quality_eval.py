@@ -390,7 +390,7 @@ def serve_group(args: Any, results: dict[str, Any], cache: TaskCache, model: str
             server.start()
         try:
             acc = [(t, n) for _, units in group for kind, t, n in units if kind == "accuracy"]
-            cache.build(sorted(set(acc), key=acc.index))
+            cache.build(list(dict.fromkeys(acc)))  # each task-length once, in order
             if cache.docs is None and any(k == "perplexity" for _, units in group
                                           for k, _, _ in units):
                 from documents import make_documents
