@@ -313,6 +313,26 @@ def calib_path(args: argparse.Namespace, model: str, budget: float) -> str:
     return os.path.join(args.thresholds_dir[0], f"{model}_l1_{budget:g}.safetensors")
 
 
+def thresholds_sha256(args: argparse.Namespace, model: str, config: str) -> str | None:
+    """The SHA-256 of the calibrated file an ``l1=X`` configuration serves (None for the others
+    or while it is missing): a record measured with another file is stale."""
+    path = thresholds_path(args, model, config) if config.startswith("l1=") else None
+    if not path:
+        return None
+    from sparge_serve.models.gguf_source import file_sha256
+
+    return file_sha256(Path(path))
+
+
+def calibrated(args: argparse.Namespace, results: dict[str, Any], model: str,
+               budget: float) -> bool:
+    """The results record the budget's calibration, and its file is where ``l1=X``
+    configurations look (the work folder, or the committed
+    ``benchmarks/results/quality_thresholds``)."""
+    rec = results["calibrations"].get(model, {}).get(f"{budget:g}")
+    return rec is not None and rec.get("sha256") == thresholds_sha256(args, model, f"l1={budget:g}")
+
+
 def sparge_options(args: argparse.Namespace, model: str, config: str) -> dict[str, Any] | None:
     if config == "flash_attn":
         return None
@@ -420,8 +440,7 @@ def plan_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
             held, hcmd = prompts_command(args, model, heldout=True)
             lines.append(f"  prompts: {shlex.join(cmd)}")
             lines.append(f"  held-out prompts: {shlex.join(hcmd)}")
-            done = all(os.path.exists(calib_path(args, model, b))
-                       for b in model_budgets(args, model))
+            done = all(calibrated(args, results, model, b) for b in model_budgets(args, model))
             lines.append(f"  calibrate ({'exists' if done and not args.redo else 'to run'}, about "
                          f"{CALIBRATE_MINUTES} min): "
                          f"{shlex.join(calibrate_command(args, model, path, held))}")
@@ -459,11 +478,12 @@ def pending_units(args: argparse.Namespace, results: dict[str, Any], model: str,
         units.append(("perplexity", "perplexity", model_context(args, model) - 1))
     if args.redo:
         return units
+    sha = thresholds_sha256(args, model, config)
 
     def done(unit: tuple[str, str, int]) -> bool:
         rec = qr.find_record(results, model=model, config=config, kind=unit[0], task=unit[1],
                              length=unit[2])
-        if rec is None:
+        if rec is None or rec.get("thresholds_sha256") != sha:
             return False
         if unit[0] == "perplexity":
             return (len(rec["docs"]) if "docs" in rec else rec.get("n", 0)) >= args.ppl_docs
@@ -534,7 +554,7 @@ def stage_calibrate(args: argparse.Namespace, results: dict[str, Any]) -> None:
             note(results, f"{model}: not converted, not calibrated")
             continue
         budgets = model_budgets(args, model)
-        if all(os.path.exists(calib_path(args, model, b)) for b in budgets) and not args.redo:
+        if all(calibrated(args, results, model, b) for b in budgets) and not args.redo:
             log(f"calibrate {model}: the files of l1 {' '.join(f'{b:g}' for b in budgets)} exist")
             continue
         if time_left(args) < CALIBRATE_MINUTES:
@@ -570,6 +590,23 @@ def stage_calibrate(args: argparse.Namespace, results: dict[str, Any]) -> None:
         log(f"calibrate {model}: the default (+0.5% held-out perplexity) chose l1 {chosen}; "
             f"its held-out table: {os.path.join(args.logs, f'calibrate_{model}.log')}")
         qr.save_results(results, args.results)
+
+
+def drop_stale(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Drop the ``l1=X`` records measured with another file than the one the configuration
+    serves now (a calibration run again): a table never mixes two files under one label."""
+    shas: dict[tuple[str, str], str | None] = {}
+    keep = []
+    for rec in results["records"]:
+        key = (rec["model"], rec["config"])
+        if key not in shas:
+            shas[key] = thresholds_sha256(args, *key)
+        if shas[key] is None or rec.get("thresholds_sha256") == shas[key]:
+            keep.append(rec)
+    if len(keep) < len(results["records"]):
+        log(f"dropped {len(results['records']) - len(keep)} records of calibrated files that "
+            "have been replaced")
+    results["records"] = keep
 
 
 def make_prompts(args: argparse.Namespace, model: str, heldout: bool) -> str | None:
@@ -623,11 +660,14 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(plan_lines(args, results)))
         return 0
     os.makedirs(args.out, exist_ok=True)
-    results["runs"].append(dict(
-        command="python benchmarks/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        date=datetime.datetime.now().isoformat(timespec="seconds"), device=device_name(),
-        versions=versions(), commit=git_commit(), stages=args.stages))
-    for model in args.models:
+    measures = bool(set(args.stages) - {"report"})  # a report alone: no run, no model to record
+    if measures:
+        results["runs"].append(dict(
+            command="python benchmarks/quality.py "
+            + shlex.join(sys.argv[1:] if argv is None else argv),
+            date=datetime.datetime.now().isoformat(timespec="seconds"), device=device_name(),
+            versions=versions(), commit=git_commit(), stages=args.stages))
+    for model in args.models if measures else ():
         results["models"].setdefault(model, {}).update(
             title=MODELS[model]["title"], context=model_context(args, model),
             default_budget=MODELS[model]["default_budget"],
@@ -651,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         note(results, f"interrupted ({e or 'Ctrl-C'}); what was measured is kept")
     finally:
         signal.signal(signal.SIGTERM, previous)
+    drop_stale(args, results)
     qr.save_results(results, args.results)
     if "report" in args.stages:
         prefix = os.path.join(args.out, "quality")

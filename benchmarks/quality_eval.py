@@ -37,6 +37,7 @@ from quality import (
     server_command,
     startup_minutes,
     thresholds_path,
+    thresholds_sha256,
     time_left,
     unit_minutes,
     write_uniform,
@@ -125,6 +126,7 @@ class Server:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.cmd = server_command(args, model, config, self.port)
+        self.thresholds_sha256 = thresholds_sha256(args, model, config)
         os.makedirs(args.logs, exist_ok=True)
         self.log = Path(args.logs) / f"serve_{model}_{config.replace('=', '_')}.log"
         self.timeout = args.server_timeout
@@ -474,5 +476,7 @@ def evaluate_units(args: Any, results: dict[str, Any], server: Server, cache: Ta
             continue
         counters = rec["metrics"].pop("_after")
         rec["date"] = time.strftime("%Y-%m-%d")
+        if server.thresholds_sha256:  # the calibrated file measured (pending_units compares)
+            rec["thresholds_sha256"] = server.thresholds_sha256
         qr.put_record(results, rec)
         qr.save_results(results, args.results)

@@ -240,6 +240,20 @@ def sign_test(a: dict[tuple, float], b: dict[tuple, float]) -> tuple[int, int, f
     return wins, losses, min(1.0, 2 * tail)
 
 
+def paired_difference(a: dict[tuple, float], b: dict[tuple, float]
+                      ) -> tuple[float, float, int] | None:
+    """Mean per-prompt score of ``a`` minus ``b`` on the prompts both answered, the half-width
+    of its 95% confidence interval (normal approximation over the paired differences) and the
+    number of prompts; None without common prompts."""
+    diffs = [a[k] - b[k] for k in a.keys() & b.keys()]
+    if not diffs:
+        return None
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    return mean, 1.96 * math.sqrt(var / n), n
+
+
 def _point(row: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
     """(block sparsity, perplexity change, mean accuracy over lengths) of a summary row."""
     accs = [c["accuracy"] for c in row["lengths"].values() if c["accuracy"] is not None]
@@ -306,12 +320,24 @@ def bars(results: dict[str, Any], model: str, s: dict[str, Any],
         b = find_record(results, model=model, config="flash_attn", kind="accuracy", task=task,
                         length=n)
         if a and b:
-            deltas.append((a["score"] - b["score"], f"{task} @{n}"))
+            deltas.append((a["score"] - b["score"], task, n))
     if deltas:
-        worst = min(deltas)
+        worst, task, n = min(deltas)
+        cell = [{k: v for k, v in s["samples"].get(c, {}).items() if k[:2] == (task, n)}
+                for c in (d, "flash_attn")]
+        w, l_, p = sign_test(*cell)
         out.append((f"{d}: accuracy >= FLASH_ATTN - 0.01 on every informative task-length "
-                    f"({len(deltas)})", f"worst {worst[0]:+.3f} ({worst[1]})",
-                    "PASS" if worst[0] >= -0.01 - 1e-9 else "FAIL"))
+                    f"({len(deltas)})", f"worst {worst:+.3f} ({task} @{n}: prompts better / "
+                    f"worse {w} / {l_}, p {p:.2f})",
+                    "PASS" if worst >= -0.01 - 1e-9 else "FAIL"))
+    pooled = paired_difference(s["samples"].get(d, {}), s["samples"].get("flash_attn", {}))
+    if pooled:
+        mean, half, count = pooled
+        w, l_, p = sign_test(s["samples"].get(d, {}), s["samples"].get("flash_attn", {}))
+        out.append((f"{d}: accuracy over all informative task-lengths, prompt by prompt, >= "
+                    "FLASH_ATTN - 0.01", f"{mean:+.3f} (95% CI ±{half:.3f}; {count} prompts, "
+                    f"better / worse {w} / {l_}, p {p:.2f})",
+                    "PASS" if mean >= -0.01 - 1e-9 else "FAIL"))
     row = s["rows"][d]
     if row.get("ppl_change") is not None:
         out.append((f"{d}: perplexity <= FLASH_ATTN + 0.5%", f"{100 * row['ppl_change']:+.2f}%",

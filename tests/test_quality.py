@@ -6,6 +6,7 @@ against a stand-in server (a few lines of HTTP that answer from the prompt)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -310,7 +311,9 @@ def test_bars_at_the_default_budget(tmp_path):
     res["models"]["gemma3"].update(default_budget=0.06, sparsity_bar=0.6)
     got = {b.split(":")[1].split()[0] if ":" in b else b: (m, r)
            for b, m, r in qr.bars(res, "smollm2", s, 0.2)}
-    assert got["accuracy"] == ("worst -0.050 (sparge_passkey @4096)", "FAIL")  # 0.95 vs 1.0
+    # 0.95 against 1.0; the synthetic records have no per-prompt scores to pair
+    assert got["accuracy"] == ("worst -0.050 (sparge_passkey @4096: prompts better / worse "
+                               "0 / 0, p 1.00)", "FAIL")
     assert got["perplexity"] == ("+1.00%", "FAIL")
     assert got["block"] == ("50.0%", "-")  # SmolLM2 has no sparsity bar
     rows = qr.bars(res, "gemma3", qr.summary(res, "gemma3", 0.2), 0.2)
@@ -383,6 +386,52 @@ def test_pending_units_measure_again_what_fewer_prompts_measured(tmp_path):
         ("perplexity", "perplexity", 8191)]
 
 
+def test_records_of_a_replaced_calibration_are_stale(tmp_path):
+    """An ``l1=X`` record counts only for the file that configuration serves now: a calibration
+    run again (another file) measures it again, and the old record leaves the results."""
+    from sparge_serve.thresholds import Thresholds, save_thresholds
+
+    res = _synthetic_results()
+    folder = tmp_path / "th"
+    folder.mkdir()
+    argv = ["--work-dir", str(tmp_path), "--tasks", "sparge_passkey", "--samples", "40",
+            "--ppl-docs", "2", "--thresholds-dir", str(folder), "--stages", "accuracy"]
+    args = quality.resolve(quality.build_parser().parse_args(argv))
+    assert quality.thresholds_sha256(args, "smollm2", "l1=0.01") is None  # no file yet
+    assert not quality.calibrated(args, res, "smollm2", 0.01)
+    path = folder / "smollm2_l1_0.01.safetensors"
+    save_thresholds(str(path), Thresholds.defaults(2, 2, 1, 64))
+    sha = quality.thresholds_sha256(args, "smollm2", "l1=0.01")
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert not quality.calibrated(args, res, "smollm2", 0.01)  # recorded with another hash
+    res["calibrations"]["smollm2"]["0.01"]["sha256"] = sha
+    assert quality.calibrated(args, res, "smollm2", 0.01)
+    # the synthetic records carry no hash: measured with some other file
+    both = [("accuracy", "sparge_passkey", 4096), ("accuracy", "sparge_passkey", 8192)]
+    assert quality.pending_units(args, res, "smollm2", "l1=0.01") == both
+    assert quality.pending_units(args, res, "smollm2", "untuned") == []  # no file to compare
+    rec = qr.find_record(res, model="smollm2", config="l1=0.01", kind="accuracy",
+                         task="sparge_passkey", length=4096)
+    rec["thresholds_sha256"] = sha
+    assert quality.pending_units(args, res, "smollm2", "l1=0.01") == both[1:]
+    before = len(res["records"])
+    quality.drop_stale(args, res)
+    stale = [r for r in res["records"] if r["config"] == "l1=0.01" and r["model"] == "smollm2"]
+    assert stale == [rec] and len(res["records"]) == before - 4  # 2 tasks x 2 lengths + ppl - 1
+    assert any(r["config"] == "l1=0.06" for r in res["records"])  # no file: kept as they are
+
+
+def test_paired_difference_over_prompts():
+    a = {("t", 4096, i): 1.0 for i in range(100)}
+    assert qr.paired_difference(a, dict(a)) == (0.0, 0.0, 100)
+    b = dict(a)
+    b.update({("t", 4096, i): 0.0 for i in range(10)})  # ten prompts lost
+    mean, half, n = qr.paired_difference(b, a)
+    assert n == 100 and mean == pytest.approx(-0.1)
+    assert half == pytest.approx(1.96 * math.sqrt(0.1 * 0.9 * 100 / 99 / 100))
+    assert qr.paired_difference(a, {("u", 1, 0): 0.0}) is None
+
+
 def test_results_merge_resume_and_atomic_save(tmp_path):
     res = _synthetic_results()
     n = len(res["records"])
@@ -435,7 +484,8 @@ def test_dry_run_prints_the_plan(tmp_path):
     thr = tmp_path / "smollm2_l1_0.02.safetensors"
     thr.write_bytes(b"x")
     out = _run("--dry-run", "--quick", "--models", "smollm2", "--work-dir", str(tmp_path),
-               "--out", str(tmp_path / "o"), "--thresholds", f"smollm2:0.02={thr}")
+               "--out", str(tmp_path / "o"), "--thresholds", f"smollm2:0.02={thr}",
+               "--thresholds-dir", str(tmp_path / "none"))  # not the committed files
     assert out.returncode == 0, out.stderr
     plan = out.stdout
     assert "smollm2: " in plan and "lengths [4096, 8192]" in plan and "to convert" in plan
@@ -646,7 +696,7 @@ def test_serving_stage_through_lm_eval_against_a_stand_in_server(smol_tokenizer,
             "--model-dir", f"smollm2={smol_tokenizer}", "--configs", "flash_attn", "untuned",
             "l1=0.01", "--tasks", "sparge_passkey", "--lengths", "1024", "--samples", "3",
             "--ppl-docs", "1", "--work-dir", str(tmp_path / "w"), "--out", str(out),
-            "--servers", str(servers)]
+            "--servers", str(servers), "--thresholds-dir", str(tmp_path / "w" / "thresholds")]
     assert quality.main(argv) == 0
     res = qr.load_results(str(out / "quality.json"))
     assert set(res["servers"]["smollm2"]) == {"flash_attn", "untuned"}
