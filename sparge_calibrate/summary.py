@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import torch
@@ -101,7 +102,10 @@ def plot_heatmap(results: Sequence[LayerResult], path: str, title: str) -> None:
     dense = torch.stack([~r.is_sparse for r in results])
     dense, windowed = (dense & ~window).numpy(), (dense & window).numpy()
     num_layers, num_heads = sp.shape
-    fig, ax = plt.subplots(figsize=(min(2 + 0.3 * num_heads, 20), min(2 + 0.25 * num_layers, 16)))
+    # NOTE: at least 5 inches wide so that a few heads (Gemma 3 270M has 4) leave room for the
+    # title, wrapped to the width, and the legend, below the axes (never over the first rows)
+    width = max(5.0, min(2 + 0.3 * num_heads, 20))
+    fig, ax = plt.subplots(figsize=(width, min(2.5 + 0.25 * num_layers, 16)))
     try:
         im = ax.imshow(sp, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
                        interpolation="nearest")
@@ -111,10 +115,11 @@ def plot_heatmap(results: Sequence[LayerResult], path: str, title: str) -> None:
             if len(xs):
                 ax.scatter(xs, ys, s=8, **style)
         if dense.any() or windowed.any():
-            ax.legend(loc="upper right", fontsize="small")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize="small",
+                      frameon=False)
         ax.set_xlabel("query head")
         ax.set_ylabel("layer")
-        ax.set_title(title, fontsize="small")
+        ax.set_title(textwrap.fill(title, int(width * 11)), fontsize="small")
         fig.colorbar(im, ax=ax, label="block sparsity")
         fig.tight_layout()
         # NOTE: the Software chunk is how a later run recognises a heatmap it may replace
