@@ -7,7 +7,8 @@
 
 For SmolLM2-135M-Instruct (8K context) and Gemma 3 270M (32K, sliding-window hybrid), converted
 by ``sparge-models convert``, it compares FLASH_ATTN, SPARGE with the published untuned
-thresholds (``"thresholds": "untuned"``) and SPARGE with thresholds calibrated at several budgets (``--budgets``):
+thresholds (``"thresholds": "untuned"``), SPARGE with thresholds calibrated at several budgets
+(``--budgets``) and SPARGE with one ``cdfthreshd`` for every head (the model's sweep):
 
 - **accuracy**: lm-eval's ``local-completions`` client against the server (greedy), on offline
   long-context tasks: the project's passkey tasks (``benchmarks/quality_tasks``: prompts of exact
@@ -21,7 +22,8 @@ Stages (``--stages``): ``convert`` (``sparge-models convert``, CPU), ``calibrate
 (``sparge-calibrate --driver vllm``'s default invocation once per model, the model's budgets its
 candidates, on code prompts of the ``vllm`` package), ``accuracy`` and ``perplexity`` (one server
 per configuration, reused for every task, length and the perplexity documents; ``--servers``
-start together), ``report``. Results merge into one JSON (``--results``, default
+start and are evaluated together), ``report``. A record of a calibrated file keeps the file's
+SHA-256: a calibration run again is measured again. Results merge into one JSON (``--results``, default
 ``OUT/quality.json``; ``--resume`` starts from an earlier file): a measurement already there, from
 as many prompts or documents, is skipped unless ``--redo``, so the same command run again
 continues where a stopped one (``--deadline``, a time limit) left off. Writes
@@ -41,6 +43,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,11 +62,12 @@ from tests import subproc  # noqa: E402
 MODELS = {
     "smollm2": dict(title="SmolLM2-135M-Instruct (Llama, 30 layers, 8K context)", context=8192,
                     lengths=[4096, 8192], quick_lengths=[4096, 8192], budgets=(0.005, 0.01, 0.02),
-                    default_budget=0.005),
+                    default_budget=0.005, uniform=(0.999, 0.998, 0.995)),
     "gemma3": dict(title="Gemma 3 270M (18 layers, 5 sliding-window layers per global layer, "
                          "32K context)", context=32768,
                    lengths=[4096, 8192, 16384, 32768], quick_lengths=[8192, 32768],
                    budgets=(0.02, 0.05, 0.1), default_budget=0.05, sparsity_bar=0.5,
+                   uniform=(0.99, 0.985, 0.95),
                    # dense, it ignores these prompts' instruction even at 1K tokens (its answer
                    # is no key at all): they measure nothing about sparse attention for it
                    skip_tasks=("sparge_passkey", "sparge_passkey_code")),
@@ -74,7 +78,10 @@ MODELS = {
 # at 32K 0.05 (+0.17%) to past 0.075 (+0.6%), at 8K (the per-head search) 0.02. default_budget:
 # what sparge-calibrate's default wrote there (SmolLM2: its fixed default; Gemma 3: the +0.5%
 # target on both 32K held-out documents), the report's bars' budget until a calibrate stage
-# marks its own; sparsity_bar: the block sparsity it must reach at the model's context.
+# marks its own; sparsity_bar: the block sparsity it must reach at the model's context;
+# uniform: the cdfthreshd sweep of the 'uniform' configurations, around the calibrated files'
+# sparsity and perplexity on the CPU reference (SmolLM2: cdf 0.998 +0.39% at 43% of the blocks;
+# Gemma 3 at 32K: 0.99 +0.15% at 47%, 0.985 +0.19% at 52%, 0.95 +0.89% at 66%).
 OWN_TASKS = ("sparge_passkey", "sparge_passkey_code", "sparge_passkey_assign")
 # lm-eval's RULER tasks that generate their data offline (from the tokenizer; lm-eval's RULER module
 # still imports nltk and wonderwords); all but the first are left out by default: an unsolved task
@@ -98,6 +105,9 @@ CALIB_PROMPTS, QUICK_CALIB_PROMPTS = 8, 4
 CALIBRATE_MINUTES = 6  # one model's calibration: capture, every budget's search, the report
 CHARS_PER_TOKEN = 5  # code tokenizes at about 4 characters a token: prompts long enough to cut
 T0 = time.monotonic()
+# the serving stage evaluates a group's servers at once, one thread each: results change and are
+# written under this lock
+RESULTS_LOCK = threading.RLock()
 
 
 def log(msg: str) -> None:
@@ -118,11 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--model-dir", action="append", default=[], metavar="MODEL=DIR",
                     help="a converted folder to use (default WORK/models/MODEL)")
-    ap.add_argument("--configs", nargs="+", default=["flash_attn", "untuned", "calibrated"],
+    ap.add_argument("--configs", nargs="+",
+                    default=["flash_attn", "untuned", "calibrated", "uniform"],
                     metavar="CONFIG", help="flash_attn, untuned (SPARGE with the published "
-                    "untuned thresholds), calibrated (one per --budgets), l1=X (one budget), or "
+                    "untuned thresholds), calibrated (one per --budgets), l1=X (one budget), "
                     "cdf=X (SPARGE with cdfthreshd X for every head and every block eligible: "
-                    "the uniform setting calibration is compared with)")
+                    "the uniform setting calibration is compared with), or uniform (the model's "
+                    "cdf=X sweep: " + "; ".join(
+                        f"{m} {' '.join(f'{c:g}' for c in spec['uniform'])}"
+                        for m, spec in MODELS.items()) + ")")
     ap.add_argument("--budgets", nargs="+", type=float, default=None,
                     help="calibration budgets for every model (sparge-calibrate --l1; --pv-l1 "
                     "scaled by its default --pv-l1 / --l1); default per model: "
@@ -186,15 +200,19 @@ def model_budgets(args: argparse.Namespace, model: str) -> list[float]:
 
 
 def model_configs(args: argparse.Namespace, model: str) -> list[str]:
-    """``--configs`` for one model, ``calibrated`` expanded to its budgets."""
-    return expand_configs(args.configs, model_budgets(args, model))
+    """``--configs`` for one model, ``calibrated`` expanded to its budgets and ``uniform`` to
+    its cdfthreshd sweep."""
+    return expand_configs(args.configs, model_budgets(args, model), MODELS[model]["uniform"])
 
 
-def expand_configs(names: list[str], budgets: list[float]) -> list[str]:
+def expand_configs(names: list[str], budgets: list[float],
+                   uniform: tuple[float, ...] = ()) -> list[str]:
     out: list[str] = []
     for name in names:
         if name == "calibrated":
             new = [f"l1={b:g}" for b in budgets]
+        elif name == "uniform":
+            new = [f"cdf={c:g}" for c in uniform]
         elif name in ("flash_attn", "untuned") or name.startswith("l1="):
             new = [name]
         elif name.startswith("cdf="):
@@ -206,8 +224,8 @@ def expand_configs(names: list[str], budgets: list[float]) -> list[str]:
                 raise SystemExit(f"--configs: {name!r}: a uniform cdfthreshd is in (0, 1)")
             new = [f"cdf={cdf:g}"]
         else:
-            raise SystemExit(f"--configs: {name!r} is not flash_attn, untuned, calibrated, l1=X "
-                             "or cdf=X")
+            raise SystemExit(f"--configs: {name!r} is not flash_attn, untuned, calibrated, l1=X, "
+                             "cdf=X or uniform")
         out += [c for c in new if c not in out]
     return out
 
@@ -405,8 +423,9 @@ def prompts_command(args: argparse.Namespace, model: str, heldout: bool = False
 def estimate_minutes(args: argparse.Namespace, results: dict[str, Any], model: str,
                      units: list[tuple[str, str, int]]) -> float:
     """A rough duration of one configuration's server: start and stop, then each evaluation
-    (tokens prefilled at an assumed rate, plus a fixed cost). The log shows the real ones."""
-    return startup_minutes(args, results, model) + sum(unit_minutes(args, u) for u in units)
+    (``unit_minutes``). The log shows the real ones."""
+    return startup_minutes(args, results, model) + sum(unit_minutes(args, u, results, model)
+                                                      for u in units)
 
 
 def startup_minutes(args: argparse.Namespace, results: dict[str, Any], model: str) -> float:
@@ -419,9 +438,29 @@ def startup_minutes(args: argparse.Namespace, results: dict[str, Any], model: st
     return seen[len(seen) // 2] / 60 + 0.1
 
 
-def unit_minutes(args: argparse.Namespace, unit: tuple[str, str, int]) -> float:
-    kind, _, length = unit
-    return 0.15 + (args.ppl_docs if kind == "perplexity" else args.samples) * length / 4e6
+def group_minutes(args: argparse.Namespace, results: dict[str, Any], model: str,
+                  group: list[tuple[str, list]]) -> float:
+    """A rough duration of a group of servers: one start-up, then every server's evaluations at
+    once, the longest server's slowed by a quarter for each other server sharing the GPU and
+    the host."""
+    longest = max(sum(unit_minutes(args, u, results, model) for u in units) for _, units in group)
+    return startup_minutes(args, results, model) + longest * (1 + 0.25 * (len(group) - 1))
+
+
+def unit_minutes(args: argparse.Namespace, unit: tuple[str, str, int],
+                 results: dict[str, Any] | None = None, model: str | None = None) -> float:
+    """A rough duration of one evaluation: the slowest of the same model, kind, task and length
+    that the results hold (any configuration), scaled to the prompts or documents asked, plus
+    10%; else its tokens at an assumed rate plus a fixed cost."""
+    kind, task, length = unit
+    asked = args.ppl_docs if kind == "perplexity" else args.samples
+    seen = [r["seconds"] * asked / max(1, len(r["docs"]) if "docs" in r else r.get("n") or 1)
+            for r in (results or {}).get("records", ())
+            if (r["model"], r["kind"], r["task"], r["length"]) == (model, kind, task, length)
+            and r.get("seconds")]
+    if seen:
+        return 1.1 * max(seen) / 60 + 0.05
+    return 0.15 + asked * length / 4e6
 
 
 def plan_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
@@ -446,23 +485,23 @@ def plan_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
                          f"{shlex.join(calibrate_command(args, model, path, held))}")
         if not {"accuracy", "perplexity"} & set(args.stages):
             continue
-        total, servers = 0.0, 0
-        startup = startup_minutes(args, results, model)
+        todo = []
         for config in model_configs(args, model):
             units = pending_units(args, results, model, config)
             path = thresholds_path(args, model, config)
             note = "" if path is None else (f" thresholds {path}" if path else
                                             " thresholds MISSING (calibrate first)")
             minutes = estimate_minutes(args, results, model, units) if units else 0.0
-            if units:  # servers started together wait for one start-up, the group's first's
-                total += minutes - (startup if servers % args.servers else 0.0)
-                servers += 1
+            if units:
+                todo.append((config, units))
             lines.append(f"  {qr.config_label(config)}: {len(units)} evaluations to run, about "
-                         f"{minutes:.1f} min;{note}")
+                         f"{minutes:.1f} min alone;{note}")
             lines.append(f"    {shlex.join(server_command(args, model, config, 8000))}")
+        groups = [todo[i:i + args.servers] for i in range(0, len(todo), args.servers)]
+        total = sum(group_minutes(args, results, model, g) for g in groups)
         lines.append(f"  tasks {' '.join(model_tasks(args, model))} x {args.samples} samples; "
-                     "perplexity "
-                     f"{args.ppl_docs} documents; about {total:.1f} min of serving in all")
+                     f"perplexity {args.ppl_docs} documents; {len(groups)} groups of up to "
+                     f"{args.servers} servers, about {total:.1f} min of serving in all")
     return lines
 
 
@@ -622,7 +661,8 @@ def make_prompts(args: argparse.Namespace, model: str, heldout: bool) -> str | N
 
 def note(results: dict[str, Any], text: str) -> None:
     log(text)
-    results["runs"][-1].setdefault("notes", []).append(text)
+    with RESULTS_LOCK:
+        results["runs"][-1].setdefault("notes", []).append(text)
 
 
 def versions() -> dict[str, str]:

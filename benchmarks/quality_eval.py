@@ -10,6 +10,8 @@ recorded with each result. Tasks are built while the first server starts.
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import json
 import math
 import os
@@ -26,8 +28,10 @@ from typing import Any
 import quality_report as qr
 from quality import (
     OWN_TASKS,
+    RESULTS_LOCK,
     TASK_DIR,
     estimate_minutes,
+    group_minutes,
     log,
     model_configs,
     model_context,
@@ -35,7 +39,6 @@ from quality import (
     note,
     pending_units,
     server_command,
-    startup_minutes,
     thresholds_path,
     thresholds_sha256,
     time_left,
@@ -245,7 +248,9 @@ def run_accuracy(lm: Any, cache: TaskCache, server: Server, task: str, length: i
     """One task at one length through lm-eval; ``before``: the settled counters before it."""
     import lm_eval
 
-    obj = cache.tasks[(length, task)]
+    # NOTE: a copy: lm-eval keeps an evaluation's requests on the Task, and the group's servers
+    # are evaluated at once
+    obj = copy.deepcopy(cache.tasks[(length, task)])
     t0 = time.monotonic()
     res = lm_eval.simple_evaluate(model=lm, tasks=[obj], limit=args.samples, log_samples=True,
                                   bootstrap_iters=0, task_manager=cache.manager,
@@ -369,13 +374,12 @@ def stage_eval(args: Any, results: dict[str, Any]) -> None:
 def next_group(args: Any, results: dict[str, Any], model: str,
                todo: list[tuple[str, list]], started: int) -> list[tuple[str, list]]:
     """The configurations whose servers start next, together: up to ``--servers`` of them, as
-    many as end before the deadline (one start-up, then their evaluations one after another).
-    The first server of a call starts whenever 2 minutes are left: its evaluations stop one by
-    one at the deadline, and the next call continues with the rest."""
+    many as end before the deadline (``group_minutes``). The first server of a call starts
+    whenever 2 minutes are left: its evaluations stop one by one at the deadline, and the next
+    call continues with the rest."""
     group: list[tuple[str, list]] = []
-    need = startup_minutes(args, results, model)
     for config, units in todo[:args.servers]:
-        need += sum(unit_minutes(args, u) for u in units)
+        need = group_minutes(args, results, model, [*group, (config, units)])
         if need > time_left(args) and (group or started or time_left(args) < 2):
             break
         group.append((config, units))
@@ -384,8 +388,10 @@ def next_group(args: Any, results: dict[str, Any], model: str,
 
 def serve_group(args: Any, results: dict[str, Any], cache: TaskCache, model: str,
                 group: list[tuple[str, list]]) -> None:
-    """Start one server a configuration, build the tasks while they start, then evaluate each
-    server in turn and stop it; every server is stopped on the way out."""
+    """Start one server a configuration, build the tasks while they start, then evaluate the
+    servers at once, one thread each (a model this small leaves the GPU mostly idle: a server's
+    steps are bound by its host), each server stopped when its evaluations end; every server
+    is stopped on the way out."""
     servers = [Server(args, model, config) for config, _ in group]
     try:
         for server in servers:
@@ -414,26 +420,44 @@ def serve_group(args: Any, results: dict[str, Any], cache: TaskCache, model: str
                 note(results, f"{model} {qr.config_label(server.config)}: server failed: "
                      f"{str(e)[-1500:]}")
                 server.stop()
-        for server, (config, units) in zip(servers, group, strict=True):
-            if config not in ready:
-                continue
-            log(f"{model} {qr.config_label(config)}: healthy after {ready[config]:.0f} s")
-            results["servers"].setdefault(model, {})[config] = dict(
-                command=shlex.join(server.cmd), startup_s=round(ready[config], 1))
-            try:
-                evaluate_units(args, results, server, cache, cache.docs, units)
-            except AssertionError as e:
-                note(results, f"{model} {qr.config_label(config)}: server failed: "
-                     f"{str(e)[-1500:]}")
-            except Exception as e:  # noqa: BLE001 - the next configuration may still run
-                note(results, f"{model} {qr.config_label(config)}: {type(e).__name__}: {e}")
-            finally:
+        for server in servers:
+            if server.config in ready:
+                log(f"{model} {qr.config_label(server.config)}: healthy after "
+                    f"{ready[server.config]:.0f} s")
+                results["servers"].setdefault(model, {})[server.config] = dict(
+                    command=shlex.join(server.cmd), startup_s=round(ready[server.config], 1))
+        units_of = dict(group)
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(servers))
+        try:
+            futures = [pool.submit(evaluate_server, args, results, cache, server,
+                                   units_of[server.config])
+                       for server in servers if server.config in ready]
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+        finally:
+            for server in servers:  # first: an evaluation still running fails at once
                 server.stop()
-                log(f"{model} {qr.config_label(config)}: stopped")
-                qr.save_results(results, args.results)
+            pool.shutdown(wait=True, cancel_futures=True)
     finally:
         for server in servers:
             server.stop()
+
+
+def evaluate_server(args: Any, results: dict[str, Any], cache: TaskCache, server: Server,
+                    units: list[tuple[str, str, int]]) -> None:
+    """One server's evaluations (a thread of ``serve_group``), then the server is stopped."""
+    label = f"{server.model} {qr.config_label(server.config)}"
+    try:
+        evaluate_units(args, results, server, cache, cache.docs, units)
+    except AssertionError as e:
+        note(results, f"{label}: server failed: {str(e)[-1500:]}")
+    except Exception as e:  # noqa: BLE001 - the other configurations may still run
+        note(results, f"{label}: {type(e).__name__}: {e}")
+    finally:
+        server.stop()
+        log(f"{label}: stopped")
+        with RESULTS_LOCK:
+            qr.save_results(results, args.results)
 
 
 def evaluate_units(args: Any, results: dict[str, Any], server: Server, cache: TaskCache,
@@ -448,7 +472,7 @@ def evaluate_units(args: Any, results: dict[str, Any], server: Server, cache: Ta
         if not server.alive():
             note(results, f"{label}: the server exited; log {server.log}")
             return
-        if unit_minutes(args, (kind, task, length)) + 0.3 > time_left(args):
+        if unit_minutes(args, (kind, task, length), results, server.model) + 0.3 > time_left(args):
             note(results, f"{label}: stopped before {task} @{length} (deadline); run the same "
                  "command again to continue")
             return
@@ -478,5 +502,6 @@ def evaluate_units(args: Any, results: dict[str, Any], server: Server, cache: Ta
         rec["date"] = time.strftime("%Y-%m-%d")
         if server.thresholds_sha256:  # the calibrated file measured (pending_units compares)
             rec["thresholds_sha256"] = server.thresholds_sha256
-        qr.put_record(results, rec)
-        qr.save_results(results, args.results)
+        with RESULTS_LOCK:
+            qr.put_record(results, rec)
+            qr.save_results(results, args.results)

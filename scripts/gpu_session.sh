@@ -72,17 +72,18 @@
 #              local-completions client against vllm serve, perplexity and the block sparsity the
 #              server measured, for SmolLM2-135M and Gemma 3 270M (the 'payload' stage's folders
 #              in $MODELS_DIR, else converted from their installed packages) under FLASH_ATTN,
-#              SPARGE untuned and SPARGE with thresholds calibrated at three budgets (one
-#              sparge-calibrate run per model, the default's choice marked). Stages
-#              $QUALITY_STAGES (convert calibrate accuracy perplexity report), models
-#              $QUALITY_MODELS (smollm2), more options $QUALITY_ARGS (e.g. --quick, --configs
-#              flash_attn untuned); starts $QUALITY_SERVERS servers at once (4; 1: one at a
-#              time, each with half the GPU's memory), and no server or calibration that
-#              would end after $QUALITY_DEADLINE minutes (9). Merges into $OUT/quality.{json,md,png} from
-#              $QUALITY_RESUME (an earlier call's quality.json; default
-#              benchmarks/results/quality.json when present), so the same call again continues;
-#              calibrated files also land in $OUT/quality_thresholds (looked up in
-#              benchmarks/results/quality_thresholds by a later call).
+#              SPARGE untuned, SPARGE with thresholds calibrated at three budgets (one
+#              sparge-calibrate run per model, the default's choice marked) and a uniform
+#              cdfthreshd sweep. Stages $QUALITY_STAGES (convert calibrate accuracy perplexity
+#              report), models $QUALITY_MODELS (smollm2), more options $QUALITY_ARGS (e.g.
+#              --quick, --configs flash_attn untuned); starts and evaluates $QUALITY_SERVERS
+#              servers at once (4; 1: one at a time, each with half the GPU's memory), and no
+#              server or calibration that would end after $QUALITY_DEADLINE minutes (9).
+#              Merges into $OUT/quality.{json,md,png} from $QUALITY_RESUME (an earlier call's
+#              quality.json; default benchmarks/results/quality.json when present), so the same
+#              call again continues; calibrated files also land in $OUT/quality_thresholds
+#              (copy them to benchmarks/results/quality_thresholds, where a later call looks,
+#              with the quality.json that records their hashes).
 #   payload    the chunks of scripts/gpu_payload.py staged in $PAYLOAD_STAGE (/tmp/pstage):
 #              wheels of an extra (e.g. quality's lm-eval) into /tmp/site, SmolLM2 / Gemma 3 as
 #              Hugging Face folders in $MODELS_DIR (/tmp/models); then e.g.

@@ -583,6 +583,10 @@ def test_uniform_cdf_configuration(tmp_path):
         ["--work-dir", str(tmp_path), "--model-dir", f"smollm2={model_dir}"]))
     assert quality.expand_configs(["flash_attn", "cdf=0.990", "calibrated"], [0.01]) == [
         "flash_attn", "cdf=0.99", "l1=0.01"]
+    # 'uniform': the model's cdfthreshd sweep; one that is asked twice is served once
+    assert quality.expand_configs(["uniform", "cdf=0.99"], [0.01], (0.99, 0.95)) == [
+        "cdf=0.99", "cdf=0.95"]
+    assert quality.model_configs(args, "gemma3")[-3:] == ["cdf=0.99", "cdf=0.985", "cdf=0.95"]
     for bad in ("cdf=1", "cdf=0", "cdf=x"):
         with pytest.raises(SystemExit, match="a uniform cdfthreshd is in"):
             quality.expand_configs([bad], [])
@@ -814,13 +818,40 @@ def test_servers_start_together_as_many_as_end_before_the_deadline(tmp_path, mon
         monkeypatch.setattr(quality_eval, "time_left", lambda a: minutes_left)
         return [c for c, _ in quality_eval.next_group(args, results, "smollm2", todo, started)]
 
-    assert group(1.1 + 3 * per + 0.01) == ["flash_attn", "untuned", "l1=0.01"]  # --servers 3
-    assert group(1.1 + 2 * per + 0.01) == ["flash_attn", "untuned"]
+    # the servers are evaluated at once, each slowed by a quarter per other server
+    assert group(1.1 + 1.5 * per + 0.01) == ["flash_attn", "untuned", "l1=0.01"]  # --servers 3
+    assert group(1.1 + 1.5 * per - 0.01) == ["flash_attn", "untuned"]
+    assert quality.group_minutes(args, results, "smollm2", todo[:2]) == pytest.approx(
+        1.1 + 1.25 * per)
     # a call's first server starts whenever 2 minutes are left (its evaluations stop one by one
     # at the deadline), a later one only if it ends before it
     assert group(2.5) == ["flash_attn"]
     assert group(2.5, started=1) == []
     assert group(1.9) == []
+
+
+def test_evaluation_estimate_from_the_recorded_seconds(tmp_path):
+    """An evaluation the results have timed before (any configuration) is estimated from the
+    slowest such record, scaled to the prompts asked; an untimed one from its tokens."""
+    args = quality.resolve(quality.build_parser().parse_args(
+        ["--work-dir", str(tmp_path), "--samples", "40", "--ppl-docs", "4"]))
+    res = qr.empty_results()
+    unit = ("accuracy", "niah_single_1", 32768)
+    assumed = 0.15 + 40 * 32768 / 4e6
+    assert quality.unit_minutes(args, unit) == pytest.approx(assumed)
+    for config, seconds, n in (("flash_attn", 12.0, 20), ("untuned", 15.0, 20),
+                               ("l1=0.05", 20.0, 40)):
+        qr.put_record(res, dict(model="gemma3", config=config, kind="accuracy",
+                                task="niah_single_1", length=32768, n=n, seconds=seconds))
+    qr.put_record(res, dict(model="gemma3", config="flash_attn", kind="perplexity",
+                            task="perplexity", length=32767, docs=[{}, {}], seconds=3.0))
+    # the slowest: 15 s for 20 prompts, 30 s for 40; plus 10% and 3 s
+    assert quality.unit_minutes(args, unit, res, "gemma3") == pytest.approx(1.1 * 30 / 60 + 0.05)
+    assert quality.unit_minutes(args, ("perplexity", "perplexity", 32767), res, "gemma3") == \
+        pytest.approx(1.1 * 6 / 60 + 0.05)
+    assert quality.unit_minutes(args, unit, res, "smollm2") == pytest.approx(assumed)
+    assert quality.estimate_minutes(args, res, "gemma3", [unit, unit]) == pytest.approx(
+        1.2 + 2 * (1.1 * 30 / 60 + 0.05))
 
 
 def test_serving_stage_refuses_a_model_folder_with_a_wrong_tokenizer(smol_tokenizer, tmp_path):
