@@ -485,46 +485,84 @@ def markdown(results: dict[str, Any], min_dense_acc: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _family(config: str) -> str:
+    """The curve a configuration belongs to in the plot: calibrated files, uniform settings, or
+    a point of its own (FLASH_ATTN starts both curves)."""
+    return ("calibrated" if config.startswith("l1=") else "uniform" if config.startswith("cdf=")
+            else config)
+
+
 def plot(results: dict[str, Any], path: str, min_dense_acc: float) -> None:
-    """Accuracy (mean over informative tasks) against measured block sparsity, one panel per
-    model, one line per context length through its configurations."""
+    """One column per model. Top: accuracy (mean over informative tasks) against measured block
+    sparsity, one colour per context length, calibrated files on solid lines and uniform
+    ``cdfthreshd`` settings on dashed ones, both from FLASH_ATTN; the untuned defaults a
+    triangle. Bottom: perplexity change against FLASH_ATTN on the perplexity documents against
+    the block sparsity there, the same two curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = [m for m in results["models"] if summary(results, m, min_dense_acc)["configs"]]
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(6.2 * max(1, len(models)), 4.4),
-                             squeeze=False)
-    for ax, model in zip(axes[0], models, strict=False):
+    cols = max(1, len(models))
+    fig, axes = plt.subplots(2, cols, figsize=(6.2 * cols, 8.4), squeeze=False)
+    styles = {"calibrated": "o-", "uniform": "s--"}
+    for col, model in enumerate(models):
         s = summary(results, model, min_dense_acc)
-        for n in s["lengths"]:
-            pts = []
+        ax, bx = axes[0][col], axes[1][col]
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, n in enumerate(s["lengths"]):
+            color = colors[i % len(colors)]
+            pts = {}
             for c in s["configs"]:
                 cell = s["rows"][c]["lengths"][n]
                 if cell["accuracy"] is not None and cell["sparsity"] is not None:
-                    pts.append((cell["sparsity"], cell["accuracy"], c))
-            if not pts:
-                continue
-            pts.sort()
-            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{n} tokens")
-            names: dict[tuple[float, float], list[str]] = {}  # one label a point
-            for x, y, c in pts:
-                names.setdefault((round(x, 4), round(y, 4)), []).append(
-                    config_label(c).replace("SPARGE ", ""))
-            for (x, y), labels in names.items():
-                ax.annotate(", ".join(labels), (100 * x, y), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
-        ax.set_xlabel("measured block sparsity (%)")
+                    pts[c] = (100 * cell["sparsity"], cell["accuracy"])
+            _curves(ax, pts, styles, color, f"{n} tokens")
+        pts = {c: (100 * row["ppl_sparsity"], 100 * row["ppl_change"])
+               for c, row in s["rows"].items()
+               if row.get("ppl_change") is not None and row.get("ppl_sparsity") is not None}
+        _curves(bx, pts, styles, "black", None)
         ax.set_ylabel("accuracy (informative tasks)")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(model)
-        ax.grid(alpha=0.3)
+        ax.set_title(f"{model}: accuracy (solid: calibrated, dashed: uniform cdfthreshd)",
+                     fontsize=9)
+        bx.set_ylabel("perplexity vs FLASH_ATTN (%)")
+        bx.axhline(0.5, color="grey", lw=0.8, ls=":")  # the +0.5% bar
+        bx.set_title(f"{model}: perplexity on documents of its context", fontsize=9)
+        for a in (ax, bx):
+            a.set_xlabel("measured block sparsity (%)")
+            a.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, title="context", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _curves(ax: Any, pts: dict[str, tuple[float, float]], styles: dict[str, str], color: str,
+            label: str | None) -> None:
+    """The calibrated and uniform curves through ``pts`` ({config: (x, y)}), each from
+    FLASH_ATTN's point in order of sparsity, the other configurations as single points; one
+    label a point (coincident ones joined)."""
+    start = [pts["flash_attn"]] if "flash_attn" in pts else []
+    for family, style in styles.items():
+        line = start + sorted(p for c, p in pts.items() if _family(c) == family)
+        if len(line) > len(start):
+            ax.plot([p[0] for p in line], [p[1] for p in line], style, color=color,
+                    label=label if family == "calibrated" or label and not any(
+                        _family(c) == "calibrated" for c in pts) else None)
+    for c, (x, y) in pts.items():
+        if _family(c) not in styles:
+            ax.plot([x], [y], "^" if c == "untuned" else "o", color=color,
+                    label=label if len(pts) == 1 else None)
+    names: dict[tuple[float, float], list[str]] = {}
+    for c, (x, y) in pts.items():
+        names.setdefault((round(x, 2), round(y, 4)), []).append(
+            config_label(c).replace("SPARGE ", ""))
+    for (x, y), labels in names.items():
+        ax.annotate(", ".join(labels), (x, y), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
 
 
 def write_report(results: dict[str, Any], out_prefix: str, min_dense_acc: float = 0.2) -> str:
