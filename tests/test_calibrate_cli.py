@@ -54,15 +54,22 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("prompts")
+def token_prompt_files(d, vocab: int = VOCAB):
+    """``calib.jsonl`` (two prompts of random token ids, 420 and 400) and ``heldout.jsonl`` (one
+    of 150) in folder ``d``; also the generator's next ids, for more files."""
     g = torch.Generator().manual_seed(1)
-    ids = lambda n: torch.randint(4, VOCAB, (n,), generator=g).tolist()
+    ids = lambda n: torch.randint(4, vocab, (n,), generator=g).tolist()
     calib = d / "calib.jsonl"
     calib.write_text("".join(json.dumps({"prompt_token_ids": ids(n)}) + "\n" for n in (420, 400)))
     heldout = d / "heldout.jsonl"
     heldout.write_text(json.dumps({"prompt_token_ids": ids(150)}) + "\n")
+    return calib, heldout, ids
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prompts")
+    calib, heldout, ids = token_prompt_files(d)
     text = d / "calib.txt"
     text.write_text(f"{_words(380)}\n{_words(10, 7)}\n\n\n{_words(400, 3)}\n")
     short = d / "short.jsonl"

@@ -5,7 +5,6 @@ written dense, full layers are searched, and the backend loads the file for the 
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -17,6 +16,7 @@ from sparge_calibrate.cli import main
 from sparge_calibrate.hf_driver import model_info, window_layers
 from sparge_serve.kernels.geometry import PV_SKIP_OFF
 from sparge_serve.thresholds import ModelGeometry, load_thresholds, model_geometry_of
+from tests.test_calibrate_cli import token_prompt_files
 
 HQ, HKV, D, VOCAB = 4, 2, 64, 300
 GEMMA_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
@@ -82,13 +82,7 @@ def mistral(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("prompts")
-    g = torch.Generator().manual_seed(1)
-    ids = lambda n: torch.randint(4, VOCAB, (n,), generator=g).tolist()
-    calib = d / "calib.jsonl"
-    calib.write_text("".join(json.dumps({"prompt_token_ids": ids(n)}) + "\n" for n in (420, 400)))
-    heldout = d / "heldout.jsonl"
-    heldout.write_text(json.dumps({"prompt_token_ids": ids(150)}) + "\n")
+    calib, heldout, _ = token_prompt_files(tmp_path_factory.mktemp("prompts"), VOCAB)
     return calib, heldout
 
 
