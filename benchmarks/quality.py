@@ -621,7 +621,7 @@ def stage_calibrate(args: argparse.Namespace, results: dict[str, Any]) -> None:
             results["calibrations"].setdefault(model, {})[f"{budget:g}"] = dict(
                 path=out, copy=copy, sha256=file_sha256(Path(out)), seconds=round(seconds, 1),
                 default=chosen is not None and math.isclose(chosen, budget),
-                command=shlex.join(cmd), date=datetime.date.today().isoformat())
+                command=shown(cmd), date=datetime.date.today().isoformat())
         heatmap = f"{stem}.png"  # of the chosen budget
         if os.path.exists(heatmap):
             shutil.copyfile(heatmap, os.path.join(args.out, "quality_thresholds",
@@ -657,6 +657,13 @@ def make_prompts(args: argparse.Namespace, model: str, heldout: bool) -> str | N
         if run_logged(name, cmd, args, timeout=300)[0] != 0:
             return None
     return path
+
+
+def shown(cmd: list[str]) -> str:
+    """``cmd`` as the results record it: ``python`` for this interpreter, paths inside the
+    repository relative to its root (where the commands run)."""
+    root = str(ROOT) + os.sep
+    return shlex.join(["python" if c == sys.executable else c.replace(root, "") for c in cmd])
 
 
 def note(results: dict[str, Any], text: str) -> None:

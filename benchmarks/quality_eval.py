@@ -29,6 +29,7 @@ import quality_report as qr
 from quality import (
     OWN_TASKS,
     RESULTS_LOCK,
+    ROOT,
     TASK_DIR,
     estimate_minutes,
     group_minutes,
@@ -39,6 +40,7 @@ from quality import (
     note,
     pending_units,
     server_command,
+    shown,
     thresholds_path,
     thresholds_sha256,
     time_left,
@@ -200,11 +202,11 @@ def task_metadata(args: Any, model: str, length: int) -> dict[str, Any]:
 
 def lm_eval_command(model_args: dict[str, Any], task: str, meta: dict[str, Any],
                     limit: int) -> str:
-    """The ``lm_eval`` CLI call that runs the same evaluation."""
+    """The ``lm_eval`` CLI call that runs the same evaluation (from the repository's root)."""
     margs = ",".join(f"{k}={v}" for k, v in model_args.items())
     meta = {k: v for k, v in meta.items() if k != "tokenizer"}  # model_args carries it
     return shlex.join(["lm_eval", "--model", "local-completions", "--model_args", margs,
-                       "--tasks", task, "--include_path", str(TASK_DIR), "--metadata",
+                       "--tasks", task, "--include_path", str(TASK_DIR.relative_to(ROOT)), "--metadata",
                        json.dumps(meta), "--limit", str(limit), "--seed", "0,1234,1234,1234",
                        "--log_samples", "--output_path", "lm_eval_out"])
 
@@ -425,7 +427,7 @@ def serve_group(args: Any, results: dict[str, Any], cache: TaskCache, model: str
                 log(f"{model} {qr.config_label(server.config)}: healthy after "
                     f"{ready[server.config]:.0f} s")
                 results["servers"].setdefault(model, {})[server.config] = dict(
-                    command=shlex.join(server.cmd), startup_s=round(ready[server.config], 1))
+                    command=shown(server.cmd), startup_s=round(ready[server.config], 1))
         units_of = dict(group)
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(servers))
         try:

@@ -421,6 +421,18 @@ def test_records_of_a_replaced_calibration_are_stale(tmp_path):
     assert any(r["config"] == "l1=0.06" for r in res["records"])  # no file: kept as they are
 
 
+def test_recorded_commands_name_python_and_repository_paths():
+    """Commands in the results read the same on every machine: ``python`` for the interpreter
+    and the repository's files relative to its root, where they run."""
+    import quality_eval
+
+    cmd = [sys.executable, "-m", "sparge_calibrate", "/tmp/models/smollm2", "--prompts",
+           str(quality.ROOT / "w" / "p.jsonl")]
+    assert quality.shown(cmd) == "python -m sparge_calibrate /tmp/models/smollm2 --prompts w/p.jsonl"
+    assert "--include_path benchmarks/quality_tasks " in quality_eval.lm_eval_command(
+        {"model": "m"}, "sparge_passkey", {}, 3)
+
+
 def test_paired_difference_over_prompts():
     a = {("t", 4096, i): 1.0 for i in range(100)}
     assert qr.paired_difference(a, dict(a)) == (0.0, 0.0, 100)
