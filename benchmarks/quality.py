@@ -423,9 +423,8 @@ def prompts_command(args: argparse.Namespace, model: str, heldout: bool = False
 def estimate_minutes(args: argparse.Namespace, results: dict[str, Any], model: str,
                      units: list[tuple[str, str, int]]) -> float:
     """A rough duration of one configuration's server: start and stop, then each evaluation
-    (``unit_minutes``). The log shows the real ones."""
-    return startup_minutes(args, results, model) + sum(unit_minutes(args, u, results, model)
-                                                      for u in units)
+    (``unit_minutes``): a group of one. The log shows the real ones."""
+    return group_minutes(args, results, model, [("", units)])
 
 
 def startup_minutes(args: argparse.Namespace, results: dict[str, Any], model: str) -> float:
@@ -454,7 +453,7 @@ def unit_minutes(args: argparse.Namespace, unit: tuple[str, str, int],
     10%; else its tokens at an assumed rate plus a fixed cost."""
     kind, task, length = unit
     asked = args.ppl_docs if kind == "perplexity" else args.samples
-    seen = [r["seconds"] * asked / max(1, len(r["docs"]) if "docs" in r else r.get("n") or 1)
+    seen = [r["seconds"] * asked / max(1, measured_count(r))
             for r in (results or {}).get("records", ())
             if (r["model"], r["kind"], r["task"], r["length"]) == (model, kind, task, length)
             and r.get("seconds")]
@@ -505,6 +504,11 @@ def plan_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def measured_count(rec: dict[str, Any]) -> int:
+    """The prompts (accuracy) or documents (perplexity) a record measured."""
+    return len(rec["docs"]) if "docs" in rec else rec.get("n") or 0
+
+
 def pending_units(args: argparse.Namespace, results: dict[str, Any], model: str,
                   config: str) -> list[tuple[str, str, int]]:
     """(kind, task, length) of this configuration that the results do not hold yet, or hold
@@ -524,9 +528,7 @@ def pending_units(args: argparse.Namespace, results: dict[str, Any], model: str,
                              length=unit[2])
         if rec is None or rec.get("thresholds_sha256") != sha:
             return False
-        if unit[0] == "perplexity":
-            return (len(rec["docs"]) if "docs" in rec else rec.get("n", 0)) >= args.ppl_docs
-        return rec.get("n", 0) >= args.samples
+        return measured_count(rec) >= (args.ppl_docs if unit[0] == "perplexity" else args.samples)
 
     return [u for u in units if not done(u)]
 
