@@ -543,19 +543,18 @@ def plot(results: dict[str, Any], path: str, min_dense_acc: float) -> None:
 def _curves(ax: Any, pts: dict[str, tuple[float, float]], styles: dict[str, str], color: str,
             label: str | None) -> None:
     """The calibrated and uniform curves through ``pts`` ({config: (x, y)}), each from
-    FLASH_ATTN's point in order of sparsity, the other configurations as single points; one
-    label a point (coincident ones joined)."""
+    FLASH_ATTN's point in order of sparsity, the other configurations as single points;
+    ``label`` on the first thing drawn, one annotation a point (coincident ones joined)."""
     start = [pts["flash_attn"]] if "flash_attn" in pts else []
     for family, style in styles.items():
         line = start + sorted(p for c, p in pts.items() if _family(c) == family)
         if len(line) > len(start):
-            ax.plot([p[0] for p in line], [p[1] for p in line], style, color=color,
-                    label=label if family == "calibrated" or label and not any(
-                        _family(c) == "calibrated" for c in pts) else None)
+            ax.plot([p[0] for p in line], [p[1] for p in line], style, color=color, label=label)
+            label = None
     for c, (x, y) in pts.items():
         if _family(c) not in styles:
-            ax.plot([x], [y], "^" if c == "untuned" else "o", color=color,
-                    label=label if len(pts) == 1 else None)
+            ax.plot([x], [y], "^" if c == "untuned" else "o", color=color, label=label)
+            label = None
     names: dict[tuple[float, float], list[str]] = {}
     for c, (x, y) in pts.items():
         names.setdefault((round(x, 2), round(y, 4)), []).append(
