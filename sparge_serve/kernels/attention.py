@@ -262,9 +262,10 @@ def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
     128): with TMA 4 warps / 2 stages (0.75x the time of 8/3); without (16-token pages) 8/3.
     4/2 is 8% faster there with every block kept, but 8-17% slower at 50-90% block sparsity
     (``kernels_v6_h200.md`` in commit 1f68c02, notes), and PV skip spills at 4 warps. Head
-    dim 256 (not yet timed): 8 warps / 2 stages, the only setting whose [128, 256] fp32
-    accumulator fits (the AOT check: spill-free with split=2, 165 KB of shared memory). Never
-    autotuned at serve time."""
+    dim 256: 8 warps / 2 stages, the only setting whose [128, 256] fp32 accumulator fits (the
+    AOT check: spill-free with split=2, 165 KB of shared memory); it runs 0.32x FA3 dense at
+    32K on an H100 (``kernels_d256.md``), so ``auto`` sends such layers to FA3 unless they skip
+    PV products. Never autotuned at serve time."""
     if head_dim == 256:
         return (8, 2)
     if use_tma:
