@@ -2,12 +2,13 @@
 
     python3 scripts/gpu_payload.py --models smollm2 gemma3 --extra quality \
         --skip pandas pyarrow scipy scikit-learn lxml joblib
-        # writes .gpu/payload/cpart00, cpart01, ... (<= --chunk-mb MiB each, default 34)
+        # writes .gpu/payload/cpart00, cpart01, ... (each what a transfer leaves beside the tree)
 
 Run it with a Python that has pip (not the project's uv environment, which has none; the
 models are located in that environment through ``uv run``). The GPU machines have no network, Python 3.12, torch and transformers, and get vLLM 0.26.0 from
-a wheel bundle (``scripts/gpu_bundle_split.sh``); a transfer carries the working tree (about
-28 MB) and at most 64 MiB in all. The payload holds:
+a wheel bundle (``scripts/gpu_bundle_split.sh``); a transfer carries the working tree (its
+tracked and untracked, not ignored files: about 31 MB) and at most 64 MiB in all, so a chunk is
+64 MiB less the tree and 2 MiB of margin (``--chunk-mb`` sets it). The payload holds:
 
 - ``models/<model>.gguf``: the real models' GGUF files, from their installed packages
   (``sparge-models list``), with the ``gguf`` wheel that reads them, and
@@ -32,6 +33,7 @@ SHA-256 checked).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import shutil
@@ -119,13 +121,28 @@ def model_files(keys: list[str], models: Path, wheels: Path) -> None:
                     "-d", str(wheels), f"gguf=={gguf}"], check=True)
 
 
+def chunk_mib() -> int:
+    """MiB of a chunk that travels beside the working tree in one 64 MiB transfer: 64 less the
+    tree (the files git tracks, and the untracked ones it does not ignore) and 2 of margin."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    tree = sum((ROOT / os.fsdecode(f)).stat().st_size for f in listed
+               if f and (ROOT / os.fsdecode(f)).is_file())
+    mib = 64 - 2 - -(-tree >> 20)
+    if mib < 8:
+        sys.exit(f"gpu_payload: the working tree takes {tree >> 20} MiB of a 64 MiB transfer; "
+                 "give --chunk-mb or move large untracked files out of it")
+    return mib
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=[], metavar="MODEL",
                     help="real models to carry (smollm2, gemma3)")
     ap.add_argument("--extra", action="append", default=[],
                     help="an optional extra of pyproject.toml whose added wheels to carry")
-    ap.add_argument("--chunk-mb", type=int, default=34, help="MiB a chunk (34)")
+    ap.add_argument("--chunk-mb", type=int, default=None,
+                    help="MiB a chunk (default: 64 less the working tree's size and 2)")
     ap.add_argument("--out", type=Path, default=ROOT / ".gpu" / "payload")
     ap.add_argument("--skip", nargs="+", default=[], metavar="PACKAGE",
                     help="packages of an extra not to carry: the GPU machine has them (e.g. "
@@ -161,7 +178,7 @@ def main() -> None:
         with tarfile.open(blob, "w", dereference=True) as tar:
             tar.add(stage / "models", "models")
             tar.add(stage / "wheels", "wheels")
-        size, step = blob.stat().st_size, args.chunk_mb << 20
+        size, step = blob.stat().st_size, (args.chunk_mb or chunk_mib()) << 20
         with open(blob, "rb") as f:
             for i in range(-(-size // step)):
                 part = args.out / f"cpart{i:02d}"
