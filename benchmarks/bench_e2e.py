@@ -19,6 +19,11 @@ Stages (any of them, in one call or in several):
   at a time, ``--save-result``): TTFT p50/p99, TPOT, request throughput, failed requests.
 - ``report``: rewrites ``e2e.md`` and ``e2e.png`` from ``e2e.json``.
 
+``--geometries gemma3_270m_real smollm2_135m_real`` (with ``--weights MODEL=DIR`` and
+``--thresholds MODEL=FILE``) times the pretrained small models on held-out text instead, their
+calibrated thresholds file as ``SPARGE@64:calibrated`` (and with its PV skip off,
+``SPARGE@64:calibrated_nopv``): TTFT up to the model's context (``benchmarks/e2e_plan.py``).
+
 Configurations are ``BACKEND@PAGE[:VARIANT]``: ``FLASH_ATTN@16`` (vLLM's default pages),
 ``FLASH_ATTN@64`` (the baseline of every SPARGE ratio: same page size), ``SPARGE@64:topkF`` (keep
 the fraction F of key blocks: ``topk1.0`` is the sparse path at 0% block sparsity, 0.5 / 0.2 / 0.1
@@ -138,7 +143,19 @@ def drive(args) -> int:
     t_start = time.monotonic()
     os.makedirs(args.log_dir, exist_ok=True)
     for name in sorted({j["geometry"] for j in jobs}):
-        plan.write_geometry(name, args.model_dir, args.tokenizer)
+        if plan.GEOMETRIES[name].weights:  # the converted folder serves; topk's file only
+            plan.write_gate_open(name, args.model_dir)
+        else:
+            plan.write_geometry(name, args.model_dir, args.tokenizer)
+    for job in jobs:
+        if job["config"].split("+")[0].endswith(":calibrated_nopv"):
+            key = plan.GEOMETRIES[job["geometry"]].weights
+            try:
+                plan.write_no_pv(job["geometry"], args.model_dir,
+                                 plan.key_values(args.thresholds, "--thresholds")[key])
+            except ValueError as e:  # not a thresholds file, or not this model's
+                print(f"bench_e2e: --thresholds {key}: {e}", file=sys.stderr)
+                return 2
     command = "python benchmarks/bench_e2e.py " + shlex.join(args.argv)
     run = report.start_run(data, dict(command=command, date=datetime.datetime.now().isoformat(
         timespec="seconds"), stages=args.stages))
@@ -193,7 +210,8 @@ def _engine(job: dict, max_len: int, **kw):
     if job["sparge"] is not None:
         kw["additional_config"] = {"sparge": job["sparge"]}
     overrides = plan.position_overrides(job["geometry"], max_len)
-    return LLM(model=job["model"], load_format="dummy", skip_tokenizer_init=True,
+    load = "auto" if job.get("weights") else "dummy"  # trained weights or random ones
+    return LLM(model=job["model"], load_format=load, skip_tokenizer_init=True,
                attention_backend=c["backend"], block_size=c["page"], max_model_len=max_len,
                max_num_batched_tokens=job["chunk"], dtype="bfloat16",
                gpu_memory_utilization=job["gpu_memory_utilization"], seed=0,
@@ -226,8 +244,15 @@ def ttft_worker(job: dict) -> None:
                   compilation_config={"cudagraph_mode": "NONE"})
     _emit(META, _versions())
     one = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+    count = job["warmups"] + job["repeats"] + 1
+    # real text for trained weights: the longest length's documents, cut for the shorter ones
+    docs = (plan.document_prompts(job["model"], max(n for n, in job["points"]), count)
+            if job.get("weights") else None)
     for n, in job["points"]:
-        prompts = [geo.prompt(n, (n, i)) for i in range(job["warmups"] + job["repeats"] + 1)]
+        if docs is not None:
+            prompts = [{"prompt_token_ids": d["prompt_token_ids"][:n]} for d in docs]
+        else:
+            prompts = [geo.prompt(n, (n, i)) for i in range(count)]
         for p in prompts[:job["warmups"]]:
             _timed(llm, [p], one)
         before = _block_counters()
@@ -398,6 +423,14 @@ def parser() -> argparse.ArgumentParser:
                     help="a local folder whose tokenizer files are copied into every geometry "
                     "folder (vllm serve and vllm bench serve need one), e.g. one written by "
                     "`sparge-models convert smollm2`")
+    ap.add_argument("--weights", action="append", metavar="MODEL=DIR",
+                    help="the folder `sparge-models convert MODEL` wrote, served by the "
+                    "geometry MODEL's *_real (gemma3_270m_real, smollm2_135m_real) with its "
+                    "trained weights")
+    ap.add_argument("--thresholds", action="append", metavar="MODEL=FILE",
+                    help="the thresholds file of the variants calibrated and calibrated_nopv on "
+                    "MODEL's *_real geometry (e.g. gemma3=benchmarks/results/quality_thresholds/"
+                    "gemma3_l1_0.05.safetensors)")
     tmp = tempfile.gettempdir()
     ap.add_argument("--model-dir", default=os.path.join(tmp, "sparge_e2e_models"),
                     help="where the geometry folders are written")

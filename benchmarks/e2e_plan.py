@@ -2,6 +2,12 @@
 vLLM loads with random weights, ``load_format="dummy"``), random token-id prompts, the
 configurations of each stage, the plan of engine runs, and rough time estimates.
 
+The ``*_real`` geometries are the small models themselves: the folder ``sparge-models convert``
+wrote (``--weights KEY=DIR``) with its trained weights, prompted with held-out documents
+(``quality_tasks/documents.py``: standard-library source no calibration set reads) in its
+tokenizer, so a thresholds file (``SPARGE@64:calibrated``, the file given with ``--thresholds
+KEY=FILE``) skips the blocks it skips on real text; TTFT only, up to the model's context.
+
 config.json comes from ``sparge_serve.models.convert.build_config``, the function that writes the
 configs of converted GGUF models, fed the numbers a GGUF file of each model carries; Gemma 3's
 layer pattern (5 sliding-window layers per global layer), local rope base and query scale are its
@@ -11,13 +17,15 @@ rules. Llama 3.1's ``llama3`` rope scaling, which GGUF files do not describe, is
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import e2e_report
 
 GATE_OPEN_FILE = "sparge_gate_open.safetensors"
+# variant calibrated_nopv: the --thresholds file with its PV skip off, written here per geometry
+NO_PV_FILE = "sparge_calibrated_nopv.safetensors"
 # tokenizer files of the usual Hugging Face layouts (fast, sentencepiece, BPE vocab + merges)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -45,6 +53,7 @@ class Geometry:
     sliding_window: int | None = None
     rope_theta_local: float | None = None
     rope_parameters: dict[str, Any] | None = field(default=None)  # replaces build_config's
+    weights: str | None = None  # sparge-models key: served with that model's trained weights
 
     def metadata(self) -> dict[str, Any]:
         """The GGUF key/values that ``build_config`` reads ("{arch}" stands for the arch)."""
@@ -105,6 +114,14 @@ GEOMETRIES = {
         layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64,
         vocab=49152, context=8192, rope_theta=100000.0, rms_eps=1e-5, tied=True, bos=1, eos=2),
 }
+GEOMETRIES["gemma3_270m_real"] = replace(
+    GEOMETRIES["gemma3_270m"], weights="gemma3", description="Gemma 3 270M with its pretrained "
+    "weights (`sparge-models convert gemma3`), prompts of held-out standard-library source")
+GEOMETRIES["smollm2_135m_real"] = replace(
+    GEOMETRIES["smollm2_135m"], weights="smollm2", description="SmolLM2-135M-Instruct with its "
+    "pretrained weights (`sparge-models convert smollm2`), prompts of held-out standard-library "
+    "source")
+REAL_STAGES = ("ttft",)  # what the real-weight geometries run
 DESCRIPTIONS = {name: g.description for name, g in GEOMETRIES.items()}
 
 
@@ -140,9 +157,6 @@ def write_geometry(name: str, root: str | Path, tokenizer: str | Path | None) ->
     """``root/name``: config.json, the tokenizer files found in folder ``tokenizer`` and the
     thresholds file of the topk configurations (``simthreshd1`` -1: every block passes the
     similarity gate, so ``topk`` alone picks the kept blocks; ``cdfthreshd`` 1, PV skip off)."""
-    from sparge_serve.thresholds import Thresholds, save_thresholds
-
-    geo = GEOMETRIES[name]
     folder = Path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
     hf_config(name).save_pretrained(str(folder))
@@ -153,10 +167,60 @@ def write_geometry(name: str, root: str | Path, tokenizer: str | Path | None) ->
                              f"({', '.join(TOKENIZER_FILES)}) in that folder")
         for f in found:
             shutil.copyfile(Path(tokenizer) / f, folder / f)
+    write_gate_open(name, root)
+    return folder
+
+
+def write_gate_open(name: str, root: str | Path) -> Path:
+    """``root/name/GATE_OPEN_FILE``, the topk configurations' thresholds (every block passes
+    the similarity gate, ``cdfthreshd`` 1, PV skip off)."""
+    from sparge_serve.thresholds import Thresholds, save_thresholds
+
+    geo = GEOMETRIES[name]
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
     save_thresholds(folder / GATE_OPEN_FILE, Thresholds.defaults(
         geo.layers, geo.heads, geo.kv_heads, geo.head_dim, simthreshd1=-1.0, cdfthreshd=1.0,
         model=name))
-    return folder
+    return folder / GATE_OPEN_FILE
+
+
+def write_no_pv(name: str, root: str | Path, thresholds: str | Path) -> Path:
+    """``root/name/NO_PV_FILE``: the thresholds file ``thresholds`` with its PV skip off (every
+    ``pvthreshd`` at ``PV_SKIP_OFF``), so that ``attention_kernel`` auto attends every sparse
+    layer through FA3 (a layer with the PV skip keeps the Triton kernel)."""
+    from sparge_serve.kernels.geometry import PV_SKIP_OFF
+    from sparge_serve.thresholds import load_thresholds, save_thresholds
+
+    th = load_thresholds(thresholds)
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    save_thresholds(folder / NO_PV_FILE, replace(
+        th, pvthreshd=th.pvthreshd.clamp(min=PV_SKIP_OFF), created="", package_version=""))
+    return folder / NO_PV_FILE
+
+
+def document_prompts(folder: str | Path, n: int, count: int) -> list[dict[str, list[int]]]:
+    """``count`` TokensPrompts of ``n`` tokens: consecutive held-out documents in the tokenizer
+    of the model folder ``folder`` (the same ones for the same tokenizer and Python)."""
+    from quality_tasks.documents import make_documents
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return [{"prompt_token_ids": d} for d in make_documents(tokenizer, count, n)["docs"]]
+
+
+def key_values(pairs: list[str] | None, option: str) -> dict[str, str]:
+    """``KEY=VALUE`` arguments of ``option`` as a dict, the keys the real models' (``gemma3``,
+    ``smollm2``)."""
+    keys = sorted({g.weights for g in GEOMETRIES.values() if g.weights})
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in keys or not value:
+            raise ValueError(f"{option} {pair!r}: give MODEL=PATH, MODEL one of {', '.join(keys)}")
+        out[key] = value
+    return out
 
 
 def position_overrides(name: str, max_len: int) -> dict[str, int]:
@@ -228,8 +292,10 @@ QUICK = {  # --quick: the rows that matter most, each stage in a few minutes (op
 }
 
 
-def sparge_options(config: str, thresholds: str, min_sparse_len: int) -> dict | None:
-    """``additional_config["sparge"]`` of a configuration (None for FLASH_ATTN)."""
+def sparge_options(config: str, thresholds: str, min_sparse_len: int,
+                   files: dict[str, str] | None = None) -> dict | None:
+    """``additional_config["sparge"]`` of a configuration (None for FLASH_ATTN); ``files``: the
+    thresholds file of each ``calibrated*`` variant (real-weight geometries)."""
     c = e2e_report.parse_config(config)
     if c["backend"] != "SPARGE":
         return None
@@ -240,6 +306,11 @@ def sparge_options(config: str, thresholds: str, min_sparse_len: int) -> dict | 
     opts = {"min_sparse_len": min_sparse_len}
     if c["topk"] is not None:
         opts.update(thresholds=thresholds, topk=c["topk"])
+    elif c["variant"].startswith("calibrated"):
+        if not files or c["variant"] not in files:
+            raise ValueError(f"configuration {config!r}: a calibrated file serves a *_real "
+                             "geometry given --thresholds MODEL=FILE")
+        opts.update(thresholds=files[c["variant"]])
     else:
         opts.update(thresholds="untuned")
     if c["attention_kernel"] is not None:
@@ -252,6 +323,8 @@ def make_plan(args, data: dict) -> tuple[list[dict], list[str]]:
     ``--skip-done``, a job keeps only the points that ``data`` does not hold yet."""
     from sparge_serve.config import SpargeConfig
 
+    weights = key_values(args.weights, "--weights")
+    calibrated = key_values(args.thresholds, "--thresholds")
     jobs, left_out = [], []
     for stage in [s for s in e2e_report.STAGES if s in args.stages]:
         quick = QUICK[stage] if args.quick else {}
@@ -261,18 +334,39 @@ def make_plan(args, data: dict) -> tuple[list[dict], list[str]]:
         for geo_name in args.geometries:
             geo = GEOMETRIES[geo_name]
             thresholds = str(Path(args.model_dir) / geo_name / GATE_OPEN_FILE)
+            model, files = str(Path(args.model_dir) / geo_name), None
+            if geo.weights:
+                if stage not in REAL_STAGES:
+                    left_out.append(f"{stage} {geo_name}: the real-weight geometries run "
+                                    f"{', '.join(REAL_STAGES)} only")
+                    continue
+                model = weights.get(geo.weights)
+                if model is None:
+                    raise ValueError(f"{geo_name} serves the converted {geo.weights} folder: "
+                                     f"give --weights {geo.weights}=DIR (`sparge-models convert "
+                                     f"{geo.weights} --out DIR` writes it)")
+                if geo.weights in calibrated:
+                    if not Path(calibrated[geo.weights]).is_file():
+                        raise ValueError(f"--thresholds {geo.weights}="
+                                         f"{calibrated[geo.weights]}: no such file")
+                    files = {"calibrated": calibrated[geo.weights],
+                             "calibrated_nopv": str(Path(args.model_dir) / geo_name / NO_PV_FILE)}
             for config in configs:
-                opts = sparge_options(config, thresholds, args.min_sparse_len)
+                opts = sparge_options(config, thresholds, args.min_sparse_len, files)
                 if opts is not None:
                     SpargeConfig.from_dict(opts, env={})  # a bad option fails here, not on the GPU
                 job = dict(stage=stage, geometry=geo_name, config=config, sparge=opts,
-                           model=str(Path(args.model_dir) / geo_name), chunk=args.chunk,
+                           model=model, chunk=args.chunk, weights=bool(geo.weights),
                            gpu_memory_utilization=args.gpu_memory_utilization)
                 if stage == "ttft":
                     points = [(n,) for n in opt["lengths"]]
+                    if geo.weights:  # trained weights: prompts within the model's context
+                        left_out += [f"ttft {geo_name} {config} {n}: past the model's context "
+                                     f"({geo.context})" for n, in points if n > geo.context]
+                        points = [(n,) for n, in points if n <= geo.context]
                     job.update(warmups=args.warmups, repeats=opt["repeats"],
                                profile_lengths=[n for n in opt["profile_lengths"]
-                                                if n in opt["lengths"]])
+                                                if (n,) in points])
                 elif stage == "decode":
                     points = []
                     for ctx in opt["contexts"]:

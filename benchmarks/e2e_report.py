@@ -28,8 +28,9 @@ FLASH_MARKERS = ("flash::", "flash_fwd", "FlashAttn", "unified_attention", "fmha
 SPARGE_KERNELS = ("_sparse_attn_kernel", "_select_kernel", "_ksum_kernel", "_kblock_kernel",
                   "_virtual_table_kernel")
 
-_CONFIG = re.compile(r"^(FLASH_ATTN|SPARGE)@(\d+)(?::(topk[0-9.]+|untuned|defaults|dense))?(\+fp8)?"
-                     r"(?:\+(fa3|triton))?$")
+_CONFIG = re.compile(r"^(FLASH_ATTN|SPARGE)@(\d+)"
+                     r"(?::(topk[0-9.]+|untuned|defaults|dense|calibrated|calibrated_nopv))?"
+                     r"(\+fp8)?(?:\+(fa3|triton))?$")
 
 
 def is_attention_kernel(name: str) -> bool:
@@ -85,7 +86,9 @@ def parse_config(name: str) -> dict[str, Any]:
     """``BACKEND@PAGE[:VARIANT][+fp8][+KERNEL]`` -> backend, page size, variant, topk, KV cache
     dtype, attention kernel. Variants (SPARGE only): ``topkF`` (keep the fraction F of key blocks,
     F in (0, 1]), ``untuned`` (the published untuned thresholds), ``defaults`` (the backend's
-    default settings: no thresholds file, so dense), ``dense`` (``mode: dense``, the kill switch).
+    default settings: no thresholds file, so dense), ``dense`` (``mode: dense``, the kill switch),
+    ``calibrated`` (a real-weight geometry's ``--thresholds`` file) and ``calibrated_nopv`` (that
+    file with its PV skip off, so every sparse layer can attend through FA3).
     ``+fp8``: ``--kv-cache-dtype fp8`` (else ``auto``, the model's dtype). ``+fa3`` / ``+triton``
     (SPARGE only): the backend's ``attention_kernel`` (else its default, ``auto``)."""
     m = _CONFIG.match(name)
@@ -98,10 +101,10 @@ def parse_config(name: str) -> dict[str, Any]:
     kernel = m.group(5)
     if kernel is not None and (backend != "SPARGE" or variant in ("dense", "defaults")):
         raise ValueError(f"configuration {name!r}: +{kernel} picks the sparse path's attention "
-                         "kernel: SPARGE with a topk or untuned variant only")
+                         "kernel: SPARGE with a topk, untuned or calibrated variant only")
     if backend == "SPARGE" and variant is None:
         raise ValueError(f"configuration {name!r}: SPARGE needs a variant (:topkF, :untuned, "
-                         ":defaults or :dense)")
+                         ":defaults, :dense, :calibrated or :calibrated_nopv)")
     if backend == "FLASH_ATTN" and variant is not None:
         raise ValueError(f"configuration {name!r}: FLASH_ATTN takes no variant")
     topk = None
@@ -133,7 +136,8 @@ def config_order(config: str) -> tuple:
     kernel = c["attention_kernel"] or ""
     if c["topk"] is not None:
         return (fp8, 1, c["page"], -c["topk"], kernel)
-    return (fp8, 2, c["page"], {"untuned": 0.0, "defaults": 1.0}.get(c["variant"], 2.0), kernel)
+    order = {"calibrated": 0.0, "calibrated_nopv": 0.5, "untuned": 1.0, "defaults": 2.0}
+    return (fp8, 2, c["page"], order.get(c["variant"], 3.0), kernel)
 
 
 def ceiling(a: float, k: float) -> float:
@@ -309,7 +313,10 @@ def markdown(data: dict[str, Any], geometries: dict[str, str] | None = None) -> 
         lines.append(f"- {i}: `{run.get('command', '?')}` — {run.get('device', '?')}, "
                      f"{run.get('date', '?')}; vllm {run.get('vllm', '?')}, torch "
                      f"{run.get('torch', '?')}, triton {run.get('triton', '?')}")
-    lines += ["", "Models are random-weight (vLLM `load_format=\"dummy\"`) at each geometry, so "
+    lines += ["", "Models are random-weight (vLLM `load_format=\"dummy\"`) at each geometry "
+              "but the `*_real` ones (the converted pretrained model, prompted with held-out "
+              "documents; `calibrated` serves its thresholds file, `calibrated_nopv` the same "
+              "file with the PV skip off), so "
               "attention has no structure: block sparsity is set by the backend's `topk` option "
               "(`SPARGE@64:topkF` keeps the fraction F of each query block's valid key blocks, "
               "with a thresholds file whose similarity gate passes every block; sink and "

@@ -64,6 +64,11 @@
 #   e2e_serve  vllm serve + vllm bench serve, 4 and 16 concurrent requests of 16K-48K tokens
 #              (about 10 minutes)
 #   e2e_small  e2e_ttft at the Gemma 3 270M and SmolLM2-135M geometries (about 15 minutes)
+#   e2e_real   TTFT of the pretrained Gemma 3 270M and SmolLM2-135M (the 'payload' stage's
+#              folders in $MODELS_DIR) on held-out text, 4K-32K up to each one's context:
+#              FLASH_ATTN@64, SPARGE with the calibration default's thresholds file
+#              (benchmarks/results/quality_thresholds), the same file with the PV skip off (every
+#              sparse layer through FA3) and the default settings (about 8 minutes)
 #              Every e2e stage merges into $OUT/e2e.{json,md,png}, starts no engine after
 #              $E2E_BUDGET_S seconds (540) and keeps what it measured; a later call given the
 #              earlier file (E2E_MERGE=path/e2e.json) runs only what that file lacks. Extra
@@ -254,7 +259,7 @@ for stage in "$@"; do
             131072 --query-lens 2048 16384 --attention triton fa3 --planned \
             --out "$OUT/query_planned"
         ;;
-    e2e_quick|e2e_fp8|e2e_kernel|e2e|e2e_ttft|e2e_decode|e2e_serve|e2e_small)
+    e2e_quick|e2e_fp8|e2e_kernel|e2e|e2e_ttft|e2e_decode|e2e_serve|e2e_small|e2e_real)
         # one engine per process; rows are merged into $OUT/e2e.json after each engine, so a
         # call stopped at its budget keeps them (benchmarks/bench_e2e.py --help)
         E2E_OPTS="--out $OUT --log-dir $OUT/e2e_logs --skip-done --budget-s ${E2E_BUDGET_S:-540}
@@ -271,6 +276,14 @@ for stage in "$@"; do
         case $stage in e2e|e2e_serve) run e2e_serve $E2E serve $E2E_OPTS ;; esac
         case $stage in e2e|e2e_small) run e2e_small $E2E ttft $E2E_OPTS \
             --geometries gemma3_270m smollm2_135m ;; esac
+        M=${MODELS_DIR:-/tmp/models} T=benchmarks/results/quality_thresholds
+        case $stage in e2e_real) run e2e_real $E2E ttft $E2E_OPTS \
+            --geometries gemma3_270m_real smollm2_135m_real \
+            --weights "gemma3=$M/gemma3" --weights "smollm2=$M/smollm2" \
+            --thresholds "gemma3=$T/gemma3_l1_0.05.safetensors" \
+            --thresholds "smollm2=$T/smollm2_l1_0.01.safetensors" \
+            --configs FLASH_ATTN@64 SPARGE@64:calibrated SPARGE@64:calibrated_nopv \
+            SPARGE@64:defaults --lengths 4096 8192 16384 32768 --profile-lengths 8192 32768 ;; esac
         ;;
     quality)
         # one vllm serve per configuration, their start-ups overlapped; every evaluation

@@ -170,6 +170,82 @@ def test_dry_run_prints_the_plan_without_a_gpu(tmp_path):
     assert bad.returncode == 2 and "(0, 1]" in bad.stderr
 
 
+# ---- the real-weight geometries ------------------------------------------------------------------
+GEMMA_FILE = ROOT / "benchmarks" / "results" / "quality_thresholds" / "gemma3_l1_0.05.safetensors"
+
+
+def _real_plan(tmp_path, *extra: str, geometries=("gemma3_270m_real", "smollm2_135m_real")):
+    args = bench_e2e.parser().parse_args([
+        "ttft", "decode", "--geometries", *geometries,
+        "--weights", "gemma3=/m/gemma3", "--weights", "smollm2=/m/smollm2",
+        "--model-dir", str(tmp_path), "--lengths", "8192", "32768", "--profile-lengths", "32768",
+        *extra])
+    return e2e_plan.make_plan(args, report.load_results(str(tmp_path / "none.json")))
+
+
+def test_real_weight_geometries_plan(tmp_path):
+    """The converted folders serve with their trained weights, TTFT up to each model's context,
+    the calibrated variants with the --thresholds file and its PV-off copy."""
+    jobs, left_out = _real_plan(
+        tmp_path, "--thresholds", f"gemma3={GEMMA_FILE}", "--configs", "FLASH_ATTN@64",
+        "SPARGE@64:calibrated", "SPARGE@64:calibrated_nopv+fa3", "SPARGE@64:topk0.5",
+        geometries=("gemma3_270m_real",))
+    gemma = {j["config"]: j for j in jobs if j["geometry"] == "gemma3_270m_real"}
+    assert all(j["model"] == "/m/gemma3" and j["weights"] for j in gemma.values())
+    assert [j["points"] for j in gemma.values()] == [[(8192,), (32768,)]] * 4
+    assert gemma["SPARGE@64:calibrated"]["sparge"] == dict(min_sparse_len=4096,
+                                                           thresholds=str(GEMMA_FILE))
+    assert gemma["SPARGE@64:calibrated_nopv+fa3"]["sparge"] == dict(
+        min_sparse_len=4096, attention_kernel="fa3",
+        thresholds=str(tmp_path / "gemma3_270m_real" / e2e_plan.NO_PV_FILE))
+    assert gemma["SPARGE@64:topk0.5"]["sparge"]["thresholds"] == str(
+        tmp_path / "gemma3_270m_real" / e2e_plan.GATE_OPEN_FILE)
+    # SmolLM2 has no --thresholds: its calibrated variants cannot be planned
+    with pytest.raises(ValueError, match="--thresholds MODEL=FILE"):
+        _real_plan(tmp_path, "--configs", "SPARGE@64:calibrated")
+    jobs, left_out = _real_plan(tmp_path, "--configs", "FLASH_ATTN@64")
+    smol = [j for j in jobs if j["geometry"] == "smollm2_135m_real"]
+    assert [(j["points"], j["profile_lengths"]) for j in smol] == [([(8192,)], [])]
+    assert "ttft smollm2_135m_real FLASH_ATTN@64 32768: past the model's context (8192)" in left_out
+    assert "decode gemma3_270m_real: the real-weight geometries run ttft only" in left_out
+    assert all(j["stage"] == "ttft" for j in jobs)
+    with pytest.raises(ValueError, match="give --weights gemma3=DIR"):
+        e2e_plan.make_plan(bench_e2e.parser().parse_args(
+            ["ttft", "--geometries", "gemma3_270m_real"]), {"runs": [], "rows": []})
+    for bad in ("gemma4=/x", "gemma3", "gemma3="):
+        with pytest.raises(ValueError, match="MODEL one of gemma3, smollm2"):
+            _real_plan(tmp_path, "--thresholds", bad)
+    with pytest.raises(ValueError, match="no such file"):
+        _real_plan(tmp_path, "--thresholds", f"gemma3={tmp_path / 'missing.safetensors'}")
+    assert report.config_order("SPARGE@64:calibrated") < report.config_order(
+        "SPARGE@64:calibrated_nopv") < report.config_order("SPARGE@64:untuned")
+    with pytest.raises(ValueError, match="topk, untuned or calibrated"):
+        report.parse_config("SPARGE@64:defaults+fa3")
+
+
+def test_no_pv_copy_and_document_prompts(tmp_path):
+    """calibrated_nopv's file is the calibrated one with every pvthreshd off; the real-weight
+    prompts are held-out documents of exactly the asked length in the model's tokenizer."""
+    import torch
+
+    from sparge_serve.kernels.geometry import PV_SKIP_OFF
+    from sparge_serve.thresholds import ModelGeometry, load_thresholds
+
+    src = load_thresholds(GEMMA_FILE)
+    assert bool((src.pvthreshd < PV_SKIP_OFF).any())  # the file uses the PV skip
+    path = e2e_plan.write_no_pv("gemma3_270m_real", tmp_path, GEMMA_FILE)
+    out = load_thresholds(path, expect=ModelGeometry(18, 4, 1, 256))
+    assert bool((out.pvthreshd == PV_SKIP_OFF).all())
+    for name in ("simthreshd1", "cdfthreshd", "is_sparse"):
+        assert torch.equal(getattr(out, name), getattr(src, name)), name
+    assert (out.model, out.config_hash) == (src.model, src.config_hash)
+    prompts = e2e_plan.document_prompts(ROOT / "models" / "sparge-tiny-code", 3000, 2)
+    ids = [p["prompt_token_ids"] for p in prompts]
+    assert [len(i) for i in ids] == [3000, 3000] and ids[0] != ids[1]
+    assert ids == [p["prompt_token_ids"] for p in e2e_plan.document_prompts(
+        ROOT / "models" / "sparge-tiny-code", 3000, 2)]
+
+
 # ---- results: ratios, ceiling, markdown, plot --------------------------------------------------
 def test_ceiling_formula():
     assert report.ceiling(0.5, 2.0) == pytest.approx(1 / 0.75)
@@ -365,6 +441,35 @@ def test_stages_merge_into_one_results_file(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "e2e.json").read_text())
     assert {f["why"] for f in data["failed"]} == {"not run: the call's --budget-s was spent"}
     assert "## Did not run" in (tmp_path / "e2e.md").read_text()
+
+
+def test_real_weight_run_writes_its_thresholds_files(tmp_path, monkeypatch):
+    """The driver writes the topk and calibrated_nopv files beside no config folder (the
+    converted one serves), and the report names the real-weight geometry; a file that is not a
+    thresholds file stops it before any engine starts."""
+    calls: list = []
+    monkeypatch.setattr(bench_e2e, "run_worker", _fake_worker(set(), calls))
+    monkeypatch.setattr(report, "plot", lambda *a: False)
+    models = tmp_path / "models"
+    argv = ["ttft", "--geometries", "gemma3_270m_real", "--weights", "gemma3=/m/gemma3",
+            "--thresholds", f"gemma3={GEMMA_FILE}", "--configs", "FLASH_ATTN@64",
+            "SPARGE@64:calibrated", "SPARGE@64:calibrated_nopv", "--lengths", "8192",
+            "--model-dir", str(models), "--out", str(tmp_path), "--log-dir", str(tmp_path / "l")]
+    assert bench_e2e.main(argv) == 0
+    folder = models / "gemma3_270m_real"
+    assert sorted(f.name for f in folder.iterdir()) == sorted(
+        [e2e_plan.GATE_OPEN_FILE, e2e_plan.NO_PV_FILE])
+    assert [(c["config"], c["weights"], c["model"]) for c in calls] == [
+        (c, True, "/m/gemma3") for c in ("FLASH_ATTN@64", "SPARGE@64:calibrated",
+                                         "SPARGE@64:calibrated_nopv")]
+    md = (tmp_path / "e2e.md").read_text()
+    assert "`gemma3_270m_real`: Gemma 3 270M with its pretrained weights" in md
+    not_thresholds = tmp_path / "weights.safetensors"
+    not_thresholds.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    calls.clear()
+    bad = [a if not a.startswith("gemma3=/") or "safetensors" not in a
+           else f"gemma3={not_thresholds}" for a in argv]
+    assert bench_e2e.main(bad) == 2 and calls == []
 
 
 _WORKER = """
