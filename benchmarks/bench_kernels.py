@@ -68,6 +68,11 @@ from kernels_report import (  # noqa: E402
 HQ, HKV, D = 32, 8, 128
 DEVICE = "cuda"  # the CPU tests run the fp8 path at toy sizes under Triton's interpreter
 SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, num_stages)
+# --sweep at head dim 256: (split, num_warps, num_stages) of the attention kernel around its
+# default (2, 8, 2), timed on the dense and 50% configurations (TMA pages), each output checked
+# against the default's; every one compiles for sm_90 (scripts/aot_compile_check.py: split 2 at
+# 8 warps without spills, split 1 at 8 warps spilling 24-64 bytes)
+D256_LAUNCHES = ((2, 8, 2), (2, 8, 3), (2, 8, 1), (2, 4, 3), (1, 8, 2), (1, 8, 1))
 # --virtual: also time FA3 over per-row virtual contexts, all heads at once and in head chunks
 # (rows "<config>+fa3", "<config>+fa3_chunked"); --chunked: the Triton kernels in head chunks
 # (rows "<config>+chunked"); chunks under the default map_budget (1.5% of the K/V bytes) with no
@@ -147,6 +152,30 @@ def dense_block_map(length: int, block_n: int) -> BlockMap:
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def d256_sweep(q, kc, vc, batch, bm, scale, pv_off, out) -> tuple[dict, dict]:
+    """ms of each :data:`D256_LAUNCHES` launch (PV skip off, TMA loads), and the largest
+    difference of its output from the default launch's; a launch the device refuses is noted
+    (NaN) and the run goes on."""
+    ref = torch.empty_like(out)
+    sparse_paged_attention(q, kc, vc, batch, bm, scale, pv_off, ref, pv_skip=False)
+    times, diffs = {}, {}
+    for split, w, st in D256_LAUNCHES:
+        key = f"split{split}_w{w}s{st}"
+        run = lambda w=w, st=st, split=split: sparse_paged_attention(  # noqa: E731
+            q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False, pv_skip=False,
+            launch=(w, st), use_tma=True, split=split)
+        try:
+            run()
+            diffs[key] = (out.float() - ref.float()).abs().max().item()
+            times[key] = bench(run)
+        except Exception as e:  # noqa: BLE001 - one refused launch must not end the run
+            print(f"launch {key} not measured: {type(e).__name__}: "
+                  f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}",
+                  flush=True)
+            times[key] = diffs[key] = float("nan")
+    return times, diffs
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,7 +316,11 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
         )
         if name == "dense":
             row["predictor_parts_ms"] = predictor_parts
-        if SWEEP and name == "dense":
+        if SWEEP and D == 256:
+            if name in ("dense", "topk_s0.5") and page % BLKK == 0:
+                row["launch_sweep_ms"], row["launch_sweep_max_diff"] = d256_sweep(
+                    q, kc, vc, batch, bm, scale, pv_off, out)
+        elif SWEEP and name == "dense":
             row["launch_sweep_ms"] = {
                 f"w{w}s{st}": bench(lambda bm=bm, w=w, st=st: sparse_paged_attention(
                     q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,

@@ -26,7 +26,9 @@
 #              at 32K and 128K (-> $OUT/kernels_variants.*)
 #   kernels_quick  the kernel benchmark at 32K and 128K, 64-token pages (-> $OUT/kernels_quick.*)
 #   kernels_d256  the kernel benchmark at Gemma 3 270M's geometry (head dim 256, 4 q / 1 KV
-#              heads), 8K and 32K, 64- and 16-token pages (-> $OUT/kernels_d256.*)
+#              heads), 8K and 32K, 64- and 16-token pages, with the FA3 path's rows (+fa3) and
+#              the attention kernel's launches around its head-dim-256 default (--sweep)
+#              (-> $OUT/kernels_d256.*)
 #   kernels_fp8  the kernel benchmark at 32K and 128K, 64-token pages, with the fp8 rows: the
 #              sparse path over an fp8 KV cache (+fp8) and with fp8 compute (+fp8dot) against
 #              FLASH_ATTN-fp8 and FA3 bf16, their errors and the fp8 bars (about 5 minutes;
@@ -220,7 +222,7 @@ for stage in "$@"; do
     kernels_d256)
         # Gemma 3 270M's attention geometry (head dim 256, 4 q / 1 KV heads) up to its 32K
         run kernels_d256 timeout 580 python3 benchmarks/bench_kernels.py --lengths 8192 32768 \
-            --pages 64 16 --head-dim 256 --heads 4 1 --out "$OUT/kernels_d256"
+            --pages 64 16 --head-dim 256 --heads 4 1 --virtual --sweep --out "$OUT/kernels_d256"
         ;;
     virtual)
         run virtual_tests timeout 200 ${PYTEST/-m gpu /} tests/test_virtual.py

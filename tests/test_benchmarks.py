@@ -65,6 +65,10 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
     results[0]["variants_ms"] = {"head_major": 1.0, "eager_rescale": 2.6}
     results[0]["predictor_parts_ms"] = {"pool_keys": 0.04, "select": 0.06}
     results[1]["predictor_variants_ms"] = {"select_w4": 0.05, "select_w8": 0.2}
+    results[1]["launch_sweep_ms"] = {"split2_w8s2": 0.6, "split1_w8s2": 0.3,
+                                     "split1_w8s1": float("nan")}
+    results[1]["launch_sweep_max_diff"] = {"split2_w8s2": 0.0, "split1_w8s2": 0.0078,
+                                           "split1_w8s1": float("nan")}
     report.attach_ratios(results)
     meta = dict(device="GPU", date="today", torch="2.11", triton="3.6", vllm="0.26.0",
                 command="cmd")
@@ -77,6 +81,10 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
     assert "| 8192 | 64 | 0.100 | 0.040 | 0.060 |" in md
     assert "| 8192 | 64 | dense+fa3_chunked | 2 | 8 | 0.100 | 0.050 | 5.00% |" in md
     assert "| 8192 | 64 | topk_s0.5 | 0.100 | 0.050 (2.000x) | 0.200 (0.500x) |" in md
+    assert ("| length | page | config | split2_w8s2 | split1_w8s2 | split1_w8s1 | max diff |\n"
+            "|---|---|---|---|---|---|---|\n"
+            "| 8192 | 64 | topk_s0.5 | 0.600 (1.00x) | 0.300 (2.00x) | nan (nanx) | 7.80e-03 |"
+            in md)
     png = tmp_path / "kernels.png"
     assert png.stat().st_size > 10_000
     png.unlink()
