@@ -262,6 +262,35 @@ def test_kernels_fp8_rows_on_toy_inputs(monkeypatch, device):
         assert dense["fa3_fp8_rel_l1_vs_bf16_dense"] == 1.0  # the stand-in's zeros
 
 
+def test_d256_launch_sweep_checks_outputs_and_survives_a_refused_launch(monkeypatch):
+    """``--sweep`` at head dim 256 times every launch of ``D256_LAUNCHES`` with TMA loads and PV
+    skip off, measures each output against the default launch's, and notes a launch the device
+    refuses as NaN instead of ending the run."""
+    import torch
+
+    bench = _load("bench_kernels")
+    monkeypatch.setattr(bench, "bench", lambda fn: (fn(), 0.5)[1])
+    seen = []
+
+    def attend(q, kc, vc, batch, bm, scale, pv, out, launch=None, split=None, pv_skip=None,
+               use_tma=None, **kw):
+        seen.append((launch, split, pv_skip, use_tma))
+        if launch == (8, 1) and split == 1:
+            raise RuntimeError("out of resource: shared memory\nRequired: 1, limit: 0")
+        out.fill_(1.0 + (0.25 if split == 1 else 0.0))
+
+    monkeypatch.setattr(bench, "sparse_paged_attention", attend)
+    out = torch.zeros(4, 2)
+    times, diffs = bench.d256_sweep(None, None, None, None, None, 1.0, None, out)
+    assert list(times) == [f"split{s}_w{w}s{st}" for s, w, st in bench.D256_LAUNCHES]
+    assert seen[0] == (None, None, False, None)  # the reference: the default launch
+    assert all(s[2] is False and s[3] is True for s in seen[1:])
+    assert times["split2_w8s2"] == 0.5 and diffs["split2_w8s2"] == 0.0
+    assert diffs["split1_w8s2"] == 0.25
+    assert times["split1_w8s1"] != times["split1_w8s1"]  # NaN: refused, the run went on
+    assert diffs["split1_w8s1"] != diffs["split1_w8s1"]
+
+
 def test_kernels_fp8dot_failure_is_noted_not_fatal(monkeypatch):
     """A ``+fp8dot`` row that raises leaves the run going: the ``+fp8`` rows are kept, and the
     report says which row was not measured and why."""
