@@ -29,6 +29,8 @@
 #              heads), 8K and 32K, 64- and 16-token pages, with the FA3 path's rows (+fa3) and
 #              the attention kernel's launches around its head-dim-256 default (--sweep)
 #              (-> $OUT/kernels_d256.*)
+#   kernels_d64  the same at SmolLM2-135M's geometry (head dim 64, 9 q / 3 KV heads), 8K and
+#              32K, 64-token pages, Triton kernels and the FA3 path (+fa3) (-> $OUT/kernels_d64.*)
 #   kernels_fp8  the kernel benchmark at 32K and 128K, 64-token pages, with the fp8 rows: the
 #              sparse path over an fp8 KV cache (+fp8) and with fp8 compute (+fp8dot) against
 #              FLASH_ATTN-fp8 and FA3 bf16, their errors and the fp8 bars (about 5 minutes;
@@ -218,6 +220,11 @@ for stage in "$@"; do
         # also printed to the log as it is measured
         run kernels_fp8 timeout 580 python3 benchmarks/bench_kernels.py --lengths 32768 131072 \
             --pages 64 --kv-dtype fp8 --out "$OUT/kernels_fp8"
+        ;;
+    kernels_d64)
+        # SmolLM2-135M's attention geometry (head dim 64, 9 q / 3 KV heads), up to 32K
+        run kernels_d64 timeout 580 python3 benchmarks/bench_kernels.py --lengths 8192 32768 \
+            --pages 64 --head-dim 64 --heads 9 3 --virtual --out "$OUT/kernels_d64"
         ;;
     kernels_d256)
         # Gemma 3 270M's attention geometry (head dim 256, 4 q / 1 KV heads) up to its 32K
