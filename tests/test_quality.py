@@ -328,6 +328,29 @@ def test_bars_at_the_default_budget(tmp_path):
     assert "| SPARGE l1=0.06 (calibration default) |" in md
 
 
+def test_noise_floor_row_from_a_configuration_that_skips_nothing():
+    """A SPARGE configuration whose every evaluation skipped (almost) no block computes
+    FLASH_ATTN's attention in another order: its worst per-cell difference is reported next to
+    the per-cell bar as that bar's noise floor; one that skips blocks is no noise floor."""
+    res = _synthetic_results()
+    res["models"]["gemma3"].update(default_budget=0.06, sparsity_bar=0.6)
+
+    def noise_rows():
+        rows = qr.bars(res, "gemma3", qr.summary(res, "gemma3", 0.2), 0.2)
+        return [r for r in rows if r[0].startswith("noise floor")]
+
+    assert noise_rows() == []  # untuned skips 1% of the blocks here
+    for rec in [r for r in res["records"] if r["config"] == "untuned" and r["kind"] == "accuracy"]:
+        blocks = dict(valid=1000.0, computed=1000.0 - 0.5 * (rec["length"] == 8192),
+                      pv_skipped=0.0)
+        score = 0.975 if (rec["task"], rec["length"]) == ("sparge_passkey", 32768) else 1.0
+        qr.put_record(res, dict(rec, score=score, metrics=dict(blocks=blocks)))
+    assert noise_rows() == [(
+        "noise floor: untuned skips under 0.1% of the blocks (FLASH_ATTN's attention, summed in "
+        "another order)", "worst -0.025 (sparge_passkey @32768: prompts better / worse 0 / 0, "
+        "p 1.00)", "-")]
+
+
 def test_sign_test_pairs_prompts():
     a = {("t", 4096, i): 1.0 for i in range(20)}
     b = dict(a)
