@@ -200,6 +200,15 @@ def write_no_pv(name: str, root: str | Path, thresholds: str | Path) -> Path:
     return folder / NO_PV_FILE
 
 
+def uses_pv_skip(thresholds: str | Path) -> bool:
+    """Whether a thresholds file gives any head the PV skip (a ``pvthreshd`` below
+    ``PV_SKIP_OFF``); ``ValueError`` for a file that is not a thresholds file."""
+    from sparge_serve.kernels.geometry import PV_SKIP_OFF
+    from sparge_serve.thresholds import load_thresholds
+
+    return bool((load_thresholds(thresholds).pvthreshd < PV_SKIP_OFF).any())
+
+
 def document_prompts(folder: str | Path, n: int, count: int) -> list[dict[str, list[int]]]:
     """``count`` TokensPrompts of ``n`` tokens: consecutive held-out documents in the tokenizer
     of the model folder ``folder`` (the same ones for the same tokenizer and Python)."""
@@ -352,6 +361,11 @@ def make_plan(args, data: dict) -> tuple[list[dict], list[str]]:
                     files = {"calibrated": calibrated[geo.weights],
                              "calibrated_nopv": str(Path(args.model_dir) / geo_name / NO_PV_FILE)}
             for config in configs:
+                if (files and e2e_report.parse_config(config)["variant"] == "calibrated_nopv"
+                        and not uses_pv_skip(files["calibrated"])):
+                    left_out.append(f"{stage} {geo_name} {config}: the file uses no PV skip "
+                                    "(the calibrated rows are these)")
+                    continue
                 opts = sparge_options(config, thresholds, args.min_sparse_len, files)
                 if opts is not None:
                     SpargeConfig.from_dict(opts, env={})  # a bad option fails here, not on the GPU

@@ -200,6 +200,15 @@ def test_real_weight_geometries_plan(tmp_path):
         thresholds=str(tmp_path / "gemma3_270m_real" / e2e_plan.NO_PV_FILE))
     assert gemma["SPARGE@64:topk0.5"]["sparge"]["thresholds"] == str(
         tmp_path / "gemma3_270m_real" / e2e_plan.GATE_OPEN_FILE)
+    # a file without the PV skip: calibrated_nopv would repeat the calibrated rows
+    no_pv = e2e_plan.write_no_pv("gemma3_270m_real", tmp_path / "np", GEMMA_FILE)
+    jobs, left_out = _real_plan(tmp_path, "--thresholds", f"gemma3={no_pv}", "--configs",
+                                "SPARGE@64:calibrated", "SPARGE@64:calibrated_nopv",
+                                geometries=("gemma3_270m_real",))
+    assert [j["config"] for j in jobs] == ["SPARGE@64:calibrated"]
+    assert ("ttft gemma3_270m_real SPARGE@64:calibrated_nopv: the file uses no PV skip (the "
+            "calibrated rows are these)") in left_out
+    assert e2e_plan.uses_pv_skip(GEMMA_FILE) and not e2e_plan.uses_pv_skip(no_pv)
     # SmolLM2 has no --thresholds: its calibrated variants cannot be planned
     with pytest.raises(ValueError, match="--thresholds MODEL=FILE"):
         _real_plan(tmp_path, "--configs", "SPARGE@64:calibrated")
