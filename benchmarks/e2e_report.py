@@ -39,15 +39,23 @@ def is_attention_kernel(name: str) -> bool:
                                                          for k in SPARGE_KERNELS)
 
 
-def kernel_summary(kernels: list[tuple[str, int, float]], wall_ms: float) -> dict[str, Any]:
+def kernel_summary(kernels: list[tuple[str, int, float]], wall_ms: float,
+                   host: list[tuple[str, int, float]] | None = None) -> dict[str, Any]:
     """One profiled prefill from its CUDA kernels ``(name, calls, GPU ms)``: wall ms, summed GPU
-    kernel ms, attention kernel ms, and the largest kernels of each kind."""
+    kernel ms, attention kernel ms, and the largest kernels of each kind; with ``host``, its CPU
+    ops ``(name, calls, self CPU ms)``: their summed host time and the largest."""
     kernels = sorted(kernels, key=lambda k: -k[2])
     attention = [k for k in kernels if is_attention_kernel(k[0])]
-    return dict(wall_ms=wall_ms, gpu_ms=sum(k[2] for k in kernels),
-                attention_ms=sum(k[2] for k in attention),
-                attention_top=[(n[:100], c, ms) for n, c, ms in attention[:6]],
-                top=[(n[:100], c, ms) for n, c, ms in kernels[:10]])
+    out = dict(wall_ms=wall_ms, gpu_ms=sum(k[2] for k in kernels),
+               attention_ms=sum(k[2] for k in attention),
+               attention_top=[(n[:100], c, ms) for n, c, ms in attention[:6]],
+               top=[(n[:100], c, ms) for n, c, ms in kernels[:10]])
+    if host is not None:
+        host = sorted(host, key=lambda k: -k[2])
+        out.update(host_ms=sum(k[2] for k in host),
+                   host_calls=sum(k[1] for k in host),
+                   host_top=[(n[:100], c, ms) for n, c, ms in host[:10]])
+    return out
 
 
 BLOCK_SERIES = ("sparge_attention_blocks_valid_total", "sparge_attention_blocks_computed_total")
@@ -357,6 +365,23 @@ def markdown(data: dict[str, Any], geometries: dict[str, str] | None = None) -> 
                          f"{r['base_attention_ms']:.1f} / {r['attention_ms']:.1f} | {r['a']:.3f} | "
                          f"{r['a_gpu']:.3f} | {r['k']:.2f} | {_x(r['ceiling'])} | "
                          f"{_x(r['ceiling_gpu'])} | {_x(r['measured'])}{r['mark']} |")
+    prof = [r for r in data["rows"] if r["stage"] == "ttft" and "host_ms" in r.get("profile", {})]
+    if prof:
+        lines += ["", "## Profiled prefills: GPU and host", "",
+                  "The profiled prefill of each row: its wall time under the profiler, the summed "
+                  "GPU kernel time, and the host's CPU ops (aten and custom ops and CUDA runtime "
+                  "calls, self time; synchronisations and the Python between ops are not "
+                  "counted): their calls, time and the three largest.",
+                  "", "| geometry | length | config | wall ms | GPU kernel ms | attention ms | "
+                  "host ops | host op ms | largest host ops (calls, ms) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(prof, key=lambda r: (r["geometry"], r["length"],
+                                             config_order(r["config"]))):
+            p = r["profile"]
+            top = "; ".join(f"`{n[:40]}` ({c}, {ms:.2f})" for n, c, ms in p["host_top"][:3])
+            lines.append(f"| {r['geometry']} | {r['length']} | {r['config']} | "
+                         f"{p['wall_ms']:.1f} | {p['gpu_ms']:.1f} | {p['attention_ms']:.1f} | "
+                         f"{p['host_calls']} | {p['host_ms']:.1f} | {top} |")
     dec = decode_ratios(data)
     if dec:
         lines += ["", "## Decode (`decode`)", "",

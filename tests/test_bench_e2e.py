@@ -272,6 +272,18 @@ def test_attention_kernels_and_block_counts():
     s = report.kernel_summary(kernels, 400.0)
     assert s["attention_ms"] == 255.0 and s["gpu_ms"] == 300.0 and s["wall_ms"] == 400.0
     assert [k[0][:5] for k in s["attention_top"]] == ["void ", "_spar", "_sele"]
+    assert "host_ms" not in s
+    host = [("aten::empty", 40, 0.5), ("cudaLaunchKernel", 300, 3.0), ("aten::copy_", 20, 0.75)]
+    s = report.kernel_summary(kernels, 400.0, host)
+    assert (s["host_ms"], s["host_calls"]) == (4.25, 360)
+    assert [k[0] for k in s["host_top"]] == ["cudaLaunchKernel", "aten::copy_", "aten::empty"]
+    data = {"runs": [{}], "failed": [], "rows": [dict(
+        stage="ttft", geometry="g", config="SPARGE@64:defaults", length=8192, ttft_s=0.4,
+        run=0, profile=s)]}
+    md = report.markdown(data)
+    assert ("| g | 8192 | SPARGE@64:defaults | 400.0 | 300.0 | 255.0 | 360 | 4.2 | "
+            "`cudaLaunchKernel` (300, 3.00); `aten::copy_` (20, 0.75); `aten::empty` (40, 0.50) |"
+            in md)
     text = ("# HELP x\nsparge_attention_blocks_valid_total{layer=\"0\"} 100.0\n"
             "sparge_attention_blocks_valid_total{layer=\"1\"} 50.0\n"
             "sparge_attention_blocks_valid_created{layer=\"0\"} 1.7e9\n"
