@@ -334,6 +334,7 @@ LAYOUT_CASES = [
     (2, 1, 64, 128, torch.float16, True),
     (2, 1, 256, 64, torch.bfloat16, True),  # head dim 256 with PV skip: 8 warps, whole blocks
     (2, 1, 256, 16, torch.float16, False),
+    (3, 1, 64, 64, torch.bfloat16, True),  # a group of 3 query heads per KV head (SmolLM2's)
     pytest.param(8, 2, 128, 64, torch.bfloat16, True, marks=pytest.mark.slow),
     pytest.param(4, 2, 64, 128, torch.float16, True, marks=pytest.mark.slow),
 ]
