@@ -477,13 +477,14 @@ GPU_REQS = [(4096, 4096), (1000, 9000), (3000, 3000), (77, 5000)]
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "dim,page,dtype,packed",
-    [(128, 16, torch.bfloat16, False), (64, 64, torch.float16, False),
-     (128, 64, torch.bfloat16, True), (256, 64, torch.bfloat16, True)],
+    "dim,page,dtype,packed,hq,hkv",
+    [(128, 16, torch.bfloat16, False, 8, 2), (64, 64, torch.float16, False, 8, 2),
+     (128, 64, torch.bfloat16, True, 8, 2), (256, 64, torch.bfloat16, True, 8, 2),
+     # the real models' grouping: SmolLM2's 9 / 3 heads of 64, Gemma 3 270M's 4 / 1 of 256
+     (64, 64, torch.bfloat16, True, 9, 3), (256, 64, torch.bfloat16, True, 4, 1)],
 )
-def test_gpu_realistic_sizes(dim, page, dtype, packed):
-    case = make_paged_case(GPU_REQS, 8, 2, dim, page, dtype, "cuda", seed=11, packed=packed)
-    hq = 8
+def test_gpu_realistic_sizes(dim, page, dtype, packed, hq, hkv):
+    case = make_paged_case(GPU_REQS, hq, hkv, dim, page, dtype, "cuda", seed=11, packed=packed)
     # dense configuration vs fp32 SDPA (bottom-right causal)
     out = torch.full_like(case.q, float("nan"))
     sparge_paged_prefill(
