@@ -148,6 +148,11 @@ def config_order(config: str) -> tuple:
     return (fp8, 2, c["page"], order.get(c["variant"], 3.0), kernel)
 
 
+def ttft_order(row: dict[str, Any]) -> tuple:
+    """Table order of TTFT rows: by geometry, then length, then configuration."""
+    return (row["geometry"], row["length"], config_order(row["config"]))
+
+
 def ceiling(a: float, k: float) -> float:
     """Amdahl's bound on the end-to-end speed-up when a share ``a`` of the time (attention) runs
     ``k`` times faster and the rest does not change: 1 / (1 - a + a / k)."""
@@ -254,7 +259,7 @@ def ttft_ratios(data: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(dict(r, vs_same=same["ttft_s"] / r["ttft_s"] if same else None,
                         vs_16=b16["ttft_s"] / r["ttft_s"] if b16 else None,
                         mark=_mark(r, same)))
-    return sorted(out, key=lambda r: (r["geometry"], r["length"], config_order(r["config"])))
+    return sorted(out, key=ttft_order)
 
 
 def attention_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -280,7 +285,7 @@ def attention_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
                         ceiling_gpu=ceiling(a_gpu, k), measured=base["ttft_s"] / r["ttft_s"],
                         base_attention_ms=bp["attention_ms"], attention_ms=sp["attention_ms"],
                         mark=_mark(r, base)))
-    return sorted(out, key=lambda r: (r["geometry"], r["length"], config_order(r["config"])))
+    return sorted(out, key=ttft_order)
 
 
 def decode_ratios(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -375,8 +380,7 @@ def markdown(data: dict[str, Any], geometries: dict[str, str] | None = None) -> 
                   "", "| geometry | length | config | wall ms | GPU kernel ms | attention ms | "
                   "host ops | host op ms | largest host ops (calls, ms) |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(prof, key=lambda r: (r["geometry"], r["length"],
-                                             config_order(r["config"]))):
+        for r in sorted(prof, key=ttft_order):
             p = r["profile"]
             top = "; ".join(f"`{n[:40]}` ({c}, {ms:.2f})" for n, c, ms in p["host_top"][:3])
             lines.append(f"| {r['geometry']} | {r['length']} | {r['config']} | "
