@@ -205,7 +205,7 @@ def _variants_table(results, key: str, default_key: str, title: str) -> list[str
 def _sweep_table(results) -> list[str]:
     """Markdown lines of the head-dim-256 launch sweep (``--sweep``): each launch's attention ms,
     the default launch's time over it, and the largest output difference from the default's."""
-    rows = [r for r in results if "launch_sweep_max_diff" in r]
+    rows = [r for r in results if "launch_sweep_max_diff" in r and "launch_sweep_ms" in r]
     names = list(rows[0]["launch_sweep_ms"]) if rows else []
     default = names[0] if names else ""
 

@@ -161,7 +161,7 @@ def main() -> None:
         extra = {} if tma else {"k_desc": None, "v_desc": None}
         for pv in (False, True):
             warps, stages = attention._attn_launch_params(dim, tma)
-            split = 2 if dim == 256 and not pv else 1  # sparse_paged_attention's default
+            split = attention._row_parts(None, dim, pv, None, tma)[0]  # the default
             check(f"attention {dtype} D{dim} page {page} pv_skip={pv} split={split}",
                   attention._sparse_attn_kernel,
                   dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
@@ -180,7 +180,7 @@ def main() -> None:
         scaled = dict(Q_SCALED=q is not None, KV_SCALED=True)
         for pv in (False, True):
             warps, stages = attention._attn_launch_params(dim, tma)
-            split = 2 if dim == 256 and not pv else 1
+            split = attention._row_parts(None, dim, pv, None, tma)[0]  # the default
             # fp8_attention: both products in fp8 (an fp8 query only)
             for dot in (False, True) if q else (False,):
                 check(f"attention fp8 cache q={q or 'bf16'} D{dim} page {page} pv_skip={pv}"

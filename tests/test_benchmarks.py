@@ -69,6 +69,8 @@ def test_kernels_report_and_replot(tmp_path, monkeypatch):
                                      "split1_w8s1": float("nan")}
     results[1]["launch_sweep_max_diff"] = {"split2_w8s2": 0.0, "split1_w8s2": 0.0078,
                                            "split1_w8s1": float("nan")}
+    # a row that kept only the sweep's diffs (no times) is not a sweep row
+    results[2]["launch_sweep_max_diff"] = dict(results[1]["launch_sweep_max_diff"])
     report.attach_ratios(results)
     meta = dict(device="GPU", date="today", torch="2.11", triton="3.6", vllm="0.26.0",
                 command="cmd")
@@ -277,7 +279,7 @@ def test_d256_launch_sweep_checks_outputs_and_survives_a_refused_launch(monkeypa
         seen.append((launch, split, pv_skip, use_tma))
         if launch == (8, 1) and split == 1:
             raise RuntimeError("out of resource: shared memory\nRequired: 1, limit: 0")
-        out.fill_(1.0 + (0.25 if split == 1 else 0.0))
+        out.fill_(1.0 + (0.25 if split == 2 else 0.0))
 
     monkeypatch.setattr(bench, "sparse_paged_attention", attend)
     out = torch.zeros(4, 2)
@@ -285,8 +287,8 @@ def test_d256_launch_sweep_checks_outputs_and_survives_a_refused_launch(monkeypa
     assert list(times) == [f"split{s}_w{w}s{st}" for s, w, st in bench.D256_LAUNCHES]
     assert seen[0] == (None, None, False, None)  # the reference: the default launch
     assert all(s[2] is False and s[3] is True for s in seen[1:])
-    assert times["split2_w8s2"] == 0.5 and diffs["split2_w8s2"] == 0.0
-    assert diffs["split1_w8s2"] == 0.25
+    assert times["split1_w8s2"] == 0.5 and diffs["split1_w8s2"] == 0.0
+    assert diffs["split2_w8s2"] == 0.25
     assert times["split1_w8s1"] != times["split1_w8s1"]  # NaN: refused, the run went on
     assert diffs["split1_w8s1"] != diffs["split1_w8s1"]
 

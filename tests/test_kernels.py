@@ -349,7 +349,8 @@ def test_matches_reference_layouts(hq, hkv, dim, page, dtype, packed, device):
 
 
 def test_head_dim_256_without_pv_skip(device):
-    """Head dim 256 with PV skip off: 64-row programs (split=2 by default)."""
+    """Head dim 256 with PV skip off: whole query blocks, the default (two 64-row programs a
+    query block are the ``split`` test's)."""
     case = make_paged_case(REQS_SMALL, 2, 1, 256, 64, torch.bfloat16, device, seed=7,
                            packed=True)
     hq = 2

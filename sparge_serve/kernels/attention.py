@@ -262,10 +262,10 @@ def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
     128): with TMA 4 warps / 2 stages (0.75x the time of 8/3); without (16-token pages) 8/3.
     4/2 is 8% faster there with every block kept, but 8-17% slower at 50-90% block sparsity
     (``kernels_v6_h200.md`` in commit 1f68c02, notes), and PV skip spills at 4 warps. Head
-    dim 256: 8 warps / 2 stages, the only setting whose [128, 256] fp32 accumulator fits (the
-    AOT check: spill-free with split=2, 165 KB of shared memory); it runs 0.32x FA3 dense at
-    32K on an H100 (``kernels_d256.md``), so ``auto`` sends such layers to FA3 unless they skip
-    PV products. Never autotuned at serve time."""
+    dim 256: 8 warps / 2 stages, with or without PV skip (``kernels_d256.md``, ``--sweep``: the
+    fastest of 4-8 warps, 1-3 stages, one or two programs a query block); it runs 0.68x FA3
+    dense at 32K on an H100, so ``auto`` sends such layers to FA3 unless they skip PV products.
+    Never autotuned at serve time."""
     if head_dim == 256:
         return (8, 2)
     if use_tma:
@@ -276,11 +276,12 @@ def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
 def _row_parts(split: int | None, head_dim: int, pv_skip: bool, lazy_rescale: float | None,
                use_tma: bool) -> tuple[int, float]:
     """``(SPLIT, LAZY)`` of the attention kernel, after checking them against ``pv_skip``. ``split``
-    ``None``: whole query blocks, but two 64-row parts for head dim 256 without PV skip;
-    ``lazy_rescale`` ``None``: :data:`LAZY_RESCALE` where it measures faster (TMA loads,
-    head dim 128, PV skip off), else 0."""
+    ``None``: whole query blocks (at head dim 256 too: one 128-row program a query block takes
+    0.46-0.50x the time of two 64-row ones at 8K-32K, H100, ``kernels_d256.md``, as the two
+    programs each load every kept K/V block); ``lazy_rescale`` ``None``: :data:`LAZY_RESCALE`
+    where it measures faster (TMA loads, head dim 128, PV skip off), else 0."""
     if split is None:
-        split = 2 if head_dim == 256 and not pv_skip else 1
+        split = 1
     if split not in (1, 2) or (pv_skip and split != 1):
         raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip "
                          f"{pv_skip})")
@@ -357,7 +358,7 @@ def sparse_paged_attention(
     TMA loads (``False``: pointer loads), ``block_n`` the key-block width of ``block_map``, and
     ``split`` (1 or 2) runs each query block as that many programs of ``BLKQ // split`` rows (PV
     skip off only; 2 avoids the register spills of 128-row tiles at 4 warps) — for benchmarks
-    only; ``None``: 2 for head dim 256 without PV skip, else 1.
+    only; ``None``: 1.
     ``lazy_rescale`` > 0 (PV skip off) rescales the accumulator only when a row's max grows by
     more than that many log2 units (``softmax._lazy_softmax_update``); ``None``: :data:`LAZY_RESCALE`
     with TMA loads and head dim 128 without PV skip (where it measures faster), else 0.
