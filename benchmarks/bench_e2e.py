@@ -263,6 +263,9 @@ def ttft_worker(job: dict) -> None:
         if before is not None and after is not None and after[0] > before[0]:
             row["block_sparsity"] = 1.0 - (after[1] - before[1]) / (after[0] - before[0])
         if n in job["profile_lengths"]:
+            # other processes' load on the host while this row ran (a host-bound prefill slows
+            # with it; the report shows it beside the compiled graphs' host time)
+            row["host_load"] = os.getloadavg()[0]
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 wall = _timed(llm, [prompts[-1]], one)

@@ -52,10 +52,28 @@ def kernel_summary(kernels: list[tuple[str, int, float]], wall_ms: float,
                top=[(n[:100], c, ms) for n, c, ms in kernels[:10]])
     if host is not None:
         host = sorted(host, key=lambda k: -k[2])
+        graphs = [k for k in host if MODEL_GRAPH_OP in k[0]]
         out.update(host_ms=sum(k[2] for k in host),
                    host_calls=sum(k[1] for k in host),
-                   host_top=[(n[:100], c, ms) for n, c, ms in host[:10]])
+                   host_top=[(n[:100], c, ms) for n, c, ms in host[:10]],
+                   graph_host=(sum(k[1] for k in graphs), sum(k[2] for k in graphs)))
     return out
+
+
+MODEL_GRAPH_OP = "CompiledFxGraph"
+"""The host op of vLLM's compiled model pieces (torch.compile's graphs between the attention
+layers): the same code under every attention backend, so its host time per call is a measure of
+the host's speed while a row ran."""
+
+
+def graph_host_us(profile: dict[str, Any]) -> float | None:
+    """Host µs per call of the compiled model graphs in a profiled prefill (from the summary's
+    ``graph_host``, else from its largest host ops); None where neither has them."""
+    calls, ms = profile.get("graph_host") or (0, 0.0)
+    if not calls:
+        top = [(c, t) for n, c, t in profile.get("host_top", []) if MODEL_GRAPH_OP in n]
+        calls, ms = sum(c for c, _ in top), sum(t for _, t in top)
+    return ms * 1e3 / calls if calls else None
 
 
 BLOCK_SERIES = ("sparge_attention_blocks_valid_total", "sparge_attention_blocks_computed_total")
@@ -376,16 +394,29 @@ def markdown(data: dict[str, Any], geometries: dict[str, str] | None = None) -> 
                   "The profiled prefill of each row: its wall time under the profiler, the summed "
                   "GPU kernel time, and the host's CPU ops (aten and custom ops and CUDA runtime "
                   "calls, self time; synchronisations and the Python between ops are not "
-                  "counted): their calls, time and the three largest.",
+                  "counted): their calls, time and the three largest. Host speed: the host "
+                  "µs per call of the compiled model graphs (`CompiledFxGraph`, the same code "
+                  "under every backend) and, in brackets, that over the baseline's (same "
+                  "geometry and length): a row well above 1.00x ran on a slower host than its "
+                  "baseline (another process's load), and where the prefill is bound by the "
+                  "host its TTFT ratio carries that slowdown, not the backend's. Load: the "
+                  "host's 1-minute load average when the row was measured.",
                   "", "| geometry | length | config | wall ms | GPU kernel ms | attention ms | "
-                  "host ops | host op ms | largest host ops (calls, ms) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "host ops | host op ms | host speed: graph µs a call | load | largest host "
+                  "ops (calls, ms) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(prof, key=ttft_order):
             p = r["profile"]
             top = "; ".join(f"`{n[:40]}` ({c}, {ms:.2f})" for n, c, ms in p["host_top"][:3])
+            base = _find(data, ("ttft", r["geometry"], baseline_of(r["config"]), r["length"]))
+            us = graph_host_us(p)
+            b_us = graph_host_us(base["profile"]) if base and "profile" in base else None
+            speed = "—" if us is None else (f"{us:.0f}" + (f" ({us / b_us:.2f}x)" if b_us
+                                                           else ""))
             lines.append(f"| {r['geometry']} | {r['length']} | {r['config']} | "
                          f"{p['wall_ms']:.1f} | {p['gpu_ms']:.1f} | {p['attention_ms']:.1f} | "
-                         f"{p['host_calls']} | {p['host_ms']:.1f} | {top} |")
+                         f"{p['host_calls']} | {p['host_ms']:.1f} | {speed} | "
+                         f"{_f(r.get('host_load'), 1)} | {top} |")
     dec = decode_ratios(data)
     if dec:
         lines += ["", "## Decode (`decode`)", "",

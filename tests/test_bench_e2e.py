@@ -273,17 +273,26 @@ def test_attention_kernels_and_block_counts():
     assert s["attention_ms"] == 255.0 and s["gpu_ms"] == 300.0 and s["wall_ms"] == 400.0
     assert [k[0][:5] for k in s["attention_top"]] == ["void ", "_spar", "_sele"]
     assert "host_ms" not in s
-    host = [("aten::empty", 40, 0.5), ("cudaLaunchKernel", 300, 3.0), ("aten::copy_", 20, 0.75)]
+    host = [("aten::empty", 40, 0.5), ("cudaLaunchKernel", 300, 3.0), ("aten::copy_", 20, 0.75),
+            ("## Call CompiledFxGraph abc ##", 4, 0.5)]
     s = report.kernel_summary(kernels, 400.0, host)
-    assert (s["host_ms"], s["host_calls"]) == (4.25, 360)
-    assert [k[0] for k in s["host_top"]] == ["cudaLaunchKernel", "aten::copy_", "aten::empty"]
+    assert (s["host_ms"], s["host_calls"]) == (4.75, 364)
+    assert [k[0] for k in s["host_top"]][:3] == ["cudaLaunchKernel", "aten::copy_",
+                                                 "aten::empty"]
+    assert s["graph_host"] == (4, 0.5) and report.graph_host_us(s) == 125.0
+    # the baseline's compiled graphs took half the host time a call: a 2.00x slower host
+    base = report.kernel_summary(kernels, 300.0, host[:3] + [(host[3][0], 4, 0.25)])
+    del base["graph_host"]  # a summary without it: read from its largest host ops
     data = {"runs": [{}], "failed": [], "rows": [dict(
         stage="ttft", geometry="g", config="SPARGE@64:defaults", length=8192, ttft_s=0.4,
-        run=0, profile=s)]}
+        run=0, profile=s, host_load=9.5), dict(stage="ttft", geometry="g", config="FLASH_ATTN@64",
+                                length=8192, ttft_s=0.3, run=0, profile=base)]}
     md = report.markdown(data)
-    assert ("| g | 8192 | SPARGE@64:defaults | 400.0 | 300.0 | 255.0 | 360 | 4.2 | "
+    assert ("| g | 8192 | SPARGE@64:defaults | 400.0 | 300.0 | 255.0 | 364 | 4.8 | 125 (2.00x) | 9.5 | "
             "`cudaLaunchKernel` (300, 3.00); `aten::copy_` (20, 0.75); `aten::empty` (40, 0.50) |"
             in md)
+    assert "| g | 8192 | FLASH_ATTN@64 | 300.0 | 300.0 | 255.0 | 364 | 4.5 | 62 (1.00x) | — |" in md
+    assert report.graph_host_us({"host_top": []}) is None
     text = ("# HELP x\nsparge_attention_blocks_valid_total{layer=\"0\"} 100.0\n"
             "sparge_attention_blocks_valid_total{layer=\"1\"} 50.0\n"
             "sparge_attention_blocks_valid_created{layer=\"0\"} 1.7e9\n"
