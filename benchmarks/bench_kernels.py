@@ -81,10 +81,12 @@ VIRTUAL = False
 CHUNKED = False
 # --variants: the defaults' alternatives (PV skip off), timed on every random-input config (dense
 # and top-k) of both kernels -> row["variants_ms"]: either launch order (both kernels' default is
-# KV-major), and a rescale every block (no lazy rescaling)
+# KV-major after every head's last two query blocks; tail_last: without those first), and a
+# rescale every block (no lazy rescaling)
 VARIANTS = {
     "head_major": dict(kv_major=False),
     "kv_major": dict(kv_major=True),
+    "kv_major_tail_last": dict(kv_major=True, tail_first=0),
     "eager_rescale": dict(lazy_rescale=0.0),
     "head_major_eager_rescale": dict(kv_major=False, lazy_rescale=0.0),
 }

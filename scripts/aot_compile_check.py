@@ -27,7 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from sparge_serve.kernels import (  # noqa: E402
     attention,
-    fa3,
+    fa3_tables,
     pooling,
     predictor,
 )
@@ -217,8 +217,8 @@ def main() -> None:
                    MASK=False), w)
     # attention_kernel fa3: the virtual block table (64- and 16-token pages)
     for sub in (1, 4):
-        check(f"virtual table SUB={sub}", fa3._virtual_table_kernel,
-              dict(GROUP=4, SUB=sub, CHUNK_WORDS=fa3.TABLE_CHUNK_WORDS), 4,
+        check(f"virtual table SUB={sub}", fa3_tables._virtual_table_kernel,
+              dict(GROUP=4, SUB=sub, CHUNK_WORDS=fa3_tables.TABLE_CHUNK_WORDS), 4,
               types=dict(types, bt_ptr="*i32", vbt_ptr="*i32", mask_ptr="*i32"))
     sys.exit(1 if failed else 0)
 

@@ -288,10 +288,12 @@ def test_attention_kernels_and_block_counts():
         run=0, profile=s, host_load=9.5), dict(stage="ttft", geometry="g", config="FLASH_ATTN@64",
                                 length=8192, ttft_s=0.3, run=0, profile=base)]}
     md = report.markdown(data)
-    assert ("| g | 8192 | SPARGE@64:defaults | 400.0 | 300.0 | 255.0 | 364 | 4.8 | 125 (2.00x) | 9.5 | "
+    assert ("| g | 8192 | SPARGE@64:defaults | 400.0 | 300.0 | 255.0 | 364 | 4.8 | 125 (2.00x) | "
+            "9.5 | "
             "`cudaLaunchKernel` (300, 3.00); `aten::copy_` (20, 0.75); `aten::empty` (40, 0.50) |"
             in md)
-    assert "| g | 8192 | FLASH_ATTN@64 | 300.0 | 300.0 | 255.0 | 364 | 4.5 | 62 (1.00x) | — |" in md
+    assert ("| g | 8192 | FLASH_ATTN@64 | 300.0 | 300.0 | 255.0 | 364 | 4.5 | 62 (1.00x) | — |"
+            in md)
     assert report.graph_host_us({"host_top": []}) is None
     text = ("# HELP x\nsparge_attention_blocks_valid_total{layer=\"0\"} 100.0\n"
             "sparge_attention_blocks_valid_total{layer=\"1\"} 50.0\n"

@@ -14,6 +14,8 @@ checks at realistic sizes run on the GPU (``gpu``) and some repeats on other lay
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from sparge_serve.kernels import (
     BLKK,
@@ -25,6 +27,7 @@ from sparge_serve.kernels import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
+from sparge_serve.kernels.attention import _program_row
 from sparge_serve.reference import (
     block_sparse_attention_ref,
     paged_prefill_ref,
@@ -242,7 +245,7 @@ def test_lazy_rescale_default_where_measured():
     assert _row_parts(None, 128, False, None, True) == (1, LAZY_RESCALE)
     assert _row_parts(None, 128, True, None, True) == (1, 0.0)
     assert _row_parts(None, 128, False, None, False) == (1, 0.0)
-    assert _row_parts(None, 256, False, None, True) == (2, 0.0)
+    assert _row_parts(None, 256, False, None, True) == (1, 0.0)  # one 128-row program a block
     assert _row_parts(None, 128, False, 0.0, True) == (1, 0.0)
 
 
@@ -506,3 +509,45 @@ def test_gpu_realistic_sizes(dim, page, dtype, packed, hq, hkv):
         mismatch = (got != keep).float().mean().item()
         assert mismatch < 1e-3, f"request {r}: {mismatch:.2%} of block decisions differ"
     assert 0 < stats[1] < stats[0]
+
+
+@triton.jit
+def _program_rows(out_ptr, num_heads, n_t, GROUP: tl.constexpr, FIRST: tl.constexpr):
+    lin = tl.program_id(0)
+    h, t = _program_row(lin, num_heads, n_t, GROUP, FIRST)
+    tl.store(out_ptr + 2 * lin, h)
+    tl.store(out_ptr + 2 * lin + 1, t)
+
+
+def _launch_order(num_heads: int, n_t: int, group: int, first: int, device) -> list[tuple]:
+    """``(head, t)`` of every program of the attention kernel's KV-major launch, in launch
+    order (``attention._program_row`` run as a one-program-a-row kernel)."""
+    out = torch.full((num_heads * n_t, 2), -1, dtype=torch.int32, device=device)
+    _program_rows[(num_heads * n_t,)](out, num_heads, n_t, GROUP=group, FIRST=first)
+    return [tuple(r) for r in out.cpu().tolist()]
+
+
+@pytest.mark.parametrize("num_heads,n_t,group,first", [
+    (8, 5, 4, 2),  # two KV heads of 4, 5 query blocks, the last 2 of every head first
+    (8, 5, 4, 0),  # the plain KV-major order
+    (2, 6, 4, 4),  # a head chunk smaller than a group, two programs a block (SPLIT=2)
+    (4, 1, 2, 2),  # fewer blocks than the tail-first count
+])
+def test_launch_order_runs_every_heads_last_blocks_first_then_kv_major(num_heads, n_t, group,
+                                                                       first, device):
+    """Every (head, query-block part) exactly once; first the last ``first`` parts of every head
+    (the dense rows of a chunk's last queries: none runs alone at the end), then one KV head's
+    group at a time over its other parts, heaviest first."""
+    order = _launch_order(num_heads, n_t, group, first, device)
+    assert sorted(order) == [(h, t) for h in range(num_heads) for t in range(n_t)]
+    k = min(first, n_t) * num_heads
+    head, rest = order[:k], order[k:]
+    assert sorted(head) == [(h, t) for h in range(num_heads) for t in range(n_t - k // num_heads,
+                                                                             n_t)]
+    assert [t for _, t in head] == sorted((t for _, t in head), reverse=True)
+    gc = min(num_heads, group)
+    kv = [h // gc for h, _ in rest]
+    assert kv == sorted(kv)  # one KV head's group before the next
+    for g in set(kv):
+        ts = [t for h, t in rest if h // gc == g]
+        assert ts == sorted(ts, reverse=True)  # heaviest first within the group

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from sparge_serve.kernels import BLKQ, BlockMap, predict_block_map, sparse_paged_attention
-from sparge_serve.kernels.fa3 import fa3_sparse_attention, heads_as_pages
+from sparge_serve.kernels.fa3 import fa3_sparse_attention
+from sparge_serve.kernels.fa3_tables import heads_as_pages
 from sparge_serve.kernels.predictor import lut_to_mask
 from tests.kernel_inputs import (
     attention_oracle,
@@ -32,31 +33,34 @@ REQS = [(260, 560), (37, 421), (70, 70)]
 
 
 def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k, scale,
-                  descale=None):
+                  descale=None, max_seqlen_q=BLKQ):
     """:func:`fa3_paged_forward` semantics (FA3 with ``seqused_q``: explicit start rows, paged
-    K/V, bottom-right causal; fp8 ``q, k, v`` dequantised by ``descale``), one sequence at a
-    time, in fp32."""
-    assert q.shape[1] == k.shape[2] == out.shape[1] == 1
+    K/V, bottom-right causal, query heads in GQA groups over the KV heads; fp8 ``q, k, v``
+    dequantised by ``descale``), one sequence and head at a time, in fp32."""
+    hq, hkv = q.shape[1], k.shape[2]
+    assert out.shape[1] == hq and hq % hkv == 0
     assert q.stride(-1) == out.stride(-1) == 1  # strided per-head views, as FA3 accepts them
     n_seq = q_len.shape[0]
     assert q_start.shape[0] == n_seq + 1 and seqused_k.shape[0] == block_table.shape[0] == n_seq
     page = k.shape[1]
     starts, lens, used = q_start[:-1].tolist(), q_len.tolist(), seqused_k.tolist()
     if descale is not None:
-        assert all(d.shape == (n_seq, 1) for d in descale)
+        assert all(d.shape == (n_seq, hkv) for d in descale)
         q, k, v = (t.float() * d[0, 0] for t, d in zip((q, k, v), descale, strict=True))
     for i, (s0, n_q, n_k) in enumerate(zip(starts, lens, used, strict=True)):
         if n_q == 0:
             continue
-        assert n_q <= BLKQ and n_q <= n_k <= max_seqlen_k and s0 + n_q <= q.shape[0]
+        assert n_q <= max_seqlen_q and n_q <= n_k <= max_seqlen_k and s0 + n_q <= q.shape[0]
         pages = block_table[i, : -(-n_k // page)].long()
-        keys = k[pages].reshape(-1, k.shape[-1])[:n_k].float()
-        vals = v[pages].reshape(-1, v.shape[-1])[:n_k].float()
-        s = q[s0: s0 + n_q, 0].float() @ keys.T * scale
+        keys = k[pages].reshape(-1, hkv, k.shape[-1])[:n_k].float()
+        vals = v[pages].reshape(-1, hkv, v.shape[-1])[:n_k].float()
         qpos = torch.arange(n_q, device=q.device) + n_k - n_q
-        s = s.masked_fill(torch.arange(n_k, device=q.device)[None, :] > qpos[:, None],
-                          float("-inf"))
-        out[s0: s0 + n_q, 0] = (torch.softmax(s, -1) @ vals).to(out.dtype)
+        future = torch.arange(n_k, device=q.device)[None, :] > qpos[:, None]
+        for h in range(hq):
+            kh = h // (hq // hkv)
+            s = q[s0: s0 + n_q, h].float() @ keys[:, kh].T * scale
+            s = s.masked_fill(future, float("-inf"))
+            out[s0: s0 + n_q, h] = (torch.softmax(s, -1) @ vals[:, kh]).to(out.dtype)
 
 
 def _fa3_vs_oracle(case, bm, keeps, **kw):
@@ -96,12 +100,13 @@ def test_fa3_virtual_contexts_equal_attention_over_the_kept_blocks(page, hq, hkv
     assert virtual.launch_heads(n_seq, hq) == launch(hq)
     seqs: list[int] = []
 
-    def counting(q, k, v, out, q_start, q_len, *args):
+    def counting(q, k, v, out, q_start, q_len, *args, **kw):
         seqs.append(q_len.shape[0])
-        fa3_emulation(q, k, v, out, q_start, q_len, *args)
+        fa3_emulation(q, k, v, out, q_start, q_len, *args, **kw)
 
     _fa3_vs_oracle(case, bm, keeps, attn_fn=counting)
-    assert seqs == [n_seq * launch(hq)] * (hq // launch(hq))  # heads x sequences a launch
+    # heads x sequences a launch, then one call of every head for the requests' tail rows
+    assert seqs == [n_seq * launch(hq)] * (hq // launch(hq)) + [len(REQS)]
 
 
 def test_launch_heads_fill_a_launch_with_the_fewest_heads():
@@ -156,9 +161,9 @@ def test_bit_set_maps_hold_the_lists_blocks(reqs, sim, cdf, topk, device):
 def test_fa3_tables_from_bit_sets_of_several_words(device, monkeypatch):
     """Contexts of 33 key blocks (two words), expanded one word a step (the table kernel's
     running position across steps), 16-token pages (four per block)."""
-    import sparge_serve.kernels.fa3 as virtual
+    import sparge_serve.kernels.fa3_tables as tables
 
-    monkeypatch.setattr(virtual, "TABLE_CHUNK_WORDS", 1)
+    monkeypatch.setattr(tables, "TABLE_CHUNK_WORDS", 1)
     case = make_paged_case([(260, 2100), (37, 421)], 2, 1, 64, 16, torch.float16, device,
                            seed=6, packed=True)
     bm, keeps = reference_block_map(case, 0.3, 0.6)
@@ -225,7 +230,7 @@ def test_gpu_fa3_path_equals_attention_over_its_kept_blocks(page, topk, slice_ro
 def test_shape_bytes_bound_the_fa3_allocations(device):
     """``plan.Shape`` (the head chunks' plan and the backend's reservation) covers what
     ``virtual_rows`` and ``virtual_table`` allocate, with room for temporaries only."""
-    from sparge_serve.kernels.fa3 import virtual_rows, virtual_table
+    from sparge_serve.kernels.fa3_tables import virtual_rows, virtual_table
     from sparge_serve.kernels.plan import Shape
     from sparge_serve.kernels.pooling import key_sums_bytes, pooled_keys_bytes
 
@@ -270,7 +275,8 @@ def test_staging_bytes_bound_the_copies_of_a_launch_of_several_heads(device):
 
 
 def test_virtual_sequences_run_longest_first_and_cover_every_row(device):
-    from sparge_serve.kernels.fa3 import virtual_rows, virtual_table
+    from sparge_serve.kernels.fa3 import tail_rows
+    from sparge_serve.kernels.fa3_tables import virtual_rows, virtual_table
 
     case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=2, packed=True)
     bm, _ = reference_block_map(case, 0.3, -1.0, topk=0.5)
@@ -278,14 +284,20 @@ def test_virtual_sequences_run_longest_first_and_cover_every_row(device):
     qsl = case.batch.query_start_loc.tolist()
     # one order for every head: by the row's last query position in its context
     ctx = [s - (qsl[r + 1] - qsl[r]) for r, s in enumerate(case.batch.seq_lens.tolist())]
-    req = [max(r for r in range(len(ctx)) if qsl[r] <= s) for s in rows.q_start[:-1].tolist()]
-    last = [ctx[r] + s + n - qsl[r] - 1 if n else -1
-            for r, s, n in zip(req, rows.q_start[:-1].tolist(), rows.q_len.tolist(), strict=True)]
+    nqb = bm.count.shape[2]
+    q_lens = [qsl[r + 1] - qsl[r] for r in range(len(ctx))]
+    last = [ctx[r] + min((b + 1) * BLKQ, q_lens[r]) - 1 if b * BLKQ < q_lens[r] else -1
+            for r, b in (divmod(i, nqb) for i in rows.order.tolist())]
     assert last == sorted(last, reverse=True)
-    covered = torch.zeros(qsl[-1], dtype=torch.int64)  # the sequences tile the rows once
-    for s0, n in zip(rows.q_start[:-1].tolist(), rows.q_len.tolist(), strict=True):
+    # the sequences and the requests' tail rows (fa3.tail_rows) tile the rows once
+    covered = torch.zeros(qsl[-1], dtype=torch.int64)
+    tail = tail_rows(case.batch)
+    for s0, n in [*zip(rows.q_start[:-1].tolist(), rows.q_len.tolist(), strict=True),
+                  *zip(tail.q_start[:-1].tolist(), tail.q_len.tolist(), strict=True)]:
         covered[s0: s0 + n] += 1
     assert torch.equal(covered, torch.ones_like(covered)) and rows.q_start[-1] == qsl[-1]
+    # a tail: the rows of the query blocks holding a request's last BLKQ queries
+    assert tail.q_len.tolist() == [260 - 128, 37, 70]
     # (an approximate longest-first order: forced blocks and a partial last block make the kept
     # tokens of short rows not quite proportional to their context)
     _, used = virtual_table(rows, case.batch, bm, 16, 2, 2, 0, rows.order.shape[0])
@@ -366,5 +378,5 @@ def test_fa3_forward_passes_arguments_where_vllm_does():
     # ours: the sequence starts as cu_seqlens_q, their lengths as seqused_q, causal, no window
     assert (ours[7], ours[8], ours[10], ours[11]) == ("q_start", "None", "q_len", "seqused_k")
     assert (ours[12], ours[14], ours[23], ours[24], ours[25], ours[26], ours[30]) == (
-        "BLKQ", "block_table", "scale", "True", "-1", "-1", "1")
+        "max_seqlen_q", "block_table", "scale", "True", "-1", "-1", "1")
     assert ours[20:23] == ["q_descale", "k_descale", "v_descale"]

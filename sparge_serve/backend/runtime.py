@@ -271,7 +271,7 @@ def warm_up_kernels(vllm_config: VllmConfig, runtime: SpargeRuntime, spec: Atten
                                      dtype=compute_dtype(vllm_config, spec), q_dtype=q_dtype,
                                      fp8_dot=fp8_dot)
     if fa3:
-        from sparge_serve.kernels.fa3 import warm_up_virtual
+        from sparge_serve.kernels.fa3_tables import warm_up_virtual
 
         warm_up_virtual(first.num_heads, first.num_kv_heads, spec.block_size, device)
     _WARMED.add(key)

@@ -48,6 +48,11 @@ _LOG2E = 1.4426950408889634
 # H200 at 32K-128K, 64-token pages; 10% slower on 16-token pages (pointer loads), so off there
 # (benchmarks/results/kernels.md). The same output up to the rounding of P (tests).
 LAZY_RESCALE = 8.0
+# Query blocks from each head's end launched before the KV-major order (``_program_row``): the
+# blocks holding a chunk's last 128 queries (one or two), which keep every valid key block. Run
+# in KV-major order, the last KV head's would start near the end of the launch and run alone
+# (a long prompt at 90% block sparsity: one dense row of 512-2048 key blocks after the others).
+TAIL_FIRST = 2
 # NOTE: Triton 3.6's CPU interpreter computes bf16 tl.dot wrongly (it multiplies the raw bits);
 # under TRITON_INTERPRET=1 the kernel upcasts dot operands to fp32 (exact for bf16/fp16 inputs,
 # ``softmax._dot``).
@@ -176,6 +181,28 @@ def _count_skipped(stats_ptr, n_skipped, PV_SKIP: tl.constexpr):
             tl.atomic_add(stats_ptr + 2, n_skipped.to(tl.int64), sem="relaxed")
 
 
+@triton.jit
+def _program_row(lin, num_heads, n_t, GROUP: tl.constexpr, FIRST: tl.constexpr):
+    """``(head, t)`` of the program ``lin`` in launch order (``t``: the ``SPLIT``-row part of a
+    query block, ``n_t`` of them a head): first the last ``FIRST`` parts of every head, the
+    heaviest rows (a chunk's last queries keep every valid key block, stage 1), so that no head's
+    runs last and alone; then one KV head's GQA group over its other parts, heaviest first,
+    before the next KV head's, so that the programs resident together read the keys of fewer KV
+    heads: L2 reuse where their kept blocks differ (docs/DESIGN.md, "Launch order"). A head chunk
+    smaller than one group is its heads, all of one KV head."""
+    first = tl.minimum(n_t, FIRST)
+    if lin < first * num_heads:
+        h = lin % num_heads
+        t = n_t - 1 - lin // num_heads
+    else:
+        gc = tl.minimum(num_heads, GROUP)
+        rest = lin - first * num_heads
+        per_kv = gc * (n_t - first)
+        h = rest // per_kv * gc + rest % gc
+        t = n_t - first - 1 - rest % per_kv // gc
+    return h, t
+
+
 @triton.jit(do_not_specialize=["NQB", "stride_bt", "num_heads"],
             do_not_specialize_on_alignment=BATCH_PTRS)
 def _sparse_attn_kernel(
@@ -189,18 +216,12 @@ def _sparse_attn_kernel(
     USE_TMA: tl.constexpr, SPLIT: tl.constexpr, LAZY: tl.constexpr = 0.0,
     KV_MAJOR: tl.constexpr = True, Q_SCALED: tl.constexpr = False,
     KV_SCALED: tl.constexpr = False, FP8_DOT: tl.constexpr = False,
+    TAIL_FIRST: tl.constexpr = 2,
 ):
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
     if KV_MAJOR:
-        # programs in launch order walk one KV head's GQA group over its query blocks before the
-        # next KV head, so that the programs resident together read the keys of fewer KV heads:
-        # L2 reuse when their kept blocks differ (docs/DESIGN.md, "Launch order")
-        # (a head chunk smaller than one group: its heads, all of one KV head)
-        gc = tl.minimum(num_heads, GROUP)
-        lin = tl.program_id(1) * num_heads + tl.program_id(0)
-        per_kv = gc * NQB * SPLIT
-        h = lin // per_kv * gc + lin % gc
-        t = NQB * SPLIT - 1 - lin % per_kv // gc
+        h, t = _program_row(tl.program_id(1) * num_heads + tl.program_id(0), num_heads,
+                            NQB * SPLIT, GROUP, TAIL_FIRST * SPLIT)
     else:
         h = tl.program_id(0)
         t = NQB * SPLIT - 1 - tl.program_id(1)
@@ -344,6 +365,7 @@ def sparse_paged_attention(
     group: int | None = None,
     scales: KVScales | None = None,
     fp8_dot: bool = False,
+    tail_first: int = TAIL_FIRST,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -362,8 +384,9 @@ def sparse_paged_attention(
     ``lazy_rescale`` > 0 (PV skip off) rescales the accumulator only when a row's max grows by
     more than that many log2 units (``softmax._lazy_softmax_update``); ``None``: :data:`LAZY_RESCALE`
     with TMA loads and head dim 128 without PV skip (where it measures faster), else 0.
-    ``kv_major`` (the default) launches one KV head's query programs before the next KV head's;
-    ``False`` (benchmarks only) runs every head of one query block together.
+    ``kv_major`` (the default) launches every head's last ``tail_first`` (:data:`TAIL_FIRST`)
+    query blocks, then one KV head's other query programs before the next KV head's; ``False``
+    (benchmarks only) runs every head of one query block together.
     ``group``: for head slices, as :func:`~sparge_serve.kernels.predictor.predict_block_map`'s.
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
@@ -394,7 +417,7 @@ def sparse_paged_attention(
     params = attend_params(q.shape[2], pv_skip, use_tma, split, lazy_rescale, launch, fp8_dot)
     attend_blocks(q, key_cache, value_cache, batch, block_map, scale, pvthreshd, out,
                   stats_buffer(stats, q.device), pv_skip, group, params, block_n, kv_major,
-                  scales)
+                  scales, tail_first)
     return out
 
 
@@ -402,7 +425,8 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
                   batch: PrefillBatch, block_map: BlockMap, scale: float,
                   pvthreshd: torch.Tensor, out: torch.Tensor, stats: torch.Tensor,
                   pv_skip: bool, group: int, params: AttendParams, block_n: int = BLKK,
-                  kv_major: bool = True, scales: KVScales | None = None) -> None:
+                  kv_major: bool = True, scales: KVScales | None = None,
+                  tail_first: int = TAIL_FIRST) -> None:
     """:func:`sparse_paged_attention`'s launch, without its checks: the caller's arguments are
     valid (a planned step's, or checked), and ``params`` its launch (TMA loads only on caches
     that :func:`tma_layout_ok` accepts)."""
@@ -422,7 +446,7 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         nkb, nqb, num_heads, float(scale) * _LOG2E,
         GROUP=group, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=params.use_tma,
-        SPLIT=params.split, LAZY=params.lazy_rescale, KV_MAJOR=kv_major,
+        SPLIT=params.split, LAZY=params.lazy_rescale, KV_MAJOR=kv_major, TAIL_FIRST=tail_first,
         Q_SCALED=scales is not None and scales.q_scale is not None, KV_SCALED=scales is not None,
         FP8_DOT=params.fp8_dot, num_warps=params.num_warps, num_stages=params.num_stages,
     )

@@ -25,9 +25,13 @@ Layout (no K/V is copied):
 - **Heads per launch.** Where a head has at least :data:`MIN_LAUNCH_SEQS` rows (long prompts),
   a launch is one query head, on the strided views ``q[:, h:h+1]`` and ``out[:, h:h+1]``. An
   engine's prefill chunk has fewer (128 at 16K tokens: one wave of tiles, whose time is its
-  longest row's, a dense tail row's), so a launch then attends several heads: their query rows
-  copied head-major (``[heads * T, 1, D]``), one longest-first order across all of them, and
-  the output copied back (two copies of the chunk's rows, against a launch per head).
+  longest row's), so a launch then attends several heads: their query rows copied head-major
+  (``[heads * T, 1, D]``), one longest-first order across all of them, and the output copied
+  back (two copies of the chunk's rows, against a launch per head).
+- **Dense tails.** The query blocks holding a request's last 128 queries keep every valid key
+  block (stage 1). They are no virtual sequences: one FA3 call of all the chunk's heads over
+  the requests' own pages attends them (:class:`TailRows`), so that no launch waits on a
+  whole-context tile of its own.
 
 The virtual block tables (``[Hq, rows, pages]`` int32, twice the int16 block lists' bytes at
 64-token pages) are built by one Triton kernel from the block map as bit sets
@@ -48,8 +52,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
 from sparge_serve.kernels.checks import (
     FP8_DTYPE,
@@ -60,213 +62,41 @@ from sparge_serve.kernels.checks import (
     check_paged_inputs,
     check_scale,
 )
+from sparge_serve.kernels.fa3_tables import (
+    VirtualRows,
+    _build_table,
+    heads_as_pages,
+    table_cols,
+    tail_start,
+    virtual_rows,
+)
 from sparge_serve.kernels.geometry import (
     BLKK,
     BLKQ,
     BlockMap,
     KVScales,
     PrefillBatch,
-    key_block_stride,
-    mask_words,
     num_blocks,
 )
-from sparge_serve.kernels.launch import launch
 from sparge_serve.kernels.predictor import lut_to_mask
 
 
-@dataclass(frozen=True)
-class VirtualRows:
-    """The FA3 sequences of a call's block-map rows (``S = R * NQB``), in one order for every
-    head: by the row's last query position, descending, i.e. by its causal context, so (at a
-    uniform sparsity) by its kept blocks: longest first."""
-
-    q_start: torch.Tensor  # [S + 1] int32: the sequence's first row of q (last entry: the end)
-    q_len: torch.Tensor  # [S] int32: its query rows (FA3's seqused_q; 0 past the query)
-    order: torch.Tensor  # [S] int32: its block-map row ``r * NQB + b``
-
-
-def virtual_rows(batch: PrefillBatch, nqb: int) -> VirtualRows:
-    """:class:`VirtualRows` of ``batch`` (``nqb`` query blocks a request): a few tensor ops, no
-    host synchronisation; the same for every head and head chunk of a call."""
-    dev = batch.query_start_loc.device
-    qsl = batch.query_start_loc.long()
-    q_len = qsl[1:] - qsl[:-1]  # [R]
-    ctx = batch.seq_lens.long() - q_len
-    b0 = torch.arange(nqb, device=dev) * BLKQ  # [NQB]
-    first = torch.minimum(b0[None, :], q_len[:, None])  # [R, NQB] row offsets in the request
-    last = torch.minimum(b0[None, :] + BLKQ, q_len[:, None])  # one past the row's last query
-    last_pos = torch.where(last > first, ctx[:, None] + last - 1, -1).reshape(-1)
-    order = torch.argsort(last_pos, descending=True)
-    starts = (qsl[:-1, None] + first).reshape(-1)[order]
-    i32 = torch.int32
-    return VirtualRows(torch.cat([starts, qsl[-1:]]).to(i32),
-                       (last - first).reshape(-1)[order].to(i32), order.to(i32))
-
-
-TABLE_CHUNK_WORDS = 8
-"""Bit-set words (32 key blocks each) the table kernel expands per step."""
-
-
-# NOTE: one compiled variant per (GROUP, SUB): sizes and the block table's alignment (a slice of
-# vLLM's) are not specialised on, so the start-up warm-up covers serving
-@triton.jit(do_not_specialize=["NQB", "WORDS", "num_heads", "s0", "h0", "m0", "stride_bt",
-                               "max_pages", "heads_per_page", "seq_h", "seq_i"],
-            do_not_specialize_on_alignment=["bt_ptr", "count_ptr", "qsl_ptr", "seq_lens_ptr",
-                                            "mask_ptr"])
-def _virtual_table_kernel(
-    mask_ptr, count_ptr, order_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, vbt_ptr, used_ptr,
-    NQB, WORDS, num_heads, s0, h0, m0, stride_bt, max_pages, vbt_cols, heads_per_page,
-    seq_h, seq_i,
-    GROUP: tl.constexpr, SUB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNK_WORDS: tl.constexpr,
-):
-    """Head ``m0 + h`` of the map's sequence ``s0 + i`` (block-map row ``order[s0 + i]``:
-    request ``r``, query block ``b``), table entry ``h * seq_h + i * seq_i``: its virtual
-    context length, and its virtual pages: for the j-th kept key block (the j-th set bit of its
-    mask) and its s-th page, ``block_table[r, block * SUB + s] * heads_per_page + kvh``, where
-    ``kvh = (h0 + m0 + h) // GROUP`` is the KV head of that map head (a map from the layer's
-    head ``h0``) in the cache the pages index."""
-    i = tl.program_id(0)
-    h = tl.program_id(1)
-    seq = h * seq_h + i * seq_i
-    row = tl.load(order_ptr + s0 + i)
-    r = row // NQB
-    b = row % NQB
-    src = (r * num_heads + m0 + h) * NQB + b
-    n = tl.load(count_ptr + src)
-    q_start = tl.load(qsl_ptr + r)
-    q_len = tl.load(qsl_ptr + r + 1) - q_start
-    last_pos = tl.load(seq_lens_ptr + r) - q_len + tl.minimum((b + 1) * BLOCK_Q, q_len) - 1
-    # the kept blocks end with the diagonal one, cut at the row's last query
-    used = tl.where(n > 0, BLOCK_N * (n - 1) + last_pos % BLOCK_N + 1, 0)
-    tl.store(used_ptr + seq, used)
-    dst = seq.to(tl.int64) * vbt_cols
-    kvh = (h0 + m0 + h) // GROUP
-    bt_row = bt_ptr + r * stride_bt
-    offs_w = tl.arange(0, CHUNK_WORDS)
-    offs_bit = tl.arange(0, 32)
-    # only the words up to the diagonal block can have bits set
-    n_words = tl.where(n > 0, last_pos // (32 * BLOCK_N) + 1, 0)
-    base = tl.zeros([], dtype=tl.int32)  # kept blocks before this chunk of words
-    for w0 in range(0, n_words, CHUNK_WORDS):
-        w = w0 + offs_w
-        words = tl.load(mask_ptr + src.to(tl.int64) * WORDS + w, mask=w < n_words, other=0)
-        keep = tl.reshape((words[:, None] >> offs_bit[None, :]) & 1, [CHUNK_WORDS * 32])
-        pos = base + tl.cumsum(keep, axis=0) - 1
-        blk = w0 * 32 + tl.arange(0, CHUNK_WORDS * 32)
-        kept = keep != 0
-        for sub in tl.static_range(SUB):
-            pidx = tl.minimum(blk * SUB + sub, max_pages - 1)
-            page = tl.load(bt_row + pidx, mask=kept, other=0)
-            tl.store(vbt_ptr + dst + pos * SUB + sub, page * heads_per_page + kvh, mask=kept)
-        base += tl.sum(keep, axis=0)
-
-
-def table_cols(batch: PrefillBatch, page_size: int) -> int:
-    """Entries of one sequence's virtual block table: every page of the longest context's key
-    blocks (their count rounded up as the block map's rows are)."""
-    return key_block_stride(num_blocks(batch.max_seq_len, BLKK)) * (BLKK // page_size)
-
-
-def virtual_table(rows: VirtualRows, batch: PrefillBatch, bm: BlockMap, page_size: int,
-                  heads_per_page: int, group: int, s0: int, s1: int, h0: int = 0,
-                  out: tuple[torch.Tensor, torch.Tensor] | None = None, m0: int = 0,
-                  heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(block_table [heads, s1 - s0, NKB_STRIDE * pages per block], seqused_k [heads, s1 -
-    s0])`` int32: the virtual pages and context lengths of the sequences ``s0:s1`` of the map's
-    heads ``m0 : m0 + heads`` (default: all), from its bit sets (:attr:`BlockMap.mask`; a map of
-    lists is converted, :func:`~sparge_serve.kernels.predictor.lut_to_mask`).
-    ``heads_per_page``: ``sP // sH`` of the cache (:func:`heads_as_pages`); ``h0``: the layer
-    head of the map's first, for a head chunk's map over the layer's cache. ``out``: flat int32
-    buffers to build them in (at least that many entries; a table's entries past a sequence's
-    pages are never read, and hold page ids of this cache or 0), else new ones."""
-    if BLKK % page_size:
-        raise ValueError(f"page size {page_size} must divide the key block ({BLKK})")
-    mask = lut_to_mask(bm)
-    sub = BLKK // page_size
-    map_heads = mask.shape[1]
-    heads = map_heads - m0 if heads is None else heads
-    if m0 < 0 or m0 + heads > map_heads:
-        raise ValueError(f"heads {m0}:{m0 + heads} are not in the map's {map_heads}")
-    cols = table_cols(batch, page_size)
-    n = s1 - s0
-    if out is None:
-        dev = bm.count.device
-        out = (torch.zeros(heads * n * cols, dtype=torch.int32, device=dev),
-               torch.empty(heads * n, dtype=torch.int32, device=dev))
-    elif out[0].numel() < heads * n * cols or out[1].numel() < heads * n:
-        raise ValueError(f"table buffers of {out[0].numel()} and {out[1].numel()} entries are "
-                         f"too small for {heads} heads x {n} sequences x {cols} pages")
-    return _build_table(rows, batch, mask, bm.count, sub, cols, heads_per_page, group, s0, s1,
-                        h0, out, m0, heads)
-
-
-def _build_table(rows: VirtualRows, batch: PrefillBatch, mask: torch.Tensor,
-                 count: torch.Tensor, sub: int, cols: int, heads_per_page: int, group: int,
-                 s0: int, s1: int, h0: int, out: tuple[torch.Tensor, torch.Tensor], m0: int,
-                 heads: int, seq_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`virtual_table`'s launch (``sub`` pages a key block, ``cols`` entries a table) into
-    buffers ``out`` large enough, without its checks. ``seq_major``: the tables in one launch's
-    order, ``[(s1 - s0) * heads, cols]`` and ``[(s1 - s0) * heads]`` with sequence ``i`` of head
-    ``h`` at ``i * heads + h``; else ``[heads, s1 - s0, ...]``."""
-    n = s1 - s0
-    vbt = out[0][:heads * n * cols]
-    used = out[1][:heads * n]
-    seq_h, seq_i = (1, heads) if seq_major else (n, 1)
-    _, map_heads, nqb, words = mask.shape
-    launch(_virtual_table_kernel, (n, heads))(
-        mask, count, rows.order, batch.query_start_loc, batch.seq_lens, batch.block_table,
-        vbt, used, nqb, words, map_heads, s0, h0, m0, batch.block_table.stride(0),
-        batch.block_table.shape[1], cols, heads_per_page, seq_h, seq_i,
-        GROUP=group, SUB=sub, BLOCK_Q=BLKQ, BLOCK_N=BLKK, CHUNK_WORDS=TABLE_CHUNK_WORDS,
-    )
-    if seq_major:
-        return vbt.view(n * heads, cols), used
-    return vbt.view(heads, n, cols), used.view(heads, n)
-
-
-def warm_up_virtual(num_heads: int, num_kv_heads: int, page_size: int, device) -> None:
-    """Compile the virtual-table kernel for these heads and pages (a one-row batch)."""
-    mask = torch.ones(1, num_heads, 1, mask_words(16), dtype=torch.int32, device=device)
-    count = torch.ones(1, num_heads, 1, dtype=torch.int32, device=device)
-    batch = PrefillBatch(torch.tensor([0, 1], dtype=torch.int32, device=device),
-                         torch.ones(1, dtype=torch.int32, device=device),
-                         torch.zeros(1, 4, dtype=torch.int32, device=device), 1, 1)
-    bm = BlockMap(None, count, count, mask)
-    virtual_table(virtual_rows(batch, 1), batch, bm, page_size, num_kv_heads,
-                  num_heads // num_kv_heads, 0, 1)
-
-
-def heads_as_pages(cache: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``cache [pages, page, Hkv, D]`` as ``[NV, page, 1, D]`` whose page ``p * k + kvh`` is KV
-    head ``kvh`` of page ``p``; returns the view and ``k`` (``sP // sH``)."""
-    pages, page, hkv, d = cache.shape
-    sp, st, sh, sd = cache.stride()
-    if sd != 1 or sp % sh or sh < d:
-        raise ValueError(f"cache strides {cache.stride()} cannot be viewed as head pages")
-    k = sp // sh
-    nv = (pages - 1) * k + hkv
-    if nv >= 2**31:
-        raise ValueError("too many pages for int32 virtual page ids")
-    view = cache.as_strided((nv, page, 1, d), (sh, st, sh, 1), cache.storage_offset())
-    return view, k
-
-
 def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k,
-                      scale, descale=None) -> None:
+                      scale, descale=None, max_seqlen_q: int = BLKQ) -> None:
     """vLLM's FA3 forward (``torch.ops._vllm_fa3_C.fwd``, as ``flash_attn_varlen_func`` calls
     it) with ``seqused_q``, which that wrapper does not pass: sequence ``i`` is rows
-    ``q_start[i] : q_start[i] + q_len[i]`` of ``q``/``out``, bottom-right causal over the first
-    ``seqused_k[i]`` tokens of its pages ``block_table[i]``. One split per sequence (no
-    split-KV scratch). ``descale``: fp8 ``q, k, v``'s ``(q_descale, k_descale, v_descale)``,
-    each ``[num_seqs, num_kv_heads]`` fp32 (FA3's fp8 forward)."""
+    ``q_start[i] : q_start[i] + q_len[i]`` (at most ``max_seqlen_q``) of ``q``/``out``,
+    bottom-right causal over the first ``seqused_k[i]`` tokens of its pages ``block_table[i]``.
+    One split per sequence: no split-KV scratch, which FA3 would size by every row of ``q``.
+    ``descale``: fp8 ``q, k, v``'s ``(q_descale, k_descale, v_descale)``, each ``[num_seqs,
+    num_kv_heads]`` fp32 (FA3's fp8 forward)."""
     import vllm.vllm_flash_attn  # noqa: F401  (registers the op)
 
     q_descale, k_descale, v_descale = descale or (None, None, None)
     torch.ops._vllm_fa3_C.fwd(
         q, k, v, None, None, None, out,  # k_new, v_new, q_v
         q_start, None, None, q_len, seqused_k,  # cu_seqlens_q/k/k_new, seqused_q/k
-        BLKQ, max_seqlen_k, block_table,
+        max_seqlen_q, max_seqlen_k, block_table,
         None, None, None, None, None,  # kv_batch_idx, leftpad_k, rotary cos/sin/seqlens
         q_descale, k_descale, v_descale,
         scale, True, -1, -1, 0.0,  # causal, window left/right, softcap
@@ -278,8 +108,8 @@ def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_
 MIN_LAUNCH_SEQS = 1024
 """Fewest sequences (query tiles) one FA3 launch should hold: about eight per multiprocessor of
 an H100/H200 (132), enough for the longest-first schedule to balance rows of unequal kept
-blocks, such as a chunk's last query blocks, which keep every block. With fewer rows a head (an
-engine's prefill chunk: 128 rows at 16K tokens), a launch attends several heads."""
+blocks. With fewer rows a head (an engine's prefill chunk: 128 rows at 16K tokens), a launch
+attends several heads."""
 
 
 def launch_heads(rows: int, heads: int) -> int:
@@ -324,6 +154,30 @@ class VirtualPlan:
     launch: int = 1  # query heads one FA3 launch attends (a divisor of `heads`)
     span: tuple[int, int] = (0, 0)  # rows of q a launch of several heads copies
     exact: bool = True
+    tail: TailRows | None = None  # the requests' dense last rows, one FA3 call (tail_rows)
+
+
+@dataclass(frozen=True)
+class TailRows:
+    """Each request's rows of the query blocks that hold its last :data:`BLKQ` queries (one or
+    two blocks: :func:`~sparge_serve.kernels.fa3_tables.tail_start`), which keep every valid key
+    block (stage 1): attended as dense causal attention over the request's pages by one FA3
+    call of all the chunk's heads, not as virtual sequences. One such row in each launch of a
+    head (or a few) would be that launch's longest tile, the whole context on one
+    multiprocessor, while the launch's other rows at high sparsity end sooner: every launch
+    would last that long. In one call of every head those tiles run side by side, once a
+    layer."""
+
+    q_start: torch.Tensor  # [R + 1] int32: the request's first tail row (last entry: the end)
+    q_len: torch.Tensor  # [R] int32: its tail rows (BLKQ to 2 * BLKQ - 1, or all if fewer)
+
+
+def tail_rows(batch: PrefillBatch) -> TailRows:
+    """:class:`TailRows` of ``batch``: a few tensor ops, no host synchronisation."""
+    qsl = batch.query_start_loc.long()
+    start = qsl[:-1] + tail_start(qsl[1:] - qsl[:-1])
+    return TailRows(torch.cat([start, qsl[-1:]]).to(torch.int32),
+                    (qsl[1:] - start).to(torch.int32))
 
 
 def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
@@ -355,7 +209,7 @@ def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
         slices.append((s0, s1, q_start, q_len))
     return VirtualPlan(rows, tuple(slices), heads, step, table_cols(batch, page_size),
                        BLKK // page_size, num_blocks(batch.max_seq_len, BLKK) * BLKK, launch,
-                       span if launch > 1 else (0, 0), exact)
+                       span if launch > 1 else (0, 0), exact, tail_rows(batch))
 
 
 class VirtualAttention:
@@ -377,6 +231,7 @@ class VirtualAttention:
             for _, _, _, q_len in plan.slices]
         self.k_view, self.heads_per_page = heads_as_pages(key_cache)
         self.v_view, _ = heads_as_pages(value_cache)
+        self.key_cache, self.value_cache, self.scales = key_cache, value_cache, scales
         self.q, self.out = q, out
         self.q_heads, self.out_heads = q.split(1, 1), out.split(1, 1)
         i32 = dict(dtype=torch.int32, device=q.device)
@@ -420,6 +275,22 @@ class VirtualAttention:
                                  descale)
             if staged:
                 self._unstage(h0 + m0, n)
+        # NOTE: after the launches: a staged launch copies back its rows' span, tail rows too
+        if plan.tail is not None:
+            self._tail(h0, map_heads)
+
+    def _tail(self, h: int, n: int) -> None:
+        """The requests' tail rows (:class:`TailRows`) of heads ``h : h + n`` (a chunk's: whole
+        GQA groups, or heads of one KV head): one FA3 call over the requests' own pages."""
+        kv0, kvn = h // self.group, max(1, n // self.group)
+        tail, batch = self.plan.tail, self.batch
+        descale = None if self.scales is None else tuple(
+            t.reshape(1, 1).expand(tail.q_len.shape[0], kvn)
+            for t in (self.scales.q_scale, self.scales.k_scale, self.scales.v_scale))
+        self.attn_fn(self.q[:, h:h + n], self.key_cache[:, :, kv0:kv0 + kvn],
+                     self.value_cache[:, :, kv0:kv0 + kvn], self.out[:, h:h + n],
+                     tail.q_start, tail.q_len, batch.seq_lens, batch.block_table, self.plan.max_k,
+                     self.scale, descale, max_seqlen_q=2 * BLKQ)
 
     def _views(self, h: int, n: int) -> tuple[torch.Tensor, ...]:
         """Rows ``span`` of heads ``h : h + n`` of ``q`` and ``out`` as ``[n, T, D]``, and the

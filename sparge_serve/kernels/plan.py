@@ -111,7 +111,7 @@ class Shape:
         ``select_heads`` (default :meth:`min_select_heads`): the pooled keys of the selection's
         KV heads, the larger of their key sums (temporary) and the selection's
         :meth:`head_bytes`, the tables of each head of the chunk, and for FA3 the call's
-        sequence order (``virtual.virtual_rows``, with its int64 temporaries) and the
+        sequence order (``fa3_tables.virtual_rows``, with its int64 temporaries) and the
         log-sum-exp of one head's launch."""
         sel = self.min_select_heads(heads) if select_heads is None else select_heads
         kv = max(1, sel * self.num_kv_heads // self.num_heads)
