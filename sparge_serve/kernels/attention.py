@@ -216,7 +216,7 @@ def _sparse_attn_kernel(
     USE_TMA: tl.constexpr, SPLIT: tl.constexpr, LAZY: tl.constexpr = 0.0,
     KV_MAJOR: tl.constexpr = True, Q_SCALED: tl.constexpr = False,
     KV_SCALED: tl.constexpr = False, FP8_DOT: tl.constexpr = False,
-    TAIL_FIRST: tl.constexpr = 2,
+    TAIL_FIRST: tl.constexpr = TAIL_FIRST,  # the module constant (one definition)
 ):
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
     if KV_MAJOR:

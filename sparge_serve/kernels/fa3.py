@@ -64,7 +64,7 @@ from sparge_serve.kernels.checks import (
 )
 from sparge_serve.kernels.fa3_tables import (
     VirtualRows,
-    _build_table,
+    build_table,
     heads_as_pages,
     table_cols,
     tail_start,
@@ -260,7 +260,7 @@ class VirtualAttention:
                 self._stage(h0 + m0, n)
             for (s0, s1, q_start, q_len), descale in zip(plan.slices, self.descales,
                                                          strict=True):
-                vbt, used = _build_table(plan.rows, self.batch, bm.mask, bm.count, plan.sub,
+                vbt, used = build_table(plan.rows, self.batch, bm.mask, bm.count, plan.sub,
                                          plan.cols, self.heads_per_page, self.group, s0, s1, h0,
                                          self.tables, m0, n, seq_major=staged)
                 if staged:

@@ -162,11 +162,11 @@ def virtual_table(rows: VirtualRows, batch: PrefillBatch, bm: BlockMap, page_siz
     elif out[0].numel() < heads * n * cols or out[1].numel() < heads * n:
         raise ValueError(f"table buffers of {out[0].numel()} and {out[1].numel()} entries are "
                          f"too small for {heads} heads x {n} sequences x {cols} pages")
-    return _build_table(rows, batch, mask, bm.count, sub, cols, heads_per_page, group, s0, s1,
+    return build_table(rows, batch, mask, bm.count, sub, cols, heads_per_page, group, s0, s1,
                         h0, out, m0, heads)
 
 
-def _build_table(rows: VirtualRows, batch: PrefillBatch, mask: torch.Tensor,
+def build_table(rows: VirtualRows, batch: PrefillBatch, mask: torch.Tensor,
                  count: torch.Tensor, sub: int, cols: int, heads_per_page: int, group: int,
                  s0: int, s1: int, h0: int, out: tuple[torch.Tensor, torch.Tensor], m0: int,
                  heads: int, seq_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
