@@ -219,17 +219,22 @@ def _sparse_attn_kernel(
     TAIL_FIRST: tl.constexpr = TAIL_FIRST,  # the module constant (one definition)
 ):
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
+    r = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + r)
+    q_len = tl.load(qsl_ptr + r + 1) - q_start
     if KV_MAJOR:
-        h, t = _program_row(tl.program_id(1) * num_heads + tl.program_id(0), num_heads,
-                            NQB * SPLIT, GROUP, TAIL_FIRST * SPLIT)
+        # over this request's own parts (a batch's shorter requests leave the grid's last
+        # programs of their slice idle, not the first ones: their own tails still go first)
+        n_t = tl.cdiv(q_len, BLOCK_Q // SPLIT)
+        lin = tl.program_id(1) * num_heads + tl.program_id(0)
+        if lin >= n_t * num_heads:
+            return
+        h, t = _program_row(lin, num_heads, n_t, GROUP, TAIL_FIRST * SPLIT)
     else:
         h = tl.program_id(0)
         t = NQB * SPLIT - 1 - tl.program_id(1)
     b = t // SPLIT
     m0 = b * BLOCK_Q + (t % SPLIT) * (BLOCK_Q // SPLIT)
-    r = tl.program_id(2)
-    q_start = tl.load(qsl_ptr + r)
-    q_len = tl.load(qsl_ptr + r + 1) - q_start
     if m0 >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + r)
