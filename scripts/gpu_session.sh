@@ -25,7 +25,7 @@
 #   variants   the defaults' alternatives and the predictor options (pipelined select loads)
 #              at 32K and 128K (-> $OUT/kernels_variants.*)
 #   kernels_quick  the kernel benchmark at 32K and 128K, 64-token pages (-> $OUT/kernels_quick.*)
-#   tails      the dense tail rows' launch order and the FA3 path's tail call at 32K and 128K
+#   tails      the dense tail rows' launch order and the FA3 path's dense-row call, 32K and 128K
 #              (--virtual --variants; -> $OUT/kernels_tails.*)
 #   kernels_d256  the kernel benchmark at Gemma 3 270M's geometry (head dim 256, 4 q / 1 KV
 #              heads), 8K and 32K, 64- and 16-token pages, with the FA3 path's rows (+fa3) and
@@ -215,7 +215,7 @@ for stage in "$@"; do
         ;;
     tails)
         # every head's dense last query blocks first or in KV-major order (--variants rows
-        # kv_major, kv_major_tail_last) and the FA3 path with its tail call (+fa3 rows)
+        # kv_major, kv_major_tail_last) and the FA3 path with its dense-row call (+fa3 rows)
         run kernels_tails timeout 580 python3 benchmarks/bench_kernels.py --lengths 32768 131072 \
             --pages 64 --virtual --variants --out "$OUT/kernels_tails"
         ;;

@@ -72,10 +72,10 @@ def test_plan_fits_the_budget_at_the_benchmark_shapes(fa3_page):
         if fa3_page and wider:
             assert shape.chunk_bytes(heads, rows, min(wider)) > limit
     long = Shape(32, 8, 128, 1, 131072, 131072, fa3_page)
-    # 128K: one head a chunk; FA3: two, a quarter of their tables at a time, one group selected
-    assert plan_chunks(long, 2, floor=0) == ((1, None, 1) if fa3_page is None else (2, 256, 4))
-    # 32K, FA3: two heads a chunk, two KV heads' groups a select launch
-    assert plan_chunks(Shape(32, 8, 128, 1, 32768, 32768, 64), 2, floor=0) == (2, None, 8)
+    # 128K: one head a chunk; FA3: one, a third of its tables at a time, one group selected
+    assert plan_chunks(long, 2, floor=0) == ((1, None, 1) if fa3_page is None else (1, 342, 4))
+    # 32K, FA3: two heads a chunk, one KV head's group a select launch
+    assert plan_chunks(Shape(32, 8, 128, 1, 32768, 32768, 64), 2, floor=0) == (2, None, 4)
     assert plan_chunks(long, 2, map_budget=None, floor=0) == (32, None, 32)
     with pytest.raises(ValueError, match="map_budget must be > 0"):
         plan_chunks(long, 2, map_budget=0.0)
@@ -84,13 +84,13 @@ def test_plan_fits_the_budget_at_the_benchmark_shapes(fa3_page):
 def test_default_floor_splits_only_large_block_maps():
     """By default (a 64 MiB floor) a 32K prompt runs in one chunk; a 128K prompt's 128 MiB
     block map (with FA3 tables: 3x that) is split into chunks of at most 64 MiB (FA3: bit-set
-    maps of every head at once, then 16 heads a chunk, each with its tables for a third of the
+    maps of 16 heads a launch, 16 heads a chunk, each with its tables for a third of the
     sequences at a time)."""
     for fa3_page in (None, 64):
         assert plan_chunks(Shape(32, 8, 128, 1, 32768, 32768, fa3_page), 2) == (32, None, 32)
         long = Shape(32, 8, 128, 1, 131072, 131072, fa3_page)
         plan = plan_chunks(long, 2)
-        assert plan == ((8, None, 8) if fa3_page is None else (16, 342, 32))
+        assert plan == ((8, None, 8) if fa3_page is None else (16, 342, 16))
         assert long.chunk_bytes(*plan) <= 64 << 20 < long.chunk_bytes(2 * plan.heads)
 
 

@@ -33,7 +33,7 @@ REQS = [(260, 560), (37, 421), (70, 70)]
 
 
 def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k, scale,
-                  descale=None, max_seqlen_q=BLKQ):
+                  descale=None):
     """:func:`fa3_paged_forward` semantics (FA3 with ``seqused_q``: explicit start rows, paged
     K/V, bottom-right causal, query heads in GQA groups over the KV heads; fp8 ``q, k, v``
     dequantised by ``descale``), one sequence and head at a time, in fp32."""
@@ -50,7 +50,7 @@ def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seql
     for i, (s0, n_q, n_k) in enumerate(zip(starts, lens, used, strict=True)):
         if n_q == 0:
             continue
-        assert n_q <= max_seqlen_q and n_q <= n_k <= max_seqlen_k and s0 + n_q <= q.shape[0]
+        assert n_q <= BLKQ and n_q <= n_k <= max_seqlen_k and s0 + n_q <= q.shape[0]
         pages = block_table[i, : -(-n_k // page)].long()
         keys = k[pages].reshape(-1, hkv, k.shape[-1])[:n_k].float()
         vals = v[pages].reshape(-1, hkv, v.shape[-1])[:n_k].float()
@@ -105,8 +105,40 @@ def test_fa3_virtual_contexts_equal_attention_over_the_kept_blocks(page, hq, hkv
         fa3_emulation(q, k, v, out, q_start, q_len, *args, **kw)
 
     _fa3_vs_oracle(case, bm, keeps, attn_fn=counting)
-    # heads x sequences a launch, then one call of every head for the requests' tail rows
-    assert seqs == [n_seq * launch(hq)] * (hq // launch(hq)) + [len(REQS)]
+    # heads x sequences a launch, then one call of every head for the dense rows
+    assert seqs == [n_seq * launch(hq)] * (hq // launch(hq)) + [n_seq]
+
+
+@pytest.mark.parametrize("cdf", [0.8, 1.0], ids=["mixed", "dense_configuration"])
+def test_dense_rows_go_to_one_call_and_the_rest_to_virtual_sequences(cdf, device, monkeypatch):
+    """A row that keeps every valid block in all heads (a chunk's last queries always; with
+    cdfthreshd 1 every row) is attended by the one dense call over the request's pages, every
+    other row by its heads' virtual sequences: each row with queries exactly once."""
+    import sparge_serve.kernels.fa3 as virtual
+
+    monkeypatch.setattr(virtual, "MIN_LAUNCH_SEQS", 1)  # one head a launch: q_len per row
+    hq = 4
+    case = make_paged_case(REQS, hq, 2, 64, 16, torch.float16, device, seed=4, packed=True)
+    bm, keeps = reference_block_map(case, -1.0, cdf)
+    all_dense = (bm.count == bm.n_valid).all(1).reshape(-1)
+    has_rows = (bm.n_valid > 0).any(1).reshape(-1)
+    assert all_dense[has_rows].any() and (cdf == 1.0) == bool(all_dense[has_rows].all())
+    calls = []
+
+    def spy(q, k, v, out, q_start, q_len, *args, **kw):
+        calls.append((q.shape[1], q_start[:-1].tolist(), q_len.tolist()))
+        fa3_emulation(q, k, v, out, q_start, q_len, *args, **kw)
+
+    mask = BlockMap(None, bm.count, bm.n_valid, lut_to_mask(bm))
+    _fa3_vs_oracle(case, mask, keeps, attn_fn=spy)
+    *launches, (heads, starts, lens) = calls
+    assert heads == hq and len(launches) == hq  # the dense call: all heads, GQA packed
+    dense_starts = {s for s, n in zip(starts, lens, strict=True) if n}
+    for _, l_starts, l_lens in launches:  # each head's virtual sequences: the other rows
+        sparse_starts = {s for s, n in zip(l_starts, l_lens, strict=True) if n}
+        assert not sparse_starts & dense_starts
+        assert len(sparse_starts | dense_starts) == int(has_rows.sum())
+    assert len(dense_starts) == int((all_dense & has_rows).sum())
 
 
 def test_launch_heads_fill_a_launch_with_the_fewest_heads():
@@ -246,13 +278,15 @@ def test_shape_bytes_bound_the_fa3_allocations(device):
     assert table.numel() * 4 + used.numel() * 4 == 4 * n * fa3.table_row_bytes()
     assert 4 * fa3.head_bytes() == sum(
         t.numel() * t.element_size() for t in (bm.mask, bm.count, bm.n_valid))
-    own = sum(t.numel() * t.element_size() for t in (rows.q_start, rows.q_len, rows.order))
+    own = sum(t.numel() * t.element_size()
+              for t in (rows.q_start, rows.q_len, rows.order, rows.context))
     sizes = (2, 64, b.num_reqs, b.max_seq_len)
     maps = pooled_keys_bytes(*sizes) + max(key_sums_bytes(*sizes), 4 * fa3.head_bytes())
     fixed = fa3.chunk_bytes(4) - maps - 4 * n * fa3.table_row_bytes()
-    lse = b.num_reqs * b.max_query_len * 4
+    lse = 4 * b.num_reqs * b.max_query_len * 4  # FA3's, of the dense rows' call of 4 heads
+    flags = n * (4 + 1 + 2 * 4)  # count == n_valid of 4 heads, a row's flag, two lengths
     # the call's rows, plus at most six int64 [S] temporaries alive with them
-    assert own <= fixed - lse <= own + 6 * 8 * n + 8
+    assert own <= fixed - lse - flags <= own + 6 * 8 * n + 8
 
 
 def test_staging_bytes_bound_the_copies_of_a_launch_of_several_heads(device):
@@ -275,7 +309,6 @@ def test_staging_bytes_bound_the_copies_of_a_launch_of_several_heads(device):
 
 
 def test_virtual_sequences_run_longest_first_and_cover_every_row(device):
-    from sparge_serve.kernels.fa3 import tail_rows
     from sparge_serve.kernels.fa3_tables import virtual_rows, virtual_table
 
     case = make_paged_case(REQS, 4, 2, 64, 16, torch.float16, device, seed=2, packed=True)
@@ -289,15 +322,11 @@ def test_virtual_sequences_run_longest_first_and_cover_every_row(device):
     last = [ctx[r] + min((b + 1) * BLKQ, q_lens[r]) - 1 if b * BLKQ < q_lens[r] else -1
             for r, b in (divmod(i, nqb) for i in rows.order.tolist())]
     assert last == sorted(last, reverse=True)
-    # the sequences and the requests' tail rows (fa3.tail_rows) tile the rows once
-    covered = torch.zeros(qsl[-1], dtype=torch.int64)
-    tail = tail_rows(case.batch)
-    for s0, n in [*zip(rows.q_start[:-1].tolist(), rows.q_len.tolist(), strict=True),
-                  *zip(tail.q_start[:-1].tolist(), tail.q_len.tolist(), strict=True)]:
+    assert rows.context.tolist() == [p + 1 for p in last]  # the dense rows' call's contexts
+    covered = torch.zeros(qsl[-1], dtype=torch.int64)  # the sequences tile the rows once
+    for s0, n in zip(rows.q_start[:-1].tolist(), rows.q_len.tolist(), strict=True):
         covered[s0: s0 + n] += 1
     assert torch.equal(covered, torch.ones_like(covered)) and rows.q_start[-1] == qsl[-1]
-    # a tail: the rows of the query blocks holding a request's last BLKQ queries
-    assert tail.q_len.tolist() == [260 - 128, 37, 70]
     # (an approximate longest-first order: forced blocks and a partial last block make the kept
     # tokens of short rows not quite proportional to their context)
     _, used = virtual_table(rows, case.batch, bm, 16, 2, 2, 0, rows.order.shape[0])
@@ -378,5 +407,5 @@ def test_fa3_forward_passes_arguments_where_vllm_does():
     # ours: the sequence starts as cu_seqlens_q, their lengths as seqused_q, causal, no window
     assert (ours[7], ours[8], ours[10], ours[11]) == ("q_start", "None", "q_len", "seqused_k")
     assert (ours[12], ours[14], ours[23], ours[24], ours[25], ours[26], ours[30]) == (
-        "max_seqlen_q", "block_table", "scale", "True", "-1", "-1", "1")
+        "BLKQ", "block_table", "scale", "True", "-1", "-1", "1")
     assert ours[20:23] == ["q_descale", "k_descale", "v_descale"]

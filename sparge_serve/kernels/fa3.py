@@ -28,10 +28,11 @@ Layout (no K/V is copied):
   longest row's), so a launch then attends several heads: their query rows copied head-major
   (``[heads * T, 1, D]``), one longest-first order across all of them, and the output copied
   back (two copies of the chunk's rows, against a launch per head).
-- **Dense tails.** The query blocks holding a request's last 128 queries keep every valid key
-  block (stage 1). They are no virtual sequences: one FA3 call of all the chunk's heads over
-  the requests' own pages attends them (:class:`TailRows`), so that no launch waits on a
-  whole-context tile of its own.
+- **Dense rows.** A row that keeps every valid key block in all of a chunk's heads (the query
+  blocks holding a chunk's last 128 queries always do, stage 1) is no virtual sequence: one
+  FA3 call of all the chunk's heads attends such rows over their requests' own pages
+  (``VirtualAttention._dense_rows``), so no launch waits on a whole-context tile of its own,
+  and a dense configuration runs as FA3 does.
 
 The virtual block tables (``[Hq, rows, pages]`` int32, twice the int16 block lists' bytes at
 64-token pages) are built by one Triton kernel from the block map as bit sets
@@ -67,7 +68,6 @@ from sparge_serve.kernels.fa3_tables import (
     build_table,
     heads_as_pages,
     table_cols,
-    tail_start,
     virtual_rows,
 )
 from sparge_serve.kernels.geometry import (
@@ -82,10 +82,10 @@ from sparge_serve.kernels.predictor import lut_to_mask
 
 
 def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k,
-                      scale, descale=None, max_seqlen_q: int = BLKQ) -> None:
+                      scale, descale=None) -> None:
     """vLLM's FA3 forward (``torch.ops._vllm_fa3_C.fwd``, as ``flash_attn_varlen_func`` calls
     it) with ``seqused_q``, which that wrapper does not pass: sequence ``i`` is rows
-    ``q_start[i] : q_start[i] + q_len[i]`` (at most ``max_seqlen_q``) of ``q``/``out``,
+    ``q_start[i] : q_start[i] + q_len[i]`` (at most :data:`BLKQ`) of ``q``/``out``,
     bottom-right causal over the first ``seqused_k[i]`` tokens of its pages ``block_table[i]``.
     One split per sequence: no split-KV scratch, which FA3 would size by every row of ``q``.
     ``descale``: fp8 ``q, k, v``'s ``(q_descale, k_descale, v_descale)``, each ``[num_seqs,
@@ -96,7 +96,7 @@ def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_
     torch.ops._vllm_fa3_C.fwd(
         q, k, v, None, None, None, out,  # k_new, v_new, q_v
         q_start, None, None, q_len, seqused_k,  # cu_seqlens_q/k/k_new, seqused_q/k
-        max_seqlen_q, max_seqlen_k, block_table,
+        BLKQ, max_seqlen_k, block_table,
         None, None, None, None, None,  # kv_batch_idx, leftpad_k, rotary cos/sin/seqlens
         q_descale, k_descale, v_descale,
         scale, True, -1, -1, 0.0,  # causal, window left/right, softcap
@@ -144,40 +144,18 @@ class VirtualPlan:
     sequence (else the copy starts from ``out``, so that rows outside the batch stay)."""
 
     rows: VirtualRows
-    # per slice: (first sequence, end, its q_start [n * launch + 1] and q_len [n * launch])
-    slices: tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]
+    # per slice: (first sequence, end, its q_start [n * launch + 1])
+    slices: tuple[tuple[int, int, torch.Tensor], ...]
     heads: int  # query heads one table buffer holds (a chunk's)
     step: int  # sequences one table holds (a slice's)
     cols: int  # entries of one sequence's table
     sub: int  # pages a key block
     max_k: int  # bound on a virtual context's tokens
+    # [S, pages] int32: each sequence's request's page table (the dense rows' call)
+    row_table: torch.Tensor
     launch: int = 1  # query heads one FA3 launch attends (a divisor of `heads`)
     span: tuple[int, int] = (0, 0)  # rows of q a launch of several heads copies
     exact: bool = True
-    tail: TailRows | None = None  # the requests' dense last rows, one FA3 call (tail_rows)
-
-
-@dataclass(frozen=True)
-class TailRows:
-    """Each request's rows of the query blocks that hold its last :data:`BLKQ` queries (one or
-    two blocks: :func:`~sparge_serve.kernels.fa3_tables.tail_start`), which keep every valid key
-    block (stage 1): attended as dense causal attention over the request's pages by one FA3
-    call of all the chunk's heads, not as virtual sequences. One such row in each launch of a
-    head (or a few) would be that launch's longest tile, the whole context on one
-    multiprocessor, while the launch's other rows at high sparsity end sooner: every launch
-    would last that long. In one call of every head those tiles run side by side, once a
-    layer."""
-
-    q_start: torch.Tensor  # [R + 1] int32: the request's first tail row (last entry: the end)
-    q_len: torch.Tensor  # [R] int32: its tail rows (BLKQ to 2 * BLKQ - 1, or all if fewer)
-
-
-def tail_rows(batch: PrefillBatch) -> TailRows:
-    """:class:`TailRows` of ``batch``: a few tensor ops, no host synchronisation."""
-    qsl = batch.query_start_loc.long()
-    start = qsl[:-1] + tail_start(qsl[1:] - qsl[:-1])
-    return TailRows(torch.cat([start, qsl[-1:]]).to(torch.int32),
-                    (qsl[1:] - start).to(torch.int32))
 
 
 def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
@@ -188,6 +166,8 @@ def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
     given (a launch of several heads copies them all)."""
     rows = virtual_rows(batch, nqb)
     n_seq = nqb * batch.num_reqs
+    pages = min(-(-batch.max_seq_len // page_size), batch.block_table.shape[1])
+    row_table = batch.block_table[:, :pages].index_select(0, rows.order.long() // nqb)
     step = n_seq if slice_rows is None else max(1, min(slice_rows, n_seq))
     launch = launch_heads(n_seq, heads)
     span, exact = (batch.rows, True) if batch.rows is not None else ((0, q_rows), False)
@@ -197,7 +177,7 @@ def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
     slices = []
     for s0 in range(0, n_seq, step):
         s1 = min(n_seq, s0 + step)
-        q_start, q_len = rows.q_start[s0:s1 + 1], rows.q_len[s0:s1]
+        q_start = rows.q_start[s0:s1 + 1]
         if launch > 1:  # head-major copies of the rows in span: sequence i of head h at i*L + h
             tokens = span[1] - span[0]
             dev = q_start.device
@@ -205,11 +185,10 @@ def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
                       + torch.arange(launch, device=dev) * tokens).reshape(-1)
             end = torch.full((1,), launch * tokens, dtype=torch.long, device=dev)
             q_start = torch.cat([starts, end]).to(torch.int32)
-            q_len = q_len.repeat_interleave(launch)
-        slices.append((s0, s1, q_start, q_len))
+        slices.append((s0, s1, q_start))
     return VirtualPlan(rows, tuple(slices), heads, step, table_cols(batch, page_size),
-                       BLKK // page_size, num_blocks(batch.max_seq_len, BLKK) * BLKK, launch,
-                       span if launch > 1 else (0, 0), exact, tail_rows(batch))
+                       BLKK // page_size, num_blocks(batch.max_seq_len, BLKK) * BLKK, row_table,
+                       launch, span if launch > 1 else (0, 0), exact)
 
 
 class VirtualAttention:
@@ -226,9 +205,9 @@ class VirtualAttention:
         self.plan, self.batch, self.scale, self.group = plan, batch, scale, group
         # FA3's descales, one row a sequence of each slice (views of the one-element scales)
         self.descales = [None if scales is None else tuple(
-            t.reshape(1, 1).expand(q_len.shape[0], 1)
+            t.reshape(1, 1).expand(q_start.shape[0] - 1, 1)
             for t in (scales.q_scale, scales.k_scale, scales.v_scale))
-            for _, _, _, q_len in plan.slices]
+            for _, _, q_start in plan.slices]
         self.k_view, self.heads_per_page = heads_as_pages(key_cache)
         self.v_view, _ = heads_as_pages(value_cache)
         self.key_cache, self.value_cache, self.scales = key_cache, value_cache, scales
@@ -250,22 +229,28 @@ class VirtualAttention:
         # NOTE: host loops over head groups and slices (and, one head a launch, over heads):
         # FA3 shares a page table among a sequence's heads, so per-head contexts are per-head
         # sequences (module docstring)
-        plan = self.plan
+        plan, rows = self.plan, self.plan.rows
         map_heads = bm.count.shape[1]
         staged = plan.launch > 1
         width = plan.launch if staged else plan.heads
+        # rows that keep every valid block in all of the map's heads (a chunk's last queries
+        # always; any row where the thresholds keep everything) are no virtual sequences: the
+        # dense call below attends them (:meth:`_dense_rows`)
+        dense = (bm.count == bm.n_valid).all(1).reshape(-1).index_select(0, rows.order)
+        q_lens = torch.where(dense, 0, rows.q_len)
         for m0 in range(0, map_heads, width):
             n = min(width, map_heads - m0)
             if staged:
                 self._stage(h0 + m0, n)
-            for (s0, s1, q_start, q_len), descale in zip(plan.slices, self.descales,
-                                                         strict=True):
-                vbt, used = build_table(plan.rows, self.batch, bm.mask, bm.count, plan.sub,
-                                         plan.cols, self.heads_per_page, self.group, s0, s1, h0,
-                                         self.tables, m0, n, seq_major=staged)
-                if staged:
+            for (s0, s1, q_start), descale in zip(plan.slices, self.descales, strict=True):
+                vbt, used = build_table(rows, self.batch, bm.mask, bm.count, plan.sub, plan.cols,
+                                        self.heads_per_page, self.group, s0, s1, h0, self.tables,
+                                        m0, n, seq_major=staged)
+                q_len = q_lens[s0:s1]
+                if staged:  # sequence i of head h at i * launch + h
                     self.attn_fn(self.q_stage, self.k_view, self.v_view, self.out_stage, q_start,
-                                 q_len, used, vbt, plan.max_k, self.scale, descale)
+                                 q_len.repeat_interleave(plan.launch), used, vbt, plan.max_k,
+                                 self.scale, descale)
                     continue
                 for h, (table, n_used) in enumerate(zip(vbt.unbind(), used.unbind(),
                                                         strict=True)):
@@ -275,22 +260,28 @@ class VirtualAttention:
                                  descale)
             if staged:
                 self._unstage(h0 + m0, n)
-        # NOTE: after the launches: a staged launch copies back its rows' span, tail rows too
-        if plan.tail is not None:
-            self._tail(h0, map_heads)
+        # NOTE: after the launches: a staged launch copies back its whole span, dense rows too
+        self._dense_rows(h0, map_heads, torch.where(dense, rows.q_len, 0))
 
-    def _tail(self, h: int, n: int) -> None:
-        """The requests' tail rows (:class:`TailRows`) of heads ``h : h + n`` (a chunk's: whole
-        GQA groups, or heads of one KV head): one FA3 call over the requests' own pages."""
+    def _dense_rows(self, h: int, n: int, q_len: torch.Tensor) -> None:
+        """The rows of ``q_len`` (the others 0) as dense causal attention of heads ``h : h + n``
+        (a chunk's: whole GQA groups, or heads of one KV head) over their requests' own pages:
+        one FA3 call, GQA packed as FLASH_ATTN's, in the sequences' longest-first order.
+
+        Such a row kept in every head's launch would be that launch's longest tile (a chunk's
+        last queries: the whole context on one multiprocessor, while the launch's other rows
+        at high sparsity end sooner), so every launch would last that long; here those tiles
+        run side by side once a call. And a dense configuration runs as FA3 does, each KV head's
+        blocks read once for its group (over an fp8 cache, V transposed once a KV head)."""
         kv0, kvn = h // self.group, max(1, n // self.group)
-        tail, batch = self.plan.tail, self.batch
+        rows = self.plan.rows
         descale = None if self.scales is None else tuple(
-            t.reshape(1, 1).expand(tail.q_len.shape[0], kvn)
+            t.reshape(1, 1).expand(q_len.shape[0], kvn)
             for t in (self.scales.q_scale, self.scales.k_scale, self.scales.v_scale))
         self.attn_fn(self.q[:, h:h + n], self.key_cache[:, :, kv0:kv0 + kvn],
-                     self.value_cache[:, :, kv0:kv0 + kvn], self.out[:, h:h + n],
-                     tail.q_start, tail.q_len, batch.seq_lens, batch.block_table, self.plan.max_k,
-                     self.scale, descale, max_seqlen_q=2 * BLKQ)
+                     self.value_cache[:, :, kv0:kv0 + kvn], self.out[:, h:h + n], rows.q_start,
+                     q_len, rows.context, self.plan.row_table, self.plan.max_k, self.scale,
+                     descale)
 
     def _views(self, h: int, n: int) -> tuple[torch.Tensor, ...]:
         """Rows ``span`` of heads ``h : h + n`` of ``q`` and ``out`` as ``[n, T, D]``, and the

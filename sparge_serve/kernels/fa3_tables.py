@@ -35,22 +35,14 @@ class VirtualRows:
     uniform sparsity) by its kept blocks: longest first."""
 
     q_start: torch.Tensor  # [S + 1] int32: the sequence's first row of q (last entry: the end)
-    # [S] int32: its query rows (FA3's seqused_q; 0 past the query and in the tail)
-    q_len: torch.Tensor
+    q_len: torch.Tensor  # [S] int32: its query rows (FA3's seqused_q; 0 past the query)
     order: torch.Tensor  # [S] int32: its block-map row ``r * NQB + b``
-
-
-def tail_start(q_len: torch.Tensor) -> torch.Tensor:
-    """The first query row (in the request) of the query blocks holding a request's last
-    :data:`BLKQ` queries, which keep every valid key block (stage 1; the predictor's rule),
-    for ``q_len`` query rows a request."""
-    return torch.clamp(q_len // BLKQ - 1, min=0) * BLKQ
+    context: torch.Tensor  # [S] int32: its causal context, the last query's position + 1
 
 
 def virtual_rows(batch: PrefillBatch, nqb: int) -> VirtualRows:
     """:class:`VirtualRows` of ``batch`` (``nqb`` query blocks a request): a few tensor ops, no
-    host synchronisation; the same for every head and head chunk of a call. The rows from
-    :func:`tail_start` on have no query rows here: ``fa3.TailRows`` attends them."""
+    host synchronisation; the same for every head and head chunk of a call."""
     dev = batch.query_start_loc.device
     qsl = batch.query_start_loc.long()
     q_len = qsl[1:] - qsl[:-1]  # [R]
@@ -58,14 +50,13 @@ def virtual_rows(batch: PrefillBatch, nqb: int) -> VirtualRows:
     b0 = torch.arange(nqb, device=dev) * BLKQ  # [NQB]
     first = torch.minimum(b0[None, :], q_len[:, None])  # [R, NQB] row offsets in the request
     last = torch.minimum(b0[None, :] + BLKQ, q_len[:, None])  # one past the row's last query
-    # NOTE: the order below is by each row's own context (the tail rows' are the longest)
-    tail = first >= tail_start(q_len)[:, None]
     last_pos = torch.where(last > first, ctx[:, None] + last - 1, -1).reshape(-1)
     order = torch.argsort(last_pos, descending=True)
     starts = (qsl[:-1, None] + first).reshape(-1)[order]
     i32 = torch.int32
-    lens = torch.where(tail, 0, last - first).reshape(-1)[order]
-    return VirtualRows(torch.cat([starts, qsl[-1:]]).to(i32), lens.to(i32), order.to(i32))
+    return VirtualRows(torch.cat([starts, qsl[-1:]]).to(i32),
+                       (last - first).reshape(-1)[order].to(i32), order.to(i32),
+                       (last_pos[order] + 1).to(i32))
 
 
 TABLE_CHUNK_WORDS = 8

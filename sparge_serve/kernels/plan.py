@@ -111,8 +111,10 @@ class Shape:
         ``select_heads`` (default :meth:`min_select_heads`): the pooled keys of the selection's
         KV heads, the larger of their key sums (temporary) and the selection's
         :meth:`head_bytes`, the tables of each head of the chunk, and for FA3 the call's
-        sequence order (``fa3_tables.virtual_rows``, with its int64 temporaries) and the
-        log-sum-exp of one head's launch."""
+        sequence order (``fa3_tables.virtual_rows``, with its int64 temporaries), the dense
+        rows' flags and lengths, and FA3's log-sum-exp of the dense rows' call (the selection's
+        heads). The step's page table a sequence (``VirtualPlan.row_table``) is the plan's:
+        :func:`prefill_scratch_bytes` counts it."""
         sel = self.min_select_heads(heads) if select_heads is None else select_heads
         kv = max(1, sel * self.num_kv_heads // self.num_heads)
         # the key sums live only while the keys are pooled, before the selection's map exists
@@ -121,7 +123,9 @@ class Shape:
         if self.fa3_page_size is not None:
             rows = self.rows if slice_rows is None else min(slice_rows, self.rows)
             n += heads * rows * self.table_row_bytes()
-            n += self.rows * (3 * 4 + 6 * 8) + 8 + self.max_reqs * self.max_query_len * 4
+            n += self.rows * (4 * 4 + 6 * 8) + 8
+            n += self.rows * (sel + 1 + 2 * 4)  # count == n_valid per head, per row, lengths
+            n += sel * self.max_reqs * self.max_query_len * 4
         return n
 
     def budget_bytes(self, elem_size: int, map_budget: float, floor: int | None = None) -> int:
@@ -213,9 +217,10 @@ def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_
     """Upper bound of the device memory one sparse prefill call allocates (predictor + attention),
     for ``max_reqs`` requests of at most ``max_query_len`` new tokens and ``max_seq_len`` context:
     the whole call's kept/valid counts plus its largest head chunk (:func:`chunk_scratch_bytes`;
-    ``fa3_page_size``: with the FA3 attention path over pages of that size, and its copies of
-    the query and output rows of a launch of several heads, ``fa3.staging_bytes``, bounded by
-    ``fa3.MIN_LAUNCH_SEQS`` query tiles rather than by the budget).
+    ``fa3_page_size``: with the FA3 attention path over pages of that size, its copies of the
+    query and output rows of a launch of several heads, ``fa3.staging_bytes``, bounded by
+    ``fa3.MIN_LAUNCH_SEQS`` query tiles rather than by the budget, and its page table a
+    sequence).
 
     The backend allocates this once during vLLM's memory profiling so that the KV cache is sized
     with room for it.
@@ -230,6 +235,8 @@ def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_
 
         staging = staging_bytes(shape.rows, tuple(chunk_sizes(num_heads, num_kv_heads)),
                                 max_reqs * max_query_len, head_dim)
+        # the step's page table a sequence (the dense rows' call)
+        staging += shape.rows * -(-max_seq_len // fa3_page_size) * 4
     return counts + chunk_scratch_bytes(shape, elem_size, map_budget) + staging
 
 
