@@ -238,19 +238,22 @@ class VirtualAttention:
         # dense call below attends them (:meth:`_dense_rows`)
         dense = (bm.count == bm.n_valid).all(1).reshape(-1).index_select(0, rows.order)
         q_lens = torch.where(dense, 0, rows.q_len)
+        # each slice's lengths, the same for every head group (staged: sequence i of head h at
+        # i * launch + h)
+        slice_lens = [q_lens[s0:s1].repeat_interleave(plan.launch) if staged else q_lens[s0:s1]
+                      for s0, s1, _ in plan.slices]
         for m0 in range(0, map_heads, width):
             n = min(width, map_heads - m0)
             if staged:
                 self._stage(h0 + m0, n)
-            for (s0, s1, q_start), descale in zip(plan.slices, self.descales, strict=True):
+            for (s0, s1, q_start), q_len, descale in zip(plan.slices, slice_lens, self.descales,
+                                                         strict=True):
                 vbt, used = build_table(rows, self.batch, bm.mask, bm.count, plan.sub, plan.cols,
                                         self.heads_per_page, self.group, s0, s1, h0, self.tables,
                                         m0, n, seq_major=staged)
-                q_len = q_lens[s0:s1]
-                if staged:  # sequence i of head h at i * launch + h
+                if staged:
                     self.attn_fn(self.q_stage, self.k_view, self.v_view, self.out_stage, q_start,
-                                 q_len.repeat_interleave(plan.launch), used, vbt, plan.max_k,
-                                 self.scale, descale)
+                                 q_len, used, vbt, plan.max_k, self.scale, descale)
                     continue
                 for h, (table, n_used) in enumerate(zip(vbt.unbind(), used.unbind(),
                                                         strict=True)):
