@@ -36,17 +36,17 @@ def test_warm_up_runs_every_bucket(device):
 def test_no_compilation_after_warm_up(attention_kernel):
     """After the warm-up, prefills of any length in range (and any batch) compile nothing."""
     from sparge_serve.kernels import attention, pooling, predictor
-    from sparge_serve.kernels import fa3 as virtual
+    from sparge_serve.kernels import fa3_tables
 
     kernels = (pooling._ksum_kernel, pooling._kblock_kernel, predictor._select_kernel,
-               attention._sparse_attn_kernel, virtual._virtual_table_kernel)
+               attention._sparse_attn_kernel, fa3_tables._virtual_table_kernel)
     dev = torch.device("cuda", torch.cuda.current_device())
     kc, vc = _packed_cache(1, 64, 2, 128, "cuda")
     fa3 = attention_kernel == "fa3"
     warm_up_sparse_kernels(kc, vc, num_heads=8, min_seq_len=1000, max_seq_len=40_000,
                            masks=fa3)
     if fa3:
-        virtual.warm_up_virtual(8, 2, 64, dev)
+        fa3_tables.warm_up_virtual(8, 2, 64, dev)
     compiled = [len(k.device_caches[dev.index][0]) for k in kernels]
     from sparge_serve.kernels import PrefillBatch, sparge_paged_prefill
 
