@@ -88,10 +88,12 @@ def test_fa3_virtual_contexts_equal_attention_over_the_kept_blocks(page, hq, hkv
                                                                    min_seqs, launch, device,
                                                                    monkeypatch):
     """One query head a launch (per-head views) and several (head-major copies of their rows,
-    one order across them) give attention over exactly the kept blocks, head dims 64 and 256."""
+    one order across them) give attention over exactly the kept blocks, head dims 64 and 256,
+    with the dense rows' own call (two launches or more here) and without it."""
     import sparge_serve.kernels.fa3 as virtual
 
     monkeypatch.setattr(virtual, "MIN_LAUNCH_SEQS", min_seqs)
+    monkeypatch.setattr(virtual, "DENSE_CALL_LAUNCHES", 2)
     case = make_paged_case(REQS, hq, hkv, d, page, torch.float16, device, seed=3, packed=packed)
     bm, keeps = reference_block_map(case, 0.3, torch.linspace(0.5, 0.95, hq), topk)
     real = bm.count > 0
@@ -105,8 +107,10 @@ def test_fa3_virtual_contexts_equal_attention_over_the_kept_blocks(page, hq, hkv
         fa3_emulation(q, k, v, out, q_start, q_len, *args, **kw)
 
     _fa3_vs_oracle(case, bm, keeps, attn_fn=counting)
-    # heads x sequences a launch, then one call of every head for the dense rows
-    assert seqs == [n_seq * launch(hq)] * (hq // launch(hq)) + [n_seq]
+    # heads x sequences a launch, then (two launches or more) one call of every head for the
+    # dense rows
+    launches = hq // launch(hq)
+    assert seqs == [n_seq * launch(hq)] * launches + [n_seq] * (launches >= 2)
 
 
 @pytest.mark.parametrize("cdf", [0.8, 1.0], ids=["mixed", "dense_configuration"])
@@ -117,6 +121,7 @@ def test_dense_rows_go_to_one_call_and_the_rest_to_virtual_sequences(cdf, device
     import sparge_serve.kernels.fa3 as virtual
 
     monkeypatch.setattr(virtual, "MIN_LAUNCH_SEQS", 1)  # one head a launch: q_len per row
+    monkeypatch.setattr(virtual, "DENSE_CALL_LAUNCHES", 4)  # the hq launches get the dense call
     hq = 4
     case = make_paged_case(REQS, hq, 2, 64, 16, torch.float16, device, seed=4, packed=True)
     bm, keeps = reference_block_map(case, -1.0, cdf)
@@ -139,6 +144,24 @@ def test_dense_rows_go_to_one_call_and_the_rest_to_virtual_sequences(cdf, device
         assert not sparse_starts & dense_starts
         assert len(sparse_starts | dense_starts) == int(has_rows.sum())
     assert len(dense_starts) == int((all_dense & has_rows).sum())
+
+
+def test_dense_call_only_where_the_heads_take_many_launches():
+    """A long prompt (one head a launch, 32 launches) gets the dense rows' call; an engine
+    chunk (16K tokens: 8 heads a launch, 4 launches) keeps them in its launches."""
+    from sparge_serve.kernels import PrefillBatch
+    from sparge_serve.kernels.fa3 import DENSE_CALL_LAUNCHES, plan_virtual
+
+    def plan(tokens):
+        i32 = dict(dtype=torch.int32)
+        b = PrefillBatch(torch.tensor([0, tokens], **i32), torch.tensor([tokens], **i32),
+                         torch.arange(tokens // 64, **i32)[None], tokens, tokens)
+        return plan_virtual(b, tokens // 128, 64, 32, q_rows=tokens)
+
+    long, chunk = plan(1024 * 128), plan(128 * 128)
+    assert (long.launch, chunk.launch) == (1, 8)
+    assert long.dense_call and not chunk.dense_call
+    assert 32 // 8 < DENSE_CALL_LAUNCHES <= 32
 
 
 def test_launch_heads_fill_a_launch_with_the_fewest_heads():

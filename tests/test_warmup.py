@@ -35,8 +35,7 @@ def test_warm_up_runs_every_bucket(device):
 @pytest.mark.parametrize("attention_kernel", ["triton", "fa3"])
 def test_no_compilation_after_warm_up(attention_kernel):
     """After the warm-up, prefills of any length in range (and any batch) compile nothing."""
-    from sparge_serve.kernels import attention, pooling, predictor
-    from sparge_serve.kernels import fa3_tables
+    from sparge_serve.kernels import attention, fa3_tables, pooling, predictor
 
     kernels = (pooling._ksum_kernel, pooling._kblock_kernel, predictor._select_kernel,
                attention._sparse_attn_kernel, fa3_tables._virtual_table_kernel)
