@@ -37,7 +37,7 @@ Keys (all optional):
   ``auto`` over an fp8 cache drops their PV skip (FA3 runs twice the Triton kernel's speed
   there). Measured on 16K-token chunks (H100, 32 q / 8 KV heads of 128, 32K-128K contexts): the
   FA3 path 0.90-0.93x FA3 dense and 1.59-1.81x at 50% block sparsity where the Triton kernel
-  has 0.84x and 1.56-1.59x; end to end 1.46x FLASH_ATTN's TTFT at 128K and 50%
+  has 0.84x and 1.56-1.59x; end to end 1.43-1.47x FLASH_ATTN's TTFT at 128K and 50%
   (docs/PERFORMANCE.md). On 2K-token chunks of a 32K context both are host-bound.
 - ``map_budget``: the sparse prefill's memory bound (env ``SPARGE_MAP_BUDGET``, a number or
   ``none``): a call whose block map (and, with ``fa3``, virtual block tables) would pass this

@@ -30,7 +30,7 @@ MIN_BUDGET_BYTES = 64 << 20
 """Default floor of the budget (``map_floor``): chunks never get smaller than this. Each chunk
 adds its own small launches (key pooling, select, FA3 tables) that 32K prompts at high sparsity
 do not hide (H200, 32K, 16 ``fa3`` chunks: 0.98x the unchunked speed at 50% block sparsity,
-0.61-0.95x at 80-90%, ``benchmarks/results/kernels_virtual.md``), so only block maps larger than
+0.61-0.95x at 80-90%, ``kernels_virtual.md`` of commit 5299656), so only block maps larger than
 this are split: a bound on the worst case (1M-token contexts, or long prompts in one step), not a
 cost at typical sizes. ``map_floor=0`` gives the pure fraction."""
 BATCH_PTRS = ["bt_ptr", "qsl_ptr", "seq_lens_ptr", "sim_ptr", "cdf_ptr", "pv_ptr", "stats_ptr",
