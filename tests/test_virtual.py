@@ -161,6 +161,7 @@ def test_dense_call_only_where_the_heads_take_many_launches():
     long, chunk = plan(1024 * 128), plan(128 * 128)
     assert (long.launch, chunk.launch) == (1, 8)
     assert long.dense_call and not chunk.dense_call
+    assert long.row_table.shape == (1024, 2048) and chunk.row_table is None  # the call's tables
     assert 32 // 8 < DENSE_CALL_LAUNCHES <= 32
 
 

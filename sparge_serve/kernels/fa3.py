@@ -162,8 +162,8 @@ class VirtualPlan:
     cols: int  # entries of one sequence's table
     sub: int  # pages a key block
     max_k: int  # bound on a virtual context's tokens
-    # [S, pages] int32: each sequence's request's page table (the dense rows' call)
-    row_table: torch.Tensor
+    # [S, pages] int32: each sequence's request's page table (the dense rows' call, else None)
+    row_table: torch.Tensor | None
     launch: int = 1  # query heads one FA3 launch attends (a divisor of `heads`)
     span: tuple[int, int] = (0, 0)  # rows of q a launch of several heads copies
     exact: bool = True
@@ -179,9 +179,11 @@ def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
     rows = virtual_rows(batch, nqb)
     n_seq = nqb * batch.num_reqs
     pages = min(-(-batch.max_seq_len // page_size), batch.block_table.shape[1])
-    row_table = batch.block_table[:, :pages].index_select(0, rows.order.long() // nqb)
     step = n_seq if slice_rows is None else max(1, min(slice_rows, n_seq))
     launch = launch_heads(n_seq, heads)
+    dense_call = heads // launch >= DENSE_CALL_LAUNCHES
+    row_table = (batch.block_table[:, :pages].index_select(0, rows.order.long() // nqb)
+                 if dense_call else None)
     span, exact = (batch.rows, True) if batch.rows is not None else ((0, q_rows), False)
     if launch > 1 and span[1] is None:
         raise ValueError("the FA3 path attends several heads a launch for this batch and needs "
@@ -200,8 +202,7 @@ def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
         slices.append((s0, s1, q_start))
     return VirtualPlan(rows, tuple(slices), heads, step, table_cols(batch, page_size),
                        BLKK // page_size, num_blocks(batch.max_seq_len, BLKK) * BLKK, row_table,
-                       launch, span if launch > 1 else (0, 0), exact,
-                       heads // launch >= DENSE_CALL_LAUNCHES)
+                       launch, span if launch > 1 else (0, 0), exact, dense_call)
 
 
 class VirtualAttention:
