@@ -15,7 +15,10 @@ the same run. Batch 1, bf16, head dim 128, 32 query / 8 KV heads, 64-token pages
 Each sparse row is one ``sparge_paged_prefill`` call as the backend makes it (predictor, then
 the attention, in head chunks under the default ``map_budget``), with ``--attention``'s kernels:
 ``triton`` (the block-sparse kernel) and ``fa3`` (FlashAttention-3 over each row's kept blocks;
-columns ``+fa3``). ``--planned`` times instead what the backend pays in each layer: the
+columns ``+fa3``), and ``fa3_call`` / ``fa3_nocall``: the FA3 path with the rows that keep every
+block in one call of their own, or in the launches (``fa3.DENSE_CALL_LAUNCHES`` picks between
+the two; a query length equal to the context is a whole prompt). Query lengths above a context
+are left out. ``--planned`` times instead what the backend pays in each layer: the
 plan (``plan.plan_prefill``: sub-batch, head chunks, tables) is built once per engine step and
 shared by every layer, so each timed call is ``prefill.run_prefill`` over a prebuilt plan, with
 no argument checks. ``--kv-dtype fp8`` runs everything over an fp8 cache and query (per-tensor
@@ -27,6 +30,7 @@ context) is one such case. Writes ``<out>.json`` and ``<out>.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 
@@ -39,6 +43,7 @@ from sparge_serve.kernels.plan import plan_prefill
 from sparge_serve.kernels.prefill import run_prefill
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
+DEVICE = "cuda"
 
 
 def bench(fn) -> float:
@@ -46,22 +51,39 @@ def bench(fn) -> float:
 
 
 def case(ctx: int, q_len: int, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     n_pages = num_blocks(ctx, PAGE)
-    kv = torch.randn(n_pages, PAGE, HKV, 2 * D, device="cuda", generator=g).bfloat16()
+    kv = torch.randn(n_pages, PAGE, HKV, 2 * D, device=DEVICE, generator=g).bfloat16()
     kc, vc = kv.split(D, dim=-1)
-    q = torch.randn(q_len, HQ, D, device="cuda", generator=g).bfloat16()
-    perm = torch.randperm(n_pages, device="cuda", generator=g).to(torch.int32)
+    q = torch.randn(q_len, HQ, D, device=DEVICE, generator=g).bfloat16()
+    perm = torch.randperm(n_pages, device=DEVICE, generator=g).to(torch.int32)
     batch = PrefillBatch(
-        query_start_loc=torch.tensor([0, q_len], dtype=torch.int32, device="cuda"),
-        seq_lens=torch.tensor([ctx], dtype=torch.int32, device="cuda"),
+        query_start_loc=torch.tensor([0, q_len], dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor([ctx], dtype=torch.int32, device=DEVICE),
         block_table=perm[None], max_query_len=q_len, max_seq_len=ctx,
     )
     return q, kc, vc, batch
 
 
 CONFIGS = (("dense", 1.0, None), ("topk_s0.5", -1.0, 0.5), ("topk_s0.8", -1.0, 0.2))
-SUFFIX = {"triton": "", "fa3": "+fa3"}  # row keys and table columns per attention kernel
+SUFFIX = {"triton": "", "fa3": "+fa3", "fa3_call": "+fa3_call", "fa3_nocall": "+fa3_nocall"}
+"""Row keys and table columns per attention path: ``triton``, ``fa3`` (the FA3 path as the
+backend runs it), and the FA3 path with the dense rows' own call forced on (``fa3_call``) or
+off (``fa3_nocall``) whatever ``fa3.DENSE_CALL_LAUNCHES`` picks, to measure that rule."""
+DENSE_CALL_LAUNCHES = {"fa3_call": 1, "fa3_nocall": 1 << 30}
+
+
+@contextlib.contextmanager
+def dense_call(path: str):
+    """``fa3.DENSE_CALL_LAUNCHES`` as ``path`` forces it, for the plans made inside."""
+    import sparge_serve.kernels.fa3 as fa3_path
+
+    saved = fa3_path.DENSE_CALL_LAUNCHES
+    fa3_path.DENSE_CALL_LAUNCHES = DENSE_CALL_LAUNCHES.get(path, saved)
+    try:
+        yield
+    finally:
+        fa3_path.DENSE_CALL_LAUNCHES = saved
 
 
 def kernel_table(fn, calls: int = 3) -> str:
@@ -78,7 +100,7 @@ def kernel_table(fn, calls: int = 3) -> str:
 
 def measure(ctx: int, q_len: int, fa3, attention: list[str], kv_dtype: str,
             profile: bool = False, planned: bool = False) -> dict:
-    hv = lambda x: torch.full((HQ,), float(x), device="cuda")  # noqa: E731
+    hv = lambda x: torch.full((HQ,), float(x), device=DEVICE)  # noqa: E731
     scale = D**-0.5
     q, kc, vc, batch = case(ctx, q_len)
     out = torch.empty_like(q)
@@ -98,24 +120,28 @@ def measure(ctx: int, q_len: int, fa3, attention: list[str], kv_dtype: str,
                         causal=True, block_table=batch.block_table, out=out, fa_version=3,
                         **extra)), flush=True)
     for path in attention:
+        kernel = "fa3" if path.startswith("fa3") else path
         for name, sim, topk in CONFIGS:
-            def run(sim=sim, topk=topk, path=path):
+            def run(sim=sim, topk=topk, kernel=kernel):
                 sparge_paged_prefill(q, kc, vc, batch, scale, hv(sim), hv(1.0), hv(50.0), out,
                                      topk=topk, check_finite=False, pv_skip=False,
-                                     attention=path, scales=scales)
+                                     attention=kernel, scales=scales)
 
-            if planned:  # one plan a step, as the backend builds it; each layer only launches
-                plan = plan_prefill(batch, HQ, HKV, D, out.dtype, PAGE, q.device, topk,
-                                    attention=path, q_rows=q.shape[0])
+            with dense_call(path):
+                if planned:  # one plan a step, as the backend builds it; each layer launches
+                    plan = plan_prefill(batch, HQ, HKV, D, out.dtype, PAGE, q.device, topk,
+                                        attention=kernel, q_rows=q.shape[0])
 
-                def run(sim=sim, plan=plan):  # noqa: F811
-                    run_prefill(plan, q, kc, vc, scale, hv(sim), hv(1.0), hv(50.0), out,
-                                scales=scales)
-            t = bench(run)
+                    def run(sim=sim, plan=plan):  # noqa: F811
+                        run_prefill(plan, q, kc, vc, scale, hv(sim), hv(1.0), hv(50.0), out,
+                                    scales=scales)
+                t = bench(run)
             key = name + SUFFIX[path]
             if profile:
-                print(f"## {key}, context {ctx}, {q_len} new tokens, {kv_dtype}\n"
-                      + kernel_table(run), flush=True)
+                with dense_call(path):
+                    table = kernel_table(run)
+                print(f"## {key}, context {ctx}, {q_len} new tokens, {kv_dtype}\n" + table,
+                      flush=True)
             row[f"{key}_ms"] = t
             row[f"{key}_speedup"] = t_fa3 / t
     return row
@@ -127,7 +153,9 @@ def main() -> None:
     ap.add_argument("--query-lens", type=int, nargs="+",
                     default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
     ap.add_argument("--attention", nargs="+", choices=tuple(SUFFIX), default=["triton"],
-                    help="the sparse path's attention kernels to time (default triton)")
+                    help="the sparse path's attention kernels to time (default triton); "
+                    "fa3_call / fa3_nocall: the FA3 path with the dense rows' own call forced "
+                    "on / off")
     ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16")
     ap.add_argument("--planned", action="store_true",
                     help="time each layer's launches over a plan built once (as the backend "
@@ -148,7 +176,7 @@ def main() -> None:
 
     rows = []
     for ctx in args.contexts:
-        for q_len in args.query_lens:
+        for q_len in (n for n in args.query_lens if n <= ctx):
             rows.append(measure(ctx, q_len, fa3, args.attention, args.kv_dtype,
                                 args.profile, args.planned))
             print(json.dumps(rows[-1]), flush=True)
@@ -177,7 +205,7 @@ def write_report(meta: dict, rows: list[dict], out: str) -> None:
     kv_dtype = rows[0]["kv_dtype"]
     attention = [p for p in SUFFIX if f"dense{SUFFIX[p]}_ms" in rows[0]]
     base = "FA3" if kv_dtype == "bf16" else "FLASH_ATTN-fp8 (FA3's fp8 forward)"
-    cols = [(name + SUFFIX[p], f"{label}{' +fa3' if p == 'fa3' else ''}")
+    cols = [(name + SUFFIX[p], f"{label}{' ' + SUFFIX[p] if SUFFIX[p] else ''}")
             for p in attention
             for name, label in (("dense", "dense config"), ("topk_s0.5", "50% sparse"),
                                 ("topk_s0.8", "80% sparse"))]
@@ -186,7 +214,9 @@ def write_report(meta: dict, rows: list[dict], out: str) -> None:
              f"`{meta['command']}` — torch {meta['torch']}, triton {meta['triton']}, vllm "
              f"{meta['vllm']}; {kv_dtype} KV cache, head dim {D}, {HQ} q / {HKV} KV heads, "
              f"page {PAGE}, batch 1. Speed-up = {base} time / (predictor + sparse attention), "
-             "medians, same run; `+fa3`: the kept blocks attended by FlashAttention-3.", "",
+             "medians, same run; `+fa3`: the kept blocks attended by FlashAttention-3; "
+             "`+fa3_call` / `+fa3_nocall`: the same with the rows that keep every block in a "
+             "call of their own / in the launches.", "",
              "| context | new tokens | FA3 ms | " + " | ".join(c[1] for c in cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     for r in rows:

@@ -264,6 +264,40 @@ def test_kernels_fp8_rows_on_toy_inputs(monkeypatch, device):
         assert dense["fa3_fp8_rel_l1_vs_bf16_dense"] == 1.0  # the stand-in's zeros
 
 
+def test_query_len_dense_call_paths_force_the_rule_both_ways(monkeypatch):
+    """bench_query_len's ``fa3_call`` / ``fa3_nocall`` rows: the FA3 path with the dense rows'
+    own call forced on / off for the plans they time (``fa3`` keeps the rule, which at one
+    launch a chunk makes no call), the rule's constant restored after. Toy sizes on the CPU,
+    FA3 emulated, timing stubbed."""
+    import sparge_serve.kernels.fa3 as virtual
+    from tests.test_virtual import fa3_emulation
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("bench_query_len")
+    calls = []
+
+    def counting(q, k, v, out, q_start, q_len, *args, **kw):
+        calls.append(q_len.shape[0])
+        fa3_emulation(q, k, v, out, q_start, q_len, *args, **kw)
+
+    monkeypatch.setattr(virtual, "fa3_paged_forward", counting)
+    for name, value in (("DEVICE", "cpu"), ("HQ", 2), ("HKV", 1), ("D", 64)):
+        monkeypatch.setattr(bench, name, value)
+    monkeypatch.setattr(bench, "bench", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench, "CONFIGS", (("topk_s0.5", -1.0, 0.5),))
+    rule = virtual.DENSE_CALL_LAUNCHES
+    fa3 = lambda q, k, v, out, **kw: out.zero_()  # noqa: E731
+    seqs = {}
+    for path in ("fa3", "fa3_call", "fa3_nocall"):
+        calls.clear()
+        row = bench.measure(512, 512, fa3, [path], "bf16", planned=True)
+        assert row[f"topk_s0.5{bench.SUFFIX[path]}_speedup"] == 1.0
+        seqs[path] = list(calls)
+        assert rule == virtual.DENSE_CALL_LAUNCHES
+    # 4 query blocks x 2 heads in one launch, then (forced on) one call of the dense rows
+    assert seqs == {"fa3": [8], "fa3_call": [8, 4], "fa3_nocall": [8]}
+
+
 def test_d256_launch_sweep_checks_outputs_and_survives_a_refused_launch(monkeypatch):
     """``--sweep`` at head dim 256 times every launch of ``D256_LAUNCHES`` with TMA loads and PV
     skip off, measures each output against the default launch's, and notes a launch the device
