@@ -399,8 +399,12 @@ def markdown(data: dict[str, Any], geometries: dict[str, str] | None = None) -> 
                   "under every backend) and, in brackets, that over the baseline's (same "
                   "geometry and length): a row well above 1.00x ran on a slower host than its "
                   "baseline (another process's load), and where the prefill is bound by the "
-                  "host its TTFT ratio carries that slowdown, not the backend's. Load: the "
-                  "host's 1-minute load average when the row was measured.",
+                  "host its TTFT ratio carries that slowdown, not the backend's. Where the "
+                  "GPU is the bound instead (`Command Buffer Full` among the largest host ops: "
+                  "the host waits for room in the GPU's queue), a graph call can hold such a "
+                  "wait, and a row that issues more launches waits more: the ratio is then no "
+                  "measure of the host. Load: the host's 1-minute load average when the row was "
+                  "measured.",
                   "", "| geometry | length | config | wall ms | GPU kernel ms | attention ms | "
                   "host ops | host op ms | host speed: graph µs a call | load | largest host "
                   "ops (calls, ms) |",
