@@ -17,8 +17,7 @@ the attention, in head chunks under the default ``map_budget``), with ``--attent
 ``triton`` (the block-sparse kernel) and ``fa3`` (FlashAttention-3 over each row's kept blocks;
 columns ``+fa3``), and ``fa3_call`` / ``fa3_nocall``: the FA3 path with the rows that keep every
 block in one call of their own, or in the launches (``fa3.DENSE_CALL_LAUNCHES`` picks between
-the two; a query length equal to the context is a whole prompt), and ``fa3_call_unpacked``: that
-call without FA3's GQA packing (``fa3.DENSE_PACK_GQA``). Query lengths above a context
+the two; a query length equal to the context is a whole prompt). Query lengths above a context
 are left out. ``--planned`` times instead what the backend pays in each layer: the
 plan (``plan.plan_prefill``: sub-batch, head chunks, tables) is built once per engine step and
 shared by every layer, so each timed call is ``prefill.run_prefill`` over a prebuilt plan, with
@@ -67,33 +66,24 @@ def case(ctx: int, q_len: int, seed: int = 0):
 
 
 CONFIGS = (("dense", 1.0, None), ("topk_s0.5", -1.0, 0.5), ("topk_s0.8", -1.0, 0.2))
-SUFFIX = {"triton": "", "fa3": "+fa3", "fa3_call": "+fa3_call", "fa3_nocall": "+fa3_nocall",
-          "fa3_call_unpacked": "+fa3_call_unpacked"}
+SUFFIX = {"triton": "", "fa3": "+fa3", "fa3_call": "+fa3_call", "fa3_nocall": "+fa3_nocall"}
 """Row keys and table columns per attention path: ``triton``, ``fa3`` (the FA3 path as the
 backend runs it), and the FA3 path with the dense rows' own call forced on (``fa3_call``) or
-off (``fa3_nocall``) whatever ``fa3.DENSE_CALL_LAUNCHES`` picks, to measure that rule, and
-forced on with FA3's ``pack_gqa`` off for that call (``fa3_call_unpacked``,
-``fa3.DENSE_PACK_GQA``)."""
-FORCED = {"fa3_call": dict(DENSE_CALL_LAUNCHES=1),
-          "fa3_nocall": dict(DENSE_CALL_LAUNCHES=1 << 30),
-          "fa3_call_unpacked": dict(DENSE_CALL_LAUNCHES=1, DENSE_PACK_GQA=False)}
+off (``fa3_nocall``) whatever ``fa3.DENSE_CALL_LAUNCHES`` picks, to measure that rule."""
+DENSE_CALL_LAUNCHES = {"fa3_call": 1, "fa3_nocall": 1 << 30}
 
 
 @contextlib.contextmanager
 def dense_call(path: str):
-    """The FA3 path's dense-call settings as ``path`` forces them (:data:`FORCED`), for the
-    plans made and the calls run inside."""
+    """``fa3.DENSE_CALL_LAUNCHES`` as ``path`` forces it, for the plans made inside."""
     import sparge_serve.kernels.fa3 as fa3_path
 
-    forced = FORCED.get(path, {})
-    saved = {k: getattr(fa3_path, k) for k in forced}
-    for k, v in forced.items():
-        setattr(fa3_path, k, v)
+    saved = fa3_path.DENSE_CALL_LAUNCHES
+    fa3_path.DENSE_CALL_LAUNCHES = DENSE_CALL_LAUNCHES.get(path, saved)
     try:
         yield
     finally:
-        for k, v in saved.items():
-            setattr(fa3_path, k, v)
+        fa3_path.DENSE_CALL_LAUNCHES = saved
 
 
 def kernel_table(fn, calls: int = 3) -> str:
@@ -165,7 +155,7 @@ def main() -> None:
     ap.add_argument("--attention", nargs="+", choices=tuple(SUFFIX), default=["triton"],
                     help="the sparse path's attention kernels to time (default triton); "
                     "fa3_call / fa3_nocall: the FA3 path with the dense rows' own call forced "
-                    "on / off; fa3_call_unpacked: forced on, FA3's pack_gqa off for it")
+                    "on / off")
     ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16")
     ap.add_argument("--planned", action="store_true",
                     help="time each layer's launches over a plan built once (as the backend "
@@ -226,8 +216,7 @@ def write_report(meta: dict, rows: list[dict], out: str) -> None:
              f"page {PAGE}, batch 1. Speed-up = {base} time / (predictor + sparse attention), "
              "medians, same run; `+fa3`: the kept blocks attended by FlashAttention-3; "
              "`+fa3_call` / `+fa3_nocall`: the same with the rows that keep every block in a "
-             "call of their own / in the launches; `+fa3_call_unpacked`: that call without "
-             "FA3's GQA packing.", "",
+             "call of their own / in the launches.", "",
              "| context | new tokens | FA3 ms | " + " | ".join(c[1] for c in cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     for r in rows:

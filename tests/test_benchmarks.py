@@ -265,10 +265,10 @@ def test_kernels_fp8_rows_on_toy_inputs(monkeypatch, device):
 
 
 def test_query_len_dense_call_paths_force_the_rule_both_ways(monkeypatch):
-    """bench_query_len's ``fa3_call`` / ``fa3_nocall`` / ``fa3_call_unpacked`` rows: the FA3 path
-    with the dense rows' own call forced on / off / on without GQA packing for what they time
-    (``fa3`` keeps the rule, which at one launch a chunk makes no call), the module's settings
-    restored after. Toy sizes on the CPU, FA3 emulated, timing stubbed."""
+    """bench_query_len's ``fa3_call`` / ``fa3_nocall`` rows: the FA3 path with the dense rows'
+    own call forced on / off for the plans they time (``fa3`` keeps the rule, which at one
+    launch a chunk makes no call), the rule's constant restored after. Toy sizes on the CPU,
+    FA3 emulated, timing stubbed."""
     import sparge_serve.kernels.fa3 as virtual
     from tests.test_virtual import fa3_emulation
 
@@ -277,7 +277,7 @@ def test_query_len_dense_call_paths_force_the_rule_both_ways(monkeypatch):
     calls = []
 
     def counting(q, k, v, out, q_start, q_len, *args, **kw):
-        calls.append((q_len.shape[0], kw.get("pack_gqa")))
+        calls.append(q_len.shape[0])
         fa3_emulation(q, k, v, out, q_start, q_len, *args, **kw)
 
     monkeypatch.setattr(virtual, "fa3_paged_forward", counting)
@@ -285,19 +285,17 @@ def test_query_len_dense_call_paths_force_the_rule_both_ways(monkeypatch):
         monkeypatch.setattr(bench, name, value)
     monkeypatch.setattr(bench, "bench", lambda fn: (fn(), 1.0)[1])
     monkeypatch.setattr(bench, "CONFIGS", (("topk_s0.5", -1.0, 0.5),))
-    rule = (virtual.DENSE_CALL_LAUNCHES, virtual.DENSE_PACK_GQA)
+    rule = virtual.DENSE_CALL_LAUNCHES
     fa3 = lambda q, k, v, out, **kw: out.zero_()  # noqa: E731
     seqs = {}
-    for path in ("fa3", "fa3_call", "fa3_nocall", "fa3_call_unpacked"):
+    for path in ("fa3", "fa3_call", "fa3_nocall"):
         calls.clear()
         row = bench.measure(512, 512, fa3, [path], "bf16", planned=True)
         assert row[f"topk_s0.5{bench.SUFFIX[path]}_speedup"] == 1.0
         seqs[path] = list(calls)
-        assert rule == (virtual.DENSE_CALL_LAUNCHES, virtual.DENSE_PACK_GQA)
-    # 4 query blocks x 2 heads in one launch, then (forced on) one call of the dense rows,
-    # FA3's GQA packing as FA3 decides or off
-    assert seqs == {"fa3": [(8, None)], "fa3_call": [(8, None), (4, None)],
-                    "fa3_nocall": [(8, None)], "fa3_call_unpacked": [(8, None), (4, False)]}
+        assert rule == virtual.DENSE_CALL_LAUNCHES
+    # 4 query blocks x 2 heads in one launch, then (forced on) one call of the dense rows
+    assert seqs == {"fa3": [8], "fa3_call": [8, 4], "fa3_nocall": [8]}
 
 
 def test_d256_launch_sweep_checks_outputs_and_survives_a_refused_launch(monkeypatch):

@@ -33,11 +33,10 @@ REQS = [(260, 560), (37, 421), (70, 70)]
 
 
 def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k, scale,
-                  descale=None, pack_gqa=None):
+                  descale=None):
     """:func:`fa3_paged_forward` semantics (FA3 with ``seqused_q``: explicit start rows, paged
     K/V, bottom-right causal, query heads in GQA groups over the KV heads; fp8 ``q, k, v``
-    dequantised by ``descale``), one sequence and head at a time, in fp32 (``pack_gqa`` changes
-    FA3's tiling only)."""
+    dequantised by ``descale``), one sequence and head at a time, in fp32."""
     hq, hkv = q.shape[1], k.shape[2]
     assert out.shape[1] == hq and hq % hkv == 0
     assert q.stride(-1) == out.stride(-1) == 1  # strided per-head views, as FA3 accepts them
@@ -434,4 +433,3 @@ def test_fa3_forward_passes_arguments_where_vllm_does():
     assert (ours[12], ours[14], ours[23], ours[24], ours[25], ours[26], ours[30]) == (
         "BLKQ", "block_table", "scale", "True", "-1", "-1", "1")
     assert ours[20:23] == ["q_descale", "k_descale", "v_descale"]
-    assert (theirs[31], ours[31]) == ("None", "pack_gqa")  # FA3 decides unless we say

@@ -84,15 +84,14 @@ from sparge_serve.kernels.predictor import lut_to_mask
 
 
 def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k,
-                      scale, descale=None, pack_gqa: bool | None = None) -> None:
+                      scale, descale=None) -> None:
     """vLLM's FA3 forward (``torch.ops._vllm_fa3_C.fwd``, as ``flash_attn_varlen_func`` calls
     it) with ``seqused_q``, which that wrapper does not pass: sequence ``i`` is rows
     ``q_start[i] : q_start[i] + q_len[i]`` (at most :data:`BLKQ`) of ``q``/``out``,
     bottom-right causal over the first ``seqused_k[i]`` tokens of its pages ``block_table[i]``.
     One split per sequence: no split-KV scratch, which FA3 would size by every row of ``q``.
     ``descale``: fp8 ``q, k, v``'s ``(q_descale, k_descale, v_descale)``, each ``[num_seqs,
-    num_kv_heads]`` fp32 (FA3's fp8 forward). ``pack_gqa``: FA3's option to tile a GQA group's
-    query heads together (``None``: FA3 decides, as vLLM leaves it)."""
+    num_kv_heads]`` fp32 (FA3's fp8 forward)."""
     import vllm.vllm_flash_attn  # noqa: F401  (registers the op)
 
     q_descale, k_descale, v_descale = descale or (None, None, None)
@@ -103,8 +102,8 @@ def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_
         None, None, None, None, None,  # kv_batch_idx, leftpad_k, rotary cos/sin/seqlens
         q_descale, k_descale, v_descale,
         scale, True, -1, -1, 0.0,  # causal, window left/right, softcap
-        True, None, 1,  # rotary_interleaved, scheduler_metadata, num_splits
-        pack_gqa, 0, None, 1, 0, None,  # sm_margin; s_aux, cp world size/rank/seqused
+        True, None, 1, None, 0,  # rotary_interleaved, scheduler_metadata, num_splits,
+        None, 1, 0, None,  # pack_gqa, sm_margin; s_aux, cp world size/rank/seqused
     )
 
 
@@ -114,11 +113,6 @@ an H100/H200 (132), enough for the longest-first schedule to balance rows of une
 blocks. With fewer rows a head (an engine's prefill chunk: 128 rows at 16K tokens), a launch
 attends several heads."""
 
-
-DENSE_PACK_GQA: bool | None = None
-"""FA3's ``pack_gqa`` for the dense rows' call (``None``: FA3 decides; with 128-row sequences it
-packs a GQA group's heads into one tile, where FLASH_ATTN's long sequences are not packed).
-``bench_query_len.py --attention fa3_call_unpacked`` measures ``False``."""
 
 DENSE_CALL_LAUNCHES = 8
 """Fewest launches a head chunk's sequences take for its dense rows to get a call of their own
@@ -307,7 +301,7 @@ class VirtualAttention:
         self.attn_fn(self.q[:, h:h + n], self.key_cache[:, :, kv0:kv0 + kvn],
                      self.value_cache[:, :, kv0:kv0 + kvn], self.out[:, h:h + n], rows.q_start,
                      q_len, rows.context, self.plan.row_table, self.plan.max_k, self.scale,
-                     descale, pack_gqa=DENSE_PACK_GQA)
+                     descale)
 
     def _views(self, h: int, n: int) -> tuple[torch.Tensor, ...]:
         """Rows ``span`` of heads ``h : h + n`` of ``q`` and ``out`` as ``[n, T, D]``, and the
