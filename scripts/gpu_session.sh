@@ -53,7 +53,8 @@
 #              them over the step's prebuilt plan (--planned; -> $OUT/query_planned.*)
 #   dense_call the FA3 path's dense rows in a call of their own or in the launches (the rule
 #              fa3.DENSE_CALL_LAUNCHES picks by) on 2K and 16K chunks and whole 32K and 128K
-#              prompts, planned, same run (about 3 minutes; -> $OUT/dense_call.*)
+#              prompts, planned, same run; then whole 128K prompts over an fp8 cache (about 4
+#              minutes; -> $OUT/dense_call.*, $OUT/dense_call_fp8.*)
 #   e2e_quick  end-to-end TTFT at the Llama-3.1-8B geometry (random weights), the key rows:
 #              FLASH_ATTN@64, SPARGE at 50% and 90% block sparsity and with its default settings,
 #              32K and 128K, attention share and ceiling at 128K (about 10 minutes: a second
@@ -278,6 +279,9 @@ for stage in "$@"; do
         run dense_call timeout 400 python3 benchmarks/bench_query_len.py --contexts 32768 \
             131072 --query-lens 2048 16384 32768 131072 --attention fa3 fa3_call fa3_nocall \
             --planned --out "$OUT/dense_call"
+        run dense_call_fp8 timeout 180 python3 benchmarks/bench_query_len.py --contexts 131072 \
+            --query-lens 131072 --attention fa3_call fa3_nocall --kv-dtype fp8 --planned \
+            --out "$OUT/dense_call_fp8"
         ;;
     query_planned)
         run query_planned timeout 280 python3 benchmarks/bench_query_len.py --contexts 32768 \

@@ -102,8 +102,8 @@ def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_
         None, None, None, None, None,  # kv_batch_idx, leftpad_k, rotary cos/sin/seqlens
         q_descale, k_descale, v_descale,
         scale, True, -1, -1, 0.0,  # causal, window left/right, softcap
-        True, None, 1, None, 0,  # rotary_interleaved, scheduler_metadata, num_splits,
-        None, 1, 0, None,  # pack_gqa, sm_margin; s_aux, cp world size/rank/seqused
+        True, None, 1,  # rotary_interleaved, scheduler_metadata, num_splits
+        None, 0, None, 1, 0, None,  # pack_gqa, sm_margin, s_aux, cp world size/rank/seqused
     )
 
 
