@@ -83,8 +83,12 @@ def _attend_row(
     dequantisation scales of q and K fold into the score scale and V's into the final
     normalisation, so the kernel computes attention of the dequantised tensors. ``FP8_DOT``
     (an fp8 query and cache) keeps them in fp8 for both products, as FlashAttention-3's fp8
-    forward does: ``P`` is rounded to fp8 for ``P.V``."""
+    forward does: ``P`` is rounded to fp8 for ``P.V``. Without it, an fp8 query over an fp8
+    cache still takes ``q.k`` in fp8 (each product is exact in fp32 either way): Hopper's matrix
+    unit then reads the K block where TMA put it, not a bf16 copy made through registers."""
     DT = None if FP8_DOT else out_ptr.dtype.element_ty
+    QK_FP8: tl.constexpr = FP8_DOT or (Q_SCALED and KV_SCALED)
+    DK = None if QK_FP8 else DT  # K blocks' dtype in q.k
     if KV_SCALED:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
     if Q_SCALED:
@@ -104,7 +108,7 @@ def _attend_row(
         q_ptr + q_tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
         mask=m_real[:, None], other=0.0,
     )
-    if not FP8_DOT:
+    if not QK_FP8:
         q = q.to(DT)
     # NOTE: the query block's diagonal band [j_diag0, n_valid_block), from the key block holding
     # its first query, is always kept (forced by the predictor) and is the tail of the ascending
@@ -125,7 +129,7 @@ def _attend_row(
             j = tl.load(lut_row + t).to(tl.int32)
             k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA,
-                               DT=DT)
+                               DT=DK)
             qk = _dot(q, tl.trans(k), UPCAST)
             # stage-2 filter: skip when every real row's block max is pv_thr (log2) below its
             # running max; never the first block of the row.
@@ -143,7 +147,7 @@ def _attend_row(
             j = tl.load(lut_row + t).to(tl.int32)
             k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA,
-                               DT=DT)
+                               DT=DK)
             v = load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA,
                                DT=DT)
@@ -153,7 +157,7 @@ def _attend_row(
     for j in range(j_diag0, n_valid):
         k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                            stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA,
-                           DT=DT)
+                           DT=DK)
         # NOTE: with TMA, rows past seq_len hold stale page contents: zero V (0 * NaN = NaN).
         v = load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                            stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA,
