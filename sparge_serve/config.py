@@ -50,11 +50,11 @@ Keys (all optional):
   ``sparge_serve.kernels.launch``); ``false`` (env ``SPARGE_FAST_LAUNCH=0``) keeps Triton's own
   launch path. A Triton whose internals differ from the pinned 3.6's takes that path anyway
   (logged once).
-- ``fp8_attention``: with ``--kv-cache-dtype fp8``, the Triton attention kernel multiplies in
-  fp8 (``Q.K`` of the quantised query and keys, ``P.V`` with ``P`` rounded to fp8), as
-  FlashAttention-3's fp8 forward does for FLASH_ATTN (env ``SPARGE_FP8_ATTENTION``). Default
-  ``false``: fp8 pages converted to the model's dtype, both products in it (more accurate, and
-  as fast on an H200). Layers on the FA3 path multiply in fp8 either way.
+- ``fp8_attention``: with ``--kv-cache-dtype fp8``, the Triton attention kernel takes ``P.V`` in
+  fp8 too (``P`` rounded to fp8), as FlashAttention-3's fp8 forward does for FLASH_ATTN (env
+  ``SPARGE_FP8_ATTENTION``). Default ``false``: the fp8 V pages converted to the model's dtype
+  for ``P.V`` (more accurate); ``Q.K`` of the quantised query and keys is in fp8 either way
+  (each product exact). Layers on the FA3 path multiply in fp8 either way.
 
 Environment variables override the JSON. Boolean variables (``SPARGE_FAST_LAUNCH``,
 ``SPARGE_FP8_ATTENTION``) accept
