@@ -84,8 +84,9 @@ def _attend_row(
     normalisation, so the kernel computes attention of the dequantised tensors. ``FP8_DOT``
     (an fp8 query and cache) keeps them in fp8 for both products, as FlashAttention-3's fp8
     forward does: ``P`` is rounded to fp8 for ``P.V``. Without it, an fp8 query over an fp8
-    cache still takes ``q.k`` in fp8 (each product is exact in fp32 either way): Hopper's matrix
-    unit then reads the K block where TMA put it, not a bf16 copy made through registers."""
+    cache still takes ``q.k`` in fp8 (each product is exact either way; Hopper sums fp8 products
+    with fewer bits than fp32, far finer than the fp8 inputs' own rounding): the matrix unit
+    then reads the K block where TMA put it, not a bf16 copy made through registers."""
     DT = None if FP8_DOT else out_ptr.dtype.element_ty
     QK_FP8: tl.constexpr = FP8_DOT or (Q_SCALED and KV_SCALED)
     DK = None if QK_FP8 else DT  # K blocks' dtype in q.k
