@@ -2,6 +2,11 @@
 
 Without CUDA, Triton kernels run under Triton's CPU interpreter; the variable must be set before any
 kernel module is imported. Tests marked ``gpu`` skip cleanly without CUDA.
+
+Under pytest-xdist (the README's ``-n 2``) each worker runs torch on one CPU thread (and so do the
+processes it starts): with torch's own intra-op threads on top, two workers oversubscribe a
+2-core machine, whose OpenMP threads then spin waiting on each other (the calibration tests took
+ten times the CPU time).
 """
 
 import logging
@@ -13,6 +18,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
