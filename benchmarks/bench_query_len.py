@@ -214,9 +214,10 @@ def write_report(meta: dict, rows: list[dict], out: str) -> None:
              f"`{meta['command']}` — torch {meta['torch']}, triton {meta['triton']}, vllm "
              f"{meta['vllm']}; {kv_dtype} KV cache, head dim {D}, {HQ} q / {HKV} KV heads, "
              f"page {PAGE}, batch 1. Speed-up = {base} time / (predictor + sparse attention), "
-             "medians, same run; `+fa3`: the kept blocks attended by FlashAttention-3; "
-             "`+fa3_call` / `+fa3_nocall`: the same with the rows that keep every block in a "
-             "call of their own / in the launches.", "",
+             "medians, same run; `+fa3`: the kept blocks attended by FlashAttention-3"
+             + ("; `+fa3_call` / `+fa3_nocall`: the same with the rows that keep every block "
+                "in a call of their own / in the launches"
+                if {"fa3_call", "fa3_nocall"} & set(attention) else "") + ".", "",
              "| context | new tokens | FA3 ms | " + " | ".join(c[1] for c in cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     for r in rows:
