@@ -33,15 +33,23 @@ REQS = [(260, 560), (37, 421), (70, 70)]
 
 
 def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k, scale,
-                  descale=None):
+                  descale=None, kv_batch_idx=None):
     """:func:`fa3_paged_forward` semantics (FA3 with ``seqused_q``: explicit start rows, paged
-    K/V, bottom-right causal, query heads in GQA groups over the KV heads; fp8 ``q, k, v``
-    dequantised by ``descale``), one sequence and head at a time, in fp32."""
+    K/V through row ``kv_batch_idx[i]`` of ``block_table`` (default ``i``), bottom-right causal,
+    query heads in GQA groups over the KV heads; fp8 ``q, k, v`` dequantised by ``descale``),
+    one sequence and head at a time, in fp32."""
     hq, hkv = q.shape[1], k.shape[2]
     assert out.shape[1] == hq and hq % hkv == 0
     assert q.stride(-1) == out.stride(-1) == 1  # strided per-head views, as FA3 accepts them
     n_seq = q_len.shape[0]
-    assert q_start.shape[0] == n_seq + 1 and seqused_k.shape[0] == block_table.shape[0] == n_seq
+    assert q_start.shape[0] == n_seq + 1 and seqused_k.shape[0] == n_seq
+    if kv_batch_idx is None:
+        assert block_table.shape[0] == n_seq
+        table_rows = list(range(n_seq))
+    else:  # FA3's kv_batch_idx: int32, one valid row of the table a sequence
+        assert kv_batch_idx.dtype == torch.int32 and kv_batch_idx.shape == (n_seq,)
+        table_rows = kv_batch_idx.tolist()
+        assert all(0 <= r < block_table.shape[0] for r in table_rows)
     page = k.shape[1]
     starts, lens, used = q_start[:-1].tolist(), q_len.tolist(), seqused_k.tolist()
     if descale is not None:
@@ -51,7 +59,7 @@ def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seql
         if n_q == 0:
             continue
         assert n_q <= BLKQ and n_q <= n_k <= max_seqlen_k and s0 + n_q <= q.shape[0]
-        pages = block_table[i, : -(-n_k // page)].long()
+        pages = block_table[table_rows[i], : -(-n_k // page)].long()
         keys = k[pages].reshape(-1, hkv, k.shape[-1])[:n_k].float()
         vals = v[pages].reshape(-1, hkv, v.shape[-1])[:n_k].float()
         qpos = torch.arange(n_q, device=q.device) + n_k - n_q
@@ -161,7 +169,9 @@ def test_dense_call_only_where_the_heads_take_many_launches():
     long, chunk = plan(1024 * 128), plan(128 * 128)
     assert (long.launch, chunk.launch) == (1, 8)
     assert long.dense_call and not chunk.dense_call
-    assert long.row_table.shape == (1024, 2048) and chunk.row_table is None  # the call's tables
+    # the call reads each sequence's request's page table (FA3's kv_batch_idx): one request here
+    assert torch.equal(long.row_req, torch.zeros(1024, dtype=torch.int32))
+    assert chunk.row_req is None
     assert 32 // 8 < DENSE_CALL_LAUNCHES <= 32
 
 
@@ -433,3 +443,4 @@ def test_fa3_forward_passes_arguments_where_vllm_does():
     assert (ours[12], ours[14], ours[23], ours[24], ours[25], ours[26], ours[30]) == (
         "BLKQ", "block_table", "scale", "True", "-1", "-1", "1")
     assert ours[20:23] == ["q_descale", "k_descale", "v_descale"]
+    assert (theirs[15], ours[15]) == ("None", "kv_batch_idx")  # the dense rows' call sets it

@@ -84,14 +84,15 @@ from sparge_serve.kernels.predictor import lut_to_mask
 
 
 def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k,
-                      scale, descale=None) -> None:
+                      scale, descale=None, kv_batch_idx=None) -> None:
     """vLLM's FA3 forward (``torch.ops._vllm_fa3_C.fwd``, as ``flash_attn_varlen_func`` calls
     it) with ``seqused_q``, which that wrapper does not pass: sequence ``i`` is rows
     ``q_start[i] : q_start[i] + q_len[i]`` (at most :data:`BLKQ`) of ``q``/``out``,
     bottom-right causal over the first ``seqused_k[i]`` tokens of its pages ``block_table[i]``.
     One split per sequence: no split-KV scratch, which FA3 would size by every row of ``q``.
     ``descale``: fp8 ``q, k, v``'s ``(q_descale, k_descale, v_descale)``, each ``[num_seqs,
-    num_kv_heads]`` fp32 (FA3's fp8 forward)."""
+    num_kv_heads]`` fp32 (FA3's fp8 forward). ``kv_batch_idx``: ``[num_seqs]`` int32, the row of
+    ``block_table`` each sequence reads (default: its own)."""
     import vllm.vllm_flash_attn  # noqa: F401  (registers the op)
 
     q_descale, k_descale, v_descale = descale or (None, None, None)
@@ -99,7 +100,7 @@ def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_
         q, k, v, None, None, None, out,  # k_new, v_new, q_v
         q_start, None, None, q_len, seqused_k,  # cu_seqlens_q/k/k_new, seqused_q/k
         BLKQ, max_seqlen_k, block_table,
-        None, None, None, None, None,  # kv_batch_idx, leftpad_k, rotary cos/sin/seqlens
+        kv_batch_idx, None, None, None, None,  # leftpad_k, rotary cos/sin/seqlens
         q_descale, k_descale, v_descale,
         scale, True, -1, -1, 0.0,  # causal, window left/right, softcap
         True, None, 1,  # rotary_interleaved, scheduler_metadata, num_splits
@@ -162,8 +163,9 @@ class VirtualPlan:
     cols: int  # entries of one sequence's table
     sub: int  # pages a key block
     max_k: int  # bound on a virtual context's tokens
-    # [S, pages] int32: each sequence's request's page table (the dense rows' call, else None)
-    row_table: torch.Tensor | None
+    # [S] int32: each sequence's request, the row of the requests' page table it reads in the
+    # dense rows' call (FA3's kv_batch_idx; None without that call)
+    row_req: torch.Tensor | None
     launch: int = 1  # query heads one FA3 launch attends (a divisor of `heads`)
     span: tuple[int, int] = (0, 0)  # rows of q a launch of several heads copies
     exact: bool = True
@@ -178,12 +180,10 @@ def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
     given (a launch of several heads copies them all)."""
     rows = virtual_rows(batch, nqb)
     n_seq = nqb * batch.num_reqs
-    pages = min(-(-batch.max_seq_len // page_size), batch.block_table.shape[1])
     step = n_seq if slice_rows is None else max(1, min(slice_rows, n_seq))
     launch = launch_heads(n_seq, heads)
     dense_call = heads // launch >= DENSE_CALL_LAUNCHES
-    row_table = (batch.block_table[:, :pages].index_select(0, rows.order.long() // nqb)
-                 if dense_call else None)
+    row_req = (rows.order // nqb).to(torch.int32) if dense_call else None
     span, exact = (batch.rows, True) if batch.rows is not None else ((0, q_rows), False)
     if launch > 1 and span[1] is None:
         raise ValueError("the FA3 path attends several heads a launch for this batch and needs "
@@ -201,7 +201,7 @@ def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
             q_start = torch.cat([starts, end]).to(torch.int32)
         slices.append((s0, s1, q_start))
     return VirtualPlan(rows, tuple(slices), heads, step, table_cols(batch, page_size),
-                       BLKK // page_size, num_blocks(batch.max_seq_len, BLKK) * BLKK, row_table,
+                       BLKK // page_size, num_blocks(batch.max_seq_len, BLKK) * BLKK, row_req,
                        launch, span if launch > 1 else (0, 0), exact, dense_call)
 
 
@@ -300,8 +300,8 @@ class VirtualAttention:
             for t in (self.scales.q_scale, self.scales.k_scale, self.scales.v_scale))
         self.attn_fn(self.q[:, h:h + n], self.key_cache[:, :, kv0:kv0 + kvn],
                      self.value_cache[:, :, kv0:kv0 + kvn], self.out[:, h:h + n], rows.q_start,
-                     q_len, rows.context, self.plan.row_table, self.plan.max_k, self.scale,
-                     descale)
+                     q_len, rows.context, self.batch.block_table, self.plan.max_k, self.scale,
+                     descale, kv_batch_idx=self.plan.row_req)
 
     def _views(self, h: int, n: int) -> tuple[torch.Tensor, ...]:
         """Rows ``span`` of heads ``h : h + n`` of ``q`` and ``out`` as ``[n, T, D]``, and the

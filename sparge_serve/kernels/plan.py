@@ -113,7 +113,7 @@ class Shape:
         :meth:`head_bytes`, the tables of each head of the chunk, and for FA3 the call's
         sequence order (``fa3_tables.virtual_rows``, with its int64 temporaries), the dense
         rows' flags and lengths, and FA3's log-sum-exp of the dense rows' call (the selection's
-        heads). The step's page table a sequence (``VirtualPlan.row_table``) is the plan's:
+        heads). The request of each sequence (``VirtualPlan.row_req``) is the plan's:
         :func:`prefill_scratch_bytes` counts it."""
         sel = self.min_select_heads(heads) if select_heads is None else select_heads
         kv = max(1, sel * self.num_kv_heads // self.num_heads)
@@ -235,8 +235,8 @@ def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_
 
         staging = staging_bytes(shape.rows, tuple(chunk_sizes(num_heads, num_kv_heads)),
                                 max_reqs * max_query_len, head_dim)
-        # the step's page table a sequence (the dense rows' call)
-        staging += shape.rows * -(-max_seq_len // fa3_page_size) * 4
+        # each sequence's request (the dense rows' call)
+        staging += shape.rows * 4
     return counts + chunk_scratch_bytes(shape, elem_size, map_budget) + staging
 
 
