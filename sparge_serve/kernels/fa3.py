@@ -88,7 +88,8 @@ def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_
     """vLLM's FA3 forward (``torch.ops._vllm_fa3_C.fwd``, as ``flash_attn_varlen_func`` calls
     it) with ``seqused_q``, which that wrapper does not pass: sequence ``i`` is rows
     ``q_start[i] : q_start[i] + q_len[i]`` (at most :data:`BLKQ`) of ``q``/``out``,
-    bottom-right causal over the first ``seqused_k[i]`` tokens of its pages ``block_table[i]``.
+    bottom-right causal over the first ``seqused_k[i]`` tokens of its pages (``block_table``'s
+    row ``i``, or ``kv_batch_idx[i]``).
     One split per sequence: no split-KV scratch, which FA3 would size by every row of ``q``.
     ``descale``: fp8 ``q, k, v``'s ``(q_descale, k_descale, v_descale)``, each ``[num_seqs,
     num_kv_heads]`` fp32 (FA3's fp8 forward). ``kv_batch_idx``: ``[num_seqs]`` int32, the row of
@@ -164,12 +165,16 @@ class VirtualPlan:
     sub: int  # pages a key block
     max_k: int  # bound on a virtual context's tokens
     # [S] int32: each sequence's request, the row of the requests' page table it reads in the
-    # dense rows' call (FA3's kv_batch_idx; None without that call)
+    # dense rows' call (FA3's kv_batch_idx); None: no such call (DENSE_CALL_LAUNCHES)
     row_req: torch.Tensor | None
     launch: int = 1  # query heads one FA3 launch attends (a divisor of `heads`)
     span: tuple[int, int] = (0, 0)  # rows of q a launch of several heads copies
     exact: bool = True
-    dense_call: bool = False  # rows dense in all heads go to one call (DENSE_CALL_LAUNCHES)
+
+    @property
+    def dense_call(self) -> bool:
+        """Whether the rows dense in all heads go to one call of their own."""
+        return self.row_req is not None
 
 
 def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
@@ -182,8 +187,8 @@ def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
     n_seq = nqb * batch.num_reqs
     step = n_seq if slice_rows is None else max(1, min(slice_rows, n_seq))
     launch = launch_heads(n_seq, heads)
-    dense_call = heads // launch >= DENSE_CALL_LAUNCHES
-    row_req = (rows.order // nqb).to(torch.int32) if dense_call else None
+    row_req = ((rows.order // nqb).to(torch.int32)
+               if heads // launch >= DENSE_CALL_LAUNCHES else None)
     span, exact = (batch.rows, True) if batch.rows is not None else ((0, q_rows), False)
     if launch > 1 and span[1] is None:
         raise ValueError("the FA3 path attends several heads a launch for this batch and needs "
@@ -202,7 +207,7 @@ def plan_virtual(batch: PrefillBatch, nqb: int, page_size: int, heads: int,
         slices.append((s0, s1, q_start))
     return VirtualPlan(rows, tuple(slices), heads, step, table_cols(batch, page_size),
                        BLKK // page_size, num_blocks(batch.max_seq_len, BLKK) * BLKK, row_req,
-                       launch, span if launch > 1 else (0, 0), exact, dense_call)
+                       launch, span if launch > 1 else (0, 0), exact)
 
 
 class VirtualAttention:

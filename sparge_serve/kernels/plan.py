@@ -219,7 +219,7 @@ def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_
     the whole call's kept/valid counts plus its largest head chunk (:func:`chunk_scratch_bytes`;
     ``fa3_page_size``: with the FA3 attention path over pages of that size, its copies of the
     query and output rows of a launch of several heads, ``fa3.staging_bytes``, bounded by
-    ``fa3.MIN_LAUNCH_SEQS`` query tiles rather than by the budget, and its page table a
+    ``fa3.MIN_LAUNCH_SEQS`` query tiles rather than by the budget, and the request of each
     sequence).
 
     The backend allocates this once during vLLM's memory profiling so that the KV cache is sized
