@@ -6,6 +6,9 @@ Two proofs:
 - with power-of-two scales the dequantised tensors are exact in bfloat16 and every scaling in the
   kernels is exact, so the fp8 path must give *bit for bit* the block map and output of the
   bfloat16 path over the dequantised cache (itself proven against SDPA in ``test_oracles``);
+  on the GPU an fp8 query's ``q.k`` is one fp8 tensor-core product, whose exact products are
+  summed in another order than the bf16 product's, so there the output agrees within one
+  rounding of ``P`` to bf16;
 - with arbitrary scales (``amax / 448``, vLLM's), the output equals fp32 SDPA over the
   dequantised tensors and exactly the kept blocks, within the tolerance of bfloat16 attention.
 """
@@ -97,7 +100,11 @@ def test_fp8_cache_equals_bf16_over_the_dequantised_cache(page, q_fp8, rule, dev
         assert torch.equal(keep, keep_ref)
     if rule != "dense":
         assert (bm.count < bm.n_valid).any(), "the case keeps every block: no selection tested"
-    assert torch.equal(out, out_ref)
+    if q_fp8 and out.is_cuda:  # fp32 sums of the fp8 product in the tensor cores' order
+        tol = 2**-7 * d.value_cache.float().abs().max().item()  # P's rounding and out's
+        assert (out.float() - out_ref.float()).abs().max().item() <= tol
+    else:
+        assert torch.equal(out, out_ref)
 
 
 def _check_against_sdpa(out: torch.Tensor, c: Fp8Case, base: PagedCase, bm,
