@@ -33,9 +33,8 @@ Keys (all optional):
   (``sparge_serve.kernels.fa3``); over an fp8 KV cache, FA3's fp8 forward. ``"triton"``: the
   Triton block-sparse kernel (every layer, PV skip included). ``"auto"``: FA3 where it serves
   the head size (Hopper, vLLM's vllm_flash_attn), else Triton. FA3 has no PV skip: under
-  ``auto`` and ``fa3`` layers whose thresholds use it keep the Triton kernel, except that
-  ``auto`` over an fp8 cache drops their PV skip (FA3 runs twice the Triton kernel's speed
-  there). Measured on 16K-token chunks (H100, 32 q / 8 KV heads of 128, 32K-128K contexts): the
+  ``auto`` and ``fa3`` layers whose thresholds use it keep the Triton kernel (over either
+  cache). Measured on 16K-token chunks (H100, 32 q / 8 KV heads of 128, 32K-128K contexts): the
   FA3 path 0.90-0.93x FA3 dense and 1.59-1.81x at 50% block sparsity where the Triton kernel
   has 0.84x and 1.56-1.59x; end to end 1.43-1.47x FLASH_ATTN's TTFT at 128K and 50%
   (docs/PERFORMANCE.md). On 2K-token chunks of a 32K context both are host-bound.

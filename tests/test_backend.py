@@ -944,8 +944,8 @@ def test_auto_kernel_attends_an_fp8_cache_through_fa3(sparge, monkeypatch, tmp_p
     (emulated on the CPU): the step's plan and the layer take the FA3 path, fed the fp8 query
     and the layer's scales, and give the Triton kernel's output on the dequantised fp16 cache
     within fp16 rounding. Over the fp16 cache ``auto`` takes FA3 too. A layer whose thresholds
-    use the PV skip drops it over the fp8 cache (FA3 without it is the faster path there), keeps
-    it (and the Triton kernel) over the fp16 cache and under ``attention_kernel: fa3``."""
+    use the PV skip keeps it, and the Triton kernel, over either cache and under
+    ``attention_kernel: fa3``."""
     import sparge_serve.backend.runtime as runtime
     import sparge_serve.backend.sparge_attn as sa
     import sparge_serve.kernels.fa3 as fa3
@@ -986,14 +986,13 @@ def test_auto_kernel_attends_an_fp8_cache_through_fa3(sparge, monkeypatch, tmp_p
     th = Thresholds.defaults(L, HQ, HKV, D, simthreshd1=-1.0, cdfthreshd=0.9)
     th.pvthreshd[1] = 4.0  # layer 1 uses the PV skip
     save_thresholds(path, th)
-    for kernel, dtype, fa3_layer in (("auto", "fp8", True), ("auto", "auto", False),
-                                     ("fa3", "fp8", False)):
+    for kernel, dtype in (("auto", "fp8"), ("auto", "auto"), ("fa3", "fp8")):
         vc = sparge(min_sparse_len=256, thresholds=str(path), attention_kernel=kernel)
         impl = _impl(vc, kv_cache_dtype=dtype)
         impl._fa = object()
         impl.bind("model.layers.1.self_attn.attn", "cpu")
-        assert (impl.fa3_attention, impl.pv_skip) == (fa3_layer, not fa3_layer), (kernel, dtype)
-        assert bool((impl._pvthreshd < 50).any()) == impl.pv_skip
+        assert (impl.fa3_attention, impl.pv_skip) == (False, True), (kernel, dtype)
+        assert bool((impl._pvthreshd < 50).any())
 
 
 def test_fp8_attention_plans_fp8_products_for_layers_with_fp8_queries(sparge, monkeypatch):

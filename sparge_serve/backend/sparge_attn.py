@@ -69,7 +69,6 @@ from sparge_serve.backend.split import (
     split_requests,
     step_counts,
 )
-from sparge_serve.kernels.geometry import PV_SKIP_OFF
 from sparge_serve.plugin import BACKEND_NAME
 
 if TYPE_CHECKING:
@@ -350,13 +349,6 @@ class SpargeAttentionImpl(AttentionImpl[SpargeAttentionMetadata]):
                              "GPU and vLLM's vllm_flash_attn; over an fp8 KV cache, with the query "
                              "quantised to fp8). Fix: use \"attention_kernel\": \"auto\".")
         fa3 = cfg.fa3_attention(fa3_available)
-        if fa3 and self.pv_skip and self.fp8_cache and cfg.attention_kernel == "auto":
-            # NOTE: over an fp8 cache FA3 without the PV skip runs 1.6-1.7x the Triton kernel
-            # with it on the same block map (docs/PERFORMANCE.md, fp8 KV cache)
-            self._pvthreshd, self.pv_skip = torch.full_like(bound.pvthreshd, PV_SKIP_OFF), False
-            logger.info_once("SPARGE: over the fp8 KV cache, layers whose thresholds use the PV "
-                             "skip attend through FlashAttention 3 without it (faster there); "
-                             "attention_kernel \"triton\" keeps it")
         # FA3 has no PV skip: such layers keep the Triton kernel (one note per process)
         self.fa3_attention = fa3 and not self.pv_skip
         if fa3 and self.pv_skip:

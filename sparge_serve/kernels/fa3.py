@@ -118,11 +118,12 @@ attends several heads."""
 
 DENSE_CALL_LAUNCHES = 8
 """Fewest launches a head chunk's sequences take for its dense rows to get a call of their own
-(:class:`VirtualPlan`). Measured on H100s (32 q / 8 KV heads of 128, 64-token pages; the two
-ways in separate runs, docs/PERFORMANCE.md "Dense tails"): a 32K or 128K prompt in one call (8
-or 32 launches) runs 1.1x (32K) and 1.9x (128K) faster at 90% block sparsity with the call; 2K
-and 16K chunks on 32K-128K contexts (1 or 4 launches) run 1.06-1.4x faster at 80% without it,
-their dense tiles beside the launch's other tiles instead of after them."""
+(:class:`VirtualPlan`). Measured on an H100, both ways in one run (32 q / 8 KV heads of 128,
+64-token pages; docs/PERFORMANCE.md "Dense tails"): a 128K prompt in one call (32 launches) runs
+1.28x faster at 80% block sparsity with the call, and 1.15x dense over an fp8 cache; 2K and 16K
+chunks on 32K-128K contexts (1 or 4 launches) run 1.05-1.4x faster at 80% without it, their
+dense tiles beside the launch's other tiles instead of after them. At 8 launches (a 32K prompt)
+the two tie up to 80%; at 90% the call measured 1.27x faster (separate runs)."""
 
 
 def launch_heads(rows: int, heads: int) -> int:
