@@ -9,7 +9,8 @@
 Stages (any of them, in one call or in several):
 
 - ``ttft``: one prompt, ``max_tokens=1``, at 8K-128K tokens; median of ``--repeats`` after
-  ``--warmups``; one more prefill of each ``--profile-lengths`` length under ``torch.profiler``
+  ``--warmups`` (more repeats, up to 20, where a prefill is estimated under 0.5 s / ``--repeats``:
+  ``e2e_plan.ttft_repeats``); one more prefill of each ``--profile-lengths`` length under ``torch.profiler``
   gives attention's share ``a`` of FLASH_ATTN's prefill, the attention speed-up ``k`` and the
   ceiling 1 / (1 - a + a/k), next to the measured TTFT ratio.
 - ``decode``: batches of 1, 8, 32 prompts at 8K and 32K context (prefix-cached), CUDA graphs on:
@@ -244,13 +245,15 @@ def ttft_worker(job: dict) -> None:
                   compilation_config={"cudagraph_mode": "NONE"})
     _emit(META, _versions())
     one = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-    count = job["warmups"] + job["repeats"] + 1
+    # a prompt a warm-up, a timed repeat and the profiled prefill (plan.ttft_repeats)
+    counts = {n: job["warmups"] + plan.ttft_repeats(job, n) + 1 for n, in job["points"]}
     # real text for trained weights: the longest length's documents, cut for the shorter ones
-    docs = (plan.document_prompts(job["model"], max(n for n, in job["points"]), count)
+    docs = (plan.document_prompts(job["model"], max(counts), max(counts.values()))
             if job.get("weights") else None)
     for n, in job["points"]:
+        count = counts[n]
         if docs is not None:
-            prompts = [{"prompt_token_ids": d["prompt_token_ids"][:n]} for d in docs]
+            prompts = [{"prompt_token_ids": d["prompt_token_ids"][:n]} for d in docs[:count]]
         else:
             prompts = [geo.prompt(n, (n, i)) for i in range(count)]
         for p in prompts[:job["warmups"]]:

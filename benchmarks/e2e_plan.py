@@ -16,6 +16,7 @@ rules. Llama 3.1's ``llama3`` rope scaling, which GGUF files do not describe, is
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -255,16 +256,31 @@ def prefill_s(geo: Geometry, n: int, keep: float = 1.0, chunk: int = 16384) -> f
     return (2.0 * weights * n + attn) / FLOPS + steps * geo.layers * LAYER_HOST_S
 
 
+TTFT_SAMPLE_S = 0.5
+"""Least estimated prefill time that a length's timed TTFT repeats add up to. A prefill of tens
+of milliseconds (a small model at 8K-16K tokens, bound by the host) varies by several percent
+from one to the next, so such lengths take more repeats than ``--repeats``, at most
+:data:`MAX_TTFT_REPEATS`."""
+MAX_TTFT_REPEATS = 20
+
+
+def ttft_repeats(job: dict, n: int) -> int:
+    """Timed prefills of ``n`` tokens in a ``ttft`` job: ``repeats``, or more where one prefill
+    is short (:data:`TTFT_SAMPLE_S`)."""
+    geo = GEOMETRIES[job["geometry"]]
+    keep = (job["sparge"] or {}).get("topk") or 1.0
+    est = prefill_s(geo, n, keep, job["chunk"])
+    return max(job["repeats"], min(MAX_TTFT_REPEATS, math.ceil(TTFT_SAMPLE_S / est)))
+
+
 def estimate_s(job: dict) -> float:
     """A rough duration of one engine run: start-up plus its measured work."""
     geo = GEOMETRIES[job["geometry"]]
     keep = (job["sparge"] or {}).get("topk") or 1.0
     startup = 90.0 if geo.hidden >= 2048 else 60.0
     if job["stage"] == "ttft":
-        runs = job["warmups"] + job["repeats"]
-        return startup + sum((runs + (n in job["profile_lengths"])) * prefill_s(geo, n, keep,
-                                                                                 job["chunk"])
-                             for n, in job["points"])
+        return startup + sum((job["warmups"] + ttft_repeats(job, n) + (n in job["profile_lengths"]))
+                             * prefill_s(geo, n, keep, job["chunk"]) for n, in job["points"])
     if job["stage"] == "decode":
         total = startup
         weight_bytes = 2 * 12 * geo.layers * geo.hidden * geo.hidden
@@ -414,8 +430,11 @@ def make_plan(args, data: dict) -> tuple[list[dict], list[str]]:
 def describe(job: dict) -> str:
     p = job["points"]
     if job["stage"] == "ttft":
+        more = ", ".join(f"{ttft_repeats(job, n)} at {n}" for n, in p
+                         if ttft_repeats(job, n) != job["repeats"])
         what = (f"lengths {' '.join(str(n) for n, in p)}; {job['warmups']} warm-up + "
-                f"{job['repeats']} repeats; profiled {job['profile_lengths'] or 'none'}")
+                f"{job['repeats']} repeats{f' ({more})' if more else ''}; "
+                f"profiled {job['profile_lengths'] or 'none'}")
     elif job["stage"] == "decode":
         what = (f"(context, batch) {', '.join(f'({c}, {b})' for c, b in p)}; "
                 f"{job['new_tokens']} new tokens; {job['repeats']} repeats")
