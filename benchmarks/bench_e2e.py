@@ -9,10 +9,10 @@
 Stages (any of them, in one call or in several):
 
 - ``ttft``: one prompt, ``max_tokens=1``, at 8K-128K tokens; median of ``--repeats`` after
-  ``--warmups`` (more repeats, up to 20, where a prefill is estimated under 0.5 s / ``--repeats``:
-  ``e2e_plan.ttft_repeats``); one more prefill of each ``--profile-lengths`` length under ``torch.profiler``
-  gives attention's share ``a`` of FLASH_ATTN's prefill, the attention speed-up ``k`` and the
-  ceiling 1 / (1 - a + a/k), next to the measured TTFT ratio.
+  ``--warmups`` (more repeats, up to 20, where a prefill is estimated under 0.5 s /
+  ``--repeats``: ``e2e_plan.ttft_repeats``); one more prefill of each ``--profile-lengths``
+  length under ``torch.profiler`` gives attention's share ``a`` of FLASH_ATTN's prefill, the
+  attention speed-up ``k`` and the ceiling 1 / (1 - a + a/k), next to the measured TTFT ratio.
 - ``decode``: batches of 1, 8, 32 prompts at 8K and 32K context (prefix-cached), CUDA graphs on:
   tokens/s of the decode steps and inter-token latency. Points whose KV cache would pass
   ``--kv-budget-gib`` are left out (listed).

@@ -279,8 +279,9 @@ def estimate_s(job: dict) -> float:
     keep = (job["sparge"] or {}).get("topk") or 1.0
     startup = 90.0 if geo.hidden >= 2048 else 60.0
     if job["stage"] == "ttft":
-        return startup + sum((job["warmups"] + ttft_repeats(job, n) + (n in job["profile_lengths"]))
-                             * prefill_s(geo, n, keep, job["chunk"]) for n, in job["points"])
+        runs = {n: job["warmups"] + ttft_repeats(job, n) + (n in job["profile_lengths"])
+                for n, in job["points"]}
+        return startup + sum(r * prefill_s(geo, n, keep, job["chunk"]) for n, r in runs.items())
     if job["stage"] == "decode":
         total = startup
         weight_bytes = 2 * 12 * geo.layers * geo.hidden * geo.hidden
