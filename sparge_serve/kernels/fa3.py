@@ -223,14 +223,11 @@ class VirtualAttention:
                  value_cache: torch.Tensor, batch: PrefillBatch, scale: float, out: torch.Tensor,
                  group: int, attn_fn=None, scales: KVScales | None = None):
         self.plan, self.batch, self.scale, self.group = plan, batch, scale, group
-        # FA3's descales, one row a sequence of each slice (views of the one-element scales)
-        self.descales = [None if scales is None else tuple(
-            t.reshape(1, 1).expand(q_start.shape[0] - 1, 1)
-            for t in (scales.q_scale, scales.k_scale, scales.v_scale))
-            for _, _, q_start in plan.slices]
         self.k_view, self.heads_per_page = heads_as_pages(key_cache)
         self.v_view, _ = heads_as_pages(value_cache)
         self.key_cache, self.value_cache, self.scales = key_cache, value_cache, scales
+        # each slice's descales: its sequences read one head page each
+        self.descales = [self._descale(q_start.shape[0] - 1, 1) for _, _, q_start in plan.slices]
         self.q, self.out = q, out
         self.q_heads, self.out_heads = q.split(1, 1), out.split(1, 1)
         i32 = dict(dtype=torch.int32, device=q.device)
@@ -301,13 +298,19 @@ class VirtualAttention:
         blocks read once for its group (over an fp8 cache, V transposed once a KV head)."""
         kv0, kvn = h // self.group, max(1, n // self.group)
         rows = self.plan.rows
-        descale = None if self.scales is None else tuple(
-            t.reshape(1, 1).expand(q_len.shape[0], kvn)
-            for t in (self.scales.q_scale, self.scales.k_scale, self.scales.v_scale))
         self.attn_fn(self.q[:, h:h + n], self.key_cache[:, :, kv0:kv0 + kvn],
                      self.value_cache[:, :, kv0:kv0 + kvn], self.out[:, h:h + n], rows.q_start,
                      q_len, rows.context, self.batch.block_table, self.plan.max_k, self.scale,
-                     descale, kv_batch_idx=self.plan.row_req)
+                     self._descale(q_len.shape[0], kvn), kv_batch_idx=self.plan.row_req)
+
+    def _descale(self, seqs: int, kv_heads: int) -> tuple[torch.Tensor, ...] | None:
+        """FA3's ``(q, k, v)`` descales for ``seqs`` sequences over ``kv_heads`` KV heads: views
+        of the one-element scales (``None`` over a model-dtype cache)."""
+        if self.scales is None:
+            return None
+        s = self.scales
+        return tuple(t.reshape(1, 1).expand(seqs, kv_heads)
+                     for t in (s.q_scale, s.k_scale, s.v_scale))
 
     def _views(self, h: int, n: int) -> tuple[torch.Tensor, ...]:
         """Rows ``span`` of heads ``h : h + n`` of ``q`` and ``out`` as ``[n, T, D]``, and the
