@@ -148,8 +148,9 @@ for stage in "$@"; do
     case $stage in
     kernel_tests)
         # every kernel test, not only the gpu-marked ones: the others run on the GPU too (the
-        # device fixture), e.g. head chunks = one chunk, split, sub-page TMA = pointer loads
-        run gpu_kernel_tests timeout 300 ${PYTEST/-m gpu /} --junitxml "$OUT/junit_kernel_tests.xml" \
+        # device fixture), e.g. head chunks = one chunk, split, sub-page TMA = pointer loads;
+        # up to five failures are reported before the run stops
+        run gpu_kernel_tests timeout 300 ${PYTEST/-x -m gpu /--maxfail=5 } --junitxml "$OUT/junit_kernel_tests.xml" \
             tests/test_kernels.py tests/test_warmup.py tests/test_chunks.py tests/test_virtual.py \
             tests/test_launch.py tests/test_oracles.py tests/test_forced_blocks.py \
             tests/test_kernel_api_checks.py tests/test_fp8.py
