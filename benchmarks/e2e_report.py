@@ -53,11 +53,33 @@ def kernel_summary(kernels: list[tuple[str, int, float]], wall_ms: float,
     if host is not None:
         host = sorted(host, key=lambda k: -k[2])
         graphs = [k for k in host if MODEL_GRAPH_OP in k[0]]
+        ops: dict[str, list] = {}
+        for n, c, ms in host:
+            op = ops.setdefault(n[:100], [0, 0.0])
+            op[0], op[1] = op[0] + c, op[1] + ms
         out.update(host_ms=sum(k[2] for k in host),
                    host_calls=sum(k[1] for k in host),
                    host_top=[(n[:100], c, ms) for n, c, ms in host[:10]],
-                   graph_host=(sum(k[1] for k in graphs), sum(k[2] for k in graphs)))
+                   graph_host=(sum(k[1] for k in graphs), sum(k[2] for k in graphs)),
+                   host_ops=ops)
     return out
+
+
+def host_op_diff(profile: dict[str, Any], base: dict[str, Any], n: int = 6
+                 ) -> list[tuple[str, int, int, float, float]]:
+    """The host ops whose call count differs between a profiled prefill and its baseline's
+    ``(name, baseline calls, calls, baseline ms, ms)``, the ``n`` largest by the change in host
+    time; empty where either summary lacks the full op table (``host_ops``)."""
+    ops, base_ops = profile.get("host_ops"), base.get("host_ops")
+    if not ops or not base_ops:
+        return []
+    diff = []
+    for name in ops.keys() | base_ops.keys():
+        (c, ms), (bc, bms) = ops.get(name, (0, 0.0)), base_ops.get(name, (0, 0.0))
+        if c != bc:
+            diff.append((name, bc, c, bms, ms))
+    diff.sort(key=lambda d: (-abs(d[4] - d[3]), d[0]))
+    return diff[:n]
 
 
 MODEL_GRAPH_OP = "CompiledFxGraph"
@@ -409,6 +431,7 @@ def markdown(data: dict[str, Any], geometries: dict[str, str] | None = None) -> 
                   "host ops | host op ms | host speed: graph µs a call | load | largest host "
                   "ops (calls, ms) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
+        diffs: list[str] = []
         for r in sorted(prof, key=ttft_order):
             p = r["profile"]
             top = "; ".join(f"`{n[:40]}` ({c}, {ms:.2f})" for n, c, ms in p["host_top"][:3])
@@ -421,6 +444,15 @@ def markdown(data: dict[str, Any], geometries: dict[str, str] | None = None) -> 
                          f"{p['wall_ms']:.1f} | {p['gpu_ms']:.1f} | {p['attention_ms']:.1f} | "
                          f"{p['host_calls']} | {p['host_ms']:.1f} | {speed} | "
                          f"{_f(r.get('host_load'), 1)} | {top} |")
+            if base and base["config"] != r["config"] and "profile" in base:
+                for name, bc, c, bms, ms in host_op_diff(p, base["profile"]):
+                    diffs.append(f"| {r['geometry']} | {r['length']} | {r['config']} | "
+                                 f"`{name[:60]}` | {bc} → {c} | {bms:.2f} → {ms:.2f} |")
+        if diffs:
+            lines += ["", "Host ops whose call count differs from the baseline's in the same "
+                      "profiled prefill (the six largest changes in host time):", "",
+                      "| geometry | length | config | host op | calls (baseline → this) | "
+                      "ms (baseline → this) |", "|---|---|---|---|---|---|", *diffs]
     dec = decode_ratios(data)
     if dec:
         lines += ["", "## Decode (`decode`)", "",

@@ -300,6 +300,17 @@ def test_attention_kernels_and_block_counts():
     assert ("| g | 8192 | FLASH_ATTN@64 | 300.0 | 300.0 | 255.0 | 364 | 4.5 | 62 (1.00x) | — |"
             in md)
     assert report.graph_host_us({"host_top": []}) is None
+    # the full op tables: ops whose call count differs, largest change in host time first
+    assert s["host_ops"]["aten::copy_"] == [20, 0.75]
+    assert report.host_op_diff(s, base) == []  # the same calls everywhere
+    more = report.kernel_summary(kernels, 400.0, host + [("aten::slice", 72, 0.5),
+                                                          ("aten::empty", 4, 0.25)])
+    assert report.host_op_diff(more, base) == [("aten::slice", 0, 72, 0.0, 0.5),
+                                               ("aten::empty", 40, 44, 0.5, 0.75)]
+    assert report.host_op_diff(more, {"host_top": []}) == []  # an older summary: no table
+    data["rows"][0]["profile"] = more
+    assert "| g | 8192 | SPARGE@64:defaults | `aten::slice` | 0 → 72 | 0.00 → 0.50 |" in (
+        report.markdown(data))
     text = ("# HELP x\nsparge_attention_blocks_valid_total{layer=\"0\"} 100.0\n"
             "sparge_attention_blocks_valid_total{layer=\"1\"} 50.0\n"
             "sparge_attention_blocks_valid_created{layer=\"0\"} 1.7e9\n"
