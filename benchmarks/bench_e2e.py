@@ -13,6 +13,8 @@ Stages (any of them, in one call or in several):
   ``--repeats``: ``e2e_plan.ttft_repeats``); one more prefill of each ``--profile-lengths``
   length under ``torch.profiler`` gives attention's share ``a`` of FLASH_ATTN's prefill, the
   attention speed-up ``k`` and the ceiling 1 / (1 - a + a/k), next to the measured TTFT ratio.
+  ``--rounds N`` starts each engine N times, in turn, for prefills bound by the host, whose
+  speed can differ between engine processes more than between the backends.
 - ``decode``: batches of 1, 8, 32 prompts at 8K and 32K context (prefix-cached), CUDA graphs on:
   tokens/s of the decode steps and inter-token latency. Points whose KV cache would pass
   ``--kv-budget-gib`` are left out (listed).
@@ -263,6 +265,8 @@ def ttft_worker(job: dict) -> None:
         after = _block_counters()
         row = dict(stage="ttft", geometry=job["geometry"], config=job["config"], length=n,
                    ttft_s=statistics.median(times), ttft_all_s=times)
+        if "round" in job:
+            row["round"] = job["round"]
         if before is not None and after is not None and after[0] > before[0]:
             row["block_sparsity"] = 1.0 - (after[1] - before[1]) / (after[0] - before[0])
         if n in job["profile_lengths"]:
@@ -420,6 +424,10 @@ def parser() -> argparse.ArgumentParser:
     for name in ("repeats", "decode-repeats", "serve-input-len", "prompts-per-concurrency"):
         ap.add_argument(f"--{name}", type=int)
     ap.add_argument("--warmups", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1, help="ttft: start every engine this many "
+                    "times, in turn (all configurations' first engines, then their second, ...); "
+                    "a row's TTFT is the median of all its rounds' repeats and the report shows "
+                    "each round's")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--kv-budget-gib", type=float, default=80.0,
                     help="decode points needing more KV cache are left out")

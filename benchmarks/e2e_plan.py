@@ -425,7 +425,23 @@ def make_plan(args, data: dict) -> tuple[list[dict], list[str]]:
                     job["points"] = points
                     job["est_s"] = estimate_s(job)
                     jobs.append(job)
-    return jobs, left_out
+    return with_rounds(jobs, args.rounds), left_out
+
+
+def with_rounds(jobs: list[dict], rounds: int) -> list[dict]:
+    """``jobs`` with each TTFT engine run ``rounds`` times, the rounds one after the other
+    (every configuration's first engine, then every one's second, ...), so that a change of the
+    host's speed during the call reaches a configuration and its baseline alike; a later
+    round's rows join the first round's (``e2e_report.add_rows``); only the first profiles."""
+    if rounds < 1:
+        raise ValueError(f"--rounds {rounds}: give 1 or more")
+    if rounds == 1:
+        return jobs
+    ttft = [j for j in jobs if j["stage"] == "ttft"]
+    # the profiled prefill runs in the first round only
+    return ([dict(j, round=r, **({"profile_lengths": []} if r else {}))
+             for r in range(rounds) for j in ttft]
+            + [j for j in jobs if j["stage"] != "ttft"])
 
 
 def describe(job: dict) -> str:
@@ -442,5 +458,7 @@ def describe(job: dict) -> str:
     else:
         what = (f"concurrency {' '.join(str(c) for c, in p)}; input {job['input_len']} "
                 f"± {job['range_ratio']:.0%}, output {job['output_len']}")
+    if "round" in job:
+        what += f"; round {job['round'] + 1}"
     return (f"{job['stage']:6s} {job['geometry']:12s} {job['config']:19s} {what} "
             f"(~{job['est_s'] / 60:.1f} min)")

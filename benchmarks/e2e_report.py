@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import statistics
 from typing import Any
 
 STAGES = ("ttft", "decode", "serve")
@@ -234,6 +235,8 @@ def add_rows(data: dict[str, Any], rows: list[dict[str, Any]], run: int) -> None
     for r in rows:
         r = dict(r, run=run)
         i = index.get(row_key(r))
+        if i is not None and r.get("round") and data["rows"][i].get("run") == run:
+            r = join_round(data["rows"][i], r)
         if i is None:
             index[row_key(r)] = len(data["rows"])
             data["rows"].append(r)
@@ -248,6 +251,16 @@ def add_failure(data: dict[str, Any], stage: str, geometry: str, config: str, wh
     data["failed"] = [f for f in data["failed"]
                       if (f["stage"], f["geometry"], f["config"]) != (stage, geometry, config)]
     data["failed"].append(dict(stage=stage, geometry=geometry, config=config, why=why, run=run))
+
+
+def join_round(first: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """A TTFT row of a later round (``--rounds``) joined to its run's row of the earlier ones:
+    the TTFT is the median of all their repeats, ``ttft_round_s`` each round's median; the first
+    round's profile and block sparsity stay."""
+    rounds = first.get("ttft_round_s", [first["ttft_s"]]) + [later["ttft_s"]]
+    times = first.get("ttft_all_s", []) + later.get("ttft_all_s", [])
+    return dict(first, ttft_s=statistics.median(times or rounds), ttft_all_s=times,
+                ttft_round_s=rounds, round=later["round"])
 
 
 def merge_results(data: dict[str, Any], other: dict[str, Any]) -> None:
@@ -285,6 +298,29 @@ def _f(v: float | None, digits: int = 3) -> str:
 def _mark(row: dict[str, Any], base: dict[str, Any] | None) -> str:
     """'†' when the baseline row comes from another run than ``row``."""
     return "†" if base is not None and base.get("run") != row.get("run") else ""
+
+
+def round_lines(data: dict[str, Any], ttft: list[dict[str, Any]]) -> list[str]:
+    """The table of the TTFT rows run in several rounds: each round's median and its ratio
+    against the baseline's same round (where that ran as many)."""
+    rows = [r for r in ttft if len(r.get("ttft_round_s", ())) > 1]
+    if not rows:
+        return []
+    lines = ["", "Rows run in several rounds (`--rounds`: every engine started again, in turn): "
+             "each round's median TTFT and its speed-up over the same round of FLASH_ATTN on "
+             "the same page size. Rounds that disagree more than the configurations do measure "
+             "the engines' hosts, not the backends.", "",
+             "| geometry | length | config | TTFT ms by round | vs FLASH_ATTN, same page, by "
+             "round |", "|---|---|---|---|---|"]
+    for r in rows:
+        times = r["ttft_round_s"]
+        same = _find(data, ("ttft", r["geometry"], baseline_of(r["config"]), r["length"]))
+        base = same.get("ttft_round_s", ()) if same and same["run"] == r["run"] else ()
+        ratios = ("—" if len(base) != len(times) else
+                  " / ".join(f"{b / t:.2f}x" for b, t in zip(base, times, strict=True)))
+        lines.append(f"| {r['geometry']} | {r['length']} | {r['config']} | "
+                     f"{' / '.join(f'{t * 1e3:.1f}' for t in times)} | {ratios} |")
+    return lines
 
 
 def ttft_ratios(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -394,6 +430,7 @@ def markdown(data: dict[str, Any], geometries: dict[str, str] | None = None) -> 
             lines.append(f"| {r['geometry']} | {r['length']} | {r['config']} | "
                          f"{r['ttft_s']:.4f} | {_x(r['vs_same'])}{r['mark']} | {_x(r['vs_16'])} | "
                          f"{_f(r.get('block_sparsity'))} | {r['run']} |")
+        lines += round_lines(data, ttft)
     att = attention_rows(data)
     if att:
         lines += ["", "## Attention's share and the ceiling", "",

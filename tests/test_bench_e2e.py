@@ -558,3 +558,48 @@ def test_run_worker_keeps_rows_and_stops_what_it_started(tmp_path):
     time.sleep(0.2)
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(
         f"/proc/{child}/stat").read_text().split()[2]
+
+
+def test_rounds_start_every_engine_in_turn_and_join_their_rows(tmp_path):
+    """--rounds N: every TTFT engine N times, all configurations' first engines before any
+    second; a later round's rows join the run's row (median of all repeats, each round's median
+    kept, the first round's profile) and the report shows each round against the baseline's."""
+    args = bench_e2e.parser().parse_args([
+        "ttft", "decode", "--geometries", "gemma3_270m", "--model-dir", str(tmp_path),
+        "--configs", "FLASH_ATTN@64", "SPARGE@64:defaults", "--lengths", "8192",
+        "--profile-lengths", "8192", "--contexts", "8192", "--batches", "1", "--rounds", "2"])
+    jobs, _ = e2e_plan.make_plan(args, report.load_results(None))
+    assert [(j["stage"], j["config"], j.get("round")) for j in jobs] == [
+        ("ttft", "FLASH_ATTN@64", 0), ("ttft", "SPARGE@64:defaults", 0),
+        ("ttft", "FLASH_ATTN@64", 1), ("ttft", "SPARGE@64:defaults", 1),
+        ("decode", "FLASH_ATTN@64", None), ("decode", "SPARGE@64:defaults", None)]
+    assert "round 2" in e2e_plan.describe(jobs[2]) and "round" not in e2e_plan.describe(jobs[4])
+    assert [j["profile_lengths"] for j in jobs[:4]] == [[8192], [8192], [], []]
+    one = bench_e2e.parser().parse_args(["ttft", "--configs", "FLASH_ATTN@64"])
+    assert "round" not in e2e_plan.make_plan(one, report.load_results(None))[0][0]
+    with pytest.raises(ValueError, match="--rounds 0"):
+        e2e_plan.make_plan(bench_e2e.parser().parse_args(["ttft", "--rounds", "0"]),
+                           report.load_results(None))
+
+    def row(config, times, rnd, **extra):
+        return dict(stage="ttft", geometry="gemma3_270m", config=config, length=8192,
+                    ttft_s=sorted(times)[len(times) // 2], ttft_all_s=times, round=rnd, **extra)
+
+    data = report.new_results()
+    run = report.start_run(data, {"command": "x"})
+    report.add_rows(data, [row("FLASH_ATTN@64", [0.010, 0.011, 0.012], 0, profile={"a": 1})], run)
+    report.add_rows(data, [row("SPARGE@64:defaults", [0.012, 0.013, 0.014], 0)], run)
+    report.add_rows(data, [row("FLASH_ATTN@64", [0.016, 0.017, 0.018], 1, profile={"a": 2})], run)
+    report.add_rows(data, [row("SPARGE@64:defaults", [0.016, 0.017, 0.018], 1)], run)
+    fa = report._find(data, ("ttft", "gemma3_270m", "FLASH_ATTN@64", 8192))
+    assert fa["ttft_round_s"] == [0.011, 0.017] and fa["profile"] == {"a": 1}
+    assert fa["ttft_s"] == pytest.approx(0.014) and len(fa["ttft_all_s"]) == 6
+    assert len(data["rows"]) == 2
+    md = report.markdown(data)
+    assert "| gemma3_270m | 8192 | SPARGE@64:defaults | 13.0 / 17.0 | 0.85x / 1.00x |" in md
+    assert "| gemma3_270m | 8192 | FLASH_ATTN@64 | 11.0 / 17.0 | 1.00x / 1.00x |" in md
+    # another run's row of the same point replaces it rather than joining it
+    later = report.start_run(data, {"command": "y"})
+    report.add_rows(data, [row("FLASH_ATTN@64", [0.020], 1)], later)
+    fa = report._find(data, ("ttft", "gemma3_270m", "FLASH_ATTN@64", 8192))
+    assert fa["ttft_s"] == 0.020 and "ttft_round_s" not in fa
