@@ -7,6 +7,7 @@
 #
 # Stages:
 #   kernel_tests  every kernel, head-chunk, FA3-path and warm-up test, on the GPU
+#   fp8_tests  the fp8 KV cache and fp8 query tests alone (tests/test_fp8.py), on the GPU
 #   tests      GPU tests: kernels, warm-up, calibration search, vllm serve metrics (TP 1)
 #   engine     engine equivalence vs FLASH_ATTN (TP 1; five tests, about 8 minutes)
 #   engine_model  engine equivalence on a real model ($SPARGE_TEST_MODEL, e.g. the payload stage's
@@ -154,6 +155,10 @@ for stage in "$@"; do
             tests/test_kernels.py tests/test_warmup.py tests/test_chunks.py tests/test_virtual.py \
             tests/test_launch.py tests/test_oracles.py tests/test_forced_blocks.py \
             tests/test_kernel_api_checks.py tests/test_fp8.py
+        ;;
+    fp8_tests)
+        run gpu_fp8_tests timeout 300 ${PYTEST/-x -m gpu /--maxfail=5 } \
+            --junitxml "$OUT/junit_fp8_tests.xml" tests/test_fp8.py
         ;;
     tests)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
