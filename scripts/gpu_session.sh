@@ -125,6 +125,8 @@ export SPARGE_TEST_CHILD_TIMEOUT=${SPARGE_TEST_CHILD_TIMEOUT:-300}
 # NOTE: -x and a per-test timeout: a run killed at its limit prints no failure report at all
 # record_property values (per-test measurements) land in $OUT/junit_<stage>.xml
 PYTEST="python3 -m pytest -q -x -m gpu -rs -p no:cacheprovider --timeout=420 -o junit_logging=all"
+# the kernel test files (gpu-marked or not): up to five failures are reported before a run stops
+KERNEL_PYTEST=${PYTEST/-x -m gpu /--maxfail=5 }
 MODEL=$SPARGE_TEST_MODEL
 THRESHOLDS=${THRESHOLDS:-models/sparge-tiny-code-run/thresholds.safetensors}
 nvidia-smi -L > "$OUT/gpu.txt" 2>&1
@@ -149,16 +151,15 @@ for stage in "$@"; do
     case $stage in
     kernel_tests)
         # every kernel test, not only the gpu-marked ones: the others run on the GPU too (the
-        # device fixture), e.g. head chunks = one chunk, split, sub-page TMA = pointer loads;
-        # up to five failures are reported before the run stops
-        run gpu_kernel_tests timeout 300 ${PYTEST/-x -m gpu /--maxfail=5 } --junitxml "$OUT/junit_kernel_tests.xml" \
+        # device fixture), e.g. head chunks = one chunk, split, sub-page TMA = pointer loads
+        run gpu_kernel_tests timeout 300 $KERNEL_PYTEST --junitxml "$OUT/junit_kernel_tests.xml" \
             tests/test_kernels.py tests/test_warmup.py tests/test_chunks.py tests/test_virtual.py \
             tests/test_launch.py tests/test_oracles.py tests/test_forced_blocks.py \
             tests/test_kernel_api_checks.py tests/test_fp8.py
         ;;
     fp8_tests)
-        run gpu_fp8_tests timeout 300 ${PYTEST/-x -m gpu /--maxfail=5 } \
-            --junitxml "$OUT/junit_fp8_tests.xml" tests/test_fp8.py
+        run gpu_fp8_tests timeout 300 $KERNEL_PYTEST --junitxml "$OUT/junit_fp8_tests.xml" \
+            tests/test_fp8.py
         ;;
     tests)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
