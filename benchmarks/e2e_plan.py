@@ -437,11 +437,15 @@ def with_rounds(jobs: list[dict], rounds: int) -> list[dict]:
         raise ValueError(f"--rounds {rounds}: give 1 or more")
     if rounds == 1:
         return jobs
-    ttft = [j for j in jobs if j["stage"] == "ttft"]
-    # the profiled prefill runs in the first round only
-    return ([dict(j, round=r, **({"profile_lengths": []} if r else {}))
-             for r in range(rounds) for j in ttft]
-            + [j for j in jobs if j["stage"] != "ttft"])
+    out = []
+    for r in range(rounds):
+        for job in (j for j in jobs if j["stage"] == "ttft"):
+            job = dict(job, round=r)
+            if r:  # the profiled prefill runs in the first round only
+                job["profile_lengths"] = []
+                job["est_s"] = estimate_s(job)
+            out.append(job)
+    return out + [j for j in jobs if j["stage"] != "ttft"]
 
 
 def describe(job: dict) -> str:
