@@ -431,15 +431,18 @@ def make_plan(args, data: dict) -> tuple[list[dict], list[str]]:
 def with_rounds(jobs: list[dict], rounds: int) -> list[dict]:
     """``jobs`` with each TTFT engine run ``rounds`` times, the rounds one after the other
     (every configuration's first engine, then every one's second, ...), so that a change of the
-    host's speed during the call reaches a configuration and its baseline alike; a later
-    round's rows join the first round's (``e2e_report.add_rows``); only the first profiles."""
+    host's speed during the call reaches a configuration and its baseline alike; odd rounds run
+    the engines in reverse order, so that no configuration always starts first or always
+    follows the same one. A later round's rows join the first round's
+    (``e2e_report.add_rows``); only the first profiles."""
     if rounds < 1:
         raise ValueError(f"--rounds {rounds}: give 1 or more")
     if rounds == 1:
         return jobs
     out = []
+    ttft = [j for j in jobs if j["stage"] == "ttft"]
     for r in range(rounds):
-        for job in (j for j in jobs if j["stage"] == "ttft"):
+        for job in (ttft[::-1] if r % 2 else ttft):
             job = dict(job, round=r)
             if r:  # the profiled prefill runs in the first round only
                 job["profile_lengths"] = []

@@ -562,19 +562,19 @@ def test_run_worker_keeps_rows_and_stops_what_it_started(tmp_path):
 
 def test_rounds_start_every_engine_in_turn_and_join_their_rows(tmp_path):
     """--rounds N: every TTFT engine N times, all configurations' first engines before any
-    second; a later round's rows join the run's row (median of all repeats, each round's median
+    second, odd rounds in reverse order; a later round's rows join the run's row (median of all repeats, each round's median
     kept, the first round's profile) and the report shows each round against the baseline's."""
     args = bench_e2e.parser().parse_args([
         "ttft", "decode", "--geometries", "gemma3_270m", "--model-dir", str(tmp_path),
         "--configs", "FLASH_ATTN@64", "SPARGE@64:defaults", "--lengths", "8192",
-        "--profile-lengths", "8192", "--contexts", "8192", "--batches", "1", "--rounds", "2"])
+        "--profile-lengths", "8192", "--contexts", "8192", "--batches", "1", "--rounds", "3"])
     jobs, _ = e2e_plan.make_plan(args, report.load_results(None))
+    fa, sp = "FLASH_ATTN@64", "SPARGE@64:defaults"
     assert [(j["stage"], j["config"], j.get("round")) for j in jobs] == [
-        ("ttft", "FLASH_ATTN@64", 0), ("ttft", "SPARGE@64:defaults", 0),
-        ("ttft", "FLASH_ATTN@64", 1), ("ttft", "SPARGE@64:defaults", 1),
-        ("decode", "FLASH_ATTN@64", None), ("decode", "SPARGE@64:defaults", None)]
-    assert "round 2" in e2e_plan.describe(jobs[2]) and "round" not in e2e_plan.describe(jobs[4])
-    assert [j["profile_lengths"] for j in jobs[:4]] == [[8192], [8192], [], []]
+        ("ttft", fa, 0), ("ttft", sp, 0), ("ttft", sp, 1), ("ttft", fa, 1), ("ttft", fa, 2),
+        ("ttft", sp, 2), ("decode", fa, None), ("decode", sp, None)]
+    assert "round 2" in e2e_plan.describe(jobs[2]) and "round" not in e2e_plan.describe(jobs[6])
+    assert [j["profile_lengths"] for j in jobs[:6]] == [[8192], [8192], [], [], [], []]
     one = bench_e2e.parser().parse_args(["ttft", "--configs", "FLASH_ATTN@64"])
     assert "round" not in e2e_plan.make_plan(one, report.load_results(None))[0][0]
     with pytest.raises(ValueError, match="--rounds 0"):
