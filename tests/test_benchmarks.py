@@ -504,3 +504,27 @@ def test_reference_accuracy_scores_ruler_by_length(monkeypatch):
     assert (r["task"], r["acc"], r["n"], len(r["wrong"])) == ("niah_single_1", 0.75, 2, 1)
     assert ra.evaluate(None, "sparge_passkey", None, 2, 8192)["acc"] == 0.75
     assert calls[0]["limit"] == 2 and calls[0]["random_seed"] == 0
+
+
+def test_fp8_pv_layout_kernel_reads_v_in_either_layout(device):
+    """The layout benchmark's kernel against SDPA with V token-major and K-major (same values;
+    fp32 inputs: the interpreter's dot is exact there), and its report's ratios."""
+    import torch
+
+    bench = _load("fp8_pv_layout")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 256, 64, generator=g).to(device) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for vv in (v, bench.kmajor(v)):
+        out = torch.empty(2, 256, 64, dtype=torch.bfloat16, device=device)
+        bench.attention(q, k, vv, out, (64, 32, 4, 2))
+        # the output's bf16 rounding (2^-8 relative) on values below 1
+        assert (out.float() - ref).abs().max().item() < 2**-7
+    assert bench.kmajor(v).stride() == (256 * 64, 1, 256) and torch.equal(bench.kmajor(v), v)
+    rows = [dict(length=8192, variant="bf16", ms=2.0, tflops=550.0, config=(128, 64, 4, 3),
+                 rel_l1=0.001, copy_ms=None),
+            dict(length=8192, variant="fp8_kmajor", ms=1.0, tflops=1100.0, config=(128, 128, 8, 3),
+                 rel_l1=0.03, copy_ms=0.25)]
+    md = bench.markdown(dict(device="GPU", date="today", command="cmd", torch="2.11",
+                             triton="3.6", heads=32, head_dim=128), rows)
+    assert "| 8192 | fp8_kmajor | 1.000 | 1100 | 2.00x | 1.60x (0.250 ms) | 0.0300 |" in md
