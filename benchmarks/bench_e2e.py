@@ -13,9 +13,9 @@ Stages (any of them, in one call or in several):
   ``--repeats``: ``e2e_plan.ttft_repeats``); one more prefill of each ``--profile-lengths``
   length under ``torch.profiler`` gives attention's share ``a`` of FLASH_ATTN's prefill, the
   attention speed-up ``k`` and the ceiling 1 / (1 - a + a/k), next to the measured TTFT ratio.
-  ``--rounds N`` starts each engine N times, in turn (odd rounds in reverse order), for
-  prefills bound by the host, whose speed can differ between engine processes more than between
-  the backends.
+  ``--rounds N`` starts each engine N times, in turn (every second round in reverse order),
+  for prefills bound by the host, whose speed can differ between engine processes more than
+  between the backends.
 - ``decode``: batches of 1, 8, 32 prompts at 8K and 32K context (prefix-cached), CUDA graphs on:
   tokens/s of the decode steps and inter-token latency. Points whose KV cache would pass
   ``--kv-budget-gib`` are left out (listed).
@@ -426,10 +426,9 @@ def parser() -> argparse.ArgumentParser:
         ap.add_argument(f"--{name}", type=int)
     ap.add_argument("--warmups", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1, help="ttft: start every engine this many "
-                    "times, in turn (all configurations' first engines, then their second in reverse "
-                    "order, ...); "
-                    "a row's TTFT is the median of all its rounds' repeats and the report shows "
-                    "each round's")
+                    "times, in turn (all configurations' first engines, then their second in "
+                    "reverse order, ...); a row's TTFT is the median of all its rounds' repeats "
+                    "and the report shows each round's")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--kv-budget-gib", type=float, default=80.0,
                     help="decode points needing more KV cache are left out")

@@ -431,9 +431,9 @@ def make_plan(args, data: dict) -> tuple[list[dict], list[str]]:
 def with_rounds(jobs: list[dict], rounds: int) -> list[dict]:
     """``jobs`` with each TTFT engine run ``rounds`` times, the rounds one after the other
     (every configuration's first engine, then every one's second, ...), so that a change of the
-    host's speed during the call reaches a configuration and its baseline alike; odd rounds run
-    the engines in reverse order, so that no configuration always starts first or always
-    follows the same one. A later round's rows join the first round's
+    host's speed during the call reaches a configuration and its baseline alike; every second
+    round runs the engines in reverse order, so that no configuration always starts first or
+    always follows the same one. A later round's rows join the first round's
     (``e2e_report.add_rows``); only the first profiles."""
     if rounds < 1:
         raise ValueError(f"--rounds {rounds}: give 1 or more")

@@ -562,8 +562,9 @@ def test_run_worker_keeps_rows_and_stops_what_it_started(tmp_path):
 
 def test_rounds_start_every_engine_in_turn_and_join_their_rows(tmp_path):
     """--rounds N: every TTFT engine N times, all configurations' first engines before any
-    second, odd rounds in reverse order; a later round's rows join the run's row (median of all repeats, each round's median
-    kept, the first round's profile) and the report shows each round against the baseline's."""
+    second, every second round in reverse order; a later round's rows join the run's row
+    (median of all repeats, each round's median kept, the first round's profile) and the report
+    shows each round against the baseline's."""
     args = bench_e2e.parser().parse_args([
         "ttft", "decode", "--geometries", "gemma3_270m", "--model-dir", str(tmp_path),
         "--configs", "FLASH_ATTN@64", "SPARGE@64:defaults", "--lengths", "8192",
