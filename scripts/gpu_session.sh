@@ -7,7 +7,10 @@
 #
 # Stages:
 #   kernel_tests  every kernel, head-chunk, FA3-path and warm-up test, on the GPU
-#   fp8_tests  the fp8 KV cache and fp8 query tests alone (tests/test_fp8.py), on the GPU
+#   fp8_tests  the fp8 KV cache and fp8 query tests alone (tests/test_fp8.py), on the GPU; needs
+#              no vLLM (its FA3 cases skip without vllm_flash_attn): a bare machine runs it
+#   fp8_pv     benchmarks/fp8_pv_layout.py: an fp8 P.V with V token-major against K-major, 8K
+#              and 32K (about a minute; no vLLM needed; -> $OUT/fp8_pv_layout.*)
 #   tests      GPU tests: kernels, warm-up, calibration search, vllm serve metrics (TP 1)
 #   engine     engine equivalence vs FLASH_ATTN (TP 1; five tests, about 8 minutes)
 #   engine_model  engine equivalence on a real model ($SPARGE_TEST_MODEL, e.g. the payload stage's
@@ -160,6 +163,10 @@ for stage in "$@"; do
     fp8_tests)
         run gpu_fp8_tests timeout 300 $KERNEL_PYTEST --junitxml "$OUT/junit_fp8_tests.xml" \
             tests/test_fp8.py
+        ;;
+    fp8_pv)
+        run fp8_pv_layout timeout 200 python3 benchmarks/fp8_pv_layout.py --lengths 8192 32768 \
+            --out "$OUT/fp8_pv_layout"
         ;;
     tests)
         export SPARGE_TEST_REPORT=$OUT/engine_report.json
