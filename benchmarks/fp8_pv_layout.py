@@ -87,22 +87,12 @@ def kmajor(v: torch.Tensor) -> torch.Tensor:
     return v.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def timed_ms(fn, reps: int) -> float:
-    """Median wall time of ``fn`` on the GPU (CUDA events), after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+def timed_ms(fn) -> float:
+    """Median GPU time of ``fn`` (Triton's ``do_bench``, as the kernel benchmarks time)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def measure(n: int, heads: int, d: int, reps: int) -> list[dict]:
+def measure(n: int, heads: int, d: int) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(heads, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
                for _ in range(3))
@@ -110,14 +100,14 @@ def measure(n: int, heads: int, d: int, reps: int) -> list[dict]:
     out = torch.empty_like(q)
     q8, k8, v8 = q.to(FP8), k.to(FP8), v.to(FP8)
     v8k = kmajor(v8)
-    copy_ms = timed_ms(lambda: kmajor(v8), reps)
+    copy_ms = timed_ms(lambda: kmajor(v8))
     flops = 4 * heads * n * n * d
     rows = []
     for name, args in (("bf16", (q, k, v)), ("fp8", (q8, k8, v8)), ("fp8_kmajor", (q8, k8, v8k))):
         best = None
         for config in CONFIGS:
             try:
-                ms = timed_ms(lambda c=config, a=args: attention(*a, out, c), reps)
+                ms = timed_ms(lambda c=config, a=args: attention(*a, out, c))
             except Exception as e:  # e.g. out of shared memory for this tile size
                 print(f"  {name} {config}: {type(e).__name__}", file=sys.stderr)
                 continue
@@ -157,7 +147,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", required=True, help="writes <out>.json and <out>.md")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -167,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                 torch=torch.__version__, triton=triton.__version__, heads=args.heads,
                 head_dim=args.head_dim,
                 command="python benchmarks/fp8_pv_layout.py " + shlex.join(sys.argv[1:]))
-    rows = [r for n in args.lengths for r in measure(n, args.heads, args.head_dim, args.reps)]
+    rows = [r for n in args.lengths for r in measure(n, args.heads, args.head_dim)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
