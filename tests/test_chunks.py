@@ -97,14 +97,27 @@ def test_default_floor_splits_only_large_block_maps():
 @pytest.mark.parametrize("floor", [None, 0])
 def test_scratch_bound_covers_every_smaller_call(floor):
     """The backend reserves chunk_scratch_bytes at the step's largest shape: no call within
-    those bounds may plan a bigger chunk."""
-    for fa3_page, budget in itertools.product((None, 16, 64), (MAP_BUDGET, 0.002, None)):
-        bound = chunk_scratch_bytes(Shape(32, 8, 128, 4, 16384, 131072, fa3_page), 2, budget,
+    those bounds may plan a bigger chunk (with the fp8 products' K-major V copy too)."""
+    for fa3_page, budget, v in itertools.product((None, 16, 64), (MAP_BUDGET, 0.002, None),
+                                                 (0, 1)):
+        if fa3_page and v:
+            continue  # the copy is the Triton kernel's
+        bound = chunk_scratch_bytes(Shape(32, 8, 128, 4, 16384, 131072, fa3_page, v), 2, budget,
                                     floor)
         for reqs, q_len, seq_len in itertools.product((1, 2, 4), (1024, 8192, 16384),
                                                       (16384, 65536, 131072)):
-            shape = Shape(32, 8, 128, reqs, q_len, seq_len, fa3_page)
+            shape = Shape(32, 8, 128, reqs, q_len, seq_len, fa3_page, v)
             assert shape.chunk_bytes(*plan_chunks(shape, 2, budget, floor)) <= bound
+
+
+def test_chunk_bytes_count_the_values_kmajor_copy():
+    """With the fp8 products a chunk holds its KV slice's values, K-major, one byte each: the
+    allocation ``values_kmajor`` makes (``[R, Hkv, D, whole key blocks]``)."""
+    for heads in chunk_sizes(32, 8):
+        plain = Shape(32, 8, 128, 2, 4096, 5000)
+        copy = Shape(32, 8, 128, 2, 4096, 5000, None, 1)
+        kv = max(1, heads * 8 // 32)
+        assert copy.chunk_bytes(heads) - plain.chunk_bytes(heads) == 2 * kv * 128 * 5056
 
 
 def _run(case, ths, topk, device, **kw):

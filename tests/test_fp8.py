@@ -21,14 +21,18 @@ import pytest
 import torch
 
 from sparge_serve.kernels import (
+    BLKK,
     FP8_DTYPE,
     KVScales,
+    num_blocks,
     predict_block_map,
     sparge_paged_prefill,
     sparse_paged_attention,
 )
 from sparge_serve.kernels.fa3 import fa3_sparse_attention
+from sparge_serve.kernels.pooling import values_kmajor
 from sparge_serve.kernels.warmup import warm_up_sparse_kernels
+from sparge_serve.reference import gather_paged_kv
 from tests.kernel_inputs import (
     PagedCase,
     head_vec,
@@ -137,26 +141,85 @@ def _check_against_sdpa(out: torch.Tensor, c: Fp8Case, base: PagedCase, bm,
 
 
 @pytest.mark.parametrize("page", [16, 64])
-@pytest.mark.parametrize("q_fp8, fp8_dot", [(False, False), (True, False), (True, True)])
-def test_fp8_attention_equals_sdpa_over_its_kept_blocks(page, q_fp8, fp8_dot, device):
+@pytest.mark.parametrize("q_fp8, fp8_dot, v_kmajor", [
+    (False, False, False), (True, False, False), (True, True, True), (True, True, False)])
+def test_fp8_attention_equals_sdpa_over_its_kept_blocks(page, q_fp8, fp8_dot, v_kmajor, device):
     """vLLM's scales (amax / 448): fp32 SDPA over the dequantised tensors and exactly the
     kernel's kept blocks, within twice the error of rounding ``P`` to bf16, or with ``fp8_dot``
-    (both products of fp8 operands) to fp8."""
+    (both products of fp8 operands) to fp8; with V read from the cache's pages or, as
+    ``fp8_dot`` does by default, from its K-major copy (PV skip on, so that every V load
+    of the kernel runs)."""
     base = _case(device, page, seed=3)
     c = _fp8_case(base, q_fp8, pow2=False, dtype=torch.float32)
     hq = base.q.shape[1]
     out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
-    bm = sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale,
-                              head_vec(0.4, hq, device), head_vec(0.8, hq, device),
-                              head_vec(50.0, hq, device), out, scales=c.scales, fp8_dot=fp8_dot)
+    thresholds = (head_vec(0.4, hq, device), head_vec(0.8, hq, device))
+    bm = predict_block_map(c.q, c.key_cache, base.batch, base.scale, *thresholds,
+                           scales=c.scales)
+    # PV skip with a threshold no block reaches: the skip loop's V loads, the same output
+    stats = torch.zeros(3, dtype=torch.int64, device=device)
+    sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
+                           head_vec(40.0, hq, device), out, stats, scales=c.scales,
+                           fp8_dot=fp8_dot, v_kmajor=v_kmajor)
+    assert int(stats[2]) == 0, "a block's P.V was skipped: the SDPA oracle would not hold"
     assert (bm.count < bm.n_valid).any(), "every block kept: no sparsity tested"
     errors = _check_against_sdpa(out, c, base, bm, p_dtype=FP8_DTYPE if fp8_dot else None)
+    both = torch.zeros_like(out)
+    sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale, *thresholds,
+                         head_vec(50.0, hq, device), both, scales=c.scales, fp8_dot=fp8_dot)
+    _check_against_sdpa(both, c, base, bm, p_dtype=FP8_DTYPE if fp8_dot else None)
     if fp8_dot:
         bf16 = torch.zeros_like(out)
         sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
                                head_vec(50.0, hq, device), bf16, scales=c.scales)
         bf16_errors = _check_against_sdpa(bf16, c, base, bm)
         assert min(errors) > 2 * max(bf16_errors), "no fp8 rounding of P: fp8_dot took no effect"
+
+
+@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_values_kmajor_is_each_requests_values_transposed(page, fp8, device):
+    """The K-major copy of V that ``fp8_dot`` reads: each request's values gathered through its
+    block table (``reference.gather_paged_kv``), token dimension contiguous, zeros up to the end
+    of its last key block; bit for bit."""
+    base = _case(device, page, reqs=((100, 600), (70, 390), (64, 64)), seed=4)
+    cache = quantize_fp8(base.value_cache)[0] if fp8 else base.value_cache
+    vt = values_kmajor(cache, base.batch)
+    nkb = num_blocks(int(base.batch.seq_lens.max()), BLKK)
+    assert vt.shape == (3, cache.shape[2], cache.shape[3], nkb * BLKK)
+    assert vt.stride(-1) == 1 and vt.dtype == cache.dtype
+    for r in range(base.batch.num_reqs):
+        seq = int(base.batch.seq_lens[r])
+        _, v = gather_paged_kv(cache.cpu(), cache.cpu(), base.batch.block_table[r].cpu(), seq)
+        got = vt[r].cpu()
+        assert torch.equal(got[..., :seq].view(torch.uint8),
+                           v.permute(1, 2, 0).contiguous().view(torch.uint8)), f"request {r}"
+        tail = got[..., seq : num_blocks(seq, BLKK) * BLKK]
+        assert not tail.view(torch.uint8).any(), f"request {r}: its last block's tail not zero"
+
+
+def test_fp8_dot_in_head_chunks_copies_each_kv_slices_values(device, monkeypatch):
+    """In head chunks of one query head (a chunk's KV slice: one KV head, its K-major values
+    copied once for its group's chunks) the fp8 products give the one-chunk call's output, and
+    SDPA's over the kept blocks."""
+    from sparge_serve.kernels import plan
+
+    monkeypatch.setattr(plan, "MIN_BUDGET_BYTES", 0)
+    base = _case(device, 16, seed=6)
+    c = _fp8_case(base, True, pow2=False, dtype=torch.float32)
+    hq = base.q.shape[1]
+    args = (head_vec(0.4, hq, device), head_vec(0.8, hq, device), head_vec(50.0, hq, device))
+    outs = []
+    for budget in (None, 1e-9):
+        out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
+        bm = sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale, *args,
+                                  out, scales=c.scales, fp8_dot=True, map_budget=budget)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    full = predict_block_map(c.q, c.key_cache, base.batch, base.scale, *args[:2],
+                             scales=c.scales)
+    assert torch.equal(bm.count, full.count)
+    _check_against_sdpa(outs[1], c, base, full, p_dtype=FP8_DTYPE)
 
 
 def test_fp8_scales_are_read_on_the_device_not_baked_in(device):

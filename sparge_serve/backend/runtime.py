@@ -336,9 +336,11 @@ def sparse_scratch_bytes(vllm_config: VllmConfig | None, runtime: SpargeRuntime 
     pages = [None]
     if fa3_configured(rt.config, head_size):
         pages.append(vc.cache_config.block_size or PREFERRED_PAGE_SIZE)
+    fp8_dot = rt.config.fp8_attention and kv_cache_quantized(vc)  # its K-major V copy
     return rows + max(prefill_scratch_bytes(num_heads, num_kv_heads, head_size, reqs, tokens,
                                             max_len, fa3_page_size=page,
-                                            map_budget=rt.config.map_budget) for page in pages)
+                                            map_budget=rt.config.map_budget, fp8_dot=fp8_dot)
+                      for page in pages)
 
 
 @dataclass(frozen=True)

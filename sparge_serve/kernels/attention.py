@@ -38,7 +38,7 @@ from sparge_serve.kernels.geometry import (
     PrefillBatch,
 )
 from sparge_serve.kernels.launch import launch
-from sparge_serve.kernels.pooling import load_kv_block
+from sparge_serve.kernels.pooling import load_kv_block, load_v_block, values_kmajor
 from sparge_serve.kernels.softmax import _dot, _online_softmax_update, _softmax_step
 
 _LOG2E = 1.4426950408889634
@@ -62,14 +62,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @triton.jit
 def _attend_row(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_row, lut_row, n_kept, pv_ptr, k_desc, v_desc,
-    q_scale_ptr, k_scale_ptr, v_scale_ptr,
+    q_scale_ptr, k_scale_ptr, v_scale_ptr, vt_row, stride_vh, stride_vd,
     q_start, q_len, seq_len, b, m0, h,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PV_SKIP: tl.constexpr, PV_OFF: tl.constexpr,
     UPCAST: tl.constexpr, USE_TMA: tl.constexpr, LAZY: tl.constexpr = 0.0,
     Q_SCALED: tl.constexpr = False, KV_SCALED: tl.constexpr = False,
-    FP8_DOT: tl.constexpr = False,
+    FP8_DOT: tl.constexpr = False, V_KMAJOR: tl.constexpr = False,
 ):
     """Attention of query rows ``[m0, m0 + BLOCK_M)`` (inside query block ``b`` of ``BLOCK_Q``
     rows) of one q-head ``h`` of a request over the block's ``n_kept`` kept key blocks
@@ -86,7 +86,10 @@ def _attend_row(
     forward does: ``P`` is rounded to fp8 for ``P.V``. Without it, an fp8 query over an fp8
     cache still takes ``q.k`` in fp8 (each product is exact either way; Hopper sums fp8 products
     with fewer bits than fp32, far finer than the fp8 inputs' own rounding): the matrix unit
-    then reads the K block where TMA put it, not a bf16 copy made through registers."""
+    then reads the K block where TMA put it, not a bf16 copy made through registers.
+    ``V_KMAJOR``: V blocks come from the request's K-major copy ``vt_row`` (``[Hkv, D, S]``,
+    :func:`~sparge_serve.kernels.pooling.values_kmajor`), whose tiles an fp8 ``P.V`` reads
+    as they lie, not transposed on chip."""
     DT = None if FP8_DOT else out_ptr.dtype.element_ty
     QK_FP8: tl.constexpr = FP8_DOT or (Q_SCALED and KV_SCALED)
     DK = None if QK_FP8 else DT  # K blocks' dtype in q.k
@@ -139,9 +142,9 @@ def _attend_row(
             if skip:
                 n_skipped += 1
             else:
-                v = load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                                   stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA,
-                                   DT=DT)
+                v = load_v_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
+                            stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, False,
+                            DT, vt_row, stride_vh, stride_vd, V_KMAJOR)
                 acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     else:
         for t in range(0, n_off):
@@ -149,9 +152,9 @@ def _attend_row(
             k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA,
                                DT=DK)
-            v = load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                               stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA,
-                               DT=DT)
+            v = load_v_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
+                        stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, False, DT,
+                        vt_row, stride_vh, stride_vd, V_KMAJOR)
             qk = _dot(q, tl.trans(k), UPCAST)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
     # diagonal band: always computed, causal mask
@@ -160,9 +163,9 @@ def _attend_row(
                            stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA,
                            DT=DK)
         # NOTE: with TMA, rows past seq_len hold stale page contents: zero V (0 * NaN = NaN).
-        v = load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                           stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA,
-                           True, DT)
+        v = load_v_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
+                    stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, True, DT,
+                    vt_row, stride_vh, stride_vd, V_KMAJOR)
         qk = _dot(q, tl.trans(k), UPCAST)
         k_pos = j * BLOCK_N + offs_n
         qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
@@ -213,6 +216,7 @@ def _program_row(lin, num_heads, n_t, GROUP: tl.constexpr, FIRST: tl.constexpr):
 def _sparse_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
     lut_ptr, count_ptr, pv_ptr, stats_ptr, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+    vt_ptr, stride_vr, stride_vh, stride_vd,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_page, stride_tok, stride_head, stride_bt,
     NKB, NQB, num_heads, qk_scale,
@@ -221,6 +225,7 @@ def _sparse_attn_kernel(
     USE_TMA: tl.constexpr, SPLIT: tl.constexpr, LAZY: tl.constexpr = 0.0,
     KV_MAJOR: tl.constexpr = True, Q_SCALED: tl.constexpr = False,
     KV_SCALED: tl.constexpr = False, FP8_DOT: tl.constexpr = False,
+    V_KMAJOR: tl.constexpr = False,
     TAIL_FIRST: tl.constexpr = TAIL_FIRST,  # the module constant (one definition)
 ):
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
@@ -244,13 +249,18 @@ def _sparse_attn_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + r)
     row_id = (r * num_heads + h) * NQB + b
+    if V_KMAJOR:
+        vt_row = vt_ptr + r.to(tl.int64) * stride_vr
+    else:
+        vt_row = vt_ptr
     n_skipped = _attend_row(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr + r * stride_bt,
         lut_ptr + row_id.to(tl.int64) * NKB, tl.load(count_ptr + row_id), pv_ptr, k_desc, v_desc,
-        q_scale_ptr, k_scale_ptr, v_scale_ptr, q_start, q_len, seq_len, b, m0, h,
+        q_scale_ptr, k_scale_ptr, v_scale_ptr, vt_row, stride_vh, stride_vd,
+        q_start, q_len, seq_len, b, m0, h,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
-        USE_TMA, LAZY, Q_SCALED, KV_SCALED, FP8_DOT,
+        USE_TMA, LAZY, Q_SCALED, KV_SCALED, FP8_DOT, V_KMAJOR,
     )
     _count_skipped(stats_ptr, n_skipped, PV_SKIP)  # (SPLIT is 1 with PV skip)
 
@@ -334,17 +344,23 @@ class AttendParams:
     num_warps: int
     num_stages: int
     fp8_dot: bool = False  # both products in fp8 (an fp8 query and cache)
+    v_kmajor: bool = False  # V read from a K-major copy (``pooling.values_kmajor``)
 
 
 def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None = None,
                   lazy_rescale: float | None = None,
-                  launch: tuple[int, int] | None = None, fp8_dot: bool = False) -> AttendParams:
+                  launch: tuple[int, int] | None = None, fp8_dot: bool = False,
+                  v_kmajor: bool | None = None) -> AttendParams:
     """The attention kernel's launch for ``head_dim`` with or without PV skip and TMA loads:
     the defaults (:func:`_row_parts`, :func:`_attn_launch_params`) where an override is
-    ``None``."""
+    ``None``; ``v_kmajor`` ``None``: with ``fp8_dot`` (an fp8 ``P.V`` over V as the cache holds
+    it transposes every tile on chip: 0.64-0.67x the bf16 kernel's speed, against 1.47-1.56x
+    over a K-major copy, H100, ``benchmarks/results/fp8_pv_layout.md``)."""
     split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
     num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
-    return AttendParams(use_tma, split, lazy_rescale, num_warps, num_stages, fp8_dot)
+    if v_kmajor is None:
+        v_kmajor = fp8_dot
+    return AttendParams(use_tma, split, lazy_rescale, num_warps, num_stages, fp8_dot, v_kmajor)
 
 
 def check_fp8_dot(q: torch.Tensor, key_cache: torch.Tensor) -> None:
@@ -376,6 +392,7 @@ def sparse_paged_attention(
     scales: KVScales | None = None,
     fp8_dot: bool = False,
     tail_first: int = TAIL_FIRST,
+    v_kmajor: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -398,6 +415,8 @@ def sparse_paged_attention(
     query blocks, then one KV head's other query programs before the next KV head's; ``False``
     (benchmarks only) runs every head of one query block together.
     ``group``: for head slices, as :func:`~sparge_serve.kernels.predictor.predict_block_map`'s.
+    ``v_kmajor``: read V from a K-major copy of the batch's values made first
+    (:func:`~sparge_serve.kernels.pooling.values_kmajor`); ``None``: with ``fp8_dot``.
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
     checks"). ``check_finite`` also checks the values held in tensors: the thresholds (finite, in
@@ -424,10 +443,14 @@ def sparse_paged_attention(
         raise ValueError(f"TMA loads need key blocks of {block_n} inside one page and a cache of "
                          f"whole 16-byte aligned token rows; got {page}-token pages with strides "
                          f"{tuple(key_cache.stride())}")
-    params = attend_params(q.shape[2], pv_skip, use_tma, split, lazy_rescale, launch, fp8_dot)
+    params = attend_params(q.shape[2], pv_skip, use_tma, split, lazy_rescale, launch, fp8_dot,
+                           v_kmajor)
+    if params.v_kmajor and block_n != BLKK:
+        raise ValueError(f"v_kmajor copies values in key blocks of {BLKK}; got block_n {block_n}")
+    vt = values_kmajor(value_cache, batch) if params.v_kmajor else None
     attend_blocks(q, key_cache, value_cache, batch, block_map, scale, pvthreshd, out,
                   stats_buffer(stats, q.device), pv_skip, group, params, block_n, kv_major,
-                  scales, tail_first)
+                  scales, tail_first, vt)
     return out
 
 
@@ -436,21 +459,25 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
                   pvthreshd: torch.Tensor, out: torch.Tensor, stats: torch.Tensor,
                   pv_skip: bool, group: int, params: AttendParams, block_n: int = BLKK,
                   kv_major: bool = True, scales: KVScales | None = None,
-                  tail_first: int = TAIL_FIRST) -> None:
+                  tail_first: int = TAIL_FIRST, vt: torch.Tensor | None = None) -> None:
     """:func:`sparse_paged_attention`'s launch, without its checks: the caller's arguments are
     valid (a planned step's, or checked), and ``params`` its launch (TMA loads only on caches
-    that :func:`tma_layout_ok` accepts)."""
+    that :func:`tma_layout_ok` accepts); ``vt``: the values' K-major copy where
+    ``params.v_kmajor`` (:func:`~sparge_serve.kernels.pooling.values_kmajor` of ``value_cache``
+    and ``batch``)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     page = key_cache.shape[1]
     nreq, _, nqb, nkb = block_map.lut.shape
     k_desc = v_desc = None
     if params.use_tma:
-        k_desc, v_desc = _kv_descriptor(key_cache, block_n), _kv_descriptor(value_cache, block_n)
+        k_desc = _kv_descriptor(key_cache, block_n)
+        v_desc = None if vt is not None else _kv_descriptor(value_cache, block_n)
     launch(_sparse_attn_kernel, (num_heads, nqb * params.split, nreq))(
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         block_map.lut, block_map.count, pvthreshd, stats, k_desc, v_desc,
         *((None, None, None) if scales is None else
           (scales.q_scale, scales.k_scale, scales.v_scale)),
+        vt, *((0, 0, 0) if vt is None else vt.stride()[:3]),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
         nkb, nqb, num_heads, float(scale) * _LOG2E,
@@ -458,7 +485,8 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=params.use_tma,
         SPLIT=params.split, LAZY=params.lazy_rescale, KV_MAJOR=kv_major, TAIL_FIRST=tail_first,
         Q_SCALED=scales is not None and scales.q_scale is not None, KV_SCALED=scales is not None,
-        FP8_DOT=params.fp8_dot, num_warps=params.num_warps, num_stages=params.num_stages,
+        FP8_DOT=params.fp8_dot, V_KMAJOR=vt is not None, num_warps=params.num_warps,
+        num_stages=params.num_stages,
     )
 
 

@@ -49,7 +49,7 @@ from sparge_serve.kernels.geometry import (
     num_blocks,
     selection_tile,
 )
-from sparge_serve.kernels.pooling import key_sums_bytes, pooled_keys_bytes
+from sparge_serve.kernels.pooling import key_sums_bytes, pooled_keys_bytes, values_kmajor_bytes
 from sparge_serve.kernels.predictor import select_launch_params
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class Shape:
     max_query_len: int
     max_seq_len: int
     fa3_page_size: int | None = None  # the FA3 attention path over pages of this size
+    v_copy_elem: int = 0  # bytes a value of the Triton kernel's K-major V copy (0: none)
 
     @property
     def rows(self) -> int:
@@ -110,7 +111,8 @@ class Shape:
         ``slice_rows`` of the sequences (``None``: all), whose map is part of a selection of
         ``select_heads`` (default :meth:`min_select_heads`): the pooled keys of the selection's
         KV heads, the larger of their key sums (temporary) and the selection's
-        :meth:`head_bytes`, the tables of each head of the chunk, and for FA3 the call's
+        :meth:`head_bytes`, the tables of each head of the chunk, the selection's K-major
+        values (``v_copy_elem``), and for FA3 the call's
         sequence order (``fa3_tables.virtual_rows``, with its int64 temporaries), the dense
         rows' flags and lengths, and FA3's log-sum-exp of the dense rows' call (the selection's
         heads). The request of each sequence (``VirtualPlan.row_req``) is the plan's:
@@ -120,6 +122,7 @@ class Shape:
         # the key sums live only while the keys are pooled, before the selection's map exists
         sizes = (kv, self.head_dim, self.max_reqs, self.max_seq_len)
         n = pooled_keys_bytes(*sizes) + max(key_sums_bytes(*sizes), sel * self.head_bytes())
+        n += values_kmajor_bytes(*sizes, self.v_copy_elem)
         if self.fa3_page_size is not None:
             rows = self.rows if slice_rows is None else min(slice_rows, self.rows)
             n += heads * rows * self.table_row_bytes()
@@ -213,14 +216,15 @@ def chunk_scratch_bytes(shape: Shape, elem_size: int, map_budget: float | None =
 def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_reqs: int,
                           max_query_len: int, max_seq_len: int,
                           fa3_page_size: int | None = None,
-                          map_budget: float | None = MAP_BUDGET, elem_size: int = 2) -> int:
+                          map_budget: float | None = MAP_BUDGET, elem_size: int = 2,
+                          fp8_dot: bool = False) -> int:
     """Upper bound of the device memory one sparse prefill call allocates (predictor + attention),
     for ``max_reqs`` requests of at most ``max_query_len`` new tokens and ``max_seq_len`` context:
     the whole call's kept/valid counts plus its largest head chunk (:func:`chunk_scratch_bytes`;
     ``fa3_page_size``: with the FA3 attention path over pages of that size, its copies of the
     query and output rows of a launch of several heads, ``fa3.staging_bytes``, bounded by
     ``fa3.MIN_LAUNCH_SEQS`` query tiles rather than by the budget, and the request of each
-    sequence).
+    sequence; ``fp8_dot``: the Triton kernel's fp8 products, with their K-major copy of V).
 
     The backend allocates this once during vLLM's memory profiling so that the KV cache is sized
     with room for it.
@@ -228,7 +232,7 @@ def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_
     nqb = num_blocks(max_query_len, BLKQ)
     counts = max_reqs * num_heads * nqb * 2 * 4  # kept and valid blocks per row
     shape = Shape(num_heads, num_kv_heads, head_dim, max_reqs, max_query_len, max_seq_len,
-                  fa3_page_size)
+                  fa3_page_size, int(fp8_dot and fa3_page_size is None))
     staging = 0
     if fa3_page_size is not None:  # a launch of several heads copies their q and out rows
         from sparge_serve.kernels.fa3 import staging_bytes
@@ -341,7 +345,7 @@ def plan_prefill(batch: PrefillBatch, num_heads: int, num_kv_heads: int, head_di
     runs, virtual = [], None
     for page in (None, page_size) if fa3 else (None,):
         shape = Shape(num_heads, num_kv_heads, head_dim, batch.num_reqs, batch.max_query_len,
-                      batch.max_seq_len, page)
+                      batch.max_seq_len, page, int(fp8_dot and page is None))
         runs.append(_chunk_run(shape, plan_chunks(shape, elem, map_budget, map_floor), counts,
                                nqb))
     if fa3:

@@ -9,7 +9,9 @@ For a varlen batch of prefill requests (docs/METHOD.md, "Stage 1"), :func:`pool_
    keys ``mean(k - mu)`` (stored transposed, fp32) and the key-block self-similarity.
 
 :func:`load_kv_block` reads one key or value block through a request's block table (also the
-attention kernel's loads).
+attention kernel's loads); :func:`values_kmajor` copies a batch's values with the token dimension
+contiguous, the layout of the second operand of Hopper's fp8 ``P.V`` (the attention's
+``fp8_dot``).
 """
 
 from __future__ import annotations
@@ -78,6 +80,25 @@ def load_kv_block(
     return x
 
 
+@triton.jit
+def load_v_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok, stride_head, offs_n,
+            offs_d, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, v_desc, USE_TMA: tl.constexpr,
+            ZERO_TAIL: tl.constexpr, DT: tl.constexpr, vt_row, stride_vh, stride_vd,
+            V_KMAJOR: tl.constexpr):
+    """Value block ``j`` (``[BLOCK_N, D]``): with ``V_KMAJOR`` from a request's row ``vt_row``
+    of :func:`values_kmajor`'s copy (token dimension contiguous; zeros past the context), else
+    through the block table (:func:`load_kv_block`)."""
+    if V_KMAJOR:
+        v = tl.load(vt_row + kvh.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
+                    + (j * BLOCK_N + offs_n)[:, None])
+        if DT is not None:
+            v = v.to(DT)
+        return v
+    return load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
+                         stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, ZERO_TAIL,
+                         DT)
+
+
 # NOTE: head counts are never specialised on (a head chunk may have 1): one compiled variant
 @triton.jit(do_not_specialize=["stride_bt", "NCH", "num_kv_heads"],
             do_not_specialize_on_alignment=BATCH_PTRS)
@@ -139,6 +160,58 @@ def _kblock_kernel(
     # coalesced along key blocks.
     tl.store(pk_ptr + rh * HEAD_DIM * NKB + offs_d * NKB + j, pooled)
     tl.store(ksim_ptr + rh * NKB + j, tl.sum(mean_unit * mean_unit, axis=0))
+
+
+@triton.jit(do_not_specialize=["stride_bt", "num_kv_heads", "S"],
+            do_not_specialize_on_alignment=BATCH_PTRS)
+def _values_kmajor_kernel(
+    value_cache_ptr, bt_ptr, seq_lens_ptr, vt_ptr,
+    stride_page, stride_tok, stride_head, stride_bt, S, num_kv_heads,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Value block ``j`` of one (request, KV head), stored transposed at
+    ``vt[r, kvh, :, j * BLOCK_N:][:BLOCK_N]`` (``[R, Hkv, D, S]``); its rows past the context
+    as zeros."""
+    j = tl.program_id(0)
+    kvh = tl.program_id(1)
+    r = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + r)
+    if j * BLOCK_N >= seq_len:
+        return
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    v = load_kv_block(value_cache_ptr, bt_ptr + r * stride_bt, j, seq_len, kvh,
+                      stride_page, stride_tok, stride_head, offs_n, offs_d, PAGE, BLOCK_N)
+    rh = (r * num_kv_heads + kvh).to(tl.int64)
+    tl.store(vt_ptr + rh * HEAD_DIM * S + offs_d[:, None] * S + (j * BLOCK_N + offs_n)[None, :],
+             tl.trans(v))
+
+
+def values_kmajor(value_cache: torch.Tensor, batch: PrefillBatch) -> torch.Tensor:
+    """The batch's values with the token dimension contiguous: ``[R, Hkv, D, S]`` in the cache's
+    dtype, ``S`` the longest context in whole key blocks (:data:`BLKK`). Within each request's
+    last key block, tokens past its context are zeros; past that block, unwritten (the attention
+    reads no block past a request's context). One launch, no synchronisation."""
+    _, page, num_kv_heads, head_dim = value_cache.shape
+    nkb = num_blocks(batch.max_seq_len, BLKK)
+    s = nkb * BLKK
+    vt = torch.empty(batch.num_reqs, num_kv_heads, head_dim, s, dtype=value_cache.dtype,
+                     device=value_cache.device)
+    # NOTE: bytes, so that fp8 values are copied bit for bit (the interpreter's fp8 is partial)
+    raw = value_cache.view(torch.uint8) if value_cache.element_size() == 1 else value_cache
+    launch(_values_kmajor_kernel, (nkb, num_kv_heads, batch.num_reqs))(
+        raw, batch.block_table, batch.seq_lens, vt.view(raw.dtype),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        batch.block_table.stride(0), s, num_kv_heads,
+        PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, num_warps=4,
+    )
+    return vt
+
+
+def values_kmajor_bytes(num_kv_heads: int, head_dim: int, max_reqs: int, max_seq_len: int,
+                        elem_size: int) -> int:
+    """Device memory of :func:`values_kmajor`'s result."""
+    return max_reqs * num_kv_heads * head_dim * num_blocks(max_seq_len, BLKK) * BLKK * elem_size
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from sparge_serve.kernels.geometry import (
     PrefillBatch,
 )
 from sparge_serve.kernels.plan import PrefillPlan, plan_prefill
-from sparge_serve.kernels.pooling import pool_keys
+from sparge_serve.kernels.pooling import pool_keys, values_kmajor
 from sparge_serve.kernels.predictor import select_blocks
 
 
@@ -84,8 +84,10 @@ def run_prefill(plan: PrefillPlan, q: torch.Tensor, key_cache: torch.Tensor,
     for c, (hs, kv, first) in enumerate(run.chunks):
         bm = None  # NOTE: the last chunk's map is freed before the next one is allocated
         if first:  # first chunk of this KV slice: its pooled keys (the last ones freed first)
-            pooled = None
+            pooled = vt = None
             pooled = pool_keys(key_slices[kv], batch)
+            if not fa3 and not predict_only and params.v_kmajor:  # its values, K-major
+                vt = values_kmajor(value_slices[kv], batch)
         # NOTE: the FA3 path's maps are bit sets: a sixteenth of the lists' bytes, so that one
         # select launch covers whole KV slices (a grid of a few heads is latency-bound: 43 us
         # for 2 heads at 32K, against 24 us of a 32-head launch's time per 2 heads; H200)
@@ -100,7 +102,7 @@ def run_prefill(plan: PrefillPlan, q: torch.Tensor, key_cache: torch.Tensor,
             attend.attend(bm, hs.start)
         else:
             attend_blocks(qs[c], key_slices[kv], value_slices[kv], batch, bm, scale, pvs[c],
-                          outs[c], stats, pv_skip, group, params, scales=scales)
+                          outs[c], stats, pv_skip, group, params, scales=scales, vt=vt)
     return bm if one else None
 
 
