@@ -14,8 +14,9 @@ are what compare across runs.
 K and V quantised per tensor with scale amax / 448 (vLLM's per-tensor ``k_scale`` / ``v_scale``),
 the query too (as vLLM's attention layer quantises it for FlashAttention-fp8), output in bf16.
 Rows ``<config>+fp8`` (every configuration above, random and structured inputs) and
-``<config>+fp8dot`` (the same with fp8 compute, ``fp8_dot=True``; skipped with a note where the
-kernels lack that option) and, where FA3 is present, ``<config>+fa3+fp8`` (the FA3 attention
+``<config>+fp8dot`` (the same with fp8 compute, ``fp8_dot=True``, V read from its K-major copy;
+skipped with a note where the kernels lack that option), ``<config>+fp8dot_vpages`` (fp8 compute
+with V read from the cache's pages) and, where FA3 is present, ``<config>+fa3+fp8`` (the FA3 attention
 path: FA3's fp8 forward over each row's kept blocks; PV skip off); baselines FA3 bf16 and
 FLASH_ATTN-fp8 (FA3 over the fp8 cache with ``q/k/v_descale`` expanded to ``(num_seqs,
 num_kv_heads)``, as vLLM's ``FlashAttentionImpl`` calls it). The report's fp8 table gives each
@@ -452,6 +453,9 @@ def _bench_fp8(length, page, structured, configs, batch, out, fp8, base, results
         # failure is noted in the report, not fatal: the run keeps every other row
         try:
             add(_fp8_dot_row(row, name, c, batch, out, fp8, bm, stats, t_pred, entry, errors))
+            if entry == "attention":  # V read from the pages, transposed on chip
+                add(_fp8_dot_row(row, name, c, batch, out, fp8, bm, stats, t_pred, entry,
+                                 errors, v_kmajor=False))
         except Exception as e:
             FP8_NOTES.append(f"{length} tokens, page {page}: {name}+fp8dot not measured: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -465,10 +469,14 @@ def _bench_fp8(length, page, structured, configs, batch, out, fp8, base, results
     del fp8["same_config"]
 
 
-def _fp8_dot_row(row, name, c, batch, out, fp8, bm, stats, t_pred, entry, errors) -> dict:
+def _fp8_dot_row(row, name, c, batch, out, fp8, bm, stats, t_pred, entry, errors,
+                 v_kmajor: bool | None = None) -> dict:
     """Row ``<config>+fp8dot``: the ``+fp8`` row's predictor and block map, the attention with
     ``fp8_dot=True`` (``entry`` "prefill": both stages timed together, all heads at once, the
-    attention's time being the rest after the ``+fp8`` row's predictor)."""
+    attention's time being the rest after the ``+fp8`` row's predictor); its K-major copy of V
+    included. ``v_kmajor=False``: row ``<config>+fp8dot_vpages``, V read from the cache's pages
+    (``entry`` "attention" only)."""
+    vk = {} if v_kmajor is None else {"v_kmajor": v_kmajor}
     scale = D**-0.5
     hv = lambda x: torch.full((HQ,), float(x), device=DEVICE)  # noqa: E731
     q8, kc8, vc8, kv_scales = fp8["inputs"]
@@ -479,10 +487,10 @@ def _fp8_dot_row(row, name, c, batch, out, fp8, bm, stats, t_pred, entry, errors
     if entry == "attention":
         dstats[:2] = stats[:2]  # the attention kernel adds its PV skips only
         sparse_paged_attention(q8, kc8, vc8, batch, bm, scale, pv, out, dstats,
-                               scales=kv_scales, fp8_dot=True)
+                               scales=kv_scales, fp8_dot=True, **vk)
         t_total = t_pred + bench(lambda: sparse_paged_attention(
             q8, kc8, vc8, batch, bm, scale, pv, out, check_finite=False, pv_skip=skip,
-            scales=kv_scales, fp8_dot=True))
+            scales=kv_scales, fp8_dot=True, **vk))
     else:
         def prefill(st=None, check=False):
             sparge_paged_prefill(q8, kc8, vc8, batch, scale, sim, cdf, pv, out, topk=topk,
@@ -493,7 +501,8 @@ def _fp8_dot_row(row, name, c, batch, out, fp8, bm, stats, t_pred, entry, errors
         t_total = bench(prefill)
     torch.cuda.synchronize()
     flops = 4.0 * HQ * D * length * (length + 1) / 2
-    return dict(row, config=name + "+fp8dot", fp8_dot=True, fp8_dot_timed=entry,
+    suffix = "+fp8dot_vpages" if v_kmajor is False else "+fp8dot"
+    return dict(row, config=name + suffix, fp8_dot=True, fp8_dot_timed=entry,
                 block_sparsity=round(1.0 - dstats[1].item() / dstats[0].item(), 4),
                 pv_skipped_frac_of_kept=round(dstats[2].item() / max(dstats[1].item(), 1), 4),
                 attention_ms=t_total - t_pred, total_ms=t_total,

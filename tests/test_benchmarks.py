@@ -245,7 +245,7 @@ def test_kernels_fp8_rows_on_toy_inputs(monkeypatch, device):
     assert [c[:2] for c in calls] == [(torch.bfloat16, torch.bfloat16), (FP8_DTYPE, FP8_DTYPE)]
     assert calls[1][2] == {f"{x}_descale": (1, 1) for x in "qkv"}
     rows = {r["config"]: r for r in results}
-    dot = [""] if bench.fp8_dot_entry() is None else ["", "dot"]
+    dot = [""] if bench.fp8_dot_entry() is None else ["", "dot", "dot_vpages"]
     configs = ["dense", "topk_s0.5", "topk_s0.8", "topk_s0.9"]
     assert sorted(rows) == sorted(configs + [f"{c}+fp8{d}" for c in configs for d in dot]
                                   + [f"{c}+fa3+fp8" for c in configs])
