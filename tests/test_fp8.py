@@ -356,20 +356,24 @@ def test_fp8_attention_entry_point_and_warm_up(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dim", [64, 128, 256])
-@pytest.mark.parametrize("q_fp8", [False, True])
-def test_gpu_fp8_prefill_at_serving_sizes(dim, q_fp8):
+@pytest.mark.parametrize("q_fp8, fp8_dot", [(False, False), (True, False), (True, True)])
+def test_gpu_fp8_prefill_at_serving_sizes(dim, q_fp8, fp8_dot):
     """Serving-size contexts (chunked prefill on a cached prefix, and a whole prompt) with vLLM's
-    scales: SDPA over the dequantised tensors and the kept blocks; and with power-of-two scales,
-    the bf16 path's output (bit for bit but for an fp8 query's tensor-core sums)."""
+    scales: SDPA over the dequantised tensors and the kept blocks (``fp8_dot``: with ``P``
+    rounded to fp8, V read from its K-major copy); and with power-of-two scales, the bf16
+    path's output (bit for bit but for an fp8 query's tensor-core sums)."""
     device = "cuda"
     hq, hkv = (4, 1) if dim == 256 else (8, 2)
     base = make_paged_case([(2048, 8192), (3000, 3000)], hq, hkv, dim, 64, device=device, seed=5)
-    for pow2 in (False, True):
+    for pow2 in (False,) if fp8_dot else (False, True):
         c = _fp8_case(base, q_fp8, pow2=pow2, dtype=torch.float32 if not pow2 else torch.bfloat16)
         out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
         args = (head_vec(0.4, hq, device), head_vec(0.9, hq, device), head_vec(50.0, hq, device))
         bm = sparge_paged_prefill(c.q, c.key_cache, c.value_cache, base.batch, base.scale, *args,
-                                  out, scales=c.scales)
+                                  out, scales=c.scales, fp8_dot=fp8_dot)
+        if fp8_dot:
+            _check_against_sdpa(out, c, base, bm, p_dtype=FP8_DTYPE)
+            continue
         if pow2:
             d = c.dequant
             ref = torch.zeros_like(out)
