@@ -51,9 +51,11 @@ Keys (all optional):
   (logged once).
 - ``fp8_attention``: with ``--kv-cache-dtype fp8``, the Triton attention kernel takes ``P.V`` in
   fp8 too (``P`` rounded to fp8), as FlashAttention-3's fp8 forward does for FLASH_ATTN (env
-  ``SPARGE_FP8_ATTENTION``). Default ``false``: the fp8 V pages converted to the model's dtype
-  for ``P.V`` (more accurate); ``Q.K`` of the quantised query and keys is in fp8 either way
-  (each product exact). Layers on the FA3 path multiply in fp8 either way.
+  ``SPARGE_FP8_ATTENTION``), reading V from a copy of the step's values with the token
+  dimension contiguous (made once a layer, the layout Hopper's fp8 ``P.V`` takes). Default
+  ``false``: the fp8 V pages converted to the model's dtype for ``P.V`` (more accurate);
+  ``Q.K`` of the quantised query and keys is in fp8 either way (each product exact). Layers
+  on the FA3 path multiply in fp8 either way.
 
 Environment variables override the JSON. Boolean variables (``SPARGE_FAST_LAUNCH``,
 ``SPARGE_FP8_ATTENTION``) accept
