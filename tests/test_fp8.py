@@ -176,14 +176,18 @@ def test_fp8_attention_equals_sdpa_over_its_kept_blocks(page, q_fp8, fp8_dot, v_
         assert min(errors) > 2 * max(bf16_errors), "no fp8 rounding of P: fp8_dot took no effect"
 
 
-@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("page, packed", [(16, False), (64, False), (64, True)])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_values_kmajor_is_each_requests_values_transposed(page, fp8, device):
+def test_values_kmajor_is_each_requests_values_transposed(page, packed, fp8, device):
     """The K-major copy of V that ``fp8_dot`` reads: each request's values gathered through its
     block table (``reference.gather_paged_kv``), token dimension contiguous, zeros up to the end
-    of its last key block; bit for bit."""
-    base = _case(device, page, reqs=((100, 600), (70, 390), (64, 64)), seed=4)
-    cache = quantize_fp8(base.value_cache)[0] if fp8 else base.value_cache
+    of its last key block; bit for bit (``packed``: V a view of vLLM's K/V token rows)."""
+    base = make_paged_case([(100, 600), (70, 390), (64, 64)], 4, 2, 64, page, device=device,
+                           seed=4, packed=packed)
+    cache = base.value_cache
+    if fp8:  # the same strides, one byte a value
+        cache = torch.empty_strided(cache.shape, cache.stride(), dtype=FP8_DTYPE, device=device)
+        cache.copy_(quantize_fp8(base.value_cache)[0])
     vt = values_kmajor(cache, base.batch)
     nkb = num_blocks(int(base.batch.seq_lens.max()), BLKK)
     assert vt.shape == (3, cache.shape[2], cache.shape[3], nkb * BLKK)
