@@ -16,9 +16,9 @@ the query too (as vLLM's attention layer quantises it for FlashAttention-fp8), o
 Rows ``<config>+fp8`` (every configuration above, random and structured inputs) and
 ``<config>+fp8dot`` (the same with fp8 compute, ``fp8_dot=True``, V read from its K-major copy;
 skipped with a note where the kernels lack that option), ``<config>+fp8dot_vpages`` (fp8 compute
-with V read from the cache's pages) and, where FA3 is present, ``<config>+fa3+fp8`` (the FA3 attention
-path: FA3's fp8 forward over each row's kept blocks; PV skip off); baselines FA3 bf16 and
-FLASH_ATTN-fp8 (FA3 over the fp8 cache with ``q/k/v_descale`` expanded to ``(num_seqs,
+with V read from the cache's pages) and, where FA3 is present, ``<config>+fa3+fp8`` (the FA3
+attention path: FA3's fp8 forward over each row's kept blocks; PV skip off); baselines FA3 bf16
+and FLASH_ATTN-fp8 (FA3 over the fp8 cache with ``q/k/v_descale`` expanded to ``(num_seqs,
 num_kv_heads)``, as vLLM's ``FlashAttentionImpl`` calls it). The report's fp8 table gives each
 fp8 row's speed-up over both baselines, the relative L1 error of its output against the bf16
 output of the same configuration and against the bf16 dense output, and a pass/fail check of

@@ -27,7 +27,7 @@ RESULTS_NAME = "e2e"
 # so it is not attention here ("flash" alone would match it).
 FLASH_MARKERS = ("flash::", "flash_fwd", "FlashAttn", "unified_attention", "fmha")
 SPARGE_KERNELS = ("_sparse_attn_kernel", "_select_kernel", "_ksum_kernel", "_kblock_kernel",
-                  "_virtual_table_kernel")
+                  "_virtual_table_kernel", "_values_kmajor_kernel")
 
 _CONFIG = re.compile(r"^(FLASH_ATTN|SPARGE)@(\d+)"
                      r"(?::(topk[0-9.]+|untuned|defaults|dense|calibrated|calibrated_nopv))?"

@@ -102,7 +102,8 @@ def _types(dtype: str, d: int, tma: bool, kv: str | None = None,
     query's where they differ (``fp8e4nv``: an fp8 cache / quantised query)."""
     kv, q = kv or dtype, q or dtype
     types = {"q_ptr": f"*{q}", "out_ptr": f"*{dtype}"}
-    types.update({n: f"*{kv}" for n in ("k_cache_ptr", "v_cache_ptr", "key_cache_ptr")})
+    types.update({n: f"*{kv}" for n in ("k_cache_ptr", "v_cache_ptr", "key_cache_ptr",
+                                         "vt_ptr")})
     types.update({n: "*fp32" for n in ("pk_ptr", "ksim_ptr", "sim_ptr", "cdf_ptr", "pv_ptr",
                                        "mu_ptr", "ksum_ptr", "q_scale_ptr", "k_scale_ptr",
                                        "v_scale_ptr")})
@@ -181,15 +182,21 @@ def main() -> None:
         for pv in (False, True):
             warps, stages = attention._attn_launch_params(dim, tma)
             split = attention._row_parts(None, dim, pv, None, tma)[0]  # the default
-            # fp8_attention: both products in fp8 (an fp8 query only)
-            for dot in (False, True) if q else (False,):
+            # fp8_attention: both products in fp8 (an fp8 query only), V read from its
+            # K-major copy as served, or from the pages
+            variants = ((False, False), (True, True), (True, False)) if q else ((False, False),)
+            for dot, vk in variants:
+                v_args = {**extra, **({"v_desc": None} if vk else {"vt_ptr": None})}
+                label = " fp8_dot" + ("" if vk else " (V from the pages)") if dot else ""
                 check(f"attention fp8 cache q={q or 'bf16'} D{dim} page {page} pv_skip={pv}"
-                      f"{' fp8_dot' if dot else ''}",
-                      attention._sparse_attn_kernel,
+                      f"{label}", attention._sparse_attn_kernel,
                       dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
                            PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=tma, PV_SKIP=pv,
-                           SPLIT=split, LAZY=_lazy(pv, tma, dim), FP8_DOT=dot, **scaled,
-                           **extra), warps, stages, types=fp8_types)
+                           SPLIT=split, LAZY=_lazy(pv, tma, dim), FP8_DOT=dot, V_KMAJOR=vk,
+                           **scaled, **v_args), warps, stages, types=fp8_types)
+        check(f"values K-major copy D{dim} page {page}", pooling._values_kmajor_kernel,
+              dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4,
+              types=dict(fp8_types, value_cache_ptr="*u8", vt_ptr="*u8"))
         check(f"ksum fp8 cache D{dim} page {page}", pooling._ksum_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim, CHUNK=pooling.KSUM_CHUNK), 4,
               types=fp8_types)

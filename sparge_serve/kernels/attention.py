@@ -143,8 +143,8 @@ def _attend_row(
                 n_skipped += 1
             else:
                 v = load_v_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                            stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, False,
-                            DT, vt_row, stride_vh, stride_vd, V_KMAJOR)
+                                 stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA,
+                                 False, DT, vt_row, stride_vh, stride_vd, V_KMAJOR)
                 acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     else:
         for t in range(0, n_off):
@@ -153,8 +153,8 @@ def _attend_row(
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA,
                                DT=DK)
             v = load_v_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                        stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, False, DT,
-                        vt_row, stride_vh, stride_vd, V_KMAJOR)
+                             stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, False,
+                             DT, vt_row, stride_vh, stride_vd, V_KMAJOR)
             qk = _dot(q, tl.trans(k), UPCAST)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
     # diagonal band: always computed, causal mask
@@ -164,8 +164,8 @@ def _attend_row(
                            DT=DK)
         # NOTE: with TMA, rows past seq_len hold stale page contents: zero V (0 * NaN = NaN).
         v = load_v_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                    stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, True, DT,
-                    vt_row, stride_vh, stride_vd, V_KMAJOR)
+                         stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, True, DT,
+                         vt_row, stride_vh, stride_vd, V_KMAJOR)
         qk = _dot(q, tl.trans(k), UPCAST)
         k_pos = j * BLOCK_N + offs_n
         qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))

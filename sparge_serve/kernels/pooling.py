@@ -81,22 +81,27 @@ def load_kv_block(
 
 
 @triton.jit
-def load_v_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok, stride_head, offs_n,
-            offs_d, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, v_desc, USE_TMA: tl.constexpr,
-            ZERO_TAIL: tl.constexpr, DT: tl.constexpr, vt_row, stride_vh, stride_vd,
-            V_KMAJOR: tl.constexpr):
+def load_v_block(
+    v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok, stride_head, offs_n, offs_d,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, v_desc, USE_TMA: tl.constexpr,
+    ZERO_TAIL: tl.constexpr, DT: tl.constexpr, vt_row, stride_vh, stride_vd,
+    V_KMAJOR: tl.constexpr,
+):
     """Value block ``j`` (``[BLOCK_N, D]``): with ``V_KMAJOR`` from a request's row ``vt_row``
     of :func:`values_kmajor`'s copy (token dimension contiguous; zeros past the context), else
     through the block table (:func:`load_kv_block`)."""
+    # NOTE: if/else, not an early return: Triton's compiler still visits what follows a
+    # return in a constexpr branch (here a TMA load through the absent descriptor)
     if V_KMAJOR:
         v = tl.load(vt_row + kvh.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
                     + (j * BLOCK_N + offs_n)[:, None])
         if DT is not None:
             v = v.to(DT)
-        return v
-    return load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
-                         stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, ZERO_TAIL,
-                         DT)
+    else:
+        v = load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
+                          stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, ZERO_TAIL,
+                          DT)
+    return v
 
 
 # NOTE: head counts are never specialised on (a head chunk may have 1): one compiled variant
