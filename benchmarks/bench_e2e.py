@@ -35,7 +35,8 @@ are 50 / 80 / 90%), ``SPARGE@64:untuned`` (the published untuned thresholds),
 ``SPARGE@64:defaults`` (the backend's default settings: no thresholds file, so every layer
 attends densely, and the default ``min_sparse_len``) and ``SPARGE@64:dense`` (``mode: dense``); a ``+fp8`` suffix (``FLASH_ATTN@64+fp8``,
 ``SPARGE@64:topk0.5+fp8``) serves with ``--kv-cache-dtype fp8``, against FLASH_ATTN with the same
-cache dtype; a last ``+fa3`` or ``+triton`` (``SPARGE@64:topk0.5+fa3``) sets SPARGE's
+cache dtype (``+fp8dot``, SPARGE only: the same with ``fp8_attention``, the Triton kernel's
+products in fp8); a last ``+fa3`` or ``+triton`` (``SPARGE@64:topk0.5+fa3``) sets SPARGE's
 ``attention_kernel`` (else ``auto``). The models are written here as Hugging Face config folders
 and loaded with random weights (``load_format="dummy"``), so attention has no structure and
 sparsity is set by ``topk``: the topk rows serve a thresholds file whose similarity gate passes

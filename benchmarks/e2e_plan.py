@@ -341,6 +341,8 @@ def sparge_options(config: str, thresholds: str, min_sparse_len: int,
         opts.update(thresholds="untuned")
     if c["attention_kernel"] is not None:
         opts["attention_kernel"] = c["attention_kernel"]
+    if c["fp8_attention"]:
+        opts["fp8_attention"] = True
     return opts
 
 

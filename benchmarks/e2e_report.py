@@ -31,7 +31,7 @@ SPARGE_KERNELS = ("_sparse_attn_kernel", "_select_kernel", "_ksum_kernel", "_kbl
 
 _CONFIG = re.compile(r"^(FLASH_ATTN|SPARGE)@(\d+)"
                      r"(?::(topk[0-9.]+|untuned|defaults|dense|calibrated|calibrated_nopv))?"
-                     r"(\+fp8)?(?:\+(fa3|triton))?$")
+                     r"(\+fp8(?:dot)?)?(?:\+(fa3|triton))?$")
 
 
 def is_attention_kernel(name: str) -> bool:
@@ -138,8 +138,10 @@ def parse_config(name: str) -> dict[str, Any]:
     default settings: no thresholds file, so dense), ``dense`` (``mode: dense``, the kill switch),
     ``calibrated`` (a real-weight geometry's ``--thresholds`` file) and ``calibrated_nopv`` (that
     file with its PV skip off, so every sparse layer can attend through FA3).
-    ``+fp8``: ``--kv-cache-dtype fp8`` (else ``auto``, the model's dtype). ``+fa3`` / ``+triton``
-    (SPARGE only): the backend's ``attention_kernel`` (else its default, ``auto``)."""
+    ``+fp8``: ``--kv-cache-dtype fp8`` (else ``auto``, the model's dtype); ``+fp8dot`` (SPARGE
+    only): the same with the backend's ``fp8_attention`` (the Triton kernel's products in fp8).
+    ``+fa3`` / ``+triton`` (SPARGE only): the backend's ``attention_kernel`` (else its default,
+    ``auto``)."""
     m = _CONFIG.match(name)
     if m is None:
         raise ValueError(f"configuration {name!r} is not BACKEND@PAGE[:VARIANT][+fp8][+KERNEL] "
@@ -147,10 +149,12 @@ def parse_config(name: str) -> dict[str, Any]:
                          "SPARGE@64:dense, FLASH_ATTN@64+fp8, SPARGE@64:topk0.5+fa3)")
     backend, page, variant = m.group(1), int(m.group(2)), m.group(3)
     kv = "fp8" if m.group(4) else "auto"
+    fp8_attention = m.group(4) == "+fp8dot"
     kernel = m.group(5)
-    if kernel is not None and (backend != "SPARGE" or variant in ("dense", "defaults")):
-        raise ValueError(f"configuration {name!r}: +{kernel} picks the sparse path's attention "
-                         "kernel: SPARGE with a topk, untuned or calibrated variant only")
+    for opt, on in ((kernel, kernel is not None), ("fp8dot", fp8_attention)):
+        if on and (backend != "SPARGE" or variant in ("dense", "defaults")):
+            raise ValueError(f"configuration {name!r}: +{opt} sets the sparse path's attention: "
+                             "SPARGE with a topk, untuned or calibrated variant only")
     if backend == "SPARGE" and variant is None:
         raise ValueError(f"configuration {name!r}: SPARGE needs a variant (:topkF, :untuned, "
                          ":defaults, :dense, :calibrated or :calibrated_nopv)")
@@ -166,7 +170,7 @@ def parse_config(name: str) -> dict[str, Any]:
             raise ValueError(f"configuration {name!r}: topk is the kept fraction of key blocks, "
                              "in (0, 1]; 0% block sparsity is topk1.0")
     return dict(backend=backend, page=page, variant=variant, topk=topk, kv_cache_dtype=kv,
-                attention_kernel=kernel)
+                attention_kernel=kernel, fp8_attention=fp8_attention)
 
 
 def baseline_of(config: str) -> str:
@@ -182,7 +186,7 @@ def config_order(config: str) -> tuple:
     fp8 = c["kv_cache_dtype"] == "fp8"
     if c["backend"] == "FLASH_ATTN":
         return (fp8, 0, c["page"], 0.0, "")
-    kernel = c["attention_kernel"] or ""
+    kernel = (c["attention_kernel"] or "") + ("+fp8dot" if c["fp8_attention"] else "")
     if c["topk"] is not None:
         return (fp8, 1, c["page"], -c["topk"], kernel)
     order = {"calibrated": 0.0, "calibrated_nopv": 0.5, "untuned": 1.0, "defaults": 2.0}

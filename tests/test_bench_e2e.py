@@ -103,13 +103,23 @@ def test_configurations():
     assert report.parse_config("SPARGE@64:topk0.5")["topk"] == 0.5
     assert report.parse_config("FLASH_ATTN@16") == dict(
         backend="FLASH_ATTN", page=16, variant=None, topk=None, kv_cache_dtype="auto",
-        attention_kernel=None)
+        attention_kernel=None, fp8_attention=False)
     fa3 = report.parse_config("SPARGE@64:topk0.5+fp8+triton")
     assert (fa3["kv_cache_dtype"], fa3["attention_kernel"]) == ("fp8", "triton")
     assert report.baseline_of("SPARGE@64:topk0.5+fa3") == "FLASH_ATTN@64"
     assert e2e_plan.sparge_options("SPARGE@64:topk0.5+fa3", "T", 4096) == dict(
         min_sparse_len=4096, thresholds="T", topk=0.5, attention_kernel="fa3")
     assert report.parse_config("SPARGE@64:topk0.5+fp8")["kv_cache_dtype"] == "fp8"
+    dot = report.parse_config("SPARGE@64:topk0.5+fp8dot+triton")
+    assert (dot["kv_cache_dtype"], dot["fp8_attention"], dot["attention_kernel"]) == (
+        "fp8", True, "triton")
+    assert report.baseline_of("SPARGE@64:topk0.5+fp8dot+triton") == "FLASH_ATTN@64+fp8"
+    assert e2e_plan.sparge_options("SPARGE@64:topk0.5+fp8dot+triton", "T", 4096) == dict(
+        min_sparse_len=4096, thresholds="T", topk=0.5, attention_kernel="triton",
+        fp8_attention=True)
+    assert sorted(["SPARGE@64:topk0.5+fp8dot+triton", "SPARGE@64:topk0.5+fp8+triton"],
+                  key=report.config_order) == ["SPARGE@64:topk0.5+fp8+triton",
+                                               "SPARGE@64:topk0.5+fp8dot+triton"]
     assert report.baseline_of("SPARGE@64:topk0.5+fp8") == "FLASH_ATTN@64+fp8"
     assert sorted(["SPARGE@64:topk0.5+fp8", "SPARGE@64:topk0.5", "FLASH_ATTN@64+fp8",
                    "FLASH_ATTN@64"], key=report.config_order) == [
@@ -117,7 +127,7 @@ def test_configurations():
     for bad in ("SPARGE@64:topk0", "SPARGE@64:topk1.5", "SPARGE@64", "FLASH_ATTN@64:topk0.5",
                 "FLASHINFER@16", "SPARGE:topk0.5", "SPARGE@64:topk0.5+fp16", "SPARGE@64+fp8",
                 "FLASH_ATTN@64+fa3", "SPARGE@64:dense+triton", "SPARGE@64:topk0.5+fa3+fp8",
-                "SPARGE@64:defaults+fa3"):
+                "SPARGE@64:defaults+fa3", "FLASH_ATTN@64+fp8dot", "SPARGE@64:dense+fp8dot"):
         with pytest.raises(ValueError):
             report.parse_config(bad)
     assert report.baseline_of("SPARGE@64:topk0.1") == "FLASH_ATTN@64"
