@@ -49,7 +49,7 @@ def select_sparse_requests(query_start_loc: np.ndarray, seq_lens: np.ndarray,
     prefix-hit extension, not a (spec-)decode), ``query_len >= min_sparse_query_len`` and
     ``seq_len >= min_sparse_len``.
     """
-    query_lens = np.diff(query_start_loc)
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]  # np.diff: 4x the host time
     return ((query_lens > max_decode_query_len) & (query_lens >= min_sparse_query_len)
             & (seq_lens >= min_sparse_len))
 
@@ -73,7 +73,7 @@ def split_requests(cam: CommonAttentionMetadata, cfg: SpargeConfig, max_decode_q
     """Classify the step's requests (None when it has no prefill row)."""
     num_reqs = cam.num_reqs
     qsl = cam.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
-    query_lens = np.diff(qsl)
+    query_lens = qsl[1:] - qsl[:-1]
     prompt = query_lens > max_decode_query_len
     if not prompt.any():
         return None
