@@ -1,6 +1,7 @@
 """Compile the Triton kernels for Hopper (sm_90) on a machine without a GPU.
 
     uv run python scripts/aot_compile_check.py            # every kernel, head dim 128, bf16
+    uv run python scripts/aot_compile_check.py --only fp8_dot   # the variants so labelled
 
 Triton's compiler and ``ptxas`` (shipped in the triton wheel) need no device, so a kernel that
 would not compile for the H100/H200 (a lowering error, a "PassManager::run failed", too much
@@ -122,16 +123,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--nkb-pad", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--only", metavar="REGEX",
+                    help="compile only the variants whose label matches (re.search); none "
+                    "matching is an error")
     args = ap.parse_args()
     d = args.head_dim
     types = _types("bf16", d, True)
     common = dict(GROUP=4, BLOCK_M=BLKQ, BLOCK_N=BLKK, HEAD_DIM=d)
     attn = dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=d, PAGE=64, PV_OFF=PV_SKIP_OFF,
                 UPCAST=False, USE_TMA=True)
-    failed = 0
+    failed = checked = 0
 
     def check(label, fn, constexprs, num_warps, num_stages=3, types=types):
-        nonlocal failed
+        nonlocal failed, checked
+        if args.only and not re.search(args.only, label):
+            return
+        checked += 1
         try:
             print(f"ok    {label}: "
                   f"{compile_kernel(fn, types, constexprs, num_warps, num_stages)}")
@@ -227,6 +234,8 @@ def main() -> None:
         check(f"virtual table SUB={sub}", fa3_tables._virtual_table_kernel,
               dict(GROUP=4, SUB=sub, CHUNK_WORDS=fa3_tables.TABLE_CHUNK_WORDS), 4,
               types=dict(types, bt_ptr="*i32", vbt_ptr="*i32", mask_ptr="*i32"))
+    if not checked:
+        sys.exit(f"no variant's label matches --only {args.only!r}")
     sys.exit(1 if failed else 0)
 
 
