@@ -254,13 +254,16 @@ def setup(workload):
 
 
 def _dense_equivalent_matches(record_property, name: str, tmp: Path, prompts,
-                              max_model_len: int, flash: dict, **extra) -> None:
-    """Dense-equivalent thresholds served by SPARGE (``extra``: engine options, as FLASH_ATTN's
-    baseline ``flash`` had them) keep every block and match ``flash`` up to near ties."""
+                              max_model_len: int, flash: dict, settings: dict | None = None,
+                              **extra) -> None:
+    """Dense-equivalent thresholds served by SPARGE (``settings``: more backend settings;
+    ``extra``: engine options, as FLASH_ATTN's baseline ``flash`` had them) keep every block and
+    match ``flash`` up to near ties."""
     th = _write_thresholds(tmp / f"{name}.safetensors", "dense")
     sparge = _run_engine(tmp, f"sparge_{name}", "SPARGE", prompts, max_model_len,
                          additional_config={"sparge": {"thresholds": th,
-                                                       "min_sparse_len": MIN_SPARSE_LEN}},
+                                                       "min_sparse_len": MIN_SPARSE_LEN,
+                                                       **(settings or {})}},
                          **extra)
     summary = _compare(flash, sparge)
     summary["sparsity"] = _sparsity(sparge)
@@ -278,14 +281,35 @@ def test_dense_equivalent_thresholds_match_flash_attn(setup, record_property):
                               max_model_len, flash)
 
 
-def test_fp8_kv_cache_dense_equivalent_matches_flash_attn_fp8(workload, record_property):
+FP8_CACHE = {"engine_args": {"kv_cache_dtype": "fp8"}}
+
+
+@pytest.fixture(scope="module")
+def flash_fp8(workload):
+    """FLASH_ATTN's outputs over an fp8 KV cache (FA3's fp8 forward)."""
+    tmp, prompts, max_model_len = workload
+    return _run_engine(tmp, "flash_attn_fp8", "FLASH_ATTN", prompts, max_model_len, **FP8_CACHE)
+
+
+def test_fp8_kv_cache_dense_equivalent_matches_flash_attn_fp8(workload, flash_fp8,
+                                                              record_property):
     """``--kv-cache-dtype fp8``: dense-equivalent thresholds serve like FLASH_ATTN with the same
     fp8 cache (its queries quantised the same way), up to near ties."""
     tmp, prompts, max_model_len = workload
-    fp8 = {"engine_args": {"kv_cache_dtype": "fp8"}}
-    flash = _run_engine(tmp, "flash_attn_fp8", "FLASH_ATTN", prompts, max_model_len, **fp8)
     _dense_equivalent_matches(record_property, "fp8_dense_equivalent_vs_flash_attn_fp8", tmp,
-                              prompts, max_model_len, flash, **fp8)
+                              prompts, max_model_len, flash_fp8, **FP8_CACHE)
+
+
+def test_fp8_attention_dense_equivalent_matches_flash_attn_fp8(workload, flash_fp8,
+                                                               record_property):
+    """``fp8_attention`` on the Triton kernel (both products in fp8, ``P`` rounded to fp8, V
+    read from its K-major copy): dense-equivalent thresholds serve like FLASH_ATTN-fp8, whose
+    FA3 fp8 forward rounds ``P`` to fp8 too, up to near ties: the accuracy cost of the option."""
+    tmp, prompts, max_model_len = workload
+    _dense_equivalent_matches(record_property, "fp8_attention_dense_equivalent_vs_flash_attn_fp8",
+                              tmp, prompts, max_model_len, flash_fp8,
+                              settings={"fp8_attention": True, "attention_kernel": "triton"},
+                              **FP8_CACHE)
 
 
 # Block sparsity up to which a configuration counts as dense-equivalent: its outputs must equal
