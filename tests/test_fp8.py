@@ -212,6 +212,9 @@ def test_fp8_dot_in_head_chunks_copies_each_kv_slices_values(device, monkeypatch
     base = _case(device, 16, seed=6)
     c = _fp8_case(base, True, pow2=False, dtype=torch.float32)
     hq = base.q.shape[1]
+    chunked = plan.plan_prefill(base.batch, hq, 2, 64, torch.bfloat16, 16, device,
+                                map_budget=1e-9, fp8_dot=True)
+    assert chunked.triton.plan.heads == 1 and chunked.attend[False, False].v_kmajor
     args = (head_vec(0.4, hq, device), head_vec(0.8, hq, device), head_vec(50.0, hq, device))
     outs = []
     for budget in (None, 1e-9):
