@@ -102,6 +102,10 @@ PREDICTOR_VARIANTS = {
 TIME_VARIANTS = False
 # --kv-dtype fp8: the fp8 rows and FLASH_ATTN-fp8 next to the bf16 ones
 KV_FP8 = False
+# --configs: the configurations to time (empty: all), named as in the report
+ONLY_CONFIGS: set[str] = set()
+RANDOM_CONFIGS = {"dense", "topk_s0.5", "topk_s0.8", "topk_s0.9"}
+STRUCTURED_CONFIGS = {"defaults", "defaults_pv8"}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn: vLLM's per-tensor scale is amax / 448
 FP8_NOTES: list[str] = []  # rows of the fp8 part not measured, and why (-> meta["fp8_notes"])
 
@@ -235,6 +239,9 @@ def fp8_dot_entry() -> str | None:
 
 def run_length(length: int, page: int, results: list, fa3):
     for structured in (False, True):
+        if ONLY_CONFIGS and not ONLY_CONFIGS & (STRUCTURED_CONFIGS if structured
+                                                else RANDOM_CONFIGS):
+            continue
         _bench_inputs(length, page, structured, results, fa3)
         torch.cuda.empty_cache()
 
@@ -285,6 +292,8 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
         configs = [("dense", dict(sim=1.0, cdf=1.0, topk=None))] + [
             (f"topk_s{s}", dict(sim=-1.0, cdf=1.0, topk=1.0 - s)) for s in (0.5, 0.8, 0.9)
         ]
+    if ONLY_CONFIGS:
+        configs = [(name, c) for name, c in configs if name in ONLY_CONFIGS]
     for name, c in configs:
         sim, cdf = hv(c["sim"]), hv(c["cdf"])
         pv = hv(c.get("pv", 50.0))
@@ -640,7 +649,7 @@ def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, su
 
 
 def main():
-    global SWEEP, D, HQ, HKV, TIME_VARIANTS, VIRTUAL, CHUNKED, KV_FP8
+    global SWEEP, D, HQ, HKV, TIME_VARIANTS, VIRTUAL, CHUNKED, KV_FP8, ONLY_CONFIGS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--pages", type=int, nargs="+", default=[64, 16])
@@ -665,6 +674,10 @@ def main():
                     "(rows <config>+fp8, and <config>+fp8dot with fp8 compute) against "
                     "FLASH_ATTN-fp8 and FA3 bf16, with their relative L1 errors and the fp8 "
                     "bars (default bf16: the bf16 rows only)")
+    ap.add_argument("--configs", nargs="+", metavar="NAME",
+                    choices=sorted(RANDOM_CONFIGS | STRUCTURED_CONFIGS),
+                    help="only these configurations (default: all; their +fp8 / +fp8dot / "
+                    "+fa3 rows follow them)")
     ap.add_argument("--replot", metavar="JSON",
                     help="only redraw the PNG of a saved result (next to it), no GPU needed")
     args = ap.parse_args()
@@ -679,6 +692,7 @@ def main():
     HQ, HKV = q_heads, kv_heads
     VIRTUAL, CHUNKED = args.virtual, args.chunked
     KV_FP8 = args.kv_dtype == "fp8"
+    ONLY_CONFIGS = set(args.configs or ())
     try:
         import vllm
         from vllm.vllm_flash_attn import flash_attn_varlen_func as fa3

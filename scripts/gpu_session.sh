@@ -41,6 +41,7 @@
 #   kernels_fp8  the kernel benchmark at 32K and 128K, 64-token pages, with the fp8 rows: the
 #              sparse path over an fp8 KV cache (+fp8) and with fp8 compute (+fp8dot) against
 #              FLASH_ATTN-fp8 and FA3 bf16, their errors and the fp8 bars (about 5 minutes;
+#              more bench_kernels.py options in $KERNELS_ARGS, e.g. --configs dense topk_s0.5;
 #              -> $OUT/kernels_fp8.*)
 #   virtual    FA3 over per-row virtual contexts: its tests (CPU emulation and real FA3) and the
 #              benchmark at 32K and 128K, 64-token pages, with the head-chunked (memory-bounded)
@@ -247,7 +248,7 @@ for stage in "$@"; do
         # the limit keeps the call's stages.log and exit code if compiles run long; every row is
         # also printed to the log as it is measured
         run kernels_fp8 timeout 580 python3 benchmarks/bench_kernels.py --lengths 32768 131072 \
-            --pages 64 --kv-dtype fp8 --out "$OUT/kernels_fp8"
+            --pages 64 --kv-dtype fp8 ${KERNELS_ARGS:-} --out "$OUT/kernels_fp8"
         ;;
     kernels_d64)
         # SmolLM2-135M's attention geometry (head dim 64, 9 q / 3 KV heads), up to 32K
