@@ -104,8 +104,12 @@ TIME_VARIANTS = False
 KV_FP8 = False
 # --configs: the configurations to time (empty: all), named as in the report
 ONLY_CONFIGS: set[str] = set()
-RANDOM_CONFIGS = {"dense", "topk_s0.5", "topk_s0.8", "topk_s0.9"}
-STRUCTURED_CONFIGS = {"defaults", "defaults_pv8"}
+# the configurations: (name, thresholds) on random inputs (dense; top-k at 50/80/90% block
+# sparsity) and on structured ones (the untuned defaults, with and without the PV skip)
+RANDOM_CONFIGS = [("dense", dict(sim=1.0, cdf=1.0, topk=None))] + [
+    (f"topk_s{s}", dict(sim=-1.0, cdf=1.0, topk=1.0 - s)) for s in (0.5, 0.8, 0.9)]
+STRUCTURED_CONFIGS = [("defaults", dict(sim=0.6, cdf=0.98, topk=None)),
+                      ("defaults_pv8", dict(sim=0.6, cdf=0.98, topk=None, pv=8.0))]
 FP8_MAX = 448.0  # largest finite float8_e4m3fn: vLLM's per-tensor scale is amax / 448
 FP8_NOTES: list[str] = []  # rows of the fp8 part not measured, and why (-> meta["fp8_notes"])
 
@@ -237,11 +241,16 @@ def fp8_dot_entry() -> str | None:
     return None
 
 
+def configs_to_time(structured: bool) -> list[tuple[str, dict]]:
+    """The configurations of the structured or random inputs that this run times (``--configs``)."""
+    return [(name, c) for name, c in (STRUCTURED_CONFIGS if structured else RANDOM_CONFIGS)
+            if not ONLY_CONFIGS or name in ONLY_CONFIGS]
+
+
 def run_length(length: int, page: int, results: list, fa3):
     for structured in (False, True):
-        if ONLY_CONFIGS and not ONLY_CONFIGS & (STRUCTURED_CONFIGS if structured
-                                                else RANDOM_CONFIGS):
-            continue
+        if not configs_to_time(structured):
+            continue  # no input built for nothing
         _bench_inputs(length, page, structured, results, fa3)
         torch.cuda.empty_cache()
 
@@ -285,15 +294,7 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
         qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         base["sdpa"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
             qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True))
-    if structured:
-        configs = [("defaults", dict(sim=0.6, cdf=0.98, topk=None)),
-                   ("defaults_pv8", dict(sim=0.6, cdf=0.98, topk=None, pv=8.0))]
-    else:
-        configs = [("dense", dict(sim=1.0, cdf=1.0, topk=None))] + [
-            (f"topk_s{s}", dict(sim=-1.0, cdf=1.0, topk=1.0 - s)) for s in (0.5, 0.8, 0.9)
-        ]
-    if ONLY_CONFIGS:
-        configs = [(name, c) for name, c in configs if name in ONLY_CONFIGS]
+    configs = configs_to_time(structured)
     for name, c in configs:
         sim, cdf = hv(c["sim"]), hv(c["cdf"])
         pv = hv(c.get("pv", 50.0))
@@ -675,7 +676,7 @@ def main():
                     "FLASH_ATTN-fp8 and FA3 bf16, with their relative L1 errors and the fp8 "
                     "bars (default bf16: the bf16 rows only)")
     ap.add_argument("--configs", nargs="+", metavar="NAME",
-                    choices=sorted(RANDOM_CONFIGS | STRUCTURED_CONFIGS),
+                    choices=[name for name, _ in RANDOM_CONFIGS + STRUCTURED_CONFIGS],
                     help="only these configurations (default: all; their +fp8 / +fp8dot / "
                     "+fa3 rows follow them)")
     ap.add_argument("--replot", metavar="JSON",

@@ -381,6 +381,31 @@ def test_kernels_help_lists_kv_dtype(monkeypatch, capsys):
     assert "query heads must be a multiple of KV heads" in capsys.readouterr().err
 
 
+def test_kernels_configs_option_times_only_those(monkeypatch):
+    """``--configs``: only the named configurations, and no inputs built for a kind (random or
+    structured) none of them uses."""
+    bench = _load("bench_kernels")
+    built = []
+
+    def inputs(length, page, structured, results, fa3):
+        built.append((structured, [name for name, _ in bench.configs_to_time(structured)]))
+
+    monkeypatch.setattr(bench, "_bench_inputs", inputs)
+    monkeypatch.setattr(bench.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench, "ONLY_CONFIGS", set())
+    bench.run_length(8, 64, [], None)
+    assert built == [(False, ["dense", "topk_s0.5", "topk_s0.8", "topk_s0.9"]),
+                     (True, ["defaults", "defaults_pv8"])]
+    built.clear()
+    monkeypatch.setattr(bench, "ONLY_CONFIGS", {"topk_s0.5", "dense"})
+    bench.run_length(8, 64, [], None)
+    assert built == [(False, ["dense", "topk_s0.5"])]
+    built.clear()
+    monkeypatch.setattr(bench, "ONLY_CONFIGS", {"defaults_pv8"})
+    bench.run_length(8, 64, [], None)
+    assert built == [(True, ["defaults_pv8"])]
+
+
 SCRIPTS = sorted(p.relative_to(ROOT) for d in ("benchmarks", "scripts")
                  for p in (ROOT / d).rglob("*.py"))
 
