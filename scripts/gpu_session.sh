@@ -18,7 +18,7 @@
 #              calibrated file $SPARGE_TEST_THRESHOLDS vs FLASH_ATTN (four engines)
 #   engine_fa3 attention_kernel fa3 served like the Triton attention kernel (two engines)
 #   engine_fp8 --kv-cache-dtype fp8: dense-equivalent SPARGE, and with fp8_attention, vs
-#              FLASH_ATTN-fp8 (three engines)
+#              FLASH_ATTN-fp8 (three engines; ENGINE_K=fp8_attention: the latter alone, two)
 #   preempt    preemption/recompute with a small KV cache vs FLASH_ATTN (two engines)
 #   tp2        the 2-GPU tests: tp2_engine, tp2_serve, tp2_calib in one run (over one call's
 #              10 minutes: run the three stages in separate calls)
@@ -190,7 +190,7 @@ for stage in "$@"; do
     engine_fp8)
         export SPARGE_TEST_REPORT=$OUT/engine_report_fp8.json
         run gpu_engine_fp8 timeout 560 ${PYTEST/ -x/} --junitxml "$OUT/junit_engine_fp8.xml" \
-            tests/gpu/test_engine_gpu.py -k fp8
+            tests/gpu/test_engine_gpu.py -k "${ENGINE_K:-fp8}"
         ;;
     engine_fa3)
         export SPARGE_TEST_REPORT=$OUT/engine_report_fa3.json
