@@ -99,7 +99,7 @@ def test_scratch_bound_covers_every_smaller_call(floor):
     """The backend reserves chunk_scratch_bytes at the step's largest shape: no call within
     those bounds may plan a bigger chunk (with the fp8 products' K-major V copy too)."""
     for fa3_page, budget, v in itertools.product((None, 16, 64), (MAP_BUDGET, 0.002, None),
-                                                 (0, 1)):
+                                                 (False, True)):
         if fa3_page and v:
             continue  # the copy is the Triton kernel's
         bound = chunk_scratch_bytes(Shape(32, 8, 128, 4, 16384, 131072, fa3_page, v), 2, budget,
@@ -115,7 +115,7 @@ def test_chunk_bytes_count_the_values_kmajor_copy():
     allocation ``values_kmajor`` makes (``[R, Hkv, D, whole key blocks]``)."""
     for heads in chunk_sizes(32, 8):
         plain = Shape(32, 8, 128, 2, 4096, 5000)
-        copy = Shape(32, 8, 128, 2, 4096, 5000, None, 1)
+        copy = Shape(32, 8, 128, 2, 4096, 5000, None, True)
         kv = max(1, heads * 8 // 32)
         assert copy.chunk_bytes(heads) - plain.chunk_bytes(heads) == 2 * kv * 128 * 5056
 

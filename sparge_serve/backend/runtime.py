@@ -208,11 +208,17 @@ def fa3_configured(cfg: SpargeConfig, head_size: int) -> bool:
     return cfg.attention_kernel != "triton" and cfg.fa3_attention(fa3_serves(head_size))
 
 
+def fp8_attention_on(vllm_config: VllmConfig, cfg: SpargeConfig) -> bool:
+    """``fp8_attention`` over an fp8 KV cache, from the settings alone (:func:`fp8_products`
+    also checks the layers)."""
+    return cfg.fp8_attention and kv_cache_quantized(vllm_config)
+
+
 def fp8_products(vllm_config: VllmConfig, cfg: SpargeConfig, sparse: list[BoundLayer]) -> bool:
     """Whether the sparse attention multiplies in fp8 (``fp8_attention``): an fp8 cache, and
     queries the layers quantise (``ValueError`` where FlashAttention is missing and they do
     not)."""
-    if not (cfg.fp8_attention and kv_cache_quantized(vllm_config)):
+    if not fp8_attention_on(vllm_config, cfg):
         return False
     if not all(i.supports_quant_query_input for i in sparse):
         raise ValueError("SPARGE: fp8_attention needs queries quantised to fp8 by the attention "
@@ -336,7 +342,7 @@ def sparse_scratch_bytes(vllm_config: VllmConfig | None, runtime: SpargeRuntime 
     pages = [None]
     if fa3_configured(rt.config, head_size):
         pages.append(vc.cache_config.block_size or PREFERRED_PAGE_SIZE)
-    fp8_dot = rt.config.fp8_attention and kv_cache_quantized(vc)  # its K-major V copy
+    fp8_dot = fp8_attention_on(vc, rt.config)  # its K-major V copy
     return rows + max(prefill_scratch_bytes(num_heads, num_kv_heads, head_size, reqs, tokens,
                                             max_len, fa3_page_size=page,
                                             map_budget=rt.config.map_budget, fp8_dot=fp8_dot)

@@ -75,7 +75,7 @@ class Shape:
     max_query_len: int
     max_seq_len: int
     fa3_page_size: int | None = None  # the FA3 attention path over pages of this size
-    v_copy_elem: int = 0  # bytes a value of the Triton kernel's K-major V copy (0: none)
+    fp8_dot: bool = False  # fp8 products: the Triton kernel's K-major V copy (not on FA3's path)
 
     @property
     def rows(self) -> int:
@@ -112,7 +112,7 @@ class Shape:
         ``select_heads`` (default :meth:`min_select_heads`): the pooled keys of the selection's
         KV heads, the larger of their key sums (temporary) and the selection's
         :meth:`head_bytes`, the tables of each head of the chunk, the selection's K-major
-        values (``v_copy_elem``), and for FA3 the call's
+        values (``fp8_dot``, one byte a value), and for FA3 the call's
         sequence order (``fa3_tables.virtual_rows``, with its int64 temporaries), the dense
         rows' flags and lengths, and FA3's log-sum-exp of the dense rows' call (the selection's
         heads). The request of each sequence (``VirtualPlan.row_req``) is the plan's:
@@ -122,7 +122,8 @@ class Shape:
         # the key sums live only while the keys are pooled, before the selection's map exists
         sizes = (kv, self.head_dim, self.max_reqs, self.max_seq_len)
         n = pooled_keys_bytes(*sizes) + max(key_sums_bytes(*sizes), sel * self.head_bytes())
-        n += values_kmajor_bytes(*sizes, self.v_copy_elem)
+        if self.fp8_dot and self.fa3_page_size is None:
+            n += values_kmajor_bytes(*sizes, 1)
         if self.fa3_page_size is not None:
             rows = self.rows if slice_rows is None else min(slice_rows, self.rows)
             n += heads * rows * self.table_row_bytes()
@@ -232,7 +233,7 @@ def prefill_scratch_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_
     nqb = num_blocks(max_query_len, BLKQ)
     counts = max_reqs * num_heads * nqb * 2 * 4  # kept and valid blocks per row
     shape = Shape(num_heads, num_kv_heads, head_dim, max_reqs, max_query_len, max_seq_len,
-                  fa3_page_size, int(fp8_dot and fa3_page_size is None))
+                  fa3_page_size, fp8_dot)
     staging = 0
     if fa3_page_size is not None:  # a launch of several heads copies their q and out rows
         from sparge_serve.kernels.fa3 import staging_bytes
@@ -345,7 +346,7 @@ def plan_prefill(batch: PrefillBatch, num_heads: int, num_kv_heads: int, head_di
     runs, virtual = [], None
     for page in (None, page_size) if fa3 else (None,):
         shape = Shape(num_heads, num_kv_heads, head_dim, batch.num_reqs, batch.max_query_len,
-                      batch.max_seq_len, page, int(fp8_dot and page is None))
+                      batch.max_seq_len, page, fp8_dot)
         runs.append(_chunk_run(shape, plan_chunks(shape, elem, map_budget, map_floor), counts,
                                nqb))
     if fa3:
