@@ -32,7 +32,8 @@ Keys (all optional):
   key blocks, several query heads a launch where a head has few rows
   (``sparge_serve.kernels.fa3``); over an fp8 KV cache, FA3's fp8 forward. ``"triton"``: the
   Triton block-sparse kernel (every layer, PV skip included). ``"auto"``: FA3 where it serves
-  the head size (Hopper, vLLM's vllm_flash_attn), else Triton. FA3 has no PV skip: under
+  the head size (Hopper, vLLM's vllm_flash_attn), else Triton; with ``fp8_attention``, Triton
+  (its fp8 products outrun FA3's fp8 forward over the kept blocks). FA3 has no PV skip: under
   ``auto`` and ``fa3`` layers whose thresholds use it keep the Triton kernel (over either
   cache). Measured on 16K-token chunks (H100, 32 q / 8 KV heads of 128, 32K-128K contexts): the
   FA3 path 0.90-0.93x FA3 dense and 1.59-1.81x at 50% block sparsity where the Triton kernel
@@ -55,7 +56,12 @@ Keys (all optional):
   dimension contiguous (made once a layer, the layout Hopper's fp8 ``P.V`` takes). Default
   ``false``: the fp8 V pages converted to the model's dtype for ``P.V`` (more accurate);
   ``Q.K`` of the quantised query and keys is in fp8 either way (each product exact). Layers
-  on the FA3 path multiply in fp8 either way.
+  on the FA3 path multiply in fp8 either way; ``true`` under ``auto`` sends every sparse layer
+  to the Triton kernel. Measured (H100, 32 q / 8 KV heads of 128, whole prompts): 0.95x /
+  1.02-1.06x FA3 bf16 with every block kept and 1.90-1.91x / 2.23-2.32x at 50% block sparsity,
+  32K / 128K, where FA3's fp8 forward over the kept blocks has 0.91x / 0.98-1.03x and
+  1.42x / 1.94-1.96x; relative L1 against bf16 0.054, as FLASH_ATTN-fp8's 0.053
+  (docs/PERFORMANCE.md).
 
 Environment variables override the JSON. Boolean variables (``SPARGE_FAST_LAUNCH``,
 ``SPARGE_FP8_ATTENTION``) accept
@@ -260,9 +266,11 @@ class SpargeConfig:
 
     def fa3_attention(self, fa3_available: bool) -> bool:
         """Whether layers without the PV skip attend through FlashAttention-3: ``fa3``, or
-        ``auto`` where FA3 serves the layer (``fa3_available``)."""
+        ``auto`` where FA3 serves the layer (``fa3_available``) unless ``fp8_attention`` asks
+        for the Triton kernel's fp8 products (faster than FA3's fp8 forward over the kept
+        blocks: docs/PERFORMANCE.md, "fp8 KV cache")."""
         if self.attention_kernel == "auto":
-            return fa3_available
+            return fa3_available and not self.fp8_attention
         return self.attention_kernel == "fa3"
 
     def check_num_layers(self, num_layers: int) -> None:

@@ -997,10 +997,17 @@ def test_auto_kernel_attends_an_fp8_cache_through_fa3(sparge, monkeypatch, tmp_p
 
 def test_fp8_attention_plans_fp8_products_for_layers_with_fp8_queries(sparge, monkeypatch):
     """``fp8_attention`` with an fp8 cache: the step's plan multiplies in fp8 where the layers'
-    queries arrive in fp8 (FlashAttention present), and is refused where they do not."""
+    queries arrive in fp8 (FlashAttention present), and is refused where they do not. Under
+    ``attention_kernel: auto`` its layers take the Triton kernel where FA3 serves too (FA3
+    emulated as present)."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+    import sparge_serve.backend.runtime as runtime
+    import sparge_serve.backend.sparge_attn as sa
     from sparge_serve.backend.runtime import prefill_plan_args
+
+    monkeypatch.setattr(sa, "fa3_serves", lambda head_size: True)
+    monkeypatch.setattr(runtime, "fa3_serves", lambda head_size: True)
 
     vc = sparge(min_sparse_len=256, fp8_attention=True)
     monkeypatch.setattr(vc.cache_config, "cache_dtype", "fp8")
@@ -1011,8 +1018,13 @@ def test_fp8_attention_plans_fp8_products_for_layers_with_fp8_queries(sparge, mo
     with pytest.raises(ValueError, match="fp8_attention needs queries quantised to fp8"):
         prefill_plan_args(vc, cfg, spec, [impl], torch.device("cpu"))
     impl.supports_quant_query_input = True  # as with FlashAttention 3
+    impl._fa = object()  # stands in for FlashAttentionImpl on this CPU-only machine
+    impl.bind("model.layers.1.self_attn.attn", "cpu")
+    assert impl.fa3_attention is False
     args = prefill_plan_args(vc, cfg, spec, [impl], torch.device("cpu"))
     assert args["fp8_dot"] is True and args["dtype"] == vc.model_config.dtype
+    assert args["attention"] == "triton"
+    assert prefill_plan_args(vc, cfg, spec, [], torch.device("cpu"))["attention"] == "triton"
     monkeypatch.setattr(vc.cache_config, "cache_dtype", "auto")
     spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=D,
                              dtype=torch.bfloat16)

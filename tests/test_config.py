@@ -88,13 +88,16 @@ def test_attention_kernel_from_dict_env_and_errors():
         SpargeConfig.from_dict({}, env={"SPARGE_ATTENTION_KERNEL": "fa2"})
 
 
-@pytest.mark.parametrize("kernel, fa3_available, fa3", [
-    ("auto", True, True), ("auto", False, False), ("triton", True, False), ("fa3", True, True)])
-def test_attention_kernel_auto_takes_fa3_where_it_serves(kernel, fa3_available, fa3):
+@pytest.mark.parametrize("kernel, fp8_attention, fa3_available, fa3", [
+    ("auto", False, True, True), ("auto", False, False, False), ("auto", True, True, False),
+    ("triton", False, True, False), ("fa3", False, True, True), ("fa3", True, True, True)])
+def test_attention_kernel_auto_takes_fa3_where_it_serves(kernel, fp8_attention, fa3_available,
+                                                         fa3):
     """``auto`` attends through FA3 wherever it serves the layer (the faster path over both
-    caches); ``triton`` and ``fa3`` are what they say (``fa3`` without FA3 is refused at
-    bind)."""
-    cfg = SpargeConfig(attention_kernel=kernel)
+    caches) but with ``fp8_attention``, whose fp8 products the Triton kernel takes faster than
+    FA3's fp8 forward; ``triton`` and ``fa3`` are what they say (``fa3`` without FA3 is refused
+    at bind)."""
+    cfg = SpargeConfig(attention_kernel=kernel, fp8_attention=fp8_attention)
     assert cfg.fa3_attention(fa3_available) is fa3
 
 
