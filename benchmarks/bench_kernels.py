@@ -74,6 +74,13 @@ SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, n
 # checked against the default's; every one compiles for sm_90 (scripts/aot_compile_check.py:
 # split 2 at 8 warps without spills, split 1 at 8 warps spilling 24-64 bytes, and faster)
 D256_LAUNCHES = ((1, 8, 2), (1, 8, 1), (1, 8, 3), (2, 8, 2), (2, 8, 3), (2, 4, 3))
+# --fp8-sweep: (num_warps, num_stages, TMA K loads) of the fp8_dot attention kernel (V from its
+# K-major copy), timed on the dense and 50% configurations' +fp8dot rows (64-token pages),
+# each output checked against the default launch's (4, 2, TMA); fp8 tiles take half the shared
+# memory of bf16 ones, so deeper pipelines fit
+FP8_LAUNCHES = ((4, 2, True), (4, 3, True), (4, 4, True), (8, 2, True), (8, 3, True),
+                (4, 3, False), (8, 3, False))
+FP8_SWEEP = False
 # --virtual: also time FA3 over per-row virtual contexts, all heads at once and in head chunks
 # (rows "<config>+fa3", "<config>+fa3_chunked"); --chunked: the Triton kernels in head chunks
 # (rows "<config>+chunked"); chunks under the default map_budget (1.5% of the K/V bytes) with no
@@ -166,17 +173,36 @@ def bench(fn) -> float:
 
 
 def d256_sweep(q, kc, vc, batch, bm, scale, pv_off, out) -> tuple[dict, dict]:
-    """ms of each :data:`D256_LAUNCHES` launch (PV skip off, TMA loads), and the largest
-    difference of its output from the default launch's; a launch the device refuses is noted
-    (NaN) and the run goes on."""
+    """:func:`launch_sweep` of the :data:`D256_LAUNCHES` (PV skip off, TMA loads)."""
+    def attend(o, **kw):
+        sparse_paged_attention(q, kc, vc, batch, bm, scale, pv_off, o, pv_skip=False, **kw)
+
+    return launch_sweep(attend, out, {
+        f"split{split}_w{w}s{st}": dict(launch=(w, st), use_tma=True, split=split)
+        for split, w, st in D256_LAUNCHES})
+
+
+def fp8_dot_sweep(q8, kc8, vc8, batch, bm, scale, pv_off, out, kv_scales) -> tuple[dict, dict]:
+    """:func:`launch_sweep` of the attention kernel with ``fp8_dot`` (V from its K-major copy,
+    PV skip off) over the :data:`FP8_LAUNCHES`."""
+    def attend(o, **kw):
+        sparse_paged_attention(q8, kc8, vc8, batch, bm, scale, pv_off, o, pv_skip=False,
+                               scales=kv_scales, fp8_dot=True, **kw)
+
+    return launch_sweep(attend, out, {
+        f"w{w}s{st}" + ("" if tma else "_ptr"): dict(launch=(w, st), use_tma=tma)
+        for w, st, tma in FP8_LAUNCHES})
+
+
+def launch_sweep(attend, out, launches: dict[str, dict]) -> tuple[dict, dict]:
+    """ms of each of ``launches`` (name -> keyword arguments of ``attend(out, **kw)``), and the
+    largest difference of its output from the default launch's (``attend(ref)``); a launch the
+    device refuses is noted (NaN) and the run goes on."""
     ref = torch.empty_like(out)
-    sparse_paged_attention(q, kc, vc, batch, bm, scale, pv_off, ref, pv_skip=False)
+    attend(ref)
     times, diffs = {}, {}
-    for split, w, st in D256_LAUNCHES:
-        key = f"split{split}_w{w}s{st}"
-        run = lambda w=w, st=st, split=split: sparse_paged_attention(  # noqa: E731
-            q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False, pv_skip=False,
-            launch=(w, st), use_tma=True, split=split)
+    for key, kw in launches.items():
+        run = lambda kw=kw: attend(out, check_finite=False, **kw)  # noqa: E731
         try:
             run()
             diffs[key] = (out.float() - ref.float()).abs().max().item()
@@ -462,7 +488,12 @@ def _bench_fp8(length, page, structured, configs, batch, out, fp8, base, results
         # fp8 compute: the same predictor and block map, the attention's products in fp8. A
         # failure is noted in the report, not fatal: the run keeps every other row
         try:
-            add(_fp8_dot_row(row, name, c, batch, out, fp8, bm, stats, t_pred, entry, errors))
+            dot = _fp8_dot_row(row, name, c, batch, out, fp8, bm, stats, t_pred, entry, errors)
+            if FP8_SWEEP and entry == "attention" and not skip and name in (
+                    "dense", "topk_s0.5") and page % BLKK == 0:
+                dot["fp8_launch_sweep_ms"], dot["fp8_launch_sweep_max_diff"] = fp8_dot_sweep(
+                    q8, kc8, vc8, batch, bm, scale, pv, out, kv_scales)
+            add(dot)
             if entry == "attention":  # V read from the pages, transposed on chip
                 add(_fp8_dot_row(row, name, c, batch, out, fp8, bm, stats, t_pred, entry,
                                  errors, v_kmajor=False))
@@ -650,12 +681,15 @@ def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, su
 
 
 def main():
-    global SWEEP, D, HQ, HKV, TIME_VARIANTS, VIRTUAL, CHUNKED, KV_FP8, ONLY_CONFIGS
+    global SWEEP, D, HQ, HKV, TIME_VARIANTS, VIRTUAL, CHUNKED, KV_FP8, ONLY_CONFIGS, FP8_SWEEP
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--pages", type=int, nargs="+", default=[64, 16])
     ap.add_argument("--out", default="benchmarks/results/kernels")
     ap.add_argument("--sweep", action="store_true", help="time launch configs of the dense kernel")
+    ap.add_argument("--fp8-sweep", action="store_true",
+                    help="with --kv-dtype fp8: time launch configs of the fp8_dot attention "
+                    "kernel on the dense and 50%% rows (FP8_LAUNCHES)")
     ap.add_argument("--virtual", action="store_true",
                     help="also time FA3 over per-row virtual contexts (kernels/fa3.py), all "
                     "heads at once and in head chunks")
@@ -687,6 +721,7 @@ def main():
         plot(saved["results"], saved["meta"], str(Path(args.replot).with_suffix(".png")))
         return
     SWEEP, D, TIME_VARIANTS = args.sweep, args.head_dim, args.variants
+    FP8_SWEEP = args.fp8_sweep
     q_heads, kv_heads = args.heads
     if q_heads < 1 or kv_heads < 1 or q_heads % kv_heads:
         ap.error(f"--heads {q_heads} {kv_heads}: query heads must be a multiple of KV heads")

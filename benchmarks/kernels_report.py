@@ -178,6 +178,9 @@ def write_reports(results, meta, out):
         "call (its selection's rows only, a small grid): ms at the default launch, at 4 and "
         "8 warps, and in brackets the default's time over each.")
     lines += _sweep_table(results)
+    lines += _sweep_table(results, "fp8_launch_sweep", "with fp8 products (`--fp8-sweep`, V "
+                          "from its K-major copy, PV skip off, the copy included): ms of each "
+                          "warps / stages, `_ptr` with pointer K loads instead of TMA")
     lines += _fp8_lines(results, meta)
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -202,25 +205,27 @@ def _variants_table(results, key: str, default_key: str, title: str) -> list[str
         for r in rows])
 
 
-def _sweep_table(results) -> list[str]:
-    """Markdown lines of the head-dim-256 launch sweep (``--sweep``): each launch's attention ms,
-    the default launch's time over it, and the largest output difference from the default's."""
-    rows = [r for r in results if "launch_sweep_max_diff" in r and "launch_sweep_ms" in r]
-    names = list(rows[0]["launch_sweep_ms"]) if rows else []
+def _sweep_table(results, key: str = "launch_sweep",
+                 what: str = "(`--sweep`, PV skip off, TMA loads): ms of each (split, warps, "
+                 "stages)") -> list[str]:
+    """Markdown lines of a launch sweep (rows' ``<key>_ms`` and ``<key>_max_diff``; the
+    head-dim-256 ``--sweep`` by default): each launch's attention ms, the first (default)
+    launch's time over it, and the largest output difference from the default's."""
+    rows = [r for r in results if f"{key}_max_diff" in r and f"{key}_ms" in r]
+    names = list(rows[0][f"{key}_ms"]) if rows else []
     default = names[0] if names else ""
 
     def worst(diffs: dict) -> float:
         return max((v for v in diffs.values() if v == v), default=float("nan"))
 
     return _table(
-        f"Launches of the attention kernel (`--sweep`, PV skip off, TMA loads): ms of each "
-        f"(split, warps, stages), in brackets the default `{default}`'s time over it; max diff: "
-        "the largest output difference from the default's.",
+        f"Launches of the attention kernel {what}, in brackets the default `{default}`'s time "
+        "over it; max diff: the largest output difference from the default's.",
         ["length", "page", "config", *names, "max diff"],
         [[r["length"], r["page"], r["config"],
-          *(f"{r['launch_sweep_ms'][n]:.3f} "
-            f"({r['launch_sweep_ms'][default] / r['launch_sweep_ms'][n]:.2f}x)" for n in names),
-          f"{worst(r['launch_sweep_max_diff']):.2e}"] for r in rows])
+          *(f"{r[f'{key}_ms'][n]:.3f} "
+            f"({r[f'{key}_ms'][default] / r[f'{key}_ms'][n]:.2f}x)" for n in names),
+          f"{worst(r[f'{key}_max_diff']):.2e}"] for r in rows])
 
 
 def _series(rows, key):

@@ -240,6 +240,10 @@ def test_kernels_fp8_rows_on_toy_inputs(monkeypatch, device):
         calls.append((q.dtype, k.dtype, {n: t.shape for n, t in kw.items() if "descale" in n}))
         out.zero_()
 
+    swept = []
+    monkeypatch.setattr(bench, "FP8_SWEEP", True)
+    monkeypatch.setattr(bench, "fp8_dot_sweep", lambda *a: (swept.append(a), ({"w4s2": 1.0},
+                                                                              {"w4s2": 0.0}))[1])
     results = []
     bench._bench_inputs(512, 64, False, results, fa3)
     assert [c[:2] for c in calls] == [(torch.bfloat16, torch.bfloat16), (FP8_DTYPE, FP8_DTYPE)]
@@ -262,6 +266,11 @@ def test_kernels_fp8_rows_on_toy_inputs(monkeypatch, device):
         assert topk["block_sparsity"] > 0
         assert 0 < topk["rel_l1_vs_bf16"] < 0.1 < topk["rel_l1_vs_bf16_dense"]
         assert dense["fa3_fp8_rel_l1_vs_bf16_dense"] == 1.0  # the stand-in's zeros
+    # --fp8-sweep: the +fp8dot rows of the dense and 50% configurations only, over fp8 inputs
+    if bench.fp8_dot_entry() == "attention":
+        assert sorted(n for n, r in rows.items() if "fp8_launch_sweep_ms" in r) == [
+            "dense+fp8dot", "topk_s0.5+fp8dot"]
+        assert all(a[0].dtype == a[1].dtype == FP8_DTYPE for a in swept) and len(swept) == 2
 
 
 def test_query_len_dense_call_paths_force_the_rule_both_ways(monkeypatch):
@@ -325,6 +334,41 @@ def test_d256_launch_sweep_checks_outputs_and_survives_a_refused_launch(monkeypa
     assert diffs["split2_w8s2"] == 0.25
     assert times["split1_w8s1"] != times["split1_w8s1"]  # NaN: refused, the run went on
     assert diffs["split1_w8s1"] != diffs["split1_w8s1"]
+
+
+def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
+    """``--fp8-sweep`` times every launch of ``FP8_LAUNCHES`` with ``fp8_dot`` and the cache's
+    scales, PV skip off, each output against the default launch's, and a refused launch as NaN;
+    its report table gives each launch's ms and the default's time over it."""
+    import torch
+
+    bench = _load("bench_kernels")
+    report = _load("kernels_report")
+    monkeypatch.setattr(bench, "bench", lambda fn: (fn(), 0.5)[1])
+    seen = []
+
+    def attend(q, kc, vc, batch, bm, scale, pv, out, launch=None, pv_skip=None, use_tma=None,
+               scales=None, fp8_dot=False, **kw):
+        seen.append((launch, use_tma, pv_skip, scales, fp8_dot))
+        if launch == (8, 3) and use_tma is False:
+            raise RuntimeError("out of resource: shared memory\nRequired: 1, limit: 0")
+        out.fill_(1.0 + (0.5 if launch == (4, 4) else 0.0))
+
+    monkeypatch.setattr(bench, "sparse_paged_attention", attend)
+    out = torch.zeros(4, 2)
+    times, diffs = bench.fp8_dot_sweep(None, None, None, None, None, 1.0, None, out, "scales")
+    assert list(times) == ["w4s2", "w4s3", "w4s4", "w8s2", "w8s3", "w4s3_ptr", "w8s3_ptr"]
+    assert seen[0] == (None, None, False, "scales", True)  # the reference: the default launch
+    assert all(s[2:] == (False, "scales", True) for s in seen)
+    assert list(dict.fromkeys(s[:2] for s in seen[1:])) == [
+        ((w, st), tma) for w, st, tma in bench.FP8_LAUNCHES]
+    assert diffs["w4s2"] == 0.0 and diffs["w4s4"] == 0.5
+    assert times["w8s3_ptr"] != times["w8s3_ptr"]  # NaN: refused, the run went on
+    rows = [dict(length=32768, page=64, config="dense+fp8dot", fp8_launch_sweep_ms=dict(
+        times, w4s3=0.25), fp8_launch_sweep_max_diff=diffs)]
+    text = "\n".join(report._sweep_table(rows, "fp8_launch_sweep", "(fp8)"))
+    assert "| 32768 | 64 | dense+fp8dot | 0.500 (1.00x) | 0.250 (2.00x) |" in text
+    assert "5.00e-01 |" in text
 
 
 def test_kernels_fp8dot_failure_is_noted_not_fatal(monkeypatch):
