@@ -66,8 +66,10 @@
 #              32K and 128K, attention share and ceiling at 128K (about 10 minutes: a second
 #              call given the first's file as E2E_MERGE runs the rest; -> $OUT/e2e.*)
 #   e2e_fp8    e2e_quick's rows over an fp8 KV cache (--kv-cache-dtype fp8): FLASH_ATTN@64+fp8 and
-#              SPARGE at 50% and 90% block sparsity, and at 50% with fp8 products in the Triton
-#              kernel (+fp8dot+triton), 32K and 128K (about 9 minutes; -> $OUT/e2e.*)
+#              SPARGE at 50% and 90% block sparsity, then with fp8_attention (+fp8dot: fp8
+#              products in the Triton kernel, which auto then takes) at 50%, 90% and every block
+#              kept, 32K and 128K (about 13 minutes: a second call given the first's file as
+#              E2E_MERGE runs the rest; -> $OUT/e2e.*)
 #   e2e_kernel end-to-end TTFT of the sparse path's attention kernels at 50% block sparsity, 32K
 #              and 128K: FLASH_ATTN@64, SPARGE with attention_kernel fa3 and triton on the bf16
 #              cache, FLASH_ATTN@64+fp8 and SPARGE (auto: fa3) on the fp8 cache (about 12
@@ -314,7 +316,7 @@ for stage in "$@"; do
         case $stage in e2e_quick) run e2e_quick $E2E ttft --quick $E2E_OPTS ;; esac
         case $stage in e2e_fp8) run e2e_fp8 $E2E ttft --quick $E2E_OPTS --configs \
             FLASH_ATTN@64+fp8 SPARGE@64:topk0.5+fp8 SPARGE@64:topk0.1+fp8 \
-            SPARGE@64:topk0.5+fp8dot+triton ;; esac
+            SPARGE@64:topk0.5+fp8dot SPARGE@64:topk0.1+fp8dot SPARGE@64:topk1.0+fp8dot ;; esac
         case $stage in e2e_kernel) run e2e_kernel $E2E ttft --quick $E2E_OPTS --configs \
             FLASH_ATTN@64 SPARGE@64:topk0.5+fa3 SPARGE@64:topk0.5+triton FLASH_ATTN@64+fp8 \
             SPARGE@64:topk0.5+fp8 ;; esac
