@@ -201,6 +201,19 @@ def main() -> None:
                            PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=tma, PV_SKIP=pv,
                            SPLIT=split, LAZY=_lazy(pv, tma, dim), FP8_DOT=dot, V_KMAJOR=vk,
                            **scaled, **v_args), warps, stages, types=fp8_types)
+        if dim == 128 and page == 64 and q:
+            # the launches bench_kernels --fp8-sweep times (FP8_LAUNCHES): deeper pipelines and
+            # 8 warps, TMA or pointer K loads
+            for warps, stages, tma_k in ((4, 3, True), (4, 4, True), (8, 2, True), (8, 3, True),
+                                         (4, 3, False), (8, 3, False)):
+                check(f"attention fp8 cache q={q} D{dim} page {page} fp8_dot launch "
+                      f"w{warps}s{stages}{'' if tma_k else '_ptr'}",
+                      attention._sparse_attn_kernel,
+                      dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
+                           PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=tma_k, PV_SKIP=False,
+                           SPLIT=1, LAZY=_lazy(False, tma_k, dim), FP8_DOT=True, V_KMAJOR=True,
+                           **scaled, v_desc=None, **({} if tma_k else {"k_desc": None})),
+                      warps, stages, types=fp8_types)
         check(f"values K-major copy D{dim} page {page}", pooling._values_kmajor_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4,
               types=dict(fp8_types, value_cache_ptr="*u8", vt_ptr="*u8"))
