@@ -76,10 +76,11 @@ SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, n
 D256_LAUNCHES = ((1, 8, 2), (1, 8, 1), (1, 8, 3), (2, 8, 2), (2, 8, 3), (2, 4, 3))
 # --fp8-sweep: (num_warps, num_stages, TMA K loads) of the fp8_dot attention kernel (V from its
 # K-major copy), timed on the dense and 50% configurations' +fp8dot rows (64-token pages),
-# each output checked against the default launch's (4, 2, TMA); fp8 tiles take half the shared
-# memory of bf16 ones, so deeper pipelines fit
-FP8_LAUNCHES = ((4, 2, True), (4, 3, True), (4, 4, True), (8, 2, True), (8, 3, True),
-                (4, 3, False), (8, 3, False))
+# each output checked against the default launch's (4, 2, TMA). Its loop finds a key block
+# through its list, then the block table: the compiled loop keeps two K and V tiles in flight
+# up to 4 stages, three from 5 (66 KB of shared memory in fp8; scripts/aot_compile_check.py)
+FP8_LAUNCHES = ((4, 2, True), (4, 3, True), (4, 5, True), (8, 2, True), (8, 3, True),
+                (8, 5, True), (4, 3, False), (8, 3, False))
 FP8_SWEEP = False
 # --virtual: also time FA3 over per-row virtual contexts, all heads at once and in head chunks
 # (rows "<config>+fa3", "<config>+fa3_chunked"); --chunked: the Triton kernels in head chunks
@@ -364,7 +365,7 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                 f"w{w}s{st}": bench(lambda bm=bm, w=w, st=st: sparse_paged_attention(
                     q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
                     pv_skip=False, launch=(w, st)))
-                for w in (4, 8) for st in (2, 3, 4)
+                for w in (4, 8) for st in (2, 3, 4, 5)  # 5: three K/V tiles in flight
             }
             for tma in (False, True) if page % BLKK == 0 else ():
                 row["launch_sweep_ms"][f"w8s3_tma{int(tma)}"] = bench(

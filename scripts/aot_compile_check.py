@@ -203,9 +203,9 @@ def main() -> None:
                            **scaled, **v_args), warps, stages, types=fp8_types)
         if dim == 128 and page == 64 and q:
             # the launches bench_kernels --fp8-sweep times (FP8_LAUNCHES): deeper pipelines and
-            # 8 warps, TMA or pointer K loads
-            for warps, stages, tma_k in ((4, 3, True), (4, 4, True), (8, 2, True), (8, 3, True),
-                                         (4, 3, False), (8, 3, False)):
+            # 8 warps, TMA or pointer K loads (5 stages: three K/V tiles in flight)
+            for warps, stages, tma_k in ((4, 3, True), (4, 5, True), (8, 2, True), (8, 3, True),
+                                         (8, 5, True), (4, 3, False), (8, 3, False)):
                 check(f"attention fp8 cache q={q} D{dim} page {page} fp8_dot launch "
                       f"w{warps}s{stages}{'' if tma_k else '_ptr'}",
                       attention._sparse_attn_kernel,

@@ -352,17 +352,18 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
         seen.append((launch, use_tma, pv_skip, scales, fp8_dot))
         if launch == (8, 3) and use_tma is False:
             raise RuntimeError("out of resource: shared memory\nRequired: 1, limit: 0")
-        out.fill_(1.0 + (0.5 if launch == (4, 4) else 0.0))
+        out.fill_(1.0 + (0.5 if launch == (4, 5) else 0.0))
 
     monkeypatch.setattr(bench, "sparse_paged_attention", attend)
     out = torch.zeros(4, 2)
     times, diffs = bench.fp8_dot_sweep(None, None, None, None, None, 1.0, None, out, "scales")
-    assert list(times) == ["w4s2", "w4s3", "w4s4", "w8s2", "w8s3", "w4s3_ptr", "w8s3_ptr"]
+    assert list(times) == ["w4s2", "w4s3", "w4s5", "w8s2", "w8s3", "w8s5", "w4s3_ptr",
+                           "w8s3_ptr"]
     assert seen[0] == (None, None, False, "scales", True)  # the reference: the default launch
     assert all(s[2:] == (False, "scales", True) for s in seen)
     assert list(dict.fromkeys(s[:2] for s in seen[1:])) == [
         ((w, st), tma) for w, st, tma in bench.FP8_LAUNCHES]
-    assert diffs["w4s2"] == 0.0 and diffs["w4s4"] == 0.5
+    assert diffs["w4s2"] == 0.0 and diffs["w4s5"] == 0.5
     assert times["w8s3_ptr"] != times["w8s3_ptr"]  # NaN: refused, the run went on
     rows = [dict(length=32768, page=64, config="dense+fp8dot", fp8_launch_sweep_ms=dict(
         times, w4s3=0.25), fp8_launch_sweep_max_diff=diffs)]
