@@ -184,6 +184,44 @@ def test_windowed_kv_cache_group_is_never_planned_sparse(sparge, tmp_path):
     assert stats.prefill == [(0, 0, 2048)] and stats.fallbacks == [("dense_layer", 1)]
 
 
+def test_groups_that_never_run_sparse_share_one_build_a_step(sparge):
+    """vLLM builds a KV-cache spec's metadata once a step and gives the spec's other groups a
+    copy with their block table and slot mapping (``update_block_table``), as under FLASH_ATTN:
+    windowed groups (Gemma 3 has five) take part, the copy being the other group's build of the
+    same step; a full group that may run sparse builds its own (its sub-batch and plan carry
+    its block table)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    from sparge_serve.backend.sparge_attn import SpargeAttentionMetadataBuilder
+
+    vc = sparge()
+    window_spec = SlidingWindowSpec(block_size=PAGE, num_kv_heads=HKV, head_size=D,
+                                    dtype=torch.bfloat16, sliding_window=WINDOW)
+    full_spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=D,
+                                  dtype=torch.bfloat16)
+    cpu = torch.device("cpu")
+    first, second = (SpargeAttentionMetadataBuilder(window_spec, [_name(i)], vc, cpu)
+                     for i in (0, 2))
+    full = SpargeAttentionMetadataBuilder(full_spec, [_name(1), _name(3)], vc, cpu)
+    assert first.supports_update_block_table and second.supports_update_block_table
+    assert not full.supports_update_block_table
+    cam = _cam([(2048, 4096), (1, 300)])
+    md = first.build(0, cam)
+    table, slots = cam.block_table_tensor + 1000, cam.slot_mapping + 7
+    copied = second.update_block_table(md, table, slots)
+    built = second.build(0, cam.replace(block_table_tensor=table, slot_mapping=slots))
+    assert type(copied) is type(built)
+    assert copied.block_table is table and copied.slot_mapping is slots
+    assert md.block_table is cam.block_table_tensor  # the first group's build is untouched
+    for name in ("num_actual_tokens", "max_query_len", "max_seq_len", "sliding_window",
+                 "causal"):
+        assert getattr(copied, name) == getattr(built, name), name
+    for name in ("query_start_loc", "seq_lens", "block_table", "slot_mapping"):
+        assert torch.equal(getattr(copied, name), getattr(built, name)), name
+    assert copied.sparse is None and copied.counts is md.counts
+    assert vars(copied.counts) == vars(built.counts)
+
+
 def test_gemma2_soft_capping_is_still_refused(tmp_path):
     """Gemma 2 (sliding windows and logit soft-capping): refused naming soft-capping only."""
     from transformers import Gemma2Config
