@@ -723,6 +723,8 @@ def main():
         return
     SWEEP, D, TIME_VARIANTS = args.sweep, args.head_dim, args.variants
     FP8_SWEEP = args.fp8_sweep
+    if FP8_SWEEP and args.kv_dtype != "fp8":
+        ap.error("--fp8-sweep times the fp8 rows: add --kv-dtype fp8")
     q_heads, kv_heads = args.heads
     if q_heads < 1 or kv_heads < 1 or q_heads % kv_heads:
         ap.error(f"--heads {q_heads} {kv_heads}: query heads must be a multiple of KV heads")

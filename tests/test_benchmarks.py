@@ -424,6 +424,10 @@ def test_kernels_help_lists_kv_dtype(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench.main()
     assert "query heads must be a multiple of KV heads" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["bench_kernels.py", "--fp8-sweep"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--fp8-sweep times the fp8 rows: add --kv-dtype fp8" in capsys.readouterr().err
 
 
 def test_kernels_configs_option_times_only_those(monkeypatch):
