@@ -34,6 +34,9 @@ from sparge_serve.kernels import (  # noqa: E402
 )
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from bench_kernels import FP8_LAUNCHES  # noqa: E402
+
 
 def _signature(fn, types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
     sig = {}
@@ -184,8 +187,18 @@ def main() -> None:
                          (64, 64, "fp8e4nv"), (256, 64, "fp8e4nv")):
         tma = page % BLKK == 0
         fp8_types = _types("bf16", dim, tma, kv="fp8e4nv", q=q)
-        extra = {} if tma else {"k_desc": None, "v_desc": None}
         scaled = dict(Q_SCALED=q is not None, KV_SCALED=True)
+
+        def fp8_attention(use_tma, pv, split, dot, vk, dim=dim, page=page, scaled=scaled):
+            """The attention kernel's constexprs over this fp8 layout (the absent descriptors
+            and copy None)."""
+            absent = {} if use_tma else {"k_desc": None, "v_desc": None}
+            absent.update({"v_desc": None} if vk else {"vt_ptr": None})
+            return dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
+                        PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=use_tma, PV_SKIP=pv,
+                        SPLIT=split, LAZY=_lazy(pv, use_tma, dim), FP8_DOT=dot, V_KMAJOR=vk,
+                        **scaled, **absent)
+
         for pv in (False, True):
             warps, stages = attention._attn_launch_params(dim, tma)
             split = attention._row_parts(None, dim, pv, None, tma)[0]  # the default
@@ -193,27 +206,20 @@ def main() -> None:
             # K-major copy as served, or from the pages
             variants = ((False, False), (True, True), (True, False)) if q else ((False, False),)
             for dot, vk in variants:
-                v_args = {**extra, **({"v_desc": None} if vk else {"vt_ptr": None})}
                 label = " fp8_dot" + ("" if vk else " (V from the pages)") if dot else ""
                 check(f"attention fp8 cache q={q or 'bf16'} D{dim} page {page} pv_skip={pv}"
                       f"{label}", attention._sparse_attn_kernel,
-                      dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
-                           PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=tma, PV_SKIP=pv,
-                           SPLIT=split, LAZY=_lazy(pv, tma, dim), FP8_DOT=dot, V_KMAJOR=vk,
-                           **scaled, **v_args), warps, stages, types=fp8_types)
+                      fp8_attention(tma, pv, split, dot, vk), warps, stages, types=fp8_types)
         if dim == 128 and page == 64 and q:
-            # the launches bench_kernels --fp8-sweep times (FP8_LAUNCHES): deeper pipelines and
-            # 8 warps, TMA or pointer K loads (5 stages: three K/V tiles in flight)
-            for warps, stages, tma_k in ((4, 3, True), (4, 5, True), (8, 2, True), (8, 3, True),
-                                         (8, 5, True), (4, 3, False), (8, 3, False)):
+            # the other launches bench_kernels --fp8-sweep times (5 stages: three K/V tiles in
+            # flight; pointer K loads without TMA)
+            default = (*attention._attn_launch_params(dim, True), True)
+            for warps, stages, tma_k in (x for x in FP8_LAUNCHES if x != default):
                 check(f"attention fp8 cache q={q} D{dim} page {page} fp8_dot launch "
                       f"w{warps}s{stages}{'' if tma_k else '_ptr'}",
                       attention._sparse_attn_kernel,
-                      dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
-                           PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=tma_k, PV_SKIP=False,
-                           SPLIT=1, LAZY=_lazy(False, tma_k, dim), FP8_DOT=True, V_KMAJOR=True,
-                           **scaled, v_desc=None, **({} if tma_k else {"k_desc": None})),
-                      warps, stages, types=fp8_types)
+                      fp8_attention(tma_k, False, 1, True, True), warps, stages,
+                      types=fp8_types)
         check(f"values K-major copy D{dim} page {page}", pooling._values_kmajor_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4,
               types=dict(fp8_types, value_cache_ptr="*u8", vt_ptr="*u8"))
