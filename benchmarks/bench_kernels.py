@@ -74,13 +74,17 @@ SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, n
 # checked against the default's; every one compiles for sm_90 (scripts/aot_compile_check.py:
 # split 2 at 8 warps without spills, split 1 at 8 warps spilling 24-64 bytes, and faster)
 D256_LAUNCHES = ((1, 8, 2), (1, 8, 1), (1, 8, 3), (2, 8, 2), (2, 8, 3), (2, 4, 3))
-# --fp8-sweep: (num_warps, num_stages, TMA K loads) of the fp8_dot attention kernel (V from its
-# K-major copy), timed on the dense and 50% configurations' +fp8dot rows (64-token pages),
-# each output checked against the default launch's (4, 2, TMA). Its loop finds a key block
-# through its list, then the block table: the compiled loop keeps two K and V tiles in flight
-# up to 4 stages, three from 5 (66 KB of shared memory in fp8; scripts/aot_compile_check.py)
-FP8_LAUNCHES = ((4, 2, True), (4, 3, True), (4, 5, True), (8, 2, True), (8, 3, True),
-                (8, 5, True), (4, 3, False), (8, 3, False))
+# --fp8-sweep: (num_warps, num_stages, TMA K loads, page_ahead) of the fp8_dot attention kernel
+# (V from its K-major copy), timed on the dense and 50% configurations' +fp8dot rows (64-token
+# pages), each output checked against the default launch's (4, 2, TMA). Its loop finds a key
+# block through its list, then the block table: the compiled loop keeps two K and V tiles in
+# flight up to 4 stages, three from 5 (66 KB of shared memory in fp8;
+# scripts/aot_compile_check.py); with page_ahead (the next block's page id read one iteration
+# ahead) three from 3 stages
+FP8_LAUNCHES = ((4, 2, True, False), (4, 3, True, False), (4, 5, True, False),
+                (8, 2, True, False), (8, 3, True, False), (8, 5, True, False),
+                (4, 3, False, False), (8, 3, False, False),
+                (4, 3, True, True), (8, 3, True, True), (4, 2, True, True))
 FP8_SWEEP = False
 # --virtual: also time FA3 over per-row virtual contexts, all heads at once and in head chunks
 # (rows "<config>+fa3", "<config>+fa3_chunked"); --chunked: the Triton kernels in head chunks
@@ -185,14 +189,16 @@ def d256_sweep(q, kc, vc, batch, bm, scale, pv_off, out) -> tuple[dict, dict]:
 
 def fp8_dot_sweep(q8, kc8, vc8, batch, bm, scale, pv_off, out, kv_scales) -> tuple[dict, dict]:
     """:func:`launch_sweep` of the attention kernel with ``fp8_dot`` (V from its K-major copy,
-    PV skip off) over the :data:`FP8_LAUNCHES`."""
+    PV skip off) over the :data:`FP8_LAUNCHES` (``_ptr``: pointer K loads, ``_ahead``:
+    ``page_ahead``)."""
     def attend(o, **kw):
         sparse_paged_attention(q8, kc8, vc8, batch, bm, scale, pv_off, o, pv_skip=False,
                                scales=kv_scales, fp8_dot=True, **kw)
 
     return launch_sweep(attend, out, {
-        f"w{w}s{st}" + ("" if tma else "_ptr"): dict(launch=(w, st), use_tma=tma)
-        for w, st, tma in FP8_LAUNCHES})
+        f"w{w}s{st}" + ("" if tma else "_ptr") + ("_ahead" if ahead else ""):
+            dict(launch=(w, st), use_tma=tma, **({"page_ahead": True} if ahead else {}))
+        for w, st, tma, ahead in FP8_LAUNCHES})
 
 
 def launch_sweep(attend, out, launches: dict[str, dict]) -> tuple[dict, dict]:
@@ -379,6 +385,15 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                         lambda bm=bm, w=w, st=st: sparse_paged_attention(
                             q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
                             pv_skip=False, launch=(w, st), use_tma=True, split=2))
+            if page % BLKK == 0:
+                # the next kept block's page id read one iteration ahead (page_ahead, TMA
+                # loads), each output's largest difference from the default launch's
+                times, row["page_ahead_max_diff"] = launch_sweep(
+                    lambda o, bm=bm, **kw: sparse_paged_attention(
+                        q, kc, vc, batch, bm, scale, pv_off, o, pv_skip=False, **kw), out,
+                    {f"w{w}s{st}_ahead": dict(launch=(w, st), use_tma=True, page_ahead=True)
+                     for w, st in ((4, 2), (4, 3), (8, 3))})
+                row["launch_sweep_ms"].update(times)
             # FlashAttention-4's conditional rescaling (acc rescaled only when a row max grows
             # by more than 8 log2 units) on and off, whatever the default for these pages
             for lz in (0.0, 8.0):
@@ -674,8 +689,8 @@ def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, su
     if sel < HQ:
         crow["chunk_select_default_ms"], crow["chunk_select_ms"] = chunk_select_ms(
             q, kc, batch, scale, sim, cdf, topk, sel, bench, as_mask=attention == "fa3")
-    for key in ("launch_sweep_ms", "launch_sweep_max_diff", "predictor_variants_ms",
-                "predictor_parts_ms", "variants_ms"):
+    for key in ("launch_sweep_ms", "launch_sweep_max_diff", "page_ahead_max_diff",
+                "predictor_variants_ms", "predictor_parts_ms", "variants_ms"):
         crow.pop(key, None)
     results.append(crow)
     print(json.dumps(crow), flush=True)

@@ -157,6 +157,11 @@ def main() -> None:
             check(f"attention pv_skip={pv} split={split} warps={warps}",
                   attention._sparse_attn_kernel,
                   dict(attn, PV_SKIP=pv, SPLIT=split, LAZY=_lazy(pv)), warps, stages)
+    for pv in (False, True):  # page ids read one kept block ahead (page_ahead), and without
+        for ahead in (False, True):
+            check(f"attention pv_skip={pv} split=1 warps=4 stages=3 page_ahead={ahead}",
+                  attention._sparse_attn_kernel,
+                  dict(attn, PV_SKIP=pv, SPLIT=1, LAZY=_lazy(pv), PAGE_AHEAD=ahead), 4, 3)
     for split in (1, 2):  # the former default: a rescale every block (no lazy rescaling)
         check(f"attention eager rescale split={split} warps=4", attention._sparse_attn_kernel,
               dict(attn, PV_SKIP=False, SPLIT=split, LAZY=0.0), 4, 2)
@@ -189,15 +194,16 @@ def main() -> None:
         fp8_types = _types("bf16", dim, tma, kv="fp8e4nv", q=q)
         scaled = dict(Q_SCALED=q is not None, KV_SCALED=True)
 
-        def fp8_attention(use_tma, pv, split, dot, vk, dim=dim, page=page, scaled=scaled):
+        def fp8_attention(use_tma, pv, split, dot, vk, ahead=False, dim=dim, page=page,
+                          scaled=scaled):
             """The attention kernel's constexprs over this fp8 layout (the absent descriptors
-            and copy None)."""
+            and copy None; ``ahead``: ``PAGE_AHEAD``)."""
             absent = {} if use_tma else {"k_desc": None, "v_desc": None}
             absent.update({"v_desc": None} if vk else {"vt_ptr": None})
             return dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
                         PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=use_tma, PV_SKIP=pv,
                         SPLIT=split, LAZY=_lazy(pv, use_tma, dim), FP8_DOT=dot, V_KMAJOR=vk,
-                        **scaled, **absent)
+                        PAGE_AHEAD=ahead, **scaled, **absent)
 
         for pv in (False, True):
             warps, stages = attention._attn_launch_params(dim, tma)
@@ -211,14 +217,14 @@ def main() -> None:
                       f"{label}", attention._sparse_attn_kernel,
                       fp8_attention(tma, pv, split, dot, vk), warps, stages, types=fp8_types)
         if dim == 128 and page == 64 and q:
-            # the other launches bench_kernels --fp8-sweep times (5 stages: three K/V tiles in
-            # flight; pointer K loads without TMA)
-            default = (*attention._attn_launch_params(dim, True), True)
-            for warps, stages, tma_k in (x for x in FP8_LAUNCHES if x != default):
+            # the other launches bench_kernels --fp8-sweep times (5 stages, or 3 with the page
+            # ids read ahead: three K/V tiles in flight; pointer K loads without TMA)
+            default = (*attention._attn_launch_params(dim, True), True, False)
+            for warps, stages, tma_k, ahead in (x for x in FP8_LAUNCHES if x != default):
                 check(f"attention fp8 cache q={q} D{dim} page {page} fp8_dot launch "
-                      f"w{warps}s{stages}{'' if tma_k else '_ptr'}",
+                      f"w{warps}s{stages}{'' if tma_k else '_ptr'}{'_ahead' if ahead else ''}",
                       attention._sparse_attn_kernel,
-                      fp8_attention(tma_k, False, 1, True, True), warps, stages,
+                      fp8_attention(tma_k, False, 1, True, True, ahead), warps, stages,
                       types=fp8_types)
         check(f"values K-major copy D{dim} page {page}", pooling._values_kmajor_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4,

@@ -348,28 +348,63 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
     seen = []
 
     def attend(q, kc, vc, batch, bm, scale, pv, out, launch=None, pv_skip=None, use_tma=None,
-               scales=None, fp8_dot=False, **kw):
-        seen.append((launch, use_tma, pv_skip, scales, fp8_dot))
+               scales=None, fp8_dot=False, page_ahead=False, **kw):
+        seen.append((launch, use_tma, page_ahead, pv_skip, scales, fp8_dot))
         if launch == (8, 3) and use_tma is False:
             raise RuntimeError("out of resource: shared memory\nRequired: 1, limit: 0")
-        out.fill_(1.0 + (0.5 if launch == (4, 5) else 0.0))
+        out.fill_(1.0 + (0.5 if launch == (4, 5) else 0.0) + (0.25 if page_ahead else 0.0))
 
     monkeypatch.setattr(bench, "sparse_paged_attention", attend)
     out = torch.zeros(4, 2)
     times, diffs = bench.fp8_dot_sweep(None, None, None, None, None, 1.0, None, out, "scales")
     assert list(times) == ["w4s2", "w4s3", "w4s5", "w8s2", "w8s3", "w8s5", "w4s3_ptr",
-                           "w8s3_ptr"]
-    assert seen[0] == (None, None, False, "scales", True)  # the reference: the default launch
-    assert all(s[2:] == (False, "scales", True) for s in seen)
-    assert list(dict.fromkeys(s[:2] for s in seen[1:])) == [
-        ((w, st), tma) for w, st, tma in bench.FP8_LAUNCHES]
-    assert diffs["w4s2"] == 0.0 and diffs["w4s5"] == 0.5
+                           "w8s3_ptr", "w4s3_ahead", "w8s3_ahead", "w4s2_ahead"]
+    # the reference: the default launch
+    assert seen[0] == (None, None, False, False, "scales", True)
+    assert all(s[3:] == (False, "scales", True) for s in seen)
+    assert list(dict.fromkeys(s[:3] for s in seen[1:])) == [
+        ((w, st), tma, ahead) for w, st, tma, ahead in bench.FP8_LAUNCHES]
+    assert diffs["w4s2"] == 0.0 and diffs["w4s5"] == 0.5 and diffs["w8s3_ahead"] == 0.25
     assert times["w8s3_ptr"] != times["w8s3_ptr"]  # NaN: refused, the run went on
     rows = [dict(length=32768, page=64, config="dense+fp8dot", fp8_launch_sweep_ms=dict(
         times, w4s3=0.25), fp8_launch_sweep_max_diff=diffs)]
     text = "\n".join(report._sweep_table(rows, "fp8_launch_sweep", "(fp8)"))
     assert "| 32768 | 64 | dense+fp8dot | 0.500 (1.00x) | 0.250 (2.00x) |" in text
     assert "5.00e-01 |" in text
+
+
+def test_sweep_times_page_ahead_launches_against_the_default(monkeypatch, device):
+    """``--sweep`` (head dim 128, 64-token pages) also times ``page_ahead`` at 4 warps / 2 and
+    3 stages and 8 warps / 3 stages with TMA loads, each output against the default launch's
+    (real predictor at toy sizes, the attention a stand-in, timing stubbed)."""
+    import torch
+
+    bench = _load("bench_kernels")
+    for name, value in (("DEVICE", device), ("HQ", 2), ("HKV", 1), ("D", 64), ("SWEEP", True),
+                        ("ONLY_CONFIGS", {"dense"})):
+        monkeypatch.setattr(bench, name, value)
+    monkeypatch.setattr(bench, "bench", lambda fn: (fn(), 0.5)[1])
+    monkeypatch.setattr(bench, "dense_block_map", lambda length, block_n: None)
+    if device == "cpu":
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    ahead = []
+
+    def attend(q, kc, vc, batch, bm, scale, pv, out, stats=None, launch=None, use_tma=None,
+               page_ahead=False, **kw):
+        if page_ahead:
+            ahead.append((launch, use_tma))
+        out.fill_(1.0 + (0.25 if page_ahead and launch == (8, 3) else 0.0))
+
+    monkeypatch.setattr(bench, "sparse_paged_attention", attend)
+    results = []
+    bench._bench_inputs(256, 64, False, results, None)
+    row = results[0]
+    assert row["config"] == "dense" and len(results) == 1
+    assert {k: v for k, v in row["launch_sweep_ms"].items() if "ahead" in k} == {
+        "w4s2_ahead": 0.5, "w4s3_ahead": 0.5, "w8s3_ahead": 0.5}
+    assert row["page_ahead_max_diff"] == {"w4s2_ahead": 0.0, "w4s3_ahead": 0.0,
+                                          "w8s3_ahead": 0.25}
+    assert set(ahead) == {((4, 2), True), ((4, 3), True), ((8, 3), True)}
 
 
 def test_kernels_fp8dot_failure_is_noted_not_fatal(monkeypatch):

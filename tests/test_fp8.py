@@ -176,6 +176,36 @@ def test_fp8_attention_equals_sdpa_over_its_kept_blocks(page, q_fp8, fp8_dot, v_
         assert min(errors) > 2 * max(bf16_errors), "no fp8 rounding of P: fp8_dot took no effect"
 
 
+@pytest.mark.parametrize("pv", [40.0, 50.0])
+def test_fp8_dot_page_ahead_equals_the_default_loop(pv, device):
+    """page_ahead (each kept block's page id read one block ahead of its TMA loads) with fp8
+    products, V from its K-major copy and from the pages, PV skip on (a threshold no block
+    reaches) and off: the default loop's output (bit for bit on the CPU), within the SDPA
+    oracle's tolerance over the kept blocks."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper")
+    base = _case(device, 64, reqs=((256, 600), (70, 390), (70, 70)), seed=3)
+    c = _fp8_case(base, True, pow2=False, dtype=torch.float32)
+    hq = base.q.shape[1]
+    bm = predict_block_map(c.q, c.key_cache, base.batch, base.scale, head_vec(0.4, hq, device),
+                           head_vec(0.8, hq, device), scales=c.scales)
+    assert (bm.count < bm.n_valid).any(), "every block kept: no sparsity tested"
+    for v_kmajor in (True, False):
+        outs = []
+        for ahead in (False, True):
+            out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
+            stats = torch.zeros(3, dtype=torch.int64, device=device)
+            sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
+                                   head_vec(pv, hq, device), out, stats, scales=c.scales,
+                                   fp8_dot=True, v_kmajor=v_kmajor, use_tma=True,
+                                   page_ahead=ahead)
+            assert int(stats[2]) == 0, "a block's P.V was skipped: the SDPA oracle would not hold"
+            _check_against_sdpa(out, c, base, bm, p_dtype=FP8_DTYPE)
+            outs.append(out)
+        if device == "cpu":
+            assert torch.equal(outs[0], outs[1]), f"v_kmajor {v_kmajor}"
+
+
 @pytest.mark.parametrize("page, packed", [(16, False), (64, False), (64, True)])
 @pytest.mark.parametrize("fp8", [False, True])
 def test_values_kmajor_is_each_requests_values_transposed(page, packed, fp8, device):

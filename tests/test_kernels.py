@@ -305,6 +305,67 @@ def test_tma_loads_equal_pointer_loads(packed, pv, device):
                                head_vec(50.0, hq, device), torch.empty_like(bad.q), use_tma=True)
 
 
+def _off_band_counts(case, keeps) -> list[int]:
+    """Kept blocks before each (request, head, query block) row's diagonal band (the key block
+    of its first query): what the attention's off-band loop walks."""
+    counts = []
+    for r, keep in enumerate(keeps):
+        rows = request_rows(case.batch, r)
+        lq, lk = rows.stop - rows.start, int(case.batch.seq_lens[r])
+        for b in range(num_blocks(lq, BLKQ)):
+            counts += keep[:, b, :(lk - lq + b * BLKQ) // BLKK].sum(-1).tolist()
+    return counts
+
+
+@pytest.mark.parametrize("packed,pv", [(True, 50.0), (False, 4.0)])
+def test_page_ahead_equals_the_default_loop(packed, pv, device):
+    """page_ahead (each kept block's page id read one block ahead of its TMA loads) computes
+    what the default loop does: the same PV skips, the same output (bit for bit on the CPU),
+    within the oracle's tolerance, over rows with off-band blocks and rows without (the last
+    block read ahead is then the diagonal band's first). Refused without TMA loads."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper")
+    case = make_paged_case(REQS, 2, 1, 64, 64, torch.bfloat16, device, seed=5, packed=packed)
+    hq = 2
+    bm, keeps = reference_block_map(case, 0.0, 0.95)
+    n_off = _off_band_counts(case, keeps)
+    assert min(n_off) == 0 and max(n_off) > 1, n_off
+    computed, _ = _computed_blocks(case, keeps, pv)
+    oracle, tol = attention_oracle(case, computed)
+    outs, skipped = [], []
+    for ahead in (False, True):
+        out = torch.full_like(case.q, float("nan"))
+        stats = torch.zeros(3, dtype=torch.int64, device=device)
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, head_vec(pv, hq, device), out, stats, use_tma=True,
+                               page_ahead=ahead)
+        assert (out.float().cpu() - oracle).abs().max().item() <= tol, f"page_ahead {ahead}"
+        outs.append(out)
+        skipped.append(int(stats[2]))
+    if device == "cpu":
+        assert torch.equal(outs[0], outs[1])
+    want = sum(int((k & ~c).sum()) for k, c in zip(keeps, computed, strict=True))
+    assert skipped == [want, want] and (pv == 50.0) == (want == 0)
+    for tma in (False, None):  # pointer loads, asked for or the default on 16-token pages
+        bad = case if tma is False else make_paged_case(REQS_SMALL, hq, 1, 64, 16,
+                                                         torch.bfloat16, device)
+        with pytest.raises(ValueError, match="page_ahead reads the page ids of TMA block"):
+            sparse_paged_attention(bad.q, bad.key_cache, bad.value_cache, bad.batch,
+                                   reference_block_map(bad, 0.6, 0.9)[0], bad.scale,
+                                   head_vec(50.0, hq, device), torch.empty_like(bad.q),
+                                   use_tma=tma, page_ahead=True)
+
+
+def test_page_ahead_is_off_by_default():
+    """page_ahead is off unless asked for (its speed is unmeasured), and needs TMA loads."""
+    from sparge_serve.kernels.attention import attend_params
+
+    assert not attend_params(128, False, True).page_ahead
+    assert attend_params(128, True, True, page_ahead=True).page_ahead
+    with pytest.raises(ValueError, match="it needs TMA loads"):
+        attend_params(128, False, False, page_ahead=True)
+
+
 def test_prefill_scratch_bytes_bounds_the_allocations(device):
     """The bound the backend reserves during vLLM's memory profiling is what a call has
     allocated at its peak: pooled keys, then key sums (temporary) or the block map and the

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparge_serve.kernels.checks import (
     FP8_DTYPE,
@@ -38,7 +37,14 @@ from sparge_serve.kernels.geometry import (
     PrefillBatch,
 )
 from sparge_serve.kernels.launch import launch
-from sparge_serve.kernels.pooling import load_kv_block, load_v_block, values_kmajor
+from sparge_serve.kernels.pooling import (
+    kv_descriptor,
+    load_kv_block,
+    load_v_block,
+    tma_layout_ok,
+    tma_supported,
+    values_kmajor,
+)
 from sparge_serve.kernels.softmax import _dot, _online_softmax_update, _softmax_step
 
 _LOG2E = 1.4426950408889634
@@ -70,6 +76,7 @@ def _attend_row(
     UPCAST: tl.constexpr, USE_TMA: tl.constexpr, LAZY: tl.constexpr = 0.0,
     Q_SCALED: tl.constexpr = False, KV_SCALED: tl.constexpr = False,
     FP8_DOT: tl.constexpr = False, V_KMAJOR: tl.constexpr = False,
+    PAGE_AHEAD: tl.constexpr = False,
 ):
     """Attention of query rows ``[m0, m0 + BLOCK_M)`` (inside query block ``b`` of ``BLOCK_Q``
     rows) of one q-head ``h`` of a request over the block's ``n_kept`` kept key blocks
@@ -89,7 +96,9 @@ def _attend_row(
     then reads the K block where TMA put it, not a bf16 copy made through registers.
     ``V_KMAJOR``: V blocks come from the request's K-major copy ``vt_row`` (``[Hkv, D, S]``,
     :func:`~sparge_serve.kernels.pooling.values_kmajor`), whose tiles an fp8 ``P.V`` reads
-    as they lie, not transposed on chip."""
+    as they lie, not transposed on chip. ``PAGE_AHEAD`` (TMA loads): the off-band loops read the
+    next kept block's page id one iteration ahead, carried in the loop, so that the block-table
+    load takes no pipeline stage of its own before the block's TMA loads."""
     DT = None if FP8_DOT else out_ptr.dtype.element_ty
     QK_FP8: tl.constexpr = FP8_DOT or (Q_SCALED and KV_SCALED)
     DK = None if QK_FP8 else DT  # K blocks' dtype in q.k
@@ -129,11 +138,20 @@ def _attend_row(
     # off-band kept blocks: no mask
     if PV_SKIP:
         pv_thr = tl.load(pv_ptr + h)
+        if PAGE_AHEAD:
+            jn = tl.load(lut_row).to(tl.int32)
+            pn = tl.load(bt_row + (jn * BLOCK_N) // PAGE)
         for t in range(0, n_off):
-            j = tl.load(lut_row + t).to(tl.int32)
+            if PAGE_AHEAD:
+                j, page = jn, pn
+                # NOTE: in bounds at t = n_off - 1: the diagonal band's first block (always kept)
+                jn = tl.load(lut_row + t + 1).to(tl.int32)
+                pn = tl.load(bt_row + (jn * BLOCK_N) // PAGE)
+            else:
+                j, page = tl.load(lut_row + t).to(tl.int32), None
             k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA,
-                               DT=DK)
+                               DT=DK, page=page)
             qk = _dot(q, tl.trans(k), UPCAST)
             # stage-2 filter: skip when every real row's block max is pv_thr (log2) below its
             # running max; never the first block of the row.
@@ -144,17 +162,25 @@ def _attend_row(
             else:
                 v = load_v_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                  stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA,
-                                 False, DT, vt_row, stride_vh, stride_vd, V_KMAJOR)
+                                 False, DT, vt_row, stride_vh, stride_vd, V_KMAJOR, page)
                 acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     else:
+        if PAGE_AHEAD:
+            jn = tl.load(lut_row).to(tl.int32)
+            pn = tl.load(bt_row + (jn * BLOCK_N) // PAGE)
         for t in range(0, n_off):
-            j = tl.load(lut_row + t).to(tl.int32)
+            if PAGE_AHEAD:  # as above
+                j, page = jn, pn
+                jn = tl.load(lut_row + t + 1).to(tl.int32)
+                pn = tl.load(bt_row + (jn * BLOCK_N) // PAGE)
+            else:
+                j, page = tl.load(lut_row + t).to(tl.int32), None
             k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                stride_head, offs_n, offs_d, PAGE, BLOCK_N, k_desc, USE_TMA,
-                               DT=DK)
+                               DT=DK, page=page)
             v = load_v_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                              stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, False,
-                             DT, vt_row, stride_vh, stride_vd, V_KMAJOR)
+                             DT, vt_row, stride_vh, stride_vd, V_KMAJOR, page)
             qk = _dot(q, tl.trans(k), UPCAST)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
     # diagonal band: always computed, causal mask
@@ -225,7 +251,7 @@ def _sparse_attn_kernel(
     USE_TMA: tl.constexpr, SPLIT: tl.constexpr, LAZY: tl.constexpr = 0.0,
     KV_MAJOR: tl.constexpr = True, Q_SCALED: tl.constexpr = False,
     KV_SCALED: tl.constexpr = False, FP8_DOT: tl.constexpr = False,
-    V_KMAJOR: tl.constexpr = False,
+    V_KMAJOR: tl.constexpr = False, PAGE_AHEAD: tl.constexpr = False,
     TAIL_FIRST: tl.constexpr = TAIL_FIRST,  # the module constant (one definition)
 ):
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
@@ -260,42 +286,9 @@ def _sparse_attn_kernel(
         q_start, q_len, seq_len, b, m0, h,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
-        USE_TMA, LAZY, Q_SCALED, KV_SCALED, FP8_DOT, V_KMAJOR,
+        USE_TMA, LAZY, Q_SCALED, KV_SCALED, FP8_DOT, V_KMAJOR, PAGE_AHEAD,
     )
     _count_skipped(stats_ptr, n_skipped, PV_SKIP)  # (SPLIT is 1 with PV skip)
-
-
-def tma_layout_ok(cache: torch.Tensor) -> bool:
-    """Pages of whole, 16-byte aligned token rows with unit-stride head dims (a 2-D TMA view).
-
-    Covers vLLM 0.26's packed cache, whose K and V views share each token row ``[Hkv, 2*D]``.
-    """
-    num_pages, page, num_kv_heads, head_dim = cache.shape
-    s_page, s_tok, s_head, s_dim = cache.stride()
-    elem = cache.element_size()
-    rows_dense = s_page == page * s_tok and s_tok >= (num_kv_heads - 1) * s_head + head_dim
-    aligned = (s_tok * elem) % 16 == 0 and (s_head * elem) % 16 == 0 and cache.data_ptr() % 16 == 0
-    return bool(s_dim == 1 and rows_dense and aligned)
-
-
-def tma_supported(device: torch.device, page_size: int, block_n: int = BLKK) -> bool:
-    """Whether TMA block loads (the default) can serve caches of ``page_size``-token pages on
-    ``device``: a Hopper GPU (or the interpreter) and whole key blocks inside one page. A cache
-    must also pass :func:`tma_layout_ok`."""
-    hopper = _INTERPRET or (device.type == "cuda"
-                            and torch.cuda.get_device_capability(device)[0] >= 9)
-    return hopper and page_size % block_n == 0
-
-
-def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
-    """2-D view ``[num_pages * page, used width of a token row]`` of a K or V cache view, in
-    boxes of ``[block_n, head_dim]``."""
-    num_pages, page, num_kv_heads, head_dim = cache.shape
-    s_tok, s_head = cache.stride(1), cache.stride(2)
-    return TensorDescriptor(
-        cache, shape=[num_pages * page, (num_kv_heads - 1) * s_head + head_dim],
-        strides=[s_tok, 1], block_shape=[block_n, head_dim],
-    )
 
 
 def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
@@ -345,22 +338,30 @@ class AttendParams:
     num_stages: int
     fp8_dot: bool = False  # both products in fp8 (an fp8 query and cache)
     v_kmajor: bool = False  # V read from a K-major copy (``pooling.values_kmajor``)
+    page_ahead: bool = False  # PAGE_AHEAD: page ids read one kept block ahead (TMA loads)
 
 
 def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None = None,
                   lazy_rescale: float | None = None,
                   launch: tuple[int, int] | None = None, fp8_dot: bool = False,
-                  v_kmajor: bool | None = None) -> AttendParams:
+                  v_kmajor: bool | None = None, page_ahead: bool | None = None) -> AttendParams:
     """The attention kernel's launch for ``head_dim`` with or without PV skip and TMA loads:
     the defaults (:func:`_row_parts`, :func:`_attn_launch_params`) where an override is
     ``None``; ``v_kmajor`` ``None``: with ``fp8_dot`` (an fp8 ``P.V`` over V as the cache holds
     it transposes every tile on chip: 0.64-0.67x the bf16 kernel's speed, against 1.47-1.56x
-    over a K-major copy, H100, ``benchmarks/results/fp8_pv_layout.md``)."""
+    over a K-major copy, H100, ``benchmarks/results/fp8_pv_layout.md``). ``page_ahead`` (TMA
+    loads only, ``ValueError`` without) ``None``: off, until measured faster (at 3 stages the
+    off-band loop keeps three K tiles in flight, and V's without PV skip, where the default
+    needs 5 stages: a third more shared memory, ``scripts/aot_compile_check.py``)."""
     split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
     num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
     if v_kmajor is None:
         v_kmajor = fp8_dot
-    return AttendParams(use_tma, split, lazy_rescale, num_warps, num_stages, fp8_dot, v_kmajor)
+    if page_ahead and not use_tma:
+        raise ValueError("page_ahead reads the page ids of TMA block loads ahead: it needs TMA "
+                         "loads (use_tma, pages of whole key blocks)")
+    return AttendParams(use_tma, split, lazy_rescale, num_warps, num_stages, fp8_dot, v_kmajor,
+                        bool(page_ahead))
 
 
 def check_fp8_dot(q: torch.Tensor, key_cache: torch.Tensor) -> None:
@@ -393,6 +394,7 @@ def sparse_paged_attention(
     fp8_dot: bool = False,
     tail_first: int = TAIL_FIRST,
     v_kmajor: bool | None = None,
+    page_ahead: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -417,6 +419,8 @@ def sparse_paged_attention(
     ``group``: for head slices, as :func:`~sparge_serve.kernels.predictor.predict_block_map`'s.
     ``v_kmajor``: read V from a K-major copy of the batch's values made first
     (:func:`~sparge_serve.kernels.pooling.values_kmajor`); ``None``: with ``fp8_dot``.
+    ``page_ahead``: the kernel reads each kept block's page id one block ahead (TMA loads only;
+    :func:`attend_params`; ``None``: off).
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
     checks"). ``check_finite`` also checks the values held in tensors: the thresholds (finite, in
@@ -444,7 +448,7 @@ def sparse_paged_attention(
                          f"whole 16-byte aligned token rows; got {page}-token pages with strides "
                          f"{tuple(key_cache.stride())}")
     params = attend_params(q.shape[2], pv_skip, use_tma, split, lazy_rescale, launch, fp8_dot,
-                           v_kmajor)
+                           v_kmajor, page_ahead)
     if params.v_kmajor and block_n != BLKK:
         raise ValueError(f"v_kmajor copies values in key blocks of {BLKK}; got block_n {block_n}")
     vt = values_kmajor(value_cache, batch) if params.v_kmajor else None
@@ -470,8 +474,8 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
     nreq, _, nqb, nkb = block_map.lut.shape
     k_desc = v_desc = None
     if params.use_tma:
-        k_desc = _kv_descriptor(key_cache, block_n)
-        v_desc = None if vt is not None else _kv_descriptor(value_cache, block_n)
+        k_desc = kv_descriptor(key_cache, block_n)
+        v_desc = None if vt is not None else kv_descriptor(value_cache, block_n)
     launch(_sparse_attn_kernel, (num_heads, nqb * params.split, nreq))(
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         block_map.lut, block_map.count, pvthreshd, stats, k_desc, v_desc,
@@ -485,8 +489,8 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=params.use_tma,
         SPLIT=params.split, LAZY=params.lazy_rescale, KV_MAJOR=kv_major, TAIL_FIRST=tail_first,
         Q_SCALED=scales is not None and scales.q_scale is not None, KV_SCALED=scales is not None,
-        FP8_DOT=params.fp8_dot, V_KMAJOR=vt is not None, num_warps=params.num_warps,
-        num_stages=params.num_stages,
+        FP8_DOT=params.fp8_dot, V_KMAJOR=vt is not None, PAGE_AHEAD=params.page_ahead,
+        num_warps=params.num_warps, num_stages=params.num_stages,
     )
 
 

@@ -9,18 +9,21 @@ For a varlen batch of prefill requests (docs/METHOD.md, "Stage 1"), :func:`pool_
    keys ``mean(k - mu)`` (stored transposed, fp32) and the key-block self-similarity.
 
 :func:`load_kv_block` reads one key or value block through a request's block table (also the
-attention kernel's loads); :func:`values_kmajor` copies a batch's values with the token dimension
-contiguous, the layout of the second operand of Hopper's fp8 ``P.V`` (the attention's
-``fp8_dot``).
+attention kernel's loads, with TMA through :func:`kv_descriptor` where :func:`tma_supported`
+and :func:`tma_layout_ok` allow); :func:`values_kmajor` copies a batch's values with the token
+dimension contiguous, the layout of the second operand of Hopper's fp8 ``P.V`` (the
+attention's ``fp8_dot``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparge_serve.kernels.geometry import (
     BATCH_PTRS,
@@ -32,6 +35,7 @@ from sparge_serve.kernels.geometry import (
 )
 from sparge_serve.kernels.launch import launch
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # TMA loads run there, as on Hopper
 KSUM_CHUNK = 4
 """Key blocks summed per program of the key-mean pass. NOTE: 16 made the pass latency-bound in
 head chunks (one KV head: 32 programs of 16 loads at 32K, 52 us; H200 profile)."""
@@ -46,20 +50,22 @@ def load_kv_block(
     offs_n, offs_d,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     desc=None, USE_TMA: tl.constexpr = False, ZERO_TAIL: tl.constexpr = False,
-    DT: tl.constexpr = None,
+    DT: tl.constexpr = None, page=None,
 ):
     """Load key/value block ``j`` (``[BLOCK_N, D]``) of one request through its block table,
     converted to ``DT`` if given (an fp8 cache's blocks to the compute dtype, in registers).
 
     Without TMA, rows at or past ``seq_len`` read as zeros. With TMA (``desc``: a 2-D descriptor
     over ``[num_pages * PAGE, token row]`` with ``[BLOCK_N, D]`` boxes, see
-    ``attention._kv_descriptor``; ``PAGE % BLOCK_N == 0``) they hold whatever the page holds,
-    unless ``ZERO_TAIL`` (callers mask scores of such keys; values must be zeroed).
+    :func:`kv_descriptor`; ``PAGE % BLOCK_N == 0``) they hold whatever the page holds, unless
+    ``ZERO_TAIL`` (callers mask scores of such keys; values must be zeroed); ``page``, if given,
+    is the block's page id, already read from the block table (TMA only).
     """
     pos = j * BLOCK_N + offs_n
     in_ctx = pos < seq_len
     if USE_TMA:
-        page = tl.load(bt_ptr + (j * BLOCK_N) // PAGE)
+        if page is None:
+            page = tl.load(bt_ptr + (j * BLOCK_N) // PAGE)
         x = desc.load([page * PAGE + (j * BLOCK_N) % PAGE, kvh * stride_head])
         if DT is not None:
             x = x.to(DT)
@@ -85,11 +91,11 @@ def load_v_block(
     v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok, stride_head, offs_n, offs_d,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, v_desc, USE_TMA: tl.constexpr,
     ZERO_TAIL: tl.constexpr, DT: tl.constexpr, vt_row, stride_vh, stride_vd,
-    V_KMAJOR: tl.constexpr,
+    V_KMAJOR: tl.constexpr, page=None,
 ):
     """Value block ``j`` (``[BLOCK_N, D]``): with ``V_KMAJOR`` from a request's row ``vt_row``
     of :func:`values_kmajor`'s copy (token dimension contiguous; zeros past the context), else
-    through the block table (:func:`load_kv_block`)."""
+    through the block table (:func:`load_kv_block`, ``page`` as there)."""
     # NOTE: if/else, not an early return: Triton's compiler still visits what follows a
     # return in a constexpr branch (here a TMA load through the absent descriptor)
     if V_KMAJOR:
@@ -100,8 +106,41 @@ def load_v_block(
     else:
         v = load_kv_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                           stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, ZERO_TAIL,
-                          DT)
+                          DT, page)
     return v
+
+
+def tma_layout_ok(cache: torch.Tensor) -> bool:
+    """Pages of whole, 16-byte aligned token rows with unit-stride head dims (a 2-D TMA view).
+
+    Covers vLLM 0.26's packed cache, whose K and V views share each token row ``[Hkv, 2*D]``.
+    """
+    num_pages, page, num_kv_heads, head_dim = cache.shape
+    s_page, s_tok, s_head, s_dim = cache.stride()
+    elem = cache.element_size()
+    rows_dense = s_page == page * s_tok and s_tok >= (num_kv_heads - 1) * s_head + head_dim
+    aligned = (s_tok * elem) % 16 == 0 and (s_head * elem) % 16 == 0 and cache.data_ptr() % 16 == 0
+    return bool(s_dim == 1 and rows_dense and aligned)
+
+
+def tma_supported(device: torch.device, page_size: int, block_n: int = BLKK) -> bool:
+    """Whether TMA block loads (the default) can serve caches of ``page_size``-token pages on
+    ``device``: a Hopper GPU (or the interpreter) and whole key blocks inside one page. A cache
+    must also pass :func:`tma_layout_ok`."""
+    hopper = _INTERPRET or (device.type == "cuda"
+                            and torch.cuda.get_device_capability(device)[0] >= 9)
+    return hopper and page_size % block_n == 0
+
+
+def kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """2-D view ``[num_pages * page, used width of a token row]`` of a K or V cache view, in
+    boxes of ``[block_n, head_dim]``."""
+    num_pages, page, num_kv_heads, head_dim = cache.shape
+    s_tok, s_head = cache.stride(1), cache.stride(2)
+    return TensorDescriptor(
+        cache, shape=[num_pages * page, (num_kv_heads - 1) * s_head + head_dim],
+        strides=[s_tok, 1], block_shape=[block_n, head_dim],
+    )
 
 
 # NOTE: head counts are never specialised on (a head chunk may have 1): one compiled variant
