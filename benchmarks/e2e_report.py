@@ -306,7 +306,8 @@ def _mark(row: dict[str, Any], base: dict[str, Any] | None) -> str:
 
 def round_lines(data: dict[str, Any], ttft: list[dict[str, Any]]) -> list[str]:
     """The table of the TTFT rows run in several rounds: each round's median and its ratio
-    against the baseline's same round (where that ran as many)."""
+    against the baseline's same round, for the rounds both ran (``--budget-s`` may stop a run
+    between a round's engines: rounds start in order, so those are each one's first)."""
     rows = [r for r in ttft if len(r.get("ttft_round_s", ())) > 1]
     if not rows:
         return []
@@ -320,8 +321,9 @@ def round_lines(data: dict[str, Any], ttft: list[dict[str, Any]]) -> list[str]:
         times = r["ttft_round_s"]
         same = _find(data, ("ttft", r["geometry"], baseline_of(r["config"]), r["length"]))
         base = same.get("ttft_round_s", ()) if same and same["run"] == r["run"] else ()
-        ratios = ("—" if len(base) != len(times) else
-                  " / ".join(f"{b / t:.2f}x" for b, t in zip(base, times, strict=True)))
+        both = min(len(base), len(times))
+        ratios = " / ".join(f"{b / t:.2f}x" for b, t in zip(base[:both], times[:both],
+                                                             strict=True)) or "—"
         lines.append(f"| {r['geometry']} | {r['length']} | {r['config']} | "
                      f"{' / '.join(f'{t * 1e3:.1f}' for t in times)} | {ratios} |")
     return lines

@@ -609,6 +609,12 @@ def test_rounds_start_every_engine_in_turn_and_join_their_rows(tmp_path):
     md = report.markdown(data)
     assert "| gemma3_270m | 8192 | SPARGE@64:defaults | 13.0 / 17.0 | 0.85x / 1.00x |" in md
     assert "| gemma3_270m | 8192 | FLASH_ATTN@64 | 11.0 / 17.0 | 1.00x / 1.00x |" in md
+    # a run stopped by its budget between a round's engines: the rounds both ran, paired
+    report.add_rows(data, [row("FLASH_ATTN@64", [0.020], 2)], run)
+    md = report.markdown(data)
+    assert ("| gemma3_270m | 8192 | FLASH_ATTN@64 | 11.0 / 17.0 / 20.0 | 1.00x / 1.00x / "
+            "1.00x |") in md
+    assert "| gemma3_270m | 8192 | SPARGE@64:defaults | 13.0 / 17.0 | 0.85x / 1.00x |" in md
     # another run's row of the same point replaces it rather than joining it
     later = report.start_run(data, {"command": "y"})
     report.add_rows(data, [row("FLASH_ATTN@64", [0.020], 1)], later)
