@@ -272,6 +272,28 @@ def test_lazy_rescale_changes_only_rounding(page, packed, lazy, device):
                                lazy_rescale=8.0)
 
 
+def _launches_agree(case, bm, keeps, pv, launches: list[dict]) -> None:
+    """Each of ``launches`` (keyword arguments of ``sparse_paged_attention``) over ``bm`` with the
+    PV-skip threshold ``pv`` matches the attention oracle over the blocks it computes, skips the
+    blocks the reference skips, and, on the CPU, gives the same output bit for bit."""
+    hq, device = case.q.shape[1], case.q.device
+    computed, _ = _computed_blocks(case, keeps, pv)
+    oracle, tol = attention_oracle(case, computed)
+    outs, skipped = [], []
+    for kw in launches:
+        out = torch.full_like(case.q, float("nan"))
+        stats = torch.zeros(3, dtype=torch.int64, device=device)
+        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
+                               case.scale, head_vec(pv, hq, device), out, stats, **kw)
+        assert (out.float().cpu() - oracle).abs().max().item() <= tol, kw
+        outs.append(out)
+        skipped.append(int(stats[2]))
+    if device.type == "cpu":
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+    want = sum(int((k & ~c).sum()) for k, c in zip(keeps, computed, strict=True))
+    assert skipped == [want] * len(launches) and (pv == 50.0) == (want == 0)
+
+
 @pytest.mark.parametrize("packed,pv", [(True, 50.0), (False, 4.0)])
 def test_tma_loads_equal_pointer_loads(packed, pv, device):
     """TMA block loads (the default on 64-token pages) read the same keys and values as pointer
@@ -282,22 +304,8 @@ def test_tma_loads_equal_pointer_loads(packed, pv, device):
     case = make_paged_case(REQS, 2, 1, 64, 64, torch.bfloat16, device, seed=5, packed=packed)
     hq = 2
     bm, keeps = reference_block_map(case, 0.0, 0.95)
-    computed, _ = _computed_blocks(case, keeps, pv)
-    oracle, tol = attention_oracle(case, computed)
-    outs, skipped = [], []
-    for tma in (False, True):
-        out = torch.full_like(case.q, float("nan"))
-        stats = torch.zeros(3, dtype=torch.int64, device=device)
-        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
-                               case.scale, head_vec(pv, hq, device), out, stats, use_tma=tma,
-                               lazy_rescale=0.0)
-        assert (out.float().cpu() - oracle).abs().max().item() <= tol, f"TMA {tma}"
-        outs.append(out)
-        skipped.append(int(stats[2]))
-    if device == "cpu":
-        assert torch.equal(outs[0], outs[1])
-    want = sum(int((k & ~c).sum()) for k, c in zip(keeps, computed, strict=True))
-    assert skipped == [want, want] and (pv == 50.0) == (want == 0)
+    _launches_agree(case, bm, keeps, pv, [dict(use_tma=False, lazy_rescale=0.0),
+                                          dict(use_tma=True, lazy_rescale=0.0)])
     bad = make_paged_case(REQS_SMALL, hq, 1, 64, 16, torch.bfloat16, device)
     with pytest.raises(ValueError, match="TMA loads need key blocks of 64 inside one page"):
         sparse_paged_attention(bad.q, bad.key_cache, bad.value_cache, bad.batch,
@@ -330,22 +338,8 @@ def test_page_ahead_equals_the_default_loop(packed, pv, device):
     bm, keeps = reference_block_map(case, 0.0, 0.95)
     n_off = _off_band_counts(case, keeps)
     assert min(n_off) == 0 and max(n_off) > 1, n_off
-    computed, _ = _computed_blocks(case, keeps, pv)
-    oracle, tol = attention_oracle(case, computed)
-    outs, skipped = [], []
-    for ahead in (False, True):
-        out = torch.full_like(case.q, float("nan"))
-        stats = torch.zeros(3, dtype=torch.int64, device=device)
-        sparse_paged_attention(case.q, case.key_cache, case.value_cache, case.batch, bm,
-                               case.scale, head_vec(pv, hq, device), out, stats, use_tma=True,
-                               page_ahead=ahead)
-        assert (out.float().cpu() - oracle).abs().max().item() <= tol, f"page_ahead {ahead}"
-        outs.append(out)
-        skipped.append(int(stats[2]))
-    if device == "cpu":
-        assert torch.equal(outs[0], outs[1])
-    want = sum(int((k & ~c).sum()) for k, c in zip(keeps, computed, strict=True))
-    assert skipped == [want, want] and (pv == 50.0) == (want == 0)
+    _launches_agree(case, bm, keeps, pv, [dict(use_tma=True, page_ahead=False),
+                                          dict(use_tma=True, page_ahead=True)])
     for tma in (False, None):  # pointer loads, asked for or the default on 16-token pages
         bad = case if tma is False else make_paged_case(REQS_SMALL, hq, 1, 64, 16,
                                                          torch.bfloat16, device)
