@@ -367,7 +367,10 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                 row["launch_sweep_ms"], row["launch_sweep_max_diff"] = d256_sweep(
                     q, kc, vc, batch, bm, scale, pv_off, out)
         elif SWEEP and name == "dense":
-            row["launch_sweep_ms"] = {
+            row["launch_sweep_ms"] = {"default": bench(
+                lambda bm=bm: sparse_paged_attention(q, kc, vc, batch, bm, scale, pv_off, out,
+                                                     check_finite=False, pv_skip=False))}
+            row["launch_sweep_ms"] |= {
                 f"w{w}s{st}": bench(lambda bm=bm, w=w, st=st: sparse_paged_attention(
                     q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
                     pv_skip=False, launch=(w, st)))
@@ -388,7 +391,7 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             if page % BLKK == 0:
                 # the next kept block's page id read one iteration ahead (page_ahead, TMA
                 # loads), each output's largest difference from the default launch's
-                times, row["page_ahead_max_diff"] = launch_sweep(
+                times, row["launch_sweep_max_diff"] = launch_sweep(
                     lambda o, bm=bm, **kw: sparse_paged_attention(
                         q, kc, vc, batch, bm, scale, pv_off, o, pv_skip=False, **kw), out,
                     {f"w{w}s{st}_ahead": dict(launch=(w, st), use_tma=True, page_ahead=True)
@@ -689,7 +692,7 @@ def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, su
     if sel < HQ:
         crow["chunk_select_default_ms"], crow["chunk_select_ms"] = chunk_select_ms(
             q, kc, batch, scale, sim, cdf, topk, sel, bench, as_mask=attention == "fa3")
-    for key in ("launch_sweep_ms", "launch_sweep_max_diff", "page_ahead_max_diff",
+    for key in ("launch_sweep_ms", "launch_sweep_max_diff",
                 "predictor_variants_ms", "predictor_parts_ms", "variants_ms"):
         crow.pop(key, None)
     results.append(crow)

@@ -180,7 +180,8 @@ def write_reports(results, meta, out):
     lines += _sweep_table(results)
     lines += _sweep_table(results, "fp8_launch_sweep", "with fp8 products (`--fp8-sweep`, V "
                           "from its K-major copy, PV skip off, the copy included): ms of each "
-                          "warps / stages, `_ptr` with pointer K loads instead of TMA")
+                          "warps / stages, `_ptr` with pointer K loads instead of TMA, `_ahead` with "
+                          "page_ahead")
     lines += _fp8_lines(results, meta)
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -206,26 +207,34 @@ def _variants_table(results, key: str, default_key: str, title: str) -> list[str
 
 
 def _sweep_table(results, key: str = "launch_sweep",
-                 what: str = "(`--sweep`, PV skip off, TMA loads): ms of each (split, warps, "
-                 "stages)") -> list[str]:
-    """Markdown lines of a launch sweep (rows' ``<key>_ms`` and ``<key>_max_diff``; the
-    head-dim-256 ``--sweep`` by default): each launch's attention ms, the first (default)
-    launch's time over it, and the largest output difference from the default's."""
-    rows = [r for r in results if f"{key}_max_diff" in r and f"{key}_ms" in r]
-    names = list(rows[0][f"{key}_ms"]) if rows else []
-    default = names[0] if names else ""
+                 what: str = "(`--sweep`): ms of each launch (warps `w`, stages `s`; head dim 256: "
+                 "`split` programs a query block; `_ahead`: page_ahead; `tma0`/`tma1`: pointer "
+                 "or TMA loads; `lazy`: the conditional rescaling threshold; `bn128`: key blocks "
+                 "of 128; `pv_`: with PV skip)") -> list[str]:
+    """Markdown lines of a launch sweep (rows' ``<key>_ms``, first the default launch, and
+    ``<key>_max_diff`` for the launches whose output was checked): each launch's attention ms,
+    the default's time over it, and the largest output difference from the default's; one table
+    per set of launches."""
+    rows = [r for r in results if f"{key}_ms" in r]
 
-    def worst(diffs: dict) -> float:
-        return max((v for v in diffs.values() if v == v), default=float("nan"))
+    def worst(diffs: dict) -> str:
+        checked = [v for v in diffs.values() if v == v]
+        return f"{max(checked):.2e}" if checked else "—"
 
-    return _table(
-        f"Launches of the attention kernel {what}, in brackets the default `{default}`'s time "
-        "over it; max diff: the largest output difference from the default's.",
-        ["length", "page", "config", *names, "max diff"],
-        [[r["length"], r["page"], r["config"],
-          *(f"{r[f'{key}_ms'][n]:.3f} "
-            f"({r[f'{key}_ms'][default] / r[f'{key}_ms'][n]:.2f}x)" for n in names),
-          f"{worst(r[f'{key}_max_diff']):.2e}"] for r in rows])
+    lines = []
+    for names in dict.fromkeys(tuple(r[f"{key}_ms"]) for r in rows):
+        default = names[0]
+        lines += _table(
+            f"Launches of the attention kernel {what}, in brackets the default `{default}`'s "
+            "time over it; max diff: the largest output difference from the default's (of the "
+            "launches checked).",
+            ["length", "page", "config", *names, "max diff"],
+            [[r["length"], r["page"], r["config"],
+              *(f"{r[f'{key}_ms'][n]:.3f} "
+                f"({r[f'{key}_ms'][default] / r[f'{key}_ms'][n]:.2f}x)" for n in names),
+              worst(r.get(f"{key}_max_diff", {}))]
+             for r in rows if tuple(r[f"{key}_ms"]) == names])
+    return lines
 
 
 def _series(rows, key):

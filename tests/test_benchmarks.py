@@ -402,8 +402,11 @@ def test_sweep_times_page_ahead_launches_against_the_default(monkeypatch, device
     assert row["config"] == "dense" and len(results) == 1
     assert {k: v for k, v in row["launch_sweep_ms"].items() if "ahead" in k} == {
         "w4s2_ahead": 0.5, "w4s3_ahead": 0.5, "w8s3_ahead": 0.5}
-    assert row["page_ahead_max_diff"] == {"w4s2_ahead": 0.0, "w4s3_ahead": 0.0,
-                                          "w8s3_ahead": 0.25}
+    assert list(row["launch_sweep_ms"])[0] == "default"
+    assert row["launch_sweep_max_diff"] == {"w4s2_ahead": 0.0, "w4s3_ahead": 0.0,
+                                            "w8s3_ahead": 0.25}
+    text = "\n".join(_load("kernels_report")._sweep_table(results))
+    assert "| 256 | 64 | dense | 0.500 (1.00x) |" in text and "| 2.50e-01 |" in text
     assert set(ahead) == {((4, 2), True), ((4, 3), True), ((8, 3), True)}
 
 
