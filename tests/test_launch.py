@@ -79,7 +79,7 @@ def test_profiler_hooks_take_the_plain_path(monkeypatch):
     import sparge_serve.kernels.launch as launch
 
     kernel = _Kernel()
-    monkeypatch.setattr(launch, "_INTERPRET", False)
+    monkeypatch.setattr(launch, "INTERPRET", False)
     monkeypatch.setattr(launch, "FAST", True)
     assert not launch._hooked()
     hook = lambda *args: None  # noqa: E731
@@ -107,7 +107,7 @@ def test_fast_launch_setting_takes_the_plain_path(monkeypatch):
     ``kernel[grid]``; ``True`` takes the fast path where Triton's internals are as expected."""
     import sparge_serve.kernels.launch as launch
 
-    monkeypatch.setattr(launch, "_INTERPRET", False)
+    monkeypatch.setattr(launch, "INTERPRET", False)
     monkeypatch.setattr(launch, "FAST", True)
     assert launch.internals_problem() is None  # the pinned Triton
     assert launch.fast_path()
@@ -139,7 +139,7 @@ def test_unknown_triton_internals_fall_back_to_plain_launches(change, monkeypatc
         monkeypatch.delattr(CompiledKernel, "run")
     problem = launch.internals_problem()
     assert problem is not None and ("JITFunction.run" in problem or "CompiledKernel" in problem)
-    monkeypatch.setattr(launch, "_INTERPRET", False)
+    monkeypatch.setattr(launch, "INTERPRET", False)
     monkeypatch.setattr(launch, "FAST", True)
     launch._internals_ok.cache_clear()
     records = []

@@ -9,7 +9,6 @@ bottom-right causal mask on diagonal blocks and the per-head PV-skip filter (doc
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,7 @@ from sparge_serve.kernels.geometry import (
     KVScales,
     PrefillBatch,
 )
-from sparge_serve.kernels.launch import launch
+from sparge_serve.kernels.launch import INTERPRET, launch
 from sparge_serve.kernels.pooling import (
     kv_descriptor,
     load_kv_block,
@@ -62,7 +61,6 @@ TAIL_FIRST = 2
 # NOTE: Triton 3.6's CPU interpreter computes bf16 tl.dot wrongly (it multiplies the raw bits);
 # under TRITON_INTERPRET=1 the kernel upcasts dot operands to fp32 (exact for bf16/fp16 inputs,
 # ``softmax._dot``).
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -486,7 +484,7 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), batch.block_table.stride(0),
         nkb, nqb, num_heads, float(scale) * _LOG2E,
         GROUP=group, BLOCK_Q=BLKQ, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=_INTERPRET, USE_TMA=params.use_tma,
+        PAGE=page, PV_SKIP=pv_skip, PV_OFF=PV_SKIP_OFF, UPCAST=INTERPRET, USE_TMA=params.use_tma,
         SPLIT=params.split, LAZY=params.lazy_rescale, KV_MAJOR=kv_major, TAIL_FIRST=tail_first,
         Q_SCALED=scales is not None and scales.q_scale is not None, KV_SCALED=scales is not None,
         FP8_DOT=params.fp8_dot, V_KMAJOR=vt is not None, PAGE_AHEAD=params.page_ahead,

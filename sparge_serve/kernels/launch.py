@@ -36,7 +36,8 @@ from triton.runtime import driver
 # NOTE: a child of vLLM's "vllm" logger, as sparge_serve.config's
 logger = logging.getLogger(f"vllm.{__name__}")
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""Whether Triton's CPU interpreter runs the kernels (``TRITON_INTERPRET=1``)."""
 FAST = True
 """Whether launches may take the fast path (:func:`set_fast_launch`)."""
 
@@ -103,7 +104,7 @@ def fast_path() -> bool:
     """Whether a launch now takes the fast path: on (:func:`set_fast_launch`), compiled (not the
     interpreter), no launch hook set, and Triton's internals as expected (checked once per
     process; a mismatch is logged once)."""
-    return FAST and not _INTERPRET and not _hooked() and _internals_ok()
+    return FAST and not INTERPRET and not _hooked() and _internals_ok()
 
 
 class Launcher:

@@ -17,7 +17,6 @@ attention's ``fp8_dot``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +32,8 @@ from sparge_serve.kernels.geometry import (
     num_blocks,
     selection_tile,
 )
-from sparge_serve.kernels.launch import launch
+from sparge_serve.kernels.launch import INTERPRET, launch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # TMA loads run there, as on Hopper
 KSUM_CHUNK = 4
 """Key blocks summed per program of the key-mean pass. NOTE: 16 made the pass latency-bound in
 head chunks (one KV head: 32 programs of 16 loads at 32K, 52 us; H200 profile)."""
@@ -127,7 +125,7 @@ def tma_supported(device: torch.device, page_size: int, block_n: int = BLKK) -> 
     """Whether TMA block loads (the default) can serve caches of ``page_size``-token pages on
     ``device``: a Hopper GPU (or the interpreter) and whole key blocks inside one page. A cache
     must also pass :func:`tma_layout_ok`."""
-    hopper = _INTERPRET or (device.type == "cuda"
+    hopper = INTERPRET or (device.type == "cuda"
                             and torch.cuda.get_device_capability(device)[0] >= 9)
     return hopper and page_size % block_n == 0
 
