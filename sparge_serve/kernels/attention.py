@@ -37,6 +37,7 @@ from sparge_serve.kernels.geometry import (
 )
 from sparge_serve.kernels.launch import INTERPRET, launch
 from sparge_serve.kernels.pooling import (
+    block_page,
     kv_descriptor,
     load_kv_block,
     load_v_block,
@@ -61,6 +62,13 @@ TAIL_FIRST = 2
 # NOTE: Triton 3.6's CPU interpreter computes bf16 tl.dot wrongly (it multiplies the raw bits);
 # under TRITON_INTERPRET=1 the kernel upcasts dot operands to fp32 (exact for bf16/fp16 inputs,
 # ``softmax._dot``).
+
+
+@triton.jit
+def _kept_block(lut_row, bt_row, t, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Entry ``t`` of a row's kept key blocks and its page id (``PAGE_AHEAD``)."""
+    j = tl.load(lut_row + t).to(tl.int32)
+    return j, block_page(bt_row, j, PAGE, BLOCK_N)
 
 
 @triton.jit
@@ -137,14 +145,12 @@ def _attend_row(
     if PV_SKIP:
         pv_thr = tl.load(pv_ptr + h)
         if PAGE_AHEAD:
-            jn = tl.load(lut_row).to(tl.int32)
-            pn = tl.load(bt_row + (jn * BLOCK_N) // PAGE)
+            jn, pn = _kept_block(lut_row, bt_row, 0, PAGE, BLOCK_N)
         for t in range(0, n_off):
             if PAGE_AHEAD:
                 j, page = jn, pn
                 # NOTE: in bounds at t = n_off - 1: the diagonal band's first block (always kept)
-                jn = tl.load(lut_row + t + 1).to(tl.int32)
-                pn = tl.load(bt_row + (jn * BLOCK_N) // PAGE)
+                jn, pn = _kept_block(lut_row, bt_row, t + 1, PAGE, BLOCK_N)
             else:
                 j, page = tl.load(lut_row + t).to(tl.int32), None
             k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
@@ -164,13 +170,11 @@ def _attend_row(
                 acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     else:
         if PAGE_AHEAD:
-            jn = tl.load(lut_row).to(tl.int32)
-            pn = tl.load(bt_row + (jn * BLOCK_N) // PAGE)
+            jn, pn = _kept_block(lut_row, bt_row, 0, PAGE, BLOCK_N)
         for t in range(0, n_off):
             if PAGE_AHEAD:  # as above
                 j, page = jn, pn
-                jn = tl.load(lut_row + t + 1).to(tl.int32)
-                pn = tl.load(bt_row + (jn * BLOCK_N) // PAGE)
+                jn, pn = _kept_block(lut_row, bt_row, t + 1, PAGE, BLOCK_N)
             else:
                 j, page = tl.load(lut_row + t).to(tl.int32), None
             k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,

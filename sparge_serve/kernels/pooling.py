@@ -42,6 +42,13 @@ EPS = tl.constexpr(1e-6)
 
 
 @triton.jit
+def block_page(bt_ptr, j, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The page id (from a request's block table ``bt_ptr``) of key block ``j``, which lies
+    inside one page (``PAGE % BLOCK_N == 0``)."""
+    return tl.load(bt_ptr + (j * BLOCK_N) // PAGE)
+
+
+@triton.jit
 def load_kv_block(
     cache_ptr, bt_ptr, j, seq_len, kvh,
     stride_page, stride_tok, stride_head,
@@ -63,7 +70,7 @@ def load_kv_block(
     in_ctx = pos < seq_len
     if USE_TMA:
         if page is None:
-            page = tl.load(bt_ptr + (j * BLOCK_N) // PAGE)
+            page = block_page(bt_ptr, j, PAGE, BLOCK_N)
         x = desc.load([page * PAGE + (j * BLOCK_N) % PAGE, kvh * stride_head])
         if DT is not None:
             x = x.to(DT)
@@ -72,7 +79,7 @@ def load_kv_block(
         return x
     if PAGE % BLOCK_N == 0:
         # NOTE: the whole key block lies inside one page: one page-id load, contiguous rows.
-        page = tl.load(bt_ptr + (j * BLOCK_N) // PAGE).to(tl.int64)
+        page = block_page(bt_ptr, j, PAGE, BLOCK_N).to(tl.int64)
         row = page * stride_page + ((j * BLOCK_N) % PAGE + offs_n) * stride_tok
     else:
         page = tl.load(bt_ptr + pos // PAGE, mask=in_ctx, other=0).to(tl.int64)
@@ -126,7 +133,7 @@ def tma_supported(device: torch.device, page_size: int, block_n: int = BLKK) -> 
     ``device``: a Hopper GPU (or the interpreter) and whole key blocks inside one page. A cache
     must also pass :func:`tma_layout_ok`."""
     hopper = INTERPRET or (device.type == "cuda"
-                            and torch.cuda.get_device_capability(device)[0] >= 9)
+                           and torch.cuda.get_device_capability(device)[0] >= 9)
     return hopper and page_size % block_n == 0
 
 
