@@ -402,7 +402,7 @@ def test_sweep_times_page_ahead_launches_against_the_default(monkeypatch, device
     assert row["config"] == "dense" and len(results) == 1
     assert {k: v for k, v in row["launch_sweep_ms"].items() if "ahead" in k} == {
         "w4s2_ahead": 0.5, "w4s3_ahead": 0.5, "w8s3_ahead": 0.5}
-    assert list(row["launch_sweep_ms"])[0] == "default"
+    assert list(row["launch_sweep_ms"])[0] == "w4s2"  # the default launch (64-token pages)
     assert row["launch_sweep_max_diff"] == {"w4s2_ahead": 0.0, "w4s3_ahead": 0.0,
                                             "w8s3_ahead": 0.25}
     text = "\n".join(_load("kernels_report")._sweep_table(results))
