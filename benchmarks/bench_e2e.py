@@ -9,8 +9,8 @@
 Stages (any of them, in one call or in several):
 
 - ``ttft``: one prompt, ``max_tokens=1``, at 8K-128K tokens; median of ``--repeats`` after
-  ``--warmups`` (more repeats, up to 20, where a prefill is estimated under 0.5 s /
-  ``--repeats``: ``e2e_plan.ttft_repeats``); one more prefill of each ``--profile-lengths``
+  ``--warmups`` (where a prefill is estimated under 0.1 s, enough repeats to span 3 s, up to
+  200: ``e2e_plan.ttft_repeats``); one more prefill of each ``--profile-lengths``
   length under ``torch.profiler`` gives attention's share ``a`` of FLASH_ATTN's prefill, the
   attention speed-up ``k`` and the ceiling 1 / (1 - a + a/k), next to the measured TTFT ratio.
   ``--rounds N`` starts each engine N times, in turn (every second round in reverse order),

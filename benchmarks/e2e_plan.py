@@ -256,20 +256,24 @@ def prefill_s(geo: Geometry, n: int, keep: float = 1.0, chunk: int = 16384) -> f
     return (2.0 * weights * n + attn) / FLOPS + steps * geo.layers * LAYER_HOST_S
 
 
-TTFT_SAMPLE_S = 0.5
-"""Least estimated prefill time that a length's timed TTFT repeats add up to. A prefill of tens
-of milliseconds (a small model at 8K-16K tokens, bound by the host) varies by several percent
-from one to the next, so such lengths take more repeats than ``--repeats``, at most
+SHORT_PREFILL_S = 0.1
+"""A prefill estimated shorter than this (a small model at 8K-32K tokens: tens of milliseconds,
+bound by the host) varies by several percent from one to the next, and a burst of other work on
+the host moves the median of repeats that span a fraction of a second: such a length takes
+enough repeats to span :data:`TTFT_SAMPLE_S` (an engine's start takes tens of seconds), at most
 :data:`MAX_TTFT_REPEATS`."""
-MAX_TTFT_REPEATS = 20
+TTFT_SAMPLE_S = 3.0
+MAX_TTFT_REPEATS = 200
 
 
 def ttft_repeats(job: dict, n: int) -> int:
     """Timed prefills of ``n`` tokens in a ``ttft`` job: ``repeats``, or more where one prefill
-    is short (:data:`TTFT_SAMPLE_S`)."""
+    is short (:data:`SHORT_PREFILL_S`)."""
     geo = GEOMETRIES[job["geometry"]]
     keep = (job["sparge"] or {}).get("topk") or 1.0
     est = prefill_s(geo, n, keep, job["chunk"])
+    if est >= SHORT_PREFILL_S:
+        return job["repeats"]
     return max(job["repeats"], min(MAX_TTFT_REPEATS, math.ceil(TTFT_SAMPLE_S / est)))
 
 

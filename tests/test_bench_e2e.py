@@ -176,11 +176,11 @@ def test_dry_run_prints_the_plan_without_a_gpu(tmp_path):
     assert quick.returncode == 0, quick.stderr
     assert "4 engine runs planned" in quick.stdout
     assert "lengths 8192 131072; 1 warm-up + 2 repeats; profiled [131072]" in quick.stdout
-    # a prefill of milliseconds (Gemma 3 270M at 8K) takes more timed repeats, up to 20
+    # a prefill of milliseconds (Gemma 3 270M at 8K) takes more timed repeats, up to 200
     small = _cli("ttft", "--geometries", "gemma3_270m", "--configs", "FLASH_ATTN@64",
                  "--lengths", "8192", "131072", "--dry-run", "--out", str(tmp_path))
     assert small.returncode == 0, small.stderr
-    assert "lengths 8192 131072; 1 warm-up + 3 repeats (20 at 8192); profiled" in small.stdout
+    assert "lengths 8192 131072; 1 warm-up + 3 repeats (200 at 8192); profiled" in small.stdout
     bad = _cli("ttft", "--configs", "SPARGE@64:topk0", "--dry-run", "--out", str(tmp_path))
     assert bad.returncode == 2 and "(0, 1]" in bad.stderr
 
