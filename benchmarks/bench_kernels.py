@@ -86,7 +86,7 @@ FP8_LAUNCHES = ((4, 2, True, False), (4, 3, True, False), (4, 5, True, False),
                 (8, 2, True, False), (8, 3, True, False), (8, 5, True, False),
                 (4, 3, False, False), (8, 3, False, False),
                 (4, 3, True, True), (8, 3, True, True), (4, 2, True, True))
-FP8_SWEEP = False
+FP8_SWEEP: tuple[str, ...] = ()  # --fp8-sweep: the FP8_LAUNCHES (by fp8_launch_name) timed
 # --virtual: also time FA3 over per-row virtual contexts, all heads at once and in head chunks
 # (rows "<config>+fa3", "<config>+fa3_chunked"); --chunked: the Triton kernels in head chunks
 # (rows "<config>+chunked"); chunks under the default map_budget (1.5% of the K/V bytes) with no
@@ -197,9 +197,14 @@ def fp8_dot_sweep(q8, kc8, vc8, batch, bm, scale, pv_off, out, kv_scales) -> tup
                                scales=kv_scales, fp8_dot=True, **kw)
 
     return launch_sweep(attend, out, {
-        f"w{w}s{st}" + ("" if tma else "_ptr") + ("_ahead" if ahead else ""):
+        fp8_launch_name(w, st, tma, ahead):
             dict(launch=(w, st), use_tma=tma, **({"page_ahead": True} if ahead else {}))
-        for w, st, tma, ahead in FP8_LAUNCHES})
+        for w, st, tma, ahead in FP8_LAUNCHES if fp8_launch_name(w, st, tma, ahead) in FP8_SWEEP})
+
+
+def fp8_launch_name(warps: int, stages: int, tma: bool, ahead: bool) -> str:
+    """An :data:`FP8_LAUNCHES` entry's name in ``--fp8-sweep`` and the results (``w4s3_ahead``)."""
+    return f"w{warps}s{stages}" + ("" if tma else "_ptr") + ("_ahead" if ahead else "")
 
 
 def launch_sweep(attend, out, launches: dict[str, dict]) -> tuple[dict, dict]:
@@ -707,9 +712,10 @@ def main():
     ap.add_argument("--pages", type=int, nargs="+", default=[64, 16])
     ap.add_argument("--out", default="benchmarks/results/kernels")
     ap.add_argument("--sweep", action="store_true", help="time launch configs of the dense kernel")
-    ap.add_argument("--fp8-sweep", action="store_true",
+    ap.add_argument("--fp8-sweep", nargs="*", metavar="LAUNCH",
                     help="with --kv-dtype fp8: time launch configs of the fp8_dot attention "
-                    "kernel on the dense and 50%% rows (FP8_LAUNCHES)")
+                    "kernel on the dense and 50%% rows: the named ones (e.g. w4s2 w4s3_ahead), "
+                    "else every one of FP8_LAUNCHES")
     ap.add_argument("--virtual", action="store_true",
                     help="also time FA3 over per-row virtual contexts (kernels/fa3.py), all "
                     "heads at once and in head chunks")
@@ -741,9 +747,15 @@ def main():
         plot(saved["results"], saved["meta"], str(Path(args.replot).with_suffix(".png")))
         return
     SWEEP, D, TIME_VARIANTS = args.sweep, args.head_dim, args.variants
-    FP8_SWEEP = args.fp8_sweep
-    if FP8_SWEEP and args.kv_dtype != "fp8":
-        ap.error("--fp8-sweep times the fp8 rows: add --kv-dtype fp8")
+    if args.fp8_sweep is not None:
+        names = [fp8_launch_name(*x) for x in FP8_LAUNCHES]
+        unknown = [n for n in args.fp8_sweep if n not in names]
+        if unknown:
+            ap.error(f"--fp8-sweep {' '.join(unknown)}: no such launch; name any of "
+                     f"{' '.join(names)}")
+        FP8_SWEEP = tuple(args.fp8_sweep or names)
+        if args.kv_dtype != "fp8":
+            ap.error("--fp8-sweep times the fp8 rows: add --kv-dtype fp8")
     q_heads, kv_heads = args.heads
     if q_heads < 1 or kv_heads < 1 or q_heads % kv_heads:
         ap.error(f"--heads {q_heads} {kv_heads}: query heads must be a multiple of KV heads")

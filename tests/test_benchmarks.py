@@ -241,7 +241,7 @@ def test_kernels_fp8_rows_on_toy_inputs(monkeypatch, device):
         out.zero_()
 
     swept = []
-    monkeypatch.setattr(bench, "FP8_SWEEP", True)
+    monkeypatch.setattr(bench, "FP8_SWEEP", ("w4s2",))
     monkeypatch.setattr(bench, "fp8_dot_sweep", lambda *a: (swept.append(a), ({"w4s2": 1.0},
                                                                               {"w4s2": 0.0}))[1])
     results = []
@@ -356,6 +356,16 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
 
     monkeypatch.setattr(bench, "sparse_paged_attention", attend)
     out = torch.zeros(4, 2)
+    # --fp8-sweep NAME...: the named launches only
+    monkeypatch.setattr(bench, "FP8_SWEEP", ("w8s3_ahead", "w4s5"))
+    times, _ = bench.fp8_dot_sweep(None, None, None, None, None, 1.0, None, out, "scales")
+    assert list(times) == ["w4s5", "w8s3_ahead"]
+    assert list(dict.fromkeys(s[:3] for s in seen[1:])) == [((4, 5), True, False),
+                                                           ((8, 3), True, True)]
+    # --fp8-sweep: every one
+    seen.clear()
+    monkeypatch.setattr(bench, "FP8_SWEEP", tuple(bench.fp8_launch_name(*x)
+                                                  for x in bench.FP8_LAUNCHES))
     times, diffs = bench.fp8_dot_sweep(None, None, None, None, None, 1.0, None, out, "scales")
     assert list(times) == ["w4s2", "w4s3", "w4s5", "w8s2", "w8s3", "w8s5", "w4s3_ptr",
                            "w8s3_ptr", "w4s3_ahead", "w8s3_ahead", "w4s2_ahead"]
@@ -466,6 +476,11 @@ def test_kernels_help_lists_kv_dtype(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench.main()
     assert "--fp8-sweep times the fp8 rows: add --kv-dtype fp8" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["bench_kernels.py", "--kv-dtype", "fp8", "--fp8-sweep",
+                                     "w4s2", "w4s4"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--fp8-sweep w4s4: no such launch; name any of w4s2 w4s3 " in capsys.readouterr().err
 
 
 def test_kernels_configs_option_times_only_those(monkeypatch):
