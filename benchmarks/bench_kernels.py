@@ -196,10 +196,10 @@ def fp8_dot_sweep(q8, kc8, vc8, batch, bm, scale, pv_off, out, kv_scales) -> tup
         sparse_paged_attention(q8, kc8, vc8, batch, bm, scale, pv_off, o, pv_skip=False,
                                scales=kv_scales, fp8_dot=True, **kw)
 
+    named = {fp8_launch_name(*x): x for x in FP8_LAUNCHES}
     return launch_sweep(attend, out, {
-        fp8_launch_name(w, st, tma, ahead):
-            dict(launch=(w, st), use_tma=tma, **({"page_ahead": True} if ahead else {}))
-        for w, st, tma, ahead in FP8_LAUNCHES if fp8_launch_name(w, st, tma, ahead) in FP8_SWEEP})
+        name: dict(launch=(w, st), use_tma=tma, **({"page_ahead": True} if ahead else {}))
+        for name, (w, st, tma, ahead) in named.items() if name in FP8_SWEEP})
 
 
 def fp8_launch_name(warps: int, stages: int, tma: bool, ahead: bool) -> str:

@@ -35,7 +35,7 @@ from sparge_serve.kernels import (  # noqa: E402
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from bench_kernels import FP8_LAUNCHES  # noqa: E402
+from bench_kernels import FP8_LAUNCHES, fp8_launch_name  # noqa: E402
 
 
 def _signature(fn, types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
@@ -222,7 +222,7 @@ def main() -> None:
             default = (*attention._attn_launch_params(dim, True), True, False)
             for warps, stages, tma_k, ahead in (x for x in FP8_LAUNCHES if x != default):
                 check(f"attention fp8 cache q={q} D{dim} page {page} fp8_dot launch "
-                      f"w{warps}s{stages}{'' if tma_k else '_ptr'}{'_ahead' if ahead else ''}",
+                      f"{fp8_launch_name(warps, stages, tma_k, ahead)}",
                       attention._sparse_attn_kernel,
                       fp8_attention(tma_k, False, 1, True, True, ahead), warps, stages,
                       types=fp8_types)
