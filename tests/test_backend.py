@@ -526,6 +526,29 @@ def test_no_counting_for_capture_and_drafts(sparge):
     assert b.build(0, cam).counts is not None
 
 
+def test_step_split_is_shared_by_the_steps_builders_and_follows_refilled_buffers(sparge):
+    """The builders of one step's KV cache groups classify its requests once; a runner that
+    refills the same host buffers in place for the next step gets that step's split."""
+    cfg = sparge()
+    first, second = _builder(cfg), _builder(cfg)
+    cam = _cam([(4096, 20000), (300, 300)])
+    a, b = first.build(0, cam), second.build(0, cam)
+    assert a.counts is b.counts and _counts(a) == (4096, 300, 1, {"short_prompt": 1})
+    assert a.sparse.req_index.tolist() == b.sparse.req_index.tolist() == [0]
+    # next step, same tensors refilled in place: the short prompt now comes first
+    nxt = _cam([(300, 300), (4096, 20000)])
+    cam.query_start_loc_cpu.copy_(nxt.query_start_loc_cpu)
+    cam.seq_lens_cpu_upper_bound.copy_(nxt.seq_lens_cpu_upper_bound)
+    cam.seq_lens.copy_(nxt.seq_lens)
+    md = second.build(0, cam)
+    assert md.sparse.req_index.tolist() == [1] and md.counts is not a.counts
+    assert _counts(md) == (4096, 300, 1, {"short_prompt": 1})
+    # a long context that no longer fits the sparse path: every request dense
+    cam.seq_lens_cpu_upper_bound[1] = 10**9
+    md = first.build(0, cam)
+    assert md.sparse is None and _counts(md)[0] == 0
+
+
 # ---- forward (Triton interpreter on CPU) ------------------------------------------------------
 
 

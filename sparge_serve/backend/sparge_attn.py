@@ -65,9 +65,8 @@ from sparge_serve.backend.runtime import (
 from sparge_serve.backend.split import (
     SparsePrefill,
     StepCounts,
+    StepSplits,
     sparse_sub_batch,
-    split_requests,
-    step_counts,
 )
 from sparge_serve.plugin import BACKEND_NAME
 
@@ -133,6 +132,8 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
     # runs sparse takes part (set in __init__): a sparse sub-batch and its plan carry the block
     # table of the group they were built for.
     supports_update_block_table: bool = False
+    # The step's split and counts, shared by the builders of its KV cache groups (this process).
+    _step_splits: ClassVar[StepSplits] = StepSplits()
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device) -> None:
@@ -228,7 +229,9 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
               ) -> tuple[tuple[SparsePrefill, torch.Tensor, bool] | None, StepCounts | None]:
         """Host-side split of the step into the sparse sub-batch and the rest (no GPU sync)."""
         cfg = self.sparge_config
-        split = split_requests(cam, cfg, self.max_decode_query_len, self.max_sparse_seq_len)
+        split, counts = self._step_splits.classify(cam, cfg, self.max_decode_query_len,
+                                                   self.max_sparse_seq_len,
+                                                   self._reasons if count else None)
         if split is None:
             return None, None
         if split.seq_lens is None and cfg.sparse_possible(cam.max_seq_len) and (
@@ -236,7 +239,6 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             self._warned_no_cpu_seq_lens = True
             logger.warning("SPARGE: a step without a host copy of seq_lens; its long prefills "
                            "run dense (reading seq_lens from the GPU would stall)")
-        counts = step_counts(split, cfg.enabled, self._reasons) if count else None
         if split.sparse is None or self.never_sparse:
             return None, counts
         req_index = np.flatnonzero(split.sparse)

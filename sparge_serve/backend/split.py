@@ -3,8 +3,9 @@
 The metadata builder classifies the step's requests from host arrays (:func:`split_requests`):
 prefill rows (``query_len`` beyond a (spec-)decode's), and of those the ones whose context is
 long enough for the sparse path (``select_sparse_requests``) and within the predictor's limit.
-:func:`sparse_sub_batch` then describes the sparse requests over the step's device tensors: views
-when they are one contiguous run of rows, gathered copies otherwise.
+:class:`StepSplits` computes that classification and its metric counts once for all the KV cache
+groups of a step. :func:`sparse_sub_batch` then describes the sparse requests over the step's
+device tensors: views when they are one contiguous run of rows, gathered copies otherwise.
 """
 
 from __future__ import annotations
@@ -68,32 +69,69 @@ class RequestSplit:
     sparse: np.ndarray | None  # [num_reqs] bool host: on the sparse path; None: no request is
 
 
-def split_requests(cam: CommonAttentionMetadata, cfg: SpargeConfig, max_decode_query_len: int,
-                   max_sparse_seq_len: int) -> RequestSplit | None:
-    """Classify the step's requests (None when it has no prefill row)."""
-    num_reqs = cam.num_reqs
-    qsl = cam.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
+def split_requests(qsl: np.ndarray, seq_lens: np.ndarray | None, cfg: SpargeConfig,
+                   max_decode_query_len: int, max_sparse_seq_len: int) -> RequestSplit | None:
+    """Classify the step's requests from ``qsl`` (``query_start_loc`` ``[num_reqs + 1]`` int64
+    host) and ``seq_lens`` (``[num_reqs]`` host, None where the step has no host copy); None
+    when the step has no prefill row."""
     query_lens = qsl[1:] - qsl[:-1]
     prompt = query_lens > max_decode_query_len
     if not prompt.any():
         return None
-    seq_cpu = cam.seq_lens_cpu_upper_bound
-    if seq_cpu is None:
-        seq_cpu = cam._seq_lens_cpu  # exact host copy where the runner kept one
-    seq_np = eligible = too_long = None
-    if seq_cpu is not None:
-        # NOTE: seq_lens_cpu_upper_bound is exact for prefill rows, the only ones used here.
-        seq_np = seq_cpu[:num_reqs].numpy()
-        eligible = select_sparse_requests(qsl, seq_np, cfg.min_sparse_len, max_decode_query_len,
+    eligible = too_long = None
+    if seq_lens is not None:
+        eligible = select_sparse_requests(qsl, seq_lens, cfg.min_sparse_len, max_decode_query_len,
                                           cfg.min_sparse_query_len)
-        too_long = eligible & (seq_np > max_sparse_seq_len)
+        too_long = eligible & (seq_lens > max_sparse_seq_len)
         if too_long.any():
             eligible = eligible & ~too_long
             logger.warning_once("SPARGE: contexts longer than %d tokens run dense (the "
                                 "predictor's limit)", max_sparse_seq_len)
     sparse = eligible if cfg.enabled and eligible is not None and eligible.any() else None
     return RequestSplit(query_start_loc=qsl, query_lens=query_lens, prompt=prompt,
-                        seq_lens=seq_np, eligible=eligible, too_long=too_long, sparse=sparse)
+                        seq_lens=seq_lens, eligible=eligible, too_long=too_long, sparse=sparse)
+
+
+class StepSplits:
+    """The step's :class:`RequestSplit` and :class:`StepCounts`, computed once for all the
+    metadata builders of the step.
+
+    vLLM builds the metadata of each KV cache group from the same host arrays (Gemma 3: a full
+    attention group and five sliding-window groups, six builds a step), and the split is a pure
+    function of their contents and the builder's settings. The last one is kept, keyed by copies
+    of the arrays' bytes, never by the arrays' identity: a runner that refills its buffers in
+    place is never handed another step's split.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._split: RequestSplit | None = None
+        self._counts: StepCounts | None = None
+
+    def classify(self, cam: CommonAttentionMetadata, cfg: SpargeConfig,
+                 max_decode_query_len: int, max_sparse_seq_len: int, reasons: Any = None
+                 ) -> tuple[RequestSplit | None, StepCounts | None]:
+        """The step's split (None without a prefill row) and, given ``reasons``
+        (``sparge_serve.metrics.FallbackReason``: the metrics are on), its counts."""
+        num_reqs = cam.num_reqs
+        qsl = cam.query_start_loc_cpu.numpy()[: num_reqs + 1]
+        seq_cpu = cam.seq_lens_cpu_upper_bound
+        if seq_cpu is None:
+            seq_cpu = cam._seq_lens_cpu  # exact host copy where the runner kept one
+        # NOTE: seq_lens_cpu_upper_bound is exact for prefill rows, the only ones used here.
+        seq = None if seq_cpu is None else seq_cpu.numpy()[:num_reqs]
+        key = (cfg, max_decode_query_len, max_sparse_seq_len, qsl.dtype.str, qsl.tobytes(),
+               None if seq is None else (seq.dtype.str, seq.tobytes()))
+        if key != self._key:
+            # copies: the split outlives the runner's buffers' contents
+            split = split_requests(qsl.astype(np.int64), None if seq is None else seq.copy(),
+                                   cfg, max_decode_query_len, max_sparse_seq_len)
+            self._key, self._split, self._counts = key, split, None
+        if reasons is None or self._split is None:
+            return self._split, None
+        if self._counts is None:
+            self._counts = step_counts(self._split, cfg.enabled, reasons)
+        return self._split, self._counts
 
 
 def sparse_sub_batch(cam: CommonAttentionMetadata, split: RequestSplit, req_index: np.ndarray
