@@ -77,15 +77,15 @@ SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, n
 D256_LAUNCHES = ((1, 8, 2), (1, 8, 1), (1, 8, 3), (2, 8, 2), (2, 8, 3), (2, 4, 3))
 # --fp8-sweep: (num_warps, num_stages, TMA K loads, page_ahead) of the fp8_dot attention kernel
 # (V from its K-major copy), timed on the dense and 50% configurations' +fp8dot rows (64-token
-# pages), each output checked against the default launch's (4, 2, TMA). Its loop finds a key
-# block through its list, then the block table: the compiled loop keeps two K and V tiles in
-# flight up to 4 stages, three from 5 (66 KB of shared memory in fp8;
-# scripts/aot_compile_check.py); with page_ahead (the next block's page id read one iteration
-# ahead) three from 3 stages
-FP8_LAUNCHES = ((4, 2, True, False), (4, 3, True, False), (4, 5, True, False),
-                (8, 2, True, False), (8, 3, True, False), (8, 5, True, False),
-                (4, 3, False, False), (8, 3, False, False),
-                (4, 3, True, True), (8, 3, True, True), (4, 2, True, True))
+# pages), each output checked against the default launch's (the first: 4 warps, 2 stages, TMA,
+# page_ahead). Its loop finds a key block through its list, then the block table: the compiled
+# loop keeps two K and V tiles in flight up to 4 stages, three from 5 (66 KB of shared memory in
+# fp8; scripts/aot_compile_check.py); with page_ahead (the next block's page id read one
+# iteration ahead) three from 3 stages
+FP8_LAUNCHES = ((4, 2, True, True), (4, 2, True, False), (4, 3, True, False),
+                (4, 5, True, False), (8, 2, True, False), (8, 3, True, False),
+                (8, 5, True, False), (4, 3, False, False), (8, 3, False, False),
+                (4, 3, True, True), (8, 3, True, True))
 FP8_SWEEP: tuple[str, ...] = ()  # --fp8-sweep: the FP8_LAUNCHES (by fp8_launch_name) timed
 # --virtual: also time FA3 over per-row virtual contexts, all heads at once and in head chunks
 # (rows "<config>+fa3", "<config>+fa3_chunked"); --chunked: the Triton kernels in head chunks
@@ -198,7 +198,7 @@ def fp8_dot_sweep(q8, kc8, vc8, batch, bm, scale, pv_off, out, kv_scales) -> tup
 
     named = {fp8_launch_name(*x): x for x in FP8_LAUNCHES}
     return launch_sweep(attend, out, {
-        name: dict(launch=(w, st), use_tma=tma, **({"page_ahead": True} if ahead else {}))
+        name: dict(launch=(w, st), use_tma=tma, page_ahead=ahead)
         for name, (w, st, tma, ahead) in named.items() if name in FP8_SWEEP})
 
 

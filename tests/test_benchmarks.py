@@ -367,8 +367,8 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
     monkeypatch.setattr(bench, "FP8_SWEEP", tuple(bench.fp8_launch_name(*x)
                                                   for x in bench.FP8_LAUNCHES))
     times, diffs = bench.fp8_dot_sweep(None, None, None, None, None, 1.0, None, out, "scales")
-    assert list(times) == ["w4s2", "w4s3", "w4s5", "w8s2", "w8s3", "w8s5", "w4s3_ptr",
-                           "w8s3_ptr", "w4s3_ahead", "w8s3_ahead", "w4s2_ahead"]
+    assert list(times) == ["w4s2_ahead", "w4s2", "w4s3", "w4s5", "w8s2", "w8s3", "w8s5",
+                           "w4s3_ptr", "w8s3_ptr", "w4s3_ahead", "w8s3_ahead"]
     # the reference: the default launch
     assert seen[0] == (None, None, False, False, "scales", True)
     assert all(s[3:] == (False, "scales", True) for s in seen)
@@ -379,7 +379,8 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
     rows = [dict(length=32768, page=64, config="dense+fp8dot", fp8_launch_sweep_ms=dict(
         times, w4s3=0.25), fp8_launch_sweep_max_diff=diffs)]
     text = "\n".join(report._sweep_table(rows, "fp8_launch_sweep", "(fp8)"))
-    assert "| 32768 | 64 | dense+fp8dot | 0.500 (1.00x) | 0.250 (2.00x) |" in text
+    assert "| 32768 | 64 | dense+fp8dot | 0.500 (1.00x) | 0.500 (1.00x) | 0.250 (2.00x) |" in text
+    assert "the default `w4s2_ahead`'s time" in text
     assert "5.00e-01 |" in text
 
 
@@ -480,7 +481,8 @@ def test_kernels_help_lists_kv_dtype(monkeypatch, capsys):
                                      "w4s2", "w4s4"])
     with pytest.raises(SystemExit):
         bench.main()
-    assert "--fp8-sweep w4s4: no such launch; name any of w4s2 w4s3 " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--fp8-sweep w4s4: no such launch; name any of w4s2_ahead w4s2 w4s3 " in err
 
 
 def test_kernels_configs_option_times_only_those(monkeypatch):

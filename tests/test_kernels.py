@@ -350,11 +350,16 @@ def test_page_ahead_equals_the_default_loop(packed, pv, device):
                                    use_tma=tma, page_ahead=True)
 
 
-def test_page_ahead_is_off_by_default():
-    """page_ahead is off unless asked for (its speed is unmeasured), and needs TMA loads."""
+def test_page_ahead_defaults_to_where_it_was_measured_faster():
+    """page_ahead is on by default only for fp8 products at head dim 128 with TMA loads and no
+    PV skip (where it was measured), and needs TMA loads."""
     from sparge_serve.kernels.attention import attend_params
 
     assert not attend_params(128, False, True).page_ahead
+    assert attend_params(128, False, True, fp8_dot=True).page_ahead
+    for args in ((128, True, True), (128, False, False), (64, False, True), (256, False, True)):
+        assert not attend_params(*args, fp8_dot=True).page_ahead, args
+    assert not attend_params(128, False, True, fp8_dot=True, page_ahead=False).page_ahead
     assert attend_params(128, True, True, page_ahead=True).page_ahead
     with pytest.raises(ValueError, match="it needs TMA loads"):
         attend_params(128, False, False, page_ahead=True)

@@ -352,13 +352,16 @@ def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None
     ``None``; ``v_kmajor`` ``None``: with ``fp8_dot`` (an fp8 ``P.V`` over V as the cache holds
     it transposes every tile on chip: 0.64-0.67x the bf16 kernel's speed, against 1.47-1.56x
     over a K-major copy, H100, ``benchmarks/results/fp8_pv_layout.md``). ``page_ahead`` (TMA
-    loads only, ``ValueError`` without) ``None``: off, until measured faster (at 3 stages the
-    off-band loop keeps three K tiles in flight, and V's without PV skip, where the default
-    needs 5 stages: a third more shared memory, ``scripts/aot_compile_check.py``)."""
+    loads only, ``ValueError`` without) ``None``: on for fp8 products at head dim 128 without PV
+    skip, where it measures faster at 4 warps / 2 stages (H100, 32K / 128K: 1.04x / 1.04x with
+    every block kept, 1.09x / 0.99x at 50%; the same output; ``kernels_fp8_sweep.md``), else
+    off (the bf16 kernel's launches are unmeasured with it)."""
     split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
     num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
     if v_kmajor is None:
         v_kmajor = fp8_dot
+    if page_ahead is None:
+        page_ahead = fp8_dot and use_tma and head_dim == 128 and not pv_skip
     if page_ahead and not use_tma:
         raise ValueError("page_ahead reads the page ids of TMA block loads ahead: it needs TMA "
                          "loads (use_tma, pages of whole key blocks)")
