@@ -213,13 +213,17 @@ def main() -> None:
             variants = ((False, False), (True, True), (True, False)) if q else ((False, False),)
             for dot, vk in variants:
                 label = " fp8_dot" + ("" if vk else " (V from the pages)") if dot else ""
+                ahead = attention.attend_params(dim, pv, tma, fp8_dot=dot,
+                                                v_kmajor=vk).page_ahead  # as served
                 check(f"attention fp8 cache q={q or 'bf16'} D{dim} page {page} pv_skip={pv}"
                       f"{label}", attention._sparse_attn_kernel,
-                      fp8_attention(tma, pv, split, dot, vk), warps, stages, types=fp8_types)
+                      fp8_attention(tma, pv, split, dot, vk, ahead), warps, stages,
+                      types=fp8_types)
         if dim == 128 and page == 64 and q:
             # the other launches bench_kernels --fp8-sweep times (5 stages, or 3 with the page
             # ids read ahead: three K/V tiles in flight; pointer K loads without TMA)
-            default = (*attention._attn_launch_params(dim, True), True, False)
+            served = attention.attend_params(dim, False, True, fp8_dot=True)
+            default = (served.num_warps, served.num_stages, True, served.page_ahead)
             for warps, stages, tma_k, ahead in (x for x in FP8_LAUNCHES if x != default):
                 check(f"attention fp8 cache q={q} D{dim} page {page} fp8_dot launch "
                       f"{fp8_launch_name(warps, stages, tma_k, ahead)}",
