@@ -185,11 +185,11 @@ def test_windowed_kv_cache_group_is_never_planned_sparse(sparge, tmp_path):
 
 
 def test_groups_that_never_run_sparse_share_one_build_a_step(sparge):
-    """vLLM builds a KV-cache spec's metadata once a step and gives the spec's other groups a
-    copy with their block table and slot mapping (``update_block_table``), as under FLASH_ATTN:
-    windowed groups (Gemma 3 has five) take part, the copy being the other group's build of the
-    same step; a full group that may run sparse builds its own (its sub-batch and plan carry
-    its block table)."""
+    """vLLM's GPUModelRunner builds a KV-cache spec's metadata once a step and gives the spec's
+    other groups a copy with their block table and slot mapping (``update_block_table``), as
+    under FLASH_ATTN: windowed groups (Gemma 3 has five) take part, the copy being the other
+    group's build of the same step; a full group that may run sparse builds its own (its
+    sub-batch and plan carry its block table)."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
     from sparge_serve.backend.sparge_attn import SpargeAttentionMetadataBuilder

@@ -127,10 +127,10 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
     # See the module docstring: full CUDA graphs only for pure single-token decode batches.
     _cudagraph_support: ClassVar[AttentionCGSupport] = (
         AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
-    # vLLM builds one KV-cache spec's metadata once a step and gives the spec's other groups a
-    # copy with their block table and slot mapping (update_block_table). Only a group that never
-    # runs sparse takes part (set in __init__): a sparse sub-batch and its plan carry the block
-    # table of the group they were built for.
+    # vLLM's GPUModelRunner builds one KV-cache spec's metadata once a step and gives the spec's
+    # other groups a copy with their block table and slot mapping (update_block_table; its V2
+    # runner builds every group). Only a group that never runs sparse takes part (set in
+    # __init__): a sparse sub-batch and its plan carry the block table they were built for.
     supports_update_block_table: bool = False
     # The step's split and counts, shared by the builders of its KV cache groups (this process).
     _step_splits: ClassVar[StepSplits] = StepSplits()
@@ -173,7 +173,7 @@ class SpargeAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             impl.bind(name, device, self.stats)
         impls = list(bound.values())
         self.never_sparse |= bool(impls) and all(i.dense_layer for i in impls)
-        # e.g. Gemma 3's five sliding-window groups: one build a step, as under FLASH_ATTN
+        # e.g. Gemma 3's five sliding-window groups: one build a step where copies are taken
         self.supports_update_block_table = self.never_sparse
         # NOTE: FlashAttention's builder reads the windows for its AOT schedule from
         # FlashAttentionImpl layers only: the same rule over ours (one window: the schedule uses
