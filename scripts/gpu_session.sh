@@ -119,6 +119,9 @@
 #   overhead   metrics overhead benchmark (-> $OUT/metrics_overhead.json)
 #   host       host (CPU) time per attention call, sparse paths vs FA3, bench shapes and the
 #              tiny model's (-> $OUT/host_overhead.*, $OUT/host_overhead_tiny.*)
+#   builders   host time of a step's attention metadata builds, SPARGE against FlashAttention,
+#              at Gemma 3 270M's six KV cache groups, on the GPU host (a short stage;
+#              -> $OUT/builder_overhead.*)
 #   profile_select  Nsight Compute of the select kernel at 32K (-> $OUT/ncu_select.log)
 #   profile    Nsight Compute of the attention kernel and of FA3 (its cutlass device_kernel): dense
 #              and 50% top-k at 32K and 128K, dense with a rescale every block at 32K
@@ -383,6 +386,10 @@ for stage in "$@"; do
         run host_overhead python3 benchmarks/host_overhead.py --topk ${HOST_TOPK:-0.5} --profile --out "$OUT/host_overhead"
         run host_overhead_tiny python3 benchmarks/host_overhead.py --heads 8 2 \
             --out "$OUT/host_overhead_tiny"
+        ;;
+    builders)
+        run builders python3 benchmarks/builder_overhead.py --device cuda \
+            --out "$OUT/builder_overhead"
         ;;
     profile)
         # NOTE: ncu needs access to the GPU's performance counters (not every virtualised

@@ -657,3 +657,33 @@ def test_fp8_pv_layout_kernel_reads_v_in_either_layout(device):
     md = bench.markdown(dict(device="GPU", date="today", command="cmd", torch="2.11",
                              triton="3.6", heads=32, head_dim=128), rows)
     assert "| 8192 | fp8_kmajor | 1.000 | 1100 | 2.00x | 1.60x (0.250 ms) | 0.0300 |" in md
+
+
+def test_builder_overhead_times_each_backends_builds_of_a_step(tmp_path, monkeypatch,
+                                                              fresh_backend_state):
+    """``builder_overhead.py`` times one build per KV cache group of the geometry (Gemma 3
+    270M: a full-attention group and five sliding-window ones) for SPARGE and FlashAttention,
+    on the CPU, and reports µs a step with the difference."""
+    import json
+
+    from vllm.platforms import current_platform
+
+    import sparge_serve.metrics as metrics
+
+    monkeypatch.setattr(current_platform, "device_type", current_platform.device_type,
+                        raising=False)  # the script sets it for this process
+    monkeypatch.setattr(metrics, "install_metrics_bridge", lambda *a, **k: None)
+    bench = _load("builder_overhead")
+    geo = _load("e2e_plan").GEOMETRIES["gemma3_270m"]
+    groups = bench.kv_groups(geo)
+    assert [len(names) for _, names in groups] == [3] * 6
+    assert groups[0][1] == [f"model.layers.{i}.self_attn.attn" for i in (5, 11, 17)]
+    assert all(spec.sliding_window == 512 for spec, _ in groups[1:])
+    out = tmp_path / "bo"
+    result = bench.main(["--steps", "5", "--repeats", "2", "--length", "1024", "--out",
+                         str(out)])
+    assert result["groups"] == 6 and set(result["step_us"]) == {"FLASH_ATTN", "SPARGE"}
+    assert all(len(t) == 2 and min(t) > 0 for t in result["runs_us"].values())
+    assert json.loads((tmp_path / "bo.json").read_text())["length"] == 1024
+    md = (tmp_path / "bo.md").read_text()
+    assert "| SPARGE | " in md and "6 KV cache group(s)" in md and "--length 1024" in md

@@ -104,9 +104,9 @@ class StepSplits:
     """
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._split: RequestSplit | None = None
-        self._counts: StepCounts | None = None
+        # (key, split, counts), replaced whole: a reader never pairs one step's key with
+        # another's split
+        self._last: tuple[tuple, RequestSplit | None, StepCounts | None] | None = None
 
     def classify(self, cam: CommonAttentionMetadata, cfg: SpargeConfig,
                  max_decode_query_len: int, max_sparse_seq_len: int, reasons: Any = None
@@ -122,16 +122,19 @@ class StepSplits:
         seq = None if seq_cpu is None else seq_cpu.numpy()[:num_reqs]
         key = (cfg, max_decode_query_len, max_sparse_seq_len, qsl.dtype.str, qsl.tobytes(),
                None if seq is None else (seq.dtype.str, seq.tobytes()))
-        if key != self._key:
+        last = self._last
+        if last is None or last[0] != key:
             # copies: the split outlives the runner's buffers' contents
             split = split_requests(qsl.astype(np.int64), None if seq is None else seq.copy(),
                                    cfg, max_decode_query_len, max_sparse_seq_len)
-            self._key, self._split, self._counts = key, split, None
-        if reasons is None or self._split is None:
-            return self._split, None
-        if self._counts is None:
-            self._counts = step_counts(self._split, cfg.enabled, reasons)
-        return self._split, self._counts
+            last = self._last = (key, split, None)
+        _, split, counts = last
+        if reasons is None or split is None:
+            return split, None
+        if counts is None:
+            counts = step_counts(split, cfg.enabled, reasons)
+            self._last = (key, split, counts)
+        return split, counts
 
 
 def sparse_sub_batch(cam: CommonAttentionMetadata, split: RequestSplit, req_index: np.ndarray
