@@ -344,22 +344,20 @@ class AttendParams:
 
 
 def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None = None,
-                  lazy_rescale: float | None = None,
-                  launch: tuple[int, int] | None = None, fp8_dot: bool = False,
-                  v_kmajor: bool | None = None, page_ahead: bool | None = None) -> AttendParams:
+                  lazy_rescale: float | None = None, launch: tuple[int, int] | None = None,
+                  fp8_dot: bool = False, v_kmajor: bool | None = None,
+                  page_ahead: bool | None = None) -> AttendParams:
     """The attention kernel's launch for ``head_dim`` with or without PV skip and TMA loads:
     the defaults (:func:`_row_parts`, :func:`_attn_launch_params`) where an override is
     ``None``; ``v_kmajor`` ``None``: with ``fp8_dot`` (an fp8 ``P.V`` over V as the cache holds
     it transposes every tile on chip: 0.64-0.67x the bf16 kernel's speed, against 1.47-1.56x
     over a K-major copy, H100, ``benchmarks/results/fp8_pv_layout.md``). ``page_ahead`` (TMA
     loads only, ``ValueError`` without) ``None``: on for fp8 products at head dim 128 without PV
-    skip, where it measures faster at 4 warps / 2 stages (H100, 32K / 128K: 1.04x / 1.04x with
-    every block kept, 1.09x / 0.99x at 50%; the same output; ``kernels_fp8_sweep.md``), else
-    off (the bf16 kernel's launches are unmeasured with it)."""
+    skip, measured faster there (4 warps / 2 stages, H100, 32K / 128K: 1.04x / 1.04x dense,
+    1.09x / 0.99x at 50%, the same output; ``kernels_fp8_sweep.md``), else off."""
     split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
     num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
-    if v_kmajor is None:
-        v_kmajor = fp8_dot
+    v_kmajor = fp8_dot if v_kmajor is None else v_kmajor
     if page_ahead is None:
         page_ahead = fp8_dot and use_tma and head_dim == 128 and not pv_skip
     if page_ahead and not use_tma:
@@ -422,10 +420,9 @@ def sparse_paged_attention(
     query blocks, then one KV head's other query programs before the next KV head's; ``False``
     (benchmarks only) runs every head of one query block together.
     ``group``: for head slices, as :func:`~sparge_serve.kernels.predictor.predict_block_map`'s.
-    ``v_kmajor``: read V from a K-major copy of the batch's values made first
-    (:func:`~sparge_serve.kernels.pooling.values_kmajor`); ``None``: with ``fp8_dot``.
-    ``page_ahead``: the kernel reads each kept block's page id one block ahead (TMA loads only;
-    :func:`attend_params`; ``None``: off).
+    ``v_kmajor``: read V from a K-major copy of the batch's values made first (``values_kmajor``
+    in ``pooling``); ``page_ahead``: read each kept block's page id one block ahead (TMA loads
+    only); ``None``: :func:`attend_params`'s defaults.
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
     checks"). ``check_finite`` also checks the values held in tensors: the thresholds (finite, in
