@@ -206,19 +206,16 @@ def main() -> None:
                         PAGE_AHEAD=ahead, **scaled, **absent)
 
         for pv in (False, True):
-            warps, stages = attention._attn_launch_params(dim, tma)
-            split = attention._row_parts(None, dim, pv, None, tma)[0]  # the default
             # fp8_attention: both products in fp8 (an fp8 query only), V read from its
             # K-major copy as served, or from the pages
             variants = ((False, False), (True, True), (True, False)) if q else ((False, False),)
             for dot, vk in variants:
                 label = " fp8_dot" + ("" if vk else " (V from the pages)") if dot else ""
-                ahead = attention.attend_params(dim, pv, tma, fp8_dot=dot,
-                                                v_kmajor=vk).page_ahead  # as served
+                served = attention.attend_params(dim, pv, tma, fp8_dot=dot, v_kmajor=vk)
                 check(f"attention fp8 cache q={q or 'bf16'} D{dim} page {page} pv_skip={pv}"
                       f"{label}", attention._sparse_attn_kernel,
-                      fp8_attention(tma, pv, split, dot, vk, ahead), warps, stages,
-                      types=fp8_types)
+                      fp8_attention(tma, pv, served.split, dot, vk, served.page_ahead),
+                      served.num_warps, served.num_stages, types=fp8_types)
         if dim == 128 and page == 64 and q:
             # the other launches bench_kernels --fp8-sweep times (5 stages, or 3 with the page
             # ids read ahead: three K/V tiles in flight; pointer K loads without TMA)
