@@ -285,7 +285,33 @@ def ttft_worker(job: dict) -> None:
                     for e in prof.key_averages()
                     if e.device_type == DeviceType.CPU and "Synchronize" not in e.key]
             row["profile"] = report.kernel_summary(kernels, wall * 1e3, host)
+            if job.get("host_profile"):
+                row["host_profile"] = _host_profile(llm, prompts[-1], one, job["host_profile"])
         _emit(ROW, row)
+
+
+def _host_profile(llm, prompt, params, n: int, top: int = 40) -> dict:
+    """Host (Python) time by function over ``n`` prefills of ``prompt`` under ``cProfile``, in
+    ms per prefill: the ``top`` functions with the most own time and with the most cumulative
+    time (the profiler inflates small calls; compare configurations, not absolute times)."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        llm.generate([prompt], params, use_tqdm=False)
+    torch.cuda.synchronize()
+    prof.disable()
+    rows = []
+    for (file, line, func), (_, calls, own, cum, _) in pstats.Stats(prof).stats.items():
+        name = f"{'/'.join(file.split('/')[-2:])}:{line}({func})"
+        rows.append(dict(fn=name, calls=calls / n, own_ms=own * 1e3 / n, cum_ms=cum * 1e3 / n))
+    return dict(prefills=n, own=sorted(rows, key=lambda r: -r["own_ms"])[:top],
+                cumulative=sorted(rows, key=lambda r: -r["cum_ms"])[:top])
 
 
 def decode_worker(job: dict) -> None:
@@ -430,6 +456,10 @@ def parser() -> argparse.ArgumentParser:
                     "times, in turn (all configurations' first engines, then their second in "
                     "reverse order, ...); a row's TTFT is the median of all its rounds' repeats "
                     "and the report shows each round's")
+    ap.add_argument("--host-profile", type=int, default=0, metavar="N",
+                    help="ttft: also run N prefills of each --profile-lengths length under "
+                    "cProfile; the row's host_profile lists the functions with the most host "
+                    "ms per prefill (own and cumulative)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--kv-budget-gib", type=float, default=80.0,
                     help="decode points needing more KV cache are left out")

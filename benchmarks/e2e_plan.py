@@ -402,6 +402,7 @@ def make_plan(args, data: dict) -> tuple[list[dict], list[str]]:
                                      f"({geo.context})" for n, in points if n > geo.context]
                         points = [(n,) for n, in points if n <= geo.context]
                     job.update(warmups=args.warmups, repeats=opt["repeats"],
+                               host_profile=args.host_profile,
                                profile_lengths=[n for n in opt["profile_lengths"]
                                                 if (n,) in points])
                 elif stage == "decode":

@@ -578,7 +578,8 @@ def test_rounds_start_every_engine_in_turn_and_join_their_rows(tmp_path):
     args = bench_e2e.parser().parse_args([
         "ttft", "decode", "--geometries", "gemma3_270m", "--model-dir", str(tmp_path),
         "--configs", "FLASH_ATTN@64", "SPARGE@64:defaults", "--lengths", "8192",
-        "--profile-lengths", "8192", "--contexts", "8192", "--batches", "1", "--rounds", "3"])
+        "--profile-lengths", "8192", "--contexts", "8192", "--batches", "1", "--rounds", "3",
+        "--host-profile", "20"])
     jobs, _ = e2e_plan.make_plan(args, report.load_results(None))
     fa, sp = "FLASH_ATTN@64", "SPARGE@64:defaults"
     assert [(j["stage"], j["config"], j.get("round")) for j in jobs] == [
@@ -586,6 +587,7 @@ def test_rounds_start_every_engine_in_turn_and_join_their_rows(tmp_path):
         ("ttft", sp, 2), ("decode", fa, None), ("decode", sp, None)]
     assert "round 2" in e2e_plan.describe(jobs[2]) and "round" not in e2e_plan.describe(jobs[6])
     assert [j["profile_lengths"] for j in jobs[:6]] == [[8192], [8192], [], [], [], []]
+    assert all(j["host_profile"] == 20 for j in jobs[:6])  # with the profiled lengths only
     one = bench_e2e.parser().parse_args(["ttft", "--configs", "FLASH_ATTN@64"])
     assert "round" not in e2e_plan.make_plan(one, report.load_results(None))[0][0]
     with pytest.raises(ValueError, match="--rounds 0"):
