@@ -290,7 +290,7 @@ def ttft_worker(job: dict) -> None:
         _emit(ROW, row)
 
 
-def _host_profile(llm, prompt, params, n: int, top: int = 40) -> dict:
+def _host_profile(llm, prompt, params, n: int, top: int = 80) -> dict:
     """Host (Python) time by function over ``n`` prefills of ``prompt`` under ``cProfile``, in
     ms per prefill: the ``top`` functions with the most own time and with the most cumulative
     time (the profiler inflates small calls; compare configurations, not absolute times)."""
