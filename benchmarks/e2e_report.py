@@ -83,6 +83,25 @@ def host_op_diff(profile: dict[str, Any], base: dict[str, Any], n: int = 6
     return diff[:n]
 
 
+_GENERATED = re.compile(r"[^/:]*/[a-z0-9]{40,}\.py:")
+
+
+def host_function_diff(hp: dict[str, Any], base: dict[str, Any], n: int = 8
+                       ) -> list[tuple[str, float, float, float]]:
+    """The functions of two ``--host-profile`` summaries (cumulative lists) whose host ms per
+    prefill differ most: ``(function, calls, baseline ms, ms)``, the ``n`` largest changes among
+    the functions both lists hold (torch.compile's generated modules, named by a hash of each
+    engine's graph, compare as one)."""
+    def table(summary):
+        return {_GENERATED.sub("<generated>.py:", f["fn"]): f for f in summary["cumulative"]}
+
+    rows, base_rows = table(hp), table(base)
+    diff = [(fn, rows[fn]["calls"], base_rows[fn]["cum_ms"], rows[fn]["cum_ms"])
+            for fn in rows.keys() & base_rows.keys()]
+    diff.sort(key=lambda d: (-abs(d[3] - d[2]), d[0]))
+    return diff[:n]
+
+
 MODEL_GRAPH_OP = "CompiledFxGraph"
 """The host op of vLLM's compiled model pieces (torch.compile's graphs between the attention
 layers): the same code under every attention backend, so its host time per call is a measure of
@@ -496,6 +515,22 @@ def markdown(data: dict[str, Any], geometries: dict[str, str] | None = None) -> 
                       "profiled prefill (the six largest changes in host time):", "",
                       "| geometry | length | config | host op | calls (baseline → this) | "
                       "ms (baseline → this) |", "|---|---|---|---|---|---|", *diffs]
+    hosts = []
+    for r in sorted(prof, key=ttft_order):
+        base = _find(data, ("ttft", r["geometry"], baseline_of(r["config"]), r["length"]))
+        if ("host_profile" in r and base and base["config"] != r["config"]
+                and "host_profile" in base):
+            hosts += [f"| {r['geometry']} | {r['length']} | {r['config']} | `{fn[:70]}` | "
+                      f"{calls:g} | {bms:.3f} → {ms:.3f} |"
+                      for fn, calls, bms, ms in host_function_diff(r["host_profile"],
+                                                                   base["host_profile"])]
+    if hosts:
+        lines += ["", "Host (Python) time by function against the baseline (`--host-profile N`: "
+                  "N more prefills under `cProfile`, cumulative ms per prefill; the profiler "
+                  "inflates small calls, so compare the two columns, not absolute times): the "
+                  "largest changes among the functions both profiles list.", "",
+                  "| geometry | length | config | function | calls a prefill | ms (baseline → "
+                  "this) |", "|---|---|---|---|---|---|", *hosts]
     dec = decode_ratios(data)
     if dec:
         lines += ["", "## Decode (`decode`)", "",

@@ -321,6 +321,26 @@ def test_attention_kernels_and_block_counts():
     data["rows"][0]["profile"] = more
     assert "| g | 8192 | SPARGE@64:defaults | `aten::slice` | 0 → 72 | 0.00 → 0.50 |" in (
         report.markdown(data))
+    # --host-profile: functions both cProfile lists hold, largest change first; the generated
+    # modules of torch.compile (named by each engine's graph hash) compare as one
+    def fn(name, calls, cum):
+        return dict(fn=name, calls=calls, own_ms=0.0, cum_ms=cum)
+
+    gen, other_gen = ("ab/" + h * 52 + ".py:1349(call)" for h in "cd")
+    hp = dict(prefills=30, own=[], cumulative=[
+        fn("gpu/model_runner.py:1150(execute_model)", 2, 13.9), fn(gen, 17, 4.6),
+        fn("attention/attention.py:816(unified_attention_with_output)", 18, 2.5),
+        fn("backend/sparge_attn.py:375(forward)", 18, 2.4)])
+    base_hp = dict(prefills=30, own=[], cumulative=[
+        fn("gpu/model_runner.py:1150(execute_model)", 2, 13.7), fn(other_gen, 17, 4.0),
+        fn("attention/attention.py:816(unified_attention_with_output)", 18, 2.4),
+        fn("backends/flash_attn.py:811(forward)", 18, 0.5)])
+    assert report.host_function_diff(hp, base_hp, n=2) == [
+        ("<generated>.py:1349(call)", 17, 4.0, 4.6),
+        ("gpu/model_runner.py:1150(execute_model)", 2, 13.7, 13.9)]
+    data["rows"][0]["host_profile"], data["rows"][1]["host_profile"] = hp, base_hp
+    assert ("| g | 8192 | SPARGE@64:defaults | `attention/attention.py:816(unified_attention_"
+            "with_output)` | 18 | 2.400 → 2.500 |") in report.markdown(data)
     text = ("# HELP x\nsparge_attention_blocks_valid_total{layer=\"0\"} 100.0\n"
             "sparge_attention_blocks_valid_total{layer=\"1\"} 50.0\n"
             "sparge_attention_blocks_valid_created{layer=\"0\"} 1.7e9\n"
