@@ -12,7 +12,9 @@ Stages (any of them, in one call or in several):
   ``--warmups`` (where a prefill is estimated under 0.1 s, enough repeats to span 3 s, up to
   200: ``e2e_plan.ttft_repeats``); one more prefill of each ``--profile-lengths``
   length under ``torch.profiler`` gives attention's share ``a`` of FLASH_ATTN's prefill, the
-  attention speed-up ``k`` and the ceiling 1 / (1 - a + a/k), next to the measured TTFT ratio.
+  attention speed-up ``k`` and the ceiling 1 / (1 - a + a/k), next to the measured TTFT ratio;
+  ``--host-profile N`` adds N prefills of each such length under ``cProfile``: the host time by
+  function, against the baseline's.
   ``--rounds N`` starts each engine N times, in turn (every second round in reverse order),
   for prefills bound by the host, whose speed can differ between engine processes more than
   between the backends.
