@@ -388,6 +388,29 @@ def test_prefill_scratch_bytes_bounds_the_allocations(device):
     assert bound == counts + used
 
 
+def test_pool_keys_zeroes_the_padding_the_select_kernel_reads(device, monkeypatch):
+    """The select kernel loads pooled keys in groups of 4 key blocks: past each request's
+    context, up to that group, pool_keys writes zeros, so no lane computes on uninitialised
+    memory (here every float buffer the call allocates starts as NaN)."""
+    from sparge_serve.kernels.pooling import pool_keys
+
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    reqs = [(100, 300), (70, 70)]  # 5 and 2 key blocks of 64: padding to 8 and to 4
+    case = make_paged_case(reqs, 2, 1, 64, 16, torch.bfloat16, device)
+    pk = pool_keys(case.key_cache, case.batch).pk.cpu()  # [R, Hkv, D, stride]
+    for r, (_, seq_len) in enumerate(reqs):
+        n = num_blocks(seq_len, 64)
+        assert torch.isfinite(pk[r, ..., :n]).all()
+        assert torch.equal(pk[r, ..., n : num_blocks(n, 4) * 4],
+                           torch.zeros_like(pk[r, ..., n : num_blocks(n, 4) * 4]))
+
+
 LAYOUT_CASES = [
     # (Hq, Hkv, head_dim, page, dtype, packed): page 64/128 take the TMA path; packed = vLLM's
     # [pages, page, Hkv, 2*D] cache with K and V views

@@ -184,20 +184,25 @@ def _kblock_kernel(
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """Pooled smoothed key ``mean(k - mu)`` and self-similarity of key block ``j`` (``ksum``:
-    the context's fp32 key sum, ``mu`` that over the context length)."""
+    the context's fp32 key sum, ``mu`` that over the context length). Past the context, up to
+    the next multiple of 4 blocks, pooled keys of zero: the select kernel loads them in groups of
+    4 blocks (and never selects the padding), so no lane reads uninitialised memory."""
     j = tl.program_id(0)
     kvh = tl.program_id(1)
     r = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + r)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
     if j * BLOCK_N >= seq_len:
+        if j < (tl.cdiv(seq_len, BLOCK_N) + 3) // 4 * 4:
+            tl.store(pk_ptr + rh * HEAD_DIM * NKB + offs_d * NKB + j,
+                     tl.zeros([HEAD_DIM], dtype=tl.float32))
         return
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     k = load_kv_block(
         key_cache_ptr, bt_ptr + r * stride_bt, j, seq_len, kvh,
         stride_page, stride_tok, stride_head, offs_n, offs_d, PAGE, BLOCK_N,
     ).to(tl.float32)
-    rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
     in_ctx = (j * BLOCK_N + offs_n) < seq_len
     n_rows = tl.minimum(seq_len - j * BLOCK_N, BLOCK_N).to(tl.float32)
     mu = tl.math.div_rn(tl.load(ksum_ptr + rh * HEAD_DIM + offs_d), seq_len.to(tl.float32))
@@ -293,7 +298,9 @@ def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch) -> PooledKeys:
         key_cache, batch.block_table, batch.seq_lens, ksum, *strides, nch, num_kv_heads,
         PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, CHUNK=KSUM_CHUNK, num_warps=4,
     )
-    launch(_kblock_kernel, (nkb, num_kv_heads, nreq))(
+    # NOTE: blocks up to a multiple of 4 (within the row stride): the padding the select kernel
+    # reads is zeroed
+    launch(_kblock_kernel, (num_blocks(nkb, 4) * 4, num_kv_heads, nreq))(
         key_cache, batch.block_table, batch.seq_lens, ksum.sum(2), pk, ksim, *strides,
         nkb_stride, num_kv_heads, PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, num_warps=4,
     )

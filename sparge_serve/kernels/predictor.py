@@ -84,9 +84,9 @@ def _select_row(
     offs_j = tl.arange(0, NKB_PAD)
     valid = offs_j < n_valid
     # NOTE: the pooled-key loads are masked in whole groups of 4 key blocks (16 bytes; rows are
-    # padded to 16 blocks, so these stay in the row, and the extra blocks are never selected): a
-    # mask at block granularity splits each vector load into four scalar ones, which make the
-    # kernel L1-bound (Nsight Compute, 32K)
+    # padded to 16 blocks, so these stay in the row, and pool_keys zeroes the padding, which is
+    # never selected): a mask at block granularity splits each vector load into four scalar
+    # ones, which make the kernel L1-bound (Nsight Compute, 32K)
     loadable = offs_j < (n_valid + 3) // 4 * 4
 
     # pooled query (real rows), its self-similarity |mean of unit rows|^2, and the compressed
