@@ -296,22 +296,10 @@ def _host_profile(llm, prompt, params, n: int, top: int = 80) -> dict:
     """Host (Python) time by function over ``n`` prefills of ``prompt`` under ``cProfile``, in
     ms per prefill: the ``top`` functions with the most own time and with the most cumulative
     time (the profiler inflates small calls; compare configurations, not absolute times)."""
-    import cProfile
-    import pstats
+    from bench_ttft import host_times
 
-    import torch
-
-    torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(n):
-        llm.generate([prompt], params, use_tqdm=False)
-    torch.cuda.synchronize()
-    prof.disable()
-    rows = []
-    for (file, line, func), (_, calls, own, cum, _) in pstats.Stats(prof).stats.items():
-        name = f"{'/'.join(file.split('/')[-2:])}:{line}({func})"
-        rows.append(dict(fn=name, calls=calls / n, own_ms=own * 1e3 / n, cum_ms=cum * 1e3 / n))
+    rows = [dict(fn=name, calls=calls / n, own_ms=own * 1e3 / n, cum_ms=cum * 1e3 / n)
+            for name, (calls, own, cum) in host_times(llm, [prompt], params, n).items()]
     return dict(prefills=n, own=sorted(rows, key=lambda r: -r["own_ms"])[:top],
                 cumulative=sorted(rows, key=lambda r: -r["cum_ms"])[:top])
 

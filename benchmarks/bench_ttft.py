@@ -106,34 +106,39 @@ def _pv_off_copy(path: str) -> str:
     return out
 
 
-def host_profile_diff(llm, prompts, short_params, long_params, steps: int, n: int = 25) -> dict:
-    """Host (Python) time per decode step by function: ``cProfile`` of ``generate`` with
-    ``long_params`` minus with ``short_params`` (``steps`` more decode steps), in ms per step;
-    the ``n`` functions with the most own time and the ``n`` with the most cumulative time."""
+def host_times(llm, prompts, params, n: int = 1) -> dict[str, tuple[int, float, float]]:
+    """Host (Python) time by function over ``n`` ``generate`` calls under ``cProfile``:
+    ``{"dir/file.py:line(function)": (calls, own s, cumulative s)}``."""
     import cProfile
     import pstats
 
     import torch
 
-    def run(params):
-        torch.cuda.synchronize()
-        prof = cProfile.Profile()
-        prof.enable()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
         llm.generate(prompts, params, use_tqdm=False)
-        torch.cuda.synchronize()
-        prof.disable()
-        return pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    torch.cuda.synchronize()
+    prof.disable()
+    out: dict[str, tuple[int, float, float]] = {}
+    for (file, line, func), (_, calls, own, cum, _) in pstats.Stats(prof).stats.items():
+        name = f"{'/'.join(file.split('/')[-2:])}:{line}({func})"
+        c0, o0, t0 = out.get(name, (0, 0.0, 0.0))
+        out[name] = (c0 + calls, o0 + own, t0 + cum)
+    return out
 
-    short, long = run(short_params), run(long_params)
 
-    def name(key):
-        file, line, func = key
-        return f"{'/'.join(file.split('/')[-2:])}:{line}({func})"
-
+def host_profile_diff(llm, prompts, short_params, long_params, steps: int, n: int = 25) -> dict:
+    """Host (Python) time per decode step by function: ``cProfile`` of ``generate`` with
+    ``long_params`` minus with ``short_params`` (``steps`` more decode steps), in ms per step;
+    the ``n`` functions with the most own time and the ``n`` with the most cumulative time."""
+    short = host_times(llm, prompts, short_params)
+    long = host_times(llm, prompts, long_params)
     rows = []
-    for key, (_, nc, tt, ct, _) in long.items():
-        _, nc0, tt0, ct0, _ = short.get(key, (0, 0, 0.0, 0.0, None))
-        rows.append((name(key), (nc - nc0) / steps, (tt - tt0) * 1e3 / steps,
+    for name, (nc, tt, ct) in long.items():
+        nc0, tt0, ct0 = short.get(name, (0, 0.0, 0.0))
+        rows.append((name, (nc - nc0) / steps, (tt - tt0) * 1e3 / steps,
                      (ct - ct0) * 1e3 / steps))
     own = sorted(rows, key=lambda r: -r[2])[:n]
     cum = sorted(rows, key=lambda r: -r[3])[:n]

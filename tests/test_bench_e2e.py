@@ -642,3 +642,39 @@ def test_rounds_start_every_engine_in_turn_and_join_their_rows(tmp_path):
     report.add_rows(data, [row("FLASH_ATTN@64", [0.020], 1)], later)
     fa = report._find(data, ("ttft", "gemma3_270m", "FLASH_ATTN@64", 8192))
     assert fa["ttft_s"] == 0.020 and "ttft_round_s" not in fa
+
+
+def _tokenize_once(prompt):
+    return len(prompt)
+
+
+class _FakeLLM:
+    def generate(self, prompts, params, use_tqdm=False):
+        return [_tokenize_once(p) for p in prompts for _ in range(params or 1)]
+
+
+def test_host_profile_reports_each_functions_time_per_prefill(monkeypatch):
+    """--host-profile N: cProfile over N generate calls; calls and ms are per prefill, named
+    ``dir/file.py:line(function)``, most cumulative time first."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    hp = bench_e2e._host_profile(_FakeLLM(), "abc", None, 4)
+    assert hp["prefills"] == 4
+    rows = {r["fn"]: r for r in hp["cumulative"]}
+    name = next(n for n in rows if n.endswith("(_tokenize_once)"))
+    assert name.startswith("tests/test_bench_e2e.py:") and rows[name]["calls"] == 1
+    cum = [r["cum_ms"] for r in hp["cumulative"]]
+    assert cum == sorted(cum, reverse=True) and all(r["own_ms"] >= 0 for r in hp["own"])
+
+
+def test_decode_host_profile_is_the_difference_per_step(monkeypatch):
+    """bench_ttft's decode host profile: the longer run's calls minus the shorter one's, per
+    extra step."""
+    import torch
+    from bench_ttft import host_profile_diff
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    diff = host_profile_diff(_FakeLLM(), ["abc"], 1, 9, steps=8)
+    row = next(r for r in diff["cumulative"] if r["fn"].endswith("(_tokenize_once)"))
+    assert row["calls"] == 1.0  # (9 - 1) calls over 8 steps
