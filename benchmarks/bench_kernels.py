@@ -37,6 +37,7 @@ import math
 import platform
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -75,18 +76,51 @@ SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, n
 # checked against the default's; every one compiles for sm_90 (scripts/aot_compile_check.py:
 # split 2 at 8 warps without spills, split 1 at 8 warps spilling 24-64 bytes, and faster)
 D256_LAUNCHES = ((1, 8, 2), (1, 8, 1), (1, 8, 3), (2, 8, 2), (2, 8, 3), (2, 4, 3))
-# --fp8-sweep: (num_warps, num_stages, TMA K loads, page_ahead) of the fp8_dot attention kernel
-# (V from its K-major copy), timed on the dense and 50% configurations' +fp8dot rows (64-token
-# pages), each output checked against the default launch's (the first: 4 warps, 2 stages, TMA,
-# page_ahead). Its loop finds a key block through its list, then the block table: the compiled
-# loop keeps two K and V tiles in flight up to 4 stages, three from 5 (66 KB of shared memory in
-# fp8; scripts/aot_compile_check.py); with page_ahead (the next block's page id read one
-# iteration ahead) three from 3 stages
-FP8_LAUNCHES = ((4, 2, True, True), (4, 2, True, False), (4, 3, True, False),
-                (4, 5, True, False), (8, 2, True, False), (8, 3, True, False),
-                (8, 5, True, False), (4, 3, False, False), (8, 3, False, False),
-                (4, 3, True, True), (8, 3, True, True))
-FP8_SWEEP: tuple[str, ...] = ()  # --fp8-sweep: the FP8_LAUNCHES (by fp8_launch_name) timed
+# --fp8-sweep: launches of the fp8_dot attention kernel (V from its K-major copy; Fp8Launch),
+# timed on the dense and 50% configurations' +fp8dot rows (64-token pages), each output checked
+# against the default launch's (the first: 4 warps, 2 stages, TMA, page_ahead). Its loop finds a
+# key block through its list, then the block table: the compiled loop keeps two K and V tiles in
+# flight up to 4 stages, three from 5 (66 KB of shared memory in fp8;
+# scripts/aot_compile_check.py); with page_ahead (the next block's page id read one iteration
+# ahead) three from 3 stages. The default takes 255 registers a thread, so an SM holds two of
+# its 4-warp programs; capped at 128 (maxnreg), two 8-warp programs (two warp groups each, 64
+# rows a group), and two 64-row programs a query block (split 2: 160 registers at 2 stages,
+# 168 at most at 3) three 4-warp programs. The default's conditional rescaling takes a max over
+# the program's rows every block (a barrier across its warps); lazy0 rescales every block
+class Fp8Launch(NamedTuple):
+    warps: int
+    stages: int
+    tma: bool = True  # TMA K loads (else pointer loads)
+    ahead: bool = False  # page_ahead
+    split: int = 1  # programs a query block
+    maxnreg: int | None = None  # registers a thread at most (None: ptxas's choice)
+    lazy: float | None = None  # lazy_rescale (None: the default; 0: a rescale every block)
+
+    @property
+    def name(self) -> str:
+        """The launch's name in ``--fp8-sweep`` and the results (``w4s3_ahead``)."""
+        return (f"w{self.warps}s{self.stages}" + ("" if self.tma else "_ptr")
+                + ("_ahead" if self.ahead else "")
+                + (f"_split{self.split}" if self.split != 1 else "")
+                + (f"_r{self.maxnreg}" if self.maxnreg else "")
+                + ("" if self.lazy is None else f"_lazy{self.lazy:g}"))
+
+    @property
+    def kwargs(self) -> dict:
+        """The launch as ``sparse_paged_attention`` keyword arguments."""
+        launch = (self.warps, self.stages) + ((self.maxnreg,) if self.maxnreg else ())
+        return dict(launch=launch, use_tma=self.tma, page_ahead=self.ahead, split=self.split,
+                    lazy_rescale=self.lazy)
+
+
+FP8_LAUNCHES = tuple(Fp8Launch(*x) for x in (
+    (4, 2, True, True), (4, 2, True, False), (4, 3, True, False), (4, 5, True, False),
+    (8, 2, True, False), (8, 3, True, False), (8, 5, True, False), (4, 3, False, False),
+    (8, 3, False, False), (4, 3, True, True), (8, 3, True, True),
+    (8, 2, True, True, 1, 128), (8, 3, True, True, 1, 128), (4, 2, True, True, 2),
+    (4, 3, True, True, 2), (4, 3, True, True, 2, 168), (4, 2, True, True, 1, None, 0.0),
+    (8, 2, True, True, 1, 128, 0.0), (8, 3, True, True, 1, 128, 0.0)))
+FP8_SWEEP: tuple[str, ...] = ()  # --fp8-sweep: the FP8_LAUNCHES (by name) timed
 # --virtual: also time FA3 over per-row virtual contexts, all heads at once and in head chunks
 # (rows "<config>+fa3", "<config>+fa3_chunked"); --chunked: the Triton kernels in head chunks
 # (rows "<config>+chunked"); chunks under the default map_budget (1.5% of the K/V bytes) with no
@@ -190,21 +224,13 @@ def d256_sweep(q, kc, vc, batch, bm, scale, pv_off, out) -> tuple[dict, dict]:
 
 def fp8_dot_sweep(q8, kc8, vc8, batch, bm, scale, pv_off, out, kv_scales) -> tuple[dict, dict]:
     """:func:`launch_sweep` of the attention kernel with ``fp8_dot`` (V from its K-major copy,
-    PV skip off) over the :data:`FP8_LAUNCHES` (``_ptr``: pointer K loads, ``_ahead``:
-    ``page_ahead``)."""
+    PV skip off) over the :data:`FP8_LAUNCHES` named in :data:`FP8_SWEEP`."""
     def attend(o, **kw):
         sparse_paged_attention(q8, kc8, vc8, batch, bm, scale, pv_off, o, pv_skip=False,
                                scales=kv_scales, fp8_dot=True, **kw)
 
-    named = {fp8_launch_name(*x): x for x in FP8_LAUNCHES}
-    return launch_sweep(attend, out, {
-        name: dict(launch=(w, st), use_tma=tma, page_ahead=ahead)
-        for name, (w, st, tma, ahead) in named.items() if name in FP8_SWEEP})
-
-
-def fp8_launch_name(warps: int, stages: int, tma: bool, ahead: bool) -> str:
-    """An :data:`FP8_LAUNCHES` entry's name in ``--fp8-sweep`` and the results (``w4s3_ahead``)."""
-    return f"w{warps}s{stages}" + ("" if tma else "_ptr") + ("_ahead" if ahead else "")
+    return launch_sweep(attend, out, {x.name: x.kwargs for x in FP8_LAUNCHES
+                                      if x.name in FP8_SWEEP})
 
 
 def launch_sweep(attend, out, launches: dict[str, dict]) -> tuple[dict, dict]:
@@ -748,7 +774,7 @@ def main():
         return
     SWEEP, D, TIME_VARIANTS = args.sweep, args.head_dim, args.variants
     if args.fp8_sweep is not None:
-        names = [fp8_launch_name(*x) for x in FP8_LAUNCHES]
+        names = [x.name for x in FP8_LAUNCHES]
         unknown = [n for n in args.fp8_sweep if n not in names]
         if unknown:
             ap.error(f"--fp8-sweep {' '.join(unknown)}: no such launch; name any of "

@@ -35,7 +35,7 @@ from sparge_serve.kernels import (  # noqa: E402
 from sparge_serve.kernels.geometry import BLKK, BLKQ, PV_SKIP_OFF  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from bench_kernels import FP8_LAUNCHES, fp8_launch_name  # noqa: E402
+from bench_kernels import FP8_LAUNCHES  # noqa: E402
 
 
 def _signature(fn, types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
@@ -88,7 +88,7 @@ def _runtime_attrs(fn, sig: dict[str, str]) -> dict:
     return attrs
 
 
-def compile_kernel(fn, types, constexprs, num_warps, num_stages, arch=90) -> str:
+def compile_kernel(fn, types, constexprs, num_warps, num_stages, arch=90, maxnreg=None) -> str:
     # constexpr parameters left out take their defaults, as at a launch (not runtime arguments)
     defaults = {p.name: p.default for p in fn.params
                 if p.is_constexpr and p.name not in constexprs and p.has_default}
@@ -96,7 +96,8 @@ def compile_kernel(fn, types, constexprs, num_warps, num_stages, arch=90) -> str
     sig = _signature(fn, types, constexprs)
     src = ASTSource(fn, sig, constexprs, _runtime_attrs(fn, sig))
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
+                       options={"num_warps": num_warps, "num_stages": num_stages,
+                                **({"maxnreg": maxnreg} if maxnreg else {})})
     return f"{_resource_usage(k.asm['cubin'])}, {k.metadata.shared} B shared (Triton)"
 
 
@@ -137,14 +138,14 @@ def main() -> None:
                 UPCAST=False, USE_TMA=True)
     failed = checked = 0
 
-    def check(label, fn, constexprs, num_warps, num_stages=3, types=types):
+    def check(label, fn, constexprs, num_warps, num_stages=3, types=types, maxnreg=None):
         nonlocal failed, checked
         if args.only and not re.search(args.only, label):
             return
         checked += 1
         try:
             print(f"ok    {label}: "
-                  f"{compile_kernel(fn, types, constexprs, num_warps, num_stages)}")
+                  f"{compile_kernel(fn, types, constexprs, num_warps, num_stages, 90, maxnreg)}")
         except Exception as e:  # noqa: BLE001 - report every variant
             failed += 1
             print(f"FAIL  {label}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
@@ -218,15 +219,19 @@ def main() -> None:
                       served.num_warps, served.num_stages, types=fp8_types)
         if dim == 128 and page == 64 and q:
             # the other launches bench_kernels --fp8-sweep times (5 stages, or 3 with the page
-            # ids read ahead: three K/V tiles in flight; pointer K loads without TMA)
+            # ids read ahead: three K/V tiles in flight; pointer K loads without TMA; 64-row
+            # programs; registers capped)
             served = attention.attend_params(dim, False, True, fp8_dot=True)
-            default = (served.num_warps, served.num_stages, True, served.page_ahead)
-            for warps, stages, tma_k, ahead in (x for x in FP8_LAUNCHES if x != default):
-                check(f"attention fp8 cache q={q} D{dim} page {page} fp8_dot launch "
-                      f"{fp8_launch_name(warps, stages, tma_k, ahead)}",
-                      attention._sparse_attn_kernel,
-                      fp8_attention(tma_k, False, 1, True, True, ahead), warps, stages,
-                      types=fp8_types)
+            for x in FP8_LAUNCHES:
+                if (x.warps, x.stages, x.tma, x.ahead, x.split, x.maxnreg) == (
+                        served.num_warps, served.num_stages, True, served.page_ahead, 1, None):
+                    continue
+                kernel = fp8_attention(x.tma, False, x.split, True, True, x.ahead)
+                if x.lazy is not None:
+                    kernel["LAZY"] = x.lazy
+                check(f"attention fp8 cache q={q} D{dim} page {page} fp8_dot launch {x.name}",
+                      attention._sparse_attn_kernel, kernel, x.warps, x.stages,
+                      types=fp8_types, maxnreg=x.maxnreg)
         check(f"values K-major copy D{dim} page {page}", pooling._values_kmajor_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4,
               types=dict(fp8_types, value_cache_ptr="*u8", vt_ptr="*u8"))

@@ -348,8 +348,9 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
     seen = []
 
     def attend(q, kc, vc, batch, bm, scale, pv, out, launch=None, pv_skip=None, use_tma=None,
-               scales=None, fp8_dot=False, page_ahead=False, **kw):
-        seen.append((launch, use_tma, page_ahead, pv_skip, scales, fp8_dot))
+               scales=None, fp8_dot=False, page_ahead=False, split=None, lazy_rescale=None,
+               **kw):
+        seen.append((launch, use_tma, page_ahead, pv_skip, scales, fp8_dot, split, lazy_rescale))
         if launch == (8, 3) and use_tma is False:
             raise RuntimeError("out of resource: shared memory\nRequired: 1, limit: 0")
         out.fill_(1.0 + (0.5 if launch == (4, 5) else 0.0) + (0.25 if page_ahead else 0.0))
@@ -364,16 +365,24 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
                                                            ((8, 3), True, True)]
     # --fp8-sweep: every one
     seen.clear()
-    monkeypatch.setattr(bench, "FP8_SWEEP", tuple(bench.fp8_launch_name(*x)
-                                                  for x in bench.FP8_LAUNCHES))
+    monkeypatch.setattr(bench, "FP8_SWEEP", tuple(x.name for x in bench.FP8_LAUNCHES))
     times, diffs = bench.fp8_dot_sweep(None, None, None, None, None, 1.0, None, out, "scales")
     assert list(times) == ["w4s2_ahead", "w4s2", "w4s3", "w4s5", "w8s2", "w8s3", "w8s5",
-                           "w4s3_ptr", "w8s3_ptr", "w4s3_ahead", "w8s3_ahead"]
+                           "w4s3_ptr", "w8s3_ptr", "w4s3_ahead", "w8s3_ahead",
+                           "w8s2_ahead_r128", "w8s3_ahead_r128", "w4s2_ahead_split2",
+                           "w4s3_ahead_split2", "w4s3_ahead_split2_r168", "w4s2_ahead_lazy0",
+                           "w8s2_ahead_r128_lazy0", "w8s3_ahead_r128_lazy0"]
     # the reference: the default launch
-    assert seen[0] == (None, None, False, False, "scales", True)
-    assert all(s[3:] == (False, "scales", True) for s in seen)
-    assert list(dict.fromkeys(s[:3] for s in seen[1:])) == [
-        ((w, st), tma, ahead) for w, st, tma, ahead in bench.FP8_LAUNCHES]
+    assert seen[0] == (None, None, False, False, "scales", True, None, None)
+    assert all(s[3:6] == (False, "scales", True) for s in seen)
+    # (num_warps, num_stages[, maxnreg]), TMA K loads, page_ahead, programs a query block,
+    # lazy_rescale
+    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-8:] == [
+        ((8, 2, 128), True, True, 1, None), ((8, 3, 128), True, True, 1, None),
+        ((4, 2), True, True, 2, None), ((4, 3), True, True, 2, None),
+        ((4, 3, 168), True, True, 2, None), ((4, 2), True, True, 1, 0.0),
+        ((8, 2, 128), True, True, 1, 0.0), ((8, 3, 128), True, True, 1, 0.0)]
+    assert len(dict.fromkeys(s[:3] + s[6:] for s in seen[1:])) == len(bench.FP8_LAUNCHES)
     assert diffs["w4s2"] == 0.0 and diffs["w4s5"] == 0.5 and diffs["w8s3_ahead"] == 0.25
     assert times["w8s3_ptr"] != times["w8s3_ptr"]  # NaN: refused, the run went on
     rows = [dict(length=32768, page=64, config="dense+fp8dot", fp8_launch_sweep_ms=dict(

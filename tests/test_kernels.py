@@ -350,6 +350,22 @@ def test_page_ahead_equals_the_default_loop(packed, pv, device):
                                    use_tma=tma, page_ahead=True)
 
 
+def test_a_register_cap_computes_the_same_attention(device):
+    """``launch=(num_warps, num_stages, maxnreg)`` caps the kernel's registers a thread (ptxas
+    ``.maxnreg``, for two 8-warp programs an SM): the same PV skips and output as the default
+    launch, within the oracle's tolerance, at 8 warps and at 4 with two programs a query
+    block."""
+    from sparge_serve.kernels.attention import attend_params
+
+    case = make_paged_case(REQS, 2, 1, 64, 64, torch.bfloat16, device, seed=5)
+    bm, keeps = reference_block_map(case, 0.0, 0.95)
+    _launches_agree(case, bm, keeps, 50.0, [dict(lazy_rescale=0.0),
+                                            dict(lazy_rescale=0.0, launch=(8, 2, 128)),
+                                            dict(lazy_rescale=0.0, launch=(4, 3, 168), split=2)])
+    assert attend_params(128, False, True, launch=(8, 2, 128)).maxnreg == 128
+    assert attend_params(128, False, True, launch=(8, 2)).maxnreg is None
+
+
 def test_page_ahead_defaults_to_where_it_was_measured_faster():
     """page_ahead is on by default only for fp8 products at head dim 128 with TMA loads and no
     PV skip (where it was measured), and needs TMA loads."""

@@ -210,8 +210,7 @@ def _attend_row(
 
 @triton.jit
 def _count_skipped(stats_ptr, n_skipped, PV_SKIP: tl.constexpr):
-    """Adds a row's PV-skipped blocks to the block counters' ``stats_ptr[2]`` (no atomic when
-    there are none)."""
+    """Adds a row's PV-skipped blocks to ``stats_ptr[2]`` (no atomic when there are none)."""
     if PV_SKIP:  # noqa: SIM102 - a constexpr test, then a runtime one
         if n_skipped > 0:
             tl.atomic_add(stats_ptr + 2, n_skipped.to(tl.int64), sem="relaxed")
@@ -341,10 +340,11 @@ class AttendParams:
     fp8_dot: bool = False  # both products in fp8 (an fp8 query and cache)
     v_kmajor: bool = False  # V read from a K-major copy (``pooling.values_kmajor``)
     page_ahead: bool = False  # PAGE_AHEAD: page ids read one kept block ahead (TMA loads)
+    maxnreg: int | None = None  # registers a thread at most (ptxas .maxnreg); None: its choice
 
 
 def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None = None,
-                  lazy_rescale: float | None = None, launch: tuple[int, int] | None = None,
+                  lazy_rescale: float | None = None, launch: tuple[int, ...] | None = None,
                   fp8_dot: bool = False, v_kmajor: bool | None = None,
                   page_ahead: bool | None = None) -> AttendParams:
     """The attention kernel's launch for ``head_dim`` with or without PV skip and TMA loads:
@@ -356,7 +356,7 @@ def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None
     skip, measured faster there (4 warps / 2 stages, H100, 32K / 128K: 1.04x / 1.04x dense,
     1.09x / 0.99x at 50%, the same output; ``kernels_fp8_sweep.md``), else off."""
     split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
-    num_warps, num_stages = launch or _attn_launch_params(head_dim, use_tma)
+    num_warps, num_stages, *maxnreg = launch or _attn_launch_params(head_dim, use_tma)
     v_kmajor = fp8_dot if v_kmajor is None else v_kmajor
     if page_ahead is None:
         page_ahead = fp8_dot and use_tma and head_dim == 128 and not pv_skip
@@ -364,7 +364,7 @@ def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None
         raise ValueError("page_ahead reads the page ids of TMA block loads ahead: it needs TMA "
                          "loads (use_tma, pages of whole key blocks)")
     return AttendParams(use_tma, split, lazy_rescale, num_warps, num_stages, fp8_dot, v_kmajor,
-                        bool(page_ahead))
+                        bool(page_ahead), *maxnreg)
 
 
 def check_fp8_dot(q: torch.Tensor, key_cache: torch.Tensor) -> None:
@@ -386,7 +386,7 @@ def sparse_paged_attention(
     stats: torch.Tensor | None = None,
     check_finite: bool = True,
     pv_skip: bool | None = None,
-    launch: tuple[int, int] | None = None,
+    launch: tuple[int, ...] | None = None,
     use_tma: bool | None = None,
     block_n: int = BLKK,
     split: int | None = None,
@@ -408,11 +408,10 @@ def sparse_paged_attention(
     ``[Hq]`` (>= 50 disables PV skip). ``stats`` (int64 ``[3]``), if given, gets
     ``[0, 0, pv_skipped_blocks]`` added on the device. ``pv_skip``: whether any head has PV skip
     on; ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds
-    file and passes it). ``launch`` overrides (num_warps, num_stages), ``use_tma`` the choice of
-    TMA loads (``False``: pointer loads), ``block_n`` the key-block width of ``block_map``, and
-    ``split`` (1 or 2) runs each query block as that many programs of ``BLKQ // split`` rows (PV
-    skip off only; 2 avoids the register spills of 128-row tiles at 4 warps) — for benchmarks
-    only; ``None``: 1.
+    file and passes it). For benchmarks: ``launch`` overrides (num_warps, num_stages[, maxnreg]),
+    ``use_tma`` the choice of TMA loads (``False``: pointer loads), ``block_n`` the key-block
+    width of ``block_map``; ``split`` (1 or 2, PV skip off; ``None``: 1) runs each query block as
+    that many programs of ``BLKQ // split`` rows.
     ``lazy_rescale`` > 0 (PV skip off) rescales the accumulator only when a row's max grows by
     more than that many log2 units (``softmax._lazy_softmax_update``); ``None``: :data:`LAZY_RESCALE`
     with TMA loads and head dim 128 without PV skip (where it measures faster), else 0.
@@ -493,6 +492,7 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         Q_SCALED=scales is not None and scales.q_scale is not None, KV_SCALED=scales is not None,
         FP8_DOT=params.fp8_dot, V_KMAJOR=vt is not None, PAGE_AHEAD=params.page_ahead,
         num_warps=params.num_warps, num_stages=params.num_stages,
+        **({} if params.maxnreg is None else {"maxnreg": params.maxnreg}),
     )
 
 
