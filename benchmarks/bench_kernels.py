@@ -76,7 +76,7 @@ SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, n
 # checked against the default's; every one compiles for sm_90 (scripts/aot_compile_check.py:
 # split 2 at 8 warps without spills, split 1 at 8 warps spilling 24-64 bytes, and faster)
 D256_LAUNCHES = ((1, 8, 2), (1, 8, 1), (1, 8, 3), (2, 8, 2), (2, 8, 3), (2, 4, 3))
-# --fp8-sweep: launches of the fp8_dot attention kernel (V from its K-major copy; Fp8Launch),
+# --fp8-sweep: launches of the fp8_dot attention kernel (V from its K-major copy; Launch),
 # timed on the dense and 50% configurations' +fp8dot rows (64-token pages), each output checked
 # against the default launch's (the first: 4 warps, 2 stages, TMA, page_ahead). Its loop finds a
 # key block through its list, then the block table: the compiled loop keeps two K and V tiles in
@@ -87,7 +87,7 @@ D256_LAUNCHES = ((1, 8, 2), (1, 8, 1), (1, 8, 3), (2, 8, 2), (2, 8, 3), (2, 4, 3
 # rows a group), and two 64-row programs a query block (split 2: 160 registers at 2 stages,
 # 168 at most at 3) three 4-warp programs. The default's conditional rescaling takes a max over
 # the program's rows every block (a barrier across its warps); lazy0 rescales every block
-class Fp8Launch(NamedTuple):
+class Launch(NamedTuple):
     warps: int
     stages: int
     tma: bool = True  # TMA K loads (else pointer loads)
@@ -113,14 +113,20 @@ class Fp8Launch(NamedTuple):
                     lazy_rescale=self.lazy)
 
 
-FP8_LAUNCHES = tuple(Fp8Launch(*x) for x in (
+FP8_LAUNCHES = tuple(Launch(*x) for x in (
     (4, 2, True, True), (4, 2, True, False), (4, 3, True, False), (4, 5, True, False),
     (8, 2, True, False), (8, 3, True, False), (8, 5, True, False), (4, 3, False, False),
     (8, 3, False, False), (4, 3, True, True), (8, 3, True, True),
     (8, 2, True, True, 1, 128), (8, 3, True, True, 1, 128), (4, 2, True, True, 2),
     (4, 3, True, True, 2), (4, 3, True, True, 2, 168), (4, 2, True, True, 1, None, 0.0),
-    (8, 2, True, True, 1, 128, 0.0), (8, 3, True, True, 1, 128, 0.0)))
+    (8, 2, True, True, 1, 128, 0.0), (8, 3, True, True, 1, 128, 0.0),
+    (8, 4, True, True, 1, 128, 0.0), (8, 5, True, True, 1, 128, 0.0),
+    (8, 3, True, False, 1, 128, 0.0)))
+LAUNCHES_BY_NAME = {x.name: x for x in FP8_LAUNCHES}
 FP8_SWEEP: tuple[str, ...] = ()  # --fp8-sweep: the FP8_LAUNCHES (by name) timed
+# --bf16-sweep: the FP8_LAUNCHES (by name) timed on the bf16 dense and 50% rows (64-token
+# pages), after the bf16 default (w4s2), each output checked against the default's
+BF16_SWEEP: tuple[str, ...] = ()
 # --virtual: also time FA3 over per-row virtual contexts, all heads at once and in head chunks
 # (rows "<config>+fa3", "<config>+fa3_chunked"); --chunked: the Triton kernels in head chunks
 # (rows "<config>+chunked"); chunks under the default map_budget (1.5% of the K/V bytes) with no
@@ -394,6 +400,11 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
         )
         if name == "dense":
             row["predictor_parts_ms"] = predictor_parts
+        if BF16_SWEEP and name in ("dense", "topk_s0.5") and page % BLKK == 0:
+            row["bf16_launch_sweep_ms"], row["bf16_launch_sweep_max_diff"] = launch_sweep(
+                lambda o, bm=bm, pv=pv, **kw: sparse_paged_attention(
+                    q, kc, vc, batch, bm, scale, pv, o, pv_skip=False, **kw), out,
+                {n: LAUNCHES_BY_NAME[n].kwargs for n in BF16_SWEEP})
         if SWEEP and D == 256:
             if name in ("dense", "topk_s0.5") and page % BLKK == 0:
                 row["launch_sweep_ms"], row["launch_sweep_max_diff"] = d256_sweep(
@@ -733,6 +744,7 @@ def _bench_chunked(args, topk, row, results, kv_bytes, attention, map_budget, su
 
 def main():
     global SWEEP, D, HQ, HKV, TIME_VARIANTS, VIRTUAL, CHUNKED, KV_FP8, ONLY_CONFIGS, FP8_SWEEP
+    global BF16_SWEEP
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--pages", type=int, nargs="+", default=[64, 16])
@@ -742,6 +754,9 @@ def main():
                     help="with --kv-dtype fp8: time launch configs of the fp8_dot attention "
                     "kernel on the dense and 50%% rows: the named ones (e.g. w4s2 w4s3_ahead), "
                     "else every one of FP8_LAUNCHES")
+    ap.add_argument("--bf16-sweep", nargs="+", metavar="LAUNCH",
+                    help="time the named launches of --fp8-sweep's table on the bf16 dense "
+                    "and 50%% rows (64-token pages), after the bf16 default w4s2")
     ap.add_argument("--virtual", action="store_true",
                     help="also time FA3 over per-row virtual contexts (kernels/fa3.py), all "
                     "heads at once and in head chunks")
@@ -773,15 +788,17 @@ def main():
         plot(saved["results"], saved["meta"], str(Path(args.replot).with_suffix(".png")))
         return
     SWEEP, D, TIME_VARIANTS = args.sweep, args.head_dim, args.variants
-    if args.fp8_sweep is not None:
-        names = [x.name for x in FP8_LAUNCHES]
-        unknown = [n for n in args.fp8_sweep if n not in names]
+    for flag, named in (("--fp8-sweep", args.fp8_sweep), ("--bf16-sweep", args.bf16_sweep)):
+        unknown = [n for n in named or () if n not in LAUNCHES_BY_NAME]
         if unknown:
-            ap.error(f"--fp8-sweep {' '.join(unknown)}: no such launch; name any of "
-                     f"{' '.join(names)}")
-        FP8_SWEEP = tuple(args.fp8_sweep or names)
+            ap.error(f"{flag} {' '.join(unknown)}: no such launch; name any of "
+                     f"{' '.join(LAUNCHES_BY_NAME)}")
+    if args.fp8_sweep is not None:
+        FP8_SWEEP = tuple(args.fp8_sweep or LAUNCHES_BY_NAME)
         if args.kv_dtype != "fp8":
             ap.error("--fp8-sweep times the fp8 rows: add --kv-dtype fp8")
+    if args.bf16_sweep:
+        BF16_SWEEP = tuple(dict.fromkeys(["w4s2", *args.bf16_sweep]))
     q_heads, kv_heads = args.heads
     if q_heads < 1 or kv_heads < 1 or q_heads % kv_heads:
         ap.error(f"--heads {q_heads} {kv_heads}: query heads must be a multiple of KV heads")

@@ -1,6 +1,7 @@
 """The benchmark scripts' report code (their GPU parts run on the GPU machine only)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -428,6 +429,46 @@ def test_sweep_times_page_ahead_launches_against_the_default(monkeypatch, device
     text = "\n".join(_load("kernels_report")._sweep_table(results))
     assert "| 256 | 64 | dense | 0.500 (1.00x) |" in text and "| 2.50e-01 |" in text
     assert set(ahead) == {((4, 2), True), ((4, 3), True), ((8, 3), True)}
+
+
+def test_bf16_sweep_times_the_named_launches_after_the_default(monkeypatch, device):
+    """``--bf16-sweep NAME...`` times the named launches of the fp8 sweep's table on the bf16
+    dense and 50% rows (64-token pages), after the bf16 default ``w4s2``, each with its register
+    cap, programs a query block and rescaling, its output against the default's; an unknown
+    name is refused naming the known ones."""
+    import torch
+
+    bench = _load("bench_kernels")
+    for name, value in (("DEVICE", device), ("HQ", 2), ("HKV", 1), ("D", 64),
+                        ("BF16_SWEEP", ("w4s2", "w8s3_ahead_r128_lazy0", "w4s2_ahead_split2")),
+                        ("ONLY_CONFIGS", {"dense", "topk_s0.5"})):
+        monkeypatch.setattr(bench, name, value)
+    monkeypatch.setattr(bench, "bench", lambda fn: (fn(), 0.5)[1])
+    if device == "cpu":
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    seen = []
+
+    def attend(q, kc, vc, batch, bm, scale, pv, out, stats=None, launch=None, use_tma=None,
+               page_ahead=False, split=None, lazy_rescale=None, pv_skip=None, **kw):
+        seen.append((launch, use_tma, page_ahead, split, lazy_rescale, pv_skip))
+        out.fill_(1.0 + (0.25 if split == 2 else 0.0))
+
+    monkeypatch.setattr(bench, "sparse_paged_attention", attend)
+    results = []
+    bench._bench_inputs(512, 64, False, results, None)
+    rows = [r for r in results if "bf16_launch_sweep_ms" in r]
+    assert [r["config"] for r in rows] == ["dense", "topk_s0.5"]
+    assert list(rows[0]["bf16_launch_sweep_ms"]) == ["w4s2", "w8s3_ahead_r128_lazy0",
+                                                     "w4s2_ahead_split2"]
+    assert rows[0]["bf16_launch_sweep_max_diff"]["w4s2_ahead_split2"] == 0.25
+    assert {s for s in seen if s[0] is not None} == {
+        ((4, 2), True, False, 1, None, False), ((8, 3, 128), True, True, 1, 0.0, False),
+        ((4, 2), True, True, 2, None, False)}
+    text = "\n".join(_load("kernels_report")._sweep_table(results, "bf16_launch_sweep", "x"))
+    assert "the default `w4s2`'s time" in text and "| 256 |" not in text
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--bf16-sweep", "w9s9"])
+    with pytest.raises(SystemExit):
+        bench.main()
 
 
 def test_kernels_fp8dot_failure_is_noted_not_fatal(monkeypatch):
