@@ -372,13 +372,14 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
                            "w4s3_ptr", "w8s3_ptr", "w4s3_ahead", "w8s3_ahead",
                            "w8s2_ahead_r128", "w8s3_ahead_r128", "w4s2_ahead_split2",
                            "w4s3_ahead_split2", "w4s3_ahead_split2_r168", "w4s2_ahead_lazy0",
-                           "w8s2_ahead_r128_lazy0", "w8s3_ahead_r128_lazy0"]
+                           "w8s2_ahead_r128_lazy0", "w8s3_ahead_r128_lazy0",
+                           "w8s4_ahead_r128_lazy0", "w8s5_ahead_r128_lazy0", "w8s3_r128_lazy0"]
     # the reference: the default launch
     assert seen[0] == (None, None, False, False, "scales", True, None, None)
     assert all(s[3:6] == (False, "scales", True) for s in seen)
     # (num_warps, num_stages[, maxnreg]), TMA K loads, page_ahead, programs a query block,
     # lazy_rescale
-    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-8:] == [
+    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-11:-3] == [
         ((8, 2, 128), True, True, 1, None), ((8, 3, 128), True, True, 1, None),
         ((4, 2), True, True, 2, None), ((4, 3), True, True, 2, None),
         ((4, 3, 168), True, True, 2, None), ((4, 2), True, True, 1, 0.0),
