@@ -171,21 +171,21 @@ def main() -> None:
           4, 2)
     # the other layouts the backend serves, at their launch parameters: fp16, head dim 64, pages
     # that are not a multiple of the key block (pointer loads instead of TMA)
-    for dtype, dim, page in (("fp16", 64, 64), ("bf16", 128, 16), ("fp16", 64, 16),
-                             ("bf16", 256, 64), ("bf16", 256, 16)):
+    for dtype, dim, page in (("bf16", 128, 64), ("fp16", 64, 64), ("bf16", 128, 16),
+                             ("fp16", 64, 16), ("bf16", 256, 64), ("bf16", 256, 16)):
         tma = page % BLKK == 0
         layout_types = _types(dtype, dim, tma)
         extra = {} if tma else {"k_desc": None, "v_desc": None}
         for pv in (False, True):
-            warps, stages = attention._attn_launch_params(dim, tma)
-            split = attention._row_parts(None, dim, pv, None, tma)[0]  # the default
-            check(f"attention {dtype} D{dim} page {page} pv_skip={pv} split={split}",
+            served = attention.attend_params(dim, pv, tma)  # the default launch
+            check(f"attention {dtype} D{dim} page {page} pv_skip={pv} served",
                   attention._sparse_attn_kernel,
                   dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
                        PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=tma, PV_SKIP=pv,
-                       SPLIT=split, LAZY=_lazy(pv, tma, dim), **extra), warps,
-                  stages,
-                  types=layout_types)
+                       SPLIT=served.split, LAZY=served.lazy_rescale,
+                       PAGE_AHEAD=served.page_ahead, **extra),
+                  served.num_warps, served.num_stages, types=layout_types,
+                  maxnreg=served.maxnreg)
         check(f"kblock {dtype} D{dim} page {page}", pooling._kblock_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4, types=layout_types)
     # an fp8 KV cache (--kv-cache-dtype fp8), with the query quantised by the layer or not
@@ -195,15 +195,15 @@ def main() -> None:
         fp8_types = _types("bf16", dim, tma, kv="fp8e4nv", q=q)
         scaled = dict(Q_SCALED=q is not None, KV_SCALED=True)
 
-        def fp8_attention(use_tma, pv, split, dot, vk, ahead=False, dim=dim, page=page,
+        def fp8_attention(use_tma, pv, split, dot, vk, ahead, lazy, dim=dim, page=page,
                           scaled=scaled):
             """The attention kernel's constexprs over this fp8 layout (the absent descriptors
-            and copy None; ``ahead``: ``PAGE_AHEAD``)."""
+            and copy None; ``ahead``: ``PAGE_AHEAD``, ``lazy``: ``LAZY``)."""
             absent = {} if use_tma else {"k_desc": None, "v_desc": None}
             absent.update({"v_desc": None} if vk else {"vt_ptr": None})
             return dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
                         PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=use_tma, PV_SKIP=pv,
-                        SPLIT=split, LAZY=_lazy(pv, use_tma, dim), FP8_DOT=dot, V_KMAJOR=vk,
+                        SPLIT=split, LAZY=lazy, FP8_DOT=dot, V_KMAJOR=vk,
                         PAGE_AHEAD=ahead, **scaled, **absent)
 
         for pv in (False, True):
@@ -215,23 +215,26 @@ def main() -> None:
                 served = attention.attend_params(dim, pv, tma, fp8_dot=dot, v_kmajor=vk)
                 check(f"attention fp8 cache q={q or 'bf16'} D{dim} page {page} pv_skip={pv}"
                       f"{label}", attention._sparse_attn_kernel,
-                      fp8_attention(tma, pv, served.split, dot, vk, served.page_ahead),
-                      served.num_warps, served.num_stages, types=fp8_types)
+                      fp8_attention(tma, pv, served.split, dot, vk, served.page_ahead,
+                                    served.lazy_rescale),
+                      served.num_warps, served.num_stages, types=fp8_types,
+                      maxnreg=served.maxnreg)
         if dim == 128 and page == 64 and q:
             # the other launches bench_kernels --fp8-sweep times (5 stages, or 3 with the page
             # ids read ahead: three K/V tiles in flight; pointer K loads without TMA; 64-row
             # programs; registers capped)
             served = attention.attend_params(dim, False, True, fp8_dot=True)
             for x in FP8_LAUNCHES:
-                if (x.warps, x.stages, x.tma, x.ahead, x.split, x.maxnreg) == (
-                        served.num_warps, served.num_stages, True, served.page_ahead, 1, None):
+                kw = x.kwargs
+                par = attention.attend_params(dim, False, x.tma, x.split, x.lazy, kw["launch"],
+                                              True, None, x.ahead)
+                if par == served:
                     continue
-                kernel = fp8_attention(x.tma, False, x.split, True, True, x.ahead)
-                if x.lazy is not None:
-                    kernel["LAZY"] = x.lazy
                 check(f"attention fp8 cache q={q} D{dim} page {page} fp8_dot launch {x.name}",
-                      attention._sparse_attn_kernel, kernel, x.warps, x.stages,
-                      types=fp8_types, maxnreg=x.maxnreg)
+                      attention._sparse_attn_kernel,
+                      fp8_attention(x.tma, False, x.split, True, True, x.ahead,
+                                    par.lazy_rescale),
+                      x.warps, x.stages, types=fp8_types, maxnreg=x.maxnreg)
         check(f"values K-major copy D{dim} page {page}", pooling._values_kmajor_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4,
               types=dict(fp8_types, value_cache_ptr="*u8", vt_ptr="*u8"))

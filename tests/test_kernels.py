@@ -366,15 +366,24 @@ def test_a_register_cap_computes_the_same_attention(device):
     assert attend_params(128, False, True, launch=(8, 2)).maxnreg is None
 
 
-def test_page_ahead_defaults_to_where_it_was_measured_faster():
-    """page_ahead is on by default only for fp8 products at head dim 128 with TMA loads and no
-    PV skip (where it was measured), and needs TMA loads."""
-    from sparge_serve.kernels.attention import attend_params
+def test_default_launches_are_the_measured_ones():
+    """At head dim 128 with TMA loads and no PV skip the kernel launches as measured fastest:
+    8 warps capped at 128 registers (two programs an SM), page ids read ahead; 2 stages with
+    conditional rescaling in bf16, 4 stages rescaling every block with fp8 products. Elsewhere
+    4 warps (TMA) or 8 (pointer loads, head dim 256), no cap, no page ids ahead; page_ahead
+    needs TMA loads."""
+    from sparge_serve.kernels.attention import LAZY_RESCALE, attend_params
 
-    assert not attend_params(128, False, True).page_ahead
-    assert attend_params(128, False, True, fp8_dot=True).page_ahead
+    bf16, fp8 = attend_params(128, False, True), attend_params(128, False, True, fp8_dot=True)
+    assert (bf16.num_warps, bf16.num_stages, bf16.maxnreg, bf16.page_ahead,
+            bf16.lazy_rescale) == (8, 2, 128, True, LAZY_RESCALE)
+    assert (fp8.num_warps, fp8.num_stages, fp8.maxnreg, fp8.page_ahead, fp8.lazy_rescale,
+            fp8.v_kmajor) == (8, 4, 128, True, 0.0, True)
     for args in ((128, True, True), (128, False, False), (64, False, True), (256, False, True)):
-        assert not attend_params(*args, fp8_dot=True).page_ahead, args
+        for dot in (False, True):
+            p = attend_params(*args, fp8_dot=dot)
+            assert not p.page_ahead and p.maxnreg is None, (args, dot)
+            assert p.num_warps == (4 if args[2] and args[0] != 256 else 8), (args, dot)
     assert not attend_params(128, False, True, fp8_dot=True, page_ahead=False).page_ahead
     assert attend_params(128, True, True, page_ahead=True).page_ahead
     with pytest.raises(ValueError, match="it needs TMA loads"):

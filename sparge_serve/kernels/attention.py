@@ -48,20 +48,17 @@ from sparge_serve.kernels.pooling import (
 from sparge_serve.kernels.softmax import _dot, _online_softmax_update, _softmax_step
 
 _LOG2E = 1.4426950408889634
-# FlashAttention-4's conditional rescaling, on by default for TMA loads at head dim 128 without PV
-# skip: the running max (and the [M, D] accumulator rescale) moves only when a row's block max
-# exceeds it by more than 2**8 (log2 units). 1-10% faster than the KV-major order alone on an
-# H200 at 32K-128K, 64-token pages; 10% slower on 16-token pages (pointer loads), so off there
-# (benchmarks/results/kernels.md). The same output up to the rounding of P (tests).
+# FlashAttention-4's conditional rescaling, on by default for bf16 products with TMA loads at head
+# dim 128 without PV skip: the running max (and the accumulator's rescale) moves only when a
+# row's block max exceeds it by more than 2**8 (log2 units). 1-10% faster on an H200 at 32K-128K,
+# 64-token pages; slower on 16-token pages (kernels.md) and with fp8 products (kernels_launches.md).
 LAZY_RESCALE = 8.0
-# Query blocks from each head's end launched before the KV-major order (``_program_row``): the
-# blocks holding a chunk's last 128 queries (one or two), which keep every valid key block. Run
-# in KV-major order, the last KV head's would start near the end of the launch and run alone
-# (a long prompt at 90% block sparsity: one dense row of 512-2048 key blocks after the others).
+# Query blocks from each head's end launched before the KV-major order (``_program_row``): those
+# holding a chunk's last 128 queries, which keep every valid key block; in KV-major order the last
+# KV head's would start near the end of the launch and run alone (90% block sparsity).
 TAIL_FIRST = 2
-# NOTE: Triton 3.6's CPU interpreter computes bf16 tl.dot wrongly (it multiplies the raw bits);
-# under TRITON_INTERPRET=1 the kernel upcasts dot operands to fp32 (exact for bf16/fp16 inputs,
-# ``softmax._dot``).
+# NOTE: Triton 3.6's interpreter computes bf16 tl.dot wrongly (it multiplies the raw bits); under
+# TRITON_INTERPRET=1 the kernel upcasts dot operands to fp32 (exact; ``softmax._dot``).
 
 
 @triton.jit
@@ -91,15 +88,13 @@ def _attend_row(
     ``BLOCK_M < BLOCK_Q`` splits a query block over several programs (PV skip off only: the skip
     decision is taken over the whole block's rows).
 
-    Everything computes in the output's dtype (``DT``): an fp8 query and fp8 K/V blocks are
-    converted in registers (exact: every fp8 e4m3 value is a bfloat16/float16 value), the
-    dequantisation scales of q and K fold into the score scale and V's into the final
-    normalisation, so the kernel computes attention of the dequantised tensors. ``FP8_DOT``
-    (an fp8 query and cache) keeps them in fp8 for both products, as FlashAttention-3's fp8
-    forward does: ``P`` is rounded to fp8 for ``P.V``. Without it, an fp8 query over an fp8
-    cache still takes ``q.k`` in fp8 (each product is exact either way; Hopper sums fp8 products
-    with fewer bits than fp32, far finer than the fp8 inputs' own rounding): the matrix unit
-    then reads the K block where TMA put it, not a bf16 copy made through registers.
+    Everything computes in the output's dtype (``DT``): fp8 q and K/V blocks are converted in
+    registers (exact), the dequantisation scales of q and K fold into the score scale and V's
+    into the final normalisation: attention of the dequantised tensors. ``FP8_DOT`` (an fp8
+    query and cache) keeps both products in fp8, as FlashAttention-3's fp8 forward: ``P`` is
+    rounded to fp8 for ``P.V``. Without it, an fp8 query over an fp8 cache still takes ``q.k``
+    in fp8 (Hopper sums fp8 products with fewer bits than fp32, far finer than the inputs' own
+    rounding): the matrix unit reads the K block where TMA put it, not a bf16 copy.
     ``V_KMAJOR``: V blocks come from the request's K-major copy ``vt_row`` (``[Hkv, D, S]``,
     :func:`~sparge_serve.kernels.pooling.values_kmajor`), whose tiles an fp8 ``P.V`` reads
     as they lie, not transposed on chip. ``PAGE_AHEAD`` (TMA loads): the off-band loops read the
@@ -292,36 +287,41 @@ def _sparse_attn_kernel(
     _count_skipped(stats_ptr, n_skipped, PV_SKIP)  # (SPLIT is 1 with PV skip)
 
 
-def _attn_launch_params(head_dim: int, use_tma: bool) -> tuple[int, int]:
-    """(num_warps, num_stages); pinned from benchmarks/bench_kernels.py --sweep (H200, head dim
-    128): with TMA 4 warps / 2 stages (0.75x the time of 8/3); without (16-token pages) 8/3.
-    4/2 is 8% faster there with every block kept, but 8-17% slower at 50-90% block sparsity
-    (``kernels_v6_h200.md`` in commit 1f68c02, notes), and PV skip spills at 4 warps. Head
-    dim 256: 8 warps / 2 stages, with or without PV skip (``kernels_d256.md``, ``--sweep``: the
-    fastest of 4-8 warps, 1-3 stages, one or two programs a query block); it runs 0.68x FA3
-    dense at 32K on an H100, so ``auto`` sends such layers to FA3 unless they skip PV products.
-    Never autotuned at serve time."""
+def _attn_launch_params(head_dim: int, use_tma: bool, pv_skip: bool = True,
+                        fp8_dot: bool = False) -> tuple[int, ...]:
+    """(num_warps, num_stages[, maxnreg]), pinned from benchmarks/bench_kernels.py sweeps, never
+    autotuned at serve time. Head dim 128, TMA loads, PV skip off: 8 warps capped at 128
+    registers a thread, so that an SM holds two programs (four warp groups of 64 rows); 2 stages
+    in bf16, 4 with fp8 products (H100, 32K / 128K: 1.04-1.08x and 1.03-1.10x 4 warps / 2 stages
+    with every block kept and at 50%; ``kernels_launches.md``). Otherwise with TMA 4 warps / 2
+    stages (H200: 0.75x the time of 8/3; ``kernels_v6_h200.md`` in commit 1f68c02), without
+    (16-token pages) 8/3. Head dim 256: 8 warps / 2 stages (``kernels_d256.md``, ``--sweep``:
+    the fastest of 4-8 warps, 1-3 stages, one or two programs a query block); it runs 0.68x
+    FA3 dense at 32K on an H100, so ``auto`` sends such layers to FA3 unless they skip PV."""
     if head_dim == 256:
         return (8, 2)
+    if use_tma and head_dim == 128 and not pv_skip:
+        return (8, 4, 128) if fp8_dot else (8, 2, 128)
     if use_tma:
         return (4, 2)
     return (8, 3) if head_dim == 128 else (4, 2)
 
 
 def _row_parts(split: int | None, head_dim: int, pv_skip: bool, lazy_rescale: float | None,
-               use_tma: bool) -> tuple[int, float]:
+               use_tma: bool, fp8_dot: bool = False) -> tuple[int, float]:
     """``(SPLIT, LAZY)`` of the attention kernel, after checking them against ``pv_skip``. ``split``
     ``None``: whole query blocks (at head dim 256 too: one 128-row program a query block takes
     0.46-0.50x the time of two 64-row ones at 8K-32K, H100, ``kernels_d256.md``, as the two
     programs each load every kept K/V block); ``lazy_rescale`` ``None``: :data:`LAZY_RESCALE`
-    where it measures faster (TMA loads, head dim 128, PV skip off), else 0."""
+    where it measures faster (TMA loads, head dim 128, PV skip off, bf16 products), else 0."""
     if split is None:
         split = 1
     if split not in (1, 2) or (pv_skip and split != 1):
         raise ValueError(f"split must be 1, or 2 with PV skip off; got {split} (pv_skip "
                          f"{pv_skip})")
     if lazy_rescale is None:
-        lazy_rescale = LAZY_RESCALE if use_tma and head_dim == 128 and not pv_skip else 0.0
+        lazy = use_tma and head_dim == 128 and not pv_skip and not fp8_dot
+        lazy_rescale = LAZY_RESCALE if lazy else 0.0
     if lazy_rescale < 0 or (lazy_rescale > 0 and pv_skip):
         raise ValueError(f"lazy_rescale must be >= 0, and 0 with PV skip on; got {lazy_rescale} "
                          f"(pv_skip {pv_skip})")
@@ -352,14 +352,14 @@ def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None
     ``None``; ``v_kmajor`` ``None``: with ``fp8_dot`` (an fp8 ``P.V`` over V as the cache holds
     it transposes every tile on chip: 0.64-0.67x the bf16 kernel's speed, against 1.47-1.56x
     over a K-major copy, H100, ``benchmarks/results/fp8_pv_layout.md``). ``page_ahead`` (TMA
-    loads only, ``ValueError`` without) ``None``: on for fp8 products at head dim 128 without PV
-    skip, measured faster there (4 warps / 2 stages, H100, 32K / 128K: 1.04x / 1.04x dense,
-    1.09x / 0.99x at 50%, the same output; ``kernels_fp8_sweep.md``), else off."""
-    split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma)
-    num_warps, num_stages, *maxnreg = launch or _attn_launch_params(head_dim, use_tma)
+    loads only, ``ValueError`` without) ``None``: on at head dim 128 without PV skip, as the
+    default launches there were measured, else off."""
+    split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma, fp8_dot)
+    num_warps, num_stages, *maxnreg = launch or _attn_launch_params(head_dim, use_tma, pv_skip,
+                                                                    fp8_dot)
     v_kmajor = fp8_dot if v_kmajor is None else v_kmajor
     if page_ahead is None:
-        page_ahead = fp8_dot and use_tma and head_dim == 128 and not pv_skip
+        page_ahead = use_tma and head_dim == 128 and not pv_skip
     if page_ahead and not use_tma:
         raise ValueError("page_ahead reads the page ids of TMA block loads ahead: it needs TMA "
                          "loads (use_tma, pages of whole key blocks)")
