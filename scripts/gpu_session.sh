@@ -43,7 +43,8 @@
 #              FLASH_ATTN-fp8 and FA3 bf16, their errors and the fp8 bars (about 5 minutes;
 #              more bench_kernels.py options in $KERNELS_ARGS, e.g. --configs dense topk_s0.5,
 #              --fp8-sweep [LAUNCH...] for the fp8 kernel's launches, all or the named ones,
-#              e.g. w4s2 w4s3_ahead; -> $OUT/kernels_fp8.*)
+#              e.g. w4s2 w8s4_ahead_r128_lazy0, --bf16-sweep LAUNCH... for the same launches
+#              on the bf16 rows; -> $OUT/kernels_fp8.*)
 #   virtual    FA3 over per-row virtual contexts: its tests (CPU emulation and real FA3) and the
 #              benchmark at 32K and 128K, 64-token pages, with the head-chunked (memory-bounded)
 #              rows (-> $OUT/kernels_virtual.*)
