@@ -77,16 +77,15 @@ SWEEP = False  # --sweep: also time the dense kernel under several (num_warps, n
 # split 2 at 8 warps without spills, split 1 at 8 warps spilling 24-64 bytes, and faster)
 D256_LAUNCHES = ((1, 8, 2), (1, 8, 1), (1, 8, 3), (2, 8, 2), (2, 8, 3), (2, 4, 3))
 # --fp8-sweep: launches of the fp8_dot attention kernel (V from its K-major copy; Launch),
-# timed on the dense and 50% configurations' +fp8dot rows (64-token pages), each output checked
-# against the default launch's (the first: 4 warps, 2 stages, TMA, page_ahead). Its loop finds a
-# key block through its list, then the block table: the compiled loop keeps two K and V tiles in
-# flight up to 4 stages, three from 5 (66 KB of shared memory in fp8;
-# scripts/aot_compile_check.py); with page_ahead (the next block's page id read one iteration
-# ahead) three from 3 stages. The default takes 255 registers a thread, so an SM holds two of
-# its 4-warp programs; capped at 128 (maxnreg), two 8-warp programs (two warp groups each, 64
-# rows a group), and two 64-row programs a query block (split 2: 160 registers at 2 stages,
-# 168 at most at 3) three 4-warp programs. The default's conditional rescaling takes a max over
-# the program's rows every block (a barrier across its warps); lazy0 rescales every block
+# timed on the dense and 50% configurations' +fp8dot rows (64-token pages) after the default
+# launch (default_launch), each output checked against the default's. Its loop finds a key block
+# through its list, then the block table: the compiled loop keeps two K and V tiles in flight up
+# to 4 stages, three from 5 (66 KB of shared memory in fp8; scripts/aot_compile_check.py); with
+# page_ahead (the next block's page id read one iteration ahead) three from 3 stages. 4 warps
+# take 255 registers a thread, so an SM holds two such programs; 8 warps capped at 128 (maxnreg)
+# two (two warp groups each, 64 rows a group); two 64-row programs a query block (split 2: 160
+# registers at 2 stages, 168 at most at 3) three 4-warp ones. Conditional rescaling takes a max
+# over the program's rows every block (a barrier across its warps); lazy0 rescales every block
 class Launch(NamedTuple):
     warps: int
     stages: int
@@ -125,7 +124,7 @@ FP8_LAUNCHES = tuple(Launch(*x) for x in (
 LAUNCHES_BY_NAME = {x.name: x for x in FP8_LAUNCHES}
 FP8_SWEEP: tuple[str, ...] = ()  # --fp8-sweep: the FP8_LAUNCHES (by name) timed
 # --bf16-sweep: the FP8_LAUNCHES (by name) timed on the bf16 dense and 50% rows (64-token
-# pages), after the bf16 default (w4s2), each output checked against the default's
+# pages), after the bf16 default launch, each output checked against the default's
 BF16_SWEEP: tuple[str, ...] = ()
 # --virtual: also time FA3 over per-row virtual contexts, all heads at once and in head chunks
 # (rows "<config>+fa3", "<config>+fa3_chunked"); --chunked: the Triton kernels in head chunks
@@ -228,15 +227,29 @@ def d256_sweep(q, kc, vc, batch, bm, scale, pv_off, out) -> tuple[dict, dict]:
         for split, w, st in D256_LAUNCHES})
 
 
+def default_launch(fp8_dot: bool) -> Launch:
+    """The attention kernel's default launch at head dim ``D`` with TMA loads and PV skip off
+    (``lazy`` None: the default rescaling)."""
+    p = attend_params(D, False, True, fp8_dot=fp8_dot)
+    return Launch(p.num_warps, p.num_stages, True, p.page_ahead, p.split, p.maxnreg)
+
+
+def named_launches(default: Launch, names) -> dict[str, dict]:
+    """``default`` and the :data:`FP8_LAUNCHES` named in ``names``, by name, as keyword
+    arguments of the attention call."""
+    return {default.name: default.kwargs,
+            **{n: LAUNCHES_BY_NAME[n].kwargs for n in names if n != default.name}}
+
+
 def fp8_dot_sweep(q8, kc8, vc8, batch, bm, scale, pv_off, out, kv_scales) -> tuple[dict, dict]:
     """:func:`launch_sweep` of the attention kernel with ``fp8_dot`` (V from its K-major copy,
-    PV skip off) over the :data:`FP8_LAUNCHES` named in :data:`FP8_SWEEP`."""
+    PV skip off): its default launch, then the :data:`FP8_LAUNCHES` named in
+    :data:`FP8_SWEEP`."""
     def attend(o, **kw):
         sparse_paged_attention(q8, kc8, vc8, batch, bm, scale, pv_off, o, pv_skip=False,
                                scales=kv_scales, fp8_dot=True, **kw)
 
-    return launch_sweep(attend, out, {x.name: x.kwargs for x in FP8_LAUNCHES
-                                      if x.name in FP8_SWEEP})
+    return launch_sweep(attend, out, named_launches(default_launch(True), FP8_SWEEP))
 
 
 def launch_sweep(attend, out, launches: dict[str, dict]) -> tuple[dict, dict]:
@@ -404,7 +417,7 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             row["bf16_launch_sweep_ms"], row["bf16_launch_sweep_max_diff"] = launch_sweep(
                 lambda o, bm=bm, pv=pv, **kw: sparse_paged_attention(
                     q, kc, vc, batch, bm, scale, pv, o, pv_skip=False, **kw), out,
-                {n: LAUNCHES_BY_NAME[n].kwargs for n in BF16_SWEEP})
+                named_launches(default_launch(False), BF16_SWEEP))
         if SWEEP and D == 256:
             if name in ("dense", "topk_s0.5") and page % BLKK == 0:
                 row["launch_sweep_ms"], row["launch_sweep_max_diff"] = d256_sweep(
@@ -756,7 +769,7 @@ def main():
                     "else every one of FP8_LAUNCHES")
     ap.add_argument("--bf16-sweep", nargs="+", metavar="LAUNCH",
                     help="time the named launches of --fp8-sweep's table on the bf16 dense "
-                    "and 50%% rows (64-token pages), after the bf16 default w4s2")
+                    "and 50%% rows (64-token pages), after the bf16 default launch")
     ap.add_argument("--virtual", action="store_true",
                     help="also time FA3 over per-row virtual contexts (kernels/fa3.py), all "
                     "heads at once and in head chunks")
@@ -798,7 +811,7 @@ def main():
         if args.kv_dtype != "fp8":
             ap.error("--fp8-sweep times the fp8 rows: add --kv-dtype fp8")
     if args.bf16_sweep:
-        BF16_SWEEP = tuple(dict.fromkeys(["w4s2", *args.bf16_sweep]))
+        BF16_SWEEP = tuple(args.bf16_sweep)
     q_heads, kv_heads = args.heads
     if q_heads < 1 or kv_heads < 1 or q_heads % kv_heads:
         ap.error(f"--heads {q_heads} {kv_heads}: query heads must be a multiple of KV heads")

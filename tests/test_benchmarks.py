@@ -338,9 +338,10 @@ def test_d256_launch_sweep_checks_outputs_and_survives_a_refused_launch(monkeypa
 
 
 def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
-    """``--fp8-sweep`` times every launch of ``FP8_LAUNCHES`` with ``fp8_dot`` and the cache's
-    scales, PV skip off, each output against the default launch's, and a refused launch as NaN;
-    its report table gives each launch's ms and the default's time over it."""
+    """``--fp8-sweep`` times the default launch (8 warps / 4 stages capped at 128 registers,
+    page ids ahead), then the named launches of ``FP8_LAUNCHES`` or every one, with ``fp8_dot``
+    and the cache's scales, PV skip off, each output against the default launch's, and a refused
+    launch as NaN; its report table gives each launch's ms and the default's time over it."""
     import torch
 
     bench = _load("bench_kernels")
@@ -354,22 +355,25 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
         seen.append((launch, use_tma, page_ahead, pv_skip, scales, fp8_dot, split, lazy_rescale))
         if launch == (8, 3) and use_tma is False:
             raise RuntimeError("out of resource: shared memory\nRequired: 1, limit: 0")
-        out.fill_(1.0 + (0.5 if launch == (4, 5) else 0.0) + (0.25 if page_ahead else 0.0))
+        out.fill_(1.0 + (0.5 if launch == (4, 5) else 0.0) + (0.25 if split == 2 else 0.0))
 
     monkeypatch.setattr(bench, "sparse_paged_attention", attend)
     out = torch.zeros(4, 2)
-    # --fp8-sweep NAME...: the named launches only
+    # --fp8-sweep NAME...: the default, then the named launches
     monkeypatch.setattr(bench, "FP8_SWEEP", ("w8s3_ahead", "w4s5"))
     times, _ = bench.fp8_dot_sweep(None, None, None, None, None, 1.0, None, out, "scales")
-    assert list(times) == ["w4s5", "w8s3_ahead"]
-    assert list(dict.fromkeys(s[:3] for s in seen[1:])) == [((4, 5), True, False),
-                                                           ((8, 3), True, True)]
+    assert list(times) == ["w8s4_ahead_r128", "w8s3_ahead", "w4s5"]
+    # (num_warps, num_stages[, maxnreg]), TMA K loads, page_ahead, programs a query block,
+    # lazy_rescale
+    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:])) == [
+        ((8, 4, 128), True, True, 1, None), ((8, 3), True, True, 1, None),
+        ((4, 5), True, False, 1, None)]
     # --fp8-sweep: every one
     seen.clear()
     monkeypatch.setattr(bench, "FP8_SWEEP", tuple(x.name for x in bench.FP8_LAUNCHES))
     times, diffs = bench.fp8_dot_sweep(None, None, None, None, None, 1.0, None, out, "scales")
-    assert list(times) == ["w4s2_ahead", "w4s2", "w4s3", "w4s5", "w8s2", "w8s3", "w8s5",
-                           "w4s3_ptr", "w8s3_ptr", "w4s3_ahead", "w8s3_ahead",
+    assert list(times) == ["w8s4_ahead_r128", "w4s2_ahead", "w4s2", "w4s3", "w4s5", "w8s2",
+                           "w8s3", "w8s5", "w4s3_ptr", "w8s3_ptr", "w4s3_ahead", "w8s3_ahead",
                            "w8s2_ahead_r128", "w8s3_ahead_r128", "w4s2_ahead_split2",
                            "w4s3_ahead_split2", "w4s3_ahead_split2_r168", "w4s2_ahead_lazy0",
                            "w8s2_ahead_r128_lazy0", "w8s3_ahead_r128_lazy0",
@@ -377,21 +381,20 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
     # the reference: the default launch
     assert seen[0] == (None, None, False, False, "scales", True, None, None)
     assert all(s[3:6] == (False, "scales", True) for s in seen)
-    # (num_warps, num_stages[, maxnreg]), TMA K loads, page_ahead, programs a query block,
-    # lazy_rescale
     assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-11:-3] == [
         ((8, 2, 128), True, True, 1, None), ((8, 3, 128), True, True, 1, None),
         ((4, 2), True, True, 2, None), ((4, 3), True, True, 2, None),
         ((4, 3, 168), True, True, 2, None), ((4, 2), True, True, 1, 0.0),
         ((8, 2, 128), True, True, 1, 0.0), ((8, 3, 128), True, True, 1, 0.0)]
-    assert len(dict.fromkeys(s[:3] + s[6:] for s in seen[1:])) == len(bench.FP8_LAUNCHES)
-    assert diffs["w4s2"] == 0.0 and diffs["w4s5"] == 0.5 and diffs["w8s3_ahead"] == 0.25
+    assert len(dict.fromkeys(s[:3] + s[6:] for s in seen[1:])) == len(bench.FP8_LAUNCHES) + 1
+    assert diffs["w8s4_ahead_r128"] == 0.0 and diffs["w4s5"] == 0.5
+    assert diffs["w4s2_ahead_split2"] == 0.25
     assert times["w8s3_ptr"] != times["w8s3_ptr"]  # NaN: refused, the run went on
     rows = [dict(length=32768, page=64, config="dense+fp8dot", fp8_launch_sweep_ms=dict(
-        times, w4s3=0.25), fp8_launch_sweep_max_diff=diffs)]
+        times, w4s2_ahead=0.25), fp8_launch_sweep_max_diff=diffs)]
     text = "\n".join(report._sweep_table(rows, "fp8_launch_sweep", "(fp8)"))
-    assert "| 32768 | 64 | dense+fp8dot | 0.500 (1.00x) | 0.500 (1.00x) | 0.250 (2.00x) |" in text
-    assert "the default `w4s2_ahead`'s time" in text
+    assert "| 32768 | 64 | dense+fp8dot | 0.500 (1.00x) | 0.250 (2.00x) | 0.500 (1.00x) |" in text
+    assert "the default `w8s4_ahead_r128`'s time" in text
     assert "5.00e-01 |" in text
 
 
@@ -434,9 +437,9 @@ def test_sweep_times_page_ahead_launches_against_the_default(monkeypatch, device
 
 def test_bf16_sweep_times_the_named_launches_after_the_default(monkeypatch, device):
     """``--bf16-sweep NAME...`` times the named launches of the fp8 sweep's table on the bf16
-    dense and 50% rows (64-token pages), after the bf16 default ``w4s2``, each with its register
-    cap, programs a query block and rescaling, its output against the default's; an unknown
-    name is refused naming the known ones."""
+    dense and 50% rows (64-token pages), after the bf16 default launch (head dim 64: ``w4s2``),
+    each with its register cap, programs a query block and rescaling, its output against the
+    default's; an unknown name is refused naming the known ones."""
     import torch
 
     bench = _load("bench_kernels")
