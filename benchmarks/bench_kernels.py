@@ -227,11 +227,11 @@ def d256_sweep(q, kc, vc, batch, bm, scale, pv_off, out) -> tuple[dict, dict]:
         for split, w, st in D256_LAUNCHES})
 
 
-def default_launch(fp8_dot: bool) -> Launch:
-    """The attention kernel's default launch at head dim ``D`` with TMA loads and PV skip off
-    (``lazy`` None: the default rescaling)."""
-    p = attend_params(D, False, True, fp8_dot=fp8_dot)
-    return Launch(p.num_warps, p.num_stages, True, p.page_ahead, p.split, p.maxnreg)
+def default_launch(fp8_dot: bool, use_tma: bool = True) -> Launch:
+    """The attention kernel's default launch at head dim ``D`` with PV skip off (``lazy`` None:
+    the default rescaling)."""
+    p = attend_params(D, False, use_tma, fp8_dot=fp8_dot)
+    return Launch(p.num_warps, p.num_stages, p.use_tma, p.page_ahead, p.split, p.maxnreg)
 
 
 def named_launches(default: Launch, names) -> dict[str, dict]:
@@ -425,9 +425,7 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
         elif SWEEP and name == "dense":
             # the default launch for these pages first (the report's baseline), then 4 and 8
             # warps at 2-5 stages, uncapped (5 stages: three K/V tiles in flight)
-            p = attend_params(D, False, page % BLKK == 0)
-            default = Launch(p.num_warps, p.num_stages, p.use_tma, p.page_ahead, p.split,
-                             p.maxnreg)
+            default = default_launch(False, page % BLKK == 0)
             row["launch_sweep_ms"] = {default.name: bench(
                 lambda bm=bm: sparse_paged_attention(q, kc, vc, batch, bm, scale, pv_off, out,
                                                      check_finite=False, pv_skip=False))}

@@ -412,9 +412,9 @@ def sparse_paged_attention(
     ``use_tma`` the choice of TMA loads (``False``: pointer loads), ``block_n`` the key-block
     width of ``block_map``; ``split`` (1 or 2, PV skip off; ``None``: 1) runs each query block as
     that many programs of ``BLKQ // split`` rows.
-    ``lazy_rescale`` > 0 (PV skip off) rescales the accumulator only when a row's max grows by
-    more than that many log2 units (``softmax._lazy_softmax_update``); ``None``: :data:`LAZY_RESCALE`
-    with TMA loads and head dim 128 without PV skip (where it measures faster), else 0.
+    ``lazy_rescale`` > 0 (PV skip off) rescales only when a row's max grows by more than that
+    many log2 units (``softmax._lazy_softmax_update``); ``None``: :data:`LAZY_RESCALE` where
+    it measures faster (TMA loads, head dim 128, no PV skip, bf16 products), else 0.
     ``kv_major`` (the default) launches every head's last ``tail_first`` (:data:`TAIL_FIRST`)
     query blocks, then one KV head's other query programs before the next KV head's; ``False``
     (benchmarks only) runs every head of one query block together.
