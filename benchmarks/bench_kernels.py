@@ -395,9 +395,11 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
         t_attn = bench(lambda bm=bm, pv=pv, skip="pv" in c: sparse_paged_attention(
             q, kc, vc, batch, bm, scale, pv, out, check_finite=False, pv_skip=skip))
         if name == "dense":
-            # where the predictor's time goes: key pooling (two kernels and the key mean) and
-            # the select kernel (the rest)
-            t_pool = bench(lambda: pool_keys(kc, batch))
+            # where the predictor's time goes: key pooling (two kernels and the key mean; as
+            # the predictor runs it, so none for KV heads of dense heads only) and the select
+            # kernel (the rest)
+            pool_cdf = None if c["topk"] else cdf
+            t_pool = bench(lambda pool_cdf=pool_cdf: pool_keys(kc, batch, pool_cdf, HQ // HKV))
             predictor_parts = {"pool_keys": t_pool, "select": t_pred - t_pool}
         extra = pooled_keys_bytes(HKV, D, 1, length) + max(
             key_sums_bytes(HKV, D, 1, length),

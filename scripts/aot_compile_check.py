@@ -118,6 +118,10 @@ def _types(dtype: str, d: int, tma: bool, kv: str | None = None,
     return types
 
 
+POOL_SERVED = dict(GROUP=4, GROUP_PAD=4, SKIP_DENSE=True)
+"""The key pass as served with the CDF selection (dense KV heads skipped), GQA group 4."""
+
+
 def _lazy(pv_skip: bool) -> float:
     """The kernel's LAZY at serving, bf16 at head dim 128 with TMA loads (conditional
     rescaling, see attention._row_parts)."""
@@ -152,8 +156,9 @@ def main() -> None:
             print(f"FAIL  {label}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
 
     check("ksum", pooling._ksum_kernel,
-          dict(PAGE=64, BLOCK_N=BLKK, HEAD_DIM=d, CHUNK=pooling.KSUM_CHUNK), 4)
-    check("kblock", pooling._kblock_kernel, dict(PAGE=64, BLOCK_N=BLKK, HEAD_DIM=d), 4)
+          dict(PAGE=64, BLOCK_N=BLKK, HEAD_DIM=d, CHUNK=pooling.KSUM_CHUNK, **POOL_SERVED), 4)
+    check("kblock", pooling._kblock_kernel,
+          dict(PAGE=64, BLOCK_N=BLKK, HEAD_DIM=d, **POOL_SERVED), 4)
     for pv, split in ((False, 1), (True, 1), (False, 2)):
         for warps, stages in ((4, 2), (8, 2)):
             check(f"attention pv_skip={pv} split={split} warps={warps}",
@@ -188,7 +193,8 @@ def main() -> None:
                   served.num_warps, served.num_stages, types=layout_types,
                   maxnreg=served.maxnreg)
         check(f"kblock {dtype} D{dim} page {page}", pooling._kblock_kernel,
-              dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4, types=layout_types)
+              dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim, **POOL_SERVED), 4,
+              types=layout_types)
     # an fp8 KV cache (--kv-cache-dtype fp8), with the query quantised by the layer or not
     for dim, page, q in ((128, 64, "fp8e4nv"), (128, 64, None), (128, 16, "fp8e4nv"),
                          (64, 64, "fp8e4nv"), (256, 64, "fp8e4nv")):
@@ -240,10 +246,10 @@ def main() -> None:
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4,
               types=dict(fp8_types, value_cache_ptr="*u8", vt_ptr="*u8"))
         check(f"ksum fp8 cache D{dim} page {page}", pooling._ksum_kernel,
-              dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim, CHUNK=pooling.KSUM_CHUNK), 4,
+              dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim, CHUNK=pooling.KSUM_CHUNK, **POOL_SERVED), 4,
               types=fp8_types)
         check(f"kblock fp8 cache D{dim} page {page}", pooling._kblock_kernel,
-              dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4, types=fp8_types)
+              dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim, **POOL_SERVED), 4, types=fp8_types)
         dc, warps = predictor.select_launch_params(args.nkb_pad[0])
         check(f"select fp8 q={q or 'bf16'} D{dim} NKB_PAD={args.nkb_pad[0]}",
               predictor._select_kernel,

@@ -419,13 +419,7 @@ def test_pool_keys_zeroes_the_padding_the_select_kernel_reads(device, monkeypatc
     memory (here every float buffer the call allocates starts as NaN)."""
     from sparge_serve.kernels.pooling import pool_keys
 
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    _nan_empty(monkeypatch)
     reqs = [(100, 300), (70, 70)]  # 5 and 2 key blocks of 64: padding to 8 and to 4
     case = make_paged_case(reqs, 2, 1, 64, 16, torch.bfloat16, device)
     pk = pool_keys(case.key_cache, case.batch).pk.cpu()  # [R, Hkv, D, stride]
@@ -434,6 +428,68 @@ def test_pool_keys_zeroes_the_padding_the_select_kernel_reads(device, monkeypatc
         assert torch.isfinite(pk[r, ..., :n]).all()
         assert torch.equal(pk[r, ..., n : num_blocks(n, 4) * 4],
                            torch.zeros_like(pk[r, ..., n : num_blocks(n, 4) * 4]))
+
+
+def _nan_empty(monkeypatch):
+    """Every float buffer allocated from here on starts as NaN (an unwritten one shows)."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+# CDF thresholds of 4 query heads over 2 KV heads: KV head 0 serves dense heads only (cdf 1),
+# KV head 1 one sparse head and one dense
+MIXED_CDF = (1.0, 1.0, 0.5, 1.0)
+
+
+def test_pool_keys_skips_kv_heads_of_dense_heads_only(device, monkeypatch):
+    """With the CDF thresholds, a KV head whose query heads are all dense is not pooled (its
+    rows stay unwritten: NaN here); the other KV heads pool as without them."""
+    from sparge_serve.kernels.pooling import pool_keys
+
+    case = make_paged_case(REQS_SMALL, 4, 2, 64, 16, torch.bfloat16, device)
+    want = pool_keys(case.key_cache, case.batch)
+    _nan_empty(monkeypatch)
+    got = pool_keys(case.key_cache, case.batch, torch.tensor(MIXED_CDF, device=device), 2)
+    assert torch.isnan(got.pk[:, 0]).all() and torch.isnan(got.ksim[:, 0]).all()
+    for r, (_, seq_len) in enumerate(REQS_SMALL):  # the written blocks (padding included)
+        n = num_blocks(num_blocks(seq_len, 64), 4) * 4
+        assert torch.equal(got.pk[r, 1, :, :n], want.pk[r, 1, :, :n])
+        n = num_blocks(seq_len, 64)
+        assert torch.equal(got.ksim[r, 1, :n], want.ksim[r, 1, :n])
+
+
+@pytest.mark.parametrize("budget", [None, 1e-9])
+def test_dense_heads_keep_every_block_without_scores(budget, device, monkeypatch):
+    """Dense heads (CDF threshold 1) mixed with a sparse one: the reference's block map, all heads
+    at once and in one-head chunks (each KV slice pooled for its own query heads), though the
+    pooled keys the dense heads would read were never written (NaN)."""
+    from sparge_serve.kernels import plan as chunks
+
+    monkeypatch.setattr(chunks, "MIN_BUDGET_BYTES", 0)  # chunk even these small shapes
+    case = make_paged_case(REQS, 4, 2, 64, 16, torch.bfloat16, device, seed=3)
+    sim, cdf = head_vec(-1.0, 4, device), torch.tensor(MIXED_CDF, device=device)
+    _nan_empty(monkeypatch)
+    out = torch.empty_like(case.q)
+    bm = sparge_paged_prefill(case.q, case.key_cache, case.value_cache, case.batch, case.scale,
+                              sim, cdf, head_vec(PV_SKIP_OFF, 4, device), out, map_budget=budget)
+    _, keeps = reference_block_map(case, sim.cpu(), cdf.cpu())
+    assert (bm.lut is None) == (budget is not None)
+    for r, keep in enumerate(keeps):
+        nqb = keep.shape[1]
+        assert torch.equal(bm.count[r, :, :nqb].cpu(), keep.sum(-1).int()), f"request {r}"
+        assert torch.equal(bm.n_valid[r, :, :nqb].cpu(), bm.n_valid[r, 0, :nqb].cpu().expand(4, -1))
+    dense = [h for h, c in enumerate(MIXED_CDF) if c >= 1.0]
+    assert (bm.count[:, dense] == bm.n_valid[:, dense]).all()
+    assert (bm.count[:, 2] < bm.n_valid[:, 2]).any(), "the sparse head must skip blocks here"
+    if bm.lut is not None:
+        for r, (got, keep) in enumerate(zip(kept_blocks(bm, case.batch), keeps, strict=True)):
+            assert torch.equal(got, keep), f"block map of request {r} differs from the reference"
+    assert not torch.isnan(out).any()
 
 
 LAYOUT_CASES = [

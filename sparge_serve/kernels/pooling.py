@@ -148,19 +148,47 @@ def kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
     )
 
 
+@triton.jit
+def keeps_every_block(cdf_ptr, h, topk, USE_TOPK: tl.constexpr):
+    """Whether query head ``h`` keeps every valid key block whatever its scores: a top-k
+    fraction of 1 or, without top-k, a CDF threshold of 1 (a head calibrated dense). Stage 1
+    computes no scores for such a head."""
+    if USE_TOPK:
+        dense = topk >= 1.0
+    else:
+        dense = tl.load(cdf_ptr + h) >= 1.0
+    return dense
+
+
+@triton.jit
+def _kv_head_dense(cdf_ptr, kvh, num_heads, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """Whether every query head of KV head ``kvh`` (``GROUP`` a KV head, ``num_heads`` in all;
+    ``GROUP_PAD``: ``GROUP``'s next power of two) has a CDF threshold of 1: no row reads its
+    pooled keys (:func:`keeps_every_block`)."""
+    offs = kvh * GROUP + tl.arange(0, GROUP_PAD)
+    ours = (offs < kvh * GROUP + GROUP) & (offs < num_heads)
+    cdf = tl.load(cdf_ptr + offs, mask=ours, other=1.0)
+    return tl.sum((ours & ~(cdf >= 1.0)).to(tl.int32), axis=0) == 0
+
+
 # NOTE: head counts are never specialised on (a head chunk may have 1): one compiled variant
-@triton.jit(do_not_specialize=["stride_bt", "NCH", "num_kv_heads"],
+@triton.jit(do_not_specialize=["stride_bt", "NCH", "num_kv_heads", "num_heads"],
             do_not_specialize_on_alignment=BATCH_PTRS)
 def _ksum_kernel(
-    key_cache_ptr, bt_ptr, seq_lens_ptr, ksum_ptr,
+    key_cache_ptr, bt_ptr, seq_lens_ptr, ksum_ptr, cdf_ptr,
     stride_page, stride_tok, stride_head, stride_bt,
-    NCH, num_kv_heads,
+    NCH, num_kv_heads, num_heads,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, SKIP_DENSE: tl.constexpr,
 ):
-    """fp32 key sums of one (request, KV head) over ``CHUNK`` key blocks ``[c*CHUNK, ...)``."""
+    """fp32 key sums of one (request, KV head) over ``CHUNK`` key blocks ``[c*CHUNK, ...)``;
+    with ``SKIP_DENSE``, none for a KV head of dense heads only (:func:`_kv_head_dense`)."""
     c = tl.program_id(0)
     kvh = tl.program_id(1)
     r = tl.program_id(2)
+    if SKIP_DENSE:  # noqa: SIM102 - a constexpr branch (no thresholds without it)
+        if _kv_head_dense(cdf_ptr, kvh, num_heads, GROUP, GROUP_PAD):
+            return
     seq_len = tl.load(seq_lens_ptr + r)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -175,21 +203,26 @@ def _ksum_kernel(
     tl.store(ksum_ptr + (rh * NCH + c) * HEAD_DIM + offs_d, acc)
 
 
-@triton.jit(do_not_specialize=["stride_bt", "num_kv_heads"],
+@triton.jit(do_not_specialize=["stride_bt", "num_kv_heads", "num_heads"],
             do_not_specialize_on_alignment=BATCH_PTRS)
 def _kblock_kernel(
-    key_cache_ptr, bt_ptr, seq_lens_ptr, ksum_ptr, pk_ptr, ksim_ptr,
+    key_cache_ptr, bt_ptr, seq_lens_ptr, ksum_ptr, pk_ptr, ksim_ptr, cdf_ptr,
     stride_page, stride_tok, stride_head, stride_bt,
-    NKB, num_kv_heads,
+    NKB, num_kv_heads, num_heads,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, SKIP_DENSE: tl.constexpr,
 ):
     """Pooled smoothed key ``mean(k - mu)`` and self-similarity of key block ``j`` (``ksum``:
     the context's fp32 key sum, ``mu`` that over the context length). Past the context, up to
     the next multiple of 4 blocks, pooled keys of zero: the select kernel loads them in groups of
-    4 blocks (and never selects the padding), so no lane reads uninitialised memory."""
+    4 blocks (and never selects the padding), so no lane reads uninitialised memory. With
+    ``SKIP_DENSE``, nothing for a KV head of dense heads only (:func:`_kv_head_dense`)."""
     j = tl.program_id(0)
     kvh = tl.program_id(1)
     r = tl.program_id(2)
+    if SKIP_DENSE:  # noqa: SIM102 - a constexpr branch (no thresholds without it)
+        if _kv_head_dense(cdf_ptr, kvh, num_heads, GROUP, GROUP_PAD):
+            return
     seq_len = tl.load(seq_lens_ptr + r)
     offs_d = tl.arange(0, HEAD_DIM)
     rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
@@ -279,8 +312,14 @@ class PooledKeys:
     nkb_pad: int  # nkb rounded up to a power of two >= 16 (the selection tile)
 
 
-def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch) -> PooledKeys:
-    """Steps 1-3 of the module docstring: pooled smoothed keys and key-block similarity."""
+def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch,
+              cdfthreshd: torch.Tensor | None = None, group: int = 1) -> PooledKeys:
+    """Steps 1-3 of the module docstring: pooled smoothed keys and key-block similarity.
+
+    ``cdfthreshd`` (CDF selection only): the CDF thresholds of the query heads of
+    ``key_cache``'s KV heads, ``group`` a KV head. A KV head whose query heads all have a
+    threshold of 1 (dense heads: the select kernel computes no scores for them,
+    :func:`keeps_every_block`) is not pooled; its rows of the result are left unwritten."""
     _, page, num_kv_heads, head_dim = key_cache.shape
     nkb = num_blocks(batch.max_seq_len, BLKK)
     nkb_stride = key_block_stride(nkb)
@@ -294,15 +333,21 @@ def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch) -> PooledKeys:
     ksim = torch.empty(nreq, num_kv_heads, nkb_stride, **f32)
     strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                batch.block_table.stride(0))
+    skip = cdfthreshd is not None
+    num_heads = cdfthreshd.shape[0] if skip else 0
+    group = group if skip else 1  # NOTE: one compiled variant for every group without the skip
+    heads = dict(GROUP=group, GROUP_PAD=triton.next_power_of_2(group), SKIP_DENSE=skip)
     launch(_ksum_kernel, (nch, num_kv_heads, nreq))(
-        key_cache, batch.block_table, batch.seq_lens, ksum, *strides, nch, num_kv_heads,
-        PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, CHUNK=KSUM_CHUNK, num_warps=4,
+        key_cache, batch.block_table, batch.seq_lens, ksum, cdfthreshd, *strides, nch,
+        num_kv_heads, num_heads, PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, CHUNK=KSUM_CHUNK,
+        **heads, num_warps=4,
     )
     # NOTE: blocks up to a multiple of 4 (within the row stride): the padding the select kernel
     # reads is zeroed
     launch(_kblock_kernel, (num_blocks(nkb, 4) * 4, num_kv_heads, nreq))(
-        key_cache, batch.block_table, batch.seq_lens, ksum.sum(2), pk, ksim, *strides,
-        nkb_stride, num_kv_heads, PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, num_warps=4,
+        key_cache, batch.block_table, batch.seq_lens, ksum.sum(2), pk, ksim, cdfthreshd,
+        *strides, nkb_stride, num_kv_heads, num_heads, PAGE=page, BLOCK_N=BLKK,
+        HEAD_DIM=head_dim, **heads, num_warps=4,
     )
     return PooledKeys(pk, ksim, nkb, nkb_stride, selection_tile(nkb))
 

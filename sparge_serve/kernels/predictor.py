@@ -29,7 +29,7 @@ from sparge_serve.kernels.geometry import (
     num_blocks,
 )
 from sparge_serve.kernels.launch import launch
-from sparge_serve.kernels.pooling import EPS, PooledKeys, pool_keys
+from sparge_serve.kernels.pooling import EPS, PooledKeys, keeps_every_block, pool_keys
 
 # --------------------------------------------------------------------------------------------
 # kernels
@@ -55,6 +55,13 @@ def _q_norms(q_rows, m_real, HEAD_DIM: tl.constexpr, DC: tl.constexpr):
 
 
 @triton.jit
+def _valid_blocks(q_len, seq_len, b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks valid for query block ``b`` (bottom-right causal): through its last query's."""
+    last = seq_len - q_len + tl.minimum((b + 1) * BLOCK_M, q_len) - 1
+    return last // BLOCK_N + 1
+
+
+@triton.jit
 def _select_row(
     q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
     stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
@@ -63,7 +70,6 @@ def _select_row(
 ):
     """Stage 1 for one (request ``r``, q-head ``h``, query block ``b``) row with real queries:
     returns ``(keep [NKB_PAD] bool, n_valid)``, the kept key blocks among the valid ones."""
-    ctx = seq_len - q_len
     kvh = h // GROUP
     rh = (r * num_kv_heads + kvh).to(tl.int64)  # NOTE: R*Hkv*NKB*D can pass 2^31
 
@@ -78,9 +84,8 @@ def _select_row(
     norm = _q_norms(q_rows, m_real, HEAD_DIM, DC)
 
     simthr = tl.load(sim_ptr + h)
-    first = ctx + b * BLOCK_M
-    last = ctx + tl.minimum((b + 1) * BLOCK_M, q_len) - 1
-    n_valid = last // BLOCK_N + 1
+    first = seq_len - q_len + b * BLOCK_M
+    n_valid = _valid_blocks(q_len, seq_len, b, BLOCK_M, BLOCK_N)
     offs_j = tl.arange(0, NKB_PAD)
     valid = offs_j < n_valid
     # NOTE: the pooled-key loads are masked in whole groups of 4 key blocks (16 bytes; rows are
@@ -167,7 +172,6 @@ def _select_from_scores(s, q_sim, ksim_row, cdf_ptr, h, simthr, first, offs_j, v
             hi = tl.where(ok, mid, hi)
         p_max = tl.max(p, axis=0)
         selected = allowed & ((p >= _float_bits(hi)) | (p == p_max))
-        selected = tl.where(cdf >= 1.0, valid, selected)
 
     # diagonal: holds a position at or after the first query's (its own token's block included)
     diag = (offs_j + 1) * BLOCK_N - 1 >= first
@@ -254,11 +258,17 @@ def _select_kernel(
         if MASK:  # no set bit past the query (a list's entries past its count are not read)
             _store_bits(lut_ptr, row_id, NKB, tl.arange(0, NKB_PAD) < 0, NKB_PAD)
         return
-    keep, n_valid = _select_row(
-        q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
-        stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
-        GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK,
-    )
+    if keeps_every_block(cdf_ptr, h, topk, USE_TOPK):
+        # NOTE: a dense head's row is known without its scores (nor its KV head's pooled keys,
+        # which pool_keys may have skipped)
+        n_valid = _valid_blocks(q_len, seq_len, b, BLOCK_M, BLOCK_N)
+        keep = tl.arange(0, NKB_PAD) < n_valid
+    else:
+        keep, n_valid = _select_row(
+            q_ptr, pk_ptr, ksim_ptr, sim_ptr, cdf_ptr, q_start, q_len, seq_len, b, h, r,
+            stride_qt, stride_qh, NKB, num_kv_heads, scale, topk,
+            GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, NKB_PAD, DC, USE_TOPK,
+        )
     if MASK:
         _store_bits(lut_ptr, row_id, NKB, keep, NKB_PAD)
     else:
@@ -351,7 +361,7 @@ def select_blocks(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, sta
     nqb = num_blocks(batch.max_query_len, BLKQ)
     nreq = batch.num_reqs
     if pooled is None:
-        pooled = pool_keys(key_cache, batch)
+        pooled = pool_keys(key_cache, batch, None if topk is not None else cdfthreshd, group)
     nkb_stride, nkb_pad = pooled.nkb_stride, pooled.nkb_pad
     if as_mask:
         lut = torch.empty(nreq, num_heads, nqb, mask_words(nkb_stride), dtype=torch.int32,
