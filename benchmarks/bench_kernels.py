@@ -143,13 +143,17 @@ VARIANTS = {
     "eager_rescale": dict(lazy_rescale=0.0),
     "head_major_eager_rescale": dict(kv_major=False, lazy_rescale=0.0),
 }
-# --variants, predictor: the select kernel at 4 and at 8 warps (the default is 4 up to 128K, one
-# of the two columns repeats it). Measured and dropped: pipelined chunk loads, 3-15 thresholds
-# per search step (kernels_v9_select_options_h200.md in commit e0f07d8,
-# kernels_v10_predictor_h200.md in commit 175a6f8)
+# --variants, predictor: the select kernel at 4 and at 8 warps, and at 4, 8 and 16 dimensions
+# per chunk (the default is 4 warps and 16 up to 128K: a column repeats it). Measured and
+# dropped: pipelined chunk loads, 3-15 thresholds per search step
+# (kernels_v9_select_options_h200.md in commit e0f07d8, kernels_v10_predictor_h200.md in commit
+# 175a6f8)
 PREDICTOR_VARIANTS = {
     "select_w4": dict(select_warps=4),
     "select_w8": dict(select_warps=8),
+    "select_dc4": dict(select_dc=4),
+    "select_dc8": dict(select_dc=8),
+    "select_dc16": dict(select_dc=16),
 }
 TIME_VARIANTS = False
 # --kv-dtype fp8: the fp8 rows and FLASH_ATTN-fp8 next to the bf16 ones

@@ -282,7 +282,14 @@ def _select_kernel(
 
 
 def _select_dc(nkb_pad: int, num_warps: int) -> int:
-    """Dimensions per chunk keeping the [NKB_PAD, DC] pooled-key tile at <= 64 fp32 per thread."""
+    """Dimensions per chunk: 16 up to 2048 key blocks at 4 warps, else as many as keep the
+    [NKB_PAD, DC] pooled-key tile at <= 64 fp32 per thread.
+
+    NOTE: at 128K (where that budget gave 4) 16 is 1.23x faster than 4 and 1.09x than 8, at 32K
+    1.11x than 8, with the same maps (H100, ``benchmarks/results/kernels_fp8.md``, ``--variants
+    predictor``); 32 spills with a bf16 query (204 registers, scripts/aot_compile_check.py)."""
+    if num_warps == 4 and nkb_pad <= 2048:
+        return 16
     return max(1, min(16, (64 * 32 * num_warps) // nkb_pad))
 
 
@@ -291,8 +298,8 @@ def select_launch_params(nkb_pad: int) -> tuple[int, int]:
 
     NOTE: 4 warps up to 2048 key blocks (128K tokens): there 4 warps with 4 dimensions per chunk
     (120 registers, four programs per multiprocessor) are 1.04-1.07x faster than 8 warps with 8
-    (``kernels_v10_predictor_h200.md`` in commit 175a6f8); 8 warps beyond (4 warps would need
-    214, AOT check).
+    (``kernels_v10_predictor_h200.md`` in commit 175a6f8), and 16 dimensions faster still
+    (:func:`_select_dc`); 8 warps beyond (4 warps would need 214, AOT check).
     """
     num_warps = 4 if nkb_pad <= 2048 else 8
     return _select_dc(nkb_pad, num_warps), num_warps
