@@ -402,8 +402,8 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             # where the predictor's time goes: key pooling (two kernels and the key mean; as
             # the predictor runs it, so none for KV heads of dense heads only) and the select
             # kernel (the rest)
-            pool_cdf = None if c["topk"] else cdf
-            t_pool = bench(lambda pool_cdf=pool_cdf: pool_keys(kc, batch, pool_cdf, HQ // HKV))
+            t_pool = bench(lambda cdf=cdf, topk=c["topk"]: pool_keys(kc, batch, cdf, HQ // HKV,
+                                                                      topk))
             predictor_parts = {"pool_keys": t_pool, "select": t_pred - t_pool}
         extra = pooled_keys_bytes(HKV, D, 1, length) + max(
             key_sums_bytes(HKV, D, 1, length),

@@ -167,8 +167,8 @@ def _kv_head_dense(cdf_ptr, kvh, num_heads, GROUP: tl.constexpr, GROUP_PAD: tl.c
     pooled keys (:func:`keeps_every_block`)."""
     offs = kvh * GROUP + tl.arange(0, GROUP_PAD)
     ours = (offs < kvh * GROUP + GROUP) & (offs < num_heads)
-    cdf = tl.load(cdf_ptr + offs, mask=ours, other=1.0)
-    return tl.sum((ours & ~(cdf >= 1.0)).to(tl.int32), axis=0) == 0
+    dense = keeps_every_block(cdf_ptr, tl.where(ours, offs, kvh * GROUP), 1.0, False)
+    return tl.sum((ours & ~dense).to(tl.int32), axis=0) == 0
 
 
 # NOTE: head counts are never specialised on (a head chunk may have 1): one compiled variant
@@ -313,12 +313,13 @@ class PooledKeys:
 
 
 def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch,
-              cdfthreshd: torch.Tensor | None = None, group: int = 1) -> PooledKeys:
+              cdfthreshd: torch.Tensor | None = None, group: int = 1,
+              topk: float | None = None) -> PooledKeys:
     """Steps 1-3 of the module docstring: pooled smoothed keys and key-block similarity.
 
-    ``cdfthreshd`` (CDF selection only): the CDF thresholds of the query heads of
-    ``key_cache``'s KV heads, ``group`` a KV head. A KV head whose query heads all have a
-    threshold of 1 (dense heads: the select kernel computes no scores for them,
+    ``cdfthreshd``: the CDF thresholds of the query heads of ``key_cache``'s KV heads,
+    ``group`` a KV head. With the CDF selection (``topk`` None), a KV head whose query heads
+    all have a threshold of 1 (dense heads: the select kernel computes no scores for them,
     :func:`keeps_every_block`) is not pooled; its rows of the result are left unwritten."""
     _, page, num_kv_heads, head_dim = key_cache.shape
     nkb = num_blocks(batch.max_seq_len, BLKK)
@@ -333,7 +334,7 @@ def pool_keys(key_cache: torch.Tensor, batch: PrefillBatch,
     ksim = torch.empty(nreq, num_kv_heads, nkb_stride, **f32)
     strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                batch.block_table.stride(0))
-    skip = cdfthreshd is not None
+    skip = cdfthreshd is not None and topk is None
     num_heads = cdfthreshd.shape[0] if skip else 0
     group = group if skip else 1  # NOTE: one compiled variant for every group without the skip
     heads = dict(GROUP=group, GROUP_PAD=triton.next_power_of_2(group), SKIP_DENSE=skip)

@@ -368,7 +368,7 @@ def select_blocks(q, key_cache, batch, scale, simthreshd1, cdfthreshd, topk, sta
     nqb = num_blocks(batch.max_query_len, BLKQ)
     nreq = batch.num_reqs
     if pooled is None:
-        pooled = pool_keys(key_cache, batch, None if topk is not None else cdfthreshd, group)
+        pooled = pool_keys(key_cache, batch, cdfthreshd, group, topk)
     nkb_stride, nkb_pad = pooled.nkb_stride, pooled.nkb_pad
     if as_mask:
         lut = torch.empty(nreq, num_heads, nqb, mask_words(nkb_stride), dtype=torch.int32,

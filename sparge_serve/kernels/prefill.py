@@ -86,8 +86,7 @@ def run_prefill(plan: PrefillPlan, q: torch.Tensor, key_cache: torch.Tensor,
         if first:  # first chunk of this KV slice: its pooled keys (the last ones freed first)
             pooled = vt = None
             kv_q = slice(kv * run.kv_heads * group, (kv + 1) * run.kv_heads * group)
-            pooled = pool_keys(key_slices[kv], batch,
-                               None if plan.topk is not None else cdfthreshd[kv_q], group)
+            pooled = pool_keys(key_slices[kv], batch, cdfthreshd[kv_q], group, plan.topk)
             if not fa3 and not predict_only and params.v_kmajor:  # its values, K-major
                 vt = values_kmajor(value_slices[kv], batch)
         # NOTE: the FA3 path's maps are bit sets: a sixteenth of the lists' bytes, so that one
