@@ -15,7 +15,13 @@ import dataclasses
 import pytest
 import torch
 
-from sparge_serve.kernels import BLKQ, BlockMap, predict_block_map, sparse_paged_attention
+from sparge_serve.kernels import (
+    BLKQ,
+    BlockMap,
+    KVScales,
+    predict_block_map,
+    sparse_paged_attention,
+)
 from sparge_serve.kernels.fa3 import fa3_sparse_attention
 from sparge_serve.kernels.fa3_tables import heads_as_pages
 from sparge_serve.kernels.predictor import lut_to_mask
@@ -24,6 +30,7 @@ from tests.kernel_inputs import (
     head_vec,
     kept_blocks,
     make_paged_case,
+    quantize_fp8,
     reference_block_map,
 )
 
@@ -33,7 +40,7 @@ REQS = [(260, 560), (37, 421), (70, 70)]
 
 
 def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k, scale,
-                  descale=None, kv_batch_idx=None):
+                  descale=None, kv_batch_idx=None, max_seqlen_q=BLKQ):
     """:func:`fa3_paged_forward` semantics (FA3 with ``seqused_q``: explicit start rows, paged
     K/V through row ``kv_batch_idx[i]`` of ``block_table`` (default ``i``), bottom-right causal,
     query heads in GQA groups over the KV heads; fp8 ``q, k, v`` dequantised by ``descale``),
@@ -58,7 +65,7 @@ def fa3_emulation(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seql
     for i, (s0, n_q, n_k) in enumerate(zip(starts, lens, used, strict=True)):
         if n_q == 0:
             continue
-        assert n_q <= BLKQ and n_q <= n_k <= max_seqlen_k and s0 + n_q <= q.shape[0]
+        assert n_q <= max_seqlen_q and n_q <= n_k <= max_seqlen_k and s0 + n_q <= q.shape[0]
         pages = block_table[table_rows[i], : -(-n_k // page)].long()
         keys = k[pages].reshape(-1, hkv, k.shape[-1])[:n_k].float()
         vals = v[pages].reshape(-1, hkv, v.shape[-1])[:n_k].float()
@@ -125,7 +132,9 @@ def test_fa3_virtual_contexts_equal_attention_over_the_kept_blocks(page, hq, hkv
 def test_dense_rows_go_to_one_call_and_the_rest_to_virtual_sequences(cdf, device, monkeypatch):
     """A row that keeps every valid block in all heads (a chunk's last queries always; with
     cdfthreshd 1 every row) is attended by the one dense call over the request's pages, every
-    other row by its heads' virtual sequences: each row with queries exactly once."""
+    other row by its heads' virtual sequences: each row with queries exactly once. In the dense
+    call a run of a request's consecutive dense query blocks is one sequence (a request dense
+    throughout: its whole query, as FLASH_ATTN attends it)."""
     import sparge_serve.kernels.fa3 as virtual
 
     monkeypatch.setattr(virtual, "MIN_LAUNCH_SEQS", 1)  # one head a launch: q_len per row
@@ -133,9 +142,9 @@ def test_dense_rows_go_to_one_call_and_the_rest_to_virtual_sequences(cdf, device
     hq = 4
     case = make_paged_case(REQS, hq, 2, 64, 16, torch.float16, device, seed=4, packed=True)
     bm, keeps = reference_block_map(case, -1.0, cdf)
-    all_dense = (bm.count == bm.n_valid).all(1).reshape(-1)
-    has_rows = (bm.n_valid > 0).any(1).reshape(-1)
-    assert all_dense[has_rows].any() and (cdf == 1.0) == bool(all_dense[has_rows].all())
+    has_rows = (bm.n_valid > 0).any(1).cpu()  # [R, NQB]
+    dense = (bm.count == bm.n_valid).all(1).cpu() & has_rows
+    assert dense.any() and (cdf == 1.0) == bool(dense[has_rows].all())
     calls = []
 
     def spy(q, k, v, out, q_start, q_len, *args, **kw):
@@ -146,12 +155,26 @@ def test_dense_rows_go_to_one_call_and_the_rest_to_virtual_sequences(cdf, device
     _fa3_vs_oracle(case, mask, keeps, attn_fn=spy)
     *launches, (heads, starts, lens) = calls
     assert heads == hq and len(launches) == hq  # the dense call: all heads, GQA packed
-    dense_starts = {s for s, n in zip(starts, lens, strict=True) if n}
+    qsl = case.batch.query_start_loc.tolist()
+
+    def covered(seq_starts, seq_lens):
+        rows = torch.zeros(qsl[-1], dtype=torch.int64)
+        for s0, n in zip(seq_starts, seq_lens, strict=True):
+            rows[s0: s0 + n] += 1
+        return rows
+
+    want = torch.zeros(qsl[-1], dtype=torch.int64)  # the rows of the dense blocks
+    for r, b in dense.nonzero().tolist():
+        want[qsl[r] + b * BLKQ: min(qsl[r] + (b + 1) * BLKQ, qsl[r + 1])] = 1
+    assert torch.equal(covered(starts, lens), want)
     for _, l_starts, l_lens in launches:  # each head's virtual sequences: the other rows
-        sparse_starts = {s for s, n in zip(l_starts, l_lens, strict=True) if n}
-        assert not sparse_starts & dense_starts
-        assert len(sparse_starts | dense_starts) == int(has_rows.sum())
-    assert len(dense_starts) == int((all_dense & has_rows).sum())
+        assert torch.equal(covered(l_starts, l_lens) + want, torch.ones_like(want))
+    # one sequence a run of consecutive dense blocks (some run of two or more here)
+    runs = int((dense & ~torch.nn.functional.pad(dense[:, 1:], (0, 1))).sum())
+    assert sum(n > 0 for n in lens) == runs < int(dense.sum())
+    if cdf == 1.0:
+        assert sorted((s0, n) for s0, n in zip(starts, lens, strict=True) if n) == [
+            (qsl[r], qsl[r + 1] - qsl[r]) for r in range(len(REQS))]
 
 
 def test_dense_call_only_where_the_heads_take_many_launches():
@@ -293,6 +316,42 @@ def test_gpu_fa3_path_equals_attention_over_its_kept_blocks(page, topk, slice_ro
     assert (triton_out.float().cpu() - oracle).abs().max().item() <= tol
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_fa3_path_dense_configuration_equals_flash_attn(fp8, monkeypatch):
+    """Every block kept, with the heads in launches enough for the dense rows' call: each
+    request is one sequence of that call over its own pages, so the output is FLASH_ATTN's
+    (vLLM's ``flash_attn_varlen_func`` over the same cache; an fp8 cache: its fp8 forward, the
+    per-tensor scales as ``q/k/v_descale``), up to FA3's own choice of splits."""
+    import sparge_serve.kernels.fa3 as virtual
+
+    fa = pytest.importorskip("vllm.vllm_flash_attn")
+    monkeypatch.setattr(virtual, "MIN_LAUNCH_SEQS", 1)  # one head a launch: 8, the dense call
+    hq, hkv = 8, 2
+    reqs = [(4096, 4096), (1000, 9000), (3000, 3000), (77, 5000)]
+    case = make_paged_case(reqs, hq, hkv, 128, 64, torch.bfloat16, "cuda", seed=7, packed=True)
+    b, q, kc, vc, scales, descale = (case.batch, case.q, case.key_cache, case.value_cache, None,
+                                     {})
+    if fp8:
+        (q, qs), (kc, ks), (vc, vs) = (quantize_fp8(t) for t in (q, kc, vc))
+        scales = KVScales(ks, vs, qs)
+        shape = (len(reqs), hkv)
+        descale = dict(q_descale=qs.expand(shape), k_descale=ks.expand(shape),
+                       v_descale=vs.expand(shape))
+    bm = predict_block_map(q, kc, b, case.scale, head_vec(0.3, hq, "cuda"),
+                           head_vec(1.0, hq, "cuda"), as_mask=True, scales=scales)
+    assert torch.equal(bm.count, bm.n_valid)
+    got = torch.full(case.q.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    fa3_sparse_attention(q, kc, vc, b, bm, case.scale, got, scales=scales)
+    want = torch.full_like(got, float("nan"))
+    fa.flash_attn_varlen_func(q, kc, vc, max_seqlen_q=b.max_query_len,
+                              cu_seqlens_q=b.query_start_loc, max_seqlen_k=b.max_seq_len,
+                              seqused_k=b.seq_lens, softmax_scale=case.scale, causal=True,
+                              block_table=b.block_table, out=want, fa_version=3, **descale)
+    assert not torch.isnan(got).any()
+    assert (got.float() - want.float()).abs().max().item() <= 2e-2
+
+
 def test_shape_bytes_bound_the_fa3_allocations(device):
     """``plan.Shape`` (the head chunks' plan and the backend's reservation) covers what
     ``virtual_rows`` and ``virtual_table`` allocate, with room for temporaries only."""
@@ -318,7 +377,8 @@ def test_shape_bytes_bound_the_fa3_allocations(device):
     maps = pooled_keys_bytes(*sizes) + max(key_sums_bytes(*sizes), 4 * fa3.head_bytes())
     fixed = fa3.chunk_bytes(4) - maps - 4 * n * fa3.table_row_bytes()
     lse = 4 * b.num_reqs * b.max_query_len * 4  # FA3's, of the dense rows' call of 4 heads
-    flags = n * (4 + 1 + 2 * 4)  # count == n_valid of 4 heads, a row's flag, two lengths
+    # count == n_valid of 4 heads, a row's flag, three lengths, the dense runs' temporaries
+    flags = n * (4 + 1 + 3 * 4 + 6 * 8)
     # the call's rows, plus at most six int64 [S] temporaries alive with them
     assert own <= fixed - lse - flags <= own + 6 * 8 * n + 8
 
@@ -441,6 +501,6 @@ def test_fa3_forward_passes_arguments_where_vllm_does():
     # ours: the sequence starts as cu_seqlens_q, their lengths as seqused_q, causal, no window
     assert (ours[7], ours[8], ours[10], ours[11]) == ("q_start", "None", "q_len", "seqused_k")
     assert (ours[12], ours[14], ours[23], ours[24], ours[25], ours[26], ours[30]) == (
-        "BLKQ", "block_table", "scale", "True", "-1", "-1", "1")
+        "max_seqlen_q", "block_table", "scale", "True", "-1", "-1", "1")
     assert ours[20:23] == ["q_descale", "k_descale", "v_descale"]
     assert (theirs[15], ours[15]) == ("None", "kv_batch_idx")  # the dense rows' call sets it

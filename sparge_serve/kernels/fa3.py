@@ -33,8 +33,10 @@ Layout (no K/V is copied):
   before. Where a chunk's heads take :data:`DENSE_CALL_LAUNCHES` launches or more (long
   prompts), each launch would wait on its own such tiles, so the rows dense in all the chunk's
   heads are no virtual sequences there: one FA3 call of all those heads attends them over their
-  requests' own pages (``VirtualAttention._dense_rows``). With fewer launches (an engine's
-  prefill chunks) they stay in the launches, whose other tiles run beside them.
+  requests' own pages (``VirtualAttention._dense_rows``), a run of a request's consecutive
+  dense query blocks as one sequence (``fa3_tables.dense_runs``: a request dense throughout is
+  attended as FLASH_ATTN attends it). With fewer launches (an engine's prefill chunks) they
+  stay in the launches, whose other tiles run beside them.
 
 The virtual block tables (``[Hq, rows, pages]`` int32, twice the int16 block lists' bytes at
 64-token pages) are built by one Triton kernel from the block map as bit sets
@@ -68,6 +70,7 @@ from sparge_serve.kernels.checks import (
 from sparge_serve.kernels.fa3_tables import (
     VirtualRows,
     build_table,
+    dense_runs,
     heads_as_pages,
     table_cols,
     virtual_rows,
@@ -84,10 +87,10 @@ from sparge_serve.kernels.predictor import lut_to_mask
 
 
 def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_seqlen_k,
-                      scale, descale=None, kv_batch_idx=None) -> None:
+                      scale, descale=None, kv_batch_idx=None, max_seqlen_q=BLKQ) -> None:
     """vLLM's FA3 forward (``torch.ops._vllm_fa3_C.fwd``, as ``flash_attn_varlen_func`` calls
     it) with ``seqused_q``, which that wrapper does not pass: sequence ``i`` is rows
-    ``q_start[i] : q_start[i] + q_len[i]`` (at most :data:`BLKQ`) of ``q``/``out``,
+    ``q_start[i] : q_start[i] + q_len[i]`` (at most ``max_seqlen_q``) of ``q``/``out``,
     bottom-right causal over the first ``seqused_k[i]`` tokens of its pages (``block_table``'s
     row ``i``, or ``kv_batch_idx[i]``).
     One split per sequence: no split-KV scratch, which FA3 would size by every row of ``q``.
@@ -100,7 +103,7 @@ def fa3_paged_forward(q, k, v, out, q_start, q_len, seqused_k, block_table, max_
     torch.ops._vllm_fa3_C.fwd(
         q, k, v, None, None, None, out,  # k_new, v_new, q_v
         q_start, None, None, q_len, seqused_k,  # cu_seqlens_q/k/k_new, seqused_q/k
-        BLKQ, max_seqlen_k, block_table,
+        max_seqlen_q, max_seqlen_k, block_table,
         kv_batch_idx, None, None, None, None,  # leftpad_k, rotary cos/sin/seqlens
         q_descale, k_descale, v_descale,
         scale, True, -1, -1, 0.0,  # causal, window left/right, softcap
@@ -255,8 +258,8 @@ class VirtualAttention:
         # virtual sequences: the call after the launches attends them (:meth:`_dense_rows`)
         q_lens = rows.q_len
         if plan.dense_call:
-            dense = (bm.count == bm.n_valid).all(1).reshape(-1).index_select(0, rows.order)
-            q_lens = torch.where(dense, 0, rows.q_len)
+            dense = (bm.count == bm.n_valid).all(1)  # [R, NQB]
+            q_lens = torch.where(dense.reshape(-1).index_select(0, rows.order), 0, rows.q_len)
         # each slice's lengths, the same for every head group (staged: sequence i of head h at
         # i * launch + h)
         slice_lens = [q_lens[s0:s1].repeat_interleave(plan.launch) if staged else q_lens[s0:s1]
@@ -284,12 +287,13 @@ class VirtualAttention:
                 self._unstage(h0 + m0, n)
         # NOTE: after the launches: a staged launch copies back its whole span, dense rows too
         if plan.dense_call:
-            self._dense_rows(h0, map_heads, torch.where(dense, rows.q_len, 0))
+            self._dense_rows(h0, map_heads, *dense_runs(rows, dense, self.batch))
 
-    def _dense_rows(self, h: int, n: int, q_len: torch.Tensor) -> None:
-        """The rows of ``q_len`` (the others 0) as dense causal attention of heads ``h : h + n``
-        (a chunk's: whole GQA groups, or heads of one KV head) over their requests' own pages:
-        one FA3 call, GQA packed as FLASH_ATTN's, in the sequences' longest-first order.
+    def _dense_rows(self, h: int, n: int, q_start: torch.Tensor, q_len: torch.Tensor) -> None:
+        """The dense rows (:func:`~sparge_serve.kernels.fa3_tables.dense_runs`' sequences) as
+        dense causal attention of heads ``h : h + n`` (a chunk's: whole GQA groups, or heads of
+        one KV head) over their requests' own pages: one FA3 call, GQA packed as FLASH_ATTN's,
+        in the sequences' longest-first order, a run of a request's dense rows one sequence.
 
         Such a row kept in every head's launch would be that launch's longest tile (a chunk's
         last queries: the whole context on one multiprocessor, while the launch's other rows
@@ -299,9 +303,10 @@ class VirtualAttention:
         kv0, kvn = h // self.group, max(1, n // self.group)
         rows = self.plan.rows
         self.attn_fn(self.q[:, h:h + n], self.key_cache[:, :, kv0:kv0 + kvn],
-                     self.value_cache[:, :, kv0:kv0 + kvn], self.out[:, h:h + n], rows.q_start,
+                     self.value_cache[:, :, kv0:kv0 + kvn], self.out[:, h:h + n], q_start,
                      q_len, rows.context, self.batch.block_table, self.plan.max_k, self.scale,
-                     self._descale(q_len.shape[0], kvn), kv_batch_idx=self.plan.row_req)
+                     self._descale(q_len.shape[0], kvn), kv_batch_idx=self.plan.row_req,
+                     max_seqlen_q=self.batch.max_query_len)
 
     def _descale(self, seqs: int, kv_heads: int) -> tuple[torch.Tensor, ...] | None:
         """FA3's ``(q, k, v)`` descales for ``seqs`` sequences over ``kv_heads`` KV heads: views

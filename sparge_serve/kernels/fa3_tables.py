@@ -59,6 +59,32 @@ def virtual_rows(batch: PrefillBatch, nqb: int) -> VirtualRows:
                        (last_pos[order] + 1).to(i32))
 
 
+def dense_runs(rows: VirtualRows, dense: torch.Tensor,
+               batch: PrefillBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequences of the dense rows' call (``fa3.VirtualAttention._dense_rows``), in ``rows``'
+    order: ``(q_start [S + 1], q_len [S])`` int32, from ``dense`` (``[R, NQB]`` bool: the rows
+    that keep every valid block in all of the call's heads). Each maximal run of a request's
+    consecutive dense query blocks is one sequence, at the slot of its last block, holding all
+    the run's query rows: FA3's bottom-right causal mask over that block's context (the run's
+    last query sees the last key) is every row's own causal mask, and that slot comes first of
+    the run's in the longest-first order. The run's other slots, and the rows outside runs, get
+    no query rows. So a request dense in every block is one sequence, as FLASH_ATTN attends it,
+    instead of a sequence a query block (each tile streaming its own context, none of its
+    neighbours' reads of the same keys shared in L2)."""
+    nqb = dense.shape[1]
+    qsl = batch.query_start_loc
+    b = torch.arange(nqb, device=dense.device)
+    dense = dense & (b[None, :] * BLKQ < (qsl[1:] - qsl[:-1])[:, None])  # blocks with queries
+    # dense blocks of the run before each dense block: back to the last block not dense
+    before = torch.where(dense, b - torch.where(dense, -1, b).cummax(1).values - 1, 0)
+    last = dense.clone()
+    last[:, :-1] &= ~dense[:, 1:]
+    before = before.reshape(-1).index_select(0, rows.order) * BLKQ
+    last = last.reshape(-1).index_select(0, rows.order)
+    q_start = torch.cat([rows.q_start[:-1] - before, rows.q_start[-1:]]).to(torch.int32)
+    return q_start, torch.where(last, rows.q_len + before, 0).to(torch.int32)
+
+
 TABLE_CHUNK_WORDS = 8
 """Bit-set words (32 key blocks each) the table kernel expands per step."""
 

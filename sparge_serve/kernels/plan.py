@@ -128,7 +128,9 @@ class Shape:
             rows = self.rows if slice_rows is None else min(slice_rows, self.rows)
             n += heads * rows * self.table_row_bytes()
             n += self.rows * (4 * 4 + 6 * 8) + 8
-            n += self.rows * (sel + 1 + 2 * 4)  # count == n_valid per head, per row, lengths
+            # count == n_valid per head and per row, the launches' lengths, the dense runs'
+            # starts and lengths and at most six int64 temporaries of theirs (fa3_tables.dense_runs)
+            n += self.rows * (sel + 1 + 3 * 4 + 6 * 8)
             n += sel * self.max_reqs * self.max_query_len * 4
         return n
 
