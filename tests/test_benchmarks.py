@@ -145,13 +145,15 @@ def test_kernels_fp8_report_ratios_and_bars(tmp_path):
               for c in report.fp8_bar_checks(results)}
     assert len(checks) == len(report.FP8_BARS)  # one page
     assert all(c["passed"] is None for k, c in checks.items() if "+fa3+fp8" in k[0])
-    checks = {k[:2]: c for k, c in checks.items() if "+fa3+fp8" not in k[0]}
+    fp8, bf16 = "fa3_fp8", "fa3"
     assert [checks[k]["passed"] for k in [
-        ("dense+fp8", 131072), ("topk_s0.5+fp8", 131072), ("topk_s0.9+fp8", 131072),
-        ("dense+fp8dot", 32768), ("dense+fp8dot", 131072), ("topk_s0.5+fp8dot", 32768),
-        ("topk_s0.5+fp8dot", 131072)]] == [True, False, True, True, True, None, False]
-    assert checks["topk_s0.5+fp8dot", 131072]["speedup"] == pytest.approx(2.0)
-    assert checks["topk_s0.5+fp8dot", 131072]["baseline"] == "fa3"
+        ("dense+fp8", 131072, fp8), ("topk_s0.5+fp8", 131072, fp8),
+        ("topk_s0.9+fp8", 131072, fp8), ("dense+fp8dot", 32768, bf16),
+        ("dense+fp8dot", 131072, bf16), ("topk_s0.5+fp8dot", 32768, bf16),
+        ("topk_s0.5+fp8dot", 131072, bf16), ("dense+fp8dot", 131072, fp8)]] == [
+            True, False, True, True, True, None, False, False]
+    assert checks["topk_s0.5+fp8dot", 131072, bf16]["speedup"] == pytest.approx(2.0)
+    assert checks["topk_s0.5+fp8dot", 131072, fp8]["speedup"] == pytest.approx(1.2)
 
     meta = dict(device="GPU", date="today", torch="2.11", triton="3.6", vllm="0.26.0",
                 command="cmd", fp8_notes=["fp8 compute rows (`+fp8dot`) not measured: x"])
@@ -167,10 +169,16 @@ def test_kernels_fp8_report_ratios_and_bars(tmp_path):
     assert "| 131072 | 64 | 200.000 | 120.000 | 1.67x | 0.0321 |" in fp8_part
     assert ("| 131072 | 64 | defaults+fp8 | structured | 0.500 | 2.000 | 48.000 | 120.000 "
             "| 200.000 | 2.40x | 4.00x |") in fp8_part
-    assert "| dense+fp8 | FLASH_ATTN-fp8 | 131072 | 64 | 0.95x | >= 0.95x | pass |" in fp8_part
-    assert "| topk_s0.5+fp8 | FLASH_ATTN-fp8 | 131072 | 64 | 1.60x | >= 1.7x | FAIL |" in fp8_part
-    assert "| topk_s0.5+fp8dot | FA3 bf16 | 32768 | 64 | - | >= 1.7x | not measured |" in fp8_part
-    assert "| topk_s0.5+fp8dot | FA3 bf16 | 131072 | 64 | 2.00x | >= 2.1x | FAIL |" in fp8_part
+    triton, dot = "attention_kernel triton", "fp8_attention"
+    assert (f"| dense+fp8 | {triton} | FLASH_ATTN-fp8 | 131072 | 64 | 0.95x | >= 0.95x | pass |"
+            in fp8_part)
+    assert (f"| topk_s0.5+fp8 | {triton} | FLASH_ATTN-fp8 | 131072 | 64 | 1.60x | >= 1.7x "
+            "| FAIL |") in fp8_part
+    assert (f"| topk_s0.5+fp8dot | {dot} | FA3 bf16 | 32768 | 64 | - | >= 1.7x "
+            "| not measured |") in fp8_part
+    assert (f"| topk_s0.5+fp8dot | {dot} | FA3 bf16 | 131072 | 64 | 2.00x | >= 2.1x "
+            "| FAIL |") in fp8_part
+    assert "| dense+fa3+fp8 | default (auto: FA3 path) | FLASH_ATTN-fp8 |" in fp8_part
     assert "fp8 compute rows (`+fp8dot`) not measured: x" in fp8_part
     saved = json.loads((tmp_path / "k.json").read_text())["results"]
     assert {r["config"]: r["kv_dtype"] for r in saved}["topk_s0.9+fp8"] == "fp8"
