@@ -446,3 +446,12 @@ def test_fp8_dot_needs_an_fp8_query_and_cache(device):
     c = _fp8_case(base, False, pow2=True)
     with pytest.raises(ValueError, match="fp8_dot needs an fp8 query and KV cache"):
         _bad_call(c, base, device, fp8_dot=True)
+
+
+def test_soft_exp_needs_the_loop_that_rescales_every_block():
+    from sparge_serve.kernels.attention import attend_params
+
+    assert attend_params(128, False, True, lazy_rescale=0.0, soft_exp=True).soft_exp
+    for pv_skip, lazy in ((True, 0.0), (False, 8.0), (False, None)):
+        with pytest.raises(ValueError, match="soft_exp needs lazy_rescale 0 and no PV skip"):
+            attend_params(128, pv_skip, True, lazy_rescale=lazy, soft_exp=True)

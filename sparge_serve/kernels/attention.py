@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 
 from sparge_serve.kernels.checks import (
-    FP8_DTYPE,
     check_batch,
     check_block_map,
+    check_fp8_dot,
     check_group,
     check_head_thresholds,
     check_out_and_layout,
@@ -57,9 +57,6 @@ LAZY_RESCALE = 8.0
 # holding a chunk's last 128 queries, which keep every valid key block; in KV-major order the last
 # KV head's would start near the end of the launch and run alone (90% block sparsity).
 TAIL_FIRST = 2
-# NOTE: Triton 3.6's interpreter computes bf16 tl.dot wrongly (it multiplies the raw bits); under
-# TRITON_INTERPRET=1 the kernel upcasts dot operands to fp32 (exact; ``softmax._dot``).
-
 
 @triton.jit
 def _kept_block(lut_row, bt_row, t, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -366,15 +363,11 @@ def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None
     if page_ahead and not use_tma:
         raise ValueError("page_ahead reads the page ids of TMA block loads ahead: it needs TMA "
                          "loads (use_tma, pages of whole key blocks)")
+    if soft_exp and (pv_skip or lazy_rescale > 0):
+        raise ValueError(f"soft_exp needs lazy_rescale 0 and no PV skip (the loop that rescales "
+                         f"every block); got pv_skip {pv_skip}, lazy_rescale {lazy_rescale}")
     return AttendParams(use_tma, split, lazy_rescale, num_warps, num_stages, fp8_dot, v_kmajor,
                         bool(page_ahead), *(maxnreg or [None]), soft_exp)
-
-
-def check_fp8_dot(q: torch.Tensor, key_cache: torch.Tensor) -> None:
-    """``ValueError`` unless ``q`` and the cache are fp8 (what ``fp8_dot`` multiplies)."""
-    if q.dtype != FP8_DTYPE or key_cache.dtype != FP8_DTYPE:
-        raise ValueError(f"fp8_dot needs an fp8 query and KV cache (float8_e4m3fn, with their "
-                         f"scales); got q {q.dtype}, key_cache {key_cache.dtype}")
 
 
 def sparse_paged_attention(
@@ -425,7 +418,8 @@ def sparse_paged_attention(
     ``group``: for head slices, as :func:`~sparge_serve.kernels.predictor.predict_block_map`'s.
     ``v_kmajor``: read V from a K-major copy of the batch's values made first (``values_kmajor``
     in ``pooling``); ``page_ahead``: read each kept block's page id one block ahead (TMA loads
-    only); ``None``: :func:`attend_params`'s defaults.
+    only); ``None``: :func:`attend_params`'s defaults. ``soft_exp`` (PV skip off, lazy_rescale
+    0): half of each off-band block's exponentials on the FMA units (``softmax._exp2_fma``).
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
     checks"). ``check_finite`` also checks the values held in tensors: the thresholds (finite, in

@@ -391,3 +391,10 @@ def check_context_len(max_seq_len: int) -> None:
             f"context of {max_seq_len} tokens exceeds the predictor's limit of "
             f"{MAX_KEY_BLOCKS * BLKK}; serve such prompts dense (min_sparse_len / mode=dense)"
         )
+
+
+def check_fp8_dot(q: torch.Tensor, key_cache: torch.Tensor) -> None:
+    """``ValueError`` unless ``q`` and the cache are fp8 (what ``fp8_dot`` multiplies)."""
+    if q.dtype != FP8_DTYPE or key_cache.dtype != FP8_DTYPE:
+        raise ValueError(f"fp8_dot needs an fp8 query and KV cache (float8_e4m3fn, with their "
+                         f"scales); got q {q.dtype}, key_cache {key_cache.dtype}")

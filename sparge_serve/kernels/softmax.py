@@ -29,6 +29,8 @@ def _rounded_p(p, dtype):
 
 @triton.jit
 def _dot(a, b, UPCAST: tl.constexpr):
+    """``tl.dot``; ``UPCAST``: of the operands in fp32 (exact), as Triton 3.6's interpreter
+    computes a bf16 ``tl.dot`` wrongly (it multiplies the raw bits)."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     return tl.dot(a, b)
