@@ -94,7 +94,6 @@ class Launch(NamedTuple):
     split: int = 1  # programs a query block
     maxnreg: int | None = None  # registers a thread at most (None: ptxas's choice)
     lazy: float | None = None  # lazy_rescale (None: the default; 0: a rescale every block)
-    soft: bool = False  # soft_exp: half the off-band exponentials on the FMA units
 
     @property
     def name(self) -> str:
@@ -103,15 +102,14 @@ class Launch(NamedTuple):
                 + ("_ahead" if self.ahead else "")
                 + (f"_split{self.split}" if self.split != 1 else "")
                 + (f"_r{self.maxnreg}" if self.maxnreg else "")
-                + ("" if self.lazy is None else f"_lazy{self.lazy:g}")
-                + ("_soft" if self.soft else ""))
+                + ("" if self.lazy is None else f"_lazy{self.lazy:g}"))
 
     @property
     def kwargs(self) -> dict:
         """The launch as ``sparse_paged_attention`` keyword arguments."""
         launch = (self.warps, self.stages) + ((self.maxnreg,) if self.maxnreg else ())
         return dict(launch=launch, use_tma=self.tma, page_ahead=self.ahead, split=self.split,
-                    lazy_rescale=self.lazy, **({"soft_exp": True} if self.soft else {}))
+                    lazy_rescale=self.lazy)
 
 
 FP8_LAUNCHES = tuple(Launch(*x) for x in (
@@ -122,8 +120,7 @@ FP8_LAUNCHES = tuple(Launch(*x) for x in (
     (4, 3, True, True, 2), (4, 3, True, True, 2, 168), (4, 2, True, True, 1, None, 0.0),
     (8, 2, True, True, 1, 128, 0.0), (8, 3, True, True, 1, 128, 0.0),
     (8, 4, True, True, 1, 128, 0.0), (8, 5, True, True, 1, 128, 0.0),
-    (8, 3, True, False, 1, 128, 0.0), (8, 4, True, True, 1, 128, 0.0, True),
-    (8, 3, True, True, 1, 128, 0.0, True)))
+    (8, 3, True, False, 1, 128, 0.0)))
 LAUNCHES_BY_NAME = {x.name: x for x in FP8_LAUNCHES}
 FP8_SWEEP: tuple[str, ...] = ()  # --fp8-sweep: the FP8_LAUNCHES (by name) timed
 # --bf16-sweep: the FP8_LAUNCHES (by name) timed on the bf16 dense and 50% rows (64-token

@@ -234,13 +234,13 @@ def main() -> None:
             for x in FP8_LAUNCHES:
                 kw = x.kwargs
                 par = attention.attend_params(dim, False, x.tma, x.split, x.lazy, kw["launch"],
-                                              True, None, x.ahead, x.soft)
+                                              True, None, x.ahead)
                 if par == served:
                     continue
                 check(f"attention fp8 cache q={q} D{dim} page {page} fp8_dot launch {x.name}",
                       attention._sparse_attn_kernel,
-                      dict(fp8_attention(x.tma, False, x.split, True, True, x.ahead,
-                                         par.lazy_rescale), SOFT_EXP=x.soft),
+                      fp8_attention(x.tma, False, x.split, True, True, x.ahead,
+                                    par.lazy_rescale),
                       x.warps, x.stages, types=fp8_types, maxnreg=x.maxnreg)
         check(f"values K-major copy D{dim} page {page}", pooling._values_kmajor_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4,

@@ -359,9 +359,8 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
 
     def attend(q, kc, vc, batch, bm, scale, pv, out, launch=None, pv_skip=None, use_tma=None,
                scales=None, fp8_dot=False, page_ahead=False, split=None, lazy_rescale=None,
-               soft_exp=False, **kw):
-        seen.append((launch, use_tma, page_ahead, pv_skip, scales, fp8_dot, split, lazy_rescale,
-                     soft_exp))
+               **kw):
+        seen.append((launch, use_tma, page_ahead, pv_skip, scales, fp8_dot, split, lazy_rescale))
         if launch == (8, 3) and use_tma is False:
             raise RuntimeError("out of resource: shared memory\nRequired: 1, limit: 0")
         out.fill_(1.0 + (0.5 if launch == (4, 5) else 0.0) + (0.25 if split == 2 else 0.0))
@@ -375,8 +374,8 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
     # (num_warps, num_stages[, maxnreg]), TMA K loads, page_ahead, programs a query block,
     # lazy_rescale
     assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:])) == [
-        ((8, 4, 128), True, True, 1, None, False), ((8, 3), True, True, 1, None, False),
-        ((4, 5), True, False, 1, None, False)]
+        ((8, 4, 128), True, True, 1, None), ((8, 3), True, True, 1, None),
+        ((4, 5), True, False, 1, None)]
     # --fp8-sweep: every one
     seen.clear()
     monkeypatch.setattr(bench, "FP8_SWEEP", tuple(x.name for x in bench.FP8_LAUNCHES))
@@ -386,19 +385,15 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
                            "w8s2_ahead_r128", "w8s3_ahead_r128", "w4s2_ahead_split2",
                            "w4s3_ahead_split2", "w4s3_ahead_split2_r168", "w4s2_ahead_lazy0",
                            "w8s2_ahead_r128_lazy0", "w8s3_ahead_r128_lazy0",
-                           "w8s4_ahead_r128_lazy0", "w8s5_ahead_r128_lazy0", "w8s3_r128_lazy0",
-                           "w8s4_ahead_r128_lazy0_soft", "w8s3_ahead_r128_lazy0_soft"]
+                           "w8s4_ahead_r128_lazy0", "w8s5_ahead_r128_lazy0", "w8s3_r128_lazy0"]
     # the reference: the default launch
-    assert seen[0] == (None, None, False, False, "scales", True, None, None, False)
+    assert seen[0] == (None, None, False, False, "scales", True, None, None)
     assert all(s[3:6] == (False, "scales", True) for s in seen)
-    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-13:-5] == [
-        ((8, 2, 128), True, True, 1, None, False), ((8, 3, 128), True, True, 1, None, False),
-        ((4, 2), True, True, 2, None, False), ((4, 3), True, True, 2, None, False),
-        ((4, 3, 168), True, True, 2, None, False), ((4, 2), True, True, 1, 0.0, False),
-        ((8, 2, 128), True, True, 1, 0.0, False), ((8, 3, 128), True, True, 1, 0.0, False)]
-    # half the exponentials on the FMA units (soft_exp)
-    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-2:] == [
-        ((8, 4, 128), True, True, 1, 0.0, True), ((8, 3, 128), True, True, 1, 0.0, True)]
+    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-11:-3] == [
+        ((8, 2, 128), True, True, 1, None), ((8, 3, 128), True, True, 1, None),
+        ((4, 2), True, True, 2, None), ((4, 3), True, True, 2, None),
+        ((4, 3, 168), True, True, 2, None), ((4, 2), True, True, 1, 0.0),
+        ((8, 2, 128), True, True, 1, 0.0), ((8, 3, 128), True, True, 1, 0.0)]
     assert len(dict.fromkeys(s[:3] + s[6:] for s in seen[1:])) == len(bench.FP8_LAUNCHES) + 1
     assert diffs["w8s4_ahead_r128"] == 0.0 and diffs["w4s5"] == 0.5
     assert diffs["w4s2_ahead_split2"] == 0.25

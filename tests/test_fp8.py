@@ -176,27 +176,6 @@ def test_fp8_attention_equals_sdpa_over_its_kept_blocks(page, q_fp8, fp8_dot, v_
         assert min(errors) > 2 * max(bf16_errors), "no fp8 rounding of P: fp8_dot took no effect"
 
 
-@pytest.mark.parametrize("page", [16, 64])
-def test_fp8_dot_with_exponentials_on_the_fma_units_equals_sdpa(page, device):
-    """``soft_exp`` (half of each off-band block's exponentials by ``softmax._exp2_fma``):
-    within the fp8 products' tolerance of SDPA over the kept blocks, and not the default
-    loop's output (the option takes effect)."""
-    base = _case(device, page, seed=3)
-    c = _fp8_case(base, True, pow2=False, dtype=torch.float32)
-    hq = base.q.shape[1]
-    bm = predict_block_map(c.q, c.key_cache, base.batch, base.scale, head_vec(0.4, hq, device),
-                           head_vec(0.8, hq, device), scales=c.scales)
-    outs = []
-    for soft in (False, True):
-        out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
-        sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
-                               head_vec(50.0, hq, device), out, scales=c.scales, fp8_dot=True,
-                               soft_exp=soft)
-        _check_against_sdpa(out, c, base, bm, p_dtype=FP8_DTYPE)
-        outs.append(out)
-    assert not torch.equal(*outs)
-
-
 @pytest.mark.parametrize("pv", [40.0, 50.0])
 def test_fp8_dot_page_ahead_equals_the_default_loop(pv, device):
     """page_ahead (each kept block's page id read one block ahead of its TMA loads) with fp8
@@ -447,11 +426,3 @@ def test_fp8_dot_needs_an_fp8_query_and_cache(device):
     with pytest.raises(ValueError, match="fp8_dot needs an fp8 query and KV cache"):
         _bad_call(c, base, device, fp8_dot=True)
 
-
-def test_soft_exp_needs_the_loop_that_rescales_every_block():
-    from sparge_serve.kernels.attention import attend_params
-
-    assert attend_params(128, False, True, lazy_rescale=0.0, soft_exp=True).soft_exp
-    for pv_skip, lazy in ((True, 0.0), (False, 8.0), (False, None)):
-        with pytest.raises(ValueError, match="soft_exp needs lazy_rescale 0 and no PV skip"):
-            attend_params(128, pv_skip, True, lazy_rescale=lazy, soft_exp=True)

@@ -76,7 +76,7 @@ def _attend_row(
     UPCAST: tl.constexpr, USE_TMA: tl.constexpr, LAZY: tl.constexpr = 0.0,
     Q_SCALED: tl.constexpr = False, KV_SCALED: tl.constexpr = False,
     FP8_DOT: tl.constexpr = False, V_KMAJOR: tl.constexpr = False,
-    PAGE_AHEAD: tl.constexpr = False, SOFT_EXP: tl.constexpr = False,
+    PAGE_AHEAD: tl.constexpr = False,
 ):
     """Attention of query rows ``[m0, m0 + BLOCK_M)`` (inside query block ``b`` of ``BLOCK_Q``
     rows) of one q-head ``h`` of a request over the block's ``n_kept`` kept key blocks
@@ -176,8 +176,7 @@ def _attend_row(
                              stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, False,
                              DT, vt_row, stride_vh, stride_vd, V_KMAJOR, page)
             qk = _dot(q, tl.trans(k), UPCAST)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST,
-                                          SOFT_EXP)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
     # diagonal band: always computed, causal mask
     for j in range(j_diag0, n_valid):
         k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
@@ -247,7 +246,6 @@ def _sparse_attn_kernel(
     KV_SCALED: tl.constexpr = False, FP8_DOT: tl.constexpr = False,
     V_KMAJOR: tl.constexpr = False, PAGE_AHEAD: tl.constexpr = False,
     TAIL_FIRST: tl.constexpr = TAIL_FIRST,  # the module constant (one definition)
-    SOFT_EXP: tl.constexpr = False,
 ):
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
     r = tl.program_id(2)
@@ -281,7 +279,7 @@ def _sparse_attn_kernel(
         q_start, q_len, seq_len, b, m0, h,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
-        USE_TMA, LAZY, Q_SCALED, KV_SCALED, FP8_DOT, V_KMAJOR, PAGE_AHEAD, SOFT_EXP,
+        USE_TMA, LAZY, Q_SCALED, KV_SCALED, FP8_DOT, V_KMAJOR, PAGE_AHEAD,
     )
     _count_skipped(stats_ptr, n_skipped, PV_SKIP)  # (SPLIT is 1 with PV skip)
 
@@ -340,13 +338,12 @@ class AttendParams:
     v_kmajor: bool = False  # V read from a K-major copy (``pooling.values_kmajor``)
     page_ahead: bool = False  # PAGE_AHEAD: page ids read one kept block ahead (TMA loads)
     maxnreg: int | None = None  # registers a thread at most (ptxas .maxnreg); None: its choice
-    soft_exp: bool = False  # half the off-band exponentials on the FMA units (softmax._exp2_fma)
 
 
 def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None = None,
                   lazy_rescale: float | None = None, launch: tuple[int, ...] | None = None,
                   fp8_dot: bool = False, v_kmajor: bool | None = None,
-                  page_ahead: bool | None = None, soft_exp: bool = False) -> AttendParams:
+                  page_ahead: bool | None = None) -> AttendParams:
     """The attention kernel's launch for ``head_dim`` with or without PV skip and TMA loads:
     the defaults (:func:`_row_parts`, :func:`_attn_launch_params`) where an override is
     ``None``; ``v_kmajor`` ``None``: with ``fp8_dot`` (an fp8 ``P.V`` over V as the cache holds
@@ -363,11 +360,8 @@ def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None
     if page_ahead and not use_tma:
         raise ValueError("page_ahead reads the page ids of TMA block loads ahead: it needs TMA "
                          "loads (use_tma, pages of whole key blocks)")
-    if soft_exp and (pv_skip or lazy_rescale > 0):
-        raise ValueError(f"soft_exp needs lazy_rescale 0 and no PV skip (the loop that rescales "
-                         f"every block); got pv_skip {pv_skip}, lazy_rescale {lazy_rescale}")
     return AttendParams(use_tma, split, lazy_rescale, num_warps, num_stages, fp8_dot, v_kmajor,
-                        bool(page_ahead), *(maxnreg or [None]), soft_exp)
+                        bool(page_ahead), *maxnreg)
 
 
 def sparse_paged_attention(
@@ -394,7 +388,6 @@ def sparse_paged_attention(
     tail_first: int = TAIL_FIRST,
     v_kmajor: bool | None = None,
     page_ahead: bool | None = None,
-    soft_exp: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -418,8 +411,7 @@ def sparse_paged_attention(
     ``group``: for head slices, as :func:`~sparge_serve.kernels.predictor.predict_block_map`'s.
     ``v_kmajor``: read V from a K-major copy of the batch's values made first (``values_kmajor``
     in ``pooling``); ``page_ahead``: read each kept block's page id one block ahead (TMA loads
-    only); ``None``: :func:`attend_params`'s defaults. ``soft_exp`` (PV skip off, lazy_rescale
-    0): half of each off-band block's exponentials on the FMA units (``softmax._exp2_fma``).
+    only); ``None``: :func:`attend_params`'s defaults.
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
     checks"). ``check_finite`` also checks the values held in tensors: the thresholds (finite, in
@@ -447,7 +439,7 @@ def sparse_paged_attention(
                          f"whole 16-byte aligned token rows; got {page}-token pages with strides "
                          f"{tuple(key_cache.stride())}")
     params = attend_params(q.shape[2], pv_skip, use_tma, split, lazy_rescale, launch, fp8_dot,
-                           v_kmajor, page_ahead, soft_exp)
+                           v_kmajor, page_ahead)
     if params.v_kmajor and block_n != BLKK:
         raise ValueError(f"v_kmajor copies values in key blocks of {BLKK}; got block_n {block_n}")
     vt = values_kmajor(value_cache, batch) if params.v_kmajor else None
@@ -489,7 +481,6 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         SPLIT=params.split, LAZY=params.lazy_rescale, KV_MAJOR=kv_major, TAIL_FIRST=tail_first,
         Q_SCALED=scales is not None and scales.q_scale is not None, KV_SCALED=scales is not None,
         FP8_DOT=params.fp8_dot, V_KMAJOR=vt is not None, PAGE_AHEAD=params.page_ahead,
-        SOFT_EXP=params.soft_exp,
         num_warps=params.num_warps, num_stages=params.num_stages,
         **({} if params.maxnreg is None else {"maxnreg": params.maxnreg}),
     )

@@ -37,31 +37,7 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _exp2_fma(x):
-    """``2**x`` for ``x <= 0`` on the FMA and integer units, not the special-function unit:
-    ``x = j + f`` with ``j`` rounded to nearest (adding and subtracting 1.5 * 2**23, no
-    conversion instruction) and ``|f| <= 1/2``, ``2**f`` by a cubic (relative error below
-    8e-5), ``2**j`` added to its exponent bits (``x`` clamped at -126; below -125 only tiny, under
-    2**-124, not exact)."""
-    x = tl.maximum(x, -126.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = ((0.05517084 * f + 0.24260935) * f + 0.69326096) * f + 0.99992818
-    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2_split(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``2**x`` of a ``[BLOCK_M, BLOCK_N]`` tile: even columns on the special-function unit,
-    odd ones by :func:`_exp2_fma` (the two halves lie in the same threads)."""
-    a, b = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))
-    return tl.reshape(tl.join(tl.exp2(a), _exp2_fma(b)), [BLOCK_M, BLOCK_N])
-
-
-@triton.jit
-def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr,
-                           SOFT_EXP: tl.constexpr = False):
+def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr):
     """One flash-attention step with raw scores ``qk`` (``q.k``; ``qk * qk_scale`` is the log2
     domain) and values ``v``.
 
@@ -69,10 +45,7 @@ def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr,
     ``acc`` in the matrix unit (no separate tile add), as in Triton's fused-attention tutorial.
     """
     m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
-    if SOFT_EXP:
-        p = _exp2_split(qk * qk_scale - m_new[:, None], qk.shape[0], qk.shape[1])
-    else:
-        p = tl.exp2(qk * qk_scale - m_new[:, None])
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
@@ -113,9 +86,8 @@ def _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr,
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr, UPCAST: tl.constexpr,
-                  SOFT_EXP: tl.constexpr = False):
+def _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr, UPCAST: tl.constexpr):
     """``_lazy_softmax_update`` with ``LAZY`` > 0, else ``_online_softmax_update``."""
     if LAZY > 0:
         return _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
-    return _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST, SOFT_EXP)
+    return _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
