@@ -425,4 +425,3 @@ def test_fp8_dot_needs_an_fp8_query_and_cache(device):
     c = _fp8_case(base, False, pow2=True)
     with pytest.raises(ValueError, match="fp8_dot needs an fp8 query and KV cache"):
         _bad_call(c, base, device, fp8_dot=True)
-
