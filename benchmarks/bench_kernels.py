@@ -63,10 +63,12 @@ from sparge_serve.kernels.prefill import run_prefill
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels_report import (  # noqa: E402
+    FP8_BARS,
     attach_ratios,
     plot,
     write_reports,
 )
+from timing import bench, interleaved  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 DEVICE = "cuda"  # the CPU tests run the fp8 path at toy sizes under Triton's interpreter
@@ -217,8 +219,13 @@ def dense_block_map(length: int, block_n: int) -> BlockMap:
     return BlockMap(lut.cuda(), count.cuda(), count.cuda())
 
 
-def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+def pair_with_baselines(row: dict, total_fn, fp8: dict) -> None:
+    """For a row that a bar of ``kernels_report.FP8_BARS`` holds: ``row["interleaved_ms"]``,
+    the medians of ``total_fn`` (the row's predictor and attention, as one call) and of the
+    run's baselines, timed in turns (``timing.interleaved``); the bars are checked on those."""
+    held = {(b[0], b[3]) for b in FP8_BARS}
+    if (row["config"], row["length"]) in held and fp8.get("base_fns"):
+        row["interleaved_ms"] = interleaved({"row": total_fn, **fp8["base_fns"]})
 
 
 def d256_sweep(q, kc, vc, batch, bm, scale, pv_off, out) -> tuple[dict, dict]:
@@ -359,25 +366,31 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
         ref_dense = torch.empty_like(q)
         sparse_paged_attention(q, kc, vc, batch, dense_bm, scale, pv_off, ref_dense, pv_skip=False)
         del dense_bm
-        fp8 = dict(inputs=fp8_inputs(q, kc, vc), ref_dense=ref_dense, same_config={})
+        fp8 = dict(inputs=fp8_inputs(q, kc, vc), ref_dense=ref_dense, same_config={},
+                   base_fns={})
     if fa3 is not None and not structured:
         cu = batch.query_start_loc
-        base["fa3"] = bench(lambda: fa3(
-            q, kc, vc, max_seqlen_q=length, cu_seqlens_q=cu, max_seqlen_k=length,
-            seqused_k=batch.seq_lens, softmax_scale=scale, causal=True,
-            block_table=batch.block_table, out=out, fa_version=3,
-        ))
+
+        def fa3_bf16():
+            fa3(q, kc, vc, max_seqlen_q=length, cu_seqlens_q=cu, max_seqlen_k=length,
+                seqused_k=batch.seq_lens, softmax_scale=scale, causal=True,
+                block_table=batch.block_table, out=out, fa_version=3)
+
+        base["fa3"] = bench(fa3_bf16)
         if fp8 is not None:
             # FLASH_ATTN-fp8: the fp8 cache views and the query quantised by the layer, the
             # per-tensor scales expanded to (num_seqs, num_kv_heads); output in bf16
             q8, kc8, vc8, kv_scales = fp8["inputs"]
             descales = fa3_descales(kv_scales, batch, HKV)
-            base["fa3_fp8"] = bench(lambda: fa3(
-                q8, kc8, vc8, max_seqlen_q=length, cu_seqlens_q=cu, max_seqlen_k=length,
-                seqused_k=batch.seq_lens, softmax_scale=scale, causal=True,
-                block_table=batch.block_table, out=out, fa_version=3, **descales,
-            ))
+
+            def fa3_fp8():
+                fa3(q8, kc8, vc8, max_seqlen_q=length, cu_seqlens_q=cu, max_seqlen_k=length,
+                    seqused_k=batch.seq_lens, softmax_scale=scale, causal=True,
+                    block_table=batch.block_table, out=out, fa_version=3, **descales)
+
+            base["fa3_fp8"] = bench(fa3_fp8)
             fp8["fa3_fp8_rel_l1"] = rel_l1(out, fp8["ref_dense"])
+            fp8["base_fns"] = {"fa3": fa3_bf16, "fa3_fp8": fa3_fp8}
     if not structured and length <= 32768:
         qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         base["sdpa"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
@@ -565,6 +578,14 @@ def _bench_fp8(length, page, structured, configs, batch, out, fp8, base, results
             extra_mem_bytes=extra, kv_bytes=kv_bytes, extra_mem_frac_of_kv=extra / kv_bytes,
             **err, **fa3_err, **{f"{b}_ms": t for b, t in base.items()},
         )
+
+        def total(sim=sim, cdf=cdf, topk=topk, pv=pv, skip=skip):
+            bm = predict_block_map(q8, kc8, batch, scale, sim, cdf, topk, check_finite=False,
+                                   scales=kv_scales)
+            sparse_paged_attention(q8, kc8, vc8, batch, bm, scale, pv, out, check_finite=False,
+                                   pv_skip=skip, scales=kv_scales)
+
+        pair_with_baselines(row, total, fp8)
         add(row)
         if entry is None:
             continue
@@ -615,6 +636,12 @@ def _fp8_dot_row(row, name, c, batch, out, fp8, bm, stats, t_pred, entry, errors
         t_total = t_pred + bench(lambda: sparse_paged_attention(
             q8, kc8, vc8, batch, bm, scale, pv, out, check_finite=False, pv_skip=skip,
             scales=kv_scales, fp8_dot=True, **vk))
+
+        def total():
+            bm = predict_block_map(q8, kc8, batch, scale, sim, cdf, topk, check_finite=False,
+                                   scales=kv_scales)
+            sparse_paged_attention(q8, kc8, vc8, batch, bm, scale, pv, out, check_finite=False,
+                                   pv_skip=skip, scales=kv_scales, fp8_dot=True, **vk)
     else:
         def prefill(st=None, check=False):
             sparge_paged_prefill(q8, kc8, vc8, batch, scale, sim, cdf, pv, out, topk=topk,
@@ -623,15 +650,19 @@ def _fp8_dot_row(row, name, c, batch, out, fp8, bm, stats, t_pred, entry, errors
 
         prefill(st=dstats, check=True)
         t_total = bench(prefill)
+        total = prefill
     torch.cuda.synchronize()
     flops = 4.0 * HQ * D * length * (length + 1) / 2
     suffix = "+fp8dot_vpages" if v_kmajor is False else "+fp8dot"
-    return dict(row, config=name + suffix, fp8_dot=True, fp8_dot_timed=entry,
-                block_sparsity=round(1.0 - dstats[1].item() / dstats[0].item(), 4),
-                pv_skipped_frac_of_kept=round(dstats[2].item() / max(dstats[1].item(), 1), 4),
-                attention_ms=t_total - t_pred, total_ms=t_total,
-                attention_tflops_dense_equiv=flops / ((t_total - t_pred) * 1e-3) / 1e12,
-                **errors(name))
+    new = dict(row, config=name + suffix, fp8_dot=True, fp8_dot_timed=entry,
+               block_sparsity=round(1.0 - dstats[1].item() / dstats[0].item(), 4),
+               pv_skipped_frac_of_kept=round(dstats[2].item() / max(dstats[1].item(), 1), 4),
+               attention_ms=t_total - t_pred, total_ms=t_total,
+               attention_tflops_dense_equiv=flops / ((t_total - t_pred) * 1e-3) / 1e12,
+               **errors(name))
+    new.pop("interleaved_ms", None)
+    pair_with_baselines(new, total, fp8)
+    return new
 
 
 def _fa3_fp8_row(row, name, c, batch, out, fp8, errors) -> dict:
@@ -660,8 +691,9 @@ def _fa3_fp8_row(row, name, c, batch, out, fp8, errors) -> dict:
                pv_skipped_frac_of_kept=0.0, attention_ms=t_attn, total_ms=t_total,
                attention_tflops_dense_equiv=flops / (t_attn * 1e-3) / 1e12 if t_attn > 0
                else None, **errors(name))
-    for key in ("extra_mem_bytes", "extra_mem_frac_of_kv"):  # the Triton path's block lists
-        new.pop(key, None)
+    for key in ("extra_mem_bytes", "extra_mem_frac_of_kv", "interleaved_ms"):
+        new.pop(key, None)  # the Triton path's block lists; its paired timings
+    pair_with_baselines(new, prefill, fp8)
     return new
 
 

@@ -60,21 +60,29 @@ def attach_ratios(results):
         base = fa3_fp8.get((r["length"], r["page"]))
         if base and r.get("kv_dtype") == "fp8":
             r["speedup_vs_fa3_fp8"] = base / r["total_ms"]
+        paired = r.get("interleaved_ms", {})
+        for b in ("fa3", "fa3_fp8"):
+            if b in paired:
+                r[f"speedup_vs_{b}_interleaved"] = paired[b] / paired["row"]
 
 
 def fp8_bar_checks(results) -> list[dict]:
     """:data:`FP8_BARS` checked against the rows, at every page size of the fp8 rows: one dict
     per bar and page with the measured speed-up (``None``: no such row or baseline in the run)
-    and ``passed`` (``None`` when not measured)."""
+    and ``passed`` (``None`` when not measured). The speed-up is the row's and the baseline's
+    medians timed in turns (``interleaved_ms``) where the run has them (``first``: then the
+    ratio to the baseline timed once before the length's rows, else ``None``)."""
     pages = sorted({r["page"] for r in results if r.get("kv_dtype") == "fp8"})
     rows = {(r["config"], r["length"], r["page"]): r for r in results}
     checks = []
     for config, base, least, length in FP8_BARS:
         for page in pages:
             r = rows.get((config, length, page), {})
-            ratio = r.get("speedup_vs_" + base)
+            first = r.get("speedup_vs_" + base)
+            paired = r.get(f"speedup_vs_{base}_interleaved")
+            ratio = first if paired is None else paired
             checks.append(dict(config=config, baseline=base, length=length, page=page,
-                               bar=least, speedup=ratio,
+                               bar=least, speedup=ratio, first=None if paired is None else first,
                                passed=None if ratio is None else ratio >= least))
     return checks
 
@@ -122,11 +130,16 @@ def _fp8_lines(results, meta) -> list[str]:
          for (length, page), r in bases.items()])
     checks = fp8_bar_checks(results)
     lines += _table(
-        "Bars (speed-up of the row over the baseline, predictor included, same run):",
+        "Bars (speed-up of the row over the baseline, predictor included, same run): the row "
+        "and the baselines timed in turns, one call of each a round (medians; a GPU's clock "
+        "drifts over a run, and in turns the drift falls alike on both), and in brackets over "
+        "the baseline timed once before the length's rows (rows without timings in turns: that "
+        "ratio alone):",
         ["row", "served by", "over", "length", "page", "speed-up", "bar", "result"],
         [[c["config"], served_by(c["config"]), BASELINE_NAMES[c["baseline"]], c["length"],
           c["page"],
-          "-" if c["speedup"] is None else f"{c['speedup']:.2f}x", f">= {c['bar']:g}x",
+          ("-" if c["speedup"] is None else f"{c['speedup']:.3f}x")
+          + ("" if c["first"] is None else f" ({c['first']:.3f}x)"), f">= {c['bar']:g}x",
           {True: "pass", False: "FAIL", None: "not measured"}[c["passed"]]]
          for c in checks])
     for note in meta.get("fp8_notes", []):
