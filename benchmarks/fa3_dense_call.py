@@ -96,7 +96,7 @@ def time_length(length: int, fp8: bool, fa3) -> dict:
     nqb = num_blocks(length, BLKQ)
     rows = virtual_rows(batch, nqb)
     dense = torch.ones(1, nqb, dtype=torch.bool, device=q.device)
-    q_start, q_len = dense_runs(rows, dense, batch)
+    q_start, q_len = dense_runs(rows, dense)
     row_req = (rows.order // nqb).to(i32)
     timed("dense_call", fwd(q_start, q_len, rows.context, batch.block_table, row_req))
     table = batch.block_table.index_select(0, row_req.long())

@@ -287,7 +287,7 @@ class VirtualAttention:
                 self._unstage(h0 + m0, n)
         # NOTE: after the launches: a staged launch copies back its whole span, dense rows too
         if plan.dense_call:
-            self._dense_rows(h0, map_heads, *dense_runs(rows, dense, self.batch))
+            self._dense_rows(h0, map_heads, *dense_runs(rows, dense))
 
     def _dense_rows(self, h: int, n: int, q_start: torch.Tensor, q_len: torch.Tensor) -> None:
         """The dense rows (:func:`~sparge_serve.kernels.fa3_tables.dense_runs`' sequences) as

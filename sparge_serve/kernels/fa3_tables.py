@@ -38,6 +38,7 @@ class VirtualRows:
     q_len: torch.Tensor  # [S] int32: its query rows (FA3's seqused_q; 0 past the query)
     order: torch.Tensor  # [S] int32: its block-map row ``r * NQB + b``
     context: torch.Tensor  # [S] int32: its causal context, the last query's position + 1
+    queries: torch.Tensor  # [R, NQB] bool: the block-map rows that hold query rows
 
 
 def virtual_rows(batch: PrefillBatch, nqb: int) -> VirtualRows:
@@ -56,11 +57,10 @@ def virtual_rows(batch: PrefillBatch, nqb: int) -> VirtualRows:
     i32 = torch.int32
     return VirtualRows(torch.cat([starts, qsl[-1:]]).to(i32),
                        (last - first).reshape(-1)[order].to(i32), order.to(i32),
-                       (last_pos[order] + 1).to(i32))
+                       (last_pos[order] + 1).to(i32), last > first)
 
 
-def dense_runs(rows: VirtualRows, dense: torch.Tensor,
-               batch: PrefillBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_runs(rows: VirtualRows, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The sequences of the dense rows' call (``fa3.VirtualAttention._dense_rows``), in ``rows``'
     order: ``(q_start [S + 1], q_len [S])`` int32, from ``dense`` (``[R, NQB]`` bool: the rows
     that keep every valid block in all of the call's heads). Each maximal run of a request's
@@ -71,10 +71,8 @@ def dense_runs(rows: VirtualRows, dense: torch.Tensor,
     no query rows. So a request dense in every block is one sequence, as FLASH_ATTN attends it,
     instead of a sequence a query block (each tile streaming its own context, none of its
     neighbours' reads of the same keys shared in L2)."""
-    nqb = dense.shape[1]
-    qsl = batch.query_start_loc
-    b = torch.arange(nqb, device=dense.device)
-    dense = dense & (b[None, :] * BLKQ < (qsl[1:] - qsl[:-1])[:, None])  # blocks with queries
+    b = torch.arange(dense.shape[1], device=dense.device)
+    dense = dense & rows.queries
     # dense blocks of the run before each dense block: back to the last block not dense
     before = torch.where(dense, b - torch.where(dense, -1, b).cummax(1).values - 1, 0)
     last = dense.clone()
