@@ -752,34 +752,45 @@ def test_builder_overhead_times_each_backends_builds_of_a_step(tmp_path, monkeyp
 
 
 def test_interleaved_timing_cancels_clock_drift():
-    """``timing.interleaved`` calls the functions in turns, one call of each a round, as many
-    rounds as the budget holds (within its bounds): under a clock that slows by 1% a call, a
-    function twice as slow as another keeps its 2x ratio of medians, where timing one after
-    the other (all of one, then all of the other) would not."""
+    """``timing.interleaved`` runs the functions in turns, a block of calls each a round, as many
+    rounds as the budget holds (within its bounds), and times a block's second half: under a
+    clock that slows by 1% a call and runs a block's first calls at the previous function's
+    speed, a function twice as slow as another keeps its 2x ratio of medians, where timing one
+    after the other (all of one, then all of the other) would not."""
     timing = _load("timing")
     calls = []
     work = {"a": 1.0, "b": 2.0}
     clock = [1.0]
 
-    def timer(fn):
-        fn()
-        clock[0] *= 1.01  # the GPU heats up: every call a little slower
-        return work[calls[-1]] * clock[0]
+    def timer(fn, n):
+        times = []
+        for i in range(n):
+            fn()
+            clock[0] *= 1.01  # the GPU heats up: every call a little slower
+            # the first call of a block runs at the clock the last function left
+            w = work[calls[-2]] if i == 0 and len(calls) > 1 else work[calls[-1]]
+            times.append(w * clock[0])
+        return times
 
     fns = {name: (lambda name=name: calls.append(name)) for name in work}
-    med = timing.interleaved(fns, budget_ms=31.0, min_rounds=3, max_rounds=50, timer=timer)
-    # warm-up (a, b), the estimate (a, b: 3.05 ms a round -> 10 rounds), then a, b, ...
-    assert calls == ["a", "b"] * 12
-    assert med["b"] / med["a"] == pytest.approx(2.0, rel=0.011)
+    med = timing.interleaved(fns, budget_ms=100.0, min_rounds=3, max_rounds=50, block_ms=4.0,
+                             timer=timer)
+    # warm-up a, b; estimates (the second of two calls) a 1.03 ms: 4 calls a block, b 2.1 ms:
+    # 2 calls; then rounds of 4 a, 2 b: 4 * 1.03 + 2 * 2.1 = 8.3 ms a round -> 12 rounds
+    assert calls[:6] == ["a", "b", "a", "a", "b", "b"]
+    assert calls[6:] == (["a"] * 4 + ["b"] * 2) * 12
+    assert med["b"] / med["a"] == pytest.approx(2.0, rel=0.03)
     sequential = [work["a"] * 1.01**i for i in range(10)], [
         work["b"] * 1.01**i for i in range(10, 20)]
     assert (sequential[1][5] / sequential[0][5]) / 2 > 1.1  # what the turns avoid
     calls.clear()
-    timing.interleaved(fns, budget_ms=1e9, min_rounds=3, max_rounds=5, timer=timer)
-    assert len(calls) == 2 * (1 + 1 + 5)  # capped at max_rounds
+    timing.interleaved(fns, budget_ms=1e9, min_rounds=3, max_rounds=5, block_ms=0.0,
+                       timer=timer)
+    assert len(calls) == 2 * (1 + 2 + 2 * 5)  # capped at max_rounds; 2 calls a block at least
     calls.clear()
-    timing.interleaved(fns, budget_ms=0.0, min_rounds=3, max_rounds=5, timer=timer)
-    assert len(calls) == 2 * (1 + 1 + 3)  # at least min_rounds
+    timing.interleaved(fns, budget_ms=0.0, min_rounds=3, max_rounds=5, block_ms=0.0,
+                       timer=timer)
+    assert len(calls) == 2 * (1 + 2 + 2 * 3)  # at least min_rounds
 
 
 def test_kernels_fp8_bars_use_the_interleaved_timings(monkeypatch):
@@ -840,7 +851,8 @@ def test_fa3_dense_call_rows_attend_as_flash_attn(monkeypatch):
     monkeypatch.setattr(mod, "fa3_paged_forward", fa3_emulation)
     monkeypatch.setattr(fa3_mod, "fa3_paged_forward", fa3_emulation)
     rounds = []
-    monkeypatch.setattr(timing, "cuda_call_ms", lambda fn: rounds.append(fn) or 1.0)
+    monkeypatch.setattr(timing, "cuda_calls_ms",
+                        lambda fn, n: [(fn(), rounds.append(fn), 1.0)[2] for _ in range(n)])
 
     def flash_attn(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, softmax_scale,
                    causal, block_table, out, fa_version, q_descale=None, k_descale=None,
@@ -857,4 +869,4 @@ def test_fa3_dense_call_rows_attend_as_flash_attn(monkeypatch):
             "dense_call_first", "launches", "fa3_path"}
         # at 256 tokens the path makes no dense call (one launch): its launches attend it all
         assert all(d < 2e-2 for d in diffs.values()), diffs
-        assert len(rounds) >= 8 * (1 + 7)  # the estimate's calls, then 7 rounds at least
+        assert len(rounds) >= 8 * (2 + 5 * 2)  # the estimates, then 5 rounds of 2 calls at least
