@@ -131,10 +131,10 @@ def _fp8_lines(results, meta) -> list[str]:
     checks = fp8_bar_checks(results)
     lines += _table(
         "Bars (speed-up of the row over the baseline, predictor included, same run): the row "
-        "and the baselines timed in turns, one call of each a round (medians; a GPU's clock "
-        "drifts over a run, and in turns the drift falls alike on both), and in brackets over "
-        "the baseline timed once before the length's rows (rows without timings in turns: that "
-        "ratio alone):",
+        "and the baselines timed in turns, a block of back-to-back calls of each a round, its "
+        "second half timed (medians; a GPU's clock drifts over a run, and in turns the drift "
+        "falls alike on both; `benchmarks/timing.py`), and in brackets over the baseline timed "
+        "once before the length's rows (rows without timings in turns: that ratio alone):",
         ["row", "served by", "over", "length", "page", "speed-up", "bar", "result"],
         [[c["config"], served_by(c["config"]), BASELINE_NAMES[c["baseline"]], c["length"],
           c["page"],

@@ -851,8 +851,11 @@ def test_fa3_dense_call_rows_attend_as_flash_attn(monkeypatch):
     monkeypatch.setattr(mod, "fa3_paged_forward", fa3_emulation)
     monkeypatch.setattr(fa3_mod, "fa3_paged_forward", fa3_emulation)
     rounds = []
-    monkeypatch.setattr(timing, "cuda_calls_ms",
-                        lambda fn, n: [(fn(), rounds.append(fn), 1.0)[2] for _ in range(n)])
+    # calls of a second: blocks of 2 calls; one round
+    turns = timing.interleaved
+    monkeypatch.setattr(timing, "interleaved", lambda fns, budget_ms: turns(
+        fns, budget_ms, min_rounds=1, max_rounds=1,
+        timer=lambda fn, n: [(fn(), rounds.append(fn), 1e3)[2] for _ in range(n)]))
 
     def flash_attn(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, softmax_scale,
                    causal, block_table, out, fa_version, q_descale=None, k_descale=None,
@@ -869,4 +872,5 @@ def test_fa3_dense_call_rows_attend_as_flash_attn(monkeypatch):
             "dense_call_first", "launches", "fa3_path"}
         # at 256 tokens the path makes no dense call (one launch): its launches attend it all
         assert all(d < 2e-2 for d in diffs.values()), diffs
-        assert len(rounds) >= 8 * (2 + 5 * 2)  # the estimates, then 5 rounds of 2 calls at least
+        assert len(rounds) == 8 * (2 + 2)  # the estimates, then a round of 2 calls
+        rounds.clear()
