@@ -45,6 +45,9 @@
 #              --fp8-sweep [LAUNCH...] for the fp8 kernel's launches, all or the named ones,
 #              e.g. w4s2 w8s4_ahead_r128_lazy0, --bf16-sweep LAUNCH... for the same launches
 #              on the bf16 rows; -> $OUT/kernels_fp8.*)
+#   fa3_dense_call  the FA3 path's dense configuration taken apart against FLASH_ATTN's call,
+#              bf16 and fp8 caches, 32K and 128K, every way timed in turns (about 2 minutes;
+#              -> $OUT/fa3_dense_call.*)
 #   virtual    FA3 over per-row virtual contexts: its tests (CPU emulation and real FA3) and the
 #              benchmark at 32K and 128K, 64-token pages, with the head-chunked (memory-bounded)
 #              rows (-> $OUT/kernels_virtual.*)
@@ -266,6 +269,10 @@ for stage in "$@"; do
         # Gemma 3 270M's attention geometry (head dim 256, 4 q / 1 KV heads) up to its 32K
         run kernels_d256 timeout 580 python3 benchmarks/bench_kernels.py --lengths 8192 32768 \
             --pages 64 16 --head-dim 256 --heads 4 1 --virtual --sweep --out "$OUT/kernels_d256"
+        ;;
+    fa3_dense_call)
+        run fa3_dense_call timeout 300 python3 benchmarks/fa3_dense_call.py \
+            --lengths 32768 131072 --out "$OUT/fa3_dense_call"
         ;;
     virtual)
         run virtual_tests timeout 200 ${PYTEST/-m gpu /} tests/test_virtual.py
