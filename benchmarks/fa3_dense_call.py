@@ -22,8 +22,7 @@ of 128, 64-token pages, batch 1:
 
 Every row of a length and cache is timed in turns with the others (``timing.interleaved``: a
 block of calls of each a round), so that the GPU's clock drift falls alike on all; ratios are
-the baseline's median over each row's. Writes ``<out>.json`` and
-``<out>.md``.
+the baseline's median over each row's. Writes ``<out>.json`` and ``<out>.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +32,8 @@ import dataclasses
 import datetime
 import json
 import platform
+import sys
+from pathlib import Path
 
 import torch
 import triton
@@ -59,6 +60,7 @@ def time_length(length: int, fp8: bool, fa3) -> dict:
     scale = D**-0.5
     cu, i32 = batch.query_start_loc, torch.int32
     desc = fa3_descales(scales, batch, HKV) if fp8 else {}
+
     def baseline():
         fa3(q, kc, vc, max_seqlen_q=length, cu_seqlens_q=cu, max_seqlen_k=length,
             seqused_k=batch.seq_lens, softmax_scale=scale, causal=True,
@@ -130,9 +132,6 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    import sys
-    from pathlib import Path
-
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import vllm
     from vllm.vllm_flash_attn import flash_attn_varlen_func as fa3
