@@ -5,7 +5,8 @@ measured.
 A GPU's clock drifts over a run: a long run at full tensor throughput heats it, and its power
 limit then lowers the clock. On an H100 at 128K tokens, calls that take FLASH_ATTN's time when
 timed in turns with it measured 3-7% slower than it when each was timed after the other, a
-minute into the run (``fa3_dense_call.py``). A baseline timed once at the start of a run and a
+minute into the run (``benchmarks/results/fa3_dense_call_sequential.md`` against
+``fa3_dense_call.md``). A baseline timed once at the start of a run and a
 row timed minutes later compare a cool GPU with a hot one; timed in turns, both see the same
 clocks. Within milliseconds the clock also follows the running kernel's power draw, so one call
 straight after another function's is no measure either: at 32K on an H100, single calls in turns
