@@ -87,7 +87,8 @@ D256_LAUNCHES = ((1, 8, 2), (1, 8, 1), (1, 8, 3), (2, 8, 2), (2, 8, 3), (2, 4, 3
 # take 255 registers a thread, so an SM holds two such programs; 8 warps capped at 128 (maxnreg)
 # two (two warp groups each, 64 rows a group); two 64-row programs a query block (split 2: 160
 # registers at 2 stages, 168 at most at 3) three 4-warp ones. Conditional rescaling takes a max
-# over the program's rows every block (a barrier across its warps); lazy0 rescales every block
+# over the program's rows every block (a barrier across its warps); lazy0 rescales every block.
+# exph: P exponentiated two at a time in fp16 (exp_half); vtma: V's K-major tiles by TMA (v_tma)
 class Launch(NamedTuple):
     warps: int
     stages: int
@@ -96,6 +97,8 @@ class Launch(NamedTuple):
     split: int = 1  # programs a query block
     maxnreg: int | None = None  # registers a thread at most (None: ptxas's choice)
     lazy: float | None = None  # lazy_rescale (None: the default; 0: a rescale every block)
+    exp_half: bool = False  # exp_half
+    v_tma: bool = False  # v_tma
 
     @property
     def name(self) -> str:
@@ -104,14 +107,16 @@ class Launch(NamedTuple):
                 + ("_ahead" if self.ahead else "")
                 + (f"_split{self.split}" if self.split != 1 else "")
                 + (f"_r{self.maxnreg}" if self.maxnreg else "")
-                + ("" if self.lazy is None else f"_lazy{self.lazy:g}"))
+                + ("" if self.lazy is None else f"_lazy{self.lazy:g}")
+                + ("_exph" if self.exp_half else "") + ("_vtma" if self.v_tma else ""))
 
     @property
     def kwargs(self) -> dict:
         """The launch as ``sparse_paged_attention`` keyword arguments."""
         launch = (self.warps, self.stages) + ((self.maxnreg,) if self.maxnreg else ())
         return dict(launch=launch, use_tma=self.tma, page_ahead=self.ahead, split=self.split,
-                    lazy_rescale=self.lazy)
+                    lazy_rescale=self.lazy, **({"exp_half": True} if self.exp_half else {}),
+                    **({"v_tma": True} if self.v_tma else {}))
 
 
 FP8_LAUNCHES = tuple(Launch(*x) for x in (
@@ -122,7 +127,8 @@ FP8_LAUNCHES = tuple(Launch(*x) for x in (
     (4, 3, True, True, 2), (4, 3, True, True, 2, 168), (4, 2, True, True, 1, None, 0.0),
     (8, 2, True, True, 1, 128, 0.0), (8, 3, True, True, 1, 128, 0.0),
     (8, 4, True, True, 1, 128, 0.0), (8, 5, True, True, 1, 128, 0.0),
-    (8, 3, True, False, 1, 128, 0.0)))
+    (8, 3, True, False, 1, 128, 0.0), (8, 4, True, True, 1, 128, None, True),
+    (8, 4, True, True, 1, 128, None, False, True), (8, 4, True, True, 1, 128, None, True, True)))
 LAUNCHES_BY_NAME = {x.name: x for x in FP8_LAUNCHES}
 FP8_SWEEP: tuple[str, ...] = ()  # --fp8-sweep: the FP8_LAUNCHES (by name) timed
 # --bf16-sweep: the FP8_LAUNCHES (by name) timed on the bf16 dense and 50% rows (64-token
@@ -264,24 +270,26 @@ def fp8_dot_sweep(q8, kc8, vc8, batch, bm, scale, pv_off, out, kv_scales) -> tup
 
 
 def launch_sweep(attend, out, launches: dict[str, dict]) -> tuple[dict, dict]:
-    """ms of each of ``launches`` (name -> keyword arguments of ``attend(out, **kw)``), and the
-    largest difference of its output from the default launch's (``attend(ref)``); a launch the
-    device refuses is noted (NaN) and the run goes on."""
+    """ms of each of ``launches`` (name -> keyword arguments of ``attend(out, **kw)``), timed
+    in turns (:func:`~timing.interleaved`: launches a few percent apart are told apart despite
+    the clock's drift over a run), and the largest difference of its output from the default
+    launch's (``attend(ref)``); a launch the device refuses is noted (NaN) and the run goes on."""
     ref = torch.empty_like(out)
     attend(ref)
-    times, diffs = {}, {}
+    runs, diffs = {}, {}
     for key, kw in launches.items():
         run = lambda kw=kw: attend(out, check_finite=False, **kw)  # noqa: E731
         try:
             run()
             diffs[key] = (out.float() - ref.float()).abs().max().item()
-            times[key] = bench(run)
+            runs[key] = run
         except Exception as e:  # noqa: BLE001 - one refused launch must not end the run
             print(f"launch {key} not measured: {type(e).__name__}: "
                   f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}",
                   flush=True)
-            times[key] = diffs[key] = float("nan")
-    return times, diffs
+            diffs[key] = float("nan")
+    times = interleaved(runs) if runs else {}
+    return {key: times.get(key, float("nan")) for key in launches}, diffs
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -316,6 +316,11 @@ def test_query_len_dense_call_paths_force_the_rule_both_ways(monkeypatch):
     assert seqs == {"fa3": [8], "fa3_call": [8, 4], "fa3_nocall": [8]}
 
 
+def _fake_turns(fns, **kw):
+    """``interleaved`` without a GPU: one call of each function, 0.5 ms each."""
+    return {name: (fn(), 0.5)[1] for name, fn in fns.items()}
+
+
 def test_d256_launch_sweep_checks_outputs_and_survives_a_refused_launch(monkeypatch):
     """``--sweep`` at head dim 256 times every launch of ``D256_LAUNCHES`` with TMA loads and PV
     skip off, measures each output against the default launch's, and notes a launch the device
@@ -323,7 +328,7 @@ def test_d256_launch_sweep_checks_outputs_and_survives_a_refused_launch(monkeypa
     import torch
 
     bench = _load("bench_kernels")
-    monkeypatch.setattr(bench, "bench", lambda fn: (fn(), 0.5)[1])
+    monkeypatch.setattr(bench, "interleaved", _fake_turns)
     seen = []
 
     def attend(q, kc, vc, batch, bm, scale, pv, out, launch=None, split=None, pv_skip=None,
@@ -354,13 +359,14 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
 
     bench = _load("bench_kernels")
     report = _load("kernels_report")
-    monkeypatch.setattr(bench, "bench", lambda fn: (fn(), 0.5)[1])
+    monkeypatch.setattr(bench, "interleaved", _fake_turns)
     seen = []
 
     def attend(q, kc, vc, batch, bm, scale, pv, out, launch=None, pv_skip=None, use_tma=None,
                scales=None, fp8_dot=False, page_ahead=False, split=None, lazy_rescale=None,
-               **kw):
-        seen.append((launch, use_tma, page_ahead, pv_skip, scales, fp8_dot, split, lazy_rescale))
+               exp_half=False, v_tma=False, **kw):
+        seen.append((launch, use_tma, page_ahead, pv_skip, scales, fp8_dot, split, lazy_rescale,
+                     exp_half, v_tma))
         if launch == (8, 3) and use_tma is False:
             raise RuntimeError("out of resource: shared memory\nRequired: 1, limit: 0")
         out.fill_(1.0 + (0.5 if launch == (4, 5) else 0.0) + (0.25 if split == 2 else 0.0))
@@ -372,10 +378,10 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
     times, _ = bench.fp8_dot_sweep(None, None, None, None, None, 1.0, None, out, "scales")
     assert list(times) == ["w8s4_ahead_r128", "w8s3_ahead", "w4s5"]
     # (num_warps, num_stages[, maxnreg]), TMA K loads, page_ahead, programs a query block,
-    # lazy_rescale
+    # lazy_rescale, exp_half, v_tma
     assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:])) == [
-        ((8, 4, 128), True, True, 1, None), ((8, 3), True, True, 1, None),
-        ((4, 5), True, False, 1, None)]
+        ((8, 4, 128), True, True, 1, None, False, False),
+        ((8, 3), True, True, 1, None, False, False), ((4, 5), True, False, 1, None, False, False)]
     # --fp8-sweep: every one
     seen.clear()
     monkeypatch.setattr(bench, "FP8_SWEEP", tuple(x.name for x in bench.FP8_LAUNCHES))
@@ -385,15 +391,24 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
                            "w8s2_ahead_r128", "w8s3_ahead_r128", "w4s2_ahead_split2",
                            "w4s3_ahead_split2", "w4s3_ahead_split2_r168", "w4s2_ahead_lazy0",
                            "w8s2_ahead_r128_lazy0", "w8s3_ahead_r128_lazy0",
-                           "w8s4_ahead_r128_lazy0", "w8s5_ahead_r128_lazy0", "w8s3_r128_lazy0"]
+                           "w8s4_ahead_r128_lazy0", "w8s5_ahead_r128_lazy0", "w8s3_r128_lazy0",
+                           "w8s4_ahead_r128_exph", "w8s4_ahead_r128_vtma",
+                           "w8s4_ahead_r128_exph_vtma"]
     # the reference: the default launch
-    assert seen[0] == (None, None, False, False, "scales", True, None, None)
+    assert seen[0] == (None, None, False, False, "scales", True, None, None, False, False)
     assert all(s[3:6] == (False, "scales", True) for s in seen)
-    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-11:-3] == [
-        ((8, 2, 128), True, True, 1, None), ((8, 3, 128), True, True, 1, None),
-        ((4, 2), True, True, 2, None), ((4, 3), True, True, 2, None),
-        ((4, 3, 168), True, True, 2, None), ((4, 2), True, True, 1, 0.0),
-        ((8, 2, 128), True, True, 1, 0.0), ((8, 3, 128), True, True, 1, 0.0)]
+    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-14:-6] == [
+        ((8, 2, 128), True, True, 1, None, False, False),
+        ((8, 3, 128), True, True, 1, None, False, False),
+        ((4, 2), True, True, 2, None, False, False), ((4, 3), True, True, 2, None, False, False),
+        ((4, 3, 168), True, True, 2, None, False, False),
+        ((4, 2), True, True, 1, 0.0, False, False),
+        ((8, 2, 128), True, True, 1, 0.0, False, False),
+        ((8, 3, 128), True, True, 1, 0.0, False, False)]
+    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-3:] == [
+        ((8, 4, 128), True, True, 1, None, True, False),
+        ((8, 4, 128), True, True, 1, None, False, True),
+        ((8, 4, 128), True, True, 1, None, True, True)]
     assert len(dict.fromkeys(s[:3] + s[6:] for s in seen[1:])) == len(bench.FP8_LAUNCHES) + 1
     assert diffs["w8s4_ahead_r128"] == 0.0 and diffs["w4s5"] == 0.5
     assert diffs["w4s2_ahead_split2"] == 0.25
@@ -417,6 +432,7 @@ def test_sweep_times_page_ahead_launches_against_the_default(monkeypatch, device
                         ("ONLY_CONFIGS", {"dense"})):
         monkeypatch.setattr(bench, name, value)
     monkeypatch.setattr(bench, "bench", lambda fn: (fn(), 0.5)[1])
+    monkeypatch.setattr(bench, "interleaved", _fake_turns)
     monkeypatch.setattr(bench, "dense_block_map", lambda length, block_n: None)
     if device == "cpu":
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
@@ -456,6 +472,7 @@ def test_bf16_sweep_times_the_named_launches_after_the_default(monkeypatch, devi
                         ("ONLY_CONFIGS", {"dense", "topk_s0.5"})):
         monkeypatch.setattr(bench, name, value)
     monkeypatch.setattr(bench, "bench", lambda fn: (fn(), 0.5)[1])
+    monkeypatch.setattr(bench, "interleaved", _fake_turns)
     if device == "cpu":
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     seen = []

@@ -206,6 +206,43 @@ def test_fp8_dot_page_ahead_equals_the_default_loop(pv, device):
             assert torch.equal(outs[0], outs[1]), f"v_kmajor {v_kmajor}"
 
 
+@pytest.mark.parametrize("pv", [40.0, 50.0])
+def test_fp8_dot_exp_half_and_values_by_tma(pv, device):
+    """The fp8 kernel's options: ``v_tma`` (the values' K-major copy read by TMA) gives the
+    pointer loads' output (bit for bit on the CPU); ``exp_half`` (``P`` exponentiated in fp16)
+    and both together are within the SDPA oracle's tolerance over the kept blocks with ``P``
+    rounded to fp8, PV skip on (a threshold no block reaches) and off."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper")
+    base = _case(device, 64, reqs=((256, 600), (70, 390), (70, 70)), seed=5)
+    c = _fp8_case(base, True, pow2=False, dtype=torch.float32)
+    hq = base.q.shape[1]
+    bm = predict_block_map(c.q, c.key_cache, base.batch, base.scale, head_vec(0.4, hq, device),
+                           head_vec(0.8, hq, device), scales=c.scales)
+    assert (bm.count < bm.n_valid).any(), "every block kept: no sparsity tested"
+    outs = {}
+    for exp_half, v_tma in ((False, False), (False, True), (True, False), (True, True)):
+        out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
+        stats = torch.zeros(3, dtype=torch.int64, device=device)
+        sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
+                               head_vec(pv, hq, device), out, stats, scales=c.scales,
+                               fp8_dot=True, use_tma=True, exp_half=exp_half, v_tma=v_tma)
+        assert int(stats[2]) == 0, "a block's P.V was skipped: the SDPA oracle would not hold"
+        _check_against_sdpa(out, c, base, bm, p_dtype=FP8_DTYPE)
+        outs[exp_half, v_tma] = out
+    if device == "cpu":
+        assert torch.equal(outs[False, False], outs[False, True])
+        assert torch.equal(outs[True, False], outs[True, True])
+        assert not torch.equal(outs[False, False], outs[True, False]), "exp_half took no effect"
+    with pytest.raises(ValueError, match="exp_half .* needs fp8_dot"):
+        sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
+                               head_vec(50.0, hq, device), out, scales=c.scales, exp_half=True)
+    with pytest.raises(ValueError, match="v_tma .* needs v_kmajor and use_tma"):
+        sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
+                               head_vec(50.0, hq, device), out, scales=c.scales, fp8_dot=True,
+                               v_kmajor=False, use_tma=True, v_tma=True)
+
+
 @pytest.mark.parametrize("page, packed", [(16, False), (64, False), (64, True)])
 @pytest.mark.parametrize("fp8", [False, True])
 def test_values_kmajor_is_each_requests_values_transposed(page, packed, fp8, device):

@@ -96,14 +96,20 @@ def load_v_block(
     v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok, stride_head, offs_n, offs_d,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, v_desc, USE_TMA: tl.constexpr,
     ZERO_TAIL: tl.constexpr, DT: tl.constexpr, vt_row, stride_vh, stride_vd,
-    V_KMAJOR: tl.constexpr, page=None,
+    V_KMAJOR: tl.constexpr, page=None, VT_TMA: tl.constexpr = False,
 ):
     """Value block ``j`` (``[BLOCK_N, D]``): with ``V_KMAJOR`` from a request's row ``vt_row``
     of :func:`values_kmajor`'s copy (token dimension contiguous; zeros past the context), else
-    through the block table (:func:`load_kv_block`, ``page`` as there)."""
+    through the block table (:func:`load_kv_block`, ``page`` as there). ``VT_TMA``: the copy's
+    ``[D, BLOCK_N]`` tile by TMA (``v_desc``: :func:`values_descriptor`; ``vt_row``: the
+    request's first row of it, ``stride_vh`` a KV head's rows), transposed on chip."""
     # NOTE: if/else, not an early return: Triton's compiler still visits what follows a
     # return in a constexpr branch (here a TMA load through the absent descriptor)
-    if V_KMAJOR:
+    if VT_TMA:
+        v = tl.trans(v_desc.load([vt_row + kvh * stride_vh, j * BLOCK_N]))
+        if DT is not None:
+            v = v.to(DT)
+    elif V_KMAJOR:
         v = tl.load(vt_row + kvh.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
                     + (j * BLOCK_N + offs_n)[:, None])
         if DT is not None:
@@ -293,6 +299,14 @@ def values_kmajor(value_cache: torch.Tensor, batch: PrefillBatch) -> torch.Tenso
         PAGE=page, BLOCK_N=BLKK, HEAD_DIM=head_dim, num_warps=4,
     )
     return vt
+
+
+def values_descriptor(vt: torch.Tensor, block_n: int = BLKK) -> TensorDescriptor:
+    """2-D view ``[R * Hkv * D, S]`` of :func:`values_kmajor`'s copy, in ``[D, block_n]``
+    boxes (a KV head's values of one key block)."""
+    rows = vt.shape[0] * vt.shape[1] * vt.shape[2]
+    return TensorDescriptor(vt, shape=[rows, vt.shape[3]], strides=[vt.stride(2), 1],
+                            block_shape=[vt.shape[2], block_n])
 
 
 def values_kmajor_bytes(num_kv_heads: int, head_dim: int, max_reqs: int, max_seq_len: int,
