@@ -88,7 +88,7 @@ D256_LAUNCHES = ((1, 8, 2), (1, 8, 1), (1, 8, 3), (2, 8, 2), (2, 8, 3), (2, 4, 3
 # two (two warp groups each, 64 rows a group); two 64-row programs a query block (split 2: 160
 # registers at 2 stages, 168 at most at 3) three 4-warp ones. Conditional rescaling takes a max
 # over the program's rows every block (a barrier across its warps); lazy0 rescales every block.
-# exph: P exponentiated two at a time in fp16 (exp_half); vtma: V's K-major tiles by TMA (v_tma)
+# ptrv: V's K-major tiles by pointer loads (v_tma off; the other TMA launches load them by TMA)
 class Launch(NamedTuple):
     warps: int
     stages: int
@@ -97,8 +97,7 @@ class Launch(NamedTuple):
     split: int = 1  # programs a query block
     maxnreg: int | None = None  # registers a thread at most (None: ptxas's choice)
     lazy: float | None = None  # lazy_rescale (None: the default; 0: a rescale every block)
-    exp_half: bool = False  # exp_half
-    v_tma: bool = False  # v_tma
+    v_tma: bool = True  # False: v_tma off (else the default: on with TMA loads and V K-major)
 
     @property
     def name(self) -> str:
@@ -108,15 +107,14 @@ class Launch(NamedTuple):
                 + (f"_split{self.split}" if self.split != 1 else "")
                 + (f"_r{self.maxnreg}" if self.maxnreg else "")
                 + ("" if self.lazy is None else f"_lazy{self.lazy:g}")
-                + ("_exph" if self.exp_half else "") + ("_vtma" if self.v_tma else ""))
+                + ("_ptrv" if self.tma and not self.v_tma else ""))
 
     @property
     def kwargs(self) -> dict:
         """The launch as ``sparse_paged_attention`` keyword arguments."""
         launch = (self.warps, self.stages) + ((self.maxnreg,) if self.maxnreg else ())
         return dict(launch=launch, use_tma=self.tma, page_ahead=self.ahead, split=self.split,
-                    lazy_rescale=self.lazy, **({"exp_half": True} if self.exp_half else {}),
-                    **({"v_tma": True} if self.v_tma else {}))
+                    lazy_rescale=self.lazy, **({} if self.v_tma else {"v_tma": False}))
 
 
 FP8_LAUNCHES = tuple(Launch(*x) for x in (
@@ -127,8 +125,7 @@ FP8_LAUNCHES = tuple(Launch(*x) for x in (
     (4, 3, True, True, 2), (4, 3, True, True, 2, 168), (4, 2, True, True, 1, None, 0.0),
     (8, 2, True, True, 1, 128, 0.0), (8, 3, True, True, 1, 128, 0.0),
     (8, 4, True, True, 1, 128, 0.0), (8, 5, True, True, 1, 128, 0.0),
-    (8, 3, True, False, 1, 128, 0.0), (8, 4, True, True, 1, 128, None, True),
-    (8, 4, True, True, 1, 128, None, False, True), (8, 4, True, True, 1, 128, None, True, True)))
+    (8, 3, True, False, 1, 128, 0.0), (8, 4, True, True, 1, 128, None, False)))
 LAUNCHES_BY_NAME = {x.name: x for x in FP8_LAUNCHES}
 FP8_SWEEP: tuple[str, ...] = ()  # --fp8-sweep: the FP8_LAUNCHES (by name) timed
 # --bf16-sweep: the FP8_LAUNCHES (by name) timed on the bf16 dense and 50% rows (64-token

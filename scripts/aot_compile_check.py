@@ -202,16 +202,20 @@ def main() -> None:
         fp8_types = _types("bf16", dim, tma, kv="fp8e4nv", q=q)
         scaled = dict(Q_SCALED=q is not None, KV_SCALED=True)
 
-        def fp8_attention(use_tma, pv, split, dot, vk, ahead, lazy, dim=dim, page=page,
+        def fp8_attention(use_tma, pv, split, dot, vk, ahead, lazy, vtma, dim=dim, page=page,
                           scaled=scaled):
             """The attention kernel's constexprs over this fp8 layout (the absent descriptors
-            and copy None; ``ahead``: ``PAGE_AHEAD``, ``lazy``: ``LAZY``)."""
+            and copy None; ``ahead``: ``PAGE_AHEAD``, ``lazy``: ``LAZY``, ``vtma``:
+            ``VT_TMA``)."""
             absent = {} if use_tma else {"k_desc": None, "v_desc": None}
-            absent.update({"v_desc": None} if vk else {"vt_ptr": None})
+            absent.update({} if vtma else {"v_desc": None} if vk else {"vt_ptr": None})
             return dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
                         PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=use_tma, PV_SKIP=pv,
                         SPLIT=split, LAZY=lazy, FP8_DOT=dot, V_KMAJOR=vk,
-                        PAGE_AHEAD=ahead, **scaled, **absent)
+                        PAGE_AHEAD=ahead, VT_TMA=vtma, **scaled, **absent)
+
+        # V's K-major copy by TMA: [D, BLKK] boxes of its 2-D view
+        vt_types = dict(fp8_types, v_desc=f"tensordesc<fp8e4nv[{dim},{BLKK}]>")
 
         for pv in (False, True):
             # fp8_attention: both products in fp8 (an fp8 query only), V read from its
@@ -223,9 +227,9 @@ def main() -> None:
                 check(f"attention fp8 cache q={q or 'bf16'} D{dim} page {page} pv_skip={pv}"
                       f"{label}", attention._sparse_attn_kernel,
                       fp8_attention(tma, pv, served.split, dot, vk, served.page_ahead,
-                                    served.lazy_rescale),
-                      served.num_warps, served.num_stages, types=fp8_types,
-                      maxnreg=served.maxnreg)
+                                    served.lazy_rescale, served.v_tma),
+                      served.num_warps, served.num_stages,
+                      types=vt_types if served.v_tma else fp8_types, maxnreg=served.maxnreg)
         if dim == 128 and page == 64 and q:
             # the other launches bench_kernels --fp8-sweep times (5 stages, or 3 with the page
             # ids read ahead: three K/V tiles in flight; pointer K loads without TMA; 64-row
@@ -234,14 +238,15 @@ def main() -> None:
             for x in FP8_LAUNCHES:
                 kw = x.kwargs
                 par = attention.attend_params(dim, False, x.tma, x.split, x.lazy, kw["launch"],
-                                              True, None, x.ahead)
+                                              True, None, x.ahead, kw.get("v_tma"))
                 if par == served:
                     continue
                 check(f"attention fp8 cache q={q} D{dim} page {page} fp8_dot launch {x.name}",
                       attention._sparse_attn_kernel,
                       fp8_attention(x.tma, False, x.split, True, True, x.ahead,
-                                    par.lazy_rescale),
-                      x.warps, x.stages, types=fp8_types, maxnreg=x.maxnreg)
+                                    par.lazy_rescale, par.v_tma),
+                      x.warps, x.stages, types=vt_types if par.v_tma else fp8_types,
+                      maxnreg=x.maxnreg)
         check(f"values K-major copy D{dim} page {page}", pooling._values_kmajor_kernel,
               dict(PAGE=page, BLOCK_N=BLKK, HEAD_DIM=dim), 4,
               types=dict(fp8_types, value_cache_ptr="*u8", vt_ptr="*u8"))

@@ -364,9 +364,9 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
 
     def attend(q, kc, vc, batch, bm, scale, pv, out, launch=None, pv_skip=None, use_tma=None,
                scales=None, fp8_dot=False, page_ahead=False, split=None, lazy_rescale=None,
-               exp_half=False, v_tma=False, **kw):
+               v_tma=None, **kw):
         seen.append((launch, use_tma, page_ahead, pv_skip, scales, fp8_dot, split, lazy_rescale,
-                     exp_half, v_tma))
+                     v_tma))
         if launch == (8, 3) and use_tma is False:
             raise RuntimeError("out of resource: shared memory\nRequired: 1, limit: 0")
         out.fill_(1.0 + (0.5 if launch == (4, 5) else 0.0) + (0.25 if split == 2 else 0.0))
@@ -378,10 +378,10 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
     times, _ = bench.fp8_dot_sweep(None, None, None, None, None, 1.0, None, out, "scales")
     assert list(times) == ["w8s4_ahead_r128", "w8s3_ahead", "w4s5"]
     # (num_warps, num_stages[, maxnreg]), TMA K loads, page_ahead, programs a query block,
-    # lazy_rescale, exp_half, v_tma
+    # lazy_rescale, v_tma (None: the default)
     assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:])) == [
-        ((8, 4, 128), True, True, 1, None, False, False),
-        ((8, 3), True, True, 1, None, False, False), ((4, 5), True, False, 1, None, False, False)]
+        ((8, 4, 128), True, True, 1, None, None), ((8, 3), True, True, 1, None, None),
+        ((4, 5), True, False, 1, None, None)]
     # --fp8-sweep: every one
     seen.clear()
     monkeypatch.setattr(bench, "FP8_SWEEP", tuple(x.name for x in bench.FP8_LAUNCHES))
@@ -392,23 +392,18 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
                            "w4s3_ahead_split2", "w4s3_ahead_split2_r168", "w4s2_ahead_lazy0",
                            "w8s2_ahead_r128_lazy0", "w8s3_ahead_r128_lazy0",
                            "w8s4_ahead_r128_lazy0", "w8s5_ahead_r128_lazy0", "w8s3_r128_lazy0",
-                           "w8s4_ahead_r128_exph", "w8s4_ahead_r128_vtma",
-                           "w8s4_ahead_r128_exph_vtma"]
+                           "w8s4_ahead_r128_ptrv"]
     # the reference: the default launch
-    assert seen[0] == (None, None, False, False, "scales", True, None, None, False, False)
+    assert seen[0] == (None, None, False, False, "scales", True, None, None, None)
     assert all(s[3:6] == (False, "scales", True) for s in seen)
-    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-14:-6] == [
-        ((8, 2, 128), True, True, 1, None, False, False),
-        ((8, 3, 128), True, True, 1, None, False, False),
-        ((4, 2), True, True, 2, None, False, False), ((4, 3), True, True, 2, None, False, False),
-        ((4, 3, 168), True, True, 2, None, False, False),
-        ((4, 2), True, True, 1, 0.0, False, False),
-        ((8, 2, 128), True, True, 1, 0.0, False, False),
-        ((8, 3, 128), True, True, 1, 0.0, False, False)]
-    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-3:] == [
-        ((8, 4, 128), True, True, 1, None, True, False),
-        ((8, 4, 128), True, True, 1, None, False, True),
-        ((8, 4, 128), True, True, 1, None, True, True)]
+    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-12:-4] == [
+        ((8, 2, 128), True, True, 1, None, None), ((8, 3, 128), True, True, 1, None, None),
+        ((4, 2), True, True, 2, None, None), ((4, 3), True, True, 2, None, None),
+        ((4, 3, 168), True, True, 2, None, None), ((4, 2), True, True, 1, 0.0, None),
+        ((8, 2, 128), True, True, 1, 0.0, None), ((8, 3, 128), True, True, 1, 0.0, None)]
+    # the K-major values by pointer loads
+    assert list(dict.fromkeys(s[:3] + s[6:] for s in seen[1:]))[-1] == (
+        (8, 4, 128), True, True, 1, None, False)
     assert len(dict.fromkeys(s[:3] + s[6:] for s in seen[1:])) == len(bench.FP8_LAUNCHES) + 1
     assert diffs["w8s4_ahead_r128"] == 0.0 and diffs["w4s5"] == 0.5
     assert diffs["w4s2_ahead_split2"] == 0.25

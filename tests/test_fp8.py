@@ -29,6 +29,7 @@ from sparge_serve.kernels import (
     sparge_paged_prefill,
     sparse_paged_attention,
 )
+from sparge_serve.kernels.attention import attend_params
 from sparge_serve.kernels.fa3 import fa3_sparse_attention
 from sparge_serve.kernels.pooling import values_kmajor
 from sparge_serve.kernels.warmup import warm_up_sparse_kernels
@@ -207,11 +208,11 @@ def test_fp8_dot_page_ahead_equals_the_default_loop(pv, device):
 
 
 @pytest.mark.parametrize("pv", [40.0, 50.0])
-def test_fp8_dot_exp_half_and_values_by_tma(pv, device):
-    """The fp8 kernel's options: ``v_tma`` (the values' K-major copy read by TMA) gives the
-    pointer loads' output (bit for bit on the CPU); ``exp_half`` (``P`` exponentiated in fp16)
-    and both together are within the SDPA oracle's tolerance over the kept blocks with ``P``
-    rounded to fp8, PV skip on (a threshold no block reaches) and off."""
+def test_fp8_dot_values_by_tma_equal_pointer_loads(pv, device):
+    """The values' K-major copy read by TMA (``v_tma``, the default with TMA loads) gives the
+    output of its pointer loads (bit for bit on the CPU), both within the SDPA oracle's tolerance
+    over the kept blocks with ``P`` rounded to fp8, PV skip on (a threshold no block reaches)
+    and off; ``v_tma`` without the copy or without TMA loads is refused."""
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs Hopper")
     base = _case(device, 64, reqs=((256, 600), (70, 390), (70, 70)), seed=5)
@@ -220,27 +221,24 @@ def test_fp8_dot_exp_half_and_values_by_tma(pv, device):
     bm = predict_block_map(c.q, c.key_cache, base.batch, base.scale, head_vec(0.4, hq, device),
                            head_vec(0.8, hq, device), scales=c.scales)
     assert (bm.count < bm.n_valid).any(), "every block kept: no sparsity tested"
-    outs = {}
-    for exp_half, v_tma in ((False, False), (False, True), (True, False), (True, True)):
+    outs = []
+    for v_tma in (False, None):
         out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
         stats = torch.zeros(3, dtype=torch.int64, device=device)
         sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
                                head_vec(pv, hq, device), out, stats, scales=c.scales,
-                               fp8_dot=True, use_tma=True, exp_half=exp_half, v_tma=v_tma)
+                               fp8_dot=True, use_tma=True, v_tma=v_tma)
         assert int(stats[2]) == 0, "a block's P.V was skipped: the SDPA oracle would not hold"
         _check_against_sdpa(out, c, base, bm, p_dtype=FP8_DTYPE)
-        outs[exp_half, v_tma] = out
+        outs.append(out)
+    assert attend_params(64, pv < 50, True, fp8_dot=True).v_tma
     if device == "cpu":
-        assert torch.equal(outs[False, False], outs[False, True])
-        assert torch.equal(outs[True, False], outs[True, True])
-        assert not torch.equal(outs[False, False], outs[True, False]), "exp_half took no effect"
-    with pytest.raises(ValueError, match="exp_half .* needs fp8_dot"):
-        sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
-                               head_vec(50.0, hq, device), out, scales=c.scales, exp_half=True)
-    with pytest.raises(ValueError, match="v_tma .* needs v_kmajor and use_tma"):
-        sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
-                               head_vec(50.0, hq, device), out, scales=c.scales, fp8_dot=True,
-                               v_kmajor=False, use_tma=True, v_tma=True)
+        assert torch.equal(outs[0], outs[1])
+    for kw in (dict(v_kmajor=False, use_tma=True), dict(use_tma=False)):
+        with pytest.raises(ValueError, match="v_tma .* needs v_kmajor and use_tma"):
+            sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
+                                   head_vec(50.0, hq, device), out, scales=c.scales,
+                                   fp8_dot=True, v_tma=True, **kw)
 
 
 @pytest.mark.parametrize("page, packed", [(16, False), (64, False), (64, True)])

@@ -77,7 +77,7 @@ def _attend_row(
     UPCAST: tl.constexpr, USE_TMA: tl.constexpr, LAZY: tl.constexpr = 0.0,
     Q_SCALED: tl.constexpr = False, KV_SCALED: tl.constexpr = False,
     FP8_DOT: tl.constexpr = False, V_KMAJOR: tl.constexpr = False,
-    PAGE_AHEAD: tl.constexpr = False, EXP_HALF: tl.constexpr = False, VT_TMA: tl.constexpr = False,
+    PAGE_AHEAD: tl.constexpr = False, VT_TMA: tl.constexpr = False,
 ):
     """Attention of query rows ``[m0, m0 + BLOCK_M)`` (inside query block ``b`` of ``BLOCK_Q``
     rows) of one q-head ``h`` of a request over the block's ``n_kept`` kept key blocks
@@ -97,8 +97,7 @@ def _attend_row(
     :func:`~sparge_serve.kernels.pooling.values_kmajor`), whose tiles an fp8 ``P.V`` reads
     as they lie, not transposed on chip. ``PAGE_AHEAD`` (TMA loads): the off-band loops read the
     next kept block's page id one iteration ahead, carried in the loop, so that the block-table
-    load takes no pipeline stage of its own before the block's TMA loads. ``EXP_HALF``
-    (``FP8_DOT``): ``P`` exponentiated in fp16 (``softmax._exp2_half``). ``VT_TMA``: the K-major
+    load takes no pipeline stage of its own before the block's TMA loads. ``VT_TMA``: the K-major
     copy's tiles come by TMA (``v_desc`` over it, ``vt_row`` the request's first row)."""
     DT = None if FP8_DOT else out_ptr.dtype.element_ty
     QK_FP8: tl.constexpr = FP8_DOT or (Q_SCALED and KV_SCALED)
@@ -162,8 +161,7 @@ def _attend_row(
                 v = load_v_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                  stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA,
                                  False, DT, vt_row, stride_vh, stride_vd, V_KMAJOR, page, VT_TMA)
-                acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST,
-                                                       EXP_HALF)
+                acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
     else:
         if PAGE_AHEAD:
             jn, pn = _kept_block(lut_row, bt_row, 0, PAGE, BLOCK_N)
@@ -180,7 +178,7 @@ def _attend_row(
                              stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, False,
                              DT, vt_row, stride_vh, stride_vd, V_KMAJOR, page, VT_TMA)
             qk = _dot(q, tl.trans(k), UPCAST)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST, EXP_HALF)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
     # diagonal band: always computed, causal mask
     for j in range(j_diag0, n_valid):
         k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
@@ -193,7 +191,7 @@ def _attend_row(
         qk = _dot(q, tl.trans(k), UPCAST)
         k_pos = j * BLOCK_N + offs_n
         qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST, EXP_HALF)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
     if KV_SCALED:
         l_i = l_i / tl.load(v_scale_ptr)
     out = acc / l_i[:, None]
@@ -249,7 +247,7 @@ def _sparse_attn_kernel(
     KV_MAJOR: tl.constexpr = True, Q_SCALED: tl.constexpr = False,
     KV_SCALED: tl.constexpr = False, FP8_DOT: tl.constexpr = False,
     V_KMAJOR: tl.constexpr = False, PAGE_AHEAD: tl.constexpr = False,
-    EXP_HALF: tl.constexpr = False, VT_TMA: tl.constexpr = False,
+    VT_TMA: tl.constexpr = False,
     TAIL_FIRST: tl.constexpr = TAIL_FIRST,  # the module constant (one definition)
 ):
     # NOTE: heaviest (last) query blocks first, for a shorter tail; SPLIT programs a query block.
@@ -286,7 +284,7 @@ def _sparse_attn_kernel(
         q_start, q_len, seq_len, b, m0, h,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_page, stride_tok, stride_head, qk_scale,
         GROUP, BLOCK_Q, BLOCK_Q // SPLIT, BLOCK_N, HEAD_DIM, PAGE, PV_SKIP, PV_OFF, UPCAST,
-        USE_TMA, LAZY, Q_SCALED, KV_SCALED, FP8_DOT, V_KMAJOR, PAGE_AHEAD, EXP_HALF, VT_TMA,
+        USE_TMA, LAZY, Q_SCALED, KV_SCALED, FP8_DOT, V_KMAJOR, PAGE_AHEAD, VT_TMA,
     )
     _count_skipped(stats_ptr, n_skipped, PV_SKIP)  # (SPLIT is 1 with PV skip)
 
@@ -345,23 +343,22 @@ class AttendParams:
     v_kmajor: bool = False  # V read from a K-major copy (``pooling.values_kmajor``)
     page_ahead: bool = False  # PAGE_AHEAD: page ids read one kept block ahead (TMA loads)
     maxnreg: int | None = None  # registers a thread at most (ptxas .maxnreg); None: its choice
-    exp_half: bool = False  # EXP_HALF: P exponentiated in fp16 (fp8_dot)
     v_tma: bool = False  # VT_TMA: the K-major copy's tiles by TMA (v_kmajor, use_tma)
 
 
 def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None = None,
                   lazy_rescale: float | None = None, launch: tuple[int, ...] | None = None,
                   fp8_dot: bool = False, v_kmajor: bool | None = None,
-                  page_ahead: bool | None = None, exp_half: bool = False,
-                  v_tma: bool = False) -> AttendParams:
+                  page_ahead: bool | None = None, v_tma: bool | None = None) -> AttendParams:
     """The attention kernel's launch for ``head_dim`` with or without PV skip and TMA loads:
     the defaults (:func:`_row_parts`, :func:`_attn_launch_params`) where an override is
     ``None``; ``v_kmajor`` ``None``: with ``fp8_dot`` (an fp8 ``P.V`` over V as the cache holds
     it transposes every tile on chip: 0.64-0.67x the bf16 kernel's speed, against 1.47-1.56x
     over a K-major copy, H100, ``benchmarks/results/fp8_pv_layout.md``). ``page_ahead`` (TMA
     loads only, ``ValueError`` without) ``None``: on at head dim 128 without PV skip, as the
-    default launches there were measured, else off. ``exp_half`` (``fp8_dot`` only) and
-    ``v_tma`` (``v_kmajor`` with TMA loads only): ``AttendParams``' fields of those names."""
+    default launches there were measured, else off. ``v_tma`` (the K-major copy's tiles by TMA,
+    not pointer loads: 1.01-1.02x with fp8 products, every block kept and at 50%, H100, 32K /
+    128K, ``kernels_fp8_vtma.md``) ``None``: wherever V is K-major and loads are TMA's."""
     split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma, fp8_dot)
     num_warps, num_stages, *maxnreg = launch or _attn_launch_params(head_dim, use_tma, pv_skip,
                                                                     fp8_dot)
@@ -371,13 +368,13 @@ def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None
     if page_ahead and not use_tma:
         raise ValueError("page_ahead reads the page ids of TMA block loads ahead: it needs TMA "
                          "loads (use_tma, pages of whole key blocks)")
-    if exp_half and not fp8_dot:
-        raise ValueError("exp_half rounds P for fp8 products: it needs fp8_dot")
+    if v_tma is None:
+        v_tma = v_kmajor and use_tma
     if v_tma and not (v_kmajor and use_tma):
         raise ValueError("v_tma loads the values' K-major copy by TMA: it needs v_kmajor and "
                          "use_tma")
     return AttendParams(use_tma, split, lazy_rescale, num_warps, num_stages, fp8_dot, v_kmajor,
-                        bool(page_ahead), *(maxnreg or [None]), exp_half, v_tma)
+                        bool(page_ahead), *(maxnreg or [None]), v_tma)
 
 
 def sparse_paged_attention(
@@ -404,8 +401,7 @@ def sparse_paged_attention(
     tail_first: int = TAIL_FIRST,
     v_kmajor: bool | None = None,
     page_ahead: bool | None = None,
-    exp_half: bool = False,
-    v_tma: bool = False,
+    v_tma: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
@@ -429,7 +425,7 @@ def sparse_paged_attention(
     ``group``: for head slices, as :func:`~sparge_serve.kernels.predictor.predict_block_map`'s.
     ``v_kmajor``: read V from a K-major copy of the batch's values made first (``values_kmajor``
     in ``pooling``); ``page_ahead``: read each kept block's page id one block ahead (TMA loads
-    only); ``None``: :func:`attend_params`'s defaults; ``exp_half``, ``v_tma``: as there.
+    only); ``None``: :func:`attend_params`'s defaults; ``v_tma``: as there.
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
     checks"). ``check_finite`` also checks the values held in tensors: the thresholds (finite, in
@@ -457,7 +453,7 @@ def sparse_paged_attention(
                          f"whole 16-byte aligned token rows; got {page}-token pages with strides "
                          f"{tuple(key_cache.stride())}")
     params = attend_params(q.shape[2], pv_skip, use_tma, split, lazy_rescale, launch, fp8_dot,
-                           v_kmajor, page_ahead, exp_half, v_tma)
+                           v_kmajor, page_ahead, v_tma)
     if params.v_kmajor and block_n != BLKK:
         raise ValueError(f"v_kmajor copies values in key blocks of {BLKK}; got block_n {block_n}")
     vt = values_kmajor(value_cache, batch) if params.v_kmajor else None
@@ -503,7 +499,7 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         SPLIT=params.split, LAZY=params.lazy_rescale, KV_MAJOR=kv_major, TAIL_FIRST=tail_first,
         Q_SCALED=scales is not None and scales.q_scale is not None, KV_SCALED=scales is not None,
         FP8_DOT=params.fp8_dot, V_KMAJOR=vt is not None, PAGE_AHEAD=params.page_ahead,
-        EXP_HALF=params.exp_half, VT_TMA=params.v_tma,
+        VT_TMA=params.v_tma,
         num_warps=params.num_warps, num_stages=params.num_stages,
         **({} if params.maxnreg is None else {"maxnreg": params.maxnreg}),
     )

@@ -4,8 +4,7 @@ One step folds a key block's raw scores ``q.k`` and values into a row tile's run
 row sum ``l`` and fp32 accumulator: the online softmax (:func:`_online_softmax_update`), or with
 FlashAttention-4's conditional rescaling (:func:`_lazy_softmax_update`, ``attention.LAZY_RESCALE``).
 ``UPCAST`` (Triton's CPU interpreter) runs the products in fp32 from the operands' values, and
-rounds P as the GPU does (:func:`_rounded_p`). ``EXP_HALF`` (fp8 products only) exponentiates the
-scores two at a time in fp16 (:func:`_exp2_half`).
+rounds P as the GPU does (:func:`_rounded_p`).
 """
 
 from __future__ import annotations
@@ -29,19 +28,6 @@ def _rounded_p(p, dtype):
 
 
 @triton.jit
-def _exp2_half(x, UPCAST: tl.constexpr):
-    """``2 ** x`` (fp32 ``x``) in fp16, two elements an instruction (``ex2.approx.f16x2``: half
-    the special-function unit's issue slots of fp32 ``exp2``, which bound a loop of fp8
-    products; relative error 2**-9.9, far below the fp8 rounding of ``P`` that follows);
-    ``UPCAST``: fp32 ``exp2`` rounded to fp16."""
-    if UPCAST:
-        return tl.exp2(x).to(tl.float16)
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
-        "=r,f,f", [x], dtype=tl.float16, is_pure=True, pack=2)
-
-
-@triton.jit
 def _dot(a, b, UPCAST: tl.constexpr):
     """``tl.dot``; ``UPCAST``: of the operands in fp32 (exact), as Triton 3.6's interpreter
     computes a bf16 ``tl.dot`` wrongly (it multiplies the raw bits)."""
@@ -51,28 +37,22 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr,
-                           EXP_HALF: tl.constexpr = False):
+def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr):
     """One flash-attention step with raw scores ``qk`` (``q.k``; ``qk * qk_scale`` is the log2
-    domain) and values ``v``; ``EXP_HALF``: ``P`` from :func:`_exp2_half` (summed in fp32).
+    domain) and values ``v``.
 
     NOTE: scale and max-subtraction fuse into one FMA per score, and ``P.V`` accumulates into
     ``acc`` in the matrix unit (no separate tile add), as in Triton's fused-attention tutorial.
     """
     m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
-    if EXP_HALF:
-        p = _exp2_half(qk * qk_scale - m_new[:, None], UPCAST)
-        p_sum = tl.sum(p.to(tl.float32), axis=1)
-    else:
-        p = tl.exp2(qk * qk_scale - m_new[:, None])
-        p_sum = tl.sum(p, axis=1)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + p_sum
+    l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
     # NOTE: _pv_acc's body, inline: the loop as measured (benchmarks/results/kernels.md) and as
     # the AOT check's register counts see it (scripts/aot_compile_check.py).
     if UPCAST:
-        acc = tl.dot(_rounded_p(p.to(tl.float32), v.dtype), v.to(tl.float32), acc)
+        acc = tl.dot(_rounded_p(p, v.dtype), v.to(tl.float32), acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
@@ -106,9 +86,8 @@ def _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr,
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr, UPCAST: tl.constexpr,
-                  EXP_HALF: tl.constexpr = False):
+def _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr, UPCAST: tl.constexpr):
     """``_lazy_softmax_update`` with ``LAZY`` > 0, else ``_online_softmax_update``."""
     if LAZY > 0:
         return _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
-    return _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST, EXP_HALF)
+    return _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
