@@ -30,7 +30,7 @@ def bench(fn) -> float:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], budget_ms: float = 5000.0,
-                min_rounds: int = 5, max_rounds: int = 50, block_ms: float = 150.0,
+                min_rounds: int = 9, max_rounds: int = 50, block_ms: float = 150.0,
                 timer: Callable[[Callable[[], object], int], list[float]] | None = None,
                 ) -> dict[str, float]:
     """Median ms of a call of each of ``fns``, timed in turns: each round runs every one of

@@ -356,9 +356,8 @@ def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None
     it transposes every tile on chip: 0.64-0.67x the bf16 kernel's speed, against 1.47-1.56x
     over a K-major copy, H100, ``benchmarks/results/fp8_pv_layout.md``). ``page_ahead`` (TMA
     loads only, ``ValueError`` without) ``None``: on at head dim 128 without PV skip, as the
-    default launches there were measured, else off. ``v_tma`` (the K-major copy's tiles by TMA,
-    not pointer loads: 1.01-1.02x with fp8 products, every block kept and at 50%, H100, 32K /
-    128K, ``kernels_fp8_vtma.md``) ``None``: wherever V is K-major and loads are TMA's."""
+    default launches there were measured, else off. ``v_tma`` ``None``: the K-major copy's tiles
+    by TMA wherever loads are TMA's (1.01-1.02x pointer loads, ``kernels_fp8_vtma.md``)."""
     split, lazy_rescale = _row_parts(split, head_dim, pv_skip, lazy_rescale, use_tma, fp8_dot)
     num_warps, num_stages, *maxnreg = launch or _attn_launch_params(head_dim, use_tma, pv_skip,
                                                                     fp8_dot)
@@ -368,8 +367,7 @@ def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None
     if page_ahead and not use_tma:
         raise ValueError("page_ahead reads the page ids of TMA block loads ahead: it needs TMA "
                          "loads (use_tma, pages of whole key blocks)")
-    if v_tma is None:
-        v_tma = v_kmajor and use_tma
+    v_tma = v_kmajor and use_tma if v_tma is None else v_tma
     if v_tma and not (v_kmajor and use_tma):
         raise ValueError("v_tma loads the values' K-major copy by TMA: it needs v_kmajor and "
                          "use_tma")
@@ -414,18 +412,12 @@ def sparse_paged_attention(
     on; ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds
     file and passes it). For benchmarks: ``launch`` overrides (num_warps, num_stages[, maxnreg]),
     ``use_tma`` the choice of TMA loads (``False``: pointer loads), ``block_n`` the key-block
-    width of ``block_map``; ``split`` (1 or 2, PV skip off; ``None``: 1) runs each query block as
-    that many programs of ``BLKQ // split`` rows.
-    ``lazy_rescale`` > 0 (PV skip off) rescales only when a row's max grows by more than that
-    many log2 units (``softmax._lazy_softmax_update``); ``None``: :data:`LAZY_RESCALE` where
-    it measures faster (TMA loads, head dim 128, no PV skip, bf16 products), else 0.
-    ``kv_major`` (the default) launches every head's last ``tail_first`` (:data:`TAIL_FIRST`)
+    width of ``block_map``; ``split`` (programs a query block), ``lazy_rescale``, ``v_kmajor``
+    (V read from a K-major copy of the batch's values, made first), ``page_ahead`` and
+    ``v_tma``: :func:`attend_params`'s (``None``: its defaults). ``kv_major`` (the default) launches every head's last ``tail_first`` (:data:`TAIL_FIRST`)
     query blocks, then one KV head's other query programs before the next KV head's; ``False``
     (benchmarks only) runs every head of one query block together.
     ``group``: for head slices, as :func:`~sparge_serve.kernels.predictor.predict_block_map`'s.
-    ``v_kmajor``: read V from a K-major copy of the batch's values made first (``values_kmajor``
-    in ``pooling``); ``page_ahead``: read each kept block's page id one block ahead (TMA loads
-    only); ``None``: :func:`attend_params`'s defaults; ``v_tma``: as there.
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
     checks"). ``check_finite`` also checks the values held in tensors: the thresholds (finite, in
