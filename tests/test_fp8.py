@@ -178,11 +178,13 @@ def test_fp8_attention_equals_sdpa_over_its_kept_blocks(page, q_fp8, fp8_dot, v_
 
 
 @pytest.mark.parametrize("pv", [40.0, 50.0])
-def test_fp8_dot_page_ahead_equals_the_default_loop(pv, device):
-    """page_ahead (each kept block's page id read one block ahead of its TMA loads) with fp8
-    products, V from its K-major copy and from the pages, PV skip on (a threshold no block
-    reaches) and off: the default loop's output (bit for bit on the CPU), within the SDPA
-    oracle's tolerance over the kept blocks."""
+def test_fp8_dot_loop_options_give_the_default_loops_output(pv, device):
+    """The fp8 kernel's loop options, each against the loop without it: page_ahead (each kept
+    block's page id read one block ahead of its TMA loads) with V from its K-major copy and from
+    the pages, and v_tma (the copy read by TMA, the default with TMA loads) against its pointer
+    loads. Each gives the same output (bit for bit on the CPU), within the SDPA oracle's
+    tolerance over the kept blocks with ``P`` rounded to fp8, PV skip on (a threshold no block
+    reaches) and off; v_tma without the copy or without TMA loads is refused."""
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs Hopper")
     base = _case(device, 64, reqs=((256, 600), (70, 390), (70, 70)), seed=3)
@@ -191,49 +193,26 @@ def test_fp8_dot_page_ahead_equals_the_default_loop(pv, device):
     bm = predict_block_map(c.q, c.key_cache, base.batch, base.scale, head_vec(0.4, hq, device),
                            head_vec(0.8, hq, device), scales=c.scales)
     assert (bm.count < bm.n_valid).any(), "every block kept: no sparsity tested"
-    for v_kmajor in (True, False):
+    pairs = {  # the option off, then on
+        "page_ahead, V K-major": (dict(page_ahead=False), dict(page_ahead=True)),
+        "page_ahead, V from the pages": (dict(v_kmajor=False, page_ahead=False),
+                                         dict(v_kmajor=False, page_ahead=True)),
+        "v_tma": (dict(v_tma=False), dict(v_tma=None)),
+    }
+    for name, pair in pairs.items():
         outs = []
-        for ahead in (False, True):
+        for kw in pair:
             out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
             stats = torch.zeros(3, dtype=torch.int64, device=device)
             sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
                                    head_vec(pv, hq, device), out, stats, scales=c.scales,
-                                   fp8_dot=True, v_kmajor=v_kmajor, use_tma=True,
-                                   page_ahead=ahead)
+                                   fp8_dot=True, use_tma=True, **kw)
             assert int(stats[2]) == 0, "a block's P.V was skipped: the SDPA oracle would not hold"
             _check_against_sdpa(out, c, base, bm, p_dtype=FP8_DTYPE)
             outs.append(out)
         if device == "cpu":
-            assert torch.equal(outs[0], outs[1]), f"v_kmajor {v_kmajor}"
-
-
-@pytest.mark.parametrize("pv", [40.0, 50.0])
-def test_fp8_dot_values_by_tma_equal_pointer_loads(pv, device):
-    """The values' K-major copy read by TMA (``v_tma``, the default with TMA loads) gives the
-    output of its pointer loads (bit for bit on the CPU), both within the SDPA oracle's tolerance
-    over the kept blocks with ``P`` rounded to fp8, PV skip on (a threshold no block reaches)
-    and off; ``v_tma`` without the copy or without TMA loads is refused."""
-    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs Hopper")
-    base = _case(device, 64, reqs=((256, 600), (70, 390), (70, 70)), seed=5)
-    c = _fp8_case(base, True, pow2=False, dtype=torch.float32)
-    hq = base.q.shape[1]
-    bm = predict_block_map(c.q, c.key_cache, base.batch, base.scale, head_vec(0.4, hq, device),
-                           head_vec(0.8, hq, device), scales=c.scales)
-    assert (bm.count < bm.n_valid).any(), "every block kept: no sparsity tested"
-    outs = []
-    for v_tma in (False, None):
-        out = torch.zeros(c.q.shape, dtype=torch.bfloat16, device=device)
-        stats = torch.zeros(3, dtype=torch.int64, device=device)
-        sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
-                               head_vec(pv, hq, device), out, stats, scales=c.scales,
-                               fp8_dot=True, use_tma=True, v_tma=v_tma)
-        assert int(stats[2]) == 0, "a block's P.V was skipped: the SDPA oracle would not hold"
-        _check_against_sdpa(out, c, base, bm, p_dtype=FP8_DTYPE)
-        outs.append(out)
+            assert torch.equal(outs[0], outs[1]), name
     assert attend_params(64, pv < 50, True, fp8_dot=True).v_tma
-    if device == "cpu":
-        assert torch.equal(outs[0], outs[1])
     for kw in (dict(v_kmajor=False, use_tma=True), dict(use_tma=False)):
         with pytest.raises(ValueError, match="v_tma .* needs v_kmajor and use_tma"):
             sparse_paged_attention(c.q, c.key_cache, c.value_cache, base.batch, bm, base.scale,
