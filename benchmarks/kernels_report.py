@@ -211,11 +211,12 @@ def write_reports(results, meta, out):
                           "from its K-major copy, PV skip off, the copy included): ms of each "
                           "warps / stages, `_ptr` with pointer K loads instead of TMA, `_ahead` with "
                           "page_ahead, `_split2` two programs a query block, `_r` a register cap, "
-                          "`_lazy0` a rescale every block")
+                          "`_lazy0` a rescale every block, `_ptrv` V's tiles by pointer loads "
+                          "instead of TMA; the launches timed in turns")
     lines += _sweep_table(results, "bf16_launch_sweep", "in bf16 (`--bf16-sweep`, PV skip off): "
                           "ms of each warps / stages, `_ahead` with page_ahead, `_split2` two "
                           "programs a query block, `_r` a register cap, `_lazy0` a rescale "
-                          "every block")
+                          "every block; the launches timed in turns")
     lines += _fp8_lines(results, meta)
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
