@@ -369,8 +369,7 @@ def attend_params(head_dim: int, pv_skip: bool, use_tma: bool, split: int | None
                          "loads (use_tma, pages of whole key blocks)")
     v_tma = v_kmajor and use_tma if v_tma is None else v_tma
     if v_tma and not (v_kmajor and use_tma):
-        raise ValueError("v_tma loads the values' K-major copy by TMA: it needs v_kmajor and "
-                         "use_tma")
+        raise ValueError("v_tma reads V's K-major copy by TMA: it needs v_kmajor and use_tma")
     return AttendParams(use_tma, split, lazy_rescale, num_warps, num_stages, fp8_dot, v_kmajor,
                         bool(page_ahead), *(maxnreg or [None]), v_tma)
 
@@ -463,20 +462,20 @@ def attend_blocks(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
                   tail_first: int = TAIL_FIRST, vt: torch.Tensor | None = None) -> None:
     """:func:`sparse_paged_attention`'s launch, without its checks: the caller's arguments are
     valid (a planned step's, or checked), and ``params`` its launch (TMA loads only on caches
-    that :func:`tma_layout_ok` accepts); ``vt``: the values' K-major copy where
-    ``params.v_kmajor`` (:func:`~sparge_serve.kernels.pooling.values_kmajor` of ``value_cache``
-    and ``batch``)."""
+    that :func:`tma_layout_ok` accepts); ``vt``: where ``params.v_kmajor``, the values' K-major
+    copy (``pooling.values_kmajor`` of ``value_cache`` and ``batch``)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     page = key_cache.shape[1]
     nreq, _, nqb, nkb = block_map.lut.shape
     k_desc = v_desc = None
+    vt_strides = (0, 0, 0) if vt is None else vt.stride()[:3]
     if params.use_tma:
         k_desc = kv_descriptor(key_cache, block_n)
-        v_desc = (values_descriptor(vt, block_n) if params.v_tma else
-                  None if vt is not None else kv_descriptor(value_cache, block_n))
-    vt_strides = (0, 0, 0) if vt is None else vt.stride()[:3]
-    if params.v_tma:  # in rows of the copy's 2-D view
-        vt_strides = (vt.shape[1] * vt.shape[2], vt.shape[2], 1)
+        if params.v_tma:  # the copy's 2-D view: its strides in rows
+            v_desc = values_descriptor(vt, block_n)
+            vt_strides = tuple(s // vt.stride(2) for s in vt_strides)
+        elif vt is None:
+            v_desc = kv_descriptor(value_cache, block_n)
     launch(_sparse_attn_kernel, (num_heads, nqb * params.split, nreq))(
         q, key_cache, value_cache, out, batch.block_table, batch.query_start_loc, batch.seq_lens,
         block_map.lut, block_map.count, pvthreshd, stats, k_desc, v_desc,
