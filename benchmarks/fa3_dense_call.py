@@ -45,7 +45,7 @@ from sparge_serve.kernels.geometry import BLKQ, num_blocks
 from sparge_serve.kernels.predictor import lut_to_mask
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
-BUDGET_MS = 8000.0  # each length's rounds (every row once a round)
+BUDGET_MS = 8000.0  # each length's rounds (a block of calls of every row a round)
 
 
 def time_length(length: int, fp8: bool, fa3) -> dict:
