@@ -255,6 +255,35 @@ def named_launches(default: Launch, names) -> dict[str, dict]:
             **{n: LAUNCHES_BY_NAME[n].kwargs for n in names if n != default.name}}
 
 
+def dense_sweep(q, kc, vc, batch, bm, scale, pv_off, out, length, page) -> tuple[dict, dict]:
+    """:func:`launch_sweep` of the bf16 attention kernel on the dense configuration (PV skip
+    off): the default launch for these pages first (the report's baseline), then 4 and 8 warps
+    at 2-5 stages, uncapped (5 stages: three K/V tiles in flight); with whole-block pages TMA
+    loads on and off at 8 / 3, two 64-row programs a query block (no register spills at 4
+    warps, ``scripts/aot_compile_check.py``) and ``page_ahead`` (the next kept block's page id
+    read one iteration ahead); FlashAttention-4's conditional rescaling (the accumulator
+    rescaled only when a row max grows by more than 8 log2 units) on and off; and key blocks of
+    128 over a dense map in those units (what a wider tile would buy)."""
+    tma = page % BLKK == 0
+    launches = {default_launch(False, tma).name: {}}
+    launches.update({f"w{w}s{st}": dict(launch=(w, st)) for w in (4, 8) for st in (2, 3, 4, 5)})
+    if tma:
+        launches.update({f"w8s3_tma{int(t)}": dict(launch=(8, 3), use_tma=t)
+                         for t in (False, True)})
+        launches.update({f"split2_w{w}s{st}_tma1": dict(launch=(w, st), use_tma=True, split=2)
+                         for w, st in ((4, 2), (4, 3))})
+        launches.update({f"w{w}s{st}_ahead": dict(launch=(w, st), use_tma=True, page_ahead=True)
+                         for w, st in ((4, 2), (4, 3), (8, 3))})
+    launches.update({f"lazy{int(lz)}_w{w}s{st}": dict(launch=(w, st), lazy_rescale=lz)
+                     for lz in (0.0, 8.0)
+                     for w, st in (((4, 2), (4, 3)) if tma else ((8, 3), (4, 2)))})
+    bm128 = dense_block_map(length, 128)
+    launches.update({f"bn128_w{w}s{st}": dict(launch=(w, st), bm=bm128, block_n=128)
+                     for w, st in ((4, 2), (8, 2), (8, 3))})
+    return launch_sweep(lambda o, bm=bm, **kw: sparse_paged_attention(
+        q, kc, vc, batch, bm, scale, pv_off, o, pv_skip=False, **kw), out, launches)
+
+
 def fp8_dot_sweep(q8, kc8, vc8, batch, bm, scale, pv_off, out, kv_scales) -> tuple[dict, dict]:
     """:func:`launch_sweep` of the attention kernel with ``fp8_dot`` (V from its K-major copy,
     PV skip off): its default launch, then the :data:`FP8_LAUNCHES` named in
@@ -447,53 +476,8 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
                 row["launch_sweep_ms"], row["launch_sweep_max_diff"] = d256_sweep(
                     q, kc, vc, batch, bm, scale, pv_off, out)
         elif SWEEP and name == "dense":
-            # the default launch for these pages first (the report's baseline), then 4 and 8
-            # warps at 2-5 stages, uncapped (5 stages: three K/V tiles in flight)
-            default = default_launch(False, page % BLKK == 0)
-            row["launch_sweep_ms"] = {default.name: bench(
-                lambda bm=bm: sparse_paged_attention(q, kc, vc, batch, bm, scale, pv_off, out,
-                                                     check_finite=False, pv_skip=False))}
-            row["launch_sweep_ms"].update({
-                f"w{w}s{st}": bench(lambda bm=bm, w=w, st=st: sparse_paged_attention(
-                    q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
-                    pv_skip=False, launch=(w, st)))
-                for w in (4, 8) for st in (2, 3, 4, 5)})
-            for tma in (False, True) if page % BLKK == 0 else ():
-                row["launch_sweep_ms"][f"w8s3_tma{int(tma)}"] = bench(
-                    lambda bm=bm, tma=tma: sparse_paged_attention(
-                        q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
-                        pv_skip=False, launch=(8, 3), use_tma=tma))
-                # two 64-row programs per query block (no register spills at 4 warps, see
-                # scripts/aot_compile_check.py)
-                for w, st in ((4, 2), (4, 3)) if tma else ():
-                    row["launch_sweep_ms"][f"split2_w{w}s{st}_tma1"] = bench(
-                        lambda bm=bm, w=w, st=st: sparse_paged_attention(
-                            q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
-                            pv_skip=False, launch=(w, st), use_tma=True, split=2))
-            if page % BLKK == 0:
-                # the next kept block's page id read one iteration ahead (page_ahead, TMA
-                # loads), each output's largest difference from the default launch's
-                times, row["launch_sweep_max_diff"] = launch_sweep(
-                    lambda o, bm=bm, **kw: sparse_paged_attention(
-                        q, kc, vc, batch, bm, scale, pv_off, o, pv_skip=False, **kw), out,
-                    {f"w{w}s{st}_ahead": dict(launch=(w, st), use_tma=True, page_ahead=True)
-                     for w, st in ((4, 2), (4, 3), (8, 3))})
-                row["launch_sweep_ms"].update(times)
-            # FlashAttention-4's conditional rescaling (acc rescaled only when a row max grows
-            # by more than 8 log2 units) on and off, whatever the default for these pages
-            for lz in (0.0, 8.0):
-                for w, st in ((4, 2), (4, 3)) if page % BLKK == 0 else ((8, 3), (4, 2)):
-                    row["launch_sweep_ms"][f"lazy{int(lz)}_w{w}s{st}"] = bench(
-                        lambda bm=bm, w=w, st=st, lz=lz: sparse_paged_attention(
-                            q, kc, vc, batch, bm, scale, pv_off, out, check_finite=False,
-                            pv_skip=False, launch=(w, st), lazy_rescale=lz))
-            # key blocks of 128 (a dense map in those units): what a wider tile would buy
-            bm128 = dense_block_map(length, 128)
-            for w, st in ((4, 2), (8, 2), (8, 3)):
-                row["launch_sweep_ms"][f"bn128_w{w}s{st}"] = bench(
-                    lambda w=w, st=st, bm128=bm128: sparse_paged_attention(
-                        q, kc, vc, batch, bm128, scale, pv_off, out, check_finite=False,
-                        pv_skip=False, launch=(w, st), block_n=128))
+            row["launch_sweep_ms"], row["launch_sweep_max_diff"] = dense_sweep(
+                q, kc, vc, batch, bm, scale, pv_off, out, length, page)
         if TIME_VARIANTS and page % BLKK == 0:
             row["predictor_variants_ms"] = {
                 v: bench(lambda sim=sim, cdf=cdf, topk=c["topk"], kw=kw: predict_block_map(
@@ -509,13 +493,10 @@ def _bench_inputs(length: int, page: int, structured: bool, results: list, fa3):
             }
         if SWEEP and name == "defaults_pv8":
             # the PV-skip variant spills at 4 warps (scripts/aot_compile_check.py), not at 8
-            row["launch_sweep_ms"] = {
-                f"pv_w{w}s{st}": bench(
-                    lambda bm=bm, pv=pv, w=w, st=st: sparse_paged_attention(
-                        q, kc, vc, batch, bm, scale, pv, out, check_finite=False, pv_skip=True,
-                        launch=(w, st)))
-                for w, st in ((4, 2), (8, 2), (8, 3))
-            }
+            row["launch_sweep_ms"], row["launch_sweep_max_diff"] = launch_sweep(
+                lambda o, bm=bm, pv=pv, **kw: sparse_paged_attention(
+                    q, kc, vc, batch, bm, scale, pv, o, pv_skip=True, **kw), out,
+                {f"pv_w{w}s{st}": dict(launch=(w, st)) for w, st in ((4, 2), (8, 2), (8, 3))})
         results.append(row)
         print(json.dumps(row), flush=True)
         args = (q, kc, vc, batch, scale, sim, cdf, pv_off, out)

@@ -417,9 +417,10 @@ def test_fp8_launch_sweep_times_each_launch_with_fp8_products(monkeypatch):
 
 
 def test_sweep_times_page_ahead_launches_against_the_default(monkeypatch, device):
-    """``--sweep`` (head dim 128, 64-token pages) also times ``page_ahead`` at 4 warps / 2 and
-    3 stages and 8 warps / 3 stages with TMA loads, each output against the default launch's
-    (real predictor at toy sizes, the attention a stand-in, timing stubbed)."""
+    """``--sweep`` (head dim 128, 64-token pages) times every launch in turns after the
+    default, among them ``page_ahead`` at 4 warps / 2 and 3 stages and 8 warps / 3 stages with
+    TMA loads, each output against the default launch's (real predictor at toy sizes, the
+    attention a stand-in, timing stubbed)."""
     import torch
 
     bench = _load("bench_kernels")
@@ -447,8 +448,11 @@ def test_sweep_times_page_ahead_launches_against_the_default(monkeypatch, device
     assert {k: v for k, v in row["launch_sweep_ms"].items() if "ahead" in k} == {
         "w4s2_ahead": 0.5, "w4s3_ahead": 0.5, "w8s3_ahead": 0.5}
     assert list(row["launch_sweep_ms"])[0] == "w4s2"  # the default launch (64-token pages)
-    assert row["launch_sweep_max_diff"] == {"w4s2_ahead": 0.0, "w4s3_ahead": 0.0,
-                                            "w8s3_ahead": 0.25}
+    diffs = row["launch_sweep_max_diff"]
+    assert list(diffs) == list(row["launch_sweep_ms"])  # every launch's output checked
+    assert {k: v for k, v in diffs.items() if "ahead" in k} == {
+        "w4s2_ahead": 0.0, "w4s3_ahead": 0.0, "w8s3_ahead": 0.25}
+    assert set(diffs.values()) == {0.0, 0.25}
     text = "\n".join(_load("kernels_report")._sweep_table(results))
     assert "| 256 | 64 | dense | 0.500 (1.00x) |" in text and "| 2.50e-01 |" in text
     assert set(ahead) == {((4, 2), True), ((4, 3), True), ((8, 3), True)}
