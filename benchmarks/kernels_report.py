@@ -245,7 +245,7 @@ def _sweep_table(results, key: str = "launch_sweep",
                  what: str = "(`--sweep`): ms of each launch (warps `w`, stages `s`; head dim 256: "
                  "`split` programs a query block; `_ahead`: page_ahead; `tma0`/`tma1`: pointer "
                  "or TMA loads; `lazy`: the conditional rescaling threshold; `bn128`: key blocks "
-                 "of 128; `pv_`: with PV skip)") -> list[str]:
+                 "of 128; `pv_`: with PV skip; the launches timed in turns)") -> list[str]:
     """Markdown lines of a launch sweep (rows' ``<key>_ms``, first the default launch, and
     ``<key>_max_diff`` for the launches whose output was checked): each launch's attention ms,
     the default's time over it, and the largest output difference from the default's; one table

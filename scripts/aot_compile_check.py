@@ -208,7 +208,8 @@ def main() -> None:
             and copy None; ``ahead``: ``PAGE_AHEAD``, ``lazy``: ``LAZY``, ``vtma``:
             ``VT_TMA``)."""
             absent = {} if use_tma else {"k_desc": None, "v_desc": None}
-            absent.update({} if vtma else {"v_desc": None} if vk else {"vt_ptr": None})
+            if not vtma:  # V by pointers from the copy, or from the pages: one source absent
+                absent["v_desc" if vk else "vt_ptr"] = None
             return dict(GROUP=4, BLOCK_Q=BLKQ, BLOCK_N=BLKK, HEAD_DIM=dim, PAGE=page,
                         PV_OFF=PV_SKIP_OFF, UPCAST=False, USE_TMA=use_tma, PV_SKIP=pv,
                         SPLIT=split, LAZY=lazy, FP8_DOT=dot, V_KMAJOR=vk,

@@ -402,20 +402,20 @@ def sparse_paged_attention(
 ) -> torch.Tensor:
     """Block-sparse attention of a varlen prefill batch; writes the batch's rows of ``out``.
 
-    ``q, out [num_tokens, Hq, D]``; caches ``[num_pages, page_size, Hkv, D]``, in ``q``'s dtype
-    or fp8 (``float8_e4m3fn``, with their ``scales``; ``q`` may then be fp8 too, ``out`` is in
-    the model's dtype: attention of the dequantised tensors; ``fp8_dot``: with an fp8 ``q``,
-    both products in fp8, ``P`` rounded to fp8, as FlashAttention-3's fp8 forward); ``pvthreshd`` fp32
+    ``q, out [num_tokens, Hq, D]``; caches ``[num_pages, page_size, Hkv, D]``, in ``q``'s dtype or
+    fp8 (``float8_e4m3fn``, with their ``scales``; ``q`` may then be fp8 too, ``out`` is in the
+    model's dtype: attention of the dequantised tensors; ``fp8_dot``: with an fp8 ``q``, both
+    products in fp8, ``P`` rounded to fp8, as FlashAttention-3's fp8 forward); ``pvthreshd`` fp32
     ``[Hq]`` (>= 50 disables PV skip). ``stats`` (int64 ``[3]``), if given, gets
-    ``[0, 0, pv_skipped_blocks]`` added on the device. ``pv_skip``: whether any head has PV skip
-    on; ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds
-    file and passes it). For benchmarks: ``launch`` overrides (num_warps, num_stages[, maxnreg]),
-    ``use_tma`` the choice of TMA loads (``False``: pointer loads), ``block_n`` the key-block
-    width of ``block_map``; ``split`` (programs a query block), ``lazy_rescale``, ``v_kmajor``
-    (V read from a K-major copy of the batch's values, made first), ``page_ahead`` and
-    ``v_tma``: :func:`attend_params`'s (``None``: its defaults). ``kv_major`` (the default) launches every head's last ``tail_first`` (:data:`TAIL_FIRST`)
-    query blocks, then one KV head's other query programs before the next KV head's; ``False``
-    (benchmarks only) runs every head of one query block together.
+    ``[0, 0, pv_skipped_blocks]`` added on the device. ``pv_skip``: whether any head has PV skip on;
+    ``None`` reads it from ``pvthreshd`` (a host sync: the backend knows it from its thresholds file
+    and passes it). For benchmarks: ``launch`` overrides (num_warps, num_stages[, maxnreg]),
+    ``use_tma`` the choice of TMA loads (``False``: pointer loads), ``block_n`` the key-block width
+    of ``block_map``; ``split`` (programs a query block), ``lazy_rescale``, ``v_kmajor`` (V from a
+    K-major copy of the values, made first), ``page_ahead`` and ``v_tma``: :func:`attend_params`'s
+    (``None``: its defaults). ``kv_major`` (the default) launches every head's last ``tail_first``
+    (:data:`TAIL_FIRST`) query blocks, then one KV head's other query programs before the next KV
+    head's; ``False`` (benchmarks only) runs every head of one query block together.
     ``group``: for head slices, as :func:`~sparge_serve.kernels.predictor.predict_block_map`'s.
 
     Arguments are checked before any launch (``ValueError``; docs/DESIGN.md, "Argument
