@@ -225,7 +225,8 @@ def test_fp8_dot_loop_options_give_the_default_loops_output(pv, device):
 def test_values_kmajor_is_each_requests_values_transposed(page, packed, fp8, device):
     """The K-major copy of V that ``fp8_dot`` reads: each request's values gathered through its
     block table (``reference.gather_paged_kv``), token dimension contiguous, zeros up to the end
-    of its last key block; bit for bit (``packed``: V a view of vLLM's K/V token rows)."""
+    of its last key block, the tokens of each 32 in ``pooling.key_order``; bit for bit
+    (``packed``: V a view of vLLM's K/V token rows)."""
     base = make_paged_case([(100, 600), (70, 390), (64, 64)], 4, 2, 64, page, device=device,
                            seed=4, packed=packed)
     cache = base.value_cache
@@ -236,14 +237,19 @@ def test_values_kmajor_is_each_requests_values_transposed(page, packed, fp8, dev
     nkb = num_blocks(int(base.batch.seq_lens.max()), BLKK)
     assert vt.shape == (3, cache.shape[2], cache.shape[3], nkb * BLKK)
     assert vt.stride(-1) == 1 and vt.dtype == cache.dtype
+    # position 16e + 4q + 2a + b of each 32 holds token 16e + 8a + 2q + b (e, a, b < 2, q < 4)
+    k = torch.arange(nkb * BLKK)
+    order = k // 32 * 32 + (k & 16) + (k >> 1 & 1) * 8 + (k >> 2 & 3) * 2 + (k & 1)
+    assert torch.equal(order.sort().values, k)
     for r in range(base.batch.num_reqs):
         seq = int(base.batch.seq_lens[r])
         _, v = gather_paged_kv(cache.cpu(), cache.cpu(), base.batch.block_table[r].cpu(), seq)
-        got = vt[r].cpu()
-        assert torch.equal(got[..., :seq].view(torch.uint8),
-                           v.permute(1, 2, 0).contiguous().view(torch.uint8)), f"request {r}"
-        tail = got[..., seq : num_blocks(seq, BLKK) * BLKK]
-        assert not tail.view(torch.uint8).any(), f"request {r}: its last block's tail not zero"
+        width = num_blocks(seq, BLKK) * BLKK
+        want = torch.zeros(*v.shape[1:], width, dtype=v.dtype)
+        want[..., :seq] = v.permute(1, 2, 0)
+        got = vt[r, ..., :width].cpu()
+        assert torch.equal(got.view(torch.uint8),
+                           want[..., order[:width]].contiguous().view(torch.uint8)), f"request {r}"
 
 
 def test_fp8_dot_in_head_chunks_copies_each_kv_slices_values(device, monkeypatch):

@@ -94,11 +94,11 @@ def _attend_row(
     in fp8 (Hopper sums fp8 products with fewer bits than fp32, far finer than the inputs' own
     rounding): the matrix unit reads the K block where TMA put it, not a bf16 copy.
     ``V_KMAJOR``: V blocks come from the request's K-major copy ``vt_row`` (``[Hkv, D, S]``,
-    :func:`~sparge_serve.kernels.pooling.values_kmajor`), whose tiles an fp8 ``P.V`` reads
-    as they lie, not transposed on chip. ``PAGE_AHEAD`` (TMA loads): the off-band loops read the
-    next kept block's page id one iteration ahead, carried in the loop, so that the block-table
-    load takes no pipeline stage of its own before the block's TMA loads. ``VT_TMA``: the K-major
-    copy's tiles come by TMA (``v_desc`` over it, ``vt_row`` the request's first row)."""
+    :func:`~sparge_serve.kernels.pooling.values_kmajor`; P's keys put in its ``key_order``),
+    whose tiles an fp8 ``P.V`` reads as they lie. ``PAGE_AHEAD`` (TMA loads): the off-band loops
+    read the next kept block's page id one iteration ahead, carried in the loop, so that the
+    block-table load takes no pipeline stage of its own before the block's TMA loads. ``VT_TMA``:
+    the K-major copy's tiles by TMA (``v_desc`` over it, ``vt_row`` the request's first row)."""
     DT = None if FP8_DOT else out_ptr.dtype.element_ty
     QK_FP8: tl.constexpr = FP8_DOT or (Q_SCALED and KV_SCALED)
     DK = None if QK_FP8 else DT  # K blocks' dtype in q.k
@@ -109,8 +109,7 @@ def _attend_row(
     ctx = seq_len - q_len
     kvh = h // GROUP
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM)
     m_real = offs_m < q_len
     q_pos = ctx + offs_m
     first = ctx + b * BLOCK_Q
@@ -161,7 +160,8 @@ def _attend_row(
                 v = load_v_block(v_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
                                  stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA,
                                  False, DT, vt_row, stride_vh, stride_vd, V_KMAJOR, page, VT_TMA)
-                acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
+                acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST,
+                                                       KEY_ORDER=V_KMAJOR)
     else:
         if PAGE_AHEAD:
             jn, pn = _kept_block(lut_row, bt_row, 0, PAGE, BLOCK_N)
@@ -178,7 +178,7 @@ def _attend_row(
                              stride_head, offs_n, offs_d, PAGE, BLOCK_N, v_desc, USE_TMA, False,
                              DT, vt_row, stride_vh, stride_vd, V_KMAJOR, page, VT_TMA)
             qk = _dot(q, tl.trans(k), UPCAST)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST, V_KMAJOR)
     # diagonal band: always computed, causal mask
     for j in range(j_diag0, n_valid):
         k = load_kv_block(k_cache_ptr, bt_row, j, seq_len, kvh, stride_page, stride_tok,
@@ -191,7 +191,7 @@ def _attend_row(
         qk = _dot(q, tl.trans(k), UPCAST)
         k_pos = j * BLOCK_N + offs_n
         qk = tl.where(k_pos[None, :] <= q_pos[:, None], qk, float("-inf"))
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST, V_KMAJOR)
     if KV_SCALED:
         l_i = l_i / tl.load(v_scale_ptr)
     out = acc / l_i[:, None]

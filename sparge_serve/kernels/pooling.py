@@ -99,10 +99,11 @@ def load_v_block(
     V_KMAJOR: tl.constexpr, page=None, VT_TMA: tl.constexpr = False,
 ):
     """Value block ``j`` (``[BLOCK_N, D]``): with ``V_KMAJOR`` from a request's row ``vt_row``
-    of :func:`values_kmajor`'s copy (token dimension contiguous; zeros past the context), else
-    through the block table (:func:`load_kv_block`, ``page`` as there). ``VT_TMA``: the copy's
-    ``[D, BLOCK_N]`` tile by TMA (``v_desc``: :func:`values_descriptor`; ``vt_row``: the
-    request's first row of it, ``stride_vh`` a KV head's rows), transposed on chip."""
+    of :func:`values_kmajor`'s copy (token dimension contiguous, keys in :func:`key_order`;
+    zeros past the context), else through the block table (:func:`load_kv_block`, ``page`` as
+    there). ``VT_TMA``: the copy's ``[D, BLOCK_N]`` tile by TMA (``v_desc``:
+    :func:`values_descriptor`; ``vt_row``: the request's first row of it, ``stride_vh`` a KV
+    head's rows), transposed on chip."""
     # NOTE: if/else, not an early return: Triton's compiler still visits what follows a
     # return in a constexpr branch (here a TMA load through the absent descriptor)
     if VT_TMA:
@@ -255,6 +256,24 @@ def _kblock_kernel(
     tl.store(ksim_ptr + rh * NKB + j, tl.sum(mean_unit * mean_unit, axis=0))
 
 
+@triton.jit
+def key_order(x):
+    """``x`` ``[M, N]`` (``N`` a multiple of 32) with its columns, keys, in the order in which
+    :func:`values_kmajor` stores them: in each 32 keys, position ``16e + 4q + 2a + b`` holds key
+    ``16e + 8a + 2q + b`` (``e, a, b`` in 0-1, ``q`` in 0-3).
+
+    NOTE: the thread of quad index ``q`` holds keys ``8a + 2q + b`` of its rows in the ``q.k``
+    accumulator of a Hopper matrix instruction, and an fp8 ``P.V`` reads ``4q + (0..3)`` and
+    ``16 + 4q + (0..3)`` of them from it: with P's keys and V's in this order, P goes from the
+    one to the other inside each thread, without the shuffles between threads that the keys'
+    own order takes (8 a block, and their selects and byte permutes; FlashAttention-3's fp8
+    forward orders V so too)."""
+    M: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    x = tl.permute(tl.reshape(x, [M, N // 32, 2, 2, 4, 2]), [0, 1, 2, 4, 3, 5])
+    return tl.reshape(x, [M, N])
+
+
 @triton.jit(do_not_specialize=["stride_bt", "num_kv_heads", "S"],
             do_not_specialize_on_alignment=BATCH_PTRS)
 def _values_kmajor_kernel(
@@ -263,8 +282,8 @@ def _values_kmajor_kernel(
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """Value block ``j`` of one (request, KV head), stored transposed at
-    ``vt[r, kvh, :, j * BLOCK_N:][:BLOCK_N]`` (``[R, Hkv, D, S]``); its rows past the context
-    as zeros."""
+    ``vt[r, kvh, :, j * BLOCK_N:][:BLOCK_N]`` (``[R, Hkv, D, S]``), its keys in
+    :func:`key_order`; its rows past the context as zeros."""
     j = tl.program_id(0)
     kvh = tl.program_id(1)
     r = tl.program_id(2)
@@ -277,12 +296,13 @@ def _values_kmajor_kernel(
                       stride_page, stride_tok, stride_head, offs_n, offs_d, PAGE, BLOCK_N)
     rh = (r * num_kv_heads + kvh).to(tl.int64)
     tl.store(vt_ptr + rh * HEAD_DIM * S + offs_d[:, None] * S + (j * BLOCK_N + offs_n)[None, :],
-             tl.trans(v))
+             key_order(tl.trans(v)))
 
 
 def values_kmajor(value_cache: torch.Tensor, batch: PrefillBatch) -> torch.Tensor:
     """The batch's values with the token dimension contiguous: ``[R, Hkv, D, S]`` in the cache's
-    dtype, ``S`` the longest context in whole key blocks (:data:`BLKK`). Within each request's
+    dtype, ``S`` the longest context in whole key blocks (:data:`BLKK`), the tokens of each 32 in
+    :func:`key_order` (the attention puts P's keys in the same order). Within each request's
     last key block, tokens past its context are zeros; past that block, unwritten (the attention
     reads no block past a request's context). One launch, no synchronisation."""
     _, page, num_kv_heads, head_dim = value_cache.shape

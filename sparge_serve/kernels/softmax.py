@@ -4,13 +4,16 @@ One step folds a key block's raw scores ``q.k`` and values into a row tile's run
 row sum ``l`` and fp32 accumulator: the online softmax (:func:`_online_softmax_update`), or with
 FlashAttention-4's conditional rescaling (:func:`_lazy_softmax_update`, ``attention.LAZY_RESCALE``).
 ``UPCAST`` (Triton's CPU interpreter) runs the products in fp32 from the operands' values, and
-rounds P as the GPU does (:func:`_rounded_p`).
+rounds P as the GPU does (:func:`_rounded_p`). ``KEY_ORDER``: the values' keys lie in
+:func:`~sparge_serve.kernels.pooling.key_order` (V from its K-major copy), and P's are put in it.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from sparge_serve.kernels.pooling import key_order
 
 
 @triton.jit
@@ -37,7 +40,8 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr):
+def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr,
+                           KEY_ORDER: tl.constexpr = False):
     """One flash-attention step with raw scores ``qk`` (``q.k``; ``qk * qk_scale`` is the log2
     domain) and values ``v``.
 
@@ -52,23 +56,32 @@ def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr)
     # NOTE: _pv_acc's body, inline: the loop as measured (benchmarks/results/kernels.md) and as
     # the AOT check's register counts see it (scripts/aot_compile_check.py).
     if UPCAST:
-        acc = tl.dot(_rounded_p(p, v.dtype), v.to(tl.float32), acc)
+        p = _rounded_p(p, v.dtype)
+        v = v.to(tl.float32)
     else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        p = p.to(v.dtype)
+    if KEY_ORDER:
+        p = key_order(p)
+    acc = tl.dot(p, v, acc)
     return acc, l_i, m_new
 
 
 @triton.jit
-def _pv_acc(p, v, acc, UPCAST: tl.constexpr):
+def _pv_acc(p, v, acc, UPCAST: tl.constexpr, KEY_ORDER: tl.constexpr = False):
     """``acc + P.V`` in the matrix unit (``p`` rounded to ``v``'s dtype, as FlashAttention)."""
     if UPCAST:
-        return tl.dot(_rounded_p(p, v.dtype), v.to(tl.float32), acc)
-    return tl.dot(p.to(v.dtype), v, acc)
+        p = _rounded_p(p, v.dtype)
+        v = v.to(tl.float32)
+    else:
+        p = p.to(v.dtype)
+    if KEY_ORDER:
+        p = key_order(p)
+    return tl.dot(p, v, acc)
 
 
 @triton.jit
 def _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr,
-                         UPCAST: tl.constexpr):
+                         UPCAST: tl.constexpr, KEY_ORDER: tl.constexpr = False):
     """``_online_softmax_update`` with FlashAttention-4's conditional rescaling (PV skip off;
     :data:`LAZY_RESCALE`): the running max moves, and ``acc``/``l_i`` are rescaled, only
     when some row's block max exceeds it by more than ``LAZY`` (log2 units). Otherwise the scores
@@ -82,12 +95,13 @@ def _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr,
         m_i = m_new
     p = tl.exp2(qk * qk_scale - m_i[:, None])
     l_i += tl.sum(p, axis=1)
-    return _pv_acc(p, v, acc, UPCAST), l_i, m_i
+    return _pv_acc(p, v, acc, UPCAST, KEY_ORDER), l_i, m_i
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr, UPCAST: tl.constexpr):
+def _softmax_step(acc, l_i, m_i, qk, qk_scale, v, LAZY: tl.constexpr, UPCAST: tl.constexpr,
+                  KEY_ORDER: tl.constexpr = False):
     """``_lazy_softmax_update`` with ``LAZY`` > 0, else ``_online_softmax_update``."""
     if LAZY > 0:
-        return _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST)
-    return _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST)
+        return _lazy_softmax_update(acc, l_i, m_i, qk, qk_scale, v, LAZY, UPCAST, KEY_ORDER)
+    return _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST, KEY_ORDER)
