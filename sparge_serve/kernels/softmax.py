@@ -52,18 +52,7 @@ def _online_softmax_update(acc, l_i, m_i, qk, qk_scale, v, UPCAST: tl.constexpr,
     p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None]
-    # NOTE: _pv_acc's body, inline: the loop as measured (benchmarks/results/kernels.md) and as
-    # the AOT check's register counts see it (scripts/aot_compile_check.py).
-    if UPCAST:
-        p = _rounded_p(p, v.dtype)
-        v = v.to(tl.float32)
-    else:
-        p = p.to(v.dtype)
-    if KEY_ORDER:
-        p = key_order(p)
-    acc = tl.dot(p, v, acc)
-    return acc, l_i, m_new
+    return _pv_acc(p, v, acc * alpha[:, None], UPCAST, KEY_ORDER), l_i, m_new
 
 
 @triton.jit
